@@ -1,0 +1,78 @@
+"""aiod4p: abstract stream-based workflows, enacted on several mappings.
+
+Build a :class:`WorkflowGraph` of processing elements (PEs) joined port to
+port, then run it with :func:`run` (or :func:`run_async` / :func:`start`
+inside an event loop) on a mapping: ``simple``, ``async``, ...
+"""
+
+from . import errors
+from ._api import WorkflowRun, run, run_async, start
+from ._graph import Connection, WorkflowGraph
+from ._groupings import ALL, GLOBAL, SHUFFLE, All, Global, GroupBy, Grouping, Shuffle, group_by, stable_hash
+from ._loading import load_graph
+from ._pe import (
+    PE,
+    CompositePE,
+    ConsumerPE,
+    FunctionPE,
+    GenericPE,
+    InputPort,
+    IterativePE,
+    OutputPort,
+    ProducerPE,
+    chain,
+    consumer,
+    iterative,
+    producer,
+)
+from ._plan import ExecutionPlan, InstanceRef, PlanOptions, make_plan
+from ._results import ResultRecord, Results
+from ._stats import InstanceStats
+from .errors import Aiod4pError, GraphError, InputError, PEError
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ALL",
+    "GLOBAL",
+    "PE",
+    "SHUFFLE",
+    "Aiod4pError",
+    "All",
+    "CompositePE",
+    "Connection",
+    "ConsumerPE",
+    "ExecutionPlan",
+    "FunctionPE",
+    "GenericPE",
+    "Global",
+    "GraphError",
+    "GroupBy",
+    "Grouping",
+    "InputError",
+    "InputPort",
+    "InstanceRef",
+    "InstanceStats",
+    "IterativePE",
+    "OutputPort",
+    "PEError",
+    "PlanOptions",
+    "ProducerPE",
+    "ResultRecord",
+    "Results",
+    "Shuffle",
+    "WorkflowGraph",
+    "WorkflowRun",
+    "chain",
+    "consumer",
+    "errors",
+    "group_by",
+    "iterative",
+    "load_graph",
+    "make_plan",
+    "producer",
+    "run",
+    "run_async",
+    "stable_hash",
+    "start",
+]

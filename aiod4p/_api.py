@@ -1,0 +1,197 @@
+"""The Python API: run a workflow, or embed it in a running event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from types import TracebackType
+from typing import Any
+
+from ._graph import WorkflowGraph
+from ._inputs import Inputs, resolve_inputs
+from ._plan import ExecutionPlan, make_plan
+from ._results import QueueSink, ResultRecord, Results
+from ._stats import InstanceStats
+from .mappings import BaseMapping, RunControl, get_mapping
+
+__all__ = ["WorkflowRun", "run", "run_async", "start"]
+
+
+class WorkflowRun:
+    """A workflow running in the current event loop.
+
+    Iterate it (``async for record in run``) to receive results as they are
+    produced, or await :meth:`results` for all of them. :meth:`drain` stops
+    the sources and lets in-flight items finish; :meth:`aclose` cancels
+    everything at once. Use it as an async context manager, which aborts the
+    run if the block exits before the run has finished.
+
+    Attributes:
+        plan: the execution plan.
+        stats: per-instance statistics, once the run has finished.
+    """
+
+    def __init__(
+        self,
+        graph: WorkflowGraph,
+        inputs: Inputs = None,
+        *,
+        mapping: str | BaseMapping = "async",
+        workers: int | None = None,
+        batch_size: int = 256,
+        credits: int = 4,
+        max_delay: float = 0.005,
+        result_batches: int = 16,
+    ) -> None:
+        self.mapping = get_mapping(mapping) if isinstance(mapping, str) else mapping
+        options = self.mapping.plan_options(workers, batch_size, credits)
+        self.plan: ExecutionPlan = make_plan(graph, options)
+        self.feeds = resolve_inputs(self.plan.graph, inputs)
+        self.stats: list[InstanceStats] = []
+        self._max_delay = max_delay
+        self._sink = QueueSink(result_batches)
+        self._control = RunControl()
+        self._ready: deque[ResultRecord] = deque()
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> WorkflowRun:
+        """Start running (idempotent); needs a running event loop."""
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._execute(), name="aiod4p run")
+        return self
+
+    async def _execute(self) -> None:
+        self.stats = await self.mapping.execute(self.plan, self.feeds, self._sink, self._control, self._max_delay)
+
+    @property
+    def done(self) -> bool:
+        return self._task is not None and self._task.done()
+
+    def drain(self) -> None:
+        """Stop the sources; items already accepted still reach the results."""
+        self._control.drain()
+
+    async def aclose(self) -> None:
+        """Cancel the run and release everything it holds; idempotent."""
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._task
+
+    def __aiter__(self) -> AsyncIterator[ResultRecord]:
+        return self
+
+    async def __anext__(self) -> ResultRecord:
+        while not self._ready:
+            batch = await self._next_batch()
+            if batch is None:
+                raise StopAsyncIteration
+            self._ready.extend(batch)
+        return self._ready.popleft()
+
+    async def _next_batch(self) -> list[ResultRecord] | None:
+        task = self.start()._task
+        assert task is not None
+        queue = self._sink.queue
+        while True:
+            if not queue.empty():
+                return queue.get_nowait()
+            if task.done():
+                task.result()  # raises the run's error
+                return None
+            getter = asyncio.ensure_future(queue.get())
+            try:
+                await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                if not getter.done():
+                    getter.cancel()
+            if getter.done() and not getter.cancelled():
+                return getter.result()
+
+    async def results(self) -> Results:
+        """Wait for the run to finish and return every result not yet iterated.
+
+        Raises:
+            PEError: a PE raised.
+            Aiod4pError: the run failed otherwise.
+        """
+        collected = Results(list(self._ready))
+        self._ready.clear()
+        while (batch := await self._next_batch()) is not None:
+            collected.records.extend(batch)
+        return collected
+
+    async def __aenter__(self) -> WorkflowRun:
+        return self.start()
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.aclose()
+
+
+def start(graph: WorkflowGraph, inputs: Inputs = None, **options: Any) -> WorkflowRun:
+    """Prepare a run of ``graph`` for use inside an event loop.
+
+    ``options`` are those of :class:`WorkflowRun` (``mapping``, ``workers``,
+    ``batch_size``, ``credits``, ``max_delay``). The run starts when entered
+    (``async with``), iterated or awaited.
+
+    Raises:
+        GraphError: the graph is invalid.
+        InputError: the inputs are invalid.
+        MappingUnavailable: the mapping is unknown or its extra is missing.
+    """
+    return WorkflowRun(graph, inputs, **options)
+
+
+async def run_async(graph: WorkflowGraph, inputs: Inputs = None, **options: Any) -> Results:
+    """Run ``graph`` in the current event loop and return its results.
+
+    Cancelling the awaiting task drains the run (sources stop, in-flight
+    items finish, ``postprocess`` runs) before the cancellation propagates; a
+    second cancellation aborts at once.
+
+    Raises:
+        PEError: a PE raised.
+        GraphError, InputError, MappingUnavailable: as :func:`start`.
+    """
+    async with start(graph, inputs, **options) as workflow:
+        try:
+            return await workflow.results()
+        except asyncio.CancelledError:
+            workflow.drain()
+            await workflow.results()
+            raise
+
+
+def run(graph: WorkflowGraph, inputs: Inputs = None, **options: Any) -> Results:
+    """Run ``graph`` to completion and return its results.
+
+    Runs its own event loop (uvloop for mappings that use it, when installed);
+    inside a running loop use :func:`run_async` or :func:`start`.
+
+    Raises:
+        PEError: a PE raised.
+        GraphError, InputError, MappingUnavailable: as :func:`start`.
+        RuntimeError: called from a running event loop.
+    """
+    mapping = options.get("mapping", "async")
+    mapping_obj = get_mapping(mapping) if isinstance(mapping, str) else mapping
+    options["mapping"] = mapping_obj
+    with asyncio.Runner(loop_factory=loop_factory(mapping_obj.uses_uvloop)) as runner:
+        return runner.run(run_async(graph, inputs, **options))
+
+
+def loop_factory(use_uvloop: bool) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop's loop factory when wanted and installed, else ``None`` (asyncio's)."""
+    if not use_uvloop:
+        return None
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
+    return factory

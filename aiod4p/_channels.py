@@ -1,0 +1,123 @@
+"""Credit-based channels between PE instances.
+
+A channel joins one sender instance to one receiving instance. The sender
+holds ``credits`` (batches it may have in flight) and waits when it has none;
+the receiver returns one credit each time its actor takes a batch from the
+inbox. So the inbox of an instance never holds more than
+``channels x credits`` batches, and a receiver never blocks on delivery,
+which keeps a worker's transport pump free of head-of-line deadlocks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from typing import Any, Final, Protocol
+
+__all__ = ["EOS", "Inbox", "LocalChannel", "Message", "SenderChannel", "CreditSource"]
+
+
+class _EndOfStream:
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "EOS"
+
+
+EOS: Final = _EndOfStream()
+
+
+class CreditSource(Protocol):
+    """The sending end as the receiver sees it: where credits go back."""
+
+    def release(self) -> None: ...
+
+
+# (credit source, destination port or None for a feed batch, items or EOS)
+Message = tuple[CreditSource, str | None, Any]
+
+
+class SenderChannel(Protocol):
+    """The sending end of a channel."""
+
+    credits: int
+
+    async def send(self, port: str | None, items: list[Any]) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class Inbox:
+    """An instance's multi-producer inbox; bounded by the senders' credits."""
+
+    __slots__ = ("_queue", "_waiter", "queued_items", "max_queued_items")
+
+    def __init__(self) -> None:
+        self._queue: deque[Message] = deque()
+        self._waiter: asyncio.Future[None] | None = None
+        self.queued_items = 0
+        self.max_queued_items = 0
+
+    def put(self, message: Message) -> None:
+        """Deliver a message; never blocks (credits bound the queue)."""
+        items = message[2]
+        if items is not EOS:
+            self.queued_items += len(items)
+            if self.queued_items > self.max_queued_items:
+                self.max_queued_items = self.queued_items
+        self._queue.append(message)
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def empty(self) -> bool:
+        return not self._queue
+
+    async def get(self) -> Message:
+        """Take the oldest message, waiting for one."""
+        while not self._queue:
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        message = self._queue.popleft()
+        items = message[2]
+        if items is not EOS:
+            self.queued_items -= len(items)
+        return message
+
+
+class LocalChannel:
+    """A channel whose two ends share one event loop."""
+
+    __slots__ = ("credits", "_inbox", "_waiter", "closed")
+
+    def __init__(self, inbox: Inbox, credits: int) -> None:
+        self.credits = credits
+        self._inbox = inbox
+        self._waiter: asyncio.Future[None] | None = None
+        self.closed = False
+
+    async def send(self, port: str | None, items: list[Any]) -> None:
+        """Deliver a batch, waiting while no credit is left."""
+        while self.credits <= 0:
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        self.credits -= 1
+        self._inbox.put((self, port, items))
+
+    def release(self) -> None:
+        self.credits += 1
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def close(self) -> None:
+        """Send end of stream (needs no credit); idempotent."""
+        if not self.closed:
+            self.closed = True
+            self._inbox.put((self, None, EOS))

@@ -1,0 +1,151 @@
+"""The ``aiod4p`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import signal
+import sys
+import traceback
+from collections.abc import Sequence
+from typing import Any, TextIO
+
+from ._api import WorkflowRun, loop_factory
+from ._inputs import parse_cli_inputs
+from ._loading import load_graph
+from ._results import ResultRecord
+from .errors import Aiod4pError
+from .mappings import MAPPINGS, get_mapping
+
+__all__ = ["main"]
+
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+EXIT_ABORTED = 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="aiod4p", description="Run stream-based workflows of processing elements on several mappings."
+    )
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    run = commands.add_parser("run", help="run a workflow", description="Run a workflow graph.")
+    run.add_argument("target", help="module:graph, path/to/file.py[:graph], or a module holding one graph")
+    run.add_argument("--mapping", "-m", default="async", choices=sorted(MAPPINGS), help="where to run (default: async)")
+    run.add_argument("-n", "--num", type=int, default=None, metavar="N", help="workers (instances for async)")
+    source = run.add_argument_group("inputs (dispel4py semantics; -f wins over -d, which wins over -i)")
+    source.add_argument("-i", "--iter", type=int, default=None, metavar="N", help="call every root PE N times")
+    source.add_argument("-d", "--data", default=None, metavar="JSON", help='{"PE": N or [input dicts]}')
+    source.add_argument("-f", "--file", default=None, metavar="FILE", help="a JSON file like -d")
+    run.add_argument("--results", default=None, metavar="FILE", help="write results as JSON Lines ('-' for stdout)")
+    run.add_argument("--batch-size", type=int, default=256, help="items per batch (default 256)")
+    run.add_argument("--credits", type=int, default=4, help="batches in flight per channel (default 4)")
+    run.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks of errors")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit status."""
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        if args.command == "run":
+            return _run(args)
+        raise AssertionError(args.command)
+    except Aiod4pError as exc:
+        if args.debug:
+            traceback.print_exc()
+            detail = getattr(exc, "traceback_text", "")
+            if detail:
+                print(detail, file=sys.stderr, end="")
+        print(f"aiod4p: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except ValueError as exc:
+        if args.debug:
+            traceback.print_exc()
+        print(f"aiod4p: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.num is not None and args.num < 1:
+        raise ValueError(f"-n must be at least 1, not {args.num}")
+    mapping = get_mapping(args.mapping)
+    graph = load_graph(args.target)
+    inputs = parse_cli_inputs(args.iter, args.data, args.file)
+    workflow = WorkflowRun(
+        graph, inputs, mapping=mapping, workers=args.num, batch_size=args.batch_size, credits=args.credits
+    )
+    with asyncio.Runner(loop_factory=loop_factory(mapping.uses_uvloop)) as runner:
+        return runner.run(_consume(workflow, args.results))
+
+
+async def _consume(workflow: WorkflowRun, results_path: str | None) -> int:
+    """Run ``workflow``, writing its results; SIGINT/SIGTERM drain, a second aborts."""
+    loop = asyncio.get_running_loop()
+    signals = 0
+    main_task = asyncio.current_task()
+    assert main_task is not None
+
+    def on_signal() -> None:
+        nonlocal signals
+        signals += 1
+        if signals == 1:
+            workflow.drain()
+        else:
+            main_task.cancel()
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, on_signal)
+    out: TextIO | None = None
+    try:
+        if results_path == "-":
+            out = sys.stdout
+        elif results_path is not None:
+            try:
+                out = open(results_path, "w", encoding="utf-8")  # noqa: SIM115 - closed below
+            except OSError as exc:
+                raise Aiod4pError(f"cannot write results to {results_path}: {exc.strerror or exc}") from exc
+        grouped: dict[tuple[str, str], list[Any]] = {}
+        try:
+            async with workflow:
+                async for record in workflow:
+                    if out is not None:
+                        _write_record(out, record)
+                    else:
+                        grouped.setdefault((record.pe, record.port), []).append(record.data)
+        except asyncio.CancelledError:
+            print("aiod4p: aborted", file=sys.stderr)
+            return EXIT_ABORTED
+        if out is None:
+            _print_results(grouped)
+        return 0
+    finally:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(signum)
+        if out is not None and out is not sys.stdout:
+            out.close()
+
+
+def _write_record(out: TextIO, record: ResultRecord) -> None:
+    try:
+        line = json.dumps(record.to_json())
+    except (TypeError, ValueError):
+        line = json.dumps({**record.to_json(), "data": repr(record.data)})
+    out.write(line + "\n")
+    if out is sys.stdout:
+        out.flush()
+
+
+def _print_results(grouped: dict[tuple[str, str], list[Any]]) -> None:
+    if not grouped:
+        print("No results.")
+        return
+    for (pe, port), items in grouped.items():
+        print(f"{pe}.{port}: {len(items)} item{'s' if len(items) != 1 else ''}")
+        for item in items:
+            print(f"  {item!r}")

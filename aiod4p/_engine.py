@@ -1,0 +1,603 @@
+"""The engine: runs the PE instances a plan places on one worker.
+
+Every mapping runs this engine; mappings differ only in where workers live
+and which comm joins them. Each instance is an actor (a task) that takes
+batches from its inbox, calls the PE, and hands outputs to its router. The
+router batches per destination and flushes a batch when it is full, when the
+actor is about to wait for input, and at least every ``max_delay`` seconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import inspect
+import itertools
+import logging
+import time
+import traceback
+from collections.abc import AsyncIterable, Iterable, Mapping
+from typing import Any, TypeAlias
+
+from ._channels import EOS, Inbox, LocalChannel, SenderChannel
+from ._groupings import All, GroupBy, stable_hash
+from ._links import PeerLink, RemoteChannel
+from ._pe import PE, _Runtime
+from ._plan import ExecutionPlan, InstanceRef
+from ._results import ResultSink
+from ._stats import InstanceStats
+from .errors import Aiod4pError, GraphError, InputError, PEError
+from .transports import Comm
+
+__all__ = ["Feed", "Worker"]
+
+Feed: TypeAlias = int | Iterable[Any] | AsyncIterable[Any]
+
+pe_logger = logging.getLogger("aiod4p.pe")
+
+
+def _error(ref: InstanceRef, port: str, exc: BaseException) -> PEError:
+    if isinstance(exc, PEError):
+        return exc
+    text = "".join(traceback.format_exception(exc))
+    return PEError(ref.pe, ref.index, port, f"{type(exc).__name__}: {exc}", text)
+
+
+class _Pending:
+    """Items waiting to travel on one channel to one destination port."""
+
+    __slots__ = ("items", "channel", "port")
+
+    def __init__(self, channel: SenderChannel, port: str) -> None:
+        self.items: list[Any] = []
+        self.channel = channel
+        self.port = port
+
+
+class _ResultPending:
+    __slots__ = ("items", "pe", "port")
+
+    def __init__(self, pe: str, port: str) -> None:
+        self.items: list[Any] = []
+        self.pe = pe
+        self.port = port
+
+
+_SINGLE, _ROUND_ROBIN, _GROUP_BY, _ALL = range(4)
+
+
+class _Route:
+    """One edge leaving an instance: picks pendings for each item."""
+
+    __slots__ = ("kind", "pendings", "next", "key", "label")
+
+    def __init__(self, kind: int, pendings: list[_Pending], key: GroupBy | None, label: str, start: int) -> None:
+        self.kind = kind
+        self.pendings = pendings
+        self.next = start % len(pendings)
+        self.key = key
+        self.label = label
+
+
+class _Actor:
+    def __init__(self, worker: Worker, ref: InstanceRef, pe: PE, inbox: Inbox, expected_eos: int) -> None:
+        self.worker = worker
+        self.ref = ref
+        self.pe = pe
+        self.inbox = inbox
+        self.expected_eos = expected_eos
+        options = worker.plan.options
+        self.batch_size = options.batch_size
+        self.max_delay = worker.max_delay
+        self.stats = InstanceStats(ref.pe, ref.index, worker.worker_id)
+        self.buffers: dict[str, list[Any]] = {port: [] for port in pe.outputs}
+        self.routes: dict[str, list[_Route]] = {port: [] for port in pe.outputs}
+        self.results: dict[str, _ResultPending] = {}
+        self.outgoing: list[SenderChannel] = []
+        self.dirty: list[_Pending | _ResultPending] = []
+        self.last_flush = time.monotonic()
+        item_function = pe._item_function()
+        self.fn, self.fn_port = item_function if item_function else (None, None)
+        self.fn_kind = _call_kind(self.fn) if self.fn is not None else ""
+        self.process_kind = _call_kind(pe.process)
+        single = list(pe.inputs)
+        self.single_input = single[0] if len(single) == 1 else None
+
+    # -- wiring ------------------------------------------------------------
+    def add_route(self, port: str, route: _Route) -> None:
+        self.routes[port].append(route)
+
+    # -- main loop ---------------------------------------------------------
+    async def run(self) -> InstanceStats:
+        pe, ref = self.pe, self.ref
+        pe._runtime = _Runtime(
+            self.buffers,
+            ref.index,
+            logging.LoggerAdapter(pe_logger, {"pe": ref.pe, "instance": ref.index}),
+        )
+        try:
+            await self._lifecycle("preprocess", pe.preprocess)
+            await self._route_outputs()
+            inbox, remaining = self.inbox, self.expected_eos
+            while remaining:
+                if inbox.empty() and self.dirty:
+                    await self._flush_all()
+                source, port, items = await inbox.get()
+                if items is EOS:
+                    remaining -= 1
+                    continue
+                source.release()
+                self.stats.batches_in += 1
+                self.stats.items_in += len(items)
+                started = time.perf_counter()
+                try:
+                    await self._handle(port, items)
+                except Exception as exc:
+                    self.stats.errors += 1
+                    raise _error(ref, "feed" if port is None else port, exc) from exc
+                finally:
+                    self.stats.busy_seconds += time.perf_counter() - started
+                await self._route_outputs()
+                if self.dirty and time.monotonic() - self.last_flush >= self.max_delay:
+                    await self._flush_all()
+            await self._lifecycle("postprocess", pe.postprocess)
+            await self._route_outputs()
+            await self._flush_all()
+        finally:
+            for channel in self.outgoing:
+                channel.close()
+            self.stats.max_queued_items = self.inbox.max_queued_items
+        return self.stats
+
+    async def _lifecycle(self, stage: str, method: Any) -> None:
+        started = time.perf_counter()
+        try:
+            result = method()
+            if inspect.isawaitable(result):
+                await result
+        except Exception as exc:
+            self.stats.errors += 1
+            raise _error(self.ref, stage, exc) from exc
+        finally:
+            self.stats.busy_seconds += time.perf_counter() - started
+
+    # -- calling the PE ------------------------------------------------------
+    async def _handle(self, port: str | None, items: list[Any]) -> None:
+        if self.fn is not None:
+            if port is None:  # a feed batch: input dicts
+                if not self.pe.inputs:
+                    return await self._call_fn(items)
+                if self.single_input is not None and all(self.single_input in e for e in items):
+                    return await self._call_fn([element[self.single_input] for element in items])
+            else:
+                return await self._call_fn(items)
+        await self._call_process(port, items)
+
+    async def _call_fn(self, items: list[Any]) -> None:
+        fn, kind = self.fn, self.fn_kind
+        assert fn is not None
+        out_port = self.fn_port
+        if kind == "sync":
+            if out_port is None:
+                for item in items:
+                    fn(item)
+                return
+            append = self.buffers[out_port].append
+            for item in items:
+                result = fn(item)
+                if result is not None:
+                    append(result)
+        elif kind == "async":
+            for item in items:
+                result = await fn(item)
+                if result is not None and out_port is not None:
+                    self.buffers[out_port].append(result)
+        elif kind == "gen":
+            for item in items:
+                for result in fn(item):
+                    if result is not None and out_port is not None:
+                        await self._append_streaming(out_port, result)
+        else:
+            for item in items:
+                async for result in fn(item):
+                    if result is not None and out_port is not None:
+                        await self._append_streaming(out_port, result)
+
+    async def _call_process(self, port: str | None, items: list[Any]) -> None:
+        process, kind = self.pe.process, self.process_kind
+        for item in items:
+            inputs = item if port is None else {port: item}
+            if kind == "sync":
+                self._collect(process(inputs))
+            elif kind == "async":
+                self._collect(await process(inputs))
+            elif kind == "gen":
+                for output in process(inputs):
+                    await self._collect_streaming(output)
+            else:
+                async for output in process(inputs):
+                    await self._collect_streaming(output)
+
+    def _collect(self, output: Any) -> None:
+        if output is None:
+            return
+        if not isinstance(output, Mapping):
+            raise GraphError(
+                f"process() of PE {self.ref.pe} must return None or a dict {{port: item}},"
+                f" not {type(output).__name__}"
+            )
+        buffers = self.buffers
+        for port, item in output.items():
+            try:
+                buffers[port].append(item)
+            except KeyError:
+                raise GraphError(
+                    f"PE {self.ref.pe} wrote to undeclared output port {port!r}"
+                    f" (declared: {sorted(buffers) or 'none'})"
+                ) from None
+
+    async def _collect_streaming(self, output: Any) -> None:
+        self._collect(output)
+        if any(len(items) >= self.batch_size for items in self.buffers.values()):
+            await self._route_outputs()
+
+    async def _append_streaming(self, port: str, item: Any) -> None:
+        buffer = self.buffers[port]
+        buffer.append(item)
+        if len(buffer) >= self.batch_size:
+            await self._route_outputs()
+
+    # -- routing -----------------------------------------------------------
+    async def _route_outputs(self) -> None:
+        buffers = self.buffers
+        full: list[_Pending | _ResultPending] = []
+        batch_size = self.batch_size
+        dirty = self.dirty
+        for port, items in buffers.items():
+            if not items:
+                continue
+            buffers[port] = []
+            self.stats.items_out += len(items)
+            routes = self.routes[port]
+            if not routes:
+                pending_result = self.results[port]
+                if not pending_result.items:
+                    dirty.append(pending_result)
+                pending_result.items.extend(items)
+                if len(pending_result.items) >= batch_size:
+                    full.append(pending_result)
+                continue
+            owned = len(routes) == 1
+            for route in routes:
+                self._route(route, items, owned, full)
+        for pending in full:
+            if len(pending.items) >= batch_size:
+                await self._flush(pending)
+
+    def _route(self, route: _Route, items: list[Any], owned: bool, full: list[_Pending | _ResultPending]) -> None:
+        kind = route.kind
+        batch_size = self.batch_size
+        if kind == _SINGLE:
+            pending = route.pendings[0]
+            if not pending.items:
+                self.dirty.append(pending)
+                pending.items = items if owned else list(items)
+            else:
+                pending.items.extend(items)
+            if len(pending.items) >= batch_size:
+                full.append(pending)
+            return
+        pendings = route.pendings
+        if kind == _ROUND_ROBIN:
+            # Deal the items out like cards, starting where the last batch stopped.
+            count = len(pendings)
+            start = route.next
+            route.next = (start + len(items)) % count
+            touched = []
+            for offset in range(min(count, len(items))):
+                pending = pendings[(start + offset) % count]
+                if not pending.items:
+                    self.dirty.append(pending)
+                pending.items.extend(items[offset::count])
+                touched.append(pending)
+        elif kind == _ALL:
+            touched = pendings
+            for pending in pendings:
+                if not pending.items:
+                    self.dirty.append(pending)
+                pending.items.extend(items)
+        else:
+            grouping = route.key
+            assert grouping is not None
+            count = len(pendings)
+            touched = []
+            for item in items:
+                try:
+                    key = grouping.key_of(item)
+                except Exception as exc:
+                    raise GraphError(
+                        f"PE {self.ref.pe} cannot route item {item!r} to {route.label}: its {grouping}"
+                        f" key failed ({type(exc).__name__}: {exc})"
+                    ) from exc
+                pending = pendings[stable_hash(key) % count]
+                if not pending.items:
+                    self.dirty.append(pending)
+                    touched.append(pending)
+                pending.items.append(item)
+        for pending in touched:
+            if len(pending.items) >= batch_size:
+                full.append(pending)
+
+    async def _flush(self, pending: _Pending | _ResultPending) -> None:
+        items = pending.items
+        if not items:
+            return
+        pending.items = []
+        batch_size = self.batch_size
+        chunks = [items] if len(items) <= batch_size else [
+            items[i : i + batch_size] for i in range(0, len(items), batch_size)
+        ]
+        for chunk in chunks:
+            if isinstance(pending, _ResultPending):
+                await self.worker.results.emit(pending.pe, pending.port, chunk)
+                continue
+            channel = pending.channel
+            if channel.credits > 0:
+                await channel.send(pending.port, chunk)
+            else:
+                started = time.perf_counter()
+                await channel.send(pending.port, chunk)
+                self.stats.blocked_seconds += time.perf_counter() - started
+
+    async def _flush_all(self) -> None:
+        dirty, self.dirty = self.dirty, []
+        for pending in dirty:
+            await self._flush(pending)
+        self.last_flush = time.monotonic()
+
+
+def _call_kind(fn: Any) -> str:
+    target = fn
+    while hasattr(target, "func"):  # functools.partial
+        target = target.func
+    if inspect.isasyncgenfunction(target):
+        return "agen"
+    if inspect.iscoroutinefunction(target):
+        return "async"
+    if inspect.isgeneratorfunction(target):
+        return "gen"
+    return "sync"
+
+
+class Worker:
+    """Runs the instances ``plan`` places on worker ``worker_id``.
+
+    Args:
+        plan: the execution plan (the same on every worker).
+        worker_id: this worker's index.
+        feeds: the input feed of each root PE placed here, by PE id. An ``int``
+            calls the PE that many times with no input; an (async) iterable
+            gives input dicts (or items, for a PE with one input).
+        results: where results are delivered.
+        peers: a comm to every other worker that shares a channel with this one.
+        max_delay: the longest an output waits in a partly filled batch while
+            its actor is busy, in seconds.
+        copy_pes: run copies of the plan's PEs, never the objects themselves
+            (set when several runs may share the plan).
+    """
+
+    def __init__(
+        self,
+        plan: ExecutionPlan,
+        worker_id: int = 0,
+        *,
+        feeds: Mapping[str, Feed],
+        results: ResultSink,
+        peers: Mapping[int, Comm] | None = None,
+        max_delay: float = 0.005,
+    ) -> None:
+        self.plan = plan
+        self.worker_id = worker_id
+        self.results = results
+        self.max_delay = max_delay
+        self.links = {peer: PeerLink(comm, peer) for peer, comm in (peers or {}).items()}
+        self.feeds = feeds
+        self.actors: dict[InstanceRef, _Actor] = {}
+        self._feed_channels: dict[InstanceRef, LocalChannel] = {}
+        self._draining = False
+        self._readers: list[asyncio.Task[None]] = []
+        self._build()
+
+    # -- construction ------------------------------------------------------
+    def _build(self) -> None:
+        plan, me = self.plan, self.worker_id
+        credits = plan.options.credits
+        local = plan.instances(me)
+        inboxes = {ref: Inbox() for ref in local}
+        senders: dict[tuple[InstanceRef, InstanceRef], SenderChannel] = {}
+        for spec in plan.channels:
+            if spec.dest_worker == me and spec.source_worker == me:
+                senders[(spec.source, spec.dest)] = LocalChannel(inboxes[spec.dest], credits)
+            elif spec.source_worker == me:
+                link = self._link(spec.dest_worker)
+                senders[(spec.source, spec.dest)] = RemoteChannel(link, spec.channel_id, credits)
+            elif spec.dest_worker == me:
+                self._link(spec.source_worker).add_receiver(spec.channel_id, inboxes[spec.dest])
+
+        for ref in local:
+            pe = self._instance_pe(ref)
+            expected = len(plan.channels_into(ref))
+            is_root = plan.placement[ref.pe].is_root
+            actor = _Actor(self, ref, pe, inboxes[ref], expected + is_root)
+            actor.stats.inflight_bound = (expected + is_root) * credits * plan.options.batch_size
+            if is_root:
+                self._feed_channels[ref] = LocalChannel(inboxes[ref], credits)
+            for port in plan.result_ports.get(ref.pe, []):
+                actor.results[port] = _ResultPending(ref.pe, port)
+            for route in plan.routes[ref.pe]:
+                targets = route.targets[ref.index]
+                pendings = [_Pending(senders[(ref, InstanceRef(route.dest, t))], route.dest_port) for t in targets]
+                grouping = route.grouping
+                if len(pendings) == 1:
+                    kind = _SINGLE
+                elif isinstance(grouping, All):
+                    kind = _ALL
+                elif isinstance(grouping, GroupBy):
+                    kind = _GROUP_BY
+                else:
+                    kind = _ROUND_ROBIN
+                label = f"{route.dest}.{route.dest_port}"
+                route_object = _Route(kind, pendings, grouping if kind == _GROUP_BY else None, label, ref.index)
+                actor.add_route(route.source_port, route_object)
+            actor.outgoing = [senders[(ref, spec.dest)] for spec in plan.channels_from(ref)]
+            self.actors[ref] = actor
+
+    def _link(self, peer: int) -> PeerLink:
+        try:
+            return self.links[peer]
+        except KeyError:
+            raise Aiod4pError(f"worker {self.worker_id} has no comm to worker {peer}") from None
+
+    def _instance_pe(self, ref: InstanceRef) -> PE:
+        template = self.plan.pes[ref.pe]
+        if ref.index == 0 and not any(a.pe is template for a in self.actors.values()):
+            return template
+        try:
+            return copy.deepcopy(template)
+        except Exception as exc:
+            raise GraphError(f"PE {ref.pe} cannot be copied for instance {ref.index}: {exc}") from exc
+
+    # -- running -----------------------------------------------------------
+    def drain(self) -> None:
+        """Stop the feeds: every item already accepted still flows to the sinks."""
+        self._draining = True
+        for task in self._readers:
+            task.cancel()
+
+    @property
+    def stats(self) -> list[InstanceStats]:
+        return [actor.stats for actor in self.actors.values()]
+
+    async def run(self) -> list[InstanceStats]:
+        """Run every local instance to completion and return their statistics.
+
+        Raises:
+            PEError: a PE raised; every task of this worker has been cancelled.
+            TransportError: a comm to another worker failed.
+        """
+        feed_tasks = [
+            asyncio.create_task(self._feed(ref, channel, self.feeds.get(ref.pe, 0)), name=f"feed {ref}")
+            for ref, channel in self._feed_channels.items()
+        ]
+        actor_tasks = [asyncio.create_task(actor.run(), name=f"actor {ref}") for ref, actor in self.actors.items()]
+        link_tasks = [
+            asyncio.create_task(coro, name=f"link {peer}")
+            for peer, link in self.links.items()
+            for coro in (link.read_loop(), link.write_loop())
+        ]
+        everything = [*actor_tasks, *feed_tasks, *link_tasks]
+        try:
+            await _supervise(actor_tasks, [*feed_tasks, *link_tasks])
+            for link in self.links.values():
+                link.finish()
+            await _supervise(link_tasks, [])
+        except BaseException:
+            for task in everything:
+                task.cancel()
+            await asyncio.gather(*everything, return_exceptions=True)
+            raise
+        finally:
+            for link in self.links.values():
+                await link.comm.aclose()
+        return self.stats
+
+    async def _feed(self, ref: InstanceRef, channel: LocalChannel, feed: Feed) -> None:
+        pe = self.plan.pes[ref.pe]
+        batch_size = self.plan.options.batch_size
+        try:
+            if isinstance(feed, bool) or not isinstance(feed, (int, Iterable, AsyncIterable)):
+                raise InputError(f"the input of PE {ref.pe} must be a count or an iterable, not {feed!r}")
+            if isinstance(feed, int):
+                remaining = max(feed, 0)
+                while remaining and not self._draining:
+                    count = min(batch_size, remaining)
+                    await channel.send(None, [{} for _ in range(count)])
+                    remaining -= count
+            elif isinstance(feed, AsyncIterable):
+                await self._feed_async(pe, channel, feed)
+            else:
+                iterator = iter(feed)
+                while not self._draining:
+                    chunk = [_input_dict(pe, ref.pe, e) for e in itertools.islice(iterator, batch_size)]
+                    if not chunk:
+                        break
+                    await channel.send(None, chunk)
+        except Aiod4pError:
+            raise
+        except Exception as exc:
+            raise _error(ref, "feed", exc) from exc
+        finally:
+            channel.close()
+
+    async def _feed_async(self, pe: PE, channel: LocalChannel, feed: AsyncIterable[Any]) -> None:
+        # A reader task pulls ahead while the channel has no credit, so batches
+        # grow under load and stay small (low latency) when the workflow is idle.
+        batch_size = self.plan.options.batch_size
+        buffer: list[Any] = []
+        ready, room = asyncio.Event(), asyncio.Event()
+        finished = False
+
+        async def read() -> None:
+            nonlocal finished
+            try:
+                async for element in feed:
+                    buffer.append(_input_dict(pe, pe.label, element))
+                    ready.set()
+                    while len(buffer) >= batch_size:
+                        room.clear()
+                        await room.wait()
+            finally:
+                finished = True
+                ready.set()
+
+        reader = asyncio.create_task(read())
+        self._readers.append(reader)
+        if self._draining:
+            reader.cancel()
+        try:
+            while True:
+                await ready.wait()
+                ready.clear()
+                while buffer:
+                    chunk = buffer[:batch_size]
+                    del buffer[:batch_size]
+                    room.set()
+                    await channel.send(None, chunk)
+                if finished:
+                    break
+            if not reader.cancelled():
+                await reader  # re-raises the source's own error
+        finally:
+            if not reader.done():
+                reader.cancel()
+                await asyncio.gather(reader, return_exceptions=True)
+
+
+def _input_dict(pe: PE, pe_id: str, element: Any) -> dict[str, Any]:
+    if isinstance(element, dict) and element.keys() <= pe.inputs.keys():
+        return element
+    if len(pe.inputs) == 1:
+        return {next(iter(pe.inputs)): element}
+    ports = sorted(pe.inputs) or "none"
+    raise InputError(f"input for PE {pe_id} must be a dict of its input ports (ports: {ports}), got {element!r}")
+
+
+async def _supervise(primary: list[asyncio.Task[Any]], secondary: list[asyncio.Task[Any]]) -> None:
+    """Wait until every primary task is done; raise the first failure of any task."""
+    watched = set(primary) | set(secondary)
+    while any(not task.done() for task in primary):
+        done, _ = await asyncio.wait(watched, return_when=asyncio.FIRST_COMPLETED)
+        for task in done:
+            if not task.cancelled() and task.exception() is not None:
+                raise task.exception()  # type: ignore[misc]
+        watched -= done

@@ -1,0 +1,119 @@
+"""The inputs of a run, with dispel4py's semantics."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterable, Iterable, Mapping
+from pathlib import Path
+from typing import Any, TypeAlias
+
+from ._engine import Feed
+from ._graph import FlatGraph
+from ._pe import PE
+from .errors import InputError
+
+__all__ = ["Inputs", "parse_cli_inputs", "resolve_inputs"]
+
+Inputs: TypeAlias = Mapping[Any, Feed] | int | None
+
+
+def resolve_inputs(graph: FlatGraph, inputs: Inputs) -> dict[str, Feed]:
+    """Give every root PE its feed.
+
+    ``inputs`` is ``None`` (every root is called once), an ``int`` N (every
+    root is called N times with no input), or a mapping whose keys are PEs, PE
+    ids or PE names and whose values are counts or (async) iterables of input
+    dicts. Roots not named in a mapping are called once if they have no input
+    ports, and get nothing otherwise (as in dispel4py).
+
+    Raises:
+        InputError: a key names no PE, is ambiguous, or names a PE that is not
+            a root; a value is neither a count nor an iterable.
+    """
+    roots = graph.roots()
+    if inputs is None:
+        return dict.fromkeys(roots, 1)
+    if isinstance(inputs, bool) or isinstance(inputs, int):
+        _check_count("every root", inputs)
+        return dict.fromkeys(roots, int(inputs))
+    if not isinstance(inputs, Mapping):
+        raise InputError(f"inputs must be a count or a mapping of PE to input, not {type(inputs).__name__}")
+    feeds: dict[str, Feed] = {}
+    for key, value in inputs.items():
+        pe_id = _find(graph, key)
+        if pe_id not in roots:
+            raise InputError(f"PE {pe_id} is not a root of the graph (its inputs are connected); it cannot take input")
+        feeds[pe_id] = _check_feed(pe_id, value)
+    for pe_id in roots:
+        if pe_id not in feeds and not graph.pes[pe_id].inputs:
+            feeds[pe_id] = 1
+    return feeds
+
+
+def _find(graph: FlatGraph, key: Any) -> str:
+    if isinstance(key, PE):
+        if key.id in graph.pes and graph.pes[key.id] is key:
+            return key.id
+        raise InputError(f"PE {key.label} given as input key is not in the graph")
+    if not isinstance(key, str):
+        raise InputError(f"input keys must be PEs, PE ids or PE names, not {key!r}")
+    if key in graph.pes:
+        return key
+    named = [pe_id for pe_id, pe in graph.pes.items() if pe.name == key]
+    if len(named) == 1:
+        return named[0]
+    if named:
+        raise InputError(f"input key {key!r} names several PEs ({', '.join(named)}); use the PE id")
+    raise InputError(f"input key {key!r} names no PE of the graph (roots: {', '.join(graph.roots()) or 'none'})")
+
+
+def _check_count(what: str, value: int) -> None:
+    if value < 0:
+        raise InputError(f"the number of iterations for {what} must not be negative, not {value}")
+
+
+def _check_feed(pe_id: str, value: Any) -> Feed:
+    if isinstance(value, bool):
+        raise InputError(f"input for PE {pe_id} must be a count or a list of inputs, not {value!r}")
+    if isinstance(value, int):
+        _check_count(f"PE {pe_id}", value)
+        return value
+    if isinstance(value, (str, bytes, Mapping)) or not isinstance(value, (Iterable, AsyncIterable)):
+        raise InputError(f"input for PE {pe_id} must be a count or a list of inputs, not {value!r}")
+    return value
+
+
+def parse_cli_inputs(iterations: int | None, data: str | None, file: str | None) -> Inputs:
+    """Build inputs from ``-i N``, ``-d JSON`` and ``-f FILE``; ``-f`` wins over ``-d``, which wins over ``-i``.
+
+    Raises:
+        InputError: the JSON is malformed, the file cannot be read, or the
+            content is not an object of counts and lists.
+    """
+    if file is not None:
+        path = Path(file)
+        try:
+            text = path.read_text()
+        except OSError as exc:
+            raise InputError(f"cannot read input file {file}: {exc.strerror or exc}") from exc
+        return _parse_json(text, f"input file {file}")
+    if data is not None:
+        return _parse_json(data, "-d")
+    if iterations is not None:
+        _check_count("-i", iterations)
+    return iterations
+
+
+def _parse_json(text: str, origin: str) -> Mapping[str, Feed]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InputError(f"{origin} is not valid JSON: {exc}") from exc
+    if not isinstance(value, dict):
+        raise InputError(f"{origin} must be a JSON object {{PE: count or list of inputs}}, not {type(value).__name__}")
+    for key, feed in value.items():
+        if isinstance(feed, list):
+            continue
+        if not isinstance(feed, int) or isinstance(feed, bool):
+            raise InputError(f"{origin}: the input for {key!r} must be a count or a list, not {feed!r}")
+    return value

@@ -1,0 +1,130 @@
+"""Channels between instances on different workers, carried over a comm.
+
+One :class:`PeerLink` per pair of workers multiplexes every channel between
+them. Its messages are tuples: ``("d", channel, port, items)`` data,
+``("e", channel)`` end of stream, ``("c", channel, n)`` n credits returned,
+``("bye",)`` this worker sends nothing more. Queued messages travel as one
+list per comm message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from ._channels import EOS, Inbox
+from .errors import EndOfChannel, PeerDied
+from .transports import Comm
+
+__all__ = ["PeerLink", "RemoteChannel", "RemoteSource"]
+
+
+class RemoteChannel:
+    """The sending end of a channel whose receiver is on another worker."""
+
+    __slots__ = ("credits", "_link", "_channel_id", "_waiter", "closed")
+
+    def __init__(self, link: PeerLink, channel_id: int, credits: int) -> None:
+        self.credits = credits
+        self._link = link
+        self._channel_id = channel_id
+        self._waiter: asyncio.Future[None] | None = None
+        self.closed = False
+        link.senders[channel_id] = self
+
+    async def send(self, port: str | None, items: list[Any]) -> None:
+        while self.credits <= 0:
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        self.credits -= 1
+        self._link.post(("d", self._channel_id, port, items))
+
+    def grant(self, credits: int) -> None:
+        self.credits += credits
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self._link.post(("e", self._channel_id))
+
+
+class RemoteSource:
+    """The receiving end's view of a remote sender: returns its credits."""
+
+    __slots__ = ("_link", "_channel_id")
+
+    def __init__(self, link: PeerLink, channel_id: int) -> None:
+        self._link = link
+        self._channel_id = channel_id
+
+    def release(self) -> None:
+        self._link.post(("c", self._channel_id, 1))
+
+
+class PeerLink:
+    """Every channel between this worker and one peer worker."""
+
+    def __init__(self, comm: Comm, peer: int) -> None:
+        self.comm = comm
+        self.peer = peer
+        self.senders: dict[int, RemoteChannel] = {}
+        self.receivers: dict[int, tuple[Inbox, RemoteSource]] = {}
+        self._outbox: list[tuple[Any, ...]] = []
+        self._wake = asyncio.Event()
+        self._finishing = False
+
+    def add_receiver(self, channel_id: int, inbox: Inbox) -> None:
+        self.receivers[channel_id] = (inbox, RemoteSource(self, channel_id))
+
+    def post(self, message: tuple[Any, ...]) -> None:
+        """Queue a message for the peer; never blocks."""
+        self._outbox.append(message)
+        self._wake.set()
+
+    def finish(self) -> None:
+        """Say goodbye once everything queued so far has been sent."""
+        if not self._finishing:
+            self._finishing = True
+            self.post(("bye",))
+
+    async def write_loop(self) -> None:
+        """Send queued messages until goodbye has been sent."""
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._outbox:
+                batch, self._outbox = self._outbox, []
+                await self.comm.send(batch)
+                if batch[-1][0] == "bye":
+                    return
+
+    async def read_loop(self) -> None:
+        """Dispatch the peer's messages until it says goodbye.
+
+        Raises:
+            PeerDied: the peer's comm ended before its goodbye.
+        """
+        receivers, senders = self.receivers, self.senders
+        while True:
+            try:
+                batch = await self.comm.receive()
+            except EndOfChannel:
+                raise PeerDied(f"worker {self.peer} closed its channels before finishing") from None
+            for message in batch:
+                kind = message[0]
+                if kind == "d":
+                    inbox, source = receivers[message[1]]
+                    inbox.put((source, message[2], message[3]))
+                elif kind == "c":
+                    senders[message[1]].grant(message[2])
+                elif kind == "e":
+                    inbox, source = receivers[message[1]]
+                    inbox.put((source, None, EOS))
+                else:
+                    return

@@ -1,0 +1,88 @@
+"""Loading a workflow graph from a target: ``pkg.module[:attr]`` or ``file.py[:attr]``."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
+
+from ._graph import WorkflowGraph
+from .errors import TargetError
+
+__all__ = ["load_graph", "load_module"]
+
+
+def _split(target: str) -> tuple[str, str | None]:
+    # "C:\\x.py" has no attr; "pkg.mod:graph" and "dir/x.py:graph" do.
+    head, sep, tail = target.rpartition(":")
+    if sep and tail.isidentifier() and head and not head.endswith(("/", "\\")):
+        return head, tail
+    return target, None
+
+
+def load_module(spec: str) -> ModuleType:
+    """Import ``spec``: a dotted module name or the path of a ``.py`` file.
+
+    Raises:
+        TargetError: the file or module does not exist or fails to import.
+    """
+    if spec.endswith(".py") or "/" in spec or "\\" in spec:
+        path = Path(spec)
+        if not path.is_file():
+            raise TargetError(f"workflow file {spec} does not exist")
+        name = path.stem if path.stem.isidentifier() else "workflow"
+        module_spec = importlib.util.spec_from_file_location(name, path.resolve())
+        if module_spec is None or module_spec.loader is None:
+            raise TargetError(f"cannot load {spec} as a Python module")
+        module = importlib.util.module_from_spec(module_spec)
+        directory = str(path.resolve().parent)
+        if directory not in sys.path:
+            sys.path.insert(0, directory)
+        sys.modules.setdefault(name, module)
+        try:
+            module_spec.loader.exec_module(module)
+        except Exception as exc:
+            sys.modules.pop(name, None)
+            raise TargetError(f"importing {spec} failed: {type(exc).__name__}: {exc}") from exc
+        return module
+    try:
+        return importlib.import_module(spec)
+    except ModuleNotFoundError as exc:
+        if exc.name and spec.startswith(exc.name):
+            raise TargetError(f"no module named {spec!r}") from exc
+        raise TargetError(f"importing {spec} failed: {exc}") from exc
+    except Exception as exc:
+        raise TargetError(f"importing {spec} failed: {type(exc).__name__}: {exc}") from exc
+
+
+def load_graph(target: str) -> WorkflowGraph:
+    """Load the workflow graph named by ``target``.
+
+    Without ``:attr`` the module must hold exactly one :class:`WorkflowGraph`.
+    An attribute may also be a function returning a graph.
+
+    Raises:
+        TargetError: the module cannot be loaded, the attribute is missing or
+            not a graph, or the graph is not uniquely determined.
+    """
+    spec, attr = _split(target)
+    module = load_module(spec)
+    if attr is not None:
+        try:
+            value = getattr(module, attr)
+        except AttributeError:
+            raise TargetError(f"{spec} has no attribute {attr!r}") from None
+        if callable(value) and not isinstance(value, WorkflowGraph):
+            value = value()
+        if not isinstance(value, WorkflowGraph):
+            raise TargetError(f"{spec}:{attr} is a {type(value).__name__}, not a WorkflowGraph")
+        return value
+    graphs = {name: value for name, value in vars(module).items() if isinstance(value, WorkflowGraph)}
+    unique = {id(graph): name for name, graph in graphs.items()}
+    if len(unique) == 1:
+        return next(iter(graphs.values()))
+    if not unique:
+        raise TargetError(f"{spec} defines no WorkflowGraph; name one with {spec}:ATTR")
+    raise TargetError(f"{spec} defines several workflow graphs ({', '.join(sorted(graphs))}); choose one with {spec}:ATTR")

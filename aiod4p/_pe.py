@@ -1,0 +1,457 @@
+"""Processing elements: the nodes of a workflow graph."""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from ._groupings import SHUFFLE, Grouping, GroupingLike, as_grouping
+from .errors import GraphError
+
+if TYPE_CHECKING:
+    from ._graph import WorkflowGraph
+
+__all__ = [
+    "CompositePE",
+    "ConsumerPE",
+    "FunctionPE",
+    "GenericPE",
+    "InputPort",
+    "IterativePE",
+    "OutputPort",
+    "PE",
+    "ProducerPE",
+    "chain",
+    "consumer",
+    "iterative",
+    "producer",
+]
+
+INPUT = "input"
+OUTPUT = "output"
+
+logger = logging.getLogger("aiod4p.pe")
+
+
+@dataclass
+class InputPort:
+    """A named input of a PE.
+
+    ``grouping`` decides which instance of the PE receives each item (unless a
+    connection overrides it); ``required`` inputs must be connected whenever
+    any input of the PE is connected.
+    """
+
+    name: str
+    grouping: Grouping = SHUFFLE
+    required: bool = True
+
+
+@dataclass
+class OutputPort:
+    """A named output of a PE."""
+
+    name: str
+
+
+@dataclass
+class _Runtime:
+    """What the engine attaches to a running PE instance."""
+
+    buffers: dict[str, list[Any]]
+    instance: int = 0
+    log: logging.LoggerAdapter[logging.Logger] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class PE:
+    """Base class of every processing element.
+
+    A PE declares named input and output ports. The engine calls
+    :meth:`preprocess` once before any data, :meth:`process` once per input
+    item (``inputs`` maps the port the item arrived on to the item), and
+    :meth:`postprocess` once after the end of every input stream. Each of them
+    may be a plain or an ``async def`` method, and may emit items by returning
+    ``{port: item}`` or by calling :meth:`write` any number of times.
+
+    Attributes:
+        name: a readable name (the class name unless given).
+        id: the unique id in its graph, assigned when the PE is first added to
+            one (``name`` followed by a counter, as dispel4py numbers PEs),
+            unless set explicitly.
+        parallelism: the number of instances to run, or ``None`` to let the
+            mapping decide.
+    """
+
+    def __init__(
+        self,
+        *,
+        name: str | None = None,
+        id: str | None = None,  # noqa: A002 - dispel4py's attribute name
+        parallelism: int | None = None,
+    ) -> None:
+        self.name: str = name or type(self).__name__
+        self.id: str | None = id
+        self.parallelism: int | None = parallelism
+        self.inputs: dict[str, InputPort] = {}
+        self.outputs: dict[str, OutputPort] = {}
+        self._runtime: _Runtime | None = None
+
+    # -- declaration -------------------------------------------------------
+    def add_input(self, name: str, grouping: GroupingLike = None, *, required: bool = True) -> InputPort:
+        """Declare an input port; ``grouping`` defaults to shuffle.
+
+        Raises:
+            GraphError: the port already exists.
+            ValueError: the grouping is not understood.
+        """
+        if name in self.inputs:
+            raise GraphError(f"PE {self.label}: input port {name!r} declared twice")
+        port = InputPort(name, as_grouping(grouping), required)
+        self.inputs[name] = port
+        return port
+
+    def add_output(self, name: str) -> OutputPort:
+        """Declare an output port.
+
+        Raises:
+            GraphError: the port already exists.
+        """
+        if name in self.outputs:
+            raise GraphError(f"PE {self.label}: output port {name!r} declared twice")
+        port = OutputPort(name)
+        self.outputs[name] = port
+        return port
+
+    @property
+    def label(self) -> str:
+        """The id if assigned, else the name: how errors refer to this PE."""
+        return self.id or self.name
+
+    # -- lifecycle ------------------------------------------------------------
+    def preprocess(self) -> Any:
+        """Called once per instance before any data."""
+
+    def process(self, inputs: Mapping[str, Any]) -> Any:
+        """Called once per input item; returns ``None`` or ``{port: item}``."""
+        raise NotImplementedError(f"PE {self.label} does not implement process()")
+
+    def postprocess(self) -> Any:
+        """Called once per instance after the end of every input stream."""
+
+    # -- output ---------------------------------------------------------------
+    def write(self, port: str, item: Any) -> None:
+        """Emit ``item`` on output ``port``.
+
+        Raises:
+            GraphError: ``port`` is not a declared output, or the PE is not running.
+        """
+        runtime = self._runtime
+        if runtime is None:
+            raise GraphError(f"PE {self.label}: write({port!r}, ...) called outside a run")
+        try:
+            runtime.buffers[port].append(item)
+        except KeyError:
+            raise GraphError(
+                f"PE {self.label} wrote to undeclared output port {port!r}"
+                f" (declared: {sorted(self.outputs) or 'none'})"
+            ) from None
+
+    @property
+    def instance(self) -> int:
+        """The index of this running instance (0 outside a run)."""
+        return self._runtime.instance if self._runtime else 0
+
+    def log(self, message: str, level: int = logging.INFO) -> None:
+        """Log ``message`` with this PE's id and instance attached."""
+        if self._runtime is not None and self._runtime.log is not None:
+            self._runtime.log.log(level, message)
+        else:
+            logger.log(level, message, extra={"pe": self.label, "instance": self.instance})
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_runtime"] = None
+        return state
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.label}>"
+
+    # -- engine hooks -------------------------------------------------------
+    def _item_function(self) -> tuple[Callable[[Any], Any], str | None] | None:
+        """A per-item function the engine may call instead of :meth:`process`.
+
+        Returns ``(fn, output_port)``: ``fn(item)`` handles one item of the
+        single input port and its non-``None`` result (every yielded value,
+        for a generator function) is written to ``output_port``. ``None``
+        means the engine must call :meth:`process`.
+        """
+        return None
+
+
+class GenericPE(PE):
+    """A PE with any named inputs and outputs; override :meth:`process`.
+
+    Args:
+        inputs: input port names, or ``(name, grouping)`` pairs.
+        outputs: output port names.
+    """
+
+    def __init__(
+        self,
+        inputs: Iterable[str | tuple[str, GroupingLike]] = (),
+        outputs: Iterable[str] = (),
+        *,
+        name: str | None = None,
+        parallelism: int | None = None,
+    ) -> None:
+        super().__init__(name=name, parallelism=parallelism)
+        for spec in inputs:
+            if isinstance(spec, str):
+                self.add_input(spec)
+            else:
+                self.add_input(spec[0], spec[1])
+        for out in outputs:
+            self.add_output(out)
+
+
+def _overrides(pe: PE, base: type[PE], method: str) -> bool:
+    return getattr(type(pe), method) is not getattr(base, method)
+
+
+def _emit(port: str | None, result: Any) -> Any:
+    if result is None or port is None:
+        return None
+    return {port: result}
+
+
+class IterativePE(PE):
+    """One input ``input``, one output ``output``: override :meth:`process_item`.
+
+    The return value of :meth:`process_item`, unless ``None``, is written to
+    ``output``; a generator's every yielded value is.
+    """
+
+    def __init__(self, *, grouping: GroupingLike = None, name: str | None = None, parallelism: int | None = None):
+        super().__init__(name=name, parallelism=parallelism)
+        self.add_input(INPUT, grouping)
+        self.add_output(OUTPUT)
+
+    def process_item(self, item: Any) -> Any:
+        """Transform one item; return ``None`` to emit nothing."""
+        raise NotImplementedError(f"PE {self.label} does not implement process_item()")
+
+    def process(self, inputs: Mapping[str, Any]) -> Any:
+        if INPUT not in inputs:
+            return None
+        return _emit(OUTPUT, self.process_item(inputs[INPUT]))
+
+    def _item_function(self) -> tuple[Callable[[Any], Any], str | None] | None:
+        if _overrides(self, IterativePE, "process"):
+            return None
+        return self.process_item, OUTPUT
+
+
+class ProducerPE(PE):
+    """A source with one output ``output``: override :meth:`produce`.
+
+    :meth:`produce` is called once per element of the PE's input feed (``-i N``
+    calls it N times); its return value, unless ``None``, is written to
+    ``output``, and a generator's every yielded value is.
+    """
+
+    def __init__(self, *, name: str | None = None, parallelism: int | None = None):
+        super().__init__(name=name, parallelism=parallelism)
+        self.add_output(OUTPUT)
+
+    def produce(self) -> Any:
+        """Produce the next item (or a generator of items)."""
+        raise NotImplementedError(f"PE {self.label} does not implement produce()")
+
+    def process(self, inputs: Mapping[str, Any]) -> Any:
+        return _emit(OUTPUT, self.produce())
+
+    def _item_function(self) -> tuple[Callable[[Any], Any], str | None] | None:
+        if _overrides(self, ProducerPE, "process"):
+            return None
+        produce = self.produce
+        if inspect.iscoroutinefunction(produce):
+
+            async def call_async(_: Any) -> Any:
+                return await produce()
+
+            return call_async, OUTPUT
+        if inspect.isgeneratorfunction(produce) or inspect.isasyncgenfunction(produce):
+            return _ignore_argument(produce), OUTPUT
+        return (lambda _: produce()), OUTPUT
+
+
+def _ignore_argument(fn: Callable[[], Any]) -> Callable[[Any], Any]:
+    # Keeps generator-ness visible to inspect, so the engine iterates the result.
+    if inspect.isasyncgenfunction(fn):
+
+        async def agen(_: Any) -> Any:
+            async for value in fn():
+                yield value
+
+        return agen
+
+    def gen(_: Any) -> Any:
+        yield from fn()
+
+    return gen
+
+
+class ConsumerPE(PE):
+    """A sink with one input ``input`` and no outputs: override :meth:`consume`."""
+
+    def __init__(self, *, grouping: GroupingLike = None, name: str | None = None, parallelism: int | None = None):
+        super().__init__(name=name, parallelism=parallelism)
+        self.add_input(INPUT, grouping)
+
+    def consume(self, item: Any) -> Any:
+        """Handle one item."""
+        raise NotImplementedError(f"PE {self.label} does not implement consume()")
+
+    def process(self, inputs: Mapping[str, Any]) -> Any:
+        if INPUT in inputs:
+            self.consume(inputs[INPUT])
+        return None
+
+    def _item_function(self) -> tuple[Callable[[Any], Any], str | None] | None:
+        if _overrides(self, ConsumerPE, "process"):
+            return None
+        return self.consume, None
+
+
+class FunctionPE(PE):
+    """A PE made from a plain function (or ``async def``, or generator function).
+
+    ``kind`` is ``"iterative"`` (``fn(item)``, one input and one output),
+    ``"producer"`` (``fn()``, no input) or ``"consumer"`` (``fn(item)``, no
+    output). Extra keyword arguments are passed to ``fn`` on every call.
+    """
+
+    def __init__(
+        self,
+        fn: Callable[..., Any],
+        *,
+        kind: str = "iterative",
+        name: str | None = None,
+        parallelism: int | None = None,
+        grouping: GroupingLike = None,
+        **params: Any,
+    ) -> None:
+        if kind not in ("iterative", "producer", "consumer"):
+            raise ValueError(f"FunctionPE kind must be iterative, producer or consumer, not {kind!r}")
+        super().__init__(name=name or getattr(fn, "__name__", "FunctionPE"), parallelism=parallelism)
+        if kind != "producer":
+            self.add_input(INPUT, grouping)
+        if kind != "consumer":
+            self.add_output(OUTPUT)
+        self.kind = kind
+        self.fn = functools.partial(fn, **params) if params else fn
+
+    def process_item(self, item: Any) -> Any:
+        return self.fn() if self.kind == "producer" else self.fn(item)
+
+    def process(self, inputs: Mapping[str, Any]) -> Any:
+        if self.kind == "producer":
+            return _emit(OUTPUT, self.fn())
+        if INPUT not in inputs:
+            return None
+        return _emit(OUTPUT if self.kind == "iterative" else None, self.fn(inputs[INPUT]))
+
+    def _item_function(self) -> tuple[Callable[[Any], Any], str | None] | None:
+        if _overrides(self, FunctionPE, "process"):
+            return None
+        fn = self.fn
+        if self.kind == "producer":
+            target = fn.func if isinstance(fn, functools.partial) else fn
+            if inspect.iscoroutinefunction(target):
+
+                async def call_async(_: Any) -> Any:
+                    return await fn()
+
+                return call_async, OUTPUT
+            if inspect.isgeneratorfunction(target) or inspect.isasyncgenfunction(target):
+                return _ignore_argument(fn), OUTPUT
+            return (lambda _: fn()), OUTPUT
+        return fn, OUTPUT if self.kind == "iterative" else None
+
+
+def _factory(kind: str) -> Callable[[Callable[..., Any]], Callable[..., FunctionPE]]:
+    def decorate(fn: Callable[..., Any]) -> Callable[..., FunctionPE]:
+        @functools.wraps(fn)
+        def make(*, name: str | None = None, parallelism: int | None = None, **params: Any) -> FunctionPE:
+            return FunctionPE(fn, kind=kind, name=name, parallelism=parallelism, **params)
+
+        return make
+
+    return decorate
+
+
+iterative = _factory("iterative")
+iterative.__doc__ = "Decorator: turn ``fn(item) -> item | None`` into a factory of iterative PEs."
+producer = _factory("producer")
+producer.__doc__ = "Decorator: turn ``fn() -> item`` (or a generator function) into a factory of source PEs."
+consumer = _factory("consumer")
+consumer.__doc__ = "Decorator: turn ``fn(item)`` into a factory of sink PEs."
+
+
+class CompositePE(PE):
+    """A subgraph exposed as one PE.
+
+    Connections to and from the composite are rewired to the inner PEs its
+    ports map to; a composite input may map to several inner inputs.
+    """
+
+    def __init__(self, graph: WorkflowGraph | None = None, *, name: str | None = None) -> None:
+        from ._graph import WorkflowGraph
+
+        super().__init__(name=name)
+        self.graph: WorkflowGraph = graph if graph is not None else WorkflowGraph()
+        self.input_map: dict[str, list[tuple[PE, str]]] = {}
+        self.output_map: dict[str, tuple[PE, str]] = {}
+
+    def map_input(self, name: str, pe: PE, port: str) -> None:
+        """Expose inner ``pe.port`` as this composite's input ``name`` (repeatable)."""
+        self.graph.add(pe)
+        if name not in self.inputs:
+            self.inputs[name] = InputPort(name, SHUFFLE, required=True)
+        self.input_map.setdefault(name, []).append((pe, port))
+
+    def map_output(self, name: str, pe: PE, port: str) -> None:
+        """Expose inner ``pe.port`` as this composite's output ``name``."""
+        self.graph.add(pe)
+        if name in self.outputs:
+            raise GraphError(f"composite {self.label}: output {name!r} mapped twice")
+        self.outputs[name] = OutputPort(name)
+        self.output_map[name] = (pe, port)
+
+    def process(self, inputs: Mapping[str, Any]) -> Any:
+        raise GraphError(f"composite {self.label} is flattened into its graph and never runs itself")
+
+
+def chain(*steps: Callable[..., Any] | PE, name: str | None = None) -> CompositePE:
+    """A composite that pipes items through ``steps`` in order.
+
+    Each step is a PE with ``input``/``output`` ports or a function turned into
+    an iterative :class:`FunctionPE`.
+
+    Raises:
+        ValueError: no steps were given.
+    """
+    if not steps:
+        raise ValueError("chain() needs at least one step")
+    pes = [step if isinstance(step, PE) else FunctionPE(step) for step in steps]
+    composite = CompositePE(name=name or "chain")
+    for upstream, downstream in zip(pes, pes[1:]):
+        composite.graph.connect(upstream, OUTPUT, downstream, INPUT)
+    composite.map_input(INPUT, pes[0], INPUT)
+    composite.map_output(OUTPUT, pes[-1], OUTPUT)
+    return composite

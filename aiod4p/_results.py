@@ -1,0 +1,84 @@
+"""Results: the items written to output ports that are not connected."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator, Sequence
+from typing import Any, NamedTuple, Protocol, overload
+
+__all__ = ["ListSink", "QueueSink", "ResultRecord", "ResultSink", "Results"]
+
+
+class ResultRecord(NamedTuple):
+    """One result: ``data`` written by PE ``pe`` on its unconnected output ``port``."""
+
+    pe: str
+    port: str
+    data: Any
+
+    def to_json(self) -> dict[str, Any]:
+        """The JSON Lines record: ``{"pe": ..., "output": ..., "data": ...}``."""
+        return {"pe": self.pe, "output": self.port, "data": self.data}
+
+
+class ResultSink(Protocol):
+    """Where a worker delivers results, in batches."""
+
+    async def emit(self, pe: str, port: str, items: list[Any]) -> None: ...
+
+
+class Results(Sequence[ResultRecord]):
+    """The results of a run, in the order they were collected."""
+
+    def __init__(self, records: list[ResultRecord] | None = None) -> None:
+        self.records: list[ResultRecord] = records if records is not None else []
+
+    @overload
+    def __getitem__(self, index: int) -> ResultRecord: ...
+    @overload
+    def __getitem__(self, index: slice) -> Sequence[ResultRecord]: ...
+    def __getitem__(self, index: int | slice) -> ResultRecord | Sequence[ResultRecord]:
+        return self.records[index]
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __iter__(self) -> Iterator[ResultRecord]:
+        return iter(self.records)
+
+    def by_port(self) -> dict[tuple[str, str], list[Any]]:
+        """The data of every ``(pe, port)``, in order."""
+        grouped: dict[tuple[str, str], list[Any]] = {}
+        for record in self.records:
+            grouped.setdefault((record.pe, record.port), []).append(record.data)
+        return grouped
+
+    def data(self, pe: str | None = None, port: str | None = None) -> list[Any]:
+        """The data of every record, optionally only of PE ``pe`` and/or ``port``."""
+        return [r.data for r in self.records if (pe is None or r.pe == pe) and (port is None or r.port == port)]
+
+    def __repr__(self) -> str:
+        return f"Results({len(self.records)} records)"
+
+
+class ListSink:
+    """Collects every result into a :class:`Results`."""
+
+    def __init__(self) -> None:
+        self.results = Results()
+
+    async def emit(self, pe: str, port: str, items: list[Any]) -> None:
+        self.results.records.extend(ResultRecord(pe, port, item) for item in items)
+
+
+class QueueSink:
+    """Hands result batches to a consumer through a bounded queue.
+
+    The workflow waits when the consumer falls ``max_batches`` behind.
+    """
+
+    def __init__(self, max_batches: int = 16) -> None:
+        self.queue: asyncio.Queue[list[ResultRecord] | None] = asyncio.Queue(max_batches)
+
+    async def emit(self, pe: str, port: str, items: list[Any]) -> None:
+        await self.queue.put([ResultRecord(pe, port, item) for item in items])

@@ -1,0 +1,40 @@
+"""Per-instance run statistics, kept by the engine at batch granularity."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+__all__ = ["InstanceStats"]
+
+
+@dataclass
+class InstanceStats:
+    """Counters of one PE instance.
+
+    Attributes:
+        pe, instance, worker: which instance, and where it ran.
+        items_in: items taken from the inbox (feed elements for roots).
+        items_out: items written to any output port (results included).
+        batches_in: batches taken from the inbox.
+        errors: exceptions raised by the PE (at most 1 under the fail-fast policy).
+        busy_seconds: time spent in the PE's own code.
+        blocked_seconds: time spent waiting for credit (back-pressure).
+        max_queued_items: the most items that waited in the inbox at once.
+        inflight_bound: the most items the inbox can ever hold.
+    """
+
+    pe: str
+    instance: int
+    worker: int = 0
+    items_in: int = 0
+    items_out: int = 0
+    batches_in: int = 0
+    errors: int = 0
+    busy_seconds: float = 0.0
+    blocked_seconds: float = 0.0
+    max_queued_items: int = 0
+    inflight_bound: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)

@@ -1,0 +1,91 @@
+"""The exceptions aiod4p raises: one tree rooted at :class:`Aiod4pError`.
+
+Errors from back ends (pipes, MPI, Storm) are mapped into this tree with
+``raise ... from exc``, so callers only ever need to catch these.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "Aiod4pError",
+    "GraphError",
+    "InputError",
+    "MappingUnavailable",
+    "PEError",
+    "TargetError",
+    "TransportError",
+    "PeerDied",
+    "ChannelClosed",
+    "EndOfChannel",
+    "WorkerDied",
+]
+
+
+class Aiod4pError(Exception):
+    """Base class of every error aiod4p raises on purpose."""
+
+
+class GraphError(Aiod4pError):
+    """The workflow graph is invalid: unknown port, cycle, duplicate id, ..."""
+
+
+class InputError(Aiod4pError):
+    """The inputs given to a run are invalid (unknown PE, bad JSON, bad count)."""
+
+
+class TargetError(Aiod4pError):
+    """A workflow target (``module:attr`` or ``file.py[:attr]``) cannot be loaded."""
+
+
+class MappingUnavailable(Aiod4pError):
+    """A mapping is unknown, or its optional dependencies are not installed."""
+
+
+class PEError(Aiod4pError):
+    """A processing element raised while the run was executing.
+
+    Attributes:
+        pe: the PE id.
+        instance: the instance index of that PE.
+        port: the input port being processed, or the lifecycle stage
+            (``"preprocess"``, ``"postprocess"``) when no item was involved.
+        traceback_text: the formatted traceback of the original exception,
+            kept as text so it survives crossing process boundaries.
+    """
+
+    def __init__(self, pe: str, instance: int, port: str, message: str, traceback_text: str = ""):
+        self.pe = pe
+        self.instance = instance
+        self.port = port
+        self.message = message
+        self.traceback_text = traceback_text
+        super().__init__(f"PE {pe}[{instance}] failed on {_where(port)}: {message}")
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (PEError, (self.pe, self.instance, self.port, self.message, self.traceback_text))
+
+
+def _where(port: str) -> str:
+    if port in ("preprocess", "postprocess", "feed"):
+        return port
+    return f"input port {port!r}"
+
+
+class TransportError(Aiod4pError):
+    """A channel between workers failed."""
+
+
+class ChannelClosed(TransportError):
+    """The local end of a channel was closed; no more messages can pass."""
+
+
+class EndOfChannel(TransportError):
+    """The peer closed the channel cleanly: a normal event, not a failure."""
+
+
+class PeerDied(TransportError):
+    """The other end of a channel vanished without closing it cleanly."""
+
+
+class WorkerDied(Aiod4pError):
+    """A worker process (or MPI rank) exited before the run finished."""

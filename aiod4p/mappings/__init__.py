@@ -1,0 +1,35 @@
+"""Mappings: where a workflow's instances run. Chosen by name, imported lazily."""
+
+from __future__ import annotations
+
+import importlib
+
+from ..errors import MappingUnavailable
+from ._base import BaseMapping, RunControl
+
+__all__ = ["MAPPINGS", "BaseMapping", "RunControl", "get_mapping"]
+
+# name -> (module, class, the extra that brings its dependencies)
+MAPPINGS: dict[str, tuple[str, str, str | None]] = {
+    "simple": ("aiod4p.mappings.simple", "SimpleMapping", None),
+    "async": ("aiod4p.mappings.asyncio", "AsyncMapping", None),
+}
+
+
+def get_mapping(name: str) -> BaseMapping:
+    """Return a new instance of the mapping called ``name``.
+
+    Raises:
+        MappingUnavailable: no such mapping, or its extra is not installed.
+    """
+    try:
+        module_name, class_name, extra = MAPPINGS[name]
+    except KeyError:
+        raise MappingUnavailable(f"unknown mapping {name!r}; choose one of: {', '.join(MAPPINGS)}") from None
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        hint = f": pip install 'aiod4p[{extra}]'" if extra else ""
+        raise MappingUnavailable(f"the {name} mapping needs {exc.name or 'a missing module'}{hint}") from exc
+    mapping: BaseMapping = getattr(module, class_name)()
+    return mapping

@@ -1,0 +1,66 @@
+"""The interface every mapping implements."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping
+from typing import ClassVar
+
+from .._engine import Feed
+from .._plan import ExecutionPlan, PlanOptions
+from .._results import ResultSink
+from .._stats import InstanceStats
+
+__all__ = ["BaseMapping", "RunControl"]
+
+
+class RunControl:
+    """Lets a caller ask a running mapping to drain (stop its sources)."""
+
+    def __init__(self) -> None:
+        self.draining = False
+        self._callbacks: list[Callable[[], None]] = []
+
+    def on_drain(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` when draining is requested (at once if it already was)."""
+        self._callbacks.append(callback)
+        if self.draining:
+            callback()
+
+    def drain(self) -> None:
+        if not self.draining:
+            self.draining = True
+            for callback in self._callbacks:
+                callback()
+
+
+class BaseMapping(ABC):
+    """Places a plan's instances on workers, runs them, and collects results.
+
+    Attributes:
+        name: the name users select it by.
+        uses_uvloop: run the caller's event loop on uvloop when installed.
+    """
+
+    name: ClassVar[str]
+    uses_uvloop: ClassVar[bool] = True
+
+    @abstractmethod
+    def plan_options(self, workers: int | None, batch_size: int, credits: int) -> PlanOptions:
+        """Planner options for ``-n workers`` (``None``: the mapping's default)."""
+
+    @abstractmethod
+    async def execute(
+        self,
+        plan: ExecutionPlan,
+        feeds: Mapping[str, Feed],
+        sink: ResultSink,
+        control: RunControl,
+        max_delay: float,
+    ) -> list[InstanceStats]:
+        """Run ``plan`` to completion, delivering results to ``sink``.
+
+        Raises:
+            PEError: a PE raised.
+            WorkerDied: a worker process died.
+        """

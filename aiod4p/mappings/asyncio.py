@@ -1,0 +1,34 @@
+"""The async mapping: every instance is a task in the caller's event loop."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from .._engine import Feed, Worker
+from .._plan import ExecutionPlan, PlanOptions
+from .._results import ResultSink
+from .._stats import InstanceStats
+from ._base import BaseMapping, RunControl
+
+__all__ = ["AsyncMapping"]
+
+
+class AsyncMapping(BaseMapping):
+    """One event loop; ``-n N`` runs N instances of each PE whose parallelism is unset."""
+
+    name = "async"
+
+    def plan_options(self, workers: int | None, batch_size: int, credits: int) -> PlanOptions:
+        return PlanOptions(workers=1, default_parallelism=workers or 1, batch_size=batch_size, credits=credits)
+
+    async def execute(
+        self,
+        plan: ExecutionPlan,
+        feeds: Mapping[str, Feed],
+        sink: ResultSink,
+        control: RunControl,
+        max_delay: float,
+    ) -> list[InstanceStats]:
+        worker = Worker(plan, 0, feeds=feeds, results=sink, max_delay=max_delay)
+        control.on_drain(worker.drain)
+        return await worker.run()
