@@ -15,11 +15,20 @@ __all__ = ["BaseMapping", "RunControl"]
 
 
 class RunControl:
-    """Lets a caller ask a running mapping to drain (stop its sources)."""
+    """Between a run's caller and its mapping: drain requests and live statistics."""
 
     def __init__(self) -> None:
         self.draining = False
         self._callbacks: list[Callable[[], None]] = []
+        self._stats: dict[int, list[InstanceStats]] = {}
+
+    def publish_stats(self, worker: int, stats: list[InstanceStats]) -> None:
+        """Record the latest statistics of ``worker``'s instances (mappings call this)."""
+        self._stats[worker] = stats
+
+    def stats(self) -> list[InstanceStats]:
+        """The latest statistics of every instance published so far."""
+        return [entry for worker in sorted(self._stats) for entry in self._stats[worker]]
 
     def on_drain(self, callback: Callable[[], None]) -> None:
         """Call ``callback`` when draining is requested (at once if it already was)."""

@@ -31,4 +31,5 @@ class AsyncMapping(BaseMapping):
     ) -> list[InstanceStats]:
         worker = Worker(plan, 0, feeds=feeds, results=sink, max_delay=max_delay)
         control.on_drain(worker.drain)
+        control.publish_stats(0, worker.stats)  # live objects, updated as the run goes
         return await worker.run()

@@ -1,0 +1,177 @@
+"""PEs and graphs the tests share. Importable by worker processes (module level)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from collections.abc import Iterator
+from typing import Any
+
+from aiod4p import (
+    ALL,
+    GLOBAL,
+    ConsumerPE,
+    GenericPE,
+    IterativePE,
+    ProducerPE,
+    WorkflowGraph,
+    chain,
+    group_by,
+)
+
+
+class Count(ProducerPE):
+    """Emits 0, 1, 2, ... one per call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.next = 0
+
+    def produce(self) -> int:
+        value, self.next = self.next, self.next + 1
+        return value
+
+
+class Range(ProducerPE):
+    """Emits range(n) on its first call (a generator source)."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.n = n
+
+    def produce(self) -> Iterator[int]:
+        yield from range(self.n)
+
+
+class Double(IterativePE):
+    def process_item(self, item: int) -> int:
+        return item * 2
+
+
+class AsyncDouble(IterativePE):
+    async def process_item(self, item: int) -> int:
+        await asyncio.sleep(0)
+        return item * 2
+
+
+class Tag(IterativePE):
+    """Emits ``(item % modulo, item)`` so a group-by on index 0 has keys."""
+
+    def __init__(self, modulo: int = 5) -> None:
+        super().__init__()
+        self.modulo = modulo
+
+    def process_item(self, item: int) -> tuple[int, int]:
+        return item % self.modulo, item
+
+
+class WhoSawWhat(GenericPE):
+    """Emits ``(instance, item)`` for each item: which instance got what."""
+
+    def __init__(self, grouping: Any = None, parallelism: int | None = 3) -> None:
+        super().__init__(inputs=[("input", grouping)], outputs=["output"], parallelism=parallelism)
+
+    def process(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        return {"output": (self.instance, inputs["input"])}
+
+
+class SumAtEnd(GenericPE):
+    """Sums its input and writes the total in postprocess."""
+
+    def __init__(self, grouping: Any = GLOBAL) -> None:
+        super().__init__(inputs=[("input", grouping)], outputs=["total"])
+        self.total = 0
+
+    def process(self, inputs: dict[str, Any]) -> None:
+        self.total += inputs["input"]
+
+    def postprocess(self) -> None:
+        self.write("total", self.total)
+
+
+class Fail(IterativePE):
+    """Raises on the item equal to ``on``."""
+
+    def __init__(self, on: int = 3) -> None:
+        super().__init__()
+        self.on = on
+
+    def process_item(self, item: int) -> int:
+        if item == self.on:
+            raise ValueError(f"bad item {item}")
+        return item
+
+
+class Merge(GenericPE):
+    """Two inputs, one output: tags each item with the port it came on."""
+
+    def __init__(self) -> None:
+        super().__init__(inputs=["left", "right"], outputs=["output"])
+
+    def process(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        ((port, item),) = inputs.items()
+        return {"output": (port, item)}
+
+
+class Discard(ConsumerPE):
+    def consume(self, item: Any) -> None:
+        pass
+
+
+def pipeline(n_stages: int = 3) -> tuple[WorkflowGraph, Count]:
+    graph = WorkflowGraph()
+    source = Count()
+    previous: Any = source
+    for _ in range(n_stages):
+        stage = Double()
+        graph.connect(previous, "output", stage, "input")
+        previous = stage
+    return graph, source
+
+
+def grouping_graph(grouping: Any, parallelism: int = 3) -> WorkflowGraph:
+    graph = WorkflowGraph()
+    graph.connect(Count(), "output", tag := Tag(), "input")
+    graph.connect(tag, "output", WhoSawWhat(grouping, parallelism), "input")
+    return graph
+
+
+def fan_out_in() -> WorkflowGraph:
+    """Count -> (Double, Tag) -> Merge: fan-out to two PEs, fan-in on two ports."""
+    graph = WorkflowGraph()
+    source, double, tag, merge = Count(), Double(), Tag(), Merge()
+    graph.connect(source, "output", double, "input")
+    graph.connect(source, "output", tag, "input")
+    graph.connect(double, "output", merge, "left")
+    graph.connect(tag, "output", merge, "right")
+    return graph
+
+
+def multi_edge() -> WorkflowGraph:
+    """Two distinct connections between the same two ports."""
+    graph = WorkflowGraph()
+    source, merge = Count(), Merge()
+    graph.connect(source, "output", merge, "left")
+    graph.connect(source, "output", merge, "left")
+    return graph
+
+
+def composite_graph() -> WorkflowGraph:
+    graph = WorkflowGraph()
+    graph.connect(Count(), "output", chain(Double(), lambda_free_increment, Double()), "input")
+    return graph
+
+
+def lambda_free_increment(item: int) -> int:
+    return item + 1
+
+
+def broadcast_graph() -> WorkflowGraph:
+    return grouping_graph(ALL)
+
+
+def word_counts(records: Any) -> Counter[str]:
+    return Counter({word: count for word, count in records})
+
+
+__all__ = [name for name in dir() if not name.startswith("_")]
