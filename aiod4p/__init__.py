@@ -28,7 +28,7 @@ from ._pe import (
 from ._plan import ExecutionPlan, InstanceRef, PlanOptions, make_plan
 from ._results import ResultRecord, Results
 from ._stats import InstanceStats
-from .errors import Aiod4pError, GraphError, InputError, PEError
+from .errors import Aiod4pError, GraphError, InputError, MappingUnavailable, PEError
 
 __version__ = "0.1.0"
 
@@ -54,6 +54,7 @@ __all__ = [
     "InstanceRef",
     "InstanceStats",
     "IterativePE",
+    "MappingUnavailable",
     "OutputPort",
     "PEError",
     "PlanOptions",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from types import TracebackType
@@ -55,15 +56,37 @@ class WorkflowRun:
         self._control = RunControl()
         self._ready: deque[ResultRecord] = deque()
         self._task: asyncio.Task[None] | None = None
+        self._started: float | None = None
+        self._finished: float | None = None
 
     def start(self) -> WorkflowRun:
         """Start running (idempotent); needs a running event loop."""
         if self._task is None:
+            self._started = time.perf_counter()
             self._task = asyncio.get_running_loop().create_task(self._execute(), name="aiod4p run")
         return self
 
     async def _execute(self) -> None:
-        self.stats = await self.mapping.execute(self.plan, self.feeds, self._sink, self._control, self._max_delay)
+        try:
+            self.stats = await self.mapping.execute(self.plan, self.feeds, self._sink, self._control, self._max_delay)
+        finally:
+            self._finished = time.perf_counter()
+
+    def live_stats(self) -> list[InstanceStats]:
+        """Per-instance statistics: the final ones once the run has finished, else the latest published.
+
+        While running (and after a failure) these are what the mapping has
+        published so far: live objects on one event loop, periodic snapshots
+        from worker processes; instances not yet reported are missing.
+        """
+        return self.stats or self._control.stats()
+
+    @property
+    def elapsed(self) -> float:
+        """Seconds since the run started, until it finished (0 before it starts)."""
+        if self._started is None:
+            return 0.0
+        return (self._finished or time.perf_counter()) - self._started
 
     @property
     def done(self) -> bool:
@@ -178,6 +201,14 @@ def run(graph: WorkflowGraph, inputs: Inputs = None, **options: Any) -> Results:
         GraphError, InputError, MappingUnavailable: as :func:`start`.
         RuntimeError: called from a running event loop.
     """
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        pass
+    else:
+        raise RuntimeError(
+            "aiod4p.run() cannot be called from a running event loop; use await aiod4p.run_async() or aiod4p.start()"
+        )
     mapping = options.get("mapping", "async")
     mapping_obj = get_mapping(mapping) if isinstance(mapping, str) else mapping
     options["mapping"] = mapping_obj

@@ -50,7 +50,7 @@ class SenderChannel(Protocol):
 class Inbox:
     """An instance's multi-producer inbox; bounded by the senders' credits."""
 
-    __slots__ = ("_queue", "_waiter", "queued_items", "max_queued_items")
+    __slots__ = ("_queue", "_waiter", "max_queued_items", "queued_items")
 
     def __init__(self) -> None:
         self._queue: deque[Message] = deque()
@@ -91,7 +91,7 @@ class Inbox:
 class LocalChannel:
     """A channel whose two ends share one event loop."""
 
-    __slots__ = ("credits", "_inbox", "_waiter", "closed")
+    __slots__ = ("_inbox", "_waiter", "closed", "credits")
 
     def __init__(self, inbox: Inbox, credits: int) -> None:
         self.credits = credits

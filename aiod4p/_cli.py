@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
-import logging
 import signal
 import sys
 import traceback
@@ -15,7 +15,12 @@ from typing import Any, TextIO
 from ._api import WorkflowRun, loop_factory
 from ._inputs import parse_cli_inputs
 from ._loading import load_graph
+from ._logging import configure_logging
+from ._plan import make_plan
+from ._progress import progress, progress_wanted
 from ._results import ResultRecord
+from ._stats_report import report_stats
+from ._visual import draw
 from .errors import Aiod4pError
 from .mappings import MAPPINGS, get_mapping
 
@@ -45,16 +50,32 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--batch-size", type=int, default=256, help="items per batch (default 256)")
     run.add_argument("--credits", type=int, default=4, help="batches in flight per channel (default 4)")
     run.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks of errors")
+    seeing = run.add_argument_group("progress, statistics and logging")
+    seeing.add_argument("--stats", action="store_true", help="print a table of per-PE statistics at the end (stderr)")
+    seeing.add_argument("--stats-json", default=None, metavar="FILE", help="write per-PE statistics as JSON")
+    seeing.add_argument("-v", "--verbose", action="count", default=0, help="log more (-vv: debug)")
+    seeing.add_argument("-q", "--quiet", action="store_true", help="no progress display; log errors only")
+
+    picture = commands.add_parser(
+        "graph", help="draw a workflow", description="Draw a workflow graph: .dot, or .svg/.png/.pdf with Graphviz."
+    )
+    picture.add_argument("target", help="module:graph, path/to/file.py[:graph], or a module holding one graph")
+    picture.add_argument("-o", "--output", required=True, metavar="FILE", help="FILE.dot, FILE.svg, FILE.png or .pdf")
+    picture.add_argument("--mapping", "-m", default="async", choices=sorted(MAPPINGS), help="whose parallelism to show")
+    picture.add_argument("-n", "--num", type=int, default=None, metavar="N", help="workers, as for run")
+    picture.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks of errors")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status."""
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    configure_logging(getattr(args, "verbose", 0), getattr(args, "quiet", False))
     try:
         if args.command == "run":
             return _run(args)
+        if args.command == "graph":
+            return _graph(args)
         raise AssertionError(args.command)
     except Aiod4pError as exc:
         if args.debug:
@@ -80,11 +101,24 @@ def _run(args: argparse.Namespace) -> int:
     workflow = WorkflowRun(
         graph, inputs, mapping=mapping, workers=args.num, batch_size=args.batch_size, credits=args.credits
     )
-    with asyncio.Runner(loop_factory=loop_factory(mapping.uses_uvloop)) as runner:
-        return runner.run(_consume(workflow, args.results))
+    show_progress = progress_wanted(args.quiet, args.results == "-")
+    try:
+        with asyncio.Runner(loop_factory=loop_factory(mapping.uses_uvloop)) as runner:
+            return runner.run(_consume(workflow, args.results, show_progress))
+    finally:
+        report_stats(workflow, table=args.stats, json_path=args.stats_json)
 
 
-async def _consume(workflow: WorkflowRun, results_path: str | None) -> int:
+def _graph(args: argparse.Namespace) -> int:
+    if args.num is not None and args.num < 1:
+        raise ValueError(f"-n must be at least 1, not {args.num}")
+    mapping = get_mapping(args.mapping)
+    plan = make_plan(load_graph(args.target), mapping.plan_options(args.num, 256, 4))
+    print(f"wrote {draw(plan, args.output, title=args.target)}")
+    return 0
+
+
+async def _consume(workflow: WorkflowRun, results_path: str | None, show_progress: bool = False) -> int:
     """Run ``workflow``, writing its results; SIGINT/SIGTERM drain, a second aborts."""
     loop = asyncio.get_running_loop()
     signals = 0
@@ -107,12 +141,12 @@ async def _consume(workflow: WorkflowRun, results_path: str | None) -> int:
             out = sys.stdout
         elif results_path is not None:
             try:
-                out = open(results_path, "w", encoding="utf-8")  # noqa: SIM115 - closed below
+                out = open(results_path, "w", encoding="utf-8")  # noqa: SIM115, ASYNC230 - closed below; opening is instant
             except OSError as exc:
                 raise Aiod4pError(f"cannot write results to {results_path}: {exc.strerror or exc}") from exc
         grouped: dict[tuple[str, str], list[Any]] = {}
         try:
-            async with workflow:
+            async with workflow, progress(workflow) if show_progress else contextlib.nullcontext():
                 async for record in workflow:
                     if out is not None:
                         _write_record(out, record)

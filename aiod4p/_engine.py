@@ -16,7 +16,7 @@ import itertools
 import logging
 import time
 import traceback
-from collections.abc import AsyncIterable, Iterable, Mapping
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Mapping
 from typing import Any, TypeAlias
 
 from ._channels import EOS, Inbox, LocalChannel, SenderChannel
@@ -46,7 +46,7 @@ def _error(ref: InstanceRef, port: str, exc: BaseException) -> PEError:
 class _Pending:
     """Items waiting to travel on one channel to one destination port."""
 
-    __slots__ = ("items", "channel", "port")
+    __slots__ = ("channel", "items", "port")
 
     def __init__(self, channel: SenderChannel, port: str) -> None:
         self.items: list[Any] = []
@@ -69,7 +69,7 @@ _SINGLE, _ROUND_ROBIN, _GROUP_BY, _ALL = range(4)
 class _Route:
     """One edge leaving an instance: picks pendings for each item."""
 
-    __slots__ = ("kind", "pendings", "next", "key", "label")
+    __slots__ = ("key", "kind", "label", "next", "pendings")
 
     def __init__(self, kind: int, pendings: list[_Pending], key: GroupBy | None, label: str, start: int) -> None:
         self.kind = kind
@@ -97,11 +97,13 @@ class _Actor:
         self.dirty: list[_Pending | _ResultPending] = []
         self.last_flush = time.monotonic()
         item_function = pe._item_function()
-        self.fn, self.fn_port = item_function if item_function else (None, None)
+        self.fn: Callable[..., Any] | None = item_function[0] if item_function else None
+        self.fn_port: str | None = item_function[1] if item_function else None
         self.fn_kind = _call_kind(self.fn) if self.fn is not None else ""
         self.process_kind = _call_kind(pe.process)
         single = list(pe.inputs)
         self.single_input = single[0] if len(single) == 1 else None
+        self.is_root = worker.plan.placement[ref.pe].is_root
 
     # -- wiring ------------------------------------------------------------
     def add_route(self, port: str, route: _Route) -> None:
@@ -129,6 +131,7 @@ class _Actor:
                 source.release()
                 self.stats.batches_in += 1
                 self.stats.items_in += len(items)
+                self.stats.queued_items = inbox.queued_items
                 started = time.perf_counter()
                 try:
                     await self._handle(port, items)
@@ -147,6 +150,7 @@ class _Actor:
             for channel in self.outgoing:
                 channel.close()
             self.stats.max_queued_items = self.inbox.max_queued_items
+            self.stats.queued_items = self.inbox.queued_items
         return self.stats
 
     async def _lifecycle(self, stage: str, method: Any) -> None:
@@ -174,34 +178,97 @@ class _Actor:
         await self._call_process(port, items)
 
     async def _call_fn(self, items: list[Any]) -> None:
-        fn, kind = self.fn, self.fn_kind
-        assert fn is not None
+        item_fn, kind = self.fn, self.fn_kind
+        assert item_fn is not None
+        # A PE without inputs takes no argument: call it once per feed element.
+        fn = item_fn if self.pe.inputs else _ignoring_argument(item_fn)
         out_port = self.fn_port
         if kind == "sync":
             if out_port is None:
                 for item in items:
                     fn(item)
-                return
-            append = self.buffers[out_port].append
-            for item in items:
-                result = fn(item)
-                if result is not None:
-                    append(result)
+            elif not self.pe.inputs:
+                append = self.buffers[out_port].append
+                for _ in items:
+                    result = item_fn()
+                    if result is not None:
+                        append(result)
+            else:
+                append = self.buffers[out_port].append
+                for item in items:
+                    result = fn(item)
+                    if result is not None:
+                        append(result)
         elif kind == "async":
             for item in items:
                 result = await fn(item)
                 if result is not None and out_port is not None:
                     self.buffers[out_port].append(result)
         elif kind == "gen":
+            worker = self.worker
             for item in items:
                 for result in fn(item):
                     if result is not None and out_port is not None:
                         await self._append_streaming(out_port, result)
+                    if worker._draining and self.is_root:
+                        return  # a draining source stops producing
+        elif self.is_root and out_port is not None:
+            for item in items:
+                await self._pump(fn(item), out_port)
         else:
             for item in items:
                 async for result in fn(item):
                     if result is not None and out_port is not None:
                         await self._append_streaming(out_port, result)
+
+    async def _pump(self, source: AsyncIterator[Any], port: str) -> None:
+        # A live source (a root's async generator) runs in a reader task that
+        # pulls ahead while the actor waits for credit, so batches grow under
+        # load; whenever the source has nothing ready, partly filled batches
+        # are flushed, so an item from a slow source is not held back. When
+        # the run drains, the PE's drain() (if any) asks the source to finish
+        # by itself; otherwise the reader is cancelled.
+        batch_size = self.batch_size
+        buffer: list[Any] = []
+        ready, room = asyncio.Event(), asyncio.Event()
+        finished = False
+
+        async def read() -> None:
+            nonlocal finished
+            try:
+                async for value in source:
+                    if value is None:
+                        continue
+                    buffer.append(value)
+                    ready.set()
+                    while len(buffer) >= batch_size:
+                        room.clear()
+                        await room.wait()
+            finally:
+                finished = True
+                ready.set()
+
+        reader = asyncio.create_task(read(), name=f"source {self.ref}")
+        self.worker._add_stopper(getattr(self.pe, "drain", None), reader)
+        try:
+            while True:
+                if not buffer and not finished:
+                    await self._flush_all()
+                    await ready.wait()
+                ready.clear()
+                if buffer:
+                    self.buffers[port].extend(buffer)
+                    buffer.clear()
+                    room.set()
+                    await self._route_outputs()
+                elif finished:
+                    break
+            if not reader.cancelled():
+                await reader  # re-raises the source's own error
+        finally:
+            if not reader.done():
+                reader.cancel()
+                await asyncio.gather(reader, return_exceptions=True)
 
     async def _call_process(self, port: str | None, items: list[Any]) -> None:
         process, kind = self.pe.process, self.process_kind
@@ -356,6 +423,16 @@ class _Actor:
         self.last_flush = time.monotonic()
 
 
+def _ignoring_argument(fn: Callable[[], Any]) -> Callable[[Any], Any]:
+    if inspect.iscoroutinefunction(fn):
+
+        async def call_async(_: Any) -> Any:
+            return await fn()
+
+        return call_async
+    return lambda _: fn()
+
+
 def _call_kind(fn: Any) -> str:
     target = fn
     while hasattr(target, "func"):  # functools.partial
@@ -405,7 +482,7 @@ class Worker:
         self.actors: dict[InstanceRef, _Actor] = {}
         self._feed_channels: dict[InstanceRef, LocalChannel] = {}
         self._draining = False
-        self._readers: list[asyncio.Task[None]] = []
+        self._stoppers: list[Callable[[], Any]] = []
         self._build()
 
     # -- construction ------------------------------------------------------
@@ -447,7 +524,8 @@ class Worker:
                 else:
                     kind = _ROUND_ROBIN
                 label = f"{route.dest}.{route.dest_port}"
-                route_object = _Route(kind, pendings, grouping if kind == _GROUP_BY else None, label, ref.index)
+                key = grouping if isinstance(grouping, GroupBy) else None
+                route_object = _Route(kind, pendings, key, label, ref.index)
                 actor.add_route(route.source_port, route_object)
             actor.outgoing = [senders[(ref, spec.dest)] for spec in plan.channels_from(ref)]
             self.actors[ref] = actor
@@ -469,10 +547,23 @@ class Worker:
 
     # -- running -----------------------------------------------------------
     def drain(self) -> None:
-        """Stop the feeds: every item already accepted still flows to the sinks."""
+        """Stop the feeds and sources: every item already accepted still flows to the sinks.
+
+        A feed (async iterable) or a root PE whose async generator is running
+        that has a callable ``drain()`` is asked to finish by itself (it ends
+        its iteration soon, yielding what it already accepted); other async
+        feeds and sources are cancelled, and generator sources stop at their
+        next item.
+        """
         self._draining = True
-        for task in self._readers:
-            task.cancel()
+        for stop in self._stoppers:
+            stop()
+
+    def _add_stopper(self, drain: Any, reader: asyncio.Task[None]) -> None:
+        stop = drain if callable(drain) else reader.cancel
+        self._stoppers.append(stop)
+        if self._draining:
+            stop()
 
     @property
     def stats(self) -> list[InstanceStats]:
@@ -514,32 +605,34 @@ class Worker:
     async def _feed(self, ref: InstanceRef, channel: LocalChannel, feed: Feed) -> None:
         pe = self.plan.pes[ref.pe]
         batch_size = self.plan.options.batch_size
+        timed = _TimedChannel(channel, self.actors[ref].stats)
         try:
             if isinstance(feed, bool) or not isinstance(feed, (int, Iterable, AsyncIterable)):
                 raise InputError(f"the input of PE {ref.pe} must be a count or an iterable, not {feed!r}")
             if isinstance(feed, int):
+                ignores_elements = not pe.inputs and self.actors[ref].fn is not None
                 remaining = max(feed, 0)
                 while remaining and not self._draining:
                     count = min(batch_size, remaining)
-                    await channel.send(None, [{} for _ in range(count)])
+                    await timed.send(None, [None] * count if ignores_elements else [{} for _ in range(count)])
                     remaining -= count
             elif isinstance(feed, AsyncIterable):
-                await self._feed_async(pe, channel, feed)
+                await self._feed_async(pe, timed, feed)
             else:
                 iterator = iter(feed)
                 while not self._draining:
                     chunk = [_input_dict(pe, ref.pe, e) for e in itertools.islice(iterator, batch_size)]
                     if not chunk:
                         break
-                    await channel.send(None, chunk)
+                    await timed.send(None, chunk)
         except Aiod4pError:
             raise
         except Exception as exc:
             raise _error(ref, "feed", exc) from exc
         finally:
-            channel.close()
+            timed.close()
 
-    async def _feed_async(self, pe: PE, channel: LocalChannel, feed: AsyncIterable[Any]) -> None:
+    async def _feed_async(self, pe: PE, channel: _TimedChannel, feed: AsyncIterable[Any]) -> None:
         # A reader task pulls ahead while the channel has no credit, so batches
         # grow under load and stay small (low latency) when the workflow is idle.
         batch_size = self.plan.options.batch_size
@@ -561,9 +654,7 @@ class Worker:
                 ready.set()
 
         reader = asyncio.create_task(read())
-        self._readers.append(reader)
-        if self._draining:
-            reader.cancel()
+        self._add_stopper(getattr(feed, "drain", None), reader)
         try:
             while True:
                 await ready.wait()
@@ -581,6 +672,26 @@ class Worker:
             if not reader.done():
                 reader.cancel()
                 await asyncio.gather(reader, return_exceptions=True)
+
+
+class _TimedChannel:
+    """A feed's channel that records its waits for credit in the root's statistics."""
+
+    __slots__ = ("_channel", "_stats")
+
+    def __init__(self, channel: LocalChannel, stats: InstanceStats) -> None:
+        self._channel = channel
+        self._stats = stats
+
+    async def send(self, port: str | None, items: list[Any]) -> None:
+        if self._channel.credits > 0:
+            return await self._channel.send(port, items)
+        started = time.perf_counter()
+        await self._channel.send(port, items)
+        self._stats.feed_blocked_seconds += time.perf_counter() - started
+
+    def close(self) -> None:
+        self._channel.close()
 
 
 def _input_dict(pe: PE, pe_id: str, element: Any) -> dict[str, Any]:

@@ -201,7 +201,7 @@ class FlatGraph:
             for edge in self.outgoing(node):
                 state = colour.get(edge.dest, 0)
                 if state == 1:
-                    return stack[stack.index(edge.dest) :] + [edge.dest]
+                    return [*stack[stack.index(edge.dest) :], edge.dest]
                 if state == 0 and (found := visit(edge.dest)):
                     return found
             stack.pop()
@@ -220,8 +220,7 @@ def _id(pe: PE) -> str:
 
 
 def _all_connections(graph: WorkflowGraph) -> Iterator[Connection]:
-    for connection in graph.connections:
-        yield connection
+    yield from graph.connections
     for pe in graph.pes:
         if isinstance(pe, CompositePE):
             yield from _all_connections(pe.graph)

@@ -113,7 +113,7 @@ def as_grouping(value: GroupingLike) -> Grouping:
     if isinstance(value, (Shuffle, All, Global, GroupBy)):
         return value
     if isinstance(value, str):
-        named = {"shuffle": SHUFFLE, "all": ALL, "global": GLOBAL, "one_to_all": ALL}
+        named: dict[str, Grouping] = {"shuffle": SHUFFLE, "all": ALL, "global": GLOBAL, "one_to_all": ALL}
         try:
             return named[value.lower()]
         except KeyError:

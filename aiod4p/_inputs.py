@@ -33,7 +33,7 @@ def resolve_inputs(graph: FlatGraph, inputs: Inputs) -> dict[str, Feed]:
     roots = graph.roots()
     if inputs is None:
         return dict.fromkeys(roots, 1)
-    if isinstance(inputs, bool) or isinstance(inputs, int):
+    if isinstance(inputs, (bool, int)):
         _check_count("every root", inputs)
         return dict.fromkeys(roots, int(inputs))
     if not isinstance(inputs, Mapping):

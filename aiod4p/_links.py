@@ -22,7 +22,7 @@ __all__ = ["PeerLink", "RemoteChannel", "RemoteSource"]
 class RemoteChannel:
     """The sending end of a channel whose receiver is on another worker."""
 
-    __slots__ = ("credits", "_link", "_channel_id", "_waiter", "closed")
+    __slots__ = ("_channel_id", "_link", "_waiter", "closed", "credits")
 
     def __init__(self, link: PeerLink, channel_id: int, credits: int) -> None:
         self.credits = credits
@@ -57,7 +57,7 @@ class RemoteChannel:
 class RemoteSource:
     """The receiving end's view of a remote sender: returns its credits."""
 
-    __slots__ = ("_link", "_channel_id")
+    __slots__ = ("_channel_id", "_link")
 
     def __init__(self, link: PeerLink, channel_id: int) -> None:
         self._link = link

@@ -85,4 +85,5 @@ def load_graph(target: str) -> WorkflowGraph:
         return next(iter(graphs.values()))
     if not unique:
         raise TargetError(f"{spec} defines no WorkflowGraph; name one with {spec}:ATTR")
-    raise TargetError(f"{spec} defines several workflow graphs ({', '.join(sorted(graphs))}); choose one with {spec}:ATTR")
+    names = ", ".join(sorted(graphs))
+    raise TargetError(f"{spec} defines several workflow graphs ({names}); choose one with {spec}:ATTR")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import functools
-import inspect
+import itertools
 import logging
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -91,7 +91,7 @@ class PE:
         self,
         *,
         name: str | None = None,
-        id: str | None = None,  # noqa: A002 - dispel4py's attribute name
+        id: str | None = None,
         parallelism: int | None = None,
     ) -> None:
         self.name: str = name or type(self).__name__
@@ -182,13 +182,14 @@ class PE:
         return f"<{type(self).__name__} {self.label}>"
 
     # -- engine hooks -------------------------------------------------------
-    def _item_function(self) -> tuple[Callable[[Any], Any], str | None] | None:
+    def _item_function(self) -> tuple[Callable[..., Any], str | None] | None:
         """A per-item function the engine may call instead of :meth:`process`.
 
-        Returns ``(fn, output_port)``: ``fn(item)`` handles one item of the
-        single input port and its non-``None`` result (every yielded value,
-        for a generator function) is written to ``output_port``. ``None``
-        means the engine must call :meth:`process`.
+        Returns ``(fn, output_port)``: for a PE with one input, ``fn(item)``
+        handles one item; for a PE with no input, ``fn()`` is called once per
+        feed element. A non-``None`` result (every yielded value, for a
+        generator function) is written to ``output_port`` (unless ``None``).
+        ``None`` means the engine must call :meth:`process`.
         """
         return None
 
@@ -250,7 +251,7 @@ class IterativePE(PE):
             return None
         return _emit(OUTPUT, self.process_item(inputs[INPUT]))
 
-    def _item_function(self) -> tuple[Callable[[Any], Any], str | None] | None:
+    def _item_function(self) -> tuple[Callable[..., Any], str | None] | None:
         if _overrides(self, IterativePE, "process"):
             return None
         return self.process_item, OUTPUT
@@ -275,35 +276,10 @@ class ProducerPE(PE):
     def process(self, inputs: Mapping[str, Any]) -> Any:
         return _emit(OUTPUT, self.produce())
 
-    def _item_function(self) -> tuple[Callable[[Any], Any], str | None] | None:
+    def _item_function(self) -> tuple[Callable[..., Any], str | None] | None:
         if _overrides(self, ProducerPE, "process"):
             return None
-        produce = self.produce
-        if inspect.iscoroutinefunction(produce):
-
-            async def call_async(_: Any) -> Any:
-                return await produce()
-
-            return call_async, OUTPUT
-        if inspect.isgeneratorfunction(produce) or inspect.isasyncgenfunction(produce):
-            return _ignore_argument(produce), OUTPUT
-        return (lambda _: produce()), OUTPUT
-
-
-def _ignore_argument(fn: Callable[[], Any]) -> Callable[[Any], Any]:
-    # Keeps generator-ness visible to inspect, so the engine iterates the result.
-    if inspect.isasyncgenfunction(fn):
-
-        async def agen(_: Any) -> Any:
-            async for value in fn():
-                yield value
-
-        return agen
-
-    def gen(_: Any) -> Any:
-        yield from fn()
-
-    return gen
+        return self.produce, OUTPUT
 
 
 class ConsumerPE(PE):
@@ -322,7 +298,7 @@ class ConsumerPE(PE):
             self.consume(inputs[INPUT])
         return None
 
-    def _item_function(self) -> tuple[Callable[[Any], Any], str | None] | None:
+    def _item_function(self) -> tuple[Callable[..., Any], str | None] | None:
         if _overrides(self, ConsumerPE, "process"):
             return None
         return self.consume, None
@@ -366,22 +342,10 @@ class FunctionPE(PE):
             return None
         return _emit(OUTPUT if self.kind == "iterative" else None, self.fn(inputs[INPUT]))
 
-    def _item_function(self) -> tuple[Callable[[Any], Any], str | None] | None:
+    def _item_function(self) -> tuple[Callable[..., Any], str | None] | None:
         if _overrides(self, FunctionPE, "process"):
             return None
-        fn = self.fn
-        if self.kind == "producer":
-            target = fn.func if isinstance(fn, functools.partial) else fn
-            if inspect.iscoroutinefunction(target):
-
-                async def call_async(_: Any) -> Any:
-                    return await fn()
-
-                return call_async, OUTPUT
-            if inspect.isgeneratorfunction(target) or inspect.isasyncgenfunction(target):
-                return _ignore_argument(fn), OUTPUT
-            return (lambda _: fn()), OUTPUT
-        return fn, OUTPUT if self.kind == "iterative" else None
+        return self.fn, OUTPUT if self.kind != "consumer" else None
 
 
 def _factory(kind: str) -> Callable[[Callable[..., Any]], Callable[..., FunctionPE]]:
@@ -450,7 +414,7 @@ def chain(*steps: Callable[..., Any] | PE, name: str | None = None) -> Composite
         raise ValueError("chain() needs at least one step")
     pes = [step if isinstance(step, PE) else FunctionPE(step) for step in steps]
     composite = CompositePE(name=name or "chain")
-    for upstream, downstream in zip(pes, pes[1:]):
+    for upstream, downstream in itertools.pairwise(pes):
         composite.graph.connect(upstream, OUTPUT, downstream, INPUT)
     composite.map_input(INPUT, pes[0], INPUT)
     composite.map_output(OUTPUT, pes[-1], OUTPUT)

@@ -20,7 +20,11 @@ class InstanceStats:
         errors: exceptions raised by the PE (at most 1 under the fail-fast policy).
         busy_seconds: time spent in the PE's own code.
         blocked_seconds: time spent waiting for credit (back-pressure).
+        feed_blocked_seconds: for a root, time its input feed waited for the
+            PE to accept more (back-pressure reaching the source).
         max_queued_items: the most items that waited in the inbox at once.
+        queued_items: the items waiting in the inbox when the instance last
+            took a batch (live; 0 once the instance has finished).
         inflight_bound: the most items the inbox can ever hold.
     """
 
@@ -33,8 +37,10 @@ class InstanceStats:
     errors: int = 0
     busy_seconds: float = 0.0
     blocked_seconds: float = 0.0
+    feed_blocked_seconds: float = 0.0
     max_queued_items: int = 0
     inflight_bound: int = 0
+    queued_items: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -16,7 +16,8 @@ from aiod4p import (
     ProducerPE,
     WorkflowGraph,
     chain,
-    group_by,
+    iterative,
+    producer,
 )
 
 
@@ -150,9 +151,9 @@ def fan_out_in() -> WorkflowGraph:
 def multi_edge() -> WorkflowGraph:
     """Two distinct connections between the same two ports."""
     graph = WorkflowGraph()
-    source, merge = Count(), Merge()
-    graph.connect(source, "output", merge, "left")
-    graph.connect(source, "output", merge, "left")
+    source, double = Count(), Double()
+    graph.connect(source, "output", double, "input")
+    graph.connect(source, "output", double, "input")
     return graph
 
 
@@ -174,4 +175,37 @@ def word_counts(records: Any) -> Counter[str]:
     return Counter({word: count for word, count in records})
 
 
-__all__ = [name for name in dir() if not name.startswith("_")]
+def first_element(item: tuple[int, int]) -> int:
+    return item[0]
+
+
+class WritesNowhere(IterativePE):
+    def process_item(self, item: int) -> None:
+        self.write("nowhere", item)
+
+
+class FailsAtEnd(IterativePE):
+    def process_item(self, item: int) -> int:
+        return item
+
+    def postprocess(self) -> None:
+        raise RuntimeError("cannot finish")
+
+
+class EvenOdd(GenericPE):
+    def __init__(self) -> None:
+        super().__init__(inputs=["input"], outputs=["even", "odd"])
+
+    def process(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        item = inputs["input"]
+        return {"even" if item % 2 == 0 else "odd": item}
+
+
+@producer
+def count_to_five() -> Iterator[int]:
+    yield from range(5)
+
+
+@iterative
+def square(item: int) -> int:
+    return item * item

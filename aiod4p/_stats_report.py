@@ -1,0 +1,186 @@
+"""Run statistics for people and programs: the ``--stats`` table and the ``--stats-json`` file.
+
+Both work from a list of :class:`InstanceStats` (one per PE instance, from any
+worker) and aggregate it per PE, so on multi-worker mappings the parent's
+report covers every worker.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Iterable
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ._plan import ExecutionPlan
+from ._stats import InstanceStats
+from .errors import Aiod4pError
+
+if TYPE_CHECKING:
+    from rich.console import Console
+    from rich.table import Table
+
+    from ._api import WorkflowRun
+
+__all__ = ["PESummary", "report_stats", "stats_document", "stats_table", "summarise", "write_stats_json"]
+
+
+@dataclass
+class PESummary:
+    """The statistics of every instance of one PE, added up.
+
+    ``max_queued_items`` is the largest of any instance; the others are sums.
+    """
+
+    pe: str
+    instances: int = 0
+    items_in: int = 0
+    items_out: int = 0
+    batches_in: int = 0
+    errors: int = 0
+    busy_seconds: float = 0.0
+    blocked_seconds: float = 0.0
+    max_queued_items: int = 0
+    queued_items: int = 0
+    inflight_bound: int = 0
+
+    def add(self, stats: InstanceStats) -> None:
+        self.instances += 1
+        self.items_in += stats.items_in
+        self.items_out += stats.items_out
+        self.batches_in += stats.batches_in
+        self.errors += stats.errors
+        self.busy_seconds += stats.busy_seconds
+        self.blocked_seconds += stats.blocked_seconds
+        self.max_queued_items = max(self.max_queued_items, stats.max_queued_items)
+        self.queued_items += stats.queued_items
+        self.inflight_bound += stats.inflight_bound
+
+    def to_dict(self) -> dict[str, Any]:
+        return {field.name: getattr(self, field.name) for field in fields(self) if field.name != "pe"}
+
+
+def summarise(stats: Iterable[InstanceStats], plan: ExecutionPlan | None = None) -> dict[str, PESummary]:
+    """Per-PE sums of ``stats``, in the plan's topological order when a plan is given."""
+    ordered = sorted(stats, key=_order_key(plan))
+    summaries: dict[str, PESummary] = {}
+    for entry in ordered:
+        summaries.setdefault(entry.pe, PESummary(entry.pe)).add(entry)
+    return summaries
+
+
+def _order_key(plan: ExecutionPlan | None) -> Any:
+    rank = {pe_id: index for index, pe_id in enumerate(plan.graph.topological_order())} if plan else {}
+    return lambda entry: (rank.get(entry.pe, len(rank)), entry.pe, entry.instance)
+
+
+def stats_table(stats: list[InstanceStats], plan: ExecutionPlan | None = None, *, elapsed: float = 0.0) -> Table:
+    """A rich table: one row per PE (sums), then one per instance for PEs with several."""
+    from rich.table import Table
+
+    title = "Statistics per PE" + (f" ({elapsed:.2f} s)" if elapsed else "")
+    table = Table(title=title, title_justify="left", header_style="bold")
+    table.add_column("PE", no_wrap=True)
+    for name in ("instance", "worker"):
+        table.add_column(name)
+    for name in ("items in", "items out", "errors", "busy s", "blocked s", "max queued"):
+        table.add_column(name, justify="right")
+    by_pe: dict[str, list[InstanceStats]] = {}
+    for entry in sorted(stats, key=_order_key(plan)):
+        by_pe.setdefault(entry.pe, []).append(entry)
+    for pe, entries in by_pe.items():
+        total = PESummary(pe)
+        for entry in entries:
+            total.add(entry)
+        workers = ",".join(str(w) for w in sorted({entry.worker for entry in entries}))
+        several = len(entries) > 1
+        table.add_row(
+            pe, f"all {len(entries)}" if several else str(entries[0].instance), workers, *_cells(total),
+            style="bold" if several else None,
+        )
+        if several:
+            for entry in entries:
+                table.add_row("", str(entry.instance), str(entry.worker), *_cells(entry), style="dim")
+    if not by_pe:
+        table.caption = "no statistics were reported"
+    return table
+
+
+def _cells(entry: InstanceStats | PESummary) -> list[str]:
+    return [
+        f"{entry.items_in:,}",
+        f"{entry.items_out:,}",
+        f"{entry.errors:,}",
+        f"{entry.busy_seconds:.3f}",
+        f"{entry.blocked_seconds:.3f}",
+        f"{entry.max_queued_items:,}",
+    ]
+
+
+def stats_document(
+    stats: list[InstanceStats],
+    plan: ExecutionPlan | None = None,
+    *,
+    mapping: str | None = None,
+    elapsed: float = 0.0,
+    finished: bool = True,
+) -> dict[str, Any]:
+    """The JSON document ``--stats-json`` writes.
+
+    Keys: ``mapping``, ``workers``, ``elapsed_seconds``, ``finished`` (false
+    when the run failed or was aborted: the figures are then the last ones
+    reported), ``pes`` (per-PE sums, by PE id) and ``instances`` (one entry
+    per instance: every :class:`InstanceStats` field).
+    """
+    return {
+        "mapping": mapping,
+        "workers": plan.workers if plan else None,
+        "elapsed_seconds": round(elapsed, 6),
+        "finished": finished,
+        "pes": {pe: summary.to_dict() for pe, summary in summarise(stats, plan).items()},
+        "instances": [entry.to_dict() for entry in sorted(stats, key=_order_key(plan))],
+    }
+
+
+def write_stats_json(path: str | Path, document: dict[str, Any]) -> None:
+    """Write ``document`` as indented JSON to ``path`` (``-`` for stdout).
+
+    Raises:
+        Aiod4pError: the file cannot be written (the message names it).
+    """
+    text = json.dumps(document, indent=2) + "\n"
+    if str(path) == "-":
+        sys.stdout.write(text)
+        return
+    try:
+        Path(path).write_text(text, encoding="utf-8")
+    except OSError as exc:
+        raise Aiod4pError(f"cannot write statistics to {path}: {exc.strerror or exc}") from exc
+
+
+def report_stats(
+    workflow: WorkflowRun, *, table: bool, json_path: str | None, console: Console | None = None
+) -> None:
+    """Print the ``--stats`` table (to stderr unless ``console`` is given) and/or write ``--stats-json``.
+
+    Uses the final statistics when the run finished, else the last published.
+
+    Raises:
+        Aiod4pError: the JSON file cannot be written.
+    """
+    if not table and json_path is None:
+        return
+    stats = workflow.live_stats()
+    if json_path is not None:
+        document = stats_document(
+            stats, workflow.plan, mapping=workflow.mapping.name, elapsed=workflow.elapsed, finished=bool(workflow.stats)
+        )
+        write_stats_json(json_path, document)
+    if table:
+        from rich.console import Console
+
+        if console is None:  # a file or pipe gets the whole table, however wide
+            console = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
+        console.print(stats_table(stats, workflow.plan, elapsed=workflow.elapsed))

@@ -1,0 +1,200 @@
+"""``dispel4py.core`` on aiod4p: :class:`GenericPE` and the connection keys.
+
+A dispel4py PE declares its ports in the ``inputconnections`` and
+``outputconnections`` dicts (directly or through :meth:`GenericPE._add_input`
+and :meth:`GenericPE._add_output`). Those dicts stay the source of truth: the
+ports the aiod4p engine sees (``pe.inputs`` / ``pe.outputs``) are derived from
+them whenever they are read, so a grouping changed after construction
+(``pe.inputconnections['input']['grouping'] = 'all'``) is honoured.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from .._groupings import All, Global, GroupBy, as_grouping
+from .._pe import GenericPE as _CoreGenericPE
+from .._pe import InputPort, OutputPort
+from ..errors import GraphError
+
+__all__ = ["DESCRIPTION", "GROUPING", "META", "NAME", "TYPE", "WRITER", "GenericPE"]
+
+NAME = "name"
+TYPE = "type"
+DESCRIPTION = "descr"
+META = "meta"
+GROUPING = "grouping"
+WRITER = "writer"
+
+
+class GenericPE(_CoreGenericPE):
+    """dispel4py's base PE, run by the aiod4p engine.
+
+    Override :meth:`process` (or :meth:`_process`), which receives one
+    ``{input_name: item}`` per call (``{}`` for a root fed by ``-i``) and
+    returns ``None`` or ``{output_name: item}``; :meth:`write` emits any
+    number of items. ``numprocesses``, when assigned, becomes the number of
+    instances (``parallelism``); left at its default, the mapping decides.
+    """
+
+    def __init__(self, numprocesses: int = 1) -> None:
+        self.inputconnections: dict[str, dict[str, Any]] = {}
+        self.outputconnections: dict[str, dict[str, Any]] = {}
+        super().__init__()
+        self.wrapper = "simple"
+        self.pickleIgnore: list[str] = []
+        self._numprocesses = numprocesses
+        if numprocesses != 1:
+            self.parallelism = numprocesses
+
+    # -- dispel4py's declarations --------------------------------------------
+    def _add_input(self, name: str, grouping: Any = None, tuple_type: Any = None) -> None:
+        """Declare (or redeclare) input ``name``, with an optional grouping and type."""
+        self.inputconnections[name] = {NAME: name}
+        if grouping:
+            self.inputconnections[name][GROUPING] = grouping
+        if tuple_type:
+            self.inputconnections[name][TYPE] = tuple_type
+
+    def _add_output(self, name: str, tuple_type: Any = None) -> None:
+        """Declare (or redeclare) output ``name``, with an optional type."""
+        self.outputconnections[name] = {NAME: name}
+        if tuple_type:
+            self.outputconnections[name][TYPE] = tuple_type
+
+    @property
+    def numprocesses(self) -> int:
+        """dispel4py's process count; setting it fixes the number of instances."""
+        return self._numprocesses
+
+    @numprocesses.setter
+    def numprocesses(self, value: int) -> None:
+        self._numprocesses = value
+        self.parallelism = value
+
+    # -- the ports the engine sees ----------------------------------------------
+    @property  # type: ignore[override]
+    def inputs(self) -> dict[str, InputPort]:
+        """The input ports, derived from ``inputconnections`` (never required).
+
+        Raises:
+            GraphError: an input has a grouping aiod4p does not understand.
+        """
+        ports: dict[str, InputPort] = {}
+        for name, connection in self.inputconnections.items():
+            try:
+                grouping = as_grouping(connection.get(GROUPING) or None)
+            except ValueError as exc:
+                raise GraphError(f"PE {self.label}, input {name!r}: {exc}") from None
+            ports[name] = InputPort(name, grouping, required=False)
+        return ports
+
+    @inputs.setter
+    def inputs(self, ports: Mapping[str, InputPort]) -> None:
+        self.inputconnections = {}
+        for name, port in ports.items():
+            self._add_input(name, _grouping_value(port))
+
+    @property  # type: ignore[override]
+    def outputs(self) -> dict[str, OutputPort]:
+        """The output ports, derived from ``outputconnections``."""
+        return {name: OutputPort(name) for name in self.outputconnections}
+
+    @outputs.setter
+    def outputs(self, ports: Mapping[str, OutputPort]) -> None:
+        self.outputconnections = {}
+        for name in ports:
+            self._add_output(name)
+
+    def add_input(self, name: str, grouping: Any = None, *, required: bool = True) -> InputPort:
+        """aiod4p's declaration, recorded in ``inputconnections``.
+
+        Raises:
+            GraphError: the port already exists.
+            ValueError: the grouping is not understood.
+        """
+        if name in self.inputconnections:
+            raise GraphError(f"PE {self.label}: input port {name!r} declared twice")
+        as_grouping(grouping)
+        self._add_input(name, grouping)
+        return self.inputs[name]
+
+    def add_output(self, name: str) -> OutputPort:
+        """aiod4p's declaration, recorded in ``outputconnections``.
+
+        Raises:
+            GraphError: the port already exists.
+        """
+        if name in self.outputconnections:
+            raise GraphError(f"PE {self.label}: output port {name!r} declared twice")
+        self._add_output(name)
+        return OutputPort(name)
+
+    # -- dispel4py's type propagation ------------------------------------------
+    def setInputTypes(self, types: Mapping[str, Any]) -> None:  # noqa: N802 - dispel4py's name
+        """Receive the types of the inputs; override to derive output types."""
+
+    def getOutputTypes(self) -> dict[str, Any]:  # noqa: N802 - dispel4py's name
+        """The ``TYPE`` of every output.
+
+        Raises:
+            GraphError: an output declares no type.
+        """
+        types: dict[str, Any] = {}
+        for name, connection in self.outputconnections.items():
+            if TYPE not in connection:
+                raise GraphError(f"PE {self.label}: no output type defined for {name!r}")
+            types[name] = connection[TYPE]
+        return types
+
+    # -- lifecycle -------------------------------------------------------------
+    def _preprocess(self) -> Any:
+        """Override for initialisation before any data."""
+
+    def preprocess(self) -> Any:
+        return self._preprocess()
+
+    def _process(self, data: Any) -> Any:
+        """Override to handle ``data`` (the inputs dict, for a GenericPE)."""
+        return None
+
+    def process(self, inputs: Mapping[str, Any]) -> Any:
+        return self._process(inputs)
+
+    def _postprocess(self) -> Any:
+        """Override for work after the end of every input stream."""
+
+    def postprocess(self) -> Any:
+        return self._postprocess()
+
+    # -- output ------------------------------------------------------------------
+    def write(self, name: str, data: Any, **kwargs: Any) -> None:  # type: ignore[override]
+        """Emit ``data`` on output ``name`` (dispel4py's extra keywords are ignored).
+
+        Raises:
+            GraphError: ``name`` is not a declared output, or the PE is not running.
+        """
+        self._write(name, data)
+
+    def _write(self, name: str, data: Any, **kwargs: Any) -> None:
+        _CoreGenericPE.write(self, name, data)
+
+
+def _grouping_value(port: InputPort) -> Any:
+    grouping = port.grouping
+    if isinstance(grouping, All):
+        return "all"
+    if isinstance(grouping, Global):
+        return "global"
+    if isinstance(grouping, GroupBy):
+        return list(grouping.indices) if grouping.key is None else grouping
+    return None
+
+
+def plain_function(fn: Callable[..., Any]) -> bool:
+    """Whether ``fn`` is an ordinary function (not async, not a generator)."""
+    return not (
+        inspect.iscoroutinefunction(fn) or inspect.isgeneratorfunction(fn) or inspect.isasyncgenfunction(fn)
+    )

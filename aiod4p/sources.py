@@ -1,0 +1,825 @@
+"""Live sources: PEs and feeds that read unbounded streams.
+
+Two forms of every source:
+
+* a **stream** (an async iterable with a ``drain()`` method) that can be
+  given as the feed of a root PE: ``start(graph, {"parse": LineStream()})``;
+* a **source PE** (:class:`SourcePE`, a :class:`ProducerPE` whose
+  ``produce()`` is an async generator) that is a node of the graph, usable
+  from Python and from ``aiod4p run`` like any other PE.
+
+Back-pressure: a stream is only read when the workflow asks for the next
+item, so a source stops reading when the workflow is behind (a TCP peer's
+send then blocks on a full socket buffer; a pipe writer blocks on a full
+pipe). UDP cannot push back: datagrams that arrive while ``max_pending``
+are already waiting are dropped and counted in ``dropped``.
+
+Drain (SIGINT/SIGTERM in the CLI, :meth:`WorkflowRun.drain` in Python): a
+stream stops waiting for more input. It still yields what it can read
+without waiting (what is already in a pipe, socket buffer or followed file),
+then ends; so every line written to a pipe before the signal reaches the
+workflow. A regular file that is not followed stops at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import stat
+import sys
+import time
+from collections import deque
+from collections.abc import AsyncIterable, AsyncIterator, Callable
+from typing import Any
+
+from ._pe import ProducerPE
+from .errors import Aiod4pError, InputError
+
+__all__ = [
+    "AsyncIterSource",
+    "DatagramStream",
+    "LineStream",
+    "LinesSource",
+    "LiveFeed",
+    "SocketStream",
+    "SourcePE",
+    "TCPSource",
+    "TimerSource",
+    "TimerStream",
+    "UDPSource",
+]
+
+
+class _Waker:
+    """The one future a stream waits on; ``drain`` resolves it early."""
+
+    def __init__(self) -> None:
+        self.draining = False
+        self._future: asyncio.Future[None] | None = None
+
+    def drain(self) -> None:
+        self.draining = True
+        self.wake()
+
+    def wake(self) -> None:
+        future = self._future
+        if future is not None and not future.done():
+            future.set_result(None)
+
+    async def wait(self, arrange: Callable[[], Callable[[], object]] | None = None) -> None:
+        """Wait until woken or drained (at once if draining); ``arrange()`` may set up a wake-up and return its undo."""
+        if self.draining:
+            return
+        future = asyncio.get_running_loop().create_future()
+        self._future = future
+        undo = arrange() if arrange is not None else None
+        try:
+            await future
+        finally:
+            self._future = None
+            if undo is not None:
+                undo()
+
+
+def _decoder(as_json: bool, origin: str) -> Callable[[bytes, int], Any]:
+    """``decode(line, number)`` -> item; JSON errors name the origin and line."""
+    if not as_json:
+        return lambda line, _number: line.decode("utf-8", "replace").rstrip("\r")
+
+    def decode(line: bytes, number: int) -> Any:
+        try:
+            return json.loads(line)
+        except ValueError as exc:
+            raise InputError(f"{origin}, line {number}: not valid JSON ({exc}): {line[:80]!r}") from exc
+
+    return decode
+
+
+class _LineSplitter:
+    """Splits a byte stream into lines (without their newline)."""
+
+    __slots__ = ("_partial",)
+
+    def __init__(self) -> None:
+        self._partial = b""
+
+    def feed(self, data: bytes) -> list[bytes]:
+        if b"\n" not in data:
+            self._partial += data
+            return []
+        lines = (self._partial + data).split(b"\n")
+        self._partial = lines.pop()
+        return lines
+
+    def finish(self) -> list[bytes]:
+        rest, self._partial = self._partial, b""
+        return [rest] if rest else []
+
+
+# -- lines from stdin, a pipe or a file -------------------------------------------
+
+
+class LineStream:
+    """Lines (or JSON Lines) from stdin, a file descriptor or a file, as an async iterable.
+
+    Args:
+        source: ``None`` for stdin, a file descriptor, or a path.
+        json: parse each non-empty line as JSON (else yield the line as ``str``).
+        follow: for a regular file, keep reading as it grows (``tail -f``),
+            polling every ``poll_interval`` seconds; restart from the top if
+            the file is truncated.
+        from_end: with ``follow``, start at the current end of the file.
+
+    Pipes, terminals and sockets are read without blocking the event loop;
+    a regular file is read directly. Iterate it once.
+
+    Raises (while iterating):
+        InputError: the file cannot be opened or read, or a line is not valid JSON.
+    """
+
+    def __init__(
+        self,
+        source: str | os.PathLike[str] | int | None = None,
+        *,
+        json: bool = False,
+        follow: bool = False,
+        from_end: bool = False,
+        poll_interval: float = 0.05,
+        chunk_size: int = 65536,
+    ) -> None:
+        self.source = source
+        self.json = json
+        self.follow = follow
+        self.from_end = from_end
+        self.poll_interval = poll_interval
+        self.chunk_size = chunk_size
+        self._waker = _Waker()
+
+    @property
+    def origin(self) -> str:
+        if self.source is None:
+            return "stdin"
+        if isinstance(self.source, int):
+            return f"file descriptor {self.source}"
+        return f"file {os.fspath(self.source)}"
+
+    def drain(self) -> None:
+        """Stop waiting for input: yield what can be read at once, then end."""
+        self._waker.drain()
+
+    def __aiter__(self) -> AsyncIterator[Any]:
+        return self._lines()
+
+    def _open(self) -> tuple[int, bool]:
+        if self.source is None:
+            return sys.stdin.fileno(), False
+        if isinstance(self.source, int):
+            return self.source, False
+        try:
+            return os.open(self.source, os.O_RDONLY), True
+        except OSError as exc:
+            raise InputError(f"cannot open {self.origin}: {exc.strerror or exc}") from exc
+
+    async def _lines(self) -> AsyncIterator[Any]:
+        loop = asyncio.get_running_loop()
+        fd, owned = self._open()
+        decode = _decoder(self.json, self.origin)
+        splitter, number, waker = _LineSplitter(), 0, self._waker
+        regular = stat.S_ISREG(os.fstat(fd).st_mode)
+        blocking = os.get_blocking(fd)
+        if not regular:
+            os.set_blocking(fd, False)
+        elif self.follow and self.from_end:
+            os.lseek(fd, 0, os.SEEK_END)
+
+        def when_readable() -> Callable[[], object]:
+            loop.add_reader(fd, waker.wake)
+            return lambda: loop.remove_reader(fd)
+
+        def after_poll() -> Callable[[], object]:
+            return loop.call_later(self.poll_interval, waker.wake).cancel
+
+        try:
+            while True:
+                if regular and waker.draining and not self.follow:
+                    break
+                try:
+                    data = os.read(fd, self.chunk_size)
+                except BlockingIOError:  # nothing in the pipe now
+                    if waker.draining:
+                        break
+                    await waker.wait(when_readable)
+                    continue
+                except OSError as exc:
+                    raise InputError(f"cannot read {self.origin}: {exc.strerror or exc}") from exc
+                if not data:
+                    if not (regular and self.follow) or waker.draining:
+                        break
+                    if os.fstat(fd).st_size < os.lseek(fd, 0, os.SEEK_CUR):  # truncated
+                        os.lseek(fd, 0, os.SEEK_SET)
+                        continue
+                    await waker.wait(after_poll)
+                    continue
+                for line in splitter.feed(data):
+                    number += 1
+                    if line.strip() or not self.json:
+                        yield decode(line, number)
+            for line in splitter.finish():
+                number += 1
+                if line.strip() or not self.json:
+                    yield decode(line, number)
+        finally:
+            if not regular:
+                with contextlib.suppress(OSError):
+                    os.set_blocking(fd, blocking)
+            if owned:
+                os.close(fd)
+
+
+# -- sockets --------------------------------------------------------------------------
+
+
+class _Pending:
+    """Decoded items from sockets, waiting for the workflow; pauses readers when full."""
+
+    def __init__(self, waker: _Waker, high: int) -> None:
+        self.items: deque[Any] = deque()
+        self.waker = waker
+        self.high = high
+        self.paused: set[asyncio.Transport] = set()
+        self.error: BaseException | None = None
+
+    def push(self, items: list[Any], transport: asyncio.Transport | None) -> None:
+        """Queue ``items``; pause ``transport`` (if given) when the queue is full."""
+        self.items.extend(items)
+        self.waker.wake()
+        full = len(self.items) >= self.high
+        if full and transport is not None and transport not in self.paused and not transport.is_closing():
+            transport.pause_reading()
+            self.paused.add(transport)
+
+    def fail(self, exc: BaseException) -> None:
+        self.error = exc
+        self.waker.wake()
+
+    def take(self) -> Any:
+        item = self.items.popleft()
+        if self.paused and len(self.items) <= self.high // 2:
+            for transport in self.paused:
+                if not transport.is_closing():
+                    transport.resume_reading()
+            self.paused.clear()
+        return item
+
+
+class _LineProtocol(asyncio.Protocol):
+    def __init__(self, stream: SocketStream, pending: _Pending, origin: str) -> None:
+        self.stream = stream
+        self.pending = pending
+        self.splitter = _LineSplitter()
+        self.decode = _decoder(stream.json, origin)
+        self.number = 0
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        self.stream._connected(self)
+
+    def _push(self, lines: list[bytes]) -> None:
+        items = []
+        for line in lines:
+            self.number += 1
+            if line.strip() or not self.stream.json:
+                try:
+                    items.append(self.decode(line, self.number))
+                except InputError as exc:
+                    self.pending.fail(exc)
+                    return
+        if items:
+            self.pending.push(items, self.transport)
+
+    def data_received(self, data: bytes) -> None:
+        self._push(self.splitter.feed(data))
+
+    def eof_received(self) -> bool:
+        self._push(self.splitter.finish())
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.transport is not None:
+            self.pending.paused.discard(self.transport)
+        self.stream._disconnected(self)
+
+
+class SocketStream:
+    """Lines (or JSON Lines) from TCP connections, as an async iterable.
+
+    ``mode="server"`` listens on ``host:port`` and merges the lines of every
+    client (``port=0`` picks a free port; ``on_listen(address)`` is called once
+    listening); with ``connections=N`` it accepts N clients and ends when they
+    have all closed, else it runs until drained. ``mode="client"`` connects to
+    ``host:port`` and ends when the peer closes.
+
+    Back-pressure: when ``max_pending`` items wait for the workflow, the
+    stream stops reading its sockets until half of them are taken, so TCP
+    flow control slows the senders down.
+
+    Raises (while iterating):
+        InputError: cannot listen or connect, or a line is not valid JSON.
+    """
+
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        mode: str = "server",
+        json: bool = False,
+        connections: int | None = None,
+        on_listen: Callable[[tuple[str, int]], Any] | None = None,
+        max_pending: int = 1024,
+    ) -> None:
+        if mode not in ("server", "client"):
+            raise ValueError(f"SocketStream mode must be 'server' or 'client', not {mode!r}")
+        self.host, self.port, self.mode, self.json = host, port, mode, json
+        self.connections = connections
+        self.on_listen = on_listen
+        self.max_pending = max_pending
+        self.address: tuple[str, int] | None = None
+        self._waker = _Waker()
+        self._open: set[_LineProtocol] = set()
+        self._accepted = 0
+        self._server: asyncio.Server | None = None
+
+    def drain(self) -> None:
+        """Stop accepting and reading; yield the lines already read, then end."""
+        self._waker.drain()
+
+    def __aiter__(self) -> AsyncIterator[Any]:
+        return self._lines()
+
+    def _connected(self, protocol: _LineProtocol) -> None:
+        self._accepted += 1
+        if self._waker.draining or (self.connections is not None and self._accepted > self.connections):
+            assert protocol.transport is not None
+            protocol.transport.close()
+            return
+        self._open.add(protocol)
+        if self.connections is not None and self._accepted >= self.connections and self._server is not None:
+            self._server.close()
+
+    def _disconnected(self, protocol: _LineProtocol) -> None:
+        self._open.discard(protocol)
+        self._waker.wake()
+
+    def _finished(self) -> bool:
+        if self._open:
+            return False
+        if self.mode == "client":
+            return True
+        return self.connections is not None and self._accepted >= self.connections
+
+    async def _lines(self) -> AsyncIterator[Any]:
+        loop = asyncio.get_running_loop()
+        pending = _Pending(self._waker, self.max_pending)
+        where = f"{self.host}:{self.port}"
+        try:
+            if self.mode == "server":
+                try:
+                    self._server = await loop.create_server(
+                        lambda: _LineProtocol(self, pending, f"TCP client of {where}"), self.host, self.port
+                    )
+                except OSError as exc:
+                    raise InputError(f"cannot listen on {where}: {exc.strerror or exc}") from exc
+                self.address = self._server.sockets[0].getsockname()[:2]
+                if self.on_listen is not None:
+                    self.on_listen(self.address)
+            else:
+                try:
+                    await loop.create_connection(
+                        lambda: _LineProtocol(self, pending, f"TCP {where}"), self.host, self.port
+                    )
+                except OSError as exc:
+                    raise InputError(f"cannot connect to {where}: {exc.strerror or exc}") from exc
+            while True:
+                while pending.items:
+                    yield pending.take()
+                if pending.error is not None:
+                    raise pending.error
+                if self._waker.draining or self._finished():
+                    break
+                await self._waker.wait()
+        finally:
+            if self._server is not None:
+                self._server.close()
+            for protocol in list(self._open):
+                if protocol.transport is not None:
+                    protocol.transport.close()
+            if self._server is not None:
+                await self._server.wait_closed()
+
+
+class _DatagramProtocol(asyncio.DatagramProtocol):
+    def __init__(self, stream: DatagramStream, pending: _Pending, origin: str) -> None:
+        self.stream = stream
+        self.pending = pending
+        self.decode = _decoder(stream.json, origin)
+        self.number = 0
+
+    def datagram_received(self, data: bytes, addr: tuple[str | Any, int]) -> None:
+        if len(self.pending.items) >= self.pending.high:
+            self.stream.dropped += 1
+            return
+        items = []
+        for line in data.split(b"\n"):
+            self.number += 1
+            if line.strip():
+                try:
+                    items.append(self.decode(line, self.number))
+                except InputError as exc:
+                    self.pending.fail(exc)
+                    return
+        self.pending.push(items, None)
+
+    def error_received(self, exc: Exception) -> None:
+        self.pending.fail(InputError(f"UDP socket {self.stream.host}:{self.stream.port} failed: {exc}"))
+
+
+class DatagramStream:
+    """Datagrams received on a UDP socket (each non-empty line of one is an item).
+
+    ``on_listen(address)`` is called once bound (``port=0`` picks a free
+    port). Runs until drained, or until ``count`` items have been received.
+    UDP has no flow control: datagrams arriving while ``max_pending`` items
+    wait are dropped and counted in ``dropped``.
+
+    Raises (while iterating):
+        InputError: cannot bind, the socket fails, or a line is not valid JSON.
+    """
+
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        json: bool = False,
+        count: int | None = None,
+        on_listen: Callable[[tuple[str, int]], Any] | None = None,
+        max_pending: int = 65536,
+    ) -> None:
+        self.host, self.port, self.json, self.count = host, port, json, count
+        self.on_listen = on_listen
+        self.max_pending = max_pending
+        self.dropped = 0
+        self.address: tuple[str, int] | None = None
+        self._waker = _Waker()
+
+    def drain(self) -> None:
+        """Stop receiving; yield what was received, then end."""
+        self._waker.drain()
+
+    def __aiter__(self) -> AsyncIterator[Any]:
+        return self._items()
+
+    async def _items(self) -> AsyncIterator[Any]:
+        loop = asyncio.get_running_loop()
+        pending = _Pending(self._waker, self.max_pending)
+        where = f"{self.host}:{self.port}"
+        try:
+            transport, _ = await loop.create_datagram_endpoint(
+                lambda: _DatagramProtocol(self, pending, f"UDP {where}"), local_addr=(self.host, self.port)
+            )
+        except OSError as exc:
+            raise InputError(f"cannot bind UDP {where}: {exc.strerror or exc}") from exc
+        received = 0
+        try:
+            self.address = transport.get_extra_info("sockname")[:2]
+            if self.on_listen is not None:
+                self.on_listen(self.address)
+            while self.count is None or received < self.count:
+                while pending.items and (self.count is None or received < self.count):
+                    received += 1
+                    yield pending.take()
+                if pending.error is not None:
+                    raise pending.error
+                if self._waker.draining or received == self.count:
+                    break
+                await self._waker.wait()
+        finally:
+            transport.close()
+
+
+# -- timer ------------------------------------------------------------------------------
+
+
+class TimerStream:
+    """A tick every ``interval`` seconds: ``{"tick": n, "time": unix_time}``.
+
+    Ticks are scheduled on a fixed grid from the start; ticks missed while
+    the workflow was behind are skipped, never bunched. Ends after ``count``
+    ticks (``None``: never) or when drained.
+    """
+
+    def __init__(self, interval: float, *, count: int | None = None) -> None:
+        if interval <= 0:
+            raise ValueError(f"the timer interval must be positive, not {interval}")
+        self.interval = interval
+        self.count = count
+        self._waker = _Waker()
+
+    def drain(self) -> None:
+        """Stop ticking."""
+        self._waker.drain()
+
+    def __aiter__(self) -> AsyncIterator[dict[str, Any]]:
+        return self._ticks()
+
+    async def _ticks(self) -> AsyncIterator[dict[str, Any]]:
+        loop = asyncio.get_running_loop()
+        waker, interval = self._waker, self.interval
+        start, slot, emitted = loop.time(), 0, 0
+        while self.count is None or emitted < self.count:
+            yield {"tick": slot, "time": time.time()}
+            emitted += 1
+            slot = max(slot + 1, int((loop.time() - start) / interval) + 1)  # skip missed slots
+            handle = loop.call_at(start + slot * interval, waker.wake)
+            await waker.wait()
+            handle.cancel()
+            if waker.draining:
+                break
+
+
+# -- a feed that application code writes into ----------------------------------------------------
+
+
+class LiveFeed:
+    """A root's feed that application code writes into, with back-pressure.
+
+    Give it as the input of a root PE, then ``await feed.send(item)`` from
+    application code: ``send`` waits while ``maxsize`` items are queued and
+    not yet taken by the workflow. :meth:`close` ends the stream after the
+    queued items (draining the run closes it too).
+    """
+
+    def __init__(self, maxsize: int = 1024) -> None:
+        if maxsize < 1:
+            raise ValueError(f"LiveFeed maxsize must be at least 1, not {maxsize}")
+        self.maxsize = maxsize
+        self._items: deque[Any] = deque()
+        self._has_items = asyncio.Event()
+        self._has_room = asyncio.Event()
+        self._has_room.set()
+        self.closed = False
+        self._ended = False
+
+    def full(self) -> bool:
+        return len(self._items) >= self.maxsize
+
+    def _check_open(self) -> None:
+        if self.closed or self._ended:
+            raise Aiod4pError("cannot send to a closed feed (the feed was closed, or its run has drained or ended)")
+
+    def send_nowait(self, item: Any) -> None:
+        """Queue ``item`` without waiting.
+
+        Raises:
+            Aiod4pError: the feed is closed or its run is over.
+            asyncio.QueueFull: ``maxsize`` items are already waiting.
+        """
+        self._check_open()
+        if self.full():
+            raise asyncio.QueueFull
+        self._items.append(item)
+        self._has_items.set()
+
+    async def send(self, item: Any) -> None:
+        """Queue ``item``, waiting while the feed is full.
+
+        Raises:
+            Aiod4pError: the feed is closed or its run is over (also while waiting).
+        """
+        while True:
+            self._check_open()
+            if not self.full():
+                break
+            self._has_room.clear()
+            await self._has_room.wait()
+        self._items.append(item)
+        self._has_items.set()
+
+    def close(self) -> None:
+        """End the stream once the queued items are taken; idempotent."""
+        self.closed = True
+        self._has_items.set()
+        self._has_room.set()
+
+    drain = close
+
+    def __aiter__(self) -> AsyncIterator[Any]:
+        return self._take()
+
+    async def _take(self) -> AsyncIterator[Any]:
+        items = self._items
+        try:
+            while True:
+                while not items:
+                    if self.closed:
+                        return
+                    self._has_items.clear()
+                    await self._has_items.wait()
+                item = items.popleft()
+                self._has_room.set()
+                yield item
+        finally:
+            self._ended = True
+            self._has_room.set()
+
+
+# -- source PEs ------------------------------------------------------------------------------
+
+
+class SourcePE(ProducerPE):
+    """A live source PE: writes every item of :meth:`open`'s stream to ``output``.
+
+    Subclasses implement :meth:`open`, returning a fresh async iterable (a
+    stream of this module, or any async iterator). The PE keeps only its
+    configuration, so it can be copied and pickled; the stream is created
+    when the run starts. When the run drains, the stream's own ``drain()``
+    is called (it yields what it holds, then ends); a stream without one is
+    cancelled.
+    """
+
+    def __init__(self, *, name: str | None = None) -> None:
+        super().__init__(name=name, parallelism=1)
+        self._stream: Any = None
+        self._task: asyncio.Task[Any] | None = None
+        self._draining = False
+
+    def open(self) -> AsyncIterable[Any]:
+        """A new stream of this source's items."""
+        raise NotImplementedError(f"source PE {self.label} does not implement open()")
+
+    def drain(self) -> None:
+        """Ask the running stream to finish (called by the engine when the run drains)."""
+        self._draining = True
+        stop = getattr(self._stream, "drain", None)
+        if callable(stop):
+            stop()
+        elif self._task is not None:
+            self._task.cancel()
+
+    async def produce(self) -> AsyncIterator[Any]:
+        self._stream = self.open()
+        self._task = asyncio.current_task()
+        if self._draining:
+            self.drain()
+        iterator = aiter(self._stream)
+        try:
+            async for item in iterator:
+                yield item
+        finally:
+            self._stream = self._task = None
+            close = getattr(iterator, "aclose", None)
+            if close is not None:
+                await close()
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state.update(_stream=None, _task=None, _draining=False)
+        return state
+
+
+class LinesSource(SourcePE):
+    """Lines or JSON Lines from stdin (``path=None``) or a file, optionally followed (``tail -f``).
+
+    Options as :class:`LineStream`.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str] | None = None,
+        *,
+        json: bool = False,
+        follow: bool = False,
+        from_end: bool = False,
+        poll_interval: float = 0.05,
+        name: str | None = None,
+    ) -> None:
+        super().__init__(name=name)
+        self.path = None if path is None else os.fspath(path)
+        self.json, self.follow, self.from_end, self.poll_interval = json, follow, from_end, poll_interval
+
+    def open(self) -> LineStream:
+        return LineStream(
+            self.path, json=self.json, follow=self.follow, from_end=self.from_end, poll_interval=self.poll_interval
+        )
+
+
+class TCPSource(SourcePE):
+    """Lines or JSON Lines from TCP clients (``mode="server"``) or a TCP server (``mode="client"``).
+
+    Options as :class:`SocketStream`; the bound address is in ``address``
+    once listening.
+    """
+
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        mode: str = "server",
+        json: bool = False,
+        connections: int | None = None,
+        on_listen: Callable[[tuple[str, int]], Any] | None = None,
+        max_pending: int = 1024,
+        name: str | None = None,
+    ) -> None:
+        if mode not in ("server", "client"):
+            raise ValueError(f"TCPSource mode must be 'server' or 'client', not {mode!r}")
+        super().__init__(name=name)
+        self.host, self.port, self.mode, self.json = host, port, mode, json
+        self.connections, self.on_listen, self.max_pending = connections, on_listen, max_pending
+        self.address: tuple[str, int] | None = None
+
+    def _listening(self, address: tuple[str, int]) -> None:
+        self.address = address
+        if self.on_listen is not None:
+            self.on_listen(address)
+
+    def open(self) -> SocketStream:
+        return SocketStream(
+            self.host,
+            self.port,
+            mode=self.mode,
+            json=self.json,
+            connections=self.connections,
+            on_listen=self._listening,
+            max_pending=self.max_pending,
+        )
+
+
+class UDPSource(SourcePE):
+    """Datagrams on a UDP socket; options as :class:`DatagramStream`."""
+
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        json: bool = False,
+        count: int | None = None,
+        on_listen: Callable[[tuple[str, int]], Any] | None = None,
+        max_pending: int = 65536,
+        name: str | None = None,
+    ) -> None:
+        super().__init__(name=name)
+        self.host, self.port, self.json, self.count = host, port, json, count
+        self.on_listen, self.max_pending = on_listen, max_pending
+
+    def open(self) -> DatagramStream:
+        return DatagramStream(
+            self.host,
+            self.port,
+            json=self.json,
+            count=self.count,
+            on_listen=self.on_listen,
+            max_pending=self.max_pending,
+        )
+
+
+class TimerSource(SourcePE):
+    """A tick every ``interval`` seconds; options as :class:`TimerStream`."""
+
+    def __init__(self, interval: float, *, count: int | None = None, name: str | None = None) -> None:
+        if interval <= 0:
+            raise ValueError(f"the timer interval must be positive, not {interval}")
+        super().__init__(name=name)
+        self.interval, self.count = interval, count
+
+    def open(self) -> TimerStream:
+        return TimerStream(self.interval, count=self.count)
+
+
+class AsyncIterSource(SourcePE):
+    """Any async iterable as a source: ``factory(*args, **kwargs)`` makes it when the run starts.
+
+    The factory (e.g. a function building an aiostream pipeline) is called
+    once per run, so the PE stays reusable; use a module-level function for
+    mappings that pickle PEs. Draining cancels the iteration unless the
+    iterable has a ``drain()`` method.
+    """
+
+    def __init__(self, factory: Callable[..., AsyncIterable[Any]], *args: Any, name: str | None = None, **kwargs: Any):
+        super().__init__(name=name or getattr(factory, "__name__", None))
+        self.factory, self.args, self.kwargs = factory, args, kwargs
+
+    def open(self) -> AsyncIterable[Any]:
+        stream = self.factory(*self.args, **self.kwargs)
+        if not isinstance(stream, AsyncIterable):
+            raise InputError(
+                f"source PE {self.label}: its factory returned {type(stream).__name__}, not an async iterable"
+            )
+        return stream

@@ -1,0 +1,284 @@
+"""The MPI transport: comms between ranks over mpi4py non-blocking messages.
+
+One :class:`MpiEndpoint` per rank owns a private duplicate of the MPI
+communicator and one poller task that drives every comm of the rank: it
+probes for arriving messages (``improbe`` + ``irecv``) and tests pending
+sends, yielding to the event loop between polls and backing off to sleeps of
+up to ``max_sleep`` when nothing moves. Nothing ever blocks in MPI, so the
+loop stays free and an idle rank does not spin a core (MPICH's blocking
+receives do).
+
+Each :class:`MpiComm` joins this rank to one peer rank under one ``key``
+(several comms may join the same two ranks). Flow control is per comm: a
+sender may have ``capacity`` messages not yet taken by the peer's
+:meth:`MpiComm.receive`; the receiver returns credit in acknowledgements.
+Closing sends an in-band close marker after the data. Messages of one comm
+share one MPI tag, so MPI's non-overtaking rule keeps them in order.
+
+Requires ``mpi4py`` (``pip install 'aiod4p[mpi]'``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from typing import Any
+
+from mpi4py import MPI
+
+from ..errors import ChannelClosed, EndOfChannel, PeerDied, TransportError
+from ._base import Comm
+
+__all__ = ["MpiComm", "MpiEndpoint"]
+
+_DATA, _ACK, _CLOSE = 0, 1, 2
+_MAX_PER_POLL = 256  # messages taken per poll before yielding to the loop
+
+
+class MpiEndpoint:
+    """This rank's end of every MPI comm, with the poller that drives them.
+
+    Creating one is collective: every rank of ``comm`` must create one, in the
+    same order as its other collective calls (it duplicates the communicator,
+    which keeps its messages apart from any other MPI traffic). Comms must be
+    opened symmetrically: rank a opens ``comm(b, key)`` iff rank b opens
+    ``comm(a, key)``.
+
+    Args:
+        comm: the communicator to duplicate (default ``MPI.COMM_WORLD``).
+        spin: after the last progress, how long to keep polling at every turn
+            of the event loop before backing off, in seconds.
+        max_sleep: the longest pause between two polls, in seconds.
+    """
+
+    def __init__(self, comm: Any = None, *, spin: float = 0.001, max_sleep: float = 0.004) -> None:
+        base = comm if comm is not None else MPI.COMM_WORLD
+        self._comm = base.Dup()
+        self.rank: int = self._comm.Get_rank()
+        self.size: int = self._comm.Get_size()
+        self._spin = spin
+        self._max_sleep = max_sleep
+        self._comms: dict[tuple[int, int], MpiComm] = {}
+        self._early: dict[tuple[int, int], list[Any]] = {}
+        self._receiving: deque[tuple[Any, tuple[int, int]]] = deque()
+        self._sends: list[Any] = []
+        self._status = MPI.Status()
+        self._waiting = 0
+        self._busy: asyncio.Event | None = None
+        self._poller: asyncio.Task[None] | None = None
+        self._closed = False
+        self._settled: asyncio.Future[None] | None = None  # aclose waits on it
+
+    def comm(self, peer: int, key: int = 0, capacity: int = 16) -> MpiComm:
+        """Open the comm to rank ``peer`` identified by ``key`` (a non-negative int).
+
+        Raises:
+            ValueError: ``peer`` is this rank or out of range, ``key`` is
+                negative or already open to ``peer``, or ``capacity`` < 1.
+            ChannelClosed: the endpoint was closed.
+        """
+        if self._closed:
+            raise ChannelClosed("the MPI endpoint is closed")
+        if not 0 <= peer < self.size or peer == self.rank:
+            raise ValueError(f"rank {self.rank} cannot open a comm to rank {peer} (size {self.size})")
+        if key < 0 or key > 32000:  # MPI guarantees tags up to 32767
+            raise ValueError(f"comm key must be in 0..32000, not {key}")
+        if capacity < 1:
+            raise ValueError(f"capacity must be at least 1, not {capacity}")
+        address = (peer, key)
+        if address in self._comms:
+            raise ValueError(f"comm {key} to rank {peer} is already open")
+        comm = MpiComm(self, peer, key, capacity)
+        self._comms[address] = comm
+        for message in self._early.pop(address, []):
+            comm._deliver(message)
+        return comm
+
+    # -- used by the comms -----------------------------------------------------
+    def _post(self, message: tuple[Any, ...], peer: int, tag: int) -> None:
+        try:
+            request = self._comm.isend(message, peer, tag)
+        except MPI.Exception as exc:
+            raise TransportError(f"MPI send to rank {peer} failed: {exc}") from exc
+        if not request.Test():
+            self._sends.append(request)
+            self._kick()
+
+    async def _wait(self, future: asyncio.Future[None]) -> None:
+        """Wait for ``future`` (set by a delivery) while the poller polls."""
+        self._waiting += 1
+        self._kick()
+        try:
+            await future
+        finally:
+            self._waiting -= 1
+
+    def _kick(self) -> None:
+        if self._busy is None:
+            self._busy = asyncio.Event()
+            self._poller = asyncio.get_running_loop().create_task(self._poll_loop(), name="mpi poller")
+        self._busy.set()
+
+    # -- the poller ----------------------------------------------------------------
+    async def _poll_loop(self) -> None:
+        assert self._busy is not None
+        busy = self._busy
+        last_progress = time.monotonic()
+        delay = 0.0
+        while True:
+            if not self._waiting and not self._sends:
+                busy.clear()
+                await busy.wait()
+                last_progress, delay = time.monotonic(), 0.0
+            if self.poll():
+                last_progress, delay = time.monotonic(), 0.0
+            elif time.monotonic() - last_progress > self._spin:
+                delay = min(max(delay * 2, 0.001), self._max_sleep)
+            await asyncio.sleep(delay)
+
+    def poll(self) -> bool:
+        """Take arrived messages, complete receives and sends; True if anything moved.
+
+        Raises:
+            TransportError: MPI reported an error.
+        """
+        try:
+            return self._poll()
+        except MPI.Exception as exc:
+            raise TransportError(f"MPI failed on rank {self.rank}: {exc}") from exc
+
+    def _poll(self) -> bool:
+        comm, status, receiving = self._comm, self._status, self._receiving
+        moved = False
+        retried = False
+        for _ in range(_MAX_PER_POLL):
+            message = comm.improbe(MPI.ANY_SOURCE, MPI.ANY_TAG, status)
+            if message is None:
+                # MPICH: a failed probe advances progress but only the next one sees the message.
+                if retried:
+                    break
+                retried = True
+                continue
+            receiving.append((message.irecv(), (status.Get_source(), status.Get_tag())))
+        while receiving:
+            done, payload = receiving[0][0].test()
+            if not done:
+                break
+            _, address = receiving.popleft()
+            moved = True
+            target = self._comms.get(address)
+            if target is None:
+                self._early.setdefault(address, []).append(payload)
+            else:
+                target._deliver(payload)
+        if self._sends:
+            before = len(self._sends)
+            self._sends = [request for request in self._sends if not request.Test()]
+            moved = moved or len(self._sends) != before
+        if moved:
+            self._check_settled()
+        return moved
+
+    # -- closing -----------------------------------------------------------------
+    async def aclose(self) -> None:
+        """Close every comm, then wait until each peer has closed its end and
+        every send has completed, and free the communicator. Idempotent.
+
+        After this, MPI can be finalized: no request of this endpoint is left.
+        """
+        if self._closed:
+            return
+        for comm in list(self._comms.values()):
+            await comm.aclose()
+        loop = asyncio.get_running_loop()
+        while self._sends or any(not c._peer_closed for c in self._comms.values()) or self._receiving:
+            future = loop.create_future()
+            self._settled = future
+            await self._wait(future)
+        self._closed = True
+        if self._poller is not None:
+            self._poller.cancel()
+            await asyncio.gather(self._poller, return_exceptions=True)
+        self._comm.Free()
+
+    def _check_settled(self) -> None:
+        future = self._settled
+        if future is not None and not future.done():
+            future.set_result(None)
+
+
+class MpiComm(Comm):
+    """One end of a comm between two ranks; open it with :meth:`MpiEndpoint.comm`."""
+
+    def __init__(self, endpoint: MpiEndpoint, peer: int, key: int, capacity: int) -> None:
+        self.peer = peer
+        self.key = key
+        self._endpoint = endpoint
+        self._inbox: deque[Any] = deque()
+        self._credits = capacity
+        self._ack_every = max(1, capacity // 2)
+        self._taken = 0  # received and not yet acknowledged
+        self._closed = False
+        self._peer_closed = False
+        self._receiver: asyncio.Future[None] | None = None
+        self._sender: asyncio.Future[None] | None = None
+
+    async def send(self, message: Any) -> None:
+        while True:
+            if self._closed:
+                raise ChannelClosed(f"send on a closed MPI comm to rank {self.peer}")
+            if self._peer_closed:
+                raise PeerDied(f"rank {self.peer} closed MPI comm {self.key}; it takes no more messages")
+            if self._credits > 0:
+                break
+            self._sender = asyncio.get_running_loop().create_future()
+            try:
+                await self._endpoint._wait(self._sender)
+            finally:
+                self._sender = None
+        self._credits -= 1
+        self._endpoint._post((_DATA, message), self.peer, self.key)
+
+    async def receive(self) -> Any:
+        while True:
+            if self._closed:
+                raise ChannelClosed(f"receive on a closed MPI comm from rank {self.peer}")
+            if self._inbox:
+                message = self._inbox.popleft()
+                self._taken += 1
+                if self._taken >= self._ack_every and not self._peer_closed:
+                    self._endpoint._post((_ACK, self._taken), self.peer, self.key)
+                    self._taken = 0
+                return message
+            if self._peer_closed:
+                raise EndOfChannel()
+            self._receiver = asyncio.get_running_loop().create_future()
+            try:
+                await self._endpoint._wait(self._receiver)
+            finally:
+                self._receiver = None
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._inbox.clear()
+        self._endpoint._post((_CLOSE,), self.peer, self.key)
+        self._wake()
+
+    def _deliver(self, message: tuple[Any, ...]) -> None:
+        kind = message[0]
+        if kind == _DATA:
+            if not self._closed:
+                self._inbox.append(message[1])
+        elif kind == _ACK:
+            self._credits += message[1]
+        else:
+            self._peer_closed = True
+        self._wake()
+
+    def _wake(self) -> None:
+        for future in (self._receiver, self._sender):
+            if future is not None and not future.done():
+                future.set_result(None)

@@ -1,0 +1,288 @@
+"""The pipe transport: comms over OS socket pairs between processes.
+
+Each message travels as one frame: an 8-byte little-endian length, then the
+message pickled with protocol 5. A frame of length 0 is the close marker, so
+the reader tells a clean close (:class:`~aiod4p.errors.EndOfChannel`) from a
+vanished peer (end of file without the marker:
+:class:`~aiod4p.errors.PeerDied`). The socket is read and written by the
+event loop's transport (never blocking the loop); buffering is bounded on both
+sides: the sender waits while its write buffer is above ``write_buffer``
+bytes, and the receiver stops reading the socket while ``max_messages``
+decoded messages wait to be received, so a receiver that stops reading
+eventually stalls its sender.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import pickle
+import socket
+import struct
+from collections import deque
+from typing import Any
+
+from ..errors import ChannelClosed, EndOfChannel, PeerDied, TransportError
+from ._base import Comm
+
+__all__ = ["PipeComm", "UnpicklableMessage", "open_pipe_comm", "pipe_comm_pair"]
+
+_HEADER = struct.Struct("<Q")
+_CLOSE_MARKER = _HEADER.pack(0)
+
+
+class UnpicklableMessage(TransportError):
+    """A message could not be pickled; ``message`` is the object that failed."""
+
+    def __init__(self, text: str, message: Any = None) -> None:
+        super().__init__(text)
+        self.message = message
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (TransportError, (str(self),))
+
+
+class _Undecodable:
+    """Stands in the receive queue for a frame that could not be unpickled."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+
+
+class _FrameProtocol(asyncio.Protocol):
+    """Turns the byte stream into messages and tracks the connection's state."""
+
+    def __init__(self, max_messages: int) -> None:
+        self.max_messages = max_messages
+        self.transport: asyncio.Transport | None = None
+        self.messages: deque[Any] = deque()
+        self.partial = bytearray()
+        self.reading_paused = False
+        self.writing_paused = False
+        self.peer_closed = False  # the close marker arrived
+        self.eof = False  # the stream ended (with or without the marker)
+        self.lost = False
+        self._waiters: list[asyncio.Future[None]] = []
+        self.gone = asyncio.get_running_loop().create_future()
+
+    # -- asyncio.Protocol ----------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        if self.peer_closed:
+            return
+        if self.partial:
+            self.partial += data
+            with memoryview(self.partial) as view:
+                used = self._decode(view)
+            del self.partial[:used]
+        else:
+            with memoryview(data) as view:
+                used = self._decode(view)
+            if used < len(data):
+                self.partial += data[used:]
+        if len(self.messages) >= self.max_messages and not self.reading_paused and self.transport is not None:
+            self.reading_paused = True
+            self.transport.pause_reading()
+        self.wake()
+
+    def _decode(self, view: memoryview) -> int:
+        position, size, messages = 0, len(view), self.messages
+        unpack_from, header = _HEADER.unpack_from, _HEADER.size
+        while size - position >= header:
+            (length,) = unpack_from(view, position)
+            if length == 0:
+                self.peer_closed = True
+                return size
+            end = position + header + length
+            if end > size:
+                break
+            with view[position + header : end] as frame:
+                try:
+                    messages.append(pickle.loads(frame))
+                except Exception as exc:
+                    messages.append(_Undecodable(exc))
+            position = end
+        return position
+
+    def eof_received(self) -> bool | None:
+        self.eof = True
+        self.wake()
+        return None  # let the transport close itself
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = self.eof = True
+        if not self.gone.done():
+            self.gone.set_result(None)
+        self.wake()
+
+    def pause_writing(self) -> None:
+        self.writing_paused = True
+
+    def resume_writing(self) -> None:
+        self.writing_paused = False
+        self.wake()
+
+    # -- wake-ups ------------------------------------------------------------
+    def wake(self) -> None:
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
+    async def changed(self) -> None:
+        """Wait until the connection's state changes (data, room, end)."""
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        await waiter
+
+
+class PipeComm(Comm):
+    """One end of a pipe comm; create it with :func:`open_pipe_comm` or :func:`pipe_comm_pair`.
+
+    Safe for several concurrent senders: each message is written whole.
+    """
+
+    def __init__(self, transport: asyncio.Transport, protocol: _FrameProtocol, close_timeout: float) -> None:
+        self._transport = transport
+        self._protocol = protocol
+        self._close_timeout = close_timeout
+        self._closed = False
+
+    async def send(self, message: Any) -> None:
+        """Pickle and send ``message``, waiting while the write buffer is full.
+
+        Raises:
+            ChannelClosed: this end was closed.
+            PeerDied: the peer closed or vanished.
+            UnpicklableMessage: ``message`` cannot be pickled (nothing was sent).
+        """
+        protocol = self._protocol
+        while True:
+            if self._closed:
+                raise ChannelClosed("send on a closed pipe comm")
+            if protocol.lost or protocol.peer_closed:
+                raise PeerDied("the peer of this pipe comm is gone")
+            if not protocol.writing_paused:
+                break
+            await protocol.changed()
+        try:
+            data = pickle.dumps(message, protocol=5)
+        except Exception as exc:
+            raise UnpicklableMessage(f"a message cannot be pickled: {type(exc).__name__}: {exc}", message) from exc
+        self._transport.write(_HEADER.pack(len(data)) + data)
+
+    async def receive(self) -> Any:
+        """Receive the next message.
+
+        Raises:
+            EndOfChannel: the peer closed cleanly and every message was received.
+            PeerDied: the stream ended without the peer's close marker.
+            ChannelClosed: this end was closed.
+            TransportError: a message could not be unpickled here.
+        """
+        protocol = self._protocol
+        messages = protocol.messages
+        while True:
+            if self._closed:
+                raise ChannelClosed("receive on a closed pipe comm")
+            if messages:
+                message = messages.popleft()
+                if protocol.reading_paused and len(messages) <= protocol.max_messages // 2 and not protocol.lost:
+                    protocol.reading_paused = False
+                    self._transport.resume_reading()
+                if isinstance(message, _Undecodable):
+                    error = message.error
+                    raise TransportError(f"cannot unpickle a message: {type(error).__name__}: {error}") from error
+                return message
+            if protocol.peer_closed:
+                raise EndOfChannel()
+            if protocol.eof:
+                raise PeerDied("the peer of this pipe comm vanished without closing it")
+            await protocol.changed()
+
+    async def aclose(self) -> None:
+        """Send the close marker, flush, and close the socket.
+
+        Waits at most ``close_timeout`` seconds for the peer to take what is
+        buffered, then drops it.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        protocol, transport = self._protocol, self._transport
+        protocol.wake()
+        try:
+            if not protocol.lost:
+                transport.write(_CLOSE_MARKER)
+                transport.close()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(self._close_timeout):
+                        await asyncio.shield(protocol.gone)
+        finally:
+            if not protocol.lost:
+                transport.abort()
+
+    def abort(self) -> None:
+        """Drop the connection without the close marker, as a crashed peer would."""
+        self._closed = True
+        self._transport.abort()
+        self._protocol.wake()
+
+    @property
+    def buffered_messages(self) -> int:
+        """Decoded messages waiting to be received."""
+        return len(self._protocol.messages)
+
+
+async def open_pipe_comm(
+    sock: socket.socket,
+    *,
+    max_messages: int = 32,
+    write_buffer: int = 256 * 1024,
+    close_timeout: float = 5.0,
+) -> PipeComm:
+    """Wrap a connected stream socket (one end of a :func:`socket.socketpair`).
+
+    The comm owns the socket from then on.
+
+    Args:
+        sock: a connected ``AF_UNIX`` stream socket.
+        max_messages: decoded messages to buffer before the socket is no longer read.
+        write_buffer: bytes buffered by the sender before :meth:`PipeComm.send` waits.
+        close_timeout: seconds :meth:`PipeComm.aclose` waits for the peer to take
+            the buffered data.
+
+    Raises:
+        ValueError: a limit is not positive.
+    """
+    if max_messages < 1 or write_buffer < 1:
+        raise ValueError("max_messages and write_buffer must be at least 1")
+    loop = asyncio.get_running_loop()
+    sock.setblocking(False)
+    transport, protocol = await loop.create_unix_connection(lambda: _FrameProtocol(max_messages), sock=sock)
+    transport.set_write_buffer_limits(high=write_buffer)
+    return PipeComm(transport, protocol, close_timeout)
+
+
+async def pipe_comm_pair(**options: Any) -> tuple[PipeComm, PipeComm]:
+    """Two joined pipe comms in this process (over a socket pair); ``options`` as :func:`open_pipe_comm`."""
+    left, right = socket.socketpair()
+    try:
+        first = await open_pipe_comm(left, **options)
+    except BaseException:
+        left.close()
+        right.close()
+        raise
+    try:
+        second = await open_pipe_comm(right, **options)
+    except BaseException:
+        right.close()
+        with contextlib.suppress(Exception):
+            first.abort()
+        raise
+    return first, second

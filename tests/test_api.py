@@ -1,0 +1,185 @@
+"""The async API: await, iterate, drain, cancel, several runs in one loop."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import pytest
+import workflows as wf
+
+import aiod4p
+from aiod4p import ConsumerPE, GenericPE, InputError, MappingUnavailable, WorkflowGraph
+from aiod4p.errors import MappingUnavailable as FromErrors
+
+
+class Tracker(GenericPE):
+    """Records its lifecycle, so tests can see postprocess ran."""
+
+    def __init__(self) -> None:
+        super().__init__(inputs=["input"], outputs=["output"])
+        self.seen = 0
+        self.finished = False
+        self.saw_fifty = asyncio.Event()
+
+    def process(self, inputs: dict[str, int]) -> dict[str, int]:
+        self.seen += 1
+        if self.seen == 50:
+            self.saw_fifty.set()
+        return {"output": inputs["input"]}
+
+    def postprocess(self) -> None:
+        self.finished = True
+
+
+async def endless() -> AsyncIterator[int]:
+    value = 0
+    while True:
+        yield value
+        value += 1
+        await asyncio.sleep(0)
+
+
+def tracked_graph() -> tuple[WorkflowGraph, wf.Double, Tracker]:
+    graph = WorkflowGraph()
+    double, tracker = wf.Double(), Tracker()
+    graph.connect(double, "output", tracker, "input")
+    return graph, double, tracker
+
+
+async def test_run_async_returns_results() -> None:
+    graph, _ = wf.pipeline(2)
+    async with asyncio.timeout(10):
+        results = await aiod4p.run_async(graph, 10)
+    assert sorted(results.data()) == [4 * i for i in range(10)]
+
+
+async def test_results_stream_as_they_are_produced() -> None:
+    graph, double, _ = tracked_graph()
+    seen = []
+    async with asyncio.timeout(10), aiod4p.start(graph, {double: endless()}) as run:
+        async for record in run:
+            seen.append(record.data)
+            if len(seen) == 5:
+                break
+    assert seen == [0, 2, 4, 6, 8]
+
+
+async def test_drain_stops_the_source_and_runs_postprocess() -> None:
+    graph, double, tracker = tracked_graph()
+    async with asyncio.timeout(10), aiod4p.start(graph, {double: endless()}) as run:
+        received = 0
+        async for _ in run:
+            received += 1
+            if received == 100:
+                run.drain()
+        assert run.done
+    assert tracker.finished
+    assert received == tracker.seen >= 100
+
+
+async def test_cancelling_run_async_drains_then_cancels() -> None:
+    graph, double, tracker = tracked_graph()
+    task = asyncio.create_task(aiod4p.run_async(graph, {double: endless()}))
+    async with asyncio.timeout(10):
+        await tracker.saw_fifty.wait()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    assert tracker.finished
+
+
+async def test_aclose_aborts_without_postprocess() -> None:
+    graph, double, tracker = tracked_graph()
+    async with asyncio.timeout(10):
+        run = aiod4p.start(graph, {double: endless()}).start()
+        async for _ in run:
+            break
+        await run.aclose()
+    assert not tracker.finished
+    assert run.done
+
+
+async def test_errors_surface_through_iteration() -> None:
+    graph = WorkflowGraph()
+    graph.connect(wf.Count(), "output", fail := wf.Fail(on=2), "input")
+    with pytest.raises(aiod4p.PEError, match=fail.id):
+        async with asyncio.timeout(10), aiod4p.start(graph, 10) as run:
+            async for _ in run:
+                pass
+
+
+async def test_several_workflows_side_by_side() -> None:
+    graphs = [wf.pipeline(1)[0] for _ in range(3)]
+    async with asyncio.timeout(10):
+        results = await asyncio.gather(*(aiod4p.run_async(g, 100 * (i + 1)) for i, g in enumerate(graphs)))
+    assert [len(r) for r in results] == [100, 200, 300]
+
+
+async def test_any_iterable_feeds_a_root() -> None:
+    graph, double, _ = tracked_graph()
+    async with asyncio.timeout(10):
+        results = await aiod4p.run_async(graph, {double.id: range(5)})
+    assert results.data() == [0, 2, 4, 6, 8]
+
+
+async def test_a_failing_source_iterable_names_the_pe() -> None:
+    def broken() -> AsyncIterator[int]:
+        raise OSError("sensor offline")
+
+    async def source() -> AsyncIterator[int]:
+        yield 1
+        await broken().__anext__()
+
+    graph, double, _ = tracked_graph()
+    with pytest.raises(aiod4p.PEError, match=rf"{double.id}.*feed.*sensor offline"):
+        async with asyncio.timeout(10):
+            await aiod4p.run_async(graph, {double: source()})
+
+
+async def test_run_inside_a_loop_is_refused() -> None:
+    graph, _ = wf.pipeline(1)
+    with pytest.raises(RuntimeError, match="running event loop"):
+        aiod4p.run(graph, 1)
+
+
+def test_unknown_mapping() -> None:
+    graph, _ = wf.pipeline(1)
+    with pytest.raises(MappingUnavailable, match="unknown mapping 'nope'; choose one of: simple, async"):
+        aiod4p.run(graph, 1, mapping="nope")
+    assert MappingUnavailable is FromErrors
+
+
+@pytest.mark.parametrize(
+    ("inputs", "message"),
+    [
+        ({"NoSuchPE": 3}, "names no PE of the graph"),
+        ({"Count": -1}, "must not be negative"),
+        ({"Count": "abc"}, "must be a count or a list"),
+        (-2, "must not be negative"),
+    ],
+)
+def test_bad_inputs(inputs: object, message: str) -> None:
+    graph, _ = wf.pipeline(1)
+    with pytest.raises(InputError, match=message):
+        aiod4p.run(graph, inputs)  # type: ignore[arg-type]
+
+
+def test_input_to_a_pe_that_is_not_a_root() -> None:
+    graph, source = wf.pipeline(2)
+    with pytest.raises(InputError, match="is not a root"):
+        aiod4p.run(graph, {graph.pes[-1].id: 3})
+    assert source.id in graph.flatten().roots()
+
+
+def test_feed_element_that_is_not_an_input_dict() -> None:
+    graph = WorkflowGraph()
+    merge = wf.Merge()
+    graph.connect(merge, "output", Silent(), "input")
+    with pytest.raises(InputError, match=rf"input for PE {merge.id} must be a dict of its input ports"):
+        aiod4p.run(graph, {merge: [5]})
+
+
+class Silent(ConsumerPE):
+    def consume(self, item: object) -> None:
+        pass

@@ -1,0 +1,162 @@
+"""Building and validating graphs: errors name the PE and the port."""
+
+from __future__ import annotations
+
+import pytest
+import workflows as wf
+
+from aiod4p import (
+    ALL,
+    GLOBAL,
+    SHUFFLE,
+    CompositePE,
+    GenericPE,
+    GraphError,
+    GroupBy,
+    WorkflowGraph,
+    chain,
+    group_by,
+)
+from aiod4p._groupings import as_grouping
+
+
+def test_ids_are_name_and_counter_in_order_of_first_add() -> None:
+    graph = WorkflowGraph()
+    a, b = wf.Count(), wf.Double()
+    graph.connect(a, "output", b, "input")
+    number_a = int(a.id.removeprefix("Count"))
+    assert b.id == f"Double{number_a + 1}"
+    graph.add(a)
+    assert a.id == f"Count{number_a}"
+
+
+def test_explicit_id_is_kept() -> None:
+    graph = WorkflowGraph()
+    pe = wf.Double()
+    pe.id = "mine"
+    graph.add(pe)
+    assert pe.id == "mine"
+
+
+def test_unknown_output_port() -> None:
+    source = wf.Count()
+    with pytest.raises(GraphError, match=r"Count\d* has no output port 'out' \(outputs: \['output'\]\)"):
+        WorkflowGraph().connect(source, "out", wf.Double(), "input")
+
+
+def test_unknown_input_port() -> None:
+    with pytest.raises(GraphError, match=r"Double\d* has no input port 'in'"):
+        WorkflowGraph().connect(wf.Count(), "output", wf.Double(), "in")
+
+
+def test_required_input_left_unconnected() -> None:
+    graph = WorkflowGraph()
+    merge = wf.Merge()
+    graph.connect(wf.Count(), "output", merge, "left")
+    with pytest.raises(GraphError, match=rf"{merge.id}: required input port 'right' is not connected"):
+        graph.flatten()
+
+
+def test_optional_input_may_stay_unconnected() -> None:
+    graph = WorkflowGraph()
+    pe = GenericPE(outputs=["output"])
+    pe.add_input("input")
+    pe.add_input("extra", required=False)
+    graph.connect(wf.Count(), "output", pe, "input")
+    assert len(graph.flatten().edges) == 1
+
+
+def test_cycle_is_rejected_with_its_path() -> None:
+    graph = WorkflowGraph()
+    a, b = wf.Merge(), wf.Merge()
+    graph.connect(wf.Count(), "output", a, "left")
+    graph.connect(a, "output", b, "left")
+    graph.connect(b, "output", a, "right")
+    graph.connect(wf.Count(), "output", b, "right")
+    with pytest.raises(GraphError, match=rf"cycle: ({a.id} -> {b.id} -> {a.id}|{b.id} -> {a.id} -> {b.id})"):
+        graph.flatten()
+
+
+def test_duplicate_ids_are_rejected() -> None:
+    graph = WorkflowGraph()
+    a, b = wf.Double(), wf.Double()
+    a.id = b.id = "same"
+    graph.connect(wf.Count(), "output", a, "input")
+    graph.connect(a, "output", b, "input")
+    with pytest.raises(GraphError, match="duplicate PE id 'same'"):
+        graph.flatten()
+
+
+def test_adding_something_that_is_not_a_pe() -> None:
+    with pytest.raises(GraphError, match="not a PE"):
+        WorkflowGraph().add("Count")  # type: ignore[arg-type]
+
+
+def test_port_declared_twice() -> None:
+    pe = GenericPE(inputs=["input"])
+    with pytest.raises(GraphError, match="input port 'input' declared twice"):
+        pe.add_input("input")
+
+
+def test_composite_ports_are_rewired() -> None:
+    graph = WorkflowGraph()
+    composite = chain(wf.Double(), wf.Double())
+    source = wf.Count()
+    graph.connect(source, "output", composite, "input")
+    flat = graph.flatten()
+    assert composite.id in flat.composites
+    assert [e.source for e in flat.edges if e.source == source.id]
+    assert all(e.dest != composite.id for e in flat.edges)
+
+
+def test_unmapped_composite_port() -> None:
+    composite = CompositePE()
+    composite.inputs["input"] = wf.Double().inputs["input"]
+    graph = WorkflowGraph()
+    graph.connect(wf.Count(), "output", composite, "input")
+    with pytest.raises(GraphError, match="input 'input' is not mapped"):
+        graph.flatten()
+
+
+def test_composite_input_mapped_to_several_inner_pes() -> None:
+    composite = CompositePE()
+    first, second = wf.Double(), wf.Double()
+    composite.map_input("input", first, "input")
+    composite.map_input("input", second, "input")
+    graph = WorkflowGraph()
+    graph.connect(wf.Count(), "output", composite, "input")
+    assert {e.dest for e in graph.flatten().edges} == {first.id, second.id}
+
+
+def test_grouping_declared_after_construction_is_used() -> None:
+    graph = WorkflowGraph()
+    pe = wf.Double()
+    graph.connect(wf.Count(), "output", pe, "input")
+    pe.inputs["input"].grouping = ALL
+    assert graph.flatten().edges[0].grouping == ALL
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        (None, SHUFFLE),
+        ("shuffle", SHUFFLE),
+        ("all", ALL),
+        ("global", GLOBAL),
+        ([0], GroupBy((0,))),
+        ((1, 2), GroupBy((1, 2))),
+    ],
+)
+def test_dispel4py_grouping_values(value: object, expected: object) -> None:
+    assert as_grouping(value) == expected  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("value", ["sideways", [], 3.5])
+def test_bad_grouping_values(value: object) -> None:
+    with pytest.raises(ValueError, match="unknown grouping"):
+        as_grouping(value)  # type: ignore[arg-type]
+
+
+def test_group_by_needs_indices_or_key() -> None:
+    with pytest.raises(ValueError, match="either key indices or a key function"):
+        group_by()

@@ -1,0 +1,173 @@
+"""The behaviour every mapping must share, run on each of them (see conftest.MAPPING_CASES)."""
+
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+
+import pytest
+import workflows as wf
+from conftest import MappingCase
+
+from aiod4p import ALL, GLOBAL, PEError, WorkflowGraph, chain, group_by
+
+
+def test_pipeline_results(mapping: MappingCase) -> None:
+    graph, _ = wf.pipeline(3)
+    results = mapping.run(graph, 100)
+    assert sorted(results.data()) == [i * 8 for i in range(100)]
+    assert {(r.pe, r.port) for r in results} == {(graph.pes[-1].id, "output")}
+
+
+def test_group_by_sends_each_key_to_exactly_one_instance(mapping: MappingCase) -> None:
+    graph = wf.grouping_graph(group_by(0), parallelism=3)
+    results = mapping.run(graph, 300)
+    instances_per_key: dict[int, set[int]] = defaultdict(set)
+    for instance, (key, _item) in results.data():
+        instances_per_key[key].add(instance)
+    assert set(instances_per_key) == set(range(5))
+    assert all(len(seen) == 1 for seen in instances_per_key.values())
+    assert sorted(item for _, (_, item) in results.data()) == list(range(300))
+
+
+def test_group_by_key_function(mapping: MappingCase) -> None:
+    graph = wf.grouping_graph(group_by(key=wf.first_element), parallelism=2)
+    results = mapping.run(graph, 50)
+    instances_per_key: dict[int, set[int]] = defaultdict(set)
+    for instance, (key, _item) in results.data():
+        instances_per_key[key].add(instance)
+    assert all(len(seen) == 1 for seen in instances_per_key.values())
+    assert len(results) == 50
+
+
+def test_all_gives_every_instance_every_item(mapping: MappingCase) -> None:
+    graph = wf.grouping_graph(ALL, parallelism=3)
+    results = mapping.run(graph, 40)
+    per_instance = Counter(instance for instance, _ in results.data())
+    parallelism = 1 if mapping.name == "simple" else 3
+    assert per_instance == dict.fromkeys(range(parallelism), 40)
+    for instance in range(parallelism):
+        assert sorted(item for i, (_, item) in results.data() if i == instance) == list(range(40))
+
+
+def test_global_sends_everything_to_one_instance(mapping: MappingCase) -> None:
+    graph = wf.grouping_graph(GLOBAL, parallelism=None)
+    results = mapping.run(graph, 60)
+    assert {instance for instance, _ in results.data()} == {0}
+    assert len(results) == 60
+
+
+def test_shuffle_spreads_over_instances(mapping: MappingCase) -> None:
+    graph = wf.grouping_graph(None, parallelism=3)
+    results = mapping.run(graph, 90)
+    per_instance = Counter(instance for instance, _ in results.data())
+    assert sum(per_instance.values()) == 90
+    if mapping.name != "simple":
+        assert set(per_instance) == {0, 1, 2}
+
+
+def test_connection_grouping_overrides_the_port(mapping: MappingCase) -> None:
+    graph = WorkflowGraph()
+    tag, who = wf.Tag(), wf.WhoSawWhat(None, parallelism=2)
+    graph.connect(wf.Count(), "output", tag, "input")
+    graph.connect(tag, "output", who, "input", grouping=ALL)
+    results = mapping.run(graph, 10)
+    expected = 10 * (1 if mapping.name == "simple" else 2)
+    assert len(results) == expected
+
+
+def test_fan_out_and_fan_in(mapping: MappingCase) -> None:
+    results = mapping.run(wf.fan_out_in(), 20)
+    by_port = Counter(port for port, _ in results.data())
+    assert by_port == {"left": 20, "right": 20}
+    assert sorted(item for port, item in results.data() if port == "left") == [2 * i for i in range(20)]
+
+
+def test_two_connections_between_the_same_ports_are_two_edges(mapping: MappingCase) -> None:
+    results = mapping.run(wf.multi_edge(), 10)
+    assert sorted(results.data()) == sorted([2 * i for i in range(10)] * 2)
+
+
+def test_composite_chain(mapping: MappingCase) -> None:
+    results = mapping.run(wf.composite_graph(), 10)
+    assert sorted(results.data()) == [((i * 2) + 1) * 2 for i in range(10)]
+
+
+def test_nested_composites(mapping: MappingCase) -> None:
+    graph = WorkflowGraph()
+    inner = chain(wf.Double(), wf.Double())
+    outer = chain(inner, wf.lambda_free_increment)
+    graph.connect(wf.Count(), "output", outer, "input")
+    assert sorted(mapping.run(graph, 5).data()) == [i * 4 + 1 for i in range(5)]
+
+
+def test_write_in_postprocess(mapping: MappingCase) -> None:
+    graph = WorkflowGraph()
+    graph.connect(wf.Count(), "output", wf.SumAtEnd(), "input")
+    assert mapping.run(graph, 100).data() == [sum(range(100))]
+
+
+def test_async_process_and_generator_source(mapping: MappingCase) -> None:
+    graph = WorkflowGraph()
+    graph.connect(wf.Range(500), "output", wf.AsyncDouble(), "input")
+    assert sorted(mapping.run(graph).data()) == [2 * i for i in range(500)]
+
+
+def test_function_pes(mapping: MappingCase) -> None:
+    graph = WorkflowGraph()
+    graph.connect(wf.count_to_five(), "output", wf.square(), "input")
+    graph.connect(wf.count_to_five(), "output", wf.square(name="other"), "input")
+    results = mapping.run(graph)
+    assert sorted(results.data()) == sorted([i * i for i in range(5)] * 2)
+
+
+def test_explicit_inputs_per_root(mapping: MappingCase) -> None:
+    graph = WorkflowGraph()
+    double = wf.Double()
+    graph.connect(double, "output", wf.SumAtEnd(), "input")
+    results = mapping.run(graph, {double.id: [{"input": 1}, {"input": 2}, 3]})
+    assert results.data() == [12]
+
+
+def test_a_raising_pe_fails_the_run_with_its_name(mapping: MappingCase) -> None:
+    graph = WorkflowGraph()
+    fail = wf.Fail(on=3)
+    graph.connect(wf.Count(), "output", fail, "input")
+    graph.connect(fail, "output", wf.Discard(), "input")
+    with pytest.raises(PEError) as caught:
+        mapping.run(graph, 1000)
+    assert caught.value.pe == fail.id
+    assert caught.value.port == "input"
+    assert "bad item 3" in str(caught.value)
+    assert "ValueError" in caught.value.traceback_text
+
+
+def test_writing_an_undeclared_port_fails_with_pe_and_port(mapping: MappingCase) -> None:
+    graph = WorkflowGraph()
+    graph.connect(wf.Count(), "output", bad := wf.WritesNowhere(), "input")
+    with pytest.raises(PEError, match=rf"{bad.id}.*undeclared output port 'nowhere'"):
+        mapping.run(graph, 3)
+
+
+def test_a_raising_postprocess_fails_the_run(mapping: MappingCase) -> None:
+    graph = WorkflowGraph()
+    graph.connect(wf.Count(), "output", bad := wf.FailsAtEnd(), "input")
+    with pytest.raises(PEError) as caught:
+        mapping.run(graph, 3)
+    assert (caught.value.pe, caught.value.port) == (bad.id, "postprocess")
+
+
+def test_results_of_every_unconnected_port(mapping: MappingCase) -> None:
+    graph = WorkflowGraph()
+    split = wf.EvenOdd()
+    graph.connect(wf.Count(), "output", split, "input")
+    results = mapping.run(graph, 10).by_port()
+    assert sorted(results[(split.id, "even")]) == [0, 2, 4, 6, 8]
+    assert sorted(results[(split.id, "odd")]) == [1, 3, 5, 7, 9]
+
+
+def test_large_stream(mapping: MappingCase) -> None:
+    graph = WorkflowGraph()
+    graph.connect(wf.Count(), "output", wf.Double(), "input")
+    results = mapping.run(graph, 20_000)
+    assert len(results) == 20_000
+    assert sum(results.data()) == 2 * sum(range(20_000))

@@ -1,0 +1,104 @@
+"""The planner is pure: these tests run without an event loop."""
+
+from __future__ import annotations
+
+import pytest
+import workflows as wf
+
+from aiod4p import ALL, GLOBAL, GraphError, InstanceRef, PlanOptions, WorkflowGraph, group_by, make_plan
+
+
+def chain_graph(parallelism: int | None = None) -> tuple[WorkflowGraph, list[object]]:
+    graph = WorkflowGraph()
+    source, first, second = wf.Count(), wf.Double(), wf.Double()
+    first.parallelism = second.parallelism = parallelism
+    graph.connect(source, "output", first, "input")
+    graph.connect(first, "output", second, "input")
+    return graph, [source, first, second]
+
+
+def test_sources_get_one_instance_and_others_one_per_worker() -> None:
+    graph, (source, first, second) = chain_graph()
+    plan = make_plan(graph, PlanOptions(workers=4))
+    assert plan.placement[source.id].parallelism == 1  # type: ignore[attr-defined]
+    assert plan.placement[first.id].workers == (0, 1, 2, 3)  # type: ignore[attr-defined]
+    assert plan.placement[second.id].parallelism == 4  # type: ignore[attr-defined]
+
+
+def test_explicit_parallelism_is_honoured() -> None:
+    graph, (_, first, _) = chain_graph(parallelism=3)
+    plan = make_plan(graph, PlanOptions(workers=2))
+    assert plan.placement[first.id].workers == (0, 1, 0)  # type: ignore[attr-defined]
+
+
+def test_global_input_forces_one_instance() -> None:
+    graph = WorkflowGraph()
+    total = wf.SumAtEnd(GLOBAL)
+    graph.connect(wf.Count(), "output", total, "input")
+    assert make_plan(graph, PlanOptions(workers=4)).placement[total.id].parallelism == 1
+
+
+def test_force_single() -> None:
+    graph, pes = chain_graph(parallelism=5)
+    plan = make_plan(graph, PlanOptions(force_single=True))
+    assert all(plan.placement[pe.id].parallelism == 1 for pe in pes)  # type: ignore[attr-defined]
+
+
+def test_equal_width_shuffle_stays_on_the_worker() -> None:
+    graph, (source, first, _) = chain_graph()
+    plan = make_plan(graph, PlanOptions(workers=3))
+    fan_out = plan.routes[source.id][0]  # type: ignore[attr-defined]
+    assert fan_out.targets == ((0, 1, 2),)
+    forward = plan.routes[first.id][0]  # type: ignore[attr-defined]
+    assert forward.targets == ((0,), (1,), (2,))
+    crossing = [c for c in plan.channels if c.source_worker != c.dest_worker]
+    assert {(c.source.pe, c.dest.pe) for c in crossing} == {(source.id, first.id)}  # type: ignore[attr-defined]
+
+
+def test_group_by_and_all_reach_every_instance() -> None:
+    graph = WorkflowGraph()
+    tag, grouped, everyone = wf.Tag(), wf.WhoSawWhat(group_by(0), 3), wf.WhoSawWhat(ALL, 2)
+    graph.connect(wf.Count(), "output", tag, "input")
+    graph.connect(tag, "output", grouped, "input")
+    graph.connect(tag, "output", everyone, "input")
+    plan = make_plan(graph, PlanOptions(workers=1, default_parallelism=2))
+    routes = {route.dest: route for route in plan.routes[tag.id]}
+    assert routes[grouped.id].targets == ((0, 1, 2), (0, 1, 2))
+    assert routes[everyone.id].targets == ((0, 1), (0, 1))
+
+
+def test_eos_counts_equal_incoming_channels() -> None:
+    graph, (_, first, second) = chain_graph(parallelism=2)
+    plan = make_plan(graph, PlanOptions(workers=1))
+    for index in range(2):
+        assert len(plan.channels_into(InstanceRef(second.id, index))) == 1  # type: ignore[attr-defined]
+        assert len(plan.channels_into(InstanceRef(first.id, index))) == 1  # type: ignore[attr-defined]
+    assert plan.inflight_bound(InstanceRef(second.id, 0)) == 4 * 256  # type: ignore[attr-defined]
+
+
+def test_result_ports_and_roots() -> None:
+    graph, (source, _, second) = chain_graph()
+    plan = make_plan(graph)
+    assert plan.roots == [source.id]  # type: ignore[attr-defined]
+    assert plan.result_ports == {second.id: ["output"]}  # type: ignore[attr-defined]
+
+
+def test_instances_in_topological_order_per_worker() -> None:
+    graph, (source, first, second) = chain_graph()
+    plan = make_plan(graph, PlanOptions(workers=2))
+    assert plan.instances(1) == [InstanceRef(first.id, 1), InstanceRef(second.id, 1)]  # type: ignore[attr-defined]
+    assert plan.instances(0)[0] == InstanceRef(source.id, 0)  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("bad", [0, -1, 2.5])
+def test_bad_parallelism(bad: object) -> None:
+    graph, (_, first, _) = chain_graph()
+    first.parallelism = bad  # type: ignore[attr-defined]
+    with pytest.raises(GraphError, match=rf"{first.id}: parallelism must be a positive integer"):  # type: ignore[attr-defined]
+        make_plan(graph)
+
+
+@pytest.mark.parametrize("options", [{"workers": 0}, {"default_parallelism": 0}, {"batch_size": 0}, {"credits": 0}])
+def test_bad_options(options: dict[str, int]) -> None:
+    with pytest.raises(ValueError, match="at least 1"):
+        PlanOptions(**options)
