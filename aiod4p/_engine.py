@@ -132,15 +132,16 @@ class _Actor:
                 self.stats.batches_in += 1
                 self.stats.items_in += len(items)
                 self.stats.queued_items = inbox.queued_items
-                started = time.perf_counter()
                 try:
-                    await self._handle(port, items)
+                    started = time.perf_counter()
+                    try:
+                        await self._handle(port, items)
+                    finally:
+                        self.stats.busy_seconds += time.perf_counter() - started
+                    await self._route_outputs()
                 except Exception as exc:
                     self.stats.errors += 1
                     raise _error(ref, "feed" if port is None else port, exc) from exc
-                finally:
-                    self.stats.busy_seconds += time.perf_counter() - started
-                await self._route_outputs()
                 if self.dirty and time.monotonic() - self.last_flush >= self.max_delay:
                     await self._flush_all()
             await self._lifecycle("postprocess", pe.postprocess)

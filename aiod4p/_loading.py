@@ -9,6 +9,7 @@ from pathlib import Path
 from types import ModuleType
 
 from ._graph import WorkflowGraph
+from ._pe import CompositePE
 from .errors import TargetError
 
 __all__ = ["load_graph", "load_module"]
@@ -60,7 +61,8 @@ def load_module(spec: str) -> ModuleType:
 def load_graph(target: str) -> WorkflowGraph:
     """Load the workflow graph named by ``target``.
 
-    Without ``:attr`` the module must hold exactly one :class:`WorkflowGraph`.
+    Without ``:attr`` the module must hold exactly one :class:`WorkflowGraph`
+    that is not the graph of a composite inside another one.
     An attribute may also be a function returning a graph.
 
     Raises:
@@ -80,6 +82,8 @@ def load_graph(target: str) -> WorkflowGraph:
             raise TargetError(f"{spec}:{attr} is a {type(value).__name__}, not a WorkflowGraph")
         return value
     graphs = {name: value for name, value in vars(module).items() if isinstance(value, WorkflowGraph)}
+    nested = {inner for graph in graphs.values() for inner in _nested_graphs(graph)}
+    graphs = {name: graph for name, graph in graphs.items() if id(graph) not in nested}
     unique = {id(graph): name for name, graph in graphs.items()}
     if len(unique) == 1:
         return next(iter(graphs.values()))
@@ -87,3 +91,15 @@ def load_graph(target: str) -> WorkflowGraph:
         raise TargetError(f"{spec} defines no WorkflowGraph; name one with {spec}:ATTR")
     names = ", ".join(sorted(graphs))
     raise TargetError(f"{spec} defines several workflow graphs ({names}); choose one with {spec}:ATTR")
+
+
+def _nested_graphs(graph: WorkflowGraph) -> set[int]:
+    """The ids of the graphs of every composite inside ``graph``, at any depth."""
+    found: set[int] = set()
+    pending = [graph]
+    while pending:
+        for pe in pending.pop().pes:
+            if isinstance(pe, CompositePE) and id(pe.graph) not in found:
+                found.add(id(pe.graph))
+                pending.append(pe.graph)
+    return found

@@ -115,7 +115,7 @@ class ProgressDisplay:
 
         elapsed = now - self._started
         headline = Text.assemble((self.title, "bold"), f"  {elapsed:.1f} s")
-        if busiest is not None:
+        if busiest is not None and busiest[0] > 0:
             headline.append(f"  busiest: {busiest[1]} ({busiest[0]:.0%} busy)")
         elif not summaries:
             headline.append("  waiting for the first statistics…")
