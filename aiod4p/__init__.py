@@ -29,6 +29,7 @@ from ._plan import ExecutionPlan, InstanceRef, PlanOptions, make_plan
 from ._results import ResultRecord, Results
 from ._stats import InstanceStats
 from .errors import Aiod4pError, GraphError, InputError, MappingUnavailable, PEError
+from .sources import LiveFeed
 
 __version__ = "0.1.0"
 
@@ -53,6 +54,7 @@ __all__ = [
     "InputPort",
     "InstanceRef",
     "InstanceStats",
+    "LiveFeed",
     "IterativePE",
     "MappingUnavailable",
     "OutputPort",

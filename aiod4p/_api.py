@@ -15,7 +15,9 @@ from ._inputs import Inputs, resolve_inputs
 from ._plan import ExecutionPlan, make_plan
 from ._results import QueueSink, ResultRecord, Results
 from ._stats import InstanceStats
+from .errors import Aiod4pError, InputError
 from .mappings import BaseMapping, RunControl, get_mapping
+from .sources import LiveFeed
 
 __all__ = ["WorkflowRun", "run", "run_async", "start"]
 
@@ -95,6 +97,49 @@ class WorkflowRun:
     def drain(self) -> None:
         """Stop the sources; items already accepted still reach the results."""
         self._control.drain()
+
+    def feed(self, pe: str) -> LiveFeed:
+        """The :class:`~aiod4p.sources.LiveFeed` given as the input of root ``pe`` (its id or name).
+
+        Raises:
+            InputError: ``pe``'s input is not a LiveFeed.
+        """
+        names = {self.plan.graph.pes[pe_id].name: pe_id for pe_id in self.feeds}
+        live = self.feeds.get(pe, self.feeds.get(names.get(pe, ""), None))
+        if not isinstance(live, LiveFeed):
+            fed = ", ".join(k for k, v in self.feeds.items() if isinstance(v, LiveFeed)) or "none"
+            raise InputError(f"the input of {pe!r} is not a LiveFeed (PEs fed by a LiveFeed: {fed})")
+        return live
+
+    async def send(self, pe: str, item: Any) -> None:
+        """Feed ``item`` to root ``pe`` (fed by a LiveFeed), waiting while the workflow is full.
+
+        Starts the run if needed.
+
+        Raises:
+            InputError: ``pe``'s input is not a LiveFeed.
+            Aiod4pError: the feed is closed, or the run ended first (its own
+                error, such as a PEError, is raised when it failed).
+        """
+        live = self.feed(pe)
+        task = self.start()._task
+        assert task is not None
+        if task.done():
+            task.result()
+            raise Aiod4pError(f"the run has ended; cannot send to {pe!r}")
+        if not live.full():
+            live.send_nowait(item)
+            return
+        sending = asyncio.ensure_future(live.send(item))
+        try:
+            await asyncio.wait({sending, task}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if not sending.done():
+                sending.cancel()
+        if sending.done() and not sending.cancelled():
+            return sending.result()
+        task.result()
+        raise Aiod4pError(f"the run has ended; cannot send to {pe!r}")
 
     async def aclose(self) -> None:
         """Cancel the run and release everything it holds; idempotent."""

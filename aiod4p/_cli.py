@@ -12,6 +12,7 @@ import traceback
 from collections.abc import Sequence
 from typing import Any, TextIO
 
+from . import compat
 from ._api import WorkflowRun, loop_factory
 from ._inputs import parse_cli_inputs
 from ._loading import load_graph
@@ -23,6 +24,7 @@ from ._stats_report import report_stats
 from ._visual import draw
 from .errors import Aiod4pError
 from .mappings import MAPPINGS, get_mapping
+from .sources import LineStream
 
 __all__ = ["main"]
 
@@ -46,6 +48,7 @@ def _parser() -> argparse.ArgumentParser:
     source.add_argument("-i", "--iter", type=int, default=None, metavar="N", help="call every root PE N times")
     source.add_argument("-d", "--data", default=None, metavar="JSON", help='{"PE": N or [input dicts]}')
     source.add_argument("-f", "--file", default=None, metavar="FILE", help="a JSON file like -d")
+    source.add_argument("--stdin", default=None, metavar="PE", help="read JSON Lines from stdin into root PE, live")
     run.add_argument("--results", default=None, metavar="FILE", help="write results as JSON Lines ('-' for stdout)")
     run.add_argument("--batch-size", type=int, default=256, help="items per batch (default 256)")
     run.add_argument("--credits", type=int, default=4, help="batches in flight per channel (default 4)")
@@ -96,8 +99,13 @@ def _run(args: argparse.Namespace) -> int:
     if args.num is not None and args.num < 1:
         raise ValueError(f"-n must be at least 1, not {args.num}")
     mapping = get_mapping(args.mapping)
+    compat.install()  # dispel4py workflows run unchanged
     graph = load_graph(args.target)
     inputs = parse_cli_inputs(args.iter, args.data, args.file)
+    if args.stdin is not None:
+        if isinstance(inputs, int):
+            raise ValueError("--stdin cannot be combined with -i; give the other roots' inputs with -d or -f")
+        inputs = {**(inputs or {}), args.stdin: LineStream(json=True)}
     workflow = WorkflowRun(
         graph, inputs, mapping=mapping, workers=args.num, batch_size=args.batch_size, credits=args.credits
     )
@@ -113,6 +121,7 @@ def _graph(args: argparse.Namespace) -> int:
     if args.num is not None and args.num < 1:
         raise ValueError(f"-n must be at least 1, not {args.num}")
     mapping = get_mapping(args.mapping)
+    compat.install()  # dispel4py workflows run unchanged
     plan = make_plan(load_graph(args.target), mapping.plan_options(args.num, 256, 4))
     print(f"wrote {draw(plan, args.output, title=args.target)}")
     return 0

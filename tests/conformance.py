@@ -17,6 +17,7 @@ import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from typing import Any
 
 from aiod4p.errors import ChannelClosed, EndOfChannel, PeerDied
 from aiod4p.transports import Comm
@@ -90,9 +91,10 @@ async def check_concurrent_senders(transport: TransportUnderTest) -> None:
             for i in range(count):
                 await a.send((tag, i, b"x" * (i * 37 % 5000)))
 
-        receiver = asyncio.create_task(asyncio.gather(*(b.receive() for _ in range(senders * count))))
-        await asyncio.gather(*(pump(tag) for tag in range(senders)))
-        received = await receiver
+        async def drain() -> list[Any]:
+            return [await b.receive() for _ in range(senders * count)]
+
+        received = (await asyncio.gather(drain(), *(pump(tag) for tag in range(senders))))[0]
         for tag in range(senders):
             mine = [(i, len(payload)) for t, i, payload in received if t == tag]
             assert mine == [(i, i * 37 % 5000) for i in range(count)]
@@ -101,10 +103,13 @@ async def check_concurrent_senders(transport: TransportUnderTest) -> None:
 async def check_end_of_stream(transport: TransportUnderTest) -> None:
     """After the peer closes, every message it sent arrives, then EndOfChannel, every time."""
     async with _pair(transport) as (a, b):
-        for i in range(10):
-            await a.send(i)
-        await a.aclose()
-        assert await _receive_all(b) == list(range(10))
+        async def send_then_close() -> None:
+            await _send_all(a, list(range(100)))
+            await a.aclose()
+
+        closing = asyncio.create_task(send_then_close())
+        assert await _receive_all(b) == list(range(100))
+        await closing
         for _ in range(2):
             try:
                 await b.receive()

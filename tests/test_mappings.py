@@ -171,3 +171,8 @@ def test_large_stream(mapping: MappingCase) -> None:
     results = mapping.run(graph, 20_000)
     assert len(results) == 20_000
     assert sum(results.data()) == 2 * sum(range(20_000))
+
+
+def test_simple_mapping_gives_the_same_order_every_time() -> None:
+    orders = [MappingCase("simple", None).run(wf.fan_out_in(), 200).data() for _ in range(3)]
+    assert orders[0] == orders[1] == orders[2]

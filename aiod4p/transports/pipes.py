@@ -20,7 +20,7 @@ import pickle
 import socket
 import struct
 from collections import deque
-from typing import Any
+from typing import Any, cast
 
 from ..errors import ChannelClosed, EndOfChannel, PeerDied, TransportError
 from ._base import Comm
@@ -69,8 +69,7 @@ class _FrameProtocol(asyncio.Protocol):
 
     # -- asyncio.Protocol ----------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
 
     def data_received(self, data: bytes) -> None:
         if self.peer_closed:
@@ -165,7 +164,7 @@ class PipeComm(Comm):
         while True:
             if self._closed:
                 raise ChannelClosed("send on a closed pipe comm")
-            if protocol.lost or protocol.peer_closed:
+            if protocol.eof or protocol.peer_closed:
                 raise PeerDied("the peer of this pipe comm is gone")
             if not protocol.writing_paused:
                 break

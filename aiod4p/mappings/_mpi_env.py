@@ -1,0 +1,66 @@
+"""Where the mpi mapping runs: under an mpiexec, or launching one. No mpi4py import here."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import sys
+from pathlib import Path
+
+from ..errors import MappingUnavailable
+
+__all__ = ["INSTALL_HINT", "find_mpiexec", "job_size", "mpiexec_extra_args"]
+
+INSTALL_HINT = "pip install 'aiod4p[mpi]'"
+
+# The rank and size variables of the process managers we know: MPICH's Hydra
+# (PMI), PMIx-based ones (Open MPI 5, Slurm), and Open MPI's own.
+_SIZE_VARIABLES = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_SIZE")
+_RANK_VARIABLES = ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK")
+
+
+def job_size() -> int | None:
+    """The number of ranks when this process is a rank started by mpiexec, else ``None``.
+
+    Read from the process manager's environment, so mpi4py need not be imported.
+    """
+    if not any(name in os.environ for name in _RANK_VARIABLES):
+        return None
+    for name in _SIZE_VARIABLES:
+        value = os.environ.get(name, "")
+        if value.isdigit():
+            return int(value)
+    return None
+
+
+def find_mpiexec() -> str:
+    """The ``mpiexec`` of the MPI that mpi4py uses.
+
+    ``AIOD4P_MPIEXEC`` wins; otherwise the one next to ``sys.executable``
+    (where the ``mpich`` wheel installs it). A system ``mpiexec`` on ``PATH``
+    is deliberately not used: with another MPI it fails to start the ranks.
+
+    Raises:
+        MappingUnavailable: mpi4py is not installed, or no mpiexec was found.
+    """
+    try:
+        import mpi4py  # noqa: F401 - only checks that it is installed
+    except ImportError as exc:
+        raise MappingUnavailable(f"the mpi mapping needs mpi4py: {INSTALL_HINT}") from exc
+    chosen = os.environ.get("AIOD4P_MPIEXEC")
+    if chosen:
+        if not Path(chosen).is_file():
+            raise MappingUnavailable(f"AIOD4P_MPIEXEC names {chosen}, which does not exist")
+        return chosen
+    candidate = Path(sys.executable).parent / "mpiexec"
+    if candidate.is_file():
+        return str(candidate)
+    raise MappingUnavailable(
+        f"the mpi mapping found no mpiexec next to {sys.executable}: {INSTALL_HINT}"
+        " (or set AIOD4P_MPIEXEC to the mpiexec of the MPI that mpi4py was built with)"
+    )
+
+
+def mpiexec_extra_args() -> list[str]:
+    """Extra mpiexec arguments from ``AIOD4P_MPIEXEC_ARGS`` (e.g. ``-f hostfile``)."""
+    return shlex.split(os.environ.get("AIOD4P_MPIEXEC_ARGS", ""))

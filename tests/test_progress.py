@@ -1,0 +1,197 @@
+"""The live progress display: on a terminal only, and what it shows."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import os
+import pty
+import select
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import workflows as wf
+from rich.console import Console
+
+import aiod4p
+from aiod4p import InstanceStats, make_plan
+from aiod4p._progress import ProgressDisplay, progress
+
+TITLE = "aiod4p · async mapping"
+
+
+@pytest.fixture
+def flow(tmp_path: Path) -> Path:
+    path = tmp_path / "flow.py"
+    path.write_text(
+        textwrap.dedent(
+            """
+            from aiod4p import IterativePE, ProducerPE, WorkflowGraph
+
+            class Numbers(ProducerPE):
+                def __init__(self):
+                    super().__init__()
+                    self.id = "Numbers"
+                    self.n = 0
+                def produce(self):
+                    self.n += 1
+                    return self.n
+
+            class Square(IterativePE):
+                def __init__(self):
+                    super().__init__()
+                    self.id = "Square"
+                def process_item(self, item):
+                    return item * item
+
+            graph = WorkflowGraph()
+            graph.connect(Numbers(), "output", Square(), "input")
+            """
+        )
+    )
+    return path
+
+
+def run_in_pty(*args: str, cwd: Path, timeout: float = 30) -> tuple[int, str]:
+    """Run the CLI with stdin, stdout and stderr on a pseudo-terminal; return (status, output)."""
+    master, slave = pty.openpty()
+    env = {**os.environ, "COLUMNS": "120", "LINES": "40", "TERM": "xterm-256color"}
+    env.pop("NO_COLOR", None)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "aiod4p", *args], stdin=slave, stdout=slave, stderr=slave, cwd=cwd, env=env
+    )
+    os.close(slave)
+    chunks: list[bytes] = []
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            ready, _, _ = select.select([master], [], [], max(0.0, deadline - time.monotonic()))
+            if not ready:
+                raise AssertionError(f"the CLI did not finish within {timeout} s: {b''.join(chunks)!r}")
+            try:
+                data = os.read(master, 65536)
+            except OSError:  # EIO: every writer has closed the terminal
+                break
+            if not data:
+                break
+            chunks.append(data)
+    finally:
+        os.close(master)
+        if proc.poll() is None:
+            proc.kill()
+        status = proc.wait(timeout=10)
+    return status, b"".join(chunks).decode(errors="replace")
+
+
+def test_progress_appears_on_a_terminal(flow: Path, tmp_path: Path) -> None:
+    status, output = run_in_pty("run", str(flow), "-i", "500", "-n", "2", cwd=tmp_path)
+    assert status == 0, output
+    assert TITLE in output
+    assert "queued at destination" in output and "Numbers.output → Square.input" in output
+    assert "Square.output: 500 items" in output  # the results still follow
+
+
+def test_no_progress_without_a_terminal(flow: Path, tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "aiod4p", "run", str(flow), "-i", "500"],
+        capture_output=True, text=True, timeout=60, cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "Square.output: 500 items" in result.stdout
+    assert TITLE not in result.stdout + result.stderr
+    assert "\x1b[" not in result.stdout
+
+
+def test_quiet_hides_progress_on_a_terminal(flow: Path, tmp_path: Path) -> None:
+    status, output = run_in_pty("run", str(flow), "-i", "50", "--quiet", cwd=tmp_path)
+    assert status == 0, output
+    assert TITLE not in output and "Square.output: 50 items" in output
+
+
+def test_results_on_stdout_hide_progress(flow: Path, tmp_path: Path) -> None:
+    status, output = run_in_pty("run", str(flow), "-i", "5", "--results", "-", cwd=tmp_path)
+    assert status == 0, output
+    assert TITLE not in output
+    records = [json.loads(line) for line in output.splitlines() if line.startswith("{")]
+    assert sorted(r["data"] for r in records) == [1, 4, 9, 16, 25]
+
+
+class Clock:
+    """A clock the test advances by hand."""
+
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def text_of(renderable: object) -> str:
+    console = Console(file=io.StringIO(), width=140, color_system=None)
+    console.print(renderable)
+    value = console.file.getvalue()  # type: ignore[attr-defined]
+    assert isinstance(value, str)
+    return value
+
+
+def test_render_throughput_busiest_and_queues() -> None:
+    graph, source = wf.pipeline(2)
+    plan = make_plan(graph)
+    first, second = [pe for pe in plan.pes if pe != source.id]
+    stats = {
+        pe: InstanceStats(pe, 0, inflight_bound=plan.inflight_bound(aiod4p.InstanceRef(pe, 0)) or 1024)
+        for pe in plan.pes
+    }
+    clock = Clock()
+    display = ProgressDisplay(plan, lambda: list(stats.values()), clock=clock, title="run")
+    assert "run" in text_of(display.render())
+
+    clock.now += 2.0
+    stats[source.id].items_in = stats[source.id].items_out = 4000
+    stats[first].items_in, stats[first].items_out, stats[first].busy_seconds = 3000, 2990, 1.5
+    stats[second].items_in, stats[second].busy_seconds = 1000, 0.2
+    stats[second].queued_items = 512
+    text = text_of(display.render())
+    assert "busiest: " + first + " (75% busy)" in text
+    rows = {line.split()[0]: line.split() for line in text.splitlines() if line.split()}
+    assert rows[first][1:6] == ["1", "3,000", "2,990", "1,500", "75%"]
+    assert rows[second][4] == "500"  # items/s over the last 2 s
+    edge_line = next(line for line in text.splitlines() if f"→ {second}.input" in line)
+    assert edge_line.rstrip().endswith("512/1,024")
+
+    clock.now += 1.0  # nothing moved since: rates fall to zero
+    again = text_of(display.render())
+    rows = {line.split()[0]: line.split() for line in again.splitlines() if line.split()}
+    assert rows[first][4] == "0" and "busiest" not in again
+
+
+def test_render_before_any_statistics() -> None:
+    plan = make_plan(wf.pipeline(1)[0])
+    text = text_of(ProgressDisplay(plan, list).render())
+    assert "waiting for the first statistics" in text
+
+
+def test_progress_context_draws_and_cleans_up() -> None:
+    graph, _ = wf.pipeline(3)
+    buffer = io.StringIO()
+    console = Console(file=buffer, force_terminal=True, width=120)
+
+    async def go() -> None:
+        async with asyncio.timeout(30):
+            async with aiod4p.start(graph, 2000, mapping="async", workers=2) as run, progress(
+                run, console=console, interval=0.01
+            ):
+                results = await run.results()
+            assert len(results.data()) == 2000
+            others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            assert all(t.get_name() != "aiod4p progress" for t in others)
+
+    asyncio.run(go())
+    output = buffer.getvalue()
+    assert "aiod4p · async mapping" in output
+    assert "2,000" in output  # the last frame shows the final counts

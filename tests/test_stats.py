@@ -1,0 +1,275 @@
+"""Per-instance statistics on every mapping, and the --stats / --stats-json reports."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import subprocess
+import sys
+import textwrap
+from collections import Counter
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import workflows as wf
+from conftest import MappingCase
+
+import aiod4p
+from aiod4p import InstanceStats, PEError, Results, WorkflowGraph, WorkflowRun, group_by
+from aiod4p._stats_report import stats_document, stats_table, summarise, write_stats_json
+from aiod4p.errors import Aiod4pError
+
+ROOT = Path(__file__).resolve().parents[1]
+N = 1000
+
+
+def run_with_stats(case: MappingCase, graph: WorkflowGraph, inputs: Any) -> tuple[Results, WorkflowRun]:
+    async def go() -> tuple[Results, WorkflowRun]:
+        async with asyncio.timeout(45):
+            async with aiod4p.start(graph, inputs, mapping=case.name, workers=case.workers) as run:
+                results = await run.results()
+        return results, run
+
+    return asyncio.run(go())
+
+
+def by_pe(stats: list[InstanceStats]) -> dict[str, list[InstanceStats]]:
+    grouped: dict[str, list[InstanceStats]] = {}
+    for entry in stats:
+        grouped.setdefault(entry.pe, []).append(entry)
+    return grouped
+
+
+def check_instances(run: WorkflowRun) -> None:
+    """Exactly one entry per planned instance, on the worker the plan placed it."""
+    seen = [(entry.pe, entry.instance) for entry in run.stats]
+    assert sorted(seen) == sorted((ref.pe, ref.index) for ref in run.plan.instances())
+    for entry in run.stats:
+        assert entry.worker == run.plan.worker_of(aiod4p.InstanceRef(entry.pe, entry.instance))
+        assert entry.errors == 0
+        assert entry.busy_seconds >= 0 and entry.blocked_seconds >= 0
+        assert entry.queued_items == 0  # finished: nothing waits
+        assert entry.max_queued_items <= entry.inflight_bound
+        assert (entry.batches_in == 0) == (entry.items_in == 0)
+
+
+def test_pipeline_counts_match_items_processed(mapping: MappingCase) -> None:
+    graph, source = wf.pipeline(3)
+    results, run = run_with_stats(mapping, graph, N)
+    assert len(results.data()) == N
+    check_instances(run)
+    grouped = by_pe(run.stats)
+    assert sum(e.items_in for e in grouped[source.id]) == N  # feed elements
+    for pe_id, entries in grouped.items():
+        assert sum(e.items_in for e in entries) == N, pe_id
+        assert sum(e.items_out for e in entries) == N, pe_id
+    assert run.live_stats() == run.stats
+
+
+def test_broadcast_counts_every_copy(mapping: MappingCase) -> None:
+    graph = wf.broadcast_graph()  # Count -> Tag -> WhoSawWhat x3, grouping all
+    results, run = run_with_stats(mapping, graph, 200)
+    check_instances(run)
+    seen = Counter(instance for instance, _ in results.data())
+    (who,) = [pe for pe in run.plan.pes if pe.startswith("WhoSawWhat")]
+    per_instance = {e.instance: e for e in by_pe(run.stats)[who]}
+    assert len(per_instance) == run.plan.placement[who].parallelism  # 1 on simple, else 3
+    for index, entry in per_instance.items():
+        assert entry.items_in == 200 and entry.items_out == seen[index] == 200
+
+
+def test_group_by_counts_match_what_each_instance_got(mapping: MappingCase) -> None:
+    graph = wf.grouping_graph(group_by(0))
+    results, run = run_with_stats(mapping, graph, 300)
+    check_instances(run)
+    seen = Counter(instance for instance, _ in results.data())
+    (who,) = [pe for pe in run.plan.pes if pe.startswith("WhoSawWhat")]
+    for entry in by_pe(run.stats)[who]:
+        assert entry.items_in == entry.items_out == seen[entry.instance]
+    assert sum(seen.values()) == 300
+
+
+def test_postprocess_output_is_counted(mapping: MappingCase) -> None:
+    graph = WorkflowGraph()
+    graph.connect(wf.Count(), "output", total := wf.SumAtEnd(), "input")
+    results, run = run_with_stats(mapping, graph, 50)
+    assert results.data() == [sum(range(50))]
+    (entry,) = by_pe(run.stats)[total.id]
+    assert (entry.items_in, entry.items_out) == (50, 1)
+
+
+def test_live_stats_while_running() -> None:
+    graph, source = wf.pipeline(2)
+    release = asyncio.Event()
+
+    async def feed() -> AsyncIterator[dict[str, Any]]:
+        for _ in range(10):
+            yield {}
+        await release.wait()
+
+    async def go() -> None:
+        async with asyncio.timeout(30):
+            async with aiod4p.start(graph, {source: feed()}, mapping="async") as run:
+                received = [await anext(run) for _ in range(10)]
+                assert len(received) == 10
+                live = by_pe(run.live_stats())
+                assert not run.done and run.stats == []
+                assert {pe: sum(e.items_in for e in entries) for pe, entries in live.items()} == dict.fromkeys(
+                    run.plan.pes, 10
+                )
+                assert run.elapsed > 0
+                release.set()
+                await run.results()
+            assert run.done and run.elapsed == run.elapsed  # stopped counting at the end
+
+    asyncio.run(go())
+
+
+@pytest.mark.parametrize("mapping_name", ["simple", "async"])
+def test_errors_are_counted_in_the_last_stats(mapping_name: str) -> None:
+    graph = WorkflowGraph()
+    graph.connect(wf.Count(), "output", fail := wf.Fail(on=3), "input")
+
+    async def go() -> WorkflowRun:
+        async with asyncio.timeout(30):
+            run = aiod4p.start(graph, 10, mapping=mapping_name)
+            with pytest.raises(PEError, match=fail.id):
+                async with run:
+                    await run.results()
+        return run
+
+    run = asyncio.run(go())
+    assert run.stats == []  # no final statistics: the run failed
+    (entry,) = by_pe(run.live_stats())[fail.id]
+    assert entry.errors == 1
+    assert stats_document(run.live_stats(), run.plan, finished=False)["pes"][fail.id]["errors"] == 1
+
+
+def test_summaries_and_document() -> None:
+    stats = [
+        InstanceStats("B", 1, 1, items_in=3, items_out=2, busy_seconds=0.5, max_queued_items=7, inflight_bound=8),
+        InstanceStats("A", 0, 0, items_in=5, items_out=5, errors=1, blocked_seconds=0.25),
+        InstanceStats("B", 0, 0, items_in=4, items_out=4, busy_seconds=0.25, max_queued_items=3, inflight_bound=8),
+    ]
+    summaries = summarise(stats)
+    assert list(summaries) == ["A", "B"]
+    b = summaries["B"]
+    assert (b.instances, b.items_in, b.items_out, b.max_queued_items, b.inflight_bound) == (2, 7, 6, 7, 16)
+    assert b.busy_seconds == pytest.approx(0.75)
+    document = stats_document(stats, mapping="multi", elapsed=1.5)
+    assert document["pes"]["A"]["errors"] == 1 and document["pes"]["B"]["instances"] == 2
+    assert [(e["pe"], e["instance"]) for e in document["instances"]] == [("A", 0), ("B", 0), ("B", 1)]
+    assert document["mapping"] == "multi" and document["elapsed_seconds"] == 1.5
+    json.dumps(document)
+
+
+def render(table: Any) -> str:
+    from rich.console import Console
+
+    console = Console(file=io.StringIO(), width=160)
+    console.print(table)
+    output = console.file.getvalue()  # type: ignore[attr-defined]
+    assert isinstance(output, str)
+    return output
+
+
+def test_table_rows_per_pe_and_instance() -> None:
+    stats = [
+        InstanceStats("Count0", 0, 0, items_in=1, items_out=40),
+        InstanceStats("Work1", 0, 0, items_in=25, items_out=25, busy_seconds=1.25),
+        InstanceStats("Work1", 1, 1, items_in=15, items_out=15, blocked_seconds=0.5),
+    ]
+    text = render(stats_table(stats, elapsed=2.0))
+    assert "Statistics per PE (2.00 s)" in text
+    lines = [line for line in text.splitlines() if "Work1" in line or line.strip().startswith("│   ")]
+    assert "all 2" in lines[0] and "40" in lines[0] and "1.250" in lines[0] and "0.500" in lines[0]
+    assert "no statistics were reported" in render(stats_table([]))
+
+
+def test_unwritable_json_names_the_file(tmp_path: Path) -> None:
+    with pytest.raises(Aiod4pError, match="missing/s.json"):
+        write_stats_json(tmp_path / "missing" / "s.json", {})
+
+
+# -- the command line -------------------------------------------------------------
+
+
+def aiod4p_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "aiod4p", *args], capture_output=True, text=True, timeout=60, cwd=cwd
+    )
+
+
+@pytest.fixture
+def flow(tmp_path: Path) -> Path:
+    path = tmp_path / "flow.py"
+    path.write_text(
+        textwrap.dedent(
+            """
+            from aiod4p import ConsumerPE, IterativePE, ProducerPE, WorkflowGraph
+
+            class Numbers(ProducerPE):
+                def __init__(self):
+                    super().__init__()
+                    self.id = "Numbers"
+                    self.n = 0
+                def produce(self):
+                    self.n += 1
+                    if self.n == 7 and self.fail:
+                        raise ValueError("seven")
+                    return self.n
+                fail = False
+
+            class Square(IterativePE):
+                def __init__(self):
+                    super().__init__()
+                    self.id = "Square"
+                def process_item(self, item):
+                    return item * item
+
+            graph = WorkflowGraph()
+            graph.connect(Numbers(), "output", Square(), "input")
+
+            def failing():
+                Numbers.fail = True
+                return graph
+            """
+        )
+    )
+    return path
+
+
+def test_cli_stats_table_and_json(flow: Path, tmp_path: Path) -> None:
+    out = tmp_path / "stats.json"
+    result = aiod4p_cli("run", f"{flow}:graph", "-i", "20", "-n", "3", "--stats", "--stats-json", str(out), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "Square.output: 20 items" in result.stdout
+    assert "Statistics per PE" in result.stderr and "all 3" in result.stderr
+    document = json.loads(out.read_text())
+    assert document["finished"] is True and document["mapping"] == "async"
+    assert document["pes"]["Numbers"]["items_in"] == 20 and document["pes"]["Numbers"]["items_out"] == 20
+    assert document["pes"]["Square"] == {**document["pes"]["Square"], "instances": 3, "items_in": 20, "items_out": 20}
+    assert sorted(e["instance"] for e in document["instances"] if e["pe"] == "Square") == [0, 1, 2]
+
+
+def test_cli_stats_after_a_failure(flow: Path, tmp_path: Path) -> None:
+    out = tmp_path / "stats.json"
+    result = aiod4p_cli("run", f"{flow}:failing", "-i", "20", "--stats-json", str(out), "--stats", cwd=tmp_path)
+    assert result.returncode == 1 and "seven" in result.stderr
+    document = json.loads(out.read_text())
+    assert document["finished"] is False
+    assert document["pes"]["Numbers"]["errors"] == 1
+
+
+def test_cli_unwritable_stats_json(flow: Path, tmp_path: Path) -> None:
+    result = aiod4p_cli("run", f"{flow}:graph", "-i", "3", "--stats-json", str(tmp_path / "no" / "s.json"), cwd=tmp_path)
+    assert result.returncode == 1
+    assert f"cannot write statistics to {tmp_path / 'no' / 's.json'}" in result.stderr
+
+
+def test_no_stats_unless_asked(flow: Path, tmp_path: Path) -> None:
+    result = aiod4p_cli("run", f"{flow}:graph", "-i", "3", cwd=tmp_path)
+    assert result.returncode == 0 and "Statistics" not in result.stderr + result.stdout

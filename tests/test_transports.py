@@ -1,0 +1,175 @@
+"""Every transport passes the conformance suite; pipe-specific behaviour across real processes."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+from typing import Any
+
+import pytest
+from conformance import CHECKS, Check, TransportUnderTest
+
+from aiod4p.errors import EndOfChannel, PeerDied, TransportError
+from aiod4p.transports import Comm, MemoryComm, memory_comm_pair
+from aiod4p.transports.pipes import PipeComm, UnpicklableMessage, open_pipe_comm, pipe_comm_pair
+
+
+async def _memory_pair() -> tuple[Comm, Comm]:
+    return memory_comm_pair(capacity=8)
+
+
+async def _pipe_pair() -> tuple[Comm, Comm]:
+    return await pipe_comm_pair(max_messages=8, write_buffer=64 * 1024)
+
+
+def _abort(comm: Comm) -> None:
+    assert isinstance(comm, (MemoryComm, PipeComm))
+    comm.abort()
+
+
+# Pipe bound: 8 decoded messages + the socket's kernel buffers (about 2 x 208 KiB)
+# + the 64 KiB write buffer, in 64 KiB messages, with room for a partial frame.
+TRANSPORTS = [
+    TransportUnderTest("memory", _memory_pair, _abort, max_buffered=8),
+    TransportUnderTest("pipe", _pipe_pair, _abort, max_buffered=8 + 16 + 2),
+]
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("transport", TRANSPORTS, ids=lambda t: t.name)
+@pytest.mark.parametrize("check", CHECKS, ids=lambda c: c.__name__.removeprefix("check_"))
+async def test_conformance(transport: TransportUnderTest, check: Check) -> None:
+    async with asyncio.timeout(20):
+        await check(transport)
+
+
+# -- pipe specifics ------------------------------------------------------------------
+
+
+@pytest.mark.asyncio
+async def test_an_unpicklable_message_fails_alone() -> None:
+    async with asyncio.timeout(10):
+        a, b = await pipe_comm_pair()
+        try:
+            with pytest.raises(UnpicklableMessage, match="cannot be pickled") as caught:
+                await a.send(("item", lambda: None))
+            assert caught.value.message[0] == "item"
+            await a.send("still fine")
+            assert await b.receive() == "still fine"
+        finally:
+            await a.aclose()
+            await b.aclose()
+
+
+class _FailsToLoad:
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_explode, ())
+
+
+def _explode() -> None:
+    raise RuntimeError("cannot rebuild")
+
+
+@pytest.mark.asyncio
+async def test_an_undecodable_message_raises_and_the_next_ones_arrive() -> None:
+    async with asyncio.timeout(10):
+        a, b = await pipe_comm_pair()
+        try:
+            await a.send(_FailsToLoad())
+            await a.send("next")
+            with pytest.raises(TransportError, match="cannot unpickle a message: RuntimeError: cannot rebuild"):
+                await b.receive()
+            assert await b.receive() == "next"
+        finally:
+            await a.aclose()
+            await b.aclose()
+
+
+@pytest.mark.asyncio
+async def test_limits_must_be_positive() -> None:
+    left, right = socket.socketpair()
+    with left, right, pytest.raises(ValueError, match="at least 1"):
+        await open_pipe_comm(left, max_messages=0)
+
+
+_CHILD = textwrap.dedent(
+    """
+    import asyncio, os, socket, sys
+    from aiod4p.transports.pipes import open_pipe_comm
+
+    async def main(fd, mode):
+        comm = await open_pipe_comm(socket.socket(fileno=fd))
+        for i in range(100):
+            await comm.send(("child", i))
+        if mode == "close":
+            await comm.aclose()
+        elif mode == "exit":
+            os._exit(3)
+        else:
+            await comm.send("ready")
+            await comm.receive()  # until killed
+
+    asyncio.run(main(int(sys.argv[1]), sys.argv[2]))
+    """
+)
+
+
+async def _child(mode: str) -> tuple[subprocess.Popen[bytes], PipeComm]:
+    mine, theirs = socket.socketpair()
+    with theirs:
+        process = subprocess.Popen(
+            [sys.executable, "-c", _CHILD, str(theirs.fileno()), mode], pass_fds=[theirs.fileno()]
+        )
+    return process, await open_pipe_comm(mine)
+
+
+async def _exited(process: subprocess.Popen[bytes]) -> None:
+    try:
+        async with asyncio.timeout(10):
+            while process.poll() is None:
+                await asyncio.sleep(0.01)  # polling an exit, not synchronising
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+async def _receive_until_end(comm: PipeComm) -> tuple[list[Any], BaseException]:
+    received: list[Any] = []
+    while True:
+        try:
+            received.append(await comm.receive())
+        except (EndOfChannel, PeerDied) as exc:
+            return received, exc
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("mode", ["close", "exit", "kill"])
+async def test_a_child_process_closing_exiting_or_killed(mode: str) -> None:
+    async with asyncio.timeout(20):
+        process, comm = await _child(mode)
+        try:
+            if mode == "kill":
+                for i in range(100):
+                    assert await comm.receive() == ("child", i)
+                assert await comm.receive() == "ready"
+                os.kill(process.pid, signal.SIGKILL)
+            received, end = await _receive_until_end(comm)
+            if mode == "close":
+                assert isinstance(end, EndOfChannel)
+                assert received == [("child", i) for i in range(100)]
+            else:
+                assert isinstance(end, PeerDied)
+            with pytest.raises(PeerDied):
+                await comm.send("anyone?")
+        finally:
+            await comm.aclose()
+            if mode == "kill" and process.poll() is None:
+                process.kill()
+            await _exited(process)
+        assert process.returncode == {"close": 0, "exit": 3, "kill": -signal.SIGKILL}[mode]
