@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import nox
 
 nox.options.sessions = ["lint", "typecheck", "tests"]
@@ -32,3 +34,15 @@ def bench(session: nox.Session) -> None:
     """Every benchmark; rewrites bench/RESULTS.md."""
     session.install("-e", ".[all]")
     session.run("python", "bench/run_all.py", *session.posargs)
+
+
+@nox.session
+def differential(session: nox.Session) -> None:
+    """dispel4py 1.2.1 (in .venv-dispel4py, created here) against aiod4p on dispel4py's own examples."""
+    session.install("-e", ".[all,dev]")
+    if not Path(".venv-dispel4py/bin/python").exists():
+        session.run("python", "-m", "venv", ".venv-dispel4py")
+    session.run(
+        ".venv-dispel4py/bin/python", "-m", "pip", "install", "-q", "dispel4py==1.2.1", "mpi4py", "mpich", external=True
+    )
+    session.run("pytest", "-q", "tests/test_differential.py", "tests/test_compat.py", *session.posargs)

@@ -28,6 +28,7 @@ from ._pe import (
 from ._plan import ExecutionPlan, InstanceRef, PlanOptions, make_plan
 from ._results import ResultRecord, Results
 from ._stats import InstanceStats
+from ._visual import draw, to_dot
 from .errors import Aiod4pError, GraphError, InputError, MappingUnavailable, PEError
 from .sources import LiveFeed
 
@@ -68,6 +69,7 @@ __all__ = [
     "WorkflowRun",
     "chain",
     "consumer",
+    "draw",
     "errors",
     "group_by",
     "iterative",
@@ -78,4 +80,5 @@ __all__ = [
     "run_async",
     "stable_hash",
     "start",
+    "to_dot",
 ]

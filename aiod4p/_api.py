@@ -124,22 +124,23 @@ class WorkflowRun:
         live = self.feed(pe)
         task = self.start()._task
         assert task is not None
-        if task.done():
-            task.result()
-            raise Aiod4pError(f"the run has ended; cannot send to {pe!r}")
-        if not live.full():
+        if not (live.full() or live.ended or live.closed or task.done()):
             live.send_nowait(item)
             return
-        sending = asyncio.ensure_future(live.send(item))
-        try:
-            await asyncio.wait({sending, task}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            if not sending.done():
-                sending.cancel()
-        if sending.done() and not sending.cancelled():
-            return sending.result()
-        task.result()
-        raise Aiod4pError(f"the run has ended; cannot send to {pe!r}")
+        if not live.closed:
+            sending = asyncio.ensure_future(live.send(item))
+            try:
+                await asyncio.wait({sending, task}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                if not sending.done():
+                    sending.cancel()
+            if sending.done() and not sending.cancelled() and sending.exception() is None:
+                return
+            if not live.closed:  # the run stopped taking items by itself: raise its error
+                await asyncio.wait({task})
+        if task.done():
+            task.result()
+        raise Aiod4pError(f"cannot send to {pe!r}: its feed is closed or the run has ended")
 
     async def aclose(self) -> None:
         """Cancel the run and release everything it holds; idempotent."""

@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import os
 import signal
 import sys
 import traceback
@@ -25,6 +26,7 @@ from ._visual import draw
 from .errors import Aiod4pError
 from .mappings import MAPPINGS, get_mapping
 from .sources import LineStream
+from .storm._command import add_storm_parser, mapping_options, storm_command
 
 __all__ = ["main"]
 
@@ -52,6 +54,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--results", default=None, metavar="FILE", help="write results as JSON Lines ('-' for stdout)")
     run.add_argument("--batch-size", type=int, default=256, help="items per batch (default 256)")
     run.add_argument("--credits", type=int, default=4, help="batches in flight per channel (default 4)")
+    run.add_argument("--nimbus", default=None, metavar="HOST:PORT", help="Storm's Nimbus (--mapping storm)")
     run.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks of errors")
     seeing = run.add_argument_group("progress, statistics and logging")
     seeing.add_argument("--stats", action="store_true", help="print a table of per-PE statistics at the end (stderr)")
@@ -67,6 +70,7 @@ def _parser() -> argparse.ArgumentParser:
     picture.add_argument("--mapping", "-m", default="async", choices=sorted(MAPPINGS), help="whose parallelism to show")
     picture.add_argument("-n", "--num", type=int, default=None, metavar="N", help="workers, as for run")
     picture.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks of errors")
+    add_storm_parser(commands)
     return parser
 
 
@@ -79,6 +83,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _run(args)
         if args.command == "graph":
             return _graph(args)
+        if args.command == "storm":
+            return storm_command(args)
         raise AssertionError(args.command)
     except Aiod4pError as exc:
         if args.debug:
@@ -98,7 +104,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _run(args: argparse.Namespace) -> int:
     if args.num is not None and args.num < 1:
         raise ValueError(f"-n must be at least 1, not {args.num}")
-    mapping = get_mapping(args.mapping)
+    mapping = get_mapping(args.mapping, **mapping_options(args))
+    if getattr(mapping, "follower", False):  # an MPI rank other than 0 (under mpiexec): rank 0 reports
+        args.results, args.quiet, args.stats, args.stats_json = os.devnull, True, False, None
     compat.install()  # dispel4py workflows run unchanged
     graph = load_graph(args.target)
     inputs = parse_cli_inputs(args.iter, args.data, args.file)

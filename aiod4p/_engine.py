@@ -133,11 +133,12 @@ class _Actor:
                 self.stats.items_in += len(items)
                 self.stats.queued_items = inbox.queued_items
                 try:
-                    started = time.perf_counter()
+                    started, blocked = time.perf_counter(), self.stats.blocked_seconds
                     try:
                         await self._handle(port, items)
-                    finally:
-                        self.stats.busy_seconds += time.perf_counter() - started
+                    finally:  # waiting for credit while streaming outputs is blocked time, not busy time
+                        blocked = self.stats.blocked_seconds - blocked
+                        self.stats.busy_seconds += time.perf_counter() - started - blocked
                     await self._route_outputs()
                 except Exception as exc:
                     self.stats.errors += 1

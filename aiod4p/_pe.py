@@ -354,6 +354,8 @@ def _factory(kind: str) -> Callable[[Callable[..., Any]], Callable[..., Function
         def make(*, name: str | None = None, parallelism: int | None = None, **params: Any) -> FunctionPE:
             return FunctionPE(fn, kind=kind, name=name, parallelism=parallelism, **params)
 
+        # The factory takes fn's name; pickle then finds fn as factory.__wrapped__ (other processes).
+        fn.__qualname__ = f"{make.__qualname__}.__wrapped__"
         return make
 
     return decorate

@@ -5,8 +5,8 @@ It samples the run's statistics (:meth:`WorkflowRun.live_stats`) every
 items in and out per PE, each PE's throughput and busy share over the last
 interval (the busiest PE is named in the title), and the queue waiting at
 the end of each edge against its bound (where back-pressure builds). The
-engine keeps its statistics anyway, so the display costs one small render
-per interval and nothing per item.
+engine keeps its statistics anyway, so the display costs one render per
+interval (a few milliseconds) and nothing per item.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 
 __all__ = ["ProgressDisplay", "progress", "progress_wanted"]
 
-DEFAULT_INTERVAL = 0.25
+DEFAULT_INTERVAL = 0.5
 
 
 def progress_wanted(quiet: bool, results_to_stdout: bool) -> bool:
@@ -77,7 +77,7 @@ class ProgressDisplay:
 
         pes = Table(header_style="bold", box=None, pad_edge=False)
         pes.add_column("PE")
-        columns = ("×", "items in", "items out", "in/s", "busy", "blocked s", "errors")  # noqa: RUF001 - instances
+        columns = ("×", "items in", "items out", "in/s", "busy", "blocked s", "errors")
         for name in columns:
             pes.add_column(name, justify="right")
         busiest: tuple[float, str] | None = None
@@ -126,10 +126,11 @@ class ProgressDisplay:
 async def progress(
     workflow: WorkflowRun, *, console: Console | None = None, interval: float = DEFAULT_INTERVAL
 ) -> AsyncIterator[ProgressDisplay]:
-    """Show ``workflow``'s progress live while the block runs; erase it at the end.
+    """Show ``workflow``'s progress live while the block runs, and erase it at the end.
 
-    Draws a first frame at once and a last one before leaving, then redraws
-    every ``interval`` seconds from a task in the current event loop.
+    The first frame is drawn after ``interval`` seconds and then every
+    ``interval`` seconds, from a task in the current event loop; so a run
+    shorter than ``interval`` shows nothing and pays next to nothing.
     """
     from rich.console import Console
     from rich.live import Live
@@ -144,7 +145,6 @@ async def progress(
             live.update(display.render(), refresh=True)
 
     with live:
-        live.update(display.render(), refresh=True)
         task = asyncio.create_task(refresh(), name="aiod4p progress")
         try:
             yield display
@@ -152,4 +152,4 @@ async def progress(
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-            live.update(display.render(), refresh=True)
+            live.update("")  # leaving Live erases the last frame without drawing another

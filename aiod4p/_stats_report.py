@@ -97,7 +97,10 @@ def stats_table(stats: list[InstanceStats], plan: ExecutionPlan | None = None, *
         workers = ",".join(str(w) for w in sorted({entry.worker for entry in entries}))
         several = len(entries) > 1
         table.add_row(
-            pe, f"all {len(entries)}" if several else str(entries[0].instance), workers, *_cells(total),
+            pe,
+            f"all {len(entries)}" if several else str(entries[0].instance),
+            workers,
+            *_cells(total),
             style="bold" if several else None,
         )
         if several:
@@ -160,9 +163,7 @@ def write_stats_json(path: str | Path, document: dict[str, Any]) -> None:
         raise Aiod4pError(f"cannot write statistics to {path}: {exc.strerror or exc}") from exc
 
 
-def report_stats(
-    workflow: WorkflowRun, *, table: bool, json_path: str | None, console: Console | None = None
-) -> None:
+def report_stats(workflow: WorkflowRun, *, table: bool, json_path: str | None, console: Console | None = None) -> None:
     """Print the ``--stats`` table (to stderr unless ``console`` is given) and/or write ``--stats-json``.
 
     Uses the final statistics when the run finished, else the last published.

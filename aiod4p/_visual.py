@@ -64,9 +64,7 @@ def to_dot(workflow: WorkflowGraph | FlatGraph | ExecutionPlan, *, title: str | 
         )
     results = [(pe_id, port) for pe_id, ports in plan.result_ports.items() for port in ports]
     if results:
-        lines.append(
-            f'  {_quote(_RESULTS_NODE)} [shape=note, style=filled, fillcolor="#fef9c3", label="results"];'
-        )
+        lines.append(f'  {_quote(_RESULTS_NODE)} [shape=note, style=filled, fillcolor="#fef9c3", label="results"];')
         for pe_id, port in results:
             lines.append(f"  {_quote(pe_id)}:{_quote('o_' + port)}:s -> {_quote(_RESULTS_NODE)} [style=dashed];")
     lines.append("}")
@@ -123,7 +121,7 @@ def _run_dot(text: str, fmt: str, path: Path) -> None:
 def _node(plan: ExecutionPlan, pe_id: str) -> str:
     pe = plan.pes[pe_id]
     placement = plan.placement[pe_id]
-    instances = f"×{placement.parallelism}"  # noqa: RUF001 - the multiplication sign
+    instances = f"×{placement.parallelism}"
     if plan.workers > 1:
         workers = sorted(set(placement.workers))
         instances += f" on worker{'s' if len(workers) != 1 else ''} {','.join(map(str, workers))}"

@@ -27,11 +27,12 @@ import asyncio
 import contextlib
 import json
 import os
+import socket
 import stat
 import sys
 import time
 from collections import deque
-from collections.abc import AsyncIterable, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Callable
 from typing import Any
 
 from ._pe import ProducerPE
@@ -49,6 +50,7 @@ __all__ = [
     "TimerSource",
     "TimerStream",
     "UDPSource",
+    "iterate",
 ]
 
 
@@ -284,8 +286,7 @@ class _LineProtocol(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        self.transport = transport  # type: ignore[assignment]  # uvloop's transports are not asyncio.Transport subclasses
         self.stream._connected(self)
 
     def _push(self, lines: list[bytes]) -> None:
@@ -353,6 +354,17 @@ class SocketStream:
         self._open: set[_LineProtocol] = set()
         self._accepted = 0
         self._server: asyncio.Server | None = None
+        self._pending = _Pending(self._waker, max_pending)
+
+    @property
+    def pending(self) -> int:
+        """Items read from the sockets and not yet taken by the workflow."""
+        return len(self._pending.items)
+
+    @property
+    def paused(self) -> bool:
+        """Whether reading is paused because the workflow is behind."""
+        return bool(self._pending.paused)
 
     def drain(self) -> None:
         """Stop accepting and reading; yield the lines already read, then end."""
@@ -384,7 +396,7 @@ class SocketStream:
 
     async def _lines(self) -> AsyncIterator[Any]:
         loop = asyncio.get_running_loop()
-        pending = _Pending(self._waker, self.max_pending)
+        pending = self._pending
         where = f"{self.host}:{self.port}"
         try:
             if self.mode == "server":
@@ -488,12 +500,18 @@ class DatagramStream:
         loop = asyncio.get_running_loop()
         pending = _Pending(self._waker, self.max_pending)
         where = f"{self.host}:{self.port}"
-        try:
-            transport, _ = await loop.create_datagram_endpoint(
-                lambda: _DatagramProtocol(self, pending, f"UDP {where}"), local_addr=(self.host, self.port)
-            )
+        sock: socket.socket | None = None
+        try:  # bound here, not by the loop: uvloop leaks its transport when binding fails
+            family, kind, proto, _, address = socket.getaddrinfo(self.host, self.port, type=socket.SOCK_DGRAM)[0]
+            sock = socket.socket(family, kind, proto)
+            sock.bind(address)
         except OSError as exc:
+            if sock is not None:
+                sock.close()
             raise InputError(f"cannot bind UDP {where}: {exc.strerror or exc}") from exc
+        transport, _ = await loop.create_datagram_endpoint(
+            lambda: _DatagramProtocol(self, pending, f"UDP {where}"), sock=sock
+        )
         received = 0
         try:
             self.address = transport.get_extra_info("sockname")[:2]
@@ -573,13 +591,13 @@ class LiveFeed:
         self._has_room = asyncio.Event()
         self._has_room.set()
         self.closed = False
-        self._ended = False
+        self.ended = False  # the run stopped taking items
 
     def full(self) -> bool:
         return len(self._items) >= self.maxsize
 
     def _check_open(self) -> None:
-        if self.closed or self._ended:
+        if self.closed or self.ended:
             raise Aiod4pError("cannot send to a closed feed (the feed was closed, or its run has drained or ended)")
 
     def send_nowait(self, item: Any) -> None:
@@ -634,8 +652,27 @@ class LiveFeed:
                 self._has_room.set()
                 yield item
         finally:
-            self._ended = True
+            self.ended = True
             self._has_room.set()
+
+
+async def iterate(iterable: AsyncIterable[Any]) -> AsyncGenerator[Any, None]:
+    """The items of ``iterable``, iterated inside its context when it has one.
+
+    An aiostream pipeline (anything with a ``stream()`` method returning an
+    async context manager) is iterated as ``async with pipeline.stream()``,
+    as aiostream wants; another async context manager is entered first. Use
+    it to give a pipeline as a feed: ``{"pe": iterate(pipeline)}``.
+    """
+    opener = getattr(iterable, "stream", None)
+    context: Any = opener() if callable(opener) else iterable
+    if hasattr(context, "__aenter__"):
+        async with context as entered:
+            async for item in entered:
+                yield item
+    else:
+        async for item in iterable:
+            yield item
 
 
 # -- source PEs ------------------------------------------------------------------------------
@@ -676,15 +713,12 @@ class SourcePE(ProducerPE):
         self._task = asyncio.current_task()
         if self._draining:
             self.drain()
-        iterator = aiter(self._stream)
         try:
-            async for item in iterator:
-                yield item
+            async with contextlib.aclosing(iterate(self._stream)) as items:
+                async for item in items:
+                    yield item
         finally:
             self._stream = self._task = None
-            close = getattr(iterator, "aclose", None)
-            if close is not None:
-                await close()
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()

@@ -118,6 +118,9 @@ class CountWindow(_WindowPE):
         self.size, self.step, self.partial = size, step, partial
         self.state: dict[Any, tuple[deque[Any], list[int]]] = {}
 
+    def preprocess(self) -> None:
+        self.state = {}  # a PE object may run several times
+
     def process(self, inputs: Mapping[str, Any]) -> None:
         item = inputs["input"]
         key = self._key(item)
@@ -179,6 +182,9 @@ class TimeWindow(_WindowPE):
         self.inputs["tick"].required = False
         self.size, self.step = float(size), float(step)
         self.timestamp = timestamp
+        self.preprocess()
+
+    def preprocess(self) -> None:  # a PE object may run several times: start afresh
         self.clock = -math.inf
         self.late = 0
         self.closed_before: int | None = None  # every window k below this was emitted

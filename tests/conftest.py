@@ -19,6 +19,12 @@ MAPPING_CASES: list[tuple[str, int | None]] = [
     ("simple", None),
     ("async", None),
     ("async", 3),
+    ("multi", 1),
+    ("multi", 2),
+    ("multi", 4),
+    ("mpi", 1),
+    ("mpi", 2),
+    ("mpi", 4),
 ]
 
 

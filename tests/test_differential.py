@@ -14,7 +14,6 @@ from __future__ import annotations
 import functools
 import json
 import os
-import signal
 import subprocess
 import sys
 import textwrap
@@ -29,7 +28,7 @@ from conftest import MappingCase
 import aiod4p
 from aiod4p import compat
 from aiod4p._inputs import parse_cli_inputs
-from aiod4p.errors import GraphError, PEError
+from aiod4p.errors import PEError
 
 ROOT = Path(__file__).resolve().parents[1]
 D4P_PYTHON = Path(os.environ.get("AIOD4P_DISPEL4PY_PYTHON", ROOT / ".venv-dispel4py" / "bin" / "python"))
@@ -59,10 +58,12 @@ DRIVER = textwrap.dedent(
     """
 )
 
-# The examples dispel4py's simple mapping runs, with the -i each one gets
-# (delayed_pipeline sleeps a second per item).
+# The examples dispel4py's simple mapping runs, with the -i each one gets.
+# delayed_pipeline sleeps `delay` seconds per item, and its timing PE divides
+# by its item count in postprocess, so each of up to 4 instances needs an item;
+# the in-process runs set `delay` to 0.01 s (results do not depend on it).
 RUNNABLE = {
-    "delayed_pipeline": 2,
+    "delayed_pipeline": 4,
     "group_by": ITERATIONS,
     "grouping_alltoone": ITERATIONS,
     "grouping_onetoall": ITERATIONS,
@@ -86,7 +87,13 @@ FAILING = {
     "sieveoferatosthenes": "TypeError",  # ProducerPE._process() takes no inputs argument
 }
 # Examples with random producers: compared by invariants, not by values.
+# The command-line runs take the file as it is: one slow item is enough there.
+CLI_ITERATIONS = {"delayed_pipeline": 1}
 RANDOM = {"group_by", "grouping_split_merge", "word_count", "word_count_filter"}
+# Examples that broadcast ('all') to a PE with numprocesses > 1: dispel4py's simple
+# mapping runs one instance of every PE, so each instance's copy is counted once;
+# mappings that run numprocesses instances emit one copy per instance.
+BROADCAST = {"grouping_onetoall": 2}
 WORDS = {"dispel4py", "computing", "mpi", "processing", "simple", "analysis", "data"}
 
 
@@ -161,8 +168,11 @@ def dispel4py_hook(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
         yield
     finally:
         compat.uninstall()
+        # Workflow modules loaded from files (examples, flow.py) must not outlive the test.
+        kept = tuple(os.path.join(path, "") for path in (sys.prefix, sys.base_prefix, str(ROOT / "aiod4p")))
         for name in set(sys.modules) - before:
-            if str(getattr(sys.modules[name], "__file__", "")).startswith(str(examples_dir())):
+            file = getattr(sys.modules[name], "__file__", None)
+            if file and not file.startswith(kept):
                 del sys.modules[name]
 
 
@@ -172,6 +182,9 @@ def run_example(
     path = str(example(name))
     monkeypatch.setattr(sys, "argv", cli_argv(path, iterations))
     graph = aiod4p.load_graph(path)
+    for pe in graph.flatten().pes.values():
+        if hasattr(pe, "delay"):
+            pe.delay = 0.01
     results = mapping.run(graph, parse_cli_inputs(iterations, None, None))
     return results.by_port(), graph
 
@@ -219,7 +232,8 @@ def test_example_matches_dispel4py(
             bound = {"grouping_split_merge": 2 * iterations, "word_count_filter": iterations}.get(name)
             check_word_counts(got[key], None if bound else iterations, bound or iterations)
         else:
-            assert multiset(got[key]) == multiset(items), key
+            copies = BROADCAST.get(name, 1) if mapping.name != "simple" else 1
+            assert multiset(got[key]) == multiset(items * copies), key
 
 
 def test_pipeline_composite_gives_the_intended_results(
@@ -232,7 +246,9 @@ def test_pipeline_composite_gives_the_intended_results(
     assert multiset(got["PE_subtract3", "output"]) == multiset([2.0 * x + 3 for x in range(1, ITERATIONS + 1)])
 
 
-def test_sieve_fails_as_in_dispel4py(mapping: MappingCase, dispel4py_hook: None, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_sieve_fails_as_in_dispel4py(
+    mapping: MappingCase, dispel4py_hook: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
     with pytest.raises(PEError, match=r"NumberProducer\d+.*TypeError"):
         run_example("sieveoferatosthenes", mapping, monkeypatch, 1)
 
@@ -242,11 +258,23 @@ def test_sieve_fails_as_in_dispel4py(mapping: MappingCase, dispel4py_hook: None,
 
 @pytest.mark.parametrize("name", sorted(RUNNABLE))
 def test_example_from_the_cli(name: str, tmp_path: Path) -> None:
-    iterations = RUNNABLE[name]
+    iterations = CLI_ITERATIONS.get(name, RUNNABLE[name])
     path = str(example(name))
     out = tmp_path / "out.jsonl"
     done = subprocess.run(
-        [sys.executable, "-m", "aiod4p", "run", path, "-i", str(iterations), "--mapping", "simple", "--results", str(out)],
+        [
+            sys.executable,
+            "-m",
+            "aiod4p",
+            "run",
+            path,
+            "-i",
+            str(iterations),
+            "--mapping",
+            "simple",
+            "--results",
+            str(out),
+        ],
         capture_output=True,
         text=True,
         timeout=60,
@@ -262,3 +290,192 @@ def test_example_from_the_cli(name: str, tmp_path: Path) -> None:
     if name not in RANDOM:
         for key, items in expected.items():
             assert multiset(got[key]) == multiset(items), key
+
+
+# -- the fixes over dispel4py, each shown failing on dispel4py ----------------------
+
+FAILING_FLOW = """
+from dispel4py.base import IterativePE, ProducerPE
+from dispel4py.workflow_graph import WorkflowGraph
+
+
+class Numbers(ProducerPE):
+    def __init__(self):
+        ProducerPE.__init__(self)
+        self.n = 0
+
+    def _process(self, inputs):
+        self.n += 1
+        return self.n
+
+
+class Explode(IterativePE):
+    def _process(self, data):
+        if data == 3:
+            raise ValueError("boom on 3")
+        return data
+
+
+class Show(IterativePE):
+    def _process(self, data):
+        return data
+
+
+graph = WorkflowGraph()
+explode = Explode()
+graph.connect(Numbers(), "output", explode, "input")
+graph.connect(explode, "output", Show(), "input")
+"""
+
+CYCLE_FLOW = """
+from dispel4py.base import IterativePE, ProducerPE
+from dispel4py.workflow_graph import WorkflowGraph
+
+
+class One(ProducerPE):
+    def _process(self, inputs):
+        return 1
+
+
+class Show(IterativePE):
+    def _process(self, data):
+        return data
+
+
+graph = WorkflowGraph()
+a, b, c = Show(), Show(), Show()
+graph.connect(One(), "output", a, "input")
+graph.connect(a, "output", b, "input")
+graph.connect(b, "output", c, "input")
+graph.connect(c, "output", a, "input")
+"""
+
+
+def dispel4py_cli(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str] | None:
+    """Run dispel4py's own command line; ``None`` if it is still running after ``timeout`` (then killed)."""
+    command = [str(D4P_PYTHON.parent / "dispel4py"), *args]
+    with subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, start_new_session=True
+    ) as process:
+        try:
+            stdout, stderr = process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, 9)  # the whole session: dispel4py's worker processes too
+            process.communicate()
+            return None
+        return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+
+
+def aiod4p_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "aiod4p", *args], capture_output=True, text=True, timeout=60, cwd=cwd)
+
+
+def flow(tmp_path: Path, source: str) -> str:
+    path = tmp_path / "flow.py"
+    path.write_text(source)
+    return str(path)
+
+
+@functools.cache
+def dispel4py_multi_output() -> str:
+    done = dispel4py_cli("multi", str(example("pipeline_test")), "-n", "6", "-i", "5")
+    assert done is not None and done.returncode == 0, done
+    return done.stdout
+
+
+def test_results_are_collected_on_every_mapping(
+    mapping: MappingCase, dispel4py_hook: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # dispel4py's multi mapping runs the pipeline and silently drops its results.
+    stdout = dispel4py_multi_output()
+    assert "TestOneInOneOut5 (rank 5): Processed 5 iterations." in stdout
+    assert "Outputs" not in stdout and "[1, 2, 3, 4, 5]" not in stdout
+    got, graph = run_example("pipeline_test", mapping, monkeypatch, 5)
+    assert {key: sorted(items) for key, items in by_rank(got, graph).items()} == {
+        ("TestOneInOneOut5", "output"): [1, 2, 3, 4, 5]
+    }
+
+
+def test_group_by_routing_is_stable_across_processes() -> None:
+    # dispel4py routes a group-by key by hash(), salted per interpreter: two
+    # processes (MPI ranks, spawned workers) send the same word to different instances.
+    probe = "from dispel4py.utils import make_hash; print([abs(make_hash((w,))) % 3 for w in {words!r}])"
+    words = sorted(WORDS)
+    d4p = {
+        subprocess.run(
+            [str(D4P_PYTHON), "-c", probe.format(words=words)],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=30,
+            env={**os.environ, "PYTHONHASHSEED": str(seed)},
+        ).stdout
+        for seed in (1, 2)
+    }
+    assert len(d4p) > 1
+    ours = "from aiod4p import stable_hash; print([stable_hash((w,)) % 3 for w in {words!r}])"
+    mine = {
+        subprocess.run(
+            [sys.executable, "-c", ours.format(words=words)],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=30,
+            env={**os.environ, "PYTHONHASHSEED": str(seed)},
+        ).stdout
+        for seed in (1, 2)
+    }
+    assert len(mine) == 1
+
+
+def test_a_failing_pe_fails_the_run(tmp_path: Path) -> None:
+    path = flow(tmp_path, FAILING_FLOW)
+    # dispel4py's multi mapping: the worker dies, its consumer waits for ever.
+    assert dispel4py_cli("multi", path, "-n", "3", "-i", "5", timeout=3) is None
+    done = aiod4p_cli("run", path, "-i", "5", "--mapping", "async", "-n", "3", cwd=tmp_path)
+    assert done.returncode == 1
+    assert "Explode1" in done.stderr and "boom on 3" in done.stderr
+
+
+def test_a_failing_pe_fails_every_mapping(
+    mapping: MappingCase, dispel4py_hook: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    graph = aiod4p.load_graph(flow(tmp_path, FAILING_FLOW))
+    with pytest.raises(PEError, match=r"Explode\d+.*boom on 3"):
+        mapping.run(graph, 5)
+
+
+def test_cycles_are_rejected(mapping: MappingCase, dispel4py_hook: None, tmp_path: Path) -> None:
+    path = flow(tmp_path, CYCLE_FLOW)
+    # dispel4py's simple mapping finds no sink in the cycle, runs nothing and succeeds.
+    assert dispel4py_simple(path, iterations=3) == {}
+    graph = aiod4p.load_graph(path)
+    with pytest.raises(aiod4p.GraphError, match=r"cycle: Show\d+ -> Show\d+ -> Show\d+ -> Show\d+"):
+        mapping.run(graph, 3)
+
+
+def test_a_cycle_fails_the_cli(tmp_path: Path) -> None:
+    done = aiod4p_cli("run", flow(tmp_path, CYCLE_FLOW), "-i", "3", cwd=tmp_path)
+    assert done.returncode == 1
+    assert "cycle" in done.stderr
+
+
+def test_roots_absent_from_data_are_consistent(
+    mapping: MappingCase, dispel4py_hook: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # unconnected_pipeline has two producer roots; -d names only the first.
+    path = str(example("unconnected_pipeline"))
+    data = '{"TestProducer0": 3}'
+    expected = dispel4py_simple(path, iterations=None, data=data, argv=["dispel4py"])
+    assert expected == {("TestOneInOneOut5", "output"): [1, 2, 3], ("TestOneInOneOut11", "output"): [1]}
+    monkeypatch.setattr(sys, "argv", ["aiod4p"])
+    graph = aiod4p.load_graph(path)
+    pes = graph.flatten().pes
+    first = min(pes, key=lambda pe_id: int(pe_id[len(pes[pe_id].name) :]))  # "TestProducer0" in a fresh process
+    results = mapping.run(graph, {first: 3})
+    assert {key: sorted(items) for key, items in by_rank(results.by_port(), graph).items()} == expected
+
+
+def test_dispel4py_multi_hangs_on_roots_absent_from_data() -> None:
+    path = str(example("unconnected_pipeline"))
+    assert dispel4py_cli("multi", path, "-n", "12", "-d", '{"TestProducer0": 3}', timeout=3) is None

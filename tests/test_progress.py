@@ -12,6 +12,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -31,6 +32,7 @@ def flow(tmp_path: Path) -> Path:
     path.write_text(
         textwrap.dedent(
             """
+            import asyncio
             from aiod4p import IterativePE, ProducerPE, WorkflowGraph
 
             class Numbers(ProducerPE):
@@ -46,7 +48,8 @@ def flow(tmp_path: Path) -> Path:
                 def __init__(self):
                     super().__init__()
                     self.id = "Square"
-                def process_item(self, item):
+                async def process_item(self, item):
+                    await asyncio.sleep(0.03)  # 40 items take 1.2 s: longer than a refresh interval
                     return item * item
 
             graph = WorkflowGraph()
@@ -89,36 +92,39 @@ def run_in_pty(*args: str, cwd: Path, timeout: float = 30) -> tuple[int, str]:
 
 
 def test_progress_appears_on_a_terminal(flow: Path, tmp_path: Path) -> None:
-    status, output = run_in_pty("run", str(flow), "-i", "500", "-n", "2", cwd=tmp_path)
+    status, output = run_in_pty("run", str(flow), "-i", "40", cwd=tmp_path)
     assert status == 0, output
     assert TITLE in output
     assert "queued at destination" in output and "Numbers.output → Square.input" in output
-    assert "Square.output: 500 items" in output  # the results still follow
+    assert "Square.output: 40 items" in output  # the results still follow
 
 
 def test_no_progress_without_a_terminal(flow: Path, tmp_path: Path) -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "aiod4p", "run", str(flow), "-i", "500"],
-        capture_output=True, text=True, timeout=60, cwd=tmp_path,
+        [sys.executable, "-m", "aiod4p", "run", str(flow), "-i", "40"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr
-    assert "Square.output: 500 items" in result.stdout
+    assert "Square.output: 40 items" in result.stdout
     assert TITLE not in result.stdout + result.stderr
     assert "\x1b[" not in result.stdout
 
 
 def test_quiet_hides_progress_on_a_terminal(flow: Path, tmp_path: Path) -> None:
-    status, output = run_in_pty("run", str(flow), "-i", "50", "--quiet", cwd=tmp_path)
+    status, output = run_in_pty("run", str(flow), "-i", "40", "--quiet", cwd=tmp_path)
     assert status == 0, output
-    assert TITLE not in output and "Square.output: 50 items" in output
+    assert TITLE not in output and "Square.output: 40 items" in output
 
 
 def test_results_on_stdout_hide_progress(flow: Path, tmp_path: Path) -> None:
-    status, output = run_in_pty("run", str(flow), "-i", "5", "--results", "-", cwd=tmp_path)
+    status, output = run_in_pty("run", str(flow), "-i", "40", "--results", "-", cwd=tmp_path)
     assert status == 0, output
     assert TITLE not in output
     records = [json.loads(line) for line in output.splitlines() if line.startswith("{")]
-    assert sorted(r["data"] for r in records) == [1, 4, 9, 16, 25]
+    assert sorted(r["data"] for r in records) == [i * i for i in range(1, 41)]
 
 
 class Clock:
@@ -176,22 +182,55 @@ def test_render_before_any_statistics() -> None:
     assert "waiting for the first statistics" in text
 
 
+class Screen(io.StringIO):
+    """A terminal's output that counts the frames of the display written to it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.frames = 0
+        self.two_frames = asyncio.Event()
+
+    def write(self, text: str) -> int:
+        self.frames += text.count(TITLE)
+        if self.frames >= 2:
+            self.two_frames.set()
+        return super().write(text)
+
+
 def test_progress_context_draws_and_cleans_up() -> None:
-    graph, _ = wf.pipeline(3)
+    graph, source = wf.pipeline(3)
+
+    async def go() -> Screen:
+        screen = Screen()
+        console = Console(file=screen, force_terminal=True, width=120)
+
+        async def feed() -> AsyncIterator[dict[str, int]]:
+            for _ in range(100):
+                yield {}
+            await screen.two_frames.wait()  # hold the run open until two frames were drawn
+
+        async with asyncio.timeout(30):
+            run = aiod4p.start(graph, {source: feed()}, mapping="async", workers=2)
+            async with run, progress(run, console=console, interval=0.01):
+                results = await run.results()
+            assert len(results.data()) == 100
+            others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            assert all(t.get_name() != "aiod4p progress" for t in others)
+        return screen
+
+    screen = asyncio.run(go())
+    assert screen.frames >= 2
+    assert "Double" in screen.getvalue() and "100" in screen.getvalue()
+
+
+def test_short_run_draws_nothing() -> None:
     buffer = io.StringIO()
     console = Console(file=buffer, force_terminal=True, width=120)
 
     async def go() -> None:
         async with asyncio.timeout(30):
-            async with aiod4p.start(graph, 2000, mapping="async", workers=2) as run, progress(
-                run, console=console, interval=0.01
-            ):
-                results = await run.results()
-            assert len(results.data()) == 2000
-            others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
-            assert all(t.get_name() != "aiod4p progress" for t in others)
+            async with aiod4p.start(wf.pipeline(1)[0], 10) as run, progress(run, console=console, interval=60):
+                await run.results()
 
     asyncio.run(go())
-    output = buffer.getvalue()
-    assert "aiod4p · async mapping" in output
-    assert "2,000" in output  # the last frame shows the final counts
+    assert "aiod4p" not in buffer.getvalue()

@@ -6,7 +6,6 @@ import asyncio
 import os
 import signal
 import socket
-import subprocess
 import sys
 import textwrap
 from typing import Any
@@ -119,24 +118,23 @@ _CHILD = textwrap.dedent(
 )
 
 
-async def _child(mode: str) -> tuple[subprocess.Popen[bytes], PipeComm]:
+async def _child(mode: str) -> tuple[asyncio.subprocess.Process, PipeComm]:
     mine, theirs = socket.socketpair()
     with theirs:
-        process = subprocess.Popen(
-            [sys.executable, "-c", _CHILD, str(theirs.fileno()), mode], pass_fds=[theirs.fileno()]
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", _CHILD, str(theirs.fileno()), mode, pass_fds=[theirs.fileno()]
         )
     return process, await open_pipe_comm(mine)
 
 
-async def _exited(process: subprocess.Popen[bytes]) -> None:
+async def _exited(process: asyncio.subprocess.Process) -> None:
     try:
         async with asyncio.timeout(10):
-            while process.poll() is None:
-                await asyncio.sleep(0.01)  # polling an exit, not synchronising
+            await process.wait()
     finally:
-        if process.poll() is None:
+        if process.returncode is None:
             process.kill()
-            process.wait()
+            await process.wait()
 
 
 async def _receive_until_end(comm: PipeComm) -> tuple[list[Any], BaseException]:
@@ -169,7 +167,7 @@ async def test_a_child_process_closing_exiting_or_killed(mode: str) -> None:
                 await comm.send("anyone?")
         finally:
             await comm.aclose()
-            if mode == "kill" and process.poll() is None:
+            if mode == "kill" and process.returncode is None:
                 process.kill()
             await _exited(process)
         assert process.returncode == {"close": 0, "exit": 3, "kill": -signal.SIGKILL}[mode]

@@ -43,9 +43,7 @@ def edges_in_dot(text: str) -> list[tuple[str, str, str, str, str]]:
 
 def svg_texts(path: Path) -> list[str]:
     tree = ET.parse(path)
-    return [
-        "".join(element.itertext()).strip() for element in tree.iter() if element.tag.endswith("}text")
-    ]
+    return ["".join(element.itertext()).strip() for element in tree.iter() if element.tag.endswith("}text")]
 
 
 @pytest.mark.parametrize("example", EXAMPLES, ids=lambda path: path.stem)
@@ -59,9 +57,7 @@ def test_dot_of_every_example_names_pes_ports_and_groupings(example: Path) -> No
         assert f">{port}</FONT>" in text
     flat = graph.flatten()
     drawn = edges_in_dot(text)
-    assert sorted(drawn) == sorted(
-        (e.source, e.source_port, e.dest, e.dest_port, str(e.grouping)) for e in flat.edges
-    )
+    assert sorted(drawn) == sorted((e.source, e.source_port, e.dest, e.dest_port, str(e.grouping)) for e in flat.edges)
     assert sorted(edge[4] for edge in drawn) == sorted(groupings)
 
 
@@ -190,10 +186,10 @@ def test_unknown_suffix_is_a_usage_error(tmp_path: Path) -> None:
 
 def test_unwritable_output_names_the_file(tmp_path: Path) -> None:
     target = tmp_path / "missing" / "x.dot"
-    with pytest.raises(Aiod4pError, match="missing/x.dot"):
+    with pytest.raises(Aiod4pError, match=r"missing/x\.dot"):
         draw(wf.pipeline(1)[0], target)
     if shutil.which("dot"):
-        with pytest.raises(Aiod4pError, match="dot could not draw .*missing/x.svg"):
+        with pytest.raises(Aiod4pError, match=r"dot could not draw .*missing/x\.svg"):
             draw(wf.pipeline(1)[0], tmp_path / "missing" / "x.svg")
 
 

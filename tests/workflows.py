@@ -209,3 +209,101 @@ def count_to_five() -> Iterator[int]:
 @iterative
 def square(item: int) -> int:
     return item * item
+
+
+class Chatty(IterativePE):
+    """print()s every item (which must not reach a Storm component's protocol) and passes it on."""
+
+    def process_item(self, item: Any) -> Any:
+        print(f"chatty saw {item!r}")
+        return item
+
+
+class Unencodable(IterativePE):
+    """Emits the set ``{item}`` for the item equal to ``on``: not JSON-representable."""
+
+    def __init__(self, on: int = 2) -> None:
+        super().__init__()
+        self.on = on
+
+    def process_item(self, item: int) -> Any:
+        return {item} if item == self.on else item
+
+
+def parity(item: Any) -> int:
+    """A group-by key function: the parity of ``item[1]``."""
+    return int(item[1]) % 2
+
+
+class Greets(IterativePE):
+    """Writes ``"hello"`` in preprocess, then passes items on."""
+
+    def preprocess(self) -> None:
+        self.write("output", "hello")
+
+    def process_item(self, item: Any) -> Any:
+        return item
+
+
+# -- for the mpi mapping's tests (rank-specific behaviour) ---------------------------
+
+
+class WhereAmI(IterativePE):
+    """Emits ``(PMI_HOSTNAME, pid, item)``: which MPI host and process saw each item."""
+
+    def process_item(self, item: int) -> tuple[str, int, int]:
+        import os
+
+        return os.environ.get("PMI_HOSTNAME", ""), os.getpid(), item
+
+
+class FailsOnInstance(IterativePE):
+    """Instance ``instance`` raises on its first item (``kill``: kills its own process instead)."""
+
+    def __init__(self, instance: int = 1, kill: bool = False) -> None:
+        super().__init__()
+        self.failing, self.kill = instance, kill
+
+    def process_item(self, item: int) -> int:
+        if self.instance == self.failing:
+            if self.kill:
+                import os
+                import signal
+
+                os.kill(os.getpid(), signal.SIGKILL)
+            raise ValueError(f"instance {self.instance} refuses item {item}")
+        return item
+
+
+def mpi_chain() -> WorkflowGraph:
+    """Count -> 3 x Double: the benchmark chain, as a CLI target."""
+    return pipeline(3)[0]
+
+
+def mpi_hosts() -> WorkflowGraph:
+    graph = WorkflowGraph()
+    graph.connect(Count(), "output", WhereAmI(), "input")
+    return graph
+
+
+def mpi_failing(kill: bool = False) -> WorkflowGraph:
+    graph = WorkflowGraph()
+    graph.connect(Count(), "output", FailsOnInstance(1, kill), "input")
+    return graph
+
+
+def mpi_killed() -> WorkflowGraph:
+    return mpi_failing(kill=True)
+
+
+# -- windows and live sources (issue 6) ----------------------------------------------
+
+
+def sensor_of(item: dict[str, Any]) -> Any:
+    """A window key function: the item's sensor."""
+    return item["sensor"]
+
+
+def sum_of_values(pairs: list[tuple[Any, int]]) -> int:
+    """A window aggregate: the sum of the second element of each pair."""
+    return sum(value for _, value in pairs)

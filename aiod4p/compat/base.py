@@ -131,7 +131,7 @@ class SimpleFunctionPE(IterativePE):
 
 def create_iterative_chain(
     functions: Iterable[Any],
-    FunctionPE_class: type[SimpleFunctionPE] = SimpleFunctionPE,  # noqa: N803 - dispel4py's name
+    FunctionPE_class: type[SimpleFunctionPE] = SimpleFunctionPE,
     name_prefix: str = "PE_",
     name_suffix: str = "",
 ) -> WorkflowGraph:
@@ -176,9 +176,7 @@ class CompositePE(WorkflowGraph):
     extension) feeds all of them.
     """
 
-    def __init__(
-        self, create_graph: Callable[..., Any] | None = None, params: Mapping[str, Any] | None = None
-    ) -> None:
+    def __init__(self, create_graph: Callable[..., Any] | None = None, params: Mapping[str, Any] | None = None) -> None:
         super().__init__()
         self.inputmappings: dict[str, Any] = {}
         self.outputmappings: dict[str, Any] = {}

@@ -10,7 +10,10 @@ them whenever they are read, so a grouping changed after construction
 
 from __future__ import annotations
 
+import copy
+import importlib
 import inspect
+import sys
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -18,6 +21,7 @@ from .._groupings import All, Global, GroupBy, as_grouping
 from .._pe import GenericPE as _CoreGenericPE
 from .._pe import InputPort, OutputPort
 from ..errors import GraphError
+from . import install
 
 __all__ = ["DESCRIPTION", "GROUPING", "META", "NAME", "TYPE", "WRITER", "GenericPE"]
 
@@ -75,7 +79,7 @@ class GenericPE(_CoreGenericPE):
         self.parallelism = value
 
     # -- the ports the engine sees ----------------------------------------------
-    @property  # type: ignore[override]
+    @property
     def inputs(self) -> dict[str, InputPort]:
         """The input ports, derived from ``inputconnections`` (never required).
 
@@ -97,7 +101,7 @@ class GenericPE(_CoreGenericPE):
         for name, port in ports.items():
             self._add_input(name, _grouping_value(port))
 
-    @property  # type: ignore[override]
+    @property
     def outputs(self) -> dict[str, OutputPort]:
         """The output ports, derived from ``outputconnections``."""
         return {name: OutputPort(name) for name in self.outputconnections}
@@ -132,11 +136,28 @@ class GenericPE(_CoreGenericPE):
         self._add_output(name)
         return OutputPort(name)
 
+    # -- copies and pickles ------------------------------------------------------
+    def __deepcopy__(self, memo: dict[int, Any]) -> GenericPE:
+        clone = type(self).__new__(type(self))
+        memo[id(self)] = clone
+        clone.__dict__.update(copy.deepcopy(self.__getstate__(), memo))
+        return clone
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        # A worker process (multi, mpi) has no import hook yet: the PE travels
+        # with the *names* of its class (or, for a class mixed at run time such
+        # as dispel4py's ProcessTimingPE makes, of its bases), resolved by
+        # _rebuild after installing the hook.
+        spec = _class_spec(type(self))
+        if spec is None:
+            return super().__reduce_ex__(protocol)  # pickle's own error
+        return (_rebuild, (spec,), self.__getstate__())
+
     # -- dispel4py's type propagation ------------------------------------------
-    def setInputTypes(self, types: Mapping[str, Any]) -> None:  # noqa: N802 - dispel4py's name
+    def setInputTypes(self, types: Mapping[str, Any]) -> None:
         """Receive the types of the inputs; override to derive output types."""
 
-    def getOutputTypes(self) -> dict[str, Any]:  # noqa: N802 - dispel4py's name
+    def getOutputTypes(self) -> dict[str, Any]:
         """The ``TYPE`` of every output.
 
         Raises:
@@ -195,6 +216,56 @@ def _grouping_value(port: InputPort) -> Any:
 
 def plain_function(fn: Callable[..., Any]) -> bool:
     """Whether ``fn`` is an ordinary function (not async, not a generator)."""
-    return not (
-        inspect.iscoroutinefunction(fn) or inspect.isgeneratorfunction(fn) or inspect.isasyncgenfunction(fn)
-    )
+    return not (inspect.iscoroutinefunction(fn) or inspect.isgeneratorfunction(fn) or inspect.isasyncgenfunction(fn))
+
+
+def _find_class(module_name: str, qualname: str) -> Any:
+    target: Any = sys.modules.get(module_name)
+    for part in qualname.split("."):
+        target = getattr(target, part, None)
+    return target
+
+
+ClassSpec = tuple[str, str, tuple[tuple[str, str], ...]]
+_EMPTY_CLASS = {"__module__", "__doc__", "__dict__", "__weakref__", "__qualname__"}
+
+
+def _class_spec(cls: type) -> ClassSpec | None:
+    """``(module, qualname, ())`` for an importable class; ``("", name, bases)`` for one mixed at run time."""
+    if _find_class(cls.__module__, cls.__qualname__) is cls:
+        return (cls.__module__, cls.__qualname__, ())
+    if set(vars(cls)) - _EMPTY_CLASS:
+        return None  # a local class with its own methods: not rebuildable from its bases
+    bases = tuple((base.__module__, base.__qualname__) for base in cls.__bases__)
+    if all(_find_class(*base) is not None for base in bases):
+        return ("", cls.__name__, bases)
+    return None
+
+
+def _import_class(module_name: str, qualname: str) -> type:
+    if module_name not in sys.modules:
+        install()  # a fresh worker process: dispel4py's modules come from the hook
+        try:
+            importlib.import_module(module_name)
+        except ImportError as exc:
+            raise GraphError(f"cannot import {module_name} to rebuild PE class {qualname}: {exc}") from exc
+    cls = _find_class(module_name, qualname)
+    if not isinstance(cls, type):
+        raise GraphError(f"{module_name}.{qualname} is not a class here: cannot rebuild a PE of it")
+    return cls
+
+
+def _rebuild(spec: ClassSpec) -> GenericPE:
+    """An empty dispel4py PE of the class ``spec`` names (pickle then restores its state).
+
+    Raises:
+        GraphError: the class cannot be imported in this process.
+    """
+    module_name, name, bases = spec
+    if module_name:
+        cls = _import_class(module_name, name)
+    else:
+        cls = type(name, tuple(_import_class(*base) for base in bases), {})
+    if not issubclass(cls, GenericPE):
+        raise GraphError(f"{name} is not a dispel4py PE class in this process")
+    return cls.__new__(cls)

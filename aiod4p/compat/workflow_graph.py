@@ -68,7 +68,7 @@ class WorkflowGraph(_CoreWorkflowGraph):
         _add_mapped(self, set())
         return super().flatten()
 
-    def getContainedObjects(self) -> list[Any]:  # noqa: N802 - dispel4py's name
+    def getContainedObjects(self) -> list[Any]:
         """The PEs and composite graphs added to this graph, sorted by id as dispel4py does."""
         return sorted(
             (pe.graph if isinstance(pe, _GraphPE) else pe for pe in self.pes),
@@ -84,7 +84,7 @@ class _GraphPE(CompositePE):
         # A composite consumes no number of dispel4py's PE counter.
         self.id = f"{self.name}:{next(_composite_counter)}"
 
-    @property  # type: ignore[override]
+    @property
     def inputs(self) -> dict[str, InputPort]:
         return {name: InputPort(name, SHUFFLE, required=False) for name in _mappings(self.graph, "inputmappings")}
 
@@ -92,7 +92,7 @@ class _GraphPE(CompositePE):
     def inputs(self, ports: Mapping[str, InputPort]) -> None:
         _only_empty(self, ports)
 
-    @property  # type: ignore[override]
+    @property
     def outputs(self) -> dict[str, OutputPort]:
         return {name: OutputPort(name) for name in _mappings(self.graph, "outputmappings")}
 
@@ -100,7 +100,7 @@ class _GraphPE(CompositePE):
     def outputs(self, ports: Mapping[str, OutputPort]) -> None:
         _only_empty(self, ports)
 
-    @property  # type: ignore[override]
+    @property
     def input_map(self) -> dict[str, list[tuple[PE, str]]]:
         return {
             name: _targets(self, "input", name, value) for name, value in _mappings(self.graph, "inputmappings").items()
@@ -110,7 +110,7 @@ class _GraphPE(CompositePE):
     def input_map(self, value: Mapping[str, Any]) -> None:
         _only_empty(self, value)
 
-    @property  # type: ignore[override]
+    @property
     def output_map(self) -> dict[str, tuple[PE, str]]:
         mapped: dict[str, tuple[PE, str]] = {}
         for name, value in _mappings(self.graph, "outputmappings").items():
@@ -176,6 +176,5 @@ def _add_mapped(graph: _CoreWorkflowGraph, seen: set[int]) -> None:
 def _only_empty(composite: _GraphPE, value: Mapping[str, Any]) -> None:
     if value:
         raise GraphError(
-            f"composite {composite.label}: its ports follow the graph's inputmappings/outputmappings;"
-            " set those instead"
+            f"composite {composite.label}: its ports follow the graph's inputmappings/outputmappings; set those instead"
         )

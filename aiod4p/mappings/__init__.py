@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+from typing import Any
 
 from ..errors import MappingUnavailable
 from ._base import BaseMapping, RunControl
@@ -13,11 +14,14 @@ __all__ = ["MAPPINGS", "BaseMapping", "RunControl", "get_mapping"]
 MAPPINGS: dict[str, tuple[str, str, str | None]] = {
     "simple": ("aiod4p.mappings.simple", "SimpleMapping", None),
     "async": ("aiod4p.mappings.asyncio", "AsyncMapping", None),
+    "multi": ("aiod4p.mappings.multi", "MultiMapping", None),
+    "mpi": ("aiod4p.mappings.mpi", "MpiMapping", "mpi"),
+    "storm": ("aiod4p.mappings.storm", "StormMapping", "storm"),
 }
 
 
-def get_mapping(name: str) -> BaseMapping:
-    """Return a new instance of the mapping called ``name``.
+def get_mapping(name: str, **options: Any) -> BaseMapping:
+    """Return a new instance of the mapping called ``name``, built with ``options``.
 
     Raises:
         MappingUnavailable: no such mapping, or its extra is not installed.
@@ -31,5 +35,5 @@ def get_mapping(name: str) -> BaseMapping:
     except ImportError as exc:
         hint = f": pip install 'aiod4p[{extra}]'" if extra else ""
         raise MappingUnavailable(f"the {name} mapping needs {exc.name or 'a missing module'}{hint}") from exc
-    mapping: BaseMapping = getattr(module, class_name)()
+    mapping: BaseMapping = getattr(module, class_name)(**options)
     return mapping

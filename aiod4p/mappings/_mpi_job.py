@@ -1,6 +1,6 @@
 """The program every rank of an mpi run started by :class:`MpiMapping` executes.
 
-    mpiexec -n N python -m aiod4p.mappings._mpi_job JOB_FILE SOCKET
+    mpiexec -n N python -m aiod4p.mappings._mpi_job JOB_FILE SOCKET [dispel4py]
 
 Rank 0 reads the job (a pickled dict: ``plan``, ``feeds``, ``streamed``,
 ``max_delay``), broadcasts it, and talks to the launcher over the local
@@ -12,7 +12,6 @@ fails, rank 0 reports the error and ends the whole job with ``MPI_Abort``.
 from __future__ import annotations
 
 import asyncio
-import pickle
 import sys
 import traceback
 from collections.abc import Callable
@@ -26,7 +25,7 @@ from .._engine import Feed
 from .._stats import InstanceStats
 from ..errors import Aiod4pError, TargetError
 from ._mpi_ranks import abort_job, run_rank
-from ._mpi_wire import SocketFeed, read_frame, write_frame
+from ._mpi_wire import SocketFeed, loads, read_frame, write_frame
 
 __all__ = ["main"]
 
@@ -41,7 +40,7 @@ class _SocketSink:
 
 def _load(payload: bytes) -> dict[str, Any]:
     try:
-        job: dict[str, Any] = pickle.loads(payload)
+        job: dict[str, Any] = loads(payload)
     except Exception as exc:
         raise TargetError(
             f"MPI rank {MPI.COMM_WORLD.Get_rank()} cannot load the workflow ({type(exc).__name__}: {exc});"
@@ -75,7 +74,7 @@ async def _lead(job_path: str, address: str) -> int:
     listener = asyncio.create_task(listen())
     stats: dict[int, list[InstanceStats]] = {}
     try:
-        payload = MPI.COMM_WORLD.bcast(Path(job_path).read_bytes(), root=0)
+        payload = MPI.COMM_WORLD.bcast(Path(job_path).read_bytes(), root=0)  # noqa: ASYNC240 - small, at start
         job = _load(payload)
         feeds: dict[str, Feed] = dict(job["feeds"])
         feeds.update({pe_id: SocketFeed(address, pe_id) for pe_id in job["streamed"]})
@@ -111,6 +110,10 @@ async def _follow() -> int:
 def main(argv: list[str]) -> int:
     """Run this rank; returns its exit status (a failure aborts the whole job)."""
     rank = MPI.COMM_WORLD.Get_rank()
+    if argv[2:] == ["dispel4py"]:  # the launcher ran a dispel4py workflow
+        from .. import compat
+
+        compat.install()
     with asyncio.Runner(loop_factory=loop_factory(True)) as runner:
         try:
             return runner.run(_lead(argv[0], argv[1]) if rank == 0 else _follow())

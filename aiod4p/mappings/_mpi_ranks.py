@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
-import pickle
+import contextlib
 import sys
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -29,6 +29,7 @@ from .._results import ResultSink
 from .._stats import InstanceStats
 from ..errors import Aiod4pError, EndOfChannel, GraphError, PEError, WorkerDied
 from ..transports.mpi import MpiComm, MpiEndpoint
+from ._mpi_wire import dumps, loads
 
 __all__ = ["ABORT_GRACE", "abort_job", "abort_job_at_exit", "broadcast_plan", "run_rank"]
 
@@ -48,24 +49,22 @@ def broadcast_plan(plan: ExecutionPlan | None) -> ExecutionPlan:
     payload: bytes | str | None = None
     if comm.Get_rank() == 0:
         try:
-            payload = pickle.dumps(plan, pickle.HIGHEST_PROTOCOL)
+            payload = dumps(plan)
         except Exception as exc:
             payload = f"the mpi mapping ships the workflow to its ranks by pickling, which failed: {exc}"
     payload = comm.bcast(payload, root=0)
     if isinstance(payload, str):
         raise GraphError(payload)
     assert payload is not None
-    shipped: ExecutionPlan = pickle.loads(payload)
+    shipped: ExecutionPlan = loads(payload)
     return shipped
 
 
 def abort_job(code: int = 1) -> None:
     """End every rank of the job now (after flushing this rank's output)."""
     for stream in (sys.stdout, sys.stderr):
-        try:
+        with contextlib.suppress(OSError, ValueError):
             stream.flush()
-        except (OSError, ValueError):
-            pass
     MPI.COMM_WORLD.Abort(code)
 
 
@@ -161,7 +160,8 @@ async def _lead(
         publish(0, worker.stats)
     if on_drain is not None:
         on_drain(drain)
-    tasks = [asyncio.create_task(worker.run(), name="rank 0 worker")]
+    running = asyncio.create_task(worker.run(), name="rank 0 worker")
+    tasks: list[asyncio.Task[Any]] = [running]
     tasks += [asyncio.create_task(collect(r, c), name=f"rank {r} control") for r, c in controls.items()]
     try:
         await _first_failure(tasks)
@@ -170,7 +170,7 @@ async def _lead(
             task.cancel()
         await asyncio.gather(*tasks, *drains, return_exceptions=True)
         raise
-    stats[0] = tasks[0].result()
+    stats[0] = running.result()
     if drains:
         await asyncio.gather(*drains, return_exceptions=True)
     await endpoint.aclose()
@@ -178,10 +178,8 @@ async def _lead(
 
 
 async def _send_drain(control: MpiComm) -> None:
-    try:
+    with contextlib.suppress(Aiod4pError):  # that rank already finished: nothing left to drain
         await control.send((_DRAIN,))
-    except Aiod4pError:
-        pass  # that rank already finished: nothing left to drain
 
 
 async def _follow(endpoint: MpiEndpoint, worker: Worker, control: MpiComm) -> list[InstanceStats]:

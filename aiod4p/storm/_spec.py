@@ -35,7 +35,16 @@ from .._groupings import All, Global, GroupBy, Grouping, Shuffle
 from .._plan import ExecutionPlan
 from ..errors import GraphError
 
-__all__ = ["EOS_STREAM", "ITEM_FIELD", "ComponentSpec", "InputSpec", "KeyField", "StreamSpec", "TopologySpec", "plan_topology"]
+__all__ = [
+    "EOS_STREAM",
+    "ITEM_FIELD",
+    "ComponentSpec",
+    "InputSpec",
+    "KeyField",
+    "StreamSpec",
+    "TopologySpec",
+    "plan_topology",
+]
 
 EOS_STREAM = "aiod4p_eos"
 ITEM_FIELD = "item"

@@ -32,7 +32,7 @@ from ._base import Comm
 
 __all__ = ["MpiComm", "MpiEndpoint"]
 
-_DATA, _ACK, _CLOSE = 0, 1, 2
+_DATA, _ACK, _CLOSE, _ABORT = 0, 1, 2, 3
 _MAX_PER_POLL = 256  # messages taken per poll before yielding to the loop
 
 
@@ -192,7 +192,7 @@ class MpiEndpoint:
         for comm in list(self._comms.values()):
             await comm.aclose()
         loop = asyncio.get_running_loop()
-        while self._sends or any(not c._peer_closed for c in self._comms.values()) or self._receiving:
+        while self._sends or any(not c._peer_done for c in self._comms.values()) or self._receiving:
             future = loop.create_future()
             self._settled = future
             await self._wait(future)
@@ -220,9 +220,10 @@ class MpiComm(Comm):
         self._ack_every = max(1, capacity // 2)
         self._taken = 0  # received and not yet acknowledged
         self._closed = False
-        self._peer_closed = False
-        self._receiver: asyncio.Future[None] | None = None
-        self._sender: asyncio.Future[None] | None = None
+        self._peer_closed = False  # the peer closed its end cleanly
+        self._peer_broken = False  # the peer abandoned its end
+        self._peer_done = False  # either: the peer sends nothing more
+        self._waiters: list[asyncio.Future[None]] = []  # senders and receivers
 
     async def send(self, message: Any) -> None:
         while True:
@@ -230,13 +231,11 @@ class MpiComm(Comm):
                 raise ChannelClosed(f"send on a closed MPI comm to rank {self.peer}")
             if self._peer_closed:
                 raise PeerDied(f"rank {self.peer} closed MPI comm {self.key}; it takes no more messages")
+            if self._peer_broken:
+                raise PeerDied(f"rank {self.peer} abandoned MPI comm {self.key}")
             if self._credits > 0:
                 break
-            self._sender = asyncio.get_running_loop().create_future()
-            try:
-                await self._endpoint._wait(self._sender)
-            finally:
-                self._sender = None
+            await self._wait()
         self._credits -= 1
         self._endpoint._post((_DATA, message), self.peer, self.key)
 
@@ -247,17 +246,15 @@ class MpiComm(Comm):
             if self._inbox:
                 message = self._inbox.popleft()
                 self._taken += 1
-                if self._taken >= self._ack_every and not self._peer_closed:
+                if self._taken >= self._ack_every and not self._peer_done:
                     self._endpoint._post((_ACK, self._taken), self.peer, self.key)
                     self._taken = 0
                 return message
+            if self._peer_broken:
+                raise PeerDied(f"rank {self.peer} abandoned MPI comm {self.key} without closing it")
             if self._peer_closed:
                 raise EndOfChannel()
-            self._receiver = asyncio.get_running_loop().create_future()
-            try:
-                await self._endpoint._wait(self._receiver)
-            finally:
-                self._receiver = None
+            await self._wait()
 
     async def aclose(self) -> None:
         if self._closed:
@@ -265,6 +262,18 @@ class MpiComm(Comm):
         self._closed = True
         self._inbox.clear()
         self._endpoint._post((_CLOSE,), self.peer, self.key)
+        self._wake()
+
+    def abort(self) -> None:
+        """Abandon this end without closing it, as a failing worker does: the
+        peer gets :class:`PeerDied` (not :class:`EndOfChannel`) after the
+        messages already sent. (A rank that really dies ends the whole MPI
+        job: mpiexec tears every rank down.)"""
+        if self._closed:
+            return
+        self._closed = True
+        self._inbox.clear()
+        self._endpoint._post((_ABORT,), self.peer, self.key)
         self._wake()
 
     def _deliver(self, message: tuple[Any, ...]) -> None:
@@ -275,10 +284,23 @@ class MpiComm(Comm):
         elif kind == _ACK:
             self._credits += message[1]
         else:
-            self._peer_closed = True
+            self._peer_closed = kind == _CLOSE
+            self._peer_broken = kind == _ABORT
+            self._peer_done = True
         self._wake()
 
+    async def _wait(self) -> None:
+        """Wait until something arrives for this comm or it is closed."""
+        future = asyncio.get_running_loop().create_future()
+        self._waiters.append(future)
+        try:
+            await self._endpoint._wait(future)
+        finally:
+            if future in self._waiters:
+                self._waiters.remove(future)
+
     def _wake(self) -> None:
-        for future in (self._receiver, self._sender):
-            if future is not None and not future.done():
+        waiters, self._waiters = self._waiters, []
+        for future in waiters:
+            if not future.done():
                 future.set_result(None)

@@ -1,0 +1,394 @@
+"""Writing a streamparse project for a workflow, and reading its topology back."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import importlib.util
+import json
+import pickle
+import re
+import shutil
+import sys
+import sysconfig
+import types
+import zipfile
+from collections.abc import AsyncIterable, Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .._graph import FlatGraph, WorkflowGraph
+from .._inputs import Inputs, resolve_inputs
+from .._plan import ExecutionPlan, PlanOptions, make_plan
+from ..errors import GraphError, InputError, TargetError
+from ._spec import EOS_FIELD, EOS_STREAM, TopologySpec, plan_topology
+from ._wire import WireError, encode
+
+__all__ = ["COMPONENTS_MODULE", "Project", "build_jar", "build_project", "load_topology", "topology_name"]
+
+COMPONENTS_MODULE = "aiod4p_components"
+SPEC_FILE = "aiod4p_topology.json"
+PES_FILE = "aiod4p_pes.pickle"
+STORM_VERSION = "2.6.0"
+STREAMPARSE_VERSION = "5.0.1"
+
+_GROUPINGS = {"shuffle": "Grouping.SHUFFLE", "all": "Grouping.ALL", "global": "Grouping.GLOBAL"}
+
+
+@dataclass(frozen=True)
+class Project:
+    """A generated streamparse project.
+
+    Attributes:
+        path: the project directory (run ``sparse submit`` there).
+        name: the topology name (``topologies/<name>.py``).
+        spec: the topology as pure data.
+    """
+
+    path: Path
+    name: str
+    spec: TopologySpec
+
+    @property
+    def src(self) -> Path:
+        """The component code: Storm's resources directory."""
+        return self.path / "src"
+
+
+def topology_name(text: str) -> str:
+    """A Storm topology name made from ``text`` (a file stem, module or attribute name)."""
+    return re.sub(r"[^A-Za-z0-9_-]", "_", text) or "workflow"
+
+
+def build_project(
+    graph: WorkflowGraph | FlatGraph | ExecutionPlan,
+    directory: str | Path,
+    *,
+    name: str = "workflow",
+    inputs: Inputs = None,
+    options: PlanOptions | None = None,
+    envs: Mapping[str, Any] | None = None,
+    max_replays: int = 3,
+) -> Project:
+    """Write the streamparse project of ``graph`` into ``directory``.
+
+    The plan (``options``, default: one instance of every PE whose
+    parallelism is unset) gives the components and parallelism hints;
+    ``inputs`` (as for :func:`aiod4p.run`) become the spouts' feeds and must
+    be counts or lists of JSON-representable items. ``envs`` is the
+    ``envs`` section of ``config.json`` (default: one environment ``prod``
+    to fill in). Files of existing projects are overwritten. The topology is
+    called ``name``, or ``<name>_topology`` when a module copied into ``src``
+    (the workflow file) already has that name.
+
+    Raises:
+        GraphError: the graph is invalid, a PE cannot be pickled, or a name is reserved.
+        InputError: the inputs are invalid or not JSON-representable.
+        TargetError: ``directory`` cannot be written.
+    """
+    if max_replays < 0:
+        raise ValueError(f"max_replays must not be negative, not {max_replays}")
+    plan = (
+        graph if isinstance(graph, ExecutionPlan) else make_plan(graph, options or PlanOptions(default_parallelism=1))
+    )
+    name = topology_name(name)
+    feeds = _json_feeds(resolve_inputs(plan.graph, inputs))
+    spec, functions = plan_topology(plan, name, feeds, max_replays)
+    local = _local_modules(plan, functions)
+    if name in local or name == COMPONENTS_MODULE:
+        # sparse imports topologies/<name>.py as module <name>, after src/: the names must differ.
+        name = f"{name}_topology"
+        spec = dataclasses.replace(spec, name=name)
+    pickled = _pickle(plan, functions)
+    root = Path(directory)
+    try:
+        for sub in ("src", "topologies", "virtualenvs"):
+            (root / sub).mkdir(parents=True, exist_ok=True)
+        src = root / "src"
+        (src / SPEC_FILE).write_text(json.dumps(spec.to_json(), indent=1) + "\n")
+        (src / PES_FILE).write_bytes(pickled)
+        for module_name, path in local.items():
+            shutil.copyfile(path, src / f"{module_name}.py")
+        (src / f"{COMPONENTS_MODULE}.py").write_text(_components_source(spec))
+        for stale in (root / "topologies").glob("*.py"):
+            stale.unlink()
+        (root / "topologies" / f"{name}.py").write_text(_topology_source(spec))
+        (root / "virtualenvs" / f"{name}.txt").write_text(f"aiod4p[storm]\nstreamparse=={STREAMPARSE_VERSION}\n")
+        (root / "config.json").write_text(json.dumps(_config(envs), indent=2) + "\n")
+        (root / "project.clj").write_text(_PROJECT_CLJ.format(name=name, storm=STORM_VERSION))
+    except OSError as exc:
+        raise TargetError(f"cannot write the Storm project to {root}: {exc.strerror or exc}") from exc
+    project = Project(root, name, spec)
+    load_topology(project.path)  # streamparse validates the definition as it builds it
+    return project
+
+
+def _json_feeds(feeds: Mapping[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for pe_id, feed in feeds.items():
+        if isinstance(feed, int):
+            out[pe_id] = feed
+            continue
+        if isinstance(feed, AsyncIterable) or not isinstance(feed, Iterable):
+            raise InputError(f"the input of PE {pe_id} must be a count or a list to be stored in a Storm topology")
+        try:
+            out[pe_id] = [encode(element) for element in feed]
+        except WireError as exc:
+            raise InputError(f"the input of PE {pe_id} cannot be stored in a Storm topology: {exc}") from exc
+    return out
+
+
+def _pickle(plan: ExecutionPlan, functions: dict[str, Callable[[Any], Any]]) -> bytes:
+    for pe_id, pe in plan.pes.items():
+        if type(pe).__module__ == "__main__":
+            raise GraphError(
+                f"PE {pe_id}: its class {type(pe).__name__} is defined in __main__; Storm's workers cannot"
+                " import it (define it in a module)"
+            )
+    with _defining_modules(_objects(plan, functions)):
+        for pe_id, pe in plan.pes.items():
+            try:
+                pickle.dumps(pe)
+            except Exception as exc:
+                raise GraphError(
+                    f"PE {pe_id} cannot be pickled for Storm's workers: {type(exc).__name__}: {exc}"
+                ) from exc
+        try:
+            return pickle.dumps({"pes": dict(plan.pes), "functions": functions})
+        except Exception as exc:
+            raise GraphError(f"a group-by key function cannot be pickled for Storm's workers: {exc}") from exc
+
+
+def _objects(plan: ExecutionPlan, functions: dict[str, Callable[[Any], Any]]) -> list[Any]:
+    """The classes and functions the pickled PEs refer to by module."""
+    objects: list[Any] = [type(pe) for pe in plan.pes.values()] + list(functions.values())
+    return objects + [fn for pe in plan.pes.values() if callable(fn := getattr(pe, "fn", None))]
+
+
+def _namespace(obj: Any) -> dict[str, Any] | None:
+    """The globals of the module that defined ``obj`` (a function, or a class with a method)."""
+    target = getattr(obj, "func", obj)  # functools.partial
+    if isinstance(target, type):
+        for value in vars(target).values():
+            value = getattr(value, "__func__", value)
+            if hasattr(value, "__globals__"):
+                return dict(value.__globals__)
+        return None
+    found = getattr(target, "__globals__", None)
+    return dict(found) if isinstance(found, dict) else None
+
+
+@contextlib.contextmanager
+def _defining_modules(objects: list[Any]) -> Iterator[None]:
+    """Make ``sys.modules`` show the modules that defined ``objects`` while pickling.
+
+    A workflow file loaded twice leaves the first copy in ``sys.modules``;
+    pickle looks classes up there and would refuse the second copy's.
+    """
+    saved: dict[str, types.ModuleType | None] = {}
+    for obj in objects:
+        module_name = getattr(obj, "__module__", None)
+        current = sys.modules.get(module_name) if module_name else None
+        name = getattr(obj, "__qualname__", "")
+        if not module_name or module_name in saved or "." in name or getattr(current, name, None) is obj:
+            continue
+        namespace = _namespace(obj)
+        if namespace is None:
+            continue
+        shadow = types.ModuleType(module_name)
+        shadow.__dict__.update(namespace)
+        saved[module_name] = current
+        sys.modules[module_name] = shadow
+    try:
+        yield
+    finally:
+        for module_name, module in saved.items():
+            if module is None:
+                sys.modules.pop(module_name, None)
+            else:
+                sys.modules[module_name] = module
+
+
+def _local_modules(plan: ExecutionPlan, functions: dict[str, Callable[[Any], Any]]) -> dict[str, Path]:
+    """Top-level modules defining the PEs (or key functions) that are not installed: they go into ``src``."""
+    installed = {Path(sysconfig.get_paths()[key]).resolve() for key in ("stdlib", "platstdlib", "purelib", "platlib")}
+    found: dict[str, Path] = {}
+    for obj in _objects(plan, functions):
+        module_name = getattr(obj, "__module__", None)
+        if not module_name or "." in module_name or module_name in found:
+            continue
+        namespace = _namespace(obj) or vars(sys.modules.get(module_name) or types.ModuleType(module_name))
+        file = namespace.get("__file__")
+        if not isinstance(file, str) or not file.endswith(".py"):
+            continue
+        path = Path(file).resolve()
+        if any(path.is_relative_to(base) for base in installed):
+            continue
+        found[module_name] = path
+    return found
+
+
+def _identifier(name: str, taken: set[str]) -> str:
+    base = re.sub(r"\W", "_", name)
+    if not base or base[0].isdigit():
+        base = f"pe_{base}"
+    candidate, counter = base, 1
+    while candidate in taken:
+        counter += 1
+        candidate = f"{base}_{counter}"
+    taken.add(candidate)
+    return candidate
+
+
+def _class_names(spec: TopologySpec) -> dict[str, str]:
+    taken: set[str] = {"Grouping", "Stream", "Topology", "PEBolt", "PESpout", "components"}
+    return {component.name: _identifier(component.name, taken) for component in spec.components}
+
+
+def _components_source(spec: TopologySpec) -> str:
+    names = _class_names(spec)
+    lines = [
+        f'"""The components of topology {spec.name}, generated by aiod4p: do not edit.',
+        "",
+        f"Storm runs each one as ``streamparse_run {COMPONENTS_MODULE}.<class>``.",
+        '"""',
+        "",
+        "from streamparse import Stream",
+        "",
+        "from aiod4p.storm.components import PEBolt, PESpout",
+    ]
+    for component in spec.components:
+        base = "PESpout" if component.kind == "spout" else "PEBolt"
+        streams = [f"Stream(fields={s.fields!r}, name={s.name!r})" for s in component.streams]
+        streams.append(f"Stream(fields={[EOS_FIELD]!r}, name={EOS_STREAM!r})")
+        lines += [
+            "",
+            "",
+            f"class {names[component.name]}({base}):",
+            f"    component = {component.name!r}",
+            "    outputs = [",
+        ]
+        lines += [f"        {stream}," for stream in streams]
+        lines.append("    ]")
+    return "\n".join(lines) + "\n"
+
+
+def _topology_source(spec: TopologySpec) -> str:
+    names = _class_names(spec)
+    class_name = "".join(part.capitalize() for part in re.split(r"[^A-Za-z0-9]", spec.name) if part) or "Workflow"
+    if class_name[0].isdigit():
+        class_name = f"T{class_name}"
+    lines = [
+        f'"""Storm topology {spec.name}, generated by aiod4p. Submit it with ``sparse submit``."""',
+        "",
+        "from streamparse import Grouping, Topology",
+        "",
+        f"import {COMPONENTS_MODULE} as components",
+        "",
+        "",
+        f"class {class_name}(Topology):",
+    ]
+    for component in spec.components:
+        attr = names[component.name]
+        args = [f"name={component.name!r}"]
+        if component.inputs:
+            inputs = [
+                f"            {names[i.source]}[{i.stream!r}]: {_grouping_source(i.grouping, i.fields)},"
+                for i in component.inputs
+            ]
+            args.append("inputs={\n" + "\n".join(inputs) + "\n        }")
+        args.append(f"par={component.parallelism}")
+        lines.append(f"    {attr} = components.{attr}.spec(")
+        lines += [f"        {arg}," for arg in args]
+        lines.append("    )")
+    return "\n".join(lines) + "\n"
+
+
+def _grouping_source(grouping: str, fields: tuple[str, ...]) -> str:
+    if grouping == "fields":
+        return f"Grouping.fields({list(fields)!r})"
+    return _GROUPINGS[grouping]
+
+
+def _config(envs: Mapping[str, Any] | None) -> dict[str, Any]:
+    return {
+        "serializer": "json",
+        "topology_specs": "topologies/",
+        "virtualenv_specs": "virtualenvs/",
+        "envs": dict(envs)
+        if envs
+        else {"prod": {"nimbus": "", "use_ssh_for_nimbus": False, "use_virtualenv": False, "workers": []}},
+    }
+
+
+_PROJECT_CLJ = """\
+(defproject {name} "0.0.1-SNAPSHOT"
+  :resource-paths ["_resources"]
+  :target-path "_build"
+  :min-lein-version "2.0.0"
+  :jvm-opts ["-client"]
+  :dependencies  [[org.apache.storm/storm-core "{storm}"]
+                  [org.apache.storm/flux-core "{storm}"]]
+  :jar-exclusions     [#"log4j\\.properties" #"org\\.apache\\.storm\\.(?!flux)" #"trident"
+                       #"META-INF" #"meta-inf" #"\\.yaml"]
+  :uberjar-exclusions [#"log4j\\.properties" #"org\\.apache\\.storm\\.(?!flux)" #"trident"
+                       #"META-INF" #"meta-inf" #"\\.yaml"]
+  )
+"""
+
+
+def load_topology(directory: str | Path) -> Any:
+    """Import the project's topology definition and return its streamparse ``Topology`` class.
+
+    Raises:
+        TargetError: the project has no single topology, or it fails to import
+            (streamparse rejects an invalid definition at class creation).
+    """
+    root = Path(directory)
+    files = sorted((root / "topologies").glob("*.py"))
+    if len(files) != 1:
+        raise TargetError(f"{root / 'topologies'} must hold exactly one topology file, not {len(files)}")
+    from streamparse import Topology
+
+    src = str((root / "src").resolve())
+    saved = sys.modules.pop(COMPONENTS_MODULE, None)
+    sys.path.insert(0, src)
+    module_name = f"_aiod4p_topology_{files[0].stem}"
+    try:
+        module_spec = importlib.util.spec_from_file_location(module_name, files[0])
+        assert module_spec is not None and module_spec.loader is not None
+        module = importlib.util.module_from_spec(module_spec)
+        module_spec.loader.exec_module(module)
+    except Exception as exc:
+        raise TargetError(f"the topology {files[0]} is invalid: {type(exc).__name__}: {exc}") from exc
+    finally:
+        sys.path.remove(src)
+        sys.modules.pop(COMPONENTS_MODULE, None)
+        if saved is not None:
+            sys.modules[COMPONENTS_MODULE] = saved
+    for value in vars(module).values():
+        if isinstance(value, type) and issubclass(value, Topology) and value.__module__ == module_name:
+            return value
+    raise TargetError(f"{files[0]} defines no streamparse Topology")
+
+
+def build_jar(project: Project, jar: str | Path) -> Path:
+    """Write the topology jar Storm runs: the project's ``src`` under ``resources/``.
+
+    Pure-Python topologies need nothing else from the jar (Storm's multilang
+    classes come with the cluster), so no JVM build tool is needed.
+
+    Raises:
+        TargetError: the jar cannot be written.
+    """
+    path = Path(jar)
+    try:
+        with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as archive:
+            archive.writestr("META-INF/MANIFEST.MF", "Manifest-Version: 1.0\r\nCreated-By: aiod4p\r\n\r\n")
+            for file in sorted(project.src.rglob("*")):
+                if file.is_file() and "__pycache__" not in file.parts:
+                    archive.write(file, f"resources/{file.relative_to(project.src).as_posix()}")
+    except OSError as exc:
+        raise TargetError(f"cannot write the topology jar {path}: {exc.strerror or exc}") from exc
+    return path

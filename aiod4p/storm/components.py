@@ -1,0 +1,338 @@
+"""The spout and bolt that host a PE inside Storm, speaking multilang through pystorm.
+
+A generated project has one subclass per component (``src/aiod4p_components.py``),
+which sets :attr:`HostedComponent.component` and streamparse's ``outputs``;
+Storm starts it as ``streamparse_run aiod4p_components.<Name>``. At start-up
+the component reads the topology spec (``aiod4p_topology.json``) and the
+pickled PEs (``aiod4p_pes.pickle``) next to that module, takes the PE of its
+component, and runs its ``preprocess``. The PE is called by the core engine's
+actor (one instance per Storm task, numbered 0..tasks-1 by task id), so
+every calling convention (plain, ``async def``, generators, ``write``) works
+as in the other mappings; Storm does the routing.
+
+Bolt: for each tuple, the PE processes the item; its outputs are emitted,
+anchored to the tuple, on the streams of their ports, then the tuple is
+acked. If the PE raises (or writes an item that cannot cross Storm), nothing
+is emitted, the error is logged and reported to Storm, the tuple is failed,
+and the bolt goes on with the next tuple. Once the end-of-stream markers of
+every upstream task have arrived, ``postprocess`` runs, its outputs are
+emitted, and the bolt sends its own marker downstream.
+
+Spout: the root PE runs in the core engine (a :class:`aiod4p._engine.Worker`
+on a background thread) over the feed stored in the spec; ``next_tuple``
+emits what it has produced, each tuple with a message id. A failed tuple is
+replayed with the same id, at most ``max_replays`` times (then it is dropped
+and an error is reported): at-least-once delivery. When the feed is exhausted
+and every tuple is acked (or dropped), the spout emits its end-of-stream
+marker, unreliably.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import pickle
+import queue
+import sys
+import threading
+import warnings
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Any, ClassVar
+
+from .._engine import Worker, _Actor, _error
+from .._graph import FlatGraph
+from .._pe import PE, _Runtime
+from .._plan import InstanceRef, PlanOptions, make_plan
+from ..errors import PEError, TransportError
+from ._spec import EOS_STREAM, ComponentSpec, TopologySpec
+from ._wire import WireError, decode, encode
+
+warnings.filterwarnings("ignore", message="Cannot import msgpack", category=ImportWarning)
+
+from pystorm.component import LogStream  # noqa: E402
+from streamparse import Bolt, Spout  # noqa: E402
+
+__all__ = ["HostedComponent", "PEBolt", "PESpout", "SPEC_FILE", "PES_FILE"]
+
+SPEC_FILE = "aiod4p_topology.json"
+PES_FILE = "aiod4p_pes.pickle"
+
+pe_logger = logging.getLogger("aiod4p.pe")
+
+
+class _Loaded:
+    """What a component reads at start-up: its spec, its PE and key functions."""
+
+    def __init__(self, directory: Path, name: str) -> None:
+        self.topology = TopologySpec.from_json(json.loads((directory / SPEC_FILE).read_text()))
+        self.spec: ComponentSpec = self.topology.component(name)
+        with open(directory / PES_FILE, "rb") as handle:
+            stored = pickle.load(handle)
+        self.pe: PE = stored["pes"][name]
+        self.functions: dict[str, Callable[[Any], Any]] = stored["functions"]
+
+
+class HostedComponent:
+    """What spouts and bolts share: loading, the PE instance, and emitting items.
+
+    Attributes:
+        component: the component (PE id) this class hosts; set by the generated subclass.
+    """
+
+    component: ClassVar[str] = ""
+
+    loaded: _Loaded
+    actor: _Actor
+    index: int
+    logger: logging.Logger  # pystorm's, set up before initialize()
+
+    def _host(self, context: dict[str, Any], fed: bool) -> Worker:
+        """Load the PE and build the engine worker for this task's instance (with its feed if ``fed``)."""
+        # PE logs and print() go to Storm's log at pystorm's level; print() must not corrupt the protocol.
+        logging.getLogger("aiod4p").setLevel(self.logger.level or logging.INFO)
+        sys.stdout = LogStream(logging.getLogger("aiod4p.stdout"))
+        module = sys.modules[type(self).__module__]
+        self.loaded = _Loaded(Path(module.__file__ or ".").resolve().parent, self.component)
+        tasks = sorted(int(task) for task, name in context["task->component"].items() if name == self.component)
+        self.index = tasks.index(int(context["taskid"]))
+        pe = self.loaded.pe
+        pe.parallelism = len(tasks)
+        plan = make_plan(
+            FlatGraph({self.component: pe}, []), PlanOptions(workers=len(tasks), batch_size=_BATCH, credits=1)
+        )
+        feeds: dict[str, Any] = {}
+        if fed:
+            feed = self.loaded.topology.feeds.get(self.component, 0)
+            feeds[self.component] = feed if isinstance(feed, int) else [decode(element) for element in feed]
+        worker = Worker(plan, self.index, feeds=feeds, results=self._sink())
+        self.actor = worker.actors[InstanceRef(self.component, self.index)]
+        return worker
+
+    def _sink(self) -> Any:
+        return None
+
+    def _tuples(self, port: str, items: list[Any]) -> list[tuple[str, list[Any]]]:
+        """The ``(stream, values)`` to emit for ``items`` written to ``port``.
+
+        Raises:
+            TransportError: an item (or its grouping key) is not JSON-representable.
+        """
+        out = []
+        streams = self.loaded.spec.streams_of(port)
+        for item in items:
+            try:
+                wire = encode(item)
+                for stream in streams:
+                    values = [wire]
+                    for key in stream.keys:
+                        if key.function is not None:
+                            values.append(encode(self.loaded.functions[key.function](item)))
+                        else:
+                            assert key.index is not None
+                            values.append(encode(item[key.index]))
+                    out.append((stream.name, values))
+            except (WireError, LookupError, TypeError) as exc:
+                raise TransportError(
+                    f"PE {self.component}[{self.index}] wrote an item to output port {port!r} that cannot cross"
+                    f" Storm: {exc}"
+                ) from exc
+        return out
+
+
+# Outputs of one call stay in the actor's buffers (the engine routes a buffer only when it is this full).
+_BATCH = sys.maxsize
+
+
+class PEBolt(HostedComponent, Bolt):  # type: ignore[misc]
+    """A bolt hosting one PE instance per task; see the module docstring."""
+
+    auto_ack = True
+    auto_anchor = True
+    auto_fail = True
+    exit_on_exception = False  # a failing item fails its tuple, not the whole Storm worker
+
+    def initialize(self, storm_conf: dict[str, Any], context: dict[str, Any]) -> None:
+        self._host(context, False)
+        spec = self.loaded.spec
+        self.ports = {(i.source, i.stream): i.port for i in spec.inputs if i.stream != EOS_STREAM}
+        upstream = set(spec.upstream)
+        self.expected_eos = {int(t) for t, name in context["task->component"].items() if name in upstream}
+        self.eos_seen: set[int] = set()
+        self.finished = False
+        self.runner = asyncio.Runner()
+        actor = self.actor
+        # A plain or generator PE never awaits: its calls complete without an event loop turn.
+        self.plain = (actor.fn_kind if actor.fn is not None else actor.process_kind) in ("sync", "gen")
+        pe = self.actor.pe
+        pe._runtime = _Runtime(
+            self.actor.buffers,
+            self.index,
+            logging.LoggerAdapter(pe_logger, {"pe": self.component, "instance": self.index}),
+        )
+        self.runner.run(self.actor._lifecycle("preprocess", pe.preprocess))
+        self._emit_buffers(None)
+
+    def process(self, tup: Any) -> None:
+        if tup.stream == EOS_STREAM:
+            self._end_of_stream(tup)
+            return
+        port = self.ports.get((tup.component, tup.stream))
+        if port is None:
+            raise TransportError(
+                f"PE {self.component} received a tuple from {tup.component}:{tup.stream},"
+                " which it does not subscribe to"
+            )
+        call = self._call(port, decode(tup.values[0]))
+        if self.plain:
+            _complete(call)
+        else:
+            self.runner.run(call)
+        self._emit_buffers(tup)
+
+    async def _call(self, port: str, item: Any) -> None:
+        try:
+            await self.actor._handle(port, [item])
+        except Exception as exc:
+            self._clear()
+            raise _error(self.actor.ref, port, exc) from exc
+
+    def _clear(self) -> None:
+        buffers = self.actor.buffers
+        for port in buffers:
+            buffers[port] = []
+
+    def _emit_buffers(self, anchor: Any) -> None:
+        """Emit everything the PE wrote, anchored to ``anchor``; nothing if an item cannot cross."""
+        buffers = self.actor.buffers
+        try:
+            pending = [self._tuples(port, items) for port, items in buffers.items() if items]
+        finally:
+            self._clear()
+        anchors = [anchor] if anchor is not None else None
+        for tuples in pending:
+            for stream, values in tuples:
+                self.emit(values, stream=stream, anchors=anchors)
+
+    def _end_of_stream(self, tup: Any) -> None:
+        self.eos_seen.add(int(tup.task))
+        if self.finished or not self.expected_eos <= self.eos_seen:
+            return
+        self.finished = True
+        try:
+            self.runner.run(self.actor._lifecycle("postprocess", self.actor.pe.postprocess))
+            self._emit_buffers(tup)
+        except Exception as exc:
+            self._clear()
+            self.logger.error("postprocess of PE %s failed: %s", self.component, exc)
+            self.raise_exception(exc, tup)
+        self.emit([self.component], stream=EOS_STREAM, anchors=[tup])
+
+
+def _complete(call: Coroutine[Any, Any, None]) -> None:
+    """Run a coroutine that never suspends, without an event loop."""
+    try:
+        call.send(None)
+    except StopIteration:
+        return
+    call.close()
+    raise RuntimeError("a plain PE call suspended; it needs an event loop")
+
+
+_DONE = object()
+
+
+class _QueueSink:
+    """The spout's result sink: hands the engine's output batches to Storm's thread."""
+
+    def __init__(self, size: int) -> None:
+        self.queue: queue.Queue[Any] = queue.Queue(size)
+
+    async def emit(self, pe: str, port: str, items: list[Any]) -> None:
+        self.queue.put((port, items))  # blocks the engine's loop: back-pressure from Storm
+
+
+class PESpout(HostedComponent, Spout):  # type: ignore[misc]
+    """A spout running a root PE over its feed; see the module docstring."""
+
+    wait_seconds = 0.05  # the longest next_tuple waits for the engine when it has nothing ready
+
+    def initialize(self, storm_conf: dict[str, Any], context: dict[str, Any]) -> None:
+        self.max_replays = int(storm_conf.get("aiod4p.max_replays", -1))
+        self.sink = _QueueSink(16)
+        worker = self._host(context, True)
+        if self.max_replays < 0:
+            self.max_replays = self.loaded.topology.max_replays
+        self.pending: dict[int, list[Any]] = {}  # id -> [stream, values, attempts]
+        self.next_id = 0
+        self.produced = False
+        self.eos_sent = False
+        self.thread = threading.Thread(target=self._produce, args=(worker,), name="aiod4p engine", daemon=True)
+        self.thread.start()
+
+    def _sink(self) -> Any:
+        return self.sink
+
+    def _produce(self, worker: Worker) -> None:
+        try:
+            asyncio.run(worker.run())
+        except Exception as exc:  # reported to Storm from the spout's thread
+            self.sink.queue.put(exc)
+        self.sink.queue.put(_DONE)
+
+    def next_tuple(self) -> None:
+        if not self.produced:
+            try:
+                entry = self.sink.queue.get(timeout=self.wait_seconds)
+            except queue.Empty:
+                return
+            self._take(entry)
+        if self.produced and not self.pending and not self.eos_sent:
+            self.eos_sent = True
+            self.emit([self.component], stream=EOS_STREAM)
+
+    def _take(self, entry: Any) -> None:
+        if entry is _DONE:
+            self.produced = True
+            return
+        if isinstance(entry, BaseException):
+            self._report(entry)
+            return
+        port, items = entry
+        for item in items:
+            try:
+                tuples = self._tuples(port, [item])
+            except TransportError as exc:
+                self._report(exc)
+                continue
+            for stream, values in tuples:
+                tup_id = self.next_id
+                self.next_id += 1
+                self.pending[tup_id] = [stream, values, 0]
+                self.emit(values, tup_id=tup_id, stream=stream)
+
+    def _report(self, exc: BaseException) -> None:
+        detail = exc.traceback_text if isinstance(exc, PEError) else ""
+        message = f"{exc}\n{detail}".rstrip()
+        self.logger.error("%s", message)
+        self.send_message({"command": "error", "msg": message})
+
+    def ack(self, tup_id: Any) -> None:
+        self.pending.pop(tup_id, None)
+
+    def fail(self, tup_id: Any) -> None:
+        entry = self.pending.get(tup_id)
+        if entry is None:
+            return
+        entry[2] += 1
+        if entry[2] > self.max_replays:
+            del self.pending[tup_id]
+            message = (
+                f"PE {self.component}[{self.index}]: tuple {tup_id} on stream {entry[0]!r} failed"
+                f" {entry[2]} times; dropped after {self.max_replays} replays"
+            )
+            self.logger.error("%s", message)
+            self.send_message({"command": "error", "msg": message})
+            return
+        self.emit(entry[1], tup_id=tup_id, stream=entry[0])  # replay: at-least-once

@@ -1,0 +1,191 @@
+"""A TCP service that embeds a workflow: observations in, results streamed back.
+
+    python examples/service.py --port 8765
+    # then, from another terminal (one JSON observation per line):
+    printf '{"sensor": "t1", "value": 20.5}\\n{"sensor": "t1", "value": 21}\\n' | nc 127.0.0.1 8765
+
+Standard library only. Each client sends JSON Lines observations
+``{"sensor": str, "value": number}`` and receives JSON Lines back, on the
+same connection:
+
+* ``{"sensor", "value", "calibrated"}`` for every valid observation;
+* ``{"sensor", "mean", "count"}`` for every window of ``--window``
+  observations of one sensor from that client (a keyed count window);
+* ``{"error": ..., "line": ...}`` for an invalid observation.
+
+One workflow runs for the whole service, inside the server's event loop. A
+client's observations are fed with ``await run.send(...)``, which waits while
+the workflow is full: the connection is then not read, so TCP flow control
+slows that client down. Results come out of ``async for record in run`` and
+go back to the client that sent the observation. On SIGINT/SIGTERM the server
+stops accepting, drains the workflow (every accepted observation gets its
+result), and exits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import signal
+import statistics
+from typing import Any
+
+import aiod4p
+from aiod4p import GenericPE, WorkflowGraph
+from aiod4p.windows import CountWindow
+
+
+class Validate(GenericPE):
+    """Checks an observation: valid ones go to ``output``, the others to ``errors``."""
+
+    def __init__(self) -> None:
+        super().__init__(inputs=["input"], outputs=["output", "errors"])
+
+    def process(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        obs = inputs["input"]
+        data = obs.get("data")
+        if not isinstance(data, dict) or not isinstance(data.get("sensor"), str):
+            return {
+                "errors": {"client": obs["client"], "error": "an observation needs a 'sensor' string", "line": data}
+            }
+        value = data.get("value")
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return {"errors": {"client": obs["client"], "error": "'value' must be a number", "line": data}}
+        return {"output": {"client": obs["client"], "sensor": data["sensor"], "value": value}}
+
+
+class Calibrate(GenericPE):
+    """Applies the sensor calibration (a gain and an offset).
+
+    Writes each calibrated observation to ``output`` (on to the window) and
+    to ``reply`` (not connected: a result, sent back to the client).
+    """
+
+    def __init__(self, gain: float = 1.0, offset: float = 0.0) -> None:
+        super().__init__(inputs=["input"], outputs=["output", "reply"])
+        self.gain, self.offset = gain, offset
+
+    def process(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        obs = inputs["input"]
+        calibrated = {**obs, "calibrated": round(obs["value"] * self.gain + self.offset, 6)}
+        return {"output": calibrated, "reply": calibrated}
+
+
+def client_and_sensor(obs: dict[str, Any]) -> tuple[int, str]:
+    """The window key: one window series per client and sensor."""
+    return obs["client"], obs["sensor"]
+
+
+def mean_of(observations: list[dict[str, Any]]) -> float:
+    return statistics.fmean(obs["calibrated"] for obs in observations)
+
+
+def service_graph(window: int = 5, gain: float = 1.0, offset: float = 0.0) -> WorkflowGraph:
+    """validate -> calibrate -> (results, keyed count window -> results)."""
+    graph = WorkflowGraph()
+    validate = Validate()
+    validate.id = "validate"
+    calibrate = Calibrate(gain, offset)
+    means = CountWindow(window, key=client_and_sensor, aggregate=mean_of, partial=False, name="means")
+    graph.connect(validate, "output", calibrate, "input")
+    graph.connect(calibrate, "output", means, "input")
+    return graph
+
+
+class ObservationService:
+    """The service: a TCP server and the workflow it feeds.
+
+    Args:
+        window: observations per mean (per client and sensor).
+        gain, offset: the calibration.
+    """
+
+    def __init__(self, window: int = 5, gain: float = 1.0, offset: float = 0.0) -> None:
+        self.feed = aiod4p.LiveFeed(maxsize=256)
+        self.run = aiod4p.start(service_graph(window, gain, offset), {"validate": self.feed})
+        self.clients: dict[int, asyncio.StreamWriter] = {}
+        self._next_client = 0
+        self._server: asyncio.Server | None = None
+        self._dispatcher: asyncio.Task[None] | None = None
+
+    async def start(self, host: str = "127.0.0.1", port: int = 0) -> tuple[str, int]:
+        """Start the workflow and listen; returns the bound address."""
+        self.run.start()
+        self._dispatcher = asyncio.create_task(self._dispatch())
+        self._server = await asyncio.start_server(self._serve, host, port)
+        address: tuple[str, int] = self._server.sockets[0].getsockname()[:2]
+        return address
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        client = self._next_client
+        self._next_client += 1
+        self.clients[client] = writer
+        try:
+            async for line in reader:
+                if not line.strip():
+                    continue
+                try:
+                    data = json.loads(line)
+                except ValueError:
+                    data = line.decode("utf-8", "replace").strip()
+                await self.run.send("validate", {"client": client, "data": data})  # waits while the workflow is full
+                await writer.drain()  # a client that does not read its results is not read either
+        except aiod4p.Aiod4pError:
+            pass  # the service is shutting down: the feed is closed
+        finally:
+            writer.close()
+            with contextlib.suppress(ConnectionError):
+                await writer.wait_closed()
+
+    async def _dispatch(self) -> None:
+        async for record in self.run:
+            data = dict(record.data)
+            if record.pe == "means":
+                client, sensor = data["key"]
+                reply: dict[str, Any] = {"sensor": sensor, "mean": data["value"], "count": data["count"]}
+            else:
+                client = data.pop("client")
+                reply = data
+            writer = self.clients.get(client)
+            if writer is not None and not writer.is_closing():
+                writer.write(json.dumps(reply).encode() + b"\n")
+
+    async def aclose(self) -> None:
+        """Stop accepting, let every accepted observation through, then close the connections."""
+        if self._server is not None:
+            self._server.close()
+        self.run.drain()
+        if self._dispatcher is not None:
+            await self._dispatcher
+        for writer in self.clients.values():
+            writer.close()
+        if self._server is not None:
+            await self._server.wait_closed()
+        await self.run.aclose()
+
+
+async def serve(host: str, port: int, window: int) -> None:
+    service = ObservationService(window)
+    address = await service.start(host, port)
+    print(f"listening on {address[0]}:{address[1]}", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    await stop.wait()
+    await service.aclose()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8765)
+    parser.add_argument("--window", type=int, default=5, help="observations per mean")
+    args = parser.parse_args()
+    asyncio.run(serve(args.host, args.port, args.window))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,191 @@
+"""Workflows embedded in an application's event loop; the example service driven by real clients."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import workflows as wf
+
+import aiod4p
+from aiod4p import Aiod4pError, InputError, IterativePE, LiveFeed, PEError, WorkflowGraph
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "examples"))
+
+import service  # noqa: E402 - the example, imported from examples/
+
+
+class Gate(IterativePE):
+    """Passes items once the test opens its gate."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = asyncio.Event()
+
+    async def process_item(self, item: Any) -> Any:
+        await self.gate.wait()
+        return item
+
+
+def gated() -> tuple[WorkflowGraph, wf.Double, Gate]:
+    graph = WorkflowGraph()
+    graph.connect(entry := wf.Double(), "output", gate := Gate(), "input")
+    return graph, entry, gate
+
+
+@pytest.mark.asyncio
+async def test_send_waits_while_the_workflow_is_full() -> None:
+    graph, entry, gate = gated()
+    feed = LiveFeed(maxsize=8)
+    run = aiod4p.start(graph, {entry: feed}, batch_size=4, credits=1)
+    total = 500
+    async with asyncio.timeout(20), run:
+
+        async def produce() -> None:
+            for i in range(total):
+                await run.send(entry.id, i)
+            feed.close()
+
+        sender = asyncio.create_task(produce())
+        while not feed.full():  # noqa: ASYNC110 - the feed fills up behind the closed gate
+            await asyncio.sleep(0.001)
+        for _ in range(100):  # let every task take more steps: the sender stays blocked
+            await asyncio.sleep(0)
+        assert not sender.done() and feed.full()
+        stats = {s.pe: s for s in run.live_stats()}
+        assert stats[entry.id].items_in < 4 * 4  # the engine holds a few batches, the rest waits in send()
+        gate.gate.set()
+        data = (await run.results()).data()
+        await sender
+    assert data == [2 * i for i in range(total)]
+
+
+@pytest.mark.asyncio
+async def test_several_workflows_side_by_side_in_one_loop() -> None:
+    runs = []
+    for factor in (1, 2, 3):
+        graph = WorkflowGraph()
+        entry = wf.Double()
+        graph.add(entry)
+        feed = LiveFeed(4)
+        runs.append((aiod4p.start(graph, {entry: feed}, batch_size=2), entry, feed, factor))
+    async with asyncio.timeout(20):
+        collectors = [asyncio.ensure_future(run.results()) for run, *_ in runs]
+        for i in range(200):
+            for run, entry, _, factor in runs:
+                await run.send(entry.id, i * factor)
+        for _, _, feed, _ in runs:
+            feed.close()
+        results = [(await c).data() for c in collectors]
+    for (_, _, _, factor), data in zip(runs, results, strict=True):
+        assert data == [2 * i * factor for i in range(200)]
+
+
+@pytest.mark.asyncio
+async def test_send_errors() -> None:
+    graph, entry, gate = gated()
+    gate.gate.set()
+    feed = LiveFeed()
+    run = aiod4p.start(graph, {entry: feed})
+    async with asyncio.timeout(20), run:
+        with pytest.raises(InputError, match=r"not a LiveFeed \(PEs fed by a LiveFeed: Double"):
+            await run.send(gate.id, 1)
+        await run.send("Double", 1)  # by name
+        feed.close()
+        with pytest.raises(Aiod4pError, match="feed is closed"):
+            await run.send(entry.id, 2)
+        assert (await run.results()).data() == [2]
+        with pytest.raises(Aiod4pError, match="feed is closed or the run has ended"):
+            await run.send(entry.id, 3)
+
+
+@pytest.mark.asyncio
+async def test_a_blocked_send_raises_the_runs_error() -> None:
+    graph = WorkflowGraph()
+    graph.connect(entry := wf.Double(), "output", fail := wf.Fail(on=2 * 300), "input")
+    graph.connect(fail, "output", wf.Discard(), "input")
+    feed = LiveFeed(2)
+    run = aiod4p.start(graph, {entry: feed}, batch_size=2, credits=1)
+    async with asyncio.timeout(20), run:
+        with pytest.raises(PEError, match="bad item 600"):
+            for i in range(10_000):
+                await run.send(entry.id, i)
+
+
+# -- the example service ---------------------------------------------------------------
+
+
+async def talk(address: tuple[str, int], lines: list[Any], expect: int) -> list[dict[str, Any]]:
+    """A real client: send observations, read ``expect`` replies."""
+    reader, writer = await asyncio.open_connection(*address)
+    try:
+        writer.write(
+            b"".join((json.dumps(x) if not isinstance(x, bytes) else x.decode()).encode() + b"\n" for x in lines)
+        )
+        await writer.drain()
+        return [json.loads(await reader.readline()) for _ in range(expect)]
+    finally:
+        writer.close()
+        await writer.wait_closed()
+
+
+def observations(sensor: str, count: int) -> list[dict[str, Any]]:
+    return [{"sensor": sensor, "value": float(i)} for i in range(count)]
+
+
+@pytest.mark.asyncio
+async def test_the_service_streams_results_back_to_each_client() -> None:
+    app = service.ObservationService(window=5, gain=2.0, offset=1.0)
+    async with asyncio.timeout(20):
+        address = await app.start()
+        first, second = await asyncio.gather(
+            talk(address, [*observations("t1", 10), b"not json", {"sensor": "t1"}], 10 + 2 + 2),
+            talk(address, observations("t2", 5), 5 + 1),
+        )
+        await app.aclose()
+    calibrated = [r["calibrated"] for r in first if "calibrated" in r]
+    assert calibrated == [2.0 * i + 1.0 for i in range(10)]
+    assert [(r["sensor"], r["mean"]) for r in first if "mean" in r] == [("t1", 5.0), ("t1", 15.0)]
+    assert [r["error"] for r in first if "error" in r] == [
+        "an observation needs a 'sensor' string",
+        "'value' must be a number",
+    ]
+    assert {r["sensor"] for r in second} == {"t2"}
+    assert [r["mean"] for r in second if "mean" in r] == [5.0]
+
+
+def test_the_service_as_a_process_with_a_real_client() -> None:
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "examples" / "service.py"), "--port", "0", "--window", "3"],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    try:
+        assert proc.stdout is not None
+        banner = proc.stdout.readline()
+        host, port = banner.split()[-1].rsplit(":", 1)
+        assert host == "127.0.0.1"
+
+        async def client() -> list[dict[str, Any]]:
+            async with asyncio.timeout(20):
+                return await talk((host, int(port)), observations("p", 6), 6 + 2)
+
+        replies = asyncio.run(client())
+        assert [r["mean"] for r in replies if "mean" in r] == [1.0, 4.0]
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=20) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()

@@ -1,0 +1,286 @@
+"""The mpi mapping with real mpiexec: both ways of launching, failures, drain, hosts.
+
+(The behaviour every mapping shares runs on mpi in test_mappings.py and
+test_differential.py through conftest.MAPPING_CASES.)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import workflows as wf
+
+import aiod4p
+from aiod4p import WorkflowGraph
+from aiod4p.errors import GraphError, MappingUnavailable, PEError, WorkerDied
+
+pytest.importorskip("mpi4py", reason="the mpi extra is not installed: pip install 'aiod4p[mpi]'")
+
+BIN = Path(sys.executable).parent
+MPIEXEC = BIN / "mpiexec"
+WORKFLOWS = Path(wf.__file__).resolve()
+
+
+def mpiexec(args: list[str], *, timeout: float = 30, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    """Run ``mpiexec args`` (the venv's aiod4p CLI on every rank); never leaves a rank behind."""
+    process = subprocess.Popen(
+        [str(MPIEXEC), *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=cwd,
+        start_new_session=True,
+    )
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.communicate()
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+
+
+def cli(*args: str) -> list[str]:
+    return [str(BIN / "aiod4p"), "run", *args]
+
+
+# -- launched under the user's mpiexec -----------------------------------------------
+
+
+def test_cli_under_mpiexec_only_rank_0_reports(tmp_path: Path) -> None:
+    out = tmp_path / "results.jsonl"
+    done = mpiexec(["-n", "3", *cli(f"{WORKFLOWS}:mpi_chain", "--mapping", "mpi", "-i", "500", "--results", str(out))])
+    assert done.returncode == 0, done.stderr
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert sorted(r["data"] for r in records) == [i * 8 for i in range(500)]
+    assert done.stdout == ""  # no rank printed "No results." or a summary
+
+
+def test_cli_under_mpiexec_prints_results_once() -> None:
+    done = mpiexec(["-n", "2", *cli(f"{WORKFLOWS}:mpi_chain", "--mapping", "mpi", "-i", "3")])
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.count("3 items") == 1
+    assert "No results" not in done.stdout
+
+
+def test_cli_under_mpiexec_rejects_another_n() -> None:
+    done = mpiexec(["-n", "2", *cli(f"{WORKFLOWS}:mpi_chain", "--mapping", "mpi", "-n", "3")])
+    assert done.returncode != 0
+    assert "has 2 ranks" in done.stderr
+
+
+def test_cli_under_mpiexec_pe_error_on_rank_1_ends_the_job() -> None:
+    started = time.monotonic()
+    done = mpiexec(["-n", "2", *cli(f"{WORKFLOWS}:mpi_failing", "--mapping", "mpi", "-i", "100")])
+    assert done.returncode != 0
+    assert "FailsOnInstance" in done.stderr and "refuses item" in done.stderr
+    assert time.monotonic() - started < 10
+
+
+def test_cli_under_mpiexec_killed_rank_ends_the_job() -> None:
+    started = time.monotonic()
+    done = mpiexec(["-n", "2", *cli(f"{WORKFLOWS}:mpi_killed", "--mapping", "mpi", "-i", "100")])
+    assert done.returncode != 0
+    assert time.monotonic() - started < 10
+
+
+# -- launched by the mapping -----------------------------------------------------------
+
+
+def test_cli_launches_mpiexec_itself(tmp_path: Path) -> None:
+    out = tmp_path / "results.jsonl"
+    done = subprocess.run(
+        cli(f"{WORKFLOWS}:mpi_chain", "--mapping", "mpi", "-n", "2", "-i", "100", "--results", str(out)),
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert done.returncode == 0, done.stderr
+    assert len(out.read_text().splitlines()) == 100
+
+
+def test_cli_launched_pe_error_exits_non_zero() -> None:
+    done = subprocess.run(
+        cli(f"{WORKFLOWS}:mpi_failing", "--mapping", "mpi", "-n", "2", "-i", "100"),
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert done.returncode == 1
+    assert "FailsOnInstance" in done.stderr and "refuses item" in done.stderr
+    assert "Abort(" not in done.stderr  # the expected teardown is not shown as noise
+
+
+def test_pe_error_on_another_rank_names_the_pe() -> None:
+    started = time.monotonic()
+    with pytest.raises(PEError) as caught:
+        aiod4p.run(wf.mpi_failing(), 100, mapping="mpi", workers=3)
+    assert caught.value.pe.startswith("FailsOnInstance") and caught.value.instance == 1
+    assert "ValueError" in caught.value.traceback_text
+    assert time.monotonic() - started < 10
+
+
+def test_a_rank_killed_by_a_signal_fails_the_run() -> None:
+    started = time.monotonic()
+    with pytest.raises(WorkerDied, match="mpiexec exited"):
+        aiod4p.run(wf.mpi_killed(), 100, mapping="mpi", workers=2)
+    assert time.monotonic() - started < 10
+
+
+def test_statistics_of_every_rank() -> None:
+    graph, _ = wf.pipeline(3)
+
+    async def main() -> list[aiod4p.InstanceStats]:
+        async with asyncio.timeout(30):
+            run = aiod4p.start(graph, 1000, mapping="mpi", workers=2)
+            await run.results()
+            return run.stats
+
+    stats = asyncio.run(main())
+    assert {s.worker for s in stats} == {0, 1}
+    per_pe: dict[str, int] = {}
+    for entry in stats:
+        per_pe[entry.pe] = per_pe.get(entry.pe, 0) + entry.items_in
+    assert sorted(per_pe.values()) == [1000] * 4
+
+
+async def _endless() -> AsyncIterator[int]:
+    value = 0
+    while True:
+        yield value
+        value += 1
+        await asyncio.sleep(0)
+
+
+def test_drain_reaches_every_rank() -> None:
+    """Sources on rank 0 (a streamed endless input) and rank 1 (a huge count) both stop."""
+    graph = WorkflowGraph()
+    streamed, counted = wf.Double(), wf.Count()
+    counted.parallelism = 2  # instance 1 runs on rank 1
+    graph.connect(streamed, "output", wf.Discard(), "input")
+    graph.connect(counted, "output", double := wf.Double(), "input")
+
+    async def main() -> int:
+        async with asyncio.timeout(30):
+            run = aiod4p.start(graph, {streamed: _endless(), counted: 10**12}, mapping="mpi", workers=2)
+            seen = 0
+            async for _record in run:
+                seen += 1
+                if seen == 2000:
+                    run.drain()
+            return seen
+
+    seen = asyncio.run(main())
+    assert seen >= 2000
+    assert double.id  # the counted branch's results ended too: the iteration above finished
+
+
+def test_streamed_input_must_feed_rank_0_only() -> None:
+    graph = WorkflowGraph()
+    double = wf.Double()
+    double.parallelism = 2
+    graph.connect(double, "output", wf.Discard(), "input")
+    with pytest.raises(aiod4p.InputError, match=double.id):
+        aiod4p.run(graph, {double: iter(range(10))}, mapping="mpi", workers=2)
+
+
+def test_a_class_from_main_is_refused_clearly() -> None:
+    main_class = type("Local", (wf.Double,), {"__module__": "__main__"})
+    graph = WorkflowGraph()
+    graph.connect(wf.Count(), "output", main_class(), "input")
+    with pytest.raises(GraphError, match="defined in __main__"):
+        aiod4p.run(graph, 3, mapping="mpi", workers=2)
+
+
+def test_an_unpicklable_pe_is_refused_clearly() -> None:
+    graph = WorkflowGraph()
+    graph.connect(wf.Count(), "output", aiod4p.FunctionPE(lambda item: item), "input")
+    with pytest.raises(GraphError, match="pickling"):
+        aiod4p.run(graph, 3, mapping="mpi", workers=2)
+
+
+def test_missing_mpiexec_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AIOD4P_MPIEXEC", "/nonexistent/mpiexec")
+    with pytest.raises(MappingUnavailable, match="AIOD4P_MPIEXEC"):
+        aiod4p.run(wf.mpi_chain(), 3, mapping="mpi", workers=2)
+
+
+def test_missing_mpi4py_is_a_clear_error() -> None:
+    code = (
+        "import sys; sys.modules['mpi4py'] = None\n"
+        "import aiod4p, workflows\n"
+        "try:\n"
+        "    aiod4p.run(workflows.mpi_chain(), 3, mapping='mpi', workers=2)\n"
+        "except aiod4p.MappingUnavailable as exc:\n"
+        "    print(exc)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=30, cwd=WORKFLOWS.parent
+    )
+    assert "pip install 'aiod4p[mpi]'" in done.stdout, done.stderr
+
+
+def test_twenty_consecutive_runs_never_hang() -> None:
+    graph, _ = wf.pipeline(3)
+    for _ in range(20):
+        assert len(aiod4p.run(graph, 2000, mapping="mpi", workers=2)) == 2000
+
+
+# -- several hosts -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("hostfile", "flags"),
+    [("localhost:2\n127.0.0.1:2\n", []), ("nodeA:2\nnodeB:2\n", ["-launcher", "fork"])],
+    ids=["local-names", "fork-launcher"],
+)
+def test_ranks_on_two_hosts(tmp_path: Path, hostfile: str, flags: list[str]) -> None:
+    hosts = tmp_path / "hosts"
+    hosts.write_text(hostfile)
+    out = tmp_path / "results.jsonl"
+    args = ["-f", str(hosts), *flags, "-n", "4", *cli(f"{WORKFLOWS}:mpi_hosts", "--mapping", "mpi", "-i", "400")]
+    done = mpiexec([*args, "--results", str(out)])
+    assert done.returncode == 0, done.stderr
+    seen = [json.loads(line)["data"] for line in out.read_text().splitlines()]
+    assert sorted(item for _, _, item in seen) == list(range(400))
+    assert len({host for host, _, _ in seen}) == 2
+    assert len({pid for _, pid, _ in seen}) == 4
+
+
+def _marked_processes(mark: str) -> list[int]:
+    """Processes whose environment carries ``mark`` (the ranks and mpiexec of one test)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if mark.encode() in (entry / "environ").read_bytes():
+                    found.append(int(entry.name))
+            except OSError:
+                continue  # gone, or not ours to read
+    return found
+
+
+def test_cancelling_a_run_leaves_no_process_behind(monkeypatch: pytest.MonkeyPatch) -> None:
+    mark = f"AIOD4P_TEST_MARK=cancel-{os.getpid()}-{time.monotonic_ns()}"
+    monkeypatch.setenv("AIOD4P_TEST_MARK", mark.split("=", 1)[1])
+    graph, _ = wf.pipeline(2)
+
+    async def main() -> None:
+        async with asyncio.timeout(30):
+            run = aiod4p.start(graph, 10**12, mapping="mpi", workers=2)
+            async for _record in run:
+                break  # the job is running on both ranks
+            assert len(_marked_processes(mark)) >= 3  # mpiexec, its proxy, 2 ranks
+            await run.aclose()
+
+    asyncio.run(main())
+    assert _marked_processes(mark) == []

@@ -1,0 +1,455 @@
+"""The multi mapping: worker processes, failures, feeds, drain and cancel, no orphans.
+
+The behaviour shared with every mapping is in test_mappings.py (multi -n 1, 2, 4).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import multiprocessing
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+from multiprocessing import resource_tracker
+from pathlib import Path
+from typing import Any
+
+import pytest
+import workflows as wf
+
+import aiod4p
+from aiod4p import ConsumerPE, IterativePE, PEError, WorkflowGraph
+from aiod4p.errors import GraphError, InputError, TransportError, WorkerDied
+from aiod4p.mappings.multi import START_METHOD_ENV, MultiMapping, resolve_start_method
+
+ROOT = Path(__file__).resolve().parents[1]
+AIOD4P = [sys.executable, "-m", "aiod4p"]
+
+
+# -- PEs (module level: spawned workers import them) ---------------------------------------
+
+
+class Die(IterativePE):
+    """Ends its own process on item ``at``: SIGKILL, or os._exit(7)."""
+
+    def __init__(self, how: str, at: int = 50) -> None:
+        super().__init__(parallelism=2)
+        self.how = how
+        self.at = at
+
+    def process_item(self, item: int) -> int:
+        if item == self.at:
+            if self.how == "kill":
+                os.kill(os.getpid(), signal.SIGKILL)
+            os._exit(7)
+        return item
+
+
+class EmitLock(IterativePE):
+    """Emits an unpicklable object for item 7."""
+
+    def process_item(self, item: int) -> Any:
+        return threading.Lock() if item == 7 else item
+
+
+class HoldsLock(IterativePE):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lock = threading.Lock()
+
+    def process_item(self, item: int) -> int:
+        return item
+
+
+class Pid(IterativePE):
+    """Emits the process id it runs in."""
+
+    def process_item(self, item: int) -> int:
+        return os.getpid()
+
+
+class Slow(ConsumerPE):
+    """A sink slower than its source (real work, not synchronisation)."""
+
+    def consume(self, item: int) -> None:
+        if item % 500 == 0:
+            time.sleep(0.001)
+
+
+def _children() -> set[int]:
+    """Live child processes of this process, from /proc (but multiprocessing's resource tracker)."""
+    me, found = os.getpid(), set()
+    tracker = getattr(resource_tracker._resource_tracker, "_pid", None)
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == me and fields[0] != "Z" and int(entry.name) != tracker:
+                found.add(int(entry.name))
+    return found
+
+
+@pytest.fixture(autouse=True)
+def _no_leftover_processes() -> Iterator[None]:
+    before = _children()
+    yield
+    assert multiprocessing.active_children() == []
+    assert _children() <= before
+
+
+def _chain(middle: IterativePE) -> tuple[WorkflowGraph, Any]:
+    graph = WorkflowGraph()
+    graph.connect(source := wf.Count(), "output", middle, "input")
+    graph.connect(middle, "output", wf.Double(), "input")
+    return graph, source
+
+
+# -- placement --------------------------------------------------------------------------
+
+
+def test_instances_run_in_n_worker_processes() -> None:
+    graph, _ = _chain(Pid())
+    pids = set(aiod4p.run(graph, 2000, mapping="multi", workers=2).data())
+    assert len(pids) == 2 and os.getpid() not in pids
+
+
+def test_stats_come_from_every_worker() -> None:
+    graph, source = _chain(wf.Double())
+    run = aiod4p.start(graph, 3000, mapping="multi", workers=2)
+
+    async def main() -> None:
+        async with asyncio.timeout(30):
+            await run.results()
+
+    asyncio.run(main())
+    assert {(s.pe, s.worker) for s in run.stats if s.pe != source.id} == {
+        (pe.id, w) for pe in graph.pes if pe is not source for w in (0, 1)
+    }
+    assert sum(s.items_in for s in run.stats if s.pe == source.id) == 3000
+
+
+# -- start methods ----------------------------------------------------------------------
+
+
+def test_spawn_runs_with_a_pumped_generator_feed() -> None:
+    graph = WorkflowGraph()
+    graph.connect(double := wf.Double(), "output", wf.Double(), "input")
+    feed = (i for i in range(1000))
+    results = aiod4p.run(graph, {double: feed}, mapping=MultiMapping("spawn"), workers=2)
+    assert sorted(results.data()) == [4 * i for i in range(1000)]
+
+
+def test_an_async_generator_feed_is_pumped_from_the_parent() -> None:
+    async def numbers() -> AsyncIterator[int]:
+        for i in range(700):
+            if i % 100 == 0:
+                await asyncio.sleep(0)
+            yield i
+
+    graph = WorkflowGraph()
+    graph.connect(double := wf.Double(), "output", wf.Double(), "input")
+    results = aiod4p.run(graph, {double: numbers()}, mapping="multi", workers=2)
+    assert sorted(results.data()) == [4 * i for i in range(700)]
+
+
+def test_a_failing_feed_iterator_fails_the_run_as_the_feed() -> None:
+    def numbers() -> Iterator[int]:
+        yield from range(10)
+        raise KeyError("feed broke")
+
+    graph = WorkflowGraph()
+    graph.connect(double := wf.Double(), "output", wf.Double(), "input")
+    with pytest.raises(PEError, match="feed") as caught:
+        aiod4p.run(graph, {double: numbers()}, mapping="multi", workers=2)
+    assert caught.value.pe == double.id and "feed broke" in caught.value.traceback_text
+
+
+def test_start_method_option_and_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(ValueError, match="unknown start method 'bogus'"):
+        MultiMapping("bogus")
+    monkeypatch.setenv(START_METHOD_ENV, "spawn")
+    assert resolve_start_method() == "spawn"
+    assert resolve_start_method("fork") == "fork"
+    monkeypatch.setenv(START_METHOD_ENV, "nope")
+    with pytest.raises(ValueError, match="unknown start method 'nope'"):
+        resolve_start_method()
+
+
+def test_an_unpicklable_pe_under_spawn_is_named() -> None:
+    graph, _ = _chain(holder := HoldsLock())
+    with pytest.raises(GraphError, match=rf"PE {holder.id} cannot be pickled.*spawn"):
+        aiod4p.run(graph, 10, mapping=MultiMapping("spawn"), workers=2)
+    # fork inherits the PE: no pickling needed
+    assert len(aiod4p.run(graph, 10, mapping=MultiMapping("fork"), workers=1)) == 10
+
+
+def test_an_unpicklable_input_under_spawn_is_named() -> None:
+    graph = WorkflowGraph()
+    graph.connect(double := wf.Double(), "output", wf.Double(), "input")
+    with pytest.raises(InputError, match=rf"input of PE {double.id} cannot be pickled"):
+        aiod4p.run(graph, {double: [1, threading.Lock()]}, mapping=MultiMapping("spawn"), workers=1)
+
+
+# -- failures ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["fork", "spawn"])
+def test_a_pe_error_in_a_worker_names_the_pe_with_its_traceback(method: str) -> None:
+    graph = WorkflowGraph()
+    fail = wf.Fail(on=333)
+    graph.connect(wf.Count(), "output", fail, "input")
+    graph.connect(fail, "output", wf.Discard(), "input")
+    started = time.monotonic()
+    with pytest.raises(PEError) as caught:
+        aiod4p.run(graph, 100_000, mapping=MultiMapping(method), workers=2)
+    assert time.monotonic() - started < 15
+    assert (caught.value.pe, caught.value.port) == (fail.id, "input")
+    assert "bad item 333" in str(caught.value)
+    assert "ValueError: bad item 333" in caught.value.traceback_text
+    assert "process_item" in caught.value.traceback_text
+
+
+@pytest.mark.parametrize(("how", "expected"), [("kill", "killed by SIGKILL"), ("exit", "exited with code 7")])
+def test_a_dying_worker_fails_the_run_within_seconds(how: str, expected: str) -> None:
+    graph, _ = _chain(Die(how))
+    started = time.monotonic()
+    with pytest.raises(WorkerDied, match=expected):
+        aiod4p.run(graph, 10_000_000, mapping="multi", workers=2)
+    assert time.monotonic() - started < 10
+
+
+def test_an_unpicklable_item_between_workers_names_the_pe_and_port() -> None:
+    graph = WorkflowGraph()
+    emit = EmitLock(parallelism=1)
+    graph.connect(wf.Count(), "output", emit, "input")
+    graph.connect(emit, "output", wf.Double(parallelism=2), "input")  # half the items cross to worker 1
+    with pytest.raises(TransportError, match=rf"PE {emit.id}\[0\] wrote an item on output port 'output'.*pickle"):
+        aiod4p.run(graph, 100, mapping="multi", workers=2)
+
+
+def test_an_unpicklable_result_names_the_pe_and_port() -> None:
+    graph = WorkflowGraph()
+    graph.connect(wf.Count(), "output", emit := EmitLock(), "input")
+    with pytest.raises(TransportError, match=rf"PE {emit.id} wrote a result on output port 'output'.*lock"):
+        aiod4p.run(graph, 100, mapping="multi", workers=2)
+
+
+# -- drain and cancel -------------------------------------------------------------------
+
+
+def test_drain_stops_the_sources_in_every_worker() -> None:
+    graph, _ = _chain(wf.Double())
+
+    async def main() -> int:
+        run = aiod4p.start(graph, 10**9, mapping="multi", workers=2)
+        async with asyncio.timeout(30), run:
+            seen = 0
+            async for _ in run:
+                seen += 1
+                if seen == 5000:
+                    run.drain()
+            return seen
+
+    seen = asyncio.run(main())
+    assert 5000 <= seen < 10**9
+
+
+def test_drain_stops_a_pumped_infinite_feed() -> None:
+    graph = WorkflowGraph()
+    graph.connect(double := wf.Double(), "output", wf.Double(), "input")
+
+    async def main() -> int:
+        run = aiod4p.start(graph, {double: itertools.count()}, mapping="multi", workers=2)
+        async with asyncio.timeout(30), run:
+            seen = 0
+            async for _ in run:
+                seen += 1
+                if seen == 3000:
+                    run.drain()
+            return seen
+
+    assert asyncio.run(main()) >= 3000
+
+
+def test_cancelling_the_run_stops_every_worker() -> None:
+    graph, _ = _chain(wf.Double())
+
+    async def main() -> None:
+        run = aiod4p.start(graph, 10**9, mapping="multi", workers=2)
+        async with asyncio.timeout(30):
+            async with run:
+                async for _ in run:
+                    break
+            assert run.done
+
+    asyncio.run(main())  # the fixture checks that no worker is left
+
+
+def test_live_stats_are_published_while_running() -> None:
+    graph = WorkflowGraph()
+    graph.connect(wf.Count(), "output", sink := Slow(), "input")
+
+    async def main() -> None:
+        run = aiod4p.start(graph, 10**9, mapping="multi", workers=2)
+        async with asyncio.timeout(30), run:
+            while not any(s.pe == sink.id and s.items_in for s in run.live_stats()):  # noqa: ASYNC110
+                await asyncio.sleep(0.05)  # polling the published statistics
+            run.drain()
+            await run.results()
+
+    asyncio.run(main())
+
+
+# -- memory -----------------------------------------------------------------------------
+
+
+def test_two_million_items_through_a_slow_sink_stay_within_the_inflight_bound() -> None:
+    graph = WorkflowGraph()
+    graph.connect(wf.Count(), "output", double := wf.Double(), "input")
+    graph.connect(double, "output", sink := Slow(parallelism=1), "input")  # every item crosses to worker 0
+    run = aiod4p.start(graph, 2_000_000, mapping="multi", workers=2, batch_size=256, credits=2)
+
+    async def main() -> None:
+        async with asyncio.timeout(60):
+            await run.results()
+
+    asyncio.run(main())
+    sinks = [s for s in run.stats if s.pe == sink.id]
+    assert sum(s.items_in for s in sinks) == 2_000_000
+    for entry in run.stats:
+        assert entry.max_queued_items <= entry.inflight_bound, entry
+    # The sink's inbox held at most 2 channels x 2 credits x 256 items, whatever the input size.
+    assert sinks[0].inflight_bound == 2 * 2 * 256
+    assert sinks[0].max_queued_items > 0
+
+
+# -- command line -------------------------------------------------------------------------
+
+FLOW = textwrap.dedent(
+    """
+    import os, time
+    from aiod4p import IterativePE, ProducerPE, WorkflowGraph
+
+    class Numbers(ProducerPE):
+        def __init__(self):
+            super().__init__()
+            self.n = 0
+        def produce(self):
+            self.n += 1
+            return self.n
+
+    class Check(IterativePE):
+        def process_item(self, item):
+            if item == int(os.environ.get("FAIL_AT", "-1")):
+                raise RuntimeError(f"refusing {item}")
+            if item == 1000 and os.environ.get("READY"):
+                print("running", flush=True)
+            return item * 10
+
+        def postprocess(self):
+            if os.environ.get("STUCK"):
+                print("stuck", flush=True)
+                time.sleep(60)  # a postprocess that never ends in time
+
+    graph = WorkflowGraph()
+    graph.connect(Numbers(), "output", Check(), "input")
+    """
+)
+
+
+def _cli(tmp_path: Path, *args: str, **env: str) -> subprocess.Popen[str]:
+    """The CLI running ``my-flow.py`` on multi -n 2, in its own session (process group)."""
+    flow = tmp_path / "my-flow.py"  # not an importable module name: spawned workers need it preloaded
+    flow.write_text(FLOW)
+    return subprocess.Popen(
+        [*AIOD4P, "run", str(flow), "--mapping", "multi", "-n", "2", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, **env},
+        cwd=tmp_path,
+        start_new_session=True,
+    )
+
+
+def _marked(marker: str) -> list[int]:
+    """Processes whose environment carries ``marker`` (psutil-free orphan check)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if marker.encode() in (entry / "environ").read_bytes():
+                    found.append(int(entry.name))
+            except OSError:
+                continue
+    return found
+
+
+@pytest.mark.parametrize("method", ["fork", "spawn"])
+def test_cli_runs_a_workflow_file_on_multi(tmp_path: Path, method: str) -> None:
+    process = _cli(tmp_path, "-i", "50", "--results", "-", **{START_METHOD_ENV: method})
+    out, err = process.communicate(timeout=60)
+    assert process.returncode == 0, err
+    assert sorted(int(line.split('"data": ')[1].rstrip("}")) for line in out.splitlines()) == [
+        10 * i for i in range(1, 51)
+    ]
+
+
+def test_cli_pe_error_exits_non_zero_with_the_pe_name(tmp_path: Path) -> None:
+    process = _cli(tmp_path, "-i", "5000", FAIL_AT="1234")
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 1
+    assert "Check" in err and "refusing 1234" in err
+
+
+@pytest.mark.parametrize("signals", [1, 2, "group"])
+def test_cli_interrupt_leaves_no_orphans(tmp_path: Path, signals: int | str) -> None:
+    """SIGINT drains, a second aborts; Ctrl-C in a terminal reaches the workers too (they leave it to the parent)."""
+    marker = f"AIOD4P_TEST_MARKER={os.getpid()}-{signals}-{time.monotonic_ns()}"
+    name, value = marker.split("=")
+    stuck = {"STUCK": "1"} if signals == 2 else {}
+    process = _cli(tmp_path, "-i", str(10**9), "--results", os.devnull, READY="1", **stuck, **{name: value})
+    try:
+        assert process.stdout is not None
+        assert process.stdout.readline() == "running\n"  # a worker is processing
+        assert len(_marked(marker)) >= 3  # the CLI and its two workers
+        if signals == "group":
+            os.killpg(process.pid, signal.SIGINT)
+        else:
+            process.send_signal(signal.SIGINT)  # drain: the sources stop, postprocess runs
+        if signals == 2:
+            assert process.stdout.readline() == "stuck\n"
+            process.send_signal(signal.SIGINT)  # abort
+        process.communicate(timeout=30)
+        assert process.returncode == (130 if signals == 2 else 0)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+    assert _marked(marker) == []
+
+
+def test_workers_exit_when_the_parent_is_killed(tmp_path: Path) -> None:
+    marker = f"AIOD4P_TEST_MARKER={os.getpid()}-parent-{time.monotonic_ns()}"
+    name, value = marker.split("=")
+    process = _cli(tmp_path, "-i", str(10**9), "--results", os.devnull, READY="1", **{name: value})
+    try:
+        assert process.stdout is not None
+        assert process.stdout.readline() == "running\n"
+        process.kill()
+        process.communicate(timeout=30)
+        deadline = time.monotonic() + 10
+        while _marked(marker) and time.monotonic() < deadline:
+            time.sleep(0.05)  # polling for the orphans to notice
+        assert _marked(marker) == []
+    finally:
+        for pid in _marked(marker):
+            os.kill(pid, signal.SIGKILL)

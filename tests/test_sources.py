@@ -1,0 +1,432 @@
+"""Live sources against real files, pipes and sockets on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import pickle
+import socket
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import aiod4p
+from aiod4p import IterativePE, PEError, ProducerPE, WorkflowGraph
+from aiod4p.sources import (
+    AsyncIterSource,
+    LinesSource,
+    LineStream,
+    SocketStream,
+    TCPSource,
+    TimerSource,
+    UDPSource,
+    iterate,
+)
+
+
+class Echo(IterativePE):
+    def process_item(self, item: Any) -> Any:
+        return item
+
+
+class Gate(IterativePE):
+    """Passes items once its gate is open (the test opens it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = asyncio.Event()
+
+    async def process_item(self, item: Any) -> Any:
+        await self.gate.wait()
+        return item
+
+
+def source_graph(source: Any) -> WorkflowGraph:
+    graph = WorkflowGraph()
+    graph.connect(source, "output", Echo(), "input")
+    return graph
+
+
+def fed_graph() -> tuple[WorkflowGraph, Echo]:
+    graph = WorkflowGraph()
+    echo = Echo(name="echo")
+    graph.add(echo)
+    return graph, echo
+
+
+async def collect(run: aiod4p.WorkflowRun, count: int | None = None) -> list[Any]:
+    """Results of ``run``; with ``count``, drain the run after that many."""
+    seen: list[Any] = []
+    async with asyncio.timeout(20), run:
+        async for record in run:
+            seen.append(record.data)
+            if count is not None and len(seen) == count:
+                run.drain()
+    return seen
+
+
+# -- files and pipes ------------------------------------------------------------------
+
+
+@pytest.mark.asyncio
+async def test_lines_from_a_file(tmp_path: Path) -> None:
+    path = tmp_path / "obs.txt"
+    path.write_text("a\nb\n\nc")  # an empty line, and a last line without newline
+    assert await collect(aiod4p.start(source_graph(LinesSource(path)))) == ["a", "b", "", "c"]
+
+
+@pytest.mark.asyncio
+async def test_json_lines_from_a_file_skip_blank_lines(tmp_path: Path) -> None:
+    path = tmp_path / "obs.jsonl"
+    path.write_text('{"x": 1}\n\n{"x": 2}\n')
+    assert await collect(aiod4p.start(source_graph(LinesSource(path, json=True)))) == [{"x": 1}, {"x": 2}]
+
+
+@pytest.mark.asyncio
+async def test_invalid_json_names_the_file_and_line(tmp_path: Path) -> None:
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"x": 1}\nnot json\n')
+    with pytest.raises(PEError, match=r"bad\.jsonl, line 2: not valid JSON"):
+        await collect(aiod4p.start(source_graph(LinesSource(path, json=True))))
+
+
+@pytest.mark.asyncio
+async def test_a_missing_file_names_the_path(tmp_path: Path) -> None:
+    with pytest.raises(PEError, match=r"cannot open file .*missing\.txt"):
+        await collect(aiod4p.start(source_graph(LinesSource(tmp_path / "missing.txt"))))
+
+
+@pytest.mark.asyncio
+async def test_follow_a_file_being_appended_to(tmp_path: Path) -> None:
+    path = tmp_path / "growing.jsonl"
+    path.write_text('{"n": 0}\n{"n": 1}\n')
+    run = aiod4p.start(source_graph(LinesSource(path, json=True, follow=True, poll_interval=0.01)))
+    seen = []
+    async with asyncio.timeout(20), run:
+        async for record in run:
+            seen.append(record.data["n"])
+            if len(seen) == 2:
+                with path.open("a") as out:  # appended while the run follows the file
+                    out.write('{"n": 2}\n{"n": ')
+                    out.flush()
+                    out.write("3}\n")
+            if len(seen) == 4:
+                with path.open("a") as out:  # written before the drain: still read
+                    out.write('{"n": 4}\n')
+                run.drain()
+    assert seen == [0, 1, 2, 3, 4]
+
+
+@pytest.mark.asyncio
+async def test_follow_restarts_after_truncation(tmp_path: Path) -> None:
+    path = tmp_path / "rotating.txt"
+    path.write_text("old\n")
+    run = aiod4p.start(source_graph(LinesSource(path, follow=True, poll_interval=0.01)))
+    seen = []
+    async with asyncio.timeout(20), run:
+        async for record in run:
+            seen.append(record.data)
+            if record.data == "old":
+                path.write_text("n\n")  # truncated (shorter than what was read): read again from the top
+            else:
+                run.drain()
+    assert seen == ["old", "n"]
+
+
+@pytest.mark.asyncio
+async def test_follow_from_the_end_skips_what_is_there(tmp_path: Path) -> None:
+    path = tmp_path / "log.txt"
+    path.write_text("old\n" * 10)
+    stream = LineStream(path, follow=True, from_end=True, poll_interval=0.01)
+    lines = aiter(stream)
+    async with asyncio.timeout(20):
+        first = asyncio.ensure_future(anext(lines))
+        await asyncio.sleep(0)  # one step: the stream opens the file and waits at its end
+        with path.open("a") as out:
+            out.write("fresh\n")
+        assert await first == "fresh"
+        stream.drain()
+        assert [line async for line in lines] == []
+
+
+@pytest.mark.asyncio
+async def test_lines_from_a_pipe_end_when_the_writer_closes() -> None:
+    read_fd, write_fd = os.pipe()
+    graph, echo = fed_graph()
+    run = aiod4p.start(graph, {echo: LineStream(read_fd, json=True)})
+    try:
+        seen = []
+        async with asyncio.timeout(20), run:
+            os.write(write_fd, b'{"i": 0}\n{"i": 1}\n')
+            async for record in run:
+                seen.append(record.data["i"])
+                if len(seen) == 2:
+                    os.write(write_fd, b'{"i": 2}\n')
+                    os.close(write_fd)
+                    write_fd = -1
+        assert seen == [0, 1, 2]
+    finally:
+        os.close(read_fd)
+        if write_fd >= 0:
+            os.close(write_fd)
+
+
+@pytest.mark.asyncio
+async def test_drain_reads_what_is_already_in_the_pipe() -> None:
+    read_fd, write_fd = os.pipe()
+    graph, echo = fed_graph()
+    run = aiod4p.start(graph, {echo: LineStream(read_fd)})
+    try:
+        seen = []
+        async with asyncio.timeout(20), run:
+            os.write(write_fd, b"first\n")
+            async for record in run:
+                seen.append(record.data)
+                if len(seen) == 1:
+                    os.write(write_fd, b"".join(b"line %d\n" % i for i in range(1000)) + b"partial")
+                    run.drain()  # the writer never closes: the drain ends the stream
+        assert seen == ["first", *(f"line {i}" for i in range(1000)), "partial"]
+        assert os.get_blocking(read_fd)  # the descriptor's mode is restored
+    finally:
+        os.close(read_fd)
+        os.close(write_fd)
+
+
+# -- TCP ------------------------------------------------------------------------------
+
+
+@pytest.mark.asyncio
+async def test_tcp_server_source_merges_clients() -> None:
+    listening: asyncio.Future[tuple[str, int]] = asyncio.get_running_loop().create_future()
+    source = TCPSource(port=0, json=True, connections=2, on_listen=listening.set_result)
+    run = aiod4p.start(source_graph(source))
+    async with asyncio.timeout(20), run:
+        results = asyncio.ensure_future(run.results())
+        host, port = await listening
+        assert source.address == (host, port) and host == "127.0.0.1"
+        for client in range(2):
+            _, writer = await asyncio.open_connection(host, port)
+            writer.write(b"".join(json.dumps({"c": client, "i": i}).encode() + b"\n" for i in range(100)))
+            await writer.drain()
+            writer.close()
+            await writer.wait_closed()
+        data = (await results).data()
+    assert sorted((d["c"], d["i"]) for d in data) == [(c, i) for c in range(2) for i in range(100)]
+
+
+@pytest.mark.asyncio
+async def test_tcp_client_source_reads_until_the_peer_closes() -> None:
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"".join(b"%d\n" % i for i in range(500)))
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        data = await collect(aiod4p.start(source_graph(TCPSource(port=port, mode="client", json=True))))
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert data == list(range(500))
+
+
+@pytest.mark.asyncio
+async def test_tcp_connection_refused_is_an_error() -> None:
+    with socket.socket() as probe:  # a port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    with pytest.raises(PEError, match=rf"cannot connect to 127\.0\.0\.1:{port}"):
+        await collect(aiod4p.start(source_graph(TCPSource(port=port, mode="client"))))
+
+
+@pytest.mark.asyncio
+async def test_tcp_bad_json_from_a_client_fails_the_run() -> None:
+    listening: asyncio.Future[tuple[str, int]] = asyncio.get_running_loop().create_future()
+    run = aiod4p.start(source_graph(TCPSource(json=True, on_listen=listening.set_result)))
+    async with asyncio.timeout(20), run:
+        results = asyncio.ensure_future(run.results())
+        _, writer = await asyncio.open_connection(*await listening)
+        writer.write(b'{"ok": 1}\n{oops\n')
+        await writer.drain()
+        with pytest.raises(PEError, match="line 2: not valid JSON"):
+            await results
+        writer.close()
+        await writer.wait_closed()
+
+
+@pytest.mark.asyncio
+async def test_tcp_source_stops_reading_when_the_workflow_is_behind() -> None:
+    listening: asyncio.Future[tuple[str, int]] = asyncio.get_running_loop().create_future()
+    stream = SocketStream(connections=1, on_listen=listening.set_result, max_pending=100)
+    graph = WorkflowGraph()
+    gate = Gate()
+    graph.add(gate)
+    run = aiod4p.start(graph, {gate: stream}, batch_size=16, credits=2)
+    total = 20_000
+    pad = b"x" * 1000
+    payload = b"".join(b"%d %s\n" % (i, pad) for i in range(total))  # 20 MB: more than loopback socket buffers hold
+    async with asyncio.timeout(30), run:
+        results = asyncio.ensure_future(run.results())
+        _, writer = await asyncio.open_connection(*await listening)
+        writer.transport.set_write_buffer_limits(high=0)
+        writer.write(payload)
+        while not stream.paused:  # noqa: ASYNC110 - the source stops reading once the workflow is full
+            await asyncio.sleep(0.005)
+        assert writer.transport.get_write_buffer_size() > 0  # so the sender is held back
+        assert stream.pending + 100 < total  # most items wait in the sender and the kernel, not here
+        gate.gate.set()
+        await writer.drain()
+        writer.close()
+        await writer.wait_closed()
+        data = (await results).data()
+    assert [int(line.split()[0]) for line in data] == list(range(total))
+
+
+# -- UDP ------------------------------------------------------------------------------
+
+
+@pytest.mark.asyncio
+async def test_udp_source_receives_datagrams() -> None:
+    listening: asyncio.Future[tuple[str, int]] = asyncio.get_running_loop().create_future()
+    run = aiod4p.start(source_graph(UDPSource(json=True, count=50, on_listen=listening.set_result)))
+    async with asyncio.timeout(20), run:
+        results = asyncio.ensure_future(run.results())
+        address = await listening
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sender:
+            for i in range(0, 50, 2):
+                sender.sendto(b'{"i": %d}\n{"i": %d}' % (i, i + 1), address)
+        data = (await results).data()
+    assert sorted(d["i"] for d in data) == list(range(50))
+
+
+@pytest.mark.asyncio
+async def test_udp_bind_failure_names_the_address() -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as taken:
+        taken.bind(("127.0.0.1", 0))
+        port = taken.getsockname()[1]
+        with pytest.raises(PEError, match=rf"cannot bind UDP 127\.0\.0\.1:{port}"):
+            await collect(aiod4p.start(source_graph(UDPSource(port=port))))
+
+
+# -- timer, any async iterator ------------------------------------------------------------
+
+
+@pytest.mark.asyncio
+async def test_timer_ticks_count_times() -> None:
+    data = await collect(aiod4p.start(source_graph(TimerSource(0.005, count=5))))
+    assert [d["tick"] for d in data] == sorted(d["tick"] for d in data)
+    assert len(data) == 5
+    assert all(isinstance(d["time"], float) for d in data)
+
+
+@pytest.mark.asyncio
+async def test_an_endless_timer_stops_on_drain() -> None:
+    data = await collect(aiod4p.start(source_graph(TimerSource(0.002))), count=3)
+    assert len(data) == 3
+
+
+async def numbers(n: int) -> AsyncIterator[int]:
+    for i in range(n):
+        yield i
+
+
+@pytest.mark.asyncio
+async def test_any_async_iterator_as_a_source() -> None:
+    assert await collect(aiod4p.start(source_graph(AsyncIterSource(numbers, 1000)))) == list(range(1000))
+
+
+@pytest.mark.asyncio
+async def test_an_aiostream_pipeline_as_source_and_as_feed() -> None:
+    from aiostream import pipe, stream
+
+    def pipeline() -> Any:
+        return stream.range(10) | pipe.map(lambda x: x * x) | pipe.filter(lambda x: x % 2 == 0)
+
+    assert await collect(aiod4p.start(source_graph(AsyncIterSource(pipeline)))) == [0, 4, 16, 36, 64]
+    graph, echo = fed_graph()
+    assert await collect(aiod4p.start(graph, {echo: iterate(pipeline())})) == [0, 4, 16, 36, 64]
+
+
+@pytest.mark.asyncio
+async def test_a_factory_that_returns_no_async_iterable_is_an_error() -> None:
+    with pytest.raises(PEError, match="returned list, not an async iterable"):
+        await collect(aiod4p.start(source_graph(AsyncIterSource(lambda: [1, 2]))))
+
+
+@pytest.mark.asyncio
+async def test_endless_iterator_without_drain_is_cancelled_on_drain() -> None:
+    async def forever() -> AsyncIterator[int]:
+        i = 0
+        while True:
+            yield i
+            i += 1
+            await asyncio.sleep(0)
+
+    data = await collect(aiod4p.start(source_graph(AsyncIterSource(forever))), count=10)
+    assert data[:10] == list(range(10))
+
+
+class Waiting(ProducerPE):
+    """A plain async-generator source that waits after each item until the test releases it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = asyncio.Event()
+
+    async def produce(self) -> AsyncIterator[int]:
+        for i in range(3):
+            yield i
+            await self.release.wait()
+            self.release.clear()
+
+
+@pytest.mark.asyncio
+async def test_items_of_a_waiting_generator_source_are_not_held_back() -> None:
+    source = Waiting()
+    run = aiod4p.start(source_graph(source), batch_size=256, max_delay=60)
+    seen = []
+    async with asyncio.timeout(20), run:
+        async for record in run:  # each item arrives while its source still waits
+            seen.append(record.data)
+            source.release.set()
+    assert seen == [0, 1, 2]
+
+
+@pytest.mark.asyncio
+async def test_a_plain_generator_source_stops_on_drain() -> None:
+    source = Waiting()
+    run = aiod4p.start(source_graph(source))
+    async with asyncio.timeout(20), run:
+        assert (await run.__anext__()).data == 0
+        run.drain()  # cancels the waiting generator: no drain() of its own
+        assert [r.data async for r in run] == []
+
+
+def test_source_pes_are_picklable_and_reusable(tmp_path: Path) -> None:
+    path = tmp_path / "x.txt"
+    path.write_text("1\n2\n")
+    for source in (
+        LinesSource(path),
+        TCPSource(port=1),
+        UDPSource(port=1),
+        TimerSource(1.0),
+        AsyncIterSource(numbers, 3),
+    ):
+        clone = pickle.loads(pickle.dumps(source))
+        assert type(clone) is type(source)
+    lines = LinesSource(path, json=True)
+    for _ in range(2):  # the same PE object runs twice: the stream is made per run
+        assert aiod4p.run(source_graph(lines)).data() == [1, 2]
+
+
+def test_invalid_source_options_are_refused() -> None:
+    with pytest.raises(ValueError, match="mode must be"):
+        TCPSource(mode="peer")
+    with pytest.raises(ValueError, match="interval must be positive"):
+        TimerSource(0)
+    with pytest.raises(ValueError, match="maxsize"):
+        aiod4p.LiveFeed(0)

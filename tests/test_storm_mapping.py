@@ -1,0 +1,197 @@
+"""``--mapping storm``: finding the cluster, refusing early when there is none, and submitting."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import zipfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("streamparse", reason="the storm extra is not installed")
+
+from aiod4p.errors import MappingUnavailable
+from aiod4p.storm._cluster import find_cluster
+
+ROOT = Path(__file__).resolve().parents[1]
+WORDCOUNT = str(ROOT / "examples" / "wordcount.py")
+NIMBUS = str(Path(__file__).with_name("storm_fake_nimbus.py"))
+
+
+@pytest.fixture
+def sandbox(tmp_path: Path) -> dict[str, str]:
+    """An environment with no Storm configuration, and an empty scratch directory as TMPDIR."""
+    env = {k: v for k, v in os.environ.items() if k not in ("STREAMPARSE_NIMBUS", "STORM_CONF_DIR", "STORM_HOME")}
+    for name in ("home", "scratch", "cwd"):
+        (tmp_path / name).mkdir()
+    env.update(HOME=str(tmp_path / "home"), TMPDIR=str(tmp_path / "scratch"))
+    return env
+
+
+def aiod4p(args: list[str], env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "aiod4p", *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=60
+    )
+
+
+def nothing_written(tmp_path: Path) -> bool:
+    return not any((tmp_path / "scratch").iterdir()) and not any((tmp_path / "cwd").iterdir())
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port
+
+
+@pytest.fixture
+def fake_nimbus(tmp_path: Path) -> Iterator[Callable[[int], tuple[int, Path]]]:
+    started: list[subprocess.Popen[str]] = []
+
+    def start(supervisors: int = 1) -> tuple[int, Path]:
+        record = tmp_path / f"nimbus{len(started)}"
+        record.mkdir()
+        process = subprocess.Popen(
+            [sys.executable, NIMBUS, str(record), str(supervisors)], stdout=subprocess.PIPE, text=True
+        )
+        started.append(process)
+        assert process.stdout is not None
+        return int(process.stdout.readline()), record
+
+    yield start
+    for process in started:
+        process.terminate()
+        process.wait(10)
+        assert process.stdout is not None
+        process.stdout.close()
+
+
+def test_no_cluster_configured(sandbox: dict[str, str], tmp_path: Path) -> None:
+    done = aiod4p(["run", WORDCOUNT, "--mapping", "storm"], sandbox, tmp_path / "cwd")
+    assert done.returncode == 1
+    assert "the storm mapping needs a Storm cluster, and none is configured" in done.stderr
+    assert "--nimbus HOST:PORT" in done.stderr and "STREAMPARSE_NIMBUS" in done.stderr
+    assert nothing_written(tmp_path)
+
+
+def test_unreachable_nimbus_stops_before_anything_else(sandbox: dict[str, str], tmp_path: Path) -> None:
+    port = free_port()
+    done = aiod4p(["run", WORDCOUNT, "--mapping", "storm", "--nimbus", f"127.0.0.1:{port}"], sandbox, tmp_path / "cwd")
+    assert done.returncode == 1
+    assert f"no Storm cluster is reachable: Nimbus at 127.0.0.1:{port} (from --nimbus) does not answer" in done.stderr
+    assert nothing_written(tmp_path)  # no project, no jar
+
+
+def test_configured_but_unreachable_through_the_environment(sandbox: dict[str, str], tmp_path: Path) -> None:
+    port = free_port()
+    done = aiod4p(
+        ["run", WORDCOUNT, "--mapping", "storm"],
+        {**sandbox, "STREAMPARSE_NIMBUS": f"127.0.0.1:{port}"},
+        tmp_path / "cwd",
+    )
+    assert done.returncode == 1
+    assert f"Nimbus at 127.0.0.1:{port} (from STREAMPARSE_NIMBUS) does not answer" in done.stderr
+
+
+def test_bad_nimbus_address(sandbox: dict[str, str], tmp_path: Path) -> None:
+    done = aiod4p(["run", WORDCOUNT, "--mapping", "storm", "--nimbus", "host:port"], sandbox, tmp_path / "cwd")
+    assert done.returncode == 1
+    assert "--nimbus: 'host:port' is not HOST or HOST:PORT" in done.stderr
+
+
+def test_nimbus_for_another_mapping_is_a_usage_error(sandbox: dict[str, str], tmp_path: Path) -> None:
+    done = aiod4p(["run", WORDCOUNT, "--mapping", "simple", "--nimbus", "h:1"], sandbox, tmp_path / "cwd")
+    assert done.returncode == 2
+    assert "--nimbus applies to --mapping storm only" in done.stderr
+
+
+def test_where_the_cluster_address_comes_from(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("STREAMPARSE_NIMBUS", "STORM_CONF_DIR", "STORM_HOME", "AIOD4P_STORM_ENV"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    conf_dir = tmp_path / "conf"
+    conf_dir.mkdir()
+    (conf_dir / "storm.yaml").write_text('nimbus.seeds: ["seed1", "seed2"]\nnimbus.thrift.port: 7000\n')
+    monkeypatch.setenv("STORM_CONF_DIR", str(conf_dir))
+    assert (find_cluster().address, find_cluster().origin) == ("seed1:7000", str(conf_dir / "storm.yaml"))
+
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"envs": {"prod": {"nimbus": "from-config", "use_virtualenv": True}}}))
+    cluster = find_cluster()
+    assert (cluster.address, cluster.env["use_virtualenv"]) == ("from-config:6627", True)
+
+    monkeypatch.setenv("STREAMPARSE_NIMBUS", "from-env:1234")
+    assert find_cluster().address == "from-env:1234"
+    assert find_cluster("override:1").address == "override:1"
+
+    config.write_text(json.dumps({"envs": {"a": {"nimbus": "a"}, "b": {"nimbus": "b"}}}))
+    with pytest.raises(MappingUnavailable, match=r"several environments \(a, b\); choose one with AIOD4P_STORM_ENV"):
+        find_cluster()
+    monkeypatch.delenv("STREAMPARSE_NIMBUS")
+    monkeypatch.setenv("AIOD4P_STORM_ENV", "b")
+    assert find_cluster().address == "b:6627"
+    monkeypatch.setenv("AIOD4P_STORM_ENV", "c")
+    with pytest.raises(MappingUnavailable, match=r"no environment 'c'"):
+        find_cluster()
+
+
+def test_nimbus_without_supervisors(
+    fake_nimbus: Callable[[int], tuple[int, Path]], sandbox: dict[str, str], tmp_path: Path
+) -> None:
+    port, record = fake_nimbus(0)
+    done = aiod4p(["run", WORDCOUNT, "--mapping", "storm", "--nimbus", f"127.0.0.1:{port}"], sandbox, tmp_path / "cwd")
+    assert done.returncode == 1
+    assert f"Nimbus at 127.0.0.1:{port} answers but has no supervisor to run topologies" in done.stderr
+    assert not (record / "submitted.json").exists()
+
+
+def test_submit_with_sparse(
+    fake_nimbus: Callable[[int], tuple[int, Path]], sandbox: dict[str, str], tmp_path: Path
+) -> None:
+    port, record = fake_nimbus(1)
+    done = aiod4p(
+        ["run", WORDCOUNT, "--mapping", "storm", "--nimbus", f"127.0.0.1:{port}", "-n", "2", "-i", "1"],
+        sandbox,
+        tmp_path / "cwd",
+    )
+    assert done.returncode == 0, done.stderr
+    assert "topology wordcount_topology runs on Storm" in done.stderr
+    assert "storm kill wordcount_topology" in done.stderr
+    submitted = json.loads((record / "submitted.json").read_text())
+    assert submitted["name"] == "wordcount_topology"
+    assert submitted["conf"]["topology.workers"] == 1
+    components = {name.rstrip("0123456789"): spec for name, spec in submitted["components"].items()}
+    assert {name: (spec["kind"], spec["par"]) for name, spec in components.items()} == {
+        "ReadLines": ("spout", 1),
+        "SplitWords": ("bolt", 2),  # -n 2
+        "CountWords": ("bolt", 3),
+    }
+    for name, spec in submitted["components"].items():
+        assert spec["shell"] == ["streamparse_run", f"-s json aiod4p_components.{name}"]
+    with zipfile.ZipFile(record / "uploaded.jar") as jar:
+        names = set(jar.namelist())
+        spec = json.loads(jar.read("resources/aiod4p_topology.json"))
+    assert {"resources/aiod4p_components.py", "resources/aiod4p_pes.pickle", "resources/wordcount.py"} <= names
+    assert list(spec["feeds"].values()) == [1]
+    assert not any((tmp_path / "scratch").iterdir())  # the temporary project is gone
+
+
+def test_without_streamparse_the_mapping_says_how_to_install_it(tmp_path: Path) -> None:
+    code = (
+        "import sys; sys.modules['streamparse'] = None\n"
+        "from aiod4p._cli import main\n"
+        f"print('run', main(['run', {WORDCOUNT!r}, '--mapping', 'storm']))\n"
+        f"print('build', main(['storm', 'build', {WORDCOUNT!r}, '-o', {str(tmp_path / 'out')!r}]))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert "run 1" in done.stdout and "build 1" in done.stdout
+    assert "the storm mapping needs streamparse: pip install 'aiod4p[storm]'" in done.stderr
+    assert "aiod4p storm needs streamparse: pip install 'aiod4p[storm]'" in done.stderr
+    assert not (tmp_path / "out").exists()

@@ -1,0 +1,277 @@
+"""Generated Storm components, driven as real subprocesses over the multilang protocol.
+
+Each test plays Storm's ShellBolt/ShellSpout exactly: the handshake with a pid
+directory, tuples with random ids, heartbeats, the spout's next/ack/fail, and
+stdin closing when the worker goes away.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytest.importorskip("streamparse", reason="the storm extra is not installed")
+
+from storm_harness import ComponentProcess, StormHarness, command
+from workflows import Chatty, Count, Double, Fail, FailsAtEnd, Greets, SumAtEnd, Unencodable
+
+from aiod4p import WorkflowGraph
+from aiod4p.storm import EOS_STREAM, build_project
+
+ERROR = 4  # Storm's log level "error"
+
+
+class Topology:
+    """A generated project of test PEs, and helpers to start one of its tasks."""
+
+    def __init__(self, tmp: Path, graph: WorkflowGraph, inputs: Any) -> None:
+        self.project = build_project(graph, tmp / "project", name="protocol", inputs=inputs)
+        self.harness = StormHarness(self.project.path)
+        self.started: list[ComponentProcess] = []
+
+    def start(self, pe_id: str) -> tuple[ComponentProcess, int]:
+        """Start the first task of ``pe_id``, complete the handshake, and skip pystorm's greeting log."""
+        task = self.harness.tasks[pe_id][0]
+        component = self.harness.components[pe_id]
+        process = ComponentProcess(self.project.src, component.script, env=self.harness.env)
+        self.started.append(process)
+        pid = process.handshake(self.harness.conf, self.harness.context(task))
+        assert pid == process.process.pid
+        assert (Path(process.pid_dir) / str(pid)).is_file()  # the supervisor kills what it finds there
+        greeting = process.read()
+        assert greeting["command"] == "log" and "pystorm StormHandler logging enabled" in greeting["msg"]
+        return process, task
+
+    def task_of(self, pe_id: str) -> int:
+        return self.harness.tasks[pe_id][0]
+
+
+@pytest.fixture
+def topology(tmp_path: Path) -> Iterator[Any]:
+    made: list[Topology] = []
+
+    def make(graph: WorkflowGraph, inputs: Any = 3) -> Topology:
+        made.append(Topology(tmp_path / str(len(made)), graph, inputs))
+        return made[-1]
+
+    yield make
+    for topo in made:
+        for process in topo.started:
+            process.kill()
+
+
+def tup(tuple_id: str, source: str, task: int, values: list[Any], stream: str = "output") -> dict[str, Any]:
+    return {"id": tuple_id, "comp": source, "stream": stream, "task": task, "tuple": values}
+
+
+def heartbeat(tuple_id: str = "-77") -> dict[str, Any]:
+    return {"id": tuple_id, "comp": None, "stream": "__heartbeat", "task": -1, "tuple": []}
+
+
+def done(tuple_id: str) -> Any:
+    return lambda m: command("ack", id=tuple_id)(m) or command("fail", id=tuple_id)(m)
+
+
+def test_bolt_acks_fails_heartbeats_and_finishes(topology: Any) -> None:
+    graph = WorkflowGraph()
+    graph.connect(source := Count(), "output", fail := Fail(on=3), "input")
+    graph.connect(fail, "output", SumAtEnd(), "input")
+    topo = topology(graph)
+    bolt, _ = topo.start(fail.id)
+    src = topo.task_of(source.id)
+
+    bolt.send(tup("-4031", source.id, src, [1]))
+    assert bolt.read_until(done("-4031")) == [
+        {"command": "emit", "tuple": [1], "stream": "output", "anchors": ["-4031"], "need_task_ids": False},
+        {"command": "ack", "id": "-4031"},
+    ]
+
+    bolt.send(heartbeat())
+    assert bolt.read_until(command("sync")) == [{"command": "sync"}]
+
+    # The PE raises: the error is logged and reported through Storm, the tuple fails, nothing is emitted.
+    bolt.send(tup("77", source.id, src, [3]))
+    messages = bolt.read_until(done("77"))
+    assert [m["command"] for m in messages] == ["log", "error", "sync", "fail"]
+    assert messages[0]["level"] == ERROR
+    for text in (messages[0]["msg"], messages[1]["msg"]):
+        assert f"PE {fail.id}[0] failed on input port 'input': ValueError: bad item 3" in text
+    assert messages[-1] == {"command": "fail", "id": "77"}
+
+    # ... and the bolt goes on with the next tuple.
+    bolt.send(tup("78", source.id, src, [4]))
+    assert [m["command"] for m in bolt.read_until(done("78"))] == ["emit", "ack"]
+
+    # End of stream from the only upstream task: the bolt passes it on.
+    bolt.send(tup("79", source.id, src, [source.id], stream=EOS_STREAM))
+    assert bolt.read_until(done("79")) == [
+        {"command": "emit", "tuple": [fail.id], "stream": EOS_STREAM, "anchors": ["79"], "need_task_ids": False},
+        {"command": "ack", "id": "79"},
+    ]
+
+    rest, code = bolt.close()
+    assert code == 2  # pystorm: "Exiting because parent Storm process went away."
+    assert any("parent Storm process went away" in m.get("msg", "") for m in rest)
+
+
+def test_bolt_runs_postprocess_once_every_upstream_task_has_finished(topology: Any) -> None:
+    graph = WorkflowGraph()
+    graph.connect(Count(), "output", double := Double(parallelism=2), "input")
+    graph.connect(double, "output", total := SumAtEnd(), "input")
+    topo = topology(graph)
+    bolt, _ = topo.start(total.id)
+    first, second = topo.harness.tasks[double.id]
+    for tuple_id, task, item in (("1", first, 10), ("2", second, 5)):
+        bolt.send(tup(tuple_id, double.id, task, [item]))
+        assert bolt.read_until(done(tuple_id)) == [{"command": "ack", "id": tuple_id}]
+    bolt.send(tup("3", double.id, first, [double.id], stream=EOS_STREAM))
+    assert bolt.read_until(done("3")) == [{"command": "ack", "id": "3"}]  # one upstream task still runs
+    bolt.send(tup("4", double.id, second, [double.id], stream=EOS_STREAM))
+    messages = bolt.read_until(done("4"))
+    assert messages == [
+        {"command": "emit", "tuple": [15], "stream": "total", "anchors": ["4"], "need_task_ids": False},
+        {"command": "emit", "tuple": [total.id], "stream": EOS_STREAM, "anchors": ["4"], "need_task_ids": False},
+        {"command": "ack", "id": "4"},
+    ]
+    assert bolt.close()[1] == 2
+
+
+def test_bolt_rejects_items_json_cannot_carry(topology: Any) -> None:
+    graph = WorkflowGraph()
+    graph.connect(source := Count(), "output", bad := Unencodable(on=2), "input")
+    topo = topology(graph)
+    bolt, _ = topo.start(bad.id)
+    src = topo.task_of(source.id)
+    bolt.send(tup("5", source.id, src, [2]))
+    messages = bolt.read_until(done("5"))
+    assert [m["command"] for m in messages] == ["log", "error", "sync", "fail"]
+    assert (
+        f"PE {bad.id}[0] wrote an item to output port 'output' that cannot cross Storm: item is a set"
+        in (messages[1]["msg"])
+    )
+    bolt.send(tup("6", source.id, src, [(1, "x")]))  # a tuple item, then the same item back out
+    assert bolt.read_until(done("6")) == [
+        {"command": "emit", "tuple": [[1, "x"]], "stream": "output", "anchors": ["6"], "need_task_ids": False},
+        {"command": "ack", "id": "6"},
+    ]
+    bolt.send(tup("7", source.id, src, [{"~t": [1, "x"]}]))
+    assert bolt.read_until(done("7"))[0]["tuple"] == [{"~t": [1, "x"]}]
+    assert bolt.close()[1] == 2
+
+
+def test_print_in_a_pe_does_not_corrupt_the_protocol(topology: Any) -> None:
+    graph = WorkflowGraph()
+    graph.connect(source := Count(), "output", chatty := Chatty(), "input")
+    topo = topology(graph)
+    bolt, _ = topo.start(chatty.id)
+    bolt.send(tup("8", source.id, topo.task_of(source.id), ["hello"]))
+    messages = bolt.read_until(done("8"))  # every message parses as JSON
+    assert messages[0]["command"] == "log" and messages[0]["level"] == 2  # print() -> Storm's log
+    assert messages[0]["msg"].endswith("aiod4p.stdout - chatty saw 'hello'")
+    assert messages[-2:] == [
+        {"command": "emit", "tuple": ["hello"], "stream": "output", "anchors": ["8"], "need_task_ids": False},
+        {"command": "ack", "id": "8"},
+    ]
+    assert bolt.close()[1] == 2
+
+
+def next_until(spout: ComponentProcess, wanted: Any, limit: int = 200) -> list[Any]:
+    """Send ``next`` until a message ``wanted`` accepts has arrived; returns every message but the syncs."""
+    seen: list[Any] = []
+    for _ in range(limit):
+        spout.send({"command": "next", "id": ""})
+        seen += [m for m in spout.read_until(command("sync")) if m != {"command": "sync"}]
+        if any(wanted(m) for m in seen):
+            return seen
+    raise AssertionError(f"no wanted message after {limit} next commands: {seen}")
+
+
+def emitted(stream: str) -> Any:
+    return lambda m: command("emit")(m) and m.get("stream") == stream
+
+
+def test_spout_emits_replays_failed_tuples_and_ends(topology: Any) -> None:
+    graph = WorkflowGraph()
+    graph.connect(source := Count(), "output", Double(), "input")
+    topo = topology(graph, inputs=3)
+    spout, _ = topo.start(source.id)
+
+    emits: list[Any] = []
+    while len(emits) < 3:
+        emits += [m for m in next_until(spout, emitted("output")) if emitted("output")(m)]
+    assert emits == [
+        {"command": "emit", "tuple": [n], "id": n, "stream": "output", "need_task_ids": False} for n in range(3)
+    ]
+
+    spout.send({"command": "ack", "id": 0})
+    assert spout.read_until(command("sync")) == [{"command": "sync"}]
+    for _ in range(3):  # a failed tuple is replayed with the same id and values: at-least-once
+        spout.send({"command": "fail", "id": 1})
+        assert spout.read_until(command("sync")) == [emits[1], {"command": "sync"}]
+    spout.send({"command": "fail", "id": 1})  # the fourth failure: dropped after 3 replays
+    messages = spout.read_until(command("sync"))
+    assert [m["command"] for m in messages] == ["log", "error", "sync"]
+    assert (
+        f"PE {source.id}[0]: tuple 1 on stream 'output' failed 4 times; dropped after 3 replays" in (messages[1]["msg"])
+    )
+
+    for name in ("deactivate", "activate"):
+        spout.send({"command": name, "id": ""})
+        assert spout.read_until(command("sync")) == [{"command": "sync"}]
+
+    spout.send({"command": "next", "id": ""})  # tuple 2 is still pending: no end of stream yet
+    assert spout.read_until(command("sync")) == [{"command": "sync"}]
+    spout.send({"command": "ack", "id": 2})
+    assert spout.read_until(command("sync")) == [{"command": "sync"}]
+    assert next_until(spout, emitted(EOS_STREAM)) == [
+        {"command": "emit", "tuple": [source.id], "stream": EOS_STREAM, "need_task_ids": False}
+    ]
+    spout.send({"command": "next", "id": ""})  # finished: nothing more
+    assert spout.read_until(command("sync")) == [{"command": "sync"}]
+    assert spout.close()[1] == 2
+
+
+def test_spout_reports_a_failing_root_pe_and_still_ends(topology: Any) -> None:
+    graph = WorkflowGraph()
+    graph.connect(root := Fail(on=1), "output", Double(), "input")
+    topo = topology(graph, inputs={root.id: [0, 1, 2]})
+    spout, _ = topo.start(root.id)
+    seen = next_until(spout, emitted(EOS_STREAM))
+    errors = [m["msg"] for m in seen if command("error")(m)]
+    assert len(errors) == 1
+    assert f"PE {root.id}[0] failed on feed: ValueError: bad item 1" in errors[0]
+    assert "Traceback" in errors[0]
+    outputs = [m["tuple"] for m in seen if emitted("output")(m)]
+    assert outputs in ([], [[0]])  # the engine may stop before item 0 reaches Storm
+    assert spout.close()[1] == 2
+
+
+def test_preprocess_output_and_failing_postprocess(topology: Any) -> None:
+    graph = WorkflowGraph()
+    graph.connect(source := Count(), "output", greets := Greets(), "input")
+    graph.connect(greets, "output", ends := FailsAtEnd(), "input")
+    topo = topology(graph)
+
+    greeter, _ = topo.start(greets.id)  # preprocess runs at start-up; its output is emitted unanchored
+    assert greeter.read() == {
+        "command": "emit",
+        "tuple": ["hello"],
+        "stream": "output",
+        "anchors": [],
+        "need_task_ids": False,
+    }
+    assert greeter.close()[1] == 2
+
+    bolt, _ = topo.start(ends.id)
+    bolt.send(tup("1", greets.id, topo.task_of(greets.id), [5]))
+    assert [m["command"] for m in bolt.read_until(done("1"))] == ["emit", "ack"]
+    bolt.send(tup("2", greets.id, topo.task_of(greets.id), [greets.id], stream=EOS_STREAM))
+    messages = bolt.read_until(done("2"))
+    assert [m["command"] for m in messages] == ["log", "error", "sync", "emit", "ack"]
+    assert f"PE {ends.id}[0] failed on postprocess: RuntimeError: cannot finish" in messages[1]["msg"]
+    assert messages[3]["stream"] == EOS_STREAM  # downstream still finishes
+    assert source.id in topo.harness.components
+    assert bolt.close()[1] == 2

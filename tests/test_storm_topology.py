@@ -1,0 +1,273 @@
+"""The storm mapping's topology generation: read the generated definition back through streamparse."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytest.importorskip("streamparse", reason="the storm extra is not installed")
+
+from storm_harness import Component, read_components
+from workflows import Count, Double, Merge, Tag, WhoSawWhat, multi_edge, parity
+
+from aiod4p import FunctionPE, GenericPE, PlanOptions, WorkflowGraph, group_by, load_graph
+from aiod4p.errors import GraphError, InputError, TargetError
+from aiod4p.storm import WireError, build_jar, build_project, decode, encode
+
+ROOT = Path(__file__).resolve().parents[1]
+EOS = ("aiod4p_eos", ["pe"])
+
+# Per example, by PE name: (kind, parallelism hint, {stream: fields}, {(source name, stream): (grouping, fields)}).
+EXPECTED: dict[str, dict[str, tuple[str, int, dict[str, list[str]], dict[tuple[str, str], tuple[str, list[str]]]]]] = {
+    "wordcount": {
+        "ReadLines": ("spout", 1, {"output": ["item"]}, {}),
+        "SplitWords": ("bolt", 1, {"output": ["item", "key_0"]}, {("ReadLines", "output"): ("shuffle", [])}),
+        "CountWords": ("bolt", 3, {"output": ["item"]}, {("SplitWords", "output"): ("fields", ["key_0"])}),
+    },
+    "split_merge": {
+        "Numbers": ("spout", 1, {"output": ["item"]}, {}),
+        "Split": ("bolt", 1, {"even": ["item"], "odd": ["item"]}, {("Numbers", "output"): ("shuffle", [])}),
+        "Monitor": ("bolt", 2, {"seen": ["item"]}, {("Numbers", "output"): ("all", [])}),
+        "Scale2x": ("bolt", 1, {"output": ["item"]}, {("Split", "even"): ("shuffle", [])}),
+        "Scale3x": ("bolt", 1, {"output": ["item"]}, {("Split", "odd"): ("shuffle", [])}),
+        "Merge": (
+            "bolt",
+            1,
+            {"merged": ["item"]},
+            {("Scale2x", "output"): ("global", []), ("Scale3x", "output"): ("global", [])},
+        ),
+    },
+    "async_io": {
+        "Stations": ("spout", 1, {"output": ["item"]}, {}),
+        "Lookup": ("bolt", 1, {"output": ["item"]}, {("Stations", "output"): ("shuffle", [])}),
+        "Elapsed": ("bolt", 1, {"summary": ["item"]}, {("Lookup", "output"): ("shuffle", [])}),
+    },
+}
+
+
+def test_every_example_is_covered() -> None:
+    assert sorted(EXPECTED) == sorted(path.stem for path in (ROOT / "examples").glob("*.py"))
+
+
+@pytest.mark.parametrize("example", sorted(EXPECTED))
+def test_example_topology_read_back(example: str, tmp_path: Path) -> None:
+    graph = load_graph(str(ROOT / "examples" / f"{example}.py"))
+    project = build_project(graph, tmp_path / example, name=example, inputs=1)
+    ids = {pe.name: pe.id for pe in graph.flatten().pes.values()}
+    components = read_components(project.path)
+    expected = EXPECTED[example]
+    assert sorted(components) == sorted(ids[name] for name in expected)
+    for name, (kind, hint, streams, inputs) in expected.items():
+        component: Component = components[ids[name]]
+        assert component.kind == kind, name
+        assert component.parallelism == hint, name
+        assert component.command == "streamparse_run"
+        assert component.script == f"aiod4p_components.{ids[name]}"
+        assert component.streams == {**streams, EOS[0]: EOS[1]}, name
+        upstream = {source for source, _ in inputs}
+        want = {(ids[source], stream): grouping for (source, stream), grouping in inputs.items()}
+        want.update({(ids[source], EOS[0]): ("all", []) for source in upstream})
+        assert component.inputs == want, name
+    files = {p.relative_to(project.path).as_posix() for p in project.path.rglob("*") if p.is_file()}
+    assert {
+        "config.json",
+        "project.clj",
+        f"topologies/{example}_topology.py",  # not {example}.py: sparse would import the workflow file instead
+        f"virtualenvs/{example}_topology.txt",
+        "src/aiod4p_components.py",
+        "src/aiod4p_topology.json",
+        "src/aiod4p_pes.pickle",
+        f"src/{example}.py",  # the workflow file travels with the components
+    } <= files
+    config = json.loads((project.path / "config.json").read_text())
+    assert config["serializer"] == "json" and config["topology_specs"] == "topologies/"
+
+
+def test_parallelism_follows_the_plan(tmp_path: Path) -> None:
+    graph = load_graph(str(ROOT / "examples" / "wordcount.py"))
+    project = build_project(graph, tmp_path / "p", options=PlanOptions(default_parallelism=4))
+    hints = {c.name.rstrip("0123456789"): c.parallelism for c in read_components(project.path).values()}
+    assert hints == {"ReadLines": 1, "SplitWords": 4, "CountWords": 3}  # roots 1, explicit 3, others -n
+
+
+def test_group_by_key_function_and_several_indices(tmp_path: Path) -> None:
+    graph = WorkflowGraph()
+    source, tag = Count(), Tag()
+    by_parity, by_both = WhoSawWhat(group_by(key=parity), 2), WhoSawWhat(group_by(0, 1), 3)
+    graph.connect(source, "output", tag, "input")
+    graph.connect(tag, "output", by_parity, "input")
+    graph.connect(tag, "output", by_both, "input")
+    components = read_components(build_project(graph, tmp_path / "p").path)
+    assert components[tag.id].streams["output"] == ["item", "key_parity", "key_0", "key_1"]
+    assert components[by_parity.id].inputs[(tag.id, "output")] == ("fields", ["key_parity"])
+    assert components[by_both.id].inputs[(tag.id, "output")] == ("fields", ["key_0", "key_1"])
+
+
+def test_a_second_connection_to_the_same_bolt_gets_its_own_stream(tmp_path: Path) -> None:
+    graph = multi_edge()
+    source, merge = graph.pes
+    components = read_components(build_project(graph, tmp_path / "p").path)
+    assert components[source.id].streams == {"output": ["item"], "output_2": ["item"], EOS[0]: EOS[1]}
+    assert components[merge.id].inputs == {
+        (source.id, "output"): ("shuffle", []),
+        (source.id, "output_2"): ("shuffle", []),
+        (source.id, EOS[0]): ("all", []),
+    }
+
+
+def test_jar_holds_the_resources(tmp_path: Path) -> None:
+    import zipfile
+
+    project = build_project(load_graph(str(ROOT / "examples" / "wordcount.py")), tmp_path / "p", name="wc")
+    with zipfile.ZipFile(build_jar(project, tmp_path / "wc.jar")) as jar:
+        names = set(jar.namelist())
+    assert {"META-INF/MANIFEST.MF", "resources/aiod4p_components.py", "resources/wordcount.py"} <= names
+
+
+# -- refusals ---------------------------------------------------------------------------------
+
+
+class Reserved(GenericPE):
+    def __init__(self) -> None:
+        super().__init__(inputs=["input"], outputs=["__tick"])
+
+
+def test_reserved_port_name_is_rejected(tmp_path: Path) -> None:
+    graph = WorkflowGraph()
+    graph.connect(Count(), "output", pe := Reserved(), "input")
+    with pytest.raises(GraphError, match=rf"output port '__tick' of PE {pe.id} is reserved"):
+        build_project(graph, tmp_path / "p")
+
+
+def test_unpicklable_pe_is_rejected_by_name(tmp_path: Path) -> None:
+    graph = WorkflowGraph()
+    graph.connect(Count(), "output", pe := FunctionPE(lambda item: item), "input")
+    with pytest.raises(GraphError, match=rf"PE {pe.id} cannot be pickled"):
+        build_project(graph, tmp_path / "p")
+
+
+def test_class_defined_in_main_is_rejected(tmp_path: Path) -> None:
+    main_class = type("InMain", (Double,), {"__module__": "__main__"})
+    graph = WorkflowGraph()
+    graph.connect(Count(), "output", pe := main_class(), "input")
+    with pytest.raises(GraphError, match=rf"PE {pe.id}: its class InMain is defined in __main__"):
+        build_project(graph, tmp_path / "p")
+
+
+def test_inputs_must_be_storable(tmp_path: Path) -> None:
+    graph = WorkflowGraph()
+    graph.connect(source := Merge(), "output", Double(), "input")
+
+    async def live() -> Any:
+        yield {"left": 1}
+
+    with pytest.raises(InputError, match=rf"the input of PE {source.id} must be a count or a list"):
+        build_project(graph, tmp_path / "p", inputs={source.id: live()})
+    with pytest.raises(InputError, match=rf"the input of PE {source.id} cannot be stored.*bytes"):
+        build_project(graph, tmp_path / "p", inputs={source.id: [{"left": b"raw"}]})
+
+
+def test_unwritable_directory(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("")
+    with pytest.raises(TargetError, match="cannot write the Storm project"):
+        build_project(load_graph(str(ROOT / "examples" / "wordcount.py")), tmp_path / "file" / "p")
+
+
+# -- items on the wire -------------------------------------------------------------------------
+
+SAMPLES: list[Any] = [
+    None,
+    True,
+    0,
+    -(2**63),
+    2**63 - 1,
+    0.1,
+    -1.5e300,
+    "",
+    "naïve ☃ 🐍",
+    [],
+    (),
+    ("word", 1),
+    [("a", 1), ("b", (2, [3.0]))],
+    {"k": (1, 2), "nested": {"x": [None, False]}},
+    {"~t": [1]},  # looks like a tag: must come back as this dict
+    {"~d": {"~t": 1}},
+    {"~other": 1, "plain": 2},
+]
+
+
+@pytest.mark.parametrize("item", SAMPLES, ids=repr)
+def test_json_items_round_trip_exactly(item: Any) -> None:
+    back = decode(json.loads(json.dumps(encode(item))))
+    assert back == item
+    assert repr(back) == repr(item)  # same types all the way down (tuples stay tuples, 1.0 stays float)
+
+
+@pytest.mark.parametrize(
+    ("item", "reason"),
+    [
+        ({1, 2}, r"item is a set"),
+        (b"raw", r"item is a bytes"),
+        ([1, math.nan], r"item\[1\] is nan"),
+        ((math.inf,), r"item\[0\] is inf"),
+        (2**63, r"outside the 64-bit range"),
+        ("\ud800", r"lone surrogate"),
+        ({1: "a"}, r"int key 1"),
+        ({"k": object()}, r"item\['k'\] is a object"),
+    ],
+    ids=repr,
+)
+def test_other_items_are_rejected(item: Any, reason: str) -> None:
+    with pytest.raises(WireError, match=reason):
+        encode(item)
+
+
+# -- command line --------------------------------------------------------------------------------
+
+
+def test_cli_storm_build(tmp_path: Path) -> None:
+    out = tmp_path / "wc"
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "aiod4p",
+            "storm",
+            "build",
+            str(ROOT / "examples" / "wordcount.py"),
+            "-o",
+            str(out),
+            "-i",
+            "2",
+            "--nimbus",
+            "nimbus.example.org",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "wrote topology wordcount_topology (1 spouts, 2 bolts)" in done.stdout
+    spec = json.loads((out / "src" / "aiod4p_topology.json").read_text())
+    assert list(spec["feeds"].values()) == [2]
+    config = json.loads((out / "config.json").read_text())
+    assert config["envs"]["prod"]["nimbus"] == "nimbus.example.org:6627"
+    assert read_components(out)  # a valid topology
+
+
+def test_cli_storm_build_bad_target(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "aiod4p", "storm", "build", str(tmp_path / "missing.py"), "-o", str(tmp_path / "o")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 1
+    assert "missing.py does not exist" in done.stderr
+    assert not (tmp_path / "o").exists()
