@@ -46,3 +46,10 @@ def differential(session: nox.Session) -> None:
         ".venv-dispel4py/bin/python", "-m", "pip", "install", "-q", "dispel4py==1.2.1", "mpi4py", "mpich", external=True
     )
     session.run("pytest", "-q", "tests/test_differential.py", "tests/test_compat.py", *session.posargs)
+
+
+@nox.session
+def soak(session: nox.Session) -> None:
+    """The full soak: 10 million items from a live source through a slower sink, RSS growth under 50 MB."""
+    session.install("-e", ".[all,dev]")
+    session.run("pytest", "-q", "-s", "tests/test_soak.py", *session.posargs, env={"AIOD4P_SOAK_ITEMS": "10000000"})

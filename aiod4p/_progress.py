@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import sys
 import time
 from collections.abc import AsyncIterator, Callable
@@ -28,6 +29,8 @@ if TYPE_CHECKING:
     from ._api import WorkflowRun
 
 __all__ = ["ProgressDisplay", "progress", "progress_wanted"]
+
+logger = logging.getLogger("aiod4p.progress")
 
 DEFAULT_INTERVAL = 0.5
 
@@ -130,7 +133,9 @@ async def progress(
 
     The first frame is drawn after ``interval`` seconds and then every
     ``interval`` seconds, from a task in the current event loop; so a run
-    shorter than ``interval`` shows nothing and pays next to nothing.
+    shorter than ``interval`` shows nothing and pays next to nothing. If
+    drawing a frame fails, the display stops with a warning on the
+    ``aiod4p.progress`` logger and the run goes on.
     """
     from rich.console import Console
     from rich.live import Live
@@ -142,14 +147,20 @@ async def progress(
     async def refresh() -> None:
         while True:
             await asyncio.sleep(interval)
-            live.update(display.render(), refresh=True)
+            try:
+                live.update(display.render(), refresh=True)
+            except Exception as exc:  # a display that fails must not fail the run
+                logger.warning("progress display stopped: %s: %s", type(exc).__name__, exc)
+                return
 
-    with live:
-        task = asyncio.create_task(refresh(), name="aiod4p progress")
-        try:
-            yield display
-        finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-            live.update("")  # leaving Live erases the last frame without drawing another
+    live.start()
+    task = asyncio.create_task(refresh(), name="aiod4p progress")
+    try:
+        yield display
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        live.update("")  # stopping erases the last frame without drawing another
+        with contextlib.suppress(OSError):  # the terminal is gone: nothing left to erase
+            live.stop()

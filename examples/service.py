@@ -142,7 +142,7 @@ class ObservationService:
     async def _dispatch(self) -> None:
         async for record in self.run:
             data = dict(record.data)
-            if record.pe == "means":
+            if record.port == "output":  # the window's (the other results are on "reply" and "errors")
                 client, sensor = data["key"]
                 reply: dict[str, Any] = {"sensor": sensor, "mean": data["value"], "count": data["count"]}
             else:

@@ -275,24 +275,34 @@ def test_one_input_per_call_on_two_ports(d4p: Any, mapping: MappingCase) -> None
     )
 
 
-@pytest.mark.parametrize("how", ["constructor", "after", "add_input"])
-def test_grouping_all_set_any_way(d4p: Any, mapping: MappingCase, how: str) -> None:
-    pes = build_pes(d4p)
+def broadcast_graph(d4p: Any, how: str) -> tuple[Any, Any]:
     graph = d4p.workflow_graph.WorkflowGraph()
-    source, tagged = pes["Counter"](), pes["Tagged"]()
+    source, tagged = Counter_(), Tagged()
     tagged.numprocesses = 2
-    if how == "constructor":
+    if how == "directly":
         tagged.inputconnections["input"]["grouping"] = "all"
     elif how == "add_input":
         tagged._add_input("input", grouping="all")
     graph.connect(source, "output", tagged, "input")
-    if how == "after":  # after connecting: still honoured
+    if how == "after connect":  # still honoured
         tagged.inputconnections["input"]["grouping"] = "all"
+    return graph, tagged
+
+
+def test_grouping_set_after_connect_is_honoured(d4p: Any, mapping: MappingCase) -> None:
+    graph, tagged = broadcast_graph(d4p, "after connect")
     results = mapping.run(graph, 4)
     copies = 1 if mapping.name == "simple" else 2
     assert sorted(item for _, item in results.data(tagged.id)) == sorted([1, 2, 3, 4] * copies)
     if copies == 2:
         assert {instance for instance, _ in results.data(tagged.id)} == {0, 1}
+
+
+@pytest.mark.parametrize("how", ["directly", "add_input"])
+def test_grouping_set_any_way(d4p: Any, how: str) -> None:
+    graph, tagged = broadcast_graph(d4p, how)
+    results = aiod4p.run(graph, 4, mapping="async", workers=2)
+    assert sorted(results.data(tagged.id)) == sorted((i, n) for n in (1, 2, 3, 4) for i in (0, 1))
 
 
 def test_group_by_and_global(d4p: Any, mapping: MappingCase) -> None:

@@ -284,3 +284,34 @@ def test_cancelling_a_run_leaves_no_process_behind(monkeypatch: pytest.MonkeyPat
 
     asyncio.run(main())
     assert _marked_processes(mark) == []
+
+
+def test_ctrl_c_under_mpiexec_drains_every_rank(tmp_path: Path) -> None:
+    out = tmp_path / "results.jsonl"
+    args = cli(f"{WORKFLOWS}:mpi_chain", "--mapping", "mpi", "-i", str(10**12), "--results", str(out))
+    process = subprocess.Popen(
+        [str(MPIEXEC), "-n", "2", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True
+    )
+    try:
+        deadline = time.monotonic() + 20
+        while (not out.exists() or out.stat().st_size < 100_000) and time.monotonic() < deadline:
+            time.sleep(0.05)  # polling for the condition: results are flowing
+        process.send_signal(signal.SIGINT)  # mpiexec forwards it to every rank
+        process.communicate(timeout=20)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.communicate()
+    assert process.returncode == 0
+    data = [json.loads(line)["data"] for line in out.read_text().splitlines()]
+    assert len(data) > 1000
+    assert all(value % 8 == 0 for value in data)  # every item went through the whole chain
+
+
+def test_launched_run_takes_mpiexec_arguments(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    hosts = tmp_path / "hosts"
+    hosts.write_text("localhost:1\n127.0.0.1:1\n")
+    monkeypatch.setenv("AIOD4P_MPIEXEC_ARGS", f"-f {hosts}")
+    seen = aiod4p.run(wf.mpi_hosts(), 40, mapping="mpi", workers=2).data()
+    assert sorted(item for _, _, item in seen) == list(range(40))
+    assert {host for host, _, _ in seen} == {"localhost", "127.0.0.1"}

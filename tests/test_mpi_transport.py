@@ -100,9 +100,26 @@ async def _rank0(endpoint: Any) -> None:
         except BaseException:
             outcome = traceback.format_exc()
         print(json.dumps({"check": check.__name__, "outcome": outcome}), flush=True)
+    print(json.dumps({"check": "mpi_errors_become_transport_errors", "outcome": _mpi_failure()}), flush=True)
     await rpc.call("stop")
     rpc.reader.cancel()
     await asyncio.gather(rpc.reader, return_exceptions=True)
+
+
+def _mpi_failure() -> str:
+    """An MPI error in the poller surfaces as TransportError (here: a freed communicator)."""
+    from mpi4py import MPI
+
+    from aiod4p.errors import TransportError
+    from aiod4p.transports.mpi import MpiEndpoint
+
+    endpoint = MpiEndpoint(MPI.COMM_SELF)  # a local duplicate: freeing it disturbs nobody
+    endpoint._comm.Free()
+    try:
+        endpoint.poll()
+    except TransportError as exc:
+        return "ok" if "MPI failed on rank 0" in str(exc) else f"unexpected message: {exc}"
+    return "poll() did not raise"
 
 
 async def _rank1(endpoint: Any) -> None:
@@ -175,7 +192,7 @@ def _check_names() -> list[str]:
     sys.path.insert(0, str(Path(__file__).parent))
     from conformance import CHECKS
 
-    return [check.__name__ for check in CHECKS]
+    return [check.__name__ for check in CHECKS] + ["mpi_errors_become_transport_errors"]
 
 
 @pytest.mark.parametrize("name", _check_names())

@@ -428,8 +428,8 @@ def test_cli_interrupt_leaves_no_orphans(tmp_path: Path, signals: int | str) -> 
         if signals == 2:
             assert process.stdout.readline() == "stuck\n"
             process.send_signal(signal.SIGINT)  # abort
-        process.communicate(timeout=30)
-        assert process.returncode == (130 if signals == 2 else 0)
+        _, err = process.communicate(timeout=30)
+        assert process.returncode == (130 if signals == 2 else 0), err
     finally:
         if process.poll() is None:
             process.kill()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import logging
 import os
 import pty
 import select
@@ -234,3 +235,41 @@ def test_short_run_draws_nothing() -> None:
 
     asyncio.run(go())
     assert "aiod4p" not in buffer.getvalue()
+
+
+class BrokenScreen(io.StringIO):
+    """A terminal that fails as soon as a frame is written to it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.failed = asyncio.Event()
+
+    def write(self, text: str) -> int:
+        if TITLE in text:
+            self.failed.set()
+            raise OSError(5, "Input/output error")
+        return super().write(text)
+
+
+def test_a_failing_display_stops_and_the_run_goes_on(caplog: pytest.LogCaptureFixture) -> None:
+    graph, source = wf.pipeline(1)
+
+    async def go() -> int:
+        screen = BrokenScreen()
+        console = Console(file=screen, force_terminal=True, width=120)
+
+        async def feed() -> AsyncIterator[dict[str, int]]:
+            for _ in range(10):
+                yield {}
+            await screen.failed.wait()  # hold the run open until drawing a frame has failed
+
+        async with asyncio.timeout(30):
+            run = aiod4p.start(graph, {source: feed()}, mapping="async")
+            async with run, progress(run, console=console, interval=0.01):
+                results = await run.results()
+        return len(results.data())
+
+    with caplog.at_level(logging.WARNING, logger="aiod4p.progress"):
+        assert asyncio.run(go()) == 10
+    (record,) = caplog.records
+    assert record.getMessage() == "progress display stopped: OSError: [Errno 5] Input/output error"

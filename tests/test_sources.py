@@ -326,7 +326,8 @@ async def test_timer_ticks_count_times() -> None:
 @pytest.mark.asyncio
 async def test_an_endless_timer_stops_on_drain() -> None:
     data = await collect(aiod4p.start(source_graph(TimerSource(0.002))), count=3)
-    assert len(data) == 3
+    assert len(data) >= 3  # ticks already emitted when the drain came still arrive
+    assert [d["tick"] for d in data] == sorted({d["tick"] for d in data})
 
 
 async def numbers(n: int) -> AsyncIterator[int]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 import re
 import shutil
@@ -14,6 +15,7 @@ import pytest
 import workflows as wf
 
 from aiod4p import GLOBAL, WorkflowGraph, chain, group_by, load_graph, make_plan
+from aiod4p._loading import load_module
 from aiod4p._visual import draw, to_dot
 from aiod4p.errors import Aiod4pError, GraphError
 from aiod4p.mappings import get_mapping
@@ -27,6 +29,22 @@ def aiod4p(*args: str, env: dict[str, str] | None = None) -> subprocess.Complete
     return subprocess.run(
         [sys.executable, "-m", "aiod4p", *args], capture_output=True, text=True, timeout=60, cwd=ROOT, env=env
     )
+
+
+def example_graph(path: Path) -> WorkflowGraph:
+    """The example's module-level graph, else the graph its builder function returns."""
+    module = load_module(str(path))
+    if any(isinstance(value, WorkflowGraph) for value in vars(module).values()):
+        return load_graph(str(path))
+    builders = [
+        name
+        for name, value in vars(module).items()
+        if inspect.isfunction(value)
+        and value.__module__ == module.__name__
+        and inspect.signature(value).return_annotation in ("WorkflowGraph", WorkflowGraph)
+    ]
+    assert builders, f"{path} has neither a WorkflowGraph nor a function returning one"
+    return load_graph(f"{path}:{builders[0]}")
 
 
 def expected_content(graph: WorkflowGraph) -> tuple[set[str], set[str], list[str]]:
@@ -48,7 +66,7 @@ def svg_texts(path: Path) -> list[str]:
 
 @pytest.mark.parametrize("example", EXAMPLES, ids=lambda path: path.stem)
 def test_dot_of_every_example_names_pes_ports_and_groupings(example: Path) -> None:
-    graph = load_graph(str(example))
+    graph = example_graph(example)
     text = to_dot(graph)
     pe_ids, ports, groupings = expected_content(graph)
     for pe_id in pe_ids:
@@ -128,7 +146,7 @@ def test_names_with_quotes_and_markup_are_escaped(tmp_path: Path) -> None:
 @needs_dot
 @pytest.mark.parametrize("example", EXAMPLES, ids=lambda path: path.stem)
 def test_svg_of_every_example_shows_labels(example: Path, tmp_path: Path) -> None:
-    graph = load_graph(str(example))
+    graph = example_graph(example)
     out = draw(graph, tmp_path / f"{example.stem}.svg")
     texts = svg_texts(out)
     pe_ids, ports, groupings = expected_content(graph)

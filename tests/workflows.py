@@ -307,3 +307,35 @@ def sensor_of(item: dict[str, Any]) -> Any:
 def sum_of_values(pairs: list[tuple[Any, int]]) -> int:
     """A window aggregate: the sum of the second element of each pair."""
     return sum(value for _, value in pairs)
+
+
+class Square(GenericPE):
+    """A live root: ``{"id": n}`` -> ``{"id": n, "sq": n * n}``; reports ``drained`` from postprocess."""
+
+    def __init__(self) -> None:
+        super().__init__(inputs=["input"], outputs=["output", "status"])
+
+    def process(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        item = inputs["input"]
+        return {"output": {**item, "sq": item.get("id", 0) ** 2}}
+
+    def postprocess(self) -> None:
+        self.write("status", "drained")
+
+
+class Hold(IterativePE):
+    """Passes items on, except one with ``"hold"``: it never finishes (only an abort stops the run)."""
+
+    async def process_item(self, item: dict[str, Any]) -> dict[str, Any]:
+        if item.get("hold"):
+            await asyncio.Event().wait()
+        return item
+
+
+def live_squares() -> WorkflowGraph:
+    """``aiod4p run tests/workflows.py:live_squares --stdin square``: square -> hold."""
+    graph = WorkflowGraph()
+    square = Square()
+    square.id = "square"
+    graph.connect(square, "output", Hold(), "input")
+    return graph

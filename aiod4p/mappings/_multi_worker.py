@@ -60,6 +60,7 @@ async def _serve(
     control = await open_pipe_comm(control_sock)
     peers: dict[int, PipeComm] = {}
     tasks: list[asyncio.Task[Any]] = []
+    listener: asyncio.Task[None] | None = None
     try:
         for peer, sock in peer_socks.items():
             peers[peer] = await open_pipe_comm(sock)
@@ -71,8 +72,10 @@ async def _serve(
         worker = Worker(plan, wid, feeds=feeds, results=_ControlSink(control), peers=peers, max_delay=max_delay)
         running = asyncio.create_task(worker.run(), name=f"worker {wid}")
         listener = asyncio.create_task(_listen(control, worker, pumped), name=f"worker {wid} listener")
-        tasks = [running, listener, asyncio.create_task(_report(control, worker, interval))]
+        reporter = asyncio.create_task(_report(control, worker, interval))
+        tasks = [running, reporter]
         await asyncio.wait({running, listener}, return_when=asyncio.FIRST_COMPLETED)
+        reporter.cancel()
         if not running.done():
             listener.result()  # raises PeerDied: the parent vanished
             raise PeerDied("the parent closed the control comm before the run finished")
@@ -91,6 +94,11 @@ async def _serve(
             comm.abort()
         for sock in peer_socks.values():
             sock.close()
+        # Leave only once the parent closes its end: a parent writing (a drain, say)
+        # to a closed socket would lose what this worker sent and it has not read yet.
+        if listener is not None:
+            with contextlib.suppress(Exception):
+                await listener
         await control.aclose()
 
 
@@ -207,7 +215,7 @@ class _PumpedFeed:
 
 
 async def _listen(control: PipeComm, worker: Worker, pumped: dict[str, _PumpedFeed]) -> None:
-    """Obey the parent until it closes the control comm.
+    """Obey the parent until it closes the control comm (its goodbye, after "done" or "error").
 
     Raises:
         PeerDied: the parent vanished.

@@ -108,17 +108,12 @@ class MpiMapping(BaseMapping):
             raise MappingUnavailable(f"the mpi mapping needs mpi4py: {INSTALL_HINT}") from exc
         shipped = broadcast_plan(plan)
         try:
-            stats = await run_rank(
+            return await run_rank(
                 shipped, feeds, sink, max_delay=max_delay, on_drain=control.on_drain, publish=control.publish_stats
             )
         except BaseException:
-            if not self.follower:
-                abort_job_at_exit(1)  # end the other ranks once this one has reported
+            abort_job_at_exit(1)  # end every rank once this one has reported (MPI_Finalize would hang)
             raise
-        if not self.follower:
-            for entry_rank in sorted({entry.worker for entry in stats}):
-                control.publish_stats(entry_rank, [entry for entry in stats if entry.worker == entry_rank])
-        return stats
 
 
 def _job_rank() -> int:

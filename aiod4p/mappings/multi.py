@@ -144,6 +144,9 @@ class _MultiRun:
         self.draining = False
         self._posts: set[asyncio.Task[None]] = set()
         self._exits: list[asyncio.Future[None]] = []
+        # Per worker: control messages received, and whether its reader waits for one.
+        self.received = [0] * plan.workers
+        self.receiving = [False] * plan.workers
 
     # -- launching -------------------------------------------------------------
     def _payloads(self) -> tuple[list[Any], list[tuple[str, int, Feed]]]:
@@ -182,7 +185,8 @@ class _MultiRun:
                     ) from exc
             raise
 
-    def _start(self, payloads: list[Any]) -> None:
+    def _start(self, payloads: list[Any]) -> list[socket.socket]:
+        """Start the workers; returns the parent's ends of their control socket pairs."""
         n = self.plan.workers
         controls = [socket.socketpair() for _ in range(n)]
         links = {
@@ -232,7 +236,7 @@ class _MultiRun:
             if len(self.processes) < n:
                 for parent_end, _ in controls:
                     parent_end.close()
-        self._control_socks = [parent_end for parent_end, _ in controls]
+        return [parent_end for parent_end, _ in controls]
 
     # -- running -------------------------------------------------------------
     async def run(self) -> list[InstanceStats]:
@@ -240,8 +244,7 @@ class _MultiRun:
         tasks: list[asyncio.Task[Any]] = []
         finished = False
         try:
-            self._start(payloads)
-            socks = self._control_socks
+            socks = self._start(payloads)
             for index, sock in enumerate(socks):
                 try:
                     self.comms.append(await open_pipe_comm(sock))
@@ -303,10 +306,14 @@ class _MultiRun:
         exited = asyncio.create_task(self._exited(wid))
         try:
             await asyncio.wait({reader, exited}, return_when=asyncio.FIRST_COMPLETED)
-            if not reader.done():  # its last messages may still be in the pipe
+            # The process has ended: its last messages may still be in the pipe. Relay
+            # them; give up only when nothing more arrives (another process, such as a
+            # child of the worker, holds the pipe open).
+            while not reader.done():
+                received = self.received[wid]
                 await asyncio.wait({reader}, timeout=self.mapping.grace)
-            if not reader.done():
-                raise WorkerDied(self._death(wid))
+                if not reader.done() and self.received[wid] == received and self.receiving[wid]:
+                    raise WorkerDied(self._death(wid))
             reader.result()
         finally:
             for task in (reader, exited):
@@ -316,6 +323,7 @@ class _MultiRun:
     async def _read(self, wid: int) -> None:
         comm, sink, control = self.comms[wid], self.sink, self.control
         while True:
+            self.receiving[wid] = True
             try:
                 message = await comm.receive()
             except (EndOfChannel, PeerDied):
@@ -323,6 +331,8 @@ class _MultiRun:
                     async with asyncio.timeout(self.mapping.grace):
                         await self._exited(wid)
                 raise WorkerDied(self._death(wid)) from None
+            self.receiving[wid] = False
+            self.received[wid] += 1
             kind = message[0]
             if kind == "r":
                 await sink.emit(message[1], message[2], message[3])
@@ -333,6 +343,7 @@ class _MultiRun:
             elif kind == "done":
                 self.final[wid] = message[1]
                 control.publish_stats(wid, message[1])
+                await comm.aclose()  # goodbye: the worker may exit
                 return
             elif kind == "error":
                 raise message[1]
@@ -391,6 +402,8 @@ class _MultiRun:
                 ready.clear()
                 while buffer and not self.draining:
                     await credits.acquire()
+                    if self.draining:
+                        break
                     chunk = buffer[:batch_size]
                     del buffer[:batch_size]
                     room.set()

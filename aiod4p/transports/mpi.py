@@ -68,6 +68,7 @@ class MpiEndpoint:
         self._busy: asyncio.Event | None = None
         self._poller: asyncio.Task[None] | None = None
         self._closed = False
+        self.failure: TransportError | None = None  # MPI failed: the poller stopped
         self._settled: asyncio.Future[None] | None = None  # aclose waits on it
 
     def comm(self, peer: int, key: int = 0, capacity: int = 16) -> MpiComm:
@@ -131,7 +132,15 @@ class MpiEndpoint:
                 busy.clear()
                 await busy.wait()
                 last_progress, delay = time.monotonic(), 0.0
-            if self.poll():
+            try:
+                progressed = self.poll()
+            except TransportError as exc:
+                self.failure = exc  # every comm raises it from now on
+                for comm in self._comms.values():
+                    comm._wake()
+                self._check_settled()
+                return
+            if progressed:
                 last_progress, delay = time.monotonic(), 0.0
             elif time.monotonic() - last_progress > self._spin:
                 delay = min(max(delay * 2, 0.001), self._max_sleep)
@@ -193,6 +202,8 @@ class MpiEndpoint:
             await comm.aclose()
         loop = asyncio.get_running_loop()
         while self._sends or any(not c._peer_done for c in self._comms.values()) or self._receiving:
+            if self.failure is not None:
+                raise self.failure
             future = loop.create_future()
             self._settled = future
             await self._wait(future)
@@ -290,7 +301,13 @@ class MpiComm(Comm):
         self._wake()
 
     async def _wait(self) -> None:
-        """Wait until something arrives for this comm or it is closed."""
+        """Wait until something arrives for this comm or it is closed.
+
+        Raises:
+            TransportError: MPI failed on this rank.
+        """
+        if self._endpoint.failure is not None:
+            raise self._endpoint.failure
         future = asyncio.get_running_loop().create_future()
         self._waiters.append(future)
         try:

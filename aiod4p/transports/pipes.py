@@ -10,6 +10,11 @@ sides: the sender waits while its write buffer is above ``write_buffer``
 bytes, and the receiver stops reading the socket while ``max_messages``
 decoded messages wait to be received, so a receiver that stops reading
 eventually stalls its sender.
+
+A write that finds the peer's socket closed ends the connection, and what
+the peer sent that was not yet read is lost: a protocol on top of this comm
+closes an end only after the peer said it sends nothing more (as the engine's
+links and the multi mapping's control comms do).
 """
 
 from __future__ import annotations
@@ -229,7 +234,8 @@ class PipeComm(Comm):
     def abort(self) -> None:
         """Drop the connection without the close marker, as a crashed peer would."""
         self._closed = True
-        self._transport.abort()
+        if not self._protocol.lost:
+            self._transport.abort()
         self._protocol.wake()
 
     @property

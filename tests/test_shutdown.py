@@ -1,0 +1,201 @@
+"""Clean shutdown: SIGTERM/SIGINT drain `aiod4p run --stdin`, a second signal aborts; the API drains on cancel."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import IO, Any
+
+import pytest
+import workflows as wf
+
+import aiod4p
+from aiod4p import ConsumerPE, LiveFeed, WorkflowGraph
+
+ROOT = Path(__file__).resolve().parent.parent
+TARGET = f"{ROOT / 'tests' / 'workflows.py'}:live_squares"
+
+
+class Reader(threading.Thread):
+    """Reads a child's stdout (JSON Lines) so the child never blocks on a full pipe."""
+
+    def __init__(self, stream: IO[bytes]) -> None:
+        super().__init__(daemon=True)
+        self.stream = stream
+        self.records: list[dict[str, Any]] = []
+        self.changed = threading.Condition()
+
+    def run(self) -> None:
+        for line in self.stream:
+            with self.changed:
+                self.records.append(json.loads(line))
+                self.changed.notify_all()
+
+    def wait_for(self, predicate: Any, timeout: float = 20) -> None:
+        with self.changed:
+            assert self.changed.wait_for(lambda: predicate(self.records), timeout), self.records[-3:]
+
+
+def start_cli(*extra: str) -> tuple[subprocess.Popen[bytes], Reader]:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "aiod4p", "run", TARGET, "--stdin", "square", "--results", "-", "-q", *extra],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert proc.stdout is not None
+    reader = Reader(proc.stdout)
+    reader.start()
+    return proc, reader
+
+
+def stop(proc: subprocess.Popen[bytes], reader: Reader) -> bytes:
+    """Make sure the child is gone; return its stderr."""
+    if proc.poll() is None:
+        proc.kill()
+    assert proc.stdin is not None and proc.stderr is not None
+    proc.stdin.close()
+    proc.wait(timeout=20)
+    reader.join(timeout=20)
+    stderr = proc.stderr.read()
+    proc.stderr.close()
+    assert proc.stdout is not None
+    proc.stdout.close()
+    return stderr
+
+
+def lines(ids: range) -> bytes:
+    return b"".join(json.dumps({"id": i}).encode() + b"\n" for i in ids)
+
+
+def squares(records: list[dict[str, Any]]) -> list[int]:
+    return sorted(r["data"]["id"] for r in records if r["output"] == "output")
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_mid_stream_drains_every_line_written_before_it(signum: int) -> None:
+    proc, reader = start_cli()
+    try:
+        assert proc.stdin is not None
+        proc.stdin.write(lines(range(2000)))
+        proc.stdin.flush()
+        reader.wait_for(lambda records: len(records) >= 100)  # the run is live, mid-stream
+        proc.stdin.write(lines(range(2000, 5000)))  # still in the pipe, or being read, when the signal comes
+        proc.stdin.flush()
+        proc.send_signal(signum)  # stdin stays open: only the drain ends the stream
+        assert proc.wait(timeout=30) == 0
+    finally:
+        stderr = stop(proc, reader)
+    assert b"Traceback" not in stderr
+    assert squares(reader.records) == list(range(5000))
+    assert all(r["data"]["sq"] == r["data"]["id"] ** 2 for r in reader.records if r["output"] == "output")
+    assert [r["data"] for r in reader.records if r["output"] == "status"] == ["drained"]  # postprocess ran
+
+
+def test_a_second_signal_aborts_with_a_non_zero_exit() -> None:
+    proc, reader = start_cli()
+    try:
+        assert proc.stdin is not None
+        proc.stdin.write(b'{"id": 1}\n')
+        proc.stdin.flush()
+        reader.wait_for(lambda records: squares(records) == [1])
+        proc.stdin.write(b'{"id": 2, "hold": true}\n')  # never finishes
+        proc.stdin.flush()
+        proc.send_signal(signal.SIGTERM)
+        reader.wait_for(lambda records: any(r["output"] == "status" for r in records))  # draining, held up
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 130
+    finally:
+        stderr = stop(proc, reader)
+    assert b"aiod4p: aborted" in stderr
+
+
+def test_stdin_with_iterations_is_a_usage_error() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "aiod4p", "run", TARGET, "--stdin", "square", "-i", "3"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        stdin=subprocess.DEVNULL,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert result.returncode == 2
+    assert "--stdin cannot be combined with -i" in result.stderr
+
+
+def test_stdin_into_a_pe_that_is_not_a_root_is_an_error() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "aiod4p", "run", TARGET, "--stdin", "Hold"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        stdin=subprocess.DEVNULL,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert result.returncode == 1
+    assert "is not a root" in result.stderr
+
+
+def test_stdin_end_of_file_ends_the_run() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "aiod4p", "run", TARGET, "--stdin", "square", "--results", "-", "-q"],
+        input=lines(range(10)),
+        capture_output=True,
+        timeout=30,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert result.returncode == 0, result.stderr
+    records = [json.loads(line) for line in result.stdout.splitlines()]
+    assert squares(records) == list(range(10))
+
+
+class Closing(ConsumerPE):
+    """Records that postprocess ran."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen = 0
+        self.closed = False
+
+    def consume(self, item: Any) -> None:
+        self.seen += 1
+
+    def postprocess(self) -> None:
+        self.closed = True
+
+
+@pytest.mark.asyncio
+async def test_cancelling_run_async_drains_before_it_propagates() -> None:
+    graph = WorkflowGraph()
+    graph.connect(entry := wf.Double(), "output", sink := Closing(), "input")
+    feed = LiveFeed(16)
+    for i in range(10):
+        feed.send_nowait(i)
+    task = asyncio.create_task(aiod4p.run_async(graph, {entry: feed}))
+    async with asyncio.timeout(20):
+        while sink.seen < 10:  # noqa: ASYNC110 - wait until the items went through
+            await asyncio.sleep(0.001)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    assert sink.closed and feed.closed
+
+
+@pytest.mark.asyncio
+async def test_drain_lets_accepted_items_finish() -> None:
+    graph = WorkflowGraph()
+    graph.connect(entry := wf.Double(), "output", wf.SumAtEnd(), "input")
+    feed = LiveFeed(1000)
+    run = aiod4p.start(graph, {entry: feed})
+    async with asyncio.timeout(20), run:
+        for i in range(1000):
+            await run.send(entry.id, i)
+        run.drain()  # everything already sent still counts
+        assert (await run.results()).data() == [2 * sum(range(1000))]
