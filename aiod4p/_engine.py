@@ -104,6 +104,7 @@ class _Actor:
         single = list(pe.inputs)
         self.single_input = single[0] if len(single) == 1 else None
         self.is_root = worker.plan.placement[ref.pe].is_root
+        self.links = list(worker.links.values())
 
     # -- wiring ------------------------------------------------------------
     def add_route(self, port: str, route: _Route) -> None:
@@ -129,6 +130,9 @@ class _Actor:
                     remaining -= 1
                     continue
                 source.release()
+                if self.links and any(link.pending for link in self.links):
+                    # Let the links send first: a long batch would hold back what other workers wait for.
+                    await asyncio.sleep(0)
                 self.stats.batches_in += 1
                 self.stats.items_in += len(items)
                 self.stats.queued_items = inbox.queued_items
@@ -224,53 +228,23 @@ class _Actor:
                         await self._append_streaming(out_port, result)
 
     async def _pump(self, source: AsyncIterator[Any], port: str) -> None:
-        # A live source (a root's async generator) runs in a reader task that
-        # pulls ahead while the actor waits for credit, so batches grow under
-        # load; whenever the source has nothing ready, partly filled batches
-        # are flushed, so an item from a slow source is not held back. When
-        # the run drains, the PE's drain() (if any) asks the source to finish
-        # by itself; otherwise the reader is cancelled.
-        batch_size = self.batch_size
-        buffer: list[Any] = []
-        ready, room = asyncio.Event(), asyncio.Event()
-        finished = False
-
-        async def read() -> None:
-            nonlocal finished
-            try:
-                async for value in source:
-                    if value is None:
-                        continue
-                    buffer.append(value)
-                    ready.set()
-                    while len(buffer) >= batch_size:
-                        room.clear()
-                        await room.wait()
-            finally:
-                finished = True
-                ready.set()
-
-        reader = asyncio.create_task(read(), name=f"source {self.ref}")
-        self.worker._add_stopper(getattr(self.pe, "drain", None), reader)
+        # A live source (a root's async generator) is read ahead while the actor
+        # waits for credit, so batches grow under load; whenever the source has
+        # nothing ready, partly filled batches are flushed, so an item from a
+        # slow source is not held back.
+        ahead = _ReadAhead(source, self.batch_size, lambda value: value, f"source {self.ref}")
+        self.worker._add_stopper(getattr(self.pe, "drain", None), ahead.reader)
         try:
             while True:
-                if not buffer and not finished:
+                if not ahead.ready():
                     await self._flush_all()
-                    await ready.wait()
-                ready.clear()
-                if buffer:
-                    self.buffers[port].extend(buffer)
-                    buffer.clear()
-                    room.set()
-                    await self._route_outputs()
-                elif finished:
+                chunk = await ahead.take()
+                if chunk is None:
                     break
-            if not reader.cancelled():
-                await reader  # re-raises the source's own error
+                self.buffers[port].extend(chunk)
+                await self._route_outputs()
         finally:
-            if not reader.done():
-                reader.cancel()
-                await asyncio.gather(reader, return_exceptions=True)
+            await ahead.aclose()
 
     async def _call_process(self, port: str | None, items: list[Any]) -> None:
         process, kind = self.pe.process, self.process_kind
@@ -635,45 +609,71 @@ class Worker:
             timed.close()
 
     async def _feed_async(self, pe: PE, channel: _TimedChannel, feed: AsyncIterable[Any]) -> None:
-        # A reader task pulls ahead while the channel has no credit, so batches
-        # grow under load and stay small (low latency) when the workflow is idle.
-        batch_size = self.plan.options.batch_size
-        buffer: list[Any] = []
-        ready, room = asyncio.Event(), asyncio.Event()
-        finished = False
-
-        async def read() -> None:
-            nonlocal finished
-            try:
-                async for element in feed:
-                    buffer.append(_input_dict(pe, pe.label, element))
-                    ready.set()
-                    while len(buffer) >= batch_size:
-                        room.clear()
-                        await room.wait()
-            finally:
-                finished = True
-                ready.set()
-
-        reader = asyncio.create_task(read())
-        self._add_stopper(getattr(feed, "drain", None), reader)
+        # Read ahead while the channel has no credit, so batches grow under
+        # load and stay small (low latency) when the workflow is idle.
+        ahead = _ReadAhead(feed, self.plan.options.batch_size, lambda e: _input_dict(pe, pe.label, e), "feed")
+        self._add_stopper(getattr(feed, "drain", None), ahead.reader)
         try:
-            while True:
-                await ready.wait()
-                ready.clear()
-                while buffer:
-                    chunk = buffer[:batch_size]
-                    del buffer[:batch_size]
-                    room.set()
-                    await channel.send(None, chunk)
-                if finished:
-                    break
-            if not reader.cancelled():
-                await reader  # re-raises the source's own error
+            while (chunk := await ahead.take()) is not None:
+                await channel.send(None, chunk)
         finally:
-            if not reader.done():
-                reader.cancel()
-                await asyncio.gather(reader, return_exceptions=True)
+            await ahead.aclose()
+
+
+class _ReadAhead:
+    """Pulls an async iterable in its own task, up to ``limit`` items ahead of the consumer.
+
+    ``None`` values are skipped. Cancelling :attr:`reader` ends the stream
+    after the items already read (a drain); :meth:`take` re-raises the
+    source's own errors.
+    """
+
+    def __init__(self, source: AsyncIterable[Any], limit: int, convert: Callable[[Any], Any], name: str) -> None:
+        self._source = source
+        self._limit = limit
+        self._convert = convert
+        self._buffer: list[Any] = []
+        self._ready, self._room = asyncio.Event(), asyncio.Event()
+        self._finished = False
+        self.reader = asyncio.create_task(self._read(), name=name)
+
+    async def _read(self) -> None:
+        try:
+            async for value in self._source:
+                if value is None:
+                    continue
+                self._buffer.append(self._convert(value))
+                self._ready.set()
+                while len(self._buffer) >= self._limit:
+                    self._room.clear()
+                    await self._room.wait()
+        finally:
+            self._finished = True
+            self._ready.set()
+
+    def ready(self) -> bool:
+        """Whether :meth:`take` would return at once."""
+        return bool(self._buffer) or self._finished
+
+    async def take(self) -> list[Any] | None:
+        """The next items read (at most ``limit``), or ``None`` at the end of the source."""
+        while not self._buffer:
+            if self._finished:
+                if not self.reader.cancelled():
+                    await self.reader  # re-raises the source's own error
+                return None
+            self._ready.clear()
+            await self._ready.wait()
+        chunk = self._buffer[: self._limit]
+        del self._buffer[: self._limit]
+        self._room.set()
+        return chunk
+
+    async def aclose(self) -> None:
+        """Stop reading; idempotent."""
+        if not self.reader.done():
+            self.reader.cancel()
+            await asyncio.gather(self.reader, return_exceptions=True)
 
 
 class _TimedChannel:

@@ -82,6 +82,11 @@ class PeerLink:
     def add_receiver(self, channel_id: int, inbox: Inbox) -> None:
         self.receivers[channel_id] = (inbox, RemoteSource(self, channel_id))
 
+    @property
+    def pending(self) -> bool:
+        """Whether messages are queued that the writer has not yet handed to the comm."""
+        return bool(self._outbox)
+
     def post(self, message: tuple[Any, ...]) -> None:
         """Queue a message for the peer; never blocks."""
         self._outbox.append(message)

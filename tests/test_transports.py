@@ -6,6 +6,7 @@ import asyncio
 import os
 import signal
 import socket
+import subprocess
 import sys
 import textwrap
 from typing import Any
@@ -118,23 +119,36 @@ _CHILD = textwrap.dedent(
 )
 
 
-async def _child(mode: str) -> tuple[asyncio.subprocess.Process, PipeComm]:
+def _spawn(mode: str, fd: int) -> subprocess.Popen[bytes]:
+    return subprocess.Popen([sys.executable, "-c", _CHILD, str(fd), mode], pass_fds=[fd])
+
+
+async def _child(mode: str) -> tuple[subprocess.Popen[bytes], PipeComm]:
     mine, theirs = socket.socketpair()
     with theirs:
-        process = await asyncio.create_subprocess_exec(
-            sys.executable, "-c", _CHILD, str(theirs.fileno()), mode, pass_fds=[theirs.fileno()]
-        )
+        process = _spawn(mode, theirs.fileno())
     return process, await open_pipe_comm(mine)
 
 
-async def _exited(process: asyncio.subprocess.Process) -> None:
+async def _exited(process: subprocess.Popen[bytes]) -> None:
+    """Wait (through a pidfd, no child watcher) until ``process`` exits; kill it after 10 s."""
+    if process.poll() is not None:
+        return
+    loop = asyncio.get_running_loop()
+    pidfd = os.pidfd_open(process.pid)  # works until the process is reaped, which only poll() and wait() do
     try:
-        async with asyncio.timeout(10):
-            await process.wait()
+        ended = loop.create_future()
+        loop.add_reader(pidfd, lambda: ended.done() or ended.set_result(None))
+        try:
+            async with asyncio.timeout(10):
+                await ended
+        finally:
+            loop.remove_reader(pidfd)
     finally:
-        if process.returncode is None:
+        os.close(pidfd)
+        if process.poll() is None:
             process.kill()
-            await process.wait()
+        process.wait()  # reaps at once: the process has ended
 
 
 async def _receive_until_end(comm: PipeComm) -> tuple[list[Any], BaseException]:
@@ -167,7 +181,5 @@ async def test_a_child_process_closing_exiting_or_killed(mode: str) -> None:
                 await comm.send("anyone?")
         finally:
             await comm.aclose()
-            if mode == "kill" and process.returncode is None:
-                process.kill()
             await _exited(process)
         assert process.returncode == {"close": 0, "exit": 3, "kill": -signal.SIGKILL}[mode]
