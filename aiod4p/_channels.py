@@ -14,7 +14,7 @@ import asyncio
 from collections import deque
 from typing import Any, Final, Protocol
 
-__all__ = ["EOS", "Inbox", "LocalChannel", "Message", "SenderChannel", "CreditSource"]
+__all__ = ["EOS", "CreditSource", "CreditedSender", "Inbox", "LocalChannel", "Message", "SenderChannel"]
 
 
 class _EndOfStream:
@@ -88,14 +88,13 @@ class Inbox:
         return message
 
 
-class LocalChannel:
-    """A channel whose two ends share one event loop."""
+class CreditedSender:
+    """The sending end of a channel: :meth:`send` waits for a credit, then delivers."""
 
-    __slots__ = ("_inbox", "_waiter", "closed", "credits")
+    __slots__ = ("_waiter", "closed", "credits")
 
-    def __init__(self, inbox: Inbox, credits: int) -> None:
+    def __init__(self, credits: int) -> None:
         self.credits = credits
-        self._inbox = inbox
         self._waiter: asyncio.Future[None] | None = None
         self.closed = False
 
@@ -108,10 +107,11 @@ class LocalChannel:
             finally:
                 self._waiter = None
         self.credits -= 1
-        self._inbox.put((self, port, items))
+        self._deliver(port, items)
 
-    def release(self) -> None:
-        self.credits += 1
+    def grant(self, credits: int = 1) -> None:
+        """Return ``credits`` credits from the receiver."""
+        self.credits += credits
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
@@ -120,4 +120,23 @@ class LocalChannel:
         """Send end of stream (needs no credit); idempotent."""
         if not self.closed:
             self.closed = True
-            self._inbox.put((self, None, EOS))
+            self._deliver(None, EOS)
+
+    def _deliver(self, port: str | None, items: Any) -> None:
+        raise NotImplementedError
+
+
+class LocalChannel(CreditedSender):
+    """A channel whose two ends share one event loop."""
+
+    __slots__ = ("_inbox",)
+
+    def __init__(self, inbox: Inbox, credits: int) -> None:
+        super().__init__(credits)
+        self._inbox = inbox
+
+    def _deliver(self, port: str | None, items: Any) -> None:
+        self._inbox.put((self, port, items))
+
+    def release(self) -> None:
+        self.grant(1)

@@ -12,46 +12,29 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from ._channels import EOS, Inbox
+from ._channels import EOS, CreditedSender, Inbox
 from .errors import EndOfChannel, PeerDied
 from .transports import Comm
 
 __all__ = ["PeerLink", "RemoteChannel", "RemoteSource"]
 
 
-class RemoteChannel:
+class RemoteChannel(CreditedSender):
     """The sending end of a channel whose receiver is on another worker."""
 
-    __slots__ = ("_channel_id", "_link", "_waiter", "closed", "credits")
+    __slots__ = ("_channel_id", "_link")
 
     def __init__(self, link: PeerLink, channel_id: int, credits: int) -> None:
-        self.credits = credits
+        super().__init__(credits)
         self._link = link
         self._channel_id = channel_id
-        self._waiter: asyncio.Future[None] | None = None
-        self.closed = False
         link.senders[channel_id] = self
 
-    async def send(self, port: str | None, items: list[Any]) -> None:
-        while self.credits <= 0:
-            self._waiter = asyncio.get_running_loop().create_future()
-            try:
-                await self._waiter
-            finally:
-                self._waiter = None
-        self.credits -= 1
-        self._link.post(("d", self._channel_id, port, items))
-
-    def grant(self, credits: int) -> None:
-        self.credits += credits
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
-
-    def close(self) -> None:
-        if not self.closed:
-            self.closed = True
+    def _deliver(self, port: str | None, items: Any) -> None:
+        if items is EOS:
             self._link.post(("e", self._channel_id))
+        else:
+            self._link.post(("d", self._channel_id, port, items))
 
 
 class RemoteSource:

@@ -6,6 +6,7 @@ The behaviour shared with every mapping is in test_mappings.py (multi -n 1, 2, 4
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import multiprocessing
 import os
@@ -335,7 +336,7 @@ def test_two_million_items_through_a_slow_sink_stay_within_the_inflight_bound() 
 
 FLOW = textwrap.dedent(
     """
-    import os, time
+    import os, sys, time
     from aiod4p import IterativePE, ProducerPE, WorkflowGraph
 
     class Numbers(ProducerPE):
@@ -351,12 +352,14 @@ FLOW = textwrap.dedent(
             if item == int(os.environ.get("FAIL_AT", "-1")):
                 raise RuntimeError(f"refusing {item}")
             if item == 1000 and os.environ.get("READY"):
-                print("running", flush=True)
+                sys.stdout.write("running\\n")  # one write: lines of two workers never interleave
+                sys.stdout.flush()
             return item * 10
 
         def postprocess(self):
             if os.environ.get("STUCK"):
-                print("stuck", flush=True)
+                sys.stdout.write("stuck\\n")
+                sys.stdout.flush()
                 time.sleep(60)  # a postprocess that never ends in time
 
     graph = WorkflowGraph()
@@ -431,8 +434,9 @@ def test_cli_interrupt_leaves_no_orphans(tmp_path: Path, signals: int | str) -> 
         _, err = process.communicate(timeout=30)
         assert process.returncode == (130 if signals == 2 else 0), err
     finally:
-        if process.poll() is None:
-            process.kill()
+        if process.poll() is None or _marked(marker):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)  # the CLI's session: workers too, so the pipes close
             process.communicate()
     assert _marked(marker) == []
 

@@ -120,7 +120,8 @@ _CHILD = textwrap.dedent(
 
 
 def _spawn(mode: str, fd: int) -> subprocess.Popen[bytes]:
-    return subprocess.Popen([sys.executable, "-c", _CHILD, str(fd), mode], pass_fds=[fd])
+    # Its own session: signals other tests send to their process group never reach it.
+    return subprocess.Popen([sys.executable, "-c", _CHILD, str(fd), mode], pass_fds=[fd], start_new_session=True)
 
 
 async def _child(mode: str) -> tuple[subprocess.Popen[bytes], PipeComm]:
