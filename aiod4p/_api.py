@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
@@ -146,8 +145,14 @@ class WorkflowRun:
         """Cancel the run and release everything it holds; idempotent."""
         if self._task is not None and not self._task.done():
             self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
+            try:
                 await self._task
+            except asyncio.CancelledError:
+                current = asyncio.current_task()
+                if current is not None and current.cancelling():
+                    raise  # the caller itself is being cancelled
+            except Exception:  # the run's own failure is reported by results(), not by closing
+                pass
 
     def __aiter__(self) -> AsyncIterator[ResultRecord]:
         return self
@@ -206,7 +211,7 @@ def start(graph: WorkflowGraph, inputs: Inputs = None, **options: Any) -> Workfl
 
     ``options`` are those of :class:`WorkflowRun` (``mapping``, ``workers``,
     ``batch_size``, ``credits``, ``max_delay``). The run starts when entered
-    (``async with``), iterated or awaited.
+    (``async with``), iterated, or when :meth:`WorkflowRun.results` is awaited.
 
     Raises:
         GraphError: the graph is invalid.

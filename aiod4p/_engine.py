@@ -46,19 +46,21 @@ def _error(ref: InstanceRef, port: str, exc: BaseException) -> PEError:
 class _Pending:
     """Items waiting to travel on one channel to one destination port."""
 
-    __slots__ = ("channel", "items", "port")
+    __slots__ = ("channel", "dirty", "items", "port")
 
     def __init__(self, channel: SenderChannel, port: str) -> None:
         self.items: list[Any] = []
+        self.dirty = False  # listed in the actor's dirty list, to be flushed
         self.channel = channel
         self.port = port
 
 
 class _ResultPending:
-    __slots__ = ("items", "pe", "port")
+    __slots__ = ("dirty", "items", "pe", "port")
 
     def __init__(self, pe: str, port: str) -> None:
         self.items: list[Any] = []
+        self.dirty = False
         self.pe = pe
         self.port = port
 
@@ -120,7 +122,6 @@ class _Actor:
         )
         try:
             await self._lifecycle("preprocess", pe.preprocess)
-            await self._route_outputs()
             inbox, remaining = self.inbox, self.expected_eos
             while remaining:
                 if inbox.empty() and self.dirty:
@@ -147,29 +148,31 @@ class _Actor:
                 except Exception as exc:
                     self.stats.errors += 1
                     raise _error(ref, "feed" if port is None else port, exc) from exc
-                if self.dirty and time.monotonic() - self.last_flush >= self.max_delay:
-                    await self._flush_all()
             await self._lifecycle("postprocess", pe.postprocess)
-            await self._route_outputs()
             await self._flush_all()
-        finally:
+            # End of stream only after success: on a failure the run is cancelled, and
+            # downstream instances must not run postprocess on partial data.
             for channel in self.outgoing:
                 channel.close()
+        finally:
             self.stats.max_queued_items = self.inbox.max_queued_items
             self.stats.queued_items = self.inbox.queued_items
         return self.stats
 
     async def _lifecycle(self, stage: str, method: Any) -> None:
+        """Run ``preprocess`` or ``postprocess`` and route what it wrote."""
         started = time.perf_counter()
         try:
-            result = method()
-            if inspect.isawaitable(result):
-                await result
+            try:
+                result = method()
+                if inspect.isawaitable(result):
+                    await result
+            finally:
+                self.stats.busy_seconds += time.perf_counter() - started
+            await self._route_outputs()
         except Exception as exc:
             self.stats.errors += 1
             raise _error(self.ref, stage, exc) from exc
-        finally:
-            self.stats.busy_seconds += time.perf_counter() - started
 
     # -- calling the PE ------------------------------------------------------
     async def _handle(self, port: str | None, items: list[Any]) -> None:
@@ -257,9 +260,13 @@ class _Actor:
             elif kind == "gen":
                 for output in process(inputs):
                     await self._collect_streaming(output)
+                    if self.is_root and self.worker._draining:
+                        return  # a draining source stops producing
             else:
                 async for output in process(inputs):
                     await self._collect_streaming(output)
+                    if self.is_root and self.worker._draining:
+                        return
 
     def _collect(self, output: Any) -> None:
         if output is None:
@@ -304,7 +311,8 @@ class _Actor:
             routes = self.routes[port]
             if not routes:
                 pending_result = self.results[port]
-                if not pending_result.items:
+                if not pending_result.dirty:
+                    pending_result.dirty = True
                     dirty.append(pending_result)
                 pending_result.items.extend(items)
                 if len(pending_result.items) >= batch_size:
@@ -316,14 +324,19 @@ class _Actor:
         for pending in full:
             if len(pending.items) >= batch_size:
                 await self._flush(pending)
+        if self.dirty and time.monotonic() - self.last_flush >= self.max_delay:
+            await self._flush_all()
 
     def _route(self, route: _Route, items: list[Any], owned: bool, full: list[_Pending | _ResultPending]) -> None:
         kind = route.kind
         batch_size = self.batch_size
+        dirty = self.dirty
         if kind == _SINGLE:
             pending = route.pendings[0]
+            if not pending.dirty:
+                pending.dirty = True
+                dirty.append(pending)
             if not pending.items:
-                self.dirty.append(pending)
                 pending.items = items if owned else list(items)
             else:
                 pending.items.extend(items)
@@ -339,21 +352,23 @@ class _Actor:
             touched = []
             for offset in range(min(count, len(items))):
                 pending = pendings[(start + offset) % count]
-                if not pending.items:
-                    self.dirty.append(pending)
+                if not pending.dirty:
+                    pending.dirty = True
+                    dirty.append(pending)
                 pending.items.extend(items[offset::count])
                 touched.append(pending)
         elif kind == _ALL:
             touched = pendings
             for pending in pendings:
-                if not pending.items:
-                    self.dirty.append(pending)
+                if not pending.dirty:
+                    pending.dirty = True
+                    dirty.append(pending)
                 pending.items.extend(items)
         else:
             grouping = route.key
             assert grouping is not None
             count = len(pendings)
-            touched = []
+            touched = pendings
             for item in items:
                 try:
                     key = grouping.key_of(item)
@@ -363,9 +378,9 @@ class _Actor:
                         f" key failed ({type(exc).__name__}: {exc})"
                     ) from exc
                 pending = pendings[stable_hash(key) % count]
-                if not pending.items:
-                    self.dirty.append(pending)
-                    touched.append(pending)
+                if not pending.dirty:
+                    pending.dirty = True
+                    dirty.append(pending)
                 pending.items.append(item)
         for pending in touched:
             if len(pending.items) >= batch_size:
@@ -395,6 +410,7 @@ class _Actor:
     async def _flush_all(self) -> None:
         dirty, self.dirty = self.dirty, []
         for pending in dirty:
+            pending.dirty = False
             await self._flush(pending)
         self.last_flush = time.monotonic()
 
@@ -429,14 +445,18 @@ class Worker:
         plan: the execution plan (the same on every worker).
         worker_id: this worker's index.
         feeds: the input feed of each root PE placed here, by PE id. An ``int``
-            calls the PE that many times with no input; an (async) iterable
-            gives input dicts (or items, for a PE with one input).
+            calls the PE that many times with no input (shared out among the
+            PE's instances); an (async) iterable gives input dicts (or items,
+            for a PE with one input), all to the PE's instance 0.
         results: where results are delivered.
         peers: a comm to every other worker that shares a channel with this one.
         max_delay: the longest an output waits in a partly filled batch while
             its actor is busy, in seconds.
-        copy_pes: run copies of the plan's PEs, never the objects themselves
-            (set when several runs may share the plan).
+
+    Instance 0 of a PE is the plan's PE object itself (as in dispel4py, so
+    its state can be inspected after a run); further instances are deep
+    copies. Two concurrent runs of one graph therefore share PE objects:
+    build a graph per run to run it several times at once.
     """
 
     def __init__(
@@ -553,7 +573,7 @@ class Worker:
             TransportError: a comm to another worker failed.
         """
         feed_tasks = [
-            asyncio.create_task(self._feed(ref, channel, self.feeds.get(ref.pe, 0)), name=f"feed {ref}")
+            asyncio.create_task(self._feed(ref, channel, self._feed_share(ref)), name=f"feed {ref}")
             for ref, channel in self._feed_channels.items()
         ]
         actor_tasks = [asyncio.create_task(actor.run(), name=f"actor {ref}") for ref, actor in self.actors.items()]
@@ -577,6 +597,14 @@ class Worker:
             for link in self.links.values():
                 await link.comm.aclose()
         return self.stats
+
+    def _feed_share(self, ref: InstanceRef) -> Feed:
+        """The part of its PE's feed that instance ``ref`` consumes."""
+        feed = self.feeds.get(ref.pe, 0)
+        parallelism = self.plan.placement[ref.pe].parallelism
+        if isinstance(feed, int) and not isinstance(feed, bool):
+            return feed // parallelism + (ref.index < feed % parallelism)
+        return feed if ref.index == 0 else 0
 
     async def _feed(self, ref: InstanceRef, channel: LocalChannel, feed: Feed) -> None:
         pe = self.plan.pes[ref.pe]
@@ -636,6 +664,8 @@ class _ReadAhead:
         self._ready, self._room = asyncio.Event(), asyncio.Event()
         self._finished = False
         self.reader = asyncio.create_task(self._read(), name=name)
+        # Cancelled before its first step, the reader never runs its finally: end the stream anyway.
+        self.reader.add_done_callback(lambda _: self._ready.set())
 
     async def _read(self) -> None:
         try:
@@ -658,7 +688,7 @@ class _ReadAhead:
     async def take(self) -> list[Any] | None:
         """The next items read (at most ``limit``), or ``None`` at the end of the source."""
         while not self._buffer:
-            if self._finished:
+            if self._finished or self.reader.done():
                 if not self.reader.cancelled():
                     await self.reader  # re-raises the source's own error
                 return None

@@ -147,8 +147,9 @@ def lines(stderr: str, word: str) -> list[str]:
     return [line for line in stderr.splitlines() if f": {word}" in line]
 
 
-def test_cli_shows_pe_messages_with_their_instance(tmp_path: Path) -> None:
-    stderr = cli(tmp_path).stderr
+@pytest.mark.parametrize("mapping", ["async", "multi", "mpi"])
+def test_cli_shows_pe_messages_with_their_instance(tmp_path: Path, mapping: str) -> None:
+    stderr = cli(tmp_path, "--mapping", mapping).stderr
     info = lines(stderr, "info")
     assert len(info) == 4
     assert all(" INFO aiod4p.pe Talk[" in line for line in info)

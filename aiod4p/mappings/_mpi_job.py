@@ -22,6 +22,7 @@ from mpi4py import MPI
 
 from .._api import loop_factory
 from .._engine import Feed
+from .._logging import configure_logging
 from .._stats import InstanceStats
 from ..errors import Aiod4pError, TargetError
 from ._mpi_ranks import abort_job, run_rank
@@ -110,6 +111,7 @@ async def _follow() -> int:
 def main(argv: list[str]) -> int:
     """Run this rank; returns its exit status (a failure aborts the whole job)."""
     rank = MPI.COMM_WORLD.Get_rank()
+    configure_logging()  # PE.log() messages reach this rank's stderr, which the launcher relays
     if argv[2:] == ["dispel4py"]:  # the launcher ran a dispel4py workflow
         from .. import compat
 

@@ -155,8 +155,10 @@ class _MultiRun:
         pumped: list[tuple[str, int, Feed]] = []
         per_worker: list[dict[str, Feed]] = [{} for _ in range(plan.workers)]
         for pe_id, feed in self.feeds.items():
-            hosts = sorted(set(plan.placement[pe_id].workers))
             shipped = isinstance(feed, (int, list, tuple, range))
+            # A count is shared out among the root's instances; any other feed goes to instance 0.
+            placed = plan.placement[pe_id].workers
+            hosts = sorted(set(placed)) if isinstance(feed, int) else [placed[0]]
             for host in hosts:
                 per_worker[host][pe_id] = feed if shipped else PUMPED
                 if not shipped:

@@ -1,0 +1,164 @@
+"""Engine behaviour found in review: flushing, draining, failures, feeds of parallel roots."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import pytest
+import workflows as wf
+
+import aiod4p
+from aiod4p import GenericPE, PEError, ProducerPE, WorkflowGraph, group_by
+
+
+class Burst(ProducerPE):
+    """Yields ``total`` items from one call, counting how many it has produced so far."""
+
+    def __init__(self, total: int) -> None:
+        super().__init__()
+        self.total = total
+        self.produced = 0
+
+    def produce(self) -> Iterator[tuple[int, int]]:
+        for index in range(self.total):
+            self.produced += 1
+            yield index % 7, index
+
+
+class FirstSight(GenericPE):
+    """Records how far the source had got when the first item arrived here."""
+
+    def __init__(self, source: Burst) -> None:
+        super().__init__(inputs=[("input", group_by(0))], outputs=["output"], parallelism=2)
+        self.source = source
+        self.source_progress_at_first_item: int | None = None
+        self.seen = 0
+
+    def process(self, inputs: dict[str, Any]) -> None:
+        if self.source_progress_at_first_item is None:
+            self.source_progress_at_first_item = self.source.produced
+        self.seen += 1
+
+
+def test_group_by_outputs_of_a_streaming_source_flow_before_it_ends() -> None:
+    graph = WorkflowGraph()
+    source = Burst(20_000)
+    graph.connect(source, "output", sink := FirstSight(source), "input")
+    run = aiod4p.start(graph, 1, mapping="async", batch_size=10, credits=2)
+
+    async def main() -> None:
+        async with asyncio.timeout(30):
+            await run.results()
+
+    asyncio.run(main())
+    assert sink.source_progress_at_first_item is not None
+    assert sink.source_progress_at_first_item < 1_000  # back-pressure, not 20,000 items piled up
+    for entry in run.stats:
+        assert entry.max_queued_items <= entry.inflight_bound
+
+
+class SlowStart(ProducerPE):
+    """An endless async source whose preprocess takes a while."""
+
+    async def preprocess(self) -> None:
+        await asyncio.sleep(0.05)  # work, not synchronisation
+
+    async def produce(self) -> AsyncIterator[int]:
+        value = 0
+        while True:
+            yield value
+            value += 1
+            await asyncio.sleep(0)
+
+
+async def test_drain_before_a_live_source_starts_still_ends_the_run() -> None:
+    graph = WorkflowGraph()
+    graph.connect(SlowStart(), "output", wf.Double(), "input")
+    async with asyncio.timeout(10), aiod4p.start(graph) as run:
+        run.drain()
+        await run.results()
+    assert run.done
+
+
+async def test_cancelling_right_after_start_ends_the_run() -> None:
+    graph = WorkflowGraph()
+    graph.connect(SlowStart(), "output", wf.Double(), "input")
+    task = asyncio.create_task(aiod4p.run_async(graph))
+    await asyncio.sleep(0)  # let the run start: the point of this test is an early cancel
+    task.cancel()
+    async with asyncio.timeout(10):
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+
+class Finisher(GenericPE):
+    def __init__(self) -> None:
+        super().__init__(inputs=["input"], outputs=[])
+        self.finished = False
+
+    def process(self, inputs: dict[str, Any]) -> None:
+        pass
+
+    def postprocess(self) -> None:
+        self.finished = True
+
+
+def test_downstream_postprocess_does_not_run_after_an_upstream_failure() -> None:
+    graph = WorkflowGraph()
+    fail, finisher = wf.Fail(on=5), Finisher()
+    graph.connect(wf.Count(), "output", fail, "input")
+    graph.connect(fail, "output", finisher, "input")
+    with pytest.raises(PEError, match=fail.id):
+        aiod4p.run(graph, 100, mapping="async")
+    assert not finisher.finished
+
+
+class CallCounter(ProducerPE):
+    def __init__(self) -> None:
+        super().__init__(parallelism=3)
+
+    def produce(self) -> int:
+        return self.instance
+
+
+@pytest.mark.parametrize("calls", [0, 1, 2, 10])
+def test_a_count_is_shared_out_among_a_parallel_root(mapping: Any, calls: int) -> None:
+    graph = WorkflowGraph()
+    graph.connect(CallCounter(), "output", wf.Double(), "input")
+    results = mapping.run(graph, calls)
+    assert len(results) == calls
+
+
+def test_an_iterable_feed_goes_to_one_instance_of_a_parallel_root(mapping: Any) -> None:
+    graph = WorkflowGraph()
+    double = wf.Double()
+    double.parallelism = 2
+    graph.connect(double, "output", wf.SumAtEnd(), "input")
+    assert mapping.run(graph, {double: [1, 2, 3]}).data() == [12]
+
+
+class Ticker(GenericPE):
+    """A root whose process() is an endless generator."""
+
+    def __init__(self) -> None:
+        super().__init__(outputs=["output"])
+
+    def process(self, inputs: dict[str, Any]) -> Iterator[dict[str, int]]:
+        value = 0
+        while True:
+            yield {"output": value}
+            value += 1
+
+
+async def test_drain_stops_a_generator_process_source() -> None:
+    graph = WorkflowGraph()
+    graph.connect(Ticker(), "output", wf.Double(), "input")
+    async with asyncio.timeout(10), aiod4p.start(graph) as run:
+        received = 0
+        async for _ in run:
+            received += 1
+            if received == 1000:
+                run.drain()
+    assert received >= 1000
