@@ -121,7 +121,7 @@ class _Actor:
             logging.LoggerAdapter(pe_logger, {"pe": ref.pe, "instance": ref.index}),
         )
         try:
-            await self._lifecycle("preprocess", pe.preprocess)
+            await self._stage("preprocess", pe.preprocess)
             inbox, remaining = self.inbox, self.expected_eos
             while remaining:
                 if inbox.empty() and self.dirty:
@@ -148,7 +148,7 @@ class _Actor:
                 except Exception as exc:
                     self.stats.errors += 1
                     raise _error(ref, "feed" if port is None else port, exc) from exc
-            await self._lifecycle("postprocess", pe.postprocess)
+            await self._stage("postprocess", pe.postprocess)
             await self._flush_all()
             # End of stream only after success: on a failure the run is cancelled, and
             # downstream instances must not run postprocess on partial data.
@@ -160,15 +160,22 @@ class _Actor:
         return self.stats
 
     async def _lifecycle(self, stage: str, method: Any) -> None:
-        """Run ``preprocess`` or ``postprocess`` and route what it wrote."""
+        """Call ``preprocess`` or ``postprocess``; what it wrote stays in the buffers."""
         started = time.perf_counter()
         try:
-            try:
-                result = method()
-                if inspect.isawaitable(result):
-                    await result
-            finally:
-                self.stats.busy_seconds += time.perf_counter() - started
+            result = method()
+            if inspect.isawaitable(result):
+                await result
+        except Exception as exc:
+            self.stats.errors += 1
+            raise _error(self.ref, stage, exc) from exc
+        finally:
+            self.stats.busy_seconds += time.perf_counter() - started
+
+    async def _stage(self, stage: str, method: Any) -> None:
+        """Run a lifecycle stage and route what it wrote."""
+        await self._lifecycle(stage, method)
+        try:
             await self._route_outputs()
         except Exception as exc:
             self.stats.errors += 1
