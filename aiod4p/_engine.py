@@ -384,7 +384,7 @@ class _Actor:
                         f"PE {self.ref.pe} cannot route item {item!r} to {route.label}: its {grouping}"
                         f" key failed ({type(exc).__name__}: {exc})"
                     ) from exc
-                pending = pendings[stable_hash(key) % count]
+                pending = pendings[stable_hash(key) % count] if count > 1 else pendings[0]
                 if not pending.dirty:
                     pending.dirty = True
                     dirty.append(pending)
@@ -518,12 +518,12 @@ class Worker:
                 targets = route.targets[ref.index]
                 pendings = [_Pending(senders[(ref, InstanceRef(route.dest, t))], route.dest_port) for t in targets]
                 grouping = route.grouping
-                if len(pendings) == 1:
+                if isinstance(grouping, GroupBy):
+                    kind = _GROUP_BY  # even for one instance: a bad key fails alike on every mapping
+                elif len(pendings) == 1:
                     kind = _SINGLE
                 elif isinstance(grouping, All):
                     kind = _ALL
-                elif isinstance(grouping, GroupBy):
-                    kind = _GROUP_BY
                 else:
                     kind = _ROUND_ROBIN
                 label = f"{route.dest}.{route.dest_port}"

@@ -162,3 +162,10 @@ async def test_drain_stops_a_generator_process_source() -> None:
             if received == 1000:
                 run.drain()
     assert received >= 1000
+
+
+def test_a_bad_group_by_key_fails_alike_with_one_or_many_instances(mapping: Any) -> None:
+    graph = WorkflowGraph()
+    graph.connect(wf.Count(), "output", who := wf.WhoSawWhat(group_by(3), parallelism=None), "input")
+    with pytest.raises(PEError, match=rf"cannot route item 0 to {who.id}.input: its group_by\[3\] key failed"):
+        mapping.run(graph, 5)
