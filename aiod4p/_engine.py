@@ -159,6 +159,29 @@ class _Actor:
             self.stats.queued_items = self.inbox.queued_items
         return self.stats
 
+    async def call(self, port: str, items: list[Any]) -> None:
+        """Hand ``items`` that arrived on input ``port`` to the PE, as the run loop does.
+
+        What the PE writes stays in :attr:`buffers`: this is for hosts that
+        route by themselves (Storm bolts).
+
+        Raises:
+            PEError: the PE raised; it names the PE, the instance and the port.
+        """
+        try:
+            await self._handle(port, items)
+        except Exception as exc:
+            self.stats.errors += 1
+            raise _error(self.ref, port, exc) from exc
+
+    async def lifecycle(self, stage: str) -> None:
+        """Call the PE's ``preprocess`` or ``postprocess``; what it writes stays in :attr:`buffers`.
+
+        Raises:
+            PEError: the PE raised; it names the PE, the instance and the stage.
+        """
+        await self._lifecycle(stage, getattr(self.pe, stage))
+
     async def _lifecycle(self, stage: str, method: Any) -> None:
         """Call ``preprocess`` or ``postprocess``; what it wrote stays in the buffers."""
         started = time.perf_counter()

@@ -41,7 +41,7 @@ from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any, ClassVar
 
-from .._engine import Worker, _Actor, _error
+from .._engine import Worker, _Actor
 from .._graph import FlatGraph
 from .._pe import PE, _Runtime
 from .._plan import InstanceRef, PlanOptions, make_plan
@@ -171,7 +171,7 @@ class PEBolt(HostedComponent, Bolt):  # type: ignore[misc]
             self.index,
             logging.LoggerAdapter(pe_logger, {"pe": self.component, "instance": self.index}),
         )
-        self.runner.run(self.actor._lifecycle("preprocess", pe.preprocess))
+        self.runner.run(self.actor.lifecycle("preprocess"))
         self._emit_buffers(None)
 
     def process(self, tup: Any) -> None:
@@ -193,10 +193,10 @@ class PEBolt(HostedComponent, Bolt):  # type: ignore[misc]
 
     async def _call(self, port: str, item: Any) -> None:
         try:
-            await self.actor._handle(port, [item])
-        except Exception as exc:
+            await self.actor.call(port, [item])
+        except Exception:
             self._clear()
-            raise _error(self.actor.ref, port, exc) from exc
+            raise
 
     def _clear(self) -> None:
         buffers = self.actor.buffers
@@ -221,7 +221,7 @@ class PEBolt(HostedComponent, Bolt):  # type: ignore[misc]
             return
         self.finished = True
         try:
-            self.runner.run(self.actor._lifecycle("postprocess", self.actor.pe.postprocess))
+            self.runner.run(self.actor.lifecycle("postprocess"))
             self._emit_buffers(tup)
         except Exception as exc:
             self._clear()
