@@ -17,7 +17,10 @@ from __future__ import annotations
 import asyncio
 import atexit
 import contextlib
+import fcntl
 import sys
+import termios
+import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -61,11 +64,25 @@ def broadcast_plan(plan: ExecutionPlan | None) -> ExecutionPlan:
 
 
 def abort_job(code: int = 1) -> None:
-    """End every rank of the job now (after flushing this rank's output)."""
+    """End every rank of the job now, once this rank's output has left for mpiexec."""
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(OSError, ValueError):
             stream.flush()
+        _wait_until_read(stream)
     MPI.COMM_WORLD.Abort(code)
+
+
+def _wait_until_read(stream: Any, limit: float = 1.0) -> None:
+    # MPI_Abort tears down mpiexec's forwarding of this rank's pipes: what it has not read yet
+    # (the error message, typically) would be lost. Wait, briefly, until the pipe is empty.
+    deadline = time.monotonic() + limit
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        fd = stream.fileno()
+        while time.monotonic() < deadline:
+            unread = fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0")
+            if int.from_bytes(unread, sys.byteorder) == 0:
+                return
+            time.sleep(0.005)  # polling the kernel's pipe counter; there is no event for "read"
 
 
 def abort_job_at_exit(code: int = 1) -> None:
