@@ -303,8 +303,7 @@ class _Actor:
             return
         if not isinstance(output, Mapping):
             raise GraphError(
-                f"process() of PE {self.ref.pe} must return None or a dict {{port: item}},"
-                f" not {type(output).__name__}"
+                f"process() of PE {self.ref.pe} must return None or a dict {{port: item}}, not {type(output).__name__}"
             )
         buffers = self.buffers
         for port, item in output.items():
@@ -312,8 +311,7 @@ class _Actor:
                 buffers[port].append(item)
             except KeyError:
                 raise GraphError(
-                    f"PE {self.ref.pe} wrote to undeclared output port {port!r}"
-                    f" (declared: {sorted(buffers) or 'none'})"
+                    f"PE {self.ref.pe} wrote to undeclared output port {port!r} (declared: {sorted(buffers) or 'none'})"
                 ) from None
 
     async def _collect_streaming(self, output: Any) -> None:
@@ -422,9 +420,11 @@ class _Actor:
             return
         pending.items = []
         batch_size = self.batch_size
-        chunks = [items] if len(items) <= batch_size else [
-            items[i : i + batch_size] for i in range(0, len(items), batch_size)
-        ]
+        chunks = (
+            [items]
+            if len(items) <= batch_size
+            else [items[i : i + batch_size] for i in range(0, len(items), batch_size)]
+        )
         for chunk in chunks:
             if isinstance(pending, _ResultPending):
                 await self.worker.results.emit(pending.pe, pending.port, chunk)

@@ -84,8 +84,7 @@ class WorkflowGraph:
         self.add(dest)
         if source_port not in source.outputs:
             raise GraphError(
-                f"PE {source.label} has no output port {source_port!r}"
-                f" (outputs: {sorted(source.outputs) or 'none'})"
+                f"PE {source.label} has no output port {source_port!r} (outputs: {sorted(source.outputs) or 'none'})"
             )
         if dest_port not in dest.inputs:
             raise GraphError(

@@ -157,8 +157,7 @@ class PE:
             runtime.buffers[port].append(item)
         except KeyError:
             raise GraphError(
-                f"PE {self.label} wrote to undeclared output port {port!r}"
-                f" (declared: {sorted(self.outputs) or 'none'})"
+                f"PE {self.label} wrote to undeclared output port {port!r} (declared: {sorted(self.outputs) or 'none'})"
             ) from None
 
     @property

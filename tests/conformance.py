@@ -103,6 +103,7 @@ async def check_concurrent_senders(transport: TransportUnderTest) -> None:
 async def check_end_of_stream(transport: TransportUnderTest) -> None:
     """After the peer closes, every message it sent arrives, then EndOfChannel, every time."""
     async with _pair(transport) as (a, b):
+
         async def send_then_close() -> None:
             await _send_all(a, list(range(100)))
             await a.aclose()

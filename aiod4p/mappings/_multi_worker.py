@@ -34,6 +34,7 @@ logger = logging.getLogger("aiod4p.multi")
 
 PUMPED = "<pumped by the parent>"  # a feed the parent sends chunk by chunk
 
+
 def worker_main(*args: Any) -> None:
     """The target of a worker process: run its share of the plan, report, exit."""
     wid, plan, feeds, preload, control, peers, inherited, max_delay, interval = args
