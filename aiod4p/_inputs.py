@@ -54,17 +54,29 @@ def _find(graph: FlatGraph, key: Any) -> str:
     if isinstance(key, PE):
         if key.id in graph.pes and graph.pes[key.id] is key:
             return key.id
+        if key.id in graph.composites:
+            _refuse_composite(graph, key.id)
         raise InputError(f"PE {key.label} given as input key is not in the graph")
     if not isinstance(key, str):
         raise InputError(f"input keys must be PEs, PE ids or PE names, not {key!r}")
     if key in graph.pes:
         return key
+    if key in graph.composites:
+        _refuse_composite(graph, key)
     named = [pe_id for pe_id, pe in graph.pes.items() if pe.name == key]
     if len(named) == 1:
         return named[0]
     if named:
         raise InputError(f"input key {key!r} names several PEs ({', '.join(named)}); use the PE id")
     raise InputError(f"input key {key!r} names no PE of the graph (roots: {', '.join(graph.roots()) or 'none'})")
+
+
+def _refuse_composite(graph: FlatGraph, composite: str) -> None:
+    roots = [pe_id for pe_id in graph.composites[composite] if pe_id in graph.roots()]
+    raise InputError(
+        f"PE {composite} is a composite, which never runs itself; give the input to its inner root"
+        f" ({', '.join(roots) or 'none'})"
+    )
 
 
 def _check_count(what: str, value: int) -> None:

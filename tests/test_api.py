@@ -9,7 +9,7 @@ import pytest
 import workflows as wf
 
 import aiod4p
-from aiod4p import ConsumerPE, GenericPE, InputError, MappingUnavailable, WorkflowGraph
+from aiod4p import ConsumerPE, GenericPE, InputError, MappingUnavailable, WorkflowGraph, chain
 from aiod4p.errors import MappingUnavailable as FromErrors
 
 
@@ -183,3 +183,14 @@ def test_feed_element_that_is_not_an_input_dict() -> None:
 class Silent(ConsumerPE):
     def consume(self, item: object) -> None:
         pass
+
+
+def test_input_to_a_composite_names_its_inner_root() -> None:
+    graph = WorkflowGraph()
+    composite = chain(wf.Double(), wf.Double())
+    graph.connect(composite, "output", Silent(), "input")
+    inner = graph.flatten().composites[composite.id][0]
+    for key in (composite, composite.id):
+        with pytest.raises(InputError, match=rf"{composite.id} is a composite.*inner root \({inner}\)"):
+            aiod4p.run(graph, {key: [1]})
+    assert aiod4p.run(graph, {inner: [1, 2]}).data() == []
