@@ -360,7 +360,7 @@ FLOW = textwrap.dedent(
             if os.environ.get("STUCK"):
                 sys.stdout.write("stuck\\n")
                 sys.stdout.flush()
-                time.sleep(60)  # a postprocess that never ends in time
+                time.sleep(60)  # ok-sleep: a postprocess stuck on purpose, so the second SIGINT must abort it
 
     graph = WorkflowGraph()
     graph.connect(Numbers(), "output", Check(), "input")

@@ -20,5 +20,5 @@ def test_readme_concepts_example_runs() -> None:
 def test_readme_names_the_two_commands_ci_runs() -> None:
     text = README.read_text()
     assert "scripts/setup && .venv/bin/aiod4p run examples/" in text
-    assert "\nscripts/test\n" in text
-    assert "exec scripts/test" in (README.parent / ".ci" / "run").read_text()
+    assert "\n.ci/run\n" in text
+    assert "python -m pytest" in (README.parent / ".ci" / "run").read_text()
