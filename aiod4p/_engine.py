@@ -102,6 +102,10 @@ class _Actor:
         self.fn: Callable[..., Any] | None = item_function[0] if item_function else None
         self.fn_port: str | None = item_function[1] if item_function else None
         self.fn_kind = _call_kind(self.fn) if self.fn is not None else ""
+        # A PE without inputs takes no argument: it is called once per feed element.
+        self.fn_of_item: Callable[[Any], Any] | None = (
+            self.fn if self.fn is None or pe.inputs else _ignoring_argument(self.fn)
+        )
         self.process_kind = _call_kind(pe.process)
         single = list(pe.inputs)
         self.single_input = single[0] if len(single) == 1 else None
@@ -219,8 +223,8 @@ class _Actor:
     async def _call_fn(self, items: list[Any]) -> None:
         item_fn, kind = self.fn, self.fn_kind
         assert item_fn is not None
-        # A PE without inputs takes no argument: call it once per feed element.
-        fn = item_fn if self.pe.inputs else _ignoring_argument(item_fn)
+        fn = self.fn_of_item
+        assert fn is not None
         out_port = self.fn_port
         if kind == "sync":
             if out_port is None:

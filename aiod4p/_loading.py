@@ -12,7 +12,7 @@ from ._graph import WorkflowGraph
 from ._pe import CompositePE
 from .errors import TargetError
 
-__all__ = ["load_graph", "load_module"]
+__all__ = ["import_file", "load_graph", "load_module"]
 
 
 def _split(target: str) -> tuple[str, str | None]:
@@ -21,6 +21,26 @@ def _split(target: str) -> tuple[str, str | None]:
     if sep and tail.isidentifier() and head and not head.endswith(("/", "\\")):
         return head, tail
     return target, None
+
+
+def import_file(name: str, path: str | Path) -> ModuleType:
+    """Import the Python file at ``path`` as module ``name`` (registered in ``sys.modules``).
+
+    Raises:
+        ImportError: ``path`` cannot be loaded as a module.
+        Exception: whatever executing the module raises (it is then unregistered).
+    """
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot load module {name} from {path}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        sys.modules.pop(name, None)
+        raise
+    return module
 
 
 def load_module(spec: str) -> ModuleType:
@@ -34,20 +54,13 @@ def load_module(spec: str) -> ModuleType:
         if not path.is_file():
             raise TargetError(f"workflow file {spec} does not exist")
         name = path.stem if path.stem.isidentifier() else "workflow"
-        module_spec = importlib.util.spec_from_file_location(name, path.resolve())
-        if module_spec is None or module_spec.loader is None:
-            raise TargetError(f"cannot load {spec} as a Python module")
-        module = importlib.util.module_from_spec(module_spec)
         directory = str(path.resolve().parent)
         if directory not in sys.path:
             sys.path.insert(0, directory)
-        sys.modules.setdefault(name, module)
         try:
-            module_spec.loader.exec_module(module)
+            return import_file(name, path.resolve())
         except Exception as exc:
-            sys.modules.pop(name, None)
             raise TargetError(f"importing {spec} failed: {type(exc).__name__}: {exc}") from exc
-        return module
     try:
         return importlib.import_module(spec)
     except ModuleNotFoundError as exc:

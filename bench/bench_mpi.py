@@ -24,53 +24,21 @@ Writes bench/results/mpi.md. dispel4py runs in .venv-dispel4py
 
 from __future__ import annotations
 
-import json
-import os
 import statistics
 import subprocess
 import sys
-import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
-BIN = Path(sys.executable).parent
-D4P_PYTHON = Path(os.environ.get("AIOD4P_DISPEL4PY_PYTHON", ROOT / ".venv-dispel4py" / "bin" / "python"))
-D4P_BIN = D4P_PYTHON.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import BIN, D4P_BIN, D4P_PYTHON, HERE, ROOT, timed
+
 ITEMS = int(sys.argv[1]) if len(sys.argv) > 1 else 500_000
 CONSECUTIVE = 20
 REPEATS = 3
 FIXED_REPEATS = 5
 TIMEOUT = 120.0
 TARGET = 10.0
-
-
-def timed(command: list[str], *, check_items: int | None = None) -> float | None:
-    """Wall time of ``command``; ``None`` if it hung (killed after TIMEOUT). Raises on failure."""
-    with tempfile.TemporaryDirectory() as tmp:
-        stats = Path(tmp, "stats.json")
-        if check_items is not None:
-            command = [*command, "-q", "--stats-json", str(stats)]
-        started = time.perf_counter()
-        process = subprocess.Popen(
-            command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True
-        )
-        try:
-            _, stderr = process.communicate(timeout=TIMEOUT)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, 9)
-            process.communicate()
-            return None
-        elapsed = time.perf_counter() - started
-        if process.returncode != 0:
-            raise RuntimeError(f"{' '.join(command)} failed ({process.returncode}):\n{stderr[-2000:]}")
-        if check_items is not None:
-            pes = json.loads(stats.read_text())["pes"]
-            received = next(entry["items_in"] for pe, entry in pes.items() if pe.startswith("Total"))
-            assert received == check_items, (received, check_items)
-        return elapsed
 
 
 def aiod4p_launched(items: int) -> list[str]:
@@ -91,7 +59,7 @@ def series(name: str, make: Callable[[int], list[str]], runs: int, items: int, c
     """``runs`` consecutive runs; returns the times of the finished ones and the number that hung."""
     times, hung = [], 0
     for _ in range(runs):
-        elapsed = timed(make(items), check_items=items if check else None)
+        elapsed = timed(make(items), timeout=TIMEOUT, check_items=items if check else None)
         if elapsed is None:
             hung += 1
         else:

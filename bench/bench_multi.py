@@ -27,13 +27,11 @@ Writes bench/results/multi.md. dispel4py runs in .venv-dispel4py
 
 from __future__ import annotations
 
-import json
 import multiprocessing
 import os
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -42,9 +40,6 @@ import aiod4p
 from aiod4p import ConsumerPE, IterativePE, WorkflowGraph
 
 HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
-BIN = Path(sys.executable).parent
-D4P_PYTHON = Path(os.environ.get("AIOD4P_DISPEL4PY_PYTHON", ROOT / ".venv-dispel4py" / "bin" / "python"))
 ITEMS = int(sys.argv[1]) if len(sys.argv) > 1 else 1_000_000
 CPU_ITEMS = int(sys.argv[2]) if len(sys.argv) > 2 else 1_000
 REPEATS = 3
@@ -52,27 +47,18 @@ TIMEOUT = 300.0
 TARGET_D4P, TARGET_CPU = 20.0, 1.9
 
 sys.path.insert(0, str(HERE))
-from chain import Numbers  # noqa: E402 - bench/ is not a package
+from _common import BIN, D4P_PYTHON, ROOT, timed  # noqa: E402 - bench/ is not a package
+from chain import Numbers  # noqa: E402
 
 # -- (a) against dispel4py ----------------------------------------------------------------
 
 
-def timed(command: list[str], check_items: int | None = None) -> float:
+def timed_or_fail(command: list[str], check_items: int | None = None) -> float:
     """Wall time of ``command`` in seconds. Raises if it fails or hangs."""
-    with tempfile.TemporaryDirectory() as tmp:
-        stats = Path(tmp, "stats.json")
-        if check_items is not None:
-            command = [*command, "-q", "--stats-json", str(stats)]
-        started = time.perf_counter()
-        done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT)
-        elapsed = time.perf_counter() - started
-        if done.returncode != 0:
-            raise RuntimeError(f"{' '.join(command)} failed ({done.returncode}):\n{done.stderr[-2000:]}")
-        if check_items is not None:
-            pes = json.loads(stats.read_text())["pes"]
-            received = sum(entry["items_in"] for pe, entry in pes.items() if pe.startswith("Total"))
-            assert received == check_items, (received, check_items)
-        return elapsed
+    elapsed = timed(command, timeout=TIMEOUT, check_items=check_items)
+    if elapsed is None:
+        raise RuntimeError(f"{' '.join(command)} hung (killed after {TIMEOUT:.0f} s)")
+    return elapsed
 
 
 def aiod4p_multi(items: int) -> list[str]:
@@ -85,7 +71,7 @@ def dispel4py_multi(items: int, processes: int) -> list[str]:
 
 
 def median_time(name: str, command: list[str], check_items: int | None) -> float:
-    times = [timed(command, check_items) for _ in range(REPEATS)]
+    times = [timed_or_fail(command, check_items) for _ in range(REPEATS)]
     print(f"{name}: median {statistics.median(times):.3f} s of {[round(t, 3) for t in times]}", flush=True)
     return statistics.median(times)
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import importlib.machinery
-import importlib.util
 import io
 import pickle
 import struct
@@ -23,6 +22,8 @@ import sys
 import types
 from collections.abc import AsyncIterator
 from typing import Any
+
+from .._loading import import_file
 
 __all__ = ["SocketFeed", "dumps", "loads", "read_frame", "write_frame"]
 
@@ -89,12 +90,7 @@ def loads(data: bytes) -> Any:
     files, payload = pickle.loads(data)
     for name, path in files.items():
         if name not in sys.modules:
-            spec = importlib.util.spec_from_file_location(name, path)
-            if spec is None or spec.loader is None:
-                raise ImportError(f"cannot load module {name} from {path}")
-            module = importlib.util.module_from_spec(spec)
-            sys.modules[name] = module
-            spec.loader.exec_module(module)
+            import_file(name, path)
     return pickle.loads(payload)
 
 

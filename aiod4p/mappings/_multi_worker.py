@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib.util
 import logging
 import pickle
 import reprlib
@@ -24,6 +23,7 @@ from typing import Any
 
 from .._api import loop_factory
 from .._engine import Feed, Worker
+from .._loading import import_file
 from .._plan import ExecutionPlan
 from ..errors import Aiod4pError, EndOfChannel, PeerDied, TransportError
 from ..transports.pipes import PipeComm, UnpicklableMessage, open_pipe_comm
@@ -112,12 +112,10 @@ def _preload(modules: list[tuple[str, str]]) -> None:
     for name, path in modules:
         if name in sys.modules:
             continue
-        spec = importlib.util.spec_from_file_location(name, path)
-        if spec is None or spec.loader is None:
-            raise Aiod4pError(f"cannot load module {name} from {path} in a worker process")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
+        try:
+            import_file(name, path)
+        except ImportError as exc:
+            raise Aiod4pError(f"{exc} in a worker process") from exc
 
 
 async def _report_error(control: PipeComm, wid: int, exc: BaseException) -> None:

@@ -177,15 +177,14 @@ class _MultiRun:
         try:
             return pickle.dumps(feeds, protocol=5)
         except Exception:
-            for pe_id, feed in feeds.items():
-                try:
-                    pickle.dumps(feed, protocol=5)
-                except Exception as exc:
-                    raise InputError(
-                        f"the input of PE {pe_id} cannot be pickled for a {self.method}ed worker process:"
-                        f" {type(exc).__name__}: {exc}"
-                    ) from exc
-            raise
+            culprit = _unpicklable(feeds)
+            if culprit is None:
+                raise
+            pe_id, exc = culprit
+            raise InputError(
+                f"the input of PE {pe_id} cannot be pickled for a {self.method}ed worker process:"
+                f" {type(exc).__name__}: {exc}"
+            ) from exc
 
     def _start(self, payloads: list[Any]) -> list[socket.socket]:
         """Start the workers; returns the parent's ends of their control socket pairs."""
@@ -504,16 +503,25 @@ def _pickle_plan(plan: ExecutionPlan, method: str) -> bytes:
     try:
         return pickle.dumps(plan, protocol=5)
     except Exception as exc:
-        for pe_id, pe in plan.pes.items():
-            try:
-                pickle.dumps(pe, protocol=5)
-            except Exception as pe_exc:
-                raise GraphError(
-                    f"PE {pe_id} cannot be pickled to start {method}ed worker processes:"
-                    f" {type(pe_exc).__name__}: {pe_exc} (define PEs and their functions at module level,"
-                    f" or use the fork start method)"
-                ) from pe_exc
-        raise GraphError(f"the workflow cannot be pickled to start {method}ed worker processes: {exc}") from exc
+        culprit = _unpicklable(plan.pes)
+        if culprit is None:
+            raise GraphError(f"the workflow cannot be pickled to start {method}ed worker processes: {exc}") from exc
+        pe_id, pe_exc = culprit
+        raise GraphError(
+            f"PE {pe_id} cannot be pickled to start {method}ed worker processes:"
+            f" {type(pe_exc).__name__}: {pe_exc} (define PEs and their functions at module level,"
+            f" or use the fork start method)"
+        ) from pe_exc
+
+
+def _unpicklable(values: Mapping[str, Any]) -> tuple[str, Exception] | None:
+    """The first ``(key, error)`` whose value cannot be pickled, if any."""
+    for key, value in values.items():
+        try:
+            pickle.dumps(value, protocol=5)
+        except Exception as exc:
+            return key, exc
+    return None
 
 
 def _modules_to_preload(plan_data: bytes) -> list[tuple[str, str]]:
