@@ -26,7 +26,7 @@ from ._pe import PE, _Runtime
 from ._plan import ExecutionPlan, InstanceRef
 from ._results import ResultSink
 from ._stats import InstanceStats
-from .errors import Aiod4pError, GraphError, InputError, PEError
+from .errors import Aiod4pError, GraphError, InputError, PEError, TransportError
 from .transports import Comm
 
 __all__ = ["Feed", "Worker"]
@@ -36,8 +36,13 @@ Feed: TypeAlias = int | Iterable[Any] | AsyncIterable[Any]
 pe_logger = logging.getLogger("aiod4p.pe")
 
 
-def _error(ref: InstanceRef, port: str, exc: BaseException) -> PEError:
-    if isinstance(exc, PEError):
+def _error(ref: InstanceRef, port: str, exc: BaseException) -> Aiod4pError:
+    """The error to fail the run with when ``exc`` interrupts instance ``ref`` on ``port``.
+
+    A transport's error (an item or result that cannot reach its destination, which
+    names the PE and port itself) stays as it is, wherever the flush that hit it ran.
+    """
+    if isinstance(exc, (PEError, TransportError)):
         return exc
     text = "".join(traceback.format_exception(exc))
     return PEError(ref.pe, ref.index, port, f"{type(exc).__name__}: {exc}", text)
@@ -533,10 +538,9 @@ class Worker:
 
         for ref in local:
             pe = self._instance_pe(ref)
-            expected = len(plan.channels_into(ref))
             is_root = plan.placement[ref.pe].is_root
-            actor = _Actor(self, ref, pe, inboxes[ref], expected + is_root)
-            actor.stats.inflight_bound = (expected + is_root) * credits * plan.options.batch_size
+            actor = _Actor(self, ref, pe, inboxes[ref], plan.expected_eos(ref))
+            actor.stats.inflight_bound = plan.inflight_bound(ref)
             if is_root:
                 self._feed_channels[ref] = LocalChannel(inboxes[ref], credits)
             for port in plan.result_ports.get(ref.pe, []):

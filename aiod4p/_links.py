@@ -1,22 +1,31 @@
 """Channels between instances on different workers, carried over a comm.
 
 One :class:`PeerLink` per pair of workers multiplexes every channel between
-them. Its messages are tuples: ``("d", channel, port, items)`` data,
-``("e", channel)`` end of stream, ``("c", channel, n)`` n credits returned,
-``("bye",)`` this worker sends nothing more. Queued messages travel as one
-list per comm message.
+them. Its messages are tuples tagged by the constants below (small ints: they
+travel with every batch): ``(DATA, channel, port, items)``, ``(END, channel)``
+end of stream, ``(CREDIT, channel, n)`` n credits returned, ``(BYE,)`` this
+worker sends nothing more. Queued messages travel as one list per comm
+message. (The control messages between a launcher and its workers are another
+vocabulary: :mod:`aiod4p.mappings._host`.)
 """
 
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+import pickle
+import reprlib
+from typing import TYPE_CHECKING, Any
 
 from ._channels import EOS, CreditedSender, Inbox
-from .errors import EndOfChannel, PeerDied
+from .errors import EndOfChannel, PeerDied, TransportError, UnpicklableMessage
 from .transports import Comm
 
-__all__ = ["PeerLink", "RemoteChannel", "RemoteSource"]
+if TYPE_CHECKING:
+    from ._plan import ExecutionPlan
+
+__all__ = ["BYE", "CREDIT", "DATA", "END", "PeerLink", "RemoteChannel", "RemoteSource", "unpicklable_item"]
+
+DATA, END, CREDIT, BYE = 0, 1, 2, 3
 
 
 class RemoteChannel(CreditedSender):
@@ -32,9 +41,9 @@ class RemoteChannel(CreditedSender):
 
     def _deliver(self, port: str | None, items: Any) -> None:
         if items is EOS:
-            self._link.post(("e", self._channel_id))
+            self._link.post((END, self._channel_id))
         else:
-            self._link.post(("d", self._channel_id, port, items))
+            self._link.post((DATA, self._channel_id, port, items))
 
 
 class RemoteSource:
@@ -47,7 +56,7 @@ class RemoteSource:
         self._channel_id = channel_id
 
     def release(self) -> None:
-        self._link.post(("c", self._channel_id, 1))
+        self._link.post((CREDIT, self._channel_id, 1))
 
 
 class PeerLink:
@@ -79,7 +88,7 @@ class PeerLink:
         """Say goodbye once everything queued so far has been sent."""
         if not self._finishing:
             self._finishing = True
-            self.post(("bye",))
+            self.post((BYE,))
 
     async def write_loop(self) -> None:
         """Send queued messages until goodbye has been sent."""
@@ -89,7 +98,7 @@ class PeerLink:
             while self._outbox:
                 batch, self._outbox = self._outbox, []
                 await self.comm.send(batch)
-                if batch[-1][0] == "bye":
+                if batch[-1][0] == BYE:
                     return
 
     async def read_loop(self) -> None:
@@ -106,13 +115,44 @@ class PeerLink:
                 raise PeerDied(f"worker {self.peer} closed its channels before finishing") from None
             for message in batch:
                 kind = message[0]
-                if kind == "d":
+                if kind == DATA:
                     inbox, source = receivers[message[1]]
                     inbox.put((source, message[2], message[3]))
-                elif kind == "c":
+                elif kind == CREDIT:
                     senders[message[1]].grant(message[2])
-                elif kind == "e":
+                elif kind == END:
                     inbox, source = receivers[message[1]]
                     inbox.put((source, None, EOS))
                 else:
                     return
+
+
+def unpicklable_item(plan: ExecutionPlan, error: UnpicklableMessage) -> TransportError:
+    """Name the PE, output port, item and destination behind link messages that failed to pickle.
+
+    Every multi-process mapping reports an item that cannot cross to another
+    worker with this message.
+    """
+    channels = {spec.channel_id: spec for spec in plan.channels}
+    for message in error.message if isinstance(error.message, list) else []:
+        if message[0] != DATA:
+            continue
+        for item in message[3]:
+            try:
+                pickle.dumps(item, protocol=5)
+            except Exception as exc:
+                spec = channels[message[1]]
+                source_port = next(
+                    (
+                        route.source_port
+                        for route in plan.routes[spec.source.pe]
+                        if route.dest == spec.dest.pe and route.dest_port == message[2]
+                    ),
+                    "?",
+                )
+                return TransportError(
+                    f"PE {spec.source} wrote an item on output port {source_port!r} that cannot be pickled to"
+                    f" reach {spec.dest.pe}.{message[2]} on worker {spec.dest_worker}: {reprlib.repr(item)}"
+                    f" ({type(exc).__name__}: {exc})"
+                )
+    return TransportError(str(error))

@@ -9,7 +9,22 @@ from ._groupings import All, Global, GroupBy, Grouping, Shuffle
 from ._pe import PE
 from .errors import GraphError
 
-__all__ = ["ChannelSpec", "ExecutionPlan", "InstanceRef", "PEPlan", "PlanOptions", "RouteSpec", "make_plan"]
+__all__ = [
+    "DEFAULT_BATCH_SIZE",
+    "DEFAULT_CREDITS",
+    "ChannelSpec",
+    "ExecutionPlan",
+    "InstanceRef",
+    "PEPlan",
+    "PlanOptions",
+    "RouteSpec",
+    "make_plan",
+]
+
+DEFAULT_BATCH_SIZE = 256
+"""Items per batch on a channel, unless asked otherwise (the library, the CLI and the planner use it)."""
+DEFAULT_CREDITS = 4
+"""Batches a channel may have in flight before its sender waits, unless asked otherwise."""
 
 
 @dataclass(frozen=True, order=True)
@@ -40,8 +55,8 @@ class PlanOptions:
     workers: int = 1
     default_parallelism: int | None = None
     force_single: bool = False
-    batch_size: int = 256
-    credits: int = 4
+    batch_size: int = DEFAULT_BATCH_SIZE
+    credits: int = DEFAULT_CREDITS
 
     def __post_init__(self) -> None:
         if self.workers < 1:
@@ -124,9 +139,13 @@ class ExecutionPlan:
     def channels_from(self, instance: InstanceRef) -> list[ChannelSpec]:
         return [c for c in self.channels if c.source == instance]
 
+    def expected_eos(self, instance: InstanceRef) -> int:
+        """The end-of-stream markers ``instance`` waits for: one per channel into it, one more for a root's feed."""
+        return len(self.channels_into(instance)) + self.placement[instance.pe].is_root
+
     def inflight_bound(self, instance: InstanceRef) -> int:
         """The most items that can wait in ``instance``'s inbox at once."""
-        return len(self.channels_into(instance)) * self.options.credits * self.options.batch_size
+        return self.expected_eos(instance) * self.options.credits * self.options.batch_size
 
 
 def make_plan(graph: WorkflowGraph | FlatGraph, options: PlanOptions | None = None) -> ExecutionPlan:

@@ -17,6 +17,7 @@ __all__ = [
     "PeerDied",
     "ChannelClosed",
     "EndOfChannel",
+    "UnpicklableMessage",
     "WorkerDied",
 ]
 
@@ -85,6 +86,20 @@ class EndOfChannel(TransportError):
 
 class PeerDied(TransportError):
     """The other end of a channel vanished without closing it cleanly."""
+
+
+class UnpicklableMessage(TransportError):
+    """A message could not be pickled, so nothing was sent; ``message`` is the object that failed.
+
+    It travels (pickled) as a plain :class:`TransportError`: the message may be what cannot be pickled.
+    """
+
+    def __init__(self, text: str, message: object = None) -> None:
+        super().__init__(text)
+        self.message = message
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (TransportError, (str(self),))
 
 
 class WorkerDied(Aiod4pError):

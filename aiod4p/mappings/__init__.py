@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import importlib
 from typing import Any
 
-from ..errors import MappingUnavailable
+from .._registry import load
 from ._base import BaseMapping, RunControl
 
 __all__ = ["MAPPINGS", "BaseMapping", "RunControl", "get_mapping"]
@@ -26,14 +25,5 @@ def get_mapping(name: str, **options: Any) -> BaseMapping:
     Raises:
         MappingUnavailable: no such mapping, or its extra is not installed.
     """
-    try:
-        module_name, class_name, extra = MAPPINGS[name]
-    except KeyError:
-        raise MappingUnavailable(f"unknown mapping {name!r}; choose one of: {', '.join(MAPPINGS)}") from None
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        hint = f": pip install 'aiod4p[{extra}]'" if extra else ""
-        raise MappingUnavailable(f"the {name} mapping needs {exc.name or 'a missing module'}{hint}") from exc
-    mapping: BaseMapping = getattr(module, class_name)(**options)
+    mapping: BaseMapping = load("mapping", name, MAPPINGS)(**options)
     return mapping

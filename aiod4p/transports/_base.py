@@ -22,6 +22,8 @@ class Comm(ABC):
         Raises:
             ChannelClosed: this end was closed.
             PeerDied: the peer vanished.
+            UnpicklableMessage: ``message`` cannot be serialised (nothing was
+                sent; in-process transports never raise it).
         """
 
     @abstractmethod
@@ -39,6 +41,14 @@ class Comm(ABC):
     async def aclose(self) -> None:
         """Close this end: the peer sees :class:`EndOfChannel` after the
         messages already sent. Idempotent; always releases resources."""
+
+    @abstractmethod
+    def abort(self) -> None:
+        """Abandon this end at once, as a crashed worker would: the peer gets
+        :class:`PeerDied` (not :class:`EndOfChannel`) once it has received
+        what was already delivered. Never blocks; idempotent; later calls on
+        this end raise :class:`ChannelClosed`. Launchers abort the comms of a
+        failed run."""
 
     async def __aenter__(self) -> Comm:
         return self

@@ -76,7 +76,7 @@ class MemoryComm(Comm):
         self._in.wake()
 
     def abort(self) -> None:
-        """Vanish without closing, as a crashed peer would (for tests)."""
+        """Vanish without closing, as a crashed peer would."""
         self._closed = True
         self._out.broken = True
         self._in.reader_gone = True

@@ -27,7 +27,7 @@ from typing import Any
 
 from mpi4py import MPI
 
-from ..errors import ChannelClosed, EndOfChannel, PeerDied, TransportError
+from ..errors import ChannelClosed, EndOfChannel, PeerDied, TransportError, UnpicklableMessage
 from ._base import Comm
 
 __all__ = ["MpiComm", "MpiEndpoint"]
@@ -247,8 +247,13 @@ class MpiComm(Comm):
             if self._credits > 0:
                 break
             await self._wait()
+        try:
+            self._endpoint._post((_DATA, message), self.peer, self.key)
+        except TransportError:
+            raise
+        except Exception as exc:  # mpi4py pickles in isend: nothing was sent
+            raise UnpicklableMessage(f"a message cannot be pickled: {type(exc).__name__}: {exc}", message) from exc
         self._credits -= 1
-        self._endpoint._post((_DATA, message), self.peer, self.key)
 
     async def receive(self) -> Any:
         while True:

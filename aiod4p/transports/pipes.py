@@ -27,24 +27,13 @@ import struct
 from collections import deque
 from typing import Any, cast
 
-from ..errors import ChannelClosed, EndOfChannel, PeerDied, TransportError
+from ..errors import ChannelClosed, EndOfChannel, PeerDied, TransportError, UnpicklableMessage
 from ._base import Comm
 
 __all__ = ["PipeComm", "UnpicklableMessage", "open_pipe_comm", "pipe_comm_pair"]
 
 _HEADER = struct.Struct("<Q")
 _CLOSE_MARKER = _HEADER.pack(0)
-
-
-class UnpicklableMessage(TransportError):
-    """A message could not be pickled; ``message`` is the object that failed."""
-
-    def __init__(self, text: str, message: Any = None) -> None:
-        super().__init__(text)
-        self.message = message
-
-    def __reduce__(self) -> tuple[object, ...]:
-        return (TransportError, (str(self),))
 
 
 class _Undecodable:

@@ -1,0 +1,592 @@
+"""The worker host: what every multi-process mapping shares.
+
+A multi-process mapping (multi, mpi, ray) runs the engine in several
+workers. It contributes only how the workers start and which comm (a
+:class:`~aiod4p.transports.Comm`) joins each of them to its launcher; the
+rest lives here:
+
+* the control vocabulary between a launcher and its workers: the dataclasses
+  below, one message per comm message;
+* the worker side, :func:`serve`: runs a :class:`Servable` (the engine's
+  :class:`~aiod4p._engine.Worker`), obeys :class:`Drain` and the pumped feed's
+  :class:`FeedChunk`/:class:`FeedEnd`, reports :class:`Stats` every
+  ``interval`` seconds, and ends with :class:`Done` or :class:`Failed`;
+  results leave through a :class:`ForwardSink`;
+* the launcher side, :class:`Supervisor`: delivers results, publishes
+  statistics, pumps the feeds that stay in the launcher (one bounded
+  read-ahead, one chunk per credit), relays drain requests, and fails the
+  run on the first failure, preferring the root cause, and on a worker that
+  ends without reporting.
+
+A launcher closes a worker's control comm after its :class:`Done` (its
+goodbye); a worker leaves only then, so nothing it sent is lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import pickle
+import reprlib
+from collections import deque
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from .._engine import Feed, _error, _ReadAhead
+from .._links import unpicklable_item
+from .._plan import ExecutionPlan, InstanceRef
+from .._results import ResultSink
+from .._stats import InstanceStats
+from ..errors import (
+    Aiod4pError,
+    EndOfChannel,
+    InputError,
+    PeerDied,
+    TransportError,
+    UnpicklableMessage,
+    WorkerDied,
+)
+from ..transports import Comm
+from ._base import RunControl
+
+__all__ = [
+    "GRACE",
+    "STATIC_FEEDS",
+    "STATS_INTERVAL",
+    "Credit",
+    "Done",
+    "Drain",
+    "Failed",
+    "FeedChunk",
+    "FeedEnd",
+    "ForwardSink",
+    "Pumped",
+    "PumpedFeed",
+    "Results",
+    "Servable",
+    "Stats",
+    "Supervisor",
+    "fail",
+    "pumped_feeds",
+    "serve",
+    "split_feeds",
+]
+
+logger = logging.getLogger("aiod4p.host")
+
+GRACE = 1.0
+"""Seconds a supervisor waits for the root cause after a failure caused by another one (and for
+the last messages of a worker whose process ended)."""
+
+STATS_INTERVAL = 0.5
+"""Seconds between two statistics reports of a worker."""
+
+STATIC_FEEDS = (int, list, tuple, range)
+"""Feeds that travel with the job; any other iterable stays with the launcher, which pumps it."""
+
+
+# -- the control vocabulary ------------------------------------------------------------
+# Worker -> launcher.
+@dataclass(frozen=True)
+class Results:
+    """Items written by PE ``pe`` on its result port ``port``."""
+
+    pe: str
+    port: str
+    items: list[Any]
+
+
+@dataclass(frozen=True)
+class Stats:
+    """Live statistics of the instances the sender runs."""
+
+    stats: list[InstanceStats]
+
+
+@dataclass(frozen=True)
+class Credit:
+    """The worker took a chunk of PE ``pe``'s pumped feed: the launcher may send one more."""
+
+    pe: str
+
+
+@dataclass(frozen=True)
+class Done:
+    """The worker finished; the final statistics of its instances."""
+
+    stats: list[InstanceStats]
+
+
+@dataclass(frozen=True)
+class Failed:
+    """The worker failed with ``error`` (picklable, an :class:`~aiod4p.errors.Aiod4pError`)."""
+
+    error: BaseException
+
+
+# Launcher -> worker.
+@dataclass(frozen=True)
+class Drain:
+    """Stop the sources and feeds; what is in flight still reaches the sinks."""
+
+
+@dataclass(frozen=True)
+class FeedChunk:
+    """The next elements of PE ``pe``'s pumped feed."""
+
+    pe: str
+    items: list[Any]
+
+
+@dataclass(frozen=True)
+class FeedEnd:
+    """PE ``pe``'s pumped feed has ended."""
+
+    pe: str
+
+
+@dataclass(frozen=True)
+class Pumped:
+    """Stands in a shipped job's feeds for a feed that the launcher pumps (see :func:`split_feeds`)."""
+
+
+def split_feeds(
+    plan: ExecutionPlan, feeds: Mapping[str, Feed]
+) -> tuple[dict[str, Feed | Pumped], list[tuple[str, int, Feed]]]:
+    """The feeds to ship with the job, and the ``(pe, worker, feed)`` feeds the launcher pumps.
+
+    A feed of :data:`STATIC_FEEDS` travels with the job; any other feed is
+    replaced by :class:`Pumped` and pumped to the worker of the PE's instance 0
+    (the instance that consumes it).
+    """
+    shipped: dict[str, Feed | Pumped] = {}
+    pumped: list[tuple[str, int, Feed]] = []
+    for pe_id, feed in feeds.items():
+        if isinstance(feed, STATIC_FEEDS):
+            shipped[pe_id] = feed
+        else:
+            shipped[pe_id] = Pumped()
+            pumped.append((pe_id, plan.placement[pe_id].workers[0], feed))
+    return shipped, pumped
+
+
+# -- the worker side -------------------------------------------------------------------
+class Servable(Protocol):
+    """What :func:`serve` runs: the engine's Worker, or a group of them (MPI rank 0)."""
+
+    plan: ExecutionPlan
+
+    @property
+    def stats(self) -> list[InstanceStats]: ...
+
+    def drain(self) -> None: ...
+
+    async def run(self) -> list[InstanceStats]: ...
+
+
+class ForwardSink:
+    """Results travel to the launcher on the control comm.
+
+    Args:
+        control: the worker's control comm.
+        destination: where they go, for error messages (``"the parent process"``).
+    """
+
+    def __init__(self, control: Comm, destination: str) -> None:
+        self._control = control
+        self._destination = destination
+
+    async def emit(self, pe: str, port: str, items: list[Any]) -> None:
+        """Raises:
+        TransportError: a result cannot be pickled (naming the PE, port and item).
+        """
+        try:
+            await self._control.send(Results(pe, port, items))
+        except UnpicklableMessage as exc:
+            culprit = next((item for item in items if not _picklable(item)), None)
+            raise TransportError(
+                f"PE {pe} wrote a result on output port {port!r} that cannot be pickled to reach"
+                f" {self._destination}: {reprlib.repr(culprit)} ({exc.__cause__})"
+            ) from exc
+
+
+def _picklable(item: Any) -> bool:
+    try:
+        pickle.dumps(item, protocol=5)
+    except Exception:
+        return False
+    return True
+
+
+class PumpedFeed:
+    """A root's input arriving from the launcher in chunks; takes one chunk per credit."""
+
+    def __init__(self, pe: str, control: Comm) -> None:
+        self._pe = pe
+        self._control = control
+        self._chunks: deque[list[Any]] = deque()
+        self._ended = False
+        self._changed = asyncio.Event()
+
+    def put(self, chunk: list[Any]) -> None:
+        self._chunks.append(chunk)
+        self._changed.set()
+
+    def end(self) -> None:
+        self._ended = True
+        self._changed.set()
+
+    async def __aiter__(self) -> AsyncIterator[Any]:
+        while True:
+            while not self._chunks:
+                if self._ended:
+                    return
+                self._changed.clear()
+                await self._changed.wait()
+            chunk = self._chunks.popleft()
+            await self._control.send(Credit(self._pe))
+            for element in chunk:
+                yield element
+
+
+def pumped_feeds(feeds: Mapping[str, Feed | Pumped], control: Comm) -> tuple[dict[str, Feed], dict[str, PumpedFeed]]:
+    """A shipped job's feeds with each :class:`Pumped` replaced by a :class:`PumpedFeed` on ``control``."""
+    pumped = {pe: PumpedFeed(pe, control) for pe, feed in feeds.items() if isinstance(feed, Pumped)}
+    resolved: dict[str, Feed] = {pe: feed for pe, feed in feeds.items() if not isinstance(feed, Pumped)}
+    return {**resolved, **pumped}, pumped
+
+
+async def serve(
+    worker: Servable,
+    control: Comm,
+    *,
+    name: str,
+    pumped: Mapping[str, PumpedFeed] | None = None,
+    interval: float = STATS_INTERVAL,
+    goodbye_timeout: float | None = None,
+) -> bool:
+    """Run ``worker``, obey the launcher on ``control``, report, then close ``control``.
+
+    Args:
+        worker: what to run; its results should leave through a :class:`ForwardSink` on ``control``.
+        control: the comm to the launcher.
+        name: this worker in error messages (``"worker 2"``, ``"MPI rank 0"``).
+        pumped: the feeds the launcher pumps, by PE id (see :func:`pumped_feeds`).
+        interval: seconds between two :class:`Stats` reports.
+        goodbye_timeout: after reporting, the longest to wait for the launcher
+            to close ``control`` (``None``: as long as it takes).
+
+    Returns:
+        Whether the run succeeded (:class:`Done` was sent); a failure is
+        reported to the launcher, not raised.
+    """
+    feeds = pumped or {}
+    running = asyncio.create_task(worker.run(), name=f"{name} engine")
+    listener = asyncio.create_task(_listen(control, worker, feeds), name=f"{name} listener")
+    reporter = asyncio.create_task(_report(control, worker, interval), name=f"{name} statistics")
+    succeeded = False
+    try:
+        await asyncio.wait({running, listener}, return_when=asyncio.FIRST_COMPLETED)
+        reporter.cancel()
+        if not running.done():
+            listener.result()  # raises PeerDied: the launcher vanished
+            raise PeerDied("the launcher closed the control comm before the run finished")
+        try:
+            stats = running.result()
+        except UnpicklableMessage as exc:
+            raise unpicklable_item(worker.plan, exc) from exc
+        await control.send(Done(stats))
+        succeeded = True
+    except Exception as exc:
+        await _report_failure(control, name, exc)
+    finally:
+        for task in (running, reporter):
+            task.cancel()
+        await asyncio.gather(running, reporter, return_exceptions=True)
+        # Leave only once the launcher closes its end (its goodbye): a launcher still
+        # writing to a closed comm (a drain, say) would lose what this worker sent.
+        with contextlib.suppress(Exception, TimeoutError):
+            async with asyncio.timeout(goodbye_timeout):
+                await listener
+        listener.cancel()
+        await asyncio.gather(listener, return_exceptions=True)
+        await control.aclose()
+    return succeeded
+
+
+async def fail(control: Comm, name: str, error: BaseException, *, goodbye_timeout: float | None = None) -> None:
+    """Report ``error`` as :func:`serve` reports a failed run, for a worker that could not even
+    start (its job cannot be loaded, say); then wait for the goodbye and close ``control``."""
+    await _report_failure(control, name, error)
+
+    async def goodbye() -> None:
+        while True:
+            await control.receive()  # ends with EndOfChannel (or the launcher's disappearance)
+
+    with contextlib.suppress(Exception, TimeoutError):
+        async with asyncio.timeout(goodbye_timeout):
+            await goodbye()
+    await control.aclose()
+
+
+async def _report_failure(control: Comm, name: str, exc: BaseException) -> None:
+    if not isinstance(exc, Aiod4pError):
+        logger.error("%s failed", name, exc_info=exc)
+        exc = Aiod4pError(f"{name} failed: {type(exc).__name__}: {exc}")
+    if not _picklable(exc):
+        exc = Aiod4pError(str(exc))
+    with contextlib.suppress(TransportError):
+        await control.send(Failed(exc))
+
+
+async def _listen(control: Comm, worker: Servable, pumped: Mapping[str, PumpedFeed]) -> None:
+    """Obey the launcher until it closes the control comm.
+
+    Raises:
+        PeerDied: the launcher vanished, or sent what a worker does not understand.
+    """
+    while True:
+        try:
+            message = await control.receive()
+        except EndOfChannel:
+            return
+        match message:
+            case FeedChunk(pe, items):
+                pumped[pe].put(items)
+            case FeedEnd(pe):
+                pumped[pe].end()
+            case Drain():
+                worker.drain()
+                for feed in pumped.values():
+                    feed.end()
+            case _:
+                raise PeerDied(f"unexpected control message {message!r} from the launcher")
+
+
+async def _report(control: Comm, worker: Servable, interval: float) -> None:
+    while True:
+        await asyncio.sleep(interval)
+        await control.send(Stats(worker.stats))
+
+
+# -- the launcher side -----------------------------------------------------------------
+async def _no_reason(wid: int) -> str:
+    return f"worker {wid} ended its part of the run without reporting"
+
+
+@dataclass
+class _WorkerState:
+    received: int = 0  # control messages received
+    receiving: bool = False  # whether its reader waits for one
+    final: list[InstanceStats] | None = None
+    credits: dict[str, asyncio.Semaphore] = field(default_factory=dict)
+
+
+class Supervisor:
+    """The launcher's side of a run on workers, each joined to it by a control comm.
+
+    Args:
+        plan: the plan the workers run.
+        controls: the control comm of each worker, by worker id.
+        sink: where results go.
+        control: drain requests come from it; statistics are published to it.
+        pumped: ``(pe, worker, feed)``: feeds this process pumps to a worker.
+        grace: seconds to wait, after a worker failed because another one did,
+            for the root cause; and, once a worker has ended, for its last messages.
+        exited: waits until worker ``wid`` has ended (its process exited), if the
+            mapping can tell; a worker whose comm ends without reporting is dead.
+        death: why worker ``wid`` died, for :class:`~aiod4p.errors.WorkerDied`.
+    """
+
+    def __init__(
+        self,
+        plan: ExecutionPlan,
+        controls: Mapping[int, Comm],
+        sink: ResultSink,
+        control: RunControl,
+        *,
+        pumped: Sequence[tuple[str, int, Feed]] = (),
+        grace: float = GRACE,
+        exited: Callable[[int], Awaitable[None]] | None = None,
+        death: Callable[[int], Awaitable[str]] = _no_reason,
+    ) -> None:
+        self.plan = plan
+        self.controls = controls
+        self.sink = sink
+        self.control = control
+        self.pumped = pumped
+        self.grace = grace
+        self.exited = exited
+        self.death = death
+        self.workers = {wid: _WorkerState() for wid in controls}
+        self.draining = False
+        self._aheads: list[_ReadAhead] = []
+        self._posts: set[asyncio.Task[None]] = set()
+
+    async def run(self) -> list[InstanceStats]:
+        """Run until every worker is done; returns the final statistics of every instance.
+
+        Raises:
+            Aiod4pError: the root cause among the failures reported (a PE's error
+                before a dead worker before a broken link).
+            WorkerDied: a worker ended without reporting.
+        """
+        for pe, wid, _ in self.pumped:
+            self.workers[wid].credits[pe] = asyncio.Semaphore(self.plan.options.credits)
+        watchers = [asyncio.create_task(self._watch(wid), name=f"watch worker {wid}") for wid in self.controls]
+        pumps = [asyncio.create_task(self._pump(pe, wid, feed), name=f"pump {pe}") for pe, wid, feed in self.pumped]
+        self.control.on_drain(self._drain)
+        try:
+            await self._supervise(watchers, pumps)
+        finally:
+            for task in [*watchers, *pumps]:
+                task.cancel()
+            await asyncio.gather(*watchers, *pumps, *self._posts, return_exceptions=True)
+        return [entry for wid in sorted(self.workers) for entry in self.workers[wid].final or []]
+
+    async def _supervise(self, watchers: list[asyncio.Task[Any]], pumps: list[asyncio.Task[Any]]) -> None:
+        pending: set[asyncio.Task[Any]] = {*watchers, *pumps}
+        errors: list[BaseException] = []
+        while any(not task.done() for task in watchers):
+            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            errors.extend(_failures(done))
+            if errors:
+                break
+        if not errors:
+            return
+        if min(map(_rank, errors)) > 0:
+            # A worker may have failed because another one did: let the cause arrive.
+            others = {task for task in pending if task in watchers}
+            if others:
+                done, _ = await asyncio.wait(others, timeout=self.grace)
+                errors.extend(_failures(done))
+        raise min(errors, key=_rank)
+
+    async def _watch(self, wid: int) -> None:
+        """Relay worker ``wid``'s messages until it reports the end of its run.
+
+        Raises:
+            WorkerDied: the worker ended without reporting.
+            Aiod4pError: the worker reported this error.
+        """
+        state = self.workers[wid]
+        reader = asyncio.create_task(self._read(wid))
+        ended = asyncio.ensure_future(self.exited(wid)) if self.exited is not None else None
+        try:
+            await asyncio.wait({reader} if ended is None else {reader, ended}, return_when=asyncio.FIRST_COMPLETED)
+            # The worker has ended: its last messages may still be in the comm. Relay
+            # them; give up only when nothing more arrives (a child of the worker may
+            # hold the comm open).
+            while not reader.done():
+                received = state.received
+                await asyncio.wait({reader}, timeout=self.grace)
+                if not reader.done() and state.received == received and state.receiving:
+                    raise WorkerDied(await self.death(wid))
+            reader.result()
+        finally:
+            for task in (reader, ended):
+                if task is not None:
+                    task.cancel()
+                    await asyncio.gather(task, return_exceptions=True)
+
+    async def _read(self, wid: int) -> None:
+        comm, sink, control, state = self.controls[wid], self.sink, self.control, self.workers[wid]
+        while True:
+            state.receiving = True
+            try:
+                message = await comm.receive()
+            except (EndOfChannel, PeerDied):
+                if self.exited is not None:
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(self.grace):
+                            await self.exited(wid)
+                raise WorkerDied(await self.death(wid)) from None
+            state.receiving = False
+            state.received += 1
+            match message:
+                case Results(pe, port, items):
+                    await sink.emit(pe, port, items)
+                case Stats(stats):
+                    _publish(control, stats)
+                case Credit(pe):
+                    state.credits[pe].release()
+                case Done(stats):
+                    state.final = stats
+                    _publish(control, stats)
+                    await comm.aclose()  # goodbye: the worker may leave
+                    return
+                case Failed(error):
+                    raise error
+                case _:
+                    raise TransportError(f"unexpected message {message!r} from worker {wid}")
+
+    async def _pump(self, pe: str, wid: int, feed: Feed) -> None:
+        """Send a feed this process holds to worker ``wid``, a chunk per credit."""
+        comm, credits = self.controls[wid], self.workers[wid].credits[pe]
+        source = feed if isinstance(feed, AsyncIterable) else _elements(feed)  # type: ignore[arg-type]
+        ahead = _ReadAhead(source, self.plan.options.batch_size, lambda element: element, f"feed of {pe}")
+        self._aheads.append(ahead)
+        if self.draining:
+            ahead.reader.cancel()
+        try:
+            while True:
+                try:
+                    chunk = await ahead.take()
+                except Exception as exc:
+                    raise _error(InstanceRef(pe, 0), "feed", exc) from exc
+                if chunk is None:
+                    break
+                await credits.acquire()
+                if self.draining:
+                    return
+                try:
+                    await comm.send(FeedChunk(pe, chunk))
+                except UnpicklableMessage as exc:
+                    raise InputError(f"an input of PE {pe} cannot be pickled: {exc.__cause__}") from exc
+            if not self.draining:
+                await comm.send(FeedEnd(pe))
+        finally:
+            await ahead.aclose()
+
+    def _drain(self) -> None:
+        """Stop pumping and ask every worker to drain."""
+        self.draining = True
+        for ahead in self._aheads:
+            ahead.reader.cancel()
+        for wid in self.controls:
+            task = asyncio.get_running_loop().create_task(self._post(wid, Drain()))
+            self._posts.add(task)
+            task.add_done_callback(self._posts.discard)
+
+    async def _post(self, wid: int, message: Drain) -> None:
+        with contextlib.suppress(TransportError):  # that worker already finished
+            await self.controls[wid].send(message)
+
+
+async def _elements(feed: Iterable[Any]) -> AsyncIterator[Any]:
+    for element in feed:
+        yield element
+
+
+def _publish(control: RunControl, stats: list[InstanceStats]) -> None:
+    """Publish statistics per worker (a relay, such as MPI rank 0, reports several)."""
+    per_worker: dict[int, list[InstanceStats]] = {}
+    for entry in stats:
+        per_worker.setdefault(entry.worker, []).append(entry)
+    for worker, entries in per_worker.items():
+        control.publish_stats(worker, entries)
+
+
+def _failures(tasks: set[asyncio.Task[Any]]) -> list[BaseException]:
+    return [error for task in tasks if not task.cancelled() and (error := task.exception()) is not None]
+
+
+def _rank(error: BaseException) -> int:
+    """Root causes first: a worker's own error, then a dead worker, then broken links."""
+    if isinstance(error, PeerDied):
+        return 2
+    if isinstance(error, WorkerDied):
+        return 1
+    return 0

@@ -1,0 +1,171 @@
+"""Shipping a job (plan, feeds, settings) to workers in other interpreters.
+
+One pickling for every multi-process mapping: classes made at run time
+(``type()``, as dispel4py's monitoring wrappers do) travel by value, and a
+module the other interpreter could not import by name (a workflow file
+loaded by path) travels as the path of its file, loaded there before
+unpickling. Errors name the PE or the input that cannot be pickled.
+"""
+
+from __future__ import annotations
+
+import importlib.machinery
+import io
+import pickle
+import sys
+import types
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from .._engine import Feed
+from .._loading import import_file
+from .._plan import ExecutionPlan
+from ..errors import GraphError, InputError, TargetError
+from ._host import Pumped
+
+__all__ = ["Job", "check_importable", "dumps", "loads", "ship", "unship"]
+
+
+@dataclass
+class Job:
+    """What every worker of a run receives.
+
+    Attributes:
+        plan: the execution plan.
+        feeds: the feeds that travel with the job (:class:`Pumped` for those the launcher pumps).
+        max_delay: the engine's batching delay, in seconds.
+        interval: seconds between two statistics reports.
+    """
+
+    plan: ExecutionPlan
+    feeds: dict[str, Feed | Pumped]
+    max_delay: float
+    interval: float
+
+
+class _Pickler(pickle.Pickler):
+    """Pickles classes that cannot be found by name by value (name, bases and
+    attributes); everything else as usual. Records the top-level modules of
+    the classes and functions it meets."""
+
+    def __init__(self, file: io.BytesIO) -> None:
+        super().__init__(file, pickle.HIGHEST_PROTOCOL)
+        self.modules: set[str] = set()
+
+    def reducer_override(self, obj: Any) -> Any:
+        if isinstance(obj, (type, types.FunctionType)):
+            self.modules.add(getattr(obj, "__module__", None) or "")
+        if not isinstance(obj, type) or _findable(obj):
+            return NotImplemented
+        namespace = {k: v for k, v in vars(obj).items() if k not in ("__dict__", "__weakref__")}
+        return type(obj), (obj.__name__, obj.__bases__, namespace)
+
+
+def _findable(cls: type) -> bool:
+    target: Any = sys.modules.get(cls.__module__)
+    for part in cls.__qualname__.split("."):
+        target = getattr(target, part, None)
+    return target is cls
+
+
+def _file_only(name: str) -> str | None:
+    """The file of top-level module ``name`` if it was loaded from a file that
+    an import by name would not find (``__main__`` is the start method's business)."""
+    module = sys.modules.get(name)
+    path = getattr(module, "__file__", None)
+    if "." in name or not path or name == "__main__":
+        return None
+    found = importlib.machinery.PathFinder.find_spec(name, sys.path)
+    if found is not None and found.origin == path:
+        return None
+    return str(path)
+
+
+def dumps(obj: Any) -> bytes:
+    """Pickle ``obj`` for another interpreter (see the module's docstring); :func:`loads` reverses it.
+
+    Raises:
+        Exception: ``obj`` cannot be pickled (pickle.PicklingError, TypeError, AttributeError, ...).
+    """
+    buffer = io.BytesIO()
+    pickler = _Pickler(buffer)
+    pickler.dump(obj)
+    files = {name: path for name in sorted(pickler.modules) if (path := _file_only(name)) is not None}
+    return pickle.dumps((files, buffer.getvalue()), pickle.HIGHEST_PROTOCOL)
+
+
+def loads(data: bytes) -> Any:
+    """Unpickle what :func:`dumps` made, loading the modules it names from their files first.
+
+    Raises:
+        Exception: whatever unpickling or loading a module raises.
+    """
+    files, payload = pickle.loads(data)
+    for name, path in files.items():
+        if name not in sys.modules:
+            import_file(name, path)
+    return pickle.loads(payload)
+
+
+def ship(job: Job, purpose: str, hint: str = "") -> bytes:
+    """Pickle ``job`` with :func:`dumps` ``to {purpose}`` (e.g. "start spawned worker processes").
+
+    Raises:
+        GraphError: a PE (named) or the workflow cannot be pickled; ``hint`` ends the advice.
+        InputError: the input of a PE (named) cannot be pickled.
+    """
+    try:
+        return dumps(job)
+    except Exception as exc:
+        if (culprit := _unpicklable(job.plan.pes)) is not None:
+            pe_id, error = culprit
+            raise GraphError(
+                f"PE {pe_id} cannot be pickled to {purpose}: {type(error).__name__}: {error} (pickling needs"
+                f" PEs and their functions defined at module level, not as lambdas or local objects{hint})"
+            ) from error
+        if (culprit := _unpicklable(job.feeds)) is not None:
+            pe_id, error = culprit
+            raise InputError(
+                f"the input of PE {pe_id} cannot be pickled to {purpose}: {type(error).__name__}: {error}"
+            ) from error
+        raise GraphError(f"the workflow cannot be pickled to {purpose}: {type(exc).__name__}: {exc}") from exc
+
+
+def unship(data: bytes, where: str) -> Job:
+    """The job :func:`ship` made, loaded in ``where`` (e.g. "MPI rank 1").
+
+    Raises:
+        TargetError: the workflow's code cannot be loaded here.
+    """
+    try:
+        job: Job = loads(data)
+    except Exception as exc:
+        raise TargetError(
+            f"{where} cannot load the workflow ({type(exc).__name__}: {exc}); its PE classes must be importable there"
+        ) from exc
+    return job
+
+
+def check_importable(plan: ExecutionPlan, where: str) -> None:
+    """Refuse PE classes defined in ``__main__``, which ``where`` cannot import.
+
+    Raises:
+        GraphError: naming the first such PE.
+    """
+    for pe_id, pe in plan.pes.items():
+        if type(pe).__module__ == "__main__":
+            raise GraphError(
+                f"PE {pe_id}: its class {type(pe).__name__} is defined in __main__, which {where} cannot"
+                " import; define it in a module"
+            )
+
+
+def _unpicklable(values: Mapping[str, Any]) -> tuple[str, Exception] | None:
+    """The first ``(key, error)`` whose value cannot be pickled by :func:`dumps`, if any."""
+    for key, value in values.items():
+        try:
+            dumps(value)
+        except Exception as exc:
+            return key, exc
+    return None
