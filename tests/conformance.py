@@ -32,14 +32,12 @@ class TransportUnderTest:
     Attributes:
         name: shown in test ids.
         make_pair: opens two joined comms (both usable from this event loop).
-        abort: makes one end vanish without closing it, as a crashed peer would.
         max_buffered: the most 64 KiB messages a sender may get sent while its
             receiver does not read (the transport's buffering bound).
     """
 
     name: str
     make_pair: Callable[[], Awaitable[tuple[Comm, Comm]]]
-    abort: Callable[[Comm], None]
     max_buffered: int
 
 
@@ -178,11 +176,14 @@ async def check_close_semantics(transport: TransportUnderTest) -> None:
 
 
 async def check_dead_peer(transport: TransportUnderTest) -> None:
-    """A peer that vanishes without closing: PeerDied after what it sent, never EndOfChannel."""
+    """A peer that aborts (vanishes without closing): PeerDied after what it sent, never EndOfChannel;
+    the aborted end refuses to send, and aborting again does nothing."""
     async with _pair(transport) as (a, b):
         for i in range(3):
             await a.send(i)
-        transport.abort(a)
+        a.abort()
+        a.abort()
+        await _expect(a.send("late"), ChannelClosed)
         received: list[object] = []
         while True:
             try:

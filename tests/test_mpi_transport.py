@@ -71,13 +71,16 @@ def _remote_end(rpc: _Rpc, key: int) -> Any:
         async def aclose(self) -> None:
             await rpc.call("aclose", key)
 
+        def abort(self) -> None:
+            pending.add(task := asyncio.get_running_loop().create_task(rpc.call("abort", key)))
+            task.add_done_callback(pending.discard)
+
+    pending: set[asyncio.Task[Any]] = set()
     return RemoteEnd()
 
 
 async def _rank0(endpoint: Any) -> None:
     from conformance import CHECKS, TransportUnderTest
-
-    from aiod4p.transports.mpi import MpiComm
 
     rpc = _Rpc(endpoint.comm(1, RPC_KEY, capacity=64))
     keys = itertools.count(10)
@@ -87,11 +90,7 @@ async def _rank0(endpoint: Any) -> None:
         await rpc.call("open", key)
         return endpoint.comm(1, key, capacity=CAPACITY), _remote_end(rpc, key)
 
-    def abort(comm: Any) -> None:
-        assert isinstance(comm, MpiComm)
-        comm.abort()
-
-    transport = TransportUnderTest("mpi", make_pair, abort, max_buffered=CAPACITY)
+    transport = TransportUnderTest("mpi", make_pair, max_buffered=CAPACITY)
     for check in CHECKS:
         try:
             async with asyncio.timeout(20):
@@ -134,6 +133,8 @@ async def _rank1(endpoint: Any) -> None:
                 value = await comm.send(args[1])
             elif op == "receive":
                 value = await comm.receive()
+            elif op == "abort":
+                value = comm.abort()
             else:
                 value = await comm.aclose()
             reply = (True, call_id, value)

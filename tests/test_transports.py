@@ -14,8 +14,9 @@ from typing import Any
 import pytest
 from conformance import CHECKS, Check, TransportUnderTest
 
-from aiod4p.errors import EndOfChannel, PeerDied, TransportError
-from aiod4p.transports import Comm, MemoryComm, memory_comm_pair
+from aiod4p import transports
+from aiod4p.errors import EndOfChannel, MappingUnavailable, PeerDied, TransportError
+from aiod4p.transports import Comm, MemoryComm, get_transport, memory_comm_pair
 from aiod4p.transports.pipes import PipeComm, UnpicklableMessage, open_pipe_comm, pipe_comm_pair
 
 
@@ -27,16 +28,11 @@ async def _pipe_pair() -> tuple[Comm, Comm]:
     return await pipe_comm_pair(max_messages=8, write_buffer=64 * 1024)
 
 
-def _abort(comm: Comm) -> None:
-    assert isinstance(comm, (MemoryComm, PipeComm))
-    comm.abort()
-
-
 # Pipe bound: 8 decoded messages + the socket's kernel buffers (about 2 x 208 KiB)
 # + the 64 KiB write buffer, in 64 KiB messages, with room for a partial frame.
 TRANSPORTS = [
-    TransportUnderTest("memory", _memory_pair, _abort, max_buffered=8),
-    TransportUnderTest("pipe", _pipe_pair, _abort, max_buffered=8 + 16 + 2),
+    TransportUnderTest("memory", _memory_pair, max_buffered=8),
+    TransportUnderTest("pipe", _pipe_pair, max_buffered=8 + 16 + 2),
 ]
 
 
@@ -184,3 +180,22 @@ async def test_a_child_process_closing_exiting_or_killed(mode: str) -> None:
             await comm.aclose()
             await _exited(process)
         assert process.returncode == {"close": 0, "exit": 3, "kill": -signal.SIGKILL}[mode]
+
+
+# -- the registry --------------------------------------------------------------------
+
+
+def test_transports_are_found_by_name() -> None:
+    assert get_transport("memory") is MemoryComm
+    assert get_transport("pipes") is PipeComm
+    for name in transports.TRANSPORTS:
+        try:
+            comm = get_transport(name)
+        except MappingUnavailable:
+            continue  # its extra is not installed
+        assert issubclass(comm, Comm) and not getattr(comm, "__abstractmethods__", None), name
+
+
+def test_an_unknown_transport_is_a_clear_error() -> None:
+    with pytest.raises(MappingUnavailable, match=r"unknown transport .carrier-pigeon.*memory, pipes"):
+        get_transport("carrier-pigeon")

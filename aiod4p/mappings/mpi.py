@@ -8,9 +8,11 @@ Two ways to run:
   other ranks report none);
 * launched (``aiod4p run wf:graph --mapping mpi -n 4`` or
   ``aiod4p.run(graph, mapping="mpi", workers=4)``): the mapping starts the
-  mpiexec of the installed MPI itself, ships the plan in a file, and streams
-  results, statistics, errors and non-list inputs over a local socket to and
-  from rank 0.
+  mpiexec of the installed MPI itself, ships the job in a file, and
+  supervises rank 0 over a pipe comm on a local socket (the worker host's
+  control messages: results, statistics, errors, drain, pumped inputs). The
+  ranks' stdout and stderr reach this process's stderr: stdout carries only
+  what the caller writes (``--results -``).
 
 Instance ``i`` of a PE runs on rank ``i % ranks``; channels between ranks are
 :class:`~aiod4p.transports.mpi.MpiComm` s. Needs ``pip install 'aiod4p[mpi]'``.
@@ -22,27 +24,29 @@ import asyncio
 import contextlib
 import os
 import signal
+import socket
 import sys
 import tempfile
 from collections import deque
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
 from .._engine import Feed
 from .._plan import ExecutionPlan, PlanOptions
 from .._results import ResultSink
 from .._stats import InstanceStats
-from ..errors import GraphError, InputError, MappingUnavailable, WorkerDied
+from ..errors import InputError, MappingUnavailable, WorkerDied
+from ..transports.pipes import PipeComm, open_pipe_comm
 from ._base import BaseMapping, RunControl
+from ._host import STATS_INTERVAL, Supervisor, split_feeds
 from ._mpi_env import INSTALL_HINT, find_mpiexec, job_size, mpiexec_extra_args
-from ._mpi_wire import dumps, read_frame, write_frame
+from ._shipping import Job, check_importable, ship
 
 __all__ = ["MpiMapping"]
 
-_STATIC_FEEDS = (int, list, tuple, range)
-_STDERR_LINES = 20
+_OUTPUT_LINES = 20
 _EXIT_TIMEOUT = 30.0
+_EXIT_GRACE = 5.0  # after rank 0's connection ends: for the mpiexec to exit, and to say why
 
 
 class MpiMapping(BaseMapping):
@@ -103,14 +107,16 @@ class MpiMapping(BaseMapping):
         max_delay: float,
     ) -> list[InstanceStats]:
         try:
-            from ._mpi_ranks import abort_job_at_exit, broadcast_plan, run_rank
+            from ._mpi_ranks import RankZero, abort_job_at_exit, broadcast_plan, run_follower
         except ImportError as exc:
             raise MappingUnavailable(f"the mpi mapping needs mpi4py: {INSTALL_HINT}") from exc
-        shipped = broadcast_plan(plan)
         try:
-            return await run_rank(
-                shipped, feeds, sink, max_delay=max_delay, on_drain=control.on_drain, publish=control.publish_stats
-            )
+            shipped = broadcast_plan(plan)
+            if not self.follower:
+                return await RankZero(shipped, feeds, sink, control, max_delay=max_delay).run()
+            if not await run_follower(shipped, feeds, max_delay=max_delay, interval=STATS_INTERVAL):
+                raise WorkerDied(f"MPI rank {_job_rank()} failed, and rank 0 did not end the job")
+            return []
         except BaseException:
             abort_job_at_exit(1)  # end every rank once this one has reported (MPI_Finalize would hang)
             raise
@@ -124,40 +130,15 @@ def _job_rank() -> int:
     return 0
 
 
-def _split_feeds(plan: ExecutionPlan, feeds: Mapping[str, Feed]) -> tuple[dict[str, Feed], dict[str, Feed]]:
-    """Feeds shipped in the job file, and feeds streamed to rank 0 over the socket."""
-    static: dict[str, Feed] = {}
-    streamed: dict[str, Feed] = {}
-    for pe_id, feed in feeds.items():
-        if isinstance(feed, _STATIC_FEEDS):
-            static[pe_id] = feed
-            continue
+def _check_pumped(plan: ExecutionPlan, pumped: list[tuple[str, int, Feed]]) -> None:
+    """Raises:
+    InputError: a pumped input feeds a PE with instances on other ranks than 0.
+    """
+    for pe_id, _, _ in pumped:
         if any(worker != 0 for worker in plan.placement[pe_id].workers):
             raise InputError(
                 f"PE {pe_id} has instances on several MPI ranks; give it a list or a count as input"
                 " (an iterator or async iterator can only feed a root on rank 0)"
-            )
-        streamed[pe_id] = feed
-    return static, streamed
-
-
-def _job_bytes(plan: ExecutionPlan, static: dict[str, Feed], streamed: Iterable[str], max_delay: float) -> bytes:
-    job = {"plan": plan, "feeds": static, "streamed": list(streamed), "max_delay": max_delay}
-    try:
-        return dumps(job)
-    except Exception as exc:
-        raise GraphError(
-            f"the mpi mapping ships the workflow and its inputs to the ranks by pickling, which failed:"
-            f" {type(exc).__name__}: {exc} (define PEs and functions at module level, not in __main__ or as lambdas)"
-        ) from exc
-
-
-def _check_importable(plan: ExecutionPlan) -> None:
-    for pe_id, pe in plan.pes.items():
-        if type(pe).__module__ == "__main__":
-            raise GraphError(
-                f"PE {pe_id}: its class {type(pe).__name__} is defined in __main__, which the MPI ranks cannot"
-                " import; define it in a module"
             )
 
 
@@ -167,16 +148,19 @@ async def _launch(
     from .. import compat  # whether the ranks must serve dispel4py's modules too
 
     mpiexec = find_mpiexec()
-    _check_importable(plan)
-    static, streamed = _split_feeds(plan, feeds)
-    payload = _job_bytes(plan, static, streamed, max_delay)
+    check_importable(plan, "the MPI ranks")
+    shipped, pumped = split_feeds(plan, feeds)
+    _check_pumped(plan, pumped)
+    payload = ship(Job(plan, shipped, max_delay, STATS_INTERVAL), "start the MPI ranks")
     with tempfile.TemporaryDirectory(prefix="aiod4p-mpi-") as directory:
         job_path = Path(directory, "job.pickle")
         job_path.write_bytes(payload)  # noqa: ASYNC240 - a small local file, before anything runs
         address = str(Path(directory, "rank0.sock"))
-        job = _Job(sink, control, streamed)
-        server = await asyncio.start_unix_server(job.connected, path=address)
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
+            listener.bind(address)
+            listener.listen(1)
+            listener.setblocking(False)
             command = [
                 mpiexec,
                 *mpiexec_extra_args(),
@@ -197,20 +181,21 @@ async def _launch(
                 process = await asyncio.create_subprocess_exec(
                     *command,
                     stdin=asyncio.subprocess.DEVNULL,
+                    stdout=asyncio.subprocess.PIPE,
                     stderr=asyncio.subprocess.PIPE,
                     env=env,
                     start_new_session=True,
                 )
             except OSError as exc:
                 raise MappingUnavailable(f"cannot start {mpiexec}: {exc}") from exc
+            job = _Job(process, plan, sink, control, pumped)
             try:
-                return await job.run(process)
+                return await job.run(listener)
             finally:
                 await _stop(process)
+                await job.close()
         finally:
-            server.close()
-            await job.close()
-            await server.wait_closed()
+            listener.close()
 
 
 async def _stop(process: asyncio.subprocess.Process) -> None:
@@ -228,141 +213,98 @@ async def _stop(process: asyncio.subprocess.Process) -> None:
 
 
 class _Job:
-    """The launcher's side of a launched run: serves rank 0's connections."""
+    """The launcher's side of a launched run: the mpiexec, its output, and rank 0's control comm."""
 
-    def __init__(self, sink: ResultSink, control: RunControl, streamed: dict[str, Feed]) -> None:
+    def __init__(
+        self,
+        process: asyncio.subprocess.Process,
+        plan: ExecutionPlan,
+        sink: ResultSink,
+        control: RunControl,
+        pumped: list[tuple[str, int, Feed]],
+    ) -> None:
+        self.process = process
+        self.plan = plan
         self.sink = sink
         self.control = control
-        self.streamed = streamed
-        self.outcome: asyncio.Future[list[InstanceStats]] = asyncio.get_running_loop().create_future()
-        self.stderr_tail: deque[str] = deque(maxlen=_STDERR_LINES)
-        self.handlers: set[asyncio.Task[Any]] = set()
-        self.writer: asyncio.StreamWriter | None = None
-        self.relay: asyncio.Task[None] | None = None
-        self.control_task: asyncio.Task[Any] | None = None
+        self.pumped = pumped
+        self.reported = False  # rank 0 reported the run's outcome: the job's teardown is expected
+        self.tail: deque[str] = deque(maxlen=_OUTPUT_LINES)
+        assert process.stdout is not None and process.stderr is not None
+        self.relays = [asyncio.create_task(self._relay(stream)) for stream in (process.stdout, process.stderr)]
+        self.exited = asyncio.create_task(process.wait())
 
-    async def connected(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self.handlers.add(task)
+    async def run(self, listener: socket.socket) -> list[InstanceStats]:
+        accept = asyncio.ensure_future(asyncio.get_running_loop().sock_accept(listener))
+        comm: PipeComm | None = None
         try:
-            hello = await read_frame(reader)
-            if hello[0] == "control":
-                self.control_task = task
-                await self._control(reader, writer)
-            else:
-                await self._feed(hello[1], writer)
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass  # rank 0 went away; the mpiexec's exit tells why
-        except Exception as exc:
-            if not self.outcome.done():
-                self.outcome.set_exception(exc)
-        finally:
-            self.handlers.discard(task)
-            writer.close()
-
-    async def _control(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.writer = writer
-        self.control.on_drain(self._drain)
-        stats: dict[int, list[InstanceStats]] = {}
-        while True:
-            message = await read_frame(reader)
-            kind = message[0]
-            if kind == "r":
-                await self.sink.emit(message[1], message[2], message[3])
-            elif kind == "s":
-                stats = message[1]
-                for rank in sorted(stats):
-                    self.control.publish_stats(rank, stats[rank])
-            elif kind == "e":
-                if not self.outcome.done():
-                    self.outcome.set_exception(message[1])
-                return
-            else:
-                if not self.outcome.done():
-                    self.outcome.set_result([entry for rank in sorted(stats) for entry in stats[rank]])
-                return
-
-    def _drain(self) -> None:
-        writer = self.writer
-        if writer is not None and not writer.is_closing():
-            task = asyncio.get_running_loop().create_task(write_frame(writer, ("d",)))
-            self.handlers.add(task)
-            task.add_done_callback(self.handlers.discard)
-
-    async def _feed(self, pe_id: str, writer: asyncio.StreamWriter) -> None:
-        feed = self.streamed[pe_id]
-        try:
-            if isinstance(feed, Iterable):
-                iterator = iter(feed)
-                while chunk := [element for _, element in zip(range(256), iterator, strict=False)]:
-                    await write_frame(writer, ("i", chunk))
-            else:
-                chunk = []
-                async for element in feed:  # type: ignore[union-attr]
-                    chunk.append(element)
-                    if len(chunk) >= 256:
-                        await write_frame(writer, ("i", chunk))
-                        chunk = []
-                if chunk:
-                    await write_frame(writer, ("i", chunk))
-        except (ConnectionError, asyncio.IncompleteReadError):
-            return  # rank 0 stopped reading: drained, or the run ended
-        except Exception as exc:
-            await write_frame(writer, ("e", InputError(f"the input of PE {pe_id} raised {type(exc).__name__}: {exc}")))
-            return
-        await write_frame(writer, ("end",))
-
-    async def run(self, process: asyncio.subprocess.Process) -> list[InstanceStats]:
-        assert process.stderr is not None
-        self.relay = relay = asyncio.create_task(self._relay(process.stderr))
-        exited = asyncio.create_task(process.wait())
-        try:
-            waited: set[asyncio.Future[Any]] = {self.outcome, exited}
-            await asyncio.wait(waited, return_when=asyncio.FIRST_COMPLETED)
-            if not self.outcome.done() and self.control_task is not None:
-                await asyncio.wait({self.control_task})  # what rank 0 sent before exiting is still arriving
-            if not self.outcome.done():
-                await relay  # the mpiexec exited: let its last words arrive
-                tail = "".join(self.stderr_tail).strip()
-                raise WorkerDied(
-                    f"mpiexec exited with status {process.returncode} before the run finished"
-                    + (f"; its last output:\n{tail}" if tail else "")
-                )
-            stats = self.outcome.result()  # raises the run's error
+            await asyncio.wait({accept, self.exited}, return_when=asyncio.FIRST_COMPLETED)
+            if not accept.done():
+                raise WorkerDied(await self._death(0))
+            comm = await open_pipe_comm(accept.result()[0])
+            supervisor = Supervisor(
+                self.plan,
+                {0: comm},
+                self.sink,
+                self.control,
+                pumped=self.pumped,
+                grace=_EXIT_GRACE,
+                exited=self._exited,
+                death=self._death,
+            )
+            try:
+                stats = await supervisor.run()
+            except WorkerDied:
+                raise
+            except BaseException:
+                self.reported = True
+                raise
+            self.reported = True
             try:
                 async with asyncio.timeout(_EXIT_TIMEOUT):
-                    code = await asyncio.shield(exited)
+                    code = await asyncio.shield(self.exited)
             except TimeoutError:
                 raise WorkerDied(f"the MPI ranks did not exit within {_EXIT_TIMEOUT:.0f} s after the run") from None
             if code != 0:
                 raise WorkerDied(f"mpiexec exited with status {code} after the run finished")
             return stats
         finally:
-            if not self.outcome.done():
-                self.outcome.cancel()
-            exited.cancel()
-            await asyncio.gather(exited, return_exceptions=True)
+            accept.cancel()
+            await asyncio.gather(accept, return_exceptions=True)
+            if comm is not None:
+                comm.abort()
+
+    async def _exited(self, _: int) -> None:
+        await asyncio.shield(self.exited)
+
+    async def _death(self, _: int) -> str:
+        """Why rank 0 is gone: the mpiexec's status and last output."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(_EXIT_TIMEOUT):
+                await asyncio.shield(self.exited)
+                await asyncio.gather(*self.relays)  # its last words
+        tail = "".join(self.tail).strip()
+        return f"mpiexec exited with status {self.process.returncode} before the run finished" + (
+            f"; its last output:\n{tail}" if tail else ""
+        )
 
     async def _relay(self, stream: asyncio.StreamReader) -> None:
-        """Pass the ranks' stderr on, keeping its last lines for error messages."""
+        """Pass the ranks' output on to stderr, keeping its last lines for error messages."""
         while line := await stream.readline():
             text = line.decode(errors="replace")
-            self.stderr_tail.append(text)
-            if text.startswith("Abort(") and self.outcome.done():
+            self.tail.append(text)
+            if text.startswith("Abort(") and self.reported:
                 continue  # rank 0 ending the job after reporting the run's error: expected
             sys.stderr.write(text)
 
     async def close(self) -> None:
-        """Stop serving rank 0; once the mpiexec is reaped, read its stderr to the end."""
-        if self.relay is not None:
-            try:
-                async with asyncio.timeout(_EXIT_TIMEOUT):
-                    await self.relay
-            except TimeoutError:
-                self.relay.cancel()
-                await asyncio.gather(self.relay, return_exceptions=True)
-        handlers = list(self.handlers)
-        for task in handlers:
-            task.cancel()
-        await asyncio.gather(*handlers, return_exceptions=True)
+        """Once the mpiexec is reaped: read its output to the end."""
+        try:
+            async with asyncio.timeout(_EXIT_TIMEOUT):
+                await asyncio.gather(*self.relays)
+        except TimeoutError:
+            for relay in self.relays:
+                relay.cancel()
+            await asyncio.gather(*self.relays, return_exceptions=True)
+        self.exited.cancel()
+        await asyncio.gather(self.exited, return_exceptions=True)
