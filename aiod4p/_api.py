@@ -11,7 +11,7 @@ from typing import Any
 
 from ._graph import WorkflowGraph
 from ._inputs import Inputs, resolve_inputs
-from ._plan import ExecutionPlan, make_plan
+from ._plan import DEFAULT_BATCH_SIZE, DEFAULT_CREDITS, ExecutionPlan, make_plan
 from ._results import QueueSink, ResultRecord, Results
 from ._stats import InstanceStats
 from .errors import Aiod4pError, InputError
@@ -42,8 +42,8 @@ class WorkflowRun:
         *,
         mapping: str | BaseMapping = "async",
         workers: int | None = None,
-        batch_size: int = 256,
-        credits: int = 4,
+        batch_size: int = DEFAULT_BATCH_SIZE,
+        credits: int = DEFAULT_CREDITS,
         max_delay: float = 0.005,
         result_batches: int = 16,
     ) -> None:

@@ -18,7 +18,7 @@ from ._api import WorkflowRun, loop_factory
 from ._inputs import parse_cli_inputs
 from ._loading import load_graph
 from ._logging import configure_logging
-from ._plan import make_plan
+from ._plan import DEFAULT_BATCH_SIZE, DEFAULT_CREDITS, make_plan
 from ._progress import progress, progress_wanted
 from ._results import ResultRecord
 from ._stats_report import report_stats
@@ -52,8 +52,15 @@ def _parser() -> argparse.ArgumentParser:
     source.add_argument("-f", "--file", default=None, metavar="FILE", help="a JSON file like -d")
     source.add_argument("--stdin", default=None, metavar="PE", help="read JSON Lines from stdin into root PE, live")
     run.add_argument("--results", default=None, metavar="FILE", help="write results as JSON Lines ('-' for stdout)")
-    run.add_argument("--batch-size", type=int, default=256, help="items per batch (default 256)")
-    run.add_argument("--credits", type=int, default=4, help="batches in flight per channel (default 4)")
+    run.add_argument(
+        "--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help=f"items per batch (default {DEFAULT_BATCH_SIZE})"
+    )
+    run.add_argument(
+        "--credits",
+        type=int,
+        default=DEFAULT_CREDITS,
+        help=f"batches in flight per channel (default {DEFAULT_CREDITS})",
+    )
     run.add_argument("--nimbus", default=None, metavar="HOST:PORT", help="Storm's Nimbus (--mapping storm)")
     run.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks of errors")
     seeing = run.add_argument_group("progress, statistics and logging")
@@ -130,7 +137,7 @@ def _graph(args: argparse.Namespace) -> int:
         raise ValueError(f"-n must be at least 1, not {args.num}")
     mapping = get_mapping(args.mapping)
     compat.install()  # dispel4py workflows run unchanged
-    plan = make_plan(load_graph(args.target), mapping.plan_options(args.num, 256, 4))
+    plan = make_plan(load_graph(args.target), mapping.plan_options(args.num, DEFAULT_BATCH_SIZE, DEFAULT_CREDITS))
     print(f"wrote {draw(plan, args.output, title=args.target)}")
     return 0
 

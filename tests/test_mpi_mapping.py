@@ -12,16 +12,18 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import workflows as wf
 
 import aiod4p
 from aiod4p import WorkflowGraph
-from aiod4p.errors import GraphError, MappingUnavailable, PEError, WorkerDied
+from aiod4p.errors import GraphError, MappingUnavailable, PEError, TransportError, WorkerDied
 
 pytest.importorskip("mpi4py", reason="the mpi extra is not installed: pip install 'aiod4p[mpi]'")
 
@@ -315,3 +317,56 @@ def test_launched_run_takes_mpiexec_arguments(tmp_path: Path, monkeypatch: pytes
     seen = aiod4p.run(wf.mpi_hosts(), 40, mapping="mpi", workers=2).data()
     assert sorted(item for _, _, item in seen) == list(range(40))
     assert {host for host, _, _ in seen} == {"localhost", "127.0.0.1"}
+
+
+# -- what crosses a process boundary ---------------------------------------------------------
+
+
+class EmitLock(aiod4p.IterativePE):
+    """Emits an unpicklable object for item 7 (or for every item: ``always``)."""
+
+    def __init__(self, always: bool = False, parallelism: int | None = None) -> None:
+        super().__init__()
+        self.always = always
+        self.parallelism = parallelism
+
+    def process_item(self, item: int) -> Any:
+        return threading.Lock() if self.always or item == 7 else item
+
+
+def test_an_unpicklable_item_between_ranks_names_the_pe_port_and_destination() -> None:
+    graph = WorkflowGraph()
+    emit = EmitLock(parallelism=1)
+    graph.connect(wf.Count(), "output", emit, "input")
+    graph.connect(emit, "output", double := wf.Double(parallelism=2), "input")  # half the items cross to rank 1
+    with pytest.raises(
+        TransportError,
+        match=rf"PE {emit.id}\[0\] wrote an item on output port 'output' that cannot be pickled to reach"
+        rf" {double.id}\.input on worker 1: .*lock",
+    ):
+        aiod4p.run(graph, 100, mapping="mpi", workers=2)
+
+
+def test_an_unpicklable_result_names_the_pe_port_and_destination() -> None:
+    graph = WorkflowGraph()
+    graph.connect(wf.Count(), "output", emit := EmitLock(always=True, parallelism=2), "input")
+    with pytest.raises(
+        TransportError,
+        match=rf"PE {emit.id} wrote a result on output port 'output' that cannot be pickled to reach"
+        r" (the launching process|MPI rank 0): .*lock",
+    ):
+        aiod4p.run(graph, 100, mapping="mpi", workers=2)
+
+
+def test_stdout_carries_only_results_when_a_rank_dies() -> None:
+    """mpiexec's "BAD TERMINATION" banner goes to stderr, not into the ``--results -`` stream."""
+    done = subprocess.run(
+        cli(f"{WORKFLOWS}:mpi_killed", "--mapping", "mpi", "-n", "2", "-i", "100", "--results", "-"),
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert done.returncode == 1
+    for line in done.stdout.splitlines():
+        assert json.loads(line)["pe"], line
+    assert "BAD TERMINATION" in done.stderr and "mpiexec exited" in done.stderr

@@ -457,3 +457,13 @@ def test_workers_exit_when_the_parent_is_killed(tmp_path: Path) -> None:
     finally:
         for pid in _marked(marker):
             os.kill(pid, signal.SIGKILL)
+
+
+def test_an_unpicklable_result_is_a_transport_error_wherever_its_batch_is_flushed() -> None:
+    """A full batch is flushed while the PE's call is handled, a partial one when its actor waits
+    for input: either way the error is the TransportError naming the PE and port (not a PEError)."""
+    graph = WorkflowGraph()
+    graph.connect(wf.Count(), "output", emit := EmitLock(), "input")
+    for batch_size in (1, 256):
+        with pytest.raises(TransportError, match=rf"PE {emit.id} wrote a result on output port 'output'.*lock"):
+            aiod4p.run(graph, 100, mapping="multi", workers=1, batch_size=batch_size)

@@ -280,7 +280,8 @@ async def serve(
 
     Returns:
         Whether the run succeeded (:class:`Done` was sent); a failure is
-        reported to the launcher, not raised.
+        reported to the launcher, not raised. Cancelled, it aborts ``control``
+        and leaves at once.
     """
     feeds = pumped or {}
     running = asyncio.create_task(worker.run(), name=f"{name} engine")
@@ -301,6 +302,9 @@ async def serve(
         succeeded = True
     except Exception as exc:
         await _report_failure(control, name, exc)
+    except BaseException:  # cancelled: leave at once, abandoning the control comm
+        control.abort()
+        raise
     finally:
         for task in (running, reporter):
             task.cancel()

@@ -256,8 +256,14 @@ class _Job:
                 stats = await supervisor.run()
             except WorkerDied:
                 raise
-            except BaseException:
+            except Exception:
+                # Rank 0 reported the error: the goodbye lets it end the job (MPI_Abort)
+                # before it is terminated, which would only add mpiexec's alarm to the output.
                 self.reported = True
+                comm.abort()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(_EXIT_GRACE):
+                        await asyncio.shield(self.exited)
                 raise
             self.reported = True
             try:
