@@ -9,7 +9,7 @@ from pathlib import Path
 
 from ..errors import MappingUnavailable
 
-__all__ = ["INSTALL_HINT", "find_mpiexec", "job_size", "mpiexec_extra_args"]
+__all__ = ["INSTALL_HINT", "find_mpiexec", "job_rank", "job_size", "mpiexec_extra_args"]
 
 INSTALL_HINT = "pip install 'aiod4p[mpi]'"
 
@@ -31,6 +31,15 @@ def job_size() -> int | None:
         if value.isdigit():
             return int(value)
     return None
+
+
+def job_rank() -> int:
+    """This process's rank when it was started by mpiexec, else 0."""
+    for name in _RANK_VARIABLES:
+        value = os.environ.get(name, "")
+        if value.isdigit():
+            return int(value)
+    return 0
 
 
 def find_mpiexec() -> str:

@@ -39,7 +39,7 @@ from ..errors import InputError, MappingUnavailable, WorkerDied
 from ..transports.pipes import PipeComm, open_pipe_comm
 from ._base import BaseMapping, RunControl
 from ._host import STATS_INTERVAL, Supervisor, split_feeds
-from ._mpi_env import INSTALL_HINT, find_mpiexec, job_size, mpiexec_extra_args
+from ._mpi_env import INSTALL_HINT, find_mpiexec, job_rank, job_size, mpiexec_extra_args
 from ._shipping import Job, check_importable, ship
 
 __all__ = ["MpiMapping"]
@@ -61,7 +61,7 @@ class MpiMapping(BaseMapping):
 
     def __init__(self) -> None:
         self.size = job_size()
-        self.follower = self.size is not None and _job_rank() != 0
+        self.follower = self.size is not None and job_rank() != 0
 
     def plan_options(self, workers: int | None, batch_size: int, credits: int) -> PlanOptions:
         """Raises:
@@ -115,19 +115,11 @@ class MpiMapping(BaseMapping):
             if not self.follower:
                 return await RankZero(shipped, feeds, sink, control, max_delay=max_delay).run()
             if not await run_follower(shipped, feeds, max_delay=max_delay, interval=STATS_INTERVAL):
-                raise WorkerDied(f"MPI rank {_job_rank()} failed, and rank 0 did not end the job")
+                raise WorkerDied(f"MPI rank {job_rank()} failed, and rank 0 did not end the job")
             return []
         except BaseException:
             abort_job_at_exit(1)  # end every rank once this one has reported (MPI_Finalize would hang)
             raise
-
-
-def _job_rank() -> int:
-    for name in ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK"):
-        value = os.environ.get(name, "")
-        if value.isdigit():
-            return int(value)
-    return 0
 
 
 def _check_pumped(plan: ExecutionPlan, pumped: list[tuple[str, int, Feed]]) -> None:
