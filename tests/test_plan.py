@@ -102,3 +102,17 @@ def test_bad_parallelism(bad: object) -> None:
 def test_bad_options(options: dict[str, int]) -> None:
     with pytest.raises(ValueError, match="at least 1"):
         PlanOptions(**options)
+
+
+def test_the_plan_gives_each_instance_its_end_of_stream_count_and_inflight_bound() -> None:
+    """The engine takes these from the plan rather than re-deriving them: a root also waits for its feed."""
+    graph, (source, first, second) = chain_graph()
+    options = PlanOptions(workers=2, batch_size=10, credits=3)
+    plan = make_plan(graph, options)
+    root = InstanceRef(source.id, 0)  # type: ignore[attr-defined]
+    middle = InstanceRef(first.id, 1)  # type: ignore[attr-defined]
+    assert plan.expected_eos(root) == 1  # its feed
+    assert plan.expected_eos(middle) == 1  # the single source
+    assert plan.expected_eos(InstanceRef(second.id, 0)) == 1  # type: ignore[attr-defined]  # forward from first[0]
+    assert plan.inflight_bound(root) == 1 * 3 * 10
+    assert plan.inflight_bound(middle) == len(plan.channels_into(middle)) * 3 * 10
