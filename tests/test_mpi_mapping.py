@@ -231,6 +231,7 @@ def test_missing_mpi4py_is_a_clear_error() -> None:
     assert "pip install 'aiod4p[mpi]'" in done.stdout, done.stderr
 
 
+@pytest.mark.timeout(180)  # twenty mpiexec start-ups: about 50 s at a load average of 25 on two cores (main too)
 def test_twenty_consecutive_runs_never_hang() -> None:
     graph, _ = wf.pipeline(3)
     for _ in range(20):
