@@ -1,0 +1,138 @@
+"""The worker host over any comm: workers served and supervised inside one event loop.
+
+A mapping contributes only how workers start and which comms join them; here the
+"workers" are tasks and every comm is in memory, so the host's protocol (results,
+statistics, pumped feeds with credits, drain, failures, dead workers) is tested
+without processes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections.abc import AsyncIterator, Mapping
+from typing import Any
+
+import pytest
+import workflows as wf
+
+from aiod4p import PlanOptions, WorkflowGraph, make_plan
+from aiod4p._engine import Feed, Worker
+from aiod4p._plan import ExecutionPlan
+from aiod4p._results import ListSink
+from aiod4p.errors import PEError, WorkerDied
+from aiod4p.mappings import RunControl
+from aiod4p.mappings._host import ForwardSink, Supervisor, pumped_feeds, serve, split_feeds
+from aiod4p.transports import Comm, MemoryComm, memory_comm_pair
+
+
+async def _run(
+    plan: ExecutionPlan,
+    feeds: Mapping[str, Feed],
+    *,
+    kill: int | None = None,
+    sink: ListSink | None = None,
+    control: RunControl | None = None,
+) -> tuple[ListSink, RunControl, list[Any]]:
+    """Run ``plan`` on ``plan.workers`` served workers; ``kill``: that worker's comm vanishes at once."""
+    shipped, pumped = split_feeds(plan, feeds)
+    links: dict[tuple[int, int], tuple[MemoryComm, MemoryComm]] = {
+        pair: memory_comm_pair() for pair in itertools.combinations(range(plan.workers), 2)
+    }
+    controls = {wid: memory_comm_pair() for wid in range(plan.workers)}
+    served = []
+    for wid in range(plan.workers):
+        _, far = controls[wid]
+        if wid == kill:
+            far.abort()
+            continue
+        peers: dict[int, Comm] = {b if a == wid else a: links[(a, b)][a != wid] for (a, b) in links if wid in (a, b)}
+        resolved, pumped_here = pumped_feeds(shipped, far)
+        worker = Worker(plan, wid, feeds=resolved, results=ForwardSink(far, "the test"), peers=peers)
+        served.append(asyncio.create_task(serve(worker, far, name=f"worker {wid}", pumped=pumped_here, interval=0.01)))
+
+    async def death(wid: int) -> str:
+        return f"worker {wid} vanished"
+
+    sink, control = sink or ListSink(), control or RunControl()
+    supervisor = Supervisor(
+        plan, {wid: near for wid, (near, _) in controls.items()}, sink, control, pumped=pumped, death=death
+    )
+    try:
+        stats = await supervisor.run()
+    finally:
+        for comm in (*(near for near, _ in controls.values()), *(c for pair in links.values() for c in pair)):
+            comm.abort()
+        await asyncio.gather(*served, return_exceptions=True)
+    return sink, control, stats
+
+
+class _Watching(ListSink):
+    """Sets :attr:`enough` once ``count`` results have arrived."""
+
+    def __init__(self, count: int) -> None:
+        super().__init__()
+        self.count = count
+        self.enough = asyncio.Event()
+
+    async def emit(self, pe: str, port: str, items: list[Any]) -> None:
+        await super().emit(pe, port, items)
+        if len(self.results) >= self.count:
+            self.enough.set()
+
+
+async def _numbers(n: int) -> AsyncIterator[int]:
+    for i in range(n):
+        if i % 100 == 0:
+            await asyncio.sleep(0)
+        yield i
+
+
+async def test_results_statistics_and_a_pumped_feed_cross_the_control_comms() -> None:
+    graph = WorkflowGraph()
+    graph.connect(double := wf.Double(), "output", wf.Double(parallelism=2), "input")  # half crosses to worker 1
+    plan = make_plan(graph, PlanOptions(workers=2, batch_size=16, credits=2))
+    async with asyncio.timeout(20):
+        sink, control, stats = await _run(plan, {double.id: _numbers(1000)})
+    assert sorted(sink.results.data()) == [4 * i for i in range(1000)]
+    assert {entry.worker for entry in stats} == {0, 1}
+    assert sum(entry.items_in for entry in stats if entry.pe == double.id) == 1000
+    assert control.stats() == stats  # the final statistics were published per worker
+
+
+async def test_a_pe_error_on_one_worker_wins_over_the_broken_links_it_causes() -> None:
+    graph = WorkflowGraph()
+    graph.connect(source := wf.Count(), "output", failing := wf.FailsOnInstance(1), "input")
+    failing.parallelism = 2
+    plan = make_plan(graph, PlanOptions(workers=2))
+    with pytest.raises(PEError) as caught:
+        async with asyncio.timeout(20):
+            await _run(plan, {source.id: 100})
+    assert caught.value.pe == failing.id and caught.value.instance == 1
+
+
+async def test_a_worker_whose_comm_vanishes_is_dead() -> None:
+    graph, source = wf.pipeline(2)
+    plan = make_plan(graph, PlanOptions(workers=2))
+    with pytest.raises(WorkerDied, match="worker 1 vanished"):
+        async with asyncio.timeout(20):
+            await _run(plan, {source.id: 10**9}, kill=1)
+
+
+async def test_drain_stops_an_endless_pumped_feed() -> None:
+    async def endless() -> AsyncIterator[int]:
+        for i in itertools.count():
+            await asyncio.sleep(0)
+            yield i
+
+    graph = WorkflowGraph()
+    graph.connect(double := wf.Double(), "output", wf.Double(parallelism=2), "input")
+    plan = make_plan(graph, PlanOptions(workers=2, batch_size=16, credits=2))
+    sink, control = _Watching(500), RunControl()
+    async with asyncio.timeout(20):
+        run = asyncio.create_task(_run(plan, {double.id: endless()}, sink=sink, control=control))
+        await sink.enough.wait()
+        control.drain()
+        await run
+    data = sink.results.data()
+    assert len(data) >= 500 and sorted(data) == [4 * i for i in range(len(data))]  # nothing lost in flight
