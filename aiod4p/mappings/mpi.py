@@ -54,6 +54,7 @@ class MpiMapping(BaseMapping):
     """
 
     name = "mpi"
+    uses_processes = True
 
     def __init__(self) -> None:
         self.size = job_size()

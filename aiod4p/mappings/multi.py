@@ -82,6 +82,7 @@ class MultiMapping(BaseMapping):
     """
 
     name = "multi"
+    uses_processes = True
 
     def __init__(self, start_method: str | None = None, *, stats_interval: float = 0.5, grace: float = 1.0) -> None:
         if start_method is not None:
