@@ -26,7 +26,7 @@ from ._stats_report import report_stats
 from ._visual import draw
 from .errors import Aiod4pError
 from .mappings import MAPPINGS, BaseMapping, get_mapping
-from .sources import LineStream
+from .sources import DEAD_LETTER, LINE_POLICIES, MAX_LINE_BYTES, LineStream
 from .storm._command import add_storm_parser, mapping_options, storm_command
 
 __all__ = ["main"]
@@ -92,6 +92,20 @@ def _parser() -> argparse.ArgumentParser:
     source.add_argument("-d", "--data", default=None, metavar="JSON", help='{"PE": N or [input dicts]}')
     source.add_argument("-f", "--file", default=None, metavar="FILE", help="a JSON file like -d")
     source.add_argument("--stdin", default=None, metavar="PE", help="read JSON Lines from stdin into root PE, live")
+    source.add_argument(
+        "--max-line",
+        type=_POSITIVE,
+        default=MAX_LINE_BYTES,
+        metavar="BYTES",
+        help=f"--stdin: the longest line accepted (default {MAX_LINE_BYTES} = 64 MiB)",
+    )
+    source.add_argument(
+        "--on-bad",
+        choices=LINE_POLICIES,
+        default="fail",
+        help="--stdin: an over-long or invalid JSON line fails the run (default), is skipped with a warning,"
+        " or becomes a result on port dead_letter",
+    )
     run.add_argument("--results", default=None, metavar="FILE", help="write results as JSON Lines ('-' for stdout)")
     run.add_argument("--batch-size", type=_POSITIVE, default=256, help="items per batch (default 256)")
     run.add_argument("--credits", type=_POSITIVE, default=4, help="batches in flight per channel (default 4)")
@@ -159,8 +173,10 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
             compat.install()  # dispel4py workflows run unchanged
             graph = load_graph(args.target)
             inputs = parse_cli_inputs(args.iter, args.data, args.file)
+            stdin = None
             if args.stdin is not None:
-                inputs = {**(inputs if isinstance(inputs, Mapping) else {}), args.stdin: LineStream(json=True)}
+                stdin = LineStream(json=True, max_line=args.max_line, on_bad=args.on_bad)
+                inputs = {**(inputs if isinstance(inputs, Mapping) else {}), args.stdin: stdin}
             workflow = WorkflowRun(
                 graph, inputs, mapping=mapping, workers=args.num, batch_size=args.batch_size, credits=args.credits
             )
@@ -170,12 +186,14 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         try:
             show_progress = progress_wanted(args.quiet, args.results == "-")
             with asyncio.Runner(loop_factory=loop_factory(mapping.uses_uvloop)) as runner:
-                status = runner.run(_consume(workflow, args.results, signals, outcome, show_progress))
+                status = runner.run(_consume(workflow, args.results, signals, outcome, show_progress, stdin))
         except _Stopped as stop:
             return _aborted(stop.signum, outcome.records, "during start-up")
         finally:
             signals.restore()
             report_stats(workflow, table=args.stats, json_path=args.stats_json)
+    if stdin is not None and stdin.skipped and args.on_bad == "skip":
+        _warn(args, f"--stdin: {stdin.skipped} bad line{'s' if stdin.skipped != 1 else ''} skipped")
     if status == EXIT_OK and signals.received:
         print(
             f"aiod4p: interrupted by {signals.name}: drained; {_records(outcome.records)} produced (partial results)",
@@ -315,8 +333,12 @@ async def _consume(
     signals: _Signals,
     outcome: _Outcome,
     show_progress: bool = False,
+    stdin: LineStream | None = None,
 ) -> int:
     """Run ``workflow``, writing its results; SIGINT/SIGTERM as :class:`_Signals` says.
+
+    The dead letters of ``stdin`` (``--on-bad dead-letter``) are results of
+    PE ``stdin``, port ``dead_letter``.
 
     Returns ``EXIT_OK``, ``EXIT_ABORTED``, or ``EXIT_PIPE`` when the reader of
     stdout went away (the run is stopped; nothing more is written).
@@ -334,14 +356,20 @@ async def _consume(
             except OSError as exc:
                 raise Aiod4pError(f"cannot write results to {results_path}: {exc.strerror or exc}") from exc
         grouped: dict[tuple[str, str], list[Any]] = {}
+
+        def emit(record: ResultRecord) -> None:
+            outcome.records += 1
+            if out is not None:
+                _write_record(out, record)
+            else:
+                grouped.setdefault((record.pe, record.port), []).append(record.data)
+
+        if stdin is not None:
+            stdin.dead_letter = lambda bad: emit(ResultRecord("stdin", DEAD_LETTER, bad))
         try:
             async with workflow, progress(workflow) if show_progress else contextlib.nullcontext():
                 async for record in workflow:
-                    outcome.records += 1
-                    if out is not None:
-                        _write_record(out, record)
-                    else:
-                        grouped.setdefault((record.pe, record.port), []).append(record.data)
+                    emit(record)
         except asyncio.CancelledError:
             return EXIT_ABORTED
         except BrokenPipeError:

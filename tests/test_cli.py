@@ -406,3 +406,42 @@ def test_console_script_is_installed() -> None:
     done = subprocess.run([str(script), "run", WORDCOUNT, "-m", "simple"], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert "('the', 5)" in done.stdout
+
+
+@pytest.mark.parametrize("mapping", ["simple", "async", "multi"])
+@pytest.mark.parametrize("on_bad", ["fail", "skip", "dead-letter"])
+def test_stdin_bad_lines_follow_on_bad(tmp_path: Path, mapping: str, on_bad: str) -> None:
+    flow = tmp_path / "echo.py"
+    flow.write_text(
+        "from aiod4p import IterativePE, WorkflowGraph\n"
+        "class Echo(IterativePE):\n"
+        "    def process_item(self, item):\n"
+        "        return item\n"
+        "graph = WorkflowGraph()\n"
+        "graph.add(Echo(name='echo'))\n"
+    )
+    lines = b'{"i": 1}\n' + b'{"long": "' + b"z" * 500 + b'"}\n{"i": 2}\nnot json\n'
+    options = ["--max-line", "100", "--on-bad", on_bad, "--results", "-"]
+    done = subprocess.run(
+        [*(sys.executable, "-m", "aiod4p", "run", str(flow), "-m", mapping, "--stdin", "echo"), *options],
+        input=lines,
+        capture_output=True,
+        timeout=60,
+    )
+    err = done.stderr.decode()
+    if on_bad == "fail":
+        assert done.returncode == 1
+        last = err.splitlines()[-1]  # on multi, the error of the worker's feed, naming the PE
+        assert last.startswith("aiod4p: error: ") and "stdin, line 2: longer than 100 bytes (512 bytes)" in last
+        return
+    assert done.returncode == 0, err
+    records = [json.loads(line) for line in done.stdout.splitlines()]
+    assert sorted(r["data"]["i"] for r in records if r["output"] == "output") == [1, 2]
+    letters = [r["data"] for r in records if r["output"] == "dead_letter"]
+    if on_bad == "skip":
+        assert letters == []
+        assert "aiod4p: warning: --stdin: 2 bad lines skipped" in err
+        assert "stdin, line 4: not valid JSON" in err
+    else:
+        assert [(d["source"], d["line"], d["size"]) for d in letters] == [("stdin", 2, 512), ("stdin", 4, 8)]
+        assert {r["pe"] for r in records if r["output"] == "dead_letter"} == {"stdin"}
