@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from .._install import install_hint
 from ..errors import MappingUnavailable
 from ._base import BaseMapping, RunControl
 
@@ -33,7 +34,7 @@ def get_mapping(name: str, **options: Any) -> BaseMapping:
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        hint = f": pip install 'aiod4p[{extra}]'" if extra else ""
+        hint = f": {install_hint(extra)}" if extra else ""
         raise MappingUnavailable(f"the {name} mapping needs {exc.name or 'a missing module'}{hint}") from exc
     mapping: BaseMapping = getattr(module, class_name)(**options)
     return mapping

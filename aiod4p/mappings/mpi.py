@@ -13,7 +13,7 @@ Two ways to run:
   from rank 0.
 
 Instance ``i`` of a PE runs on rank ``i % ranks``; channels between ranks are
-:class:`~aiod4p.transports.mpi.MpiComm` s. Needs ``pip install 'aiod4p[mpi]'``.
+:class:`~aiod4p.transports.mpi.MpiComm` s. Needs the ``mpi`` extra.
 """
 
 from __future__ import annotations
