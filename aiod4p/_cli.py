@@ -317,7 +317,12 @@ class _Signals:
         workflow, loop, task = self.workflow, self.loop, self.task
         if workflow is None or loop is None or task is None or not workflow.under_way:
             raise _Stopped(signum)
-        loop.call_soon_threadsafe(workflow.drain if self.received == 1 else task.cancel)
+        loop.call_soon_threadsafe(self._drain if self.received == 1 else task.cancel)
+
+    def _drain(self) -> None:
+        assert self.workflow is not None
+        print(f"aiod4p: {self.name}: draining (send it again to abort)", file=sys.stderr)
+        self.workflow.drain()
 
 
 class _Outcome:
