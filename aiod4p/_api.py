@@ -90,6 +90,11 @@ class WorkflowRun:
         return (self._finished or time.perf_counter()) - self._started
 
     @property
+    def under_way(self) -> bool:
+        """Whether the mapping has started (its workers exist and act on :meth:`drain`)."""
+        return self._control.under_way
+
+    @property
     def done(self) -> bool:
         return self._task is not None and self._task.done()
 

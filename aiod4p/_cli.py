@@ -10,10 +10,11 @@ import os
 import signal
 import sys
 import traceback
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any, TextIO
 
-from . import compat
+from . import __version__, compat
 from ._api import WorkflowRun, loop_factory
 from ._inputs import parse_cli_inputs
 from ._loading import load_graph
@@ -24,40 +25,97 @@ from ._results import ResultRecord
 from ._stats_report import report_stats
 from ._visual import draw
 from .errors import Aiod4pError
-from .mappings import MAPPINGS, get_mapping
-from .sources import LineStream
+from .mappings import MAPPINGS, BaseMapping, get_mapping
+from .sources import DEAD_LETTER, LINE_POLICIES, MAX_LINE_BYTES, LineStream
 from .storm._command import add_storm_parser, mapping_options, storm_command
 
 __all__ = ["main"]
 
+EXIT_OK = 0
 EXIT_ERROR = 1
 EXIT_USAGE = 2
 EXIT_ABORTED = 130
+EXIT_PIPE = 141  # 128 + SIGPIPE: what a shell reports for a Unix tool whose reader went away
+
+EXIT_STATUS_HELP = """\
+exit status:
+  0    the run finished, or was drained by a first SIGINT/SIGTERM (stderr says so)
+  1    the run failed: a PE raised, a worker died, bad inputs or workflow file
+  2    usage error: an unknown option or a bad option value
+  130  aborted: a signal during start-up, or a second signal while draining
+  141  the reader of --results - went away (e.g. | head): the run stopped quietly
+"""
+
+
+def _at_least(low: int) -> Callable[[str], int]:
+    """An argparse type: an integer of at least ``low`` (a bad value is a usage error, exit 2)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, not {value}")
+        return value
+
+    parse.__name__ = "integer"  # argparse names the type in its messages
+    return parse
+
+
+_POSITIVE, _COUNT = _at_least(1), _at_least(0)
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="aiod4p", description="Run stream-based workflows of processing elements on several mappings."
+        prog="aiod4p",
+        description="Run stream-based workflows of processing elements on several mappings.",
+        epilog=EXIT_STATUS_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("--version", action="version", version=f"aiod4p {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    run = commands.add_parser("run", help="run a workflow", description="Run a workflow graph.")
+    run = commands.add_parser(
+        "run",
+        help="run a workflow",
+        description="Run a workflow graph.",
+        epilog=EXIT_STATUS_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     run.add_argument("target", help="module:graph, path/to/file.py[:graph], or a module holding one graph")
     run.add_argument("--mapping", "-m", default="async", choices=sorted(MAPPINGS), help="where to run (default: async)")
-    run.add_argument("-n", "--num", type=int, default=None, metavar="N", help="workers (instances for async)")
+    run.add_argument("-n", "--num", type=_POSITIVE, default=None, metavar="N", help="workers (instances for async)")
     source = run.add_argument_group("inputs (dispel4py semantics; -f wins over -d, which wins over -i)")
-    source.add_argument("-i", "--iter", type=int, default=None, metavar="N", help="call every root PE N times")
+    source.add_argument("-i", "--iter", type=_COUNT, default=None, metavar="N", help="call every root PE N times")
     source.add_argument("-d", "--data", default=None, metavar="JSON", help='{"PE": N or [input dicts]}')
     source.add_argument("-f", "--file", default=None, metavar="FILE", help="a JSON file like -d")
     source.add_argument("--stdin", default=None, metavar="PE", help="read JSON Lines from stdin into root PE, live")
+    source.add_argument(
+        "--max-line",
+        type=_POSITIVE,
+        default=MAX_LINE_BYTES,
+        metavar="BYTES",
+        help=f"--stdin: the longest line accepted (default {MAX_LINE_BYTES} = 64 MiB)",
+    )
+    source.add_argument(
+        "--on-bad",
+        choices=LINE_POLICIES,
+        default="fail",
+        help="--stdin: an over-long or invalid JSON line fails the run (default), is skipped with a warning,"
+        " or becomes a result on port dead_letter",
+    )
     run.add_argument("--results", default=None, metavar="FILE", help="write results as JSON Lines ('-' for stdout)")
     run.add_argument(
-        "--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help=f"items per batch (default {DEFAULT_BATCH_SIZE})"
+        "--batch-size",
+        type=_POSITIVE,
+        default=DEFAULT_BATCH_SIZE,
+        help=f"items per batch (default {DEFAULT_BATCH_SIZE})",
     )
     run.add_argument(
         "--credits",
-        type=int,
+        type=_POSITIVE,
         default=DEFAULT_CREDITS,
         help=f"batches in flight per channel (default {DEFAULT_CREDITS})",
     )
@@ -75,19 +133,20 @@ def _parser() -> argparse.ArgumentParser:
     picture.add_argument("target", help="module:graph, path/to/file.py[:graph], or a module holding one graph")
     picture.add_argument("-o", "--output", required=True, metavar="FILE", help="FILE.dot, FILE.svg, FILE.png or .pdf")
     picture.add_argument("--mapping", "-m", default="async", choices=sorted(MAPPINGS), help="whose parallelism to show")
-    picture.add_argument("-n", "--num", type=int, default=None, metavar="N", help="workers, as for run")
+    picture.add_argument("-n", "--num", type=_POSITIVE, default=None, metavar="N", help="workers, as for run")
     picture.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks of errors")
     add_storm_parser(commands)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line; returns the exit status."""
-    args = _parser().parse_args(argv)
+    """Run the command line; returns the exit status (see ``EXIT_STATUS_HELP``)."""
+    parser = _parser()
+    args = parser.parse_args(argv)
     configure_logging(getattr(args, "verbose", 0), getattr(args, "quiet", False))
     try:
         if args.command == "run":
-            return _run(args)
+            return _run(parser, args)
         if args.command == "graph":
             return _graph(args)
         if args.command == "storm":
@@ -108,33 +167,56 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
 
 
-def _run(args: argparse.Namespace) -> int:
-    if args.num is not None and args.num < 1:
-        raise ValueError(f"-n must be at least 1, not {args.num}")
+def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    if args.stdin is not None and args.iter is not None and args.data is None and args.file is None:
+        parser.error("--stdin cannot be combined with -i; give the other roots' inputs with -d or -f")
     mapping = get_mapping(args.mapping, **mapping_options(args))
     if getattr(mapping, "follower", False):  # an MPI rank other than 0 (under mpiexec): rank 0 reports
         args.results, args.quiet, args.stats, args.stats_json = os.devnull, True, False, None
-    compat.install()  # dispel4py workflows run unchanged
-    graph = load_graph(args.target)
-    inputs = parse_cli_inputs(args.iter, args.data, args.file)
-    if args.stdin is not None:
-        if isinstance(inputs, int):
-            raise ValueError("--stdin cannot be combined with -i; give the other roots' inputs with -d or -f")
-        inputs = {**(inputs or {}), args.stdin: LineStream(json=True)}
-    workflow = WorkflowRun(
-        graph, inputs, mapping=mapping, workers=args.num, batch_size=args.batch_size, credits=args.credits
-    )
-    show_progress = progress_wanted(args.quiet, args.results == "-")
-    try:
-        with asyncio.Runner(loop_factory=loop_factory(mapping.uses_uvloop)) as runner:
-            return runner.run(_consume(workflow, args.results, show_progress))
-    finally:
-        report_stats(workflow, table=args.stats, json_path=args.stats_json)
+    for message in _ignored_options(args, mapping):
+        _warn(args, message)
+    for path, what in ((args.results, "results"), (args.stats_json, "statistics")):
+        if path not in (None, "-"):
+            _check_writable(path, what)
+    with _Signals() as signals:
+        try:
+            compat.install()  # dispel4py workflows run unchanged
+            graph = load_graph(args.target)
+            inputs = parse_cli_inputs(args.iter, args.data, args.file)
+            stdin = None
+            if args.stdin is not None:
+                stdin = LineStream(json=True, max_line=args.max_line, on_bad=args.on_bad)
+                inputs = {**(inputs if isinstance(inputs, Mapping) else {}), args.stdin: stdin}
+            workflow = WorkflowRun(
+                graph, inputs, mapping=mapping, workers=args.num, batch_size=args.batch_size, credits=args.credits
+            )
+        except _Stopped as stop:
+            return _aborted(stop.signum, 0, "while loading the workflow")
+        outcome = _Outcome()
+        try:
+            show_progress = progress_wanted(args.quiet, args.results == "-")
+            with asyncio.Runner(loop_factory=loop_factory(mapping.uses_uvloop)) as runner:
+                status = runner.run(_consume(workflow, args.results, signals, outcome, show_progress, stdin))
+        except _Stopped as stop:
+            return _aborted(stop.signum, outcome.records, "during start-up")
+        finally:
+            signals.restore()
+            report_stats(workflow, table=args.stats, json_path=args.stats_json)
+    if stdin is not None and stdin.skipped and args.on_bad == "skip":
+        _warn(args, f"--stdin: {stdin.skipped} bad line{'s' if stdin.skipped != 1 else ''} skipped")
+    if status == EXIT_OK and signals.received:
+        print(
+            f"aiod4p: interrupted by {signals.name}: drained; {_records(outcome.records)} produced (partial results)",
+            file=sys.stderr,
+        )
+    elif status == EXIT_ABORTED:
+        return _aborted(signals.signum, outcome.records, "")
+    if status == EXIT_OK and args.results not in (None, "-", os.devnull) and not args.quiet:
+        print(f"aiod4p: {_records(outcome.records)} in {workflow.elapsed:.1f} s -> {args.results}", file=sys.stderr)
+    return status
 
 
 def _graph(args: argparse.Namespace) -> int:
-    if args.num is not None and args.num < 1:
-        raise ValueError(f"-n must be at least 1, not {args.num}")
     mapping = get_mapping(args.mapping)
     compat.install()  # dispel4py workflows run unchanged
     plan = make_plan(load_graph(args.target), mapping.plan_options(args.num, DEFAULT_BATCH_SIZE, DEFAULT_CREDITS))
@@ -142,23 +224,143 @@ def _graph(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _consume(workflow: WorkflowRun, results_path: str | None, show_progress: bool = False) -> int:
-    """Run ``workflow``, writing its results; SIGINT/SIGTERM drain, a second aborts."""
-    loop = asyncio.get_running_loop()
-    signals = 0
+def _ignored_options(args: argparse.Namespace, mapping: BaseMapping) -> list[str]:
+    """Warnings for options that have no effect on this run."""
+    ignored = []
+    if args.num is not None and not mapping.takes_workers:
+        ignored.append(f"-n is ignored: the {mapping.name} mapping runs one instance of every PE")
+    given = [option for option, value in (("-f", args.file), ("-d", args.data), ("-i", args.iter)) if value is not None]
+    ignored.extend(f"{option} is ignored: {given[0]} gives the inputs" for option in given[1:])
+    cpus = os.cpu_count() or 1
+    if mapping.uses_processes and args.num is not None and args.num > 4 * cpus:
+        ignored.append(
+            f"-n {args.num} starts {args.num} worker processes on {cpus} CPU{'s' if cpus > 1 else ''}: start-up is"
+            f" slow and they compete for the CPUs (-n {cpus} uses every CPU)"
+        )
+    return ignored
+
+
+def _warn(args: argparse.Namespace, message: str) -> None:
+    if not args.quiet:
+        print(f"aiod4p: warning: {message}", file=sys.stderr)
+
+
+def _check_writable(path: str, what: str) -> None:
+    """Fail before the run if ``path`` cannot be written (without creating or truncating it).
+
+    Raises:
+        Aiod4pError: naming the file and the reason.
+    """
+    target = Path(path)
+    if target.is_dir():
+        reason = "it is a directory"
+    elif target.exists():
+        reason = "" if os.access(target, os.W_OK) else "Permission denied"
+    elif not target.parent.is_dir():
+        reason = "No such file or directory"
+    else:
+        reason = "" if os.access(target.parent, os.W_OK) else "Permission denied"
+    if reason:
+        raise Aiod4pError(f"cannot write {what} to {path}: {reason}")
+
+
+def _records(count: int) -> str:
+    return f"{count} record{'s' if count != 1 else ''}"
+
+
+def _aborted(signum: int, records: int, when: str) -> int:
+    where = f" {when}" if when else ""
+    print(f"aiod4p: aborted by {signal.Signals(signum).name}{where}; {_records(records)} produced", file=sys.stderr)
+    return EXIT_ABORTED
+
+
+class _Stopped(BaseException):
+    """Raised by the signal handler while the run has not started: start-up stops where it is."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+class _Signals:
+    """SIGINT/SIGTERM during ``aiod4p run``.
+
+    Before the run is under way (loading, planning, start-up, which may be
+    long, synchronous code) a signal stops it at once: the handler raises
+    :class:`_Stopped` wherever the main thread is. Once the mapping runs,
+    the first signal drains the run and a second aborts it.
+    """
+
+    def __init__(self) -> None:
+        self.received = 0
+        self.signum: int = signal.SIGINT
+        self.workflow: WorkflowRun | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.task: asyncio.Task[Any] | None = None
+        self._previous: dict[int, Any] = {}
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signum).name
+
+    def __enter__(self) -> _Signals:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.restore()
+
+    def restore(self) -> None:
+        """Put the previous handlers back (idempotent)."""
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous.clear()
+
+    def attach(self, workflow: WorkflowRun, task: asyncio.Task[Any]) -> None:
+        """Act on ``workflow`` once it runs; ``task`` is cancelled to abort."""
+        self.workflow, self.task, self.loop = workflow, task, asyncio.get_running_loop()
+
+    def _handle(self, signum: int, frame: object) -> None:
+        self.received += 1
+        self.signum = signum
+        workflow, loop, task = self.workflow, self.loop, self.task
+        if workflow is None or loop is None or task is None or not workflow.under_way:
+            raise _Stopped(signum)
+        loop.call_soon_threadsafe(self._drain if self.received == 1 else task.cancel)
+
+    def _drain(self) -> None:
+        assert self.workflow is not None
+        print(f"aiod4p: {self.name}: draining (send it again to abort)", file=sys.stderr)
+        self.workflow.drain()
+
+
+class _Outcome:
+    """What a run produced so far (read after it stopped, however it stopped)."""
+
+    def __init__(self) -> None:
+        self.records = 0
+
+
+async def _consume(
+    workflow: WorkflowRun,
+    results_path: str | None,
+    signals: _Signals,
+    outcome: _Outcome,
+    show_progress: bool = False,
+    stdin: LineStream | None = None,
+) -> int:
+    """Run ``workflow``, writing its results; SIGINT/SIGTERM as :class:`_Signals` says.
+
+    The dead letters of ``stdin`` (``--on-bad dead-letter``) are results of
+    PE ``stdin``, port ``dead_letter``.
+
+    Returns ``EXIT_OK``, ``EXIT_ABORTED``, or ``EXIT_PIPE`` when the reader of
+    stdout went away (the run is stopped; nothing more is written).
+    """
     main_task = asyncio.current_task()
     assert main_task is not None
-
-    def on_signal() -> None:
-        nonlocal signals
-        signals += 1
-        if signals == 1:
-            workflow.drain()
-        else:
-            main_task.cancel()
-
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, on_signal)
+    signals.attach(workflow, main_task)
     out: TextIO | None = None
     try:
         if results_path == "-":
@@ -169,24 +371,41 @@ async def _consume(workflow: WorkflowRun, results_path: str | None, show_progres
             except OSError as exc:
                 raise Aiod4pError(f"cannot write results to {results_path}: {exc.strerror or exc}") from exc
         grouped: dict[tuple[str, str], list[Any]] = {}
+
+        def emit(record: ResultRecord) -> None:
+            outcome.records += 1
+            if out is not None:
+                _write_record(out, record)
+            else:
+                grouped.setdefault((record.pe, record.port), []).append(record.data)
+
+        if stdin is not None:
+            stdin.dead_letter = lambda bad: emit(ResultRecord("stdin", DEAD_LETTER, bad))
         try:
             async with workflow, progress(workflow) if show_progress else contextlib.nullcontext():
                 async for record in workflow:
-                    if out is not None:
-                        _write_record(out, record)
-                    else:
-                        grouped.setdefault((record.pe, record.port), []).append(record.data)
+                    emit(record)
         except asyncio.CancelledError:
-            print("aiod4p: aborted", file=sys.stderr)
             return EXIT_ABORTED
+        except BrokenPipeError:
+            return _stdout_closed()
         if out is None:
-            _print_results(grouped)
-        return 0
+            try:
+                _print_results(grouped)
+            except BrokenPipeError:
+                return _stdout_closed()
+        return EXIT_OK
     finally:
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            loop.remove_signal_handler(signum)
         if out is not None and out is not sys.stdout:
             out.close()
+
+
+def _stdout_closed() -> int:
+    """The reader of stdout went away (``| head``): exit quietly, as Unix tools do."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())  # Python's own flush at exit must not fail again
+    os.close(devnull)
+    return EXIT_PIPE
 
 
 def _write_record(out: TextIO, record: ResultRecord) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -164,11 +165,14 @@ class FlatGraph:
         indegree = {pe_id: 0 for pe_id in self.pes}
         for edge in self.edges:
             indegree[edge.dest] += 1
-        ready = [pe_id for pe_id, degree in indegree.items() if degree == 0]
+        leaving: dict[str, list[Edge]] = {}
+        for edge in self.edges:
+            leaving.setdefault(edge.source, []).append(edge)
+        ready = deque(pe_id for pe_id, degree in indegree.items() if degree == 0)
         while ready:
-            pe_id = ready.pop(0)
+            pe_id = ready.popleft()
             order.append(pe_id)
-            for edge in self.outgoing(pe_id):
+            for edge in leaving.get(pe_id, ()):
                 indegree[edge.dest] -= 1
                 if indegree[edge.dest] == 0:
                     ready.append(edge.dest)

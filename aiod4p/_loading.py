@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import os
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -46,6 +47,9 @@ def import_file(name: str, path: str | Path) -> ModuleType:
 def load_module(spec: str) -> ModuleType:
     """Import ``spec``: a dotted module name or the path of a ``.py`` file.
 
+    A module is searched for in the current directory first, as ``python -m``
+    does (the file's own directory is importable for a file).
+
     Raises:
         TargetError: the file or module does not exist or fails to import.
     """
@@ -61,6 +65,9 @@ def load_module(spec: str) -> ModuleType:
             return import_file(name, path.resolve())
         except Exception as exc:
             raise TargetError(f"importing {spec} failed: {type(exc).__name__}: {exc}") from exc
+    cwd = os.getcwd()
+    if cwd not in sys.path and "" not in sys.path:  # importable as under `python -m`, also from the console script
+        sys.path.insert(0, cwd)
     try:
         return importlib.import_module(spec)
     except ModuleNotFoundError as exc:

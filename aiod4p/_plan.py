@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any
 
 from ._graph import FlatGraph, WorkflowGraph
 from ._groupings import All, Global, GroupBy, Grouping, Shuffle
@@ -134,10 +136,27 @@ class ExecutionPlan:
         return self.placement[instance.pe].workers[instance.index]
 
     def channels_into(self, instance: InstanceRef) -> list[ChannelSpec]:
-        return [c for c in self.channels if c.dest == instance]
+        """The channels whose destination is ``instance``, in channel id order."""
+        return self._by_instance[1].get(instance, [])
 
     def channels_from(self, instance: InstanceRef) -> list[ChannelSpec]:
-        return [c for c in self.channels if c.source == instance]
+        """The channels whose source is ``instance``, in channel id order."""
+        return self._by_instance[0].get(instance, [])
+
+    @cached_property
+    def _by_instance(self) -> tuple[dict[InstanceRef, list[ChannelSpec]], dict[InstanceRef, list[ChannelSpec]]]:
+        """The channels indexed by source and by destination (a plan is not changed once made)."""
+        sources: dict[InstanceRef, list[ChannelSpec]] = {}
+        dests: dict[InstanceRef, list[ChannelSpec]] = {}
+        for channel in self.channels:
+            sources.setdefault(channel.source, []).append(channel)
+            dests.setdefault(channel.dest, []).append(channel)
+        return sources, dests
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state.pop("_by_instance", None)  # rebuilt where needed, not shipped to workers
+        return state
 
     def expected_eos(self, instance: InstanceRef) -> int:
         """The end-of-stream markers ``instance`` waits for: one per channel into it, one more for a root's feed."""
@@ -163,31 +182,32 @@ def make_plan(graph: WorkflowGraph | FlatGraph, options: PlanOptions | None = No
     options = options or PlanOptions()
     flat = graph if isinstance(graph, FlatGraph) else graph.flatten()
     roots = flat.roots()
+    root_set = set(roots)
+    single = {*roots, *(edge.dest for edge in flat.edges if isinstance(edge.grouping, Global))}
     placement: dict[str, PEPlan] = {}
     for pe_id, pe in flat.pes.items():
-        parallelism = _parallelism(flat, pe_id, pe, roots, options)
+        parallelism = _parallelism(pe_id, pe, pe_id in single, options)
         workers = tuple(index % options.workers for index in range(parallelism))
-        placement[pe_id] = PEPlan(pe_id, parallelism, workers, pe_id in roots)
+        placement[pe_id] = PEPlan(pe_id, parallelism, workers, pe_id in root_set)
 
     routes: dict[str, list[RouteSpec]] = {pe_id: [] for pe_id in flat.pes}
-    pairs: set[tuple[InstanceRef, InstanceRef]] = set()
+    pairs: set[tuple[str, int, str, int]] = set()  # plain tuples: sorted at C speed
     for edge in flat.edges:
         source, dest = placement[edge.source], placement[edge.dest]
         targets = tuple(_targets(edge.grouping, source, dest, index) for index in range(source.parallelism))
         routes[edge.source].append(RouteSpec(edge.source_port, edge.dest, edge.dest_port, edge.grouping, targets))
-        for index, chosen in enumerate(targets):
-            for target in chosen:
-                pairs.add((InstanceRef(edge.source, index), InstanceRef(edge.dest, target)))
+        pairs.update((edge.source, i, edge.dest, target) for i, chosen in enumerate(targets) for target in chosen)
 
+    refs = {pe_id: [InstanceRef(pe_id, index) for index in range(p.parallelism)] for pe_id, p in placement.items()}
     channels = [
         ChannelSpec(
             channel_id,
-            src,
-            dst,
-            placement[src.pe].workers[src.index],
-            placement[dst.pe].workers[dst.index],
+            refs[src][src_index],
+            refs[dst][dst_index],
+            placement[src].workers[src_index],
+            placement[dst].workers[dst_index],
         )
-        for channel_id, (src, dst) in enumerate(sorted(pairs))
+        for channel_id, (src, src_index, dst, dst_index) in enumerate(sorted(pairs))
     ]
     return ExecutionPlan(
         options=options,
@@ -201,14 +221,15 @@ def make_plan(graph: WorkflowGraph | FlatGraph, options: PlanOptions | None = No
     )
 
 
-def _parallelism(flat: FlatGraph, pe_id: str, pe: PE, roots: list[str], options: PlanOptions) -> int:
+def _parallelism(pe_id: str, pe: PE, single: bool, options: PlanOptions) -> int:
+    """``single``: a root or a PE with a ``global`` input, which gets one instance unless set otherwise."""
     if options.force_single:
         return 1
     if pe.parallelism is not None:
         if not isinstance(pe.parallelism, int) or pe.parallelism < 1:
             raise GraphError(f"PE {pe_id}: parallelism must be a positive integer, not {pe.parallelism!r}")
         return pe.parallelism
-    if pe_id in roots or any(isinstance(edge.grouping, Global) for edge in flat.incoming(pe_id)):
+    if single:
         return 1
     return options.default_parallelism or options.workers
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from ._install import install_hint
 from .errors import MappingUnavailable
 
 __all__ = ["load"]
@@ -24,6 +25,6 @@ def load(kind: str, name: str, registry: dict[str, tuple[str, str, str | None]])
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        hint = f": pip install 'aiod4p[{extra}]'" if extra else ""
+        hint = f": {install_hint(extra)}" if extra else ""
         raise MappingUnavailable(f"the {name} {kind} needs {exc.name or 'a missing module'}{hint}") from exc
     return getattr(module, attribute)

@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import socket
 import stat
@@ -51,7 +52,13 @@ __all__ = [
     "TimerStream",
     "UDPSource",
     "iterate",
+    "bad_line",
+    "DEAD_LETTER",
+    "LINE_POLICIES",
+    "MAX_LINE_BYTES",
 ]
+
+logger = logging.getLogger(__name__)
 
 
 class _Waker:
@@ -85,8 +92,155 @@ class _Waker:
                 undo()
 
 
+MAX_LINE_BYTES = 64 * 1024 * 1024
+"""The default longest line a line source accepts (64 MiB, newline excluded).
+
+Large enough for any sane JSON record (a line is one record), small enough
+that one runaway line (a binary file, a missing newline) cannot take the
+machine's memory: a line is held whole while it is read and decoded, and a
+decoded JSON object takes several times its size.
+"""
+
+LINE_POLICIES = ("fail", "skip", "dead-letter")
+"""What a line source does with a bad line (longer than its maximum, or not
+valid JSON / UTF-8 when it parses JSON): ``fail`` (the default) ends the run
+with an :class:`InputError` naming the source and line number; ``skip`` logs
+a warning, counts the line in ``skipped`` and goes on; ``dead-letter`` hands a
+:func:`bad_line` record to the dead-letter output (a source PE's
+``dead_letter`` port; the ``dead_letter`` callback of a stream) and goes on."""
+
+DEAD_LETTER = "dead_letter"
+"""The output port of a source PE that gets its bad lines under ``on_bad="dead-letter"``."""
+
+_SAMPLE_BYTES = 1024  # of an over-long line kept in its dead letter
+
+
+def bad_line(source: str, line: int, error: str, text: str, size: int) -> dict[str, Any]:
+    """The dead letter of a bad line: a JSON-ready dict.
+
+    ``text`` is the line decoded as UTF-8 with replacement characters (the
+    first 1 KiB only of an over-long line); ``size`` its length in bytes.
+    """
+    return {"source": source, "line": line, "error": error, "text": text, "size": size}
+
+
+class _TooLong:
+    """A line longer than the maximum: only its size and first bytes are kept."""
+
+    __slots__ = ("head", "size")
+
+    def __init__(self, head: bytes, size: int) -> None:
+        self.head, self.size = head, size
+
+
+class _LineSplitter:
+    """Splits a byte stream into lines (without their newline), in time linear in the bytes.
+
+    A line longer than ``max_line`` bytes is not held: it comes out as a
+    :class:`_TooLong` once its end (or the end of the stream) is reached.
+    """
+
+    __slots__ = ("_chunks", "_head", "_max", "_size")
+
+    def __init__(self, max_line: int) -> None:
+        self._chunks: list[bytes] = []  # the partial line; joined once, when its newline comes
+        self._size = 0  # of the partial line, also while an over-long one is being skipped
+        self._head = b""  # the first bytes of an over-long line
+        self._max = max_line
+
+    def feed(self, data: bytes) -> list[bytes | _TooLong]:
+        lines: list[bytes | _TooLong] = []
+        start = 0
+        while (end := data.find(b"\n", start)) >= 0:
+            self._add(data[start:end])
+            lines.append(self._take())
+            start = end + 1
+        if start < len(data):
+            self._add(data[start:] if start else data)
+        return lines
+
+    def finish(self) -> list[bytes | _TooLong]:
+        return [self._take()] if self._size else []
+
+    def _add(self, piece: bytes) -> None:
+        self._size += len(piece)
+        if self._size <= self._max:
+            self._chunks.append(piece)
+        elif self._chunks or not self._head:  # just went over: keep the head, drop the rest
+            self._head = (b"".join(self._chunks) + piece[:_SAMPLE_BYTES])[:_SAMPLE_BYTES]
+            self._chunks.clear()
+
+    def _take(self) -> bytes | _TooLong:
+        line: bytes | _TooLong
+        if self._size > self._max:
+            line = _TooLong(self._head, self._size)
+        else:
+            line = self._chunks[0] if len(self._chunks) == 1 else b"".join(self._chunks)
+        self._chunks.clear()
+        self._size, self._head = 0, b""
+        return line
+
+
+class _LineReader:
+    """Numbers, decodes and polices the lines of one source (a file, a pipe, one TCP connection)."""
+
+    def __init__(
+        self,
+        origin: str,
+        as_json: bool,
+        max_line: int,
+        on_bad: str,
+        dead_letter: Callable[[dict[str, Any]], object] | None,
+        counter: _Counter,
+    ) -> None:
+        self.origin, self.json, self.max_line = origin, as_json, max_line
+        self.on_bad, self.dead_letter, self.counter = on_bad, dead_letter, counter
+        self.splitter = _LineSplitter(max_line)
+        self.number = 0
+
+    def feed(self, data: bytes) -> list[Any]:
+        return self._items(self.splitter.feed(data))
+
+    def finish(self) -> list[Any]:
+        return self._items(self.splitter.finish())
+
+    def _items(self, lines: list[bytes | _TooLong]) -> list[Any]:
+        items = []
+        for line in lines:
+            self.number += 1
+            if isinstance(line, _TooLong):
+                self._bad(f"longer than {self.max_line} bytes ({line.size} bytes)", line.head, line.size)
+            elif not self.json:
+                items.append(line.decode("utf-8", "replace").rstrip("\r"))
+            elif line.strip():
+                try:
+                    items.append(json.loads(line))
+                except ValueError as exc:  # UnicodeDecodeError included
+                    self._bad(f"not valid JSON ({exc})", line, len(line))
+        return items
+
+    def _bad(self, error: str, text: bytes, size: int) -> None:
+        where = f"{self.origin}, line {self.number}"
+        if self.on_bad == "fail":
+            raise InputError(f"{where}: {error}: {text[:80]!r}")
+        self.counter.skipped += 1
+        if self.on_bad == "skip" or self.dead_letter is None:
+            logger.warning("%s: %s; line skipped (on_bad=%r)", where, error, self.on_bad)
+            return
+        self.dead_letter(bad_line(self.origin, self.number, error, text.decode("utf-8", "replace"), size))
+
+
+class _Counter:
+    """The bad lines a stream skipped or dead-lettered, over all its connections."""
+
+    __slots__ = ("skipped",)
+
+    def __init__(self) -> None:
+        self.skipped = 0
+
+
 def _decoder(as_json: bool, origin: str) -> Callable[[bytes, int], Any]:
-    """``decode(line, number)`` -> item; JSON errors name the origin and line."""
+    """``decode(line, number)`` -> item; JSON errors name the origin and line (for datagrams)."""
     if not as_json:
         return lambda line, _number: line.decode("utf-8", "replace").rstrip("\r")
 
@@ -99,25 +253,11 @@ def _decoder(as_json: bool, origin: str) -> Callable[[bytes, int], Any]:
     return decode
 
 
-class _LineSplitter:
-    """Splits a byte stream into lines (without their newline)."""
-
-    __slots__ = ("_partial",)
-
-    def __init__(self) -> None:
-        self._partial = b""
-
-    def feed(self, data: bytes) -> list[bytes]:
-        if b"\n" not in data:
-            self._partial += data
-            return []
-        lines = (self._partial + data).split(b"\n")
-        self._partial = lines.pop()
-        return lines
-
-    def finish(self) -> list[bytes]:
-        rest, self._partial = self._partial, b""
-        return [rest] if rest else []
+def _check_line_options(max_line: int, on_bad: str, what: str) -> None:
+    if max_line < 1:
+        raise ValueError(f"{what}: max_line must be at least 1 byte, not {max_line}")
+    if on_bad not in LINE_POLICIES:
+        raise ValueError(f"{what}: on_bad must be one of {', '.join(LINE_POLICIES)}, not {on_bad!r}")
 
 
 # -- lines from stdin, a pipe or a file -------------------------------------------
@@ -133,12 +273,22 @@ class LineStream:
             polling every ``poll_interval`` seconds; restart from the top if
             the file is truncated.
         from_end: with ``follow``, start at the current end of the file.
+        max_line: the longest line accepted, in bytes (default
+            :data:`MAX_LINE_BYTES`, 64 MiB); a longer one is a bad line and
+            is never held in memory whole.
+        on_bad: what to do with a bad line (over-long, or not valid JSON):
+            ``"fail"``, ``"skip"`` or ``"dead-letter"`` (see :data:`LINE_POLICIES`).
+        dead_letter: with ``on_bad="dead-letter"``, called with the
+            :func:`bad_line` record of every bad line.
 
     Pipes, terminals and sockets are read without blocking the event loop;
-    a regular file is read directly. Iterate it once.
+    a regular file is read directly. Reading is linear in the bytes read,
+    whatever the line lengths. Iterate it once. ``skipped`` counts the bad
+    lines skipped or dead-lettered.
 
     Raises (while iterating):
-        InputError: the file cannot be opened or read, or a line is not valid JSON.
+        InputError: the file cannot be opened or read, or a line is bad
+            under ``on_bad="fail"`` (the message names the source and line).
     """
 
     def __init__(
@@ -150,14 +300,25 @@ class LineStream:
         from_end: bool = False,
         poll_interval: float = 0.05,
         chunk_size: int = 65536,
+        max_line: int = MAX_LINE_BYTES,
+        on_bad: str = "fail",
+        dead_letter: Callable[[dict[str, Any]], object] | None = None,
     ) -> None:
+        _check_line_options(max_line, on_bad, "LineStream")
         self.source = source
         self.json = json
         self.follow = follow
         self.from_end = from_end
         self.poll_interval = poll_interval
         self.chunk_size = chunk_size
+        self.max_line, self.on_bad, self.dead_letter = max_line, on_bad, dead_letter
+        self._counter = _Counter()
         self._waker = _Waker()
+
+    @property
+    def skipped(self) -> int:
+        """Bad lines skipped or dead-lettered so far."""
+        return self._counter.skipped
 
     @property
     def origin(self) -> str:
@@ -187,8 +348,8 @@ class LineStream:
     async def _lines(self) -> AsyncIterator[Any]:
         loop = asyncio.get_running_loop()
         fd, owned = self._open()
-        decode = _decoder(self.json, self.origin)
-        splitter, number, waker = _LineSplitter(), 0, self._waker
+        reader = _LineReader(self.origin, self.json, self.max_line, self.on_bad, self.dead_letter, self._counter)
+        waker = self._waker
         regular = stat.S_ISREG(os.fstat(fd).st_mode)
         blocking = os.get_blocking(fd)
         if not regular:
@@ -224,14 +385,10 @@ class LineStream:
                         continue
                     await waker.wait(after_poll)
                     continue
-                for line in splitter.feed(data):
-                    number += 1
-                    if line.strip() or not self.json:
-                        yield decode(line, number)
-            for line in splitter.finish():
-                number += 1
-                if line.strip() or not self.json:
-                    yield decode(line, number)
+                for item in reader.feed(data):
+                    yield item
+            for item in reader.finish():
+                yield item
         finally:
             if not regular:
                 with contextlib.suppress(OSError):
@@ -280,33 +437,29 @@ class _LineProtocol(asyncio.Protocol):
     def __init__(self, stream: SocketStream, pending: _Pending, origin: str) -> None:
         self.stream = stream
         self.pending = pending
-        self.splitter = _LineSplitter()
-        self.decode = _decoder(stream.json, origin)
-        self.number = 0
+        self.reader = _LineReader(
+            origin, stream.json, stream.max_line, stream.on_bad, stream.dead_letter, stream._counter
+        )
         self.transport: asyncio.Transport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's transports are not asyncio.Transport subclasses
         self.stream._connected(self)
 
-    def _push(self, lines: list[bytes]) -> None:
-        items = []
-        for line in lines:
-            self.number += 1
-            if line.strip() or not self.stream.json:
-                try:
-                    items.append(self.decode(line, self.number))
-                except InputError as exc:
-                    self.pending.fail(exc)
-                    return
+    def _push(self, read: Callable[[], list[Any]]) -> None:
+        try:
+            items = read()
+        except InputError as exc:
+            self.pending.fail(exc)
+            return
         if items:
             self.pending.push(items, self.transport)
 
     def data_received(self, data: bytes) -> None:
-        self._push(self.splitter.feed(data))
+        self._push(lambda: self.reader.feed(data))
 
     def eof_received(self) -> bool:
-        self._push(self.splitter.finish())
+        self._push(self.reader.finish)
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -328,8 +481,11 @@ class SocketStream:
     stream stops reading its sockets until half of them are taken, so TCP
     flow control slows the senders down.
 
+    Bad lines (``max_line``, ``on_bad``, ``dead_letter``, ``skipped``): as
+    :class:`LineStream`; each connection numbers its own lines.
+
     Raises (while iterating):
-        InputError: cannot listen or connect, or a line is not valid JSON.
+        InputError: cannot listen or connect, or a line is bad under ``on_bad="fail"``.
     """
 
     def __init__(
@@ -342,9 +498,15 @@ class SocketStream:
         connections: int | None = None,
         on_listen: Callable[[tuple[str, int]], Any] | None = None,
         max_pending: int = 1024,
+        max_line: int = MAX_LINE_BYTES,
+        on_bad: str = "fail",
+        dead_letter: Callable[[dict[str, Any]], object] | None = None,
     ) -> None:
         if mode not in ("server", "client"):
             raise ValueError(f"SocketStream mode must be 'server' or 'client', not {mode!r}")
+        _check_line_options(max_line, on_bad, "SocketStream")
+        self.max_line, self.on_bad, self.dead_letter = max_line, on_bad, dead_letter
+        self._counter = _Counter()
         self.host, self.port, self.mode, self.json = host, port, mode, json
         self.connections = connections
         self.on_listen = on_listen
@@ -355,6 +517,11 @@ class SocketStream:
         self._accepted = 0
         self._server: asyncio.Server | None = None
         self._pending = _Pending(self._waker, max_pending)
+
+    @property
+    def skipped(self) -> int:
+        """Bad lines skipped or dead-lettered so far."""
+        return self._counter.skipped
 
     @property
     def pending(self) -> int:
@@ -726,10 +893,29 @@ class SourcePE(ProducerPE):
         return state
 
 
-class LinesSource(SourcePE):
+class _BadLines(SourcePE):
+    """A source PE of lines: ``max_line`` and ``on_bad`` as :class:`LineStream`.
+
+    Under ``on_bad="dead-letter"`` the PE has a second output,
+    ``dead_letter`` (:data:`DEAD_LETTER`), that gets the :func:`bad_line`
+    record of every bad line (a result, when not connected).
+    """
+
+    def __init__(self, *, max_line: int, on_bad: str, name: str | None) -> None:
+        _check_line_options(max_line, on_bad, type(self).__name__)
+        super().__init__(name=name)
+        self.max_line, self.on_bad = max_line, on_bad
+        if on_bad == "dead-letter":
+            self.add_output(DEAD_LETTER)
+
+    def _dead_letter(self, record: dict[str, Any]) -> None:
+        self.write(DEAD_LETTER, record)
+
+
+class LinesSource(_BadLines):
     """Lines or JSON Lines from stdin (``path=None``) or a file, optionally followed (``tail -f``).
 
-    Options as :class:`LineStream`.
+    Options as :class:`LineStream`; see :class:`_BadLines` for ``on_bad="dead-letter"``.
     """
 
     def __init__(
@@ -740,23 +926,32 @@ class LinesSource(SourcePE):
         follow: bool = False,
         from_end: bool = False,
         poll_interval: float = 0.05,
+        max_line: int = MAX_LINE_BYTES,
+        on_bad: str = "fail",
         name: str | None = None,
     ) -> None:
-        super().__init__(name=name)
+        super().__init__(max_line=max_line, on_bad=on_bad, name=name)
         self.path = None if path is None else os.fspath(path)
         self.json, self.follow, self.from_end, self.poll_interval = json, follow, from_end, poll_interval
 
     def open(self) -> LineStream:
         return LineStream(
-            self.path, json=self.json, follow=self.follow, from_end=self.from_end, poll_interval=self.poll_interval
+            self.path,
+            json=self.json,
+            follow=self.follow,
+            from_end=self.from_end,
+            poll_interval=self.poll_interval,
+            max_line=self.max_line,
+            on_bad=self.on_bad,
+            dead_letter=self._dead_letter,
         )
 
 
-class TCPSource(SourcePE):
+class TCPSource(_BadLines):
     """Lines or JSON Lines from TCP clients (``mode="server"``) or a TCP server (``mode="client"``).
 
     Options as :class:`SocketStream`; the bound address is in ``address``
-    once listening.
+    once listening. See :class:`_BadLines` for ``on_bad="dead-letter"``.
     """
 
     def __init__(
@@ -769,11 +964,13 @@ class TCPSource(SourcePE):
         connections: int | None = None,
         on_listen: Callable[[tuple[str, int]], Any] | None = None,
         max_pending: int = 1024,
+        max_line: int = MAX_LINE_BYTES,
+        on_bad: str = "fail",
         name: str | None = None,
     ) -> None:
         if mode not in ("server", "client"):
             raise ValueError(f"TCPSource mode must be 'server' or 'client', not {mode!r}")
-        super().__init__(name=name)
+        super().__init__(max_line=max_line, on_bad=on_bad, name=name)
         self.host, self.port, self.mode, self.json = host, port, mode, json
         self.connections, self.on_listen, self.max_pending = connections, on_listen, max_pending
         self.address: tuple[str, int] | None = None
@@ -792,6 +989,9 @@ class TCPSource(SourcePE):
             connections=self.connections,
             on_listen=self._listening,
             max_pending=self.max_pending,
+            max_line=self.max_line,
+            on_bad=self.on_bad,
+            dead_letter=self._dead_letter,
         )
 
 

@@ -1,8 +1,8 @@
 """A TCP service that embeds a workflow: observations in, results streamed back.
 
     python examples/service.py --port 8765
-    # then, from another terminal (one JSON observation per line):
-    printf '{"sensor": "t1", "value": 20.5}\\n{"sensor": "t1", "value": 21}\\n' | nc 127.0.0.1 8765
+    # then, from another terminal (one JSON observation per line; -N: end the sending at end of input):
+    printf '{"sensor": "t1", "value": 20.5}\\n{"sensor": "t1", "value": 21}\\n' | nc -N 127.0.0.1 8765
 
 Standard library only. Each client sends JSON Lines observations
 ``{"sensor": str, "value": number}`` and receives JSON Lines back, on the
@@ -17,9 +17,13 @@ One workflow runs for the whole service, inside the server's event loop. A
 client's observations are fed with ``await run.send(...)``, which waits while
 the workflow is full: the connection is then not read, so TCP flow control
 slows that client down. Results come out of ``async for record in run`` and
-go back to the client that sent the observation. On SIGINT/SIGTERM the server
-stops accepting, drains the workflow (every accepted observation gets its
-result), and exits.
+go back to the client that sent the observation.
+
+A client may close its sending side when done (``nc -N``,
+``shutdown(SHUT_WR)``): the server still replies to everything it sent,
+every window mean included, then closes the connection. On SIGINT/SIGTERM
+the server stops accepting, drains the workflow (every accepted observation
+gets its result), and exits.
 """
 
 from __future__ import annotations
@@ -94,6 +98,25 @@ def service_graph(window: int = 5, gain: float = 1.0, offset: float = 0.0) -> Wo
     return graph
 
 
+class _Client:
+    """One connection: what it sent, what came back, and when it is answered in full."""
+
+    def __init__(self, writer: asyncio.StreamWriter, window: int) -> None:
+        self.writer = writer
+        self.window = window
+        self.sent = 0  # observations fed to the workflow
+        self.answered = 0  # of those, replied to (calibrated or error)
+        self.valid: dict[str, int] = {}  # calibrated observations per sensor
+        self.means = 0  # window means sent back
+        self.input_ended = False
+        self.settled = asyncio.Event()  # its input ended and every reply it is due has been sent
+
+    def check(self) -> None:
+        due_means = sum(count // self.window for count in self.valid.values())
+        if self.input_ended and self.answered == self.sent and self.means == due_means:
+            self.settled.set()
+
+
 class ObservationService:
     """The service: a TCP server and the workflow it feeds.
 
@@ -105,7 +128,8 @@ class ObservationService:
     def __init__(self, window: int = 5, gain: float = 1.0, offset: float = 0.0) -> None:
         self.feed = aiod4p.LiveFeed(maxsize=256)
         self.run = aiod4p.start(service_graph(window, gain, offset), {"validate": self.feed})
-        self.clients: dict[int, asyncio.StreamWriter] = {}
+        self.window = window
+        self.clients: dict[int, _Client] = {}
         self._next_client = 0
         self._server: asyncio.Server | None = None
         self._dispatcher: asyncio.Task[None] | None = None
@@ -119,9 +143,9 @@ class ObservationService:
         return address
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        client = self._next_client
+        client_id = self._next_client
         self._next_client += 1
-        self.clients[client] = writer
+        client = self.clients[client_id] = _Client(writer, self.window)
         try:
             async for line in reader:
                 if not line.strip():
@@ -130,27 +154,46 @@ class ObservationService:
                     data = json.loads(line)
                 except ValueError:
                     data = line.decode("utf-8", "replace").strip()
-                await self.run.send("validate", {"client": client, "data": data})  # waits while the workflow is full
+                client.sent += 1
+                await self.run.send("validate", {"client": client_id, "data": data})  # waits while the workflow is full
                 await writer.drain()  # a client that does not read its results is not read either
-        except aiod4p.Aiod4pError:
-            pass  # the service is shutting down: the feed is closed
+            client.input_ended = True  # the client closed its sending side: answer it, then close
+            client.check()
+            await client.settled.wait()
+            await writer.drain()
+        except (aiod4p.Aiod4pError, ConnectionError):
+            pass  # the service is shutting down (the feed is closed), or the client went away
         finally:
+            del self.clients[client_id]
             writer.close()
             with contextlib.suppress(ConnectionError):
                 await writer.wait_closed()
 
     async def _dispatch(self) -> None:
-        async for record in self.run:
-            data = dict(record.data)
-            if record.port == "output":  # the window's (the other results are on "reply" and "errors")
-                client, sensor = data["key"]
-                reply: dict[str, Any] = {"sensor": sensor, "mean": data["value"], "count": data["count"]}
-            else:
-                client = data.pop("client")
-                reply = data
-            writer = self.clients.get(client)
-            if writer is not None and not writer.is_closing():
-                writer.write(json.dumps(reply).encode() + b"\n")
+        try:
+            async for record in self.run:
+                data = dict(record.data)
+                if record.port == "output":  # the window's (the other results are on "reply" and "errors")
+                    client_id, sensor = data["key"]
+                    reply: dict[str, Any] = {"sensor": sensor, "mean": data["value"], "count": data["count"]}
+                else:
+                    client_id = data.pop("client")
+                    reply = data
+                client = self.clients.get(client_id)
+                if client is None:
+                    continue
+                if record.port == "output":
+                    client.means += 1
+                else:
+                    client.answered += 1
+                    if record.port == "reply":
+                        client.valid[reply["sensor"]] = client.valid.get(reply["sensor"], 0) + 1
+                if not client.writer.is_closing():
+                    client.writer.write(json.dumps(reply).encode() + b"\n")
+                client.check()
+        finally:
+            for client in self.clients.values():  # the run is over: nothing more will come
+                client.settled.set()
 
     async def aclose(self) -> None:
         """Stop accepting, let every accepted observation through, then close the connections."""
@@ -159,8 +202,8 @@ class ObservationService:
         self.run.drain()
         if self._dispatcher is not None:
             await self._dispatcher
-        for writer in self.clients.values():
-            writer.close()
+        for client in list(self.clients.values()):
+            client.writer.close()
         if self._server is not None:
             await self._server.wait_closed()
         await self.run.aclose()

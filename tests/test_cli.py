@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import json
+import os
+import re
+import shlex
+import signal
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
 import pytest
+
+import aiod4p as aiod4p_package
 
 ROOT = Path(__file__).resolve().parents[1]
 WORDCOUNT = str(ROOT / "examples" / "wordcount.py")
@@ -20,33 +26,34 @@ def aiod4p(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[s
     )
 
 
+WORKFLOW = textwrap.dedent(
+    """
+    from aiod4p import IterativePE, ProducerPE, WorkflowGraph
+
+    class Numbers(ProducerPE):
+        def __init__(self):
+            super().__init__()
+            self.n = 0
+        def produce(self):
+            self.n += 1
+            return self.n
+
+    class Check(IterativePE):
+        def process_item(self, item):
+            if item == 13:
+                raise ValueError("unlucky")
+            return item * 10
+
+    graph = WorkflowGraph()
+    graph.connect(Numbers(), "output", Check(), "input")
+    """
+)
+
+
 @pytest.fixture
 def workflow_file(tmp_path: Path) -> Path:
     path = tmp_path / "flow.py"
-    path.write_text(
-        textwrap.dedent(
-            """
-            from aiod4p import IterativePE, ProducerPE, WorkflowGraph
-
-            class Numbers(ProducerPE):
-                def __init__(self):
-                    super().__init__()
-                    self.n = 0
-                def produce(self):
-                    self.n += 1
-                    return self.n
-
-            class Check(IterativePE):
-                def process_item(self, item):
-                    if item == 13:
-                        raise ValueError("unlucky")
-                    return item * 10
-
-            graph = WorkflowGraph()
-            graph.connect(Numbers(), "output", Check(), "input")
-            """
-        )
-    )
+    path.write_text(WORKFLOW)
     return path
 
 
@@ -114,7 +121,6 @@ def test_debug_adds_the_traceback(workflow_file: Path) -> None:
         (["run", "{flow}", "-d", '{{"Nobody": 1}}'], "input key 'Nobody' names no PE of the graph"),
         (["run", "{flow}", "-d", '{{"Numbers": "x"}}'], "the input for 'Numbers' must be a count or a list"),
         (["run", "{flow}", "-f", "missing.json"], "cannot read input file missing.json"),
-        (["run", "{flow}", "-i", "-3"], "must not be negative"),
         (["run", "{flow}", "--results", "/no/such/dir/out.jsonl"], "cannot write results to /no/such/dir/out.jsonl"),
     ],
 )
@@ -145,11 +151,254 @@ def test_import_error_in_the_workflow_file(tmp_path: Path) -> None:
     assert "importing" in done.stderr and "no_such_dependency_xyz" in done.stderr
 
 
-@pytest.mark.parametrize(("args", "message"), [(["-m", "nowhere"], "invalid choice"), (["-n", "0"], "-n must be")])
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["-m", "nowhere"], "invalid choice"),
+        (["-n", "0"], "argument -n/--num: must be at least 1, not 0"),
+        (["-i", "-5"], "argument -i/--iter: must be at least 0, not -5"),
+        (["-i", "many"], "argument -i/--iter: not an integer: 'many'"),
+        (["--batch-size", "0"], "argument --batch-size: must be at least 1, not 0"),
+        (["--credits", "-1"], "argument --credits: must be at least 1, not -1"),
+        (["--stdin", "Check", "-i", "3"], "--stdin cannot be combined with -i"),
+    ],
+)
 def test_usage_errors_exit_2(workflow_file: Path, args: list[str], message: str) -> None:
+    """Exit status rule: a bad command line is argparse's usage error, 2, naming the option."""
     done = aiod4p("run", str(workflow_file), *args)
-    assert done.returncode == 2
+    assert done.returncode == 2, done.stderr
     assert message in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_graph_command_checks_n_as_a_usage_error(workflow_file: Path, tmp_path: Path) -> None:
+    done = aiod4p("graph", str(workflow_file), "-o", str(tmp_path / "g.dot"), "-n", "0")
+    assert done.returncode == 2
+    assert "argument -n/--num: must be at least 1, not 0" in done.stderr
+
+
+def test_version() -> None:
+    done = aiod4p("--version")
+    assert done.returncode == 0
+    assert done.stdout.strip() == f"aiod4p {aiod4p_package.__version__}"
+
+
+@pytest.mark.parametrize(
+    ("args", "warning"),
+    [
+        (["-m", "simple", "-n", "3", "-i", "2"], "-n is ignored: the simple mapping runs one instance of every PE"),
+        (["-i", "2", "-d", '{"Numbers": 1}'], "-i is ignored: -d gives the inputs"),
+        (["-d", '{"Numbers": 1}', "-f", "{inputs}"], "-d is ignored: -f gives the inputs"),
+    ],
+)
+def test_ignored_options_give_a_warning(workflow_file: Path, tmp_path: Path, args: list[str], warning: str) -> None:
+    inputs = tmp_path / "in.json"
+    inputs.write_text('{"Numbers": 2}')
+    done = aiod4p("run", str(workflow_file), *(arg.replace("{inputs}", str(inputs)) for arg in args))
+    assert done.returncode == 0, done.stderr
+    assert f"aiod4p: warning: {warning}" in done.stderr.splitlines()
+    quiet = aiod4p("run", str(workflow_file), "-q", *(arg.replace("{inputs}", str(inputs)) for arg in args))
+    assert quiet.returncode == 0 and quiet.stderr == ""
+
+
+def test_many_more_workers_than_cpus_give_a_warning(workflow_file: Path) -> None:
+    n = 4 * (os.cpu_count() or 1) + 1
+    done = aiod4p("run", str(workflow_file), "-m", "multi", "-n", str(n), "-i", "1")
+    assert done.returncode == 0, done.stderr
+    assert f"aiod4p: warning: -n {n} starts {n} worker processes on" in done.stderr
+    fine = aiod4p("run", str(workflow_file), "-m", "multi", "-n", "2", "-i", "1")
+    assert "warning" not in fine.stderr
+
+
+@pytest.mark.parametrize(
+    ("option", "what"), [("--results", "results"), ("--stats-json", "statistics")], ids=["results", "stats"]
+)
+@pytest.mark.parametrize("where", ["/no/such/dir/out.json", "{tmp}"], ids=["missing-dir", "a-directory"])
+def test_output_paths_are_checked_before_the_run(tmp_path: Path, option: str, what: str, where: str) -> None:
+    """Nothing is run (the workflow file is not even imported) when an output cannot be written."""
+    marker = tmp_path / "imported"
+    flow = tmp_path / "marking.py"
+    flow.write_text(f"from pathlib import Path\nPath({str(marker)!r}).touch()\n" + WORKFLOW)
+    path = where.format(tmp=tmp_path)
+    done = aiod4p("run", str(flow), "-i", "3", option, path)
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines() == [
+        f"aiod4p: error: cannot write {what} to {path}: "
+        + ("No such file or directory" if "no/such" in path else "it is a directory")
+    ]
+    assert not marker.exists()
+
+
+def test_results_file_ends_with_a_summary_unless_quiet(workflow_file: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out.jsonl"
+    done = aiod4p("run", str(workflow_file), "-i", "5", "--results", str(out))
+    assert done.returncode == 0, done.stderr
+    assert re.fullmatch(rf"aiod4p: 5 records in \d+\.\d s -> {re.escape(str(out))}\n", done.stderr)
+    quiet = aiod4p("run", str(workflow_file), "-i", "5", "--results", str(out), "-q")
+    assert quiet.returncode == 0 and quiet.stderr == ""
+    to_stdout = aiod4p("run", str(workflow_file), "-i", "5", "--results", "-")
+    assert to_stdout.stderr == ""
+
+
+def test_module_target_from_the_current_directory_with_the_console_script(workflow_file: Path) -> None:
+    """`aiod4p run flow:graph` imports flow from the current directory, as `python -m aiod4p` does."""
+    script = Path(sys.executable).parent / "aiod4p"
+    done = subprocess.run(
+        [str(script), "run", "flow:graph", "-m", "simple", "-i", "1"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=workflow_file.parent,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "Check1.output: 1 item" in done.stdout
+
+
+ENDLESS = """
+from aiod4p import IterativePE, ProducerPE, WorkflowGraph
+
+class Numbers(ProducerPE):
+    def __init__(self):
+        super().__init__()
+        self.n = 0
+    def produce(self):
+        self.n += 1
+        return self.n
+
+class Times10(IterativePE):
+    def process_item(self, item):
+        return item * 10
+
+graph = WorkflowGraph()
+graph.connect(Numbers(), "output", Times10(), "input")
+"""
+
+
+def _popen(tmp_path: Path, *args: str) -> subprocess.Popen[str]:
+    flow = tmp_path / "endless.py"
+    flow.write_text(ENDLESS)
+    return subprocess.Popen(
+        [sys.executable, "-m", "aiod4p", "run", str(flow), *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+        start_new_session=True,
+    )
+
+
+def _piped_to_head(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """``aiod4p run _endless:graph ARGS | head -2`` in a real shell pipe; stderr ends with the CLI's status."""
+    (tmp_path / "_endless.py").write_text(ENDLESS)
+    command = shlex.join([sys.executable, "-m", "aiod4p", "run", "_endless:graph", *args])
+    return subprocess.run(
+        ["bash", "-c", f'{command} | head -2; echo "status=${{PIPESTATUS[0]}}" >&2'],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+    )
+
+
+@pytest.mark.parametrize("mapping", ["simple", "async", "multi"])
+def test_a_closed_stdout_stops_the_run_quietly(tmp_path: Path, mapping: str) -> None:
+    """`aiod4p run ... --results - | head -2`: exit 141 (the SIGPIPE status of Unix tools), no traceback."""
+    done = _piped_to_head(tmp_path, "-m", mapping, "-i", str(10**9), "--results", "-")
+    assert [json.loads(line)["pe"] for line in done.stdout.splitlines()] == ["Times101", "Times101"]
+    assert done.stderr.splitlines() == ["status=141"], done.stderr
+
+
+def test_a_closed_stdout_stops_the_readable_listing_quietly(tmp_path: Path) -> None:
+    done = _piped_to_head(tmp_path, "-m", "simple", "-i", "100000")
+    assert done.stdout.splitlines() == ["Times101.output: 100000 items", "  10"]
+    assert done.stderr.splitlines() == ["status=141"], done.stderr
+
+
+@pytest.mark.parametrize("mapping", ["simple", "async", "multi"])
+def test_an_interrupted_run_says_so_and_counts_its_records(tmp_path: Path, mapping: str) -> None:
+    with _popen(tmp_path, "-m", mapping, "-i", str(10**9), "--results", "-") as process:
+        try:
+            assert process.stdout is not None and process.stderr is not None
+            first = process.stdout.readline()  # results are flowing
+            process.send_signal(signal.SIGINT)
+            rest = process.stdout.read()  # to the end: the run drained (else the test's timeout fails it)
+            err = process.stderr.read()
+        except BaseException:
+            os.killpg(process.pid, signal.SIGKILL)
+            raise
+    produced = len((first + rest).splitlines())
+    assert process.returncode == 0, err
+    assert f"aiod4p: interrupted by SIGINT: drained; {produced} records produced (partial results)" in err
+
+
+SLOW_START = """
+import sys, time
+from aiod4p import IterativePE, ProducerPE, WorkflowGraph
+
+class Numbers(ProducerPE):
+    def produce(self):
+        return 1
+
+class Slow(IterativePE):
+    copies = 0
+    def __deepcopy__(self, memo):
+        if Slow.copies == 0:
+            print("starting", file=sys.stderr, flush=True)
+        Slow.copies += 1
+        time.sleep(0.05)  # ok-sleep: a PE that is slow to copy makes a long start-up
+        clone = Slow()
+        clone.id = self.id
+        return clone
+    def process_item(self, item):
+        return item
+
+graph = WorkflowGraph()
+graph.connect(Numbers(), "output", Slow(), "input")
+"""
+
+SLOW_IMPORT = """
+import sys, time
+print("starting", file=sys.stderr, flush=True)
+while True:
+    time.sleep(0.05)  # ok-sleep: a workflow module that takes forever to import
+"""
+
+
+@pytest.mark.parametrize(
+    ("mapping", "module", "signum", "when"),
+    [
+        ("async", SLOW_START, signal.SIGINT, "during start-up"),
+        ("async", SLOW_START, signal.SIGTERM, "during start-up"),
+        ("simple", SLOW_IMPORT, signal.SIGTERM, "while loading the workflow"),
+        ("multi", SLOW_IMPORT, signal.SIGINT, "while loading the workflow"),
+    ],
+    ids=["async-build-int", "async-build-term", "simple-import-term", "multi-import-int"],
+)
+def test_a_signal_during_start_up_stops_the_run_at_once(
+    tmp_path: Path, mapping: str, module: str, signum: signal.Signals, when: str
+) -> None:
+    flow = tmp_path / "slow.py"
+    flow.write_text(module)
+    workers = ["-n", "5000"] if mapping == "async" else []  # 5000 slow copies on async
+    process = subprocess.Popen(
+        [sys.executable, "-m", "aiod4p", "run", str(flow), "-m", mapping, *workers, "-i", "1"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        assert process.stderr is not None
+        assert process.stderr.readline() == "starting\n"  # start-up is under way (it would take minutes)
+        process.send_signal(signum)
+        _, err = process.communicate(timeout=20)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.communicate()
+    assert process.returncode == 130, err
+    assert f"aiod4p: aborted by {signum.name} {when}; 0 records produced" in err
+    assert "Traceback" not in err
 
 
 def test_console_script_is_installed() -> None:
@@ -157,3 +406,42 @@ def test_console_script_is_installed() -> None:
     done = subprocess.run([str(script), "run", WORDCOUNT, "-m", "simple"], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert "('the', 5)" in done.stdout
+
+
+@pytest.mark.parametrize("mapping", ["simple", "async", "multi"])
+@pytest.mark.parametrize("on_bad", ["fail", "skip", "dead-letter"])
+def test_stdin_bad_lines_follow_on_bad(tmp_path: Path, mapping: str, on_bad: str) -> None:
+    flow = tmp_path / "echo.py"
+    flow.write_text(
+        "from aiod4p import IterativePE, WorkflowGraph\n"
+        "class Echo(IterativePE):\n"
+        "    def process_item(self, item):\n"
+        "        return item\n"
+        "graph = WorkflowGraph()\n"
+        "graph.add(Echo(name='echo'))\n"
+    )
+    lines = b'{"i": 1}\n' + b'{"long": "' + b"z" * 500 + b'"}\n{"i": 2}\nnot json\n'
+    options = ["--max-line", "100", "--on-bad", on_bad, "--results", "-"]
+    done = subprocess.run(
+        [*(sys.executable, "-m", "aiod4p", "run", str(flow), "-m", mapping, "--stdin", "echo"), *options],
+        input=lines,
+        capture_output=True,
+        timeout=60,
+    )
+    err = done.stderr.decode()
+    if on_bad == "fail":
+        assert done.returncode == 1
+        last = err.splitlines()[-1]  # on multi, the error of the worker's feed, naming the PE
+        assert last.startswith("aiod4p: error: ") and "stdin, line 2: longer than 100 bytes (512 bytes)" in last
+        return
+    assert done.returncode == 0, err
+    records = [json.loads(line) for line in done.stdout.splitlines()]
+    assert sorted(r["data"]["i"] for r in records if r["output"] == "output") == [1, 2]
+    letters = [r["data"] for r in records if r["output"] == "dead_letter"]
+    if on_bad == "skip":
+        assert letters == []
+        assert "aiod4p: warning: --stdin: 2 bad lines skipped" in err
+        assert "stdin, line 4: not valid JSON" in err
+    else:
+        assert [(d["source"], d["line"], d["size"]) for d in letters] == [("stdin", 2, 512), ("stdin", 4, 8)]
+        assert {r["pe"] for r in records if r["output"] == "dead_letter"} == {"stdin"}

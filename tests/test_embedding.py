@@ -162,6 +162,35 @@ async def test_the_service_streams_results_back_to_each_client() -> None:
     assert [r["mean"] for r in second if "mean" in r] == [5.0]
 
 
+async def half_close(address: tuple[str, int], lines: list[Any]) -> list[dict[str, Any]]:
+    """A client like `nc -N`: send, close the sending side (shutdown(SHUT_WR)), read until the server closes."""
+    reader, writer = await asyncio.open_connection(*address)
+    try:
+        writer.write(b"".join(json.dumps(x).encode() + b"\n" for x in lines))
+        await writer.drain()
+        writer.write_eof()
+        return [json.loads(line) for line in (await reader.read()).splitlines()]
+    finally:
+        writer.close()
+        await writer.wait_closed()
+
+
+@pytest.mark.asyncio
+async def test_the_service_answers_a_half_closed_client_in_full_then_closes() -> None:
+    app = service.ObservationService(window=3)
+    async with asyncio.timeout(20):
+        address = await app.start()
+        replies, other = await asyncio.gather(
+            half_close(address, [*observations("a", 7), *observations("b", 3), {"sensor": 1}]),
+            half_close(address, []),
+        )
+        await app.aclose()
+    assert sorted(r["value"] for r in replies if "calibrated" in r) == sorted([*range(7), *range(3)])
+    assert sorted((r["sensor"], r["mean"]) for r in replies if "mean" in r) == [("a", 1.0), ("a", 4.0), ("b", 1.0)]
+    assert [r["error"] for r in replies if "error" in r] == ["an observation needs a 'sensor' string"]
+    assert other == []
+
+
 def test_the_service_as_a_process_with_a_real_client() -> None:
     proc = subprocess.Popen(
         [sys.executable, str(ROOT / "examples" / "service.py"), "--port", "0", "--window", "3"],

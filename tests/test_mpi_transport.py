@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 
-pytest.importorskip("mpi4py", reason="the mpi extra is not installed: pip install 'aiod4p[mpi]'")
+pytest.importorskip("mpi4py", reason="the mpi extra is not installed")
 
 MPIEXEC = Path(sys.executable).parent / "mpiexec"
 RPC_KEY = 1

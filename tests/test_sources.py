@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import os
 import pickle
 import socket
-from collections.abc import AsyncIterator
+import threading
+import tracemalloc
+from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -431,3 +434,143 @@ def test_invalid_source_options_are_refused() -> None:
         TimerSource(0)
     with pytest.raises(ValueError, match="maxsize"):
         aiod4p.LiveFeed(0)
+
+
+# -- long and bad lines ------------------------------------------------------------------
+
+
+def _write_in_thread(fd: int, data: bytes | Iterable[bytes]) -> threading.Thread:
+    """Write ``data`` (or each of its pieces) to the pipe ``fd`` from a thread, then close it."""
+
+    def write() -> None:
+        with os.fdopen(fd, "wb") as pipe:
+            for piece in [data] if isinstance(data, bytes) else data:
+                pipe.write(piece)
+
+    thread = threading.Thread(target=write)
+    thread.start()
+    return thread
+
+
+async def _read_pipe(data: bytes | Iterable[bytes], **options: Any) -> tuple[list[Any], LineStream]:
+    read_fd, write_fd = os.pipe()
+    stream = LineStream(read_fd, **options)
+    writer = _write_in_thread(write_fd, data)
+    try:
+        async with asyncio.timeout(50):
+            return [item async for item in stream], stream
+    finally:
+        writer.join()
+        os.close(read_fd)
+
+
+@pytest.mark.asyncio
+async def test_a_long_line_is_read_in_time_linear_in_its_size() -> None:
+    """A 50 MB line read 4 KiB at a time: 12,800 reads; joining the pieces each time would copy 320 GB."""
+    line = b"x" * 50_000_000
+    items, _ = await _read_pipe(b"short\n" + line + b"\nlast", chunk_size=4096)
+    assert [len(item) for item in items] == [5, 50_000_000, 4]
+
+
+@pytest.mark.asyncio
+async def test_an_over_long_line_is_never_held_whole() -> None:
+    tracemalloc.start()
+    try:
+        pieces = itertools.chain([b"a\n"], itertools.repeat(b"y" * 65536, 500), [b"\nb\n"])  # a 32 MB line
+        items, stream = await _read_pipe(pieces, max_line=1_000_000, on_bad="skip")
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert items == ["a", "b"] and stream.skipped == 1
+    assert peak < 8_000_000  # the 1 MB kept at most, the pipe's chunks, never the 32 MB line
+
+
+BAD_INPUT = b'{"i": 1}\n' + b'{"long": "' + b"z" * 5000 + b'"}\n{"i": 2}\nnot json\n\xff\xfe\n{"i": 3}\n'
+
+
+@pytest.mark.asyncio
+async def test_bad_lines_fail_by_default_naming_source_and_line() -> None:
+    with pytest.raises(aiod4p.InputError, match=r"file descriptor \d+, line 2: longer than 1000 bytes \(5012 bytes\)"):
+        await _read_pipe(BAD_INPUT, json=True, max_line=1000)
+    with pytest.raises(aiod4p.InputError, match=r"file descriptor \d+, line 4: not valid JSON"):
+        await _read_pipe(BAD_INPUT, json=True)
+
+
+@pytest.mark.asyncio
+async def test_bad_lines_skipped_with_a_warning_and_a_count(caplog: pytest.LogCaptureFixture) -> None:
+    items, stream = await _read_pipe(BAD_INPUT, json=True, max_line=1000, on_bad="skip")
+    assert items == [{"i": 1}, {"i": 2}, {"i": 3}]
+    assert stream.skipped == 3
+    warnings = [r.getMessage() for r in caplog.records if r.name == "aiod4p.sources"]
+    assert len(warnings) == 3
+    assert "line 2: longer than 1000 bytes (5012 bytes); line skipped" in warnings[0]
+    assert "line 4: not valid JSON" in warnings[1] and "line 5: not valid JSON" in warnings[2]
+
+
+@pytest.mark.asyncio
+async def test_bad_lines_go_to_the_dead_letter_callback() -> None:
+    letters: list[dict[str, Any]] = []
+    items, stream = await _read_pipe(
+        BAD_INPUT, json=True, max_line=1000, on_bad="dead-letter", dead_letter=letters.append
+    )
+    assert items == [{"i": 1}, {"i": 2}, {"i": 3}] and stream.skipped == 3
+    assert [(d["line"], d["size"]) for d in letters] == [(2, 5012), (4, 8), (5, 2)]
+    assert letters[0]["text"] == ('{"long": "' + "z" * 5000)[:1024] and letters[1]["text"] == "not json"
+    assert letters[2]["text"] == "\ufffd\ufffd" and letters[0]["source"].startswith("file descriptor")
+
+
+def test_line_options_are_checked() -> None:
+    with pytest.raises(ValueError, match="on_bad must be one of fail, skip, dead-letter, not 'drop'"):
+        LineStream(on_bad="drop")
+    with pytest.raises(ValueError, match="max_line must be at least 1 byte, not 0"):
+        LinesSource(max_line=0)
+
+
+@pytest.mark.parametrize("mapping", ["simple", "async", "multi"])
+def test_lines_source_dead_letters_are_results(tmp_path: Path, mapping: str) -> None:
+    path = tmp_path / "in.jsonl"
+    path.write_bytes(BAD_INPUT)
+    source = LinesSource(path, json=True, max_line=1000, on_bad="dead-letter")
+    results = aiod4p.run(source_graph(source), mapping=mapping, workers=2 if mapping == "multi" else None)
+    by_port: dict[tuple[str, str], list[Any]] = {(r.pe, r.port): [] for r in results.records}
+    for record in results.records:
+        by_port[(record.pe, record.port)].append(record.data)
+    letters = by_port.pop((source.id, "dead_letter"))
+    assert sorted(d["line"] for d in letters) == [2, 4, 5]
+    assert [sorted(d["i"] for d in items) for items in by_port.values()] == [[1, 2, 3]]
+
+
+@pytest.mark.parametrize("on_bad", ["skip", "dead-letter"])
+@pytest.mark.asyncio
+async def test_tcp_source_bad_lines(on_bad: str) -> None:
+    listening: asyncio.Future[tuple[str, int]] = asyncio.get_running_loop().create_future()
+    source = TCPSource(port=0, json=True, connections=1, on_listen=listening.set_result, max_line=1000, on_bad=on_bad)
+    run = aiod4p.start(source_graph(source))
+    async with asyncio.timeout(20), run:
+        results = asyncio.ensure_future(run.results())
+        _, writer = await asyncio.open_connection(*await listening)
+        writer.write(BAD_INPUT)
+        await writer.drain()
+        writer.close()
+        await writer.wait_closed()
+        records = (await results).records
+    good = [r.data["i"] for r in records if r.port == "output"]
+    letters = [r.data["line"] for r in records if r.port == "dead_letter"]
+    assert sorted(good) == [1, 2, 3]
+    assert letters == ([2, 4, 5] if on_bad == "dead-letter" else [])
+
+
+@pytest.mark.asyncio
+async def test_tcp_source_fails_on_a_bad_line_by_default() -> None:
+    listening: asyncio.Future[tuple[str, int]] = asyncio.get_running_loop().create_future()
+    source = TCPSource(port=0, json=True, connections=1, on_listen=listening.set_result, max_line=1000)
+    run = aiod4p.start(source_graph(source))
+    with pytest.raises(PEError, match=r"TCP client of 127.0.0.1:0, line 2: longer than 1000 bytes"):
+        async with asyncio.timeout(20), run:
+            results = asyncio.ensure_future(run.results())
+            _, writer = await asyncio.open_connection(*await listening)
+            writer.write(BAD_INPUT)
+            await writer.drain()
+            writer.close()
+            await writer.wait_closed()
+            await results

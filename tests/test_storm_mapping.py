@@ -15,6 +15,7 @@ import pytest
 
 pytest.importorskip("streamparse", reason="the storm extra is not installed")
 
+from aiod4p._install import install_hint
 from aiod4p.errors import MappingUnavailable
 from aiod4p.storm._cluster import find_cluster
 
@@ -192,6 +193,6 @@ def test_without_streamparse_the_mapping_says_how_to_install_it(tmp_path: Path) 
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert "run 1" in done.stdout and "build 1" in done.stdout
-    assert "the storm mapping needs streamparse: pip install 'aiod4p[storm]'" in done.stderr
-    assert "aiod4p storm needs streamparse: pip install 'aiod4p[storm]'" in done.stderr
+    assert f"the storm mapping needs streamparse: {install_hint('storm')}" in done.stderr
+    assert f"aiod4p storm needs streamparse: {install_hint('storm')}" in done.stderr
     assert not (tmp_path / "out").exists()

@@ -30,6 +30,11 @@ class RunControl:
         """The latest statistics of every instance published so far."""
         return [entry for worker in sorted(self._stats) for entry in self._stats[worker]]
 
+    @property
+    def under_way(self) -> bool:
+        """Whether the mapping has started its workers and listens for drain requests."""
+        return bool(self._callbacks)
+
     def on_drain(self, callback: Callable[[], None]) -> None:
         """Call ``callback`` when draining is requested (at once if it already was)."""
         self._callbacks.append(callback)
@@ -49,10 +54,14 @@ class BaseMapping(ABC):
     Attributes:
         name: the name users select it by.
         uses_uvloop: run the caller's event loop on uvloop when installed.
+        takes_workers: ``workers`` (``-n``) changes the plan.
+        uses_processes: every worker is an operating-system process.
     """
 
     name: ClassVar[str]
     uses_uvloop: ClassVar[bool] = True
+    takes_workers: ClassVar[bool] = True
+    uses_processes: ClassVar[bool] = False
 
     @abstractmethod
     def plan_options(self, workers: int | None, batch_size: int, credits: int) -> PlanOptions:

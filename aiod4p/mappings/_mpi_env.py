@@ -7,11 +7,12 @@ import shlex
 import sys
 from pathlib import Path
 
+from .._install import install_hint
 from ..errors import MappingUnavailable
 
 __all__ = ["INSTALL_HINT", "find_mpiexec", "job_rank", "job_size", "mpiexec_extra_args"]
 
-INSTALL_HINT = "pip install 'aiod4p[mpi]'"
+INSTALL_HINT = install_hint("mpi")
 
 # The rank and size variables of the process managers we know: MPICH's Hydra
 # (PMI), PMIx-based ones (Open MPI 5, Slurm), and Open MPI's own.

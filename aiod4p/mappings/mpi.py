@@ -15,7 +15,7 @@ Two ways to run:
   what the caller writes (``--results -``).
 
 Instance ``i`` of a PE runs on rank ``i % ranks``; channels between ranks are
-:class:`~aiod4p.transports.mpi.MpiComm` s. Needs ``pip install 'aiod4p[mpi]'``.
+:class:`~aiod4p.transports.mpi.MpiComm` s. Needs the ``mpi`` extra.
 """
 
 from __future__ import annotations
@@ -58,6 +58,7 @@ class MpiMapping(BaseMapping):
     """
 
     name = "mpi"
+    uses_processes = True
 
     def __init__(self) -> None:
         self.size = job_size()

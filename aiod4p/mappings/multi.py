@@ -80,6 +80,7 @@ class MultiMapping(BaseMapping):
     """
 
     name = "multi"
+    uses_processes = True
 
     def __init__(
         self, start_method: str | None = None, *, stats_interval: float = STATS_INTERVAL, grace: float = GRACE

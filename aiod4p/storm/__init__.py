@@ -5,7 +5,7 @@ sends to a Storm cluster; ``aiod4p storm build TARGET -o DIR`` does the same
 from the command line, and ``aiod4p run TARGET --mapping storm`` builds and
 submits in one step. Root PEs become spouts, the other PEs bolts hosting
 them (see :mod:`aiod4p.storm.components`); Storm routes the tuples. Needs the
-``storm`` extra (``pip install 'aiod4p[storm]'``).
+``storm`` extra.
 """
 
 from ._project import Project, build_jar, build_project, load_topology, topology_name

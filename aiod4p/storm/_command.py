@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from .._install import install_hint
 from ..errors import MappingUnavailable
 
 __all__ = ["add_storm_parser", "mapping_options", "storm_command"]
@@ -55,7 +56,7 @@ def storm_command(args: argparse.Namespace) -> int:
     try:
         import streamparse  # noqa: F401
     except ImportError as exc:
-        raise MappingUnavailable("aiod4p storm needs streamparse: pip install 'aiod4p[storm]'") from exc
+        raise MappingUnavailable(f"aiod4p storm needs streamparse: {install_hint('storm')}") from exc
     from .. import compat
     from .._inputs import parse_cli_inputs
     from .._loading import load_graph

@@ -15,7 +15,7 @@ sender may have ``capacity`` messages not yet taken by the peer's
 Closing sends an in-band close marker after the data. Messages of one comm
 share one MPI tag, so MPI's non-overtaking rule keeps them in order.
 
-Requires ``mpi4py`` (``pip install 'aiod4p[mpi]'``).
+Requires ``mpi4py`` (the ``mpi`` extra).
 """
 
 from __future__ import annotations
