@@ -70,6 +70,8 @@ def build_project(
     options: PlanOptions | None = None,
     envs: Mapping[str, Any] | None = None,
     max_replays: int = 3,
+    report: str = "",
+    token: str = "",
 ) -> Project:
     """Write the streamparse project of ``graph`` into ``directory``.
 
@@ -78,7 +80,9 @@ def build_project(
     ``inputs`` (as for :func:`aiod4p.run`) become the spouts' feeds and must
     be counts or lists of JSON-representable items. ``envs`` is the
     ``envs`` section of ``config.json`` (default: one environment ``prod``
-    to fill in). Files of existing projects are overwritten. The topology is
+    to fill in). ``report`` and ``token`` make the components report their
+    results, errors and end of stream to a waiting run (see
+    :class:`~aiod4p.storm.TopologySpec`). Files of existing projects are overwritten. The topology is
     called ``name``, or ``<name>_topology`` when a module copied into ``src``
     (the workflow file) already has that name.
 
@@ -95,6 +99,7 @@ def build_project(
     name = topology_name(name)
     feeds = _json_feeds(resolve_inputs(plan.graph, inputs))
     spec, functions = plan_topology(plan, name, feeds, max_replays)
+    spec = dataclasses.replace(spec, report=report, token=token)
     local = _local_modules(plan, functions)
     if name in local or name == COMPONENTS_MODULE:
         # sparse imports topologies/<name>.py as module <name>, after src/: the names must differ.
