@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .. import compat
 from .._graph import FlatGraph, WorkflowGraph
 from .._inputs import Inputs, resolve_inputs
 from .._plan import ExecutionPlan, PlanOptions, make_plan
@@ -99,7 +100,7 @@ def build_project(
     name = topology_name(name)
     feeds = _json_feeds(resolve_inputs(plan.graph, inputs))
     spec, functions = plan_topology(plan, name, feeds, max_replays)
-    spec = dataclasses.replace(spec, report=report, token=token)
+    spec = dataclasses.replace(spec, report=report, token=token, dispel4py=compat.installed())
     local = _local_modules(plan, functions)
     if name in local or name == COMPONENTS_MODULE:
         # sparse imports topologies/<name>.py as module <name>, after src/: the names must differ.

@@ -121,6 +121,8 @@ class TopologySpec:
     ``report`` is ``HOST:PORT`` of the process that submitted the topology
     and waits for its results (``aiod4p run --mapping storm``), empty for a
     topology that runs on its own; ``token`` identifies that run.
+    ``dispel4py``: the components serve dispel4py's modules from
+    :mod:`aiod4p.compat` (the workflow is a dispel4py one).
     """
 
     name: str
@@ -129,6 +131,7 @@ class TopologySpec:
     max_replays: int = 3
     report: str = ""
     token: str = ""
+    dispel4py: bool = False
 
     def component(self, name: str) -> ComponentSpec:
         """The component called ``name``.
@@ -163,7 +166,13 @@ class TopologySpec:
             for c in data["components"]
         )
         return cls(
-            data["name"], components, data["feeds"], data["max_replays"], data.get("report", ""), data.get("token", "")
+            data["name"],
+            components,
+            data["feeds"],
+            data["max_replays"],
+            data.get("report", ""),
+            data.get("token", ""),
+            data.get("dispel4py", False),
         )
 
 

@@ -48,6 +48,7 @@ import logging
 import os
 import pickle
 import queue
+import select
 import socket
 import sys
 import threading
@@ -84,6 +85,10 @@ class _Loaded:
     def __init__(self, directory: Path, name: str) -> None:
         self.topology = TopologySpec.from_json(json.loads((directory / SPEC_FILE).read_text()))
         self.spec: ComponentSpec = self.topology.component(name)
+        if self.topology.dispel4py:
+            from .. import compat
+
+            compat.install()
         with open(directory / PES_FILE, "rb") as handle:
             stored = pickle.load(handle)
         self.pe: PE = stored["pes"][name]
@@ -104,6 +109,16 @@ class Reporter:
 
     def send(self, message: dict[str, Any]) -> None:
         self.socket.sendall(json.dumps(message, separators=(",", ":")).encode() + b"\n")
+
+    def gone(self) -> bool:
+        """Whether the run closed its end (it never writes: readable means closed)."""
+        readable, _, _ = select.select([self.socket], [], [], 0)
+        if not readable:
+            return False
+        try:
+            return self.socket.recv(1, socket.MSG_PEEK) == b""
+        except OSError:
+            return True
 
 
 def error_message(exc: BaseException, fatal: bool) -> dict[str, Any]:
@@ -147,8 +162,10 @@ class HostedComponent:
             self.reporter = Reporter(topology.report, {**hello, "pid": os.getpid()})
         pe = self.loaded.pe
         pe.parallelism = len(tasks)
+        # A bolt keeps the outputs of one call in its buffers; a spout's engine hands them over in batches.
+        batch_size = PlanOptions.batch_size if fed else _BATCH
         plan = make_plan(
-            FlatGraph({self.component: pe}, []), PlanOptions(workers=len(tasks), batch_size=_BATCH, credits=1)
+            FlatGraph({self.component: pe}, []), PlanOptions(workers=len(tasks), batch_size=batch_size, credits=1)
         )
         feeds: dict[str, Any] = {}
         if fed:
@@ -356,6 +373,7 @@ class PESpout(HostedComponent, Spout):  # type: ignore[misc]
     wait_seconds = 0.05  # the longest next_tuple waits for the engine when it has nothing ready
 
     def initialize(self, storm_conf: dict[str, Any], context: dict[str, Any]) -> None:
+        self.storm_conf = storm_conf
         self.max_replays = int(storm_conf.get("aiod4p.max_replays", -1))
         self.sink = _QueueSink(16)
         self.worker = self._host(context, True)
@@ -380,6 +398,9 @@ class PESpout(HostedComponent, Spout):  # type: ignore[misc]
         self.sink.queue.put(_DONE)
 
     def next_tuple(self) -> None:
+        if self.reporter is not None and self.reporter.gone():
+            self._orphaned()
+            return
         if not self.produced:
             try:
                 entry = self.sink.queue.get(timeout=self.wait_seconds)
@@ -387,6 +408,20 @@ class PESpout(HostedComponent, Spout):  # type: ignore[misc]
                 return
             self._take(entry)
         self._finish_if_done()
+
+    def _orphaned(self) -> None:
+        """The run that submitted the topology is gone (killed): nobody will collect results, so kill it."""
+        from ._cluster import Cluster, kill
+
+        name = str(self.storm_conf.get("topology.name", ""))
+        seeds = self.storm_conf.get("nimbus.seeds") or ["127.0.0.1"]
+        cluster = Cluster(str(seeds[0]), int(self.storm_conf.get("nimbus.thrift.port", 6627)), "topology conf")
+        self.logger.error("the run that submitted topology %s is gone: killing the topology", name)
+        self.reporter = None
+        try:
+            kill(cluster, name)
+        except Exception as exc:
+            self.logger.error("could not kill topology %s at %s: %s", name, cluster.address, exc)
 
     def deactivate(self) -> None:
         """Under a run, deactivating the topology drains it: the PE stops, what it produced still flows."""
