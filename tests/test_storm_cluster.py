@@ -15,7 +15,7 @@ import signal
 import subprocess
 import sys
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -119,110 +119,111 @@ def test_a_live_source_drains_on_sigint(nimbus: str) -> None:
 # -- the Python API: many workflows in one topology -------------------------------------------------
 
 
-def combined(flaky: bool = False) -> tuple[WorkflowGraph, dict[str, int], dict[str, str]]:
-    """Several workflows side by side in one graph; returns it, its inputs, and each PE's label.
-
-    ``flaky`` adds :func:`storm_workflows.flaky`, whose PE fails tuples (simple would stop at once).
-    """
-    parts: dict[str, Callable[[], WorkflowGraph]] = {
-        "pipeline": lambda: workflows.pipeline(3)[0],
-        "group_by": lambda: workflows.grouping_graph(group_by(0)),
-        "all": lambda: workflows.grouping_graph(ALL),
-        "global": lambda: workflows.grouping_graph(GLOBAL, parallelism=1),
-        "shuffle": lambda: workflows.grouping_graph(SHUFFLE),
-        "fan_out_in": workflows.fan_out_in,
-        "multi_edge": workflows.multi_edge,
-        "composite": workflows.composite_graph,
-        "sum": lambda: _sum_graph(),
-        "wordcount": lambda: aiod4p.load_graph(str(ROOT / "examples" / "wordcount.py")),
-        "split_merge": lambda: aiod4p.load_graph(str(ROOT / "examples" / "split_merge.py")),
-        "async_io": lambda: aiod4p.load_graph(str(ROOT / "examples" / "async_io.py")),
-    }
-    if flaky:
-        parts["flaky"] = storm_workflows.flaky
+def groupings() -> WorkflowGraph:
+    """One source feeding every grouping, a fan-out/fan-in, a composite, a postprocess total, and Flaky."""
     graph = WorkflowGraph()
-    inputs: dict[str, int] = {}
-    labels: dict[str, str] = {}
-    for label, build in parts.items():
-        flat = build().flatten()
-        for pe in flat.pes.values():
-            graph.add(pe)
-            labels[pe.id] = f"{label}.{type(pe).__name__}"
-        for edge in flat.edges:
-            graph.connect(
-                flat.pes[edge.source], edge.source_port, flat.pes[edge.dest], edge.dest_port, grouping=edge.grouping
-            )
-        inputs.update(dict.fromkeys(flat.roots(), 10))
-    return graph, inputs, labels
-
-
-def _sum_graph() -> WorkflowGraph:
-    graph = WorkflowGraph()
-    graph.connect(workflows.Count(), "output", workflows.SumAtEnd(), "input")
+    count, tag = workflows.Count(), workflows.Tag()
+    graph.connect(count, "output", tag, "input")
+    for grouping, parallelism in ((group_by(0), 2), (ALL, 2), (GLOBAL, 1), (SHUFFLE, 2)):
+        who = workflows.WhoSawWhat(grouping, parallelism)
+        who.id = f"who_{getattr(grouping, 'name', None) or type(grouping).__name__.lower()}"
+        graph.connect(tag, "output", who, "input")
+    double, merge = workflows.Double(), workflows.Merge()
+    graph.connect(count, "output", double, "input")
+    graph.connect(double, "output", merge, "left")
+    graph.connect(tag, "output", merge, "right")
+    graph.connect(count, "output", workflows.SumAtEnd(), "input")
+    composite = workflows.chain(workflows.Double(), workflows.lambda_free_increment)
+    graph.connect(count, "output", composite, "input")
     return graph
 
 
-def by_label(results: aiod4p.Results, labels: dict[str, str]) -> dict[tuple[str, str], list[Any]]:
+def by_class(results: aiod4p.Results, graph: WorkflowGraph) -> dict[tuple[str, str], list[Any]]:
+    """Results by (PE id for WhoSawWhat, else class name) and port: ids differ between two builds."""
+    pes = graph.flatten().pes
     grouped: dict[tuple[str, str], list[Any]] = {}
     for (pe, port), items in results.by_port().items():
-        grouped.setdefault((labels[pe], port), []).extend(items)
+        name = pe if pe.startswith("who_") else type(pes[pe]).__name__
+        grouped.setdefault((name, port), []).extend(items)
     return grouped
 
 
-def test_workflows_and_examples_give_the_results_of_simple(nimbus: str) -> None:
-    graph, inputs, labels = combined(flaky=True)
-    mapping = StormMapping(nimbus=nimbus, name="combined", conf={"topology.max.spout.pending": 64})
-    got = by_label(aiod4p.run(graph, inputs, mapping=mapping, workers=2), labels)
-    simple_graph, simple_inputs, simple_labels = combined()
-    expected = by_label(aiod4p.run(simple_graph, simple_inputs, mapping="simple"), simple_labels)
-
-    # Instances differ between mappings; what each grouping promises does not.
-    who = {key: items for key, items in got.items() if key[0].endswith("WhoSawWhat")}
-    expected_items = {key: [item for _, item in items] for key, items in expected.items() if key in who}
-    for key, items in who.items():
-        seen = [item for _, item in items]
-        instances = {instance for instance, _ in items}
-        if key[0].startswith("all."):
-            assert multiset(seen) == multiset(expected_items[key] * 3) and instances == {0, 1, 2}
-            continue
-        assert multiset(seen) == multiset(expected_items[key]), key
-        if key[0].startswith("global."):
-            assert instances == {0}
-        if key[0].startswith("group_by."):
-            owners: dict[int, set[int]] = {}
-            for instance, (group, _) in items:
-                owners.setdefault(group, set()).add(instance)
-            assert all(len(owner) == 1 for owner in owners.values()), owners
-    for key, items in expected.items():
-        if key not in who:
-            assert multiset(got[key]) == multiset(items), key
-    assert set(got) - {("flaky.Flaky", "output")} == set(expected)
+def test_groupings_and_workflows_give_the_results_of_simple(nimbus: str) -> None:
+    graph = groupings()
+    # Flaky has a source of its own: a replayed tuple reaches every subscriber of its stream again.
+    flaky = storm_workflows.Flaky()
+    graph.connect(workflows.Count(), "output", flaky, "input")
+    mapping = StormMapping(nimbus=nimbus, name="groupings", conf={"topology.max.spout.pending": 64})
+    got = by_class(aiod4p.run(graph, 10, mapping=mapping), graph)
+    simple_graph = groupings()
+    expected = by_class(aiod4p.run(simple_graph, 10, mapping="simple"), simple_graph)
 
     # At-least-once: the multiples of 3 failed once, were replayed by the spout, and came out once.
-    assert sorted(got["flaky.Flaky", "output"]) == [(n, n % 3 == 0) for n in range(10)]
+    assert sorted(got.pop(("Flaky", "output"))) == [(n, n % 3 == 0) for n in range(10)]
+    assert set(got) == set(expected)
+    for key, items in expected.items():
+        if not key[0].startswith("who_"):
+            assert multiset(got[key]) == multiset(items), key
+            continue
+        # Instances differ between mappings; what each grouping promises does not.
+        seen, instances = [item for _, item in got[key]], {instance for instance, _ in got[key]}
+        plain = [item for _, item in items]
+        if key[0] == "who_all":
+            assert multiset(seen) == multiset(plain * 2) and instances == {0, 1}
+            continue
+        assert multiset(seen) == multiset(plain), key
+        if key[0] == "who_global":
+            assert instances == {0}
+        if key[0] == "who_groupby":
+            owners: dict[int, set[int]] = {}
+            for instance, (group, _) in got[key]:
+                owners.setdefault(group, set()).add(instance)
+            assert all(len(owner) == 1 for owner in owners.values()), owners
 
-    # What Nimbus ran: the parallelism hints, groupings and back-pressure setting of the plan.
+    # What Nimbus ran: the plan's parallelism hints, groupings and back-pressure setting.
     facts = mapping.facts
     assert facts["conf"]["topology.max.spout.pending"] == 64
-    topology = facts["topology"]
-    components = {**topology.spouts, **topology.bolts}
-    hints = {labels.get(name, name): c.common.parallelism_hint for name, c in components.items()}
-    assert hints["all.WhoSawWhat"] == 3 and hints["global.WhoSawWhat"] == 1 and hints["wordcount.CountWords"] == 2
-    groupings = {
-        labels[name]: {
+    bolts = facts["topology"].bolts
+    hints = {name: bolt.common.parallelism_hint for name, bolt in bolts.items() if name.startswith("who_")}
+    assert hints == {"who_groupby": 2, "who_all": 2, "who_global": 1, "who_shuffle": 2}
+    kinds = {
+        name: {
             kind
-            for stream, grouping in c.common.inputs.items()
+            for stream, grouping in bolt.common.inputs.items()
             if stream.streamId != "aiod4p_eos"
             for kind in ("shuffle", "fields", "all", "none", "direct", "local_or_shuffle")
             if getattr(grouping, kind, None) is not None
         }
-        for name, c in topology.bolts.items()
-        if name in labels
+        for name, bolt in bolts.items()
     }
-    assert groupings["all.WhoSawWhat"] == {"all"}
-    assert groupings["shuffle.WhoSawWhat"] == {"shuffle"}
-    assert groupings["group_by.WhoSawWhat"] == {"fields"}
-    assert groupings["flaky.Flaky"] == {"fields"}
+    assert kinds["who_all"] == {"all"} and kinds["who_shuffle"] == {"shuffle"}
+    assert kinds["who_groupby"] == {"fields"} and kinds[flaky.id] == {"fields"}
+    # Storm's global grouping is a fields grouping on no field; group_by(0) groups on the key field.
+    fields = {
+        name: [g.fields for s, g in bolt.common.inputs.items() if g.fields is not None] for name, bolt in bolts.items()
+    }
+    assert fields["who_global"] == [[]] and fields["who_groupby"] == [["key_0"]]
+
+
+def test_the_examples_give_the_results_of_async(nimbus: str) -> None:
+    # async, not simple: like Storm it runs the instances the examples ask for (split_merge's Monitor has 2).
+    def examples() -> WorkflowGraph:
+        graph = WorkflowGraph()
+        for name in ("split_merge", "async_io"):
+            flat = aiod4p.load_graph(str(ROOT / "examples" / f"{name}.py")).flatten()
+            for edge in flat.edges:
+                graph.connect(
+                    flat.pes[edge.source], edge.source_port, flat.pes[edge.dest], edge.dest_port, grouping=edge.grouping
+                )
+        return graph
+
+    storm_graph, async_graph = examples(), examples()
+    got = by_class(aiod4p.run(storm_graph, 5, mapping=StormMapping(nimbus=nimbus, name="examples")), storm_graph)
+    expected = by_class(aiod4p.run(async_graph, 5, mapping="async"), async_graph)
+    assert set(got) == set(expected)
+    for key, items in expected.items():
+        if key[0] != "Elapsed":  # async_io's wall time
+            assert multiset(got[key]) == multiset(items), key
 
 
 def test_a_dead_worker_fails_the_run(nimbus: str) -> None:

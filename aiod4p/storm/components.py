@@ -242,10 +242,10 @@ _BATCH = sys.maxsize
 class PEBolt(HostedComponent, Bolt):  # type: ignore[misc]
     """A bolt hosting one PE instance per task; see the module docstring."""
 
-    auto_ack = True
+    auto_ack = False  # process() acks, or fails the tuple when its PE raised
     auto_anchor = True
-    auto_fail = True
-    exit_on_exception = False  # a failing item fails its tuple, not the whole Storm worker
+    # Any other exception (the protocol broke: Storm's worker died) ends this process.
+    exit_on_exception = True
 
     def initialize(self, storm_conf: dict[str, Any], context: dict[str, Any]) -> None:
         self._host(context, False)
@@ -278,9 +278,13 @@ class PEBolt(HostedComponent, Bolt):  # type: ignore[misc]
     def process(self, tup: Any) -> None:
         try:
             self._process(tup)
-        except Exception as exc:
-            self._report_error(exc, fatal=False)  # Storm fails the tuple: its spout replays it
-            raise
+        except Aiod4pError as exc:  # the PE raised, or wrote what cannot cross: fail the tuple, go on
+            self.logger.error("Exception in %s.run()", type(self).__name__, exc_info=True)
+            self._report_error(exc, fatal=False)  # the spout replays the tuple
+            self.raise_exception(exc, tup)
+            self.fail(tup)
+            return
+        self.ack(tup)
 
     def _process(self, tup: Any) -> None:
         if tup.stream == EOS_STREAM:
