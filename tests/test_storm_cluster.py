@@ -21,7 +21,9 @@ from typing import Any
 
 import pytest
 import storm_workflows
+import test_differential as differential
 import workflows
+from test_differential import dispel4py_hook  # noqa: F401 - a fixture
 
 import aiod4p
 from aiod4p import ALL, GLOBAL, SHUFFLE, WorkflowGraph, group_by
@@ -231,3 +233,40 @@ def test_a_dead_worker_fails_the_run(nimbus: str) -> None:
     graph = workflows.mpi_killed()
     with pytest.raises(WorkerDied, match=r"the Storm task of PE FailsOnInstance\d*\[1\].*exited"):
         aiod4p.run(graph, 10, mapping=StormMapping(nimbus=nimbus, name="killed"), workers=2)
+
+
+# -- dispel4py's own examples, unchanged -----------------------------------------------------------
+
+# A few of them, one topology: the features they cover, not all fifteen (a task is a Python process).
+DISPEL4PY = ("pipeline_test", "grouping_onetoall", "grouping_alltoone", "teecopy", "split_merge")
+
+
+@pytest.mark.skipif(not differential.D4P_PYTHON.exists(), reason="dispel4py 1.2.1 is not installed")
+@pytest.mark.usefixtures("dispel4py_hook")
+def test_dispel4py_examples_give_the_results_of_dispel4py(nimbus: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    iterations = differential.ITERATIONS
+    combined = WorkflowGraph()
+    renames: dict[str, tuple[str, str]] = {}
+    for name in DISPEL4PY:
+        path = str(differential.example(name))
+        monkeypatch.setattr(sys, "argv", differential.cli_argv(path, iterations))
+        graph = aiod4p.load_graph(path)
+        flat = graph.flatten()
+        for pe in flat.pes.values():
+            combined.add(pe)
+        for edge in flat.edges:
+            combined.connect(
+                flat.pes[edge.source], edge.source_port, flat.pes[edge.dest], edge.dest_port, grouping=edge.grouping
+            )
+        renames.update({pe_id: (name, fresh) for pe_id, fresh in differential.fresh_ids(graph).items()})
+    results = aiod4p.run(combined, iterations, mapping=StormMapping(nimbus=nimbus, name="dispel4py"))
+    got: dict[str, dict[tuple[str, str], list[Any]]] = {name: {} for name in DISPEL4PY}
+    for (pe_id, port), items in results.by_port().items():
+        name, fresh = renames[pe_id]
+        got[name][fresh, port] = items
+    for name in DISPEL4PY:
+        expected = differential.dispel4py_simple(str(differential.example(name)), iterations=iterations)
+        assert set(got[name]) == set(expected), name
+        copies = differential.BROADCAST.get(name, 1)  # Storm runs the instances numprocesses asks for
+        for key, items in expected.items():
+            assert differential.multiset(got[name][key]) == differential.multiset(items * copies), (name, key)

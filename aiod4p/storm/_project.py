@@ -116,6 +116,10 @@ def build_project(
         (src / PES_FILE).write_bytes(pickled)
         for module_name, path in local.items():
             shutil.copyfile(path, src / f"{module_name}.py")
+        package = _dispel4py_package(plan, functions)
+        if package is not None:  # dispel4py's own modules (examples, PE libraries) for the compat hook
+            shutil.rmtree(src / compat.PACKAGE, ignore_errors=True)
+            shutil.copytree(package, src / compat.PACKAGE, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
         (src / f"{COMPONENTS_MODULE}.py").write_text(_components_source(spec))
         for stale in (root / "topologies").glob("*.py"):
             stale.unlink()
@@ -233,6 +237,23 @@ def _local_modules(plan: ExecutionPlan, functions: dict[str, Callable[[Any], Any
             continue
         found[module_name] = path
     return found
+
+
+def _dispel4py_package(plan: ExecutionPlan, functions: dict[str, Callable[[Any], Any]]) -> Path | None:
+    """The real dispel4py package that defines some of the PEs (``dispel4py.examples...``), if any.
+
+    Those modules are not served by :mod:`aiod4p.compat`; the workers find them in ``src/dispel4py``.
+    """
+    for obj in _objects(plan, functions):
+        module_name = getattr(obj, "__module__", "") or ""
+        if not module_name.startswith(f"{compat.PACKAGE}.") or module_name in compat.SERVED:
+            continue
+        file = getattr(sys.modules.get(module_name), "__file__", None)
+        if isinstance(file, str):
+            for parent in Path(file).resolve().parents:
+                if parent.name == compat.PACKAGE and (parent / "__init__.py").is_file():
+                    return parent
+    return None
 
 
 def _identifier(name: str, taken: set[str]) -> str:
