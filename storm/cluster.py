@@ -163,7 +163,12 @@ def launch(name: str) -> None:
     env["STORM_CONF_DIR"] = str(HOME / "conf")
     out = open(LOGS / f"{name}.out", "ab")  # noqa: SIM115 - the daemon keeps writing to it
     process = subprocess.Popen(
-        command(name), cwd=RUN, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        command(name),
+        cwd=RUN,
+        env=env,
+        stdout=out,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
         start_new_session=True,  # its own process group: stop() ends it with every worker it spawns
     )
     out.close()
