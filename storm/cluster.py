@@ -270,8 +270,13 @@ def status() -> int:
     return 0 if ready else 1
 
 
+def fetched() -> int:
+    fetch()
+    return 0
+
+
 def main(argv: list[str]) -> int:
-    actions = {"start": start, "stop": stop, "status": status, "fetch": lambda: fetch() or 0}
+    actions = {"start": start, "stop": stop, "status": status, "fetch": fetched}
     if len(argv) != 1 or argv[0] not in actions:
         print(f"usage: scripts/storm-cluster {'|'.join(actions)}", file=sys.stderr)
         return 2
