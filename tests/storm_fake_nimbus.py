@@ -70,6 +70,9 @@ class Handler:
         submitted = {"name": name, "jar": jar, "conf": json.loads(conf), "components": components}
         (self.record / "submitted.json").write_text(json.dumps(submitted))
 
+    def killTopologyWithOpts(self, name: str, options: Any) -> None:
+        (self.record / "killed.json").write_text(json.dumps({"name": name, "wait_secs": options.wait_secs}))
+
 
 def main() -> None:
     record = Path(sys.argv[1])

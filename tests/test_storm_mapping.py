@@ -153,21 +153,32 @@ def test_nimbus_without_supervisors(
     assert not (record / "submitted.json").exists()
 
 
-def test_submit_with_sparse(
+def test_submit_with_sparse_then_kill_a_topology_that_does_not_start(
     fake_nimbus: Callable[[int], tuple[int, Path]], sandbox: dict[str, str], tmp_path: Path
 ) -> None:
+    # The stand-in Nimbus records the submission, but runs nothing: no task ever reports back.
     port, record = fake_nimbus(1)
-    done = aiod4p(
-        ["run", WORDCOUNT, "--mapping", "storm", "--nimbus", f"127.0.0.1:{port}", "-n", "2", "-i", "1"],
-        sandbox,
-        tmp_path / "cwd",
+    code = (
+        "import aiod4p, sys\n"
+        "from aiod4p.mappings.storm import StormMapping\n"
+        f"mapping = StormMapping(nimbus='127.0.0.1:{port}', target={WORDCOUNT!r}, start_timeout=1)\n"
+        f"graph = aiod4p.load_graph({WORDCOUNT!r})\n"
+        "try:\n"
+        "    aiod4p.run(graph, 1, mapping=mapping, workers=2)\n"
+        "except aiod4p.errors.Aiod4pError as exc:\n"
+        "    sys.exit(str(exc))\n"
     )
-    assert done.returncode == 0, done.stderr
-    assert "topology wordcount_topology runs on Storm" in done.stderr
-    assert "storm kill wordcount_topology" in done.stderr
+    done = subprocess.run(
+        [sys.executable, "-c", code], env=sandbox, cwd=tmp_path / "cwd", capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 1
     submitted = json.loads((record / "submitted.json").read_text())
-    assert submitted["name"] == "wordcount_topology"
+    name = submitted["name"]
+    assert name.startswith("wordcount-")  # the target's name, and the run's own suffix
+    assert f"topology {name} did not start within 1 s (0 of 6 tasks reported)" in done.stderr
+    assert json.loads((record / "killed.json").read_text()) == {"name": name, "wait_secs": 0}
     assert submitted["conf"]["topology.workers"] == 1
+    assert submitted["conf"]["topology.max.spout.pending"] == 1000
     components = {name.rstrip("0123456789"): spec for name, spec in submitted["components"].items()}
     assert {name: (spec["kind"], spec["par"]) for name, spec in components.items()} == {
         "ReadLines": ("spout", 1),
@@ -181,6 +192,7 @@ def test_submit_with_sparse(
         spec = json.loads(jar.read("resources/aiod4p_topology.json"))
     assert {"resources/aiod4p_components.py", "resources/aiod4p_pes.pickle", "resources/wordcount.py"} <= names
     assert list(spec["feeds"].values()) == [1]
+    assert spec["report"].startswith("127.0.0.1:") and len(spec["token"]) == 16
     assert not any((tmp_path / "scratch").iterdir())  # the temporary project is gone
 
 

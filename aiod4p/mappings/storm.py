@@ -1,20 +1,28 @@
-"""The storm mapping: build the workflow's Storm topology and submit it to a cluster.
+"""The storm mapping: run the workflow as an Apache Storm topology and collect its results.
 
 Storm routes the tuples itself, so this mapping does not run the engine's
 router: it compiles the plan into a streamparse project (see
-:mod:`aiod4p.storm`) and submits it with ``sparse submit``. Before anything
-else it checks that a Storm cluster is configured and that its Nimbus
-answers. The topology then runs on the cluster until it is killed
-(``storm kill NAME``); its results stay there (see docs/storm.md).
+:mod:`aiod4p.storm`), submits it with ``sparse submit`` to the cluster the
+user configured (checking first that its Nimbus answers), and waits: every
+task of the topology connects back to this process (:class:`RunReport`)
+and sends the results of unconnected ports, its errors and its end of
+stream. Once every task has finished, the topology is killed and the run
+returns, as on every other mapping. A fatal error or a dead worker fails the
+run (the topology is killed too); draining the run (SIGINT/SIGTERM in the
+CLI) deactivates the topology, which makes the spouts stop their PEs and
+finish their streams, so that the run still ends through ``postprocess``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
+import socket
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import streamparse  # noqa: F401 - the storm extra: without it get_mapping() explains how to install it
 
@@ -23,31 +31,72 @@ from .._loading import _split
 from .._plan import ExecutionPlan, PlanOptions
 from .._results import ResultSink
 from .._stats import InstanceStats
+from ..errors import Aiod4pError
 from ..storm import build_project, topology_name
-from ..storm._cluster import ENV_NAME, Cluster, find_cluster, probe, submit, submit_env
+from ..storm._cluster import (
+    ENV_NAME,
+    Cluster,
+    deactivate,
+    find_cluster,
+    kill,
+    probe,
+    submit,
+    submit_env,
+    topology_facts,
+)
+from ..storm._run import RunReport
 from ._base import BaseMapping, RunControl
 
-__all__ = ["StormMapping"]
+__all__ = ["DEFAULT_CONF", "StormMapping"]
 
 logger = logging.getLogger("aiod4p.storm")
 
+# Storm settings of every run, unless the caller's ``conf`` says otherwise. A bounded number of
+# tuples in flight per spout task is Storm's back-pressure: it also keeps tuples from timing out
+# (and being replayed) on a busy cluster.
+DEFAULT_CONF: dict[str, Any] = {"topology.max.spout.pending": 1000}
+
 
 class StormMapping(BaseMapping):
-    """Submits the workflow to the Storm cluster named by the user's configuration.
+    """Runs the workflow on the Storm cluster named by the user's configuration.
 
     Args:
         nimbus: ``HOST[:PORT]`` of Nimbus, overriding the configuration.
         target: the workflow target, which names the topology.
-        name: the topology name (default: from ``target``, else ``aiod4p``).
+        name: the topology name (default: from ``target``, else ``aiod4p``);
+            a run adds a suffix of its own, so that runs never collide.
+        conf: Storm configuration for the topology (``topology.*`` keys,
+            ``aiod4p.max_replays``), over :data:`DEFAULT_CONF`.
+        max_replays: replays of a failed tuple before the run fails.
+        callback_host: the address the cluster's workers reach this process
+            at (default: the one this machine uses to reach Nimbus).
+        start_timeout: seconds to wait for every task of the topology to start.
+
+    After a run, :attr:`facts` holds what Nimbus said about the topology while
+    it ran (see :func:`aiod4p.storm._cluster.topology_facts`).
     """
 
     name = "storm"
     uses_uvloop = False
 
-    def __init__(self, nimbus: str | None = None, target: str | None = None, name: str | None = None) -> None:
+    def __init__(
+        self,
+        nimbus: str | None = None,
+        target: str | None = None,
+        name: str | None = None,
+        conf: Mapping[str, Any] | None = None,
+        max_replays: int = 3,
+        callback_host: str | None = None,
+        start_timeout: float = 300.0,
+    ) -> None:
         self.nimbus = nimbus
         self.topology = topology_name(name or (_target_name(target) if target else "aiod4p"))
+        self.conf = {**DEFAULT_CONF, **(conf or {})}
+        self.max_replays = max_replays
+        self.callback_host = callback_host
+        self.start_timeout = start_timeout
         self.submitted: str | None = None
+        self.facts: dict[str, Any] = {}
 
     def plan_options(self, workers: int | None, batch_size: int, credits: int) -> PlanOptions:
         # -n N: N tasks for every PE whose parallelism is unset (as the async mapping's instances).
@@ -61,34 +110,102 @@ class StormMapping(BaseMapping):
         control: RunControl,
         max_delay: float,
     ) -> list[InstanceStats]:
-        """Check the cluster, build the topology and submit it; returns at once (no statistics).
+        """Submit the topology, deliver its results to ``sink`` until every task has finished, kill it.
+
+        Returns no statistics (Storm keeps its own: the Storm UI).
 
         Raises:
             MappingUnavailable: no Storm cluster is configured, or its Nimbus does not answer
                 (checked before anything else is done).
             GraphError, InputError: the workflow or its inputs cannot become a topology.
-            Aiod4pError: the submission failed.
+            PEError: a PE raised (a root PE, ``postprocess``, or an item still failing after its replays).
+            WorkerDied: a Storm worker died during the run.
+            Aiod4pError: the submission failed, or the topology did not start in time.
         """
         cluster: Cluster = find_cluster(self.nimbus)
         summary = await asyncio.to_thread(probe, cluster)
-        logger.info("submitting topology %s to %s", self.topology, summary)
-        with tempfile.TemporaryDirectory(prefix="aiod4p-storm-project-") as tmp:
-            project = build_project(
-                plan,
-                Path(tmp) / self.topology,
-                name=self.topology,
-                inputs=dict(feeds),
-                envs={ENV_NAME: submit_env(cluster)},
-            )
-            self.submitted = await asyncio.to_thread(submit, project, cluster)
+        token = secrets.token_hex(8)
+        report = RunReport(sink, token)
+        address = await report.listen(self.callback_host or _reachable_address(cluster))
+        name = f"{self.topology}-{token[:8]}"
+        try:
+            with tempfile.TemporaryDirectory(prefix="aiod4p-storm-project-") as tmp:
+                project = build_project(
+                    plan,
+                    Path(tmp) / name,
+                    name=name,
+                    inputs=dict(feeds),
+                    envs={ENV_NAME: submit_env(cluster)},
+                    max_replays=self.max_replays,
+                    report=address,
+                    token=token,
+                )
+                report.expect(project.spec)
+                logger.info("submitting topology %s to %s", project.name, summary)
+                self.submitted = await asyncio.to_thread(submit, project, cluster, self.conf)
+        except BaseException:
+            await report.close(0)
+            raise
         self.topology = project.name
-        logger.warning(
-            "topology %s runs on Storm (%s) until killed (storm kill %s); its results stay in Storm",
-            project.name,
-            cluster.address,
-            project.name,
-        )
+        try:
+            await self._wait(report, cluster, control)
+        finally:
+            await asyncio.to_thread(kill, cluster, project.name)
+            await report.close(grace=30 if report.failed else 0)
+        if report.failed:
+            raise report.error()
         return []
+
+    async def _wait(self, report: RunReport, cluster: Cluster, control: RunControl) -> None:
+        """Wait until every task has finished or the run failed; drain on request."""
+        started = asyncio.ensure_future(report.all_started.wait())
+        ended = asyncio.ensure_future(report.ended.wait())
+        try:
+            done, _ = await asyncio.wait({started, ended}, timeout=self.start_timeout, return_when="FIRST_COMPLETED")
+            if not done:
+                raise Aiod4pError(
+                    f"topology {self.topology} did not start within {self.start_timeout:.0f} s"
+                    f" ({len(report.started)} of {len(report.expected)} tasks reported);"
+                    f" {await asyncio.to_thread(_errors, cluster, self.topology)}"
+                )
+            if not report.ended.is_set():
+                self.facts = await asyncio.to_thread(topology_facts, cluster, self.topology)
+                logger.info("topology %s runs (%s)", self.topology, self.facts["id"])
+            draining: list[asyncio.Task[None]] = []
+            control.on_drain(lambda: draining.append(asyncio.ensure_future(self._drain(cluster))))
+            await ended
+            for task in draining:
+                await task
+        finally:
+            started.cancel()
+            ended.cancel()
+
+    async def _drain(self, cluster: Cluster) -> None:
+        logger.warning("draining topology %s: deactivating it; its spouts stop and finish their streams", self.topology)
+        await asyncio.to_thread(deactivate, cluster, self.topology)
+
+
+def _reachable_address(cluster: Cluster) -> str:
+    """The address of this machine on the route to Nimbus (no packet is sent)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe_socket:
+        try:
+            probe_socket.connect((cluster.host, cluster.port))
+        except OSError:
+            return "127.0.0.1"
+        address: str = probe_socket.getsockname()[0]
+        return address
+
+
+def _errors(cluster: Cluster, name: str) -> str:
+    """What Nimbus knows about a topology that did not start: its components' errors."""
+    try:
+        info = topology_facts(cluster, name)["info"]
+    except Exception as exc:
+        return f"Nimbus gives no information ({type(exc).__name__}: {exc})"
+    errors = [f"{component}: {e.error.splitlines()[0]}" for component, es in (info.errors or {}).items() for e in es]
+    if not errors:
+        return "Nimbus reports no error (see the worker logs)"
+    return "Nimbus reports: " + "; ".join(errors[:5])
 
 
 def _target_name(target: str) -> str:

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
 import tempfile
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ from typing import Any
 from ..errors import Aiod4pError, MappingUnavailable
 from ._project import Project, build_jar
 
-__all__ = ["Cluster", "find_cluster", "probe", "submit"]
+__all__ = ["Cluster", "deactivate", "find_cluster", "kill", "nimbus", "probe", "submit", "topology_facts"]
 
 DEFAULT_PORT = 6627
 ENV_NAME = "aiod4p"
@@ -120,6 +121,33 @@ def find_cluster(nimbus: str | None = None, config: str | Path = "config.json") 
     raise MappingUnavailable(f"the storm mapping needs a Storm cluster, and none is configured: {_HOW}")
 
 
+@contextlib.contextmanager
+def nimbus(cluster: Cluster, timeout: float = 30.0) -> Iterator[Any]:
+    """A Thrift client of ``cluster``'s Nimbus (streamparse's definition of Storm's API).
+
+    Raises:
+        thriftpy2 and socket errors: Nimbus cannot be reached.
+    """
+    warnings.filterwarnings("ignore", message="Cannot import msgpack", category=ImportWarning)
+    from streamparse.thrift import Nimbus
+    from thriftpy2.protocol import TBinaryProtocolFactory
+    from thriftpy2.rpc import make_client
+    from thriftpy2.transport import TFramedTransportFactory
+
+    client = make_client(
+        Nimbus,
+        host=cluster.host,
+        port=cluster.port,
+        timeout=int(timeout * 1000),
+        proto_factory=TBinaryProtocolFactory(),  # type: ignore[no-untyped-call]
+        trans_factory=TFramedTransportFactory(),
+    )
+    try:
+        yield client
+    finally:
+        client.close()
+
+
 def probe(cluster: Cluster, timeout: float = 5.0) -> str:
     """Ask Nimbus for its cluster summary (a real Thrift call: an open port is no proof).
 
@@ -128,25 +156,9 @@ def probe(cluster: Cluster, timeout: float = 5.0) -> str:
     Raises:
         MappingUnavailable: Nimbus does not answer, or has no supervisor to run topologies.
     """
-    warnings.filterwarnings("ignore", message="Cannot import msgpack", category=ImportWarning)
-    from streamparse.thrift import Nimbus
-    from thriftpy2.protocol import TBinaryProtocolFactory
-    from thriftpy2.rpc import make_client
-    from thriftpy2.transport import TFramedTransportFactory
-
     try:
-        client = make_client(
-            Nimbus,
-            host=cluster.host,
-            port=cluster.port,
-            timeout=int(timeout * 1000),
-            proto_factory=TBinaryProtocolFactory(),  # type: ignore[no-untyped-call]
-            trans_factory=TFramedTransportFactory(),
-        )
-        try:
+        with nimbus(cluster, timeout) as client:
             info = client.getClusterInfo()
-        finally:
-            client.close()
     except Exception as exc:
         raise MappingUnavailable(
             f"no Storm cluster is reachable: Nimbus at {cluster.address} (from {cluster.origin}) does not answer"
@@ -157,6 +169,49 @@ def probe(cluster: Cluster, timeout: float = 5.0) -> str:
         raise MappingUnavailable(f"Nimbus at {cluster.address} answers but has no supervisor to run topologies")
     versions = sorted({summary.version for summary in info.nimbuses or []})
     return f"Nimbus {cluster.address} (Storm {', '.join(versions) or '?'}), {supervisors} supervisor(s)"
+
+
+def _topology_id(client: Any, name: str) -> str | None:
+    return next((t.id for t in client.getClusterInfo().topologies or [] if t.name == name), None)
+
+
+def kill(cluster: Cluster, name: str) -> bool:
+    """Kill topology ``name`` at once (no grace period); False if it was not running."""
+    from streamparse.thrift import KillOptions, NotAliveException
+
+    with nimbus(cluster) as client:
+        try:
+            client.killTopologyWithOpts(name, KillOptions(wait_secs=0))
+        except NotAliveException:
+            return False
+    return True
+
+
+def deactivate(cluster: Cluster, name: str) -> None:
+    """Deactivate topology ``name``: Storm stops asking its spouts for tuples (and tells them)."""
+    with nimbus(cluster) as client:
+        client.deactivate(name)
+
+
+def topology_facts(cluster: Cluster, name: str) -> dict[str, Any]:
+    """What Nimbus says about the running topology ``name``.
+
+    Returns ``{"id", "conf" (its configuration), "topology" (the StormTopology
+    as submitted), "info" (TopologyInfo: executors, errors)}``.
+
+    Raises:
+        Aiod4pError: no such topology runs.
+    """
+    with nimbus(cluster) as client:
+        topology_id = _topology_id(client, name)
+        if topology_id is None:
+            raise Aiod4pError(f"no topology {name!r} runs on Nimbus {cluster.address}")
+        return {
+            "id": topology_id,
+            "conf": json.loads(client.getTopologyConf(topology_id)),
+            "topology": client.getUserTopology(topology_id),
+            "info": client.getTopologyInfo(topology_id),
+        }
 
 
 def sparse_command() -> list[str]:

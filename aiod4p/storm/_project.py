@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .. import compat
 from .._graph import FlatGraph, WorkflowGraph
 from .._inputs import Inputs, resolve_inputs
 from .._plan import ExecutionPlan, PlanOptions, make_plan
@@ -70,6 +71,8 @@ def build_project(
     options: PlanOptions | None = None,
     envs: Mapping[str, Any] | None = None,
     max_replays: int = 3,
+    report: str = "",
+    token: str = "",
 ) -> Project:
     """Write the streamparse project of ``graph`` into ``directory``.
 
@@ -78,7 +81,9 @@ def build_project(
     ``inputs`` (as for :func:`aiod4p.run`) become the spouts' feeds and must
     be counts or lists of JSON-representable items. ``envs`` is the
     ``envs`` section of ``config.json`` (default: one environment ``prod``
-    to fill in). Files of existing projects are overwritten. The topology is
+    to fill in). ``report`` and ``token`` make the components report their
+    results, errors and end of stream to a waiting run (see
+    :class:`~aiod4p.storm.TopologySpec`). Files of existing projects are overwritten. The topology is
     called ``name``, or ``<name>_topology`` when a module copied into ``src``
     (the workflow file) already has that name.
 
@@ -95,6 +100,7 @@ def build_project(
     name = topology_name(name)
     feeds = _json_feeds(resolve_inputs(plan.graph, inputs))
     spec, functions = plan_topology(plan, name, feeds, max_replays)
+    spec = dataclasses.replace(spec, report=report, token=token, dispel4py=compat.installed())
     local = _local_modules(plan, functions)
     if name in local or name == COMPONENTS_MODULE:
         # sparse imports topologies/<name>.py as module <name>, after src/: the names must differ.
@@ -110,6 +116,10 @@ def build_project(
         (src / PES_FILE).write_bytes(pickled)
         for module_name, path in local.items():
             shutil.copyfile(path, src / f"{module_name}.py")
+        package = _dispel4py_package(plan, functions)
+        if package is not None:  # dispel4py's own modules (examples, PE libraries) for the compat hook
+            shutil.rmtree(src / compat.PACKAGE, ignore_errors=True)
+            shutil.copytree(package, src / compat.PACKAGE, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
         (src / f"{COMPONENTS_MODULE}.py").write_text(_components_source(spec))
         for stale in (root / "topologies").glob("*.py"):
             stale.unlink()
@@ -227,6 +237,23 @@ def _local_modules(plan: ExecutionPlan, functions: dict[str, Callable[[Any], Any
             continue
         found[module_name] = path
     return found
+
+
+def _dispel4py_package(plan: ExecutionPlan, functions: dict[str, Callable[[Any], Any]]) -> Path | None:
+    """The real dispel4py package that defines some of the PEs (``dispel4py.examples...``), if any.
+
+    Those modules are not served by :mod:`aiod4p.compat`; the workers find them in ``src/dispel4py``.
+    """
+    for obj in _objects(plan, functions):
+        module_name = getattr(obj, "__module__", "") or ""
+        if not module_name.startswith(f"{compat.PACKAGE}.") or module_name in compat.SERVED:
+            continue
+        file = getattr(sys.modules.get(module_name), "__file__", None)
+        if isinstance(file, str):
+            for parent in Path(file).resolve().parents:
+                if parent.name == compat.PACKAGE and (parent / "__init__.py").is_file():
+                    return parent
+    return None
 
 
 def _identifier(name: str, taken: set[str]) -> str:

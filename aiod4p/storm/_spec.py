@@ -96,13 +96,14 @@ class InputSpec:
 
 @dataclass(frozen=True)
 class ComponentSpec:
-    """A spout (root PE) or bolt hosting the PE ``name``."""
+    """A spout (root PE) or bolt hosting the PE ``name``; ``results`` are its unconnected output ports."""
 
     name: str
     kind: str
     parallelism: int
     streams: tuple[StreamSpec, ...]
     inputs: tuple[InputSpec, ...]
+    results: tuple[str, ...] = ()
 
     def streams_of(self, port: str) -> list[StreamSpec]:
         return [stream for stream in self.streams if stream.port == port]
@@ -115,12 +116,22 @@ class ComponentSpec:
 
 @dataclass(frozen=True)
 class TopologySpec:
-    """The whole topology, plus the inputs of the spouts (JSON-ready feeds)."""
+    """The whole topology, plus the inputs of the spouts (JSON-ready feeds).
+
+    ``report`` is ``HOST:PORT`` of the process that submitted the topology
+    and waits for its results (``aiod4p run --mapping storm``), empty for a
+    topology that runs on its own; ``token`` identifies that run.
+    ``dispel4py``: the components serve dispel4py's modules from
+    :mod:`aiod4p.compat` (the workflow is a dispel4py one).
+    """
 
     name: str
     components: tuple[ComponentSpec, ...]
     feeds: dict[str, Any]
     max_replays: int = 3
+    report: str = ""
+    token: str = ""
+    dispel4py: bool = False
 
     def component(self, name: str) -> ComponentSpec:
         """The component called ``name``.
@@ -150,10 +161,19 @@ class TopologySpec:
                     InputSpec(i["source"], i["stream"], i["port"], i["grouping"], tuple(i["fields"]))
                     for i in c["inputs"]
                 ),
+                results=tuple(c.get("results", ())),
             )
             for c in data["components"]
         )
-        return cls(data["name"], components, data["feeds"], data["max_replays"])
+        return cls(
+            data["name"],
+            components,
+            data["feeds"],
+            data["max_replays"],
+            data.get("report", ""),
+            data.get("token", ""),
+            data.get("dispel4py", False),
+        )
 
 
 def plan_topology(
@@ -222,6 +242,7 @@ def plan_topology(
                 parallelism=plan.placement[pe_id].parallelism,
                 streams=tuple(streams[pe_id]),
                 inputs=tuple(inputs),
+                results=tuple(plan.result_ports.get(pe_id, [])),
             )
         )
     return TopologySpec(name, tuple(components), feeds, max_replays), functions

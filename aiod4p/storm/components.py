@@ -25,6 +25,19 @@ replayed with the same id, at most ``max_replays`` times (then it is dropped
 and an error is reported): at-least-once delivery. When the feed is exhausted
 and every tuple is acked (or dropped), the spout emits its end-of-stream
 marker, unreliably.
+
+Reporting to a run: when the topology was submitted by ``aiod4p run
+--mapping storm`` (:attr:`TopologySpec.report` is set), every task opens
+one TCP connection back to that process and writes JSON lines on it: a
+``hello`` naming its component, task index and pid; the results its PE
+writes to unconnected ports (``r``, written before the input tuple is
+acked); errors (``e``: a PE that raised on a tuple, which Storm then fails
+and replays, or a fatal one: a root PE or ``postprocess`` that raised, a
+tuple dropped after its last replay); and ``d`` once the task has sent its
+end-of-stream marker. A connection that closes before ``d`` means the task's
+process died. When the topology is deactivated, the spouts stop their PEs
+(the engine's drain), emit what was already produced, and finish their
+stream as if the input had ended.
 """
 
 from __future__ import annotations
@@ -32,10 +45,14 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import pickle
 import queue
+import select
+import socket
 import sys
 import threading
+import traceback
 import warnings
 from collections.abc import Callable, Coroutine
 from pathlib import Path
@@ -45,7 +62,7 @@ from .._engine import Worker, _Actor
 from .._graph import FlatGraph
 from .._pe import PE, _Runtime
 from .._plan import InstanceRef, PlanOptions, make_plan
-from ..errors import PEError, TransportError
+from ..errors import Aiod4pError, PEError, TransportError
 from ._spec import EOS_STREAM, ComponentSpec, TopologySpec
 from ._wire import WireError, decode, encode
 
@@ -68,10 +85,50 @@ class _Loaded:
     def __init__(self, directory: Path, name: str) -> None:
         self.topology = TopologySpec.from_json(json.loads((directory / SPEC_FILE).read_text()))
         self.spec: ComponentSpec = self.topology.component(name)
+        if self.topology.dispel4py:
+            from .. import compat
+
+            compat.install()
         with open(directory / PES_FILE, "rb") as handle:
             stored = pickle.load(handle)
         self.pe: PE = stored["pes"][name]
         self.functions: dict[str, Callable[[Any], Any]] = stored["functions"]
+
+
+class Reporter:
+    """One task's connection to the run that submitted the topology (JSON lines; see the module docstring)."""
+
+    def __init__(self, address: str, hello: dict[str, Any]) -> None:
+        host, _, port = address.rpartition(":")
+        try:
+            self.socket = socket.create_connection((host, int(port)), timeout=30)
+        except OSError as exc:
+            raise Aiod4pError(f"cannot reach the run that submitted this topology at {address}: {exc}") from exc
+        self.socket.settimeout(None)  # a slow run back-pressures the task
+        self.send(hello)
+
+    def send(self, message: dict[str, Any]) -> None:
+        self.socket.sendall(json.dumps(message, separators=(",", ":")).encode() + b"\n")
+
+    def gone(self) -> bool:
+        """Whether the run closed its end (it never writes: readable means closed)."""
+        readable, _, _ = select.select([self.socket], [], [], 0)
+        if not readable:
+            return False
+        try:
+            return self.socket.recv(1, socket.MSG_PEEK) == b""
+        except OSError:
+            return True
+
+
+def error_message(exc: BaseException, fatal: bool) -> dict[str, Any]:
+    """The ``e`` message describing ``exc`` (enough to raise the same error in the run)."""
+    if isinstance(exc, PEError):
+        where = {"pe": exc.pe, "instance": exc.instance, "port": exc.port, "traceback": exc.traceback_text}
+        return {"t": "e", "fatal": fatal, "kind": "PEError", "message": exc.message, **where}
+    kind = "TransportError" if isinstance(exc, TransportError) else "Aiod4pError"
+    detail = "".join(traceback.format_exception(exc)) if not isinstance(exc, Aiod4pError) else ""
+    return {"t": "e", "fatal": fatal, "kind": kind, "message": str(exc) or type(exc).__name__, "traceback": detail}
 
 
 class HostedComponent:
@@ -86,6 +143,7 @@ class HostedComponent:
     loaded: _Loaded
     actor: _Actor
     index: int
+    reporter: Reporter | None
     logger: logging.Logger  # pystorm's, set up before initialize()
 
     def _host(self, context: dict[str, Any], fed: bool) -> Worker:
@@ -97,10 +155,17 @@ class HostedComponent:
         self.loaded = _Loaded(Path(module.__file__ or ".").resolve().parent, self.component)
         tasks = sorted(int(task) for task, name in context["task->component"].items() if name == self.component)
         self.index = tasks.index(int(context["taskid"]))
+        topology = self.loaded.topology
+        self.reporter = None
+        if topology.report:
+            hello = {"t": "hello", "token": topology.token, "pe": self.component, "task": self.index}
+            self.reporter = Reporter(topology.report, {**hello, "pid": os.getpid()})
         pe = self.loaded.pe
         pe.parallelism = len(tasks)
+        # A bolt keeps the outputs of one call in its buffers; a spout's engine hands them over in batches.
+        batch_size = PlanOptions.batch_size if fed else _BATCH
         plan = make_plan(
-            FlatGraph({self.component: pe}, []), PlanOptions(workers=len(tasks), batch_size=_BATCH, credits=1)
+            FlatGraph({self.component: pe}, []), PlanOptions(workers=len(tasks), batch_size=batch_size, credits=1)
         )
         feeds: dict[str, Any] = {}
         if fed:
@@ -112,6 +177,35 @@ class HostedComponent:
 
     def _sink(self) -> Any:
         return None
+
+    def _report_error(self, exc: BaseException, fatal: bool) -> None:
+        if self.reporter is not None:
+            self.reporter.send(error_message(exc, fatal))
+
+    def _finished(self) -> None:
+        """Tell the run that this task has sent its end-of-stream marker."""
+        if self.reporter is not None:
+            self.reporter.send({"t": "d"})
+
+    def _reported(self, port: str) -> bool:
+        """Whether items written to ``port`` are results to send to the run (not Storm tuples)."""
+        return self.reporter is not None and port in self.loaded.spec.results
+
+    def _report_results(self, port: str, items: list[Any]) -> None:
+        """Send ``items``, written to the result port ``port``, to the run.
+
+        Raises:
+            TransportError: an item is not JSON-representable.
+        """
+        assert self.reporter is not None
+        try:
+            wire = [encode(item) for item in items]
+        except WireError as exc:
+            raise TransportError(
+                f"PE {self.component}[{self.index}] wrote a result to output port {port!r} that cannot cross"
+                f" Storm: {exc}"
+            ) from exc
+        self.reporter.send({"t": "r", "port": port, "items": wire})
 
     def _tuples(self, port: str, items: list[Any]) -> list[tuple[str, list[Any]]]:
         """The ``(stream, values)`` to emit for ``items`` written to ``port``.
@@ -148,13 +242,20 @@ _BATCH = sys.maxsize
 class PEBolt(HostedComponent, Bolt):  # type: ignore[misc]
     """A bolt hosting one PE instance per task; see the module docstring."""
 
-    auto_ack = True
+    auto_ack = False  # process() acks, or fails the tuple when its PE raised
     auto_anchor = True
-    auto_fail = True
-    exit_on_exception = False  # a failing item fails its tuple, not the whole Storm worker
+    # Any other exception (the protocol broke: Storm's worker died) ends this process.
+    exit_on_exception = True
 
     def initialize(self, storm_conf: dict[str, Any], context: dict[str, Any]) -> None:
         self._host(context, False)
+        try:
+            self._start(context)
+        except Exception as exc:
+            self._report_error(exc, fatal=True)
+            raise
+
+    def _start(self, context: dict[str, Any]) -> None:
         spec = self.loaded.spec
         self.ports = {(i.source, i.stream): i.port for i in spec.inputs if i.stream != EOS_STREAM}
         upstream = set(spec.upstream)
@@ -175,6 +276,17 @@ class PEBolt(HostedComponent, Bolt):  # type: ignore[misc]
         self._emit_buffers(None)
 
     def process(self, tup: Any) -> None:
+        try:
+            self._process(tup)
+        except Aiod4pError as exc:  # the PE raised, or wrote what cannot cross: fail the tuple, go on
+            self.logger.error("Exception in %s.run()", type(self).__name__, exc_info=True)
+            self._report_error(exc, fatal=False)  # the spout replays the tuple
+            self.raise_exception(exc, tup)
+            self.fail(tup)
+            return
+        self.ack(tup)
+
+    def _process(self, tup: Any) -> None:
         if tup.stream == EOS_STREAM:
             self._end_of_stream(tup)
             return
@@ -207,7 +319,11 @@ class PEBolt(HostedComponent, Bolt):  # type: ignore[misc]
         """Emit everything the PE wrote, anchored to ``anchor``; nothing if an item cannot cross."""
         buffers = self.actor.buffers
         try:
-            pending = [self._tuples(port, items) for port, items in buffers.items() if items]
+            written = [(port, items) for port, items in buffers.items() if items]
+            pending = [self._tuples(port, items) for port, items in written if not self._reported(port)]
+            for port, items in written:
+                if self._reported(port):
+                    self._report_results(port, items)
         finally:
             self._clear()
         anchors = [anchor] if anchor is not None else None
@@ -226,8 +342,10 @@ class PEBolt(HostedComponent, Bolt):  # type: ignore[misc]
         except Exception as exc:
             self._clear()
             self.logger.error("postprocess of PE %s failed: %s", self.component, exc)
+            self._report_error(exc, fatal=True)
             self.raise_exception(exc, tup)
         self.emit([self.component], stream=EOS_STREAM, anchors=[tup])
+        self._finished()
 
 
 def _complete(call: Coroutine[Any, Any, None]) -> None:
@@ -259,38 +377,71 @@ class PESpout(HostedComponent, Spout):  # type: ignore[misc]
     wait_seconds = 0.05  # the longest next_tuple waits for the engine when it has nothing ready
 
     def initialize(self, storm_conf: dict[str, Any], context: dict[str, Any]) -> None:
+        self.storm_conf = storm_conf
         self.max_replays = int(storm_conf.get("aiod4p.max_replays", -1))
         self.sink = _QueueSink(16)
-        worker = self._host(context, True)
+        self.worker = self._host(context, True)
         if self.max_replays < 0:
             self.max_replays = self.loaded.topology.max_replays
         self.pending: dict[int, list[Any]] = {}  # id -> [stream, values, attempts]
         self.next_id = 0
         self.produced = False
         self.eos_sent = False
-        self.thread = threading.Thread(target=self._produce, args=(worker,), name="aiod4p engine", daemon=True)
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self._produce, name="aiod4p engine", daemon=True)
         self.thread.start()
 
     def _sink(self) -> Any:
         return self.sink
 
-    def _produce(self, worker: Worker) -> None:
+    def _produce(self) -> None:
         try:
-            asyncio.run(worker.run())
+            self.loop.run_until_complete(self.worker.run())
         except Exception as exc:  # reported to Storm from the spout's thread
             self.sink.queue.put(exc)
         self.sink.queue.put(_DONE)
 
     def next_tuple(self) -> None:
+        if self.reporter is not None and self.reporter.gone():
+            self._orphaned()
+            return
         if not self.produced:
             try:
                 entry = self.sink.queue.get(timeout=self.wait_seconds)
             except queue.Empty:
                 return
             self._take(entry)
+        self._finish_if_done()
+
+    def _orphaned(self) -> None:
+        """The run that submitted the topology is gone (killed): nobody will collect results, so kill it."""
+        from ._cluster import Cluster, kill
+
+        name = str(self.storm_conf.get("topology.name", ""))
+        seeds = self.storm_conf.get("nimbus.seeds") or ["127.0.0.1"]
+        cluster = Cluster(str(seeds[0]), int(self.storm_conf.get("nimbus.thrift.port", 6627)), "topology conf")
+        self.logger.error("the run that submitted topology %s is gone: killing the topology", name)
+        self.reporter = None
+        try:
+            kill(cluster, name)
+        except Exception as exc:
+            self.logger.error("could not kill topology %s at %s: %s", name, cluster.address, exc)
+
+    def deactivate(self) -> None:
+        """Under a run, deactivating the topology drains it: the PE stops, what it produced still flows."""
+        if self.reporter is None or self.produced:
+            return
+        self.loop.call_soon_threadsafe(self.worker.drain)
+        while not self.produced:  # Storm calls next_tuple no more: emit the rest here
+            self._take(self.sink.queue.get())
+        self._finish_if_done()
+
+    def _finish_if_done(self) -> None:
+        """Once the feed is exhausted and every tuple acked (or dropped), send the end-of-stream marker."""
         if self.produced and not self.pending and not self.eos_sent:
             self.eos_sent = True
             self.emit([self.component], stream=EOS_STREAM)
+            self._finished()
 
     def _take(self, entry: Any) -> None:
         if entry is _DONE:
@@ -300,6 +451,12 @@ class PESpout(HostedComponent, Spout):  # type: ignore[misc]
             self._report(entry)
             return
         port, items = entry
+        if self._reported(port):
+            try:
+                self._report_results(port, items)
+            except TransportError as exc:
+                self._report(exc)
+            return
         for item in items:
             try:
                 tuples = self._tuples(port, [item])
@@ -313,13 +470,16 @@ class PESpout(HostedComponent, Spout):  # type: ignore[misc]
                 self.emit(values, tup_id=tup_id, stream=stream)
 
     def _report(self, exc: BaseException) -> None:
+        """Report an error of the root PE, or an item it wrote that cannot cross: fatal to a run."""
         detail = exc.traceback_text if isinstance(exc, PEError) else ""
         message = f"{exc}\n{detail}".rstrip()
         self.logger.error("%s", message)
         self.send_message({"command": "error", "msg": message})
+        self._report_error(exc, fatal=True)
 
     def ack(self, tup_id: Any) -> None:
         self.pending.pop(tup_id, None)
+        self._finish_if_done()
 
     def fail(self, tup_id: Any) -> None:
         entry = self.pending.get(tup_id)
@@ -334,5 +494,8 @@ class PESpout(HostedComponent, Spout):  # type: ignore[misc]
             )
             self.logger.error("%s", message)
             self.send_message({"command": "error", "msg": message})
+            if self.reporter is not None:
+                self.reporter.send({**error_message(Aiod4pError(message), fatal=True), "kind": "dropped"})
+            self._finish_if_done()
             return
         self.emit(entry[1], tup_id=tup_id, stream=entry[0])  # replay: at-least-once
