@@ -761,7 +761,7 @@ class _TimedChannel:
 
 
 def _input_dict(pe: PE, pe_id: str, element: Any) -> dict[str, Any]:
-    if isinstance(element, dict) and element.keys() <= pe.inputs.keys():
+    if isinstance(element, dict) and (pe.takes_undeclared_inputs or element.keys() <= pe.inputs.keys()):
         return element
     if len(pe.inputs) == 1:
         return {next(iter(pe.inputs)): element}

@@ -1,10 +1,14 @@
-"""Loading a workflow graph from a target: ``pkg.module[:attr]`` or ``file.py[:attr]``."""
+"""Loading a workflow graph from a target: ``pkg.module[:attr]`` or ``file.py[:attr]``,
+and shipping the code it needs to another interpreter (multi workers, MPI ranks)."""
 
 from __future__ import annotations
 
 import importlib
+import importlib.machinery
 import importlib.util
+import pickletools
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 
@@ -12,7 +16,7 @@ from ._graph import WorkflowGraph
 from ._pe import CompositePE
 from .errors import TargetError
 
-__all__ = ["import_file", "load_graph", "load_module"]
+__all__ = ["CodeShipment", "import_file", "load_graph", "load_module", "ship_code"]
 
 
 def _split(target: str) -> tuple[str, str | None]:
@@ -37,10 +41,77 @@ def import_file(name: str, path: str | Path) -> ModuleType:
     sys.modules[name] = module
     try:
         spec.loader.exec_module(module)
+    except SystemExit as exc:
+        sys.modules.pop(name, None)
+        raise _exited(str(path), exc) from None
     except BaseException:
         sys.modules.pop(name, None)
         raise
     return module
+
+
+def _exited(workflow: str, exc: SystemExit) -> TargetError:
+    return TargetError(
+        f"workflow {workflow} exited (sys.exit({exc.code!r})) while being imported: a workflow module must"
+        " define its graph, and run code only under `if __name__ == '__main__':`"
+    )
+
+
+@dataclass(frozen=True)
+class CodeShipment:
+    """What another interpreter needs before it can unpickle a workflow.
+
+    Attributes:
+        files: ``(module name, file)`` of the modules loaded from files that an
+            import by name would not find there (``aiod4p run my-flow.py``
+            imports ``my-flow.py`` as module ``workflow``).
+        dispel4py: whether dispel4py's modules must come from aiod4p's
+            compatibility layer (its import hook is installed here).
+    """
+
+    files: tuple[tuple[str, str], ...] = ()
+    dispel4py: bool = False
+
+    def load(self) -> None:
+        """Install the import hook if needed, then import :attr:`files` under their names.
+
+        Raises:
+            TargetError: a file cannot be imported (or exits while being imported).
+        """
+        if self.dispel4py:
+            from . import compat  # only when the workflow needs it: the core never imports it otherwise
+
+            compat.install()
+        for name, path in self.files:
+            if name in sys.modules:
+                continue
+            try:
+                import_file(name, path)
+            except TargetError:
+                raise
+            except Exception as exc:
+                raise TargetError(f"importing workflow {path} failed: {type(exc).__name__}: {exc}") from exc
+
+
+def ship_code(payload: bytes) -> CodeShipment:
+    """The code another interpreter must load before unpickling ``payload`` (a pickle).
+
+    Every string in the pickle that names a loaded top-level module is a
+    candidate (classes and functions refer to their module by name, and so do
+    dispel4py PEs, which travel as the names of their class); those loaded from
+    a file that an import by name would not find are shipped as that file.
+    """
+    names = {arg for _, arg, _ in pickletools.genops(payload) if isinstance(arg, str) and arg in sys.modules}
+    files = []
+    for name in sorted(names):
+        path = getattr(sys.modules[name], "__file__", None)
+        if name == "__main__" or "." in name or not path:
+            continue
+        found = importlib.machinery.PathFinder.find_spec(name, sys.path)
+        if found is None or found.origin != path:
+            files.append((name, str(path)))
+    compat = sys.modules.get("aiod4p.compat")
+    return CodeShipment(tuple(files), bool(compat is not None and compat.installed()))
 
 
 def load_module(spec: str) -> ModuleType:
@@ -59,10 +130,14 @@ def load_module(spec: str) -> ModuleType:
             sys.path.insert(0, directory)
         try:
             return import_file(name, path.resolve())
+        except TargetError:
+            raise
         except Exception as exc:
             raise TargetError(f"importing {spec} failed: {type(exc).__name__}: {exc}") from exc
     try:
         return importlib.import_module(spec)
+    except SystemExit as exc:
+        raise _exited(spec, exc) from None
     except ModuleNotFoundError as exc:
         if exc.name and spec.startswith(exc.name):
             raise TargetError(f"no module named {spec!r}") from exc

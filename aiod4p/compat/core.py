@@ -43,6 +43,8 @@ class GenericPE(_CoreGenericPE):
     instances (``parallelism``); left at its default, the mapping decides.
     """
 
+    takes_undeclared_inputs = True  # dispel4py passes a root's input dicts to process() as they are
+
     def __init__(self, numprocesses: int = 1) -> None:
         self.inputconnections: dict[str, dict[str, Any]] = {}
         self.outputconnections: dict[str, dict[str, Any]] = {}

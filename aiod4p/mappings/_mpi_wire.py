@@ -14,16 +14,14 @@ Feed, launcher -> rank 0: ``("i", items)`` input elements, ``("end",)``, or
 from __future__ import annotations
 
 import asyncio
-import importlib.machinery
 import io
 import pickle
 import struct
 import sys
-import types
 from collections.abc import AsyncIterator
 from typing import Any
 
-from .._loading import import_file
+from .._loading import ship_code
 
 __all__ = ["SocketFeed", "dumps", "loads", "read_frame", "write_frame"]
 
@@ -31,16 +29,9 @@ __all__ = ["SocketFeed", "dumps", "loads", "read_frame", "write_frame"]
 class _Pickler(pickle.Pickler):
     """Pickles classes that cannot be found by name (made by ``type()`` at run
     time, as dispel4py's monitoring wrappers do) by value: name, bases and
-    attributes. Everything else pickles as usual. Records the top-level
-    modules of the classes and functions it meets."""
-
-    def __init__(self, file: io.BytesIO) -> None:
-        super().__init__(file, pickle.HIGHEST_PROTOCOL)
-        self.modules: set[str] = set()
+    attributes. Everything else pickles as usual."""
 
     def reducer_override(self, obj: Any) -> Any:
-        if isinstance(obj, (type, types.FunctionType)):
-            self.modules.add(getattr(obj, "__module__", None) or "")
         if not isinstance(obj, type) or _findable(obj):
             return NotImplemented
         namespace = {k: v for k, v in vars(obj).items() if k not in ("__dict__", "__weakref__")}
@@ -54,43 +45,28 @@ def _findable(cls: type) -> bool:
     return target is cls
 
 
-def _file_only(name: str) -> str | None:
-    """The file of top-level module ``name`` if it was loaded from a file that
-    an import by name would not find (e.g. with ``spec_from_file_location``)."""
-    module = sys.modules.get(name)
-    path = getattr(module, "__file__", None)
-    if "." in name or not path or name == "__main__":
-        return None
-    if importlib.machinery.PathFinder.find_spec(name, sys.path) is not None:
-        return None
-    return str(path)
-
-
 def dumps(obj: Any) -> bytes:
     """Pickle ``obj`` for another process; run-time classes travel by value,
-    and modules the other process could not import by name travel as the
-    path of their file (see :func:`loads`).
+    with the code the other process must load first (see
+    :func:`aiod4p._loading.ship_code`).
 
     Raises:
         pickle.PicklingError, TypeError, AttributeError: ``obj`` cannot be pickled.
     """
     buffer = io.BytesIO()
-    pickler = _Pickler(buffer)
-    pickler.dump(obj)
-    files = {name: path for name in sorted(pickler.modules) if (path := _file_only(name)) is not None}
-    return pickle.dumps((files, buffer.getvalue()), pickle.HIGHEST_PROTOCOL)
+    _Pickler(buffer, pickle.HIGHEST_PROTOCOL).dump(obj)
+    payload = buffer.getvalue()
+    return pickle.dumps((ship_code(payload), payload), pickle.HIGHEST_PROTOCOL)
 
 
 def loads(data: bytes) -> Any:
-    """Unpickle what :func:`dumps` made, loading the modules it names from their files first.
+    """Unpickle what :func:`dumps` made, loading the code shipped with it first.
 
     Raises:
         Exception: whatever unpickling or loading a module raises.
     """
-    files, payload = pickle.loads(data)
-    for name, path in files.items():
-        if name not in sys.modules:
-            import_file(name, path)
+    shipment, payload = pickle.loads(data)
+    shipment.load()
     return pickle.loads(payload)
 
 

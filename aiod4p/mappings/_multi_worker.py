@@ -16,14 +16,13 @@ import pickle
 import reprlib
 import signal
 import socket
-import sys
 from collections import deque
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 from .._api import loop_factory
 from .._engine import Feed, Worker
-from .._loading import import_file
+from .._loading import CodeShipment
 from .._plan import ExecutionPlan
 from ..errors import Aiod4pError, EndOfChannel, PeerDied, TransportError
 from ..transports.pipes import PipeComm, UnpicklableMessage, open_pipe_comm
@@ -52,7 +51,7 @@ async def _serve(
     wid: int,
     plan_data: ExecutionPlan | bytes,
     feeds_data: Mapping[str, Feed] | bytes,
-    preload: list[tuple[str, str]],
+    preload: CodeShipment,
     control_sock: socket.socket,
     peer_socks: dict[int, socket.socket],
     max_delay: float,
@@ -65,7 +64,7 @@ async def _serve(
     try:
         for peer, sock in peer_socks.items():
             peers[peer] = await open_pipe_comm(sock)
-        _preload(preload)
+        preload.load()
         plan = plan_data if isinstance(plan_data, ExecutionPlan) else pickle.loads(plan_data)
         shipped = feeds_data if not isinstance(feeds_data, bytes) else pickle.loads(feeds_data)
         pumped = {pe: _PumpedFeed(pe, control) for pe, feed in shipped.items() if _is_pumped(feed)}
@@ -105,17 +104,6 @@ async def _serve(
 
 def _is_pumped(feed: Feed) -> bool:
     return isinstance(feed, str) and feed == PUMPED
-
-
-def _preload(modules: list[tuple[str, str]]) -> None:
-    """Import modules the parent loaded from files (a CLI target), under their names."""
-    for name, path in modules:
-        if name in sys.modules:
-            continue
-        try:
-            import_file(name, path)
-        except ImportError as exc:
-            raise Aiod4pError(f"{exc} in a worker process") from exc
 
 
 async def _report_error(control: PipeComm, wid: int, exc: BaseException) -> None:

@@ -17,12 +17,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib.machinery
 import itertools
 import multiprocessing
 import os
 import pickle
-import pickletools
 import signal
 import socket
 import sys
@@ -32,6 +30,7 @@ from multiprocessing.process import BaseProcess
 from typing import Any
 
 from .._engine import Feed, _error
+from .._loading import CodeShipment, ship_code
 from .._plan import ExecutionPlan, InstanceRef, PlanOptions
 from .._results import ResultSink
 from .._stats import InstanceStats
@@ -201,7 +200,7 @@ class _MultiRun:
             )
         }
         every = [s for pair in itertools.chain(controls, links.values()) for s in pair]
-        preload = [] if self.method == "fork" else _modules_to_preload(payloads[0][0])
+        preload = CodeShipment() if self.method == "fork" else ship_code(payloads[0][0])
         context: Any = multiprocessing.get_context(self.method)  # typeshed's BaseContext lacks Process
         try:
             for wid in range(n):
@@ -522,22 +521,3 @@ def _unpicklable(values: Mapping[str, Any]) -> tuple[str, Exception] | None:
         except Exception as exc:
             return key, exc
     return None
-
-
-def _modules_to_preload(plan_data: bytes) -> list[tuple[str, str]]:
-    """Modules the plan refers to that a fresh interpreter could not import by name.
-
-    A workflow file loaded by path (``aiod4p run path/to/flow.py``) is such a
-    module when its directory or name does not make it importable.
-    """
-    names = {arg for _, arg, _ in pickletools.genops(plan_data) if isinstance(arg, str) and arg in sys.modules}
-    preload = []
-    for name in sorted(names):
-        module = sys.modules[name]
-        path = getattr(module, "__file__", None)
-        if name == "__main__" or "." in name or not path:
-            continue
-        found = importlib.machinery.PathFinder.find_spec(name, sys.path)
-        if found is None or found.origin != path:
-            preload.append((name, path))
-    return preload
