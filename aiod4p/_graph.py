@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from ._groupings import Grouping, GroupingLike, as_grouping
@@ -124,6 +124,11 @@ class FlatGraph:
     pes: dict[str, PE]
     edges: list[Edge]
     composites: dict[str, list[str]] = field(default_factory=dict)
+    #: How a graph written for another runtime shares ``processes`` among its
+    #: PEs: ``placer(graph, processes, workers)`` gives each PE the workers of
+    #: its instances (dispel4py's rule, set by aiod4p.compat). ``None``: the
+    #: planner's own rule.
+    placer: Callable[[FlatGraph, int, int], dict[str, tuple[int, ...]]] | None = None
 
     @classmethod
     def from_graph(cls, graph: WorkflowGraph) -> FlatGraph:

@@ -16,7 +16,7 @@ from ._graph import WorkflowGraph
 from ._pe import CompositePE
 from .errors import TargetError
 
-__all__ = ["CodeShipment", "import_file", "load_graph", "load_module", "ship_code"]
+__all__ = ["CodeShipment", "import_file", "in_worker", "load_graph", "load_module", "ship_code"]
 
 
 def _split(target: str) -> tuple[str, str | None]:
@@ -50,6 +50,14 @@ def import_file(name: str, path: str | Path) -> ModuleType:
     return module
 
 
+_worker = False
+
+
+def in_worker() -> bool:
+    """Whether this process is a worker that loaded a workflow's code (:meth:`CodeShipment.load`)."""
+    return _worker
+
+
 def _exited(workflow: str, exc: SystemExit) -> TargetError:
     return TargetError(
         f"workflow {workflow} exited (sys.exit({exc.code!r})) while being imported: a workflow module must"
@@ -75,9 +83,14 @@ class CodeShipment:
     def load(self) -> None:
         """Install the import hook if needed, then import :attr:`files` under their names.
 
+        Every worker process (multi, mpi) calls this before it unpickles its
+        plan, which marks the process as a worker (:func:`in_worker`).
+
         Raises:
             TargetError: a file cannot be imported (or exits while being imported).
         """
+        global _worker
+        _worker = True
         if self.dispel4py:
             from . import compat  # only when the workflow needs it: the core never imports it otherwise
 

@@ -137,6 +137,8 @@ def make_plan(graph: WorkflowGraph | FlatGraph, options: PlanOptions | None = No
     (one per worker when unset). ``force_single`` gives every PE one instance.
     Instance ``i`` of every PE is placed on worker ``i % workers``, so
     equal-width pipelines stay on one worker and never pay a process hop.
+    A graph with a ``placer`` (dispel4py's) places its PEs itself, unless
+    ``force_single``; it shares ``default_parallelism or workers`` processes.
 
     Raises:
         GraphError: the graph is invalid, or a parallelism is not positive.
@@ -144,11 +146,16 @@ def make_plan(graph: WorkflowGraph | FlatGraph, options: PlanOptions | None = No
     options = options or PlanOptions()
     flat = graph if isinstance(graph, FlatGraph) else graph.flatten()
     roots = flat.roots()
+    placed: dict[str, tuple[int, ...]] = {}
+    if flat.placer is not None and not options.force_single:
+        placed = flat.placer(flat, options.default_parallelism or options.workers, options.workers)
     placement: dict[str, PEPlan] = {}
     for pe_id, pe in flat.pes.items():
-        parallelism = _parallelism(flat, pe_id, pe, roots, options)
-        workers = tuple(index % options.workers for index in range(parallelism))
-        placement[pe_id] = PEPlan(pe_id, parallelism, workers, pe_id in roots)
+        if pe_id in placed:
+            workers = placed[pe_id]
+        else:
+            workers = tuple(index % options.workers for index in range(_parallelism(flat, pe_id, pe, roots, options)))
+        placement[pe_id] = PEPlan(pe_id, len(workers), workers, pe_id in roots)
 
     routes: dict[str, list[RouteSpec]] = {pe_id: [] for pe_id in flat.pes}
     pairs: set[tuple[InstanceRef, InstanceRef]] = set()
