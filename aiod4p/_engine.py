@@ -212,7 +212,7 @@ class _Actor:
     async def _handle(self, port: str | None, items: list[Any]) -> None:
         if self.fn is not None:
             if port is None:  # a feed batch: input dicts
-                if not self.pe.inputs:
+                if not self.pe.inputs and not any(items):  # no input to hand over (a dispel4py root may take some)
                     return await self._call_fn(items)
                 if self.single_input is not None and all(self.single_input in e for e in items):
                     return await self._call_fn([element[self.single_input] for element in items])

@@ -38,8 +38,9 @@ class GenericPE(_CoreGenericPE):
 
     Override :meth:`process` (or :meth:`_process`), which receives one
     ``{input_name: item}`` per call (``{}`` for a root fed by ``-i``) and
-    returns ``None`` or ``{output_name: item}``; :meth:`write` emits any
-    number of items. ``numprocesses``, when assigned, becomes the number of
+    returns ``None`` or ``{output_name: item}``; :meth:`write` (or ``_write``)
+    emits any number of items (dispel4py's extra keywords to ``write`` are
+    not accepted). ``numprocesses``, when assigned, becomes the number of
     instances (``parallelism``); left at its default, the mapping decides.
     """
 
@@ -193,16 +194,9 @@ class GenericPE(_CoreGenericPE):
         return self._postprocess()
 
     # -- output ------------------------------------------------------------------
-    def write(self, name: str, data: Any, **kwargs: Any) -> None:  # type: ignore[override]
-        """Emit ``data`` on output ``name`` (dispel4py's extra keywords are ignored).
-
-        Raises:
-            GraphError: ``name`` is not a declared output, or the PE is not running.
-        """
-        self._write(name, data)
-
-    def _write(self, name: str, data: Any, **kwargs: Any) -> None:
-        _CoreGenericPE.write(self, name, data)
+    # write() is aiod4p's own PE.write (inherited), the very call native PEs make;
+    # dispel4py's _write is the same function.
+    _write = _CoreGenericPE.write
 
 
 def _grouping_value(port: InputPort) -> Any:
