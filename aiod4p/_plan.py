@@ -137,8 +137,9 @@ def make_plan(graph: WorkflowGraph | FlatGraph, options: PlanOptions | None = No
     (one per worker when unset). ``force_single`` gives every PE one instance.
     Instance ``i`` of every PE is placed on worker ``i % workers``, so
     equal-width pipelines stay on one worker and never pay a process hop.
-    A graph with a ``placer`` (dispel4py's) places its PEs itself, unless
-    ``force_single``; it shares ``default_parallelism or workers`` processes.
+    A graph with a ``placer`` (dispel4py's) places the PEs it names itself
+    when the mapping shares out worker processes (``default_parallelism``
+    unset, not ``force_single``: multi and mpi).
 
     Raises:
         GraphError: the graph is invalid, or a parallelism is not positive.
@@ -147,8 +148,8 @@ def make_plan(graph: WorkflowGraph | FlatGraph, options: PlanOptions | None = No
     flat = graph if isinstance(graph, FlatGraph) else graph.flatten()
     roots = flat.roots()
     placed: dict[str, tuple[int, ...]] = {}
-    if flat.placer is not None and not options.force_single:
-        placed = flat.placer(flat, options.default_parallelism or options.workers, options.workers)
+    if flat.placer is not None and options.default_parallelism is None and not options.force_single:
+        placed = flat.placer(flat, options.workers)
     placement: dict[str, PEPlan] = {}
     for pe_id, pe in flat.pes.items():
         if pe_id in placed:

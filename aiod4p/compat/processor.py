@@ -63,19 +63,21 @@ def process_counts(graph: FlatGraph, processes: int) -> dict[str, int] | None:
     }
 
 
-def place(graph: FlatGraph, processes: int, workers: int) -> dict[str, tuple[int, ...]]:
-    """The workers of every PE's instances: dispel4py's counts, placed on consecutive workers.
+def place(graph: FlatGraph, processes: int) -> dict[str, tuple[int, ...]]:
+    """The workers of every PE's instances by dispel4py's rule, on ``processes`` workers.
 
     As dispel4py numbers its processes, the instances of the PEs, taken in the
-    order they joined the graph, get consecutive ranks; rank ``r`` runs on
-    worker ``r % workers``. When ``processes`` are too few for dispel4py's rule,
-    every PE gets one instance.
+    order they joined the graph, get consecutive workers. Empty when the
+    workers are too few for dispel4py's rule (dispel4py then runs partitions of
+    the graph; aiod4p's own rule applies).
     """
-    counts = process_counts(graph, processes) or dict.fromkeys(graph.pes, 1)
+    counts = process_counts(graph, processes)
+    if counts is None:
+        return {}
     placed: dict[str, tuple[int, ...]] = {}
     rank = 0
     for pe_id in graph.pes:
-        placed[pe_id] = tuple((rank + index) % workers for index in range(counts[pe_id]))
+        placed[pe_id] = tuple(range(rank, rank + counts[pe_id]))
         rank += counts[pe_id]
     return placed
 
