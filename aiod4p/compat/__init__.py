@@ -42,7 +42,9 @@ SERVED: dict[str, str] = {
 }
 
 #: The packages aiod4p provides; their other modules come from a real dispel4py.
-PACKAGES: dict[str, str] = {PACKAGE: "", f"{PACKAGE}.new": "new"}
+#: ``dispel4py.examples`` spans every real dispel4py package found (an
+#: installed one and a source tree holding the workflow, say).
+PACKAGES: dict[str, str] = {PACKAGE: "", f"{PACKAGE}.new": "new", f"{PACKAGE}.examples": "examples"}
 
 _NO_PROVENANCE = (
     "aiod4p does not record dispel4py's provenance yet (ProvenanceType, ProvenanceSimpleFunctionPE,"
