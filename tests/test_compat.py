@@ -935,11 +935,22 @@ def test_provenance_and_seismo_say_what_is_missing(d4p: Any, module: str) -> Non
 def test_examples_span_an_installed_dispel4py_and_the_workflows_tree(
     tmp_path: Path, options: list[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # An installed dispel4py (its examples package without the workflow) and a
-    # source tree whose workflow imports its neighbour by package path.
+    # An installed dispel4py (with examples of its own) and a source tree whose
+    # workflow imports its neighbour and an installed example by package path.
     installed = tmp_path / "site"
     write(installed / "dispel4py" / "__init__.py", "")
     write(installed / "dispel4py" / "examples" / "__init__.py", "")
+    write(installed / "dispel4py" / "examples" / "shipped" / "__init__.py", "")
+    write(
+        installed / "dispel4py" / "examples" / "shipped" / "testing_pes.py",
+        """
+        from dispel4py.base import ProducerPE
+
+        class One(ProducerPE):
+            def _process(self, inputs):
+                return 1
+        """,
+    )
     tree = tmp_path / "tree" / "dispel4py"
     write(tree / "__init__.py", "")
     write(tree / "examples" / "__init__.py", "")
@@ -957,13 +968,9 @@ def test_examples_span_an_installed_dispel4py_and_the_workflows_tree(
     flow = write(
         tree / "examples" / "mine" / "flow.py",
         """
-        from dispel4py.base import ProducerPE
         from dispel4py.examples.mine.pes import Negate
+        from dispel4py.examples.shipped.testing_pes import One
         from dispel4py.workflow_graph import WorkflowGraph
-
-        class One(ProducerPE):
-            def _process(self, inputs):
-                return 1
 
         graph = WorkflowGraph()
         graph.connect(One(), 'output', Negate(), 'input')
@@ -978,7 +985,8 @@ def test_examples_span_an_installed_dispel4py_and_the_workflows_tree(
 
 @pytest.mark.parametrize("options", FRESH_MAPPINGS, ids=lambda o: o[1])
 def test_a_workflow_file_that_is_not_a_module_name(tmp_path: Path, options: list[str]) -> None:
-    flow = write(tmp_path / "my-first-graph.py", TUTORIAL.split("results =")[0])
+    plain = TUTORIAL.split("results =")[0].replace("from dispel4py.new.processor import STATUS_TERMINATED\n", "")
+    flow = write(tmp_path / "my-first-graph.py", plain.replace("from dispel4py.new import simple_process\n", ""))
     out = tmp_path / "out.jsonl"
     done = fresh_cli("run", str(flow), *options, "-i", "3", "--results", str(out), cwd=tmp_path)
     assert done.returncode == 0, done.stderr
