@@ -3,9 +3,11 @@ and shipping the code it needs to another interpreter (multi workers, MPI ranks)
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.machinery
 import importlib.util
+import io
 import pickletools
 import sys
 from dataclasses import dataclass
@@ -16,7 +18,7 @@ from ._graph import WorkflowGraph
 from ._pe import CompositePE
 from .errors import TargetError
 
-__all__ = ["CodeShipment", "import_file", "in_worker", "load_graph", "load_module", "ship_code"]
+__all__ = ["CodeShipment", "import_file", "in_worker", "load_graph", "load_module", "quiet_import", "ship_code"]
 
 
 def _split(target: str) -> tuple[str, str | None]:
@@ -56,6 +58,16 @@ _worker = False
 def in_worker() -> bool:
     """Whether this process is a worker that loaded a workflow's code (:meth:`CodeShipment.load`)."""
     return _worker
+
+
+def quiet_import() -> contextlib.AbstractContextManager[object]:
+    """Where a worker imports a workflow module: what the import prints is dropped.
+
+    The launcher imported the module first and printed it; a worker imports it
+    again only to rebuild its PEs (a tutorial module printing its own run at
+    import would print once per worker otherwise).
+    """
+    return contextlib.redirect_stdout(io.StringIO()) if _worker else contextlib.nullcontext()
 
 
 def _exited(workflow: str, exc: SystemExit) -> TargetError:
@@ -99,7 +111,8 @@ class CodeShipment:
             if name in sys.modules:
                 continue
             try:
-                import_file(name, path)
+                with quiet_import():
+                    import_file(name, path)
             except TargetError:
                 raise
             except Exception as exc:

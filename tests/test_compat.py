@@ -864,6 +864,7 @@ def test_a_tutorial_module_that_runs_itself_at_import(tmp_path: Path, options: l
     # The module's own run (simple_process at import), once: worker processes
     # importing the module to rebuild its PEs do not run it again.
     assert done.stdout.count("TUTORIAL {'Square1': {'output': [1, 4, 9, 16]}}") == 1
+    assert "TUTORIAL {}" not in done.stdout  # nor print what the module prints
     assert sorted(records(out)[("Square1", "output")]) == [25, 36]  # then aiod4p's run of the graph, -i 2
 
 

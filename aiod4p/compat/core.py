@@ -18,6 +18,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from .._groupings import All, Global, GroupBy, as_grouping
+from .._loading import quiet_import
 from .._pe import GenericPE as _CoreGenericPE
 from .._pe import InputPort, OutputPort
 from ..errors import GraphError
@@ -242,7 +243,8 @@ def _import_class(module_name: str, qualname: str) -> type:
     if module_name not in sys.modules:
         install()  # a fresh worker process: dispel4py's modules come from the hook
         try:
-            importlib.import_module(module_name)
+            with quiet_import():
+                importlib.import_module(module_name)
         except ImportError as exc:
             raise GraphError(f"cannot import {module_name} to rebuild PE class {qualname}: {exc}") from exc
     cls = _find_class(module_name, qualname)
