@@ -5,7 +5,7 @@ PEs of a graph: each root gets one process, and every other PE gets
 ``int(numprocesses * (N - roots) / (total - roots))``, where ``total`` counts
 one per root plus the ``numprocesses`` of every other PE (its
 ``_assign_processes``). :func:`place` applies that rule to a dispel4py graph
-(aiod4p's planner calls it through :attr:`aiod4p.FlatGraph.placer`), so a
+(aiod4p's planner calls it as the flattened graph's ``placer``), so a
 dispel4py workflow gets dispel4py's instance counts, and so its results, for
 the same ``-n``.
 """
