@@ -628,7 +628,7 @@ def dispel4py_multi_counts(path: str, processes: int) -> tuple[dict[str, int], l
     assert done is not None and done.returncode == 0, done
     line = next(line for line in done.stdout.splitlines() if line.startswith("Processes: "))
     ranges = {pe: int(end) - int(start) for pe, start, end in re.findall(r"'(\w+)': range\((\d+), (\d+)\)", line)}
-    counts = [int(line.split()[1]) for line in done.stdout.splitlines() if line.startswith("COUNT ")]
+    counts = [int(count) for count in re.findall(r"COUNT (\d+)", done.stdout)]  # lines of processes may interleave
     return ranges, counts
 
 
