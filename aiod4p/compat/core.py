@@ -41,8 +41,11 @@ class GenericPE(_CoreGenericPE):
     ``{input_name: item}`` per call (``{}`` for a root fed by ``-i``) and
     returns ``None`` or ``{output_name: item}``; :meth:`write` (or ``_write``)
     emits any number of items (dispel4py's extra keywords to ``write`` are
-    not accepted). ``numprocesses``, when assigned, becomes the number of
-    instances (``parallelism``); left at its default, the mapping decides.
+    not accepted). On multi and mpi, ``numprocesses`` is the PE's weight in
+    dispel4py's share of the ``-n`` processes
+    (:func:`aiod4p.compat.processor.place`); elsewhere (and when the workers
+    are too few for dispel4py's rule), when assigned, it is the number of
+    instances (``parallelism``), and left at its default the mapping decides.
     """
 
     takes_undeclared_inputs = True  # dispel4py passes a root's input dicts to process() as they are
@@ -74,7 +77,7 @@ class GenericPE(_CoreGenericPE):
 
     @property
     def numprocesses(self) -> int:
-        """dispel4py's process count; setting it fixes the number of instances."""
+        """dispel4py's process count: a weight on multi and mpi, else the number of instances once set."""
         return self._numprocesses
 
     @numprocesses.setter
