@@ -1017,3 +1017,25 @@ def test_dispel4py_pes_make_the_calls_native_pes_make(d4p: Any) -> None:
     assert sink._item_function() == (sink._process, None)
     produce, port = producer._item_function()
     assert port == "output" and produce.func == producer._process and produce.args == ({},)
+
+
+def test_code_shipment_names_what_a_worker_cannot_import(
+    d4p: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import pickle
+
+    from aiod4p import _loading
+
+    flow = write(tmp_path / "my-flow.py", TUTORIAL.split("results =")[0])
+    graph = aiod4p.load_graph(str(flow))
+    shipment = _loading.ship_code(pickle.dumps(graph.flatten().pes))
+    assert shipment.files == (("workflow", str(flow.resolve())),) and shipment.dispel4py
+    assert _loading.ship_code(pickle.dumps([1, "two"])).files == ()
+    monkeypatch.setattr(_loading, "_worker", False)  # load() marks this process as a worker
+    gone = _loading.CodeShipment((("gone_flow", str(tmp_path / "gone.py")),))
+    with pytest.raises(aiod4p.errors.TargetError, match=r"importing workflow .*gone.py failed: FileNotFoundError"):
+        gone.load()
+    exits = _loading.CodeShipment((("exits_flow", str(write(tmp_path / "exits.py", "raise SystemExit(4)\n"))),))
+    with pytest.raises(aiod4p.errors.TargetError, match=r"exits.py exited \(sys.exit\(4\)\) while being imported"):
+        exits.load()
+    assert _loading.in_worker()
