@@ -217,7 +217,7 @@ class _Actor:
     async def _handle(self, port: str | None, items: list[Any]) -> None:
         if self.fn is not None:
             if port is None:  # a feed batch: input dicts
-                if not self.pe.inputs:
+                if not self.pe.inputs and not any(items):  # no input to hand over (a dispel4py root may take some)
                     return await self._call_fn(items)
                 if self.single_input is not None and all(self.single_input in e for e in items):
                     return await self._call_fn([element[self.single_input] for element in items])
@@ -765,7 +765,7 @@ class _TimedChannel:
 
 
 def _input_dict(pe: PE, pe_id: str, element: Any) -> dict[str, Any]:
-    if isinstance(element, dict) and element.keys() <= pe.inputs.keys():
+    if isinstance(element, dict) and (pe.takes_undeclared_inputs or element.keys() <= pe.inputs.keys()):
         return element
     if len(pe.inputs) == 1:
         return {next(iter(pe.inputs)): element}

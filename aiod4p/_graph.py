@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import itertools
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from ._groupings import Grouping, GroupingLike, as_grouping
@@ -125,6 +125,11 @@ class FlatGraph:
     pes: dict[str, PE]
     edges: list[Edge]
     composites: dict[str, list[str]] = field(default_factory=dict)
+    #: How a graph written for another runtime shares out worker processes:
+    #: ``placer(graph, workers)`` gives the PEs it names the workers of their
+    #: instances (dispel4py's rule, set by aiod4p.compat); the planner's own
+    #: rule places the others. ``None``: the planner's rule for every PE.
+    placer: Callable[[FlatGraph, int], dict[str, tuple[int, ...]]] | None = None
 
     @classmethod
     def from_graph(cls, graph: WorkflowGraph) -> FlatGraph:

@@ -1,11 +1,16 @@
-"""Loading a workflow graph from a target: ``pkg.module[:attr]`` or ``file.py[:attr]``."""
+"""Loading a workflow graph from a target: ``pkg.module[:attr]`` or ``file.py[:attr]``,
+and shipping the code it needs to another interpreter (multi workers, MPI ranks)."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import importlib.machinery
 import importlib.util
+import io
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 
@@ -13,7 +18,7 @@ from ._graph import WorkflowGraph
 from ._pe import CompositePE
 from .errors import TargetError
 
-__all__ = ["import_file", "load_graph", "load_module"]
+__all__ = ["CodeShipment", "import_file", "in_worker", "load_graph", "load_module", "quiet_import", "ship_code"]
 
 
 def _split(target: str) -> tuple[str, str | None]:
@@ -38,10 +43,107 @@ def import_file(name: str, path: str | Path) -> ModuleType:
     sys.modules[name] = module
     try:
         spec.loader.exec_module(module)
+    except SystemExit as exc:
+        sys.modules.pop(name, None)
+        raise _exited(str(path), exc) from None
     except BaseException:
         sys.modules.pop(name, None)
         raise
     return module
+
+
+_worker = False
+
+
+def in_worker() -> bool:
+    """Whether this process is a worker that loaded a workflow's code (:meth:`CodeShipment.load`)."""
+    return _worker
+
+
+def quiet_import() -> contextlib.AbstractContextManager[object]:
+    """Where a worker imports a workflow module: what the import prints is dropped.
+
+    The launcher imported the module first and printed it; a worker imports it
+    again only to rebuild its PEs (a tutorial module printing its own run at
+    import would print once per worker otherwise).
+    """
+    return contextlib.redirect_stdout(io.StringIO()) if _worker else contextlib.nullcontext()
+
+
+def _exited(workflow: str, exc: SystemExit) -> TargetError:
+    return TargetError(
+        f"workflow {workflow} exited (sys.exit({exc.code!r})) while being imported: a workflow module must"
+        " define its graph, and run code only under `if __name__ == '__main__':`"
+    )
+
+
+@dataclass(frozen=True)
+class CodeShipment:
+    """What another interpreter needs before it can unpickle a workflow.
+
+    Attributes:
+        files: ``(module name, file)`` of the modules loaded from files that an
+            import by name would not find there (``aiod4p run my-flow.py``
+            imports ``my-flow.py`` as module ``workflow``).
+        dispel4py: whether dispel4py's modules must come from aiod4p's
+            compatibility layer (its import hook is installed here).
+    """
+
+    files: tuple[tuple[str, str], ...] = ()
+    dispel4py: bool = False
+
+    def load(self) -> None:
+        """Install the import hook if needed, then import :attr:`files` under their names.
+
+        Every worker process (multi, mpi) calls this before it unpickles its
+        plan, which marks the process as a worker (:func:`in_worker`).
+
+        Raises:
+            TargetError: a file cannot be imported (or exits while being imported).
+        """
+        global _worker
+        _worker = True
+        if self.dispel4py:
+            from . import compat  # only when the workflow needs it: the core never imports it otherwise
+
+            compat.install()
+        for name, path in self.files:
+            if name in sys.modules:
+                continue
+            try:
+                with quiet_import():
+                    import_file(name, path)
+            except TargetError:
+                raise
+            except Exception as exc:
+                raise TargetError(f"importing workflow {path} failed: {type(exc).__name__}: {exc}") from exc
+
+
+_INSTALLED = tuple({str(Path(prefix, "lib")) for prefix in (sys.prefix, sys.base_prefix, sys.exec_prefix)})
+
+
+def ship_code(payload: bytes) -> CodeShipment:
+    """The code another interpreter must load before unpickling ``payload`` (a pickle).
+
+    A top-level module the pickle names (classes and functions refer to their
+    module by name, and so do dispel4py PEs, which travel as the names of their
+    class) is shipped as its file when it was loaded from a file that an import
+    by name would not find. The pickle is searched for the names of the modules
+    loaded from outside the Python installation only, so a large input costs
+    one byte search per such module.
+    """
+    files = []
+    for name, module in sorted(sys.modules.items()):
+        path = getattr(module, "__file__", None)
+        if not path or name == "__main__" or "." in name or str(path).startswith(_INSTALLED):
+            continue
+        if name.encode() not in payload:
+            continue
+        found = importlib.machinery.PathFinder.find_spec(name, sys.path)
+        if found is None or found.origin != path:
+            files.append((name, str(path)))
+    compat = sys.modules.get("aiod4p.compat")
+    return CodeShipment(tuple(files), bool(compat is not None and compat.installed()))
 
 
 def load_module(spec: str) -> ModuleType:
@@ -63,6 +165,8 @@ def load_module(spec: str) -> ModuleType:
             sys.path.insert(0, directory)
         try:
             return import_file(name, path.resolve())
+        except TargetError:
+            raise
         except Exception as exc:
             raise TargetError(f"importing {spec} failed: {type(exc).__name__}: {exc}") from exc
     cwd = os.getcwd()
@@ -70,6 +174,8 @@ def load_module(spec: str) -> ModuleType:
         sys.path.insert(0, cwd)
     try:
         return importlib.import_module(spec)
+    except SystemExit as exc:
+        raise _exited(spec, exc) from None
     except ModuleNotFoundError as exc:
         if exc.name and spec.startswith(exc.name):
             raise TargetError(f"no module named {spec!r}") from exc

@@ -7,7 +7,7 @@ import itertools
 import logging
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from ._groupings import SHUFFLE, Grouping, GroupingLike, as_grouping
 from .errors import GraphError
@@ -86,6 +86,13 @@ class PE:
         parallelism: the number of instances to run, or ``None`` to let the
             mapping decide.
     """
+
+    #: Whether an input element of this PE (as a root) may be any dict, passed
+    #: to :meth:`process` as is. dispel4py's PEs take them (``-d '{"read":
+    #: [{"input": "f.txt"}]}'`` feeds a PE with no input ports); aiod4p's own
+    #: PEs take only dicts of their declared input ports, so a misspelt port
+    #: is an error rather than an item silently ignored.
+    takes_undeclared_inputs: ClassVar[bool] = False
 
     def __init__(
         self,

@@ -175,6 +175,9 @@ def make_plan(graph: WorkflowGraph | FlatGraph, options: PlanOptions | None = No
     (one per worker when unset). ``force_single`` gives every PE one instance.
     Instance ``i`` of every PE is placed on worker ``i % workers``, so
     equal-width pipelines stay on one worker and never pay a process hop.
+    A graph with a ``placer`` (dispel4py's) places the PEs it names itself
+    when the mapping shares out worker processes (``default_parallelism``
+    unset, not ``force_single``: multi and mpi).
 
     Raises:
         GraphError: the graph is invalid, or a parallelism is not positive.
@@ -184,11 +187,17 @@ def make_plan(graph: WorkflowGraph | FlatGraph, options: PlanOptions | None = No
     roots = flat.roots()
     root_set = set(roots)
     single = {*roots, *(edge.dest for edge in flat.edges if isinstance(edge.grouping, Global))}
+    placed: dict[str, tuple[int, ...]] = {}
+    if flat.placer is not None and options.default_parallelism is None and not options.force_single:
+        placed = flat.placer(flat, options.workers)
     placement: dict[str, PEPlan] = {}
     for pe_id, pe in flat.pes.items():
-        parallelism = _parallelism(pe_id, pe, pe_id in single, options)
-        workers = tuple(index % options.workers for index in range(parallelism))
-        placement[pe_id] = PEPlan(pe_id, parallelism, workers, pe_id in root_set)
+        if pe_id in placed:
+            workers = placed[pe_id]
+        else:
+            parallelism = _parallelism(pe_id, pe, pe_id in single, options)
+            workers = tuple(index % options.workers for index in range(parallelism))
+        placement[pe_id] = PEPlan(pe_id, len(workers), workers, pe_id in root_set)
 
     routes: dict[str, list[RouteSpec]] = {pe_id: [] for pe_id in flat.pes}
     pairs: set[tuple[str, int, str, int]] = set()  # plain tuples: sorted at C speed

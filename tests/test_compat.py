@@ -293,9 +293,10 @@ def test_grouping_set_after_connect_is_honoured(d4p: Any, mapping: MappingCase) 
     graph, tagged = broadcast_graph(d4p, "after connect")
     results = mapping.run(graph, 4)
     copies = 1 if mapping.name == "simple" else 2
+    if mapping.name in ("multi", "mpi") and mapping.workers == 4:
+        copies = 3  # dispel4py's share of 4 processes: int(numprocesses 2 * (4 - 1 root) / (3 - 1 root))
     assert sorted(item for _, item in results.data(tagged.id)) == sorted([1, 2, 3, 4] * copies)
-    if copies == 2:
-        assert {instance for instance, _ in results.data(tagged.id)} == {0, 1}
+    assert {instance for instance, _ in results.data(tagged.id)} == set(range(copies))
 
 
 @pytest.mark.parametrize("how", ["directly", "add_input"])
@@ -619,3 +620,422 @@ def test_pickles_rebuild_pes_and_refuse_what_they_cannot(d4p: Any) -> None:
         _rebuild(("test_compat", "PES", ()))
     with pytest.raises(GraphError, match="not a dispel4py PE class"):
         _rebuild(("aiod4p._pe", "InputPort", ()))
+
+
+# -- issue 16: dispel4py workflows from the wild -----------------------------------------
+
+# The four mappings, with worker processes started by spawn for multi: a fresh
+# interpreter, as MPI ranks are, that must load the workflow's code itself.
+FRESH_MAPPINGS = [
+    ["--mapping", "simple"],
+    ["--mapping", "async"],
+    ["--mapping", "multi", "-n", "2"],
+    ["--mapping", "mpi", "-n", "2"],
+]
+
+
+def fresh_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    """``aiod4p`` with multi's workers started by spawn."""
+    return subprocess.run(
+        [sys.executable, "-m", "aiod4p", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=cwd,
+        env={**os.environ, "AIOD4P_START_METHOD": "spawn"},
+    )
+
+
+class ReadLines(ProducerPE):
+    """dispel4py's way of reading a file named by ``-d '{"read": [{"input": "file"}]}'``."""
+
+    def _process(self, inputs: dict[str, Any]) -> None:
+        with open(inputs["input"]) as lines:
+            for line in lines:
+                self.write("output", line.strip())
+
+
+class ReadGeneric(GenericPE):
+    """An output-only GenericPE reading ``inputs["input"]``."""
+
+    def __init__(self) -> None:
+        GenericPE.__init__(self)
+        self._add_output("output")
+
+    def process(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        return {"output": inputs["input"].upper()}
+
+
+class Shout(IterativePE):
+    def _process(self, data: str) -> str:
+        return data.upper()
+
+
+def test_a_root_with_no_input_ports_takes_dispel4py_input_dicts(d4p: Any, mapping: MappingCase, tmp_path: Path) -> None:
+    words = tmp_path / "words.txt"
+    words.write_text("a\nb\nc\n")
+    graph = d4p.workflow_graph.WorkflowGraph()
+    read, generic = ReadLines(), ReadGeneric()
+    read.name, generic.name = "read", "generic"
+    graph.connect(read, "output", Shout(), "input")
+    graph.add(generic)
+    results = mapping.run(graph, {"read": [{"input": str(words)}], "generic": [{"input": "x"}, {"input": "y"}]})
+    assert sorted(results.data()) == ["A", "B", "C", "X", "Y"]
+
+
+def test_aiod4ps_own_pes_refuse_undeclared_input_ports() -> None:
+    # aiod4p's API keeps its contract: input dicts name declared input ports, so a
+    # misspelt port fails the run instead of being silently ignored.
+    graph = aiod4p.WorkflowGraph()
+    graph.add(NativeOne())
+    with pytest.raises(InputError, match=r"must be a dict of its input ports \(ports: none\), got \{'input': 'f'\}"):
+        aiod4p.run(graph, {"NativeOne": [{"input": "f"}]}, mapping="async")
+
+
+class NativeOne(aiod4p.ProducerPE):
+    def produce(self) -> int:
+        return 1
+
+
+@pytest.mark.parametrize("options", FRESH_MAPPINGS, ids=lambda o: o[1])
+def test_cli_feeds_a_file_name_to_a_root(tmp_path: Path, options: list[str]) -> None:
+    (tmp_path / "words.txt").write_text("a\nb\n")
+    flow = write(
+        tmp_path / "reader.py",
+        """
+        from dispel4py.base import ProducerPE, IterativePE
+        from dispel4py.workflow_graph import WorkflowGraph
+
+        class Read(ProducerPE):
+            def _process(self, inputs):
+                with open(inputs['input']) as lines:
+                    for line in lines:
+                        self.write('output', line.strip())
+
+        class Shout(IterativePE):
+            def _process(self, data):
+                return data.upper()
+
+        read = Read()
+        read.name = 'read'
+        graph = WorkflowGraph()
+        graph.connect(read, 'output', Shout(), 'input')
+        """,
+    )
+    out = tmp_path / "out.jsonl"
+    data = '{"read": [{"input": "words.txt"}]}'
+    done = fresh_cli("run", str(flow), *options, "-d", data, "--results", str(out), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert sorted(records(out)[("Shout1", "output")]) == ["A", "B"]
+
+
+class Numbers(ProducerPE):
+    def __init__(self) -> None:
+        ProducerPE.__init__(self)
+        self.n = 0
+
+    def _process(self, inputs: dict[str, Any]) -> int:
+        self.n += 1
+        return self.n
+
+
+class RunningCount(IterativePE):
+    """Ungrouped and stateful: its results depend on how many instances share the items."""
+
+    def __init__(self) -> None:
+        IterativePE.__init__(self)
+        self.count = 0
+
+    def _process(self, data: int) -> int:
+        self.count += 1
+        return self.count
+
+
+# Instances of RunningCount in Numbers -> RunningCount: dispel4py's rule on multi and mpi
+# (the root one process, RunningCount int(1 * (N - 1) / 1)), aiod4p's own elsewhere, and
+# aiod4p's own where N = 1 is too few for dispel4py's rule.
+COUNTER_INSTANCES = {
+    "simple": 1,
+    "async": 1,
+    "async-n3": 3,
+    "multi-n1": 1,
+    "multi-n2": 1,
+    "multi-n4": 3,
+    "mpi-n1": 1,
+    "mpi-n2": 1,
+    "mpi-n4": 3,
+}
+
+
+def test_instances_are_shared_out_as_dispel4py_does(d4p: Any, mapping: MappingCase) -> None:
+    graph = d4p.workflow_graph.WorkflowGraph()
+    counter = RunningCount()
+    graph.connect(Numbers(), "output", counter, "input")
+    instances = COUNTER_INSTANCES[mapping.id]
+    run = aiod4p.WorkflowRun(graph, 6, mapping=mapping.name, workers=mapping.workers)
+    assert run.plan.placement[counter.id].parallelism == instances
+    results = mapping.run(graph, 6)
+    # Shuffle deals the six items round robin: each instance counts its share.
+    assert sorted(results.data(counter.id)) == sorted(list(range(1, 6 // instances + 1)) * instances)
+
+
+def test_dispel4py_rule_places_instances_on_consecutive_workers(d4p: Any) -> None:
+    from aiod4p.compat.processor import place, process_counts
+
+    graph = d4p.workflow_graph.WorkflowGraph()
+    source, heavy, light = Numbers(), RunningCount(), Shout()
+    heavy.numprocesses = 2
+    graph.connect(source, "output", heavy, "input")
+    graph.connect(heavy, "output", light, "input")
+    flat = graph.flatten()
+    # total = 1 root + 2 + 1 = 4; 6 processes: heavy int(2 * 5 / 3) = 3, light int(1 * 5 / 3) = 1
+    assert process_counts(flat, 6) == {source.id: 1, heavy.id: 3, light.id: 1}
+    assert place(flat, 6) == {source.id: (0,), heavy.id: (1, 2, 3), light.id: (4,)}
+    assert process_counts(flat, 3) is None and place(flat, 3) == {}  # too few: aiod4p's own rule
+    plan = aiod4p.make_plan(flat, aiod4p.PlanOptions(workers=3))
+    assert plan.placement[heavy.id].parallelism == 2  # numprocesses as the instance count
+
+
+def test_graph_and_stats_show_dispel4pys_instance_counts(tmp_path: Path) -> None:
+    flow = write(
+        tmp_path / "counting.py",
+        """
+        from dispel4py.base import ProducerPE, IterativePE
+        from dispel4py.workflow_graph import WorkflowGraph
+
+        class Numbers(ProducerPE):
+            def _process(self, inputs):
+                return 1
+
+        class Count(IterativePE):
+            def _process(self, data):
+                return data
+
+        graph = WorkflowGraph()
+        graph.connect(Numbers(), 'output', Count(), 'input')
+        """,
+    )
+    done = aiod4p_cli("graph", str(flow), "--mapping", "multi", "-n", "4", "-o", "g.dot", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "Count · ×3 on workers 1,2,3" in (tmp_path / "g.dot").read_text()
+    options = ["--mapping", "multi", "-n", "4", "-i", "6", "-q", "--stats-json", "s.json"]
+    done = aiod4p_cli("run", str(flow), *options, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    stats = json.loads((tmp_path / "s.json").read_text())
+    assert Counter(entry["pe"] for entry in stats["instances"]) == {"Numbers0": 1, "Count1": 3}
+
+
+TUTORIAL = """
+from dispel4py.base import ProducerPE, IterativePE
+from dispel4py.workflow_graph import WorkflowGraph
+from dispel4py.new import simple_process
+from dispel4py.new.processor import STATUS_TERMINATED
+
+
+class Numbers(ProducerPE):
+    def __init__(self):
+        ProducerPE.__init__(self)
+        self.n = 0
+
+    def _process(self, inputs):
+        self.n += 1
+        return self.n
+
+
+class Square(IterativePE):
+    def _process(self, data):
+        return data * data
+
+
+producer = Numbers()
+graph = WorkflowGraph()
+graph.connect(producer, 'output', Square(), 'input')
+results = simple_process.process_and_return(graph, {producer: 4})
+print('TUTORIAL', results)
+"""
+
+
+@pytest.mark.parametrize("options", FRESH_MAPPINGS, ids=lambda o: o[1])
+def test_a_tutorial_module_that_runs_itself_at_import(tmp_path: Path, options: list[str]) -> None:
+    flow = write(tmp_path / "tutorial.py", TUTORIAL)
+    out = tmp_path / "out.jsonl"
+    done = fresh_cli("run", str(flow), *options, "-i", "2", "--results", str(out), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    # The module's own run (simple_process at import), once: worker processes
+    # importing the module to rebuild its PEs do not run it again.
+    assert done.stdout.count("TUTORIAL {'Square1': {'output': [1, 4, 9, 16]}}") == 1
+    assert "TUTORIAL {}" not in done.stdout  # nor print what the module prints
+    assert sorted(records(out)[("Square1", "output")]) == [25, 36]  # then aiod4p's run of the graph, -i 2
+
+
+def test_mapping_entry_points(d4p: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    import argparse
+
+    from dispel4py.new import mpi_process, multi_process, processor, simple_process
+
+    def fresh() -> tuple[Any, Any]:
+        graph = d4p.workflow_graph.WorkflowGraph()
+        producer = Numbers()
+        graph.connect(producer, "output", Shout_(), "input")
+        return graph, producer
+
+    graph, producer = fresh()
+    assert simple_process.process_and_return(graph, {producer: 3}) == {graph.pes[1].id: {"output": [-1, -2, -3]}}
+    for module in (multi_process, mpi_process):
+        graph, producer = fresh()
+        module.process(graph, {producer: 2}, argparse.Namespace(num=2))
+        assert f"Outputs: {{'{graph.pes[1].id}': {{'output': " in capsys.readouterr().out
+    assert processor.STATUS_TERMINATED == 12
+    graph, producer = fresh()
+    args = argparse.Namespace(file=None, data='{"Numbers": 2}', iter=1)
+    assert processor.create_inputs(args, graph) == {producer.id: 2}
+    assert processor.get_inputs(producer, {producer.id: 5}) == 5
+    with pytest.raises(NotImplementedError, match="resultmappings"):
+        simple_process.process_and_return(graph, {producer: 1}, {"x": ["output"]})
+
+
+class Shout_(IterativePE):
+    def _process(self, data: int) -> int:
+        return -data
+
+
+def test_dispel4py_utils(d4p: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from dispel4py import utils
+
+    flow = write(tmp_path / "reader_flow.py", TUTORIAL.split("results =")[0])
+    assert utils.load_graph(str(flow)) is not None
+    assert utils.load_graph(str(tmp_path / "none.py")) is None
+    assert "Failed to load graph" in capsys.readouterr().err
+    probe = (
+        "from aiod4p import compat; compat.install(); from dispel4py.utils import make_hash;"
+        " print(make_hash({'a': [1, (2,)]}))"
+    )
+    hashes = {
+        subprocess.run(
+            [sys.executable, "-c", probe],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=30,
+            env={**os.environ, "PYTHONHASHSEED": seed},
+        ).stdout
+        for seed in ("1", "2")
+    }
+    assert len(hashes) == 1  # the same in every interpreter, unlike dispel4py's
+
+
+@pytest.mark.parametrize("module", ["dispel4py.provenance", "dispel4py.seismo.seismo"])
+def test_provenance_and_seismo_say_what_is_missing(d4p: Any, module: str) -> None:
+    import importlib
+
+    with pytest.raises(ImportError, match=r"is not available: .*aiod4p does not record dispel4py's provenance yet"):
+        importlib.import_module(module)
+
+
+@pytest.mark.parametrize("options", FRESH_MAPPINGS, ids=lambda o: o[1])
+def test_examples_span_an_installed_dispel4py_and_the_workflows_tree(
+    tmp_path: Path, options: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # An installed dispel4py (with examples of its own) and a source tree whose
+    # workflow imports its neighbour and an installed example by package path.
+    installed = tmp_path / "site"
+    write(installed / "dispel4py" / "__init__.py", "")
+    write(installed / "dispel4py" / "examples" / "__init__.py", "")
+    write(installed / "dispel4py" / "examples" / "shipped" / "__init__.py", "")
+    write(
+        installed / "dispel4py" / "examples" / "shipped" / "testing_pes.py",
+        """
+        from dispel4py.base import ProducerPE
+
+        class One(ProducerPE):
+            def _process(self, inputs):
+                return 1
+        """,
+    )
+    tree = tmp_path / "tree" / "dispel4py"
+    write(tree / "__init__.py", "")
+    write(tree / "examples" / "__init__.py", "")
+    write(tree / "examples" / "mine" / "__init__.py", "")
+    write(
+        tree / "examples" / "mine" / "pes.py",
+        """
+        from dispel4py.base import IterativePE
+
+        class Negate(IterativePE):
+            def _process(self, data):
+                return -data
+        """,
+    )
+    flow = write(
+        tree / "examples" / "mine" / "flow.py",
+        """
+        from dispel4py.examples.mine.pes import Negate
+        from dispel4py.examples.shipped.testing_pes import One
+        from dispel4py.workflow_graph import WorkflowGraph
+
+        graph = WorkflowGraph()
+        graph.connect(One(), 'output', Negate(), 'input')
+        """,
+    )
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(installed), os.environ.get("PYTHONPATH", "")]))
+    out = tmp_path / "out.jsonl"
+    done = fresh_cli("run", str(flow), *options, "-i", "2", "--results", str(out), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert records(out) == {("Negate1", "output"): [-1, -1]}
+
+
+@pytest.mark.parametrize("options", FRESH_MAPPINGS, ids=lambda o: o[1])
+def test_a_workflow_file_that_is_not_a_module_name(tmp_path: Path, options: list[str]) -> None:
+    plain = TUTORIAL.split("results =")[0].replace("from dispel4py.new.processor import STATUS_TERMINATED\n", "")
+    flow = write(tmp_path / "my-first-graph.py", plain.replace("from dispel4py.new import simple_process\n", ""))
+    out = tmp_path / "out.jsonl"
+    done = fresh_cli("run", str(flow), *options, "-i", "3", "--results", str(out), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert sorted(records(out)[("Square1", "output")]) == [1, 4, 9]
+
+
+@pytest.mark.parametrize("options", FRESH_MAPPINGS, ids=lambda o: o[1])
+def test_a_workflow_exiting_at_import_says_so(tmp_path: Path, options: list[str]) -> None:
+    flow = write(tmp_path / "exits.py", "import sys\nsys.exit(3)\n")
+    done = fresh_cli("run", str(flow), *options, "-i", "1", cwd=tmp_path)
+    assert done.returncode == 1
+    assert f"workflow {flow} exited (sys.exit(3)) while being imported" in done.stderr
+    done = fresh_cli("run", "exits", *options, cwd=tmp_path)  # imported by module name
+    assert done.returncode == 1
+    assert "workflow exits exited (sys.exit(3)) while being imported" in done.stderr
+
+
+def test_dispel4py_pes_make_the_calls_native_pes_make(d4p: Any) -> None:
+    # Engine changes to PE.write carry over, and per item no call is added.
+    assert GenericPE.write is aiod4p.PE.write and GenericPE._write is aiod4p.PE.write
+
+    class Sink(ConsumerPE):
+        def _process(self, data: int) -> None:
+            pass
+
+    sink, producer = Sink(), Numbers()
+    assert sink._item_function() == (sink._process, None)
+    produce, port = producer._item_function()
+    assert port == "output" and produce.func == producer._process and produce.args == ({},)
+
+
+def test_code_shipment_names_what_a_worker_cannot_import(
+    d4p: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import pickle
+
+    from aiod4p import _loading
+
+    flow = write(tmp_path / "my-flow.py", TUTORIAL.split("results =")[0])
+    graph = aiod4p.load_graph(str(flow))
+    shipment = _loading.ship_code(pickle.dumps(graph.flatten().pes))
+    assert shipment.files == (("workflow", str(flow.resolve())),) and shipment.dispel4py
+    assert _loading.ship_code(pickle.dumps([1, "two"])).files == ()
+    monkeypatch.setattr(_loading, "_worker", False)  # load() marks this process as a worker
+    gone = _loading.CodeShipment((("gone_flow", str(tmp_path / "gone.py")),))
+    with pytest.raises(aiod4p.errors.TargetError, match=r"importing workflow .*gone.py failed: FileNotFoundError"):
+        gone.load()
+    exits = _loading.CodeShipment((("exits_flow", str(write(tmp_path / "exits.py", "raise SystemExit(4)\n"))),))
+    with pytest.raises(aiod4p.errors.TargetError, match=r"exits.py exited \(sys.exit\(4\)\) while being imported"):
+        exits.load()
+    assert _loading.in_worker()

@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -518,3 +519,151 @@ def test_roots_absent_from_data_are_consistent(
 def test_dispel4py_multi_hangs_on_roots_absent_from_data() -> None:
     path = str(example("unconnected_pipeline"))
     assert dispel4py_cli("multi", path, "-n", "12", "-d", '{"TestProducer0": 3}', timeout=3) is None
+
+
+# -- workflows from the wild (issue 16), each against dispel4py itself ---------------------
+
+READER_FLOW = """
+from dispel4py.base import ProducerPE, IterativePE
+from dispel4py.workflow_graph import WorkflowGraph
+
+
+class Read(ProducerPE):
+    def _process(self, inputs):
+        with open(inputs['input']) as lines:
+            for line in lines:
+                self.write('output', line.strip())
+
+
+class Length(IterativePE):
+    def _process(self, data):
+        return [data, len(data)]
+
+
+read = Read()
+read.name = 'read'
+graph = WorkflowGraph()
+graph.connect(read, 'output', Length(), 'input')
+"""
+
+COUNTING_FLOW = """
+from dispel4py.base import ProducerPE, IterativePE
+from dispel4py.workflow_graph import WorkflowGraph
+
+
+class Numbers(ProducerPE):
+    def __init__(self):
+        ProducerPE.__init__(self)
+        self.n = 0
+
+    def _process(self, inputs):
+        self.n += 1
+        return self.n
+
+
+class Count(IterativePE):
+    # Ungrouped and stateful: what it emits depends on how many instances share the items.
+    def __init__(self):
+        IterativePE.__init__(self)
+        self.count = 0
+
+    def _process(self, data):
+        self.count += 1
+        print('COUNT %d' % self.count, flush=True)  # dispel4py's multi mapping drops results
+        return self.count
+
+
+graph = WorkflowGraph()
+graph.connect(Numbers(), 'output', Count(), 'input')
+"""
+
+TUTORIAL_FLOW = """
+from dispel4py.base import ProducerPE, IterativePE
+from dispel4py.workflow_graph import WorkflowGraph
+from dispel4py.new import simple_process
+
+
+class Numbers(ProducerPE):
+    def __init__(self):
+        ProducerPE.__init__(self)
+        self.n = 0
+
+    def _process(self, inputs):
+        self.n += 1
+        return self.n
+
+
+class Square(IterativePE):
+    def _process(self, data):
+        return data * data
+
+
+producer = Numbers()
+graph = WorkflowGraph()
+graph.connect(producer, 'output', Square(), 'input')
+print('TUTORIAL', simple_process.process_and_return(graph, {producer: 5}))
+"""
+
+
+def test_a_root_fed_a_file_name(
+    mapping: MappingCase, dispel4py_hook: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    words = tmp_path / "words.txt"
+    words.write_text("stream\nbased\nworkflows\n")
+    path = flow(tmp_path, READER_FLOW)
+    data = json.dumps({"read": [{"input": str(words)}]})
+    expected = dispel4py_simple(path, iterations=None, data=data)
+    assert expected == {("Length1", "output"): [["stream", 6], ["based", 5], ["workflows", 9]]}
+    graph = aiod4p.load_graph(path)
+    got = by_rank(mapping.run(graph, parse_cli_inputs(None, data, None)).by_port(), graph)
+    assert {key: multiset(items) for key, items in got.items()} == {
+        key: multiset(items) for key, items in expected.items()
+    }
+
+
+@functools.cache
+def dispel4py_multi_counts(path: str, processes: int) -> tuple[dict[str, int], list[int]]:
+    """dispel4py multi's processes per PE and the counts printed by COUNTING_FLOW, for ``-i 6``."""
+    done = dispel4py_cli("multi", path, "-n", str(processes), "-i", "6")
+    assert done is not None and done.returncode == 0, done
+    line = next(line for line in done.stdout.splitlines() if line.startswith("Processes: "))
+    ranges = {pe: int(end) - int(start) for pe, start, end in re.findall(r"'(\w+)': range\((\d+), (\d+)\)", line)}
+    counts = [int(count) for count in re.findall(r"COUNT (\d+)", done.stdout)]  # lines of processes may interleave
+    return ranges, counts
+
+
+@pytest.mark.parametrize("name", ["multi", "mpi"])
+def test_an_ungrouped_stateful_pe_under_n(
+    name: str, dispel4py_hook: None, tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    path = flow(tmp_path, COUNTING_FLOW)
+    processes, counts = dispel4py_multi_counts(path, 4)
+    assert processes == {"Numbers0": 1, "Count1": 3}  # the root 1, Count int(1 * (4 - 1) / (2 - 1))
+    graph = aiod4p.load_graph(path)
+    run = aiod4p.WorkflowRun(graph, 6, mapping=name, workers=4)
+    fresh = fresh_ids(graph)
+    assert {fresh[pe]: placed.parallelism for pe, placed in run.plan.placement.items()} == processes
+    assert sorted(counts) == [1, 1, 1, 2, 2, 2]  # each of 3 instances counted 2 of the 6 items
+    assert sorted(aiod4p.run(graph, 6, mapping=name, workers=4).data()) == sorted(counts)
+
+
+def test_a_tutorial_module_that_runs_itself_at_import(tmp_path: Path) -> None:
+    path = flow(tmp_path, TUTORIAL_FLOW)
+    done = subprocess.run([str(D4P_PYTHON), path], capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    expected = next(line for line in done.stdout.splitlines() if line.startswith("TUTORIAL"))
+    assert expected == "TUTORIAL {'Square1': {'output': [1, 4, 9, 16, 25]}}"
+    for options in (["--mapping", "simple"], ["--mapping", "mpi", "-n", "2"]):
+        ours = aiod4p_cli("run", path, *options, "-i", "1", "-q", cwd=tmp_path)
+        assert ours.returncode == 0, ours.stderr
+        assert [line for line in ours.stdout.splitlines() if line.startswith("TUTORIAL")] == [expected]
+
+
+def test_a_hyphenated_file_name(mapping: MappingCase, dispel4py_hook: None, tmp_path: Path) -> None:
+    path = tmp_path / "my-first-graph.py"
+    path.write_text(TUTORIAL_FLOW.rpartition("print(")[0].replace("from dispel4py.new import simple_process\n", ""))
+    expected = dispel4py_simple(str(path), iterations=3)
+    assert expected == {("Square1", "output"): [1, 4, 9]}
+    graph = aiod4p.load_graph(str(path))
+    results = by_rank(mapping.run(graph, 3).by_port(), graph)
+    assert {key: sorted(items) for key, items in results.items()} == expected

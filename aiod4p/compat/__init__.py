@@ -1,10 +1,12 @@
 """Run unchanged dispel4py workflows on aiod4p.
 
 :func:`install` puts an import hook first on ``sys.meta_path``: from then on
-``import dispel4py.core`` (``.base``, ``.workflow_graph``) gives aiod4p's
-compatible classes, even when the real dispel4py is installed. Any other
-``dispel4py.*`` module (``dispel4py.examples...``, ``dispel4py.new.monitoring``)
-is loaded from a real dispel4py package when one can be found: an installed
+``import dispel4py.core`` (``.base``, ``.workflow_graph``, ``.utils``,
+``.new.processor`` and the ``.new.*_process`` mapping entry points) gives
+aiod4p's compatible code, even when the real dispel4py is installed. Modules
+aiod4p cannot provide (:data:`MISSING`) raise ImportError saying why. Any
+other ``dispel4py.*`` module (``dispel4py.examples...``,
+``dispel4py.new.monitoring``) is loaded from a real dispel4py package when one can be found: an installed
 one, or the ``dispel4py`` directory enclosing a directory on ``sys.path``
 (``aiod4p run path/to/dispel4py/examples/x.py`` puts the file's directory
 there). ``aiod4p run`` installs the hook before it loads the workflow.
@@ -22,60 +24,97 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import ModuleType
 
-__all__ = ["SERVED", "install", "installed", "uninstall"]
+__all__ = ["MISSING", "PACKAGES", "SERVED", "install", "installed", "uninstall"]
 
 PACKAGE = "dispel4py"
 
-#: The dispel4py modules aiod4p provides, and the compat module providing each.
+#: The dispel4py modules aiod4p provides, and the compat module providing each
+#: (``module:mapping`` for the entry points of a mapping).
 SERVED: dict[str, str] = {
-    PACKAGE: "aiod4p.compat",
     f"{PACKAGE}.core": "aiod4p.compat.core",
     f"{PACKAGE}.base": "aiod4p.compat.base",
     f"{PACKAGE}.workflow_graph": "aiod4p.compat.workflow_graph",
+    f"{PACKAGE}.utils": "aiod4p.compat.utils",
+    f"{PACKAGE}.new.processor": "aiod4p.compat.processor",
+    f"{PACKAGE}.new.simple_process": "aiod4p.compat.mappings:simple",
+    f"{PACKAGE}.new.multi_process": "aiod4p.compat.mappings:multi",
+    f"{PACKAGE}.new.mpi_process": "aiod4p.compat.mappings:mpi",
+}
+
+#: The packages aiod4p provides; their other modules come from a real dispel4py.
+#: ``dispel4py.examples`` spans every real dispel4py package found (an
+#: installed one and a source tree holding the workflow, say).
+PACKAGES: dict[str, str] = {PACKAGE: "", f"{PACKAGE}.new": "new", f"{PACKAGE}.examples": "examples"}
+
+_NO_PROVENANCE = (
+    "aiod4p does not record dispel4py's provenance yet (ProvenanceType, ProvenanceSimpleFunctionPE,"
+    " configure_prov_run, the provenance recorders); remove the provenance set-up to run this workflow on aiod4p"
+)
+
+#: dispel4py modules aiod4p cannot provide, and why: importing one raises ImportError.
+MISSING: dict[str, str] = {
+    f"{PACKAGE}.provenance": f"dispel4py.provenance is not available: {_NO_PROVENANCE}",
+    f"{PACKAGE}.seismo": (
+        "dispel4py.seismo is not available: its PEs (SeismoPE, ObspyStreamPE, createProcessingComposite) are"
+        f" built on dispel4py.provenance, and {_NO_PROVENANCE}"
+    ),
 }
 
 
 class _Loader(importlib.abc.Loader):
     """Creates a ``dispel4py.*`` module holding the public names of a compat module."""
 
-    def __init__(self, source: str, search_path: list[str] | None) -> None:
+    def __init__(self, source: str | None, missing: str | None = None) -> None:
         self.source = source
-        self.search_path = search_path
+        self.missing = missing
 
     def create_module(self, spec: importlib.machinery.ModuleSpec) -> ModuleType | None:
         return None  # the default module
 
     def exec_module(self, module: ModuleType) -> None:
-        if self.search_path is not None:  # the package itself
+        if self.missing is not None:
+            raise ImportError(self.missing, name=module.__name__)
+        if self.source is None:  # a package
             module.__doc__ = "dispel4py's API, provided by aiod4p (aiod4p.compat)."
             return
-        source = importlib.import_module(self.source)
-        module.__doc__ = source.__doc__
-        for name in source.__all__:
-            setattr(module, name, getattr(source, name))
-        module.__all__ = list(source.__all__)  # type: ignore[attr-defined]
+        name, _, mapping = self.source.partition(":")
+        source = importlib.import_module(name)
+        names = source.entry_points(mapping) if mapping else {n: getattr(source, n) for n in source.__all__}
+        module.__doc__ = f"dispel4py's {module.__name__} on aiod4p's {mapping} mapping." if mapping else source.__doc__
+        for attribute, value in names.items():
+            setattr(module, attribute, value)
+        module.__all__ = list(names)  # type: ignore[attr-defined]
 
 
 class _Finder(importlib.abc.MetaPathFinder):
-    """Serves :data:`SERVED`; finds other ``dispel4py.*`` modules in a real dispel4py package."""
+    """Serves :data:`SERVED` and :data:`PACKAGES`; finds other ``dispel4py.*`` modules in a real dispel4py package."""
 
     def find_spec(
         self, fullname: str, path: Sequence[str] | None, target: ModuleType | None = None
     ) -> importlib.machinery.ModuleSpec | None:
         if fullname != PACKAGE and not fullname.startswith(PACKAGE + "."):
             return None
-        if fullname == PACKAGE:
-            roots = real_package_dirs()
-            spec = importlib.machinery.ModuleSpec(fullname, _Loader(SERVED[fullname], roots), is_package=True)
+        if fullname in MISSING:
+            return importlib.machinery.ModuleSpec(fullname, _Loader(None, MISSING[fullname]))
+        if fullname in PACKAGES:
+            roots = _real_dirs(fullname)
+            spec = importlib.machinery.ModuleSpec(fullname, _Loader(None), is_package=True)
             spec.submodule_search_locations = roots
             return spec
         if fullname in SERVED:
-            return importlib.machinery.ModuleSpec(fullname, _Loader(SERVED[fullname], None))
-        if fullname.count(".") == 1:
+            return importlib.machinery.ModuleSpec(fullname, _Loader(SERVED[fullname]))
+        parent = fullname.rpartition(".")[0]
+        if parent in PACKAGES:
             # The package's search path was fixed at import; look again, as a
             # workflow file may have put its directory on sys.path since.
-            return importlib.machinery.PathFinder.find_spec(fullname, real_package_dirs())
+            return importlib.machinery.PathFinder.find_spec(fullname, _real_dirs(parent))
         return None
+
+
+def _real_dirs(package: str) -> list[str]:
+    """The directories of ``package`` (one of :data:`PACKAGES`) in real dispel4py packages."""
+    found = [str(Path(root, PACKAGES[package])) for root in real_package_dirs()]
+    return [directory for directory in found if Path(directory).is_dir()]
 
 
 _finder: _Finder | None = None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -83,6 +84,15 @@ class ProducerPE(GenericPE):
             return {self.OUTPUT_NAME: result}
         return None
 
+    def _item_function(self) -> tuple[Callable[..., Any], str | None] | None:
+        # Called with no input (``-i N``), _process gets an empty inputs dict; the
+        # engine hands input dicts that are not empty to process() instead.
+        if type(self).process is not ProducerPE.process or not plain_function(self._process):
+            return None
+        if self.inputconnections or self.OUTPUT_NAME not in self.outputconnections:
+            return None
+        return functools.partial(self._process, {}), self.OUTPUT_NAME
+
 
 class ConsumerPE(GenericPE):
     """A sink with one input ``input``: override :meth:`_process` (item -> ignored)."""
@@ -102,12 +112,7 @@ class ConsumerPE(GenericPE):
             return None
         if set(self.inputconnections) != {ConsumerPE.INPUT_NAME}:
             return None
-        process = self._process
-
-        def consume(item: Any) -> None:
-            process(item)  # the return value is ignored, as in dispel4py
-
-        return consume, None
+        return self._process, None  # no output port: the return value is ignored, as in dispel4py
 
 
 class SimpleFunctionPE(IterativePE):

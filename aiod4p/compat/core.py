@@ -18,6 +18,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from .._groupings import All, Global, GroupBy, as_grouping
+from .._loading import quiet_import
 from .._pe import GenericPE as _CoreGenericPE
 from .._pe import InputPort, OutputPort
 from ..errors import GraphError
@@ -38,10 +39,16 @@ class GenericPE(_CoreGenericPE):
 
     Override :meth:`process` (or :meth:`_process`), which receives one
     ``{input_name: item}`` per call (``{}`` for a root fed by ``-i``) and
-    returns ``None`` or ``{output_name: item}``; :meth:`write` emits any
-    number of items. ``numprocesses``, when assigned, becomes the number of
-    instances (``parallelism``); left at its default, the mapping decides.
+    returns ``None`` or ``{output_name: item}``; :meth:`write` (or ``_write``)
+    emits any number of items (dispel4py's extra keywords to ``write`` are
+    not accepted). On multi and mpi, ``numprocesses`` is the PE's weight in
+    dispel4py's share of the ``-n`` processes
+    (:func:`aiod4p.compat.processor.place`); elsewhere (and when the workers
+    are too few for dispel4py's rule), when assigned, it is the number of
+    instances (``parallelism``), and left at its default the mapping decides.
     """
+
+    takes_undeclared_inputs = True  # dispel4py passes a root's input dicts to process() as they are
 
     def __init__(self, numprocesses: int = 1) -> None:
         self.inputconnections: dict[str, dict[str, Any]] = {}
@@ -70,7 +77,7 @@ class GenericPE(_CoreGenericPE):
 
     @property
     def numprocesses(self) -> int:
-        """dispel4py's process count; setting it fixes the number of instances."""
+        """dispel4py's process count: a weight on multi and mpi, else the number of instances once set."""
         return self._numprocesses
 
     @numprocesses.setter
@@ -191,16 +198,9 @@ class GenericPE(_CoreGenericPE):
         return self._postprocess()
 
     # -- output ------------------------------------------------------------------
-    def write(self, name: str, data: Any, **kwargs: Any) -> None:  # type: ignore[override]
-        """Emit ``data`` on output ``name`` (dispel4py's extra keywords are ignored).
-
-        Raises:
-            GraphError: ``name`` is not a declared output, or the PE is not running.
-        """
-        self._write(name, data)
-
-    def _write(self, name: str, data: Any, **kwargs: Any) -> None:
-        _CoreGenericPE.write(self, name, data)
+    # write() is aiod4p's own PE.write (inherited), the very call native PEs make;
+    # dispel4py's _write is the same function.
+    _write = _CoreGenericPE.write
 
 
 def _grouping_value(port: InputPort) -> Any:
@@ -246,7 +246,8 @@ def _import_class(module_name: str, qualname: str) -> type:
     if module_name not in sys.modules:
         install()  # a fresh worker process: dispel4py's modules come from the hook
         try:
-            importlib.import_module(module_name)
+            with quiet_import():
+                importlib.import_module(module_name)
         except ImportError as exc:
             raise GraphError(f"cannot import {module_name} to rebuild PE class {qualname}: {exc}") from exc
     cls = _find_class(module_name, qualname)

@@ -6,7 +6,8 @@ A dispel4py composite is a workflow graph with ``inputmappings`` and
 in an aiod4p :class:`~aiod4p.CompositePE` whose ports follow those mappings
 when the graph is flattened, so mappings set after connecting count too.
 Every connection into a composite input is kept (dispel4py keeps only the
-first).
+first). A flattened graph shares ``-n`` processes among its PEs as dispel4py
+does (:func:`aiod4p.compat.processor.place`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from .._graph import WorkflowGraph as _CoreWorkflowGraph
 from .._groupings import SHUFFLE, GroupingLike
 from .._pe import PE, CompositePE, InputPort, OutputPort
 from ..errors import GraphError
+from .processor import place
 
 __all__ = ["WorkflowGraph", "as_pe"]
 
@@ -66,7 +68,9 @@ class WorkflowGraph(_CoreWorkflowGraph):
                 maps a port to something that is not a PE.
         """
         _add_mapped(self, set())
-        return super().flatten()
+        flat = super().flatten()
+        flat.placer = place  # dispel4py shares -n processes among the PEs its own way
+        return flat
 
     def getContainedObjects(self) -> list[Any]:
         """The PEs and composite graphs added to this graph, sorted by id as dispel4py does."""

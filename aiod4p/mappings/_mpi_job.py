@@ -1,6 +1,6 @@
 """The program every rank of an mpi run started by :class:`MpiMapping` executes.
 
-    mpiexec -n N python -m aiod4p.mappings._mpi_job JOB_FILE SOCKET [dispel4py]
+    mpiexec -n N python -m aiod4p.mappings._mpi_job JOB_FILE SOCKET
 
 Rank 0 reads the job (shipped by :func:`aiod4p.mappings._shipping.ship`),
 broadcasts it, connects to the launcher's local socket and serves the whole
@@ -59,10 +59,6 @@ def main(argv: list[str]) -> int:
     """Run this rank; returns its exit status (a failure aborts the whole job)."""
     rank = MPI.COMM_WORLD.Get_rank()
     configure_logging()  # PE.log() messages reach this rank's stderr, which the launcher relays
-    if argv[2:] == ["dispel4py"]:  # the launcher ran a dispel4py workflow
-        from .. import compat
-
-        compat.install()
     with asyncio.Runner(loop_factory=loop_factory(True)) as runner:
         try:
             runner.run(_lead(argv[0], argv[1]) if rank == 0 else _follow())

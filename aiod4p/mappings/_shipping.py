@@ -9,17 +9,15 @@ unpickling. Errors name the PE or the input that cannot be pickled.
 
 from __future__ import annotations
 
-import importlib.machinery
 import io
 import pickle
 import sys
-import types
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from .._engine import Feed
-from .._loading import import_file
+from .._loading import ship_code
 from .._plan import ExecutionPlan
 from ..errors import GraphError, InputError, TargetError
 from ._host import Pumped
@@ -46,16 +44,9 @@ class Job:
 
 class _Pickler(pickle.Pickler):
     """Pickles classes that cannot be found by name by value (name, bases and
-    attributes); everything else as usual. Records the top-level modules of
-    the classes and functions it meets."""
-
-    def __init__(self, file: io.BytesIO) -> None:
-        super().__init__(file, pickle.HIGHEST_PROTOCOL)
-        self.modules: set[str] = set()
+    attributes); everything else as usual."""
 
     def reducer_override(self, obj: Any) -> Any:
-        if isinstance(obj, (type, types.FunctionType)):
-            self.modules.add(getattr(obj, "__module__", None) or "")
         if not isinstance(obj, type) or _findable(obj):
             return NotImplemented
         namespace = {k: v for k, v in vars(obj).items() if k not in ("__dict__", "__weakref__")}
@@ -69,19 +60,6 @@ def _findable(cls: type) -> bool:
     return target is cls
 
 
-def _file_only(name: str) -> str | None:
-    """The file of top-level module ``name`` if it was loaded from a file that
-    an import by name would not find (``__main__`` is the start method's business)."""
-    module = sys.modules.get(name)
-    path = getattr(module, "__file__", None)
-    if "." in name or not path or name == "__main__":
-        return None
-    found = importlib.machinery.PathFinder.find_spec(name, sys.path)
-    if found is not None and found.origin == path:
-        return None
-    return str(path)
-
-
 def dumps(obj: Any) -> bytes:
     """Pickle ``obj`` for another interpreter (see the module's docstring); :func:`loads` reverses it.
 
@@ -89,22 +67,20 @@ def dumps(obj: Any) -> bytes:
         Exception: ``obj`` cannot be pickled (pickle.PicklingError, TypeError, AttributeError, ...).
     """
     buffer = io.BytesIO()
-    pickler = _Pickler(buffer)
-    pickler.dump(obj)
-    files = {name: path for name in sorted(pickler.modules) if (path := _file_only(name)) is not None}
-    return pickle.dumps((files, buffer.getvalue()), pickle.HIGHEST_PROTOCOL)
+    _Pickler(buffer, pickle.HIGHEST_PROTOCOL).dump(obj)
+    payload = buffer.getvalue()
+    return pickle.dumps((ship_code(payload), payload), pickle.HIGHEST_PROTOCOL)
 
 
 def loads(data: bytes) -> Any:
-    """Unpickle what :func:`dumps` made, loading the modules it names from their files first.
+    """Unpickle what :func:`dumps` made, loading the code shipped with it first
+    (:meth:`aiod4p._loading.CodeShipment.load`: workflow files, dispel4py's modules).
 
     Raises:
         Exception: whatever unpickling or loading a module raises.
     """
-    files, payload = pickle.loads(data)
-    for name, path in files.items():
-        if name not in sys.modules:
-            import_file(name, path)
+    shipment, payload = pickle.loads(data)
+    shipment.load()
     return pickle.loads(payload)
 
 
@@ -141,6 +117,8 @@ def unship(data: bytes, where: str) -> Job:
     try:
         job: Job = loads(data)
     except Exception as exc:
+        if isinstance(exc, TargetError):
+            raise
         raise TargetError(
             f"{where} cannot load the workflow ({type(exc).__name__}: {exc}); its PE classes must be importable there"
         ) from exc

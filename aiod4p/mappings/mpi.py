@@ -138,8 +138,6 @@ def _check_pumped(plan: ExecutionPlan, pumped: list[tuple[str, int, Feed]]) -> N
 async def _launch(
     plan: ExecutionPlan, feeds: Mapping[str, Feed], sink: ResultSink, control: RunControl, max_delay: float
 ) -> list[InstanceStats]:
-    from .. import compat  # whether the ranks must serve dispel4py's modules too
-
     mpiexec = find_mpiexec()
     check_importable(plan, "the MPI ranks")
     shipped, pumped = split_feeds(plan, feeds)
@@ -164,7 +162,6 @@ async def _launch(
                 "aiod4p.mappings._mpi_job",
                 str(job_path),
                 address,
-                *(["dispel4py"] if compat.installed() else []),
             ]
             env = dict(os.environ)
             env["PYTHONPATH"] = os.pathsep.join(
