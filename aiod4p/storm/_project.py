@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .. import compat
 from .._graph import FlatGraph, WorkflowGraph
 from .._inputs import Inputs, resolve_inputs
 from .._plan import ExecutionPlan, PlanOptions, make_plan
@@ -100,7 +99,8 @@ def build_project(
     name = topology_name(name)
     feeds = _json_feeds(resolve_inputs(plan.graph, inputs))
     spec, functions = plan_topology(plan, name, feeds, max_replays)
-    spec = dataclasses.replace(spec, report=report, token=token, dispel4py=compat.installed())
+    compat = sys.modules.get("aiod4p.compat")  # loaded only where dispel4py workflows run
+    spec = dataclasses.replace(spec, report=report, token=token, dispel4py=bool(compat and compat.installed()))
     local = _local_modules(plan, functions)
     if name in local or name == COMPONENTS_MODULE:
         # sparse imports topologies/<name>.py as module <name>, after src/: the names must differ.
@@ -118,8 +118,8 @@ def build_project(
             shutil.copyfile(path, src / f"{module_name}.py")
         package = _dispel4py_package(plan, functions)
         if package is not None:  # dispel4py's own modules (examples, PE libraries) for the compat hook
-            shutil.rmtree(src / compat.PACKAGE, ignore_errors=True)
-            shutil.copytree(package, src / compat.PACKAGE, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+            shutil.rmtree(src / package.name, ignore_errors=True)
+            shutil.copytree(package, src / package.name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
         (src / f"{COMPONENTS_MODULE}.py").write_text(_components_source(spec))
         for stale in (root / "topologies").glob("*.py"):
             stale.unlink()
@@ -244,6 +244,9 @@ def _dispel4py_package(plan: ExecutionPlan, functions: dict[str, Callable[[Any],
 
     Those modules are not served by :mod:`aiod4p.compat`; the workers find them in ``src/dispel4py``.
     """
+    compat = sys.modules.get("aiod4p.compat")
+    if compat is None:
+        return None
     for obj in _objects(plan, functions):
         module_name = getattr(obj, "__module__", "") or ""
         if not module_name.startswith(f"{compat.PACKAGE}.") or module_name in compat.SERVED:
