@@ -11,6 +11,7 @@ from typing import Any
 
 from ._graph import WorkflowGraph
 from ._inputs import Inputs, resolve_inputs
+from ._pe import PE
 from ._plan import ExecutionPlan, make_plan
 from ._results import QueueSink, ResultRecord, Results
 from ._stats import InstanceStats
@@ -72,6 +73,24 @@ class WorkflowRun:
             self.stats = await self.mapping.execute(self.plan, self.feeds, self._sink, self._control, self._max_delay)
         finally:
             self._finished = time.perf_counter()
+
+    def instances(self, pe: str | PE) -> list[PE]:
+        """The PE objects this run's instances of ``pe`` (a PE id, or the PE as built) work on, by index.
+
+        Every run works on fresh copies of the PEs, taken when it starts, and
+        never changes the PE objects of the graph: this is how to look at the
+        state of a running or finished instance. Only mappings that run PEs in
+        this process (simple, async) have them: the list is empty for the
+        others, and before the run starts.
+
+        Raises:
+            InputError: ``pe`` is not a PE of this run.
+        """
+        pe_id = pe if isinstance(pe, str) else pe.id
+        if pe_id not in self.plan.pes:
+            raise InputError(f"{pe!r} is not a PE of this workflow (PEs: {', '.join(self.plan.pes)})")
+        found = [(ref.index, obj) for ref, obj in self._control.instances.items() if ref.pe == pe_id]
+        return [obj for _, obj in sorted(found, key=lambda entry: entry[0])]
 
     def live_stats(self) -> list[InstanceStats]:
         """Per-instance statistics: the final ones once the run has finished, else the latest published.

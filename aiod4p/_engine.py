@@ -487,10 +487,10 @@ class Worker:
         max_delay: the longest an output waits in a partly filled batch while
             its actor is busy, in seconds.
 
-    Instance 0 of a PE is the plan's PE object itself (as in dispel4py, so
-    its state can be inspected after a run); further instances are deep
-    copies. Two concurrent runs of one graph therefore share PE objects:
-    build a graph per run to run it several times at once.
+    Every instance is a deep copy of the plan's PE object, taken when the
+    worker is built (as the run starts): the PE objects the user built are
+    never mutated by a run, so a graph can run any number of times, in a row
+    or concurrently, and each run starts from the PEs as they were built.
     """
 
     def __init__(
@@ -531,8 +531,11 @@ class Worker:
             elif spec.dest_worker == me:
                 self._link(spec.source_worker).add_receiver(spec.channel_id, inboxes[spec.dest])
 
+        # Instance 0 of every PE is copied in one go, so references between PEs (a PE holding another)
+        # lead to the running copies, as they led to the user's objects; further instances are copied alone.
+        first_copies: dict[int, Any] = {}
         for ref in local:
-            pe = self._instance_pe(ref)
+            pe = self._instance_pe(ref, first_copies if ref.index == 0 else {})
             expected = len(plan.channels_into(ref))
             is_root = plan.placement[ref.pe].is_root
             actor = _Actor(self, ref, pe, inboxes[ref], expected + is_root)
@@ -566,14 +569,20 @@ class Worker:
         except KeyError:
             raise Aiod4pError(f"worker {self.worker_id} has no comm to worker {peer}") from None
 
-    def _instance_pe(self, ref: InstanceRef) -> PE:
-        template = self.plan.pes[ref.pe]
-        if ref.index == 0 and not any(a.pe is template for a in self.actors.values()):
-            return template
+    def _instance_pe(self, ref: InstanceRef, memo: dict[int, Any]) -> PE:
+        """A fresh copy of ``ref``'s PE as the user built it: runs never share or mutate PE objects.
+
+        Raises:
+            GraphError: the PE cannot be deep-copied.
+        """
         try:
-            return copy.deepcopy(template)
+            return copy.deepcopy(self.plan.pes[ref.pe], memo)
         except Exception as exc:
-            raise GraphError(f"PE {ref.pe} cannot be copied for instance {ref.index}: {exc}") from exc
+            raise GraphError(
+                f"PE {ref.pe} cannot be copied for instance {ref.index}: {type(exc).__name__}: {exc}"
+                " (every run works on copies of the PEs; create resources such as files, sockets and locks"
+                " in preprocess())"
+            ) from exc
 
     # -- running -----------------------------------------------------------
     def drain(self) -> None:
@@ -598,6 +607,11 @@ class Worker:
     @property
     def stats(self) -> list[InstanceStats]:
         return [actor.stats for actor in self.actors.values()]
+
+    @property
+    def instances(self) -> dict[InstanceRef, PE]:
+        """The PE object each local instance runs (this run's copies)."""
+        return {ref: actor.pe for ref, actor in self.actors.items()}
 
     async def run(self) -> list[InstanceStats]:
         """Run every local instance to completion and return their statistics.

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections import Counter
 from collections.abc import Iterator
+from types import SimpleNamespace
 from typing import Any
 
 from aiod4p import (
@@ -19,6 +20,17 @@ from aiod4p import (
     iterative,
     producer,
 )
+
+
+class Shared(SimpleNamespace):
+    """Attributes shared by every copy of the PE that holds it: how a test watches a run.
+
+    A run works on copies of the graph's PEs; an object whose ``__deepcopy__``
+    returns itself is shared by the copies and the test.
+    """
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Shared:
+        return self
 
 
 class Count(ProducerPE):

@@ -32,4 +32,5 @@ class AsyncMapping(BaseMapping):
         worker = Worker(plan, 0, feeds=feeds, results=sink, max_delay=max_delay)
         control.on_drain(worker.drain)
         control.publish_stats(0, worker.stats)  # live objects, updated as the run goes
+        control.publish_instances(worker.instances)
         return await worker.run()
