@@ -35,6 +35,12 @@ Feed: TypeAlias = int | Iterable[Any] | AsyncIterable[Any]
 
 pe_logger = logging.getLogger("aiod4p.pe")
 
+# How long the engine may hold the event loop before it lets other tasks run (the host's among them).
+YIELD_SECONDS = 0.005
+# With ``fixed_order``, the engine lets other tasks run after this many batches instead: a count, not a
+# time, so instances still take turns in the same order on every run.
+YIELD_BATCHES = 16
+
 
 def _error(ref: InstanceRef, port: str, exc: BaseException) -> PEError:
     if isinstance(exc, PEError):
@@ -152,6 +158,8 @@ class _Actor:
                 except Exception as exc:
                     self.stats.errors += 1
                     raise _error(ref, "feed" if port is None else port, exc) from exc
+                if self.worker.held_too_long():
+                    await self.worker.give_way()
             await self._stage("postprocess", pe.postprocess)
             await self._flush_all()
             # End of stream only after success: on a failure the run is cancelled, and
@@ -279,7 +287,7 @@ class _Actor:
                 if chunk is None:
                     break
                 self.buffers[port].extend(chunk)
-                await self._route_outputs()
+                await self._route_streamed()
         finally:
             await ahead.aclose()
 
@@ -321,13 +329,19 @@ class _Actor:
     async def _collect_streaming(self, output: Any) -> None:
         self._collect(output)
         if any(len(items) >= self.batch_size for items in self.buffers.values()):
-            await self._route_outputs()
+            await self._route_streamed()
 
     async def _append_streaming(self, port: str, item: Any) -> None:
         buffer = self.buffers[port]
         buffer.append(item)
         if len(buffer) >= self.batch_size:
-            await self._route_outputs()
+            await self._route_streamed()
+
+    async def _route_streamed(self) -> None:
+        """Route a batch that a long call (a generator) has written so far, and let other tasks run in time."""
+        await self._route_outputs()
+        if self.worker.held_too_long():
+            await self.worker.give_way()
 
     # -- routing -----------------------------------------------------------
     async def _route_outputs(self) -> None:
@@ -486,6 +500,14 @@ class Worker:
         peers: a comm to every other worker that shares a channel with this one.
         max_delay: the longest an output waits in a partly filled batch while
             its actor is busy, in seconds.
+        fixed_order: let other tasks run every :data:`YIELD_BATCHES` batches
+            rather than every :data:`YIELD_SECONDS`, so that instances take
+            turns in the same order on every run (the simple mapping).
+
+    The engine shares its event loop: however busy, it lets the loop's other
+    tasks run at least every :data:`YIELD_SECONDS` (checked once per batch,
+    so a single PE call longer than that still holds the loop: run such a PE
+    in a thread, see :attr:`PE.threaded`).
 
     Every instance is a deep copy of the plan's PE object, taken when the
     worker is built (as the run starts): the PE objects the user built are
@@ -502,8 +524,13 @@ class Worker:
         results: ResultSink,
         peers: Mapping[int, Comm] | None = None,
         max_delay: float = 0.005,
+        fixed_order: bool = False,
     ) -> None:
         self.plan = plan
+        self.fixed_order = fixed_order
+        self._turn_started = time.monotonic()
+        self._turn_batches = 0
+        self._beat_pending = False
         self.worker_id = worker_id
         self.results = results
         self.max_delay = max_delay
@@ -583,6 +610,32 @@ class Worker:
                 " (every run works on copies of the PEs; create resources such as files, sockets and locks"
                 " in preprocess())"
             ) from exc
+
+    # -- sharing the event loop ---------------------------------------------------
+    def held_too_long(self) -> bool:
+        """Whether this worker has held the event loop long enough to let other tasks run (asked once per batch)."""
+        if self.fixed_order:
+            self._turn_batches += 1
+            return self._turn_batches >= YIELD_BATCHES
+        return time.monotonic() - self._turn_started >= YIELD_SECONDS
+
+    async def give_way(self) -> None:
+        """Let the event loop run every other ready task and due timer, then go on.
+
+        The turn restarts when the loop comes back to this worker (a callback
+        queued behind the tasks now ready), not when each task resumes: other
+        instances ready in this loop turn then give way after one batch each,
+        so a turn of the loop stays short however many instances are busy.
+        """
+        if not self._beat_pending:
+            self._beat_pending = True
+            asyncio.get_running_loop().call_soon(self._new_turn)
+        await asyncio.sleep(0)
+
+    def _new_turn(self) -> None:
+        self._beat_pending = False
+        self._turn_started = time.monotonic()
+        self._turn_batches = 0
 
     # -- running -----------------------------------------------------------
     def drain(self) -> None:
@@ -668,6 +721,8 @@ class Worker:
                     count = min(batch_size, remaining)
                     await timed.send(None, [None] * count if ignores_elements else [{} for _ in range(count)])
                     remaining -= count
+                    if self.held_too_long():
+                        await self.give_way()
             elif isinstance(feed, AsyncIterable):
                 await self._feed_async(pe, timed, feed)
             else:
@@ -677,6 +732,8 @@ class Worker:
                     if not chunk:
                         break
                     await timed.send(None, chunk)
+                    if self.held_too_long():
+                        await self.give_way()
         except Aiod4pError:
             raise
         except Exception as exc:

@@ -17,6 +17,7 @@ class SimpleMapping(AsyncMapping):
 
     name = "simple"
     uses_uvloop = False
+    fixed_order = True
 
     def plan_options(self, workers: int | None, batch_size: int, credits: int) -> PlanOptions:
         return PlanOptions(workers=1, force_single=True, batch_size=batch_size, credits=credits)
