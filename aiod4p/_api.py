@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from types import TracebackType
 from typing import Any
 
@@ -284,6 +284,24 @@ def run(graph: WorkflowGraph, inputs: Inputs = None, **options: Any) -> Results:
     options["mapping"] = mapping_obj
     with asyncio.Runner(loop_factory=loop_factory(mapping_obj.uses_uvloop)) as runner:
         return runner.run(run_async(graph, inputs, **options))
+
+
+def run_in_threads(graph: WorkflowGraph, names: Iterable[str]) -> None:
+    """Make the PEs of ``graph`` called ``names`` (ids or names) threaded (``aiod4p run --threaded``).
+
+    Raises:
+        ValueError: no PE of the graph has one of the names.
+    """
+    names = list(names)
+    if not names:
+        return
+    pes = graph.flatten().pes
+    for name in names:
+        chosen = [pe for pe_id, pe in pes.items() if name in (pe_id, pe.name)]
+        if not chosen:
+            raise ValueError(f"--threaded {name}: the workflow has no such PE (PEs: {', '.join(pes)})")
+        for pe in chosen:
+            pe.threaded = True
 
 
 def loop_factory(use_uvloop: bool) -> Callable[[], asyncio.AbstractEventLoop] | None:

@@ -7,20 +7,20 @@ import asyncio
 import contextlib
 import json
 import os
-import signal
 import sys
 import traceback
 from collections.abc import Sequence
 from typing import Any, TextIO
 
 from . import compat
-from ._api import WorkflowRun, loop_factory
+from ._api import WorkflowRun, loop_factory, run_in_threads
 from ._inputs import parse_cli_inputs
 from ._loading import load_graph
 from ._logging import configure_logging
 from ._plan import make_plan
 from ._progress import progress, progress_wanted
 from ._results import ResultRecord
+from ._signals import interrupts
 from ._stats_report import report_stats
 from ._visual import draw
 from .errors import Aiod4pError
@@ -52,6 +52,13 @@ def _parser() -> argparse.ArgumentParser:
     source.add_argument("-f", "--file", default=None, metavar="FILE", help="a JSON file like -d")
     source.add_argument("--stdin", default=None, metavar="PE", help="read JSON Lines from stdin into root PE, live")
     run.add_argument("--results", default=None, metavar="FILE", help="write results as JSON Lines ('-' for stdout)")
+    run.add_argument(
+        "--threaded",
+        action="append",
+        default=[],
+        metavar="PE",
+        help="run PE's plain calls in a thread pool, for PEs that block (repeatable; PE id or name)",
+    )
     run.add_argument("--batch-size", type=int, default=256, help="items per batch (default 256)")
     run.add_argument("--credits", type=int, default=4, help="batches in flight per channel (default 4)")
     run.add_argument("--nimbus", default=None, metavar="HOST:PORT", help="Storm's Nimbus (--mapping storm)")
@@ -109,6 +116,7 @@ def _run(args: argparse.Namespace) -> int:
         args.results, args.quiet, args.stats, args.stats_json = os.devnull, True, False, None
     compat.install()  # dispel4py workflows run unchanged
     graph = load_graph(args.target)
+    run_in_threads(graph, args.threaded)
     inputs = parse_cli_inputs(args.iter, args.data, args.file)
     if args.stdin is not None:
         if isinstance(inputs, int):
@@ -136,22 +144,25 @@ def _graph(args: argparse.Namespace) -> int:
 
 
 async def _consume(workflow: WorkflowRun, results_path: str | None, show_progress: bool = False) -> int:
-    """Run ``workflow``, writing its results; SIGINT/SIGTERM drain, a second aborts."""
-    loop = asyncio.get_running_loop()
-    signals = 0
+    """Run ``workflow``, writing its results; SIGINT/SIGTERM drain, a second aborts (even while a PE blocks)."""
     main_task = asyncio.current_task()
     assert main_task is not None
+    opened: list[TextIO] = []  # the results file once open: flushed before a hard abort
 
-    def on_signal() -> None:
-        nonlocal signals
-        signals += 1
-        if signals == 1:
-            workflow.drain()
-        else:
-            main_task.cancel()
+    def flush_results() -> None:
+        for out in opened:
+            out.flush()
 
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, on_signal)
+    def abort() -> None:
+        main_task.cancel()
+
+    with interrupts(workflow.drain, abort, exit_status=EXIT_ABORTED, before_exit=flush_results):
+        return await _write_results(workflow, results_path, show_progress, opened)
+
+
+async def _write_results(
+    workflow: WorkflowRun, results_path: str | None, show_progress: bool, opened: list[TextIO]
+) -> int:
     out: TextIO | None = None
     try:
         if results_path == "-":
@@ -161,6 +172,8 @@ async def _consume(workflow: WorkflowRun, results_path: str | None, show_progres
                 out = open(results_path, "w", encoding="utf-8")  # noqa: SIM115, ASYNC230 - closed below; opening is instant
             except OSError as exc:
                 raise Aiod4pError(f"cannot write results to {results_path}: {exc.strerror or exc}") from exc
+        if out is not None:
+            opened.append(out)
         grouped: dict[tuple[str, str], list[Any]] = {}
         try:
             async with workflow, progress(workflow) if show_progress else contextlib.nullcontext():
@@ -176,8 +189,6 @@ async def _consume(workflow: WorkflowRun, results_path: str | None, show_progres
             _print_results(grouped)
         return 0
     finally:
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            loop.remove_signal_handler(signum)
         if out is not None and out is not sys.stdout:
             out.close()
 

@@ -10,10 +10,13 @@ actor is about to wait for input, and at least every ``max_delay`` seconds.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import copy
+import functools
 import inspect
 import itertools
 import logging
+import sys
 import time
 import traceback
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Mapping
@@ -117,6 +120,12 @@ class _Actor:
         self.single_input = single[0] if len(single) == 1 else None
         self.is_root = worker.plan.placement[ref.pe].is_root
         self.links = list(worker.links.values())
+        # Plain calls may run in a pool thread (where write() can wait for credit); others stay on the loop.
+        self.can_thread = self.process_kind == "sync" and (self.fn is None or self.fn_kind == "sync")
+        self.threaded = self.can_thread and bool(getattr(pe, "threaded", False))
+        # What one call may buffer before a threaded call hands its writes over (and waits for credit),
+        # or a call on the loop is found to write too much: as many items as one channel may have in flight.
+        self.hand_over_limit = self.batch_size * options.credits
 
     # -- wiring ------------------------------------------------------------
     def add_route(self, port: str, route: _Route) -> None:
@@ -129,6 +138,8 @@ class _Actor:
             self.buffers,
             ref.index,
             logging.LoggerAdapter(pe_logger, {"pe": ref.pe, "instance": ref.index}),
+            limit=self.hand_over_limit,
+            full=self._spilled,
         )
         try:
             await self._stage("preprocess", pe.preprocess)
@@ -218,6 +229,11 @@ class _Actor:
 
     # -- calling the PE ------------------------------------------------------
     async def _handle(self, port: str | None, items: list[Any]) -> None:
+        if self.threaded:
+            return await self._handle_in_thread(port, items)
+        await self._handle_here(port, items)
+
+    async def _handle_here(self, port: str | None, items: list[Any]) -> None:
         if self.fn is not None:
             if port is None:  # a feed batch: input dicts
                 if not self.pe.inputs:
@@ -227,6 +243,64 @@ class _Actor:
             else:
                 return await self._call_fn(items)
         await self._call_process(port, items)
+
+    # -- threaded calls --------------------------------------------------------
+    def _spilled(self, port: str) -> None:
+        """A call on the event loop has written ``credits`` full batches: it cannot wait, so it buffers."""
+        runtime = self.pe._runtime
+        assert runtime is not None
+        runtime.limit = sys.maxsize  # the rest of this call is buffered: one warning is enough
+        if self.can_thread and not self.threaded:
+            self.threaded = self.pe.threaded = True
+            pe_logger.warning(
+                "PE %s wrote more than %d items in one call: its further calls run in a thread, where write()"
+                " waits for credit (set threaded = True on the PE to bound its first call too)",
+                self.ref,
+                len(self.buffers[port]) - 1,
+            )
+        elif not self.can_thread:
+            pe_logger.warning(
+                "PE %s wrote more than %d items in one %s call, which cannot wait for credit: they are buffered"
+                " (yield them from a generator instead, which waits)",
+                self.ref,
+                len(self.buffers[port]) - 1,
+                "async" if self.process_kind == "async" or self.fn_kind == "async" else "generator",
+            )
+
+    async def _handle_in_thread(self, port: str | None, items: list[Any]) -> None:
+        """Run a batch of plain calls in the worker's pool; write() hands full batches over and waits for credit."""
+        loop = asyncio.get_running_loop()
+        runtime = self.pe._runtime
+        assert runtime is not None
+        runtime.limit, runtime.full = self.hand_over_limit, functools.partial(self._hand_over, loop)
+        try:
+            await loop.run_in_executor(self.worker.executor(), self._call_items, port, items)
+        finally:
+            runtime.limit, runtime.full = self.hand_over_limit, self._spilled
+
+    def _call_items(self, port: str | None, items: list[Any]) -> None:
+        """In a pool thread: call the PE item by item, stopping early if the run aborts (or a source drains)."""
+        worker = self.worker
+        for index in range(len(items)):
+            if worker._aborting or (self.is_root and worker._draining):
+                return
+            call = self._handle_here(port, items[index : index + 1])
+            try:
+                call.send(None)  # a plain call never awaits: it completes in one step
+            except StopIteration:
+                continue
+            call.close()
+            raise AssertionError(f"a plain call of PE {self.ref} awaited")
+
+    def _hand_over(self, loop: asyncio.AbstractEventLoop, port: str) -> None:
+        """In a pool thread: route what the call wrote so far, waiting until the workflow has room for it."""
+        future = asyncio.run_coroutine_threadsafe(self._route_outputs(detach=True), loop)
+        handovers = self.worker._handovers
+        handovers.add(future)
+        try:
+            future.result()
+        finally:
+            handovers.discard(future)
 
     async def _call_fn(self, items: list[Any]) -> None:
         item_fn, kind = self.fn, self.fn_kind
@@ -344,7 +418,8 @@ class _Actor:
             await self.worker.give_way()
 
     # -- routing -----------------------------------------------------------
-    async def _route_outputs(self) -> None:
+    async def _route_outputs(self, detach: bool = False) -> None:
+        """Route every buffered output; ``detach`` empties the buffers in place (a threaded call holds them)."""
         buffers = self.buffers
         full: list[_Pending | _ResultPending] = []
         batch_size = self.batch_size
@@ -352,7 +427,11 @@ class _Actor:
         for port, items in buffers.items():
             if not items:
                 continue
-            buffers[port] = []
+            if detach:
+                items, held = items.copy(), items
+                held.clear()
+            else:
+                buffers[port] = []
             self.stats.items_out += len(items)
             routes = self.routes[port]
             if not routes:
@@ -528,6 +607,9 @@ class Worker:
     ) -> None:
         self.plan = plan
         self.fixed_order = fixed_order
+        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
+        self._handovers: set[concurrent.futures.Future[None]] = set()
+        self._aborting = False
         self._turn_started = time.monotonic()
         self._turn_batches = 0
         self._beat_pending = False
@@ -611,6 +693,14 @@ class Worker:
                 " in preprocess())"
             ) from exc
 
+    def executor(self) -> concurrent.futures.ThreadPoolExecutor:
+        """The pool that threaded PE calls run in (made on first use, one thread per local instance at most)."""
+        if self._executor is None:
+            self._executor = concurrent.futures.ThreadPoolExecutor(
+                max_workers=min(32, max(1, len(self.actors))), thread_name_prefix=f"aiod4p-worker{self.worker_id}"
+            )
+        return self._executor
+
     # -- sharing the event loop ---------------------------------------------------
     def held_too_long(self) -> bool:
         """Whether this worker has held the event loop long enough to let other tasks run (asked once per batch)."""
@@ -690,14 +780,24 @@ class Worker:
                 link.finish()
             await _supervise(link_tasks, [])
         except BaseException:
+            self._abort_threads()
             for task in everything:
                 task.cancel()
             await asyncio.gather(*everything, return_exceptions=True)
             raise
         finally:
+            self._abort_threads()
+            if self._executor is not None:
+                self._executor.shutdown(wait=False, cancel_futures=True)
             for link in self.links.values():
                 await link.comm.aclose()
         return self.stats
+
+    def _abort_threads(self) -> None:
+        """Stop threaded calls: those waiting for credit raise, the others stop after their current item."""
+        self._aborting = True
+        for future in list(self._handovers):
+            future.cancel()
 
     def _feed_share(self, ref: InstanceRef) -> Feed:
         """The part of its PE's feed that instance ``ref`` consumes."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import Counter
 from collections.abc import Iterator
 from types import SimpleNamespace
@@ -350,4 +351,34 @@ def live_squares() -> WorkflowGraph:
     square = Square()
     square.id = "square"
     graph.connect(square, "output", Hold(), "input")
+    return graph
+
+
+class Sleepy(IterativePE):
+    """Blocks the calling thread for ``seconds`` per item (``seconds_on_item`` for one item)."""
+
+    def __init__(self, seconds: float = 0.01, seconds_on_item: tuple[int, float] | None = None) -> None:
+        super().__init__()
+        self.seconds = seconds
+        self.seconds_on_item = seconds_on_item
+
+    def process_item(self, item: int) -> int:
+        if self.seconds_on_item is not None and item == self.seconds_on_item[0]:
+            time.sleep(self.seconds_on_item[1])  # ok-sleep: a PE that blocks its thread on purpose
+        else:
+            time.sleep(self.seconds)  # ok-sleep: a PE that blocks its thread on purpose
+        return item
+
+
+def sleepy() -> WorkflowGraph:
+    """``aiod4p run tests/workflows.py:sleepy -i N --threaded Sleepy``: count -> a PE sleeping 10 ms per item."""
+    graph = WorkflowGraph()
+    graph.connect(Count(), "output", Sleepy(), "input")
+    return graph
+
+
+def stuck() -> WorkflowGraph:
+    """count -> a PE that holds its thread for 60 s on item 20 (on the event loop unless threaded)."""
+    graph = WorkflowGraph()
+    graph.connect(Count(), "output", Sleepy(0.01, (20, 60.0)), "input")
     return graph
