@@ -43,6 +43,9 @@ YIELD_SECONDS = 0.005
 # With ``fixed_order``, the engine lets other tasks run after this many batches instead: a count, not a
 # time, so instances still take turns in the same order on every run.
 YIELD_BATCHES = 16
+# Calls on the event loop cannot wait for credit: once the calls of one input batch have written this
+# many full batches, the PE's further calls run in a thread, where write() waits.
+SPILL_BATCHES = 64
 
 
 def _error(ref: InstanceRef, port: str, exc: BaseException) -> PEError:
@@ -123,9 +126,10 @@ class _Actor:
         # Plain calls may run in a pool thread (where write() can wait for credit); others stay on the loop.
         self.can_thread = self.process_kind == "sync" and (self.fn is None or self.fn_kind == "sync")
         self.threaded = self.can_thread and bool(getattr(pe, "threaded", False))
-        # What one call may buffer before a threaded call hands its writes over (and waits for credit),
-        # or a call on the loop is found to write too much: as many items as one channel may have in flight.
+        # What a threaded call buffers before it hands its writes over (and waits for credit): as many
+        # items as one channel may have in flight.
         self.hand_over_limit = self.batch_size * options.credits
+        self.spill_limit = self.batch_size * SPILL_BATCHES
 
     # -- wiring ------------------------------------------------------------
     def add_route(self, port: str, route: _Route) -> None:
@@ -138,7 +142,7 @@ class _Actor:
             self.buffers,
             ref.index,
             logging.LoggerAdapter(pe_logger, {"pe": ref.pe, "instance": ref.index}),
-            limit=self.hand_over_limit,
+            limit=self.spill_limit,
             full=self._spilled,
         )
         try:
@@ -246,22 +250,22 @@ class _Actor:
 
     # -- threaded calls --------------------------------------------------------
     def _spilled(self, port: str) -> None:
-        """A call on the event loop has written ``credits`` full batches: it cannot wait, so it buffers."""
+        """Calls on the event loop have written :data:`SPILL_BATCHES` full batches: they cannot wait, so they buffer."""
         runtime = self.pe._runtime
         assert runtime is not None
         runtime.limit = sys.maxsize  # the rest of this call is buffered: one warning is enough
         if self.can_thread and not self.threaded:
             self.threaded = self.pe.threaded = True
             pe_logger.warning(
-                "PE %s wrote more than %d items in one call: its further calls run in a thread, where write()"
-                " waits for credit (set threaded = True on the PE to bound its first call too)",
+                "PE %s wrote more than %d items in one batch of calls: its further calls run in a thread, where"
+                " write() waits for credit (set threaded = True on the PE to bound its first calls too)",
                 self.ref,
                 len(self.buffers[port]) - 1,
             )
         elif not self.can_thread:
             pe_logger.warning(
-                "PE %s wrote more than %d items in one %s call, which cannot wait for credit: they are buffered"
-                " (yield them from a generator instead, which waits)",
+                "PE %s wrote more than %d items in one batch of %s calls, which cannot wait for credit: they are"
+                " buffered (yield them from a generator instead, which waits)",
                 self.ref,
                 len(self.buffers[port]) - 1,
                 "async" if self.process_kind == "async" or self.fn_kind == "async" else "generator",
@@ -276,7 +280,7 @@ class _Actor:
         try:
             await loop.run_in_executor(self.worker.executor(), self._call_items, port, items)
         finally:
-            runtime.limit, runtime.full = self.hand_over_limit, self._spilled
+            runtime.limit, runtime.full = self.spill_limit, self._spilled
 
     def _call_items(self, port: str | None, items: list[Any]) -> None:
         """In a pool thread: call the PE item by item, stopping early if the run aborts (or a source drains)."""
@@ -444,8 +448,21 @@ class _Actor:
                     full.append(pending_result)
                 continue
             owned = len(routes) == 1
-            for route in routes:
-                self._route(route, items, owned, full)
+            if len(items) <= batch_size:
+                for route in routes:
+                    self._route(route, items, owned, full)
+                continue
+            # One call wrote many items: route them a batch at a time, sharing the loop in between.
+            for start in range(0, len(items), batch_size):
+                chunk = items[start : start + batch_size]
+                for route in routes:
+                    self._route(route, chunk, owned, full)
+                for pending in full:
+                    if len(pending.items) >= batch_size:
+                        await self._flush(pending)
+                full.clear()
+                if self.worker.held_too_long():
+                    await self.worker.give_way()
         for pending in full:
             if len(pending.items) >= batch_size:
                 await self._flush(pending)
