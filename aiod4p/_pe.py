@@ -96,9 +96,10 @@ class PE:
             progress display stay responsive. A threaded PE's :meth:`write`
             waits for credit (back-pressure) whenever it has written a full
             batch, so a call that writes any number of items runs in constant
-            memory. A PE whose plain call writes more than ``credits`` full
-            batches at once becomes threaded by itself for the rest of the run
-            (with a warning). Also ``aiod4p run --threaded PE``.
+            memory. A PE whose plain calls on the event loop write more than
+            64 full batches for one batch of input becomes threaded by itself
+            for the rest of the run (with a warning). Also ``aiod4p run
+            --threaded PE``.
 
     The engine never runs the PE objects of a graph: every run works on fresh
     deep copies of them, taken when it starts, one per instance (instance 0

@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 import workflows as wf
+from conftest import MappingCase
 
 import aiod4p
 from aiod4p import ConsumerPE, IterativePE, ProducerPE, WorkflowGraph, iterative
@@ -223,3 +224,15 @@ def test_a_second_ctrl_c_aborts_while_a_pe_holds_the_loop() -> None:
         proc.communicate()
     assert proc.returncode == 130, err
     assert "aborted" in err
+
+
+def test_threaded_pes_give_the_same_results_on_every_mapping(mapping: MappingCase) -> None:
+    graph = WorkflowGraph()
+    count, sleepy, writer, double = wf.Count(), wf.Sleepy(0.0), WriteLoop(threaded=True, writes=3_000), wf.Double()
+    sleepy.threaded = True
+    sleepy.parallelism = 2
+    graph.connect(count, "output", sleepy, "input")
+    graph.connect(writer, "output", double, "input")
+    by_pe = mapping.run(graph, {count: 500, writer: 1}).by_port()
+    assert sorted(by_pe[(sleepy.id, "output")]) == list(range(500))
+    assert sorted(by_pe[(double.id, "output")]) == [2 * i for i in range(3_000)]
