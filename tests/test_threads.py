@@ -21,6 +21,7 @@ from conftest import MappingCase
 import aiod4p
 from aiod4p import ConsumerPE, IterativePE, ProducerPE, WorkflowGraph, iterative
 from aiod4p._api import run_in_threads
+from aiod4p._cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKFLOWS = ROOT / "tests" / "workflows.py"
@@ -236,3 +237,8 @@ def test_threaded_pes_give_the_same_results_on_every_mapping(mapping: MappingCas
     by_pe = mapping.run(graph, {count: 500, writer: 1}).by_port()
     assert sorted(by_pe[(sleepy.id, "output")]) == list(range(500))
     assert sorted(by_pe[(double.id, "output")]) == [2 * i for i in range(3_000)]
+
+
+def test_the_cli_names_an_unknown_threaded_pe(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["run", f"{WORKFLOWS}:sleepy", "-i", "1", "--threaded", "Nope", "-q"]) == 2
+    assert "--threaded Nope: the workflow has no such PE (PEs: Count" in capsys.readouterr().err
