@@ -212,6 +212,10 @@ class _Actor:
     async def _lifecycle(self, stage: str, method: Any) -> None:
         """Call ``preprocess`` or ``postprocess``; what it wrote stays in the buffers."""
         started = time.perf_counter()
+        runtime = self.pe._runtime
+        limit = runtime.limit if runtime is not None else 0
+        if runtime is not None:
+            runtime.limit = sys.maxsize  # a stage runs once: what it writes is routed after it, a batch at a time
         try:
             result = method()
             if inspect.isawaitable(result):
@@ -220,6 +224,8 @@ class _Actor:
             self.stats.errors += 1
             raise _error(self.ref, stage, exc) from exc
         finally:
+            if runtime is not None:
+                runtime.limit = limit
             self.stats.busy_seconds += time.perf_counter() - started
 
     async def _stage(self, stage: str, method: Any) -> None:
@@ -711,10 +717,15 @@ class Worker:
             ) from exc
 
     def executor(self) -> concurrent.futures.ThreadPoolExecutor:
-        """The pool that threaded PE calls run in (made on first use, one thread per local instance at most)."""
+        """The pool that threaded PE calls run in, made on first use.
+
+        One thread per instance at most (threads start as needed): a threaded
+        call waiting for credit holds its thread, and the instance it waits
+        for must still find one.
+        """
         if self._executor is None:
             self._executor = concurrent.futures.ThreadPoolExecutor(
-                max_workers=min(32, max(1, len(self.actors))), thread_name_prefix=f"aiod4p-worker{self.worker_id}"
+                max_workers=max(1, len(self.actors)), thread_name_prefix=f"aiod4p-worker{self.worker_id}"
             )
         return self._executor
 

@@ -240,5 +240,5 @@ def test_threaded_pes_give_the_same_results_on_every_mapping(mapping: MappingCas
 
 
 def test_the_cli_names_an_unknown_threaded_pe(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["run", f"{WORKFLOWS}:sleepy", "-i", "1", "--threaded", "Nope", "-q"]) == 2
+    assert main(["run", "workflows:sleepy", "-i", "1", "--threaded", "Nope", "-q"]) == 2  # by name: not reloaded
     assert "--threaded Nope: the workflow has no such PE (PEs: Count" in capsys.readouterr().err
