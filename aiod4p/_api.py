@@ -5,12 +5,13 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from types import TracebackType
 from typing import Any
 
 from ._graph import WorkflowGraph
 from ._inputs import Inputs, resolve_inputs
+from ._pe import PE
 from ._plan import DEFAULT_BATCH_SIZE, DEFAULT_CREDITS, ExecutionPlan, make_plan
 from ._results import QueueSink, ResultRecord, Results
 from ._stats import InstanceStats
@@ -72,6 +73,24 @@ class WorkflowRun:
             self.stats = await self.mapping.execute(self.plan, self.feeds, self._sink, self._control, self._max_delay)
         finally:
             self._finished = time.perf_counter()
+
+    def instances(self, pe: str | PE) -> list[PE]:
+        """The PE objects this run's instances of ``pe`` (a PE id, or the PE as built) work on, by index.
+
+        Every run works on fresh copies of the PEs, taken when it starts, and
+        never changes the PE objects of the graph: this is how to look at the
+        state of a running or finished instance. Only mappings that run PEs in
+        this process (simple, async) have them: the list is empty for the
+        others, and before the run starts.
+
+        Raises:
+            InputError: ``pe`` is not a PE of this run.
+        """
+        pe_id = pe if isinstance(pe, str) else pe.id
+        if pe_id not in self.plan.pes:
+            raise InputError(f"{pe!r} is not a PE of this workflow (PEs: {', '.join(self.plan.pes)})")
+        found = [(ref.index, obj) for ref, obj in self._control.instances.items() if ref.pe == pe_id]
+        return [obj for _, obj in sorted(found, key=lambda entry: entry[0])]
 
     def live_stats(self) -> list[InstanceStats]:
         """Per-instance statistics: the final ones once the run has finished, else the latest published.
@@ -270,6 +289,24 @@ def run(graph: WorkflowGraph, inputs: Inputs = None, **options: Any) -> Results:
     options["mapping"] = mapping_obj
     with asyncio.Runner(loop_factory=loop_factory(mapping_obj.uses_uvloop)) as runner:
         return runner.run(run_async(graph, inputs, **options))
+
+
+def run_in_threads(graph: WorkflowGraph, names: Iterable[str]) -> None:
+    """Make the PEs of ``graph`` called ``names`` (ids or names) threaded (``aiod4p run --threaded``).
+
+    Raises:
+        ValueError: no PE of the graph has one of the names.
+    """
+    names = list(names)
+    if not names:
+        return
+    pes = graph.flatten().pes
+    for name in names:
+        chosen = [pe for pe_id, pe in pes.items() if name in (pe_id, pe.name)]
+        if not chosen:
+            raise ValueError(f"--threaded {name}: the workflow has no such PE (PEs: {', '.join(pes)})")
+        for pe in chosen:
+            pe.threaded = True
 
 
 def loop_factory(use_uvloop: bool) -> Callable[[], asyncio.AbstractEventLoop] | None:

@@ -15,13 +15,14 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from . import __version__, compat
-from ._api import WorkflowRun, loop_factory
+from ._api import WorkflowRun, loop_factory, run_in_threads
 from ._inputs import parse_cli_inputs
 from ._loading import load_graph
 from ._logging import configure_logging
 from ._plan import DEFAULT_BATCH_SIZE, DEFAULT_CREDITS, make_plan
 from ._progress import progress, progress_wanted
 from ._results import ResultRecord
+from ._signals import Interrupts, Stopped
 from ._stats_report import report_stats
 from ._visual import draw
 from .errors import Aiod4pError
@@ -108,6 +109,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--results", default=None, metavar="FILE", help="write results as JSON Lines ('-' for stdout)")
     run.add_argument(
+        "--threaded",
+        action="append",
+        default=[],
+        metavar="PE",
+        help="run PE's plain calls in a thread pool, for PEs that block (repeatable; PE id or name)",
+    )
+    run.add_argument(
         "--batch-size",
         type=_POSITIVE,
         default=DEFAULT_BATCH_SIZE,
@@ -178,10 +186,17 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     for path, what in ((args.results, "results"), (args.stats_json, "statistics")):
         if path not in (None, "-"):
             _check_writable(path, what)
-    with _Signals() as signals:
+    opened: list[TextIO] = []  # the results file once open: flushed before a hard abort
+
+    def flush_results() -> None:
+        for out in opened:
+            out.flush()
+
+    with Interrupts(EXIT_ABORTED, before_exit=flush_results) as signals:
         try:
             compat.install()  # dispel4py workflows run unchanged
             graph = load_graph(args.target)
+            run_in_threads(graph, args.threaded)
             inputs = parse_cli_inputs(args.iter, args.data, args.file)
             stdin = None
             if args.stdin is not None:
@@ -190,14 +205,14 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
             workflow = WorkflowRun(
                 graph, inputs, mapping=mapping, workers=args.num, batch_size=args.batch_size, credits=args.credits
             )
-        except _Stopped as stop:
+        except Stopped as stop:
             return _aborted(stop.signum, 0, "while loading the workflow")
         outcome = _Outcome()
         try:
             show_progress = progress_wanted(args.quiet, args.results == "-")
             with asyncio.Runner(loop_factory=loop_factory(mapping.uses_uvloop)) as runner:
-                status = runner.run(_consume(workflow, args.results, signals, outcome, show_progress, stdin))
-        except _Stopped as stop:
+                status = runner.run(_consume(workflow, args.results, signals, outcome, opened, show_progress, stdin))
+        except Stopped as stop:
             return _aborted(stop.signum, outcome.records, "during start-up")
         finally:
             signals.restore()
@@ -274,67 +289,6 @@ def _aborted(signum: int, records: int, when: str) -> int:
     return EXIT_ABORTED
 
 
-class _Stopped(BaseException):
-    """Raised by the signal handler while the run has not started: start-up stops where it is."""
-
-    def __init__(self, signum: int) -> None:
-        super().__init__(signum)
-        self.signum = signum
-
-
-class _Signals:
-    """SIGINT/SIGTERM during ``aiod4p run``.
-
-    Before the run is under way (loading, planning, start-up, which may be
-    long, synchronous code) a signal stops it at once: the handler raises
-    :class:`_Stopped` wherever the main thread is. Once the mapping runs,
-    the first signal drains the run and a second aborts it.
-    """
-
-    def __init__(self) -> None:
-        self.received = 0
-        self.signum: int = signal.SIGINT
-        self.workflow: WorkflowRun | None = None
-        self.loop: asyncio.AbstractEventLoop | None = None
-        self.task: asyncio.Task[Any] | None = None
-        self._previous: dict[int, Any] = {}
-
-    @property
-    def name(self) -> str:
-        return signal.Signals(self.signum).name
-
-    def __enter__(self) -> _Signals:
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            self._previous[signum] = signal.signal(signum, self._handle)
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.restore()
-
-    def restore(self) -> None:
-        """Put the previous handlers back (idempotent)."""
-        for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
-        self._previous.clear()
-
-    def attach(self, workflow: WorkflowRun, task: asyncio.Task[Any]) -> None:
-        """Act on ``workflow`` once it runs; ``task`` is cancelled to abort."""
-        self.workflow, self.task, self.loop = workflow, task, asyncio.get_running_loop()
-
-    def _handle(self, signum: int, frame: object) -> None:
-        self.received += 1
-        self.signum = signum
-        workflow, loop, task = self.workflow, self.loop, self.task
-        if workflow is None or loop is None or task is None or not workflow.under_way:
-            raise _Stopped(signum)
-        loop.call_soon_threadsafe(self._drain if self.received == 1 else task.cancel)
-
-    def _drain(self) -> None:
-        assert self.workflow is not None
-        print(f"aiod4p: {self.name}: draining (send it again to abort)", file=sys.stderr)
-        self.workflow.drain()
-
-
 class _Outcome:
     """What a run produced so far (read after it stopped, however it stopped)."""
 
@@ -345,12 +299,15 @@ class _Outcome:
 async def _consume(
     workflow: WorkflowRun,
     results_path: str | None,
-    signals: _Signals,
+    signals: Interrupts,
     outcome: _Outcome,
+    opened: list[TextIO],
     show_progress: bool = False,
     stdin: LineStream | None = None,
 ) -> int:
-    """Run ``workflow``, writing its results; SIGINT/SIGTERM as :class:`_Signals` says.
+    """Run ``workflow``, writing its results; SIGINT/SIGTERM as :class:`Interrupts` says.
+
+    The results file, once open, is added to ``opened`` (flushed by a hard abort).
 
     The dead letters of ``stdin`` (``--on-bad dead-letter``) are results of
     PE ``stdin``, port ``dead_letter``.
@@ -370,6 +327,8 @@ async def _consume(
                 out = open(results_path, "w", encoding="utf-8")  # noqa: SIM115, ASYNC230 - closed below; opening is instant
             except OSError as exc:
                 raise Aiod4pError(f"cannot write results to {results_path}: {exc.strerror or exc}") from exc
+        if out is not None:
+            opened.append(out)
         grouped: dict[tuple[str, str], list[Any]] = {}
 
         def emit(record: ResultRecord) -> None:

@@ -10,10 +10,13 @@ actor is about to wait for input, and at least every ``max_delay`` seconds.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import copy
+import functools
 import inspect
 import itertools
 import logging
+import sys
 import time
 import traceback
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Mapping
@@ -34,6 +37,15 @@ __all__ = ["Feed", "Worker"]
 Feed: TypeAlias = int | Iterable[Any] | AsyncIterable[Any]
 
 pe_logger = logging.getLogger("aiod4p.pe")
+
+# How long the engine may hold the event loop before it lets other tasks run (the host's among them).
+YIELD_SECONDS = 0.005
+# With ``fixed_order``, the engine lets other tasks run after this many batches instead: a count, not a
+# time, so instances still take turns in the same order on every run.
+YIELD_BATCHES = 16
+# Calls on the event loop cannot wait for credit: once the calls of one input batch have written this
+# many full batches, the PE's further calls run in a thread, where write() waits.
+SPILL_BATCHES = 64
 
 
 def _error(ref: InstanceRef, port: str, exc: BaseException) -> Aiod4pError:
@@ -116,6 +128,13 @@ class _Actor:
         self.single_input = single[0] if len(single) == 1 else None
         self.is_root = worker.plan.placement[ref.pe].is_root
         self.links = list(worker.links.values())
+        # Plain calls may run in a pool thread (where write() can wait for credit); others stay on the loop.
+        self.can_thread = self.process_kind == "sync" and (self.fn is None or self.fn_kind == "sync")
+        self.threaded = self.can_thread and bool(getattr(pe, "threaded", False))
+        # What a threaded call buffers before it hands its writes over (and waits for credit): as many
+        # items as one channel may have in flight.
+        self.hand_over_limit = self.batch_size * options.credits
+        self.spill_limit = self.batch_size * SPILL_BATCHES
 
     # -- wiring ------------------------------------------------------------
     def add_route(self, port: str, route: _Route) -> None:
@@ -128,6 +147,8 @@ class _Actor:
             self.buffers,
             ref.index,
             logging.LoggerAdapter(pe_logger, {"pe": ref.pe, "instance": ref.index}),
+            limit=self.spill_limit,
+            full=self._spilled,
         )
         try:
             await self._stage("preprocess", pe.preprocess)
@@ -157,6 +178,8 @@ class _Actor:
                 except Exception as exc:
                     self.stats.errors += 1
                     raise _error(ref, "feed" if port is None else port, exc) from exc
+                if self.worker.held_too_long():
+                    await self.worker.give_way()
             await self._stage("postprocess", pe.postprocess)
             await self._flush_all()
             # End of stream only after success: on a failure the run is cancelled, and
@@ -194,6 +217,10 @@ class _Actor:
     async def _lifecycle(self, stage: str, method: Any) -> None:
         """Call ``preprocess`` or ``postprocess``; what it wrote stays in the buffers."""
         started = time.perf_counter()
+        runtime = self.pe._runtime
+        limit = runtime.limit if runtime is not None else 0
+        if runtime is not None:
+            runtime.limit = sys.maxsize  # a stage runs once: what it writes is routed after it, a batch at a time
         try:
             result = method()
             if inspect.isawaitable(result):
@@ -202,6 +229,8 @@ class _Actor:
             self.stats.errors += 1
             raise _error(self.ref, stage, exc) from exc
         finally:
+            if runtime is not None:
+                runtime.limit = limit
             self.stats.busy_seconds += time.perf_counter() - started
 
     async def _stage(self, stage: str, method: Any) -> None:
@@ -215,6 +244,11 @@ class _Actor:
 
     # -- calling the PE ------------------------------------------------------
     async def _handle(self, port: str | None, items: list[Any]) -> None:
+        if self.threaded:
+            return await self._handle_in_thread(port, items)
+        await self._handle_here(port, items)
+
+    async def _handle_here(self, port: str | None, items: list[Any]) -> None:
         if self.fn is not None:
             if port is None:  # a feed batch: input dicts
                 if not self.pe.inputs and not any(items):  # no input to hand over (a dispel4py root may take some)
@@ -224,6 +258,64 @@ class _Actor:
             else:
                 return await self._call_fn(items)
         await self._call_process(port, items)
+
+    # -- threaded calls --------------------------------------------------------
+    def _spilled(self, port: str) -> None:
+        """Calls on the event loop have written :data:`SPILL_BATCHES` full batches: they cannot wait, so they buffer."""
+        runtime = self.pe._runtime
+        assert runtime is not None
+        runtime.limit = sys.maxsize  # the rest of this call is buffered: one warning is enough
+        if self.can_thread and not self.threaded:
+            self.threaded = self.pe.threaded = True
+            pe_logger.warning(
+                "PE %s wrote more than %d items in one batch of calls: its further calls run in a thread, where"
+                " write() waits for credit (set threaded = True on the PE to bound its first calls too)",
+                self.ref,
+                len(self.buffers[port]) - 1,
+            )
+        elif not self.can_thread:
+            pe_logger.warning(
+                "PE %s wrote more than %d items in one batch of %s calls, which cannot wait for credit: they are"
+                " buffered (yield them from a generator instead, which waits)",
+                self.ref,
+                len(self.buffers[port]) - 1,
+                "async" if self.process_kind == "async" or self.fn_kind == "async" else "generator",
+            )
+
+    async def _handle_in_thread(self, port: str | None, items: list[Any]) -> None:
+        """Run a batch of plain calls in the worker's pool; write() hands full batches over and waits for credit."""
+        loop = asyncio.get_running_loop()
+        runtime = self.pe._runtime
+        assert runtime is not None
+        runtime.limit, runtime.full = self.hand_over_limit, functools.partial(self._hand_over, loop)
+        try:
+            await loop.run_in_executor(self.worker.executor(), self._call_items, port, items)
+        finally:
+            runtime.limit, runtime.full = self.spill_limit, self._spilled
+
+    def _call_items(self, port: str | None, items: list[Any]) -> None:
+        """In a pool thread: call the PE item by item, stopping early if the run aborts (or a source drains)."""
+        worker = self.worker
+        for index in range(len(items)):
+            if worker._aborting or (self.is_root and worker._draining):
+                return
+            call = self._handle_here(port, items[index : index + 1])
+            try:
+                call.send(None)  # a plain call never awaits: it completes in one step
+            except StopIteration:
+                continue
+            call.close()
+            raise AssertionError(f"a plain call of PE {self.ref} awaited")
+
+    def _hand_over(self, loop: asyncio.AbstractEventLoop, port: str) -> None:
+        """In a pool thread: route what the call wrote so far, waiting until the workflow has room for it."""
+        future = asyncio.run_coroutine_threadsafe(self._route_outputs(detach=True), loop)
+        handovers = self.worker._handovers
+        handovers.add(future)
+        try:
+            future.result()
+        finally:
+            handovers.discard(future)
 
     async def _call_fn(self, items: list[Any]) -> None:
         item_fn, kind = self.fn, self.fn_kind
@@ -284,7 +376,7 @@ class _Actor:
                 if chunk is None:
                     break
                 self.buffers[port].extend(chunk)
-                await self._route_outputs()
+                await self._route_streamed()
         finally:
             await ahead.aclose()
 
@@ -326,16 +418,23 @@ class _Actor:
     async def _collect_streaming(self, output: Any) -> None:
         self._collect(output)
         if any(len(items) >= self.batch_size for items in self.buffers.values()):
-            await self._route_outputs()
+            await self._route_streamed()
 
     async def _append_streaming(self, port: str, item: Any) -> None:
         buffer = self.buffers[port]
         buffer.append(item)
         if len(buffer) >= self.batch_size:
-            await self._route_outputs()
+            await self._route_streamed()
+
+    async def _route_streamed(self) -> None:
+        """Route a batch that a long call (a generator) has written so far, and let other tasks run in time."""
+        await self._route_outputs()
+        if self.worker.held_too_long():
+            await self.worker.give_way()
 
     # -- routing -----------------------------------------------------------
-    async def _route_outputs(self) -> None:
+    async def _route_outputs(self, detach: bool = False) -> None:
+        """Route every buffered output; ``detach`` empties the buffers in place (a threaded call holds them)."""
         buffers = self.buffers
         full: list[_Pending | _ResultPending] = []
         batch_size = self.batch_size
@@ -343,7 +442,11 @@ class _Actor:
         for port, items in buffers.items():
             if not items:
                 continue
-            buffers[port] = []
+            if detach:
+                items, held = items.copy(), items
+                held.clear()
+            else:
+                buffers[port] = []
             self.stats.items_out += len(items)
             routes = self.routes[port]
             if not routes:
@@ -356,8 +459,21 @@ class _Actor:
                     full.append(pending_result)
                 continue
             owned = len(routes) == 1
-            for route in routes:
-                self._route(route, items, owned, full)
+            if len(items) <= batch_size:
+                for route in routes:
+                    self._route(route, items, owned, full)
+                continue
+            # One call wrote many items: route them a batch at a time, sharing the loop in between.
+            for start in range(0, len(items), batch_size):
+                chunk = items[start : start + batch_size]
+                for route in routes:
+                    self._route(route, chunk, owned, full)
+                for pending in full:
+                    if len(pending.items) >= batch_size:
+                        await self._flush(pending)
+                full.clear()
+                if self.worker.held_too_long():
+                    await self.worker.give_way()
         for pending in full:
             if len(pending.items) >= batch_size:
                 await self._flush(pending)
@@ -491,11 +607,19 @@ class Worker:
         peers: a comm to every other worker that shares a channel with this one.
         max_delay: the longest an output waits in a partly filled batch while
             its actor is busy, in seconds.
+        fixed_order: let other tasks run every :data:`YIELD_BATCHES` batches
+            rather than every :data:`YIELD_SECONDS`, so that instances take
+            turns in the same order on every run (the simple mapping).
 
-    Instance 0 of a PE is the plan's PE object itself (as in dispel4py, so
-    its state can be inspected after a run); further instances are deep
-    copies. Two concurrent runs of one graph therefore share PE objects:
-    build a graph per run to run it several times at once.
+    The engine shares its event loop: however busy, it lets the loop's other
+    tasks run at least every :data:`YIELD_SECONDS` (checked once per batch,
+    so a single PE call longer than that still holds the loop: run such a PE
+    in a thread, see :attr:`PE.threaded`).
+
+    Every instance is a deep copy of the plan's PE object, taken when the
+    worker is built (as the run starts): the PE objects the user built are
+    never mutated by a run, so a graph can run any number of times, in a row
+    or concurrently, and each run starts from the PEs as they were built.
     """
 
     def __init__(
@@ -507,8 +631,16 @@ class Worker:
         results: ResultSink,
         peers: Mapping[int, Comm] | None = None,
         max_delay: float = 0.005,
+        fixed_order: bool = False,
     ) -> None:
         self.plan = plan
+        self.fixed_order = fixed_order
+        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
+        self._handovers: set[concurrent.futures.Future[None]] = set()
+        self._aborting = False
+        self._turn_started = time.monotonic()
+        self._turn_batches = 0
+        self._beat_pending = False
         self.worker_id = worker_id
         self.results = results
         self.max_delay = max_delay
@@ -536,8 +668,11 @@ class Worker:
             elif spec.dest_worker == me:
                 self._link(spec.source_worker).add_receiver(spec.channel_id, inboxes[spec.dest])
 
+        # Instance 0 of every PE is copied in one go, so references between PEs (a PE holding another)
+        # lead to the running copies, as they led to the user's objects; further instances are copied alone.
+        first_copies: dict[int, Any] = {}
         for ref in local:
-            pe = self._instance_pe(ref)
+            pe = self._instance_pe(ref, first_copies if ref.index == 0 else {})
             is_root = plan.placement[ref.pe].is_root
             actor = _Actor(self, ref, pe, inboxes[ref], plan.expected_eos(ref))
             actor.stats.inflight_bound = plan.inflight_bound(ref)
@@ -570,14 +705,59 @@ class Worker:
         except KeyError:
             raise Aiod4pError(f"worker {self.worker_id} has no comm to worker {peer}") from None
 
-    def _instance_pe(self, ref: InstanceRef) -> PE:
-        template = self.plan.pes[ref.pe]
-        if ref.index == 0 and not any(a.pe is template for a in self.actors.values()):
-            return template
+    def _instance_pe(self, ref: InstanceRef, memo: dict[int, Any]) -> PE:
+        """A fresh copy of ``ref``'s PE as the user built it: runs never share or mutate PE objects.
+
+        Raises:
+            GraphError: the PE cannot be deep-copied.
+        """
         try:
-            return copy.deepcopy(template)
+            return copy.deepcopy(self.plan.pes[ref.pe], memo)
         except Exception as exc:
-            raise GraphError(f"PE {ref.pe} cannot be copied for instance {ref.index}: {exc}") from exc
+            raise GraphError(
+                f"PE {ref.pe} cannot be copied for instance {ref.index}: {type(exc).__name__}: {exc}"
+                " (every run works on copies of the PEs; create resources such as files, sockets and locks"
+                " in preprocess())"
+            ) from exc
+
+    def executor(self) -> concurrent.futures.ThreadPoolExecutor:
+        """The pool that threaded PE calls run in, made on first use.
+
+        One thread per instance at most (threads start as needed): a threaded
+        call waiting for credit holds its thread, and the instance it waits
+        for must still find one.
+        """
+        if self._executor is None:
+            self._executor = concurrent.futures.ThreadPoolExecutor(
+                max_workers=max(1, len(self.actors)), thread_name_prefix=f"aiod4p-worker{self.worker_id}"
+            )
+        return self._executor
+
+    # -- sharing the event loop ---------------------------------------------------
+    def held_too_long(self) -> bool:
+        """Whether this worker has held the event loop long enough to let other tasks run (asked once per batch)."""
+        if self.fixed_order:
+            self._turn_batches += 1
+            return self._turn_batches >= YIELD_BATCHES
+        return time.monotonic() - self._turn_started >= YIELD_SECONDS
+
+    async def give_way(self) -> None:
+        """Let the event loop run every other ready task and due timer, then go on.
+
+        The turn restarts when the loop comes back to this worker (a callback
+        queued behind the tasks now ready), not when each task resumes: other
+        instances ready in this loop turn then give way after one batch each,
+        so a turn of the loop stays short however many instances are busy.
+        """
+        if not self._beat_pending:
+            self._beat_pending = True
+            asyncio.get_running_loop().call_soon(self._new_turn)
+        await asyncio.sleep(0)
+
+    def _new_turn(self) -> None:
+        self._beat_pending = False
+        self._turn_started = time.monotonic()
+        self._turn_batches = 0
 
     # -- running -----------------------------------------------------------
     def drain(self) -> None:
@@ -603,6 +783,11 @@ class Worker:
     def stats(self) -> list[InstanceStats]:
         return [actor.stats for actor in self.actors.values()]
 
+    @property
+    def instances(self) -> dict[InstanceRef, PE]:
+        """The PE object each local instance runs (this run's copies)."""
+        return {ref: actor.pe for ref, actor in self.actors.items()}
+
     async def run(self) -> list[InstanceStats]:
         """Run every local instance to completion and return their statistics.
 
@@ -627,14 +812,24 @@ class Worker:
                 link.finish()
             await _supervise(link_tasks, [])
         except BaseException:
+            self._abort_threads()
             for task in everything:
                 task.cancel()
             await asyncio.gather(*everything, return_exceptions=True)
             raise
         finally:
+            self._abort_threads()
+            if self._executor is not None:
+                self._executor.shutdown(wait=False, cancel_futures=True)
             for link in self.links.values():
                 await link.comm.aclose()
         return self.stats
+
+    def _abort_threads(self) -> None:
+        """Stop threaded calls: those waiting for credit raise, the others stop after their current item."""
+        self._aborting = True
+        for future in list(self._handovers):
+            future.cancel()
 
     def _feed_share(self, ref: InstanceRef) -> Feed:
         """The part of its PE's feed that instance ``ref`` consumes."""
@@ -658,6 +853,8 @@ class Worker:
                     count = min(batch_size, remaining)
                     await timed.send(None, [None] * count if ignores_elements else [{} for _ in range(count)])
                     remaining -= count
+                    if self.held_too_long():
+                        await self.give_way()
             elif isinstance(feed, AsyncIterable):
                 await self._feed_async(pe, timed, feed)
             else:
@@ -667,6 +864,8 @@ class Worker:
                     if not chunk:
                         break
                     await timed.send(None, chunk)
+                    if self.held_too_long():
+                        await self.give_way()
         except Aiod4pError:
             raise
         except Exception as exc:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import itertools
 import logging
+import sys
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -66,6 +67,9 @@ class _Runtime:
     instance: int = 0
     log: logging.LoggerAdapter[logging.Logger] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    # write() calls ``full(port)`` once a port's buffer holds ``limit`` items (the engine routes them).
+    limit: int = sys.maxsize
+    full: Callable[[str], None] | None = None
 
 
 class PE:
@@ -85,6 +89,27 @@ class PE:
             unless set explicitly.
         parallelism: the number of instances to run, or ``None`` to let the
             mapping decide.
+        threaded: run this PE's plain (not ``async``, not generator) calls in
+            a thread of the run's pool, off the event loop: for PEs that
+            block (``time.sleep``, blocking I/O, long computations that release
+            the GIL), so that the rest of the workflow, signals and the
+            progress display stay responsive. A threaded PE's :meth:`write`
+            waits for credit (back-pressure) whenever it has written a full
+            batch, so a call that writes any number of items runs in constant
+            memory. A PE whose plain calls on the event loop write more than
+            64 full batches for one batch of input becomes threaded by itself
+            for the rest of the run (with a warning). Also ``aiod4p run
+            --threaded PE``.
+
+    The engine never runs the PE objects of a graph: every run works on fresh
+    deep copies of them, taken when it starts, one per instance (instance 0
+    of every PE copied together, so references between PEs lead to the
+    run's copies). A run therefore never changes the graph, and a graph can
+    run any number of times, in a row or concurrently, each run starting
+    from the PEs as built. See :meth:`aiod4p.WorkflowRun.instances` for the
+    copies of a run. An object that must be shared by every copy (say, an
+    ``asyncio.Event`` that the caller waits on) defines ``__deepcopy__``
+    returning itself.
     """
 
     #: Whether an input element of this PE (as a root) may be any dict, passed
@@ -93,6 +118,7 @@ class PE:
     #: PEs take only dicts of their declared input ports, so a misspelt port
     #: is an error rather than an item silently ignored.
     takes_undeclared_inputs: ClassVar[bool] = False
+    threaded: bool = False
 
     def __init__(
         self,
@@ -154,6 +180,9 @@ class PE:
     def write(self, port: str, item: Any) -> None:
         """Emit ``item`` on output ``port``.
 
+        In a threaded call, waits while the workflow has no room for a full
+        batch of them (back-pressure).
+
         Raises:
             GraphError: ``port`` is not a declared output, or the PE is not running.
         """
@@ -161,11 +190,14 @@ class PE:
         if runtime is None:
             raise GraphError(f"PE {self.label}: write({port!r}, ...) called outside a run")
         try:
-            runtime.buffers[port].append(item)
+            buffer = runtime.buffers[port]
         except KeyError:
             raise GraphError(
                 f"PE {self.label} wrote to undeclared output port {port!r} (declared: {sorted(self.outputs) or 'none'})"
             ) from None
+        buffer.append(item)
+        if len(buffer) >= runtime.limit and runtime.full is not None:
+            runtime.full(port)
 
     @property
     def instance(self) -> int:
@@ -315,7 +347,8 @@ class FunctionPE(PE):
 
     ``kind`` is ``"iterative"`` (``fn(item)``, one input and one output),
     ``"producer"`` (``fn()``, no input) or ``"consumer"`` (``fn(item)``, no
-    output). Extra keyword arguments are passed to ``fn`` on every call.
+    output). Extra keyword arguments are passed to ``fn`` on every call;
+    ``threaded=True`` runs the calls in a thread (see :attr:`PE.threaded`).
     """
 
     def __init__(
@@ -326,6 +359,7 @@ class FunctionPE(PE):
         name: str | None = None,
         parallelism: int | None = None,
         grouping: GroupingLike = None,
+        threaded: bool = False,
         **params: Any,
     ) -> None:
         if kind not in ("iterative", "producer", "consumer"):
@@ -336,6 +370,7 @@ class FunctionPE(PE):
         if kind != "consumer":
             self.add_output(OUTPUT)
         self.kind = kind
+        self.threaded = threaded
         self.fn = functools.partial(fn, **params) if params else fn
 
     def process_item(self, item: Any) -> Any:
@@ -357,8 +392,10 @@ class FunctionPE(PE):
 def _factory(kind: str) -> Callable[[Callable[..., Any]], Callable[..., FunctionPE]]:
     def decorate(fn: Callable[..., Any]) -> Callable[..., FunctionPE]:
         @functools.wraps(fn)
-        def make(*, name: str | None = None, parallelism: int | None = None, **params: Any) -> FunctionPE:
-            return FunctionPE(fn, kind=kind, name=name, parallelism=parallelism, **params)
+        def make(
+            *, name: str | None = None, parallelism: int | None = None, threaded: bool = False, **params: Any
+        ) -> FunctionPE:
+            return FunctionPE(fn, kind=kind, name=name, parallelism=parallelism, threaded=threaded, **params)
 
         # The factory takes fn's name; pickle then finds fn as factory.__wrapped__ (other processes).
         fn.__qualname__ = f"{make.__qualname__}.__wrapped__"

@@ -8,6 +8,7 @@ and run, so the ratio is the engine's overhead. Writes bench/results/chain.md.
 
 from __future__ import annotations
 
+import asyncio
 import statistics
 import sys
 import time
@@ -19,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from chain import build
 
 import aiod4p
+from aiod4p._api import loop_factory
 
 ITEMS = int(sys.argv[1]) if len(sys.argv) > 1 else 1_000_000
 REPEATS = 5
@@ -38,10 +40,13 @@ def plain_loop() -> float:
 def mapping_run(mapping: str) -> Callable[[], float]:
     def measure() -> float:
         graph, _, _, sink = build()
+        run = aiod4p.start(graph, ITEMS, mapping=mapping)
+        factory = loop_factory(run.mapping.uses_uvloop)
         started = time.perf_counter()
-        aiod4p.run(graph, ITEMS, mapping=mapping)
+        with asyncio.Runner(loop_factory=factory) as runner:
+            runner.run(run.results())
         elapsed = time.perf_counter() - started
-        assert sink.total == sum(range(4, ITEMS + 4))
+        assert run.instances(sink)[0].total == sum(range(4, ITEMS + 4))
         return elapsed
 
     return measure

@@ -83,7 +83,7 @@ async def engine_run(source: AsyncIterSource) -> tuple[list[float], float, float
         await run.results()
     elapsed = time.perf_counter() - started
     stats = {s.pe: s for s in run.stats}[sink.id]
-    return sink.latencies, stats.items_in / max(stats.batches_in, 1), elapsed
+    return run.instances(sink)[0].latencies, stats.items_in / max(stats.batches_in, 1), elapsed
 
 
 async def baseline_run() -> list[float]:

@@ -53,7 +53,7 @@ async def consume(mapping: str, observed: bool, console: Console, stats_path: st
     if observed:
         report_stats(run, table=True, json_path=stats_path, console=console)
     elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu_started
-    assert sink.total == sum(range(4, ITEMS + 4))
+    assert run.instances(sink)[0].total == sum(range(4, ITEMS + 4))
     return elapsed, cpu
 
 

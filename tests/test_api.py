@@ -18,18 +18,16 @@ class Tracker(GenericPE):
 
     def __init__(self) -> None:
         super().__init__(inputs=["input"], outputs=["output"])
-        self.seen = 0
-        self.finished = False
-        self.saw_fifty = asyncio.Event()
+        self.state = wf.Shared(seen=0, finished=False, saw_fifty=asyncio.Event())
 
     def process(self, inputs: dict[str, int]) -> dict[str, int]:
-        self.seen += 1
-        if self.seen == 50:
-            self.saw_fifty.set()
+        self.state.seen += 1
+        if self.state.seen == 50:
+            self.state.saw_fifty.set()
         return {"output": inputs["input"]}
 
     def postprocess(self) -> None:
-        self.finished = True
+        self.state.finished = True
 
 
 async def endless() -> AsyncIterator[int]:
@@ -74,19 +72,19 @@ async def test_drain_stops_the_source_and_runs_postprocess() -> None:
             if received == 100:
                 run.drain()
         assert run.done
-    assert tracker.finished
-    assert received == tracker.seen >= 100
+    assert tracker.state.finished
+    assert received == tracker.state.seen >= 100
 
 
 async def test_cancelling_run_async_drains_then_cancels() -> None:
     graph, double, tracker = tracked_graph()
     task = asyncio.create_task(aiod4p.run_async(graph, {double: endless()}))
     async with asyncio.timeout(10):
-        await tracker.saw_fifty.wait()
+        await tracker.state.saw_fifty.wait()
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
-    assert tracker.finished
+    assert tracker.state.finished
 
 
 async def test_aclose_aborts_without_postprocess() -> None:
@@ -96,7 +94,7 @@ async def test_aclose_aborts_without_postprocess() -> None:
         async for _ in run:
             break
         await run.aclose()
-    assert not tracker.finished
+    assert not tracker.state.finished
     assert run.done
 
 

@@ -28,10 +28,10 @@ class Gate(IterativePE):
 
     def __init__(self) -> None:
         super().__init__()
-        self.gate = asyncio.Event()
+        self.gate = wf.Shared(event=asyncio.Event())
 
     async def process_item(self, item: Any) -> Any:
-        await self.gate.wait()
+        await self.gate.event.wait()
         return item
 
 
@@ -62,7 +62,7 @@ async def test_send_waits_while_the_workflow_is_full() -> None:
         assert not sender.done() and feed.full()
         stats = {s.pe: s for s in run.live_stats()}
         assert stats[entry.id].items_in < 4 * 4  # the engine holds a few batches, the rest waits in send()
-        gate.gate.set()
+        gate.gate.event.set()
         data = (await run.results()).data()
         await sender
     assert data == [2 * i for i in range(total)]
@@ -92,7 +92,7 @@ async def test_several_workflows_side_by_side_in_one_loop() -> None:
 @pytest.mark.asyncio
 async def test_send_errors() -> None:
     graph, entry, gate = gated()
-    gate.gate.set()
+    gate.gate.event.set()
     feed = LiveFeed()
     run = aiod4p.start(graph, {entry: feed})
     async with asyncio.timeout(20), run:

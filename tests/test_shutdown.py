@@ -161,14 +161,13 @@ class Closing(ConsumerPE):
 
     def __init__(self) -> None:
         super().__init__()
-        self.seen = 0
-        self.closed = False
+        self.state = wf.Shared(seen=0, closed=False)
 
     def consume(self, item: Any) -> None:
-        self.seen += 1
+        self.state.seen += 1
 
     def postprocess(self) -> None:
-        self.closed = True
+        self.state.closed = True
 
 
 @pytest.mark.asyncio
@@ -180,12 +179,12 @@ async def test_cancelling_run_async_drains_before_it_propagates() -> None:
         feed.send_nowait(i)
     task = asyncio.create_task(aiod4p.run_async(graph, {entry: feed}))
     async with asyncio.timeout(20):
-        while sink.seen < 10:  # noqa: ASYNC110 - wait until the items went through
+        while sink.state.seen < 10:  # noqa: ASYNC110 - wait until the items went through
             await asyncio.sleep(0.001)
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
-    assert sink.closed and feed.closed
+    assert sink.state.closed and feed.closed
 
 
 @pytest.mark.asyncio

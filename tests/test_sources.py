@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import workflows as wf
 
 import aiod4p
 from aiod4p import IterativePE, PEError, ProducerPE, WorkflowGraph
@@ -40,10 +41,10 @@ class Gate(IterativePE):
 
     def __init__(self) -> None:
         super().__init__()
-        self.gate = asyncio.Event()
+        self.gate = wf.Shared(event=asyncio.Event())
 
     async def process_item(self, item: Any) -> Any:
-        await self.gate.wait()
+        await self.gate.event.wait()
         return item
 
 
@@ -209,7 +210,7 @@ async def test_tcp_server_source_merges_clients() -> None:
     async with asyncio.timeout(20), run:
         results = asyncio.ensure_future(run.results())
         host, port = await listening
-        assert source.address == (host, port) and host == "127.0.0.1"
+        assert run.instances(source)[0].address == (host, port) and host == "127.0.0.1"
         for client in range(2):
             _, writer = await asyncio.open_connection(host, port)
             writer.write(b"".join(json.dumps({"c": client, "i": i}).encode() + b"\n" for i in range(100)))
@@ -281,7 +282,7 @@ async def test_tcp_source_stops_reading_when_the_workflow_is_behind() -> None:
             await asyncio.sleep(0.005)
         assert writer.transport.get_write_buffer_size() > 0  # so the sender is held back
         assert stream.pending + 100 < total  # most items wait in the sender and the kernel, not here
-        gate.gate.set()
+        gate.gate.event.set()
         await writer.drain()
         writer.close()
         await writer.wait_closed()
@@ -379,13 +380,13 @@ class Waiting(ProducerPE):
 
     def __init__(self) -> None:
         super().__init__()
-        self.release = asyncio.Event()
+        self.release = wf.Shared(event=asyncio.Event())
 
     async def produce(self) -> AsyncIterator[int]:
         for i in range(3):
             yield i
-            await self.release.wait()
-            self.release.clear()
+            await self.release.event.wait()
+            self.release.event.clear()
 
 
 @pytest.mark.asyncio
@@ -396,7 +397,7 @@ async def test_items_of_a_waiting_generator_source_are_not_held_back() -> None:
     async with asyncio.timeout(20), run:
         async for record in run:  # each item arrives while its source still waits
             seen.append(record.data)
-            source.release.set()
+            source.release.event.set()
     assert seen == [0, 1, 2]
 
 

@@ -132,9 +132,11 @@ def test_windows_agree_on_every_mapping(mapping: MappingCase) -> None:
 
 def test_late_items_are_counted_and_dropped() -> None:
     window = TimeWindow(1.0, timestamp=0)
-    results = aiod4p.run(windowed([(0.1,), (5.0,), (0.2,), (5.5,)], window), mapping="simple")
+    run = aiod4p.start(windowed([(0.1,), (5.0,), (0.2,), (5.5,)], window), mapping="simple")
+    results = asyncio.run(run.results())
     assert [r["items"] for r in results.data()] == [[(0.1,)], [(5.0,), (5.5,)]]
-    assert window.late == 1
+    assert run.instances(window)[0].late == 1
+    assert window.late == 0  # the graph's own PE is never changed by a run
 
 
 def test_a_window_closes_as_soon_as_the_clock_passes_it() -> None:

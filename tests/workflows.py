@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import Counter
 from collections.abc import Iterator
+from types import SimpleNamespace
 from typing import Any
 
 from aiod4p import (
@@ -19,6 +21,17 @@ from aiod4p import (
     iterative,
     producer,
 )
+
+
+class Shared(SimpleNamespace):
+    """Attributes shared by every copy of the PE that holds it: how a test watches a run.
+
+    A run works on copies of the graph's PEs; an object whose ``__deepcopy__``
+    returns itself is shared by the copies and the test.
+    """
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Shared:
+        return self
 
 
 class Count(ProducerPE):
@@ -338,4 +351,34 @@ def live_squares() -> WorkflowGraph:
     square = Square()
     square.id = "square"
     graph.connect(square, "output", Hold(), "input")
+    return graph
+
+
+class Sleepy(IterativePE):
+    """Blocks the calling thread for ``seconds`` per item (``seconds_on_item`` for one item)."""
+
+    def __init__(self, seconds: float = 0.01, seconds_on_item: tuple[int, float] | None = None) -> None:
+        super().__init__()
+        self.seconds = seconds
+        self.seconds_on_item = seconds_on_item
+
+    def process_item(self, item: int) -> int:
+        if self.seconds_on_item is not None and item == self.seconds_on_item[0]:
+            time.sleep(self.seconds_on_item[1])  # ok-sleep: a PE that blocks its thread on purpose
+        else:
+            time.sleep(self.seconds)  # ok-sleep: a PE that blocks its thread on purpose
+        return item
+
+
+def sleepy() -> WorkflowGraph:
+    """``aiod4p run tests/workflows.py:sleepy -i N --threaded Sleepy``: count -> a PE sleeping 10 ms per item."""
+    graph = WorkflowGraph()
+    graph.connect(Count(), "output", Sleepy(), "input")
+    return graph
+
+
+def stuck() -> WorkflowGraph:
+    """count -> a PE that holds its thread for 60 s on item 20 (on the event loop unless threaded)."""
+    graph = WorkflowGraph()
+    graph.connect(Count(), "output", Sleepy(0.01, (20, 60.0)), "input")
     return graph

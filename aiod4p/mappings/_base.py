@@ -7,7 +7,8 @@ from collections.abc import Callable, Mapping
 from typing import ClassVar
 
 from .._engine import Feed
-from .._plan import ExecutionPlan, PlanOptions
+from .._pe import PE
+from .._plan import ExecutionPlan, InstanceRef, PlanOptions
 from .._results import ResultSink
 from .._stats import InstanceStats
 
@@ -21,10 +22,15 @@ class RunControl:
         self.draining = False
         self._callbacks: list[Callable[[], None]] = []
         self._stats: dict[int, list[InstanceStats]] = {}
+        self.instances: dict[InstanceRef, PE] = {}
 
     def publish_stats(self, worker: int, stats: list[InstanceStats]) -> None:
         """Record the latest statistics of ``worker``'s instances (mappings call this)."""
         self._stats[worker] = stats
+
+    def publish_instances(self, instances: Mapping[InstanceRef, PE]) -> None:
+        """Record the PE objects that instances running in this process use (in-process mappings call this)."""
+        self.instances.update(instances)
 
     def stats(self) -> list[InstanceStats]:
         """The latest statistics of every instance published so far."""

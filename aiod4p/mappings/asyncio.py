@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import ClassVar
 
 from .._engine import Feed, Worker
 from .._plan import ExecutionPlan, PlanOptions
@@ -17,6 +18,7 @@ class AsyncMapping(BaseMapping):
     """One event loop; ``-n N`` runs N instances of each PE whose parallelism is unset."""
 
     name = "async"
+    fixed_order: ClassVar[bool] = False
 
     def plan_options(self, workers: int | None, batch_size: int, credits: int) -> PlanOptions:
         return PlanOptions(workers=1, default_parallelism=workers or 1, batch_size=batch_size, credits=credits)
@@ -29,7 +31,8 @@ class AsyncMapping(BaseMapping):
         control: RunControl,
         max_delay: float,
     ) -> list[InstanceStats]:
-        worker = Worker(plan, 0, feeds=feeds, results=sink, max_delay=max_delay)
+        worker = Worker(plan, 0, feeds=feeds, results=sink, max_delay=max_delay, fixed_order=self.fixed_order)
         control.on_drain(worker.drain)
         control.publish_stats(0, worker.stats)  # live objects, updated as the run goes
+        control.publish_instances(worker.instances)
         return await worker.run()

@@ -18,6 +18,7 @@ class SimpleMapping(AsyncMapping):
     name = "simple"
     uses_uvloop = False
     takes_workers = False
+    fixed_order = True
 
     def plan_options(self, workers: int | None, batch_size: int, credits: int) -> PlanOptions:
         return PlanOptions(workers=1, force_single=True, batch_size=batch_size, credits=credits)

@@ -1,0 +1,117 @@
+"""SIGINT/SIGTERM for ``aiod4p run``: stop start-up at once; drain on the first, abort on the second.
+
+``loop.add_signal_handler`` runs its callbacks only when the event loop
+turns, and a PE that blocks (``time.sleep``, blocking I/O) on the loop holds
+it: the signal would wait for the call to end. Here the handlers are plain
+Python signal handlers, which run in the main thread as soon as the signal
+arrives (interrupting a sleep). Before the run is under way (loading,
+planning, start-up: long synchronous code) a signal raises :class:`Stopped`
+wherever the main thread is. Once the run is under way the handlers hand
+their work to the loop with ``call_soon_threadsafe``, and a second signal
+also arms a watchdog thread that ends the process if the loop has not
+aborted the run within :data:`ABORT_GRACE` seconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+import threading
+from collections.abc import Callable
+from types import FrameType
+from typing import Any, Protocol
+
+__all__ = ["ABORT_GRACE", "Interrupts", "Stopped"]
+
+ABORT_GRACE = 1.0
+SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class _Drainable(Protocol):
+    @property
+    def under_way(self) -> bool: ...
+
+    def drain(self) -> None: ...
+
+
+class Stopped(BaseException):
+    """Raised by the signal handler while the run is not under way: start-up stops where it is."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+class Interrupts:
+    """SIGINT/SIGTERM handlers for one run, installed by ``with``; see the module's docstring.
+
+    Args:
+        exit_status: the process's exit status when the watchdog ends it.
+        before_exit: called by the watchdog just before it ends the process
+            (flush what can be flushed).
+    """
+
+    def __init__(self, exit_status: int, before_exit: Callable[[], None] = lambda: None) -> None:
+        self.received = 0
+        self.signum: int = signal.SIGINT
+        self._exit_status = exit_status
+        self._before_exit = before_exit
+        self._run: _Drainable | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._task: asyncio.Task[Any] | None = None
+        self._finished = threading.Event()
+        self._previous: dict[int, Any] = {}
+
+    @property
+    def name(self) -> str:
+        """The name of the last signal received (``SIGINT`` before any)."""
+        return signal.Signals(self.signum).name
+
+    def __enter__(self) -> Interrupts:
+        for signum in SIGNALS:
+            self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.restore()
+
+    def restore(self) -> None:
+        """Put the previous handlers back and disarm the watchdog (idempotent)."""
+        self._finished.set()
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous.clear()
+
+    def attach(self, run: _Drainable, task: asyncio.Task[Any]) -> None:
+        """Act on ``run`` once it is under way: drain it, then cancel ``task`` to abort."""
+        self._run, self._task, self._loop = run, task, asyncio.get_running_loop()
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        self.received += 1
+        self.signum = signum
+        run, loop, task = self._run, self._loop, self._task
+        if run is None or loop is None or task is None or not run.under_way:
+            raise Stopped(signum)
+        if self.received == 1:
+            print(
+                f"aiod4p: {self.name}: stopping the sources, finishing what is in flight (send it again to abort)",
+                file=sys.stderr,
+                flush=True,
+            )
+            loop.call_soon_threadsafe(run.drain)
+            return
+        loop.call_soon_threadsafe(task.cancel)
+        if self.received == 2:
+            threading.Thread(target=self._watchdog, name="aiod4p abort watchdog", daemon=True).start()
+
+    def _watchdog(self) -> None:
+        if self._finished.wait(ABORT_GRACE):
+            return
+        try:
+            self._before_exit()
+            print("aiod4p: aborted (the event loop was held by a PE)", file=sys.stderr, flush=True)
+            sys.stdout.flush()
+        finally:
+            os._exit(self._exit_status)

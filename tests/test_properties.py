@@ -1,0 +1,269 @@
+"""Property-based differential test: random workflows give the same results on every mapping.
+
+Hypothesis draws random DAGs: sources, fan-out (one output to several
+inputs), fan-in (several edges into one input, two-input PEs), every grouping
+(shuffle, group_by, all, global), parallelism 1 to 4 and composites. Every
+PE is deterministic per item or per key, so a small model computes the
+result multiset each mapping must give, from the parallelism that mapping
+plans (``all`` reaches every instance). The same graph objects then run
+several times in a row and concurrently, on every case of
+``conftest.MAPPING_CASES``; the process mappings get few examples, each one
+a union of several random DAGs, so that they cost few launches.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+from conftest import MAPPING_CASES, MappingCase
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import aiod4p
+from aiod4p import GenericPE, ProducerPE, WorkflowGraph, chain, group_by, make_plan
+from aiod4p._groupings import ALL, GLOBAL, SHUFFLE, Grouping
+from aiod4p._pe import PE, CompositePE, IterativePE
+
+MODULUS = 101
+
+
+def key_of(item: int) -> int:
+    """The group-by key of an item (module level, so worker processes can unpickle it)."""
+    return item % 5
+
+
+class Source(ProducerPE):
+    """Yields ``count`` items derived from ``seed``, in one call."""
+
+    def __init__(self, seed: int, count: int) -> None:
+        super().__init__()
+        self.seed, self.count = seed, count
+
+    def produce(self) -> Iterator[int]:
+        for index in range(self.count):
+            yield (self.seed * 7 + index * 13) % MODULUS
+
+
+def affine(a: int, b: int, item: int) -> int:
+    return (a * item + b) % MODULUS
+
+
+class Affine(IterativePE):
+    """``item -> (a * item + b) % MODULUS``: pure, so any grouping gives the same multiset."""
+
+    def __init__(self, a: int, b: int, grouping: Grouping) -> None:
+        super().__init__(grouping=grouping)
+        self.a, self.b = a, b
+
+    def process_item(self, item: int) -> int:
+        return affine(self.a, self.b, item)
+
+
+class KeyedCount(GenericPE):
+    """Group-by key: emits ``key * 1000 + n`` for the n-th item of each key (a per-key state)."""
+
+    def __init__(self) -> None:
+        super().__init__(inputs=[("input", group_by(key=key_of))], outputs=["output"])
+        self.seen: Counter[int] = Counter()
+
+    def process(self, inputs: dict[str, int]) -> None:
+        key = key_of(inputs["input"])
+        self.seen[key] += 1
+        self.write("output", key * 1000 + self.seen[key])
+
+
+class Total(GenericPE):
+    """Global: writes the sum of everything it saw in postprocess (instances that saw nothing write nothing)."""
+
+    def __init__(self) -> None:
+        super().__init__(inputs=[("input", GLOBAL)], outputs=["output"])
+        self.total: int | None = None
+
+    def process(self, inputs: dict[str, int]) -> None:
+        self.total = (self.total or 0) + inputs["input"]
+
+    def postprocess(self) -> None:
+        if self.total is not None:
+            self.write("output", self.total)
+
+
+class Merge(GenericPE):
+    """Two inputs: tags each item with the input it came on."""
+
+    def __init__(self) -> None:
+        super().__init__(inputs=["left", "right"], outputs=["output"])
+
+    def process(self, inputs: dict[str, int]) -> dict[str, int]:
+        ((port, item),) = inputs.items()
+        return {"output": item if port == "left" else (item + 50) % MODULUS}
+
+
+GROUPINGS: dict[str, Grouping] = {"shuffle": SHUFFLE, "group_by": group_by(key=key_of), "all": ALL, "global": GLOBAL}
+
+
+@dataclass
+class Node:
+    """One random PE: what it is, and where its inputs come from (indices of earlier nodes)."""
+
+    kind: str  # source, affine, chain, keyed, total, merge
+    params: tuple[int, ...]
+    upstream: tuple[int, ...]
+    grouping: str
+    parallelism: int
+
+
+@st.composite
+def dags(draw: st.DrawFn) -> list[Node]:
+    nodes = [Node("source", (draw(st.integers(0, 50)), draw(st.integers(1, 40))), (), "shuffle", 1)]
+    for _ in range(draw(st.integers(1, 6))):
+        if draw(st.integers(0, 5)) == 0:
+            nodes.append(Node("source", (draw(st.integers(0, 50)), draw(st.integers(0, 40))), (), "shuffle", 1))
+            continue
+        kind = draw(st.sampled_from(["affine", "affine", "chain", "keyed", "total", "merge"]))
+        earlier = st.integers(0, len(nodes) - 1)
+        fan_in = draw(st.integers(1, 2))  # two edges into one input
+        upstream = tuple(draw(earlier) for _ in range(2 if kind == "merge" else fan_in))
+        grouping = draw(st.sampled_from(sorted(GROUPINGS))) if kind in ("affine", "chain", "merge") else ""
+        params = (draw(st.integers(1, 9)), draw(st.integers(0, 9)))
+        nodes.append(Node(kind, params, upstream, grouping, draw(st.integers(1, 4))))
+    return nodes
+
+
+@dataclass
+class Built:
+    """A random DAG built as a graph, and the model's view of it."""
+
+    nodes: list[Node]
+    pes: list[PE]  # per node: the PE whose output is the node's output (the inner last PE of a chain)
+    inputs: list[list[tuple[PE, str]]]  # per node: the PEs and ports its upstream edges reach
+
+
+def build(dags_: list[list[Node]]) -> tuple[WorkflowGraph, list[Built]]:
+    graph = WorkflowGraph()
+    built = []
+    for nodes in dags_:
+        pes: list[PE] = []
+        entries: list[list[tuple[PE, str]]] = []
+        for node in nodes:
+            grouping = GROUPINGS.get(node.grouping, SHUFFLE)
+            if node.kind == "source":
+                pe: PE = Source(*node.params)
+                graph.add(pe)
+                pes.append(pe)
+                entries.append([])
+                continue
+            if node.kind == "affine":
+                pe = Affine(*node.params, grouping)
+                out, inputs = pe, [(pe, "input")] * len(node.upstream)
+            elif node.kind == "chain":
+                first, second = Affine(*node.params, grouping), Affine(node.params[1] + 1, node.params[0], SHUFFLE)
+                first.parallelism = second.parallelism = node.parallelism
+                pe = chain(first, second)
+                out, inputs = second, [(pe, "input")] * len(node.upstream)
+            elif node.kind == "keyed":
+                pe = KeyedCount()
+                out, inputs = pe, [(pe, "input")] * len(node.upstream)
+            elif node.kind == "total":
+                pe = Total()
+                out, inputs = pe, [(pe, "input")] * len(node.upstream)
+            else:
+                pe = Merge()
+                out, inputs = pe, [(pe, "left"), (pe, "right")]
+            if node.kind != "chain":
+                pe.parallelism = node.parallelism
+            for source_index, (dest, port) in zip(node.upstream, inputs, strict=True):
+                override = grouping if node.kind == "merge" else None
+                graph.connect(pes[source_index], "output", dest, port, grouping=override)
+            pes.append(out)
+            entries.append(inputs)
+        built.append(Built(nodes, pes, entries))
+    return graph, built
+
+
+def model(graph: WorkflowGraph, built: list[Built], case: MappingCase) -> Counter[tuple[str, int]]:
+    """The result multiset ``case`` must give: ``(pe id, item)`` counts."""
+    mapping = aiod4p.mappings.get_mapping(case.name)
+    plan = make_plan(graph, mapping.plan_options(case.workers, 256, 4))
+    results: Counter[tuple[str, int]] = Counter()
+    for dag in built:
+        outputs: list[list[int]] = []
+        consumed = {index for node in dag.nodes for index in node.upstream}
+        for index, node in enumerate(dag.nodes):
+            received: list[int] = []
+            for source_index, (dest, port) in zip(node.upstream, dag.inputs[index], strict=True):
+                items = outputs[source_index]
+                if node.kind == "merge" and port == "right":
+                    items = [(item + 50) % MODULUS for item in items]
+                grouping = node.grouping
+                if grouping == "all":
+                    target = dest.input_map["input"][0][0] if isinstance(dest, CompositePE) else dest
+                    assert target.id is not None
+                    items = items * plan.placement[target.id].parallelism
+                received.extend(items)
+            a, b = node.params if node.kind != "source" else (0, 0)
+            if node.kind == "source":
+                produced = [(node.params[0] * 7 + i * 13) % MODULUS for i in range(node.params[1])]
+            elif node.kind in ("affine", "merge"):
+                produced = [affine(a, b, item) for item in received] if node.kind == "affine" else received
+            elif node.kind == "chain":
+                produced = [affine(b + 1, a, affine(a, b, item)) for item in received]
+            elif node.kind == "keyed":
+                per_key = Counter(key_of(item) for item in received)
+                produced = [key * 1000 + n for key, count in per_key.items() for n in range(1, count + 1)]
+            else:
+                produced = [sum(received)] if received else []
+            outputs.append(produced)
+            if index not in consumed:
+                pe_id = dag.pes[index].id
+                assert pe_id is not None
+                results.update((pe_id, item) for item in produced)
+    return results
+
+
+def multiset(results: aiod4p.Results) -> Counter[tuple[str, int]]:
+    return Counter((record.pe, record.data) for record in results)
+
+
+def check(case: MappingCase, dags_: list[list[Node]], repeats: int, concurrent: int) -> None:
+    graph, built = build(dags_)
+    expected = model(graph, built, case)
+    for _ in range(repeats):
+        assert multiset(case.run(graph, 1)) == expected
+
+    async def together() -> list[aiod4p.Results]:
+        async with asyncio.timeout(50):
+            runs = [aiod4p.run_async(graph, 1, mapping=case.name, workers=case.workers) for _ in range(concurrent)]
+            return await asyncio.gather(*runs)
+
+    for results in asyncio.run(together()):
+        assert multiset(results) == expected
+
+
+IN_PROCESS = ("simple", "async")
+CASES = [MappingCase(*case) for case in MAPPING_CASES]
+SETTINGS: dict[str, Any] = {
+    "deadline": None,
+    "derandomize": True,
+    "database": None,
+    "suppress_health_check": [HealthCheck.too_slow],
+}
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.name in IN_PROCESS], ids=lambda case: case.id)
+@settings(max_examples=25, **SETTINGS)
+@given(st.lists(dags(), min_size=1, max_size=2))
+def test_random_workflows_agree_in_process(case: MappingCase, dags_: list[list[Node]]) -> None:
+    check(case, dags_, repeats=2, concurrent=2)
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.name not in IN_PROCESS], ids=lambda case: case.id)
+@settings(max_examples=1, **SETTINGS)
+@given(st.lists(dags(), min_size=8, max_size=8))
+def test_random_workflows_agree_across_processes(case: MappingCase, dags_: list[list[Node]]) -> None:
+    # One union of eight random DAGs: three launches cover them all (one, then two at once).
+    check(case, dags_, repeats=1, concurrent=2)

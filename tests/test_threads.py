@@ -1,0 +1,244 @@
+"""Threaded PEs: blocking calls off the event loop, back-pressured writes, and signals that always work."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import workflows as wf
+from conftest import MappingCase
+
+import aiod4p
+from aiod4p import ConsumerPE, IterativePE, ProducerPE, WorkflowGraph, iterative
+from aiod4p._api import run_in_threads
+from aiod4p._cli import main
+
+ROOT = Path(__file__).resolve().parent.parent
+WORKFLOWS = ROOT / "tests" / "workflows.py"
+
+
+# -- blocking calls -------------------------------------------------------------------
+
+
+class WaitsForHost(IterativePE):
+    """Blocks its thread until the host (another task of the loop) opens a gate."""
+
+    threaded = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = wf.Shared(event=threading.Event())
+
+    def process_item(self, item: int) -> bool:
+        return self.gate.event.wait(timeout=20)
+
+
+@pytest.mark.asyncio
+async def test_a_threaded_pe_blocks_its_thread_not_the_loop() -> None:
+    graph = WorkflowGraph()
+    graph.connect(wf.Count(), "output", waits := WaitsForHost(), "input")
+    run = asyncio.ensure_future(aiod4p.run_async(graph, 3))
+
+    async def host() -> None:  # runs only if the loop is free while the PE blocks
+        await asyncio.sleep(0)
+        waits.gate.event.set()
+
+    async with asyncio.timeout(50):
+        await host()
+        results = await run
+    assert results.data() == [True, True, True]
+
+
+def test_threaded_is_an_option_of_function_pes() -> None:
+    @iterative
+    def slow(item: int) -> int:
+        return item
+
+    assert slow(threaded=True).threaded and not slow().threaded
+
+
+def test_run_in_threads_names_an_unknown_pe() -> None:
+    graph = wf.sleepy()
+    run_in_threads(graph, ["Sleepy"])
+    assert [pe.threaded for pe in graph.pes] == [False, True]
+    with pytest.raises(ValueError, match=r"--threaded nope: the workflow has no such PE \(PEs: Count"):
+        run_in_threads(graph, ["nope"])
+
+
+# -- writes are back-pressured ------------------------------------------------------------
+
+WRITES = 50_000
+
+
+class WriteLoop(ProducerPE):
+    """Writes ``WRITES`` items in one plain call, counting them where the test can see."""
+
+    def __init__(self, threaded: bool, writes: int = WRITES) -> None:
+        super().__init__()
+        self.threaded = threaded
+        self.writes = writes
+        self.progress = wf.Shared(written=0, ahead=0, aheads=[])
+
+    def produce(self) -> None:
+        for item in range(self.writes):
+            self.progress.written += 1
+            self.write("output", item)
+
+
+class Behind(ConsumerPE):
+    """Records how far the writer was ahead of it, at most."""
+
+    def __init__(self, writer: WriteLoop) -> None:
+        super().__init__()
+        self.writer = writer
+        self.consumed = 0
+
+    def consume(self, item: Any) -> None:
+        self.consumed += 1
+        progress = self.writer.progress
+        progress.ahead = max(progress.ahead, progress.written - self.consumed)
+        if hasattr(progress, "aheads"):
+            progress.aheads.append(progress.written - self.consumed)
+
+
+def write_loop(threaded: bool, writes: int = WRITES) -> tuple[WorkflowGraph, WriteLoop]:
+    graph = WorkflowGraph()
+    writer = WriteLoop(threaded, writes)
+    graph.connect(writer, "output", Behind(writer), "input")
+    return graph, writer
+
+
+def bound(batch_size: int = 256, credits: int = 4) -> int:
+    """What may be written and not yet consumed: the call's buffer before it hands over, the channel's batches."""
+    return batch_size * credits + batch_size * credits + batch_size
+
+
+BOUND = bound()
+
+
+@pytest.mark.parametrize("mapping", ["simple", "async"])
+def test_a_threaded_write_loop_runs_in_bounded_memory(mapping: str) -> None:
+    graph, writer = write_loop(threaded=True)
+    aiod4p.run(graph, 1, mapping=mapping)
+    assert writer.progress.written == WRITES
+    assert writer.progress.ahead <= BOUND
+
+
+def test_a_write_loop_on_the_loop_becomes_threaded(caplog: pytest.LogCaptureFixture) -> None:
+    graph, writer = write_loop(threaded=False, writes=2_000)
+    with caplog.at_level(logging.WARNING, logger="aiod4p.pe"):
+        run = aiod4p.start(graph, 2, mapping="async", batch_size=1)  # each call in its own feed batch
+        results = asyncio.run(run.results())
+    assert not results and writer.progress.written == 2 * 2_000
+    assert "its further calls run in a thread, where write() waits for credit" in caplog.text.replace("\n", " ")
+    assert not writer.threaded and run.instances(writer)[0].threaded  # the run's copy switched, not the graph
+    first, second = max(writer.progress.aheads[:2_000]), max(writer.progress.aheads[2_000:])
+    assert first > bound(1)  # a call on the event loop cannot wait: it buffered
+    assert second <= bound(1)  # the next call ran in a thread, its writes waiting for credit
+
+
+class AsyncWriteLoop(ProducerPE):
+    async def produce(self) -> None:
+        for item in range(2_000):
+            self.write("output", item)
+
+
+def test_an_async_write_loop_is_named_in_a_warning(caplog: pytest.LogCaptureFixture) -> None:
+    graph = WorkflowGraph()
+    graph.connect(AsyncWriteLoop(), "output", wf.Discard(), "input")
+    with caplog.at_level(logging.WARNING, logger="aiod4p.pe"):
+        aiod4p.run(graph, 1, mapping="async", batch_size=10, credits=2)
+    assert "in one batch of async calls, which cannot wait for credit" in caplog.text
+
+
+class GeneratorWrites(ProducerPE):
+    """A generator source: every item waits for credit as it is yielded (the lazy way)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.progress = wf.Shared(written=0, ahead=0)
+
+    def produce(self) -> Iterator[int]:
+        for item in range(WRITES):
+            self.progress.written += 1
+            yield item
+
+
+def test_a_generator_is_back_pressured_too() -> None:
+    graph = WorkflowGraph()
+    writer = GeneratorWrites()
+    graph.connect(writer, "output", Behind(writer), "input")  # type: ignore[arg-type]
+    aiod4p.run(graph, 1, mapping="async")
+    assert writer.progress.ahead <= BOUND
+
+
+# -- the command line: Ctrl-C with blocking PEs ------------------------------------------------
+
+
+def start(*args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "aiod4p", "run", *args, "--results", "-", "-q"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+
+
+def test_ctrl_c_drains_a_run_whose_pe_blocks_in_a_thread() -> None:
+    proc = start(f"{WORKFLOWS}:sleepy", "-i", "100000", "--threaded", "Sleepy", "--batch-size", "8", "--credits", "2")
+    try:
+        assert proc.stdout is not None
+        first = proc.stdout.readline()  # results stream while the PE blocks
+        assert json.loads(first)["data"] == 0
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=30)  # 100,000 items would take 1,000 s
+    finally:
+        proc.kill()
+        proc.communicate()
+    assert proc.returncode == 0, err
+    assert "stopping the sources" in err
+    assert len(out.splitlines()) < 10_000
+
+
+def test_a_second_ctrl_c_aborts_while_a_pe_holds_the_loop() -> None:
+    proc = start(f"{WORKFLOWS}:stuck", "-i", "30", "--batch-size", "1")
+    try:
+        assert proc.stdout is not None and proc.stderr is not None
+        assert json.loads(proc.stdout.readline())["data"] == 0  # item 20 is to hold the loop for 60 s
+        proc.send_signal(signal.SIGINT)
+        assert "stopping the sources" in proc.stderr.readline()
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+        proc.communicate()
+    assert proc.returncode == 130, err
+    assert "aborted" in err
+
+
+def test_threaded_pes_give_the_same_results_on_every_mapping(mapping: MappingCase) -> None:
+    graph = WorkflowGraph()
+    count, sleepy, writer, double = wf.Count(), wf.Sleepy(0.0), WriteLoop(threaded=True, writes=3_000), wf.Double()
+    sleepy.threaded = True
+    sleepy.parallelism = 2
+    graph.connect(count, "output", sleepy, "input")
+    graph.connect(writer, "output", double, "input")
+    by_pe = mapping.run(graph, {count: 500, writer: 1}).by_port()
+    assert sorted(by_pe[(sleepy.id, "output")]) == list(range(500))
+    assert sorted(by_pe[(double.id, "output")]) == [2 * i for i in range(3_000)]
+
+
+def test_the_cli_names_an_unknown_threaded_pe(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["run", "workflows:sleepy", "-i", "1", "--threaded", "Nope", "-q"]) == 2  # by name: not reloaded
+    assert "--threaded Nope: the workflow has no such PE (PEs: Count" in capsys.readouterr().err
