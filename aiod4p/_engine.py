@@ -20,7 +20,7 @@ from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Ma
 from typing import Any, TypeAlias
 
 from ._channels import EOS, Inbox, LocalChannel, SenderChannel
-from ._groupings import All, GroupBy, stable_hash
+from ._groupings import Router
 from ._links import PeerLink, RemoteChannel
 from ._pe import PE, _Runtime
 from ._plan import ExecutionPlan, InstanceRef
@@ -65,20 +65,15 @@ class _ResultPending:
         self.port = port
 
 
-_SINGLE, _ROUND_ROBIN, _GROUP_BY, _ALL = range(4)
-
-
 class _Route:
-    """One edge leaving an instance: picks pendings for each item."""
+    """One edge leaving an instance: its grouping's router splits batches among the pendings."""
 
-    __slots__ = ("key", "kind", "label", "next", "pendings")
+    __slots__ = ("passes_through", "pendings", "router")
 
-    def __init__(self, kind: int, pendings: list[_Pending], key: GroupBy | None, label: str, start: int) -> None:
-        self.kind = kind
+    def __init__(self, router: Router, pendings: list[_Pending]) -> None:
+        self.router = router
+        self.passes_through = router.passes_through
         self.pendings = pendings
-        self.next = start % len(pendings)
-        self.key = key
-        self.label = label
 
 
 class _Actor:
@@ -248,12 +243,21 @@ class _Actor:
                 if result is not None and out_port is not None:
                     self.buffers[out_port].append(result)
         elif kind == "gen":
-            worker = self.worker
+            worker, is_root, batch_size, buffers = self.worker, self.is_root, self.batch_size, self.buffers
             for item in items:
+                if out_port is None:
+                    for _ in fn(item):
+                        if worker._draining and is_root:
+                            return
+                    continue
+                buffer = buffers[out_port]
                 for result in fn(item):
-                    if result is not None and out_port is not None:
-                        await self._append_streaming(out_port, result)
-                    if worker._draining and self.is_root:
+                    if result is not None:
+                        buffer.append(result)
+                        if len(buffer) >= batch_size:
+                            await self._route_outputs()
+                            buffer = buffers[out_port]  # routing took the full buffer
+                    if worker._draining and is_root:
                         return  # a draining source stops producing
         elif self.is_root and out_port is not None:
             for item in items:
@@ -360,10 +364,9 @@ class _Actor:
             await self._flush_all()
 
     def _route(self, route: _Route, items: list[Any], owned: bool, full: list[_Pending | _ResultPending]) -> None:
-        kind = route.kind
         batch_size = self.batch_size
         dirty = self.dirty
-        if kind == _SINGLE:
+        if route.passes_through:
             pending = route.pendings[0]
             if not pending.dirty:
                 pending.dirty = True
@@ -375,46 +378,13 @@ class _Actor:
             if len(pending.items) >= batch_size:
                 full.append(pending)
             return
-        pendings = route.pendings
-        if kind == _ROUND_ROBIN:
-            # Deal the items out like cards, starting where the last batch stopped.
-            count = len(pendings)
-            start = route.next
-            route.next = (start + len(items)) % count
-            touched = []
-            for offset in range(min(count, len(items))):
-                pending = pendings[(start + offset) % count]
-                if not pending.dirty:
-                    pending.dirty = True
-                    dirty.append(pending)
-                pending.items.extend(items[offset::count])
-                touched.append(pending)
-        elif kind == _ALL:
-            touched = pendings
-            for pending in pendings:
-                if not pending.dirty:
-                    pending.dirty = True
-                    dirty.append(pending)
-                pending.items.extend(items)
-        else:
-            grouping = route.key
-            assert grouping is not None
-            count = len(pendings)
-            touched = pendings
-            for item in items:
-                try:
-                    key = grouping.key_of(item)
-                except Exception as exc:
-                    raise GraphError(
-                        f"PE {self.ref.pe} cannot route item {item!r} to {route.label}: its {grouping}"
-                        f" key failed ({type(exc).__name__}: {exc})"
-                    ) from exc
-                pending = pendings[stable_hash(key) % count] if count > 1 else pendings[0]
-                if not pending.dirty:
-                    pending.dirty = True
-                    dirty.append(pending)
-                pending.items.append(item)
-        for pending in touched:
+        for pending, part in zip(route.pendings, route.router.split(items), strict=True):
+            if not part:
+                continue
+            if not pending.dirty:
+                pending.dirty = True
+                dirty.append(pending)
+            pending.items.extend(part)
             if len(pending.items) >= batch_size:
                 full.append(pending)
 
@@ -544,18 +514,10 @@ class Worker:
             for route in plan.routes[ref.pe]:
                 targets = route.targets[ref.index]
                 pendings = [_Pending(senders[(ref, InstanceRef(route.dest, t))], route.dest_port) for t in targets]
-                grouping = route.grouping
-                if isinstance(grouping, GroupBy):
-                    kind = _GROUP_BY  # even for one instance: a bad key fails alike on every mapping
-                elif len(pendings) == 1:
-                    kind = _SINGLE
-                elif isinstance(grouping, All):
-                    kind = _ALL
-                else:
-                    kind = _ROUND_ROBIN
-                label = f"{route.dest}.{route.dest_port}"
-                key = grouping if isinstance(grouping, GroupBy) else None
-                route_object = _Route(kind, pendings, key, label, ref.index)
+                router = route.grouping.router(
+                    len(pendings), ref.index, f"PE {ref.pe}", f"{route.dest}.{route.dest_port}"
+                )
+                route_object = _Route(router, pendings)
                 actor.add_route(route.source_port, route_object)
             actor.outgoing = [senders[(ref, spec.dest)] for spec in plan.channels_from(ref)]
             self.actors[ref] = actor

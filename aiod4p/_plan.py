@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ._graph import FlatGraph, WorkflowGraph
-from ._groupings import All, Global, GroupBy, Grouping, Shuffle
+from ._groupings import Grouping
 from ._pe import PE
 from .errors import GraphError
 
@@ -154,7 +154,10 @@ def make_plan(graph: WorkflowGraph | FlatGraph, options: PlanOptions | None = No
     pairs: set[tuple[InstanceRef, InstanceRef]] = set()
     for edge in flat.edges:
         source, dest = placement[edge.source], placement[edge.dest]
-        targets = tuple(_targets(edge.grouping, source, dest, index) for index in range(source.parallelism))
+        aligned = source.parallelism == dest.parallelism and source.workers == dest.workers
+        targets = tuple(
+            edge.grouping.candidates(dest.parallelism, index, aligned) for index in range(source.parallelism)
+        )
         routes[edge.source].append(RouteSpec(edge.source_port, edge.dest, edge.dest_port, edge.grouping, targets))
         for index, chosen in enumerate(targets):
             for target in chosen:
@@ -189,20 +192,6 @@ def _parallelism(flat: FlatGraph, pe_id: str, pe: PE, roots: list[str], options:
         if not isinstance(pe.parallelism, int) or pe.parallelism < 1:
             raise GraphError(f"PE {pe_id}: parallelism must be a positive integer, not {pe.parallelism!r}")
         return pe.parallelism
-    if pe_id in roots or any(isinstance(edge.grouping, Global) for edge in flat.incoming(pe_id)):
+    if pe_id in roots or any(edge.grouping.single_instance for edge in flat.incoming(pe_id)):
         return 1
     return options.default_parallelism or options.workers
-
-
-def _targets(grouping: Grouping, source: PEPlan, dest: PEPlan, index: int) -> tuple[int, ...]:
-    every = tuple(range(dest.parallelism))
-    if isinstance(grouping, Global):
-        return (0,)
-    if isinstance(grouping, (All, GroupBy)):
-        return every
-    assert isinstance(grouping, Shuffle)
-    if source.parallelism == dest.parallelism and source.workers == dest.workers:
-        return (index,)  # forward: keep an equal-width pipeline on its worker
-    # Rotate the candidates so each sender starts its round robin elsewhere.
-    shift = index % dest.parallelism
-    return every[shift:] + every[:shift]
