@@ -26,7 +26,7 @@ from ._pe import PE, _Runtime
 from ._plan import ExecutionPlan, InstanceRef
 from ._results import ResultSink
 from ._stats import InstanceStats
-from .errors import Aiod4pError, GraphError, InputError, PEError
+from .errors import Aiod4pError, GraphError, InputError, PEError, TransportError
 from .transports import Comm
 
 __all__ = ["Feed", "Worker"]
@@ -36,8 +36,9 @@ Feed: TypeAlias = int | Iterable[Any] | AsyncIterable[Any]
 pe_logger = logging.getLogger("aiod4p.pe")
 
 
-def _error(ref: InstanceRef, port: str, exc: BaseException) -> PEError:
-    if isinstance(exc, PEError):
+def _error(ref: InstanceRef, port: str, exc: BaseException) -> PEError | TransportError:
+    # A transport error already names the PE and port whose output failed, wherever the flush happened.
+    if isinstance(exc, (PEError, TransportError)):
         return exc
     text = "".join(traceback.format_exception(exc))
     return PEError(ref.pe, ref.index, port, f"{type(exc).__name__}: {exc}", text)
@@ -289,6 +290,13 @@ class _Actor:
 
     async def _call_process(self, port: str | None, items: list[Any]) -> None:
         process, kind = self.pe.process, self.process_kind
+        if kind == "sync" and port is not None:
+            collect = self._collect
+            for item in items:
+                output = process({port: item})
+                if output is not None:
+                    collect(output)
+            return
         for item in items:
             inputs = item if port is None else {port: item}
             if kind == "sync":

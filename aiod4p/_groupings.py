@@ -231,26 +231,22 @@ class _KeyRouter(Router):
         count = self.count
         if count == 1:
             return [items]
-        parts: list[list[Any]] = [[] for _ in range(count)]
-        appends = [part.append for part in parts]
         cache = self.cache
         try:
-            for item, key in zip(items, keys, strict=True):
-                appends[cache[key]](item)
-            return parts
-        except KeyError:
-            pass
+            destinations = list(map(cache.__getitem__, keys))
+        except KeyError:  # keys not seen yet: hash them once
+            if len(cache) > _CACHE_LIMIT:
+                cache.clear()
+            single = self.single
+            for key in keys:
+                if key not in cache:
+                    cache[key] = stable_hash((key,) if single else key) % count
+            destinations = list(map(cache.__getitem__, keys))
         except TypeError:  # an unhashable key: hash each one
             return self._split_uncached(items, keys)
-        if len(cache) > _CACHE_LIMIT:
-            cache.clear()
-        for part in parts:
-            part.clear()
-        single = self.single
-        for item, key in zip(items, keys, strict=True):
-            destination = cache.get(key)
-            if destination is None:
-                destination = cache[key] = stable_hash((key,) if single else key) % count
+        parts: list[list[Any]] = [[] for _ in range(count)]
+        appends = [part.append for part in parts]
+        for item, destination in zip(items, destinations, strict=True):
             appends[destination](item)
         return parts
 

@@ -129,7 +129,7 @@ def bytewax_flow() -> Any:
     from bytewax.testing import TestingSink, TestingSource
 
     flow = Dataflow("wordcount")
-    stream = op.input("words", flow, TestingSource(words(WORDS)))
+    stream = op.input("words", flow, TestingSource(words(WORDS), batch_size=256))
     counts = op.count_final("count", stream, lambda pair: pair[0])
     op.output("out", counts, TestingSink(BYTEWAX_OUT))
     return flow

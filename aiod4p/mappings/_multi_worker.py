@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import logging
+import multiprocessing
+import os
 import pickle
 import reprlib
 import signal
@@ -38,7 +41,11 @@ PUMPED = "<pumped by the parent>"  # a feed the parent sends chunk by chunk
 def worker_main(*args: Any) -> None:
     """The target of a worker process: run its share of the plan, report, exit."""
     wid, plan, feeds, preload, control, peers, inherited, max_delay, interval = args
-    # Ctrl-C reaches the whole process group: the parent alone decides what to do.
+    # Its own session, so its own scheduler autogroup: under CPU contention the workers of
+    # one run get a core each, not one session's share (docs/multi.md). Ctrl-C and hang-ups
+    # reach the parent alone, which decides; a worker dies with its parent.
+    os.setsid()
+    _die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.set_wakeup_fd(-1)  # a forked child must not poke the parent's event loop
@@ -46,6 +53,15 @@ def worker_main(*args: Any) -> None:
         sock.close()
     with asyncio.Runner(loop_factory=loop_factory(True)) as runner:
         runner.run(_serve(wid, plan, feeds, preload, control, peers, max_delay, interval))
+
+
+def _die_with_parent() -> None:
+    """Be killed when the parent process dies (Linux), since no signal to its session reaches this one."""
+    parent = multiprocessing.parent_process()
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    if parent is not None and os.getppid() != parent.pid:  # it died before prctl took effect
+        os._exit(1)
 
 
 async def _serve(
