@@ -45,25 +45,33 @@ def _error(ref: InstanceRef, port: str, exc: BaseException) -> PEError | Transpo
 
 
 class _Pending:
-    """Items waiting to travel on one channel to one destination port."""
+    """Items waiting to travel on one channel to one destination port.
 
-    __slots__ = ("channel", "dirty", "items", "port")
+    ``limit`` is the most items a batch on this channel carries, set before
+    each batch from the destination PE's measured time per item and the size
+    of the items (see :meth:`_Actor._batch_limit`).
+    """
 
-    def __init__(self, channel: SenderChannel, port: str) -> None:
+    __slots__ = ("channel", "dest", "dirty", "items", "limit", "port")
+
+    def __init__(self, channel: SenderChannel, dest: str, port: str) -> None:
         self.items: list[Any] = []
         self.dirty = False  # listed in the actor's dirty list, to be flushed
         self.channel = channel
+        self.dest = dest
         self.port = port
+        self.limit = 1
 
 
 class _ResultPending:
-    __slots__ = ("dirty", "items", "pe", "port")
+    __slots__ = ("dirty", "items", "limit", "pe", "port")
 
-    def __init__(self, pe: str, port: str) -> None:
+    def __init__(self, pe: str, port: str, limit: int) -> None:
         self.items: list[Any] = []
         self.dirty = False
         self.pe = pe
         self.port = port
+        self.limit = limit
 
 
 class _Route:
@@ -86,6 +94,9 @@ class _Actor:
         self.expected_eos = expected_eos
         options = worker.plan.options
         self.batch_size = options.batch_size
+        self.batch_seconds = options.batch_seconds
+        self.batch_bytes = options.batch_bytes
+        self.items_done = 0  # items whose PE call has returned (busy_seconds covers them)
         self.max_delay = worker.max_delay
         self.stats = InstanceStats(ref.pe, ref.index, worker.worker_id)
         self.buffers: dict[str, list[Any]] = {port: [] for port in pe.outputs}
@@ -144,6 +155,7 @@ class _Actor:
                     finally:  # waiting for credit while streaming outputs is blocked time, not busy time
                         blocked = self.stats.blocked_seconds - blocked
                         self.stats.busy_seconds += time.perf_counter() - started - blocked
+                        self.items_done += len(items)
                     await self._route_outputs()
                 except Exception as exc:
                     self.stats.errors += 1
@@ -345,7 +357,6 @@ class _Actor:
     async def _route_outputs(self) -> None:
         buffers = self.buffers
         full: list[_Pending | _ResultPending] = []
-        batch_size = self.batch_size
         dirty = self.dirty
         for port, items in buffers.items():
             if not items:
@@ -359,20 +370,19 @@ class _Actor:
                     pending_result.dirty = True
                     dirty.append(pending_result)
                 pending_result.items.extend(items)
-                if len(pending_result.items) >= batch_size:
+                if len(pending_result.items) >= pending_result.limit:
                     full.append(pending_result)
                 continue
             owned = len(routes) == 1
             for route in routes:
                 self._route(route, items, owned, full)
         for pending in full:
-            if len(pending.items) >= batch_size:
+            if len(pending.items) >= pending.limit:
                 await self._flush(pending)
         if self.dirty and time.monotonic() - self.last_flush >= self.max_delay:
             await self._flush_all()
 
     def _route(self, route: _Route, items: list[Any], owned: bool, full: list[_Pending | _ResultPending]) -> None:
-        batch_size = self.batch_size
         dirty = self.dirty
         if route.passes_through:
             pending = route.pendings[0]
@@ -383,7 +393,7 @@ class _Actor:
                 pending.items = items if owned else list(items)
             else:
                 pending.items.extend(items)
-            if len(pending.items) >= batch_size:
+            if len(pending.items) >= pending.limit:
                 full.append(pending)
             return
         for pending, part in zip(route.pendings, route.router.split(items), strict=True):
@@ -393,7 +403,7 @@ class _Actor:
                 pending.dirty = True
                 dirty.append(pending)
             pending.items.extend(part)
-            if len(pending.items) >= batch_size:
+            if len(pending.items) >= pending.limit:
                 full.append(pending)
 
     async def _flush(self, pending: _Pending | _ResultPending) -> None:
@@ -401,16 +411,16 @@ class _Actor:
         if not items:
             return
         pending.items = []
-        batch_size = self.batch_size
-        chunks = (
-            [items]
-            if len(items) <= batch_size
-            else [items[i : i + batch_size] for i in range(0, len(items), batch_size)]
-        )
-        for chunk in chunks:
+        sent, total = 0, len(items)
+        while sent < total:
             if isinstance(pending, _ResultPending):
+                chunk = items if total <= pending.limit else items[sent : sent + pending.limit]
+                sent += len(chunk)
                 await self.worker.results.emit(pending.pe, pending.port, chunk)
                 continue
+            limit = pending.limit = self._batch_limit(pending.dest, items[sent])
+            chunk = items if sent == 0 and total <= limit else items[sent : sent + limit]
+            sent += len(chunk)
             channel = pending.channel
             if channel.credits > 0:
                 await channel.send(pending.port, chunk)
@@ -419,12 +429,47 @@ class _Actor:
                 await channel.send(pending.port, chunk)
                 self.stats.blocked_seconds += time.perf_counter() - started
 
+    def _batch_limit(self, dest: str, sample: Any) -> int:
+        """How many items the next batch to PE ``dest`` may carry.
+
+        At most ``batch_size``; at most what ``dest`` gets through in about
+        ``batch_seconds``, as measured on this worker's instances of it, so a
+        slow stage gets items one or a few at a time and every instance stays
+        busy (one item per batch until the first measurement; no bound by time
+        where this worker runs no instance of ``dest``); at most
+        ``batch_bytes`` of items like ``sample``.
+        """
+        limit = self.batch_size
+        seconds = self.worker.seconds_per_item(dest)
+        if seconds is None:
+            limit = 1
+        elif seconds * limit > self.batch_seconds:
+            limit = max(1, int(self.batch_seconds / seconds))
+        size = _approximate_size(sample)
+        if size * limit > self.batch_bytes:
+            limit = max(1, self.batch_bytes // size)
+        return limit
+
     async def _flush_all(self) -> None:
         dirty, self.dirty = self.dirty, []
         for pending in dirty:
             pending.dirty = False
             await self._flush(pending)
         self.last_flush = time.monotonic()
+
+
+def _approximate_size(item: Any, depth: int = 2) -> int:
+    """A cheap guess of the bytes ``item`` takes to send: buffers, strings and small containers of them."""
+    nbytes = getattr(item, "nbytes", None)  # numpy arrays, memoryviews
+    if isinstance(nbytes, int):
+        return nbytes
+    if isinstance(item, (bytes, bytearray, str)):
+        return len(item)
+    if depth and isinstance(item, (tuple, list)):
+        return 8 + sum(_approximate_size(element, depth - 1) for element in item[:16])
+    if depth and isinstance(item, dict):
+        return 8 + sum(_approximate_size(value, depth - 1) for value in itertools.islice(item.values(), 16))
+    return 8
 
 
 def _ignoring_argument(fn: Callable[[], Any]) -> Callable[[Any], Any]:
@@ -492,6 +537,9 @@ class Worker:
         self._draining = False
         self._stoppers: list[Callable[[], Any]] = []
         self._build()
+        self._actors_of: dict[str, list[_Actor]] = {}
+        for ref, actor in self.actors.items():
+            self._actors_of.setdefault(ref.pe, []).append(actor)
 
     # -- construction ------------------------------------------------------
     def _build(self) -> None:
@@ -518,10 +566,12 @@ class Worker:
             if is_root:
                 self._feed_channels[ref] = LocalChannel(inboxes[ref], credits)
             for port in plan.result_ports.get(ref.pe, []):
-                actor.results[port] = _ResultPending(ref.pe, port)
+                actor.results[port] = _ResultPending(ref.pe, port, plan.options.batch_size)
             for route in plan.routes[ref.pe]:
                 targets = route.targets[ref.index]
-                pendings = [_Pending(senders[(ref, InstanceRef(route.dest, t))], route.dest_port) for t in targets]
+                pendings = [
+                    _Pending(senders[(ref, InstanceRef(route.dest, t))], route.dest, route.dest_port) for t in targets
+                ]
                 router = route.grouping.router(
                     len(pendings), ref.index, f"PE {ref.pe}", f"{route.dest}.{route.dest_port}"
                 )
@@ -564,6 +614,21 @@ class Worker:
         self._stoppers.append(stop)
         if self._draining:
             stop()
+
+    def seconds_per_item(self, pe: str) -> float | None:
+        """The measured time per item of PE ``pe``'s instances on this worker.
+
+        ``0.0`` where this worker runs none (nothing to measure: no bound by
+        time); ``None`` while they have finished no item yet.
+        """
+        actors = self._actors_of.get(pe)
+        if not actors:
+            return 0.0
+        busy, done = 0.0, 0
+        for actor in actors:
+            busy += actor.stats.busy_seconds
+            done += actor.items_done
+        return busy / done if done else None
 
     @property
     def stats(self) -> list[InstanceStats]:

@@ -33,8 +33,12 @@ class PlanOptions:
             not forced to one (sources, ``global`` inputs); ``None`` means one
             per worker.
         force_single: run exactly one instance of every PE (the simple mapping).
-        batch_size: items per batch on a channel.
+        batch_size: the most items per batch on a channel.
         credits: batches a channel may have in flight before its sender waits.
+        batch_seconds: a batch carries at most what its destination PE gets
+            through in about this time (measured), so slow stages get items a
+            few at a time.
+        batch_bytes: a batch carries at most about this many bytes of items.
     """
 
     workers: int = 1
@@ -42,6 +46,8 @@ class PlanOptions:
     force_single: bool = False
     batch_size: int = 256
     credits: int = 4
+    batch_seconds: float = 0.002
+    batch_bytes: int = 1 << 20
 
     def __post_init__(self) -> None:
         if self.workers < 1:
@@ -50,6 +56,8 @@ class PlanOptions:
             raise ValueError(f"parallelism must be at least 1, not {self.default_parallelism}")
         if self.batch_size < 1 or self.credits < 1:
             raise ValueError("batch_size and credits must be at least 1")
+        if self.batch_seconds <= 0 or self.batch_bytes < 1:
+            raise ValueError("batch_seconds and batch_bytes must be positive")
 
 
 @dataclass(frozen=True)

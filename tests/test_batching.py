@@ -1,0 +1,75 @@
+"""Batches adapt to the items: a slow stage gets them one at a time, large items travel a few at a time."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+import aiod4p
+from aiod4p import InstanceStats, IterativePE, PlanOptions, ProducerPE, WorkflowGraph
+
+
+class Burst(ProducerPE):
+    """Yields ``count`` items of ``size`` bytes from one call."""
+
+    def __init__(self, count: int, size: int = 0) -> None:
+        super().__init__()
+        self.count, self.size = count, size
+
+    def produce(self) -> Iterator[Any]:
+        for index in range(self.count):
+            yield bytes(self.size) if self.size else index
+
+
+class Slow(IterativePE):
+    """Takes at least 5 ms per item."""
+
+    def __init__(self) -> None:
+        super().__init__(parallelism=2)
+
+    def process_item(self, item: Any) -> Any:
+        threading.Event().wait(0.005)  # the item's cost, not synchronisation
+        return item
+
+
+class Keep(IterativePE):
+    def process_item(self, item: Any) -> Any:
+        return len(item)
+
+
+async def _stats(graph: WorkflowGraph, mapping: str) -> list[InstanceStats]:
+    async with asyncio.timeout(45), aiod4p.start(graph, 1, mapping=mapping) as run:
+        await run.results()
+    return run.stats
+
+
+@pytest.mark.parametrize("mapping", ["async", "multi"])
+def test_a_slow_stage_gets_its_items_one_at_a_time(mapping: str) -> None:
+    graph = WorkflowGraph()
+    graph.connect(Burst(40), "output", slow := Slow(), "input")
+    stats = [entry for entry in asyncio.run(_stats(graph, mapping)) if entry.pe == slow.id]
+    assert sum(entry.items_in for entry in stats) == 40
+    for entry in stats:
+        assert entry.items_in > 0  # both instances work
+        assert entry.batches_in == entry.items_in
+
+
+def test_large_items_travel_in_batches_bounded_by_bytes() -> None:
+    graph = WorkflowGraph()
+    graph.connect(Burst(64, size=100_000), "output", keep := Keep(), "input")
+    stats = asyncio.run(_stats(graph, "async"))
+    (entry,) = [entry for entry in stats if entry.pe == keep.id]
+    assert entry.items_in == 64
+    # 1 MiB batches of 100 kB items: at most 10 items each
+    assert entry.batches_in >= 64 // 10
+
+
+def test_batch_bounds_must_be_positive() -> None:
+    with pytest.raises(ValueError, match="batch_seconds and batch_bytes"):
+        PlanOptions(batch_seconds=0)
+    with pytest.raises(ValueError, match="batch_seconds and batch_bytes"):
+        PlanOptions(batch_bytes=0)
