@@ -376,9 +376,8 @@ class _Actor:
             owned = len(routes) == 1
             for route in routes:
                 self._route(route, items, owned, full)
-        for pending in full:
-            if len(pending.items) >= pending.limit:
-                await self._flush(pending)
+        if full:
+            await self._flush_many([pending for pending in full if len(pending.items) >= pending.limit])
         if self.dirty and time.monotonic() - self.last_flush >= self.max_delay:
             await self._flush_all()
 
@@ -406,28 +405,45 @@ class _Actor:
             if len(pending.items) >= pending.limit:
                 full.append(pending)
 
-    async def _flush(self, pending: _Pending | _ResultPending) -> None:
+    async def _flush_many(self, pendings: list[_Pending | _ResultPending]) -> None:
+        """Send everything ``pendings`` hold, a batch to each in turn.
+
+        A destination that has credit is never kept waiting behind one that
+        has none: the actor waits only when no channel can take a batch.
+        """
+        waiting = [pending for pending in pendings if pending.items]
+        while waiting:
+            stalled = True
+            for pending in waiting:
+                if isinstance(pending, _ResultPending) or pending.channel.credits > 0:
+                    await self._send_batch(pending)
+                    stalled = False
+            if stalled:
+                await self._send_batch(waiting[0])
+            waiting = [pending for pending in waiting if pending.items]
+
+    async def _send_batch(self, pending: _Pending | _ResultPending) -> None:
+        """Send the first batch of ``pending``'s items, as many as its limit allows."""
         items = pending.items
-        if not items:
+        if isinstance(pending, _ResultPending):
+            limit = pending.limit
+        else:
+            limit = pending.limit = self._batch_limit(pending.dest, items[0])
+        if len(items) <= limit:
+            chunk, pending.items = items, []
+        else:
+            chunk = items[:limit]
+            del items[:limit]
+        if isinstance(pending, _ResultPending):
+            await self.worker.results.emit(pending.pe, pending.port, chunk)
             return
-        pending.items = []
-        sent, total = 0, len(items)
-        while sent < total:
-            if isinstance(pending, _ResultPending):
-                chunk = items if total <= pending.limit else items[sent : sent + pending.limit]
-                sent += len(chunk)
-                await self.worker.results.emit(pending.pe, pending.port, chunk)
-                continue
-            limit = pending.limit = self._batch_limit(pending.dest, items[sent])
-            chunk = items if sent == 0 and total <= limit else items[sent : sent + limit]
-            sent += len(chunk)
-            channel = pending.channel
-            if channel.credits > 0:
-                await channel.send(pending.port, chunk)
-            else:
-                started = time.perf_counter()
-                await channel.send(pending.port, chunk)
-                self.stats.blocked_seconds += time.perf_counter() - started
+        channel = pending.channel
+        if channel.credits > 0:
+            await channel.send(pending.port, chunk)
+        else:
+            started = time.perf_counter()
+            await channel.send(pending.port, chunk)
+            self.stats.blocked_seconds += time.perf_counter() - started
 
     def _batch_limit(self, dest: str, sample: Any) -> int:
         """How many items the next batch to PE ``dest`` may carry.
@@ -454,7 +470,7 @@ class _Actor:
         dirty, self.dirty = self.dirty, []
         for pending in dirty:
             pending.dirty = False
-            await self._flush(pending)
+        await self._flush_many(dirty)
         self.last_flush = time.monotonic()
 
 
