@@ -52,7 +52,7 @@ class _Pending:
     of the items (see :meth:`_Actor._batch_limit`).
     """
 
-    __slots__ = ("channel", "dest", "dirty", "items", "limit", "port")
+    __slots__ = ("channel", "dest", "dirty", "items", "limit", "port", "siblings")
 
     def __init__(self, channel: SenderChannel, dest: str, port: str) -> None:
         self.items: list[Any] = []
@@ -61,6 +61,8 @@ class _Pending:
         self.dest = dest
         self.port = port
         self.limit = 1
+        # The pendings of the route when its grouping lets any of them take any item.
+        self.siblings: list[_Pending] | None = None
 
 
 class _ResultPending:
@@ -418,12 +420,18 @@ class _Actor:
                 if isinstance(pending, _ResultPending) or pending.channel.credits > 0:
                     await self._send_batch(pending)
                     stalled = False
+                elif pending.siblings is not None and pending.items:
+                    # Any instance will do: give the batch to the least loaded one.
+                    freest = max(pending.siblings, key=_free_credits)
+                    if freest.channel.credits > 0:
+                        await self._send_batch(pending, freest)
+                        stalled = False
             if stalled:
                 await self._send_batch(waiting[0])
             waiting = [pending for pending in waiting if pending.items]
 
-    async def _send_batch(self, pending: _Pending | _ResultPending) -> None:
-        """Send the first batch of ``pending``'s items, as many as its limit allows."""
+    async def _send_batch(self, pending: _Pending | _ResultPending, via: _Pending | None = None) -> None:
+        """Send the first batch of ``pending``'s items, as many as its limit allows (on ``via``'s channel)."""
         items = pending.items
         if isinstance(pending, _ResultPending):
             limit = pending.limit
@@ -437,7 +445,7 @@ class _Actor:
         if isinstance(pending, _ResultPending):
             await self.worker.results.emit(pending.pe, pending.port, chunk)
             return
-        channel = pending.channel
+        channel = (via or pending).channel
         if channel.credits > 0:
             await channel.send(pending.port, chunk)
         else:
@@ -472,6 +480,10 @@ class _Actor:
             pending.dirty = False
         await self._flush_many(dirty)
         self.last_flush = time.monotonic()
+
+
+def _free_credits(pending: _Pending) -> int:
+    return pending.channel.credits
 
 
 def _approximate_size(item: Any, depth: int = 2) -> int:
@@ -592,6 +604,9 @@ class Worker:
                     len(pendings), ref.index, f"PE {ref.pe}", f"{route.dest}.{route.dest_port}"
                 )
                 route_object = _Route(router, pendings)
+                if router.any_destination and len(pendings) > 1:
+                    for pending in pendings:
+                        pending.siblings = pendings
                 actor.add_route(route.source_port, route_object)
             actor.outgoing = [senders[(ref, spec.dest)] for spec in plan.channels_from(ref)]
             self.actors[ref] = actor

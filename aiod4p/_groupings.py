@@ -46,10 +46,13 @@ class Router:
 
     Subclasses override :meth:`split`. This one sends everything to the first
     destination untouched (``passes_through``), which lets the engine skip the split.
+    ``any_destination`` says any candidate may take any item: the engine then
+    sends a batch to the least loaded candidate when the chosen one has no room.
     """
 
     __slots__ = ("count",)
     passes_through: ClassVar[bool] = True
+    any_destination: ClassVar[bool] = False
 
     def __init__(self, count: int) -> None:
         self.count = count
@@ -185,6 +188,7 @@ class _RoundRobin(Router):
 
     __slots__ = ("next",)
     passes_through = False
+    any_destination = True
 
     def __init__(self, count: int, start: int) -> None:
         super().__init__(count)

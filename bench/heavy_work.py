@@ -116,8 +116,12 @@ def spin(iterations: int) -> int:
 
 
 def write_summary(summary: Any) -> None:
-    """Write a sink's summary where ``HEAVY_OUT`` says (nothing when it is unset)."""
+    """Write a sink's summary where ``HEAVY_OUT`` says (nothing when it is unset).
+
+    An empty summary is not written: dispel4py's multi mapping runs idle
+    instances of a ``global`` sink too, and they must not overwrite the real one.
+    """
     path = os.environ.get("HEAVY_OUT")
-    if path:
+    if path and summary:
         with open(path, "w") as out:
             json.dump(summary, out, sort_keys=True)

@@ -68,6 +68,26 @@ def test_large_items_travel_in_batches_bounded_by_bytes() -> None:
     assert entry.batches_in >= 64 // 10
 
 
+class FirstIsSlow(IterativePE):
+    """Instance 0 takes 20 ms per item, instance 1 none: a shuffle should feed instance 1 most."""
+
+    def __init__(self) -> None:
+        super().__init__(parallelism=2)
+
+    async def process_item(self, item: Any) -> Any:
+        if self.instance == 0:
+            await asyncio.sleep(0.02)  # the item's cost (a wait that leaves the loop to the other instance)
+        return item
+
+
+def test_a_shuffle_sends_work_to_the_instance_with_room() -> None:
+    graph = WorkflowGraph()
+    graph.connect(Burst(100), "output", uneven := FirstIsSlow(), "input")
+    stats = {entry.instance: entry for entry in asyncio.run(_stats(graph, "async")) if entry.pe == uneven.id}
+    assert stats[0].items_in + stats[1].items_in == 100
+    assert stats[1].items_in >= 80  # round robin would give it 50
+
+
 def test_batch_bounds_must_be_positive() -> None:
     with pytest.raises(ValueError, match="batch_seconds and batch_bytes"):
         PlanOptions(batch_seconds=0)
