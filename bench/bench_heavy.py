@@ -49,7 +49,7 @@ from _common import BIN, D4P_BIN, D4P_PYTHON, timed  # noqa: E402
 import aiod4p  # noqa: E402
 
 REPEATS = 1 if QUICK else 3
-TIMEOUT = 900.0
+TIMEOUT = 120.0 if QUICK else 600.0  # dispel4py's mpi mapping sometimes hangs at finalize: reported as hung
 D4P_PROCESSES = {"seismic": 8, "galaxies": 12, "articles": 8}
 TARGET_D4P = 2.0
 
