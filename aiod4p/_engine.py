@@ -52,7 +52,7 @@ class _Pending:
     of the items (see :meth:`_Actor._batch_limit`).
     """
 
-    __slots__ = ("channel", "dest", "dirty", "items", "limit", "port", "siblings")
+    __slots__ = ("blind", "channel", "dest", "dirty", "items", "limit", "port", "siblings")
 
     def __init__(self, channel: SenderChannel, dest: str, port: str) -> None:
         self.items: list[Any] = []
@@ -61,6 +61,7 @@ class _Pending:
         self.dest = dest
         self.port = port
         self.limit = 1
+        self.blind = 0  # batches sent before the destination's time per item was known
         # The pendings of the route when its grouping lets any of them take any item.
         self.siblings: list[_Pending] | None = None
 
@@ -98,6 +99,7 @@ class _Actor:
         self.batch_size = options.batch_size
         self.batch_seconds = options.batch_seconds
         self.batch_bytes = options.batch_bytes
+        self.credits = options.credits
         self.items_done = 0  # items whose PE call has returned (busy_seconds covers them)
         self.max_delay = worker.max_delay
         self.stats = InstanceStats(ref.pe, ref.index, worker.worker_id)
@@ -436,7 +438,7 @@ class _Actor:
         if isinstance(pending, _ResultPending):
             limit = pending.limit
         else:
-            limit = pending.limit = self._batch_limit(pending.dest, items[0])
+            limit = pending.limit = self._batch_limit(pending, items[0])
         if len(items) <= limit:
             chunk, pending.items = items, []
         else:
@@ -453,20 +455,23 @@ class _Actor:
             await channel.send(pending.port, chunk)
             self.stats.blocked_seconds += time.perf_counter() - started
 
-    def _batch_limit(self, dest: str, sample: Any) -> int:
-        """How many items the next batch to PE ``dest`` may carry.
+    def _batch_limit(self, pending: _Pending, sample: Any) -> int:
+        """How many items the next batch on ``pending``'s channel may carry.
 
-        At most ``batch_size``; at most what ``dest`` gets through in about
-        ``batch_seconds``, as measured on this worker's instances of it, so a
-        slow stage gets items one or a few at a time and every instance stays
-        busy (one item per batch until the first measurement; no bound by time
-        where this worker runs no instance of ``dest``); at most
-        ``batch_bytes`` of items like ``sample``.
+        At most ``batch_size``; at most what the destination PE gets through
+        in about ``batch_seconds``, as measured on this worker's instances of
+        it, so a slow stage gets items one or a few at a time and every
+        instance stays busy; at most ``batch_bytes`` of items like ``sample``.
+        Until the first measurement a batch carries one item, and after twice
+        ``credits`` such batches (the local instances may never get an item)
+        twice as many as the last; where this worker runs no instance of the
+        destination there is no bound by time.
         """
         limit = self.batch_size
-        seconds = self.worker.seconds_per_item(dest)
+        seconds = self.worker.seconds_per_item(pending.dest)
         if seconds is None:
-            limit = 1
+            pending.blind += 1
+            limit = min(limit, pending.limit * 2 if pending.blind > 2 * self.credits else 1)
         elif seconds * limit > self.batch_seconds:
             limit = max(1, int(self.batch_seconds / seconds))
         size = _approximate_size(sample)

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 import aiod4p
-from aiod4p import InstanceStats, IterativePE, PlanOptions, ProducerPE, WorkflowGraph
+from aiod4p import GenericPE, InstanceStats, IterativePE, PlanOptions, ProducerPE, WorkflowGraph, group_by, stable_hash
 
 
 class Burst(ProducerPE):
@@ -86,6 +86,30 @@ def test_a_shuffle_sends_work_to_the_instance_with_room() -> None:
     stats = {entry.instance: entry for entry in asyncio.run(_stats(graph, "async")) if entry.pe == uneven.id}
     assert stats[0].items_in + stats[1].items_in == 100
     assert stats[1].items_in >= 80  # round robin would give it 50
+
+
+class Keyed(GenericPE):
+    """Two instances grouped by a constant key: one instance gets every item."""
+
+    def __init__(self) -> None:
+        super().__init__(inputs=[("input", group_by(key=_to_instance_1))], outputs=["output"], parallelism=2)
+
+    def process(self, inputs: dict[str, Any]) -> None:
+        pass
+
+
+def _to_instance_1(item: Any) -> str:
+    return next(key for key in (f"k{index}" for index in range(100)) if stable_hash(key) % 2 == 1)
+
+
+def test_batches_grow_where_no_local_instance_is_ever_measured() -> None:
+    # multi -n 2: instance 0 of Keyed runs beside the source and never gets an item, so no time per
+    # item is measured there; the batches to instance 1 must still grow to full size.
+    graph = WorkflowGraph()
+    graph.connect(Burst(5000), "output", keyed := Keyed(), "input")
+    stats = {entry.instance: entry for entry in asyncio.run(_stats(graph, "multi")) if entry.pe == keyed.id}
+    assert (stats[0].items_in, stats[1].items_in) == (0, 5000)
+    assert stats[1].batches_in < 60  # about 8 single items, then 2, 4, ... 256 at a time
 
 
 def test_batch_bounds_must_be_positive() -> None:
