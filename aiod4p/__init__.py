@@ -8,7 +8,7 @@ inside an event loop) on a mapping: ``simple``, ``async``, ...
 from . import errors
 from ._api import WorkflowRun, run, run_async, start
 from ._graph import Connection, WorkflowGraph
-from ._groupings import ALL, GLOBAL, SHUFFLE, All, Global, GroupBy, Grouping, Shuffle, group_by, stable_hash
+from ._groupings import ALL, GLOBAL, SHUFFLE, All, Global, GroupBy, Grouping, Router, Shuffle, group_by, stable_hash
 from ._loading import load_graph
 from ._pe import (
     PE,
@@ -64,6 +64,7 @@ __all__ = [
     "ProducerPE",
     "ResultRecord",
     "Results",
+    "Router",
     "Shuffle",
     "WorkflowGraph",
     "WorkflowRun",

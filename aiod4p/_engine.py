@@ -23,7 +23,7 @@ from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Ma
 from typing import Any, TypeAlias
 
 from ._channels import EOS, Inbox, LocalChannel, SenderChannel
-from ._groupings import All, GroupBy, stable_hash
+from ._groupings import Router
 from ._links import PeerLink, RemoteChannel
 from ._pe import PE, _Runtime
 from ._plan import ExecutionPlan, InstanceRef
@@ -61,41 +61,47 @@ def _error(ref: InstanceRef, port: str, exc: BaseException) -> Aiod4pError:
 
 
 class _Pending:
-    """Items waiting to travel on one channel to one destination port."""
+    """Items waiting to travel on one channel to one destination port.
 
-    __slots__ = ("channel", "dirty", "items", "port")
+    ``limit`` is the most items a batch on this channel carries, set before
+    each batch from the destination PE's measured time per item and the size
+    of the items (see :meth:`_Actor._batch_limit`).
+    """
 
-    def __init__(self, channel: SenderChannel, port: str) -> None:
+    __slots__ = ("blind", "channel", "dest", "dirty", "items", "limit", "port", "siblings")
+
+    def __init__(self, channel: SenderChannel, dest: str, port: str) -> None:
         self.items: list[Any] = []
         self.dirty = False  # listed in the actor's dirty list, to be flushed
         self.channel = channel
+        self.dest = dest
         self.port = port
+        self.limit = 1
+        self.blind = 0  # batches sent before the destination's time per item was known
+        # The pendings of the route when its grouping lets any of them take any item.
+        self.siblings: list[_Pending] | None = None
 
 
 class _ResultPending:
-    __slots__ = ("dirty", "items", "pe", "port")
+    __slots__ = ("dirty", "items", "limit", "pe", "port")
 
-    def __init__(self, pe: str, port: str) -> None:
+    def __init__(self, pe: str, port: str, limit: int) -> None:
         self.items: list[Any] = []
         self.dirty = False
         self.pe = pe
         self.port = port
-
-
-_SINGLE, _ROUND_ROBIN, _GROUP_BY, _ALL = range(4)
+        self.limit = limit
 
 
 class _Route:
-    """One edge leaving an instance: picks pendings for each item."""
+    """One edge leaving an instance: its grouping's router splits batches among the pendings."""
 
-    __slots__ = ("key", "kind", "label", "next", "pendings")
+    __slots__ = ("passes_through", "pendings", "router")
 
-    def __init__(self, kind: int, pendings: list[_Pending], key: GroupBy | None, label: str, start: int) -> None:
-        self.kind = kind
+    def __init__(self, router: Router, pendings: list[_Pending]) -> None:
+        self.router = router
+        self.passes_through = router.passes_through
         self.pendings = pendings
-        self.next = start % len(pendings)
-        self.key = key
-        self.label = label
 
 
 class _Actor:
@@ -107,6 +113,10 @@ class _Actor:
         self.expected_eos = expected_eos
         options = worker.plan.options
         self.batch_size = options.batch_size
+        self.batch_seconds = options.batch_seconds
+        self.batch_bytes = options.batch_bytes
+        self.credits = options.credits
+        self.items_done = 0  # items whose PE call has returned (busy_seconds covers them)
         self.max_delay = worker.max_delay
         self.stats = InstanceStats(ref.pe, ref.index, worker.worker_id)
         self.buffers: dict[str, list[Any]] = {port: [] for port in pe.outputs}
@@ -174,6 +184,7 @@ class _Actor:
                     finally:  # waiting for credit while streaming outputs is blocked time, not busy time
                         blocked = self.stats.blocked_seconds - blocked
                         self.stats.busy_seconds += time.perf_counter() - started - blocked
+                        self.items_done += len(items)
                     await self._route_outputs()
                 except Exception as exc:
                     self.stats.errors += 1
@@ -345,12 +356,21 @@ class _Actor:
                 if result is not None and out_port is not None:
                     self.buffers[out_port].append(result)
         elif kind == "gen":
-            worker = self.worker
+            worker, is_root, batch_size, buffers = self.worker, self.is_root, self.batch_size, self.buffers
             for item in items:
+                if out_port is None:
+                    for _ in fn(item):
+                        if worker._draining and is_root:
+                            return
+                    continue
+                buffer = buffers[out_port]
                 for result in fn(item):
-                    if result is not None and out_port is not None:
-                        await self._append_streaming(out_port, result)
-                    if worker._draining and self.is_root:
+                    if result is not None:
+                        buffer.append(result)
+                        if len(buffer) >= batch_size:
+                            await self._route_outputs()
+                            buffer = buffers[out_port]  # routing took the full buffer
+                    if worker._draining and is_root:
                         return  # a draining source stops producing
         elif self.is_root and out_port is not None:
             for item in items:
@@ -382,6 +402,13 @@ class _Actor:
 
     async def _call_process(self, port: str | None, items: list[Any]) -> None:
         process, kind = self.pe.process, self.process_kind
+        if kind == "sync" and port is not None:
+            collect = self._collect
+            for item in items:
+                output = process({port: item})
+                if output is not None:
+                    collect(output)
+            return
         for item in items:
             inputs = item if port is None else {port: item}
             if kind == "sync":
@@ -455,7 +482,7 @@ class _Actor:
                     pending_result.dirty = True
                     dirty.append(pending_result)
                 pending_result.items.extend(items)
-                if len(pending_result.items) >= batch_size:
+                if len(pending_result.items) >= pending_result.limit:
                     full.append(pending_result)
                 continue
             owned = len(routes) == 1
@@ -468,23 +495,19 @@ class _Actor:
                 chunk = items[start : start + batch_size]
                 for route in routes:
                     self._route(route, chunk, owned, full)
-                for pending in full:
-                    if len(pending.items) >= batch_size:
-                        await self._flush(pending)
+                if full:
+                    await self._flush_many([pending for pending in full if len(pending.items) >= pending.limit])
                 full.clear()
                 if self.worker.held_too_long():
                     await self.worker.give_way()
-        for pending in full:
-            if len(pending.items) >= batch_size:
-                await self._flush(pending)
+        if full:
+            await self._flush_many([pending for pending in full if len(pending.items) >= pending.limit])
         if self.dirty and time.monotonic() - self.last_flush >= self.max_delay:
             await self._flush_all()
 
     def _route(self, route: _Route, items: list[Any], owned: bool, full: list[_Pending | _ResultPending]) -> None:
-        kind = route.kind
-        batch_size = self.batch_size
         dirty = self.dirty
-        if kind == _SINGLE:
+        if route.passes_through:
             pending = route.pendings[0]
             if not pending.dirty:
                 pending.dirty = True
@@ -493,81 +516,113 @@ class _Actor:
                 pending.items = items if owned else list(items)
             else:
                 pending.items.extend(items)
-            if len(pending.items) >= batch_size:
+            if len(pending.items) >= pending.limit:
                 full.append(pending)
             return
-        pendings = route.pendings
-        if kind == _ROUND_ROBIN:
-            # Deal the items out like cards, starting where the last batch stopped.
-            count = len(pendings)
-            start = route.next
-            route.next = (start + len(items)) % count
-            touched = []
-            for offset in range(min(count, len(items))):
-                pending = pendings[(start + offset) % count]
-                if not pending.dirty:
-                    pending.dirty = True
-                    dirty.append(pending)
-                pending.items.extend(items[offset::count])
-                touched.append(pending)
-        elif kind == _ALL:
-            touched = pendings
-            for pending in pendings:
-                if not pending.dirty:
-                    pending.dirty = True
-                    dirty.append(pending)
-                pending.items.extend(items)
-        else:
-            grouping = route.key
-            assert grouping is not None
-            count = len(pendings)
-            touched = pendings
-            for item in items:
-                try:
-                    key = grouping.key_of(item)
-                except Exception as exc:
-                    raise GraphError(
-                        f"PE {self.ref.pe} cannot route item {item!r} to {route.label}: its {grouping}"
-                        f" key failed ({type(exc).__name__}: {exc})"
-                    ) from exc
-                pending = pendings[stable_hash(key) % count] if count > 1 else pendings[0]
-                if not pending.dirty:
-                    pending.dirty = True
-                    dirty.append(pending)
-                pending.items.append(item)
-        for pending in touched:
-            if len(pending.items) >= batch_size:
+        for pending, part in zip(route.pendings, route.router.split(items), strict=True):
+            if not part:
+                continue
+            if not pending.dirty:
+                pending.dirty = True
+                dirty.append(pending)
+            pending.items.extend(part)
+            if len(pending.items) >= pending.limit:
                 full.append(pending)
 
-    async def _flush(self, pending: _Pending | _ResultPending) -> None:
+    async def _flush_many(self, pendings: list[_Pending | _ResultPending]) -> None:
+        """Send everything ``pendings`` hold, a batch to each in turn.
+
+        A destination that has credit is never kept waiting behind one that
+        has none: the actor waits only when no channel can take a batch.
+        """
+        waiting = [pending for pending in pendings if pending.items]
+        while waiting:
+            stalled = True
+            for pending in waiting:
+                if isinstance(pending, _ResultPending) or pending.channel.credits > 0:
+                    await self._send_batch(pending)
+                    stalled = False
+                elif pending.siblings is not None and pending.items:
+                    # Any instance will do: give the batch to the least loaded one.
+                    freest = max(pending.siblings, key=_free_credits)
+                    if freest.channel.credits > 0:
+                        await self._send_batch(pending, freest)
+                        stalled = False
+            if stalled:
+                await self._send_batch(waiting[0])
+            waiting = [pending for pending in waiting if pending.items]
+
+    async def _send_batch(self, pending: _Pending | _ResultPending, via: _Pending | None = None) -> None:
+        """Send the first batch of ``pending``'s items, as many as its limit allows (on ``via``'s channel)."""
         items = pending.items
-        if not items:
+        if isinstance(pending, _ResultPending):
+            limit = pending.limit
+        else:
+            limit = pending.limit = self._batch_limit(pending, items[0])
+        if len(items) <= limit:
+            chunk, pending.items = items, []
+        else:
+            chunk = items[:limit]
+            del items[:limit]
+        if isinstance(pending, _ResultPending):
+            await self.worker.results.emit(pending.pe, pending.port, chunk)
             return
-        pending.items = []
-        batch_size = self.batch_size
-        chunks = (
-            [items]
-            if len(items) <= batch_size
-            else [items[i : i + batch_size] for i in range(0, len(items), batch_size)]
-        )
-        for chunk in chunks:
-            if isinstance(pending, _ResultPending):
-                await self.worker.results.emit(pending.pe, pending.port, chunk)
-                continue
-            channel = pending.channel
-            if channel.credits > 0:
-                await channel.send(pending.port, chunk)
-            else:
-                started = time.perf_counter()
-                await channel.send(pending.port, chunk)
-                self.stats.blocked_seconds += time.perf_counter() - started
+        channel = (via or pending).channel
+        if channel.credits > 0:
+            await channel.send(pending.port, chunk)
+        else:
+            started = time.perf_counter()
+            await channel.send(pending.port, chunk)
+            self.stats.blocked_seconds += time.perf_counter() - started
+
+    def _batch_limit(self, pending: _Pending, sample: Any) -> int:
+        """How many items the next batch on ``pending``'s channel may carry.
+
+        At most ``batch_size``; at most what the destination PE gets through
+        in about ``batch_seconds``, as measured on this worker's instances of
+        it, so a slow stage gets items one or a few at a time and every
+        instance stays busy; at most ``batch_bytes`` of items like ``sample``.
+        Until the first measurement a batch carries one item, and after twice
+        ``credits`` such batches (the local instances may never get an item)
+        twice as many as the last; where this worker runs no instance of the
+        destination there is no bound by time.
+        """
+        limit = self.batch_size
+        seconds = self.worker.seconds_per_item(pending.dest)
+        if seconds is None:
+            pending.blind += 1
+            limit = min(limit, pending.limit * 2 if pending.blind > 2 * self.credits else 1)
+        elif seconds * limit > self.batch_seconds:
+            limit = max(1, int(self.batch_seconds / seconds))
+        size = _approximate_size(sample)
+        if size * limit > self.batch_bytes:
+            limit = max(1, self.batch_bytes // size)
+        return limit
 
     async def _flush_all(self) -> None:
         dirty, self.dirty = self.dirty, []
         for pending in dirty:
             pending.dirty = False
-            await self._flush(pending)
+        await self._flush_many(dirty)
         self.last_flush = time.monotonic()
+
+
+def _free_credits(pending: _Pending) -> int:
+    return pending.channel.credits
+
+
+def _approximate_size(item: Any, depth: int = 2) -> int:
+    """A cheap guess of the bytes ``item`` takes to send: buffers, strings and small containers of them."""
+    nbytes = getattr(item, "nbytes", None)  # numpy arrays, memoryviews
+    if isinstance(nbytes, int):
+        return nbytes
+    if isinstance(item, (bytes, bytearray, str)):
+        return len(item)
+    if depth and isinstance(item, (tuple, list)):
+        return 8 + sum(_approximate_size(element, depth - 1) for element in item[:16])
+    if depth and isinstance(item, dict):
+        return 8 + sum(_approximate_size(value, depth - 1) for value in itertools.islice(item.values(), 16))
+    return 8
 
 
 def _ignoring_argument(fn: Callable[[], Any]) -> Callable[[Any], Any]:
@@ -651,6 +706,9 @@ class Worker:
         self._draining = False
         self._stoppers: list[Callable[[], Any]] = []
         self._build()
+        self._actors_of: dict[str, list[_Actor]] = {}
+        for ref, actor in self.actors.items():
+            self._actors_of.setdefault(ref.pe, []).append(actor)
 
     # -- construction ------------------------------------------------------
     def _build(self) -> None:
@@ -679,22 +737,19 @@ class Worker:
             if is_root:
                 self._feed_channels[ref] = LocalChannel(inboxes[ref], credits)
             for port in plan.result_ports.get(ref.pe, []):
-                actor.results[port] = _ResultPending(ref.pe, port)
+                actor.results[port] = _ResultPending(ref.pe, port, plan.options.batch_size)
             for route in plan.routes[ref.pe]:
                 targets = route.targets[ref.index]
-                pendings = [_Pending(senders[(ref, InstanceRef(route.dest, t))], route.dest_port) for t in targets]
-                grouping = route.grouping
-                if isinstance(grouping, GroupBy):
-                    kind = _GROUP_BY  # even for one instance: a bad key fails alike on every mapping
-                elif len(pendings) == 1:
-                    kind = _SINGLE
-                elif isinstance(grouping, All):
-                    kind = _ALL
-                else:
-                    kind = _ROUND_ROBIN
-                label = f"{route.dest}.{route.dest_port}"
-                key = grouping if isinstance(grouping, GroupBy) else None
-                route_object = _Route(kind, pendings, key, label, ref.index)
+                pendings = [
+                    _Pending(senders[(ref, InstanceRef(route.dest, t))], route.dest, route.dest_port) for t in targets
+                ]
+                router = route.grouping.router(
+                    len(pendings), ref.index, f"PE {ref.pe}", f"{route.dest}.{route.dest_port}"
+                )
+                route_object = _Route(router, pendings)
+                if router.any_destination and len(pendings) > 1:
+                    for pending in pendings:
+                        pending.siblings = pendings
                 actor.add_route(route.source_port, route_object)
             actor.outgoing = [senders[(ref, spec.dest)] for spec in plan.channels_from(ref)]
             self.actors[ref] = actor
@@ -778,6 +833,21 @@ class Worker:
         self._stoppers.append(stop)
         if self._draining:
             stop()
+
+    def seconds_per_item(self, pe: str) -> float | None:
+        """The measured time per item of PE ``pe``'s instances on this worker.
+
+        ``0.0`` where this worker runs none (nothing to measure: no bound by
+        time); ``None`` while they have finished no item yet.
+        """
+        actors = self._actors_of.get(pe)
+        if not actors:
+            return 0.0
+        busy, done = 0.0, 0
+        for actor in actors:
+            busy += actor.stats.busy_seconds
+            done += actor.items_done
+        return busy / done if done else None
 
     @property
     def stats(self) -> list[InstanceStats]:

@@ -1,18 +1,28 @@
 """Groupings: which destination instance(s) receive an item.
 
-A grouping is pure: given an item and the number of destination instances it
-names the destination indices. Group-by hashes a canonical encoding of the
-key with blake2b, so the same key reaches the same instance in every process.
+A grouping owns its behaviour: the planner asks it which destination
+instances a sender may reach (:meth:`Grouping.candidates`) and whether its
+destination runs a single instance; each sending instance asks it for a
+:class:`Router` that splits every batch among those destinations in one pass.
+A new grouping is one subclass.
+
+Group-by hashes a canonical encoding of the key with blake2b, so the same key
+reaches the same instance in every process; a router hashes each distinct key
+once per run.
 """
 
 from __future__ import annotations
 
 import hashlib
+import numbers
+import operator
 import pickle
 import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeAlias
+from typing import Any, ClassVar, TypeAlias
+
+from .errors import GraphError
 
 __all__ = [
     "ALL",
@@ -23,6 +33,7 @@ __all__ = [
     "GroupBy",
     "Grouping",
     "GroupingLike",
+    "Router",
     "Shuffle",
     "as_grouping",
     "group_by",
@@ -30,32 +41,107 @@ __all__ = [
 ]
 
 
+class Router:
+    """Splits batches among ``count`` destination instances; one per sending instance and edge.
+
+    Subclasses override :meth:`split`. This one sends everything to the first
+    destination untouched (``passes_through``), which lets the engine skip the split.
+    ``any_destination`` says any candidate may take any item: the engine then
+    sends a batch to the least loaded candidate when the chosen one has no room.
+    """
+
+    __slots__ = ("count",)
+    passes_through: ClassVar[bool] = True
+    any_destination: ClassVar[bool] = False
+
+    def __init__(self, count: int) -> None:
+        self.count = count
+
+    def split(self, items: list[Any]) -> list[list[Any]]:
+        """One list per destination (in candidate order), empty where none goes; lists may be shared.
+
+        Raises:
+            GraphError: an item cannot be routed (it names the item and the edge).
+        """
+        return [items] + [[] for _ in range(self.count - 1)]
+
+
+class Grouping:
+    """How the items on an edge choose destination instances.
+
+    Attributes:
+        single_instance: the destination PE runs one instance (unless its
+            parallelism is set explicitly).
+    """
+
+    single_instance: ClassVar[bool] = False
+
+    def candidates(self, parallelism: int, index: int, aligned: bool) -> tuple[int, ...]:
+        """The destination instances sender instance ``index`` may reach.
+
+        Args:
+            parallelism: the destination's number of instances.
+            index: the sending instance.
+            aligned: sender and destination have equal parallelism and placement.
+        """
+        return tuple(range(parallelism))
+
+    def router(self, count: int, start: int, sender: str, dest: str) -> Router:
+        """A router over ``count`` candidates for one sending instance.
+
+        ``start`` is the sending instance's index (to stagger round robins);
+        ``sender`` (``"PE a"``) and ``dest`` (``"b.input"``) name the edge in errors.
+        """
+        raise NotImplementedError
+
+
 @dataclass(frozen=True)
-class Shuffle:
+class Shuffle(Grouping):
     """Any one instance; the router balances load (the default)."""
+
+    def candidates(self, parallelism: int, index: int, aligned: bool) -> tuple[int, ...]:
+        if aligned:
+            return (index,)  # forward: keep an equal-width pipeline on its worker
+        every = tuple(range(parallelism))
+        shift = index % parallelism  # each sender starts its round robin elsewhere
+        return every[shift:] + every[:shift]
+
+    def router(self, count: int, start: int, sender: str, dest: str) -> Router:
+        return _RoundRobin(count, start) if count > 1 else Router(count)
 
     def __str__(self) -> str:
         return "shuffle"
 
 
 @dataclass(frozen=True)
-class All:
+class All(Grouping):
     """Every instance receives every item (broadcast)."""
+
+    def router(self, count: int, start: int, sender: str, dest: str) -> Router:
+        return _Broadcast(count)
 
     def __str__(self) -> str:
         return "all"
 
 
 @dataclass(frozen=True)
-class Global:
+class Global(Grouping):
     """A single instance (index 0) receives every item."""
+
+    single_instance: ClassVar[bool] = True
+
+    def candidates(self, parallelism: int, index: int, aligned: bool) -> tuple[int, ...]:
+        return (0,)
+
+    def router(self, count: int, start: int, sender: str, dest: str) -> Router:
+        return Router(count)
 
     def __str__(self) -> str:
         return "global"
 
 
 @dataclass(frozen=True)
-class GroupBy:
+class GroupBy(Grouping):
     """Items with equal keys reach the same instance.
 
     The key is either the tuple of ``item[i]`` for the given ``indices`` or
@@ -80,18 +166,110 @@ class GroupBy:
             return self.key(item)
         return tuple(item[i] for i in self.indices)
 
+    def router(self, count: int, start: int, sender: str, dest: str) -> Router:
+        # The key is evaluated even for one destination: a bad key fails alike on every mapping.
+        return _KeyRouter(self, count, sender, dest)
+
     def __str__(self) -> str:
         if self.key is not None:
             return f"group_by({getattr(self.key, '__name__', 'key')})"
         return f"group_by{list(self.indices)}"
 
 
-Grouping: TypeAlias = Shuffle | All | Global | GroupBy
 GroupingLike: TypeAlias = Grouping | str | Sequence[int | str] | None
 
 SHUFFLE = Shuffle()
 ALL = All()
 GLOBAL = Global()
+
+
+class _RoundRobin(Router):
+    """Deals a batch out like cards, starting where the last batch stopped."""
+
+    __slots__ = ("next",)
+    passes_through = False
+    any_destination = True
+
+    def __init__(self, count: int, start: int) -> None:
+        super().__init__(count)
+        self.next = start % count
+
+    def split(self, items: list[Any]) -> list[list[Any]]:
+        count, start = self.count, self.next
+        self.next = (start + len(items)) % count
+        return [items[(index - start) % count :: count] for index in range(count)]
+
+
+class _Broadcast(Router):
+    __slots__ = ()
+    passes_through = False
+
+    def split(self, items: list[Any]) -> list[list[Any]]:
+        return [items] * self.count
+
+
+_CACHE_LIMIT = 1 << 17  # distinct keys remembered per router; past it the cache starts again
+
+
+class _KeyRouter(Router):
+    """Routes by key, hashing each distinct (hashable) key once."""
+
+    __slots__ = ("cache", "dest", "get", "grouping", "sender", "single")
+    passes_through = False
+
+    def __init__(self, grouping: GroupBy, count: int, sender: str, dest: str) -> None:
+        super().__init__(count)
+        self.grouping = grouping
+        self.sender, self.dest = sender, dest
+        # ``get`` returns what identifies the key; ``single`` marks one index, whose key is ``(item[i],)``.
+        self.single = grouping.key is None and len(grouping.indices) == 1
+        self.get: Callable[[Any], Any] = grouping.key or operator.itemgetter(*grouping.indices)
+        self.cache: dict[Any, int] = {}
+
+    def split(self, items: list[Any]) -> list[list[Any]]:
+        try:
+            keys = list(map(self.get, items))
+        except Exception:
+            self._fail(items)
+            raise  # _fail raised; the item that failed once passed the second time (an unstable key function)
+        count = self.count
+        if count == 1:
+            return [items]
+        cache = self.cache
+        try:
+            destinations = list(map(cache.__getitem__, keys))
+        except KeyError:  # keys not seen yet: hash them once
+            if len(cache) > _CACHE_LIMIT:
+                cache.clear()
+            single = self.single
+            for key in keys:
+                if key not in cache:
+                    cache[key] = stable_hash((key,) if single else key) % count
+            destinations = list(map(cache.__getitem__, keys))
+        except TypeError:  # an unhashable key: hash each one
+            return self._split_uncached(items, keys)
+        parts: list[list[Any]] = [[] for _ in range(count)]
+        appends = [part.append for part in parts]
+        for item, destination in zip(items, destinations, strict=True):
+            appends[destination](item)
+        return parts
+
+    def _split_uncached(self, items: list[Any], keys: list[Any]) -> list[list[Any]]:
+        count, single = self.count, self.single
+        parts: list[list[Any]] = [[] for _ in range(count)]
+        for item, key in zip(items, keys, strict=True):
+            parts[stable_hash((key,) if single else key) % count].append(item)
+        return parts
+
+    def _fail(self, items: list[Any]) -> None:
+        for item in items:
+            try:
+                self.get(item)
+            except Exception as exc:
+                raise GraphError(
+                    f"{self.sender} cannot route item {item!r} to {self.dest}: its {self.grouping}"
+                    f" key failed ({type(exc).__name__}: {exc})"
+                ) from exc
 
 
 def group_by(*indices: int | str, key: Callable[[Any], Any] | None = None) -> GroupBy:
@@ -110,7 +288,7 @@ def as_grouping(value: GroupingLike) -> Grouping:
     """
     if value is None:
         return SHUFFLE
-    if isinstance(value, (Shuffle, All, Global, GroupBy)):
+    if isinstance(value, Grouping):
         return value
     if isinstance(value, str):
         named: dict[str, Grouping] = {"shuffle": SHUFFLE, "all": ALL, "global": GLOBAL, "one_to_all": ALL}
@@ -129,10 +307,8 @@ def _encode(value: Any, out: bytearray) -> None:
     # A canonical, process-independent encoding of the common key types.
     if value is None:
         out += b"N"
-    elif value is True or value is False:
-        out += b"T" if value else b"F"
-    elif isinstance(value, int):
-        text = str(value).encode()
+    elif isinstance(value, numbers.Integral):  # bools and integer types too: equal keys hash alike
+        text = str(int(value)).encode()
         out += b"i" + struct.pack("<I", len(text)) + text
     elif isinstance(value, float):
         if value.is_integer() and abs(value) < 2**63:

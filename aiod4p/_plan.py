@@ -7,7 +7,7 @@ from functools import cached_property
 from typing import Any
 
 from ._graph import FlatGraph, WorkflowGraph
-from ._groupings import All, Global, GroupBy, Grouping, Shuffle
+from ._groupings import Grouping
 from ._pe import PE
 from .errors import GraphError
 
@@ -50,8 +50,12 @@ class PlanOptions:
             not forced to one (sources, ``global`` inputs); ``None`` means one
             per worker.
         force_single: run exactly one instance of every PE (the simple mapping).
-        batch_size: items per batch on a channel.
+        batch_size: the most items per batch on a channel.
         credits: batches a channel may have in flight before its sender waits.
+        batch_seconds: a batch carries at most what its destination PE gets
+            through in about this time (measured), so slow stages get items a
+            few at a time.
+        batch_bytes: a batch carries at most about this many bytes of items.
     """
 
     workers: int = 1
@@ -59,6 +63,8 @@ class PlanOptions:
     force_single: bool = False
     batch_size: int = DEFAULT_BATCH_SIZE
     credits: int = DEFAULT_CREDITS
+    batch_seconds: float = 0.002
+    batch_bytes: int = 1 << 20
 
     def __post_init__(self) -> None:
         if self.workers < 1:
@@ -67,6 +73,8 @@ class PlanOptions:
             raise ValueError(f"parallelism must be at least 1, not {self.default_parallelism}")
         if self.batch_size < 1 or self.credits < 1:
             raise ValueError("batch_size and credits must be at least 1")
+        if self.batch_seconds <= 0 or self.batch_bytes < 1:
+            raise ValueError("batch_seconds and batch_bytes must be positive")
 
 
 @dataclass(frozen=True)
@@ -186,7 +194,7 @@ def make_plan(graph: WorkflowGraph | FlatGraph, options: PlanOptions | None = No
     flat = graph if isinstance(graph, FlatGraph) else graph.flatten()
     roots = flat.roots()
     root_set = set(roots)
-    single = {*roots, *(edge.dest for edge in flat.edges if isinstance(edge.grouping, Global))}
+    single = {*roots, *(edge.dest for edge in flat.edges if edge.grouping.single_instance)}
     placed: dict[str, tuple[int, ...]] = {}
     if flat.placer is not None and options.default_parallelism is None and not options.force_single:
         placed = flat.placer(flat, options.workers)
@@ -203,7 +211,10 @@ def make_plan(graph: WorkflowGraph | FlatGraph, options: PlanOptions | None = No
     pairs: set[tuple[str, int, str, int]] = set()  # plain tuples: sorted at C speed
     for edge in flat.edges:
         source, dest = placement[edge.source], placement[edge.dest]
-        targets = tuple(_targets(edge.grouping, source, dest, index) for index in range(source.parallelism))
+        aligned = source.parallelism == dest.parallelism and source.workers == dest.workers
+        targets = tuple(
+            edge.grouping.candidates(dest.parallelism, index, aligned) for index in range(source.parallelism)
+        )
         routes[edge.source].append(RouteSpec(edge.source_port, edge.dest, edge.dest_port, edge.grouping, targets))
         pairs.update((edge.source, i, edge.dest, target) for i, chosen in enumerate(targets) for target in chosen)
 
@@ -241,17 +252,3 @@ def _parallelism(pe_id: str, pe: PE, single: bool, options: PlanOptions) -> int:
     if single:
         return 1
     return options.default_parallelism or options.workers
-
-
-def _targets(grouping: Grouping, source: PEPlan, dest: PEPlan, index: int) -> tuple[int, ...]:
-    every = tuple(range(dest.parallelism))
-    if isinstance(grouping, Global):
-        return (0,)
-    if isinstance(grouping, (All, GroupBy)):
-        return every
-    assert isinstance(grouping, Shuffle)
-    if source.parallelism == dest.parallelism and source.workers == dest.workers:
-        return (index,)  # forward: keep an equal-width pipeline on its worker
-    # Rotate the candidates so each sender starts its round robin elsewhere.
-    shift = index % dest.parallelism
-    return every[shift:] + every[:shift]

@@ -2,10 +2,12 @@
 
     .venv/bin/python bench/run_all.py            # all of them
     .venv/bin/python bench/run_all.py chain      # only bench/bench_chain.py
+    .venv/bin/python bench/run_all.py --quick    # smaller sizes, where a benchmark has them
 
 Each ``bench/bench_<name>.py`` is run as its own process; it measures its
 baseline in the same run and writes its section to ``bench/results/<name>.md``.
-RESULTS.md is the concatenation of every section, in name order.
+RESULTS.md is the header, then the analysis kept in ``bench/ANALYSIS.md``
+(written by hand: where the time goes, and why), then every section in name order.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ HERE = Path(__file__).resolve().parent
 
 
 def main(argv: list[str]) -> int:
+    quick = "--quick" in argv
+    argv = [a for a in argv if a != "--quick"]
     scripts = sorted(HERE.glob("bench_*.py"))
     if argv:
         scripts = [s for s in scripts if s.stem.removeprefix("bench_") in argv]
@@ -29,7 +33,8 @@ def main(argv: list[str]) -> int:
     failed = []
     for script in scripts:
         print(f"== {script.name}", flush=True)
-        if subprocess.run([sys.executable, str(script)], cwd=HERE.parent).returncode != 0:
+        extra = ["--quick"] if quick and '"--quick"' in script.read_text() else []
+        if subprocess.run([sys.executable, str(script), *extra], cwd=HERE.parent).returncode != 0:
             failed.append(script.name)
     sections = [path.read_text() for path in sorted((HERE / "results").glob("*.md"))]
     header = (
@@ -39,7 +44,9 @@ def main(argv: list[str]) -> int:
         "a shared 2-core machine: compare the ratios, which each benchmark measures against a baseline "
         "in the same run, rather than absolute figures.\n\n"
     )
-    (HERE / "RESULTS.md").write_text(header + "\n".join(sections))
+    analysis = HERE / "ANALYSIS.md"
+    kept = analysis.read_text() + "\n" if analysis.exists() else ""
+    (HERE / "RESULTS.md").write_text(header + kept + "\n".join(sections))
     if failed:
         print(f"failed: {', '.join(failed)}", file=sys.stderr)
         return 1

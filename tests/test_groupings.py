@@ -1,4 +1,4 @@
-"""Group-by hashing must be the same in every process, whatever PYTHONHASHSEED says."""
+"""Groupings: stable group-by hashing in every process, routers that split batches, new groupings as one class."""
 
 from __future__ import annotations
 
@@ -6,10 +6,15 @@ import json
 import os
 import subprocess
 import sys
+from collections import Counter
+from typing import Any
 
 import pytest
+import workflows as wf
+from conftest import MappingCase
 
-from aiod4p import stable_hash
+from aiod4p import ALL, SHUFFLE, GraphError, Grouping, Router, WorkflowGraph, group_by, stable_hash
+from aiod4p._plan import make_plan
 
 KEYS = ["station-7", 42, -3, 2.5, 1.0, None, True, b"raw", ("a", 1), ["a", 1], frozenset({1, 2}), {"k": [1, 2]}]
 SCRIPT = f"""
@@ -27,14 +32,91 @@ def test_stable_hash_is_identical_across_processes_and_hash_seeds() -> None:
         assert json.loads(out.stdout) == expected
 
 
-@pytest.mark.parametrize(("left", "right"), [(1, 1.0), ((1, "a"), [1, "a"]), (0, False)])
+@pytest.mark.parametrize(
+    ("left", "right"), [(1, 1.0), ((1, "a"), [1, "a"]), (0, False), (1, True), ((True, 2.0), (1, 2))]
+)
 def test_equal_keys_hash_alike_where_python_says_they_are_equal(left: object, right: object) -> None:
-    if left == right and type(left) in (int, float) and type(right) in (int, float):
-        assert stable_hash(left) == stable_hash(right)
-    elif isinstance(left, tuple):
-        assert stable_hash(left) == stable_hash(right)  # tuples and lists are both sequences of keys
+    # Equal keys must hash alike: a router remembers each key's destination by Python equality.
+    assert stable_hash(left) == stable_hash(right)
+
+
+def test_a_router_sends_a_key_where_its_stable_hash_says_and_keeps_the_order() -> None:
+    router = group_by(0).router(3, 0, "PE a", "b.input")
+    items = [(f"k{index % 50}", index) for index in range(1000)]
+    for batch in (items[:300], items[300:]):  # the second batch is served from the cache
+        parts = router.split(batch)
+        for destination, part in enumerate(parts):
+            assert all(stable_hash((key,)) % 3 == destination for key, _ in part)
+        assert sorted(item for part in parts for item in part) == sorted(batch)
+        assert all(part == sorted(part, key=lambda pair: pair[1]) for part in parts)
+
+
+def test_a_router_by_key_function_routes_unhashable_keys_and_several_indices() -> None:
+    by_function = group_by(key=lambda item: [item % 4]).router(2, 0, "PE a", "b.input")
+    parts = by_function.split(list(range(20)))
+    assert all(stable_hash([item % 4]) % 2 == destination for destination, part in enumerate(parts) for item in part)
+    by_indices = group_by(0, 2).router(2, 0, "PE a", "b.input")
+    parts = by_indices.split([(i, "x", i % 3) for i in range(30)])
+    assert all(stable_hash((a, c)) % 2 == d for d, part in enumerate(parts) for a, _, c in part)
+
+
+def test_a_router_names_the_item_whose_key_fails() -> None:
+    router = group_by(1).router(2, 0, "PE a", "b.input")
+    with pytest.raises(GraphError, match=r"PE a cannot route item \(3,\) to b.input: its group_by\[1\] key failed"):
+        router.split([(1, 2), (3,)])
+
+
+def test_shuffle_deals_round_robin_across_batches_and_all_broadcasts() -> None:
+    deal = SHUFFLE.router(3, 1, "PE a", "b.input")
+    assert deal.split([0, 1, 2, 3]) == [[2], [0, 3], [1]]
+    assert deal.split([4, 5]) == [[5], [], [4]]  # carries on at destination 2
+    assert ALL.router(2, 0, "PE a", "b.input").split([1, 2]) == [[1, 2], [1, 2]]
+
+
+class EvenOdd(Grouping):
+    """A grouping defined outside aiod4p: even items to instance 0, odd ones to instance 1."""
+
+    def router(self, count: int, start: int, sender: str, dest: str) -> Router:
+        return _EvenOddRouter(count)
+
+
+class _EvenOddRouter(Router):
+    __slots__ = ()
+    passes_through = False
+
+    def split(self, items: list[Any]) -> list[list[Any]]:
+        parts: list[list[Any]] = [[] for _ in range(self.count)]
+        for item in items:
+            parts[item % 2 % self.count].append(item)
+        return parts
+
+
+def test_a_new_grouping_is_one_class(mapping: MappingCase) -> None:
+    graph = WorkflowGraph()
+    graph.connect(wf.Count(), "output", wf.WhoSawWhat(EvenOdd(), parallelism=2), "input")
+    seen = mapping.run(graph, 40).data()
+    if mapping.name == "simple":
+        assert Counter(instance for instance, _ in seen) == {0: 40}
     else:
-        assert stable_hash(left) != stable_hash(right)  # bool is its own key type
+        assert {(instance, item % 2) for instance, item in seen} == {(0, 0), (1, 1)}
+    assert sorted(item for _, item in seen) == list(range(40))
+
+
+def test_the_planner_asks_the_grouping_for_candidates_and_single_instances() -> None:
+    class Pinned(Grouping):
+        single_instance = True
+
+        def candidates(self, parallelism: int, index: int, aligned: bool) -> tuple[int, ...]:
+            return (parallelism - 1,)
+
+        def router(self, count: int, start: int, sender: str, dest: str) -> Router:
+            return Router(count)
+
+    graph = WorkflowGraph()
+    graph.connect(wf.Count(), "output", who := wf.WhoSawWhat(Pinned(), parallelism=None), "input")
+    plan = make_plan(graph)
+    assert plan.placement[who.id].parallelism == 1
+    assert plan.routes[plan.roots[0]][0].targets == ((0,),)
 
 
 def test_hashes_spread_over_instances() -> None:

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import multiprocessing
+import os
 import signal
 import socket
+import sys
 
 from .._api import loop_factory
 from .._engine import Worker
@@ -23,7 +27,11 @@ def worker_main(
     inherited: list[socket.socket],
 ) -> None:
     """The target of a worker process: run its share of the job (shipped, unless forked), report, exit."""
-    # Ctrl-C reaches the whole process group: the parent alone decides what to do.
+    # Its own session, so its own scheduler autogroup: under CPU contention the workers of
+    # one run get a core each, not one session's share (docs/multi.md). Ctrl-C and hang-ups
+    # reach the parent alone, which decides; a worker dies with its parent.
+    os.setsid()
+    _die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.set_wakeup_fd(-1)  # a forked child must not poke the parent's event loop
@@ -31,6 +39,15 @@ def worker_main(
         sock.close()
     with asyncio.Runner(loop_factory=loop_factory(True)) as runner:
         runner.run(_main(wid, job, control, peers))
+
+
+def _die_with_parent() -> None:
+    """Be killed when the parent process dies (Linux), since no signal to its session reaches this one."""
+    parent = multiprocessing.parent_process()
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    if parent is not None and os.getppid() != parent.pid:  # it died before prctl took effect
+        os._exit(1)
 
 
 async def _main(

@@ -1,7 +1,14 @@
 """The pipe transport: comms over OS socket pairs between processes.
 
 Each message travels as one frame: an 8-byte little-endian length, then the
-message pickled with protocol 5. A frame of length 0 is the close marker, so
+message pickled with protocol 5. Large contiguous buffers in the message
+(numpy arrays and other objects that pickle as a ``PickleBuffer``, of at
+least 64 KiB) travel out of band, after the pickle, so they
+are copied once into the frame rather than into the pickle and again into
+the frame: such a frame has the top bit of its length set, and its payload
+is the buffer count (4 bytes), each buffer's length (8 bytes each), the
+pickle's length (8 bytes), the pickle, then the buffers; the receiver gets
+writable copies. A frame of length 0 is the close marker, so
 the reader tells a clean close (:class:`~aiod4p.errors.EndOfChannel`) from a
 vanished peer (end of file without the marker:
 :class:`~aiod4p.errors.PeerDied`). The socket is read and written by the
@@ -34,6 +41,8 @@ __all__ = ["PipeComm", "UnpicklableMessage", "open_pipe_comm", "pipe_comm_pair"]
 
 _HEADER = struct.Struct("<Q")
 _CLOSE_MARKER = _HEADER.pack(0)
+_WITH_BUFFERS = 1 << 63  # the frame's length flag: buffers follow the pickle
+_OUT_OF_BAND = 64 * 1024  # smaller buffers stay in the pickle
 
 
 class _Undecodable:
@@ -91,12 +100,14 @@ class _FrameProtocol(asyncio.Protocol):
             if length == 0:
                 self.peer_closed = True
                 return size
+            with_buffers = length & _WITH_BUFFERS
+            length &= ~_WITH_BUFFERS
             end = position + header + length
             if end > size:
                 break
             with view[position + header : end] as frame:
                 try:
-                    messages.append(pickle.loads(frame))
+                    messages.append(_unpickle(frame) if with_buffers else pickle.loads(frame))
                 except Exception as exc:
                     messages.append(_Undecodable(exc))
             position = end
@@ -134,6 +145,42 @@ class _FrameProtocol(asyncio.Protocol):
         await waiter
 
 
+def _pickle(message: Any) -> bytes:
+    """One frame holding ``message``, its large buffers out of band."""
+    views: list[memoryview] = []
+
+    def out_of_band(buffer: pickle.PickleBuffer) -> bool:
+        try:
+            view = buffer.raw()
+        except BufferError:  # not contiguous: in the pickle
+            return True
+        if view.nbytes < _OUT_OF_BAND:
+            return True
+        views.append(view)
+        return False
+
+    data = pickle.dumps(message, protocol=5, buffer_callback=out_of_band)
+    if not views:
+        return _HEADER.pack(len(data)) + data
+    lengths = struct.pack(f"<I{len(views)}QQ", len(views), *(view.nbytes for view in views), len(data))
+    length = len(lengths) + len(data) + sum(view.nbytes for view in views)
+    return b"".join([_HEADER.pack(length | _WITH_BUFFERS), lengths, data, *views])
+
+
+def _unpickle(frame: memoryview) -> Any:
+    """The message in a frame written by :func:`_pickle` with buffers."""
+    (count,) = struct.unpack_from("<I", frame)
+    *sizes, size = struct.unpack_from(f"<{count}QQ", frame, 4)
+    position = 4 + 8 * (count + 1)
+    data = frame[position : position + size]
+    position += size
+    buffers = []
+    for length in sizes:
+        buffers.append(bytearray(frame[position : position + length]))  # writable, like an in-band array
+        position += length
+    return pickle.loads(data, buffers=buffers)
+
+
 class PipeComm(Comm):
     """One end of a pipe comm; create it with :func:`open_pipe_comm` or :func:`pipe_comm_pair`.
 
@@ -164,10 +211,9 @@ class PipeComm(Comm):
                 break
             await protocol.changed()
         try:
-            data = pickle.dumps(message, protocol=5)
+            self._transport.write(_pickle(message))
         except Exception as exc:
             raise UnpicklableMessage(f"a message cannot be pickled: {type(exc).__name__}: {exc}", message) from exc
-        self._transport.write(_HEADER.pack(len(data)) + data)
 
     async def receive(self) -> Any:
         """Receive the next message.

@@ -1,0 +1,119 @@
+"""Batches adapt to the items: a slow stage gets them one at a time, large items travel a few at a time."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+import aiod4p
+from aiod4p import GenericPE, InstanceStats, IterativePE, PlanOptions, ProducerPE, WorkflowGraph, group_by, stable_hash
+
+
+class Burst(ProducerPE):
+    """Yields ``count`` items of ``size`` bytes from one call."""
+
+    def __init__(self, count: int, size: int = 0) -> None:
+        super().__init__()
+        self.count, self.size = count, size
+
+    def produce(self) -> Iterator[Any]:
+        for index in range(self.count):
+            yield bytes(self.size) if self.size else index
+
+
+class Slow(IterativePE):
+    """Takes at least 5 ms per item."""
+
+    def __init__(self) -> None:
+        super().__init__(parallelism=2)
+
+    def process_item(self, item: Any) -> Any:
+        threading.Event().wait(0.005)  # the item's cost, not synchronisation
+        return item
+
+
+class Keep(IterativePE):
+    def process_item(self, item: Any) -> Any:
+        return len(item)
+
+
+async def _stats(graph: WorkflowGraph, mapping: str) -> list[InstanceStats]:
+    async with asyncio.timeout(45), aiod4p.start(graph, 1, mapping=mapping) as run:
+        await run.results()
+    return run.stats
+
+
+@pytest.mark.parametrize("mapping", ["async", "multi"])
+def test_a_slow_stage_gets_its_items_one_at_a_time(mapping: str) -> None:
+    graph = WorkflowGraph()
+    graph.connect(Burst(40), "output", slow := Slow(), "input")
+    stats = [entry for entry in asyncio.run(_stats(graph, mapping)) if entry.pe == slow.id]
+    assert sum(entry.items_in for entry in stats) == 40
+    for entry in stats:
+        assert entry.items_in > 0  # both instances work
+        assert entry.batches_in == entry.items_in
+
+
+def test_large_items_travel_in_batches_bounded_by_bytes() -> None:
+    graph = WorkflowGraph()
+    graph.connect(Burst(64, size=100_000), "output", keep := Keep(), "input")
+    stats = asyncio.run(_stats(graph, "async"))
+    (entry,) = [entry for entry in stats if entry.pe == keep.id]
+    assert entry.items_in == 64
+    # 1 MiB batches of 100 kB items: at most 10 items each
+    assert entry.batches_in >= 64 // 10
+
+
+class FirstIsSlow(IterativePE):
+    """Instance 0 takes 20 ms per item, instance 1 none: a shuffle should feed instance 1 most."""
+
+    def __init__(self) -> None:
+        super().__init__(parallelism=2)
+
+    async def process_item(self, item: Any) -> Any:
+        if self.instance == 0:
+            await asyncio.sleep(0.02)  # the item's cost (a wait that leaves the loop to the other instance)
+        return item
+
+
+def test_a_shuffle_sends_work_to_the_instance_with_room() -> None:
+    graph = WorkflowGraph()
+    graph.connect(Burst(100), "output", uneven := FirstIsSlow(), "input")
+    stats = {entry.instance: entry for entry in asyncio.run(_stats(graph, "async")) if entry.pe == uneven.id}
+    assert stats[0].items_in + stats[1].items_in == 100
+    assert stats[1].items_in >= 80  # round robin would give it 50
+
+
+class Keyed(GenericPE):
+    """Two instances grouped by a constant key: one instance gets every item."""
+
+    def __init__(self) -> None:
+        super().__init__(inputs=[("input", group_by(key=_to_instance_1))], outputs=["output"], parallelism=2)
+
+    def process(self, inputs: dict[str, Any]) -> None:
+        pass
+
+
+def _to_instance_1(item: Any) -> str:
+    return next(key for key in (f"k{index}" for index in range(100)) if stable_hash(key) % 2 == 1)
+
+
+def test_batches_grow_where_no_local_instance_is_ever_measured() -> None:
+    # multi -n 2: instance 0 of Keyed runs beside the source and never gets an item, so no time per
+    # item is measured there; the batches to instance 1 must still grow to full size.
+    graph = WorkflowGraph()
+    graph.connect(Burst(5000), "output", keyed := Keyed(), "input")
+    stats = {entry.instance: entry for entry in asyncio.run(_stats(graph, "multi")) if entry.pe == keyed.id}
+    assert (stats[0].items_in, stats[1].items_in) == (0, 5000)
+    assert stats[1].batches_in < 60  # about 8 single items, then 2, 4, ... 256 at a time
+
+
+def test_batch_bounds_must_be_positive() -> None:
+    with pytest.raises(ValueError, match="batch_seconds and batch_bytes"):
+        PlanOptions(batch_seconds=0)
+    with pytest.raises(ValueError, match="batch_seconds and batch_bytes"):
+        PlanOptions(batch_bytes=0)
