@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
@@ -46,9 +47,12 @@ class WorkflowRun:
         credits: int = 4,
         max_delay: float = 0.005,
         result_batches: int = 16,
+        provenance: str | None = None,
     ) -> None:
         self.mapping = get_mapping(mapping) if isinstance(mapping, str) else mapping
         options = self.mapping.plan_options(workers, batch_size, credits)
+        if provenance is not None:  # "pe" or "item": read back with aiod4p.provenance_document(run.stats)
+            options = dataclasses.replace(options, provenance=provenance)
         self.plan: ExecutionPlan = make_plan(graph, options)
         self.feeds = resolve_inputs(self.plan.graph, inputs)
         self.stats: list[InstanceStats] = []

@@ -20,9 +20,11 @@ from ._loading import load_graph
 from ._logging import configure_logging
 from ._plan import make_plan
 from ._progress import progress, progress_wanted
+from ._provenance import LEVELS, read_lineage, write_document
+from ._provenance import document as provenance_document
 from ._results import ResultRecord
-from ._stats_report import report_stats
-from ._visual import draw
+from ._stats_report import StatsSampler, report_stats
+from ._visual import draw, draw_dot
 from .errors import Aiod4pError
 from .mappings import MAPPINGS, get_mapping
 from .sources import LineStream
@@ -61,6 +63,7 @@ def _parser() -> argparse.ArgumentParser:
     seeing.add_argument("--stats-json", default=None, metavar="FILE", help="write per-PE statistics as JSON")
     seeing.add_argument("-v", "--verbose", action="count", default=0, help="log more (-vv: debug)")
     seeing.add_argument("-q", "--quiet", action="store_true", help="no progress display; log errors only")
+    _add_provenance_options(run)
 
     picture = commands.add_parser(
         "graph", help="draw a workflow", description="Draw a workflow graph: .dot, or .svg/.png/.pdf with Graphviz."
@@ -71,6 +74,7 @@ def _parser() -> argparse.ArgumentParser:
     picture.add_argument("-n", "--num", type=int, default=None, metavar="N", help="workers, as for run")
     picture.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks of errors")
     add_storm_parser(commands)
+    _add_science_parsers(commands)
     return parser
 
 
@@ -85,6 +89,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _graph(args)
         if args.command == "storm":
             return storm_command(args)
+        if args.command in ("provenance", "stats"):
+            return _science_command(args)
         raise AssertionError(args.command)
     except Aiod4pError as exc:
         if args.debug:
@@ -107,6 +113,7 @@ def _run(args: argparse.Namespace) -> int:
     mapping = get_mapping(args.mapping, **mapping_options(args))
     if getattr(mapping, "follower", False):  # an MPI rank other than 0 (under mpiexec): rank 0 reports
         args.results, args.quiet, args.stats, args.stats_json = os.devnull, True, False, None
+        args.provenance = None
     compat.install()  # dispel4py workflows run unchanged
     graph = load_graph(args.target)
     inputs = parse_cli_inputs(args.iter, args.data, args.file)
@@ -115,14 +122,26 @@ def _run(args: argparse.Namespace) -> int:
             raise ValueError("--stdin cannot be combined with -i; give the other roots' inputs with -d or -f")
         inputs = {**(inputs or {}), args.stdin: LineStream(json=True)}
     workflow = WorkflowRun(
-        graph, inputs, mapping=mapping, workers=args.num, batch_size=args.batch_size, credits=args.credits
+        graph,
+        inputs,
+        mapping=mapping,
+        workers=args.num,
+        batch_size=args.batch_size,
+        credits=args.credits,
+        provenance=args.provenance_level if args.provenance else None,
     )
     show_progress = progress_wanted(args.quiet, args.results == "-")
+    sampler = StatsSampler(workflow) if args.stats_json else None
     try:
         with asyncio.Runner(loop_factory=loop_factory(mapping.uses_uvloop)) as runner:
-            return runner.run(_consume(workflow, args.results, show_progress))
+            status = runner.run(_consume(workflow, args.results, show_progress, sampler))
+        if status == 0 and args.provenance:
+            write_document(provenance_document(workflow.stats), args.provenance)
+        return status
     finally:
-        report_stats(workflow, table=args.stats, json_path=args.stats_json)
+        report_stats(
+            workflow, table=args.stats, json_path=args.stats_json, samples=sampler.samples if sampler else None
+        )
 
 
 def _graph(args: argparse.Namespace) -> int:
@@ -135,7 +154,9 @@ def _graph(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _consume(workflow: WorkflowRun, results_path: str | None, show_progress: bool = False) -> int:
+async def _consume(
+    workflow: WorkflowRun, results_path: str | None, show_progress: bool = False, sampler: StatsSampler | None = None
+) -> int:
     """Run ``workflow``, writing its results; SIGINT/SIGTERM drain, a second aborts."""
     loop = asyncio.get_running_loop()
     signals = 0
@@ -163,7 +184,11 @@ async def _consume(workflow: WorkflowRun, results_path: str | None, show_progres
                 raise Aiod4pError(f"cannot write results to {results_path}: {exc.strerror or exc}") from exc
         grouped: dict[tuple[str, str], list[Any]] = {}
         try:
-            async with workflow, progress(workflow) if show_progress else contextlib.nullcontext():
+            async with (
+                workflow,
+                progress(workflow) if show_progress else contextlib.nullcontext(),
+                sampler if sampler is not None else contextlib.nullcontext(),
+            ):
                 async for record in workflow:
                     if out is not None:
                         _write_record(out, record)
@@ -200,3 +225,69 @@ def _print_results(grouped: dict[tuple[str, str], list[Any]]) -> None:
         print(f"{pe}.{port}: {len(items)} item{'s' if len(items) != 1 else ''}")
         for item in items:
             print(f"  {item!r}")
+
+
+# -- provenance and plots (issue 15) ------------------------------------------------
+
+
+def _add_provenance_options(run: argparse.ArgumentParser) -> None:
+    group = run.add_argument_group("provenance (W3C PROV, needs aiod4p[provenance])")
+    group.add_argument(
+        "--provenance", default=None, metavar="FILE", help="record provenance: FILE.json (PROV-JSON), .provn or .xml"
+    )
+    group.add_argument(
+        "--provenance-level",
+        default="item",
+        choices=LEVELS,
+        help="item: the lineage of every item (default); pe: per PE and port counts and timing, nearly free",
+    )
+
+
+def _add_science_parsers(commands: Any) -> None:
+    lineage = commands.add_parser(
+        "provenance",
+        help="show what a provenance file records, or the lineage of one result",
+        description="Read a PROV-JSON file written by `aiod4p run --provenance` and trace results to their sources.",
+    )
+    lineage.add_argument("file", metavar="FILE", help="the PROV-JSON (or PROV-XML) file")
+    lineage.add_argument(
+        "--trace", default=None, metavar="RESULT", help="an entity id, or (part of) the repr of a result's value"
+    )
+    lineage.add_argument("--draw", default=None, metavar="OUT", help="draw the lineage: OUT.dot, .svg, .png or .pdf")
+    lineage.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks of errors")
+    stats = commands.add_parser("stats", help="work with a --stats-json file", description="Statistics files.")
+    actions = stats.add_subparsers(dest="stats_command", required=True)
+    plot = actions.add_parser(
+        "plot", help="plot per-PE throughput and busy time over the run", description="Plot a --stats-json file."
+    )
+    plot.add_argument("file", metavar="STATS.json", help="written by `aiod4p run --stats-json`")
+    plot.add_argument("-o", "--output", required=True, metavar="FILE", help="FILE.png, .svg or .pdf")
+    plot.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks of errors")
+
+
+def _science_command(args: argparse.Namespace) -> int:
+    if args.command == "stats":
+        from ._plot import plot_stats
+
+        print(f"wrote {plot_stats(args.file, args.output)}")
+        return 0
+    lineage = read_lineage(args.file)
+    if args.trace is None:
+        results = lineage.results()
+        print(f"{args.file}: {len(lineage.values)} entities, {len(results)} results")
+        for entity in results[:20]:
+            print(f"  {entity} = {lineage.values[entity]}")
+        if len(results) > 20:
+            print(f"  ... ({len(results) - 20} more)")
+        return 0
+    found = lineage.find(args.trace)
+    for entity in found:
+        chain = lineage.trace(entity)
+        sources = lineage.sources(entity)
+        print(f"{entity} = {lineage.values.get(entity, '')}  (made by {lineage.made_by.get(entity, 'input')})")
+        print(f"  lineage: {len(chain) - 1} items; {len(sources)} sources:")
+        for source in sorted(sources):
+            print(f"    {source} = {lineage.values.get(source, '')}  (made by {lineage.made_by.get(source, 'input')})")
+    if args.draw is not None:
+        print(f"wrote {draw_dot(lineage.to_dot(found), args.draw)}")
+    return 0

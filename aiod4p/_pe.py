@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import itertools
 import logging
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Hashable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -66,6 +66,7 @@ class _Runtime:
     instance: int = 0
     log: logging.LoggerAdapter[logging.Logger] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    recorder: Any = None  # an ActorRecorder when provenance is on
 
 
 class PE:
@@ -159,6 +160,27 @@ class PE:
             raise GraphError(
                 f"PE {self.label} wrote to undeclared output port {port!r} (declared: {sorted(self.outputs) or 'none'})"
             ) from None
+
+    # -- provenance (no-ops when it is off) --------------------------------------
+    def annotate(self, **attributes: Any) -> None:
+        """Attach ``attributes`` (parameters, file names, versions) to this instance's provenance agent."""
+        if self._runtime is not None and self._runtime.recorder is not None:
+            self._runtime.recorder.annotate(attributes)
+
+    def remember(self, key: Hashable) -> None:
+        """Record that the item being processed contributes to this PE's state ``key``.
+
+        With :meth:`recall`, it makes the lineage of a stateful PE's outputs
+        exact (item-level provenance); without, what ``postprocess`` writes
+        derives from every item this instance used.
+        """
+        if self._runtime is not None and self._runtime.recorder is not None:
+            self._runtime.recorder.remember(key)
+
+    def recall(self, key: Hashable) -> None:
+        """What is written next, until the call ends or ``recall`` is called again, derives from state ``key``."""
+        if self._runtime is not None and self._runtime.recorder is not None:
+            self._runtime.recorder.recall(key)
 
     @property
     def instance(self) -> int:

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from ._graph import FlatGraph, WorkflowGraph
 from ._groupings import All, Global, GroupBy, Grouping, Shuffle
 from ._pe import PE
+from ._provenance import check_level
 from .errors import GraphError
 
 __all__ = ["ChannelSpec", "ExecutionPlan", "InstanceRef", "PEPlan", "PlanOptions", "RouteSpec", "make_plan"]
@@ -35,6 +36,8 @@ class PlanOptions:
         force_single: run exactly one instance of every PE (the simple mapping).
         batch_size: items per batch on a channel.
         credits: batches a channel may have in flight before its sender waits.
+        provenance: ``None`` (off), ``"pe"`` or ``"item"``: what each worker records
+            (see :mod:`aiod4p._provenance`).
     """
 
     workers: int = 1
@@ -42,6 +45,7 @@ class PlanOptions:
     force_single: bool = False
     batch_size: int = 256
     credits: int = 4
+    provenance: str | None = None
 
     def __post_init__(self) -> None:
         if self.workers < 1:
@@ -50,6 +54,7 @@ class PlanOptions:
             raise ValueError(f"parallelism must be at least 1, not {self.default_parallelism}")
         if self.batch_size < 1 or self.credits < 1:
             raise ValueError("batch_size and credits must be at least 1")
+        check_level(self.provenance)
 
 
 @dataclass(frozen=True)
