@@ -227,12 +227,13 @@ class ActorRecorder:
         self.record.annotations.update({str(k): str(v) for k, v in attributes.items()})
 
     def remember(self, key: Hashable) -> None:
-        if self.current is not None and self.current.used:
+        if self.item_level and self.current is not None and self.current.used:
             self.state.setdefault(key, []).extend(self.current.used)
 
     def recall(self, key: Hashable) -> None:
-        self._tag_buffers()
-        self.derived = tuple(self.state.get(key, ()))
+        if self.item_level:
+            self._tag_buffers()
+            self.derived = tuple(self.state.get(key, ()))
 
     # -- recording ------------------------------------------------------------
     def _begin(self, stage: str, port: str | None, used: tuple[str, ...] | None) -> None:
