@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import scipy.signal
 
-from aiod4p import GenericPE, IterativePE, WorkflowGraph, group_by
+from aiod4p import GenericPE, IterativePE, WorkflowGraph
 
 RATE = 100.0  # samples per second recorded
 DECIMATE = 4  # the chain keeps one sample in four: 25 Hz
@@ -178,22 +178,14 @@ class PairUp(GenericPE):
         self.seen[trace.station] = trace
 
 
-def pair_key(pair: tuple[Trace, Trace]) -> tuple[str, str]:
-    return pair[0].station, pair[1].station
-
-
-class CrossCorrelate(GenericPE):
-    """Cross-correlates a pair of traces; pairs are spread over the instances by station names."""
-
-    def __init__(self) -> None:
-        super().__init__(inputs=[("input", group_by(key=pair_key))], outputs=["output"])
+class CrossCorrelate(IterativePE):
+    """Cross-correlates a pair of traces: ``(station_i, station_j, lag_s, peak)``."""
 
     def preprocess(self) -> None:
         self.annotate(window_s=WINDOW, max_lag_s=MAX_LAG)
 
-    def process(self, inputs: dict[str, Any]) -> dict[str, Any]:
-        first, second = inputs["input"]
-        return {"output": correlate(first, second)}
+    def process_item(self, pair: tuple[Trace, Trace]) -> tuple[str, str, float, float]:
+        return correlate(*pair)
 
 
 STEPS = (detrend, demean, bandpass, whiten, decimate)
