@@ -15,12 +15,12 @@ from typing import Any
 
 import pytest
 
-for _module in ("numpy", "scipy", "astropy", "vaderSentiment", "afinn"):
-    pytest.importorskip(_module, reason="the science examples need aiod4p[science]")
-
 import aiod4p
 from aiod4p import PEError, WorkflowGraph
 from aiod4p._loading import load_module
+
+for _module in ("numpy", "scipy", "astropy", "vaderSentiment", "afinn"):
+    pytest.importorskip(_module, reason="the science examples need aiod4p[science]")
 
 SCIENCE = Path(__file__).resolve().parent.parent / "examples" / "science"
 BIN = Path(sys.executable).parent
