@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 import json
 from pathlib import Path
 from typing import Any
@@ -55,36 +54,40 @@ def load_samples(path: str | Path) -> tuple[dict[str, Any], list[dict[str, Any]]
 
 
 def plot_stats(path: str | Path, output: str | Path) -> Path:
-    """Draw per-PE throughput (items in per second) and busy share over the run to ``output``.
+    """Draw per-PE throughput (items in per second) and busy time over the run to ``output``.
 
-    Rates are taken between successive samples of the file (every 0.25 s
-    for one event loop; as often as worker processes report on the others).
+    The counters grow a batch at a time, so rates are averaged over a sliding
+    window (a 25th of the run, at least 4 sampling intervals) of the
+    cumulative figures, linearly interpolated between samples. Busy time is in
+    percent of one core, summed over a PE's instances (so it may exceed 100).
 
     Raises:
         Aiod4pError: as :func:`load_samples`, or the picture cannot be written.
     """
+    import numpy as np
+
     document, samples = load_samples(path)
     plt = pyplot()
+    times = np.array([sample["t"] for sample in samples], dtype=float)
+    end = float(times[-1]) if len(times) else 0.0
+    spacing = float(np.median(np.diff(times))) if len(times) > 2 else end
+    window = max(end / 25, 4 * spacing) or 1.0
+    grid = np.linspace(0.0, end, 200)
     figure, (rate_axes, busy_axes) = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
     for pe in document["pes"]:
-        times, rates, busy = [], [], []
-        for before, after in itertools.pairwise(samples):
-            span = after["t"] - before["t"]
-            if span <= 0 or pe not in after["pes"]:
-                continue
-            old = before["pes"].get(pe, [0, 0, 0.0])
-            new = after["pes"][pe]
-            times.append(after["t"])
-            rates.append((new[0] - old[0]) / span)
-            busy.append(100.0 * (new[2] - old[2]) / span)
-        rate_axes.step(times, rates, where="pre", label=pe)
-        busy_axes.step(times, busy, where="pre", label=pe)
+        values = np.array([sample["pes"].get(pe, [0, 0, 0.0]) for sample in samples], dtype=float)
+        for column, axes, scale in ((0, rate_axes, 1.0), (2, busy_axes, 100.0)):
+            cumulative = np.interp(grid, times, values[:, column])
+            earlier = np.interp(np.maximum(grid - window, 0.0), times, values[:, column])
+            span = np.maximum(np.minimum(grid, window), 1e-9)
+            axes.plot(grid, scale * (cumulative - earlier) / span, label=pe)
     rate_axes.set_ylabel("items in / s")
-    busy_axes.set_ylabel("busy (% of one core)")
-    busy_axes.set_xlabel("seconds since the start")
-    title = f"{document.get('mapping') or ''} -n {document.get('workers')}, {document.get('elapsed_seconds', 0):.2f} s"
+    busy_axes.set_ylabel("busy, % of one core")
+    busy_axes.set_xlabel(f"seconds since the start (averaged over {window:.2f} s)")
+    workers = document.get("workers")
+    title = f"{document.get('mapping') or ''}, {workers} worker{'s' if workers != 1 else ''}, {end:.2f} s"
     rate_axes.set_title(f"Per-PE throughput and busy time ({title})")
-    rate_axes.legend(fontsize="small", loc="best")
+    rate_axes.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
     figure.tight_layout()
     output = Path(output)
     try:
