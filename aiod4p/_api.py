@@ -52,6 +52,8 @@ class WorkflowRun:
         self.mapping = get_mapping(mapping) if isinstance(mapping, str) else mapping
         options = self.mapping.plan_options(workers, batch_size, credits)
         if provenance is not None:  # "pe" or "item": read back with aiod4p.provenance_document(run.stats)
+            if self.mapping.name == "storm":
+                raise Aiod4pError("provenance is not recorded on the storm mapping: Storm routes the items itself")
             options = dataclasses.replace(options, provenance=provenance)
         self.plan: ExecutionPlan = make_plan(graph, options)
         self.feeds = resolve_inputs(self.plan.graph, inputs)

@@ -168,6 +168,12 @@ def test_a_bad_level_is_rejected() -> None:
         PlanOptions(provenance="all")
 
 
+def test_storm_refuses_provenance_rather_than_emit_tagged_items() -> None:
+    pytest.importorskip("streamparse", reason="the storm extra is not installed")
+    with pytest.raises(aiod4p.Aiod4pError, match="not recorded on the storm mapping"):
+        aiod4p.start(word_count(), 1, mapping="storm", provenance="item")
+
+
 def test_statistics_json_leaves_provenance_out() -> None:
     _, stats = run_recorded(word_count(), 1, "simple", None, "item")
     assert "provenance" not in stats[0].to_dict()
