@@ -10,6 +10,7 @@ dispel4py's usual blocking calls (:func:`astro.query_blocking`). Graphs:
 ``seismic``, ``astro``, ``sentiment``.
 """
 
+import importlib
 import json
 import os
 import sys
@@ -17,9 +18,12 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "examples", "science")]
 
-import astro as _astro  # noqa: E402
-import seismic as _seismic  # noqa: E402
-import sentiment as _sentiment  # noqa: E402
+
+def _lib(name):
+    """The example module ``name``, imported on first use: a run pays only for its own domain's libraries."""
+    return importlib.import_module(name)
+
+
 from dispel4py.base import IterativePE, ProducerPE  # noqa: E402
 from dispel4py.core import GenericPE  # noqa: E402
 from dispel4py.workflow_graph import WorkflowGraph  # noqa: E402
@@ -43,9 +47,9 @@ class Step(IterativePE):
 
 class Synthesise(ProducerPE):
     def _process(self, inputs):
-        wanted = size(_seismic.DEFAULTS)
+        wanted = size(_lib("seismic").DEFAULTS)
         for index in range(int(wanted["stations"])):
-            self.write("output", _seismic.synthesise(index, float(wanted["seconds"]), int(wanted["seed"])))
+            self.write("output", _lib("seismic").synthesise(index, float(wanted["seconds"]), int(wanted["seed"])))
 
 
 class PairUp(GenericPE):
@@ -63,13 +67,13 @@ class PairUp(GenericPE):
 
 
 def correlate_pair(pair):
-    return _seismic.correlate(*pair)
+    return _lib("seismic").correlate(*pair)
 
 
 def seismic_graph():
     graph = WorkflowGraph()
     previous = Synthesise()
-    for function in _seismic.STEPS:
+    for function in _lib("seismic").STEPS:
         step = Step(function)
         graph.connect(previous, "output", step, "input")
         previous = step
@@ -88,20 +92,21 @@ class ReadCatalogue(ProducerPE):
 
         from astropy.io.votable import parse_single_table
 
-        wanted = size(_astro.DEFAULTS)
-        table = parse_single_table(io.BytesIO(_astro.catalogue(int(wanted["galaxies"]), int(wanted["seed"])))).array
+        astro = _lib("astro")
+        wanted = size(astro.DEFAULTS)
+        table = parse_single_table(io.BytesIO(astro.catalogue(int(wanted["galaxies"]), int(wanted["seed"])))).array
         for row in table:
             self.write("output", (str(row["name"]), float(row["ra"]), float(row["dec"])))
 
 
 class QueryBlocking(IterativePE):
     def _process(self, galaxy):
-        return _astro.query_blocking(_astro.service_url(), galaxy[0])
+        return _lib("astro").query_blocking(_lib("astro").service_url(), galaxy[0])
 
 
 def extinction(record):
     name, t, logr25 = record
-    return name, t, _astro.internal_extinction(t, logr25)
+    return name, t, _lib("astro").internal_extinction(t, logr25)
 
 
 class StatsPerType(GenericPE):
@@ -117,7 +122,7 @@ class StatsPerType(GenericPE):
 
     def _postprocess(self):
         for t in sorted(self.values):
-            self.write("output", _astro.summarise(t, self.values[t]))
+            self.write("output", _lib("astro").summarise(t, self.values[t]))
 
 
 def astro_graph():
@@ -134,10 +139,10 @@ def astro_graph():
 
 class Articles(ProducerPE):
     def _process(self, inputs):
-        wanted = size(_sentiment.DEFAULTS)
-        words = _sentiment.lexicon_words()
+        wanted = size(_lib("sentiment").DEFAULTS)
+        words = _lib("sentiment").lexicon_words()
         for number in range(int(wanted["articles"])):
-            self.write("output", _sentiment.article(number, int(wanted["seed"]), words))
+            self.write("output", _lib("sentiment").article(number, int(wanted["seed"]), words))
 
 
 class ScoreAfinn(IterativePE):
@@ -147,7 +152,7 @@ class ScoreAfinn(IterativePE):
         self.scorer = Afinn()
 
     def _process(self, item):
-        return item[0], item[1], _sentiment.score_afinn(self.scorer, item[3])
+        return item[0], item[1], _lib("sentiment").score_afinn(self.scorer, item[3])
 
 
 class ScoreVader(IterativePE):
@@ -157,7 +162,7 @@ class ScoreVader(IterativePE):
         self.scorer = SentimentIntensityAnalyzer()
 
     def _process(self, item):
-        return item[0], item[1], _sentiment.score_vader(self.scorer, item[2])
+        return item[0], item[1], _lib("sentiment").score_vader(self.scorer, item[2])
 
 
 class JoinScores(GenericPE):
@@ -192,7 +197,7 @@ class PerState(GenericPE):
 
     def _postprocess(self):
         for state in sorted(self.scores):
-            self.write("output", _sentiment.state_summary(state, *self.scores[state]))
+            self.write("output", _lib("sentiment").state_summary(state, *self.scores[state]))
 
 
 class TopBottom(GenericPE):
@@ -206,13 +211,13 @@ class TopBottom(GenericPE):
         self.summaries.append(inputs["input"])
 
     def _postprocess(self):
-        for entry in _sentiment.ranking(self.summaries):
+        for entry in _lib("sentiment").ranking(self.summaries):
             self.write("output", entry)
 
 
 def sentiment_graph():
     graph = WorkflowGraph()
-    articles, tokens, afinn, vader = Articles(), Step(_sentiment.tokenise), ScoreAfinn(), ScoreVader()
+    articles, tokens, afinn, vader = Articles(), Step(_lib("sentiment").tokenise), ScoreAfinn(), ScoreVader()
     join, per_state = JoinScores(), PerState()
     graph.connect(articles, "output", tokens, "input")
     graph.connect(tokens, "output", afinn, "input")
@@ -224,6 +229,11 @@ def sentiment_graph():
     return graph
 
 
-seismic = seismic_graph()
-astro = astro_graph()
-sentiment = sentiment_graph()
+GRAPHS = {"seismic": seismic_graph, "astro": astro_graph, "sentiment": sentiment_graph}
+
+
+def __getattr__(name):
+    """``-a seismic`` (or astro, sentiment) builds that graph only."""
+    if name in GRAPHS:
+        return GRAPHS[name]()
+    raise AttributeError(name)
