@@ -246,7 +246,11 @@ class ActorRecorder:
     def _end(self) -> None:
         self._tag_buffers()
         assert self.current is not None
-        self.current.ended = time.time()
+        entities = self.record.entities
+        if self.current.stage != "process" and not (entities and entities[-1][1] == self.current_index):
+            self.record.activities.pop()  # a preprocess or postprocess that wrote nothing: no activity
+        else:
+            self.current.ended = time.time()
         self.current = None
         self.derived = None
 
@@ -301,71 +305,72 @@ def document(stats: Iterable[InstanceStats]) -> ProvDocument:
         Aiod4pError: no provenance was recorded, or ``prov`` is not installed.
     """
     model = _prov()
+    from prov.constants import PROV, PROV_TYPE, PROV_VALUE
+
     found = parts(stats)
     doc = model.ProvDocument()
-    doc.add_namespace(*NAMESPACE)
-    ns = NAMESPACE[0]
+    namespace = doc.add_namespace(*NAMESPACE)
+    names: dict[str, Any] = {}
+
+    def q(local: str) -> Any:
+        """The qualified name of ``local``, made once: prov resolves strings slowly."""
+        name = names.get(local)
+        if name is None:
+            name = names[local] = namespace[local]
+        return name
+
+    software, stage_key, port_key = PROV["SoftwareAgent"], q("stage"), q("port")
     pes_done: set[str] = set()
-    used_by_instance: dict[str, list[str]] = {}
     generated: set[str] = set()
     for part in found:
         if part.pe not in pes_done:
             pes_done.add(part.pe)
-            doc.agent(f"{ns}:{part.pe}", {"prov:type": "prov:SoftwareAgent", f"{ns}:class": part.pe_class})
-        agent = f"{ns}:{part.pe}.{part.instance}"
-        attributes = {"prov:type": "prov:SoftwareAgent", f"{ns}:worker": part.worker, f"{ns}:level": part.level}
-        attributes.update({f"{ns}:{key}": value for key, value in part.annotations.items()})
+            doc.agent(q(part.pe), {PROV_TYPE: software, q("class"): part.pe_class})
+        agent = q(f"{part.pe}.{part.instance}")
+        attributes: dict[Any, Any] = {PROV_TYPE: software, q("worker"): part.worker, q("level"): part.level}
+        attributes.update({q(key): value for key, value in part.annotations.items()})
         doc.agent(agent, attributes)
-        doc.actedOnBehalfOf(agent, f"{ns}:{part.pe}")
-        instance_used: list[str] = []
-        used_by_instance[agent] = instance_used
+        doc.actedOnBehalfOf(agent, q(part.pe))
         for entity, value in part.sources:
-            doc.entity(f"{ns}:{entity}", {"prov:value": value, "prov:type": f"{ns}:Input"})
+            doc.entity(q(entity), {PROV_VALUE: value, PROV_TYPE: q("Input")})
+        everything = [entity for activity in part.activities for entity in activity.used or ()]
         for activity in part.activities:
-            attrs: dict[str, Any] = {f"{ns}:stage": activity.stage}
+            attrs: dict[Any, Any] = {stage_key: activity.stage}
             if activity.port is not None:
-                attrs[f"{ns}:port"] = activity.port
+                attrs[port_key] = activity.port
             if part.level == "pe":
-                attrs.update({f"{ns}:in_{port}": count for port, count in part.items_in.items()})
-                attrs.update({f"{ns}:out_{port}": count for port, count in part.items_out.items()})
-            doc.activity(
-                f"{ns}:{activity.id}", _time(activity.started), _time(activity.ended or activity.started), attrs
-            )
-            doc.wasAssociatedWith(f"{ns}:{activity.id}", agent)
-            for entity in activity.used or ():
-                doc.used(f"{ns}:{activity.id}", f"{ns}:{entity}")
-                instance_used.append(entity)
-            if activity.used is None:  # postprocess: linked once every part is known
-                instance_used.append(f"*{activity.id}")
+                attrs.update({q(f"in_{port}"): count for port, count in part.items_in.items()})
+                attrs.update({q(f"out_{port}"): count for port, count in part.items_out.items()})
+            identifier = q(activity.id)
+            doc.activity(identifier, _time(activity.started), _time(activity.ended or activity.started), attrs)
+            doc.wasAssociatedWith(identifier, agent)
+            # postprocess (used is None) used whatever the instance used: its state may hold any of it
+            for entity in everything if activity.used is None else activity.used:
+                doc.used(identifier, q(entity))
         if part.level == "pe":
-            activity_id = f"{ns}:{part.activities[0].id}"
+            identifier = q(part.activities[0].id)
             for source_pe, source_port, _ in part.inputs_from:
-                doc.used(activity_id, f"{ns}:{source_pe}.{source_port}.stream")
+                stream = f"{source_pe}.{source_port}.stream"
+                if stream not in generated:
+                    generated.add(stream)
+                    doc.entity(q(stream), {PROV_TYPE: q("Stream")})
+                doc.used(identifier, q(stream))
             for port in part.items_out:
-                stream = f"{ns}:{part.pe}.{port}.stream"
+                stream = f"{part.pe}.{port}.stream"
                 if stream not in generated:
                     generated.add(stream)
-                    doc.entity(stream, {"prov:type": f"{ns}:Stream"})
-                doc.wasGeneratedBy(stream, activity_id)
-            for source_pe, source_port, _ in part.inputs_from:
-                stream = f"{ns}:{source_pe}.{source_port}.stream"
-                if stream not in generated:
-                    generated.add(stream)
-                    doc.entity(stream, {"prov:type": f"{ns}:Stream"})
+                    doc.entity(q(stream), {PROV_TYPE: q("Stream")})
+                doc.wasGeneratedBy(q(stream), identifier)
     for part in found:
-        agent = f"{ns}:{part.pe}.{part.instance}"
-        everything = [e for e in used_by_instance[agent] if not e.startswith("*")]
-        for postprocess in (e[1:] for e in used_by_instance[agent] if e.startswith("*")):
-            for entity in everything:
-                doc.used(f"{ns}:{postprocess}", f"{ns}:{entity}")
         for entity, index, port, value, derived in part.entities:
             activity = part.activities[index]
-            kind = f"{ns}:Result" if port in part.result_ports else f"{ns}:Item"
-            doc.entity(f"{ns}:{entity}", {"prov:value": value, "prov:type": kind, f"{ns}:port": port})
-            doc.wasGeneratedBy(f"{ns}:{entity}", f"{ns}:{activity.id}")
-            origins = derived if derived is not None else activity.used
-            for origin in origins or ():
-                doc.wasDerivedFrom(f"{ns}:{entity}", f"{ns}:{origin}")
+            kind = q("Result") if port in part.result_ports else q("Item")
+            identifier = q(entity)
+            doc.entity(identifier, {PROV_VALUE: value, PROV_TYPE: kind, port_key: port})
+            doc.wasGeneratedBy(identifier, q(activity.id))
+            # a postprocess output without recall() derives from its activity's used (not repeated per output)
+            for origin in derived if derived is not None else activity.used or ():
+                doc.wasDerivedFrom(identifier, q(origin))
     result: ProvDocument = doc
     return result
 
