@@ -5,7 +5,7 @@
 ``scale`` (default 1.0) multiplies every input size; 0.1 is a smoke run.
 
 (a) Each domain of examples/science/ at a realistic size (seismic: 24
-    stations x 30 min at 100 Hz, 276 pairs; astrophysics: 400 galaxies, 20 ms
+    stations x 30 min at 100 Hz, 276 pairs; astrophysics: 1,000 galaxies, 20 ms
     per service query; sentiment: 3,000 articles), every run a fresh command
     timed from start to exit: aiod4p on simple, async, multi and mpi with
     -n 1, 2, 4, and dispel4py 1.2.1 (bench/science_d4p.py: the same PEs and
@@ -52,7 +52,7 @@ from chain import build as build_chain  # noqa: E402
 # domain: (root PE, size, PEs in the graph)
 DOMAINS: dict[str, tuple[str, dict[str, Any], int]] = {
     "seismic": ("Synthesise", {"stations": 24, "seconds": max(120, int(1800 * SCALE))}, 8),
-    "astro": ("ReadCatalogue", {"galaxies": max(20, int(400 * SCALE))}, 4),
+    "astro": ("ReadCatalogue", {"galaxies": max(20, int(1000 * SCALE))}, 4),
     "sentiment": ("Articles", {"articles": max(50, int(3000 * SCALE))}, 7),
 }
 
