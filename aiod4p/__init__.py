@@ -26,6 +26,8 @@ from ._pe import (
     producer,
 )
 from ._plan import ExecutionPlan, InstanceRef, PlanOptions, make_plan
+from ._provenance import Lineage, read_lineage, write_document
+from ._provenance import document as provenance_document
 from ._results import ResultRecord, Results
 from ._stats import InstanceStats
 from ._visual import draw, to_dot
@@ -56,6 +58,7 @@ __all__ = [
     "InstanceRef",
     "InstanceStats",
     "LiveFeed",
+    "Lineage",
     "IterativePE",
     "MappingUnavailable",
     "OutputPort",
@@ -77,8 +80,11 @@ __all__ = [
     "load_graph",
     "make_plan",
     "producer",
+    "provenance_document",
+    "read_lineage",
     "run",
     "run_async",
+    "write_document",
     "stable_hash",
     "start",
     "to_dot",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable
@@ -47,9 +48,14 @@ class WorkflowRun:
         credits: int = DEFAULT_CREDITS,
         max_delay: float = 0.005,
         result_batches: int = 16,
+        provenance: str | None = None,
     ) -> None:
         self.mapping = get_mapping(mapping) if isinstance(mapping, str) else mapping
         options = self.mapping.plan_options(workers, batch_size, credits)
+        if provenance is not None:  # "pe" or "item": read back with aiod4p.provenance_document(run.stats)
+            if self.mapping.name == "storm":
+                raise Aiod4pError("provenance is not recorded on the storm mapping: Storm routes the items itself")
+            options = dataclasses.replace(options, provenance=provenance)
         self.plan: ExecutionPlan = make_plan(graph, options)
         self.feeds = resolve_inputs(self.plan.graph, inputs)
         self.stats: list[InstanceStats] = []

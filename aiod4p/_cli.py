@@ -21,10 +21,12 @@ from ._loading import load_graph
 from ._logging import configure_logging
 from ._plan import DEFAULT_BATCH_SIZE, DEFAULT_CREDITS, make_plan
 from ._progress import progress, progress_wanted
+from ._provenance import LEVELS, read_lineage, write_document
+from ._provenance import document as provenance_document
 from ._results import ResultRecord
 from ._signals import Interrupts, Stopped
-from ._stats_report import report_stats
-from ._visual import draw
+from ._stats_report import StatsSampler, report_stats
+from ._visual import draw, draw_dot
 from .errors import Aiod4pError
 from .mappings import MAPPINGS, BaseMapping, get_mapping
 from .sources import DEAD_LETTER, LINE_POLICIES, MAX_LINE_BYTES, LineStream
@@ -134,6 +136,7 @@ def _parser() -> argparse.ArgumentParser:
     seeing.add_argument("--stats-json", default=None, metavar="FILE", help="write per-PE statistics as JSON")
     seeing.add_argument("-v", "--verbose", action="count", default=0, help="log more (-vv: debug)")
     seeing.add_argument("-q", "--quiet", action="store_true", help="no progress display; log errors only")
+    _add_provenance_options(run)
 
     picture = commands.add_parser(
         "graph", help="draw a workflow", description="Draw a workflow graph: .dot, or .svg/.png/.pdf with Graphviz."
@@ -144,6 +147,7 @@ def _parser() -> argparse.ArgumentParser:
     picture.add_argument("-n", "--num", type=_POSITIVE, default=None, metavar="N", help="workers, as for run")
     picture.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks of errors")
     add_storm_parser(commands)
+    _add_science_parsers(commands)
     return parser
 
 
@@ -159,6 +163,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _graph(args)
         if args.command == "storm":
             return storm_command(args)
+        if args.command in ("provenance", "stats"):
+            return _science_command(args)
         raise AssertionError(args.command)
     except Aiod4pError as exc:
         if args.debug:
@@ -181,9 +187,10 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     mapping = get_mapping(args.mapping, **mapping_options(args))
     if getattr(mapping, "follower", False):  # an MPI rank other than 0 (under mpiexec): rank 0 reports
         args.results, args.quiet, args.stats, args.stats_json = os.devnull, True, False, None
+        args.provenance = None
     for message in _ignored_options(args, mapping):
         _warn(args, message)
-    for path, what in ((args.results, "results"), (args.stats_json, "statistics")):
+    for path, what in ((args.results, "results"), (args.stats_json, "statistics"), (args.provenance, "provenance")):
         if path not in (None, "-"):
             _check_writable(path, what)
     opened: list[TextIO] = []  # the results file once open: flushed before a hard abort
@@ -203,20 +210,33 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
                 stdin = LineStream(json=True, max_line=args.max_line, on_bad=args.on_bad)
                 inputs = {**(inputs if isinstance(inputs, Mapping) else {}), args.stdin: stdin}
             workflow = WorkflowRun(
-                graph, inputs, mapping=mapping, workers=args.num, batch_size=args.batch_size, credits=args.credits
+                graph,
+                inputs,
+                mapping=mapping,
+                workers=args.num,
+                batch_size=args.batch_size,
+                credits=args.credits,
+                provenance=args.provenance_level if args.provenance else None,
             )
         except Stopped as stop:
             return _aborted(stop.signum, 0, "while loading the workflow")
         outcome = _Outcome()
+        show_progress = progress_wanted(args.quiet, args.results == "-")
+        sampler = StatsSampler(workflow) if args.stats_json else None
         try:
-            show_progress = progress_wanted(args.quiet, args.results == "-")
             with asyncio.Runner(loop_factory=loop_factory(mapping.uses_uvloop)) as runner:
-                status = runner.run(_consume(workflow, args.results, signals, outcome, opened, show_progress, stdin))
+                status = runner.run(
+                    _consume(workflow, args.results, signals, outcome, opened, show_progress, stdin, sampler)
+                )
         except Stopped as stop:
             return _aborted(stop.signum, outcome.records, "during start-up")
         finally:
             signals.restore()
-            report_stats(workflow, table=args.stats, json_path=args.stats_json)
+            report_stats(
+                workflow, table=args.stats, json_path=args.stats_json, samples=sampler.samples if sampler else None
+            )
+    if status == EXIT_OK and args.provenance:
+        write_document(provenance_document(workflow.stats), args.provenance)
     if stdin is not None and stdin.skipped and args.on_bad == "skip":
         _warn(args, f"--stdin: {stdin.skipped} bad line{'s' if stdin.skipped != 1 else ''} skipped")
     if status == EXIT_OK and signals.received:
@@ -304,6 +324,7 @@ async def _consume(
     opened: list[TextIO],
     show_progress: bool = False,
     stdin: LineStream | None = None,
+    sampler: StatsSampler | None = None,
 ) -> int:
     """Run ``workflow``, writing its results; SIGINT/SIGTERM as :class:`Interrupts` says.
 
@@ -341,7 +362,11 @@ async def _consume(
         if stdin is not None:
             stdin.dead_letter = lambda bad: emit(ResultRecord("stdin", DEAD_LETTER, bad))
         try:
-            async with workflow, progress(workflow) if show_progress else contextlib.nullcontext():
+            async with (
+                workflow,
+                progress(workflow) if show_progress else contextlib.nullcontext(),
+                sampler if sampler is not None else contextlib.nullcontext(),
+            ):
                 async for record in workflow:
                     emit(record)
         except asyncio.CancelledError:
@@ -385,3 +410,69 @@ def _print_results(grouped: dict[tuple[str, str], list[Any]]) -> None:
         print(f"{pe}.{port}: {len(items)} item{'s' if len(items) != 1 else ''}")
         for item in items:
             print(f"  {item!r}")
+
+
+# -- provenance and plots (issue 15) ------------------------------------------------
+
+
+def _add_provenance_options(run: argparse.ArgumentParser) -> None:
+    group = run.add_argument_group("provenance (W3C PROV, needs aiod4p[provenance])")
+    group.add_argument(
+        "--provenance", default=None, metavar="FILE", help="record provenance: FILE.json (PROV-JSON), .provn or .xml"
+    )
+    group.add_argument(
+        "--provenance-level",
+        default="item",
+        choices=LEVELS,
+        help="item: the lineage of every item (default); pe: per PE and port counts and timing, nearly free",
+    )
+
+
+def _add_science_parsers(commands: Any) -> None:
+    lineage = commands.add_parser(
+        "provenance",
+        help="show what a provenance file records, or the lineage of one result",
+        description="Read a PROV-JSON file written by `aiod4p run --provenance` and trace results to their sources.",
+    )
+    lineage.add_argument("file", metavar="FILE", help="the PROV-JSON (or PROV-XML) file")
+    lineage.add_argument(
+        "--trace", default=None, metavar="RESULT", help="an entity id, or (part of) the repr of a result's value"
+    )
+    lineage.add_argument("--draw", default=None, metavar="OUT", help="draw the lineage: OUT.dot, .svg, .png or .pdf")
+    lineage.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks of errors")
+    stats = commands.add_parser("stats", help="work with a --stats-json file", description="Statistics files.")
+    actions = stats.add_subparsers(dest="stats_command", required=True)
+    plot = actions.add_parser(
+        "plot", help="plot per-PE throughput and busy time over the run", description="Plot a --stats-json file."
+    )
+    plot.add_argument("file", metavar="STATS.json", help="written by `aiod4p run --stats-json`")
+    plot.add_argument("-o", "--output", required=True, metavar="FILE", help="FILE.png, .svg or .pdf")
+    plot.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks of errors")
+
+
+def _science_command(args: argparse.Namespace) -> int:
+    if args.command == "stats":
+        from ._plot import plot_stats
+
+        print(f"wrote {plot_stats(args.file, args.output)}")
+        return 0
+    lineage = read_lineage(args.file)
+    if args.trace is None:
+        results = lineage.results()
+        print(f"{args.file}: {len(lineage.values)} entities, {len(results)} results")
+        for entity in results[:20]:
+            print(f"  {entity} = {lineage.values[entity]}")
+        if len(results) > 20:
+            print(f"  ... ({len(results) - 20} more)")
+        return 0
+    found = lineage.find(args.trace)
+    for entity in found:
+        chain = lineage.trace(entity)
+        sources = lineage.sources(entity)
+        print(f"{entity} = {lineage.values.get(entity, '')}  (made by {lineage.made_by.get(entity, 'input')})")
+        print(f"  lineage: {len(chain) - 1} items; {len(sources)} sources:")
+        for source in sorted(sources):
+            print(f"    {source} = {lineage.values.get(source, '')}  (made by {lineage.made_by.get(source, 'input')})")
+    if args.draw is not None:
+        print(f"wrote {draw_dot(lineage.to_dot(found), args.draw)}")
+    return 0

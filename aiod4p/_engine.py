@@ -27,6 +27,7 @@ from ._groupings import Router
 from ._links import PeerLink, RemoteChannel
 from ._pe import PE, _Runtime
 from ._plan import ExecutionPlan, InstanceRef
+from ._provenance import ActorRecorder, WorkerRecorder
 from ._results import ResultSink
 from ._stats import InstanceStats
 from .errors import Aiod4pError, GraphError, InputError, PEError, TransportError
@@ -145,6 +146,7 @@ class _Actor:
         # items as one channel may have in flight.
         self.hand_over_limit = self.batch_size * options.credits
         self.spill_limit = self.batch_size * SPILL_BATCHES
+        self.recorder: ActorRecorder | None = None  # provenance, when on
 
     # -- wiring ------------------------------------------------------------
     def add_route(self, port: str, route: _Route) -> None:
@@ -159,6 +161,7 @@ class _Actor:
             logging.LoggerAdapter(pe_logger, {"pe": ref.pe, "instance": ref.index}),
             limit=self.spill_limit,
             full=self._spilled,
+            recorder=self.recorder,
         )
         try:
             await self._stage("preprocess", pe.preprocess)
@@ -180,7 +183,10 @@ class _Actor:
                 try:
                     started, blocked = time.perf_counter(), self.stats.blocked_seconds
                     try:
-                        await self._handle(port, items)
+                        if self.recorder is None:
+                            await self._handle(port, items)
+                        else:
+                            await self.recorder.handle(port, items)
                     finally:  # waiting for credit while streaming outputs is blocked time, not busy time
                         blocked = self.stats.blocked_seconds - blocked
                         self.stats.busy_seconds += time.perf_counter() - started - blocked
@@ -200,6 +206,8 @@ class _Actor:
         finally:
             self.stats.max_queued_items = self.inbox.max_queued_items
             self.stats.queued_items = self.inbox.queued_items
+        if self.recorder is not None:
+            self.stats.provenance = self.recorder.part()
         return self.stats
 
     async def call(self, port: str, items: list[Any]) -> None:
@@ -246,12 +254,16 @@ class _Actor:
 
     async def _stage(self, stage: str, method: Any) -> None:
         """Run a lifecycle stage and route what it wrote."""
+        if self.recorder is not None:
+            self.recorder.begin_stage(stage)
         await self._lifecycle(stage, method)
         try:
             await self._route_outputs()
         except Exception as exc:
             self.stats.errors += 1
             raise _error(self.ref, stage, exc) from exc
+        if self.recorder is not None:
+            self.recorder.end_stage()
 
     # -- calling the PE ------------------------------------------------------
     async def _handle(self, port: str | None, items: list[Any]) -> None:
@@ -697,7 +709,9 @@ class Worker:
         self._turn_batches = 0
         self._beat_pending = False
         self.worker_id = worker_id
-        self.results = results
+        level = plan.options.provenance
+        self.recorder = WorkerRecorder(level, worker_id) if level is not None else None
+        self.results = results if self.recorder is None else self.recorder.sink(results)
         self.max_delay = max_delay
         self.links = {peer: PeerLink(comm, peer) for peer, comm in (peers or {}).items()}
         self.feeds = feeds
@@ -752,6 +766,8 @@ class Worker:
                         pending.siblings = pendings
                 actor.add_route(route.source_port, route_object)
             actor.outgoing = [senders[(ref, spec.dest)] for spec in plan.channels_from(ref)]
+            if self.recorder is not None:
+                actor.recorder = self.recorder.attach(actor)
             self.actors[ref] = actor
 
     def _link(self, peer: int) -> PeerLink:

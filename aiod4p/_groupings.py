@@ -33,6 +33,7 @@ __all__ = [
     "GroupBy",
     "Grouping",
     "GroupingLike",
+    "KeyRouter",
     "Router",
     "Shuffle",
     "as_grouping",
@@ -168,7 +169,7 @@ class GroupBy(Grouping):
 
     def router(self, count: int, start: int, sender: str, dest: str) -> Router:
         # The key is evaluated even for one destination: a bad key fails alike on every mapping.
-        return _KeyRouter(self, count, sender, dest)
+        return KeyRouter(self, count, sender, dest)
 
     def __str__(self) -> str:
         if self.key is not None:
@@ -211,7 +212,7 @@ class _Broadcast(Router):
 _CACHE_LIMIT = 1 << 17  # distinct keys remembered per router; past it the cache starts again
 
 
-class _KeyRouter(Router):
+class KeyRouter(Router):
     """Routes by key, hashing each distinct (hashable) key once."""
 
     __slots__ = ("cache", "dest", "get", "grouping", "sender", "single")

@@ -6,7 +6,7 @@ import functools
 import itertools
 import logging
 import sys
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Hashable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -70,6 +70,7 @@ class _Runtime:
     # write() calls ``full(port)`` once a port's buffer holds ``limit`` items (the engine routes them).
     limit: int = sys.maxsize
     full: Callable[[str], None] | None = None
+    recorder: Any = None  # an ActorRecorder when provenance is on
 
 
 class PE:
@@ -198,6 +199,27 @@ class PE:
         buffer.append(item)
         if len(buffer) >= runtime.limit and runtime.full is not None:
             runtime.full(port)
+
+    # -- provenance (no-ops when it is off) --------------------------------------
+    def annotate(self, **attributes: Any) -> None:
+        """Attach ``attributes`` (parameters, file names, versions) to this instance's provenance agent."""
+        if self._runtime is not None and self._runtime.recorder is not None:
+            self._runtime.recorder.annotate(attributes)
+
+    def remember(self, key: Hashable) -> None:
+        """Record that the item being processed contributes to this PE's state ``key``.
+
+        With :meth:`recall`, it makes the lineage of a stateful PE's outputs
+        exact (item-level provenance); without, what ``postprocess`` writes
+        derives from every item this instance used.
+        """
+        if self._runtime is not None and self._runtime.recorder is not None:
+            self._runtime.recorder.remember(key)
+
+    def recall(self, key: Hashable) -> None:
+        """What is written next, until the call ends or ``recall`` is called again, derives from state ``key``."""
+        if self._runtime is not None and self._runtime.recorder is not None:
+            self._runtime.recorder.recall(key)
 
     @property
     def instance(self) -> int:

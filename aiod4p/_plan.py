@@ -9,6 +9,7 @@ from typing import Any
 from ._graph import FlatGraph, WorkflowGraph
 from ._groupings import Grouping
 from ._pe import PE
+from ._provenance import check_level
 from .errors import GraphError
 
 __all__ = [
@@ -56,6 +57,8 @@ class PlanOptions:
             through in about this time (measured), so slow stages get items a
             few at a time.
         batch_bytes: a batch carries at most about this many bytes of items.
+        provenance: ``None`` (off), ``"pe"`` or ``"item"``: what each worker records
+            (see :mod:`aiod4p._provenance`).
     """
 
     workers: int = 1
@@ -65,6 +68,7 @@ class PlanOptions:
     credits: int = DEFAULT_CREDITS
     batch_seconds: float = 0.002
     batch_bytes: int = 1 << 20
+    provenance: str | None = None
 
     def __post_init__(self) -> None:
         if self.workers < 1:
@@ -75,6 +79,7 @@ class PlanOptions:
             raise ValueError("batch_size and credits must be at least 1")
         if self.batch_seconds <= 0 or self.batch_bytes < 1:
             raise ValueError("batch_seconds and batch_bytes must be positive")
+        check_level(self.provenance)
 
 
 @dataclass(frozen=True)

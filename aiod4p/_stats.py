@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 __all__ = ["InstanceStats"]
@@ -26,6 +26,9 @@ class InstanceStats:
         queued_items: the items waiting in the inbox when the instance last
             took a batch (live; 0 once the instance has finished).
         inflight_bound: the most items the inbox can ever hold.
+        provenance: what the instance recorded for provenance (when on), set
+            once it has finished; it travels to the launcher with these
+            statistics and is left out of :meth:`to_dict`.
     """
 
     pe: str
@@ -41,6 +44,7 @@ class InstanceStats:
     max_queued_items: int = 0
     inflight_bound: int = 0
     queued_items: int = 0
+    provenance: Any = field(default=None, repr=False, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "provenance"}

@@ -12,13 +12,14 @@ from __future__ import annotations
 import html
 import shutil
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 from ._graph import FlatGraph, WorkflowGraph
 from ._plan import ExecutionPlan, make_plan
 from .errors import Aiod4pError
 
-__all__ = ["GRAPHVIZ_FORMATS", "draw", "to_dot"]
+__all__ = ["GRAPHVIZ_FORMATS", "draw", "draw_dot", "to_dot"]
 
 # Suffixes written by Graphviz's dot (the format is the suffix).
 GRAPHVIZ_FORMATS = ("svg", "png", "pdf")
@@ -83,12 +84,23 @@ def draw(workflow: WorkflowGraph | FlatGraph | ExecutionPlan, path: str | Path, 
             package ``graphviz``), ``dot`` failed, or ``path`` cannot be written.
         GraphError: the graph is invalid.
     """
+    return draw_dot(lambda: to_dot(workflow, title=title), path, "a workflow")
+
+
+def draw_dot(text: str | Callable[[], str], path: str | Path, what: str = "a graph") -> Path:
+    """Write dot ``text`` (or what calling it returns) to ``path``, rendered by Graphviz unless ``.dot``/``.gv``.
+
+    Raises:
+        ValueError: the suffix is not one Graphviz writes.
+        Aiod4pError: as :func:`draw`.
+    """
     path = Path(path)
     suffix = path.suffix.lower()
     formats = ", ".join([*DOT_SUFFIXES, *(f".{fmt}" for fmt in GRAPHVIZ_FORMATS)])
     if suffix not in DOT_SUFFIXES and suffix.lstrip(".") not in GRAPHVIZ_FORMATS:
-        raise ValueError(f"cannot draw a workflow to {path}: the file name must end with one of {formats}")
-    text = to_dot(workflow, title=title)
+        raise ValueError(f"cannot draw {what} to {path}: the file name must end with one of {formats}")
+    if callable(text):
+        text = text()
     if suffix in DOT_SUFFIXES:
         try:
             path.write_text(text, encoding="utf-8")

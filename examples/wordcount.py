@@ -50,9 +50,11 @@ class CountWords(GenericPE):
     def process(self, inputs: dict[str, Any]) -> None:
         word, count = inputs["input"]
         self.counts[word] += count
+        self.remember(word)  # provenance: this line's word counts towards `word`
 
     def postprocess(self) -> None:
         for word, count in sorted(self.counts.items()):
+            self.recall(word)  # provenance: the count derives from exactly the lines with `word`
             self.write("output", (word, count))
 
 

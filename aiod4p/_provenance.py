@@ -1,0 +1,532 @@
+"""Provenance: what each PE invocation used and generated, as W3C PROV.
+
+Two levels, chosen by ``PlanOptions.provenance`` (``--provenance-level``):
+
+``pe``
+    per instance: the items taken and written on each port, and when it ran.
+    The engine pays a counter update per batch.
+``item``
+    full lineage: every item travels as a :class:`Tagged` (its id and value)
+    between instances, so one PE invocation records exactly which items it
+    used and which it generated, on every mapping. A PE is called one item at
+    a time; nothing changes for the PE itself, which sees plain values.
+
+When provenance is off nothing here is created and the engine pays one
+``None`` check per batch. Each instance records its own part
+(:meth:`ActorRecorder.part`), which travels to the launcher with the
+instance's final statistics (:attr:`InstanceStats.provenance`); the launcher
+merges the parts with :func:`document`.
+
+A PE's output written in ``postprocess`` derives, by default, from every
+item that instance used. A stateful PE makes it exact with
+:meth:`PE.remember` (the current input contributes to state ``key``) and
+:meth:`PE.recall` (what is written next derives from state ``key``).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Hashable, Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC
+from typing import TYPE_CHECKING, Any
+
+from ._groupings import KeyRouter
+from ._results import ResultSink
+from .errors import Aiod4pError
+
+if TYPE_CHECKING:
+    from prov.model import ProvDocument
+
+    from ._engine import _Actor
+    from ._stats import InstanceStats
+
+__all__ = ["LEVELS", "ActorRecorder", "Tagged", "WorkerRecorder", "document", "write_document"]
+
+LEVELS = ("pe", "item")
+NAMESPACE = ("aiod4p", "urn:aiod4p:")
+_VALUE_CHARS = 200  # an entity keeps the repr of its value, cut to this length
+
+
+class Tagged:
+    """An item with its provenance id, as it travels between instances at level ``item``."""
+
+    __slots__ = ("id", "value")
+
+    def __init__(self, id: str, value: Any) -> None:
+        self.id = id
+        self.value = value
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (Tagged, (self.id, self.value))
+
+    def __repr__(self) -> str:
+        return f"Tagged({self.id!r}, {self.value!r})"
+
+
+class _KeyOfValue:
+    """A group-by router's key getter that sees through :class:`Tagged`."""
+
+    def __init__(self, get: Callable[[Any], Any]) -> None:
+        self.get = get
+
+    def __call__(self, item: Tagged) -> Any:
+        return self.get(item.value)
+
+
+def check_level(level: str | None) -> None:
+    """Raises ValueError unless ``level`` is ``None`` or one of :data:`LEVELS`."""
+    if level is not None and level not in LEVELS:
+        raise ValueError(f"provenance level must be one of {', '.join(LEVELS)}, not {level!r}")
+
+
+class WorkerRecorder:
+    """Creates the recorders of one worker's instances."""
+
+    def __init__(self, level: str, worker_id: int) -> None:
+        check_level(level)
+        self.level = level
+        self.worker_id = worker_id
+
+    def attach(self, actor: _Actor) -> ActorRecorder:
+        """Record ``actor`` (its routes must be wired): returns its recorder."""
+        return ActorRecorder(self, actor)
+
+    def sink(self, results: ResultSink) -> ResultSink:
+        """Where this worker's results go: at level ``item``, results lose their tags first."""
+        return _UntagSink(results) if self.level == "item" else results
+
+
+class _UntagSink:
+    def __init__(self, inner: ResultSink) -> None:
+        self.inner = inner
+
+    async def emit(self, pe: str, port: str, items: list[Any]) -> None:
+        await self.inner.emit(pe, port, [item.value if type(item) is Tagged else item for item in items])
+
+
+@dataclass
+class _Activity:
+    id: str
+    stage: str  # process, preprocess, postprocess, or instance (level pe)
+    port: str | None
+    started: float
+    ended: float = 0.0
+    used: tuple[str, ...] | None = ()  # None: everything this instance used
+
+
+@dataclass
+class _Part:
+    """What one instance recorded; travels pickled with its final statistics."""
+
+    pe: str
+    pe_class: str
+    instance: int
+    worker: int
+    level: str
+    annotations: dict[str, str] = field(default_factory=dict)
+    items_in: dict[str, int] = field(default_factory=dict)
+    items_out: dict[str, int] = field(default_factory=dict)
+    inputs_from: list[tuple[str, str, str]] = field(default_factory=list)  # (source pe, its port, my port)
+    activities: list[_Activity] = field(default_factory=list)
+    # (entity id, index of its activity, port, repr of value, derived from: None = the activity's used)
+    entities: list[tuple[str, int, str, str, tuple[str, ...] | None]] = field(default_factory=list)
+    sources: list[tuple[str, str]] = field(default_factory=list)  # feed elements: (entity id, repr)
+    result_ports: list[str] = field(default_factory=list)
+
+
+class ActorRecorder:
+    """Records one instance: called by the engine around each PE call, and by the PE itself."""
+
+    def __init__(self, worker: WorkerRecorder, actor: _Actor) -> None:
+        self.actor = actor
+        ref = actor.ref
+        self.item_level = worker.level == "item"
+        plan = actor.worker.plan
+        inputs_from = [
+            (source_pe, route.source_port, route.dest_port)
+            for source_pe, routes in plan.routes.items()
+            for route in routes
+            if route.dest == ref.pe
+        ]
+        self.record = _Part(ref.pe, type(actor.pe).__name__, ref.index, worker.worker_id, worker.level)
+        self.record.inputs_from = sorted(set(inputs_from))
+        self.record.result_ports = sorted(plan.result_ports.get(ref.pe, []))
+        self.prefix = f"{ref.pe}.{ref.index}"
+        self.count = 0
+        self.current: _Activity | None = None
+        self.current_index = -1
+        self.derived: tuple[str, ...] | None = None  # set by recall()
+        self.state: dict[Hashable, list[str]] = {}
+        original = actor._route_outputs
+        if self.item_level:
+            for routes in actor.routes.values():
+                for route in routes:
+                    if isinstance(route.router, KeyRouter):
+                        route.router.get = _KeyOfValue(route.router.get)
+
+            async def route_outputs(detach: bool = False) -> None:
+                self._tag_buffers()
+                await original(detach)
+        else:
+
+            async def route_outputs(detach: bool = False) -> None:
+                counts = self.record.items_out
+                for port, items in actor.buffers.items():
+                    if items:
+                        counts[port] = counts.get(port, 0) + len(items)
+                await original(detach)
+
+        actor._route_outputs = route_outputs  # type: ignore[method-assign]
+        if not self.item_level:
+            self._begin("instance", None, ())
+
+    # -- the engine's side ----------------------------------------------------
+    async def handle(self, port: str | None, items: list[Any]) -> None:
+        """Hand a batch to the PE as the engine would, recording each call."""
+        name = "feed" if port is None else port
+        counts = self.record.items_in
+        counts[name] = counts.get(name, 0) + len(items)
+        handle = self.actor._handle
+        if not self.item_level:
+            await handle(port, items)
+            return
+        for element in items:
+            if type(element) is Tagged:
+                used: tuple[str, ...] = (element.id,)
+                element = element.value
+            elif port is None and element is not None and element != {}:
+                source = f"{self.prefix}.feed{len(self.record.sources)}"
+                self.record.sources.append((source, repr(element)[:_VALUE_CHARS]))
+                used = (source,)
+            else:
+                used = ()
+            self._begin("process", name, used)
+            await handle(port, [element])
+            self._end()
+
+    def begin_stage(self, stage: str) -> None:
+        """``preprocess`` or ``postprocess`` starts (level ``item``)."""
+        if self.item_level:
+            self._begin(stage, None, None if stage == "postprocess" else ())
+
+    def end_stage(self) -> None:
+        if self.item_level:
+            self._end()
+
+    def part(self) -> _Part:
+        """This instance's record, once it has finished."""
+        if not self.item_level and self.current is not None:
+            self.current.ended = time.time()
+            self.current = None
+        return self.record
+
+    # -- the PE's side ------------------------------------------------------
+    def annotate(self, attributes: Mapping[str, Any]) -> None:
+        self.record.annotations.update({str(k): str(v) for k, v in attributes.items()})
+
+    def remember(self, key: Hashable) -> None:
+        if self.item_level and self.current is not None and self.current.used:
+            self.state.setdefault(key, []).extend(self.current.used)
+
+    def recall(self, key: Hashable) -> None:
+        if self.item_level:
+            self._tag_buffers()
+            self.derived = tuple(self.state.get(key, ()))
+
+    # -- recording ------------------------------------------------------------
+    def _begin(self, stage: str, port: str | None, used: tuple[str, ...] | None) -> None:
+        activity = _Activity(f"{self.prefix}.a{len(self.record.activities)}", stage, port, time.time(), 0.0, used)
+        self.record.activities.append(activity)
+        self.current = activity
+        self.current_index = len(self.record.activities) - 1
+        self.derived = None
+
+    def _end(self) -> None:
+        self._tag_buffers()
+        assert self.current is not None
+        entities = self.record.entities
+        if self.current.stage != "process" and not (entities and entities[-1][1] == self.current_index):
+            self.record.activities.pop()  # a preprocess or postprocess that wrote nothing: no activity
+        else:
+            self.current.ended = time.time()
+        self.current = None
+        self.derived = None
+
+    def _tag_buffers(self) -> None:
+        entities = self.record.entities
+        for port, buffer in self.actor.buffers.items():
+            start = len(buffer)
+            while start and type(buffer[start - 1]) is not Tagged:
+                start -= 1
+            for position in range(start, len(buffer)):
+                value = buffer[position]
+                entity = f"{self.prefix}.{self.count}"
+                self.count += 1
+                entities.append((entity, self.current_index, port, repr(value)[:_VALUE_CHARS], self.derived))
+                buffer[position] = Tagged(entity, value)
+                counts = self.record.items_out
+                counts[port] = counts.get(port, 0) + 1
+
+
+def parts(stats: Iterable[InstanceStats]) -> list[_Part]:
+    """The provenance parts carried by a run's final statistics.
+
+    Raises:
+        Aiod4pError: the run recorded no provenance.
+    """
+    found = [entry.provenance for entry in stats if isinstance(entry.provenance, _Part)]
+    if not found:
+        raise Aiod4pError("the run recorded no provenance (run it with provenance='pe' or 'item')")
+    return found
+
+
+def _prov() -> Any:
+    try:
+        import prov.model
+    except ImportError:
+        raise Aiod4pError("provenance files need the prov package: pip install 'aiod4p[provenance]'") from None
+    return prov.model
+
+
+def document(stats: Iterable[InstanceStats]) -> ProvDocument:
+    """Merge the instances' provenance parts into one W3C PROV document.
+
+    Agents: one ``prov:SoftwareAgent`` per PE (with its annotations) and one
+    per instance, acting on behalf of its PE. At level ``item``: one activity
+    per PE invocation, one entity per item (its value's repr as
+    ``prov:value``), ``used``, ``wasGeneratedBy`` and ``wasDerivedFrom``; the
+    items of unconnected ports are typed ``aiod4p:Result``. At level ``pe``:
+    one activity per instance that used and generated one entity per
+    connected stream, with per-port counts as attributes.
+
+    Raises:
+        Aiod4pError: no provenance was recorded, or ``prov`` is not installed.
+    """
+    model = _prov()
+    from prov.constants import PROV, PROV_TYPE, PROV_VALUE
+
+    found = parts(stats)
+    doc = model.ProvDocument()
+    namespace = doc.add_namespace(*NAMESPACE)
+    names: dict[str, Any] = {}
+
+    def q(local: str) -> Any:
+        """The qualified name of ``local``, made once: prov resolves strings slowly."""
+        name = names.get(local)
+        if name is None:
+            name = names[local] = namespace[local]
+        return name
+
+    software, stage_key, port_key = PROV["SoftwareAgent"], q("stage"), q("port")
+    pes_done: set[str] = set()
+    generated: set[str] = set()
+    for part in found:
+        if part.pe not in pes_done:
+            pes_done.add(part.pe)
+            doc.agent(q(part.pe), {PROV_TYPE: software, q("class"): part.pe_class})
+        agent = q(f"{part.pe}.{part.instance}")
+        attributes: dict[Any, Any] = {PROV_TYPE: software, q("worker"): part.worker, q("level"): part.level}
+        attributes.update({q(key): value for key, value in part.annotations.items()})
+        doc.agent(agent, attributes)
+        doc.actedOnBehalfOf(agent, q(part.pe))
+        for entity, value in part.sources:
+            doc.entity(q(entity), {PROV_VALUE: value, PROV_TYPE: q("Input")})
+        everything = [entity for activity in part.activities for entity in activity.used or ()]
+        for activity in part.activities:
+            attrs: dict[Any, Any] = {stage_key: activity.stage}
+            if activity.port is not None:
+                attrs[port_key] = activity.port
+            if part.level == "pe":
+                attrs.update({q(f"in_{port}"): count for port, count in part.items_in.items()})
+                attrs.update({q(f"out_{port}"): count for port, count in part.items_out.items()})
+            identifier = q(activity.id)
+            doc.activity(identifier, _time(activity.started), _time(activity.ended or activity.started), attrs)
+            doc.wasAssociatedWith(identifier, agent)
+            # postprocess (used is None) used whatever the instance used: its state may hold any of it
+            for entity in everything if activity.used is None else activity.used:
+                doc.used(identifier, q(entity))
+        if part.level == "pe":
+            identifier = q(part.activities[0].id)
+            for source_pe, source_port, _ in part.inputs_from:
+                stream = f"{source_pe}.{source_port}.stream"
+                if stream not in generated:
+                    generated.add(stream)
+                    doc.entity(q(stream), {PROV_TYPE: q("Stream")})
+                doc.used(identifier, q(stream))
+            for port in part.items_out:
+                stream = f"{part.pe}.{port}.stream"
+                if stream not in generated:
+                    generated.add(stream)
+                    doc.entity(q(stream), {PROV_TYPE: q("Stream")})
+                doc.wasGeneratedBy(q(stream), identifier)
+    for part in found:
+        for entity, index, port, value, derived in part.entities:
+            activity = part.activities[index]
+            kind = q("Result") if port in part.result_ports else q("Item")
+            identifier = q(entity)
+            doc.entity(identifier, {PROV_VALUE: value, PROV_TYPE: kind, port_key: port})
+            doc.wasGeneratedBy(identifier, q(activity.id))
+            # a postprocess output without recall() derives from its activity's used (not repeated per output)
+            for origin in derived if derived is not None else activity.used or ():
+                doc.wasDerivedFrom(identifier, q(origin))
+    result: ProvDocument = doc
+    return result
+
+
+def _time(seconds: float) -> Any:
+    from datetime import datetime
+
+    return datetime.fromtimestamp(seconds, UTC)
+
+
+FORMATS = {".json": "json", ".provn": "provn", ".xml": "xml"}
+
+
+def write_document(doc: ProvDocument, path: str) -> str:
+    """Write ``doc`` as PROV-JSON, or PROV-N (``.provn``) or PROV-XML (``.xml``) by extension.
+
+    Raises:
+        Aiod4pError: the file cannot be written.
+    """
+    import os
+
+    fmt = FORMATS.get(os.path.splitext(path)[1].lower(), "json")
+    try:
+        with open(path, "w", encoding="utf-8") as out:
+            if fmt == "provn":
+                out.write(doc.get_provn())
+            else:
+                doc.serialize(out, format=fmt)
+    except OSError as exc:
+        raise Aiod4pError(f"cannot write provenance to {path}: {exc.strerror or exc}") from exc
+    return path
+
+
+@dataclass
+class Lineage:
+    """What a PROV document says about where items came from (read back with ``prov``).
+
+    Attributes:
+        values: ``prov:value`` of each entity.
+        kinds: ``prov:type`` of each entity (``aiod4p:Result``, ``aiod4p:Item``, ...).
+        parents: the entities each entity derives from (its derivations, else
+            what its generating activity used).
+        made_by: the PE instance (agent) whose activity generated each entity.
+    """
+
+    values: dict[str, str] = field(default_factory=dict)
+    kinds: dict[str, str] = field(default_factory=dict)
+    parents: dict[str, list[str]] = field(default_factory=dict)
+    made_by: dict[str, str] = field(default_factory=dict)
+
+    def results(self) -> list[str]:
+        return [entity for entity, kind in self.kinds.items() if kind.endswith("Result")]
+
+    def find(self, wanted: str) -> list[str]:
+        """The results ``wanted`` names: an entity id, else the exact repr of a result's value, else a part of it.
+
+        Raises:
+            Aiod4pError: nothing matches.
+        """
+        for candidate in (wanted, f"{NAMESPACE[0]}:{wanted}"):
+            if candidate in self.values or candidate in self.parents:
+                return [candidate]
+        results = self.results()
+        exact = [entity for entity in results if self.values.get(entity) == wanted]
+        if exact:
+            return exact
+        partial = [entity for entity in results if wanted in self.values.get(entity, "")]
+        if partial:
+            return partial
+        raise Aiod4pError(
+            f"no entity or result matches {wanted!r} ({len(results)} results recorded; "
+            "item-level provenance is needed to trace single results)"
+        )
+
+    def trace(self, entity: str) -> list[str]:
+        """Every entity ``entity`` derives from, transitively, itself first (breadth first)."""
+        seen, order = {entity}, [entity]
+        for current in order:
+            for parent in self.parents.get(current, ()):
+                if parent not in seen:
+                    seen.add(parent)
+                    order.append(parent)
+        return order
+
+    def sources(self, entity: str) -> list[str]:
+        """The entities at the start of ``entity``'s lineage: those that derive from nothing."""
+        return [e for e in self.trace(entity) if not self.parents.get(e)]
+
+    def to_dot(self, entities: Iterable[str]) -> str:
+        """Graphviz dot text of the lineage of ``entities``: arrows point from an item to what it derives from."""
+        nodes: list[str] = []
+        for entity in entities:
+            nodes.extend(self.trace(entity))
+        keep = dict.fromkeys(nodes)
+        lines = ["digraph lineage {", "  rankdir=BT;", '  node [shape=box, fontname="Helvetica", fontsize=10];']
+        for node in keep:
+            label = f"{self.values.get(node, '')}\\n{node} ({self.made_by.get(node, 'input')})"
+            colour = "gold" if not self.parents.get(node) else "white"
+            lines.append(f'  "{_esc(node)}" [label="{_esc_label(label)}", style=filled, fillcolor={colour}];')
+        for node in keep:
+            for parent in self.parents.get(node, ()):
+                lines.append(f'  "{_esc(node)}" -> "{_esc(parent)}";')
+        lines.append("}")
+        return "\n".join(lines) + "\n"
+
+
+def _esc(text: str) -> str:
+    return text.replace("\\", "\\\\").replace('"', '\\"')
+
+
+def _esc_label(text: str) -> str:
+    return text.replace('"', '\\"')
+
+
+def read_lineage(path: str) -> Lineage:
+    """Read a PROV-JSON (or ``.xml``) file written by aiod4p with the ``prov`` package.
+
+    Raises:
+        Aiod4pError: the file is missing or is not a PROV document.
+    """
+    import os
+
+    model = _prov()
+    fmt = FORMATS.get(os.path.splitext(path)[1].lower(), "json")
+    if fmt == "provn":
+        raise Aiod4pError(f"{path}: prov reads PROV-JSON and PROV-XML back, not PROV-N; record a .json file")
+    try:
+        doc = model.ProvDocument.deserialize(source=path, format=fmt)
+    except OSError as exc:
+        raise Aiod4pError(f"cannot read provenance file {path}: {exc.strerror or exc}") from exc
+    except Exception as exc:
+        raise Aiod4pError(f"{path} is not a PROV document: {type(exc).__name__}: {exc}") from exc
+    lineage = Lineage()
+    derived: dict[str, list[str]] = {}
+    generated_by: dict[str, str] = {}
+    used: dict[str, list[str]] = {}
+    associated: dict[str, str] = {}
+    for record in doc.get_records():
+        args = [str(a) if a is not None else None for a in record.args]
+        if isinstance(record, model.ProvEntity):
+            identifier = str(record.identifier)
+            lineage.values[identifier] = next((str(v) for v in record.get_attribute("prov:value")), "")
+            lineage.kinds[identifier] = next((str(v) for v in record.get_asserted_types()), "")
+        elif isinstance(record, model.ProvDerivation):
+            derived.setdefault(args[0] or "", []).append(args[1] or "")
+        elif isinstance(record, model.ProvGeneration):
+            generated_by[args[0] or ""] = args[1] or ""
+        elif isinstance(record, model.ProvUsage):
+            used.setdefault(args[0] or "", []).append(args[1] or "")
+        elif isinstance(record, model.ProvAssociation):
+            associated[args[0] or ""] = args[1] or ""
+    for entity in lineage.values:
+        activity = generated_by.get(entity)
+        parents = derived.get(entity)
+        if parents is None:
+            parents = used.get(activity, []) if activity is not None else []
+        lineage.parents[entity] = parents
+        if activity is not None:
+            lineage.made_by[entity] = associated.get(activity, "?")
+    return lineage

@@ -1,0 +1,226 @@
+"""Provenance: W3C PROV records of what each PE invocation used and generated, on every mapping."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import aiod4p
+from aiod4p import GenericPE, IterativePE, PlanOptions, ProducerPE, Results, WorkflowGraph, group_by
+from aiod4p._provenance import Tagged
+
+prov_model = pytest.importorskip(
+    "prov.model", reason="provenance needs the prov package: pip install 'aiod4p[provenance]'"
+)
+
+BIN = Path(sys.executable).parent
+LINES = [
+    "the quick brown fox",
+    "a lazy dog sleeps",
+    "the dog barks at the fox",
+    "fox runs home",
+    "over the hill and far away",
+    "nothing here",
+]
+
+
+class ReadLines(ProducerPE):
+    def produce(self) -> Any:
+        self.annotate(source="LINES", version="1.0")
+        yield from LINES
+
+
+class SplitWords(IterativePE):
+    def process_item(self, line: str) -> None:
+        assert type(line) is not Tagged  # a PE sees plain values
+        for word in line.split():
+            self.write("output", (word, 1))
+
+
+class CountWords(GenericPE):
+    """Counts per word and emits at the end; remember/recall make each count's lineage exact."""
+
+    def __init__(self, exact: bool = True) -> None:
+        super().__init__(inputs=[("input", group_by(0))], outputs=["output"], parallelism=3)
+        self.counts: Counter[str] = Counter()
+        self.exact = exact
+
+    def process(self, inputs: dict[str, Any]) -> None:
+        word, count = inputs["input"]
+        self.counts[word] += count
+        if self.exact:
+            self.remember(word)
+
+    def postprocess(self) -> None:
+        for word, count in sorted(self.counts.items()):
+            if self.exact:
+                self.recall(word)
+            self.write("output", (word, count))
+
+
+def word_count(exact: bool = True) -> WorkflowGraph:
+    graph = WorkflowGraph()
+    lines, words, counts = ReadLines(), SplitWords(), CountWords(exact)
+    graph.connect(lines, "output", words, "input")
+    graph.connect(words, "output", counts, "input")
+    return graph
+
+
+def run_recorded(
+    graph: WorkflowGraph, inputs: Any, mapping: str, workers: int | None, level: str | None
+) -> tuple[Results, list[aiod4p.InstanceStats]]:
+    async def go() -> tuple[Results, list[aiod4p.InstanceStats]]:
+        async with aiod4p.start(graph, inputs, mapping=mapping, workers=workers, provenance=level) as run:
+            results = await run.results()
+        return results, run.stats
+
+    return asyncio.run(go())
+
+
+def record(tmp_path: Path, mapping: str, workers: int | None, level: str = "item", exact: bool = True) -> Path:
+    results, stats = run_recorded(word_count(exact), 1, mapping, workers, level)
+    assert sorted(results.data()) == sorted(Counter(w for line in LINES for w in line.split()).items())
+    path = tmp_path / "wc.json"
+    aiod4p.write_document(aiod4p.provenance_document(stats), str(path))
+    return path
+
+
+@pytest.mark.parametrize(("mapping", "workers"), [("simple", None), ("multi", 3), ("mpi", 3)])
+def test_a_word_count_traces_back_to_exactly_the_lines_with_the_word(
+    tmp_path: Path, mapping: str, workers: int | None
+) -> None:
+    path = record(tmp_path, mapping, workers)
+    prov_model.ProvDocument.deserialize(source=str(path), format="json")  # valid PROV-JSON, read back by prov
+    lineage = aiod4p.read_lineage(str(path))
+    results = lineage.results()
+    assert len(results) == len({w for line in LINES for w in line.split()})
+    for entity in results:
+        word = eval(lineage.values[entity])[0]  # the repr of (word, count)
+        sources = sorted(lineage.values[s] for s in lineage.sources(entity))
+        assert sources == sorted(repr(line) for line in LINES if word in line.split()), word
+
+
+def test_prov_json_holds_agents_activities_and_relations(tmp_path: Path) -> None:
+    path = record(tmp_path, "async", 2)
+    document = json.loads(path.read_text())
+    for key in ("agent", "activity", "entity", "used", "wasGeneratedBy", "wasDerivedFrom", "wasAssociatedWith"):
+        assert document.get(key), key
+    assert "actedOnBehalfOf" in document
+    agents = document["agent"]
+    reader = next(v for k, v in agents.items() if k.startswith("aiod4p:ReadLines") and "." in k)
+    assert plain(reader["aiod4p:source"]) == "LINES"
+    assert plain(reader["aiod4p:version"]) == "1.0"
+    counters = sorted(k.rsplit(".", 1)[1] for k in agents if k.startswith("aiod4p:CountWords") and "." in k)
+    assert counters == ["0", "1", "2"]  # an agent per instance, each acting for the PE's agent
+
+
+def test_postprocess_outputs_derive_from_everything_the_instance_used_without_recall(tmp_path: Path) -> None:
+    path = record(tmp_path, "simple", None, exact=False)
+    lineage = aiod4p.read_lineage(str(path))
+    for entity in lineage.results():
+        assert len(lineage.sources(entity)) == len(LINES)  # the one instance saw a word of every line
+
+
+def plain(value: Any) -> Any:
+    """A PROV-JSON value: plain, or typed as ``{"$": 6, "type": "xsd:int"}``."""
+    return value["$"] if isinstance(value, dict) else value
+
+
+def number(value: Any) -> int:
+    return int(plain(value))
+
+
+def test_level_pe_records_counts_per_port_and_no_items(tmp_path: Path) -> None:
+    path = record(tmp_path, "multi", 2, level="pe")
+    document = json.loads(path.read_text())
+    activities = document["activity"]
+    split = [v for k, v in activities.items() if k.startswith("aiod4p:SplitWords")]
+    assert sum(number(a["aiod4p:in_input"]) for a in split) == len(LINES)
+    assert sum(number(a["aiod4p:out_output"]) for a in split) == sum(len(line.split()) for line in LINES)
+    entities = document["entity"]
+    assert all(plain(v["prov:type"]) == "aiod4p:Stream" for v in entities.values())
+    with pytest.raises(aiod4p.Aiod4pError, match="item-level"):
+        aiod4p.read_lineage(str(path)).find("('the', 4)")
+
+
+def test_prov_n_and_prov_xml_by_extension(tmp_path: Path) -> None:
+    _, stats = run_recorded(word_count(), 1, "simple", None, "item")
+    doc = aiod4p.provenance_document(stats)
+    provn = aiod4p.write_document(doc, str(tmp_path / "wc.provn"))
+    assert Path(provn).read_text().startswith("document")
+    xml = aiod4p.write_document(doc, str(tmp_path / "wc.xml"))
+    assert aiod4p.read_lineage(xml).results()
+
+
+def test_off_records_nothing() -> None:
+    results, stats = run_recorded(word_count(), 1, "async", 2, None)
+    assert all(entry.provenance is None for entry in stats)
+    assert all(type(item) is not Tagged for item in results.data())
+    with pytest.raises(aiod4p.Aiod4pError, match="no provenance"):
+        aiod4p.provenance_document(stats)
+
+
+def test_a_bad_level_is_rejected() -> None:
+    with pytest.raises(ValueError, match="provenance level must be one of pe, item, not 'all'"):
+        PlanOptions(provenance="all")
+
+
+def test_storm_refuses_provenance_rather_than_emit_tagged_items() -> None:
+    pytest.importorskip("streamparse", reason="the storm extra is not installed")
+    with pytest.raises(aiod4p.Aiod4pError, match="not recorded on the storm mapping"):
+        aiod4p.start(word_count(), 1, mapping="storm", provenance="item")
+
+
+def test_statistics_json_leaves_provenance_out() -> None:
+    _, stats = run_recorded(word_count(), 1, "simple", None, "item")
+    assert "provenance" not in stats[0].to_dict()
+    json.dumps([entry.to_dict() for entry in stats])
+
+
+# -- the command line ------------------------------------------------------------------------
+
+
+def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(BIN / "aiod4p"), *args], capture_output=True, text=True, timeout=60, cwd=cwd)
+
+
+def test_cli_records_traces_and_draws(tmp_path: Path) -> None:
+    workflow = Path(__file__).resolve()
+    path = tmp_path / "wc.json"
+    done = cli("run", f"{workflow}:word_count_graph", "-i", "1", "-m", "multi", "-n", "2", "-q",
+               "--provenance", str(path), cwd=tmp_path)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    listing = cli("provenance", str(path), cwd=tmp_path)
+    assert listing.returncode == 0, listing.stderr
+    assert "results" in listing.stdout and "('fox', 3)" in listing.stdout
+    traced = cli("provenance", str(path), "--trace", "('fox', 3)", "--draw", str(tmp_path / "fox.dot"), cwd=tmp_path)
+    assert traced.returncode == 0, traced.stderr
+    assert "3 sources" in traced.stdout
+    for line in ("the quick brown fox", "the dog barks at the fox", "fox runs home"):
+        assert repr(line) in traced.stdout
+    assert "lazy" not in traced.stdout
+    dot = (tmp_path / "fox.dot").read_text()
+    assert dot.startswith("digraph lineage") and "fox runs home" in dot
+
+
+def test_cli_provenance_errors_name_the_problem(tmp_path: Path) -> None:
+    missing = cli("provenance", str(tmp_path / "nope.json"), cwd=tmp_path)
+    assert missing.returncode == 1 and "cannot read provenance file" in missing.stderr
+    (tmp_path / "bad.json").write_text("{}")  # valid PROV, no results
+    bad = cli("provenance", str(tmp_path / "bad.json"), "--trace", "x", cwd=tmp_path)
+    assert bad.returncode == 1 and "no entity or result matches 'x'" in bad.stderr
+    (tmp_path / "junk.json").write_text("not json")
+    junk = cli("provenance", str(tmp_path / "junk.json"), cwd=tmp_path)
+    assert junk.returncode == 1 and "is not a PROV document" in junk.stderr
+    level = cli("run", "x.py", "--provenance", "p.json", "--provenance-level", "all", cwd=tmp_path)
+    assert level.returncode == 2 and "invalid choice: 'all'" in level.stderr
+
+
+word_count_graph = word_count()

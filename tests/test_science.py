@@ -1,0 +1,162 @@
+"""The scientific examples (examples/science/) at a small size on every mapping, and `aiod4p stats plot`.
+
+The three domains share one graph, so each mapping is launched once.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections import defaultdict
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+
+import aiod4p
+from aiod4p import PEError, WorkflowGraph
+from aiod4p._loading import load_module
+
+for _module in ("numpy", "scipy", "astropy", "vaderSentiment", "afinn"):
+    pytest.importorskip(_module, reason="the science examples need aiod4p[science]")
+
+SCIENCE = Path(__file__).resolve().parent.parent / "examples" / "science"
+BIN = Path(sys.executable).parent
+SMALL = {
+    "Synthesise": [{"stations": 5, "seconds": 300}],
+    "ReadCatalogue": [{"galaxies": 40}],
+    "Articles": [{"articles": 150}],
+}
+
+
+def example(name: str) -> ModuleType:
+    return load_module(str(SCIENCE / f"{name}.py"))
+
+
+seismic, astro, sentiment = example("seismic"), example("astro"), example("sentiment")
+
+
+def three_domains() -> WorkflowGraph:
+    graph = WorkflowGraph()
+    for module in (seismic, astro, sentiment):
+        module.build(graph)
+    return graph
+
+
+def by_pe(results: aiod4p.Results) -> dict[str, list[Any]]:
+    """Results per PE class name (ids carry counters), sorted: mappings deliver in different orders."""
+    grouped: dict[str, list[Any]] = defaultdict(list)
+    for record in results:
+        grouped[record.pe.rstrip("0123456789")].append(record.data)
+    return {pe: sorted(items, key=repr) for pe, items in grouped.items()}
+
+
+@pytest.fixture(scope="module")
+def reference() -> dict[str, list[Any]]:
+    return by_pe(aiod4p.run(three_domains(), SMALL, mapping="simple"))
+
+
+def test_seismic_recovers_the_hidden_travel_time_differences(reference: dict[str, list[Any]]) -> None:
+    truth = seismic.true_lags(5)
+    found = {(i, j): lag for i, j, lag, _ in reference["CrossCorrelate"]}
+    assert found.keys() == truth.keys()  # every pair
+    step = seismic.DECIMATE / seismic.RATE
+    for pair, lag in found.items():
+        assert abs(lag - truth[pair]) <= step / 2, pair
+    assert len({round(lag, 3) for lag in truth.values()}) > 3  # the delays differ: a real test
+
+
+def test_astrophysics_gives_extinction_statistics_per_type(reference: dict[str, list[Any]]) -> None:
+    names = [astro.galaxy_name(i) for i in range(40)]
+    values: dict[int, list[float]] = defaultdict(list)
+    for name in names:
+        t, logr25 = astro.service_record(name)
+        values[t].append(astro.internal_extinction(t, logr25))
+    expected = sorted((astro.summarise(t, v) for t, v in values.items()), key=repr)
+    assert reference["StatsPerType"] == expected
+    assert any(mean > 0 for _, _, mean, _ in expected)
+
+
+def test_sentiment_joins_both_scores_and_ranks_states(reference: dict[str, list[Any]]) -> None:
+    from afinn import Afinn
+    from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+
+    afinn, vader, words = Afinn(), SentimentIntensityAnalyzer(), sentiment.lexicon_words()
+    scores: dict[str, tuple[list[float], list[float]]] = defaultdict(lambda: ([], []))
+    for number in range(150):
+        article = sentiment.article(number, sentiment.DEFAULTS["seed"], words)
+        _, state, text, tokens = sentiment.tokenise(article)
+        scores[state][0].append(sentiment.score_afinn(afinn, tokens))
+        scores[state][1].append(sentiment.score_vader(vader, text))
+    summaries = [sentiment.state_summary(state, *lists) for state, lists in scores.items()]
+    assert reference["PerState"] == sorted(summaries, key=repr)
+    assert reference["TopBottom"] == sorted(sentiment.ranking(summaries), key=repr)
+    top, bottom = dict(sentiment.ranking(summaries))["top"], dict(sentiment.ranking(summaries))["bottom"]
+    seed = sentiment.DEFAULTS["seed"]
+    assert sentiment.positivity(top[0], seed) > sentiment.positivity(bottom[0], seed)
+
+
+@pytest.mark.timeout(240)  # four worker processes import the scientific stack, on a busy machine
+@pytest.mark.parametrize(("mapping", "workers"), [("async", 4), ("multi", 4), ("mpi", 4)])
+def test_every_mapping_gives_the_same_results(reference: dict[str, list[Any]], mapping: str, workers: int) -> None:
+    assert by_pe(aiod4p.run(three_domains(), SMALL, mapping=mapping, workers=workers)) == reference
+
+
+def test_a_bad_size_names_the_pe() -> None:
+    with pytest.raises(PEError, match="Synthesise") as caught:
+        aiod4p.run(seismic.build(), {"Synthesise": [{"stations": "many"}]}, mapping="simple")
+    assert "invalid literal for int()" in str(caught.value)
+
+
+def test_the_service_rejects_a_query_without_a_name() -> None:
+    import asyncio
+
+    with pytest.raises(OSError, match="400"):
+        asyncio.run(asyncio.wait_for(astro.query_async(astro.service_url(), ""), 30))
+
+
+def test_blocking_and_async_queries_agree() -> None:
+    import asyncio
+
+    url = astro.service_url()
+    name = astro.galaxy_name(7)
+    assert astro.query_blocking(url, name) == asyncio.run(asyncio.wait_for(astro.query_async(url, name), 30))
+    assert astro.query_blocking(url, name)[1:] == astro.service_record(name)
+
+
+# -- one command, and the statistics plot -----------------------------------------------------
+
+
+def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(BIN / "aiod4p"), *args], capture_output=True, text=True, timeout=120, cwd=cwd)
+
+
+@pytest.mark.timeout(180)
+def test_one_command_runs_an_example_and_its_statistics_plot(tmp_path: Path) -> None:
+    stats = tmp_path / "stats.json"
+    size = json.dumps({"Articles": [{"articles": 60}]})
+    done = cli("run", str(SCIENCE / "sentiment.py"), "-d", size, "-m", "async", "-n", "2", "-q",
+               "--results", str(tmp_path / "out.jsonl"), "--stats-json", str(stats), cwd=tmp_path)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    records = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert {tuple(r["data"][:1]) for r in records} >= {("top",), ("bottom",), ("state",)}
+    document = json.loads(stats.read_text())
+    assert document["samples"] and set(document["samples"][-1]["pes"]) == set(document["pes"])
+    last = document["samples"][-1]["pes"]
+    assert all(last[pe][0] == summary["items_in"] for pe, summary in document["pes"].items())  # final figures
+    plotted = cli("stats", "plot", str(stats), "-o", str(tmp_path / "stats.png"), cwd=tmp_path)
+    assert plotted.returncode == 0, plotted.stderr
+    assert (tmp_path / "stats.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_stats_plot_errors_name_the_file(tmp_path: Path) -> None:
+    missing = cli("stats", "plot", str(tmp_path / "none.json"), "-o", str(tmp_path / "x.png"), cwd=tmp_path)
+    assert missing.returncode == 1 and "cannot read statistics file" in missing.stderr
+    (tmp_path / "other.json").write_text('{"entity": {}}')
+    other = cli("stats", "plot", str(tmp_path / "other.json"), "-o", str(tmp_path / "x.png"), cwd=tmp_path)
+    assert other.returncode == 1 and "is not a statistics file" in other.stderr
+    (tmp_path / "junk.json").write_text("{")
+    junk = cli("stats", "plot", str(tmp_path / "junk.json"), "-o", str(tmp_path / "x.png"), cwd=tmp_path)
+    assert junk.returncode == 1 and "is not JSON" in junk.stderr
