@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from ._install import install_hint
 from .errors import Aiod4pError
 
 __all__ = ["plot_stats", "pyplot"]
@@ -20,7 +21,7 @@ def pyplot() -> Any:
     try:
         import matplotlib
     except ImportError:
-        raise Aiod4pError("plots need matplotlib: pip install 'aiod4p[plot]'") from None
+        raise Aiod4pError(f"plots need matplotlib: {install_hint('plot')}") from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

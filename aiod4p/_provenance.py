@@ -32,6 +32,7 @@ from datetime import UTC
 from typing import TYPE_CHECKING, Any
 
 from ._groupings import KeyRouter
+from ._install import install_hint
 from ._results import ResultSink
 from .errors import Aiod4pError
 
@@ -285,7 +286,7 @@ def _prov() -> Any:
     try:
         import prov.model
     except ImportError:
-        raise Aiod4pError("provenance files need the prov package: pip install 'aiod4p[provenance]'") from None
+        raise Aiod4pError(f"provenance files need the prov package: {install_hint('provenance')}") from None
     return prov.model
 
 
