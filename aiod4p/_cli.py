@@ -55,6 +55,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--batch-size", type=int, default=256, help="items per batch (default 256)")
     run.add_argument("--credits", type=int, default=4, help="batches in flight per channel (default 4)")
     run.add_argument("--nimbus", default=None, metavar="HOST:PORT", help="Storm's Nimbus (--mapping storm)")
+    run.add_argument("--address", default=None, metavar="ADDR", help="the Ray cluster to join (--mapping ray)")
     run.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks of errors")
     seeing = run.add_argument_group("progress, statistics and logging")
     seeing.add_argument("--stats", action="store_true", help="print a table of per-PE statistics at the end (stderr)")
@@ -104,7 +105,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _run(args: argparse.Namespace) -> int:
     if args.num is not None and args.num < 1:
         raise ValueError(f"-n must be at least 1, not {args.num}")
-    mapping = get_mapping(args.mapping, **mapping_options(args))
+    options = mapping_options(args)
+    if args.address is not None:
+        if args.mapping != "ray":
+            raise ValueError("--address applies to --mapping ray only")
+        options["address"] = args.address
+    mapping = get_mapping(args.mapping, **options)
     if getattr(mapping, "follower", False):  # an MPI rank other than 0 (under mpiexec): rank 0 reports
         args.results, args.quiet, args.stats, args.stats_json = os.devnull, True, False, None
     compat.install()  # dispel4py workflows run unchanged

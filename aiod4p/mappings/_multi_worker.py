@@ -26,9 +26,10 @@ from .._engine import Feed, Worker
 from .._loading import import_file
 from .._plan import ExecutionPlan
 from ..errors import Aiod4pError, EndOfChannel, PeerDied, TransportError
+from ..transports import Comm
 from ..transports.pipes import PipeComm, UnpicklableMessage, open_pipe_comm
 
-__all__ = ["PUMPED", "worker_main"]
+__all__ = ["PUMPED", "serve", "worker_main"]
 
 logger = logging.getLogger("aiod4p.multi")
 
@@ -60,11 +61,34 @@ async def _serve(
 ) -> None:
     control = await open_pipe_comm(control_sock)
     peers: dict[int, PipeComm] = {}
-    tasks: list[asyncio.Task[Any]] = []
-    listener: asyncio.Task[None] | None = None
     try:
         for peer, sock in peer_socks.items():
             peers[peer] = await open_pipe_comm(sock)
+        await serve(wid, plan_data, feeds_data, preload, control, peers, max_delay, interval)
+    finally:
+        for comm in peers.values():
+            comm.abort()
+        for sock in peer_socks.values():
+            sock.close()
+
+
+async def serve(
+    wid: int,
+    plan_data: ExecutionPlan | bytes,
+    feeds_data: Mapping[str, Feed] | bytes,
+    preload: list[tuple[str, str]],
+    control: Comm,
+    peers: Mapping[int, Comm],
+    max_delay: float,
+    interval: float,
+) -> None:
+    """Run worker ``wid``'s share of the plan, obeying and reporting to ``control``, joined to ``peers``.
+
+    Returns once the parent closed ``control`` (after this worker's "done" or "error").
+    """
+    tasks: list[asyncio.Task[Any]] = []
+    listener: asyncio.Task[None] | None = None
+    try:
         _preload(preload)
         plan = plan_data if isinstance(plan_data, ExecutionPlan) else pickle.loads(plan_data)
         shipped = feeds_data if not isinstance(feeds_data, bytes) else pickle.loads(feeds_data)
@@ -93,8 +117,6 @@ async def _serve(
         await asyncio.gather(*tasks, return_exceptions=True)
         for comm in peers.values():
             comm.abort()
-        for sock in peer_socks.values():
-            sock.close()
         # Leave only once the parent closes its end: a parent writing (a drain, say)
         # to a closed socket would lose what this worker sent and it has not read yet.
         if listener is not None:
@@ -118,7 +140,7 @@ def _preload(modules: list[tuple[str, str]]) -> None:
             raise Aiod4pError(f"{exc} in a worker process") from exc
 
 
-async def _report_error(control: PipeComm, wid: int, exc: BaseException) -> None:
+async def _report_error(control: Comm, wid: int, exc: BaseException) -> None:
     if not isinstance(exc, Aiod4pError):
         logger.error("worker %d failed", wid, exc_info=exc)
         exc = Aiod4pError(f"worker {wid} failed: {type(exc).__name__}: {exc}")
@@ -160,7 +182,7 @@ def _unpicklable_item(plan: ExecutionPlan, wid: int, error: UnpicklableMessage) 
 class _ControlSink:
     """Results travel to the parent on the control comm."""
 
-    def __init__(self, control: PipeComm) -> None:
+    def __init__(self, control: Comm) -> None:
         self._control = control
 
     async def emit(self, pe: str, port: str, items: list[Any]) -> None:
@@ -185,7 +207,7 @@ def _picklable(item: Any) -> bool:
 class _PumpedFeed:
     """A root's input arriving from the parent in chunks; takes one chunk at a time."""
 
-    def __init__(self, pe: str, control: PipeComm) -> None:
+    def __init__(self, pe: str, control: Comm) -> None:
         self._pe = pe
         self._control = control
         self._chunks: deque[list[Any]] = deque()
@@ -213,7 +235,7 @@ class _PumpedFeed:
                 yield element
 
 
-async def _listen(control: PipeComm, worker: Worker, pumped: dict[str, _PumpedFeed]) -> None:
+async def _listen(control: Comm, worker: Worker, pumped: dict[str, _PumpedFeed]) -> None:
     """Obey the parent until it closes the control comm (its goodbye, after "done" or "error").
 
     Raises:
@@ -237,7 +259,7 @@ async def _listen(control: PipeComm, worker: Worker, pumped: dict[str, _PumpedFe
             raise PeerDied(f"unexpected control message {kind!r} from the parent")
 
 
-async def _report(control: PipeComm, worker: Worker, interval: float) -> None:
+async def _report(control: Comm, worker: Worker, interval: float) -> None:
     """Send the live statistics to the parent every ``interval`` seconds."""
     while True:
         await asyncio.sleep(interval)

@@ -27,7 +27,7 @@ import signal
 import socket
 import sys
 import threading
-from collections.abc import AsyncIterable, Iterable, Mapping
+from collections.abc import AsyncIterable, Callable, Iterable, Mapping
 from multiprocessing.process import BaseProcess
 from typing import Any
 
@@ -36,7 +36,8 @@ from .._plan import ExecutionPlan, InstanceRef, PlanOptions
 from .._results import ResultSink
 from .._stats import InstanceStats
 from ..errors import EndOfChannel, GraphError, InputError, PeerDied, TransportError, WorkerDied
-from ..transports.pipes import PipeComm, UnpicklableMessage, open_pipe_comm
+from ..transports import Comm
+from ..transports.pipes import UnpicklableMessage, open_pipe_comm
 from ._base import BaseMapping, RunControl
 from ._multi_worker import PUMPED, worker_main
 
@@ -138,7 +139,7 @@ class _MultiRun:
         self.max_delay = max_delay
         self.method = resolve_start_method(mapping.start_method)
         self.processes: list[BaseProcess] = []
-        self.comms: list[PipeComm] = []
+        self.comms: list[Comm] = []
         self.final: dict[int, list[InstanceStats]] = {}
         self.credits: dict[tuple[str, int], asyncio.Semaphore] = {}
         self.draining = False
@@ -165,8 +166,12 @@ class _MultiRun:
                     pumped.append((pe_id, host, feed))
         if self.method == "fork":
             return [(plan, feeds) for feeds in per_worker], pumped
-        plan_data = _pickle_plan(plan, self.method)
+        plan_data = self._pickle_plan()
         return [(plan_data, self._pickle_feeds(feeds)) for feeds in per_worker], pumped
+
+    def _pickle_plan(self) -> bytes:
+        """The plan as a worker that does not inherit this process's memory receives it."""
+        return _pickle_plan(self.plan, self.method)
 
     def _pickle_feeds(self, feeds: dict[str, Feed]) -> bytes:
         """Pickle a worker's feeds, naming the PE whose input cannot be pickled.
@@ -432,7 +437,7 @@ class _MultiRun:
             task.add_done_callback(self._posts.discard)
 
     @staticmethod
-    async def _post(comm: PipeComm, message: tuple[Any, ...]) -> None:
+    async def _post(comm: Comm, message: tuple[Any, ...]) -> None:
         with contextlib.suppress(TransportError):
             await comm.send(message)
 
@@ -514,11 +519,11 @@ def _pickle_plan(plan: ExecutionPlan, method: str) -> bytes:
         ) from pe_exc
 
 
-def _unpicklable(values: Mapping[str, Any]) -> tuple[str, Exception] | None:
-    """The first ``(key, error)`` whose value cannot be pickled, if any."""
+def _unpicklable(values: Mapping[str, Any], dumps: Callable[..., bytes] = pickle.dumps) -> tuple[str, Exception] | None:
+    """The first ``(key, error)`` whose value ``dumps`` cannot pickle, if any."""
     for key, value in values.items():
         try:
-            pickle.dumps(value, protocol=5)
+            dumps(value, protocol=5)
         except Exception as exc:
             return key, exc
     return None

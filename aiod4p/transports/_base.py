@@ -40,6 +40,11 @@ class Comm(ABC):
         """Close this end: the peer sees :class:`EndOfChannel` after the
         messages already sent. Idempotent; always releases resources."""
 
+    @abstractmethod
+    def abort(self) -> None:
+        """Drop this end at once without a goodbye, as a crashed peer would:
+        the peer sees :class:`PeerDied`. Idempotent."""
+
     async def __aenter__(self) -> Comm:
         return self
 
