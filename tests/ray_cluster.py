@@ -23,7 +23,7 @@ from pathlib import Path
 
 RAY = Path(sys.executable).parent / "ray"
 NODE_CPUS = 1
-ATTEMPTS = 3
+ATTEMPTS = 5
 START_NICENESS = -10
 # A test cluster on loopback only: no token to manage.
 ENVIRONMENT = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}

@@ -108,9 +108,8 @@ def test_more_than_the_cluster_has_fails_clearly(ray_cluster: RayCluster) -> Non
 
 
 def test_an_unpicklable_pe_is_named(ray_cluster: RayCluster) -> None:
-    holder = HoldsLock()
-    with pytest.raises(GraphError, match=rf"PE {holder.id} cannot be pickled to start Ray actors"):
-        aiod4p.run(_chain(holder), 10, mapping="ray", workers=2)
+    with pytest.raises(GraphError, match=r"PE HoldsLock\d+ cannot be pickled to start Ray actors: TypeError: .*lock"):
+        aiod4p.run(_chain(HoldsLock()), 10, mapping="ray", workers=2)
 
 
 FLOW = textwrap.dedent(

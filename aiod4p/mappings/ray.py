@@ -32,6 +32,7 @@ from typing import Any
 import ray
 from ray import cloudpickle
 
+from .. import compat
 from .._engine import Feed
 from .._plan import ExecutionPlan
 from .._results import ResultSink
@@ -39,8 +40,8 @@ from .._stats import InstanceStats
 from ..errors import GraphError, MappingUnavailable
 from ..transports.ray import DriverComm
 from ._base import RunControl
-from ._ray_worker import CONTROL, RayWorker
-from .multi import _FEED_WINDOW, MultiMapping, _MultiRun, _unpicklable
+from ._ray_worker import CONTROL, RayWorker, ShippedCode
+from .multi import _FEED_WINDOW, MultiMapping, _modules_to_preload, _MultiRun, _unpicklable
 
 __all__ = ["RayMapping"]
 
@@ -154,6 +155,7 @@ class _RayRun(_MultiRun):
         super().__init__(mapping, plan, feeds, sink, control, max_delay)
         self.method = "spawn"  # Ray's workers are fresh interpreters: the plan and feeds travel pickled
         self.actors: list[Any] = []
+        self.preload: list[tuple[str, str]] = []
         self.places: list[tuple[str, int]] = []
         self.serving: list[asyncio.Future[Any]] = []
         self.alive: list[asyncio.Future[Any]] = []
@@ -175,6 +177,8 @@ class _RayRun(_MultiRun):
             raise GraphError(
                 f"PE {pe_id} cannot be pickled to start Ray actors: {type(pe_exc).__name__}: {pe_exc}"
             ) from pe_exc
+        # Classes pickled by name (dispel4py PEs) need their module importable: preloaded from its file.
+        self.preload = _modules_to_preload(by_reference)
         local = _user_modules(by_reference)
         if not local:
             return by_reference
@@ -224,6 +228,7 @@ class _RayRun(_MultiRun):
                     {peer: self.actors[peer] for peer in sorted(peers[wid])},
                     self.max_delay,
                     mapping.stats_interval,
+                    ShippedCode(tuple(path for path in sys.path if path), self.preload, compat.installed()),
                 )
             )
             for wid, actor in enumerate(self.actors)
