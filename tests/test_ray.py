@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
 import sys
 import textwrap
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -16,7 +18,7 @@ import workflows as wf
 from ray_cluster import RayCluster, wait_gone
 
 import aiod4p
-from aiod4p import IterativePE, WorkflowGraph
+from aiod4p import ConsumerPE, IterativePE, WorkflowGraph
 from aiod4p.errors import GraphError, MappingUnavailable, WorkerDied
 from aiod4p.mappings.ray import RayMapping
 
@@ -59,6 +61,14 @@ class HoldsLock(IterativePE):
         return item
 
 
+class Slow(ConsumerPE):
+    """A sink slower than its source (real work, not synchronisation)."""
+
+    def consume(self, item: int) -> None:
+        if item % 500 == 0:
+            time.sleep(0.001)
+
+
 def _chain(middle: IterativePE) -> WorkflowGraph:
     graph = WorkflowGraph()
     graph.connect(wf.Count(), "output", middle, "input")
@@ -99,6 +109,26 @@ def test_a_killed_actor_fails_the_run_and_leaves_no_process(ray_cluster: RayClus
     pids = [int(path.name) for path in tmp_path.iterdir()]
     assert len(pids) == 2
     assert wait_gone(pids, timeout=30) == []
+
+
+def test_items_through_a_slow_sink_stay_within_the_inflight_bound(ray_cluster: RayCluster) -> None:
+    graph = WorkflowGraph()
+    graph.connect(wf.Count(), "output", double := wf.Double(), "input")
+    graph.connect(double, "output", sink := Slow(parallelism=1), "input")  # every item crosses to worker 0
+    run = aiod4p.start(graph, 200_000, mapping="ray", workers=2, batch_size=256, credits=2)
+
+    async def main() -> None:
+        async with asyncio.timeout(55):
+            await run.results()
+
+    asyncio.run(main())
+    sinks = [s for s in run.stats if s.pe == sink.id]
+    assert sum(s.items_in for s in sinks) == 200_000
+    for entry in run.stats:
+        assert entry.max_queued_items <= entry.inflight_bound, entry
+    # The sink's inbox held at most 2 channels x 2 credits x 256 items, whatever the input size.
+    assert sinks[0].inflight_bound == 2 * 2 * 256
+    assert sinks[0].max_queued_items > 0
 
 
 def test_more_than_the_cluster_has_fails_clearly(ray_cluster: RayCluster) -> None:
