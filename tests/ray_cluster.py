@@ -82,7 +82,7 @@ class RayCluster:
             output, _ = process.communicate(timeout=240)
             if process.returncode == 0:
                 for pid in _session_processes([process.pid]):
-                    with contextlib.suppress(ProcessLookupError):
+                    with contextlib.suppress(ProcessLookupError, PermissionError):  # not root: never raised
                         os.setpriority(os.PRIO_PROCESS, pid, 0)
                 return
             failures.append(output[-2000:])
