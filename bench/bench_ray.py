@@ -62,6 +62,15 @@ def median_time(name: str, run: list[str], check_items: int | None) -> float:
     return statistics.median(times)
 
 
+def _net(fixed: float, full: float) -> float:
+    """Items per second once the fixed cost is taken out; NaN when the run was not longer than that cost."""
+    return ITEMS / (full - fixed) if full > fixed else float("nan")
+
+
+def _show(value: float, spec: str) -> str:
+    return "n/a" if value != value else format(value, spec)
+
+
 def chain(address: str) -> list[str]:
     rows = []
     for name, extra in (("multi -n 2", ("-n", "2")), ("ray -n 2", ("-n", "2", "--address", address))):
@@ -69,7 +78,7 @@ def chain(address: str) -> list[str]:
         fixed = median_time(f"{name} -i 1", command(mapping, 1, *extra), 1)
         full = median_time(f"{name} -i {ITEMS}", command(mapping, ITEMS, *extra), ITEMS)
         rows.append((name, fixed, full))
-    base_rate, base_net = ITEMS / rows[0][2], ITEMS / max(rows[0][2] - rows[0][1], 1e-9)
+    base_rate, base_net = ITEMS / rows[0][2], _net(rows[0][1], rows[0][2])
     return [
         "### (a) The 5-PE trivial chain: ray -n 2 vs multi -n 2",
         "",
@@ -79,8 +88,8 @@ def chain(address: str) -> list[str]:
         "| run | fixed start-up s | run s | items/s end to end | net items/s | end-to-end ratio | net ratio |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
         *(
-            f"| {name} | {fixed:.2f} | {full:.2f} | {ITEMS / full:,.0f} | {ITEMS / max(full - fixed, 1e-9):,.0f}"
-            f" | {ITEMS / full / base_rate:.2f}x | {ITEMS / max(full - fixed, 1e-9) / base_net:.2f}x |"
+            f"| {name} | {fixed:.2f} | {full:.2f} | {ITEMS / full:,.0f} | {_show(_net(fixed, full), ',.0f')}"
+            f" | {ITEMS / full / base_rate:.2f}x | {_show(_net(fixed, full) / base_net, '.2f')}x |"
             for name, fixed, full in rows
         ),
         "",
