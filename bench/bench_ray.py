@@ -23,6 +23,7 @@ Writes bench/results/ray.md.
 
 from __future__ import annotations
 
+import math
 import os
 import statistics
 import sys
@@ -68,7 +69,7 @@ def _net(fixed: float, full: float) -> float:
 
 
 def _show(value: float, spec: str) -> str:
-    return "n/a" if value != value else format(value, spec)
+    return "n/a" if math.isnan(value) else format(value, spec)
 
 
 def chain(address: str) -> list[str]:
