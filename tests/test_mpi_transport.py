@@ -71,6 +71,9 @@ def _remote_end(rpc: _Rpc, key: int) -> Any:
         async def aclose(self) -> None:
             await rpc.call("aclose", key)
 
+        def abort(self) -> None:  # the checks abort rank 0's end only
+            raise NotImplementedError("rank 1's end cannot be aborted from rank 0")
+
     return RemoteEnd()
 
 
