@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import select
+import shutil
 import signal
 import socket
 import subprocess
@@ -94,8 +95,10 @@ class RayCluster:
         return _session_processes(self.sessions)
 
     def stop(self) -> list[int]:
-        """Terminate, then kill, every process of the cluster; returns those that had to be killed."""
-        return _stop_sessions(self.sessions)
+        """Terminate, then kill, every process of the cluster, and remove its files; returns the killed ones."""
+        killed = _stop_sessions(self.sessions)
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
+        return killed
 
 
 def _session_processes(sessions: list[int]) -> list[int]:
