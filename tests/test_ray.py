@@ -165,7 +165,7 @@ FLOW = textwrap.dedent(
 
 
 def test_cli_joins_the_cluster_at_address_and_ships_the_workflow_file(ray_cluster: RayCluster, tmp_path: Path) -> None:
-    flow = tmp_path / "my-flow.py"  # not importable by name, and not on the workers' path: it travels by value
+    flow = tmp_path / "my-flow.py"  # not importable by name: the workers load it from its path
     flow.write_text(FLOW)
     env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
     command = [*AIOD4P, "run", str(flow), "--mapping", "ray", "-n", "2", "--address", ray_cluster.address]
