@@ -11,6 +11,7 @@ import textwrap
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import ray
@@ -19,7 +20,7 @@ from ray_cluster import RayCluster, wait_gone
 
 import aiod4p
 from aiod4p import ConsumerPE, IterativePE, WorkflowGraph
-from aiod4p.errors import GraphError, MappingUnavailable, WorkerDied
+from aiod4p.errors import GraphError, MappingUnavailable, TransportError, WorkerDied
 from aiod4p.mappings.ray import RayMapping
 
 AIOD4P = [sys.executable, "-m", "aiod4p"]
@@ -59,6 +60,13 @@ class HoldsLock(IterativePE):
 
     def process_item(self, item: int) -> int:
         return item
+
+
+class EmitLock(IterativePE):
+    """Emits an unpicklable object for item 7."""
+
+    def process_item(self, item: int) -> Any:
+        return threading.Lock() if item == 7 else item
 
 
 class Slow(ConsumerPE):
@@ -140,6 +148,22 @@ def test_more_than_the_cluster_has_fails_clearly(ray_cluster: RayCluster) -> Non
 def test_an_unpicklable_pe_is_named(ray_cluster: RayCluster) -> None:
     with pytest.raises(GraphError, match=r"PE HoldsLock\d+ cannot be pickled to start Ray actors: TypeError: .*lock"):
         aiod4p.run(_chain(HoldsLock()), 10, mapping="ray", workers=2)
+
+
+def test_an_unpicklable_item_between_workers_names_the_pe_and_port(ray_cluster: RayCluster) -> None:
+    graph = WorkflowGraph()
+    emit = EmitLock(parallelism=1)
+    graph.connect(wf.Count(), "output", emit, "input")
+    graph.connect(emit, "output", wf.Double(parallelism=2), "input")  # half the items cross to worker 1
+    with pytest.raises(TransportError, match=rf"PE {emit.id}\[0\] wrote an item on output port 'output'.*pickle"):
+        aiod4p.run(graph, 100, mapping="ray", workers=2)
+
+
+def test_an_unpicklable_result_names_the_pe_and_port(ray_cluster: RayCluster) -> None:
+    graph = WorkflowGraph()
+    graph.connect(wf.Count(), "output", emit := EmitLock(), "input")
+    with pytest.raises(TransportError, match=rf"PE {emit.id} wrote a result on output port 'output'.*lock"):
+        aiod4p.run(graph, 100, mapping="ray", workers=2)
 
 
 FLOW = textwrap.dedent(

@@ -25,7 +25,7 @@ from aiod4p.errors import ChannelClosed, EndOfChannel, PeerDied, UnpicklableMess
 from aiod4p.transports import Comm, get_transport
 from aiod4p.transports.ray import RayComm, RayCommHost, ray_comm_pair
 
-CAPACITY, WINDOW = 8, 4
+CAPACITY, WINDOW, BATCH = 8, 4, 4
 
 # The cluster's workers have aiod4p installed, not the tests: these modules travel by value.
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -37,15 +37,36 @@ class CheckingActor(RayCommHost):
 
     def __init__(self) -> None:
         self.pairs = itertools.count()
+        self.deliveries = 0
+
+    async def aiod4p_deliver(self, key: str, seq: int, data: list[bytes]) -> str | None:
+        self.deliveries += 1
+        return await super().aiod4p_deliver(key, seq, data)
+
+    async def batched(self, messages: int) -> tuple[list[int], int]:
+        """Send ``messages`` messages through a comm of one delivery in flight; what arrived, and in how
+        many deliveries."""
+        a, b = ray_comm_pair(self, ray.get_runtime_context().current_actor, "batched", window=1, batch=16)
+        before = self.deliveries
+        try:
+            sender = asyncio.create_task(_send_all(a, range(messages)))
+            received = [await b.receive() for _ in range(messages)]
+            await sender
+            return received, self.deliveries - before
+        finally:
+            await a.aclose()
+            await b.aclose()
 
     async def run_check(self, name: str) -> None:
         handle = ray.get_runtime_context().current_actor
 
         async def make_pair() -> tuple[Comm, Comm]:
-            return ray_comm_pair(self, handle, f"pair {next(self.pairs)}", capacity=CAPACITY, window=WINDOW)
+            return ray_comm_pair(
+                self, handle, f"pair {next(self.pairs)}", capacity=CAPACITY, window=WINDOW, batch=BATCH
+            )
 
         check = next(check for check in CHECKS if check.__name__ == name)
-        transport = TransportUnderTest("ray", make_pair, max_buffered=CAPACITY + WINDOW)
+        transport = TransportUnderTest("ray", make_pair, max_buffered=CAPACITY + (WINDOW + 1) * BATCH)
         async with asyncio.timeout(50):  # 4,000 actor calls for the order check, on a busy machine
             await check(transport)
 
@@ -84,6 +105,11 @@ class CheckingActor(RayCommHost):
             self.from_peer.abort()
 
 
+async def _send_all(comm: Comm, messages: range) -> None:
+    for message in messages:
+        await comm.send(message)
+
+
 class PeerActor(RayCommHost):
     """Holds one end of a comm with a :class:`CheckingActor`, then is killed."""
 
@@ -114,6 +140,12 @@ def test_conformance(checker: Any, check: Check) -> None:
 def test_an_unpicklable_message_fails_alone(checker: Any) -> None:
     error = ray.get(checker.unpicklable_message.remote(), timeout=30)
     assert "cannot be pickled" in error and "not today" in error
+
+
+def test_messages_sent_while_the_window_is_full_share_a_delivery(checker: Any) -> None:
+    received, deliveries = ray.get(checker.batched.remote(64), timeout=30)
+    assert received == list(range(64))
+    assert deliveries <= 1 + 64 // 16  # the first alone, then batches of 16 while one is in flight
 
 
 def test_a_killed_peer_actor_is_a_dead_peer(checker: Any) -> None:

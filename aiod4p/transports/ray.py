@@ -1,13 +1,17 @@
 """The Ray transport: comms between Ray actors, carried by actor method calls.
 
 A comm end lives in an async Ray actor whose class derives from
-:class:`RayCommHost`; it is named by a key, unique in that actor. Sending is a
-call of the peer actor's :meth:`RayCommHost.aiod4p_deliver` with a sequence
-number (Ray does not promise that an async actor runs calls in the order they
-were made: the receiver reorders by sequence number). Flow control is
-end-to-end: a delivery waits in the receiving actor until the message is
-within ``capacity`` of the last one received, and a sender keeps at most
-``window`` deliveries in flight, so at most ``capacity + window`` messages of
+:class:`RayCommHost`; it is named by a key, unique in that actor. A message is
+pickled when it is sent (so a message that cannot be pickled fails its own
+:meth:`~Comm.send` with :class:`~aiod4p.errors.UnpicklableMessage`), and
+travels in a call of the peer actor's :meth:`RayCommHost.aiod4p_deliver`
+carrying the sequence number of its first message (Ray does not promise that
+an async actor runs calls in the order they were made: the receiver reorders
+by sequence number). A sender keeps at most ``window`` deliveries in flight;
+while they are, what it sends waits and leaves in the next delivery, up to
+``batch`` messages in one call. Flow control is end-to-end: a delivery waits
+in the receiving actor until its first message is within ``capacity`` of the
+last one received, so at most ``capacity + (window + 1) * batch`` messages of
 one comm are buffered whatever the receiver does.
 
 Each end watches its peer with a call of :meth:`RayCommHost.aiod4p_watch`
@@ -25,16 +29,19 @@ delivery like any end, and receives by calling
 from __future__ import annotations
 
 import asyncio
+import pickle
 from collections import deque
+from dataclasses import dataclass
 from typing import Any
 
-from ..errors import ChannelClosed, EndOfChannel, PeerDied, UnpicklableMessage
+from ..errors import ChannelClosed, EndOfChannel, PeerDied, TransportError, UnpicklableMessage
 from ._base import Comm
 
 __all__ = ["DriverComm", "PulledComm", "RayComm", "RayCommHost", "ray_comm_pair"]
 
 CAPACITY = 16  # messages a receiving end buffers
-WINDOW = 8  # deliveries a sending end keeps in flight
+WINDOW = 4  # deliveries a sending end keeps in flight
+BATCH = 16  # messages one delivery carries at most
 
 _CLOSE = "<aiod4p: end of channel>"  # the last message of an end closed cleanly
 _GONE = "gone"  # a delivery's answer when the receiving end is closed or aborted
@@ -43,6 +50,44 @@ _ABORTED = "aborted"  # a watch's answer when the watched end was aborted
 
 def _is_close(message: Any) -> bool:
     return isinstance(message, str) and message == _CLOSE
+
+
+def _dumps(message: Any) -> bytes:
+    """``message`` pickled for a delivery.
+
+    Raises:
+        UnpicklableMessage: it cannot be pickled.
+    """
+    try:
+        return pickle.dumps(message, protocol=5)
+    except Exception as exc:
+        raise UnpicklableMessage(f"a message cannot be pickled: {type(exc).__name__}: {exc}", message) from exc
+
+
+@dataclass(frozen=True)
+class _Undecodable:
+    """Stands in a mailbox for a message that could not be unpickled; receiving it raises."""
+
+    error: Exception
+
+
+def _loads(data: bytes) -> Any:
+    try:
+        return pickle.loads(data)
+    except Exception as exc:
+        return _Undecodable(exc)
+
+
+def _open(message: Any) -> Any:
+    """The message itself, received.
+
+    Raises:
+        TransportError: it could not be unpickled here.
+    """
+    if isinstance(message, _Undecodable):
+        error = message.error
+        raise TransportError(f"cannot unpickle a message: {type(error).__name__}: {error}") from error
+    return message
 
 
 class _Mailbox:
@@ -91,14 +136,17 @@ class RayCommHost:
             box = boxes[key] = _Mailbox(CAPACITY)
         return box
 
-    async def aiod4p_deliver(self, key: str, seq: int, message: Any) -> str | None:
-        """Accept message ``seq`` for end ``key`` once it is within the end's capacity."""
+    async def aiod4p_deliver(self, key: str, seq: int, data: list[bytes]) -> str | None:
+        """Accept the pickled messages ``seq``, ``seq + 1``, ... for end ``key`` once the first is
+        within the end's capacity (at once when they end with the close marker)."""
         box = self.mailbox(key)
-        while box.state == "open" and seq >= box.next + box.capacity and not _is_close(message):
+        messages = [_loads(item) for item in data]
+        while box.state == "open" and seq >= box.next + box.capacity and not _is_close(messages[-1]):
             await box.changed()
         if box.state != "open":
             return _GONE
-        box.arrived[seq] = message
+        for offset, message in enumerate(messages):
+            box.arrived[seq + offset] = message
         box.wake()
         return None
 
@@ -109,8 +157,9 @@ class RayCommHost:
             await box.changed()
         return box.state
 
-    async def aiod4p_take(self, key: str) -> list[Any] | None:
-        """What end ``key`` queued for the driver (waiting for something); ``None``: the end was aborted."""
+    async def aiod4p_take(self, key: str) -> list[bytes] | None:
+        """What end ``key`` queued for the driver, pickled (waiting for something); ``None``: the end was
+        aborted."""
         box = self.mailbox(key)
         while not box.outbox and box.state != "aborted":
             await box.changed()
@@ -123,39 +172,47 @@ class RayCommHost:
 
 
 class _Sender:
-    """Delivers messages to a peer end, ``window`` calls at most in flight."""
+    """Delivers messages to a peer end: ``window`` calls at most in flight, ``batch`` messages at most
+    in one call (those sent while the window is full)."""
 
-    def __init__(self, peer: Any, peer_key: str, window: int) -> None:
-        if window < 1:
-            raise ValueError("window must be at least 1")
+    def __init__(self, peer: Any, peer_key: str, window: int, batch: int) -> None:
+        if window < 1 or batch < 1:
+            raise ValueError("window and batch must be at least 1")
         self.peer = peer
         self.peer_key = peer_key
         self.window = window
-        self.seq = 0
+        self.batch = batch
+        self.seq = 0  # the sequence number of the first pending message
+        self.pending: list[bytes] = []  # pickled, waiting for room in the window
         self.in_flight: set[asyncio.Future[Any]] = set()
         self.gone = False  # the peer end is closed, aborted or dead
         self._room = asyncio.Event()
         self._room.set()
 
     async def send(self, message: Any) -> None:
-        while len(self.in_flight) >= self.window and not self.gone:
+        """Raises:
+        UnpicklableMessage: ``message`` cannot be pickled (nothing was sent).
+        PeerDied: the peer end is gone.
+        """
+        data = _dumps(message)
+        while len(self.pending) >= self.batch and not self.gone:
             self._room.clear()
             await self._room.wait()
         if self.gone:
             raise PeerDied("the peer of this Ray comm is gone")
-        self.post(message)
+        self.pending.append(data)
+        if len(self.in_flight) < self.window:
+            self._flush()
 
     def post(self, message: Any) -> None:
-        """Deliver ``message`` now, whatever the window (for the close marker).
+        """Deliver ``message`` after what is pending, now, whatever the window (for the close marker)."""
+        self.pending.append(_dumps(message))
+        self._flush()
 
-        Raises:
-            UnpicklableMessage: Ray cannot serialize ``message`` (nothing was sent).
-        """
-        try:
-            ref = self.peer.aiod4p_deliver.remote(self.peer_key, self.seq, message)
-        except TypeError as exc:  # Ray's "Could not serialize the argument ..."
-            raise UnpicklableMessage(f"a message cannot be pickled: {exc}", message) from exc
-        self.seq += 1
+    def _flush(self) -> None:
+        data, self.pending = self.pending, []
+        ref = self.peer.aiod4p_deliver.remote(self.peer_key, self.seq, data)
+        self.seq += len(data)
         delivered = asyncio.wrap_future(ref.future())
         self.in_flight.add(delivered)
         delivered.add_done_callback(self._delivered)
@@ -164,6 +221,8 @@ class _Sender:
         self.in_flight.discard(delivered)
         if delivered.cancelled() or delivered.exception() is not None or delivered.result() == _GONE:
             self.gone = True
+        elif self.pending:
+            self._flush()
         self._room.set()
 
 
@@ -205,7 +264,7 @@ class _RayEnd(Comm):
                 if _is_close(message):
                     self._peer_closed = True
                     raise EndOfChannel()
-                return message
+                return _open(message)
             if self._peer_gone:
                 raise PeerDied("the peer of this Ray comm vanished without closing it")
             await box.changed()
@@ -229,21 +288,30 @@ class RayComm(_RayEnd):
         peer_key: the other end's name in ``peer``.
         capacity: messages this end buffers before deliveries to it wait.
         window: deliveries in flight at most.
+        batch: messages one delivery carries at most.
     """
 
     def __init__(
-        self, host: RayCommHost, key: str, peer: Any, peer_key: str, *, capacity: int = CAPACITY, window: int = WINDOW
+        self,
+        host: RayCommHost,
+        key: str,
+        peer: Any,
+        peer_key: str,
+        *,
+        capacity: int = CAPACITY,
+        window: int = WINDOW,
+        batch: int = BATCH,
     ) -> None:
         if capacity < 1:
             raise ValueError("capacity must be at least 1")
         super().__init__(host.mailbox(key))
         self._box.capacity = capacity
-        self._sender = _Sender(peer, peer_key, window)
+        self._sender = _Sender(peer, peer_key, window, batch)
         self._watch = asyncio.wrap_future(peer.aiod4p_watch.remote(peer_key).future())
         self._watch.add_done_callback(self._peer_lost)
 
     async def send(self, message: Any) -> None:
-        """Send ``message``, waiting while ``window`` deliveries are in flight.
+        """Send ``message``, waiting while ``window`` deliveries are in flight and ``batch`` messages wait.
 
         Raises:
             ChannelClosed: this end was closed.
@@ -288,7 +356,9 @@ class PulledComm(_RayEnd):
         Raises:
             ChannelClosed: this end was closed.
             PeerDied: the driver closed its end.
+            UnpicklableMessage: ``message`` cannot be pickled (nothing was sent).
         """
+        data = _dumps(message)
         box = self._box
         while True:
             self._check_open("send")
@@ -297,7 +367,7 @@ class PulledComm(_RayEnd):
             if len(box.outbox) < self._capacity:
                 break
             await box.changed()
-        box.outbox.append(message)
+        box.outbox.append(data)
         box.wake()
 
     async def aclose(self) -> None:
@@ -306,7 +376,7 @@ class PulledComm(_RayEnd):
             return
         self._closed = True
         box = self._box
-        box.outbox.append(_CLOSE)
+        box.outbox.append(_dumps(_CLOSE))
         box.state = "closed"
         box.arrived.clear()
         box.wake()
@@ -319,12 +389,13 @@ class DriverComm(Comm):
         actor: the handle of the actor hosting the other end.
         key: the other end's name in ``actor``.
         window: deliveries in flight at most.
+        batch: messages one delivery carries at most.
     """
 
-    def __init__(self, actor: Any, key: str, *, window: int = WINDOW) -> None:
+    def __init__(self, actor: Any, key: str, *, window: int = WINDOW, batch: int = BATCH) -> None:
         self._actor = actor
         self._key = key
-        self._sender = _Sender(actor, key, window)
+        self._sender = _Sender(actor, key, window, batch)
         self._received: deque[Any] = deque()
         self._taking: asyncio.Future[Any] | None = None
         self._closed = False
@@ -361,7 +432,7 @@ class DriverComm(Comm):
                     self._peer_closed = True
                     self._received.clear()
                     raise EndOfChannel()
-                return message
+                return _open(message)
             if self._peer_closed:
                 raise EndOfChannel()
             if self._taking is None:
@@ -376,7 +447,7 @@ class DriverComm(Comm):
                     self._taking = None
             if taken is None:
                 raise PeerDied("the actor's end of this Ray comm was aborted")
-            self._received.extend(taken)
+            self._received.extend(_loads(data) for data in taken)
 
     async def aclose(self) -> None:
         """Send the end-of-channel marker to the actor; this end then refuses to work."""
