@@ -130,6 +130,7 @@ def _parser() -> argparse.ArgumentParser:
         help=f"batches in flight per channel (default {DEFAULT_CREDITS})",
     )
     run.add_argument("--nimbus", default=None, metavar="HOST:PORT", help="Storm's Nimbus (--mapping storm)")
+    run.add_argument("--address", default=None, metavar="ADDR", help="the Ray cluster to join (--mapping ray)")
     run.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks of errors")
     seeing = run.add_argument_group("progress, statistics and logging")
     seeing.add_argument("--stats", action="store_true", help="print a table of per-PE statistics at the end (stderr)")
@@ -184,7 +185,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     if args.stdin is not None and args.iter is not None and args.data is None and args.file is None:
         parser.error("--stdin cannot be combined with -i; give the other roots' inputs with -d or -f")
-    mapping = get_mapping(args.mapping, **mapping_options(args))
+    options = mapping_options(args)
+    if args.address is not None:
+        if args.mapping != "ray":
+            raise ValueError("--address applies to --mapping ray only")
+        options["address"] = args.address
+    mapping = get_mapping(args.mapping, **options)
     if getattr(mapping, "follower", False):  # an MPI rank other than 0 (under mpiexec): rank 0 reports
         args.results, args.quiet, args.stats, args.stats_json = os.devnull, True, False, None
         args.provenance = None

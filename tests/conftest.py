@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import warnings
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import pytest
+from ray_cluster import RayCluster
 
 import aiod4p
 from aiod4p import Results, WorkflowGraph
@@ -25,6 +27,7 @@ MAPPING_CASES: list[tuple[str, int | None]] = [
     ("mpi", 1),
     ("mpi", 2),
     ("mpi", 4),
+    ("ray", 2),
 ]
 
 
@@ -46,7 +49,42 @@ class MappingCase:
 @pytest.fixture(params=[MappingCase(*case) for case in MAPPING_CASES], ids=lambda case: case.id)
 def mapping(request: pytest.FixtureRequest) -> MappingCase:
     case: MappingCase = request.param
+    if case.name == "ray":
+        request.getfixturevalue("ray_cluster")  # the ray mapping joins it through RAY_ADDRESS
     return case
+
+
+# -- one two-node Ray cluster for the session, started before the first test that needs it -----------
+
+_RAY_CLUSTER = pytest.StashKey[RayCluster]()
+
+
+def _needs_ray(item: pytest.Item) -> bool:
+    callspec = getattr(item, "callspec", None)
+    case = callspec.params.get("mapping") if callspec is not None else None
+    fixtures: list[str] = getattr(item, "fixturenames", [])
+    return "ray_cluster" in fixtures or (isinstance(case, MappingCase) and case.name == "ray")
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Start the cluster now (it takes seconds), outside every test's timeout, if a selected test needs it."""
+    if any(_needs_ray(item) for item in session.items):
+        cluster = RayCluster.start()
+        os.environ["RAY_ADDRESS"] = cluster.address
+        session.config.stash[_RAY_CLUSTER] = cluster
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    cluster = session.config.stash.get(_RAY_CLUSTER, None)
+    if cluster is not None:
+        os.environ.pop("RAY_ADDRESS", None)
+        cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(request: pytest.FixtureRequest) -> RayCluster:
+    """The session's two-node Ray cluster (``RAY_ADDRESS`` points at it)."""
+    return request.config.stash[_RAY_CLUSTER]
 
 
 def pytest_asyncio_loop_factories(

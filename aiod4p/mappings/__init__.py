@@ -16,6 +16,7 @@ MAPPINGS: dict[str, tuple[str, str, str | None]] = {
     "multi": ("aiod4p.mappings.multi", "MultiMapping", None),
     "mpi": ("aiod4p.mappings.mpi", "MpiMapping", "mpi"),
     "storm": ("aiod4p.mappings.storm", "StormMapping", "storm"),
+    "ray": ("aiod4p.mappings.ray", "RayMapping", "ray"),
 }
 
 

@@ -20,6 +20,7 @@ TRANSPORTS: dict[str, tuple[str, str, str | None]] = {
     "memory": ("aiod4p.transports.memory", "MemoryComm", None),
     "pipes": ("aiod4p.transports.pipes", "PipeComm", None),
     "mpi": ("aiod4p.transports.mpi", "MpiComm", "mpi"),
+    "ray": ("aiod4p.transports.ray", "RayComm", "ray"),
 }
 
 

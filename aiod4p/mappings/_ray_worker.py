@@ -1,0 +1,77 @@
+"""The ray mapping's worker: a Ray actor serving its share of the job with the worker host.
+
+What is Ray's is only where messages travel: the control comm is a
+:class:`~aiod4p.transports.ray.PulledComm` (the driver takes what the worker
+sends), and the comms to other workers are
+:class:`~aiod4p.transports.ray.RayComm` ends joining actors. The rest is the
+worker host's (:func:`~aiod4p.mappings._host.serve`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import ray
+
+from .._engine import Worker
+from ..transports.ray import PulledComm, RayComm, RayCommHost
+from ._host import ForwardSink, fail, pumped_feeds, serve
+from ._shipping import unship
+
+__all__ = ["CONTROL", "RayWorker", "link_key"]
+
+CONTROL = "control"  # the name of a worker's end of its comm with the driver
+
+
+def link_key(peer: int) -> str:
+    """The name, in a worker actor, of its end of the comm with worker ``peer``."""
+    return f"worker {peer}"
+
+
+def _extend_path(paths: Sequence[str]) -> None:
+    """Add to ``sys.path`` the entries of ``paths`` that it lacks and that exist on this node."""
+    sys.path.extend(path for path in paths if path not in sys.path and os.path.isdir(path))
+
+
+class RayWorker(RayCommHost):
+    """Worker ``wid`` of one run; the mapping starts it as a Ray actor (``ray.remote(RayWorker)``)."""
+
+    def __init__(self, wid: int) -> None:
+        self.wid = wid
+
+    async def where(self) -> tuple[str, int]:
+        """The id of the Ray node this actor runs on, and its process id (answered once it started)."""
+        return ray.get_runtime_context().get_node_id(), os.getpid()
+
+    async def serve(self, payload: bytes, peers: Mapping[int, Any], paths: Sequence[str]) -> None:
+        """Run this worker's share of the shipped job, joined to the ``peers`` actors (by worker id).
+
+        ``paths`` is the driver's ``sys.path``: the entries that exist on this
+        node are added to the worker's (classes pickled by name, as dispel4py
+        PEs are, import their modules from there). Returns once the driver
+        closed its end of the control comm.
+        """
+        name = f"worker {self.wid}"
+        _extend_path(paths)
+        control = PulledComm(self, CONTROL)
+        comms = {peer: RayComm(self, link_key(peer), handle, link_key(self.wid)) for peer, handle in peers.items()}
+        try:
+            job = unship(payload, f"Ray worker actor {self.wid}")
+            feeds, pumped = pumped_feeds(job.feeds, control)
+            sink = ForwardSink(control, "the Ray driver")
+            worker = Worker(job.plan, self.wid, feeds=feeds, results=sink, peers=comms, max_delay=job.max_delay)
+        except Exception as exc:
+            await fail(control, name, exc)
+        else:
+            await serve(worker, control, name=name, pumped=pumped, interval=job.interval)
+        finally:
+            for comm in comms.values():
+                comm.abort()
+
+    async def alive(self) -> None:
+        """Never returns: the driver's pending call fails when this actor dies."""
+        await asyncio.Event().wait()

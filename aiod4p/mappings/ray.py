@@ -1,0 +1,230 @@
+"""The ray mapping: the plan's workers as Ray actors, each an event loop running the engine.
+
+Like every multi-process mapping, it contributes only how workers start and
+which comm joins them (see ``docs/worker-host.md``); the worker host
+(:mod:`aiod4p.mappings._host`) does the rest: results, statistics, drain,
+pumped feeds, failures. What is Ray's is here:
+
+- joining a cluster: ``ray.init(address=...)`` (``None``: the ``RAY_ADDRESS``
+  environment variable, else a new local Ray); the mapping disconnects (and
+  stops a Ray it started) after the run, unless Ray was initialised already;
+- starting workers: one actor per worker with ``num_cpus`` and ``resources``
+  each, spread over the nodes (``scheduling_strategy="SPREAD"``), each given
+  the job shipped once (:func:`~aiod4p.mappings._shipping.ship`, in Ray's
+  object store) and the driver's ``sys.path``;
+- the comms: :mod:`aiod4p.transports.ray` (actor calls with credits);
+- dead workers: a pending call to each actor fails when it dies, which ends
+  the worker for the :class:`~aiod4p.mappings._host.Supervisor`; actors are
+  killed after the run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import ray
+
+from .._engine import Feed
+from .._plan import ExecutionPlan
+from .._results import ResultSink
+from .._stats import InstanceStats
+from ..errors import MappingUnavailable
+from ..transports.ray import DriverComm
+from ._base import RunControl
+from ._host import GRACE, STATS_INTERVAL, Supervisor, split_feeds
+from ._ray_worker import CONTROL, RayWorker
+from ._shipping import Job, ship
+from .multi import MultiMapping
+
+__all__ = ["RayMapping"]
+
+OBJECT_STORE_MEMORY = 200 * 1024 * 1024  # bytes of a local Ray's object store
+
+_RemoteWorker: Any = None  # ray.remote(RayWorker), made once
+
+_cluster_resources: Callable[[], dict[str, float]] = ray.cluster_resources  # unannotated in Ray
+
+
+class RayMapping(MultiMapping):
+    """Ray actors joined by actor calls; ``-n N`` workers (default: one per local CPU).
+
+    Args:
+        address: the Ray cluster to join (``"auto"``, ``"HOST:PORT"``,
+            ``"ray://HOST:10001"``); ``None``: ``RAY_ADDRESS``, else a new local Ray.
+        num_cpus: CPUs each worker actor reserves (Ray's ``num_cpus``).
+        resources: custom resources each worker actor reserves.
+        runtime_env: Ray's runtime environment for the run (``working_dir``,
+            ``pip``, ...), when this mapping connects to Ray.
+        start_timeout: seconds to wait for the cluster to start every worker.
+        stats_interval: seconds between the workers' statistics reports.
+        grace: seconds to wait, after a worker failed because another one
+            did, for the root cause to be reported.
+    """
+
+    name = "ray"
+
+    def __init__(
+        self,
+        address: str | None = None,
+        *,
+        num_cpus: float = 1,
+        resources: Mapping[str, float] | None = None,
+        runtime_env: Mapping[str, Any] | None = None,
+        start_timeout: float = 60.0,
+        stats_interval: float = STATS_INTERVAL,
+        grace: float = GRACE,
+    ) -> None:
+        super().__init__(stats_interval=stats_interval, grace=grace)
+        self.address = address
+        self.num_cpus = num_cpus
+        self.resources = dict(resources or {})
+        self.runtime_env = dict(runtime_env or {})
+        self.start_timeout = start_timeout
+
+    async def execute(
+        self,
+        plan: ExecutionPlan,
+        feeds: Mapping[str, Feed],
+        sink: ResultSink,
+        control: RunControl,
+        max_delay: float,
+    ) -> list[InstanceStats]:
+        """Run ``plan`` on Ray actors.
+
+        Raises:
+            PEError: a PE raised in a worker (with its original traceback text).
+            WorkerDied: a worker actor died before finishing.
+            GraphError: a PE cannot be pickled.
+            InputError: an input cannot be pickled.
+            TransportError: an item or result cannot be pickled (naming the PE and port).
+            MappingUnavailable: Ray cannot be joined, or cannot start the workers.
+        """
+        shipped, pumped = split_feeds(plan, feeds)
+        payload = ship(Job(plan, shipped, max_delay, self.stats_interval), "start Ray actors")
+        connected = ray.is_initialized()
+        if not connected:
+            await asyncio.to_thread(self._connect)
+        try:
+            return await _RayRun(self, plan, sink, control).run(payload, pumped)
+        finally:
+            if not connected:
+                await asyncio.to_thread(ray.shutdown)
+
+    def _connect(self) -> None:
+        """Join the cluster at ``address`` (or ``RAY_ADDRESS``), else start a local Ray."""
+        options: dict[str, Any] = {"include_dashboard": False, "log_to_driver": True, "configure_logging": False}
+        if self.runtime_env:
+            options["runtime_env"] = self.runtime_env
+        try:
+            if self.address is None and not os.environ.get("RAY_ADDRESS"):
+                ray.init(object_store_memory=OBJECT_STORE_MEMORY, **options)
+            else:
+                ray.init(address=self.address, **options)
+        except (ConnectionError, RuntimeError, ValueError) as exc:
+            where = self.address or "RAY_ADDRESS"
+            raise MappingUnavailable(f"cannot join the Ray cluster at {where}: {exc}") from exc
+
+
+class _RayRun:
+    """One execution: actors, their comms, and the host's supervisor over them."""
+
+    def __init__(self, mapping: RayMapping, plan: ExecutionPlan, sink: ResultSink, control: RunControl) -> None:
+        self.mapping = mapping
+        self.plan = plan
+        self.sink = sink
+        self.control = control
+        self.actors: list[Any] = []
+        self.places: list[tuple[str, int]] = []
+        self.serving: list[asyncio.Future[Any]] = []
+        self.alive: list[asyncio.Future[Any]] = []
+
+    async def run(self, payload: bytes, pumped: list[tuple[str, int, Feed]]) -> list[InstanceStats]:
+        comms: list[DriverComm] = []
+        try:
+            await self._start(payload)
+            comms = [DriverComm(actor, CONTROL) for actor in self.actors]
+            supervisor = Supervisor(
+                self.plan,
+                dict(enumerate(comms)),
+                self.sink,
+                self.control,
+                pumped=pumped,
+                grace=self.mapping.grace,
+                exited=self._exited,
+                death=self._death,
+            )
+            return await supervisor.run()
+        finally:
+            for comm in comms:
+                comm.abort()
+            await self._stop()
+
+    async def _start(self, payload: bytes) -> None:
+        """Start one actor per worker, wait until each runs, then have each serve its share.
+
+        Raises:
+            MappingUnavailable: the cluster did not start them within ``start_timeout``.
+        """
+        global _RemoteWorker
+        if _RemoteWorker is None:
+            _RemoteWorker = ray.remote(RayWorker)
+        mapping, n = self.mapping, self.plan.workers
+        options: dict[str, Any] = {"num_cpus": mapping.num_cpus, "scheduling_strategy": "SPREAD", "max_restarts": 0}
+        if mapping.resources:
+            options["resources"] = mapping.resources
+        self.actors = [_RemoteWorker.options(**options).remote(wid) for wid in range(n)]
+        self.alive = [_future(actor.alive.remote()) for actor in self.actors]
+        started = [_future(actor.where.remote()) for actor in self.actors]
+        try:
+            async with asyncio.timeout(mapping.start_timeout):
+                self.places = list(await asyncio.gather(*started))
+        except TimeoutError:
+            raise MappingUnavailable(
+                f"the Ray cluster did not start {n} worker actors of {mapping.num_cpus:g} CPU"
+                f"{'' if mapping.num_cpus == 1 else 's'}{f' and {mapping.resources}' if mapping.resources else ''}"
+                f" each within {mapping.start_timeout:g} s; its resources: {_cluster_resources()}"
+            ) from None
+        finally:
+            for future in started:
+                future.cancel()
+        peers: list[set[int]] = [set() for _ in range(n)]
+        for spec in self.plan.channels:
+            if spec.source_worker != spec.dest_worker:
+                peers[spec.source_worker].add(spec.dest_worker)
+                peers[spec.dest_worker].add(spec.source_worker)
+        job = ray.put(payload)  # one copy in the object store for every worker
+        paths = [path for path in sys.path if path]
+        self.serving = [
+            _future(actor.serve.remote(job, {peer: self.actors[peer] for peer in sorted(peers[wid])}, paths))
+            for wid, actor in enumerate(self.actors)
+        ]
+
+    async def _stop(self) -> None:
+        """Kill every actor of the run and wait (a few ``grace`` periods at most) until Ray confirms it is gone."""
+        for actor in self.actors:
+            ray.kill(actor, no_restart=True)
+        if self.alive:
+            await asyncio.wait(self.alive, timeout=self.mapping.grace * 5)
+        for future in (*self.alive, *self.serving):
+            if future.done() and not future.cancelled():
+                future.exception()  # retrieved: a killed actor's calls fail, as expected
+            future.cancel()
+
+    async def _exited(self, wid: int) -> None:
+        """Wait until worker ``wid``'s actor died or its serve call ended."""
+        await asyncio.wait({self.alive[wid], self.serving[wid]}, return_when=asyncio.FIRST_COMPLETED)
+
+    async def _death(self, wid: int) -> str:
+        node, pid = self.places[wid]
+        causes = [f.exception() for f in (self.alive[wid], self.serving[wid]) if f.done() and not f.cancelled()]
+        cause = next((str(c).strip().splitlines()[0] for c in causes if c is not None), "it stopped responding")
+        return f"worker actor {wid} (pid {pid} on Ray node {node[:12]}) died before the run finished: {cause}"
+
+
+def _future(ref: Any) -> asyncio.Future[Any]:
+    """An asyncio future of a Ray object reference."""
+    return asyncio.wrap_future(ref.future())

@@ -1,0 +1,219 @@
+"""The ray mapping on a real two-node Ray cluster (the session's, started once; see ray_cluster.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import ray
+import workflows as wf
+from ray_cluster import RayCluster, wait_gone
+
+import aiod4p
+from aiod4p import ConsumerPE, IterativePE, WorkflowGraph
+from aiod4p.errors import GraphError, MappingUnavailable, TransportError, WorkerDied
+from aiod4p.mappings.ray import RayMapping
+
+AIOD4P = [sys.executable, "-m", "aiod4p"]
+
+
+class WhereAmI(IterativePE):
+    """Emits the Ray node id and the process id it runs in."""
+
+    def process_item(self, item: int) -> tuple[str, int]:
+        return ray.get_runtime_context().get_node_id(), os.getpid()
+
+
+class Die(IterativePE):
+    """Records its process id in ``pids``; on item ``at`` its actor is killed (SIGKILL, or ``ray.kill``)."""
+
+    def __init__(self, how: str, pids: Path, at: int = 50) -> None:
+        super().__init__(parallelism=2)
+        self.how = how
+        self.pids = pids
+        self.at = at
+
+    def preprocess(self) -> None:
+        (self.pids / str(os.getpid())).touch()
+
+    def process_item(self, item: int) -> int:
+        if item == self.at:
+            if self.how == "SIGKILL":
+                os.kill(os.getpid(), signal.SIGKILL)
+            ray.kill(ray.get_runtime_context().current_actor)
+        return item
+
+
+class HoldsLock(IterativePE):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lock = threading.Lock()
+
+    def process_item(self, item: int) -> int:
+        return item
+
+
+class EmitLock(IterativePE):
+    """Emits an unpicklable object for item 7."""
+
+    def process_item(self, item: int) -> Any:
+        return threading.Lock() if item == 7 else item
+
+
+class Slow(ConsumerPE):
+    """A sink slower than its source (real work, not synchronisation)."""
+
+    def consume(self, item: int) -> None:
+        if item % 500 == 0:
+            time.sleep(0.001)
+
+
+def _chain(middle: IterativePE) -> WorkflowGraph:
+    graph = WorkflowGraph()
+    graph.connect(wf.Count(), "output", middle, "input")
+    graph.connect(middle, "output", wf.Double(), "input")
+    return graph
+
+
+def _nodes(cluster: RayCluster) -> dict[str, dict[str, float]]:
+    """The cluster's live nodes: node id -> resources."""
+    ray.init(address=cluster.address)
+    try:
+        return {node["NodeID"]: node["Resources"] for node in ray.nodes() if node["Alive"]}
+    finally:
+        ray.shutdown()
+
+
+def test_workers_are_placed_on_both_nodes(ray_cluster: RayCluster) -> None:
+    graph = WorkflowGraph()
+    graph.connect(wf.Range(40), "output", where := WhereAmI(), "input")
+    results = aiod4p.run(graph, 1, mapping="ray", workers=2)
+    places = set(results.data(where.id))
+    assert {node for node, _ in places} == set(_nodes(ray_cluster))
+    assert len({pid for _, pid in places}) == 2
+
+
+def test_resources_choose_the_node(ray_cluster: RayCluster) -> None:
+    graph = WorkflowGraph()
+    graph.connect(wf.Range(10), "output", where := WhereAmI(), "input")
+    results = aiod4p.run(graph, 1, mapping=RayMapping(resources={"second": 1}), workers=1)
+    (second,) = (node for node, resources in _nodes(ray_cluster).items() if "second" in resources)
+    assert {node for node, _ in results.data(where.id)} == {second}
+
+
+@pytest.mark.parametrize("how", ["SIGKILL", "ray.kill"])
+def test_a_killed_actor_fails_the_run_and_leaves_no_process(ray_cluster: RayCluster, tmp_path: Path, how: str) -> None:
+    with pytest.raises(WorkerDied, match=r"worker actor [01] \(pid \d+ on Ray node \w+\) died before the run finished"):
+        aiod4p.run(_chain(Die(how, tmp_path)), 10_000_000, mapping="ray", workers=2)
+    pids = [int(path.name) for path in tmp_path.iterdir()]
+    assert len(pids) == 2
+    assert wait_gone(pids, timeout=30) == []
+
+
+def test_items_through_a_slow_sink_stay_within_the_inflight_bound(ray_cluster: RayCluster) -> None:
+    graph = WorkflowGraph()
+    graph.connect(wf.Count(), "output", double := wf.Double(), "input")
+    graph.connect(double, "output", sink := Slow(parallelism=1), "input")  # every item crosses to worker 0
+    run = aiod4p.start(graph, 200_000, mapping="ray", workers=2, batch_size=256, credits=2)
+
+    async def main() -> None:
+        async with asyncio.timeout(55):
+            await run.results()
+
+    asyncio.run(main())
+    sinks = [s for s in run.stats if s.pe == sink.id]
+    assert sum(s.items_in for s in sinks) == 200_000
+    for entry in run.stats:
+        assert entry.max_queued_items <= entry.inflight_bound, entry
+    # The sink's inbox held at most 2 channels x 2 credits x 256 items, whatever the input size.
+    assert sinks[0].inflight_bound == 2 * 2 * 256
+    assert sinks[0].max_queued_items > 0
+
+
+def test_more_than_the_cluster_has_fails_clearly(ray_cluster: RayCluster) -> None:
+    mapping = RayMapping(num_cpus=3, start_timeout=2)
+    with pytest.raises(MappingUnavailable, match=r"did not start 1 worker actors of 3 CPUs each within 2 s"):
+        aiod4p.run(_chain(wf.Double()), 10, mapping=mapping, workers=1)
+
+
+def test_an_unpicklable_pe_is_named(ray_cluster: RayCluster) -> None:
+    with pytest.raises(GraphError, match=r"PE HoldsLock\d+ cannot be pickled to start Ray actors: TypeError: .*lock"):
+        aiod4p.run(_chain(HoldsLock()), 10, mapping="ray", workers=2)
+
+
+def test_an_unpicklable_item_between_workers_names_the_pe_and_port(ray_cluster: RayCluster) -> None:
+    graph = WorkflowGraph()
+    emit = EmitLock(parallelism=1)
+    graph.connect(wf.Count(), "output", emit, "input")
+    graph.connect(emit, "output", wf.Double(parallelism=2), "input")  # half the items cross to worker 1
+    with pytest.raises(TransportError, match=rf"PE {emit.id}\[0\] wrote an item on output port 'output'.*pickle"):
+        aiod4p.run(graph, 100, mapping="ray", workers=2)
+
+
+def test_an_unpicklable_result_names_the_pe_and_port(ray_cluster: RayCluster) -> None:
+    graph = WorkflowGraph()
+    graph.connect(wf.Count(), "output", emit := EmitLock(), "input")
+    with pytest.raises(TransportError, match=rf"PE {emit.id} wrote a result on output port 'output'.*lock"):
+        aiod4p.run(graph, 100, mapping="ray", workers=2)
+
+
+FLOW = textwrap.dedent(
+    """
+    from aiod4p import IterativePE, ProducerPE, WorkflowGraph
+
+    class Numbers(ProducerPE):
+        def __init__(self):
+            super().__init__()
+            self.n = 0
+        def produce(self):
+            self.n += 1
+            return self.n
+
+    class Times10(IterativePE):
+        def process_item(self, item):
+            return item * 10
+
+    graph = WorkflowGraph()
+    graph.connect(Numbers(), "output", Times10(), "input")
+    """
+)
+
+
+def test_cli_joins_the_cluster_at_address_and_ships_the_workflow_file(ray_cluster: RayCluster, tmp_path: Path) -> None:
+    flow = tmp_path / "my-flow.py"  # not importable by name: the workers load it from its path
+    flow.write_text(FLOW)
+    env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
+    command = [*AIOD4P, "run", str(flow), "--mapping", "ray", "-n", "2", "--address", ray_cluster.address]
+    process = subprocess.run(
+        [*command, "-i", "50", "--results", "-", "-q"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=55,
+    )
+    assert process.returncode == 0, process.stderr
+    values = sorted(int(line.split('"data": ')[1].rstrip("}")) for line in process.stdout.splitlines())
+    assert values == [10 * i for i in range(1, 51)]
+
+
+def test_cli_address_is_for_the_ray_mapping_only(tmp_path: Path) -> None:
+    flow = tmp_path / "flow.py"
+    flow.write_text(FLOW)
+    process = subprocess.run(
+        [*AIOD4P, "run", str(flow), "--mapping", "multi", "--address", "127.0.0.1:1"],
+        capture_output=True,
+        text=True,
+        timeout=55,
+    )
+    assert process.returncode == 2
+    assert "--address applies to --mapping ray only" in process.stderr
