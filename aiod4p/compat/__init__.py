@@ -2,7 +2,8 @@
 
 :func:`install` puts an import hook first on ``sys.meta_path``: from then on
 ``import dispel4py.core`` (``.base``, ``.workflow_graph``, ``.utils``,
-``.new.processor`` and the ``.new.*_process`` mapping entry points) gives
+``.new.processor``, the ``.new.*_process`` mapping entry points,
+``.provenance`` and ``.seismo.seismo``) gives
 aiod4p's compatible code, even when the real dispel4py is installed. Modules
 aiod4p cannot provide (:data:`MISSING`) raise ImportError saying why. Any
 other ``dispel4py.*`` module (``dispel4py.examples...``,
@@ -39,26 +40,24 @@ SERVED: dict[str, str] = {
     f"{PACKAGE}.new.simple_process": "aiod4p.compat.mappings:simple",
     f"{PACKAGE}.new.multi_process": "aiod4p.compat.mappings:multi",
     f"{PACKAGE}.new.mpi_process": "aiod4p.compat.mappings:mpi",
+    f"{PACKAGE}.provenance": "aiod4p.compat.provenance",
+    f"{PACKAGE}.seismo.seismo": "aiod4p.compat.seismo",
+    f"{PACKAGE}.seismo.seismo_core": "aiod4p.compat.seismo",
 }
 
 #: The packages aiod4p provides; their other modules come from a real dispel4py.
 #: ``dispel4py.examples`` spans every real dispel4py package found (an
 #: installed one and a source tree holding the workflow, say).
-PACKAGES: dict[str, str] = {PACKAGE: "", f"{PACKAGE}.new": "new", f"{PACKAGE}.examples": "examples"}
-
-_NO_PROVENANCE = (
-    "aiod4p does not record dispel4py's provenance yet (ProvenanceType, ProvenanceSimpleFunctionPE,"
-    " configure_prov_run, the provenance recorders); remove the provenance set-up to run this workflow on aiod4p"
-)
+PACKAGES: dict[str, str] = {
+    PACKAGE: "",
+    f"{PACKAGE}.new": "new",
+    f"{PACKAGE}.examples": "examples",
+    f"{PACKAGE}.seismo": "seismo",
+}
 
 #: dispel4py modules aiod4p cannot provide, and why: importing one raises ImportError.
-MISSING: dict[str, str] = {
-    f"{PACKAGE}.provenance": f"dispel4py.provenance is not available: {_NO_PROVENANCE}",
-    f"{PACKAGE}.seismo": (
-        "dispel4py.seismo is not available: its PEs (SeismoPE, ObspyStreamPE, createProcessingComposite) are"
-        f" built on dispel4py.provenance, and {_NO_PROVENANCE}"
-    ),
-}
+#: (None at present: ``dispel4py.provenance`` and ``dispel4py.seismo`` are served.)
+MISSING: dict[str, str] = {}
 
 
 class _Loader(importlib.abc.Loader):
