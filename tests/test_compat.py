@@ -1119,6 +1119,9 @@ def test_configure_prov_run_sprov_config_and_level(d4p: Any, tmp_path: Path, mon
     numbers = ProvNumbers()
     graph.connect(numbers, "output", ProvenanceSimpleFunctionPE(abs), "input")
     assert injectProv(graph, ProvenanceType) is graph
+    star: dict[str, Any] = {}
+    exec("from dispel4py.provenance import *", star)  # as dispel4py's seismo modules import it
+    assert star["IterativePE"] is IterativePE and star["ProvenanceType"] is ProvenanceType
     run_id = configure_prov_run(
         graph, sprovConfig={"s-prov:run-id": "cfg", "s-prov:save-mode": "file"}, provenance_level="pe"
     )

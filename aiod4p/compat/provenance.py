@@ -33,6 +33,11 @@ from .core import GenericPE
 from .workflow_graph import WorkflowGraph
 
 __all__ = [
+    # dispel4py's workflows often take their PE bases from `from dispel4py.provenance import *`
+    "GenericPE",
+    "IterativePE",
+    "SimpleFunctionPE",
+    "WorkflowGraph",
     "ProvenanceIterativePE",
     "ProvenanceSimpleFunctionPE",
     "ProvenanceType",
