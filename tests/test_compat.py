@@ -1226,3 +1226,40 @@ def test_seismo_without_obspy_names_the_extra(d4p: Any, monkeypatch: pytest.Monk
     monkeypatch.setitem(sys.modules, "obspy", None)
     with pytest.raises(Aiod4pError, match=r"needs obspy, which is not installed: pip install 'aiod4p\[seismo\]'"):
         stream_metadata([1, 2])
+
+
+PROV_TUTORIAL = """
+from dispel4py.provenance import *
+from dispel4py.base import ProducerPE
+from dispel4py.new import multi_process
+
+
+class Read(ProvenanceType, ProducerPE):
+    def _process(self, inputs):
+        for i in range(1, 4):
+            self.write("output", i, metadata={"parity": i % 2})
+
+
+class Double(ProvenanceIterativePE):
+    def _process(self, data):
+        return 2 * data
+
+
+graph = WorkflowGraph()
+read = Read()
+graph.connect(read, "output", Double(), "input")
+configure_prov_run(graph, username="me", workflowId="w", workflowName="double", runId="tut")
+print("TUTORIAL", multi_process.process_and_return(graph, {read: 1}))
+"""
+
+
+def test_a_provenance_tutorial_runs_itself_on_spawned_multi_workers(tmp_path: Path) -> None:
+    # Workers in fresh interpreters rebuild the module's ProvenanceType PEs; the
+    # module's own run writes prov-<runId>.json where it runs.
+    flow = write(tmp_path / "prov-tutorial.py", PROV_TUTORIAL)
+    done = fresh_cli("run", str(flow), "--mapping", "simple", "-i", "1", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.count("TUTORIAL {'Double1': {'output': [2, 4, 6]}}") == 1, done.stdout
+    lineage = aiod4p.read_lineage(str(tmp_path / "prov-tut.json"))
+    (result,) = lineage.find("6")
+    assert [lineage.values[source] for source in lineage.sources(result)] == ["3"]
