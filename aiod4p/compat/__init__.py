@@ -4,8 +4,7 @@
 ``import dispel4py.core`` (``.base``, ``.workflow_graph``, ``.utils``,
 ``.new.processor``, the ``.new.*_process`` mapping entry points,
 ``.provenance`` and ``.seismo.seismo``) gives
-aiod4p's compatible code, even when the real dispel4py is installed. Modules
-aiod4p cannot provide (:data:`MISSING`) raise ImportError saying why. Any
+aiod4p's compatible code, even when the real dispel4py is installed. Any
 other ``dispel4py.*`` module (``dispel4py.examples...``,
 ``dispel4py.new.monitoring``) is loaded from a real dispel4py package when one can be found: an installed
 one, or the ``dispel4py`` directory enclosing a directory on ``sys.path``
@@ -25,7 +24,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import ModuleType
 
-__all__ = ["MISSING", "PACKAGES", "SERVED", "install", "installed", "uninstall"]
+__all__ = ["PACKAGES", "SERVED", "install", "installed", "uninstall"]
 
 PACKAGE = "dispel4py"
 
@@ -55,24 +54,17 @@ PACKAGES: dict[str, str] = {
     f"{PACKAGE}.seismo": "seismo",
 }
 
-#: dispel4py modules aiod4p cannot provide, and why: importing one raises ImportError.
-#: (None at present: ``dispel4py.provenance`` and ``dispel4py.seismo`` are served.)
-MISSING: dict[str, str] = {}
-
 
 class _Loader(importlib.abc.Loader):
     """Creates a ``dispel4py.*`` module holding the public names of a compat module."""
 
-    def __init__(self, source: str | None, missing: str | None = None) -> None:
+    def __init__(self, source: str | None) -> None:
         self.source = source
-        self.missing = missing
 
     def create_module(self, spec: importlib.machinery.ModuleSpec) -> ModuleType | None:
         return None  # the default module
 
     def exec_module(self, module: ModuleType) -> None:
-        if self.missing is not None:
-            raise ImportError(self.missing, name=module.__name__)
         if self.source is None:  # a package
             module.__doc__ = "dispel4py's API, provided by aiod4p (aiod4p.compat)."
             return
@@ -93,8 +85,6 @@ class _Finder(importlib.abc.MetaPathFinder):
     ) -> importlib.machinery.ModuleSpec | None:
         if fullname != PACKAGE and not fullname.startswith(PACKAGE + "."):
             return None
-        if fullname in MISSING:
-            return importlib.machinery.ModuleSpec(fullname, _Loader(None, MISSING[fullname]))
         if fullname in PACKAGES:
             roots = _real_dirs(fullname)
             spec = importlib.machinery.ModuleSpec(fullname, _Loader(None), is_package=True)
