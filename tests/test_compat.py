@@ -926,14 +926,6 @@ def test_dispel4py_utils(d4p: Any, tmp_path: Path, capsys: pytest.CaptureFixture
     assert len(hashes) == 1  # the same in every interpreter, unlike dispel4py's
 
 
-@pytest.mark.parametrize("module", ["dispel4py.provenance", "dispel4py.seismo.seismo"])
-def test_provenance_and_seismo_say_what_is_missing(d4p: Any, module: str) -> None:
-    import importlib
-
-    with pytest.raises(ImportError, match=r"is not available: .*aiod4p does not record dispel4py's provenance yet"):
-        importlib.import_module(module)
-
-
 @pytest.mark.parametrize("options", FRESH_MAPPINGS, ids=lambda o: o[1])
 def test_examples_span_an_installed_dispel4py_and_the_workflows_tree(
     tmp_path: Path, options: list[str], monkeypatch: pytest.MonkeyPatch
@@ -1041,3 +1033,235 @@ def test_code_shipment_names_what_a_worker_cannot_import(
     with pytest.raises(aiod4p.errors.TargetError, match=r"exits.py exited \(sys.exit\(4\)\) while being imported"):
         exits.load()
     assert _loading.in_worker()
+
+
+# -- issue 16 point 3: dispel4py.provenance and dispel4py.seismo on aiod4p's provenance ----
+
+pytest.importorskip("prov")  # aiod4p[provenance]: the PROV documents below are written with it
+
+from aiod4p.compat.provenance import ProvenanceIterativePE, ProvenanceType  # noqa: E402
+from aiod4p.compat.seismo import SeismoPE, SeismoSimpleFunctionPE  # noqa: E402
+
+PROV_MAPPINGS = [("simple", None), ("async", None), ("multi", 2), ("mpi", 2)]
+
+
+class ProvNumbers(ProvenanceType, ProducerPE):
+    """A dispel4py 2.0 provenance-aware producer: writes with metadata."""
+
+    def _process(self, inputs: Any) -> None:
+        for number in range(1, 5):
+            self.write("output", number, metadata={"parity": number % 2})
+
+
+class ProvSquare(ProvenanceIterativePE):
+    def _process(self, data: int) -> int:
+        return data * data
+
+
+class ProvTotal(ProvenanceType, GenericPE):
+    """A stateful provenance PE: its total derives from the state it kept (addToProvState / dep)."""
+
+    def __init__(self) -> None:
+        ProvenanceType.__init__(self)
+        self._add_input("input", grouping="global")
+        self._add_output("output")
+        self.total = 0
+
+    def process(self, inputs: dict[str, Any]) -> None:
+        self.total += inputs["input"]
+        self.addToProvState("total")
+
+    def postprocess(self) -> None:
+        self.write("output", ("total", self.total), dep=["total"])
+
+
+def prov_graph(d4p: Any) -> tuple[Any, Any]:
+    graph = d4p.workflow_graph.WorkflowGraph()
+    numbers, square, total = ProvNumbers(), ProvSquare(), ProvTotal()
+    graph.connect(numbers, "output", square, "input")
+    graph.connect(square, "output", total, "input")
+    return graph, numbers
+
+
+@pytest.mark.parametrize("case", PROV_MAPPINGS, ids=lambda c: c[0])
+def test_dispel4py_provenance_workflow_writes_prov_that_traces(
+    d4p: Any, case: tuple[str, int | None], tmp_path: Path
+) -> None:
+    from dispel4py.provenance import configure_prov_run
+
+    from aiod4p.compat.mappings import process_and_return
+
+    graph, numbers = prov_graph(d4p)
+    path = tmp_path / "run.json"
+    run_id = configure_prov_run(
+        graph, username="me", workflowId="w1", workflowName="squares", runId="r1", provenance_file=str(path)
+    )
+    assert run_id == "r1"
+    outputs = process_and_return(graph, {numbers: 1}, mapping=case[0], workers=case[1])
+    assert list(outputs.values()) == [{"output": [("total", 30)]}]
+    lineage = aiod4p.read_lineage(str(path))
+    (result,) = lineage.find("('total', 30)")
+    assert sorted(lineage.values[source] for source in lineage.sources(result)) == ["1", "2", "3", "4"]
+    assert '"aiod4p:parity"' in path.read_text()  # write(..., metadata=...) is recorded on the PE's agent
+    done = subprocess.run(
+        [sys.executable, "-m", "aiod4p", "provenance", str(path), "--trace", "total"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0 and "4 sources" in done.stdout, done.stdout + done.stderr
+
+
+def test_configure_prov_run_sprov_config_and_level(d4p: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from dispel4py.new import simple_process
+    from dispel4py.provenance import ProvenanceSimpleFunctionPE, configure_prov_run, injectProv
+
+    monkeypatch.chdir(tmp_path)
+    graph = d4p.workflow_graph.WorkflowGraph()
+    numbers = ProvNumbers()
+    graph.connect(numbers, "output", ProvenanceSimpleFunctionPE(abs), "input")
+    assert injectProv(graph, ProvenanceType) is graph
+    star: dict[str, Any] = {}
+    exec("from dispel4py.provenance import *", star)  # as dispel4py's seismo modules import it
+    assert star["IterativePE"] is IterativePE and star["ProvenanceType"] is ProvenanceType
+    run_id = configure_prov_run(
+        graph, sprovConfig={"s-prov:run-id": "cfg", "s-prov:save-mode": "file"}, provenance_level="pe"
+    )
+    assert run_id == "cfg"
+    assert simple_process.process_and_return(graph, {numbers: 1}) == {graph.pes[1].id: {"output": [1, 2, 3, 4]}}
+    assert "aiod4p:Stream" in (tmp_path / "prov-cfg.json").read_text()  # level pe: streams, not items
+
+
+def test_dispel4py_provenance_options_without_equivalent_warn_or_fail(d4p: Any, tmp_path: Path) -> None:
+    from dispel4py.provenance import configure_prov_run
+
+    from aiod4p.errors import Aiod4pError
+
+    graph, _ = prov_graph(d4p)
+    path = str(tmp_path / "p.json")
+    with pytest.warns(UserWarning, match=r"save_mode='service' is not supported .*writing .*p\.json instead"):
+        configure_prov_run(graph, save_mode="service", provenance_file=path)
+    with pytest.warns(UserWarning, match=r"ignores sel_rules=.*aiod4p has no equivalent"):
+        configure_prov_run(graph, sel_rules={"CorrCoef": {"rules": {"rho": {"$gt": 0}}}}, provenance_file=path)
+    with pytest.warns(UserWarning, match=r"ignores provRecorderClass="):
+        configure_prov_run(graph, provRecorderClass=GenericPE, provenance_file=path)
+    with pytest.warns(UserWarning, match=r"injectProv ignores componentsType="):
+        configure_prov_run(graph, componentsType={"ProvSquare": {"s-prov:type": ["SeismoPE"]}}, provenance_file=path)
+    with pytest.raises(Aiod4pError, match=r"unknown save_mode 'cloud'"):
+        configure_prov_run(graph, save_mode="cloud")
+    with pytest.raises(Aiod4pError, match=r"configure_prov_run: .*'row'"):
+        configure_prov_run(graph, provenance_level="row")
+
+
+class Transfers(ProvenanceType, IterativePE):
+    def _process(self, data: int) -> None:
+        self.write("output", data, location="file://x", format="text/plain")
+
+
+def test_provenance_write_keywords_without_equivalent_warn_once(d4p: Any) -> None:
+    graph = d4p.workflow_graph.WorkflowGraph()
+    graph.connect(ProvNumbers(), "output", Transfers(), "input")
+    with pytest.warns(UserWarning) as warned:
+        results = aiod4p.run(graph, mapping="simple", provenance="item")
+    assert sorted(results.data()) == [1, 2, 3, 4]
+    messages = sorted(str(w.message) for w in warned)
+    assert messages == [
+        "dispel4py.provenance on aiod4p: Transfers.write ignores the keyword 'format'",
+        "dispel4py.provenance on aiod4p: Transfers.write ignores the keyword 'location'",
+    ]
+
+
+# A seismology workflow in dispel4py 2.0's style: SeismoPE subclasses over obspy streams.
+
+
+class SyntheticStations(SeismoPE, ProducerPE):
+    """One synthetic three-sample-per-second stream per station (no download)."""
+
+    def _process(self, inputs: Any) -> None:
+        import numpy as np
+        import obspy
+
+        for index, station in enumerate(("AAA", "BBB", "CCC")):
+            header = {"network": "XX", "station": station, "channel": "HHZ", "sampling_rate": 3.0}
+            data = np.sin(np.arange(30, dtype=np.float64)) * (index + 1) + index
+            self.write("output", obspy.Stream([obspy.Trace(data=data, header=header)]))
+
+
+def demean(stream: Any) -> Any:
+    return stream.copy().detrend("demean")
+
+
+class PeakAmplitude(SeismoPE, IterativePE):
+    def _process(self, stream: Any) -> tuple[str, float]:
+        trace = stream[0]
+        return trace.stats.station, round(float(abs(trace.data).max()), 3)
+
+
+@pytest.mark.parametrize("case", [("simple", None), ("multi", 2)], ids=lambda c: c[0])
+def test_seismo_workflow_over_obspy_streams(d4p: Any, case: tuple[str, int | None], tmp_path: Path) -> None:
+    pytest.importorskip("obspy")  # aiod4p[seismo]
+    from dispel4py.provenance import configure_prov_run
+    from dispel4py.seismo.seismo import SeismoPE as Served
+
+    from aiod4p.compat.mappings import process_and_return
+
+    assert Served is SeismoPE
+    graph = d4p.workflow_graph.WorkflowGraph()
+    stations, peak = SyntheticStations(), PeakAmplitude()
+    graph.connect(stations, "output", SeismoSimpleFunctionPE(demean), "input")
+    graph.connect(graph.pes[1], "output", peak, "input")
+    path = tmp_path / "seismo.json"
+    configure_prov_run(graph, username="me", workflowId="s", workflowName="peaks", provenance_file=str(path))
+    outputs = process_and_return(graph, {stations: 1}, mapping=case[0], workers=case[1])
+    peaks = dict(outputs[peak.id]["output"])
+    assert sorted(peaks) == ["AAA", "BBB", "CCC"] and peaks["CCC"] > peaks["BBB"] > peaks["AAA"] > 0.9
+    text = path.read_text()
+    assert '"aiod4p:0:station"' in text and "HHZ" in text and "http://seis-prov.eu/ns/#" in text
+    lineage = aiod4p.read_lineage(str(path))
+    assert len(lineage.find("AAA")) == 1
+
+
+def test_seismo_without_obspy_names_the_extra(d4p: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    from aiod4p.compat.seismo import stream_metadata
+    from aiod4p.errors import Aiod4pError
+
+    monkeypatch.setitem(sys.modules, "obspy", None)
+    with pytest.raises(Aiod4pError, match=r"needs obspy, which is not installed: pip install 'aiod4p\[seismo\]'"):
+        stream_metadata([1, 2])
+
+
+PROV_TUTORIAL = """
+from dispel4py.provenance import *
+from dispel4py.base import ProducerPE
+from dispel4py.new import multi_process
+
+
+class Read(ProvenanceType, ProducerPE):
+    def _process(self, inputs):
+        for i in range(1, 4):
+            self.write("output", i, metadata={"parity": i % 2})
+
+
+class Double(ProvenanceIterativePE):
+    def _process(self, data):
+        return 2 * data
+
+
+graph = WorkflowGraph()
+read = Read()
+graph.connect(read, "output", Double(), "input")
+configure_prov_run(graph, username="me", workflowId="w", workflowName="double", runId="tut")
+print("TUTORIAL", multi_process.process_and_return(graph, {read: 1}))
+"""
+
+
+def test_a_provenance_tutorial_runs_itself_on_spawned_multi_workers(tmp_path: Path) -> None:
+    # Workers in fresh interpreters rebuild the module's ProvenanceType PEs; the
+    # module's own run writes prov-<runId>.json where it runs.
+    flow = write(tmp_path / "prov-tutorial.py", PROV_TUTORIAL)
+    done = fresh_cli("run", str(flow), "--mapping", "simple", "-i", "1", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.count("TUTORIAL {'Double1': {'output': [2, 4, 6]}}") == 1, done.stdout
+    lineage = aiod4p.read_lineage(str(tmp_path / "prov-tut.json"))
+    (result,) = lineage.find("6")
+    assert [lineage.values[source] for source in lineage.sources(result)] == ["3"]

@@ -2,9 +2,9 @@
 
 :func:`install` puts an import hook first on ``sys.meta_path``: from then on
 ``import dispel4py.core`` (``.base``, ``.workflow_graph``, ``.utils``,
-``.new.processor`` and the ``.new.*_process`` mapping entry points) gives
-aiod4p's compatible code, even when the real dispel4py is installed. Modules
-aiod4p cannot provide (:data:`MISSING`) raise ImportError saying why. Any
+``.new.processor``, the ``.new.*_process`` mapping entry points,
+``.provenance`` and ``.seismo.seismo``) gives
+aiod4p's compatible code, even when the real dispel4py is installed. Any
 other ``dispel4py.*`` module (``dispel4py.examples...``,
 ``dispel4py.new.monitoring``) is loaded from a real dispel4py package when one can be found: an installed
 one, or the ``dispel4py`` directory enclosing a directory on ``sys.path``
@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import ModuleType
 
-__all__ = ["MISSING", "PACKAGES", "SERVED", "install", "installed", "uninstall"]
+__all__ = ["PACKAGES", "SERVED", "install", "installed", "uninstall"]
 
 PACKAGE = "dispel4py"
 
@@ -39,41 +39,32 @@ SERVED: dict[str, str] = {
     f"{PACKAGE}.new.simple_process": "aiod4p.compat.mappings:simple",
     f"{PACKAGE}.new.multi_process": "aiod4p.compat.mappings:multi",
     f"{PACKAGE}.new.mpi_process": "aiod4p.compat.mappings:mpi",
+    f"{PACKAGE}.provenance": "aiod4p.compat.provenance",
+    f"{PACKAGE}.seismo.seismo": "aiod4p.compat.seismo",
+    f"{PACKAGE}.seismo.seismo_core": "aiod4p.compat.seismo",
 }
 
 #: The packages aiod4p provides; their other modules come from a real dispel4py.
 #: ``dispel4py.examples`` spans every real dispel4py package found (an
 #: installed one and a source tree holding the workflow, say).
-PACKAGES: dict[str, str] = {PACKAGE: "", f"{PACKAGE}.new": "new", f"{PACKAGE}.examples": "examples"}
-
-_NO_PROVENANCE = (
-    "aiod4p does not record dispel4py's provenance yet (ProvenanceType, ProvenanceSimpleFunctionPE,"
-    " configure_prov_run, the provenance recorders); remove the provenance set-up to run this workflow on aiod4p"
-)
-
-#: dispel4py modules aiod4p cannot provide, and why: importing one raises ImportError.
-MISSING: dict[str, str] = {
-    f"{PACKAGE}.provenance": f"dispel4py.provenance is not available: {_NO_PROVENANCE}",
-    f"{PACKAGE}.seismo": (
-        "dispel4py.seismo is not available: its PEs (SeismoPE, ObspyStreamPE, createProcessingComposite) are"
-        f" built on dispel4py.provenance, and {_NO_PROVENANCE}"
-    ),
+PACKAGES: dict[str, str] = {
+    PACKAGE: "",
+    f"{PACKAGE}.new": "new",
+    f"{PACKAGE}.examples": "examples",
+    f"{PACKAGE}.seismo": "seismo",
 }
 
 
 class _Loader(importlib.abc.Loader):
     """Creates a ``dispel4py.*`` module holding the public names of a compat module."""
 
-    def __init__(self, source: str | None, missing: str | None = None) -> None:
+    def __init__(self, source: str | None) -> None:
         self.source = source
-        self.missing = missing
 
     def create_module(self, spec: importlib.machinery.ModuleSpec) -> ModuleType | None:
         return None  # the default module
 
     def exec_module(self, module: ModuleType) -> None:
-        if self.missing is not None:
-            raise ImportError(self.missing, name=module.__name__)
         if self.source is None:  # a package
             module.__doc__ = "dispel4py's API, provided by aiod4p (aiod4p.compat)."
             return
@@ -94,8 +85,6 @@ class _Finder(importlib.abc.MetaPathFinder):
     ) -> importlib.machinery.ModuleSpec | None:
         if fullname != PACKAGE and not fullname.startswith(PACKAGE + "."):
             return None
-        if fullname in MISSING:
-            return importlib.machinery.ModuleSpec(fullname, _Loader(None, MISSING[fullname]))
         if fullname in PACKAGES:
             roots = _real_dirs(fullname)
             spec = importlib.machinery.ModuleSpec(fullname, _Loader(None), is_package=True)

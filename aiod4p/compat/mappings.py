@@ -10,10 +10,13 @@ do nothing, so a module that runs itself at import does not run again there.
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
-from .._api import run
+from .._api import run, start
 from .._loading import in_worker
+from .._results import Results
+from .provenance import provenance_config
 
 __all__ = ["entry_points", "process", "process_and_return"]
 
@@ -26,7 +29,9 @@ def process_and_return(
     """Run ``workflow`` and return what its unconnected outputs produced: ``{pe_id: {output: [items]}}``.
 
     ``inputs`` maps PEs (or their ids or names) to a number of calls or a list
-    of input dicts, as in dispel4py.
+    of input dicts, as in dispel4py. A graph set up by dispel4py's
+    ``configure_prov_run`` runs with provenance, written to its file when
+    the run succeeds.
 
     Raises:
         NotImplementedError: ``resultmappings`` is given (dispel4py's named
@@ -37,8 +42,20 @@ def process_and_return(
         raise NotImplementedError("aiod4p does not support dispel4py's resultmappings: results are unconnected outputs")
     if in_worker():
         return {}
+    config = provenance_config(workflow)
+    if config is None:
+        results = run(workflow, inputs, mapping=mapping, workers=workers)
+    else:
+
+        async def recorded() -> Results:
+            async with start(workflow, inputs, mapping=mapping, workers=workers, provenance=config.level) as flow:
+                done = await flow.results()
+            config.save(flow.stats)
+            return done
+
+        results = asyncio.run(recorded())
     outputs: dict[str, dict[str, list[Any]]] = {}
-    for (pe_id, port), items in run(workflow, inputs, mapping=mapping, workers=workers).by_port().items():
+    for (pe_id, port), items in results.by_port().items():
         outputs.setdefault(pe_id, {})[port] = items
     return outputs
 
