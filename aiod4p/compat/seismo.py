@@ -4,7 +4,7 @@
 whose items are obspy ``Stream``/``Trace`` objects (or tuples and lists
 holding one): the metadata of each trace it writes (its ``stats``: network,
 station, channel, start and end time, sampling rate, ...) is recorded as
-provenance. obspy (``pip install 'aiod4p[seismo]'``) is imported when a
+provenance. obspy (the ``seismo`` extra) is imported when a
 ``SeismoPE`` first extracts metadata, not when this module is imported.
 """
 
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from .._install import install_hint
 from ..errors import Aiod4pError
 from .base import SimpleFunctionPE
 from .provenance import ProvenanceType
@@ -25,7 +26,7 @@ def _obspy() -> Any:
     try:
         import obspy
     except ImportError as exc:
-        raise Aiod4pError("dispel4py.seismo needs obspy, which is not installed: pip install 'aiod4p[seismo]'") from exc
+        raise Aiod4pError(f"dispel4py.seismo needs obspy, which is not installed: {install_hint('seismo')}") from exc
     return obspy
 
 
