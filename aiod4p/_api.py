@@ -76,7 +76,12 @@ class WorkflowRun:
 
     async def _execute(self) -> None:
         try:
-            self.stats = await self.mapping.execute(self.plan, self.feeds, self._sink, self._control, self._max_delay)
+            stats = await self.mapping.execute(self.plan, self.feeds, self._sink, self._control, self._max_delay)
+            for pe, feed in self.feeds.items():  # a line stream's bad lines count for the instance it fed
+                for entry in stats:
+                    if (entry.pe, entry.instance) == (pe, 0):
+                        entry.skipped += getattr(feed, "skipped", 0)
+            self.stats = stats
         finally:
             self._finished = time.perf_counter()
 

@@ -16,11 +16,13 @@ import functools
 import inspect
 import itertools
 import logging
-import sys
 import time
 import traceback
-from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Mapping
+import types
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Coroutine, Generator, Iterable, Mapping
 from typing import Any, TypeAlias
+
+import greenlet
 
 from ._channels import EOS, Inbox, LocalChannel, SenderChannel
 from ._groupings import Router
@@ -44,9 +46,10 @@ YIELD_SECONDS = 0.005
 # With ``fixed_order``, the engine lets other tasks run after this many batches instead: a count, not a
 # time, so instances still take turns in the same order on every run.
 YIELD_BATCHES = 16
-# Calls on the event loop cannot wait for credit: once the calls of one input batch have written this
-# many full batches, the PE's further calls run in a thread, where write() waits.
-SPILL_BATCHES = 64
+# What a PE's calls on the event loop ask of the actor that drives them (see _Actor._drive): route what
+# write() has buffered, waiting for credit.
+_ROUTE = object()
+_DONE = object()  # the call has returned or raised
 
 
 def _error(ref: InstanceRef, port: str, exc: BaseException) -> Aiod4pError:
@@ -142,11 +145,11 @@ class _Actor:
         # Plain calls may run in a pool thread (where write() can wait for credit); others stay on the loop.
         self.can_thread = self.process_kind == "sync" and (self.fn is None or self.fn_kind == "sync")
         self.threaded = self.can_thread and bool(getattr(pe, "threaded", False))
-        # What a threaded call buffers before it hands its writes over (and waits for credit): as many
-        # items as one channel may have in flight.
+        # What a call buffers before it hands its writes over (and waits for credit): as many items as
+        # one channel may have in flight.
         self.hand_over_limit = self.batch_size * options.credits
-        self.spill_limit = self.batch_size * SPILL_BATCHES
         self.recorder: ActorRecorder | None = None  # provenance, when on
+        self.runner: _CallGreenlet | None = None  # runs the PE's calls, created on first use (see _drive)
 
     # -- wiring ------------------------------------------------------------
     def add_route(self, port: str, route: _Route) -> None:
@@ -159,9 +162,10 @@ class _Actor:
             self.buffers,
             ref.index,
             logging.LoggerAdapter(pe_logger, {"pe": ref.pe, "instance": ref.index}),
-            limit=self.spill_limit,
-            full=self._spilled,
+            limit=self.hand_over_limit,
+            full=_switch_to_actor,
             recorder=self.recorder,
+            stats=self.stats,
         )
         try:
             await self._stage("preprocess", pe.preprocess)
@@ -236,20 +240,12 @@ class _Actor:
     async def _lifecycle(self, stage: str, method: Any) -> None:
         """Call ``preprocess`` or ``postprocess``; what it wrote stays in the buffers."""
         started = time.perf_counter()
-        runtime = self.pe._runtime
-        limit = runtime.limit if runtime is not None else 0
-        if runtime is not None:
-            runtime.limit = sys.maxsize  # a stage runs once: what it writes is routed after it, a batch at a time
         try:
-            result = method()
-            if inspect.isawaitable(result):
-                await result
+            await self._drive(_call_stage(method))
         except Exception as exc:
             self.stats.errors += 1
             raise _error(self.ref, stage, exc) from exc
         finally:
-            if runtime is not None:
-                runtime.limit = limit
             self.stats.busy_seconds += time.perf_counter() - started
 
     async def _stage(self, stage: str, method: Any) -> None:
@@ -269,7 +265,39 @@ class _Actor:
     async def _handle(self, port: str | None, items: list[Any]) -> None:
         if self.threaded:
             return await self._handle_in_thread(port, items)
-        await self._handle_here(port, items)
+        await self._drive(self._handle_here(port, items))
+
+    @types.coroutine
+    def _drive(self, call: Coroutine[Any, Any, None]) -> Generator[Any, Any, None]:
+        """Run ``call`` (the PE's calls for one batch) in a greenlet, so that write() can wait for credit.
+
+        The greenlet steps the coroutine as a task would, and hands what it
+        awaits to this actor's task unchanged (results and exceptions, a
+        cancellation among them, go back the same way). When write() has
+        buffered a channel's worth of items on a port, it switches back to
+        the actor's task, which routes them (waiting for credit) and then
+        resumes the call where it wrote: memory stays bounded however many
+        items one call writes, plain or ``async def``. One greenlet per batch
+        of calls, not per item: the actor's one greenlet serves them all.
+        """
+        runner = self.runner
+        if runner is None:
+            runner = self.runner = _CallGreenlet(_serve_calls)
+        request = runner.switch(call)
+        while request is not _DONE:
+            try:
+                if request is _ROUTE:
+                    yield from self._route_outputs(detach=True).__await__()
+                    value = None
+                else:
+                    value = yield request
+            except BaseException as exc:  # into the call: where it wrote, or where it awaits
+                request = runner.throw(exc)
+            else:
+                request = runner.switch(value)
+        failure, runner.failure = runner.failure, None
+        if failure is not None:
+            raise failure
 
     async def _handle_here(self, port: str | None, items: list[Any]) -> None:
         if self.fn is not None:
@@ -283,38 +311,16 @@ class _Actor:
         await self._call_process(port, items)
 
     # -- threaded calls --------------------------------------------------------
-    def _spilled(self, port: str) -> None:
-        """Calls on the event loop have written :data:`SPILL_BATCHES` full batches: they cannot wait, so they buffer."""
-        runtime = self.pe._runtime
-        assert runtime is not None
-        runtime.limit = sys.maxsize  # the rest of this call is buffered: one warning is enough
-        if self.can_thread and not self.threaded:
-            self.threaded = self.pe.threaded = True
-            pe_logger.warning(
-                "PE %s wrote more than %d items in one batch of calls: its further calls run in a thread, where"
-                " write() waits for credit (set threaded = True on the PE to bound its first calls too)",
-                self.ref,
-                len(self.buffers[port]) - 1,
-            )
-        elif not self.can_thread:
-            pe_logger.warning(
-                "PE %s wrote more than %d items in one batch of %s calls, which cannot wait for credit: they are"
-                " buffered (yield them from a generator instead, which waits)",
-                self.ref,
-                len(self.buffers[port]) - 1,
-                "async" if self.process_kind == "async" or self.fn_kind == "async" else "generator",
-            )
-
     async def _handle_in_thread(self, port: str | None, items: list[Any]) -> None:
         """Run a batch of plain calls in the worker's pool; write() hands full batches over and waits for credit."""
         loop = asyncio.get_running_loop()
         runtime = self.pe._runtime
         assert runtime is not None
-        runtime.limit, runtime.full = self.hand_over_limit, functools.partial(self._hand_over, loop)
+        runtime.full = functools.partial(self._hand_over, loop)
         try:
             await loop.run_in_executor(self.worker.executor(), self._call_items, port, items)
         finally:
-            runtime.limit, runtime.full = self.spill_limit, self._spilled
+            runtime.full = _switch_to_actor
 
     def _call_items(self, port: str | None, items: list[Any]) -> None:
         """In a pool thread: call the PE item by item, stopping early if the run aborts (or a source drains)."""
@@ -617,6 +623,61 @@ class _Actor:
             pending.dirty = False
         await self._flush_many(dirty)
         self.last_flush = time.monotonic()
+
+
+class _CallGreenlet(greenlet.greenlet):
+    """The greenlet that runs an actor's batches of PE calls (see :meth:`_Actor._drive`)."""
+
+    failure: BaseException | None = None  # what the last call raised
+
+
+def _serve_calls(call: Coroutine[Any, Any, None]) -> None:
+    """In an actor's :class:`_CallGreenlet`: run each call it is handed, then hand back :data:`_DONE`."""
+    runner = greenlet.getcurrent()
+    assert isinstance(runner, _CallGreenlet) and runner.parent is not None
+    actor = runner.parent
+    while True:
+        try:
+            _step(call, actor)
+        except greenlet.GreenletExit:
+            raise
+        except BaseException as exc:
+            runner.failure = exc
+        call = actor.switch(_DONE)
+
+
+def _step(call: Coroutine[Any, Any, None], actor: greenlet.greenlet) -> None:
+    """Step ``call`` as a task would, handing what it awaits to the ``actor`` greenlet (its task)."""
+    value: Any = None
+    error: BaseException | None = None
+    while True:
+        try:
+            awaited = call.send(value) if error is None else call.throw(error)
+        except StopIteration:
+            return
+        try:
+            value, error = actor.switch(awaited), None
+        except greenlet.GreenletExit:
+            call.close()
+            raise
+        except BaseException as exc:  # the actor's task was cancelled, or what the call awaits failed
+            value, error = None, exc
+
+
+def _switch_to_actor(port: str) -> None:
+    """write() has buffered a channel's worth of items: let the actor route them, waiting for credit."""
+    current = greenlet.getcurrent()
+    if type(current) is _CallGreenlet and current.parent is not None:  # else a host routes by itself: they stay
+        current.parent.switch(_ROUTE)
+
+
+def _call_stage(method: Callable[[], Any]) -> Coroutine[Any, Any, None]:
+    async def stage() -> None:
+        result = method()
+        if inspect.isawaitable(result):
+            await result
+
+    return stage()
 
 
 def _free_credits(pending: _Pending) -> int:

@@ -71,6 +71,7 @@ class _Runtime:
     limit: int = sys.maxsize
     full: Callable[[str], None] | None = None
     recorder: Any = None  # an ActorRecorder when provenance is on
+    stats: Any = None  # the instance's InstanceStats, where the PE reports its own counters
 
 
 class PE:
@@ -94,13 +95,9 @@ class PE:
             a thread of the run's pool, off the event loop: for PEs that
             block (``time.sleep``, blocking I/O, long computations that release
             the GIL), so that the rest of the workflow, signals and the
-            progress display stay responsive. A threaded PE's :meth:`write`
-            waits for credit (back-pressure) whenever it has written a full
-            batch, so a call that writes any number of items runs in constant
-            memory. A PE whose plain calls on the event loop write more than
-            64 full batches for one batch of input becomes threaded by itself
-            for the rest of the run (with a warning). Also ``aiod4p run
-            --threaded PE``.
+            progress display stay responsive. Also ``aiod4p run --threaded
+            PE``. (Memory does not need it: :meth:`write` waits for credit in
+            every call, threaded or not.)
 
     The engine never runs the PE objects of a graph: every run works on fresh
     deep copies of them, taken when it starts, one per instance (instance 0
@@ -181,8 +178,10 @@ class PE:
     def write(self, port: str, item: Any) -> None:
         """Emit ``item`` on output ``port``.
 
-        In a threaded call, waits while the workflow has no room for a full
-        batch of them (back-pressure).
+        Once the call has written ``credits x batch_size`` items on
+        ``port``, waits while the workflow has no room for them
+        (back-pressure), so a call that writes any number of items runs in
+        bounded memory.
 
         Raises:
             GraphError: ``port`` is not a declared output, or the PE is not running.

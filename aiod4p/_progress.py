@@ -1,7 +1,7 @@
 """A live progress display of a running workflow, drawn with rich.
 
 It samples the run's statistics (:meth:`WorkflowRun.live_stats`) every
-``interval`` seconds from a task in the run's own event loop and redraws:
+``interval`` seconds from a thread of its own and redraws:
 items in and out per PE, each PE's throughput and busy share over the last
 interval (the busiest PE is named in the title), and the queue waiting at
 the end of each edge against its bound (where back-pressure builds). The
@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import logging
 import sys
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING
@@ -132,8 +133,9 @@ async def progress(
     """Show ``workflow``'s progress live while the block runs, and erase it at the end.
 
     The first frame is drawn after ``interval`` seconds and then every
-    ``interval`` seconds, from a task in the current event loop; so a run
-    shorter than ``interval`` shows nothing and pays next to nothing. If
+    ``interval`` seconds, from a thread: a PE that holds the event loop
+    (a blocking call not marked ``threaded``) does not freeze the display. A
+    run shorter than ``interval`` shows nothing and pays next to nothing. If
     drawing a frame fails, the display stops with a warning on the
     ``aiod4p.progress`` logger and the run goes on.
     """
@@ -144,9 +146,10 @@ async def progress(
     display = ProgressDisplay(workflow.plan, workflow.live_stats, title=title)
     live = Live(console=console or Console(), auto_refresh=False, transient=True)
 
-    async def refresh() -> None:
-        while True:
-            await asyncio.sleep(interval)
+    stop = threading.Event()
+
+    def refresh() -> None:
+        while not stop.wait(interval):
             try:
                 live.update(display.render(), refresh=True)
             except Exception as exc:  # a display that fails must not fail the run
@@ -154,13 +157,13 @@ async def progress(
                 return
 
     live.start()
-    task = asyncio.create_task(refresh(), name="aiod4p progress")
+    drawer = threading.Thread(target=refresh, name="aiod4p progress", daemon=True)
+    drawer.start()
     try:
         yield display
     finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        stop.set()
+        await asyncio.to_thread(drawer.join)  # at most the frame being drawn
         live.update("")  # stopping erases the last frame without drawing another
         with contextlib.suppress(OSError):  # the terminal is gone: nothing left to erase
             live.stop()

@@ -26,6 +26,10 @@ class InstanceStats:
         queued_items: the items waiting in the inbox when the instance last
             took a batch (live; 0 once the instance has finished).
         inflight_bound: the most items the inbox can ever hold.
+        skipped: bad input lines that the instance's line source (a
+            :class:`~aiod4p.sources.SourcePE` such as ``LinesSource`` or
+            ``TCPSource``, or a feed such as ``--stdin``'s ``LineStream``: anything
+            with a ``skipped`` count) skipped or dead-lettered (``on_bad``).
         provenance: what the instance recorded for provenance (when on), set
             once it has finished; it travels to the launcher with these
             statistics and is left out of :meth:`to_dict`.
@@ -44,6 +48,7 @@ class InstanceStats:
     max_queued_items: int = 0
     inflight_bound: int = 0
     queued_items: int = 0
+    skipped: int = 0
     provenance: Any = field(default=None, repr=False, compare=False)
 
     def to_dict(self) -> dict[str, Any]:

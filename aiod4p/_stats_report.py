@@ -56,6 +56,7 @@ class PESummary:
     max_queued_items: int = 0
     queued_items: int = 0
     inflight_bound: int = 0
+    skipped: int = 0
 
     def add(self, stats: InstanceStats) -> None:
         self.instances += 1
@@ -68,6 +69,7 @@ class PESummary:
         self.max_queued_items = max(self.max_queued_items, stats.max_queued_items)
         self.queued_items += stats.queued_items
         self.inflight_bound += stats.inflight_bound
+        self.skipped += stats.skipped
 
     def to_dict(self) -> dict[str, Any]:
         return {field.name: getattr(self, field.name) for field in fields(self) if field.name != "pe"}
@@ -96,7 +98,8 @@ def stats_table(stats: list[InstanceStats], plan: ExecutionPlan | None = None, *
     table.add_column("PE", no_wrap=True)
     for name in ("instance", "worker"):
         table.add_column(name)
-    for name in ("items in", "items out", "errors", "busy s", "blocked s", "max queued"):
+    skipped = any(entry.skipped for entry in stats)  # a column only for runs whose sources skipped bad lines
+    for name in ("items in", "items out", "errors", "busy s", "blocked s", "max queued", "skipped")[: 6 + skipped]:
         table.add_column(name, justify="right")
     by_pe: dict[str, list[InstanceStats]] = {}
     for entry in sorted(stats, key=_order_key(plan)):
@@ -111,12 +114,12 @@ def stats_table(stats: list[InstanceStats], plan: ExecutionPlan | None = None, *
             pe,
             f"all {len(entries)}" if several else str(entries[0].instance),
             workers,
-            *_cells(total),
+            *_cells(total)[: 6 + skipped],
             style="bold" if several else None,
         )
         if several:
             for entry in entries:
-                table.add_row("", str(entry.instance), str(entry.worker), *_cells(entry), style="dim")
+                table.add_row("", str(entry.instance), str(entry.worker), *_cells(entry)[: 6 + skipped], style="dim")
     if not by_pe:
         table.caption = "no statistics were reported"
     return table
@@ -130,6 +133,7 @@ def _cells(entry: InstanceStats | PESummary) -> list[str]:
         f"{entry.busy_seconds:.3f}",
         f"{entry.blocked_seconds:.3f}",
         f"{entry.max_queued_items:,}",
+        f"{entry.skipped:,}",
     ]
 
 

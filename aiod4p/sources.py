@@ -885,6 +885,9 @@ class SourcePE(ProducerPE):
                 async for item in items:
                     yield item
         finally:
+            runtime = self._runtime
+            if runtime is not None and runtime.stats is not None:  # a line stream's bad lines, in the statistics
+                runtime.stats.skipped += getattr(self._stream, "skipped", 0)
             self._stream = self._task = None
 
     def __getstate__(self) -> dict[str, Any]:

@@ -4,7 +4,7 @@
 
 Each case runs in its own process (peak RSS is per process): a source whose
 single ``produce()`` call loops ``self.write`` over every item, on the event
-loop (first call buffered, the engine's default for an unmarked PE) and
+loop (an unmarked PE: its writes wait for credit in its greenlet) and
 threaded (``threaded = True``: writes wait for credit); a generator source
 yielding the same items (fed lazily); and the baseline of an interpreter
 that only imports aiod4p. Writes bench/results/write_loop.md.
@@ -86,8 +86,8 @@ def main() -> None:
         )
     lines += [
         "",
-        "Target: a threaded write loop stays near the lazy feed (memory bounded by channels x credits x batch);"
-        " an unmarked PE buffers its first such call, then runs threaded.",
+        "Target: every write loop, unmarked (on the event loop) or threaded, stays near the lazy feed"
+        " (memory bounded by channels x credits x batch).",
         "",
     ]
     section = "\n".join(lines)

@@ -421,7 +421,8 @@ def test_stdin_bad_lines_follow_on_bad(tmp_path: Path, mapping: str, on_bad: str
         "graph.add(Echo(name='echo'))\n"
     )
     lines = b'{"i": 1}\n' + b'{"long": "' + b"z" * 500 + b'"}\n{"i": 2}\nnot json\n'
-    options = ["--max-line", "100", "--on-bad", on_bad, "--results", "-"]
+    stats = tmp_path / "stats.json"
+    options = ["--max-line", "100", "--on-bad", on_bad, "--results", "-", "--stats-json", str(stats)]
     done = subprocess.run(
         [*(sys.executable, "-m", "aiod4p", "run", str(flow), "-m", mapping, "--stdin", "echo"), *options],
         input=lines,
@@ -441,6 +442,7 @@ def test_stdin_bad_lines_follow_on_bad(tmp_path: Path, mapping: str, on_bad: str
     if on_bad == "skip":
         assert letters == []
         assert "aiod4p: warning: --stdin: 2 bad lines skipped" in err
+        assert [pe["skipped"] for pe in json.loads(stats.read_text())["pes"].values()] == [2]  # in its statistics
         assert "stdin, line 4: not valid JSON" in err
     else:
         assert [(d["source"], d["line"], d["size"]) for d in letters] == [("stdin", 2, 512), ("stdin", 4, 8)]

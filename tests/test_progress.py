@@ -12,16 +12,18 @@ import select
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import workflows as wf
 from rich.console import Console
 
 import aiod4p
-from aiod4p import InstanceStats, make_plan
+from aiod4p import InstanceStats, IterativePE, WorkflowGraph, make_plan
 from aiod4p._progress import ProgressDisplay, progress
 
 TITLE = "aiod4p · async mapping"
@@ -189,7 +191,7 @@ class Screen(io.StringIO):
     def __init__(self) -> None:
         super().__init__()
         self.frames = 0
-        self.two_frames = asyncio.Event()
+        self.two_frames = threading.Event()  # set by the display's thread
 
     def write(self, text: str) -> int:
         self.frames += text.count(TITLE)
@@ -208,20 +210,49 @@ def test_progress_context_draws_and_cleans_up() -> None:
         async def feed() -> AsyncIterator[dict[str, int]]:
             for _ in range(100):
                 yield {}
-            await screen.two_frames.wait()  # hold the run open until two frames were drawn
+            await asyncio.to_thread(screen.two_frames.wait)  # hold the run open until two frames were drawn
 
         async with asyncio.timeout(30):
             run = aiod4p.start(graph, {source: feed()}, mapping="async", workers=2)
             async with run, progress(run, console=console, interval=0.01):
                 results = await run.results()
             assert len(results.data()) == 100
-            others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
-            assert all(t.get_name() != "aiod4p progress" for t in others)
+            assert all(thread.name != "aiod4p progress" for thread in threading.enumerate())
         return screen
 
     screen = asyncio.run(go())
     assert screen.frames >= 2
     assert "Double" in screen.getvalue() and "100" in screen.getvalue()
+
+
+class HoldsTheLoop(IterativePE):
+    """A plain call, not threaded, that blocks the event loop until the display has drawn two frames."""
+
+    def __init__(self, watch: wf.Shared) -> None:
+        super().__init__()
+        self.watch = watch
+
+    def process_item(self, data: Any) -> Any:
+        self.watch.frames = self.watch.screen.two_frames.wait(20)
+        return data
+
+
+def test_the_display_goes_on_while_a_pe_holds_the_event_loop() -> None:
+    screen = Screen()
+    console = Console(file=screen, force_terminal=True, width=120)
+    graph = WorkflowGraph()
+    watch = wf.Shared(screen=screen, frames=False)
+    holder = HoldsTheLoop(watch)
+    graph.add(holder)
+
+    async def go() -> None:
+        async with asyncio.timeout(30):
+            run = aiod4p.start(graph, {holder: [1]}, mapping="async")
+            async with run, progress(run, console=console, interval=0.01):
+                await run.results()
+
+    asyncio.run(go())
+    assert watch.frames  # drawn while the loop was held
 
 
 def test_short_run_draws_nothing() -> None:
@@ -242,7 +273,7 @@ class BrokenScreen(io.StringIO):
 
     def __init__(self) -> None:
         super().__init__()
-        self.failed = asyncio.Event()
+        self.failed = threading.Event()  # set by the display's thread
 
     def write(self, text: str) -> int:
         if TITLE in text:
@@ -261,7 +292,7 @@ def test_a_failing_display_stops_and_the_run_goes_on(caplog: pytest.LogCaptureFi
         async def feed() -> AsyncIterator[dict[str, int]]:
             for _ in range(10):
                 yield {}
-            await screen.failed.wait()  # hold the run open until drawing a frame has failed
+            await asyncio.to_thread(screen.failed.wait)  # hold the run open until drawing a frame has failed
 
         async with asyncio.timeout(30):
             run = aiod4p.start(graph, {source: feed()}, mapping="async")

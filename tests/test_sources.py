@@ -528,6 +528,16 @@ def test_line_options_are_checked() -> None:
 
 
 @pytest.mark.parametrize("mapping", ["simple", "async", "multi"])
+def test_skipped_lines_count_in_the_statistics(tmp_path: Path, mapping: str) -> None:
+    path = tmp_path / "in.jsonl"
+    path.write_bytes(BAD_INPUT)
+    source = LinesSource(path, json=True, max_line=1000, on_bad="skip")
+    run = aiod4p.start(source_graph(source), mapping=mapping, workers=2 if mapping == "multi" else None)
+    assert len(asyncio.run(run.results())) == 3
+    assert {(entry.pe, entry.skipped) for entry in run.stats if entry.skipped} == {(source.id, 3)}
+
+
+@pytest.mark.parametrize("mapping", ["simple", "async", "multi"])
 def test_lines_source_dead_letters_are_results(tmp_path: Path, mapping: str) -> None:
     path = tmp_path / "in.jsonl"
     path.write_bytes(BAD_INPUT)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import os
 import signal
 import subprocess
@@ -134,31 +133,76 @@ def test_a_threaded_write_loop_runs_in_bounded_memory(mapping: str) -> None:
     assert writer.progress.ahead <= BOUND
 
 
-def test_a_write_loop_on_the_loop_becomes_threaded(caplog: pytest.LogCaptureFixture) -> None:
-    graph, writer = write_loop(threaded=False, writes=2_000)
-    with caplog.at_level(logging.WARNING, logger="aiod4p.pe"):
-        run = aiod4p.start(graph, 2, mapping="async", batch_size=1)  # each call in its own feed batch
-        results = asyncio.run(run.results())
-    assert not results and writer.progress.written == 2 * 2_000
-    assert "its further calls run in a thread, where write() waits for credit" in caplog.text.replace("\n", " ")
-    assert not writer.threaded and run.instances(writer)[0].threaded  # the run's copy switched, not the graph
-    first, second = max(writer.progress.aheads[:2_000]), max(writer.progress.aheads[2_000:])
-    assert first > bound(1)  # a call on the event loop cannot wait: it buffered
-    assert second <= bound(1)  # the next call ran in a thread, its writes waiting for credit
+@pytest.mark.parametrize("mapping", ["simple", "async"])
+def test_a_write_loop_on_the_event_loop_runs_in_bounded_memory(mapping: str) -> None:
+    graph, writer = write_loop(threaded=False)
+    aiod4p.run(graph, 1, mapping=mapping)
+    assert writer.progress.written == WRITES
+    assert writer.progress.ahead <= BOUND  # write() waited for credit, on the event loop
 
 
 class AsyncWriteLoop(ProducerPE):
+    """An ``async def`` call that writes in a loop without awaiting."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.progress = wf.Shared(written=0, ahead=0)
+
     async def produce(self) -> None:
-        for item in range(2_000):
+        for item in range(WRITES):
+            self.progress.written += 1
             self.write("output", item)
 
 
-def test_an_async_write_loop_is_named_in_a_warning(caplog: pytest.LogCaptureFixture) -> None:
+def test_an_async_write_loop_runs_in_bounded_memory() -> None:
     graph = WorkflowGraph()
-    graph.connect(AsyncWriteLoop(), "output", wf.Discard(), "input")
-    with caplog.at_level(logging.WARNING, logger="aiod4p.pe"):
+    writer = AsyncWriteLoop()
+    graph.connect(writer, "output", Behind(writer), "input")  # type: ignore[arg-type]
+    aiod4p.run(graph, 1, mapping="async")
+    assert writer.progress.written == WRITES
+    assert writer.progress.ahead <= BOUND
+
+
+class PreprocessWrites(ProducerPE):
+    """Writes everything in ``preprocess``, which runs once."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.progress = wf.Shared(written=0, ahead=0)
+
+    def preprocess(self) -> None:
+        for item in range(WRITES):
+            self.progress.written += 1
+            self.write("output", item)
+
+    def produce(self) -> None:
+        pass
+
+
+def test_a_stage_that_writes_in_a_loop_runs_in_bounded_memory() -> None:
+    graph = WorkflowGraph()
+    writer = PreprocessWrites()
+    graph.connect(writer, "output", Behind(writer), "input")  # type: ignore[arg-type]
+    aiod4p.run(graph, 1, mapping="async")
+    assert writer.progress.written == WRITES
+    assert writer.progress.ahead <= BOUND
+
+
+class FailsWhileWriting(ProducerPE):
+    """Writes past a full buffer, then fails: the error comes out of the run, named."""
+
+    def produce(self) -> None:
+        for item in range(5_000):
+            self.write("output", item)
+        raise ValueError("broken after 5000 writes")
+
+
+def test_a_call_that_fails_after_waiting_for_credit_names_the_pe() -> None:
+    graph = WorkflowGraph()
+    graph.connect(FailsWhileWriting(), "output", wf.Discard(), "input")
+    with pytest.raises(aiod4p.PEError, match="broken after 5000 writes") as info:
         aiod4p.run(graph, 1, mapping="async", batch_size=10, credits=2)
-    assert "in one batch of async calls, which cannot wait for credit" in caplog.text
+    assert "FailsWhileWriting" in str(info.value)
 
 
 class GeneratorWrites(ProducerPE):
