@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
+import threading
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -105,14 +106,11 @@ class RayMapping(MultiMapping):
         """
         shipped, pumped = split_feeds(plan, feeds)
         payload = ship(Job(plan, shipped, max_delay, self.stats_interval), "start Ray actors")
-        connected = ray.is_initialized()
-        if not connected:
-            await asyncio.to_thread(self._connect)
+        await asyncio.to_thread(_CONNECTION.acquire, self._connect)  # concurrent runs share one connection
         try:
             return await _RayRun(self, plan, sink, control).run(payload, pumped)
         finally:
-            if not connected:
-                await asyncio.to_thread(ray.shutdown)
+            await asyncio.to_thread(_CONNECTION.release)
 
     def _connect(self) -> None:
         """Join the cluster at ``address`` (or ``RAY_ADDRESS``), else start a local Ray."""
@@ -127,6 +125,37 @@ class RayMapping(MultiMapping):
         except (ConnectionError, RuntimeError, ValueError) as exc:
             where = self.address or "RAY_ADDRESS"
             raise MappingUnavailable(f"cannot join the Ray cluster at {where}: {exc}") from exc
+
+
+class _Connection:
+    """This process's connection to Ray: made by the first run that needs it, closed by the last one.
+
+    A connection made by the caller (``ray.init`` before the run) is theirs: it is never closed here.
+    """
+
+    def __init__(self) -> None:
+        self._users = 0
+        self._owned = False
+        self._lock = threading.Lock()
+
+    def acquire(self, connect: Callable[[], None]) -> None:
+        """Count one more run, calling ``connect`` first if Ray is not initialized."""
+        with self._lock:
+            if self._users == 0 and not ray.is_initialized():
+                connect()
+                self._owned = True
+            self._users += 1
+
+    def release(self) -> None:
+        """Count one run less; the last one closes a connection made here."""
+        with self._lock:
+            self._users -= 1
+            if self._users == 0 and self._owned:
+                self._owned = False
+                ray.shutdown()
+
+
+_CONNECTION = _Connection()
 
 
 class _RayRun:

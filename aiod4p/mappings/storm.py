@@ -160,6 +160,15 @@ class StormMapping(BaseMapping):
         """Wait until every task has finished or the run failed; drain on request."""
         started = asyncio.ensure_future(report.all_started.wait())
         ended = asyncio.ensure_future(report.ended.wait())
+        draining: list[asyncio.Task[None]] = []
+
+        async def drain() -> None:
+            # A drain asked for during start-up waits until every task runs: only a running topology deactivates.
+            await asyncio.wait({started, ended}, return_when="FIRST_COMPLETED")
+            if not report.ended.is_set():
+                await self._drain(cluster)
+
+        control.on_drain(lambda: draining.append(asyncio.ensure_future(drain())))
         try:
             done, _ = await asyncio.wait({started, ended}, timeout=self.start_timeout, return_when="FIRST_COMPLETED")
             if not done:
@@ -171,14 +180,12 @@ class StormMapping(BaseMapping):
             if not report.ended.is_set():
                 self.facts = await asyncio.to_thread(topology_facts, cluster, self.topology)
                 logger.info("topology %s runs (%s)", self.topology, self.facts["id"])
-            draining: list[asyncio.Task[None]] = []
-            control.on_drain(lambda: draining.append(asyncio.ensure_future(self._drain(cluster))))
             await ended
             for task in draining:
                 await task
         finally:
-            started.cancel()
-            ended.cancel()
+            for pending in (started, ended, *draining):
+                pending.cancel()
 
     async def _drain(self, cluster: Cluster) -> None:
         logger.warning("draining topology %s: deactivating it; its spouts stop and finish their streams", self.topology)
