@@ -16,7 +16,7 @@ class SlowSink(ConsumerPE):
 
     def consume(self, item: int) -> None:
         if item % 250 == 0:
-            time.sleep(0.0002)  # work, not synchronisation: the sink is slower than the source
+            time.sleep(0.0002)  # ok-sleep: work, not synchronisation (the sink is slower than the source)
 
 
 def test_a_million_items_never_exceed_the_inflight_bound() -> None:

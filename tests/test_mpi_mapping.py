@@ -299,7 +299,7 @@ def test_ctrl_c_under_mpiexec_drains_every_rank(tmp_path: Path) -> None:
     try:
         deadline = time.monotonic() + 20
         while (not out.exists() or out.stat().st_size < 100_000) and time.monotonic() < deadline:
-            time.sleep(0.05)  # polling for the condition: results are flowing
+            time.sleep(0.05)  # ok-sleep: polling for the condition: results are flowing
         process.send_signal(signal.SIGINT)  # mpiexec forwards it to every rank
         process.communicate(timeout=20)
     finally:

@@ -80,7 +80,7 @@ class Slow(ConsumerPE):
 
     def consume(self, item: int) -> None:
         if item % 500 == 0:
-            time.sleep(0.001)
+            time.sleep(0.001)  # ok-sleep: work, not synchronisation
 
 
 def _children() -> set[int]:
@@ -455,7 +455,7 @@ def test_workers_exit_when_the_parent_is_killed(tmp_path: Path) -> None:
         process.communicate(timeout=30)
         deadline = time.monotonic() + 10
         while _marked(marker) and time.monotonic() < deadline:
-            time.sleep(0.05)  # polling for the orphans to notice
+            time.sleep(0.05)  # ok-sleep: polling for the orphans to notice
         assert _marked(marker) == []
     finally:
         for pid in _marked(marker):

@@ -46,7 +46,7 @@ def _wait_for(condition: object, what: str, timeout: float = 30.0) -> None:
     while not condition():  # type: ignore[operator]
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
+        time.sleep(0.02)  # ok-sleep: polling a condition, with a deadline
 
 
 def _alive(pid: int) -> bool:

@@ -74,7 +74,7 @@ class Slow(ConsumerPE):
 
     def consume(self, item: int) -> None:
         if item % 500 == 0:
-            time.sleep(0.001)
+            time.sleep(0.001)  # ok-sleep: work, not synchronisation (a sink slower than its source)
 
 
 def _chain(middle: IterativePE) -> WorkflowGraph:

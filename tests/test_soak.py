@@ -53,7 +53,7 @@ class SlowSink(ConsumerPE):
         self.total += item["value"]
         self.count += 1
         if self.count % 500 == 0:
-            time.sleep(0.001)  # work, not synchronisation: a sink slower than the source (2 us per item)
+            time.sleep(0.001)  # ok-sleep: work, not synchronisation (a sink slower than the source)
         if self.count % self.every == 0:
             self.samples.append(rss_bytes())
 
