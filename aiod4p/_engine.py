@@ -603,16 +603,15 @@ class _Actor:
         Until the first measurement a batch carries one item, and after twice
         ``credits`` such batches (the local instances may never get an item)
         twice as many as the last; where this worker runs no instance of the
-        destination there is no bound by time, nor with ``fixed_order``.
+        destination there is no bound by time.
         """
         limit = self.batch_size
-        if not self.worker.fixed_order:  # measured times would make a fixed order depend on timing
-            seconds = self.worker.seconds_per_item(pending.dest)
-            if seconds is None:
-                pending.blind += 1
-                limit = min(limit, pending.limit * 2 if pending.blind > 2 * self.credits else 1)
-            elif seconds * limit > self.batch_seconds:
-                limit = max(1, int(self.batch_seconds / seconds))
+        seconds = self.worker.seconds_per_item(pending.dest)
+        if seconds is None:
+            pending.blind += 1
+            limit = min(limit, pending.limit * 2 if pending.blind > 2 * self.credits else 1)
+        elif seconds * limit > self.batch_seconds:
+            limit = max(1, int(self.batch_seconds / seconds))
         size = _approximate_size(sample)
         if size * limit > self.batch_bytes:
             limit = max(1, self.batch_bytes // size)
