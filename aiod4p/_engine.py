@@ -178,6 +178,8 @@ class _Actor:
                     remaining -= 1
                     continue
                 source.release()
+                if port is None and not self.pe.inputs and self.worker._draining:
+                    continue  # calls of a source asked for (-i N) but not made yet: no item is in flight
                 if self.links and any(link.pending for link in self.links):
                     # Let the links send first: a long batch would hold back what other workers wait for.
                     await asyncio.sleep(0)
