@@ -43,8 +43,8 @@ pe_logger = logging.getLogger("aiod4p.pe")
 
 # How long the engine may hold the event loop before it lets other tasks run (the host's among them).
 YIELD_SECONDS = 0.005
-# With ``fixed_order``, the engine lets other tasks run after this many batches instead: a count, not a
-# time, so instances still take turns in the same order on every run.
+# With ``fixed_order``, the engine lets other tasks run after this many batches instead (batches in, and
+# batches that a long call writes): a count, not a time, so instances take turns in the same order on every run.
 YIELD_BATCHES = 16
 # What a PE's calls on the event loop ask of the actor that drives them (see _Actor._drive): route what
 # write() has buffered, waiting for credit.
@@ -178,6 +178,8 @@ class _Actor:
                     remaining -= 1
                     continue
                 source.release()
+                if port is None and not self.pe.inputs and self.worker._draining:
+                    continue  # calls of a source asked for (-i N) but not made yet: no item is in flight
                 if self.links and any(link.pending for link in self.links):
                     # Let the links send first: a long batch would hold back what other workers wait for.
                     await asyncio.sleep(0)
@@ -200,6 +202,8 @@ class _Actor:
                     self.stats.errors += 1
                     raise _error(ref, "feed" if port is None else port, exc) from exc
                 if self.worker.held_too_long():
+                    if self.worker.fixed_order:  # its max_delay: partly filled batches wait one turn at most
+                        await self._flush_all()
                     await self.worker.give_way()
             await self._stage("postprocess", pe.postprocess)
             await self._flush_all()
@@ -386,7 +390,7 @@ class _Actor:
                     if result is not None:
                         buffer.append(result)
                         if len(buffer) >= batch_size:
-                            await self._route_outputs()
+                            await self._route_streamed()
                             buffer = buffers[out_port]  # routing took the full buffer
                     if worker._draining and is_root:
                         return  # a draining source stops producing
@@ -520,7 +524,7 @@ class _Actor:
                     await self.worker.give_way()
         if full:
             await self._flush_many([pending for pending in full if len(pending.items) >= pending.limit])
-        if self.dirty and time.monotonic() - self.last_flush >= self.max_delay:
+        if self.dirty and not self.worker.fixed_order and time.monotonic() - self.last_flush >= self.max_delay:
             await self._flush_all()
 
     def _route(self, route: _Route, items: list[Any], owned: bool, full: list[_Pending | _ResultPending]) -> None:
@@ -603,10 +607,11 @@ class _Actor:
         Until the first measurement a batch carries one item, and after twice
         ``credits`` such batches (the local instances may never get an item)
         twice as many as the last; where this worker runs no instance of the
-        destination there is no bound by time.
+        destination there is no bound by time, nor with ``fixed_order``, whose
+        batches must not depend on timing (the bound by bytes is a count too).
         """
         limit = self.batch_size
-        seconds = self.worker.seconds_per_item(pending.dest)
+        seconds = 0.0 if self.worker.fixed_order else self.worker.seconds_per_item(pending.dest)
         if seconds is None:
             pending.blind += 1
             limit = min(limit, pending.limit * 2 if pending.blind > 2 * self.credits else 1)
@@ -735,9 +740,13 @@ class Worker:
         peers: a comm to every other worker that shares a channel with this one.
         max_delay: the longest an output waits in a partly filled batch while
             its actor is busy, in seconds.
-        fixed_order: let other tasks run every :data:`YIELD_BATCHES` batches
-            rather than every :data:`YIELD_SECONDS`, so that instances take
-            turns in the same order on every run (the simple mapping).
+        fixed_order: nothing the engine does depends on timing, so that
+            instances take turns in the same order on every run (the simple
+            mapping): other tasks run every :data:`YIELD_BATCHES` batches
+            (counting every batch in and every batch a long call writes)
+            rather than every :data:`YIELD_SECONDS`; batch sizes are counts
+            (never the measured time per item); partly filled batches are
+            flushed when the worker gives way, not after ``max_delay``.
 
     The engine shares its event loop: however busy, it lets the loop's other
     tasks run at least every :data:`YIELD_SECONDS` (checked once per batch,

@@ -1,13 +1,14 @@
 """Back-pressure of writes: peak RSS of a PE writing many items in one call, against the same items fed lazily.
 
-    .venv/bin/python bench/bench_write_loop.py [items]
+    .venv/bin/python bench/bench_write_loop.py [--quick] [items]
 
 Each case runs in its own process (peak RSS is per process): a source whose
 single ``produce()`` call loops ``self.write`` over every item, on the event
 loop (an unmarked PE: its writes wait for credit in its greenlet) and
 threaded (``threaded = True``: writes wait for credit); a generator source
 yielding the same items (fed lazily); and the baseline of an interpreter
-that only imports aiod4p. Writes bench/results/write_loop.md.
+that only imports aiod4p. 1,000,000 items (``--quick``: 100,000). Writes
+bench/results/write_loop.md.
 """
 
 from __future__ import annotations
@@ -17,7 +18,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-ITEMS = int(sys.argv[1]) if len(sys.argv) > 1 else 1_000_000
+QUICK = "--quick" in sys.argv
+ARGS = [a for a in sys.argv[1:] if a != "--quick"]
+ITEMS = int(ARGS[0]) if ARGS else 100_000 if QUICK else 1_000_000
 HERE = Path(__file__).resolve().parent
 
 CASE = """

@@ -9,10 +9,11 @@ import shlex
 import signal
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
+from helpers import AIOD4P, TIMES10_FLOW, aiod4p_process, json_lines, numbers_flow
+from helpers import aiod4p_cli as aiod4p
 
 import aiod4p as aiod4p_package
 
@@ -20,32 +21,13 @@ ROOT = Path(__file__).resolve().parents[1]
 WORDCOUNT = str(ROOT / "examples" / "wordcount.py")
 
 
-def aiod4p(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "aiod4p", *args], capture_output=True, text=True, timeout=60, cwd=cwd or ROOT
-    )
-
-
-WORKFLOW = textwrap.dedent(
+WORKFLOW = numbers_flow(
     """
-    from aiod4p import IterativePE, ProducerPE, WorkflowGraph
-
-    class Numbers(ProducerPE):
-        def __init__(self):
-            super().__init__()
-            self.n = 0
-        def produce(self):
-            self.n += 1
-            return self.n
-
     class Check(IterativePE):
         def process_item(self, item):
             if item == 13:
                 raise ValueError("unlucky")
             return item * 10
-
-    graph = WorkflowGraph()
-    graph.connect(Numbers(), "output", Check(), "input")
     """
 )
 
@@ -57,16 +39,12 @@ def workflow_file(tmp_path: Path) -> Path:
     return path
 
 
-def records(path: Path) -> list[dict[str, object]]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
-
-
 @pytest.mark.parametrize("mapping", ["simple", "async"])
 def test_results_as_json_lines(mapping: str, workflow_file: Path, tmp_path: Path) -> None:
     out = tmp_path / "out.jsonl"
     done = aiod4p("run", str(workflow_file), "--mapping", mapping, "-i", "5", "--results", str(out))
     assert done.returncode == 0, done.stderr
-    lines = records(out)
+    lines = json_lines(out)
     assert sorted(r["data"] for r in lines) == [10, 20, 30, 40, 50]  # type: ignore[type-var]
     assert {r["pe"] for r in lines} == {"Check1"} and {r["output"] for r in lines} == {"output"}
 
@@ -254,43 +232,19 @@ def test_module_target_from_the_current_directory_with_the_console_script(workfl
     assert "Check1.output: 1 item" in done.stdout
 
 
-ENDLESS = """
-from aiod4p import IterativePE, ProducerPE, WorkflowGraph
-
-class Numbers(ProducerPE):
-    def __init__(self):
-        super().__init__()
-        self.n = 0
-    def produce(self):
-        self.n += 1
-        return self.n
-
-class Times10(IterativePE):
-    def process_item(self, item):
-        return item * 10
-
-graph = WorkflowGraph()
-graph.connect(Numbers(), "output", Times10(), "input")
-"""
+ENDLESS = TIMES10_FLOW
 
 
 def _popen(tmp_path: Path, *args: str) -> subprocess.Popen[str]:
     flow = tmp_path / "endless.py"
     flow.write_text(ENDLESS)
-    return subprocess.Popen(
-        [sys.executable, "-m", "aiod4p", "run", str(flow), *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=ROOT,
-        start_new_session=True,
-    )
+    return aiod4p_process("run", str(flow), *args)
 
 
 def _piped_to_head(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
     """``aiod4p run _endless:graph ARGS | head -2`` in a real shell pipe; stderr ends with the CLI's status."""
     (tmp_path / "_endless.py").write_text(ENDLESS)
-    command = shlex.join([sys.executable, "-m", "aiod4p", "run", "_endless:graph", *args])
+    command = shlex.join([*AIOD4P, "run", "_endless:graph", *args])
     return subprocess.run(
         ["bash", "-c", f'{command} | head -2; echo "status=${{PIPESTATUS[0]}}" >&2'],
         capture_output=True,
@@ -300,7 +254,7 @@ def _piped_to_head(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[st
     )
 
 
-@pytest.mark.parametrize("mapping", ["simple", "async", "multi"])
+@pytest.mark.parametrize("mapping", ["simple", "async", "multi", "mpi"])
 def test_a_closed_stdout_stops_the_run_quietly(tmp_path: Path, mapping: str) -> None:
     """`aiod4p run ... --results - | head -2`: exit 141 (the SIGPIPE status of Unix tools), no traceback."""
     done = _piped_to_head(tmp_path, "-m", mapping, "-i", str(10**9), "--results", "-")
@@ -380,13 +334,7 @@ def test_a_signal_during_start_up_stops_the_run_at_once(
     flow = tmp_path / "slow.py"
     flow.write_text(module)
     workers = ["-n", "5000"] if mapping == "async" else []  # 5000 slow copies on async
-    process = subprocess.Popen(
-        [sys.executable, "-m", "aiod4p", "run", str(flow), "-m", mapping, *workers, "-i", "1"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
+    process = aiod4p_process("run", str(flow), "-m", mapping, *workers, "-i", "1")
     try:
         assert process.stderr is not None
         assert process.stderr.readline() == "starting\n"  # start-up is under way (it would take minutes)
@@ -420,16 +368,11 @@ def test_stdin_bad_lines_follow_on_bad(tmp_path: Path, mapping: str, on_bad: str
         "graph = WorkflowGraph()\n"
         "graph.add(Echo(name='echo'))\n"
     )
-    lines = b'{"i": 1}\n' + b'{"long": "' + b"z" * 500 + b'"}\n{"i": 2}\nnot json\n'
+    lines = '{"i": 1}\n' + '{"long": "' + "z" * 500 + '"}\n{"i": 2}\nnot json\n'
     stats = tmp_path / "stats.json"
     options = ["--max-line", "100", "--on-bad", on_bad, "--results", "-", "--stats-json", str(stats)]
-    done = subprocess.run(
-        [*(sys.executable, "-m", "aiod4p", "run", str(flow), "-m", mapping, "--stdin", "echo"), *options],
-        input=lines,
-        capture_output=True,
-        timeout=60,
-    )
-    err = done.stderr.decode()
+    done = aiod4p("run", str(flow), "-m", mapping, "--stdin", "echo", *options, input=lines)
+    err = done.stderr
     if on_bad == "fail":
         assert done.returncode == 1
         last = err.splitlines()[-1]  # on multi, the error of the worker's feed, naming the PE

@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 from conftest import MappingCase
+from helpers import aiod4p_cli
 
 import aiod4p
 from aiod4p import compat
@@ -56,10 +57,6 @@ def write(path: Path, source: str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(textwrap.dedent(source))
     return path
-
-
-def aiod4p_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "aiod4p", *args], capture_output=True, text=True, timeout=60, cwd=cwd)
 
 
 def records(path: Path) -> dict[tuple[str, str], list[Any]]:
@@ -637,14 +634,7 @@ FRESH_MAPPINGS = [
 
 def fresh_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     """``aiod4p`` with multi's workers started by spawn."""
-    return subprocess.run(
-        [sys.executable, "-m", "aiod4p", *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=cwd,
-        env={**os.environ, "AIOD4P_START_METHOD": "spawn"},
-    )
+    return aiod4p_cli(*args, cwd=cwd, env={**os.environ, "AIOD4P_START_METHOD": "spawn"})
 
 
 class ReadLines(ProducerPE):

@@ -25,6 +25,7 @@ from typing import Any
 
 import pytest
 from conftest import MappingCase
+from helpers import aiod4p_cli
 
 import aiod4p
 from aiod4p import compat
@@ -404,10 +405,6 @@ def dispel4py_cli(*args: str, timeout: float = 30) -> subprocess.CompletedProces
             process.communicate()
             return None
         return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
-
-
-def aiod4p_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "aiod4p", *args], capture_output=True, text=True, timeout=60, cwd=cwd)
 
 
 def flow(tmp_path: Path, source: str) -> str:

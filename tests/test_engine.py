@@ -165,6 +165,35 @@ async def test_drain_stops_a_generator_process_source() -> None:
     assert received >= 1000
 
 
+class CountingCalls(ProducerPE):
+    """Emits 0, 1, 2, ...; counts its calls, and those made once ``state.draining`` is set."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.state = wf.Shared(draining=False, calls=0, calls_after=0)
+
+    def produce(self) -> int:
+        self.state.calls_after += self.state.draining
+        self.state.calls += 1
+        return self.state.calls - 1
+
+
+@pytest.mark.parametrize("mapping", ["simple", "async"])
+async def test_a_drain_makes_no_further_call_of_a_source(mapping: str) -> None:
+    """``-i N`` asks for N calls: those not made when the run drains are no items in flight, and are dropped."""
+    graph = WorkflowGraph()
+    graph.connect(source := CountingCalls(), "output", wf.Double(), "input")
+    async with asyncio.timeout(20), aiod4p.start(graph, 10**6, mapping=mapping, batch_size=8) as run:
+        received = 0
+        async for _ in run:
+            received += 1
+            if received == 1:
+                source.state.draining = True  # no call of the source is under way: this task holds the loop
+                run.drain()
+    assert source.state.calls_after == 0
+    assert received == source.state.calls  # every item made before the drain still arrives
+
+
 def test_a_bad_group_by_key_fails_alike_with_one_or_many_instances(mapping: Any) -> None:
     graph = WorkflowGraph()
     graph.connect(wf.Count(), "output", who := wf.WhoSawWhat(group_by(3), parallelism=None), "input")

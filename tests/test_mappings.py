@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import time
 from collections import Counter, defaultdict
 
 import pytest
 import workflows as wf
 from conftest import MappingCase
 
-from aiod4p import ALL, GLOBAL, PEError, WorkflowGraph, chain, group_by
+from aiod4p import ALL, GLOBAL, IterativePE, PEError, WorkflowGraph, chain, group_by
 
 
 def test_pipeline_results(mapping: MappingCase) -> None:
@@ -176,3 +177,30 @@ def test_large_stream(mapping: MappingCase) -> None:
 def test_simple_mapping_gives_the_same_order_every_time() -> None:
     orders = [MappingCase("simple", None).run(wf.fan_out_in(), 200).data() for _ in range(3)]
     assert orders[0] == orders[1] == orders[2]
+
+
+class PacedDouble(IterativePE):
+    """Doubles each item, taking ``seconds`` of work per item."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__()
+        self.seconds = seconds
+
+    def process_item(self, item: int) -> int:
+        time.sleep(self.seconds)  # ok-sleep: work, not synchronisation (one branch slower than the other)
+        return item * 2
+
+
+def test_simple_mapping_order_does_not_depend_on_how_long_calls_take() -> None:
+    """Batch sizes, flushes and turns are counts on simple: a slow branch of a fan-out/fan-in changes no order."""
+
+    def order(seconds: float) -> list[object]:
+        graph = WorkflowGraph()
+        source, double, tag, merge = wf.Count(), PacedDouble(seconds), wf.Tag(), wf.Merge()
+        graph.connect(source, "output", double, "input")
+        graph.connect(source, "output", tag, "input")
+        graph.connect(double, "output", merge, "left")
+        graph.connect(tag, "output", merge, "right")
+        return MappingCase("simple", None).run(graph, 200, batch_size=16).data()
+
+    assert order(0.003) == order(0.0)

@@ -12,8 +12,6 @@ import multiprocessing
 import os
 import signal
 import subprocess
-import sys
-import textwrap
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -23,14 +21,14 @@ from typing import Any
 
 import pytest
 import workflows as wf
+from helpers import aiod4p_process, numbers_flow
 
 import aiod4p
-from aiod4p import ConsumerPE, IterativePE, PEError, WorkflowGraph
+from aiod4p import IterativePE, PEError, WorkflowGraph
 from aiod4p.errors import GraphError, InputError, TransportError, WorkerDied
 from aiod4p.mappings.multi import START_METHOD_ENV, MultiMapping, resolve_start_method
 
 ROOT = Path(__file__).resolve().parents[1]
-AIOD4P = [sys.executable, "-m", "aiod4p"]
 
 
 # -- PEs (module level: spawned workers import them) ---------------------------------------
@@ -52,35 +50,11 @@ class Die(IterativePE):
         return item
 
 
-class EmitLock(IterativePE):
-    """Emits an unpicklable object for item 7."""
-
-    def process_item(self, item: int) -> Any:
-        return threading.Lock() if item == 7 else item
-
-
-class HoldsLock(IterativePE):
-    def __init__(self) -> None:
-        super().__init__()
-        self.lock = threading.Lock()
-
-    def process_item(self, item: int) -> int:
-        return item
-
-
 class Pid(IterativePE):
     """Emits the process id it runs in."""
 
     def process_item(self, item: int) -> int:
         return os.getpid()
-
-
-class Slow(ConsumerPE):
-    """A sink slower than its source (real work, not synchronisation)."""
-
-    def consume(self, item: int) -> None:
-        if item % 500 == 0:
-            time.sleep(0.001)  # ok-sleep: work, not synchronisation
 
 
 def _children() -> set[int]:
@@ -185,7 +159,7 @@ def test_start_method_option_and_environment(monkeypatch: pytest.MonkeyPatch) ->
 
 
 def test_an_unpicklable_pe_under_spawn_is_named() -> None:
-    graph, _ = _chain(holder := HoldsLock())
+    graph, _ = _chain(holder := wf.HoldsLock())
     with pytest.raises(GraphError, match=rf"PE {holder.id} cannot be pickled.*spawn"):
         aiod4p.run(graph, 10, mapping=MultiMapping("spawn"), workers=2)
     # fork inherits the PE, unpickled; but every run works on copies of its PEs, and a lock cannot be copied
@@ -230,7 +204,7 @@ def test_a_dying_worker_fails_the_run_within_seconds(how: str, expected: str) ->
 
 def test_an_unpicklable_item_between_workers_names_the_pe_and_port() -> None:
     graph = WorkflowGraph()
-    emit = EmitLock(parallelism=1)
+    emit = wf.EmitLock(parallelism=1)
     graph.connect(wf.Count(), "output", emit, "input")
     graph.connect(emit, "output", wf.Double(parallelism=2), "input")  # half the items cross to worker 1
     with pytest.raises(TransportError, match=rf"PE {emit.id}\[0\] wrote an item on output port 'output'.*pickle"):
@@ -239,7 +213,7 @@ def test_an_unpicklable_item_between_workers_names_the_pe_and_port() -> None:
 
 def test_an_unpicklable_result_names_the_pe_and_port() -> None:
     graph = WorkflowGraph()
-    graph.connect(wf.Count(), "output", emit := EmitLock(), "input")
+    graph.connect(wf.Count(), "output", emit := wf.EmitLock(), "input")
     with pytest.raises(TransportError, match=rf"PE {emit.id} wrote a result on output port 'output'.*lock"):
         aiod4p.run(graph, 100, mapping="multi", workers=2)
 
@@ -297,7 +271,7 @@ def test_cancelling_the_run_stops_every_worker() -> None:
 
 def test_live_stats_are_published_while_running() -> None:
     graph = WorkflowGraph()
-    graph.connect(wf.Count(), "output", sink := Slow(), "input")
+    graph.connect(wf.Count(), "output", sink := wf.Slow(), "input")
 
     async def main() -> None:
         run = aiod4p.start(graph, 10**9, mapping="multi", workers=2)
@@ -318,7 +292,7 @@ def test_many_items_through_a_slow_sink_stay_within_the_inflight_bound() -> None
     items = 300_000
     graph = WorkflowGraph()
     graph.connect(wf.Count(), "output", double := wf.Double(), "input")
-    graph.connect(double, "output", sink := Slow(parallelism=1), "input")  # every item crosses to worker 0
+    graph.connect(double, "output", sink := wf.Slow(parallelism=1), "input")  # every item crosses to worker 0
     run = aiod4p.start(graph, items, mapping="multi", workers=2, batch_size=256, credits=2)
 
     async def main() -> None:
@@ -337,18 +311,9 @@ def test_many_items_through_a_slow_sink_stay_within_the_inflight_bound() -> None
 
 # -- command line -------------------------------------------------------------------------
 
-FLOW = textwrap.dedent(
+FLOW = numbers_flow(
     """
     import os, sys, time
-    from aiod4p import IterativePE, ProducerPE, WorkflowGraph
-
-    class Numbers(ProducerPE):
-        def __init__(self):
-            super().__init__()
-            self.n = 0
-        def produce(self):
-            self.n += 1
-            return self.n
 
     class Check(IterativePE):
         def process_item(self, item):
@@ -364,9 +329,6 @@ FLOW = textwrap.dedent(
                 sys.stdout.write("stuck\\n")
                 sys.stdout.flush()
                 time.sleep(60)  # ok-sleep: a postprocess stuck on purpose, so the second SIGINT must abort it
-
-    graph = WorkflowGraph()
-    graph.connect(Numbers(), "output", Check(), "input")
     """
 )
 
@@ -375,14 +337,8 @@ def _cli(tmp_path: Path, *args: str, **env: str) -> subprocess.Popen[str]:
     """The CLI running ``my-flow.py`` on multi -n 2, in its own session (process group)."""
     flow = tmp_path / "my-flow.py"  # not an importable module name: spawned workers need it preloaded
     flow.write_text(FLOW)
-    return subprocess.Popen(
-        [*AIOD4P, "run", str(flow), "--mapping", "multi", "-n", "2", *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, **env},
-        cwd=tmp_path,
-        start_new_session=True,
+    return aiod4p_process(
+        "run", str(flow), "--mapping", "multi", "-n", "2", *args, env={**os.environ, **env}, cwd=tmp_path
     )
 
 
@@ -466,7 +422,7 @@ def test_an_unpicklable_result_is_a_transport_error_wherever_its_batch_is_flushe
     """A full batch is flushed while the PE's call is handled, a partial one when its actor waits
     for input: either way the error is the TransportError naming the PE and port (not a PEError)."""
     graph = WorkflowGraph()
-    graph.connect(wf.Count(), "output", emit := EmitLock(), "input")
+    graph.connect(wf.Count(), "output", emit := wf.EmitLock(), "input")
     for batch_size in (1, 256):
         with pytest.raises(TransportError, match=rf"PE {emit.id} wrote a result on output port 'output'.*lock"):
             aiod4p.run(graph, 100, mapping="multi", workers=1, batch_size=batch_size)

@@ -5,25 +5,18 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import subprocess
-import sys
-import textwrap
-import threading
-import time
 from pathlib import Path
-from typing import Any
 
 import pytest
 import ray
 import workflows as wf
+from helpers import TIMES10_FLOW, aiod4p_cli
 from ray_cluster import RayCluster, wait_gone
 
 import aiod4p
-from aiod4p import ConsumerPE, IterativePE, WorkflowGraph
+from aiod4p import IterativePE, WorkflowGraph
 from aiod4p.errors import GraphError, MappingUnavailable, TransportError, WorkerDied
 from aiod4p.mappings.ray import RayMapping
-
-AIOD4P = [sys.executable, "-m", "aiod4p"]
 
 
 class WhereAmI(IterativePE):
@@ -51,30 +44,6 @@ class Die(IterativePE):
                 os.kill(os.getpid(), signal.SIGKILL)
             ray.kill(ray.get_runtime_context().current_actor)
         return item
-
-
-class HoldsLock(IterativePE):
-    def __init__(self) -> None:
-        super().__init__()
-        self.lock = threading.Lock()
-
-    def process_item(self, item: int) -> int:
-        return item
-
-
-class EmitLock(IterativePE):
-    """Emits an unpicklable object for item 7."""
-
-    def process_item(self, item: int) -> Any:
-        return threading.Lock() if item == 7 else item
-
-
-class Slow(ConsumerPE):
-    """A sink slower than its source (real work, not synchronisation)."""
-
-    def consume(self, item: int) -> None:
-        if item % 500 == 0:
-            time.sleep(0.001)  # ok-sleep: work, not synchronisation (a sink slower than its source)
 
 
 def _chain(middle: IterativePE) -> WorkflowGraph:
@@ -122,7 +91,7 @@ def test_a_killed_actor_fails_the_run_and_leaves_no_process(ray_cluster: RayClus
 def test_items_through_a_slow_sink_stay_within_the_inflight_bound(ray_cluster: RayCluster) -> None:
     graph = WorkflowGraph()
     graph.connect(wf.Count(), "output", double := wf.Double(), "input")
-    graph.connect(double, "output", sink := Slow(parallelism=1), "input")  # every item crosses to worker 0
+    graph.connect(double, "output", sink := wf.Slow(parallelism=1), "input")  # every item crosses to worker 0
     run = aiod4p.start(graph, 200_000, mapping="ray", workers=2, batch_size=256, credits=2)
 
     async def main() -> None:
@@ -147,12 +116,12 @@ def test_more_than_the_cluster_has_fails_clearly(ray_cluster: RayCluster) -> Non
 
 def test_an_unpicklable_pe_is_named(ray_cluster: RayCluster) -> None:
     with pytest.raises(GraphError, match=r"PE HoldsLock\d+ cannot be pickled to start Ray actors: TypeError: .*lock"):
-        aiod4p.run(_chain(HoldsLock()), 10, mapping="ray", workers=2)
+        aiod4p.run(_chain(wf.HoldsLock()), 10, mapping="ray", workers=2)
 
 
 def test_an_unpicklable_item_between_workers_names_the_pe_and_port(ray_cluster: RayCluster) -> None:
     graph = WorkflowGraph()
-    emit = EmitLock(parallelism=1)
+    emit = wf.EmitLock(parallelism=1)
     graph.connect(wf.Count(), "output", emit, "input")
     graph.connect(emit, "output", wf.Double(parallelism=2), "input")  # half the items cross to worker 1
     with pytest.raises(TransportError, match=rf"PE {emit.id}\[0\] wrote an item on output port 'output'.*pickle"):
@@ -161,46 +130,20 @@ def test_an_unpicklable_item_between_workers_names_the_pe_and_port(ray_cluster: 
 
 def test_an_unpicklable_result_names_the_pe_and_port(ray_cluster: RayCluster) -> None:
     graph = WorkflowGraph()
-    graph.connect(wf.Count(), "output", emit := EmitLock(), "input")
+    graph.connect(wf.Count(), "output", emit := wf.EmitLock(), "input")
     with pytest.raises(TransportError, match=rf"PE {emit.id} wrote a result on output port 'output'.*lock"):
         aiod4p.run(graph, 100, mapping="ray", workers=2)
 
 
-FLOW = textwrap.dedent(
-    """
-    from aiod4p import IterativePE, ProducerPE, WorkflowGraph
-
-    class Numbers(ProducerPE):
-        def __init__(self):
-            super().__init__()
-            self.n = 0
-        def produce(self):
-            self.n += 1
-            return self.n
-
-    class Times10(IterativePE):
-        def process_item(self, item):
-            return item * 10
-
-    graph = WorkflowGraph()
-    graph.connect(Numbers(), "output", Times10(), "input")
-    """
-)
+FLOW = TIMES10_FLOW
 
 
 def test_cli_joins_the_cluster_at_address_and_ships_the_workflow_file(ray_cluster: RayCluster, tmp_path: Path) -> None:
     flow = tmp_path / "my-flow.py"  # not importable by name: the workers load it from its path
     flow.write_text(FLOW)
     env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
-    command = [*AIOD4P, "run", str(flow), "--mapping", "ray", "-n", "2", "--address", ray_cluster.address]
-    process = subprocess.run(
-        [*command, "-i", "50", "--results", "-", "-q"],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=tmp_path,
-        timeout=55,
-    )
+    command = ["run", str(flow), "--mapping", "ray", "-n", "2", "--address", ray_cluster.address]
+    process = aiod4p_cli(*command, "-i", "50", "--results", "-", "-q", env=env, cwd=tmp_path, timeout=55)
     assert process.returncode == 0, process.stderr
     values = sorted(int(line.split('"data": ')[1].rstrip("}")) for line in process.stdout.splitlines())
     assert values == [10 * i for i in range(1, 51)]
@@ -209,11 +152,6 @@ def test_cli_joins_the_cluster_at_address_and_ships_the_workflow_file(ray_cluste
 def test_cli_address_is_for_the_ray_mapping_only(tmp_path: Path) -> None:
     flow = tmp_path / "flow.py"
     flow.write_text(FLOW)
-    process = subprocess.run(
-        [*AIOD4P, "run", str(flow), "--mapping", "multi", "--address", "127.0.0.1:1"],
-        capture_output=True,
-        text=True,
-        timeout=55,
-    )
+    process = aiod4p_cli("run", str(flow), "--mapping", "multi", "--address", "127.0.0.1:1", timeout=55)
     assert process.returncode == 2
     assert "--address applies to --mapping ray only" in process.stderr

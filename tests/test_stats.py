@@ -5,8 +5,6 @@ from __future__ import annotations
 import asyncio
 import io
 import json
-import subprocess
-import sys
 import textwrap
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -16,6 +14,7 @@ from typing import Any
 import pytest
 import workflows as wf
 from conftest import MappingCase
+from helpers import aiod4p_cli
 
 import aiod4p
 from aiod4p import InstanceStats, PEError, Results, WorkflowGraph, WorkflowRun, group_by
@@ -195,10 +194,6 @@ def test_unwritable_json_names_the_file(tmp_path: Path) -> None:
 
 
 # -- the command line -------------------------------------------------------------
-
-
-def aiod4p_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "aiod4p", *args], capture_output=True, text=True, timeout=60, cwd=cwd)
 
 
 @pytest.fixture

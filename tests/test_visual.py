@@ -6,13 +6,12 @@ import inspect
 import os
 import re
 import shutil
-import subprocess
-import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
 import workflows as wf
+from helpers import aiod4p_cli as aiod4p
 
 from aiod4p import GLOBAL, WorkflowGraph, chain, group_by, load_graph, make_plan
 from aiod4p._loading import load_module
@@ -23,12 +22,6 @@ from aiod4p.mappings import get_mapping
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = sorted((ROOT / "examples").glob("*.py"))
 needs_dot = pytest.mark.skipif(shutil.which("dot") is None, reason="Graphviz (Debian package graphviz) not installed")
-
-
-def aiod4p(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "aiod4p", *args], capture_output=True, text=True, timeout=60, cwd=ROOT, env=env
-    )
 
 
 def example_graph(path: Path) -> WorkflowGraph:

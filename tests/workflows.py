@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -125,6 +126,32 @@ class Merge(GenericPE):
     def process(self, inputs: dict[str, Any]) -> dict[str, Any]:
         ((port, item),) = inputs.items()
         return {"output": (port, item)}
+
+
+class EmitLock(IterativePE):
+    """Emits an unpicklable object (a lock) for item 7."""
+
+    def process_item(self, item: int) -> Any:
+        return threading.Lock() if item == 7 else item
+
+
+class HoldsLock(IterativePE):
+    """Holds a lock: it cannot be pickled to a worker process."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lock = threading.Lock()
+
+    def process_item(self, item: int) -> int:
+        return item
+
+
+class Slow(ConsumerPE):
+    """A sink slower than its source (real work, not synchronisation)."""
+
+    def consume(self, item: int) -> None:
+        if item % 500 == 0:
+            time.sleep(0.001)  # ok-sleep: work, not synchronisation (a sink slower than its source)
 
 
 class Discard(ConsumerPE):

@@ -185,6 +185,9 @@ async def _launch(
             try:
                 return await job.run(listener)
             finally:
+                # Still running: the run was cancelled or aborted (Ctrl-C twice, a closed stdout). What the
+                # job says once terminated (mpiexec's "BAD TERMINATION" banner) is our own doing, not news.
+                job.stopped = process.returncode is None
                 await _stop(process)
                 await job.close()
         finally:
@@ -222,6 +225,7 @@ class _Job:
         self.control = control
         self.pumped = pumped
         self.reported = False  # rank 0 reported the run's outcome: the job's teardown is expected
+        self.stopped = False  # this process terminates the job: its output is no longer relayed
         self.tail: deque[str] = deque(maxlen=_OUTPUT_LINES)
         assert process.stdout is not None and process.stderr is not None
         self.relays = [asyncio.create_task(self._relay(stream)) for stream in (process.stdout, process.stderr)]
@@ -292,8 +296,8 @@ class _Job:
         while line := await stream.readline():
             text = line.decode(errors="replace")
             self.tail.append(text)
-            if text.startswith("Abort(") and self.reported:
-                continue  # rank 0 ending the job after reporting the run's error: expected
+            if (text.startswith("Abort(") and self.reported) or self.stopped:
+                continue  # rank 0 ending the job after reporting the run's error, or the job being terminated
             sys.stderr.write(text)
 
     async def close(self) -> None:

@@ -1,0 +1,96 @@
+"""What the tests share to run the command line as a user does: a real ``python -m aiod4p`` process."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import textwrap
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+# The command line in a fresh interpreter (this one's: the project's venv).
+AIOD4P = [sys.executable, "-m", "aiod4p"]
+
+
+def aiod4p_cli(
+    *args: str,
+    cwd: Path | None = None,
+    env: Mapping[str, str] | None = None,
+    input: str | None = None,
+    timeout: float = 60,
+) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m aiod4p ARGS`` to its end and return its exit status and output, as text.
+
+    It runs in ``cwd`` (the repository by default) with ``env`` as its whole
+    environment (this process's by default), reading ``input`` on stdin.
+    """
+    return subprocess.run(
+        [*AIOD4P, *args], capture_output=True, text=True, timeout=timeout, cwd=cwd or ROOT, env=env, input=input
+    )
+
+
+def aiod4p_process(*args: str, cwd: Path | None = None, env: Mapping[str, str] | None = None) -> subprocess.Popen[str]:
+    """Start ``python -m aiod4p ARGS`` with stdout and stderr piped, as text, in a session of its own.
+
+    ``os.killpg(process.pid, signal.SIGKILL)`` then ends it with every worker
+    process it started, so a failing test leaves nothing behind.
+    """
+    return subprocess.Popen(
+        [*AIOD4P, *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=cwd or ROOT,
+        env=env,
+        start_new_session=True,
+    )
+
+
+def json_lines(path: Path) -> list[dict[str, Any]]:
+    """The records of a JSON Lines file, such as ``--results FILE`` writes."""
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+_NUMBERS = """\
+from aiod4p import IterativePE, ProducerPE, WorkflowGraph
+
+
+class Numbers(ProducerPE):
+    def __init__(self):
+        super().__init__()
+        self.n = 0
+
+    def produce(self):
+        self.n += 1
+        return self.n
+
+"""
+
+
+def numbers_flow(stage: str) -> str:
+    """The text of a workflow file as users write one: ``Numbers`` (1, 2, 3, ...: one per input) into ``stage``.
+
+    ``stage`` is the source of one PE class (it may start with its own
+    imports); the file's ``graph`` connects ``Numbers`` to it, so their ids
+    are ``Numbers0`` and the class name followed by 1.
+    """
+    stage = textwrap.dedent(stage).strip("\n")
+    found = re.search(r"^class (\w+)", stage, re.MULTILINE)
+    assert found is not None, "numbers_flow() takes the source of a PE class"
+    return (
+        f'{_NUMBERS}\n{stage}\n\n\ngraph = WorkflowGraph()\ngraph.connect(Numbers(), "output", {found[1]}(), "input")\n'
+    )
+
+
+# A workflow file that runs as long as its input: every number times 10 (PE ids Numbers0, Times101).
+TIMES10_FLOW = numbers_flow(
+    """
+    class Times10(IterativePE):
+        def process_item(self, item):
+            return item * 10
+    """
+)
