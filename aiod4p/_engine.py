@@ -72,10 +72,11 @@ class _Pending:
     of the items (see :meth:`_Actor._batch_limit`).
     """
 
-    __slots__ = ("blind", "channel", "dest", "dirty", "items", "limit", "port", "siblings")
+    __slots__ = ("blind", "cap", "channel", "dest", "dirty", "items", "limit", "port", "siblings")
 
-    def __init__(self, channel: SenderChannel, dest: str, port: str) -> None:
+    def __init__(self, channel: SenderChannel, dest: str, port: str, cap: int) -> None:
         self.items: list[Any] = []
+        self.cap = cap  # the most items a batch on this channel may carry
         self.dirty = False  # listed in the actor's dirty list, to be flushed
         self.channel = channel
         self.dest = dest
@@ -576,7 +577,9 @@ class _Actor:
         if isinstance(pending, _ResultPending):
             limit = pending.limit
         else:
-            limit = pending.limit = self._batch_limit(pending, items[0])
+            # Sized for the channel it travels on (``via``'s may be within the worker, with a smaller cap).
+            limit = self._batch_limit(via or pending, items[0])
+            pending.limit = limit if via is None else min(pending.limit, limit)
         if len(items) <= limit:
             chunk, pending.items = items, []
         else:
@@ -596,7 +599,8 @@ class _Actor:
     def _batch_limit(self, pending: _Pending, sample: Any) -> int:
         """How many items the next batch on ``pending``'s channel may carry.
 
-        At most ``batch_size``; at most what the destination PE gets through
+        At most the channel's cap (``batch_size``, or ``remote_batch_size``
+        between workers); at most what the destination PE gets through
         in about ``batch_seconds``, as measured on this worker's instances of
         it, so a slow stage gets items one or a few at a time and every
         instance stays busy; at most ``batch_bytes`` of items like ``sample``.
@@ -605,7 +609,7 @@ class _Actor:
         twice as many as the last; where this worker runs no instance of the
         destination there is no bound by time.
         """
-        limit = self.batch_size
+        limit = pending.cap
         seconds = self.worker.seconds_per_item(pending.dest)
         if seconds is None:
             pending.blind += 1
@@ -792,6 +796,7 @@ class Worker:
         local = plan.instances(me)
         inboxes = {ref: Inbox() for ref in local}
         senders: dict[tuple[InstanceRef, InstanceRef], SenderChannel] = {}
+        caps = {(spec.source, spec.dest): plan.options.batch_cap(spec) for spec in plan.channels}
         for spec in plan.channels:
             if spec.dest_worker == me and spec.source_worker == me:
                 senders[(spec.source, spec.dest)] = LocalChannel(inboxes[spec.dest], credits)
@@ -816,7 +821,8 @@ class Worker:
             for route in plan.routes[ref.pe]:
                 targets = route.targets[ref.index]
                 pendings = [
-                    _Pending(senders[(ref, InstanceRef(route.dest, t))], route.dest, route.dest_port) for t in targets
+                    _Pending(senders[(ref, dest)], route.dest, route.dest_port, caps[(ref, dest)])
+                    for dest in (InstanceRef(route.dest, t) for t in targets)
                 ]
                 router = route.grouping.router(
                     len(pendings), ref.index, f"PE {ref.pe}", f"{route.dest}.{route.dest_port}"

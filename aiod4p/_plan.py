@@ -15,6 +15,7 @@ from .errors import GraphError
 __all__ = [
     "DEFAULT_BATCH_SIZE",
     "DEFAULT_CREDITS",
+    "REMOTE_BATCH_FACTOR",
     "ChannelSpec",
     "ExecutionPlan",
     "InstanceRef",
@@ -28,6 +29,10 @@ DEFAULT_BATCH_SIZE = 256
 """Items per batch on a channel, unless asked otherwise (the library, the CLI and the planner use it)."""
 DEFAULT_CREDITS = 4
 """Batches a channel may have in flight before its sender waits, unless asked otherwise."""
+REMOTE_BATCH_FACTOR = 16
+"""A batch between two workers may carry this many times ``batch_size`` items: each message between
+processes costs a pickle frame, a write, a wake-up of the peer and a credit coming back, which small
+batches of cheap items cannot pay for (the time and byte bounds still apply)."""
 
 
 @dataclass(frozen=True, order=True)
@@ -51,7 +56,8 @@ class PlanOptions:
             not forced to one (sources, ``global`` inputs); ``None`` means one
             per worker.
         force_single: run exactly one instance of every PE (the simple mapping).
-        batch_size: the most items per batch on a channel.
+        batch_size: the most items per batch on a channel within a worker
+            (:attr:`remote_batch_size` between workers).
         credits: batches a channel may have in flight before its sender waits.
         batch_seconds: a batch carries at most what its destination PE gets
             through in about this time (measured), so slow stages get items a
@@ -80,6 +86,15 @@ class PlanOptions:
         if self.batch_seconds <= 0 or self.batch_bytes < 1:
             raise ValueError("batch_seconds and batch_bytes must be positive")
         check_level(self.provenance)
+
+    @property
+    def remote_batch_size(self) -> int:
+        """The most items per batch on a channel between two workers."""
+        return self.batch_size * REMOTE_BATCH_FACTOR
+
+    def batch_cap(self, channel: ChannelSpec) -> int:
+        """The most items per batch on ``channel``."""
+        return self.remote_batch_size if channel.source_worker != channel.dest_worker else self.batch_size
 
 
 @dataclass(frozen=True)
@@ -177,7 +192,9 @@ class ExecutionPlan:
 
     def inflight_bound(self, instance: InstanceRef) -> int:
         """The most items that can wait in ``instance``'s inbox at once."""
-        return self.expected_eos(instance) * self.options.credits * self.options.batch_size
+        options = self.options
+        feed = self.placement[instance.pe].is_root * options.batch_size
+        return options.credits * (feed + sum(options.batch_cap(channel) for channel in self.channels_into(instance)))
 
 
 def make_plan(graph: WorkflowGraph | FlatGraph, options: PlanOptions | None = None) -> ExecutionPlan:

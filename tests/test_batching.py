@@ -112,6 +112,25 @@ def test_batches_grow_where_no_local_instance_is_ever_measured() -> None:
     assert stats[1].batches_in < 60  # about 8 single items, then 2, 4, ... 256 at a time
 
 
+def test_batches_between_workers_carry_more_than_batch_size() -> None:
+    # Every item crosses from the source on worker 0 to Keyed[1] on worker 1. Each message between
+    # processes has a fixed cost, so such a channel's batches may grow to REMOTE_BATCH_FACTOR times
+    # batch_size (once the blind start is over): about 24 batches here, not about 90 of 256 items.
+    # (max_delay is long so that only full batches and the end of the source flush.)
+    graph = WorkflowGraph()
+    graph.connect(Burst(20_000), "output", keyed := Keyed(), "input")
+
+    async def main() -> list[InstanceStats]:
+        async with asyncio.timeout(45), aiod4p.start(graph, 1, mapping="multi", workers=2, max_delay=60) as run:
+            await run.results()
+        return run.stats
+
+    stats = {entry.instance: entry for entry in asyncio.run(main()) if entry.pe == keyed.id}
+    assert stats[1].items_in == 20_000
+    assert stats[1].batches_in <= 30
+    assert stats[1].max_queued_items > 256
+
+
 def test_batch_bounds_must_be_positive() -> None:
     with pytest.raises(ValueError, match="batch_seconds and batch_bytes"):
         PlanOptions(batch_seconds=0)
