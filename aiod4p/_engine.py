@@ -72,11 +72,12 @@ class _Pending:
     of the items (see :meth:`_Actor._batch_limit`).
     """
 
-    __slots__ = ("blind", "cap", "channel", "dest", "dirty", "items", "limit", "port", "siblings")
+    __slots__ = ("blind", "cap", "channel", "dest", "dirty", "items", "limit", "port", "seconds", "siblings")
 
-    def __init__(self, channel: SenderChannel, dest: str, port: str, cap: int) -> None:
+    def __init__(self, channel: SenderChannel, dest: str, port: str, bounds: tuple[int, float]) -> None:
         self.items: list[Any] = []
-        self.cap = cap  # the most items a batch on this channel may carry
+        # the most items, and the most of the destination's measured work, a batch on this channel carries
+        self.cap, self.seconds = bounds
         self.dirty = False  # listed in the actor's dirty list, to be flushed
         self.channel = channel
         self.dest = dest
@@ -601,7 +602,7 @@ class _Actor:
 
         At most the channel's cap (``batch_size``, or ``remote_batch_size``
         between workers); at most what the destination PE gets through
-        in about ``batch_seconds``, as measured on this worker's instances of
+        in about ``batch_seconds`` (``remote_batch_seconds`` between workers), as measured on this worker's instances of
         it, so a slow stage gets items one or a few at a time and every
         instance stays busy; at most ``batch_bytes`` of items like ``sample``.
         Until the first measurement a batch carries one item, and after twice
@@ -614,8 +615,8 @@ class _Actor:
         if seconds is None:
             pending.blind += 1
             limit = min(limit, pending.limit * 2 if pending.blind > 2 * self.credits else 1)
-        elif seconds * limit > self.batch_seconds:
-            limit = max(1, int(self.batch_seconds / seconds))
+        elif seconds * limit > pending.seconds:
+            limit = max(1, int(pending.seconds / seconds))
         size = _approximate_size(sample)
         if size * limit > self.batch_bytes:
             limit = max(1, self.batch_bytes // size)
@@ -796,7 +797,7 @@ class Worker:
         local = plan.instances(me)
         inboxes = {ref: Inbox() for ref in local}
         senders: dict[tuple[InstanceRef, InstanceRef], SenderChannel] = {}
-        caps = {(spec.source, spec.dest): plan.options.batch_cap(spec) for spec in plan.channels}
+        bounds = {(spec.source, spec.dest): plan.options.batch_bounds(spec) for spec in plan.channels}
         for spec in plan.channels:
             if spec.dest_worker == me and spec.source_worker == me:
                 senders[(spec.source, spec.dest)] = LocalChannel(inboxes[spec.dest], credits)
@@ -821,7 +822,7 @@ class Worker:
             for route in plan.routes[ref.pe]:
                 targets = route.targets[ref.index]
                 pendings = [
-                    _Pending(senders[(ref, dest)], route.dest, route.dest_port, caps[(ref, dest)])
+                    _Pending(senders[(ref, dest)], route.dest, route.dest_port, bounds[(ref, dest)])
                     for dest in (InstanceRef(route.dest, t) for t in targets)
                 ]
                 router = route.grouping.router(

@@ -16,6 +16,7 @@ __all__ = [
     "DEFAULT_BATCH_SIZE",
     "DEFAULT_CREDITS",
     "REMOTE_BATCH_FACTOR",
+    "REMOTE_TIME_FACTOR",
     "ChannelSpec",
     "ExecutionPlan",
     "InstanceRef",
@@ -33,6 +34,11 @@ REMOTE_BATCH_FACTOR = 16
 """A batch between two workers may carry this many times ``batch_size`` items: each message between
 processes costs a pickle frame, a write, a wake-up of the peer and a credit coming back, which small
 batches of cheap items cannot pay for (the time and byte bounds still apply)."""
+REMOTE_TIME_FACTOR = 4
+"""A batch between two workers may carry this many times ``batch_seconds`` of its destination's
+measured work: the credits of such a channel come back only when the sending worker's event loop
+reads them (it gives way every few milliseconds), and the work in flight must cover that round
+trip or the other worker idles."""
 
 
 @dataclass(frozen=True, order=True)
@@ -61,7 +67,7 @@ class PlanOptions:
         credits: batches a channel may have in flight before its sender waits.
         batch_seconds: a batch carries at most what its destination PE gets
             through in about this time (measured), so slow stages get items a
-            few at a time.
+            few at a time (:attr:`remote_batch_seconds` between workers).
         batch_bytes: a batch carries at most about this many bytes of items.
         provenance: ``None`` (off), ``"pe"`` or ``"item"``: what each worker records
             (see :mod:`aiod4p._provenance`).
@@ -92,9 +98,19 @@ class PlanOptions:
         """The most items per batch on a channel between two workers."""
         return self.batch_size * REMOTE_BATCH_FACTOR
 
+    @property
+    def remote_batch_seconds(self) -> float:
+        """The most of its destination's measured work a batch between two workers carries, in seconds."""
+        return self.batch_seconds * REMOTE_TIME_FACTOR
+
     def batch_cap(self, channel: ChannelSpec) -> int:
         """The most items per batch on ``channel``."""
         return self.remote_batch_size if channel.source_worker != channel.dest_worker else self.batch_size
+
+    def batch_bounds(self, channel: ChannelSpec) -> tuple[int, float]:
+        """The most items, and the most seconds of the destination's measured work, per batch on ``channel``."""
+        remote = channel.source_worker != channel.dest_worker
+        return self.batch_cap(channel), self.remote_batch_seconds if remote else self.batch_seconds
 
 
 @dataclass(frozen=True)

@@ -58,6 +58,29 @@ def test_a_slow_stage_gets_its_items_one_at_a_time(mapping: str) -> None:
         assert entry.batches_in == entry.items_in
 
 
+class Medium(IterativePE):
+    """Takes at least 1.5 ms per item."""
+
+    def __init__(self) -> None:
+        super().__init__(parallelism=2)
+
+    def process_item(self, item: Any) -> Any:
+        threading.Event().wait(0.0015)  # the item's cost, not synchronisation
+        return item
+
+
+def test_a_stage_on_another_worker_gets_more_work_per_batch() -> None:
+    # multi -n 2: Medium[0] runs beside the source, Medium[1] on worker 1. Within a worker a batch holds
+    # about 2 ms of work (one item here); between workers REMOTE_TIME_FACTOR times that, so that the
+    # work in flight covers the credits' round trip through the sending worker's event loop.
+    graph = WorkflowGraph()
+    graph.connect(Burst(60), "output", medium := Medium(), "input")
+    stats = {entry.instance: entry for entry in asyncio.run(_stats(graph, "multi")) if entry.pe == medium.id}
+    assert stats[0].items_in + stats[1].items_in == 60
+    assert stats[0].batches_in == stats[0].items_in
+    assert 0 < stats[1].batches_in < stats[1].items_in
+
+
 def test_large_items_travel_in_batches_bounded_by_bytes() -> None:
     graph = WorkflowGraph()
     graph.connect(Burst(64, size=100_000), "output", keep := Keep(), "input")
