@@ -72,10 +72,12 @@ class _Pending:
     of the items (see :meth:`_Actor._batch_limit`).
     """
 
-    __slots__ = ("blind", "channel", "dest", "dirty", "items", "limit", "port", "siblings")
+    __slots__ = ("blind", "cap", "channel", "dest", "dirty", "items", "limit", "port", "seconds", "siblings")
 
-    def __init__(self, channel: SenderChannel, dest: str, port: str) -> None:
+    def __init__(self, channel: SenderChannel, dest: str, port: str, bounds: tuple[int, float]) -> None:
         self.items: list[Any] = []
+        # the most items, and the most of the destination's measured work, a batch on this channel carries
+        self.cap, self.seconds = bounds
         self.dirty = False  # listed in the actor's dirty list, to be flushed
         self.channel = channel
         self.dest = dest
@@ -580,7 +582,9 @@ class _Actor:
         if isinstance(pending, _ResultPending):
             limit = pending.limit
         else:
-            limit = pending.limit = self._batch_limit(pending, items[0])
+            # Sized for the channel it travels on (``via``'s may be within the worker, with a smaller cap).
+            limit = self._batch_limit(via or pending, items[0])
+            pending.limit = limit if via is None else min(pending.limit, limit)
         if len(items) <= limit:
             chunk, pending.items = items, []
         else:
@@ -600,8 +604,9 @@ class _Actor:
     def _batch_limit(self, pending: _Pending, sample: Any) -> int:
         """How many items the next batch on ``pending``'s channel may carry.
 
-        At most ``batch_size``; at most what the destination PE gets through
-        in about ``batch_seconds``, as measured on this worker's instances of
+        At most the channel's cap (``batch_size``, or ``remote_batch_size``
+        between workers); at most what the destination PE gets through
+        in about ``batch_seconds`` (``remote_batch_seconds`` between workers), as measured on this worker's instances of
         it, so a slow stage gets items one or a few at a time and every
         instance stays busy; at most ``batch_bytes`` of items like ``sample``.
         Until the first measurement a batch carries one item, and after twice
@@ -610,13 +615,13 @@ class _Actor:
         destination there is no bound by time, nor with ``fixed_order``, whose
         batches must not depend on timing (the bound by bytes is a count too).
         """
-        limit = self.batch_size
+        limit = pending.cap
         seconds = 0.0 if self.worker.fixed_order else self.worker.seconds_per_item(pending.dest)
         if seconds is None:
             pending.blind += 1
             limit = min(limit, pending.limit * 2 if pending.blind > 2 * self.credits else 1)
-        elif seconds * limit > self.batch_seconds:
-            limit = max(1, int(self.batch_seconds / seconds))
+        elif seconds * limit > pending.seconds:
+            limit = max(1, int(pending.seconds / seconds))
         size = _approximate_size(sample)
         if size * limit > self.batch_bytes:
             limit = max(1, self.batch_bytes // size)
@@ -801,6 +806,7 @@ class Worker:
         local = plan.instances(me)
         inboxes = {ref: Inbox() for ref in local}
         senders: dict[tuple[InstanceRef, InstanceRef], SenderChannel] = {}
+        bounds = {(spec.source, spec.dest): plan.options.batch_bounds(spec) for spec in plan.channels}
         for spec in plan.channels:
             if spec.dest_worker == me and spec.source_worker == me:
                 senders[(spec.source, spec.dest)] = LocalChannel(inboxes[spec.dest], credits)
@@ -825,7 +831,8 @@ class Worker:
             for route in plan.routes[ref.pe]:
                 targets = route.targets[ref.index]
                 pendings = [
-                    _Pending(senders[(ref, InstanceRef(route.dest, t))], route.dest, route.dest_port) for t in targets
+                    _Pending(senders[(ref, dest)], route.dest, route.dest_port, bounds[(ref, dest)])
+                    for dest in (InstanceRef(route.dest, t) for t in targets)
                 ]
                 router = route.grouping.router(
                     len(pendings), ref.index, f"PE {ref.pe}", f"{route.dest}.{route.dest_port}"

@@ -15,6 +15,8 @@ from .errors import GraphError
 __all__ = [
     "DEFAULT_BATCH_SIZE",
     "DEFAULT_CREDITS",
+    "REMOTE_BATCH_FACTOR",
+    "REMOTE_TIME_FACTOR",
     "ChannelSpec",
     "ExecutionPlan",
     "InstanceRef",
@@ -28,6 +30,15 @@ DEFAULT_BATCH_SIZE = 256
 """Items per batch on a channel, unless asked otherwise (the library, the CLI and the planner use it)."""
 DEFAULT_CREDITS = 4
 """Batches a channel may have in flight before its sender waits, unless asked otherwise."""
+REMOTE_BATCH_FACTOR = 16
+"""A batch between two workers may carry this many times ``batch_size`` items: each message between
+processes costs a pickle frame, a write, a wake-up of the peer and a credit coming back, which small
+batches of cheap items cannot pay for (the time and byte bounds still apply)."""
+REMOTE_TIME_FACTOR = 4
+"""A batch between two workers may carry this many times ``batch_seconds`` of its destination's
+measured work: the credits of such a channel come back only when the sending worker's event loop
+reads them (it gives way every few milliseconds), and the work in flight must cover that round
+trip or the other worker idles."""
 
 
 @dataclass(frozen=True, order=True)
@@ -51,11 +62,12 @@ class PlanOptions:
             not forced to one (sources, ``global`` inputs); ``None`` means one
             per worker.
         force_single: run exactly one instance of every PE (the simple mapping).
-        batch_size: the most items per batch on a channel.
+        batch_size: the most items per batch on a channel within a worker
+            (:attr:`remote_batch_size` between workers).
         credits: batches a channel may have in flight before its sender waits.
         batch_seconds: a batch carries at most what its destination PE gets
             through in about this time (measured), so slow stages get items a
-            few at a time.
+            few at a time (:attr:`remote_batch_seconds` between workers).
         batch_bytes: a batch carries at most about this many bytes of items.
         provenance: ``None`` (off), ``"pe"`` or ``"item"``: what each worker records
             (see :mod:`aiod4p._provenance`).
@@ -80,6 +92,25 @@ class PlanOptions:
         if self.batch_seconds <= 0 or self.batch_bytes < 1:
             raise ValueError("batch_seconds and batch_bytes must be positive")
         check_level(self.provenance)
+
+    @property
+    def remote_batch_size(self) -> int:
+        """The most items per batch on a channel between two workers."""
+        return self.batch_size * REMOTE_BATCH_FACTOR
+
+    @property
+    def remote_batch_seconds(self) -> float:
+        """The most of its destination's measured work a batch between two workers carries, in seconds."""
+        return self.batch_seconds * REMOTE_TIME_FACTOR
+
+    def batch_cap(self, channel: ChannelSpec) -> int:
+        """The most items per batch on ``channel``."""
+        return self.remote_batch_size if channel.source_worker != channel.dest_worker else self.batch_size
+
+    def batch_bounds(self, channel: ChannelSpec) -> tuple[int, float]:
+        """The most items, and the most seconds of the destination's measured work, per batch on ``channel``."""
+        remote = channel.source_worker != channel.dest_worker
+        return self.batch_cap(channel), self.remote_batch_seconds if remote else self.batch_seconds
 
 
 @dataclass(frozen=True)
@@ -177,7 +208,9 @@ class ExecutionPlan:
 
     def inflight_bound(self, instance: InstanceRef) -> int:
         """The most items that can wait in ``instance``'s inbox at once."""
-        return self.expected_eos(instance) * self.options.credits * self.options.batch_size
+        options = self.options
+        feed = self.placement[instance.pe].is_root * options.batch_size
+        return options.credits * (feed + sum(options.batch_cap(channel) for channel in self.channels_into(instance)))
 
 
 def make_plan(graph: WorkflowGraph | FlatGraph, options: PlanOptions | None = None) -> ExecutionPlan:

@@ -71,8 +71,17 @@ def run_time(command: list[str], env: dict[str, str] | None = None) -> float | N
         os.environ.update(saved)
 
 
-def aiod4p_command(domain: str, mapping: str, workers: int | None) -> list[str]:
-    root, size, _ = DOMAINS[domain]
+# The smallest input of each domain: a run of it is the command's start-up (imports, workers, teardown).
+TINY: dict[str, dict[str, Any]] = {
+    "seismic": {"stations": 2, "seconds": 120},
+    "astro": {"galaxies": 4},
+    "sentiment": {"articles": 20},
+}
+
+
+def aiod4p_command(domain: str, mapping: str, workers: int | None, size: dict[str, Any] | None = None) -> list[str]:
+    root, default, _ = DOMAINS[domain]
+    size = size or default
     command = [str(BIN / "aiod4p"), "run", f"examples/science/{domain}.py", "-d", json.dumps({root: [size]}),
                "-m", mapping, "-q", "--results", os.devnull]  # fmt: skip
     return command + (["-n", str(workers)] if workers else [])
@@ -111,6 +120,24 @@ def sweep(domain: str) -> dict[str, dict[int, float | None]]:
     return series
 
 
+def startups(domain: str, series: dict[str, dict[int, float | None]]) -> dict[str, float | None]:
+    """Each runner's start-up: the command at its best ``-n`` with the domain's :data:`TINY` input."""
+    env = {"SCIENCE_SIZE": json.dumps(TINY[domain]), "PYTHONHASHSEED": "0"}
+    found: dict[str, float | None] = {}
+    for label, values in series.items():
+        chosen = best(values)
+        if chosen is None:
+            continue
+        runner, mapping = label.split()
+        if runner == "aiod4p":
+            command = aiod4p_command(domain, mapping, chosen[0] if mapping != "simple" else None, TINY[domain])
+            found[label] = run_time(command)
+        else:
+            found[label] = run_time(dispel4py_command(domain, mapping, chosen[0]), env)
+        print(f"{domain} {label} -n {chosen[0]} start-up: {found[label]}", flush=True)
+    return found
+
+
 def best(values: dict[int, float | None]) -> tuple[int, float] | None:
     done = [(t, n) for n, t in values.items() if t is not None]
     return (min(done)[1], min(done)[0]) if done else None
@@ -139,6 +166,30 @@ def figure(domain: str, series: dict[str, dict[int, float | None]]) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def startup_lines(series: dict[str, dict[int, float | None]], fixed: dict[str, float | None]) -> list[str]:
+    """Start-up and net time (best run minus start-up) per runner, and the net ratios to dispel4py's best."""
+    lines = [
+        "Start-up (the same command at the same `-n` with the smallest input) and net time (best run minus"
+        " start-up), seconds:",
+        "",
+        "| runner | -n | best run | start-up | net |",
+        "|---|---|---|---|---|",
+    ]
+    nets: dict[str, float] = {}
+    for label, values in series.items():
+        chosen, start = best(values), fixed.get(label)
+        if chosen is None or start is None:
+            continue
+        nets[label] = max(chosen[1] - start, 0.01)
+        lines.append(f"| {label} | {chosen[0]} | {chosen[1]:.2f} | {start:.2f} | {nets[label]:.2f} |")
+    theirs = min((net for label, net in nets.items() if label.startswith("dispel4py")), default=None)
+    if theirs is not None:
+        ours = {label.split()[1]: net for label, net in nets.items() if label.startswith("aiod4p")}
+        ratios = [f"{mapping} {theirs / net:.2f}x" for mapping, net in ours.items()]
+        lines += ["", "Net speed-up against dispel4py's best net time: " + ", ".join(ratios) + "."]
+    return [*lines, ""]
 
 
 def domain_section(domain: str, series: dict[str, dict[int, float | None]]) -> list[str]:
@@ -242,6 +293,7 @@ def main() -> int:
         series = sweep(domain)
         print(f"wrote {figure(domain, series)}", flush=True)
         lines += domain_section(domain, series)
+        lines += startup_lines(series, startups(domain, series))
     lines += overhead_section()
     out = HERE / "results" / "science.md"
     out.write_text("\n".join(lines))

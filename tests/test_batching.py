@@ -58,6 +58,29 @@ def test_a_slow_stage_gets_its_items_one_at_a_time(mapping: str) -> None:
         assert entry.batches_in == entry.items_in
 
 
+class Medium(IterativePE):
+    """Takes at least 1.5 ms per item."""
+
+    def __init__(self) -> None:
+        super().__init__(parallelism=2)
+
+    def process_item(self, item: Any) -> Any:
+        threading.Event().wait(0.0015)  # the item's cost, not synchronisation
+        return item
+
+
+def test_a_stage_on_another_worker_gets_more_work_per_batch() -> None:
+    # multi -n 2: Medium[0] runs beside the source, Medium[1] on worker 1. Within a worker a batch holds
+    # about 2 ms of work (one item here); between workers REMOTE_TIME_FACTOR times that, so that the
+    # work in flight covers the credits' round trip through the sending worker's event loop.
+    graph = WorkflowGraph()
+    graph.connect(Burst(60), "output", medium := Medium(), "input")
+    stats = {entry.instance: entry for entry in asyncio.run(_stats(graph, "multi")) if entry.pe == medium.id}
+    assert stats[0].items_in + stats[1].items_in == 60
+    assert stats[0].batches_in == stats[0].items_in
+    assert 0 < stats[1].batches_in < stats[1].items_in
+
+
 def test_large_items_travel_in_batches_bounded_by_bytes() -> None:
     graph = WorkflowGraph()
     graph.connect(Burst(64, size=100_000), "output", keep := Keep(), "input")
@@ -110,6 +133,25 @@ def test_batches_grow_where_no_local_instance_is_ever_measured() -> None:
     stats = {entry.instance: entry for entry in asyncio.run(_stats(graph, "multi")) if entry.pe == keyed.id}
     assert (stats[0].items_in, stats[1].items_in) == (0, 5000)
     assert stats[1].batches_in < 60  # about 8 single items, then 2, 4, ... 256 at a time
+
+
+def test_batches_between_workers_carry_more_than_batch_size() -> None:
+    # Every item crosses from the source on worker 0 to Keyed[1] on worker 1. Each message between
+    # processes has a fixed cost, so such a channel's batches may grow to REMOTE_BATCH_FACTOR times
+    # batch_size (once the blind start is over): about 24 batches here, not about 90 of 256 items.
+    # (max_delay is long so that only full batches and the end of the source flush.)
+    graph = WorkflowGraph()
+    graph.connect(Burst(20_000), "output", keyed := Keyed(), "input")
+
+    async def main() -> list[InstanceStats]:
+        async with asyncio.timeout(45), aiod4p.start(graph, 1, mapping="multi", workers=2, max_delay=60) as run:
+            await run.results()
+        return run.stats
+
+    stats = {entry.instance: entry for entry in asyncio.run(main()) if entry.pe == keyed.id}
+    assert stats[1].items_in == 20_000
+    assert stats[1].batches_in <= 30
+    assert stats[1].max_queued_items > 256
 
 
 def test_batch_bounds_must_be_positive() -> None:

@@ -6,6 +6,7 @@ import pytest
 import workflows as wf
 
 from aiod4p import ALL, GLOBAL, GraphError, InstanceRef, PlanOptions, WorkflowGraph, group_by, make_plan
+from aiod4p._plan import REMOTE_BATCH_FACTOR, REMOTE_TIME_FACTOR
 
 
 def chain_graph(parallelism: int | None = None) -> tuple[WorkflowGraph, list[object]]:
@@ -115,7 +116,14 @@ def test_the_plan_gives_each_instance_its_end_of_stream_count_and_inflight_bound
     assert plan.expected_eos(middle) == 1  # the single source
     assert plan.expected_eos(InstanceRef(second.id, 0)) == 1  # type: ignore[attr-defined]  # forward from first[0]
     assert plan.inflight_bound(root) == 1 * 3 * 10
-    assert plan.inflight_bound(middle) == len(plan.channels_into(middle)) * 3 * 10
+    # middle (worker 1) is fed from worker 0: batches between workers carry up to REMOTE_BATCH_FACTOR x more
+    assert [(c.source_worker, c.dest_worker) for c in plan.channels_into(middle)] == [(0, 1)]
+    assert options.remote_batch_size == 10 * REMOTE_BATCH_FACTOR
+    assert plan.inflight_bound(middle) == 3 * 10 * REMOTE_BATCH_FACTOR
+    (into_middle,) = plan.channels_into(middle)
+    assert options.batch_bounds(into_middle) == (10 * REMOTE_BATCH_FACTOR, options.batch_seconds * REMOTE_TIME_FACTOR)
+    local = InstanceRef(first.id, 0)  # type: ignore[attr-defined]
+    assert plan.inflight_bound(local) == 3 * 10
 
 
 def test_a_wide_plan_and_its_channel_lookups_are_linear() -> None:

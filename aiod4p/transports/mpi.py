@@ -8,6 +8,11 @@ up to ``max_sleep`` when nothing moves. Nothing ever blocks in MPI, so the
 loop stays free and an idle rank does not spin a core (MPICH's blocking
 receives do).
 
+Messages are pickled with protocol 5 and their large buffers (numpy arrays,
+bytes) travel out of band, as separate MPI messages after the pickle
+(``mpi4py.util.pkl5``): no copy of an array into the pickle and out again.
+For 2 MB items that was 3x the throughput of mpi4py's in-band pickles.
+
 Each :class:`MpiComm` joins this rank to one peer rank under one ``key``
 (several comms may join the same two ranks). Flow control is per comm: a
 sender may have ``capacity`` messages not yet taken by the peer's
@@ -26,6 +31,7 @@ from collections import deque
 from typing import Any
 
 from mpi4py import MPI
+from mpi4py.util import pkl5
 
 from ..errors import ChannelClosed, EndOfChannel, PeerDied, TransportError, UnpicklableMessage
 from ._base import Comm
@@ -54,7 +60,8 @@ class MpiEndpoint:
 
     def __init__(self, comm: Any = None, *, spin: float = 0.001, max_sleep: float = 0.004) -> None:
         base = comm if comm is not None else MPI.COMM_WORLD
-        self._comm = base.Dup()
+        # pkl5: messages pickled with protocol 5, large buffers (numpy arrays) sent out of band
+        self._comm = pkl5.Intracomm(base.Dup())
         self.rank: int = self._comm.Get_rank()
         self.size: int = self._comm.Get_size()
         self._spin = spin
@@ -102,7 +109,7 @@ class MpiEndpoint:
             request = self._comm.isend(message, peer, tag)
         except MPI.Exception as exc:
             raise TransportError(f"MPI send to rank {peer} failed: {exc}") from exc
-        if not request.Test():
+        if not request.test()[0]:
             self._sends.append(request)
             self._kick()
 
@@ -183,7 +190,7 @@ class MpiEndpoint:
                 target._deliver(payload)
         if self._sends:
             before = len(self._sends)
-            self._sends = [request for request in self._sends if not request.Test()]
+            self._sends = [request for request in self._sends if not request.test()[0]]
             moved = moved or len(self._sends) != before
         if moved:
             self._check_settled()
