@@ -24,7 +24,7 @@ import workflows as wf
 from helpers import aiod4p_process, numbers_flow
 
 import aiod4p
-from aiod4p import ConsumerPE, IterativePE, PEError, WorkflowGraph
+from aiod4p import IterativePE, PEError, WorkflowGraph
 from aiod4p._plan import REMOTE_BATCH_FACTOR
 from aiod4p.errors import GraphError, InputError, TransportError, WorkerDied
 from aiod4p.mappings.multi import START_METHOD_ENV, MultiMapping, resolve_start_method
