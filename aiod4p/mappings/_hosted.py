@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 from abc import abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Protocol
 
 from .._engine import Feed
@@ -30,10 +30,9 @@ __all__ = ["HostedMapping", "Launch"]
 class Launch(Protocol):
     """One run's workers, as a :class:`HostedMapping` starts them."""
 
-    async def start(self, job: Job, pumped: Sequence[tuple[str, int, Feed]]) -> Mapping[int, Comm]:
+    async def start(self, job: Job) -> Mapping[int, Comm]:
         """Start a worker for each worker id of ``job.plan``, each given ``job``; their control comms by id.
 
-        ``pumped`` are the feeds the launcher will pump (for a mapping that checks where they go).
         Whatever started before a failure is stopped by :meth:`stop`.
         """
         ...
@@ -102,7 +101,7 @@ class HostedMapping(BaseMapping):
         comms: Mapping[int, Comm] = {}
         finished = False
         try:
-            comms = await launch.start(Job(plan, shipped, max_delay, self.stats_interval), pumped)
+            comms = await launch.start(Job(plan, shipped, max_delay, self.stats_interval))
             supervisor = Supervisor(
                 plan,
                 comms,

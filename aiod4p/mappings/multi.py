@@ -24,11 +24,9 @@ import signal
 import socket
 import sys
 import threading
-from collections.abc import Sequence
 from multiprocessing.process import BaseProcess
 from typing import Any
 
-from .._engine import Feed
 from .._plan import ExecutionPlan
 from ..transports.pipes import PipeComm, open_pipe_comm
 from ._host import GRACE, STATS_INTERVAL
@@ -143,7 +141,7 @@ class _MultiRun:
                     parent_end.close()
         return [parent_end for parent_end, _ in controls]
 
-    async def start(self, job: Job, pumped: Sequence[tuple[str, int, Feed]]) -> dict[int, PipeComm]:
+    async def start(self, job: Job) -> dict[int, PipeComm]:
         """Start the worker processes; the parent's ends of their control comms."""
         payload = job if self.method == "fork" else ship(job, f"start {self.method}ed worker processes", _HINT)
         socks = self._start(payload)

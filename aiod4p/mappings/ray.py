@@ -27,14 +27,13 @@ import asyncio
 import os
 import sys
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import ray
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from .._engine import Feed
 from .._plan import ExecutionPlan
 from ..errors import MappingUnavailable
 from ..transports.ray import DriverComm
@@ -153,7 +152,7 @@ class _RayRun:
         self.serving: list[asyncio.Future[Any]] = []
         self.alive: list[asyncio.Future[Any]] = []
 
-    async def start(self, job: Job, pumped: Sequence[tuple[str, int, Feed]]) -> dict[int, DriverComm]:
+    async def start(self, job: Job) -> dict[int, DriverComm]:
         """Ship the job, join Ray (concurrent runs share one connection), start the actors; the driver's
         ends of their control comms.
 
