@@ -40,8 +40,9 @@ import aiod4p
 from aiod4p import ConsumerPE, IterativePE, WorkflowGraph
 
 HERE = Path(__file__).resolve().parent
-ITEMS = int(sys.argv[1]) if len(sys.argv) > 1 else 1_000_000
-CPU_ITEMS = int(sys.argv[2]) if len(sys.argv) > 2 else 1_000
+_ARGS = sys.argv[1:] if __name__ == "__main__" else []  # imported (bench_ray, a Ray worker): not our command line
+ITEMS = int(_ARGS[0]) if _ARGS else 1_000_000
+CPU_ITEMS = int(_ARGS[1]) if len(_ARGS) > 1 else 1_000
 REPEATS = 3
 TIMEOUT = 300.0
 TARGET_D4P, TARGET_CPU = 20.0, 1.9
