@@ -77,8 +77,8 @@ def _net(fixed: float, full: float) -> float:
     return ITEMS / (full - fixed) if full > fixed else float("nan")
 
 
-def _show(value: float, spec: str) -> str:
-    return "n/a" if math.isnan(value) else format(value, spec)
+def _show(value: float, spec: str, unit: str = "") -> str:
+    return "n/a" if math.isnan(value) else format(value, spec) + unit
 
 
 def chain(address: str) -> list[str]:
@@ -99,7 +99,7 @@ def chain(address: str) -> list[str]:
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
         *(
             f"| {name} | {fixed:.2f} | {full:.2f} | {ITEMS / full:,.0f} | {_show(_net(fixed, full), ',.0f')}"
-            f" | {ITEMS / full / base_rate:.2f}x | {_show(_net(fixed, full) / base_net, '.2f')}x |"
+            f" | {ITEMS / full / base_rate:.2f}x | {_show(_net(fixed, full) / base_net, '.2f', 'x')} |"
             for name, fixed, full in rows
         ),
         "",
