@@ -40,7 +40,8 @@ import aiod4p
 from aiod4p import ConsumerPE, IterativePE, WorkflowGraph
 
 HERE = Path(__file__).resolve().parent
-_ARGS = sys.argv[1:] if __name__ == "__main__" else []  # imported (bench_ray, a Ray worker): not our command line
+# Imported by bench_ray.py, also inside Ray actors whose argv is Ray's own: read argv only when run.
+_ARGS = sys.argv[1:] if __name__ == "__main__" else []
 ITEMS = int(_ARGS[0]) if _ARGS else 1_000_000
 CPU_ITEMS = int(_ARGS[1]) if len(_ARGS) > 1 else 1_000
 REPEATS = 3
