@@ -1,6 +1,6 @@
 """The ray mapping against the multi mapping, and the start-up time of every mapping.
 
-    .venv/bin/python bench/bench_ray.py [items] [cpu_items]
+    .venv/bin/python bench/bench_ray.py [--quick] [items] [cpu_items]
 
 A local Ray (2 CPUs, a 200 MB object store, no dashboard) is started once by
 this script, and every ray run joins it (``--address``), as runs on an
@@ -22,7 +22,8 @@ existing cluster do; its own start-up is reported apart.
     batching (several messages per call while the window is full), median of
     3 interleaved rounds.
 
-Writes bench/results/ray.md.
+``--quick``: 30,000 items, 200 CPU-bound items, one round of each (to check
+that it runs; figures from the full run only). Writes bench/results/ray.md.
 """
 
 from __future__ import annotations
@@ -43,10 +44,12 @@ from aiod4p.mappings.ray import OBJECT_STORE_MEMORY, RayMapping
 from aiod4p.transports.ray import BATCH, WINDOW, RayComm, RayCommHost
 
 HERE = Path(__file__).resolve().parent
-ITEMS = int(sys.argv[1]) if len(sys.argv) > 1 else 300_000
-CPU_ITEMS = int(sys.argv[2]) if len(sys.argv) > 2 else 1_000
-REPEATS = 3
-COMM_MESSAGES = 5_000
+QUICK = "--quick" in sys.argv
+ARGS = [a for a in sys.argv[1:] if a != "--quick"]
+ITEMS = int(ARGS[0]) if ARGS else 30_000 if QUICK else 300_000
+CPU_ITEMS = int(ARGS[1]) if len(ARGS) > 1 else 200 if QUICK else 1_000
+REPEATS = 1 if QUICK else 3
+COMM_MESSAGES = 1_000 if QUICK else 5_000
 TIMEOUT = 300.0
 
 sys.path.insert(0, str(HERE))
@@ -74,8 +77,8 @@ def _net(fixed: float, full: float) -> float:
     return ITEMS / (full - fixed) if full > fixed else float("nan")
 
 
-def _show(value: float, spec: str) -> str:
-    return "n/a" if math.isnan(value) else format(value, spec)
+def _show(value: float, spec: str, unit: str = "") -> str:
+    return "n/a" if math.isnan(value) else format(value, spec) + unit
 
 
 def chain(address: str) -> list[str]:
@@ -96,7 +99,7 @@ def chain(address: str) -> list[str]:
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
         *(
             f"| {name} | {fixed:.2f} | {full:.2f} | {ITEMS / full:,.0f} | {_show(_net(fixed, full), ',.0f')}"
-            f" | {ITEMS / full / base_rate:.2f}x | {_show(_net(fixed, full) / base_net, '.2f')}x |"
+            f" | {ITEMS / full / base_rate:.2f}x | {_show(_net(fixed, full) / base_net, '.2f', 'x')} |"
             for name, fixed, full in rows
         ),
         "",
@@ -218,8 +221,8 @@ def main() -> int:
         lines = [
             "## ray: the plan's workers as Ray actors",
             "",
-            f"`.venv/bin/python bench/bench_ray.py {ITEMS} {CPU_ITEMS}` on {os.cpu_count()} cores, Ray"
-            f" {ray.__version__}.",
+            f"`.venv/bin/python bench/bench_ray.py{' --quick' if QUICK else ''} {ITEMS} {CPU_ITEMS}` on"
+            f" {os.cpu_count()} cores, Ray {ray.__version__}.",
             "",
             *chain(address),
             *cpu_bound(),

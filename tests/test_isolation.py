@@ -68,8 +68,6 @@ def test_wordcount_counts_are_right_on_every_run(mapping: MappingCase) -> None:
 
 
 def test_concurrent_runs_of_one_graph_do_not_mix(mapping: MappingCase) -> None:
-    if mapping.name == "ray":  # two runs at once sharing this process's Ray connection hang: open, not hidden
-        pytest.skip("concurrent ray runs in one process hang (open: see the closing note of issue 13)")
     graph, _, _ = keyed_graph()
 
     async def both() -> list[aiod4p.Results]:

@@ -108,6 +108,21 @@ def test_items_through_a_slow_sink_stay_within_the_inflight_bound(ray_cluster: R
     assert sinks[0].max_queued_items > 0
 
 
+def test_a_run_waiting_for_the_cluster_holds_none_of_it(ray_cluster: RayCluster) -> None:
+    # The cluster has one "second": a run of two workers that each need it waits (until closed), holding
+    # nothing, while a run of one such worker starts and finishes. Were the first run holding one worker's
+    # share, the second would wait for it until the first gave up (so would two runs each holding part of
+    # the cluster, each waiting for the rest).
+    second = RayMapping(resources={"second": 1})
+
+    async def main() -> list[int]:
+        async with asyncio.timeout(50), aiod4p.start(_chain(wf.Double()), 10, mapping=second, workers=2):
+            results = await aiod4p.run_async(_chain(wf.Double()), 10, mapping=second, workers=1)
+            return sorted(results.data())
+
+    assert asyncio.run(main()) == [4 * i for i in range(10)]
+
+
 def test_more_than_the_cluster_has_fails_clearly(ray_cluster: RayCluster) -> None:
     mapping = RayMapping(num_cpus=3, start_timeout=2)
     with pytest.raises(MappingUnavailable, match=r"did not start 1 worker actors of 3 CPUs each within 2 s"):

@@ -24,17 +24,13 @@ import signal
 import socket
 import sys
 import threading
-from collections.abc import Mapping
 from multiprocessing.process import BaseProcess
 from typing import Any
 
-from .._engine import Feed
-from .._plan import ExecutionPlan, PlanOptions
-from .._results import ResultSink
-from .._stats import InstanceStats
+from .._plan import ExecutionPlan
 from ..transports.pipes import PipeComm, open_pipe_comm
-from ._base import BaseMapping, RunControl
-from ._host import GRACE, STATS_INTERVAL, Supervisor, split_feeds
+from ._host import GRACE, STATS_INTERVAL
+from ._hosted import HostedMapping
 from ._multi_worker import worker_main
 from ._shipping import Job, ship
 
@@ -64,7 +60,7 @@ def resolve_start_method(requested: str | None = None) -> str:
     return method
 
 
-class MultiMapping(BaseMapping):
+class MultiMapping(HostedMapping):
     """Worker processes joined by pipes; ``-n N`` workers (default: one per CPU).
 
     Args:
@@ -80,63 +76,26 @@ class MultiMapping(BaseMapping):
     """
 
     name = "multi"
-    uses_processes = True
 
     def __init__(
         self, start_method: str | None = None, *, stats_interval: float = STATS_INTERVAL, grace: float = GRACE
     ) -> None:
         if start_method is not None:
             resolve_start_method(start_method)
+        super().__init__(stats_interval=stats_interval, grace=grace)
         self.start_method = start_method
-        self.stats_interval = stats_interval
-        self.grace = grace
 
-    def plan_options(self, workers: int | None, batch_size: int, credits: int) -> PlanOptions:
-        return PlanOptions(
-            workers=workers or os.cpu_count() or 1,
-            default_parallelism=None,
-            batch_size=batch_size,
-            credits=credits,
-        )
-
-    async def execute(
-        self,
-        plan: ExecutionPlan,
-        feeds: Mapping[str, Feed],
-        sink: ResultSink,
-        control: RunControl,
-        max_delay: float,
-    ) -> list[InstanceStats]:
-        """Run ``plan`` on worker processes.
-
-        Raises:
-            PEError: a PE raised in a worker (with its original traceback text).
-            WorkerDied: a worker process exited or was killed before finishing.
-            GraphError: a PE cannot be pickled for a spawned worker.
-            InputError: an input cannot be pickled.
-            TransportError: an item or result cannot be pickled (naming the PE and port).
-        """
-        return await _MultiRun(self, plan, feeds, sink, control, max_delay).run()
+    def launch(self, plan: ExecutionPlan) -> _MultiRun:
+        """Worker processes for a run of ``plan`` (a spawned worker needs PEs that can be pickled)."""
+        return _MultiRun(self, plan)
 
 
 class _MultiRun:
     """One execution: processes and the socket pairs that join them."""
 
-    def __init__(
-        self,
-        mapping: MultiMapping,
-        plan: ExecutionPlan,
-        feeds: Mapping[str, Feed],
-        sink: ResultSink,
-        control: RunControl,
-        max_delay: float,
-    ) -> None:
+    def __init__(self, mapping: MultiMapping, plan: ExecutionPlan) -> None:
         self.mapping = mapping
         self.plan = plan
-        self.feeds = feeds
-        self.sink = sink
-        self.control = control
-        self.max_delay = max_delay
         self.method = resolve_start_method(mapping.start_method)
         self.processes: list[BaseProcess] = []
         self._exits: list[asyncio.Future[None]] = []
@@ -182,47 +141,34 @@ class _MultiRun:
                     parent_end.close()
         return [parent_end for parent_end, _ in controls]
 
-    async def run(self) -> list[InstanceStats]:
-        shipped, pumped = split_feeds(self.plan, self.feeds)
-        job = Job(self.plan, shipped, self.max_delay, self.mapping.stats_interval)
+    async def start(self, job: Job) -> dict[int, PipeComm]:
+        """Start the worker processes; the parent's ends of their control comms."""
         payload = job if self.method == "fork" else ship(job, f"start {self.method}ed worker processes", _HINT)
-        comms: list[PipeComm] = []
-        finished = False
-        try:
-            socks = self._start(payload)
-            for index, sock in enumerate(socks):
-                try:
-                    comms.append(await open_pipe_comm(sock))
-                except BaseException:
-                    for rest in socks[index:]:
-                        rest.close()
-                    raise
-            supervisor = Supervisor(
-                self.plan,
-                dict(enumerate(comms)),
-                self.sink,
-                self.control,
-                pumped=pumped,
-                grace=self.mapping.grace,
-                exited=self._exited,
-                death=self._death,
-            )
-            stats = await supervisor.run()
-            finished = True
-            return stats
-        finally:
+        socks = self._start(payload)
+        comms: dict[int, PipeComm] = {}
+        for index, sock in enumerate(socks):
             try:
-                await self._stop_processes(graceful=finished)
-            except BaseException:  # cancelled again while stopping: no orphans all the same
-                for process in self.processes:
-                    if process.exitcode is None:
-                        process.kill()
-                        process.join()
+                comms[index] = await open_pipe_comm(sock)
+            except BaseException:
+                for rest in socks[index:]:
+                    rest.close()
+                for comm in comms.values():
+                    comm.abort()
                 raise
-            for comm in comms:
-                comm.abort()
+        return comms
 
-    async def _death(self, wid: int) -> str:
+    async def stop(self, finished: bool) -> None:
+        """Let the workers exit (if the run ``finished``), then terminate and kill what is left."""
+        try:
+            await self._stop_processes(graceful=finished)
+        except BaseException:  # cancelled again while stopping: no orphans all the same
+            for process in self.processes:
+                if process.exitcode is None:
+                    process.kill()
+                    process.join()
+            raise
+
+    async def death(self, wid: int) -> str:
         process = self.processes[wid]
         code = process.exitcode
         if code is None:
@@ -237,7 +183,7 @@ class _MultiRun:
         return f"worker process {wid} (pid {process.pid}) {how} before the run finished"
 
     # -- stopping ---------------------------------------------------------------
-    async def _exited(self, wid: int) -> None:
+    async def exited(self, wid: int) -> None:
         """Wait until worker ``wid`` has exited and been reaped."""
         await asyncio.shield(self._exits[wid])
         self.processes[wid].join()  # the sentinel closes a moment before the exit status is ready
@@ -256,7 +202,7 @@ class _MultiRun:
                     self.processes[wid].kill()
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self.mapping.grace):
-                    await asyncio.gather(*(self._exited(wid) for wid in alive))
+                    await asyncio.gather(*(self.exited(wid) for wid in alive))
         loop = asyncio.get_running_loop()
         for process, exit_future in zip(self.processes, self._exits, strict=True):
             if not exit_future.done():

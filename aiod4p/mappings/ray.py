@@ -9,13 +9,16 @@ pumped feeds, failures. What is Ray's is here:
   environment variable, else a new local Ray); the mapping disconnects (and
   stops a Ray it started) after the run, unless Ray was initialised already;
 - starting workers: one actor per worker with ``num_cpus`` and ``resources``
-  each, spread over the nodes (``scheduling_strategy="SPREAD"``), each given
-  the job shipped once (:func:`~aiod4p.mappings._shipping.ship`, in Ray's
-  object store) and the driver's ``sys.path``;
+  each, in a placement group that reserves every worker's share at once
+  (spread over the nodes): a run waiting for the cluster holds nothing, so
+  runs that share a cluster queue instead of each holding part of it and
+  waiting for the rest; each actor is given the job shipped once
+  (:func:`~aiod4p.mappings._shipping.ship`, in Ray's object store) and the
+  driver's ``sys.path``;
 - the comms: :mod:`aiod4p.transports.ray` (actor calls with credits);
 - dead workers: a pending call to each actor fails when it dies, which ends
   the worker for the :class:`~aiod4p.mappings._host.Supervisor`; actors are
-  killed after the run.
+  killed, and their placement group removed, after the run.
 """
 
 from __future__ import annotations
@@ -28,18 +31,16 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import ray
+from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from .._engine import Feed
 from .._plan import ExecutionPlan
-from .._results import ResultSink
-from .._stats import InstanceStats
 from ..errors import MappingUnavailable
 from ..transports.ray import DriverComm
-from ._base import RunControl
-from ._host import GRACE, STATS_INTERVAL, Supervisor, split_feeds
+from ._host import GRACE, STATS_INTERVAL
+from ._hosted import HostedMapping
 from ._ray_worker import CONTROL, RayWorker
 from ._shipping import Job, ship
-from .multi import MultiMapping
 
 __all__ = ["RayMapping"]
 
@@ -50,7 +51,7 @@ _RemoteWorker: Any = None  # ray.remote(RayWorker), made once
 _cluster_resources: Callable[[], dict[str, float]] = ray.cluster_resources  # unannotated in Ray
 
 
-class RayMapping(MultiMapping):
+class RayMapping(HostedMapping):
     """Ray actors joined by actor calls; ``-n N`` workers (default: one per local CPU).
 
     Args:
@@ -86,31 +87,10 @@ class RayMapping(MultiMapping):
         self.runtime_env = dict(runtime_env or {})
         self.start_timeout = start_timeout
 
-    async def execute(
-        self,
-        plan: ExecutionPlan,
-        feeds: Mapping[str, Feed],
-        sink: ResultSink,
-        control: RunControl,
-        max_delay: float,
-    ) -> list[InstanceStats]:
-        """Run ``plan`` on Ray actors.
-
-        Raises:
-            PEError: a PE raised in a worker (with its original traceback text).
-            WorkerDied: a worker actor died before finishing.
-            GraphError: a PE cannot be pickled.
-            InputError: an input cannot be pickled.
-            TransportError: an item or result cannot be pickled (naming the PE and port).
-            MappingUnavailable: Ray cannot be joined, or cannot start the workers.
-        """
-        shipped, pumped = split_feeds(plan, feeds)
-        payload = ship(Job(plan, shipped, max_delay, self.stats_interval), "start Ray actors")
-        await asyncio.to_thread(_CONNECTION.acquire, self._connect)  # concurrent runs share one connection
-        try:
-            return await _RayRun(self, plan, sink, control).run(payload, pumped)
-        finally:
-            await asyncio.to_thread(_CONNECTION.release)
+    def launch(self, plan: ExecutionPlan) -> _RayRun:
+        """Ray actors for a run of ``plan``; starting them raises :class:`~aiod4p.errors.MappingUnavailable`
+        when Ray cannot be joined or cannot start them."""
+        return _RayRun(self, plan)
 
     def _connect(self) -> None:
         """Join the cluster at ``address`` (or ``RAY_ADDRESS``), else start a local Ray."""
@@ -159,40 +139,50 @@ _CONNECTION = _Connection()
 
 
 class _RayRun:
-    """One execution: actors, their comms, and the host's supervisor over them."""
+    """One execution: its share of the connection to Ray, its actors and their placement group."""
 
-    def __init__(self, mapping: RayMapping, plan: ExecutionPlan, sink: ResultSink, control: RunControl) -> None:
+    def __init__(self, mapping: RayMapping, plan: ExecutionPlan) -> None:
         self.mapping = mapping
         self.plan = plan
-        self.sink = sink
-        self.control = control
+        self.connected = False
+        self.comms: dict[int, DriverComm] = {}
+        self.group: PlacementGroup | None = None
         self.actors: list[Any] = []
         self.places: list[tuple[str, int]] = []
         self.serving: list[asyncio.Future[Any]] = []
         self.alive: list[asyncio.Future[Any]] = []
 
-    async def run(self, payload: bytes, pumped: list[tuple[str, int, Feed]]) -> list[InstanceStats]:
-        comms: list[DriverComm] = []
-        try:
-            await self._start(payload)
-            comms = [DriverComm(actor, CONTROL) for actor in self.actors]
-            supervisor = Supervisor(
-                self.plan,
-                dict(enumerate(comms)),
-                self.sink,
-                self.control,
-                pumped=pumped,
-                grace=self.mapping.grace,
-                exited=self._exited,
-                death=self._death,
-            )
-            return await supervisor.run()
-        finally:
-            for comm in comms:
-                comm.abort()
-            await self._stop()
+    async def start(self, job: Job) -> dict[int, DriverComm]:
+        """Ship the job, join Ray (concurrent runs share one connection), start the actors; the driver's
+        ends of their control comms.
 
-    async def _start(self, payload: bytes) -> None:
+        Raises:
+            GraphError: a PE cannot be pickled (before anything of Ray starts).
+            MappingUnavailable: Ray cannot be joined, or did not start the actors within ``start_timeout``.
+        """
+        payload = ship(job, "start Ray actors")
+        acquiring = asyncio.ensure_future(asyncio.to_thread(_CONNECTION.acquire, self.mapping._connect))
+        try:
+            await asyncio.shield(acquiring)
+        finally:
+            await asyncio.wait({acquiring})  # cancelled meanwhile: the connection may be made all the same
+            self.connected = not acquiring.cancelled() and acquiring.exception() is None
+        await self._start_actors(payload)
+        self.comms = {wid: DriverComm(actor, CONTROL) for wid, actor in enumerate(self.actors)}
+        return self.comms
+
+    async def stop(self, finished: bool) -> None:
+        """Kill the actors (whether or not the run ``finished``), then give back this run's share of the
+        connection (once the comms stopped taking from the actors)."""
+        for comm in self.comms.values():
+            comm.abort()
+        if self.connected:
+            try:
+                await self._kill_actors()
+            finally:
+                await asyncio.to_thread(_CONNECTION.release)
+
+    async def _start_actors(self, payload: bytes) -> None:
         """Start one actor per worker, wait until each runs, then have each serve its share.
 
         Raises:
@@ -202,10 +192,19 @@ class _RayRun:
         if _RemoteWorker is None:
             _RemoteWorker = ray.remote(RayWorker)
         mapping, n = self.mapping, self.plan.workers
-        options: dict[str, Any] = {"num_cpus": mapping.num_cpus, "scheduling_strategy": "SPREAD", "max_restarts": 0}
+        options: dict[str, Any] = {"num_cpus": mapping.num_cpus, "max_restarts": 0}
         if mapping.resources:
             options["resources"] = mapping.resources
-        self.actors = [_RemoteWorker.options(**options).remote(wid) for wid in range(n)]
+        # Every worker's share in one reservation, made at once or not at all: two runs on too small a
+        # cluster would otherwise each start some of their actors and wait forever for the rest.
+        share = {name: amount for name, amount in {"CPU": mapping.num_cpus, **mapping.resources}.items() if amount}
+        places: list[Any] = ["SPREAD"] * n  # workers that reserve nothing need no reservation
+        if share:
+            self.group = placement_group([share] * n, strategy="SPREAD")
+            places = [PlacementGroupSchedulingStrategy(self.group, placement_group_bundle_index=i) for i in range(n)]
+        self.actors = [
+            _RemoteWorker.options(**options, scheduling_strategy=place).remote(wid) for wid, place in enumerate(places)
+        ]
         self.alive = [_future(actor.alive.remote()) for actor in self.actors]
         started = [_future(actor.where.remote()) for actor in self.actors]
         try:
@@ -232,10 +231,13 @@ class _RayRun:
             for wid, actor in enumerate(self.actors)
         ]
 
-    async def _stop(self) -> None:
-        """Kill every actor of the run and wait (a few ``grace`` periods at most) until Ray confirms it is gone."""
+    async def _kill_actors(self) -> None:
+        """Kill every actor of the run, give back its reservation, and wait (a few ``grace`` periods at most)
+        until Ray confirms the actors are gone."""
         for actor in self.actors:
             ray.kill(actor, no_restart=True)
+        if self.group is not None:
+            remove_placement_group(self.group)
         if self.alive:
             await asyncio.wait(self.alive, timeout=self.mapping.grace * 5)
         for future in (*self.alive, *self.serving):
@@ -243,11 +245,11 @@ class _RayRun:
                 future.exception()  # retrieved: a killed actor's calls fail, as expected
             future.cancel()
 
-    async def _exited(self, wid: int) -> None:
+    async def exited(self, wid: int) -> None:
         """Wait until worker ``wid``'s actor died or its serve call ended."""
         await asyncio.wait({self.alive[wid], self.serving[wid]}, return_when=asyncio.FIRST_COMPLETED)
 
-    async def _death(self, wid: int) -> str:
+    async def death(self, wid: int) -> str:
         node, pid = self.places[wid]
         causes = [f.exception() for f in (self.alive[wid], self.serving[wid]) if f.done() and not f.cancelled()]
         cause = next((str(c).strip().splitlines()[0] for c in causes if c is not None), "it stopped responding")

@@ -1,0 +1,123 @@
+"""The launcher's side of a mapping that starts its own hosted workers (multi, ray).
+
+Such a mapping's run is always the same four steps around what is its own:
+split the feeds (:func:`~aiod4p.mappings._host.split_feeds`), start the
+workers with the job (its :class:`Launch`), supervise them
+(:class:`~aiod4p.mappings._host.Supervisor`), then stop them and abort
+their comms whatever happened. :class:`HostedMapping` does these steps once;
+a mapping says only how its workers start, end, and die.
+"""
+
+from __future__ import annotations
+
+import os
+from abc import abstractmethod
+from collections.abc import Mapping
+from typing import Protocol
+
+from .._engine import Feed
+from .._plan import ExecutionPlan, PlanOptions
+from .._results import ResultSink
+from .._stats import InstanceStats
+from ..transports import Comm
+from ._base import BaseMapping, RunControl
+from ._host import GRACE, STATS_INTERVAL, Supervisor, split_feeds
+from ._shipping import Job
+
+__all__ = ["HostedMapping", "Launch"]
+
+
+class Launch(Protocol):
+    """One run's workers, as a :class:`HostedMapping` starts them."""
+
+    async def start(self, job: Job) -> Mapping[int, Comm]:
+        """Start a worker for each worker id of ``job.plan``, each given ``job``; their control comms by id.
+
+        Whatever started before a failure is stopped by :meth:`stop`.
+        """
+        ...
+
+    async def exited(self, wid: int) -> None:
+        """Wait until worker ``wid`` has ended."""
+        ...
+
+    async def death(self, wid: int) -> str:
+        """Why worker ``wid`` ended before the run finished, for :class:`~aiod4p.errors.WorkerDied`."""
+        ...
+
+    async def stop(self, finished: bool) -> None:
+        """Stop whatever is left of the workers (``finished``: the run ended well; they may leave on their own)."""
+        ...
+
+
+class HostedMapping(BaseMapping):
+    """Workers this mapping starts, each running the worker host; ``-n N`` workers (default: one per CPU).
+
+    Args:
+        stats_interval: seconds between the workers' statistics reports.
+        grace: seconds to wait, after a worker failed because another one
+            did, for the root cause to be reported (and for a dead worker's
+            last messages).
+    """
+
+    uses_processes = True
+
+    def __init__(self, *, stats_interval: float = STATS_INTERVAL, grace: float = GRACE) -> None:
+        self.stats_interval = stats_interval
+        self.grace = grace
+
+    def plan_options(self, workers: int | None, batch_size: int, credits: int) -> PlanOptions:
+        return PlanOptions(
+            workers=workers or os.cpu_count() or 1,
+            default_parallelism=None,
+            batch_size=batch_size,
+            credits=credits,
+        )
+
+    @abstractmethod
+    def launch(self, plan: ExecutionPlan) -> Launch:
+        """The workers of one run of ``plan``, not started yet."""
+
+    async def execute(
+        self,
+        plan: ExecutionPlan,
+        feeds: Mapping[str, Feed],
+        sink: ResultSink,
+        control: RunControl,
+        max_delay: float,
+    ) -> list[InstanceStats]:
+        """Run ``plan`` on the workers that :meth:`launch` starts.
+
+        Raises:
+            PEError: a PE raised in a worker (with its original traceback text).
+            WorkerDied: a worker ended before finishing.
+            GraphError: a PE cannot be pickled for the workers.
+            InputError: an input cannot be pickled.
+            TransportError: an item or result cannot be pickled (naming the PE and port).
+            MappingUnavailable: the workers cannot be started (as the mapping says).
+        """
+        shipped, pumped = split_feeds(plan, feeds)
+        launch = self.launch(plan)
+        comms: Mapping[int, Comm] = {}
+        finished = False
+        try:
+            comms = await launch.start(Job(plan, shipped, max_delay, self.stats_interval))
+            supervisor = Supervisor(
+                plan,
+                comms,
+                sink,
+                control,
+                pumped=pumped,
+                grace=self.grace,
+                exited=launch.exited,
+                death=launch.death,
+            )
+            stats = await supervisor.run()
+            finished = True
+            return stats
+        finally:
+            try:
+                await launch.stop(finished)
+            finally:
+                for comm in comms.values():
+                    comm.abort()
