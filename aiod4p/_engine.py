@@ -141,6 +141,8 @@ class _Actor:
         )
         self.process_kind = _call_kind(pe.process)
         single = list(pe.inputs)
+        # Read once: a PE's ports are fixed for a run, and reading them may build them (dispel4py's PEs derive them).
+        self.has_inputs = bool(single)
         self.single_input = single[0] if len(single) == 1 else None
         self.is_root = worker.plan.placement[ref.pe].is_root
         self.links = list(worker.links.values())
@@ -308,7 +310,7 @@ class _Actor:
     async def _handle_here(self, port: str | None, items: list[Any]) -> None:
         if self.fn is not None:
             if port is None:  # a feed batch: input dicts
-                if not self.pe.inputs and not any(items):  # no input to hand over (a dispel4py root may take some)
+                if not self.has_inputs and not any(items):  # no input to hand over (a dispel4py root may take some)
                     return await self._call_fn(items)
                 if self.single_input is not None and all(self.single_input in e for e in items):
                     return await self._call_fn([element[self.single_input] for element in items])
@@ -362,7 +364,7 @@ class _Actor:
             if out_port is None:
                 for item in items:
                     fn(item)
-            elif not self.pe.inputs:
+            elif not self.has_inputs:
                 append = self.buffers[out_port].append
                 for _ in items:
                     result = item_fn()
