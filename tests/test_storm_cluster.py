@@ -237,8 +237,19 @@ def test_a_dead_worker_fails_the_run(nimbus: str) -> None:
 
 # -- dispel4py's own examples, unchanged -----------------------------------------------------------
 
-# A few of them, one topology: the features they cover, not all fifteen (a task is a Python process).
-DISPEL4PY = ("pipeline_test", "grouping_onetoall", "grouping_alltoone", "teecopy", "split_merge")
+# A few of them, one topology: the features they cover, not all of them (a task is a Python process).
+# Added last: two roots feeding one PE (multi_producer), a root's output teed (producer_tee), a diamond
+# whose branches differ in length (loopcopy).
+DISPEL4PY = (
+    "pipeline_test",
+    "grouping_onetoall",
+    "grouping_alltoone",
+    "teecopy",
+    "split_merge",
+    "multi_producer",
+    "producer_tee",
+    "loopcopy",
+)
 
 
 @pytest.mark.skipif(not differential.D4P_PYTHON.exists(), reason="dispel4py 1.2.1 is not installed")
