@@ -118,15 +118,27 @@ class _Route:
         self.pendings = pendings
 
 
+class _NeverDrains:
+    """The drain flag of an invoker alone: its host stops a source by itself."""
+
+    _draining = False
+
+
+_NEVER_DRAINS = _NeverDrains()
+
+
 class _Invoker:
     """Calls one PE instance: its calling conventions, its output buffers, its lifecycle stages, its stats.
 
     What the PE writes stays in :attr:`buffers` for the host to take: a Storm
     bolt builds only an invoker and emits the buffers itself. The engine's
     :class:`_Actor` extends it with an inbox and routing, overriding the
-    hooks that hand on the buffers while a long call (a generator) is still
-    writing (:meth:`_route_outputs`, :meth:`_route_streamed`) and that stop a
-    draining source (:meth:`_draining`).
+    hooks that run the PE's calls (:meth:`_drive`: in a greenlet, so that
+    write() waits for credit), that hand on the buffers while a long call
+    (a generator) is still writing (:meth:`_route_outputs`,
+    :meth:`_route_streamed`); a source stops producing once
+    ``drains._draining`` is set (the actor's worker; never, for an invoker
+    alone).
 
     Args:
         ref: the instance this invoker calls (names it in errors and stats).
@@ -144,6 +156,7 @@ class _Invoker:
         self.pe = pe
         self.is_root = is_root
         self.batch_size = batch_size
+        self.drains: Worker | _NeverDrains = _NEVER_DRAINS
         self.stats = InstanceStats(ref.pe, ref.index, worker_id)
         self.buffers: dict[str, list[Any]] = {port: [] for port in pe.outputs}
         item_function = pe._item_function()
@@ -239,11 +252,11 @@ class _Invoker:
                 if result is not None and out_port is not None:
                     self.buffers[out_port].append(result)
         elif kind == "gen":
-            is_root, batch_size, buffers = self.is_root, self.batch_size, self.buffers
+            drains, is_root, batch_size, buffers = self.drains, self.is_root, self.batch_size, self.buffers
             for item in items:
                 if out_port is None:
                     for _ in fn(item):
-                        if is_root and self._draining():
+                        if drains._draining and is_root:
                             return
                     continue
                 buffer = buffers[out_port]
@@ -253,7 +266,7 @@ class _Invoker:
                         if len(buffer) >= batch_size:
                             await self._route_outputs()
                             buffer = buffers[out_port]  # routing took the full buffer
-                    if is_root and self._draining():
+                    if drains._draining and is_root:
                         return  # a draining source stops producing
         elif self.is_root and out_port is not None:
             for item in items:
@@ -288,12 +301,12 @@ class _Invoker:
             elif kind == "gen":
                 for output in process(inputs):
                     await self._collect_streaming(output)
-                    if self.is_root and self._draining():
+                    if self.is_root and self.drains._draining:
                         return  # a draining source stops producing
             else:
                 async for output in process(inputs):
                     await self._collect_streaming(output)
-                    if self.is_root and self._draining():
+                    if self.is_root and self.drains._draining:
                         return
 
     def _collect(self, output: Any) -> None:
@@ -324,10 +337,6 @@ class _Invoker:
             await self._route_streamed()
 
     # -- hooks for hosts that route -------------------------------------------
-    def _draining(self) -> bool:
-        """Whether a root should stop producing; the actor's worker may drain, an invoker alone never does."""
-        return False
-
     async def _route_streamed(self) -> None:
         """Hand on what a long call (a generator) has written so far."""
         await self._route_outputs()
@@ -343,7 +352,7 @@ class _Actor(_Invoker):
         options = worker.plan.options
         is_root = worker.plan.placement[ref.pe].is_root
         super().__init__(ref, pe, is_root=is_root, batch_size=options.batch_size, worker_id=worker.worker_id)
-        self.worker = worker
+        self.worker = self.drains = worker
         self.inbox = inbox
         self.expected_eos = expected_eos
         self.batch_seconds = options.batch_seconds
@@ -479,9 +488,6 @@ class _Actor(_Invoker):
         failure, runner.failure = runner.failure, None
         if failure is not None:
             raise failure
-
-    def _draining(self) -> bool:
-        return self.worker._draining
 
     # -- threaded calls --------------------------------------------------------
     async def _handle_in_thread(self, port: str | None, items: list[Any]) -> None:
