@@ -131,7 +131,13 @@ class StormMapping(BaseMapping):
         # From here a drain is a Storm drain (a signal no longer stops start-up where it is): it waits
         # until every task runs, then deactivates the topology; a second signal cancels the run.
         draining: list[asyncio.Task[None]] = []
-        control.on_drain(lambda: draining.append(asyncio.ensure_future(self._drain(report, cluster))))
+        over = False  # a drain asked for once the run is over has nothing left to do
+
+        def drain() -> None:
+            if not over:
+                draining.append(asyncio.ensure_future(self._drain(report, cluster)))
+
+        control.on_drain(drain)
         submitted = False
         try:
             with tempfile.TemporaryDirectory(prefix="aiod4p-storm-project-") as tmp:
@@ -154,8 +160,10 @@ class StormMapping(BaseMapping):
             for task in draining:
                 await task
         finally:
+            over = True
             for task in draining:
                 task.cancel()
+            await asyncio.gather(*draining, return_exceptions=True)
             if submitted:
                 await asyncio.to_thread(kill, cluster, self.topology)
             await report.close(grace=30 if report.failed else 0)
