@@ -182,7 +182,7 @@ class StormMapping(BaseMapping):
                 f" ({len(report.started)} of {len(report.expected)} tasks reported);"
                 f" {await asyncio.to_thread(_errors, cluster, self.topology)}"
             ) from None
-        if not report.ended.is_set():
+        if report.all_started.is_set():  # it may have ended already; it is killed only after this wait
             self.facts = await asyncio.to_thread(topology_facts, cluster, self.topology)
             logger.info("topology %s runs (%s)", self.topology, self.facts["id"])
         await report.ended.wait()
