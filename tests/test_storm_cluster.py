@@ -10,6 +10,7 @@ and every other test submits one topology of a few tasks.
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import os
 import shutil
@@ -118,13 +119,23 @@ def read_until(stream: IO[str] | None, text: str) -> str:
 
 
 def finish(process: subprocess.Popen[str]) -> tuple[str, str]:
-    """The output of the drained run; a run that outlives the test is aborted (still killing its topology)."""
+    """The rest of the drained run's stdout and stderr; a run that outlives the test is aborted.
+
+    Read through the file objects, not by communicate(), which reads the pipes underneath them and
+    would miss what an earlier readline() left in their buffers.
+    """
+    assert process.stdout is not None and process.stderr is not None
+    pool = concurrent.futures.ThreadPoolExecutor(2)
     try:
-        return process.communicate(timeout=SUBMISSION / 2)
+        out, err = pool.submit(process.stdout.read), pool.submit(process.stderr.read)
+        return out.result(timeout=SUBMISSION / 2), err.result(timeout=SUBMISSION / 2)
     finally:
         if process.poll() is None:
-            process.send_signal(signal.SIGINT)
-            process.communicate(timeout=60)
+            process.send_signal(signal.SIGINT)  # a second signal aborts, still killing the topology
+        process.wait(timeout=60)
+        pool.shutdown(wait=True)
+        process.stdout.close()
+        process.stderr.close()
 
 
 def drained_ticks(lines: list[str]) -> list[int]:
