@@ -16,10 +16,20 @@ import functools
 import inspect
 import itertools
 import logging
+import sys
 import time
 import traceback
 import types
-from collections.abc import AsyncIterable, AsyncIterator, Callable, Coroutine, Generator, Iterable, Mapping
+from collections.abc import (
+    AsyncIterable,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Coroutine,
+    Generator,
+    Iterable,
+    Mapping,
+)
 from typing import Any, TypeAlias
 
 import greenlet
@@ -110,27 +120,47 @@ class _Route:
         self.pendings = pendings
 
 
-class _Actor:
-    def __init__(self, worker: Worker, ref: InstanceRef, pe: PE, inbox: Inbox, expected_eos: int) -> None:
-        self.worker = worker
+class _NeverDrains:
+    """The drain flag of an invoker alone: its host stops a source by itself."""
+
+    _draining = False
+
+
+_NEVER_DRAINS = _NeverDrains()
+
+
+class _Invoker:
+    """Calls one PE instance: its calling conventions, its output buffers, its lifecycle stages, its stats.
+
+    What the PE writes stays in :attr:`buffers` for the host to take: a Storm
+    bolt builds only an invoker and emits the buffers itself. The engine's
+    :class:`_Actor` extends it with an inbox and routing, overriding the
+    hooks that run the PE's calls (:meth:`_drive`: in a greenlet, so that
+    write() waits for credit), that hand on the buffers while a long call
+    (a generator) is still writing (:meth:`_route_outputs`,
+    :meth:`_route_streamed`); a source stops producing once
+    ``drains._draining`` is set (the actor's worker; never, for an invoker
+    alone).
+
+    Args:
+        ref: the instance this invoker calls (names it in errors and stats).
+        pe: the PE object of that instance.
+        is_root: whether the PE is a root, called once per feed element.
+        batch_size: how many items a port's buffer holds before a generator's
+            further outputs are handed on (through the hooks) before it goes on.
+        worker_id: the worker recorded in :attr:`stats`.
+    """
+
+    def __init__(
+        self, ref: InstanceRef, pe: PE, *, is_root: bool = False, batch_size: int = sys.maxsize, worker_id: int = 0
+    ) -> None:
         self.ref = ref
         self.pe = pe
-        self.inbox = inbox
-        self.expected_eos = expected_eos
-        options = worker.plan.options
-        self.batch_size = options.batch_size
-        self.batch_seconds = options.batch_seconds
-        self.batch_bytes = options.batch_bytes
-        self.credits = options.credits
-        self.items_done = 0  # items whose PE call has returned (busy_seconds covers them)
-        self.max_delay = worker.max_delay
-        self.stats = InstanceStats(ref.pe, ref.index, worker.worker_id)
+        self.is_root = is_root
+        self.batch_size = batch_size
+        self.drains: Worker | _NeverDrains = _NEVER_DRAINS
+        self.stats = InstanceStats(ref.pe, ref.index, worker_id)
         self.buffers: dict[str, list[Any]] = {port: [] for port in pe.outputs}
-        self.routes: dict[str, list[_Route]] = {port: [] for port in pe.outputs}
-        self.results: dict[str, _ResultPending] = {}
-        self.outgoing: list[SenderChannel] = []
-        self.dirty: list[_Pending | _ResultPending] = []
-        self.last_flush = time.monotonic()
         item_function = pe._item_function()
         self.fn: Callable[..., Any] | None = item_function[0] if item_function else None
         self.fn_port: str | None = item_function[1] if item_function else None
@@ -144,7 +174,201 @@ class _Actor:
         # Read once: a PE's ports are fixed for a run, and reading them may build them (dispel4py's PEs derive them).
         self.has_inputs = bool(single)
         self.single_input = single[0] if len(single) == 1 else None
-        self.is_root = worker.plan.placement[ref.pe].is_root
+
+    async def call(self, port: str, items: list[Any]) -> None:
+        """Hand ``items`` that arrived on input ``port`` to the PE, as the run loop does.
+
+        What the PE writes stays in :attr:`buffers`: this is for hosts that
+        route by themselves (Storm bolts).
+
+        Raises:
+            PEError: the PE raised; it names the PE, the instance and the port.
+        """
+        try:
+            await self._handle(port, items)
+        except Exception as exc:
+            self.stats.errors += 1
+            raise _error(self.ref, port, exc) from exc
+
+    async def lifecycle(self, stage: str) -> None:
+        """Call the PE's ``preprocess`` or ``postprocess``; what it writes stays in :attr:`buffers`.
+
+        Raises:
+            PEError: the PE raised; it names the PE, the instance and the stage.
+        """
+        await self._lifecycle(stage, getattr(self.pe, stage))
+
+    async def _lifecycle(self, stage: str, method: Any) -> None:
+        """Call ``preprocess`` or ``postprocess``; what it wrote stays in the buffers."""
+        started = time.perf_counter()
+        try:
+            await self._drive(_call_stage(method))
+        except Exception as exc:
+            self.stats.errors += 1
+            raise _error(self.ref, stage, exc) from exc
+        finally:
+            self.stats.busy_seconds += time.perf_counter() - started
+
+    # -- calling the PE ------------------------------------------------------
+    async def _handle(self, port: str | None, items: list[Any]) -> None:
+        await self._drive(self._handle_here(port, items))
+
+    def _drive(self, call: Coroutine[Any, Any, None]) -> Awaitable[None]:
+        """Run ``call`` (the PE's calls for one batch or stage); an invoker alone awaits it as it is."""
+        return call
+
+    async def _handle_here(self, port: str | None, items: list[Any]) -> None:
+        if self.fn is not None:
+            if port is None:  # a feed batch: input dicts
+                if not self.has_inputs and not any(items):  # no input to hand over (a dispel4py root may take some)
+                    return await self._call_fn(items)
+                if self.single_input is not None and all(self.single_input in e for e in items):
+                    return await self._call_fn([element[self.single_input] for element in items])
+            else:
+                return await self._call_fn(items)
+        await self._call_process(port, items)
+
+    async def _call_fn(self, items: list[Any]) -> None:
+        item_fn, kind = self.fn, self.fn_kind
+        assert item_fn is not None
+        fn = self.fn_of_item
+        assert fn is not None
+        out_port = self.fn_port
+        if kind == "sync":
+            if out_port is None:
+                for item in items:
+                    fn(item)
+            elif not self.has_inputs:
+                append = self.buffers[out_port].append
+                for _ in items:
+                    result = item_fn()
+                    if result is not None:
+                        append(result)
+            else:
+                append = self.buffers[out_port].append
+                for item in items:
+                    result = fn(item)
+                    if result is not None:
+                        append(result)
+        elif kind == "async":
+            for item in items:
+                result = await fn(item)
+                if result is not None and out_port is not None:
+                    self.buffers[out_port].append(result)
+        elif kind == "gen":
+            drains, is_root, batch_size, buffers = self.drains, self.is_root, self.batch_size, self.buffers
+            for item in items:
+                if out_port is None:
+                    for _ in fn(item):
+                        if drains._draining and is_root:
+                            return
+                    continue
+                buffer = buffers[out_port]
+                for result in fn(item):
+                    if result is not None:
+                        buffer.append(result)
+                        if len(buffer) >= batch_size:
+                            await self._route_streamed()
+                            buffer = buffers[out_port]  # routing took the full buffer
+                    if drains._draining and is_root:
+                        return  # a draining source stops producing
+        elif self.is_root and out_port is not None:
+            for item in items:
+                await self._pump(fn(item), out_port)
+        else:
+            for item in items:
+                async for result in fn(item):
+                    if result is not None and out_port is not None:
+                        await self._append_streaming(out_port, result)
+
+    async def _pump(self, source: AsyncIterator[Any], port: str) -> None:
+        """Append what a root's async generator yields (an actor reads it ahead instead)."""
+        async for result in source:
+            if result is not None:
+                await self._append_streaming(port, result)
+
+    async def _call_process(self, port: str | None, items: list[Any]) -> None:
+        process, kind = self.pe.process, self.process_kind
+        if kind == "sync" and port is not None:
+            collect = self._collect
+            for item in items:
+                output = process({port: item})
+                if output is not None:
+                    collect(output)
+            return
+        for item in items:
+            inputs = item if port is None else {port: item}
+            if kind == "sync":
+                self._collect(process(inputs))
+            elif kind == "async":
+                self._collect(await process(inputs))
+            elif kind == "gen":
+                for output in process(inputs):
+                    await self._collect_streaming(output)
+                    if self.is_root and self.drains._draining:
+                        return  # a draining source stops producing
+            else:
+                async for output in process(inputs):
+                    await self._collect_streaming(output)
+                    if self.is_root and self.drains._draining:
+                        return
+
+    def _collect(self, output: Any) -> None:
+        if output is None:
+            return
+        if not isinstance(output, Mapping):
+            raise GraphError(
+                f"process() of PE {self.ref.pe} must return None or a dict {{port: item}}, not {type(output).__name__}"
+            )
+        buffers = self.buffers
+        for port, item in output.items():
+            try:
+                buffers[port].append(item)
+            except KeyError:
+                raise GraphError(
+                    f"PE {self.ref.pe} wrote to undeclared output port {port!r} (declared: {sorted(buffers) or 'none'})"
+                ) from None
+
+    async def _collect_streaming(self, output: Any) -> None:
+        self._collect(output)
+        if any(len(items) >= self.batch_size for items in self.buffers.values()):
+            await self._route_streamed()
+
+    async def _append_streaming(self, port: str, item: Any) -> None:
+        buffer = self.buffers[port]
+        buffer.append(item)
+        if len(buffer) >= self.batch_size:
+            await self._route_streamed()
+
+    # -- hooks for hosts that route -------------------------------------------
+    async def _route_streamed(self) -> None:
+        """Hand on what a long call (a generator) has written so far."""
+        await self._route_outputs()
+
+    async def _route_outputs(self, detach: bool = False) -> None:
+        """Hand on the buffered outputs; an invoker alone keeps them in :attr:`buffers` for its host."""
+
+
+class _Actor(_Invoker):
+    """An invoker that the engine runs as a task: it takes batches from its inbox and routes what the PE writes."""
+
+    def __init__(self, worker: Worker, ref: InstanceRef, pe: PE, inbox: Inbox, expected_eos: int) -> None:
+        options = worker.plan.options
+        is_root = worker.plan.placement[ref.pe].is_root
+        super().__init__(ref, pe, is_root=is_root, batch_size=options.batch_size, worker_id=worker.worker_id)
+        self.worker = self.drains = worker
+        self.inbox = inbox
+        self.expected_eos = expected_eos
+        self.batch_seconds = options.batch_seconds
+        self.batch_bytes = options.batch_bytes
+        self.credits = options.credits
+        self.items_done = 0  # items whose PE call has returned (busy_seconds covers them)
+        self.max_delay = worker.max_delay
+        self.routes: dict[str, list[_Route]] = {port: [] for port in pe.outputs}
+        self.results: dict[str, _ResultPending] = {}
+        self.outgoing: list[SenderChannel] = []
+        self.dirty: list[_Pending | _ResultPending] = []
+        self.last_flush = time.monotonic()
         self.links = list(worker.links.values())
         # Plain calls may run in a pool thread (where write() can wait for credit); others stay on the loop.
         self.can_thread = self.process_kind == "sync" and (self.fn is None or self.fn_kind == "sync")
@@ -182,7 +406,7 @@ class _Actor:
                     remaining -= 1
                     continue
                 source.release()
-                if port is None and not self.pe.inputs and self.worker._draining:
+                if port is None and not self.has_inputs and self.worker._draining:
                     continue  # calls of a source asked for (-i N) but not made yet: no item is in flight
                 if self.links and any(link.pending for link in self.links):
                     # Let the links send first: a long batch would hold back what other workers wait for.
@@ -221,40 +445,6 @@ class _Actor:
         if self.recorder is not None:
             self.stats.provenance = self.recorder.part()
         return self.stats
-
-    async def call(self, port: str, items: list[Any]) -> None:
-        """Hand ``items`` that arrived on input ``port`` to the PE, as the run loop does.
-
-        What the PE writes stays in :attr:`buffers`: this is for hosts that
-        route by themselves (Storm bolts).
-
-        Raises:
-            PEError: the PE raised; it names the PE, the instance and the port.
-        """
-        try:
-            await self._handle(port, items)
-        except Exception as exc:
-            self.stats.errors += 1
-            raise _error(self.ref, port, exc) from exc
-
-    async def lifecycle(self, stage: str) -> None:
-        """Call the PE's ``preprocess`` or ``postprocess``; what it writes stays in :attr:`buffers`.
-
-        Raises:
-            PEError: the PE raised; it names the PE, the instance and the stage.
-        """
-        await self._lifecycle(stage, getattr(self.pe, stage))
-
-    async def _lifecycle(self, stage: str, method: Any) -> None:
-        """Call ``preprocess`` or ``postprocess``; what it wrote stays in the buffers."""
-        started = time.perf_counter()
-        try:
-            await self._drive(_call_stage(method))
-        except Exception as exc:
-            self.stats.errors += 1
-            raise _error(self.ref, stage, exc) from exc
-        finally:
-            self.stats.busy_seconds += time.perf_counter() - started
 
     async def _stage(self, stage: str, method: Any) -> None:
         """Run a lifecycle stage and route what it wrote."""
@@ -307,17 +497,6 @@ class _Actor:
         if failure is not None:
             raise failure
 
-    async def _handle_here(self, port: str | None, items: list[Any]) -> None:
-        if self.fn is not None:
-            if port is None:  # a feed batch: input dicts
-                if not self.has_inputs and not any(items):  # no input to hand over (a dispel4py root may take some)
-                    return await self._call_fn(items)
-                if self.single_input is not None and all(self.single_input in e for e in items):
-                    return await self._call_fn([element[self.single_input] for element in items])
-            else:
-                return await self._call_fn(items)
-        await self._call_process(port, items)
-
     # -- threaded calls --------------------------------------------------------
     async def _handle_in_thread(self, port: str | None, items: list[Any]) -> None:
         """Run a batch of plain calls in the worker's pool; write() hands full batches over and waits for credit."""
@@ -354,59 +533,6 @@ class _Actor:
         finally:
             handovers.discard(future)
 
-    async def _call_fn(self, items: list[Any]) -> None:
-        item_fn, kind = self.fn, self.fn_kind
-        assert item_fn is not None
-        fn = self.fn_of_item
-        assert fn is not None
-        out_port = self.fn_port
-        if kind == "sync":
-            if out_port is None:
-                for item in items:
-                    fn(item)
-            elif not self.has_inputs:
-                append = self.buffers[out_port].append
-                for _ in items:
-                    result = item_fn()
-                    if result is not None:
-                        append(result)
-            else:
-                append = self.buffers[out_port].append
-                for item in items:
-                    result = fn(item)
-                    if result is not None:
-                        append(result)
-        elif kind == "async":
-            for item in items:
-                result = await fn(item)
-                if result is not None and out_port is not None:
-                    self.buffers[out_port].append(result)
-        elif kind == "gen":
-            worker, is_root, batch_size, buffers = self.worker, self.is_root, self.batch_size, self.buffers
-            for item in items:
-                if out_port is None:
-                    for _ in fn(item):
-                        if worker._draining and is_root:
-                            return
-                    continue
-                buffer = buffers[out_port]
-                for result in fn(item):
-                    if result is not None:
-                        buffer.append(result)
-                        if len(buffer) >= batch_size:
-                            await self._route_streamed()
-                            buffer = buffers[out_port]  # routing took the full buffer
-                    if worker._draining and is_root:
-                        return  # a draining source stops producing
-        elif self.is_root and out_port is not None:
-            for item in items:
-                await self._pump(fn(item), out_port)
-        else:
-            for item in items:
-                async for result in fn(item):
-                    if result is not None and out_port is not None:
-                        await self._append_streaming(out_port, result)
-
     async def _pump(self, source: AsyncIterator[Any], port: str) -> None:
         # A live source (a root's async generator) is read ahead while the actor
         # waits for credit, so batches grow under load; whenever the source has
@@ -425,59 +551,6 @@ class _Actor:
                 await self._route_streamed()
         finally:
             await ahead.aclose()
-
-    async def _call_process(self, port: str | None, items: list[Any]) -> None:
-        process, kind = self.pe.process, self.process_kind
-        if kind == "sync" and port is not None:
-            collect = self._collect
-            for item in items:
-                output = process({port: item})
-                if output is not None:
-                    collect(output)
-            return
-        for item in items:
-            inputs = item if port is None else {port: item}
-            if kind == "sync":
-                self._collect(process(inputs))
-            elif kind == "async":
-                self._collect(await process(inputs))
-            elif kind == "gen":
-                for output in process(inputs):
-                    await self._collect_streaming(output)
-                    if self.is_root and self.worker._draining:
-                        return  # a draining source stops producing
-            else:
-                async for output in process(inputs):
-                    await self._collect_streaming(output)
-                    if self.is_root and self.worker._draining:
-                        return
-
-    def _collect(self, output: Any) -> None:
-        if output is None:
-            return
-        if not isinstance(output, Mapping):
-            raise GraphError(
-                f"process() of PE {self.ref.pe} must return None or a dict {{port: item}}, not {type(output).__name__}"
-            )
-        buffers = self.buffers
-        for port, item in output.items():
-            try:
-                buffers[port].append(item)
-            except KeyError:
-                raise GraphError(
-                    f"PE {self.ref.pe} wrote to undeclared output port {port!r} (declared: {sorted(buffers) or 'none'})"
-                ) from None
-
-    async def _collect_streaming(self, output: Any) -> None:
-        self._collect(output)
-        if any(len(items) >= self.batch_size for items in self.buffers.values()):
-            await self._route_streamed()
-
-    async def _append_streaming(self, port: str, item: Any) -> None:
-        buffer = self.buffers[port]
-        buffer.append(item)
-        if len(buffer) >= self.batch_size:
-            await self._route_streamed()
 
     async def _route_streamed(self) -> None:
         """Route a batch that a long call (a generator) has written so far, and let other tasks run in time."""

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import socket
+import sys
 from typing import Any
 
 from workflows import Count, Fail, SumAtEnd
@@ -70,4 +73,39 @@ def endless() -> WorkflowGraph:
     graph.connect(ticks, "output", tick := Tick(), "input")
     graph.connect(tick, "output", Echo(), "input")
     graph.connect(tick, "output", SumAtEnd(), "input")
+    return graph
+
+
+# Where a Gate waits for its word: set by the test that runs gated() (HOST:PORT).
+GATE_ADDRESS = "AIOD4P_TEST_GATE"
+
+
+class Gate(IterativePE):
+    """Takes items, writes none; in a Storm task, it waits for a word from the test before the task can report.
+
+    Every task of a topology unpickles every PE before it says hello to its
+    run: a Gate in the workflow holds every task back until the test sends a
+    byte on the connection it opened to ``address``.
+    """
+
+    def __init__(self, address: str) -> None:
+        super().__init__()
+        self.address = address
+
+    def process_item(self, item: Any) -> None:
+        return None
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        if "aiod4p_components" in sys.modules:  # a Storm task (not the run, which copies its PEs)
+            host, _, port = self.address.rpartition(":")
+            with socket.create_connection((host, int(port)), timeout=120) as connection:
+                connection.recv(1)
+
+
+def gated() -> WorkflowGraph:
+    """:func:`endless`, whose tasks wait at a :class:`Gate` (at ``$AIOD4P_TEST_GATE``) before they report."""
+    graph = endless()
+    (tick,) = (pe for pe in graph.flatten().pes.values() if isinstance(pe, Tick))
+    graph.connect(tick, "output", Gate(os.environ[GATE_ADDRESS]), "input")
     return graph

@@ -246,6 +246,24 @@ def check_word_counts(items: list[Any], total: int | None, at_most: int) -> None
         assert n == total
 
 
+def check_example(
+    name: str, got: dict[tuple[str, str], list[Any]], expected: dict[tuple[str, str], list[Any]], copies: int
+) -> None:
+    """Assert that example ``name``'s results ``got`` are dispel4py's ``expected``.
+
+    The same multisets (``copies`` of each item a broadcast reaches), or for a random producer the same
+    invariants.
+    """
+    iterations = RUNNABLE[name]
+    assert set(got) == set(expected), name
+    for key, items in expected.items():
+        if name in RANDOM:
+            bound = {"grouping_split_merge": 2 * iterations, "word_count_filter": iterations}.get(name)
+            check_word_counts(got[key], None if bound else iterations, bound or iterations)
+        else:
+            assert multiset(got[key]) == multiset(items * copies), (name, key)
+
+
 # -- the examples ------------------------------------------------------------------
 
 
@@ -264,17 +282,9 @@ def test_examples_dispel4py_cannot_run(name: str) -> None:
 def test_example_matches_dispel4py(
     name: str, mapping: MappingCase, dispel4py_hook: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    iterations = RUNNABLE[name]
-    expected = dispel4py_simple(str(example(name)), iterations=iterations)
+    expected = dispel4py_simple(str(example(name)), iterations=RUNNABLE[name])
     got = run_all_examples(mapping, monkeypatch)[name]
-    assert set(got) == set(expected)
-    for key, items in expected.items():
-        if name in RANDOM:
-            bound = {"grouping_split_merge": 2 * iterations, "word_count_filter": iterations}.get(name)
-            check_word_counts(got[key], None if bound else iterations, bound or iterations)
-        else:
-            copies = BROADCAST.get(name, 1) if mapping.name != "simple" else 1
-            assert multiset(got[key]) == multiset(items * copies), key
+    check_example(name, got, expected, BROADCAST.get(name, 1) if mapping.name != "simple" else 1)
 
 
 def test_pipeline_composite_gives_the_intended_results(

@@ -3,21 +3,26 @@
 The cluster is the one ``scripts/storm-cluster start`` runs (``.ci/run`` starts it before the
 suite); when none answers, the module starts it and stops it at the end. Under CI, a cluster that
 cannot start fails these tests; they are skipped only outside CI on a machine without Java.
-Each test submits one topology (a submission costs seconds), so related workflows share one.
+A submission costs seconds and each Storm task is a Python process: the workflows whose results
+are compared with another mapping's run side by side in one shared topology (:func:`shared_run`),
+and every other test submits one topology of a few tasks.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
+import threading
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import pytest
 import storm_workflows
@@ -30,6 +35,7 @@ from aiod4p import ALL, GLOBAL, SHUFFLE, WorkflowGraph, group_by
 from aiod4p.errors import WorkerDied
 from aiod4p.mappings.storm import StormMapping
 from aiod4p.storm._cluster import Cluster, probe
+from aiod4p.storm._cluster import nimbus as nimbus_client
 
 ROOT = Path(__file__).resolve().parents[1]
 NIMBUS = f"127.0.0.1:{os.environ.get('STORM_NIMBUS_PORT', '6627')}"
@@ -94,31 +100,143 @@ def test_a_pe_exception_fails_the_run_naming_the_pe(nimbus: str) -> None:
     assert done.stderr.count("Storm fails the tuple; its spout replays it") == 4, done.stderr
 
 
-def test_a_live_source_drains_on_sigint(nimbus: str) -> None:
-    command = [sys.executable, "-m", "aiod4p", "run", "tests/storm_workflows.py:endless"]
+def interrupted(target: str, nimbus: str, *options: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+    """``aiod4p run TARGET --mapping storm --results -``, to be sent SIGINT by the test."""
+    command = [sys.executable, "-m", "aiod4p", "run", target, *options]
     command += ["--mapping", "storm", "--nimbus", nimbus, "--results", "-"]
-    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def read_until(stream: IO[str] | None, text: str) -> str:
+    """The lines of ``stream`` up to the first that contains ``text`` (or to its end)."""
+    assert stream is not None
+    said = ""
+    for line in stream:
+        said += line
+        if text in line:
+            break
+    return said
+
+
+def finish(process: subprocess.Popen[str]) -> tuple[str, str]:
+    """The rest of the drained run's stdout and stderr; a run that outlives the test is aborted.
+
+    Read through the file objects, not by communicate(), which reads the pipes underneath them and
+    would miss what an earlier readline() left in their buffers.
+    """
+    assert process.stdout is not None and process.stderr is not None
+    pool = concurrent.futures.ThreadPoolExecutor(2)
     try:
-        assert process.stdout is not None
-        first = json.loads(process.stdout.readline())  # the topology runs: results stream back
-        assert first["data"] >= 0
-        process.send_signal(signal.SIGINT)
-        out, err = process.communicate(timeout=SUBMISSION / 2)
+        out, err = pool.submit(process.stdout.read), pool.submit(process.stderr.read)
+        return out.result(timeout=SUBMISSION / 2), err.result(timeout=SUBMISSION / 2)
     finally:
         if process.poll() is None:
             process.send_signal(signal.SIGINT)  # a second signal aborts, still killing the topology
-            process.communicate(timeout=60)
+        process.wait(timeout=60)
+        pool.shutdown(wait=True)
+        process.stdout.close()
+        process.stderr.close()
+
+
+def drained_ticks(lines: list[str]) -> list[int]:
+    """The ticks of a drained endless() run, checking that SumAtEnd's postprocess totalled them."""
+    records = [json.loads(line) for line in lines]
+    ticks = [r["data"] for r in records if r["output"] == "output"]
+    assert [r["data"] for r in records if r["output"] == "total"] == [sum(ticks)]
+    return ticks
+
+
+def test_a_live_source_drains_on_sigint(nimbus: str) -> None:
+    process = interrupted("tests/storm_workflows.py:endless", nimbus)
+    assert process.stdout is not None
+    first = process.stdout.readline()  # the topology runs: results stream back
+    process.send_signal(signal.SIGINT)
+    out, err = finish(process)
     assert process.returncode == 0, err
-    records = [first] + [json.loads(line) for line in out.splitlines()]
-    ticks = sorted(r["data"] for r in records if r["output"] == "output")
-    totals = [r["data"] for r in records if r["output"] == "total"]
     # Deactivated, the spout stopped its source; every tick it had produced went through once
     # (a timer skips the ticks it missed under load), and SumAtEnd's postprocess ran on the drained stream.
+    ticks = drained_ticks([first, *out.splitlines()])
     assert len(set(ticks)) == len(ticks) > 0
-    assert totals == [sum(ticks)]
 
 
-# -- the Python API: many workflows in one topology -------------------------------------------------
+class GateKeeper:
+    """The test's end of :class:`storm_workflows.Gate`: holds every task that connects until :meth:`open`."""
+
+    def __init__(self) -> None:
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.address = f"127.0.0.1:{self.server.getsockname()[1]}"
+        self.arrived = threading.Event()  # a task waits at the gate: the topology was submitted
+        self.opened = False
+        self.waiting: list[socket.socket] = []
+        self.lock = threading.Lock()
+        threading.Thread(target=self._serve, name="gate", daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                connection, _ = self.server.accept()
+            except OSError:
+                return  # closed
+            with self.lock:
+                if self.opened:
+                    connection.sendall(b"x")
+                    connection.close()
+                    continue
+                self.waiting.append(connection)
+            self.arrived.set()
+
+    def open(self) -> None:
+        with self.lock:
+            self.opened = True
+            for connection in self.waiting:
+                connection.sendall(b"x")
+                connection.close()
+            self.waiting.clear()
+
+    def close(self) -> None:
+        self.open()
+        self.server.close()
+
+
+def test_a_signal_before_every_task_has_started_drains_the_run(nimbus: str) -> None:
+    # Every task waits at the gate before it says hello to the run: the signal comes before any has.
+    gate = GateKeeper()
+    process = interrupted(
+        "tests/storm_workflows.py:gated", nimbus, env={**os.environ, storm_workflows.GATE_ADDRESS: gate.address}
+    )
+    try:
+        assert gate.arrived.wait(SUBMISSION / 2), "no Storm task reached the gate"
+        process.send_signal(signal.SIGINT)
+        said = read_until(process.stderr, "SIGINT")  # what the run does with the signal (or its end)
+        gate.open()
+        out, err = finish(process)
+    finally:
+        gate.close()
+    assert process.returncode == 0, said + err
+    # Deactivated as soon as every task ran: the run still ended through SumAtEnd's postprocess.
+    drained_ticks(out.splitlines())
+
+
+def test_a_signal_during_the_submission_drains_the_run(nimbus: str) -> None:
+    process = interrupted("tests/storm_workflows.py:endless", nimbus, "-v")
+    said = read_until(process.stderr, "submitting topology")  # sparse submit now takes seconds, in a thread
+    process.send_signal(signal.SIGINT)
+    out, err = finish(process)
+    assert process.returncode == 0, said + err
+    drained_ticks(out.splitlines())
+    # The submission ended, the topology ran, was drained, and was killed before the command exited.
+    name = said.split("submitting topology ", 1)[1].split()[0]
+    host, port = nimbus.split(":")
+    with nimbus_client(Cluster(host, int(port), "tests")) as client:
+        left = {t.name: t.status for t in client.getClusterInfo().topologies or [] if t.name == name}
+    assert left in ({}, {name: "KILLED"}), left
+
+
+# -- the Python API: many workflows in one topology ------------------------------------------------
+
+# dispel4py's runnable examples in the shared topology (see test_differential.RUNNABLE): every one of
+# them, each run with the -i its differential test gives it.
+DISPEL4PY = tuple(differential.RUNNABLE)
 
 
 def groupings() -> WorkflowGraph:
@@ -140,25 +258,89 @@ def groupings() -> WorkflowGraph:
     return graph
 
 
-def by_class(results: aiod4p.Results, graph: WorkflowGraph) -> dict[tuple[str, str], list[Any]]:
-    """Results by (PE id for WhoSawWhat, else class name) and port: ids differ between two builds."""
+def examples() -> WorkflowGraph:
+    """Two bundled examples side by side."""
+    graph = WorkflowGraph()
+    for name in ("split_merge", "async_io"):
+        add(graph, aiod4p.load_graph(str(ROOT / "examples" / f"{name}.py")))
+    return graph
+
+
+def add(combined: WorkflowGraph, graph: WorkflowGraph) -> None:
+    """Add every PE and edge of ``graph`` (flattened) to ``combined``, keeping the PEs' ids."""
+    flat = graph.flatten()
+    for pe in flat.pes.values():
+        combined.add(pe)
+    for edge in flat.edges:
+        combined.connect(
+            flat.pes[edge.source], edge.source_port, flat.pes[edge.dest], edge.dest_port, grouping=edge.grouping
+        )
+
+
+def by_class(results: dict[tuple[str, str], list[Any]], graph: WorkflowGraph) -> dict[tuple[str, str], list[Any]]:
+    """``graph``'s results by (PE id for WhoSawWhat, else class name) and port: ids differ between two builds."""
     pes = graph.flatten().pes
     grouped: dict[tuple[str, str], list[Any]] = {}
-    for (pe, port), items in results.by_port().items():
-        name = pe if pe.startswith("who_") else type(pes[pe]).__name__
-        grouped.setdefault((name, port), []).extend(items)
+    for (pe, port), items in results.items():
+        if pe in pes:
+            name = pe if pe.startswith("who_") else type(pes[pe]).__name__
+            grouped.setdefault((name, port), []).extend(items)
     return grouped
 
 
-def test_groupings_and_workflows_give_the_results_of_simple(nimbus: str) -> None:
-    graph = groupings()
-    # Flaky has a source of its own: a replayed tuple reaches every subscriber of its stream again.
-    flaky = storm_workflows.Flaky()
-    graph.connect(workflows.Count(), "output", flaky, "input")
-    mapping = StormMapping(nimbus=nimbus, name="groupings", conf={"topology.max.spout.pending": 64})
-    got = by_class(aiod4p.run(graph, 10, mapping=mapping), graph)
+class Shared:
+    """The one run of :func:`shared_run`: its parts' graphs, its results by (PE id, port), the mapping."""
+
+    def __init__(self) -> None:
+        self.groupings, self.examples = groupings(), examples()
+        # Flaky has a source of its own: a replayed tuple reaches every subscriber of its stream again.
+        self.flaky = storm_workflows.Flaky()
+        self.groupings.connect(workflows.Count(), "output", self.flaky, "input")
+        self.dispel4py: dict[str, WorkflowGraph] = {}
+        self.results: dict[tuple[str, str], list[Any]] = {}
+        self.mapping: StormMapping | None = None
+
+
+_SHARED: list[Shared] = []
+
+
+def shared_run(nimbus: str, monkeypatch: pytest.MonkeyPatch) -> Shared:
+    """groupings(), examples() and dispel4py's examples as one topology, run once for the tests that read it.
+
+    A submission costs seconds, and each Storm task is a Python process: one
+    topology of about a hundred tasks costs less than a topology per test.
+    """
+    if _SHARED:
+        return _SHARED[0]
+    shared = Shared()
+    combined = WorkflowGraph()
+    inputs: dict[str, int] = {}
+    for part, count in ((shared.groupings, 10), (shared.examples, 5)):
+        add(combined, part)
+        inputs.update(dict.fromkeys(part.flatten().roots(), count))
+    if differential.D4P_PYTHON.exists():
+        for name in DISPEL4PY:
+            iterations = differential.RUNNABLE[name]
+            path = str(differential.example(name))
+            monkeypatch.setattr(sys, "argv", differential.cli_argv(path, iterations))
+            graph = shared.dispel4py[name] = aiod4p.load_graph(path)
+            for pe in graph.flatten().pes.values():
+                if hasattr(pe, "delay"):
+                    pe.delay = 0.01  # delayed_pipeline: its results do not depend on the delay
+            add(combined, graph)
+            inputs.update(dict.fromkeys(graph.flatten().roots(), iterations))
+    shared.mapping = StormMapping(nimbus=nimbus, name="shared", conf={"topology.max.spout.pending": 64})
+    shared.results = aiod4p.run(combined, inputs, mapping=shared.mapping).by_port()
+    _SHARED.append(shared)
+    return shared
+
+
+@pytest.mark.usefixtures("dispel4py_hook")
+def test_groupings_and_workflows_give_the_results_of_simple(nimbus: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    shared = shared_run(nimbus, monkeypatch)
+    got = by_class(shared.results, shared.groupings)
     simple_graph = groupings()
-    expected = by_class(aiod4p.run(simple_graph, 10, mapping="simple"), simple_graph)
+    expected = by_class(aiod4p.run(simple_graph, 10, mapping="simple").by_port(), simple_graph)
 
     # At-least-once: the multiples of 3 failed once, were replayed by the spout, and came out once.
     assert sorted(got.pop(("Flaky", "output"))) == [(n, n % 3 == 0) for n in range(10)]
@@ -183,7 +365,8 @@ def test_groupings_and_workflows_give_the_results_of_simple(nimbus: str) -> None
             assert all(len(owner) == 1 for owner in owners.values()), owners
 
     # What Nimbus ran: the plan's parallelism hints, groupings and back-pressure setting.
-    facts = mapping.facts
+    assert shared.mapping is not None
+    facts = shared.mapping.facts
     assert facts["conf"]["topology.max.spout.pending"] == 64
     bolts = facts["topology"].bolts
     hints = {name: bolt.common.parallelism_hint for name, bolt in bolts.items() if name.startswith("who_")}
@@ -199,7 +382,7 @@ def test_groupings_and_workflows_give_the_results_of_simple(nimbus: str) -> None
         for name, bolt in bolts.items()
     }
     assert kinds["who_all"] == {"all"} and kinds["who_shuffle"] == {"shuffle"}
-    assert kinds["who_groupby"] == {"fields"} and kinds[flaky.id] == {"fields"}
+    assert kinds["who_groupby"] == {"fields"} and kinds[shared.flaky.id] == {"fields"}
     # Storm's global grouping is a fields grouping on no field; group_by(0) groups on the key field.
     fields = {
         name: [g.fields for s, g in bolt.common.inputs.items() if g.fields is not None] for name, bolt in bolts.items()
@@ -207,25 +390,35 @@ def test_groupings_and_workflows_give_the_results_of_simple(nimbus: str) -> None
     assert fields["who_global"] == [[]] and fields["who_groupby"] == [["key_0"]]
 
 
-def test_the_examples_give_the_results_of_async(nimbus: str) -> None:
+@pytest.mark.usefixtures("dispel4py_hook")
+def test_the_examples_give_the_results_of_async(nimbus: str, monkeypatch: pytest.MonkeyPatch) -> None:
     # async, not simple: like Storm it runs the instances the examples ask for (split_merge's Monitor has 2).
-    def examples() -> WorkflowGraph:
-        graph = WorkflowGraph()
-        for name in ("split_merge", "async_io"):
-            flat = aiod4p.load_graph(str(ROOT / "examples" / f"{name}.py")).flatten()
-            for edge in flat.edges:
-                graph.connect(
-                    flat.pes[edge.source], edge.source_port, flat.pes[edge.dest], edge.dest_port, grouping=edge.grouping
-                )
-        return graph
-
-    storm_graph, async_graph = examples(), examples()
-    got = by_class(aiod4p.run(storm_graph, 5, mapping=StormMapping(nimbus=nimbus, name="examples")), storm_graph)
-    expected = by_class(aiod4p.run(async_graph, 5, mapping="async"), async_graph)
+    shared = shared_run(nimbus, monkeypatch)
+    got = by_class(shared.results, shared.examples)
+    async_graph = examples()
+    expected = by_class(aiod4p.run(async_graph, 5, mapping="async").by_port(), async_graph)
     assert set(got) == set(expected)
     for key, items in expected.items():
         if key[0] != "Elapsed":  # async_io's wall time
             assert multiset(got[key]) == multiset(items), key
+
+
+# -- dispel4py's own examples, unchanged -----------------------------------------------------------
+
+
+@pytest.mark.skipif(not differential.D4P_PYTHON.exists(), reason="dispel4py 1.2.1 is not installed")
+@pytest.mark.usefixtures("dispel4py_hook")
+def test_dispel4py_examples_give_the_results_of_dispel4py(nimbus: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    shared = shared_run(nimbus, monkeypatch)
+    for name in DISPEL4PY:
+        graph = shared.dispel4py[name]
+        fresh = differential.fresh_ids(graph)
+        got = {(fresh[pe], port): items for (pe, port), items in shared.results.items() if pe in fresh}
+        expected = differential.dispel4py_simple(
+            str(differential.example(name)), iterations=differential.RUNNABLE[name]
+        )
+        # Storm runs the instances numprocesses asks for, as the process mappings do.
+        differential.check_example(name, got, expected, differential.BROADCAST.get(name, 1))
 
 
 def test_a_dead_worker_fails_the_run(nimbus: str) -> None:
@@ -233,40 +426,3 @@ def test_a_dead_worker_fails_the_run(nimbus: str) -> None:
     graph = workflows.mpi_killed()
     with pytest.raises(WorkerDied, match=r"the Storm task of PE FailsOnInstance\d*\[1\].*exited"):
         aiod4p.run(graph, 10, mapping=StormMapping(nimbus=nimbus, name="killed"), workers=2)
-
-
-# -- dispel4py's own examples, unchanged -----------------------------------------------------------
-
-# A few of them, one topology: the features they cover, not all fifteen (a task is a Python process).
-DISPEL4PY = ("pipeline_test", "grouping_onetoall", "grouping_alltoone", "teecopy", "split_merge")
-
-
-@pytest.mark.skipif(not differential.D4P_PYTHON.exists(), reason="dispel4py 1.2.1 is not installed")
-@pytest.mark.usefixtures("dispel4py_hook")
-def test_dispel4py_examples_give_the_results_of_dispel4py(nimbus: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    iterations = differential.ITERATIONS
-    combined = WorkflowGraph()
-    renames: dict[str, tuple[str, str]] = {}
-    for name in DISPEL4PY:
-        path = str(differential.example(name))
-        monkeypatch.setattr(sys, "argv", differential.cli_argv(path, iterations))
-        graph = aiod4p.load_graph(path)
-        flat = graph.flatten()
-        for pe in flat.pes.values():
-            combined.add(pe)
-        for edge in flat.edges:
-            combined.connect(
-                flat.pes[edge.source], edge.source_port, flat.pes[edge.dest], edge.dest_port, grouping=edge.grouping
-            )
-        renames.update({pe_id: (name, fresh) for pe_id, fresh in differential.fresh_ids(graph).items()})
-    results = aiod4p.run(combined, iterations, mapping=StormMapping(nimbus=nimbus, name="dispel4py"))
-    got: dict[str, dict[tuple[str, str], list[Any]]] = {name: {} for name in DISPEL4PY}
-    for (pe_id, port), items in results.by_port().items():
-        name, fresh = renames[pe_id]
-        got[name][fresh, port] = items
-    for name in DISPEL4PY:
-        expected = differential.dispel4py_simple(str(differential.example(name)), iterations=iterations)
-        assert set(got[name]) == set(expected), name
-        copies = differential.BROADCAST.get(name, 1)  # Storm runs the instances numprocesses asks for
-        for key, items in expected.items():
-            assert differential.multiset(got[name][key]) == differential.multiset(items * copies), (name, key)

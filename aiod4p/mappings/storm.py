@@ -32,7 +32,7 @@ from .._plan import ExecutionPlan, PlanOptions
 from .._results import ResultSink
 from .._stats import InstanceStats
 from ..errors import Aiod4pError
-from ..storm import build_project, topology_name
+from ..storm import Project, build_project, topology_name
 from ..storm._cluster import (
     ENV_NAME,
     Cluster,
@@ -128,6 +128,17 @@ class StormMapping(BaseMapping):
         report = RunReport(sink, token)
         address = await report.listen(self.callback_host or _reachable_address(cluster))
         name = f"{self.topology}-{token[:8]}"
+        # From here a drain is a Storm drain (a signal no longer stops start-up where it is): it waits
+        # until every task runs, then deactivates the topology; a second signal cancels the run.
+        draining: list[asyncio.Task[None]] = []
+        over = False  # a drain asked for once the run is over has nothing left to do
+
+        def drain() -> None:
+            if not over:
+                draining.append(asyncio.ensure_future(self._drain(report, cluster)))
+
+        control.on_drain(drain)
+        submitted = False
         try:
             with tempfile.TemporaryDirectory(prefix="aiod4p-storm-project-") as tmp:
                 project = build_project(
@@ -141,55 +152,62 @@ class StormMapping(BaseMapping):
                     token=token,
                 )
                 report.expect(project.spec)
+                self.topology = project.name
                 logger.info("submitting topology %s to %s", project.name, summary)
-                self.submitted = await asyncio.to_thread(submit, project, cluster, self.conf)
-        except BaseException:
-            await report.close(0)
-            raise
-        self.topology = project.name
-        try:
-            await self._wait(report, cluster, control)
+                submitted = True
+                self.submitted = await _submit(project, cluster, self.conf)
+            await self._wait(report, cluster)
+            for task in draining:
+                await task
         finally:
-            await asyncio.to_thread(kill, cluster, project.name)
+            over = True
+            for task in draining:
+                task.cancel()
+            await asyncio.gather(*draining, return_exceptions=True)
+            if submitted:
+                await asyncio.to_thread(kill, cluster, self.topology)
             await report.close(grace=30 if report.failed else 0)
         if report.failed:
             raise report.error()
         return []
 
-    async def _wait(self, report: RunReport, cluster: Cluster, control: RunControl) -> None:
-        """Wait until every task has finished or the run failed; drain on request."""
-        started = asyncio.ensure_future(report.all_started.wait())
-        ended = asyncio.ensure_future(report.ended.wait())
-        draining: list[asyncio.Task[None]] = []
-
-        async def drain() -> None:
-            # A drain asked for during start-up waits until every task runs: only a running topology deactivates.
-            await asyncio.wait({started, ended}, return_when="FIRST_COMPLETED")
-            if not report.ended.is_set():
-                await self._drain(cluster)
-
-        control.on_drain(lambda: draining.append(asyncio.ensure_future(drain())))
+    async def _wait(self, report: RunReport, cluster: Cluster) -> None:
+        """Wait until every task has finished or the run failed."""
         try:
-            done, _ = await asyncio.wait({started, ended}, timeout=self.start_timeout, return_when="FIRST_COMPLETED")
-            if not done:
-                raise Aiod4pError(
-                    f"topology {self.topology} did not start within {self.start_timeout:.0f} s"
-                    f" ({len(report.started)} of {len(report.expected)} tasks reported);"
-                    f" {await asyncio.to_thread(_errors, cluster, self.topology)}"
-                )
-            if not report.ended.is_set():
-                self.facts = await asyncio.to_thread(topology_facts, cluster, self.topology)
-                logger.info("topology %s runs (%s)", self.topology, self.facts["id"])
-            await ended
-            for task in draining:
-                await task
-        finally:
-            for pending in (started, ended, *draining):
-                pending.cancel()
+            async with asyncio.timeout(self.start_timeout):
+                await report.started_or_ended()
+        except TimeoutError:
+            raise Aiod4pError(
+                f"topology {self.topology} did not start within {self.start_timeout:.0f} s"
+                f" ({len(report.started)} of {len(report.expected)} tasks reported);"
+                f" {await asyncio.to_thread(_errors, cluster, self.topology)}"
+            ) from None
+        if report.all_started.is_set():  # it may have ended already; it is killed only after this wait
+            self.facts = await asyncio.to_thread(topology_facts, cluster, self.topology)
+            logger.info("topology %s runs (%s)", self.topology, self.facts["id"])
+        await report.ended.wait()
 
-    async def _drain(self, cluster: Cluster) -> None:
+    async def _drain(self, report: RunReport, cluster: Cluster) -> None:
+        """Deactivate the topology once every task runs (only a running topology deactivates)."""
+        await report.started_or_ended()
+        if report.ended.is_set():
+            return
         logger.warning("draining topology %s: deactivating it; its spouts stop and finish their streams", self.topology)
         await asyncio.to_thread(deactivate, cluster, self.topology)
+
+
+async def _submit(project: Project, cluster: Cluster, conf: Mapping[str, Any]) -> str:
+    """Submit ``project`` in a thread; if the run is cancelled meanwhile, the submission still ends first.
+
+    The caller then kills what it submitted, instead of a submission that
+    outlives the run.
+    """
+    submission = asyncio.ensure_future(asyncio.to_thread(submit, project, cluster, conf))
+    try:
+        return await asyncio.shield(submission)
+    except asyncio.CancelledError:
+        await asyncio.wait({submission})
+        raise
 
 
 def _reachable_address(cluster: Cluster) -> str:

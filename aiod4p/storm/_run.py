@@ -63,6 +63,16 @@ class RunReport:
         """The tasks to wait for: every task of every component of ``spec``."""
         self.expected = {(c.name, task) for c in spec.components for task in range(c.parallelism)}
 
+    async def started_or_ended(self) -> None:
+        """Wait until every task has started or the run has ended."""
+        started = asyncio.ensure_future(self.all_started.wait())
+        ended = asyncio.ensure_future(self.ended.wait())
+        try:
+            await asyncio.wait({started, ended}, return_when="FIRST_COMPLETED")
+        finally:
+            started.cancel()
+            ended.cancel()
+
     @property
     def failed(self) -> bool:
         return bool(self.fatal)

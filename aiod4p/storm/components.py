@@ -6,9 +6,10 @@ Storm starts it as ``streamparse_run aiod4p_components.<Name>``. At start-up
 the component reads the topology spec (``aiod4p_topology.json``) and the
 pickled PEs (``aiod4p_pes.pickle``) next to that module, takes the PE of its
 component, and runs its ``preprocess``. The PE is called by the core engine's
-actor (one instance per Storm task, numbered 0..tasks-1 by task id), so
-every calling convention (plain, ``async def``, generators, ``write``) works
-as in the other mappings; Storm does the routing.
+invoker, as the engine's actors call theirs (one instance per Storm task,
+numbered 0..tasks-1 by task id), so every calling convention (plain,
+``async def``, generators, ``write``) works as in the other mappings; Storm
+does the routing.
 
 Bolt: for each tuple, the PE processes the item; its outputs are emitted,
 anchored to the tuple, on the streams of their ports, then the tuple is
@@ -58,7 +59,7 @@ from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any, ClassVar
 
-from .._engine import Worker, _Actor
+from .._engine import Worker, _Invoker
 from .._graph import FlatGraph
 from .._pe import PE, _Runtime
 from .._plan import InstanceRef, PlanOptions, make_plan
@@ -141,13 +142,13 @@ class HostedComponent:
     component: ClassVar[str] = ""
 
     loaded: _Loaded
-    actor: _Actor
     index: int
+    tasks: int  # how many tasks run this component
     reporter: Reporter | None
     logger: logging.Logger  # pystorm's, set up before initialize()
 
-    def _host(self, context: dict[str, Any], fed: bool) -> Worker:
-        """Load the PE and build the engine worker for this task's instance (with its feed if ``fed``)."""
+    def _host(self, context: dict[str, Any]) -> None:
+        """Load this task's PE, find its instance index, and connect to the run that submitted the topology."""
         # PE logs and print() go to Storm's log at pystorm's level; print() must not corrupt the protocol.
         logging.getLogger("aiod4p").setLevel(self.logger.level or logging.INFO)
         sys.stdout = LogStream(logging.getLogger("aiod4p.stdout"))
@@ -155,28 +156,13 @@ class HostedComponent:
         self.loaded = _Loaded(Path(module.__file__ or ".").resolve().parent, self.component)
         tasks = sorted(int(task) for task, name in context["task->component"].items() if name == self.component)
         self.index = tasks.index(int(context["taskid"]))
+        self.tasks = len(tasks)
         topology = self.loaded.topology
         self.reporter = None
         if topology.report:
             hello = {"t": "hello", "token": topology.token, "pe": self.component, "task": self.index}
             self.reporter = Reporter(topology.report, {**hello, "pid": os.getpid()})
-        pe = self.loaded.pe
-        pe.parallelism = len(tasks)
-        # A bolt keeps the outputs of one call in its buffers; a spout's engine hands them over in batches.
-        batch_size = PlanOptions.batch_size if fed else _BATCH
-        plan = make_plan(
-            FlatGraph({self.component: pe}, []), PlanOptions(workers=len(tasks), batch_size=batch_size, credits=1)
-        )
-        feeds: dict[str, Any] = {}
-        if fed:
-            feed = self.loaded.topology.feeds.get(self.component, 0)
-            feeds[self.component] = feed if isinstance(feed, int) else [decode(element) for element in feed]
-        worker = Worker(plan, self.index, feeds=feeds, results=self._sink())
-        self.actor = worker.actors[InstanceRef(self.component, self.index)]
-        return worker
-
-    def _sink(self) -> Any:
-        return None
+        self.loaded.pe.parallelism = self.tasks
 
     def _report_error(self, exc: BaseException, fatal: bool) -> None:
         if self.reporter is not None:
@@ -235,10 +221,6 @@ class HostedComponent:
         return out
 
 
-# Outputs of one call stay in the actor's buffers (the engine routes a buffer only when it is this full).
-_BATCH = sys.maxsize
-
-
 class PEBolt(HostedComponent, Bolt):  # type: ignore[misc]
     """A bolt hosting one PE instance per task; see the module docstring."""
 
@@ -248,7 +230,9 @@ class PEBolt(HostedComponent, Bolt):  # type: ignore[misc]
     exit_on_exception = True
 
     def initialize(self, storm_conf: dict[str, Any], context: dict[str, Any]) -> None:
-        self._host(context, False)
+        self._host(context)
+        # The outputs of one call stay in the invoker's buffers until the bolt emits them.
+        self.invoker = _Invoker(InstanceRef(self.component, self.index), self.loaded.pe)
         try:
             self._start(context)
         except Exception as exc:
@@ -263,16 +247,16 @@ class PEBolt(HostedComponent, Bolt):  # type: ignore[misc]
         self.eos_seen: set[int] = set()
         self.finished = False
         self.runner = asyncio.Runner()
-        actor = self.actor
+        invoker = self.invoker
         # A plain or generator PE never awaits: its calls complete without an event loop turn.
-        self.plain = (actor.fn_kind if actor.fn is not None else actor.process_kind) in ("sync", "gen")
-        pe = self.actor.pe
+        self.plain = (invoker.fn_kind if invoker.fn is not None else invoker.process_kind) in ("sync", "gen")
+        pe = invoker.pe
         pe._runtime = _Runtime(
-            self.actor.buffers,
+            invoker.buffers,
             self.index,
             logging.LoggerAdapter(pe_logger, {"pe": self.component, "instance": self.index}),
         )
-        self.runner.run(self.actor.lifecycle("preprocess"))
+        self.runner.run(invoker.lifecycle("preprocess"))
         self._emit_buffers(None)
 
     def process(self, tup: Any) -> None:
@@ -305,19 +289,19 @@ class PEBolt(HostedComponent, Bolt):  # type: ignore[misc]
 
     async def _call(self, port: str, item: Any) -> None:
         try:
-            await self.actor.call(port, [item])
+            await self.invoker.call(port, [item])
         except Exception:
             self._clear()
             raise
 
     def _clear(self) -> None:
-        buffers = self.actor.buffers
+        buffers = self.invoker.buffers
         for port in buffers:
             buffers[port] = []
 
     def _emit_buffers(self, anchor: Any) -> None:
         """Emit everything the PE wrote, anchored to ``anchor``; nothing if an item cannot cross."""
-        buffers = self.actor.buffers
+        buffers = self.invoker.buffers
         try:
             written = [(port, items) for port, items in buffers.items() if items]
             pending = [self._tuples(port, items) for port, items in written if not self._reported(port)]
@@ -337,7 +321,7 @@ class PEBolt(HostedComponent, Bolt):  # type: ignore[misc]
             return
         self.finished = True
         try:
-            self.runner.run(self.actor.lifecycle("postprocess"))
+            self.runner.run(self.invoker.lifecycle("postprocess"))
             self._emit_buffers(tup)
         except Exception as exc:
             self._clear()
@@ -380,7 +364,8 @@ class PESpout(HostedComponent, Spout):  # type: ignore[misc]
         self.storm_conf = storm_conf
         self.max_replays = int(storm_conf.get("aiod4p.max_replays", -1))
         self.sink = _QueueSink(16)
-        self.worker = self._host(context, True)
+        self._host(context)
+        self.worker = self._worker()
         if self.max_replays < 0:
             self.max_replays = self.loaded.topology.max_replays
         self.pending: dict[int, list[Any]] = {}  # id -> [stream, values, attempts]
@@ -391,8 +376,13 @@ class PESpout(HostedComponent, Spout):  # type: ignore[misc]
         self.thread = threading.Thread(target=self._produce, name="aiod4p engine", daemon=True)
         self.thread.start()
 
-    def _sink(self) -> Any:
-        return self.sink
+    def _worker(self) -> Worker:
+        """The engine worker running this task's instance of the root PE over its share of the feed."""
+        pe = self.loaded.pe
+        plan = make_plan(FlatGraph({self.component: pe}, []), PlanOptions(workers=self.tasks, credits=1))
+        feed = self.loaded.topology.feeds.get(self.component, 0)
+        feeds = {self.component: feed if isinstance(feed, int) else [decode(element) for element in feed]}
+        return Worker(plan, self.index, feeds=feeds, results=self.sink)
 
     def _produce(self) -> None:
         try:
