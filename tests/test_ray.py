@@ -15,6 +15,7 @@ from ray_cluster import RayCluster, wait_gone
 
 import aiod4p
 from aiod4p import IterativePE, WorkflowGraph
+from aiod4p._plan import REMOTE_BATCH_FACTOR
 from aiod4p.errors import GraphError, MappingUnavailable, TransportError, WorkerDied
 from aiod4p.mappings.ray import RayMapping
 
@@ -103,8 +104,9 @@ def test_items_through_a_slow_sink_stay_within_the_inflight_bound(ray_cluster: R
     assert sum(s.items_in for s in sinks) == 200_000
     for entry in run.stats:
         assert entry.max_queued_items <= entry.inflight_bound, entry
-    # The sink's inbox held at most 2 channels x 2 credits x 256 items, whatever the input size.
-    assert sinks[0].inflight_bound == 2 * 2 * 256
+    # The sink's inbox held at most 2 credits on its local channel (256 items a batch) and on the one
+    # from the other worker (batches between workers carry REMOTE_BATCH_FACTOR x more), whatever the input size.
+    assert sinks[0].inflight_bound == 2 * (256 + 256 * REMOTE_BATCH_FACTOR)
     assert sinks[0].max_queued_items > 0
 
 
