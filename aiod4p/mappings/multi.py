@@ -28,6 +28,7 @@ from collections.abc import Mapping
 from multiprocessing.process import BaseProcess
 from typing import Any
 
+from .._checkpoint import LauncherCheckpoints, Session, run_with_recovery
 from .._engine import Feed
 from .._plan import ExecutionPlan, PlanOptions
 from .._results import ResultSink
@@ -81,6 +82,7 @@ class MultiMapping(BaseMapping):
 
     name = "multi"
     uses_processes = True
+    supports_checkpoints = True
 
     def __init__(
         self, start_method: str | None = None, *, stats_interval: float = STATS_INTERVAL, grace: float = GRACE
@@ -116,6 +118,12 @@ class MultiMapping(BaseMapping):
             InputError: an input cannot be pickled.
             TransportError: an item or result cannot be pickled (naming the PE and port).
         """
+        if self.checkpointing is not None:
+
+            async def attempt(session: Session) -> list[InstanceStats]:
+                return await _MultiRun(self, plan, feeds, session.sink, control, max_delay, session).run()
+
+            return await run_with_recovery(self.checkpointing, plan, feeds, sink, attempt)
         return await _MultiRun(self, plan, feeds, sink, control, max_delay).run()
 
 
@@ -130,8 +138,10 @@ class _MultiRun:
         sink: ResultSink,
         control: RunControl,
         max_delay: float,
+        session: Session | None = None,
     ) -> None:
         self.mapping = mapping
+        self.session = session
         self.plan = plan
         self.feeds = feeds
         self.sink = sink
@@ -184,7 +194,11 @@ class _MultiRun:
 
     async def run(self) -> list[InstanceStats]:
         shipped, pumped = split_feeds(self.plan, self.feeds)
-        job = Job(self.plan, shipped, self.max_delay, self.mapping.stats_interval)
+        session = self.session
+        if session is not None:
+            pumped = session.resumed(pumped)
+        spec = session.spec() if session is not None else None
+        job = Job(self.plan, shipped, self.max_delay, self.mapping.stats_interval, spec)
         payload = job if self.method == "fork" else ship(job, f"start {self.method}ed worker processes", _HINT)
         comms: list[PipeComm] = []
         finished = False
@@ -206,6 +220,7 @@ class _MultiRun:
                 grace=self.mapping.grace,
                 exited=self._exited,
                 death=self._death,
+                checkpoints=LauncherCheckpoints(session, dict(enumerate(comms))) if session is not None else None,
             )
             stats = await supervisor.run()
             finished = True

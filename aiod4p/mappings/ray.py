@@ -29,6 +29,7 @@ from typing import Any
 
 import ray
 
+from .._checkpoint import LauncherCheckpoints, Session, run_with_recovery
 from .._engine import Feed
 from .._plan import ExecutionPlan
 from .._results import ResultSink
@@ -104,13 +105,34 @@ class RayMapping(MultiMapping):
             TransportError: an item or result cannot be pickled (naming the PE and port).
             MappingUnavailable: Ray cannot be joined, or cannot start the workers.
         """
-        shipped, pumped = split_feeds(plan, feeds)
-        payload = ship(Job(plan, shipped, max_delay, self.stats_interval), "start Ray actors")
         await asyncio.to_thread(_CONNECTION.acquire, self._connect)  # concurrent runs share one connection
         try:
-            return await _RayRun(self, plan, sink, control).run(payload, pumped)
+            if self.checkpointing is not None:
+
+                async def attempt(session: Session) -> list[InstanceStats]:
+                    return await self._run(plan, feeds, session.sink, control, max_delay, session)
+
+                return await run_with_recovery(self.checkpointing, plan, feeds, sink, attempt)
+            return await self._run(plan, feeds, sink, control, max_delay)
         finally:
             await asyncio.to_thread(_CONNECTION.release)
+
+    async def _run(
+        self,
+        plan: ExecutionPlan,
+        feeds: Mapping[str, Feed],
+        sink: ResultSink,
+        control: RunControl,
+        max_delay: float,
+        session: Session | None = None,
+    ) -> list[InstanceStats]:
+        """One run on new actors (one attempt of a checkpointed run, with its ``session``)."""
+        shipped, pumped = split_feeds(plan, feeds)
+        if session is not None:
+            pumped = session.resumed(pumped)
+        spec = session.spec() if session is not None else None
+        payload = ship(Job(plan, shipped, max_delay, self.stats_interval, spec), "start Ray actors")
+        return await _RayRun(self, plan, sink, control, session).run(payload, pumped)
 
     def _connect(self) -> None:
         """Join the cluster at ``address`` (or ``RAY_ADDRESS``), else start a local Ray."""
@@ -161,8 +183,16 @@ _CONNECTION = _Connection()
 class _RayRun:
     """One execution: actors, their comms, and the host's supervisor over them."""
 
-    def __init__(self, mapping: RayMapping, plan: ExecutionPlan, sink: ResultSink, control: RunControl) -> None:
+    def __init__(
+        self,
+        mapping: RayMapping,
+        plan: ExecutionPlan,
+        sink: ResultSink,
+        control: RunControl,
+        session: Session | None = None,
+    ) -> None:
         self.mapping = mapping
+        self.session = session
         self.plan = plan
         self.sink = sink
         self.control = control
@@ -185,6 +215,7 @@ class _RayRun:
                 grace=self.mapping.grace,
                 exited=self._exited,
                 death=self._death,
+                checkpoints=LauncherCheckpoints(self.session, dict(enumerate(comms))) if self.session else None,
             )
             return await supervisor.run()
         finally:
