@@ -168,9 +168,10 @@ class Numbers(ProducerPE):
         return self.calls
 
 
-def _numbers() -> WorkflowGraph:
+def _numbers(root_parallelism: int | None = None) -> WorkflowGraph:
     graph = WorkflowGraph()
     source, pair, count = Numbers(), _Pair(), Count()
+    source.parallelism = root_parallelism
     source.id, pair.id, count.id = "numbers", "pair", "count"
     graph.connect(source, "output", pair, "input")
     graph.connect(pair, "output", count, "input")
@@ -189,6 +190,31 @@ async def test_count_feed_is_replayed_from_its_index(tmp_path: Path) -> None:
     got = await run_async(_numbers(), 20_000, mapping=_mapping(directory, restore=True), workers=2)
     expected = {str(k): sum(1 for n in range(1, 20_001) if n % 7 == k) for k in range(7)}
     assert _counts(got) == expected
+
+
+async def test_restore_refuses_another_graph_and_another_root_parallelism(tmp_path: Path) -> None:
+    directory = tmp_path / "ck"
+    assert not await _run_until_killed(_numbers(), _mapping(directory), 2, 3000, 20_000, directory)
+    with pytest.raises(CheckpointError, match="has no PE lines: it was taken of another graph"):
+        await run_async(word_count(tmp_path / "none.txt"), 1, mapping=_mapping(directory, restore=True))
+    with pytest.raises(CheckpointError, match=r"root PE numbers had 1 instances in checkpoint \d+, now 2"):
+        await run_async(_numbers(root_parallelism=2), 20_000, mapping=_mapping(directory, restore=True))
+
+
+def test_results_file_that_cannot_be_written_fails_clearly(tmp_path: Path, words: Path) -> None:
+    with pytest.raises(CheckpointError, match=r"cannot write results to .*missing/out\.jsonl"):
+        run(word_count(words), 1, mapping=_mapping(tmp_path / "ck", tmp_path / "missing" / "out.jsonl"))
+
+
+def test_checkpoints_under_a_users_mpiexec_are_refused(tmp_path: Path) -> None:
+    pytest.importorskip("mpi4py")
+    from aiod4p.mappings.mpi import MpiMapping
+
+    mapping = MpiMapping()
+    mapping.size = 2  # as under `mpiexec -n 2 aiod4p run ...`
+    mapping.checkpointing = Checkpointing(tmp_path)
+    with pytest.raises(CheckpointError, match="checkpoints need aiod4p to launch the mpiexec"):
+        run(_numbers(), 10, mapping=mapping)
 
 
 # -- the state API -------------------------------------------------------------------------
@@ -257,6 +283,11 @@ def test_unpicklable_state_names_the_pe(tmp_path: Path) -> None:
         run(graph, 200_000, mapping=_mapping(tmp_path / "ck", interval=0.001))
 
 
+def test_keyed_state_needs_a_group_by_input() -> None:
+    with pytest.raises(CheckpointError, match="keyed_state needs a group-by input"):
+        capture(Count(), None)
+
+
 def test_keyed_state_must_name_a_dict() -> None:
     pe = Count()
     pe.counts = 3  # type: ignore[assignment]
@@ -266,12 +297,30 @@ def test_keyed_state_must_name_a_dict() -> None:
 
 # -- the command line ------------------------------------------------------------------------
 def test_cli_options_need_a_checkpoint_dir(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["run", "x:y", "--restore"]) != 0
+    assert main(["run", "x:y", "--restore"]) == 2
     assert "--checkpoint-dir" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--checkpoint-interval", "0"], "argument --checkpoint-interval: must be positive, not 0"),
+        (["--checkpoint-interval", "soon"], "argument --checkpoint-interval: not a number: 'soon'"),
+        (["--checkpoint-keep", "0"], "argument --checkpoint-keep: must be at least 1, not 0"),
+        (["--restarts", "-1"], "argument --restarts: must be at least 0, not -1"),
+    ],
+)
+def test_cli_bad_checkpoint_values_are_usage_errors(
+    tmp_path: Path, args: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(["run", "x:y", "--checkpoint-dir", str(tmp_path), *args])
+    assert exited.value.code == 2
+    assert message in capsys.readouterr().err
+
+
 def test_cli_refuses_a_mapping_without_checkpoints(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["run", "x:y", "-m", "storm", "--checkpoint-dir", str(tmp_path)]) != 0
+    assert main(["run", "x:y", "-m", "storm", "--checkpoint-dir", str(tmp_path)]) == 2
     assert "does not take checkpoints" in capsys.readouterr().err
 
 
