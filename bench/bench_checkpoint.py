@@ -30,8 +30,7 @@ import time
 from pathlib import Path
 
 import aiod4p
-from aiod4p import IterativePE, ProducerPE, WorkflowGraph
-from aiod4p._checkpoint import Checkpointing
+from aiod4p import Checkpointing, IterativePE, ProducerPE, WorkflowGraph
 from aiod4p.mappings import get_mapping
 
 HERE = Path(__file__).resolve().parent
