@@ -141,7 +141,7 @@ async def test_torn_checkpoint_is_ignored(tmp_path: Path, words: Path) -> None:
     newest, previous = complete[-1], complete[-2]
     part = next(p for p in store.path(newest).iterdir() if p.name.endswith(".state"))
     part.write_bytes(part.read_bytes()[:-3])  # a worker killed while writing
-    (store.path(newest + 1)).mkdir()  # a checkpoint that never got its manifest
+    store.path(newest + 1).mkdir(exist_ok=True)  # a checkpoint that never got its manifest (the kill may have left it)
     (store.path(newest + 1) / "x.0.state").write_bytes(b"partial")
     latest = store.latest()
     assert latest is not None and latest.id == previous
@@ -268,9 +268,8 @@ def test_keyed_state_moves_to_the_instance_its_keys_reach() -> None:
 
 
 class Unpicklable(ckpt_workflows.Split):
-    def __init__(self) -> None:
-        super().__init__()
-        self.lock = threading.Lock()
+    def preprocess(self) -> None:
+        self.lock = threading.Lock()  # a resource made in preprocess (runs copy PEs), then part of the state
 
     def process_item(self, item: Any) -> None:
         pass
