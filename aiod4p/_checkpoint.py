@@ -891,6 +891,7 @@ class LauncherCheckpoints:
         self.gate = session.gate(controls.keys(), session.sink.emit)
         self._finals: list[tuple[InstanceRef, bytes]] = []
         self._inflight = 0
+        self._saved: dict[int, int] = {}  # the last checkpoint each worker saved its parts for
 
     async def drive(self) -> None:
         """Trigger checkpoints until cancelled."""
@@ -916,13 +917,17 @@ class LauncherCheckpoints:
         """Handle a worker's checkpoint message; whether ``message`` was one."""
         match message:
             case Saved(n, parts):
+                self._saved[wid] = max(n, self._saved.get(wid, 0))
                 self.session.coordinator.add_parts(n, parts)
             case Committed(n):
                 await self.gate.mark(wid, n)
             case Finals(states):
                 self._finals.extend(states)
-                if self._inflight:
-                    self._save_finals(self._inflight)
+                # A checkpoint the worker saved keeps its parts (snapshots at its barrier, not later states).
+                n = self._inflight
+                if n > self._saved.get(wid, 0):
+                    store = self.session.store
+                    self.session.coordinator.add_parts(n, [store.write_part(n, ref, data) for ref, data in states])
                 await self.gate.finish(wid)
             case _:
                 return False
