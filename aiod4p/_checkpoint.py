@@ -951,6 +951,7 @@ class RelayCheckpoints:
         self._finals: list[tuple[InstanceRef, bytes]] = []
         self._finished: set[int] = set()
         self._inflight = 0
+        self._saved: dict[int, int] = {}  # the last checkpoint each rank saved its parts for
 
     async def _commit(self, n: int) -> None:
         await self.upward.send(Committed(n))
@@ -977,15 +978,17 @@ class RelayCheckpoints:
 
     async def receive(self, wid: int, message: Any) -> bool:
         match message:
-            case Saved():
+            case Saved(n):
+                self._saved[wid] = max(n, self._saved.get(wid, 0))
                 await self.upward.send(message)
             case Committed(n):
                 await self.gate.mark(wid, n)
             case Finals(states):
                 self._finals.extend(states)
                 self._finished.add(wid)
-                if self._inflight:
-                    await self._save_finals(self._inflight)
+                n = self._inflight
+                if n > self._saved.get(wid, 0):  # else the rank's own parts for n stand (see LauncherCheckpoints)
+                    await self.upward.send(Saved(n, [self.store.write_part(n, ref, data) for ref, data in states]))
                 await self.gate.finish(wid)
                 if len(self._finished) == len(self.controls):
                     await self.upward.send(Finals(self._finals))
