@@ -130,7 +130,9 @@ async def test_killed_three_times_restored_with_other_n_counts_exactly(tmp_path:
     assert _file_counts(results) == expected_counts(words)
 
 
-async def test_torn_checkpoint_is_ignored(tmp_path: Path, words: Path) -> None:
+async def test_torn_checkpoint_is_ignored(tmp_path: Path) -> None:
+    words = tmp_path / "many.txt"
+    write_words(words, 400_000)  # long enough for two checkpoints, however fast the machine
     directory = tmp_path / "ck"
     finished = await _run_until_killed(
         word_count(words), _mapping(directory, keep=5), 2, 0, checkpointed=directory, new=2
