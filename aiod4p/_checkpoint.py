@@ -471,12 +471,20 @@ class Aligner:
 
     # -- snapshots -------------------------------------------------------------
     def _state(self, finished: bool) -> dict[str, Any]:
+        """Where the instance stands: its PE's state and, for a root, its position in its input.
+
+        A root's position is the feed elements it consumed and the outputs of
+        the call under way; a restored root whose interrupted call has not
+        resumed yet still stands where the restored checkpoint left it
+        (``resume_outputs``), or a checkpoint taken before the call resumes
+        would replay what that call had already delivered.
+        """
         actor = self.actor
         consumed = self.calls if self.in_call else actor.stats.items_in
         return {
             "pe": capture(actor.pe, self.runtime.grouping(actor.ref.pe)),
             "feed": self.base + consumed if actor.is_root else 0,
-            "outputs": self.outputs if self.in_call else 0,
+            "outputs": self.outputs if self.in_call else self.resume_outputs,
             "finished": finished,
         }
 

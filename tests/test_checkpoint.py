@@ -16,8 +16,11 @@ import pytest
 from ckpt_workflows import Count, complete_checkpoints, expected_counts, word_count, write_words
 
 from aiod4p import ProducerPE, WorkflowGraph, run, run_async, start
-from aiod4p._checkpoint import MANIFEST, Checkpointing, CheckpointStore
+from aiod4p._checkpoint import MANIFEST, Checkpointing, CheckpointStore, Coordinator, ResultGate, WorkerCheckpoints
 from aiod4p._cli import main
+from aiod4p._engine import Worker
+from aiod4p._inputs import resolve_inputs
+from aiod4p._plan import DEFAULT_BATCH_SIZE, DEFAULT_CREDITS, InstanceRef, make_plan
 from aiod4p._state import KEY_GROUPS, capture, restore_state
 from aiod4p.errors import CheckpointError
 from aiod4p.mappings.asyncio import AsyncMapping
@@ -147,6 +150,50 @@ async def test_torn_checkpoint_is_ignored(tmp_path: Path) -> None:
     (store.path(newest + 1) / "x.0.state").write_bytes(b"partial")
     latest = store.latest()
     assert latest is not None and latest.id == previous
+    got = await run_async(word_count(words), 1, mapping=_mapping(directory, restore=True), workers=2)
+    assert _counts(got) == expected_counts(words)
+
+
+class _Collected:
+    """A result sink that keeps what it gets."""
+
+    def __init__(self) -> None:
+        self.records: list[Any] = []
+
+    async def emit(self, pe: str, port: str, items: list[Any]) -> None:
+        self.records.extend(items)
+
+
+async def test_a_checkpoint_before_a_restored_source_resumes_keeps_its_position(tmp_path: Path) -> None:
+    """A barrier reaches a restored root before its interrupted call resumes (on worker processes, a worker
+    that starts slower than the coordinator's next trigger): that checkpoint keeps the restored position, so a
+    restore from it replays nothing the restored counts hold (it used to restart the source from its start)."""
+    words = tmp_path / "words.txt"
+    write_words(words, 100_000)
+    directory = tmp_path / "ck"
+    assert not await _run_until_killed(word_count(words), _mapping(directory), 2, 5000, checkpointed=directory)
+    store = CheckpointStore(directory)
+    restored = store.latest()
+    assert restored is not None
+    position = restored.states[InstanceRef("lines", 0)]["outputs"]
+    assert position > 0  # the source was in its call: the restored one resumes it
+    mapping = _mapping(directory)
+    plan = make_plan(word_count(words), mapping.plan_options(2, DEFAULT_BATCH_SIZE, DEFAULT_CREDITS))
+    worker = Worker(plan, 0, feeds=resolve_inputs(plan.graph, 1), results=_Collected())
+    coordinator = Coordinator(store, plan, 1.0, restored.id, None)
+    gate = ResultGate(
+        [ref for ref, actor in worker.actors.items() if actor.results],
+        worker.results.emit,
+        coordinator.commit_results,
+        restored.id,
+    )
+    checkpoints = WorkerCheckpoints(worker, store, restored, restored.id, coordinator.add_parts, gate)
+    n = coordinator.next_id
+    await checkpoints.trigger(n)  # before the run: the barrier comes first in the root's feed
+    await asyncio.wait_for(worker.run(), 30)
+    taken = store.latest()
+    assert taken is not None and taken.id == n
+    assert taken.states[InstanceRef("lines", 0)]["outputs"] == position
     got = await run_async(word_count(words), 1, mapping=_mapping(directory, restore=True), workers=2)
     assert _counts(got) == expected_counts(words)
 
