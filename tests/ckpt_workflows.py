@@ -111,8 +111,11 @@ def _maybe_kill() -> None:
 
 
 class DiesSaving(Split):
-    """A Split with its own snapshot(): with ``AIOD4P_TEST_DIE_SAVING=MARKER``, the worker process that takes
-    the instance's 3rd snapshot is SIGKILLed in it (once: MARKER is created), while the checkpoint is written."""
+    """A Split with its own snapshot(): with ``AIOD4P_TEST_DIE_SAVING=MARKER:CHECKPOINT_DIR``, the worker process
+    whose instance is the first of this PE to snapshot for a checkpoint ``k >= 2`` being written (its directory
+    has parts, no manifest, no part of this PE) is SIGKILLed in it, while the checkpoint is written (once: MARKER
+    is created and holds ``k``). Checkpoint ``k`` then never completes, whatever the timing: the run may end
+    before a given checkpoint is triggered, and an instance's final state is a snapshot too."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -120,19 +123,36 @@ class DiesSaving(Split):
 
     def snapshot(self) -> dict[str, int]:
         self.saves += 1
-        marker = os.environ.get("AIOD4P_TEST_DIE_SAVING")
+        plan = os.environ.get("AIOD4P_TEST_DIE_SAVING")
         spared = os.environ.get("AIOD4P_TEST_KILLS_SPARE") == str(os.getpid())
-        if marker and self.saves == 3 and not spared:
-            try:
-                os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
-            except FileExistsError:
-                pass
-            else:
-                os.kill(os.getpid(), signal.SIGKILL)
+        if plan and not spared:
+            marker, _, directory = plan.partition(":")
+            writing = _being_written(directory, self.id)
+            if writing is not None and writing >= 2:
+                try:
+                    fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+                except FileExistsError:
+                    pass
+                else:
+                    os.write(fd, str(writing).encode())
+                    os.close(fd)
+                    os.kill(os.getpid(), signal.SIGKILL)
         return {"saves": self.saves}
 
     def restore(self, state: dict[str, int]) -> None:
         self.saves = state["saves"]
+
+
+def _being_written(directory: str, pe: str) -> int | None:
+    """The newest checkpoint in ``directory`` that has parts, no manifest and no part of PE ``pe``."""
+    if not os.path.isdir(directory):
+        return None
+    for name in sorted(os.listdir(directory), reverse=True):
+        if name.startswith("chk-"):
+            files = os.listdir(os.path.join(directory, name))
+            if files and "MANIFEST.json" not in files and not any(f.startswith(f"{pe}.") for f in files):
+                return int(name[len("chk-") :])
+    return None
 
 
 def word_count(path: str | os.PathLike[str], split: Split | None = None) -> WorkflowGraph:

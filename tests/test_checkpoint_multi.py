@@ -137,15 +137,15 @@ def test_checkpoint_of_multi_restores_on_mpi(tmp_path: Path, words: Path, monkey
 def test_a_checkpoint_torn_by_a_kill_while_saving_is_ignored(
     tmp_path: Path, words: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """A worker SIGKILLed while checkpoint 3 is being written: the restart resumes from checkpoint 2."""
-    monkeypatch.setenv("AIOD4P_TEST_DIE_SAVING", str(tmp_path / "died"))
+    """A worker SIGKILLed while checkpoint k >= 2 is being written: the restart resumes from checkpoint k - 1."""
+    monkeypatch.setenv("AIOD4P_TEST_DIE_SAVING", f"{tmp_path / 'died'}:{tmp_path / 'ck'}")
     results = tmp_path / "results.jsonl"
     with caplog.at_level(logging.WARNING, "aiod4p.checkpoint"):
         got = run(word_count(words, DiesSaving()), 1, mapping=_multi(tmp_path / "ck", results, restarts=1), workers=2)
-    assert (tmp_path / "died").exists()
+    torn = int((tmp_path / "died").read_text())
     messages = [r.getMessage() for r in caplog.records]
-    assert any(m.startswith("ignoring torn checkpoint") and "chk-00000003" in m for m in messages), messages
-    assert "restoring checkpoint 2 from " + str(tmp_path / "ck") in messages
+    assert any(m.startswith("ignoring torn checkpoint") and f"chk-{torn:08d}" in m for m in messages), messages
+    assert f"restoring checkpoint {torn - 1} from " + str(tmp_path / "ck") in messages
     assert dict(record.data for record in got) == expected_counts(words)
     assert _file_counts(results) == expected_counts(words)
 
