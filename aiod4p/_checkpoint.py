@@ -557,7 +557,7 @@ class WorkerCheckpoints:
         self.report = report
         self.gate = gate
         self.triggered = first
-        self.on_all_finished: Callable[[list[tuple[InstanceRef, bytes]]], Awaitable[None]] | None = None
+        self.on_all_finished: Callable[[list[FinalState]], Awaitable[None]] | None = None
         self._parts: dict[int, list[dict[str, Any]]] = {}
         self._final: dict[InstanceRef, tuple[Aligner, bytes]] = {}
         self._groupings = _groupings(worker.plan)
@@ -611,7 +611,7 @@ class WorkerCheckpoints:
         self._final[ref] = (aligner, _pickled(ref, state))
         await self._save_final(ref)
         if self.on_all_finished is not None and len(self._final) == len(self.worker.actors):
-            await self.on_all_finished([(ref, data) for ref, (_, data) in self._final.items()])
+            await self.on_all_finished([(ref, data, aligner.done) for ref, (aligner, data) in self._final.items()])
 
     async def _save_final(self, ref: InstanceRef) -> None:
         aligner, data = self._final[ref]
@@ -837,11 +837,15 @@ class Committed:
     id: int
 
 
+FinalState = tuple[InstanceRef, bytes, int]
+"""An instance that finished: its final state and the last checkpoint it saved a part for itself."""
+
+
 @dataclass(frozen=True)
 class Finals:
     """Worker -> launcher: every instance of the worker finished; their final states."""
 
-    states: list[tuple[InstanceRef, bytes]]
+    states: list[FinalState]
 
 
 def attach_worker(worker: Worker, spec: WorkerSpec, control: Comm) -> WorkerCheckpoints:
@@ -863,7 +867,7 @@ def attach_worker(worker: Worker, spec: WorkerSpec, control: Comm) -> WorkerChec
     async def commit(n: int) -> None:
         await control.send(Committed(n))
 
-    async def finals(states: list[tuple[InstanceRef, bytes]]) -> None:
+    async def finals(states: list[FinalState]) -> None:
         await control.send(Finals(states))
 
     producers = [ref for ref, actor in worker.actors.items() if actor.results]
@@ -871,6 +875,13 @@ def attach_worker(worker: Worker, spec: WorkerSpec, control: Comm) -> WorkerChec
     checkpoints = WorkerCheckpoints(worker, store, restored, spec.first, report, gate)
     checkpoints.on_all_finished = finals
     return checkpoints
+
+
+def _stand_ins(states: list[FinalState], n: int) -> list[tuple[InstanceRef, bytes]]:
+    """The final states that stand for checkpoint ``n`` in flight: those of the instances that saved no part
+    for it themselves. An instance that did keeps that part (its snapshot at barrier ``n``, which its
+    downstream's snapshots match), even though its worker finished before the trigger of ``n`` reached it."""
+    return [(ref, data) for ref, data, saved in states if saved < n] if n else []
 
 
 class HostCheckpoints(Protocol):
@@ -899,7 +910,6 @@ class LauncherCheckpoints:
         self.gate = session.gate(controls.keys(), session.sink.emit)
         self._finals: list[tuple[InstanceRef, bytes]] = []
         self._inflight = 0
-        self._saved: dict[int, int] = {}  # the last checkpoint each worker saved its parts for
 
     async def drive(self) -> None:
         """Trigger checkpoints until cancelled."""
@@ -925,17 +935,16 @@ class LauncherCheckpoints:
         """Handle a worker's checkpoint message; whether ``message`` was one."""
         match message:
             case Saved(n, parts):
-                self._saved[wid] = max(n, self._saved.get(wid, 0))
                 self.session.coordinator.add_parts(n, parts)
             case Committed(n):
                 await self.gate.mark(wid, n)
             case Finals(states):
-                self._finals.extend(states)
-                # A checkpoint the worker saved keeps its parts (snapshots at its barrier, not later states).
+                self._finals.extend((ref, data) for ref, data, _ in states)
                 n = self._inflight
-                if n > self._saved.get(wid, 0):
+                stand_ins = _stand_ins(states, n)
+                if stand_ins:
                     store = self.session.store
-                    self.session.coordinator.add_parts(n, [store.write_part(n, ref, data) for ref, data in states])
+                    self.session.coordinator.add_parts(n, [store.write_part(n, ref, data) for ref, data in stand_ins])
                 await self.gate.finish(wid)
             case _:
                 return False
@@ -956,10 +965,9 @@ class RelayCheckpoints:
         self.controls = controls
         self.upward = upward
         self.gate = ResultGate(controls.keys(), sink.emit, self._commit, spec.first)
-        self._finals: list[tuple[InstanceRef, bytes]] = []
+        self._finals: list[FinalState] = []
         self._finished: set[int] = set()
         self._inflight = 0
-        self._saved: dict[int, int] = {}  # the last checkpoint each rank saved its parts for
 
     async def _commit(self, n: int) -> None:
         await self.upward.send(Committed(n))
@@ -979,15 +987,14 @@ class RelayCheckpoints:
 
     async def _save_finals(self, n: int) -> None:
         if self._finals:
-            await self.upward.send(Saved(n, [self.store.write_part(n, ref, data) for ref, data in self._finals]))
+            await self.upward.send(Saved(n, [self.store.write_part(n, ref, data) for ref, data, _ in self._finals]))
 
     async def emit(self, wid: int, pe: str, port: str, items: list[Any]) -> None:
         await self.gate.emit(wid, pe, port, items)
 
     async def receive(self, wid: int, message: Any) -> bool:
         match message:
-            case Saved(n):
-                self._saved[wid] = max(n, self._saved.get(wid, 0))
+            case Saved():
                 await self.upward.send(message)
             case Committed(n):
                 await self.gate.mark(wid, n)
@@ -995,8 +1002,9 @@ class RelayCheckpoints:
                 self._finals.extend(states)
                 self._finished.add(wid)
                 n = self._inflight
-                if n > self._saved.get(wid, 0):  # else the rank's own parts for n stand (see LauncherCheckpoints)
-                    await self.upward.send(Saved(n, [self.store.write_part(n, ref, data) for ref, data in states]))
+                stand_ins = _stand_ins(states, n)
+                if stand_ins:
+                    await self.upward.send(Saved(n, [self.store.write_part(n, ref, data) for ref, data in stand_ins]))
                 await self.gate.finish(wid)
                 if len(self._finished) == len(self.controls):
                     await self.upward.send(Finals(self._finals))

@@ -16,11 +16,21 @@ import pytest
 from ckpt_workflows import Count, complete_checkpoints, expected_counts, word_count, write_words
 
 from aiod4p import ProducerPE, WorkflowGraph, run, run_async, start
-from aiod4p._checkpoint import MANIFEST, Checkpointing, CheckpointStore, Coordinator, ResultGate, WorkerCheckpoints
+from aiod4p._checkpoint import (
+    MANIFEST,
+    Checkpointing,
+    CheckpointStore,
+    Coordinator,
+    Finals,
+    LauncherCheckpoints,
+    ResultGate,
+    Session,
+    WorkerCheckpoints,
+)
 from aiod4p._cli import main
 from aiod4p._engine import Worker
 from aiod4p._inputs import resolve_inputs
-from aiod4p._plan import DEFAULT_BATCH_SIZE, DEFAULT_CREDITS, InstanceRef, make_plan
+from aiod4p._plan import DEFAULT_BATCH_SIZE, DEFAULT_CREDITS, InstanceRef, PlanOptions, make_plan
 from aiod4p._state import KEY_GROUPS, capture, restore_state
 from aiod4p.errors import CheckpointError
 from aiod4p.mappings.asyncio import AsyncMapping
@@ -196,6 +206,23 @@ async def test_a_checkpoint_before_a_restored_source_resumes_keeps_its_position(
     assert taken.states[InstanceRef("lines", 0)]["outputs"] == position
     got = await run_async(word_count(words), 1, mapping=_mapping(directory, restore=True), workers=2)
     assert _counts(got) == expected_counts(words)
+
+
+async def test_a_finished_workers_stand_in_keeps_the_parts_its_instances_saved(tmp_path: Path) -> None:
+    """A worker's instances all finish before the trigger of checkpoint n reaches it, one of them after it saved
+    its part for n at barrier n (come first through another worker): the launcher writes final states only for
+    the others; that snapshot stays (a final state there holds what came after the barrier, which the
+    snapshots downstream do not)."""
+    store = CheckpointStore(tmp_path / "ck")
+    plan = make_plan(word_count(tmp_path / "words.txt"), PlanOptions(workers=2))
+    coordinator = Coordinator(store, plan, 1.0, 0, None)
+    launcher = LauncherCheckpoints(Session(Checkpointing(store.directory), store, None, coordinator, _Collected()), {})
+    await launcher._trigger(1)
+    saved, stood_in = plan.instances(1)
+    snapshot = store.write_part(1, saved, b"at barrier 1")  # what the worker wrote itself
+    await launcher.receive(1, Finals([(saved, b"final", 1), (stood_in, b"final", 0)]))
+    assert (store.path(1) / snapshot["file"]).read_bytes() == b"at barrier 1"
+    assert (store.path(1) / f"{stood_in.pe}.{stood_in.index}.state").read_bytes() == b"final"
 
 
 def test_restore_without_checkpoint_fails_clearly(tmp_path: Path, words: Path) -> None:
