@@ -68,8 +68,11 @@ def test_three_sigkills_with_restarts_give_the_failure_free_results(
     monkeypatch.setenv("AIOD4P_TEST_KILLS", f"{kills}:{moments}")
     monkeypatch.setenv("AIOD4P_TEST_KILLS_AFTER", str(tmp_path / "ck"))
     results = tmp_path / "results.jsonl"
+    # An attempt's first checkpoint completes once its barriers passed what the source read ahead (credits
+    # batches a channel): kept small, so that it completes long before the input ends and the kill comes.
+    checkpointed = _multi(tmp_path / "ck", results, mapping, restarts=5)
     with caplog.at_level(logging.WARNING, "aiod4p.checkpoint"):
-        got = run(word_count(words), 1, mapping=_multi(tmp_path / "ck", results, mapping, restarts=5), workers=workers)
+        got = run(word_count(words), 1, mapping=checkpointed, workers=workers, batch_size=32, credits=2)
     assert sorted(p.name for p in kills.iterdir()) == ["kill-0", "kill-1", "kill-2"]
     messages = [r.getMessage() for r in caplog.records]
     assert sum(m.startswith("restart ") for m in messages) == 3
