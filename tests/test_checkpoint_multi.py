@@ -172,8 +172,8 @@ def test_ray_restarts_its_actors_after_a_sigkill(
     mapping = RayMapping(runtime_env={"env_vars": environment})
     results = tmp_path / "results.jsonl"
     mapping.checkpointing = Checkpointing(tmp_path / "ck", results_path=str(results), interval=0.05, restarts=2)
-    with caplog.at_level(logging.WARNING, "aiod4p.checkpoint"):
-        got = run(word_count(words), 1, mapping=mapping, workers=2)
+    with caplog.at_level(logging.WARNING, "aiod4p.checkpoint"):  # small batches: as the three-SIGKILL test
+        got = run(word_count(words), 1, mapping=mapping, workers=2, batch_size=32, credits=2)
     assert [p.name for p in kills.iterdir()] == ["kill-0"]
     assert sum(r.getMessage().startswith("restoring checkpoint ") for r in caplog.records) == 1
     assert dict(record.data for record in got) == expected_counts(words)
