@@ -7,6 +7,7 @@ inside an event loop) on a mapping: ``simple``, ``async``, ...
 
 from . import errors
 from ._api import WorkflowRun, run, run_async, start
+from ._checkpoint import Checkpointing
 from ._graph import Connection, WorkflowGraph
 from ._groupings import ALL, GLOBAL, SHUFFLE, All, Global, GroupBy, Grouping, Router, Shuffle, group_by, stable_hash
 from ._loading import load_graph
@@ -43,6 +44,7 @@ __all__ = [
     "SHUFFLE",
     "Aiod4pError",
     "All",
+    "Checkpointing",
     "CompositePE",
     "Connection",
     "ConsumerPE",

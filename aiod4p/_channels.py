@@ -14,7 +14,7 @@ import asyncio
 from collections import deque
 from typing import Any, Final, Protocol
 
-__all__ = ["EOS", "CreditSource", "CreditedSender", "Inbox", "LocalChannel", "Message", "SenderChannel"]
+__all__ = ["EOS", "Barrier", "CreditSource", "CreditedSender", "Inbox", "LocalChannel", "Message", "SenderChannel"]
 
 
 class _EndOfStream:
@@ -25,6 +25,28 @@ class _EndOfStream:
 
 
 EOS: Final = _EndOfStream()
+
+
+class Barrier:
+    """Checkpoint barrier ``id``: travels in-band like :data:`EOS` (no credit) and counts as no items.
+
+    Everything a channel carried before it belongs to checkpoint ``id``;
+    everything after it, to the next (see :mod:`aiod4p._checkpoint`).
+    """
+
+    __slots__ = ("id",)
+
+    def __init__(self, id: int) -> None:
+        self.id = id
+
+    def __len__(self) -> int:
+        return 0
+
+    def __reduce__(self) -> tuple[type[Barrier], tuple[int]]:
+        return Barrier, (self.id,)
+
+    def __repr__(self) -> str:
+        return f"Barrier({self.id})"
 
 
 class CreditSource(Protocol):
@@ -45,6 +67,8 @@ class SenderChannel(Protocol):
     async def send(self, port: str | None, items: list[Any]) -> None: ...
 
     def close(self) -> None: ...
+
+    def mark(self, barrier: Barrier) -> None: ...
 
 
 class Inbox:
@@ -72,6 +96,17 @@ class Inbox:
 
     def empty(self) -> bool:
         return not self._queue
+
+    def requeue(self, messages: list[Message]) -> None:
+        """Put messages taken earlier back in front, in their order (a checkpoint's blocked channels)."""
+        for message in reversed(messages):
+            items = message[2]
+            if items is not EOS:
+                self.queued_items += len(items)
+            self._queue.appendleft(message)
+        waiter = self._waiter
+        if messages and waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     async def get(self) -> Message:
         """Take the oldest message, waiting for one."""
@@ -121,6 +156,11 @@ class CreditedSender:
         if not self.closed:
             self.closed = True
             self._deliver(None, EOS)
+
+    def mark(self, barrier: Barrier) -> None:
+        """Send a checkpoint barrier (needs no credit); nothing once closed."""
+        if not self.closed:
+            self._deliver(None, barrier)
 
     def _deliver(self, port: str | None, items: Any) -> None:
         raise NotImplementedError

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import os
 import signal
 import sys
@@ -16,6 +15,7 @@ from typing import Any, TextIO
 
 from . import __version__, compat
 from ._api import WorkflowRun, loop_factory, run_in_threads
+from ._checkpoint import Checkpointing
 from ._inputs import parse_cli_inputs
 from ._loading import load_graph
 from ._logging import configure_logging
@@ -23,7 +23,7 @@ from ._plan import DEFAULT_BATCH_SIZE, DEFAULT_CREDITS, make_plan
 from ._progress import progress, progress_wanted
 from ._provenance import LEVELS, read_lineage, write_document
 from ._provenance import document as provenance_document
-from ._results import ResultRecord
+from ._results import ResultRecord, record_line
 from ._signals import Interrupts, Stopped
 from ._stats_report import StatsSampler, report_stats
 from ._visual import draw, draw_dot
@@ -132,6 +132,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--nimbus", default=None, metavar="HOST:PORT", help="Storm's Nimbus (--mapping storm)")
     run.add_argument("--address", default=None, metavar="ADDR", help="the Ray cluster to join (--mapping ray)")
     run.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks of errors")
+    _add_checkpoint_options(run)
     seeing = run.add_argument_group("progress, statistics and logging")
     seeing.add_argument("--stats", action="store_true", help="print a table of per-PE statistics at the end (stderr)")
     seeing.add_argument("--stats-json", default=None, metavar="FILE", help="write per-PE statistics as JSON")
@@ -191,6 +192,11 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
             raise ValueError("--address applies to --mapping ray only")
         options["address"] = args.address
     mapping = get_mapping(args.mapping, **options)
+    checkpointing = _checkpointing(args)
+    if checkpointing is not None:
+        if not mapping.supports_checkpoints:
+            raise ValueError(f"--checkpoint-dir: the {args.mapping} mapping does not take checkpoints")
+        mapping.checkpointing = checkpointing
     if getattr(mapping, "follower", False):  # an MPI rank other than 0 (under mpiexec): rank 0 reports
         args.results, args.quiet, args.stats, args.stats_json = os.devnull, True, False, None
         args.provenance = None
@@ -199,6 +205,9 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     for path, what in ((args.results, "results"), (args.stats_json, "statistics"), (args.provenance, "provenance")):
         if path not in (None, "-"):
             _check_writable(path, what)
+    results = args.results
+    if checkpointing is not None and checkpointing.results_path is not None:
+        results = os.devnull  # the run writes the file itself, committed with each checkpoint
     opened: list[TextIO] = []  # the results file once open: flushed before a hard abort
 
     def flush_results() -> None:
@@ -232,7 +241,7 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         try:
             with asyncio.Runner(loop_factory=loop_factory(mapping.uses_uvloop)) as runner:
                 status = runner.run(
-                    _consume(workflow, args.results, signals, outcome, opened, show_progress, stdin, sampler)
+                    _consume(workflow, results, signals, outcome, opened, show_progress, stdin, sampler)
                 )
         except Stopped as stop:
             return _aborted(stop.signum, outcome.records, "during start-up")
@@ -252,7 +261,7 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         )
     elif status == EXIT_ABORTED:
         return _aborted(signals.signum, outcome.records, "")
-    if status == EXIT_OK and args.results not in (None, "-", os.devnull) and not args.quiet:
+    if status == EXIT_OK and results not in (None, "-", os.devnull) and not args.quiet:
         print(f"aiod4p: {_records(outcome.records)} in {workflow.elapsed:.1f} s -> {args.results}", file=sys.stderr)
     return status
 
@@ -399,11 +408,7 @@ def _stdout_closed() -> int:
 
 
 def _write_record(out: TextIO, record: ResultRecord) -> None:
-    try:
-        line = json.dumps(record.to_json())
-    except (TypeError, ValueError):
-        line = json.dumps({**record.to_json(), "data": repr(record.data)})
-    out.write(line + "\n")
+    out.write(record_line(record))
     if out is sys.stdout:
         out.flush()
 
@@ -432,6 +437,71 @@ def _add_provenance_options(run: argparse.ArgumentParser) -> None:
         choices=LEVELS,
         help="item: the lineage of every item (default); pe: per PE and port counts and timing, nearly free",
     )
+
+
+def _positive_seconds(text: str) -> float:
+    """An argparse type: a positive number of seconds."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be positive, not {text}")
+    return value
+
+
+_positive_seconds.__name__ = "seconds"  # argparse names the type in its messages
+
+
+def _add_checkpoint_options(run: argparse.ArgumentParser) -> None:
+    """The checkpoint options; their defaults are :class:`Checkpointing`'s (given: ``None``)."""
+    group = run.add_argument_group("checkpoints and recovery (docs/recovery.md)")
+    group.add_argument("--checkpoint-dir", default=None, metavar="DIR", help="take checkpoints into DIR")
+    group.add_argument(
+        "--checkpoint-interval",
+        type=_positive_seconds,
+        default=None,
+        metavar="SEC",
+        help=f"seconds between checkpoints (default {Checkpointing.interval})",
+    )
+    group.add_argument(
+        "--checkpoint-keep",
+        type=_POSITIVE,
+        default=None,
+        metavar="K",
+        help=f"complete checkpoints kept (default {Checkpointing.keep})",
+    )
+    group.add_argument("--restore", action="store_true", help="resume from the newest complete checkpoint in DIR")
+    group.add_argument(
+        "--restarts",
+        type=_COUNT,
+        default=None,
+        metavar="N",
+        help="restart the run from its last checkpoint when a worker dies, up to N times (default 0)",
+    )
+
+
+def _checkpointing(args: argparse.Namespace) -> Checkpointing | None:
+    """The checkpoint options given, or ``None``; ``--results FILE`` becomes exactly-once.
+
+    Raises:
+        ValueError: an option needs ``--checkpoint-dir``.
+    """
+    given = {
+        field: value
+        for field, value in (
+            ("interval", args.checkpoint_interval),
+            ("keep", args.checkpoint_keep),
+            ("restarts", args.restarts),
+        )
+        if value is not None
+    }
+    if args.checkpoint_dir is None:
+        if given or args.restore:
+            raise ValueError("--restore, --restarts and --checkpoint-* options need --checkpoint-dir")
+        return None
+    results = args.results if args.results not in (None, "-") else None
+    return Checkpointing(args.checkpoint_dir, restore=args.restore, results_path=results, **given)
 
 
 def _add_science_parsers(commands: Any) -> None:

@@ -30,7 +30,7 @@ from collections.abc import (
     Iterable,
     Mapping,
 )
-from typing import Any, TypeAlias
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 import greenlet
 
@@ -44,6 +44,9 @@ from ._results import ResultSink
 from ._stats import InstanceStats
 from .errors import Aiod4pError, GraphError, InputError, PEError, TransportError
 from .transports import Comm
+
+if TYPE_CHECKING:
+    from ._checkpoint import Aligner, WorkerCheckpoints
 
 __all__ = ["Feed", "Worker"]
 
@@ -378,6 +381,8 @@ class _Actor(_Invoker):
         self.hand_over_limit = self.batch_size * options.credits
         self.recorder: ActorRecorder | None = None  # provenance, when on
         self.runner: _CallGreenlet | None = None  # runs the PE's calls, created on first use (see _drive)
+        self.results_sink: ResultSink = worker.results
+        self.aligner: Aligner | None = None  # set when the run takes checkpoints
 
     # -- wiring ------------------------------------------------------------
     def add_route(self, port: str, route: _Route) -> None:
@@ -396,14 +401,28 @@ class _Actor(_Invoker):
             stats=self.stats,
         )
         try:
-            await self._stage("preprocess", pe.preprocess)
+            aligner = self.aligner
+            if aligner is not None and aligner.restoring is not None:
+                await self._lifecycle("preprocess", pe.preprocess)  # what it writes was delivered before
+                if aligner.restore():  # it had finished: downstream gets only the end of stream
+                    for channel in self.outgoing:
+                        channel.close()
+                    await aligner.finished()
+                    return self.stats
+            else:
+                await self._stage("preprocess", pe.preprocess)
             inbox, remaining = self.inbox, self.expected_eos
             while remaining:
                 if inbox.empty() and self.dirty:
                     await self._flush_all()
-                source, port, items = await inbox.get()
+                message = await inbox.get()
+                if aligner is not None and await aligner.intercept(message, remaining):
+                    continue
+                source, port, items = message
                 if items is EOS:
                     remaining -= 1
+                    if aligner is not None:
+                        await aligner.check(remaining)
                     continue
                 source.release()
                 if port is None and not self.has_inputs and self.worker._draining:
@@ -439,6 +458,8 @@ class _Actor(_Invoker):
             # downstream instances must not run postprocess on partial data.
             for channel in self.outgoing:
                 channel.close()
+            if aligner is not None:
+                await aligner.finished()
         finally:
             self.stats.max_queued_items = self.inbox.max_queued_items
             self.stats.queued_items = self.inbox.queued_items
@@ -538,6 +559,9 @@ class _Actor(_Invoker):
         # waits for credit, so batches grow under load; whenever the source has
         # nothing ready, partly filled batches are flushed, so an item from a
         # slow source is not held back.
+        aligner = self.aligner
+        if aligner is not None:
+            source = aligner.call_started(source)
         ahead = _ReadAhead(source, self.batch_size, lambda value: value, f"source {self.ref}")
         self.worker._add_stopper(getattr(self.pe, "drain", None), ahead.reader)
         try:
@@ -549,8 +573,12 @@ class _Actor(_Invoker):
                     break
                 self.buffers[port].extend(chunk)
                 await self._route_streamed()
+                if aligner is not None:
+                    await aligner.pumped(len(chunk))
         finally:
             await ahead.aclose()
+        if aligner is not None:
+            aligner.call_ended()
 
     async def _route_streamed(self) -> None:
         """Route a batch that a long call (a generator) has written so far, and let other tasks run in time."""
@@ -666,7 +694,7 @@ class _Actor(_Invoker):
             chunk = items[:limit]
             del items[:limit]
         if isinstance(pending, _ResultPending):
-            await self.worker.results.emit(pending.pe, pending.port, chunk)
+            await self.results_sink.emit(pending.pe, pending.port, chunk)
             return
         channel = (via or pending).channel
         if channel.credits > 0:
@@ -869,6 +897,7 @@ class Worker:
         self._feed_channels: dict[InstanceRef, LocalChannel] = {}
         self._draining = False
         self._stoppers: list[Callable[[], Any]] = []
+        self.checkpoints: WorkerCheckpoints | None = None  # attached by a checkpointed run
         self._build()
         self._actors_of: dict[str, list[_Actor]] = {}
         for ref, actor in self.actors.items():
@@ -1079,6 +1108,8 @@ class Worker:
 
     async def _feed(self, ref: InstanceRef, channel: LocalChannel, feed: Feed) -> None:
         pe = self.plan.pes[ref.pe]
+        if self.checkpoints is not None:
+            feed = self.checkpoints.resumed_feed(ref, feed)
         batch_size = self.plan.options.batch_size
         timed = _TimedChannel(channel, self.actors[ref].stats)
         try:

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Iterator, Sequence
 from typing import Any, NamedTuple, Protocol, overload
 
-__all__ = ["ListSink", "QueueSink", "ResultRecord", "ResultSink", "Results"]
+__all__ = ["ListSink", "QueueSink", "ResultRecord", "ResultSink", "Results", "record_line"]
 
 
 class ResultRecord(NamedTuple):
@@ -19,6 +20,15 @@ class ResultRecord(NamedTuple):
     def to_json(self) -> dict[str, Any]:
         """The JSON Lines record: ``{"pe": ..., "output": ..., "data": ...}``."""
         return {"pe": self.pe, "output": self.port, "data": self.data}
+
+
+def record_line(record: ResultRecord) -> str:
+    """The JSON Lines line of ``record`` (newline included); data that JSON cannot hold is written as its repr."""
+    try:
+        line = json.dumps(record.to_json())
+    except (TypeError, ValueError):
+        line = json.dumps({**record.to_json(), "data": repr(record.data)})
+    return line + "\n"
 
 
 class ResultSink(Protocol):

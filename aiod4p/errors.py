@@ -8,6 +8,7 @@ from __future__ import annotations
 
 __all__ = [
     "Aiod4pError",
+    "CheckpointError",
     "GraphError",
     "InputError",
     "MappingUnavailable",
@@ -104,3 +105,7 @@ class UnpicklableMessage(TransportError):
 
 class WorkerDied(Aiod4pError):
     """A worker process (or MPI rank) exited before the run finished."""
+
+
+class CheckpointError(Aiod4pError):
+    """A checkpoint cannot be taken or restored (unpicklable state, a plan that does not match)."""

@@ -197,6 +197,7 @@ class _LineReader:
         self.on_bad, self.dead_letter, self.counter = on_bad, dead_letter, counter
         self.splitter = _LineSplitter(max_line)
         self.number = 0
+        self.skip = 0  # items to read again and drop (a restored checkpoint's offset); bad lines among them are silent
 
     def feed(self, data: bytes) -> list[Any]:
         return self._items(self.splitter.feed(data))
@@ -208,6 +209,10 @@ class _LineReader:
         items = []
         for line in lines:
             self.number += 1
+            if self.skip:
+                if not isinstance(line, _TooLong) and (not self.json or self._valid(line)):
+                    self.skip -= 1
+                continue
             if isinstance(line, _TooLong):
                 self._bad(f"longer than {self.max_line} bytes ({line.size} bytes)", line.head, line.size)
             elif not self.json:
@@ -218,6 +223,17 @@ class _LineReader:
                 except ValueError as exc:  # UnicodeDecodeError included
                     self._bad(f"not valid JSON ({exc})", line, len(line))
         return items
+
+    @staticmethod
+    def _valid(line: bytes) -> bool:
+        """Whether a JSON line decodes to an item (read again to skip it)."""
+        if not line.strip():
+            return False
+        try:
+            json.loads(line)
+        except ValueError:
+            return False
+        return True
 
     def _bad(self, error: str, text: bytes, size: int) -> None:
         where = f"{self.origin}, line {self.number}"
@@ -314,6 +330,16 @@ class LineStream:
         self.max_line, self.on_bad, self.dead_letter = max_line, on_bad, dead_letter
         self._counter = _Counter()
         self._waker = _Waker()
+        self._skip = 0
+
+    def seek(self, offset: int) -> None:
+        """The offset protocol (checkpoints): start with line ``offset`` (counted as yielded); call before iterating."""
+        self._skip = offset
+
+    @property
+    def replayable(self) -> bool:
+        """A file can be read again from a line offset; stdin and file descriptors cannot."""
+        return self.source is not None and not isinstance(self.source, int)
 
     @property
     def skipped(self) -> int:
@@ -349,7 +375,7 @@ class LineStream:
         loop = asyncio.get_running_loop()
         fd, owned = self._open()
         reader = _LineReader(self.origin, self.json, self.max_line, self.on_bad, self.dead_letter, self._counter)
-        waker = self._waker
+        reader.skip, self._skip, waker = self._skip, 0, self._waker  # a seek holds for one iteration
         regular = stat.S_ISREG(os.fstat(fd).st_mode)
         blocking = os.get_blocking(fd)
         if not regular:
@@ -714,6 +740,11 @@ class TimerStream:
         self.interval = interval
         self.count = count
         self._waker = _Waker()
+        self._skip = 0
+
+    def seek(self, offset: int) -> None:
+        """The offset protocol (checkpoints): start with tick ``offset``, at once; call before iterating."""
+        self._skip = offset
 
     def drain(self) -> None:
         """Stop ticking."""
@@ -725,7 +756,9 @@ class TimerStream:
     async def _ticks(self) -> AsyncIterator[dict[str, Any]]:
         loop = asyncio.get_running_loop()
         waker, interval = self._waker, self.interval
-        start, slot, emitted = loop.time(), 0, 0
+        slot = emitted = self._skip
+        self._skip = 0  # one run only
+        start = loop.time() - slot * interval
         while self.count is None or emitted < self.count:
             yield {"tick": slot, "time": time.time()}
             emitted += 1
@@ -856,11 +889,23 @@ class SourcePE(ProducerPE):
     cancelled.
     """
 
+    replayable = True
+    """Whether the stream can be replayed after a checkpoint's restore (see docs/recovery.md)."""
+
     def __init__(self, *, name: str | None = None) -> None:
         super().__init__(name=name, parallelism=1)
         self._stream: Any = None
         self._task: asyncio.Task[Any] | None = None
         self._draining = False
+        self._seek = 0
+
+    def seek(self, offset: int) -> None:
+        """The offset protocol (checkpoints): the next :meth:`produce` starts with item ``offset``.
+
+        The stream's own ``seek(offset)`` is used if it has one; else its first
+        ``offset`` items are read and dropped.
+        """
+        self._seek = offset
 
     def open(self) -> AsyncIterable[Any]:
         """A new stream of this source's items."""
@@ -880,9 +925,17 @@ class SourcePE(ProducerPE):
         self._task = asyncio.current_task()
         if self._draining:
             self.drain()
+        skip, self._seek = self._seek, 0
+        seek = getattr(self._stream, "seek", None)
+        if skip and callable(seek):
+            seek(skip)
+            skip = 0
         try:
             async with contextlib.aclosing(iterate(self._stream)) as items:
                 async for item in items:
+                    if skip:
+                        skip -= 1
+                        continue
                     yield item
         finally:
             runtime = self._runtime
@@ -892,7 +945,7 @@ class SourcePE(ProducerPE):
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
-        state.update(_stream=None, _task=None, _draining=False)
+        state.update(_stream=None, _task=None, _draining=False, _seek=0)
         return state
 
 
@@ -937,6 +990,11 @@ class LinesSource(_BadLines):
         self.path = None if path is None else os.fspath(path)
         self.json, self.follow, self.from_end, self.poll_interval = json, follow, from_end, poll_interval
 
+    @property
+    def replayable(self) -> bool:  # type: ignore[override]
+        """A file can be replayed; stdin cannot."""
+        return self.path is not None
+
     def open(self) -> LineStream:
         return LineStream(
             self.path,
@@ -956,6 +1014,8 @@ class TCPSource(_BadLines):
     Options as :class:`SocketStream`; the bound address is in ``address``
     once listening. See :class:`_BadLines` for ``on_bad="dead-letter"``.
     """
+
+    replayable = False
 
     def __init__(
         self,
@@ -1000,6 +1060,8 @@ class TCPSource(_BadLines):
 
 class UDPSource(SourcePE):
     """Datagrams on a UDP socket; options as :class:`DatagramStream`."""
+
+    replayable = False
 
     def __init__(
         self,

@@ -52,6 +52,8 @@ def _value_getter(spec: int | str | Callable[[Any], Any]) -> Callable[[Any], Any
 
 
 class _WindowPE(GenericPE):
+    checkpoint_exclude = ("key_grouping", "aggregate", "timestamp")  # configuration, not state (checkpoints)
+
     def __init__(
         self,
         key: KeyLike,
@@ -117,6 +119,8 @@ class CountWindow(_WindowPE):
         super().__init__(key, aggregate, (), name, parallelism)
         self.size, self.step, self.partial = size, step, partial
         self.state: dict[Any, tuple[deque[Any], list[int]]] = {}
+        if self.key_grouping is not None:
+            self.keyed_state = "state"  # checkpoints: a restore with another -n moves each key's windows
 
     def preprocess(self) -> None:
         self.state = {}  # a PE object may run several times

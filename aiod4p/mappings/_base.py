@@ -6,6 +6,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from typing import ClassVar
 
+from .._checkpoint import Checkpointing
 from .._engine import Feed
 from .._pe import PE
 from .._plan import ExecutionPlan, InstanceRef, PlanOptions
@@ -62,12 +63,16 @@ class BaseMapping(ABC):
         uses_uvloop: run the caller's event loop on uvloop when installed.
         takes_workers: ``workers`` (``-n``) changes the plan.
         uses_processes: every worker is an operating-system process.
+        supports_checkpoints: runs take checkpoints and recover (docs/recovery.md).
     """
 
     name: ClassVar[str]
     uses_uvloop: ClassVar[bool] = True
     takes_workers: ClassVar[bool] = True
     uses_processes: ClassVar[bool] = False
+    supports_checkpoints: ClassVar[bool] = False
+    checkpointing: Checkpointing | None = None
+    """Checkpoints and recovery for the next runs (mappings whose ``supports_checkpoints`` is true)."""
 
     @abstractmethod
     def plan_options(self, workers: int | None, batch_size: int, credits: int) -> PlanOptions:

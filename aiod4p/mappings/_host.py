@@ -34,6 +34,7 @@ from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, I
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from .._checkpoint import HostCheckpoints, Trigger
 from .._engine import Feed, _error, _ReadAhead
 from .._links import unpicklable_item
 from .._plan import ExecutionPlan, InstanceRef
@@ -365,6 +366,8 @@ async def _listen(control: Comm, worker: Servable, pumped: Mapping[str, PumpedFe
                 worker.drain()
                 for feed in pumped.values():
                     feed.end()
+            case Trigger(n) if getattr(worker, "checkpoints", None) is not None:
+                await worker.checkpoints.trigger(n)  # type: ignore[attr-defined]
             case _:
                 raise PeerDied(f"unexpected control message {message!r} from the launcher")
 
@@ -402,6 +405,7 @@ class Supervisor:
         exited: waits until worker ``wid`` has ended (its process exited), if the
             mapping can tell; a worker whose comm ends without reporting is dead.
         death: why worker ``wid`` died, for :class:`~aiod4p.errors.WorkerDied`.
+        checkpoints: the launcher's side of checkpoints, if the run takes them.
     """
 
     def __init__(
@@ -415,6 +419,7 @@ class Supervisor:
         grace: float = GRACE,
         exited: Callable[[int], Awaitable[None]] | None = None,
         death: Callable[[int], Awaitable[str]] = _no_reason,
+        checkpoints: HostCheckpoints | None = None,
     ) -> None:
         self.plan = plan
         self.controls = controls
@@ -424,6 +429,7 @@ class Supervisor:
         self.grace = grace
         self.exited = exited
         self.death = death
+        self.checkpoints = checkpoints
         self.workers = {wid: _WorkerState() for wid in controls}
         self.draining = False
         self._aheads: list[_ReadAhead] = []
@@ -441,6 +447,8 @@ class Supervisor:
             self.workers[wid].credits[pe] = asyncio.Semaphore(self.plan.options.credits)
         watchers = [asyncio.create_task(self._watch(wid), name=f"watch worker {wid}") for wid in self.controls]
         pumps = [asyncio.create_task(self._pump(pe, wid, feed), name=f"pump {pe}") for pe, wid, feed in self.pumped]
+        if self.checkpoints is not None:
+            pumps.append(asyncio.create_task(self.checkpoints.drive(), name="checkpoint coordinator"))
         self.control.on_drain(self._drain)
         try:
             await self._supervise(watchers, pumps)
@@ -509,6 +517,12 @@ class Supervisor:
                 raise WorkerDied(await self.death(wid)) from None
             state.receiving = False
             state.received += 1
+            if self.checkpoints is not None:
+                if isinstance(message, Results):
+                    await self.checkpoints.emit(wid, message.pe, message.port, message.items)
+                    continue
+                if await self.checkpoints.receive(wid, message):
+                    continue
             match message:
                 case Results(pe, port, items):
                     await sink.emit(pe, port, items)

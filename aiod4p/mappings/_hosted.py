@@ -4,8 +4,10 @@ Such a mapping's run is always the same four steps around what is its own:
 split the feeds (:func:`~aiod4p.mappings._host.split_feeds`), start the
 workers with the job (its :class:`Launch`), supervise them
 (:class:`~aiod4p.mappings._host.Supervisor`), then stop them and abort
-their comms whatever happened. :class:`HostedMapping` does these steps once;
-a mapping says only how its workers start, end, and die.
+their comms whatever happened; with checkpointing on, each attempt of the
+run does so (:func:`~aiod4p._checkpoint.run_with_recovery`).
+:class:`HostedMapping` does these steps once; a mapping says only how its
+workers start, end, and die.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from abc import abstractmethod
 from collections.abc import Mapping
 from typing import Protocol
 
+from .._checkpoint import LauncherCheckpoints, Session, run_with_recovery
 from .._engine import Feed
 from .._plan import ExecutionPlan, PlanOptions
 from .._results import ResultSink
@@ -61,6 +64,7 @@ class HostedMapping(BaseMapping):
     """
 
     uses_processes = True
+    supports_checkpoints = True
 
     def __init__(self, *, stats_interval: float = STATS_INTERVAL, grace: float = GRACE) -> None:
         self.stats_interval = stats_interval
@@ -96,12 +100,33 @@ class HostedMapping(BaseMapping):
             TransportError: an item or result cannot be pickled (naming the PE and port).
             MappingUnavailable: the workers cannot be started (as the mapping says).
         """
+        if self.checkpointing is not None:
+
+            async def attempt(session: Session) -> list[InstanceStats]:
+                return await self._attempt(plan, feeds, session.sink, control, max_delay, session)
+
+            return await run_with_recovery(self.checkpointing, plan, feeds, sink, attempt)
+        return await self._attempt(plan, feeds, sink, control, max_delay, None)
+
+    async def _attempt(
+        self,
+        plan: ExecutionPlan,
+        feeds: Mapping[str, Feed],
+        sink: ResultSink,
+        control: RunControl,
+        max_delay: float,
+        session: Session | None,
+    ) -> list[InstanceStats]:
+        """One run on new workers (one attempt of a checkpointed run, with its ``session``)."""
         shipped, pumped = split_feeds(plan, feeds)
+        if session is not None:
+            pumped = session.resumed(pumped)
+        spec = session.spec() if session is not None else None
         launch = self.launch(plan)
         comms: Mapping[int, Comm] = {}
         finished = False
         try:
-            comms = await launch.start(Job(plan, shipped, max_delay, self.stats_interval))
+            comms = await launch.start(Job(plan, shipped, max_delay, self.stats_interval, spec))
             supervisor = Supervisor(
                 plan,
                 comms,
@@ -111,6 +136,7 @@ class HostedMapping(BaseMapping):
                 grace=self.grace,
                 exited=launch.exited,
                 death=launch.death,
+                checkpoints=LauncherCheckpoints(session, comms) if session is not None else None,
             )
             stats = await supervisor.run()
             finished = True

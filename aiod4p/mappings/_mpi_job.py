@@ -40,7 +40,15 @@ async def _lead(job_path: str, address: str) -> None:
         job = unship(payload, name)
         feeds, pumped = pumped_feeds(job.feeds, control)
         sink = ForwardSink(control, "the launching process")
-        group = RankZero(job.plan, feeds, sink, max_delay=job.max_delay, interval=job.interval)
+        group = RankZero(
+            job.plan,
+            feeds,
+            sink,
+            max_delay=job.max_delay,
+            interval=job.interval,
+            checkpoints=job.checkpoints,
+            upward=control,
+        )
     except Exception as exc:
         await fail(control, name, exc)
         abort_job(1)
@@ -51,7 +59,9 @@ async def _lead(job_path: str, address: str) -> None:
 
 async def _follow() -> None:
     job = unship(MPI.COMM_WORLD.bcast(None, root=0), f"MPI rank {MPI.COMM_WORLD.Get_rank()}")
-    if not await run_follower(job.plan, job.feeds, max_delay=job.max_delay, interval=job.interval):
+    if not await run_follower(
+        job.plan, job.feeds, max_delay=job.max_delay, interval=job.interval, checkpoints=job.checkpoints
+    ):
         abort_job(1)
 
 

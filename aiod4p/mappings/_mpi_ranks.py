@@ -28,6 +28,7 @@ from typing import Any
 
 from mpi4py import MPI
 
+from .._checkpoint import RelayCheckpoints, WorkerSpec, attach_worker
 from .._engine import Feed, Worker
 from .._plan import ExecutionPlan
 from .._results import ResultSink
@@ -109,6 +110,7 @@ class RankZero:
         control: drain requests and statistics (a new one if ``None``).
         max_delay: the engine's batching delay.
         interval: seconds between two statistics reports of a rank.
+        checkpoints: take checkpoints so (launched runs only); ``upward`` is the comm to the launcher.
     """
 
     def __init__(
@@ -120,8 +122,13 @@ class RankZero:
         *,
         max_delay: float,
         interval: float = STATS_INTERVAL,
+        checkpoints: WorkerSpec | None = None,
+        upward: Comm | None = None,
     ) -> None:
         self.plan = plan
+        self.spec = checkpoints
+        self.upward = upward
+        self.checkpoints: RelayCheckpoints | None = None
         self.feeds = feeds
         self.sink = sink
         self.control = control or RunControl()
@@ -152,9 +159,19 @@ class RankZero:
         worker = Worker(
             self.plan, 0, feeds=self.feeds, results=ForwardSink(far, "rank 0"), peers=peers, max_delay=self.max_delay
         )
+        if self.spec is not None:
+            assert self.upward is not None
+            attach_worker(worker, self.spec, far)
+            self.checkpoints = RelayCheckpoints(self.spec, controls, self.upward, self.sink)
         local = asyncio.create_task(serve(worker, far, name="MPI rank 0", interval=self.interval))
         supervisor = Supervisor(
-            self.plan, dict(sorted(controls.items())), self.sink, self.control, grace=CAUSE_GRACE, death=_silent
+            self.plan,
+            dict(sorted(controls.items())),
+            self.sink,
+            self.control,
+            grace=CAUSE_GRACE,
+            death=_silent,
+            checkpoints=self.checkpoints,
         )
         try:
             stats = await supervisor.run()
@@ -172,7 +189,12 @@ async def _silent(rank: int) -> str:
 
 
 async def run_follower(
-    plan: ExecutionPlan, feeds: Mapping[str, Feed | Pumped], *, max_delay: float, interval: float
+    plan: ExecutionPlan,
+    feeds: Mapping[str, Feed | Pumped],
+    *,
+    max_delay: float,
+    interval: float,
+    checkpoints: WorkerSpec | None = None,
 ) -> bool:
     """Serve this rank's (k > 0) share of ``plan`` to rank 0; collective with :class:`RankZero`.
 
@@ -190,6 +212,8 @@ async def run_follower(
         worker = Worker(
             plan, rank, feeds=resolved, results=ForwardSink(control, "MPI rank 0"), peers=peers, max_delay=max_delay
         )
+        if checkpoints is not None:
+            attach_worker(worker, checkpoints, control)
     except Exception as exc:
         await fail(control, name, exc, goodbye_timeout=ABORT_GRACE)
         return False

@@ -11,6 +11,7 @@ import socket
 import sys
 
 from .._api import loop_factory
+from .._checkpoint import attach_worker
 from .._engine import Worker
 from ..transports.pipes import PipeComm, open_pipe_comm
 from ._host import ForwardSink, fail, pumped_feeds, serve
@@ -63,6 +64,8 @@ async def _main(
         feeds, pumped = pumped_feeds(job.feeds, control)
         sink = ForwardSink(control, "the parent process")
         worker = Worker(job.plan, wid, feeds=feeds, results=sink, peers=peers, max_delay=job.max_delay)
+        if job.checkpoints is not None:
+            attach_worker(worker, job.checkpoints, control)
     except Exception as exc:
         await fail(control, name, exc)
     else:

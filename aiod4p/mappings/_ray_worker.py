@@ -17,6 +17,7 @@ from typing import Any
 
 import ray
 
+from .._checkpoint import attach_worker
 from .._engine import Worker
 from ..transports.ray import PulledComm, RayComm, RayCommHost
 from ._host import ForwardSink, fail, pumped_feeds, serve
@@ -64,6 +65,8 @@ class RayWorker(RayCommHost):
             feeds, pumped = pumped_feeds(job.feeds, control)
             sink = ForwardSink(control, "the Ray driver")
             worker = Worker(job.plan, self.wid, feeds=feeds, results=sink, peers=comms, max_delay=job.max_delay)
+            if job.checkpoints is not None:
+                attach_worker(worker, job.checkpoints, control)
         except Exception as exc:
             await fail(control, name, exc)
         else:

@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from .._checkpoint import WorkerSpec
 from .._engine import Feed
 from .._loading import ship_code
 from .._plan import ExecutionPlan
@@ -34,12 +35,14 @@ class Job:
         feeds: the feeds that travel with the job (:class:`Pumped` for those the launcher pumps).
         max_delay: the engine's batching delay, in seconds.
         interval: seconds between two statistics reports.
+        checkpoints: where and from what the workers take checkpoints (``None``: they take none).
     """
 
     plan: ExecutionPlan
     feeds: dict[str, Feed | Pumped]
     max_delay: float
     interval: float
+    checkpoints: WorkerSpec | None = None
 
 
 class _Pickler(pickle.Pickler):

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import ClassVar
 
+from .._checkpoint import Session, WorkerCheckpoints, drive, run_with_recovery
 from .._engine import Feed, Worker
 from .._plan import ExecutionPlan, PlanOptions
 from .._results import ResultSink
@@ -19,6 +20,7 @@ class AsyncMapping(BaseMapping):
 
     name = "async"
     fixed_order: ClassVar[bool] = False
+    supports_checkpoints = True
 
     def plan_options(self, workers: int | None, batch_size: int, credits: int) -> PlanOptions:
         return PlanOptions(workers=1, default_parallelism=workers or 1, batch_size=batch_size, credits=credits)
@@ -31,8 +33,29 @@ class AsyncMapping(BaseMapping):
         control: RunControl,
         max_delay: float,
     ) -> list[InstanceStats]:
+        if self.checkpointing is not None:
+
+            async def attempt(session: Session) -> list[InstanceStats]:
+                worker = Worker(
+                    plan, 0, feeds=feeds, results=session.sink, max_delay=max_delay, fixed_order=self.fixed_order
+                )
+                producers = [ref for ref, actor in worker.actors.items() if actor.results]
+                gate = session.gate(producers, worker.results.emit)
+                checkpoints = WorkerCheckpoints(
+                    worker, session.store, session.restored, session.first, session.coordinator.add_parts, gate
+                )
+                _publish(worker, control)
+                stats: list[InstanceStats] = await drive(session, checkpoints.trigger, worker.run())
+                return stats
+
+            return await run_with_recovery(self.checkpointing, plan, feeds, sink, attempt)
         worker = Worker(plan, 0, feeds=feeds, results=sink, max_delay=max_delay, fixed_order=self.fixed_order)
-        control.on_drain(worker.drain)
-        control.publish_stats(0, worker.stats)  # live objects, updated as the run goes
-        control.publish_instances(worker.instances)
+        _publish(worker, control)
         return await worker.run()
+
+
+def _publish(worker: Worker, control: RunControl) -> None:
+    """Let ``control`` drain ``worker`` and see its live statistics and instances."""
+    control.on_drain(worker.drain)
+    control.publish_stats(0, worker.stats)  # live objects, updated as the run goes
+    control.publish_instances(worker.instances)

@@ -31,11 +31,12 @@ from collections import deque
 from collections.abc import Mapping
 from pathlib import Path
 
+from .._checkpoint import LauncherCheckpoints, Session, run_with_recovery
 from .._engine import Feed
 from .._plan import ExecutionPlan, PlanOptions
 from .._results import ResultSink
 from .._stats import InstanceStats
-from ..errors import InputError, MappingUnavailable, WorkerDied
+from ..errors import CheckpointError, InputError, MappingUnavailable, WorkerDied
 from ..transports.pipes import PipeComm, open_pipe_comm
 from ._base import BaseMapping, RunControl
 from ._host import STATS_INTERVAL, Supervisor, split_feeds
@@ -59,6 +60,7 @@ class MpiMapping(BaseMapping):
 
     name = "mpi"
     uses_processes = True
+    supports_checkpoints = True
 
     def __init__(self) -> None:
         self.size = job_size()
@@ -96,7 +98,15 @@ class MpiMapping(BaseMapping):
             InputError: a streamed input feeds a root placed on a rank other than 0.
         """
         if self.size is not None:
+            if self.checkpointing is not None:
+                raise CheckpointError("checkpoints need aiod4p to launch the mpiexec: run without mpiexec, with -n")
             return await self._run_in_job(plan, feeds, sink, control, max_delay)
+        if self.checkpointing is not None:
+
+            async def attempt(session: Session) -> list[InstanceStats]:
+                return await _launch(plan, feeds, session.sink, control, max_delay, session)
+
+            return await run_with_recovery(self.checkpointing, plan, feeds, sink, attempt)
         return await _launch(plan, feeds, sink, control, max_delay)
 
     async def _run_in_job(
@@ -139,13 +149,21 @@ def _check_pumped(plan: ExecutionPlan, pumped: list[tuple[str, int, Feed]]) -> N
 
 
 async def _launch(
-    plan: ExecutionPlan, feeds: Mapping[str, Feed], sink: ResultSink, control: RunControl, max_delay: float
+    plan: ExecutionPlan,
+    feeds: Mapping[str, Feed],
+    sink: ResultSink,
+    control: RunControl,
+    max_delay: float,
+    session: Session | None = None,
 ) -> list[InstanceStats]:
     mpiexec = find_mpiexec()
     check_importable(plan, "the MPI ranks")
     shipped, pumped = split_feeds(plan, feeds)
     _check_pumped(plan, pumped)
-    payload = ship(Job(plan, shipped, max_delay, STATS_INTERVAL), "start the MPI ranks")
+    if session is not None:
+        pumped = session.resumed(pumped)
+    spec = session.spec() if session is not None else None
+    payload = ship(Job(plan, shipped, max_delay, STATS_INTERVAL, spec), "start the MPI ranks")
     with tempfile.TemporaryDirectory(prefix="aiod4p-mpi-") as directory:
         job_path = Path(directory, "job.pickle")
         job_path.write_bytes(payload)  # noqa: ASYNC240 - a small local file, before anything runs
@@ -181,7 +199,7 @@ async def _launch(
                 )
             except OSError as exc:
                 raise MappingUnavailable(f"cannot start {mpiexec}: {exc}") from exc
-            job = _Job(process, plan, sink, control, pumped)
+            job = _Job(process, plan, sink, control, pumped, session)
             try:
                 return await job.run(listener)
             finally:
@@ -218,8 +236,10 @@ class _Job:
         sink: ResultSink,
         control: RunControl,
         pumped: list[tuple[str, int, Feed]],
+        session: Session | None = None,
     ) -> None:
         self.process = process
+        self.session = session
         self.plan = plan
         self.sink = sink
         self.control = control
@@ -248,6 +268,7 @@ class _Job:
                 grace=_EXIT_GRACE,
                 exited=self._exited,
                 death=self._death,
+                checkpoints=LauncherCheckpoints(self.session, {0: comm}) if self.session is not None else None,
             )
             try:
                 stats = await supervisor.run()

@@ -1,0 +1,1013 @@
+"""Checkpoints and recovery: aligned in-band barriers (Chandy-Lamport, as Flink does it).
+
+* A **coordinator** (:class:`Coordinator`, in the process that runs the
+  results) triggers checkpoint ``n`` every ``interval`` seconds, one at a time.
+* Every **source** (a root PE instance) then takes a snapshot at its next safe
+  point: between two feed batches (a :class:`~aiod4p._channels.Barrier` sent
+  in its feed channel) or, inside a long call of an async generator (a
+  ``SourcePE``), between two chunks of its output; and forwards barrier ``n``
+  on each of its output channels, behind what it wrote before.
+* Every other instance **aligns** (:class:`Aligner`): a channel that delivered
+  barrier ``n`` is blocked (its messages wait, unread, so its sender runs out
+  of credits and stalls: alignment is back-pressure on the fast channels)
+  until every open input channel delivered it; then the instance flushes its
+  outputs, snapshots its state (:mod:`aiod4p._state`), forwards the barrier
+  and unblocks.
+* An instance that finished counts with its final state.
+* **Results** pass a :class:`ResultGate`: results written after barrier ``n``
+  wait until every producer passed it; the gate then *commits* ``n`` (the
+  ``--results`` file is flushed and its length recorded) and lets them go.
+* Checkpoint ``n`` is **complete** when every instance's state is on disk and
+  the results are committed: the coordinator writes ``MANIFEST.json`` last
+  (temporary file, fsync, rename). A directory without a valid manifest, or
+  whose parts do not match it, is torn and never used.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import pickle
+import shutil
+import time
+import urllib.parse
+from collections.abc import AsyncIterator, Awaitable, Callable, Hashable, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol, TextIO
+
+from ._channels import Barrier, Message
+from ._groupings import GroupBy
+from ._plan import ExecutionPlan, InstanceRef
+from ._results import ResultRecord, ResultSink, record_line
+from ._state import capture, restore_state
+from .errors import CheckpointError, PeerDied, TransportError, WorkerDied
+
+if TYPE_CHECKING:
+    from ._engine import Feed, Worker, _Actor
+    from ._stats import InstanceStats
+    from .transports import Comm
+
+__all__ = [
+    "Checkpoint",
+    "CheckpointStore",
+    "Checkpointing",
+    "Coordinator",
+    "ResultGate",
+    "ResultsLog",
+    "Session",
+    "WorkerCheckpoints",
+    "resumed_feed",
+    "run_with_recovery",
+]
+
+logger = logging.getLogger("aiod4p.checkpoint")
+
+MANIFEST = "MANIFEST.json"
+_PREFIX = "chk-"
+
+
+@dataclass(frozen=True)
+class Checkpointing:
+    """How a run takes checkpoints and recovers.
+
+    Attributes:
+        directory: where checkpoints are written (``chk-NNNNNNNN/`` per checkpoint).
+        interval: seconds between the end of one checkpoint and the trigger of the next.
+        keep: complete checkpoints kept (older ones are deleted).
+        restore: resume from the newest complete checkpoint in ``directory``.
+        restarts: restart the whole run from the last checkpoint this many times when a worker dies.
+        results_path: the ``--results`` file, written exactly once per result (truncated on restore).
+    """
+
+    directory: str | os.PathLike[str]
+    interval: float = 1.0
+    keep: int = 3
+    restore: bool = False
+    restarts: int = 0
+    results_path: str | None = None
+
+    def __post_init__(self) -> None:
+        if not self.interval > 0:
+            raise ValueError(f"--checkpoint-interval must be positive, not {self.interval}")
+        if self.keep < 1:
+            raise ValueError(f"--checkpoint-keep must be at least 1, not {self.keep}")
+        if self.restarts < 0:
+            raise ValueError(f"--restarts must be at least 0, not {self.restarts}")
+
+
+# -- storage ------------------------------------------------------------------------------
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that a reader sees all of it or nothing."""
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as out:
+        out.write(data)
+        out.flush()
+        os.fsync(out.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _part_name(ref: InstanceRef) -> str:
+    return f"{urllib.parse.quote(ref.pe, safe='')}.{ref.index}.state"
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A complete checkpoint: its id, manifest and the saved state of every instance."""
+
+    id: int
+    manifest: dict[str, Any]
+    states: dict[InstanceRef, dict[str, Any]]
+
+    @property
+    def results_offset(self) -> int | None:
+        """The committed length of the results file, if the run wrote one."""
+        offset = self.manifest.get("results_offset")
+        return offset if isinstance(offset, int) else None
+
+    def parallelism(self, pe: str) -> int:
+        """Instances PE ``pe`` had when the checkpoint was taken.
+
+        Raises:
+            CheckpointError: the checkpoint has no PE ``pe`` (another graph).
+        """
+        try:
+            return int(self.manifest["parallelism"][pe])
+        except KeyError:
+            raise CheckpointError(f"checkpoint {self.id} has no PE {pe}: it was taken of another graph") from None
+
+
+class CheckpointStore:
+    """The checkpoints in one directory, written atomically, the last ``keep`` kept."""
+
+    def __init__(self, directory: str | os.PathLike[str], keep: int = 3) -> None:
+        self.directory = Path(directory)
+        self.keep = keep
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise CheckpointError(
+                f"cannot create checkpoint directory {self.directory}: {exc.strerror or exc}"
+            ) from exc
+
+    def path(self, n: int) -> Path:
+        return self.directory / f"{_PREFIX}{n:08d}"
+
+    def ids(self) -> list[int]:
+        """Every checkpoint id with a directory, complete or not, in increasing order."""
+        found = []
+        for entry in self.directory.glob(f"{_PREFIX}*"):
+            with contextlib.suppress(ValueError):
+                found.append(int(entry.name[len(_PREFIX) :]))
+        return sorted(found)
+
+    def write_part(self, n: int, ref: InstanceRef, data: bytes) -> dict[str, Any]:
+        """Save the state of instance ``ref`` for checkpoint ``n``; returns its manifest entry."""
+        folder = self.path(n)
+        folder.mkdir(exist_ok=True)
+        name = _part_name(ref)
+        _atomic_write(folder / name, data)
+        return {"pe": ref.pe, "index": ref.index, "file": name, "size": len(data), "sha256": _digest(data)}
+
+    def commit(self, n: int, manifest: dict[str, Any]) -> None:
+        """Complete checkpoint ``n`` (its manifest last), then delete all but the newest ``keep``."""
+        _atomic_write(self.path(n) / MANIFEST, json.dumps(manifest, indent=1).encode())
+        complete = [i for i in self.ids() if i <= n and (self.path(i) / MANIFEST).exists()]
+        keep = set(complete[-self.keep :])
+        for i in self.ids():
+            if i < n and i not in keep:
+                shutil.rmtree(self.path(i), ignore_errors=True)
+
+    def load(self, n: int) -> Checkpoint | None:
+        """Checkpoint ``n`` if it is complete and whole, else ``None`` (torn: never used)."""
+        folder = self.path(n)
+        try:
+            manifest = json.loads((folder / MANIFEST).read_bytes())
+            states: dict[InstanceRef, dict[str, Any]] = {}
+            for part in manifest["parts"]:
+                data = (folder / part["file"]).read_bytes()
+                if len(data) != part["size"] or _digest(data) != part["sha256"]:
+                    raise ValueError(f"part {part['file']} does not match the manifest")
+                states[InstanceRef(part["pe"], part["index"])] = pickle.loads(data)
+        except (OSError, ValueError, KeyError, TypeError, pickle.UnpicklingError) as exc:
+            if folder.exists():
+                logger.warning("ignoring torn checkpoint %s: %s", folder, exc)
+            return None
+        return Checkpoint(n, manifest, states)
+
+    def latest(self, since: int = 0) -> Checkpoint | None:
+        """The newest complete checkpoint whose id is at least ``since``."""
+        for n in reversed(self.ids()):
+            if n < since:
+                break
+            checkpoint = self.load(n)
+            if checkpoint is not None:
+                return checkpoint
+        return None
+
+
+def _digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+# -- results ------------------------------------------------------------------------------
+class ResultGate:
+    """Holds back the results written after a barrier until every producer has passed it.
+
+    ``producers`` are the result-writing instances (or workers) that report
+    with :meth:`mark` (passed barrier ``n``) and :meth:`finish` (wrote their
+    last result). Once every active producer passed ``n``, ``commit(n)`` is
+    awaited; results are handed to ``emit`` so that everything written before
+    barrier ``n`` precedes commit ``n`` and nothing written after it does.
+    """
+
+    def __init__(
+        self,
+        producers: Iterable[Hashable],
+        emit: Callable[[str, str, list[Any]], Awaitable[None]],
+        commit: Callable[[int], Awaitable[None]],
+        first: int = 0,
+    ) -> None:
+        self._marks: dict[Hashable, int] = dict.fromkeys(producers, first)
+        self._emit = emit
+        self._commit = commit
+        self._held: list[tuple[int, str, str, list[Any]]] = []
+        self.committed = first
+        self._triggered = first
+
+    def sink(self, producer: Hashable) -> _GateSink:
+        """The result sink of one producer."""
+        return _GateSink(self, producer)
+
+    async def emit(self, producer: Hashable, pe: str, port: str, items: list[Any]) -> None:
+        epoch = self._marks.get(producer, self.committed)
+        if epoch > self.committed:
+            self._held.append((epoch, pe, port, items))
+        else:
+            await self._emit(pe, port, items)
+
+    async def mark(self, producer: Hashable, n: int) -> None:
+        if producer in self._marks:
+            self._marks[producer] = n
+        await self._advance()
+
+    async def finish(self, producer: Hashable) -> None:
+        self._marks.pop(producer, None)
+        await self._advance()
+
+    async def trigger(self, n: int) -> None:
+        """Checkpoint ``n`` started: with no producer left, it commits at once."""
+        self._triggered = n
+        await self._advance()
+
+    async def _advance(self) -> None:
+        low = min(self._marks.values()) if self._marks else self._triggered
+        while self.committed < low:
+            k = self.committed + 1
+            await self._commit(k)
+            self.committed = k
+            released = [entry for entry in self._held if entry[0] == k]
+            self._held = [entry for entry in self._held if entry[0] != k]
+            for _, pe, port, items in released:
+                await self._emit(pe, port, items)
+
+
+class _GateSink:
+    __slots__ = ("_gate", "_producer")
+
+    def __init__(self, gate: ResultGate, producer: Hashable) -> None:
+        self._gate = gate
+        self._producer = producer
+
+    async def emit(self, pe: str, port: str, items: list[Any]) -> None:
+        await self._gate.emit(self._producer, pe, port, items)
+
+
+class ResultsLog:
+    """The ``--results`` file of a checkpointed run, in front of the run's own sink.
+
+    Opened at ``offset`` (the committed length of a restored checkpoint:
+    whatever follows is truncated) or empty; :meth:`commit` flushes and syncs
+    it and returns its length.
+    """
+
+    def __init__(self, path: str, sink: ResultSink, offset: int | None) -> None:
+        self.path = path
+        self._sink = sink
+        try:
+            self._out: TextIO = open(path, "r+" if offset is not None else "w", encoding="utf-8")  # noqa: SIM115
+            if offset is not None:
+                self._out.truncate(offset)
+                self._out.seek(offset)
+        except OSError as exc:
+            raise CheckpointError(f"cannot write results to {path}: {exc.strerror or exc}") from exc
+
+    async def emit(self, pe: str, port: str, items: list[Any]) -> None:
+        self._out.write("".join(record_line(ResultRecord(pe, port, item)) for item in items))
+        await self._sink.emit(pe, port, items)
+
+    def commit(self) -> int:
+        self._out.flush()
+        os.fsync(self._out.fileno())
+        return self._out.tell()
+
+    def close(self) -> None:
+        self._out.close()
+
+
+# -- the coordinator ------------------------------------------------------------------------
+class Coordinator:
+    """Triggers checkpoints one at a time and completes them.
+
+    Args:
+        store: where checkpoints go.
+        plan: the plan run; every instance must report its state.
+        interval: seconds between a checkpoint's completion and the next trigger.
+        first: the id of the checkpoint the run started from (0: none).
+        results: the results file, committed with every checkpoint, if any.
+    """
+
+    def __init__(
+        self, store: CheckpointStore, plan: ExecutionPlan, interval: float, first: int, results: ResultsLog | None
+    ) -> None:
+        self.store = store
+        self.plan = plan
+        self.interval = interval
+        self.results = results
+        self.expected = {(ref.pe, ref.index) for ref in plan.instances()}
+        self.next_id = max([first, *store.ids()]) + 1
+        self.first_of_run = self.next_id
+        self.completed: list[int] = []
+        self._parts: dict[int, dict[tuple[str, int], dict[str, Any]]] = {}
+        self._offsets: dict[int, int | None] = {}
+        self._started: dict[int, float] = {}
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    async def drive(self, trigger: Callable[[int], Awaitable[None]]) -> None:
+        """Trigger a checkpoint every ``interval`` seconds after the previous one completed; runs until cancelled."""
+        while True:
+            await self._idle.wait()
+            await asyncio.sleep(self.interval)
+            n = self.next_id
+            self.next_id += 1
+            self._idle.clear()
+            self._started[n] = time.perf_counter()
+            await trigger(n)
+
+    def add_parts(self, n: int, parts: Iterable[dict[str, Any]]) -> None:
+        """Record instances' saved state for checkpoint ``n``."""
+        table = self._parts.setdefault(n, {})
+        for part in parts:
+            table[(part["pe"], part["index"])] = part
+        self._maybe_complete(n)
+
+    async def commit_results(self, n: int) -> None:
+        """Every result written before barrier ``n`` has been delivered: commit them with ``n``."""
+        self._offsets[n] = self.results.commit() if self.results is not None else None
+        self._maybe_complete(n)
+
+    def _maybe_complete(self, n: int) -> None:
+        parts = self._parts.get(n, {})
+        if n not in self._offsets or parts.keys() < self.expected:
+            return
+        manifest = {
+            "version": 1,
+            "id": n,
+            "created": time.time(),
+            "parallelism": {pe: placement.parallelism for pe, placement in self.plan.placement.items()},
+            "parts": sorted(parts.values(), key=lambda part: (part["pe"], part["index"])),
+            "results_offset": self._offsets[n],
+        }
+        self.store.commit(n, manifest)
+        del self._parts[n], self._offsets[n]
+        self.completed.append(n)
+        seconds = time.perf_counter() - self._started.pop(n, time.perf_counter())
+        size = sum(part["size"] for part in parts.values())
+        logger.info("checkpoint %d complete in %.3f s, %d bytes", n, seconds, size)
+        self._idle.set()
+
+
+# -- the worker side ---------------------------------------------------------------------
+class Aligner:
+    """One instance's side of checkpoints: barrier alignment, snapshots, restore."""
+
+    def __init__(self, actor: _Actor, runtime: WorkerCheckpoints, first: int) -> None:
+        self.actor = actor
+        self.runtime = runtime
+        self.blocked: set[Any] = set()
+        self.stash: list[Message] = []
+        self.current = 0  # the checkpoint being aligned (0: none)
+        self.done = first  # the last checkpoint snapshotted
+        self.due = first  # the last checkpoint triggered (sources)
+        self.base = 0  # feed elements consumed before the restored checkpoint
+        self.resume_outputs = 0  # outputs of the interrupted call already delivered
+        self.in_call = False
+        self.calls = 0  # calls completed in this run (async generator roots)
+        self.outputs = 0  # outputs of the current call
+        self.restoring: dict[str, Any] | None = None
+
+    # -- alignment -------------------------------------------------------------
+    async def intercept(self, message: Message, remaining: int) -> bool:
+        """Whether the run loop must skip ``message``: a barrier, or a message of a blocked channel."""
+        source, _, items = message
+        if self.blocked and source in self.blocked:
+            self.stash.append(message)
+            return True
+        if items.__class__ is not Barrier:
+            return False
+        if items.id > self.done:
+            self.current = items.id
+            self.blocked.add(source)
+            await self.check(remaining)
+        return True
+
+    async def check(self, remaining: int) -> None:
+        """Snapshot once every open input channel delivered the barrier; then unblock them."""
+        if self.current and len(self.blocked) >= remaining:
+            await self.snapshot(self.current)
+            self.current = 0
+            self.blocked.clear()
+            stash, self.stash = self.stash, []
+            self.actor.inbox.requeue(stash)
+
+    # -- sources -----------------------------------------------------------------
+    def call_started(self, source: AsyncIterator[Any]) -> AsyncIterator[Any]:
+        """A root's async generator call starts; after a restore, it resumes where the checkpoint left it."""
+        self.in_call = True
+        skip, self.resume_outputs = self.resume_outputs, 0
+        self.outputs = skip
+        if not skip:
+            return source
+        seek = getattr(self.actor.pe, "seek", None)
+        if callable(seek):
+            seek(skip)
+            return source
+        return _dropping(source, skip)
+
+    async def pumped(self, count: int) -> None:
+        """``count`` outputs of the current call were routed; a due checkpoint is taken here."""
+        self.outputs += count
+        if self.due > self.done:
+            await self.snapshot(self.due)
+
+    def call_ended(self) -> None:
+        self.in_call = False
+        self.calls += 1
+        self.outputs = 0
+
+    # -- snapshots -------------------------------------------------------------
+    def _state(self, finished: bool) -> dict[str, Any]:
+        """Where the instance stands: its PE's state and, for a root, its position in its input.
+
+        A root's position is the feed elements it consumed and the outputs of
+        the call under way; a restored root whose interrupted call has not
+        resumed yet still stands where the restored checkpoint left it
+        (``resume_outputs``), or a checkpoint taken before the call resumes
+        would replay what that call had already delivered.
+        """
+        actor = self.actor
+        consumed = self.calls if self.in_call else actor.stats.items_in
+        return {
+            "pe": capture(actor.pe, self.runtime.grouping(actor.ref.pe)),
+            "feed": self.base + consumed if actor.is_root else 0,
+            "outputs": self.outputs if self.in_call else self.resume_outputs,
+            "finished": finished,
+        }
+
+    async def snapshot(self, n: int) -> None:
+        """Flush what was written, save the state for every checkpoint up to ``n``, forward the barriers."""
+        actor = self.actor
+        await actor._route_outputs()
+        await actor._flush_all()
+        ids = range(self.done + 1, n + 1)
+        await self.runtime.save(actor.ref, ids, self._state(False))
+        for k in ids:
+            for channel in actor.outgoing:
+                channel.mark(Barrier(k))
+        self.done = n
+        if actor.results:
+            await self.runtime.gate.mark(actor.ref, n)
+
+    async def finished(self) -> None:
+        """The instance ended: its final state stands for every later checkpoint."""
+        await self.runtime.finish(self, self._state(True))
+        if self.actor.results:
+            await self.runtime.gate.finish(self.actor.ref)
+
+    def restore(self) -> bool:
+        """Restore the PE's state (after ``preprocess``, whose outputs are dropped); whether it had finished."""
+        own = self.restoring
+        if own is None:
+            return False
+        actor = self.actor
+        for buffer in actor.buffers.values():
+            buffer.clear()
+        everyone = self.runtime.restored_states(actor.ref.pe)
+        plan = actor.worker.plan
+        restore_state(
+            actor.pe,
+            own["pe"],
+            everyone,
+            self.runtime.grouping(actor.ref.pe),
+            actor.ref.index,
+            plan.placement[actor.ref.pe].parallelism,
+        )
+        self.restoring = None
+        return bool(own["finished"])
+
+
+class WorkerCheckpoints:
+    """The checkpoints of one engine worker: attaches an :class:`Aligner` to every instance.
+
+    Args:
+        worker: the engine worker, not yet running.
+        store: where instance states are written.
+        restored: the checkpoint to resume from, if any.
+        first: the id before the first checkpoint this run triggers.
+        report: called with ``(n, parts)`` once every local instance saved its state for ``n``.
+        gate: where result-writing instances deliver (their results pass it).
+    """
+
+    def __init__(
+        self,
+        worker: Worker,
+        store: CheckpointStore,
+        restored: Checkpoint | None,
+        first: int,
+        report: Callable[[int, list[dict[str, Any]]], Awaitable[None] | None],
+        gate: ResultGate,
+    ) -> None:
+        self.worker = worker
+        self.store = store
+        self.restored = restored
+        self.report = report
+        self.gate = gate
+        self.triggered = first
+        self.on_all_finished: Callable[[list[FinalState]], Awaitable[None]] | None = None
+        self._parts: dict[int, list[dict[str, Any]]] = {}
+        self._final: dict[InstanceRef, tuple[Aligner, bytes]] = {}
+        self._groupings = _groupings(worker.plan)
+        for ref, actor in worker.actors.items():
+            aligner = Aligner(actor, self, first)
+            if restored is not None:
+                own = _own_state(restored, worker.plan, ref)
+                aligner.restoring = own
+                aligner.base = own["feed"]
+                aligner.resume_outputs = own["outputs"]
+            actor.aligner = aligner
+            if actor.results:
+                actor.results_sink = gate.sink(ref)
+        worker.checkpoints = self
+
+    def grouping(self, pe: str) -> GroupBy | None:
+        return self._groupings.get(pe)
+
+    def restored_states(self, pe: str) -> list[dict[str, Any]]:
+        assert self.restored is not None
+        return [state["pe"] for ref, state in self.restored.states.items() if ref.pe == pe]
+
+    def resumed_feed(self, ref: InstanceRef, feed: Feed) -> Feed:
+        """The feed of root instance ``ref`` without what the restored checkpoint had consumed."""
+        actor = self.worker.actors[ref]
+        assert actor.aligner is not None
+        return resumed_feed(feed, actor.aligner.base)
+
+    async def trigger(self, n: int) -> None:
+        """Start checkpoint ``n`` here: sources snapshot at their next safe point; finished instances report."""
+        self.triggered = n
+        for ref, actor in self.worker.actors.items():
+            aligner = actor.aligner
+            assert aligner is not None
+            if ref in self._final:
+                await self._save_final(ref)
+            elif actor.is_root:
+                aligner.due = n
+                channel = self.worker._feed_channels.get(ref)
+                if channel is not None:
+                    channel.mark(Barrier(n))
+        await self.gate.trigger(n)
+
+    async def save(self, ref: InstanceRef, ids: Iterable[int], state: dict[str, Any]) -> None:
+        data = _pickled(ref, state)
+        for n in ids:
+            await self._add(n, self.store.write_part(n, ref, data))
+
+    async def finish(self, aligner: Aligner, state: dict[str, Any]) -> None:
+        ref = aligner.actor.ref
+        self._final[ref] = (aligner, _pickled(ref, state))
+        await self._save_final(ref)
+        if self.on_all_finished is not None and len(self._final) == len(self.worker.actors):
+            await self.on_all_finished([(ref, data, aligner.done) for ref, (aligner, data) in self._final.items()])
+
+    async def _save_final(self, ref: InstanceRef) -> None:
+        aligner, data = self._final[ref]
+        ids = range(aligner.done + 1, self.triggered + 1)
+        aligner.done = self.triggered
+        for n in ids:
+            await self._add(n, self.store.write_part(n, ref, data))
+
+    async def _add(self, n: int, part: dict[str, Any]) -> None:
+        parts = self._parts.setdefault(n, [])
+        parts.append(part)
+        if len(parts) == len(self.worker.actors):
+            del self._parts[n]
+            reported = self.report(n, parts)
+            if reported is not None:
+                await reported
+
+
+def _pickled(ref: InstanceRef, state: dict[str, Any]) -> bytes:
+    try:
+        return pickle.dumps(state, protocol=5)
+    except Exception as exc:
+        raise CheckpointError(
+            f"the state of PE {ref} cannot be saved: {type(exc).__name__}: {exc}"
+            " (give the PE snapshot()/restore(state), or keep such attributes out of it)"
+        ) from exc
+
+
+def _groupings(plan: ExecutionPlan) -> dict[str, GroupBy]:
+    found: dict[str, GroupBy] = {}
+    for routes in plan.routes.values():
+        for route in routes:
+            if isinstance(route.grouping, GroupBy):
+                found[route.dest] = route.grouping
+    return found
+
+
+def _own_state(checkpoint: Checkpoint, plan: ExecutionPlan, ref: InstanceRef) -> dict[str, Any]:
+    """The saved state instance ``ref`` resumes from (parallelism may have changed)."""
+    old = checkpoint.parallelism(ref.pe)
+    new = plan.placement[ref.pe].parallelism
+    if old != new:
+        if plan.placement[ref.pe].is_root:
+            raise CheckpointError(f"root PE {ref.pe} had {old} instances in checkpoint {checkpoint.id}, now {new}")
+        finished = [checkpoint.states[InstanceRef(ref.pe, i)]["finished"] for i in range(old)]
+        if any(finished) and not all(finished):
+            raise CheckpointError(
+                f"PE {ref.pe} had some instances finished in checkpoint {checkpoint.id}: restore it with the same -n"
+            )
+    return checkpoint.states[InstanceRef(ref.pe, ref.index % old)]
+
+
+def resumed_feed(feed: Feed, skip: int) -> Feed:
+    """``feed`` without its first ``skip`` elements, if it is replayable.
+
+    Replayable: counts, lists, tuples, ranges, and any object with a
+    ``seek(offset)`` method (the offset protocol: after ``seek(n)`` it yields
+    from its element ``n`` on). Anything else is fed from where it stands.
+    """
+    if not skip:
+        return feed
+    if isinstance(feed, int):
+        return max(feed - skip, 0)
+    if isinstance(feed, (list, tuple, range)):
+        return feed[skip:]
+    seek = getattr(feed, "seek", None)
+    if callable(seek):
+        seek(skip)
+    return feed
+
+
+def unreplayable(plan: ExecutionPlan, feeds: Mapping[str, Feed]) -> list[str]:
+    """The root PEs whose input cannot be replayed after a restore (at-most-once for what was in flight)."""
+    names = []
+    for pe_id, pe in plan.pes.items():
+        if not plan.placement[pe_id].is_root:
+            continue
+        feed = feeds.get(pe_id, 0)
+        replayable_feed = isinstance(feed, (int, list, tuple, range)) or (
+            callable(getattr(feed, "seek", None)) and getattr(feed, "replayable", True) is not False
+        )
+        if not replayable_feed or getattr(pe, "replayable", True) is False:
+            names.append(pe_id)
+    return names
+
+
+async def _dropping(source: AsyncIterator[Any], skip: int) -> AsyncIterator[Any]:
+    async for item in source:
+        if skip:
+            skip -= 1
+            continue
+        yield item
+
+
+# -- running with recovery -------------------------------------------------------------------
+@dataclass
+class Session:
+    """One attempt of a checkpointed run: what a mapping needs to run it."""
+
+    config: Checkpointing
+    store: CheckpointStore
+    restored: Checkpoint | None
+    coordinator: Coordinator
+    sink: ResultSink
+
+    @property
+    def first(self) -> int:
+        """The id before the first checkpoint this attempt triggers."""
+        return self.coordinator.next_id - 1
+
+    def gate(self, producers: Iterable[Hashable], emit: Callable[[str, str, list[Any]], Awaitable[None]]) -> ResultGate:
+        """The top gate of the results: its commits complete checkpoints."""
+        return ResultGate(producers, emit, self.coordinator.commit_results, self.first)
+
+    def spec(self) -> WorkerSpec:
+        """What worker processes need to take part (shipped with their job)."""
+        restored = self.restored
+        return WorkerSpec(str(self.store.directory), self.store.keep, restored.id if restored else None, self.first)
+
+    def resumed(self, pumped: list[tuple[str, int, Feed]]) -> list[tuple[str, int, Feed]]:
+        """The ``(pe, worker, feed)`` feeds a launcher pumps, without what the restored checkpoint consumed.
+
+        A pumped feed goes to its PE's instance 0; the worker that runs it
+        cannot replay it, the launcher does (:func:`resumed_feed`).
+        """
+        if self.restored is None:
+            return pumped
+        states = self.restored.states
+        return [(pe, wid, resumed_feed(feed, states[InstanceRef(pe, 0)]["feed"])) for pe, wid, feed in pumped]
+
+
+RESTARTED = (WorkerDied, PeerDied)
+"""Failures after which ``--restarts`` restarts a run (a PE's own error is not retried)."""
+
+
+async def run_with_recovery(
+    config: Checkpointing,
+    plan: ExecutionPlan,
+    feeds: Mapping[str, Feed],
+    sink: ResultSink,
+    attempt: Callable[[Session], Awaitable[list[InstanceStats]]],
+) -> list[InstanceStats]:
+    """Run ``attempt`` with checkpoints; after a dead worker, restart it from the last checkpoint.
+
+    Raises:
+        CheckpointError: ``restore`` found no complete checkpoint, or one of another graph.
+    """
+    store = CheckpointStore(config.directory, config.keep)
+    for pe_id in unreplayable(plan, feeds):
+        logger.warning(
+            "checkpoints: the input of PE %s cannot be replayed; after a restore, what it had in flight is lost", pe_id
+        )
+    restore, restarts, since = config.restore, 0, 0
+    while True:
+        restored = store.latest(since) if restore else None
+        if config.restore and restored is None and restarts == 0:
+            raise CheckpointError(f"--restore: no complete checkpoint in {store.directory}")
+        if restored is not None:
+            for pe_id in plan.placement:
+                restored.parallelism(pe_id)
+            logger.warning("restoring checkpoint %d from %s", restored.id, store.directory)
+        log = (
+            ResultsLog(config.results_path, sink, restored.results_offset if restored is not None else None)
+            if config.results_path is not None
+            else None
+        )
+        coordinator = Coordinator(store, plan, config.interval, restored.id if restored else 0, log)
+        if restarts == 0 and not config.restore:
+            since = coordinator.first_of_run  # a restart never takes an older run's checkpoint
+        try:
+            return await attempt(Session(config, store, restored, coordinator, log if log is not None else sink))
+        except RESTARTED as exc:
+            if restarts >= config.restarts:
+                raise
+            restarts += 1
+            restore = True
+            logger.warning("restart %d of %d after: %s", restarts, config.restarts, exc)
+        finally:
+            if log is not None:
+                log.close()
+
+
+async def drive(session: Session, trigger: Callable[[int], Awaitable[None]], main: Awaitable[Any]) -> Any:
+    """Await ``main`` while the session's coordinator triggers checkpoints through ``trigger``."""
+    driver = asyncio.create_task(session.coordinator.drive(trigger), name="checkpoint coordinator")
+    try:
+        return await main
+    finally:
+        driver.cancel()
+        await asyncio.gather(driver, return_exceptions=True)
+
+
+# -- on worker processes (the worker host, aiod4p.mappings._host) ------------------------------
+@dataclass(frozen=True)
+class WorkerSpec:
+    """What a worker process needs to take checkpoints: shipped with its job."""
+
+    directory: str
+    keep: int
+    restored: int | None
+    first: int
+
+
+@dataclass(frozen=True)
+class Trigger:
+    """Launcher -> worker: start checkpoint ``id``."""
+
+    id: int
+
+
+@dataclass(frozen=True)
+class Saved:
+    """Worker -> launcher: every instance of the worker saved its state for checkpoint ``id``."""
+
+    id: int
+    parts: list[dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class Committed:
+    """Worker -> launcher: every result the worker wrote before barrier ``id`` was sent before this."""
+
+    id: int
+
+
+FinalState = tuple[InstanceRef, bytes, int]
+"""An instance that finished: its final state and the last checkpoint it saved a part for itself."""
+
+
+@dataclass(frozen=True)
+class Finals:
+    """Worker -> launcher: every instance of the worker finished; their final states."""
+
+    states: list[FinalState]
+
+
+def attach_worker(worker: Worker, spec: WorkerSpec, control: Comm) -> WorkerCheckpoints:
+    """Make engine ``worker`` (in a worker process) take checkpoints, reporting on ``control``.
+
+    Raises:
+        CheckpointError: the checkpoint to restore is gone or torn.
+    """
+    store = CheckpointStore(spec.directory, spec.keep)
+    restored = None
+    if spec.restored is not None:
+        restored = store.load(spec.restored)
+        if restored is None:
+            raise CheckpointError(f"checkpoint {spec.restored} in {spec.directory} cannot be read by this worker")
+
+    async def report(n: int, parts: list[dict[str, Any]]) -> None:
+        await control.send(Saved(n, parts))
+
+    async def commit(n: int) -> None:
+        await control.send(Committed(n))
+
+    async def finals(states: list[FinalState]) -> None:
+        await control.send(Finals(states))
+
+    producers = [ref for ref, actor in worker.actors.items() if actor.results]
+    gate = ResultGate(producers, worker.results.emit, commit, spec.first)
+    checkpoints = WorkerCheckpoints(worker, store, restored, spec.first, report, gate)
+    checkpoints.on_all_finished = finals
+    return checkpoints
+
+
+def _stand_ins(states: list[FinalState], n: int) -> list[tuple[InstanceRef, bytes]]:
+    """The final states that stand for checkpoint ``n`` in flight: those of the instances that saved no part
+    for it themselves. An instance that did keeps that part (its snapshot at barrier ``n``, which its
+    downstream's snapshots match), even though its worker finished before the trigger of ``n`` reached it."""
+    return [(ref, data) for ref, data, saved in states if saved < n] if n else []
+
+
+class HostCheckpoints(Protocol):
+    """What a :class:`~aiod4p.mappings._host.Supervisor` calls when its run takes checkpoints."""
+
+    async def drive(self) -> None: ...
+
+    async def emit(self, wid: int, pe: str, port: str, items: list[Any]) -> None: ...
+
+    async def receive(self, wid: int, message: Any) -> bool: ...
+
+
+class LauncherCheckpoints:
+    """The launcher's side of a checkpointed run on worker processes.
+
+    It triggers checkpoints on every worker (:class:`Trigger`), hands their
+    saved parts to the coordinator, and gates results per worker: results a
+    worker sent after its :class:`Committed` ``n`` wait until every worker
+    committed ``n``. A worker whose instances all finished (:class:`Finals`)
+    is stood in for: the launcher writes their final states itself.
+    """
+
+    def __init__(self, session: Session, controls: Mapping[int, Comm]) -> None:
+        self.session = session
+        self.controls = controls
+        self.gate = session.gate(controls.keys(), session.sink.emit)
+        self._finals: list[tuple[InstanceRef, bytes]] = []
+        self._inflight = 0
+
+    async def drive(self) -> None:
+        """Trigger checkpoints until cancelled."""
+        await self.session.coordinator.drive(self._trigger)
+
+    async def _trigger(self, n: int) -> None:
+        self._inflight = n
+        for comm in self.controls.values():
+            with contextlib.suppress(TransportError):  # that worker already finished
+                await comm.send(Trigger(n))
+        self._save_finals(n)
+        await self.gate.trigger(n)
+
+    def _save_finals(self, n: int) -> None:
+        if self._finals:
+            store = self.session.store
+            self.session.coordinator.add_parts(n, [store.write_part(n, ref, data) for ref, data in self._finals])
+
+    async def emit(self, wid: int, pe: str, port: str, items: list[Any]) -> None:
+        await self.gate.emit(wid, pe, port, items)
+
+    async def receive(self, wid: int, message: Any) -> bool:
+        """Handle a worker's checkpoint message; whether ``message`` was one."""
+        match message:
+            case Saved(n, parts):
+                self.session.coordinator.add_parts(n, parts)
+            case Committed(n):
+                await self.gate.mark(wid, n)
+            case Finals(states):
+                self._finals.extend((ref, data) for ref, data, _ in states)
+                n = self._inflight
+                stand_ins = _stand_ins(states, n)
+                if stand_ins:
+                    store = self.session.store
+                    self.session.coordinator.add_parts(n, [store.write_part(n, ref, data) for ref, data in stand_ins])
+                await self.gate.finish(wid)
+            case _:
+                return False
+        return True
+
+
+class RelayCheckpoints:
+    """A relay's side: MPI rank 0 between the launcher (which coordinates) and the ranks.
+
+    Triggers from the launcher go to every rank; the ranks' saved parts go up;
+    results are gated per rank and committed upward (:class:`Committed`), on
+    ``upward``, the comm results leave by; ranks whose instances all finished
+    are stood in for, as :class:`LauncherCheckpoints` does.
+    """
+
+    def __init__(self, spec: WorkerSpec, controls: Mapping[int, Comm], upward: Comm, sink: ResultSink) -> None:
+        self.store = CheckpointStore(spec.directory, spec.keep)
+        self.controls = controls
+        self.upward = upward
+        self.gate = ResultGate(controls.keys(), sink.emit, self._commit, spec.first)
+        self._finals: list[FinalState] = []
+        self._finished: set[int] = set()
+        self._inflight = 0
+
+    async def _commit(self, n: int) -> None:
+        await self.upward.send(Committed(n))
+
+    async def drive(self) -> None:
+        """The launcher triggers: nothing to do until cancelled."""
+        await asyncio.get_running_loop().create_future()
+
+    async def trigger(self, n: int) -> None:
+        """Checkpoint ``n``, triggered by the launcher."""
+        self._inflight = n
+        for comm in self.controls.values():
+            with contextlib.suppress(TransportError):
+                await comm.send(Trigger(n))
+        await self._save_finals(n)
+        await self.gate.trigger(n)
+
+    async def _save_finals(self, n: int) -> None:
+        if self._finals:
+            await self.upward.send(Saved(n, [self.store.write_part(n, ref, data) for ref, data, _ in self._finals]))
+
+    async def emit(self, wid: int, pe: str, port: str, items: list[Any]) -> None:
+        await self.gate.emit(wid, pe, port, items)
+
+    async def receive(self, wid: int, message: Any) -> bool:
+        match message:
+            case Saved():
+                await self.upward.send(message)
+            case Committed(n):
+                await self.gate.mark(wid, n)
+            case Finals(states):
+                self._finals.extend(states)
+                self._finished.add(wid)
+                n = self._inflight
+                stand_ins = _stand_ins(states, n)
+                if stand_ins:
+                    await self.upward.send(Saved(n, [self.store.write_part(n, ref, data) for ref, data in stand_ins]))
+                await self.gate.finish(wid)
+                if len(self._finished) == len(self.controls):
+                    await self.upward.send(Finals(self._finals))
+            case _:
+                return False
+        return True

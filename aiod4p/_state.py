@@ -1,0 +1,126 @@
+"""The state of a PE instance, as checkpoints save and restore it.
+
+* **Default**: a PE's own attributes (what it set in ``__init__`` or
+  ``preprocess`` and changes in ``process``), less the engine's and the PE
+  base class's (:data:`RUNTIME_ATTRIBUTES`) and those holding code (functions,
+  methods, partials, classes, modules: :func:`_is_code`), must be picklable.
+* **Override**: a PE with a ``snapshot()`` method saves what it returns
+  (picklable) and gets it back through ``restore(state)``.
+* **Keyed state**: a PE with a group-by input may name a dict attribute in
+  ``keyed_state`` (``keyed_state = "counts"``) whose keys are the group-by
+  keys (for a grouping on one index or attribute, the value itself; else the
+  tuple of values, or what the key function returns). Attributes named in ``checkpoint_exclude``
+  are configuration, not state. That dict is saved per
+  key group (:data:`KEY_GROUPS` fixed hash slots of the routing hash), so a run
+  restored with another parallelism hands every key to the instance its items
+  now reach.
+"""
+
+from __future__ import annotations
+
+import functools
+import types
+from collections.abc import Iterable
+from typing import Any
+
+from ._groupings import GroupBy, stable_hash
+from ._pe import PE
+from .errors import CheckpointError
+
+__all__ = ["KEY_GROUPS", "RUNTIME_ATTRIBUTES", "capture", "keyed_owner", "restore_state"]
+
+KEY_GROUPS = 128
+"""Hash slots of keyed state (Flink's max parallelism): a key's slot is its routing hash modulo this."""
+
+RUNTIME_ATTRIBUTES = frozenset(
+    {"name", "id", "parallelism", "inputs", "outputs", "_runtime", "_stream", "_task", "_draining", "_seek"}
+    | {"keyed_state", "checkpoint_exclude"}
+)
+"""Attributes that describe or run a PE rather than hold its state (a PE adds its own configuration
+attributes in ``checkpoint_exclude``, a tuple of names)."""
+
+
+_CODE = (
+    types.FunctionType,
+    types.BuiltinFunctionType,
+    types.MethodType,
+    functools.partial,
+    type,
+    types.ModuleType,
+)
+
+
+def _is_code(value: Any) -> bool:
+    """Whether an attribute holds code, not state (a function PE's function, say): never saved, kept as built."""
+    return isinstance(value, _CODE)
+
+
+def _route_key(grouping: GroupBy, key: Any) -> Any:
+    """The key as routing hashes it: a group-by on one index hashes a 1-tuple (given as such, or its value)."""
+    if grouping.key is None and len(grouping.indices) == 1 and not (isinstance(key, tuple) and len(key) == 1):
+        return (key,)
+    return key
+
+
+def keyed_owner(grouping: GroupBy, key: Any, parallelism: int) -> int:
+    """The instance (of ``parallelism``) that the items of ``key`` reach, as routing decides."""
+    return stable_hash(_route_key(grouping, key)) % parallelism if parallelism > 1 else 0
+
+
+def capture(pe: PE, grouping: GroupBy | None) -> dict[str, Any]:
+    """The state of ``pe`` to save: ``{"attributes" | "custom": ..., "keyed": {slot: {key: value}}}``.
+
+    Raises:
+        CheckpointError: ``keyed_state`` names no dict, or the PE has a group-by input none.
+    """
+    snapshot = getattr(pe, "snapshot", None)
+    if callable(snapshot):
+        return {"custom": snapshot()}
+    excluded = RUNTIME_ATTRIBUTES.union(getattr(pe, "checkpoint_exclude", ()))
+    attributes = {k: v for k, v in pe.__getstate__().items() if k not in excluded and not _is_code(v)}
+    state: dict[str, Any] = {"attributes": attributes}
+    name = getattr(pe, "keyed_state", None)
+    if name is not None:
+        table = attributes.pop(name, None)
+        if not isinstance(table, dict):
+            raise CheckpointError(f"PE {pe.label}: keyed_state names {name!r}, which is not a dict attribute")
+        if grouping is None:
+            raise CheckpointError(f"PE {pe.label}: keyed_state needs a group-by input")
+        slots: dict[int, dict[Any, Any]] = {}
+        for key, value in table.items():
+            slots.setdefault(stable_hash(_route_key(grouping, key)) % KEY_GROUPS, {})[key] = value
+        state["keyed"] = slots
+    return state
+
+
+def restore_state(
+    pe: PE,
+    own: dict[str, Any],
+    everyone: Iterable[dict[str, Any]],
+    grouping: GroupBy | None,
+    index: int,
+    parallelism: int,
+) -> None:
+    """Restore ``pe`` (instance ``index`` of ``parallelism``) from its saved state ``own``.
+
+    Keyed state is gathered from the saved states of ``everyone`` (every old
+    instance) and keeps only the keys that now reach this instance.
+    """
+    if "custom" in own:
+        restore = getattr(pe, "restore", None)
+        if not callable(restore):
+            raise CheckpointError(f"PE {pe.label} saved state with snapshot() but has no restore(state)")
+        restore(own["custom"])
+        return
+    pe.__dict__.update(own["attributes"])
+    name = getattr(pe, "keyed_state", None)
+    if name is None or "keyed" not in own:
+        return
+    assert grouping is not None
+    table: dict[Any, Any] = {}
+    for state in everyone:
+        for slot in state.get("keyed", {}).values():
+            for key, value in slot.items():
+                if keyed_owner(grouping, key, parallelism) == index:
+                    table[key] = value
+    setattr(pe, name, table)

@@ -1,0 +1,167 @@
+"""Workflows of the checkpoint tests: a keyed word count over a file, and helpers to observe progress."""
+
+from __future__ import annotations
+
+import os
+import signal
+from typing import Any
+
+from aiod4p import IterativePE, WorkflowGraph
+from aiod4p.sources import LinesSource
+
+HOOK: Any = None
+"""In-process tests set a callable: ``HOOK(seen)`` every 1000 words an instance of Count counts."""
+
+WORDS = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta", "iota", "kappa", "lambda", "mu"]
+
+
+def write_words(path: str | os.PathLike[str], count: int, per_line: int = 10) -> None:
+    """``count`` words, ``per_line`` a line, in a deterministic order."""
+    with open(path, "w", encoding="utf-8") as out:
+        for start in range(0, count, per_line):
+            out.write(
+                " ".join(WORDS[(i * 7 + i // 13) % len(WORDS)] for i in range(start, min(count, start + per_line)))
+            )
+            out.write("\n")
+
+
+def expected_counts(path: str | os.PathLike[str]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    with open(path, encoding="utf-8") as lines:
+        for line in lines:
+            for word in line.split():
+                counts[word] = counts.get(word, 0) + 1
+    return counts
+
+
+class Split(IterativePE):
+    def process_item(self, line: str) -> Any:
+        for word in line.split():
+            self.write("output", (word, 1))
+
+
+class Count(IterativePE):
+    """Counts words; its counter is keyed state, so a restore may change its parallelism."""
+
+    keyed_state = "counts"
+
+    def __init__(self) -> None:
+        super().__init__(grouping=[0])
+        self.counts: dict[str, int] = {}
+        self.seen = 0  # plain state of the instance
+
+    def process_item(self, pair: tuple[str, int]) -> None:
+        self.counts[pair[0]] = self.counts.get(pair[0], 0) + pair[1]
+        self.seen += 1
+        if self.seen % 1000 == 0:
+            _maybe_kill()
+            if HOOK is not None:
+                HOOK(self.seen)
+            progress = os.environ.get("AIOD4P_TEST_PROGRESS")
+            if progress:
+                with open(progress, "a", encoding="utf-8") as out:
+                    out.write(f"{os.getpid()} {self.seen}\n")
+
+    def postprocess(self) -> None:
+        for word, count in sorted(self.counts.items()):
+            self.write("output", (word, count))
+
+
+_thousands = 0  # words counted by this process, in thousands
+_born: int | None = None  # kills done when this process first counted: it kills only in its own attempt
+_complete_at_birth: set[str] | None = None  # the complete checkpoints when this process first counted
+
+
+def complete_checkpoints(directory: str | os.PathLike[str]) -> set[str]:
+    """The checkpoints in ``directory`` that have their manifest (written last)."""
+    if not os.path.isdir(directory):
+        return set()
+    return {name for name in os.listdir(directory) if os.path.exists(os.path.join(directory, name, "MANIFEST.json"))}
+
+
+def _maybe_kill() -> None:
+    """In a worker process (a multi worker, an MPI rank, a Ray actor: any process but the one whose pid is
+    ``AIOD4P_TEST_KILLS_SPARE``), with ``AIOD4P_TEST_KILLS="DIR:T1,T2,..."``: the k-th kill (k = kill files
+    in DIR) happens in the first worker whose Count instances counted Tk words since it started: SIGKILL.
+
+    With ``AIOD4P_TEST_KILLS_AFTER=CHECKPOINT_DIR``, a worker kills only once a checkpoint completed
+    since it started, so that every restart resumes from a checkpoint taken after the one before.
+    """
+    global _thousands, _born, _complete_at_birth
+    plan = os.environ.get("AIOD4P_TEST_KILLS")
+    if not plan or os.environ.get("AIOD4P_TEST_KILLS_SPARE") == str(os.getpid()):
+        return
+    _thousands += 1
+    directory, _, thresholds = plan.rpartition(":")
+    moments = [int(t) for t in thresholds.split(",")]
+    done = sum(1 for name in os.listdir(directory) if name.startswith("kill-"))
+    after = os.environ.get("AIOD4P_TEST_KILLS_AFTER")
+    if _born is None:
+        _born = done
+        _complete_at_birth = complete_checkpoints(after) if after else set()
+    if after and not complete_checkpoints(after) - (_complete_at_birth or set()):
+        return
+    if done == _born and done < len(moments) and _thousands * 1000 >= moments[done]:
+        try:
+            fd = os.open(os.path.join(directory, f"kill-{done}"), os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            return
+        os.close(fd)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+class DiesSaving(Split):
+    """A Split with its own snapshot(): with ``AIOD4P_TEST_DIE_SAVING=MARKER:CHECKPOINT_DIR``, the worker process
+    whose instance is the first of this PE to snapshot for a checkpoint ``k >= 2`` being written (its directory
+    has parts, no manifest, no part of this PE) is SIGKILLed in it, while the checkpoint is written (once: MARKER
+    is created and holds ``k``). Checkpoint ``k`` then never completes, whatever the timing: the run may end
+    before a given checkpoint is triggered, and an instance's final state is a snapshot too."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.saves = 0
+
+    def snapshot(self) -> dict[str, int]:
+        self.saves += 1
+        plan = os.environ.get("AIOD4P_TEST_DIE_SAVING")
+        spared = os.environ.get("AIOD4P_TEST_KILLS_SPARE") == str(os.getpid())
+        if plan and not spared:
+            marker, _, directory = plan.partition(":")
+            writing = _being_written(directory, self.id)
+            if writing is not None and writing >= 2:
+                try:
+                    fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+                except FileExistsError:
+                    pass
+                else:
+                    os.write(fd, str(writing).encode())
+                    os.close(fd)
+                    os.kill(os.getpid(), signal.SIGKILL)
+        return {"saves": self.saves}
+
+    def restore(self, state: dict[str, int]) -> None:
+        self.saves = state["saves"]
+
+
+def _being_written(directory: str, pe: str) -> int | None:
+    """The newest checkpoint in ``directory`` that has parts, no manifest and no part of PE ``pe``."""
+    if not os.path.isdir(directory):
+        return None
+    for name in sorted(os.listdir(directory), reverse=True):
+        if name.startswith("chk-"):
+            files = os.listdir(os.path.join(directory, name))
+            if files and "MANIFEST.json" not in files and not any(f.startswith(f"{pe}.") for f in files):
+                return int(name[len("chk-") :])
+    return None
+
+
+def word_count(path: str | os.PathLike[str], split: Split | None = None) -> WorkflowGraph:
+    """lines of ``path`` -> words (``split``, a :class:`Split` by default) -> keyed counts (results: (word, count))."""
+    graph = WorkflowGraph()
+    lines, count = LinesSource(path), Count()
+    split = split if split is not None else Split()
+    # A restore finds PEs by id: explicit ids stay the same for graphs built again in one process.
+    lines.id, split.id, count.id = "lines", "split", "count"
+    graph.connect(lines, "output", split, "input")
+    graph.connect(split, "output", count, "input")
+    return graph

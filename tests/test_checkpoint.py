@@ -1,0 +1,472 @@
+"""Checkpoints and recovery on the async mapping: barriers, state, replayable sources, restore."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import pickle
+import random
+import threading
+from pathlib import Path
+from typing import Any
+
+import ckpt_workflows
+import pytest
+from ckpt_workflows import Count, complete_checkpoints, expected_counts, word_count, write_words
+
+from aiod4p import ProducerPE, WorkflowGraph, run, run_async, start
+from aiod4p._checkpoint import (
+    MANIFEST,
+    Checkpointing,
+    CheckpointStore,
+    Coordinator,
+    Finals,
+    LauncherCheckpoints,
+    ResultGate,
+    Session,
+    WorkerCheckpoints,
+)
+from aiod4p._cli import main
+from aiod4p._engine import Worker
+from aiod4p._inputs import resolve_inputs
+from aiod4p._plan import DEFAULT_BATCH_SIZE, DEFAULT_CREDITS, InstanceRef, PlanOptions, make_plan
+from aiod4p._state import KEY_GROUPS, capture, restore_state
+from aiod4p.errors import CheckpointError
+from aiod4p.mappings.asyncio import AsyncMapping
+from aiod4p.windows import CountWindow
+
+
+def _mapping(directory: Path, results: Path | None = None, **options: Any) -> AsyncMapping:
+    mapping = AsyncMapping()
+    mapping.checkpointing = Checkpointing(
+        directory, results_path=None if results is None else str(results), **{"interval": 0.02, **options}
+    )
+    return mapping
+
+
+def _counts(results: Any) -> dict[str, int]:
+    return {word: count for word, count in (record.data for record in results)}
+
+
+def _file_counts(path: Path) -> dict[str, int]:
+    lines = path.read_text().splitlines()
+    counts = [tuple(json.loads(line)["data"]) for line in lines]
+    assert len(counts) == len(dict(counts)), "a result was written twice"
+    return dict(counts)
+
+
+@pytest.fixture
+def words(tmp_path: Path) -> Path:
+    path = tmp_path / "words.txt"
+    write_words(path, 40_000)
+    return path
+
+
+def test_checkpointed_run_gives_the_results_of_a_plain_run(tmp_path: Path, words: Path) -> None:
+    results = tmp_path / "results.jsonl"
+    got = run(word_count(words), 1, mapping=_mapping(tmp_path / "ck", results), workers=3)
+    assert _counts(got) == expected_counts(words)
+    assert _file_counts(results) == expected_counts(words)
+    store = CheckpointStore(tmp_path / "ck")
+    assert store.latest() is not None
+    assert len([n for n in store.ids() if (store.path(n) / MANIFEST).exists()]) <= 3  # last K kept
+
+
+class _Killer:
+    """Knows when Count instances counted ``threshold`` words (or Numbers made as many) in this attempt,
+    and ``new`` checkpoints completed in ``checkpointed`` since it was made."""
+
+    def __init__(self, threshold: int, checkpointed: Path | None = None, new: int = 1) -> None:
+        self.threshold = threshold
+        self.checkpointed = checkpointed
+        self.before = complete_checkpoints(checkpointed) if checkpointed is not None else set()
+        self.new = new
+        self.reached = asyncio.Event()
+        self.calls = 0
+
+    def __call__(self, seen: int) -> None:
+        self.calls += 1  # every 1000 words of this attempt
+        if self.calls * 1000 >= self.threshold and (
+            self.checkpointed is None or len(complete_checkpoints(self.checkpointed) - self.before) >= self.new
+        ):
+            self.reached.set()
+
+
+async def _run_until_killed(
+    graph: WorkflowGraph,
+    mapping: AsyncMapping,
+    workers: int,
+    threshold: int,
+    inputs: Any = 1,
+    checkpointed: Path | None = None,
+    new: int = 1,
+) -> bool:
+    """Run, aborting (no drain: a kill) at the moment chosen; whether the run finished before it."""
+    killer = _Killer(threshold, checkpointed, new)
+    ckpt_workflows.HOOK = killer
+    try:
+        async with start(graph, inputs, mapping=mapping, workers=workers) as workflow:
+            results = asyncio.ensure_future(workflow.results())
+            waiter = asyncio.ensure_future(killer.reached.wait())
+            await asyncio.wait({results, waiter}, return_when=asyncio.FIRST_COMPLETED)
+            waiter.cancel()
+            if results.done():
+                results.result()
+                return True
+            results.cancel()
+            await asyncio.gather(results, waiter, return_exceptions=True)
+        return False  # leaving the block aborted the run
+    finally:
+        ckpt_workflows.HOOK = None
+
+
+async def test_killed_three_times_restored_with_other_n_counts_exactly(tmp_path: Path) -> None:
+    """Cancel at seeded moments, restore with -n 2 -> 4 -> 1: same counts, same results file."""
+    words = tmp_path / "words.txt"
+    count = int(os.environ.get("AIOD4P_TEST_CHECKPOINT_WORDS", 100_000))  # the issue's: 2,000,000
+    write_words(words, count)
+    rng = random.Random(14)
+    results, directory = tmp_path / "results.jsonl", tmp_path / "ck"
+    restored = []
+    for workers in (2, 4, 1):
+        latest = CheckpointStore(directory).latest()
+        restored.append(latest.id if latest is not None else 0)
+        mapping = _mapping(directory, results, restore=latest is not None)
+        # Each attempt is cancelled after a checkpoint of its own: the next one resumes from further on.
+        threshold = rng.randrange(count // 30, count // 5, 1000)
+        finished = await _run_until_killed(word_count(words), mapping, workers, threshold, checkpointed=directory)
+        assert not finished
+    assert restored[0] == 0 and restored[1] > 0 and restored[2] > restored[1]
+    final = await run_async(word_count(words), 1, mapping=_mapping(directory, results, restore=True), workers=3)
+    assert _counts(final) == expected_counts(words)
+    assert _file_counts(results) == expected_counts(words)
+
+
+async def test_torn_checkpoint_is_ignored(tmp_path: Path) -> None:
+    words = tmp_path / "many.txt"
+    write_words(words, 400_000)  # long enough for two checkpoints, however fast the machine
+    directory = tmp_path / "ck"
+    finished = await _run_until_killed(
+        word_count(words), _mapping(directory, keep=5), 2, 0, checkpointed=directory, new=2
+    )
+    assert not finished
+    store = CheckpointStore(directory, keep=5)
+    complete = [n for n in store.ids() if (store.path(n) / MANIFEST).exists()]
+    newest, previous = complete[-1], complete[-2]
+    part = next(p for p in store.path(newest).iterdir() if p.name.endswith(".state"))
+    part.write_bytes(part.read_bytes()[:-3])  # a worker killed while writing
+    store.path(newest + 1).mkdir(exist_ok=True)  # a checkpoint that never got its manifest (the kill may have left it)
+    (store.path(newest + 1) / "x.0.state").write_bytes(b"partial")
+    latest = store.latest()
+    assert latest is not None and latest.id == previous
+    got = await run_async(word_count(words), 1, mapping=_mapping(directory, restore=True), workers=2)
+    assert _counts(got) == expected_counts(words)
+
+
+class _Collected:
+    """A result sink that keeps what it gets."""
+
+    def __init__(self) -> None:
+        self.records: list[Any] = []
+
+    async def emit(self, pe: str, port: str, items: list[Any]) -> None:
+        self.records.extend(items)
+
+
+async def test_a_checkpoint_before_a_restored_source_resumes_keeps_its_position(tmp_path: Path) -> None:
+    """A barrier reaches a restored root before its interrupted call resumes (on worker processes, a worker
+    that starts slower than the coordinator's next trigger): that checkpoint keeps the restored position, so a
+    restore from it replays nothing the restored counts hold (it used to restart the source from its start)."""
+    words = tmp_path / "words.txt"
+    write_words(words, 100_000)
+    directory = tmp_path / "ck"
+    assert not await _run_until_killed(word_count(words), _mapping(directory), 2, 5000, checkpointed=directory)
+    store = CheckpointStore(directory)
+    restored = store.latest()
+    assert restored is not None
+    position = restored.states[InstanceRef("lines", 0)]["outputs"]
+    assert position > 0  # the source was in its call: the restored one resumes it
+    mapping = _mapping(directory)
+    plan = make_plan(word_count(words), mapping.plan_options(2, DEFAULT_BATCH_SIZE, DEFAULT_CREDITS))
+    worker = Worker(plan, 0, feeds=resolve_inputs(plan.graph, 1), results=_Collected())
+    coordinator = Coordinator(store, plan, 1.0, restored.id, None)
+    gate = ResultGate(
+        [ref for ref, actor in worker.actors.items() if actor.results],
+        worker.results.emit,
+        coordinator.commit_results,
+        restored.id,
+    )
+    checkpoints = WorkerCheckpoints(worker, store, restored, restored.id, coordinator.add_parts, gate)
+    n = coordinator.next_id
+    await checkpoints.trigger(n)  # before the run: the barrier comes first in the root's feed
+    await asyncio.wait_for(worker.run(), 30)
+    taken = store.latest()
+    assert taken is not None and taken.id == n
+    assert taken.states[InstanceRef("lines", 0)]["outputs"] == position
+    got = await run_async(word_count(words), 1, mapping=_mapping(directory, restore=True), workers=2)
+    assert _counts(got) == expected_counts(words)
+
+
+async def test_a_finished_workers_stand_in_keeps_the_parts_its_instances_saved(tmp_path: Path) -> None:
+    """A worker's instances all finish before the trigger of checkpoint n reaches it, one of them after it saved
+    its part for n at barrier n (come first through another worker): the launcher writes final states only for
+    the others; that snapshot stays (a final state there holds what came after the barrier, which the
+    snapshots downstream do not)."""
+    store = CheckpointStore(tmp_path / "ck")
+    plan = make_plan(word_count(tmp_path / "words.txt"), PlanOptions(workers=2))
+    coordinator = Coordinator(store, plan, 1.0, 0, None)
+    launcher = LauncherCheckpoints(Session(Checkpointing(store.directory), store, None, coordinator, _Collected()), {})
+    await launcher._trigger(1)
+    saved, stood_in = plan.instances(1)
+    snapshot = store.write_part(1, saved, b"at barrier 1")  # what the worker wrote itself
+    await launcher.receive(1, Finals([(saved, b"final", 1), (stood_in, b"final", 0)]))
+    assert (store.path(1) / snapshot["file"]).read_bytes() == b"at barrier 1"
+    assert (store.path(1) / f"{stood_in.pe}.{stood_in.index}.state").read_bytes() == b"final"
+
+
+def test_restore_without_checkpoint_fails_clearly(tmp_path: Path, words: Path) -> None:
+    with pytest.raises(CheckpointError, match="no complete checkpoint"):
+        run(word_count(words), 1, mapping=_mapping(tmp_path / "empty", restore=True))
+
+
+class Numbers(ProducerPE):
+    """Counts its calls: a -i N or list feed is replayed from the checkpoint's index."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def produce(self) -> int:
+        self.calls += 1
+        if ckpt_workflows.HOOK is not None and self.calls % 1000 == 0:
+            ckpt_workflows.HOOK(self.calls)
+        return self.calls
+
+
+def _numbers(root_parallelism: int | None = None) -> WorkflowGraph:
+    graph = WorkflowGraph()
+    source, pair, count = Numbers(), _Pair(), Count()
+    source.parallelism = root_parallelism
+    source.id, pair.id, count.id = "numbers", "pair", "count"
+    graph.connect(source, "output", pair, "input")
+    graph.connect(pair, "output", count, "input")
+    return graph
+
+
+class _Pair(ckpt_workflows.Split):
+    def process_item(self, number: int) -> Any:
+        self.write("output", (str(number % 7), 1))
+
+
+async def test_count_feed_is_replayed_from_its_index(tmp_path: Path) -> None:
+    directory = tmp_path / "ck"
+    finished = await _run_until_killed(_numbers(), _mapping(directory), 2, 5000, 20_000, directory)
+    assert not finished and CheckpointStore(directory).latest() is not None
+    got = await run_async(_numbers(), 20_000, mapping=_mapping(directory, restore=True), workers=2)
+    expected = {str(k): sum(1 for n in range(1, 20_001) if n % 7 == k) for k in range(7)}
+    assert _counts(got) == expected
+
+
+async def test_restore_refuses_another_graph_and_another_root_parallelism(tmp_path: Path) -> None:
+    directory = tmp_path / "ck"
+    assert not await _run_until_killed(_numbers(), _mapping(directory), 2, 3000, 20_000, directory)
+    with pytest.raises(CheckpointError, match="has no PE lines: it was taken of another graph"):
+        await run_async(word_count(tmp_path / "none.txt"), 1, mapping=_mapping(directory, restore=True))
+    with pytest.raises(CheckpointError, match=r"root PE numbers had 1 instances in checkpoint \d+, now 2"):
+        await run_async(_numbers(root_parallelism=2), 20_000, mapping=_mapping(directory, restore=True))
+
+
+def test_results_file_that_cannot_be_written_fails_clearly(tmp_path: Path, words: Path) -> None:
+    with pytest.raises(CheckpointError, match=r"cannot write results to .*missing/out\.jsonl"):
+        run(word_count(words), 1, mapping=_mapping(tmp_path / "ck", tmp_path / "missing" / "out.jsonl"))
+
+
+def test_checkpoints_under_a_users_mpiexec_are_refused(tmp_path: Path) -> None:
+    pytest.importorskip("mpi4py")
+    from aiod4p.mappings.mpi import MpiMapping
+
+    mapping = MpiMapping()
+    mapping.size = 2  # as under `mpiexec -n 2 aiod4p run ...`
+    mapping.checkpointing = Checkpointing(tmp_path)
+    with pytest.raises(CheckpointError, match="checkpoints need aiod4p to launch the mpiexec"):
+        run(_numbers(), 10, mapping=mapping)
+
+
+# -- the state API -------------------------------------------------------------------------
+class Custom(ckpt_workflows.Split):
+    def __init__(self) -> None:
+        super().__init__()
+        self.total = 0
+
+    def snapshot(self) -> Any:
+        return {"t": self.total}
+
+    def restore(self, state: Any) -> None:
+        self.total = state["t"] + 1000
+
+
+def test_snapshot_and_restore_override_the_attributes() -> None:
+    pe = Custom()
+    pe.total = 5
+    state = capture(pe, None)
+    assert state == {"custom": {"t": 5}}
+    other = Custom()
+    restore_state(other, state, [state], None, 0, 1)
+    assert other.total == 1005
+
+
+def test_default_state_is_the_pe_attributes_without_runtime_ones() -> None:
+    pe = Count()
+    pe.seen = 3
+    state = capture(pe, pe.inputs["input"].grouping)  # type: ignore[arg-type]
+    assert state["attributes"] == {"seen": 3}
+    assert "keyed" in state
+
+
+def test_keyed_state_moves_to_the_instance_its_keys_reach() -> None:
+    grouping = Count().inputs["input"].grouping
+    old = []
+    for index in range(2):
+        pe = Count()
+        pe.counts = {w: i for i, w in enumerate(ckpt_workflows.WORDS) if (index == 0) == (i % 2 == 0)}
+        old.append(capture(pe, grouping))  # type: ignore[arg-type]
+    assert all(slot < KEY_GROUPS for state in old for slot in state["keyed"])
+    merged: dict[str, int] = {}
+    from aiod4p._state import keyed_owner
+
+    for index in range(3):
+        pe = Count()
+        restore_state(pe, old[index % 2], old, grouping, index, 3)  # type: ignore[arg-type]
+        assert all(keyed_owner(grouping, key, 3) == index for key in pe.counts)  # type: ignore[arg-type]
+        merged.update(pe.counts)
+    assert merged == {w: i for i, w in enumerate(ckpt_workflows.WORDS)}
+
+
+class Unpicklable(ckpt_workflows.Split):
+    def preprocess(self) -> None:
+        self.lock = threading.Lock()  # a resource made in preprocess (runs copy PEs), then part of the state
+
+    def process_item(self, item: Any) -> None:
+        pass
+
+
+def test_unpicklable_state_names_the_pe(tmp_path: Path) -> None:
+    graph = WorkflowGraph()
+    graph.connect(Numbers(), "output", Unpicklable(), "input")
+    with pytest.raises(CheckpointError, match="Unpicklable"):
+        run(graph, 200_000, mapping=_mapping(tmp_path / "ck", interval=0.001))
+
+
+def test_keyed_state_needs_a_group_by_input() -> None:
+    with pytest.raises(CheckpointError, match="keyed_state needs a group-by input"):
+        capture(Count(), None)
+
+
+def test_keyed_state_must_name_a_dict() -> None:
+    pe = Count()
+    pe.counts = 3  # type: ignore[assignment]
+    with pytest.raises(CheckpointError, match="not a dict"):
+        capture(pe, pe.inputs["input"].grouping)  # type: ignore[arg-type]
+
+
+# -- the command line ------------------------------------------------------------------------
+def test_cli_options_need_a_checkpoint_dir(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["run", "x:y", "--restore"]) == 2
+    assert "--checkpoint-dir" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--checkpoint-interval", "0"], "argument --checkpoint-interval: must be positive, not 0"),
+        (["--checkpoint-interval", "soon"], "argument --checkpoint-interval: not a number: 'soon'"),
+        (["--checkpoint-keep", "0"], "argument --checkpoint-keep: must be at least 1, not 0"),
+        (["--restarts", "-1"], "argument --restarts: must be at least 0, not -1"),
+    ],
+)
+def test_cli_bad_checkpoint_values_are_usage_errors(
+    tmp_path: Path, args: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(["run", "x:y", "--checkpoint-dir", str(tmp_path), *args])
+    assert exited.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_cli_refuses_a_mapping_without_checkpoints(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["run", "x:y", "-m", "storm", "--checkpoint-dir", str(tmp_path)]) == 2
+    assert "does not take checkpoints" in capsys.readouterr().err
+
+
+def test_cli_restores_and_writes_results_once(tmp_path: Path, words: Path) -> None:
+    target = tmp_path / "wf.py"
+    target.write_text(f"from ckpt_workflows import word_count\ngraph = word_count({str(words)!r})\n")
+    results = tmp_path / "out.jsonl"
+    common = [str(target), "-i", "1", "--checkpoint-dir", str(tmp_path / "ck"), "--results", str(results), "-q"]
+    assert main(["run", *common, "--checkpoint-interval", "0.02"]) == 0
+    assert _file_counts(results) == expected_counts(words)
+    assert main(["run", *common, "--restore"]) == 0  # the last checkpoint had every instance finished
+    assert _file_counts(results) == expected_counts(words)
+
+
+def test_state_pickles_across_processes(tmp_path: Path, words: Path) -> None:
+    directory = tmp_path / "ck"
+    run(word_count(words), 1, mapping=_mapping(directory), workers=2)
+    latest = CheckpointStore(directory).latest()
+    assert latest is not None
+    assert all(pickle.loads(pickle.dumps(state)) == state for state in latest.states.values())
+    assert os.path.exists(CheckpointStore(directory).path(latest.id) / MANIFEST)
+
+
+def _total(items: list[tuple[str, int]]) -> int:
+    return sum(number for _, number in items)
+
+
+class _Keyed(ckpt_workflows.Split):
+    def process_item(self, number: int) -> Any:
+        self.write("output", (str(number % 7), number))
+
+
+def _windows() -> WorkflowGraph:
+    graph = WorkflowGraph()
+    source, pair, window = Numbers(), _Keyed(parallelism=1), CountWindow(5, key=0, aggregate=_total)
+    source.id, pair.id, window.id = "numbers", "pair", "window"
+    graph.connect(source, "output", pair, "input")
+    graph.connect(pair, "output", window, "input")
+    return graph
+
+
+async def test_keyed_windows_are_checkpointed_and_move_with_their_keys(tmp_path: Path) -> None:
+    directory = tmp_path / "ck"
+    plain = await run_async(_windows(), 20_000, workers=2)
+    finished = await _run_until_killed(_windows(), _mapping(directory), 2, 8000, 20_000, directory)
+    assert not finished
+    restored = await run_async(_windows(), 20_000, mapping=_mapping(directory, restore=True), workers=3)
+
+    def windows(results: Any) -> list[tuple[Any, ...]]:
+        return sorted((r.data["key"], r.data["start"], r.data["value"]) for r in results)
+
+    # Windows emitted before the checkpoint were delivered by the killed run: the restored run gives the rest.
+    latest = CheckpointStore(directory).latest()
+    assert latest is not None
+    emitted = {w for w in windows(plain)}
+    assert set(windows(restored)) <= emitted
+    assert len(windows(restored)) < len(emitted)
+    assert max(windows(restored), key=lambda w: w[1])[1] == max(w[1] for w in emitted)
+
+
+def test_stdin_and_sockets_are_named_unreplayable(tmp_path: Path) -> None:
+    from aiod4p import make_plan
+    from aiod4p._checkpoint import unreplayable
+    from aiod4p._plan import PlanOptions
+    from aiod4p.sources import LinesSource, LineStream, TCPSource
+
+    graph = WorkflowGraph()
+    stdin, tcp, numbers, lines = LinesSource(), TCPSource(port=0), Numbers(), LinesSource(tmp_path / "x")
+    for index, pe in enumerate((stdin, tcp, numbers, lines)):
+        pe.id = f"root{index}"
+        graph.add(pe)
+    plan = make_plan(graph, PlanOptions())
+    feeds: dict[str, Any] = {"root0": 1, "root1": 1, "root2": LineStream(), "root3": 1}
+    assert unreplayable(plan, feeds) == ["root0", "root1", "root2"]
