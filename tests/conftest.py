@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import warnings
 from collections.abc import Callable, Iterator, Mapping
@@ -98,6 +99,20 @@ def pytest_asyncio_loop_factories(
         return factories
     factories["uvloop"] = uvloop.new_event_loop
     return factories
+
+
+@pytest.fixture(autouse=True)
+def _root_logger_restored() -> Iterator[None]:
+    """Give the next test the root logger this one had: the CLI's ``main()``, called in-process,
+    replaces the root handlers (pytest's log capture among them)."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    levels = {name: logging.getLogger(name).level for name in ("aiod4p", "aiod4p.pe")}
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+    for name, saved in levels.items():
+        logging.getLogger(name).setLevel(saved)
 
 
 @pytest.fixture(autouse=True)
