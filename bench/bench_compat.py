@@ -15,10 +15,12 @@ machine, time spent descheduled does not count. Writes bench/results/compat.md.
 from __future__ import annotations
 
 import asyncio
+import gc
 import statistics
 import sys
 import time
 from collections.abc import Callable, Mapping
+from itertools import product
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +34,7 @@ from dispel4py import base as d4p  # noqa: E402 - served by the hook installed a
 from dispel4py.workflow_graph import WorkflowGraph as D4pGraph  # noqa: E402
 
 ITEMS = int(sys.argv[1]) if len(sys.argv) > 1 else 500_000
-REPEATS = 5
+REPEATS = 9
 
 
 def add_one(item: int) -> int:
@@ -161,31 +163,47 @@ def main() -> None:
             for api in ("aiod4p", "dispel4py"):
                 cases[api, shape, mapping] = mapping_run(api, shape, mapping)
     timings: dict[tuple[str, str, str], list[float]] = {key: [] for key in cases}
+    order = list(cases)
     for _ in range(REPEATS):  # interleaved, so machine noise hits every case alike
-        for key, measure in cases.items():
-            timings[key].append(measure())
-    rate = {key: ITEMS / statistics.median(values) for key, values in timings.items()}
+        for key in order:
+            gc.collect()  # no case pays for the garbage of the one before
+            timings[key].append(cases[key]())
+        order.reverse()  # no case always runs right after the same other one
+    # Noise only adds CPU time to a one-thread run: the best run is the least disturbed one.
+    rate = {key: ITEMS / min(values) for key, values in timings.items()}
+    median_rate = {key: ITEMS / statistics.median(values) for key, values in timings.items()}
     plain = rate["plain loop", "", ""]
     lines = [
         "## dispel4py's API vs aiod4p's: the 5-PE chain on simple and async vs a plain loop",
         "",
         f"`.venv/bin/python bench/bench_compat.py {ITEMS}`: producer -> 3 iterative PEs adding one -> consumer"
-        f" summing, {ITEMS:,} items, median of {REPEATS} interleaved runs timed in CPU time (one process, one"
-        " thread). *loop*: the producer is called once"
+        f" summing, {ITEMS:,} items, best of {REPEATS} interleaved runs (in alternating order) timed in CPU"
+        " time (one process, one thread); the last column is the ratio of the medians. *loop*: the producer is"
+        " called once"
         ' and loops `self.write("output", i)`; *call*: it is called once per item (`-i N`). The plain loop'
         f" runs the same additions in one Python loop: {plain:,.0f} items/s.",
         "",
-        "| producer | mapping | aiod4p's API | dispel4py's API | dispel4py / aiod4p |",
-        "| --- | --- | ---: | ---: | ---: |",
+        "| producer | mapping | aiod4p's API | dispel4py's API | dispel4py / aiod4p | ratio of medians |",
+        "| --- | --- | ---: | ---: | ---: | ---: |",
     ]
     for shape in ("loop", "call"):
         for mapping in ("simple", "async"):
             native, d4p_rate = rate["aiod4p", shape, mapping], rate["dispel4py", shape, mapping]
+            medians = median_rate["dispel4py", shape, mapping] / median_rate["aiod4p", shape, mapping]
             lines.append(
                 f"| {shape} | {mapping} | {native:,.0f} ({native / plain:.0%}) |"
-                f" {d4p_rate:,.0f} ({d4p_rate / plain:.0%}) | {d4p_rate / native:.0%} |"
+                f" {d4p_rate:,.0f} ({d4p_rate / plain:.0%}) | {d4p_rate / native:.0%} | {medians:.0%} |"
             )
-    lines += ["", "Percentages in brackets: of the plain loop. Target: dispel4py's API within 10% of aiod4p's.", ""]
+    worst = min(
+        rate["dispel4py", *case] / rate["aiod4p", *case] for case in product(("loop", "call"), ("simple", "async"))
+    )
+    verdict = "met" if worst >= 0.9 else "NOT met"
+    lines += [
+        "",
+        "Percentages in brackets: of the plain loop."
+        f" Target: dispel4py's API within 10% of aiod4p's: {verdict} (worst {worst:.0%}).",
+        "",
+    ]
     section = "\n".join(lines)
     print(section)
     out = Path(__file__).resolve().parent / "results" / "compat.md"
