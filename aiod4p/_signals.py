@@ -10,6 +10,11 @@ wherever the main thread is. Once the run is under way the handlers hand
 their work to the loop with ``call_soon_threadsafe``, and a second signal
 also arms a watchdog thread that ends the process if the loop has not
 aborted the run within :data:`ABORT_GRACE` seconds.
+
+A process forked from the run's (a multi worker) inherits these handlers and
+would run them if a signal came before it set its own: :func:`held` blocks
+the signals while the child is created, and the child calls :func:`release`
+once its own handlers are in place, so a signal in between takes effect then.
 """
 
 from __future__ import annotations
@@ -19,14 +24,30 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from types import FrameType
 from typing import Any, Protocol
 
-__all__ = ["ABORT_GRACE", "Interrupts", "Stopped"]
+__all__ = ["ABORT_GRACE", "Interrupts", "Stopped", "held", "release"]
 
 ABORT_GRACE = 1.0
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+@contextmanager
+def held() -> Iterator[None]:
+    """Block SIGINT and SIGTERM in the calling thread meanwhile; a child created meanwhile inherits the block."""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def release() -> None:
+    """Unblock SIGINT and SIGTERM in a child created under :func:`held`; a pending one is acted on now."""
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)
 
 
 class _Drainable(Protocol):

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
+
+from aiod4p._signals import Interrupts, held
+from aiod4p.mappings._multi_worker import take_over_signals
 
 FLOW = textwrap.dedent(
     """
@@ -78,3 +83,19 @@ def test_workers_have_their_own_sessions_and_die_with_a_killed_parent(tmp_path: 
         if parent.poll() is None:
             parent.kill()
             parent.wait()
+
+
+def _terminated_before_its_own_handlers() -> None:
+    os.kill(os.getpid(), signal.SIGTERM)  # as the parent's stop() can, right after the fork
+    take_over_signals()
+    threading.Event().wait(60)
+
+
+def test_a_worker_signalled_before_its_own_handlers_dies_by_the_signal_quietly() -> None:
+    """The forked worker must not run the handlers it inherited from the run (they raise ``Stopped``)."""
+    with Interrupts(exit_status=130):
+        with held():
+            worker = multiprocessing.get_context("fork").Process(target=_terminated_before_its_own_handlers)
+            worker.start()
+        worker.join(timeout=30)
+    assert worker.exitcode == -signal.SIGTERM

@@ -13,11 +13,12 @@ import sys
 from .._api import loop_factory
 from .._checkpoint import attach_worker
 from .._engine import Worker
+from .._signals import release
 from ..transports.pipes import PipeComm, open_pipe_comm
 from ._host import ForwardSink, fail, pumped_feeds, serve
 from ._shipping import Job, unship
 
-__all__ = ["worker_main"]
+__all__ = ["take_over_signals", "worker_main"]
 
 
 def worker_main(
@@ -33,13 +34,19 @@ def worker_main(
     # reach the parent alone, which decides; a worker dies with its parent.
     os.setsid()
     _die_with_parent()
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    signal.set_wakeup_fd(-1)  # a forked child must not poke the parent's event loop
+    take_over_signals()
     for sock in inherited:
         sock.close()
     with asyncio.Runner(loop_factory=loop_factory(True)) as runner:
         runner.run(_main(wid, job, control, peers))
+
+
+def take_over_signals() -> None:
+    """Leave SIGINT to the parent, die by SIGTERM, then take the signals held since the fork (``_signals.held``)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.set_wakeup_fd(-1)  # a forked child must not poke the parent's event loop
+    release()
 
 
 def _die_with_parent() -> None:

@@ -28,6 +28,7 @@ from multiprocessing.process import BaseProcess
 from typing import Any
 
 from .._plan import ExecutionPlan
+from .._signals import held
 from ..transports.pipes import PipeComm, open_pipe_comm
 from ._host import GRACE, STATS_INTERVAL
 from ._hosted import HostedMapping
@@ -129,7 +130,8 @@ class _MultiRun:
                     args=(wid, job, child_control, peers, inherited),
                     name=f"aiod4p-worker-{wid}",
                 )
-                process.start()
+                with held():  # until it has its own handlers (worker_main)
+                    process.start()
                 self.processes.append(process)
                 self._exits.append(_watch_exit(process))
         finally:
