@@ -3,11 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import json
-import os
 import signal
-import subprocess
-import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,6 +12,7 @@ from typing import Any
 import pytest
 import workflows as wf
 from conftest import MappingCase
+from helpers import interrupted_run
 
 import aiod4p
 from aiod4p import ConsumerPE, IterativePE, ProducerPE, WorkflowGraph, iterative
@@ -229,44 +226,22 @@ def test_a_generator_is_back_pressured_too() -> None:
 # -- the command line: Ctrl-C with blocking PEs ------------------------------------------------
 
 
-def start(*args: str) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "aiod4p", "run", *args, "--results", "-", "-q"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-    )
-
-
 def test_ctrl_c_drains_a_run_whose_pe_blocks_in_a_thread() -> None:
-    proc = start(f"{WORKFLOWS}:sleepy", "-i", "100000", "--threaded", "Sleepy", "--batch-size", "8", "--credits", "2")
-    try:
-        assert proc.stdout is not None
-        first = proc.stdout.readline()  # results stream while the PE blocks
-        assert json.loads(first)["data"] == 0
-        proc.send_signal(signal.SIGINT)
+    with interrupted_run(
+        f"{WORKFLOWS}:sleepy", "-i", "100000", "--threaded", "Sleepy", "--batch-size", "8", "--credits", "2"
+    ) as proc:
         out, err = proc.communicate(timeout=30)  # 100,000 items would take 1,000 s
-    finally:
-        proc.kill()
-        proc.communicate()
     assert proc.returncode == 0, err
     assert "stopping the sources" in err
     assert len(out.splitlines()) < 10_000
 
 
 def test_a_second_ctrl_c_aborts_while_a_pe_holds_the_loop() -> None:
-    proc = start(f"{WORKFLOWS}:stuck", "-i", "30", "--batch-size", "1")
-    try:
-        assert proc.stdout is not None and proc.stderr is not None
-        assert json.loads(proc.stdout.readline())["data"] == 0  # item 20 is to hold the loop for 60 s
-        proc.send_signal(signal.SIGINT)
+    with interrupted_run(f"{WORKFLOWS}:stuck", "-i", "30", "--batch-size", "1") as proc:  # item 20 holds the loop 60 s
+        assert proc.stderr is not None
         assert "stopping the sources" in proc.stderr.readline()
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=30)
-    finally:
-        proc.kill()
-        proc.communicate()
     assert proc.returncode == 130, err
     assert "aborted" in err
 
