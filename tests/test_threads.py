@@ -107,13 +107,6 @@ class Behind(ConsumerPE):
             progress.aheads.append(progress.written - self.consumed)
 
 
-def write_loop(threaded: bool, writes: int = WRITES) -> tuple[WorkflowGraph, WriteLoop]:
-    graph = WorkflowGraph()
-    writer = WriteLoop(threaded, writes)
-    graph.connect(writer, "output", Behind(writer), "input")
-    return graph, writer
-
-
 def bound(batch_size: int = 256, credits: int = 4) -> int:
     """What may be written and not yet consumed: the call's buffer before it hands over, the channel's batches."""
     return batch_size * credits + batch_size * credits + batch_size
@@ -122,20 +115,24 @@ def bound(batch_size: int = 256, credits: int = 4) -> int:
 BOUND = bound()
 
 
+def run_behind(writer: ProducerPE, mapping: str = "async") -> Any:
+    """Run ``writer`` into a :class:`Behind`; its ``progress``, checked to have kept within :data:`BOUND`."""
+    graph = WorkflowGraph()
+    graph.connect(writer, "output", Behind(writer), "input")  # type: ignore[arg-type]
+    aiod4p.run(graph, 1, mapping=mapping)
+    progress = writer.progress  # type: ignore[attr-defined]
+    assert progress.ahead <= BOUND
+    return progress
+
+
 @pytest.mark.parametrize("mapping", ["simple", "async"])
 def test_a_threaded_write_loop_runs_in_bounded_memory(mapping: str) -> None:
-    graph, writer = write_loop(threaded=True)
-    aiod4p.run(graph, 1, mapping=mapping)
-    assert writer.progress.written == WRITES
-    assert writer.progress.ahead <= BOUND
+    assert run_behind(WriteLoop(threaded=True), mapping).written == WRITES
 
 
 @pytest.mark.parametrize("mapping", ["simple", "async"])
 def test_a_write_loop_on_the_event_loop_runs_in_bounded_memory(mapping: str) -> None:
-    graph, writer = write_loop(threaded=False)
-    aiod4p.run(graph, 1, mapping=mapping)
-    assert writer.progress.written == WRITES
-    assert writer.progress.ahead <= BOUND  # write() waited for credit, on the event loop
+    assert run_behind(WriteLoop(threaded=False), mapping).written == WRITES  # write() waited for credit, on the loop
 
 
 class AsyncWriteLoop(ProducerPE):
@@ -152,12 +149,7 @@ class AsyncWriteLoop(ProducerPE):
 
 
 def test_an_async_write_loop_runs_in_bounded_memory() -> None:
-    graph = WorkflowGraph()
-    writer = AsyncWriteLoop()
-    graph.connect(writer, "output", Behind(writer), "input")  # type: ignore[arg-type]
-    aiod4p.run(graph, 1, mapping="async")
-    assert writer.progress.written == WRITES
-    assert writer.progress.ahead <= BOUND
+    assert run_behind(AsyncWriteLoop()).written == WRITES
 
 
 class PreprocessWrites(ProducerPE):
@@ -177,12 +169,7 @@ class PreprocessWrites(ProducerPE):
 
 
 def test_a_stage_that_writes_in_a_loop_runs_in_bounded_memory() -> None:
-    graph = WorkflowGraph()
-    writer = PreprocessWrites()
-    graph.connect(writer, "output", Behind(writer), "input")  # type: ignore[arg-type]
-    aiod4p.run(graph, 1, mapping="async")
-    assert writer.progress.written == WRITES
-    assert writer.progress.ahead <= BOUND
+    assert run_behind(PreprocessWrites()).written == WRITES
 
 
 class FailsWhileWriting(ProducerPE):
@@ -216,11 +203,7 @@ class GeneratorWrites(ProducerPE):
 
 
 def test_a_generator_is_back_pressured_too() -> None:
-    graph = WorkflowGraph()
-    writer = GeneratorWrites()
-    graph.connect(writer, "output", Behind(writer), "input")  # type: ignore[arg-type]
-    aiod4p.run(graph, 1, mapping="async")
-    assert writer.progress.ahead <= BOUND
+    run_behind(GeneratorWrites())
 
 
 # -- the command line: Ctrl-C with blocking PEs ------------------------------------------------
