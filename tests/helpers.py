@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import re
+import signal
 import subprocess
 import sys
 import textwrap
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +51,25 @@ def aiod4p_process(*args: str, cwd: Path | None = None, env: Mapping[str, str] |
         env=env,
         start_new_session=True,
     )
+
+
+@contextlib.contextmanager
+def interrupted_run(*args: str) -> Iterator[subprocess.Popen[str]]:
+    """``aiod4p run ARGS --results - -q`` (:func:`aiod4p_process`), sent SIGINT once its first result, 0, is out.
+
+    The block sees the run under way after the signal; when it ends, however
+    it ends, the run is killed (if it is still running) and reaped.
+    """
+    process = aiod4p_process("run", *args, "--results", "-", "-q")
+    try:
+        assert process.stdout is not None and process.stderr is not None
+        assert json.loads(process.stdout.readline())["data"] == 0  # results stream: the run is under way
+        process.send_signal(signal.SIGINT)
+        yield process
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+        process.communicate()
 
 
 def json_lines(path: Path) -> list[dict[str, Any]]:

@@ -3,11 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import json
-import os
 import signal
-import subprocess
-import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,6 +12,7 @@ from typing import Any
 import pytest
 import workflows as wf
 from conftest import MappingCase
+from helpers import interrupted_run
 
 import aiod4p
 from aiod4p import ConsumerPE, IterativePE, ProducerPE, WorkflowGraph, iterative
@@ -110,13 +107,6 @@ class Behind(ConsumerPE):
             progress.aheads.append(progress.written - self.consumed)
 
 
-def write_loop(threaded: bool, writes: int = WRITES) -> tuple[WorkflowGraph, WriteLoop]:
-    graph = WorkflowGraph()
-    writer = WriteLoop(threaded, writes)
-    graph.connect(writer, "output", Behind(writer), "input")
-    return graph, writer
-
-
 def bound(batch_size: int = 256, credits: int = 4) -> int:
     """What may be written and not yet consumed: the call's buffer before it hands over, the channel's batches."""
     return batch_size * credits + batch_size * credits + batch_size
@@ -125,20 +115,24 @@ def bound(batch_size: int = 256, credits: int = 4) -> int:
 BOUND = bound()
 
 
+def run_behind(writer: ProducerPE, mapping: str = "async") -> Any:
+    """Run ``writer`` into a :class:`Behind`; its ``progress``, checked to have kept within :data:`BOUND`."""
+    graph = WorkflowGraph()
+    graph.connect(writer, "output", Behind(writer), "input")  # type: ignore[arg-type]
+    aiod4p.run(graph, 1, mapping=mapping)
+    progress = writer.progress  # type: ignore[attr-defined]
+    assert progress.ahead <= BOUND
+    return progress
+
+
 @pytest.mark.parametrize("mapping", ["simple", "async"])
 def test_a_threaded_write_loop_runs_in_bounded_memory(mapping: str) -> None:
-    graph, writer = write_loop(threaded=True)
-    aiod4p.run(graph, 1, mapping=mapping)
-    assert writer.progress.written == WRITES
-    assert writer.progress.ahead <= BOUND
+    assert run_behind(WriteLoop(threaded=True), mapping).written == WRITES
 
 
 @pytest.mark.parametrize("mapping", ["simple", "async"])
 def test_a_write_loop_on_the_event_loop_runs_in_bounded_memory(mapping: str) -> None:
-    graph, writer = write_loop(threaded=False)
-    aiod4p.run(graph, 1, mapping=mapping)
-    assert writer.progress.written == WRITES
-    assert writer.progress.ahead <= BOUND  # write() waited for credit, on the event loop
+    assert run_behind(WriteLoop(threaded=False), mapping).written == WRITES  # write() waited for credit, on the loop
 
 
 class AsyncWriteLoop(ProducerPE):
@@ -155,12 +149,7 @@ class AsyncWriteLoop(ProducerPE):
 
 
 def test_an_async_write_loop_runs_in_bounded_memory() -> None:
-    graph = WorkflowGraph()
-    writer = AsyncWriteLoop()
-    graph.connect(writer, "output", Behind(writer), "input")  # type: ignore[arg-type]
-    aiod4p.run(graph, 1, mapping="async")
-    assert writer.progress.written == WRITES
-    assert writer.progress.ahead <= BOUND
+    assert run_behind(AsyncWriteLoop()).written == WRITES
 
 
 class PreprocessWrites(ProducerPE):
@@ -180,12 +169,7 @@ class PreprocessWrites(ProducerPE):
 
 
 def test_a_stage_that_writes_in_a_loop_runs_in_bounded_memory() -> None:
-    graph = WorkflowGraph()
-    writer = PreprocessWrites()
-    graph.connect(writer, "output", Behind(writer), "input")  # type: ignore[arg-type]
-    aiod4p.run(graph, 1, mapping="async")
-    assert writer.progress.written == WRITES
-    assert writer.progress.ahead <= BOUND
+    assert run_behind(PreprocessWrites()).written == WRITES
 
 
 class FailsWhileWriting(ProducerPE):
@@ -219,54 +203,28 @@ class GeneratorWrites(ProducerPE):
 
 
 def test_a_generator_is_back_pressured_too() -> None:
-    graph = WorkflowGraph()
-    writer = GeneratorWrites()
-    graph.connect(writer, "output", Behind(writer), "input")  # type: ignore[arg-type]
-    aiod4p.run(graph, 1, mapping="async")
-    assert writer.progress.ahead <= BOUND
+    run_behind(GeneratorWrites())
 
 
 # -- the command line: Ctrl-C with blocking PEs ------------------------------------------------
 
 
-def start(*args: str) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "aiod4p", "run", *args, "--results", "-", "-q"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-    )
-
-
 def test_ctrl_c_drains_a_run_whose_pe_blocks_in_a_thread() -> None:
-    proc = start(f"{WORKFLOWS}:sleepy", "-i", "100000", "--threaded", "Sleepy", "--batch-size", "8", "--credits", "2")
-    try:
-        assert proc.stdout is not None
-        first = proc.stdout.readline()  # results stream while the PE blocks
-        assert json.loads(first)["data"] == 0
-        proc.send_signal(signal.SIGINT)
+    with interrupted_run(
+        f"{WORKFLOWS}:sleepy", "-i", "100000", "--threaded", "Sleepy", "--batch-size", "8", "--credits", "2"
+    ) as proc:
         out, err = proc.communicate(timeout=30)  # 100,000 items would take 1,000 s
-    finally:
-        proc.kill()
-        proc.communicate()
     assert proc.returncode == 0, err
     assert "stopping the sources" in err
     assert len(out.splitlines()) < 10_000
 
 
 def test_a_second_ctrl_c_aborts_while_a_pe_holds_the_loop() -> None:
-    proc = start(f"{WORKFLOWS}:stuck", "-i", "30", "--batch-size", "1")
-    try:
-        assert proc.stdout is not None and proc.stderr is not None
-        assert json.loads(proc.stdout.readline())["data"] == 0  # item 20 is to hold the loop for 60 s
-        proc.send_signal(signal.SIGINT)
+    with interrupted_run(f"{WORKFLOWS}:stuck", "-i", "30", "--batch-size", "1") as proc:  # item 20 holds the loop 60 s
+        assert proc.stderr is not None
         assert "stopping the sources" in proc.stderr.readline()
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=30)
-    finally:
-        proc.kill()
-        proc.communicate()
     assert proc.returncode == 130, err
     assert "aborted" in err
 

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import ClassVar
 
-from .._checkpoint import Checkpointing
+from .._checkpoint import Checkpointing, Session, run_with_recovery
 from .._engine import Feed
 from .._pe import PE
 from .._plan import ExecutionPlan, InstanceRef, PlanOptions
@@ -93,3 +93,22 @@ class BaseMapping(ABC):
             PEError: a PE raised.
             WorkerDied: a worker process died.
         """
+
+    async def _recovering(
+        self,
+        plan: ExecutionPlan,
+        feeds: Mapping[str, Feed],
+        sink: ResultSink,
+        attempt: Callable[[ResultSink, Session | None], Awaitable[list[InstanceStats]]],
+    ) -> list[InstanceStats]:
+        """Run ``plan`` by ``attempt``: once, as ``attempt(sink, None)``, with checkpointing off; with it on,
+        under :func:`~aiod4p._checkpoint.run_with_recovery`, each attempt as ``attempt(session.sink, session)``.
+
+        Raises:
+            CheckpointError: ``restore`` found no complete checkpoint, or one of another graph.
+        """
+        if self.checkpointing is None:
+            return await attempt(sink, None)
+        return await run_with_recovery(
+            self.checkpointing, plan, feeds, sink, lambda session: attempt(session.sink, session)
+        )

@@ -11,7 +11,8 @@ rest lives here:
   :class:`~aiod4p._engine.Worker`), obeys :class:`Drain` and the pumped feed's
   :class:`FeedChunk`/:class:`FeedEnd`, reports :class:`Stats` every
   ``interval`` seconds, and ends with :class:`Done` or :class:`Failed`;
-  results leave through a :class:`ForwardSink`;
+  results leave through a :class:`ForwardSink`; :func:`serve_job` builds
+  that worker from a shipped job and serves it;
 * the launcher side, :class:`Supervisor`: delivers results, publishes
   statistics, pumps the feeds that stay in the launcher (one bounded
   read-ahead, one chunk per credit), relays drain requests, and fails the
@@ -34,8 +35,8 @@ from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, I
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from .._checkpoint import HostCheckpoints, Trigger
-from .._engine import Feed, _error, _ReadAhead
+from .._checkpoint import HostCheckpoints, Trigger, attach_worker
+from .._engine import Feed, Worker, _error, _ReadAhead
 from .._links import unpicklable_item
 from .._plan import ExecutionPlan, InstanceRef
 from .._results import ResultSink
@@ -51,6 +52,7 @@ from ..errors import (
 )
 from ..transports import Comm
 from ._base import RunControl
+from ._shipping import Job, unship
 
 __all__ = [
     "GRACE",
@@ -72,6 +74,7 @@ __all__ = [
     "fail",
     "pumped_feeds",
     "serve",
+    "serve_job",
     "split_feeds",
 ]
 
@@ -334,6 +337,46 @@ async def fail(control: Comm, name: str, error: BaseException, *, goodbye_timeou
         async with asyncio.timeout(goodbye_timeout):
             await goodbye()
     await control.aclose()
+
+
+async def serve_job(
+    job: Job | bytes,
+    wid: int,
+    control: Comm,
+    peers: Mapping[int, Comm],
+    *,
+    name: str,
+    launcher: str,
+    where: str | None = None,
+    goodbye_timeout: float | None = None,
+) -> bool:
+    """Build the engine's worker ``wid`` of ``job``, joined to ``peers`` (by id); :func:`serve` it on ``control``.
+
+    Args:
+        job: the job, or the bytes :func:`~aiod4p.mappings._shipping.ship` made of it (loaded here).
+        name: this worker in error messages (``"worker 2"``).
+        launcher: the launcher, in the message of a result that cannot reach it (see :class:`ForwardSink`).
+        where: this worker in the message of a job it cannot load (default: ``name``).
+        goodbye_timeout: as for :func:`serve`.
+
+    Returns:
+        Whether the run succeeded. A failure, even to load the job or build
+        the worker, is reported to the launcher (:func:`fail`), not raised.
+    """
+    try:
+        if not isinstance(job, Job):
+            job = unship(job, where or name)
+        feeds, pumped = pumped_feeds(job.feeds, control)
+        sink = ForwardSink(control, launcher)
+        worker = Worker(job.plan, wid, feeds=feeds, results=sink, peers=peers, max_delay=job.max_delay)
+        if job.checkpoints is not None:
+            attach_worker(worker, job.checkpoints, control)
+    except Exception as exc:
+        await fail(control, name, exc, goodbye_timeout=goodbye_timeout)
+        return False
+    return await serve(
+        worker, control, name=name, pumped=pumped, interval=job.interval, goodbye_timeout=goodbye_timeout
+    )
 
 
 async def _report_failure(control: Comm, name: str, exc: BaseException) -> None:

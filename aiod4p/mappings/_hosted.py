@@ -5,7 +5,7 @@ split the feeds (:func:`~aiod4p.mappings._host.split_feeds`), start the
 workers with the job (its :class:`Launch`), supervise them
 (:class:`~aiod4p.mappings._host.Supervisor`), then stop them and abort
 their comms whatever happened; with checkpointing on, each attempt of the
-run does so (:func:`~aiod4p._checkpoint.run_with_recovery`).
+run does so (:meth:`~aiod4p.mappings._base.BaseMapping._recovering`).
 :class:`HostedMapping` does these steps once; a mapping says only how its
 workers start, end, and die.
 """
@@ -17,7 +17,7 @@ from abc import abstractmethod
 from collections.abc import Mapping
 from typing import Protocol
 
-from .._checkpoint import LauncherCheckpoints, Session, run_with_recovery
+from .._checkpoint import LauncherCheckpoints, Session
 from .._engine import Feed
 from .._plan import ExecutionPlan, PlanOptions
 from .._results import ResultSink
@@ -100,13 +100,9 @@ class HostedMapping(BaseMapping):
             TransportError: an item or result cannot be pickled (naming the PE and port).
             MappingUnavailable: the workers cannot be started (as the mapping says).
         """
-        if self.checkpointing is not None:
-
-            async def attempt(session: Session) -> list[InstanceStats]:
-                return await self._attempt(plan, feeds, session.sink, control, max_delay, session)
-
-            return await run_with_recovery(self.checkpointing, plan, feeds, sink, attempt)
-        return await self._attempt(plan, feeds, sink, control, max_delay, None)
+        return await self._recovering(
+            plan, feeds, sink, lambda sink, session: self._attempt(plan, feeds, sink, control, max_delay, session)
+        )
 
     async def _attempt(
         self,

@@ -37,7 +37,7 @@ from ..errors import GraphError
 from ..transports import Comm, memory_comm_pair
 from ..transports.mpi import MpiEndpoint
 from ._base import RunControl
-from ._host import STATS_INTERVAL, ForwardSink, Pumped, Supervisor, fail, pumped_feeds, serve
+from ._host import STATS_INTERVAL, ForwardSink, Pumped, Supervisor, serve, serve_job
 from ._shipping import Job, ship, unship
 
 __all__ = ["ABORT_GRACE", "RankZero", "abort_job", "abort_job_at_exit", "broadcast_plan", "run_follower"]
@@ -207,17 +207,10 @@ async def run_follower(
     name = f"MPI rank {rank}"
     peers = {other: endpoint.comm(other, LINK_KEY) for other in range(endpoint.size) if other != rank}
     control = endpoint.comm(0, CONTROL_KEY)
-    try:
-        resolved, pumped = pumped_feeds(feeds, control)
-        worker = Worker(
-            plan, rank, feeds=resolved, results=ForwardSink(control, "MPI rank 0"), peers=peers, max_delay=max_delay
-        )
-        if checkpoints is not None:
-            attach_worker(worker, checkpoints, control)
-    except Exception as exc:
-        await fail(control, name, exc, goodbye_timeout=ABORT_GRACE)
-        return False
-    succeeded = await serve(worker, control, name=name, pumped=pumped, interval=interval, goodbye_timeout=ABORT_GRACE)
+    job = Job(plan, dict(feeds), max_delay, interval, checkpoints)
+    succeeded = await serve_job(
+        job, rank, control, peers, name=name, launcher="MPI rank 0", goodbye_timeout=ABORT_GRACE
+    )
     if succeeded:
         await endpoint.aclose()
     return succeeded

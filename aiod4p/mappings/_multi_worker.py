@@ -11,12 +11,10 @@ import socket
 import sys
 
 from .._api import loop_factory
-from .._checkpoint import attach_worker
-from .._engine import Worker
 from .._signals import release
 from ..transports.pipes import PipeComm, open_pipe_comm
-from ._host import ForwardSink, fail, pumped_feeds, serve
-from ._shipping import Job, unship
+from ._host import fail, serve_job
+from ._shipping import Job
 
 __all__ = ["take_over_signals", "worker_main"]
 
@@ -67,16 +65,12 @@ async def _main(
     try:
         for peer, sock in peer_socks.items():
             peers[peer] = await open_pipe_comm(sock)
-        job = job_data if isinstance(job_data, Job) else unship(job_data, f"worker process {wid}")
-        feeds, pumped = pumped_feeds(job.feeds, control)
-        sink = ForwardSink(control, "the parent process")
-        worker = Worker(job.plan, wid, feeds=feeds, results=sink, peers=peers, max_delay=job.max_delay)
-        if job.checkpoints is not None:
-            attach_worker(worker, job.checkpoints, control)
     except Exception as exc:
         await fail(control, name, exc)
     else:
-        await serve(worker, control, name=name, pumped=pumped, interval=job.interval)
+        await serve_job(
+            job_data, wid, control, peers, name=name, launcher="the parent process", where=f"worker process {wid}"
+        )
     finally:
         for comm in peers.values():
             comm.abort()

@@ -4,7 +4,7 @@ What is Ray's is only where messages travel: the control comm is a
 :class:`~aiod4p.transports.ray.PulledComm` (the driver takes what the worker
 sends), and the comms to other workers are
 :class:`~aiod4p.transports.ray.RayComm` ends joining actors. The rest is the
-worker host's (:func:`~aiod4p.mappings._host.serve`).
+worker host's (:func:`~aiod4p.mappings._host.serve_job`).
 """
 
 from __future__ import annotations
@@ -17,11 +17,8 @@ from typing import Any
 
 import ray
 
-from .._checkpoint import attach_worker
-from .._engine import Worker
 from ..transports.ray import PulledComm, RayComm, RayCommHost
-from ._host import ForwardSink, fail, pumped_feeds, serve
-from ._shipping import unship
+from ._host import serve_job
 
 __all__ = ["CONTROL", "RayWorker", "link_key"]
 
@@ -61,16 +58,8 @@ class RayWorker(RayCommHost):
         control = PulledComm(self, CONTROL)
         comms = {peer: RayComm(self, link_key(peer), handle, link_key(self.wid)) for peer, handle in peers.items()}
         try:
-            job = unship(payload, f"Ray worker actor {self.wid}")
-            feeds, pumped = pumped_feeds(job.feeds, control)
-            sink = ForwardSink(control, "the Ray driver")
-            worker = Worker(job.plan, self.wid, feeds=feeds, results=sink, peers=comms, max_delay=job.max_delay)
-            if job.checkpoints is not None:
-                attach_worker(worker, job.checkpoints, control)
-        except Exception as exc:
-            await fail(control, name, exc)
-        else:
-            await serve(worker, control, name=name, pumped=pumped, interval=job.interval)
+            where = f"Ray worker actor {self.wid}"
+            await serve_job(payload, self.wid, control, comms, name=name, launcher="the Ray driver", where=where)
         finally:
             for comm in comms.values():
                 comm.abort()

@@ -14,14 +14,16 @@ import pickle
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .._checkpoint import WorkerSpec
 from .._engine import Feed
 from .._loading import ship_code
 from .._plan import ExecutionPlan
 from ..errors import GraphError, InputError, TargetError
-from ._host import Pumped
+
+if TYPE_CHECKING:
+    from ._host import Pumped
 
 __all__ = ["Job", "check_importable", "dumps", "loads", "ship", "unship"]
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import ClassVar
 
-from .._checkpoint import Session, WorkerCheckpoints, drive, run_with_recovery
+from .._checkpoint import Session, WorkerCheckpoints, drive
 from .._engine import Feed, Worker
 from .._plan import ExecutionPlan, PlanOptions
 from .._results import ResultSink
@@ -33,25 +33,21 @@ class AsyncMapping(BaseMapping):
         control: RunControl,
         max_delay: float,
     ) -> list[InstanceStats]:
-        if self.checkpointing is not None:
-
-            async def attempt(session: Session) -> list[InstanceStats]:
-                worker = Worker(
-                    plan, 0, feeds=feeds, results=session.sink, max_delay=max_delay, fixed_order=self.fixed_order
-                )
-                producers = [ref for ref, actor in worker.actors.items() if actor.results]
-                gate = session.gate(producers, worker.results.emit)
-                checkpoints = WorkerCheckpoints(
-                    worker, session.store, session.restored, session.first, session.coordinator.add_parts, gate
-                )
+        async def attempt(sink: ResultSink, session: Session | None) -> list[InstanceStats]:
+            worker = Worker(plan, 0, feeds=feeds, results=sink, max_delay=max_delay, fixed_order=self.fixed_order)
+            if session is None:
                 _publish(worker, control)
-                stats: list[InstanceStats] = await drive(session, checkpoints.trigger, worker.run())
-                return stats
+                return await worker.run()
+            producers = [ref for ref, actor in worker.actors.items() if actor.results]
+            gate = session.gate(producers, worker.results.emit)
+            checkpoints = WorkerCheckpoints(
+                worker, session.store, session.restored, session.first, session.coordinator.add_parts, gate
+            )
+            _publish(worker, control)
+            stats: list[InstanceStats] = await drive(session, checkpoints.trigger, worker.run())
+            return stats
 
-            return await run_with_recovery(self.checkpointing, plan, feeds, sink, attempt)
-        worker = Worker(plan, 0, feeds=feeds, results=sink, max_delay=max_delay, fixed_order=self.fixed_order)
-        _publish(worker, control)
-        return await worker.run()
+        return await self._recovering(plan, feeds, sink, attempt)
 
 
 def _publish(worker: Worker, control: RunControl) -> None:

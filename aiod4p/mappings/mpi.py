@@ -31,7 +31,7 @@ from collections import deque
 from collections.abc import Mapping
 from pathlib import Path
 
-from .._checkpoint import LauncherCheckpoints, Session, run_with_recovery
+from .._checkpoint import LauncherCheckpoints, Session
 from .._engine import Feed
 from .._plan import ExecutionPlan, PlanOptions
 from .._results import ResultSink
@@ -101,13 +101,9 @@ class MpiMapping(BaseMapping):
             if self.checkpointing is not None:
                 raise CheckpointError("checkpoints need aiod4p to launch the mpiexec: run without mpiexec, with -n")
             return await self._run_in_job(plan, feeds, sink, control, max_delay)
-        if self.checkpointing is not None:
-
-            async def attempt(session: Session) -> list[InstanceStats]:
-                return await _launch(plan, feeds, session.sink, control, max_delay, session)
-
-            return await run_with_recovery(self.checkpointing, plan, feeds, sink, attempt)
-        return await _launch(plan, feeds, sink, control, max_delay)
+        return await self._recovering(
+            plan, feeds, sink, lambda sink, session: _launch(plan, feeds, sink, control, max_delay, session)
+        )
 
     async def _run_in_job(
         self,
@@ -154,7 +150,7 @@ async def _launch(
     sink: ResultSink,
     control: RunControl,
     max_delay: float,
-    session: Session | None = None,
+    session: Session | None,
 ) -> list[InstanceStats]:
     mpiexec = find_mpiexec()
     check_importable(plan, "the MPI ranks")

@@ -1,11 +1,15 @@
-"""The comm interface every transport backend implements."""
+"""The comm interface every transport backend implements, and what backends share to implement it."""
 
 from __future__ import annotations
 
+import asyncio
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["Comm"]
+from ..errors import TransportError
+
+__all__ = ["Comm", "Undecodable", "Wakeups", "opened"]
 
 
 class Comm(ABC):
@@ -55,3 +59,41 @@ class Comm(ABC):
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.aclose()
+
+
+class Wakeups:
+    """Lets tasks wait until the state they check changes: :meth:`changed` waits for the next :meth:`wake`."""
+
+    def __init__(self) -> None:
+        self._waiters: list[asyncio.Future[None]] = []
+
+    def wake(self) -> None:
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
+    async def changed(self) -> None:
+        """Wait until the next :meth:`wake`."""
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        await waiter
+
+
+@dataclass(frozen=True)
+class Undecodable:
+    """Stands among received messages for one that could not be unpickled; receiving it raises (:func:`opened`)."""
+
+    error: Exception
+
+
+def opened(message: Any) -> Any:
+    """The received ``message`` itself.
+
+    Raises:
+        TransportError: it is an :class:`Undecodable`: it could not be unpickled here.
+    """
+    if isinstance(message, Undecodable):
+        error = message.error
+        raise TransportError(f"cannot unpickle a message: {type(error).__name__}: {error}") from error
+    return message

@@ -34,8 +34,8 @@ import struct
 from collections import deque
 from typing import Any, cast
 
-from ..errors import ChannelClosed, EndOfChannel, PeerDied, TransportError, UnpicklableMessage
-from ._base import Comm
+from ..errors import ChannelClosed, EndOfChannel, PeerDied, UnpicklableMessage
+from ._base import Comm, Undecodable, Wakeups, opened
 
 __all__ = ["PipeComm", "UnpicklableMessage", "open_pipe_comm", "pipe_comm_pair"]
 
@@ -45,19 +45,11 @@ _WITH_BUFFERS = 1 << 63  # the frame's length flag: buffers follow the pickle
 _OUT_OF_BAND = 64 * 1024  # smaller buffers stay in the pickle
 
 
-class _Undecodable:
-    """Stands in the receive queue for a frame that could not be unpickled."""
-
-    __slots__ = ("error",)
-
-    def __init__(self, error: BaseException) -> None:
-        self.error = error
-
-
-class _FrameProtocol(asyncio.Protocol):
-    """Turns the byte stream into messages and tracks the connection's state."""
+class _FrameProtocol(Wakeups, asyncio.Protocol):
+    """Turns the byte stream into messages and tracks the connection's state (:meth:`changed`: data, room, end)."""
 
     def __init__(self, max_messages: int) -> None:
+        super().__init__()
         self.max_messages = max_messages
         self.transport: asyncio.Transport | None = None
         self.messages: deque[Any] = deque()
@@ -67,7 +59,6 @@ class _FrameProtocol(asyncio.Protocol):
         self.peer_closed = False  # the close marker arrived
         self.eof = False  # the stream ended (with or without the marker)
         self.lost = False
-        self._waiters: list[asyncio.Future[None]] = []
         self.gone = asyncio.get_running_loop().create_future()
 
     # -- asyncio.Protocol ----------------------------------------------------
@@ -109,7 +100,7 @@ class _FrameProtocol(asyncio.Protocol):
                 try:
                     messages.append(_unpickle(frame) if with_buffers else pickle.loads(frame))
                 except Exception as exc:
-                    messages.append(_Undecodable(exc))
+                    messages.append(Undecodable(exc))
             position = end
         return position
 
@@ -130,19 +121,6 @@ class _FrameProtocol(asyncio.Protocol):
     def resume_writing(self) -> None:
         self.writing_paused = False
         self.wake()
-
-    # -- wake-ups ------------------------------------------------------------
-    def wake(self) -> None:
-        waiters, self._waiters = self._waiters, []
-        for waiter in waiters:
-            if not waiter.done():
-                waiter.set_result(None)
-
-    async def changed(self) -> None:
-        """Wait until the connection's state changes (data, room, end)."""
-        waiter = asyncio.get_running_loop().create_future()
-        self._waiters.append(waiter)
-        await waiter
 
 
 def _pickle(message: Any) -> bytes:
@@ -234,10 +212,7 @@ class PipeComm(Comm):
                 if protocol.reading_paused and len(messages) <= protocol.max_messages // 2 and not protocol.lost:
                     protocol.reading_paused = False
                     self._transport.resume_reading()
-                if isinstance(message, _Undecodable):
-                    error = message.error
-                    raise TransportError(f"cannot unpickle a message: {type(error).__name__}: {error}") from error
-                return message
+                return opened(message)
             if protocol.peer_closed:
                 raise EndOfChannel()
             if protocol.eof:

@@ -31,11 +31,10 @@ from __future__ import annotations
 import asyncio
 import pickle
 from collections import deque
-from dataclasses import dataclass
 from typing import Any
 
-from ..errors import ChannelClosed, EndOfChannel, PeerDied, TransportError, UnpicklableMessage
-from ._base import Comm
+from ..errors import ChannelClosed, EndOfChannel, PeerDied, UnpicklableMessage
+from ._base import Comm, Undecodable, Wakeups, opened
 
 __all__ = ["DriverComm", "PulledComm", "RayComm", "RayCommHost", "ray_comm_pair"]
 
@@ -64,54 +63,24 @@ def _dumps(message: Any) -> bytes:
         raise UnpicklableMessage(f"a message cannot be pickled: {type(exc).__name__}: {exc}", message) from exc
 
 
-@dataclass(frozen=True)
-class _Undecodable:
-    """Stands in a mailbox for a message that could not be unpickled; receiving it raises."""
-
-    error: Exception
-
-
 def _loads(data: bytes) -> Any:
     try:
         return pickle.loads(data)
     except Exception as exc:
-        return _Undecodable(exc)
+        return Undecodable(exc)
 
 
-def _open(message: Any) -> Any:
-    """The message itself, received.
-
-    Raises:
-        TransportError: it could not be unpickled here.
-    """
-    if isinstance(message, _Undecodable):
-        error = message.error
-        raise TransportError(f"cannot unpickle a message: {type(error).__name__}: {error}") from error
-    return message
-
-
-class _Mailbox:
-    """The receiving state of one comm end, in the actor that hosts it."""
+class _Mailbox(Wakeups):
+    """The receiving state of one comm end, in the actor that hosts it (:meth:`changed`: something
+    arrives, is taken, or the end's state changes)."""
 
     def __init__(self, capacity: int) -> None:
+        super().__init__()
         self.capacity = capacity
         self.arrived: dict[int, Any] = {}  # sequence number -> message
         self.next = 0  # the sequence number receive() returns next
         self.outbox: deque[Any] = deque()  # pull mode: messages the driver takes
         self.state = "open"  # "closed" or "aborted": this end is over
-        self._waiters: list[asyncio.Future[None]] = []
-
-    def wake(self) -> None:
-        waiters, self._waiters = self._waiters, []
-        for waiter in waiters:
-            if not waiter.done():
-                waiter.set_result(None)
-
-    async def changed(self) -> None:
-        """Wait until something arrives, is taken, or the end's state changes."""
-        waiter = asyncio.get_running_loop().create_future()
-        self._waiters.append(waiter)
-        await waiter
 
     def end(self, state: str) -> None:
         if self.state == "open":
@@ -264,7 +233,7 @@ class _RayEnd(Comm):
                 if _is_close(message):
                     self._peer_closed = True
                     raise EndOfChannel()
-                return _open(message)
+                return opened(message)
             if self._peer_gone:
                 raise PeerDied("the peer of this Ray comm vanished without closing it")
             await box.changed()
@@ -432,7 +401,7 @@ class DriverComm(Comm):
                     self._peer_closed = True
                     self._received.clear()
                     raise EndOfChannel()
-                return _open(message)
+                return opened(message)
             if self._peer_closed:
                 raise EndOfChannel()
             if self._taking is None:
