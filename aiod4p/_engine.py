@@ -623,12 +623,12 @@ class _Actor(_Invoker):
                 for route in routes:
                     self._route(route, chunk, owned, full)
                 if full:
-                    await self._flush_many([pending for pending in full if len(pending.items) >= pending.limit])
+                    await self._flush_many(full, whole=True)
                 full.clear()
                 if self.worker.held_too_long():
                     await self.worker.give_way()
         if full:
-            await self._flush_many([pending for pending in full if len(pending.items) >= pending.limit])
+            await self._flush_many(full, whole=True)
         if self.dirty and not self.worker.fixed_order and time.monotonic() - self.last_flush >= self.max_delay:
             await self._flush_all()
 
@@ -656,13 +656,20 @@ class _Actor(_Invoker):
             if len(pending.items) >= pending.limit:
                 full.append(pending)
 
-    async def _flush_many(self, pendings: list[_Pending | _ResultPending]) -> None:
-        """Send everything ``pendings`` hold, a batch to each in turn.
+    async def _flush_many(self, pendings: list[_Pending | _ResultPending], whole: bool = False) -> None:
+        """Send everything ``pendings`` hold, a batch to each in turn; with ``whole``, full batches only.
 
         A destination that has credit is never kept waiting behind one that
-        has none: the actor waits only when no channel can take a batch.
+        has none: the actor waits only when no channel can take a batch. With
+        ``whole``, what is left of a pending (fewer items than its limit) stays
+        there, still listed as dirty, for the next batch to fill: a batch that
+        a router split among several destinations would otherwise leave a
+        small remainder to go out alone after every full batch.
         """
-        waiting = [pending for pending in pendings if pending.items]
+        if whole:
+            waiting = [pending for pending in pendings if len(pending.items) >= pending.limit]
+        else:
+            waiting = [pending for pending in pendings if pending.items]
         while waiting:
             stalled = True
             for pending in waiting:
@@ -677,7 +684,10 @@ class _Actor(_Invoker):
                         stalled = False
             if stalled:
                 await self._send_batch(waiting[0])
-            waiting = [pending for pending in waiting if pending.items]
+            if whole:
+                waiting = [pending for pending in waiting if len(pending.items) >= pending.limit]
+            else:
+                waiting = [pending for pending in waiting if pending.items]
 
     async def _send_batch(self, pending: _Pending | _ResultPending, via: _Pending | None = None) -> None:
         """Send the first batch of ``pending``'s items, as many as its limit allows (on ``via``'s channel)."""

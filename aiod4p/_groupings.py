@@ -228,12 +228,19 @@ class KeyRouter(Router):
         self.cache: dict[Any, int] = {}
 
     def split(self, items: list[Any]) -> list[list[Any]]:
+        count = self.count
+        if count > 1:
+            try:  # the common case, in one pass: every key is hashable and seen before
+                destinations = list(map(self.cache.__getitem__, map(self.get, items)))
+            except Exception:  # a new key, an unhashable one or a failing one: sorted out below
+                pass
+            else:
+                return self._deal(items, destinations)
         try:
             keys = list(map(self.get, items))
         except Exception:
             self._fail(items)
             raise  # _fail raised; the item that failed once passed the second time (an unstable key function)
-        count = self.count
         if count == 1:
             return [items]
         cache = self.cache
@@ -249,7 +256,10 @@ class KeyRouter(Router):
             destinations = list(map(cache.__getitem__, keys))
         except TypeError:  # an unhashable key: hash each one
             return self._split_uncached(items, keys)
-        parts: list[list[Any]] = [[] for _ in range(count)]
+        return self._deal(items, destinations)
+
+    def _deal(self, items: list[Any], destinations: list[int]) -> list[list[Any]]:
+        parts: list[list[Any]] = [[] for _ in range(self.count)]
         appends = [part.append for part in parts]
         for item, destination in zip(items, destinations, strict=True):
             appends[destination](item)
@@ -306,7 +316,17 @@ def as_grouping(value: GroupingLike) -> Grouping:
 
 def _encode(value: Any, out: bytearray) -> None:
     # A canonical, process-independent encoding of the common key types.
-    if value is None:
+    kind = type(value)
+    if kind is str:  # the commonest keys first, without the abstract-class checks below; same bytes
+        data = value.encode("utf-8", "surrogatepass")
+        out += b"s" + _LENGTH.pack(len(data)) + data
+    elif kind is int:
+        text = str(value).encode()
+        out += b"i" + _LENGTH.pack(len(text)) + text
+    elif kind is tuple and len(value) == 1:
+        out += b"t" + _LENGTH.pack(1)
+        _encode(value[0], out)
+    elif value is None:
         out += b"N"
     elif isinstance(value, numbers.Integral):  # bools and integer types too: equal keys hash alike
         text = str(int(value)).encode()
@@ -334,6 +354,9 @@ def _encode(value: Any, out: bytearray) -> None:
     else:
         data = pickle.dumps(value, protocol=5)
         out += b"p" + struct.pack("<I", len(data)) + data
+
+
+_LENGTH = struct.Struct("<I")
 
 
 def _encoded(value: Any) -> bytes:

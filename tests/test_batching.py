@@ -159,3 +159,38 @@ def test_batch_bounds_must_be_positive() -> None:
         PlanOptions(batch_seconds=0)
     with pytest.raises(ValueError, match="batch_seconds and batch_bytes"):
         PlanOptions(batch_bytes=0)
+
+
+_KEYS = [next(key for key in (f"k{index}" for index in range(100)) if stable_hash(key) % 2 == i) for i in (0, 1)]
+
+
+def _uneven_halves(item: int) -> str:
+    """Of every 16 items in a row, the first 9 go to instance 1, the other 7 to instance 0."""
+    return _KEYS[1] if item % 16 < 9 else _KEYS[0]
+
+
+class Split(GenericPE):
+    def __init__(self) -> None:
+        super().__init__(inputs=[("input", group_by(key=_uneven_halves))], outputs=["output"], parallelism=2)
+
+    def process(self, inputs: dict[str, Any]) -> None:
+        pass
+
+
+def test_each_destination_gets_full_batches_when_a_router_splits_them() -> None:
+    # The source's batches of 16 split 9 / 7 between the two instances. Each destination's batch fills
+    # to 16 before it is sent, and what is left waits for the next split: about 3,600 / 16 and
+    # 2,800 / 16 batches (plus the few small ones before the first measurement), not a full batch
+    # followed by a remainder of 2 (or 5) items every time (about 400 and 270 batches).
+    graph = WorkflowGraph()
+    graph.connect(Burst(6400), "output", split := Split(), "input")
+
+    async def main() -> list[InstanceStats]:
+        async with asyncio.timeout(45), aiod4p.start(graph, 1, batch_size=16, max_delay=60) as run:
+            await run.results()
+        return run.stats
+
+    stats = {entry.instance: entry for entry in asyncio.run(main()) if entry.pe == split.id}
+    assert (stats[0].items_in, stats[1].items_in) == (2800, 3600)
+    assert stats[1].batches_in <= 3600 // 16 + 20
+    assert stats[0].batches_in <= 2800 // 16 + 20
