@@ -53,7 +53,8 @@ HERE = Path(__file__).resolve().parent
 QUICK = "--quick" in sys.argv
 ARGS = [a for a in sys.argv[1:] if a != "--quick" and not a.startswith(("--trial", "{"))]
 ITEMS = int(ARGS[0]) if ARGS else 200_000 if QUICK else 6_000_000
-REPEATS = 4
+PAIRS = 5
+REPEATS = 3
 TARGET = 0.05
 KILL_ENV = "AIOD4P_BENCH_KILL_AT"
 
@@ -218,7 +219,7 @@ def cost() -> list[str]:
     lines = [
         "### (a) Cost of checkpoints every 1 s on a keyed chain",
         "",
-        f"numbers -> pair -> keyed counter (1,000 keys, group-by), {ITEMS:,} items, -n 2; {REPEATS} pairs of runs,"
+        f"numbers -> pair -> keyed counter (1,000 keys, group-by), {ITEMS:,} items, -n 2; {PAIRS} pairs of runs,"
         " interleaved (off/on, on/off, ...), each run a fresh process with a `gc.collect()` before it. CPU: seconds"
         " summed over the run's processes (the launcher and its workers). Cost: median of the pairs' ratios"
         " (range in brackets); the verdict takes the measure whose ratios spread the least.",
@@ -231,7 +232,7 @@ def cost() -> list[str]:
     for mapping in ("async", "multi"):
         off: list[Trial] = []
         on: list[Trial] = []
-        for repeat in range(REPEATS):
+        for repeat in range(PAIRS):
             for checkpoints in (False, True) if repeat % 2 == 0 else (True, False):
                 (on if checkpoints else off).append(measure(mapping, 1000, ITEMS, 1.0 if checkpoints else 0.0))
         cpu = [t.cpu for t in off], [t.cpu for t in on]
