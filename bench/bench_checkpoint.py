@@ -225,8 +225,8 @@ def cost() -> list[str]:
         " (range in brackets); the verdict takes the measure whose ratios spread the least.",
         "",
         "| mapping | off CPU s | on CPU s | CPU cost | off wall s | on wall s | wall cost | checkpoints a run"
-        " | CPU ms a checkpoint | verdict from |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+        " | CPU ms a checkpoint | per core-second | verdict from |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     worst = -1.0
     for mapping in ("async", "multi"):
@@ -247,7 +247,7 @@ def cost() -> list[str]:
         lines.append(
             f"| {mapping} | {statistics.median(cpu[0]):.2f} | {statistics.median(cpu[1]):.2f} | {_ratios(*cpu)}"
             f" | {statistics.median(wall[0]):.2f} | {statistics.median(wall[1]):.2f} | {_ratios(*wall)}"
-            f" | {taken:.0f} | {each:+.0f} | {name} ({ratio:+.1%}) |"
+            f" | {taken:.0f} | {each:+.0f} | {each / 1000:+.1%} | {name} ({ratio:+.1%}) |"
         )
     lines += [
         "",
@@ -255,8 +255,10 @@ def cost() -> list[str]:
         "",
         "The interval is wall time: on a loaded machine a run lasts longer and takes more checkpoints for the same"
         " items, so its CPU cost is higher than on an idle one; *CPU ms a checkpoint* (the extra CPU time of a run"
-        " with checkpoints over its checkpoints) does not depend on that. The files are synced (`fsync`): that time"
-        " waits on the disk, in wall time but not CPU time.",
+        " with checkpoints over its checkpoints) does not depend on that, and *per core-second* is that time over"
+        " one second of one busy core: what a checkpoint every second costs a run that keeps at least one core busy"
+        " (an upper bound; a multi run keeps more than one busy). The files are synced (`fsync`): that time waits on"
+        " the disk, in wall time but not CPU time.",
         "",
     ]
     return lines
