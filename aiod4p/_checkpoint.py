@@ -109,15 +109,20 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that a reader sees all of it or nothing."""
+def _atomic_write(path: Path, data: bytes, sync_dir: bool = True) -> None:
+    """Write ``data`` to ``path`` so that a reader sees all of it or nothing.
+
+    ``sync_dir=False`` leaves the directory entry unsynced: the caller syncs
+    the directory once for many files (:meth:`CheckpointStore.commit`).
+    """
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
     with open(tmp, "wb") as out:
         out.write(data)
         out.flush()
         os.fsync(out.fileno())
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    if sync_dir:
+        _fsync_dir(path.parent)
 
 
 def _part_name(ref: InstanceRef) -> str:
@@ -179,11 +184,12 @@ class CheckpointStore:
         folder = self.path(n)
         folder.mkdir(exist_ok=True)
         name = _part_name(ref)
-        _atomic_write(folder / name, data)
+        _atomic_write(folder / name, data, sync_dir=False)  # the commit syncs the folder once for all parts
         return {"pe": ref.pe, "index": ref.index, "file": name, "size": len(data), "sha256": _digest(data)}
 
     def commit(self, n: int, manifest: dict[str, Any]) -> None:
-        """Complete checkpoint ``n`` (its manifest last), then delete all but the newest ``keep``."""
+        """Complete checkpoint ``n`` (its parts' names synced, then its manifest); keep only the newest ``keep``."""
+        _fsync_dir(self.path(n))
         _atomic_write(self.path(n) / MANIFEST, json.dumps(manifest, indent=1).encode())
         complete = [i for i in self.ids() if i <= n and (self.path(i) / MANIFEST).exists()]
         keep = set(complete[-self.keep :])
@@ -419,6 +425,7 @@ class Aligner:
         self.calls = 0  # calls completed in this run (async generator roots)
         self.outputs = 0  # outputs of the current call
         self.restoring: dict[str, Any] | None = None
+        self.slots: dict[Any, int] = {}  # the key group of every keyed-state key (:func:`capture`)
 
     # -- alignment -------------------------------------------------------------
     async def intercept(self, message: Message, remaining: int) -> bool:
@@ -482,7 +489,7 @@ class Aligner:
         actor = self.actor
         consumed = self.calls if self.in_call else actor.stats.items_in
         return {
-            "pe": capture(actor.pe, self.runtime.grouping(actor.ref.pe)),
+            "pe": capture(actor.pe, self.runtime.grouping(actor.ref.pe), self.slots),
             "feed": self.base + consumed if actor.is_root else 0,
             "outputs": self.outputs if self.in_call else self.resume_outputs,
             "finished": finished,

@@ -23,7 +23,7 @@ import types
 from collections.abc import Iterable
 from typing import Any
 
-from ._groupings import GroupBy, stable_hash
+from ._groupings import _CACHE_LIMIT, GroupBy, stable_hash
 from ._pe import PE
 from .errors import CheckpointError
 
@@ -67,8 +67,13 @@ def keyed_owner(grouping: GroupBy, key: Any, parallelism: int) -> int:
     return stable_hash(_route_key(grouping, key)) % parallelism if parallelism > 1 else 0
 
 
-def capture(pe: PE, grouping: GroupBy | None) -> dict[str, Any]:
+def capture(pe: PE, grouping: GroupBy | None, slots: dict[Any, int] | None = None) -> dict[str, Any]:
     """The state of ``pe`` to save: ``{"attributes" | "custom": ..., "keyed": {slot: {key: value}}}``.
+
+    ``slots`` remembers the key group of every key across the snapshots of one
+    instance (its caller keeps it), so that a key is hashed once per run, not
+    at every checkpoint; like a router's cache, it starts again past
+    ``_CACHE_LIMIT`` keys.
 
     Raises:
         CheckpointError: ``keyed_state`` names no dict, or the PE has a group-by input none.
@@ -86,10 +91,16 @@ def capture(pe: PE, grouping: GroupBy | None) -> dict[str, Any]:
             raise CheckpointError(f"PE {pe.label}: keyed_state names {name!r}, which is not a dict attribute")
         if grouping is None:
             raise CheckpointError(f"PE {pe.label}: keyed_state needs a group-by input")
-        slots: dict[int, dict[Any, Any]] = {}
+        known = slots if slots is not None else {}
+        groups: dict[int, dict[Any, Any]] = {}
         for key, value in table.items():
-            slots.setdefault(stable_hash(_route_key(grouping, key)) % KEY_GROUPS, {})[key] = value
-        state["keyed"] = slots
+            slot = known.get(key)
+            if slot is None:
+                if len(known) >= _CACHE_LIMIT:
+                    known.clear()
+                slot = known[key] = stable_hash(_route_key(grouping, key)) % KEY_GROUPS
+            groups.setdefault(slot, {})[key] = value
+        state["keyed"] = groups
     return state
 
 

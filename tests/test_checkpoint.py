@@ -324,6 +324,54 @@ def test_default_state_is_the_pe_attributes_without_runtime_ones() -> None:
     assert "keyed" in state
 
 
+def test_keyed_state_hashes_each_key_once_a_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An instance's snapshots remember every key's group: the keys are hashed at its first snapshot only."""
+    import aiod4p._state
+
+    hashed: list[Any] = []
+    real = aiod4p._state.stable_hash
+
+    def counting(key: Any) -> int:
+        hashed.append(key)
+        return real(key)
+
+    monkeypatch.setattr(aiod4p._state, "stable_hash", counting)
+    pe = Count()
+    grouping = pe.inputs["input"].grouping
+    pe.counts = {w: i for i, w in enumerate(ckpt_workflows.WORDS)}
+    slots: dict[Any, int] = {}
+    first = capture(pe, grouping, slots)  # type: ignore[arg-type]
+    assert len(hashed) == len(pe.counts)
+    pe.counts = {w: i + 1 for i, w in enumerate(ckpt_workflows.WORDS)}
+    second = capture(pe, grouping, slots)  # type: ignore[arg-type]
+    assert len(hashed) == len(pe.counts)
+    assert second["keyed"] == capture(pe, grouping)["keyed"]  # type: ignore[arg-type]
+    assert {k: set(v) for k, v in first["keyed"].items()} == {k: set(v) for k, v in second["keyed"].items()}
+
+
+def test_store_syncs_a_checkpoint_folder_once_for_all_its_parts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Parts are synced (data) each, their directory entries once, before the manifest: not once per part."""
+    import aiod4p._checkpoint
+
+    synced: list[Path] = []
+    real = aiod4p._checkpoint._fsync_dir
+
+    def counting(path: Path) -> None:
+        synced.append(path)
+        real(path)
+
+    monkeypatch.setattr(aiod4p._checkpoint, "_fsync_dir", counting)
+    store = CheckpointStore(tmp_path / "ck")
+    parts = [store.write_part(1, InstanceRef("count", i), pickle.dumps({"i": i})) for i in range(4)]
+    assert synced == []
+    store.commit(1, {"version": 1, "id": 1, "parallelism": {"count": 4}, "parts": parts, "results_offset": None})
+    assert synced == [store.path(1), store.path(1)]  # the parts' names, then the manifest's
+    latest = store.latest()
+    assert latest is not None and latest.states[InstanceRef("count", 3)] == {"i": 3}
+
+
 def test_keyed_state_moves_to_the_instance_its_keys_reach() -> None:
     grouping = Count().inputs["input"].grouping
     old = []
