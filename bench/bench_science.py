@@ -104,7 +104,7 @@ def run_time(command: list[str], env: dict[str, str] | None = None) -> float | N
     saved = dict(os.environ)
     os.environ.update(env or {})
     try:
-        return timed(command, timeout=TIMEOUT)
+        return timed(command, timeout=TIMEOUT, traceback_fails=True)
     except RuntimeError as exc:
         print(f"  failed: {str(exc)[:300]}", flush=True)
         return None
