@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -42,8 +43,13 @@ def timed(
         try:
             _, stderr = process.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
-            os.killpg(process.pid, 9)
-            process.communicate()
+            # SIGTERM first: mpiexec forwards it to its ranks, which run in process groups of their own
+            os.killpg(process.pid, signal.SIGTERM)
+            try:
+                process.communicate(timeout=10)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.communicate()
             return None
         elapsed = time.perf_counter() - started
         if process.returncode != 0 or (traceback_fails and "Traceback (most recent call last)" in stderr):
