@@ -214,7 +214,9 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         for out in opened:
             out.flush()
 
-    with Interrupts(EXIT_ABORTED, before_exit=flush_results) as signals:
+    # The mapping may start its workers now, so that they start while the workflow loads (mpi: the ranks
+    # import it too); what the run does not take is stopped when it ends.
+    with Interrupts(EXIT_ABORTED, before_exit=flush_results) as signals, mapping.head_start(args.target, args.num):
         try:
             compat.install()  # dispel4py workflows run unchanged
             graph = load_graph(args.target)

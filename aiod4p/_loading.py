@@ -18,7 +18,16 @@ from ._graph import WorkflowGraph
 from ._pe import CompositePE
 from .errors import TargetError
 
-__all__ = ["CodeShipment", "import_file", "in_worker", "load_graph", "load_module", "quiet_import", "ship_code"]
+__all__ = [
+    "CodeShipment",
+    "import_file",
+    "in_worker",
+    "load_graph",
+    "load_module",
+    "preload",
+    "quiet_import",
+    "ship_code",
+]
 
 
 def _split(target: str) -> tuple[str, str | None]:
@@ -68,6 +77,21 @@ def quiet_import() -> contextlib.AbstractContextManager[object]:
     import would print once per worker otherwise).
     """
     return contextlib.redirect_stdout(io.StringIO()) if _worker else contextlib.nullcontext()
+
+
+def preload(target: str) -> None:
+    """In a worker, import the module of ``target`` (as :func:`load_graph` names it) ahead of the job.
+
+    A head start only: the worker imports while its launcher loads the same
+    target, so the job's code is loaded when the job arrives. What the import
+    prints is dropped, and so is an error: the launcher reports its own, and
+    :meth:`CodeShipment.load` imports the module again if the job needs it.
+    Marks the process as a worker (:func:`in_worker`).
+    """
+    global _worker
+    _worker = True
+    with contextlib.suppress(Exception), quiet_import():
+        load_module(_split(target)[0])
 
 
 def _exited(workflow: str, exc: SystemExit) -> TargetError:

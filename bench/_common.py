@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -17,12 +18,16 @@ D4P_PYTHON = Path(os.environ.get("AIOD4P_DISPEL4PY_PYTHON", ROOT / ".venv-dispel
 D4P_BIN = D4P_PYTHON.parent
 
 
-def timed(command: list[str], *, timeout: float, check_items: int | None = None) -> float | None:
+def timed(
+    command: list[str], *, timeout: float, check_items: int | None = None, traceback_fails: bool = False
+) -> float | None:
     """Wall time of ``command`` (run from the repository root), or ``None`` if it hung.
 
     A hung command is killed with its whole session after ``timeout`` seconds.
     With ``check_items``, an aiod4p command also writes ``--stats-json`` and the
-    ``Total`` sink must have received exactly that many items.
+    ``Total`` sink must have received exactly that many items. With
+    ``traceback_fails``, a command that printed a traceback failed whatever its
+    exit status (dispel4py's simple mapping exits 0 when a PE raises).
 
     Raises:
         RuntimeError: the command failed.
@@ -38,11 +43,16 @@ def timed(command: list[str], *, timeout: float, check_items: int | None = None)
         try:
             _, stderr = process.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
-            os.killpg(process.pid, 9)
-            process.communicate()
+            # SIGTERM first: mpiexec forwards it to its ranks, which run in process groups of their own
+            os.killpg(process.pid, signal.SIGTERM)
+            try:
+                process.communicate(timeout=10)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.communicate()
             return None
         elapsed = time.perf_counter() - started
-        if process.returncode != 0:
+        if process.returncode != 0 or (traceback_fails and "Traceback (most recent call last)" in stderr):
             raise RuntimeError(f"{' '.join(command)} failed ({process.returncode}):\n{stderr[-2000:]}")
         if check_items is not None:
             pes = json.loads(stats.read_text())["pes"]

@@ -123,6 +123,70 @@ def test_cli_launched_pe_error_exits_non_zero() -> None:
     assert "Abort(" not in done.stderr  # the expected teardown is not shown as noise
 
 
+# A workflow file whose import, in the launcher, waits until both ranks have imported it too.
+_WAITS_FOR_THE_RANKS = """
+import os
+import sys
+import time
+from pathlib import Path
+
+marks = Path(os.environ["AIOD4P_TEST_MARKS"])
+if "PMI_RANK" in os.environ:
+    (marks / f"rank-{os.environ['PMI_RANK']}").touch()
+else:
+    deadline = time.monotonic() + 40
+    while not all((marks / f"rank-{rank}").exists() for rank in (0, 1)):
+        if time.monotonic() > deadline:
+            raise RuntimeError("the ranks did not import the workflow while the launcher loaded it")
+        time.sleep(0.01)  # polls other processes' files: there is no event to wait on
+
+sys.path.insert(0, os.environ["AIOD4P_TEST_WORKFLOWS"])
+from workflows import mpi_chain
+
+graph = mpi_chain()
+"""
+
+
+def test_cli_ranks_import_the_workflow_while_the_launcher_loads_it(tmp_path: Path) -> None:
+    flow = tmp_path / "overlapped.py"
+    flow.write_text(_WAITS_FOR_THE_RANKS)
+    out = tmp_path / "out.jsonl"
+    done = subprocess.run(
+        cli(str(flow), "--mapping", "mpi", "-n", "2", "-i", "50", "--results", str(out)),
+        capture_output=True,
+        text=True,
+        timeout=55,
+        env={**os.environ, "AIOD4P_TEST_MARKS": str(tmp_path), "AIOD4P_TEST_WORKFLOWS": str(WORKFLOWS.parent)},
+    )
+    assert done.returncode == 0, done.stderr
+    assert sorted(json.loads(line)["data"] for line in out.read_text().splitlines()) == [i * 8 for i in range(50)]
+
+
+@pytest.mark.parametrize(
+    ("source", "expected"),
+    [
+        ("from aiod4p import WorkflowGraph\nx = (\n", "SyntaxError: '(' was never closed (broken.py, line 2)"),
+        ("from aiod4p import WorkflowGraph\n\nraise KeyError('no catalogue')\n", "KeyError: 'no catalogue'"),
+    ],
+)
+def test_cli_launched_bad_workflow_file_is_reported_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, source: str, expected: str
+) -> None:
+    mark = f"AIOD4P_TEST_MARK=broken-{os.getpid()}-{time.monotonic_ns()}"
+    monkeypatch.setenv("AIOD4P_TEST_MARK", mark.split("=", 1)[1])
+    flow = tmp_path / "broken.py"
+    flow.write_text(source)
+    done = subprocess.run(
+        cli(str(flow), "--mapping", "mpi", "-n", "2", "-i", "1"), capture_output=True, text=True, timeout=30
+    )
+    assert done.returncode == 1
+    assert done.stderr.count(expected) == 1, done.stderr
+    assert done.stderr.startswith(f"aiod4p: error: importing {flow} failed"), done.stderr
+    assert "Abort(" not in done.stderr and "Traceback" not in done.stderr
+    assert done.stdout == ""
+    assert _marked_processes(mark) == []  # the ranks started ahead are ended
+
+
 def test_pe_error_on_another_rank_names_the_pe() -> None:
     started = time.monotonic()
     with pytest.raises(PEError) as caught:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Mapping
 from typing import ClassVar
@@ -73,6 +74,15 @@ class BaseMapping(ABC):
     supports_checkpoints: ClassVar[bool] = False
     checkpointing: Checkpointing | None = None
     """Checkpoints and recovery for the next runs (mappings whose ``supports_checkpoints`` is true)."""
+
+    def head_start(self, target: str, workers: int | None) -> contextlib.AbstractContextManager[None]:
+        """Start, before the caller loads the workflow ``target`` (the CLI's target), what the next run of
+        ``-n workers`` will need, so that it overlaps the load; on leaving, what no run took is stopped.
+
+        A hint only: the next run works the same whether or not it takes what was started, and the
+        caller reports an error loading ``target`` itself. The default starts nothing.
+        """
+        return contextlib.nullcontext()
 
     @abstractmethod
     def plan_options(self, workers: int | None, batch_size: int, credits: int) -> PlanOptions:

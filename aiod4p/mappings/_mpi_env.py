@@ -2,15 +2,25 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shlex
+import socket
 import sys
 from pathlib import Path
 
 from .._install import install_hint
 from ..errors import MappingUnavailable
 
-__all__ = ["INSTALL_HINT", "find_mpiexec", "job_rank", "job_size", "mpiexec_extra_args"]
+__all__ = [
+    "INSTALL_HINT",
+    "find_mpiexec",
+    "job_frame",
+    "job_rank",
+    "job_size",
+    "mpiexec_extra_args",
+    "receive_job",
+]
 
 INSTALL_HINT = install_hint("mpi")
 
@@ -74,3 +84,31 @@ def find_mpiexec() -> str:
 def mpiexec_extra_args() -> list[str]:
     """Extra mpiexec arguments from ``AIOD4P_MPIEXEC_ARGS`` (e.g. ``-f hostfile``)."""
     return shlex.split(os.environ.get("AIOD4P_MPIEXEC_ARGS", ""))
+
+
+_LENGTH = 8  # bytes of a job's length before the job, on the launcher's socket
+
+
+def job_frame(payload: bytes) -> bytes:
+    """What a launcher sends rank 0 on its socket to hand it the job ``payload``; :func:`receive_job` reads it."""
+    return len(payload).to_bytes(_LENGTH, "big") + payload
+
+
+async def receive_job(sock: socket.socket) -> bytes:
+    """The job a launcher sent on ``sock`` (non-blocking) with :func:`job_frame`.
+
+    Raises:
+        ConnectionError: the launcher closed the socket first (it gave up the run).
+    """
+    loop = asyncio.get_running_loop()
+
+    async def exactly(size: int) -> bytes:
+        data = bytearray()
+        while len(data) < size:
+            chunk = await loop.sock_recv(sock, min(size - len(data), 1 << 20))
+            if not chunk:
+                raise ConnectionError("the launching process closed its socket before sending the job")
+            data += chunk
+        return bytes(data)
+
+    return await exactly(int.from_bytes(await exactly(_LENGTH), "big"))

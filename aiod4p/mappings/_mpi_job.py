@@ -1,13 +1,19 @@
 """The program every rank of an mpi run started by :class:`MpiMapping` executes.
 
-    mpiexec -n N python -m aiod4p.mappings._mpi_job JOB_FILE SOCKET
+    mpiexec -n N python -m aiod4p.mappings._mpi_job SOCKET [TARGET]
 
-Rank 0 reads the job (shipped by :func:`aiod4p.mappings._shipping.ship`),
-broadcasts it, connects to the launcher's local socket and serves the whole
-job to it (:class:`~aiod4p.mappings._mpi_ranks.RankZero` under
+The launcher may start the ranks before it has a job for them: with the
+workflow's ``TARGET`` (as given to ``aiod4p run``), every rank imports the
+workflow's module while the launcher loads and plans it (a head start; see
+:func:`aiod4p._loading.preload`). Rank 0 connects to the launcher's local
+socket, receives the job (shipped by :func:`aiod4p.mappings._shipping.ship`),
+and broadcasts it once every rank is ready; the ranks wait for it without
+spinning. Rank 0 then serves the whole job to the launcher
+(:class:`~aiod4p.mappings._mpi_ranks.RankZero` under
 :func:`~aiod4p.mappings._host.serve`): results, statistics and the outcome go
 back, drain requests and pumped inputs come in. If the run fails, rank 0
-reports the error and ends the whole job with ``MPI_Abort``.
+reports the error and ends the whole job with ``MPI_Abort``; if the launcher
+goes away before sending the job, rank 0 ends the job quietly.
 """
 
 from __future__ import annotations
@@ -16,28 +22,32 @@ import asyncio
 import socket
 import sys
 import traceback
-from pathlib import Path
 
 from mpi4py import MPI
 
 from .._api import loop_factory
+from .._loading import preload
 from .._logging import configure_logging
 from ..transports.pipes import open_pipe_comm
 from ._host import ForwardSink, fail, pumped_feeds, serve
+from ._mpi_env import receive_job
 from ._mpi_ranks import RankZero, abort_job, run_follower
 from ._shipping import unship
 
 __all__ = ["main"]
 
 
-async def _lead(job_path: str, address: str) -> None:
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.connect(address)
+async def _lead(sock: socket.socket) -> None:
+    try:
+        payload = await receive_job(sock)
+    except ConnectionError:
+        abort_job(1)  # the launcher gave up the run (it failed to load the workflow, and reported it)
+        return
     control = await open_pipe_comm(sock)
     name = "MPI rank 0"
     try:
-        payload = MPI.COMM_WORLD.bcast(Path(job_path).read_bytes(), root=0)  # noqa: ASYNC240 - small, at start
-        job = unship(payload, name)
+        await _every_rank_ready()
+        job = unship(MPI.COMM_WORLD.bcast(payload, root=0), name)
         feeds, pumped = pumped_feeds(job.feeds, control)
         sink = ForwardSink(control, "the launching process")
         group = RankZero(
@@ -57,7 +67,18 @@ async def _lead(job_path: str, address: str) -> None:
         abort_job(1)  # the error is reported (or the launcher is gone): end every rank
 
 
+async def _every_rank_ready() -> None:
+    """Wait until every rank has reached this point, polling (a rank blocked in an MPICH call spins at 100%
+    CPU, which would slow the launcher and the other ranks while they load the workflow)."""
+    request = MPI.COMM_WORLD.Ibarrier()
+    delay = 0.0005
+    while not request.Test():
+        await asyncio.sleep(delay)
+        delay = min(2 * delay, 0.005)
+
+
 async def _follow() -> None:
+    await _every_rank_ready()
     job = unship(MPI.COMM_WORLD.bcast(None, root=0), f"MPI rank {MPI.COMM_WORLD.Get_rank()}")
     if not await run_follower(
         job.plan, job.feeds, max_delay=job.max_delay, interval=job.interval, checkpoints=job.checkpoints
@@ -66,12 +87,24 @@ async def _follow() -> None:
 
 
 def main(argv: list[str]) -> int:
-    """Run this rank; returns its exit status (a failure aborts the whole job)."""
+    """Run this rank (``argv``: the launcher's socket, and optionally the workflow's target to import
+    ahead); returns its exit status (a failure aborts the whole job)."""
+    address, *target = argv
     rank = MPI.COMM_WORLD.Get_rank()
     configure_logging()  # PE.log() messages reach this rank's stderr, which the launcher relays
+    sock: socket.socket | None = None
+    if rank == 0:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.connect(address)
+        sock.setblocking(False)
+    if target:
+        from .. import compat  # the CLI installs it before it loads a workflow: import the same way
+
+        compat.install()
+        preload(target[0])
     with asyncio.Runner(loop_factory=loop_factory(True)) as runner:
         try:
-            runner.run(_lead(argv[0], argv[1]) if rank == 0 else _follow())
+            runner.run(_lead(sock) if sock is not None else _follow())
         except Exception:
             traceback.print_exc()
             abort_job(1)

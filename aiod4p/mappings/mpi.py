@@ -8,11 +8,13 @@ Two ways to run:
   other ranks report none);
 * launched (``aiod4p run wf:graph --mapping mpi -n 4`` or
   ``aiod4p.run(graph, mapping="mpi", workers=4)``): the mapping starts the
-  mpiexec of the installed MPI itself, ships the job in a file, and
-  supervises rank 0 over a pipe comm on a local socket (the worker host's
-  control messages: results, statistics, errors, drain, pumped inputs). The
-  ranks' stdout and stderr reach this process's stderr: stdout carries only
-  what the caller writes (``--results -``).
+  mpiexec of the installed MPI itself, sends the job to rank 0 on a local
+  socket, and supervises rank 0 over a pipe comm on that socket (the worker
+  host's control messages: results, statistics, errors, drain, pumped
+  inputs). The ranks' stdout and stderr reach this process's stderr: stdout
+  carries only what the caller writes (``--results -``). The CLI starts the
+  mpiexec before it loads the workflow (:meth:`MpiMapping.head_start`): the
+  ranks import the workflow's module while the CLI loads and plans it.
 
 Instance ``i`` of a PE runs on rank ``i % ranks``; channels between ranks are
 :class:`~aiod4p.transports.mpi.MpiComm` s. Needs the ``mpi`` extra.
@@ -22,13 +24,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import signal
 import socket
+import subprocess
 import sys
 import tempfile
+import threading
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 from .._checkpoint import LauncherCheckpoints, Session
@@ -40,7 +45,7 @@ from ..errors import CheckpointError, InputError, MappingUnavailable, WorkerDied
 from ..transports.pipes import PipeComm, open_pipe_comm
 from ._base import BaseMapping, RunControl
 from ._host import STATS_INTERVAL, Supervisor, split_feeds
-from ._mpi_env import INSTALL_HINT, find_mpiexec, job_rank, job_size, mpiexec_extra_args
+from ._mpi_env import INSTALL_HINT, find_mpiexec, job_frame, job_rank, job_size, mpiexec_extra_args
 from ._shipping import Job, check_importable, ship
 
 __all__ = ["MpiMapping"]
@@ -65,20 +70,52 @@ class MpiMapping(BaseMapping):
     def __init__(self) -> None:
         self.size = job_size()
         self.follower = self.size is not None and job_rank() != 0
+        self._early: _Ranks | None = None  # started by head_start, for the next run
 
-    def plan_options(self, workers: int | None, batch_size: int, credits: int) -> PlanOptions:
-        """Raises:
-        ValueError: under mpiexec, ``workers`` differs from the job's size.
+    def _ranks(self, workers: int | None) -> int:
+        """The number of ranks for ``-n workers``.
+
+        Raises:
+            ValueError: under mpiexec, ``workers`` differs from the job's size.
         """
         if self.size is not None:
             if workers is not None and workers != self.size:
                 raise ValueError(
                     f"this mpi run has {self.size} ranks (from mpiexec); -n {workers} does not match it: drop -n"
                 )
-            workers = self.size
+            return self.size
+        return workers or os.cpu_count() or 1
+
+    def plan_options(self, workers: int | None, batch_size: int, credits: int) -> PlanOptions:
+        """Raises:
+        ValueError: under mpiexec, ``workers`` differs from the job's size.
+        """
         return PlanOptions(
-            workers=workers or os.cpu_count() or 1, default_parallelism=None, batch_size=batch_size, credits=credits
+            workers=self._ranks(workers), default_parallelism=None, batch_size=batch_size, credits=credits
         )
+
+    @contextlib.contextmanager
+    def head_start(self, target: str, workers: int | None) -> Iterator[None]:
+        """Launch the mpiexec of the next run now, its ranks importing ``target``'s module while the caller
+        loads and plans it (they then wait for the job without spinning); on leaving, end it if no run
+        took it. Under the user's mpiexec, or when no mpiexec can start, nothing is started: the run
+        reports why.
+        """
+        if self.size is None:
+            with contextlib.suppress(MappingUnavailable, ValueError):
+                self._early = _Ranks(find_mpiexec(), self._ranks(workers), target)
+        try:
+            yield
+        finally:
+            self._take_early(None)
+
+    def _take_early(self, workers: int | None) -> _Ranks | None:
+        """The ranks :meth:`head_start` launched if there are ``workers`` of them; any others are ended."""
+        early, self._early = self._early, None
+        if early is not None and early.workers != workers:
+            early.close()
+            return None
+        return early
 
     async def execute(
         self,
@@ -102,7 +139,13 @@ class MpiMapping(BaseMapping):
                 raise CheckpointError("checkpoints need aiod4p to launch the mpiexec: run without mpiexec, with -n")
             return await self._run_in_job(plan, feeds, sink, control, max_delay)
         return await self._recovering(
-            plan, feeds, sink, lambda sink, session: _launch(plan, feeds, sink, control, max_delay, session)
+            plan,
+            feeds,
+            sink,
+            # the first attempt's ranks were started ahead (head_start); a restart launches anew
+            lambda sink, session: _launch(
+                plan, feeds, sink, control, max_delay, session, self._take_early(plan.workers)
+            ),
         )
 
     async def _run_in_job(
@@ -151,64 +194,146 @@ async def _launch(
     control: RunControl,
     max_delay: float,
     session: Session | None,
+    ranks: _Ranks | None = None,
 ) -> list[InstanceStats]:
-    mpiexec = find_mpiexec()
-    check_importable(plan, "the MPI ranks")
-    shipped, pumped = split_feeds(plan, feeds)
-    _check_pumped(plan, pumped)
-    if session is not None:
-        pumped = session.resumed(pumped)
-    spec = session.spec() if session is not None else None
-    payload = ship(Job(plan, shipped, max_delay, STATS_INTERVAL, spec), "start the MPI ranks")
-    with tempfile.TemporaryDirectory(prefix="aiod4p-mpi-") as directory:
-        job_path = Path(directory, "job.pickle")
-        job_path.write_bytes(payload)  # noqa: ASYNC240 - a small local file, before anything runs
-        address = str(Path(directory, "rank0.sock"))
-        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    """Run ``plan`` on ``ranks`` started ahead for it, or on ranks launched now."""
+    try:
+        mpiexec = find_mpiexec() if ranks is None else ""
+        check_importable(plan, "the MPI ranks")
+        shipped, pumped = split_feeds(plan, feeds)
+        _check_pumped(plan, pumped)
+        if session is not None:
+            pumped = session.resumed(pumped)
+        spec = session.spec() if session is not None else None
+        payload = ship(Job(plan, shipped, max_delay, STATS_INTERVAL, spec), "start the MPI ranks")
+        if ranks is None:
+            ranks = _Ranks(mpiexec, plan.workers)
+        process = await _Process.adopt(ranks.process)
+        job = _Job(process, plan, sink, control, pumped, session)
         try:
-            listener.bind(address)
-            listener.listen(1)
-            listener.setblocking(False)
-            command = [
-                mpiexec,
-                *mpiexec_extra_args(),
-                "-n",
-                str(plan.workers),
-                sys.executable,
-                "-m",
-                "aiod4p.mappings._mpi_job",
-                str(job_path),
-                address,
-            ]
+            return await job.run(ranks.listener, payload)
+        finally:
+            # Still running: the run was cancelled or aborted (Ctrl-C twice, a closed stdout). What the
+            # job says once terminated (mpiexec's "BAD TERMINATION" banner) is our own doing, not news.
+            job.stopped = process.returncode is None
+            await _stop(process)
+            await job.close()
+            process.close()
+    finally:
+        if ranks is not None:
+            ranks.close()
+
+
+class _Ranks:
+    """A launched mpiexec (its ranks run :mod:`aiod4p.mappings._mpi_job`) and the local socket that
+    rank 0 connects to, in a directory of its own.
+
+    Args:
+        mpiexec: the mpiexec to run.
+        workers: the number of ranks.
+        preload: the workflow's target, which every rank imports while it waits for the job.
+
+    Raises:
+        MappingUnavailable: the mpiexec cannot be started.
+    """
+
+    def __init__(self, mpiexec: str, workers: int, preload: str | None = None) -> None:
+        self.workers = workers
+        self._directory = tempfile.TemporaryDirectory(prefix="aiod4p-mpi-")
+        address = str(Path(self._directory.name, "rank0.sock"))
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            self.listener.bind(address)
+            self.listener.listen(1)
+            self.listener.setblocking(False)
+            command = [mpiexec, *mpiexec_extra_args(), "-n", str(workers), sys.executable, "-m"]
+            command += ["aiod4p.mappings._mpi_job", address, *([preload] if preload is not None else [])]
             env = dict(os.environ)
             env["PYTHONPATH"] = os.pathsep.join(
                 [p for p in sys.path if p] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
             )
             try:
-                process = await asyncio.create_subprocess_exec(
-                    *command,
-                    stdin=asyncio.subprocess.DEVNULL,
-                    stdout=asyncio.subprocess.PIPE,
-                    stderr=asyncio.subprocess.PIPE,
+                self.process = subprocess.Popen(
+                    command,
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
                     env=env,
                     start_new_session=True,
                 )
             except OSError as exc:
                 raise MappingUnavailable(f"cannot start {mpiexec}: {exc}") from exc
-            job = _Job(process, plan, sink, control, pumped, session)
+        except BaseException:
+            self.listener.close()
+            self._directory.cleanup()
+            raise
+
+    def close(self) -> None:
+        """End the mpiexec and its ranks if still running, reap it, and remove the socket."""
+        if self.process.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGTERM)
             try:
-                return await job.run(listener)
-            finally:
-                # Still running: the run was cancelled or aborted (Ctrl-C twice, a closed stdout). What the
-                # job says once terminated (mpiexec's "BAD TERMINATION" banner) is our own doing, not news.
-                job.stopped = process.returncode is None
-                await _stop(process)
-                await job.close()
-        finally:
-            listener.close()
+                self.process.wait(3)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+        for pipe in (self.process.stdout, self.process.stderr):
+            if pipe is not None:
+                pipe.close()
+        self.listener.close()
+        self._directory.cleanup()
 
 
-async def _stop(process: asyncio.subprocess.Process) -> None:
+class _Process:
+    """The event loop's view of a started mpiexec, which may have started before the loop did: its
+    output as streams, and its exit (waited for by a thread, as asyncio's own child watcher does)."""
+
+    def __init__(self, process: subprocess.Popen[bytes]) -> None:
+        self.process = process
+        self.pid = process.pid
+        self.stdout = asyncio.StreamReader()
+        self.stderr = asyncio.StreamReader()
+        self._pipes: list[asyncio.ReadTransport] = []
+        loop = asyncio.get_running_loop()
+        self._exit: asyncio.Future[int] = loop.create_future()
+
+        def exited(code: int) -> None:
+            if not self._exit.done():
+                self._exit.set_result(code)
+
+        def wait() -> None:
+            code = process.wait()
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits any more
+                loop.call_soon_threadsafe(exited, code)
+
+        threading.Thread(target=wait, name=f"aiod4p-mpiexec-{process.pid}", daemon=True).start()
+
+    @classmethod
+    async def adopt(cls, process: subprocess.Popen[bytes]) -> _Process:
+        """Watch ``process`` (started with piped stdout and stderr) from the running loop."""
+        adopted = cls(process)
+        loop = asyncio.get_running_loop()
+        for reader, pipe in ((adopted.stdout, process.stdout), (adopted.stderr, process.stderr)):
+            transport, _ = await loop.connect_read_pipe(functools.partial(asyncio.StreamReaderProtocol, reader), pipe)
+            adopted._pipes.append(transport)
+        return adopted
+
+    def close(self) -> None:
+        """Close the output pipes (uvloop keeps a pipe open after its end), once read."""
+        for transport in self._pipes:
+            transport.close()
+
+    @property
+    def returncode(self) -> int | None:
+        return self._exit.result() if self._exit.done() else None
+
+    async def wait(self) -> int:
+        return await asyncio.shield(self._exit)
+
+
+async def _stop(process: _Process) -> None:
     """End the mpiexec and its ranks if still running, and reap it."""
     if process.returncode is None:
         with contextlib.suppress(ProcessLookupError):
@@ -227,7 +352,7 @@ class _Job:
 
     def __init__(
         self,
-        process: asyncio.subprocess.Process,
+        process: _Process,
         plan: ExecutionPlan,
         sink: ResultSink,
         control: RunControl,
@@ -247,14 +372,15 @@ class _Job:
         self.relays = [asyncio.create_task(self._relay(stream)) for stream in (process.stdout, process.stderr)]
         self.exited = asyncio.create_task(process.wait())
 
-    async def run(self, listener: socket.socket) -> list[InstanceStats]:
-        accept = asyncio.ensure_future(asyncio.get_running_loop().sock_accept(listener))
+    async def run(self, listener: socket.socket, payload: bytes) -> list[InstanceStats]:
+        """Hand the job ``payload`` to rank 0 when it connects to ``listener``, then supervise the run."""
+        accept = asyncio.ensure_future(self._hand_over(listener, payload))
         comm: PipeComm | None = None
         try:
             await asyncio.wait({accept, self.exited}, return_when=asyncio.FIRST_COMPLETED)
-            if not accept.done():
+            if not accept.done() or accept.exception() is not None:
                 raise WorkerDied(await self._death(0))
-            comm = await open_pipe_comm(accept.result()[0])
+            comm = await open_pipe_comm(accept.result())
             supervisor = Supervisor(
                 self.plan,
                 {0: comm},
@@ -293,6 +419,22 @@ class _Job:
             await asyncio.gather(accept, return_exceptions=True)
             if comm is not None:
                 comm.abort()
+
+    @staticmethod
+    async def _hand_over(listener: socket.socket, payload: bytes) -> socket.socket:
+        """Rank 0's connection, once the job is sent on it.
+
+        Raises:
+            OSError: rank 0 went away while the job was sent.
+        """
+        loop = asyncio.get_running_loop()
+        sock = (await loop.sock_accept(listener))[0]
+        try:
+            await loop.sock_sendall(sock, job_frame(payload))
+        except BaseException:
+            sock.close()
+            raise
+        return sock
 
     async def _exited(self, _: int) -> None:
         await asyncio.shield(self.exited)
