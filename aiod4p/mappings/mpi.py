@@ -218,7 +218,7 @@ async def _launch(
             job.stopped = process.returncode is None
             await _stop(process)
             await job.close()
-            process.close()
+            await process.close()
     finally:
         if ranks is not None:
             ranks.close()
@@ -286,6 +286,19 @@ class _Ranks:
         self._directory.cleanup()
 
 
+class _Output(asyncio.StreamReaderProtocol):
+    """A stream reader's protocol whose :attr:`lost` is done once its transport has closed."""
+
+    def __init__(self, reader: asyncio.StreamReader) -> None:
+        super().__init__(reader)
+        self.lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        if not self.lost.done():
+            self.lost.set_result(None)
+
+
 class _Process:
     """The event loop's view of a started mpiexec, which may have started before the loop did: its
     output as streams, and its exit (waited for by a thread, as asyncio's own child watcher does)."""
@@ -295,7 +308,7 @@ class _Process:
         self.pid = process.pid
         self.stdout = asyncio.StreamReader()
         self.stderr = asyncio.StreamReader()
-        self._pipes: list[asyncio.ReadTransport] = []
+        self._pipes: list[tuple[asyncio.ReadTransport, _Output]] = []
         loop = asyncio.get_running_loop()
         self._exit: asyncio.Future[int] = loop.create_future()
 
@@ -316,14 +329,20 @@ class _Process:
         adopted = cls(process)
         loop = asyncio.get_running_loop()
         for reader, pipe in ((adopted.stdout, process.stdout), (adopted.stderr, process.stderr)):
-            transport, _ = await loop.connect_read_pipe(functools.partial(asyncio.StreamReaderProtocol, reader), pipe)
-            adopted._pipes.append(transport)
+            transport, protocol = await loop.connect_read_pipe(functools.partial(_Output, reader), pipe)
+            adopted._pipes.append((transport, protocol))
         return adopted
 
-    def close(self) -> None:
-        """Close the output pipes (uvloop keeps a pipe open after its end), once read."""
-        for transport in self._pipes:
+    async def close(self) -> None:
+        """Close the output pipes (uvloop keeps a pipe open after its end) and wait until they are.
+
+        A transport closes its pipe's descriptor a loop turn after ``close()``; closing the pipe
+        meanwhile, or returning before, would let that late close hit a descriptor opened since
+        (a restart's new pipes).
+        """
+        for transport, _ in self._pipes:
             transport.close()
+        await asyncio.gather(*(protocol.lost for _, protocol in self._pipes))
 
     @property
     def returncode(self) -> int | None:
