@@ -5,6 +5,7 @@
 It listens on a free port of 127.0.0.1 (framed binary Thrift, as Storm's
 default transport), prints the port on stdout, and writes every submitted
 topology to RECORD_DIR/submitted.json and its jar to RECORD_DIR/uploaded.jar.
+While RECORD_DIR/refuse-kill exists, it fails every kill (an internal error).
 """
 
 from __future__ import annotations
@@ -71,6 +72,8 @@ class Handler:
         (self.record / "submitted.json").write_text(json.dumps(submitted))
 
     def killTopologyWithOpts(self, name: str, options: Any) -> None:
+        if (self.record / "refuse-kill").exists():
+            raise RuntimeError("Nimbus refuses to kill")
         (self.record / "killed.json").write_text(json.dumps({"name": name, "wait_secs": options.wait_secs}))
 
 

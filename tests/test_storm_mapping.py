@@ -196,6 +196,36 @@ def test_submit_with_sparse_then_kill_a_topology_that_does_not_start(
     assert not any((tmp_path / "scratch").iterdir())  # the temporary project is gone
 
 
+def test_a_kill_that_nimbus_refuses_is_reported_and_the_run_releases_what_it_holds(
+    fake_nimbus: Callable[[int], tuple[int, Path]], sandbox: dict[str, str], tmp_path: Path
+) -> None:
+    port, record = fake_nimbus(1)
+    (record / "refuse-kill").touch()
+    code = (
+        "import aiod4p, sys\n"
+        "from aiod4p.mappings.storm import StormMapping\n"
+        f"mapping = StormMapping(nimbus='127.0.0.1:{port}', target={WORDCOUNT!r}, start_timeout=1)\n"
+        f"graph = aiod4p.load_graph({WORDCOUNT!r})\n"
+        "try:\n"
+        "    aiod4p.run(graph, 1, mapping=mapping, workers=2)\n"
+        "except aiod4p.errors.Aiod4pError as exc:\n"
+        "    sys.exit(str(exc))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-X", "dev", "-W", "error::ResourceWarning", "-c", code],
+        env=sandbox,
+        cwd=tmp_path / "cwd",
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 1
+    name = json.loads((record / "submitted.json").read_text())["name"]
+    assert f"topology {name} did not start within 1 s" in done.stderr  # the run's own error comes first
+    assert f"did not kill topology {name}" in done.stderr and f"storm kill {name} -w 0" in done.stderr
+    assert "ResourceWarning" not in done.stderr  # the run's report server was closed all the same
+
+
 def test_without_streamparse_the_mapping_says_how_to_install_it(tmp_path: Path) -> None:
     code = (
         "import sys; sys.modules['streamparse'] = None\n"

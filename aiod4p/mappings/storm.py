@@ -139,6 +139,7 @@ class StormMapping(BaseMapping):
 
         control.on_drain(drain)
         submitted = False
+        failed = True
         try:
             with tempfile.TemporaryDirectory(prefix="aiod4p-storm-project-") as tmp:
                 project = build_project(
@@ -159,17 +160,37 @@ class StormMapping(BaseMapping):
             await self._wait(report, cluster)
             for task in draining:
                 await task
+            failed = False
         finally:
             over = True
             for task in draining:
                 task.cancel()
             await asyncio.gather(*draining, return_exceptions=True)
-            if submitted:
-                await asyncio.to_thread(kill, cluster, self.topology)
-            await report.close(grace=30 if report.failed else 0)
+            try:
+                if submitted:
+                    await self._kill(cluster, failed)
+            finally:
+                await report.close(grace=30 if report.failed else 0)
         if report.failed:
             raise report.error()
         return []
+
+    async def _kill(self, cluster: Cluster, failed: bool) -> None:
+        """Kill the run's topology; if Nimbus does not, say how to, as an error of the run unless it ``failed`` already.
+
+        Raises:
+            Aiod4pError: Nimbus did not kill it (and the run had not failed).
+        """
+        try:
+            await asyncio.to_thread(kill, cluster, self.topology)
+        except Exception as exc:
+            message = (
+                f"Nimbus at {cluster.address} did not kill topology {self.topology} ({type(exc).__name__}: {exc});"
+                f" kill it with: storm kill {self.topology} -w 0"
+            )
+            if not failed:
+                raise Aiod4pError(message) from exc
+            logger.error("%s", message)
 
     async def _wait(self, report: RunReport, cluster: Cluster) -> None:
         """Wait until every task has finished or the run failed."""

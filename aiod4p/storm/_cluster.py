@@ -122,8 +122,10 @@ def find_cluster(nimbus: str | None = None, config: str | Path = "config.json") 
 
 
 @contextlib.contextmanager
-def nimbus(cluster: Cluster, timeout: float = 30.0) -> Iterator[Any]:
+def nimbus(cluster: Cluster, timeout: float = 60.0) -> Iterator[Any]:
     """A Thrift client of ``cluster``'s Nimbus (streamparse's definition of Storm's API).
+
+    ``timeout`` bounds each call: a JVM on a machine whose cores are all busy may take tens of seconds.
 
     Raises:
         thriftpy2 and socket errors: Nimbus cannot be reached.
