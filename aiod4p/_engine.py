@@ -417,7 +417,11 @@ class _Actor(_Invoker):
             inbox, remaining = self.inbox, self.expected_eos
             while remaining:
                 if inbox.empty() and self.dirty:
-                    await self._flush_all()
+                    # Let the tasks that are ready (a root's feed among them) run once first: only an inbox
+                    # still empty then means the input has really paused.
+                    await asyncio.sleep(0)
+                    if inbox.empty():
+                        await self._flush_all()
                 message = await inbox.get()
                 if aligner is not None and await aligner.intercept(message, remaining):
                     continue

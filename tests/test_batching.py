@@ -256,3 +256,29 @@ def test_the_simple_mapping_keeps_batches_of_batch_size() -> None:
         assert entry.items_in == 20_000
         assert entry.batches_in >= 20_000 // 64, entry
         assert entry.max_queued_items <= entry.inflight_bound
+
+
+class WidePlus(Plus):
+    def __init__(self) -> None:
+        super().__init__()
+        self.parallelism = 2
+
+
+def test_a_root_fed_without_pause_sends_full_batches_to_another_worker() -> None:
+    # multi -n 2: the source on worker 0 deals its items to WidePlus[0] beside it and WidePlus[1] on worker 1.
+    # The source's inbox runs empty after each feed batch only until the feed (ready, with credit) runs again:
+    # that is no pause of the input, so its partly filled batches are not flushed then, and the batches to
+    # worker 1 fill towards their cap (4,096) instead of going out with about 600 items each.
+    graph = WorkflowGraph()
+    graph.connect(Counter(), "output", plus := WidePlus(), "input")
+    graph.connect(plus, "output", Total(), "input")
+
+    async def main() -> list[InstanceStats]:
+        async with asyncio.timeout(45), aiod4p.start(graph, 400_000, mapping="multi", workers=2, max_delay=60) as run:
+            await run.results()
+        return run.stats
+
+    stats = {entry.instance: entry for entry in asyncio.run(main()) if entry.pe == plus.id}
+    assert stats[0].items_in + stats[1].items_in == 400_000
+    assert stats[1].items_in > 0
+    assert stats[1].items_in / stats[1].batches_in > 1024, stats[1]
