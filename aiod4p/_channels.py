@@ -186,9 +186,13 @@ class LocalChannel(CreditedSender):
         self._total = credits
         self._taken: deque[int] = deque()  # the credits each batch in flight took, oldest first
 
+    def takes(self, count: int) -> int:
+        """The credits a batch of ``count`` items takes (it waits while the channel has fewer)."""
+        return min(-(-count // self.unit), self._total) or 1
+
     async def send(self, port: str | None, items: list[Any]) -> None:
         """Deliver a batch, waiting until the channel has the credits it takes."""
-        weight = min(-(-len(items) // self.unit), self._total) or 1
+        weight = self.takes(len(items))
         while self.credits < weight:
             self._waiter = asyncio.get_running_loop().create_future()
             try:

@@ -1170,15 +1170,16 @@ class Worker:
         """How many feed elements the next batch to root ``pe`` carries.
 
         ``batch_size`` until the root's time per call is measured (and always
-        with ``fixed_order``); then up to ``credits x batch_size`` (the batch
-        takes a credit per ``batch_size``), at most ``batch_seconds`` of the
-        root's measured work.
+        with ``fixed_order``); then more while ``batch_seconds`` of the root's
+        measured work allows, up to ``credits x batch_size`` (the batch takes a
+        credit per ``batch_size``). Never fewer than ``batch_size``: a root's
+        calls are not dealt among instances, so small batches would buy nothing.
         """
         options = self.plan.options
         seconds = None if self.fixed_order else self.seconds_per_item(pe)
         if not seconds:
             return options.batch_size
-        return max(1, min(options.batch_size * options.credits, int(options.batch_seconds / seconds)))
+        return max(options.batch_size, min(options.batch_size * options.credits, int(options.batch_seconds / seconds)))
 
     async def _feed_async(self, pe: PE, channel: _TimedChannel, feed: AsyncIterable[Any]) -> None:
         # Read ahead while the channel has no credit, so batches grow under
@@ -1260,7 +1261,7 @@ class _TimedChannel:
         self._stats = stats
 
     async def send(self, port: str | None, items: list[Any]) -> None:
-        if self._channel.credits > 0:
+        if self._channel.credits >= self._channel.takes(len(items)):
             return await self._channel.send(port, items)
         started = time.perf_counter()
         await self._channel.send(port, items)

@@ -48,6 +48,7 @@ def test_a_batch_within_a_worker_takes_a_credit_per_batch_size_items() -> None:
     async def main() -> None:
         inbox = Inbox()
         channel = LocalChannel(inbox, 4, 64)
+        assert (channel.takes(1), channel.takes(130), channel.takes(10_000)) == (1, 3, 4)
         await channel.send("input", list(range(130)))  # 3 credits
         assert channel.credits == 1
         later = asyncio.create_task(channel.send("input", list(range(65))))  # needs 2: waits
