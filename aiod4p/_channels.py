@@ -11,6 +11,7 @@ which keeps a worker's transport pump free of head-of-line deadlocks.
 from __future__ import annotations
 
 import asyncio
+import sys
 from collections import deque
 from typing import Any, Final, Protocol
 
@@ -167,16 +168,43 @@ class CreditedSender:
 
 
 class LocalChannel(CreditedSender):
-    """A channel whose two ends share one event loop."""
+    """A channel whose two ends share one event loop.
 
-    __slots__ = ("_inbox",)
+    A batch takes one credit per ``unit`` items (rounded up, at most all of
+    the channel's credits), and the receiver returns them when it takes the
+    batch: so a batch may carry up to ``credits x unit`` items, and the
+    channel never has more than ``credits x unit`` items in flight however
+    its batches are sized (one credit per batch when ``unit`` is unbounded).
+    """
 
-    def __init__(self, inbox: Inbox, credits: int) -> None:
+    __slots__ = ("_inbox", "_taken", "_total", "unit")
+
+    def __init__(self, inbox: Inbox, credits: int, unit: int = sys.maxsize) -> None:
         super().__init__(credits)
         self._inbox = inbox
+        self.unit = unit
+        self._total = credits
+        self._taken: deque[int] = deque()  # the credits each batch in flight took, oldest first
+
+    def takes(self, count: int) -> int:
+        """The credits a batch of ``count`` items takes (it waits while the channel has fewer)."""
+        return min(-(-count // self.unit), self._total) or 1
+
+    async def send(self, port: str | None, items: list[Any]) -> None:
+        """Deliver a batch, waiting until the channel has the credits it takes."""
+        weight = self.takes(len(items))
+        while self.credits < weight:
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        self.credits -= weight
+        self._taken.append(weight)
+        self._inbox.put((self, port, items))
 
     def _deliver(self, port: str | None, items: Any) -> None:
         self._inbox.put((self, port, items))
 
     def release(self) -> None:
-        self.grant(1)
+        self.grant(self._taken.popleft())

@@ -379,6 +379,9 @@ class _Actor(_Invoker):
         # What a call buffers before it hands its writes over (and waits for credit): as many items as
         # one channel may have in flight.
         self.hand_over_limit = self.batch_size * options.credits
+        # The most outputs routed in one pass before the actor lets other tasks run: the most a batch
+        # within the worker carries (see PlanOptions.batch_bounds).
+        self.route_chunk = self.batch_size if worker.fixed_order else self.hand_over_limit
         self.recorder: ActorRecorder | None = None  # provenance, when on
         self.runner: _CallGreenlet | None = None  # runs the PE's calls, created on first use (see _drive)
         self.results_sink: ResultSink = worker.results
@@ -414,7 +417,11 @@ class _Actor(_Invoker):
             inbox, remaining = self.inbox, self.expected_eos
             while remaining:
                 if inbox.empty() and self.dirty:
-                    await self._flush_all()
+                    # Let the tasks that are ready (a root's feed among them) run once first: only an inbox
+                    # still empty then means the input has really paused.
+                    await asyncio.sleep(0)
+                    if inbox.empty():
+                        await self._flush_all()
                 message = await inbox.get()
                 if aligner is not None and await aligner.intercept(message, remaining):
                     continue
@@ -591,7 +598,7 @@ class _Actor(_Invoker):
         """Route every buffered output; ``detach`` empties the buffers in place (a threaded call holds them)."""
         buffers = self.buffers
         full: list[_Pending | _ResultPending] = []
-        batch_size = self.batch_size
+        batch_size = self.route_chunk
         dirty = self.dirty
         for port, items in buffers.items():
             if not items:
@@ -698,15 +705,18 @@ class _Actor(_Invoker):
             # Sized for the channel it travels on (``via``'s may be within the worker, with a smaller cap).
             limit = self._batch_limit(via or pending, items[0])
             pending.limit = limit if via is None else min(pending.limit, limit)
+        channel = None if isinstance(pending, _ResultPending) else (via or pending).channel
+        if type(channel) is LocalChannel and channel.credits > 0:
+            limit = min(limit, channel.credits * channel.unit)  # what it takes without waiting
         if len(items) <= limit:
             chunk, pending.items = items, []
         else:
             chunk = items[:limit]
             del items[:limit]
-        if isinstance(pending, _ResultPending):
+        if channel is None:
+            assert isinstance(pending, _ResultPending)
             await self.results_sink.emit(pending.pe, pending.port, chunk)
             return
-        channel = (via or pending).channel
         if channel.credits > 0:
             await channel.send(pending.port, chunk)
         else:
@@ -717,8 +727,10 @@ class _Actor(_Invoker):
     def _batch_limit(self, pending: _Pending, sample: Any) -> int:
         """How many items the next batch on ``pending``'s channel may carry.
 
-        At most the channel's cap (``batch_size``, or ``remote_batch_size``
-        between workers); at most what the destination PE gets through
+        At most the channel's cap (``credits x batch_size`` within a worker,
+        taking a credit per ``batch_size`` items, and ``remote_batch_size``
+        between workers; ``batch_size`` with ``fixed_order``, which measures
+        nothing); at most what the destination PE gets through
         in about ``batch_seconds`` (``remote_batch_seconds`` between workers), as measured on this worker's instances of
         it, so a slow stage gets items one or a few at a time and every
         instance stays busy; at most ``batch_bytes`` of items like ``sample``.
@@ -728,8 +740,11 @@ class _Actor(_Invoker):
         destination there is no bound by time, nor with ``fixed_order``, whose
         batches must not depend on timing (the bound by bytes is a count too).
         """
-        limit = pending.cap
-        seconds = 0.0 if self.worker.fixed_order else self.worker.seconds_per_item(pending.dest)
+        seconds: float | None
+        if self.worker.fixed_order:
+            limit, seconds = min(pending.cap, self.batch_size), 0.0
+        else:
+            limit, seconds = pending.cap, self.worker.seconds_per_item(pending.dest)
         if seconds is None:
             pending.blind += 1
             limit = min(limit, pending.limit * 2 if pending.blind > 2 * self.credits else 1)
@@ -923,7 +938,7 @@ class Worker:
         bounds = {(spec.source, spec.dest): plan.options.batch_bounds(spec) for spec in plan.channels}
         for spec in plan.channels:
             if spec.dest_worker == me and spec.source_worker == me:
-                senders[(spec.source, spec.dest)] = LocalChannel(inboxes[spec.dest], credits)
+                senders[(spec.source, spec.dest)] = LocalChannel(inboxes[spec.dest], credits, plan.options.batch_size)
             elif spec.source_worker == me:
                 link = self._link(spec.dest_worker)
                 senders[(spec.source, spec.dest)] = RemoteChannel(link, spec.channel_id, credits)
@@ -939,7 +954,7 @@ class Worker:
             actor = _Actor(self, ref, pe, inboxes[ref], plan.expected_eos(ref))
             actor.stats.inflight_bound = plan.inflight_bound(ref)
             if is_root:
-                self._feed_channels[ref] = LocalChannel(inboxes[ref], credits)
+                self._feed_channels[ref] = LocalChannel(inboxes[ref], credits, plan.options.batch_size)
             for port in plan.result_ports.get(ref.pe, []):
                 actor.results[port] = _ResultPending(ref.pe, port, plan.options.batch_size)
             for route in plan.routes[ref.pe]:
@@ -1120,7 +1135,6 @@ class Worker:
         pe = self.plan.pes[ref.pe]
         if self.checkpoints is not None:
             feed = self.checkpoints.resumed_feed(ref, feed)
-        batch_size = self.plan.options.batch_size
         timed = _TimedChannel(channel, self.actors[ref].stats)
         try:
             if isinstance(feed, bool) or not isinstance(feed, (int, Iterable, AsyncIterable)):
@@ -1129,7 +1143,7 @@ class Worker:
                 ignores_elements = not pe.inputs and self.actors[ref].fn is not None
                 remaining = max(feed, 0)
                 while remaining and not self._draining:
-                    count = min(batch_size, remaining)
+                    count = min(self._feed_limit(ref.pe), remaining)
                     await timed.send(None, [None] * count if ignores_elements else [{} for _ in range(count)])
                     remaining -= count
                     if self.held_too_long():
@@ -1139,7 +1153,7 @@ class Worker:
             else:
                 iterator = iter(feed)
                 while not self._draining:
-                    chunk = [_input_dict(pe, ref.pe, e) for e in itertools.islice(iterator, batch_size)]
+                    chunk = [_input_dict(pe, ref.pe, e) for e in itertools.islice(iterator, self._feed_limit(ref.pe))]
                     if not chunk:
                         break
                     await timed.send(None, chunk)
@@ -1151,6 +1165,21 @@ class Worker:
             raise _error(ref, "feed", exc) from exc
         finally:
             timed.close()
+
+    def _feed_limit(self, pe: str) -> int:
+        """How many feed elements the next batch to root ``pe`` carries.
+
+        ``batch_size`` until the root's time per call is measured (and always
+        with ``fixed_order``); then more while ``batch_seconds`` of the root's
+        measured work allows, up to ``credits x batch_size`` (the batch takes a
+        credit per ``batch_size``). Never fewer than ``batch_size``: a root's
+        calls are not dealt among instances, so small batches would buy nothing.
+        """
+        options = self.plan.options
+        seconds = None if self.fixed_order else self.seconds_per_item(pe)
+        if not seconds:
+            return options.batch_size
+        return max(options.batch_size, min(options.batch_size * options.credits, int(options.batch_seconds / seconds)))
 
     async def _feed_async(self, pe: PE, channel: _TimedChannel, feed: AsyncIterable[Any]) -> None:
         # Read ahead while the channel has no credit, so batches grow under
@@ -1232,7 +1261,7 @@ class _TimedChannel:
         self._stats = stats
 
     async def send(self, port: str | None, items: list[Any]) -> None:
-        if self._channel.credits > 0:
+        if self._channel.credits >= self._channel.takes(len(items)):
             return await self._channel.send(port, items)
         started = time.perf_counter()
         await self._channel.send(port, items)

@@ -104,13 +104,21 @@ class PlanOptions:
         return self.batch_seconds * REMOTE_TIME_FACTOR
 
     def batch_cap(self, channel: ChannelSpec) -> int:
-        """The most items per batch on ``channel``."""
+        """The most items one credit of ``channel`` carries: its items in flight are at most ``credits`` times this."""
         return self.remote_batch_size if channel.source_worker != channel.dest_worker else self.batch_size
 
     def batch_bounds(self, channel: ChannelSpec) -> tuple[int, float]:
-        """The most items, and the most seconds of the destination's measured work, per batch on ``channel``."""
-        remote = channel.source_worker != channel.dest_worker
-        return self.batch_cap(channel), self.remote_batch_seconds if remote else self.batch_seconds
+        """The most items, and the most seconds of the destination's measured work, per batch on ``channel``.
+
+        Within a worker a batch may carry up to ``credits x batch_size`` items: it
+        then takes one credit per ``batch_size`` items (see
+        :class:`aiod4p._channels.LocalChannel`), so items measured as tiny travel in
+        fewer, larger batches while the channel's items in flight stay within
+        ``credits x batch_size`` (:meth:`batch_cap` per credit).
+        """
+        if channel.source_worker != channel.dest_worker:
+            return self.remote_batch_size, self.remote_batch_seconds
+        return self.batch_size * self.credits, self.batch_seconds
 
 
 @dataclass(frozen=True)

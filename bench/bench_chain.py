@@ -7,7 +7,8 @@ and run, so the ratio is the engine's overhead; the loop of plain functions
 (``x + 1`` as a module-level function, no PE objects) is the floor of any
 Python engine. Bytewax (``pip install '.[bench]'``) runs the same chain with
 one worker in this process: a ``TestingSource`` over the integers in batches
-of 256 (aiod4p's batch size), three ``map`` steps and a sink that sums. Its
+of 1,024 (the batches aiod4p's async mapping sends within a worker: ``credits x
+batch_size``), three ``map`` steps and a sink that sums. Its
 rows are left out when Bytewax is not installed. multi -n 2 runs the chain on
 two worker processes (target: 1.3x async). Writes bench/results/chain.md.
 """
@@ -27,11 +28,13 @@ from chain import build
 
 import aiod4p
 from aiod4p._api import loop_factory
+from aiod4p._plan import DEFAULT_BATCH_SIZE, DEFAULT_CREDITS
 
 QUICK = "--quick" in sys.argv
 ARGS = [a for a in sys.argv[1:] if a != "--quick"]
 ITEMS = int(ARGS[0]) if ARGS else 200_000 if QUICK else 1_000_000
 REPEATS = 5
+BYTEWAX_BATCH = DEFAULT_CREDITS * DEFAULT_BATCH_SIZE
 
 
 def plain_loop() -> float:
@@ -76,7 +79,7 @@ def bytewax_run() -> float:
             return Sum()
 
     flow = Dataflow("chain")
-    stream = op.input("numbers", flow, TestingSource(range(1, ITEMS + 1), batch_size=256))
+    stream = op.input("numbers", flow, TestingSource(range(1, ITEMS + 1), batch_size=BYTEWAX_BATCH))
     for name in ("a", "b", "c"):
         stream = op.map(name, stream, increment)
     op.output("total", stream, SumSink())
@@ -131,7 +134,7 @@ def main() -> None:
         f" {ITEMS:,} items, median of {REPEATS} interleaved runs; the plain loop calls the same PE methods, the plain"
         " functions loop calls a module-level `x + 1` three times per item; multi -n 2: two worker processes"
         " (stream time, worker start-up included); Bytewax: one worker, the same chain as three `map` steps,"
-        " batches of 256.",
+        f" batches of {BYTEWAX_BATCH:,}.",
         "",
         "| run | items/s | ratio to plain loop |",
         "| --- | ---: | ---: |",

@@ -194,3 +194,91 @@ def test_each_destination_gets_full_batches_when_a_router_splits_them() -> None:
     assert (stats[0].items_in, stats[1].items_in) == (2800, 3600)
     assert stats[1].batches_in <= 3600 // 16 + 20
     assert stats[0].batches_in <= 2800 // 16 + 20
+
+
+class Counter(ProducerPE):
+    def __init__(self) -> None:
+        super().__init__()
+        self.next = 0
+
+    def produce(self) -> int:
+        self.next += 1
+        return self.next
+
+
+class Plus(IterativePE):
+    def process_item(self, item: int) -> int:
+        return item + 1
+
+
+class Total(IterativePE):
+    def __init__(self) -> None:
+        super().__init__()
+        self.total = 0
+
+    def process_item(self, item: int) -> None:
+        self.total += item
+
+
+def _tiny_chain_stats(mapping: str) -> list[InstanceStats]:
+    """A chain of cheap stages on 20,000 items, batch_size 64, 4 credits (only full batches and idle inboxes flush)."""
+    graph = WorkflowGraph()
+    graph.connect(Counter(), "output", first := Plus(), "input")
+    graph.connect(first, "output", second := Plus(), "input")
+    graph.connect(second, "output", Total(), "input")
+
+    async def main() -> list[InstanceStats]:
+        async with (
+            asyncio.timeout(45),
+            aiod4p.start(graph, 20_000, mapping=mapping, batch_size=64, credits=4, max_delay=60) as run,
+        ):
+            await run.results()
+        return run.stats
+
+    return asyncio.run(main())
+
+
+def test_tiny_items_travel_within_a_worker_in_batches_past_batch_size() -> None:
+    # Items measured as tiny fill a batch up to credits x batch_size (256 here), taking a credit per 64 items:
+    # every stage takes far fewer batches than 20,000 / 64, and no inbox holds more than its channels'
+    # credits x batch_size items (the in-flight bound is unchanged).
+    stats = _tiny_chain_stats("async")
+    for entry in stats:
+        assert entry.items_in == 20_000
+        assert entry.batches_in < 20_000 // 64 * 3 // 4, entry
+        assert entry.inflight_bound == 4 * 64
+        assert entry.max_queued_items <= entry.inflight_bound
+
+
+def test_the_simple_mapping_keeps_batches_of_batch_size() -> None:
+    # The simple mapping measures no time (its order must not depend on timing): batches stay at batch_size.
+    for entry in _tiny_chain_stats("simple"):
+        assert entry.items_in == 20_000
+        assert entry.batches_in >= 20_000 // 64, entry
+        assert entry.max_queued_items <= entry.inflight_bound
+
+
+class WidePlus(Plus):
+    def __init__(self) -> None:
+        super().__init__()
+        self.parallelism = 2
+
+
+def test_a_root_fed_without_pause_sends_full_batches_to_another_worker() -> None:
+    # multi -n 2: the source on worker 0 deals its items to WidePlus[0] beside it and WidePlus[1] on worker 1.
+    # The source's inbox runs empty after each feed batch only until the feed (ready, with credit) runs again:
+    # that is no pause of the input, so its partly filled batches are not flushed then, and the batches to
+    # worker 1 fill towards their cap (4,096) instead of going out with about 600 items each.
+    graph = WorkflowGraph()
+    graph.connect(Counter(), "output", plus := WidePlus(), "input")
+    graph.connect(plus, "output", Total(), "input")
+
+    async def main() -> list[InstanceStats]:
+        async with asyncio.timeout(45), aiod4p.start(graph, 400_000, mapping="multi", workers=2, max_delay=60) as run:
+            await run.results()
+        return run.stats
+
+    stats = {entry.instance: entry for entry in asyncio.run(main()) if entry.pe == plus.id}
+    assert stats[0].items_in + stats[1].items_in == 400_000
+    assert stats[1].items_in > 0
+    assert stats[1].items_in / stats[1].batches_in > 1024, stats[1]

@@ -108,8 +108,10 @@ class Behind(ConsumerPE):
 
 
 def bound(batch_size: int = 256, credits: int = 4) -> int:
-    """What may be written and not yet consumed: the call's buffer before it hands over, the channel's batches."""
-    return batch_size * credits + batch_size * credits + batch_size
+    """What may be written and not yet consumed: the call's buffer before it hands over, the channel's batches
+    in flight, and a partly filled batch (within a worker a batch may carry up to ``credits x batch_size``
+    items, see ``PlanOptions.batch_bounds``): ``credits x batch_size`` each."""
+    return 3 * batch_size * credits
 
 
 BOUND = bound()
