@@ -244,6 +244,11 @@ class Numbers(ProducerPE):
         return self.calls
 
 
+NUMBERS = 200_000
+"""Enough that checkpoints every 20 ms complete well before the run could end (about 0.1 s of work
+on async with its batches of 1,024 cheap items), so the kill after one is sure to come first."""
+
+
 def _numbers(root_parallelism: int | None = None) -> WorkflowGraph:
     graph = WorkflowGraph()
     source, pair, count = Numbers(), _Pair(), Count()
@@ -261,20 +266,20 @@ class _Pair(ckpt_workflows.Split):
 
 async def test_count_feed_is_replayed_from_its_index(tmp_path: Path) -> None:
     directory = tmp_path / "ck"
-    finished = await _run_until_killed(_numbers(), _mapping(directory), 2, 5000, 20_000, directory)
+    finished = await _run_until_killed(_numbers(), _mapping(directory), 2, 5000, NUMBERS, directory)
     assert not finished and CheckpointStore(directory).latest() is not None
-    got = await run_async(_numbers(), 20_000, mapping=_mapping(directory, restore=True), workers=2)
-    expected = {str(k): sum(1 for n in range(1, 20_001) if n % 7 == k) for k in range(7)}
+    got = await run_async(_numbers(), NUMBERS, mapping=_mapping(directory, restore=True), workers=2)
+    expected = {str(k): sum(1 for n in range(1, NUMBERS + 1) if n % 7 == k) for k in range(7)}
     assert _counts(got) == expected
 
 
 async def test_restore_refuses_another_graph_and_another_root_parallelism(tmp_path: Path) -> None:
     directory = tmp_path / "ck"
-    assert not await _run_until_killed(_numbers(), _mapping(directory), 2, 3000, 20_000, directory)
+    assert not await _run_until_killed(_numbers(), _mapping(directory), 2, 3000, NUMBERS, directory)
     with pytest.raises(CheckpointError, match="has no PE lines: it was taken of another graph"):
         await run_async(word_count(tmp_path / "none.txt"), 1, mapping=_mapping(directory, restore=True))
     with pytest.raises(CheckpointError, match=r"root PE numbers had 1 instances in checkpoint \d+, now 2"):
-        await run_async(_numbers(root_parallelism=2), 20_000, mapping=_mapping(directory, restore=True))
+        await run_async(_numbers(root_parallelism=2), NUMBERS, mapping=_mapping(directory, restore=True))
 
 
 def test_results_file_that_cannot_be_written_fails_clearly(tmp_path: Path, words: Path) -> None:
@@ -487,10 +492,10 @@ def _windows() -> WorkflowGraph:
 
 async def test_keyed_windows_are_checkpointed_and_move_with_their_keys(tmp_path: Path) -> None:
     directory = tmp_path / "ck"
-    plain = await run_async(_windows(), 20_000, workers=2)
-    finished = await _run_until_killed(_windows(), _mapping(directory), 2, 8000, 20_000, directory)
+    plain = await run_async(_windows(), NUMBERS, workers=2)
+    finished = await _run_until_killed(_windows(), _mapping(directory), 2, 8000, NUMBERS, directory)
     assert not finished
-    restored = await run_async(_windows(), 20_000, mapping=_mapping(directory, restore=True), workers=3)
+    restored = await run_async(_windows(), NUMBERS, mapping=_mapping(directory, restore=True), workers=3)
 
     def windows(results: Any) -> list[tuple[Any, ...]]:
         return sorted((r.data["key"], r.data["start"], r.data["value"]) for r in results)
