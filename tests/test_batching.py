@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from workflows import Count, Discard, Double
 
 import aiod4p
 from aiod4p import GenericPE, InstanceStats, IterativePE, PlanOptions, ProducerPE, WorkflowGraph, group_by, stable_hash
@@ -196,36 +197,12 @@ def test_each_destination_gets_full_batches_when_a_router_splits_them() -> None:
     assert stats[0].batches_in <= 2800 // 16 + 20
 
 
-class Counter(ProducerPE):
-    def __init__(self) -> None:
-        super().__init__()
-        self.next = 0
-
-    def produce(self) -> int:
-        self.next += 1
-        return self.next
-
-
-class Plus(IterativePE):
-    def process_item(self, item: int) -> int:
-        return item + 1
-
-
-class Total(IterativePE):
-    def __init__(self) -> None:
-        super().__init__()
-        self.total = 0
-
-    def process_item(self, item: int) -> None:
-        self.total += item
-
-
 def _tiny_chain_stats(mapping: str) -> list[InstanceStats]:
     """A chain of cheap stages on 20,000 items, batch_size 64, 4 credits (only full batches and idle inboxes flush)."""
     graph = WorkflowGraph()
-    graph.connect(Counter(), "output", first := Plus(), "input")
-    graph.connect(first, "output", second := Plus(), "input")
-    graph.connect(second, "output", Total(), "input")
+    graph.connect(Count(), "output", first := Double(), "input")
+    graph.connect(first, "output", second := Double(), "input")
+    graph.connect(second, "output", Discard(), "input")
 
     async def main() -> list[InstanceStats]:
         async with (
@@ -258,27 +235,27 @@ def test_the_simple_mapping_keeps_batches_of_batch_size() -> None:
         assert entry.max_queued_items <= entry.inflight_bound
 
 
-class WidePlus(Plus):
+class WideDouble(Double):
     def __init__(self) -> None:
         super().__init__()
         self.parallelism = 2
 
 
 def test_a_root_fed_without_pause_sends_full_batches_to_another_worker() -> None:
-    # multi -n 2: the source on worker 0 deals its items to WidePlus[0] beside it and WidePlus[1] on worker 1.
+    # multi -n 2: the source on worker 0 deals its items to WideDouble[0] beside it and WideDouble[1] on worker 1.
     # The source's inbox runs empty after each feed batch only until the feed (ready, with credit) runs again:
     # that is no pause of the input, so its partly filled batches are not flushed then, and the batches to
     # worker 1 fill towards their cap (4,096) instead of going out with about 600 items each.
     graph = WorkflowGraph()
-    graph.connect(Counter(), "output", plus := WidePlus(), "input")
-    graph.connect(plus, "output", Total(), "input")
+    graph.connect(Count(), "output", wide := WideDouble(), "input")
+    graph.connect(wide, "output", Discard(), "input")
 
     async def main() -> list[InstanceStats]:
         async with asyncio.timeout(45), aiod4p.start(graph, 400_000, mapping="multi", workers=2, max_delay=60) as run:
             await run.results()
         return run.stats
 
-    stats = {entry.instance: entry for entry in asyncio.run(main()) if entry.pe == plus.id}
+    stats = {entry.instance: entry for entry in asyncio.run(main()) if entry.pe == wide.id}
     assert stats[0].items_in + stats[1].items_in == 400_000
     assert stats[1].items_in > 0
     assert stats[1].items_in / stats[1].batches_in > 1024, stats[1]

@@ -40,6 +40,20 @@ def aiod4p(args: list[str], env: dict[str, str], cwd: Path) -> subprocess.Comple
     )
 
 
+def wordcount_on(port: int) -> str:
+    """A script that runs the word count on the Nimbus at ``port`` (topologies must start within 1 s)."""
+    return (
+        "import aiod4p, sys\n"
+        "from aiod4p.mappings.storm import StormMapping\n"
+        f"mapping = StormMapping(nimbus='127.0.0.1:{port}', target={WORDCOUNT!r}, start_timeout=1)\n"
+        f"graph = aiod4p.load_graph({WORDCOUNT!r})\n"
+        "try:\n"
+        "    aiod4p.run(graph, 1, mapping=mapping, workers=2)\n"
+        "except aiod4p.errors.Aiod4pError as exc:\n"
+        "    sys.exit(str(exc))\n"
+    )
+
+
 def nothing_written(tmp_path: Path) -> bool:
     return not any((tmp_path / "scratch").iterdir()) and not any((tmp_path / "cwd").iterdir())
 
@@ -158,16 +172,7 @@ def test_submit_with_sparse_then_kill_a_topology_that_does_not_start(
 ) -> None:
     # The stand-in Nimbus records the submission, but runs nothing: no task ever reports back.
     port, record = fake_nimbus(1)
-    code = (
-        "import aiod4p, sys\n"
-        "from aiod4p.mappings.storm import StormMapping\n"
-        f"mapping = StormMapping(nimbus='127.0.0.1:{port}', target={WORDCOUNT!r}, start_timeout=1)\n"
-        f"graph = aiod4p.load_graph({WORDCOUNT!r})\n"
-        "try:\n"
-        "    aiod4p.run(graph, 1, mapping=mapping, workers=2)\n"
-        "except aiod4p.errors.Aiod4pError as exc:\n"
-        "    sys.exit(str(exc))\n"
-    )
+    code = wordcount_on(port)
     done = subprocess.run(
         [sys.executable, "-c", code], env=sandbox, cwd=tmp_path / "cwd", capture_output=True, text=True, timeout=60
     )
@@ -201,16 +206,7 @@ def test_a_kill_that_nimbus_refuses_is_reported_and_the_run_releases_what_it_hol
 ) -> None:
     port, record = fake_nimbus(1)
     (record / "refuse-kill").touch()
-    code = (
-        "import aiod4p, sys\n"
-        "from aiod4p.mappings.storm import StormMapping\n"
-        f"mapping = StormMapping(nimbus='127.0.0.1:{port}', target={WORDCOUNT!r}, start_timeout=1)\n"
-        f"graph = aiod4p.load_graph({WORDCOUNT!r})\n"
-        "try:\n"
-        "    aiod4p.run(graph, 1, mapping=mapping, workers=2)\n"
-        "except aiod4p.errors.Aiod4pError as exc:\n"
-        "    sys.exit(str(exc))\n"
-    )
+    code = wordcount_on(port)
     done = subprocess.run(
         [sys.executable, "-X", "dev", "-W", "error::ResourceWarning", "-c", code],
         env=sandbox,
