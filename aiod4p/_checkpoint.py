@@ -48,7 +48,7 @@ from ._state import capture, restore_state
 from .errors import CheckpointError, PeerDied, TransportError, WorkerDied
 
 if TYPE_CHECKING:
-    from ._engine import Feed, Worker, _Actor
+    from ._engine import Feed, Worker, _Actor, _ReadAhead
     from ._stats import InstanceStats
     from .transports import Comm
 
@@ -422,6 +422,7 @@ class Aligner:
         self.base = 0  # feed elements consumed before the restored checkpoint
         self.resume_outputs = 0  # outputs of the interrupted call already delivered
         self.in_call = False
+        self.waiting: _ReadAhead | None = None  # a root's source while it has nothing ready
         self.calls = 0  # calls completed in this run (async generator roots)
         self.outputs = 0  # outputs of the current call
         self.restoring: dict[str, Any] | None = None
@@ -470,6 +471,23 @@ class Aligner:
         self.outputs += count
         if self.due > self.done:
             await self.snapshot(self.due)
+
+    async def idle(self, source: _ReadAhead) -> None:
+        """Wait until ``source`` has items ready, taking the checkpoints triggered meanwhile.
+
+        A live source may have nothing to say for hours; its checkpoints (and the results they
+        commit) must not wait for its next item.
+        """
+        self.waiting = source
+        try:
+            while True:
+                if self.due > self.done:
+                    await self.snapshot(self.due)
+                if source.ready():
+                    return
+                await source.wait()
+        finally:
+            self.waiting = None
 
     def call_ended(self) -> None:
         self.in_call = False
@@ -603,6 +621,8 @@ class WorkerCheckpoints:
                 await self._save_final(ref)
             elif actor.is_root:
                 aligner.due = n
+                if aligner.waiting is not None:
+                    aligner.waiting.interrupt()
                 channel = self.worker._feed_channels.get(ref)
                 if channel is not None:
                     channel.mark(Barrier(n))

@@ -575,6 +575,8 @@ class _Actor(_Invoker):
             while True:
                 if not ahead.ready():
                     await self._flush_all()
+                    if aligner is not None:
+                        await aligner.idle(ahead)
                 chunk = await ahead.take()
                 if chunk is None:
                     break
@@ -1228,7 +1230,17 @@ class _ReadAhead:
 
     def ready(self) -> bool:
         """Whether :meth:`take` would return at once."""
-        return bool(self._buffer) or self._finished
+        return bool(self._buffer) or self._finished or self.reader.done()
+
+    async def wait(self) -> None:
+        """Wait until :meth:`ready`, or until :meth:`interrupt` is called."""
+        self._ready.clear()
+        if not self.ready():
+            await self._ready.wait()
+
+    def interrupt(self) -> None:
+        """Wake up :meth:`wait` now."""
+        self._ready.set()
 
     async def take(self) -> list[Any] | None:
         """The next items read (at most ``limit``), or ``None`` at the end of the source."""

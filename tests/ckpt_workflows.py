@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
+from collections.abc import AsyncIterator
 from typing import Any
 
 from aiod4p import IterativePE, WorkflowGraph
-from aiod4p.sources import LinesSource
+from aiod4p.sources import LinesSource, SourcePE
 
 HOOK: Any = None
 """In-process tests set a callable: ``HOOK(seen)`` every 1000 words an instance of Count counts."""
@@ -155,10 +157,33 @@ def _being_written(directory: str, pe: str) -> int | None:
     return None
 
 
-def word_count(path: str | os.PathLike[str], split: Split | None = None) -> WorkflowGraph:
-    """lines of ``path`` -> words (``split``, a :class:`Split` by default) -> keyed counts (results: (word, count))."""
+class HeldLines(SourcePE):
+    """The lines of ``path``, holding back those after the first ``hold_after`` until the file ``until`` exists.
+
+    Checkpoints go on while the lines are held (their barriers need no item), so a test can make sure
+    that the run reaches a checkpoint before its input ends, however fast the machine.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], until: str | os.PathLike[str], hold_after: int) -> None:
+        super().__init__()
+        self.path, self.until, self.hold_after = os.fspath(path), os.fspath(until), hold_after
+
+    async def open(self) -> AsyncIterator[str]:  # type: ignore[override]
+        with open(self.path, encoding="utf-8") as lines:  # noqa: ASYNC230 - a small local file
+            for number, line in enumerate(lines):
+                if number == self.hold_after:
+                    while not os.path.exists(self.until):  # noqa: ASYNC110, ASYNC240 - made by another process
+                        await asyncio.sleep(0.01)
+                yield line.rstrip("\n")
+
+
+def word_count(
+    path: str | os.PathLike[str], split: Split | None = None, lines: SourcePE | None = None
+) -> WorkflowGraph:
+    """lines (``lines``, a :class:`LinesSource` of ``path`` by default) -> words (``split``, a :class:`Split` by
+    default) -> keyed counts (results: (word, count))."""
     graph = WorkflowGraph()
-    lines, count = LinesSource(path), Count()
+    lines, count = lines if lines is not None else LinesSource(path), Count()
     split = split if split is not None else Split()
     # A restore finds PEs by id: explicit ids stay the same for graphs built again in one process.
     lines.id, split.id, count.id = "lines", "split", "count"

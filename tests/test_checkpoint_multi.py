@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -9,14 +10,15 @@ import random
 from pathlib import Path
 
 import pytest
-from ckpt_workflows import DiesSaving, expected_counts, word_count, write_words
+from ckpt_workflows import DiesSaving, HeldLines, expected_counts, word_count, write_words
 
-from aiod4p import run
+from aiod4p import run, start
 from aiod4p._checkpoint import Checkpointing, CheckpointStore
 from aiod4p.errors import WorkerDied
 from aiod4p.mappings import get_mapping
 from aiod4p.mappings._base import BaseMapping
 from aiod4p.mappings.asyncio import AsyncMapping
+from aiod4p.sources import LinesSource
 
 
 def _file_counts(path: Path) -> dict[str, int]:
@@ -141,11 +143,14 @@ def test_a_checkpoint_torn_by_a_kill_while_saving_is_ignored(
     tmp_path: Path, words: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A worker SIGKILLed while checkpoint k >= 2 is being written: the restart resumes from checkpoint k - 1."""
-    monkeypatch.setenv("AIOD4P_TEST_DIE_SAVING", f"{tmp_path / 'died'}:{tmp_path / 'ck'}")
+    died = tmp_path / "died"
+    monkeypatch.setenv("AIOD4P_TEST_DIE_SAVING", f"{died}:{tmp_path / 'ck'}")
     results = tmp_path / "results.jsonl"
+    held = HeldLines(words, until=died, hold_after=100)  # the first attempt's input outlasts checkpoint 2
+    graph = word_count(words, DiesSaving(), held)
     with caplog.at_level(logging.WARNING, "aiod4p.checkpoint"):
-        got = run(word_count(words, DiesSaving()), 1, mapping=_multi(tmp_path / "ck", results, restarts=1), workers=2)
-    torn = int((tmp_path / "died").read_text())
+        got = run(graph, 1, mapping=_multi(tmp_path / "ck", results, restarts=1), workers=2)
+    torn = int(died.read_text())
     messages = [r.getMessage() for r in caplog.records]
     assert any(m.startswith("ignoring torn checkpoint") and f"chk-{torn:08d}" in m for m in messages), messages
     assert f"restoring checkpoint {torn - 1} from " + str(tmp_path / "ck") in messages
@@ -178,3 +183,40 @@ def test_ray_restarts_its_actors_after_a_sigkill(
     assert sum(r.getMessage().startswith("restoring checkpoint ") for r in caplog.records) == 1
     assert dict(record.data for record in got) == expected_counts(words)
     assert _file_counts(results) == expected_counts(words)
+
+
+class _Completions(logging.Handler):
+    """Sets ``reached`` once ``wanted`` checkpoints completed (the coordinator logs each, in this process)."""
+
+    def __init__(self, wanted: int) -> None:
+        super().__init__(logging.INFO)
+        self.wanted, self.reached = wanted, asyncio.Event()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.msg.startswith("checkpoint %d complete"):
+            self.wanted -= 1
+            if self.wanted <= 0:
+                self.reached.set()
+
+
+@pytest.mark.parametrize("mapping", ["async", "multi"])
+async def test_checkpoints_go_on_while_a_live_source_waits_for_input(
+    tmp_path: Path, mapping: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A followed file with nothing new to read: checkpoints still complete (they used to wait for its next line)."""
+    path = tmp_path / "words.txt"
+    write_words(path, 1000)
+    graph = word_count(path, lines=LinesSource(path, follow=True))
+    checkpointed = _multi(tmp_path / "ck", tmp_path / "results.jsonl", mapping)
+    completions = _Completions(3)  # the source has nothing left to read long before the third
+    logging.getLogger("aiod4p.checkpoint").addHandler(completions)
+    try:
+        with caplog.at_level(logging.INFO, "aiod4p.checkpoint"):
+            async with asyncio.timeout(30), start(graph, 1, mapping=checkpointed, workers=2) as live:
+                results = asyncio.ensure_future(live.results())
+                await completions.reached.wait()
+                live.drain()
+                got = await results
+    finally:
+        logging.getLogger("aiod4p.checkpoint").removeHandler(completions)
+    assert dict(record.data for record in got) == expected_counts(path)
