@@ -38,7 +38,7 @@ import urllib.parse
 from collections.abc import AsyncIterator, Awaitable, Callable, Hashable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol, TextIO
+from typing import TYPE_CHECKING, Any, Protocol, TextIO, TypeVar
 
 from ._channels import Barrier, Message
 from ._groupings import GroupBy
@@ -109,6 +109,9 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+T = TypeVar("T")
+
+
 def _atomic_write(path: Path, data: bytes, sync_dir: bool = True) -> None:
     """Write ``data`` to ``path`` so that a reader sees all of it or nothing.
 
@@ -123,6 +126,19 @@ def _atomic_write(path: Path, data: bytes, sync_dir: bool = True) -> None:
     os.replace(tmp, path)
     if sync_dir:
         _fsync_dir(path.parent)
+
+
+async def _in_thread(function: Callable[..., T], *args: Any) -> T:
+    """``function(*args)`` in a thread; cancelled meanwhile, it still waits until the call is over (a run that
+    ends must leave no write to its checkpoints under way), then raises ``CancelledError``."""
+    call = asyncio.ensure_future(asyncio.to_thread(function, *args))
+    try:
+        return await asyncio.shield(call)
+    except asyncio.CancelledError:
+        await asyncio.wait({call})
+        if not call.cancelled():
+            call.exception()  # a cancelled run does not report how its last write ended
+        raise
 
 
 def _part_name(ref: InstanceRef) -> str:
@@ -180,17 +196,31 @@ class CheckpointStore:
         return sorted(found)
 
     def write_part(self, n: int, ref: InstanceRef, data: bytes) -> dict[str, Any]:
-        """Save the state of instance ``ref`` for checkpoint ``n``; returns its manifest entry."""
+        """Save the state of instance ``ref`` for checkpoint ``n``; returns its manifest entry.
+
+        Raises:
+            CheckpointError: the file cannot be written (named, with the system's reason).
+        """
         folder = self.path(n)
-        folder.mkdir(exist_ok=True)
         name = _part_name(ref)
-        _atomic_write(folder / name, data, sync_dir=False)  # the commit syncs the folder once for all parts
+        try:
+            folder.mkdir(exist_ok=True)
+            _atomic_write(folder / name, data, sync_dir=False)  # the commit syncs the folder once for all parts
+        except OSError as exc:
+            raise CheckpointError(f"cannot write checkpoint {n}: {folder / name}: {exc.strerror or exc}") from exc
         return {"pe": ref.pe, "index": ref.index, "file": name, "size": len(data), "sha256": _digest(data)}
 
     def commit(self, n: int, manifest: dict[str, Any]) -> None:
-        """Complete checkpoint ``n`` (its parts' names synced, then its manifest); keep only the newest ``keep``."""
-        _fsync_dir(self.path(n))
-        _atomic_write(self.path(n) / MANIFEST, json.dumps(manifest, indent=1).encode())
+        """Complete checkpoint ``n`` (its parts' names synced, then its manifest); keep only the newest ``keep``.
+
+        Raises:
+            CheckpointError: the manifest cannot be written (named, with the system's reason).
+        """
+        try:
+            _fsync_dir(self.path(n))
+            _atomic_write(self.path(n) / MANIFEST, json.dumps(manifest, indent=1).encode())
+        except OSError as exc:
+            raise CheckpointError(f"cannot commit checkpoint {n}: {self.path(n)}: {exc.strerror or exc}") from exc
         complete = [i for i in self.ids() if i <= n and (self.path(i) / MANIFEST).exists()]
         keep = set(complete[-self.keep :])
         for i in self.ids():
@@ -359,20 +389,35 @@ class Coordinator:
         self.completed: list[int] = []
         self._parts: dict[int, dict[tuple[str, int], dict[str, Any]]] = {}
         self._offsets: dict[int, int | None] = {}
-        self._started: dict[int, float] = {}
-        self._idle = asyncio.Event()
-        self._idle.set()
+        self._ready: tuple[int, dict[str, Any]] | None = None  # the checkpoint whose every part came in
+        self._whole = asyncio.Event()
 
     async def drive(self, trigger: Callable[[int], Awaitable[None]]) -> None:
-        """Trigger a checkpoint every ``interval`` seconds after the previous one completed; runs until cancelled."""
+        """Trigger a checkpoint every ``interval`` seconds after the previous one completed; runs until cancelled.
+
+        Each is committed here, its files synced in a thread, so that the disk never stalls the run.
+
+        Raises:
+            CheckpointError: a checkpoint could not be committed.
+        """
         while True:
-            await self._idle.wait()
             await asyncio.sleep(self.interval)
             n = self.next_id
             self.next_id += 1
-            self._idle.clear()
-            self._started[n] = time.perf_counter()
+            started = time.perf_counter()
             await trigger(n)
+            await self.complete(n, started)
+
+    async def complete(self, n: int, started: float) -> None:
+        """Wait until every part of checkpoint ``n`` (triggered at ``started``) came in, then commit it."""
+        await self._whole.wait()
+        self._whole.clear()
+        assert self._ready is not None and self._ready[0] == n, (n, self._ready)
+        manifest, self._ready = self._ready[1], None
+        await _in_thread(self.store.commit, n, manifest)
+        self.completed.append(n)
+        size = sum(part["size"] for part in manifest["parts"])
+        logger.info("checkpoint %d complete in %.3f s, %d bytes", n, time.perf_counter() - started, size)
 
     def add_parts(self, n: int, parts: Iterable[dict[str, Any]]) -> None:
         """Record instances' saved state for checkpoint ``n``."""
@@ -398,13 +443,9 @@ class Coordinator:
             "parts": sorted(parts.values(), key=lambda part: (part["pe"], part["index"])),
             "results_offset": self._offsets[n],
         }
-        self.store.commit(n, manifest)
         del self._parts[n], self._offsets[n]
-        self.completed.append(n)
-        seconds = time.perf_counter() - self._started.pop(n, time.perf_counter())
-        size = sum(part["size"] for part in parts.values())
-        logger.info("checkpoint %d complete in %.3f s, %d bytes", n, seconds, size)
-        self._idle.set()
+        self._ready = (n, manifest)
+        self._whole.set()
 
 
 # -- the worker side ---------------------------------------------------------------------
@@ -514,18 +555,20 @@ class Aligner:
         }
 
     async def snapshot(self, n: int) -> None:
-        """Flush what was written, save the state for every checkpoint up to ``n``, forward the barriers."""
+        """Flush what was written, capture the state, forward the barriers, then write the state for every
+        checkpoint up to ``n`` (the barriers need not wait for the disk)."""
         actor = self.actor
         await actor._route_outputs()
         await actor._flush_all()
         ids = range(self.done + 1, n + 1)
-        await self.runtime.save(actor.ref, ids, self._state(False))
+        data = _pickled(actor.ref, self._state(False))
         for k in ids:
             for channel in actor.outgoing:
                 channel.mark(Barrier(k))
         self.done = n
         if actor.results:
             await self.runtime.gate.mark(actor.ref, n)
+        await self.runtime.save(actor.ref, ids, data)
 
     async def finished(self) -> None:
         """The instance ended: its final state stands for every later checkpoint."""
@@ -628,10 +671,14 @@ class WorkerCheckpoints:
                     channel.mark(Barrier(n))
         await self.gate.trigger(n)
 
-    async def save(self, ref: InstanceRef, ids: Iterable[int], state: dict[str, Any]) -> None:
-        data = _pickled(ref, state)
+    async def save(self, ref: InstanceRef, ids: Iterable[int], data: bytes) -> None:
+        """Write ``data``, the saved state of instance ``ref``, as its part of every checkpoint in ``ids``.
+
+        The files are written and synced in a thread: the disk's sync (milliseconds) must not stall the
+        worker's other instances, which go on with the stream meanwhile.
+        """
         for n in ids:
-            await self._add(n, self.store.write_part(n, ref, data))
+            await self._add(n, await _in_thread(self.store.write_part, n, ref, data))
 
     async def finish(self, aligner: Aligner, state: dict[str, Any]) -> None:
         ref = aligner.actor.ref
@@ -644,8 +691,7 @@ class WorkerCheckpoints:
         aligner, data = self._final[ref]
         ids = range(aligner.done + 1, self.triggered + 1)
         aligner.done = self.triggered
-        for n in ids:
-            await self._add(n, self.store.write_part(n, ref, data))
+        await self.save(ref, ids, data)
 
     async def _add(self, n: int, part: dict[str, Any]) -> None:
         parts = self._parts.setdefault(n, [])
@@ -824,11 +870,16 @@ async def run_with_recovery(
 async def drive(session: Session, trigger: Callable[[int], Awaitable[None]], main: Awaitable[Any]) -> Any:
     """Await ``main`` while the session's coordinator triggers checkpoints through ``trigger``."""
     driver = asyncio.create_task(session.coordinator.drive(trigger), name="checkpoint coordinator")
+    running = asyncio.ensure_future(main)
     try:
-        return await main
+        await asyncio.wait({driver, running}, return_when=asyncio.FIRST_COMPLETED)
+        if driver.done() and not running.done():
+            driver.result()  # the coordinator failed (it runs until cancelled): so does the run
+        return await running
     finally:
-        driver.cancel()
-        await asyncio.gather(driver, return_exceptions=True)
+        for task in (driver, running):
+            task.cancel()
+        await asyncio.gather(driver, running, return_exceptions=True)
 
 
 # -- on worker processes (the worker host, aiod4p.mappings._host) ------------------------------

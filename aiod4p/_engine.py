@@ -42,7 +42,7 @@ from ._plan import ExecutionPlan, InstanceRef
 from ._provenance import ActorRecorder, WorkerRecorder
 from ._results import ResultSink
 from ._stats import InstanceStats
-from .errors import Aiod4pError, GraphError, InputError, PEError, TransportError
+from .errors import Aiod4pError, CheckpointError, GraphError, InputError, PEError, TransportError
 from .transports import Comm
 
 if TYPE_CHECKING:
@@ -69,9 +69,11 @@ def _error(ref: InstanceRef, port: str, exc: BaseException) -> Aiod4pError:
     """The error to fail the run with when ``exc`` interrupts instance ``ref`` on ``port``.
 
     A transport's error (an item or result that cannot reach its destination, which
-    names the PE and port itself) stays as it is, wherever the flush that hit it ran.
+    names the PE and port itself) stays as it is, wherever the flush that hit it ran;
+    so does a checkpoint's (a state that cannot be saved or written names its PE or
+    file), whether the snapshot came between two calls or inside a source's call.
     """
-    if isinstance(exc, (PEError, TransportError)):
+    if isinstance(exc, (PEError, TransportError, CheckpointError)):
         return exc
     text = "".join(traceback.format_exception(exc))
     return PEError(ref.pe, ref.index, port, f"{type(exc).__name__}: {exc}", text)

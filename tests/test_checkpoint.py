@@ -201,6 +201,7 @@ async def test_a_checkpoint_before_a_restored_source_resumes_keeps_its_position(
     n = coordinator.next_id
     await checkpoints.trigger(n)  # before the run: the barrier comes first in the root's feed
     await asyncio.wait_for(worker.run(), 30)
+    await asyncio.wait_for(coordinator.complete(n, 0.0), 30)
     taken = store.latest()
     assert taken is not None and taken.id == n
     assert taken.states[InstanceRef("lines", 0)]["outputs"] == position

@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import random
+import shutil
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,7 @@ from ckpt_workflows import DiesSaving, HeldLines, expected_counts, word_count, w
 
 from aiod4p import run, start
 from aiod4p._checkpoint import Checkpointing, CheckpointStore
-from aiod4p.errors import WorkerDied
+from aiod4p.errors import CheckpointError, WorkerDied
 from aiod4p.mappings import get_mapping
 from aiod4p.mappings._base import BaseMapping
 from aiod4p.mappings.asyncio import AsyncMapping
@@ -32,9 +33,10 @@ def _spare_this_process(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("AIOD4P_TEST_KILLS_SPARE", str(os.getpid()))
 
 
-def _multi(directory: Path, results: Path, mapping_name: str = "multi", **options: object) -> BaseMapping:
+def _multi(directory: Path, results: Path | None, mapping_name: str = "multi", **options: object) -> BaseMapping:
     mapping = get_mapping(mapping_name)
-    mapping.checkpointing = Checkpointing(directory, results_path=str(results), **{"interval": 0.05, **options})  # type: ignore[arg-type]
+    results_path = None if results is None else str(results)
+    mapping.checkpointing = Checkpointing(directory, results_path=results_path, **{"interval": 0.05, **options})  # type: ignore[arg-type]
     return mapping
 
 
@@ -220,3 +222,31 @@ async def test_checkpoints_go_on_while_a_live_source_waits_for_input(
     finally:
         logging.getLogger("aiod4p.checkpoint").removeHandler(completions)
     assert dict(record.data for record in got) == expected_counts(path)
+
+
+@pytest.mark.parametrize("mapping", ["async", "multi"])
+async def test_a_checkpoint_that_cannot_be_written_fails_the_run_naming_the_file(
+    tmp_path: Path, mapping: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The checkpoint folder turns into a file in the middle of a live run: a CheckpointError names the file."""
+    path = tmp_path / "words.txt"
+    write_words(path, 1000)
+    directory = tmp_path / "ck"
+    graph = word_count(path, lines=LinesSource(path, follow=True))
+    completions = _Completions(1)
+    logging.getLogger("aiod4p.checkpoint").addHandler(completions)
+    try:
+        with caplog.at_level(logging.INFO, "aiod4p.checkpoint"), pytest.raises(CheckpointError) as failure:
+            async with (
+                asyncio.timeout(30),
+                start(graph, 1, mapping=_multi(directory, None, mapping), workers=2) as live,
+            ):
+                results = asyncio.ensure_future(live.results())
+                await completions.reached.wait()
+                shutil.rmtree(directory)
+                directory.write_text("not a folder")
+                await results
+    finally:
+        logging.getLogger("aiod4p.checkpoint").removeHandler(completions)
+    assert str(failure.value).startswith(("cannot write checkpoint 2: ", "cannot commit checkpoint 2: "))
+    assert str(directory / "chk-00000002") in str(failure.value)
