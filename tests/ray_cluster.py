@@ -3,7 +3,9 @@
 Both nodes listen on loopback and are started by ``ray start`` in sessions of
 their own; stopping them ends every process of those sessions (by process id:
 never ``ray stop``, which ends every Ray process of the machine, other users'
-included) and checks that none is left.
+included) and checks that none is left. A reaper process (this module run as a
+script) does the same if the process that started the cluster dies without
+stopping it (a test run killed or interrupted), so no cluster outlives its run.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ class RayCluster:
     address: str
     temp_dir: str
     sessions: list[int] = field(default_factory=list)  # process group (session) ids of its processes
+    reaper: subprocess.Popen[bytes] | None = None
 
     @classmethod
     def start(cls) -> RayCluster:
@@ -57,6 +60,11 @@ class RayCluster:
                 "--resources", json.dumps({"head": 1}),
             )  # fmt: skip
             cluster._ray_start("--address", cluster.address, *common, "--resources", json.dumps({"second": 1}))
+            cluster.reaper = subprocess.Popen(
+                [sys.executable, __file__, str(os.getpid()), cluster.temp_dir, *map(str, cluster.sessions)],
+                start_new_session=True,  # a signal to the test run's group does not reach it
+                stdin=subprocess.DEVNULL,
+            )
         except BaseException:
             cluster.stop()
             raise
@@ -96,9 +104,28 @@ class RayCluster:
 
     def stop(self) -> list[int]:
         """Terminate, then kill, every process of the cluster, and remove its files; returns the killed ones."""
-        killed = _stop_sessions(self.sessions)
-        shutil.rmtree(self.temp_dir, ignore_errors=True)
-        return killed
+        if self.reaper is not None:
+            self.reaper.kill()
+            self.reaper.wait()
+        return _stop(self.sessions, self.temp_dir)
+
+
+def _stop(sessions: list[int], temp_dir: str) -> list[int]:
+    killed = _stop_sessions(sessions)
+    shutil.rmtree(temp_dir, ignore_errors=True)
+    return killed
+
+
+def _reap(starter: int, temp_dir: str, sessions: list[int]) -> None:
+    """The reaper: once process ``starter`` has ended, stop the cluster it left behind."""
+    try:
+        fd = os.pidfd_open(starter)
+    except ProcessLookupError:
+        pass
+    else:
+        select.select([fd], [], [])
+        os.close(fd)
+    _stop(sessions, temp_dir)
 
 
 def _session_processes(sessions: list[int]) -> list[int]:
@@ -169,3 +196,7 @@ def _running(pid: int) -> bool:
     except OSError:
         return False
     return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+if __name__ == "__main__":
+    _reap(int(sys.argv[1]), sys.argv[2], [int(session) for session in sys.argv[3:]])
