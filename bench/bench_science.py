@@ -1,4 +1,4 @@
-"""The science examples against dispel4py 1.2.1 at the sizes users run, and provenance overhead.
+"""The science examples against dispel4py 1.2.1 at the sizes users run.
 
     .venv/bin/python bench/bench_science.py [--quick] [--sweep] [scale]
 
@@ -23,11 +23,7 @@
 (b) With ``--sweep``: run time against -n per mapping (aiod4p -n 1, 2, 4;
     dispel4py one and two processes per PE) and a figure per domain
     (docs/science-<domain>.png), dispel4py's next to aiod4p's.
-(c) Provenance overhead, in this process through ``aiod4p.run`` on the async
-    mapping, medians of 3, against the same run without: ``pe`` and ``item``
-    on the sentiment workflow (milliseconds per item) and on bench/chain.py's
-    trivial 5-PE chain (microseconds per item, the worst case); the time to
-    build the PROV document afterwards is reported apart.
+Provenance overhead: bench/bench_provenance.py.
 
 ``--quick`` is ``scale`` 0.01 (a smoke run: start-up dominates it). Writes bench/results/science.md
 (and docs/science-*.png with ``--sweep``). dispel4py runs in
@@ -36,17 +32,12 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
-import statistics
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-import aiod4p
 
 HERE = Path(__file__).resolve().parent
 QUICK = "--quick" in sys.argv
@@ -62,9 +53,7 @@ IO_TARGET = 1.5  # async against dispel4py's simple, where a PE waits on I/O (is
 
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "examples" / "science"))
-import sentiment  # noqa: E402
 from _common import BIN, D4P_BIN, ROOT, timed  # noqa: E402 - bench/ is not a package
-from chain import build as build_chain  # noqa: E402
 
 # domain: (root PE, PEs in the graph = dispel4py's process count, a PE waits on I/O)
 DOMAINS: dict[str, tuple[str, int, bool]] = {
@@ -402,56 +391,6 @@ def compare_section(domain: str, found: dict[str, Timing]) -> list[str]:
     return [*lines, ""]
 
 
-# -- (b) provenance overhead ---------------------------------------------------------------------
-
-
-def timed_run(build: Any, inputs: Any, level: str | None) -> tuple[float, list[aiod4p.InstanceStats]]:
-    """Seconds of one async run, and its statistics (which carry the provenance parts)."""
-
-    async def go() -> tuple[float, list[aiod4p.InstanceStats]]:
-        started = time.perf_counter()
-        async with aiod4p.start(build(), inputs, mapping="async", provenance=level) as run:
-            await run.results()
-        return time.perf_counter() - started, run.stats
-
-    return asyncio.run(go())
-
-
-def document_time(stats: list[aiod4p.InstanceStats]) -> float:
-    """Seconds to build the PROV document of a run (with the prov package)."""
-    started = time.perf_counter()
-    aiod4p.provenance_document(stats)
-    return time.perf_counter() - started
-
-
-def chain_graph() -> aiod4p.WorkflowGraph:
-    return build_chain()[0]
-
-
-def overhead_section() -> list[str]:
-    workloads = [
-        ("sentiment", sentiment.build, {"Articles": [{"articles": max(50, int(1000 * (SCALE or 1.0)))}]}),
-        ("chain", chain_graph, max(1000, int(20_000 * (SCALE or 1.0)))),
-    ]
-    lines = ["**Provenance overhead** (async mapping, in process, medians of 3; document build apart):", ""]
-    lines += ["| workload | off, s | pe, s | pe overhead | item, s | item overhead | PROV document (item), s |"]
-    lines += ["|---|---|---|---|---|---|---|"]
-    for name, build, inputs in workloads:
-        figures: dict[str | None, float] = {}
-        for level in (None, "pe", "item"):
-            runs = [timed_run(build, inputs, level) for _ in range(3)]
-            figures[level] = statistics.median(r[0] for r in runs)
-            print(f"provenance {name} {level}: {figures[level]:.3f} s", flush=True)
-        building = document_time(runs[0][1])  # the item-level runs: one document is enough
-        off, pe, item = figures[None], figures["pe"], figures["item"]
-        verdict = "met" if pe / off - 1 < 0.05 else "NOT met"
-        lines.append(
-            f"| {name} | {off:.3f} | {pe:.3f} | {100 * (pe / off - 1):+.1f}% (target < 5%: {verdict}) | {item:.3f} |"
-            f" {100 * (item / off - 1):+.1f}% | {building:.3f} |"
-        )
-    return [*lines, ""]
-
-
 def main() -> int:
     scale = "each domain's default" if SCALE is None else f"{SCALE}"
     lines = [
@@ -473,7 +412,6 @@ def main() -> int:
             print(f"wrote {figure(domain, series)}", flush=True)
             lines += domain_section(domain, series)
             lines += startup_lines(series, startups(domain, series))
-    lines += overhead_section()
     out = HERE / "results" / "science.md"
     out.write_text("\n".join(lines))
     print("\n".join(lines))
