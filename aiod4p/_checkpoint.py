@@ -33,6 +33,7 @@ import logging
 import os
 import pickle
 import shutil
+import tempfile
 import time
 import urllib.parse
 from collections.abc import AsyncIterator, Awaitable, Callable, Hashable, Iterable, Mapping
@@ -118,8 +119,9 @@ def _atomic_write(path: Path, data: bytes, sync_dir: bool = True) -> None:
     ``sync_dir=False`` leaves the directory entry unsynced: the caller syncs
     the directory once for many files (:meth:`CheckpointStore.commit`).
     """
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as out:
+    # A name of its own: two writers of one file in a process (MPI rank 0 relays and runs worker 0) never meet.
+    descriptor, tmp = tempfile.mkstemp(dir=path.parent, prefix=f"{path.name}.tmp-")
+    with open(descriptor, "wb") as out:
         out.write(data)
         out.flush()
         os.fsync(out.fileno())
@@ -136,8 +138,8 @@ async def _in_thread(function: Callable[..., T], *args: Any) -> T:
         return await asyncio.shield(call)
     except asyncio.CancelledError:
         await asyncio.wait({call})
-        if not call.cancelled():
-            call.exception()  # a cancelled run does not report how its last write ended
+        if not call.cancelled() and call.exception() is not None:
+            logger.warning("while the run stopped: %s", call.exception())
         raise
 
 
@@ -356,8 +358,16 @@ class ResultsLog:
         await self._sink.emit(pe, port, items)
 
     def commit(self) -> int:
-        self._out.flush()
-        os.fsync(self._out.fileno())
+        """Flush and sync the file; its length.
+
+        Raises:
+            CheckpointError: it cannot be written (named, with the system's reason).
+        """
+        try:
+            self._out.flush()
+            os.fsync(self._out.fileno())
+        except OSError as exc:
+            raise CheckpointError(f"cannot write results to {self.path}: {exc.strerror or exc}") from exc
         return self._out.tell()
 
     def close(self) -> None:
@@ -524,6 +534,7 @@ class Aligner:
             while True:
                 if self.due > self.done:
                     await self.snapshot(self.due)
+                    continue  # a trigger may have come during the snapshot: wait() would miss its interrupt
                 if source.ready():
                     return
                 await source.wait()
@@ -628,6 +639,9 @@ class WorkerCheckpoints:
         self.on_all_finished: Callable[[list[FinalState]], Awaitable[None]] | None = None
         self._parts: dict[int, list[dict[str, Any]]] = {}
         self._final: dict[InstanceRef, tuple[Aligner, bytes]] = {}
+        self._saving = 0  # saves under way
+        self._reported = asyncio.Event()  # set while no save is under way and every part saved was reported
+        self._reported.set()
         self._groupings = _groupings(worker.plan)
         for ref, actor in worker.actors.items():
             aligner = Aligner(actor, self, first)
@@ -677,14 +691,22 @@ class WorkerCheckpoints:
         The files are written and synced in a thread: the disk's sync (milliseconds) must not stall the
         worker's other instances, which go on with the stream meanwhile.
         """
-        for n in ids:
-            await self._add(n, await _in_thread(self.store.write_part, n, ref, data))
+        self._saving += 1
+        self._reported.clear()
+        try:
+            for n in ids:
+                await self._add(n, await _in_thread(self.store.write_part, n, ref, data))
+        finally:
+            self._saving -= 1
+            self._settle()
 
     async def finish(self, aligner: Aligner, state: dict[str, Any]) -> None:
         ref = aligner.actor.ref
         self._final[ref] = (aligner, _pickled(ref, state))
         await self._save_final(ref)
         if self.on_all_finished is not None and len(self._final) == len(self.worker.actors):
+            # The finals say which checkpoints each instance saved: those parts must have been reported first.
+            await self._reported.wait()
             await self.on_all_finished([(ref, data, aligner.done) for ref, (aligner, data) in self._final.items()])
 
     async def _save_final(self, ref: InstanceRef) -> None:
@@ -701,6 +723,13 @@ class WorkerCheckpoints:
             reported = self.report(n, parts)
             if reported is not None:
                 await reported
+            self._settle()
+
+    def _settle(self) -> None:
+        if self._saving or self._parts:
+            self._reported.clear()
+        else:
+            self._reported.set()
 
 
 def _pickled(ref: InstanceRef, state: dict[str, Any]) -> bytes:
@@ -873,7 +902,7 @@ async def drive(session: Session, trigger: Callable[[int], Awaitable[None]], mai
     running = asyncio.ensure_future(main)
     try:
         await asyncio.wait({driver, running}, return_when=asyncio.FIRST_COMPLETED)
-        if driver.done() and not running.done():
+        if driver.done():
             driver.result()  # the coordinator failed (it runs until cancelled): so does the run
         return await running
     finally:

@@ -158,23 +158,42 @@ def _being_written(directory: str, pe: str) -> int | None:
 
 
 class HeldLines(SourcePE):
-    """The lines of ``path``, holding back those after the first ``hold_after`` until the file ``until`` exists.
+    """The lines of ``path``; after ``hold_after`` lines (counted from where a restore resumes it), the others
+    wait until the file ``until`` exists.
 
-    Checkpoints go on while the lines are held (their barriers need no item), so a test can make sure
-    that the run reaches a checkpoint before its input ends, however fast the machine.
+    Checkpoints go on while the lines are held (a waiting source snapshots), so a test can make sure that
+    a run reaches the checkpoints it waits for before its input ends, however fast the machine.
     """
 
     def __init__(self, path: str | os.PathLike[str], until: str | os.PathLike[str], hold_after: int) -> None:
         super().__init__()
         self.path, self.until, self.hold_after = os.fspath(path), os.fspath(until), hold_after
 
-    async def open(self) -> AsyncIterator[str]:  # type: ignore[override]
-        with open(self.path, encoding="utf-8") as lines:  # noqa: ASYNC230 - a small local file
-            for number, line in enumerate(lines):
-                if number == self.hold_after:
-                    while not os.path.exists(self.until):  # noqa: ASYNC110, ASYNC240 - made by another process
-                        await asyncio.sleep(0.01)
-                yield line.rstrip("\n")
+    def open(self) -> _HeldStream:
+        return _HeldStream(self.path, self.until, self.hold_after)
+
+
+class _HeldStream:
+    def __init__(self, path: str, until: str, hold_after: int) -> None:
+        self.path, self.until, self.hold_after = path, until, hold_after
+        self.start = 0
+
+    def seek(self, offset: int) -> None:
+        """The offset protocol: start with line ``offset``."""
+        self.start = offset
+
+    def __aiter__(self) -> AsyncIterator[str]:
+        return self._lines()
+
+    async def _lines(self) -> AsyncIterator[str]:
+        # Read at once: an aborted run leaves its generator suspended, and no file open with it.
+        with open(self.path, encoding="utf-8") as file:  # noqa: ASYNC230 - a small local file
+            lines = file.read().splitlines()
+        for number in range(self.start, len(lines)):
+            if number == self.start + self.hold_after:
+                while not os.path.exists(self.until):  # noqa: ASYNC110, ASYNC240 - made by another process
+                    await asyncio.sleep(0.01)
+            yield lines[number]
 
 
 def word_count(

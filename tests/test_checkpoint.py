@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import pickle
 import random
@@ -13,7 +14,7 @@ from typing import Any
 
 import ckpt_workflows
 import pytest
-from ckpt_workflows import Count, complete_checkpoints, expected_counts, word_count, write_words
+from ckpt_workflows import Count, HeldLines, complete_checkpoints, expected_counts, word_count, write_words
 
 from aiod4p import ProducerPE, WorkflowGraph, run, run_async, start
 from aiod4p._checkpoint import (
@@ -73,24 +74,46 @@ def test_checkpointed_run_gives_the_results_of_a_plain_run(tmp_path: Path, words
     assert len([n for n in store.ids() if (store.path(n) / MANIFEST).exists()]) <= 3  # last K kept
 
 
-class _Killer:
+class _Killer(logging.Handler):
     """Knows when Count instances counted ``threshold`` words (or Numbers made as many) in this attempt,
-    and ``new`` checkpoints completed in ``checkpointed`` since it was made."""
+    and ``new`` checkpoints completed in ``checkpointed`` since it was made; then creates ``gate``, if given.
 
-    def __init__(self, threshold: int, checkpointed: Path | None = None, new: int = 1) -> None:
+    It looks every 1000 words (``ckpt_workflows.HOOK``) and at every checkpoint completed (a handler of the
+    checkpoint log): a source held until ``gate`` exists (:class:`HeldLines`) counts no more words, and its
+    checkpoints still complete.
+    """
+
+    def __init__(self, threshold: int, checkpointed: Path | None = None, new: int = 1, gate: Path | None = None):
+        super().__init__(logging.INFO)
         self.threshold = threshold
         self.checkpointed = checkpointed
         self.before = complete_checkpoints(checkpointed) if checkpointed is not None else set()
         self.new = new
+        self.gate = gate
         self.reached = asyncio.Event()
         self.calls = 0
 
     def __call__(self, seen: int) -> None:
         self.calls += 1  # every 1000 words of this attempt
+        self._check()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.msg.startswith("checkpoint %d complete"):
+            self._check()
+
+    def _check(self) -> None:
         if self.calls * 1000 >= self.threshold and (
             self.checkpointed is None or len(complete_checkpoints(self.checkpointed) - self.before) >= self.new
         ):
             self.reached.set()
+            if self.gate is not None:
+                self.gate.touch()
+
+
+def _held_word_count(words: Path, gate: Path, threshold: int) -> WorkflowGraph:
+    """The word count of ``words``, its lines held once they reach ``threshold`` words (with room for each
+    Count instance's last 1000) until ``gate`` exists: the run cannot end before the killer's moment."""
+    return word_count(words, lines=HeldLines(words, until=gate, hold_after=threshold // 10 + 500))
 
 
 async def _run_until_killed(
@@ -101,10 +124,15 @@ async def _run_until_killed(
     inputs: Any = 1,
     checkpointed: Path | None = None,
     new: int = 1,
+    gate: Path | None = None,
 ) -> bool:
     """Run, aborting (no drain: a kill) at the moment chosen; whether the run finished before it."""
-    killer = _Killer(threshold, checkpointed, new)
+    killer = _Killer(threshold, checkpointed, new, gate)
     ckpt_workflows.HOOK = killer
+    log = logging.getLogger("aiod4p.checkpoint")
+    level = log.level
+    log.addHandler(killer)
+    log.setLevel(logging.INFO)
     try:
         async with start(graph, inputs, mapping=mapping, workers=workers) as workflow:
             results = asyncio.ensure_future(workflow.results())
@@ -119,6 +147,8 @@ async def _run_until_killed(
         return False  # leaving the block aborted the run
     finally:
         ckpt_workflows.HOOK = None
+        log.removeHandler(killer)
+        log.setLevel(level)
 
 
 async def test_killed_three_times_restored_with_other_n_counts_exactly(tmp_path: Path) -> None:
@@ -135,8 +165,9 @@ async def test_killed_three_times_restored_with_other_n_counts_exactly(tmp_path:
         mapping = _mapping(directory, results, restore=latest is not None)
         # Each attempt is cancelled after a checkpoint of its own: the next one resumes from further on.
         threshold = rng.randrange(count // 30, count // 5, 1000)
-        finished = await _run_until_killed(word_count(words), mapping, workers, threshold, checkpointed=directory)
-        assert not finished
+        gate = tmp_path / f"killed-{workers}"
+        graph = _held_word_count(words, gate, threshold)
+        assert not await _run_until_killed(graph, mapping, workers, threshold, checkpointed=directory, gate=gate)
     assert restored[0] == 0 and restored[1] > 0 and restored[2] > restored[1]
     final = await run_async(word_count(words), 1, mapping=_mapping(directory, results, restore=True), workers=3)
     assert _counts(final) == expected_counts(words)
@@ -145,12 +176,13 @@ async def test_killed_three_times_restored_with_other_n_counts_exactly(tmp_path:
 
 async def test_torn_checkpoint_is_ignored(tmp_path: Path) -> None:
     words = tmp_path / "many.txt"
-    write_words(words, 400_000)  # long enough for two checkpoints, however fast the machine
+    write_words(words, 40_000)
     directory = tmp_path / "ck"
-    finished = await _run_until_killed(
-        word_count(words), _mapping(directory, keep=5), 2, 0, checkpointed=directory, new=2
+    gate = tmp_path / "killed"
+    graph = _held_word_count(words, gate, 0)
+    assert not await _run_until_killed(
+        graph, _mapping(directory, keep=5), 2, 0, checkpointed=directory, new=2, gate=gate
     )
-    assert not finished
     store = CheckpointStore(directory, keep=5)
     complete = [n for n in store.ids() if (store.path(n) / MANIFEST).exists()]
     newest, previous = complete[-1], complete[-2]
@@ -181,7 +213,9 @@ async def test_a_checkpoint_before_a_restored_source_resumes_keeps_its_position(
     words = tmp_path / "words.txt"
     write_words(words, 100_000)
     directory = tmp_path / "ck"
-    assert not await _run_until_killed(word_count(words), _mapping(directory), 2, 5000, checkpointed=directory)
+    gate = tmp_path / "killed"
+    graph = _held_word_count(words, gate, 5000)
+    assert not await _run_until_killed(graph, _mapping(directory), 2, 5000, checkpointed=directory, gate=gate)
     store = CheckpointStore(directory)
     restored = store.latest()
     assert restored is not None
@@ -207,6 +241,55 @@ async def test_a_checkpoint_before_a_restored_source_resumes_keeps_its_position(
     assert taken.states[InstanceRef("lines", 0)]["outputs"] == position
     got = await run_async(word_count(words), 1, mapping=_mapping(directory, restore=True), workers=2)
     assert _counts(got) == expected_counts(words)
+
+
+class _HeldStore(CheckpointStore):
+    """A store that writes the part of instance ``held`` only once ``release`` is set (in the writing thread)."""
+
+    def __init__(self, directory: Path, held: InstanceRef) -> None:
+        super().__init__(directory)
+        self.held = held
+        self.release = threading.Event()
+
+    def write_part(self, n: int, ref: InstanceRef, data: bytes) -> dict[str, Any]:
+        if ref == self.held:
+            self.release.wait(30)
+        return super().write_part(n, ref, data)
+
+
+async def test_a_worker_reports_the_parts_its_finished_instances_saved_before_its_final_states(
+    tmp_path: Path,
+) -> None:
+    """Checkpoint 1 is triggered after an instance finished; its final state is written slowly while the
+    worker's last instance finishes. The worker's final states say that instance saved checkpoint 1, so the
+    part must be reported before them: the launcher reads nothing after the finals, and would wait for that
+    part (and take no checkpoint) for ever."""
+    plan = make_plan(word_count(tmp_path / "words.txt"), PlanOptions(workers=1))
+    worker = Worker(plan, 0, feeds=resolve_inputs(plan.graph, 1), results=_Collected())
+    refs = list(worker.actors)
+    store = _HeldStore(tmp_path / "ck", held=refs[0])
+    events: list[tuple[str, Any]] = []
+
+    async def on_all_finished(finals: list[Any]) -> None:
+        events.append(("finals", sorted(done for _, _, done in finals)))
+
+    gate = ResultGate([], worker.results.emit, lambda n: asyncio.sleep(0), 0)
+    checkpoints = WorkerCheckpoints(worker, store, None, 0, lambda n, parts: events.append(("saved", n)), gate)
+    checkpoints.on_all_finished = on_all_finished
+    aligners = [worker.actors[ref].aligner for ref in refs]
+    for aligner in aligners[:-1]:
+        assert aligner is not None
+        await checkpoints.finish(aligner, {"finished": True})
+    async with asyncio.timeout(30):
+        trigger = asyncio.ensure_future(checkpoints.trigger(1))  # writes refs[0]'s final state: held
+        last = aligners[-1]
+        assert last is not None
+        finishing = asyncio.ensure_future(checkpoints.finish(last, {"finished": True}))
+        # It cannot end while that part is held (it ended at once, before the part, on the old code).
+        await asyncio.wait({finishing}, timeout=0.2)
+        store.release.set()
+        await asyncio.gather(trigger, finishing)
+    assert events == [("saved", 1), ("finals", [1] * len(refs))]
 
 
 async def test_a_finished_workers_stand_in_keeps_the_parts_its_instances_saved(tmp_path: Path) -> None:

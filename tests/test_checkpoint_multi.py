@@ -250,3 +250,38 @@ async def test_a_checkpoint_that_cannot_be_written_fails_the_run_naming_the_file
         logging.getLogger("aiod4p.checkpoint").removeHandler(completions)
     assert str(failure.value).startswith(("cannot write checkpoint 2: ", "cannot commit checkpoint 2: "))
     assert str(directory / "chk-00000002") in str(failure.value)
+
+
+class _TrapManifest(logging.Handler):
+    """Once checkpoint 1 completed (logged in the coordinator's task, before it triggers checkpoint 2), puts a
+    folder where checkpoint 2's manifest goes."""
+
+    def __init__(self, directory: Path) -> None:
+        super().__init__(logging.INFO)
+        self.directory = directory
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.msg.startswith("checkpoint %d complete") and record.args and record.args[0] == 1:
+            (self.directory / "chk-00000002" / "MANIFEST.json").mkdir(parents=True)
+
+
+@pytest.mark.parametrize("mapping", ["async", "multi"])
+async def test_a_checkpoint_that_cannot_be_committed_fails_the_run_naming_it(
+    tmp_path: Path, mapping: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The coordinator cannot write checkpoint 2's manifest: the run fails with a CheckpointError naming it."""
+    path = tmp_path / "words.txt"
+    write_words(path, 1000)
+    directory = tmp_path / "ck"
+    graph = word_count(path, lines=LinesSource(path, follow=True))
+    trap = _TrapManifest(directory)
+    logging.getLogger("aiod4p.checkpoint").addHandler(trap)
+    try:
+        with caplog.at_level(logging.INFO, "aiod4p.checkpoint"), pytest.raises(CheckpointError) as failure:
+            async with asyncio.timeout(30), start(graph, 1, mapping=_multi(directory, None, mapping)) as live:
+                await live.results()
+    finally:
+        logging.getLogger("aiod4p.checkpoint").removeHandler(trap)
+    assert str(failure.value).startswith(f"cannot commit checkpoint 2: {directory / 'chk-00000002'}: ")
+    latest = CheckpointStore(directory).latest()  # checkpoint 2 is torn: ignored
+    assert latest is not None and latest.id == 1
