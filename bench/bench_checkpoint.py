@@ -220,6 +220,18 @@ def _spread(off: list[float], on: list[float]) -> float:
     return max(pairs) - min(pairs)
 
 
+def _interleaved_pairs(mapping: str, items: int, interval: float) -> list[dict[bool, Trial]]:
+    """``PAIRS`` pairs of runs without (``False``) and with (``True``) checkpoints every ``interval`` s, the order
+    alternating from one pair to the next."""
+    pairs = []
+    for repeat in range(PAIRS):
+        pair: dict[bool, Trial] = {}
+        for checkpoints in (False, True) if repeat % 2 == 0 else (True, False):
+            pair[checkpoints] = measure(mapping, 1000, items, interval if checkpoints else 0.0)
+        pairs.append(pair)
+    return pairs
+
+
 def cost() -> list[str]:
     lines = [
         "### (a) Cost of checkpoints every 1 s on a keyed chain",
@@ -235,11 +247,8 @@ def cost() -> list[str]:
     ]
     worst = -1.0
     for mapping in ("async", "multi"):
-        off: list[Trial] = []
-        on: list[Trial] = []
-        for repeat in range(PAIRS):
-            for checkpoints in (False, True) if repeat % 2 == 0 else (True, False):
-                (on if checkpoints else off).append(measure(mapping, 1000, ITEMS, 1.0 if checkpoints else 0.0))
+        pairs = _interleaved_pairs(mapping, ITEMS, 1.0)
+        off, on = [pair[False] for pair in pairs], [pair[True] for pair in pairs]
         cpu = [t.cpu for t in off], [t.cpu for t in on]
         wall = [t.wall for t in off], [t.wall for t in on]
         steadier, name = (cpu, "CPU") if _spread(*cpu) <= _spread(*wall) else (wall, "wall")
@@ -293,10 +302,7 @@ def cost_of_one() -> list[str]:
         cpus: list[float] = []
         taken: list[int] = []
         durations: list[float] = []
-        for repeat in range(PAIRS):
-            pair: dict[bool, Trial] = {}
-            for checkpoints in (False, True) if repeat % 2 == 0 else (True, False):
-                pair[checkpoints] = measure(mapping, 1000, items, SHORT_INTERVAL if checkpoints else 0.0)
+        for pair in _interleaved_pairs(mapping, items, SHORT_INTERVAL):
             count = max(len(pair[True].checkpoints), 1)
             taken.append(count)
             walls.append((pair[True].wall - pair[False].wall) / count * 1000)

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import signal
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from aiod4p import IterativePE, WorkflowGraph
@@ -15,6 +17,20 @@ HOOK: Any = None
 """In-process tests set a callable: ``HOOK(seen)`` every 1000 words an instance of Count counts."""
 
 WORDS = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta", "iota", "kappa", "lambda", "mu"]
+
+
+@contextmanager
+def checkpoint_log(handler: logging.Handler) -> Iterator[None]:
+    """``handler`` sees the checkpoint logger's records at INFO and above while the block runs."""
+    log = logging.getLogger("aiod4p.checkpoint")
+    level = log.level
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(level)
 
 
 def write_words(path: str | os.PathLike[str], count: int, per_line: int = 10) -> None:

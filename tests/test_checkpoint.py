@@ -14,7 +14,15 @@ from typing import Any
 
 import ckpt_workflows
 import pytest
-from ckpt_workflows import Count, HeldLines, complete_checkpoints, expected_counts, word_count, write_words
+from ckpt_workflows import (
+    Count,
+    HeldLines,
+    checkpoint_log,
+    complete_checkpoints,
+    expected_counts,
+    word_count,
+    write_words,
+)
 
 from aiod4p import ProducerPE, WorkflowGraph, run, run_async, start
 from aiod4p._checkpoint import (
@@ -129,26 +137,21 @@ async def _run_until_killed(
     """Run, aborting (no drain: a kill) at the moment chosen; whether the run finished before it."""
     killer = _Killer(threshold, checkpointed, new, gate)
     ckpt_workflows.HOOK = killer
-    log = logging.getLogger("aiod4p.checkpoint")
-    level = log.level
-    log.addHandler(killer)
-    log.setLevel(logging.INFO)
     try:
-        async with start(graph, inputs, mapping=mapping, workers=workers) as workflow:
-            results = asyncio.ensure_future(workflow.results())
-            waiter = asyncio.ensure_future(killer.reached.wait())
-            await asyncio.wait({results, waiter}, return_when=asyncio.FIRST_COMPLETED)
-            waiter.cancel()
-            if results.done():
-                results.result()
-                return True
-            results.cancel()
-            await asyncio.gather(results, waiter, return_exceptions=True)
-        return False  # leaving the block aborted the run
+        with checkpoint_log(killer):
+            async with start(graph, inputs, mapping=mapping, workers=workers) as workflow:
+                results = asyncio.ensure_future(workflow.results())
+                waiter = asyncio.ensure_future(killer.reached.wait())
+                await asyncio.wait({results, waiter}, return_when=asyncio.FIRST_COMPLETED)
+                waiter.cancel()
+                if results.done():
+                    results.result()
+                    return True
+                results.cancel()
+                await asyncio.gather(results, waiter, return_exceptions=True)
+            return False  # leaving the block aborted the run
     finally:
         ckpt_workflows.HOOK = None
-        log.removeHandler(killer)
-        log.setLevel(level)
 
 
 async def test_killed_three_times_restored_with_other_n_counts_exactly(tmp_path: Path) -> None:

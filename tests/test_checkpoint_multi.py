@@ -11,9 +11,9 @@ import shutil
 from pathlib import Path
 
 import pytest
-from ckpt_workflows import DiesSaving, HeldLines, expected_counts, word_count, write_words
+from ckpt_workflows import DiesSaving, HeldLines, checkpoint_log, expected_counts, word_count, write_words
 
-from aiod4p import run, start
+from aiod4p import WorkflowGraph, run, start
 from aiod4p._checkpoint import Checkpointing, CheckpointStore
 from aiod4p.errors import CheckpointError, WorkerDied
 from aiod4p.mappings import get_mapping
@@ -187,6 +187,13 @@ def test_ray_restarts_its_actors_after_a_sigkill(
     assert _file_counts(results) == expected_counts(words)
 
 
+def _followed_word_count(tmp_path: Path) -> tuple[Path, WorkflowGraph]:
+    """A word count of a 1000-word file that it follows (a live run: it ends only when drained)."""
+    path = tmp_path / "words.txt"
+    write_words(path, 1000)
+    return path, word_count(path, lines=LinesSource(path, follow=True))
+
+
 class _Completions(logging.Handler):
     """Sets ``reached`` once ``wanted`` checkpoints completed (the coordinator logs each, in this process)."""
 
@@ -202,52 +209,36 @@ class _Completions(logging.Handler):
 
 
 @pytest.mark.parametrize("mapping", ["async", "multi"])
-async def test_checkpoints_go_on_while_a_live_source_waits_for_input(
-    tmp_path: Path, mapping: str, caplog: pytest.LogCaptureFixture
-) -> None:
+async def test_checkpoints_go_on_while_a_live_source_waits_for_input(tmp_path: Path, mapping: str) -> None:
     """A followed file with nothing new to read: checkpoints still complete (they used to wait for its next line)."""
-    path = tmp_path / "words.txt"
-    write_words(path, 1000)
-    graph = word_count(path, lines=LinesSource(path, follow=True))
+    path, graph = _followed_word_count(tmp_path)
     checkpointed = _multi(tmp_path / "ck", tmp_path / "results.jsonl", mapping)
     completions = _Completions(3)  # the source has nothing left to read long before the third
-    logging.getLogger("aiod4p.checkpoint").addHandler(completions)
-    try:
-        with caplog.at_level(logging.INFO, "aiod4p.checkpoint"):
-            async with asyncio.timeout(30), start(graph, 1, mapping=checkpointed, workers=2) as live:
-                results = asyncio.ensure_future(live.results())
-                await completions.reached.wait()
-                live.drain()
-                got = await results
-    finally:
-        logging.getLogger("aiod4p.checkpoint").removeHandler(completions)
+    with checkpoint_log(completions):
+        async with asyncio.timeout(30), start(graph, 1, mapping=checkpointed, workers=2) as live:
+            results = asyncio.ensure_future(live.results())
+            await completions.reached.wait()
+            live.drain()
+            got = await results
     assert dict(record.data for record in got) == expected_counts(path)
 
 
 @pytest.mark.parametrize("mapping", ["async", "multi"])
-async def test_a_checkpoint_that_cannot_be_written_fails_the_run_naming_the_file(
-    tmp_path: Path, mapping: str, caplog: pytest.LogCaptureFixture
-) -> None:
+async def test_a_checkpoint_that_cannot_be_written_fails_the_run_naming_the_file(tmp_path: Path, mapping: str) -> None:
     """The checkpoint folder turns into a file in the middle of a live run: a CheckpointError names the file."""
-    path = tmp_path / "words.txt"
-    write_words(path, 1000)
+    _, graph = _followed_word_count(tmp_path)
     directory = tmp_path / "ck"
-    graph = word_count(path, lines=LinesSource(path, follow=True))
     completions = _Completions(1)
-    logging.getLogger("aiod4p.checkpoint").addHandler(completions)
-    try:
-        with caplog.at_level(logging.INFO, "aiod4p.checkpoint"), pytest.raises(CheckpointError) as failure:
-            async with (
-                asyncio.timeout(30),
-                start(graph, 1, mapping=_multi(directory, None, mapping), workers=2) as live,
-            ):
-                results = asyncio.ensure_future(live.results())
-                await completions.reached.wait()
-                shutil.rmtree(directory)
-                directory.write_text("not a folder")
-                await results
-    finally:
-        logging.getLogger("aiod4p.checkpoint").removeHandler(completions)
+    with checkpoint_log(completions), pytest.raises(CheckpointError) as failure:
+        async with (
+            asyncio.timeout(30),
+            start(graph, 1, mapping=_multi(directory, None, mapping), workers=2) as live,
+        ):
+            results = asyncio.ensure_future(live.results())
+            await completions.reached.wait()
+            shutil.rmtree(directory)
+            directory.write_text("not a folder")
+            await results
     assert str(failure.value).startswith(("cannot write checkpoint 2: ", "cannot commit checkpoint 2: "))
     assert str(directory / "chk-00000002") in str(failure.value)
 
@@ -266,22 +257,14 @@ class _TrapManifest(logging.Handler):
 
 
 @pytest.mark.parametrize("mapping", ["async", "multi"])
-async def test_a_checkpoint_that_cannot_be_committed_fails_the_run_naming_it(
-    tmp_path: Path, mapping: str, caplog: pytest.LogCaptureFixture
-) -> None:
+async def test_a_checkpoint_that_cannot_be_committed_fails_the_run_naming_it(tmp_path: Path, mapping: str) -> None:
     """The coordinator cannot write checkpoint 2's manifest: the run fails with a CheckpointError naming it."""
-    path = tmp_path / "words.txt"
-    write_words(path, 1000)
+    _, graph = _followed_word_count(tmp_path)
     directory = tmp_path / "ck"
-    graph = word_count(path, lines=LinesSource(path, follow=True))
     trap = _TrapManifest(directory)
-    logging.getLogger("aiod4p.checkpoint").addHandler(trap)
-    try:
-        with caplog.at_level(logging.INFO, "aiod4p.checkpoint"), pytest.raises(CheckpointError) as failure:
-            async with asyncio.timeout(30), start(graph, 1, mapping=_multi(directory, None, mapping)) as live:
-                await live.results()
-    finally:
-        logging.getLogger("aiod4p.checkpoint").removeHandler(trap)
+    with checkpoint_log(trap), pytest.raises(CheckpointError) as failure:
+        async with asyncio.timeout(30), start(graph, 1, mapping=_multi(directory, None, mapping)) as live:
+            await live.results()
     assert str(failure.value).startswith(f"cannot commit checkpoint 2: {directory / 'chk-00000002'}: ")
     latest = CheckpointStore(directory).latest()  # checkpoint 2 is torn: ignored
     assert latest is not None and latest.id == 1
