@@ -90,7 +90,7 @@ FAILING = {
 }
 # Examples with random producers: compared by invariants, not by values.
 # The command-line runs take the file as it is: one slow item is enough there.
-CLI_ITERATIONS = {"delayed_pipeline": 1}
+CLI_ITERATIONS = {"delayed_pipeline": 1}  # ok-sleep: the example, unchanged, sleeps 1 s on its one item
 RANDOM = {"group_by", "grouping_split_merge", "word_count", "word_count_filter"}
 # Examples that broadcast ('all') to a PE with numprocesses > 1: dispel4py's simple
 # mapping runs one instance of every PE, so each instance's copy is counted once;
@@ -478,7 +478,7 @@ def test_group_by_routing_is_stable_across_processes() -> None:
 def test_a_failing_pe_fails_the_run(tmp_path: Path) -> None:
     path = flow(tmp_path, FAILING_FLOW)
     # dispel4py's multi mapping: the worker dies, its consumer waits for ever.
-    assert dispel4py_cli("multi", path, "-n", "3", "-i", "5", timeout=3) is None
+    assert dispel4py_cli("multi", path, "-n", "3", "-i", "5", timeout=3) is None  # ok-sleep: shows dispel4py hangs
     done = aiod4p_cli("run", path, "-i", "5", "--mapping", "async", "-n", "3", cwd=tmp_path)
     assert done.returncode == 1
     assert "Explode1" in done.stderr and "boom on 3" in done.stderr
@@ -525,6 +525,7 @@ def test_roots_absent_from_data_are_consistent(
 
 def test_dispel4py_multi_hangs_on_roots_absent_from_data() -> None:
     path = str(example("unconnected_pipeline"))
+    # ok-sleep: shows that dispel4py hangs
     assert dispel4py_cli("multi", path, "-n", "12", "-d", '{"TestProducer0": 3}', timeout=3) is None
 
 
