@@ -641,7 +641,7 @@ class _Actor(_Invoker):
         if full:
             await self._flush_many(full, whole=True)
         if self.dirty and not self.worker.fixed_order and time.monotonic() - self.last_flush >= self.max_delay:
-            await self._flush_all()
+            await self._flush_all(wait=False)
 
     def _route(self, route: _Route, items: list[Any], owned: bool, full: list[_Pending | _ResultPending]) -> None:
         dirty = self.dirty
@@ -667,15 +667,18 @@ class _Actor(_Invoker):
             if len(pending.items) >= pending.limit:
                 full.append(pending)
 
-    async def _flush_many(self, pendings: list[_Pending | _ResultPending], whole: bool = False) -> None:
+    async def _flush_many(
+        self, pendings: list[_Pending | _ResultPending], whole: bool = False, wait: bool = True
+    ) -> None:
         """Send everything ``pendings`` hold, a batch to each in turn; with ``whole``, full batches only.
 
         A destination that has credit is never kept waiting behind one that
-        has none: the actor waits only when no channel can take a batch. With
-        ``whole``, what is left of a pending (fewer items than its limit) stays
-        there, still listed as dirty, for the next batch to fill: a batch that
-        a router split among several destinations would otherwise leave a
-        small remainder to go out alone after every full batch.
+        has none: the actor waits only when no channel can take a batch, and
+        without ``wait`` it does not wait at all (what it could not send stays
+        in its pending). With ``whole``, what is left of a pending (fewer items
+        than its limit) stays there, still listed as dirty, for the next batch
+        to fill: a batch that a router split among several destinations would
+        otherwise leave a small remainder to go out alone after every full batch.
         """
         if whole:
             waiting = [pending for pending in pendings if len(pending.items) >= pending.limit]
@@ -694,6 +697,8 @@ class _Actor(_Invoker):
                         await self._send_batch(pending, freest)
                         stalled = False
             if stalled:
+                if not wait:
+                    return
                 await self._send_batch(waiting[0])
             if whole:
                 waiting = [pending for pending in waiting if len(pending.items) >= pending.limit]
@@ -759,11 +764,23 @@ class _Actor(_Invoker):
             limit = max(1, self.batch_bytes // size)
         return limit
 
-    async def _flush_all(self) -> None:
+    async def _flush_all(self, wait: bool = True) -> None:
+        """Send every partly filled batch; without ``wait``, only those whose channel has credit.
+
+        A flush by age does not wait: a stage whose results are few and small
+        (a score per article) would otherwise stop between its heavy items
+        until a busy receiver gives its credit back, although nothing it holds
+        is full. What stays behind goes with the next flush, or as soon as its
+        batch is full.
+        """
         dirty, self.dirty = self.dirty, []
         for pending in dirty:
             pending.dirty = False
-        await self._flush_many(dirty)
+        await self._flush_many(dirty, wait=wait)
+        for pending in dirty:
+            if pending.items and not pending.dirty:
+                pending.dirty = True
+                self.dirty.append(pending)
         self.last_flush = time.monotonic()
 
 
@@ -1061,19 +1078,22 @@ class Worker:
             stop()
 
     def seconds_per_item(self, pe: str) -> float | None:
-        """The measured time per item of PE ``pe``'s instances on this worker.
+        """The measured time per item of PE ``pe``'s instances on this worker: busy, or blocked on credit.
 
+        The blocked time counts: a cheap stage held back by a slow one after it
+        takes items at the slow one's pace, and sending it more than that pace
+        allows only queues them on a worker that cannot get through them.
         ``0.0`` where this worker runs none (nothing to measure: no bound by
         time); ``None`` while they have finished no item yet.
         """
         actors = self._actors_of.get(pe)
         if not actors:
             return 0.0
-        busy, done = 0.0, 0
+        spent, done = 0.0, 0
         for actor in actors:
-            busy += actor.stats.busy_seconds
+            spent += actor.stats.busy_seconds + actor.stats.blocked_seconds
             done += actor.items_done
-        return busy / done if done else None
+        return spent / done if done else None
 
     @property
     def stats(self) -> list[InstanceStats]:
@@ -1214,7 +1234,7 @@ class _ReadAhead:
         self._finished = False
         self.reader = asyncio.create_task(self._read(), name=name)
         # Cancelled before its first step, the reader never runs its finally: end the stream anyway.
-        self.reader.add_done_callback(lambda _: self._ready.set())
+        self.reader.add_done_callback(lambda _: self._finish())
 
     async def _read(self) -> None:
         try:
@@ -1227,12 +1247,15 @@ class _ReadAhead:
                     self._room.clear()
                     await self._room.wait()
         finally:
-            self._finished = True
-            self._ready.set()
+            self._finish()
+
+    def _finish(self) -> None:
+        self._finished = True
+        self._ready.set()
 
     def ready(self) -> bool:
         """Whether :meth:`take` would return at once."""
-        return bool(self._buffer) or self._finished or self.reader.done()
+        return bool(self._buffer) or self._finished
 
     async def wait(self) -> None:
         """Wait until :meth:`ready`, or until :meth:`interrupt` is called."""
@@ -1247,7 +1270,7 @@ class _ReadAhead:
     async def take(self) -> list[Any] | None:
         """The next items read (at most ``limit``), or ``None`` at the end of the source."""
         while not self._buffer:
-            if self._finished or self.reader.done():
+            if self._finished:
                 if not self.reader.cancelled():
                     await self.reader  # re-raises the source's own error
                 return None

@@ -12,6 +12,9 @@ from workflows import Count, Discard, Double
 
 import aiod4p
 from aiod4p import GenericPE, InstanceStats, IterativePE, PlanOptions, ProducerPE, WorkflowGraph, group_by, stable_hash
+from aiod4p._engine import Worker
+from aiod4p._inputs import resolve_inputs
+from aiod4p._plan import make_plan
 
 
 class Burst(ProducerPE):
@@ -259,3 +262,30 @@ def test_a_root_fed_without_pause_sends_full_batches_to_another_worker() -> None
     assert stats[0].items_in + stats[1].items_in == 400_000
     assert stats[1].items_in > 0
     assert stats[1].items_in / stats[1].batches_in > 1024, stats[1]
+
+
+class _Results:
+    async def emit(self, pe: str, port: str, items: list[Any]) -> None:
+        pass
+
+
+def test_a_stage_held_back_by_credit_is_measured_at_its_pace() -> None:
+    """A cheap stage waiting for a slow one's credit takes items at the slow one's pace: batches to it are sized
+    by that pace (busy and blocked time per item), not by its own work alone, which would queue hundreds of
+    heavy items before one instance while the others have nothing left to do."""
+    graph = WorkflowGraph()
+    graph.connect(Burst(10), "output", cheap := Cheap(), "input")
+    plan = make_plan(graph, PlanOptions(workers=1))
+    worker = Worker(plan, 0, feeds=resolve_inputs(plan.graph, 1), results=_Results())
+    for ref, actor in worker.actors.items():
+        if ref.pe == cheap.id:
+            actor.stats.busy_seconds, actor.stats.blocked_seconds, actor.items_done = 0.001, 0.009, 5
+    assert worker.seconds_per_item(cheap.id) == pytest.approx(0.002)  # 10 items in 0.02 s
+
+
+class Cheap(IterativePE):
+    def __init__(self) -> None:
+        super().__init__(parallelism=2)
+
+    def process_item(self, item: Any) -> Any:
+        return item
