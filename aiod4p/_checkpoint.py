@@ -33,7 +33,7 @@ import logging
 import os
 import pickle
 import shutil
-import tempfile
+import threading
 import time
 import urllib.parse
 from collections.abc import AsyncIterator, Awaitable, Callable, Hashable, Iterable, Mapping
@@ -119,13 +119,18 @@ def _atomic_write(path: Path, data: bytes, sync_dir: bool = True) -> None:
     ``sync_dir=False`` leaves the directory entry unsynced: the caller syncs
     the directory once for many files (:meth:`CheckpointStore.commit`).
     """
-    # A name of its own: two writers of one file in a process (MPI rank 0 relays and runs worker 0) never meet.
-    descriptor, tmp = tempfile.mkstemp(dir=path.parent, prefix=f"{path.name}.tmp-")
-    with open(descriptor, "wb") as out:
-        out.write(data)
-        out.flush()
-        os.fsync(out.fileno())
-    os.replace(tmp, path)
+    # A name per writer: two writers of one file in a process (MPI rank 0 relays and runs worker 0) never meet.
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
+    try:
+        with open(tmp, "wb") as out:
+            out.write(data)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
     if sync_dir:
         _fsync_dir(path.parent)
 
@@ -725,7 +730,6 @@ class WorkerCheckpoints:
             reported = self.report(n, parts)
             if reported is not None:
                 await reported
-            self._settle()
 
     def _settle(self) -> None:
         if self._saving or self._parts:

@@ -283,16 +283,19 @@ async def test_a_worker_reports_the_parts_its_finished_instances_saved_before_it
     for aligner in aligners[:-1]:
         assert aligner is not None
         await checkpoints.finish(aligner, {"finished": True})
-    async with asyncio.timeout(30):
-        trigger = asyncio.ensure_future(checkpoints.trigger(1))  # writes refs[0]'s final state: held
-        last = aligners[-1]
-        assert last is not None
-        finishing = asyncio.ensure_future(checkpoints.finish(last, {"finished": True}))
-        for _ in range(100):  # it cannot end while that part is held (it ended within a turn on the old code)
-            await asyncio.sleep(0)
-        assert not finishing.done()
-        store.release.set()
-        await asyncio.gather(trigger, finishing)
+    try:
+        async with asyncio.timeout(30):
+            trigger = asyncio.ensure_future(checkpoints.trigger(1))  # writes refs[0]'s final state: held
+            last = aligners[-1]
+            assert last is not None
+            finishing = asyncio.ensure_future(checkpoints.finish(last, {"finished": True}))
+            for _ in range(100):  # it cannot end while that part is held (it ended within a turn on the old code)
+                await asyncio.sleep(0)
+            assert not finishing.done()
+            store.release.set()
+            await asyncio.gather(trigger, finishing)
+    finally:
+        store.release.set()  # a failure above must not leave the writing thread waiting
     assert events == [("saved", 1), ("finals", [1] * len(refs))]
 
 

@@ -268,3 +268,4 @@ async def test_a_checkpoint_that_cannot_be_committed_fails_the_run_naming_it(tmp
     assert str(failure.value).startswith(f"cannot commit checkpoint 2: {directory / 'chk-00000002'}: ")
     latest = CheckpointStore(directory).latest()  # checkpoint 2 is torn: ignored
     assert latest is not None and latest.id == 1
+    assert not list((directory / "chk-00000002").glob("*.tmp-*"))  # the failed write left no temporary file
