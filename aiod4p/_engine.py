@@ -83,13 +83,13 @@ class _Pending:
     """Items waiting to travel on one channel to one destination port.
 
     ``limit`` is the most items a batch on this channel carries, set before
-    each batch from the destination PE's measured time per item and the size
+    each batch from the destination's measured time per item and the size
     of the items (see :meth:`_Actor._batch_limit`).
     """
 
     __slots__ = ("blind", "cap", "channel", "dest", "dirty", "items", "limit", "port", "seconds", "siblings")
 
-    def __init__(self, channel: SenderChannel, dest: str, port: str, bounds: tuple[int, float]) -> None:
+    def __init__(self, channel: SenderChannel, dest: InstanceRef, port: str, bounds: tuple[int, float]) -> None:
         self.items: list[Any] = []
         # the most items, and the most of the destination's measured work, a batch on this channel carries
         self.cap, self.seconds = bounds
@@ -151,8 +151,10 @@ class _Invoker:
         ref: the instance this invoker calls (names it in errors and stats).
         pe: the PE object of that instance.
         is_root: whether the PE is a root, called once per feed element.
-        batch_size: how many items a port's buffer holds before a generator's
-            further outputs are handed on (through the hooks) before it goes on.
+        batch_size: how many items a port's buffer holds at most before a
+            generator's further outputs are handed on (through the hooks)
+            before it goes on (:attr:`stream_limit`, which an actor lowers for
+            heavy items).
         worker_id: the worker recorded in :attr:`stats`.
     """
 
@@ -162,7 +164,7 @@ class _Invoker:
         self.ref = ref
         self.pe = pe
         self.is_root = is_root
-        self.batch_size = batch_size
+        self.batch_size = self.stream_limit = batch_size
         self.drains: Worker | _NeverDrains = _NEVER_DRAINS
         self.stats = InstanceStats(ref.pe, ref.index, worker_id)
         self.buffers: dict[str, list[Any]] = {port: [] for port in pe.outputs}
@@ -261,7 +263,7 @@ class _Invoker:
                 if result is not None and out_port is not None:
                     self.buffers[out_port].append(result)
         elif kind == "gen":
-            drains, is_root, batch_size, buffers = self.drains, self.is_root, self.batch_size, self.buffers
+            drains, is_root, limit, buffers = self.drains, self.is_root, self.stream_limit, self.buffers
             for item in items:
                 if out_port is None:
                     for _ in fn(item):
@@ -272,9 +274,9 @@ class _Invoker:
                 for result in fn(item):
                     if result is not None:
                         buffer.append(result)
-                        if len(buffer) >= batch_size:
+                        if len(buffer) >= limit:
                             await self._route_streamed()
-                            buffer = buffers[out_port]  # routing took the full buffer
+                            buffer, limit = buffers[out_port], self.stream_limit  # routing took the full buffer
                     if drains._draining and is_root:
                         return  # a draining source stops producing
         elif self.is_root and out_port is not None:
@@ -342,7 +344,7 @@ class _Invoker:
     async def _append_streaming(self, port: str, item: Any) -> None:
         buffer = self.buffers[port]
         buffer.append(item)
-        if len(buffer) >= self.batch_size:
+        if len(buffer) >= self.stream_limit:
             await self._route_streamed()
 
     # -- hooks for hosts that route -------------------------------------------
@@ -381,6 +383,9 @@ class _Actor(_Invoker):
         # What a call buffers before it hands its writes over (and waits for credit): as many items as
         # one channel may have in flight.
         self.hand_over_limit = self.batch_size * options.credits
+        self.writing_since = 0.0  # when the call under way started, or last handed its writes on
+        if not worker.fixed_order:
+            self.stream_limit = 1  # grows while items are cheap to make (see _next_hand_over)
         # The most outputs routed in one pass before the actor lets other tasks run: the most a batch
         # within the worker carries (see PlanOptions.batch_bounds).
         self.route_chunk = self.batch_size if worker.fixed_order else self.hand_over_limit
@@ -400,7 +405,7 @@ class _Actor(_Invoker):
             self.buffers,
             ref.index,
             logging.LoggerAdapter(pe_logger, {"pe": ref.pe, "instance": ref.index}),
-            limit=self.hand_over_limit,
+            limit=self.hand_over_limit if self.threaded or self.worker.fixed_order else 1,
             full=_switch_to_actor,
             recorder=self.recorder,
             stats=self.stats,
@@ -511,11 +516,12 @@ class _Actor(_Invoker):
         runner = self.runner
         if runner is None:
             runner = self.runner = _CallGreenlet(_serve_calls)
+        self.writing_since = time.perf_counter()
         request = runner.switch(call)
         while request is not _DONE:
             try:
                 if request is _ROUTE:
-                    yield from self._route_outputs(detach=True).__await__()
+                    yield from self._route_written().__await__()
                     value = None
                 else:
                     value = yield request
@@ -594,8 +600,37 @@ class _Actor(_Invoker):
     async def _route_streamed(self) -> None:
         """Route a batch that a long call (a generator) has written so far, and let other tasks run in time."""
         await self._route_outputs()
+        self.stream_limit = self._next_hand_over(self.stream_limit, self.batch_size)
         if self.worker.held_too_long():
             await self.worker.give_way()
+
+    async def _route_written(self) -> None:
+        """Route what a call has written so far (write() handed it on), and let other tasks run in time."""
+        await self._route_outputs(detach=True)
+        runtime = self.pe._runtime
+        assert runtime is not None
+        runtime.limit = self._next_hand_over(runtime.limit, self.hand_over_limit)
+        if self.worker.held_too_long():
+            await self.worker.give_way()
+
+    def _next_hand_over(self, handed: int, cap: int) -> int:
+        """How many items a long call may write before it hands them on again, once it handed ``handed`` on.
+
+        Fewer when writing them took longer than ``batch_seconds``, so that
+        heavy items (an article, a trace) reach the next stage one or a few at
+        a time from the start instead of after ``cap`` of them; twice as many,
+        up to ``cap``, when it took less than half of that. With
+        ``fixed_order`` it stays ``cap``: batches must not depend on timing.
+        """
+        if self.worker.fixed_order:
+            return cap
+        now = time.perf_counter()
+        spent, self.writing_since = now - self.writing_since, now
+        if spent > self.batch_seconds:
+            return max(1, int(handed * self.batch_seconds / spent))
+        if spent < self.batch_seconds / 2:
+            return min(cap, handed * 2)
+        return handed
 
     # -- routing -----------------------------------------------------------
     async def _route_outputs(self, detach: bool = False) -> None:
@@ -739,10 +774,12 @@ class _Actor(_Invoker):
         At most the channel's cap (``credits x batch_size`` within a worker,
         taking a credit per ``batch_size`` items, and ``remote_batch_size``
         between workers; ``batch_size`` with ``fixed_order``, which measures
-        nothing); at most what the destination PE gets through
-        in about ``batch_seconds`` (``remote_batch_seconds`` between workers), as measured on this worker's instances of
-        it, so a slow stage gets items one or a few at a time and every
-        instance stays busy; at most ``batch_bytes`` of items like ``sample``.
+        nothing); at most what the destination gets through in about
+        ``batch_seconds`` (``remote_batch_seconds`` between workers), as
+        measured on that instance where it runs on this worker, else on this
+        worker's instances of its PE, so a slow stage gets items one or a few
+        at a time and every instance stays busy; at most ``batch_bytes`` of
+        items like ``sample``.
         Until the first measurement a batch carries one item, and after twice
         ``credits`` such batches (the local instances may never get an item)
         twice as many as the last; where this worker runs no instance of the
@@ -753,7 +790,7 @@ class _Actor(_Invoker):
         if self.worker.fixed_order:
             limit, seconds = min(pending.cap, self.batch_size), 0.0
         else:
-            limit, seconds = pending.cap, self.worker.seconds_per_item(pending.dest)
+            limit, seconds = pending.cap, self.worker.seconds_per_item(pending.dest.pe, pending.dest)
         if seconds is None:
             pending.blind += 1
             limit = min(limit, pending.limit * 2 if pending.blind > 2 * self.credits else 1)
@@ -981,7 +1018,7 @@ class Worker:
             for route in plan.routes[ref.pe]:
                 targets = route.targets[ref.index]
                 pendings = [
-                    _Pending(senders[(ref, dest)], route.dest, route.dest_port, bounds[(ref, dest)])
+                    _Pending(senders[(ref, dest)], dest, route.dest_port, bounds[(ref, dest)])
                     for dest in (InstanceRef(route.dest, t) for t in targets)
                 ]
                 router = route.grouping.router(
@@ -1077,16 +1114,20 @@ class Worker:
         if self._draining:
             stop()
 
-    def seconds_per_item(self, pe: str) -> float | None:
-        """The measured time per item of PE ``pe``'s instances on this worker: busy, or blocked on credit.
+    def seconds_per_item(self, pe: str, instance: InstanceRef | None = None) -> float | None:
+        """The measured time per item of ``instance`` if it runs on this worker, else of PE ``pe``'s instances
+        on this worker: busy, or blocked on credit.
 
+        Instances of one PE can differ (one waits on a slow replica of a
+        service): each local one gets batches sized by its own pace.
         The blocked time counts: a cheap stage held back by a slow one after it
         takes items at the slow one's pace, and sending it more than that pace
         allows only queues them on a worker that cannot get through them.
         ``0.0`` where this worker runs none (nothing to measure: no bound by
         time); ``None`` while they have finished no item yet.
         """
-        actors = self._actors_of.get(pe)
+        actor = self.actors.get(instance) if instance is not None else None
+        actors = [actor] if actor is not None else self._actors_of.get(pe)
         if not actors:
             return 0.0
         spent, done = 0.0, 0

@@ -289,3 +289,58 @@ class Cheap(IterativePE):
 
     def process_item(self, item: Any) -> Any:
         return item
+
+
+_made = [0]  # items the heavy source below has made so far in this process
+
+
+def _heavy_items() -> Iterator[int]:
+    """200 items of about 1 ms each."""
+    for index in range(200):
+        threading.Event().wait(0.001)  # the item's cost, not synchronisation
+        _made[0] += 1
+        yield index
+
+
+class HeavyWriter(GenericPE):
+    """Writes 200 heavy items in one call."""
+
+    def __init__(self) -> None:
+        super().__init__(inputs=[], outputs=["output"])
+
+    def process(self, inputs: dict[str, Any]) -> None:
+        for item in _heavy_items():
+            self.write("output", item)
+
+
+class HeavyYielder(ProducerPE):
+    """Yields 200 heavy items from one call."""
+
+    def produce(self) -> Iterator[int]:
+        yield from _heavy_items()
+
+
+class FirstArrival(GenericPE):
+    """Outputs how many items the source had made when the first one arrived here."""
+
+    def __init__(self) -> None:
+        super().__init__(inputs=["input"], outputs=["output"])
+        self.seen = False
+
+    def process(self, inputs: dict[str, Any]) -> Any:
+        if not self.seen:
+            self.seen = True
+            return {"output": _made[0]}
+        return None
+
+
+@pytest.mark.parametrize("source", [HeavyWriter, HeavyYielder], ids=["write", "yield"])
+def test_heavy_items_reach_the_next_stage_while_their_call_goes_on(source: type[GenericPE | ProducerPE]) -> None:
+    """A call that makes heavy items hands them on a few at a time, not after a batch's worth of them (1,024
+    written, or 256 yielded: the whole of this call's 200), so the stages after it work from the start."""
+    _made[0] = 0
+    graph = WorkflowGraph()
+    graph.connect(source(), "output", first := FirstArrival(), "input")
+    results = aiod4p.run(graph, 1, mapping="async")
+    (arrived_after,) = results.by_port()[(first.id, "output")]
+    assert arrived_after <= 50
