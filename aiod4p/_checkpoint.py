@@ -39,13 +39,14 @@ import urllib.parse
 from collections.abc import AsyncIterator, Awaitable, Callable, Hashable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol, TextIO, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TextIO
 
 from ._channels import Barrier, Message
 from ._groupings import GroupBy
 from ._plan import ExecutionPlan, InstanceRef
 from ._results import ResultRecord, ResultSink, record_line
 from ._state import capture, restore_state
+from ._threads import finished_in_thread
 from .errors import CheckpointError, PeerDied, TransportError, WorkerDied
 
 if TYPE_CHECKING:
@@ -110,9 +111,6 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-T = TypeVar("T")
-
-
 def _atomic_write(path: Path, data: bytes, sync_dir: bool = True) -> None:
     """Write ``data`` to ``path`` so that a reader sees all of it or nothing.
 
@@ -133,19 +131,6 @@ def _atomic_write(path: Path, data: bytes, sync_dir: bool = True) -> None:
         raise
     if sync_dir:
         _fsync_dir(path.parent)
-
-
-async def _in_thread(function: Callable[..., T], *args: Any) -> T:
-    """``function(*args)`` in a thread; cancelled meanwhile, it still waits until the call is over (a run that
-    ends must leave no write to its checkpoints under way), then raises ``CancelledError``."""
-    call = asyncio.ensure_future(asyncio.to_thread(function, *args))
-    try:
-        return await asyncio.shield(call)
-    except asyncio.CancelledError:
-        await asyncio.wait({call})
-        if not call.cancelled() and call.exception() is not None:
-            logger.warning("while the run stopped: %s", call.exception())
-        raise
 
 
 def _part_name(ref: InstanceRef) -> str:
@@ -404,37 +389,20 @@ class Coordinator:
         self.completed: list[int] = []
         self._parts: dict[int, dict[tuple[str, int], dict[str, Any]]] = {}
         self._offsets: dict[int, int | None] = {}
-        self._ready: tuple[int, dict[str, Any]] | None = None  # the checkpoint whose every part came in
-        self._whole = asyncio.Event()
+        self._started: dict[int, float] = {}
+        self._idle = asyncio.Event()
+        self._idle.set()
 
     async def drive(self, trigger: Callable[[int], Awaitable[None]]) -> None:
-        """Trigger a checkpoint every ``interval`` seconds after the previous one completed; runs until cancelled.
-
-        Each is committed here (see :meth:`complete`).
-
-        Raises:
-            CheckpointError: a checkpoint could not be committed.
-        """
+        """Trigger a checkpoint every ``interval`` seconds after the previous one completed; runs until cancelled."""
         while True:
+            await self._idle.wait()
             await asyncio.sleep(self.interval)
             n = self.next_id
             self.next_id += 1
-            started = time.perf_counter()
+            self._idle.clear()
+            self._started[n] = time.perf_counter()
             await trigger(n)
-            await self.complete(n, started)
-
-    async def complete(self, n: int, started: float) -> None:
-        """Wait until every part of checkpoint ``n`` (triggered at ``started``) came in, then commit it."""
-        await self._whole.wait()
-        self._whole.clear()
-        assert self._ready is not None and self._ready[0] == n, (n, self._ready)
-        manifest, self._ready = self._ready[1], None
-        # Here, not in a thread: on the async mapping this loop runs the workflow too, and a thread then
-        # waited for the interpreter's lock for seconds (measured) while the run kept it busy.
-        self.store.commit(n, manifest)
-        self.completed.append(n)
-        size = sum(part["size"] for part in manifest["parts"])
-        logger.info("checkpoint %d complete in %.3f s, %d bytes", n, time.perf_counter() - started, size)
 
     def add_parts(self, n: int, parts: Iterable[dict[str, Any]]) -> None:
         """Record instances' saved state for checkpoint ``n``."""
@@ -460,9 +428,15 @@ class Coordinator:
             "parts": sorted(parts.values(), key=lambda part: (part["pe"], part["index"])),
             "results_offset": self._offsets[n],
         }
+        # In the loop, not in a thread: on the async mapping this loop runs the workflow too, and a thread then
+        # waited for the interpreter's lock for seconds (measured) while the run kept it busy.
+        self.store.commit(n, manifest)
         del self._parts[n], self._offsets[n]
-        self._ready = (n, manifest)
-        self._whole.set()
+        self.completed.append(n)
+        seconds = time.perf_counter() - self._started.pop(n, time.perf_counter())
+        size = sum(part["size"] for part in parts.values())
+        logger.info("checkpoint %d complete in %.3f s, %d bytes", n, seconds, size)
+        self._idle.set()
 
 
 # -- the worker side ---------------------------------------------------------------------
@@ -702,7 +676,7 @@ class WorkerCheckpoints:
         self._reported.clear()
         try:
             for n in ids:
-                await self._add(n, await _in_thread(self.store.write_part, n, ref, data))
+                await self._add(n, await finished_in_thread(self.store.write_part, n, ref, data))
         finally:
             self._saving -= 1
             self._settle()

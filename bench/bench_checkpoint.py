@@ -45,6 +45,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -220,16 +221,20 @@ def _spread(off: list[float], on: list[float]) -> float:
     return max(pairs) - min(pairs)
 
 
-def _interleaved_pairs(mapping: str, items: int, interval: float) -> list[dict[bool, Trial]]:
-    """``PAIRS`` pairs of runs without (``False``) and with (``True``) checkpoints every ``interval`` s, the order
-    alternating from one pair to the next."""
+def _interleaved_pairs(count: int, run: Callable[[bool], Trial]) -> list[dict[bool, Trial]]:
+    """``count`` pairs of runs, ``run(False)`` and ``run(True)``, the order alternating from one pair to the next."""
     pairs = []
-    for repeat in range(PAIRS):
+    for repeat in range(count):
         pair: dict[bool, Trial] = {}
-        for checkpoints in (False, True) if repeat % 2 == 0 else (True, False):
-            pair[checkpoints] = measure(mapping, 1000, items, interval if checkpoints else 0.0)
+        for case in (False, True) if repeat % 2 == 0 else (True, False):
+            pair[case] = run(case)
         pairs.append(pair)
     return pairs
+
+
+def _with_checkpoints(mapping: str, items: int, interval: float) -> list[dict[bool, Trial]]:
+    """``PAIRS`` pairs of runs without (``False``) and with (``True``) checkpoints every ``interval`` s."""
+    return _interleaved_pairs(PAIRS, lambda on: measure(mapping, 1000, items, interval if on else 0.0))
 
 
 def cost() -> list[str]:
@@ -247,7 +252,7 @@ def cost() -> list[str]:
     ]
     worst = -1.0
     for mapping in ("async", "multi"):
-        pairs = _interleaved_pairs(mapping, ITEMS, 1.0)
+        pairs = _with_checkpoints(mapping, ITEMS, 1.0)
         off, on = [pair[False] for pair in pairs], [pair[True] for pair in pairs]
         cpu = [t.cpu for t in off], [t.cpu for t in on]
         wall = [t.wall for t in off], [t.wall for t in on]
@@ -302,7 +307,7 @@ def cost_of_one() -> list[str]:
         cpus: list[float] = []
         taken: list[int] = []
         durations: list[float] = []
-        for pair in _interleaved_pairs(mapping, items, SHORT_INTERVAL):
+        for pair in _with_checkpoints(mapping, items, SHORT_INTERVAL):
             count = max(len(pair[True].checkpoints), 1)
             taken.append(count)
             walls.append((pair[True].wall - pair[False].wall) / count * 1000)
@@ -343,13 +348,11 @@ def _runs(seconds: list[float]) -> str:
 
 
 def recovery() -> list[str]:
-    clean: list[Trial] = []
-    killed: list[Trial] = []
-    for repeat in range(REPEATS):
-        for kill in (False, True) if repeat % 2 == 0 else (True, False):
-            # each of the 2 keyed instances sees about half the items: the kill comes halfway
-            found = measure("multi", 1000, ITEMS, 0.5, restarts=1, kill=ITEMS // 4 if kill else 0)
-            (killed if kill else clean).append(found)
+    # each of the 2 keyed instances sees about half the items: the kill comes halfway
+    pairs = _interleaved_pairs(
+        REPEATS, lambda kill: measure("multi", 1000, ITEMS, 0.5, restarts=1, kill=ITEMS // 4 if kill else 0)
+    )
+    clean, killed = [pair[False] for pair in pairs], [pair[True] for pair in pairs]
     print(f"recovery: clean {[(round(t.cpu, 2), round(t.wall, 2)) for t in clean]}", flush=True)
     print(f"recovery: killed {[(round(t.cpu, 2), round(t.wall, 2), t.restarts, t.fed) for t in killed]}", flush=True)
     return _recovery_report(clean, killed)

@@ -6,7 +6,7 @@ import asyncio
 import logging
 import os
 import signal
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -19,11 +19,23 @@ HOOK: Any = None
 WORDS = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta", "iota", "kappa", "lambda", "mu"]
 
 
+class _Completed(logging.Handler):
+    def __init__(self, callback: Callable[[int], None]) -> None:
+        super().__init__(logging.INFO)
+        self.callback = callback
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if isinstance(record.msg, str) and record.msg.startswith("checkpoint %d complete") and record.args:
+            assert isinstance(record.args, tuple)
+            self.callback(record.args[0])
+
+
 @contextmanager
-def checkpoint_log(handler: logging.Handler) -> Iterator[None]:
-    """``handler`` sees the checkpoint logger's records at INFO and above while the block runs."""
+def on_completed(callback: Callable[[int], None]) -> Iterator[None]:
+    """While the block runs, ``callback(n)`` as each checkpoint ``n`` completes (the coordinator logs it)."""
     log = logging.getLogger("aiod4p.checkpoint")
     level = log.level
+    handler = _Completed(callback)
     log.addHandler(handler)
     log.setLevel(logging.INFO)
     try:

@@ -118,13 +118,8 @@ def _stop(sessions: list[int], temp_dir: str) -> list[int]:
 
 def _reap(starter: int, temp_dir: str, sessions: list[int]) -> None:
     """The reaper: once process ``starter`` has ended, stop the cluster it left behind."""
-    try:
-        fd = os.pidfd_open(starter)
-    except ProcessLookupError:
+    while wait_gone([starter], 3600):
         pass
-    else:
-        select.select([fd], [], [])
-        os.close(fd)
     _stop(sessions, temp_dir)
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import os
 import pickle
 import random
@@ -17,9 +16,9 @@ import pytest
 from ckpt_workflows import (
     Count,
     HeldLines,
-    checkpoint_log,
     complete_checkpoints,
     expected_counts,
+    on_completed,
     word_count,
     write_words,
 )
@@ -82,17 +81,16 @@ def test_checkpointed_run_gives_the_results_of_a_plain_run(tmp_path: Path, words
     assert len([n for n in store.ids() if (store.path(n) / MANIFEST).exists()]) <= 3  # last K kept
 
 
-class _Killer(logging.Handler):
+class _Killer:
     """Knows when Count instances counted ``threshold`` words (or Numbers made as many) in this attempt,
     and ``new`` checkpoints completed in ``checkpointed`` since it was made; then creates ``gate``, if given.
 
-    It looks every 1000 words (``ckpt_workflows.HOOK``) and at every checkpoint completed (a handler of the
-    checkpoint log): a source held until ``gate`` exists (:class:`HeldLines`) counts no more words, and its
+    It looks every 1000 words (``ckpt_workflows.HOOK``) and at every checkpoint completed (:meth:`completed`):
+    a source held until ``gate`` exists (:class:`HeldLines`) counts no more words, and its
     checkpoints still complete.
     """
 
     def __init__(self, threshold: int, checkpointed: Path | None = None, new: int = 1, gate: Path | None = None):
-        super().__init__(logging.INFO)
         self.threshold = threshold
         self.checkpointed = checkpointed
         self.before = complete_checkpoints(checkpointed) if checkpointed is not None else set()
@@ -105,9 +103,8 @@ class _Killer(logging.Handler):
         self.calls += 1  # every 1000 words of this attempt
         self._check()
 
-    def emit(self, record: logging.LogRecord) -> None:
-        if record.msg.startswith("checkpoint %d complete"):
-            self._check()
+    def completed(self, n: int) -> None:
+        self._check()
 
     def _check(self) -> None:
         if self.calls * 1000 >= self.threshold and (
@@ -138,7 +135,7 @@ async def _run_until_killed(
     killer = _Killer(threshold, checkpointed, new, gate)
     ckpt_workflows.HOOK = killer
     try:
-        with checkpoint_log(killer):
+        with on_completed(killer.completed):
             async with start(graph, inputs, mapping=mapping, workers=workers) as workflow:
                 results = asyncio.ensure_future(workflow.results())
                 waiter = asyncio.ensure_future(killer.reached.wait())
@@ -238,7 +235,6 @@ async def test_a_checkpoint_before_a_restored_source_resumes_keeps_its_position(
     n = coordinator.next_id
     await checkpoints.trigger(n)  # before the run: the barrier comes first in the root's feed
     await asyncio.wait_for(worker.run(), 30)
-    await asyncio.wait_for(coordinator.complete(n, 0.0), 30)
     taken = store.latest()
     assert taken is not None and taken.id == n
     assert taken.states[InstanceRef("lines", 0)]["outputs"] == position

@@ -11,7 +11,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from ckpt_workflows import DiesSaving, HeldLines, checkpoint_log, expected_counts, word_count, write_words
+from ckpt_workflows import DiesSaving, HeldLines, expected_counts, on_completed, word_count, write_words
 
 from aiod4p import WorkflowGraph, run, start
 from aiod4p._checkpoint import Checkpointing, CheckpointStore
@@ -194,18 +194,16 @@ def _followed_word_count(tmp_path: Path) -> tuple[Path, WorkflowGraph]:
     return path, word_count(path, lines=LinesSource(path, follow=True))
 
 
-class _Completions(logging.Handler):
-    """Sets ``reached`` once ``wanted`` checkpoints completed (the coordinator logs each, in this process)."""
+class _Completions:
+    """Sets ``reached`` once ``wanted`` checkpoints completed."""
 
     def __init__(self, wanted: int) -> None:
-        super().__init__(logging.INFO)
         self.wanted, self.reached = wanted, asyncio.Event()
 
-    def emit(self, record: logging.LogRecord) -> None:
-        if record.msg.startswith("checkpoint %d complete"):
-            self.wanted -= 1
-            if self.wanted <= 0:
-                self.reached.set()
+    def completed(self, n: int) -> None:
+        self.wanted -= 1
+        if self.wanted <= 0:
+            self.reached.set()
 
 
 @pytest.mark.parametrize("mapping", ["async", "multi"])
@@ -214,7 +212,7 @@ async def test_checkpoints_go_on_while_a_live_source_waits_for_input(tmp_path: P
     path, graph = _followed_word_count(tmp_path)
     checkpointed = _multi(tmp_path / "ck", tmp_path / "results.jsonl", mapping)
     completions = _Completions(3)  # the source has nothing left to read long before the third
-    with checkpoint_log(completions):
+    with on_completed(completions.completed):
         async with asyncio.timeout(30), start(graph, 1, mapping=checkpointed, workers=2) as live:
             results = asyncio.ensure_future(live.results())
             await completions.reached.wait()
@@ -229,7 +227,7 @@ async def test_a_checkpoint_that_cannot_be_written_fails_the_run_naming_the_file
     _, graph = _followed_word_count(tmp_path)
     directory = tmp_path / "ck"
     completions = _Completions(1)
-    with checkpoint_log(completions), pytest.raises(CheckpointError) as failure:
+    with on_completed(completions.completed), pytest.raises(CheckpointError) as failure:
         async with (
             asyncio.timeout(30),
             start(graph, 1, mapping=_multi(directory, None, mapping), workers=2) as live,
@@ -243,26 +241,17 @@ async def test_a_checkpoint_that_cannot_be_written_fails_the_run_naming_the_file
     assert str(directory / "chk-00000002") in str(failure.value)
 
 
-class _TrapManifest(logging.Handler):
-    """Once checkpoint 1 completed (logged in the coordinator's task, before it triggers checkpoint 2), puts a
-    folder where checkpoint 2's manifest goes."""
-
-    def __init__(self, directory: Path) -> None:
-        super().__init__(logging.INFO)
-        self.directory = directory
-
-    def emit(self, record: logging.LogRecord) -> None:
-        if record.msg.startswith("checkpoint %d complete") and record.args and record.args[0] == 1:
-            (self.directory / "chk-00000002" / "MANIFEST.json").mkdir(parents=True)
-
-
 @pytest.mark.parametrize("mapping", ["async", "multi"])
 async def test_a_checkpoint_that_cannot_be_committed_fails_the_run_naming_it(tmp_path: Path, mapping: str) -> None:
     """The coordinator cannot write checkpoint 2's manifest: the run fails with a CheckpointError naming it."""
     _, graph = _followed_word_count(tmp_path)
     directory = tmp_path / "ck"
-    trap = _TrapManifest(directory)
-    with checkpoint_log(trap), pytest.raises(CheckpointError) as failure:
+
+    def trap(n: int) -> None:  # checkpoint 1 completed: checkpoint 2's manifest will find a folder in its place
+        if n == 1:
+            (directory / "chk-00000002" / "MANIFEST.json").mkdir(parents=True)
+
+    with on_completed(trap), pytest.raises(CheckpointError) as failure:
         async with asyncio.timeout(30), start(graph, 1, mapping=_multi(directory, None, mapping)) as live:
             await live.results()
     assert str(failure.value).startswith(f"cannot commit checkpoint 2: {directory / 'chk-00000002'}: ")

@@ -31,8 +31,9 @@ from .._loading import _split
 from .._plan import ExecutionPlan, PlanOptions
 from .._results import ResultSink
 from .._stats import InstanceStats
+from .._threads import finished_in_thread
 from ..errors import Aiod4pError
-from ..storm import Project, build_project, topology_name
+from ..storm import build_project, topology_name
 from ..storm._cluster import (
     ENV_NAME,
     Cluster,
@@ -156,7 +157,7 @@ class StormMapping(BaseMapping):
                 self.topology = project.name
                 logger.info("submitting topology %s to %s", project.name, summary)
                 submitted = True
-                self.submitted = await _submit(project, cluster, self.conf)
+                self.submitted = await finished_in_thread(submit, project, cluster, self.conf)
             await self._wait(report, cluster)
             for task in draining:
                 await task
@@ -215,20 +216,6 @@ class StormMapping(BaseMapping):
             return
         logger.warning("draining topology %s: deactivating it; its spouts stop and finish their streams", self.topology)
         await asyncio.to_thread(deactivate, cluster, self.topology)
-
-
-async def _submit(project: Project, cluster: Cluster, conf: Mapping[str, Any]) -> str:
-    """Submit ``project`` in a thread; if the run is cancelled meanwhile, the submission still ends first.
-
-    The caller then kills what it submitted, instead of a submission that
-    outlives the run.
-    """
-    submission = asyncio.ensure_future(asyncio.to_thread(submit, project, cluster, conf))
-    try:
-        return await asyncio.shield(submission)
-    except asyncio.CancelledError:
-        await asyncio.wait({submission})
-        raise
 
 
 def _reachable_address(cluster: Cluster) -> str:
