@@ -29,6 +29,7 @@ from ._stats_report import StatsSampler, report_stats
 from ._visual import draw, draw_dot
 from .errors import Aiod4pError
 from .mappings import MAPPINGS, BaseMapping, get_mapping
+from .mappings._base import available_cpus
 from .sources import DEAD_LETTER, LINE_POLICIES, MAX_LINE_BYTES, LineStream
 from .storm._command import add_storm_parser, mapping_options, storm_command
 
@@ -90,6 +91,11 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("target", help="module:graph, path/to/file.py[:graph], or a module holding one graph")
     run.add_argument("--mapping", "-m", default="async", choices=sorted(MAPPINGS), help="where to run (default: async)")
     run.add_argument("-n", "--num", type=_POSITIVE, default=None, metavar="N", help="workers (instances for async)")
+    run.add_argument(
+        "--oversubscribe",
+        action="store_true",
+        help="multi: start -n workers even beyond the CPUs available (by default at most one per CPU)",
+    )
     source = run.add_argument_group("inputs (dispel4py semantics; -f wins over -d, which wins over -i)")
     source.add_argument("-i", "--iter", type=_COUNT, default=None, metavar="N", help="call every root PE N times")
     source.add_argument("-d", "--data", default=None, metavar="JSON", help='{"PE": N or [input dicts]}')
@@ -200,6 +206,14 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     if getattr(mapping, "follower", False):  # an MPI rank other than 0 (under mpiexec): rank 0 reports
         args.results, args.quiet, args.stats, args.stats_json = os.devnull, True, False, None
         args.provenance = None
+    if mapping.shares_cpus and args.num is not None and not args.oversubscribe and args.num > available_cpus():
+        cpus = available_cpus()
+        _warn(
+            args,
+            f"-n {args.num}: {cpus} CPU{'s' if cpus > 1 else ''} available, so {cpus} worker process"
+            f"{'es' if cpus > 1 else ''} (more would only compete for them; --oversubscribe starts {args.num})",
+        )
+        args.num = cpus
     for message in _ignored_options(args, mapping):
         _warn(args, message)
     for path, what in ((args.results, "results"), (args.stats_json, "statistics"), (args.provenance, "provenance")):
@@ -283,7 +297,9 @@ def _ignored_options(args: argparse.Namespace, mapping: BaseMapping) -> list[str
         ignored.append(f"-n is ignored: the {mapping.name} mapping runs one instance of every PE")
     given = [option for option, value in (("-f", args.file), ("-d", args.data), ("-i", args.iter)) if value is not None]
     ignored.extend(f"{option} is ignored: {given[0]} gives the inputs" for option in given[1:])
-    cpus = os.cpu_count() or 1
+    cpus = available_cpus()
+    if args.oversubscribe and not mapping.shares_cpus:
+        ignored.append(f"--oversubscribe is ignored: the {mapping.name} mapping does not limit -n to the CPUs")
     if mapping.uses_processes and args.num is not None and args.num > 4 * cpus:
         ignored.append(
             f"-n {args.num} starts {args.num} worker processes on {cpus} CPU{'s' if cpus > 1 else ''}: start-up is"

@@ -179,13 +179,49 @@ def test_ignored_options_give_a_warning(workflow_file: Path, tmp_path: Path, arg
     assert quiet.returncode == 0 and quiet.stderr == ""
 
 
+def _on_one_cpu() -> None:
+    os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
+
+
+def _run_on_one_cpu(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*AIOD4P, *args], capture_output=True, text=True, timeout=60, preexec_fn=_on_one_cpu, cwd=ROOT
+    )
+
+
+def test_multi_starts_at_most_one_worker_per_cpu(workflow_file: Path, tmp_path: Path) -> None:
+    """dispel4py users pass a process per PE instance (-n 10 on 2 cores): more workers than CPUs only compete."""
+    stats = tmp_path / "stats.json"
+    done = _run_on_one_cpu("run", str(workflow_file), "-m", "multi", "-n", "3", "-i", "1", "--stats-json", str(stats))
+    assert done.returncode == 0, done.stderr
+    assert (
+        "aiod4p: warning: -n 3: 1 CPU available, so 1 worker process (more would only compete for them;"
+        " --oversubscribe starts 3)" in done.stderr.splitlines()
+    )
+    assert json.loads(stats.read_text())["workers"] == 1
+    over = _run_on_one_cpu(
+        "run", str(workflow_file), "-m", "multi", "-n", "3", "-i", "1", "--oversubscribe", "--stats-json", str(stats)
+    )
+    assert over.returncode == 0 and "warning" not in over.stderr, over.stderr
+    assert json.loads(stats.read_text())["workers"] == 3
+
+
 def test_many_more_workers_than_cpus_give_a_warning(workflow_file: Path) -> None:
-    n = 4 * (os.cpu_count() or 1) + 1
-    done = aiod4p("run", str(workflow_file), "-m", "multi", "-n", str(n), "-i", "1")
+    n = 4 * len(os.sched_getaffinity(0)) + 1
+    done = aiod4p("run", str(workflow_file), "-m", "multi", "-n", str(n), "-i", "1", "--oversubscribe")
     assert done.returncode == 0, done.stderr
     assert f"aiod4p: warning: -n {n} starts {n} worker processes on" in done.stderr
     fine = aiod4p("run", str(workflow_file), "-m", "multi", "-n", "2", "-i", "1")
     assert "warning" not in fine.stderr
+
+
+def test_oversubscribe_on_a_mapping_that_does_not_cap_workers_gives_a_warning(workflow_file: Path) -> None:
+    done = aiod4p("run", str(workflow_file), "-m", "async", "-n", "2", "-i", "1", "--oversubscribe")
+    assert done.returncode == 0, done.stderr
+    assert (
+        "aiod4p: warning: --oversubscribe is ignored: the async mapping does not limit -n to the CPUs"
+        in done.stderr.splitlines()
+    )
 
 
 @pytest.mark.parametrize(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Mapping
 from typing import ClassVar
@@ -56,6 +57,14 @@ class RunControl:
                 callback()
 
 
+def available_cpus() -> int:
+    """The CPUs this process may run on (its affinity: ``taskset``, a container's cpuset), at least 1."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
 class BaseMapping(ABC):
     """Places a plan's instances on workers, runs them, and collects results.
 
@@ -64,6 +73,8 @@ class BaseMapping(ABC):
         uses_uvloop: run the caller's event loop on uvloop when installed.
         takes_workers: ``workers`` (``-n``) changes the plan.
         uses_processes: every worker is an operating-system process.
+        shares_cpus: every worker runs on this machine and competes for its
+            CPUs: ``aiod4p run`` starts at most one per CPU (:func:`available_cpus`).
         supports_checkpoints: runs take checkpoints and recover (docs/recovery.md).
     """
 
@@ -71,6 +82,7 @@ class BaseMapping(ABC):
     uses_uvloop: ClassVar[bool] = True
     takes_workers: ClassVar[bool] = True
     uses_processes: ClassVar[bool] = False
+    shares_cpus: ClassVar[bool] = False
     supports_checkpoints: ClassVar[bool] = False
     checkpointing: Checkpointing | None = None
     """Checkpoints and recovery for the next runs (mappings whose ``supports_checkpoints`` is true)."""

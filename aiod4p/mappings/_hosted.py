@@ -12,7 +12,6 @@ workers start, end, and die.
 
 from __future__ import annotations
 
-import os
 from abc import abstractmethod
 from collections.abc import Mapping
 from typing import Protocol
@@ -23,7 +22,7 @@ from .._plan import ExecutionPlan, PlanOptions
 from .._results import ResultSink
 from .._stats import InstanceStats
 from ..transports import Comm
-from ._base import BaseMapping, RunControl
+from ._base import BaseMapping, RunControl, available_cpus
 from ._host import GRACE, STATS_INTERVAL, Supervisor, split_feeds
 from ._shipping import Job
 
@@ -72,7 +71,7 @@ class HostedMapping(BaseMapping):
 
     def plan_options(self, workers: int | None, batch_size: int, credits: int) -> PlanOptions:
         return PlanOptions(
-            workers=workers or os.cpu_count() or 1,
+            workers=workers or available_cpus(),
             default_parallelism=None,
             batch_size=batch_size,
             credits=credits,

@@ -43,7 +43,7 @@ from .._results import ResultSink
 from .._stats import InstanceStats
 from ..errors import CheckpointError, InputError, MappingUnavailable, WorkerDied
 from ..transports.pipes import PipeComm, open_pipe_comm
-from ._base import BaseMapping, RunControl
+from ._base import BaseMapping, RunControl, available_cpus
 from ._host import STATS_INTERVAL, Supervisor, split_feeds
 from ._mpi_env import INSTALL_HINT, find_mpiexec, job_frame, job_rank, job_size, mpiexec_extra_args
 from ._shipping import Job, check_importable, ship
@@ -84,7 +84,7 @@ class MpiMapping(BaseMapping):
                     f"this mpi run has {self.size} ranks (from mpiexec); -n {workers} does not match it: drop -n"
                 )
             return self.size
-        return workers or os.cpu_count() or 1
+        return workers or available_cpus()
 
     def plan_options(self, workers: int | None, batch_size: int, credits: int) -> PlanOptions:
         """Raises:

@@ -77,6 +77,7 @@ class MultiMapping(HostedMapping):
     """
 
     name = "multi"
+    shares_cpus = True
 
     def __init__(
         self, start_method: str | None = None, *, stats_interval: float = STATS_INTERVAL, grace: float = GRACE
