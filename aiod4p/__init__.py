@@ -9,7 +9,21 @@ from . import errors
 from ._api import WorkflowRun, run, run_async, start
 from ._checkpoint import Checkpointing
 from ._graph import Connection, WorkflowGraph
-from ._groupings import ALL, GLOBAL, SHUFFLE, All, Global, GroupBy, Grouping, Router, Shuffle, group_by, stable_hash
+from ._groupings import (
+    ALL,
+    GLOBAL,
+    ROUND_ROBIN,
+    SHUFFLE,
+    All,
+    Global,
+    GroupBy,
+    Grouping,
+    RoundRobin,
+    Router,
+    Shuffle,
+    group_by,
+    stable_hash,
+)
 from ._loading import load_graph
 from ._pe import (
     PE,
@@ -41,6 +55,7 @@ __all__ = [
     "ALL",
     "GLOBAL",
     "PE",
+    "ROUND_ROBIN",
     "SHUFFLE",
     "Aiod4pError",
     "All",
@@ -70,6 +85,7 @@ __all__ = [
     "ResultRecord",
     "Results",
     "Router",
+    "RoundRobin",
     "Shuffle",
     "WorkflowGraph",
     "WorkflowRun",

@@ -117,11 +117,12 @@ class _ResultPending:
 class _Route:
     """One edge leaving an instance: its grouping's router splits batches among the pendings."""
 
-    __slots__ = ("passes_through", "pendings", "router")
+    __slots__ = ("deals", "passes_through", "pendings", "router")
 
     def __init__(self, router: Router, pendings: list[_Pending]) -> None:
         self.router = router
         self.passes_through = router.passes_through
+        self.deals = router.deals and len(pendings) > 1
         self.pendings = pendings
 
 
@@ -680,8 +681,10 @@ class _Actor(_Invoker):
 
     def _route(self, route: _Route, items: list[Any], owned: bool, full: list[_Pending | _ResultPending]) -> None:
         dirty = self.dirty
-        if route.passes_through:
-            pending = route.pendings[0]
+        if route.passes_through or (route.deals and not self.worker.fixed_order):
+            # Dealt whole to the instance with the most room, not item by item in turn: an instance that
+            # gets through its items faster (on a worker of its own, beside no source) gets more of them.
+            pending = route.pendings[0] if route.passes_through else max(route.pendings, key=_room)
             if not pending.dirty:
                 pending.dirty = True
                 dirty.append(pending)
@@ -727,7 +730,7 @@ class _Actor(_Invoker):
                     stalled = False
                 elif pending.siblings is not None and pending.items:
                     # Any instance will do: give the batch to the least loaded one.
-                    freest = max(pending.siblings, key=_free_credits)
+                    freest = max(pending.siblings, key=_room)
                     if freest.channel.credits > 0:
                         await self._send_batch(pending, freest)
                         stalled = False
@@ -876,8 +879,11 @@ def _call_stage(method: Callable[[], Any]) -> Coroutine[Any, Any, None]:
     return stage()
 
 
-def _free_credits(pending: _Pending) -> int:
-    return pending.channel.credits
+def _room(pending: _Pending) -> int:
+    """The items ``pending``'s channel takes without waiting, less those already waiting for it."""
+    channel = pending.channel
+    per_credit = channel.unit if type(channel) is LocalChannel else pending.cap
+    return channel.credits * per_credit - len(pending.items)
 
 
 def _approximate_size(item: Any, depth: int = 2) -> int:

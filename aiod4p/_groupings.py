@@ -27,6 +27,7 @@ from .errors import GraphError
 __all__ = [
     "ALL",
     "GLOBAL",
+    "ROUND_ROBIN",
     "SHUFFLE",
     "All",
     "Global",
@@ -34,6 +35,7 @@ __all__ = [
     "Grouping",
     "GroupingLike",
     "KeyRouter",
+    "RoundRobin",
     "Router",
     "Shuffle",
     "as_grouping",
@@ -49,11 +51,15 @@ class Router:
     destination untouched (``passes_through``), which lets the engine skip the split.
     ``any_destination`` says any candidate may take any item: the engine then
     sends a batch to the least loaded candidate when the chosen one has no room.
+    ``deals`` says more: the engine deals each batch whole to the candidate with
+    the most room instead of splitting it (the split is used only where batches
+    must not depend on timing: the simple mapping).
     """
 
     __slots__ = ("count",)
     passes_through: ClassVar[bool] = True
     any_destination: ClassVar[bool] = False
+    deals: ClassVar[bool] = False
 
     def __init__(self, count: int) -> None:
         self.count = count
@@ -98,7 +104,12 @@ class Grouping:
 
 @dataclass(frozen=True)
 class Shuffle(Grouping):
-    """Any one instance; the router balances load (the default)."""
+    """Any one instance; each batch goes to the instance with the most room (the default).
+
+    An instance that gets through its items faster (on a worker of its own,
+    beside no source) gets more of them; a short stream may reach only some
+    instances. :class:`RoundRobin` deals item by item in turn instead.
+    """
 
     def candidates(self, parallelism: int, index: int, aligned: bool) -> tuple[int, ...]:
         if aligned:
@@ -108,10 +119,26 @@ class Shuffle(Grouping):
         return every[shift:] + every[:shift]
 
     def router(self, count: int, start: int, sender: str, dest: str) -> Router:
-        return _RoundRobin(count, start) if count > 1 else Router(count)
+        return _Dealer(count, start) if count > 1 else Router(count)
 
     def __str__(self) -> str:
         return "shuffle"
+
+
+@dataclass(frozen=True)
+class RoundRobin(Shuffle):
+    """Any one instance, dealt item by item in turn, as dispel4py does (its PEs' default).
+
+    With at least as many items as instances, every instance gets one (a
+    dispel4py PE may rely on it: its timing PE divides by its item count). A
+    batch still goes to the least loaded instance when the one in turn has no room.
+    """
+
+    def router(self, count: int, start: int, sender: str, dest: str) -> Router:
+        return _RoundRobin(count, start) if count > 1 else Router(count)
+
+    def __str__(self) -> str:
+        return "round_robin"
 
 
 @dataclass(frozen=True)
@@ -180,6 +207,7 @@ class GroupBy(Grouping):
 GroupingLike: TypeAlias = Grouping | str | Sequence[int | str] | None
 
 SHUFFLE = Shuffle()
+ROUND_ROBIN = RoundRobin()
 ALL = All()
 GLOBAL = Global()
 
@@ -199,6 +227,13 @@ class _RoundRobin(Router):
         count, start = self.count, self.next
         self.next = (start + len(items)) % count
         return [items[(index - start) % count :: count] for index in range(count)]
+
+
+class _Dealer(_RoundRobin):
+    """Shuffle's router: the engine deals whole batches by room; split (round robin) where timing must not count."""
+
+    __slots__ = ()
+    deals = True
 
 
 class _Broadcast(Router):
@@ -291,8 +326,8 @@ def group_by(*indices: int | str, key: Callable[[Any], Any] | None = None) -> Gr
 def as_grouping(value: GroupingLike) -> Grouping:
     """Coerce dispel4py-style grouping values into a :data:`Grouping`.
 
-    Accepts a grouping object, ``None`` or ``"shuffle"``, ``"all"``,
-    ``"global"``, or a list/tuple of key indices.
+    Accepts a grouping object, ``None`` or ``"shuffle"``, ``"round_robin"``,
+    ``"all"``, ``"global"``, or a list/tuple of key indices.
 
     Raises:
         ValueError: the value is none of those.
@@ -302,16 +337,22 @@ def as_grouping(value: GroupingLike) -> Grouping:
     if isinstance(value, Grouping):
         return value
     if isinstance(value, str):
-        named: dict[str, Grouping] = {"shuffle": SHUFFLE, "all": ALL, "global": GLOBAL, "one_to_all": ALL}
+        named: dict[str, Grouping] = {
+            "shuffle": SHUFFLE,
+            "round_robin": ROUND_ROBIN,
+            "all": ALL,
+            "global": GLOBAL,
+            "one_to_all": ALL,
+        }
         try:
             return named[value.lower()]
         except KeyError:
             raise ValueError(
-                f"unknown grouping {value!r}: expected 'shuffle', 'all', 'global' or key indices"
+                f"unknown grouping {value!r}: expected 'shuffle', 'round_robin', 'all', 'global' or key indices"
             ) from None
     if isinstance(value, (list, tuple)) and value:
         return GroupBy(tuple(value))
-    raise ValueError(f"unknown grouping {value!r}: expected 'shuffle', 'all', 'global' or key indices")
+    raise ValueError(f"unknown grouping {value!r}: expected 'shuffle', 'round_robin', 'all', 'global' or key indices")
 
 
 def _encode(value: Any, out: bytearray) -> None:

@@ -344,3 +344,20 @@ def test_heavy_items_reach_the_next_stage_while_their_call_goes_on(source: type[
     results = aiod4p.run(graph, 1, mapping="async")
     (arrived_after,) = results.by_port()[(first.id, "output")]
     assert arrived_after <= 50
+
+
+def test_a_shuffle_deals_each_batch_whole_to_the_instance_with_the_most_room() -> None:
+    """Round robin split every batch in halves whatever the instances got through; the batch now goes whole
+    where it waits least, so an instance with a worker of its own (or a faster one) gets more."""
+    graph = WorkflowGraph()
+    graph.connect(Burst(10), "output", cheap := Cheap(), "input")
+    plan = make_plan(graph, PlanOptions(workers=1))
+    worker = Worker(plan, 0, feeds=resolve_inputs(plan.graph, 1), results=_Results())
+    (actor,) = [actor for ref, actor in worker.actors.items() if ref.pe != cheap.id]
+    (route,) = actor.routes["output"]
+    busy, free = route.pendings
+    busy.channel.credits = 1  # three of its four batches are waiting
+    actor._route(route, list(range(100)), True, [])
+    assert (busy.items, free.items) == ([], list(range(100)))
+    actor._route(route, list(range(100, 110)), True, [])  # the free one has 100 waiting: still more room
+    assert free.items == list(range(110))

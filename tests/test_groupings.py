@@ -13,8 +13,10 @@ import pytest
 import workflows as wf
 from conftest import MappingCase
 
-from aiod4p import ALL, SHUFFLE, GraphError, Grouping, Router, WorkflowGraph, group_by, stable_hash
+from aiod4p import ALL, ROUND_ROBIN, SHUFFLE, GraphError, Grouping, Router, WorkflowGraph, group_by, stable_hash
+from aiod4p._groupings import as_grouping
 from aiod4p._plan import make_plan
+from aiod4p.compat.base import IterativePE as Dispel4pyIterativePE
 
 KEYS = ["station-7", 42, -3, 2.5, 1.0, None, True, b"raw", ("a", 1), ["a", 1], frozenset({1, 2}), {"k": [1, 2]}]
 SCRIPT = f"""
@@ -93,6 +95,22 @@ def test_shuffle_deals_round_robin_across_batches_and_all_broadcasts() -> None:
     assert deal.split([0, 1, 2, 3]) == [[2], [0, 3], [1]]
     assert deal.split([4, 5]) == [[5], [], [4]]  # carries on at destination 2
     assert ALL.router(2, 0, "PE a", "b.input").split([1, 2]) == [[1, 2], [1, 2]]
+
+
+def test_round_robin_gives_every_instance_an_item_and_is_dispel4pys_default(mapping: MappingCase) -> None:
+    """dispel4py deals item by item in turn; a workflow may rely on every instance getting an item."""
+    assert as_grouping("round_robin") is ROUND_ROBIN and str(ROUND_ROBIN) == "round_robin"
+    graph = WorkflowGraph()
+    graph.connect(wf.Count(), "output", wf.WhoSawWhat("round_robin", parallelism=3), "input")
+    seen = mapping.run(graph, 3).data()
+    expected = {0} if mapping.name == "simple" else {0, 1, 2}  # simple runs one instance of every PE
+    assert {instance for instance, _ in seen} == expected
+
+    class Passes(Dispel4pyIterativePE):
+        def _process(self, data: Any) -> Any:
+            return data
+
+    assert Passes().inputs["input"].grouping is ROUND_ROBIN
 
 
 class EvenOdd(Grouping):

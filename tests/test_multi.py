@@ -205,11 +205,11 @@ def test_a_dying_worker_fails_the_run_within_seconds(how: str, expected: str) ->
 
 def test_an_unpicklable_item_between_workers_names_the_pe_and_port() -> None:
     graph = WorkflowGraph()
-    emit = wf.EmitLock(parallelism=1)
+    emit = wf.EmitLocks(parallelism=1)
     graph.connect(wf.Count(), "output", emit, "input")
-    graph.connect(emit, "output", wf.Double(parallelism=2), "input")  # half the items cross to worker 1
+    graph.connect(emit, "output", wf.Discard(parallelism=2), "input")  # some of the locks cross to worker 1
     with pytest.raises(TransportError, match=rf"PE {emit.id}\[0\] wrote an item on output port 'output'.*pickle"):
-        aiod4p.run(graph, 100, mapping="multi", workers=2)
+        aiod4p.run(graph, 10_000, mapping="multi", workers=2)
 
 
 def test_an_unpicklable_result_names_the_pe_and_port() -> None:

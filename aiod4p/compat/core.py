@@ -17,7 +17,7 @@ import sys
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from .._groupings import All, Global, GroupBy, as_grouping
+from .._groupings import ROUND_ROBIN, All, Global, GroupBy, as_grouping
 from .._loading import quiet_import
 from .._pe import GenericPE as _CoreGenericPE
 from .._pe import InputPort, OutputPort
@@ -96,7 +96,7 @@ class GenericPE(_CoreGenericPE):
         ports: dict[str, InputPort] = {}
         for name, connection in self.inputconnections.items():
             try:
-                grouping = as_grouping(connection.get(GROUPING) or None)
+                grouping = as_grouping(connection.get(GROUPING) or ROUND_ROBIN)  # dispel4py's default
             except ValueError as exc:
                 raise GraphError(f"PE {self.label}, input {name!r}: {exc}") from None
             ports[name] = InputPort(name, grouping, required=False)

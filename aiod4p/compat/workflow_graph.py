@@ -18,7 +18,7 @@ from typing import Any
 
 from .._graph import FlatGraph
 from .._graph import WorkflowGraph as _CoreWorkflowGraph
-from .._groupings import SHUFFLE, GroupingLike
+from .._groupings import ROUND_ROBIN, GroupingLike
 from .._pe import PE, CompositePE, InputPort, OutputPort
 from ..errors import GraphError
 from .processor import place
@@ -90,7 +90,7 @@ class _GraphPE(CompositePE):
 
     @property
     def inputs(self) -> dict[str, InputPort]:
-        return {name: InputPort(name, SHUFFLE, required=False) for name in _mappings(self.graph, "inputmappings")}
+        return {name: InputPort(name, ROUND_ROBIN, required=False) for name in _mappings(self.graph, "inputmappings")}
 
     @inputs.setter
     def inputs(self, ports: Mapping[str, InputPort]) -> None:
