@@ -600,24 +600,27 @@ class _Actor(_Invoker):
 
     async def _route_streamed(self) -> None:
         """Route a batch that a long call (a generator) has written so far, and let other tasks run in time."""
-        await self._route_outputs()
         self.stream_limit = self._next_hand_over(self.stream_limit, self.batch_size)
+        await self._route_outputs()
         if self.worker.held_too_long():
             await self.worker.give_way()
+        self.writing_since = time.perf_counter()
 
     async def _route_written(self) -> None:
         """Route what a call has written so far (write() handed it on), and let other tasks run in time."""
-        await self._route_outputs(detach=True)
         runtime = self.pe._runtime
         assert runtime is not None
         runtime.limit = self._next_hand_over(runtime.limit, self.hand_over_limit)
+        await self._route_outputs(detach=True)
         if self.worker.held_too_long():
             await self.worker.give_way()
+        self.writing_since = time.perf_counter()
 
     def _next_hand_over(self, handed: int, cap: int) -> int:
         """How many items a long call may write before it hands them on again, once it handed ``handed`` on.
 
-        Fewer when writing them took longer than ``batch_seconds``, so that
+        Fewer when the call took longer than ``batch_seconds`` to make them
+        (since it last resumed: not the routing, nor other tasks' turns), so that
         heavy items (an article, a trace) reach the next stage one or a few at
         a time from the start instead of after ``cap`` of them; twice as many,
         up to ``cap``, when it took less than half of that. With
@@ -625,8 +628,7 @@ class _Actor(_Invoker):
         """
         if self.worker.fixed_order:
             return cap
-        now = time.perf_counter()
-        spent, self.writing_since = now - self.writing_since, now
+        spent = time.perf_counter() - self.writing_since
         if spent > self.batch_seconds:
             return max(1, int(handed * self.batch_seconds / spent))
         if spent < self.batch_seconds / 2:
