@@ -4,7 +4,8 @@ Every mapping runs this engine; mappings differ only in where workers live
 and which comm joins them. Each instance is an actor (a task) that takes
 batches from its inbox, calls the PE, and hands outputs to its router. The
 router batches per destination and flushes a batch when it is full, when the
-actor is about to wait for input, and at least every ``max_delay`` seconds.
+actor is about to wait for input, and every ``max_delay`` seconds where the
+channel has credit.
 """
 
 from __future__ import annotations
@@ -59,6 +60,9 @@ YIELD_SECONDS = 0.005
 # With ``fixed_order``, the engine lets other tasks run after this many batches instead (batches in, and
 # batches that a long call writes): a count, not a time, so instances take turns in the same order on every run.
 YIELD_BATCHES = 16
+# How much each batch moves an instance's measured pace (an exponential moving average): start-up waits,
+# and a stretch held back by a stage downstream, are forgotten after a few dozen batches.
+PACE_WEIGHT = 0.25
 # What a PE's calls on the event loop ask of the actor that drives them (see _Actor._drive): route what
 # write() has buffered, waiting for credit.
 _ROUTE = object()
@@ -208,14 +212,14 @@ class _Invoker:
 
     async def _lifecycle(self, stage: str, method: Any) -> None:
         """Call ``preprocess`` or ``postprocess``; what it wrote stays in the buffers."""
-        started = time.perf_counter()
+        started, blocked = time.perf_counter(), self.stats.blocked_seconds
         try:
             await self._drive(_call_stage(method))
         except Exception as exc:
             self.stats.errors += 1
             raise _error(self.ref, stage, exc) from exc
-        finally:
-            self.stats.busy_seconds += time.perf_counter() - started
+        finally:  # as for a batch: waiting for credit while writing is blocked time
+            self.stats.busy_seconds += time.perf_counter() - started - (self.stats.blocked_seconds - blocked)
 
     # -- calling the PE ------------------------------------------------------
     async def _handle(self, port: str | None, items: list[Any]) -> None:
@@ -370,7 +374,7 @@ class _Actor(_Invoker):
         self.batch_seconds = options.batch_seconds
         self.batch_bytes = options.batch_bytes
         self.credits = options.credits
-        self.items_done = 0  # items whose PE call has returned (busy_seconds covers them)
+        self.pace: float | None = None  # seconds per item, busy or blocked on credit (see _paced)
         self.max_delay = worker.max_delay
         self.routes: dict[str, list[_Route]] = {port: [] for port in pe.outputs}
         self.results: dict[str, _ResultPending] = {}
@@ -458,8 +462,8 @@ class _Actor(_Invoker):
                     finally:  # waiting for credit while streaming outputs is blocked time, not busy time
                         blocked = self.stats.blocked_seconds - blocked
                         self.stats.busy_seconds += time.perf_counter() - started - blocked
-                        self.items_done += len(items)
                     await self._route_outputs()
+                    self._paced(started, len(items))
                 except Exception as exc:
                     self.stats.errors += 1
                     raise _error(ref, "feed" if port is None else port, exc) from exc
@@ -494,6 +498,18 @@ class _Actor(_Invoker):
             raise _error(self.ref, stage, exc) from exc
         if self.recorder is not None:
             self.recorder.end_stage()
+
+    def _paced(self, started: float, count: int) -> None:
+        """Fold the time per item of the batch of ``count`` items begun at ``started`` into :attr:`pace`.
+
+        From the call's start until its outputs are routed: busy, or blocked
+        on credit. A cheap stage held back by a slow one after it takes items
+        at the slow one's pace, and sending it more than that pace allows only
+        queues them on a worker that cannot get through them.
+        """
+        if count:
+            per_item = (time.perf_counter() - started) / count
+            self.pace = per_item if self.pace is None else self.pace + PACE_WEIGHT * (per_item - self.pace)
 
     # -- calling the PE ------------------------------------------------------
     async def _handle(self, port: str | None, items: list[Any]) -> None:
@@ -610,7 +626,8 @@ class _Actor(_Invoker):
         """Route what a call has written so far (write() handed it on), and let other tasks run in time."""
         runtime = self.pe._runtime
         assert runtime is not None
-        runtime.limit = self._next_hand_over(runtime.limit, self.hand_over_limit)
+        if not self.threaded:  # a threaded call hands over across threads: it keeps the full count
+            runtime.limit = self._next_hand_over(runtime.limit, self.hand_over_limit)
         await self._route_outputs(detach=True)
         if self.worker.held_too_long():
             await self.worker.give_way()
@@ -882,7 +899,14 @@ def _call_stage(method: Callable[[], Any]) -> Coroutine[Any, Any, None]:
 
 
 def _room(pending: _Pending) -> int:
-    """The items ``pending``'s channel takes without waiting, less those already waiting for it."""
+    """The most items ``pending``'s channel takes without waiting, less those already waiting for it.
+
+    A credit of a channel to another worker stands for a whole batch between
+    workers (up to 16x ``batch_size`` items, ``cap``): while it has one, an
+    instance there is preferred to one beside the sender, whose worker also
+    runs the sender. (Its batches of heavy items carry one or a few items:
+    that preference then lasts a few items.)
+    """
     channel = pending.channel
     per_credit = channel.unit if type(channel) is LocalChannel else pending.cap
     return channel.credits * per_credit - len(pending.items)
@@ -1123,26 +1147,20 @@ class Worker:
             stop()
 
     def seconds_per_item(self, pe: str, instance: InstanceRef | None = None) -> float | None:
-        """The measured time per item of ``instance`` if it runs on this worker, else of PE ``pe``'s instances
-        on this worker: busy, or blocked on credit.
+        """The measured pace (:meth:`_Actor._paced`) of ``instance`` if it runs on this worker, else the mean
+        pace of PE ``pe``'s instances on this worker.
 
         Instances of one PE can differ (one waits on a slow replica of a
         service): each local one gets batches sized by its own pace.
-        The blocked time counts: a cheap stage held back by a slow one after it
-        takes items at the slow one's pace, and sending it more than that pace
-        allows only queues them on a worker that cannot get through them.
         ``0.0`` where this worker runs none (nothing to measure: no bound by
-        time); ``None`` while they have finished no item yet.
+        time); ``None`` while they have finished no batch yet.
         """
         actor = self.actors.get(instance) if instance is not None else None
         actors = [actor] if actor is not None else self._actors_of.get(pe)
         if not actors:
             return 0.0
-        spent, done = 0.0, 0
-        for actor in actors:
-            spent += actor.stats.busy_seconds + actor.stats.blocked_seconds
-            done += actor.items_done
-        return spent / done if done else None
+        paces = [actor.pace for actor in actors if actor.pace is not None]
+        return sum(paces) / len(paces) if paces else None
 
     @property
     def stats(self) -> list[InstanceStats]:

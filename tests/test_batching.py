@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -272,15 +273,20 @@ class _Results:
 def test_a_stage_held_back_by_credit_is_measured_at_its_pace() -> None:
     """A cheap stage waiting for a slow one's credit takes items at the slow one's pace: batches to it are sized
     by that pace (busy and blocked time per item), not by its own work alone, which would queue hundreds of
-    heavy items before one instance while the others have nothing left to do."""
+    heavy items before one instance while the others have nothing left to do. The pace forgets: a stretch held
+    back (or start-up) weighs less with every batch after it."""
     graph = WorkflowGraph()
     graph.connect(Burst(10), "output", cheap := Cheap(), "input")
     plan = make_plan(graph, PlanOptions(workers=1))
     worker = Worker(plan, 0, feeds=resolve_inputs(plan.graph, 1), results=_Results())
-    for ref, actor in worker.actors.items():
-        if ref.pe == cheap.id:
-            actor.stats.busy_seconds, actor.stats.blocked_seconds, actor.items_done = 0.001, 0.009, 5
-    assert worker.seconds_per_item(cheap.id) == pytest.approx(0.002)  # 10 items in 0.02 s
+    assert worker.seconds_per_item(cheap.id) is None  # nothing measured yet
+    actors = [actor for ref, actor in worker.actors.items() if ref.pe == cheap.id]
+    now = time.perf_counter()
+    actors[0]._paced(now - 0.02, 10)  # 10 items in 0.02 s, most of it waiting for credit
+    assert worker.seconds_per_item(cheap.id) == pytest.approx(0.002, rel=0.05)
+    for _ in range(30):
+        actors[0]._paced(time.perf_counter(), 10)  # then a stretch of items taken at once
+    assert worker.seconds_per_item(cheap.id) < 0.0001
 
 
 class Cheap(IterativePE):

@@ -135,13 +135,6 @@ class EmitLock(IterativePE):
         return threading.Lock() if item == 7 else item
 
 
-class EmitLocks(IterativePE):
-    """Emits an unpicklable object (a lock) for every item from 7 on."""
-
-    def process_item(self, item: int) -> Any:
-        return threading.Lock() if item >= 7 else item
-
-
 class HoldsLock(IterativePE):
     """Holds a lock: it cannot be pickled to a worker process."""
 
