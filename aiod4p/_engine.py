@@ -700,9 +700,14 @@ class _Actor(_Invoker):
 
     def _route(self, route: _Route, items: list[Any], owned: bool, full: list[_Pending | _ResultPending]) -> None:
         dirty = self.dirty
-        if route.passes_through or (route.deals and not self.worker.fixed_order):
+        if route.passes_through or (
+            route.deals and not self.worker.fixed_order and len(items) <= min(p.limit for p in route.pendings)
+        ):
             # Dealt whole to the instance with the most room, not item by item in turn: an instance that
             # gets through its items faster (on a worker of its own, beside no source) gets more of them.
+            # Only items that fit in any candidate's next batch: heavy items (a batch of one or a few), and
+            # the first batches (one item until measured), are still dealt in turn, so that every instance
+            # gets some of a few heavy items or of a short stream.
             pending = route.pendings[0] if route.passes_through else max(route.pendings, key=_room)
             if not pending.dirty:
                 pending.dirty = True

@@ -52,7 +52,8 @@ class Router:
     ``any_destination`` says any candidate may take any item: the engine then
     sends a batch to the least loaded candidate when the chosen one has no room.
     ``deals`` says more: the engine deals each batch whole to the candidate with
-    the most room instead of splitting it (the split is used only where batches
+    the most room instead of splitting it, when it fits in every candidate's
+    next batch (cheap items; the split is used otherwise, and where batches
     must not depend on timing: the simple mapping).
     """
 

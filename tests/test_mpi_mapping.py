@@ -22,7 +22,7 @@ import pytest
 import workflows as wf
 
 import aiod4p
-from aiod4p import WorkflowGraph
+from aiod4p import WorkflowGraph, group_by
 from aiod4p._install import install_hint
 from aiod4p.errors import GraphError, MappingUnavailable, PEError, TransportError, WorkerDied
 
@@ -404,11 +404,13 @@ def test_an_unpicklable_item_between_ranks_names_the_pe_port_and_destination() -
     graph = WorkflowGraph()
     emit = EmitLock(parallelism=1)
     graph.connect(wf.Count(), "output", emit, "input")
-    graph.connect(emit, "output", double := wf.Double(parallelism=2), "input")  # half the items cross to rank 1
+    # every item goes to instance 1, on rank 1: the lock has to cross
+    dest = wf.WhoSawWhat(group_by(key=wf.on_instance_1), parallelism=2)
+    graph.connect(emit, "output", dest, "input")
     with pytest.raises(
         TransportError,
         match=rf"PE {emit.id}\[0\] wrote an item on output port 'output' that cannot be pickled to reach"
-        rf" {double.id}\.input on worker 1: .*lock",
+        rf" {dest.id}\.input on worker 1: .*lock",
     ):
         aiod4p.run(graph, 100, mapping="mpi", workers=2)
 

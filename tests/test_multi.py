@@ -24,7 +24,7 @@ import workflows as wf
 from helpers import aiod4p_process, numbers_flow
 
 import aiod4p
-from aiod4p import IterativePE, PEError, WorkflowGraph, group_by, stable_hash
+from aiod4p import IterativePE, PEError, WorkflowGraph, group_by
 from aiod4p._plan import REMOTE_BATCH_FACTOR
 from aiod4p.errors import GraphError, InputError, TransportError, WorkerDied
 from aiod4p.mappings.multi import START_METHOD_ENV, MultiMapping, resolve_start_method
@@ -208,13 +208,9 @@ def test_an_unpicklable_item_between_workers_names_the_pe_and_port() -> None:
     emit = wf.EmitLock(parallelism=1)
     graph.connect(wf.Count(), "output", emit, "input")
     # every item goes to instance 1, on worker 1: the lock has to cross
-    graph.connect(emit, "output", wf.WhoSawWhat(group_by(key=_to_instance_1), parallelism=2), "input")
+    graph.connect(emit, "output", wf.WhoSawWhat(group_by(key=wf.on_instance_1), parallelism=2), "input")
     with pytest.raises(TransportError, match=rf"PE {emit.id}\[0\] wrote an item on output port 'output'.*pickle"):
         aiod4p.run(graph, 100, mapping="multi", workers=2)
-
-
-def _to_instance_1(item: Any) -> str:
-    return next(key for key in (f"k{index}" for index in range(100)) if stable_hash(key) % 2 == 1)
 
 
 def test_an_unpicklable_result_names_the_pe_and_port() -> None:

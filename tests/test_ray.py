@@ -14,7 +14,7 @@ from helpers import TIMES10_FLOW, aiod4p_cli
 from ray_cluster import RayCluster, wait_gone
 
 import aiod4p
-from aiod4p import IterativePE, WorkflowGraph
+from aiod4p import IterativePE, WorkflowGraph, group_by
 from aiod4p._plan import REMOTE_BATCH_FACTOR
 from aiod4p.errors import GraphError, MappingUnavailable, TransportError, WorkerDied
 from aiod4p.mappings.ray import RayMapping
@@ -140,7 +140,8 @@ def test_an_unpicklable_item_between_workers_names_the_pe_and_port(ray_cluster: 
     graph = WorkflowGraph()
     emit = wf.EmitLock(parallelism=1)
     graph.connect(wf.Count(), "output", emit, "input")
-    graph.connect(emit, "output", wf.Double(parallelism=2), "input")  # half the items cross to worker 1
+    # every item goes to instance 1, on worker 1: the lock has to cross
+    graph.connect(emit, "output", wf.WhoSawWhat(group_by(key=wf.on_instance_1), parallelism=2), "input")
     with pytest.raises(TransportError, match=rf"PE {emit.id}\[0\] wrote an item on output port 'output'.*pickle"):
         aiod4p.run(graph, 100, mapping="ray", workers=2)
 

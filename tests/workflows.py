@@ -21,6 +21,7 @@ from aiod4p import (
     chain,
     iterative,
     producer,
+    stable_hash,
 )
 
 
@@ -133,6 +134,14 @@ class EmitLock(IterativePE):
 
     def process_item(self, item: int) -> Any:
         return threading.Lock() if item == 7 else item
+
+
+def on_instance_1(item: Any) -> str:
+    """A group-by key that sends every item to instance 1 of a PE with 2 instances (on worker 1)."""
+    return _INSTANCE_1_KEY
+
+
+_INSTANCE_1_KEY = next(key for key in (f"k{index}" for index in range(100)) if stable_hash(key) % 2 == 1)
 
 
 class HoldsLock(IterativePE):
