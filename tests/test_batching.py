@@ -37,7 +37,7 @@ class Slow(IterativePE):
         super().__init__(parallelism=2)
 
     def process_item(self, item: Any) -> Any:
-        threading.Event().wait(0.005)  # the item's cost, not synchronisation
+        threading.Event().wait(0.005)  # ok-sleep: the item's cost, not synchronisation
         return item
 
 
@@ -70,7 +70,7 @@ class Medium(IterativePE):
         super().__init__(parallelism=2)
 
     def process_item(self, item: Any) -> Any:
-        threading.Event().wait(0.0015)  # the item's cost, not synchronisation
+        threading.Event().wait(0.0015)  # ok-sleep: the item's cost, not synchronisation
         return item
 
 
@@ -303,7 +303,7 @@ _made = [0]  # items the heavy source below has made so far in this process
 def _heavy_items() -> Iterator[int]:
     """200 items of about 1 ms each."""
     for index in range(200):
-        threading.Event().wait(0.001)  # the item's cost, not synchronisation
+        threading.Event().wait(0.001)  # ok-sleep: the item's cost, not synchronisation
         _made[0] += 1
         yield index
 

@@ -65,7 +65,7 @@ DRIVER = textwrap.dedent(
 # by its item count in postprocess, so each of up to 4 instances needs an item;
 # the in-process runs set `delay` to 0.01 s (results do not depend on it).
 RUNNABLE = {
-    "delayed_pipeline": 4,
+    "delayed_pipeline": 4,  # ok-sleep: dispel4py's reference run of the unchanged example sleeps 1 s an item
     "group_by": ITERATIONS,
     "grouping_alltoone": ITERATIONS,
     "grouping_onetoall": ITERATIONS,

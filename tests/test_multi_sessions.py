@@ -35,7 +35,7 @@ FLOW = textwrap.dedent(
             (OUT / str(os.getpid())).write_text(str(os.getsid(0)))
 
         def process_item(self, item):
-            threading.Event().wait(0.05)  # slow enough that the run outlives the test
+            threading.Event().wait(0.05)  # ok-sleep: slow enough that the run outlives the test
             return item
 
 
