@@ -92,6 +92,8 @@ FAILING = {
 # The command-line runs take the file as it is: one slow item is enough there.
 CLI_ITERATIONS = {"delayed_pipeline": 1}  # ok-sleep: the example, unchanged, sleeps 1 s on its one item
 RANDOM = {"group_by", "grouping_split_merge", "word_count", "word_count_filter"}
+# Ports a random filter may leave empty: RandomFilter drops each of the 10 words with probability 1/2.
+MAY_BE_EMPTY = {"word_count_filter": {("WordCounter2", "output")}}
 # Examples that broadcast ('all') to a PE with numprocesses > 1: dispel4py's simple
 # mapping runs one instance of every PE, so each instance's copy is counted once;
 # mappings that run numprocesses instances emit one copy per instance.
@@ -255,13 +257,15 @@ def check_example(
     invariants.
     """
     iterations = RUNNABLE[name]
-    assert set(got) == set(expected), name
+    may_be_empty = MAY_BE_EMPTY.get(name, set())
+    assert set(got) | may_be_empty == set(expected) | may_be_empty, name
+    if name in RANDOM:
+        bound = {"grouping_split_merge": 2 * iterations, "word_count_filter": iterations}.get(name)
+        for key in set(got) | set(expected):
+            check_word_counts(got.get(key, []), None if bound else iterations, bound or iterations)
+        return
     for key, items in expected.items():
-        if name in RANDOM:
-            bound = {"grouping_split_merge": 2 * iterations, "word_count_filter": iterations}.get(name)
-            check_word_counts(got[key], None if bound else iterations, bound or iterations)
-        else:
-            assert multiset(got[key]) == multiset(items * copies), (name, key)
+        assert multiset(got[key]) == multiset(items * copies), (name, key)
 
 
 # -- the examples ------------------------------------------------------------------
