@@ -395,6 +395,8 @@ class _Actor(_Invoker):
         # within the worker carries (see PlanOptions.batch_bounds).
         self.route_chunk = self.batch_size if worker.fixed_order else self.hand_over_limit
         self.recorder: ActorRecorder | None = None  # provenance, when on
+        self.traced = False  # provenance at level item: the recorder hands each item to the PE
+        self.counts_out: dict[str, int] | None = None  # provenance: items written, by port
         self.runner: _CallGreenlet | None = None  # runs the PE's calls, created on first use (see _drive)
         self.results_sink: ResultSink = worker.results
         self.aligner: Aligner | None = None  # set when the run takes checkpoints
@@ -455,10 +457,13 @@ class _Actor(_Invoker):
                 try:
                     started, blocked = time.perf_counter(), self.stats.blocked_seconds
                     try:
-                        if self.recorder is None:
-                            await self._handle(port, items)
-                        else:
+                        if self.traced:
+                            assert self.recorder is not None
                             await self.recorder.handle(port, items)
+                        else:
+                            if self.recorder is not None:
+                                self.recorder.count_in(port, len(items))
+                            await self._handle(port, items)
                     finally:  # waiting for credit while streaming outputs is blocked time, not busy time
                         blocked = self.stats.blocked_seconds - blocked
                         self.stats.busy_seconds += time.perf_counter() - started - blocked
@@ -659,6 +664,7 @@ class _Actor(_Invoker):
         full: list[_Pending | _ResultPending] = []
         batch_size = self.route_chunk
         dirty = self.dirty
+        counts_out = self.counts_out
         for port, items in buffers.items():
             if not items:
                 continue
@@ -668,6 +674,8 @@ class _Actor(_Invoker):
             else:
                 buffers[port] = []
             self.stats.items_out += len(items)
+            if counts_out is not None:
+                counts_out[port] = counts_out.get(port, 0) + len(items)
             routes = self.routes[port]
             if not routes:
                 pending_result = self.results[port]

@@ -159,39 +159,35 @@ class ActorRecorder:
         self.current_index = -1
         self.derived: tuple[str, ...] | None = None  # set by recall()
         self.state: dict[Hashable, list[str]] = {}
-        original = actor._route_outputs
         if self.item_level:
             for routes in actor.routes.values():
                 for route in routes:
                     if isinstance(route.router, KeyRouter):
                         route.router.get = _KeyOfValue(route.router.get)
+            original = actor._route_outputs
 
             async def route_outputs(detach: bool = False) -> None:
                 self._tag_buffers()
                 await original(detach)
-        else:
 
-            async def route_outputs(detach: bool = False) -> None:
-                counts = self.record.items_out
-                for port, items in actor.buffers.items():
-                    if items:
-                        counts[port] = counts.get(port, 0) + len(items)
-                await original(detach)
-
-        actor._route_outputs = route_outputs  # type: ignore[method-assign]
-        if not self.item_level:
+            actor._route_outputs = route_outputs  # type: ignore[method-assign]
+            actor.traced = True
+        else:  # per-port counts only, kept by the engine: nothing wraps the PE's calls
+            actor.counts_out = self.record.items_out
             self._begin("instance", None, ())
 
     # -- the engine's side ----------------------------------------------------
-    async def handle(self, port: str | None, items: list[Any]) -> None:
-        """Hand a batch to the PE as the engine would, recording each call."""
+    def count_in(self, port: str | None, count: int) -> None:
+        """``count`` items arrived on ``port`` (``None``: the feed)."""
         name = "feed" if port is None else port
         counts = self.record.items_in
-        counts[name] = counts.get(name, 0) + len(items)
+        counts[name] = counts.get(name, 0) + count
+
+    async def handle(self, port: str | None, items: list[Any]) -> None:
+        """Hand a batch to the PE as the engine would, recording each call (level ``item``)."""
+        self.count_in(port, len(items))
         handle = self.actor._handle
-        if not self.item_level:
-            await handle(port, items)
-            return
+        name = "feed" if port is None else port
         for element in items:
             if type(element) is Tagged:
                 used: tuple[str, ...] = (element.id,)
