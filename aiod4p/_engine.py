@@ -63,6 +63,9 @@ YIELD_BATCHES = 16
 # How much each batch moves an instance's measured pace (an exponential moving average): start-up waits,
 # and a stretch held back by a stage downstream, are forgotten after a few dozen batches.
 PACE_WEIGHT = 0.25
+# What sending an item to another worker costs the sending worker, per byte of the item: pickling it and
+# the socket's copy, about 1 ms a megabyte on these machines (bench/RESULTS.md, the cost x size sweep).
+SEND_SECONDS_PER_BYTE = 1e-9
 # What a PE's calls on the event loop ask of the actor that drives them (see _Actor._drive): route what
 # write() has buffered, waiting for credit.
 _ROUTE = object()
@@ -121,13 +124,17 @@ class _ResultPending:
 class _Route:
     """One edge leaving an instance: its grouping's router splits batches among the pendings."""
 
-    __slots__ = ("deals", "passes_through", "pendings", "router")
+    __slots__ = ("deals", "local", "passes_through", "pendings", "router")
 
     def __init__(self, router: Router, pendings: list[_Pending]) -> None:
         self.router = router
         self.passes_through = router.passes_through
         self.deals = router.deals and len(pendings) > 1
         self.pendings = pendings
+        # The candidates beside the sender, where any candidate may take any item and some are on other
+        # workers: items that cost more to send than to process stay with them.
+        local = [pending for pending in pendings if type(pending.channel) is LocalChannel]
+        self.local = local if router.any_destination and 0 < len(local) < len(pendings) else None
 
 
 class _NeverDrains:
@@ -707,35 +714,46 @@ class _Actor(_Invoker):
             await self._flush_all(wait=False)
 
     def _route(self, route: _Route, items: list[Any], owned: bool, full: list[_Pending | _ResultPending]) -> None:
-        dirty = self.dirty
-        if route.passes_through or (
-            route.deals and not self.worker.fixed_order and len(items) <= min(p.limit for p in route.pendings)
-        ):
-            # Dealt whole to the instance with the most room, not item by item in turn: an instance that
-            # gets through its items faster (on a worker of its own, beside no source) gets more of them.
-            # Only items that fit in any candidate's next batch: heavy items (a batch of one or a few), and
-            # the first batches (one item until measured), are still dealt in turn, so that every instance
-            # gets some of a few heavy items or of a short stream.
-            pending = route.pendings[0] if route.passes_through else max(route.pendings, key=_room)
-            if not pending.dirty:
-                pending.dirty = True
-                dirty.append(pending)
-            if not pending.items:
-                pending.items = items if owned else list(items)
-            else:
-                pending.items.extend(items)
-            if len(pending.items) >= pending.limit:
-                full.append(pending)
+        if route.passes_through:
+            self._add(route.pendings[0], items, owned, full)
             return
+        if not self.worker.fixed_order:
+            if route.local is not None and self._cheaper_here(route.local[0], items[0]):
+                self._add(max(route.local, key=_room), items, owned, full)
+                return
+            if route.deals and len(items) <= min(p.limit for p in route.pendings):
+                # Dealt whole to the instance with the most room, not item by item in turn: an instance that
+                # gets through its items faster (on a worker of its own, beside no source) gets more of them.
+                # Only items that fit in any candidate's next batch: heavy items (a batch of one or a few), and
+                # the first batches (one item until measured), are still dealt in turn, so that every instance
+                # gets some of a few heavy items or of a short stream.
+                self._add(max(route.pendings, key=_room), items, owned, full)
+                return
         for pending, part in zip(route.pendings, route.router.split(items), strict=True):
-            if not part:
-                continue
-            if not pending.dirty:
-                pending.dirty = True
-                dirty.append(pending)
-            pending.items.extend(part)
-            if len(pending.items) >= pending.limit:
-                full.append(pending)
+            if part:
+                self._add(pending, part, False, full)
+
+    def _add(self, pending: _Pending, items: list[Any], owned: bool, full: list[_Pending | _ResultPending]) -> None:
+        """Add ``items`` to what waits for ``pending``'s channel (taking the list itself when ``owned``)."""
+        if not pending.dirty:
+            pending.dirty = True
+            self.dirty.append(pending)
+        if not pending.items:
+            pending.items = items if owned else list(items)
+        else:
+            pending.items.extend(items)
+        if len(pending.items) >= pending.limit:
+            full.append(pending)
+
+    def _cheaper_here(self, pending: _Pending, sample: Any) -> bool:
+        """Whether an item like ``sample`` costs this worker more to send elsewhere than to process here.
+
+        Measured against the pace of ``pending``'s destination where it runs on
+        this worker (else of this worker's instances of its PE): large items of
+        little work (a megabyte that takes 0.1 ms) stay beside their sender.
+        """
+        seconds = self.worker.seconds_per_item(pending.dest.pe, pending.dest)
+        return seconds is not None and 0.0 < seconds < _approximate_size(sample) * SEND_SECONDS_PER_BYTE
 
     async def _flush_many(
         self, pendings: list[_Pending | _ResultPending], whole: bool = False, wait: bool = True
@@ -763,7 +781,9 @@ class _Actor(_Invoker):
                 elif pending.siblings is not None and pending.items:
                     # Any instance will do: give the batch to the least loaded one.
                     freest = max(pending.siblings, key=_room)
-                    if freest.channel.credits > 0:
+                    if freest.channel.credits > 0 and not (
+                        type(freest.channel) is not LocalChannel and self._cheaper_here(pending, pending.items[0])
+                    ):
                         await self._send_batch(pending, freest)
                         stalled = False
             if stalled:

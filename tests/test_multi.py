@@ -112,6 +112,59 @@ def test_stats_come_from_every_worker() -> None:
     assert sum(s.items_in for s in run.stats if s.pe == source.id) == 3000
 
 
+class Megabytes(aiod4p.ProducerPE):
+    """Yields ``count`` items of 1 MB each."""
+
+    def __init__(self, count: int) -> None:
+        super().__init__()
+        self.count = count
+
+    def produce(self) -> Iterator[bytes]:
+        for index in range(self.count):
+            yield index.to_bytes(4, "little") * (1 << 18)
+
+
+class Work(IterativePE):
+    """Takes ``seconds`` an item (waiting, as on a service), two instances."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__(parallelism=2)
+        self.seconds = seconds
+
+    def process_item(self, item: bytes) -> int:
+        if self.seconds:
+            threading.Event().wait(self.seconds)  # ok-sleep: the item's cost, not synchronisation
+        return len(item)
+
+
+def _items_per_worker(count: int, seconds: float) -> tuple[int, int]:
+    """How many of ``count`` 1 MB items each worker's instance of Work took (the source's worker first)."""
+    graph = WorkflowGraph()
+    graph.connect(source := Megabytes(count), "output", work := Work(seconds), "input")
+    run = aiod4p.start(graph, 1, mapping="multi", workers=2)
+
+    async def main() -> None:
+        async with asyncio.timeout(60):
+            assert (await run.results()).by_port() == {(work.id, "output"): [1 << 20] * count}
+
+    asyncio.run(main())
+    (home,) = {s.worker for s in run.stats if s.pe == source.id}
+    taken = {s.worker: s.items_in for s in run.stats if s.pe == work.id}
+    return taken[home], taken[1 - home]
+
+
+def test_large_items_of_little_work_stay_on_their_senders_worker() -> None:
+    """Sending a megabyte costs the sender about 1 ms, more than the item's work: once the instance beside
+    the source is measured, the rest stay with it."""
+    here, there = _items_per_worker(200, 0.0)
+    assert there <= 40 and here + there == 200
+
+
+def test_large_items_of_much_work_are_shared_by_both_workers() -> None:
+    here, there = _items_per_worker(40, 0.02)
+    assert min(here, there) >= 10
+
+
 # -- start methods ----------------------------------------------------------------------
 
 

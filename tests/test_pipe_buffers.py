@@ -11,11 +11,23 @@ from aiod4p.transports.pipes import _HEADER, _WITH_BUFFERS, _pickle, pipe_comm_p
 
 
 def test_large_buffers_leave_the_pickle_and_small_ones_stay() -> None:
-    big = _pickle({"trace": pickle.PickleBuffer(bytearray(range(256)) * 1024)})
-    small = _pickle({"trace": pickle.PickleBuffer(bytearray(100))})
+    big = b"".join(_pickle({"trace": pickle.PickleBuffer(bytearray(range(256)) * 1024)}))
+    small = b"".join(_pickle({"trace": pickle.PickleBuffer(bytearray(100))}))
     assert _HEADER.unpack_from(big)[0] & _WITH_BUFFERS
     assert not _HEADER.unpack_from(small)[0] & _WITH_BUFFERS
     assert pickle.loads(small[_HEADER.size :]) == {"trace": bytearray(100)}
+
+
+async def test_a_buffer_changed_after_send_arrives_as_it_was_sent() -> None:
+    left, right = await pipe_comm_pair()
+    trace = bytearray(8 << 20)  # more than the socket holds: the transport keeps what it could not write yet
+    async with asyncio.timeout(30):
+        await left.send(("trace", pickle.PickleBuffer(trace)))
+        trace[:] = b"\xff" * len(trace)
+        name, received = await right.receive()
+    assert name == "trace" and received == bytearray(8 << 20)
+    await left.aclose()
+    await right.aclose()
 
 
 async def test_messages_with_large_buffers_arrive_whole_and_in_order() -> None:

@@ -6,6 +6,7 @@ import asyncio
 import os
 import signal
 import socket
+from pathlib import Path
 import subprocess
 import sys
 import textwrap
@@ -25,7 +26,7 @@ async def _memory_pair() -> tuple[Comm, Comm]:
 
 
 async def _pipe_pair() -> tuple[Comm, Comm]:
-    return await pipe_comm_pair(max_messages=8, write_buffer=64 * 1024)
+    return await pipe_comm_pair(max_messages=8, write_buffer=64 * 1024, socket_buffer=208 * 1024)
 
 
 # Pipe bound: 8 decoded messages + the socket's kernel buffers (about 2 x 208 KiB)
@@ -87,10 +88,24 @@ async def test_an_undecodable_message_raises_and_the_next_ones_arrive() -> None:
 
 
 @pytest.mark.asyncio
-async def test_limits_must_be_positive() -> None:
+@pytest.mark.parametrize("limit", ["max_messages", "write_buffer", "socket_buffer"])
+async def test_limits_must_be_positive(limit: str) -> None:
     left, right = socket.socketpair()
     with left, right, pytest.raises(ValueError, match="at least 1"):
-        await open_pipe_comm(left, max_messages=0)
+        await open_pipe_comm(left, **{limit: 0})
+
+
+@pytest.mark.asyncio
+async def test_the_socket_holds_a_frame_of_megabytes_where_the_kernel_allows() -> None:
+    allowed = int(Path("/proc/sys/net/core/wmem_max").read_text())
+    left, right = socket.socketpair()
+    comm = await open_pipe_comm(left)
+    try:
+        # Linux reports twice what was asked (its bookkeeping), capped at twice wmem_max.
+        assert left.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) >= 2 * min(4 << 20, allowed)
+    finally:
+        comm.abort()
+        right.close()
 
 
 _CHILD = textwrap.dedent(
