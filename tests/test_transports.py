@@ -6,10 +6,10 @@ import asyncio
 import os
 import signal
 import socket
-from pathlib import Path
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -95,9 +95,14 @@ async def test_limits_must_be_positive(limit: str) -> None:
         await open_pipe_comm(left, **{limit: 0})
 
 
+def _wmem_max() -> int:
+    """The largest send buffer the kernel grants a socket."""
+    return int(Path("/proc/sys/net/core/wmem_max").read_text())
+
+
 @pytest.mark.asyncio
 async def test_the_socket_holds_a_frame_of_megabytes_where_the_kernel_allows() -> None:
-    allowed = int(Path("/proc/sys/net/core/wmem_max").read_text())
+    allowed = _wmem_max()
     left, right = socket.socketpair()
     comm = await open_pipe_comm(left)
     try:
