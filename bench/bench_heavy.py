@@ -1,6 +1,6 @@
 """Heavy items: three coarse-grained domain shapes vs dispel4py 1.2.1, and a sweep of item cost x size x stages.
 
-    .venv/bin/python bench/bench_heavy.py [--quick]
+    .venv/bin/python bench/bench_heavy.py [--quick] [--sweep]
 
 (a) Domains (bench/heavy.py; bench/heavy_d4p.py is the same work in
     dispel4py's API, bench/heavy_work.py the work itself):
@@ -23,7 +23,7 @@
     each stage holds about a second of work (at most 20,000 items, 200 MB).
 
 ``--quick``: the small domain sizes, one run each, and a 6-cell sweep.
-Writes bench/results/heavy.md.
+``--sweep``: (b) alone. Writes bench/results/heavy.md.
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 QUICK = "--quick" in sys.argv
+SWEEP_ONLY = "--sweep" in sys.argv
 if QUICK:
     os.environ["HEAVY_QUICK"] = "1"  # before heavy_work is imported, here and in every command
 sys.path.insert(0, str(HERE))
@@ -213,7 +214,8 @@ def main() -> None:
         f"`.venv/bin/python bench/bench_heavy.py{' --quick' if QUICK else ''}` on {os.cpu_count()} cores.",
         "",
     ]
-    lines += domains()
+    if not SWEEP_ONLY:
+        lines += domains()
     lines += sweep()
     section = "\n".join(lines)
     print(section)

@@ -45,15 +45,26 @@ _WITH_BUFFERS = 1 << 63  # the frame's length flag: buffers follow the pickle
 _OUT_OF_BAND = 64 * 1024  # smaller buffers stay in the pickle
 
 
-class _FrameProtocol(Wakeups, asyncio.Protocol):
-    """Turns the byte stream into messages and tracks the connection's state (:meth:`changed`: data, room, end)."""
+_READ_ROOM = 256 * 1024  # the least room each read of the socket is offered
+_KEPT_BUFFER = 8 << 20  # a read buffer grown past this for a large frame is dropped once it is decoded
+
+
+class _FrameProtocol(Wakeups, asyncio.BufferedProtocol):
+    """Turns the byte stream into messages and tracks the connection's state (:meth:`changed`: data, room, end).
+
+    The socket is read straight into one buffer, which grows to hold a whole
+    frame when a large one arrives: its bytes are copied once, by the read,
+    before they are unpickled.
+    """
 
     def __init__(self, max_messages: int) -> None:
         super().__init__()
         self.max_messages = max_messages
         self.transport: asyncio.Transport | None = None
         self.messages: deque[Any] = deque()
-        self.partial = bytearray()
+        self.buffer = bytearray(_READ_ROOM)
+        self.start = 0  # the first byte read but not yet decoded
+        self.end = 0  # one past the last byte read
         self.reading_paused = False
         self.writing_paused = False
         self.peer_closed = False  # the close marker arrived
@@ -61,23 +72,38 @@ class _FrameProtocol(Wakeups, asyncio.Protocol):
         self.lost = False
         self.gone = asyncio.get_running_loop().create_future()
 
-    # -- asyncio.Protocol ----------------------------------------------------
+    # -- asyncio.BufferedProtocol ------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
 
-    def data_received(self, data: bytes) -> None:
+    def get_buffer(self, sizehint: int) -> memoryview:
+        undecoded = self.end - self.start
+        needed = _READ_ROOM
+        if undecoded >= _HEADER.size:  # the frame under way may need more room than a read's
+            (length,) = _HEADER.unpack_from(self.buffer, self.start)
+            needed = max(needed, _HEADER.size + (length & ~_WITH_BUFFERS) - undecoded)
+        if len(self.buffer) - self.end < needed:
+            # Never resized in place (a read may still hold a view of it): moved, or replaced by a larger one.
+            if len(self.buffer) >= undecoded + needed:
+                self.buffer[:undecoded] = self.buffer[self.start : self.end]
+            else:
+                larger = bytearray(undecoded + needed)
+                larger[:undecoded] = self.buffer[self.start : self.end]
+                self.buffer = larger
+            self.start, self.end = 0, undecoded
+        return memoryview(self.buffer)[self.end :]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.end += nbytes
         if self.peer_closed:
-            return
-        if self.partial:
-            self.partial += data
-            with memoryview(self.partial) as view:
-                used = self._decode(view)
-            del self.partial[:used]
+            self.start = self.end
         else:
-            with memoryview(data) as view:
-                used = self._decode(view)
-            if used < len(data):
-                self.partial += data[used:]
+            with memoryview(self.buffer) as whole, whole[self.start : self.end] as view:
+                self.start += self._decode(view)
+        if self.start == self.end:
+            self.start = self.end = 0
+            if len(self.buffer) > _KEPT_BUFFER:
+                self.buffer = bytearray(_READ_ROOM)
         if len(self.messages) >= self.max_messages and not self.reading_paused and self.transport is not None:
             self.reading_paused = True
             self.transport.pause_reading()
