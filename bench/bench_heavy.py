@@ -160,6 +160,26 @@ def _run(graph_args: tuple[int, int, int, int], mapping: str) -> float:
     return elapsed
 
 
+def _plain_two(graph_args: tuple[int, int, int, int]) -> float:
+    """The cell's work without aiod4p: two forked processes, each making and spinning on half the items."""
+    count, size, stages, iterations = graph_args
+    started = time.perf_counter()
+    children = []
+    for half in range(2):
+        pid = os.fork()
+        if pid == 0:
+            for index in range(half, count, 2):
+                item = index.to_bytes(8, "little") + bytes(max(size - 8, 0))
+                for _ in range(stages):
+                    work.spin(iterations)
+                del item
+            os._exit(0)
+        children.append(pid)
+    for pid in children:
+        os.waitpid(pid, 0)
+    return time.perf_counter() - started
+
+
 def sweep() -> list[str]:
     per_ms = work.calibrate()
     # multi's fixed cost (two workers forked, joined and stopped) on a run of next to no work
@@ -170,11 +190,13 @@ def sweep() -> list[str]:
         f"Pure-Python work calibrated at {per_ms:,.0f} loop iterations per ms; each cell: simple then multi -n 2"
         f" in this process (worker start-up included), median of {REPEATS}.",
         "",
-        f"multi's fixed cost (8 items of no work, minus simple's): {fixed:.3f} s; the last column divides"
-        " simple's time by multi's without it.",
+        f"multi's fixed cost (8 items of no work, minus simple's): {fixed:.3f} s; \"net of start-up\" divides"
+        " simple's time by multi's without it. The yardstick: the same items made and spun on in two plain"
+        " forked processes (no aiod4p), and its speed-up over simple: what two cores give on this machine.",
         "",
-        "| item cost ms | item size | stages | items | simple s | multi -n 2 s | speed-up | net of start-up |",
-        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| item cost ms | item size | stages | items | simple s | multi -n 2 s | speed-up | net of start-up"
+        " | two plain processes s | their speed-up | multi / yardstick |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     short: list[str] = []
     slower: list[str] = []
@@ -185,6 +207,7 @@ def sweep() -> list[str]:
                 args = (max(count, 8), size, stages, max(1, int(cost * per_ms)))
                 simple = statistics.median(_run(args, "simple") for _ in range(REPEATS))
                 multi = statistics.median(_run(args, "multi") for _ in range(REPEATS))
+                plain = statistics.median(_plain_two(args) for _ in range(REPEATS))
                 speedup = simple / multi
                 cell = f"{cost} ms x {size:,} B x {stages}"
                 if cost >= 1 and speedup < 1.8:
@@ -194,7 +217,7 @@ def sweep() -> list[str]:
                 net = simple / max(multi - fixed, 1e-3)
                 lines.append(
                     f"| {cost} | {size:,} | {stages} | {args[0]:,} | {simple:.2f} | {multi:.2f} | {speedup:.2f}x"
-                    f" | {net:.2f}x |"
+                    f" | {net:.2f}x | {plain:.2f} | {simple / plain:.2f}x | {plain / multi:.2f}x |"
                 )
                 print(lines[-1], flush=True)
     lines += [
