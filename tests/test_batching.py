@@ -340,6 +340,26 @@ class FirstArrival(GenericPE):
         return None
 
 
+class YieldsAndWrites(ProducerPE):
+    """Yields the even numbers below 20,000 and writes the odd ones, in order, from one call."""
+
+    def produce(self) -> Iterator[int]:
+        for number in range(20_000):
+            if number % 2:
+                self.write("output", number)
+            else:
+                yield number
+
+
+@pytest.mark.parametrize(("mapping", "options"), [("simple", {}), ("async", {}), ("multi", {"workers": 2})])
+def test_a_generator_that_also_writes_keeps_every_item_in_order(mapping: str, options: dict[str, Any]) -> None:
+    """Writes hand items over in the middle of a generator's call; none is lost, none overtakes another."""
+    graph = WorkflowGraph()
+    graph.add(source := YieldsAndWrites())
+    results = aiod4p.run(graph, 1, mapping=mapping, **options)
+    assert results.by_port()[(source.id, "output")] == list(range(20_000))
+
+
 @pytest.mark.parametrize("source", [HeavyWriter, HeavyYielder], ids=["write", "yield"])
 def test_heavy_items_reach_the_next_stage_while_their_call_goes_on(source: type[GenericPE | ProducerPE]) -> None:
     """A call that makes heavy items hands them on a few at a time, not after a batch's worth of them (1,024
