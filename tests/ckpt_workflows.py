@@ -80,6 +80,9 @@ class Count(IterativePE):
         self.counts: dict[str, int] = {}
         self.seen = 0  # plain state of the instance
 
+    def preprocess(self) -> None:
+        _note_birth()
+
     def process_item(self, pair: tuple[str, int]) -> None:
         self.counts[pair[0]] = self.counts.get(pair[0], 0) + pair[1]
         self.seen += 1
@@ -98,8 +101,29 @@ class Count(IterativePE):
 
 
 _thousands = 0  # words counted by this process, in thousands
-_born: int | None = None  # kills done when this process first counted: it kills only in its own attempt
-_complete_at_birth: set[str] | None = None  # the complete checkpoints when this process first counted
+_born: int | None = None  # kills done when this process started: it kills only in its own attempt
+_complete_at_birth: set[str] | None = None  # the complete checkpoints when this process started
+
+
+def _note_birth() -> None:
+    """With a kill plan: record, once a process, the kills done and the checkpoints complete as it starts."""
+    global _born, _complete_at_birth
+    plan = os.environ.get("AIOD4P_TEST_KILLS")
+    if not plan or _born is not None:
+        return
+    directory = plan.rpartition(":")[0]
+    _born = sum(1 for name in os.listdir(directory) if name.startswith("kill-"))
+    after = os.environ.get("AIOD4P_TEST_KILLS_AFTER")
+    _complete_at_birth = complete_checkpoints(after) if after else set()
+
+
+def _forget_birth() -> None:
+    """A forked worker starts afresh: what its parent counted or saw is not its own."""
+    global _thousands, _born, _complete_at_birth
+    _thousands, _born, _complete_at_birth = 0, None, None
+
+
+os.register_at_fork(after_in_child=_forget_birth)
 
 
 def complete_checkpoints(directory: str | os.PathLike[str]) -> set[str]:
@@ -117,7 +141,7 @@ def _maybe_kill() -> None:
     With ``AIOD4P_TEST_KILLS_AFTER=CHECKPOINT_DIR``, a worker kills only once a checkpoint completed
     since it started, so that every restart resumes from a checkpoint taken after the one before.
     """
-    global _thousands, _born, _complete_at_birth
+    global _thousands
     plan = os.environ.get("AIOD4P_TEST_KILLS")
     if not plan or os.environ.get("AIOD4P_TEST_KILLS_SPARE") == str(os.getpid()):
         return
@@ -126,9 +150,7 @@ def _maybe_kill() -> None:
     moments = [int(t) for t in thresholds.split(",")]
     done = sum(1 for name in os.listdir(directory) if name.startswith("kill-"))
     after = os.environ.get("AIOD4P_TEST_KILLS_AFTER")
-    if _born is None:
-        _born = done
-        _complete_at_birth = complete_checkpoints(after) if after else set()
+    _note_birth()
     if after and not complete_checkpoints(after) - (_complete_at_birth or set()):
         return
     if done == _born and done < len(moments) and _thousands * 1000 >= moments[done]:
