@@ -17,6 +17,7 @@ import functools
 import inspect
 import itertools
 import logging
+import operator
 import sys
 import time
 import traceback
@@ -70,6 +71,7 @@ SEND_SECONDS_PER_BYTE = 1e-9
 # write() has buffered, waiting for credit.
 _ROUTE = object()
 _DONE = object()  # the call has returned or raised
+_IS_NOT_NONE = functools.partial(operator.is_not, None)  # what a generator yields that counts as an item
 
 
 def _error(ref: InstanceRef, port: str, exc: BaseException) -> Aiod4pError:
@@ -282,15 +284,18 @@ class _Invoker:
                         if drains._draining and is_root:
                             return
                     continue
-                buffer = buffers[out_port]
-                for result in fn(item):
-                    if result is not None:
-                        buffer.append(result)
-                        if len(buffer) >= limit:
-                            await self._route_streamed()
-                            buffer, limit = buffers[out_port], self.stream_limit  # routing took the full buffer
+                results = filter(_IS_NOT_NONE, fn(item))
+                for first in results:
+                    # The rest of a buffer's room in one C-level pass. extend() appends each item as it comes,
+                    # so what the generator write()s on the same port in between keeps its place.
+                    buffer = buffers[out_port]
+                    buffer.append(first)
+                    buffer.extend(itertools.islice(results, max(limit - len(buffer), 0)))
+                    if len(buffer) >= limit:
+                        await self._route_streamed()
+                        limit = self.stream_limit
                     if drains._draining and is_root:
-                        return  # a draining source stops producing
+                        return  # a draining source stops producing (at most a buffer's room later)
         elif self.is_root and out_port is not None:
             for item in items:
                 await self._pump(fn(item), out_port)

@@ -188,7 +188,8 @@ def sweep() -> list[str]:
         "### (b) Sweep: speed-up of multi -n 2 over one process (simple)",
         "",
         f"Pure-Python work calibrated at {per_ms:,.0f} loop iterations per ms; each cell: simple then multi -n 2"
-        f" in this process (worker start-up included), median of {REPEATS}.",
+        f" in this process (worker start-up included), and the yardstick, interleaved: {REPEATS} rounds; times are"
+        " medians, ratios the median of each round's ratio.",
         "",
         f"multi's fixed cost (8 items of no work, minus simple's): {fixed:.3f} s; \"net of start-up\" divides"
         " simple's time by multi's without it. The yardstick: the same items made and spun on in two plain"
@@ -205,10 +206,12 @@ def sweep() -> list[str]:
             for stages in STAGES:
                 count = int(min(SECONDS_PER_STAGE * 1000 / cost, 20_000, 200_000_000 / size))
                 args = (max(count, 8), size, stages, max(1, int(cost * per_ms)))
-                simple = statistics.median(_run(args, "simple") for _ in range(REPEATS))
-                multi = statistics.median(_run(args, "multi") for _ in range(REPEATS))
-                plain = statistics.median(_plain_two(args) for _ in range(REPEATS))
-                speedup = simple / multi
+                rounds = [(_run(args, "simple"), _run(args, "multi"), _plain_two(args)) for _ in range(REPEATS)]
+                simple, multi, plain = (statistics.median(times) for times in zip(*rounds, strict=True))
+                # Ratios of the same round: a stretch of load elsewhere slows all three runs of a round alike.
+                speedup = statistics.median(one / two for one, two, _ in rounds)
+                plain_speedup = statistics.median(one / two for one, _, two in rounds)
+                of_yardstick = statistics.median(two / one for _, one, two in rounds)
                 cell = f"{cost} ms x {size:,} B x {stages}"
                 if cost >= 1 and speedup < 1.8:
                     short.append(f"{cell} ({speedup:.2f}x)")
@@ -217,7 +220,7 @@ def sweep() -> list[str]:
                 net = simple / max(multi - fixed, 1e-3)
                 lines.append(
                     f"| {cost} | {size:,} | {stages} | {args[0]:,} | {simple:.2f} | {multi:.2f} | {speedup:.2f}x"
-                    f" | {net:.2f}x | {plain:.2f} | {simple / plain:.2f}x | {plain / multi:.2f}x |"
+                    f" | {net:.2f}x | {plain:.2f} | {plain_speedup:.2f}x | {of_yardstick:.2f}x |"
                 )
                 print(lines[-1], flush=True)
     lines += [

@@ -360,6 +360,28 @@ def test_a_generator_that_also_writes_keeps_every_item_in_order(mapping: str, op
     assert results.by_port()[(source.id, "output")] == list(range(20_000))
 
 
+class YieldsNones(ProducerPE):
+    """Yields 5,000 numbers with a None after each even one (nothing), and writes a None once (an item)."""
+
+    def produce(self) -> Iterator[int | None]:
+        for number in range(5_000):
+            yield number
+            if number == 2_500:
+                self.write("output", None)
+            if number % 2 == 0:
+                yield None
+
+
+@pytest.mark.parametrize(("mapping", "options"), [("simple", {}), ("async", {}), ("multi", {"workers": 2})])
+def test_a_generator_yielding_none_emits_nothing_for_it_but_a_written_none_is_an_item(
+    mapping: str, options: dict[str, Any]
+) -> None:
+    graph = WorkflowGraph()
+    graph.add(source := YieldsNones())
+    results = aiod4p.run(graph, 1, mapping=mapping, **options)
+    assert results.by_port()[(source.id, "output")] == [*range(2_501), None, *range(2_501, 5_000)]
+
+
 @pytest.mark.parametrize("source", [HeavyWriter, HeavyYielder], ids=["write", "yield"])
 def test_heavy_items_reach_the_next_stage_while_their_call_goes_on(source: type[GenericPE | ProducerPE]) -> None:
     """A call that makes heavy items hands them on a few at a time, not after a batch's worth of them (1,024
