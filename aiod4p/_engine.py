@@ -64,9 +64,12 @@ YIELD_BATCHES = 16
 # How much each batch moves an instance's measured pace (an exponential moving average): start-up waits,
 # and a stretch held back by a stage downstream, are forgotten after a few dozen batches.
 PACE_WEIGHT = 0.25
-# What sending an item to another worker costs the sending worker, per byte of the item: pickling it and
-# the socket's copy, about 1 ms a megabyte on these machines (bench/RESULTS.md, the cost x size sweep).
+# What sending an item to another worker costs the sending worker, per byte of the item: copying it into
+# the frame (fresh memory: its page faults cost most of it in a VM) and the socket's copy, about 1 ms a
+# megabyte on these machines; a `bytes` object goes to the socket as it is: its copy alone, about 0.2 ms a
+# megabyte (bench/ANALYSIS.md, heavy items).
 SEND_SECONDS_PER_BYTE = 1e-9
+SEND_SECONDS_PER_BYTES_BYTE = 2e-10
 # What a PE's calls on the event loop ask of the actor that drives them (see _Actor._drive): route what
 # write() has buffered, waiting for credit.
 _ROUTE = object()
@@ -758,7 +761,10 @@ class _Actor(_Invoker):
         little work (a megabyte that takes 0.1 ms) stay beside their sender.
         """
         seconds = self.worker.seconds_per_item(pending.dest.pe, pending.dest)
-        return seconds is not None and 0.0 < seconds < _approximate_size(sample) * SEND_SECONDS_PER_BYTE
+        if seconds is None or seconds <= 0.0:
+            return False
+        size, in_bytes = _approximate_size(sample)
+        return seconds < (size - in_bytes) * SEND_SECONDS_PER_BYTE + in_bytes * SEND_SECONDS_PER_BYTES_BYTE
 
     async def _flush_many(
         self, pendings: list[_Pending | _ResultPending], whole: bool = False, wait: bool = True
@@ -856,7 +862,7 @@ class _Actor(_Invoker):
             limit = min(limit, pending.limit * 2 if pending.blind > 2 * self.credits else 1)
         elif seconds * limit > pending.seconds:
             limit = max(1, int(pending.seconds / seconds))
-        size = _approximate_size(sample)
+        size, _ = _approximate_size(sample)
         if size * limit > self.batch_bytes:
             limit = max(1, self.batch_bytes // size)
         return limit
@@ -950,18 +956,25 @@ def _room(pending: _Pending) -> int:
     return channel.credits * per_credit - len(pending.items)
 
 
-def _approximate_size(item: Any, depth: int = 2) -> int:
-    """A cheap guess of the bytes ``item`` takes to send: buffers, strings and small containers of them."""
+def _approximate_size(item: Any, depth: int = 2) -> tuple[int, int]:
+    """A cheap guess of the bytes ``item`` takes to send (buffers, strings and small containers of them), and how
+    many of them are in ``bytes`` objects (which the pipes hand to the socket without copying them first)."""
     nbytes = getattr(item, "nbytes", None)  # numpy arrays, memoryviews
     if isinstance(nbytes, int):
-        return nbytes
+        return nbytes, 0
+    if type(item) is bytes:
+        return len(item), len(item)
     if isinstance(item, (bytes, bytearray, str)):
-        return len(item)
-    if depth and isinstance(item, (tuple, list)):
-        return 8 + sum(_approximate_size(element, depth - 1) for element in item[:16])
-    if depth and isinstance(item, dict):
-        return 8 + sum(_approximate_size(value, depth - 1) for value in itertools.islice(item.values(), 16))
-    return 8
+        return len(item), 0
+    if depth and isinstance(item, (tuple, list, dict)):
+        elements = item[:16] if not isinstance(item, dict) else itertools.islice(item.values(), 16)
+        size = in_bytes = 0
+        for element in elements:
+            element_size, element_bytes = _approximate_size(element, depth - 1)
+            size += element_size
+            in_bytes += element_bytes
+        return 8 + size, in_bytes
+    return 8, 0
 
 
 def _ignoring_argument(fn: Callable[[], Any]) -> Callable[[Any], Any]:

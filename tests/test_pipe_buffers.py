@@ -30,6 +30,29 @@ async def test_a_buffer_changed_after_send_arrives_as_it_was_sent() -> None:
     await right.aclose()
 
 
+def test_a_large_bytes_object_goes_to_the_socket_as_it_is() -> None:
+    """A bytes object cannot change: the frame holds the object itself, not a copy in the pickle."""
+    blob = bytes(range(256)) * 4096
+    pieces = _pickle(("blob", blob, [b"small", "text"]))
+    assert any(piece is blob for piece in pieces)
+    frame = b"".join(pieces)
+    assert _HEADER.unpack_from(frame)[0] == len(frame) - _HEADER.size
+    assert pickle.loads(frame[_HEADER.size :]) == ("blob", blob, [b"small", "text"])
+
+
+async def test_a_large_bytearray_changed_after_send_arrives_as_it_was_sent() -> None:
+    """An in-band bytearray that the pickler hands over whole is copied: the sender may change it."""
+    left, right = await pipe_comm_pair()
+    data = bytearray(8 << 20)  # more than the socket holds: the transport keeps what it could not write yet
+    async with asyncio.timeout(30):
+        await left.send(("data", data, b"\x01" * 100_000))
+        data[:] = b"\xff" * len(data)
+        name, received, blob = await right.receive()
+    assert (name, received, blob) == ("data", bytearray(8 << 20), b"\x01" * 100_000)
+    await left.aclose()
+    await right.aclose()
+
+
 async def test_messages_with_large_buffers_arrive_whole_and_in_order() -> None:
     left, right = await pipe_comm_pair()
     payloads = [(index, bytearray([index]) * (100_000 + index), [bytearray(70_000), "x"]) for index in range(20)]

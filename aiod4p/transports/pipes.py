@@ -8,7 +8,10 @@ are copied once into the frame rather than into the pickle and again into
 the frame: such a frame has the top bit of its length set, and its payload
 is the buffer count (4 bytes), each buffer's length (8 bytes each), the
 pickle's length (8 bytes), the pickle, then the buffers; the receiver gets
-writable copies. A frame of length 0 is the close marker, so
+writable copies. Large ``bytes`` objects in the message are not copied into
+the pickle: the pickler hands them over as they are (a ``bytes`` object
+cannot change while the socket takes it), and the socket copies them once.
+A frame of length 0 is the close marker, so
 the reader tells a clean close (:class:`~aiod4p.errors.EndOfChannel`) from a
 vanished peer (end of file without the marker:
 :class:`~aiod4p.errors.PeerDied`). The socket is read and written by the
@@ -149,6 +152,24 @@ class _FrameProtocol(Wakeups, asyncio.BufferedProtocol):
         self.wake()
 
 
+class _Pieces:
+    """A pickler's file that keeps each write as a piece of the frame: a ``bytes`` object as it is, others copied.
+
+    The pickler writes its frames of up to 64 KiB as ``bytes``, and a larger
+    ``bytes`` object of the message as the object itself (no copy); what it
+    writes directly from a mutable object (a large ``bytearray``) is copied,
+    since the sender may change it before the socket takes it.
+    """
+
+    __slots__ = ("pieces",)
+
+    def __init__(self) -> None:
+        self.pieces: list[bytes] = []
+
+    def write(self, data: Any) -> None:
+        self.pieces.append(data if type(data) is bytes else bytes(data))
+
+
 def _pickle(message: Any) -> list[bytes]:
     """The pieces of one frame holding ``message``, its large buffers out of band.
 
@@ -167,12 +188,15 @@ def _pickle(message: Any) -> list[bytes]:
         views.append(view)
         return False
 
-    data = pickle.dumps(message, protocol=5, buffer_callback=out_of_band)
+    writer = _Pieces()
+    pickle.Pickler(writer, protocol=5, buffer_callback=out_of_band).dump(message)
+    data = writer.pieces
+    size = sum(map(len, data))
     if not views:
-        return [_HEADER.pack(len(data)), data]
-    lengths = struct.pack(f"<I{len(views)}QQ", len(views), *(view.nbytes for view in views), len(data))
-    length = len(lengths) + len(data) + sum(view.nbytes for view in views)
-    return [_HEADER.pack(length | _WITH_BUFFERS), lengths, data, b"".join(views)]
+        return [_HEADER.pack(size), *data]
+    lengths = struct.pack(f"<I{len(views)}QQ", len(views), *(view.nbytes for view in views), size)
+    length = len(lengths) + size + sum(view.nbytes for view in views)
+    return [_HEADER.pack(length | _WITH_BUFFERS), lengths, *data, b"".join(views)]
 
 
 def _unpickle(frame: memoryview) -> Any:
