@@ -207,25 +207,45 @@ def _being_written(directory: str, pe: str) -> int | None:
     return None
 
 
+class NextCheckpoint:
+    """A checkpoint in ``directory`` completed after the source that waits for it opened (in its own attempt)."""
+
+    def __init__(self, directory: str | os.PathLike[str]) -> None:
+        self.directory = os.fspath(directory)
+
+    def newest(self) -> int:
+        """The id of the newest complete checkpoint, 0 if none."""
+        names = complete_checkpoints(self.directory)
+        return max((int(name[len("chk-") :]) for name in names if name.startswith("chk-")), default=0)
+
+
 class HeldLines(SourcePE):
     """The lines of ``path``; after ``hold_after`` lines (counted from where a restore resumes it), the others
-    wait until the file ``until`` exists.
+    wait until the file ``until`` exists, or with a :class:`NextCheckpoint`, until a checkpoint newer than
+    the newest when the source opened has completed (the next one of each attempt of a restarted run).
 
     Checkpoints go on while the lines are held (a waiting source snapshots), so a test can make sure that
     a run reaches the checkpoints it waits for before its input ends, however fast the machine.
     """
 
-    def __init__(self, path: str | os.PathLike[str], until: str | os.PathLike[str], hold_after: int) -> None:
+    def __init__(
+        self, path: str | os.PathLike[str], until: str | os.PathLike[str] | NextCheckpoint, hold_after: int
+    ) -> None:
         super().__init__()
-        self.path, self.until, self.hold_after = os.fspath(path), os.fspath(until), hold_after
+        self.path, self.hold_after = os.fspath(path), hold_after
+        self.until = until if isinstance(until, NextCheckpoint) else os.fspath(until)
 
     def open(self) -> _HeldStream:
-        return _HeldStream(self.path, self.until, self.hold_after)
+        until = self.until
+        if isinstance(until, NextCheckpoint):
+            opened = until.newest()
+            return _HeldStream(self.path, lambda: until.newest() > opened, self.hold_after)
+        return _HeldStream(self.path, lambda: os.path.exists(until), self.hold_after)
 
 
 class _HeldStream:
-    def __init__(self, path: str, until: str, hold_after: int) -> None:
-        self.path, self.until, self.hold_after = path, until, hold_after
+    def __init__(self, path: str, released: Callable[[], bool], hold_after: int) -> None:
+        self.path, self.released, self.hold_after = path, released, hold_after
         self.start = 0
 
     def seek(self, offset: int) -> None:
@@ -241,7 +261,7 @@ class _HeldStream:
             lines = file.read().splitlines()
         for number in range(self.start, len(lines)):
             if number == self.start + self.hold_after:
-                while not os.path.exists(self.until):  # noqa: ASYNC110, ASYNC240 - made by another process
+                while not self.released():  # noqa: ASYNC110 - made by other processes
                     await asyncio.sleep(0.01)
             yield lines[number]
 
@@ -259,3 +279,18 @@ def word_count(
     graph.connect(lines, "output", split, "input")
     graph.connect(split, "output", count, "input")
     return graph
+
+
+def held_word_count(words: str | os.PathLike[str], checkpoints: str | os.PathLike[str]) -> WorkflowGraph:
+    """Word count whose input waits, after 100 lines, for a checkpoint in ``checkpoints`` of the attempt under way.
+
+    A worker of a kill plan kills only once a checkpoint of its attempt completed: without the wait, a fast
+    run (a quiet machine, or a restart that resumes near the end) could end before one, and never kill.
+    """
+    return word_count(words, lines=HeldLines(words, until=NextCheckpoint(checkpoints), hold_after=100))
+
+
+def held_word_count_module(words: str | os.PathLike[str], checkpoints: str | os.PathLike[str]) -> str:
+    """The text of a workflow module for ``aiod4p run``: :func:`held_word_count`."""
+    arguments = f"{os.fspath(words)!r}, {os.fspath(checkpoints)!r}"
+    return f"from ckpt_workflows import held_word_count\n\ngraph = held_word_count({arguments})\n"

@@ -18,6 +18,7 @@ from ckpt_workflows import (
     HeldLines,
     complete_checkpoints,
     expected_counts,
+    held_word_count_module,
     on_completed,
     word_count,
     write_words,
@@ -541,12 +542,13 @@ def test_cli_refuses_a_mapping_without_checkpoints(tmp_path: Path, capsys: pytes
 
 def test_cli_restores_and_writes_results_once(tmp_path: Path, words: Path) -> None:
     target = tmp_path / "wf.py"
-    target.write_text(f"from ckpt_workflows import word_count\ngraph = word_count({str(words)!r})\n")
+    # The input waits for a checkpoint after 100 lines: a fast run could otherwise end before its first one.
+    target.write_text(held_word_count_module(words, tmp_path / "ck"))
     results = tmp_path / "out.jsonl"
     common = [str(target), "-i", "1", "--checkpoint-dir", str(tmp_path / "ck"), "--results", str(results), "-q"]
     assert main(["run", *common, "--checkpoint-interval", "0.02"]) == 0
     assert _file_counts(results) == expected_counts(words)
-    assert main(["run", *common, "--restore"]) == 0  # the last checkpoint had every instance finished
+    assert main(["run", *common, "--restore"]) == 0  # from the last checkpoint: the results are not written twice
     assert _file_counts(results) == expected_counts(words)
 
 

@@ -11,7 +11,16 @@ import shutil
 from pathlib import Path
 
 import pytest
-from ckpt_workflows import DiesSaving, HeldLines, expected_counts, on_completed, word_count, write_words
+from ckpt_workflows import (
+    DiesSaving,
+    HeldLines,
+    expected_counts,
+    held_word_count,
+    held_word_count_module,
+    on_completed,
+    word_count,
+    write_words,
+)
 
 from aiod4p import WorkflowGraph, run, start
 from aiod4p._checkpoint import Checkpointing, CheckpointStore
@@ -76,7 +85,8 @@ def test_three_sigkills_with_restarts_give_the_failure_free_results(
     # batches a channel): kept small, so that it completes long before the input ends and the kill comes.
     checkpointed = _multi(tmp_path / "ck", results, mapping, restarts=5)
     with caplog.at_level(logging.WARNING, "aiod4p.checkpoint"):
-        got = run(word_count(words), 1, mapping=checkpointed, workers=workers, batch_size=32, credits=2)
+        graph = held_word_count(words, tmp_path / "ck")
+        got = run(graph, 1, mapping=checkpointed, workers=workers, batch_size=32, credits=2)
     assert sorted(p.name for p in kills.iterdir()) == ["kill-0", "kill-1", "kill-2"]
     messages = [r.getMessage() for r in caplog.records]
     assert sum(m.startswith("restart ") for m in messages) == 3
@@ -124,7 +134,8 @@ def test_cli_restarts_after_sigkills(tmp_path: Path, words: Path, monkeypatch: p
     monkeypatch.setenv("AIOD4P_TEST_KILLS", f"{kills}:12000,9000")
     monkeypatch.setenv("AIOD4P_TEST_KILLS_AFTER", str(tmp_path / "ck"))
     target = tmp_path / "wf.py"
-    target.write_text(f"from ckpt_workflows import word_count\ngraph = word_count({str(words)!r})\n")
+    # Each attempt's input waits for a checkpoint of that attempt, which a worker must see before it kills.
+    target.write_text(held_word_count_module(words, tmp_path / "ck"))
     results = tmp_path / "out.jsonl"
     argv = ["run", str(target), "-m", "multi", "-n", "2", "-i", "1", "--results", str(results), "-q"]
     checkpoints = ["--checkpoint-dir", str(tmp_path / "ck"), "--checkpoint-interval", "0.05", "--restarts", "5"]
@@ -141,7 +152,7 @@ def test_checkpoint_of_multi_restores_on_mpi(tmp_path: Path, words: Path, monkey
     monkeypatch.setenv("AIOD4P_TEST_KILLS_AFTER", str(tmp_path / "ck"))
     directory, results = tmp_path / "ck", tmp_path / "results.jsonl"
     with pytest.raises(WorkerDied):
-        run(word_count(words), 1, mapping=_multi(directory, results), workers=2)
+        run(held_word_count(words, directory), 1, mapping=_multi(directory, results), workers=2)
     assert CheckpointStore(directory).latest() is not None
     got = run(word_count(words), 1, mapping=_multi(directory, results, "mpi", restore=True), workers=3)
     assert dict(record.data for record in got) == expected_counts(words)
@@ -187,7 +198,8 @@ def test_ray_restarts_its_actors_after_a_sigkill(
     results = tmp_path / "results.jsonl"
     mapping.checkpointing = Checkpointing(tmp_path / "ck", results_path=str(results), interval=0.05, restarts=2)
     with caplog.at_level(logging.WARNING, "aiod4p.checkpoint"):  # small batches: as the three-SIGKILL test
-        got = run(word_count(words), 1, mapping=mapping, workers=2, batch_size=32, credits=2)
+        graph = held_word_count(words, tmp_path / "ck")
+        got = run(graph, 1, mapping=mapping, workers=2, batch_size=32, credits=2)
     assert [p.name for p in kills.iterdir()] == ["kill-0"]
     assert sum(r.getMessage().startswith("restoring checkpoint ") for r in caplog.records) == 1
     assert dict(record.data for record in got) == expected_counts(words)

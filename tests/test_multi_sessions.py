@@ -31,8 +31,10 @@ FLOW = textwrap.dedent(
 
 
     class Hold(IterativePE):
-        def preprocess(self):
-            (OUT / str(os.getpid())).write_text(str(os.getsid(0)))
+        def preprocess(self):  # written whole, then renamed: the test never reads a half-written file
+            written = OUT / f"{{os.getpid()}}.tmp"
+            written.write_text(str(os.getsid(0)))
+            written.rename(OUT / str(os.getpid()))
 
         def process_item(self, item):
             threading.Event().wait(0.05)  # ok-sleep: slow enough that the run outlives the test
