@@ -10,7 +10,8 @@ is the buffer count (4 bytes), each buffer's length (8 bytes each), the
 pickle's length (8 bytes), the pickle, then the buffers; the receiver gets
 writable copies. Large ``bytes`` objects in the message are not copied into
 the pickle: the pickler hands them over as they are (a ``bytes`` object
-cannot change while the socket takes it), and the socket copies them once.
+cannot change while the socket takes it), and the socket copies them once
+(uvloop's transport writes the pieces as they are; asyncio's joins them).
 A frame of length 0 is the close marker, so
 the reader tells a clean close (:class:`~aiod4p.errors.EndOfChannel`) from a
 vanished peer (end of file without the marker:
