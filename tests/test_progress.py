@@ -52,7 +52,7 @@ def flow(tmp_path: Path) -> Path:
                     super().__init__()
                     self.id = "Square"
                 async def process_item(self, item):
-                    await asyncio.sleep(0.03)  # 40 items take 1.2 s: longer than a refresh interval
+                    await asyncio.sleep(0.03)  # ok-sleep: 40 items take 1.2 s, longer than a refresh interval
                     return item * item
 
             graph = WorkflowGraph()
