@@ -104,18 +104,12 @@ def test_restore_on_other_n_and_mapping(tmp_path: Path, words: Path, monkeypatch
     monkeypatch.setenv("AIOD4P_TEST_KILLS_AFTER", str(tmp_path / "ck"))
     directory, results = tmp_path / "ck", tmp_path / "results.jsonl"
 
-    def held_until(checkpoint: int) -> WorkflowGraph:
-        # A worker is killed only after a checkpoint completed since it started: the input waits for one,
-        # however fast the run (a run of 0.1 s could end before its first checkpoint).
-        until = directory / f"chk-{checkpoint:08d}" / "MANIFEST.json"
-        return word_count(words, lines=HeldLines(words, until=until, hold_after=100))
-
     with pytest.raises(WorkerDied):
-        run(held_until(1), 1, mapping=_multi(directory, results), workers=2)
+        run(held_word_count(words, directory), 1, mapping=_multi(directory, results), workers=2)
     first = CheckpointStore(directory).latest()
     assert first is not None
     with pytest.raises(WorkerDied):
-        run(held_until(first.id + 1), 1, mapping=_multi(directory, results, restore=True), workers=4)
+        run(held_word_count(words, directory), 1, mapping=_multi(directory, results, restore=True), workers=4)
     second = CheckpointStore(directory).latest()
     assert second is not None and second.id > first.id
     mapping = AsyncMapping()
