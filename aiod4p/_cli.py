@@ -94,7 +94,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--oversubscribe",
         action="store_true",
-        help="multi: start -n workers even beyond the CPUs available (by default at most one per CPU)",
+        help="multi, and mpi started on this machine: start -n workers even beyond the CPUs available"
+        " (by default at most one per CPU)",
     )
     source = run.add_argument_group("inputs (dispel4py semantics; -f wins over -d, which wins over -i)")
     source.add_argument("-i", "--iter", type=_COUNT, default=None, metavar="N", help="call every root PE N times")

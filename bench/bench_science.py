@@ -401,7 +401,9 @@ def main() -> int:
         f" fresh command. Scale {scale} of the realistic sizes (seismic 30 stations of 65,536 samples,"
         " 25,000 galaxies, 6,000 articles). Start-up: the same command with the smallest input; net: total"
         " minus start-up. Ratios: dispel4py's time over aiod4p's, computed on total and on net time (a net"
-        f" time under {NET_SHARE:.0%} of its total gets no verdict).",
+        f" time under {NET_SHARE:.0%} of its total gets no verdict). `aiod4p run` starts at most one worker"
+        " process per CPU on multi, and on mpi when it starts the ranks itself (`-n 8` on 2 CPUs runs 2:"
+        " docs/mpi.md); dispel4py starts one process per `-n`.",
         "",
     ]
     for domain in DOMAINS:

@@ -183,9 +183,15 @@ def _on_one_cpu() -> None:
     os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
 
 
-def _run_on_one_cpu(*args: str) -> subprocess.CompletedProcess[str]:
+def _run_on_one_cpu(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [*AIOD4P, *args], capture_output=True, text=True, timeout=60, preexec_fn=_on_one_cpu, cwd=ROOT
+        [*AIOD4P, *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        preexec_fn=_on_one_cpu,
+        cwd=ROOT,
+        env=None if env is None else {**os.environ, **env},
     )
 
 
@@ -204,6 +210,27 @@ def test_multi_starts_at_most_one_worker_per_cpu(workflow_file: Path, tmp_path: 
     )
     assert over.returncode == 0 and "warning" not in over.stderr, over.stderr
     assert json.loads(stats.read_text())["workers"] == 3
+
+
+@pytest.mark.timeout(120)
+def test_mpi_launched_by_aiod4p_starts_at_most_one_rank_per_cpu(workflow_file: Path, tmp_path: Path) -> None:
+    """Ranks that aiod4p starts on this machine compete for its CPUs like multi's workers; named hosts lift the cap."""
+    stats = tmp_path / "stats.json"
+    done = _run_on_one_cpu("run", str(workflow_file), "-m", "mpi", "-n", "3", "-i", "4", "--stats-json", str(stats))
+    assert done.returncode == 0, done.stderr
+    assert (
+        "aiod4p: warning: -n 3: 1 CPU available, so 1 worker process (more would only compete for them;"
+        " --oversubscribe starts 3)" in done.stderr.splitlines()
+    )
+    assert json.loads(stats.read_text())["workers"] == 1
+    hosts = tmp_path / "hosts"
+    hosts.write_text("localhost:2\n")
+    spread = _run_on_one_cpu(
+        "run", str(workflow_file), "-m", "mpi", "-n", "2", "-i", "4", "--stats-json", str(stats),
+        env={"AIOD4P_MPIEXEC_ARGS": f"-f {hosts}"},
+    )  # fmt: skip
+    assert spread.returncode == 0 and "warning" not in spread.stderr, spread.stderr
+    assert json.loads(stats.read_text())["workers"] == 2
 
 
 def test_many_more_workers_than_cpus_give_a_warning(workflow_file: Path) -> None:

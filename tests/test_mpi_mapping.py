@@ -385,6 +385,31 @@ def test_launched_run_takes_mpiexec_arguments(tmp_path: Path, monkeypatch: pytes
     assert {host for host, _, _ in seen} == {"localhost", "127.0.0.1"}
 
 
+@pytest.mark.parametrize(
+    ("args", "variables", "spread"),
+    [
+        ([], {}, False),
+        (["-bind-to", "core"], {}, False),
+        (["-f", "hosts"], {}, True),
+        (["--hostfile=hosts"], {}, True),
+        (["-hosts", "a,b"], {}, True),
+        (["-H", "a,b"], {}, True),
+        ([], {"HYDRA_HOST_FILE": "hosts"}, True),
+    ],
+)
+def test_mpiexec_arguments_that_name_hosts_are_recognised(
+    args: list[str], variables: dict[str, str], spread: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ranks aiod4p starts share this machine's CPUs (and -n is capped to them) unless hosts are named."""
+    from aiod4p.mappings._mpi_env import names_hosts
+
+    for name in ("HYDRA_HOST_FILE", "OMPI_MCA_orte_default_hostfile", "PRTE_MCA_prte_default_hostfile"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in variables.items():
+        monkeypatch.setenv(name, value)
+    assert names_hosts(args) is spread
+
+
 # -- what crosses a process boundary ---------------------------------------------------------
 
 

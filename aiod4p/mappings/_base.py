@@ -73,8 +73,6 @@ class BaseMapping(ABC):
         uses_uvloop: run the caller's event loop on uvloop when installed.
         takes_workers: ``workers`` (``-n``) changes the plan.
         uses_processes: every worker is an operating-system process.
-        shares_cpus: every worker runs on this machine and competes for its
-            CPUs: ``aiod4p run`` starts at most one per CPU (:func:`available_cpus`).
         supports_checkpoints: runs take checkpoints and recover (docs/recovery.md).
     """
 
@@ -82,10 +80,15 @@ class BaseMapping(ABC):
     uses_uvloop: ClassVar[bool] = True
     takes_workers: ClassVar[bool] = True
     uses_processes: ClassVar[bool] = False
-    shares_cpus: ClassVar[bool] = False
     supports_checkpoints: ClassVar[bool] = False
     checkpointing: Checkpointing | None = None
     """Checkpoints and recovery for the next runs (mappings whose ``supports_checkpoints`` is true)."""
+
+    @property
+    def shares_cpus(self) -> bool:
+        """Every worker of the next run is a process on this machine and competes for its CPUs:
+        ``aiod4p run`` then starts at most one per CPU (:func:`available_cpus`) unless ``--oversubscribe``."""
+        return False
 
     def head_start(self, target: str, workers: int | None) -> contextlib.AbstractContextManager[None]:
         """Start, before the caller loads the workflow ``target`` (the CLI's target), what the next run of

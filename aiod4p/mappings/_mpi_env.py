@@ -19,6 +19,7 @@ __all__ = [
     "job_rank",
     "job_size",
     "mpiexec_extra_args",
+    "names_hosts",
     "receive_job",
 ]
 
@@ -84,6 +85,20 @@ def find_mpiexec() -> str:
 def mpiexec_extra_args() -> list[str]:
     """Extra mpiexec arguments from ``AIOD4P_MPIEXEC_ARGS`` (e.g. ``-f hostfile``)."""
     return shlex.split(os.environ.get("AIOD4P_MPIEXEC_ARGS", ""))
+
+
+# mpiexec options that place ranks on named hosts: Hydra's and Open MPI's
+_HOST_OPTIONS = frozenset(
+    {"-f", "-hostfile", "--hostfile", "-machinefile", "--machinefile", "-host", "--host", "-hosts", "-H"}
+)
+_HOST_FILE_VARIABLES = ("HYDRA_HOST_FILE", "OMPI_MCA_orte_default_hostfile", "PRTE_MCA_prte_default_hostfile")
+
+
+def names_hosts(args: list[str]) -> bool:
+    """Whether mpiexec, given ``args``, may place ranks on other machines than this one
+    (a host option among ``args``, or a host file set in the environment)."""
+    given = {arg.split("=", 1)[0] for arg in args}
+    return bool(given & _HOST_OPTIONS) or any(os.environ.get(name) for name in _HOST_FILE_VARIABLES)
 
 
 _LENGTH = 8  # bytes of a job's length before the job, on the launcher's socket

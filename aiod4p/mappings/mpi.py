@@ -45,7 +45,15 @@ from ..errors import CheckpointError, InputError, MappingUnavailable, WorkerDied
 from ..transports.pipes import PipeComm, open_pipe_comm
 from ._base import BaseMapping, RunControl, available_cpus
 from ._host import STATS_INTERVAL, Supervisor, split_feeds
-from ._mpi_env import INSTALL_HINT, find_mpiexec, job_frame, job_rank, job_size, mpiexec_extra_args
+from ._mpi_env import (
+    INSTALL_HINT,
+    find_mpiexec,
+    job_frame,
+    job_rank,
+    job_size,
+    mpiexec_extra_args,
+    names_hosts,
+)
 from ._shipping import Job, check_importable, ship
 
 __all__ = ["MpiMapping"]
@@ -71,6 +79,12 @@ class MpiMapping(BaseMapping):
         self.size = job_size()
         self.follower = self.size is not None and job_rank() != 0
         self._early: _Ranks | None = None  # started by head_start, for the next run
+
+    @property
+    def shares_cpus(self) -> bool:
+        """The ranks share this machine's CPUs when aiod4p starts the mpiexec itself and
+        ``AIOD4P_MPIEXEC_ARGS`` names no hosts; under the user's mpiexec, its ``-n`` decides."""
+        return self.size is None and not names_hosts(mpiexec_extra_args())
 
     def _ranks(self, workers: int | None) -> int:
         """The number of ranks for ``-n workers``.

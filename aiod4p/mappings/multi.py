@@ -77,7 +77,6 @@ class MultiMapping(HostedMapping):
     """
 
     name = "multi"
-    shares_cpus = True
 
     def __init__(
         self, start_method: str | None = None, *, stats_interval: float = STATS_INTERVAL, grace: float = GRACE
@@ -86,6 +85,10 @@ class MultiMapping(HostedMapping):
             resolve_start_method(start_method)
         super().__init__(stats_interval=stats_interval, grace=grace)
         self.start_method = start_method
+
+    @property
+    def shares_cpus(self) -> bool:
+        return True
 
     def launch(self, plan: ExecutionPlan) -> _MultiRun:
         """Worker processes for a run of ``plan`` (a spawned worker needs PEs that can be pickled)."""
