@@ -215,6 +215,14 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
             f"{'es' if cpus > 1 else ''} (more would only compete for them; --oversubscribe starts {args.num})",
         )
         args.num = cpus
+    here = mapping.workers_started_here()
+    if here is not None and here > available_cpus():
+        cpus = available_cpus()
+        _warn(
+            args,
+            f"mpiexec started {here} ranks on this machine's {cpus} CPU{'s' if cpus > 1 else ''}: they compete for"
+            f" them (mpiexec -n {cpus} uses every CPU, as does aiod4p run -m mpi without mpiexec)",
+        )
     for message in _ignored_options(args, mapping):
         _warn(args, message)
     for path, what in ((args.results, "results"), (args.stats_json, "statistics"), (args.provenance, "provenance")):

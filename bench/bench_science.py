@@ -57,7 +57,7 @@ from _common import BIN, D4P_BIN, ROOT, timed  # noqa: E402 - bench/ is not a pa
 
 # domain: (root PE, PEs in the graph = dispel4py's process count, a PE waits on I/O)
 DOMAINS: dict[str, tuple[str, int, bool]] = {
-    "seismic": ("Synthesise", 8, False),
+    "seismic": ("Synthesise", 9, False),
     "astro": ("ReadCatalogue", 4, True),
     "sentiment": ("Articles", 7, False),
 }

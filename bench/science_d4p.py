@@ -49,7 +49,7 @@ class Synthesise(ProducerPE):
     def _process(self, inputs):
         wanted = size(_lib("seismic").DEFAULTS)
         for index in range(int(wanted["stations"])):
-            self.write("output", _lib("seismic").synthesise(index, float(wanted["seconds"]), int(wanted["seed"])))
+            self.write("output", (index, float(wanted["seconds"]), int(wanted["seed"])))
 
 
 class PairUp(GenericPE):
@@ -73,7 +73,7 @@ def correlate_pair(pair):
 def seismic_graph():
     graph = WorkflowGraph()
     previous = Synthesise()
-    for function in _lib("seismic").STEPS:
+    for function in (_lib("seismic").record, *_lib("seismic").STEPS):
         step = Step(function)
         graph.connect(previous, "output", step, "input")
         previous = step

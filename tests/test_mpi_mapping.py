@@ -75,6 +75,20 @@ def test_cli_under_mpiexec_prints_results_once() -> None:
     assert "No results" not in done.stdout
 
 
+def test_cli_under_mpiexec_with_more_ranks_than_cpus_gives_a_warning() -> None:
+    one_cpu = ["taskset", "-c", str(min(os.sched_getaffinity(0)))]
+    done = mpiexec(["-n", "2", *one_cpu, *cli(f"{WORKFLOWS}:mpi_chain", "--mapping", "mpi", "-i", "3")])
+    assert done.returncode == 0, done.stderr
+    warning = (
+        "aiod4p: warning: mpiexec started 2 ranks on this machine's 1 CPU: they compete for them"
+        " (mpiexec -n 1 uses every CPU, as does aiod4p run -m mpi without mpiexec)"
+    )
+    assert done.stderr.splitlines().count(warning) == 1  # rank 0 says it
+    assert done.stdout.count("3 items") == 1
+    fine = mpiexec(["-n", "1", *one_cpu, *cli(f"{WORKFLOWS}:mpi_chain", "--mapping", "mpi", "-i", "3")])
+    assert fine.returncode == 0 and "warning" not in fine.stderr, fine.stderr
+
+
 def test_cli_under_mpiexec_rejects_another_n() -> None:
     done = mpiexec(["-n", "2", *cli(f"{WORKFLOWS}:mpi_chain", "--mapping", "mpi", "-n", "3")])
     assert done.returncode != 0

@@ -90,6 +90,11 @@ class BaseMapping(ABC):
         ``aiod4p run`` then starts at most one per CPU (:func:`available_cpus`) unless ``--oversubscribe``."""
         return False
 
+    def workers_started_here(self) -> int | None:
+        """How many of the next run's workers someone else already started on this machine
+        (the ranks of the user's mpiexec here), or ``None``: aiod4p starts them."""
+        return None
+
     def head_start(self, target: str, workers: int | None) -> contextlib.AbstractContextManager[None]:
         """Start, before the caller loads the workflow ``target`` (the CLI's target), what the next run of
         ``-n workers`` will need, so that it overlaps the load; on leaving, what no run took is stopped.

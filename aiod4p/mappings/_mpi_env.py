@@ -18,6 +18,7 @@ __all__ = [
     "job_frame",
     "job_rank",
     "job_size",
+    "local_job_size",
     "mpiexec_extra_args",
     "names_hosts",
     "receive_job",
@@ -39,6 +40,21 @@ def job_size() -> int | None:
     if not any(name in os.environ for name in _RANK_VARIABLES):
         return None
     for name in _SIZE_VARIABLES:
+        value = os.environ.get(name, "")
+        if value.isdigit():
+            return int(value)
+    return None
+
+
+# The number of the job's ranks on this machine: Hydra's, Open MPI's and PMIx's variables.
+_LOCAL_SIZE_VARIABLES = ("MPI_LOCALNRANKS", "OMPI_COMM_WORLD_LOCAL_SIZE", "PMIX_LOCAL_SIZE")
+
+
+def local_job_size() -> int | None:
+    """How many ranks of this process's mpiexec job run on this machine, if the process manager says."""
+    if job_size() is None:
+        return None
+    for name in _LOCAL_SIZE_VARIABLES:
         value = os.environ.get(name, "")
         if value.isdigit():
             return int(value)

@@ -51,6 +51,7 @@ from ._mpi_env import (
     job_frame,
     job_rank,
     job_size,
+    local_job_size,
     mpiexec_extra_args,
     names_hosts,
 )
@@ -85,6 +86,9 @@ class MpiMapping(BaseMapping):
         """The ranks share this machine's CPUs when aiod4p starts the mpiexec itself and
         ``AIOD4P_MPIEXEC_ARGS`` names no hosts; under the user's mpiexec, its ``-n`` decides."""
         return self.size is None and not names_hosts(mpiexec_extra_args())
+
+    def workers_started_here(self) -> int | None:
+        return local_job_size()
 
     def _ranks(self, workers: int | None) -> int:
         """The number of ranks for ``-n workers``.

@@ -5,7 +5,9 @@
 
 Every station records the same ambient noise field, each with its own delay
 (the travel time from the noise source), plus local noise, an offset, a
-linear trend and a low-frequency hum. Each trace goes through the usual
+linear trend and a low-frequency hum. The root emits one request per
+station and ``Record`` makes its trace, stations in parallel (where a real
+workflow reads each station's file). Each trace goes through the usual
 preprocessing chain, one PE per step: detrend, demean, band-pass
 (Butterworth, zero phase), spectral whitening and decimation. Then every pair
 of stations is cross-correlated (windowed, stacked) and the lag of the
@@ -81,6 +83,16 @@ def synthesise(index: int, seconds: float, seed: int) -> Trace:
     return Trace(station_name(index), RATE, data)
 
 
+def record(request: tuple[int, float, int]) -> Trace:
+    """The record of the station that ``(index, seconds, seed)`` asks for.
+
+    A real workflow reads the station's file (miniSEED) here, one station per
+    call, as many at once as there are instances; this one synthesises it.
+    """
+    index, seconds, seed = request
+    return synthesise(index, seconds, seed)
+
+
 # -- the processing steps (plain functions: dispel4py's version of this workflow uses them too) ----
 
 
@@ -136,7 +148,8 @@ def correlate(first: Trace, second: Trace) -> tuple[str, str, float, float]:
 
 
 class Synthesise(GenericPE):
-    """Emits one raw trace per station; the input (optional) sets ``stations``, ``seconds`` and ``seed``."""
+    """Emits one request ``(index, seconds, seed)`` per station, which ``Record`` turns into its raw trace;
+    the input (optional) sets ``stations``, ``seconds`` and ``seed``."""
 
     def __init__(self) -> None:
         super().__init__(inputs=["size"], outputs=["output"])
@@ -145,7 +158,7 @@ class Synthesise(GenericPE):
         size = {**DEFAULTS, **inputs.get("size", {})}
         self.annotate(**size, rate=RATE, generator="synthetic ambient noise")
         for index in range(int(size["stations"])):
-            self.write("output", synthesise(index, float(size["seconds"]), int(size["seed"])))
+            self.write("output", (index, float(size["seconds"]), int(size["seed"])))
 
 
 class Step(IterativePE):
@@ -195,7 +208,7 @@ def build(graph: WorkflowGraph | None = None) -> WorkflowGraph:
     """The workflow, added to ``graph`` when given (several workflows can share one run)."""
     graph = graph if graph is not None else WorkflowGraph()
     previous: GenericPE = Synthesise()
-    for function in STEPS:
+    for function in (record, *STEPS):
         step = Step(function, function.__name__.capitalize())
         graph.connect(previous, "output", step, "input")
         previous = step
