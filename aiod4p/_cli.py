@@ -215,9 +215,9 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
             f"{'es' if cpus > 1 else ''} (more would only compete for them; --oversubscribe starts {args.num})",
         )
         args.num = cpus
-    here = mapping.workers_started_here()
-    if here is not None and here > available_cpus():
-        cpus = available_cpus()
+    started = mapping.workers_started_here()
+    if started is not None and started[0] > started[1]:
+        here, cpus = started
         _warn(
             args,
             f"mpiexec started {here} ranks on this machine's {cpus} CPU{'s' if cpus > 1 else ''}: they compete for"

@@ -33,10 +33,12 @@ MPIEXEC = BIN / "mpiexec"
 WORKFLOWS = Path(wf.__file__).resolve()
 
 
-def mpiexec(args: list[str], *, timeout: float = 30, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    """Run ``mpiexec args`` (the venv's aiod4p CLI on every rank); never leaves a rank behind."""
+def mpiexec(
+    args: list[str], *, timeout: float = 30, cwd: Path | None = None, prefix: tuple[str, ...] = ()
+) -> subprocess.CompletedProcess[str]:
+    """Run ``prefix mpiexec args`` (the venv's aiod4p CLI on every rank); never leaves a rank behind."""
     process = subprocess.Popen(
-        [str(MPIEXEC), *args],
+        [*prefix, str(MPIEXEC), *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -76,8 +78,8 @@ def test_cli_under_mpiexec_prints_results_once() -> None:
 
 
 def test_cli_under_mpiexec_with_more_ranks_than_cpus_gives_a_warning() -> None:
-    one_cpu = ["taskset", "-c", str(min(os.sched_getaffinity(0)))]
-    done = mpiexec(["-n", "2", *one_cpu, *cli(f"{WORKFLOWS}:mpi_chain", "--mapping", "mpi", "-i", "3")])
+    one_cpu = ("taskset", "-c", str(min(os.sched_getaffinity(0))))  # mpiexec and its ranks on one CPU
+    done = mpiexec(["-n", "2", *cli(f"{WORKFLOWS}:mpi_chain", "--mapping", "mpi", "-i", "3")], prefix=one_cpu)
     assert done.returncode == 0, done.stderr
     warning = (
         "aiod4p: warning: mpiexec started 2 ranks on this machine's 1 CPU: they compete for them"
@@ -85,8 +87,12 @@ def test_cli_under_mpiexec_with_more_ranks_than_cpus_gives_a_warning() -> None:
     )
     assert done.stderr.splitlines().count(warning) == 1  # rank 0 says it
     assert done.stdout.count("3 items") == 1
-    fine = mpiexec(["-n", "1", *one_cpu, *cli(f"{WORKFLOWS}:mpi_chain", "--mapping", "mpi", "-i", "3")])
+    fine = mpiexec(["-n", "1", *cli(f"{WORKFLOWS}:mpi_chain", "--mapping", "mpi", "-i", "3")], prefix=one_cpu)
     assert fine.returncode == 0 and "warning" not in fine.stderr, fine.stderr
+    # A rank per CPU, each bound to its own: a rank sees one CPU, the job all of them.
+    ranks = str(len(os.sched_getaffinity(0)))
+    bound = mpiexec(["-bind-to", "core", "-n", ranks, *cli(f"{WORKFLOWS}:mpi_chain", "--mapping", "mpi", "-i", "3")])
+    assert bound.returncode == 0 and "warning" not in bound.stderr, bound.stderr
 
 
 def test_cli_under_mpiexec_rejects_another_n() -> None:

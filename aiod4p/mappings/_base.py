@@ -90,9 +90,9 @@ class BaseMapping(ABC):
         ``aiod4p run`` then starts at most one per CPU (:func:`available_cpus`) unless ``--oversubscribe``."""
         return False
 
-    def workers_started_here(self) -> int | None:
-        """How many of the next run's workers someone else already started on this machine
-        (the ranks of the user's mpiexec here), or ``None``: aiod4p starts them."""
+    def workers_started_here(self) -> tuple[int, int] | None:
+        """``(workers, cpus)`` when someone else already started the next run's workers (the ranks of the
+        user's mpiexec): how many run on this machine and how many CPUs they share; ``None``: aiod4p starts them."""
         return None
 
     def head_start(self, target: str, workers: int | None) -> contextlib.AbstractContextManager[None]:

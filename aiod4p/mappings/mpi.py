@@ -51,9 +51,9 @@ from ._mpi_env import (
     job_frame,
     job_rank,
     job_size,
-    local_job_size,
     mpiexec_extra_args,
     names_hosts,
+    ranks_here,
 )
 from ._shipping import Job, check_importable, ship
 
@@ -87,8 +87,8 @@ class MpiMapping(BaseMapping):
         ``AIOD4P_MPIEXEC_ARGS`` names no hosts; under the user's mpiexec, its ``-n`` decides."""
         return self.size is None and not names_hosts(mpiexec_extra_args())
 
-    def workers_started_here(self) -> int | None:
-        return local_job_size()
+    def workers_started_here(self) -> tuple[int, int] | None:
+        return ranks_here()
 
     def _ranks(self, workers: int | None) -> int:
         """The number of ranks for ``-n workers``.
