@@ -220,8 +220,9 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         here, cpus = started
         _warn(
             args,
-            f"mpiexec started {here} ranks on this machine's {cpus} CPU{'s' if cpus > 1 else ''}: they compete for"
-            f" them (mpiexec -n {cpus} uses every CPU, as does aiod4p run -m mpi without mpiexec)",
+            f"mpiexec started {here} ranks on this machine's {cpus} CPU{'s' if cpus > 1 else ''}: PEs whose"
+            f" parallelism is not set get {cpus} instance{'s' if cpus > 1 else ''}, on the first {cpus}"
+            f" rank{'s' if cpus > 1 else ''}, and the other ranks wait (more would only compete for the CPUs)",
         )
     for message in _ignored_options(args, mapping):
         _warn(args, message)

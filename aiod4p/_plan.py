@@ -71,6 +71,8 @@ class PlanOptions:
         batch_bytes: a batch carries at most about this many bytes of items.
         provenance: ``None`` (off), ``"pe"`` or ``"item"``: what each worker records
             (see :mod:`aiod4p._provenance`).
+        busy_workers: place instances on workers 0 to ``busy_workers - 1`` only, as
+            if there were that many, and none on the others; ``None``: all workers.
     """
 
     workers: int = 1
@@ -81,10 +83,13 @@ class PlanOptions:
     batch_seconds: float = 0.002
     batch_bytes: int = 1 << 20
     provenance: str | None = None
+    busy_workers: int | None = None
 
     def __post_init__(self) -> None:
         if self.workers < 1:
             raise ValueError(f"the number of workers must be at least 1, not {self.workers}")
+        if self.busy_workers is not None and not 1 <= self.busy_workers <= self.workers:
+            raise ValueError(f"busy_workers must be between 1 and {self.workers}, not {self.busy_workers}")
         if self.default_parallelism is not None and self.default_parallelism < 1:
             raise ValueError(f"parallelism must be at least 1, not {self.default_parallelism}")
         if self.batch_size < 1 or self.credits < 1:
@@ -92,6 +97,11 @@ class PlanOptions:
         if self.batch_seconds <= 0 or self.batch_bytes < 1:
             raise ValueError("batch_seconds and batch_bytes must be positive")
         check_level(self.provenance)
+
+    @property
+    def placing_workers(self) -> int:
+        """The workers that instances are placed on (see ``busy_workers``)."""
+        return self.busy_workers or self.workers
 
     @property
     def remote_batch_size(self) -> int:
@@ -227,8 +237,9 @@ def make_plan(graph: WorkflowGraph | FlatGraph, options: PlanOptions | None = No
     Parallelism: an explicit ``pe.parallelism`` is honoured; roots and PEs with
     a ``global`` input get one instance; others get ``default_parallelism``
     (one per worker when unset). ``force_single`` gives every PE one instance.
-    Instance ``i`` of every PE is placed on worker ``i % workers``, so
-    equal-width pipelines stay on one worker and never pay a process hop.
+    Instance ``i`` of every PE is placed on worker ``i % workers`` (of the
+    ``busy_workers`` when set), so equal-width pipelines stay on one worker
+    and never pay a process hop.
     A graph with a ``placer`` (dispel4py's) places the PEs it names itself
     when the mapping shares out worker processes (``default_parallelism``
     unset, not ``force_single``: multi and mpi).
@@ -243,14 +254,14 @@ def make_plan(graph: WorkflowGraph | FlatGraph, options: PlanOptions | None = No
     single = {*roots, *(edge.dest for edge in flat.edges if edge.grouping.single_instance)}
     placed: dict[str, tuple[int, ...]] = {}
     if flat.placer is not None and options.default_parallelism is None and not options.force_single:
-        placed = flat.placer(flat, options.workers)
+        placed = flat.placer(flat, options.placing_workers)
     placement: dict[str, PEPlan] = {}
     for pe_id, pe in flat.pes.items():
         if pe_id in placed:
             workers = placed[pe_id]
         else:
             parallelism = _parallelism(pe_id, pe, pe_id in single, options)
-            workers = tuple(index % options.workers for index in range(parallelism))
+            workers = tuple(index % options.placing_workers for index in range(parallelism))
         placement[pe_id] = PEPlan(pe_id, len(workers), workers, pe_id in root_set)
 
     routes: dict[str, list[RouteSpec]] = {pe_id: [] for pe_id in flat.pes}
@@ -297,4 +308,4 @@ def _parallelism(pe_id: str, pe: PE, single: bool, options: PlanOptions) -> int:
         return pe.parallelism
     if single:
         return 1
-    return options.default_parallelism or options.workers
+    return options.default_parallelism or options.placing_workers

@@ -77,22 +77,41 @@ def test_cli_under_mpiexec_prints_results_once() -> None:
     assert "No results" not in done.stdout
 
 
-def test_cli_under_mpiexec_with_more_ranks_than_cpus_gives_a_warning() -> None:
+def test_cli_under_mpiexec_with_more_ranks_than_cpus_uses_one_rank_per_cpu(tmp_path: Path) -> None:
+    """dispel4py users start a rank per PE (mpiexec -n 7 on 2 cores): instances go on one rank per CPU."""
     one_cpu = ("taskset", "-c", str(min(os.sched_getaffinity(0))))  # mpiexec and its ranks on one CPU
-    done = mpiexec(["-n", "2", *cli(f"{WORKFLOWS}:mpi_chain", "--mapping", "mpi", "-i", "3")], prefix=one_cpu)
+    out, stats = tmp_path / "out.jsonl", tmp_path / "stats.json"
+    args = cli(
+        f"{WORKFLOWS}:mpi_hosts", "--mapping", "mpi", "-i", "40", "--results", str(out), "--stats-json", str(stats)
+    )
+    done = mpiexec(["-n", "3", *args], prefix=one_cpu)
     assert done.returncode == 0, done.stderr
     warning = (
-        "aiod4p: warning: mpiexec started 2 ranks on this machine's 1 CPU: they compete for them"
-        " (mpiexec -n 1 uses every CPU, as does aiod4p run -m mpi without mpiexec)"
+        "aiod4p: warning: mpiexec started 3 ranks on this machine's 1 CPU: PEs whose parallelism is not set get"
+        " 1 instance, on the first 1 rank, and the other ranks wait (more would only compete for the CPUs)"
     )
     assert done.stderr.splitlines().count(warning) == 1  # rank 0 says it
-    assert done.stdout.count("3 items") == 1
+    seen = [json.loads(line)["data"] for line in out.read_text().splitlines()]
+    assert sorted(item for _, _, item in seen) == list(range(40))
+    assert len({pid for _, pid, _ in seen}) == 1  # one rank did the work
+    assert json.loads(stats.read_text())["workers"] == 3
     fine = mpiexec(["-n", "1", *cli(f"{WORKFLOWS}:mpi_chain", "--mapping", "mpi", "-i", "3")], prefix=one_cpu)
     assert fine.returncode == 0 and "warning" not in fine.stderr, fine.stderr
     # A rank per CPU, each bound to its own: a rank sees one CPU, the job all of them.
     ranks = str(len(os.sched_getaffinity(0)))
     bound = mpiexec(["-bind-to", "core", "-n", ranks, *cli(f"{WORKFLOWS}:mpi_chain", "--mapping", "mpi", "-i", "3")])
     assert bound.returncode == 0 and "warning" not in bound.stderr, bound.stderr
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPUs")
+def test_cli_under_mpiexec_a_pe_error_ends_the_job_with_an_idle_rank() -> None:
+    two_cpus = ("taskset", "-c", ",".join(map(str, sorted(os.sched_getaffinity(0))[:2])))
+    started = time.monotonic()
+    done = mpiexec(["-n", "3", *cli(f"{WORKFLOWS}:mpi_failing", "--mapping", "mpi", "-i", "100")], prefix=two_cpus)
+    assert done.returncode != 0
+    assert "FailsOnInstance" in done.stderr and "refuses item" in done.stderr
+    assert "on the first 2 ranks, and the other ranks wait" in done.stderr
+    assert time.monotonic() - started < 10
 
 
 def test_cli_under_mpiexec_rejects_another_n() -> None:

@@ -32,6 +32,22 @@ def test_explicit_parallelism_is_honoured() -> None:
     assert plan.placement[first.id].workers == (0, 1, 0)  # type: ignore[attr-defined]
 
 
+def test_busy_workers_take_every_instance_and_the_others_none() -> None:
+    graph, (_, first, _) = chain_graph()
+    plan = make_plan(graph, PlanOptions(workers=5, busy_workers=2))
+    assert plan.workers == 5
+    assert plan.placement[first.id].workers == (0, 1)  # type: ignore[attr-defined]
+    explicit, (_, wide, _) = chain_graph(parallelism=3)
+    assert make_plan(explicit, PlanOptions(workers=5, busy_workers=2)).placement[wide.id].workers == (0, 1, 0)  # type: ignore[attr-defined]
+    assert {w for channel in plan.channels for w in (channel.source_worker, channel.dest_worker)} <= {0, 1}
+
+
+@pytest.mark.parametrize("busy", [0, 6])
+def test_busy_workers_must_be_among_the_workers(busy: int) -> None:
+    with pytest.raises(ValueError, match="busy_workers must be between 1 and 5"):
+        PlanOptions(workers=5, busy_workers=busy)
+
+
 def test_global_input_forces_one_instance() -> None:
     graph = WorkflowGraph()
     total = wf.SumAtEnd(GLOBAL)

@@ -109,8 +109,21 @@ class MpiMapping(BaseMapping):
         ValueError: under mpiexec, ``workers`` differs from the job's size.
         """
         return PlanOptions(
-            workers=self._ranks(workers), default_parallelism=None, batch_size=batch_size, credits=credits
+            workers=self._ranks(workers),
+            default_parallelism=None,
+            batch_size=batch_size,
+            credits=credits,
+            busy_workers=self._crowded_cpus(),
         )
+
+    def _crowded_cpus(self) -> int | None:
+        """Under the user's mpiexec with every rank on this machine and more ranks than its CPUs: the CPUs.
+        Instances then go on ranks 0 to CPUs - 1, as if there were that many ranks, and the other ranks
+        wait without work (more would only take turns on the CPUs). Else ``None``: on every rank."""
+        started = ranks_here()
+        if started is None or started[0] != self.size or started[0] <= started[1]:
+            return None
+        return started[1]
 
     @contextlib.contextmanager
     def head_start(self, target: str, workers: int | None) -> Iterator[None]:
