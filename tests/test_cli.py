@@ -195,35 +195,30 @@ def _run_on_one_cpu(*args: str, env: dict[str, str] | None = None) -> subprocess
     )
 
 
-def test_multi_starts_at_most_one_worker_per_cpu(workflow_file: Path, tmp_path: Path) -> None:
-    """dispel4py users pass a process per PE instance (-n 10 on 2 cores): more workers than CPUs only compete."""
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("mapping", ["multi", "mpi"])
+def test_at_most_one_worker_per_cpu_on_this_machine(mapping: str, workflow_file: Path, tmp_path: Path) -> None:
+    """dispel4py users pass a process per PE instance (-n 10 on 2 cores): more workers than CPUs only compete.
+
+    multi's workers, and the ranks of an mpiexec that aiod4p starts, run on this machine.
+    """
     stats = tmp_path / "stats.json"
-    done = _run_on_one_cpu("run", str(workflow_file), "-m", "multi", "-n", "3", "-i", "1", "--stats-json", str(stats))
+    run = ("run", str(workflow_file), "-m", mapping, "-i", "4", "--stats-json", str(stats))
+    done = _run_on_one_cpu(*run, "-n", "3")
     assert done.returncode == 0, done.stderr
     assert (
         "aiod4p: warning: -n 3: 1 CPU available, so 1 worker process (more would only compete for them;"
         " --oversubscribe starts 3)" in done.stderr.splitlines()
     )
     assert json.loads(stats.read_text())["workers"] == 1
-    over = _run_on_one_cpu(
-        "run", str(workflow_file), "-m", "multi", "-n", "3", "-i", "1", "--oversubscribe", "--stats-json", str(stats)
-    )
+    over = _run_on_one_cpu(*run, "-n", "3", "--oversubscribe")
     assert over.returncode == 0 and "warning" not in over.stderr, over.stderr
     assert json.loads(stats.read_text())["workers"] == 3
 
 
 @pytest.mark.timeout(120)
-def test_mpi_launched_by_aiod4p_starts_at_most_one_rank_per_cpu(workflow_file: Path, tmp_path: Path) -> None:
-    """Ranks that aiod4p starts on this machine compete for its CPUs like multi's workers; named hosts lift the cap."""
-    stats = tmp_path / "stats.json"
-    done = _run_on_one_cpu("run", str(workflow_file), "-m", "mpi", "-n", "3", "-i", "4", "--stats-json", str(stats))
-    assert done.returncode == 0, done.stderr
-    assert (
-        "aiod4p: warning: -n 3: 1 CPU available, so 1 worker process (more would only compete for them;"
-        " --oversubscribe starts 3)" in done.stderr.splitlines()
-    )
-    assert json.loads(stats.read_text())["workers"] == 1
-    hosts = tmp_path / "hosts"
+def test_mpi_ranks_on_named_hosts_are_not_capped(workflow_file: Path, tmp_path: Path) -> None:
+    stats, hosts = tmp_path / "stats.json", tmp_path / "hosts"
     hosts.write_text("localhost:2\n")
     spread = _run_on_one_cpu(
         "run", str(workflow_file), "-m", "mpi", "-n", "2", "-i", "4", "--stats-json", str(stats),
