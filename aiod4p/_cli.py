@@ -215,9 +215,9 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
             f"{'es' if cpus > 1 else ''} (more would only compete for them; --oversubscribe starts {args.num})",
         )
         args.num = cpus
-    started = mapping.workers_started_here()
-    if started is not None and started[0] > started[1]:
-        here, cpus = started
+    crowded = mapping.crowded()
+    if crowded is not None:
+        here, cpus = crowded
         _warn(
             args,
             f"mpiexec started {here} ranks on this machine's {cpus} CPU{'s' if cpus > 1 else ''}: PEs whose"

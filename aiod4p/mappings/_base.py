@@ -90,9 +90,10 @@ class BaseMapping(ABC):
         ``aiod4p run`` then starts at most one per CPU (:func:`available_cpus`) unless ``--oversubscribe``."""
         return False
 
-    def workers_started_here(self) -> tuple[int, int] | None:
-        """``(workers, cpus)`` when someone else already started the next run's workers (the ranks of the
-        user's mpiexec): how many run on this machine and how many CPUs they share; ``None``: aiod4p starts them."""
+    def crowded(self) -> tuple[int, int] | None:
+        """``(workers, cpus)`` when someone else started the next run's workers (the ranks of the user's
+        mpiexec), all on this machine, and more of them than the CPUs they share: instances then go on
+        the first ``cpus`` workers only, and the others wait. ``None`` otherwise."""
         return None
 
     def head_start(self, target: str, workers: int | None) -> contextlib.AbstractContextManager[None]:

@@ -87,8 +87,11 @@ class MpiMapping(BaseMapping):
         ``AIOD4P_MPIEXEC_ARGS`` names no hosts; under the user's mpiexec, its ``-n`` decides."""
         return self.size is None and not names_hosts(mpiexec_extra_args())
 
-    def workers_started_here(self) -> tuple[int, int] | None:
-        return ranks_here()
+    def crowded(self) -> tuple[int, int] | None:
+        started = ranks_here()
+        if started is None or started[0] != self.size or started[0] <= started[1]:
+            return None  # aiod4p starts the ranks, some run elsewhere, or each has a CPU
+        return started
 
     def _ranks(self, workers: int | None) -> int:
         """The number of ranks for ``-n workers``.
@@ -113,17 +116,8 @@ class MpiMapping(BaseMapping):
             default_parallelism=None,
             batch_size=batch_size,
             credits=credits,
-            busy_workers=self._crowded_cpus(),
+            busy_workers=crowded[1] if (crowded := self.crowded()) is not None else None,
         )
-
-    def _crowded_cpus(self) -> int | None:
-        """Under the user's mpiexec with every rank on this machine and more ranks than its CPUs: the CPUs.
-        Instances then go on ranks 0 to CPUs - 1, as if there were that many ranks, and the other ranks
-        wait without work (more would only take turns on the CPUs). Else ``None``: on every rank."""
-        started = ranks_here()
-        if started is None or started[0] != self.size or started[0] <= started[1]:
-            return None
-        return started[1]
 
     @contextlib.contextmanager
     def head_start(self, target: str, workers: int | None) -> Iterator[None]:
