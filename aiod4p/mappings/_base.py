@@ -57,10 +57,10 @@ class RunControl:
                 callback()
 
 
-def available_cpus() -> int:
-    """The CPUs this process may run on (its affinity: ``taskset``, a container's cpuset), at least 1."""
+def available_cpus(pid: int = 0) -> int:
+    """The CPUs process ``pid`` (0: this one) may run on (its affinity: ``taskset``, a cpuset), at least 1."""
     try:
-        return len(os.sched_getaffinity(0)) or 1
+        return len(os.sched_getaffinity(pid)) or 1
     except AttributeError:  # not on Linux
         return os.cpu_count() or 1
 

@@ -50,20 +50,14 @@ def job_size() -> int | None:
 _LOCAL_SIZE_VARIABLES = ("MPI_LOCALNRANKS", "OMPI_COMM_WORLD_LOCAL_SIZE", "PMIX_LOCAL_SIZE")
 
 
-def ranks_here() -> tuple[int, int] | None:
-    """``(ranks, cpus)``: how many ranks of this process's mpiexec job run on this machine (if the process
-    manager says) and how many CPUs they share, those of the rank's parent, the process manager's proxy
-    (binding ranks to cores narrows each rank's own CPUs, not the proxy's); ``None`` outside mpiexec."""
+def ranks_here() -> int | None:
+    """How many ranks of this process's mpiexec job run on this machine, if the process manager says."""
     if job_size() is None:
         return None
     for name in _LOCAL_SIZE_VARIABLES:
         value = os.environ.get(name, "")
         if value.isdigit():
-            try:
-                cpus = len(os.sched_getaffinity(os.getppid()))
-            except (AttributeError, OSError):  # not on Linux, or the parent is gone
-                cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-            return int(value), cpus or 1
+            return int(value)
     return None
 
 

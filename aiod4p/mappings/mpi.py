@@ -88,10 +88,16 @@ class MpiMapping(BaseMapping):
         return self.size is None and not names_hosts(mpiexec_extra_args())
 
     def crowded(self) -> tuple[int, int] | None:
-        started = ranks_here()
-        if started is None or started[0] != self.size or started[0] <= started[1]:
-            return None  # aiod4p starts the ranks, some run elsewhere, or each has a CPU
-        return started
+        here = ranks_here()
+        if here is None or here != self.size:
+            return None  # aiod4p starts the ranks, or some run elsewhere
+        # The CPUs of the ranks' parent, the process manager's proxy: binding ranks to cores narrows
+        # each rank's own CPUs, not the job's.
+        try:
+            cpus = available_cpus(os.getppid())
+        except OSError:  # the parent is gone
+            cpus = available_cpus()
+        return (here, cpus) if here > cpus else None
 
     def _ranks(self, workers: int | None) -> int:
         """The number of ranks for ``-n workers``.
