@@ -614,8 +614,10 @@ class _Actor(_Invoker):
         aligner = self.aligner
         if aligner is not None:
             source = aligner.call_started(source)
-        ahead = _ReadAhead(source, self.batch_size, lambda value: value, f"source {self.ref}")
-        self.worker._add_stopper(getattr(self.pe, "drain", None), ahead.reader)
+        ahead = _ReadAhead(
+            source, self.batch_size, lambda value: value, f"source {self.ref}", drain=getattr(self.pe, "drain", None)
+        )
+        self.worker._add_stopper(ahead.drain)
         try:
             while True:
                 if not ahead.ready():
@@ -1191,8 +1193,7 @@ class Worker:
         for stop in self._stoppers:
             stop()
 
-    def _add_stopper(self, drain: Any, reader: asyncio.Task[None]) -> None:
-        stop = drain if callable(drain) else reader.cancel
+    def _add_stopper(self, stop: Callable[[], object]) -> None:
         self._stoppers.append(stop)
         if self._draining:
             stop()
@@ -1326,8 +1327,14 @@ class Worker:
     async def _feed_async(self, pe: PE, channel: _TimedChannel, feed: AsyncIterable[Any]) -> None:
         # Read ahead while the channel has no credit, so batches grow under
         # load and stay small (low latency) when the workflow is idle.
-        ahead = _ReadAhead(feed, self.plan.options.batch_size, lambda e: _input_dict(pe, pe.label, e), "feed")
-        self._add_stopper(getattr(feed, "drain", None), ahead.reader)
+        ahead = _ReadAhead(
+            feed,
+            self.plan.options.batch_size,
+            lambda e: _input_dict(pe, pe.label, e),
+            "feed",
+            drain=getattr(feed, "drain", None),
+        )
+        self._add_stopper(ahead.drain)
         try:
             while (chunk := await ahead.take()) is not None:
                 await channel.send(None, chunk)
@@ -1338,15 +1345,27 @@ class Worker:
 class _ReadAhead:
     """Pulls an async iterable in its own task, up to ``limit`` items ahead of the consumer.
 
-    ``None`` values are skipped. Cancelling :attr:`reader` ends the stream
-    after the items already read (a drain); :meth:`take` re-raises the
-    source's own errors.
+    ``None`` values are skipped. :meth:`drain` ends the stream; :meth:`take`
+    re-raises the source's own errors.
+
+    Args:
+        drain: the source's own way to drain (a live feed's ``drain()``: it
+            yields what it holds, then ends), if it has one.
     """
 
-    def __init__(self, source: AsyncIterable[Any], limit: int, convert: Callable[[Any], Any], name: str) -> None:
+    def __init__(
+        self,
+        source: AsyncIterable[Any],
+        limit: int,
+        convert: Callable[[Any], Any],
+        name: str,
+        *,
+        drain: object = None,
+    ) -> None:
         self._source = source
         self._limit = limit
         self._convert = convert
+        self._drain = drain if callable(drain) else None
         self._buffer: list[Any] = []
         self._ready, self._room = asyncio.Event(), asyncio.Event()
         self._finished = False
@@ -1370,6 +1389,13 @@ class _ReadAhead:
     def _finish(self) -> None:
         self._finished = True
         self._ready.set()
+
+    def drain(self) -> None:
+        """End the stream after what the source yields on its own drain, or else after the items already read."""
+        if self._drain is not None:
+            self._drain()
+        else:
+            self.reader.cancel()
 
     def ready(self) -> bool:
         """Whether :meth:`take` would return at once."""

@@ -79,9 +79,12 @@ def squares(records: list[dict[str, Any]]) -> list[int]:
     return sorted(r["data"]["id"] for r in records if r["output"] == "output")
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
-def test_a_signal_mid_stream_drains_every_line_written_before_it(signum: int) -> None:
-    proc, reader = start_cli()
+@pytest.mark.parametrize(
+    ("signum", "mapping"),
+    [(signal.SIGTERM, "async"), (signal.SIGINT, "async"), (signal.SIGINT, "multi"), (signal.SIGTERM, "mpi")],
+)
+def test_a_signal_mid_stream_drains_every_line_written_before_it(signum: int, mapping: str) -> None:
+    proc, reader = start_cli("--mapping", mapping, "-n", "2")  # on multi and mpi, the launcher pumps stdin
     try:
         assert proc.stdin is not None
         proc.stdin.write(lines(range(2000)))
@@ -188,11 +191,12 @@ async def test_cancelling_run_async_drains_before_it_propagates() -> None:
 
 
 @pytest.mark.asyncio
-async def test_drain_lets_accepted_items_finish() -> None:
+@pytest.mark.parametrize("mapping", ["simple", "async", "multi"])
+async def test_drain_lets_accepted_items_finish(mapping: str) -> None:
     graph = WorkflowGraph()
     graph.connect(entry := wf.Double(), "output", wf.SumAtEnd(), "input")
     feed = LiveFeed(1000)
-    run = aiod4p.start(graph, {entry: feed})
+    run = aiod4p.start(graph, {entry: feed}, mapping=mapping, workers=2)
     async with asyncio.timeout(20), run:
         for i in range(1000):
             await run.send(entry.id, i)

@@ -242,6 +242,9 @@ class PumpedFeed:
         self._ended = True
         self._changed.set()
 
+    def drain(self) -> None:
+        """Nothing to do: on draining, the launcher sends what its feed had taken, then :class:`FeedEnd`."""
+
     async def __aiter__(self) -> AsyncIterator[Any]:
         while True:
             while not self._chunks:
@@ -407,8 +410,6 @@ async def _listen(control: Comm, worker: Servable, pumped: Mapping[str, PumpedFe
                 pumped[pe].end()
             case Drain():
                 worker.drain()
-                for feed in pumped.values():
-                    feed.end()
             case Trigger(n) if getattr(worker, "checkpoints", None) is not None:
                 await worker.checkpoints.trigger(n)  # type: ignore[attr-defined]
             case _:
@@ -587,10 +588,16 @@ class Supervisor:
         """Send a feed this process holds to worker ``wid``, a chunk per credit."""
         comm, credits = self.controls[wid], self.workers[wid].credits[pe]
         source = feed if isinstance(feed, AsyncIterable) else _elements(feed)  # type: ignore[arg-type]
-        ahead = _ReadAhead(source, self.plan.options.batch_size, lambda element: element, f"feed of {pe}")
+        ahead = _ReadAhead(
+            source,
+            self.plan.options.batch_size,
+            lambda element: element,
+            f"feed of {pe}",
+            drain=getattr(feed, "drain", None),
+        )
         self._aheads.append(ahead)
         if self.draining:
-            ahead.reader.cancel()
+            ahead.drain()
         try:
             while True:
                 try:
@@ -600,22 +607,19 @@ class Supervisor:
                 if chunk is None:
                     break
                 await credits.acquire()
-                if self.draining:
-                    return
                 try:
                     await comm.send(FeedChunk(pe, chunk))
                 except UnpicklableMessage as exc:
                     raise InputError(f"an input of PE {pe} cannot be pickled: {exc.__cause__}") from exc
-            if not self.draining:
-                await comm.send(FeedEnd(pe))
+            await comm.send(FeedEnd(pe))
         finally:
             await ahead.aclose()
 
     def _drain(self) -> None:
-        """Stop pumping and ask every worker to drain."""
+        """Drain the pumped feeds (what they already took still goes to the workers) and ask every worker to drain."""
         self.draining = True
         for ahead in self._aheads:
-            ahead.reader.cancel()
+            ahead.drain()
         for wid in self.controls:
             task = asyncio.get_running_loop().create_task(self._post(wid, Drain()))
             self._posts.add(task)
