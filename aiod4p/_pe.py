@@ -8,7 +8,7 @@ import logging
 import sys
 from collections.abc import Callable, Hashable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, overload
 
 from ._groupings import SHUFFLE, Grouping, GroupingLike, as_grouping
 from .errors import GraphError
@@ -410,27 +410,60 @@ class FunctionPE(PE):
         return self.fn, OUTPUT if self.kind != "consumer" else None
 
 
-def _factory(kind: str) -> Callable[[Callable[..., Any]], Callable[..., FunctionPE]]:
-    def decorate(fn: Callable[..., Any]) -> Callable[..., FunctionPE]:
+class _FunctionDecorator:
+    """``@iterative`` or ``@iterative(threaded=True, ...)``: turns a function into a factory of PEs.
+
+    The factory's keyword arguments (``name``, ``parallelism``, ``threaded``,
+    and parameters passed on to the function) override those given to the
+    decorator.
+    """
+
+    def __init__(self, kind: str, doc: str) -> None:
+        self.kind = kind
+        self.__doc__ = doc
+
+    @overload
+    def __call__(self, fn: Callable[..., Any], /) -> Callable[..., FunctionPE]: ...
+
+    @overload
+    def __call__(
+        self, /, *, name: str | None = None, parallelism: int | None = None, threaded: bool = False, **params: Any
+    ) -> Callable[[Callable[..., Any]], Callable[..., FunctionPE]]: ...
+
+    def __call__(
+        self,
+        fn: Callable[..., Any] | None = None,
+        /,
+        *,
+        name: str | None = None,
+        parallelism: int | None = None,
+        threaded: bool = False,
+        **params: Any,
+    ) -> Any:
+        defaults = {"name": name, "parallelism": parallelism, "threaded": threaded, **params}
+        if fn is None:
+            return functools.partial(self._decorate, defaults=defaults)
+        return self._decorate(fn, defaults=defaults)
+
+    def _decorate(self, fn: Callable[..., Any], *, defaults: Mapping[str, Any]) -> Callable[..., FunctionPE]:
+        kind = self.kind
+
         @functools.wraps(fn)
-        def make(
-            *, name: str | None = None, parallelism: int | None = None, threaded: bool = False, **params: Any
-        ) -> FunctionPE:
-            return FunctionPE(fn, kind=kind, name=name, parallelism=parallelism, threaded=threaded, **params)
+        def make(**options: Any) -> FunctionPE:
+            return FunctionPE(fn, kind=kind, **{**defaults, **options})
 
         # The factory takes fn's name; pickle then finds fn as factory.__wrapped__ (other processes).
         fn.__qualname__ = f"{make.__qualname__}.__wrapped__"
         return make
 
-    return decorate
 
-
-iterative = _factory("iterative")
-iterative.__doc__ = "Decorator: turn ``fn(item) -> item | None`` into a factory of iterative PEs."
-producer = _factory("producer")
-producer.__doc__ = "Decorator: turn ``fn() -> item`` (or a generator function) into a factory of source PEs."
-consumer = _factory("consumer")
-consumer.__doc__ = "Decorator: turn ``fn(item)`` into a factory of sink PEs."
+iterative = _FunctionDecorator(
+    "iterative", "Decorator: turn ``fn(item) -> item | None`` into a factory of iterative PEs."
+)
+producer = _FunctionDecorator(
+    "producer", "Decorator: turn ``fn() -> item`` (or a generator function) into a factory of source PEs."
+)
+consumer = _FunctionDecorator("consumer", "Decorator: turn ``fn(item)`` into a factory of sink PEs.")
 
 
 class CompositePE(PE):

@@ -63,6 +63,16 @@ def test_threaded_is_an_option_of_function_pes() -> None:
     assert slow(threaded=True).threaded and not slow().threaded
 
 
+@pytest.mark.parametrize("mapping", ["simple", "async", "multi"])
+def test_options_given_to_a_decorator_are_its_pes_defaults(mapping: str) -> None:
+    square = wf.threaded_square()
+    assert square.threaded and square.parallelism == 2
+    assert not wf.threaded_square(threaded=False).threaded and wf.threaded_square(parallelism=3).parallelism == 3
+    graph = WorkflowGraph()
+    graph.connect(wf.count_to_five(), "output", square, "input")
+    assert sorted(aiod4p.run(graph, mapping=mapping, workers=2).data()) == [0, 1, 4, 9, 16]
+
+
 def test_run_in_threads_names_an_unknown_pe() -> None:
     graph = wf.sleepy()
     run_in_threads(graph, ["Sleepy"])

@@ -260,6 +260,11 @@ def square(item: int) -> int:
     return item * item
 
 
+@iterative(threaded=True, parallelism=2)
+def threaded_square(item: int) -> int:
+    return item * item
+
+
 class Chatty(IterativePE):
     """print()s every item (which must not reach a Storm component's protocol) and passes it on."""
 
