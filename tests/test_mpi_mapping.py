@@ -7,6 +7,7 @@ test_differential.py through conftest.MAPPING_CASES.)
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import os
 import signal
@@ -304,6 +305,17 @@ def test_a_class_from_main_is_refused_clearly() -> None:
     graph = WorkflowGraph()
     graph.connect(wf.Count(), "output", main_class(), "input")
     with pytest.raises(GraphError, match="defined in __main__"):
+        aiod4p.run(graph, 3, mapping="mpi", workers=2)
+
+
+def test_a_function_from_main_is_refused_clearly() -> None:
+    def twice(item: int) -> int:
+        return 2 * item
+
+    twice.__module__ = "__main__"
+    graph = WorkflowGraph()
+    graph.connect(wf.Count(), "output", pe := aiod4p.FunctionPE(functools.partial(twice)), "input")
+    with pytest.raises(GraphError, match=rf"PE {pe.id}: its function twice is defined in __main__"):
         aiod4p.run(graph, 3, mapping="mpi", workers=2)
 
 

@@ -12,6 +12,8 @@ import multiprocessing
 import os
 import signal
 import subprocess
+import sys
+import textwrap
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -210,6 +212,42 @@ def test_start_method_option_and_environment(monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.setenv(START_METHOD_ENV, "nope")
     with pytest.raises(ValueError, match="unknown start method 'nope'"):
         resolve_start_method()
+
+
+def test_spawn_from_an_interactive_session_refuses_its_classes_clearly() -> None:
+    session = textwrap.dedent(
+        """
+        import aiod4p, threading
+        from aiod4p import IterativePE, ProducerPE, WorkflowGraph
+        from aiod4p.mappings.multi import MultiMapping
+        threading.Thread(target=threading.Event().wait, daemon=True).start()  # as a notebook kernel's threads
+        class Numbers(ProducerPE):
+            def produce(self):
+                yield from range(3)
+        class Square(IterativePE):
+            def process_item(self, item):
+                return item * item
+        graph = WorkflowGraph()
+        graph.connect(Numbers(), "output", Square(), "input")
+        try:
+            aiod4p.run(graph, mapping="multi", workers=2)
+        except aiod4p.GraphError as error:
+            print(error)
+        print(sorted(aiod4p.run(graph, mapping=MultiMapping("fork"), workers=2).data()))
+        """
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", session],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert result.returncode == 0, result.stderr
+    refused, fork = result.stdout.splitlines()
+    assert refused.startswith("PE Numbers0: its class Numbers is defined in __main__, which spawned worker processes")
+    assert 'MultiMapping(start_method="fork")' in refused
+    assert fork == "[0, 1, 4]"
 
 
 def test_an_unpicklable_pe_under_spawn_is_named() -> None:

@@ -9,6 +9,7 @@ unpickling. Errors name the PE or the input that cannot be pickled.
 
 from __future__ import annotations
 
+import functools
 import io
 import pickle
 import sys
@@ -19,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 from .._checkpoint import WorkerSpec
 from .._engine import Feed
 from .._loading import ship_code
+from .._pe import FunctionPE
 from .._plan import ExecutionPlan
 from ..errors import GraphError, InputError, TargetError
 
@@ -130,18 +132,26 @@ def unship(data: bytes, where: str) -> Job:
     return job
 
 
-def check_importable(plan: ExecutionPlan, where: str) -> None:
-    """Refuse PE classes defined in ``__main__``, which ``where`` cannot import.
+def check_importable(plan: ExecutionPlan, where: str, hint: str = "") -> None:
+    """Refuse PEs whose class, or function (a :class:`~aiod4p.FunctionPE`), is defined in ``__main__``,
+    which ``where`` cannot import.
 
     Raises:
-        GraphError: naming the first such PE.
+        GraphError: naming the first such PE; ``hint`` ends the advice.
     """
     for pe_id, pe in plan.pes.items():
-        if type(pe).__module__ == "__main__":
-            raise GraphError(
-                f"PE {pe_id}: its class {type(pe).__name__} is defined in __main__, which {where} cannot"
-                " import; define it in a module"
-            )
+        code: list[tuple[str, Any]] = [("class", type(pe))]
+        if isinstance(pe, FunctionPE):
+            fn = pe.fn
+            while isinstance(fn, functools.partial):
+                fn = fn.func
+            code.append(("function", fn))
+        for kind, defined in code:
+            if getattr(defined, "__module__", None) == "__main__":
+                raise GraphError(
+                    f"PE {pe_id}: its {kind} {defined.__name__} is defined in __main__, which {where} cannot"
+                    f" import; define it in a module{hint}"
+                )
 
 
 def _unpicklable(values: Mapping[str, Any]) -> tuple[str, Exception] | None:

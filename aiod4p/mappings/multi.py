@@ -33,13 +33,13 @@ from ..transports.pipes import PipeComm, open_pipe_comm
 from ._host import GRACE, STATS_INTERVAL
 from ._hosted import HostedMapping
 from ._multi_worker import worker_main
-from ._shipping import Job, ship
+from ._shipping import Job, check_importable, ship
 
 __all__ = ["START_METHOD_ENV", "MultiMapping", "resolve_start_method"]
 
 START_METHOD_ENV = "AIOD4P_START_METHOD"
 START_METHODS = ("fork", "spawn", "forkserver")
-_HINT = ", or use the fork start method"
+_HINT = ', or use the fork start method (MultiMapping(start_method="fork"), or AIOD4P_START_METHOD=fork)'
 
 
 def resolve_start_method(requested: str | None = None) -> str:
@@ -149,6 +149,9 @@ class _MultiRun:
 
     async def start(self, job: Job) -> dict[int, PipeComm]:
         """Start the worker processes; the parent's ends of their control comms."""
+        if self.method != "fork" and not hasattr(sys.modules["__main__"], "__file__"):
+            where = f"{self.method}ed worker processes (an interactive session or notebook has no file to import again)"
+            check_importable(self.plan, where, _HINT)
         payload = job if self.method == "fork" else ship(job, f"start {self.method}ed worker processes", _HINT)
         socks = self._start(payload)
         comms: dict[int, PipeComm] = {}
