@@ -21,7 +21,7 @@ from ._loading import load_graph
 from ._logging import configure_logging
 from ._plan import DEFAULT_BATCH_SIZE, DEFAULT_CREDITS, make_plan
 from ._progress import progress, progress_wanted
-from ._provenance import LEVELS, read_lineage, write_document
+from ._provenance import LEVELS, check_provenance_file, read_lineage, write_document
 from ._provenance import document as provenance_document
 from ._results import ResultRecord, record_line
 from ._signals import Interrupts, Stopped
@@ -142,9 +142,15 @@ def _parser() -> argparse.ArgumentParser:
     _add_checkpoint_options(run)
     seeing = run.add_argument_group("progress, statistics and logging")
     seeing.add_argument("--stats", action="store_true", help="print a table of per-PE statistics at the end (stderr)")
-    seeing.add_argument("--stats-json", default=None, metavar="FILE", help="write per-PE statistics as JSON")
-    seeing.add_argument("-v", "--verbose", action="count", default=0, help="log more (-vv: debug)")
-    seeing.add_argument("-q", "--quiet", action="store_true", help="no progress display; log errors only")
+    seeing.add_argument(
+        "--stats-json",
+        default=None,
+        metavar="FILE",
+        help="write per-PE statistics as JSON (-: stdout, with --results FILE)",
+    )
+    loudness = seeing.add_mutually_exclusive_group()
+    loudness.add_argument("-v", "--verbose", action="count", default=0, help="log more (-vv: debug)")
+    loudness.add_argument("-q", "--quiet", action="store_true", help="no progress display; log errors only")
     _add_provenance_options(run)
 
     picture = commands.add_parser(
@@ -167,7 +173,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging(getattr(args, "verbose", 0), getattr(args, "quiet", False))
     try:
         if args.command == "run":
-            return _run(parser, args)
+            return _run(args)
         if args.command == "graph":
             return _graph(args)
         if args.command == "storm":
@@ -190,9 +196,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
 
 
-def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+def _run(args: argparse.Namespace) -> int:
     if args.stdin is not None and args.iter is not None and args.data is None and args.file is None:
-        parser.error("--stdin cannot be combined with -i; give the other roots' inputs with -d or -f")
+        raise ValueError("--stdin cannot be combined with -i; give the other roots' inputs with -d or -f")
+    if args.stats_json == "-" and args.results in (None, "-"):
+        raise ValueError("--stats-json -: the results already go to stdout; give --results FILE, or --stats-json FILE")
     options = mapping_options(args)
     if args.address is not None:
         if args.mapping != "ray":
@@ -229,6 +237,8 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     for path, what in ((args.results, "results"), (args.stats_json, "statistics"), (args.provenance, "provenance")):
         if path not in (None, "-"):
             _check_writable(path, what)
+    if args.provenance is not None:
+        check_provenance_file(args.provenance)
     results = args.results
     if checkpointing is not None and checkpointing.results_path is not None:
         results = os.devnull  # the run writes the file itself, committed with each checkpoint

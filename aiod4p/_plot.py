@@ -65,10 +65,10 @@ def plot_stats(path: str | Path, output: str | Path) -> Path:
     Raises:
         Aiod4pError: as :func:`load_samples`, or the picture cannot be written.
     """
-    import numpy as np
+    plt = pyplot()
+    import numpy as np  # matplotlib's own dependency
 
     document, samples = load_samples(path)
-    plt = pyplot()
     times = np.array([sample["t"] for sample in samples], dtype=float)
     end = float(times[-1]) if len(times) else 0.0
     spacing = float(np.median(np.diff(times))) if len(times) > 2 else end

@@ -25,6 +25,7 @@ item that instance used. A stateful PE makes it exact with
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Hashable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -380,15 +381,26 @@ def _time(seconds: float) -> Any:
 FORMATS = {".json": "json", ".provn": "provn", ".xml": "xml"}
 
 
-def write_document(doc: ProvDocument, path: str) -> str:
-    """Write ``doc`` as PROV-JSON, or PROV-N (``.provn``) or PROV-XML (``.xml``) by extension.
+def check_provenance_file(path: str) -> str:
+    """The format of provenance file ``path``, by its extension (see :data:`FORMATS`).
 
     Raises:
-        Aiod4pError: the file cannot be written.
+        Aiod4pError: the extension names no format, or ``prov`` is not installed.
     """
-    import os
+    fmt = FORMATS.get(os.path.splitext(path)[1].lower())
+    if fmt is None:
+        raise Aiod4pError(f"{path}: a provenance file is .json (PROV-JSON), .provn (PROV-N) or .xml (PROV-XML)")
+    _prov()
+    return fmt
 
-    fmt = FORMATS.get(os.path.splitext(path)[1].lower(), "json")
+
+def write_document(doc: ProvDocument, path: str) -> str:
+    """Write ``doc`` as PROV-JSON (``.json``), PROV-N (``.provn``) or PROV-XML (``.xml``), by extension.
+
+    Raises:
+        Aiod4pError: as :func:`check_provenance_file`, or the file cannot be written.
+    """
+    fmt = check_provenance_file(path)
     try:
         with open(path, "w", encoding="utf-8") as out:
             if fmt == "provn":
@@ -487,8 +499,6 @@ def read_lineage(path: str) -> Lineage:
     Raises:
         Aiod4pError: the file is missing or is not a PROV document.
     """
-    import os
-
     model = _prov()
     fmt = FORMATS.get(os.path.splitext(path)[1].lower(), "json")
     if fmt == "provn":

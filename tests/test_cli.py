@@ -100,6 +100,7 @@ def test_debug_adds_the_traceback(workflow_file: Path) -> None:
         (["run", "{flow}", "-d", '{{"Numbers": "x"}}'], "the input for 'Numbers' must be a count or a list"),
         (["run", "{flow}", "-f", "missing.json"], "cannot read input file missing.json"),
         (["run", "{flow}", "--results", "/no/such/dir/out.jsonl"], "cannot write results to /no/such/dir/out.jsonl"),
+        (["run", "{flow}", "--provenance", "lineage.txt"], "lineage.txt: a provenance file is .json (PROV-JSON)"),
     ],
 )
 def test_errors_are_one_line_and_non_zero(workflow_file: Path, args: list[str], message: str) -> None:
@@ -139,6 +140,8 @@ def test_import_error_in_the_workflow_file(tmp_path: Path) -> None:
         (["--batch-size", "0"], "argument --batch-size: must be at least 1, not 0"),
         (["--credits", "-1"], "argument --credits: must be at least 1, not -1"),
         (["--stdin", "Check", "-i", "3"], "--stdin cannot be combined with -i"),
+        (["--stats-json", "-"], "--stats-json -: the results already go to stdout; give --results FILE"),
+        (["-v", "-q"], "argument -q/--quiet: not allowed with argument -v/--verbose"),
     ],
 )
 def test_usage_errors_exit_2(workflow_file: Path, args: list[str], message: str) -> None:
