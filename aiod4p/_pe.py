@@ -215,10 +215,11 @@ class PE:
         if self._runtime is not None and self._runtime.recorder is not None:
             self._runtime.recorder.remember(key)
 
-    def recall(self, key: Hashable) -> None:
-        """What is written next, until the call ends or ``recall`` is called again, derives from state ``key``."""
+    def recall(self, *keys: Hashable) -> None:
+        """What is written next, until the call ends or ``recall`` is called again, derives from the states
+        ``keys`` (together: a pair written from two remembered items derives from both)."""
         if self._runtime is not None and self._runtime.recorder is not None:
-            self._runtime.recorder.recall(key)
+            self._runtime.recorder.recall(keys)
 
     @property
     def instance(self) -> int:

@@ -227,10 +227,10 @@ class ActorRecorder:
         if self.item_level and self.current is not None and self.current.used:
             self.state.setdefault(key, []).extend(self.current.used)
 
-    def recall(self, key: Hashable) -> None:
+    def recall(self, keys: Iterable[Hashable]) -> None:
         if self.item_level:
             self._tag_buffers()
-            self.derived = tuple(self.state.get(key, ()))
+            self.derived = tuple(used for key in keys for used in self.state.get(key, ()))
 
     # -- recording ------------------------------------------------------------
     def _begin(self, stage: str, port: str | None, used: tuple[str, ...] | None) -> None:

@@ -5,6 +5,7 @@ The three domains share one graph, so each mapping is launched once.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
@@ -127,6 +128,27 @@ def test_blocking_and_async_queries_agree() -> None:
 
 
 # -- one command, and the statistics plot -----------------------------------------------------
+
+
+@pytest.mark.parametrize(("mapping", "workers"), [("simple", None), ("multi", 2)])
+def test_each_station_pair_traces_back_to_its_two_stations(tmp_path: Path, mapping: str, workers: int | None) -> None:
+    async def recorded() -> list[aiod4p.InstanceStats]:
+        graph = seismic.build()
+        async with aiod4p.start(graph, {"Synthesise": SMALL["Synthesise"]}, mapping=mapping, workers=workers,
+                                provenance="item") as run:  # fmt: skip
+            await run.results()
+        return run.stats
+
+    path = str(tmp_path / "seismic.json")
+    aiod4p.write_document(aiod4p.provenance_document(asyncio.run(recorded())), path)
+    lineage = aiod4p.read_lineage(path)
+    pairs = lineage.results()
+    assert len(pairs) == 10  # 5 stations
+    for entity in pairs:
+        first, second = eval(lineage.values[entity])[:2]  # ('ST001', 'ST003', lag, peak)
+        made = [e for e in lineage.trace(entity) if lineage.made_by.get(e, "").startswith("aiod4p:Synthesise")]
+        requests = sorted(eval(lineage.values[e])[0] for e in made)  # (index, seconds, seed)
+        assert requests == [int(first[2:]), int(second[2:])], lineage.values[entity]
 
 
 def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:

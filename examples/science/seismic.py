@@ -185,8 +185,10 @@ class PairUp(GenericPE):
 
     def process(self, inputs: dict[str, Any]) -> None:
         trace: Trace = inputs["input"]
+        self.remember(trace.station)  # provenance: a pair derives from both of its traces
         for other in self.seen.values():
             first, second = sorted((other, trace), key=lambda t: t.station)
+            self.recall(first.station, second.station)
             self.write("output", (first, second))
         self.seen[trace.station] = trace
 

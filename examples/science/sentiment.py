@@ -264,9 +264,11 @@ class JoinScores(GenericPE):
         (port, (article_id, state, score)) = next(iter(inputs.items()))
         halves = self.waiting.setdefault(article_id, {})
         halves[port] = score
+        self.remember(article_id)  # provenance: the joined row derives from both scores
         if len(halves) < 2:
             return None
         del self.waiting[article_id]
+        self.recall(article_id)
         return {"output": (article_id, state, halves["afinn"], halves["vader"])}
 
 
