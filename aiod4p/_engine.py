@@ -1172,7 +1172,10 @@ class Worker:
         if not self._beat_pending:
             self._beat_pending = True
             asyncio.get_running_loop().call_soon(self._new_turn)
-        await asyncio.sleep(0)
+        # A timer, not sleep(0): the loop runs due timers in order of their deadlines, so a host's timer
+        # that fell due during the last batch wakes its task ahead of this one. After sleep(0) this task
+        # would go first, and such a task would wait two or three more batches.
+        await asyncio.sleep(1e-9)
 
     def _new_turn(self) -> None:
         self._beat_pending = False

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Iterator
 
 import pytest
 import workflows as wf
 
 import aiod4p
-from aiod4p import ProducerPE, WorkflowGraph
+from aiod4p import IterativePE, ProducerPE, WorkflowGraph
 from aiod4p._engine import YIELD_BATCHES
 
 TOTAL = 100_000
@@ -53,3 +54,40 @@ async def test_a_host_task_runs_while_a_run_streams_at_full_speed(mapping: str) 
     assert midway, "the host task never ran while the source was streaming"
     if mapping == "simple":  # counted, not timed: the host runs at least every YIELD_BATCHES batches
         assert len(midway) >= TOTAL // BATCH // YIELD_BATCHES // 2
+
+
+BUSY_SECONDS = 0.01
+
+
+class Busy(IterativePE):
+    """Holds the loop for ``BUSY_SECONDS`` per item (CPU-bound, not threaded), counting its calls."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.progress = wf.Shared(calls=0, under_way=asyncio.Event())
+
+    def process_item(self, item: int) -> int:
+        end = time.perf_counter() + BUSY_SECONDS
+        while time.perf_counter() < end:
+            pass
+        self.progress.calls += 1
+        if self.progress.calls == 3:
+            self.progress.under_way.set()
+        return item
+
+
+@pytest.mark.asyncio
+async def test_a_host_timer_due_during_a_pe_call_runs_as_soon_as_the_call_ends() -> None:
+    """A busy instance gives way to due timers too, not only to ready tasks: the host's lag is one call."""
+    graph = WorkflowGraph()
+    graph.connect(wf.Count(), "output", busy := Busy(), "input")
+    run = asyncio.ensure_future(aiod4p.run_async(graph, 40, batch_size=1))
+    calls_while_waiting = []
+    async with asyncio.timeout(50):
+        await busy.progress.under_way.wait()
+        for _ in range(10):
+            before = busy.progress.calls
+            await asyncio.sleep(BUSY_SECONDS / 10)  # falls due during the next call
+            calls_while_waiting.append(busy.progress.calls - before)
+        await run
+    assert max(calls_while_waiting) <= 1, calls_while_waiting
