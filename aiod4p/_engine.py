@@ -427,6 +427,7 @@ class _Actor(_Invoker):
             self.buffers,
             ref.index,
             logging.LoggerAdapter(pe_logger, {"pe": ref.pe, "instance": ref.index}),
+            rank=self.worker.plan.rank_of(ref),
             limit=self.hand_over_limit if self.threaded or self.worker.fixed_order else 1,
             full=_switch_to_actor,
             recorder=self.recorder,

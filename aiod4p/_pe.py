@@ -72,6 +72,7 @@ class _Runtime:
     full: Callable[[str], None] | None = None
     recorder: Any = None  # an ActorRecorder when provenance is on
     stats: Any = None  # the instance's InstanceStats, where the PE reports its own counters
+    rank: int = 0  # unique among the run's instances (ExecutionPlan.rank_of)
 
 
 class PE:

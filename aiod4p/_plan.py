@@ -197,6 +197,18 @@ class ExecutionPlan:
     def worker_of(self, instance: InstanceRef) -> int:
         return self.placement[instance.pe].workers[instance.index]
 
+    def rank_of(self, instance: InstanceRef) -> int:
+        """The position of ``instance`` in :meth:`instances` (dispel4py's ``rank``: unique in the run)."""
+        return self._first_ranks[instance.pe] + instance.index
+
+    @cached_property
+    def _first_ranks(self) -> dict[str, int]:
+        first, ranks = 0, {}
+        for pe_id in self.graph.topological_order():
+            ranks[pe_id] = first
+            first += len(self.placement[pe_id].workers)
+        return ranks
+
     def channels_into(self, instance: InstanceRef) -> list[ChannelSpec]:
         """The channels whose destination is ``instance``, in channel id order."""
         return self._by_instance[1].get(instance, [])

@@ -169,6 +169,21 @@ class Tagged(GenericPE):
         return {"output": (self.instance, inputs["input"])}
 
 
+class Ranked(GenericPE):
+    """Writes dispel4py's ``self.rank`` once per instance, at the end."""
+
+    def __init__(self) -> None:
+        GenericPE.__init__(self)
+        self._add_input("input")
+        self._add_output("output")
+
+    def _process(self, inputs: dict[str, Any]) -> None:
+        return None
+
+    def _postprocess(self) -> None:
+        self.write("output", self.rank)
+
+
 class TwoIn(GenericPE):
     def __init__(self) -> None:
         GenericPE.__init__(self)
@@ -259,6 +274,16 @@ def test_process_return_write_and_lifecycle(d4p: Any, mapping: MappingCase, capl
     assert results.data(life.id) == [10]
     if mapping.name in ("simple", "async"):  # log records of other processes stay there
         assert any("saw 10" in record.getMessage() for record in caplog.records)
+
+
+def test_every_instance_has_a_rank_of_its_own(d4p: Any, mapping: MappingCase) -> None:
+    graph = d4p.workflow_graph.WorkflowGraph()
+    graph.connect(Counter_(), "output", ranked := Ranked(), "input")
+    ranked.numprocesses = 3
+    ranks = mapping.run(graph, 6).data(ranked.id)
+    assert len(set(ranks)) == len(ranks) >= 1 and all(
+        isinstance(rank, int) and rank >= 1 for rank in ranks
+    )  # 0: Counter_
 
 
 def test_one_input_per_call_on_two_ports(d4p: Any, mapping: MappingCase) -> None:

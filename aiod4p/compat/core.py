@@ -76,6 +76,17 @@ class GenericPE(_CoreGenericPE):
             self.outputconnections[name][TYPE] = tuple_type
 
     @property
+    def rank(self) -> int:
+        """dispel4py's process rank: a number unique among the run's PE instances (0 outside a run)."""
+        if "_rank" in self.__dict__:
+            return int(self.__dict__["_rank"])
+        return self._runtime.rank if self._runtime is not None else 0
+
+    @rank.setter
+    def rank(self, value: int) -> None:  # dispel4py's mappings, and code written for them, assign it
+        self.__dict__["_rank"] = value
+
+    @property
     def numprocesses(self) -> int:
         """dispel4py's process count: a weight on multi and mpi, else the number of instances once set."""
         return self._numprocesses

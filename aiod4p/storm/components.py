@@ -255,6 +255,7 @@ class PEBolt(HostedComponent, Bolt):  # type: ignore[misc]
             invoker.buffers,
             self.index,
             logging.LoggerAdapter(pe_logger, {"pe": self.component, "instance": self.index}),
+            rank=int(context["taskid"]),  # unique in the topology
         )
         self.runner.run(invoker.lifecycle("preprocess"))
         self._emit_buffers(None)
