@@ -6,7 +6,9 @@ every mapping. Each emits one record per window on ``output``::
     {"key": key, "start": start, "end": end, "count": n, "items": [...]}
 
 with ``"value": aggregate(items)`` instead of ``"items"`` when an
-``aggregate`` function is given. ``key`` is ``None`` for a global window.
+``aggregate`` function is given. ``key`` is ``None`` for a global window;
+for a key on one index or dict key, the value itself (``"sensor"`` gives
+``"b"``); for several, the tuple of values; for a function, what it returns.
 
 Keyed windows (``key=...``) group their input by the key, so all items of
 one key reach the same instance whatever the parallelism; global windows
@@ -76,9 +78,10 @@ class _WindowPE(GenericPE):
         if grouping is None:
             return None
         try:
-            return grouping.key_of(item)
+            key = grouping.key_of(item)
         except Exception as exc:
             raise GraphError(f"window PE {self.label}: the key {grouping} of item {item!r} failed: {exc}") from exc
+        return key[0] if grouping.key is None and len(grouping.indices) == 1 else key
 
     def _emit(self, key: Any, start: Any, end: Any, items: list[Any]) -> None:
         record: dict[str, Any] = {"key": key, "start": start, "end": end, "count": len(items)}
