@@ -160,6 +160,7 @@ def _parser() -> argparse.ArgumentParser:
     picture.add_argument("-o", "--output", required=True, metavar="FILE", help="FILE.dot, FILE.svg, FILE.png or .pdf")
     picture.add_argument("--mapping", "-m", default="async", choices=sorted(MAPPINGS), help="whose parallelism to show")
     picture.add_argument("-n", "--num", type=_POSITIVE, default=None, metavar="N", help="workers, as for run")
+    picture.add_argument("--oversubscribe", action="store_true", help="as for run: -n workers even beyond the CPUs")
     picture.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks of errors")
     add_storm_parser(commands)
     _add_science_parsers(commands)
@@ -181,6 +182,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command in ("provenance", "stats"):
             return _science_command(args)
         raise AssertionError(args.command)
+    except BrokenPipeError:  # e.g. `aiod4p provenance FILE | head`
+        return _stdout_closed()
     except Aiod4pError as exc:
         if args.debug:
             traceback.print_exc()
@@ -215,14 +218,7 @@ def _run(args: argparse.Namespace) -> int:
     if getattr(mapping, "follower", False):  # an MPI rank other than 0 (under mpiexec): rank 0 reports
         args.results, args.quiet, args.stats, args.stats_json = os.devnull, True, False, None
         args.provenance = None
-    if mapping.shares_cpus and args.num is not None and not args.oversubscribe and args.num > available_cpus():
-        cpus = available_cpus()
-        _warn(
-            args,
-            f"-n {args.num}: {cpus} CPU{'s' if cpus > 1 else ''} available, so {cpus} worker process"
-            f"{'es' if cpus > 1 else ''} (more would only compete for them; --oversubscribe starts {args.num})",
-        )
-        args.num = cpus
+    _cap_workers(args, mapping)
     crowded = mapping.crowded()
     if crowded is not None:
         here, cpus = crowded
@@ -302,8 +298,21 @@ def _run(args: argparse.Namespace) -> int:
     return status
 
 
+def _cap_workers(args: argparse.Namespace, mapping: BaseMapping) -> None:
+    """At most one worker per CPU where the workers share this machine's CPUs, unless ``--oversubscribe``."""
+    if mapping.shares_cpus and args.num is not None and not args.oversubscribe and args.num > available_cpus():
+        cpus = available_cpus()
+        _warn(
+            args,
+            f"-n {args.num}: {cpus} CPU{'s' if cpus > 1 else ''} available, so {cpus} worker process"
+            f"{'es' if cpus > 1 else ''} (more would only compete for them; --oversubscribe starts {args.num})",
+        )
+        args.num = cpus
+
+
 def _graph(args: argparse.Namespace) -> int:
     mapping = get_mapping(args.mapping)
+    _cap_workers(args, mapping)  # the workers `aiod4p run` would start
     compat.install()  # dispel4py workflows run unchanged
     plan = make_plan(load_graph(args.target), mapping.plan_options(args.num, DEFAULT_BATCH_SIZE, DEFAULT_CREDITS))
     print(f"wrote {draw(plan, args.output, title=args.target)}")
@@ -329,7 +338,7 @@ def _ignored_options(args: argparse.Namespace, mapping: BaseMapping) -> list[str
 
 
 def _warn(args: argparse.Namespace, message: str) -> None:
-    if not args.quiet:
+    if not getattr(args, "quiet", False):
         print(f"aiod4p: warning: {message}", file=sys.stderr)
 
 

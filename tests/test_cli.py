@@ -219,6 +219,16 @@ def test_at_most_one_worker_per_cpu_on_this_machine(mapping: str, workflow_file:
     assert json.loads(stats.read_text())["workers"] == 3
 
 
+def test_graph_draws_the_workers_run_would_start(workflow_file: Path, tmp_path: Path) -> None:
+    drawing = tmp_path / "flow.dot"
+    capped = _run_on_one_cpu("graph", str(workflow_file), "-m", "multi", "-n", "3", "-o", str(drawing))
+    assert capped.returncode == 0 and "so 1 worker process" in capped.stderr, capped.stderr
+    assert " on worker" not in drawing.read_text()  # one worker: no placement to show
+    over = _run_on_one_cpu("graph", str(workflow_file), "-m", "multi", "-n", "3", "--oversubscribe", "-o", str(drawing))
+    assert over.returncode == 0 and "warning" not in over.stderr, over.stderr
+    assert "workers 0,1,2" in drawing.read_text()
+
+
 @pytest.mark.timeout(120)
 def test_mpi_ranks_on_named_hosts_are_not_capped(workflow_file: Path, tmp_path: Path) -> None:
     stats, hosts = tmp_path / "stats.json", tmp_path / "hosts"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import subprocess
 import sys
 from collections import Counter
@@ -208,6 +209,18 @@ def test_cli_records_traces_and_draws(tmp_path: Path) -> None:
     assert "lazy" not in traced.stdout
     dot = (tmp_path / "fox.dot").read_text()
     assert dot.startswith("digraph lineage") and "fox runs home" in dot
+
+
+def test_cli_listing_into_a_closed_pipe_ends_quietly(tmp_path: Path) -> None:
+    path = record(tmp_path, "async", None)
+    reader, writer = os.pipe()
+    os.close(reader)  # the reader went away (`| head` that has read its lines) before anything was written
+    try:
+        listing = subprocess.run([str(BIN / "aiod4p"), "provenance", str(path)], stdout=writer,
+                                 stderr=subprocess.PIPE, timeout=60, cwd=tmp_path)  # fmt: skip
+    finally:
+        os.close(writer)
+    assert listing.returncode == 141 and listing.stderr == b""
 
 
 def test_cli_provenance_errors_name_the_problem(tmp_path: Path) -> None:
