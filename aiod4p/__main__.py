@@ -1,7 +1,5 @@
 """``python -m aiod4p``."""
 
-import sys
+from ._cli import entry
 
-from ._cli import main
-
-sys.exit(main())
+entry()

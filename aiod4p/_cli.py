@@ -7,11 +7,13 @@ import asyncio
 import contextlib
 import os
 import signal
+import stat
 import sys
+import threading
 import traceback
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, NoReturn, TextIO
 
 from . import __version__, compat
 from ._api import WorkflowRun, loop_factory, run_in_threads
@@ -165,6 +167,26 @@ def _parser() -> argparse.ArgumentParser:
     add_storm_parser(commands)
     _add_science_parsers(commands)
     return parser
+
+
+def entry() -> NoReturn:
+    """The ``aiod4p`` command: :func:`main`, then exit, even while a threaded PE call is still blocked.
+
+    Python joins every non-daemon thread at exit, so a thread-pool call that
+    never returns (a failed or abandoned run's blocked PE) would keep the
+    process alive; the run is over, so the command leaves without it.
+    """
+    status = main()
+    if any(
+        thread.is_alive() and not thread.daemon
+        for thread in threading.enumerate()
+        if thread is not threading.main_thread()
+    ):
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(OSError, ValueError):
+                stream.flush()
+        os._exit(status)
+    sys.exit(status)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -423,6 +445,7 @@ async def _consume(
 
         if stdin is not None:
             stdin.dead_letter = lambda bad: emit(ResultRecord("stdin", DEAD_LETTER, bad))
+        reader_gone = _watch_reader(main_task) if out is sys.stdout else None
         try:
             async with (
                 workflow,
@@ -432,9 +455,14 @@ async def _consume(
                 async for record in workflow:
                     emit(record)
         except asyncio.CancelledError:
+            if reader_gone is not None and reader_gone.is_set():
+                return _stdout_closed()
             return EXIT_ABORTED
         except BrokenPipeError:
             return _stdout_closed()
+        finally:
+            if reader_gone is not None:
+                asyncio.get_running_loop().remove_reader(sys.stdout.fileno())
         if out is None:
             try:
                 _print_results(grouped)
@@ -444,6 +472,23 @@ async def _consume(
     finally:
         if out is not None and out is not sys.stdout:
             out.close()
+
+
+def _watch_reader(main_task: asyncio.Task[Any]) -> asyncio.Event | None:
+    """When stdout is a pipe, cancel ``main_task`` as soon as its reader goes away (``| head``), even if
+    the run has nothing more to write; the event returned is set then. ``None`` for anything but a pipe."""
+    fd = sys.stdout.fileno()
+    if not stat.S_ISFIFO(os.fstat(fd).st_mode):
+        return None
+    gone = asyncio.Event()
+
+    def closed() -> None:  # the write end of a pipe polls as readable (an error) once the read end is closed
+        if not gone.is_set():
+            gone.set()
+            main_task.cancel()
+
+    asyncio.get_running_loop().add_reader(fd, closed)
+    return gone
 
 
 def _stdout_closed() -> int:

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
+import os
 import signal
+import subprocess
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,7 +16,7 @@ from typing import Any
 import pytest
 import workflows as wf
 from conftest import MappingCase
-from helpers import interrupted_run
+from helpers import AIOD4P, aiod4p_process, interrupted_run
 
 import aiod4p
 from aiod4p import ConsumerPE, IterativePE, ProducerPE, WorkflowGraph, iterative
@@ -239,6 +243,36 @@ def test_a_second_ctrl_c_aborts_while_a_pe_holds_the_loop() -> None:
         _, err = proc.communicate(timeout=30)
     assert proc.returncode == 130, err
     assert "aborted" in err
+
+
+@pytest.mark.parametrize("mapping", ["simple", "async", "multi"])
+def test_a_failed_run_exits_while_a_threaded_call_still_blocks(mapping: str) -> None:
+    proc = aiod4p_process("run", f"{WORKFLOWS}:blocked_and_failing", "-m", mapping, "-n", "2", "-i", "10", "-q")
+    try:
+        _, err = proc.communicate(timeout=60)  # Python would wait for the blocked thread at exit
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 1, err
+    assert "FailsOnInstance" in err
+
+
+@pytest.mark.parametrize("mapping", ["async", "multi"])
+def test_a_run_with_nothing_more_to_write_ends_when_its_reader_goes_away(mapping: str) -> None:
+    reader, writer = os.pipe()
+    proc = subprocess.Popen(
+        [*AIOD4P, "run", f"{WORKFLOWS}:blocked_beside_results", "-m", mapping, "-n", "2", "-i", "3", "--results", "-"],
+        stdout=writer, stderr=subprocess.PIPE, text=True, cwd=ROOT, start_new_session=True,
+    )  # fmt: skip
+    os.close(writer)
+    try:
+        with os.fdopen(reader) as results:
+            assert sorted(json.loads(results.readline())["data"] for _ in range(3)) == [0, 2, 4]  # then nothing, ever
+        _, err = proc.communicate(timeout=60)  # as `| head -3` exits
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 141 and "Traceback" not in err, err
 
 
 def test_threaded_pes_give_the_same_results_on_every_mapping(mapping: MappingCase) -> None:

@@ -418,6 +418,33 @@ def sleepy() -> WorkflowGraph:
     return graph
 
 
+class BlocksForever(IterativePE):
+    """A threaded PE whose first call never returns (only the end of its process ends it)."""
+
+    threaded = True
+
+    def process_item(self, item: int) -> None:
+        threading.Event().wait()
+
+
+def blocked_and_failing() -> WorkflowGraph:
+    """count -> a threaded PE that blocks forever, and count -> a PE that fails (the run fails all the same)."""
+    graph = WorkflowGraph()
+    count = Count()
+    graph.connect(count, "output", BlocksForever(), "input")
+    graph.connect(count, "output", FailsOnInstance(0), "input")
+    return graph
+
+
+def blocked_beside_results() -> WorkflowGraph:
+    """count -> Double (results), and count -> a threaded PE that blocks forever (the run never ends)."""
+    graph = WorkflowGraph()
+    count = Count()
+    graph.connect(count, "output", Double(), "input")
+    graph.connect(count, "output", BlocksForever(), "input")
+    return graph
+
+
 def stuck() -> WorkflowGraph:
     """count -> a PE that holds its thread for 60 s on item 20 (on the event loop unless threaded)."""
     graph = WorkflowGraph()
