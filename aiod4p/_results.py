@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import datetime
+import functools
 import json
+import logging
 from collections.abc import Iterator, Sequence
 from typing import Any, NamedTuple, Protocol, overload
 
 __all__ = ["ListSink", "QueueSink", "ResultRecord", "ResultSink", "Results", "record_line"]
+
+logger = logging.getLogger("aiod4p")
 
 
 class ResultRecord(NamedTuple):
@@ -23,12 +29,33 @@ class ResultRecord(NamedTuple):
 
 
 def record_line(record: ResultRecord) -> str:
-    """The JSON Lines line of ``record`` (newline included); data that JSON cannot hold is written as its repr."""
-    try:
-        line = json.dumps(record.to_json())
-    except (TypeError, ValueError):
-        line = json.dumps({**record.to_json(), "data": repr(record.data)})
-    return line + "\n"
+    """The JSON Lines line of ``record`` (newline included).
+
+    Values JSON has no type for are written as faithfully as JSON allows:
+    numpy arrays and scalars (anything with ``tolist()``) as lists and
+    numbers, bytes as ``{"base64": "..."}``, sets as lists, dates and times
+    in ISO 8601; anything else as its ``repr``, with a warning once per type.
+    """
+    return json.dumps(record.to_json(), default=_jsonable) + "\n"
+
+
+def _jsonable(value: Any) -> Any:
+    tolist = getattr(value, "tolist", None)
+    if callable(tolist):
+        return tolist()
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return {"base64": base64.b64encode(value).decode("ascii")}
+    if isinstance(value, (set, frozenset)):
+        return list(value)
+    if isinstance(value, (datetime.date, datetime.time)):
+        return value.isoformat()
+    _warn_repr(f"{type(value).__module__}.{type(value).__qualname__}")
+    return repr(value)
+
+
+@functools.cache
+def _warn_repr(kind: str) -> None:
+    logger.warning("results of type %s are written as their repr (JSON has no type for them)", kind)
 
 
 class ResultSink(Protocol):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import re
@@ -16,6 +17,7 @@ from helpers import AIOD4P, TIMES10_FLOW, aiod4p_process, json_lines, numbers_fl
 from helpers import aiod4p_cli as aiod4p
 
 import aiod4p as aiod4p_package
+from aiod4p._results import ResultRecord, record_line
 
 ROOT = Path(__file__).resolve().parents[1]
 WORDCOUNT = str(ROOT / "examples" / "wordcount.py")
@@ -37,6 +39,20 @@ def workflow_file(tmp_path: Path) -> Path:
     path = tmp_path / "flow.py"
     path.write_text(WORKFLOW)
     return path
+
+
+def test_results_json_lines_keep_what_json_has_no_type_for(caplog: pytest.LogCaptureFixture) -> None:
+    numpy = pytest.importorskip("numpy")
+    values = [numpy.arange(100_000.0), numpy.int64(3), b"\x00\xff", {7}, datetime.date(2026, 12, 4), (1, "a")]
+    written = [json.loads(record_line(ResultRecord("pe", "out", value)))["data"] for value in values]
+    assert written[0] == list(range(100_000)) and written[1:] == [3, {"base64": "AP8="}, [7], "2026-12-04", [1, "a"]]
+    class Opaque:
+        def __repr__(self) -> str:
+            return "Opaque()"
+
+    with caplog.at_level("WARNING", logger="aiod4p"):
+        odd = json.loads(record_line(ResultRecord("pe", "out", Opaque())))["data"]
+    assert odd == "Opaque()" and ".Opaque are written as their repr (JSON has no type for them)" in caplog.text
 
 
 @pytest.mark.parametrize("mapping", ["simple", "async"])
