@@ -57,8 +57,12 @@ class _Drainable(Protocol):
     def drain(self) -> None: ...
 
 
-class Stopped(BaseException):
-    """Raised by the signal handler while the run is not under way: start-up stops where it is."""
+class Stopped(KeyboardInterrupt):
+    """Raised by the signal handler while the run is not under way: start-up stops where it is.
+
+    A ``KeyboardInterrupt``: an event loop re-raises it from a callback that the signal interrupted
+    (any other exception there would only be logged, and start-up would go on).
+    """
 
     def __init__(self, signum: int) -> None:
         super().__init__(signum)

@@ -46,6 +46,7 @@ def test_results_json_lines_keep_what_json_has_no_type_for(caplog: pytest.LogCap
     values = [numpy.arange(100_000.0), numpy.int64(3), b"\x00\xff", {7}, datetime.date(2026, 12, 4), (1, "a")]
     written = [json.loads(record_line(ResultRecord("pe", "out", value)))["data"] for value in values]
     assert written[0] == list(range(100_000)) and written[1:] == [3, {"base64": "AP8="}, [7], "2026-12-04", [1, "a"]]
+
     class Opaque:
         def __repr__(self) -> str:
             return "Opaque()"

@@ -17,6 +17,8 @@ import workflows as wf
 
 import aiod4p
 from aiod4p import ConsumerPE, LiveFeed, WorkflowGraph
+from aiod4p._api import loop_factory
+from aiod4p._signals import Interrupts, Stopped
 
 ROOT = Path(__file__).resolve().parent.parent
 TARGET = f"{ROOT / 'tests' / 'workflows.py'}:live_squares"
@@ -118,6 +120,26 @@ def test_a_second_signal_aborts_with_a_non_zero_exit() -> None:
     finally:
         stderr = stop(proc, reader)
     assert b"aiod4p: aborted" in stderr
+
+
+@pytest.mark.parametrize("uvloop", [False, True])
+def test_a_signal_in_a_loop_callback_during_start_up_stops_the_start_up(uvloop: bool) -> None:
+    """Start-up is async code too (the mpi mapping's launch): the signal may interrupt a loop callback."""
+    started_after_signal = []
+
+    async def start_up() -> None:
+        asyncio.get_running_loop().call_soon(os.kill, os.getpid(), signal.SIGINT)  # its handler runs in the callback
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        started_after_signal.append(True)
+
+    with (
+        Interrupts(exit_status=130),
+        pytest.raises(Stopped),
+        asyncio.Runner(loop_factory=loop_factory(uvloop)) as runner,
+    ):
+        runner.run(asyncio.wait_for(start_up(), 20))
+    assert not started_after_signal
 
 
 def test_stdin_with_iterations_is_a_usage_error() -> None:
