@@ -20,6 +20,7 @@ once its own handlers are in place, so a signal in between takes effect then.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import os
 import signal
 import sys
@@ -29,10 +30,22 @@ from contextlib import contextmanager
 from types import FrameType
 from typing import Any, Protocol
 
-__all__ = ["ABORT_GRACE", "Interrupts", "Stopped", "held", "release"]
+__all__ = ["ABORT_GRACE", "Interrupts", "Stopped", "die_with_parent", "held", "release"]
 
 ABORT_GRACE = 1.0
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+def die_with_parent(parent: int | None = None) -> None:
+    """Be killed by SIGKILL when the parent process dies (Linux): for a process that no signal to the
+    launcher's session reaches. If the parent is already gone (its pid was ``parent``), exit at once.
+
+    Also a ``preexec_fn`` (it then applies to the program executed: mpiexec).
+    """
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    if parent is not None and os.getppid() != parent:
+        os._exit(1)
 
 
 @contextmanager

@@ -7,9 +7,11 @@ test_differential.py through conftest.MAPPING_CASES.)
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import json
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -21,6 +23,7 @@ from typing import Any
 
 import pytest
 import workflows as wf
+from helpers import aiod4p_process
 
 import aiod4p
 from aiod4p import WorkflowGraph, group_by
@@ -166,6 +169,7 @@ def test_cli_launched_pe_error_exits_non_zero() -> None:
 # A workflow file whose import, in the launcher, waits until both ranks have imported it too.
 _WAITS_FOR_THE_RANKS = """
 import os
+import select
 import sys
 import time
 from pathlib import Path
@@ -403,6 +407,48 @@ def test_cancelling_a_run_leaves_no_process_behind(monkeypatch: pytest.MonkeyPat
 
     asyncio.run(main())
     assert _marked_processes(mark) == []
+
+
+def test_a_killed_launcher_takes_mpiexec_and_its_ranks_with_it(tmp_path: Path) -> None:
+    """mpiexec and its ranks run in a session of their own: no signal to the launcher's reaches them."""
+    mark = f"kill-{os.getpid()}-{time.monotonic_ns()}"
+    holding = tmp_path / "holding"
+    os.mkfifo(holding)
+    reader = os.open(holding, os.O_RDONLY | os.O_NONBLOCK)
+    keep_open = os.open(holding, os.O_WRONLY)  # a writer throughout: the FIFO polls readable only with data
+    env = {**os.environ, "AIOD4P_TEST_MARK": mark, "AIOD4P_TEST_HOLDING": str(holding)}
+    launcher = aiod4p_process("run", f"{WORKFLOWS}:held_loops", "-m", "mpi", "-n", "2", "-i", "3", "-q", env=env)
+    try:
+        held = b""
+        while held.count(b"\n") < 2:  # both ranks hold their event loops: neither can notice anything
+            assert select.select([reader], [], [], 60)[0], "the ranks never held their loops"
+            held += os.read(reader, 100)
+        started = [pid for pid in _marked_processes(mark) if pid != launcher.pid]
+        assert len(started) >= 3, started  # mpiexec, its proxy, 2 ranks
+        exits = []
+        for pid in started:
+            with contextlib.suppress(ProcessLookupError):
+                exits.append(os.pidfd_open(pid))
+        launcher.kill()  # as the OOM killer, or a CI job's kill, would
+        launcher.wait(timeout=30)
+        deadline = time.monotonic() + 30
+        while exits:
+            ended, _, _ = select.select(exits, [], [], max(0.0, deadline - time.monotonic()))
+            assert ended, f"still running: {_marked_processes(mark)}"
+            for fd in ended:
+                exits.remove(fd)
+                os.close(fd)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(launcher.pid, signal.SIGKILL)
+        for pid in _marked_processes(mark):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        for pipe in (launcher.stdout, launcher.stderr):
+            if pipe is not None:
+                pipe.close()
+        os.close(reader)
+        os.close(keep_open)
 
 
 def test_ctrl_c_under_mpiexec_drains_every_rank(tmp_path: Path) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 import time
 from collections import Counter
@@ -425,6 +426,29 @@ class BlocksForever(IterativePE):
 
     def process_item(self, item: int) -> None:
         threading.Event().wait()
+
+
+class HoldsItsLoop(IterativePE):
+    """On its second item, each instance writes its pid to the FIFO named by
+    ``AIOD4P_TEST_HOLDING`` and holds its process's event loop forever (it is not threaded)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen = 0
+
+    def process_item(self, item: int) -> None:
+        self.seen += 1
+        if self.seen == 2:
+            with open(os.environ["AIOD4P_TEST_HOLDING"], "w") as holding:
+                holding.write(f"{os.getpid()}\n")
+            threading.Event().wait()
+
+
+def held_loops() -> WorkflowGraph:
+    """count -> a PE whose instances each hold their worker's loop forever from their second item on."""
+    graph = WorkflowGraph()
+    graph.connect(Count(), "output", HoldsItsLoop(), "input", grouping=ALL)  # every instance gets every item
+    return graph
 
 
 def blocked_and_failing() -> WorkflowGraph:

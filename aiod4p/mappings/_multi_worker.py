@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import multiprocessing
 import os
 import signal
 import socket
-import sys
 
 from .._api import loop_factory
-from .._signals import release
+from .._signals import die_with_parent, release
 from ..transports.pipes import PipeComm, open_pipe_comm
 from ._host import fail, serve_job
 from ._shipping import Job
@@ -31,7 +29,8 @@ def worker_main(
     # one run get a core each, not one session's share (docs/multi.md). Ctrl-C and hang-ups
     # reach the parent alone, which decides; a worker dies with its parent.
     os.setsid()
-    _die_with_parent()
+    parent = multiprocessing.parent_process()
+    die_with_parent(parent.pid if parent is not None else None)
     take_over_signals()
     for sock in inherited:
         sock.close()
@@ -45,15 +44,6 @@ def take_over_signals() -> None:
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.set_wakeup_fd(-1)  # a forked child must not poke the parent's event loop
     release()
-
-
-def _die_with_parent() -> None:
-    """Be killed when the parent process dies (Linux), since no signal to its session reaches this one."""
-    parent = multiprocessing.parent_process()
-    if sys.platform.startswith("linux"):
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    if parent is not None and os.getppid() != parent.pid:  # it died before prctl took effect
-        os._exit(1)
 
 
 async def _main(

@@ -40,6 +40,7 @@ from .._checkpoint import LauncherCheckpoints, Session
 from .._engine import Feed
 from .._plan import ExecutionPlan, PlanOptions
 from .._results import ResultSink
+from .._signals import die_with_parent
 from .._stats import InstanceStats
 from ..errors import CheckpointError, InputError, MappingUnavailable, WorkerDied
 from ..transports.pipes import PipeComm, open_pipe_comm
@@ -291,6 +292,7 @@ class _Ranks:
                     stderr=subprocess.PIPE,
                     env=env,
                     start_new_session=True,
+                    preexec_fn=functools.partial(die_with_parent, os.getpid()),
                 )
             except OSError as exc:
                 raise MappingUnavailable(f"cannot start {mpiexec}: {exc}") from exc
