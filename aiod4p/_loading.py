@@ -10,6 +10,7 @@ import importlib.util
 import io
 import os
 import sys
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -140,7 +141,8 @@ class CodeShipment:
             except TargetError:
                 raise
             except Exception as exc:
-                raise TargetError(f"importing workflow {path} failed: {type(exc).__name__}: {exc}") from exc
+                failure = f"{type(exc).__name__}: {exc}"
+                raise TargetError(f"importing workflow {path} failed{_where(exc)}: {failure}") from exc
 
 
 _INSTALLED = tuple({str(Path(prefix, "lib")) for prefix in (sys.prefix, sys.base_prefix, sys.exec_prefix)})
@@ -192,7 +194,7 @@ def load_module(spec: str) -> ModuleType:
         except TargetError:
             raise
         except Exception as exc:
-            raise TargetError(f"importing {spec} failed: {type(exc).__name__}: {exc}") from exc
+            raise TargetError(f"importing {spec} failed{_where(exc)}: {type(exc).__name__}: {exc}") from exc
     cwd = os.getcwd()
     if cwd not in sys.path and "" not in sys.path:  # importable as under `python -m`, also from the console script
         sys.path.insert(0, cwd)
@@ -203,9 +205,22 @@ def load_module(spec: str) -> ModuleType:
     except ModuleNotFoundError as exc:
         if exc.name and spec.startswith(exc.name):
             raise TargetError(f"no module named {spec!r}") from exc
-        raise TargetError(f"importing {spec} failed: {exc}") from exc
+        raise TargetError(f"importing {spec} failed{_where(exc)}: {exc}") from exc
     except Exception as exc:
-        raise TargetError(f"importing {spec} failed: {type(exc).__name__}: {exc}") from exc
+        raise TargetError(f"importing {spec} failed{_where(exc)}: {type(exc).__name__}: {exc}") from exc
+
+
+_OURS = str(Path(__file__).resolve().parent)
+
+
+def _where(exc: BaseException) -> str:
+    """`` at FILE, line N``: the last line of the workflow's own code that the error passed, if any."""
+    frames = [
+        frame
+        for frame in traceback.extract_tb(exc.__traceback__)
+        if not frame.filename.startswith((_OURS, *_INSTALLED, "<frozen"))
+    ]
+    return f" at {frames[-1].filename}, line {frames[-1].lineno}" if frames else ""
 
 
 def load_graph(target: str) -> WorkflowGraph:

@@ -140,6 +140,18 @@ def test_no_graph_in_module(tmp_path: Path) -> None:
     assert "defines no WorkflowGraph" in done.stderr and done.returncode == 1
 
 
+def test_an_error_while_building_the_graph_names_the_line(tmp_path: Path) -> None:
+    flow = tmp_path / "typo.py"
+    flow.write_text(
+        numbers_flow("class Check(IterativePE):\n    pass\n") + 'graph.connect(Check(), "outptu", Check(), "input")\n'
+    )
+    done = aiod4p("run", str(flow))
+    assert done.returncode == 1 and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    line = len(flow.read_text().splitlines())
+    assert f"failed at {flow}, line {line}: GraphError: PE Check" in done.stderr
+    assert "has no output port 'outptu'" in done.stderr
+
+
 def test_import_error_in_the_workflow_file(tmp_path: Path) -> None:
     (tmp_path / "broken.py").write_text("import no_such_dependency_xyz\n")
     done = aiod4p("run", str(tmp_path / "broken.py"))
