@@ -409,6 +409,18 @@ def test_cancelling_a_run_leaves_no_process_behind(monkeypatch: pytest.MonkeyPat
     assert _marked_processes(mark) == []
 
 
+def test_an_input_error_ends_the_ranks_started_ahead() -> None:
+    """`aiod4p run -m mpi` starts mpiexec while it loads the workflow: a run that cannot start ends them."""
+    mark = f"input-{os.getpid()}-{time.monotonic_ns()}"
+    command = [sys.executable, "-m", "aiod4p", "run", f"{WORKFLOWS}:mpi_chain", "-m", "mpi", "-n", "2"]
+    done = subprocess.run(
+        [*command, "-d", '{"Nobody": 1}'], capture_output=True, text=True, timeout=60,
+        env={**os.environ, "AIOD4P_TEST_MARK": mark},
+    )  # fmt: skip
+    assert done.returncode == 1 and "input key 'Nobody' names no PE of the graph" in done.stderr, done.stderr
+    assert _marked_processes(mark) == []
+
+
 def test_a_killed_launcher_takes_mpiexec_and_its_ranks_with_it(tmp_path: Path) -> None:
     """mpiexec and its ranks run in a session of their own: no signal to the launcher's reaches them."""
     mark = f"kill-{os.getpid()}-{time.monotonic_ns()}"

@@ -145,7 +145,7 @@ class MpiMapping(BaseMapping):
         """The ranks :meth:`head_start` launched if there are ``workers`` of them; any others are ended."""
         early, self._early = self._early, None
         if early is not None and early.workers != workers:
-            early.close()
+            early.close(unused=True)
             return None
         return early
 
@@ -301,11 +301,14 @@ class _Ranks:
             self._directory.cleanup()
             raise
 
-    def close(self) -> None:
-        """End the mpiexec and its ranks if still running, reap it, and remove the socket."""
+    def close(self, *, unused: bool = False) -> None:
+        """End the mpiexec and its ranks if still running, reap it, and remove the socket.
+
+        ``unused``: no job was sent (a head start no run took): nothing to stop gently, so SIGKILL at once.
+        """
         if self.process.returncode is None:
             with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.process.pid, signal.SIGTERM)
+                os.killpg(self.process.pid, signal.SIGKILL if unused else signal.SIGTERM)
             try:
                 self.process.wait(3)
             except subprocess.TimeoutExpired:
