@@ -26,6 +26,7 @@ import asyncio
 import contextlib
 import functools
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -322,6 +323,10 @@ class _Ranks:
         self._directory.cleanup()
 
 
+_BAD_TERMINATION = re.compile(r"PID (\d+) RUNNING AT (\S+)\s*=\s*EXIT CODE: (-?\d+)")
+_EXIT_STRING = re.compile(r"EXIT STRING: (.+)")
+
+
 class _Output(asyncio.StreamReaderProtocol):
     """A stream reader's protocol whose :attr:`lost` is done once its transport has closed."""
 
@@ -501,9 +506,12 @@ class _Job:
                 await asyncio.shield(self.exited)
                 await asyncio.gather(*self.relays)  # its last words
         tail = "".join(self.tail).strip()
-        return f"mpiexec exited with status {self.process.returncode} before the run finished" + (
-            f"; its last output:\n{tail}" if tail else ""
-        )
+        status = f"mpiexec exited with status {self.process.returncode} before the run finished"
+        if (rank := _BAD_TERMINATION.search(tail)) is not None:  # Hydra's banner (already on stderr)
+            pid, host, code = rank.groups()
+            how = f" ({ended.group(1).strip()})" if (ended := _EXIT_STRING.search(tail)) is not None else ""
+            return f"an MPI rank (pid {pid} on {host}) ended with exit code {code}{how}: {status}"
+        return status + (f"; its last output:\n{tail}" if tail else "")
 
     async def _relay(self, stream: asyncio.StreamReader) -> None:
         """Pass the ranks' output on to stderr, keeping its last lines for error messages."""
