@@ -602,6 +602,8 @@ class Supervisor:
             while True:
                 try:
                     chunk = await ahead.take()
+                except Aiod4pError:
+                    raise  # the feed's own error (an --stdin line that is not JSON): as on async
                 except Exception as exc:
                     raise _error(InstanceRef(pe, 0), "feed", exc) from exc
                 if chunk is None:
