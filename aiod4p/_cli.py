@@ -487,7 +487,9 @@ def _watch_reader(main_task: asyncio.Task[Any]) -> asyncio.Event | None:
             gone.set()
             main_task.cancel()
 
+    blocking = os.get_blocking(fd)
     asyncio.get_running_loop().add_reader(fd, closed)
+    os.set_blocking(fd, blocking)  # uvloop makes a watched fd non-blocking: writes to a full pipe would fail
     return gone
 
 

@@ -248,6 +248,22 @@ def test_at_most_one_worker_per_cpu_on_this_machine(mapping: str, workflow_file:
     assert json.loads(stats.read_text())["workers"] == 3
 
 
+@pytest.mark.parametrize("mapping", ["simple", "async"])
+def test_results_into_a_pipe_keep_stdout_blocking(tmp_path: Path, mapping: str) -> None:
+    """The watch for the pipe's reader going away must not make stdout non-blocking (uvloop does so to what
+    it watches): a write into a full pipe would then fail instead of waiting for the reader."""
+    flow = tmp_path / "blocking.py"
+    flow.write_text(
+        numbers_flow(
+            "class Check(IterativePE):\n    def process_item(self, item):\n        return os.get_blocking(1)\n"
+        )
+    )
+    flow.write_text("import os\n" + flow.read_text())
+    done = aiod4p("run", str(flow), "-m", mapping, "-i", "2", "--results", "-", "-q")  # stdout: a pipe
+    assert done.returncode == 0, done.stderr
+    assert [json.loads(line)["data"] for line in done.stdout.splitlines()] == [True, True]
+
+
 def test_graph_draws_the_workers_run_would_start(workflow_file: Path, tmp_path: Path) -> None:
     drawing = tmp_path / "flow.dot"
     capped = _run_on_one_cpu("graph", str(workflow_file), "-m", "multi", "-n", "3", "-o", str(drawing))
