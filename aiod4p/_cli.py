@@ -298,6 +298,10 @@ def _run(args: argparse.Namespace) -> int:
                     _consume(workflow, results, signals, outcome, opened, show_progress, stdin, sampler)
                 )
         except Stopped as stop:
+            # asyncio re-raises a KeyboardInterrupt out of the loop and also keeps it as the exception of the
+            # task it interrupted (the run's, often): taken here, it is not logged as never retrieved.
+            if (task := workflow._task) is not None and task.done() and not task.cancelled():
+                task.exception()
             return _aborted(stop.signum, outcome.records, "during start-up")
         finally:
             signals.restore()

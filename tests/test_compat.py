@@ -832,7 +832,9 @@ def test_graph_and_stats_show_dispel4pys_instance_counts(tmp_path: Path) -> None
         graph.connect(Numbers(), 'output', Count(), 'input')
         """,
     )
-    done = aiod4p_cli("graph", str(flow), "--mapping", "multi", "-n", "4", "-o", "g.dot", cwd=tmp_path)
+    done = aiod4p_cli(
+        "graph", str(flow), "--mapping", "multi", "-n", "4", "--oversubscribe", "-o", "g.dot", cwd=tmp_path
+    )
     assert done.returncode == 0, done.stderr
     assert "Count · ×3 on workers 1,2,3" in (tmp_path / "g.dot").read_text()
     options = ["--mapping", "multi", "-n", "4", "--oversubscribe", "-i", "6", "-q", "--stats-json", "s.json"]
