@@ -58,6 +58,9 @@ pe_logger = logging.getLogger("aiod4p.pe")
 
 # How long the engine may hold the event loop before it lets other tasks run (the host's among them).
 YIELD_SECONDS = 0.005
+# A turn held this long was held by a long batch: the engine then gives way on a timer (Worker.give_way), which
+# costs a little throughput but lets due timers run first; shorter turns give way by sleep(0).
+LONG_TURN = 2 * YIELD_SECONDS
 # With ``fixed_order``, the engine lets other tasks run after this many batches instead (batches in, and
 # batches that a long call writes): a count, not a time, so instances take turns in the same order on every run.
 YIELD_BATCHES = 16
@@ -1170,13 +1173,17 @@ class Worker:
         instances ready in this loop turn then give way after one batch each,
         so a turn of the loop stays short however many instances are busy.
         """
+        held = time.monotonic() - self._turn_started
         if not self._beat_pending:
             self._beat_pending = True
             asyncio.get_running_loop().call_soon(self._new_turn)
-        # A timer, not sleep(0): the loop runs due timers in order of their deadlines, so a host's timer
-        # that fell due during the last batch wakes its task ahead of this one. After sleep(0) this task
-        # would go first, and such a task would wait two or three more batches.
-        await asyncio.sleep(1e-9)
+        if self.fixed_order or held < LONG_TURN:
+            await asyncio.sleep(0)
+        else:
+            # A batch held the loop long: timers fell due meanwhile. The loop runs due timers in the order
+            # of their deadlines, so giving way on a timer lets their tasks run before this one resumes;
+            # after sleep(0) this task would go first, and they would wait two or three more batches.
+            await asyncio.sleep(1e-9)
 
     def _new_turn(self) -> None:
         self._beat_pending = False

@@ -11,7 +11,7 @@ import workflows as wf
 
 import aiod4p
 from aiod4p import IterativePE, ProducerPE, WorkflowGraph
-from aiod4p._engine import YIELD_BATCHES
+from aiod4p._engine import LONG_TURN, YIELD_BATCHES
 
 TOTAL = 100_000
 BATCH = 10
@@ -56,7 +56,7 @@ async def test_a_host_task_runs_while_a_run_streams_at_full_speed(mapping: str) 
         assert len(midway) >= TOTAL // BATCH // YIELD_BATCHES // 2
 
 
-BUSY_SECONDS = 0.01
+BUSY_SECONDS = 2 * LONG_TURN  # a call that alone holds the loop long
 
 
 class Busy(IterativePE):
@@ -81,7 +81,7 @@ async def test_a_host_timer_due_during_a_pe_call_runs_as_soon_as_the_call_ends()
     """A busy instance gives way to due timers too, not only to ready tasks: the host's lag is one call."""
     graph = WorkflowGraph()
     graph.connect(wf.Count(), "output", busy := Busy(), "input")
-    run = asyncio.ensure_future(aiod4p.run_async(graph, 40, batch_size=1))
+    run = asyncio.ensure_future(aiod4p.run_async(graph, 25, batch_size=1))
     calls_while_waiting = []
     async with asyncio.timeout(50):
         await busy.progress.under_way.wait()
