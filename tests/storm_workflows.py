@@ -7,7 +7,7 @@ import socket
 import sys
 from typing import Any
 
-from workflows import Count, Fail, SumAtEnd
+from workflows import Count, Fail, SumAtEnd, Unencodable
 
 from aiod4p import GenericPE, IterativePE, WorkflowGraph, group_by
 from aiod4p.sources import TimerSource
@@ -47,6 +47,14 @@ def failing() -> WorkflowGraph:
     """Count -> Fail(on=3): the item 3 fails on every attempt."""
     graph = WorkflowGraph()
     graph.connect(Count(), "output", Fail(on=3), "input")
+    return graph
+
+
+def unencodable() -> WorkflowGraph:
+    """Count -> Unencodable(on=3) -> SumAtEnd: the item 3 becomes a set, which JSON cannot carry."""
+    graph = WorkflowGraph()
+    graph.connect(Count(), "output", bad := Unencodable(on=3), "input")
+    graph.connect(bad, "output", SumAtEnd(), "input")
     return graph
 
 

@@ -265,7 +265,8 @@ class PEBolt(HostedComponent, Bolt):  # type: ignore[misc]
             self._process(tup)
         except Aiod4pError as exc:  # the PE raised, or wrote what cannot cross: fail the tuple, go on
             self.logger.error("Exception in %s.run()", type(self).__name__, exc_info=True)
-            self._report_error(exc, fatal=False)  # the spout replays the tuple
+            # The spout replays the tuple; an item that cannot cross would fail every replay alike.
+            self._report_error(exc, fatal=isinstance(exc, TransportError))
             self.raise_exception(exc, tup)
             self.fail(tup)
             return
