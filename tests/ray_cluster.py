@@ -90,7 +90,7 @@ class RayCluster:
             self.sessions.append(process.pid)
             output, _ = process.communicate(timeout=240)
             if process.returncode == 0:
-                for pid in _session_processes([process.pid]):
+                for pid in session_processes([process.pid]):
                     with contextlib.suppress(ProcessLookupError, PermissionError):  # not root: never raised
                         os.setpriority(os.PRIO_PROCESS, pid, 0)
                 return
@@ -100,7 +100,7 @@ class RayCluster:
 
     def processes(self) -> list[int]:
         """Process ids of every process of this cluster still running."""
-        return _session_processes(self.sessions)
+        return session_processes(self.sessions)
 
     def stop(self) -> list[int]:
         """Terminate, then kill, every process of the cluster, and remove its files; returns the killed ones."""
@@ -123,7 +123,8 @@ def _reap(starter: int, temp_dir: str, sessions: list[int]) -> None:
     _stop(sessions, temp_dir)
 
 
-def _session_processes(sessions: list[int]) -> list[int]:
+def session_processes(sessions: list[int]) -> list[int]:
+    """Process ids of the running processes of ``sessions`` (session ids)."""
     found = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -140,9 +141,9 @@ def _session_processes(sessions: list[int]) -> list[int]:
 
 def _stop_sessions(sessions: list[int]) -> list[int]:
     """Terminate, then kill, every process of ``sessions``; returns those that had to be killed."""
-    for pid in _session_processes(sessions):
+    for pid in session_processes(sessions):
         _signal(pid, signal.SIGTERM)
-    left = wait_gone(_session_processes(sessions), timeout=15)
+    left = wait_gone(session_processes(sessions), timeout=15)
     for pid in left:
         _signal(pid, signal.SIGKILL)
     wait_gone(left, timeout=15)

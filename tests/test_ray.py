@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
+import subprocess
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import ray
 import workflows as wf
-from helpers import TIMES10_FLOW, aiod4p_cli
-from ray_cluster import RayCluster, wait_gone
+from helpers import TIMES10_FLOW, aiod4p_cli, aiod4p_process
+from ray_cluster import RayCluster, session_processes, wait_gone
 
 import aiod4p
 from aiod4p import IterativePE, WorkflowGraph, group_by
@@ -173,3 +177,52 @@ def test_cli_address_is_for_the_ray_mapping_only(tmp_path: Path) -> None:
     process = aiod4p_cli("run", str(flow), "--mapping", "multi", "--address", "127.0.0.1:1", timeout=55)
     assert process.returncode == 2
     assert "--address applies to --mapping ray only" in process.stderr
+
+
+# -- a local Ray, started by the run (a laptop: no cluster, no RAY_ADDRESS) --------------------------
+
+WITHOUT_CLUSTER = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
+
+
+@contextlib.contextmanager
+def local_ray_wordcount() -> Iterator[subprocess.Popen[str]]:
+    """``aiod4p run examples/wordcount.py -m ray --results -`` in a session of its own, starting its own Ray;
+    whatever of it is left running when the block ends is killed."""
+    process = aiod4p_process("run", "examples/wordcount.py", "-m", "ray", "--results", "-", env=WITHOUT_CLUSTER)
+    try:
+        yield process
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+        process.communicate()
+        for pid in session_processes([process.pid]):
+            os.kill(pid, signal.SIGKILL)
+
+
+def test_a_local_ray_started_by_the_run_ends_with_it() -> None:
+    simple = aiod4p_cli("run", "examples/wordcount.py", "-m", "simple", "--results", "-")
+    with local_ray_wordcount() as run:
+        out, err = run.communicate(timeout=120)
+        assert run.returncode == 0, err
+        assert "SIGTERM handler is not set" not in err  # Ray's notice on ray.init off the main thread
+        assert sorted(out.splitlines()) == sorted(simple.stdout.splitlines())
+        assert wait_gone(session_processes([run.pid]), timeout=30) == []
+
+
+def test_a_sigint_while_the_local_ray_starts_leaves_none_of_it() -> None:
+    with local_ray_wordcount() as run:
+        deadline = time.monotonic() + 60
+        while not any(_is_raylet(pid) for pid in session_processes([run.pid])):  # Ray is starting
+            assert run.poll() is None and time.monotonic() < deadline, "no raylet started"
+            time.sleep(0.02)  # ok-sleep: polling for a process to appear, with a deadline
+        run.send_signal(signal.SIGINT)
+        _, err = run.communicate(timeout=120)
+        assert run.returncode == 130 and "aborted by SIGINT during start-up" in err, err
+        assert wait_gone(session_processes([run.pid]), timeout=30) == []
+
+
+def _is_raylet(pid: int) -> bool:
+    try:
+        return "raylet" in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+    except OSError:
+        return False

@@ -24,6 +24,7 @@ pumped feeds, failures. What is Ray's is here:
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import sys
 import threading
@@ -47,6 +48,17 @@ __all__ = ["RayMapping"]
 OBJECT_STORE_MEMORY = 200 * 1024 * 1024  # bytes of a local Ray's object store
 
 _RemoteWorker: Any = None  # ray.remote(RayWorker), made once
+
+
+class _SigtermNotice(logging.Filter):
+    """Drops Ray's warning that ``ray.init``, called off the main thread, leaves SIGTERM alone: aiod4p
+    handles SIGTERM itself (a drain), and the line would end up on the user's stderr at every run."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("SIGTERM handler is not set")
+
+
+logging.getLogger("ray._private.worker").addFilter(_SigtermNotice())
 
 _cluster_resources: Callable[[], dict[str, float]] = ray.cluster_resources  # unannotated in Ray
 
@@ -161,7 +173,9 @@ class _RayRun:
             MappingUnavailable: Ray cannot be joined, or did not start the actors within ``start_timeout``.
         """
         payload = ship(job, "start Ray actors")
-        acquiring = asyncio.ensure_future(asyncio.to_thread(_CONNECTION.acquire, self.mapping._connect))
+        # A future, not a task: a loop closing on a signal cancels every task, and would leave the Ray that
+        # this call is starting to outlive the run.
+        acquiring = asyncio.get_running_loop().run_in_executor(None, _CONNECTION.acquire, self.mapping._connect)
         try:
             await asyncio.shield(acquiring)
         finally:
