@@ -20,6 +20,7 @@ import pickle
 import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from decimal import Decimal
 from typing import Any, ClassVar, TypeAlias
 
 from .errors import GraphError
@@ -373,11 +374,8 @@ def _encode(value: Any, out: bytearray) -> None:
     elif isinstance(value, numbers.Integral):  # bools and integer types too: equal keys hash alike
         text = str(int(value)).encode()
         out += b"i" + struct.pack("<I", len(text)) + text
-    elif isinstance(value, float):
-        if value.is_integer() and abs(value) < 2**63:
-            _encode(int(value), out)  # 1.0 and 1 are equal keys, so they hash alike
-        else:
-            out += b"f" + struct.pack("<d", value)
+    elif isinstance(value, (numbers.Number, Decimal)) or _is_numpy_scalar(value):
+        _encode_number(value, out)
     elif isinstance(value, str):
         data = value.encode("utf-8", "surrogatepass")
         out += b"s" + struct.pack("<I", len(data)) + data
@@ -394,8 +392,51 @@ def _encode(value: Any, out: bytearray) -> None:
         pairs = sorted(_encoded(k) + _encoded(v) for k, v in value.items())
         out += b"d" + struct.pack("<I", len(pairs)) + b"".join(pairs)
     else:
-        data = pickle.dumps(value, protocol=5)
-        out += b"p" + struct.pack("<I", len(data)) + data
+        _encode_pickled(value, out)
+
+
+def _encode_number(value: Any, out: bytearray) -> None:
+    """Equal numbers encode alike whatever their types, as Python compares them: ``2 == 2.0 ==
+    np.float32(2) == Fraction(2) == Decimal(2)``, ``0.5 == np.float16(0.5)``, ``True == np.bool_(True)``.
+
+    An integral value encodes as that ``int``, any other value a double holds exactly as that double
+    (so every ``float`` key keeps its digest), any other real as its exact ratio.
+    """
+    if _is_numpy_scalar(value) and type(item := value.item()) is not type(value):
+        _encode(item, out)  # the Python number it equals (np.longdouble has none, and stays itself)
+    elif isinstance(value, numbers.Complex) and not isinstance(value, numbers.Real):
+        if value.imag == 0:
+            _encode(value.real, out)
+        else:
+            out += b"c"
+            _encode(value.real, out)
+            _encode(value.imag, out)
+    else:
+        try:
+            numerator, denominator = value.as_integer_ratio()
+        except (AttributeError, ValueError, OverflowError):  # inf or nan, or no ratio
+            try:
+                out += b"f" + struct.pack("<d", float(value))
+            except (TypeError, ValueError, OverflowError):
+                _encode_pickled(value, out)
+            return
+        if denominator == 1:
+            _encode(numerator, out)
+        elif (double := float(value)).as_integer_ratio() == (numerator, denominator):
+            out += b"f" + struct.pack("<d", double)
+        else:
+            out += b"q"
+            _encode(numerator, out)
+            _encode(denominator, out)
+
+
+def _is_numpy_scalar(value: Any) -> bool:
+    return type(value).__module__ == "numpy" and hasattr(value, "item") and getattr(value, "ndim", None) == 0
+
+
+def _encode_pickled(value: Any, out: bytearray) -> None:
+    data = pickle.dumps(value, protocol=5)
+    out += b"p" + struct.pack("<I", len(data)) + data
 
 
 _LENGTH = struct.Struct("<I")

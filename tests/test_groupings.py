@@ -7,8 +7,11 @@ import os
 import subprocess
 import sys
 from collections import Counter
+from decimal import Decimal
+from fractions import Fraction
 from typing import Any
 
+import numpy as np
 import pytest
 import workflows as wf
 from conftest import MappingCase
@@ -57,7 +60,27 @@ def test_stable_hash_keeps_its_values_across_versions(key: object, expected: int
 
 
 @pytest.mark.parametrize(
-    ("left", "right"), [(1, 1.0), ((1, "a"), [1, "a"]), (0, False), (1, True), ((True, 2.0), (1, 2))]
+    ("left", "right"),
+    [
+        (1, 1.0),
+        ((1, "a"), [1, "a"]),
+        (0, False),
+        (1, True),
+        ((True, 2.0), (1, 2)),
+        (0.5, np.float32(0.5)),
+        (0.5, np.float16(0.5)),
+        (0.5, Fraction(1, 2)),
+        (0.5, Decimal("0.5")),
+        (0.5, np.longdouble(0.5)),
+        (True, np.bool_(True)),
+        (3, np.uint8(3)),
+        (2, complex(2, 0)),
+        (1 + 2j, np.complex64(1 + 2j)),
+        (10**20, 1e20),
+        (Fraction(1, 3), Fraction(2, 6)),
+        (float("inf"), Decimal("inf")),
+        ((np.float32(1.5), "a"), [1.5, "a"]),
+    ],
 )
 def test_equal_keys_hash_alike_where_python_says_they_are_equal(left: object, right: object) -> None:
     # Equal keys must hash alike: a router remembers each key's destination by Python equality.

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import time
 from collections import Counter, defaultdict
+from decimal import Decimal
+from fractions import Fraction
 
+import numpy as np
 import pytest
 import workflows as wf
 from conftest import MappingCase
@@ -28,6 +31,19 @@ def test_group_by_sends_each_key_to_exactly_one_instance(mapping: MappingCase) -
     assert set(instances_per_key) == set(range(5))
     assert all(len(seen) == 1 for seen in instances_per_key.values())
     assert sorted(item for _, (_, item) in results.data()) == list(range(300))
+
+
+def test_group_by_sends_equal_keys_of_other_number_types_to_one_instance(mapping: MappingCase) -> None:
+    # np.float32(0.5) == 0.5 == Fraction(1, 2) in Python: one key, whichever branch (a FITS column, a
+    # Python computation) it came from.
+    graph = wf.mixed_number_keys(float, np.float32, Fraction, Decimal)
+    results = mapping.run(graph, 40)
+    instances_per_key: dict[float, set[int]] = defaultdict(set)
+    for instance, (key, _item) in results.data():
+        instances_per_key[float(key)].add(instance)
+    assert sorted(instances_per_key) == [key + 0.5 for key in range(10)]
+    assert all(len(seen) == 1 for seen in instances_per_key.values()), instances_per_key
+    assert len(results) == 4 * 40
 
 
 def test_group_by_key_function(mapping: MappingCase) -> None:

@@ -20,6 +20,7 @@ from aiod4p import (
     ProducerPE,
     WorkflowGraph,
     chain,
+    group_by,
     iterative,
     producer,
     stable_hash,
@@ -80,6 +81,28 @@ class Tag(IterativePE):
 
     def process_item(self, item: int) -> tuple[int, int]:
         return item % self.modulo, item
+
+
+class TagAs(IterativePE):
+    """Emits ``(kind(item % modulo + 0.5), item)``: keys of the number type ``kind`` (``np.float32``...)."""
+
+    def __init__(self, kind: Any, modulo: int = 10) -> None:
+        super().__init__()
+        self.kind = kind
+        self.modulo = modulo
+
+    def process_item(self, item: int) -> tuple[Any, int]:
+        return self.kind(item % self.modulo + 0.5), item
+
+
+def mixed_number_keys(*kinds: Any) -> WorkflowGraph:
+    """One ``Count -> TagAs(kind)`` branch per number type, all into one ``WhoSawWhat(group_by(0))``."""
+    graph = WorkflowGraph()
+    sink = WhoSawWhat(group_by(0), parallelism=3)
+    for kind in kinds:
+        graph.connect(Count(), "output", tag := TagAs(kind), "input")
+        graph.connect(tag, "output", sink, "input")
+    return graph
 
 
 class WhoSawWhat(GenericPE):
