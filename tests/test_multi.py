@@ -214,7 +214,8 @@ def test_start_method_option_and_environment(monkeypatch: pytest.MonkeyPatch) ->
         resolve_start_method()
 
 
-def test_spawn_from_an_interactive_session_refuses_its_classes_clearly() -> None:
+@pytest.mark.parametrize("how", ["python -c", "python - < script"])
+def test_spawn_from_an_interactive_session_refuses_its_classes_clearly(how: str) -> None:
     session = textwrap.dedent(
         """
         import aiod4p, threading
@@ -236,12 +237,9 @@ def test_spawn_from_an_interactive_session_refuses_its_classes_clearly() -> None
         print(sorted(aiod4p.run(graph, mapping=MultiMapping("fork"), workers=2).data()))
         """
     )
+    command, stdin = ([sys.executable, "-c", session], None) if how == "python -c" else ([sys.executable, "-"], session)
     result = subprocess.run(
-        [sys.executable, "-c", session],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        command, input=stdin, capture_output=True, text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(ROOT)}
     )
     assert result.returncode == 0, result.stderr
     refused, fork = result.stdout.splitlines()

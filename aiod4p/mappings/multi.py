@@ -149,7 +149,7 @@ class _MultiRun:
 
     async def start(self, job: Job) -> dict[int, PipeComm]:
         """Start the worker processes; the parent's ends of their control comms."""
-        if self.method != "fork" and not hasattr(sys.modules["__main__"], "__file__"):
+        if self.method != "fork" and not _main_importable():
             where = f"{self.method}ed worker processes (an interactive session or notebook has no file to import again)"
             check_importable(self.plan, where, _HINT)
         payload = job if self.method == "fork" else ship(job, f"start {self.method}ed worker processes", _HINT)
@@ -234,3 +234,13 @@ def _watch_exit(process: BaseProcess) -> asyncio.Future[None]:
 
     loop.add_reader(sentinel, on_exit)
     return ended
+
+
+def _main_importable() -> bool:
+    """Whether a spawned process can import ``__main__`` again: by its module name (``python -m``) or from
+    its file (a script; not ``python -c``, a notebook, or a script read from stdin, named ``<stdin>``)."""
+    main = sys.modules["__main__"]
+    if getattr(main, "__spec__", None) is not None:
+        return True
+    path = getattr(main, "__file__", None)
+    return isinstance(path, str) and os.path.isfile(path)
