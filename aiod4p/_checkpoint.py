@@ -835,11 +835,17 @@ async def run_with_recovery(
     feeds: Mapping[str, Feed],
     sink: ResultSink,
     attempt: Callable[[Session], Awaitable[list[InstanceStats]]],
+    draining: Callable[[], bool] = lambda: False,
 ) -> list[InstanceStats]:
     """Run ``attempt`` with checkpoints; after a dead worker, restart it from the last checkpoint.
 
+    Not once the run is ``draining``: the restored sources would stop where the checkpoint left them,
+    and what the run had accepted after it would be lost. The run fails instead; ``--restore`` resumes it
+    from that checkpoint.
+
     Raises:
         CheckpointError: ``restore`` found no complete checkpoint, or one of another graph.
+        WorkerDied: a worker died, ``restarts`` times already or while draining.
     """
     store = CheckpointStore(config.directory, config.keep)
     for pe_id in unreplayable(plan, feeds):
@@ -868,6 +874,17 @@ async def run_with_recovery(
         except RESTARTED as exc:
             if restarts >= config.restarts:
                 raise
+            if draining():
+                newest = store.latest(since)
+                resume = (
+                    f"--restore resumes it from checkpoint {newest.id} in {store.directory}"
+                    if newest is not None
+                    else "no checkpoint had completed"
+                )
+                raise WorkerDied(
+                    f"{exc}; not restarted, since the run was draining (a restart would stop its sources where"
+                    f" the checkpoint left them, and lose what they had produced since): {resume}"
+                ) from exc
             restarts += 1
             restore = True
             logger.warning("restart %d of %d after: %s", restarts, config.restarts, exc)

@@ -162,6 +162,15 @@ def _maybe_kill() -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+class DiesDraining(Split):
+    """A :class:`Split` whose ``postprocess`` (in a drained live run: while it drains) SIGKILLs its worker
+    process (not the process whose pid is ``AIOD4P_TEST_KILLS_SPARE``)."""
+
+    def postprocess(self) -> None:
+        if os.environ.get("AIOD4P_TEST_KILLS_SPARE") != str(os.getpid()):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
 class DiesSaving(Split):
     """A Split with its own snapshot(): with ``AIOD4P_TEST_DIE_SAVING=MARKER:CHECKPOINT_DIR``, the worker process
     whose instance is the first of this PE to snapshot for a checkpoint ``k >= 2`` being written (its directory

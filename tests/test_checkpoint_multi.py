@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from ckpt_workflows import (
+    DiesDraining,
     DiesSaving,
     HeldLines,
     expected_counts,
@@ -232,6 +233,30 @@ async def test_checkpoints_go_on_while_a_live_source_waits_for_input(tmp_path: P
             live.drain()
             got = await results
     assert dict(record.data for record in got) == expected_counts(path)
+
+
+async def test_a_worker_dying_while_the_run_drains_is_not_restarted_and_restore_loses_nothing(tmp_path: Path) -> None:
+    """A restart would stop the restored sources at once, where the checkpoint left them: what they had produced
+    since would be lost. The run fails instead, naming the checkpoint that ``--restore`` resumes from."""
+    path = tmp_path / "words.txt"
+    write_words(path, 3000)
+    results = tmp_path / "results.jsonl"
+    graph = word_count(path, split=DiesDraining(), lines=LinesSource(path, follow=True))
+    completions, mapping = _Completions(2), _multi(tmp_path / "ck", results, restarts=3)
+    with on_completed(completions.completed):
+        async with asyncio.timeout(60), start(graph, 1, mapping=mapping, workers=2) as live:
+            ended = asyncio.ensure_future(live.results())
+            await completions.reached.wait()
+            live.drain()
+            with pytest.raises(WorkerDied, match="not restarted, since the run was draining") as failure:
+                await ended
+    assert "--restore resumes it from checkpoint" in str(failure.value)
+    again = word_count(path, lines=LinesSource(path, follow=True))  # the same PE ids; a Split that lives
+    restored = _multi(tmp_path / "ck", results, restore=True)
+    async with asyncio.timeout(60), start(again, 1, mapping=restored, workers=2) as live:
+        live.drain()  # a followed file drains to its end
+        await live.results()
+    assert _file_counts(results) == expected_counts(path)
 
 
 @pytest.mark.parametrize("mapping", ["async", "multi"])

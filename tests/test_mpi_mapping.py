@@ -249,6 +249,16 @@ def test_a_rank_killed_by_a_signal_fails_the_run() -> None:
     assert time.monotonic() - started < 10
 
 
+def test_ranks_exiting_badly_after_the_run_finished_leave_its_results(caplog: pytest.LogCaptureFixture) -> None:
+    # Every rank had sent all it had: the run's results are complete (and a checkpointed run must not be
+    # restarted to redo them), so mpiexec's status is a warning.
+    graph = WorkflowGraph()
+    graph.connect(wf.Count(), "output", wf.ExitsBadlyAtExit(parallelism=2), "input")
+    results = aiod4p.run(graph, 20, mapping="mpi", workers=2)
+    assert sorted(results.data()) == list(range(20))
+    assert "mpiexec exited with status" in caplog.text and "after the run finished (results complete)" in caplog.text
+
+
 def test_statistics_of_every_rank() -> None:
     graph, _ = wf.pipeline(3)
 

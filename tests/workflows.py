@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import atexit
 import os
 import threading
 import time
@@ -372,6 +373,16 @@ def mpi_failing(kill: bool = False) -> WorkflowGraph:
 
 def mpi_killed() -> WorkflowGraph:
     return mpi_failing(kill=True)
+
+
+class ExitsBadlyAtExit(IterativePE):
+    """Passes items on; the process it ran in exits with status 3 when it ends (after the run finished)."""
+
+    def preprocess(self) -> None:
+        atexit.register(os._exit, 3)
+
+    def process_item(self, item: int) -> int:
+        return item
 
 
 # -- windows and live sources (issue 6) ----------------------------------------------

@@ -130,10 +130,12 @@ class BaseMapping(ABC):
         plan: ExecutionPlan,
         feeds: Mapping[str, Feed],
         sink: ResultSink,
+        control: RunControl,
         attempt: Callable[[ResultSink, Session | None], Awaitable[list[InstanceStats]]],
     ) -> list[InstanceStats]:
         """Run ``plan`` by ``attempt``: once, as ``attempt(sink, None)``, with checkpointing off; with it on,
-        under :func:`~aiod4p._checkpoint.run_with_recovery`, each attempt as ``attempt(session.sink, session)``.
+        under :func:`~aiod4p._checkpoint.run_with_recovery`, each attempt as ``attempt(session.sink, session)``
+        (no restart once ``control`` is draining).
 
         Raises:
             CheckpointError: ``restore`` found no complete checkpoint, or one of another graph.
@@ -141,5 +143,10 @@ class BaseMapping(ABC):
         if self.checkpointing is None:
             return await attempt(sink, None)
         return await run_with_recovery(
-            self.checkpointing, plan, feeds, sink, lambda session: attempt(session.sink, session)
+            self.checkpointing,
+            plan,
+            feeds,
+            sink,
+            lambda session: attempt(session.sink, session),
+            draining=lambda: control.draining,
         )

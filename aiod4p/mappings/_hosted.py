@@ -100,7 +100,11 @@ class HostedMapping(BaseMapping):
             MappingUnavailable: the workers cannot be started (as the mapping says).
         """
         return await self._recovering(
-            plan, feeds, sink, lambda sink, session: self._attempt(plan, feeds, sink, control, max_delay, session)
+            plan,
+            feeds,
+            sink,
+            control,
+            lambda sink, session: self._attempt(plan, feeds, sink, control, max_delay, session),
         )
 
     async def _attempt(

@@ -47,7 +47,7 @@ class AsyncMapping(BaseMapping):
             stats: list[InstanceStats] = await drive(session, checkpoints.trigger, worker.run())
             return stats
 
-        return await self._recovering(plan, feeds, sink, attempt)
+        return await self._recovering(plan, feeds, sink, control, attempt)
 
 
 def _publish(worker: Worker, control: RunControl) -> None:

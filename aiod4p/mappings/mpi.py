@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import logging
 import os
 import re
 import signal
@@ -60,6 +61,8 @@ from ._mpi_env import (
 from ._shipping import Job, check_importable, ship
 
 __all__ = ["MpiMapping"]
+
+logger = logging.getLogger("aiod4p.mpi")
 
 _OUTPUT_LINES = 20
 _EXIT_TIMEOUT = 30.0
@@ -175,6 +178,7 @@ class MpiMapping(BaseMapping):
             plan,
             feeds,
             sink,
+            control,
             # the first attempt's ranks were started ahead (head_start); a restart launches anew
             lambda sink, session: _launch(
                 plan, feeds, sink, control, max_delay, session, self._take_early(plan.workers)
@@ -466,13 +470,19 @@ class _Job:
                         await asyncio.shield(self.exited)
                 raise
             self.reported = True
+            # Every rank has sent all it had: the results are complete, and a restart must not redo them.
             try:
                 async with asyncio.timeout(_EXIT_TIMEOUT):
                     code = await asyncio.shield(self.exited)
             except TimeoutError:
-                raise WorkerDied(f"the MPI ranks did not exit within {_EXIT_TIMEOUT:.0f} s after the run") from None
-            if code != 0:
-                raise WorkerDied(f"mpiexec exited with status {code} after the run finished")
+                logger.warning(
+                    "the MPI ranks did not exit within %.0f s after the run finished (its results are complete):"
+                    " stopping them",
+                    _EXIT_TIMEOUT,
+                )
+            else:
+                if code != 0:
+                    logger.warning("mpiexec exited with status %d after the run finished (results complete)", code)
             return stats
         finally:
             accept.cancel()
