@@ -887,7 +887,9 @@ async def run_with_recovery(
                 ) from exc
             restarts += 1
             restore = True
-            logger.warning("restart %d of %d after: %s", restarts, config.restarts, exc)
+            # Its text, not the error: a handler that keeps its records (pytest's) would keep the error's
+            # traceback, and with it the frames of the attempt that ended, its workers' comms and buffers.
+            logger.warning("restart %d of %d after: %s", restarts, config.restarts, str(exc))
         finally:
             if log is not None:
                 log.close()

@@ -9,7 +9,9 @@ without processes.
 from __future__ import annotations
 
 import asyncio
+import gc
 import itertools
+import weakref
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
@@ -20,6 +22,7 @@ from aiod4p import PlanOptions, WorkflowGraph, make_plan
 from aiod4p._engine import Feed, Worker
 from aiod4p._plan import ExecutionPlan
 from aiod4p._results import ListSink
+from aiod4p._stats import InstanceStats
 from aiod4p.errors import PEError, WorkerDied
 from aiod4p.mappings import RunControl
 from aiod4p.mappings._host import ForwardSink, Supervisor, pumped_feeds, serve, split_feeds
@@ -136,3 +139,41 @@ async def test_drain_stops_an_endless_pumped_feed() -> None:
         await run
     data = sink.results.data()
     assert len(data) >= 500 and sorted(data) == [4 * i for i in range(len(data))]  # nothing lost in flight
+
+
+async def test_an_ended_supervisor_is_let_go_by_the_runs_control(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every attempt of a checkpointed run supervises new workers under the run's one control: an attempt
+    that ended (its worker died) must not stay registered for drains, which kept it alive with its comms
+    and their buffers, restart after restart (the launcher grew by ~550 kB a restart)."""
+    supervisors: list[weakref.ref[Supervisor]] = []
+    supervise = Supervisor.run
+
+    async def recorded(self: Supervisor) -> list[InstanceStats]:
+        supervisors.append(weakref.ref(self))
+        return await supervise(self)
+
+    monkeypatch.setattr(Supervisor, "run", recorded)
+    graph, source = wf.pipeline(2)
+    plan = make_plan(graph, PlanOptions(workers=2))
+    control = RunControl()
+    for _ in range(3):  # as three attempts of one run
+        with pytest.raises(WorkerDied):
+            async with asyncio.timeout(20):
+                await _run(plan, {source.id: 10**9}, kill=1, control=control)
+    gc.collect()  # an ended attempt may wait for the collector (its errors and frames form cycles): not a leak
+    assert len(supervisors) == 3
+    assert [ref() for ref in supervisors] == [None, None, None]
+    assert control.under_way  # between two attempts the run is still under way: a signal drains it
+
+
+def test_a_forgotten_drain_callback_is_not_called_and_a_later_one_is_at_once() -> None:
+    control, calls = RunControl(), []
+    assert not control.under_way
+    forget = control.on_drain(lambda: calls.append("ended attempt"))
+    forget()
+    forget()  # twice: nothing more
+    assert control.under_way
+    control.drain()
+    assert calls == []
+    control.on_drain(lambda: calls.append("next attempt"))  # a drain asked for between attempts
+    assert calls == ["next attempt"]

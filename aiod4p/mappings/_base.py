@@ -24,6 +24,7 @@ class RunControl:
     def __init__(self) -> None:
         self.draining = False
         self._callbacks: list[Callable[[], None]] = []
+        self._under_way = False
         self._stats: dict[int, list[InstanceStats]] = {}
         self.instances: dict[InstanceRef, PE] = {}
 
@@ -41,19 +42,32 @@ class RunControl:
 
     @property
     def under_way(self) -> bool:
-        """Whether the mapping has started its workers and listens for drain requests."""
-        return bool(self._callbacks)
+        """Whether the mapping has started its workers and listens for drain requests (it still is between
+        two attempts of a checkpointed run: the next attempt drains at once)."""
+        return self._under_way
 
-    def on_drain(self, callback: Callable[[], None]) -> None:
-        """Call ``callback`` when draining is requested (at once if it already was)."""
+    def on_drain(self, callback: Callable[[], None]) -> Callable[[], None]:
+        """Call ``callback`` when draining is requested (at once if it already was); returns what stops that.
+
+        An attempt of a checkpointed run calls the returned function when it ends: its callback would
+        otherwise keep the whole attempt (its workers' comms and buffers, its checkpoints) alive for every
+        restart to come.
+        """
         self._callbacks.append(callback)
+        self._under_way = True
         if self.draining:
             callback()
+
+        def forget() -> None:
+            with contextlib.suppress(ValueError):  # already forgotten
+                self._callbacks.remove(callback)
+
+        return forget
 
     def drain(self) -> None:
         if not self.draining:
             self.draining = True
-            for callback in self._callbacks:
+            for callback in list(self._callbacks):
                 callback()
 
 

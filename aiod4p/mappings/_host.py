@@ -493,10 +493,11 @@ class Supervisor:
         pumps = [asyncio.create_task(self._pump(pe, wid, feed), name=f"pump {pe}") for pe, wid, feed in self.pumped]
         if self.checkpoints is not None:
             pumps.append(asyncio.create_task(self.checkpoints.drive(), name="checkpoint coordinator"))
-        self.control.on_drain(self._drain)
+        forget_drain = self.control.on_drain(self._drain)
         try:
             await self._supervise(watchers, pumps)
         finally:
+            forget_drain()  # else the run's control keeps this attempt alive through every restart
             for task in [*watchers, *pumps]:
                 task.cancel()
             await asyncio.gather(*watchers, *pumps, *self._posts, return_exceptions=True)

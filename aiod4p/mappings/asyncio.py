@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import ClassVar
 
 from .._checkpoint import Session, WorkerCheckpoints, drive
@@ -43,15 +43,19 @@ class AsyncMapping(BaseMapping):
             checkpoints = WorkerCheckpoints(
                 worker, session.store, session.restored, session.first, session.coordinator.add_parts, gate
             )
-            _publish(worker, control)
-            stats: list[InstanceStats] = await drive(session, checkpoints.trigger, worker.run())
+            forget_drain = _publish(worker, control)
+            try:
+                stats: list[InstanceStats] = await drive(session, checkpoints.trigger, worker.run())
+            finally:
+                forget_drain()  # a restart's next attempt has its own worker: let this one go
             return stats
 
         return await self._recovering(plan, feeds, sink, control, attempt)
 
 
-def _publish(worker: Worker, control: RunControl) -> None:
-    """Let ``control`` drain ``worker`` and see its live statistics and instances."""
-    control.on_drain(worker.drain)
+def _publish(worker: Worker, control: RunControl) -> Callable[[], None]:
+    """Let ``control`` drain ``worker`` and see its live statistics and instances; returns what stops the draining."""
+    forget_drain = control.on_drain(worker.drain)
     control.publish_stats(0, worker.stats)  # live objects, updated as the run goes
     control.publish_instances(worker.instances)
+    return forget_drain
