@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
+import fcntl
 import hashlib
 import json
 import logging
@@ -36,7 +38,7 @@ import shutil
 import threading
 import time
 import urllib.parse
-from collections.abc import AsyncIterator, Awaitable, Callable, Hashable, Iterable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Hashable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TextIO
@@ -70,6 +72,8 @@ __all__ = [
 logger = logging.getLogger("aiod4p.checkpoint")
 
 MANIFEST = "MANIFEST.json"
+LOCK = "aiod4p.lock"
+"""The lock file in a checkpoint directory: the run that uses the directory holds ``flock`` on it."""
 _PREFIX = "chk-"
 
 
@@ -133,6 +137,33 @@ def _atomic_write(path: Path, data: bytes, sync_dir: bool = True) -> None:
         _fsync_dir(path.parent)
 
 
+_held_locks: set[int] = set()
+"""The descriptors of the directory locks this process holds (:meth:`CheckpointStore.locked`)."""
+
+
+def _drop_inherited_locks() -> None:
+    """In a forked child (a multi worker): close its copies of the parent's lock descriptors.
+
+    A ``flock`` belongs to the open file, which a fork shares: closing the child's copy leaves the
+    parent's lock as it is, and the lock then ends with the process that runs the coordinator, not with
+    the last of its workers. (An explicit unlock here would release the parent's lock: never done.)
+    """
+    for fd in _held_locks:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _held_locks.clear()
+
+
+os.register_at_fork(after_in_child=_drop_inherited_locks)
+
+
+def _lock_holder(fd: int) -> str:
+    """`` (pid N)``: the process that holds the lock of ``fd``'s file, as it wrote it; empty if unknown."""
+    with contextlib.suppress(OSError, ValueError):
+        return f" (pid {int(os.pread(fd, 32, 0))})"
+    return ""
+
+
 def _part_name(ref: InstanceRef) -> str:
     return f"{urllib.parse.quote(ref.pe, safe='')}.{ref.index}.state"
 
@@ -178,6 +209,64 @@ class CheckpointStore:
 
     def path(self, n: int) -> Path:
         return self.directory / f"{_PREFIX}{n:08d}"
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """Hold the directory's advisory lock while the block runs: one run at a time uses a directory.
+
+        The lock is ``fcntl.flock`` on :data:`LOCK` in the directory (created if need be; it holds the
+        pid of the holder, for the message of a run refused). The run that coordinates checkpoints
+        holds it for its whole life, over its restarts (one lock, taken once); it is released when the
+        block ends, however it ends, and by the kernel when the process ends, even by SIGKILL. Worker
+        processes forked meanwhile do not keep it (:func:`_drop_inherited_locks`).
+
+        Raises:
+            CheckpointError: another run holds the lock (in another process, or in this one: a lock is
+                per open file), or the lock file cannot be opened or locked (named, with the system's
+                reason). A file system that has no locks (``ENOLCK``, ``EOPNOTSUPP``) gets a warning, and
+                the block runs without the lock.
+        """
+        path = self.directory / LOCK
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError as exc:
+            raise CheckpointError(
+                f"cannot lock checkpoint directory {self.directory}: {path}: {exc.strerror or exc}"
+            ) from exc
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _lock_holder(fd)
+            os.close(fd)
+            raise CheckpointError(
+                f"checkpoint directory {self.directory} is in use by another run{holder}: two runs cannot take"
+                " checkpoints into one directory (give this run another --checkpoint-dir, or wait for that"
+                " run to end)"
+            ) from None
+        except OSError as exc:
+            os.close(fd)
+            if exc.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP):
+                raise CheckpointError(
+                    f"cannot lock checkpoint directory {self.directory}: {path}: {exc.strerror or exc}"
+                ) from exc
+            logger.warning(
+                "cannot lock checkpoint directory %s (%s): make sure no other run uses it", self.directory, exc.strerror
+            )
+            fd = -1  # a file system without locks (some network ones): the run goes on unguarded, as it used to
+        if fd < 0:
+            yield
+            return
+        _held_locks.add(fd)
+        try:
+            with contextlib.suppress(OSError):  # the pid is for messages only
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            yield
+        finally:
+            _held_locks.discard(fd)
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, 0)
+            os.close(fd)  # the last descriptor of the open file here: the lock goes with it
 
     def ids(self) -> list[int]:
         """Every checkpoint id with a directory, complete or not, in increasing order."""
@@ -327,19 +416,23 @@ class _GateSink:
 class ResultsLog:
     """The ``--results`` file of a checkpointed run, in front of the run's own sink.
 
-    Opened at ``offset`` (the committed length of a restored checkpoint:
-    whatever follows is truncated) or empty; :meth:`commit` flushes and syncs
-    it and returns its length.
+    Opened at ``offset`` (the committed length of the restored checkpoint,
+    described by ``checkpoint`` in messages: whatever follows is truncated)
+    or, with no offset, empty (created if need be); :meth:`commit` flushes
+    and syncs it and returns its length.
+
+    Raises:
+        CheckpointError: the file cannot be opened; or, with an offset, it is
+            shorter than the offset, or it is missing and the offset is not 0
+            (a missing file at offset 0 is created): the checkpoint's results
+            are not all there, and nothing is written.
     """
 
-    def __init__(self, path: str, sink: ResultSink, offset: int | None) -> None:
+    def __init__(self, path: str, sink: ResultSink, offset: int | None, checkpoint: str = "the checkpoint") -> None:
         self.path = path
         self._sink = sink
         try:
-            self._out: TextIO = open(path, "r+" if offset is not None else "w", encoding="utf-8")  # noqa: SIM115
-            if offset is not None:
-                self._out.truncate(offset)
-                self._out.seek(offset)
+            self._out: TextIO = _open_results(path, offset, checkpoint)
         except OSError as exc:
             raise CheckpointError(f"cannot write results to {path}: {exc.strerror or exc}") from exc
 
@@ -362,6 +455,43 @@ class ResultsLog:
 
     def close(self) -> None:
         self._out.close()
+
+
+def _open_results(path: str, offset: int | None, checkpoint: str) -> TextIO:
+    """``path`` open for writing at ``offset`` (truncated there), or empty with no offset (see :class:`ResultsLog`).
+
+    Nothing is written before the file is known to hold the ``offset`` bytes committed.
+
+    Raises:
+        CheckpointError: the file is shorter than ``offset``, or missing while ``offset`` is not 0.
+        OSError: it cannot be opened.
+    """
+    if offset is None:
+        return open(path, "w", encoding="utf-8")
+    try:
+        out = open(path, "r+", encoding="utf-8")  # noqa: SIM115 - the caller closes it
+    except FileNotFoundError:
+        if offset:
+            raise CheckpointError(
+                f"the results file of the checkpointed run is missing: {path} ({checkpoint} committed"
+                f" {offset} bytes of it); nothing was written (put the file back, or start the run afresh,"
+                " without --restore)"
+            ) from None
+        return open(path, "w", encoding="utf-8")  # nothing was committed: a new file
+    try:
+        size = os.fstat(out.fileno()).st_size
+        if size < offset:
+            raise CheckpointError(
+                f"the results file {path} is {size} bytes, shorter than the {offset} bytes {checkpoint}"
+                " committed: it was truncated or replaced since; nothing was written (put the whole file back,"
+                " or start the run afresh, without --restore)"
+            )
+        out.truncate(offset)
+        out.seek(offset)
+    except BaseException:
+        out.close()
+        raise
+    return out
 
 
 # -- the coordinator ------------------------------------------------------------------------
@@ -843,56 +973,70 @@ async def run_with_recovery(
     and what the run had accepted after it would be lost. The run fails instead; ``--restore`` resumes it
     from that checkpoint.
 
+    The run holds the directory's lock (:meth:`CheckpointStore.locked`) from before its first attempt to
+    the end of its last one: another run cannot use the directory meanwhile; its own restarts do.
+
     Raises:
-        CheckpointError: ``restore`` found no complete checkpoint, or one of another graph.
+        CheckpointError: ``restore`` found no complete checkpoint (or no directory), or one of another
+            graph; another run uses the directory; the ``--results`` file does not hold what the restored
+            checkpoint committed (:class:`ResultsLog`).
         WorkerDied: a worker died, ``restarts`` times already or while draining.
     """
+    if config.restore and not os.path.lexists(config.directory):  # noqa: ASYNC240 - one stat, instant
+        raise CheckpointError(f"--restore: no complete checkpoint in {config.directory}: the directory does not exist")
     store = CheckpointStore(config.directory, config.keep)
-    for pe_id in unreplayable(plan, feeds):
-        logger.warning(
-            "checkpoints: the input of PE %s cannot be replayed; after a restore, what it had in flight is lost", pe_id
-        )
-    restore, restarts, since = config.restore, 0, 0
-    while True:
-        restored = store.latest(since) if restore else None
-        if config.restore and restored is None and restarts == 0:
-            raise CheckpointError(f"--restore: no complete checkpoint in {store.directory}")
-        if restored is not None:
-            for pe_id in plan.placement:
-                restored.parallelism(pe_id)
-            logger.warning("restoring checkpoint %d from %s", restored.id, store.directory)
-        log = (
-            ResultsLog(config.results_path, sink, restored.results_offset if restored is not None else None)
-            if config.results_path is not None
-            else None
-        )
-        coordinator = Coordinator(store, plan, config.interval, restored.id if restored else 0, log)
-        if restarts == 0 and not config.restore:
-            since = coordinator.first_of_run  # a restart never takes an older run's checkpoint
-        try:
-            return await attempt(Session(config, store, restored, coordinator, log if log is not None else sink))
-        except RESTARTED as exc:
-            if restarts >= config.restarts:
-                raise
-            if draining():
-                newest = store.latest(since)
-                resume = (
-                    f"--restore resumes it from checkpoint {newest.id} in {store.directory}"
-                    if newest is not None
-                    else "no checkpoint had completed"
+    with store.locked():
+        for pe_id in unreplayable(plan, feeds):
+            logger.warning(
+                "checkpoints: the input of PE %s cannot be replayed; after a restore, what it had in flight is lost",
+                pe_id,
+            )
+        restore, restarts, since = config.restore, 0, 0
+        while True:
+            restored = store.latest(since) if restore else None
+            if config.restore and restored is None and restarts == 0:
+                raise CheckpointError(f"--restore: no complete checkpoint in {store.directory}")
+            if restored is not None:
+                for pe_id in plan.placement:
+                    restored.parallelism(pe_id)
+                logger.warning("restoring checkpoint %d from %s", restored.id, store.directory)
+            log = (
+                ResultsLog(
+                    config.results_path,
+                    sink,
+                    restored.results_offset if restored is not None else None,
+                    f"checkpoint {restored.id} in {store.directory}" if restored is not None else "the checkpoint",
                 )
-                raise WorkerDied(
-                    f"{exc}; not restarted, since the run was draining (a restart would stop its sources where"
-                    f" the checkpoint left them, and lose what they had produced since): {resume}"
-                ) from exc
-            restarts += 1
-            restore = True
-            # Its text, not the error: a handler that keeps its records (pytest's) would keep the error's
-            # traceback, and with it the frames of the attempt that ended, its workers' comms and buffers.
-            logger.warning("restart %d of %d after: %s", restarts, config.restarts, str(exc))
-        finally:
-            if log is not None:
-                log.close()
+                if config.results_path is not None
+                else None
+            )
+            coordinator = Coordinator(store, plan, config.interval, restored.id if restored else 0, log)
+            if restarts == 0 and not config.restore:
+                since = coordinator.first_of_run  # a restart never takes an older run's checkpoint
+            try:
+                return await attempt(Session(config, store, restored, coordinator, log if log is not None else sink))
+            except RESTARTED as exc:
+                if restarts >= config.restarts:
+                    raise
+                if draining():
+                    newest = store.latest(since)
+                    resume = (
+                        f"--restore resumes it from checkpoint {newest.id} in {store.directory}"
+                        if newest is not None
+                        else "no checkpoint had completed"
+                    )
+                    raise WorkerDied(
+                        f"{exc}; not restarted, since the run was draining (a restart would stop its sources"
+                        f" where the checkpoint left them, and lose what they had produced since): {resume}"
+                    ) from exc
+                restarts += 1
+                restore = True
+                # Its text, not the error: a handler that keeps its records (pytest's) would keep the error's
+                # traceback, and with it the frames of the attempt that ended, its workers' comms and buffers.
+                logger.warning("restart %d of %d after: %s", restarts, config.restarts, str(exc))
+            finally:
+                if log is not None:
+                    log.close()
 
 
 async def drive(session: Session, trigger: Callable[[int], Awaitable[None]], main: Awaitable[Any]) -> Any:

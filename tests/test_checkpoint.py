@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import pickle
 import random
+import signal
+import subprocess
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +27,7 @@ from ckpt_workflows import (
     word_count,
     write_words,
 )
+from helpers import aiod4p_cli, aiod4p_process, json_lines
 
 from aiod4p import ProducerPE, WorkflowGraph, run, run_async, start
 from aiod4p._checkpoint import (
@@ -314,8 +319,42 @@ async def test_a_finished_workers_stand_in_keeps_the_parts_its_instances_saved(t
 
 
 def test_restore_without_checkpoint_fails_clearly(tmp_path: Path, words: Path) -> None:
-    with pytest.raises(CheckpointError, match="no complete checkpoint"):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match="no complete checkpoint") as failed:
         run(word_count(words), 1, mapping=_mapping(tmp_path / "empty", restore=True))
+    assert "does not exist" not in str(failed.value)
+
+
+def test_restore_from_a_directory_that_does_not_exist_says_so(tmp_path: Path, words: Path) -> None:
+    """It said `no complete checkpoint in DIR`, and made DIR."""
+    nowhere = tmp_path / "nowhere"
+    with pytest.raises(CheckpointError) as failed:
+        run(word_count(words), 1, mapping=_mapping(nowhere, restore=True))
+    assert str(failed.value) == f"--restore: no complete checkpoint in {nowhere}: the directory does not exist"
+    assert not nowhere.exists()
+
+
+async def test_two_runs_of_one_process_cannot_share_a_checkpoint_directory(tmp_path: Path, words: Path) -> None:
+    """While a run takes checkpoints into a directory, another run (here in the same process) is refused at once;
+    once the first run is over (here aborted), the directory is free: a restore takes it."""
+    directory = tmp_path / "ck"
+    checkpointed = asyncio.Event()
+    graph = _held_word_count(words, tmp_path / "never", 0)  # held until aborted
+    with on_completed(lambda n: checkpointed.set()):
+        async with start(graph, 1, mapping=_mapping(directory), workers=2) as first:
+            results = asyncio.ensure_future(first.results())
+            waiter = asyncio.ensure_future(checkpointed.wait())
+            await asyncio.wait({results, waiter}, timeout=30, return_when=asyncio.FIRST_COMPLETED)
+            assert waiter.done() and not results.done()  # a checkpoint of the run under way
+            with pytest.raises(CheckpointError) as refused:
+                await run_async(word_count(words), 1, mapping=_mapping(directory))
+            assert str(refused.value).startswith(
+                f"checkpoint directory {directory} is in use by another run (pid {os.getpid()}): "
+            )
+            results.cancel()
+            await asyncio.gather(results, return_exceptions=True)
+    got = await run_async(word_count(words), 1, mapping=_mapping(directory, restore=True), workers=2)
+    assert _counts(got) == expected_counts(words)
 
 
 class Numbers(ProducerPE):
@@ -550,6 +589,161 @@ def test_cli_restores_and_writes_results_once(tmp_path: Path, words: Path) -> No
     assert _file_counts(results) == expected_counts(words)
     assert main(["run", *common, "--restore"]) == 0  # from the last checkpoint: the results are not written twice
     assert _file_counts(results) == expected_counts(words)
+
+
+# A workflow file for `aiod4p run -i 1` (PE ids Numbers0, Tens1): numbers 0 to FLOW_NUMBERS - 1 (environment;
+# from where a restore resumes them), each a result times 10; then, with FLOW_HOLD=1, once a complete checkpoint
+# in the directory committed results (with no numbers: once one completed), "held" on stderr, and no end: the
+# run goes on taking checkpoints until it is killed.
+HELD_NUMBERS_FLOW = """\
+import asyncio, json, os, sys
+
+from aiod4p import IterativePE, WorkflowGraph
+from aiod4p.sources import SourcePE
+
+DIRECTORY = {directory!r}
+
+
+def committed():
+    \"\"\"The longest results length committed by a complete checkpoint in DIRECTORY; None with no checkpoint.\"\"\"
+    offsets = []
+    for name in os.listdir(DIRECTORY):
+        try:
+            with open(os.path.join(DIRECTORY, name, "MANIFEST.json")) as manifest:
+                offsets.append(json.load(manifest)["results_offset"] or 0)
+        except (OSError, ValueError):
+            pass
+    return max(offsets, default=None)
+
+
+class Stream:
+    def __init__(self):
+        self.start, self.count = 0, int(os.environ.get("FLOW_NUMBERS", "0"))
+
+    def seek(self, offset):
+        self.start = offset
+
+    def __aiter__(self):
+        return self.numbers()
+
+    async def numbers(self):
+        for number in range(self.start, self.count):
+            yield number
+        if os.environ.get("FLOW_HOLD") == "1":
+            while committed() is None or (self.count and not committed()):
+                await asyncio.sleep(0.01)  # ok-sleep: polls the files the run writes
+            print("held", file=sys.stderr, flush=True)
+            await asyncio.Event().wait()
+
+
+class Numbers(SourcePE):
+    def open(self):
+        return Stream()
+
+
+class Tens(IterativePE):
+    def process_item(self, number):
+        return number * 10
+
+
+graph = WorkflowGraph()
+graph.connect(Numbers(), "output", Tens(), "input")
+"""
+
+
+def _numbers_run(tmp_path: Path, results: Path, *options: str) -> list[str]:
+    """The arguments of `aiod4p run` of :data:`HELD_NUMBERS_FLOW`, checkpoints in ``tmp_path/ck``, into ``results``."""
+    flow = tmp_path / "held_numbers.py"
+    flow.write_text(HELD_NUMBERS_FLOW.format(directory=str(tmp_path / "ck")))
+    checkpoints = ["--checkpoint-dir", str(tmp_path / "ck"), "--checkpoint-interval", "0.02"]
+    return ["run", str(flow), "-i", "1", *checkpoints, "--results", str(results), "-q", *options]
+
+
+def _numbers_env(numbers: int, hold: bool = False) -> dict[str, str]:
+    return {**os.environ, "FLOW_NUMBERS": str(numbers), "FLOW_HOLD": "1" if hold else "0"}
+
+
+@contextlib.contextmanager
+def _held(tmp_path: Path, results: Path, numbers: int) -> Iterator[subprocess.Popen[str]]:
+    """A real `aiod4p run` of :data:`HELD_NUMBERS_FLOW` with ``numbers``, under way and held once a checkpoint
+    committed them (its stderr said "held"); when the block ends it is killed (SIGKILL), as a crash would."""
+    process = aiod4p_process(*_numbers_run(tmp_path, results), env=_numbers_env(numbers, hold=True))
+    try:
+        assert process.stderr is not None
+        said = process.stderr.readline()  # "held", or the run's error
+        assert said == "held\n", said
+        yield process
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.communicate(timeout=30)
+
+
+def _crashed_with_results(tmp_path: Path, results: Path, numbers: int) -> tuple[int, int]:
+    """A run killed once a checkpoint committed its results; the newest complete checkpoint and its results length."""
+    with _held(tmp_path, results, numbers):
+        pass
+    latest = CheckpointStore(tmp_path / "ck").latest()
+    assert latest is not None and latest.results_offset is not None
+    assert results.stat().st_size >= latest.results_offset
+    return latest.id, latest.results_offset
+
+
+def test_cli_restore_refuses_a_results_file_shorter_than_its_checkpoint_committed(tmp_path: Path) -> None:
+    """It padded the file with NUL bytes up to the committed length (invalid JSON Lines) and exited 0."""
+    results = tmp_path / "out.jsonl"
+    checkpoint, offset = _crashed_with_results(tmp_path, results, 50)
+    assert offset > 0
+    short = results.read_bytes()[: offset // 2]
+    results.write_bytes(short)  # rotated, or partly lost, since
+    done = aiod4p_cli(*_numbers_run(tmp_path, results, "--restore"), env=_numbers_env(50), timeout=60)
+    assert done.returncode == 1, done.stderr
+    assert done.stderr.startswith(
+        f"aiod4p: error: the results file {results} is {len(short)} bytes, shorter than the {offset} bytes"
+        f" checkpoint {checkpoint} in {tmp_path / 'ck'} committed: "
+    ), done.stderr
+    assert results.read_bytes() == short  # nothing written
+
+
+def test_cli_restore_refuses_a_missing_results_file_its_checkpoint_committed_to(tmp_path: Path) -> None:
+    """It failed with `cannot write results to FILE: No such file or directory`, as if its directory were missing."""
+    results = tmp_path / "out.jsonl"
+    checkpoint, offset = _crashed_with_results(tmp_path, results, 50)
+    assert offset > 0
+    results.unlink()
+    done = aiod4p_cli(*_numbers_run(tmp_path, results, "--restore"), env=_numbers_env(50), timeout=60)
+    assert done.returncode == 1, done.stderr
+    assert done.stderr.startswith(
+        f"aiod4p: error: the results file of the checkpointed run is missing: {results} (checkpoint {checkpoint}"
+        f" in {tmp_path / 'ck'} committed {offset} bytes of it)"
+    ), done.stderr
+    assert not results.exists()
+
+
+def test_cli_restore_creates_a_missing_results_file_its_checkpoint_committed_nothing_to(tmp_path: Path) -> None:
+    """A checkpoint that committed 0 bytes: the restore creates the file and goes on (it failed as above)."""
+    results = tmp_path / "out.jsonl"
+    _, offset = _crashed_with_results(tmp_path, results, 0)
+    assert offset == 0
+    results.unlink()
+    done = aiod4p_cli(*_numbers_run(tmp_path, results, "--restore"), env=_numbers_env(5), timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert [record["data"] for record in json_lines(results)] == [0, 10, 20, 30, 40]
+
+
+def test_cli_a_checkpoint_directory_in_use_by_another_run_is_refused(tmp_path: Path) -> None:
+    """Two runs wrote the same chk-NNN folders, unwarned. The second now fails at once, writing nothing; the first's
+    lock goes with its process, even killed by SIGKILL: a restore then takes the directory."""
+    results, other = tmp_path / "out.jsonl", tmp_path / "other.jsonl"
+    with _held(tmp_path, results, 5) as first:
+        done = aiod4p_cli(*_numbers_run(tmp_path, other), env=_numbers_env(5), timeout=60)
+        assert done.returncode == 1, done.stderr
+        assert done.stderr.startswith(
+            f"aiod4p: error: checkpoint directory {tmp_path / 'ck'} is in use by another run (pid {first.pid}): "
+        ), done.stderr
+        assert not other.exists()
+    done = aiod4p_cli(*_numbers_run(tmp_path, results, "--restore"), env=_numbers_env(5), timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert [record["data"] for record in json_lines(results)] == [0, 10, 20, 30, 40]
 
 
 def test_state_pickles_across_processes(tmp_path: Path, words: Path) -> None:
