@@ -24,11 +24,16 @@ pumped feeds, failures. What is Ray's is here:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
+import select
+import signal
 import sys
 import threading
+import time
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 import ray
@@ -46,6 +51,7 @@ from ._shipping import Job, ship
 __all__ = ["RayMapping"]
 
 OBJECT_STORE_MEMORY = 200 * 1024 * 1024  # bytes of a local Ray's object store
+LEFTOVER_GRACE = 5.0  # seconds a local Ray's processes have to end after ray.shutdown() before SIGKILL
 
 _RemoteWorker: Any = None  # ray.remote(RayWorker), made once
 
@@ -128,26 +134,82 @@ class _Connection:
     def __init__(self) -> None:
         self._users = 0
         self._owned = False
+        self._started: set[int] = set()  # the processes of a local Ray started here (raylet, GCS, ...)
         self._lock = threading.Lock()
 
     def acquire(self, connect: Callable[[], None]) -> None:
         """Count one more run, calling ``connect`` first if Ray is not initialized."""
         with self._lock:
             if self._users == 0 and not ray.is_initialized():
+                before = _children({os.getpid()})
                 connect()
+                self._started = _children({os.getpid()}) - before
                 self._owned = True
             self._users += 1
 
     def release(self) -> None:
-        """Count one run less; the last one closes a connection made here."""
+        """Count one run less; the last one closes a connection made here, and stops what is left of a
+        local Ray it started: a run stopped while Ray was still starting (Ctrl-C) ends its raylet before
+        the agents the raylet was starting, which then wait for it forever."""
         with self._lock:
             self._users -= 1
             if self._users == 0 and self._owned:
                 self._owned = False
-                ray.shutdown()
+                tree = _pidfds(_descendants(self._started))
+                try:
+                    ray.shutdown()
+                    _kill_left(tree, LEFTOVER_GRACE)
+                finally:
+                    for fd in tree:
+                        os.close(fd)
 
 
 _CONNECTION = _Connection()
+
+
+def _children(parents: set[int]) -> set[int]:
+    """The running processes whose parent is one of ``parents`` (none without Linux's ``/proc``)."""
+    found = set()
+    with contextlib.suppress(OSError):
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                try:
+                    fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+                except OSError:
+                    continue  # ended meanwhile
+                if fields[0] != "Z" and int(fields[1]) in parents:
+                    found.add(int(entry))
+    return found
+
+
+def _descendants(roots: set[int]) -> set[int]:
+    """``roots`` and every process below them."""
+    tree, level = set(roots), set(roots)
+    while level:
+        level = _children(level) - tree
+        tree |= level
+    return tree
+
+
+def _pidfds(pids: set[int]) -> list[int]:
+    """A pidfd for each of ``pids`` still running: it names that process even once its pid is reused."""
+    fds = []
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            fds.append(os.pidfd_open(pid))
+    return fds
+
+
+def _kill_left(pidfds: list[int], grace: float) -> None:
+    """SIGKILL the processes of ``pidfds`` that are still running ``grace`` seconds from now."""
+    deadline = time.monotonic() + grace
+    running = list(pidfds)
+    while running and (left := deadline - time.monotonic()) > 0:
+        ended, _, _ = select.select(running, [], [], left)  # a pidfd is readable once its process ended
+        running = [fd for fd in running if fd not in ended]
+    for fd in running:
+        with contextlib.suppress(OSError):
+            signal.pidfd_send_signal(fd, signal.SIGKILL)
 
 
 class _RayRun:
