@@ -175,16 +175,28 @@ class _Invoker:
             generator's further outputs are handed on (through the hooks)
             before it goes on (:attr:`stream_limit`, which an actor lowers for
             heavy items).
+        batch_bytes: about how many bytes of outputs the buffers hold at most
+            before they are handed on, within a generator's call or between
+            the calls of a batch.
         worker_id: the worker recorded in :attr:`stats`.
     """
 
     def __init__(
-        self, ref: InstanceRef, pe: PE, *, is_root: bool = False, batch_size: int = sys.maxsize, worker_id: int = 0
+        self,
+        ref: InstanceRef,
+        pe: PE,
+        *,
+        is_root: bool = False,
+        batch_size: int = sys.maxsize,
+        batch_bytes: int = sys.maxsize,
+        worker_id: int = 0,
     ) -> None:
         self.ref = ref
         self.pe = pe
         self.is_root = is_root
         self.batch_size = self.stream_limit = batch_size
+        self.batch_bytes = batch_bytes
+        self.bytes_per_call: float | None = None  # outputs of one plain call, measured (see _in_parts)
         self.drains: Worker | _NeverDrains = _NEVER_DRAINS
         self.stats = InstanceStats(ref.pe, ref.index, worker_id)
         self.buffers: dict[str, list[Any]] = {port: [] for port in pe.outputs}
@@ -265,18 +277,23 @@ class _Invoker:
             if out_port is None:
                 for item in items:
                     fn(item)
-            elif not self.has_inputs:
-                append = self.buffers[out_port].append
-                for _ in items:
-                    result = item_fn()
-                    if result is not None:
-                        append(result)
-            else:
-                append = self.buffers[out_port].append
-                for item in items:
-                    result = fn(item)
-                    if result is not None:
-                        append(result)
+                return
+            buffers = self.buffers
+
+            def call_part(part: list[Any]) -> None:
+                append = buffers[out_port].append
+                if not self.has_inputs:
+                    for _ in part:
+                        result = item_fn()
+                        if result is not None:
+                            append(result)
+                else:
+                    for item in part:
+                        result = fn(item)
+                        if result is not None:
+                            append(result)
+
+            await self._in_parts(items, call_part)
         elif kind == "async":
             for item in items:
                 result = await fn(item)
@@ -296,8 +313,9 @@ class _Invoker:
                     # so what the generator write()s on the same port in between keeps its place.
                     buffer = buffers[out_port]
                     buffer.append(first)
-                    buffer.extend(itertools.islice(results, max(limit - len(buffer), 0)))
-                    if len(buffer) >= limit:
+                    room = self._cap_by_bytes(limit, first)
+                    buffer.extend(itertools.islice(results, max(room - len(buffer), 0)))
+                    if len(buffer) >= room:
                         await self._route_streamed()
                         limit = self.stream_limit
                     if drains._draining and is_root:
@@ -319,18 +337,20 @@ class _Invoker:
 
     async def _call_process(self, port: str | None, items: list[Any]) -> None:
         process, kind = self.pe.process, self.process_kind
-        if kind == "sync" and port is not None:
+        if kind == "sync":
             collect = self._collect
-            for item in items:
-                output = process({port: item})
-                if output is not None:
-                    collect(output)
+
+            def call_part(part: list[Any]) -> None:
+                for item in part:
+                    output = process(item if port is None else {port: item})
+                    if output is not None:
+                        collect(output)
+
+            await self._in_parts(items, call_part)
             return
         for item in items:
             inputs = item if port is None else {port: item}
-            if kind == "sync":
-                self._collect(process(inputs))
-            elif kind == "async":
+            if kind == "async":
                 self._collect(await process(inputs))
             elif kind == "gen":
                 for output in process(inputs):
@@ -370,6 +390,51 @@ class _Invoker:
         if len(buffer) >= self.stream_limit:
             await self._route_streamed()
 
+    async def _in_parts(self, items: list[Any], call_part: Callable[[list[Any]], None]) -> None:
+        """``call_part(items)``, making plain calls that buffer their outputs, in parts where the outputs
+        could outgrow ``batch_bytes``: the buffers are handed on between parts, as a generator's are.
+
+        In one part when the calls of the last batch wrote little; else the first call alone (to size
+        what a call writes), then parts of as many calls as the rest of ``batch_bytes`` holds. Decided
+        by the items' sizes only, never by timing, so a run's batches are the same on every run.
+        """
+        per_call, total = self.bytes_per_call, len(items)
+        if per_call is not None and per_call * total <= self.batch_bytes:
+            call_part(items)
+            self.bytes_per_call = self._buffered_bytes() / total if total else per_call
+            return
+        start = since_hand_over = 0
+        step = 1
+        while start < total:
+            part = items[start : start + step]
+            call_part(part)
+            start += len(part)
+            since_hand_over += len(part)
+            held = self._buffered_bytes()
+            if not held:  # nothing written yet: look further ahead
+                step *= 16
+                continue
+            per_call = self.bytes_per_call = held / since_hand_over
+            if held >= self.batch_bytes and start < total:
+                await self._route_streamed()
+                held = since_hand_over = 0
+            step = max(1, int((self.batch_bytes - held) / per_call))
+        if self.bytes_per_call is None:
+            self.bytes_per_call = 0.0  # wrote nothing (a sink): the next batches in one part
+
+    def _buffered_bytes(self) -> int:
+        """About how many bytes the output buffers hold (each port's items sized like its last)."""
+        held = 0
+        for items in self.buffers.values():
+            if items:
+                held += len(items) * _approximate_size(items[-1])[0]
+        return held
+
+    def _cap_by_bytes(self, cap: int, sample: Any) -> int:
+        """``cap``, or as many items like ``sample`` as ``batch_bytes`` holds if that is fewer (at least 1)."""
+        size = _approximate_size(sample)[0]
+        return max(1, self.batch_bytes // size) if size * cap > self.batch_bytes else cap
+
     # -- hooks for hosts that route -------------------------------------------
     async def _route_streamed(self) -> None:
         """Hand on what a long call (a generator) has written so far."""
@@ -385,12 +450,18 @@ class _Actor(_Invoker):
     def __init__(self, worker: Worker, ref: InstanceRef, pe: PE, inbox: Inbox, expected_eos: int) -> None:
         options = worker.plan.options
         is_root = worker.plan.placement[ref.pe].is_root
-        super().__init__(ref, pe, is_root=is_root, batch_size=options.batch_size, worker_id=worker.worker_id)
+        super().__init__(
+            ref,
+            pe,
+            is_root=is_root,
+            batch_size=options.batch_size,
+            batch_bytes=options.batch_bytes,
+            worker_id=worker.worker_id,
+        )
         self.worker = self.drains = worker
         self.inbox = inbox
         self.expected_eos = expected_eos
         self.batch_seconds = options.batch_seconds
-        self.batch_bytes = options.batch_bytes
         self.credits = options.credits
         self.pace: float | None = None  # seconds per item, busy or blocked on credit (see _paced)
         self.max_delay = worker.max_delay
@@ -431,7 +502,7 @@ class _Actor(_Invoker):
             ref.index,
             logging.LoggerAdapter(pe_logger, {"pe": ref.pe, "instance": ref.index}),
             rank=self.worker.plan.rank_of(ref),
-            limit=self.hand_over_limit if self.threaded or self.worker.fixed_order else 1,
+            limit=self.hand_over_limit if self.threaded else 1,
             full=_switch_to_actor,
             recorder=self.recorder,
             stats=self.stats,
@@ -667,16 +738,21 @@ class _Actor(_Invoker):
         heavy items (an article, a trace) reach the next stage one or a few at
         a time from the start instead of after ``cap`` of them; twice as many,
         up to ``cap``, when it took less than half of that. With
-        ``fixed_order`` it stays ``cap``: batches must not depend on timing.
+        ``fixed_order`` it is ``cap``: batches must not depend on timing.
+        Never more than ``batch_bytes`` holds of items like those about to be
+        handed on (the buffers' last ones).
         """
+        for items in self.buffers.values():
+            if items:
+                cap = self._cap_by_bytes(cap, items[-1])
         if self.worker.fixed_order:
             return cap
         spent = time.perf_counter() - self.writing_since
         if spent > self.batch_seconds:
-            return max(1, int(handed * self.batch_seconds / spent))
+            return min(cap, max(1, int(handed * self.batch_seconds / spent)))
         if spent < self.batch_seconds / 2:
             return min(cap, handed * 2)
-        return handed
+        return min(cap, handed)
 
     # -- routing -----------------------------------------------------------
     async def _route_outputs(self, detach: bool = False) -> None:

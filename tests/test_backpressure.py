@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Iterator
+from typing import Any
 
+import pytest
 import workflows as wf
 
 import aiod4p
-from aiod4p import ConsumerPE, WorkflowGraph
+from aiod4p import ConsumerPE, GenericPE, ProducerPE, WorkflowGraph
 from aiod4p._channels import Inbox, LocalChannel
 
 
@@ -60,3 +63,57 @@ def test_a_batch_within_a_worker_takes_a_credit_per_batch_size_items() -> None:
         assert (len(items), channel.credits, inbox.queued_items) == (130, 2, 65)
 
     asyncio.run(main())
+
+
+# -- items of megabytes: a few in flight, also on the simple mapping (whose batches are counts) ------
+
+BLOB = 2 << 20  # bytes: two batches' worth of batch_bytes (1 MiB) each
+_made, _taken = [0], [0]
+_ahead: list[int] = []  # items made and not yet taken, at each item made
+
+
+def _blob() -> bytes:
+    _made[0] += 1
+    _ahead.append(_made[0] - _taken[0])
+    return bytes(BLOB)
+
+
+class YieldsBlobs(ProducerPE):
+    def produce(self) -> Iterator[bytes]:
+        for _ in range(150):
+            yield _blob()
+
+
+class WritesBlobs(GenericPE):
+    def __init__(self) -> None:
+        super().__init__(outputs=["output"])
+
+    def process(self, inputs: dict[str, Any]) -> None:
+        for _ in range(150):
+            self.write("output", _blob())
+
+
+class ReturnsBlob(ProducerPE):
+    def produce(self) -> bytes:  # one per call: -i 150
+        return _blob()
+
+
+class TakesBlobs(ConsumerPE):
+    def consume(self, item: bytes) -> None:
+        _taken[0] += 1
+
+
+@pytest.mark.parametrize("mapping", ["simple", "async"])
+@pytest.mark.parametrize("source", [YieldsBlobs, WritesBlobs, ReturnsBlob])
+def test_items_of_megabytes_are_made_a_few_ahead_of_their_consumer(mapping: str, source: type[GenericPE]) -> None:
+    # Batches and hand-overs are bounded by batch_bytes too: a call making 150 items of 2 MiB (one generator,
+    # writes in a loop, or one item per call of a batch of 150 calls) hands them on one at a time. Before,
+    # the simple mapping held 256 yielded, 1,024 written, or a whole batch of calls' items (25 GB of 100 MB
+    # arrays).
+    _made[0] = _taken[0] = 0
+    _ahead.clear()
+    graph = WorkflowGraph()
+    graph.connect(source(), "output", TakesBlobs(), "input")
+    aiod4p.run(graph, 150 if source is ReturnsBlob else 1, mapping=mapping)
+    assert _made[0] == _taken[0] == 150
+    assert max(_ahead) <= 8, max(_ahead)
