@@ -528,11 +528,15 @@ class Coordinator:
         while True:
             await self._idle.wait()
             await asyncio.sleep(self.interval)
-            n = self.next_id
-            self.next_id += 1
             self._idle.clear()
-            self._started[n] = time.perf_counter()
-            await trigger(n)
+            await trigger(self.take_id())
+
+    def take_id(self) -> int:
+        """The id of the next checkpoint, taken now."""
+        n = self.next_id
+        self.next_id += 1
+        self._started[n] = time.perf_counter()
+        return n
 
     def add_parts(self, n: int, parts: Iterable[dict[str, Any]]) -> None:
         """Record instances' saved state for checkpoint ``n``."""
@@ -819,6 +823,16 @@ class WorkerCheckpoints:
             # The finals say which checkpoints each instance saved: those parts must have been reported first.
             await self._reported.wait()
             await self.on_all_finished([(ref, data, aligner.done) for ref, (aligner, data) in self._final.items()])
+
+    async def final_checkpoint(self, coordinator: Coordinator) -> None:
+        """Once every instance here finished (the run ended, or was drained): a last checkpoint of their
+        final states, committing every result, so that restoring the run resumes nothing."""
+        n = coordinator.take_id()
+        store = self.store
+        coordinator.add_parts(
+            n, [await finished_in_thread(store.write_part, n, ref, data) for ref, (_, data) in self._final.items()]
+        )
+        await coordinator.commit_results(n)
 
     async def _save_final(self, ref: InstanceRef) -> None:
         aligner, data = self._final[ref]
@@ -1143,6 +1157,8 @@ class HostCheckpoints(Protocol):
 
     async def receive(self, wid: int, message: Any) -> bool: ...
 
+    async def finish(self) -> None: ...
+
 
 class LauncherCheckpoints:
     """The launcher's side of a checkpointed run on worker processes.
@@ -1172,6 +1188,14 @@ class LauncherCheckpoints:
                 await comm.send(Trigger(n))
         self._save_finals(n)
         await self.gate.trigger(n)
+
+    async def finish(self) -> None:
+        """Once every worker finished (the run ended, or was drained): a last checkpoint of the instances'
+        final states, committing every result, so that restoring the run resumes nothing."""
+        coordinator, store = self.session.coordinator, self.session.store
+        n = coordinator.take_id()
+        coordinator.add_parts(n, [store.write_part(n, ref, data) for ref, data in self._finals])
+        await coordinator.commit_results(n)
 
     def _save_finals(self, n: int) -> None:
         if self._finals:
@@ -1234,6 +1258,9 @@ class RelayCheckpoints:
                 await comm.send(Trigger(n))
         await self._save_finals(n)
         await self.gate.trigger(n)
+
+    async def finish(self) -> None:
+        """Nothing: the launcher takes the run's last checkpoint, from the finals this relay sent up."""
 
     async def _save_finals(self, n: int) -> None:
         if self._finals:

@@ -269,6 +269,28 @@ async def test_checkpoints_go_on_while_a_live_source_waits_for_input(tmp_path: P
     assert dict(record.data for record in got) == expected_counts(path)
 
 
+@pytest.mark.parametrize("mapping", ["async", "multi", "mpi"])
+async def test_a_drained_run_ends_with_a_checkpoint_that_restores_to_nothing(tmp_path: Path, mapping: str) -> None:
+    """Its last checkpoint holds every instance finished and commits every result: ``--restore`` resumes no
+    source, and leaves the results file as the drained run wrote it (it used to truncate it and resume)."""
+    path, graph = _followed_word_count(tmp_path)
+    results = tmp_path / "results.jsonl"
+    checkpointed, completions = _multi(tmp_path / "ck", results, mapping), _Completions(2)
+    with on_completed(completions.completed):
+        async with asyncio.timeout(60), start(graph, 1, mapping=checkpointed, workers=2) as live:
+            ended = asyncio.ensure_future(live.results())
+            await completions.reached.wait()
+            live.drain()
+            await ended
+    written = results.read_bytes()
+    assert _file_counts(results) == expected_counts(path)
+    again = word_count(path, lines=LinesSource(path, follow=True))
+    restored = _multi(tmp_path / "ck", results, mapping, restore=True)
+    async with asyncio.timeout(60), start(again, 1, mapping=restored, workers=2) as live:
+        assert len(await live.results()) == 0
+    assert results.read_bytes() == written
+
+
 async def test_a_worker_dying_while_the_run_drains_is_not_restarted_and_restore_loses_nothing(tmp_path: Path) -> None:
     """A restart would stop the restored sources at once, where the checkpoint left them: what they had produced
     since would be lost. The run fails instead, naming the checkpoint that ``--restore`` resumes from."""

@@ -501,6 +501,8 @@ class Supervisor:
             for task in [*watchers, *pumps]:
                 task.cancel()
             await asyncio.gather(*watchers, *pumps, *self._posts, return_exceptions=True)
+        if self.checkpoints is not None:
+            await self.checkpoints.finish()
         return [entry for wid in sorted(self.workers) for entry in self.workers[wid].final or []]
 
     async def _supervise(self, watchers: list[asyncio.Task[Any]], pumps: list[asyncio.Task[Any]]) -> None:

@@ -48,6 +48,7 @@ class AsyncMapping(BaseMapping):
                 stats: list[InstanceStats] = await drive(session, checkpoints.trigger, worker.run())
             finally:
                 forget_drain()  # a restart's next attempt has its own worker: let this one go
+            await checkpoints.final_checkpoint(session.coordinator)
             return stats
 
         return await self._recovering(plan, feeds, sink, control, attempt)
