@@ -203,9 +203,8 @@ class CheckpointStore:
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise CheckpointError(
-                f"cannot create checkpoint directory {self.directory}: {exc.strerror or exc}"
-            ) from exc
+            reason = "it is a file" if self.directory.is_file() else exc.strerror or exc
+            raise CheckpointError(f"cannot create checkpoint directory {self.directory}: {reason}") from exc
 
     def path(self, n: int) -> Path:
         return self.directory / f"{_PREFIX}{n:08d}"

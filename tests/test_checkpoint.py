@@ -806,3 +806,10 @@ def test_stdin_and_sockets_are_named_unreplayable(tmp_path: Path) -> None:
     plan = make_plan(graph, PlanOptions())
     feeds: dict[str, Any] = {"root0": 1, "root1": 1, "root2": LineStream(), "root3": 1}
     assert unreplayable(plan, feeds) == ["root0", "root1", "root2"]
+
+
+def test_a_checkpoint_directory_that_is_a_file_is_named_so(tmp_path: Path) -> None:
+    taken = tmp_path / "ck"
+    taken.write_text("not a directory")
+    with pytest.raises(CheckpointError, match=rf"cannot create checkpoint directory {taken}: it is a file"):
+        CheckpointStore(taken)
