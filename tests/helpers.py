@@ -1,4 +1,5 @@
-"""What the tests share to run the command line as a user does: a real ``python -m aiod4p`` process."""
+"""What the tests share: the command line run as a user does (a real ``python -m aiod4p`` process), and
+hooks that watch a run."""
 
 from __future__ import annotations
 
@@ -10,9 +11,15 @@ import signal
 import subprocess
 import sys
 import textwrap
+import weakref
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
+
+import pytest
+
+from aiod4p import InstanceStats
+from aiod4p.mappings._host import Supervisor
 
 ROOT = Path(__file__).resolve().parents[1]
 # The command line in a fresh interpreter (this one's: the project's venv).
@@ -116,3 +123,17 @@ TIMES10_FLOW = numbers_flow(
             return item * 10
     """
 )
+
+
+def recorded_supervisors(monkeypatch: pytest.MonkeyPatch) -> list[weakref.ref[Supervisor]]:
+    """A weak reference to every :class:`Supervisor` that runs from now on (as the list fills): the test
+    can tell whether an ended attempt of a run was let go."""
+    supervisors: list[weakref.ref[Supervisor]] = []
+    supervise = Supervisor.run
+
+    async def recorded(self: Supervisor) -> list[InstanceStats]:
+        supervisors.append(weakref.ref(self))
+        return await supervise(self)
+
+    monkeypatch.setattr(Supervisor, "run", recorded)
+    return supervisors

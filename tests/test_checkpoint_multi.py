@@ -9,7 +9,6 @@ import logging
 import os
 import random
 import shutil
-import weakref
 from pathlib import Path
 
 import pytest
@@ -24,14 +23,13 @@ from ckpt_workflows import (
     word_count,
     write_words,
 )
+from helpers import recorded_supervisors
 
 from aiod4p import WorkflowGraph, run, start
 from aiod4p._checkpoint import Checkpointing, CheckpointStore
-from aiod4p._stats import InstanceStats
 from aiod4p.errors import CheckpointError, WorkerDied
 from aiod4p.mappings import get_mapping
 from aiod4p.mappings._base import BaseMapping
-from aiod4p.mappings._host import Supervisor
 from aiod4p.mappings.asyncio import AsyncMapping
 from aiod4p.sources import LinesSource
 
@@ -147,14 +145,7 @@ async def test_restarts_let_the_ended_attempts_go(tmp_path: Path, words: Path, m
     """Two SIGKILLs, two restarts: once the run is over (its WorkflowRun still at hand), no attempt's supervisor
     is alive. The run's control kept each one, with its comms and their buffers: the launcher grew by
     about 550 kB a restart, for as long as the run lasted."""
-    supervisors: list[weakref.ref[Supervisor]] = []
-    supervise = Supervisor.run
-
-    async def recorded(self: Supervisor) -> list[InstanceStats]:
-        supervisors.append(weakref.ref(self))
-        return await supervise(self)
-
-    monkeypatch.setattr(Supervisor, "run", recorded)
+    supervisors = recorded_supervisors(monkeypatch)
     kills = tmp_path / "kills"
     kills.mkdir()
     monkeypatch.setenv("AIOD4P_TEST_KILLS", f"{kills}:12000,9000")

@@ -11,18 +11,17 @@ from __future__ import annotations
 import asyncio
 import gc
 import itertools
-import weakref
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 import pytest
 import workflows as wf
+from helpers import recorded_supervisors
 
 from aiod4p import PlanOptions, WorkflowGraph, make_plan
 from aiod4p._engine import Feed, Worker
 from aiod4p._plan import ExecutionPlan
 from aiod4p._results import ListSink
-from aiod4p._stats import InstanceStats
 from aiod4p.errors import PEError, WorkerDied
 from aiod4p.mappings import RunControl
 from aiod4p.mappings._host import ForwardSink, Supervisor, pumped_feeds, serve, split_feeds
@@ -145,14 +144,7 @@ async def test_an_ended_supervisor_is_let_go_by_the_runs_control(monkeypatch: py
     """Every attempt of a checkpointed run supervises new workers under the run's one control: an attempt
     that ended (its worker died) must not stay registered for drains, which kept it alive with its comms
     and their buffers, restart after restart (the launcher grew by ~550 kB a restart)."""
-    supervisors: list[weakref.ref[Supervisor]] = []
-    supervise = Supervisor.run
-
-    async def recorded(self: Supervisor) -> list[InstanceStats]:
-        supervisors.append(weakref.ref(self))
-        return await supervise(self)
-
-    monkeypatch.setattr(Supervisor, "run", recorded)
+    supervisors = recorded_supervisors(monkeypatch)
     graph, source = wf.pipeline(2)
     plan = make_plan(graph, PlanOptions(workers=2))
     control = RunControl()
