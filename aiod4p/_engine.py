@@ -489,6 +489,9 @@ class _Actor(_Invoker):
         self.runner: _CallGreenlet | None = None  # runs the PE's calls, created on first use (see _drive)
         self.results_sink: ResultSink = worker.results
         self.aligner: Aligner | None = None  # set when the run takes checkpoints
+        # A source with its own drain() (a SourcePE: a followed file reads to its end) is called even when the
+        # run drains before its call started: what draining means is its to say.
+        self.drains_itself = is_root and callable(getattr(pe, "drain", None))
 
     # -- wiring ------------------------------------------------------------
     def add_route(self, port: str, route: _Route) -> None:
@@ -536,7 +539,7 @@ class _Actor(_Invoker):
                         await aligner.check(remaining)
                     continue
                 source.release()
-                if port is None and not self.has_inputs and self.worker._draining:
+                if port is None and not self.has_inputs and self.worker._draining and not self.drains_itself:
                     continue  # calls of a source asked for (-i N) but not made yet: no item is in flight
                 if self.links and any(link.pending for link in self.links):
                     # Let the links send first: a long batch would hold back what other workers wait for.
@@ -1369,24 +1372,28 @@ class Worker:
         try:
             if isinstance(feed, bool) or not isinstance(feed, (int, Iterable, AsyncIterable)):
                 raise InputError(f"the input of PE {ref.pe} must be a count or an iterable, not {feed!r}")
+            # A drain stops the feed, but a source that drains itself still gets its first batch of calls.
+            fed, drains_itself = False, self.actors[ref].drains_itself
             if isinstance(feed, int):
                 ignores_elements = not pe.inputs and self.actors[ref].fn is not None
                 remaining = max(feed, 0)
-                while remaining and not self._draining:
+                while remaining and not (self._draining and (fed or not drains_itself)):
                     count = min(self._feed_limit(ref.pe), remaining)
                     await timed.send(None, [None] * count if ignores_elements else [{} for _ in range(count)])
                     remaining -= count
+                    fed = True
                     if self.held_too_long():
                         await self.give_way()
             elif isinstance(feed, AsyncIterable):
                 await self._feed_async(pe, timed, feed)
             else:
                 iterator = iter(feed)
-                while not self._draining:
+                while not (self._draining and (fed or not drains_itself)):
                     chunk = [_input_dict(pe, ref.pe, e) for e in itertools.islice(iterator, self._feed_limit(ref.pe))]
                     if not chunk:
                         break
                     await timed.send(None, chunk)
+                    fed = True
                     if self.held_too_long():
                         await self.give_way()
         except Aiod4pError:

@@ -124,6 +124,21 @@ async def test_follow_a_file_being_appended_to(tmp_path: Path) -> None:
     assert seen == [0, 1, 2, 3, 4]
 
 
+@pytest.mark.parametrize("mapping", ["simple", "async", "multi"])
+async def test_a_followed_file_drained_before_its_source_started_is_read_to_its_end(
+    tmp_path: Path, mapping: str
+) -> None:
+    # The drain came before the source's call: the feed stopped, and the source was never called (no lines).
+    # A source with its own drain() is called all the same, and drains as it says: a followed file to its end.
+    path = tmp_path / "log.txt"
+    path.write_text("".join(f"{n}\n" for n in range(1000)))
+    run = aiod4p.start(source_graph(LinesSource(path, follow=True)), mapping=mapping, workers=2)
+    async with asyncio.timeout(30), run:
+        run.drain()
+        results = await run.results()
+    assert sorted(results.data(), key=int) == [str(n) for n in range(1000)]
+
+
 @pytest.mark.asyncio
 async def test_follow_restarts_after_truncation(tmp_path: Path) -> None:
     path = tmp_path / "rotating.txt"
