@@ -48,6 +48,13 @@ def die_with_parent(parent: int | None = None) -> None:
         os._exit(1)
 
 
+def adopt_orphans(adopt: bool) -> None:
+    """Become (or stop being) the process that this one's orphaned descendants are re-parented to (Linux's
+    child subreaper), so that what a child leaves behind when it dies can still be found and stopped."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(36, int(adopt))  # PR_SET_CHILD_SUBREAPER
+
+
 @contextmanager
 def held() -> Iterator[None]:
     """Block SIGINT and SIGTERM in the calling thread meanwhile; a child created meanwhile inherits the block."""

@@ -41,6 +41,7 @@ from ray.util.placement_group import PlacementGroup, placement_group, remove_pla
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from .._plan import ExecutionPlan
+from .._signals import adopt_orphans
 from ..errors import MappingUnavailable
 from ..transports.ray import DriverComm
 from ._host import GRACE, STATS_INTERVAL
@@ -134,6 +135,7 @@ class _Connection:
     def __init__(self) -> None:
         self._users = 0
         self._owned = False
+        self._before: set[int] = set()  # this process's children before it started a local Ray
         self._started: set[int] = set()  # the processes of a local Ray started here (raylet, GCS, ...)
         self._lock = threading.Lock()
 
@@ -141,9 +143,14 @@ class _Connection:
         """Count one more run, calling ``connect`` first if Ray is not initialized."""
         with self._lock:
             if self._users == 0 and not ray.is_initialized():
-                before = _children({os.getpid()})
-                connect()
-                self._started = _children({os.getpid()}) - before
+                self._before = _children({os.getpid()})
+                adopt_orphans(True)  # the agents a raylet leaves behind come back to this process
+                try:
+                    connect()
+                except BaseException:
+                    adopt_orphans(False)
+                    raise
+                self._started = _children({os.getpid()}) - self._before
                 self._owned = True
             self._users += 1
 
@@ -158,8 +165,14 @@ class _Connection:
                 tree = _pidfds(_descendants(self._started))
                 try:
                     ray.shutdown()
+                    orphans = {pid for pid in _children({os.getpid()}) - self._before if _of_ray(pid)}
+                    tree += _pidfds(_descendants(orphans))
                     _kill_left(tree, LEFTOVER_GRACE)
+                    for pid in orphans:  # children of this process now: reap them
+                        with contextlib.suppress(ChildProcessError):
+                            os.waitpid(pid, 0)
                 finally:
+                    adopt_orphans(False)
                     for fd in tree:
                         os.close(fd)
 
@@ -180,6 +193,15 @@ def _children(parents: set[int]) -> set[int]:
                 if fields[0] != "Z" and int(fields[1]) in parents:
                     found.add(int(entry))
     return found
+
+
+def _of_ray(pid: int) -> bool:
+    """Whether process ``pid`` is one of Ray's (a raylet, an agent, a worker: named so by their command lines)."""
+    try:
+        command = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+    return b"ray::" in command or b"/ray/" in command
 
 
 def _descendants(roots: set[int]) -> set[int]:
