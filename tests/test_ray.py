@@ -218,7 +218,17 @@ def test_a_sigint_while_the_local_ray_starts_leaves_none_of_it() -> None:
         run.send_signal(signal.SIGINT)
         _, err = run.communicate(timeout=120)
         assert run.returncode == 130 and "aborted by SIGINT during start-up" in err, err
-        assert wait_gone(session_processes([run.pid]), timeout=30) == []
+        left = wait_gone(session_processes([run.pid]), timeout=30)
+        assert left == [], [_described(pid) for pid in left]
+
+
+def _described(pid: int) -> str:
+    try:
+        command = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        parent = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1]
+    except OSError:
+        return f"{pid} (gone)"
+    return f"{pid} (parent {parent}): {command[:200]}"
 
 
 def _is_raylet(pid: int) -> bool:

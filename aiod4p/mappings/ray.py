@@ -257,14 +257,24 @@ class _RayRun:
             MappingUnavailable: Ray cannot be joined, or did not start the actors within ``start_timeout``.
         """
         payload = ship(job, "start Ray actors")
-        # A future, not a task: a loop closing on a signal cancels every task, and would leave the Ray that
-        # this call is starting to outlive the run.
-        acquiring = asyncio.get_running_loop().run_in_executor(None, _CONNECTION.acquire, self.mapping._connect)
+        # A signal (Ctrl-C) can end this wait at any point, and the loop with it, while Ray is still starting:
+        # from then on, the thread that joins Ray gives its share back itself, so that Ray does not outlive
+        # the run. (The loop, closing, still waits for its executor's threads.)
+        handed_over, lock = [False, False], threading.Lock()  # [joined, given up on]
+
+        def acquire() -> None:
+            _CONNECTION.acquire(self.mapping._connect)
+            with lock:
+                handed_over[0] = True
+                abandoned = handed_over[1]
+            if abandoned:
+                _CONNECTION.release()
+
         try:
-            await asyncio.shield(acquiring)
+            await asyncio.get_running_loop().run_in_executor(None, acquire)
         finally:
-            await asyncio.wait({acquiring})  # cancelled meanwhile: the connection may be made all the same
-            self.connected = not acquiring.cancelled() and acquiring.exception() is None
+            with lock:
+                self.connected, handed_over[1] = handed_over[0], True
         await self._start_actors(payload)
         self.comms = {wid: DriverComm(actor, CONTROL) for wid, actor in enumerate(self.actors)}
         return self.comms
