@@ -24,6 +24,7 @@ from typing import Any
 import pytest
 import workflows as wf
 from helpers import aiod4p_process
+from ray_cluster import wait_gone
 
 import aiod4p
 from aiod4p import WorkflowGraph, group_by
@@ -228,7 +229,7 @@ def test_cli_launched_bad_workflow_file_is_reported_once(
     assert done.stderr.startswith(f"aiod4p: error: importing {flow} failed"), done.stderr
     assert "Abort(" not in done.stderr and "Traceback" not in done.stderr
     assert done.stdout == ""
-    assert _marked_processes(mark) == []  # the ranks started ahead are ended
+    assert wait_gone(_marked_processes(mark), timeout=10) == []  # the ranks started ahead are ended (SIGKILLed)
 
 
 def test_pe_error_on_another_rank_names_the_pe() -> None:
@@ -418,7 +419,7 @@ def test_cancelling_a_run_leaves_no_process_behind(monkeypatch: pytest.MonkeyPat
             await run.aclose()
 
     asyncio.run(main())
-    assert _marked_processes(mark) == []
+    assert wait_gone(_marked_processes(mark), timeout=10) == []  # SIGKILLed: may take a moment to end
 
 
 def test_an_input_error_ends_the_ranks_started_ahead() -> None:
@@ -430,7 +431,7 @@ def test_an_input_error_ends_the_ranks_started_ahead() -> None:
         env={**os.environ, "AIOD4P_TEST_MARK": mark},
     )  # fmt: skip
     assert done.returncode == 1 and "input key 'Nobody' names no PE of the graph" in done.stderr, done.stderr
-    assert _marked_processes(mark) == []
+    assert wait_gone(_marked_processes(mark), timeout=10) == []  # SIGKILLed: may take a moment to end
 
 
 def test_a_killed_launcher_takes_mpiexec_and_its_ranks_with_it(tmp_path: Path) -> None:
