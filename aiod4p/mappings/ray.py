@@ -234,6 +234,34 @@ def _kill_left(pidfds: list[int], grace: float) -> None:
             signal.pidfd_send_signal(fd, signal.SIGKILL)
 
 
+class _Handover:
+    """The share of the connection that a thread joins for a run: the run gives it back once it stops,
+    unless it gave up waiting for the thread first, in which case the thread gives it back itself.
+
+    A signal (Ctrl-C) can end the run's wait at any point, and the loop with it, while Ray is still
+    starting (the loop, closing, still waits for its executor's threads): exactly one side releases.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._joined = False
+        self._given_up = False
+
+    def joined(self) -> None:
+        """Called by the thread once it joined: it releases the share if the run no longer waits for it."""
+        with self._lock:
+            self._joined = True
+            abandoned = self._given_up
+        if abandoned:
+            _CONNECTION.release()
+
+    def give_up(self) -> bool:
+        """Called by the run when its wait ends, however it ends; whether the run holds the share."""
+        with self._lock:
+            self._given_up = True
+            return self._joined
+
+
 class _RayRun:
     """One execution: its share of the connection to Ray, its actors and their placement group."""
 
@@ -257,24 +285,16 @@ class _RayRun:
             MappingUnavailable: Ray cannot be joined, or did not start the actors within ``start_timeout``.
         """
         payload = ship(job, "start Ray actors")
-        # A signal (Ctrl-C) can end this wait at any point, and the loop with it, while Ray is still starting:
-        # from then on, the thread that joins Ray gives its share back itself, so that Ray does not outlive
-        # the run. (The loop, closing, still waits for its executor's threads.)
-        handed_over, lock = [False, False], threading.Lock()  # [joined, given up on]
+        handover = _Handover()
 
         def acquire() -> None:
             _CONNECTION.acquire(self.mapping._connect)
-            with lock:
-                handed_over[0] = True
-                abandoned = handed_over[1]
-            if abandoned:
-                _CONNECTION.release()
+            handover.joined()
 
         try:
             await asyncio.get_running_loop().run_in_executor(None, acquire)
         finally:
-            with lock:
-                self.connected, handed_over[1] = handed_over[0], True
+            self.connected = handover.give_up()
         await self._start_actors(payload)
         self.comms = {wid: DriverComm(actor, CONTROL) for wid, actor in enumerate(self.actors)}
         return self.comms
