@@ -134,6 +134,31 @@ def test_several_graphs_need_a_choice(tmp_path: Path) -> None:
     assert "defines several workflow graphs (a, b)" in done.stderr
 
 
+def test_dispel4py_attr_option_names_the_graph(tmp_path: Path) -> None:
+    # dispel4py's `dispel4py simple flow.py -a b`: -a names the graph, as flow.py:b does.
+    flow = tmp_path / "two.py"
+    flow.write_text(
+        "from aiod4p import ProducerPE, WorkflowGraph\n"
+        "class One(ProducerPE):\n"
+        "    def produce(self):\n"
+        "        yield 1\n"
+        "a = WorkflowGraph()\n"
+        "b = WorkflowGraph()\n"
+        "b.add(One())\n"
+    )
+    for option in ("-a", "--attr"):
+        done = aiod4p("run", str(flow), option, "b", "-m", "simple")
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.startswith("One0.output: 1 item"), done.stdout
+    done = aiod4p("graph", str(flow), "-a", "b", "-o", str(tmp_path / "b.dot"))
+    assert done.returncode == 0, done.stderr
+    assert "One0" in (tmp_path / "b.dot").read_text()
+    done = aiod4p("run", str(flow), "-a", "missing")
+    assert done.returncode == 1 and "has no attribute 'missing'" in done.stderr
+    done = aiod4p("run", f"{flow}:a", "-a", "b")
+    assert done.returncode == 2 and "already names its graph" in done.stderr
+
+
 def test_no_graph_in_module(tmp_path: Path) -> None:
     (tmp_path / "none.py").write_text("x = 1\n")
     done = aiod4p("run", str(tmp_path / "none.py"))
