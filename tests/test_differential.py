@@ -679,3 +679,50 @@ def test_a_hyphenated_file_name(mapping: MappingCase, dispel4py_hook: None, tmp_
     graph = aiod4p.load_graph(str(path))
     results = by_rank(mapping.run(graph, 3).by_port(), graph)
     assert {key: sorted(items) for key, items in results.items()} == expected
+
+
+# dispel4py's own multi_process tests read the results of `process` from the queue it returns.
+RESULT_QUEUE_SCRIPT = """
+import argparse, json
+from dispel4py.base import ProducerPE, IterativePE
+from dispel4py.new.multi_process import process, STATUS_TERMINATED
+from dispel4py.workflow_graph import WorkflowGraph
+
+
+class Numbers(ProducerPE):
+    def _process(self, inputs):
+        for n in range(1, 6):
+            self.write('output', n)
+
+
+class Square(IterativePE):
+    def _process(self, data):
+        return data * data
+
+
+producer, square = Numbers(), Square()
+graph = WorkflowGraph()
+graph.connect(producer, 'output', square, 'input')
+graph.connect(producer, 'output', Square(), 'input')
+args = argparse.Namespace(num=4, simple=False, results=True)
+queue = process(graph, {producer: 1}, args)
+items = []
+item = queue.get()
+while item != STATUS_TERMINATED:
+    items.append(list(item))
+    item = queue.get()
+print('RESULTS', json.dumps(sorted(items)))
+"""
+
+
+def test_multi_process_returns_its_results_in_a_queue(tmp_path: Path) -> None:
+    path = flow(tmp_path, RESULT_QUEUE_SCRIPT)
+    ours = [sys.executable, "-c", f"from aiod4p import compat; compat.install(); exec(open({path!r}).read())"]
+    outputs = []
+    for command in ([str(D4P_PYTHON), path], ours):
+        done = subprocess.run(command, capture_output=True, text=True, timeout=60, cwd=ROOT)  # ROOT: this aiod4p
+        assert done.returncode == 0, done.stderr
+        outputs.append(next(line for line in done.stdout.splitlines() if line.startswith("RESULTS")))
+    squares = [["Square1", "output", n * n] for n in range(1, 6)] + [["Square2", "output", n * n] for n in range(1, 6)]
+    assert outputs[0] == f"RESULTS {json.dumps(sorted(squares))}"  # dispel4py 1.2.1's multi
+    assert outputs[1] == outputs[0]
