@@ -351,9 +351,14 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _cap_workers(args: argparse.Namespace, mapping: BaseMapping) -> None:
-    """At most one worker per CPU where the workers share this machine's CPUs, unless ``--oversubscribe``."""
+    """At most one worker per CPU where the workers share this machine's CPUs, unless ``--oversubscribe``.
+
+    dispel4py's rule still shares out the ``-n`` asked for (``mapping.processes``): a dispel4py graph's
+    instance counts, and so its results, do not depend on the machine's CPUs.
+    """
     if mapping.shares_cpus and args.num is not None and not args.oversubscribe and args.num > available_cpus():
         cpus = available_cpus()
+        mapping.processes = args.num
         _warn(
             args,
             f"-n {args.num}: {cpus} CPU{'s' if cpus > 1 else ''} available, so {cpus} worker process"

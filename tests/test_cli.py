@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import AIOD4P, TIMES10_FLOW, aiod4p_process, json_lines, numbers_flow
+from helpers import AIOD4P, TIMES10_FLOW, aiod4p_cli_on_one_cpu, aiod4p_process, json_lines, numbers_flow
 from helpers import aiod4p_cli as aiod4p
 
 import aiod4p as aiod4p_package
@@ -236,22 +236,6 @@ def test_ignored_options_give_a_warning(workflow_file: Path, tmp_path: Path, arg
     assert quiet.returncode == 0 and quiet.stderr == ""
 
 
-def _on_one_cpu() -> None:
-    os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
-
-
-def _run_on_one_cpu(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [*AIOD4P, *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        preexec_fn=_on_one_cpu,
-        cwd=ROOT,
-        env=None if env is None else {**os.environ, **env},
-    )
-
-
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("mapping", ["multi", "mpi"])
 def test_at_most_one_worker_per_cpu_on_this_machine(mapping: str, workflow_file: Path, tmp_path: Path) -> None:
@@ -261,14 +245,14 @@ def test_at_most_one_worker_per_cpu_on_this_machine(mapping: str, workflow_file:
     """
     stats = tmp_path / "stats.json"
     run = ("run", str(workflow_file), "-m", mapping, "-i", "4", "--stats-json", str(stats))
-    done = _run_on_one_cpu(*run, "-n", "3")
+    done = aiod4p_cli_on_one_cpu(*run, "-n", "3")
     assert done.returncode == 0, done.stderr
     assert (
         "aiod4p: warning: -n 3: 1 CPU available, so 1 worker process (more would only compete for them;"
         " --oversubscribe starts 3)" in done.stderr.splitlines()
     )
     assert json.loads(stats.read_text())["workers"] == 1
-    over = _run_on_one_cpu(*run, "-n", "3", "--oversubscribe")
+    over = aiod4p_cli_on_one_cpu(*run, "-n", "3", "--oversubscribe")
     assert over.returncode == 0 and "warning" not in over.stderr, over.stderr
     assert json.loads(stats.read_text())["workers"] == 3
 
@@ -291,10 +275,12 @@ def test_results_into_a_pipe_keep_stdout_blocking(tmp_path: Path, mapping: str) 
 
 def test_graph_draws_the_workers_run_would_start(workflow_file: Path, tmp_path: Path) -> None:
     drawing = tmp_path / "flow.dot"
-    capped = _run_on_one_cpu("graph", str(workflow_file), "-m", "multi", "-n", "3", "-o", str(drawing))
+    capped = aiod4p_cli_on_one_cpu("graph", str(workflow_file), "-m", "multi", "-n", "3", "-o", str(drawing))
     assert capped.returncode == 0 and "so 1 worker process" in capped.stderr, capped.stderr
     assert " on worker" not in drawing.read_text()  # one worker: no placement to show
-    over = _run_on_one_cpu("graph", str(workflow_file), "-m", "multi", "-n", "3", "--oversubscribe", "-o", str(drawing))
+    over = aiod4p_cli_on_one_cpu(
+        "graph", str(workflow_file), "-m", "multi", "-n", "3", "--oversubscribe", "-o", str(drawing)
+    )
     assert over.returncode == 0 and "warning" not in over.stderr, over.stderr
     assert "workers 0,1,2" in drawing.read_text()
 
@@ -303,7 +289,7 @@ def test_graph_draws_the_workers_run_would_start(workflow_file: Path, tmp_path: 
 def test_mpi_ranks_on_named_hosts_are_not_capped(workflow_file: Path, tmp_path: Path) -> None:
     stats, hosts = tmp_path / "stats.json", tmp_path / "hosts"
     hosts.write_text("localhost:2\n")
-    spread = _run_on_one_cpu(
+    spread = aiod4p_cli_on_one_cpu(
         "run", str(workflow_file), "-m", "mpi", "-n", "2", "-i", "4", "--stats-json", str(stats),
         env={"AIOD4P_MPIEXEC_ARGS": f"-f {hosts}"},
     )  # fmt: skip

@@ -808,6 +808,7 @@ def test_dispel4py_rule_places_instances_on_consecutive_workers(d4p: Any) -> Non
     # total = 1 root + 2 + 1 = 4; 6 processes: heavy int(2 * 5 / 3) = 3, light int(1 * 5 / 3) = 1
     assert process_counts(flat, 6) == {source.id: 1, heavy.id: 3, light.id: 1}
     assert place(flat, 6) == {source.id: (0,), heavy.id: (1, 2, 3), light.id: (4,)}
+    assert place(flat, 6, 2) == {source.id: (0,), heavy.id: (1, 0, 1), light.id: (0,)}  # 2 workers: in turn
     assert process_counts(flat, 3) is None and place(flat, 3) == {}  # too few: aiod4p's own rule
     plan = aiod4p.make_plan(flat, aiod4p.PlanOptions(workers=3))
     assert plan.placement[heavy.id].parallelism == 2  # numprocesses as the instance count

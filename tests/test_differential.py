@@ -25,7 +25,7 @@ from typing import Any
 
 import pytest
 from conftest import MappingCase
-from helpers import aiod4p_cli
+from helpers import aiod4p_cli, aiod4p_cli_on_one_cpu
 
 import aiod4p
 from aiod4p import compat
@@ -657,6 +657,20 @@ def test_an_ungrouped_stateful_pe_under_n(
     assert {fresh[pe]: placed.parallelism for pe, placed in run.plan.placement.items()} == processes
     assert sorted(counts) == [1, 1, 1, 2, 2, 2]  # each of 3 instances counted 2 of the 6 items
     assert sorted(aiod4p.run(graph, 6, mapping=name, workers=4).data()) == sorted(counts)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("name", ["multi", "mpi"])
+def test_an_ungrouped_stateful_pe_under_n_on_fewer_cpus(name: str, tmp_path: Path) -> None:
+    # `-n 4` on a machine with fewer CPUs: aiod4p run starts one worker per CPU, and the instances
+    # dispel4py's -n 4 gives share them, so the results are still dispel4py's.
+    path = flow(tmp_path, COUNTING_FLOW)
+    _, counts = dispel4py_multi_counts(path, 4)
+    out = tmp_path / "out.jsonl"
+    done = aiod4p_cli_on_one_cpu("run", path, "-m", name, "-n", "4", "-i", "6", "--results", str(out))
+    assert done.returncode == 0, done.stderr
+    assert "so 1 worker process" in done.stderr
+    assert sorted(records["data"] for records in map(json.loads, out.read_text().splitlines())) == sorted(counts)
 
 
 def test_a_tutorial_module_that_runs_itself_at_import(tmp_path: Path) -> None:
