@@ -273,7 +273,8 @@ def _run(args: argparse.Namespace) -> int:
         _warn(
             args,
             f"mpiexec started {here} ranks on this machine's {cpus} CPU{'s' if cpus > 1 else ''}: PEs whose"
-            f" parallelism is not set get {cpus} instance{'s' if cpus > 1 else ''}, on the first {cpus}"
+            f" parallelism is not set get {cpus} instance{'s' if cpus > 1 else ''} (a dispel4py graph's, the"
+            f" instances dispel4py gives {here} processes), on the first {cpus}"
             f" rank{'s' if cpus > 1 else ''}, and the other ranks wait (more would only compete for the CPUs)",
         )
     for message in _ignored_options(args, mapping):
