@@ -1173,6 +1173,55 @@ def test_dispel4py_provenance_options_without_equivalent_warn_or_fail(d4p: Any, 
         configure_prov_run(graph, provenance_level="row")
 
 
+class Doubled(IterativePE):
+    """A plain PE written for a run that configure_prov_run made provenance-aware: it writes with metadata."""
+
+    def _process(self, data: int) -> None:
+        self.write("output", 2 * data, metadata={"doubled": data})
+
+
+class Merged(GenericPE):
+    def __init__(self) -> None:
+        GenericPE.__init__(self)
+        self._add_input("input", grouping="global")
+        self._add_output("output")
+        self.seen: list[int] = []
+
+    def _process(self, inputs: dict[str, Any]) -> None:
+        self.seen.append(inputs["input"])
+
+    def _postprocess(self) -> None:
+        self.write("output", sorted(self.seen), metadata={"count": len(self.seen)})
+
+
+@pytest.mark.parametrize("case", PROV_MAPPINGS, ids=lambda c: c[0])
+def test_configure_prov_run_makes_every_pe_provenance_aware(
+    d4p: Any, case: tuple[str, int | None], tmp_path: Path
+) -> None:
+    # dispel4py 2.0's prov_testing/mySplitMerge_prov.py: pattern types from `import *`, plain PEs writing
+    # metadata once configure_prov_run has injected ProvenanceType into every PE.
+    from dispel4py.provenance import AccumulateFlow, Nby1Flow, configure_prov_run
+
+    from aiod4p.compat.mappings import process_and_return
+
+    graph = d4p.workflow_graph.WorkflowGraph()
+    numbers, doubled, merged = ProvNumbers(), Doubled(), Merged()
+    graph.connect(numbers, "output", doubled, "input")
+    graph.connect(doubled, "output", merged, "input")
+    path = tmp_path / "run.json"
+    components = {"Merged": {"s-prov:type": (AccumulateFlow, Nby1Flow), "s-prov:prov-cluster": "demo"}}
+    with pytest.warns(UserWarning, match="injectProv ignores componentsType="):
+        configure_prov_run(
+            graph, sprovConfig={"s-prov:componentsType": components}, provImpClass=(ProvenanceType,),
+            provenance_file=str(path),
+        )  # fmt: skip
+    assert isinstance(doubled, ProvenanceType) and isinstance(merged, AccumulateFlow)
+    assert isinstance(merged, Nby1Flow) and type(merged).__name__ == "Merged"
+    outputs = process_and_return(graph, {numbers: 1}, mapping=case[0], workers=case[1])
+    assert outputs == {merged.id: {"output": [[2, 4, 6, 8]]}}
+    assert '"aiod4p:doubled"' in path.read_text() and '"aiod4p:count"' in path.read_text()
+
+
 class Transfers(ProvenanceType, IterativePE):
     def _process(self, data: int) -> None:
         self.write("output", data, location="file://x", format="text/plain")
