@@ -54,6 +54,13 @@ def test_results_json_lines_keep_what_json_has_no_type_for(caplog: pytest.LogCap
     with caplog.at_level("WARNING", logger="aiod4p"):
         odd = json.loads(record_line(ResultRecord("pe", "out", Opaque())))["data"]
     assert odd == "Opaque()" and ".Opaque are written as their repr (JSON has no type for them)" in caplog.text
+    # Keys JSON refuses (a dict keyed by station pairs, by numpy integers), at any depth: a dispel4py
+    # workflow's result as written, where the --results file failed with a traceback.
+    keyed = {("AA", "BB"): 0.5, numpy.int64(7): {(1, 2): [numpy.int64(3)]}, "plain": [{frozenset(): None}]}
+    with caplog.at_level("WARNING", logger="aiod4p"):
+        written_keyed = json.loads(record_line(ResultRecord("pe", "out", keyed)))["data"]
+    assert written_keyed == {"('AA', 'BB')": 0.5, "7": {"(1, 2)": [3]}, "plain": [{"frozenset()": None}]}
+    assert "builtins.tuple (as a dict key) are written as their repr" in caplog.text
 
 
 @pytest.mark.parametrize("mapping", ["simple", "async"])
