@@ -10,6 +10,7 @@ from __future__ import annotations
 import ast
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -919,6 +920,22 @@ def test_mapping_entry_points(d4p: Any, capsys: pytest.CaptureFixture[str]) -> N
 class Shout_(IterativePE):
     def _process(self, data: int) -> int:
         return -data
+
+
+def test_workflow_graph_drawing_functions(d4p: Any, tmp_path: Path) -> None:
+    # dispel4py's rapid-assessment workflows import write_image (and call it only when asked):
+    # the import alone failed, so the workflows did not load.
+    from dispel4py.workflow_graph import WorkflowGraph, draw, drawDot, write_image
+
+    graph = WorkflowGraph()
+    numbers = Numbers()
+    graph.connect(numbers, "output", Shout_(), "input")
+    assert draw(graph).startswith("digraph") and numbers.id in draw(graph)
+    if shutil.which("dot") is None:
+        return  # Graphviz (Debian package graphviz) is needed to render
+    write_image(graph, str(tmp_path / "flow.png"))
+    assert (tmp_path / "flow.png").read_bytes().startswith(b"\x89PNG")
+    assert drawDot(graph, "svg").lstrip().startswith(b"<?xml") and drawDot(graph).startswith(b"\x89PNG")
 
 
 def test_dispel4py_utils(d4p: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
