@@ -740,3 +740,44 @@ def test_multi_process_returns_its_results_in_a_queue(tmp_path: Path) -> None:
     squares = [["Square1", "output", n * n] for n in range(1, 6)] + [["Square2", "output", n * n] for n in range(1, 6)]
     assert outputs[0] == f"RESULTS {json.dumps(sorted(squares))}"  # dispel4py 1.2.1's multi
     assert outputs[1] == outputs[0]
+
+
+# dispel4py 2.0's rapid-assessment workflow (dispel4py_RA.pgm_story.py) keeps a PE's own data in `label`.
+OWN_NAMES_FLOW = """
+from dispel4py.base import ProducerPE, IterativePE
+from dispel4py.workflow_graph import WorkflowGraph
+
+
+class Stations(ProducerPE):
+    def __init__(self, label):
+        ProducerPE.__init__(self)
+        self.label = label
+
+    def _process(self, inputs):
+        for station in ('AQU', 'ARRO'):
+            self.write('output', [station, self.label])
+
+
+class Tag(IterativePE):
+    def __init__(self):
+        IterativePE.__init__(self)
+        self.instance = 'pgm'
+
+    def _process(self, data):
+        return data + [self.instance]
+
+
+graph = WorkflowGraph()
+graph.connect(Stations('real'), 'output', Tag(), 'input')
+"""
+
+
+def test_a_pe_keeping_its_own_label(mapping: MappingCase, dispel4py_hook: None, tmp_path: Path) -> None:
+    path = flow(tmp_path, OWN_NAMES_FLOW)
+    expected = dispel4py_simple(path)
+    assert expected == {("Tag1", "output"): [["AQU", "real", "pgm"], ["ARRO", "real", "pgm"]]}
+    graph = aiod4p.load_graph(path)
+    got = by_rank(mapping.run(graph, 1).by_port(), graph)
+    assert {key: multiset(items) for key, items in got.items()} == {
+        key: multiset(items) for key, items in expected.items()
+    }
