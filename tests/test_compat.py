@@ -464,6 +464,38 @@ def test_a_module_level_composite_is_not_the_graph(d4p: Any, tmp_path: Path) -> 
     assert aiod4p.run(graph, 2, mapping="simple").data() == [3, 3]
 
 
+def test_a_chain_of_dispel4py_2_function_pes(d4p: Any, tmp_path: Path) -> None:
+    # dispel4py 2.0 names the PE class of create_iterative_chain function_pe_class (download_FDSN.py).
+    path = write(
+        tmp_path / "chain2.py",
+        """
+        from dispel4py.base import SimpleFunctionPE, ProducerPE, create_iterative_chain
+        from dispel4py.workflow_graph import WorkflowGraph
+
+        class Logged(SimpleFunctionPE):
+            def _process(self, data):
+                return ('logged', SimpleFunctionPE._process(self, data))
+
+        def inc(x):
+            return x + 1
+
+        class One(ProducerPE):
+            def _process(self, inputs):
+                return 1
+
+        chain = create_iterative_chain([inc], function_pe_class=Logged)
+        graph = WorkflowGraph()
+        graph.connect(One(), 'output', chain, 'input')
+        """,
+    )
+    graph = aiod4p.load_graph(str(path))
+    assert aiod4p.run(graph, 2, mapping="simple").data() == [("logged", 2), ("logged", 2)]
+    from dispel4py.base import SimpleFunctionPE, create_iterative_chain
+
+    with pytest.raises(TypeError, match="FunctionPE_class or function_pe_class, not both"):
+        create_iterative_chain([abs], Tagged, function_pe_class=SimpleFunctionPE)
+
+
 # -- inputs, as dispel4py reads them ---------------------------------------------------
 
 INPUTS_FLOW = """
