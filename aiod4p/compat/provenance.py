@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import uuid
 import warnings
+import weakref
 from collections.abc import Hashable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -239,11 +240,20 @@ def injectProv(
         types = _provenance_types(named if named else provType)
         missing = tuple(cls for cls in types if not isinstance(pe, cls))
         if missing and isinstance(pe, GenericPE):
-            original = type(pe)
-            pe.__class__ = type(original.__name__, (*missing, original), {})
+            current = type(pe)
+            # Mixed again (configure_prov_run called twice): mix into the bases, so that the class stays
+            # one that pickle can rebuild from importable classes (see compat.core's __reduce_ex__).
+            bases = current.__bases__ if current in _MIXED else (current,)
+            mixed = type(current.__name__, (*missing, *bases), {})
+            _MIXED.add(mixed)
+            pe.__class__ = mixed
             if isinstance(pe, ProvenanceType):  # now it is
                 pe._init_provenance()
     return graph
+
+
+#: The classes :func:`injectProv` made (weakly held).
+_MIXED: weakref.WeakSet[type] = weakref.WeakSet()
 
 
 def _provenance_types(given: Any) -> tuple[type[ProvenanceType], ...]:
