@@ -19,7 +19,7 @@ from . import __version__, compat
 from ._api import WorkflowRun, loop_factory, run_in_threads
 from ._checkpoint import Checkpointing
 from ._inputs import parse_cli_inputs
-from ._loading import load_graph
+from ._loading import _split, load_graph
 from ._logging import configure_logging
 from ._plan import DEFAULT_BATCH_SIZE, DEFAULT_CREDITS, make_plan
 from ._progress import progress, progress_wanted
@@ -91,6 +91,7 @@ def _parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     run.add_argument("target", help="module:graph, path/to/file.py[:graph], or a module holding one graph")
+    _add_attr_option(run)
     run.add_argument("--mapping", "-m", default="async", choices=sorted(MAPPINGS), help="where to run (default: async)")
     run.add_argument("-n", "--num", type=_POSITIVE, default=None, metavar="N", help="workers (instances for async)")
     run.add_argument(
@@ -159,6 +160,7 @@ def _parser() -> argparse.ArgumentParser:
         "graph", help="draw a workflow", description="Draw a workflow graph: .dot, or .svg/.png/.pdf with Graphviz."
     )
     picture.add_argument("target", help="module:graph, path/to/file.py[:graph], or a module holding one graph")
+    _add_attr_option(picture)
     picture.add_argument("-o", "--output", required=True, metavar="FILE", help="FILE.dot, FILE.svg, FILE.png or .pdf")
     picture.add_argument("--mapping", "-m", default="async", choices=sorted(MAPPINGS), help="whose parallelism to show")
     picture.add_argument("-n", "--num", type=_POSITIVE, default=None, metavar="N", help="workers, as for run")
@@ -167,6 +169,29 @@ def _parser() -> argparse.ArgumentParser:
     add_storm_parser(commands)
     _add_science_parsers(commands)
     return parser
+
+
+def _add_attr_option(parser: argparse.ArgumentParser) -> None:
+    """dispel4py's ``-a/--attr NAME``: the graph's name in the module, as ``target:NAME`` gives it."""
+    parser.add_argument(
+        "-a", "--attr", default=None, metavar="NAME", help="the graph's attribute in the module (as target:NAME)"
+    )
+
+
+def _name_graph(args: argparse.Namespace) -> None:
+    """Fold ``-a NAME`` into ``args.target`` as ``target:NAME``.
+
+    Raises:
+        ValueError: the target names a graph already, or NAME is not an identifier.
+    """
+    attr = getattr(args, "attr", None)
+    if attr is None:
+        return
+    if not attr.isidentifier():
+        raise ValueError(f"-a {attr!r}: not a Python name")
+    if _split(args.target)[1] is not None:
+        raise ValueError(f"-a {attr}: {args.target} already names its graph; give one of the two")
+    args.target = f"{args.target}:{attr}"
 
 
 def entry() -> NoReturn:
@@ -195,6 +220,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     configure_logging(getattr(args, "verbose", 0), getattr(args, "quiet", False))
     try:
+        _name_graph(args)
         if args.command == "run":
             return _run(args)
         if args.command == "graph":
@@ -247,7 +273,8 @@ def _run(args: argparse.Namespace) -> int:
         _warn(
             args,
             f"mpiexec started {here} ranks on this machine's {cpus} CPU{'s' if cpus > 1 else ''}: PEs whose"
-            f" parallelism is not set get {cpus} instance{'s' if cpus > 1 else ''}, on the first {cpus}"
+            f" parallelism is not set get {cpus} instance{'s' if cpus > 1 else ''} (a dispel4py graph's, the"
+            f" instances dispel4py gives {here} processes), on the first {cpus}"
             f" rank{'s' if cpus > 1 else ''}, and the other ranks wait (more would only compete for the CPUs)",
         )
     for message in _ignored_options(args, mapping):
@@ -325,9 +352,14 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _cap_workers(args: argparse.Namespace, mapping: BaseMapping) -> None:
-    """At most one worker per CPU where the workers share this machine's CPUs, unless ``--oversubscribe``."""
+    """At most one worker per CPU where the workers share this machine's CPUs, unless ``--oversubscribe``.
+
+    dispel4py's rule still shares out the ``-n`` asked for (``mapping.processes``): a dispel4py graph's
+    instance counts, and so its results, do not depend on the machine's CPUs.
+    """
     if mapping.shares_cpus and args.num is not None and not args.oversubscribe and args.num > available_cpus():
         cpus = available_cpus()
+        mapping.processes = args.num
         _warn(
             args,
             f"-n {args.num}: {cpus} CPU{'s' if cpus > 1 else ''} available, so {cpus} worker process"

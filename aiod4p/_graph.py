@@ -126,10 +126,11 @@ class FlatGraph:
     edges: list[Edge]
     composites: dict[str, list[str]] = field(default_factory=dict)
     #: How a graph written for another runtime shares out worker processes:
-    #: ``placer(graph, workers)`` gives the PEs it names the workers of their
-    #: instances (dispel4py's rule, set by aiod4p.compat); the planner's own
-    #: rule places the others. ``None``: the planner's rule for every PE.
-    placer: Callable[[FlatGraph, int], dict[str, tuple[int, ...]]] | None = None
+    #: ``placer(graph, processes, workers)`` gives the PEs it names the
+    #: workers (of ``workers``) of their instances, ``processes`` shared out
+    #: (dispel4py's rule, set by aiod4p.compat); the planner's own rule places
+    #: the others. ``None``: the planner's rule for every PE.
+    placer: Callable[[FlatGraph, int, int], dict[str, tuple[int, ...]]] | None = None
 
     @classmethod
     def from_graph(cls, graph: WorkflowGraph) -> FlatGraph:

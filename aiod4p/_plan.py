@@ -73,6 +73,10 @@ class PlanOptions:
             (see :mod:`aiod4p._provenance`).
         busy_workers: place instances on workers 0 to ``busy_workers - 1`` only, as
             if there were that many, and none on the others; ``None``: all workers.
+        processes: the processes a graph's ``placer`` (dispel4py's rule) shares
+            out among its PEs, when the run was asked for more than ``workers``
+            (``aiod4p run`` starts at most one worker per CPU); the instances
+            then take the workers in turn. ``None``: ``workers``.
     """
 
     workers: int = 1
@@ -84,12 +88,15 @@ class PlanOptions:
     batch_bytes: int = 1 << 20
     provenance: str | None = None
     busy_workers: int | None = None
+    processes: int | None = None
 
     def __post_init__(self) -> None:
         if self.workers < 1:
             raise ValueError(f"the number of workers must be at least 1, not {self.workers}")
         if self.busy_workers is not None and not 1 <= self.busy_workers <= self.workers:
             raise ValueError(f"busy_workers must be between 1 and {self.workers}, not {self.busy_workers}")
+        if self.processes is not None and self.processes < 1:
+            raise ValueError(f"the number of processes must be at least 1, not {self.processes}")
         if self.default_parallelism is not None and self.default_parallelism < 1:
             raise ValueError(f"parallelism must be at least 1, not {self.default_parallelism}")
         if self.batch_size < 1 or self.credits < 1:
@@ -254,7 +261,8 @@ def make_plan(graph: WorkflowGraph | FlatGraph, options: PlanOptions | None = No
     and never pay a process hop.
     A graph with a ``placer`` (dispel4py's) places the PEs it names itself
     when the mapping shares out worker processes (``default_parallelism``
-    unset, not ``force_single``: multi and mpi).
+    unset, not ``force_single``: multi and mpi): it shares out ``processes``
+    (else ``workers``), on the workers instances are placed on.
 
     Raises:
         GraphError: the graph is invalid, or a parallelism is not positive.
@@ -266,7 +274,7 @@ def make_plan(graph: WorkflowGraph | FlatGraph, options: PlanOptions | None = No
     single = {*roots, *(edge.dest for edge in flat.edges if edge.grouping.single_instance)}
     placed: dict[str, tuple[int, ...]] = {}
     if flat.placer is not None and options.default_parallelism is None and not options.force_single:
-        placed = flat.placer(flat, options.placing_workers)
+        placed = flat.placer(flat, options.processes or options.workers, options.placing_workers)
     placement: dict[str, PEPlan] = {}
     for pe_id, pe in flat.pes.items():
         if pe_id in placed:

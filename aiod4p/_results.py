@@ -35,8 +35,35 @@ def record_line(record: ResultRecord) -> str:
     numpy arrays and scalars (anything with ``tolist()``) as lists and
     numbers, bytes as ``{"base64": "..."}``, sets as lists, dates and times
     in ISO 8601; anything else as its ``repr``, with a warning once per type.
+    Dict keys JSON does not take (a tuple, a numpy integer) are written as
+    the number a numpy scalar is, else as their ``repr``, with the same warning.
     """
-    return json.dumps(record.to_json(), default=_jsonable) + "\n"
+    try:
+        return json.dumps(record.to_json(), default=_jsonable) + "\n"
+    except TypeError:  # a dict key json refuses: it calls no default for keys
+        return json.dumps(_json_keys(record.to_json()), default=_jsonable) + "\n"
+
+
+_KEY_TYPES = (str, int, float, bool, type(None))
+
+
+def _json_keys(value: Any) -> Any:
+    """``value`` with the keys of its dicts, at any depth, made ones JSON takes."""
+    if isinstance(value, dict):
+        return {_json_key(key): _json_keys(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_keys(item) for item in value]
+    return value
+
+
+def _json_key(key: Any) -> Any:
+    if isinstance(key, _KEY_TYPES):
+        return key
+    tolist = getattr(key, "tolist", None)
+    if callable(tolist) and isinstance(plain := tolist(), _KEY_TYPES):
+        return plain
+    _warn_repr(f"{type(key).__module__}.{type(key).__qualname__} (as a dict key)")
+    return repr(key)
 
 
 def _jsonable(value: Any) -> Any:

@@ -19,7 +19,7 @@ from ._graph import FlatGraph, WorkflowGraph
 from ._plan import ExecutionPlan, make_plan
 from .errors import Aiod4pError
 
-__all__ = ["GRAPHVIZ_FORMATS", "draw", "draw_dot", "to_dot"]
+__all__ = ["GRAPHVIZ_FORMATS", "draw", "draw_dot", "render_dot", "to_dot"]
 
 # Suffixes written by Graphviz's dot (the format is the suffix).
 GRAPHVIZ_FORMATS = ("svg", "png", "pdf")
@@ -107,11 +107,16 @@ def draw_dot(text: str | Callable[[], str], path: str | Path, what: str = "a gra
         except OSError as exc:
             raise Aiod4pError(f"cannot write {path}: {exc.strerror or exc}") from exc
         return path
-    _run_dot(text, suffix.lstrip("."), path)
+    render_dot(text, suffix.lstrip("."), path)
     return path
 
 
-def _run_dot(text: str, fmt: str, path: Path) -> None:
+def render_dot(text: str, fmt: str, path: Path) -> None:
+    """Render dot ``text`` with Graphviz's ``dot`` as format ``fmt`` into ``path``.
+
+    Raises:
+        Aiod4pError: ``dot`` is not installed (the message names the Debian package) or failed.
+    """
     dot = shutil.which("dot")
     if dot is None:
         raise Aiod4pError(

@@ -43,6 +43,26 @@ def aiod4p_cli(
     )
 
 
+def _on_one_cpu() -> None:
+    os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
+
+
+def aiod4p_cli_on_one_cpu(
+    *args: str, cwd: Path | None = None, env: Mapping[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """As :func:`aiod4p_cli`, the process (and what it starts) allowed one CPU: ``aiod4p run`` then starts
+    one worker; ``env`` is added to this process's environment."""
+    return subprocess.run(
+        [*AIOD4P, *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        preexec_fn=_on_one_cpu,
+        cwd=cwd or ROOT,
+        env=None if env is None else {**os.environ, **env},
+    )
+
+
 def aiod4p_process(*args: str, cwd: Path | None = None, env: Mapping[str, str] | None = None) -> subprocess.Popen[str]:
     """Start ``python -m aiod4p ARGS`` with stdout and stderr piped, as text, in a session of its own.
 

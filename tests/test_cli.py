@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import AIOD4P, TIMES10_FLOW, aiod4p_process, json_lines, numbers_flow
+from helpers import AIOD4P, TIMES10_FLOW, aiod4p_cli_on_one_cpu, aiod4p_process, json_lines, numbers_flow
 from helpers import aiod4p_cli as aiod4p
 
 import aiod4p as aiod4p_package
@@ -54,6 +54,13 @@ def test_results_json_lines_keep_what_json_has_no_type_for(caplog: pytest.LogCap
     with caplog.at_level("WARNING", logger="aiod4p"):
         odd = json.loads(record_line(ResultRecord("pe", "out", Opaque())))["data"]
     assert odd == "Opaque()" and ".Opaque are written as their repr (JSON has no type for them)" in caplog.text
+    # Keys JSON refuses (a dict keyed by station pairs, by numpy integers), at any depth: a dispel4py
+    # workflow's result as written, where the --results file failed with a traceback.
+    keyed = {("AA", "BB"): 0.5, numpy.int64(7): {(1, 2): [numpy.int64(3)]}, "plain": [{frozenset(): None}]}
+    with caplog.at_level("WARNING", logger="aiod4p"):
+        written_keyed = json.loads(record_line(ResultRecord("pe", "out", keyed)))["data"]
+    assert written_keyed == {"('AA', 'BB')": 0.5, "7": {"(1, 2)": [3]}, "plain": [{"frozenset()": None}]}
+    assert "builtins.tuple (as a dict key) are written as their repr" in caplog.text
 
 
 @pytest.mark.parametrize("mapping", ["simple", "async"])
@@ -134,6 +141,31 @@ def test_several_graphs_need_a_choice(tmp_path: Path) -> None:
     assert "defines several workflow graphs (a, b)" in done.stderr
 
 
+def test_dispel4py_attr_option_names_the_graph(tmp_path: Path) -> None:
+    # dispel4py's `dispel4py simple flow.py -a b`: -a names the graph, as flow.py:b does.
+    flow = tmp_path / "two.py"
+    flow.write_text(
+        "from aiod4p import ProducerPE, WorkflowGraph\n"
+        "class One(ProducerPE):\n"
+        "    def produce(self):\n"
+        "        yield 1\n"
+        "a = WorkflowGraph()\n"
+        "b = WorkflowGraph()\n"
+        "b.add(One())\n"
+    )
+    for option in ("-a", "--attr"):
+        done = aiod4p("run", str(flow), option, "b", "-m", "simple")
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.startswith("One0.output: 1 item"), done.stdout
+    done = aiod4p("graph", str(flow), "-a", "b", "-o", str(tmp_path / "b.dot"))
+    assert done.returncode == 0, done.stderr
+    assert "One0" in (tmp_path / "b.dot").read_text()
+    done = aiod4p("run", str(flow), "-a", "missing")
+    assert done.returncode == 1 and "has no attribute 'missing'" in done.stderr
+    done = aiod4p("run", f"{flow}:a", "-a", "b")
+    assert done.returncode == 2 and "already names its graph" in done.stderr
+
+
 def test_no_graph_in_module(tmp_path: Path) -> None:
     (tmp_path / "none.py").write_text("x = 1\n")
     done = aiod4p("run", str(tmp_path / "none.py"))
@@ -211,22 +243,6 @@ def test_ignored_options_give_a_warning(workflow_file: Path, tmp_path: Path, arg
     assert quiet.returncode == 0 and quiet.stderr == ""
 
 
-def _on_one_cpu() -> None:
-    os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
-
-
-def _run_on_one_cpu(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [*AIOD4P, *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        preexec_fn=_on_one_cpu,
-        cwd=ROOT,
-        env=None if env is None else {**os.environ, **env},
-    )
-
-
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("mapping", ["multi", "mpi"])
 def test_at_most_one_worker_per_cpu_on_this_machine(mapping: str, workflow_file: Path, tmp_path: Path) -> None:
@@ -236,14 +252,14 @@ def test_at_most_one_worker_per_cpu_on_this_machine(mapping: str, workflow_file:
     """
     stats = tmp_path / "stats.json"
     run = ("run", str(workflow_file), "-m", mapping, "-i", "4", "--stats-json", str(stats))
-    done = _run_on_one_cpu(*run, "-n", "3")
+    done = aiod4p_cli_on_one_cpu(*run, "-n", "3")
     assert done.returncode == 0, done.stderr
     assert (
         "aiod4p: warning: -n 3: 1 CPU available, so 1 worker process (more would only compete for them;"
         " --oversubscribe starts 3)" in done.stderr.splitlines()
     )
     assert json.loads(stats.read_text())["workers"] == 1
-    over = _run_on_one_cpu(*run, "-n", "3", "--oversubscribe")
+    over = aiod4p_cli_on_one_cpu(*run, "-n", "3", "--oversubscribe")
     assert over.returncode == 0 and "warning" not in over.stderr, over.stderr
     assert json.loads(stats.read_text())["workers"] == 3
 
@@ -266,10 +282,12 @@ def test_results_into_a_pipe_keep_stdout_blocking(tmp_path: Path, mapping: str) 
 
 def test_graph_draws_the_workers_run_would_start(workflow_file: Path, tmp_path: Path) -> None:
     drawing = tmp_path / "flow.dot"
-    capped = _run_on_one_cpu("graph", str(workflow_file), "-m", "multi", "-n", "3", "-o", str(drawing))
+    capped = aiod4p_cli_on_one_cpu("graph", str(workflow_file), "-m", "multi", "-n", "3", "-o", str(drawing))
     assert capped.returncode == 0 and "so 1 worker process" in capped.stderr, capped.stderr
     assert " on worker" not in drawing.read_text()  # one worker: no placement to show
-    over = _run_on_one_cpu("graph", str(workflow_file), "-m", "multi", "-n", "3", "--oversubscribe", "-o", str(drawing))
+    over = aiod4p_cli_on_one_cpu(
+        "graph", str(workflow_file), "-m", "multi", "-n", "3", "--oversubscribe", "-o", str(drawing)
+    )
     assert over.returncode == 0 and "warning" not in over.stderr, over.stderr
     assert "workers 0,1,2" in drawing.read_text()
 
@@ -278,7 +296,7 @@ def test_graph_draws_the_workers_run_would_start(workflow_file: Path, tmp_path: 
 def test_mpi_ranks_on_named_hosts_are_not_capped(workflow_file: Path, tmp_path: Path) -> None:
     stats, hosts = tmp_path / "stats.json", tmp_path / "hosts"
     hosts.write_text("localhost:2\n")
-    spread = _run_on_one_cpu(
+    spread = aiod4p_cli_on_one_cpu(
         "run", str(workflow_file), "-m", "mpi", "-n", "2", "-i", "4", "--stats-json", str(stats),
         env={"AIOD4P_MPIEXEC_ARGS": f"-f {hosts}"},
     )  # fmt: skip

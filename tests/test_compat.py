@@ -10,6 +10,8 @@ from __future__ import annotations
 import ast
 import json
 import os
+import pickle
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -463,6 +465,38 @@ def test_a_module_level_composite_is_not_the_graph(d4p: Any, tmp_path: Path) -> 
     assert aiod4p.run(graph, 2, mapping="simple").data() == [3, 3]
 
 
+def test_a_chain_of_dispel4py_2_function_pes(d4p: Any, tmp_path: Path) -> None:
+    # dispel4py 2.0 names the PE class of create_iterative_chain function_pe_class (download_FDSN.py).
+    path = write(
+        tmp_path / "chain2.py",
+        """
+        from dispel4py.base import SimpleFunctionPE, ProducerPE, create_iterative_chain
+        from dispel4py.workflow_graph import WorkflowGraph
+
+        class Logged(SimpleFunctionPE):
+            def _process(self, data):
+                return ('logged', SimpleFunctionPE._process(self, data))
+
+        def inc(x):
+            return x + 1
+
+        class One(ProducerPE):
+            def _process(self, inputs):
+                return 1
+
+        chain = create_iterative_chain([inc], function_pe_class=Logged)
+        graph = WorkflowGraph()
+        graph.connect(One(), 'output', chain, 'input')
+        """,
+    )
+    graph = aiod4p.load_graph(str(path))
+    assert aiod4p.run(graph, 2, mapping="simple").data() == [("logged", 2), ("logged", 2)]
+    from dispel4py.base import SimpleFunctionPE, create_iterative_chain
+
+    with pytest.raises(TypeError, match="FunctionPE_class or function_pe_class, not both"):
+        create_iterative_chain([abs], Tagged, function_pe_class=SimpleFunctionPE)
+
+
 # -- inputs, as dispel4py reads them ---------------------------------------------------
 
 INPUTS_FLOW = """
@@ -808,6 +842,7 @@ def test_dispel4py_rule_places_instances_on_consecutive_workers(d4p: Any) -> Non
     # total = 1 root + 2 + 1 = 4; 6 processes: heavy int(2 * 5 / 3) = 3, light int(1 * 5 / 3) = 1
     assert process_counts(flat, 6) == {source.id: 1, heavy.id: 3, light.id: 1}
     assert place(flat, 6) == {source.id: (0,), heavy.id: (1, 2, 3), light.id: (4,)}
+    assert place(flat, 6, 2) == {source.id: (0,), heavy.id: (1, 0, 1), light.id: (0,)}  # 2 workers: in turn
     assert process_counts(flat, 3) is None and place(flat, 3) == {}  # too few: aiod4p's own rule
     plan = aiod4p.make_plan(flat, aiod4p.PlanOptions(workers=3))
     assert plan.placement[heavy.id].parallelism == 2  # numprocesses as the instance count
@@ -918,6 +953,22 @@ def test_mapping_entry_points(d4p: Any, capsys: pytest.CaptureFixture[str]) -> N
 class Shout_(IterativePE):
     def _process(self, data: int) -> int:
         return -data
+
+
+def test_workflow_graph_drawing_functions(d4p: Any, tmp_path: Path) -> None:
+    # dispel4py's rapid-assessment workflows import write_image (and call it only when asked):
+    # the import alone failed, so the workflows did not load.
+    from dispel4py.workflow_graph import WorkflowGraph, draw, drawDot, write_image
+
+    graph = WorkflowGraph()
+    numbers = Numbers()
+    graph.connect(numbers, "output", Shout_(), "input")
+    assert draw(graph).startswith("digraph") and numbers.id in draw(graph)
+    if shutil.which("dot") is None:
+        return  # Graphviz (Debian package graphviz) is needed to render
+    write_image(graph, str(tmp_path / "flow.png"))
+    assert (tmp_path / "flow.png").read_bytes().startswith(b"\x89PNG")
+    assert drawDot(graph, "svg").lstrip().startswith(b"<?xml") and drawDot(graph).startswith(b"\x89PNG")
 
 
 def test_dispel4py_utils(d4p: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -1170,6 +1221,57 @@ def test_dispel4py_provenance_options_without_equivalent_warn_or_fail(d4p: Any, 
         configure_prov_run(graph, save_mode="cloud")
     with pytest.raises(Aiod4pError, match=r"configure_prov_run: .*'row'"):
         configure_prov_run(graph, provenance_level="row")
+
+
+class Doubled(IterativePE):
+    """A plain PE written for a run that configure_prov_run made provenance-aware: it writes with metadata."""
+
+    def _process(self, data: int) -> None:
+        self.write("output", 2 * data, metadata={"doubled": data})
+
+
+class Merged(GenericPE):
+    def __init__(self) -> None:
+        GenericPE.__init__(self)
+        self._add_input("input", grouping="global")
+        self._add_output("output")
+        self.seen: list[int] = []
+
+    def _process(self, inputs: dict[str, Any]) -> None:
+        self.seen.append(inputs["input"])
+
+    def _postprocess(self) -> None:
+        self.write("output", sorted(self.seen), metadata={"count": len(self.seen)})
+
+
+@pytest.mark.parametrize("case", PROV_MAPPINGS, ids=lambda c: c[0])
+def test_configure_prov_run_makes_every_pe_provenance_aware(
+    d4p: Any, case: tuple[str, int | None], tmp_path: Path
+) -> None:
+    # dispel4py 2.0's prov_testing/mySplitMerge_prov.py: pattern types from `import *`, plain PEs writing
+    # metadata once configure_prov_run has injected ProvenanceType into every PE.
+    from dispel4py.provenance import AccumulateFlow, Nby1Flow, configure_prov_run
+
+    from aiod4p.compat.mappings import process_and_return
+
+    graph = d4p.workflow_graph.WorkflowGraph()
+    numbers, doubled, merged = ProvNumbers(), Doubled(), Merged()
+    graph.connect(numbers, "output", doubled, "input")
+    graph.connect(doubled, "output", merged, "input")
+    path = tmp_path / "run.json"
+    components = {"Merged": {"s-prov:type": (AccumulateFlow, Nby1Flow), "s-prov:prov-cluster": "demo"}}
+    configure_prov_run(graph, provImpClass=(ProvenanceType,), provenance_file=str(path))
+    with pytest.warns(UserWarning, match="injectProv ignores componentsType="):
+        configure_prov_run(  # again: the types mix into the classes the first call made
+            graph, sprovConfig={"s-prov:componentsType": components}, provImpClass=(ProvenanceType,),
+            provenance_file=str(path),
+        )  # fmt: skip
+    assert isinstance(doubled, ProvenanceType) and isinstance(merged, AccumulateFlow)
+    assert isinstance(merged, Nby1Flow) and type(merged).__name__ == "Merged"
+    assert isinstance(pickle.loads(pickle.dumps(merged)), AccumulateFlow)  # as multi and mpi ship it
+    outputs = process_and_return(graph, {numbers: 1}, mapping=case[0], workers=case[1])
+    assert outputs == {merged.id: {"output": [[2, 4, 6, 8]]}}
+    assert '"aiod4p:doubled"' in path.read_text() and '"aiod4p:count"' in path.read_text()
 
 
 class Transfers(ProvenanceType, IterativePE):

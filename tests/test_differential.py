@@ -25,7 +25,7 @@ from typing import Any
 
 import pytest
 from conftest import MappingCase
-from helpers import aiod4p_cli
+from helpers import aiod4p_cli, aiod4p_cli_on_one_cpu
 
 import aiod4p
 from aiod4p import compat
@@ -659,6 +659,20 @@ def test_an_ungrouped_stateful_pe_under_n(
     assert sorted(aiod4p.run(graph, 6, mapping=name, workers=4).data()) == sorted(counts)
 
 
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("name", ["multi", "mpi"])
+def test_an_ungrouped_stateful_pe_under_n_on_fewer_cpus(name: str, tmp_path: Path) -> None:
+    # `-n 4` on a machine with fewer CPUs: aiod4p run starts one worker per CPU, and the instances
+    # dispel4py's -n 4 gives share them, so the results are still dispel4py's.
+    path = flow(tmp_path, COUNTING_FLOW)
+    _, counts = dispel4py_multi_counts(path, 4)
+    out = tmp_path / "out.jsonl"
+    done = aiod4p_cli_on_one_cpu("run", path, "-m", name, "-n", "4", "-i", "6", "--results", str(out))
+    assert done.returncode == 0, done.stderr
+    assert "so 1 worker process" in done.stderr
+    assert sorted(records["data"] for records in map(json.loads, out.read_text().splitlines())) == sorted(counts)
+
+
 def test_a_tutorial_module_that_runs_itself_at_import(tmp_path: Path) -> None:
     path = flow(tmp_path, TUTORIAL_FLOW)
     done = subprocess.run([str(D4P_PYTHON), path], capture_output=True, text=True, timeout=60, cwd=tmp_path)
@@ -679,3 +693,91 @@ def test_a_hyphenated_file_name(mapping: MappingCase, dispel4py_hook: None, tmp_
     graph = aiod4p.load_graph(str(path))
     results = by_rank(mapping.run(graph, 3).by_port(), graph)
     assert {key: sorted(items) for key, items in results.items()} == expected
+
+
+# dispel4py's own multi_process tests read the results of `process` from the queue it returns.
+RESULT_QUEUE_SCRIPT = """
+import argparse, json
+from dispel4py.base import ProducerPE, IterativePE
+from dispel4py.new.multi_process import process, STATUS_TERMINATED
+from dispel4py.workflow_graph import WorkflowGraph
+
+
+class Numbers(ProducerPE):
+    def _process(self, inputs):
+        for n in range(1, 6):
+            self.write('output', n)
+
+
+class Square(IterativePE):
+    def _process(self, data):
+        return data * data
+
+
+producer, square = Numbers(), Square()
+graph = WorkflowGraph()
+graph.connect(producer, 'output', square, 'input')
+graph.connect(producer, 'output', Square(), 'input')
+args = argparse.Namespace(num=4, simple=False, results=True)
+queue = process(graph, {producer: 1}, args)
+items = []
+item = queue.get()
+while item != STATUS_TERMINATED:
+    items.append(list(item))
+    item = queue.get()
+print('RESULTS', json.dumps(sorted(items)))
+"""
+
+
+def test_multi_process_returns_its_results_in_a_queue(tmp_path: Path) -> None:
+    path = flow(tmp_path, RESULT_QUEUE_SCRIPT)
+    ours = [sys.executable, "-c", f"from aiod4p import compat; compat.install(); exec(open({path!r}).read())"]
+    outputs = []
+    for command in ([str(D4P_PYTHON), path], ours):
+        done = subprocess.run(command, capture_output=True, text=True, timeout=60, cwd=ROOT)  # ROOT: this aiod4p
+        assert done.returncode == 0, done.stderr
+        outputs.append(next(line for line in done.stdout.splitlines() if line.startswith("RESULTS")))
+    squares = [["Square1", "output", n * n] for n in range(1, 6)] + [["Square2", "output", n * n] for n in range(1, 6)]
+    assert outputs[0] == f"RESULTS {json.dumps(sorted(squares))}"  # dispel4py 1.2.1's multi
+    assert outputs[1] == outputs[0]
+
+
+# dispel4py 2.0's rapid-assessment workflow (dispel4py_RA.pgm_story.py) keeps a PE's own data in `label`.
+OWN_NAMES_FLOW = """
+from dispel4py.base import ProducerPE, IterativePE
+from dispel4py.workflow_graph import WorkflowGraph
+
+
+class Stations(ProducerPE):
+    def __init__(self, label):
+        ProducerPE.__init__(self)
+        self.label = label
+
+    def _process(self, inputs):
+        for station in ('AQU', 'ARRO'):
+            self.write('output', [station, self.label])
+
+
+class Tag(IterativePE):
+    def __init__(self):
+        IterativePE.__init__(self)
+        self.instance = 'pgm'
+
+    def _process(self, data):
+        return data + [self.instance]
+
+
+graph = WorkflowGraph()
+graph.connect(Stations('real'), 'output', Tag(), 'input')
+"""
+
+
+def test_a_pe_keeping_its_own_label(mapping: MappingCase, dispel4py_hook: None, tmp_path: Path) -> None:
+    path = flow(tmp_path, OWN_NAMES_FLOW)
+    expected = dispel4py_simple(path)
+    assert expected == {("Tag1", "output"): [["AQU", "real", "pgm"], ["ARRO", "real", "pgm"]]}
+    graph = aiod4p.load_graph(path)
+    got = by_rank(mapping.run(graph, 1).by_port(), graph)
+    assert {key: multiset(items) for key, items in got.items()} == {
+        key: multiset(items) for key, items in expected.items()
+    }

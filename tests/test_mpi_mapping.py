@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import test_differential as differential
 import workflows as wf
 from helpers import aiod4p_process
 from ray_cluster import wait_gone
@@ -93,7 +94,8 @@ def test_cli_under_mpiexec_with_more_ranks_than_cpus_uses_one_rank_per_cpu(tmp_p
     assert done.returncode == 0, done.stderr
     warning = (
         "aiod4p: warning: mpiexec started 3 ranks on this machine's 1 CPU: PEs whose parallelism is not set get"
-        " 1 instance, on the first 1 rank, and the other ranks wait (more would only compete for the CPUs)"
+        " 1 instance (a dispel4py graph's, the instances dispel4py gives 3 processes), on the first 1 rank, and the"
+        " other ranks wait (more would only compete for the CPUs)"
     )
     assert done.stderr.splitlines().count(warning) == 1  # rank 0 says it
     seen = [json.loads(line)["data"] for line in out.read_text().splitlines()]
@@ -106,6 +108,20 @@ def test_cli_under_mpiexec_with_more_ranks_than_cpus_uses_one_rank_per_cpu(tmp_p
     ranks = str(len(os.sched_getaffinity(0)))
     bound = mpiexec(["-bind-to", "core", "-n", ranks, *cli(f"{WORKFLOWS}:mpi_chain", "--mapping", "mpi", "-i", "3")])
     assert bound.returncode == 0 and "warning" not in bound.stderr, bound.stderr
+
+
+@pytest.mark.skipif(not differential.D4P_PYTHON.exists(), reason="dispel4py 1.2.1 is not installed")
+def test_cli_under_mpiexec_with_more_ranks_than_cpus_keeps_dispel4py_counts(tmp_path: Path) -> None:
+    """`mpiexec -n 4 dispel4py mpi flow.py` becomes `mpiexec -n 4 aiod4p run flow.py -m mpi`: on fewer CPUs than
+    ranks, a dispel4py graph still gets the instances dispel4py's 4 processes give, so its results."""
+    one_cpu = ("taskset", "-c", str(min(os.sched_getaffinity(0))))
+    path = differential.flow(tmp_path, differential.COUNTING_FLOW)
+    _, counts = differential.dispel4py_multi_counts(path, 4)  # dispel4py's mpi shares out processes alike
+    out = tmp_path / "out.jsonl"
+    done = mpiexec(["-n", "4", *cli(path, "--mapping", "mpi", "-i", "6", "--results", str(out))], prefix=one_cpu)
+    assert done.returncode == 0, done.stderr
+    assert "on the first 1 rank" in done.stderr
+    assert sorted(json.loads(line)["data"] for line in out.read_text().splitlines()) == sorted(counts)
 
 
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPUs")

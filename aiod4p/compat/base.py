@@ -139,16 +139,24 @@ def create_iterative_chain(
     FunctionPE_class: type[SimpleFunctionPE] = SimpleFunctionPE,
     name_prefix: str = "PE_",
     name_suffix: str = "",
+    *,
+    function_pe_class: type[SimpleFunctionPE] | None = None,
 ) -> WorkflowGraph:
     """A composite graph piping items through ``functions`` in order.
 
     Each element is ``fn`` or ``(fn, params)``; each becomes a
-    ``FunctionPE_class`` named ``name_prefix + fn.__name__ + name_suffix``.
-    The graph exposes ``input`` and ``output``.
+    ``FunctionPE_class`` (dispel4py 2.0's keyword: ``function_pe_class``)
+    named ``name_prefix + fn.__name__ + name_suffix``. The graph exposes
+    ``input`` and ``output``.
 
     Raises:
         ValueError: ``functions`` is empty.
+        TypeError: both ``FunctionPE_class`` and ``function_pe_class`` are given.
     """
+    if function_pe_class is not None:
+        if FunctionPE_class is not SimpleFunctionPE:
+            raise TypeError("create_iterative_chain() takes FunctionPE_class or function_pe_class, not both")
+        FunctionPE_class = function_pe_class
     graph = WorkflowGraph()
     first: SimpleFunctionPE | None = None
     previous: SimpleFunctionPE | None = None

@@ -26,6 +26,8 @@ from . import install
 
 __all__ = ["DESCRIPTION", "GROUPING", "META", "NAME", "TYPE", "WRITER", "GenericPE"]
 
+_OWN_LABEL, _OWN_INSTANCE = "_own_label", "_own_instance"  # where a PE's own label/instance are kept
+
 NAME = "name"
 TYPE = "type"
 DESCRIPTION = "descr"
@@ -85,6 +87,28 @@ class GenericPE(_CoreGenericPE):
     @rank.setter
     def rank(self, value: int) -> None:  # dispel4py's mappings, and code written for them, assign it
         self.__dict__["_rank"] = value
+
+    # dispel4py PEs keep their own data under any name: one that aiod4p's PE
+    # reads only (label, instance) is theirs once they assign it.
+    @property
+    def label(self) -> Any:
+        """The PE's own ``label`` once it assigns one (``self.label = ...``); else aiod4p's: its id, else its name."""
+        return self.__dict__.get(_OWN_LABEL, self.id or self.name)
+
+    @label.setter
+    def label(self, value: Any) -> None:
+        self.__dict__[_OWN_LABEL] = value
+
+    @property
+    def instance(self) -> Any:
+        """The PE's own ``instance`` once it assigns one; else aiod4p's: this running instance's index."""
+        if _OWN_INSTANCE in self.__dict__:
+            return self.__dict__[_OWN_INSTANCE]
+        return self._runtime.instance if self._runtime is not None else 0
+
+    @instance.setter
+    def instance(self, value: Any) -> None:
+        self.__dict__[_OWN_INSTANCE] = value
 
     @property
     def numprocesses(self) -> int:

@@ -11,11 +11,13 @@ do nothing, so a module that runs itself at import does not run again there.
 from __future__ import annotations
 
 import asyncio
+import queue
 from typing import Any
 
 from .._api import run, start
 from .._loading import in_worker
 from .._results import Results
+from .processor import STATUS_ACTIVE, STATUS_TERMINATED
 from .provenance import provenance_config
 
 __all__ = ["entry_points", "process", "process_and_return"]
@@ -62,29 +64,44 @@ def process_and_return(
 
 def process(
     workflow: Any, inputs: Any, args: Any = None, resultmappings: Any = None, *, mapping: str = "simple"
-) -> None:
+) -> queue.Queue[Any] | None:
     """Run ``workflow`` and print its inputs and outputs as dispel4py's ``process`` does.
 
     ``args.num`` (dispel4py's ``-n``) is the number of processes; ``args.simple``
-    runs on the simple mapping instead.
+    runs on the simple mapping instead. On multi with ``args.results`` set,
+    nothing is printed and, as from dispel4py's multi ``process``, the results
+    come back: a queue holding one ``(pe_id, output, item)`` per result, then
+    ``STATUS_TERMINATED``.
 
     Raises:
         Aiod4pError: the run failed.
     """
     if in_worker():
-        return
+        return None
+    returning = mapping == "multi" and bool(getattr(args, "results", False))
     if getattr(args, "simple", False):
         mapping = "simple"
     workers = getattr(args, "num", None) if mapping != "simple" else None
+    if returning:
+        results: queue.Queue[Any] = queue.Queue()
+        for pe_id, ports in process_and_return(
+            workflow, inputs, resultmappings, mapping=mapping, workers=workers
+        ).items():
+            for port, items in ports.items():
+                for item in items:
+                    results.put((pe_id, port, item))
+        results.put(STATUS_TERMINATED)
+        return results
     print(f"Inputs: { {getattr(pe, 'id', pe): data for pe, data in inputs.items()} }")
     print(f"Outputs: {process_and_return(workflow, inputs, resultmappings, mapping=mapping, workers=workers)}")
+    return None
 
 
 def entry_points(mapping: str) -> dict[str, Any]:
     """The public names of ``dispel4py.new.<mapping>_process``: its entry points, bound to ``mapping``."""
 
-    def process_on(workflow: Any, inputs: Any, args: Any = None, resultmappings: Any = None) -> None:
-        process(workflow, inputs, args, resultmappings, mapping=mapping)
+    def process_on(workflow: Any, inputs: Any, args: Any = None, resultmappings: Any = None) -> queue.Queue[Any] | None:
+        return process(workflow, inputs, args, resultmappings, mapping=mapping)
 
     def process_and_return_on(workflow: Any, inputs: Any, resultmappings: Any = None) -> Outputs:
         return process_and_return(workflow, inputs, resultmappings, mapping=mapping)
@@ -92,4 +109,7 @@ def entry_points(mapping: str) -> dict[str, Any]:
     process_on.__doc__ = f"Run ``workflow`` on aiod4p's {mapping} mapping and print its inputs and outputs."
     process_and_return_on.__doc__ = f"Run ``workflow`` on aiod4p's {mapping} mapping and return its outputs."
     process_on.__name__, process_and_return_on.__name__ = "process", "process_and_return"
-    return {"process": process_on, "process_and_return": process_and_return_on}
+    names: dict[str, Any] = {"process": process_on, "process_and_return": process_and_return_on}
+    if mapping != "simple":  # dispel4py's multi_process and mpi_process import these from its processor
+        names.update(STATUS_ACTIVE=STATUS_ACTIVE, STATUS_TERMINATED=STATUS_TERMINATED)
+    return names

@@ -63,21 +63,24 @@ def process_counts(graph: FlatGraph, processes: int) -> dict[str, int] | None:
     }
 
 
-def place(graph: FlatGraph, processes: int) -> dict[str, tuple[int, ...]]:
-    """The workers of every PE's instances by dispel4py's rule, on ``processes`` workers.
+def place(graph: FlatGraph, processes: int, workers: int | None = None) -> dict[str, tuple[int, ...]]:
+    """The workers of every PE's instances when dispel4py's rule shares out ``processes``.
 
     As dispel4py numbers its processes, the instances of the PEs, taken in the
-    order they joined the graph, get consecutive workers. Empty when the
-    workers are too few for dispel4py's rule (dispel4py then runs partitions of
-    the graph; aiod4p's own rule applies).
+    order they joined the graph, get consecutive process numbers; process
+    ``p`` runs on worker ``p % workers`` (``workers``: ``processes`` if not
+    given), so fewer workers than processes run the same instances. Empty when
+    the processes are too few for dispel4py's rule (dispel4py then runs
+    partitions of the graph; aiod4p's own rule applies).
     """
     counts = process_counts(graph, processes)
     if counts is None:
         return {}
+    workers = workers or processes
     placed: dict[str, tuple[int, ...]] = {}
     rank = 0
     for pe_id in graph.pes:
-        placed[pe_id] = tuple(range(rank, rank + counts[pe_id]))
+        placed[pe_id] = tuple(process % workers for process in range(rank, rank + counts[pe_id]))
         rank += counts[pe_id]
     return placed
 

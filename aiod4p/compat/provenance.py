@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import uuid
 import warnings
+import weakref
 from collections.abc import Hashable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -41,6 +42,15 @@ __all__ = [
     "ProvenanceIterativePE",
     "ProvenanceSimpleFunctionPE",
     "ProvenanceType",
+    # dispel4py 2.0's provenance pattern types (``s-prov:type``)
+    "ASTGrouped",
+    "AccumulateFlow",
+    "AccumulateStateTrace",
+    "ForceStateless",
+    "IntermediateStatefulOut",
+    "Nby1Flow",
+    "SingleInvocationFlow",
+    "SlideFlow",
     "ProvenanceConfig",
     "configure_prov_run",
     "injectProv",
@@ -81,9 +91,13 @@ class ProvenanceType(GenericPE):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         if not hasattr(self, "inputconnections"):  # not yet initialised by a PE base class
             super().__init__(*args, **kwargs)
+        self._init_provenance()
+
+    def _init_provenance(self) -> None:
+        """Set up what :meth:`write` keeps, once (also for a PE :func:`injectProv` made a ``ProvenanceType``)."""
         self.namespaces: dict[str, str] = getattr(self, "namespaces", {})
         self.provon = True
-        self._ignored_warned: set[str] = set()
+        self._ignored_warned: set[str] = getattr(self, "_ignored_warned", set())
 
     def pe_init(self, *args: Any, **kwargs: Any) -> None:
         """dispel4py's late initialisation hook: nothing to set up on aiod4p."""
@@ -144,6 +158,61 @@ def _flat(metadata: Any) -> dict[str, Any]:
     return {"metadata": metadata}
 
 
+class AccumulateFlow(ProvenanceType):
+    """dispel4py's pattern type for output derived from a sequence of inputs: a ``ProvenanceType`` here.
+
+    dispel4py's pattern types choose which inputs and state each output derives
+    from (``apply_derivation_rule``); aiod4p's recorder derives every output
+    from the inputs and state its call used, whatever the type, so each of them
+    is a plain :class:`ProvenanceType` that a workflow can name and mix in.
+    """
+
+
+class Nby1Flow(ProvenanceType):
+    """dispel4py's pattern type for output derived from every input port in lock-step (see :class:`AccumulateFlow`)."""
+
+
+class SlideFlow(ProvenanceType):
+    """dispel4py's pattern type for output over sliding windows (see :class:`AccumulateFlow`)."""
+
+
+class ASTGrouped(ProvenanceType):
+    """dispel4py's pattern type for a grouped stateful operator (see :class:`AccumulateFlow`)."""
+
+
+class SingleInvocationFlow(ProvenanceType):
+    """dispel4py's pattern type for stateless input-output dependencies (see :class:`AccumulateFlow`)."""
+
+
+class AccumulateStateTrace(ProvenanceType):
+    """dispel4py's pattern type tracing updates of intermediate results (see :class:`AccumulateFlow`)."""
+
+
+class IntermediateStatefulOut(ProvenanceType):
+    """dispel4py's pattern type for interdependent stateful output (see :class:`AccumulateFlow`)."""
+
+
+class ForceStateless(ProvenanceType):
+    """dispel4py's pattern type ignoring explicit state updates (see :class:`AccumulateFlow`)."""
+
+
+#: The provenance types a ``componentsType`` configuration may name as strings.
+_TYPES_BY_NAME: dict[str, type[ProvenanceType]] = {
+    cls.__name__: cls
+    for cls in (
+        ProvenanceType,
+        AccumulateFlow,
+        Nby1Flow,
+        SlideFlow,
+        ASTGrouped,
+        SingleInvocationFlow,
+        AccumulateStateTrace,
+        IntermediateStatefulOut,
+        ForceStateless,
+    )
+}
+
+
 class ProvenanceIterativePE(ProvenanceType, IterativePE):
     """dispel4py's ``IterativePE`` with provenance: override ``_process(data)``."""
 
@@ -155,16 +224,43 @@ class ProvenanceSimpleFunctionPE(ProvenanceType, SimpleFunctionPE):
 def injectProv(
     graph: Any, provType: Any = ProvenanceType, active: bool = True, componentsType: Any = None, **kwargs: Any
 ) -> Any:
-    """Make a graph provenance-aware, as dispel4py does: on aiod4p every PE is recorded already.
+    """Make every PE of ``graph`` a ``provType`` (a type or a tuple of them), as dispel4py does; returns ``graph``.
 
-    Returns ``graph`` unchanged. ``componentsType`` (dispel4py's per-PE
-    provenance types) and any other option are accepted and ignored with a
-    warning: aiod4p's recorder is the same for every PE.
+    Each PE's class gets the type mixed in (``componentsType[pe.name]["s-prov:type"]``
+    instead for the PEs it names, by class or name), so a PE written for an
+    injected run may call ``write(port, item, metadata=...)``. aiod4p records
+    every PE, whatever its type: the types' derivation rules, and any other
+    option, are ignored with a warning.
     """
     for option, value in (("componentsType", componentsType), *kwargs.items()):
         if value and option not in ("save_mode", "controlParameters"):
             _warn(f"injectProv ignores {option}={value!r}: aiod4p records every PE the same way")
+    for pe in graph.flatten().pes.values():
+        named = (componentsType or {}).get(getattr(pe, "name", None), {}).get("s-prov:type")
+        types = _provenance_types(named if named else provType)
+        missing = tuple(cls for cls in types if not isinstance(pe, cls))
+        if missing and isinstance(pe, GenericPE):
+            current = type(pe)
+            # Mixed again (configure_prov_run called twice): mix into the bases, so that the class stays
+            # one that pickle can rebuild from importable classes (see compat.core's __reduce_ex__).
+            bases = current.__bases__ if current in _MIXED else (current,)
+            mixed = type(current.__name__, (*missing, *bases), {})
+            _MIXED.add(mixed)
+            pe.__class__ = mixed
+            if isinstance(pe, ProvenanceType):  # now it is
+                pe._init_provenance()
     return graph
+
+
+#: The classes :func:`injectProv` made (weakly held).
+_MIXED: weakref.WeakSet[type] = weakref.WeakSet()
+
+
+def _provenance_types(given: Any) -> tuple[type[ProvenanceType], ...]:
+    """The provenance types ``given`` names: a type, a name, or a tuple or list of them (unknown names left out)."""
+    items = given if isinstance(given, (tuple, list)) else [given]
+    found = [_TYPES_BY_NAME.get(item) if isinstance(item, str) else item for item in items]
+    return tuple(cls for cls in found if isinstance(cls, type) and issubclass(cls, ProvenanceType))
 
 
 @dataclass(frozen=True)
@@ -277,8 +373,7 @@ def configure_prov_run(
     for option, value in unsupported.items():
         if value:
             _warn(f"configure_prov_run ignores {option}={value!r}: aiod4p has no equivalent; writing {path}")
-    if provImpClass is not ProvenanceType or settings["componentsType"]:
-        injectProv(graph, provImpClass, componentsType=settings["componentsType"])
+    injectProv(graph, provImpClass, componentsType=settings["componentsType"])
     setattr(graph, _CONFIG_ATTRIBUTE, ProvenanceConfig(provenance_level, path, run_id))
     return run_id
 

@@ -13,17 +13,20 @@ does (:func:`aiod4p.compat.processor.place`).
 from __future__ import annotations
 
 import itertools
+import tempfile
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from .._graph import FlatGraph
 from .._graph import WorkflowGraph as _CoreWorkflowGraph
 from .._groupings import ROUND_ROBIN, GroupingLike
 from .._pe import PE, CompositePE, InputPort, OutputPort
+from .._visual import render_dot, to_dot
 from ..errors import GraphError
 from .processor import place
 
-__all__ = ["WorkflowGraph", "as_pe"]
+__all__ = ["WorkflowGraph", "as_pe", "draw", "drawDot", "write_image"]
 
 _composite_counter = itertools.count()
 _WRAPPER = "_aiod4p_composite"
@@ -182,3 +185,35 @@ def _only_empty(composite: _GraphPE, value: Mapping[str, Any]) -> None:
         raise GraphError(
             f"composite {composite.label}: its ports follow the graph's inputmappings/outputmappings; set those instead"
         )
+
+
+def draw(graph: WorkflowGraph) -> str:
+    """dispel4py's ``draw``: the graph in Graphviz's dot language (aiod4p's picture of it).
+
+    Raises:
+        GraphError: the graph is invalid.
+    """
+    return to_dot(graph)
+
+
+def drawDot(graph: WorkflowGraph, img_type: str = "png") -> bytes:
+    """dispel4py's ``drawDot``: the graph drawn by Graphviz's ``dot`` as an ``img_type`` image.
+
+    Raises:
+        Aiod4pError: ``dot`` is not installed (the message names the Debian package) or failed.
+        GraphError: the graph is invalid.
+    """
+    with tempfile.TemporaryDirectory() as directory:
+        path = Path(directory, f"workflow.{img_type}")
+        render_dot(to_dot(graph), img_type, path)
+        return path.read_bytes()
+
+
+def write_image(graph: WorkflowGraph, filename: str, img_type: str = "png") -> None:
+    """dispel4py's ``write_image``: write the graph drawn by Graphviz's ``dot`` (``img_type``) to ``filename``.
+
+    Raises:
+        Aiod4pError: as :func:`drawDot`.
+        GraphError: the graph is invalid.
+    """
+    render_dot(to_dot(graph), img_type, Path(filename))

@@ -97,6 +97,9 @@ class BaseMapping(ABC):
     supports_checkpoints: ClassVar[bool] = False
     checkpointing: Checkpointing | None = None
     """Checkpoints and recovery for the next runs (mappings whose ``supports_checkpoints`` is true)."""
+    processes: int | None = None
+    """The ``-n`` asked for when the next runs start fewer workers (``aiod4p run``: at most one per CPU):
+    what dispel4py's rule shares out among a dispel4py graph's PEs (:attr:`PlanOptions.processes`)."""
 
     @property
     def shares_cpus(self) -> bool:

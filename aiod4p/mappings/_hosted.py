@@ -75,6 +75,7 @@ class HostedMapping(BaseMapping):
             default_parallelism=None,
             batch_size=batch_size,
             credits=credits,
+            processes=self.processes,
         )
 
     @abstractmethod

@@ -128,6 +128,7 @@ class MpiMapping(BaseMapping):
             batch_size=batch_size,
             credits=credits,
             busy_workers=crowded[1] if (crowded := self.crowded()) is not None else None,
+            processes=self.processes,
         )
 
     @contextlib.contextmanager
