@@ -11,7 +11,7 @@ import stat
 import sys
 import threading
 import traceback
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NoReturn, TextIO
 
@@ -443,7 +443,8 @@ async def _consume(
         def emit(record: ResultRecord) -> None:
             outcome.records += 1
             if out is not None:
-                _write_record(out, record)
+                with _writing_results(results_path):
+                    _write_record(out, record)
             else:
                 grouped.setdefault((record.pe, record.port), []).append(record.data)
 
@@ -469,13 +470,15 @@ async def _consume(
                 asyncio.get_running_loop().remove_reader(sys.stdout.fileno())
         if out is None:
             try:
-                _print_results(grouped)
+                with _writing_results(results_path):
+                    _print_results(grouped)
             except BrokenPipeError:
                 return _stdout_closed()
         return EXIT_OK
     finally:
         if out is not None and out is not sys.stdout:
-            out.close()
+            with _writing_results(results_path):
+                out.close()  # flushes: a full disk may fail only now
 
 
 def _watch_reader(main_task: asyncio.Task[Any]) -> asyncio.Event | None:
@@ -497,11 +500,36 @@ def _watch_reader(main_task: asyncio.Task[Any]) -> asyncio.Event | None:
     return gone
 
 
+@contextlib.contextmanager
+def _writing_results(path: str | None) -> Iterator[None]:
+    """Turn a failed write of the results (a full disk, an I/O error) into an :class:`Aiod4pError` naming
+    where they went, which fails the run (exit 1) rather than crashing with a traceback.
+
+    A ``BrokenPipeError`` passes through: the reader of stdout went away (exit 141). Once a write to stdout
+    failed, stdout is pointed at the null device, so that Python's own flush at exit does not fail again.
+    """
+    try:
+        yield
+    except BrokenPipeError:
+        raise
+    except OSError as exc:
+        if path in (None, "-"):
+            _silence_stdout()
+        raise Aiod4pError(
+            f"cannot write results to {'stdout' if path in (None, '-') else path}: {exc.strerror or exc}"
+        ) from exc
+
+
+def _silence_stdout() -> None:
+    """Point stdout at the null device: what is still buffered for it is dropped at exit, quietly."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+
+
 def _stdout_closed() -> int:
     """The reader of stdout went away (``| head``): exit quietly, as Unix tools do."""
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, sys.stdout.fileno())  # Python's own flush at exit must not fail again
-    os.close(devnull)
+    _silence_stdout()  # Python's own flush at exit must not fail again
     return EXIT_PIPE
 
 

@@ -334,6 +334,30 @@ def test_results_file_ends_with_a_summary_unless_quiet(workflow_file: Path, tmp_
     assert to_stdout.stderr == ""
 
 
+@pytest.mark.parametrize(
+    ("mapping", "results"), [("simple", "-"), ("simple", None), ("simple", "/dev/full"), ("multi", "/dev/full")]
+)
+def test_results_that_cannot_be_written_fail_the_run_with_one_line(
+    mapping: str, results: str | None, tmp_path: Path
+) -> None:
+    """A full disk (``/dev/full``) under ``--results FILE``, ``--results -`` or the printed results: exit 1 and
+    ``aiod4p: error: cannot write results to ...``, not a traceback."""
+    flow = tmp_path / "flow.py"
+    flow.write_text(TIMES10_FLOW)
+    options = ["--results", results] if results is not None else []
+    with open("/dev/full", "w") as full:
+        done = subprocess.run(
+            [*AIOD4P, "run", str(flow), "-m", mapping, "-i", "100000", "-q", *options],
+            stdout=full,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=60,
+        )
+    where = "/dev/full" if results == "/dev/full" else "stdout"
+    assert done.returncode == 1
+    assert done.stderr.splitlines() == [f"aiod4p: error: cannot write results to {where}: No space left on device"]
+
+
 def test_module_target_from_the_current_directory_with_the_console_script(workflow_file: Path) -> None:
     """`aiod4p run flow:graph` imports flow from the current directory, as `python -m aiod4p` does."""
     script = Path(sys.executable).parent / "aiod4p"
