@@ -15,7 +15,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ._plan import ExecutionPlan
+from ._plan import ExecutionPlan, worker_list
 from ._stats import InstanceStats
 from .errors import Aiod4pError
 
@@ -108,7 +108,7 @@ def stats_table(stats: list[InstanceStats], plan: ExecutionPlan | None = None, *
         total = PESummary(pe)
         for entry in entries:
             total.add(entry)
-        workers = ",".join(str(w) for w in sorted({entry.worker for entry in entries}))
+        workers = worker_list(entry.worker for entry in entries)
         several = len(entries) > 1
         table.add_row(
             pe,
