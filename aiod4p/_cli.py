@@ -192,7 +192,9 @@ def entry() -> NoReturn:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status (see ``EXIT_STATUS_HELP``)."""
     parser = _parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # argparse would report them with the usage of `aiod4p` itself, not of the command given
+        _command_parser(parser, args).error(f"unrecognized arguments: {' '.join(unknown)}")
     configure_logging(getattr(args, "verbose", 0), getattr(args, "quiet", False))
     try:
         if args.command == "run":
@@ -219,6 +221,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             traceback.print_exc()
         print(f"aiod4p: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+
+
+def _command_parser(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.ArgumentParser:
+    """The parser of the (sub)command that ``args`` were parsed for (``aiod4p stats plot``'s, say): its
+    usage is the one a usage error shows."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            chosen = action.choices.get(getattr(args, action.dest))
+            if chosen is not None:
+                return _command_parser(chosen, args)
+    return parser
 
 
 def _run(args: argparse.Namespace) -> int:

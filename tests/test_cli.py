@@ -17,6 +17,7 @@ from helpers import AIOD4P, TIMES10_FLOW, aiod4p_process, json_lines, numbers_fl
 from helpers import aiod4p_cli as aiod4p
 
 import aiod4p as aiod4p_package
+from aiod4p._cli import main
 from aiod4p._results import ResultRecord, record_line
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -179,6 +180,29 @@ def test_usage_errors_exit_2(workflow_file: Path, args: list[str], message: str)
     assert done.returncode == 2, done.stderr
     assert message in done.stderr
     assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "usage"),
+    [
+        (["run", "flow.py", "--bogus"], "usage: aiod4p run "),
+        (["run", "flow.py", "extra"], "usage: aiod4p run "),
+        (["graph", "flow.py", "-o", "g.svg", "--bogus"], "usage: aiod4p graph "),
+        (["stats", "plot", "s.json", "-o", "s.png", "--bogus"], "usage: aiod4p stats plot "),
+        (["storm", "build", "flow.py", "-o", "out", "--bogus"], "usage: aiod4p storm build "),
+    ],
+)
+def test_an_unknown_argument_shows_the_usage_of_its_command(
+    args: list[str], usage: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`aiod4p run flow.py --bogus`: exit 2 with the usage of `aiod4p run` (whose options the user wants to
+    see), not of `aiod4p` itself; nothing is run."""
+    with pytest.raises(SystemExit) as exit_:
+        main(args)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(usage), err
+    assert err.endswith(f"error: unrecognized arguments: {args[-1]}\n"), err
 
 
 def test_graph_command_checks_n_as_a_usage_error(workflow_file: Path, tmp_path: Path) -> None:
