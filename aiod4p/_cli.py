@@ -281,7 +281,11 @@ def _run(args: argparse.Namespace) -> int:
 
     # The mapping may start its workers now, so that they start while the workflow loads (mpi: the ranks
     # import it too); what the run does not take is stopped when it ends.
-    with Interrupts(EXIT_ABORTED, before_exit=flush_results) as signals, mapping.head_start(args.target, args.num):
+    outcome = _Outcome()
+    with (
+        Interrupts(EXIT_ABORTED, before_exit=flush_results, produced=lambda: _records(outcome.records)) as signals,
+        mapping.head_start(args.target, args.num),
+    ):
         try:
             compat.install()  # dispel4py workflows run unchanged
             graph = load_graph(args.target)
@@ -302,7 +306,6 @@ def _run(args: argparse.Namespace) -> int:
             )
         except Stopped as stop:
             return _aborted(stop.signum, 0, "while loading the workflow")
-        outcome = _Outcome()
         show_progress = progress_wanted(args.quiet, args.results == "-")
         sampler = StatsSampler(workflow) if args.stats_json else None
         try:
