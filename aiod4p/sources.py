@@ -166,8 +166,13 @@ class _LineSplitter:
         self._size += len(piece)
         if self._size <= self._max:
             self._chunks.append(piece)
-        elif self._chunks or not self._head:  # just went over: keep the head, drop the rest
-            self._head = (b"".join(self._chunks) + piece[:_SAMPLE_BYTES])[:_SAMPLE_BYTES]
+        elif self._chunks or not self._head:  # just went over: keep the head (not a copy of the line), drop the rest
+            head = b""
+            for chunk in (*self._chunks, piece):
+                head += chunk[: _SAMPLE_BYTES - len(head)]
+                if len(head) == _SAMPLE_BYTES:
+                    break
+            self._head = head
             self._chunks.clear()
 
     def _take(self) -> bytes | _TooLong:

@@ -501,6 +501,22 @@ async def test_an_over_long_line_is_never_held_whole() -> None:
     assert peak < 8_000_000  # the 1 MB kept at most, the pipe's chunks, never the 32 MB line
 
 
+@pytest.mark.asyncio
+async def test_an_over_long_line_costs_at_most_max_line() -> None:
+    """Going over ``max_line`` keeps the first KiB without joining the bytes held so far: the memory a
+    runaway line takes is ``max_line`` (as docs/cli.md says), not twice or three times that."""
+    max_line = 8_000_000
+    tracemalloc.start()
+    try:
+        pieces = itertools.chain(itertools.repeat(b"y" * 65536, 500), [b"\nb\n"])  # a 32 MB line
+        items, stream = await _read_pipe(pieces, max_line=max_line, on_bad="skip")
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert items == ["b"] and stream.skipped == 1
+    assert peak < 1.25 * max_line
+
+
 BAD_INPUT = b'{"i": 1}\n' + b'{"long": "' + b"z" * 5000 + b'"}\n{"i": 2}\nnot json\n\xff\xfe\n{"i": 3}\n'
 
 
