@@ -7,6 +7,7 @@ import itertools
 import json
 import os
 import pickle
+import re
 import socket
 import threading
 import tracemalloc
@@ -537,6 +538,17 @@ async def test_bad_lines_skipped_with_a_warning_and_a_count(caplog: pytest.LogCa
     assert len(warnings) == 3
     assert "line 2: longer than 1000 bytes (5012 bytes); line skipped" in warnings[0]
     assert "line 4: not valid JSON" in warnings[1] and "line 5: not valid JSON" in warnings[2]
+
+
+@pytest.mark.asyncio
+async def test_a_flood_of_bad_lines_warns_ten_times_and_counts_them_all(caplog: pytest.LogCaptureFixture) -> None:
+    """A binary file into ``on_bad="skip"`` (388,650 bad lines for 100 MB of random bytes): a warning for each
+    of the first 10, which says the others are only counted; the count has them all."""
+    items, stream = await _read_pipe(b"\xff\n" * 1000 + b"1\n", json=True, on_bad="skip")
+    assert items == [1] and stream.skipped == 1000
+    warnings = [r.getMessage() for r in caplog.records if r.name == "aiod4p.sources"]
+    assert [re.search(r"line (\d+):", w)[1] for w in warnings] == [str(n) for n in range(1, 11)]  # type: ignore[index]
+    assert warnings[-1].endswith("; further bad lines are skipped without a warning, and counted")
 
 
 @pytest.mark.asyncio
