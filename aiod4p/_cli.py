@@ -385,7 +385,10 @@ def _warn(args: argparse.Namespace, message: str) -> None:
 
 
 def _check_writable(path: str, what: str) -> None:
-    """Fail before the run if ``path`` cannot be written (without creating or truncating it).
+    """Fail before the run if ``path`` cannot be written (without truncating it, nor leaving it created).
+
+    A new file is created and removed at once: permissions alone do not tell (root on a file system that
+    refuses it anyway, such as /sys or an NFS share that squashes root).
 
     Raises:
         Aiod4pError: naming the file and the reason.
@@ -398,7 +401,15 @@ def _check_writable(path: str, what: str) -> None:
     elif not target.parent.is_dir():
         reason = "No such file or directory"
     else:
-        reason = "" if os.access(target.parent, os.W_OK) else "Permission denied"
+        try:
+            os.close(os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        except FileExistsError:  # created meanwhile, by someone else: theirs
+            reason = ""
+        except OSError as exc:
+            reason = exc.strerror or str(exc)
+        else:
+            reason = ""
+            target.unlink()
     if reason:
         raise Aiod4pError(f"cannot write {what} to {path}: {reason}")
 

@@ -329,11 +329,18 @@ def test_oversubscribe_on_a_mapping_that_does_not_cap_workers_gives_a_warning(wo
 
 
 @pytest.mark.parametrize(
-    ("option", "what"), [("--results", "results"), ("--stats-json", "statistics")], ids=["results", "stats"]
+    ("option", "what"),
+    [("--results", "results"), ("--stats-json", "statistics"), ("--provenance", "provenance")],
+    ids=["results", "stats", "provenance"],
 )
-@pytest.mark.parametrize("where", ["/no/such/dir/out.json", "{tmp}"], ids=["missing-dir", "a-directory"])
+@pytest.mark.parametrize(
+    "where",
+    ["/no/such/dir/out.json", "{tmp}", "/sys/aiod4p-out.json"],
+    ids=["missing-dir", "a-directory", "refused-by-the-file-system"],
+)
 def test_output_paths_are_checked_before_the_run(tmp_path: Path, option: str, what: str, where: str) -> None:
-    """Nothing is run (the workflow file is not even imported) when an output cannot be written."""
+    """Nothing is run (the workflow file is not even imported) when an output cannot be written; also where
+    the permissions say yes but the file system says no (/sys, for root too: a new file is tried)."""
     marker = tmp_path / "imported"
     flow = tmp_path / "marking.py"
     flow.write_text(f"from pathlib import Path\nPath({str(marker)!r}).touch()\n" + WORKFLOW)
@@ -342,9 +349,17 @@ def test_output_paths_are_checked_before_the_run(tmp_path: Path, option: str, wh
     assert done.returncode == 1
     assert done.stderr.strip().splitlines() == [
         f"aiod4p: error: cannot write {what} to {path}: "
-        + ("No such file or directory" if "no/such" in path else "it is a directory")
+        + {"/no": "No such file or directory", "/sy": "Permission denied"}.get(path[:3], "it is a directory")
     ]
     assert not marker.exists()
+
+
+def test_checking_a_new_output_path_leaves_no_file(tmp_path: Path) -> None:
+    """The check creates a new file and removes it: a run that fails before it writes leaves nothing."""
+    out, stats = tmp_path / "out.jsonl", tmp_path / "stats.json"
+    done = aiod4p("run", str(tmp_path / "missing.py"), "--results", str(out), "--stats-json", str(stats))
+    assert done.returncode == 1 and "does not exist" in done.stderr
+    assert not out.exists() and not stats.exists()
 
 
 def test_results_file_ends_with_a_summary_unless_quiet(workflow_file: Path, tmp_path: Path) -> None:
