@@ -176,6 +176,7 @@ def entry() -> NoReturn:
     never returns (a failed or abandoned run's blocked PE) would keep the
     process alive; the run is over, so the command leaves without it.
     """
+    _open_standard_streams()
     status = main()
     if any(
         thread.is_alive() and not thread.daemon
@@ -187,6 +188,25 @@ def entry() -> NoReturn:
                 stream.flush()
         os._exit(status)
     sys.exit(status)
+
+
+def _open_standard_streams() -> None:
+    """Open the null device on stdin, stdout or stderr if the command was started with one closed
+    (``aiod4p run ... >&-``), as Python treats a closed one: empty input, output dropped.
+
+    Else the first files the run opens would take their numbers: uvloop aborts the process when it finds
+    its own file descriptor there, and results or errors would go into whatever file got number 1 or 2.
+    """
+    for fd, name, mode in ((0, "stdin", os.O_RDONLY), (1, "stdout", os.O_WRONLY), (2, "stderr", os.O_WRONLY)):
+        try:
+            os.fstat(fd)
+        except OSError:
+            null = os.open(os.devnull, mode)
+            if null != fd:  # the lowest free number: it is fd, unless a lower one was closed too (opened first)
+                os.dup2(null, fd)
+                os.close(null)
+            if getattr(sys, name) is None:
+                setattr(sys, name, open(fd, "r" if fd == 0 else "w", encoding="utf-8", closefd=False))  # noqa: SIM115
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -397,6 +397,18 @@ def test_results_that_cannot_be_written_fail_the_run_with_one_line(
     assert done.stderr.splitlines() == [f"aiod4p: error: cannot write results to {where}: No space left on device"]
 
 
+@pytest.mark.parametrize("closed", ["<&-", ">&-", "<&- >&-"])
+def test_a_closed_standard_stream_is_taken_as_python_takes_it(tmp_path: Path, closed: str) -> None:
+    """`aiod4p run ... --results - >&-` (a cron job, a daemon): stdin closed is empty, stdout closed drops the
+    output, exit 0, as Python does; the run's own files no longer get numbers 0 and 1 (uvloop aborted)."""
+    flow = tmp_path / "flow.py"
+    flow.write_text(TIMES10_FLOW)
+    command = shlex.join([*AIOD4P, "run", str(flow), "-i", "5", "--results", "-"])
+    done = subprocess.run(["bash", "-c", f"{command} {closed}"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == ""
+
+
 def test_module_target_from_the_current_directory_with_the_console_script(workflow_file: Path) -> None:
     """`aiod4p run flow:graph` imports flow from the current directory, as `python -m aiod4p` does."""
     script = Path(sys.executable).parent / "aiod4p"
