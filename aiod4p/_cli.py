@@ -178,6 +178,10 @@ def entry() -> NoReturn:
     """
     _open_standard_streams()
     status = main()
+    try:
+        sys.stdout.flush()
+    except OSError:  # what failed to be written (a full disk) must not fail again at exit, with a traceback
+        _silence_stdout()
     if any(
         thread.is_alive() and not thread.daemon
         for thread in threading.enumerate()
@@ -241,6 +245,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             traceback.print_exc()
         print(f"aiod4p: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except OSError as exc:  # what no command names itself: its report to stdout on a full disk, say
+        if args.debug:
+            traceback.print_exc()
+        print(f"aiod4p: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
 
 
 def _command_parser(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.ArgumentParser:
@@ -552,16 +561,13 @@ def _writing_results(path: str | None) -> Iterator[None]:
     """Turn a failed write of the results (a full disk, an I/O error) into an :class:`Aiod4pError` naming
     where they went, which fails the run (exit 1) rather than crashing with a traceback.
 
-    A ``BrokenPipeError`` passes through: the reader of stdout went away (exit 141). Once a write to stdout
-    failed, stdout is pointed at the null device, so that Python's own flush at exit does not fail again.
+    A ``BrokenPipeError`` passes through: the reader of stdout went away (exit 141).
     """
     try:
         yield
     except BrokenPipeError:
         raise
     except OSError as exc:
-        if path in (None, "-"):
-            _silence_stdout()
         raise Aiod4pError(
             f"cannot write results to {'stdout' if path in (None, '-') else path}: {exc.strerror or exc}"
         ) from exc

@@ -173,7 +173,13 @@ def write_stats_json(path: str | Path, document: dict[str, Any]) -> None:
     """
     text = json.dumps(document, indent=2) + "\n"
     if str(path) == "-":
-        sys.stdout.write(text)
+        try:
+            sys.stdout.write(text)
+            sys.stdout.flush()
+        except BrokenPipeError:  # the reader went away: the command's own status for that
+            raise
+        except OSError as exc:
+            raise Aiod4pError(f"cannot write statistics to stdout: {exc.strerror or exc}") from exc
         return
     try:
         Path(path).write_text(text, encoding="utf-8")

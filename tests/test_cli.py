@@ -397,6 +397,22 @@ def test_results_that_cannot_be_written_fail_the_run_with_one_line(
     assert done.stderr.splitlines() == [f"aiod4p: error: cannot write results to {where}: No space left on device"]
 
 
+@pytest.mark.parametrize("command", ["stats-json", "graph"])
+def test_a_report_to_a_full_stdout_is_one_line_of_error(tmp_path: Path, command: str) -> None:
+    """`--stats-json -` or `aiod4p graph`'s report on a full disk: exit 1 and one `aiod4p: error:` line."""
+    flow = tmp_path / "flow.py"
+    flow.write_text(TIMES10_FLOW)
+    args = {
+        "stats-json": ["run", str(flow), "-q", "--results", str(tmp_path / "out.jsonl"), "--stats-json", "-"],
+        "graph": ["graph", str(flow), "-o", str(tmp_path / "flow.dot")],
+    }[command]
+    with open("/dev/full", "w") as full:
+        done = subprocess.run([*AIOD4P, *args], stdout=full, stderr=subprocess.PIPE, text=True, timeout=60)
+    assert done.returncode == 1
+    lines = done.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("aiod4p: error: ") and "No space left on device" in lines[0]
+
+
 @pytest.mark.parametrize("closed", ["<&-", ">&-", "<&- >&-"])
 def test_a_closed_standard_stream_is_taken_as_python_takes_it(tmp_path: Path, closed: str) -> None:
     """`aiod4p run ... --results - >&-` (a cron job, a daemon): stdin closed is empty, stdout closed drops the
