@@ -11,7 +11,7 @@ import stat
 import sys
 import threading
 import traceback
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NoReturn, TextIO
 
@@ -201,7 +201,12 @@ def entry() -> NoReturn:
     never returns (a failed or abandoned run's blocked PE) would keep the
     process alive; the run is over, so the command leaves without it.
     """
+    _open_standard_streams()
     status = main()
+    try:
+        sys.stdout.flush()
+    except OSError:  # what failed to be written (a full disk) must not fail again at exit, with a traceback
+        _silence_stdout()
     if any(
         thread.is_alive() and not thread.daemon
         for thread in threading.enumerate()
@@ -214,10 +219,31 @@ def entry() -> NoReturn:
     sys.exit(status)
 
 
+def _open_standard_streams() -> None:
+    """Open the null device on stdin, stdout or stderr if the command was started with one closed
+    (``aiod4p run ... >&-``), as Python treats a closed one: empty input, output dropped.
+
+    Else the first files the run opens would take their numbers: uvloop aborts the process when it finds
+    its own file descriptor there, and results or errors would go into whatever file got number 1 or 2.
+    """
+    for fd, name, mode in ((0, "stdin", os.O_RDONLY), (1, "stdout", os.O_WRONLY), (2, "stderr", os.O_WRONLY)):
+        try:
+            os.fstat(fd)
+        except OSError:
+            null = os.open(os.devnull, mode)
+            if null != fd:  # the lowest free number: it is fd, unless a lower one was closed too (opened first)
+                os.dup2(null, fd)
+                os.close(null)
+            if getattr(sys, name) is None:
+                setattr(sys, name, open(fd, "r" if fd == 0 else "w", encoding="utf-8", closefd=False))  # noqa: SIM115
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status (see ``EXIT_STATUS_HELP``)."""
     parser = _parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # argparse would report them with the usage of `aiod4p` itself, not of the command given
+        _command_parser(parser, args).error(f"unrecognized arguments: {' '.join(unknown)}")
     configure_logging(getattr(args, "verbose", 0), getattr(args, "quiet", False))
     try:
         _name_graph(args)
@@ -245,6 +271,22 @@ def main(argv: Sequence[str] | None = None) -> int:
             traceback.print_exc()
         print(f"aiod4p: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except OSError as exc:  # what no command names itself: its report to stdout on a full disk, say
+        if args.debug:
+            traceback.print_exc()
+        print(f"aiod4p: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+
+
+def _command_parser(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.ArgumentParser:
+    """The parser of the (sub)command that ``args`` were parsed for (``aiod4p stats plot``'s, say): its
+    usage is the one a usage error shows."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            chosen = action.choices.get(getattr(args, action.dest))
+            if chosen is not None:
+                return _command_parser(chosen, args)
+    return parser
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -295,7 +337,11 @@ def _run(args: argparse.Namespace) -> int:
 
     # The mapping may start its workers now, so that they start while the workflow loads (mpi: the ranks
     # import it too); what the run does not take is stopped when it ends.
-    with Interrupts(EXIT_ABORTED, before_exit=flush_results) as signals, mapping.head_start(args.target, args.num):
+    outcome = _Outcome()
+    with (
+        Interrupts(EXIT_ABORTED, before_exit=flush_results, produced=lambda: _records(outcome.records)) as signals,
+        mapping.head_start(args.target, args.num),
+    ):
         try:
             compat.install()  # dispel4py workflows run unchanged
             graph = load_graph(args.target)
@@ -316,7 +362,6 @@ def _run(args: argparse.Namespace) -> int:
             )
         except Stopped as stop:
             return _aborted(stop.signum, 0, "while loading the workflow")
-        outcome = _Outcome()
         show_progress = progress_wanted(args.quiet, args.results == "-")
         sampler = StatsSampler(workflow) if args.stats_json else None
         try:
@@ -401,7 +446,10 @@ def _warn(args: argparse.Namespace, message: str) -> None:
 
 
 def _check_writable(path: str, what: str) -> None:
-    """Fail before the run if ``path`` cannot be written (without creating or truncating it).
+    """Fail before the run if ``path`` cannot be written (without truncating it, nor leaving it created).
+
+    A new file is created and removed at once: permissions alone do not tell (root on a file system that
+    refuses it anyway, such as /sys or an NFS share that squashes root).
 
     Raises:
         Aiod4pError: naming the file and the reason.
@@ -414,7 +462,15 @@ def _check_writable(path: str, what: str) -> None:
     elif not target.parent.is_dir():
         reason = "No such file or directory"
     else:
-        reason = "" if os.access(target.parent, os.W_OK) else "Permission denied"
+        try:
+            os.close(os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        except FileExistsError:  # created meanwhile, by someone else: theirs
+            reason = ""
+        except OSError as exc:
+            reason = exc.strerror or str(exc)
+        else:
+            reason = ""
+            target.unlink()
     if reason:
         raise Aiod4pError(f"cannot write {what} to {path}: {reason}")
 
@@ -475,7 +531,8 @@ async def _consume(
         def emit(record: ResultRecord) -> None:
             outcome.records += 1
             if out is not None:
-                _write_record(out, record)
+                with _writing_results(results_path):
+                    _write_record(out, record)
             else:
                 grouped.setdefault((record.pe, record.port), []).append(record.data)
 
@@ -501,13 +558,15 @@ async def _consume(
                 asyncio.get_running_loop().remove_reader(sys.stdout.fileno())
         if out is None:
             try:
-                _print_results(grouped)
+                with _writing_results(results_path):
+                    _print_results(grouped)
             except BrokenPipeError:
                 return _stdout_closed()
         return EXIT_OK
     finally:
         if out is not None and out is not sys.stdout:
-            out.close()
+            with _writing_results(results_path):
+                out.close()  # flushes: a full disk may fail only now
 
 
 def _watch_reader(main_task: asyncio.Task[Any]) -> asyncio.Event | None:
@@ -529,11 +588,33 @@ def _watch_reader(main_task: asyncio.Task[Any]) -> asyncio.Event | None:
     return gone
 
 
+@contextlib.contextmanager
+def _writing_results(path: str | None) -> Iterator[None]:
+    """Turn a failed write of the results (a full disk, an I/O error) into an :class:`Aiod4pError` naming
+    where they went, which fails the run (exit 1) rather than crashing with a traceback.
+
+    A ``BrokenPipeError`` passes through: the reader of stdout went away (exit 141).
+    """
+    try:
+        yield
+    except BrokenPipeError:
+        raise
+    except OSError as exc:
+        raise Aiod4pError(
+            f"cannot write results to {'stdout' if path in (None, '-') else path}: {exc.strerror or exc}"
+        ) from exc
+
+
+def _silence_stdout() -> None:
+    """Point stdout at the null device: what is still buffered for it is dropped at exit, quietly."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+
+
 def _stdout_closed() -> int:
     """The reader of stdout went away (``| head``): exit quietly, as Unix tools do."""
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, sys.stdout.fileno())  # Python's own flush at exit must not fail again
-    os.close(devnull)
+    _silence_stdout()  # Python's own flush at exit must not fail again
     return EXIT_PIPE
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
@@ -24,6 +25,7 @@ __all__ = [
     "PlanOptions",
     "RouteSpec",
     "make_plan",
+    "worker_list",
 ]
 
 DEFAULT_BATCH_SIZE = 256
@@ -248,6 +250,18 @@ class ExecutionPlan:
         options = self.options
         feed = self.placement[instance.pe].is_root * options.batch_size
         return options.credits * (feed + sum(options.batch_cap(channel) for channel in self.channels_into(instance)))
+
+
+def worker_list(workers: Iterable[int]) -> str:
+    """The distinct worker indexes of ``workers``, in order, as short text: runs of three or more as a range
+    (``0-2,5,7,8``), so that thousands of workers stay one short label (a drawing, a table)."""
+    runs: list[list[int]] = []
+    for worker in sorted(set(workers)):
+        if runs and worker == runs[-1][-1] + 1:
+            runs[-1].append(worker)
+        else:
+            runs.append([worker])
+    return ",".join(f"{run[0]}-{run[-1]}" if len(run) > 2 else ",".join(map(str, run)) for run in runs)
 
 
 def make_plan(graph: WorkflowGraph | FlatGraph, options: PlanOptions | None = None) -> ExecutionPlan:

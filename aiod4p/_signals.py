@@ -20,6 +20,7 @@ once its own handlers are in place, so a signal in between takes effect then.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import os
 import signal
@@ -96,13 +97,21 @@ class Interrupts:
         exit_status: the process's exit status when the watchdog ends it.
         before_exit: called by the watchdog just before it ends the process
             (flush what can be flushed).
+        produced: what the run produced so far (``"5300 records"``), for the
+            watchdog's last line.
     """
 
-    def __init__(self, exit_status: int, before_exit: Callable[[], None] = lambda: None) -> None:
+    def __init__(
+        self,
+        exit_status: int,
+        before_exit: Callable[[], None] = lambda: None,
+        produced: Callable[[], str] = lambda: "nothing",
+    ) -> None:
         self.received = 0
         self.signum: int = signal.SIGINT
         self._exit_status = exit_status
         self._before_exit = before_exit
+        self._produced = produced
         self._run: _Drainable | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._task: asyncio.Task[Any] | None = None
@@ -152,11 +161,22 @@ class Interrupts:
             threading.Thread(target=self._watchdog, name="aiod4p abort watchdog", daemon=True).start()
 
     def _watchdog(self) -> None:
+        """End the process if the run has not aborted within :data:`ABORT_GRACE` seconds, saying why: a PE
+        holds the event loop (it runs no callback), or the run's clean-up (stopping a local Ray, say) is slow."""
         if self._finished.wait(ABORT_GRACE):
             return
         try:
+            turned = threading.Event()
+            if self._loop is not None:
+                with contextlib.suppress(RuntimeError):  # the loop is closed
+                    self._loop.call_soon_threadsafe(turned.set)
+            why = (
+                f"its clean-up did not end within {ABORT_GRACE:g} s"
+                if turned.wait(ABORT_GRACE / 10)
+                else "the event loop was held by a PE"
+            )
             self._before_exit()
-            print("aiod4p: aborted (the event loop was held by a PE)", file=sys.stderr, flush=True)
+            print(f"aiod4p: aborted by {self.name}; {self._produced()} produced ({why})", file=sys.stderr, flush=True)
             sys.stdout.flush()
         finally:
             os._exit(self._exit_status)

@@ -15,7 +15,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ._plan import ExecutionPlan
+from ._plan import ExecutionPlan, worker_list
 from ._stats import InstanceStats
 from .errors import Aiod4pError
 
@@ -108,7 +108,7 @@ def stats_table(stats: list[InstanceStats], plan: ExecutionPlan | None = None, *
         total = PESummary(pe)
         for entry in entries:
             total.add(entry)
-        workers = ",".join(str(w) for w in sorted({entry.worker for entry in entries}))
+        workers = worker_list(entry.worker for entry in entries)
         several = len(entries) > 1
         table.add_row(
             pe,
@@ -173,7 +173,13 @@ def write_stats_json(path: str | Path, document: dict[str, Any]) -> None:
     """
     text = json.dumps(document, indent=2) + "\n"
     if str(path) == "-":
-        sys.stdout.write(text)
+        try:
+            sys.stdout.write(text)
+            sys.stdout.flush()
+        except BrokenPipeError:  # the reader went away: the command's own status for that
+            raise
+        except OSError as exc:
+            raise Aiod4pError(f"cannot write statistics to stdout: {exc.strerror or exc}") from exc
         return
     try:
         Path(path).write_text(text, encoding="utf-8")

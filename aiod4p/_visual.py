@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ._graph import FlatGraph, WorkflowGraph
-from ._plan import ExecutionPlan, make_plan
+from ._plan import ExecutionPlan, make_plan, worker_list
 from .errors import Aiod4pError
 
 __all__ = ["GRAPHVIZ_FORMATS", "draw", "draw_dot", "render_dot", "to_dot"]
@@ -140,8 +140,8 @@ def _node(plan: ExecutionPlan, pe_id: str) -> str:
     placement = plan.placement[pe_id]
     instances = f"×{placement.parallelism}"
     if plan.workers > 1:
-        workers = sorted(set(placement.workers))
-        instances += f" on worker{'s' if len(workers) != 1 else ''} {','.join(map(str, workers))}"
+        several = len(set(placement.workers)) != 1
+        instances += f" on worker{'s' if several else ''} {worker_list(placement.workers)}"
     fill = _ROOT_FILL if placement.is_root else _PE_FILL
     rows = []
     if pe.inputs:

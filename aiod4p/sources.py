@@ -113,6 +113,7 @@ DEAD_LETTER = "dead_letter"
 """The output port of a source PE that gets its bad lines under ``on_bad="dead-letter"``."""
 
 _SAMPLE_BYTES = 1024  # of an over-long line kept in its dead letter
+_WARNED_BAD_LINES = 10  # bad lines of a stream skipped with a warning each; the others are only counted
 
 
 def bad_line(source: str, line: int, error: str, text: str, size: int) -> dict[str, Any]:
@@ -166,8 +167,13 @@ class _LineSplitter:
         self._size += len(piece)
         if self._size <= self._max:
             self._chunks.append(piece)
-        elif self._chunks or not self._head:  # just went over: keep the head, drop the rest
-            self._head = (b"".join(self._chunks) + piece[:_SAMPLE_BYTES])[:_SAMPLE_BYTES]
+        elif self._chunks or not self._head:  # just went over: keep the head (not a copy of the line), drop the rest
+            head = b""
+            for chunk in (*self._chunks, piece):
+                head += chunk[: _SAMPLE_BYTES - len(head)]
+                if len(head) == _SAMPLE_BYTES:
+                    break
+            self._head = head
             self._chunks.clear()
 
     def _take(self) -> bytes | _TooLong:
@@ -241,7 +247,15 @@ class _LineReader:
             raise InputError(f"{where}: {error}: {text[:80]!r}")
         self.counter.skipped += 1
         if self.on_bad == "skip" or self.dead_letter is None:
-            logger.warning("%s: %s; line skipped (on_bad=%r)", where, error, self.on_bad)
+            if self.counter.skipped <= _WARNED_BAD_LINES:  # a binary file must not flood stderr: a line each
+                last = self.counter.skipped == _WARNED_BAD_LINES
+                logger.warning(
+                    "%s: %s; line skipped (on_bad=%r)%s",
+                    where,
+                    error,
+                    self.on_bad,
+                    "; further bad lines are skipped without a warning, and counted" if last else "",
+                )
             return
         self.dead_letter(bad_line(self.origin, self.number, error, text.decode("utf-8", "replace"), size))
 

@@ -17,6 +17,7 @@ from helpers import AIOD4P, TIMES10_FLOW, aiod4p_cli_on_one_cpu, aiod4p_process,
 from helpers import aiod4p_cli as aiod4p
 
 import aiod4p as aiod4p_package
+from aiod4p._cli import main
 from aiod4p._results import ResultRecord, record_line
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -213,6 +214,29 @@ def test_usage_errors_exit_2(workflow_file: Path, args: list[str], message: str)
     assert "Traceback" not in done.stderr
 
 
+@pytest.mark.parametrize(
+    ("args", "usage"),
+    [
+        (["run", "flow.py", "--bogus"], "usage: aiod4p run "),
+        (["run", "flow.py", "extra"], "usage: aiod4p run "),
+        (["graph", "flow.py", "-o", "g.svg", "--bogus"], "usage: aiod4p graph "),
+        (["stats", "plot", "s.json", "-o", "s.png", "--bogus"], "usage: aiod4p stats plot "),
+        (["storm", "build", "flow.py", "-o", "out", "--bogus"], "usage: aiod4p storm build "),
+    ],
+)
+def test_an_unknown_argument_shows_the_usage_of_its_command(
+    args: list[str], usage: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`aiod4p run flow.py --bogus`: exit 2 with the usage of `aiod4p run` (whose options the user wants to
+    see), not of `aiod4p` itself; nothing is run."""
+    with pytest.raises(SystemExit) as exit_:
+        main(args)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(usage), err
+    assert err.endswith(f"error: unrecognized arguments: {args[-1]}\n"), err
+
+
 def test_graph_command_checks_n_as_a_usage_error(workflow_file: Path, tmp_path: Path) -> None:
     done = aiod4p("graph", str(workflow_file), "-o", str(tmp_path / "g.dot"), "-n", "0")
     assert done.returncode == 2
@@ -289,7 +313,7 @@ def test_graph_draws_the_workers_run_would_start(workflow_file: Path, tmp_path: 
         "graph", str(workflow_file), "-m", "multi", "-n", "3", "--oversubscribe", "-o", str(drawing)
     )
     assert over.returncode == 0 and "warning" not in over.stderr, over.stderr
-    assert "workers 0,1,2" in drawing.read_text()
+    assert "workers 0-2" in drawing.read_text()
 
 
 @pytest.mark.timeout(120)
@@ -323,11 +347,18 @@ def test_oversubscribe_on_a_mapping_that_does_not_cap_workers_gives_a_warning(wo
 
 
 @pytest.mark.parametrize(
-    ("option", "what"), [("--results", "results"), ("--stats-json", "statistics")], ids=["results", "stats"]
+    ("option", "what"),
+    [("--results", "results"), ("--stats-json", "statistics"), ("--provenance", "provenance")],
+    ids=["results", "stats", "provenance"],
 )
-@pytest.mark.parametrize("where", ["/no/such/dir/out.json", "{tmp}"], ids=["missing-dir", "a-directory"])
+@pytest.mark.parametrize(
+    "where",
+    ["/no/such/dir/out.json", "{tmp}", "/sys/aiod4p-out.json"],
+    ids=["missing-dir", "a-directory", "refused-by-the-file-system"],
+)
 def test_output_paths_are_checked_before_the_run(tmp_path: Path, option: str, what: str, where: str) -> None:
-    """Nothing is run (the workflow file is not even imported) when an output cannot be written."""
+    """Nothing is run (the workflow file is not even imported) when an output cannot be written; also where
+    the permissions say yes but the file system says no (/sys, for root too: a new file is tried)."""
     marker = tmp_path / "imported"
     flow = tmp_path / "marking.py"
     flow.write_text(f"from pathlib import Path\nPath({str(marker)!r}).touch()\n" + WORKFLOW)
@@ -336,9 +367,17 @@ def test_output_paths_are_checked_before_the_run(tmp_path: Path, option: str, wh
     assert done.returncode == 1
     assert done.stderr.strip().splitlines() == [
         f"aiod4p: error: cannot write {what} to {path}: "
-        + ("No such file or directory" if "no/such" in path else "it is a directory")
+        + {"/no": "No such file or directory", "/sy": "Permission denied"}.get(path[:3], "it is a directory")
     ]
     assert not marker.exists()
+
+
+def test_checking_a_new_output_path_leaves_no_file(tmp_path: Path) -> None:
+    """The check creates a new file and removes it: a run that fails before it writes leaves nothing."""
+    out, stats = tmp_path / "out.jsonl", tmp_path / "stats.json"
+    done = aiod4p("run", str(tmp_path / "missing.py"), "--results", str(out), "--stats-json", str(stats))
+    assert done.returncode == 1 and "does not exist" in done.stderr
+    assert not out.exists() and not stats.exists()
 
 
 def test_results_file_ends_with_a_summary_unless_quiet(workflow_file: Path, tmp_path: Path) -> None:
@@ -350,6 +389,58 @@ def test_results_file_ends_with_a_summary_unless_quiet(workflow_file: Path, tmp_
     assert quiet.returncode == 0 and quiet.stderr == ""
     to_stdout = aiod4p("run", str(workflow_file), "-i", "5", "--results", "-")
     assert to_stdout.stderr == ""
+
+
+@pytest.mark.parametrize(
+    ("mapping", "results"), [("simple", "-"), ("simple", None), ("simple", "/dev/full"), ("multi", "/dev/full")]
+)
+def test_results_that_cannot_be_written_fail_the_run_with_one_line(
+    mapping: str, results: str | None, tmp_path: Path
+) -> None:
+    """A full disk (``/dev/full``) under ``--results FILE``, ``--results -`` or the printed results: exit 1 and
+    ``aiod4p: error: cannot write results to ...``, not a traceback."""
+    flow = tmp_path / "flow.py"
+    flow.write_text(TIMES10_FLOW)
+    options = ["--results", results] if results is not None else []
+    with open("/dev/full", "w") as full:
+        done = subprocess.run(
+            [*AIOD4P, "run", str(flow), "-m", mapping, "-i", "100000", "-q", *options],
+            stdout=full,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=60,
+        )
+    where = "/dev/full" if results == "/dev/full" else "stdout"
+    assert done.returncode == 1
+    assert done.stderr.splitlines() == [f"aiod4p: error: cannot write results to {where}: No space left on device"]
+
+
+@pytest.mark.parametrize("command", ["stats-json", "graph"])
+def test_a_report_to_a_full_stdout_is_one_line_of_error(tmp_path: Path, command: str) -> None:
+    """`--stats-json -` or `aiod4p graph`'s report on a full disk: exit 1 and one `aiod4p: error:` line."""
+    flow = tmp_path / "flow.py"
+    flow.write_text(TIMES10_FLOW)
+    args = {
+        "stats-json": ["run", str(flow), "-q", "--results", str(tmp_path / "out.jsonl"), "--stats-json", "-"],
+        "graph": ["graph", str(flow), "-o", str(tmp_path / "flow.dot")],
+    }[command]
+    with open("/dev/full", "w") as full:
+        done = subprocess.run([*AIOD4P, *args], stdout=full, stderr=subprocess.PIPE, text=True, timeout=60)
+    assert done.returncode == 1
+    lines = done.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("aiod4p: error: ") and "No space left on device" in lines[0]
+
+
+@pytest.mark.parametrize("closed", ["<&-", ">&-", "<&- >&-"])
+def test_a_closed_standard_stream_is_taken_as_python_takes_it(tmp_path: Path, closed: str) -> None:
+    """`aiod4p run ... --results - >&-` (a cron job, a daemon): stdin closed is empty, stdout closed drops the
+    output, exit 0, as Python does; the run's own files no longer get numbers 0 and 1 (uvloop aborted)."""
+    flow = tmp_path / "flow.py"
+    flow.write_text(TIMES10_FLOW)
+    command = shlex.join([*AIOD4P, "run", str(flow), "-i", "5", "--results", "-"])
+    done = subprocess.run(["bash", "-c", f"{command} {closed}"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == ""
 
 
 def test_module_target_from_the_current_directory_with_the_console_script(workflow_file: Path) -> None:

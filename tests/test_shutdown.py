@@ -224,3 +224,38 @@ async def test_drain_lets_accepted_items_finish(mapping: str) -> None:
             await run.send(entry.id, i)
         run.drain()  # everything already sent still counts
         assert (await run.results()).data() == [2 * sum(range(1000))]
+
+
+# A run whose abort (the cancellation of its task) cleans up for longer than the watchdog waits, while its
+# event loop stays free (a local Ray being stopped, say): the second signal comes once the run is under way.
+_SLOW_CLEAN_UP = """
+import asyncio, os, signal
+from aiod4p._signals import Interrupts
+
+class Run:
+    under_way = True
+    def drain(self):
+        os.kill(os.getpid(), signal.SIGINT)  # the second signal, once the first was acted on
+
+async def main(signals):
+    signals.attach(Run(), asyncio.current_task())
+    os.kill(os.getpid(), signal.SIGINT)
+    try:
+        await asyncio.sleep(60)
+    except asyncio.CancelledError:
+        await asyncio.sleep(60)  # the clean-up: longer than the watchdog's grace
+
+with Interrupts(130, produced=lambda: "7 records") as signals:
+    asyncio.run(main(signals))
+"""
+
+
+def test_an_abort_whose_clean_up_is_slow_says_so_and_counts_the_records() -> None:
+    """The watchdog ends an abort that takes too long; its last line says how many records the run produced
+    and why it had to step in: here not a PE holding the event loop (the loop is free), a slow clean-up."""
+    done = subprocess.run([sys.executable, "-c", _SLOW_CLEAN_UP], capture_output=True, text=True, timeout=30)
+    assert done.returncode == 130
+    assert (
+        done.stderr.splitlines()[-1]
+        == "aiod4p: aborted by SIGINT; 7 records produced (its clean-up did not end within 1 s)"
+    )

@@ -7,6 +7,7 @@ import itertools
 import json
 import os
 import pickle
+import re
 import socket
 import threading
 import tracemalloc
@@ -501,6 +502,22 @@ async def test_an_over_long_line_is_never_held_whole() -> None:
     assert peak < 8_000_000  # the 1 MB kept at most, the pipe's chunks, never the 32 MB line
 
 
+@pytest.mark.asyncio
+async def test_an_over_long_line_costs_at_most_max_line() -> None:
+    """Going over ``max_line`` keeps the first KiB without joining the bytes held so far: the memory a
+    runaway line takes is ``max_line`` (as docs/cli.md says), not twice or three times that."""
+    max_line = 8_000_000
+    tracemalloc.start()
+    try:
+        pieces = itertools.chain(itertools.repeat(b"y" * 65536, 500), [b"\nb\n"])  # a 32 MB line
+        items, stream = await _read_pipe(pieces, max_line=max_line, on_bad="skip")
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert items == ["b"] and stream.skipped == 1
+    assert peak < 1.25 * max_line
+
+
 BAD_INPUT = b'{"i": 1}\n' + b'{"long": "' + b"z" * 5000 + b'"}\n{"i": 2}\nnot json\n\xff\xfe\n{"i": 3}\n'
 
 
@@ -521,6 +538,17 @@ async def test_bad_lines_skipped_with_a_warning_and_a_count(caplog: pytest.LogCa
     assert len(warnings) == 3
     assert "line 2: longer than 1000 bytes (5012 bytes); line skipped" in warnings[0]
     assert "line 4: not valid JSON" in warnings[1] and "line 5: not valid JSON" in warnings[2]
+
+
+@pytest.mark.asyncio
+async def test_a_flood_of_bad_lines_warns_ten_times_and_counts_them_all(caplog: pytest.LogCaptureFixture) -> None:
+    """A binary file into ``on_bad="skip"`` (388,650 bad lines for 100 MB of random bytes): a warning for each
+    of the first 10, which says the others are only counted; the count has them all."""
+    items, stream = await _read_pipe(b"\xff\n" * 1000 + b"1\n", json=True, on_bad="skip")
+    assert items == [1] and stream.skipped == 1000
+    warnings = [r.getMessage() for r in caplog.records if r.name == "aiod4p.sources"]
+    assert [re.search(r"line (\d+):", w)[1] for w in warnings] == [str(n) for n in range(1, 11)]  # type: ignore[index]
+    assert warnings[-1].endswith("; further bad lines are skipped without a warning, and counted")
 
 
 @pytest.mark.asyncio

@@ -15,6 +15,7 @@ from helpers import aiod4p_cli as aiod4p
 
 from aiod4p import GLOBAL, WorkflowGraph, chain, group_by, load_graph, make_plan
 from aiod4p._loading import load_module
+from aiod4p._plan import worker_list
 from aiod4p._visual import draw, to_dot
 from aiod4p.errors import Aiod4pError, GraphError
 from aiod4p.mappings import get_mapping
@@ -94,6 +95,25 @@ def test_parallelism_follows_the_mapping_and_workers() -> None:
     text = to_dot(plan)
     assert text.count("Double · ×4") == 2
     assert "Count · ×1" in text
+
+
+@needs_dot
+def test_thousands_of_workers_are_drawn_as_a_range(tmp_path: Path) -> None:
+    """`aiod4p graph -m multi -n 5000 --oversubscribe`: the workers of a PE are one range, "0-4999", not 5000
+    numbers (a label Graphviz refuses: longer than 16384)."""
+    graph = wf.pipeline(1)[0]
+    plan = make_plan(graph, get_mapping("multi").plan_options(5000, 256, 4))
+    assert "Double · ×5000 on workers 0-4999" in to_dot(plan)
+    assert draw(plan, tmp_path / "big.svg").stat().st_size > 0
+
+
+def test_worker_lists_keep_pairs_and_shorten_runs() -> None:
+    assert [worker_list(workers) for workers in ([3], [0, 1], [2, 0, 1, 1], [0, 1, 2, 5, 7, 8, 9, 11, 12])] == [
+        "3",
+        "0,1",
+        "0-2",
+        "0-2,5,7-9,11,12",
+    ]
 
 
 def test_composites_are_nested_clusters() -> None:
