@@ -115,7 +115,7 @@ class _Pending:
         self.limit = 1
         self.blind = 0  # batches sent before the destination's time per item was known
         # The pendings of the route when its grouping lets any of them take any item.
-        self.siblings: list[_Pending] | None = None
+        self.siblings: _Candidates | None = None
 
 
 class _ResultPending:
@@ -129,20 +129,59 @@ class _ResultPending:
         self.limit = limit
 
 
+_COMPARED = 16  # the most candidates compared to choose the one with the most room
+
+
+class _Candidates:
+    """Instances any of which may take an item, and the choice of the one with the most room.
+
+    Up to ``_COMPARED`` candidates, the choice compares them all; beyond, it compares the next
+    ``_COMPARED`` of them in turn (a window moved on by every choice), so that a choice among
+    thousands of instances (``-n 10000``) costs what one among sixteen does, and every candidate
+    comes up within ``len(pendings) / _COMPARED`` choices.
+    """
+
+    __slots__ = ("pendings", "start")
+
+    def __init__(self, pendings: list[_Pending]) -> None:
+        self.pendings = pendings
+        self.start = 0
+
+    def compared(self) -> list[_Pending]:
+        """The candidates this choice compares: all of them, or the next ``_COMPARED`` in turn."""
+        pendings = self.pendings
+        if len(pendings) <= _COMPARED:
+            return pendings
+        start = self.start
+        self.start = (start + _COMPARED) % len(pendings)
+        window = pendings[start : start + _COMPARED]
+        if len(window) < _COMPARED:
+            window += pendings[: _COMPARED - len(window)]
+        return window
+
+    def freest(self) -> _Pending:
+        """The candidate with the most room, of those :meth:`compared` this time."""
+        return max(self.compared(), key=_room)
+
+
 class _Route:
     """One edge leaving an instance: its grouping's router splits batches among the pendings."""
 
-    __slots__ = ("deals", "local", "passes_through", "pendings", "router")
+    __slots__ = ("candidates", "deals", "local", "passes_through", "pendings", "router")
 
     def __init__(self, router: Router, pendings: list[_Pending]) -> None:
         self.router = router
         self.passes_through = router.passes_through
         self.deals = router.deals and len(pendings) > 1
         self.pendings = pendings
+        self.candidates = _Candidates(pendings)
         # The candidates beside the sender, where any candidate may take any item and some are on other
         # workers: items that cost more to send than to process stay with them.
         local = [pending for pending in pendings if type(pending.channel) is LocalChannel]
-        self.local = local if router.any_destination and 0 < len(local) < len(pendings) else None
+        self.local = _Candidates(local) if router.any_destination and 0 < len(local) < len(pendings) else None
+        if router.any_destination and len(pendings) > 1:
+            for pending in pendings:
+                pending.siblings = self.candidates
 
 
 class _NeverDrains:
@@ -811,17 +850,19 @@ class _Actor(_Invoker):
             self._add(route.pendings[0], items, owned, full)
             return
         if not self.worker.fixed_order:
-            if route.local is not None and self._cheaper_here(route.local[0], items[0]):
-                self._add(max(route.local, key=_room), items, owned, full)
+            if route.local is not None and self._cheaper_here(route.local.pendings[0], items[0]):
+                self._add(route.local.freest(), items, owned, full)
                 return
-            if route.deals and len(items) <= min(p.limit for p in route.pendings):
+            if route.deals:
                 # Dealt whole to the instance with the most room, not item by item in turn: an instance that
                 # gets through its items faster (on a worker of its own, beside no source) gets more of them.
                 # Only items that fit in any candidate's next batch: heavy items (a batch of one or a few), and
                 # the first batches (one item until measured), are still dealt in turn, so that every instance
                 # gets some of a few heavy items or of a short stream.
-                self._add(max(route.pendings, key=_room), items, owned, full)
-                return
+                compared = route.candidates.compared()
+                if len(items) <= min(pending.limit for pending in compared):
+                    self._add(max(compared, key=_room), items, owned, full)
+                    return
         for pending, part in zip(route.pendings, route.router.split(items), strict=True):
             if part:
                 self._add(pending, part, False, full)
@@ -876,7 +917,7 @@ class _Actor(_Invoker):
                     stalled = False
                 elif pending.siblings is not None and pending.items:
                     # Any instance will do: give the batch to the least loaded one.
-                    freest = max(pending.siblings, key=_room)
+                    freest = pending.siblings.freest()
                     if freest.channel.credits > 0 and not (
                         type(freest.channel) is not LocalChannel and self._cheaper_here(pending, pending.items[0])
                     ):
@@ -1192,11 +1233,7 @@ class Worker:
                 router = route.grouping.router(
                     len(pendings), ref.index, f"PE {ref.pe}", f"{route.dest}.{route.dest_port}"
                 )
-                route_object = _Route(router, pendings)
-                if router.any_destination and len(pendings) > 1:
-                    for pending in pendings:
-                        pending.siblings = pendings
-                actor.add_route(route.source_port, route_object)
+                actor.add_route(route.source_port, _Route(router, pendings))
             actor.outgoing = [senders[(ref, spec.dest)] for spec in plan.channels_from(ref)]
             if self.recorder is not None:
                 actor.recorder = self.recorder.attach(actor)
@@ -1556,11 +1593,31 @@ def _input_dict(pe: PE, pe_id: str, element: Any) -> dict[str, Any]:
 
 
 async def _supervise(primary: list[asyncio.Task[Any]], secondary: list[asyncio.Task[Any]]) -> None:
-    """Wait until every primary task is done; raise the first failure of any task."""
-    watched = set(primary) | set(secondary)
-    while any(not task.done() for task in primary):
-        done, _ = await asyncio.wait(watched, return_when=asyncio.FIRST_COMPLETED)
-        for task in done:
-            if not task.cancelled() and task.exception() is not None:
-                raise task.exception()  # type: ignore[misc]
-        watched -= done
+    """Wait until every primary task is done; raise the first failure of any task.
+
+    Each task is watched by one callback, so that thousands of tasks (``-n 10000``) cost no more per
+    task than a few (waiting on all of them again after each one ends would cost their square).
+    """
+    running = {task for task in primary if not task.done()}
+    if not running:
+        return
+    outcome: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def ended(task: asyncio.Task[Any]) -> None:
+        if outcome.done():
+            return
+        if not task.cancelled() and (error := task.exception()) is not None:
+            outcome.set_exception(error)
+            return
+        running.discard(task)
+        if not running:
+            outcome.set_result(None)
+
+    watched = [*primary, *secondary]
+    for task in watched:
+        task.add_done_callback(ended)
+    try:
+        await outcome
+    finally:
+        for task in watched:
+            task.remove_done_callback(ended)

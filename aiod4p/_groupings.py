@@ -228,6 +228,12 @@ class _RoundRobin(Router):
     def split(self, items: list[Any]) -> list[list[Any]]:
         count, start = self.count, self.next
         self.next = (start + len(items)) % count
+        if len(items) < count:  # one item each for some destinations (thousands of them, first batches of one)
+            none: list[Any] = []
+            parts = [none] * count
+            for offset, item in enumerate(items):
+                parts[(start + offset) % count] = [item]
+            return parts
         return [items[(index - start) % count :: count] for index in range(count)]
 
 

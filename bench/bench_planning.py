@@ -11,12 +11,14 @@ counter by ``group_by``: N + 4 instances and 4N + 1 channels. For N = 1,000,
 * for N up to 10,000 (a run of 100,000 copies 100,000 PEs and takes
   minutes), a whole run on async with nothing to process: planning,
   start-up (an actor, inbox and channels for every instance), end-of-stream
-  through every channel, shutdown.
+  through every channel, shutdown;
+* the same run with 100,000 items, and its time per item beyond the run
+  with none.
 
 Planning and start-up are linear in instances plus channels: the time per
 instance stays flat as N grows (the ratio column, against N = 1,000 in the
-same run; 1.0 is linear, 10 would be quadratic at 10x). Writes
-bench/results/planning.md.
+same run; 1.0 is linear, 10 would be quadratic at 10x); and the time per
+item does not grow with N. Writes bench/results/planning.md.
 """
 
 from __future__ import annotations
@@ -33,13 +35,18 @@ from aiod4p import GenericPE, IterativePE, PlanOptions, ProducerPE, WorkflowGrap
 RESULTS = Path(__file__).resolve().parent / "results" / "planning.md"
 SIZES = (1_000, 10_000, 100_000)
 RUN_LIMIT = 10_000
+ITEMS = 100_000
 
 
-class Nothing(ProducerPE):
-    """Produces no items: the run is all start-up and shutdown."""
+class Numbers(ProducerPE):
+    """Produces ``count`` numbers (none: the run is all start-up and shutdown)."""
+
+    def __init__(self, count: int) -> None:
+        super().__init__()
+        self.count = count
 
     def produce(self) -> Iterator[Any]:
-        yield from ()
+        yield from range(self.count)
 
 
 class Split(IterativePE):
@@ -55,9 +62,9 @@ class Count(GenericPE):
         return None
 
 
-def build() -> WorkflowGraph:
+def build(items: int = 0) -> WorkflowGraph:
     graph = WorkflowGraph()
-    graph.connect(Nothing(), "output", Split(), "input")
+    graph.connect(Numbers(items), "output", Split(), "input")
     split = graph.pes[1]
     graph.connect(split, "output", Count(), "input")
     return graph
@@ -78,11 +85,16 @@ def main(largest: int) -> None:
         instances, channels = len(plan.instances()), len(plan.channels)
         planning = min(timed(make_plan, build(), options) for _ in range(2))
         per = {"plan": planning / instances}
-        run_cells = "| - | - |"
+        run_cells = "| - | - | - | - |"
         if n <= RUN_LIMIT:
             running = timed(aiod4p.run, build(), mapping="async", workers=n)
+            flowing = timed(aiod4p.run, build(ITEMS), mapping="async", workers=n)
             per["run"] = running / instances
-            run_cells = f"| {running:.2f} | {per['run'] / base.get('run', per['run']):.1f} |"
+            per["item"] = max(flowing - running, 0.0) / ITEMS
+            run_cells = (
+                f"| {running:.2f} | {per['run'] / base.get('run', per['run']):.1f} | {flowing:.2f}"
+                f" | {per['item'] / base.get('item', per['item']):.1f} |"
+            )
         base = base or per
         rows.append(
             f"| {n:,} | {instances:,} | {channels:,} | {planning:.2f} | {per['plan'] / base['plan']:.1f} {run_cells}"
@@ -92,9 +104,13 @@ def main(largest: int) -> None:
     RESULTS.write_text(
         "## Planning and start-up (bench_planning.py)\n\n"
         "Word count's shape with N instances of its middle PE on async (N + 4 instances, 4N + 1 channels). "
-        "Per-instance ratios are against N = 1,000 in the same run: 1.0 is linear.\n\n"
+        "Per-instance and per-item ratios are against N = 1,000 in the same run: 1.0 is linear"
+        f" (per item: as fast with N instances as with 1,000). The run with items moves {ITEMS:,} numbers, so"
+        " each of N = 10,000 instances gets 10 of them: an instance's first batches carry one item until its"
+        " pace is measured, which costs more per item than the batches of the instances of N = 1,000.\n\n"
         "| N | instances | channels | plan (s) | plan per instance, ratio | run with no items (s) "
-        "| run per instance, ratio |\n|---|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n"
+        f"| run per instance, ratio | run with {ITEMS:,} items (s) | time per item beyond no items, ratio |\n"
+        "|---|---|---|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n"
     )
 
 

@@ -11,6 +11,7 @@ import workflows as wf
 
 import aiod4p
 from aiod4p import GenericPE, PEError, ProducerPE, WorkflowGraph, group_by
+from aiod4p._engine import _COMPARED, _Candidates, _supervise
 
 
 class Burst(ProducerPE):
@@ -199,3 +200,47 @@ def test_a_bad_group_by_key_fails_alike_with_one_or_many_instances(mapping: Any)
     graph.connect(wf.Count(), "output", who := wf.WhoSawWhat(group_by(3), parallelism=None), "input")
     with pytest.raises(PEError, match=rf"cannot route item 0 to {who.id}.input: its group_by\[3\] key failed"):
         mapping.run(graph, 5)
+
+
+def test_thousands_of_instances_share_a_stream_each_item_once() -> None:
+    """``-n 3000`` on async: the choice of the freest instance and the end of the run scale with the instances
+    (comparing all of them per batch, and waiting on all of them again as each ended, took minutes)."""
+    graph = WorkflowGraph()
+    graph.connect(wf.Range(30_000), "output", wf.WhoSawWhat(parallelism=None), "input")
+    seen = aiod4p.run(graph, mapping="async", workers=3000).data()
+    assert sorted(item for _, item in seen) == list(range(30_000))
+    assert len({instance for instance, _ in seen}) == 3000
+
+
+def test_the_freest_of_many_candidates_is_chosen_among_a_window_that_comes_round_to_all() -> None:
+    candidates = _Candidates(list(range(40)))  # type: ignore[arg-type]  # only compared() is called here
+    windows = [candidates.compared() for _ in range(5)]
+    assert all(len(window) == _COMPARED for window in windows)
+    assert set().union(*windows[:3]) == set(range(40))  # every candidate within len / _COMPARED choices
+    assert windows[2] == [*range(32, 40), *range(8)]  # the window wraps round
+    few = _Candidates(list(range(_COMPARED)))  # type: ignore[arg-type]
+    assert few.compared() == few.compared() == list(range(_COMPARED))  # up to _COMPARED: all of them, always
+
+
+async def test_supervising_raises_the_first_failure_and_lets_cancelled_tasks_end() -> None:
+    release = asyncio.Event()
+
+    async def waits() -> None:
+        await release.wait()
+
+    async def fails() -> None:
+        raise ValueError("broken")
+
+    async with asyncio.timeout(10):
+        cancelled, waiting = asyncio.create_task(waits()), asyncio.create_task(waits())
+        cancelled.cancel()
+        supervising = asyncio.create_task(_supervise([cancelled, waiting], []))
+        await asyncio.sleep(0)  # let the cancelled task end: its end is not a failure
+        assert not supervising.done()
+        release.set()
+        await supervising  # every primary task done
+        release.clear()
+        primary, secondary = asyncio.create_task(waits()), asyncio.create_task(fails())
+        with pytest.raises(ValueError, match="broken"):
+            await _supervise([primary], [secondary])
+        primary.cancel()

@@ -15,6 +15,8 @@ import numpy as np
 import pytest
 import workflows as wf
 from conftest import MappingCase
+from hypothesis import given
+from hypothesis import strategies as st
 
 from aiod4p import ALL, ROUND_ROBIN, SHUFFLE, GraphError, Grouping, Router, WorkflowGraph, group_by, stable_hash
 from aiod4p._groupings import as_grouping
@@ -118,6 +120,23 @@ def test_shuffle_deals_round_robin_across_batches_and_all_broadcasts() -> None:
     assert deal.split([0, 1, 2, 3]) == [[2], [0, 3], [1]]
     assert deal.split([4, 5]) == [[5], [], [4]]  # carries on at destination 2
     assert ALL.router(2, 0, "PE a", "b.input").split([1, 2]) == [[1, 2], [1, 2]]
+
+
+@given(
+    count=st.integers(1, 40),
+    start=st.integers(0, 100),
+    sizes=st.lists(st.integers(0, 90), max_size=6),
+)
+def test_round_robin_deals_each_batch_in_turn_however_few_its_items(count: int, start: int, sizes: list[int]) -> None:
+    """Batches smaller than the destinations (one item each for some of thousands) are dealt as larger ones."""
+    router = ROUND_ROBIN.router(count, start, "PE a", "b.input")
+    turn = start % count
+    for size in sizes:
+        expected: list[list[int]] = [[] for _ in range(count)]
+        for item in range(size):
+            expected[turn].append(item)
+            turn = (turn + 1) % count
+        assert router.split(list(range(size))) == expected
 
 
 def test_round_robin_gives_every_instance_an_item_and_is_dispel4pys_default(mapping: MappingCase) -> None:
