@@ -9,7 +9,7 @@ import pytest
 import workflows as wf
 
 import aiod4p
-from aiod4p import ConsumerPE, GenericPE, InputError, MappingUnavailable, WorkflowGraph, chain
+from aiod4p import ConsumerPE, GenericPE, GraphError, InputError, MappingUnavailable, WorkflowGraph, chain
 from aiod4p.errors import MappingUnavailable as FromErrors
 
 
@@ -146,6 +146,30 @@ def test_unknown_mapping() -> None:
     with pytest.raises(MappingUnavailable, match="unknown mapping 'nope'; choose one of: simple, async"):
         aiod4p.run(graph, 1, mapping="nope")
     assert MappingUnavailable is FromErrors
+
+
+@pytest.mark.parametrize("mapping", ["simple", "async", "multi", "mpi"])
+@pytest.mark.parametrize("workers", [0, -1, "2", 1.5, True])
+def test_workers_that_are_not_a_positive_integer_are_refused(mapping: str, workers: object) -> None:
+    graph, _ = wf.pipeline(1)
+    with pytest.raises(ValueError, match=rf"workers must be a positive integer .*, not {workers!r}"):
+        aiod4p.run(graph, 1, mapping=mapping, workers=workers)
+
+
+@pytest.mark.parametrize(
+    ("graph", "options", "error", "message"),
+    [
+        (wf.Count(), {}, GraphError, r"a run takes a WorkflowGraph, not <Count.*: add it to a WorkflowGraph"),
+        (None, {}, GraphError, "a run takes a WorkflowGraph, not None"),
+        (WorkflowGraph(), {"mapping": None}, MappingUnavailable, "mapping must be a mapping's name .* not None"),
+        (WorkflowGraph(), {"max_delay": -1}, ValueError, "max_delay must be .* at least 0, not -1"),
+    ],
+)
+def test_bad_run_arguments_are_named(
+    graph: object, options: dict[str, object], error: type[Exception], message: str
+) -> None:
+    with pytest.raises(error, match=message):
+        aiod4p.run(graph, 1, **options)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize(
