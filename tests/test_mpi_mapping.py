@@ -30,6 +30,7 @@ import aiod4p
 from aiod4p import WorkflowGraph, group_by
 from aiod4p._install import install_hint
 from aiod4p.errors import GraphError, MappingUnavailable, PEError, TransportError, WorkerDied
+from aiod4p.mappings import mpi
 
 pytest.importorskip("mpi4py", reason="the mpi extra is not installed")
 
@@ -420,6 +421,30 @@ def test_cancelling_a_run_leaves_no_process_behind(monkeypatch: pytest.MonkeyPat
 
     asyncio.run(main())
     assert wait_gone(_marked_processes(mark), timeout=10) == []  # SIGKILLed: may take a moment to end
+
+
+def test_a_failure_while_reading_mpiexec_output_closes_what_it_opened(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Failing (or cancelled) between connecting mpiexec's stdout and its stderr left stdout's transport open
+    on a closed pipe: a later run reusing its descriptor was never woken (a 30 s wait), and ResourceWarning."""
+    connected: list[mpi._Output] = []
+
+    class SecondPipeFails(mpi._Output):
+        def __init__(self, reader: asyncio.StreamReader) -> None:
+            if connected:
+                raise OSError("no second pipe")
+            super().__init__(reader)
+            connected.append(self)
+
+    monkeypatch.setattr(mpi, "_Output", SecondPipeFails)
+    graph, _ = wf.pipeline(2)
+
+    async def main() -> None:
+        async with asyncio.timeout(30):
+            with pytest.raises(OSError, match="no second pipe"):
+                await aiod4p.run_async(graph, 10, mapping="mpi", workers=2)
+            assert [output.lost.done() for output in connected] == [True]
+
+    asyncio.run(main())
 
 
 def test_an_input_error_ends_the_ranks_started_ahead() -> None:
