@@ -13,6 +13,7 @@ import json
 import os
 import select
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -445,6 +446,41 @@ def test_a_failure_while_reading_mpiexec_output_closes_what_it_opened(monkeypatc
             assert [output.lost.done() for output in connected] == [True]
 
     asyncio.run(main())
+
+
+def test_a_run_cancelled_before_rank_0_has_the_job_kills_mpiexec_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Its ranks have nothing to end gently, and a young mpiexec may take seconds to pass a SIGTERM on."""
+    processes: list[mpi._Process] = []
+
+    class Recorded(mpi._Process):
+        def __init__(self, process: subprocess.Popen[bytes]) -> None:
+            super().__init__(process)
+            processes.append(self)
+
+    waiting: list[asyncio.Event] = []  # set once rank 0 has connected: the ranks are waiting for the job
+
+    async def never_hand_over(listener: socket.socket, payload: bytes) -> None:
+        connection, _ = await asyncio.get_running_loop().sock_accept(listener)
+        with connection:
+            waiting[0].set()
+            await asyncio.Event().wait()
+
+    monkeypatch.setattr(mpi, "_Process", Recorded)
+    monkeypatch.setattr(mpi._Job, "_hand_over", staticmethod(never_hand_over))
+    mark = f"AIOD4P_TEST_MARK=unsent-{os.getpid()}-{time.monotonic_ns()}"
+    monkeypatch.setenv("AIOD4P_TEST_MARK", mark.split("=", 1)[1])
+    graph, _ = wf.pipeline(2)
+
+    async def main() -> None:
+        waiting.append(asyncio.Event())
+        async with asyncio.timeout(30):
+            run = aiod4p.start(graph, 10, mapping="mpi", workers=2).start()
+            await waiting[0].wait()
+            await run.aclose()
+        assert processes[0].returncode == -signal.SIGKILL
+
+    asyncio.run(main())
+    assert wait_gone(_marked_processes(mark), timeout=10) == []  # its proxy and ranks follow it
 
 
 def test_an_input_error_ends_the_ranks_started_ahead() -> None:

@@ -257,7 +257,9 @@ async def _launch(
             if job is not None:
                 job.stopped = process.returncode is None
             try:
-                await _stop(process)  # here, not in ranks.close(), which would block the event loop
+                # Here, not in ranks.close(), which would block the event loop. Ranks given no job have nothing
+                # to end gently (and a young mpiexec may take seconds to pass a SIGTERM on).
+                await _stop(process, gently=job is not None and job.sent)
                 if job is not None:
                     await job.close()
             finally:
@@ -404,11 +406,11 @@ class _Process:
         return await asyncio.shield(self._exit)
 
 
-async def _stop(process: _Process) -> None:
-    """End the mpiexec and its ranks if still running, and reap it."""
+async def _stop(process: _Process, *, gently: bool) -> None:
+    """End the mpiexec and its ranks if still running (``gently``: SIGTERM first, SIGKILL after 3 s), and reap it."""
     if process.returncode is None:
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGTERM)
+            os.killpg(process.pid, signal.SIGTERM if gently else signal.SIGKILL)
         try:
             async with asyncio.timeout(3):
                 await process.wait()
@@ -438,6 +440,7 @@ class _Job:
         self.pumped = pumped
         self.reported = False  # rank 0 reported the run's outcome: the job's teardown is expected
         self.stopped = False  # this process terminates the job: its output is no longer relayed
+        self.sent = False  # rank 0 has the job
         self.tail: deque[str] = deque(maxlen=_OUTPUT_LINES)
         assert process.stdout is not None and process.stderr is not None
         self.relays = [asyncio.create_task(self._relay(stream)) for stream in (process.stdout, process.stderr)]
@@ -451,6 +454,7 @@ class _Job:
             await asyncio.wait({accept, self.exited}, return_when=asyncio.FIRST_COMPLETED)
             if not accept.done() or accept.exception() is not None:
                 raise WorkerDied(await self._death(0))
+            self.sent = True
             comm = await open_pipe_comm(accept.result())
             supervisor = Supervisor(
                 self.plan,
