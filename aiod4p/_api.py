@@ -271,7 +271,9 @@ async def run_async(graph: WorkflowGraph, inputs: Inputs = None, **options: Any)
 
     Cancelling the awaiting task drains the run (sources stop, in-flight
     items finish, ``postprocess`` runs) before the cancellation propagates; a
-    second cancellation aborts at once.
+    second cancellation aborts at once, and so does a first one while the
+    mapping is still starting (:attr:`WorkflowRun.under_way` is false: no item
+    is in flight yet, and start-up may take seconds), as ``aiod4p run`` does.
 
     Raises:
         PEError: a PE raised.
@@ -281,8 +283,9 @@ async def run_async(graph: WorkflowGraph, inputs: Inputs = None, **options: Any)
         try:
             return await workflow.results()
         except asyncio.CancelledError:
-            workflow.drain()
-            await workflow.results()
+            if workflow.under_way:  # else leaving the block aborts the run
+                workflow.drain()
+                await workflow.results()
             raise
 
 

@@ -3,14 +3,28 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 
 import pytest
 import workflows as wf
 
 import aiod4p
-from aiod4p import ConsumerPE, GenericPE, GraphError, InputError, MappingUnavailable, WorkflowGraph, chain
+from aiod4p import (
+    ConsumerPE,
+    ExecutionPlan,
+    GenericPE,
+    GraphError,
+    InputError,
+    InstanceStats,
+    MappingUnavailable,
+    WorkflowGraph,
+    chain,
+)
+from aiod4p._engine import Feed
+from aiod4p._results import ResultSink
 from aiod4p.errors import MappingUnavailable as FromErrors
+from aiod4p.mappings import RunControl
+from aiod4p.mappings.asyncio import AsyncMapping
 
 
 class Tracker(GenericPE):
@@ -85,6 +99,32 @@ async def test_cancelling_run_async_drains_then_cancels() -> None:
         with pytest.raises(asyncio.CancelledError):
             await task
     assert tracker.state.finished
+
+
+async def test_cancelling_run_async_while_the_mapping_starts_aborts_at_once() -> None:
+    """No item is in flight yet, and a start-up can take seconds (mpiexec, a local Ray): draining would wait for it."""
+    starting = asyncio.Event()
+
+    class NeverUnderWay(AsyncMapping):
+        async def execute(
+            self,
+            plan: ExecutionPlan,
+            feeds: Mapping[str, Feed],
+            sink: ResultSink,
+            control: RunControl,
+            max_delay: float,
+        ) -> list[InstanceStats]:
+            starting.set()
+            await asyncio.Event().wait()  # still starting its workers: never calls control.on_drain
+            return []
+
+    graph, double, _ = tracked_graph()
+    task = asyncio.create_task(aiod4p.run_async(graph, {double: endless()}, mapping=NeverUnderWay()))
+    async with asyncio.timeout(10):
+        await starting.wait()
+        task.cancel()
+        await asyncio.wait({task})
+    assert task.cancelled()
 
 
 async def test_aclose_aborts_without_postprocess() -> None:
