@@ -80,6 +80,19 @@ _DONE = object()  # the call has returned or raised
 _IS_NOT_NONE = functools.partial(operator.is_not, None)  # what a generator yields that counts as an item
 
 
+def _failed(exc: BaseException) -> bool:
+    """Whether ``exc``, out of a PE's code, is that code's failure rather than this task's cancellation.
+
+    Any ``Exception`` is; so is a ``CancelledError`` while nobody cancels the current task: the PE's
+    code raised it, or let it out of something it awaited (a task someone else cancelled), and the
+    run must fail on it, not end as if that instance had finished.
+    """
+    if isinstance(exc, Exception):
+        return True
+    task = asyncio.current_task()
+    return isinstance(exc, asyncio.CancelledError) and task is not None and not task.cancelling()
+
+
 def _error(ref: InstanceRef, port: str, exc: BaseException) -> Aiod4pError:
     """The error to fail the run with when ``exc`` interrupts instance ``ref`` on ``port``.
 
@@ -225,7 +238,9 @@ class _Invoker:
         """
         try:
             await self._handle(port, items)
-        except Exception as exc:
+        except BaseException as exc:
+            if not _failed(exc):
+                raise
             self.stats.errors += 1
             raise _error(self.ref, port, exc) from exc
 
@@ -242,7 +257,9 @@ class _Invoker:
         started, blocked = time.perf_counter(), self.stats.blocked_seconds
         try:
             await self._drive(_call_stage(method))
-        except Exception as exc:
+        except BaseException as exc:
+            if not _failed(exc):
+                raise
             self.stats.errors += 1
             raise _error(self.ref, stage, exc) from exc
         finally:  # as for a batch: waiting for credit while writing is blocked time
@@ -562,7 +579,9 @@ class _Actor(_Invoker):
                         self.stats.busy_seconds += time.perf_counter() - started - blocked
                     await self._route_outputs()
                     self._paced(started, len(items))
-                except Exception as exc:
+                except BaseException as exc:
+                    if not _failed(exc):
+                        raise
                     self.stats.errors += 1
                     raise _error(ref, "feed" if port is None else port, exc) from exc
                 if self.worker.held_too_long():

@@ -143,6 +143,30 @@ class Fail(IterativePE):
         return item
 
 
+class AwaitsACancelledTask(IterativePE):
+    """On the item equal to ``on`` (or in postprocess, if ``on`` is None), awaits a task that it cancels:
+    the ``CancelledError`` of that task comes out of the PE's own call, as from a cancelled HTTP request."""
+
+    def __init__(self, on: int | None = 3) -> None:
+        super().__init__()
+        self.on = on
+
+    async def process_item(self, item: int) -> int:
+        if item == self.on:
+            await _a_cancelled_task()
+        return item
+
+    async def postprocess(self) -> None:
+        if self.on is None:
+            await _a_cancelled_task()
+
+
+async def _a_cancelled_task() -> None:
+    task = asyncio.create_task(asyncio.sleep(60))
+    task.cancel()
+    await task
+
+
 class Merge(GenericPE):
     """Two inputs, one output: tags each item with the port it came on."""
 
