@@ -1482,6 +1482,7 @@ class _ReadAhead:
         self._buffer: list[Any] = []
         self._ready, self._room = asyncio.Event(), asyncio.Event()
         self._finished = False
+        self._stopped = False  # drained or closed: a cancelled reader is then no failure
         self.reader = asyncio.create_task(self._read(), name=name)
         # Cancelled before its first step, the reader never runs its finally: end the stream anyway.
         self.reader.add_done_callback(lambda _: self._finish())
@@ -1505,6 +1506,7 @@ class _ReadAhead:
 
     def drain(self) -> None:
         """End the stream after what the source yields on its own drain, or else after the items already read."""
+        self._stopped = True  # a source's own drain may cancel the reader too (SourcePE does)
         if self._drain is not None:
             self._drain()
         else:
@@ -1525,11 +1527,22 @@ class _ReadAhead:
         self._ready.set()
 
     async def take(self) -> list[Any] | None:
-        """The next items read (at most ``limit``), or ``None`` at the end of the source."""
+        """The next items read (at most ``limit``), or ``None`` at the end of the source.
+
+        Raises:
+            Exception: the source's own error, or a ``RuntimeError`` when it let out a ``CancelledError``
+                that :meth:`drain` or :meth:`aclose` did not cause (a task it awaited was cancelled):
+                a failure, not the end of the stream.
+        """
         while not self._buffer:
             if self._finished:
                 if not self.reader.cancelled():
                     await self.reader  # re-raises the source's own error
+                elif not self._stopped:
+                    try:
+                        self.reader.result()
+                    except asyncio.CancelledError as exc:
+                        raise RuntimeError("the source raised CancelledError, though nothing cancelled it") from exc
                 return None
             self._ready.clear()
             await self._ready.wait()
@@ -1541,6 +1554,7 @@ class _ReadAhead:
     async def aclose(self) -> None:
         """Stop reading; idempotent."""
         if not self.reader.done():
+            self._stopped = True
             self.reader.cancel()
             await asyncio.gather(self.reader, return_exceptions=True)
 

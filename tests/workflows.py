@@ -8,7 +8,7 @@ import os
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from types import SimpleNamespace
 from typing import Any
 
@@ -159,6 +159,19 @@ class AwaitsACancelledTask(IterativePE):
     async def postprocess(self) -> None:
         if self.on is None:
             await _a_cancelled_task()
+
+
+class YieldsThenAwaitsACancelledTask(ProducerPE):
+    """An async generator source: yields ``before`` items, then awaits a task that it cancels."""
+
+    def __init__(self, before: int = 5) -> None:
+        super().__init__()
+        self.before = before
+
+    async def produce(self) -> AsyncIterator[int]:
+        for item in range(self.before):
+            yield item
+        await _a_cancelled_task()
 
 
 async def _a_cancelled_task() -> None:
