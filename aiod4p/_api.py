@@ -16,7 +16,7 @@ from ._pe import PE
 from ._plan import DEFAULT_BATCH_SIZE, DEFAULT_CREDITS, ExecutionPlan, make_plan
 from ._results import QueueSink, ResultRecord, Results
 from ._stats import InstanceStats
-from .errors import Aiod4pError, InputError
+from .errors import Aiod4pError, GraphError, InputError, MappingUnavailable
 from .mappings import BaseMapping, RunControl, get_mapping
 from .sources import LiveFeed
 
@@ -50,7 +50,14 @@ class WorkflowRun:
         result_batches: int = 16,
         provenance: str | None = None,
     ) -> None:
-        self.mapping = get_mapping(mapping) if isinstance(mapping, str) else mapping
+        if not isinstance(graph, WorkflowGraph):
+            hint = ": add it to a WorkflowGraph and run the graph" if isinstance(graph, PE) else ""
+            raise GraphError(f"a run takes a WorkflowGraph, not {graph!r}{hint}")
+        if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
+            raise ValueError(f"workers must be a positive integer (None: the mapping's default), not {workers!r}")
+        if not max_delay >= 0:
+            raise ValueError(f"max_delay must be a number of seconds, at least 0, not {max_delay!r}")
+        self.mapping = resolve_mapping(mapping)
         options = self.mapping.plan_options(workers, batch_size, credits)
         if provenance is not None:  # "pe" or "item": read back with aiod4p.provenance_document(run.stats)
             if self.mapping.name == "storm":
@@ -249,9 +256,12 @@ def start(graph: WorkflowGraph, inputs: Inputs = None, **options: Any) -> Workfl
     (``async with``), iterated, or when :meth:`WorkflowRun.results` is awaited.
 
     Raises:
-        GraphError: the graph is invalid.
+        GraphError: ``graph`` is not a WorkflowGraph, or is invalid.
         InputError: the inputs are invalid.
-        MappingUnavailable: the mapping is unknown or its extra is missing.
+        MappingUnavailable: the mapping is unknown, its extra is missing, or it is
+            neither a name nor a mapping object.
+        ValueError: ``workers``, ``batch_size`` or ``credits`` is not a positive
+            integer, or ``max_delay`` is negative.
     """
     return WorkflowRun(graph, inputs, **options)
 
@@ -261,18 +271,21 @@ async def run_async(graph: WorkflowGraph, inputs: Inputs = None, **options: Any)
 
     Cancelling the awaiting task drains the run (sources stop, in-flight
     items finish, ``postprocess`` runs) before the cancellation propagates; a
-    second cancellation aborts at once.
+    second cancellation aborts at once, and so does a first one while the
+    mapping is still starting (:attr:`WorkflowRun.under_way` is false: no item
+    is in flight yet, and start-up may take seconds), as ``aiod4p run`` does.
 
     Raises:
         PEError: a PE raised.
-        GraphError, InputError, MappingUnavailable: as :func:`start`.
+        GraphError, InputError, MappingUnavailable, ValueError: as :func:`start`.
     """
     async with start(graph, inputs, **options) as workflow:
         try:
             return await workflow.results()
         except asyncio.CancelledError:
-            workflow.drain()
-            await workflow.results()
+            if workflow.under_way:  # else leaving the block aborts the run
+                workflow.drain()
+                await workflow.results()
             raise
 
 
@@ -284,7 +297,7 @@ def run(graph: WorkflowGraph, inputs: Inputs = None, **options: Any) -> Results:
 
     Raises:
         PEError: a PE raised.
-        GraphError, InputError, MappingUnavailable: as :func:`start`.
+        GraphError, InputError, MappingUnavailable, ValueError: as :func:`start`.
         RuntimeError: called from a running event loop.
     """
     try:
@@ -295,11 +308,26 @@ def run(graph: WorkflowGraph, inputs: Inputs = None, **options: Any) -> Results:
         raise RuntimeError(
             "aiod4p.run() cannot be called from a running event loop; use await aiod4p.run_async() or aiod4p.start()"
         )
-    mapping = options.get("mapping", "async")
-    mapping_obj = get_mapping(mapping) if isinstance(mapping, str) else mapping
+    mapping_obj = resolve_mapping(options.get("mapping", "async"))
     options["mapping"] = mapping_obj
     with asyncio.Runner(loop_factory=loop_factory(mapping_obj.uses_uvloop)) as runner:
         return runner.run(run_async(graph, inputs, **options))
+
+
+def resolve_mapping(mapping: str | BaseMapping) -> BaseMapping:
+    """The mapping a run's ``mapping`` option names: a new one for a name, else the mapping object itself.
+
+    Raises:
+        MappingUnavailable: ``mapping`` is an unknown name, a mapping whose extra is missing, or
+            neither a name nor a mapping object.
+    """
+    if isinstance(mapping, str):
+        return get_mapping(mapping)
+    if not isinstance(mapping, BaseMapping):
+        raise MappingUnavailable(
+            f"mapping must be a mapping's name (such as 'async') or a mapping object, not {mapping!r}"
+        )
+    return mapping
 
 
 def run_in_threads(graph: WorkflowGraph, names: Iterable[str]) -> None:

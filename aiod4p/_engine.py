@@ -80,6 +80,19 @@ _DONE = object()  # the call has returned or raised
 _IS_NOT_NONE = functools.partial(operator.is_not, None)  # what a generator yields that counts as an item
 
 
+def _failed(exc: BaseException) -> bool:
+    """Whether ``exc``, out of a PE's code, is that code's failure rather than this task's cancellation.
+
+    Any ``Exception`` is; so is a ``CancelledError`` while nobody cancels the current task: the PE's
+    code raised it, or let it out of something it awaited (a task someone else cancelled), and the
+    run must fail on it, not end as if that instance had finished.
+    """
+    if isinstance(exc, Exception):
+        return True
+    task = asyncio.current_task()
+    return isinstance(exc, asyncio.CancelledError) and task is not None and not task.cancelling()
+
+
 def _error(ref: InstanceRef, port: str, exc: BaseException) -> Aiod4pError:
     """The error to fail the run with when ``exc`` interrupts instance ``ref`` on ``port``.
 
@@ -264,7 +277,9 @@ class _Invoker:
         """
         try:
             await self._handle(port, items)
-        except Exception as exc:
+        except BaseException as exc:
+            if not _failed(exc):
+                raise
             self.stats.errors += 1
             raise _error(self.ref, port, exc) from exc
 
@@ -281,7 +296,9 @@ class _Invoker:
         started, blocked = time.perf_counter(), self.stats.blocked_seconds
         try:
             await self._drive(_call_stage(method))
-        except Exception as exc:
+        except BaseException as exc:
+            if not _failed(exc):
+                raise
             self.stats.errors += 1
             raise _error(self.ref, stage, exc) from exc
         finally:  # as for a batch: waiting for credit while writing is blocked time
@@ -601,7 +618,9 @@ class _Actor(_Invoker):
                         self.stats.busy_seconds += time.perf_counter() - started - blocked
                     await self._route_outputs()
                     self._paced(started, len(items))
-                except Exception as exc:
+                except BaseException as exc:
+                    if not _failed(exc):
+                        raise
                     self.stats.errors += 1
                     raise _error(ref, "feed" if port is None else port, exc) from exc
                 if self.worker.held_too_long():
@@ -1500,6 +1519,7 @@ class _ReadAhead:
         self._buffer: list[Any] = []
         self._ready, self._room = asyncio.Event(), asyncio.Event()
         self._finished = False
+        self._stopped = False  # drained or closed: a cancelled reader is then no failure
         self.reader = asyncio.create_task(self._read(), name=name)
         # Cancelled before its first step, the reader never runs its finally: end the stream anyway.
         self.reader.add_done_callback(lambda _: self._finish())
@@ -1523,6 +1543,7 @@ class _ReadAhead:
 
     def drain(self) -> None:
         """End the stream after what the source yields on its own drain, or else after the items already read."""
+        self._stopped = True  # a source's own drain may cancel the reader too (SourcePE does)
         if self._drain is not None:
             self._drain()
         else:
@@ -1543,11 +1564,22 @@ class _ReadAhead:
         self._ready.set()
 
     async def take(self) -> list[Any] | None:
-        """The next items read (at most ``limit``), or ``None`` at the end of the source."""
+        """The next items read (at most ``limit``), or ``None`` at the end of the source.
+
+        Raises:
+            Exception: the source's own error, or a ``RuntimeError`` when it let out a ``CancelledError``
+                that :meth:`drain` or :meth:`aclose` did not cause (a task it awaited was cancelled):
+                a failure, not the end of the stream.
+        """
         while not self._buffer:
             if self._finished:
                 if not self.reader.cancelled():
                     await self.reader  # re-raises the source's own error
+                elif not self._stopped:
+                    try:
+                        self.reader.result()
+                    except asyncio.CancelledError as exc:
+                        raise RuntimeError("the source raised CancelledError, though nothing cancelled it") from exc
                 return None
             self._ready.clear()
             await self._ready.wait()
@@ -1559,6 +1591,7 @@ class _ReadAhead:
     async def aclose(self) -> None:
         """Stop reading; idempotent."""
         if not self.reader.done():
+            self._stopped = True
             self.reader.cancel()
             await asyncio.gather(self.reader, return_exceptions=True)
 

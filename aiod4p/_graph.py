@@ -55,7 +55,7 @@ class WorkflowGraph:
             GraphError: ``pe`` is not a PE.
         """
         if not isinstance(pe, PE):
-            raise GraphError(f"cannot add {pe!r} to a workflow graph: it is not a PE")
+            raise GraphError(f"cannot add {pe!r} to a workflow graph: {_not_a_pe(pe)}")
         if id(pe) not in self._members:
             self._members.add(id(pe))
             self._pes.append(pe)
@@ -270,3 +270,15 @@ def _resolve_output(pe: PE, port: str) -> list[tuple[PE, str]]:
     if target is None:
         raise GraphError(f"composite {pe.label}: output {port!r} is not mapped to an inner PE")
     return _resolve_output(*target)
+
+
+def _not_a_pe(thing: object) -> str:
+    """Why ``thing`` (which is not a PE) cannot join a graph, with what to pass instead when that is clear."""
+    if isinstance(thing, type) and issubclass(thing, PE):
+        return f"it is a PE class, not a PE: add an instance, {thing.__name__}(...)"
+    if callable(thing):
+        return (
+            "it is not a PE but a callable: call it if it makes PEs (a factory made by @iterative, @producer "
+            "or @consumer), or wrap a plain function in FunctionPE(fn)"
+        )
+    return "it is not a PE"

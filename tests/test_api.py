@@ -3,14 +3,28 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 
 import pytest
 import workflows as wf
 
 import aiod4p
-from aiod4p import ConsumerPE, GenericPE, InputError, MappingUnavailable, WorkflowGraph, chain
+from aiod4p import (
+    ConsumerPE,
+    ExecutionPlan,
+    GenericPE,
+    GraphError,
+    InputError,
+    InstanceStats,
+    MappingUnavailable,
+    WorkflowGraph,
+    chain,
+)
+from aiod4p._engine import Feed
+from aiod4p._results import ResultSink
 from aiod4p.errors import MappingUnavailable as FromErrors
+from aiod4p.mappings import RunControl
+from aiod4p.mappings.asyncio import AsyncMapping
 
 
 class Tracker(GenericPE):
@@ -87,6 +101,32 @@ async def test_cancelling_run_async_drains_then_cancels() -> None:
     assert tracker.state.finished
 
 
+async def test_cancelling_run_async_while_the_mapping_starts_aborts_at_once() -> None:
+    """No item is in flight yet, and a start-up can take seconds (mpiexec, a local Ray): draining would wait for it."""
+    starting = asyncio.Event()
+
+    class NeverUnderWay(AsyncMapping):
+        async def execute(
+            self,
+            plan: ExecutionPlan,
+            feeds: Mapping[str, Feed],
+            sink: ResultSink,
+            control: RunControl,
+            max_delay: float,
+        ) -> list[InstanceStats]:
+            starting.set()
+            await asyncio.Event().wait()  # still starting its workers: never calls control.on_drain
+            return []
+
+    graph, double, _ = tracked_graph()
+    task = asyncio.create_task(aiod4p.run_async(graph, {double: endless()}, mapping=NeverUnderWay()))
+    async with asyncio.timeout(10):
+        await starting.wait()
+        task.cancel()
+        await asyncio.wait({task})
+    assert task.cancelled()
+
+
 async def test_aclose_aborts_without_postprocess() -> None:
     graph, double, tracker = tracked_graph()
     async with asyncio.timeout(10):
@@ -146,6 +186,30 @@ def test_unknown_mapping() -> None:
     with pytest.raises(MappingUnavailable, match="unknown mapping 'nope'; choose one of: simple, async"):
         aiod4p.run(graph, 1, mapping="nope")
     assert MappingUnavailable is FromErrors
+
+
+@pytest.mark.parametrize("mapping", ["simple", "async", "multi", "mpi"])
+@pytest.mark.parametrize("workers", [0, -1, "2", 1.5, True])
+def test_workers_that_are_not_a_positive_integer_are_refused(mapping: str, workers: object) -> None:
+    graph, _ = wf.pipeline(1)
+    with pytest.raises(ValueError, match=rf"workers must be a positive integer .*, not {workers!r}"):
+        aiod4p.run(graph, 1, mapping=mapping, workers=workers)
+
+
+@pytest.mark.parametrize(
+    ("graph", "options", "error", "message"),
+    [
+        (wf.Count(), {}, GraphError, r"a run takes a WorkflowGraph, not <Count.*: add it to a WorkflowGraph"),
+        (None, {}, GraphError, "a run takes a WorkflowGraph, not None"),
+        (WorkflowGraph(), {"mapping": None}, MappingUnavailable, "mapping must be a mapping's name .* not None"),
+        (WorkflowGraph(), {"max_delay": -1}, ValueError, "max_delay must be .* at least 0, not -1"),
+    ],
+)
+def test_bad_run_arguments_are_named(
+    graph: object, options: dict[str, object], error: type[Exception], message: str
+) -> None:
+    with pytest.raises(error, match=message):
+        aiod4p.run(graph, 1, **options)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize(

@@ -16,6 +16,7 @@ from aiod4p import (
     WorkflowGraph,
     chain,
     group_by,
+    iterative,
 )
 from aiod4p._groupings import as_grouping
 
@@ -90,6 +91,18 @@ def test_duplicate_ids_are_rejected() -> None:
 def test_adding_something_that_is_not_a_pe() -> None:
     with pytest.raises(GraphError, match="not a PE"):
         WorkflowGraph().add("Count")  # type: ignore[arg-type]
+
+
+def test_adding_a_pe_class_or_factory_says_what_to_add() -> None:
+    with pytest.raises(GraphError, match=r"it is a PE class, not a PE: add an instance, Count\(\.\.\.\)"):
+        WorkflowGraph().connect(wf.Count, "output", wf.Double(), "input")  # type: ignore[arg-type]
+
+    @iterative
+    def double(item: int) -> int:
+        return 2 * item
+
+    with pytest.raises(GraphError, match=r"not a PE but a callable: call it if it makes PEs .*FunctionPE\(fn\)"):
+        WorkflowGraph().connect(wf.Count(), "output", double, "input")  # type: ignore[arg-type]
 
 
 def test_port_declared_twice() -> None:

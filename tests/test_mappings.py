@@ -158,6 +158,27 @@ def test_a_raising_pe_fails_the_run_with_its_name(mapping: MappingCase) -> None:
     assert "ValueError" in caught.value.traceback_text
 
 
+@pytest.mark.parametrize(("on", "port"), [(3, "input"), (None, "postprocess")])
+def test_a_cancelled_error_out_of_a_pe_fails_the_run(mapping: MappingCase, on: int | None, port: str) -> None:
+    """It ended the instance as if it had finished: the run succeeded with the results it had so far."""
+    graph = WorkflowGraph()
+    graph.connect(wf.Count(), "output", bad := wf.AwaitsACancelledTask(on), "input")
+    graph.connect(bad, "output", wf.Double(), "input")
+    with pytest.raises(PEError) as caught:
+        mapping.run(graph, 10)
+    assert (caught.value.pe, caught.value.port) == (bad.id, port)
+    assert "CancelledError" in str(caught.value)
+
+
+def test_a_cancelled_error_out_of_an_async_source_fails_the_run(mapping: MappingCase) -> None:
+    """It ended the source's stream as if the source had finished: the run succeeded on part of its input."""
+    graph = WorkflowGraph()
+    graph.connect(source := wf.YieldsThenAwaitsACancelledTask(), "output", wf.Double(), "input")
+    with pytest.raises(PEError, match="CancelledError, though nothing cancelled it") as caught:
+        mapping.run(graph)
+    assert caught.value.pe == source.id
+
+
 def test_writing_an_undeclared_port_fails_with_pe_and_port(mapping: MappingCase) -> None:
     graph = WorkflowGraph()
     graph.connect(wf.Count(), "output", bad := wf.WritesNowhere(), "input")

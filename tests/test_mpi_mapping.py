@@ -13,6 +13,7 @@ import json
 import os
 import select
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -31,6 +32,7 @@ import aiod4p
 from aiod4p import WorkflowGraph, group_by
 from aiod4p._install import install_hint
 from aiod4p.errors import GraphError, MappingUnavailable, PEError, TransportError, WorkerDied
+from aiod4p.mappings import mpi
 
 pytest.importorskip("mpi4py", reason="the mpi extra is not installed")
 
@@ -436,6 +438,65 @@ def test_cancelling_a_run_leaves_no_process_behind(monkeypatch: pytest.MonkeyPat
 
     asyncio.run(main())
     assert wait_gone(_marked_processes(mark), timeout=10) == []  # SIGKILLed: may take a moment to end
+
+
+def test_a_failure_while_reading_mpiexec_output_closes_what_it_opened(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Failing (or cancelled) between connecting mpiexec's stdout and its stderr left stdout's transport open
+    on a closed pipe: a later run reusing its descriptor was never woken (a 30 s wait), and ResourceWarning."""
+    connected: list[mpi._Output] = []
+
+    class SecondPipeFails(mpi._Output):
+        def __init__(self, reader: asyncio.StreamReader) -> None:
+            if connected:
+                raise OSError("no second pipe")
+            super().__init__(reader)
+            connected.append(self)
+
+    monkeypatch.setattr(mpi, "_Output", SecondPipeFails)
+    graph, _ = wf.pipeline(2)
+
+    async def main() -> None:
+        async with asyncio.timeout(30):
+            with pytest.raises(OSError, match="no second pipe"):
+                await aiod4p.run_async(graph, 10, mapping="mpi", workers=2)
+            assert [output.lost.done() for output in connected] == [True]
+
+    asyncio.run(main())
+
+
+def test_a_run_cancelled_before_rank_0_has_the_job_kills_mpiexec_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Its ranks have nothing to end gently, and a young mpiexec may take seconds to pass a SIGTERM on."""
+    processes: list[mpi._Process] = []
+
+    class Recorded(mpi._Process):
+        def __init__(self, process: subprocess.Popen[bytes]) -> None:
+            super().__init__(process)
+            processes.append(self)
+
+    waiting: list[asyncio.Event] = []  # set once rank 0 has connected: the ranks are waiting for the job
+
+    async def never_hand_over(listener: socket.socket, payload: bytes) -> None:
+        connection, _ = await asyncio.get_running_loop().sock_accept(listener)
+        with connection:
+            waiting[0].set()
+            await asyncio.Event().wait()
+
+    monkeypatch.setattr(mpi, "_Process", Recorded)
+    monkeypatch.setattr(mpi._Job, "_hand_over", staticmethod(never_hand_over))
+    mark = f"AIOD4P_TEST_MARK=unsent-{os.getpid()}-{time.monotonic_ns()}"
+    monkeypatch.setenv("AIOD4P_TEST_MARK", mark.split("=", 1)[1])
+    graph, _ = wf.pipeline(2)
+
+    async def main() -> None:
+        waiting.append(asyncio.Event())
+        async with asyncio.timeout(30):
+            run = aiod4p.start(graph, 10, mapping="mpi", workers=2).start()
+            await waiting[0].wait()
+            await run.aclose()
+        assert processes[0].returncode == -signal.SIGKILL
+
+    asyncio.run(main())
+    assert wait_gone(_marked_processes(mark), timeout=10) == []  # its proxy and ranks follow it
 
 
 def test_an_input_error_ends_the_ranks_started_ahead() -> None:

@@ -8,7 +8,7 @@ import os
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from types import SimpleNamespace
 from typing import Any
 
@@ -141,6 +141,43 @@ class Fail(IterativePE):
         if item == self.on:
             raise ValueError(f"bad item {item}")
         return item
+
+
+class AwaitsACancelledTask(IterativePE):
+    """On the item equal to ``on`` (or in postprocess, if ``on`` is None), awaits a task that it cancels:
+    the ``CancelledError`` of that task comes out of the PE's own call, as from a cancelled HTTP request."""
+
+    def __init__(self, on: int | None = 3) -> None:
+        super().__init__()
+        self.on = on
+
+    async def process_item(self, item: int) -> int:
+        if item == self.on:
+            await _a_cancelled_task()
+        return item
+
+    async def postprocess(self) -> None:
+        if self.on is None:
+            await _a_cancelled_task()
+
+
+class YieldsThenAwaitsACancelledTask(ProducerPE):
+    """An async generator source: yields ``before`` items, then awaits a task that it cancels."""
+
+    def __init__(self, before: int = 5) -> None:
+        super().__init__()
+        self.before = before
+
+    async def produce(self) -> AsyncIterator[int]:
+        for item in range(self.before):
+            yield item
+        await _a_cancelled_task()
+
+
+async def _a_cancelled_task() -> None:
+    task = asyncio.create_task(asyncio.sleep(60))
+    task.cancel()
+    await task
 
 
 class Merge(GenericPE):

@@ -246,17 +246,25 @@ async def _launch(
         payload = ship(Job(plan, shipped, max_delay, STATS_INTERVAL, spec), "start the MPI ranks")
         if ranks is None:
             ranks = _Ranks(mpiexec, plan.workers)
-        process = await _Process.adopt(ranks.process)
-        job = _Job(process, plan, sink, control, pumped, session)
+        process = _Process(ranks.process)
+        job: _Job | None = None
         try:
+            await process.connect()
+            job = _Job(process, plan, sink, control, pumped, session)
             return await job.run(ranks.listener, payload)
         finally:
             # Still running: the run was cancelled or aborted (Ctrl-C twice, a closed stdout). What the
             # job says once terminated (mpiexec's "BAD TERMINATION" banner) is our own doing, not news.
-            job.stopped = process.returncode is None
-            await _stop(process)
-            await job.close()
-            await process.close()
+            if job is not None:
+                job.stopped = process.returncode is None
+            try:
+                # Here, not in ranks.close(), which would block the event loop. Ranks given no job have nothing
+                # to end gently (and a young mpiexec may take seconds to pass a SIGTERM on).
+                await _stop(process, gently=job is not None and job.sent)
+                if job is not None:
+                    await job.close()
+            finally:
+                await process.close()  # even when cancelled while connecting: no transport outlives its pipe
     finally:
         if ranks is not None:
             ranks.close()
@@ -369,18 +377,19 @@ class _Process:
 
         threading.Thread(target=wait, name=f"aiod4p-mpiexec-{process.pid}", daemon=True).start()
 
-    @classmethod
-    async def adopt(cls, process: subprocess.Popen[bytes]) -> _Process:
-        """Watch ``process`` (started with piped stdout and stderr) from the running loop."""
-        adopted = cls(process)
+    async def connect(self) -> None:
+        """Read the process's piped stdout and stderr into :attr:`stdout` and :attr:`stderr`.
+
+        What is connected when this fails or is cancelled is closed by :meth:`close`, which must
+        follow in every case.
+        """
         loop = asyncio.get_running_loop()
-        for reader, pipe in ((adopted.stdout, process.stdout), (adopted.stderr, process.stderr)):
+        for reader, pipe in ((self.stdout, self.process.stdout), (self.stderr, self.process.stderr)):
             transport, protocol = await loop.connect_read_pipe(functools.partial(_Output, reader), pipe)
-            adopted._pipes.append((transport, protocol))
-        return adopted
+            self._pipes.append((transport, protocol))
 
     async def close(self) -> None:
-        """Close the output pipes (uvloop keeps a pipe open after its end) and wait until they are.
+        """Close the connected output pipes (uvloop keeps a pipe open after its end) and wait until they are.
 
         A transport closes its pipe's descriptor a loop turn after ``close()``; closing the pipe
         meanwhile, or returning before, would let that late close hit a descriptor opened since
@@ -398,11 +407,11 @@ class _Process:
         return await asyncio.shield(self._exit)
 
 
-async def _stop(process: _Process) -> None:
-    """End the mpiexec and its ranks if still running, and reap it."""
+async def _stop(process: _Process, *, gently: bool) -> None:
+    """End the mpiexec and its ranks if still running (``gently``: SIGTERM first, SIGKILL after 3 s), and reap it."""
     if process.returncode is None:
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGTERM)
+            os.killpg(process.pid, signal.SIGTERM if gently else signal.SIGKILL)
         try:
             async with asyncio.timeout(3):
                 await process.wait()
@@ -432,6 +441,7 @@ class _Job:
         self.pumped = pumped
         self.reported = False  # rank 0 reported the run's outcome: the job's teardown is expected
         self.stopped = False  # this process terminates the job: its output is no longer relayed
+        self.sent = False  # rank 0 has the job
         self.tail: deque[str] = deque(maxlen=_OUTPUT_LINES)
         assert process.stdout is not None and process.stderr is not None
         self.relays = [asyncio.create_task(self._relay(stream)) for stream in (process.stdout, process.stderr)]
@@ -445,6 +455,7 @@ class _Job:
             await asyncio.wait({accept, self.exited}, return_when=asyncio.FIRST_COMPLETED)
             if not accept.done() or accept.exception() is not None:
                 raise WorkerDied(await self._death(0))
+            self.sent = True
             comm = await open_pipe_comm(accept.result())
             supervisor = Supervisor(
                 self.plan,
