@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import operator
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable
@@ -53,9 +54,9 @@ class WorkflowRun:
         if not isinstance(graph, WorkflowGraph):
             hint = ": add it to a WorkflowGraph and run the graph" if isinstance(graph, PE) else ""
             raise GraphError(f"a run takes a WorkflowGraph, not {graph!r}{hint}")
-        if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
-            raise ValueError(f"workers must be a positive integer (None: the mapping's default), not {workers!r}")
-        if not max_delay >= 0:
+        if workers is not None:
+            workers = _positive_integer(workers)
+        if not isinstance(max_delay, (int, float)) or not max_delay >= 0:
             raise ValueError(f"max_delay must be a number of seconds, at least 0, not {max_delay!r}")
         self.mapping = resolve_mapping(mapping)
         options = self.mapping.plan_options(workers, batch_size, credits)
@@ -358,3 +359,18 @@ def loop_factory(use_uvloop: bool) -> Callable[[], asyncio.AbstractEventLoop] | 
         return None
     factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
     return factory
+
+
+def _positive_integer(workers: Any) -> int:
+    """``workers`` as an ``int`` (a numpy integer too), if it is a whole number of at least 1.
+
+    Raises:
+        ValueError: naming the value.
+    """
+    try:
+        count = operator.index(workers) if not isinstance(workers, bool) else 0
+    except TypeError:
+        count = 0
+    if count < 1:
+        raise ValueError(f"workers must be a positive integer (None: the mapping's default), not {workers!r}")
+    return count

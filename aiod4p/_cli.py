@@ -204,9 +204,14 @@ def entry() -> NoReturn:
     _open_standard_streams()
     status = main()
     try:
-        sys.stdout.flush()
-    except OSError:  # what failed to be written (a full disk) must not fail again at exit, with a traceback
+        sys.stdout.flush()  # a report still buffered (`aiod4p graph`'s line) may fail only now
+    except BrokenPipeError:
         _silence_stdout()
+    except OSError as exc:  # a full disk: said once, and not again at exit with a traceback
+        _silence_stdout()
+        if status == EXIT_OK:
+            print(f"aiod4p: error: cannot write to stdout: {exc.strerror or exc}", file=sys.stderr)
+            status = EXIT_ERROR
     if any(
         thread.is_alive() and not thread.daemon
         for thread in threading.enumerate()
@@ -230,10 +235,7 @@ def _open_standard_streams() -> None:
         try:
             os.fstat(fd)
         except OSError:
-            null = os.open(os.devnull, mode)
-            if null != fd:  # the lowest free number: it is fd, unless a lower one was closed too (opened first)
-                os.dup2(null, fd)
-                os.close(null)
+            os.open(os.devnull, mode)  # the lowest free number: fd, as the lower ones are open by now
             if getattr(sys, name) is None:
                 setattr(sys, name, open(fd, "r" if fd == 0 else "w", encoding="utf-8", closefd=False))  # noqa: SIM115
 
@@ -446,10 +448,11 @@ def _warn(args: argparse.Namespace, message: str) -> None:
 
 
 def _check_writable(path: str, what: str) -> None:
-    """Fail before the run if ``path`` cannot be written (without truncating it, nor leaving it created).
+    """Fail before the run if ``path`` cannot be written, neither changing it nor creating it.
 
-    A new file is created and removed at once: permissions alone do not tell (root on a file system that
-    refuses it anyway, such as /sys or an NFS share that squashes root).
+    Permissions alone do not tell (root on a file system that refuses it anyway, such as /sys or an NFS
+    share that squashes root): an existing file is opened for appending, and for a new one a file of
+    another name is created beside it and removed at once.
 
     Raises:
         Aiod4pError: naming the file and the reason.
@@ -457,22 +460,28 @@ def _check_writable(path: str, what: str) -> None:
     target = Path(path)
     if target.is_dir():
         reason = "it is a directory"
-    elif target.exists():
+    elif target.is_file():
+        reason = _refused(target, os.O_WRONLY | os.O_APPEND)
+    elif target.exists():  # a device or a pipe: opening it may wait, or act
         reason = "" if os.access(target, os.W_OK) else "Permission denied"
     elif not target.parent.is_dir():
         reason = "No such file or directory"
     else:
-        try:
-            os.close(os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
-        except FileExistsError:  # created meanwhile, by someone else: theirs
-            reason = ""
-        except OSError as exc:
-            reason = exc.strerror or str(exc)
-        else:
-            reason = ""
-            target.unlink()
+        probe = target.with_name(f".{target.name}.aiod4p-check-{os.getpid()}")
+        reason = _refused(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+        if not reason:
+            probe.unlink()
     if reason:
         raise Aiod4pError(f"cannot write {what} to {path}: {reason}")
+
+
+def _refused(path: Path, flags: int) -> str:
+    """Why ``path`` cannot be opened with ``flags`` (closed at once), or ``""`` if it can."""
+    try:
+        os.close(os.open(path, flags, 0o666))
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    return ""
 
 
 def _records(count: int) -> str:
@@ -531,8 +540,11 @@ async def _consume(
         def emit(record: ResultRecord) -> None:
             outcome.records += 1
             if out is not None:
-                with _writing_results(results_path):
+                try:
                     _write_record(out, record)
+                except OSError:
+                    with _writing_results(results_path):  # only once a write failed: it costs per record
+                        raise
             else:
                 grouped.setdefault((record.pe, record.port), []).append(record.data)
 
@@ -556,12 +568,13 @@ async def _consume(
         finally:
             if reader_gone is not None:
                 asyncio.get_running_loop().remove_reader(sys.stdout.fileno())
-        if out is None:
-            try:
-                with _writing_results(results_path):
+        try:
+            with _writing_results(results_path):
+                if out is None:
                     _print_results(grouped)
-            except BrokenPipeError:
-                return _stdout_closed()
+                sys.stdout.flush()  # what is still buffered may fail only now (a full disk)
+        except BrokenPipeError:
+            return _stdout_closed()
         return EXIT_OK
     finally:
         if out is not None and out is not sys.stdout:

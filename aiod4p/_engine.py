@@ -875,9 +875,9 @@ class _Actor(_Invoker):
             if route.deals:
                 # Dealt whole to the instance with the most room, not item by item in turn: an instance that
                 # gets through its items faster (on a worker of its own, beside no source) gets more of them.
-                # Only items that fit in any candidate's next batch: heavy items (a batch of one or a few), and
-                # the first batches (one item until measured), are still dealt in turn, so that every instance
-                # gets some of a few heavy items or of a short stream.
+                # Only items that fit in the next batch of any candidate compared: heavy items (a batch of one or
+                # a few), and the first batches (one item until measured), are still dealt in turn, so that every
+                # instance gets some of a few heavy items or of a short stream.
                 compared = route.candidates.compared()
                 if len(items) <= min(pending.limit for pending in compared):
                     self._add(max(compared, key=_room), items, owned, full)
@@ -917,8 +917,10 @@ class _Actor(_Invoker):
         """Send everything ``pendings`` hold, a batch to each in turn; with ``whole``, full batches only.
 
         A destination that has credit is never kept waiting behind one that
-        has none: the actor waits only when no channel can take a batch, and
-        without ``wait`` it does not wait at all (what it could not send stays
+        has none: the actor waits only when no channel can take a batch (for
+        a batch any instance may take, none of the instances compared: all of
+        them up to 16, else a window of 16 that moves on, see
+        :class:`_Candidates`), and without ``wait`` it does not wait at all (what it could not send stays
         in its pending). With ``whole``, what is left of a pending (fewer items
         than its limit) stays there, still listed as dirty, for the next batch
         to fill: a batch that a router split among several destinations would

@@ -32,35 +32,29 @@ def aiod4p_cli(
     env: Mapping[str, str] | None = None,
     input: str | None = None,
     timeout: float = 60,
+    one_cpu: bool = False,
 ) -> subprocess.CompletedProcess[str]:
     """Run ``python -m aiod4p ARGS`` to its end and return its exit status and output, as text.
 
     It runs in ``cwd`` (the repository by default) with ``env`` as its whole
-    environment (this process's by default), reading ``input`` on stdin.
+    environment (this process's by default), reading ``input`` on stdin; with
+    ``one_cpu``, it (and what it starts) may use one CPU only: ``aiod4p run``
+    then starts one worker.
     """
     return subprocess.run(
-        [*AIOD4P, *args], capture_output=True, text=True, timeout=timeout, cwd=cwd or ROOT, env=env, input=input
+        [*AIOD4P, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=cwd or ROOT,
+        env=env,
+        input=input,
+        preexec_fn=_on_one_cpu if one_cpu else None,
     )
 
 
 def _on_one_cpu() -> None:
     os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
-
-
-def aiod4p_cli_on_one_cpu(
-    *args: str, cwd: Path | None = None, env: Mapping[str, str] | None = None
-) -> subprocess.CompletedProcess[str]:
-    """As :func:`aiod4p_cli`, the process (and what it starts) allowed one CPU: ``aiod4p run`` then starts
-    one worker; ``env`` is added to this process's environment."""
-    return subprocess.run(
-        [*AIOD4P, *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        preexec_fn=_on_one_cpu,
-        cwd=cwd or ROOT,
-        env=None if env is None else {**os.environ, **env},
-    )
 
 
 def aiod4p_process(*args: str, cwd: Path | None = None, env: Mapping[str, str] | None = None) -> subprocess.Popen[str]:

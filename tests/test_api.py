@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Mapping
 
+import numpy as np
 import pytest
 import workflows as wf
 
@@ -196,6 +197,11 @@ def test_workers_that_are_not_a_positive_integer_are_refused(mapping: str, worke
         aiod4p.run(graph, 1, mapping=mapping, workers=workers)
 
 
+def test_workers_given_as_a_numpy_integer_are_taken() -> None:
+    graph, _ = wf.pipeline(1)
+    assert aiod4p.run(graph, 3, mapping="async", workers=np.int64(2)).data()
+
+
 @pytest.mark.parametrize(
     ("graph", "options", "error", "message"),
     [
@@ -203,6 +209,7 @@ def test_workers_that_are_not_a_positive_integer_are_refused(mapping: str, worke
         (None, {}, GraphError, "a run takes a WorkflowGraph, not None"),
         (WorkflowGraph(), {"mapping": None}, MappingUnavailable, "mapping must be a mapping's name .* not None"),
         (WorkflowGraph(), {"max_delay": -1}, ValueError, "max_delay must be .* at least 0, not -1"),
+        (WorkflowGraph(), {"max_delay": None}, ValueError, "max_delay must be .* at least 0, not None"),
     ],
 )
 def test_bad_run_arguments_are_named(

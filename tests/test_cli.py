@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import AIOD4P, TIMES10_FLOW, aiod4p_cli_on_one_cpu, aiod4p_process, json_lines, numbers_flow
+from helpers import AIOD4P, TIMES10_FLOW, aiod4p_process, json_lines, numbers_flow
 from helpers import aiod4p_cli as aiod4p
 
 import aiod4p as aiod4p_package
@@ -276,14 +276,14 @@ def test_at_most_one_worker_per_cpu_on_this_machine(mapping: str, workflow_file:
     """
     stats = tmp_path / "stats.json"
     run = ("run", str(workflow_file), "-m", mapping, "-i", "4", "--stats-json", str(stats))
-    done = aiod4p_cli_on_one_cpu(*run, "-n", "3")
+    done = aiod4p(*run, "-n", "3", one_cpu=True)
     assert done.returncode == 0, done.stderr
     assert (
         "aiod4p: warning: -n 3: 1 CPU available, so 1 worker process (more would only compete for them;"
         " --oversubscribe starts 3)" in done.stderr.splitlines()
     )
     assert json.loads(stats.read_text())["workers"] == 1
-    over = aiod4p_cli_on_one_cpu(*run, "-n", "3", "--oversubscribe")
+    over = aiod4p(*run, "-n", "3", "--oversubscribe", one_cpu=True)
     assert over.returncode == 0 and "warning" not in over.stderr, over.stderr
     assert json.loads(stats.read_text())["workers"] == 3
 
@@ -306,11 +306,11 @@ def test_results_into_a_pipe_keep_stdout_blocking(tmp_path: Path, mapping: str) 
 
 def test_graph_draws_the_workers_run_would_start(workflow_file: Path, tmp_path: Path) -> None:
     drawing = tmp_path / "flow.dot"
-    capped = aiod4p_cli_on_one_cpu("graph", str(workflow_file), "-m", "multi", "-n", "3", "-o", str(drawing))
+    capped = aiod4p("graph", str(workflow_file), "-m", "multi", "-n", "3", "-o", str(drawing), one_cpu=True)
     assert capped.returncode == 0 and "so 1 worker process" in capped.stderr, capped.stderr
     assert " on worker" not in drawing.read_text()  # one worker: no placement to show
-    over = aiod4p_cli_on_one_cpu(
-        "graph", str(workflow_file), "-m", "multi", "-n", "3", "--oversubscribe", "-o", str(drawing)
+    over = aiod4p(
+        "graph", str(workflow_file), "-m", "multi", "-n", "3", "--oversubscribe", "-o", str(drawing), one_cpu=True
     )
     assert over.returncode == 0 and "warning" not in over.stderr, over.stderr
     assert "workers 0-2" in drawing.read_text()
@@ -320,10 +320,9 @@ def test_graph_draws_the_workers_run_would_start(workflow_file: Path, tmp_path: 
 def test_mpi_ranks_on_named_hosts_are_not_capped(workflow_file: Path, tmp_path: Path) -> None:
     stats, hosts = tmp_path / "stats.json", tmp_path / "hosts"
     hosts.write_text("localhost:2\n")
-    spread = aiod4p_cli_on_one_cpu(
+    spread = aiod4p(
         "run", str(workflow_file), "-m", "mpi", "-n", "2", "-i", "4", "--stats-json", str(stats),
-        env={"AIOD4P_MPIEXEC_ARGS": f"-f {hosts}"},
-    )  # fmt: skip
+        env={**os.environ, "AIOD4P_MPIEXEC_ARGS": f"-f {hosts}"}, one_cpu=True)  # fmt: skip
     assert spread.returncode == 0 and "warning" not in spread.stderr, spread.stderr
     assert json.loads(stats.read_text())["workers"] == 2
 
@@ -353,12 +352,13 @@ def test_oversubscribe_on_a_mapping_that_does_not_cap_workers_gives_a_warning(wo
 )
 @pytest.mark.parametrize(
     "where",
-    ["/no/such/dir/out.json", "{tmp}", "/sys/aiod4p-out.json"],
-    ids=["missing-dir", "a-directory", "refused-by-the-file-system"],
+    ["/no/such/dir/out.json", "{tmp}", "/sys/aiod4p-out.json", "/sys/kernel/uevent_seqnum"],
+    ids=["missing-dir", "a-directory", "refused-by-the-file-system", "an-existing-file-refused-by-the-file-system"],
 )
 def test_output_paths_are_checked_before_the_run(tmp_path: Path, option: str, what: str, where: str) -> None:
     """Nothing is run (the workflow file is not even imported) when an output cannot be written; also where
-    the permissions say yes but the file system says no (/sys, for root too: a new file is tried)."""
+    the permissions say yes but the file system says no (/sys, for root too: the file is opened, or a new
+    one tried beside it)."""
     marker = tmp_path / "imported"
     flow = tmp_path / "marking.py"
     flow.write_text(f"from pathlib import Path\nPath({str(marker)!r}).touch()\n" + WORKFLOW)
@@ -391,24 +391,38 @@ def test_results_file_ends_with_a_summary_unless_quiet(workflow_file: Path, tmp_
     assert to_stdout.stderr == ""
 
 
+# stdout buffered, as it is by default: what is still buffered at the end must fail alike
+BUFFERED = {name: value for name, value in os.environ.items() if name != "PYTHONUNBUFFERED"}
+
+
 @pytest.mark.parametrize(
-    ("mapping", "results"), [("simple", "-"), ("simple", None), ("simple", "/dev/full"), ("multi", "/dev/full")]
+    ("mapping", "results", "items"),
+    [
+        ("simple", "-", 100_000),
+        ("simple", None, 100_000),
+        ("simple", "/dev/full", 100_000),
+        ("multi", "/dev/full", 100_000),
+        ("simple", "-", 5),
+        ("simple", None, 5),
+    ],
 )
 def test_results_that_cannot_be_written_fail_the_run_with_one_line(
-    mapping: str, results: str | None, tmp_path: Path
+    mapping: str, results: str | None, items: int, tmp_path: Path
 ) -> None:
     """A full disk (``/dev/full``) under ``--results FILE``, ``--results -`` or the printed results: exit 1 and
-    ``aiod4p: error: cannot write results to ...``, not a traceback."""
+    ``aiod4p: error: cannot write results to ...``, not a traceback; also when the results are few enough to
+    stay in stdout's buffer until the end."""
     flow = tmp_path / "flow.py"
     flow.write_text(TIMES10_FLOW)
     options = ["--results", results] if results is not None else []
     with open("/dev/full", "w") as full:
         done = subprocess.run(
-            [*AIOD4P, "run", str(flow), "-m", mapping, "-i", "100000", "-q", *options],
+            [*AIOD4P, "run", str(flow), "-m", mapping, "-i", str(items), "-q", *options],
             stdout=full,
             stderr=subprocess.PIPE,
             text=True,
             timeout=60,
+            env=BUFFERED,
         )
     where = "/dev/full" if results == "/dev/full" else "stdout"
     assert done.returncode == 1
@@ -425,7 +439,9 @@ def test_a_report_to_a_full_stdout_is_one_line_of_error(tmp_path: Path, command:
         "graph": ["graph", str(flow), "-o", str(tmp_path / "flow.dot")],
     }[command]
     with open("/dev/full", "w") as full:
-        done = subprocess.run([*AIOD4P, *args], stdout=full, stderr=subprocess.PIPE, text=True, timeout=60)
+        done = subprocess.run(
+            [*AIOD4P, *args], stdout=full, stderr=subprocess.PIPE, text=True, timeout=60, env=BUFFERED
+        )
     assert done.returncode == 1
     lines = done.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith("aiod4p: error: ") and "No space left on device" in lines[0]

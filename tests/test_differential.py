@@ -25,7 +25,7 @@ from typing import Any
 
 import pytest
 from conftest import MappingCase
-from helpers import aiod4p_cli, aiod4p_cli_on_one_cpu
+from helpers import aiod4p_cli
 
 import aiod4p
 from aiod4p import compat
@@ -667,7 +667,7 @@ def test_an_ungrouped_stateful_pe_under_n_on_fewer_cpus(name: str, tmp_path: Pat
     path = flow(tmp_path, COUNTING_FLOW)
     _, counts = dispel4py_multi_counts(path, 4)
     out = tmp_path / "out.jsonl"
-    done = aiod4p_cli_on_one_cpu("run", path, "-m", name, "-n", "4", "-i", "6", "--results", str(out))
+    done = aiod4p_cli("run", path, "-m", name, "-n", "4", "-i", "6", "--results", str(out), one_cpu=True)
     assert done.returncode == 0, done.stderr
     assert "so 1 worker process" in done.stderr
     assert sorted(records["data"] for records in map(json.loads, out.read_text().splitlines())) == sorted(counts)

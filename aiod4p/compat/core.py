@@ -93,7 +93,7 @@ class GenericPE(_CoreGenericPE):
     @property
     def label(self) -> Any:
         """The PE's own ``label`` once it assigns one (``self.label = ...``); else aiod4p's: its id, else its name."""
-        return self.__dict__.get(_OWN_LABEL, self.id or self.name)
+        return self.__dict__[_OWN_LABEL] if _OWN_LABEL in self.__dict__ else super().label
 
     @label.setter
     def label(self, value: Any) -> None:
@@ -102,9 +102,7 @@ class GenericPE(_CoreGenericPE):
     @property
     def instance(self) -> Any:
         """The PE's own ``instance`` once it assigns one; else aiod4p's: this running instance's index."""
-        if _OWN_INSTANCE in self.__dict__:
-            return self.__dict__[_OWN_INSTANCE]
-        return self._runtime.instance if self._runtime is not None else 0
+        return self.__dict__[_OWN_INSTANCE] if _OWN_INSTANCE in self.__dict__ else super().instance
 
     @instance.setter
     def instance(self, value: Any) -> None:

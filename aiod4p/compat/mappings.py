@@ -106,7 +106,10 @@ def entry_points(mapping: str) -> dict[str, Any]:
     def process_and_return_on(workflow: Any, inputs: Any, resultmappings: Any = None) -> Outputs:
         return process_and_return(workflow, inputs, resultmappings, mapping=mapping)
 
-    process_on.__doc__ = f"Run ``workflow`` on aiod4p's {mapping} mapping and print its inputs and outputs."
+    process_on.__doc__ = (
+        f"Run ``workflow`` on aiod4p's {mapping} mapping and print its inputs and outputs"
+        " (or return the results queue, as :func:`process` says)."
+    )
     process_and_return_on.__doc__ = f"Run ``workflow`` on aiod4p's {mapping} mapping and return its outputs."
     process_on.__name__, process_and_return_on.__name__ = "process", "process_and_return"
     names: dict[str, Any] = {"process": process_on, "process_and_return": process_and_return_on}
