@@ -29,6 +29,7 @@ from ._results import ResultRecord, record_line
 from ._signals import Interrupts, Stopped
 from ._stats_report import StatsSampler, report_stats
 from ._visual import draw, draw_dot
+from .compat.processor import MOST_SHARED_PROCESSES
 from .errors import Aiod4pError
 from .mappings import MAPPINGS, BaseMapping, get_mapping
 from .mappings._base import available_cpus
@@ -401,16 +402,23 @@ def _run(args: argparse.Namespace) -> int:
 def _cap_workers(args: argparse.Namespace, mapping: BaseMapping) -> None:
     """At most one worker per CPU where the workers share this machine's CPUs, unless ``--oversubscribe``.
 
-    dispel4py's rule still shares out the ``-n`` asked for (``mapping.processes``): a dispel4py graph's
-    instance counts, and so its results, do not depend on the machine's CPUs.
+    dispel4py's rule still shares out the ``-n`` asked for (``mapping.processes``), up to
+    ``MOST_SHARED_PROCESSES``: a dispel4py graph's instance counts, and so its results, do not depend on
+    the machine's CPUs.
     """
     if mapping.shares_cpus and args.num is not None and not args.oversubscribe and args.num > available_cpus():
         cpus = available_cpus()
-        mapping.processes = args.num
+        mapping.processes = min(args.num, MOST_SHARED_PROCESSES)
+        shared = (
+            f"; a dispel4py graph's instances are shared out as dispel4py does for -n {MOST_SHARED_PROCESSES}"
+            if args.num > MOST_SHARED_PROCESSES
+            else ""
+        )
         _warn(
             args,
             f"-n {args.num}: {cpus} CPU{'s' if cpus > 1 else ''} available, so {cpus} worker process"
-            f"{'es' if cpus > 1 else ''} (more would only compete for them; --oversubscribe starts {args.num})",
+            f"{'es' if cpus > 1 else ''} (more would only compete for them; --oversubscribe starts {args.num})"
+            + shared,
         )
         args.num = cpus
 

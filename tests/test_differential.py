@@ -30,6 +30,7 @@ from helpers import aiod4p_cli
 import aiod4p
 from aiod4p import compat
 from aiod4p._inputs import parse_cli_inputs
+from aiod4p.compat.processor import MOST_SHARED_PROCESSES
 from aiod4p.errors import PEError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -671,6 +672,16 @@ def test_an_ungrouped_stateful_pe_under_n_on_fewer_cpus(name: str, tmp_path: Pat
     assert done.returncode == 0, done.stderr
     assert "so 1 worker process" in done.stderr
     assert sorted(records["data"] for records in map(json.loads, out.read_text().splitlines())) == sorted(counts)
+
+
+def test_a_dispel4py_graph_under_a_huge_n_shares_out_a_bounded_number_of_processes(tmp_path: Path) -> None:
+    # `-n 20000` on one CPU: dispel4py's rule shares out MOST_SHARED_PROCESSES, not 20,000 (round-robin
+    # edges join every instance to every next one: two PEs of 5,000 instances took 8 GB and were killed).
+    path, drawing = flow(tmp_path, COUNTING_FLOW), tmp_path / "g.dot"
+    done = aiod4p_cli("graph", path, "-m", "multi", "-n", "20000", "-o", str(drawing), one_cpu=True)
+    assert done.returncode == 0, done.stderr
+    assert f"shared out as dispel4py does for -n {MOST_SHARED_PROCESSES}" in done.stderr
+    assert f"Count · ×{MOST_SHARED_PROCESSES - 1}<" in drawing.read_text()  # int(1 * (1024 - 1) / (2 - 1))
 
 
 def test_a_tutorial_module_that_runs_itself_at_import(tmp_path: Path) -> None:

@@ -20,7 +20,13 @@ from .._graph import FlatGraph
 from .._inputs import parse_cli_inputs
 from .._pe import PE
 
+#: The most processes dispel4py's rule shares out among a graph's PEs beyond the workers that start
+#: (``aiod4p run`` starts one per CPU): an edge dealt round robin joins every instance to every instance
+#: after it, so ``-n 10000`` would take gigabytes (dispel4py itself would start 10,000 processes).
+MOST_SHARED_PROCESSES = 1024
+
 __all__ = [
+    "MOST_SHARED_PROCESSES",
     "STATUS",
     "STATUS_ACTIVE",
     "STATUS_INACTIVE",
