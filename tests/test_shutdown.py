@@ -241,9 +241,9 @@ async def main(signals):
     signals.attach(Run(), asyncio.current_task())
     os.kill(os.getpid(), signal.SIGINT)
     try:
-        await asyncio.sleep(60)
+        await asyncio.Event().wait()  # until the first signal cancels it
     except asyncio.CancelledError:
-        await asyncio.sleep(60)  # the clean-up: longer than the watchdog's grace
+        await asyncio.Event().wait()  # the clean-up, which never ends: the watchdog ends it
 
 with Interrupts(130, produced=lambda: "7 records") as signals:
     asyncio.run(main(signals))

@@ -175,7 +175,7 @@ class YieldsThenAwaitsACancelledTask(ProducerPE):
 
 
 async def _a_cancelled_task() -> None:
-    task = asyncio.create_task(asyncio.sleep(60))
+    task = asyncio.create_task(asyncio.Event().wait())
     task.cancel()
     await task
 
