@@ -917,14 +917,14 @@ class _Actor(_Invoker):
         """Send everything ``pendings`` hold, a batch to each in turn; with ``whole``, full batches only.
 
         A destination that has credit is never kept waiting behind one that
-        has none: the actor waits only when no channel can take a batch (for
-        a batch any instance may take, none of the instances compared: all of
-        them up to 16, else a window of 16 that moves on, see
-        :class:`_Candidates`), and without ``wait`` it does not wait at all (what it could not send stays
-        in its pending). With ``whole``, what is left of a pending (fewer items
-        than its limit) stays there, still listed as dirty, for the next batch
-        to fill: a batch that a router split among several destinations would
-        otherwise leave a small remainder to go out alone after every full batch.
+        has none: the actor waits only when no channel can take a batch (for a
+        batch any instance may take: none of the instances compared, see
+        :class:`_Candidates`), and without ``wait`` it does not wait at all
+        (what it could not send stays in its pending). With ``whole``, what is
+        left of a pending (fewer items than its limit) stays there, still listed
+        as dirty, for the next batch to fill: a batch that a router split among
+        several destinations would otherwise leave a small remainder to go out
+        alone after every full batch.
         """
         if whole:
             waiting = [pending for pending in pendings if len(pending.items) >= pending.limit]
