@@ -26,6 +26,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import errno
 import fcntl
@@ -456,6 +457,97 @@ class ResultsLog:
         self._out.close()
 
 
+class HeldResults:
+    """The run's results sink under ``--restarts``: each result is handed on once a checkpoint that
+    commits it has completed, so that a restart, which produces again what followed the checkpoint it
+    resumes from, never hands a result on twice.
+
+    The results emitted until checkpoint ``n`` commits them (:meth:`seal`) wait for ``n`` to complete
+    (:meth:`complete`); :meth:`deliver`, a task of its own, hands them on in order. :meth:`emit` waits
+    while more than ``backlog`` results are ready for a slow ``sink`` (back-pressure), never on a
+    checkpoint. At a restart, :meth:`discard` drops those no complete checkpoint commits; when the run
+    is over, :meth:`finish` hands on all the others.
+    """
+
+    def __init__(self, sink: ResultSink, backlog: int) -> None:
+        self._sink = sink
+        self._backlog = backlog
+        self._open: list[tuple[str, str, list[Any]]] = []
+        self._sealed: list[tuple[int, list[tuple[str, str, list[Any]]]]] = []
+        self._ready: collections.deque[tuple[str, str, list[Any]]] = collections.deque()
+        self._waiting = 0  # the items in ``_ready``
+        self._room = asyncio.Event()
+        self._room.set()
+        self._filled = asyncio.Event()
+        self._emptied = asyncio.Event()
+        self._emptied.set()
+        self._failure: Exception | None = None
+
+    async def emit(self, pe: str, port: str, items: list[Any]) -> None:
+        """Hold ``items``; raises what the sink raised, once it did."""
+        await self._room.wait()
+        if self._failure is not None:
+            raise self._failure
+        self._open.append((pe, port, items))
+
+    def seal(self, n: int) -> None:
+        """Checkpoint ``n`` commits every result emitted so far."""
+        self._sealed.append((n, self._open))
+        self._open = []
+
+    def complete(self, n: int) -> None:
+        """Checkpoint ``n`` is complete: what it commits is ready."""
+        while self._sealed and self._sealed[0][0] <= n:
+            self._make_ready(self._sealed.pop(0)[1])
+
+    async def finish(self) -> None:
+        """The run is over: hand every result held on (the run will not produce them again), and wait until
+        :meth:`deliver` did; raises what the sink raised, if it did."""
+        if self._failure is not None:
+            raise self._failure
+        for _, batches in self._sealed:
+            self._make_ready(batches)
+        self._make_ready(self._open)
+        self._sealed, self._open = [], []
+        await self._emptied.wait()
+        if self._failure is not None:
+            raise self._failure
+
+    def discard(self) -> None:
+        """A restart: drop what no complete checkpoint commits (the restarted run produces it again)."""
+        self._sealed, self._open = [], []
+
+    async def deliver(self) -> None:
+        """Hand the ready results on, in order; runs until cancelled, or until the sink raises (the
+        failure is raised by the next :meth:`emit` and by :meth:`finish`)."""
+        while True:
+            await self._filled.wait()
+            pe, port, items = self._ready[0]
+            try:
+                await self._sink.emit(pe, port, items)
+            except Exception as exc:
+                self._failure = exc
+                self._room.set()
+                self._emptied.set()
+                return
+            self._ready.popleft()
+            self._waiting -= len(items)
+            if self._waiting <= self._backlog:
+                self._room.set()
+            if not self._ready:
+                self._filled.clear()
+                self._emptied.set()
+
+    def _make_ready(self, batches: list[tuple[str, str, list[Any]]]) -> None:
+        if batches:
+            self._ready.extend(batches)
+            self._waiting += sum(len(items) for _, _, items in batches)
+            self._filled.set()
+            self._emptied.clear()
+            if self._waiting > self._backlog:
+                self._room.clear()
+
+
 def _open_results(path: str, offset: int | None, checkpoint: str) -> TextIO:
     """``path`` open for writing at ``offset`` (truncated there), or empty with no offset (see :class:`ResultsLog`).
 
@@ -503,15 +595,23 @@ class Coordinator:
         interval: seconds between a checkpoint's completion and the next trigger.
         first: the id of the checkpoint the run started from (0: none).
         results: the results file, committed with every checkpoint, if any.
+        held: the results held until a checkpoint commits them (with ``--restarts``), if any.
     """
 
     def __init__(
-        self, store: CheckpointStore, plan: ExecutionPlan, interval: float, first: int, results: ResultsLog | None
+        self,
+        store: CheckpointStore,
+        plan: ExecutionPlan,
+        interval: float,
+        first: int,
+        results: ResultsLog | None,
+        held: HeldResults | None = None,
     ) -> None:
         self.store = store
         self.plan = plan
         self.interval = interval
         self.results = results
+        self.held = held
         self.expected = {(ref.pe, ref.index) for ref in plan.instances()}
         self.next_id = max([first, *store.ids()]) + 1
         self.first_of_run = self.next_id
@@ -547,6 +647,8 @@ class Coordinator:
     async def commit_results(self, n: int) -> None:
         """Every result written before barrier ``n`` has been delivered: commit them with ``n``."""
         self._offsets[n] = self.results.commit() if self.results is not None else None
+        if self.held is not None:
+            self.held.seal(n)
         self._maybe_complete(n)
 
     def _maybe_complete(self, n: int) -> None:
@@ -566,6 +668,8 @@ class Coordinator:
         self.store.commit(n, manifest)
         del self._parts[n], self._offsets[n]
         self.completed.append(n)
+        if self.held is not None:
+            self.held.complete(n)
         seconds = time.perf_counter() - self._started.pop(n, time.perf_counter())
         size = sum(part["size"] for part in parts.values())
         logger.info("checkpoint %d complete in %.3f s, %d bytes", n, seconds, size)
@@ -968,6 +1072,9 @@ class Session:
         return [(pe, wid, resumed_feed(feed, states[InstanceRef(pe, 0)]["feed"])) for pe, wid, feed in pumped]
 
 
+HELD_BACKLOG = 65_536
+"""Results ready for a slow reader beyond which a run under ``--restarts`` waits for it (:class:`HeldResults`)."""
+
 RESTARTED = (WorkerDied, PeerDied)
 """Failures after which ``--restarts`` restarts a run (a PE's own error is not retried)."""
 
@@ -986,6 +1093,11 @@ async def run_with_recovery(
     and what the run had accepted after it would be lost. The run fails instead; ``--restore`` resumes it
     from that checkpoint.
 
+    With ``restarts``, ``sink`` gets each result once a checkpoint that commits it is complete
+    (:class:`HeldResults`), and every result when the run ends, however it ends but cancelled: a restart
+    produces again what followed its checkpoint, and ``sink`` still gets each result once. (The
+    ``--results`` file is written at once, and truncated to the checkpoint by a restart.)
+
     The run holds the directory's lock (:meth:`CheckpointStore.locked`) from before its first attempt to
     the end of its last one: another run cannot use the directory meanwhile; its own restarts do.
 
@@ -997,6 +1109,32 @@ async def run_with_recovery(
     """
     if config.restore and not os.path.lexists(config.directory):  # noqa: ASYNC240 - one stat, instant
         raise CheckpointError(f"--restore: no complete checkpoint in {config.directory}: the directory does not exist")
+    if not config.restarts:
+        return await _attempts(config, plan, feeds, sink, attempt, draining, None)
+    held = HeldResults(sink, HELD_BACKLOG)
+    delivering = asyncio.create_task(held.deliver(), name="results of complete checkpoints")
+    try:
+        try:
+            stats = await _attempts(config, plan, feeds, held, attempt, draining, held)
+        except Exception:
+            await held.finish()  # a failed run hands on what it produced, as its --results file holds it
+            raise
+        await held.finish()
+        return stats
+    finally:
+        delivering.cancel()
+
+
+async def _attempts(
+    config: Checkpointing,
+    plan: ExecutionPlan,
+    feeds: Mapping[str, Feed],
+    sink: ResultSink,
+    attempt: Callable[[Session], Awaitable[list[InstanceStats]]],
+    draining: Callable[[], bool],
+    held: HeldResults | None,
+) -> list[InstanceStats]:
+    """The attempts of :func:`run_with_recovery`: results go to ``sink`` (``held`` when it is given)."""
     store = CheckpointStore(config.directory, config.keep)
     with store.locked():
         for pe_id in unreplayable(plan, feeds):
@@ -1023,7 +1161,7 @@ async def run_with_recovery(
                 if config.results_path is not None
                 else None
             )
-            coordinator = Coordinator(store, plan, config.interval, restored.id if restored else 0, log)
+            coordinator = Coordinator(store, plan, config.interval, restored.id if restored else 0, log, held)
             if restarts == 0 and not config.restore:
                 since = coordinator.first_of_run  # a restart never takes an older run's checkpoint
             try:
@@ -1044,6 +1182,8 @@ async def run_with_recovery(
                     ) from exc
                 restarts += 1
                 restore = True
+                if held is not None:
+                    held.discard()
                 # Its text, not the error: a handler that keeps its records (pytest's) would keep the error's
                 # traceback, and with it the frames of the attempt that ended, its workers' comms and buffers.
                 logger.warning("restart %d of %d after: %s", restarts, config.restarts, str(exc))

@@ -394,7 +394,7 @@ def _run(args: argparse.Namespace) -> int:
         )
     elif status == EXIT_ABORTED:
         return _aborted(signals.signum, outcome.records, "")
-    if status == EXIT_OK and results not in (None, "-", os.devnull) and not args.quiet:
+    if status == EXIT_OK and args.results not in (None, "-", os.devnull) and not args.quiet:
         print(f"aiod4p: {_records(outcome.records)} in {workflow.elapsed:.1f} s -> {args.results}", file=sys.stderr)
     return status
 

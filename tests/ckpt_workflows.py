@@ -303,3 +303,36 @@ def held_word_count_module(words: str | os.PathLike[str], checkpoints: str | os.
     """The text of a workflow module for ``aiod4p run``: :func:`held_word_count`."""
     arguments = f"{os.fspath(words)!r}, {os.fspath(checkpoints)!r}"
     return f"from ckpt_workflows import held_word_count\n\ngraph = held_word_count({arguments})\n"
+
+
+class Echo(IterativePE):
+    """Hands each line on as a result at once; every 100 lines, a worker of a kill plan may die (the kill
+    plan's moments count 1,000 per 100 lines here)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen = 0
+
+    def preprocess(self) -> None:
+        _note_birth()
+
+    def process_item(self, line: str) -> str:
+        self.seen += 1
+        if self.seen % 100 == 0:
+            _maybe_kill()
+        return line
+
+
+def held_echo(words: str | os.PathLike[str], checkpoints: str | os.PathLike[str]) -> WorkflowGraph:
+    """The lines of ``words``, each a result as soon as it is read (held as :func:`held_word_count` holds them)."""
+    graph = WorkflowGraph()
+    lines, echo = HeldLines(words, until=NextCheckpoint(checkpoints), hold_after=100), Echo()
+    lines.id, echo.id = "lines", "echo"
+    graph.connect(lines, "output", echo, "input")
+    return graph
+
+
+def held_echo_module(words: str | os.PathLike[str], checkpoints: str | os.PathLike[str]) -> str:
+    """The text of a workflow module for ``aiod4p run``: :func:`held_echo`."""
+    arguments = f"{os.fspath(words)!r}, {os.fspath(checkpoints)!r}"
+    return f"from ckpt_workflows import held_echo\n\ngraph = held_echo({arguments})\n"

@@ -36,6 +36,7 @@ from aiod4p._checkpoint import (
     CheckpointStore,
     Coordinator,
     Finals,
+    HeldResults,
     LauncherCheckpoints,
     ResultGate,
     Session,
@@ -813,3 +814,64 @@ def test_a_checkpoint_directory_that_is_a_file_is_named_so(tmp_path: Path) -> No
     taken.write_text("not a directory")
     with pytest.raises(CheckpointError, match=rf"cannot create checkpoint directory {taken}: it is a file"):
         CheckpointStore(taken)
+
+
+class _ListSink:
+    """A results sink that records what it gets; it can wait for ``gate`` before each batch, or raise ``fails``."""
+
+    def __init__(self, fails: Exception | None = None) -> None:
+        self.got: list[Any] = []
+        self.gate = asyncio.Event()
+        self.gate.set()
+        self.fails = fails
+        self.arrived = asyncio.Event()
+
+    async def emit(self, pe: str, port: str, items: list[Any]) -> None:
+        await self.gate.wait()
+        if self.fails is not None:
+            raise self.fails
+        self.got.extend(items)
+        self.arrived.set()
+
+
+async def test_held_results_reach_the_sink_once_their_checkpoint_completes() -> None:
+    sink = _ListSink()
+    held = HeldResults(sink, backlog=100)
+    delivering = asyncio.create_task(held.deliver())
+    async with asyncio.timeout(10):
+        await held.emit("pe", "output", [1, 2])
+        held.seal(1)
+        await held.emit("pe", "output", [3])
+        held.seal(2)
+        await held.emit("pe", "output", [4])
+        held.complete(1)
+        while len(sink.got) < 2:
+            await sink.arrived.wait()
+            sink.arrived.clear()
+        assert sink.got == [1, 2]  # checkpoint 2 did not complete: 3 waits, and 4 with it
+        held.discard()  # a restart: 3 and 4 are made again
+        await held.emit("pe", "output", [3, 4, 5])
+        await held.finish()
+    delivering.cancel()
+    assert sink.got == [1, 2, 3, 4, 5]
+
+
+async def test_held_results_wait_for_a_slow_reader_and_fail_with_its_failure() -> None:
+    sink = _ListSink()
+    sink.gate.clear()  # the reader does not read
+    held = HeldResults(sink, backlog=2)
+    delivering = asyncio.create_task(held.deliver())
+    async with asyncio.timeout(10):
+        await held.emit("pe", "output", [1, 2, 3])
+        held.seal(1)
+        held.complete(1)
+        blocked = asyncio.create_task(held.emit("pe", "output", [4]))
+        done, _ = await asyncio.wait({blocked}, timeout=0.05)
+        assert not done  # 3 results ready for a reader that takes none: the run waits (else it returns at once)
+        sink.fails = BrokenPipeError("the reader went away")
+        sink.gate.set()
+        with pytest.raises(BrokenPipeError):
+            await blocked
+        with pytest.raises(BrokenPipeError):
+            await held.finish()
+    assert delivering.done() and sink.got == []
