@@ -50,7 +50,7 @@ from ._plan import ExecutionPlan, InstanceRef
 from ._results import ResultRecord, ResultSink, record_line
 from ._state import capture, restore_state
 from ._threads import finished_in_thread
-from .errors import CheckpointError, PeerDied, TransportError, WorkerDied
+from .errors import CheckpointError, PeerDied, TransportError, WorkerDied, writing
 
 if TYPE_CHECKING:
     from ._engine import Feed, Worker, _Actor, _ReadAhead
@@ -431,10 +431,8 @@ class ResultsLog:
     def __init__(self, path: str, sink: ResultSink, offset: int | None, checkpoint: str = "the checkpoint") -> None:
         self.path = path
         self._sink = sink
-        try:
+        with writing("results", path, CheckpointError):
             self._out: TextIO = _open_results(path, offset, checkpoint)
-        except OSError as exc:
-            raise CheckpointError(f"cannot write results to {path}: {exc.strerror or exc}") from exc
 
     async def emit(self, pe: str, port: str, items: list[Any]) -> None:
         self._out.write("".join(record_line(ResultRecord(pe, port, item)) for item in items))
@@ -446,11 +444,9 @@ class ResultsLog:
         Raises:
             CheckpointError: it cannot be written (named, with the system's reason).
         """
-        try:
+        with writing("results", self.path, CheckpointError):
             self._out.flush()
             os.fsync(self._out.fileno())
-        except OSError as exc:
-            raise CheckpointError(f"cannot write results to {self.path}: {exc.strerror or exc}") from exc
         return self._out.tell()
 
     def close(self) -> None:

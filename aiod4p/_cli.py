@@ -11,7 +11,7 @@ import stat
 import sys
 import threading
 import traceback
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NoReturn, TextIO
 
@@ -30,7 +30,7 @@ from ._signals import Interrupts, Stopped
 from ._stats_report import StatsSampler, report_stats
 from ._visual import draw, draw_dot
 from .compat.processor import MOST_SHARED_PROCESSES
-from .errors import Aiod4pError
+from .errors import Aiod4pError, writing
 from .mappings import MAPPINGS, BaseMapping, get_mapping
 from .mappings._base import available_cpus
 from .sources import DEAD_LETTER, LINE_POLICIES, MAX_LINE_BYTES, LineStream
@@ -533,14 +533,13 @@ async def _consume(
     assert main_task is not None
     signals.attach(workflow, main_task)
     out: TextIO | None = None
+    where = "stdout" if results_path in (None, "-") else results_path
     try:
         if results_path == "-":
             out = sys.stdout
         elif results_path is not None:
-            try:
+            with writing("results", results_path):
                 out = open(results_path, "w", encoding="utf-8")  # noqa: SIM115, ASYNC230 - closed below; opening is instant
-            except OSError as exc:
-                raise Aiod4pError(f"cannot write results to {results_path}: {exc.strerror or exc}") from exc
         if out is not None:
             opened.append(out)
         grouped: dict[tuple[str, str], list[Any]] = {}
@@ -551,7 +550,7 @@ async def _consume(
                 try:
                     _write_record(out, record)
                 except OSError:
-                    with _writing_results(results_path):  # only once a write failed: it costs per record
+                    with writing("results", where):  # only once a write failed: it costs per record
                         raise
             else:
                 grouped.setdefault((record.pe, record.port), []).append(record.data)
@@ -577,7 +576,7 @@ async def _consume(
             if reader_gone is not None:
                 asyncio.get_running_loop().remove_reader(sys.stdout.fileno())
         try:
-            with _writing_results(results_path):
+            with writing("results", where):
                 if out is None:
                     _print_results(grouped)
                 sys.stdout.flush()  # what is still buffered may fail only now (a full disk)
@@ -586,7 +585,7 @@ async def _consume(
         return EXIT_OK
     finally:
         if out is not None and out is not sys.stdout:
-            with _writing_results(results_path):
+            with writing("results", where):
                 out.close()  # flushes: a full disk may fail only now
 
 
@@ -607,23 +606,6 @@ def _watch_reader(main_task: asyncio.Task[Any]) -> asyncio.Event | None:
     asyncio.get_running_loop().add_reader(fd, closed)
     os.set_blocking(fd, blocking)  # uvloop makes a watched fd non-blocking: writes to a full pipe would fail
     return gone
-
-
-@contextlib.contextmanager
-def _writing_results(path: str | None) -> Iterator[None]:
-    """Turn a failed write of the results (a full disk, an I/O error) into an :class:`Aiod4pError` naming
-    where they went, which fails the run (exit 1) rather than crashing with a traceback.
-
-    A ``BrokenPipeError`` passes through: the reader of stdout went away (exit 141).
-    """
-    try:
-        yield
-    except BrokenPipeError:
-        raise
-    except OSError as exc:
-        raise Aiod4pError(
-            f"cannot write results to {'stdout' if path in (None, '-') else path}: {exc.strerror or exc}"
-        ) from exc
 
 
 def _silence_stdout() -> None:

@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 from ._groupings import KeyRouter
 from ._install import install_hint
 from ._results import ResultSink
-from .errors import Aiod4pError
+from .errors import Aiod4pError, writing
 
 if TYPE_CHECKING:
     from prov.model import ProvDocument
@@ -401,14 +401,11 @@ def write_document(doc: ProvDocument, path: str) -> str:
         Aiod4pError: as :func:`check_provenance_file`, or the file cannot be written.
     """
     fmt = check_provenance_file(path)
-    try:
-        with open(path, "w", encoding="utf-8") as out:
-            if fmt == "provn":
-                out.write(doc.get_provn())
-            else:
-                doc.serialize(out, format=fmt)
-    except OSError as exc:
-        raise Aiod4pError(f"cannot write provenance to {path}: {exc.strerror or exc}") from exc
+    with writing("provenance", str(path)), open(path, "w", encoding="utf-8") as out:
+        if fmt == "provn":
+            out.write(doc.get_provn())
+        else:
+            doc.serialize(out, format=fmt)
     return path
 
 

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from ._plan import ExecutionPlan, worker_list
 from ._stats import InstanceStats
-from .errors import Aiod4pError
+from .errors import writing
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -173,18 +173,12 @@ def write_stats_json(path: str | Path, document: dict[str, Any]) -> None:
     """
     text = json.dumps(document, indent=2) + "\n"
     if str(path) == "-":
-        try:
+        with writing("statistics", "stdout"):
             sys.stdout.write(text)
             sys.stdout.flush()
-        except BrokenPipeError:  # the reader went away: the command's own status for that
-            raise
-        except OSError as exc:
-            raise Aiod4pError(f"cannot write statistics to stdout: {exc.strerror or exc}") from exc
         return
-    try:
+    with writing("statistics", str(path)):
         Path(path).write_text(text, encoding="utf-8")
-    except OSError as exc:
-        raise Aiod4pError(f"cannot write statistics to {path}: {exc.strerror or exc}") from exc
 
 
 class StatsSampler:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from ._graph import FlatGraph, WorkflowGraph
 from ._plan import ExecutionPlan, make_plan, worker_list
-from .errors import Aiod4pError
+from .errors import Aiod4pError, writing
 
 __all__ = ["GRAPHVIZ_FORMATS", "draw", "draw_dot", "render_dot", "to_dot"]
 
@@ -102,10 +102,8 @@ def draw_dot(text: str | Callable[[], str], path: str | Path, what: str = "a gra
     if callable(text):
         text = text()
     if suffix in DOT_SUFFIXES:
-        try:
+        with writing(what, str(path)):
             path.write_text(text, encoding="utf-8")
-        except OSError as exc:
-            raise Aiod4pError(f"cannot write {path}: {exc.strerror or exc}") from exc
         return path
     render_dot(text, suffix.lstrip("."), path)
     return path

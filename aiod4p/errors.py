@@ -1,10 +1,29 @@
 """The exceptions aiod4p raises: one tree rooted at :class:`Aiod4pError`.
 
-Errors from back ends (pipes, MPI, Storm) are mapped into this tree with
-``raise ... from exc``, so callers only ever need to catch these.
+::
+
+    Aiod4pError
+    ├── GraphError            the graph is invalid (a port, a cycle, an id, a grouping's key)
+    ├── InputError            the inputs of a run are invalid
+    ├── TargetError           a workflow file or module cannot be loaded
+    ├── MappingUnavailable    an unknown mapping, or one whose extra is not installed
+    ├── PEError               a PE raised (its id, instance, port or stage, traceback)
+    ├── WorkerDied            a worker process, MPI rank or Ray actor ended before the run
+    ├── CheckpointError       a checkpoint cannot be taken or restored
+    └── TransportError        a channel between workers failed
+        ├── ChannelClosed         this end was closed
+        ├── EndOfChannel          the peer closed cleanly (a normal event)
+        ├── PeerDied              the peer vanished
+        └── UnpicklableMessage    a message cannot be pickled (nothing was sent)
+
+Errors from back ends (pipes, MPI, Storm, Ray, the file system) are mapped into
+this tree with ``raise ... from exc``, so callers only ever need to catch these.
 """
 
 from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
 
 __all__ = [
     "Aiod4pError",
@@ -109,3 +128,18 @@ class WorkerDied(Aiod4pError):
 
 class CheckpointError(Aiod4pError):
     """A checkpoint cannot be taken or restored (unpicklable state, a plan that does not match)."""
+
+
+@contextlib.contextmanager
+def writing(what: str, where: str, error: type[Aiod4pError] = Aiod4pError) -> Iterator[None]:
+    """Turn a failed write of ``what`` to ``where`` (a full disk, an I/O error) into ``error``, naming both
+    and the system's reason: ``cannot write results to out.jsonl: No space left on device``.
+
+    A ``BrokenPipeError`` passes through: the reader went away, which a command reports by its own status.
+    """
+    try:
+        yield
+    except BrokenPipeError:
+        raise
+    except OSError as exc:
+        raise error(f"cannot write {what} to {where}: {exc.strerror or exc}") from exc
