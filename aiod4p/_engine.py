@@ -54,6 +54,7 @@ __all__ = ["Feed", "Worker"]
 
 Feed: TypeAlias = int | Iterable[Any] | AsyncIterable[Any]
 
+logger = logging.getLogger("aiod4p")
 pe_logger = logging.getLogger("aiod4p.pe")
 
 # How long the engine may hold the event loop before it lets other tasks run (the host's among them).
@@ -64,6 +65,9 @@ LONG_TURN = 2 * YIELD_SECONDS
 # With ``fixed_order``, the engine lets other tasks run after this many batches instead (batches in, and
 # batches that a long call writes): a count, not a time, so instances take turns in the same order on every run.
 YIELD_BATCHES = 16
+# A plain PE call that holds the caller's event loop this long in one go is logged (once per PE): nothing else
+# in that loop ran meanwhile, a service's tasks among them. asyncio's debug mode says so from 0.1 s; dask from 3 s.
+HELD_LOOP_WARNING = 1.0
 # How much each batch moves an instance's measured pace (an exponential moving average): start-up waits,
 # and a stretch held back by a stage downstream, are forgotten after a few dozen batches.
 PACE_WEIGHT = 0.25
@@ -689,9 +693,10 @@ class _Actor(_Invoker):
         runner = self.runner
         if runner is None:
             runner = self.runner = _CallGreenlet(_serve_calls)
-        self.writing_since = time.perf_counter()
+        self.writing_since = resumed = time.perf_counter()
         request = runner.switch(call)
         while request is not _DONE:
+            self._held_since(resumed)
             try:
                 if request is _ROUTE:
                     yield from self._route_written().__await__()
@@ -699,12 +704,31 @@ class _Actor(_Invoker):
                 else:
                     value = yield request
             except BaseException as exc:  # into the call: where it wrote, or where it awaits
+                resumed = time.perf_counter()
                 request = runner.throw(exc)
             else:
+                resumed = time.perf_counter()
                 request = runner.switch(value)
+        self._held_since(resumed)
         failure, runner.failure = runner.failure, None
         if failure is not None:
             raise failure
+
+    def _held_since(self, resumed: float) -> None:
+        """Log once per PE, where the worker runs in the caller's event loop, that the PE's calls resumed at
+        ``resumed`` held it for :data:`HELD_LOOP_WARNING` seconds or more in one go."""
+        held = time.perf_counter() - resumed
+        if held >= HELD_LOOP_WARNING and self.worker.shares_loop and self.ref.pe not in self.worker.held_loop:
+            self.worker.held_loop.add(self.ref.pe)
+            logger.warning(
+                "PE %s held the event loop for %.1f s in one go: nothing else in this loop ran meanwhile (its"
+                " other PEs, and the tasks of a program that embeds the run). A PE that blocks (on I/O, a sleep, a"
+                " long computation) belongs in a thread: threaded = True, or aiod4p run --threaded %s"
+                " (docs/engine.md); or make it async def. Logged once per PE.",
+                self.ref.pe,
+                held,
+                self.ref.pe,
+            )
 
     # -- threaded calls --------------------------------------------------------
     async def _handle_in_thread(self, port: str | None, items: list[Any]) -> None:
@@ -1168,6 +1192,9 @@ class Worker:
             rather than every :data:`YIELD_SECONDS`; batch sizes are counts
             (never the measured time per item); partly filled batches are
             flushed when the worker gives way, not after ``max_delay``.
+        shares_loop: the worker runs in the caller's event loop (the simple and
+            async mappings): a PE whose call holds it for
+            :data:`HELD_LOOP_WARNING` seconds or more is logged, once.
 
     The engine shares its event loop: however busy, it lets the loop's other
     tasks run at least every :data:`YIELD_SECONDS` (checked once per batch,
@@ -1190,9 +1217,12 @@ class Worker:
         peers: Mapping[int, Comm] | None = None,
         max_delay: float = 0.005,
         fixed_order: bool = False,
+        shares_loop: bool = False,
     ) -> None:
         self.plan = plan
         self.fixed_order = fixed_order
+        self.shares_loop = shares_loop
+        self.held_loop: set[str] = set()  # the PEs logged for holding the loop (see _Actor._held_since)
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._handovers: set[concurrent.futures.Future[None]] = set()
         self._aborting = False

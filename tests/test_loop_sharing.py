@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from collections.abc import Iterator
 
@@ -91,3 +92,39 @@ async def test_a_host_timer_due_during_a_pe_call_runs_as_soon_as_the_call_ends()
             calls_while_waiting.append(busy.progress.calls - before)
         await run
     assert max(calls_while_waiting) <= 1, calls_while_waiting
+
+
+class Blocks(IterativePE):
+    """Holds its thread (the event loop's, unless threaded) for ``seconds`` per item."""
+
+    def __init__(self, seconds: float, threaded: bool = False) -> None:
+        super().__init__()
+        self.seconds = seconds
+        self.threaded = threaded
+
+    def process_item(self, item: int) -> int:
+        time.sleep(self.seconds)  # ok-sleep: a PE that blocks its thread on purpose
+        return item
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("mapping", ["simple", "async"])
+async def test_a_pe_that_holds_the_loop_is_logged_once(
+    mapping: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A service saw its loop stop for as long as a blocking PE's call, and nothing said why."""
+    monkeypatch.setattr("aiod4p._engine.HELD_LOOP_WARNING", 0.05)
+    for threaded in (False, True):
+        graph = WorkflowGraph()
+        graph.connect(wf.Range(3), "output", blocks := Blocks(0.06, threaded), "input")
+        blocks.id = "blocks"
+        caplog.clear()
+        async with asyncio.timeout(20):
+            got = await aiod4p.run_async(graph, 1, mapping=mapping)
+        assert len(got) == 3
+        held = [r.getMessage() for r in caplog.records if "held the event loop" in r.getMessage()]
+        if threaded:
+            assert held == []  # its calls hold a thread of the pool, never the loop
+        else:
+            assert len(held) == 1 and re.match(r"PE blocks held the event loop for \d+\.\d s in one go", held[0])
+            assert "threaded = True, or aiod4p run --threaded blocks" in held[0]

@@ -34,7 +34,9 @@ class AsyncMapping(BaseMapping):
         max_delay: float,
     ) -> list[InstanceStats]:
         async def attempt(sink: ResultSink, session: Session | None) -> list[InstanceStats]:
-            worker = Worker(plan, 0, feeds=feeds, results=sink, max_delay=max_delay, fixed_order=self.fixed_order)
+            worker = Worker(
+                plan, 0, feeds=feeds, results=sink, max_delay=max_delay, fixed_order=self.fixed_order, shares_loop=True
+            )
             if session is None:
                 _publish(worker, control)
                 return await worker.run()
