@@ -439,6 +439,11 @@ def _ignored_options(args: argparse.Namespace, mapping: BaseMapping) -> list[str
         ignored.append(f"-n is ignored: the {mapping.name} mapping runs one instance of every PE")
     given = [option for option, value in (("-f", args.file), ("-d", args.data), ("-i", args.iter)) if value is not None]
     ignored.extend(f"{option} is ignored: {given[0]} gives the inputs" for option in given[1:])
+    if args.restarts and not mapping.uses_processes:
+        ignored.append(
+            f"--restarts is ignored: the {mapping.name} mapping runs in this process, where no worker dies alone"
+            " (--restore resumes a run that was stopped)"
+        )
     cpus = available_cpus()
     if args.oversubscribe and not mapping.shares_cpus:
         ignored.append(f"--oversubscribe is ignored: the {mapping.name} mapping does not limit -n to the CPUs")

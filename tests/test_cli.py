@@ -7,6 +7,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -255,15 +256,22 @@ def test_version() -> None:
         (["-m", "simple", "-n", "3", "-i", "2"], "-n is ignored: the simple mapping runs one instance of every PE"),
         (["-i", "2", "-d", '{"Numbers": 1}'], "-i is ignored: -d gives the inputs"),
         (["-d", '{"Numbers": 1}', "-f", "{inputs}"], "-d is ignored: -f gives the inputs"),
+        (
+            ["-m", "async", "-i", "2", "--checkpoint-dir", "{tmp}/ck", "--restarts", "2"],
+            "--restarts is ignored: the async mapping runs in this process, where no worker dies alone"
+            " (--restore resumes a run that was stopped)",
+        ),
     ],
 )
 def test_ignored_options_give_a_warning(workflow_file: Path, tmp_path: Path, args: list[str], warning: str) -> None:
     inputs = tmp_path / "in.json"
     inputs.write_text('{"Numbers": 2}')
-    done = aiod4p("run", str(workflow_file), *(arg.replace("{inputs}", str(inputs)) for arg in args))
+    given = [arg.replace("{inputs}", str(inputs)).replace("{tmp}", str(tmp_path)) for arg in args]
+    done = aiod4p("run", str(workflow_file), *given)
     assert done.returncode == 0, done.stderr
     assert f"aiod4p: warning: {warning}" in done.stderr.splitlines()
-    quiet = aiod4p("run", str(workflow_file), "-q", *(arg.replace("{inputs}", str(inputs)) for arg in args))
+    shutil.rmtree(tmp_path / "ck", ignore_errors=True)
+    quiet = aiod4p("run", str(workflow_file), "-q", *given)
     assert quiet.returncode == 0 and quiet.stderr == ""
 
 

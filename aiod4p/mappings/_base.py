@@ -6,6 +6,7 @@ import contextlib
 import os
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import replace
 from typing import ClassVar
 
 from .._checkpoint import Checkpointing, Session, run_with_recovery
@@ -159,8 +160,10 @@ class BaseMapping(ABC):
         """
         if self.checkpointing is None:
             return await attempt(sink, None)
+        # In this process, no worker dies alone: nothing to restart, and results need not wait for checkpoints.
+        checkpointing = self.checkpointing if self.uses_processes else replace(self.checkpointing, restarts=0)
         return await run_with_recovery(
-            self.checkpointing,
+            checkpointing,
             plan,
             feeds,
             sink,
