@@ -255,17 +255,17 @@ class _Invoker:
         self.bytes_per_call: float | None = None  # outputs of one plain call, measured (see _in_parts)
         self.drains: Worker | _NeverDrains = _NEVER_DRAINS
         self.stats = InstanceStats(ref.pe, ref.index, worker_id)
-        self.buffers: dict[str, list[Any]] = {port: [] for port in pe.outputs}
+        self.buffers: dict[str, list[Any]] = {port: [] for port in pe._output_ports}
         item_function = pe._item_function()
         self.fn: Callable[..., Any] | None = item_function[0] if item_function else None
         self.fn_port: str | None = item_function[1] if item_function else None
         self.fn_kind = _call_kind(self.fn) if self.fn is not None else ""
         # A PE without inputs takes no argument: it is called once per feed element.
         self.fn_of_item: Callable[[Any], Any] | None = (
-            self.fn if self.fn is None or pe.inputs else _ignoring_argument(self.fn)
+            self.fn if self.fn is None or pe._input_ports else _ignoring_argument(self.fn)
         )
         self.process_kind = _call_kind(pe.process)
-        single = list(pe.inputs)
+        single = list(pe._input_ports)
         # Read once: a PE's ports are fixed for a run, and reading them may build them (dispel4py's PEs derive them).
         self.has_inputs = bool(single)
         self.single_input = single[0] if len(single) == 1 else None
@@ -525,7 +525,7 @@ class _Actor(_Invoker):
         self.credits = options.credits
         self.pace: float | None = None  # seconds per item, busy or blocked on credit (see _paced)
         self.max_delay = worker.max_delay
-        self.routes: dict[str, list[_Route]] = {port: [] for port in pe.outputs}
+        self.routes: dict[str, list[_Route]] = {port: [] for port in pe._output_ports}
         self.results: dict[str, _ResultPending] = {}
         self.outgoing: list[SenderChannel] = []
         self.dirty: list[_Pending | _ResultPending] = []
@@ -1463,7 +1463,7 @@ class Worker:
             # A drain stops the feed, but a source that drains itself still gets its first batch of calls.
             fed, drains_itself = False, self.actors[ref].drains_itself
             if isinstance(feed, int):
-                ignores_elements = not pe.inputs and self.actors[ref].fn is not None
+                ignores_elements = not pe._input_ports and self.actors[ref].fn is not None
                 remaining = max(feed, 0)
                 while remaining and not (self._draining and (fed or not drains_itself)):
                     count = min(self._feed_limit(ref.pe), remaining)
@@ -1649,11 +1649,11 @@ class _TimedChannel:
 
 
 def _input_dict(pe: PE, pe_id: str, element: Any) -> dict[str, Any]:
-    if isinstance(element, dict) and (pe.takes_undeclared_inputs or element.keys() <= pe.inputs.keys()):
+    if isinstance(element, dict) and (pe.takes_undeclared_inputs or element.keys() <= pe._input_ports.keys()):
         return element
-    if len(pe.inputs) == 1:
-        return {next(iter(pe.inputs)): element}
-    ports = sorted(pe.inputs) or "none"
+    if len(pe._input_ports) == 1:
+        return {next(iter(pe._input_ports)): element}
+    ports = sorted(pe._input_ports) or "none"
     raise InputError(f"input for PE {pe_id} must be a dict of its input ports (ports: {ports}), got {element!r}")
 
 

@@ -733,6 +733,47 @@ def test_a_root_with_no_input_ports_takes_dispel4py_input_dicts(d4p: Any, mappin
     assert sorted(results.data()) == ["A", "B", "C", "X", "Y"]
 
 
+class CountTo(ProducerPE):
+    """Keeps its own ``parallelism`` (how many numbers), set before the base class's ``__init__``."""
+
+    def __init__(self) -> None:
+        self.parallelism = 3
+        ProducerPE.__init__(self)
+
+    def _process(self, inputs: dict[str, Any]) -> None:
+        for i in range(self.parallelism):
+            self.write("output", i)
+
+
+class KeepsOwnPorts(GenericPE):
+    """Keeps its own ``outputs`` (a list), ``inputs`` (a dict) and ``parallelism`` (a string)."""
+
+    def __init__(self) -> None:
+        GenericPE.__init__(self)
+        self._add_input("input")
+        self._add_output("output")
+        self.outputs = []
+        self.inputs = {}
+        self.parallelism = "auto"
+
+    def process(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        item = inputs["input"]
+        self.inputs[item] = True
+        self.outputs.append(item * 10)
+        return {"output": (self.outputs[-1], item in self.inputs, self.parallelism)}
+
+
+def test_a_pe_keeping_its_own_outputs_inputs_and_parallelism(d4p: Any, mapping: MappingCase) -> None:
+    graph = d4p.workflow_graph.WorkflowGraph()
+    keeper = KeepsOwnPorts()
+    graph.connect(CountTo(), "output", keeper, "input")
+    assert keeper.outputs == [] and keeper.inputs == {} and keeper.parallelism == "auto"
+    assert list(keeper._input_ports) == ["input"] and keeper._parallelism is None
+    assert sorted(mapping.run(graph, 1).data()) == [(0, True, "auto"), (10, True, "auto"), (20, True, "auto")]
+    unset = Square()
+    assert list(unset.inputs) == ["input"] and list(unset.outputs) == ["output"] and unset.parallelism is None
+
+
 def test_aiod4ps_own_pes_refuse_undeclared_input_ports() -> None:
     # aiod4p's API keeps its contract: input dicts name declared input ports, so a
     # misspelt port fails the run instead of being silently ignored.

@@ -792,3 +792,54 @@ def test_a_pe_keeping_its_own_label(mapping: MappingCase, dispel4py_hook: None, 
     assert {key: multiset(items) for key, items in got.items()} == {
         key: multiset(items) for key, items in expected.items()
     }
+
+
+# dispel4py's PEs have no `outputs`, `inputs` or `parallelism`: a PE may use those names for its own data.
+OWN_PORT_NAMES_FLOW = """
+from dispel4py.base import ProducerPE
+from dispel4py.core import GenericPE
+from dispel4py.workflow_graph import WorkflowGraph
+
+
+class Numbers(ProducerPE):
+    def __init__(self):
+        self.parallelism = 3  # a parameter of its algorithm, set before the base class's __init__
+        ProducerPE.__init__(self)
+
+    def _process(self, inputs):
+        for i in range(self.parallelism):
+            self.write('output', i)
+
+
+class Collect(GenericPE):
+    def __init__(self):
+        GenericPE.__init__(self)
+        self._add_input('input')
+        self._add_output('output')
+        self.outputs = []  # its results
+        self.inputs = {}  # what it has seen
+        self.parallelism = 'auto'
+
+    def process(self, inputs):
+        item = inputs['input']
+        self.inputs[item] = True
+        self.outputs.append(item * 10)
+        return {'output': [self.outputs[-1], item in self.inputs, self.parallelism]}
+
+
+graph = WorkflowGraph()
+graph.connect(Numbers(), 'output', Collect(), 'input')
+"""
+
+
+def test_a_pe_keeping_its_own_outputs_inputs_and_parallelism(
+    mapping: MappingCase, dispel4py_hook: None, tmp_path: Path
+) -> None:
+    path = flow(tmp_path, OWN_PORT_NAMES_FLOW)
+    expected = dispel4py_simple(path)
+    assert expected == {("Collect1", "output"): [[0, True, "auto"], [10, True, "auto"], [20, True, "auto"]]}
+    graph = aiod4p.load_graph(path)
+    got = by_rank(mapping.run(graph, 1).by_port(), graph)
+    assert {key: multiset(items) for key, items in got.items()} == {
+        key: multiset(items) for key, items in expected.items()
+    }
