@@ -319,7 +319,9 @@ class _Invoker:
     async def _handle_here(self, port: str | None, items: list[Any]) -> None:
         if self.fn is not None:
             if port is None:  # a feed batch: input dicts
-                if not self.has_inputs and not any(items):  # no input to hand over (a dispel4py root may take some)
+                if not self.has_inputs and _carries_nothing(
+                    items
+                ):  # no input to hand over (a dispel4py root may take some)
                     return await self._call_fn(items)
                 if self.single_input is not None and all(self.single_input in e for e in items):
                     return await self._call_fn([element[self.single_input] for element in items])
@@ -1648,13 +1650,39 @@ class _TimedChannel:
         self._channel.close()
 
 
-def _input_dict(pe: PE, pe_id: str, element: Any) -> dict[str, Any]:
-    if isinstance(element, dict) and (pe.takes_undeclared_inputs or element.keys() <= pe._input_ports.keys()):
+def _input_dict(pe: PE, pe_id: str, element: Any) -> Any:
+    """What root ``pe``'s ``process`` gets for feed ``element``.
+
+    An input dict as it is; any other element as the item of the PE's one
+    input port; for a PE that takes undeclared inputs (dispel4py's) with no
+    input ports, the element as it is, as dispel4py hands ``-d '{"read": [1, 2]}'``.
+
+    Raises:
+        InputError: the element fits none of these.
+    """
+    ports = pe._input_ports
+    if isinstance(element, dict) and (pe.takes_undeclared_inputs or element.keys() <= ports.keys()):
         return element
-    if len(pe._input_ports) == 1:
-        return {next(iter(pe._input_ports)): element}
-    ports = sorted(pe._input_ports) or "none"
-    raise InputError(f"input for PE {pe_id} must be a dict of its input ports (ports: {ports}), got {element!r}")
+    if len(ports) == 1:
+        return {next(iter(ports)): element}
+    if not ports and pe.takes_undeclared_inputs:
+        return element
+    raise InputError(
+        f"input for PE {pe_id} must be a dict of its input ports (ports: {sorted(ports) or 'none'}), got {element!r}"
+    )
+
+
+def _carries_nothing(items: list[Any]) -> bool:
+    """Whether feed batch ``items`` holds no input: only ``None`` (counted calls) or only empty dicts.
+
+    Any other element (a dispel4py root may be fed ``0`` or ``[]``) is an input for ``process``.
+    """
+    try:
+        if any(items):
+            return False
+    except ValueError:  # an element with no truth value (a numpy array) is an input
+        return False
+    return items.count(None) == len(items) or items.count({}) == len(items)
 
 
 async def _supervise(primary: list[asyncio.Task[Any]], secondary: list[asyncio.Task[Any]]) -> None:

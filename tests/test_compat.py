@@ -774,6 +774,20 @@ def test_a_pe_keeping_its_own_outputs_inputs_and_parallelism(d4p: Any, mapping: 
     assert list(unset.inputs) == ["input"] and list(unset.outputs) == ["output"] and unset.parallelism is None
 
 
+class Echo(ProducerPE):
+    def _process(self, inputs: Any) -> Any:
+        return ["got", inputs]
+
+
+def test_a_root_with_no_input_ports_takes_bare_items_as_dispel4py(d4p: Any, mapping: MappingCase) -> None:
+    graph = d4p.workflow_graph.WorkflowGraph()
+    graph.add(echo := Echo())
+    items = [1, [1, 2], "x", None, {"a": 1}, {}, 0, [], False]
+    got = mapping.run(graph, {echo.id: items}).data()
+    assert sorted(map(repr, got)) == sorted(repr(["got", item]) for item in items)
+    assert mapping.run(graph, {echo.id: 2}).data() == [["got", {}], ["got", {}]]
+
+
 def test_aiod4ps_own_pes_refuse_undeclared_input_ports() -> None:
     # aiod4p's API keeps its contract: input dicts name declared input ports, so a
     # misspelt port fails the run instead of being silently ignored.

@@ -843,3 +843,36 @@ def test_a_pe_keeping_its_own_outputs_inputs_and_parallelism(
     assert {key: multiset(items) for key, items in got.items()} == {
         key: multiset(items) for key, items in expected.items()
     }
+
+
+# dispel4py hands each element of a -d list to a root's process() as it is, dict or not.
+BARE_INPUTS_FLOW = """
+from dispel4py.base import ProducerPE, IterativePE
+from dispel4py.workflow_graph import WorkflowGraph
+
+
+class Read(ProducerPE):
+    def _process(self, inputs):
+        self.write('output', ['got', inputs])
+
+
+class Show(IterativePE):
+    def _process(self, data):
+        return data
+
+
+graph = WorkflowGraph()
+graph.connect(Read(), 'output', Show(), 'input')
+"""
+
+
+def test_a_root_fed_a_list_of_bare_items(mapping: MappingCase, dispel4py_hook: None, tmp_path: Path) -> None:
+    path = flow(tmp_path, BARE_INPUTS_FLOW)
+    data = '{"Read": [1, [1, 2], "x", null, {"a": 1}, {}, 0, [], false]}'
+    expected = dispel4py_simple(path, iterations=None, data=data)
+    assert [item for _, item in expected["Show1", "output"]] == [1, [1, 2], "x", None, {"a": 1}, {}, 0, [], False]
+    graph = aiod4p.load_graph(path)
+    got = by_rank(mapping.run(graph, parse_cli_inputs(None, data, None)).by_port(), graph)
+    assert {key: multiset(items) for key, items in got.items()} == {
+        key: multiset(items) for key, items in expected.items()
+    }
