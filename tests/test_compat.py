@@ -393,6 +393,19 @@ def test_base_pe_ports_and_types(d4p: Any) -> None:
     assert pe.getOutputTypes() == {"typed": ["word"]}
 
 
+def test_dispel4py_2_names(d4p: Any) -> None:
+    from dispel4py.base import BasePE
+
+    pe = BasePE(inputs=None, outputs=None, num_outputs=1)  # dispel4py 2.0's defaults
+    assert list(pe.inputs) == [] and list(pe.outputs) == ["output0"]
+    pe._add_output("output0", tuple_type=["word"])
+    pe.set_input_types({"input0": ["word"]})
+    assert pe.get_output_types() == {"output0": ["word"]}
+    graph = d4p.workflow_graph.WorkflowGraph()
+    graph.connect(pe, "output0", square := Square(), "input")
+    assert graph.get_contained_objects() == graph.getContainedObjects() == [pe, square]
+
+
 def test_write_to_an_undeclared_output_names_it(d4p: Any) -> None:
     pes = build_pes(d4p)
     graph = d4p.workflow_graph.WorkflowGraph()

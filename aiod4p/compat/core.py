@@ -243,6 +243,19 @@ class GenericPE(_CoreGenericPE):
             types[name] = connection[TYPE]
         return types
 
+    # dispel4py 2.0's names for them
+    def set_input_types(self, types: Mapping[str, Any]) -> None:
+        """dispel4py 2.0's :meth:`setInputTypes`."""
+        self.setInputTypes(types)
+
+    def get_output_types(self) -> dict[str, Any]:
+        """dispel4py 2.0's :meth:`getOutputTypes`.
+
+        Raises:
+            GraphError: an output declares no type.
+        """
+        return self.getOutputTypes()
+
     # -- lifecycle -------------------------------------------------------------
     def _preprocess(self) -> Any:
         """Override for initialisation before any data."""
