@@ -876,3 +876,42 @@ def test_a_root_fed_a_list_of_bare_items(mapping: MappingCase, dispel4py_hook: N
     assert {key: multiset(items) for key, items in got.items()} == {
         key: multiset(items) for key, items in expected.items()
     }
+
+
+# A group-by on int items: dispel4py's simple never computes the key (one instance), its multi fails.
+INT_GROUP_BY_FLOW = """
+from dispel4py.base import ProducerPE
+from dispel4py.core import GenericPE
+from dispel4py.workflow_graph import WorkflowGraph
+
+
+class Numbers(ProducerPE):
+    def _process(self, inputs):
+        for i in range(6):
+            self.write('output', i)
+
+
+class Count(GenericPE):
+    def __init__(self):
+        GenericPE.__init__(self)
+        self._add_input('input', grouping=[0])
+        self._add_output('output')
+
+    def process(self, inputs):
+        return {'output': inputs['input']}
+
+
+graph = WorkflowGraph()
+graph.connect(Numbers(), 'output', Count(), 'input')
+"""
+
+
+def test_a_group_by_on_int_items_fails_naming_the_pe_and_grouping(
+    mapping: MappingCase, dispel4py_hook: None, tmp_path: Path
+) -> None:
+    path = flow(tmp_path, INT_GROUP_BY_FLOW)
+    assert dispel4py_simple(path) == {("Count1", "output"): [0, 1, 2, 3, 4, 5]}
+    graph = aiod4p.load_graph(path)
+    count = next(pe for pe in graph.flatten().pes.values() if pe.name == "Count")
+    with pytest.raises(PEError, match=rf"cannot route item 0 to {count.id}\.input: its group_by\[0\] key failed"):
+        mapping.run(graph, 1)
