@@ -769,7 +769,7 @@ class KeepsOwnPorts(GenericPE):
         self.inputs = {}
         self.parallelism = "auto"
 
-    def process(self, inputs: dict[str, Any]) -> dict[str, Any]:
+    def process(self, inputs: Any) -> dict[str, Any]:
         item = inputs["input"]
         self.inputs[item] = True
         self.outputs.append(item * 10)
