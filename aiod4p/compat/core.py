@@ -82,7 +82,9 @@ class GenericPE(_CoreGenericPE):
     dispel4py's share of the ``-n`` processes
     (:func:`aiod4p.compat.processor.place`); elsewhere (and when the workers
     are too few for dispel4py's rule), when assigned, it is the number of
-    instances (``parallelism``), and left at its default the mapping decides.
+    instances (:attr:`_parallelism`), and left at its default the mapping
+    decides. ``inputs``, ``outputs``, ``parallelism``, ``label`` and
+    ``instance`` are the PE's own once it assigns them (see the module).
     """
 
     takes_undeclared_inputs = True  # dispel4py passes a root's input dicts to process() as they are
