@@ -255,17 +255,17 @@ class _Invoker:
         self.bytes_per_call: float | None = None  # outputs of one plain call, measured (see _in_parts)
         self.drains: Worker | _NeverDrains = _NEVER_DRAINS
         self.stats = InstanceStats(ref.pe, ref.index, worker_id)
-        self.buffers: dict[str, list[Any]] = {port: [] for port in pe.outputs}
+        self.buffers: dict[str, list[Any]] = {port: [] for port in pe._output_ports}
         item_function = pe._item_function()
         self.fn: Callable[..., Any] | None = item_function[0] if item_function else None
         self.fn_port: str | None = item_function[1] if item_function else None
         self.fn_kind = _call_kind(self.fn) if self.fn is not None else ""
         # A PE without inputs takes no argument: it is called once per feed element.
         self.fn_of_item: Callable[[Any], Any] | None = (
-            self.fn if self.fn is None or pe.inputs else _ignoring_argument(self.fn)
+            self.fn if self.fn is None or pe._input_ports else _ignoring_argument(self.fn)
         )
         self.process_kind = _call_kind(pe.process)
-        single = list(pe.inputs)
+        single = list(pe._input_ports)
         # Read once: a PE's ports are fixed for a run, and reading them may build them (dispel4py's PEs derive them).
         self.has_inputs = bool(single)
         self.single_input = single[0] if len(single) == 1 else None
@@ -319,7 +319,9 @@ class _Invoker:
     async def _handle_here(self, port: str | None, items: list[Any]) -> None:
         if self.fn is not None:
             if port is None:  # a feed batch: input dicts
-                if not self.has_inputs and not any(items):  # no input to hand over (a dispel4py root may take some)
+                if not self.has_inputs and _carries_nothing(
+                    items
+                ):  # no input to hand over (a dispel4py root may take some)
                     return await self._call_fn(items)
                 if self.single_input is not None and all(self.single_input in e for e in items):
                     return await self._call_fn([element[self.single_input] for element in items])
@@ -525,7 +527,7 @@ class _Actor(_Invoker):
         self.credits = options.credits
         self.pace: float | None = None  # seconds per item, busy or blocked on credit (see _paced)
         self.max_delay = worker.max_delay
-        self.routes: dict[str, list[_Route]] = {port: [] for port in pe.outputs}
+        self.routes: dict[str, list[_Route]] = {port: [] for port in pe._output_ports}
         self.results: dict[str, _ResultPending] = {}
         self.outgoing: list[SenderChannel] = []
         self.dirty: list[_Pending | _ResultPending] = []
@@ -1463,7 +1465,7 @@ class Worker:
             # A drain stops the feed, but a source that drains itself still gets its first batch of calls.
             fed, drains_itself = False, self.actors[ref].drains_itself
             if isinstance(feed, int):
-                ignores_elements = not pe.inputs and self.actors[ref].fn is not None
+                ignores_elements = not pe._input_ports and self.actors[ref].fn is not None
                 remaining = max(feed, 0)
                 while remaining and not (self._draining and (fed or not drains_itself)):
                     count = min(self._feed_limit(ref.pe), remaining)
@@ -1648,13 +1650,39 @@ class _TimedChannel:
         self._channel.close()
 
 
-def _input_dict(pe: PE, pe_id: str, element: Any) -> dict[str, Any]:
-    if isinstance(element, dict) and (pe.takes_undeclared_inputs or element.keys() <= pe.inputs.keys()):
+def _input_dict(pe: PE, pe_id: str, element: Any) -> Any:
+    """What root ``pe``'s ``process`` gets for feed ``element``.
+
+    An input dict as it is; any other element as the item of the PE's one
+    input port; for a PE that takes undeclared inputs (dispel4py's) with no
+    input ports, the element as it is, as dispel4py hands ``-d '{"read": [1, 2]}'``.
+
+    Raises:
+        InputError: the element fits none of these.
+    """
+    ports = pe._input_ports
+    if isinstance(element, dict) and (pe.takes_undeclared_inputs or element.keys() <= ports.keys()):
         return element
-    if len(pe.inputs) == 1:
-        return {next(iter(pe.inputs)): element}
-    ports = sorted(pe.inputs) or "none"
-    raise InputError(f"input for PE {pe_id} must be a dict of its input ports (ports: {ports}), got {element!r}")
+    if len(ports) == 1:
+        return {next(iter(ports)): element}
+    if not ports and pe.takes_undeclared_inputs:
+        return element
+    raise InputError(
+        f"input for PE {pe_id} must be a dict of its input ports (ports: {sorted(ports) or 'none'}), got {element!r}"
+    )
+
+
+def _carries_nothing(items: list[Any]) -> bool:
+    """Whether feed batch ``items`` holds no input: only ``None`` (counted calls) or only empty dicts.
+
+    Any other element (a dispel4py root may be fed ``0`` or ``[]``) is an input for ``process``.
+    """
+    try:
+        if any(items):
+            return False
+    except ValueError:  # an element with no truth value (a numpy array) is an input
+        return False
+    return items.count(None) == len(items) or items.count({}) == len(items)
 
 
 async def _supervise(primary: list[asyncio.Task[Any]], secondary: list[asyncio.Task[Any]]) -> None:

@@ -83,13 +83,12 @@ class WorkflowGraph:
         """
         self.add(source)
         self.add(dest)
-        if source_port not in source.outputs:
+        if source_port not in source._output_ports:
+            outputs = sorted(source._output_ports) or "none"
+            raise GraphError(f"PE {source.label} has no output port {source_port!r} (outputs: {outputs})")
+        if dest_port not in dest._input_ports:
             raise GraphError(
-                f"PE {source.label} has no output port {source_port!r} (outputs: {sorted(source.outputs) or 'none'})"
-            )
-        if dest_port not in dest.inputs:
-            raise GraphError(
-                f"PE {dest.label} has no input port {dest_port!r} (inputs: {sorted(dest.inputs) or 'none'})"
+                f"PE {dest.label} has no input port {dest_port!r} (inputs: {sorted(dest._input_ports) or 'none'})"
             )
         connection = Connection(
             source, source_port, dest, dest_port, as_grouping(grouping) if grouping is not None else None
@@ -141,7 +140,7 @@ class FlatGraph:
         for connection in _all_connections(graph):
             for source, source_port in _resolve_output(connection.source, connection.source_port):
                 for dest, dest_port in _resolve_input(connection.dest, connection.dest_port):
-                    grouping = connection.grouping or dest.inputs[dest_port].grouping
+                    grouping = connection.grouping or dest._input_ports[dest_port].grouping
                     edges.append(Edge(_id(source), source_port, _id(dest), dest_port, grouping))
         flat = cls(pes, edges, composites)
         flat._check_required_inputs()
@@ -163,7 +162,8 @@ class FlatGraph:
         """Output ports with no outgoing edge, per PE: their items are results."""
         connected = {(edge.source, edge.source_port) for edge in self.edges}
         return {
-            pe_id: [port for port in pe.outputs if (pe_id, port) not in connected] for pe_id, pe in self.pes.items()
+            pe_id: [port for port in pe._output_ports if (pe_id, port) not in connected]
+            for pe_id, pe in self.pes.items()
         }
 
     def topological_order(self) -> list[str]:
@@ -187,10 +187,10 @@ class FlatGraph:
     def _check_required_inputs(self) -> None:
         connected = {(edge.dest, edge.dest_port) for edge in self.edges}
         for pe_id, pe in self.pes.items():
-            used = [port for port in pe.inputs if (pe_id, port) in connected]
+            used = [port for port in pe._input_ports if (pe_id, port) in connected]
             if not used:
                 continue  # a root, fed by the run's inputs
-            missing = [p.name for p in pe.inputs.values() if p.required and (pe_id, p.name) not in connected]
+            missing = [p.name for p in pe._input_ports.values() if p.required and (pe_id, p.name) not in connected]
             if missing:
                 raise GraphError(f"PE {pe_id}: required input port {missing[0]!r} is not connected")
 

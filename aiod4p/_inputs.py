@@ -45,7 +45,7 @@ def resolve_inputs(graph: FlatGraph, inputs: Inputs) -> dict[str, Feed]:
             raise InputError(f"PE {pe_id} is not a root of the graph (its inputs are connected); it cannot take input")
         feeds[pe_id] = _check_feed(pe_id, value)
     for pe_id in roots:
-        if pe_id not in feeds and not graph.pes[pe_id].inputs:
+        if pe_id not in feeds and not graph.pes[pe_id]._input_ports:
             feeds[pe_id] = 1
     return feeds
 

@@ -193,8 +193,9 @@ class PE:
         try:
             buffer = runtime.buffers[port]
         except KeyError:
+            declared = sorted(self._output_ports) or "none"
             raise GraphError(
-                f"PE {self.label} wrote to undeclared output port {port!r} (declared: {sorted(self.outputs) or 'none'})"
+                f"PE {self.label} wrote to undeclared output port {port!r} (declared: {declared})"
             ) from None
         buffer.append(item)
         if len(buffer) >= runtime.limit and runtime.full is not None:
@@ -243,6 +244,26 @@ class PE:
         return f"<{type(self).__name__} {self.label}>"
 
     # -- engine hooks -------------------------------------------------------
+    # The graph, the planner and the engine read a PE's ports and instance count
+    # through these, never through ``inputs``/``outputs``/``parallelism``
+    # directly: dispel4py's PEs keep their ports in ``inputconnections`` and
+    # their count in ``numprocesses``, and may use those three names for data
+    # of their own (:class:`aiod4p.compat.core.GenericPE`).
+    @property
+    def _input_ports(self) -> dict[str, InputPort]:
+        """The input ports the graph and the engine use: :attr:`inputs`."""
+        return self.inputs
+
+    @property
+    def _output_ports(self) -> dict[str, OutputPort]:
+        """The output ports the graph and the engine use: :attr:`outputs`."""
+        return self.outputs
+
+    @property
+    def _parallelism(self) -> int | None:
+        """The number of instances the planner honours (``None``: the mapping decides): :attr:`parallelism`."""
+        return self.parallelism
+
     def _item_function(self) -> tuple[Callable[..., Any], str | None] | None:
         """A per-item function the engine may call instead of :meth:`process`.
 

@@ -267,8 +267,9 @@ def worker_list(workers: Iterable[int]) -> str:
 def make_plan(graph: WorkflowGraph | FlatGraph, options: PlanOptions | None = None) -> ExecutionPlan:
     """Plan a run of ``graph``.
 
-    Parallelism: an explicit ``pe.parallelism`` is honoured; roots and PEs with
-    a ``global`` input get one instance; others get ``default_parallelism``
+    Parallelism: an explicit ``pe.parallelism`` (for a dispel4py PE:
+    ``numprocesses`` once assigned) is honoured; roots and PEs with a
+    ``global`` input get one instance; others get ``default_parallelism``
     (one per worker when unset). ``force_single`` gives every PE one instance.
     Instance ``i`` of every PE is placed on worker ``i % workers`` (of the
     ``busy_workers`` when set), so equal-width pipelines stay on one worker
@@ -336,10 +337,11 @@ def _parallelism(pe_id: str, pe: PE, single: bool, options: PlanOptions) -> int:
     """``single``: a root or a PE with a ``global`` input, which gets one instance unless set otherwise."""
     if options.force_single:
         return 1
-    if pe.parallelism is not None:
-        if not isinstance(pe.parallelism, int) or pe.parallelism < 1:
-            raise GraphError(f"PE {pe_id}: parallelism must be a positive integer, not {pe.parallelism!r}")
-        return pe.parallelism
+    parallelism = pe._parallelism
+    if parallelism is not None:
+        if not isinstance(parallelism, int) or parallelism < 1:
+            raise GraphError(f"PE {pe_id}: parallelism must be a positive integer, not {parallelism!r}")
+        return parallelism
     if single:
         return 1
     return options.default_parallelism or options.placing_workers

@@ -142,14 +142,14 @@ def _node(plan: ExecutionPlan, pe_id: str) -> str:
         instances += f" on worker{'s' if several else ''} {worker_list(placement.workers)}"
     fill = _ROOT_FILL if placement.is_root else _PE_FILL
     rows = []
-    if pe.inputs:
-        rows.append(_port_row("i_", list(pe.inputs)))
+    if pe._input_ports:
+        rows.append(_port_row("i_", list(pe._input_ports)))
     rows.append(
         f'<TR><TD BGCOLOR="{fill}"><B>{_esc(pe_id)}</B><BR/>'
         f'<FONT POINT-SIZE="9">{_esc(type(pe).__name__)} · {_esc(instances)}</FONT></TD></TR>'
     )
-    if pe.outputs:
-        rows.append(_port_row("o_", list(pe.outputs)))
+    if pe._output_ports:
+        rows.append(_port_row("o_", list(pe._output_ports)))
     table = '<TABLE BORDER="0" CELLBORDER="1" CELLSPACING="0" CELLPADDING="4">' + "".join(rows) + "</TABLE>"
     return f"{_quote(pe_id)} [label=<{table}>];"
 

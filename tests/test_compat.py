@@ -393,6 +393,19 @@ def test_base_pe_ports_and_types(d4p: Any) -> None:
     assert pe.getOutputTypes() == {"typed": ["word"]}
 
 
+def test_dispel4py_2_names(d4p: Any) -> None:
+    from dispel4py.base import BasePE
+
+    pe = BasePE(inputs=None, outputs=None, num_outputs=1)  # dispel4py 2.0's defaults
+    assert list(pe.inputs) == [] and list(pe.outputs) == ["output0"]
+    pe._add_output("output0", tuple_type=["word"])
+    pe.set_input_types({"input0": ["word"]})
+    assert pe.get_output_types() == {"output0": ["word"]}
+    graph = d4p.workflow_graph.WorkflowGraph()
+    graph.connect(pe, "output0", square := Square(), "input")
+    assert graph.get_contained_objects() == graph.getContainedObjects() == [pe, square]
+
+
 def test_write_to_an_undeclared_output_names_it(d4p: Any) -> None:
     pes = build_pes(d4p)
     graph = d4p.workflow_graph.WorkflowGraph()
@@ -731,6 +744,61 @@ def test_a_root_with_no_input_ports_takes_dispel4py_input_dicts(d4p: Any, mappin
     graph.add(generic)
     results = mapping.run(graph, {"read": [{"input": str(words)}], "generic": [{"input": "x"}, {"input": "y"}]})
     assert sorted(results.data()) == ["A", "B", "C", "X", "Y"]
+
+
+class CountTo(ProducerPE):
+    """Keeps its own ``parallelism`` (how many numbers), set before the base class's ``__init__``."""
+
+    def __init__(self) -> None:
+        self.parallelism = 3
+        ProducerPE.__init__(self)
+
+    def _process(self, inputs: dict[str, Any]) -> None:
+        for i in range(self.parallelism):
+            self.write("output", i)
+
+
+class KeepsOwnPorts(GenericPE):
+    """Keeps its own ``outputs`` (a list), ``inputs`` (a dict) and ``parallelism`` (a string)."""
+
+    def __init__(self) -> None:
+        GenericPE.__init__(self)
+        self._add_input("input")
+        self._add_output("output")
+        self.outputs = []
+        self.inputs = {}
+        self.parallelism = "auto"
+
+    def process(self, inputs: Any) -> dict[str, Any]:
+        item = inputs["input"]
+        self.inputs[item] = True
+        self.outputs.append(item * 10)
+        return {"output": (self.outputs[-1], item in self.inputs, self.parallelism)}
+
+
+def test_a_pe_keeping_its_own_outputs_inputs_and_parallelism(d4p: Any, mapping: MappingCase) -> None:
+    graph = d4p.workflow_graph.WorkflowGraph()
+    keeper = KeepsOwnPorts()
+    graph.connect(CountTo(), "output", keeper, "input")
+    assert keeper.outputs == [] and keeper.inputs == {} and keeper.parallelism == "auto"
+    assert list(keeper._input_ports) == ["input"] and keeper._parallelism is None
+    assert sorted(mapping.run(graph, 1).data()) == [(0, True, "auto"), (10, True, "auto"), (20, True, "auto")]
+    unset = Square()
+    assert list(unset.inputs) == ["input"] and list(unset.outputs) == ["output"] and unset.parallelism is None
+
+
+class Echo(ProducerPE):
+    def _process(self, inputs: Any) -> Any:
+        return ["got", inputs]
+
+
+def test_a_root_with_no_input_ports_takes_bare_items_as_dispel4py(d4p: Any, mapping: MappingCase) -> None:
+    graph = d4p.workflow_graph.WorkflowGraph()
+    graph.add(echo := Echo())
+    items = [1, [1, 2], "x", None, {"a": 1}, {}, 0, [], False]
+    got = mapping.run(graph, {echo.id: items}).data()
+    assert sorted(map(repr, got)) == sorted(repr(["got", item]) for item in items)
+    assert mapping.run(graph, {echo.id: 2}).data() == [["got", {}], ["got", {}]]
 
 
 def test_aiod4ps_own_pes_refuse_undeclared_input_ports() -> None:

@@ -792,3 +792,126 @@ def test_a_pe_keeping_its_own_label(mapping: MappingCase, dispel4py_hook: None, 
     assert {key: multiset(items) for key, items in got.items()} == {
         key: multiset(items) for key, items in expected.items()
     }
+
+
+# dispel4py's PEs have no `outputs`, `inputs` or `parallelism`: a PE may use those names for its own data.
+OWN_PORT_NAMES_FLOW = """
+from dispel4py.base import ProducerPE
+from dispel4py.core import GenericPE
+from dispel4py.workflow_graph import WorkflowGraph
+
+
+class Numbers(ProducerPE):
+    def __init__(self):
+        self.parallelism = 3  # a parameter of its algorithm, set before the base class's __init__
+        ProducerPE.__init__(self)
+
+    def _process(self, inputs):
+        for i in range(self.parallelism):
+            self.write('output', i)
+
+
+class Collect(GenericPE):
+    def __init__(self):
+        GenericPE.__init__(self)
+        self._add_input('input')
+        self._add_output('output')
+        self.outputs = []  # its results
+        self.inputs = {}  # what it has seen
+        self.parallelism = 'auto'
+
+    def process(self, inputs):
+        item = inputs['input']
+        self.inputs[item] = True
+        self.outputs.append(item * 10)
+        return {'output': [self.outputs[-1], item in self.inputs, self.parallelism]}
+
+
+graph = WorkflowGraph()
+graph.connect(Numbers(), 'output', Collect(), 'input')
+"""
+
+
+def test_a_pe_keeping_its_own_outputs_inputs_and_parallelism(
+    mapping: MappingCase, dispel4py_hook: None, tmp_path: Path
+) -> None:
+    path = flow(tmp_path, OWN_PORT_NAMES_FLOW)
+    expected = dispel4py_simple(path)
+    assert expected == {("Collect1", "output"): [[0, True, "auto"], [10, True, "auto"], [20, True, "auto"]]}
+    graph = aiod4p.load_graph(path)
+    got = by_rank(mapping.run(graph, 1).by_port(), graph)
+    assert {key: multiset(items) for key, items in got.items()} == {
+        key: multiset(items) for key, items in expected.items()
+    }
+
+
+# dispel4py hands each element of a -d list to a root's process() as it is, dict or not.
+BARE_INPUTS_FLOW = """
+from dispel4py.base import ProducerPE, IterativePE
+from dispel4py.workflow_graph import WorkflowGraph
+
+
+class Read(ProducerPE):
+    def _process(self, inputs):
+        self.write('output', ['got', inputs])
+
+
+class Show(IterativePE):
+    def _process(self, data):
+        return data
+
+
+graph = WorkflowGraph()
+graph.connect(Read(), 'output', Show(), 'input')
+"""
+
+
+def test_a_root_fed_a_list_of_bare_items(mapping: MappingCase, dispel4py_hook: None, tmp_path: Path) -> None:
+    path = flow(tmp_path, BARE_INPUTS_FLOW)
+    data = '{"Read": [1, [1, 2], "x", null, {"a": 1}, {}, 0, [], false]}'
+    expected = dispel4py_simple(path, iterations=None, data=data)
+    assert [item for _, item in expected["Show1", "output"]] == [1, [1, 2], "x", None, {"a": 1}, {}, 0, [], False]
+    graph = aiod4p.load_graph(path)
+    got = by_rank(mapping.run(graph, parse_cli_inputs(None, data, None)).by_port(), graph)
+    assert {key: multiset(items) for key, items in got.items()} == {
+        key: multiset(items) for key, items in expected.items()
+    }
+
+
+# A group-by on int items: dispel4py's simple never computes the key (one instance), its multi fails.
+INT_GROUP_BY_FLOW = """
+from dispel4py.base import ProducerPE
+from dispel4py.core import GenericPE
+from dispel4py.workflow_graph import WorkflowGraph
+
+
+class Numbers(ProducerPE):
+    def _process(self, inputs):
+        for i in range(6):
+            self.write('output', i)
+
+
+class Count(GenericPE):
+    def __init__(self):
+        GenericPE.__init__(self)
+        self._add_input('input', grouping=[0])
+        self._add_output('output')
+
+    def process(self, inputs):
+        return {'output': inputs['input']}
+
+
+graph = WorkflowGraph()
+graph.connect(Numbers(), 'output', Count(), 'input')
+"""
+
+
+def test_a_group_by_on_int_items_fails_naming_the_pe_and_grouping(
+    mapping: MappingCase, dispel4py_hook: None, tmp_path: Path
+) -> None:
+    path = flow(tmp_path, INT_GROUP_BY_FLOW)
+    assert dispel4py_simple(path) == {("Count1", "output"): [0, 1, 2, 3, 4, 5]}
+    graph = aiod4p.load_graph(path)
+    count = next(pe for pe in graph.flatten().pes.values() if pe.name == "Count")
+    with pytest.raises(PEError, match=rf"cannot route item 0 to {count.id}\.input: its group_by\[0\] key failed"):
+        mapping.run(graph, 1)

@@ -29,14 +29,15 @@ class BasePE(GenericPE):
 
     def __init__(
         self,
-        inputs: Iterable[str] = (),
-        outputs: Iterable[str] = (),
+        inputs: Iterable[str] | None = (),
+        outputs: Iterable[str] | None = (),
         num_inputs: int = 0,
         num_outputs: int = 0,
     ) -> None:
         super().__init__()
-        names_in = [f"{BasePE.INPUT_NAME}{i}" for i in range(num_inputs)] + list(inputs)
-        names_out = [f"{BasePE.OUTPUT_NAME}{i}" for i in range(num_outputs)] + list(outputs)
+        # dispel4py 2.0's defaults are None
+        names_in = [f"{BasePE.INPUT_NAME}{i}" for i in range(num_inputs)] + list(inputs or ())
+        names_out = [f"{BasePE.OUTPUT_NAME}{i}" for i in range(num_outputs)] + list(outputs or ())
         for name in names_in:
             self.inputconnections[name] = {NAME: name}
         for name in names_out:

@@ -3,9 +3,16 @@
 A dispel4py PE declares its ports in the ``inputconnections`` and
 ``outputconnections`` dicts (directly or through :meth:`GenericPE._add_input`
 and :meth:`GenericPE._add_output`). Those dicts stay the source of truth: the
-ports the aiod4p engine sees (``pe.inputs`` / ``pe.outputs``) are derived from
-them whenever they are read, so a grouping changed after construction
+ports the aiod4p engine sees are derived from them whenever they are read, so
+a grouping changed after construction
 (``pe.inputconnections['input']['grouping'] = 'all'``) is honoured.
+
+dispel4py's PEs have no attributes ``inputs``, ``outputs``, ``parallelism``,
+``label`` or ``instance``, so a PE may keep its own data under those names
+(``self.outputs = []``): once it assigns one, reading it gives the PE's value
+back, and the engine, which reads the ports and the instance count through
+:attr:`aiod4p.PE._input_ports`, ``_output_ports`` and ``_parallelism``, is
+not affected. Until then they read as aiod4p's.
 """
 
 from __future__ import annotations
@@ -17,7 +24,7 @@ import sys
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from .._groupings import ROUND_ROBIN, All, Global, GroupBy, as_grouping
+from .._groupings import ROUND_ROBIN, as_grouping
 from .._loading import quiet_import
 from .._pe import GenericPE as _CoreGenericPE
 from .._pe import InputPort, OutputPort
@@ -26,7 +33,6 @@ from . import install
 
 __all__ = ["DESCRIPTION", "GROUPING", "META", "NAME", "TYPE", "WRITER", "GenericPE"]
 
-_OWN_LABEL, _OWN_INSTANCE = "_own_label", "_own_instance"  # where a PE's own label/instance are kept
 
 NAME = "name"
 TYPE = "type"
@@ -34,6 +40,35 @@ DESCRIPTION = "descr"
 META = "meta"
 GROUPING = "grouping"
 WRITER = "writer"
+
+
+class _Own:
+    """A name of aiod4p's PE that a dispel4py PE may use for its own data.
+
+    Once the PE assigns it, reading it gives the PE's value (kept in the
+    instance's ``_own_<name>``); until then, ``default(pe)``: aiod4p's value.
+    """
+
+    def __init__(self, default: Callable[[Any], Any], doc: str) -> None:
+        self.default = default
+        self.__doc__ = doc
+        self.key = ""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.key = f"_own_{name}"
+
+    def __get__(self, pe: Any, owner: type | None = None) -> Any:
+        if pe is None:
+            return self
+        state = pe.__dict__
+        return state[self.key] if self.key in state else self.default(pe)
+
+    def __set__(self, pe: Any, value: Any) -> None:
+        pe.__dict__[self.key] = value
+
+
+#: The names aiod4p's PE.__init__ assigns that a dispel4py PE may own.
+_ASSIGNED_BY_CORE = ("_own_inputs", "_own_outputs", "_own_parallelism")
 
 
 class GenericPE(_CoreGenericPE):
@@ -47,20 +82,25 @@ class GenericPE(_CoreGenericPE):
     dispel4py's share of the ``-n`` processes
     (:func:`aiod4p.compat.processor.place`); elsewhere (and when the workers
     are too few for dispel4py's rule), when assigned, it is the number of
-    instances (``parallelism``), and left at its default the mapping decides.
+    instances (:attr:`_parallelism`), and left at its default the mapping
+    decides. ``inputs``, ``outputs``, ``parallelism``, ``label`` and
+    ``instance`` are the PE's own once it assigns them (see the module).
     """
 
     takes_undeclared_inputs = True  # dispel4py passes a root's input dicts to process() as they are
 
     def __init__(self, numprocesses: int = 1) -> None:
+        own = {key: self.__dict__[key] for key in _ASSIGNED_BY_CORE if key in self.__dict__}  # set before this call
         self.inputconnections: dict[str, dict[str, Any]] = {}
         self.outputconnections: dict[str, dict[str, Any]] = {}
         super().__init__()
+        for key in _ASSIGNED_BY_CORE:  # aiod4p's PE.__init__ assigned them: not the PE's own data
+            self.__dict__.pop(key, None)
+        self.__dict__.update(own)
         self.wrapper = "simple"
         self.pickleIgnore: list[str] = []
         self._numprocesses = numprocesses
-        if numprocesses != 1:
-            self.parallelism = numprocesses
+        self._instances: int | None = numprocesses if numprocesses != 1 else None
 
     # -- dispel4py's declarations --------------------------------------------
     def _add_input(self, name: str, grouping: Any = None, tuple_type: Any = None) -> None:
@@ -88,25 +128,27 @@ class GenericPE(_CoreGenericPE):
     def rank(self, value: int) -> None:  # dispel4py's mappings, and code written for them, assign it
         self.__dict__["_rank"] = value
 
-    # dispel4py PEs keep their own data under any name: one that aiod4p's PE
-    # reads only (label, instance) is theirs once they assign it.
-    @property
-    def label(self) -> Any:
-        """The PE's own ``label`` once it assigns one (``self.label = ...``); else aiod4p's: its id, else its name."""
-        return self.__dict__[_OWN_LABEL] if _OWN_LABEL in self.__dict__ else super().label
-
-    @label.setter
-    def label(self, value: Any) -> None:
-        self.__dict__[_OWN_LABEL] = value
-
-    @property
-    def instance(self) -> Any:
-        """The PE's own ``instance`` once it assigns one; else aiod4p's: this running instance's index."""
-        return self.__dict__[_OWN_INSTANCE] if _OWN_INSTANCE in self.__dict__ else super().instance
-
-    @instance.setter
-    def instance(self, value: Any) -> None:
-        self.__dict__[_OWN_INSTANCE] = value
+    # dispel4py PEs keep their own data under any name, aiod4p's too.
+    label = _Own(
+        lambda pe: _CoreGenericPE.label.fget(pe),  # type: ignore[attr-defined]
+        "The PE's own ``label`` once it assigns one (``self.label = ...``); else aiod4p's: its id, else its name.",
+    )
+    instance = _Own(
+        lambda pe: _CoreGenericPE.instance.fget(pe),  # type: ignore[attr-defined]
+        "The PE's own ``instance`` once it assigns one; else aiod4p's: this running instance's index.",
+    )
+    parallelism = _Own(
+        lambda pe: pe._parallelism,
+        "The PE's own ``parallelism`` once it assigns one; else the instance count ``numprocesses`` sets.",
+    )
+    inputs = _Own(
+        lambda pe: pe._input_ports,
+        "The PE's own ``inputs`` once it assigns one; else the input ports, derived from ``inputconnections``.",
+    )
+    outputs = _Own(
+        lambda pe: pe._output_ports,
+        "The PE's own ``outputs`` once it assigns one; else the output ports, derived from ``outputconnections``.",
+    )
 
     @property
     def numprocesses(self) -> int:
@@ -116,11 +158,11 @@ class GenericPE(_CoreGenericPE):
     @numprocesses.setter
     def numprocesses(self, value: int) -> None:
         self._numprocesses = value
-        self.parallelism = value
+        self._instances = value
 
-    # -- the ports the engine sees ----------------------------------------------
+    # -- the ports and instance count the engine sees ----------------------------
     @property
-    def inputs(self) -> dict[str, InputPort]:
+    def _input_ports(self) -> dict[str, InputPort]:
         """The input ports, derived from ``inputconnections`` (never required).
 
         Raises:
@@ -135,22 +177,15 @@ class GenericPE(_CoreGenericPE):
             ports[name] = InputPort(name, grouping, required=False)
         return ports
 
-    @inputs.setter
-    def inputs(self, ports: Mapping[str, InputPort]) -> None:
-        self.inputconnections = {}
-        for name, port in ports.items():
-            self._add_input(name, _grouping_value(port))
-
     @property
-    def outputs(self) -> dict[str, OutputPort]:
+    def _output_ports(self) -> dict[str, OutputPort]:
         """The output ports, derived from ``outputconnections``."""
         return {name: OutputPort(name) for name in self.outputconnections}
 
-    @outputs.setter
-    def outputs(self, ports: Mapping[str, OutputPort]) -> None:
-        self.outputconnections = {}
-        for name in ports:
-            self._add_output(name)
+    @property
+    def _parallelism(self) -> int | None:
+        """``numprocesses`` once assigned (or given other than 1), else ``None``: the mapping decides."""
+        return self._instances
 
     def add_input(self, name: str, grouping: Any = None, *, required: bool = True) -> InputPort:
         """aiod4p's declaration, recorded in ``inputconnections``.
@@ -163,7 +198,7 @@ class GenericPE(_CoreGenericPE):
             raise GraphError(f"PE {self.label}: input port {name!r} declared twice")
         as_grouping(grouping)
         self._add_input(name, grouping)
-        return self.inputs[name]
+        return self._input_ports[name]
 
     def add_output(self, name: str) -> OutputPort:
         """aiod4p's declaration, recorded in ``outputconnections``.
@@ -210,6 +245,19 @@ class GenericPE(_CoreGenericPE):
             types[name] = connection[TYPE]
         return types
 
+    # dispel4py 2.0's names for them
+    def set_input_types(self, types: Mapping[str, Any]) -> None:
+        """dispel4py 2.0's :meth:`setInputTypes`."""
+        self.setInputTypes(types)
+
+    def get_output_types(self) -> dict[str, Any]:
+        """dispel4py 2.0's :meth:`getOutputTypes`.
+
+        Raises:
+            GraphError: an output declares no type.
+        """
+        return self.getOutputTypes()
+
     # -- lifecycle -------------------------------------------------------------
     def _preprocess(self) -> Any:
         """Override for initialisation before any data."""
@@ -234,17 +282,6 @@ class GenericPE(_CoreGenericPE):
     # write() is aiod4p's own PE.write (inherited), the very call native PEs make;
     # dispel4py's _write is the same function.
     _write = _CoreGenericPE.write
-
-
-def _grouping_value(port: InputPort) -> Any:
-    grouping = port.grouping
-    if isinstance(grouping, All):
-        return "all"
-    if isinstance(grouping, Global):
-        return "global"
-    if isinstance(grouping, GroupBy):
-        return list(grouping.indices) if grouping.key is None else grouping
-    return None
 
 
 def plain_function(fn: Callable[..., Any]) -> bool:

@@ -48,7 +48,7 @@ def _weight(pe: PE) -> int:
     weight = getattr(pe, "numprocesses", None)
     if isinstance(weight, int) and weight >= 1:
         return weight
-    return pe.parallelism or 1
+    return pe._parallelism or 1
 
 
 def process_counts(graph: FlatGraph, processes: int) -> dict[str, int] | None:

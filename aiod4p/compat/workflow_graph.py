@@ -82,6 +82,10 @@ class WorkflowGraph(_CoreWorkflowGraph):
             key=lambda obj: str(getattr(obj, "id", "")),
         )
 
+    def get_contained_objects(self) -> list[Any]:
+        """dispel4py 2.0's :meth:`getContainedObjects`."""
+        return self.getContainedObjects()
+
 
 class _GraphPE(CompositePE):
     """A dispel4py composite graph seen by the core as a composite PE."""

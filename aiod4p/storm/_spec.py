@@ -191,15 +191,15 @@ def plan_topology(
     order = flat.topological_order()
     for pe_id in order:
         _check_name(f"PE id {pe_id!r}", pe_id)
-        for port in plan.pes[pe_id].outputs:
+        for port in plan.pes[pe_id]._output_ports:
             _check_name(f"output port {port!r} of PE {pe_id}", port)
     functions: dict[str, Callable[[Any], Any]] = {}
     streams: dict[str, list[StreamSpec]] = {}
     edge_stream: dict[int, StreamSpec] = {}
     for pe_id in order:
-        taken = set(plan.pes[pe_id].outputs) | {EOS_STREAM}
+        taken = set(plan.pes[pe_id]._output_ports) | {EOS_STREAM}
         declared: list[StreamSpec] = []
-        for port in plan.pes[pe_id].outputs:
+        for port in plan.pes[pe_id]._output_ports:
             # Storm lets a bolt subscribe to a stream once: repeat subscribers get a new stream.
             assigned: list[tuple[str, list[int]]] = []
             for index, edge in enumerate(flat.edges):
