@@ -319,9 +319,8 @@ class _Invoker:
     async def _handle_here(self, port: str | None, items: list[Any]) -> None:
         if self.fn is not None:
             if port is None:  # a feed batch: input dicts
-                if not self.has_inputs and _carries_nothing(
-                    items
-                ):  # no input to hand over (a dispel4py root may take some)
+                # No input to hand over (a dispel4py root may take some).
+                if not self.has_inputs and _carries_nothing(items):
                     return await self._call_fn(items)
                 if self.single_input is not None and all(self.single_input in e for e in items):
                     return await self._call_fn([element[self.single_input] for element in items])
