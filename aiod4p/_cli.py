@@ -332,6 +332,13 @@ def _run(args: argparse.Namespace) -> int:
     results = args.results
     if checkpointing is not None and checkpointing.results_path is not None:
         results = os.devnull  # the run writes the file itself, committed with each checkpoint
+    with _stdout_for_data(args.results == "-" or args.stats_json == "-") as stdout:
+        return _run_loaded(args, mapping, results, stdout)
+
+
+def _run_loaded(args: argparse.Namespace, mapping: BaseMapping, results: str | None, stdout: TextIO) -> int:
+    """Load the workflow of ``args``, run it on ``mapping`` writing its results to ``results`` and report;
+    ``stdout`` takes what goes to stdout (results with ``-``, ``--stats-json -``, the printed results)."""
     opened: list[TextIO] = []  # the results file once open: flushed before a hard abort
 
     def flush_results() -> None:
@@ -370,7 +377,7 @@ def _run(args: argparse.Namespace) -> int:
         try:
             with asyncio.Runner(loop_factory=loop_factory(mapping.uses_uvloop)) as runner:
                 status = runner.run(
-                    _consume(workflow, results, signals, outcome, opened, show_progress, stdin, sampler)
+                    _consume(workflow, results, signals, outcome, opened, stdout, show_progress, stdin, sampler)
                 )
         except Stopped as stop:
             # asyncio re-raises a KeyboardInterrupt out of the loop and also keeps it as the exception of the
@@ -381,7 +388,11 @@ def _run(args: argparse.Namespace) -> int:
         finally:
             signals.restore()
             report_stats(
-                workflow, table=args.stats, json_path=args.stats_json, samples=sampler.samples if sampler else None
+                workflow,
+                table=args.stats,
+                json_path=args.stats_json,
+                samples=sampler.samples if sampler else None,
+                stdout=stdout,
             )
     if status == EXIT_OK and args.provenance:
         write_document(provenance_document(workflow.stats), args.provenance)
@@ -515,6 +526,7 @@ async def _consume(
     signals: Interrupts,
     outcome: _Outcome,
     opened: list[TextIO],
+    stdout: TextIO,
     show_progress: bool = False,
     stdin: LineStream | None = None,
     sampler: StatsSampler | None = None,
@@ -526,8 +538,9 @@ async def _consume(
     The dead letters of ``stdin`` (``--on-bad dead-letter``) are results of
     PE ``stdin``, port ``dead_letter``.
 
-    Returns ``EXIT_OK``, ``EXIT_ABORTED``, or ``EXIT_PIPE`` when the reader of
-    stdout went away (the run is stopped; nothing more is written).
+    Results go to ``stdout`` when ``results_path`` is ``-`` or ``None`` (printed
+    at the end). Returns ``EXIT_OK``, ``EXIT_ABORTED``, or ``EXIT_PIPE`` when the
+    reader of ``stdout`` went away (the run is stopped; nothing more is written).
     """
     main_task = asyncio.current_task()
     assert main_task is not None
@@ -535,7 +548,7 @@ async def _consume(
     out: TextIO | None = None
     try:
         if results_path == "-":
-            out = sys.stdout
+            out = stdout
         elif results_path is not None:
             try:
                 out = open(results_path, "w", encoding="utf-8")  # noqa: SIM115, ASYNC230 - closed below; opening is instant
@@ -549,7 +562,7 @@ async def _consume(
             outcome.records += 1
             if out is not None:
                 try:
-                    _write_record(out, record)
+                    _write_record(out, record, flush=out is stdout)
                 except OSError:
                     with _writing_results(results_path):  # only once a write failed: it costs per record
                         raise
@@ -558,7 +571,7 @@ async def _consume(
 
         if stdin is not None:
             stdin.dead_letter = lambda bad: emit(ResultRecord("stdin", DEAD_LETTER, bad))
-        reader_gone = _watch_reader(main_task) if out is sys.stdout else None
+        reader_gone = _watch_reader(main_task, stdout) if out is stdout else None
         try:
             async with (
                 workflow,
@@ -569,31 +582,31 @@ async def _consume(
                     emit(record)
         except asyncio.CancelledError:
             if reader_gone is not None and reader_gone.is_set():
-                return _stdout_closed()
+                return _stdout_closed(stdout)
             return EXIT_ABORTED
         except BrokenPipeError:
-            return _stdout_closed()
+            return _stdout_closed(stdout)
         finally:
             if reader_gone is not None:
-                asyncio.get_running_loop().remove_reader(sys.stdout.fileno())
+                asyncio.get_running_loop().remove_reader(stdout.fileno())
         try:
             with _writing_results(results_path):
                 if out is None:
-                    _print_results(grouped)
-                sys.stdout.flush()  # what is still buffered may fail only now (a full disk)
+                    _print_results(grouped, stdout)
+                stdout.flush()  # what is still buffered may fail only now (a full disk)
         except BrokenPipeError:
-            return _stdout_closed()
+            return _stdout_closed(stdout)
         return EXIT_OK
     finally:
-        if out is not None and out is not sys.stdout:
+        if out is not None and out is not stdout:
             with _writing_results(results_path):
                 out.close()  # flushes: a full disk may fail only now
 
 
-def _watch_reader(main_task: asyncio.Task[Any]) -> asyncio.Event | None:
-    """When stdout is a pipe, cancel ``main_task`` as soon as its reader goes away (``| head``), even if
+def _watch_reader(main_task: asyncio.Task[Any], stdout: TextIO) -> asyncio.Event | None:
+    """When ``stdout`` is a pipe, cancel ``main_task`` as soon as its reader goes away (``| head``), even if
     the run has nothing more to write; the event returned is set then. ``None`` for anything but a pipe."""
-    fd = sys.stdout.fileno()
+    fd = stdout.fileno()
     if not stat.S_ISFIFO(os.fstat(fd).st_mode):
         return None
     gone = asyncio.Event()
@@ -626,33 +639,60 @@ def _writing_results(path: str | None) -> Iterator[None]:
         ) from exc
 
 
-def _silence_stdout() -> None:
-    """Point stdout at the null device: what is still buffered for it is dropped at exit, quietly."""
+def _silence_stdout(stdout: TextIO | None = None) -> None:
+    """Point ``stdout`` (default: ``sys.stdout``) at the null device: what is still buffered for it is
+    dropped at exit, quietly."""
     devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, sys.stdout.fileno())
+    os.dup2(devnull, (stdout or sys.stdout).fileno())
     os.close(devnull)
 
 
-def _stdout_closed() -> int:
-    """The reader of stdout went away (``| head``): exit quietly, as Unix tools do."""
-    _silence_stdout()  # Python's own flush at exit must not fail again
+def _stdout_closed(stdout: TextIO | None = None) -> int:
+    """The reader of ``stdout`` (default: ``sys.stdout``) went away (``| head``): exit quietly, as Unix
+    tools do."""
+    _silence_stdout(stdout)  # Python's own flush at exit must not fail again
     return EXIT_PIPE
 
 
-def _write_record(out: TextIO, record: ResultRecord) -> None:
+@contextlib.contextmanager
+def _stdout_for_data(reserved: bool) -> Iterator[TextIO]:
+    """The stream for what the command writes to stdout.
+
+    When ``reserved`` (``--results -``, ``--stats-json -``: JSON that ``jq`` or ``head`` reads), stdout
+    carries that data only: the stream given writes to the command's stdout, while file descriptor 1,
+    and with it ``sys.stdout`` (the PEs' ``print``), the worker processes started meanwhile and Ray's
+    worker logs, points to stderr until the block ends. Else it is ``sys.stdout``.
+    """
+    if not reserved:
+        yield sys.stdout
+        return
+    sys.stdout.flush()
+    data = open(os.dup(1), "w", encoding="utf-8")  # noqa: SIM115 - closed below
+    os.dup2(2, 1)
+    try:
+        yield data
+    finally:
+        with contextlib.suppress(OSError, ValueError):
+            sys.stdout.flush()  # the PEs' output still buffered: to stderr
+        os.dup2(data.fileno(), 1)  # a silenced stdout (its reader gone) stays silenced
+        with contextlib.suppress(OSError):  # the run flushed it: a failure here followed one reported
+            data.close()
+
+
+def _write_record(out: TextIO, record: ResultRecord, *, flush: bool) -> None:
     out.write(record_line(record))
-    if out is sys.stdout:
+    if flush:
         out.flush()
 
 
-def _print_results(grouped: dict[tuple[str, str], list[Any]]) -> None:
+def _print_results(grouped: dict[tuple[str, str], list[Any]], stdout: TextIO) -> None:
     if not grouped:
-        print("No results.")
+        print("No results.", file=stdout)
         return
     for (pe, port), items in grouped.items():
-        print(f"{pe}.{port}: {len(items)} item{'s' if len(items) != 1 else ''}")
+        print(f"{pe}.{port}: {len(items)} item{'s' if len(items) != 1 else ''}", file=stdout)
         for item in items:
-            print(f"  {item!r}")
+            print(f"  {item!r}", file=stdout)
 
 
 # -- provenance and plots (issue 15) ------------------------------------------------

@@ -288,6 +288,35 @@ def test_at_most_one_worker_per_cpu_on_this_machine(mapping: str, workflow_file:
     assert json.loads(stats.read_text())["workers"] == 3
 
 
+@pytest.mark.parametrize("mapping", ["simple", "multi", "mpi"])
+def test_results_on_stdout_are_not_mixed_with_what_pes_print(tmp_path: Path, mapping: str) -> None:
+    """`--results -` (and `--stats-json -`) is read by `jq` or `head`: what PEs print, in the command's process
+    or in its workers, goes to stderr, and stdout holds the JSON only."""
+    flow = tmp_path / "chatty.py"
+    flow.write_text(
+        numbers_flow(
+            """
+            class Chatty(IterativePE):
+                def process_item(self, item):
+                    print("processing", item)
+                    return item
+            """
+        ).replace("graph = WorkflowGraph()", 'print("loading")\ngraph = WorkflowGraph()')
+    )
+    done = aiod4p("run", str(flow), "-m", mapping, "-n", "2", "-i", "3", "--results", "-", "-q")
+    assert done.returncode == 0, done.stderr
+    assert sorted(json.loads(line)["data"] for line in done.stdout.splitlines()) == [1, 2, 3]
+    assert sorted(line for line in done.stderr.splitlines() if line.startswith("processing")) == [
+        f"processing {n}" for n in (1, 2, 3)
+    ]
+    results = tmp_path / "results.jsonl"
+    stats = aiod4p(
+        "run", str(flow), "-m", mapping, "-n", "2", "-i", "3", "--results", str(results), "--stats-json", "-"
+    )
+    assert stats.returncode == 0, stats.stderr
+    assert json.loads(stats.stdout)["mapping"] == mapping
+
+
 @pytest.mark.parametrize("mapping", ["simple", "async"])
 def test_results_into_a_pipe_keep_stdout_blocking(tmp_path: Path, mapping: str) -> None:
     """The watch for the pipe's reader going away must not make stdout non-blocking (uvloop does so to what
