@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,7 +16,7 @@ from pathlib import Path
 import pytest
 import ray
 import workflows as wf
-from helpers import TIMES10_FLOW, aiod4p_cli, aiod4p_process
+from helpers import ROOT, TIMES10_FLOW, aiod4p_cli, aiod4p_process
 from ray_cluster import RayCluster, session_processes, wait_gone
 
 import aiod4p
@@ -220,6 +222,40 @@ def test_a_sigint_while_the_local_ray_starts_leaves_none_of_it() -> None:
         assert run.returncode == 130 and "aborted by SIGINT during start-up" in err, err
         left = wait_gone(session_processes([run.pid]), timeout=30)
         assert left == [], [_described(pid) for pid in left]
+
+
+def test_a_local_ray_started_by_the_run_has_room_for_its_workers(tmp_path: Path) -> None:
+    """A laptop: `-m ray -n N` with more workers than CPUs runs one per CPU and says so, as multi does;
+    `--oversubscribe` (and the Python API) starts them all, on a local Ray with room for them. Neither waits a
+    minute for actors that Ray could never start; resources no local Ray has fail at once, naming them."""
+    drawing = tmp_path / "flow.dot"
+    capped = aiod4p_cli("graph", "examples/wordcount.py", "-m", "ray", "-n", "3", "-o", str(drawing), one_cpu=True)
+    assert capped.returncode == 0 and "so 1 worker process" in capped.stderr, capped.stderr
+    flow = tmp_path / "times10.py"
+    flow.write_text(TIMES10_FLOW)
+    over = str((os.cpu_count() or 1) + 1)
+    run = ("run", str(flow), "-m", "ray", "-n", over, "--oversubscribe", "-i", "5", "--results", "-", "-q")
+    done = aiod4p_cli(*run, "--stats-json", str(tmp_path / "stats.json"), env=WITHOUT_CLUSTER, timeout=45)
+    assert done.returncode == 0, done.stderr
+    assert sorted(json.loads(line)["data"] for line in done.stdout.splitlines()) == [10, 20, 30, 40, 50]
+    assert json.loads((tmp_path / "stats.json").read_text())["workers"] == int(over)
+    script = (
+        "import aiod4p, times10\n"
+        "from aiod4p.mappings.ray import RayMapping\n"
+        "aiod4p.run(times10.graph, 5, mapping=RayMapping(resources={'gpu_host': 1}), workers=1)\n"
+    )
+    missing = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        env={**WITHOUT_CLUSTER, "PYTHONPATH": f"{ROOT}:{tmp_path}"},
+        timeout=45,
+    )
+    assert missing.returncode == 1
+    assert (
+        "MappingUnavailable: the local Ray started for the run cannot start 1 worker actors of 1 CPU and"
+        " {'gpu_host': 1} each: it has {" in missing.stderr
+    ), missing.stderr
 
 
 def _described(pid: int) -> str:
