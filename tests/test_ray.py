@@ -229,7 +229,8 @@ def test_a_local_ray_started_by_the_run_has_room_for_its_workers(tmp_path: Path)
     `--oversubscribe` (and the Python API) starts them all, on a local Ray with room for them. Neither waits a
     minute for actors that Ray could never start; resources no local Ray has fail at once, naming them."""
     drawing = tmp_path / "flow.dot"
-    capped = aiod4p_cli("graph", "examples/wordcount.py", "-m", "ray", "-n", "3", "-o", str(drawing), one_cpu=True)
+    graph = ("graph", "examples/wordcount.py", "-m", "ray", "-n", "3", "-o", str(drawing))
+    capped = aiod4p_cli(*graph, one_cpu=True, env=WITHOUT_CLUSTER)
     assert capped.returncode == 0 and "so 1 worker process" in capped.stderr, capped.stderr
     flow = tmp_path / "times10.py"
     flow.write_text(TIMES10_FLOW)
