@@ -137,6 +137,17 @@ def test_more_than_the_cluster_has_fails_clearly(ray_cluster: RayCluster) -> Non
         aiod4p.run(_chain(wf.Double()), 10, mapping=mapping, workers=1)
 
 
+def test_a_class_from_main_is_refused_before_ray_starts(ray_cluster: RayCluster) -> None:
+    """PEs defined in a notebook or a script (``__main__``): Ray's workers cannot import them, which the run
+    found out only once every actor had started and failed to load the workflow."""
+    graph = WorkflowGraph()
+    graph.connect(wf.Count(), "output", pe := type("Local", (wf.Double,), {"__module__": "__main__"})(), "input")
+    message = rf"PE {pe.id}: its class Local is defined in __main__, which the Ray actors cannot import"
+    with pytest.raises(GraphError, match=message):
+        aiod4p.run(graph, 3, mapping="ray", workers=2)
+    assert not ray.is_initialized()
+
+
 def test_an_unpicklable_pe_is_named(ray_cluster: RayCluster) -> None:
     with pytest.raises(GraphError, match=r"PE HoldsLock\d+ cannot be pickled to start Ray actors: TypeError: .*lock"):
         aiod4p.run(_chain(wf.HoldsLock()), 10, mapping="ray", workers=2)

@@ -50,7 +50,7 @@ from ._base import available_cpus
 from ._host import GRACE, STATS_INTERVAL
 from ._hosted import HostedMapping
 from ._ray_worker import CONTROL, RayWorker
-from ._shipping import Job, ship
+from ._shipping import Job, check_importable, ship
 
 __all__ = ["RayMapping"]
 
@@ -299,9 +299,11 @@ class _RayRun:
         ends of their control comms.
 
         Raises:
-            GraphError: a PE cannot be pickled (before anything of Ray starts).
+            GraphError: a PE cannot be pickled, or its class or function is defined in ``__main__`` (a notebook,
+                a script), which the actors cannot import (before anything of Ray starts).
             MappingUnavailable: Ray cannot be joined, or did not start the actors within ``start_timeout``.
         """
+        check_importable(self.plan, "the Ray actors")
         payload = ship(job, "start Ray actors")
         handover = _Handover()
 
