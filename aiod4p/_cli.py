@@ -368,7 +368,7 @@ def _run_loaded(args: argparse.Namespace, mapping: BaseMapping, results: str | N
                 workers=args.num,
                 batch_size=args.batch_size,
                 credits=args.credits,
-                provenance=args.provenance_level if args.provenance else None,
+                provenance=(args.provenance_level or "item") if args.provenance else None,
             )
         except Stopped as stop:
             return _aborted(stop.signum, 0, "while loading the workflow")
@@ -450,6 +450,8 @@ def _ignored_options(args: argparse.Namespace, mapping: BaseMapping) -> list[str
         ignored.append(f"-n is ignored: the {mapping.name} mapping runs one instance of every PE")
     given = [option for option, value in (("-f", args.file), ("-d", args.data), ("-i", args.iter)) if value is not None]
     ignored.extend(f"{option} is ignored: {given[0]} gives the inputs" for option in given[1:])
+    if args.provenance_level is not None and args.provenance is None:
+        ignored.append("--provenance-level is ignored: --provenance FILE records provenance")
     cpus = available_cpus()
     if args.oversubscribe and not mapping.shares_cpus:
         ignored.append(f"--oversubscribe is ignored: the {mapping.name} mapping does not limit -n to the CPUs")
@@ -705,7 +707,7 @@ def _add_provenance_options(run: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--provenance-level",
-        default="item",
+        default=None,
         choices=LEVELS,
         help="item: the lineage of every item (default); pe: per PE and port counts and timing, nearly free",
     )

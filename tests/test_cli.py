@@ -255,6 +255,7 @@ def test_version() -> None:
         (["-m", "simple", "-n", "3", "-i", "2"], "-n is ignored: the simple mapping runs one instance of every PE"),
         (["-i", "2", "-d", '{"Numbers": 1}'], "-i is ignored: -d gives the inputs"),
         (["-d", '{"Numbers": 1}', "-f", "{inputs}"], "-d is ignored: -f gives the inputs"),
+        (["--provenance-level", "item"], "--provenance-level is ignored: --provenance FILE records provenance"),
     ],
 )
 def test_ignored_options_give_a_warning(workflow_file: Path, tmp_path: Path, args: list[str], warning: str) -> None:
