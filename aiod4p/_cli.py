@@ -308,6 +308,7 @@ def _run(args: argparse.Namespace) -> int:
         if not mapping.supports_checkpoints:
             raise ValueError(f"--checkpoint-dir: the {args.mapping} mapping does not take checkpoints")
         mapping.checkpointing = checkpointing
+    data_on_stdout = args.results == "-" or args.stats_json == "-"  # on every MPI rank: mpiexec joins their stdouts
     if getattr(mapping, "follower", False):  # an MPI rank other than 0 (under mpiexec): rank 0 reports
         args.results, args.quiet, args.stats, args.stats_json = os.devnull, True, False, None
         args.provenance = None
@@ -332,7 +333,7 @@ def _run(args: argparse.Namespace) -> int:
     results = args.results
     if checkpointing is not None and checkpointing.results_path is not None:
         results = os.devnull  # the run writes the file itself, committed with each checkpoint
-    with _stdout_for_data(args.results == "-" or args.stats_json == "-") as stdout:
+    with _stdout_for_data(data_on_stdout) as stdout:
         return _run_loaded(args, mapping, results, stdout)
 
 
