@@ -30,6 +30,7 @@ import contextlib
 import logging
 import pickle
 import reprlib
+import sys
 from collections import deque
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -305,6 +306,7 @@ async def serve(
             stats = running.result()
         except UnpicklableMessage as exc:
             raise unpicklable_item(worker.plan, exc) from exc
+        _flush_output()
         await control.send(Done(stats))
         succeeded = True
     except Exception as exc:
@@ -325,6 +327,14 @@ async def serve(
         await asyncio.gather(listener, return_exceptions=True)
         await control.aclose()
     return succeeded
+
+
+def _flush_output() -> None:
+    """Write out what this worker's PEs printed and is still buffered: once the launcher hears the run is
+    done, it stops a worker that is slow to exit (a thread a PE left running), which would drop it."""
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            stream.flush()
 
 
 async def fail(control: Comm, name: str, error: BaseException, *, goodbye_timeout: float | None = None) -> None:

@@ -19,9 +19,13 @@ goes away before sending the job, rank 0 ends the job quietly.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import socket
 import sys
+import threading
 import traceback
+from typing import NoReturn
 
 from mpi4py import MPI
 
@@ -112,5 +116,22 @@ def main(argv: list[str]) -> int:
     return 0
 
 
+def _exit(status: int) -> NoReturn:
+    """End this rank with ``status``, even while a thread that a PE started still runs (a library's, or a
+    threaded PE's blocked call): Python would wait for it before finalizing MPI, and the launcher would wait
+    for the rank, 30 s, then stop it."""
+    if any(
+        thread.is_alive() and not thread.daemon
+        for thread in threading.enumerate()
+        if thread is not threading.main_thread()
+    ):
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(OSError, ValueError):
+                stream.flush()
+        MPI.Finalize()
+        os._exit(status)
+    sys.exit(status)
+
+
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    _exit(main(sys.argv[1:]))
