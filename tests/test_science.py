@@ -116,6 +116,8 @@ def test_every_mapping_gives_the_same_results(reference: dict[str, list[Any]], m
         ("seismic", "Synthesise", {"statoins": 3}, "unknown setting 'statoins': the settings are stations, seconds"),
         ("astro", "ReadCatalogue", {"galaxies": 0}, "galaxies must be a whole number of at least 1, not 0"),
         ("astro", "ReadCatalogue", {"galaxy": 9}, "unknown setting 'galaxy': the settings are galaxies, seed, path"),
+        ("astro", "ReadCatalogue", {"path": 5}, "path must be the name of a VOTable file, not 5"),
+        ("astro", "ReadCatalogue", {"path": "/nonexistent.xml"}, "cannot read the catalogue /nonexistent.xml: "),
         ("sentiment", "Articles", {"articles": True}, "articles must be a whole number of at least 1, not True"),
         ("sentiment", "Articles", {"seed": -1}, "seed must be a whole number of at least 0, not -1"),
     ],

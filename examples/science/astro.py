@@ -205,6 +205,8 @@ def settings(given: Any) -> dict[str, Any]:
             whole = "a whole number" if kind is int else "a number"
             raise ValueError(f"{name} must be {whole} of at least {least:g}, not {value!r}")
         size[name] = kind(value)
+    if not isinstance(size.get("path", ""), str):
+        raise ValueError(f"path must be the name of a VOTable file, not {size['path']!r}")
     return size
 
 
@@ -228,7 +230,10 @@ class ReadCatalogue(GenericPE):
         else:
             source = io.BytesIO(catalogue(int(size["galaxies"]), int(size["seed"])))
         self.annotate(**{k: str(v) for k, v in size.items()}, astropy=astropy.__version__)
-        table = parse_single_table(source).array
+        try:
+            table = parse_single_table(source).array
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"cannot read the catalogue {size.get('path', '')}: {exc}") from exc
         for row in table:
             self.write("output", (str(row["name"]), float(row["ra"]), float(row["dec"])))
 
