@@ -9,9 +9,8 @@ import os
 import signal
 import stat
 import sys
-import threading
 import traceback
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NoReturn, TextIO
 
@@ -28,6 +27,7 @@ from ._provenance import document as provenance_document
 from ._results import ResultRecord, record_line
 from ._signals import Interrupts, Stopped
 from ._stats_report import StatsSampler, report_stats
+from ._threads import exit_past_threads
 from ._visual import draw, draw_dot
 from .compat.processor import MOST_SHARED_PROCESSES
 from .errors import Aiod4pError, writing
@@ -213,16 +213,7 @@ def entry() -> NoReturn:
         if status == EXIT_OK:
             print(f"aiod4p: error: cannot write to stdout: {exc.strerror or exc}", file=sys.stderr)
             status = EXIT_ERROR
-    if any(
-        thread.is_alive() and not thread.daemon
-        for thread in threading.enumerate()
-        if thread is not threading.main_thread()
-    ):
-        for stream in (sys.stdout, sys.stderr):
-            with contextlib.suppress(OSError, ValueError):
-                stream.flush()
-        os._exit(status)
-    sys.exit(status)
+    exit_past_threads(status)
 
 
 def _open_standard_streams() -> None:
@@ -308,6 +299,7 @@ def _run(args: argparse.Namespace) -> int:
         if not mapping.supports_checkpoints:
             raise ValueError(f"--checkpoint-dir: the {args.mapping} mapping does not take checkpoints")
         mapping.checkpointing = checkpointing
+    data_on_stdout = args.results == "-" or args.stats_json == "-"  # on every MPI rank: mpiexec joins their stdouts
     if getattr(mapping, "follower", False):  # an MPI rank other than 0 (under mpiexec): rank 0 reports
         args.results, args.quiet, args.stats, args.stats_json = os.devnull, True, False, None
         args.provenance = None
@@ -332,6 +324,13 @@ def _run(args: argparse.Namespace) -> int:
     results = args.results
     if checkpointing is not None and checkpointing.results_path is not None:
         results = os.devnull  # the run writes the file itself, committed with each checkpoint
+    with _stdout_for_data(data_on_stdout) as stdout:
+        return _run_loaded(args, mapping, results, stdout)
+
+
+def _run_loaded(args: argparse.Namespace, mapping: BaseMapping, results: str | None, stdout: TextIO) -> int:
+    """Load the workflow of ``args``, run it on ``mapping`` writing its results to ``results`` and report;
+    ``stdout`` takes what goes to stdout (results with ``-``, ``--stats-json -``, the printed results)."""
     opened: list[TextIO] = []  # the results file once open: flushed before a hard abort
 
     def flush_results() -> None:
@@ -361,7 +360,7 @@ def _run(args: argparse.Namespace) -> int:
                 workers=args.num,
                 batch_size=args.batch_size,
                 credits=args.credits,
-                provenance=args.provenance_level if args.provenance else None,
+                provenance=(args.provenance_level or "item") if args.provenance else None,
             )
         except Stopped as stop:
             return _aborted(stop.signum, 0, "while loading the workflow")
@@ -370,7 +369,7 @@ def _run(args: argparse.Namespace) -> int:
         try:
             with asyncio.Runner(loop_factory=loop_factory(mapping.uses_uvloop)) as runner:
                 status = runner.run(
-                    _consume(workflow, results, signals, outcome, opened, show_progress, stdin, sampler)
+                    _consume(workflow, results, signals, outcome, opened, stdout, show_progress, stdin, sampler)
                 )
         except Stopped as stop:
             # asyncio re-raises a KeyboardInterrupt out of the loop and also keeps it as the exception of the
@@ -381,7 +380,11 @@ def _run(args: argparse.Namespace) -> int:
         finally:
             signals.restore()
             report_stats(
-                workflow, table=args.stats, json_path=args.stats_json, samples=sampler.samples if sampler else None
+                workflow,
+                table=args.stats,
+                json_path=args.stats_json,
+                samples=sampler.samples if sampler else None,
+                stdout=stdout,
             )
     if status == EXIT_OK and args.provenance:
         write_document(provenance_document(workflow.stats), args.provenance)
@@ -444,6 +447,8 @@ def _ignored_options(args: argparse.Namespace, mapping: BaseMapping) -> list[str
             f"--restarts is ignored: the {mapping.name} mapping runs in this process, where no worker dies alone"
             " (--restore resumes a run that was stopped)"
         )
+    if args.provenance_level is not None and args.provenance is None:
+        ignored.append("--provenance-level is ignored: --provenance FILE records provenance")
     cpus = available_cpus()
     if args.oversubscribe and not mapping.shares_cpus:
         ignored.append(f"--oversubscribe is ignored: the {mapping.name} mapping does not limit -n to the CPUs")
@@ -520,6 +525,7 @@ async def _consume(
     signals: Interrupts,
     outcome: _Outcome,
     opened: list[TextIO],
+    stdout: TextIO,
     show_progress: bool = False,
     stdin: LineStream | None = None,
     sampler: StatsSampler | None = None,
@@ -531,8 +537,9 @@ async def _consume(
     The dead letters of ``stdin`` (``--on-bad dead-letter``) are results of
     PE ``stdin``, port ``dead_letter``.
 
-    Returns ``EXIT_OK``, ``EXIT_ABORTED``, or ``EXIT_PIPE`` when the reader of
-    stdout went away (the run is stopped; nothing more is written).
+    Results go to ``stdout`` when ``results_path`` is ``-`` or ``None`` (printed
+    at the end). Returns ``EXIT_OK``, ``EXIT_ABORTED``, or ``EXIT_PIPE`` when the
+    reader of ``stdout`` went away (the run is stopped; nothing more is written).
     """
     main_task = asyncio.current_task()
     assert main_task is not None
@@ -541,7 +548,7 @@ async def _consume(
     where = "stdout" if results_path in (None, "-") else results_path
     try:
         if results_path == "-":
-            out = sys.stdout
+            out = stdout
         elif results_path is not None:
             with writing("results", results_path):
                 out = open(results_path, "w", encoding="utf-8")  # noqa: SIM115, ASYNC230 - closed below; opening is instant
@@ -553,7 +560,7 @@ async def _consume(
             outcome.records += 1
             if out is not None:
                 try:
-                    _write_record(out, record)
+                    _write_record(out, record, flush=out is stdout)
                 except OSError:
                     with writing("results", where):  # only once a write failed: it costs per record
                         raise
@@ -562,7 +569,7 @@ async def _consume(
 
         if stdin is not None:
             stdin.dead_letter = lambda bad: emit(ResultRecord("stdin", DEAD_LETTER, bad))
-        reader_gone = _watch_reader(main_task) if out is sys.stdout else None
+        reader_gone = _watch_reader(main_task, stdout) if out is stdout else None
         try:
             async with (
                 workflow,
@@ -573,31 +580,31 @@ async def _consume(
                     emit(record)
         except asyncio.CancelledError:
             if reader_gone is not None and reader_gone.is_set():
-                return _stdout_closed()
+                return _stdout_closed(stdout)
             return EXIT_ABORTED
         except BrokenPipeError:
-            return _stdout_closed()
+            return _stdout_closed(stdout)
         finally:
             if reader_gone is not None:
-                asyncio.get_running_loop().remove_reader(sys.stdout.fileno())
+                asyncio.get_running_loop().remove_reader(stdout.fileno())
         try:
             with writing("results", where):
                 if out is None:
-                    _print_results(grouped)
-                sys.stdout.flush()  # what is still buffered may fail only now (a full disk)
+                    _print_results(grouped, stdout)
+                stdout.flush()  # what is still buffered may fail only now (a full disk)
         except BrokenPipeError:
-            return _stdout_closed()
+            return _stdout_closed(stdout)
         return EXIT_OK
     finally:
-        if out is not None and out is not sys.stdout:
+        if out is not None and out is not stdout:
             with writing("results", where):
                 out.close()  # flushes: a full disk may fail only now
 
 
-def _watch_reader(main_task: asyncio.Task[Any]) -> asyncio.Event | None:
-    """When stdout is a pipe, cancel ``main_task`` as soon as its reader goes away (``| head``), even if
+def _watch_reader(main_task: asyncio.Task[Any], stdout: TextIO) -> asyncio.Event | None:
+    """When ``stdout`` is a pipe, cancel ``main_task`` as soon as its reader goes away (``| head``), even if
     the run has nothing more to write; the event returned is set then. ``None`` for anything but a pipe."""
-    fd = sys.stdout.fileno()
+    fd = stdout.fileno()
     if not stat.S_ISFIFO(os.fstat(fd).st_mode):
         return None
     gone = asyncio.Event()
@@ -613,33 +620,60 @@ def _watch_reader(main_task: asyncio.Task[Any]) -> asyncio.Event | None:
     return gone
 
 
-def _silence_stdout() -> None:
-    """Point stdout at the null device: what is still buffered for it is dropped at exit, quietly."""
+def _silence_stdout(stdout: TextIO | None = None) -> None:
+    """Point ``stdout`` (default: ``sys.stdout``) at the null device: what is still buffered for it is
+    dropped at exit, quietly."""
     devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, sys.stdout.fileno())
+    os.dup2(devnull, (stdout or sys.stdout).fileno())
     os.close(devnull)
 
 
-def _stdout_closed() -> int:
-    """The reader of stdout went away (``| head``): exit quietly, as Unix tools do."""
-    _silence_stdout()  # Python's own flush at exit must not fail again
+def _stdout_closed(stdout: TextIO | None = None) -> int:
+    """The reader of ``stdout`` (default: ``sys.stdout``) went away (``| head``): exit quietly, as Unix
+    tools do."""
+    _silence_stdout(stdout)  # Python's own flush at exit must not fail again
     return EXIT_PIPE
 
 
-def _write_record(out: TextIO, record: ResultRecord) -> None:
+@contextlib.contextmanager
+def _stdout_for_data(reserved: bool) -> Iterator[TextIO]:
+    """The stream for what the command writes to stdout.
+
+    When ``reserved`` (``--results -``, ``--stats-json -``: JSON that ``jq`` or ``head`` reads), stdout
+    carries that data only: the stream given writes to the command's stdout, while file descriptor 1,
+    and with it ``sys.stdout`` (the PEs' ``print``), the worker processes started meanwhile and Ray's
+    worker logs, points to stderr until the block ends. Else it is ``sys.stdout``.
+    """
+    if not reserved:
+        yield sys.stdout
+        return
+    sys.stdout.flush()
+    data = open(os.dup(1), "w", encoding="utf-8")  # noqa: SIM115 - closed below
+    os.dup2(2, 1)
+    try:
+        yield data
+    finally:
+        with contextlib.suppress(OSError, ValueError):
+            sys.stdout.flush()  # the PEs' output still buffered: to stderr
+        os.dup2(data.fileno(), 1)  # a silenced stdout (its reader gone) stays silenced
+        with contextlib.suppress(OSError):  # the run flushed it: a failure here followed one reported
+            data.close()
+
+
+def _write_record(out: TextIO, record: ResultRecord, *, flush: bool) -> None:
     out.write(record_line(record))
-    if out is sys.stdout:
+    if flush:
         out.flush()
 
 
-def _print_results(grouped: dict[tuple[str, str], list[Any]]) -> None:
+def _print_results(grouped: dict[tuple[str, str], list[Any]], stdout: TextIO) -> None:
     if not grouped:
-        print("No results.")
+        print("No results.", file=stdout)
         return
     for (pe, port), items in grouped.items():
-        print(f"{pe}.{port}: {len(items)} item{'s' if len(items) != 1 else ''}")
+        print(f"{pe}.{port}: {len(items)} item{'s' if len(items) != 1 else ''}", file=stdout)
         for item in items:
-            print(f"  {item!r}")
+            print(f"  {item!r}", file=stdout)
 
 
 # -- provenance and plots (issue 15) ------------------------------------------------
@@ -652,7 +686,7 @@ def _add_provenance_options(run: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--provenance-level",
-        default="item",
+        default=None,
         choices=LEVELS,
         help="item: the lineage of every item (default); pe: per PE and port counts and timing, nearly free",
     )

@@ -13,7 +13,7 @@ import threading
 from collections.abc import Iterable
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TextIO
 
 from ._plan import ExecutionPlan, worker_list
 from ._stats import InstanceStats
@@ -165,17 +165,18 @@ def stats_document(
     }
 
 
-def write_stats_json(path: str | Path, document: dict[str, Any]) -> None:
-    """Write ``document`` as indented JSON to ``path`` (``-`` for stdout).
+def write_stats_json(path: str | Path, document: dict[str, Any], stdout: TextIO | None = None) -> None:
+    """Write ``document`` as indented JSON to ``path`` (``-`` for ``stdout``, default ``sys.stdout``).
 
     Raises:
         Aiod4pError: the file cannot be written (the message names it).
     """
     text = json.dumps(document, indent=2) + "\n"
     if str(path) == "-":
+        out = stdout or sys.stdout
         with writing("statistics", "stdout"):
-            sys.stdout.write(text)
-            sys.stdout.flush()
+            out.write(text)
+            out.flush()
         return
     with writing("statistics", str(path)):
         Path(path).write_text(text, encoding="utf-8")
@@ -236,8 +237,10 @@ def report_stats(
     json_path: str | None,
     console: Console | None = None,
     samples: list[dict[str, Any]] | None = None,
+    stdout: TextIO | None = None,
 ) -> None:
-    """Print the ``--stats`` table (to stderr unless ``console`` is given) and/or write ``--stats-json``.
+    """Print the ``--stats`` table (to stderr unless ``console`` is given) and/or write ``--stats-json``
+    (``-``: to ``stdout``, default ``sys.stdout``).
 
     Uses the final statistics when the run finished, else the last published.
 
@@ -256,7 +259,7 @@ def report_stats(
             finished=bool(workflow.stats),
             samples=samples,
         )
-        write_stats_json(json_path, document)
+        write_stats_json(json_path, document, stdout)
     if table:
         from rich.console import Console
 

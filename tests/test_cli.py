@@ -261,6 +261,7 @@ def test_version() -> None:
             "--restarts is ignored: the async mapping runs in this process, where no worker dies alone"
             " (--restore resumes a run that was stopped)",
         ),
+        (["--provenance-level", "item"], "--provenance-level is ignored: --provenance FILE records provenance"),
     ],
 )
 def test_ignored_options_give_a_warning(workflow_file: Path, tmp_path: Path, args: list[str], warning: str) -> None:
@@ -294,6 +295,59 @@ def test_at_most_one_worker_per_cpu_on_this_machine(mapping: str, workflow_file:
     over = aiod4p(*run, "-n", "3", "--oversubscribe", one_cpu=True)
     assert over.returncode == 0 and "warning" not in over.stderr, over.stderr
     assert json.loads(stats.read_text())["workers"] == 3
+
+
+@pytest.mark.parametrize("mapping", ["simple", "multi", "mpi"])
+def test_results_on_stdout_are_not_mixed_with_what_pes_print(tmp_path: Path, mapping: str) -> None:
+    """`--results -` (and `--stats-json -`) is read by `jq` or `head`: what PEs print, in the command's process
+    or in its workers, goes to stderr, and stdout holds the JSON only."""
+    flow = tmp_path / "chatty.py"
+    flow.write_text(
+        numbers_flow(
+            """
+            class Chatty(IterativePE):
+                def process_item(self, item):
+                    print(f"processing {item}")  # one write: whole even if another process writes too
+                    return item
+            """
+        ).replace("graph = WorkflowGraph()", 'print("loading")\ngraph = WorkflowGraph()')
+    )
+    done = aiod4p("run", str(flow), "-m", mapping, "-n", "2", "-i", "3", "--results", "-", "-q")
+    assert done.returncode == 0, done.stderr
+    assert sorted(json.loads(line)["data"] for line in done.stdout.splitlines()) == [1, 2, 3]
+    assert sorted(re.findall(r"processing \d", done.stderr)) == [f"processing {n}" for n in (1, 2, 3)]
+    results = tmp_path / "results.jsonl"
+    stats = aiod4p(
+        "run", str(flow), "-m", mapping, "-n", "2", "-i", "3", "--results", str(results), "--stats-json", "-"
+    )
+    assert stats.returncode == 0, stats.stderr
+    assert json.loads(stats.stdout)["mapping"] == mapping
+
+
+@pytest.mark.parametrize("mapping", ["multi", "mpi"])
+def test_what_pes_print_survives_a_thread_they_leave_running(tmp_path: Path, mapping: str) -> None:
+    """A worker kept from exiting by a thread that a PE's library left running is stopped by the launcher:
+    what its PEs printed, still in stdout's buffer (a pipe: block-buffered), was lost with it."""
+    flow = tmp_path / "lingering.py"
+    flow.write_text(
+        numbers_flow(
+            """
+            import threading
+
+            class Lingering(IterativePE):
+                def preprocess(self):
+                    threading.Thread(target=threading.Event().wait).start()  # never ends
+
+                def process_item(self, item):
+                    print(f"processing {item}")  # one write: whole even if another process writes too
+                    return item
+            """
+        )
+    )
+    done = aiod4p("run", str(flow), "-m", mapping, "-n", "2", "-i", "3", "-q", env=BUFFERED, timeout=20)
+    assert done.returncode == 0, done.stderr
+    printed = done.stdout + done.stderr  # the MPI ranks' output reaches stderr
+    assert sorted(re.findall(r"processing \d", printed)) == [f"processing {n}" for n in (1, 2, 3)]
 
 
 @pytest.mark.parametrize("mapping", ["simple", "async"])

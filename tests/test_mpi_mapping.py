@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 import test_differential as differential
 import workflows as wf
-from helpers import aiod4p_process
+from helpers import ROOT, aiod4p_cli, aiod4p_process, numbers_flow
 from ray_cluster import wait_gone
 
 import aiod4p
@@ -76,6 +76,51 @@ def test_cli_under_mpiexec_only_rank_0_reports(tmp_path: Path) -> None:
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert sorted(r["data"] for r in records) == [i * 8 for i in range(500)]
     assert done.stdout == ""  # no rank printed "No results." or a summary
+
+
+def test_ranks_exit_while_a_thread_a_pe_started_still_runs(tmp_path: Path) -> None:
+    """A library a PE uses may leave a thread running (a model server's, a monitor's): the ranks still exit
+    when the run is over, where Python waited for the thread and the launcher 30 s for the ranks."""
+    flow = tmp_path / "lingering.py"
+    flow.write_text(
+        numbers_flow(
+            """
+            import threading
+
+            class Lingering(IterativePE):
+                def preprocess(self):
+                    threading.Thread(target=threading.Event().wait).start()  # never ends
+
+                def process_item(self, item):
+                    return item
+            """
+        )
+    )
+    done = aiod4p_cli("run", str(flow), "--mapping", "mpi", "-n", "2", "-i", "3", "--results", "-", timeout=20)
+    assert done.returncode == 0, done.stderr
+    assert sorted(json.loads(line)["data"] for line in done.stdout.splitlines()) == [1, 2, 3]
+    assert "did not exit" not in done.stderr
+
+
+def test_cli_under_mpiexec_keeps_stdout_for_the_results(tmp_path: Path) -> None:
+    """mpiexec joins every rank's stdout into its own: what PEs print on any rank goes to stderr under
+    `--results -`, so that stdout holds the JSON records only."""
+    flow = tmp_path / "chatty.py"
+    flow.write_text(
+        numbers_flow(
+            """
+            class Chatty(IterativePE):
+                def process_item(self, item):
+                    print("processing", item)
+                    return item
+            """
+        )
+    )
+    run = [sys.executable, "-m", "aiod4p", "run", str(flow), "--mapping", "mpi", "-i", "4", "--results", "-", "-q"]
+    done = mpiexec(["-n", "2", *run], cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    assert sorted(json.loads(line)["data"] for line in done.stdout.splitlines()) == [1, 2, 3, 4]
+    assert done.stderr.count("processing") == 4
 
 
 def test_cli_under_mpiexec_prints_results_once() -> None:

@@ -214,6 +214,31 @@ def test_start_method_option_and_environment(monkeypatch: pytest.MonkeyPatch) ->
         resolve_start_method()
 
 
+def test_spawn_from_a_script_read_from_stdin_runs_pes_from_modules() -> None:
+    """`python - < script` names its ``__main__`` ``<stdin>``: spawned workers tried to run that file again
+    and died (`WorkerDied: ... exited with code 1`), though the PEs come from a module."""
+    session = textwrap.dedent(
+        """
+        import aiod4p, threading, workflows as wf
+        from aiod4p import WorkflowGraph
+        threading.Thread(target=threading.Event().wait, daemon=True).start()  # spawn, as in a notebook
+        graph = WorkflowGraph()
+        graph.connect(wf.Count(), "output", wf.Double(), "input")
+        print(sorted(aiod4p.run(graph, 3, mapping="multi", workers=2).data()))
+        """
+    )
+    result = subprocess.run(
+        [sys.executable, "-"],
+        input=session,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": f"{ROOT}:{ROOT / 'tests'}"},
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "[0, 2, 4]\n"
+
+
 @pytest.mark.parametrize("how", ["python -c", "python - < script"])
 def test_spawn_from_an_interactive_session_refuses_its_classes_clearly(how: str) -> None:
     session = textwrap.dedent(

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,7 +16,7 @@ from pathlib import Path
 import pytest
 import ray
 import workflows as wf
-from helpers import TIMES10_FLOW, aiod4p_cli, aiod4p_process
+from helpers import ROOT, TIMES10_FLOW, aiod4p_cli, aiod4p_process
 from ray_cluster import RayCluster, session_processes, wait_gone
 
 import aiod4p
@@ -135,6 +137,17 @@ def test_more_than_the_cluster_has_fails_clearly(ray_cluster: RayCluster) -> Non
         aiod4p.run(_chain(wf.Double()), 10, mapping=mapping, workers=1)
 
 
+def test_a_class_from_main_is_refused_before_ray_starts(ray_cluster: RayCluster) -> None:
+    """PEs defined in a notebook or a script (``__main__``): Ray's workers cannot import them, which the run
+    found out only once every actor had started and failed to load the workflow."""
+    graph = WorkflowGraph()
+    graph.connect(wf.Count(), "output", pe := type("Local", (wf.Double,), {"__module__": "__main__"})(), "input")
+    message = rf"PE {pe.id}: its class Local is defined in __main__, which the Ray actors cannot import"
+    with pytest.raises(GraphError, match=message):
+        aiod4p.run(graph, 3, mapping="ray", workers=2)
+    assert not ray.is_initialized()
+
+
 def test_an_unpicklable_pe_is_named(ray_cluster: RayCluster) -> None:
     with pytest.raises(GraphError, match=r"PE HoldsLock\d+ cannot be pickled to start Ray actors: TypeError: .*lock"):
         aiod4p.run(_chain(wf.HoldsLock()), 10, mapping="ray", workers=2)
@@ -220,6 +233,41 @@ def test_a_sigint_while_the_local_ray_starts_leaves_none_of_it() -> None:
         assert run.returncode == 130 and "aborted by SIGINT during start-up" in err, err
         left = wait_gone(session_processes([run.pid]), timeout=30)
         assert left == [], [_described(pid) for pid in left]
+
+
+def test_a_local_ray_started_by_the_run_has_room_for_its_workers(tmp_path: Path) -> None:
+    """A laptop: `-m ray -n N` with more workers than CPUs runs one per CPU and says so, as multi does;
+    `--oversubscribe` (and the Python API) starts them all, on a local Ray with room for them. Neither waits a
+    minute for actors that Ray could never start; resources no local Ray has fail at once, naming them."""
+    drawing = tmp_path / "flow.dot"
+    graph = ("graph", "examples/wordcount.py", "-m", "ray", "-n", "3", "-o", str(drawing))
+    capped = aiod4p_cli(*graph, one_cpu=True, env=WITHOUT_CLUSTER)
+    assert capped.returncode == 0 and "so 1 worker process" in capped.stderr, capped.stderr
+    flow = tmp_path / "times10.py"
+    flow.write_text(TIMES10_FLOW)
+    run = ("run", str(flow), "-m", "ray", "-n", "2", "--oversubscribe", "-i", "5", "--results", "-", "-q")
+    stats = ("--stats-json", str(tmp_path / "stats.json"))
+    done = aiod4p_cli(*run, *stats, env=WITHOUT_CLUSTER, timeout=45, one_cpu=True)  # 2 workers on 1 CPU
+    assert done.returncode == 0, done.stderr
+    assert sorted(json.loads(line)["data"] for line in done.stdout.splitlines()) == [10, 20, 30, 40, 50]
+    assert json.loads((tmp_path / "stats.json").read_text())["workers"] == 2
+    script = (
+        "import aiod4p, times10\n"
+        "from aiod4p.mappings.ray import RayMapping\n"
+        "aiod4p.run(times10.graph, 5, mapping=RayMapping(resources={'gpu_host': 1}), workers=1)\n"
+    )
+    missing = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        env={**WITHOUT_CLUSTER, "PYTHONPATH": f"{ROOT}:{tmp_path}"},
+        timeout=45,
+    )
+    assert missing.returncode == 1
+    assert (
+        "MappingUnavailable: the local Ray started for the run cannot start 1 worker actors of 1 CPU and"
+        " {'gpu_host': 1} each: it has {" in missing.stderr
+    ), missing.stderr
 
 
 def _described(pid: int) -> str:

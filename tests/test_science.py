@@ -37,6 +37,7 @@ def example(name: str) -> ModuleType:
 
 
 seismic, astro, sentiment = example("seismic"), example("astro"), example("sentiment")
+DOMAINS = {"seismic": seismic, "astro": astro, "sentiment": sentiment}
 
 
 def three_domains() -> WorkflowGraph:
@@ -105,10 +106,28 @@ def test_every_mapping_gives_the_same_results(reference: dict[str, list[Any]], m
     assert by_pe(aiod4p.run(three_domains(), SMALL, mapping=mapping, workers=workers)) == reference
 
 
-def test_a_bad_size_names_the_pe() -> None:
-    with pytest.raises(PEError, match="Synthesise") as caught:
-        aiod4p.run(seismic.build(), {"Synthesise": [{"stations": "many"}]}, mapping="simple")
-    assert "invalid literal for int()" in str(caught.value)
+@pytest.mark.parametrize(
+    ("module", "root", "size", "message"),
+    [
+        ("seismic", "Synthesise", {"stations": "many"}, "stations must be a whole number of at least 2, not 'many'"),
+        ("seismic", "Synthesise", {"stations": -3}, "stations must be a whole number of at least 2, not -3"),
+        ("seismic", "Synthesise", {"stations": 2.5}, "stations must be a whole number of at least 2, not 2.5"),
+        ("seismic", "Synthesise", {"seconds": 0}, "seconds must be a number of at least 60, not 0"),
+        ("seismic", "Synthesise", {"statoins": 3}, "unknown setting 'statoins': the settings are stations, seconds"),
+        ("astro", "ReadCatalogue", {"galaxies": 0}, "galaxies must be a whole number of at least 1, not 0"),
+        ("astro", "ReadCatalogue", {"galaxy": 9}, "unknown setting 'galaxy': the settings are galaxies, seed, path"),
+        ("astro", "ReadCatalogue", {"path": 5}, "path must be the name of a VOTable file, not 5"),
+        ("astro", "ReadCatalogue", {"path": "/nonexistent.xml"}, "cannot read the catalogue /nonexistent.xml: "),
+        ("sentiment", "Articles", {"articles": True}, "articles must be a whole number of at least 1, not True"),
+        ("sentiment", "Articles", {"seed": -1}, "seed must be a whole number of at least 0, not -1"),
+    ],
+)
+def test_a_bad_size_names_the_pe_and_the_setting(module: str, root: str, size: dict[str, Any], message: str) -> None:
+    """A size that is not one (a typo in a key, a negative or fractional count) fails the run naming it; it
+    was ignored, truncated or gave no results, silently."""
+    with pytest.raises(PEError, match=root) as caught:
+        aiod4p.run(DOMAINS[module].build(), {root: [size]}, mapping="simple")
+    assert message in str(caught.value)
 
 
 def test_the_service_rejects_a_query_without_a_name() -> None:

@@ -41,6 +41,7 @@ from .._links import unpicklable_item
 from .._plan import ExecutionPlan, InstanceRef
 from .._results import ResultSink
 from .._stats import InstanceStats
+from .._threads import flush_standard_streams
 from ..errors import (
     Aiod4pError,
     EndOfChannel,
@@ -305,6 +306,8 @@ async def serve(
             stats = running.result()
         except UnpicklableMessage as exc:
             raise unpicklable_item(worker.plan, exc) from exc
+        # A worker slow to exit (a thread a PE left running) is stopped once the launcher hears it is done.
+        flush_standard_streams()
         await control.send(Done(stats))
         succeeded = True
     except Exception as exc:

@@ -28,6 +28,7 @@ from mpi4py import MPI
 from .._api import loop_factory
 from .._loading import preload
 from .._logging import configure_logging
+from .._threads import exit_past_threads
 from ..transports.pipes import open_pipe_comm
 from ._host import ForwardSink, fail, pumped_feeds, serve
 from ._mpi_env import receive_job
@@ -113,4 +114,6 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    # A thread a PE left running would keep the rank alive (Python waits for it before finalizing MPI), and
+    # the launcher would wait for the rank, 30 s, then stop it.
+    exit_past_threads(main(sys.argv[1:]), MPI.Finalize)

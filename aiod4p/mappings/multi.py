@@ -24,6 +24,7 @@ import signal
 import socket
 import sys
 import threading
+from collections.abc import Iterator
 from multiprocessing.process import BaseProcess
 from typing import Any
 
@@ -134,7 +135,7 @@ class _MultiRun:
                     args=(wid, job, child_control, peers, inherited),
                     name=f"aiod4p-worker-{wid}",
                 )
-                with held():  # until it has its own handlers (worker_main)
+                with held(), _main_not_reimported(self.method):  # held until it has its own handlers (worker_main)
                     process.start()
                 self.processes.append(process)
                 self._exits.append(_watch_exit(process))
@@ -234,6 +235,21 @@ def _watch_exit(process: BaseProcess) -> asyncio.Future[None]:
 
     loop.add_reader(sentinel, on_exit)
     return ended
+
+
+@contextlib.contextmanager
+def _main_not_reimported(method: str) -> Iterator[None]:
+    """While a process starts by ``method``: a ``__main__`` that cannot be imported again (a script read from
+    stdin, whose ``__file__`` is ``<stdin>``) shows no file, as in a notebook, so that a spawned process does not
+    try to run it again and die (its PEs come from modules: :meth:`_MultiRun.start` refused the others)."""
+    main = sys.modules["__main__"]
+    hidden = method != "fork" and not _main_importable() and "__file__" in vars(main)
+    path = vars(main).pop("__file__") if hidden else None
+    try:
+        yield
+    finally:
+        if hidden:
+            main.__file__ = path
 
 
 def _main_importable() -> bool:

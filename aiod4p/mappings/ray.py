@@ -25,7 +25,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
+import math
 import os
 import select
 import signal
@@ -44,10 +46,11 @@ from .._plan import ExecutionPlan
 from .._signals import adopt_orphans
 from ..errors import MappingUnavailable
 from ..transports.ray import DriverComm
+from ._base import available_cpus
 from ._host import GRACE, STATS_INTERVAL
 from ._hosted import HostedMapping
 from ._ray_worker import CONTROL, RayWorker
-from ._shipping import Job, ship
+from ._shipping import Job, check_importable, ship
 
 __all__ = ["RayMapping"]
 
@@ -106,21 +109,34 @@ class RayMapping(HostedMapping):
         self.runtime_env = dict(runtime_env or {})
         self.start_timeout = start_timeout
 
+    @property
+    def shares_cpus(self) -> bool:
+        """The run starts a local Ray (no ``address``, no ``RAY_ADDRESS``, no connection yet), whose
+        workers all share this machine's CPUs."""
+        return self._starts_local_ray() and not ray.is_initialized()
+
+    def _starts_local_ray(self) -> bool:
+        return self.address is None and not os.environ.get("RAY_ADDRESS")
+
     def launch(self, plan: ExecutionPlan) -> _RayRun:
         """Ray actors for a run of ``plan``; starting them raises :class:`~aiod4p.errors.MappingUnavailable`
         when Ray cannot be joined or cannot start them."""
         return _RayRun(self, plan)
 
-    def _connect(self) -> None:
-        """Join the cluster at ``address`` (or ``RAY_ADDRESS``), else start a local Ray."""
+    def _connect(self, workers: int) -> bool:
+        """Join the cluster at ``address`` (or ``RAY_ADDRESS``), else start a local Ray with room for ``workers``
+        actors (as many CPUs as this process may use, or more when they need more, as the multi mapping starts
+        as many processes as it is given); whether it started one."""
         options: dict[str, Any] = {"include_dashboard": False, "log_to_driver": True, "configure_logging": False}
         if self.runtime_env:
             options["runtime_env"] = self.runtime_env
         try:
-            if self.address is None and not os.environ.get("RAY_ADDRESS"):
-                ray.init(object_store_memory=OBJECT_STORE_MEMORY, **options)
-            else:
-                ray.init(address=self.address, **options)
+            if self._starts_local_ray():
+                cpus = max(available_cpus(), math.ceil(workers * self.num_cpus))
+                ray.init(num_cpus=cpus, object_store_memory=OBJECT_STORE_MEMORY, **options)
+                return True
+            ray.init(address=self.address, **options)
+            return False
         except (ConnectionError, RuntimeError, ValueError) as exc:
             where = self.address or "RAY_ADDRESS"
             raise MappingUnavailable(f"cannot join the Ray cluster at {where}: {exc}") from exc
@@ -135,18 +151,20 @@ class _Connection:
     def __init__(self) -> None:
         self._users = 0
         self._owned = False
+        self.local = False  # the connection is to a local Ray started here: it never grows
         self._before: set[int] = set()  # this process's children before it started a local Ray
         self._started: set[int] = set()  # the processes of a local Ray started here (raylet, GCS, ...)
         self._lock = threading.Lock()
 
-    def acquire(self, connect: Callable[[], None]) -> None:
-        """Count one more run, calling ``connect`` first if Ray is not initialized."""
+    def acquire(self, connect: Callable[[], bool]) -> None:
+        """Count one more run, calling ``connect`` (whether it started a local Ray) first if Ray is not
+        initialized."""
         with self._lock:
             if self._users == 0 and not ray.is_initialized():
                 self._before = _children({os.getpid()})
                 adopt_orphans(True)  # the agents a raylet leaves behind come back to this process
                 try:
-                    connect()
+                    self.local = connect()
                 except BaseException:
                     adopt_orphans(False)
                     raise
@@ -161,7 +179,7 @@ class _Connection:
         with self._lock:
             self._users -= 1
             if self._users == 0 and self._owned:
-                self._owned = False
+                self._owned = self.local = False
                 tree = _pidfds(_descendants(self._started))
                 try:
                     ray.shutdown()
@@ -281,14 +299,16 @@ class _RayRun:
         ends of their control comms.
 
         Raises:
-            GraphError: a PE cannot be pickled (before anything of Ray starts).
+            GraphError: a PE cannot be pickled, or its class or function is defined in ``__main__`` (a notebook,
+                a script), which the actors cannot import (before anything of Ray starts).
             MappingUnavailable: Ray cannot be joined, or did not start the actors within ``start_timeout``.
         """
+        check_importable(self.plan, "the Ray actors")
         payload = ship(job, "start Ray actors")
         handover = _Handover()
 
         def acquire() -> None:
-            _CONNECTION.acquire(self.mapping._connect)
+            _CONNECTION.acquire(functools.partial(self.mapping._connect, self.plan.workers))
             handover.joined()
 
         try:
@@ -314,7 +334,8 @@ class _RayRun:
         """Start one actor per worker, wait until each runs, then have each serve its share.
 
         Raises:
-            MappingUnavailable: the cluster did not start them within ``start_timeout``.
+            MappingUnavailable: the cluster did not start them within ``start_timeout``, or it is a local Ray
+                started for the run that has fewer resources than they reserve (it will never have more).
         """
         global _RemoteWorker
         if _RemoteWorker is None:
@@ -326,6 +347,13 @@ class _RayRun:
         # Every worker's share in one reservation, made at once or not at all: two runs on too small a
         # cluster would otherwise each start some of their actors and wait forever for the rest.
         share = {name: amount for name, amount in {"CPU": mapping.num_cpus, **mapping.resources}.items() if amount}
+        if _CONNECTION.local:
+            total = _cluster_resources()
+            if any(amount * n > total.get(name, 0) for name, amount in share.items()):
+                raise MappingUnavailable(
+                    f"the local Ray started for the run cannot start {self._asked()}: it has {total}; start a"
+                    " Ray with them (`ray start --head --resources ...`), then give its --address"
+                )
         places: list[Any] = ["SPREAD"] * n  # workers that reserve nothing need no reservation
         if share:
             self.group = placement_group([share] * n, strategy="SPREAD")
@@ -340,9 +368,8 @@ class _RayRun:
                 self.places = list(await asyncio.gather(*started))
         except TimeoutError:
             raise MappingUnavailable(
-                f"the Ray cluster did not start {n} worker actors of {mapping.num_cpus:g} CPU"
-                f"{'' if mapping.num_cpus == 1 else 's'}{f' and {mapping.resources}' if mapping.resources else ''}"
-                f" each within {mapping.start_timeout:g} s; its resources: {_cluster_resources()}"
+                f"the Ray cluster did not start {self._asked()} within {mapping.start_timeout:g} s;"
+                f" its resources: {_cluster_resources()}"
             ) from None
         finally:
             for future in started:
@@ -358,6 +385,14 @@ class _RayRun:
             _future(actor.serve.remote(job, {peer: self.actors[peer] for peer in sorted(peers[wid])}, paths))
             for wid, actor in enumerate(self.actors)
         ]
+
+    def _asked(self) -> str:
+        """The actors the run asks for, in words."""
+        mapping = self.mapping
+        return (
+            f"{self.plan.workers} worker actors of {mapping.num_cpus:g} CPU{'' if mapping.num_cpus == 1 else 's'}"
+            f"{f' and {mapping.resources}' if mapping.resources else ''} each"
+        )
 
     async def _kill_actors(self) -> None:
         """Kill every actor of the run, give back its reservation, and wait (a few ``grace`` periods at most)

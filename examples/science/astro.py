@@ -44,6 +44,8 @@ from aiod4p import GenericPE, IterativePE, WorkflowGraph, group_by
 LATENCY = 0.02  # seconds the service takes to answer one query
 CONCURRENCY = 16  # instances of the query PE: queries in flight at once
 DEFAULTS = {"galaxies": 200, "seed": 2017}
+# each setting's kind and least value
+LEAST = {"galaxies": (int, 1), "seed": (int, 0)}
 TYPES = range(-5, 11)  # de Vaucouleurs' morphological types T
 
 # -- the synthetic catalogue and the service's data ----------------------------------------
@@ -182,6 +184,32 @@ async def query_async(url: str, name: str) -> tuple[str, int, float]:
     return parse_answer(body)
 
 
+def settings(given: Any) -> dict[str, Any]:
+    """:data:`DEFAULTS` updated with ``given``, the root's input: a dict of some of its settings
+    (or ``path``, a VOTable file).
+
+    Raises:
+        ValueError: ``given`` is not a dict, names a setting :data:`DEFAULTS` lacks, or gives one a value
+            that is not a number of :data:`LEAST`'s kind and at least its least value.
+    """
+    if not isinstance(given, dict):
+        raise ValueError(f"the input {given!r} is not a dict of settings ({', '.join(DEFAULTS)})")
+    unknown = [name for name in given if name not in DEFAULTS and name != "path"]
+    if unknown:
+        raise ValueError(f"unknown setting {unknown[0]!r}: the settings are {', '.join([*DEFAULTS, 'path'])}")
+    size = {**DEFAULTS, **given}
+    for name, (kind, least) in LEAST.items():
+        value = size[name]
+        number = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+        if not number or value < least or (kind is int and value != int(value)):
+            whole = "a whole number" if kind is int else "a number"
+            raise ValueError(f"{name} must be {whole} of at least {least:g}, not {value!r}")
+        size[name] = kind(value)
+    if not isinstance(size.get("path", ""), str):
+        raise ValueError(f"path must be the name of a VOTable file, not {size['path']!r}")
+    return size
+
+
 # -- the workflow ------------------------------------------------------------------------------
 
 
@@ -196,13 +224,16 @@ class ReadCatalogue(GenericPE):
         super().__init__(inputs=["size"], outputs=["output"])
 
     def process(self, inputs: dict[str, Any]) -> None:
-        size = {**DEFAULTS, **inputs.get("size", {})}
+        size = settings(inputs.get("size", {}))
         if "path" in size:
             source: Any = size["path"]
         else:
             source = io.BytesIO(catalogue(int(size["galaxies"]), int(size["seed"])))
         self.annotate(**{k: str(v) for k, v in size.items()}, astropy=astropy.__version__)
-        table = parse_single_table(source).array
+        try:
+            table = parse_single_table(source).array
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"cannot read the catalogue {size.get('path', '')}: {exc}") from exc
         for row in table:
             self.write("output", (str(row["name"]), float(row["ra"]), float(row["dec"])))
 

@@ -22,6 +22,7 @@ gives the same results. Size knobs: ``stations`` and ``seconds``.
 from __future__ import annotations
 
 import itertools
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,6 +38,8 @@ WINDOW = 60.0  # seconds per correlation window (the windows are stacked)
 MAX_LAG = 8.0  # seconds searched either side of zero
 MAX_DELAY = 3.0  # seconds: the hidden delays lie in [0, MAX_DELAY)
 DEFAULTS = {"stations": 8, "seconds": 600, "seed": 2017}
+# each setting's kind and least value: a pair of stations, one correlation window
+LEAST = {"stations": (int, 2), "seconds": (float, WINDOW), "seed": (int, 0)}
 
 
 @dataclass
@@ -144,6 +147,29 @@ def correlate(first: Trace, second: Trace) -> tuple[str, str, float, float]:
     return first.station, second.station, round(float(lags[best] / first.rate), 3), round(float(values[best]), 4)
 
 
+def settings(given: Any) -> dict[str, Any]:
+    """:data:`DEFAULTS` updated with ``given``, the root's input: a dict of some of its settings.
+
+    Raises:
+        ValueError: ``given`` is not a dict, names a setting :data:`DEFAULTS` lacks, or gives one a value
+            that is not a number of :data:`LEAST`'s kind and at least its least value.
+    """
+    if not isinstance(given, dict):
+        raise ValueError(f"the input {given!r} is not a dict of settings ({', '.join(DEFAULTS)})")
+    unknown = [name for name in given if name not in DEFAULTS]
+    if unknown:
+        raise ValueError(f"unknown setting {unknown[0]!r}: the settings are {', '.join([*DEFAULTS])}")
+    size = {**DEFAULTS, **given}
+    for name, (kind, least) in LEAST.items():
+        value = size[name]
+        number = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+        if not number or value < least or (kind is int and value != int(value)):
+            whole = "a whole number" if kind is int else "a number"
+            raise ValueError(f"{name} must be {whole} of at least {least:g}, not {value!r}")
+        size[name] = kind(value)
+    return size
+
+
 # -- the workflow ----------------------------------------------------------------------------
 
 
@@ -155,7 +181,7 @@ class Synthesise(GenericPE):
         super().__init__(inputs=["size"], outputs=["output"])
 
     def process(self, inputs: dict[str, Any]) -> None:
-        size = {**DEFAULTS, **inputs.get("size", {})}
+        size = settings(inputs.get("size", {}))
         self.annotate(**size, rate=RATE, generator="synthetic ambient noise")
         for index in range(int(size["stations"])):
             self.write("output", (index, float(size["seconds"]), int(size["seed"])))

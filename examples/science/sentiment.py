@@ -30,6 +30,8 @@ from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
 from aiod4p import GenericPE, IterativePE, WorkflowGraph, group_by
 
 DEFAULTS = {"articles": 500, "seed": 2017}
+# each setting's kind and least value
+LEAST = {"articles": (int, 1), "seed": (int, 0)}
 RANKED = 3  # states named at the top and at the bottom
 STATES = tuple(
     [
@@ -207,6 +209,29 @@ def ranking(summaries: list[tuple[str, str, int, float, float]]) -> list[tuple[s
     return [("top", [s[1] for s in ordered[:RANKED]]), ("bottom", [s[1] for s in ordered[-RANKED:][::-1]])]
 
 
+def settings(given: Any) -> dict[str, Any]:
+    """:data:`DEFAULTS` updated with ``given``, the root's input: a dict of some of its settings.
+
+    Raises:
+        ValueError: ``given`` is not a dict, names a setting :data:`DEFAULTS` lacks, or gives one a value
+            that is not a number of :data:`LEAST`'s kind and at least its least value.
+    """
+    if not isinstance(given, dict):
+        raise ValueError(f"the input {given!r} is not a dict of settings ({', '.join(DEFAULTS)})")
+    unknown = [name for name in given if name not in DEFAULTS]
+    if unknown:
+        raise ValueError(f"unknown setting {unknown[0]!r}: the settings are {', '.join([*DEFAULTS])}")
+    size = {**DEFAULTS, **given}
+    for name, (kind, least) in LEAST.items():
+        value = size[name]
+        number = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+        if not number or value < least or (kind is int and value != int(value)):
+            whole = "a whole number" if kind is int else "a number"
+            raise ValueError(f"{name} must be {whole} of at least {least:g}, not {value!r}")
+        size[name] = kind(value)
+    return size
+
+
 # -- the workflow ----------------------------------------------------------------------------
 
 
@@ -217,7 +242,7 @@ class Articles(GenericPE):
         super().__init__(inputs=["size"], outputs=["output"])
 
     def process(self, inputs: dict[str, Any]) -> None:
-        size = {**DEFAULTS, **inputs.get("size", {})}
+        size = settings(inputs.get("size", {}))
         self.annotate(**size, generator="synthetic news")
         words = lexicon_words()
         for number in range(int(size["articles"])):
