@@ -623,7 +623,7 @@ class Aligner:
         self.in_call = True
         skip, self.resume_outputs = self.resume_outputs, 0
         self.outputs = skip
-        if not skip:
+        if not skip or not replayable(self.actor.pe):  # a live stream goes on from where it stands: nothing dropped
             return source
         seek = getattr(self.actor.pe, "seek", None)
         if callable(seek):
@@ -889,12 +889,20 @@ def _own_state(checkpoint: Checkpoint, plan: ExecutionPlan, ref: InstanceRef) ->
     return checkpoint.states[InstanceRef(ref.pe, ref.index % old)]
 
 
+def replayable(source: object) -> bool:
+    """Whether a feed or root PE can be read again from the start: not if it says so (``replayable = False``:
+    stdin, sockets). Such a source is never skipped on a restore, since skipping would drop new, live items."""
+    return getattr(source, "replayable", True) is not False
+
+
 def resumed_feed(feed: Feed, skip: int) -> Feed:
     """``feed`` without its first ``skip`` elements, if it is replayable.
 
     Replayable: counts, lists, tuples, ranges, and any object with a
     ``seek(offset)`` method (the offset protocol: after ``seek(n)`` it yields
-    from its element ``n`` on). Anything else is fed from where it stands.
+    from its element ``n`` on) that is :func:`replayable`. Anything else is fed
+    from where it stands: a stream with ``seek`` that cannot be replayed
+    (stdin) is not sought, which would drop its next ``skip`` lines.
     """
     if not skip:
         return feed
@@ -903,7 +911,7 @@ def resumed_feed(feed: Feed, skip: int) -> Feed:
     if isinstance(feed, (list, tuple, range)):
         return feed[skip:]
     seek = getattr(feed, "seek", None)
-    if callable(seek):
+    if callable(seek) and replayable(feed):
         seek(skip)
     return feed
 
@@ -916,9 +924,9 @@ def unreplayable(plan: ExecutionPlan, feeds: Mapping[str, Feed]) -> list[str]:
             continue
         feed = feeds.get(pe_id, 0)
         replayable_feed = isinstance(feed, (int, list, tuple, range)) or (
-            callable(getattr(feed, "seek", None)) and getattr(feed, "replayable", True) is not False
+            callable(getattr(feed, "seek", None)) and replayable(feed)
         )
-        if not replayable_feed or getattr(pe, "replayable", True) is False:
+        if not replayable_feed or not replayable(pe):
             names.append(pe_id)
     return names
 

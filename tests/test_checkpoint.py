@@ -11,9 +11,10 @@ import random
 import signal
 import subprocess
 import threading
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import Any
+from types import SimpleNamespace
+from typing import Any, cast
 
 import ckpt_workflows
 import pytest
@@ -32,6 +33,7 @@ from helpers import aiod4p_cli, aiod4p_process, json_lines
 from aiod4p import ProducerPE, WorkflowGraph, run, run_async, start
 from aiod4p._checkpoint import (
     MANIFEST,
+    Aligner,
     Checkpointing,
     CheckpointStore,
     Coordinator,
@@ -40,6 +42,7 @@ from aiod4p._checkpoint import (
     ResultGate,
     Session,
     WorkerCheckpoints,
+    resumed_feed,
 )
 from aiod4p._cli import main
 from aiod4p._engine import Worker
@@ -48,6 +51,7 @@ from aiod4p._plan import DEFAULT_BATCH_SIZE, DEFAULT_CREDITS, InstanceRef, PlanO
 from aiod4p._state import KEY_GROUPS, capture, restore_state
 from aiod4p.errors import CheckpointError
 from aiod4p.mappings.asyncio import AsyncMapping
+from aiod4p.sources import LineStream, SourcePE
 from aiod4p.windows import CountWindow
 
 
@@ -806,6 +810,40 @@ def test_stdin_and_sockets_are_named_unreplayable(tmp_path: Path) -> None:
     plan = make_plan(graph, PlanOptions())
     feeds: dict[str, Any] = {"root0": 1, "root1": 1, "root2": LineStream(), "root3": 1}
     assert unreplayable(plan, feeds) == ["root0", "root1", "root2"]
+
+
+async def test_a_restore_drops_nothing_of_a_stream_that_cannot_be_replayed() -> None:
+    """stdin after a restart (or a new stdin after --restore) brings new lines: the restored feed position
+    is not sought in it, which dropped as many live lines as the checkpoint's run had read."""
+    read, write = os.pipe()
+    os.write(write, b"".join(json.dumps({"i": i}).encode() + b"\n" for i in range(5)))
+    os.close(write)
+    stream = resumed_feed(LineStream(read, json=True), 3)
+    assert isinstance(stream, LineStream)
+    assert [item["i"] async for item in stream] == list(range(5))
+
+
+class _Live(SourcePE):
+    """A source of live items (a socket's, say): it cannot be replayed."""
+
+    replayable = False
+
+    def open(self) -> AsyncIterator[int]:
+        return _async_items(range(5))
+
+
+async def _async_items(items: range) -> AsyncIterator[int]:
+    for item in items:
+        yield item
+
+
+async def test_a_restored_source_that_cannot_be_replayed_drops_nothing_of_its_new_stream() -> None:
+    """A restored ``TCPSource``/``LinesSource()`` resumes its call in a new stream: nothing of it is dropped
+    (the checkpoint's output count was skipped, so the first lines clients sent after a restart were lost)."""
+    pe = _Live()
+    aligner = Aligner(cast(Any, SimpleNamespace(pe=pe)), cast(Any, None), 0)
+    aligner.resume_outputs = 3  # the interrupted call had delivered 3 items before the checkpoint
+    assert [item async for item in aligner.call_started(pe.produce())] == list(range(5))
 
 
 def test_a_checkpoint_directory_that_is_a_file_is_named_so(tmp_path: Path) -> None:
