@@ -308,20 +308,40 @@ class CheckpointStore:
                 shutil.rmtree(self.path(i), ignore_errors=True)
 
     def load(self, n: int) -> Checkpoint | None:
-        """Checkpoint ``n`` if it is complete and whole, else ``None`` (torn: never used)."""
+        """Checkpoint ``n`` if it is complete and whole, else ``None`` (torn: never used; logged).
+
+        Raises:
+            CheckpointError: it is whole, but a part's state cannot be unpickled here: the workflow's code
+                changed since (a class its state holds was renamed or removed). The part and the reason are
+                named; an older checkpoint would fail alike.
+        """
         folder = self.path(n)
+        parts: dict[InstanceRef, tuple[str, bytes]] = {}
         try:
             manifest = json.loads((folder / MANIFEST).read_bytes())
-            states: dict[InstanceRef, dict[str, Any]] = {}
             for part in manifest["parts"]:
                 data = (folder / part["file"]).read_bytes()
                 if len(data) != part["size"] or _digest(data) != part["sha256"]:
                     raise ValueError(f"part {part['file']} does not match the manifest")
-                states[InstanceRef(part["pe"], part["index"])] = pickle.loads(data)
-        except (OSError, ValueError, KeyError, TypeError, pickle.UnpicklingError) as exc:
+                parts[InstanceRef(part["pe"], part["index"])] = (part["file"], data)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
             if folder.exists():
-                logger.warning("ignoring torn checkpoint %s: %s", folder, exc)
+                reason = (
+                    f"{MANIFEST} is not a checkpoint's manifest ({type(exc).__name__}: {exc})"
+                    if isinstance(exc, (KeyError, TypeError, json.JSONDecodeError))
+                    else exc
+                )
+                logger.warning("ignoring torn checkpoint %s: %s", folder, reason)
             return None
+        states: dict[InstanceRef, dict[str, Any]] = {}
+        for ref, (name, data) in parts.items():
+            try:
+                states[ref] = pickle.loads(data)
+            except Exception as exc:
+                raise CheckpointError(
+                    f"checkpoint {n} in {self.directory}: the state of PE {ref.pe} instance {ref.index} ({name})"
+                    f" cannot be loaded: {type(exc).__name__}: {exc} (was the workflow's code changed since?)"
+                ) from exc
         return Checkpoint(n, manifest, states)
 
     def latest(self, since: int = 0) -> Checkpoint | None:

@@ -10,6 +10,7 @@ import pickle
 import random
 import signal
 import subprocess
+import sys
 import threading
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -844,6 +845,40 @@ async def test_a_restored_source_that_cannot_be_replayed_drops_nothing_of_its_ne
     aligner = Aligner(cast(Any, SimpleNamespace(pe=pe)), cast(Any, None), 0)
     aligner.resume_outputs = 3  # the interrupted call had delivered 3 items before the checkpoint
     assert [item async for item in aligner.call_started(pe.produce())] == list(range(5))
+
+
+class _Renamed:
+    """A class a PE's state holds, renamed (deleted here) before the restore."""
+
+
+def test_a_whole_checkpoint_whose_state_the_code_cannot_load_names_the_part(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Not torn (its parts match the manifest), so not skipped for an older one, which would fail alike: an
+    error naming the part and the reason (it was a traceback)."""
+    store = CheckpointStore(tmp_path / "ck")
+    part = store.write_part(1, InstanceRef("count", 0), pickle.dumps({"pe": {"attributes": {"t": _Renamed()}}}))
+    store.commit(1, {"version": 1, "id": 1, "parallelism": {"count": 1}, "parts": [part], "results_offset": None})
+    monkeypatch.delattr(sys.modules[__name__], "_Renamed")
+    with pytest.raises(
+        CheckpointError,
+        match=r"checkpoint 1 in .*ck: the state of PE count instance 0 \(count\.0\.state\) cannot be loaded:"
+        r" AttributeError: .*_Renamed.* \(was the workflow's code changed since\?\)",
+    ):
+        store.latest()
+
+
+@pytest.mark.parametrize(("manifest", "reason"), [("{}", "KeyError: 'parts'"), ("{garbage", "JSONDecodeError")])
+def test_a_manifest_that_is_not_one_is_named_so(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, manifest: str, reason: str
+) -> None:
+    store = CheckpointStore(tmp_path / "ck")
+    store.path(1).mkdir()
+    (store.path(1) / MANIFEST).write_text(manifest)
+    assert store.latest() is None
+    assert f"ignoring torn checkpoint {store.path(1)}: MANIFEST.json is not a checkpoint's manifest ({reason}" in (
+        caplog.text
+    )
 
 
 def test_a_checkpoint_directory_that_is_a_file_is_named_so(tmp_path: Path) -> None:
