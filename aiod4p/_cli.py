@@ -308,6 +308,12 @@ def _run(args: argparse.Namespace) -> int:
         if not mapping.supports_checkpoints:
             raise ValueError(f"--checkpoint-dir: the {args.mapping} mapping does not take checkpoints")
         mapping.checkpointing = checkpointing
+        if checkpointing.restarts and checkpointing.results_path is None:
+            _warn(
+                args,
+                "--restarts without --results FILE: after a restart, the results produced since the last checkpoint"
+                " are given again (at-least-once); --results FILE writes each result once",
+            )
     if getattr(mapping, "follower", False):  # an MPI rank other than 0 (under mpiexec): rank 0 reports
         args.results, args.quiet, args.stats, args.stats_json = os.devnull, True, False, None
         args.provenance = None

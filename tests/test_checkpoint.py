@@ -29,7 +29,7 @@ from ckpt_workflows import (
     word_count,
     write_words,
 )
-from helpers import aiod4p_cli, aiod4p_process, json_lines
+from helpers import TIMES10_FLOW, aiod4p_cli, aiod4p_process, json_lines
 
 from aiod4p import ProducerPE, WorkflowGraph, run, run_async, start
 from aiod4p._checkpoint import (
@@ -582,6 +582,21 @@ def test_cli_bad_checkpoint_values_are_usage_errors(
 def test_cli_refuses_a_mapping_without_checkpoints(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["run", "x:y", "-m", "storm", "--checkpoint-dir", str(tmp_path)]) == 2
     assert "does not take checkpoints" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("results", [None, "-", "out.jsonl"])
+def test_cli_restarts_warn_when_results_may_come_twice(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str], results: str | None
+) -> None:
+    """Printed or streamed results cannot be taken back after a restart, as the file's uncommitted tail is:
+    the user is told, rather than finding duplicates."""
+    flow = tmp_path / "times10.py"
+    flow.write_text(TIMES10_FLOW)
+    output = [] if results is None else ["--results", results if results == "-" else str(tmp_path / results)]
+    command = ["run", str(flow), "-i", "3", "-m", "simple", "--checkpoint-dir", str(tmp_path / "ck"), "--restarts", "1"]
+    assert main([*command, *output]) == 0
+    warned = "--restarts without --results FILE: after a restart, the results produced since the last checkpoint"
+    assert (warned in capfd.readouterr().err) == (results != "out.jsonl")
 
 
 def test_cli_restores_and_writes_results_once(tmp_path: Path, words: Path) -> None:
