@@ -1041,6 +1041,14 @@ async def run_with_recovery(
                 for pe_id in plan.placement:
                     restored.parallelism(pe_id)
                 logger.warning("restoring checkpoint %d from %s", restored.id, store.directory)
+                if restored.results_offset is not None and config.results_path is None:
+                    logger.warning(
+                        "checkpoint %d committed %d bytes of a results file, and this run writes none: the results"
+                        " before it are in that file only, and what followed them there is not truncated (give"
+                        " --results FILE to continue it exactly once)",
+                        restored.id,
+                        restored.results_offset,
+                    )
             log = (
                 ResultsLog(
                     config.results_path,

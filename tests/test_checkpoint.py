@@ -611,6 +611,21 @@ def test_cli_restores_and_writes_results_once(tmp_path: Path, words: Path) -> No
     assert _file_counts(results) == expected_counts(words)
 
 
+def test_cli_restore_without_the_results_file_says_where_the_results_are(
+    tmp_path: Path, words: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """The restored run prints only the results after the checkpoint; the others are in the file the
+    checkpointed run wrote, which also holds an uncommitted tail that this run does not truncate."""
+    target = tmp_path / "wf.py"
+    target.write_text(held_word_count_module(words, tmp_path / "ck"))
+    common = [str(target), "-i", "1", "--checkpoint-dir", str(tmp_path / "ck")]
+    assert main(["run", *common, "--checkpoint-interval", "0.02", "--results", str(tmp_path / "out.jsonl")]) == 0
+    capfd.readouterr()
+    assert main(["run", *common, "--restore"]) == 0
+    said = capfd.readouterr().err
+    assert "committed" in said and "give --results FILE to continue it exactly once" in said
+
+
 # A workflow file for `aiod4p run -i 1` (PE ids Numbers0, Tens1): numbers 0 to FLOW_NUMBERS - 1 (environment;
 # from where a restore resumes them), each a result times 10; then, with FLOW_HOLD=1, once a complete checkpoint
 # in the directory committed results (with no numbers: once one completed), "held" on stderr, and no end: the
