@@ -1066,17 +1066,19 @@ async def run_with_recovery(
                 return await attempt(Session(config, store, restored, coordinator, log if log is not None else sink))
             except RESTARTED as exc:
                 if restarts >= config.restarts:
-                    raise
-                if draining():
-                    newest = store.latest(since)
-                    resume = (
-                        f"--restore resumes it from checkpoint {newest.id} in {store.directory}"
-                        if newest is not None
-                        else "no checkpoint had completed"
+                    if not isinstance(exc, WorkerDied):
+                        raise
+                    used = (
+                        f"after {restarts} restart{'s' if restarts != 1 else ''} (--restarts {config.restarts})"
+                        if restarts
+                        else "not restarted (--restarts 0)"
                     )
+                    raise WorkerDied(f"{exc}; {used}: {_resume_hint(store, since)}") from exc
+                if draining():
                     raise WorkerDied(
                         f"{exc}; not restarted, since the run was draining (a restart would stop its sources"
-                        f" where the checkpoint left them, and lose what they had produced since): {resume}"
+                        f" where the checkpoint left them, and lose what they had produced since):"
+                        f" {_resume_hint(store, since)}"
                     ) from exc
                 restarts += 1
                 restore = True
@@ -1086,6 +1088,14 @@ async def run_with_recovery(
             finally:
                 if log is not None:
                     log.close()
+
+
+def _resume_hint(store: CheckpointStore, since: int) -> str:
+    """What resumes a run that failed, from its newest complete checkpoint (at least ``since``)."""
+    newest = store.latest(since)
+    if newest is None:
+        return "no checkpoint had completed"
+    return f"--restore resumes it from checkpoint {newest.id} in {store.directory}"
 
 
 async def drive(session: Session, trigger: Callable[[int], Awaitable[None]], main: Awaitable[Any]) -> Any:
