@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import os
@@ -170,6 +171,33 @@ async def test_follow_from_the_end_skips_what_is_there(tmp_path: Path) -> None:
         assert await first == "fresh"
         stream.drain()
         assert [line async for line in lines] == []
+
+
+async def test_a_drain_ends_a_pipe_whose_writer_keeps_it_full() -> None:
+    """``yes | aiod4p run --stdin``: the drain takes what the pipe held when it came, then ends (it read until
+    the pipe was empty, which a writer faster than the run never let happen: Ctrl-C took minutes)."""
+    read_fd, write_fd = os.pipe()
+    line = b'{"i": 1}\n'
+
+    def keep_full() -> None:
+        with contextlib.suppress(OSError), open(write_fd, "wb", buffering=0) as out:  # EPIPE once the reader goes
+            while True:
+                out.write(line * 1024)
+
+    writer = threading.Thread(target=keep_full, daemon=True)
+    writer.start()
+    stream = LineStream(read_fd, json=True)
+    items = aiter(stream)
+    try:
+        async with asyncio.timeout(20):
+            for _ in range(10_000):
+                await anext(items)
+            stream.drain()
+            after = [item async for item in items]
+    finally:
+        os.close(read_fd)
+        writer.join(timeout=20)
+    assert len(after) <= 2 * 65536 // len(line) + 1024  # what the pipe and the last chunk held, at most
 
 
 @pytest.mark.asyncio
