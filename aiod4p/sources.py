@@ -606,8 +606,16 @@ class SocketStream:
         return bool(self._pending.paused)
 
     def drain(self) -> None:
-        """Stop accepting and reading; yield the lines already read, then end."""
+        """Stop accepting and reading; yield the lines already read, then end.
+
+        What clients send from now on is not read, nor waited for: a client that sends faster than the run
+        would otherwise keep it from ending.
+        """
         self._waker.drain()
+        self._pending.paused.clear()  # none is resumed any more
+        for protocol in self._open:
+            if protocol.transport is not None and not protocol.transport.is_closing():
+                protocol.transport.pause_reading()
 
     def __aiter__(self) -> AsyncIterator[Any]:
         return self._lines()

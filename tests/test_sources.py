@@ -334,6 +334,36 @@ async def test_tcp_source_stops_reading_when_the_workflow_is_behind() -> None:
     assert [int(line.split()[0]) for line in data] == list(range(total))
 
 
+async def test_a_drain_ends_a_socket_stream_whose_client_keeps_sending() -> None:
+    """A client that sends faster than the run: the drain stops reading its socket and ends (the stream
+    took what kept arriving, and resumed the reading it had paused, so Ctrl-C waited for the client)."""
+    listening: asyncio.Future[tuple[str, int]] = asyncio.get_running_loop().create_future()
+    stream = SocketStream(on_listen=listening.set_result, max_pending=100)
+    items = aiter(stream)
+    async with asyncio.timeout(20):
+        first = asyncio.ensure_future(anext(items))
+        _, writer = await asyncio.open_connection(*await listening)
+
+        async def keep_sending() -> None:
+            while True:
+                writer.write(b"line\n" * 1000)
+                await writer.drain()
+
+        sender = asyncio.ensure_future(keep_sending())
+        await first
+        for _ in range(10_000):
+            await anext(items)
+        held = stream.pending  # read before the drain: still given
+        stream.drain()
+        after = []
+        async for item in items:
+            after.append(item)
+            await asyncio.sleep(0)  # as a workflow does: the loop turns, the client's data comes in
+        sender.cancel()
+        writer.close()
+    assert len(after) == held
+
+
 # -- UDP ------------------------------------------------------------------------------
 
 
