@@ -689,6 +689,8 @@ class _DatagramProtocol(asyncio.DatagramProtocol):
         self.number = 0
 
     def datagram_received(self, data: bytes, addr: tuple[str | Any, int]) -> None:
+        if self.pending.waker.draining:  # what comes after the drain is not received: a sender could keep it going
+            return
         if len(self.pending.items) >= self.pending.high:
             self.stream.dropped += 1
             return
@@ -737,7 +739,7 @@ class DatagramStream:
         self._waker = _Waker()
 
     def drain(self) -> None:
-        """Stop receiving; yield what was received, then end."""
+        """Stop receiving (datagrams that come from now on are ignored); yield what was received, then end."""
         self._waker.drain()
 
     def __aiter__(self) -> AsyncIterator[Any]:

@@ -23,6 +23,7 @@ import aiod4p
 from aiod4p import IterativePE, PEError, ProducerPE, WorkflowGraph
 from aiod4p.sources import (
     AsyncIterSource,
+    DatagramStream,
     LinesSource,
     LineStream,
     SocketStream,
@@ -686,3 +687,35 @@ async def test_tcp_source_fails_on_a_bad_line_by_default() -> None:
             writer.close()
             await writer.wait_closed()
             await results
+
+
+async def test_a_drain_ends_a_datagram_stream_whose_sender_keeps_sending() -> None:
+    """Datagrams that come after the drain are not received: a sender faster than the run cannot keep it going."""
+    listening: asyncio.Future[tuple[str, int]] = asyncio.get_running_loop().create_future()
+    stream = DatagramStream("127.0.0.1", 0, on_listen=listening.set_result, max_pending=100)
+    items = aiter(stream)
+    async with asyncio.timeout(20):
+        first = asyncio.ensure_future(anext(items))
+        address = await listening
+        sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sender.setblocking(False)
+
+        async def keep_sending() -> None:
+            while True:
+                for _ in range(50):  # more each turn than the reader takes
+                    with contextlib.suppress(BlockingIOError):
+                        sender.sendto(b"ping\n", address)
+                await asyncio.sleep(0)
+
+        sending = asyncio.ensure_future(keep_sending())
+        await first
+        for _ in range(100):
+            await anext(items)
+        stream.drain()
+        after = []
+        async for item in items:
+            after.append(item)
+            await asyncio.sleep(0)  # as a workflow does: the loop turns, datagrams come in
+        sending.cancel()
+        sender.close()
+    assert len(after) <= 100  # what was received before the drain, at most
