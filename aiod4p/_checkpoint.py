@@ -309,20 +309,40 @@ class CheckpointStore:
                 shutil.rmtree(self.path(i), ignore_errors=True)
 
     def load(self, n: int) -> Checkpoint | None:
-        """Checkpoint ``n`` if it is complete and whole, else ``None`` (torn: never used)."""
+        """Checkpoint ``n`` if it is complete and whole, else ``None`` (torn: never used; logged).
+
+        Raises:
+            CheckpointError: it is whole, but a part's state cannot be unpickled here: the workflow's code
+                changed since (a class its state holds was renamed or removed). The part and the reason are
+                named; an older checkpoint would fail alike.
+        """
         folder = self.path(n)
+        parts: dict[InstanceRef, tuple[str, bytes]] = {}
         try:
             manifest = json.loads((folder / MANIFEST).read_bytes())
-            states: dict[InstanceRef, dict[str, Any]] = {}
             for part in manifest["parts"]:
                 data = (folder / part["file"]).read_bytes()
                 if len(data) != part["size"] or _digest(data) != part["sha256"]:
                     raise ValueError(f"part {part['file']} does not match the manifest")
-                states[InstanceRef(part["pe"], part["index"])] = pickle.loads(data)
-        except (OSError, ValueError, KeyError, TypeError, pickle.UnpicklingError) as exc:
+                parts[InstanceRef(part["pe"], part["index"])] = (part["file"], data)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
             if folder.exists():
-                logger.warning("ignoring torn checkpoint %s: %s", folder, exc)
+                reason = (
+                    f"{MANIFEST} is not a checkpoint's manifest ({type(exc).__name__}: {exc})"
+                    if isinstance(exc, (KeyError, TypeError, json.JSONDecodeError))
+                    else exc
+                )
+                logger.warning("ignoring torn checkpoint %s: %s", folder, reason)
             return None
+        states: dict[InstanceRef, dict[str, Any]] = {}
+        for ref, (name, data) in parts.items():
+            try:
+                states[ref] = pickle.loads(data)
+            except Exception as exc:
+                raise CheckpointError(
+                    f"checkpoint {n} in {self.directory}: the state of PE {ref.pe} instance {ref.index} ({name})"
+                    f" cannot be loaded: {type(exc).__name__}: {exc} (was the workflow's code changed since?)"
+                ) from exc
         return Checkpoint(n, manifest, states)
 
     def latest(self, since: int = 0) -> Checkpoint | None:
@@ -723,7 +743,7 @@ class Aligner:
         self.in_call = True
         skip, self.resume_outputs = self.resume_outputs, 0
         self.outputs = skip
-        if not skip:
+        if not skip or not replayable(self.actor.pe):  # a live stream goes on from where it stands: nothing dropped
             return source
         seek = getattr(self.actor.pe, "seek", None)
         if callable(seek):
@@ -989,12 +1009,20 @@ def _own_state(checkpoint: Checkpoint, plan: ExecutionPlan, ref: InstanceRef) ->
     return checkpoint.states[InstanceRef(ref.pe, ref.index % old)]
 
 
+def replayable(source: object) -> bool:
+    """Whether a feed or root PE can be read again from the start: not if it says so (``replayable = False``:
+    stdin, sockets). Such a source is never skipped on a restore, since skipping would drop new, live items."""
+    return getattr(source, "replayable", True) is not False
+
+
 def resumed_feed(feed: Feed, skip: int) -> Feed:
     """``feed`` without its first ``skip`` elements, if it is replayable.
 
     Replayable: counts, lists, tuples, ranges, and any object with a
     ``seek(offset)`` method (the offset protocol: after ``seek(n)`` it yields
-    from its element ``n`` on). Anything else is fed from where it stands.
+    from its element ``n`` on) that is :func:`replayable`. Anything else is fed
+    from where it stands: a stream with ``seek`` that cannot be replayed
+    (stdin) is not sought, which would drop its next ``skip`` lines.
     """
     if not skip:
         return feed
@@ -1003,7 +1031,7 @@ def resumed_feed(feed: Feed, skip: int) -> Feed:
     if isinstance(feed, (list, tuple, range)):
         return feed[skip:]
     seek = getattr(feed, "seek", None)
-    if callable(seek):
+    if callable(seek) and replayable(feed):
         seek(skip)
     return feed
 
@@ -1016,9 +1044,9 @@ def unreplayable(plan: ExecutionPlan, feeds: Mapping[str, Feed]) -> list[str]:
             continue
         feed = feeds.get(pe_id, 0)
         replayable_feed = isinstance(feed, (int, list, tuple, range)) or (
-            callable(getattr(feed, "seek", None)) and getattr(feed, "replayable", True) is not False
+            callable(getattr(feed, "seek", None)) and replayable(feed)
         )
-        if not replayable_feed or getattr(pe, "replayable", True) is False:
+        if not replayable_feed or not replayable(pe):
             names.append(pe_id)
     return names
 
@@ -1147,6 +1175,14 @@ async def _attempts(
                 for pe_id in plan.placement:
                     restored.parallelism(pe_id)
                 logger.warning("restoring checkpoint %d from %s", restored.id, store.directory)
+                if restored.results_offset is not None and config.results_path is None:
+                    logger.warning(
+                        "checkpoint %d committed %d bytes of a results file, and this run writes none: the results"
+                        " before it are in that file only, and what followed them there is not truncated (give"
+                        " --results FILE to continue it exactly once)",
+                        restored.id,
+                        restored.results_offset,
+                    )
             log = (
                 ResultsLog(
                     config.results_path,
@@ -1164,17 +1200,19 @@ async def _attempts(
                 return await attempt(Session(config, store, restored, coordinator, log if log is not None else sink))
             except RESTARTED as exc:
                 if restarts >= config.restarts:
-                    raise
-                if draining():
-                    newest = store.latest(since)
-                    resume = (
-                        f"--restore resumes it from checkpoint {newest.id} in {store.directory}"
-                        if newest is not None
-                        else "no checkpoint had completed"
+                    if not isinstance(exc, WorkerDied):
+                        raise
+                    used = (
+                        f"after {restarts} restart{'s' if restarts != 1 else ''} (--restarts {config.restarts})"
+                        if restarts
+                        else "not restarted (--restarts 0)"
                     )
+                    raise WorkerDied(f"{exc}; {used}: {_resume_hint(store, since)}") from exc
+                if draining():
                     raise WorkerDied(
                         f"{exc}; not restarted, since the run was draining (a restart would stop its sources"
-                        f" where the checkpoint left them, and lose what they had produced since): {resume}"
+                        f" where the checkpoint left them, and lose what they had produced since):"
+                        f" {_resume_hint(store, since)}"
                     ) from exc
                 restarts += 1
                 restore = True
@@ -1186,6 +1224,14 @@ async def _attempts(
             finally:
                 if log is not None:
                     log.close()
+
+
+def _resume_hint(store: CheckpointStore, since: int) -> str:
+    """What resumes a run that failed, from its newest complete checkpoint (at least ``since``)."""
+    newest = store.latest(since)
+    if newest is None:
+        return "no checkpoint had completed"
+    return f"--restore resumes it from checkpoint {newest.id} in {store.directory}"
 
 
 async def drive(session: Session, trigger: Callable[[int], Awaitable[None]], main: Awaitable[Any]) -> Any:

@@ -1,4 +1,8 @@
-"""SIGINT/SIGTERM for ``aiod4p run``: stop start-up at once; drain on the first, abort on the second.
+"""SIGINT/SIGTERM/SIGHUP for ``aiod4p run``: stop start-up at once; drain on the first, abort on the second.
+
+SIGHUP (a terminal hang-up: the ssh session that started the run dropped) is
+taken as SIGTERM, so the results already accepted still reach ``--results``;
+a process started with SIGHUP ignored (``nohup``) keeps ignoring it.
 
 ``loop.add_signal_handler`` runs its callbacks only when the event loop
 turns, and a PE that blocks (``time.sleep``, blocking I/O) on the loop holds
@@ -34,7 +38,7 @@ from typing import Any, Protocol
 __all__ = ["ABORT_GRACE", "Interrupts", "Stopped", "die_with_parent", "held", "release"]
 
 ABORT_GRACE = 1.0
-SIGNALS = (signal.SIGINT, signal.SIGTERM)
+SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 def die_with_parent(parent: int | None = None) -> None:
@@ -58,7 +62,7 @@ def adopt_orphans(adopt: bool) -> None:
 
 @contextmanager
 def held() -> Iterator[None]:
-    """Block SIGINT and SIGTERM in the calling thread meanwhile; a child created meanwhile inherits the block."""
+    """Block SIGINT, SIGTERM and SIGHUP in the calling thread meanwhile; a child created meanwhile inherits it."""
     previous = signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
     try:
         yield
@@ -67,8 +71,20 @@ def held() -> Iterator[None]:
 
 
 def release() -> None:
-    """Unblock SIGINT and SIGTERM in a child created under :func:`held`; a pending one is acted on now."""
+    """Unblock SIGINT, SIGTERM and SIGHUP in a child created under :func:`held`; a pending one is acted on now."""
     signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)
+
+
+def _say(message: str) -> None:
+    """Print ``message`` on stderr; if stderr cannot take it (the terminal hung up: ``EIO``), send what goes
+    there from now on (this and the run's last report) to the null device, so the run still drains and exits
+    with its own status."""
+    try:
+        print(message, file=sys.stderr, flush=True)
+    except OSError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stderr.fileno())
+        os.close(devnull)
 
 
 class _Drainable(Protocol):
@@ -91,7 +107,7 @@ class Stopped(KeyboardInterrupt):
 
 
 class Interrupts:
-    """SIGINT/SIGTERM handlers for one run, installed by ``with``; see the module's docstring.
+    """SIGINT/SIGTERM/SIGHUP handlers for one run, installed by ``with``; see the module's docstring.
 
     Args:
         exit_status: the process's exit status when the watchdog ends it.
@@ -125,6 +141,8 @@ class Interrupts:
 
     def __enter__(self) -> Interrupts:
         for signum in SIGNALS:
+            if signum == signal.SIGHUP and signal.getsignal(signum) == signal.SIG_IGN:
+                continue  # nohup: the user asked for the run to outlive the terminal
             self._previous[signum] = signal.signal(signum, self._handle)
         return self
 
@@ -149,11 +167,7 @@ class Interrupts:
         if run is None or loop is None or task is None or not run.under_way:
             raise Stopped(signum)
         if self.received == 1:
-            print(
-                f"aiod4p: {self.name}: stopping the sources, finishing what is in flight (send it again to abort)",
-                file=sys.stderr,
-                flush=True,
-            )
+            _say(f"aiod4p: {self.name}: stopping the sources, finishing what is in flight (send it again to abort)")
             loop.call_soon_threadsafe(run.drain)
             return
         loop.call_soon_threadsafe(task.cancel)

@@ -25,12 +25,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import json
 import logging
 import os
 import socket
 import stat
 import sys
+import termios
 import time
 from collections import deque
 from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Callable
@@ -163,6 +165,11 @@ class _LineSplitter:
     def finish(self) -> list[bytes | _TooLong]:
         return [self._take()] if self._size else []
 
+    @property
+    def partial(self) -> bool:
+        """Whether a line has begun and not ended."""
+        return self._size > 0
+
     def _add(self, piece: bytes) -> None:
         self._size += len(piece)
         if self._size <= self._max:
@@ -204,6 +211,11 @@ class _LineReader:
         self.splitter = _LineSplitter(max_line)
         self.number = 0
         self.skip = 0  # items to read again and drop (a restored checkpoint's offset); bad lines among them are silent
+
+    @property
+    def partial(self) -> bool:
+        """Whether a line has begun and not ended."""
+        return self.splitter.partial
 
     def feed(self, data: bytes) -> list[Any]:
         return self._items(self.splitter.feed(data))
@@ -404,12 +416,17 @@ class LineStream:
         def after_poll() -> Callable[[], object]:
             return loop.call_later(self.poll_interval, waker.wake).cancel
 
+        left: int | None = None  # once draining: the bytes there were to read when the drain came
         try:
             while True:
                 if regular and waker.draining and not self.follow:
                     break
+                if waker.draining and left is None:
+                    left = _readable_now(fd, regular)
+                if left is not None and left <= 0 and not reader.partial:
+                    break  # not until the pipe is empty: a writer faster than the run would never let it end
                 try:
-                    data = os.read(fd, self.chunk_size)
+                    data = os.read(fd, self.chunk_size if left is None or left <= 0 else min(self.chunk_size, left))
                 except BlockingIOError:  # nothing in the pipe now
                     if waker.draining:
                         break
@@ -425,6 +442,10 @@ class LineStream:
                         continue
                     await waker.wait(after_poll)
                     continue
+                if left is not None:
+                    if left <= 0 and (end := data.find(b"\n")) >= 0:
+                        data = data[: end + 1]  # the rest of the line under way when the drain came, no more
+                    left -= len(data)
                 for item in reader.feed(data):
                     yield item
             for item in reader.finish():
@@ -435,6 +456,17 @@ class LineStream:
                     os.set_blocking(fd, blocking)
             if owned:
                 os.close(fd)
+
+
+def _readable_now(fd: int, regular: bool) -> int | None:
+    """The bytes ``fd`` holds now: a regular file's after the current offset, or what a pipe, socket or
+    terminal has buffered (``FIONREAD``); ``None`` if it cannot tell (read until it would block)."""
+    if regular:
+        return max(os.fstat(fd).st_size - os.lseek(fd, 0, os.SEEK_CUR), 0)
+    try:
+        return int.from_bytes(fcntl.ioctl(fd, termios.FIONREAD, bytes(4)), sys.byteorder, signed=True)
+    except OSError:
+        return None
 
 
 # -- sockets --------------------------------------------------------------------------
@@ -574,8 +606,16 @@ class SocketStream:
         return bool(self._pending.paused)
 
     def drain(self) -> None:
-        """Stop accepting and reading; yield the lines already read, then end."""
+        """Stop accepting and reading; yield the lines already read, then end.
+
+        What clients send from now on is not read, nor waited for: a client that sends faster than the run
+        would otherwise keep it from ending.
+        """
         self._waker.drain()
+        self._pending.paused.clear()  # none is resumed any more
+        for protocol in self._open:
+            if protocol.transport is not None and not protocol.transport.is_closing():
+                protocol.transport.pause_reading()
 
     def __aiter__(self) -> AsyncIterator[Any]:
         return self._lines()
@@ -649,6 +689,8 @@ class _DatagramProtocol(asyncio.DatagramProtocol):
         self.number = 0
 
     def datagram_received(self, data: bytes, addr: tuple[str | Any, int]) -> None:
+        if self.pending.waker.draining:  # what comes after the drain is not received: a sender could keep it going
+            return
         if len(self.pending.items) >= self.pending.high:
             self.stream.dropped += 1
             return
@@ -697,7 +739,7 @@ class DatagramStream:
         self._waker = _Waker()
 
     def drain(self) -> None:
-        """Stop receiving; yield what was received, then end."""
+        """Stop receiving (datagrams that come from now on are ignored); yield what was received, then end."""
         self._waker.drain()
 
     def __aiter__(self) -> AsyncIterator[Any]:

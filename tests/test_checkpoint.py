@@ -10,10 +10,12 @@ import pickle
 import random
 import signal
 import subprocess
+import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import Any
+from types import SimpleNamespace
+from typing import Any, cast
 
 import ckpt_workflows
 import pytest
@@ -32,6 +34,7 @@ from helpers import aiod4p_cli, aiod4p_process, json_lines
 from aiod4p import ProducerPE, WorkflowGraph, run, run_async, start
 from aiod4p._checkpoint import (
     MANIFEST,
+    Aligner,
     Checkpointing,
     CheckpointStore,
     Coordinator,
@@ -41,6 +44,7 @@ from aiod4p._checkpoint import (
     ResultGate,
     Session,
     WorkerCheckpoints,
+    resumed_feed,
 )
 from aiod4p._cli import main
 from aiod4p._engine import Worker
@@ -49,6 +53,7 @@ from aiod4p._plan import DEFAULT_BATCH_SIZE, DEFAULT_CREDITS, InstanceRef, PlanO
 from aiod4p._state import KEY_GROUPS, capture, restore_state
 from aiod4p.errors import CheckpointError
 from aiod4p.mappings.asyncio import AsyncMapping
+from aiod4p.sources import LineStream, SourcePE
 from aiod4p.windows import CountWindow
 
 
@@ -592,6 +597,21 @@ def test_cli_restores_and_writes_results_once(tmp_path: Path, words: Path) -> No
     assert _file_counts(results) == expected_counts(words)
 
 
+def test_cli_restore_without_the_results_file_says_where_the_results_are(
+    tmp_path: Path, words: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """The restored run prints only the results after the checkpoint; the others are in the file the
+    checkpointed run wrote, which also holds an uncommitted tail that this run does not truncate."""
+    target = tmp_path / "wf.py"
+    target.write_text(held_word_count_module(words, tmp_path / "ck"))
+    common = [str(target), "-i", "1", "--checkpoint-dir", str(tmp_path / "ck")]
+    assert main(["run", *common, "--checkpoint-interval", "0.02", "--results", str(tmp_path / "out.jsonl")]) == 0
+    capfd.readouterr()
+    assert main(["run", *common, "--restore"]) == 0
+    said = capfd.readouterr().err
+    assert "committed" in said and "give --results FILE to continue it exactly once" in said
+
+
 # A workflow file for `aiod4p run -i 1` (PE ids Numbers0, Tens1): numbers 0 to FLOW_NUMBERS - 1 (environment;
 # from where a restore resumes them), each a result times 10; then, with FLOW_HOLD=1, once a complete checkpoint
 # in the directory committed results (with no numbers: once one completed), "held" on stderr, and no end: the
@@ -807,6 +827,74 @@ def test_stdin_and_sockets_are_named_unreplayable(tmp_path: Path) -> None:
     plan = make_plan(graph, PlanOptions())
     feeds: dict[str, Any] = {"root0": 1, "root1": 1, "root2": LineStream(), "root3": 1}
     assert unreplayable(plan, feeds) == ["root0", "root1", "root2"]
+
+
+async def test_a_restore_drops_nothing_of_a_stream_that_cannot_be_replayed() -> None:
+    """stdin after a restart (or a new stdin after --restore) brings new lines: the restored feed position
+    is not sought in it, which dropped as many live lines as the checkpoint's run had read."""
+    read, write = os.pipe()
+    os.write(write, b"".join(json.dumps({"i": i}).encode() + b"\n" for i in range(5)))
+    os.close(write)
+    stream = resumed_feed(LineStream(read, json=True), 3)
+    assert isinstance(stream, LineStream)
+    assert [item["i"] async for item in stream] == list(range(5))
+
+
+class _Live(SourcePE):
+    """A source of live items (a socket's, say): it cannot be replayed."""
+
+    replayable = False
+
+    def open(self) -> AsyncIterator[int]:
+        return _async_items(range(5))
+
+
+async def _async_items(items: range) -> AsyncIterator[int]:
+    for item in items:
+        yield item
+
+
+async def test_a_restored_source_that_cannot_be_replayed_drops_nothing_of_its_new_stream() -> None:
+    """A restored ``TCPSource``/``LinesSource()`` resumes its call in a new stream: nothing of it is dropped
+    (the checkpoint's output count was skipped, so the first lines clients sent after a restart were lost)."""
+    pe = _Live()
+    aligner = Aligner(cast(Any, SimpleNamespace(pe=pe)), cast(Any, None), 0)
+    aligner.resume_outputs = 3  # the interrupted call had delivered 3 items before the checkpoint
+    assert [item async for item in aligner.call_started(pe.produce())] == list(range(5))
+
+
+class _Renamed:
+    """A class a PE's state holds, renamed (deleted here) before the restore."""
+
+
+def test_a_whole_checkpoint_whose_state_the_code_cannot_load_names_the_part(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Not torn (its parts match the manifest), so not skipped for an older one, which would fail alike: an
+    error naming the part and the reason (it was a traceback)."""
+    store = CheckpointStore(tmp_path / "ck")
+    part = store.write_part(1, InstanceRef("count", 0), pickle.dumps({"pe": {"attributes": {"t": _Renamed()}}}))
+    store.commit(1, {"version": 1, "id": 1, "parallelism": {"count": 1}, "parts": [part], "results_offset": None})
+    monkeypatch.delattr(sys.modules[__name__], "_Renamed")
+    with pytest.raises(
+        CheckpointError,
+        match=r"checkpoint 1 in .*ck: the state of PE count instance 0 \(count\.0\.state\) cannot be loaded:"
+        r" AttributeError: .*_Renamed.* \(was the workflow's code changed since\?\)",
+    ):
+        store.latest()
+
+
+@pytest.mark.parametrize(("manifest", "reason"), [("{}", "KeyError: 'parts'"), ("{garbage", "JSONDecodeError")])
+def test_a_manifest_that_is_not_one_is_named_so(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, manifest: str, reason: str
+) -> None:
+    store = CheckpointStore(tmp_path / "ck")
+    store.path(1).mkdir()
+    (store.path(1) / MANIFEST).write_text(manifest)
+    assert store.latest() is None
+    assert f"ignoring torn checkpoint {store.path(1)}: MANIFEST.json is not a checkpoint's manifest ({reason}" in (
+        caplog.text
+    )
 
 
 def test_a_checkpoint_directory_that_is_a_file_is_named_so(tmp_path: Path) -> None:

@@ -219,9 +219,11 @@ def test_checkpoint_of_multi_restores_on_mpi(tmp_path: Path, words: Path, monkey
     monkeypatch.setenv("AIOD4P_TEST_KILLS", f"{kills}:20000")
     monkeypatch.setenv("AIOD4P_TEST_KILLS_AFTER", str(tmp_path / "ck"))
     directory, results = tmp_path / "ck", tmp_path / "results.jsonl"
-    with pytest.raises(WorkerDied):
+    resumes = r"; not restarted \(--restarts 0\): --restore resumes it from checkpoint \d+"
+    with pytest.raises(WorkerDied, match=resumes) as died:  # what a user needs to go on
         run(held_word_count(words, directory), 1, mapping=_multi(directory, results), workers=2)
-    assert CheckpointStore(directory).latest() is not None
+    latest = CheckpointStore(directory).latest()
+    assert latest is not None and f"from checkpoint {latest.id} in {directory}" in str(died.value)
     got = run(word_count(words), 1, mapping=_multi(directory, results, "mpi", restore=True), workers=3)
     assert dict(record.data for record in got) == expected_counts(words)
     assert _file_counts(results) == expected_counts(words)

@@ -103,3 +103,22 @@ def test_a_worker_signalled_before_its_own_handlers_dies_by_the_signal_quietly()
         worker.kill()
         worker.join()
     assert worker.exitcode == -signal.SIGTERM
+
+
+def _hung_up_before_its_own_handlers() -> None:
+    os.kill(os.getpid(), signal.SIGHUP)  # held since the fork, like SIGTERM
+    take_over_signals()  # the held SIGHUP is delivered here: ignored, it is the parent's to act on
+
+
+def test_a_worker_hung_up_before_its_own_handlers_leaves_it_to_the_parent() -> None:
+    """A hang-up is the parent's to act on (it drains the run): a worker neither runs the handler it inherited
+    nor dies of it."""
+    with Interrupts(exit_status=130):
+        with held():
+            worker = multiprocessing.get_context("fork").Process(target=_hung_up_before_its_own_handlers)
+            worker.start()
+        worker.join(timeout=30)
+    if worker.exitcode is None:
+        worker.kill()
+        worker.join()
+    assert worker.exitcode == 0

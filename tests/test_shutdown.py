@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import json
 import os
+import pty
 import signal
 import subprocess
 import sys
+import termios
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
@@ -44,13 +48,19 @@ class Reader(threading.Thread):
             assert self.changed.wait_for(lambda: predicate(self.records), timeout), self.records[-3:]
 
 
-def start_cli(*extra: str) -> tuple[subprocess.Popen[bytes], Reader]:
+def start_cli(
+    *extra: str, stderr: int = subprocess.PIPE, preexec_fn: Callable[[], Any] | None = None
+) -> tuple[subprocess.Popen[bytes], Reader]:
+    """``aiod4p run --stdin square --results -`` (``live_squares``), its stdout read by a :class:`Reader`;
+    ``preexec_fn`` runs in the child (in a session of its own when given)."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "aiod4p", "run", TARGET, "--stdin", "square", "--results", "-", "-q", *extra],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
+        stderr=stderr,
         env={**os.environ, "PYTHONPATH": str(ROOT)},
+        start_new_session=preexec_fn is not None,
+        preexec_fn=preexec_fn,
     )
     assert proc.stdout is not None
     reader = Reader(proc.stdout)
@@ -62,12 +72,13 @@ def stop(proc: subprocess.Popen[bytes], reader: Reader) -> bytes:
     """Make sure the child is gone; return its stderr."""
     if proc.poll() is None:
         proc.kill()
-    assert proc.stdin is not None and proc.stderr is not None
+    assert proc.stdin is not None
     proc.stdin.close()
     proc.wait(timeout=20)
     reader.join(timeout=20)
-    stderr = proc.stderr.read()
-    proc.stderr.close()
+    stderr = proc.stderr.read() if proc.stderr is not None else b""
+    if proc.stderr is not None:
+        proc.stderr.close()
     assert proc.stdout is not None
     proc.stdout.close()
     return stderr
@@ -83,7 +94,13 @@ def squares(records: list[dict[str, Any]]) -> list[int]:
 
 @pytest.mark.parametrize(
     ("signum", "mapping"),
-    [(signal.SIGTERM, "async"), (signal.SIGINT, "async"), (signal.SIGINT, "multi"), (signal.SIGTERM, "mpi")],
+    [
+        (signal.SIGTERM, "async"),
+        (signal.SIGINT, "async"),
+        (signal.SIGINT, "multi"),
+        (signal.SIGTERM, "mpi"),
+        (signal.SIGHUP, "multi"),
+    ],
 )
 def test_a_signal_mid_stream_drains_every_line_written_before_it(signum: int, mapping: str) -> None:
     proc, reader = start_cli("--mapping", mapping, "-n", "2")  # on multi and mpi, the launcher pumps stdin
@@ -102,6 +119,47 @@ def test_a_signal_mid_stream_drains_every_line_written_before_it(signum: int, ma
     assert squares(reader.records) == list(range(5000))
     assert all(r["data"]["sq"] == r["data"]["id"] ** 2 for r in reader.records if r["output"] == "output")
     assert [r["data"] for r in reader.records if r["output"] == "status"] == ["drained"]  # postprocess ran
+
+
+def test_a_terminal_hang_up_drains_and_exits_0() -> None:
+    """The terminal the run reports on goes away (an ssh session drops): the kernel sends SIGHUP, and stderr
+    fails with EIO from then on. The run drains as on SIGTERM, every accepted line gets its result, exit 0."""
+    controller, terminal = pty.openpty()
+
+    def on_the_terminal() -> None:  # a session leader taking the pty as its controlling terminal
+        fcntl.ioctl(terminal, termios.TIOCSCTTY, 0)
+
+    proc, reader = start_cli(stderr=terminal, preexec_fn=on_the_terminal)
+    os.close(terminal)
+    try:
+        assert proc.stdin is not None
+        proc.stdin.write(lines(range(2000)))
+        proc.stdin.flush()
+        reader.wait_for(lambda records: len(records) >= 100)
+        os.close(controller)  # the hang-up
+        assert proc.wait(timeout=30) == 0
+    finally:
+        stop(proc, reader)
+    assert squares(reader.records) == list(range(2000))
+    assert [r["data"] for r in reader.records if r["output"] == "status"] == ["drained"]
+
+
+def test_a_run_started_with_sighup_ignored_ignores_it() -> None:
+    """``nohup aiod4p run ...``: the user asked for the run to outlive the terminal."""
+    proc, reader = start_cli(preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN))
+    try:
+        assert proc.stdin is not None
+        proc.stdin.write(lines(range(100)))
+        proc.stdin.flush()
+        reader.wait_for(lambda records: len(records) >= 100)
+        proc.send_signal(signal.SIGHUP)
+        proc.stdin.write(lines(range(100, 200)))
+        proc.stdin.close()  # the end of the stream ends the run
+        assert proc.wait(timeout=30) == 0
+    finally:
+        stderr = stop(proc, reader)
+    assert b"SIGHUP" not in stderr
+    assert squares(reader.records) == list(range(200))
 
 
 def test_a_second_signal_aborts_with_a_non_zero_exit() -> None:

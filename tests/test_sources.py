@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import os
@@ -22,6 +23,7 @@ import aiod4p
 from aiod4p import IterativePE, PEError, ProducerPE, WorkflowGraph
 from aiod4p.sources import (
     AsyncIterSource,
+    DatagramStream,
     LinesSource,
     LineStream,
     SocketStream,
@@ -172,6 +174,33 @@ async def test_follow_from_the_end_skips_what_is_there(tmp_path: Path) -> None:
         assert [line async for line in lines] == []
 
 
+async def test_a_drain_ends_a_pipe_whose_writer_keeps_it_full() -> None:
+    """``yes | aiod4p run --stdin``: the drain takes what the pipe held when it came, then ends (it read until
+    the pipe was empty, which a writer faster than the run never let happen: Ctrl-C took minutes)."""
+    read_fd, write_fd = os.pipe()
+    line = b'{"i": 1}\n'
+
+    def keep_full() -> None:
+        with contextlib.suppress(OSError), open(write_fd, "wb", buffering=0) as out:  # EPIPE once the reader goes
+            while True:
+                out.write(line * 1024)
+
+    writer = threading.Thread(target=keep_full, daemon=True)
+    writer.start()
+    stream = LineStream(read_fd, json=True)
+    items = aiter(stream)
+    try:
+        async with asyncio.timeout(20):
+            for _ in range(10_000):
+                await anext(items)
+            stream.drain()
+            after = [item async for item in items]
+    finally:
+        os.close(read_fd)
+        writer.join(timeout=20)
+    assert len(after) <= 2 * 65536 // len(line) + 1024  # what the pipe and the last chunk held, at most
+
+
 @pytest.mark.asyncio
 async def test_lines_from_a_pipe_end_when_the_writer_closes() -> None:
     read_fd, write_fd = os.pipe()
@@ -304,6 +333,36 @@ async def test_tcp_source_stops_reading_when_the_workflow_is_behind() -> None:
         await writer.wait_closed()
         data = (await results).data()
     assert [int(line.split()[0]) for line in data] == list(range(total))
+
+
+async def test_a_drain_ends_a_socket_stream_whose_client_keeps_sending() -> None:
+    """A client that sends faster than the run: the drain stops reading its socket and ends (the stream
+    took what kept arriving, and resumed the reading it had paused, so Ctrl-C waited for the client)."""
+    listening: asyncio.Future[tuple[str, int]] = asyncio.get_running_loop().create_future()
+    stream = SocketStream(on_listen=listening.set_result, max_pending=100)
+    items = aiter(stream)
+    async with asyncio.timeout(20):
+        first = asyncio.ensure_future(anext(items))
+        _, writer = await asyncio.open_connection(*await listening)
+
+        async def keep_sending() -> None:
+            while True:
+                writer.write(b"line\n" * 1000)
+                await writer.drain()
+
+        sender = asyncio.ensure_future(keep_sending())
+        await first
+        for _ in range(10_000):
+            await anext(items)
+        held = stream.pending  # read before the drain: still given
+        stream.drain()
+        after = []
+        async for item in items:
+            after.append(item)
+            await asyncio.sleep(0)  # as a workflow does: the loop turns, the client's data comes in
+        sender.cancel()
+        writer.close()
+    assert len(after) == held
 
 
 # -- UDP ------------------------------------------------------------------------------
@@ -628,3 +687,35 @@ async def test_tcp_source_fails_on_a_bad_line_by_default() -> None:
             writer.close()
             await writer.wait_closed()
             await results
+
+
+async def test_a_drain_ends_a_datagram_stream_whose_sender_keeps_sending() -> None:
+    """Datagrams that come after the drain are not received: a sender faster than the run cannot keep it going."""
+    listening: asyncio.Future[tuple[str, int]] = asyncio.get_running_loop().create_future()
+    stream = DatagramStream("127.0.0.1", 0, on_listen=listening.set_result, max_pending=100)
+    items = aiter(stream)
+    async with asyncio.timeout(20):
+        first = asyncio.ensure_future(anext(items))
+        address = await listening
+        sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sender.setblocking(False)
+
+        async def keep_sending() -> None:
+            while True:
+                for _ in range(50):  # more each turn than the reader takes
+                    with contextlib.suppress(BlockingIOError):
+                        sender.sendto(b"ping\n", address)
+                await asyncio.sleep(0)
+
+        sending = asyncio.ensure_future(keep_sending())
+        await first
+        for _ in range(100):
+            await anext(items)
+        stream.drain()
+        after = []
+        async for item in items:
+            after.append(item)
+            await asyncio.sleep(0)  # as a workflow does: the loop turns, datagrams come in
+        sending.cancel()
+        sender.close()
+    assert len(after) <= 100  # what was received before the drain, at most

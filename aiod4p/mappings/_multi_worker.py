@@ -39,8 +39,10 @@ def worker_main(
 
 
 def take_over_signals() -> None:
-    """Leave SIGINT to the parent, die by SIGTERM, then take the signals held since the fork (``_signals.held``)."""
+    """Leave SIGINT and SIGHUP to the parent, die by SIGTERM, then take the signals held since the fork
+    (``_signals.held``)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.set_wakeup_fd(-1)  # a forked child must not poke the parent's event loop
     release()
