@@ -139,6 +139,22 @@ TIMES10_FLOW = numbers_flow(
 )
 
 
+# A workflow file whose PE leaves a thread running that never ends (as a library may) and prints each item.
+LINGERING_FLOW = numbers_flow(
+    """
+    import threading
+
+    class Lingering(IterativePE):
+        def preprocess(self):
+            threading.Thread(target=threading.Event().wait).start()  # never ends
+
+        def process_item(self, item):
+            print(f"processing {item}")  # one write: whole even if another process writes too
+            return item
+    """
+)
+
+
 def recorded_supervisors(monkeypatch: pytest.MonkeyPatch) -> list[weakref.ref[Supervisor]]:
     """A weak reference to every :class:`Supervisor` that runs from now on (as the list fills): the test
     can tell whether an ended attempt of a run was let go."""

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import AIOD4P, TIMES10_FLOW, aiod4p_process, json_lines, numbers_flow
+from helpers import AIOD4P, LINGERING_FLOW, TIMES10_FLOW, aiod4p_process, json_lines, numbers_flow
 from helpers import aiod4p_cli as aiod4p
 
 import aiod4p as aiod4p_package
@@ -329,21 +329,7 @@ def test_what_pes_print_survives_a_thread_they_leave_running(tmp_path: Path, map
     """A worker kept from exiting by a thread that a PE's library left running is stopped by the launcher:
     what its PEs printed, still in stdout's buffer (a pipe: block-buffered), was lost with it."""
     flow = tmp_path / "lingering.py"
-    flow.write_text(
-        numbers_flow(
-            """
-            import threading
-
-            class Lingering(IterativePE):
-                def preprocess(self):
-                    threading.Thread(target=threading.Event().wait).start()  # never ends
-
-                def process_item(self, item):
-                    print(f"processing {item}")  # one write: whole even if another process writes too
-                    return item
-            """
-        )
-    )
+    flow.write_text(LINGERING_FLOW)
     done = aiod4p("run", str(flow), "-m", mapping, "-n", "2", "-i", "3", "-q", env=BUFFERED, timeout=20)
     assert done.returncode == 0, done.stderr
     printed = done.stdout + done.stderr  # the MPI ranks' output reaches stderr

@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 import test_differential as differential
 import workflows as wf
-from helpers import ROOT, aiod4p_cli, aiod4p_process, numbers_flow
+from helpers import LINGERING_FLOW, ROOT, aiod4p_cli, aiod4p_process, numbers_flow
 from ray_cluster import wait_gone
 
 import aiod4p
@@ -82,20 +82,7 @@ def test_ranks_exit_while_a_thread_a_pe_started_still_runs(tmp_path: Path) -> No
     """A library a PE uses may leave a thread running (a model server's, a monitor's): the ranks still exit
     when the run is over, where Python waited for the thread and the launcher 30 s for the ranks."""
     flow = tmp_path / "lingering.py"
-    flow.write_text(
-        numbers_flow(
-            """
-            import threading
-
-            class Lingering(IterativePE):
-                def preprocess(self):
-                    threading.Thread(target=threading.Event().wait).start()  # never ends
-
-                def process_item(self, item):
-                    return item
-            """
-        )
-    )
+    flow.write_text(LINGERING_FLOW)
     done = aiod4p_cli("run", str(flow), "--mapping", "mpi", "-n", "2", "-i", "3", "--results", "-", timeout=20)
     assert done.returncode == 0, done.stderr
     assert sorted(json.loads(line)["data"] for line in done.stdout.splitlines()) == [1, 2, 3]
