@@ -28,7 +28,7 @@ from ._results import ResultRecord, record_line
 from ._signals import Interrupts, Stopped
 from ._stats_report import StatsSampler, report_stats
 from ._threads import exit_past_threads
-from ._visual import draw, draw_dot
+from ._visual import check_drawing, draw, draw_dot
 from .compat.processor import MOST_SHARED_PROCESSES
 from .errors import Aiod4pError, writing
 from .mappings import MAPPINGS, BaseMapping, get_mapping
@@ -785,6 +785,10 @@ def _science_command(args: argparse.Namespace) -> int:
 
         print(f"wrote {plot_stats(args.file, args.output)}")
         return 0
+    if args.draw is not None:
+        if args.trace is None:
+            raise ValueError("--draw draws the lineage of a result: give it with --trace RESULT")
+        check_drawing(args.draw, "a lineage")
     lineage = read_lineage(args.file)
     if args.trace is None:
         results = lineage.results()
@@ -803,5 +807,5 @@ def _science_command(args: argparse.Namespace) -> int:
         for source in sorted(sources):
             print(f"    {source} = {lineage.values.get(source, '')}  (made by {lineage.made_by.get(source, 'input')})")
     if args.draw is not None:
-        print(f"wrote {draw_dot(lineage.to_dot(found), args.draw)}")
+        print(f"wrote {draw_dot(lineage.to_dot(found), args.draw, 'a lineage')}")
     return 0

@@ -95,10 +95,7 @@ def draw_dot(text: str | Callable[[], str], path: str | Path, what: str = "a gra
         Aiod4pError: as :func:`draw`.
     """
     path = Path(path)
-    suffix = path.suffix.lower()
-    formats = ", ".join([*DOT_SUFFIXES, *(f".{fmt}" for fmt in GRAPHVIZ_FORMATS)])
-    if suffix not in DOT_SUFFIXES and suffix.lstrip(".") not in GRAPHVIZ_FORMATS:
-        raise ValueError(f"cannot draw {what} to {path}: the file name must end with one of {formats}")
+    suffix = check_drawing(path, what)
     if callable(text):
         text = text()
     if suffix in DOT_SUFFIXES:
@@ -107,6 +104,20 @@ def draw_dot(text: str | Callable[[], str], path: str | Path, what: str = "a gra
         return path
     render_dot(text, suffix.lstrip("."), path)
     return path
+
+
+def check_drawing(path: str | Path, what: str = "a graph") -> str:
+    """The suffix of ``path``, lower case, if Graphviz (or dot text) can be written there.
+
+    Raises:
+        ValueError: naming ``what`` and ``path``, and the suffixes that can be.
+    """
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in DOT_SUFFIXES and suffix.lstrip(".") not in GRAPHVIZ_FORMATS:
+        formats = ", ".join([*DOT_SUFFIXES, *(f".{fmt}" for fmt in GRAPHVIZ_FORMATS)])
+        raise ValueError(f"cannot draw {what} to {path}: the file name must end with one of {formats}")
+    return suffix
 
 
 def render_dot(text: str, fmt: str, path: Path) -> None:

@@ -209,6 +209,13 @@ def test_cli_records_traces_and_draws(tmp_path: Path) -> None:
     assert "lazy" not in traced.stdout
     dot = (tmp_path / "fox.dot").read_text()
     assert dot.startswith("digraph lineage") and "fox runs home" in dot
+    # A drawing that cannot be made is refused before anything is printed; --draw without --trace draws nothing.
+    bad = cli("provenance", str(path), "--trace", "('fox', 3)", "--draw", str(tmp_path / "fox.bad"), cwd=tmp_path)
+    assert (bad.returncode, bad.stdout) == (2, "")
+    assert bad.stderr.startswith(f"aiod4p: error: cannot draw a lineage to {tmp_path / 'fox.bad'}: the file name")
+    untraced = cli("provenance", str(path), "--draw", str(tmp_path / "all.svg"), cwd=tmp_path)
+    assert (untraced.returncode, untraced.stdout) == (2, "")
+    assert untraced.stderr == "aiod4p: error: --draw draws the lineage of a result: give it with --trace RESULT\n"
 
 
 def test_cli_listing_into_a_closed_pipe_ends_quietly(tmp_path: Path) -> None:
