@@ -299,7 +299,7 @@ class _Invoker:
         """Call ``preprocess`` or ``postprocess``; what it wrote stays in the buffers."""
         started, blocked = time.perf_counter(), self.stats.blocked_seconds
         try:
-            await self._drive(_call_stage(method))
+            await self._call_stage(method)
         except BaseException as exc:
             if not _failed(exc):
                 raise
@@ -307,6 +307,10 @@ class _Invoker:
             raise _error(self.ref, stage, exc) from exc
         finally:  # as for a batch: waiting for credit while writing is blocked time
             self.stats.busy_seconds += time.perf_counter() - started - (self.stats.blocked_seconds - blocked)
+
+    async def _call_stage(self, method: Callable[[], Any]) -> None:
+        """Call lifecycle ``method`` (plain or ``async def``)."""
+        await self._drive(_call_stage(method))
 
     # -- calling the PE ------------------------------------------------------
     async def _handle(self, port: str | None, items: list[Any]) -> None:
@@ -734,12 +738,25 @@ class _Actor(_Invoker):
     # -- threaded calls --------------------------------------------------------
     async def _handle_in_thread(self, port: str | None, items: list[Any]) -> None:
         """Run a batch of plain calls in the worker's pool; write() hands full batches over and waits for credit."""
+        await self._in_thread(self._call_items, port, items)
+
+    async def _call_stage(self, method: Callable[[], Any]) -> None:
+        """A threaded PE's plain ``preprocess`` and ``postprocess`` run in the worker's pool too: instances
+        that each load a model load them at the same time, while the event loop goes on."""
+        if self.threaded and not inspect.iscoroutinefunction(method):
+            await self._in_thread(method)
+        else:
+            await super()._call_stage(method)
+
+    async def _in_thread(self, function: Callable[..., None], *args: Any) -> None:
+        """``function(*args)`` in the worker's pool; what it write()s is handed over as its batches fill, each
+        waiting for credit."""
         loop = asyncio.get_running_loop()
         runtime = self.pe._runtime
         assert runtime is not None
         runtime.full = functools.partial(self._hand_over, loop)
         try:
-            await loop.run_in_executor(self.worker.executor(), self._call_items, port, items)
+            await loop.run_in_executor(self.worker.executor(), function, *args)
         finally:
             runtime.full = _switch_to_actor
 

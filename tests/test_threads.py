@@ -59,6 +59,39 @@ async def test_a_threaded_pe_blocks_its_thread_not_the_loop() -> None:
     assert results.data() == [True, True, True]
 
 
+class LoadsAModel(IterativePE):
+    """Its ``preprocess`` (a slow model load) meets the other instances' at a barrier: it returns only if
+    they all load at the same time."""
+
+    threaded = True
+
+    def __init__(self, instances: int) -> None:
+        super().__init__(parallelism=instances)
+        self.loading = wf.Shared(barrier=threading.Barrier(instances, timeout=10))
+
+    def preprocess(self) -> None:
+        self.loading.barrier.wait()
+
+    def process_item(self, item: int) -> int:
+        return item
+
+    def postprocess(self) -> None:
+        self.loading.barrier.wait()  # saving a model: at the same time too
+        self.write("output", -1)
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("mapping", ["simple", "async"])
+async def test_a_threaded_pe_s_instances_preprocess_at_the_same_time(mapping: str) -> None:
+    """Four instances that each load a model for 5 s took 20 s on async, one after the other, on the loop."""
+    instances = 1 if mapping == "simple" else 4
+    graph = WorkflowGraph()
+    graph.connect(wf.Range(8), "output", LoadsAModel(instances), "input")
+    async with asyncio.timeout(30):
+        results = await aiod4p.run_async(graph, 1, mapping=mapping)
+    assert sorted(results.data()) == [-1] * instances + list(range(8))
+
+
 def test_threaded_is_an_option_of_function_pes() -> None:
     @iterative
     def slow(item: int) -> int:
