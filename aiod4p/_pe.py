@@ -264,6 +264,10 @@ class PE:
         """The number of instances the planner honours (``None``: the mapping decides): :attr:`parallelism`."""
         return self.parallelism
 
+    @_parallelism.setter
+    def _parallelism(self, count: int | None) -> None:
+        self.parallelism = count
+
     def _item_function(self) -> tuple[Callable[..., Any], str | None] | None:
         """A per-item function the engine may call instead of :meth:`process`.
 

@@ -187,6 +187,10 @@ class GenericPE(_CoreGenericPE):
         """``numprocesses`` once assigned (or given other than 1), else ``None``: the mapping decides."""
         return self._instances
 
+    @_parallelism.setter
+    def _parallelism(self, count: int | None) -> None:
+        self._instances = count
+
     def add_input(self, name: str, grouping: Any = None, *, required: bool = True) -> InputPort:
         """aiod4p's declaration, recorded in ``inputconnections``.
 

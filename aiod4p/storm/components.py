@@ -162,7 +162,7 @@ class HostedComponent:
         if topology.report:
             hello = {"t": "hello", "token": topology.token, "pe": self.component, "task": self.index}
             self.reporter = Reporter(topology.report, {**hello, "pid": os.getpid()})
-        self.loaded.pe.parallelism = self.tasks
+        self.loaded.pe._parallelism = self.tasks  # not its parallelism: a dispel4py PE may keep data there
 
     def _report_error(self, exc: BaseException, fatal: bool) -> None:
         if self.reporter is not None:
