@@ -500,11 +500,12 @@ class HeldResults:
         self._failure: Exception | None = None
 
     async def emit(self, pe: str, port: str, items: list[Any]) -> None:
-        """Hold ``items``; raises what the sink raised, once it did."""
-        await self._room.wait()
+        """Hold ``items`` (under the checkpoint that commits what is emitted now), then wait while the reader
+        is behind; raises what the sink raised, once it did."""
         if self._failure is not None:
             raise self._failure
         self._open.append((pe, port, items))
+        await self._room.wait()
 
     def seal(self, n: int) -> None:
         """Checkpoint ``n`` commits every result emitted so far."""
@@ -555,7 +556,7 @@ class HeldResults:
                 self._emptied.set()
 
     def _make_ready(self, batches: list[tuple[str, str, list[Any]]]) -> None:
-        if batches:
+        if batches and self._failure is None:  # else no reader takes them: emit raises instead of waiting
             self._ready.extend(batches)
             self._waiting += sum(len(items) for _, _, items in batches)
             self._filled.set()
@@ -1141,12 +1142,16 @@ async def run_with_recovery(
         try:
             stats = await _attempts(config, plan, feeds, held, attempt, draining, held)
         except Exception:
-            await held.finish()  # a failed run hands on what it produced, as its --results file holds it
+            # A failed run hands on what it produced, as its --results file holds it; its own failure is
+            # what it raises, also when the reader failed too.
+            with contextlib.suppress(Exception):
+                await held.finish()
             raise
         await held.finish()
         return stats
     finally:
         delivering.cancel()
+        await asyncio.wait({delivering})
 
 
 async def _attempts(

@@ -744,19 +744,21 @@ class _Actor(_Invoker):
         """A threaded PE's plain ``preprocess`` and ``postprocess`` run in the worker's pool too: instances
         that each load a model load them at the same time, while the event loop goes on."""
         if self.threaded and not inspect.iscoroutinefunction(method):
-            await self._in_thread(method)
+            result = await self._in_thread(method)
+            if inspect.isawaitable(result):  # a plain wrapper of an async def (a decorator's)
+                await self._drive(_call_stage(lambda: result))
         else:
             await super()._call_stage(method)
 
-    async def _in_thread(self, function: Callable[..., None], *args: Any) -> None:
-        """``function(*args)`` in the worker's pool; what it write()s is handed over as its batches fill, each
-        waiting for credit."""
+    async def _in_thread(self, function: Callable[..., Any], *args: Any) -> Any:
+        """``function(*args)`` in the worker's pool, and what it returns; what it write()s is handed over as
+        its batches fill, each waiting for credit."""
         loop = asyncio.get_running_loop()
         runtime = self.pe._runtime
         assert runtime is not None
         runtime.full = functools.partial(self._hand_over, loop)
         try:
-            await loop.run_in_executor(self.worker.executor(), function, *args)
+            return await loop.run_in_executor(self.worker.executor(), function, *args)
         finally:
             runtime.full = _switch_to_actor
 

@@ -958,8 +958,54 @@ async def test_held_results_wait_for_a_slow_reader_and_fail_with_its_failure() -
         assert not done  # 3 results ready for a reader that takes none: the run waits (else it returns at once)
         sink.fails = BrokenPipeError("the reader went away")
         sink.gate.set()
+        await blocked  # it had taken its result: it returns once the reader is gone
         with pytest.raises(BrokenPipeError):
-            await blocked
+            await held.emit("pe", "output", [5])
         with pytest.raises(BrokenPipeError):
             await held.finish()
     assert delivering.done() and sink.got == []
+
+
+async def test_a_held_result_belongs_to_the_checkpoint_of_its_emit_even_while_the_reader_is_behind() -> None:
+    """An emit waiting for a slow reader had not taken its result yet: the checkpoint that committed it
+    filed it nowhere, and a restart (which does not make it again) lost it for the reader."""
+    sink = _ListSink()
+    sink.gate.clear()
+    held = HeldResults(sink, backlog=0)
+    delivering = asyncio.create_task(held.deliver())
+    async with asyncio.timeout(10):
+        await held.emit("pe", "output", ["a"])
+        held.seal(1)
+        held.complete(1)  # "a" is ready, the reader takes nothing: the next emit waits
+        blocked = asyncio.create_task(held.emit("pe", "output", ["b"]))
+        done, _ = await asyncio.wait({blocked}, timeout=0.05)
+        assert not done
+        held.seal(2)  # checkpoint 2 commits "b", emitted before it
+        held.complete(2)
+        blocked.cancel()  # the attempt ends: a worker died
+        held.discard()  # the restart resumes from checkpoint 2, after "b"
+        sink.gate.set()
+        await held.finish()
+    delivering.cancel()
+    assert sink.got == ["a", "b"]
+
+
+async def test_held_results_raise_the_reader_s_failure_rather_than_wait_for_it() -> None:
+    """A checkpoint completed after the reader failed made more results ready than the backlog: the next
+    emit waited for a reader that was gone, for ever."""
+    sink = _ListSink()
+    sink.gate.clear()
+    held = HeldResults(sink, backlog=1)
+    delivering = asyncio.create_task(held.deliver())
+    async with asyncio.timeout(10):
+        await held.emit("pe", "output", [1])
+        held.seal(1)
+        held.complete(1)
+        await held.emit("pe", "output", [2, 3])
+        sink.fails = OSError("the reader failed")
+        sink.gate.set()
+        await asyncio.wait({delivering})  # the sink raised: delivering ended
+        held.seal(2)
+        held.complete(2)
+        with pytest.raises(OSError, match="the reader failed"):
+            await held.emit("pe", "output", [4])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import os
 import signal
@@ -90,6 +91,38 @@ async def test_a_threaded_pe_s_instances_preprocess_at_the_same_time(mapping: st
     async with asyncio.timeout(30):
         results = await aiod4p.run_async(graph, 1, mapping=mapping)
     assert sorted(results.data()) == [-1] * instances + list(range(8))
+
+
+def logged(method: Any) -> Any:
+    """A plain decorator (as a logging or tracing library writes one): it hands back what ``method`` returns."""
+
+    @functools.wraps(method)
+    def call(*args: Any) -> Any:
+        return method(*args)
+
+    return call
+
+
+class LoadsAsync(IterativePE):
+    """A threaded PE whose ``preprocess`` is an ``async def`` under a plain decorator."""
+
+    threaded = True
+
+    @logged
+    async def preprocess(self) -> None:
+        self.model = "loaded"
+
+    def process_item(self, item: int) -> tuple[int, str]:
+        return item, self.model
+
+
+@pytest.mark.asyncio
+async def test_a_threaded_pe_s_decorated_async_preprocess_is_awaited() -> None:
+    graph = WorkflowGraph()
+    graph.connect(wf.Range(2), "output", LoadsAsync(), "input")
+    async with asyncio.timeout(30):
+        results = await aiod4p.run_async(graph, 1)
+    assert sorted(results.data()) == [(0, "loaded"), (1, "loaded")]
 
 
 def test_threaded_is_an_option_of_function_pes() -> None:
