@@ -1016,6 +1016,14 @@ def replayable(source: object) -> bool:
     return getattr(source, "replayable", True) is not False
 
 
+def _replayable_feed(feed: Feed) -> bool:
+    """Whether a restore can skip what ``feed`` gave before: a count, a list, a tuple, a range, or a
+    :func:`replayable` object with ``seek(offset)`` (the offset protocol)."""
+    if isinstance(feed, (int, list, tuple, range)):
+        return True
+    return callable(getattr(feed, "seek", None)) and replayable(feed)
+
+
 def resumed_feed(feed: Feed, skip: int) -> Feed:
     """``feed`` without its first ``skip`` elements, if it is replayable.
 
@@ -1025,15 +1033,13 @@ def resumed_feed(feed: Feed, skip: int) -> Feed:
     from where it stands: a stream with ``seek`` that cannot be replayed
     (stdin) is not sought, which would drop its next ``skip`` lines.
     """
-    if not skip:
+    if not skip or not _replayable_feed(feed):
         return feed
     if isinstance(feed, int):
         return max(feed - skip, 0)
     if isinstance(feed, (list, tuple, range)):
         return feed[skip:]
-    seek = getattr(feed, "seek", None)
-    if callable(seek) and replayable(feed):
-        seek(skip)
+    feed.seek(skip)  # type: ignore[union-attr]
     return feed
 
 
@@ -1043,11 +1049,7 @@ def unreplayable(plan: ExecutionPlan, feeds: Mapping[str, Feed]) -> list[str]:
     for pe_id, pe in plan.pes.items():
         if not plan.placement[pe_id].is_root:
             continue
-        feed = feeds.get(pe_id, 0)
-        replayable_feed = isinstance(feed, (int, list, tuple, range)) or (
-            callable(getattr(feed, "seek", None)) and replayable(feed)
-        )
-        if not replayable_feed or not replayable(pe):
+        if not _replayable_feed(feeds.get(pe_id, 0)) or not replayable(pe):
             names.append(pe_id)
     return names
 

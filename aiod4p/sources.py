@@ -364,8 +364,9 @@ class LineStream:
 
     @property
     def replayable(self) -> bool:
-        """A file can be read again from a line offset; stdin and file descriptors cannot."""
-        return self.source is not None and not isinstance(self.source, int)
+        """A file can be read again from a line offset; stdin, file descriptors and a file followed from its
+        end (``tail -f``: it starts wherever the end is then) cannot."""
+        return self.source is not None and not isinstance(self.source, int) and not (self.follow and self.from_end)
 
     @property
     def skipped(self) -> int:
@@ -1048,8 +1049,8 @@ class LinesSource(_BadLines):
 
     @property
     def replayable(self) -> bool:  # type: ignore[override]
-        """A file can be replayed; stdin cannot."""
-        return self.path is not None
+        """A file can be replayed; stdin, and a file followed from its end, cannot."""
+        return self.path is not None and not (self.follow and self.from_end)
 
     def open(self) -> LineStream:
         return LineStream(

@@ -821,12 +821,16 @@ def test_stdin_and_sockets_are_named_unreplayable(tmp_path: Path) -> None:
 
     graph = WorkflowGraph()
     stdin, tcp, numbers, lines = LinesSource(), TCPSource(port=0), Numbers(), LinesSource(tmp_path / "x")
-    for index, pe in enumerate((stdin, tcp, numbers, lines)):
+    tail = LinesSource(tmp_path / "x", follow=True, from_end=True)  # tail -f: it starts wherever the end is
+    for index, pe in enumerate((stdin, tcp, numbers, lines, tail)):
         pe.id = f"root{index}"
         graph.add(pe)
     plan = make_plan(graph, PlanOptions())
-    feeds: dict[str, Any] = {"root0": 1, "root1": 1, "root2": LineStream(), "root3": 1}
-    assert unreplayable(plan, feeds) == ["root0", "root1", "root2"]
+    feeds: dict[str, Any] = {"root0": 1, "root1": 1, "root2": LineStream(), "root3": 1, "root4": 1}
+    assert unreplayable(plan, feeds) == ["root0", "root1", "root2", "root4"]
+    (tmp_path / "x").write_text("old\n")
+    followed = LineStream(tmp_path / "x", follow=True, from_end=True)
+    assert resumed_feed(followed, 3) is followed and not followed.replayable  # not sought: no new line dropped
 
 
 async def test_a_restore_drops_nothing_of_a_stream_that_cannot_be_replayed() -> None:
