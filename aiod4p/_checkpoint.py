@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TextIO
 
 from ._channels import Barrier, Message
+from ._engine import plain_generator_call
 from ._groupings import GroupBy
 from ._plan import ExecutionPlan, InstanceRef
 from ._results import ResultRecord, ResultSink, record_line
@@ -1173,6 +1174,14 @@ async def _attempts(
                 "checkpoints: the input of PE %s cannot be replayed; after a restore, what it had in flight is lost",
                 pe_id,
             )
+        for pe_id in plan.roots:
+            if plain_generator_call(plan.pes[pe_id]):
+                logger.warning(
+                    "checkpoints: PE %s is a plain generator: no checkpoint completes until each of its calls ends"
+                    " (an async generator takes them between its items)%s",
+                    pe_id,
+                    "; with --restarts, the results wait for the checkpoints too" if held is not None else "",
+                )
         restore, restarts, since = config.restore, 0, 0
         while True:
             restored = store.latest(since) if restore else None

@@ -1178,6 +1178,13 @@ def _ignoring_argument(fn: Callable[[], Any]) -> Callable[[Any], Any]:
     return lambda _: fn()
 
 
+def plain_generator_call(pe: PE) -> bool:
+    """Whether the call the engine makes of ``pe`` (its per-item function, else ``process``) is a plain
+    generator: it cannot take a checkpoint until the call ends (an async generator can, between items)."""
+    item_function = pe._item_function()
+    return _call_kind(item_function[0] if item_function else pe.process) == "gen"
+
+
 def _call_kind(fn: Any) -> str:
     target = fn
     while hasattr(target, "func"):  # functools.partial

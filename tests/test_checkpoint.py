@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import pickle
 import random
@@ -19,6 +20,7 @@ from typing import Any, cast
 
 import ckpt_workflows
 import pytest
+import workflows as wf
 from ckpt_workflows import (
     Count,
     HeldLines,
@@ -52,6 +54,7 @@ from aiod4p._inputs import resolve_inputs
 from aiod4p._plan import DEFAULT_BATCH_SIZE, DEFAULT_CREDITS, InstanceRef, PlanOptions, make_plan
 from aiod4p._state import KEY_GROUPS, capture, restore_state
 from aiod4p.errors import CheckpointError
+from aiod4p.mappings import get_mapping
 from aiod4p.mappings.asyncio import AsyncMapping
 from aiod4p.sources import LineStream, SourcePE
 from aiod4p.windows import CountWindow
@@ -811,6 +814,24 @@ async def test_keyed_windows_are_checkpointed_and_move_with_their_keys(tmp_path:
     assert set(windows(restored)) <= emitted
     assert len(windows(restored)) < len(emitted)
     assert max(windows(restored), key=lambda w: w[1])[1] == max(w[1] for w in emitted)
+
+
+@pytest.mark.parametrize("mapping", ["async", "multi"])
+def test_a_plain_generator_root_is_named_as_holding_checkpoints_back(
+    tmp_path: Path, mapping: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """With --restarts, a plain generator source (dispel4py's usual one) kept every result back until it
+    ended, silently: no checkpoint completes during its call, and results wait for checkpoints."""
+    graph = WorkflowGraph()
+    graph.connect(source := wf.Range(3), "output", wf.Double(), "input")
+    source.id = "numbers"
+    checkpointed = get_mapping(mapping)
+    checkpointed.checkpointing = Checkpointing(tmp_path / "ck", restarts=1)
+    with caplog.at_level(logging.WARNING, "aiod4p.checkpoint"):
+        assert sorted(run(graph, 1, mapping=checkpointed, workers=2).data()) == [0, 2, 4]
+    held = [r.getMessage() for r in caplog.records if "plain generator" in r.getMessage()]
+    assert len(held) == 1 and held[0].startswith("checkpoints: PE numbers is a plain generator: no checkpoint")
+    assert held[0].endswith("the results wait for the checkpoints too") == (mapping == "multi")
 
 
 def test_stdin_and_sockets_are_named_unreplayable(tmp_path: Path) -> None:
