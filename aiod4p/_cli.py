@@ -583,6 +583,8 @@ async def _consume(
                 return _stdout_closed(stdout)
             return EXIT_ABORTED
         except BrokenPipeError:
+            if out is not None and out is not stdout:  # a named pipe: its reader leaving loses results
+                raise _reader_left(where) from None
             return _stdout_closed(stdout)
         finally:
             if reader_gone is not None:
@@ -598,7 +600,16 @@ async def _consume(
     finally:
         if out is not None and out is not stdout:
             with writing("results", where):
-                out.close()  # flushes: a full disk may fail only now
+                try:
+                    out.close()  # flushes: a full disk, or a named pipe's reader gone, may fail only now
+                except BrokenPipeError:
+                    raise _reader_left(where) from None
+
+
+def _reader_left(results_path: str) -> Aiod4pError:
+    """The error for a results file that is a named pipe whose reader went away: results were lost, unlike
+    a ``| head`` on stdout, where the user asked for no more."""
+    return Aiod4pError(f"cannot write results to {results_path}: its reader went away")
 
 
 def _watch_reader(main_task: asyncio.Task[Any], stdout: TextIO) -> asyncio.Event | None:

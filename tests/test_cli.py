@@ -557,6 +557,27 @@ def test_a_closed_stdout_stops_the_readable_listing_quietly(tmp_path: Path) -> N
     assert done.stderr.splitlines() == ["status=141"], done.stderr
 
 
+@pytest.mark.parametrize("mapping", ["simple", "multi"])
+def test_a_results_fifo_whose_reader_leaves_fails_naming_it(tmp_path: Path, mapping: str) -> None:
+    """`--results FIFO` read by `head -2`: results are lost, unlike `| head` on stdout, so exit 1 naming it."""
+    (tmp_path / "_endless.py").write_text(ENDLESS)
+    fifo = tmp_path / "results.fifo"
+    os.mkfifo(fifo)
+    command = shlex.join([*AIOD4P, "run", "_endless:graph", "-m", mapping, "-i", str(10**9), "--results", str(fifo)])
+    done = subprocess.run(
+        ["bash", "-c", f'head -2 < {shlex.quote(str(fifo))} & {command}; echo "status=$?" >&2; wait'],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+    )
+    assert len(done.stdout.splitlines()) == 2
+    assert done.stderr.splitlines() == [
+        f"aiod4p: error: cannot write results to {fifo}: its reader went away",
+        "status=1",
+    ], done.stderr
+
+
 @pytest.mark.parametrize("mapping", ["simple", "async", "multi"])
 def test_an_interrupted_run_says_so_and_counts_its_records(tmp_path: Path, mapping: str) -> None:
     with _popen(tmp_path, "-m", mapping, "-i", str(10**9), "--results", "-") as process:
