@@ -37,6 +37,7 @@ def record_line(record: ResultRecord) -> str:
     in ISO 8601; anything else as its ``repr``, with a warning once per type.
     Dict keys JSON does not take (a tuple, a numpy integer) are written as
     the number a numpy scalar is, else as their ``repr``, with the same warning.
+    NaN and the infinities are written ``NaN``, ``Infinity``, ``-Infinity``, which ``json.loads`` reads back.
     """
     try:
         return json.dumps(record.to_json(), default=_jsonable) + "\n"
