@@ -316,6 +316,13 @@ def _run(args: argparse.Namespace) -> int:
         )
     for message in _ignored_options(args, mapping):
         _warn(args, message)
+    if args.provenance is not None and (args.restore or (args.restarts and mapping.uses_processes)):
+        _warn(
+            args,
+            "--provenance records the last attempt only: after a restore (--restore, or a restart after a dead"
+            " worker) it starts at the checkpoint, so results made before it are not traced, and lineage through"
+            " PE state restored from it stops there",
+        )
     for path, what in ((args.results, "results"), (args.stats_json, "statistics"), (args.provenance, "provenance")):
         if path not in (None, "-"):
             _check_writable(path, what)

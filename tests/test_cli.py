@@ -280,6 +280,20 @@ def test_ignored_options_give_a_warning(workflow_file: Path, tmp_path: Path, arg
     assert quiet.returncode == 0 and quiet.stderr == ""
 
 
+def test_provenance_over_restarts_says_it_records_the_last_attempt(workflow_file: Path, tmp_path: Path) -> None:
+    pytest.importorskip("prov")
+    done = aiod4p(
+        "run", str(workflow_file), "-m", "multi", "-n", "2", "-i", "2", "--checkpoint-dir", str(tmp_path / "ck"),
+        "--restarts", "1", "--provenance", str(tmp_path / "prov.json"),
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert (
+        "aiod4p: warning: --provenance records the last attempt only: after a restore (--restore, or a restart"
+        " after a dead worker) it starts at the checkpoint, so results made before it are not traced, and lineage"
+        " through PE state restored from it stops there"
+    ) in done.stderr.splitlines()
+
+
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("mapping", ["multi", "mpi"])
 def test_at_most_one_worker_per_cpu_on_this_machine(mapping: str, workflow_file: Path, tmp_path: Path) -> None:
