@@ -102,6 +102,32 @@ async def test_a_task_that_vanishes_before_its_end_is_a_dead_worker() -> None:
     await report.close(0)
 
 
+async def test_the_task_that_died_is_named_not_the_one_its_worker_stopped_for_it() -> None:
+    """A worker whose task died stops its other tasks, whose connections may be read first."""
+    report, _, address = await started()
+    stopped, died = await Task.connect(address, "sink", 0), await Task.connect(address, "sink", 1)
+    await stopped.send({"t": "x"})
+    await stopped.close()
+    await asyncio.wait_for(report.ended.wait(), 10)
+    closing = asyncio.ensure_future(report.close(10))  # the run kills the topology: then sink[1]'s end is read
+    await died.close()
+    await closing
+    assert report.killed
+    with pytest.raises(WorkerDied, match=r"the Storm task of PE sink\[1\] \(pid 4242\) exited before the end"):
+        raise report.error()
+
+
+async def test_a_task_its_worker_stopped_is_named_if_none_died_of_its_own_accord() -> None:
+    report, _, address = await started()
+    stopped = await Task.connect(address, "sink", 0)
+    await stopped.send({"t": "x"})
+    await stopped.close()
+    await asyncio.wait_for(report.ended.wait(), 10)
+    await report.close(10)
+    with pytest.raises(WorkerDied, match=r"PE sink\[0\] \(pid 4242\) was stopped by its Storm worker"):
+        raise report.error()
+
+
 async def test_a_restarted_task_is_a_dead_worker() -> None:
     report, _, address = await started()
     first = await Task.connect(address, "source", 0)

@@ -2,10 +2,12 @@
 
 Every task of a topology built with a ``report`` address connects to
 :class:`RunReport` and writes JSON lines (see :mod:`aiod4p.storm.components`):
-``hello``, results (``r``), errors (``e``) and its end of stream (``d``).
+``hello``, results (``r``), errors (``e``), its end of stream (``d``), and
+``x`` when its Storm worker stopped it (the worker shut down).
 The run has ended well once every task of every component has sent ``d``;
 it fails on the first fatal error, or when a task's connection closes
-before its ``d`` (its Storm worker died). After the topology is killed the
+before its ``d`` (its Storm worker died): it names a task that died of its
+own accord rather than one its worker stopped for it. After the topology is killed the
 run reads every connection to its end, so that an error a PE reported just
 before the failure it caused is not lost, and raises the most telling one.
 """
@@ -44,6 +46,8 @@ class RunReport:
         self.started: set[tuple[str, int]] = set()
         self.done: set[tuple[str, int]] = set()
         self.pids: dict[tuple[str, int], int] = {}
+        self.stopped: set[tuple[str, int]] = set()  # tasks their Storm worker stopped (x)
+        self.stopped_deaths: list[Aiod4pError] = []
         self.ended = asyncio.Event()  # every task finished, or the run failed
         self.all_started = asyncio.Event()
         self.fatal: list[Aiod4pError] = []
@@ -84,7 +88,8 @@ class RunReport:
                 return error
         if self.dropped and self.failed_tuples:
             return self.failed_tuples[-1]  # a tuple dropped after its last replay: the error that failed it
-        return self.fatal[0]
+        own = [error for error in self.fatal if error not in self.stopped_deaths]
+        return own[0] if own else self.fatal[0]
 
     async def close(self, grace: float) -> None:
         """Read what the tasks of a killed topology still sent (at most ``grace`` s), then stop."""
@@ -116,19 +121,38 @@ class RunReport:
                 self.all_started.set()
             while line := await reader.readline():
                 await self._message(key, json.loads(line))
-            if key not in self.done and not self.killed:
-                self._fail(
-                    WorkerDied(
-                        f"the Storm task of PE {key[0]}[{key[1]}] (pid {self.pids[key]}) exited before the end of"
-                        " its stream: its worker died (Storm restarts it, but its PE's state and the tuples in"
-                        " flight in it are lost)"
-                    )
-                )
+            if key not in self.done:
+                self._ended_early(key)
         except (ValueError, KeyError, TypeError, ConnectionError) as exc:
             if not self.killed:
                 self._fail(TransportError(f"a Storm task sent a malformed report: {type(exc).__name__}: {exc}"))
         finally:
             writer.close()
+
+    def _ended_early(self, key: tuple[str, int]) -> None:
+        """The connection of task ``key`` closed before its end of stream: its process ended.
+
+        A task its worker stopped (``x``: the worker shut down because another of its tasks died, or the topology
+        was killed) fails the run unless the run is being killed already, and is the error only if no task died
+        of its own accord; one that died of its own accord is recorded even after the kill, since the worker's
+        other tasks may have been read first.
+        """
+        task = f"the Storm task of PE {key[0]}[{key[1]}] (pid {self.pids[key]})"
+        if key in self.stopped:
+            if not self.killed:
+                self.stopped_deaths.append(
+                    WorkerDied(
+                        f"{task} was stopped by its Storm worker before the end of its stream: the worker shut down"
+                    )
+                )
+                self._fail(self.stopped_deaths[-1])
+            return
+        self._fail(
+            WorkerDied(
+                f"{task} exited before the end of its stream: its worker died (Storm restarts it, but its PE's"
+                " state and the tuples in flight in it are lost)"
+            )
+        )
 
     async def _message(self, key: tuple[str, int], message: dict[str, Any]) -> None:
         kind = message["t"]
@@ -138,6 +162,8 @@ class RunReport:
             self.done.add(key)
             if self.expected <= self.done:
                 self.ended.set()
+        elif kind == "x":
+            self.stopped.add(key)
         elif kind == "e":
             error = _error(key, message)
             self.dropped |= message.get("kind") == "dropped"

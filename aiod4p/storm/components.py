@@ -35,8 +35,10 @@ writes to unconnected ports (``r``, written before the input tuple is
 acked); errors (``e``: a PE that raised on a tuple, which Storm then fails
 and replays, or a fatal one: a root PE or ``postprocess`` that raised, a
 tuple dropped after its last replay); and ``d`` once the task has sent its
-end-of-stream marker. A connection that closes before ``d`` means the task's
-process died. When the topology is deactivated, the spouts stop their PEs
+end-of-stream marker. A task its Storm worker stops (SIGTERM, or its stdin
+closing: the worker shuts down, as when another of its tasks died) writes
+``x`` before it exits. A connection that closes before ``d`` means the
+task's process died; without ``x``, of its own accord. When the topology is deactivated, the spouts stop their PEs
 (the engine's drain), emit what was already produced, and finish their
 stream as if the input had ended.
 """
@@ -44,12 +46,14 @@ stream as if the input had ended.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
 import pickle
 import queue
 import select
+import signal
 import socket
 import sys
 import threading
@@ -106,10 +110,31 @@ class Reporter:
         except OSError as exc:
             raise Aiod4pError(f"cannot reach the run that submitted this topology at {address}: {exc}") from exc
         self.socket.settimeout(None)  # a slow run back-pressures the task
+        self._sending = False
+        self._leaving: int | None = None  # the exit status, once the task was told to stop
         self.send(hello)
 
     def send(self, message: dict[str, Any]) -> None:
-        self.socket.sendall(json.dumps(message, separators=(",", ":")).encode() + b"\n")
+        self._sending = True
+        try:
+            self.socket.sendall(json.dumps(message, separators=(",", ":")).encode() + b"\n")
+        finally:
+            self._sending = False
+        if self._leaving is not None:
+            self.leave(self._leaving)
+
+    def leave(self, status: int) -> None:
+        """Say that this task was stopped by its Storm worker (``x``), then exit the process with ``status``.
+
+        Called in the middle of :meth:`send` (by a signal handler), it returns, and that call leaves once its
+        message is whole.
+        """
+        self._leaving = status
+        if self._sending:
+            return
+        with contextlib.suppress(OSError):
+            self.socket.sendall(b'{"t":"x"}\n')
+        os._exit(status)
 
     def gone(self) -> bool:
         """Whether the run closed its end (it never writes: readable means closed)."""
@@ -162,7 +187,21 @@ class HostedComponent:
         if topology.report:
             hello = {"t": "hello", "token": topology.token, "pe": self.component, "task": self.index}
             self.reporter = Reporter(topology.report, {**hello, "pid": os.getpid()})
+            # Storm's worker stops its tasks with SIGTERM when it shuts down (another of its tasks died, or the
+            # topology was killed): the run then knows this task did not die of its own accord.
+            signal.signal(signal.SIGTERM, self._terminated)
         self.loaded.pe._parallelism = self.tasks  # not its parallelism: a dispel4py PE may keep data there
+
+    def _terminated(self, signum: int, frame: object) -> None:
+        assert self.reporter is not None  # the handler is set once it is
+        self.reporter.leave(128 + signum)
+
+    def _exit(self, status_code: int) -> None:
+        """pystorm's exit; its status 2 means Storm's worker went away (stdin closed), which the run is told: it
+        is not this task's own failure."""
+        if status_code == 2 and self.reporter is not None:
+            self.reporter.leave(status_code)
+        super()._exit(status_code)  # type: ignore[misc]
 
     def _report_error(self, exc: BaseException, fatal: bool) -> None:
         if self.reporter is not None:
