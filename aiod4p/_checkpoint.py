@@ -456,7 +456,13 @@ class ResultsLog:
             self._out: TextIO = _open_results(path, offset, checkpoint)
 
     async def emit(self, pe: str, port: str, items: list[Any]) -> None:
-        self._out.write("".join(record_line(ResultRecord(pe, port, item)) for item in items))
+        """Write ``items`` to the file, then hand them on.
+
+        Raises:
+            CheckpointError: the file cannot be written (a full disk: named, with the system's reason).
+        """
+        with writing("results", self.path, CheckpointError):
+            self._out.write("".join(record_line(ResultRecord(pe, port, item)) for item in items))
         await self._sink.emit(pe, port, items)
 
     def commit(self) -> int:
@@ -471,7 +477,11 @@ class ResultsLog:
         return self._out.tell()
 
     def close(self) -> None:
-        self._out.close()
+        """Close the file, without raising: a run that ends has committed every result already (:meth:`commit`
+        raises what fails), and a run that failed raises its own failure, not that of flushing what no
+        checkpoint commits (a restore truncates it)."""
+        with contextlib.suppress(OSError):
+            self._out.close()
 
 
 class HeldResults:

@@ -423,6 +423,17 @@ def test_results_file_that_cannot_be_written_fails_clearly(tmp_path: Path, words
         run(word_count(words), 1, mapping=_mapping(tmp_path / "ck", tmp_path / "missing" / "out.jsonl"))
 
 
+@pytest.mark.parametrize("mapping", ["async", "multi"])
+def test_a_results_file_on_a_full_disk_fails_naming_it(tmp_path: Path, words: Path, mapping: str) -> None:
+    """A write that fails (``/dev/full`` is always full) names the file, on the engine's side (async) and on the
+    launcher's (multi); the failed flush of what is left when the file is closed does not hide it."""
+    checkpointed = get_mapping(mapping)
+    checkpointed.checkpointing = Checkpointing(tmp_path / "ck", results_path="/dev/full")
+    with pytest.raises(CheckpointError) as failed:
+        run(word_count(words), 1, mapping=checkpointed, workers=2)
+    assert str(failed.value) == "cannot write results to /dev/full: No space left on device"
+
+
 def test_checkpoints_under_a_users_mpiexec_are_refused(tmp_path: Path) -> None:
     pytest.importorskip("mpi4py")
     from aiod4p.mappings.mpi import MpiMapping
