@@ -195,6 +195,32 @@ class Checkpoint:
         except KeyError:
             raise CheckpointError(f"checkpoint {self.id} has no PE {pe}: it was taken of another graph") from None
 
+    def check_graph(self, plan: ExecutionPlan) -> None:
+        """Whether the checkpoint was taken of the graph ``plan`` runs: the same PEs (by id), the same connections.
+
+        Raises:
+            CheckpointError: a PE or a connection that one of them lacks (named): another graph.
+        """
+        for pe in plan.placement:
+            self.parallelism(pe)
+        extra = sorted(set(self.manifest["parallelism"]) - set(plan.placement))
+        if extra:
+            raise CheckpointError(
+                f"checkpoint {self.id} has PE {extra[0]}, which this workflow has not: it was taken of another graph"
+            )
+        saved = self.manifest.get("edges")  # a manifest written before connections were recorded has none
+        if saved is None:
+            return
+        differ = sorted(set(saved) ^ set(_edges(plan)))
+        if differ:
+            whose = f"checkpoint {self.id}'s graph" if differ[0] in saved else "this workflow"
+            raise CheckpointError(f"checkpoint {self.id} was taken of another graph: only {whose} connects {differ[0]}")
+
+
+def _edges(plan: ExecutionPlan) -> list[str]:
+    """The connections of the graph ``plan`` runs, as a manifest records them: ``"source.port -> dest.port"``."""
+    return sorted(f"{e.source}.{e.source_port} -> {e.dest}.{e.dest_port}" for e in plan.graph.edges)
+
 
 class CheckpointStore:
     """The checkpoints in one directory, written atomically, the last ``keep`` kept."""
@@ -688,6 +714,7 @@ class Coordinator:
             "id": n,
             "created": time.time(),
             "parallelism": {pe: placement.parallelism for pe, placement in self.plan.placement.items()},
+            "edges": _edges(self.plan),
             "parts": sorted(parts.values(), key=lambda part: (part["pe"], part["index"])),
             "results_offset": self._offsets[n],
         }
@@ -1198,8 +1225,7 @@ async def _attempts(
             if config.restore and restored is None and restarts == 0:
                 raise CheckpointError(f"--restore: no complete checkpoint in {store.directory}")
             if restored is not None:
-                for pe_id in plan.placement:
-                    restored.parallelism(pe_id)
+                restored.check_graph(plan)
                 logger.warning("restoring checkpoint %d from %s", restored.id, store.directory)
                 if restored.results_offset is not None and config.results_path is None:
                     logger.warning(

@@ -400,6 +400,16 @@ class _Pair(ckpt_workflows.Split):
         self.write("output", (str(number % 7), 1))
 
 
+def _numbers_joined(*edges: tuple[str, str]) -> WorkflowGraph:
+    """The PEs of :func:`_numbers` (ids ``numbers``, ``pair``, ``count``), ``output`` to ``input`` by ``edges``."""
+    pes: dict[str, Any] = {"numbers": Numbers(), "pair": _Pair(), "count": Count()}
+    graph = WorkflowGraph()
+    for source, dest in edges:
+        pes[source].id, pes[dest].id = source, dest
+        graph.connect(pes[source], "output", pes[dest], "input")
+    return graph
+
+
 async def test_count_feed_is_replayed_from_its_index(tmp_path: Path) -> None:
     directory = tmp_path / "ck"
     finished = await _run_until_killed(_numbers(), _mapping(directory), 2, 5000, NUMBERS, directory)
@@ -414,6 +424,11 @@ async def test_restore_refuses_another_graph_and_another_root_parallelism(tmp_pa
     assert not await _run_until_killed(_numbers(), _mapping(directory), 2, 3000, NUMBERS, directory)
     with pytest.raises(CheckpointError, match="has no PE lines: it was taken of another graph"):
         await run_async(word_count(tmp_path / "none.txt"), 1, mapping=_mapping(directory, restore=True))
+    with pytest.raises(CheckpointError, match="has PE count, which this workflow has not: it was taken of another"):
+        await run_async(_numbers_joined(("numbers", "pair")), NUMBERS, mapping=_mapping(directory, restore=True))
+    rewired = _numbers_joined(("numbers", "pair"), ("numbers", "count"))
+    with pytest.raises(CheckpointError, match=r"only this workflow connects numbers\.output -> count\.input$"):
+        await run_async(rewired, NUMBERS, mapping=_mapping(directory, restore=True))
     with pytest.raises(CheckpointError, match=r"root PE numbers had 1 instances in checkpoint \d+, now 2"):
         await run_async(_numbers(root_parallelism=2), NUMBERS, mapping=_mapping(directory, restore=True))
 
