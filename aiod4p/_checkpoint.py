@@ -36,6 +36,7 @@ import logging
 import os
 import pickle
 import shutil
+import stat
 import threading
 import time
 import urllib.parse
@@ -466,7 +467,10 @@ class ResultsLog:
     Opened at ``offset`` (the committed length of the restored checkpoint,
     described by ``checkpoint`` in messages: whatever follows is truncated)
     or, with no offset, empty (created if need be); :meth:`commit` flushes
-    and syncs it and returns its length.
+    and syncs it and returns its length. A file that is not a regular one
+    (``/dev/null``, a named pipe) is a stream: it has no length to commit or
+    truncate, and cannot be synced; it is only flushed, and written from where
+    it stands.
 
     Raises:
         CheckpointError: the file cannot be opened; or, with an offset, it is
@@ -480,6 +484,7 @@ class ResultsLog:
         self._sink = sink
         with writing("results", path, CheckpointError):
             self._out: TextIO = _open_results(path, offset, checkpoint)
+        self._regular = stat.S_ISREG(os.fstat(self._out.fileno()).st_mode)
 
     async def emit(self, pe: str, port: str, items: list[Any]) -> None:
         """Write ``items`` to the file, then hand them on.
@@ -491,14 +496,16 @@ class ResultsLog:
             self._out.write("".join(record_line(ResultRecord(pe, port, item)) for item in items))
         await self._sink.emit(pe, port, items)
 
-    def commit(self) -> int:
-        """Flush and sync the file; its length.
+    def commit(self) -> int | None:
+        """Flush and sync the file; its length (``None`` for a stream, which has none).
 
         Raises:
             CheckpointError: it cannot be written (named, with the system's reason).
         """
         with writing("results", self.path, CheckpointError):
             self._out.flush()
+            if not self._regular:
+                return None
             os.fsync(self._out.fileno())
         return self._out.tell()
 
@@ -603,7 +610,8 @@ class HeldResults:
 
 
 def _open_results(path: str, offset: int | None, checkpoint: str) -> TextIO:
-    """``path`` open for writing at ``offset`` (truncated there), or empty with no offset (see :class:`ResultsLog`).
+    """``path`` open for writing at ``offset`` (truncated there), or empty with no offset or when it is not a regular
+    file (a stream: see :class:`ResultsLog`).
 
     Nothing is written before the file is known to hold the ``offset`` bytes committed.
 
@@ -611,8 +619,8 @@ def _open_results(path: str, offset: int | None, checkpoint: str) -> TextIO:
         CheckpointError: the file is shorter than ``offset``, or missing while ``offset`` is not 0.
         OSError: it cannot be opened.
     """
-    if offset is None:
-        return open(path, "w", encoding="utf-8")
+    if offset is None or (os.path.exists(path) and not stat.S_ISREG(os.stat(path).st_mode)):
+        return open(path, "w", encoding="utf-8")  # new, or a stream (/dev/null, a named pipe): nothing to truncate
     try:
         out = open(path, "r+", encoding="utf-8")  # noqa: SIM115 - the caller closes it
     except FileNotFoundError:

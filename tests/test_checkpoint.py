@@ -449,6 +449,20 @@ def test_a_results_file_on_a_full_disk_fails_naming_it(tmp_path: Path, words: Pa
     assert str(failed.value) == "cannot write results to /dev/full: No space left on device"
 
 
+def test_a_results_file_that_is_a_stream_is_flushed_not_synced_and_never_truncated(tmp_path: Path, words: Path) -> None:
+    """``/dev/null`` (as a named pipe) cannot be synced (``EINVAL``) nor truncated: it is written as a stream, with
+    no length in the manifest, also by a restore of a checkpoint that committed a length of a regular file."""
+    directory, results = tmp_path / "ck", tmp_path / "out.jsonl"
+    got = run(word_count(words), 1, mapping=_mapping(directory, Path(os.devnull)), workers=2)
+    assert _counts(got) == expected_counts(words)
+    latest = CheckpointStore(directory).latest()
+    assert latest is not None and latest.results_offset is None
+    run(word_count(words), 1, mapping=_mapping(directory, results), workers=2)
+    latest = CheckpointStore(directory).latest()
+    assert latest is not None and latest.results_offset == results.stat().st_size > 0
+    run(word_count(words), 1, mapping=_mapping(directory, Path(os.devnull), restore=True), workers=2)
+
+
 def test_checkpoints_under_a_users_mpiexec_are_refused(tmp_path: Path) -> None:
     pytest.importorskip("mpi4py")
     from aiod4p.mappings.mpi import MpiMapping
