@@ -313,7 +313,9 @@ class LineStream:
         json: parse each non-empty line as JSON (else yield the line as ``str``).
         follow: for a regular file, keep reading as it grows (``tail -f``),
             polling every ``poll_interval`` seconds; restart from the top if
-            the file is truncated.
+            the file is truncated, and go on with the new file once the path
+            names another one (rotated away, as logrotate's ``create`` does:
+            ``tail -F``), from its top, after the end of the old one.
         from_end: with ``follow``, start at the current end of the file.
         max_line: the longest line accepted, in bytes (default
             :data:`MAX_LINE_BYTES`, 64 MiB); a longer one is a bad line and
@@ -398,6 +400,16 @@ class LineStream:
         except OSError as exc:
             raise InputError(f"cannot open {self.origin}: {exc.strerror or exc}") from exc
 
+    def _replaced(self, fd: int) -> bool:
+        """Whether the path read names another file than ``fd`` now (it was rotated, and a new one made)."""
+        assert self.source is not None and not isinstance(self.source, int)
+        try:
+            named = os.stat(self.source)
+        except OSError:  # renamed away, the new file not made yet: the old one may still grow
+            return False
+        opened = os.fstat(fd)
+        return (named.st_dev, named.st_ino) != (opened.st_dev, opened.st_ino)
+
     async def _lines(self) -> AsyncIterator[Any]:
         loop = asyncio.get_running_loop()
         fd, owned = self._open()
@@ -440,6 +452,10 @@ class LineStream:
                         break
                     if os.fstat(fd).st_size < os.lseek(fd, 0, os.SEEK_CUR):  # truncated
                         os.lseek(fd, 0, os.SEEK_SET)
+                        continue
+                    if owned and self._replaced(fd):  # rotated: the old file was read to its end just now
+                        rotated, fd = fd, self._open()[0]
+                        os.close(rotated)
                         continue
                     await waker.wait(after_poll)
                     continue

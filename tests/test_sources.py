@@ -159,6 +159,27 @@ async def test_follow_restarts_after_truncation(tmp_path: Path) -> None:
 
 
 @pytest.mark.asyncio
+async def test_follow_goes_on_with_the_new_file_once_the_old_one_is_rotated_away(tmp_path: Path) -> None:
+    """logrotate's ``create``: the file is renamed, a new one made at its path. What the old file got before
+    the new one came is read too, then the new file from its top (``tail -F``); it read the old one forever."""
+    path = tmp_path / "app.log"
+    path.write_text("old\n")
+    run = aiod4p.start(source_graph(LinesSource(path, follow=True, poll_interval=0.01)))
+    seen = []
+    async with asyncio.timeout(20), run:
+        async for record in run:
+            seen.append(record.data)
+            if record.data == "old":
+                path.rename(tmp_path / "app.log.1")
+                with (tmp_path / "app.log.1").open("a") as old:
+                    old.write("last\n")  # the writer had the old file open still
+                path.write_text("new\n")
+            elif record.data == "new":
+                run.drain()
+    assert seen == ["old", "last", "new"]
+
+
+@pytest.mark.asyncio
 async def test_follow_from_the_end_skips_what_is_there(tmp_path: Path) -> None:
     path = tmp_path / "log.txt"
     path.write_text("old\n" * 10)
