@@ -605,6 +605,16 @@ def test_cli_options_need_a_checkpoint_dir(capsys: pytest.CaptureFixture[str]) -
     assert "--checkpoint-dir" in capsys.readouterr().err
 
 
+def test_cli_refuses_stdin_dead_letters_it_would_lose(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A checkpointed run writes its ``--results FILE`` itself, and ``--stdin``'s dead letters do not pass through
+    it: they were lost (the file lacked them, the summary counted them). ``--results -`` keeps them."""
+    common = ["run", "x:y", "--stdin", "p", "--on-bad", "dead-letter", "--checkpoint-dir", str(tmp_path)]
+    assert main([*common, "--results", str(tmp_path / "out.jsonl")]) == 2
+    assert "--on-bad dead-letter cannot go with --checkpoint-dir and --results FILE" in capsys.readouterr().err
+    assert main([*common, "--results", "-"]) == 1  # on to loading the workflow, which does not exist
+    assert "--on-bad" not in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
