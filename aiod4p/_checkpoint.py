@@ -196,14 +196,20 @@ class Checkpoint:
         except KeyError:
             raise CheckpointError(f"checkpoint {self.id} has no PE {pe}: it was taken of another graph") from None
 
-    def check_graph(self, plan: ExecutionPlan) -> None:
-        """Whether the checkpoint was taken of the graph ``plan`` runs: the same PEs (by id), the same connections.
+    def check(self, plan: ExecutionPlan) -> None:
+        """Whether ``plan`` can resume from the checkpoint: it was taken of the same graph (the same PEs, by id,
+        the same connections), and the state of a PE whose instance count changed can be shared out.
 
         Raises:
-            CheckpointError: a PE or a connection that one of them lacks (named): another graph.
+            CheckpointError: a PE or a connection that one of them lacks (named): another graph. Or a PE
+                restored with another instance count whose instances saved different state, none of it
+                ``keyed_state``: instance ``i`` would take that of old instance ``i % old``, duplicating it
+                (or dropping it, with fewer); the PE and the attributes are named.
         """
-        for pe in plan.placement:
-            self.parallelism(pe)
+        for pe, placement in plan.placement.items():
+            old = self.parallelism(pe)
+            if old != placement.parallelism:
+                self._check_shared_out(pe, old, placement.parallelism)
         extra = sorted(set(self.manifest["parallelism"]) - set(plan.placement))
         if extra:
             raise CheckpointError(
@@ -216,6 +222,41 @@ class Checkpoint:
         if differ:
             whose = f"checkpoint {self.id}'s graph" if differ[0] in saved else "this workflow"
             raise CheckpointError(f"checkpoint {self.id} was taken of another graph: only {whose} connects {differ[0]}")
+
+    def _check_shared_out(self, pe: str, old: int, new: int) -> None:
+        saved = [self.states[InstanceRef(pe, i)]["pe"] for i in range(old)]
+        if any("keyed" in state for state in saved):
+            return  # its keys move to the instances they now reach; its other attributes go by index
+        first = saved[0]
+        if "custom" in first:
+            differ = [] if all(_same(state, first) for state in saved) else ["what snapshot() returned"]
+        else:
+            names = sorted({name for state in saved for name in state["attributes"]})
+            differ = [
+                name
+                for name in names
+                if not all(_same(state["attributes"].get(name), first["attributes"].get(name)) for state in saved)
+            ]
+        if differ:
+            raise CheckpointError(
+                f"PE {pe} had {old} instances in checkpoint {self.id}, now {new}, and their state differs"
+                f" ({', '.join(differ)}) with none of it in keyed_state: it cannot be shared out among {new}"
+                " (restore with the same -n, or declare the PE's keyed_state, or name a cache or configuration"
+                " in checkpoint_exclude)"
+            )
+
+
+def _same(one: Any, other: Any) -> bool:
+    """Whether two saved values are the same: equal, or pickled alike (objects that compare by identity)."""
+    try:
+        if bool(one == other):
+            return True
+    except Exception:  # numpy arrays, say: no single truth value
+        pass
+    try:
+        return pickle.dumps(one) == pickle.dumps(other)
+    except Exception:
+        return False
 
 
 def _edges(plan: ExecutionPlan) -> list[str]:
@@ -1233,7 +1274,7 @@ async def _attempts(
             if config.restore and restored is None and restarts == 0:
                 raise CheckpointError(f"--restore: no complete checkpoint in {store.directory}")
             if restored is not None:
-                restored.check_graph(plan)
+                restored.check(plan)
                 logger.warning("restoring checkpoint %d from %s", restored.id, store.directory)
                 if restored.results_offset is not None and config.results_path is None:
                     logger.warning(

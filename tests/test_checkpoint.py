@@ -400,9 +400,30 @@ class _Pair(ckpt_workflows.Split):
         self.write("output", (str(number % 7), 1))
 
 
-def _numbers_joined(*edges: tuple[str, str]) -> WorkflowGraph:
-    """The PEs of :func:`_numbers` (ids ``numbers``, ``pair``, ``count``), ``output`` to ``input`` by ``edges``."""
-    pes: dict[str, Any] = {"numbers": Numbers(), "pair": _Pair(), "count": Count()}
+class _PlainCount(Count):
+    """:class:`Count` without ``keyed_state``: its instances' counts are plain state, each their own."""
+
+    keyed_state = None
+
+
+async def test_restore_with_another_n_refuses_state_it_cannot_share_out(tmp_path: Path) -> None:
+    """Instance ``i`` restored with another -n takes the state of old instance ``i % old``: plain counts were
+    doubled (-n 2 -> 4) or lost (4 -> 2) silently. A PE whose instances hold different state, none of it keyed,
+    is refused by name; with the same -n, it restores exactly."""
+    directory = tmp_path / "ck"
+    graph = _numbers_joined(("numbers", "pair"), ("pair", "count"), count=_PlainCount())
+    assert not await _run_until_killed(graph, _mapping(directory), 2, 3000, NUMBERS, directory)
+    refused = r"^PE count had 2 instances in checkpoint \d+, now 3, and their state differs \(counts, seen\) with none"
+    with pytest.raises(CheckpointError, match=refused):
+        await run_async(graph, NUMBERS, mapping=_mapping(directory, restore=True), workers=3)
+    got = await run_async(graph, NUMBERS, mapping=_mapping(directory, restore=True), workers=2)
+    assert _counts(got) == {str(k): sum(1 for n in range(1, NUMBERS + 1) if n % 7 == k) for k in range(7)}
+
+
+def _numbers_joined(*edges: tuple[str, str], count: Count | None = None) -> WorkflowGraph:
+    """The PEs of :func:`_numbers` (ids ``numbers``, ``pair``, ``count``: ``count`` if given), ``output`` to
+    ``input`` by ``edges``."""
+    pes: dict[str, Any] = {"numbers": Numbers(), "pair": _Pair(), "count": count if count is not None else Count()}
     graph = WorkflowGraph()
     for source, dest in edges:
         pes[source].id, pes[dest].id = source, dest
