@@ -864,7 +864,9 @@ class LiveFeed:
         self._has_room = asyncio.Event()
         self._has_room.set()
         self.closed = False
-        self.ended = False  # the run stopped taking items
+        self.ended = False  # the run stopped taking items (until a restart of the run takes them again)
+        self._readers = 0
+        self._read = asyncio.Event()  # set while a run takes items
 
     def full(self) -> bool:
         return len(self._items) >= self.maxsize
@@ -909,11 +911,19 @@ class LiveFeed:
 
     drain = close
 
+    async def wait_read(self) -> None:
+        """Wait until a run takes items from the feed: at once while one does, and after a run restarted from a
+        checkpoint (``--restarts``), once the new attempt takes them again."""
+        await self._read.wait()
+
     def __aiter__(self) -> AsyncIterator[Any]:
         return self._take()
 
     async def _take(self) -> AsyncIterator[Any]:
         items = self._items
+        self._readers += 1
+        self.ended = False
+        self._read.set()
         try:
             while True:
                 while not items:
@@ -925,7 +935,10 @@ class LiveFeed:
                 self._has_room.set()
                 yield item
         finally:
-            self.ended = True
+            self._readers -= 1
+            if not self._readers:
+                self.ended = True
+                self._read.clear()
             self._has_room.set()
 
 

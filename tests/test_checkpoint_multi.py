@@ -13,9 +13,11 @@ from pathlib import Path
 
 import pytest
 from ckpt_workflows import (
+    Count,
     DiesDraining,
     DiesSaving,
     HeldLines,
+    Split,
     expected_counts,
     held_echo,
     held_echo_module,
@@ -33,7 +35,7 @@ from aiod4p.errors import CheckpointError, WorkerDied
 from aiod4p.mappings import get_mapping
 from aiod4p.mappings._base import BaseMapping
 from aiod4p.mappings.asyncio import AsyncMapping
-from aiod4p.sources import LinesSource
+from aiod4p.sources import LinesSource, LiveFeed
 
 
 def _file_counts(path: Path) -> dict[str, int]:
@@ -164,6 +166,37 @@ async def test_restarts_let_the_ended_attempts_go(tmp_path: Path, words: Path, m
     gc.collect()  # an ended attempt may wait for the collector (its errors and frames form cycles): not a leak
     assert [ref() for ref in supervisors] == [None, None, None]
     assert live.done  # the run, and its control, are still here
+
+
+async def test_sends_to_a_live_feed_go_on_over_a_restart(
+    tmp_path: Path, words: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker SIGKILLed while the application sends lines: the restart ended the feed's first reading, and
+    ``run.send`` waited forever for the run to end. It now waits for the new attempt to take the lines. (What
+    the dead attempt had taken from the feed is lost: a LiveFeed is at-most-once.)"""
+    kills = tmp_path / "kills"
+    kills.mkdir()
+    monkeypatch.setenv("AIOD4P_TEST_KILLS", f"{kills}:3000")
+    monkeypatch.setenv("AIOD4P_TEST_KILLS_AFTER", str(tmp_path / "ck"))
+    split, count = Split(), Count()
+    split.id, count.id = "split", "count"
+    graph = WorkflowGraph()
+    graph.connect(split, "output", count, "input")
+    lines = (await asyncio.to_thread(words.read_text)).splitlines()
+    checkpointed = asyncio.Event()
+    feed = LiveFeed(maxsize=16)
+    mapping = _multi(tmp_path / "ck", None, restarts=2)
+    with on_completed(lambda n: checkpointed.set()):
+        async with asyncio.timeout(50), start(graph, {"split": feed}, mapping=mapping, workers=2) as live:
+            for number, line in enumerate(lines):
+                await live.send("split", line)
+                if number == 100:  # the kill comes once a checkpoint of the attempt completed
+                    await checkpointed.wait()
+            feed.close()
+            got = dict(record.data for record in await live.results())
+    assert len(list(kills.iterdir())) == 1
+    expected = expected_counts(words)
+    assert got.keys() == expected.keys() and all(got[word] <= expected[word] for word in got)
 
 
 @pytest.mark.parametrize("mapping", ["multi", "mpi"])
