@@ -1268,6 +1268,15 @@ async def _attempts(
                     pe_id,
                     "; with --restarts, the results wait for the checkpoints too" if held is not None else "",
                 )
+        # An async iterator (an async generator) is read once: a restart's attempt would find it stopped
+        # (cancelled while the dead attempt read it) and end its root early, dropping the rest silently.
+        one_shot = [pe_id for pe_id, feed in feeds.items() if isinstance(feed, AsyncIterator)]
+        if config.restarts and one_shot:
+            logger.warning(
+                "checkpoints: the input of PE %s is an async iterator, which a restart cannot read again: a dead"
+                " worker fails the run (give a LiveFeed fed from it, or a source PE, to restart)",
+                one_shot[0],
+            )
         restore, restarts, since = config.restore, 0, 0
         while True:
             restored = store.latest(since) if restore else None
@@ -1313,6 +1322,12 @@ async def _attempts(
                     raise WorkerDied(
                         f"{exc}; not restarted, since the run was draining (a restart would stop its sources"
                         f" where the checkpoint left them, and lose what they had produced since):"
+                        f" {_resume_hint(store, since)}"
+                    ) from exc
+                if one_shot:
+                    raise WorkerDied(
+                        f"{exc}; not restarted, since the input of PE {one_shot[0]} is an async iterator, which"
+                        f" a restart cannot read again (give a LiveFeed fed from it, or a source PE):"
                         f" {_resume_hint(store, since)}"
                     ) from exc
                 restarts += 1

@@ -9,6 +9,7 @@ import logging
 import os
 import random
 import shutil
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -29,7 +30,7 @@ from ckpt_workflows import (
 )
 from helpers import recorded_supervisors
 
-from aiod4p import WorkflowGraph, run, start
+from aiod4p import WorkflowGraph, run, run_async, start
 from aiod4p._checkpoint import Checkpointing, CheckpointStore
 from aiod4p.errors import CheckpointError, WorkerDied
 from aiod4p.mappings import get_mapping
@@ -168,6 +169,41 @@ async def test_restarts_let_the_ended_attempts_go(tmp_path: Path, words: Path, m
     assert live.done  # the run, and its control, are still here
 
 
+def _split_count() -> WorkflowGraph:
+    """split (a root: give it lines) -> count (keyed word counts, its worker SIGKILLed by a kill plan)."""
+    split, count = Split(), Count()
+    split.id, count.id = "split", "count"
+    graph = WorkflowGraph()
+    graph.connect(split, "output", count, "input")
+    return graph
+
+
+async def test_a_feed_that_is_an_async_generator_is_not_restarted(
+    tmp_path: Path, words: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A restart's attempt found the generator stopped (cancelled while the dead attempt read it): its root ended
+    at once, and the run succeeded with the rest of the input dropped. It now fails, naming the PE."""
+    kills = tmp_path / "kills"
+    kills.mkdir()
+    monkeypatch.setenv("AIOD4P_TEST_KILLS", f"{kills}:3000")
+    monkeypatch.setenv("AIOD4P_TEST_KILLS_AFTER", str(tmp_path / "ck"))
+    lines = (await asyncio.to_thread(words.read_text)).splitlines()
+    checkpointed = asyncio.Event()
+
+    async def read_once() -> AsyncIterator[str]:
+        for number, line in enumerate(lines):
+            if number == 100:  # the kill comes once a checkpoint of the attempt completed
+                await checkpointed.wait()
+            yield line
+
+    mapping = _multi(tmp_path / "ck", None, restarts=2)
+    dropped = r"; not restarted, since the input of PE split is an async iterator, which a restart cannot read again"
+    with on_completed(lambda n: checkpointed.set()), pytest.raises(WorkerDied, match=dropped):
+        async with asyncio.timeout(50):
+            await run_async(_split_count(), {"split": read_once()}, mapping=mapping, workers=2)
+    assert len(list(kills.iterdir())) == 1
+
+
 async def test_sends_to_a_live_feed_go_on_over_a_restart(
     tmp_path: Path, words: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -178,16 +214,12 @@ async def test_sends_to_a_live_feed_go_on_over_a_restart(
     kills.mkdir()
     monkeypatch.setenv("AIOD4P_TEST_KILLS", f"{kills}:3000")
     monkeypatch.setenv("AIOD4P_TEST_KILLS_AFTER", str(tmp_path / "ck"))
-    split, count = Split(), Count()
-    split.id, count.id = "split", "count"
-    graph = WorkflowGraph()
-    graph.connect(split, "output", count, "input")
     lines = (await asyncio.to_thread(words.read_text)).splitlines()
     checkpointed = asyncio.Event()
     feed = LiveFeed(maxsize=16)
     mapping = _multi(tmp_path / "ck", None, restarts=2)
     with on_completed(lambda n: checkpointed.set()):
-        async with asyncio.timeout(50), start(graph, {"split": feed}, mapping=mapping, workers=2) as live:
+        async with asyncio.timeout(50), start(_split_count(), {"split": feed}, mapping=mapping, workers=2) as live:
             for number, line in enumerate(lines):
                 await live.send("split", line)
                 if number == 100:  # the kill comes once a checkpoint of the attempt completed
