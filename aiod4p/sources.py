@@ -359,6 +359,7 @@ class LineStream:
         self._counter = _Counter()
         self._waker = _Waker()
         self._skip = 0
+        self._origin: int | None = None  # where stdin or a descriptor that is a regular file was first read
 
     def seek(self, offset: int) -> None:
         """The offset protocol (checkpoints): start with line ``offset`` (counted as yielded); call before iterating."""
@@ -366,9 +367,18 @@ class LineStream:
 
     @property
     def replayable(self) -> bool:
-        """A file can be read again from a line offset; stdin, file descriptors and a file followed from its
-        end (``tail -f``: it starts wherever the end is then) cannot."""
-        return self.source is not None and not isinstance(self.source, int) and not (self.follow and self.from_end)
+        """A file can be read again from a line offset, also as stdin or a file descriptor (``< data.jsonl``:
+        each reading starts where the first one did); a pipe, a terminal or a socket cannot, nor a file followed
+        from its end (``tail -f``: it starts wherever the end is then)."""
+        if self.follow and self.from_end:
+            return False
+        if self.source is not None and not isinstance(self.source, int):
+            return True
+        try:
+            fd = sys.stdin.fileno() if self.source is None else self.source
+            return stat.S_ISREG(os.fstat(fd).st_mode)
+        except (OSError, ValueError, AttributeError):  # a closed or replaced stdin
+            return False
 
     @property
     def skipped(self) -> int:
@@ -416,6 +426,11 @@ class LineStream:
         reader = _LineReader(self.origin, self.json, self.max_line, self.on_bad, self.dead_letter, self._counter)
         reader.skip, self._skip, waker = self._skip, 0, self._waker  # a seek holds for one iteration
         regular = stat.S_ISREG(os.fstat(fd).st_mode)
+        if regular and not owned:  # stdin or a descriptor: a reading again (a restart) starts as a path's does
+            if self._origin is None:
+                self._origin = os.lseek(fd, 0, os.SEEK_CUR)
+            else:
+                os.lseek(fd, self._origin, os.SEEK_SET)
         blocking = os.get_blocking(fd)
         if not regular:
             os.set_blocking(fd, False)

@@ -936,6 +936,25 @@ async def test_a_restore_drops_nothing_of_a_stream_that_cannot_be_replayed() -> 
     assert [item["i"] async for item in stream] == list(range(5))
 
 
+async def test_stdin_that_is_a_file_is_read_again_from_where_it_was_first_read(tmp_path: Path) -> None:
+    """``aiod4p run --stdin PE < data.jsonl``: a ``--restore`` (a new stdin, at the file's top) read every line
+    again, unsought, and the results of those before the checkpoint came twice (8,960 of 20,000); a restart (the
+    same stdin, read on) lost what the dead attempt had read ahead. As a path, it is now replayable: a reading
+    again starts where the first one did, and the checkpoint's lines are skipped."""
+    path = tmp_path / "data.jsonl"
+    await asyncio.to_thread(path.write_bytes, b"".join(json.dumps({"i": i}).encode() + b"\n" for i in range(10)))
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.lseek(fd, len(b'{"i": 0}\n'), os.SEEK_SET)  # the shell (or a header read) had taken the first line
+        stream = LineStream(fd, json=True)
+        assert stream.replayable
+        assert [item["i"] async for item in stream] == list(range(1, 10))
+        assert resumed_feed(stream, 3) is stream  # a restart: the same stream, sought
+        assert [item["i"] async for item in stream] == list(range(4, 10))
+    finally:
+        os.close(fd)
+
+
 class _Live(SourcePE):
     """A source of live items (a socket's, say): it cannot be replayed."""
 
