@@ -203,8 +203,8 @@ class Checkpoint:
         Raises:
             CheckpointError: a PE or a connection that one of them lacks (named): another graph. Or a PE
                 restored with another instance count whose instances saved different state, none of it
-                ``keyed_state``: instance ``i`` would take that of old instance ``i % old``, duplicating it
-                (or dropping it, with fewer); the PE and the attributes are named.
+                ``keyed_state``, and not all finished: instance ``i`` would take that of old instance
+                ``i % old``, duplicating it (or dropping it, with fewer); the PE and the attributes are named.
         """
         for pe, placement in plan.placement.items():
             old = self.parallelism(pe)
@@ -224,6 +224,8 @@ class Checkpoint:
             raise CheckpointError(f"checkpoint {self.id} was taken of another graph: only {whose} connects {differ[0]}")
 
     def _check_shared_out(self, pe: str, old: int, new: int) -> None:
+        if all(self.states[InstanceRef(pe, i)]["finished"] for i in range(old)):
+            return  # its instances do not run again
         saved = [self.states[InstanceRef(pe, i)]["pe"] for i in range(old)]
         if any("keyed" in state for state in saved):
             return  # its keys move to the instances they now reach; its other attributes go by index

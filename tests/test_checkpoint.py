@@ -418,6 +418,8 @@ async def test_restore_with_another_n_refuses_state_it_cannot_share_out(tmp_path
         await run_async(graph, NUMBERS, mapping=_mapping(directory, restore=True), workers=3)
     got = await run_async(graph, NUMBERS, mapping=_mapping(directory, restore=True), workers=2)
     assert _counts(got) == {str(k): sum(1 for n in range(1, NUMBERS + 1) if n % 7 == k) for k in range(7)}
+    # The run's last checkpoint: every instance finished, none runs again, so another -n takes it.
+    assert len(await run_async(graph, NUMBERS, mapping=_mapping(directory, restore=True), workers=3)) == 0
 
 
 def _numbers_joined(*edges: tuple[str, str], count: Count | None = None) -> WorkflowGraph:
