@@ -720,7 +720,6 @@ class Coordinator:
         self.expected = {(ref.pe, ref.index) for ref in plan.instances()}
         self.next_id = max([first, *store.ids()]) + 1
         self.first_of_run = self.next_id
-        self.completed: list[int] = []
         self._parts: dict[int, dict[tuple[str, int], dict[str, Any]]] = {}
         self._offsets: dict[int, int | None] = {}
         self._started: dict[int, float] = {}
@@ -773,7 +772,6 @@ class Coordinator:
         # waited for the interpreter's lock for seconds (measured) while the run kept it busy.
         self.store.commit(n, manifest)
         del self._parts[n], self._offsets[n]
-        self.completed.append(n)
         if self.held is not None:
             self.held.complete(n)
         seconds = time.perf_counter() - self._started.pop(n, time.perf_counter())

@@ -310,6 +310,24 @@ async def test_a_worker_reports_the_parts_its_finished_instances_saved_before_it
     assert events == [("saved", 1), ("finals", [1] * len(refs))]
 
 
+async def test_the_coordinator_keeps_nothing_of_the_checkpoints_it_completed(tmp_path: Path) -> None:
+    """A live run completes a checkpoint every second, for months: the coordinator kept the id of each one (a
+    list that grew for as long as the run lasted, and that nothing read)."""
+    plan = make_plan(_numbers(), PlanOptions())
+    coordinator = Coordinator(CheckpointStore(tmp_path / "ck", keep=1), plan, 1.0, 0, None)
+
+    async def complete(count: int) -> dict[str, int]:
+        for _ in range(count):
+            n = coordinator.take_id()
+            coordinator.store.path(n).mkdir()  # where the instances' parts would be
+            coordinator.add_parts(n, [{"pe": ref.pe, "index": ref.index, "size": 0} for ref in plan.instances()])
+            await coordinator.commit_results(n)
+        held = vars(coordinator).items()
+        return {name: len(value) for name, value in held if isinstance(value, (list, dict, set, tuple))}
+
+    assert await complete(3) == await complete(30)
+
+
 async def test_a_finished_workers_stand_in_keeps_the_parts_its_instances_saved(tmp_path: Path) -> None:
     """A worker's instances all finish before the trigger of checkpoint n reaches it, one of them after it saved
     its part for n at barrier n (come first through another worker): the launcher writes final states only for
