@@ -579,7 +579,9 @@ class SocketStream:
     client (``port=0`` picks a free port; ``on_listen(address)`` is called once
     listening); with ``connections=N`` it accepts N clients and ends when they
     have all closed, else it runs until drained. ``mode="client"`` connects to
-    ``host:port`` and ends when the peer closes.
+    ``host:port`` and ends when the peer closes. Read again (a run restarted
+    after a dead worker: the restart closed the connections), it listens or
+    connects anew, and accepts N clients anew.
 
     Back-pressure: when ``max_pending`` items wait for the workflow, the
     stream stops reading its sockets until half of them are taken, so TCP
@@ -676,6 +678,7 @@ class SocketStream:
     async def _lines(self) -> AsyncIterator[Any]:
         loop = asyncio.get_running_loop()
         pending = self._pending
+        self._accepted = 0  # a reading again (a restart, which closed the clients' connections) accepts anew
         where = f"{self.host}:{self.port}"
         try:
             if self.mode == "server":

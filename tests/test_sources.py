@@ -356,6 +356,27 @@ async def test_tcp_source_stops_reading_when_the_workflow_is_behind() -> None:
     assert [int(line.split()[0]) for line in data] == list(range(total))
 
 
+async def test_a_socket_stream_read_again_accepts_its_clients_anew() -> None:
+    """A restart closes the dead attempt's reading of a feed, with its clients' connections, and reads it again:
+    with ``connections=1``, the new reading ended at once (its client counted already), and the run succeeded
+    with the rest of the input dropped (100 of 3,000 lines). It now accepts its client anew."""
+    listening: asyncio.Queue[tuple[str, int]] = asyncio.Queue()
+    stream = SocketStream(connections=1, on_listen=listening.put_nowait)
+    async with asyncio.timeout(20):
+        for line in ("before", "after"):
+            items = aiter(stream)
+            reading = asyncio.ensure_future(anext(items))
+            _, writer = await asyncio.open_connection(*await listening.get())
+            writer.write(f"{line}\n".encode())
+            await writer.drain()
+            assert await reading == line
+            if line == "before":
+                await items.aclose()  # what a restart does to the dead attempt's reading
+            writer.close()
+            await writer.wait_closed()
+        assert [item async for item in items] == []  # its one client closed: the new reading ends
+
+
 async def test_a_drain_ends_a_socket_stream_whose_client_keeps_sending() -> None:
     """A client that sends faster than the run: the drain stops reading its socket and ends (the stream
     took what kept arriving, and resumed the reading it had paused, so Ctrl-C waited for the client)."""
