@@ -206,22 +206,22 @@ class Checkpoint:
                 ``keyed_state``, and not all finished: instance ``i`` would take that of old instance
                 ``i % old``, duplicating it (or dropping it, with fewer); the PE and the attributes are named.
         """
-        for pe, placement in plan.placement.items():
-            old = self.parallelism(pe)
-            if old != placement.parallelism:
-                self._check_shared_out(pe, old, placement.parallelism)
+        for pe in plan.placement:
+            self.parallelism(pe)
         extra = sorted(set(self.manifest["parallelism"]) - set(plan.placement))
         if extra:
             raise CheckpointError(
                 f"checkpoint {self.id} has PE {extra[0]}, which this workflow has not: it was taken of another graph"
             )
-        saved = self.manifest.get("edges")  # a manifest written before connections were recorded has none
-        if saved is None:
-            return
-        differ = sorted(set(saved) ^ set(_edges(plan)))
+        saved = self.manifest.get("edges", [])  # a manifest written before connections were recorded has none
+        differ = sorted(set(saved) ^ set(_edges(plan))) if "edges" in self.manifest else []
         if differ:
             whose = f"checkpoint {self.id}'s graph" if differ[0] in saved else "this workflow"
             raise CheckpointError(f"checkpoint {self.id} was taken of another graph: only {whose} connects {differ[0]}")
+        for pe, placement in plan.placement.items():
+            old = self.parallelism(pe)
+            if old != placement.parallelism:
+                self._check_shared_out(pe, old, placement.parallelism)
 
     def _check_shared_out(self, pe: str, old: int, new: int) -> None:
         if all(self.states[InstanceRef(pe, i)]["finished"] for i in range(old)):
