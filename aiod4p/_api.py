@@ -156,7 +156,8 @@ class WorkflowRun:
     async def send(self, pe: str, item: Any) -> None:
         """Feed ``item`` to root ``pe`` (fed by a LiveFeed), waiting while the workflow is full.
 
-        Starts the run if needed.
+        Starts the run if needed. While a run restarts from a checkpoint (``--restarts``), it waits for the
+        new attempt to take items.
 
         Raises:
             InputError: ``pe``'s input is not a LiveFeed.
@@ -169,17 +170,18 @@ class WorkflowRun:
         if not (live.full() or live.ended or live.closed or task.done()):
             live.send_nowait(item)
             return
-        if not live.closed:
-            sending = asyncio.ensure_future(live.send(item))
+        while not (live.closed or task.done()):
+            # A run that stopped taking items by itself (ended) is failing, and its error is raised; or it
+            # restarts from a checkpoint, and its new attempt takes them again.
+            stopped = live.ended
+            step = asyncio.ensure_future(live.wait_read() if stopped else live.send(item))
             try:
-                await asyncio.wait({sending, task}, return_when=asyncio.FIRST_COMPLETED)
+                await asyncio.wait({step, task}, return_when=asyncio.FIRST_COMPLETED)
             finally:
-                if not sending.done():
-                    sending.cancel()
-            if sending.done() and not sending.cancelled() and sending.exception() is None:
+                if not step.done():
+                    step.cancel()
+            if not stopped and step.done() and not step.cancelled() and step.exception() is None:
                 return
-            if not live.closed:  # the run stopped taking items by itself: raise its error
-                await asyncio.wait({task})
         if task.done():
             task.result()
         raise Aiod4pError(f"cannot send to {pe!r}: its feed is closed or the run has ended")

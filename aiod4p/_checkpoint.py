@@ -36,6 +36,7 @@ import logging
 import os
 import pickle
 import shutil
+import stat
 import threading
 import time
 import urllib.parse
@@ -194,6 +195,75 @@ class Checkpoint:
             return int(self.manifest["parallelism"][pe])
         except KeyError:
             raise CheckpointError(f"checkpoint {self.id} has no PE {pe}: it was taken of another graph") from None
+
+    def check(self, plan: ExecutionPlan) -> None:
+        """Whether ``plan`` can resume from the checkpoint: it was taken of the same graph (the same PEs, by id,
+        the same connections), and the state of a PE whose instance count changed can be shared out.
+
+        Raises:
+            CheckpointError: a PE or a connection that one of them lacks (named): another graph. Or a PE
+                restored with another instance count whose instances saved different state, none of it
+                ``keyed_state``, and not all finished: instance ``i`` would take that of old instance
+                ``i % old``, duplicating it (or dropping it, with fewer); the PE and the attributes are named.
+        """
+        for pe in plan.placement:
+            self.parallelism(pe)
+        extra = sorted(set(self.manifest["parallelism"]) - set(plan.placement))
+        if extra:
+            raise CheckpointError(
+                f"checkpoint {self.id} has PE {extra[0]}, which this workflow has not: it was taken of another graph"
+            )
+        saved = self.manifest.get("edges", [])  # a manifest written before connections were recorded has none
+        differ = sorted(set(saved) ^ set(_edges(plan))) if "edges" in self.manifest else []
+        if differ:
+            whose = f"checkpoint {self.id}'s graph" if differ[0] in saved else "this workflow"
+            raise CheckpointError(f"checkpoint {self.id} was taken of another graph: only {whose} connects {differ[0]}")
+        for pe, placement in plan.placement.items():
+            old = self.parallelism(pe)
+            if old != placement.parallelism:
+                self._check_shared_out(pe, old, placement.parallelism)
+
+    def _check_shared_out(self, pe: str, old: int, new: int) -> None:
+        if all(self.states[InstanceRef(pe, i)]["finished"] for i in range(old)):
+            return  # its instances do not run again
+        saved = [self.states[InstanceRef(pe, i)]["pe"] for i in range(old)]
+        if any("keyed" in state for state in saved):
+            return  # its keys move to the instances they now reach; its other attributes go by index
+        first = saved[0]
+        if "custom" in first:
+            differ = [] if all(_same(state, first) for state in saved) else ["what snapshot() returned"]
+        else:
+            names = sorted({name for state in saved for name in state["attributes"]})
+            differ = [
+                name
+                for name in names
+                if not all(_same(state["attributes"].get(name), first["attributes"].get(name)) for state in saved)
+            ]
+        if differ:
+            raise CheckpointError(
+                f"PE {pe} had {old} instances in checkpoint {self.id}, now {new}, and their state differs"
+                f" ({', '.join(differ)}) with none of it in keyed_state: it cannot be shared out among {new}"
+                " (restore with the same -n, or declare the PE's keyed_state, or name a cache or configuration"
+                " in checkpoint_exclude)"
+            )
+
+
+def _same(one: Any, other: Any) -> bool:
+    """Whether two saved values are the same: equal, or pickled alike (objects that compare by identity)."""
+    try:
+        if bool(one == other):
+            return True
+    except Exception:  # numpy arrays, say: no single truth value
+        pass
+    try:
+        return pickle.dumps(one) == pickle.dumps(other)
+    except Exception:
+        return False
+
+
+def _edges(plan: ExecutionPlan) -> list[str]:
+    """The connections of the graph ``plan`` runs, as a manifest records them: ``"source.port -> dest.port"``."""
+    return sorted(f"{e.source}.{e.source_port} -> {e.dest}.{e.dest_port}" for e in plan.graph.edges)
 
 
 class CheckpointStore:
@@ -440,7 +510,10 @@ class ResultsLog:
     Opened at ``offset`` (the committed length of the restored checkpoint,
     described by ``checkpoint`` in messages: whatever follows is truncated)
     or, with no offset, empty (created if need be); :meth:`commit` flushes
-    and syncs it and returns its length.
+    and syncs it and returns its length. A file that is not a regular one
+    (``/dev/null``, a named pipe) is a stream: it has no length to commit or
+    truncate, and cannot be synced; it is only flushed, and written from where
+    it stands.
 
     Raises:
         CheckpointError: the file cannot be opened; or, with an offset, it is
@@ -454,24 +527,37 @@ class ResultsLog:
         self._sink = sink
         with writing("results", path, CheckpointError):
             self._out: TextIO = _open_results(path, offset, checkpoint)
+        self._regular = stat.S_ISREG(os.fstat(self._out.fileno()).st_mode)
 
     async def emit(self, pe: str, port: str, items: list[Any]) -> None:
-        self._out.write("".join(record_line(ResultRecord(pe, port, item)) for item in items))
+        """Write ``items`` to the file, then hand them on.
+
+        Raises:
+            CheckpointError: the file cannot be written (a full disk: named, with the system's reason).
+        """
+        with writing("results", self.path, CheckpointError):
+            self._out.write("".join(record_line(ResultRecord(pe, port, item)) for item in items))
         await self._sink.emit(pe, port, items)
 
-    def commit(self) -> int:
-        """Flush and sync the file; its length.
+    def commit(self) -> int | None:
+        """Flush and sync the file; its length (``None`` for a stream, which has none).
 
         Raises:
             CheckpointError: it cannot be written (named, with the system's reason).
         """
         with writing("results", self.path, CheckpointError):
             self._out.flush()
+            if not self._regular:
+                return None
             os.fsync(self._out.fileno())
         return self._out.tell()
 
     def close(self) -> None:
-        self._out.close()
+        """Close the file, without raising: a run that ends has committed every result already (:meth:`commit`
+        raises what fails), and a run that failed raises its own failure, not that of flushing what no
+        checkpoint commits (a restore truncates it)."""
+        with contextlib.suppress(OSError):
+            self._out.close()
 
 
 class HeldResults:
@@ -567,7 +653,8 @@ class HeldResults:
 
 
 def _open_results(path: str, offset: int | None, checkpoint: str) -> TextIO:
-    """``path`` open for writing at ``offset`` (truncated there), or empty with no offset (see :class:`ResultsLog`).
+    """``path`` open for writing at ``offset`` (truncated there), or empty with no offset or when it is not a regular
+    file (a stream: see :class:`ResultsLog`).
 
     Nothing is written before the file is known to hold the ``offset`` bytes committed.
 
@@ -575,8 +662,8 @@ def _open_results(path: str, offset: int | None, checkpoint: str) -> TextIO:
         CheckpointError: the file is shorter than ``offset``, or missing while ``offset`` is not 0.
         OSError: it cannot be opened.
     """
-    if offset is None:
-        return open(path, "w", encoding="utf-8")
+    if offset is None or (os.path.exists(path) and not stat.S_ISREG(os.stat(path).st_mode)):
+        return open(path, "w", encoding="utf-8")  # new, or a stream (/dev/null, a named pipe): nothing to truncate
     try:
         out = open(path, "r+", encoding="utf-8")  # noqa: SIM115 - the caller closes it
     except FileNotFoundError:
@@ -633,7 +720,6 @@ class Coordinator:
         self.expected = {(ref.pe, ref.index) for ref in plan.instances()}
         self.next_id = max([first, *store.ids()]) + 1
         self.first_of_run = self.next_id
-        self.completed: list[int] = []
         self._parts: dict[int, dict[tuple[str, int], dict[str, Any]]] = {}
         self._offsets: dict[int, int | None] = {}
         self._started: dict[int, float] = {}
@@ -678,6 +764,7 @@ class Coordinator:
             "id": n,
             "created": time.time(),
             "parallelism": {pe: placement.parallelism for pe, placement in self.plan.placement.items()},
+            "edges": _edges(self.plan),
             "parts": sorted(parts.values(), key=lambda part: (part["pe"], part["index"])),
             "results_offset": self._offsets[n],
         }
@@ -685,7 +772,6 @@ class Coordinator:
         # waited for the interpreter's lock for seconds (measured) while the run kept it busy.
         self.store.commit(n, manifest)
         del self._parts[n], self._offsets[n]
-        self.completed.append(n)
         if self.held is not None:
             self.held.complete(n)
         seconds = time.perf_counter() - self._started.pop(n, time.perf_counter())
@@ -1182,14 +1268,22 @@ async def _attempts(
                     pe_id,
                     "; with --restarts, the results wait for the checkpoints too" if held is not None else "",
                 )
+        # An async iterator (an async generator) is read once: a restart's attempt would find it stopped
+        # (cancelled while the dead attempt read it) and end its root early, dropping the rest silently.
+        one_shot = [pe_id for pe_id, feed in feeds.items() if isinstance(feed, AsyncIterator)]
+        if config.restarts and one_shot:
+            logger.warning(
+                "checkpoints: the input of PE %s is an async iterator, which a restart cannot read again: a dead"
+                " worker fails the run (give a LiveFeed fed from it, or a source PE, to restart)",
+                one_shot[0],
+            )
         restore, restarts, since = config.restore, 0, 0
         while True:
             restored = store.latest(since) if restore else None
             if config.restore and restored is None and restarts == 0:
                 raise CheckpointError(f"--restore: no complete checkpoint in {store.directory}")
             if restored is not None:
-                for pe_id in plan.placement:
-                    restored.parallelism(pe_id)
+                restored.check(plan)
                 logger.warning("restoring checkpoint %d from %s", restored.id, store.directory)
                 if restored.results_offset is not None and config.results_path is None:
                     logger.warning(
@@ -1228,6 +1322,12 @@ async def _attempts(
                     raise WorkerDied(
                         f"{exc}; not restarted, since the run was draining (a restart would stop its sources"
                         f" where the checkpoint left them, and lose what they had produced since):"
+                        f" {_resume_hint(store, since)}"
+                    ) from exc
+                if one_shot:
+                    raise WorkerDied(
+                        f"{exc}; not restarted, since the input of PE {one_shot[0]} is an async iterator, which"
+                        f" a restart cannot read again (give a LiveFeed fed from it, or a source PE):"
                         f" {_resume_hint(store, since)}"
                     ) from exc
                 restarts += 1

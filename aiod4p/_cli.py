@@ -756,7 +756,8 @@ def _checkpointing(args: argparse.Namespace) -> Checkpointing | None:
     """The checkpoint options given, or ``None``; ``--results FILE`` becomes exactly-once.
 
     Raises:
-        ValueError: an option needs ``--checkpoint-dir``.
+        ValueError: an option needs ``--checkpoint-dir``; or ``--stdin``'s dead letters would go to that
+            file, which the run writes itself (they would be lost).
     """
     given = {
         field: value
@@ -772,6 +773,12 @@ def _checkpointing(args: argparse.Namespace) -> Checkpointing | None:
             raise ValueError("--restore, --restarts and --checkpoint-* options need --checkpoint-dir")
         return None
     results = args.results if args.results not in (None, "-") else None
+    if results is not None and args.stdin is not None and args.on_bad == "dead-letter":
+        raise ValueError(
+            "--on-bad dead-letter cannot go with --checkpoint-dir and --results FILE: the dead letters of --stdin"
+            " are not committed with the checkpoints (use --on-bad skip, or a LinesSource(on_bad='dead-letter') in"
+            " the workflow, whose dead_letter results are)"
+        )
     return Checkpointing(args.checkpoint_dir, restore=args.restore, results_path=results, **given)
 
 

@@ -313,7 +313,9 @@ class LineStream:
         json: parse each non-empty line as JSON (else yield the line as ``str``).
         follow: for a regular file, keep reading as it grows (``tail -f``),
             polling every ``poll_interval`` seconds; restart from the top if
-            the file is truncated.
+            the file is truncated, and go on with the new file once the path
+            names another one (rotated away, as logrotate's ``create`` does:
+            ``tail -F``), from its top, after the end of the old one.
         from_end: with ``follow``, start at the current end of the file.
         max_line: the longest line accepted, in bytes (default
             :data:`MAX_LINE_BYTES`, 64 MiB); a longer one is a bad line and
@@ -357,6 +359,7 @@ class LineStream:
         self._counter = _Counter()
         self._waker = _Waker()
         self._skip = 0
+        self._origin: int | None = None  # where stdin or a descriptor that is a regular file was first read
 
     def seek(self, offset: int) -> None:
         """The offset protocol (checkpoints): start with line ``offset`` (counted as yielded); call before iterating."""
@@ -364,9 +367,18 @@ class LineStream:
 
     @property
     def replayable(self) -> bool:
-        """A file can be read again from a line offset; stdin, file descriptors and a file followed from its
-        end (``tail -f``: it starts wherever the end is then) cannot."""
-        return self.source is not None and not isinstance(self.source, int) and not (self.follow and self.from_end)
+        """A file can be read again from a line offset, also as stdin or a file descriptor (``< data.jsonl``:
+        each reading starts where the first one did); a pipe, a terminal or a socket cannot, nor a file followed
+        from its end (``tail -f``: it starts wherever the end is then)."""
+        if self.follow and self.from_end:
+            return False
+        if self.source is not None and not isinstance(self.source, int):
+            return True
+        try:
+            fd = sys.stdin.fileno() if self.source is None else self.source
+            return stat.S_ISREG(os.fstat(fd).st_mode)
+        except (OSError, ValueError, AttributeError):  # a closed or replaced stdin
+            return False
 
     @property
     def skipped(self) -> int:
@@ -398,12 +410,27 @@ class LineStream:
         except OSError as exc:
             raise InputError(f"cannot open {self.origin}: {exc.strerror or exc}") from exc
 
+    def _replaced(self, fd: int) -> bool:
+        """Whether the path read names another file than ``fd`` now (it was rotated, and a new one made)."""
+        assert self.source is not None and not isinstance(self.source, int)
+        try:
+            named = os.stat(self.source)
+        except OSError:  # renamed away, the new file not made yet: the old one may still grow
+            return False
+        opened = os.fstat(fd)
+        return (named.st_dev, named.st_ino) != (opened.st_dev, opened.st_ino)
+
     async def _lines(self) -> AsyncIterator[Any]:
         loop = asyncio.get_running_loop()
         fd, owned = self._open()
         reader = _LineReader(self.origin, self.json, self.max_line, self.on_bad, self.dead_letter, self._counter)
         reader.skip, self._skip, waker = self._skip, 0, self._waker  # a seek holds for one iteration
         regular = stat.S_ISREG(os.fstat(fd).st_mode)
+        if regular and not owned:  # stdin or a descriptor: a reading again (a restart) starts as a path's does
+            if self._origin is None:
+                self._origin = os.lseek(fd, 0, os.SEEK_CUR)
+            else:
+                os.lseek(fd, self._origin, os.SEEK_SET)
         blocking = os.get_blocking(fd)
         if not regular:
             os.set_blocking(fd, False)
@@ -440,6 +467,10 @@ class LineStream:
                         break
                     if os.fstat(fd).st_size < os.lseek(fd, 0, os.SEEK_CUR):  # truncated
                         os.lseek(fd, 0, os.SEEK_SET)
+                        continue
+                    if owned and self._replaced(fd):  # rotated: the old file was read to its end just now
+                        rotated, fd = fd, self._open()[0]
+                        os.close(rotated)
                         continue
                     await waker.wait(after_poll)
                     continue
@@ -548,7 +579,9 @@ class SocketStream:
     client (``port=0`` picks a free port; ``on_listen(address)`` is called once
     listening); with ``connections=N`` it accepts N clients and ends when they
     have all closed, else it runs until drained. ``mode="client"`` connects to
-    ``host:port`` and ends when the peer closes.
+    ``host:port`` and ends when the peer closes. Read again (a run restarted
+    after a dead worker: the restart closed the connections), it listens or
+    connects anew, and accepts N clients anew.
 
     Back-pressure: when ``max_pending`` items wait for the workflow, the
     stream stops reading its sockets until half of them are taken, so TCP
@@ -645,6 +678,7 @@ class SocketStream:
     async def _lines(self) -> AsyncIterator[Any]:
         loop = asyncio.get_running_loop()
         pending = self._pending
+        self._accepted = 0  # a reading again (a restart, which closed the clients' connections) accepts anew
         where = f"{self.host}:{self.port}"
         try:
             if self.mode == "server":
@@ -848,7 +882,9 @@ class LiveFeed:
         self._has_room = asyncio.Event()
         self._has_room.set()
         self.closed = False
-        self.ended = False  # the run stopped taking items
+        self.ended = False  # the run stopped taking items (until a restart of the run takes them again)
+        self._readers = 0
+        self._read = asyncio.Event()  # set while a run takes items
 
     def full(self) -> bool:
         return len(self._items) >= self.maxsize
@@ -893,11 +929,19 @@ class LiveFeed:
 
     drain = close
 
+    async def wait_read(self) -> None:
+        """Wait until a run takes items from the feed: at once while one does, and after a run restarted from a
+        checkpoint (``--restarts``), once the new attempt takes them again."""
+        await self._read.wait()
+
     def __aiter__(self) -> AsyncIterator[Any]:
         return self._take()
 
     async def _take(self) -> AsyncIterator[Any]:
         items = self._items
+        self._readers += 1
+        self.ended = False
+        self._read.set()
         try:
             while True:
                 while not items:
@@ -909,7 +953,10 @@ class LiveFeed:
                 self._has_room.set()
                 yield item
         finally:
-            self.ended = True
+            self._readers -= 1
+            if not self._readers:
+                self.ended = True
+                self._read.clear()
             self._has_room.set()
 
 

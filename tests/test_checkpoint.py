@@ -310,6 +310,24 @@ async def test_a_worker_reports_the_parts_its_finished_instances_saved_before_it
     assert events == [("saved", 1), ("finals", [1] * len(refs))]
 
 
+async def test_the_coordinator_keeps_nothing_of_the_checkpoints_it_completed(tmp_path: Path) -> None:
+    """A live run completes a checkpoint every second, for months: the coordinator kept the id of each one (a
+    list that grew for as long as the run lasted, and that nothing read)."""
+    plan = make_plan(_numbers(), PlanOptions())
+    coordinator = Coordinator(CheckpointStore(tmp_path / "ck", keep=1), plan, 1.0, 0, None)
+
+    async def complete(count: int) -> dict[str, int]:
+        for _ in range(count):
+            n = coordinator.take_id()
+            coordinator.store.path(n).mkdir()  # where the instances' parts would be
+            coordinator.add_parts(n, [{"pe": ref.pe, "index": ref.index, "size": 0} for ref in plan.instances()])
+            await coordinator.commit_results(n)
+        held = vars(coordinator).items()
+        return {name: len(value) for name, value in held if isinstance(value, (list, dict, set, tuple))}
+
+    assert await complete(3) == await complete(30)
+
+
 async def test_a_finished_workers_stand_in_keeps_the_parts_its_instances_saved(tmp_path: Path) -> None:
     """A worker's instances all finish before the trigger of checkpoint n reaches it, one of them after it saved
     its part for n at barrier n (come first through another worker): the launcher writes final states only for
@@ -400,6 +418,39 @@ class _Pair(ckpt_workflows.Split):
         self.write("output", (str(number % 7), 1))
 
 
+class _PlainCount(Count):
+    """:class:`Count` without ``keyed_state``: its instances' counts are plain state, each their own."""
+
+    keyed_state = None
+
+
+async def test_restore_with_another_n_refuses_state_it_cannot_share_out(tmp_path: Path) -> None:
+    """Instance ``i`` restored with another -n takes the state of old instance ``i % old``: plain counts were
+    doubled (-n 2 -> 4) or lost (4 -> 2) silently. A PE whose instances hold different state, none of it keyed,
+    is refused by name; with the same -n, it restores exactly."""
+    directory = tmp_path / "ck"
+    graph = _numbers_joined(("numbers", "pair"), ("pair", "count"), count=_PlainCount())
+    assert not await _run_until_killed(graph, _mapping(directory), 2, 3000, NUMBERS, directory)
+    refused = r"^PE count had 2 instances in checkpoint \d+, now 3, and their state differs \(counts, seen\) with none"
+    with pytest.raises(CheckpointError, match=refused):
+        await run_async(graph, NUMBERS, mapping=_mapping(directory, restore=True), workers=3)
+    got = await run_async(graph, NUMBERS, mapping=_mapping(directory, restore=True), workers=2)
+    assert _counts(got) == {str(k): sum(1 for n in range(1, NUMBERS + 1) if n % 7 == k) for k in range(7)}
+    # The run's last checkpoint: every instance finished, none runs again, so another -n takes it.
+    assert len(await run_async(graph, NUMBERS, mapping=_mapping(directory, restore=True), workers=3)) == 0
+
+
+def _numbers_joined(*edges: tuple[str, str], count: Count | None = None) -> WorkflowGraph:
+    """The PEs of :func:`_numbers` (ids ``numbers``, ``pair``, ``count``: ``count`` if given), ``output`` to
+    ``input`` by ``edges``."""
+    pes: dict[str, Any] = {"numbers": Numbers(), "pair": _Pair(), "count": count if count is not None else Count()}
+    graph = WorkflowGraph()
+    for source, dest in edges:
+        pes[source].id, pes[dest].id = source, dest
+        graph.connect(pes[source], "output", pes[dest], "input")
+    return graph
+
+
 async def test_count_feed_is_replayed_from_its_index(tmp_path: Path) -> None:
     directory = tmp_path / "ck"
     finished = await _run_until_killed(_numbers(), _mapping(directory), 2, 5000, NUMBERS, directory)
@@ -414,6 +465,11 @@ async def test_restore_refuses_another_graph_and_another_root_parallelism(tmp_pa
     assert not await _run_until_killed(_numbers(), _mapping(directory), 2, 3000, NUMBERS, directory)
     with pytest.raises(CheckpointError, match="has no PE lines: it was taken of another graph"):
         await run_async(word_count(tmp_path / "none.txt"), 1, mapping=_mapping(directory, restore=True))
+    with pytest.raises(CheckpointError, match="has PE count, which this workflow has not: it was taken of another"):
+        await run_async(_numbers_joined(("numbers", "pair")), NUMBERS, mapping=_mapping(directory, restore=True))
+    rewired = _numbers_joined(("numbers", "pair"), ("numbers", "count"))
+    with pytest.raises(CheckpointError, match=r"only this workflow connects numbers\.output -> count\.input$"):
+        await run_async(rewired, NUMBERS, mapping=_mapping(directory, restore=True))
     with pytest.raises(CheckpointError, match=r"root PE numbers had 1 instances in checkpoint \d+, now 2"):
         await run_async(_numbers(root_parallelism=2), NUMBERS, mapping=_mapping(directory, restore=True))
 
@@ -421,6 +477,31 @@ async def test_restore_refuses_another_graph_and_another_root_parallelism(tmp_pa
 def test_results_file_that_cannot_be_written_fails_clearly(tmp_path: Path, words: Path) -> None:
     with pytest.raises(CheckpointError, match=r"cannot write results to .*missing/out\.jsonl"):
         run(word_count(words), 1, mapping=_mapping(tmp_path / "ck", tmp_path / "missing" / "out.jsonl"))
+
+
+@pytest.mark.parametrize("mapping", ["async", "multi"])
+def test_a_results_file_on_a_full_disk_fails_naming_it(tmp_path: Path, words: Path, mapping: str) -> None:
+    """A write that fails (``/dev/full`` is always full) names the file, on the engine's side (async) and on the
+    launcher's (multi); the failed flush of what is left when the file is closed does not hide it."""
+    checkpointed = get_mapping(mapping)
+    checkpointed.checkpointing = Checkpointing(tmp_path / "ck", results_path="/dev/full")
+    with pytest.raises(CheckpointError) as failed:
+        run(word_count(words), 1, mapping=checkpointed, workers=2)
+    assert str(failed.value) == "cannot write results to /dev/full: No space left on device"
+
+
+def test_a_results_file_that_is_a_stream_is_flushed_not_synced_and_never_truncated(tmp_path: Path, words: Path) -> None:
+    """``/dev/null`` (as a named pipe) cannot be synced (``EINVAL``) nor truncated: it is written as a stream, with
+    no length in the manifest, also by a restore of a checkpoint that committed a length of a regular file."""
+    directory, results = tmp_path / "ck", tmp_path / "out.jsonl"
+    got = run(word_count(words), 1, mapping=_mapping(directory, Path(os.devnull)), workers=2)
+    assert _counts(got) == expected_counts(words)
+    latest = CheckpointStore(directory).latest()
+    assert latest is not None and latest.results_offset is None
+    run(word_count(words), 1, mapping=_mapping(directory, results), workers=2)
+    latest = CheckpointStore(directory).latest()
+    assert latest is not None and latest.results_offset == results.stat().st_size > 0
+    run(word_count(words), 1, mapping=_mapping(directory, Path(os.devnull), restore=True), workers=2)
 
 
 def test_checkpoints_under_a_users_mpiexec_are_refused(tmp_path: Path) -> None:
@@ -563,6 +644,16 @@ def test_keyed_state_must_name_a_dict() -> None:
 def test_cli_options_need_a_checkpoint_dir(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["run", "x:y", "--restore"]) == 2
     assert "--checkpoint-dir" in capsys.readouterr().err
+
+
+def test_cli_refuses_stdin_dead_letters_it_would_lose(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A checkpointed run writes its ``--results FILE`` itself, and ``--stdin``'s dead letters do not pass through
+    it: they were lost (the file lacked them, the summary counted them). ``--results -`` keeps them."""
+    common = ["run", "x:y", "--stdin", "p", "--on-bad", "dead-letter", "--checkpoint-dir", str(tmp_path)]
+    assert main([*common, "--results", str(tmp_path / "out.jsonl")]) == 2
+    assert "--on-bad dead-letter cannot go with --checkpoint-dir and --results FILE" in capsys.readouterr().err
+    assert main([*common, "--results", "-"]) == 1  # on to loading the workflow, which does not exist
+    assert "--on-bad" not in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
@@ -863,6 +954,25 @@ async def test_a_restore_drops_nothing_of_a_stream_that_cannot_be_replayed() -> 
     stream = resumed_feed(LineStream(read, json=True), 3)
     assert isinstance(stream, LineStream)
     assert [item["i"] async for item in stream] == list(range(5))
+
+
+async def test_stdin_that_is_a_file_is_read_again_from_where_it_was_first_read(tmp_path: Path) -> None:
+    """``aiod4p run --stdin PE < data.jsonl``: a ``--restore`` (a new stdin, at the file's top) read every line
+    again, unsought, and the results of those before the checkpoint came twice (8,960 of 20,000); a restart (the
+    same stdin, read on) lost what the dead attempt had read ahead. As a path, it is now replayable: a reading
+    again starts where the first one did, and the checkpoint's lines are skipped."""
+    path = tmp_path / "data.jsonl"
+    await asyncio.to_thread(path.write_bytes, b"".join(json.dumps({"i": i}).encode() + b"\n" for i in range(10)))
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.lseek(fd, len(b'{"i": 0}\n'), os.SEEK_SET)  # the shell (or a header read) had taken the first line
+        stream = LineStream(fd, json=True)
+        assert stream.replayable
+        assert [item["i"] async for item in stream] == list(range(1, 10))
+        assert resumed_feed(stream, 3) is stream  # a restart: the same stream, sought
+        assert [item["i"] async for item in stream] == list(range(4, 10))
+    finally:
+        os.close(fd)
 
 
 class _Live(SourcePE):

@@ -9,13 +9,16 @@ import logging
 import os
 import random
 import shutil
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 from ckpt_workflows import (
+    Count,
     DiesDraining,
     DiesSaving,
     HeldLines,
+    Split,
     expected_counts,
     held_echo,
     held_echo_module,
@@ -27,13 +30,13 @@ from ckpt_workflows import (
 )
 from helpers import recorded_supervisors
 
-from aiod4p import WorkflowGraph, run, start
+from aiod4p import WorkflowGraph, run, run_async, start
 from aiod4p._checkpoint import Checkpointing, CheckpointStore
 from aiod4p.errors import CheckpointError, WorkerDied
 from aiod4p.mappings import get_mapping
 from aiod4p.mappings._base import BaseMapping
 from aiod4p.mappings.asyncio import AsyncMapping
-from aiod4p.sources import LinesSource
+from aiod4p.sources import LinesSource, LiveFeed
 
 
 def _file_counts(path: Path) -> dict[str, int]:
@@ -164,6 +167,68 @@ async def test_restarts_let_the_ended_attempts_go(tmp_path: Path, words: Path, m
     gc.collect()  # an ended attempt may wait for the collector (its errors and frames form cycles): not a leak
     assert [ref() for ref in supervisors] == [None, None, None]
     assert live.done  # the run, and its control, are still here
+
+
+def _split_count() -> WorkflowGraph:
+    """split (a root: give it lines) -> count (keyed word counts, its worker SIGKILLed by a kill plan)."""
+    split, count = Split(), Count()
+    split.id, count.id = "split", "count"
+    graph = WorkflowGraph()
+    graph.connect(split, "output", count, "input")
+    return graph
+
+
+async def test_a_feed_that_is_an_async_generator_is_not_restarted(
+    tmp_path: Path, words: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A restart's attempt found the generator stopped (cancelled while the dead attempt read it): its root ended
+    at once, and the run succeeded with the rest of the input dropped. It now fails, naming the PE."""
+    kills = tmp_path / "kills"
+    kills.mkdir()
+    monkeypatch.setenv("AIOD4P_TEST_KILLS", f"{kills}:3000")
+    monkeypatch.setenv("AIOD4P_TEST_KILLS_AFTER", str(tmp_path / "ck"))
+    lines = (await asyncio.to_thread(words.read_text)).splitlines()
+    checkpointed = asyncio.Event()
+
+    async def read_once() -> AsyncIterator[str]:
+        for number, line in enumerate(lines):
+            if number == 100:  # the kill comes once a checkpoint of the attempt completed
+                await checkpointed.wait()
+            yield line
+
+    mapping = _multi(tmp_path / "ck", None, restarts=2)
+    dropped = r"; not restarted, since the input of PE split is an async iterator, which a restart cannot read again"
+    with on_completed(lambda n: checkpointed.set()), pytest.raises(WorkerDied, match=dropped):
+        async with asyncio.timeout(50):
+            await run_async(_split_count(), {"split": read_once()}, mapping=mapping, workers=2)
+    assert len(list(kills.iterdir())) == 1
+
+
+async def test_sends_to_a_live_feed_go_on_over_a_restart(
+    tmp_path: Path, words: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker SIGKILLed while the application sends lines: the restart ended the feed's first reading, and
+    ``run.send`` waited forever for the run to end. It now waits for the new attempt to take the lines. (What
+    the dead attempt had taken from the feed is lost: a LiveFeed is at-most-once.)"""
+    kills = tmp_path / "kills"
+    kills.mkdir()
+    monkeypatch.setenv("AIOD4P_TEST_KILLS", f"{kills}:3000")
+    monkeypatch.setenv("AIOD4P_TEST_KILLS_AFTER", str(tmp_path / "ck"))
+    lines = (await asyncio.to_thread(words.read_text)).splitlines()
+    checkpointed = asyncio.Event()
+    feed = LiveFeed(maxsize=16)
+    mapping = _multi(tmp_path / "ck", None, restarts=2)
+    with on_completed(lambda n: checkpointed.set()):
+        async with asyncio.timeout(50), start(_split_count(), {"split": feed}, mapping=mapping, workers=2) as live:
+            for number, line in enumerate(lines):
+                await live.send("split", line)
+                if number == 100:  # the kill comes once a checkpoint of the attempt completed
+                    await checkpointed.wait()
+            feed.close()
+            got = dict(record.data for record in await live.results())
+    assert len(list(kills.iterdir())) == 1
+    expected = expected_counts(words)
+    assert got.keys() == expected.keys() and all(got[word] <= expected[word] for word in got)
 
 
 @pytest.mark.parametrize("mapping", ["multi", "mpi"])

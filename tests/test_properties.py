@@ -8,24 +8,32 @@ result multiset each mapping must give, from the parallelism that mapping
 plans (``all`` reaches every instance). The same graph objects then run
 several times in a row and concurrently, on every case of
 ``conftest.MAPPING_CASES``; the process mappings get few examples, each one
-a union of several random DAGs, so that they cost few launches.
+a union of several random DAGs, so that they cost few launches. In process,
+random DAGs also run with small batches and credits, checkpointed, are
+stopped without a drain and restored: their results file must be the model's.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import json
+import tempfile
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
+from ckpt_workflows import on_completed
 from conftest import MAPPING_CASES, MappingCase
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import aiod4p
 from aiod4p import GenericPE, ProducerPE, WorkflowGraph, chain, group_by, make_plan
+from aiod4p._checkpoint import Checkpointing
 from aiod4p._groupings import ALL, GLOBAL, SHUFFLE, Grouping
 from aiod4p._pe import PE, CompositePE, IterativePE
 
@@ -267,3 +275,64 @@ def test_random_workflows_agree_in_process(case: MappingCase, dags_: list[list[N
 def test_random_workflows_agree_across_processes(case: MappingCase, dags_: list[list[Node]]) -> None:
     # One union of eight random DAGs: three launches cover them all (one, then two at once).
     check(case, dags_, repeats=1, concurrent=2)
+
+
+def _checkpointed(case: MappingCase, directory: Path, restore: bool) -> aiod4p.mappings.BaseMapping:
+    mapping = aiod4p.mappings.get_mapping(case.name)
+    mapping.checkpointing = Checkpointing(
+        directory, interval=0.001, restore=restore, results_path=str(directory / "results.jsonl")
+    )
+    return mapping
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.name in IN_PROCESS], ids=lambda case: case.id)
+@settings(max_examples=15, **SETTINGS)
+@given(
+    st.lists(dags(), min_size=1, max_size=2), st.sampled_from([1, 2, 256]), st.sampled_from([1, 2]), st.integers(1, 3)
+)
+def test_random_workflows_stopped_and_restored_write_each_result_once(
+    case: MappingCase, dags_: list[list[Node]], batch_size: int, credits: int, stop_after: int
+) -> None:
+    """Once ``stop_after`` checkpoints completed, the run is stopped without a drain (a kill), then restored
+    with the same -n (plain state per instance, such as KeyedCount's, restores only so)."""
+    longer = [  # sources 50 times as long: checkpoints complete before most runs end
+        [
+            dataclasses.replace(node, params=(node.params[0], node.params[1] * 50)) if node.kind == "source" else node
+            for node in dag
+        ]
+        for dag in dags_
+    ]
+    graph, built = build(longer)
+    expected = model(graph, built, case)
+    options: dict[str, Any] = {"workers": case.workers, "batch_size": batch_size, "credits": credits}
+
+    async def stopped_then_restored(directory: Path) -> None:
+        completed: list[int] = []
+        enough = asyncio.Event()
+
+        def count(n: int) -> None:
+            completed.append(n)
+            if len(completed) >= stop_after:
+                enough.set()
+
+        async with asyncio.timeout(50):
+            with on_completed(count):
+                async with aiod4p.start(graph, 1, mapping=_checkpointed(case, directory, False), **options) as first:
+                    results = asyncio.ensure_future(first.results())
+                    stop = asyncio.ensure_future(enough.wait())
+                    await asyncio.wait({results, stop}, return_when=asyncio.FIRST_COMPLETED)
+                    stop.cancel()
+                    finished = results.done()
+                    if finished:
+                        results.result()
+                    else:
+                        results.cancel()
+                    await asyncio.gather(results, stop, return_exceptions=True)
+            if not finished:  # leaving the block aborted the run
+                await aiod4p.run_async(graph, 1, mapping=_checkpointed(case, directory, True), **options)
+
+    with tempfile.TemporaryDirectory() as name:
+        directory = Path(name)
+        asyncio.run(stopped_then_restored(directory))
+        lines = (directory / "results.jsonl").read_text().splitlines()
+    assert Counter((record["pe"], record["data"]) for record in map(json.loads, lines)) == expected

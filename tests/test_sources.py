@@ -159,6 +159,27 @@ async def test_follow_restarts_after_truncation(tmp_path: Path) -> None:
 
 
 @pytest.mark.asyncio
+async def test_follow_goes_on_with_the_new_file_once_the_old_one_is_rotated_away(tmp_path: Path) -> None:
+    """logrotate's ``create``: the file is renamed, a new one made at its path. What the old file got before
+    the new one came is read too, then the new file from its top (``tail -F``); it read the old one forever."""
+    path = tmp_path / "app.log"
+    path.write_text("old\n")
+    run = aiod4p.start(source_graph(LinesSource(path, follow=True, poll_interval=0.01)))
+    seen = []
+    async with asyncio.timeout(20), run:
+        async for record in run:
+            seen.append(record.data)
+            if record.data == "old":
+                path.rename(tmp_path / "app.log.1")
+                with (tmp_path / "app.log.1").open("a") as old:
+                    old.write("last\n")  # the writer had the old file open still
+                path.write_text("new\n")
+            elif record.data == "new":
+                run.drain()
+    assert seen == ["old", "last", "new"]
+
+
+@pytest.mark.asyncio
 async def test_follow_from_the_end_skips_what_is_there(tmp_path: Path) -> None:
     path = tmp_path / "log.txt"
     path.write_text("old\n" * 10)
@@ -333,6 +354,27 @@ async def test_tcp_source_stops_reading_when_the_workflow_is_behind() -> None:
         await writer.wait_closed()
         data = (await results).data()
     assert [int(line.split()[0]) for line in data] == list(range(total))
+
+
+async def test_a_socket_stream_read_again_accepts_its_clients_anew() -> None:
+    """A restart closes the dead attempt's reading of a feed, with its clients' connections, and reads it again:
+    with ``connections=1``, the new reading ended at once (its client counted already), and the run succeeded
+    with the rest of the input dropped (100 of 3,000 lines). It now accepts its client anew."""
+    listening: asyncio.Queue[tuple[str, int]] = asyncio.Queue()
+    stream = SocketStream(connections=1, on_listen=listening.put_nowait)
+    async with asyncio.timeout(20):
+        for line in ("before", "after"):
+            items = aiter(stream)
+            reading = asyncio.ensure_future(anext(items))
+            _, writer = await asyncio.open_connection(*await listening.get())
+            writer.write(f"{line}\n".encode())
+            await writer.drain()
+            assert await reading == line
+            if line == "before":
+                await items.aclose()  # what a restart does to the dead attempt's reading
+            writer.close()
+            await writer.wait_closed()
+        assert [item async for item in items] == []  # its one client closed: the new reading ends
 
 
 async def test_a_drain_ends_a_socket_stream_whose_client_keeps_sending() -> None:
