@@ -185,12 +185,11 @@ def load_module(spec: str) -> ModuleType:
         path = Path(spec)
         if not path.is_file():
             raise TargetError(f"workflow file {spec} does not exist")
-        name = path.stem if path.stem.isidentifier() else "workflow"
         directory = str(path.resolve().parent)
         if directory not in sys.path:
             sys.path.insert(0, directory)
         try:
-            return import_file(name, path.resolve())
+            return import_file(_module_name(path.resolve()), path.resolve())
         except TargetError:
             raise
         except Exception as exc:
@@ -208,6 +207,21 @@ def load_module(spec: str) -> ModuleType:
         raise TargetError(f"importing {spec} failed{_where(exc)}: {exc}") from exc
     except Exception as exc:
         raise TargetError(f"importing {spec} failed{_where(exc)}: {type(exc).__name__}: {exc}") from exc
+
+
+def _module_name(path: Path) -> str:
+    """The name the workflow file at ``path`` (resolved) is imported under.
+
+    Its stem, as ``import`` would name it, unless the stem is no identifier
+    (``my-flow.py``) or names another module this process has imported already
+    (``signal.py``, ``queue.py``: registering the file under that name would
+    replace Python's module for every later import, the mappings' own
+    included); then ``workflow``.
+    """
+    loaded = sys.modules.get(path.stem)
+    if path.stem.isidentifier() and (loaded is None or getattr(loaded, "__file__", None) == str(path)):
+        return path.stem
+    return "workflow"
 
 
 _OURS = str(Path(__file__).resolve().parent)
