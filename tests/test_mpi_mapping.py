@@ -257,6 +257,17 @@ def test_cli_ranks_import_the_workflow_while_the_launcher_loads_it(tmp_path: Pat
     assert sorted(json.loads(line)["data"] for line in out.read_text().splitlines()) == [i * 8 for i in range(50)]
 
 
+def test_a_module_of_the_workflow_named_as_one_of_pythons_leaves_the_ranks_pythons(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A project directory on ``sys.path`` with its own ``types.py`` (``from types import Trace``): the ranks
+    had the directory in ``PYTHONPATH``, before the standard library, and every one failed at start-up."""
+    (tmp_path / "types.py").write_text("class Trace:\n    pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path))  # as `python run.py` from the project's directory has it
+    results = aiod4p.run(wf.mpi_chain(), 20, mapping="mpi", workers=2)
+    assert sorted(results.data()) == [i * 8 for i in range(20)]
+
+
 @pytest.mark.parametrize(
     ("source", "expected"),
     [
