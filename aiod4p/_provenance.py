@@ -433,7 +433,7 @@ class Lineage:
         """The results ``wanted`` names: an entity id, else the exact repr of a result's value, else a part of it.
 
         Raises:
-            Aiod4pError: nothing matches.
+            Aiod4pError: nothing matches (saying that item-level provenance is needed when no result is recorded).
         """
         for candidate in (wanted, f"{NAMESPACE[0]}:{wanted}"):
             if candidate in self.values or candidate in self.parents:
@@ -445,10 +445,9 @@ class Lineage:
         partial = [entity for entity in results if wanted in self.values.get(entity, "")]
         if partial:
             return partial
-        raise Aiod4pError(
-            f"no entity or result matches {wanted!r} ({len(results)} results recorded; "
-            "item-level provenance is needed to trace single results)"
-        )
+        # Without results, the file may be of level pe, which records none: say what it takes.
+        hint = "" if results else "; item-level provenance (--provenance-level item) is needed to trace single results"
+        raise Aiod4pError(f"no entity or result matches {wanted!r} ({len(results)} results recorded{hint})")
 
     def trace(self, entity: str) -> list[str]:
         """Every entity ``entity`` derives from, transitively, itself first (breadth first)."""

@@ -230,6 +230,16 @@ def test_cli_listing_into_a_closed_pipe_ends_quietly(tmp_path: Path) -> None:
     assert listing.returncode == 141 and listing.stderr == b""
 
 
+def test_a_result_not_found_in_an_item_level_file_is_not_blamed_on_the_level() -> None:
+    # The item-level hint came with every miss, also in files that record every result (a typo in --trace).
+    lineage = aiod4p.Lineage(values={"aiod4p:Sum1.0.0": "('ST01', 0.5)"}, kinds={"aiod4p:Sum1.0.0": "aiod4p:Result"})
+    with pytest.raises(aiod4p.Aiod4pError) as caught:
+        lineage.find("ST02")
+    assert str(caught.value) == "no entity or result matches 'ST02' (1 results recorded)"
+    with pytest.raises(aiod4p.Aiod4pError, match=r"\(0 results recorded; item-level provenance \(--provenance-level"):
+        aiod4p.Lineage().find("ST02")
+
+
 def test_cli_provenance_errors_name_the_problem(tmp_path: Path) -> None:
     missing = cli("provenance", str(tmp_path / "nope.json"), cwd=tmp_path)
     assert missing.returncode == 1 and "cannot read provenance file" in missing.stderr
