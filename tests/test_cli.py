@@ -65,6 +65,18 @@ def test_results_json_lines_keep_what_json_has_no_type_for(caplog: pytest.LogCap
     assert "builtins.tuple (as a dict key) are written as their repr" in caplog.text
 
 
+def test_results_json_lines_write_any_date_or_time_in_iso_8601(caplog: pytest.LogCaptureFixture) -> None:
+    # obspy's UTCDateTime, a seismologist's time, is no datetime: it was written as its repr with a warning,
+    # "UTCDateTime(2020, 1, 1, 0, 0)"; and a date as a dict key as "datetime.date(2020, 1, 1)".
+    obspy = pytest.importorskip("obspy")
+    start = obspy.UTCDateTime(2020, 1, 1, 0, 16, 40)
+    value = {"start": start, "days": {datetime.date(2020, 1, 1): 3}}
+    with caplog.at_level("WARNING", logger="aiod4p"):
+        written = json.loads(record_line(ResultRecord("pe", "out", value)))["data"]
+    assert written == {"start": "2020-01-01T00:16:40", "days": {"2020-01-01": 3}}
+    assert caplog.text == ""
+
+
 @pytest.mark.parametrize("mapping", ["simple", "async"])
 def test_results_as_json_lines(mapping: str, workflow_file: Path, tmp_path: Path) -> None:
     out = tmp_path / "out.jsonl"
