@@ -205,6 +205,23 @@ def test_cli_launches_mpiexec_itself(tmp_path: Path) -> None:
     assert len(out.read_text().splitlines()) == 100
 
 
+def test_cli_launches_a_workflow_named_as_a_python_module_from_its_directory(tmp_path: Path) -> None:
+    """``cd flows; aiod4p run signal.py -m mpi``: ``python -m`` put the directory first on the ranks' ``sys.path``
+    while they started, so the workflow replaced Python's ``signal`` there and every rank failed."""
+    (tmp_path / "signal.py").write_text(
+        numbers_flow("class Times2(IterativePE):\n    def process_item(self, item):\n        return 2 * item\n")
+    )
+    done = subprocess.run(  # the console script: `python -m aiod4p` there would fail the same way
+        cli("signal.py", "-m", "mpi", "-n", "2", "-i", "5", "--results", "-"),
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr
+    assert sorted(json.loads(line)["data"] for line in done.stdout.splitlines()) == [2, 4, 6, 8, 10]
+
+
 def test_cli_launched_pe_error_exits_non_zero() -> None:
     done = subprocess.run(
         cli(f"{WORKFLOWS}:mpi_failing", "--mapping", "mpi", "-n", "2", "-i", "100"),

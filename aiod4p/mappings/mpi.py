@@ -293,7 +293,9 @@ class _Ranks:
             self.listener.bind(address)
             self.listener.listen(1)
             self.listener.setblocking(False)
-            command = [mpiexec, *mpiexec_extra_args(), "-n", str(workers), sys.executable, "-m"]
+            # -P: the current directory is not on sys.path while a rank starts (a signal.py there replaced
+            # Python's); the ranks take the launcher's sys.path up once started (rank_environment).
+            command = [mpiexec, *mpiexec_extra_args(), "-n", str(workers), sys.executable, "-P", "-m"]
             command += ["aiod4p.mappings._mpi_job", address, *([preload] if preload is not None else [])]
             env = rank_environment(os.environ)
             try:
