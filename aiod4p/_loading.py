@@ -209,19 +209,26 @@ def load_module(spec: str) -> ModuleType:
         raise TargetError(f"importing {spec} failed{_where(exc)}: {type(exc).__name__}: {exc}") from exc
 
 
+_workflow_names: set[str] = set()  # the names workflow files were imported under (by _module_name)
+
+
 def _module_name(path: Path) -> str:
     """The name the workflow file at ``path`` (resolved) is imported under.
 
     Its stem, as ``import`` would name it, unless the stem is no identifier
-    (``my-flow.py``) or names another module this process has imported already
-    (``signal.py``, ``queue.py``: registering the file under that name would
-    replace Python's module for every later import, the mappings' own
-    included); then ``workflow``.
+    (``my-flow.py``) or names a module this process has imported already that
+    is no workflow file (``signal.py``, ``queue.py``: registering the file
+    under that name would replace Python's module for every later import, the
+    mappings' own included); then ``workflow``.
     """
-    loaded = sys.modules.get(path.stem)
-    if path.stem.isidentifier() and (loaded is None or getattr(loaded, "__file__", None) == str(path)):
-        return path.stem
-    return "workflow"
+    stem = path.stem
+    loaded = sys.modules.get(stem)
+    if not stem.isidentifier() or (
+        loaded is not None and stem not in _workflow_names and getattr(loaded, "__file__", None) != str(path)
+    ):
+        stem = "workflow"
+    _workflow_names.add(stem)
+    return stem
 
 
 _OURS = str(Path(__file__).resolve().parent)

@@ -98,6 +98,25 @@ def test_results_to_stdout(workflow_file: Path) -> None:
     assert json.loads(done.stdout) == {"pe": "Check1", "output": "output", "data": 10}
 
 
+def test_a_workflow_file_never_replaces_a_module_of_pythons(tmp_path: Path) -> None:
+    """``signal.py`` is imported as ``workflow`` (as ``signal`` it replaced Python's module for the whole process);
+    a workflow file named as an earlier workflow file replaces that one, as it always did."""
+    import signal
+
+    from aiod4p._loading import load_module
+
+    for name, text in (("one/flow.py", "X = 1\n"), ("two/flow.py", "X = 2\n"), ("one/signal.py", "Y = 3\n")):
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_text(text)
+    try:
+        modules = [load_module(str(tmp_path / name)) for name in ("one/flow.py", "two/flow.py", "one/signal.py")]
+        assert [module.__name__ for module in modules] == ["flow", "flow", "workflow"]
+        assert sys.modules["flow"].X == 2 and sys.modules["signal"] is signal and modules[2].Y == 3
+    finally:
+        for name in ("flow", "workflow"):
+            sys.modules.pop(name, None)
+
+
 def test_module_target_with_attribute(tmp_path: Path, workflow_file: Path) -> None:
     done = aiod4p("run", "flow:graph", "-m", "simple", "-i", "1", cwd=workflow_file.parent)
     assert done.returncode == 0, done.stderr
