@@ -15,7 +15,7 @@ import pytest
 
 import aiod4p
 from aiod4p import GenericPE, IterativePE, PlanOptions, ProducerPE, Results, WorkflowGraph, group_by
-from aiod4p._provenance import Tagged
+from aiod4p._provenance import Tagged, value_repr
 
 prov_model = pytest.importorskip(
     "prov.model", reason="provenance needs the prov package: pip install 'aiod4p[provenance]'"
@@ -149,6 +149,25 @@ def test_level_pe_records_counts_per_port_and_no_items(tmp_path: Path) -> None:
     assert all(plain(v["prov:type"]) == "aiod4p:Stream" for v in entities.values())
     with pytest.raises(aiod4p.Aiod4pError, match="item-level"):
         aiod4p.read_lineage(str(path)).find("('the', 4)")
+
+
+class _Sample:
+    """A sample that counts how often its repr is made."""
+
+    reprs = 0
+
+    def __repr__(self) -> str:
+        _Sample.reprs += 1
+        return "s"
+
+
+def test_an_entity_keeps_the_start_of_a_large_values_repr_without_making_the_whole() -> None:
+    # The whole repr of each item was made, then cut: a 20 MB record took a second per item (21 s against 3 s).
+    values = [1, "it's", "x" * 300, b"\x00" * 300, [1, (2,)], (), {"a": [1, {"b": "c" * 500}]}, [list(range(99))] * 3]
+    assert [value_repr(value) for value in values] == [repr(value)[:200] for value in values]
+    record = {"station": "ST01", "samples": [_Sample() for _ in range(100_000)], "raw": bytes(10**7)}
+    assert value_repr(record) == ("{'station': 'ST01', 'samples': [" + ", ".join(["s"] * 100))[:200]
+    assert _Sample.reprs < 100
 
 
 def test_prov_n_and_prov_xml_by_extension(tmp_path: Path) -> None:
