@@ -17,6 +17,7 @@ import hashlib
 import numbers
 import operator
 import pickle
+import reprlib
 import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -329,7 +330,7 @@ class KeyRouter(Router):
                 self.get(item)
             except Exception as exc:
                 raise GraphError(
-                    f"{self.sender} cannot route item {item!r} to {self.dest}: its {self.grouping}"
+                    f"{self.sender} cannot route item {reprlib.repr(item)} to {self.dest}: its {self.grouping}"
                     f" key failed ({type(exc).__name__}: {exc})"
                 ) from exc
 
