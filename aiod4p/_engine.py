@@ -18,6 +18,7 @@ import inspect
 import itertools
 import logging
 import operator
+import reprlib
 import sys
 import time
 import traceback
@@ -1693,7 +1694,8 @@ def _input_dict(pe: PE, pe_id: str, element: Any) -> Any:
     if not ports and pe.takes_undeclared_inputs:
         return element
     raise InputError(
-        f"input for PE {pe_id} must be a dict of its input ports (ports: {sorted(ports) or 'none'}), got {element!r}"
+        f"input for PE {pe_id} must be a dict of its input ports (ports: {sorted(ports) or 'none'}),"
+        f" got {reprlib.repr(element)}"
     )
 
 
