@@ -18,6 +18,7 @@ import inspect
 import itertools
 import logging
 import operator
+import reprlib
 import sys
 import time
 import traceback
@@ -570,7 +571,7 @@ class _Actor(_Invoker):
             ref.index,
             logging.LoggerAdapter(pe_logger, {"pe": ref.pe, "instance": ref.index}),
             rank=self.worker.plan.rank_of(ref),
-            limit=self.hand_over_limit if self.threaded else 1,
+            limit=1,
             full=_switch_to_actor,
             recorder=self.recorder,
             stats=self.stats,
@@ -777,7 +778,16 @@ class _Actor(_Invoker):
             raise AssertionError(f"a plain call of PE {self.ref} awaited")
 
     def _hand_over(self, loop: asyncio.AbstractEventLoop, port: str) -> None:
-        """In a pool thread: route what the call wrote so far, waiting until the workflow has room for it."""
+        """In a pool thread: route what the call wrote so far, waiting until the workflow has room for it.
+
+        The next hand-over comes after twice as many items, up to
+        ``hand_over_limit``, but never more than ``batch_bytes`` holds of items
+        like the last one written: heavy items go one or a few at a time, so
+        the call's memory stays bounded however many it writes.
+        """
+        runtime = self.pe._runtime
+        assert runtime is not None
+        sample = self.buffers[port][-1]
         future = asyncio.run_coroutine_threadsafe(self._route_outputs(detach=True), loop)
         handovers = self.worker._handovers
         handovers.add(future)
@@ -785,6 +795,7 @@ class _Actor(_Invoker):
             future.result()
         finally:
             handovers.discard(future)
+        runtime.limit = self._cap_by_bytes(min(2 * runtime.limit, self.hand_over_limit), sample)
 
     async def _pump(self, source: AsyncIterator[Any], port: str) -> None:
         # A live source (a root's async generator) is read ahead while the actor
@@ -1693,7 +1704,8 @@ def _input_dict(pe: PE, pe_id: str, element: Any) -> Any:
     if not ports and pe.takes_undeclared_inputs:
         return element
     raise InputError(
-        f"input for PE {pe_id} must be a dict of its input ports (ports: {sorted(ports) or 'none'}), got {element!r}"
+        f"input for PE {pe_id} must be a dict of its input ports (ports: {sorted(ports) or 'none'}),"
+        f" got {reprlib.repr(element)}"
     )
 
 

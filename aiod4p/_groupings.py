@@ -17,6 +17,7 @@ import hashlib
 import numbers
 import operator
 import pickle
+import reprlib
 import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -177,6 +178,10 @@ class GroupBy(Grouping):
     The key is either the tuple of ``item[i]`` for the given ``indices`` or
     ``key(item)``. A key function must be picklable (a module-level function)
     for mappings that run in several processes.
+
+    Raises:
+        ValueError: neither indices nor a key function, or both.
+        TypeError: an index is callable (a key function given as an index).
     """
 
     indices: tuple[int | str, ...] = ()
@@ -185,6 +190,10 @@ class GroupBy(Grouping):
     def __post_init__(self) -> None:
         if bool(self.indices) == (self.key is not None):
             raise ValueError("group_by needs either key indices or a key function, not both")
+        for index in self.indices:
+            if callable(index):  # group_by(fn) would look up item[fn] for every item, failing the run
+                name = getattr(index, "__name__", "fn")
+                raise TypeError(f"group_by({name}): a key function is passed as group_by(key={name})")
 
     def key_of(self, item: Any) -> Any:
         """Return the grouping key of ``item``.
@@ -321,7 +330,7 @@ class KeyRouter(Router):
                 self.get(item)
             except Exception as exc:
                 raise GraphError(
-                    f"{self.sender} cannot route item {item!r} to {self.dest}: its {self.grouping}"
+                    f"{self.sender} cannot route item {reprlib.repr(item)} to {self.dest}: its {self.grouping}"
                     f" key failed ({type(exc).__name__}: {exc})"
                 ) from exc
 

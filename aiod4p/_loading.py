@@ -185,12 +185,11 @@ def load_module(spec: str) -> ModuleType:
         path = Path(spec)
         if not path.is_file():
             raise TargetError(f"workflow file {spec} does not exist")
-        name = path.stem if path.stem.isidentifier() else "workflow"
         directory = str(path.resolve().parent)
         if directory not in sys.path:
             sys.path.insert(0, directory)
         try:
-            return import_file(name, path.resolve())
+            return import_file(_module_name(path.resolve()), path.resolve())
         except TargetError:
             raise
         except Exception as exc:
@@ -208,6 +207,28 @@ def load_module(spec: str) -> ModuleType:
         raise TargetError(f"importing {spec} failed{_where(exc)}: {exc}") from exc
     except Exception as exc:
         raise TargetError(f"importing {spec} failed{_where(exc)}: {type(exc).__name__}: {exc}") from exc
+
+
+_workflow_names: set[str] = set()  # the names workflow files were imported under (by _module_name)
+
+
+def _module_name(path: Path) -> str:
+    """The name the workflow file at ``path`` (resolved) is imported under.
+
+    Its stem, as ``import`` would name it, unless the stem is no identifier
+    (``my-flow.py``) or names a module this process has imported already that
+    is no workflow file (``signal.py``, ``queue.py``: registering the file
+    under that name would replace Python's module for every later import, the
+    mappings' own included); then ``workflow``.
+    """
+    stem = path.stem
+    loaded = sys.modules.get(stem)
+    if not stem.isidentifier() or (
+        loaded is not None and stem not in _workflow_names and getattr(loaded, "__file__", None) != str(path)
+    ):
+        stem = "workflow"
+    _workflow_names.add(stem)
+    return stem
 
 
 _OURS = str(Path(__file__).resolve().parent)

@@ -66,6 +66,57 @@ class Tagged:
         return f"Tagged({self.id!r}, {self.value!r})"
 
 
+def value_repr(value: Any) -> str:
+    """``repr(value)`` cut to 200 characters, as an entity keeps it.
+
+    A str, bytes, list, tuple or dict (at any depth) gives the start of its repr
+    without the whole being made, so the cost is bounded whatever its size (the
+    repr of a 20 MB record took a second, for each item; a string longer than
+    that may then be quoted otherwise than its whole repr would); other types
+    give their own repr, cut (numpy's is short already).
+    """
+    cut = _CutRepr(_VALUE_CHARS)
+    cut.write(value)
+    return "".join(cut.pieces)[:_VALUE_CHARS]
+
+
+class _CutRepr:
+    """Writes the start of a value's repr, piece by piece, until ``room`` characters are written."""
+
+    def __init__(self, room: int) -> None:
+        self.room = room
+        self.pieces: list[str] = []
+
+    def put(self, text: str) -> None:
+        self.pieces.append(text)
+        self.room -= len(text)
+
+    def write(self, value: Any) -> None:
+        kind = type(value)
+        if kind is list or kind is tuple:
+            self.put("[" if kind is list else "(")
+            for index, item in enumerate(value):
+                if self.room <= 0:
+                    return
+                self.put(", " if index else "")
+                self.write(item)
+            self.put("]" if kind is list else ",)" if len(value) == 1 else ")")
+        elif kind is dict:
+            self.put("{")
+            for index, (key, item) in enumerate(value.items()):
+                if self.room <= 0:
+                    return
+                self.put(", " if index else "")
+                self.write(key)
+                self.put(": ")
+                self.write(item)
+            self.put("}")
+        elif (kind is str or kind is bytes) and len(value) > self.room:
+            self.put(repr(value[: max(self.room, 0)]))  # its closing quote lies past the cut
+        else:
+            self.put(repr(value))
+
+
 class _KeyOfValue:
     """A group-by router's key getter that sees through :class:`Tagged`."""
 
@@ -195,7 +246,7 @@ class ActorRecorder:
                 element = element.value
             elif port is None and element is not None and element != {}:
                 source = f"{self.prefix}.feed{len(self.record.sources)}"
-                self.record.sources.append((source, repr(element)[:_VALUE_CHARS]))
+                self.record.sources.append((source, value_repr(element)))
                 used = (source,)
             else:
                 used = ()
@@ -261,7 +312,7 @@ class ActorRecorder:
                 value = buffer[position]
                 entity = f"{self.prefix}.{self.count}"
                 self.count += 1
-                entities.append((entity, self.current_index, port, repr(value)[:_VALUE_CHARS], self.derived))
+                entities.append((entity, self.current_index, port, value_repr(value), self.derived))
                 buffer[position] = Tagged(entity, value)
                 counts = self.record.items_out
                 counts[port] = counts.get(port, 0) + 1
@@ -433,7 +484,7 @@ class Lineage:
         """The results ``wanted`` names: an entity id, else the exact repr of a result's value, else a part of it.
 
         Raises:
-            Aiod4pError: nothing matches.
+            Aiod4pError: nothing matches (saying that item-level provenance is needed when no result is recorded).
         """
         for candidate in (wanted, f"{NAMESPACE[0]}:{wanted}"):
             if candidate in self.values or candidate in self.parents:
@@ -445,10 +496,9 @@ class Lineage:
         partial = [entity for entity in results if wanted in self.values.get(entity, "")]
         if partial:
             return partial
-        raise Aiod4pError(
-            f"no entity or result matches {wanted!r} ({len(results)} results recorded; "
-            "item-level provenance is needed to trace single results)"
-        )
+        # Without results, the file may be of level pe, which records none: say what it takes.
+        hint = "" if results else "; item-level provenance (--provenance-level item) is needed to trace single results"
+        raise Aiod4pError(f"no entity or result matches {wanted!r} ({len(results)} results recorded{hint})")
 
     def trace(self, entity: str) -> list[str]:
         """Every entity ``entity`` derives from, transitively, itself first (breadth first)."""

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import datetime
 import functools
 import json
 import logging
@@ -34,9 +33,11 @@ def record_line(record: ResultRecord) -> str:
     Values JSON has no type for are written as faithfully as JSON allows:
     numpy arrays and scalars (anything with ``tolist()``) as lists and
     numbers, bytes as ``{"base64": "..."}``, sets as lists, dates and times
-    in ISO 8601; anything else as its ``repr``, with a warning once per type.
-    Dict keys JSON does not take (a tuple, a numpy integer) are written as
-    the number a numpy scalar is, else as their ``repr``, with the same warning.
+    (anything with ``isoformat()``: obspy's ``UTCDateTime`` too) in ISO 8601;
+    anything else as its ``repr``, with a warning once per type. Dict keys
+    JSON does not take (a tuple, a numpy integer, a date) are written as the
+    number a numpy scalar is, a date or time in ISO 8601, else as their
+    ``repr``, with the same warning.
     NaN and the infinities are written ``NaN``, ``Infinity``, ``-Infinity``, which ``json.loads`` reads back.
     """
     try:
@@ -63,6 +64,9 @@ def _json_key(key: Any) -> Any:
     tolist = getattr(key, "tolist", None)
     if callable(tolist) and isinstance(plain := tolist(), _KEY_TYPES):
         return plain
+    isoformat = getattr(key, "isoformat", None)
+    if callable(isoformat):
+        return isoformat()
     _warn_repr(f"{type(key).__module__}.{type(key).__qualname__} (as a dict key)")
     return repr(key)
 
@@ -75,8 +79,9 @@ def _jsonable(value: Any) -> Any:
         return {"base64": base64.b64encode(value).decode("ascii")}
     if isinstance(value, (set, frozenset)):
         return list(value)
-    if isinstance(value, (datetime.date, datetime.time)):
-        return value.isoformat()
+    isoformat = getattr(value, "isoformat", None)  # datetime's types, obspy's UTCDateTime, ...
+    if callable(isoformat):
+        return isoformat()
     _warn_repr(f"{type(value).__module__}.{type(value).__qualname__}")
     return repr(value)
 

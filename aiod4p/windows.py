@@ -21,6 +21,7 @@ multi-process mappings can pickle it).
 from __future__ import annotations
 
 import math
+import reprlib
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
@@ -203,7 +204,7 @@ class TimeWindow(_WindowPE):
         try:
             return float(_value_getter(self.timestamp)(item))
         except Exception as exc:
-            raise GraphError(f"window PE {self.label}: no timestamp in item {item!r}: {exc}") from exc
+            raise GraphError(f"window PE {self.label}: no timestamp in item {reprlib.repr(item)}: {exc}") from exc
 
     def process(self, inputs: Mapping[str, Any]) -> None:
         if "input" in inputs:

@@ -247,6 +247,9 @@ def test_feed_element_that_is_not_an_input_dict() -> None:
     graph.connect(merge, "output", Silent(), "input")
     with pytest.raises(InputError, match=rf"input for PE {merge.id} must be a dict of its input ports"):
         aiod4p.run(graph, {merge: [5]})
+    # A trace of 1,000,000 samples given for a PE of two ports was written whole into the one-line error.
+    with pytest.raises(InputError, match=r"got \[0\.5, 0\.5, 0\.5, 0\.5, 0\.5, 0\.5, \.\.\.\]$"):
+        aiod4p.run(graph, {merge: [[0.5] * 1_000_000]})
 
 
 class Silent(ConsumerPE):

@@ -69,6 +69,18 @@ def test_results_json_lines_keep_what_json_has_no_type_for(caplog: pytest.LogCap
     assert "builtins.tuple (as a dict key) are written as their repr" in caplog.text
 
 
+def test_results_json_lines_write_any_date_or_time_in_iso_8601(caplog: pytest.LogCaptureFixture) -> None:
+    # obspy's UTCDateTime, a seismologist's time, is no datetime: it was written as its repr with a warning,
+    # "UTCDateTime(2020, 1, 1, 0, 0)"; and a date as a dict key as "datetime.date(2020, 1, 1)".
+    obspy = pytest.importorskip("obspy")
+    start = obspy.UTCDateTime(2020, 1, 1, 0, 16, 40)
+    value = {"start": start, "days": {datetime.date(2020, 1, 1): 3}}
+    with caplog.at_level("WARNING", logger="aiod4p"):
+        written = json.loads(record_line(ResultRecord("pe", "out", value)))["data"]
+    assert written == {"start": "2020-01-01T00:16:40", "days": {"2020-01-01": 3}}
+    assert caplog.text == ""
+
+
 @pytest.mark.parametrize("mapping", ["simple", "async"])
 def test_results_as_json_lines(mapping: str, workflow_file: Path, tmp_path: Path) -> None:
     out = tmp_path / "out.jsonl"
@@ -88,6 +100,25 @@ def test_results_printed_readably(workflow_file: Path) -> None:
 def test_results_to_stdout(workflow_file: Path) -> None:
     done = aiod4p("run", str(workflow_file), "-i", "1", "--results", "-")
     assert json.loads(done.stdout) == {"pe": "Check1", "output": "output", "data": 10}
+
+
+def test_a_workflow_file_never_replaces_a_module_of_pythons(tmp_path: Path) -> None:
+    """``signal.py`` is imported as ``workflow`` (as ``signal`` it replaced Python's module for the whole process);
+    a workflow file named as an earlier workflow file replaces that one, as it always did."""
+    import signal
+
+    from aiod4p._loading import load_module
+
+    for name, text in (("one/flow.py", "X = 1\n"), ("two/flow.py", "X = 2\n"), ("one/signal.py", "Y = 3\n")):
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_text(text)
+    try:
+        modules = [load_module(str(tmp_path / name)) for name in ("one/flow.py", "two/flow.py", "one/signal.py")]
+        assert [module.__name__ for module in modules] == ["flow", "flow", "workflow"]
+        assert sys.modules["flow"].X == 2 and sys.modules["signal"] is signal and modules[2].Y == 3
+    finally:
+        for name in ("flow", "workflow"):
+            sys.modules.pop(name, None)
 
 
 def test_module_target_with_attribute(tmp_path: Path, workflow_file: Path) -> None:

@@ -173,3 +173,13 @@ def test_bad_grouping_values(value: object) -> None:
 def test_group_by_needs_indices_or_key() -> None:
     with pytest.raises(ValueError, match="either key indices or a key function"):
         group_by()
+
+
+def test_group_by_refuses_a_key_function_given_as_an_index() -> None:
+    # group_by(fn) built, then failed the run on the first item: "key failed (KeyError: <function ...>)".
+    def station(item: dict[str, str]) -> str:
+        return item["station"]
+
+    with pytest.raises(TypeError, match=r"^group_by\(station\): a key function is passed as group_by\(key=station\)$"):
+        group_by(station)  # type: ignore[arg-type]
+    assert group_by(key=station).key_of({"station": "ST01"}) == "ST01"

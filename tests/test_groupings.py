@@ -115,6 +115,15 @@ def test_a_router_names_the_item_whose_key_fails() -> None:
         router.split([(1, 2), (3,)])
 
 
+def test_a_router_names_a_large_item_whose_key_fails_in_one_short_line() -> None:
+    # A record of 2,000,000 samples was written whole into the error: one line of 20 MB on the terminal.
+    router = group_by("station").router(2, 0, "PE a", "b.input")
+    with pytest.raises(GraphError) as caught:
+        router.split([{"stn": "ST01", "samples": [0.5] * 2_000_000}])
+    assert str(caught.value).startswith("PE a cannot route item {'samples': [0.5, 0.5, 0.5, 0.5, 0.5, 0.5, ...], ")
+    assert len(str(caught.value)) < 200
+
+
 def test_shuffle_deals_round_robin_across_batches_and_all_broadcasts() -> None:
     deal = SHUFFLE.router(3, 1, "PE a", "b.input")
     assert deal.split([0, 1, 2, 3]) == [[2], [0, 3], [1]]

@@ -205,6 +205,23 @@ def test_cli_launches_mpiexec_itself(tmp_path: Path) -> None:
     assert len(out.read_text().splitlines()) == 100
 
 
+def test_cli_launches_a_workflow_named_as_a_python_module_from_its_directory(tmp_path: Path) -> None:
+    """``cd flows; aiod4p run signal.py -m mpi``: ``python -m`` put the directory first on the ranks' ``sys.path``
+    while they started, so the workflow replaced Python's ``signal`` there and every rank failed."""
+    (tmp_path / "signal.py").write_text(
+        numbers_flow("class Times2(IterativePE):\n    def process_item(self, item):\n        return 2 * item\n")
+    )
+    done = subprocess.run(  # the console script: `python -m aiod4p` there would fail the same way
+        cli("signal.py", "-m", "mpi", "-n", "2", "-i", "5", "--results", "-"),
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr
+    assert sorted(json.loads(line)["data"] for line in done.stdout.splitlines()) == [2, 4, 6, 8, 10]
+
+
 def test_cli_launched_pe_error_exits_non_zero() -> None:
     done = subprocess.run(
         cli(f"{WORKFLOWS}:mpi_failing", "--mapping", "mpi", "-n", "2", "-i", "100"),
@@ -255,6 +272,17 @@ def test_cli_ranks_import_the_workflow_while_the_launcher_loads_it(tmp_path: Pat
     )
     assert done.returncode == 0, done.stderr
     assert sorted(json.loads(line)["data"] for line in out.read_text().splitlines()) == [i * 8 for i in range(50)]
+
+
+def test_a_module_of_the_workflow_named_as_one_of_pythons_leaves_the_ranks_pythons(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A project directory on ``sys.path`` with its own ``types.py`` (``from types import Trace``): the ranks
+    had the directory in ``PYTHONPATH``, before the standard library, and every one failed at start-up."""
+    (tmp_path / "types.py").write_text("class Trace:\n    pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path))  # as `python run.py` from the project's directory has it
+    results = aiod4p.run(wf.mpi_chain(), 20, mapping="mpi", workers=2)
+    assert sorted(results.data()) == [i * 8 for i in range(20)]
 
 
 @pytest.mark.parametrize(

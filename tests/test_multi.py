@@ -482,6 +482,31 @@ def test_cli_runs_a_workflow_file_on_multi(tmp_path: Path, method: str) -> None:
     ]
 
 
+@pytest.mark.parametrize("method", ["fork", "spawn"])
+def test_cli_runs_a_workflow_file_named_as_a_python_module(tmp_path: Path, method: str) -> None:
+    """``signal.py`` (a seismologist's name) is imported under another name: registered as ``signal``, it
+    replaced Python's module, and the multi mapping failed with a traceback (uvloop: no ``signal.NSIG``)."""
+    flow = tmp_path / "flows" / "signal.py"
+    flow.parent.mkdir()
+    flow.write_text(FLOW)
+    process = aiod4p_process(
+        "run",
+        str(flow),
+        "-m",
+        "multi",
+        "-n",
+        "2",
+        "-i",
+        "5",
+        "--results",
+        "-",
+        env={**os.environ, START_METHOD_ENV: method},
+    )
+    out, err = process.communicate(timeout=60)
+    assert process.returncode == 0, err
+    assert sorted(int(line.split('"data": ')[1].rstrip("}")) for line in out.splitlines()) == [10, 20, 30, 40, 50]
+
+
 def test_cli_pe_error_exits_non_zero_with_the_pe_name(tmp_path: Path) -> None:
     process = _cli(tmp_path, "-i", "5000", FAIL_AT="1234")
     _, err = process.communicate(timeout=60)

@@ -15,7 +15,7 @@ import pytest
 
 import aiod4p
 from aiod4p import GenericPE, IterativePE, PlanOptions, ProducerPE, Results, WorkflowGraph, group_by
-from aiod4p._provenance import Tagged
+from aiod4p._provenance import Tagged, value_repr
 
 prov_model = pytest.importorskip(
     "prov.model", reason="provenance needs the prov package: pip install 'aiod4p[provenance]'"
@@ -151,6 +151,25 @@ def test_level_pe_records_counts_per_port_and_no_items(tmp_path: Path) -> None:
         aiod4p.read_lineage(str(path)).find("('the', 4)")
 
 
+class _Sample:
+    """A sample that counts how often its repr is made."""
+
+    reprs = 0
+
+    def __repr__(self) -> str:
+        _Sample.reprs += 1
+        return "s"
+
+
+def test_an_entity_keeps_the_start_of_a_large_values_repr_without_making_the_whole() -> None:
+    # The whole repr of each item was made, then cut: a 20 MB record took a second per item (21 s against 3 s).
+    values = [1, "it's", "x" * 300, b"\x00" * 300, [1, (2,)], (), {"a": [1, {"b": "c" * 500}]}, [list(range(99))] * 3]
+    assert [value_repr(value) for value in values] == [repr(value)[:200] for value in values]
+    record = {"station": "ST01", "samples": [_Sample() for _ in range(100_000)], "raw": bytes(10**7)}
+    assert value_repr(record) == ("{'station': 'ST01', 'samples': [" + ", ".join(["s"] * 100))[:200]
+    assert _Sample.reprs < 100
+
+
 def test_prov_n_and_prov_xml_by_extension(tmp_path: Path) -> None:
     _, stats = run_recorded(word_count(), 1, "simple", None, "item")
     doc = aiod4p.provenance_document(stats)
@@ -228,6 +247,16 @@ def test_cli_listing_into_a_closed_pipe_ends_quietly(tmp_path: Path) -> None:
     finally:
         os.close(writer)
     assert listing.returncode == 141 and listing.stderr == b""
+
+
+def test_a_result_not_found_in_an_item_level_file_is_not_blamed_on_the_level() -> None:
+    # The item-level hint came with every miss, also in files that record every result (a typo in --trace).
+    lineage = aiod4p.Lineage(values={"aiod4p:Sum1.0.0": "('ST01', 0.5)"}, kinds={"aiod4p:Sum1.0.0": "aiod4p:Result"})
+    with pytest.raises(aiod4p.Aiod4pError) as caught:
+        lineage.find("ST02")
+    assert str(caught.value) == "no entity or result matches 'ST02' (1 results recorded)"
+    with pytest.raises(aiod4p.Aiod4pError, match=r"\(0 results recorded; item-level provenance \(--provenance-level"):
+        aiod4p.Lineage().find("ST02")
 
 
 def test_cli_provenance_errors_name_the_problem(tmp_path: Path) -> None:

@@ -212,6 +212,23 @@ def test_a_threaded_write_loop_runs_in_bounded_memory(mapping: str) -> None:
     assert run_behind(WriteLoop(threaded=True), mapping).written == WRITES
 
 
+class HeavyWriteLoop(WriteLoop):
+    """Writes ``writes`` items of a MiB each in one plain call (a trace each)."""
+
+    def produce(self) -> None:
+        for _ in range(self.writes):
+            self.progress.written += 1
+            self.write("output", bytes(1 << 20))
+
+
+@pytest.mark.parametrize("mapping", ["simple", "async"])
+def test_a_threaded_write_loop_of_heavy_items_hands_them_on_a_few_at_a_time(mapping: str) -> None:
+    # A threaded call handed its items on by count only, 1,024 at a time: 160 arrays of 50 MB took 8.2 GB, all
+    # held until the call ended. Now batch_bytes bounds it too: a few MiB ahead of the consumer, at most.
+    progress = run_behind(HeavyWriteLoop(threaded=True, writes=100), mapping)
+    assert progress.written == 100 and progress.ahead <= 16
+
+
 @pytest.mark.parametrize("mapping", ["simple", "async"])
 def test_a_write_loop_on_the_event_loop_runs_in_bounded_memory(mapping: str) -> None:
     assert run_behind(WriteLoop(threaded=False), mapping).written == WRITES  # write() waited for credit, on the loop

@@ -192,6 +192,14 @@ def test_key_and_timestamp_failures_name_the_pe() -> None:
         aiod4p.run(windowed([{"v": 1}], TimeWindow(1.0, timestamp="t")), mapping="simple")
 
 
+def test_a_timestamp_failure_names_a_large_item_short() -> None:
+    # A trace of 1,000,000 samples was written whole into the one-line error.
+    trace = {"station": "ST01", "samples": [0.5] * 1_000_000}
+    with pytest.raises(PEError, match="no timestamp") as caught:
+        aiod4p.run(windowed([trace], TimeWindow(1.0, timestamp="t")), mapping="simple")
+    assert "[0.5, 0.5, 0.5, 0.5, 0.5, 0.5, ...]" in str(caught.value) and len(str(caught.value)) < 300
+
+
 def test_invalid_window_options_are_refused() -> None:
     with pytest.raises(ValueError, match="at least 1"):
         CountWindow(0)

@@ -47,6 +47,7 @@ from ..errors import (
     EndOfChannel,
     InputError,
     PeerDied,
+    PEError,
     TransportError,
     UnpicklableMessage,
     WorkerDied,
@@ -311,6 +312,9 @@ async def serve(
         await control.send(Done(stats))
         succeeded = True
     except Exception as exc:
+        if isinstance(exc, PEError):  # what every instance did up to it, the error counted: the failed run's report
+            with contextlib.suppress(TransportError):
+                await control.send(Stats(worker.stats))
         await _report_failure(control, name, exc)
     except BaseException:  # cancelled: leave at once, abandoning the control comm
         control.abort()

@@ -7,6 +7,7 @@ import os
 import shlex
 import socket
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 
 from .._install import install_hint
@@ -20,8 +21,10 @@ __all__ = [
     "job_size",
     "mpiexec_extra_args",
     "names_hosts",
+    "rank_environment",
     "ranks_here",
     "receive_job",
+    "take_launcher_path",
 ]
 
 INSTALL_HINT = install_hint("mpi")
@@ -68,6 +71,32 @@ def job_rank() -> int:
         if value.isdigit():
             return int(value)
     return 0
+
+
+_SYS_PATH_VARIABLE = "AIOD4P_LAUNCHER_SYS_PATH"  # the launcher's sys.path, for the ranks it starts
+_PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])  # where aiod4p itself is imported from
+
+
+def rank_environment(environ: Mapping[str, str]) -> dict[str, str]:
+    """The environment of the ranks aiod4p launches: ``environ``, and the launcher's ``sys.path``.
+
+    The ranks take the launcher's entries up once started (:func:`take_launcher_path`), as
+    multiprocessing's spawned workers do; ``PYTHONPATH`` gets only the directory aiod4p comes
+    from (``python -m aiod4p.mappings._mpi_job`` must find it). A workflow's directory there came
+    before the standard library while the interpreter started, so a module of the user's named
+    as one of Python's (``types.py``) replaced it, and every rank failed at start-up.
+    """
+    env = dict(environ)
+    env["PYTHONPATH"] = os.pathsep.join([_PACKAGE_ROOT, *(p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p)])
+    env[_SYS_PATH_VARIABLE] = os.pathsep.join(p for p in sys.path if p)
+    return env
+
+
+def take_launcher_path() -> None:
+    """In a rank, put the entries of the launcher's ``sys.path`` (:func:`rank_environment`) that this rank's
+    lacks in front of it, in the launcher's order, so the workflow's modules import as in the launcher."""
+    launcher = os.environ.get(_SYS_PATH_VARIABLE, "").split(os.pathsep)
+    sys.path[:0] = [path for path in launcher if path and path not in sys.path]
 
 
 def find_mpiexec() -> str:

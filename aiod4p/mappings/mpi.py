@@ -56,6 +56,7 @@ from ._mpi_env import (
     job_size,
     mpiexec_extra_args,
     names_hosts,
+    rank_environment,
     ranks_here,
 )
 from ._shipping import Job, check_importable, ship
@@ -292,12 +293,11 @@ class _Ranks:
             self.listener.bind(address)
             self.listener.listen(1)
             self.listener.setblocking(False)
-            command = [mpiexec, *mpiexec_extra_args(), "-n", str(workers), sys.executable, "-m"]
+            # -P: the current directory is not on sys.path while a rank starts (a signal.py there replaced
+            # Python's); the ranks take the launcher's sys.path up once started (rank_environment).
+            command = [mpiexec, *mpiexec_extra_args(), "-n", str(workers), sys.executable, "-P", "-m"]
             command += ["aiod4p.mappings._mpi_job", address, *([preload] if preload is not None else [])]
-            env = dict(os.environ)
-            env["PYTHONPATH"] = os.pathsep.join(
-                [p for p in sys.path if p] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
-            )
+            env = rank_environment(os.environ)
             try:
                 self.process = subprocess.Popen(
                     command,
