@@ -210,7 +210,10 @@ def _being_written(directory: str, pe: str) -> int | None:
         return None
     for name in sorted(os.listdir(directory), reverse=True):
         if name.startswith("chk-"):
-            files = os.listdir(os.path.join(directory, name))
+            try:
+                files = os.listdir(os.path.join(directory, name))
+            except FileNotFoundError:  # an old checkpoint, deleted meanwhile as a newer one completed
+                continue
             if files and "MANIFEST.json" not in files and not any(f.startswith(f"{pe}.") for f in files):
                 return int(name[len("chk-") :])
     return None
