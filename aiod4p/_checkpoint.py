@@ -102,11 +102,11 @@ class Checkpointing:
 
     def __post_init__(self) -> None:
         if not self.interval > 0:
-            raise ValueError(f"--checkpoint-interval must be positive, not {self.interval}")
+            raise ValueError(f"Checkpointing: interval must be positive, not {self.interval}")
         if self.keep < 1:
-            raise ValueError(f"--checkpoint-keep must be at least 1, not {self.keep}")
+            raise ValueError(f"Checkpointing: keep must be at least 1, not {self.keep}")
         if self.restarts < 0:
-            raise ValueError(f"--restarts must be at least 0, not {self.restarts}")
+            raise ValueError(f"Checkpointing: restarts must be at least 0, not {self.restarts}")
 
 
 # -- storage ------------------------------------------------------------------------------

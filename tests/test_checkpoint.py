@@ -674,6 +674,22 @@ def test_cli_bad_checkpoint_values_are_usage_errors(
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"interval": 0}, "Checkpointing: interval must be positive, not 0"),
+        ({"keep": 0}, "Checkpointing: keep must be at least 1, not 0"),
+        ({"restarts": -1}, "Checkpointing: restarts must be at least 0, not -1"),
+    ],
+)
+def test_bad_checkpointing_values_name_the_argument_given(
+    tmp_path: Path, options: dict[str, Any], message: str
+) -> None:
+    """From Python, the error names the argument of Checkpointing, not the CLI option the caller never gave."""
+    with pytest.raises(ValueError, match=f"^{message}$"):
+        Checkpointing(tmp_path, **options)
+
+
 def test_cli_refuses_a_mapping_without_checkpoints(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["run", "x:y", "-m", "storm", "--checkpoint-dir", str(tmp_path)]) == 2
     assert "does not take checkpoints" in capsys.readouterr().err
