@@ -61,6 +61,17 @@ WORDS = int(os.environ.get("AIOD4P_TEST_CHECKPOINT_WORDS", 150_000))
 """Words of the SIGKILL tests; the issue's acceptance size is 2,000,000 (docs/recovery.md: how to run it)."""
 
 
+def planned_kills(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, moments: str, name: str = "kills") -> Path:
+    """Plan the SIGKILLs of worker processes (``_maybe_kill`` in tests/ckpt_workflows.py): the k-th comes in the
+    first worker whose Count instances counted the k-th of ``moments`` (comma-separated) words since it started,
+    once a checkpoint in ``tmp_path / "ck"`` completed since then. Returns the folder that gets a file per kill."""
+    kills = tmp_path / name
+    kills.mkdir()
+    monkeypatch.setenv("AIOD4P_TEST_KILLS", f"{kills}:{moments}")
+    monkeypatch.setenv("AIOD4P_TEST_KILLS_AFTER", str(tmp_path / "ck"))
+    return kills
+
+
 @pytest.fixture
 def words(tmp_path: Path) -> Path:
     path = tmp_path / "words.txt"
@@ -81,13 +92,10 @@ def test_three_sigkills_with_restarts_give_the_failure_free_results(
     if mapping == "mpi":
         pytest.importorskip("mpi4py")
     rng = random.Random(f"{mapping}{workers}")
-    kills = tmp_path / "kills"
-    kills.mkdir()
     # The first worker whose Count instances counted T words dies; it holds at least 1/n of the words, so
     # the 3 kills come within 3/4 of them, whatever the checkpoints each restart resumes from.
     moments = ",".join(str(rng.randrange(WORDS // (20 * workers), WORDS // (4 * workers), 1000)) for _ in range(3))
-    monkeypatch.setenv("AIOD4P_TEST_KILLS", f"{kills}:{moments}")
-    monkeypatch.setenv("AIOD4P_TEST_KILLS_AFTER", str(tmp_path / "ck"))
+    kills = planned_kills(tmp_path, monkeypatch, moments)
     results = tmp_path / "results.jsonl"
     # An attempt's first checkpoint completes once its barriers passed what the source read ahead (credits
     # batches a channel): kept small, so that it completes long before the input ends and the kill comes.
@@ -106,10 +114,7 @@ def test_three_sigkills_with_restarts_give_the_failure_free_results(
 
 def test_restore_on_other_n_and_mapping(tmp_path: Path, words: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """multi -n 2 killed -> restored on multi -n 4, killed -> restored on async -n 1: the same counts."""
-    kills = tmp_path / "kills"
-    kills.mkdir()
-    monkeypatch.setenv("AIOD4P_TEST_KILLS", f"{kills}:20000,15000")
-    monkeypatch.setenv("AIOD4P_TEST_KILLS_AFTER", str(tmp_path / "ck"))
+    planned_kills(tmp_path, monkeypatch, "20000,15000")
     directory, results = tmp_path / "ck", tmp_path / "results.jsonl"
 
     with pytest.raises(WorkerDied):
@@ -131,10 +136,7 @@ def test_cli_restarts_after_sigkills(tmp_path: Path, words: Path, monkeypatch: p
     """`aiod4p run -m multi --restarts 5` over two SIGKILLs: the --results file is exactly the failure-free one."""
     from aiod4p._cli import main
 
-    kills = tmp_path / "kills"
-    kills.mkdir()
-    monkeypatch.setenv("AIOD4P_TEST_KILLS", f"{kills}:12000,9000")
-    monkeypatch.setenv("AIOD4P_TEST_KILLS_AFTER", str(tmp_path / "ck"))
+    kills = planned_kills(tmp_path, monkeypatch, "12000,9000")
     target = tmp_path / "wf.py"
     # Each attempt's input waits for a checkpoint of that attempt, which a worker must see before it kills.
     target.write_text(held_word_count_module(words, tmp_path / "ck"))
@@ -151,10 +153,7 @@ async def test_restarts_let_the_ended_attempts_go(tmp_path: Path, words: Path, m
     is alive. The run's control kept each one, with its comms and their buffers: the launcher grew by
     about 550 kB a restart, for as long as the run lasted."""
     supervisors = recorded_supervisors(monkeypatch)
-    kills = tmp_path / "kills"
-    kills.mkdir()
-    monkeypatch.setenv("AIOD4P_TEST_KILLS", f"{kills}:12000,9000")
-    monkeypatch.setenv("AIOD4P_TEST_KILLS_AFTER", str(tmp_path / "ck"))
+    kills = planned_kills(tmp_path, monkeypatch, "12000,9000")
     results = tmp_path / "results.jsonl"
     graph = held_word_count(words, tmp_path / "ck")
     async with (
@@ -183,10 +182,7 @@ async def test_a_feed_that_is_an_async_generator_is_not_restarted(
 ) -> None:
     """A restart's attempt found the generator stopped (cancelled while the dead attempt read it): its root ended
     at once, and the run succeeded with the rest of the input dropped. It now fails, naming the PE."""
-    kills = tmp_path / "kills"
-    kills.mkdir()
-    monkeypatch.setenv("AIOD4P_TEST_KILLS", f"{kills}:3000")
-    monkeypatch.setenv("AIOD4P_TEST_KILLS_AFTER", str(tmp_path / "ck"))
+    kills = planned_kills(tmp_path, monkeypatch, "3000")
     lines = (await asyncio.to_thread(words.read_text)).splitlines()
     checkpointed = asyncio.Event()
 
@@ -210,10 +206,7 @@ async def test_sends_to_a_live_feed_go_on_over_a_restart(
     """A worker SIGKILLed while the application sends lines: the restart ended the feed's first reading, and
     ``run.send`` waited forever for the run to end. It now waits for the new attempt to take the lines. (What
     the dead attempt had taken from the feed is lost: a LiveFeed is at-most-once.)"""
-    kills = tmp_path / "kills"
-    kills.mkdir()
-    monkeypatch.setenv("AIOD4P_TEST_KILLS", f"{kills}:3000")
-    monkeypatch.setenv("AIOD4P_TEST_KILLS_AFTER", str(tmp_path / "ck"))
+    kills = planned_kills(tmp_path, monkeypatch, "3000")
     lines = (await asyncio.to_thread(words.read_text)).splitlines()
     checkpointed = asyncio.Event()
     feed = LiveFeed(maxsize=16)
@@ -239,10 +232,7 @@ def test_results_streamed_before_a_restart_are_not_handed_on_twice(
     its checkpoint. The run's results held those twice (12,908 of 20,000 lines, measured); now each once."""
     if mapping == "mpi":
         pytest.importorskip("mpi4py")
-    kills = tmp_path / "kills"
-    kills.mkdir()
-    monkeypatch.setenv("AIOD4P_TEST_KILLS", f"{kills}:30000")
-    monkeypatch.setenv("AIOD4P_TEST_KILLS_AFTER", str(tmp_path / "ck"))
+    kills = planned_kills(tmp_path, monkeypatch, "30000")
     results = tmp_path / "results.jsonl"
     graph = held_echo(words, tmp_path / "ck")
     got = run(graph, 1, mapping=_multi(tmp_path / "ck", results, mapping, restarts=2), workers=2)
@@ -262,10 +252,7 @@ def test_cli_counts_each_result_once_over_a_restart(
     target = tmp_path / "wf.py"
     target.write_text(held_echo_module(words, tmp_path / "ck"))
     for results in ("-", str(tmp_path / "out.jsonl")):
-        kills = tmp_path / f"kills{len(results)}"
-        kills.mkdir()
-        monkeypatch.setenv("AIOD4P_TEST_KILLS", f"{kills}:30000")
-        monkeypatch.setenv("AIOD4P_TEST_KILLS_AFTER", str(tmp_path / "ck"))
+        kills = planned_kills(tmp_path, monkeypatch, "30000", f"kills{len(results)}")
         argv = ["run", str(target), "-m", "multi", "-n", "2", "-i", "1", "--results", results]
         checkpoints = ["--checkpoint-dir", str(tmp_path / "ck"), "--checkpoint-interval", "0.05", "--restarts", "2"]
         assert main([*argv, *checkpoints]) == 0
@@ -279,10 +266,7 @@ def test_cli_counts_each_result_once_over_a_restart(
 
 def test_checkpoint_of_multi_restores_on_mpi(tmp_path: Path, words: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     pytest.importorskip("mpi4py")
-    kills = tmp_path / "kills"
-    kills.mkdir()
-    monkeypatch.setenv("AIOD4P_TEST_KILLS", f"{kills}:20000")
-    monkeypatch.setenv("AIOD4P_TEST_KILLS_AFTER", str(tmp_path / "ck"))
+    planned_kills(tmp_path, monkeypatch, "20000")
     directory, results = tmp_path / "ck", tmp_path / "results.jsonl"
     resumes = r"; not restarted \(--restarts 0\): --restore resumes it from checkpoint \d+"
     with pytest.raises(WorkerDied, match=resumes) as died:  # what a user needs to go on
