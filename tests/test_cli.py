@@ -102,12 +102,16 @@ def test_results_to_stdout(workflow_file: Path) -> None:
     assert json.loads(done.stdout) == {"pe": "Check1", "output": "output", "data": 10}
 
 
-def test_a_workflow_file_never_replaces_a_module_of_pythons(tmp_path: Path) -> None:
+def test_a_workflow_file_never_replaces_a_module_of_pythons(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """``signal.py`` is imported as ``workflow`` (as ``signal`` it replaced Python's module for the whole process);
     a workflow file named as an earlier workflow file replaces that one, as it always did."""
     import signal
 
     from aiod4p._loading import load_module
+
+    # Loading puts each file's folder on sys.path: a later test's subprocess given this sys.path would import
+    # that signal.py as Python's.
+    monkeypatch.setattr(sys, "path", list(sys.path))
 
     for name, text in (("one/flow.py", "X = 1\n"), ("two/flow.py", "X = 2\n"), ("one/signal.py", "Y = 3\n")):
         (tmp_path / name).parent.mkdir(exist_ok=True)
