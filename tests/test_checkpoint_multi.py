@@ -9,6 +9,7 @@ import logging
 import os
 import random
 import shutil
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -276,6 +277,42 @@ def test_checkpoint_of_multi_restores_on_mpi(tmp_path: Path, words: Path, monkey
     got = run(word_count(words), 1, mapping=_multi(directory, results, "mpi", restore=True), workers=3)
     assert dict(record.data for record in got) == expected_counts(words)
     assert _file_counts(results) == expected_counts(words)
+
+
+def test_a_dead_rank_restarts_the_run_when_rank_0_reports_the_broken_link_first(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Rank 0 reports the MPI error of its link to a rank that died before the launcher hears of the death (the
+    mpiexec's exit): the death is still the run's error, and --restarts restarts it. The first launch's ranks
+    (tests/mpi_link_breaks.py) replay that order; it failed the run with that TransportError, not restarted."""
+    pytest.importorskip("mpi4py")
+    real = Path(sys.executable).parent / "mpiexec"
+    first, pidfile = tmp_path / "first-launch", tmp_path / "dead-rank.pid"
+    wrapper = tmp_path / "mpiexec"
+    # The first launch runs the replaying ranks in place of `-m aiod4p.mappings._mpi_job SOCKET`; later ones, aiod4p's.
+    wrapper.write_text(
+        f"#!{sys.executable}\n"
+        "import os, sys\n"
+        "args = sys.argv[1:]\n"
+        f"if not os.path.exists({str(first)!r}):\n"
+        f"    open({str(first)!r}, 'x').close()\n"
+        "    at = args.index('aiod4p.mappings._mpi_job')\n"
+        f"    args = [*args[: at - 1], {str(Path(__file__).with_name('mpi_link_breaks.py'))!r}, args[at + 1],"
+        f" {str(pidfile)!r}]\n"
+        f"os.execv({str(real)!r}, [{str(real)!r}, *args])\n"
+    )
+    wrapper.chmod(0o755)
+    monkeypatch.setenv("AIOD4P_MPIEXEC", str(wrapper))
+    words = tmp_path / "words.txt"
+    write_words(words, 1000)
+    with caplog.at_level(logging.WARNING, "aiod4p.checkpoint"):
+        got = run(word_count(words), 1, mapping=_multi(tmp_path / "ck", None, "mpi", restarts=1), workers=2)
+    assert dict(record.data for record in got) == expected_counts(words)
+    restarts = [r.getMessage() for r in caplog.records if r.getMessage().startswith("restart ")]
+    dead = pidfile.read_text()
+    assert len(restarts) == 1, restarts
+    assert restarts[0].startswith(f"restart 1 of 1 after: an MPI rank (pid {dead} on "), restarts
+    assert "ended with exit code 9 (Killed (signal 9))" in restarts[0]
 
 
 def test_a_checkpoint_torn_by_a_kill_while_saving_is_ignored(

@@ -99,24 +99,24 @@ async def _rank0(endpoint: Any) -> None:
         except BaseException:
             outcome = traceback.format_exc()
         print(json.dumps({"check": check.__name__, "outcome": outcome}), flush=True)
-    print(json.dumps({"check": "mpi_errors_become_transport_errors", "outcome": _mpi_failure()}), flush=True)
+    print(json.dumps({"check": "mpi_errors_become_broken_links", "outcome": _mpi_failure()}), flush=True)
     await rpc.call("stop")
     rpc.reader.cancel()
     await asyncio.gather(rpc.reader, return_exceptions=True)
 
 
 def _mpi_failure() -> str:
-    """An MPI error in the poller surfaces as TransportError (here: a freed communicator)."""
+    """An MPI error in the poller surfaces as PeerDied, a broken link (here: a freed communicator)."""
     from mpi4py import MPI
 
-    from aiod4p.errors import TransportError
+    from aiod4p.errors import PeerDied
     from aiod4p.transports.mpi import MpiEndpoint
 
     endpoint = MpiEndpoint(MPI.COMM_SELF)  # a local duplicate: freeing it disturbs nobody
     endpoint._comm.Free()
     try:
         endpoint.poll()
-    except TransportError as exc:
+    except PeerDied as exc:
         return "ok" if "MPI failed on rank 0" in str(exc) else f"unexpected message: {exc}"
     return "poll() did not raise"
 
@@ -193,7 +193,7 @@ def _check_names() -> list[str]:
     sys.path.insert(0, str(Path(__file__).parent))
     from conformance import CHECKS
 
-    return [check.__name__ for check in CHECKS] + ["mpi_errors_become_transport_errors"]
+    return [check.__name__ for check in CHECKS] + ["mpi_errors_become_broken_links"]
 
 
 @pytest.mark.parametrize("name", _check_names())

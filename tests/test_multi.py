@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import json
 import multiprocessing
 import os
 import signal
@@ -505,6 +506,35 @@ def test_cli_runs_a_workflow_file_named_as_a_python_module(tmp_path: Path, metho
     out, err = process.communicate(timeout=60)
     assert process.returncode == 0, err
     assert sorted(int(line.split('"data": ')[1].rstrip("}")) for line in out.splitlines()) == [10, 20, 30, 40, 50]
+
+
+@pytest.mark.parametrize("method", ["fork", "spawn", "forkserver"])
+def test_cli_runs_a_workflow_file_named_as_a_python_module_from_its_folder(tmp_path: Path, method: str) -> None:
+    """``cd flows; aiod4p run signal.py -m multi``: the interpreters multiprocessing starts (spawn's ``python -c``,
+    the forkserver, the resource tracker) had the current directory first on ``sys.path`` and imported the
+    workflow as Python's ``signal``; a forkserver's worker also took the server for a dead launcher and left.
+    What a PE starts gets the caller's environment (without the ``PYTHONSAFEPATH`` that keeps it off)."""
+    safe_path = "class SafePath(IterativePE):\n    def process_item(self, item):\n"
+    safe_path += "        import os\n        return [item, os.environ.get('PYTHONSAFEPATH')]\n"
+    (tmp_path / "signal.py").write_text(numbers_flow(safe_path))
+    command = ["run", "signal.py", "-m", "multi", "-n", "2", "-i", "5", "--results", "-"]
+    process = subprocess.Popen(  # the console script: `python -m aiod4p` there would fail the same way
+        [str(Path(sys.executable).with_name("aiod4p")), *command],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=tmp_path,
+        env={**os.environ, START_METHOD_ENV: method},
+        start_new_session=True,
+    )
+    try:
+        out, err = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.communicate()
+    assert process.returncode == 0, err
+    assert sorted(json.loads(line)["data"] for line in out.splitlines()) == [[i, None] for i in range(1, 6)]
 
 
 def test_cli_pe_error_exits_non_zero_with_the_pe_name(tmp_path: Path) -> None:

@@ -20,6 +20,7 @@ import asyncio
 import atexit
 import contextlib
 import fcntl
+import functools
 import sys
 import termios
 import time
@@ -148,8 +149,8 @@ class RankZero:
 
         Raises:
             PEError: a PE raised, on any rank.
-            WorkerDied: a rank ended its part without reporting.
-            TransportError: MPI failed.
+            WorkerDied: a rank ended its part without reporting, or MPI failed (a rank died).
+            TransportError: a channel failed otherwise (an item that cannot be pickled).
         """
         endpoint = MpiEndpoint()
         peers = {other: endpoint.comm(other, LINK_KEY) for other in range(1, endpoint.size)}
@@ -170,7 +171,7 @@ class RankZero:
             self.sink,
             self.control,
             grace=CAUSE_GRACE,
-            death=_silent,
+            death=functools.partial(_silent, endpoint),
             checkpoints=self.checkpoints,
         )
         try:
@@ -184,7 +185,11 @@ class RankZero:
         return stats
 
 
-async def _silent(rank: int) -> str:
+async def _silent(endpoint: MpiEndpoint, rank: int) -> str:
+    """Why rank ``rank``'s control comm ended without its report. When MPI failed on this rank, every comm
+    ended at once: which rank died, only mpiexec knows (the launcher asks it)."""
+    if endpoint.failure is not None:
+        return f"{endpoint.failure} (MPI rank {rank} could not report)"
     return f"MPI rank {rank} ended its part of the run without reporting"
 
 

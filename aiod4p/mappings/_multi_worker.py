@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import multiprocessing
 import os
 import signal
 import socket
+from collections.abc import Mapping
 
 from .._api import loop_factory
 from .._signals import die_with_parent, release
@@ -23,14 +23,22 @@ def worker_main(
     control: socket.socket,
     peers: dict[int, socket.socket],
     inherited: list[socket.socket],
+    started_with: Mapping[str, str],
+    parent: int | None,
 ) -> None:
-    """The target of a worker process: run its share of the job (shipped, unless forked), report, exit."""
+    """The target of a worker process: run its share of the job (shipped, unless forked), report, exit.
+
+    ``started_with``: environment variables the launcher set only to start this process; taken out here.
+    ``parent``: the launcher's pid if it is this process's parent; ``None`` under forkserver, whose server
+    is the parent (it ends when the launcher does, and the worker with it).
+    """
+    for name in started_with:
+        os.environ.pop(name, None)
     # Its own session, so its own scheduler autogroup: under CPU contention the workers of
     # one run get a core each, not one session's share (docs/multi.md). Ctrl-C and hang-ups
     # reach the parent alone, which decides; a worker dies with its parent.
     os.setsid()
-    parent = multiprocessing.parent_process()
-    die_with_parent(parent.pid if parent is not None else None)
+    die_with_parent(parent)
     take_over_signals()
     for sock in inherited:
         sock.close()

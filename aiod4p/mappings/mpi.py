@@ -44,7 +44,7 @@ from .._plan import ExecutionPlan, PlanOptions
 from .._results import ResultSink
 from .._signals import die_with_parent
 from .._stats import InstanceStats
-from ..errors import CheckpointError, InputError, MappingUnavailable, WorkerDied
+from ..errors import CheckpointError, InputError, MappingUnavailable, PeerDied, WorkerDied
 from ..transports.pipes import PipeComm, open_pipe_comm
 from ._base import BaseMapping, RunControl, available_cpus
 from ._host import STATS_INTERVAL, Supervisor, split_feeds
@@ -470,8 +470,16 @@ class _Job:
             )
             try:
                 stats = await supervisor.run()
-            except WorkerDied:
-                raise
+            except (WorkerDied, PeerDied) as exc:
+                # A rank's death reaches this process through the mpiexec's exit, which may come after rank 0
+                # reported what that death caused there (a broken MPI link, a rank it lost): the death is the
+                # run's error. The goodbye lets a rank 0 still alive end the job (MPI_Abort); then its exit says.
+                self.reported = True
+                comm.abort()
+                death = await self._dead_rank()
+                if death is None or death == str(exc):  # no rank died by itself; or this process saw the death
+                    raise
+                raise WorkerDied(death) from exc
             except Exception:
                 # Rank 0 reported the error: the goodbye lets it end the job (MPI_Abort)
                 # before it is terminated, which would only add mpiexec's alarm to the output.
@@ -522,18 +530,28 @@ class _Job:
         await asyncio.shield(self.exited)
 
     async def _death(self, _: int) -> str:
-        """Why rank 0 is gone: the mpiexec's status and last output."""
+        """Why rank 0 is gone: the rank that died (:meth:`_dead_rank`), else the mpiexec's status and last output."""
+        if (death := await self._dead_rank()) is not None:
+            return death
+        tail = "".join(self.tail).strip()
+        return self._status() + (f"; its last output:\n{tail}" if tail else "")
+
+    async def _dead_rank(self) -> str | None:
+        """The rank that ended by itself (a signal, an exit without MPI) and the mpiexec's status, from Hydra's
+        banner, once the mpiexec has exited (waiting up to :data:`_EXIT_TIMEOUT`); ``None`` if it shows none."""
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(_EXIT_TIMEOUT):
                 await asyncio.shield(self.exited)
                 await asyncio.gather(*self.relays)  # its last words
         tail = "".join(self.tail).strip()
-        status = f"mpiexec exited with status {self.process.returncode} before the run finished"
-        if (rank := _BAD_TERMINATION.search(tail)) is not None:  # Hydra's banner (already on stderr)
-            pid, host, code = rank.groups()
-            how = f" ({ended.group(1).strip()})" if (ended := _EXIT_STRING.search(tail)) is not None else ""
-            return f"an MPI rank (pid {pid} on {host}) ended with exit code {code}{how}: {status}"
-        return status + (f"; its last output:\n{tail}" if tail else "")
+        if (rank := _BAD_TERMINATION.search(tail)) is None:  # Hydra's banner (already on stderr)
+            return None
+        pid, host, code = rank.groups()
+        how = f" ({ended.group(1).strip()})" if (ended := _EXIT_STRING.search(tail)) is not None else ""
+        return f"an MPI rank (pid {pid} on {host}) ended with exit code {code}{how}: {self._status()}"
+
+    def _status(self) -> str:
+        return f"mpiexec exited with status {self.process.returncode} before the run finished"
 
     async def _relay(self, stream: asyncio.StreamReader) -> None:
         """Pass the ranks' output on to stderr, keeping its last lines for error messages."""

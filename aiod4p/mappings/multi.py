@@ -122,6 +122,8 @@ class _MultiRun:
         }
         every = [s for pair in itertools.chain(controls, links.values()) for s in pair]
         context: Any = multiprocessing.get_context(self.method)  # typeshed's BaseContext lacks Process
+        parent = None if self.method == "forkserver" else os.getpid()  # a forkserver's child is the server's
+        safe = _safe_path(self.method)
         try:
             for wid in range(n):
                 peers = {b if a == wid else a: links[(a, b)][0 if a == wid else 1] for (a, b) in links if wid in (a, b)}
@@ -132,10 +134,11 @@ class _MultiRun:
                     inherited = [s for s in every if id(s) not in own]
                 process = context.Process(
                     target=worker_main,
-                    args=(wid, job, child_control, peers, inherited),
+                    args=(wid, job, child_control, peers, inherited, safe, parent),
                     name=f"aiod4p-worker-{wid}",
                 )
-                with held(), _main_not_reimported(self.method):  # held until it has its own handlers (worker_main)
+                # held until it has its own handlers (worker_main)
+                with held(), _main_not_reimported(self.method), _environment(safe):
                     process.start()
                 self.processes.append(process)
                 self._exits.append(_watch_exit(process))
@@ -250,6 +253,31 @@ def _main_not_reimported(method: str) -> Iterator[None]:
     finally:
         if hidden:
             main.__file__ = path
+
+
+_SAFE_PATH = {"PYTHONSAFEPATH": "1"}
+
+
+def _safe_path(method: str) -> dict[str, str]:
+    """What the environment of a process started by ``method`` lacks to keep the current directory off the
+    ``sys.path`` of the interpreters multiprocessing starts (``python -c`` of spawn, the forkserver, the
+    resource tracker): a ``signal.py`` there (a workflow run from its folder) replaced Python's ``signal`` while
+    they started. Nothing for fork (no new interpreter) or when ``PYTHONSAFEPATH`` is set already."""
+    return {} if method == "fork" or "PYTHONSAFEPATH" in os.environ else dict(_SAFE_PATH)
+
+
+@contextlib.contextmanager
+def _environment(added: dict[str, str]) -> Iterator[None]:
+    """``added`` in this process's environment, which the processes started meanwhile inherit; taken out after.
+
+    The worker takes it out of its own (:func:`~aiod4p.mappings._multi_worker.worker_main`): what a PE starts
+    gets the caller's environment."""
+    os.environ.update(added)
+    try:
+        yield
+    finally:
+        for name in added:
+            os.environ.pop(name, None)
 
 
 def _main_importable() -> bool:

@@ -75,7 +75,7 @@ class MpiEndpoint:
         self._busy: asyncio.Event | None = None
         self._poller: asyncio.Task[None] | None = None
         self._closed = False
-        self.failure: TransportError | None = None  # MPI failed: the poller stopped
+        self.failure: PeerDied | None = None  # MPI failed: the poller stopped
         self._settled: asyncio.Future[None] | None = None  # aclose waits on it
 
     def comm(self, peer: int, key: int = 0, capacity: int = 16) -> MpiComm:
@@ -108,7 +108,7 @@ class MpiEndpoint:
         try:
             request = self._comm.isend(message, peer, tag)
         except MPI.Exception as exc:
-            raise TransportError(f"MPI send to rank {peer} failed: {exc}") from exc
+            raise PeerDied(f"MPI send to rank {peer} failed: {exc}") from exc
         if not request.test()[0]:
             self._sends.append(request)
             self._kick()
@@ -141,7 +141,7 @@ class MpiEndpoint:
                 last_progress, delay = time.monotonic(), 0.0
             try:
                 progressed = self.poll()
-            except TransportError as exc:
+            except PeerDied as exc:
                 self.failure = exc  # every comm raises it from now on
                 for comm in self._comms.values():
                     comm._wake()
@@ -157,12 +157,14 @@ class MpiEndpoint:
         """Take arrived messages, complete receives and sends; True if anything moved.
 
         Raises:
-            TransportError: MPI reported an error.
+            PeerDied: MPI reported an error. A rank's link to a rank that died fails so (MPICH reports
+                the death of a peer as an error of the next call that reaches it), before mpiexec
+                ends the job: a consequence of that death, not a cause.
         """
         try:
             return self._poll()
         except MPI.Exception as exc:
-            raise TransportError(f"MPI failed on rank {self.rank}: {exc}") from exc
+            raise PeerDied(f"MPI failed on rank {self.rank}: {exc}") from exc
 
     def _poll(self) -> bool:
         comm, status, receiving = self._comm, self._status, self._receiving
@@ -316,7 +318,7 @@ class MpiComm(Comm):
         """Wait until something arrives for this comm or it is closed.
 
         Raises:
-            TransportError: MPI failed on this rank.
+            PeerDied: MPI failed on this rank.
         """
         if self._endpoint.failure is not None:
             raise self._endpoint.failure
