@@ -403,8 +403,13 @@ def mpi_hosts() -> WorkflowGraph:
 
 
 def mpi_failing(kill: bool = False) -> WorkflowGraph:
+    """Count -> FailsOnInstance: instance 1 fails on its first item (``kill``: its process dies).
+
+    Every instance gets every item: a shuffle may keep cheap items beside their sender, and instance 1 (on
+    another worker, rank or Storm task) then never got one, and the run ended well.
+    """
     graph = WorkflowGraph()
-    graph.connect(Count(), "output", FailsOnInstance(1, kill), "input")
+    graph.connect(Count(), "output", FailsOnInstance(1, kill), "input", grouping=ALL)
     return graph
 
 
@@ -527,7 +532,7 @@ def blocked_and_failing() -> WorkflowGraph:
     graph = WorkflowGraph()
     count = Count()
     graph.connect(count, "output", BlocksForever(), "input")
-    graph.connect(count, "output", FailsOnInstance(0), "input")
+    graph.connect(count, "output", FailsOnInstance(0), "input", grouping=ALL)  # instance 0 surely gets items
     return graph
 
 
