@@ -31,6 +31,7 @@ from collections.abc import (
     Coroutine,
     Generator,
     Iterable,
+    Iterator,
     Mapping,
 )
 from typing import TYPE_CHECKING, Any, TypeAlias
@@ -46,6 +47,7 @@ from ._provenance import ActorRecorder, WorkerRecorder
 from ._results import ResultSink
 from ._stats import InstanceStats
 from .errors import Aiod4pError, CheckpointError, GraphError, InputError, PEError, TransportError
+from .sources import SourcePE
 from .transports import Comm
 
 if TYPE_CHECKING:
@@ -806,7 +808,13 @@ class _Actor(_Invoker):
         if aligner is not None:
             source = aligner.call_started(source)
         ahead = _ReadAhead(
-            source, self.batch_size, lambda value: value, f"source {self.ref}", drain=getattr(self.pe, "drain", None)
+            source,
+            self.batch_size,
+            self.batch_bytes,
+            lambda value: value,
+            f"source {self.ref}",
+            drain=getattr(self.pe, "drain", None),
+            sized=self.pe if isinstance(self.pe, SourcePE) else None,  # it tells the bytes its stream read
         )
         self.worker._add_stopper(ahead.drain)
         try:
@@ -1158,9 +1166,20 @@ def _room(pending: _Pending) -> int:
     return channel.credits * per_credit - len(pending.items)
 
 
+_SCALARS = frozenset({int, float, bool, type(None)})
+"""Types whose values :func:`_approximate_size` counts as 8 bytes at once, and a feed's byte bound as nothing
+(a batch of them is far below any byte budget: a feed of numbers is not slowed down by measuring them)."""
+
+
 def _approximate_size(item: Any, depth: int = 2) -> tuple[int, int]:
     """A cheap guess of the bytes ``item`` takes to send (buffers, strings and small containers of them), and how
-    many of them are in ``bytes`` objects (which the pipes hand to the socket without copying them first)."""
+    many of them are in ``bytes`` objects (which the pipes hand to the socket without copying them first).
+
+    A container's first 16 elements are measured and scaled by its length: a list of 500,000 floats
+    counts as about 4 MB, whatever the cost of measuring it (16 elements, ``depth`` levels down).
+    """
+    if type(item) in _SCALARS:
+        return 8, 0
     nbytes = getattr(item, "nbytes", None)  # numpy arrays, memoryviews
     if isinstance(nbytes, int):
         return nbytes, 0
@@ -1175,8 +1194,26 @@ def _approximate_size(item: Any, depth: int = 2) -> tuple[int, int]:
             element_size, element_bytes = _approximate_size(element, depth - 1)
             size += element_size
             in_bytes += element_bytes
+        length = len(item)
+        if length > 16:
+            size, in_bytes = size * length // 16, in_bytes * length // 16
         return 8 + size, in_bytes
     return 8, 0
+
+
+def _pull(iterator: Iterator[Any], limit: int, max_bytes: int, pe: PE, pe_id: str) -> list[Any]:
+    """The next elements of ``iterator``, as root ``pe``'s inputs (:func:`_input_dict`): at most ``limit``, and
+    none after the one that brings their :func:`_approximate_size` (numbers: none) to ``max_bytes`` (so at
+    least one, unless the iterator is exhausted)."""
+    chunk: list[Any] = []
+    append, held = chunk.append, 0
+    for element in itertools.islice(iterator, limit):
+        append(_input_dict(pe, pe_id, element))
+        if type(element) not in _SCALARS:
+            held += _approximate_size(element)[0]
+            if held >= max_bytes:
+                break
+    return chunk
 
 
 def _ignoring_argument(fn: Callable[[], Any]) -> Callable[[Any], Any]:
@@ -1513,9 +1550,15 @@ class Worker:
             elif isinstance(feed, AsyncIterable):
                 await self._feed_async(pe, timed, feed)
             else:
-                iterator = iter(feed)
+                iterator, batch_bytes, pe_id = iter(feed), self.plan.options.batch_bytes, ref.pe
+                # A sequence's elements are in memory already: batches of them hold no more, unmeasured.
+                held = isinstance(feed, (list, tuple, range))
                 while not (self._draining and (fed or not drains_itself)):
-                    chunk = [_input_dict(pe, ref.pe, e) for e in itertools.islice(iterator, self._feed_limit(ref.pe))]
+                    limit = self._feed_limit(pe_id)
+                    if held:
+                        chunk = [_input_dict(pe, pe_id, e) for e in itertools.islice(iterator, limit)]
+                    else:
+                        chunk = _pull(iterator, limit, batch_bytes, pe, pe_id)
                     if not chunk:
                         break
                     await timed.send(None, chunk)
@@ -1550,6 +1593,7 @@ class Worker:
         ahead = _ReadAhead(
             feed,
             self.plan.options.batch_size,
+            self.plan.options.batch_bytes,
             lambda e: _input_dict(pe, pe.label, e),
             "feed",
             drain=getattr(feed, "drain", None),
@@ -1563,7 +1607,14 @@ class Worker:
 
 
 class _ReadAhead:
-    """Pulls an async iterable in its own task, up to ``limit`` items ahead of the consumer.
+    """Pulls an async iterable in its own task, ahead of the consumer by up to ``limit`` items and
+    about ``max_bytes`` bytes of them, whichever comes first: it stops reading after the value that
+    reaches either bound, so heavy values are read one or a few at a time.
+
+    A value's bytes are what ``sized.bytes_read`` grew by while the source made it (the raw bytes a
+    line stream read, a pumped feed's chunk), when ``sized`` has such an int; else its
+    :func:`_approximate_size` (measuring a small dict costs about as much as the rest of its trip;
+    numbers count as nothing, see :data:`_SCALARS`).
 
     ``None`` values are skipped. :meth:`drain` ends the stream; :meth:`take`
     re-raises the source's own errors.
@@ -1571,22 +1622,33 @@ class _ReadAhead:
     Args:
         drain: the source's own way to drain (a live feed's ``drain()``: it
             yields what it holds, then ends), if it has one.
+        sized: what tells the bytes read (default: the source itself); its ``bytes_read`` must
+            start from 0 when the source starts.
+
+    Attributes:
+        taken_bytes: the bytes of the chunk :meth:`take` returned last.
     """
 
     def __init__(
         self,
         source: AsyncIterable[Any],
         limit: int,
+        max_bytes: int,
         convert: Callable[[Any], Any],
         name: str,
         *,
         drain: object = None,
+        sized: object = None,
     ) -> None:
         self._source = source
+        self._sized = source if sized is None else sized
+        self.taken_bytes = 0
         self._limit = limit
+        self._max_bytes = max_bytes
         self._convert = convert
         self._drain = drain if callable(drain) else None
-        self._buffer: list[Any] = []
+        self._buffer: list[Any] = []  # never more than one chunk: the reader waits when it holds one
+        self._bytes = 0  # of the values in _buffer
         self._ready, self._room = asyncio.Event(), asyncio.Event()
         self._finished = False
         self._stopped = False  # drained or closed: a cancelled reader is then no failure
@@ -1595,13 +1657,20 @@ class _ReadAhead:
         self.reader.add_done_callback(lambda _: self._finish())
 
     async def _read(self) -> None:
+        sized, read = self._sized, 0
+        counted = hasattr(sized, "bytes_read")  # else no lookup per value (a plain async generator)
         try:
             async for value in self._source:
                 if value is None:
                     continue
                 self._buffer.append(self._convert(value))
+                if counted and type(now := sized.bytes_read) is int:  # type: ignore[attr-defined]
+                    self._bytes += now - read
+                    read = now
+                elif type(value) not in _SCALARS:
+                    self._bytes += _approximate_size(value)[0]
                 self._ready.set()
-                while len(self._buffer) >= self._limit:
+                while len(self._buffer) >= self._limit or self._bytes >= self._max_bytes:
                     self._room.clear()
                     await self._room.wait()
         finally:
@@ -1634,7 +1703,8 @@ class _ReadAhead:
         self._ready.set()
 
     async def take(self) -> list[Any] | None:
-        """The next items read (at most ``limit``), or ``None`` at the end of the source.
+        """The next items read, or ``None`` at the end of the source: at most ``limit``, and none after
+        the one that brings their size to ``max_bytes`` (at least one).
 
         Raises:
             Exception: the source's own error, or a ``RuntimeError`` when it let out a ``CancelledError``
@@ -1653,8 +1723,8 @@ class _ReadAhead:
                 return None
             self._ready.clear()
             await self._ready.wait()
-        chunk = self._buffer[: self._limit]
-        del self._buffer[: self._limit]
+        chunk, self._buffer = self._buffer, []
+        self.taken_bytes, self._bytes = self._bytes, 0
         self._room.set()
         return chunk
 

@@ -360,6 +360,8 @@ class LineStream:
         self._waker = _Waker()
         self._skip = 0
         self._origin: int | None = None  # where stdin or a descriptor that is a regular file was first read
+        self.bytes_read = 0
+        """The bytes read since the current iteration began (the engine's read-ahead counts the lines by them)."""
 
     def seek(self, offset: int) -> None:
         """The offset protocol (checkpoints): start with line ``offset`` (counted as yielded); call before iterating."""
@@ -445,6 +447,7 @@ class LineStream:
             return loop.call_later(self.poll_interval, waker.wake).cancel
 
         left: int | None = None  # once draining: the bytes there were to read when the drain came
+        self.bytes_read = 0
         try:
             while True:
                 if regular and waker.draining and not self.follow:
@@ -478,6 +481,7 @@ class LineStream:
                     if left <= 0 and (end := data.find(b"\n")) >= 0:
                         data = data[: end + 1]  # the rest of the line under way when the drain came, no more
                     left -= len(data)
+                self.bytes_read += len(data)
                 for item in reader.feed(data):
                     yield item
             for item in reader.finish():
@@ -1014,6 +1018,13 @@ class SourcePE(ProducerPE):
     def open(self) -> AsyncIterable[Any]:
         """A new stream of this source's items."""
         raise NotImplementedError(f"source PE {self.label} does not implement open()")
+
+    @property
+    def bytes_read(self) -> int | None:
+        """The running stream's ``bytes_read`` (a line stream's), if it tells one: the engine's read-ahead of
+        the PE's items counts them by it, without measuring them."""
+        read = getattr(self._stream, "bytes_read", None)
+        return read if type(read) is int else None
 
     def drain(self) -> None:
         """Ask the running stream to finish (called by the engine when the run drains)."""

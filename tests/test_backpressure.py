@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -13,6 +14,8 @@ import workflows as wf
 import aiod4p
 from aiod4p import ConsumerPE, GenericPE, ProducerPE, WorkflowGraph
 from aiod4p._channels import Inbox, LocalChannel
+from aiod4p._engine import _approximate_size
+from aiod4p.sources import LineStream
 
 
 class SlowSink(ConsumerPE):
@@ -117,3 +120,94 @@ def test_items_of_megabytes_are_made_a_few_ahead_of_their_consumer(mapping: str,
     aiod4p.run(graph, 150 if source is ReturnsBlob else 1, mapping=mapping)
     assert _made[0] == _taken[0] == 150
     assert max(_ahead) <= 8, max(_ahead)
+
+
+# -- feeds of heavy elements: read a few ahead of the root, however they are given ---------------------
+
+
+class CountsTaken(ConsumerPE):
+    """Appends a byte to ``path`` per item taken: the feed (in the launcher on multi) reads the count there."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__()
+        self.path = path
+
+    def consume(self, item: Any) -> None:
+        with open(self.path, "ab") as taken:
+            taken.write(b".")
+
+
+def _heavy_elements(kind: str, taken: Path, ahead: list[int], count: int) -> Iterator[Any]:
+    """``count`` elements of about 2 MiB (``bytes``, or a list of floats as :func:`_approximate_size` scales
+    it), recording before each how many were pulled and not yet taken."""
+    for made in range(count):
+        ahead.append(made - (taken.stat().st_size if taken.exists() else 0))
+        yield bytes(BLOB) if kind == "bytes" else [0.5] * (BLOB // 8)
+
+
+async def _async_elements(elements: Iterator[Any]) -> AsyncIterator[Any]:
+    for element in elements:
+        yield element
+
+
+@pytest.mark.parametrize(("mapping", "bound"), [("simple", 8), ("async", 8), ("multi", 16)])
+@pytest.mark.parametrize("kind", ["bytes", "list"])
+@pytest.mark.parametrize("form", ["iterable", "async iterable"])
+def test_a_feed_of_heavy_elements_is_pulled_a_few_ahead_of_its_root(
+    mapping: str, bound: int, kind: str, form: str, tmp_path: Path
+) -> None:
+    # The read-ahead, a feed's batches and the launcher's feed pump are bounded by batch_bytes too. Before,
+    # up to about 1,280 elements were held (256 read ahead, credits x batch size in flight, the pump's own
+    # read-ahead): 40 JSON lines of 5 MB took 438 MB of RSS.
+    count, taken, ahead = 60, tmp_path / "taken", []
+    graph = WorkflowGraph()
+    graph.add(root := CountsTaken(str(taken)))
+    elements = _heavy_elements(kind, taken, ahead, count)
+    feed = elements if form == "iterable" else _async_elements(elements)
+    run = aiod4p.start(graph, {root: feed}, mapping=mapping, workers=1)
+
+    async def main() -> None:
+        async with asyncio.timeout(120):
+            await run.results()
+
+    asyncio.run(main())
+    assert (len(ahead), taken.stat().st_size) == (count, count)
+    assert max(ahead) <= bound, max(ahead)
+
+
+def test_the_size_of_a_long_container_scales_with_its_length() -> None:
+    # 16 elements are measured, then scaled: a list of 500,000 floats counted as 136 bytes before.
+    assert _approximate_size([0.5] * 500_000)[0] == 8 + 8 * 500_000
+    assert _approximate_size({"data": [0.5] * 500_000})[0] == 8 + 8 + 8 * 500_000
+    assert _approximate_size((b"ab",) * 100) == (8 + 2 * 100, 2 * 100)
+    assert _approximate_size(["x" * 10] * 4)[0] == 8 + 40  # short containers are measured whole
+
+
+_streams: list[LineStream] = []  # the stream read (a PE is copied into its instances: not an attribute)
+_line_bytes = BLOB
+_lines_ahead: list[int] = []  # lines read and not yet taken, at each line taken
+
+
+class CountsLines(ConsumerPE):
+    def consume(self, item: Any) -> None:
+        _lines_ahead.append(_streams[0].bytes_read // _line_bytes - (len(_lines_ahead) + 1))
+
+
+@pytest.mark.parametrize("mapping", ["simple", "async"])
+def test_a_stream_of_heavy_lines_is_read_a_few_lines_ahead_of_its_root(mapping: str, tmp_path: Path) -> None:
+    # The read-ahead counts a line stream's elements by the raw bytes it read (--stdin, -f/-d as LinesSource),
+    # without measuring the decoded items. Before, 256 lines were read ahead of the root, whatever their size.
+    (path := tmp_path / "heavy.jsonl").write_bytes((b'"' + b"x" * (_line_bytes - 3) + b'"\n') * 60)
+    _streams[:] = [stream := LineStream(path, json=True)]
+    _lines_ahead.clear()
+    graph = WorkflowGraph()
+    graph.add(root := CountsLines())
+    run = aiod4p.start(graph, {root: stream}, mapping=mapping)
+
+    async def main() -> None:
+        async with asyncio.timeout(120):
+            await run.results()
+
+    asyncio.run(main())
+    assert len(_lines_ahead) == 60
+    assert max(_lines_ahead) <= 8, max(_lines_ahead)

@@ -140,10 +140,12 @@ class Drain:
 
 @dataclass(frozen=True)
 class FeedChunk:
-    """The next elements of PE ``pe``'s pumped feed."""
+    """The next elements of PE ``pe``'s pumped feed, and about how many bytes they are (as the launcher's read-ahead
+    measured them: the worker's read-ahead counts them so, without measuring them again)."""
 
     pe: str
     items: list[Any]
+    nbytes: int
 
 
 @dataclass(frozen=True)
@@ -227,17 +229,23 @@ def _picklable(item: Any) -> bool:
 
 
 class PumpedFeed:
-    """A root's input arriving from the launcher in chunks; takes one chunk per credit."""
+    """A root's input arriving from the launcher in chunks; takes one chunk per credit.
+
+    Attributes:
+        bytes_read: the bytes of the chunks taken so far (their :class:`FeedChunk` ``nbytes``), counted
+            when a chunk's first element is yielded: the engine's read-ahead counts its elements by it.
+    """
 
     def __init__(self, pe: str, control: Comm) -> None:
         self._pe = pe
         self._control = control
-        self._chunks: deque[list[Any]] = deque()
+        self._chunks: deque[tuple[list[Any], int]] = deque()
         self._ended = False
         self._changed = asyncio.Event()
+        self.bytes_read = 0
 
-    def put(self, chunk: list[Any]) -> None:
-        self._chunks.append(chunk)
+    def put(self, chunk: list[Any], nbytes: int) -> None:
+        self._chunks.append((chunk, nbytes))
         self._changed.set()
 
     def end(self) -> None:
@@ -254,8 +262,9 @@ class PumpedFeed:
                     return
                 self._changed.clear()
                 await self._changed.wait()
-            chunk = self._chunks.popleft()
+            chunk, nbytes = self._chunks.popleft()
             await self._control.send(Credit(self._pe))
+            self.bytes_read += nbytes
             for element in chunk:
                 yield element
 
@@ -411,8 +420,8 @@ async def _listen(control: Comm, worker: Servable, pumped: Mapping[str, PumpedFe
         except EndOfChannel:
             return
         match message:
-            case FeedChunk(pe, items):
-                pumped[pe].put(items)
+            case FeedChunk(pe, items, nbytes):
+                pumped[pe].put(items, nbytes)
             case FeedEnd(pe):
                 pumped[pe].end()
             case Drain():
@@ -601,6 +610,7 @@ class Supervisor:
         ahead = _ReadAhead(
             source,
             self.plan.options.batch_size,
+            self.plan.options.batch_bytes,
             lambda element: element,
             f"feed of {pe}",
             drain=getattr(feed, "drain", None),
@@ -620,7 +630,7 @@ class Supervisor:
                     break
                 await credits.acquire()
                 try:
-                    await comm.send(FeedChunk(pe, chunk))
+                    await comm.send(FeedChunk(pe, chunk, ahead.taken_bytes))
                 except UnpicklableMessage as exc:
                     raise InputError(f"an input of PE {pe} cannot be pickled: {exc.__cause__}") from exc
             await comm.send(FeedEnd(pe))
