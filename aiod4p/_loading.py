@@ -216,15 +216,19 @@ def _module_name(path: Path) -> str:
     """The name the workflow file at ``path`` (resolved) is imported under.
 
     Its stem, as ``import`` would name it, unless the stem is no identifier
-    (``my-flow.py``) or names a module this process has imported already that
-    is no workflow file (``signal.py``, ``queue.py``: registering the file
-    under that name would replace Python's module for every later import, the
-    mappings' own included); then ``workflow``.
+    (``my-flow.py``), names a module of Python's standard library, or names a
+    module this process has imported already that is no workflow file
+    (``signal.py``, ``statistics.py``: registering the file under that name
+    would replace Python's module for every later import, the mappings' own
+    included, and a worker that imported Python's would not load the
+    workflow's); then ``workflow``.
     """
     stem = path.stem
     loaded = sys.modules.get(stem)
-    if not stem.isidentifier() or (
-        loaded is not None and stem not in _workflow_names and getattr(loaded, "__file__", None) != str(path)
+    if (
+        not stem.isidentifier()
+        or stem in sys.stdlib_module_names
+        or (loaded is not None and stem not in _workflow_names and getattr(loaded, "__file__", None) != str(path))
     ):
         stem = "workflow"
     _workflow_names.add(stem)

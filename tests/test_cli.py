@@ -113,13 +113,20 @@ def test_a_workflow_file_never_replaces_a_module_of_pythons(tmp_path: Path, monk
     # that signal.py as Python's.
     monkeypatch.setattr(sys, "path", list(sys.path))
 
-    for name, text in (("one/flow.py", "X = 1\n"), ("two/flow.py", "X = 2\n"), ("one/signal.py", "Y = 3\n")):
+    files = {
+        "one/flow.py": "X = 1\n",
+        "two/flow.py": "X = 2\n",
+        "one/signal.py": "Y = 3\n",
+        "two/tabnanny.py": "Z = 4\n",
+    }
+    for name, text in files.items():
         (tmp_path / name).parent.mkdir(exist_ok=True)
         (tmp_path / name).write_text(text)
     try:
-        modules = [load_module(str(tmp_path / name)) for name in ("one/flow.py", "two/flow.py", "one/signal.py")]
-        assert [module.__name__ for module in modules] == ["flow", "flow", "workflow"]
+        modules = [load_module(str(tmp_path / name)) for name in files]
+        assert [module.__name__ for module in modules] == ["flow", "flow", "workflow", "workflow"]
         assert sys.modules["flow"].X == 2 and sys.modules["signal"] is signal and modules[2].Y == 3
+        assert "tabnanny" not in sys.modules  # a module of Python's not imported yet is not taken either
     finally:
         for name in ("flow", "workflow"):
             sys.modules.pop(name, None)

@@ -285,6 +285,22 @@ def test_a_module_of_the_workflow_named_as_one_of_pythons_leaves_the_ranks_pytho
     assert sorted(results.data()) == [i * 8 for i in range(20)]
 
 
+def test_a_module_beside_a_launcher_run_with_python_c_reaches_the_ranks(tmp_path: Path) -> None:
+    """``python -c`` (a REPL, a notebook) reaches a module in its folder through ``""`` on ``sys.path``, which the
+    ranks, started with ``python -P``, took for nothing: they could not load the workflow."""
+    (tmp_path / "mypes.py").write_text(
+        "from aiod4p import IterativePE, ProducerPE, WorkflowGraph\n"
+        "class Nums(ProducerPE):\n    def produce(self):\n        yield from range(10)\n"
+        "class Twice(IterativePE):\n    def process_item(self, item):\n        return 2 * item\n"
+        "def make():\n    graph = WorkflowGraph()\n    graph.connect(Nums(), 'output', Twice(), 'input')\n"
+        "    return graph\n"
+    )
+    script = "import aiod4p, mypes; print(sorted(aiod4p.run(mypes.make(), 1, mapping='mpi', workers=2).data()))"
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == str([2 * n for n in range(10)])
+
+
 @pytest.mark.parametrize(
     ("source", "expected"),
     [

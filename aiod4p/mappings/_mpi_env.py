@@ -88,7 +88,8 @@ def rank_environment(environ: Mapping[str, str]) -> dict[str, str]:
     """
     env = dict(environ)
     env["PYTHONPATH"] = os.pathsep.join([_PACKAGE_ROOT, *(p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p)])
-    env[_SYS_PATH_VARIABLE] = os.pathsep.join(p for p in sys.path if p)
+    # "" is the launcher's current directory (python -c, a REPL, a notebook): the ranks get it by name.
+    env[_SYS_PATH_VARIABLE] = os.pathsep.join(p or os.getcwd() for p in sys.path)
     return env
 
 
