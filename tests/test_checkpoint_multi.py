@@ -33,7 +33,7 @@ from helpers import recorded_supervisors
 
 from aiod4p import WorkflowGraph, run, run_async, start
 from aiod4p._checkpoint import Checkpointing, CheckpointStore
-from aiod4p.errors import CheckpointError, WorkerDied
+from aiod4p.errors import CheckpointError, PeerDied, TransportError, WorkerDied
 from aiod4p.mappings import get_mapping
 from aiod4p.mappings._base import BaseMapping
 from aiod4p.mappings.asyncio import AsyncMapping
@@ -279,17 +279,12 @@ def test_checkpoint_of_multi_restores_on_mpi(tmp_path: Path, words: Path, monkey
     assert _file_counts(results) == expected_counts(words)
 
 
-def test_a_dead_rank_restarts_the_run_when_rank_0_reports_the_broken_link_first(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
-) -> None:
-    """Rank 0 reports the MPI error of its link to a rank that died before the launcher hears of the death (the
-    mpiexec's exit): the death is still the run's error, and --restarts restarts it. The first launch's ranks
-    (tests/mpi_link_breaks.py) replay that order; it failed the run with that TransportError, not restarted."""
-    pytest.importorskip("mpi4py")
+def _replaying_mpiexec(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mode: str) -> Path:
+    """Make aiod4p's first mpiexec launch run tests/mpi_link_breaks.py's ranks (``mode``: ``dies`` or ``aborts``)
+    in place of ``-m aiod4p.mappings._mpi_job SOCKET``, and later ones aiod4p's; returns the dead rank's pid file."""
     real = Path(sys.executable).parent / "mpiexec"
     first, pidfile = tmp_path / "first-launch", tmp_path / "dead-rank.pid"
     wrapper = tmp_path / "mpiexec"
-    # The first launch runs the replaying ranks in place of `-m aiod4p.mappings._mpi_job SOCKET`; later ones, aiod4p's.
     wrapper.write_text(
         f"#!{sys.executable}\n"
         "import os, sys\n"
@@ -298,11 +293,22 @@ def test_a_dead_rank_restarts_the_run_when_rank_0_reports_the_broken_link_first(
         f"    open({str(first)!r}, 'x').close()\n"
         "    at = args.index('aiod4p.mappings._mpi_job')\n"
         f"    args = [*args[: at - 1], {str(Path(__file__).with_name('mpi_link_breaks.py'))!r}, args[at + 1],"
-        f" {str(pidfile)!r}]\n"
+        f" {str(pidfile)!r}, {mode!r}]\n"
         f"os.execv({str(real)!r}, [{str(real)!r}, *args])\n"
     )
     wrapper.chmod(0o755)
     monkeypatch.setenv("AIOD4P_MPIEXEC", str(wrapper))
+    return pidfile
+
+
+def test_a_dead_rank_restarts_the_run_when_rank_0_reports_the_broken_link_first(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Rank 0 reports the MPI error of its link to a rank that died before the launcher hears of the death (the
+    mpiexec's exit): the death is still the run's error, and --restarts restarts it. The first launch's ranks
+    (tests/mpi_link_breaks.py) replay that order; it failed the run with that TransportError, not restarted."""
+    pytest.importorskip("mpi4py")
+    pidfile = _replaying_mpiexec(tmp_path, monkeypatch, "dies")
     words = tmp_path / "words.txt"
     write_words(words, 1000)
     with caplog.at_level(logging.WARNING, "aiod4p.checkpoint"):
@@ -313,6 +319,23 @@ def test_a_dead_rank_restarts_the_run_when_rank_0_reports_the_broken_link_first(
     assert len(restarts) == 1, restarts
     assert restarts[0].startswith(f"restart 1 of 1 after: an MPI rank (pid {dead} on "), restarts
     assert "ended with exit code 9 (Killed (signal 9))" in restarts[0]
+
+
+def test_an_mpi_error_with_no_rank_dead_is_not_restarted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """MPI failing on rank 0 while every rank lives is MPI's own error: a restart would meet it again."""
+    pytest.importorskip("mpi4py")
+    _replaying_mpiexec(tmp_path, monkeypatch, "aborts")
+    words = tmp_path / "words.txt"
+    write_words(words, 1000)
+    with (
+        caplog.at_level(logging.WARNING, "aiod4p.checkpoint"),
+        pytest.raises(TransportError, match="MPI failed on rank 0") as caught,
+    ):
+        run(word_count(words), 1, mapping=_multi(tmp_path / "ck", None, "mpi", restarts=1), workers=2)
+    assert not isinstance(caught.value, PeerDied)
+    assert not [r.getMessage() for r in caplog.records if r.getMessage().startswith("restart ")]
 
 
 def test_a_checkpoint_torn_by_a_kill_while_saving_is_ignored(

@@ -44,7 +44,7 @@ from .._plan import ExecutionPlan, PlanOptions
 from .._results import ResultSink
 from .._signals import die_with_parent
 from .._stats import InstanceStats
-from ..errors import CheckpointError, InputError, MappingUnavailable, PeerDied, WorkerDied
+from ..errors import CheckpointError, InputError, MappingUnavailable, PeerDied, TransportError, WorkerDied
 from ..transports.pipes import PipeComm, open_pipe_comm
 from ._base import BaseMapping, RunControl, available_cpus
 from ._host import STATS_INTERVAL, Supervisor, split_feeds
@@ -477,7 +477,10 @@ class _Job:
                 self.reported = True
                 comm.abort()
                 death = await self._dead_rank()
-                if death is None or death == str(exc):  # no rank died by itself; or this process saw the death
+                if death is None and not isinstance(exc, WorkerDied):
+                    # No rank died: MPI itself failed, which a restart would only meet again.
+                    raise TransportError(str(exc)) from exc
+                if death is None or death == str(exc):  # this process saw the death itself
                     raise
                 raise WorkerDied(death) from exc
             except Exception:
