@@ -52,7 +52,7 @@ from ._plan import ExecutionPlan, InstanceRef
 from ._results import ResultRecord, ResultSink, record_line
 from ._state import capture, restore_state
 from ._threads import finished_in_thread
-from .errors import CheckpointError, PeerDied, TransportError, WorkerDied, writing
+from .errors import CheckpointError, PeerDied, TransportError, WorkerDied, reader_went_away, writing
 
 if TYPE_CHECKING:
     from ._engine import Feed, Worker, _Actor, _ReadAhead
@@ -533,9 +533,10 @@ class ResultsLog:
         """Write ``items`` to the file, then hand them on.
 
         Raises:
-            CheckpointError: the file cannot be written (a full disk: named, with the system's reason).
+            CheckpointError: the file cannot be written (a full disk, a named pipe whose reader left: named,
+                with the reason).
         """
-        with writing("results", self.path, CheckpointError):
+        with writing("results", self.path, CheckpointError), _reader_gone(self.path):
             self._out.write("".join(record_line(ResultRecord(pe, port, item)) for item in items))
         await self._sink.emit(pe, port, items)
 
@@ -545,7 +546,7 @@ class ResultsLog:
         Raises:
             CheckpointError: it cannot be written (named, with the system's reason).
         """
-        with writing("results", self.path, CheckpointError):
+        with writing("results", self.path, CheckpointError), _reader_gone(self.path):
             self._out.flush()
             if not self._regular:
                 return None
@@ -558,6 +559,16 @@ class ResultsLog:
         checkpoint commits (a restore truncates it)."""
         with contextlib.suppress(OSError):
             self._out.close()
+
+
+@contextlib.contextmanager
+def _reader_gone(path: str) -> Iterator[None]:
+    """A ``BrokenPipeError`` (a named pipe whose reader left) as a :class:`CheckpointError` naming ``path``:
+    the results are lost, and no PE is to blame."""
+    try:
+        yield
+    except BrokenPipeError:
+        raise reader_went_away("results", path, CheckpointError) from None
 
 
 class HeldResults:

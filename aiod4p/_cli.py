@@ -30,7 +30,7 @@ from ._stats_report import StatsSampler, report_stats
 from ._threads import exit_past_threads
 from ._visual import check_drawing, draw, draw_dot
 from .compat.processor import MOST_SHARED_PROCESSES
-from .errors import Aiod4pError, writing
+from .errors import Aiod4pError, reader_went_away, writing
 from .mappings import MAPPINGS, BaseMapping, get_mapping
 from .mappings._base import available_cpus
 from .sources import DEAD_LETTER, LINE_POLICIES, MAX_LINE_BYTES, LineStream
@@ -553,6 +553,7 @@ async def _consume(
     signals.attach(workflow, main_task)
     out: TextIO | None = None
     where = "stdout" if results_path in (None, "-") else results_path
+    wrote_all = False  # else the run's own outcome (a failure, an abort) is what a failing close must not hide
     try:
         if results_path == "-":
             out = stdout
@@ -591,7 +592,7 @@ async def _consume(
             return EXIT_ABORTED
         except BrokenPipeError:
             if out is not None and out is not stdout:  # a named pipe: its reader leaving loses results
-                raise _reader_left(where) from None
+                raise reader_went_away("results", where) from None
             return _stdout_closed(stdout)
         finally:
             if reader_gone is not None:
@@ -603,6 +604,7 @@ async def _consume(
                 stdout.flush()  # what is still buffered may fail only now (a full disk)
         except BrokenPipeError:
             return _stdout_closed(stdout)
+        wrote_all = True
         return EXIT_OK
     finally:
         if out is not None and out is not stdout:
@@ -610,13 +612,8 @@ async def _consume(
                 try:
                     out.close()  # flushes: a full disk, or a named pipe's reader gone, may fail only now
                 except BrokenPipeError:
-                    raise _reader_left(where) from None
-
-
-def _reader_left(results_path: str) -> Aiod4pError:
-    """The error for a results file that is a named pipe whose reader went away: results were lost, unlike
-    a ``| head`` on stdout, where the user asked for no more."""
-    return Aiod4pError(f"cannot write results to {results_path}: its reader went away")
+                    if wrote_all:
+                        raise reader_went_away("results", where) from None
 
 
 def _watch_reader(main_task: asyncio.Task[Any], stdout: TextIO) -> asyncio.Event | None:
@@ -772,7 +769,9 @@ def _checkpointing(args: argparse.Namespace) -> Checkpointing | None:
         if given or args.restore:
             raise ValueError("--restore, --restarts and --checkpoint-* options need --checkpoint-dir")
         return None
-    results = args.results if args.results not in (None, "-") else None
+    # A results stream (a named pipe, /dev/stdout) has no length a checkpoint could commit: it is written as
+    # `--results -` is, each result once a checkpoint that commits it completed (with --restarts).
+    results = args.results if args.results not in (None, "-") and not _is_stream(args.results) else None
     if results is not None and args.stdin is not None and args.on_bad == "dead-letter":
         raise ValueError(
             "--on-bad dead-letter cannot go with --checkpoint-dir and --results FILE: the dead letters of --stdin"
@@ -780,6 +779,14 @@ def _checkpointing(args: argparse.Namespace) -> Checkpointing | None:
             " the workflow, whose dead_letter results are)"
         )
     return Checkpointing(args.checkpoint_dir, restore=args.restore, results_path=results, **given)
+
+
+def _is_stream(path: str) -> bool:
+    """Whether ``path`` is a file that exists and is not a regular one (a named pipe, a character device)."""
+    try:
+        return not stat.S_ISREG(os.stat(path).st_mode)
+    except OSError:
+        return False
 
 
 def _add_science_parsers(commands: Any) -> None:

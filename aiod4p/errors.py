@@ -130,6 +130,12 @@ class CheckpointError(Aiod4pError):
     """A checkpoint cannot be taken or restored (unpicklable state, a plan that does not match)."""
 
 
+def reader_went_away(what: str, where: str, error: type[Aiod4pError] = Aiod4pError) -> Aiod4pError:
+    """The error for ``where``, a named pipe whose reader went away while ``what`` was written to it: what
+    was written is lost, unlike a ``| head`` on stdout, where the user asked for no more."""
+    return error(f"cannot write {what} to {where}: its reader went away")
+
+
 @contextlib.contextmanager
 def writing(what: str, where: str, error: type[Aiod4pError] = Aiod4pError) -> Iterator[None]:
     """Turn a failed write of ``what`` to ``where`` (a full disk, an I/O error) into ``error``, naming both

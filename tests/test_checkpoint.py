@@ -44,6 +44,7 @@ from aiod4p._checkpoint import (
     HeldResults,
     LauncherCheckpoints,
     ResultGate,
+    ResultsLog,
     Session,
     WorkerCheckpoints,
     resumed_feed,
@@ -343,6 +344,18 @@ async def test_a_finished_workers_stand_in_keeps_the_parts_its_instances_saved(t
     await launcher.receive(1, Finals([(saved, b"final", 1), (stood_in, b"final", 0)]))
     assert (store.path(1) / snapshot["file"]).read_bytes() == b"at barrier 1"
     assert (store.path(1) / f"{stood_in.pe}.{stood_in.index}.state").read_bytes() == b"final"
+
+
+async def test_a_results_pipe_whose_reader_left_is_named_not_blamed_on_a_pe(tmp_path: Path) -> None:
+    fifo = tmp_path / "results.fifo"
+    os.mkfifo(fifo)
+    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)  # so that opening it for writing does not wait
+    log = ResultsLog(str(fifo), _Collected(), None)
+    os.close(reader)
+    await log.emit("pe", "output", [1, 2])
+    with pytest.raises(CheckpointError, match=f"^cannot write results to {fifo}: its reader went away$"):
+        log.commit()
+    log.close()
 
 
 def test_restore_without_checkpoint_fails_clearly(tmp_path: Path, words: Path) -> None:

@@ -617,13 +617,18 @@ def test_a_closed_stdout_stops_the_readable_listing_quietly(tmp_path: Path) -> N
     assert done.stderr.splitlines() == ["status=141"], done.stderr
 
 
+@pytest.mark.parametrize("checkpointed", [False, True])
 @pytest.mark.parametrize("mapping", ["simple", "multi"])
-def test_a_results_fifo_whose_reader_leaves_fails_naming_it(tmp_path: Path, mapping: str) -> None:
-    """`--results FIFO` read by `head -2`: results are lost, unlike `| head` on stdout, so exit 1 naming it."""
+def test_a_results_fifo_whose_reader_leaves_fails_naming_it(tmp_path: Path, mapping: str, checkpointed: bool) -> None:
+    """`--results FIFO` read by `head -2`: results are lost, unlike `| head` on stdout, so exit 1 naming it.
+    With checkpoints, the PE whose results were being written was blamed (a BrokenPipeError)."""
     (tmp_path / "_endless.py").write_text(ENDLESS)
     fifo = tmp_path / "results.fifo"
     os.mkfifo(fifo)
-    command = shlex.join([*AIOD4P, "run", "_endless:graph", "-m", mapping, "-i", str(10**9), "--results", str(fifo)])
+    args = ["run", "_endless:graph", "-m", mapping, "-i", str(10**9), "--results", str(fifo)]
+    if checkpointed:
+        args += ["--checkpoint-dir", str(tmp_path / "ck"), "--restarts", "1" if mapping == "multi" else "0"]
+    command = shlex.join([*AIOD4P, *args])
     done = subprocess.run(
         ["bash", "-c", f'head -2 < {shlex.quote(str(fifo))} & {command}; echo "status=$?" >&2; wait'],
         capture_output=True,
