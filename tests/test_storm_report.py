@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
+import subprocess
+import sys
 from typing import Any
 
 import pytest
@@ -177,3 +180,27 @@ async def test_a_malformed_report_fails_the_run() -> None:
         raise report.error()
     await report.close(0)
     await task.close()
+
+
+def test_a_task_told_to_stop_while_it_sends_finishes_the_message_then_says_x_and_exits() -> None:
+    """SIGTERM's handler may run inside Reporter.send's sendall: the message is finished first, then ``x``."""
+    server = socket.create_server(("127.0.0.1", 0))
+    port = server.getsockname()[1]
+    script = (
+        "from aiod4p.storm.components import Reporter\n"
+        f"reporter = Reporter('127.0.0.1:{port}', {{'t': 'hello'}})\n"
+        "reporter._sending = True  # as if the signal came in the middle of a send\n"
+        "reporter.leave(143)\n"
+        "reporter._sending = False\n"
+        "reporter.send({'t': 'd'})\n"
+        "raise SystemExit('send() did not leave')\n"
+    )
+    with server, subprocess.Popen([sys.executable, "-c", script], stderr=subprocess.PIPE, text=True) as task:
+        server.settimeout(30)
+        connection, _ = server.accept()
+        with connection, connection.makefile("rb") as lines:
+            connection.settimeout(30)
+            received = [json.loads(line) for line in lines]
+        _, err = task.communicate(timeout=30)
+    assert received == [{"t": "hello"}, {"t": "d"}, {"t": "x"}], err
+    assert task.returncode == 143, err

@@ -100,6 +100,10 @@ class _Loaded:
         self.functions: dict[str, Callable[[Any], Any]] = stored["functions"]
 
 
+_LEAVING_SECONDS = 1.0
+"""How long a task its worker stopped tries to tell the run so before it exits anyway."""
+
+
 class Reporter:
     """One task's connection to the run that submitted the topology (JSON lines; see the module docstring)."""
 
@@ -120,8 +124,8 @@ class Reporter:
             self.socket.sendall(json.dumps(message, separators=(",", ":")).encode() + b"\n")
         finally:
             self._sending = False
-        if self._leaving is not None:
-            self.leave(self._leaving)
+            if self._leaving is not None:  # told to stop meanwhile: whether this message went or not
+                self.leave(self._leaving)
 
     def leave(self, status: int) -> None:
         """Say that this task was stopped by its Storm worker (``x``), then exit the process with ``status``.
@@ -133,6 +137,7 @@ class Reporter:
         if self._sending:
             return
         with contextlib.suppress(OSError):
+            self.socket.settimeout(_LEAVING_SECONDS)  # a run that reads no more must not keep this task alive
             self.socket.sendall(b'{"t":"x"}\n')
         os._exit(status)
 
@@ -193,7 +198,8 @@ class HostedComponent:
         self.loaded.pe._parallelism = self.tasks  # not its parallelism: a dispel4py PE may keep data there
 
     def _terminated(self, signum: int, frame: object) -> None:
-        assert self.reporter is not None  # the handler is set once it is
+        if self.reporter is None:  # the run went away (_orphaned): nobody to tell
+            os._exit(128 + signum)
         self.reporter.leave(128 + signum)
 
     def _exit(self, status_code: int) -> None:
