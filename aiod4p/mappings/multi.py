@@ -123,32 +123,38 @@ class _MultiRun:
         every = [s for pair in itertools.chain(controls, links.values()) for s in pair]
         context: Any = multiprocessing.get_context(self.method)  # typeshed's BaseContext lacks Process
         parent = None if self.method == "forkserver" else os.getpid()  # a forkserver's child is the server's
-        safe = _safe_path(self.method)
-        try:
-            for wid in range(n):
-                peers = {b if a == wid else a: links[(a, b)][0 if a == wid else 1] for (a, b) in links if wid in (a, b)}
-                child_control = controls[wid][1]
-                inherited = []
-                if self.method == "fork":
-                    own = {id(child_control), *(id(s) for s in peers.values())}
-                    inherited = [s for s in every if id(s) not in own]
-                process = context.Process(
-                    target=worker_main,
-                    args=(wid, job, child_control, peers, inherited, safe, parent),
-                    name=f"aiod4p-worker-{wid}",
-                )
-                # held until it has its own handlers (worker_main)
-                with held(), _main_not_reimported(self.method), _environment(safe):
-                    process.start()
-                self.processes.append(process)
-                self._exits.append(_watch_exit(process))
-        finally:
-            for sock in every:
-                if not any(sock is parent_end for parent_end, _ in controls):
-                    sock.close()
-            if len(self.processes) < n:
-                for parent_end, _ in controls:
-                    parent_end.close()
+        # One run at a time starts its workers with the variables it sets (_safe_path): another run in another
+        # thread would take them for the caller's own, or take them out under this one. (Fork sets none, and
+        # a forked child must not inherit the lock held.)
+        with _environment_lock if self.method != "fork" else contextlib.nullcontext():
+            safe = _safe_path(self.method)
+            try:
+                for wid in range(n):
+                    peers = {
+                        b if a == wid else a: links[(a, b)][0 if a == wid else 1] for (a, b) in links if wid in (a, b)
+                    }
+                    child_control = controls[wid][1]
+                    inherited = []
+                    if self.method == "fork":
+                        own = {id(child_control), *(id(s) for s in peers.values())}
+                        inherited = [s for s in every if id(s) not in own]
+                    process = context.Process(
+                        target=worker_main,
+                        args=(wid, job, child_control, peers, inherited, safe, parent),
+                        name=f"aiod4p-worker-{wid}",
+                    )
+                    # held until it has its own handlers (worker_main)
+                    with held(), _main_not_reimported(self.method), _environment(safe):
+                        process.start()
+                    self.processes.append(process)
+                    self._exits.append(_watch_exit(process))
+            finally:
+                for sock in every:
+                    if not any(sock is parent_end for parent_end, _ in controls):
+                        sock.close()
+                if len(self.processes) < n:
+                    for parent_end, _ in controls:
+                        parent_end.close()
         return [parent_end for parent_end, _ in controls]
 
     async def start(self, job: Job) -> dict[int, PipeComm]:
@@ -256,6 +262,9 @@ def _main_not_reimported(method: str) -> Iterator[None]:
 
 
 _SAFE_PATH = {"PYTHONSAFEPATH": "1"}
+
+
+_environment_lock = threading.Lock()
 
 
 def _safe_path(method: str) -> dict[str, str]:
