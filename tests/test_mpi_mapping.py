@@ -588,13 +588,16 @@ def test_an_input_error_ends_the_ranks_started_ahead() -> None:
 
 
 def test_a_killed_launcher_takes_mpiexec_and_its_ranks_with_it(tmp_path: Path) -> None:
-    """mpiexec and its ranks run in a session of their own: no signal to the launcher's reaches them."""
+    """mpiexec and its ranks run in a session of their own: no signal to the launcher's reaches them.
+    Nor is its rank 0 socket's directory left in the temporary folder."""
     mark = f"kill-{os.getpid()}-{time.monotonic_ns()}"
     holding = tmp_path / "holding"
     os.mkfifo(holding)
     reader = os.open(holding, os.O_RDONLY | os.O_NONBLOCK)
     keep_open = os.open(holding, os.O_WRONLY)  # a writer throughout: the FIFO polls readable only with data
-    env = {**os.environ, "AIOD4P_TEST_MARK": mark, "AIOD4P_TEST_HOLDING": str(holding)}
+    temporary = tmp_path / "tmp"
+    temporary.mkdir()
+    env = {**os.environ, "AIOD4P_TEST_MARK": mark, "AIOD4P_TEST_HOLDING": str(holding), "TMPDIR": str(temporary)}
     launcher = aiod4p_process("run", f"{WORKFLOWS}:held_loops", "-m", "mpi", "-n", "2", "-i", "3", "-q", env=env)
     try:
         held = b""
@@ -616,6 +619,7 @@ def test_a_killed_launcher_takes_mpiexec_and_its_ranks_with_it(tmp_path: Path) -
             for fd in ended:
                 exits.remove(fd)
                 os.close(fd)
+        assert [path.name for path in temporary.iterdir()] == []
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(launcher.pid, signal.SIGKILL)

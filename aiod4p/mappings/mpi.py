@@ -252,7 +252,7 @@ async def _launch(
         try:
             await process.connect()
             job = _Job(process, plan, sink, control, pumped, session)
-            return await job.run(ranks.listener, payload)
+            return await job.run(ranks, payload)
         finally:
             # Still running: the run was cancelled or aborted (Ctrl-C twice, a closed stdout). What the
             # job says once terminated (mpiexec's "BAD TERMINATION" banner) is our own doing, not news.
@@ -314,6 +314,12 @@ class _Ranks:
             self.listener.close()
             self._directory.cleanup()
             raise
+
+    def connected(self) -> None:
+        """Rank 0 has connected: remove the socket's directory now, so that a launcher killed later (SIGKILL)
+        leaves nothing behind in the temporary folder."""
+        self.listener.close()
+        self._directory.cleanup()
 
     def close(self, *, unused: bool = False) -> None:
         """End the mpiexec and its ranks if still running, reap it, and remove the socket.
@@ -447,15 +453,16 @@ class _Job:
         self.relays = [asyncio.create_task(self._relay(stream)) for stream in (process.stdout, process.stderr)]
         self.exited = asyncio.create_task(process.wait())
 
-    async def run(self, listener: socket.socket, payload: bytes) -> list[InstanceStats]:
-        """Hand the job ``payload`` to rank 0 when it connects to ``listener``, then supervise the run."""
-        accept = asyncio.ensure_future(self._hand_over(listener, payload))
+    async def run(self, ranks: _Ranks, payload: bytes) -> list[InstanceStats]:
+        """Hand the job ``payload`` to rank 0 when it connects to ``ranks``' listener, then supervise the run."""
+        accept = asyncio.ensure_future(self._hand_over(ranks.listener, payload))
         comm: PipeComm | None = None
         try:
             await asyncio.wait({accept, self.exited}, return_when=asyncio.FIRST_COMPLETED)
             if not accept.done() or accept.exception() is not None:
                 raise WorkerDied(await self._death(0))
             self.sent = True
+            ranks.connected()
             comm = await open_pipe_comm(accept.result())
             supervisor = Supervisor(
                 self.plan,
