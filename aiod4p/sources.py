@@ -58,6 +58,7 @@ __all__ = [
     "DEAD_LETTER",
     "LINE_POLICIES",
     "MAX_LINE_BYTES",
+    "MAX_PENDING_BYTES",
 ]
 
 logger = logging.getLogger(__name__)
@@ -102,6 +103,11 @@ that one runaway line (a binary file, a missing newline) cannot take the
 machine's memory: a line is held whole while it is read and decoded, and a
 decoded JSON object takes several times its size.
 """
+
+MAX_PENDING_BYTES = 16 * 1024 * 1024
+"""The default bytes of read items a socket source holds for the workflow (16 MiB, as received): beyond
+them a TCP source stops reading (its senders are held back) and a UDP source drops datagrams, as they do
+beyond their ``max_pending`` items. Heavy lines reach the bound long before the count does."""
 
 LINE_POLICIES = ("fail", "skip", "dead-letter")
 """What a line source does with a bad line (longer than its maximum, or not
@@ -509,36 +515,57 @@ def _readable_now(fd: int, regular: bool) -> int | None:
 
 
 class _Pending:
-    """Decoded items from sockets, waiting for the workflow; pauses readers when full."""
+    """Decoded items from sockets, waiting for the workflow; full at ``high`` items or ``high_bytes`` bytes
+    (as received), when it pauses the readers, which it resumes at half of both."""
 
-    def __init__(self, waker: _Waker, high: int) -> None:
+    def __init__(self, waker: _Waker, high: int, high_bytes: int) -> None:
         self.items: deque[Any] = deque()
         self.waker = waker
-        self.high = high
+        self.high, self.high_bytes = high, high_bytes
+        # The bytes of the pushes not all taken yet, each push counted whole until its last item is taken
+        # (a push is one read: at most a socket buffer). Settled when needed, not on every take.
+        self._bytes = 0
+        self._pushes: deque[tuple[int, int]] = deque()  # (the items taken once it is all taken, its bytes)
+        self._pushed = self._taken = 0
         self.paused: set[asyncio.Transport] = set()
         self.error: BaseException | None = None
 
-    def push(self, items: list[Any], transport: asyncio.Transport | None) -> None:
-        """Queue ``items``; pause ``transport`` (if given) when the queue is full."""
+    @property
+    def full(self) -> bool:
+        return len(self.items) >= self.high or self._settled_bytes() >= self.high_bytes
+
+    def _settled_bytes(self) -> int:
+        pushes, taken = self._pushes, self._taken
+        while pushes and pushes[0][0] <= taken:
+            self._bytes -= pushes.popleft()[1]
+        return self._bytes
+
+    def push(self, items: list[Any], transport: asyncio.Transport | None, size: int) -> None:
+        """Queue ``items``, read from ``size`` bytes; pause ``transport`` (if given) when the queue is full."""
+        if not items:
+            return
         self.items.extend(items)
+        self._pushed += len(items)
+        self._pushes.append((self._pushed, size))
+        self._bytes += size
         self.waker.wake()
-        full = len(self.items) >= self.high
-        if full and transport is not None and transport not in self.paused and not transport.is_closing():
+        if transport is not None and transport not in self.paused and not transport.is_closing() and self.full:
             transport.pause_reading()
             self.paused.add(transport)
 
-    def fail(self, exc: BaseException) -> None:
-        self.error = exc
-        self.waker.wake()
-
     def take(self) -> Any:
         item = self.items.popleft()
-        if self.paused and len(self.items) <= self.high // 2:
+        self._taken += 1
+        if self.paused and len(self.items) <= self.high // 2 and self._settled_bytes() <= self.high_bytes // 2:
             for transport in self.paused:
                 if not transport.is_closing():
                     transport.resume_reading()
             self.paused.clear()
         return item
+
+    def fail(self, exc: BaseException) -> None:
+        self.error = exc
+        self.waker.wake()
 
 
 class _LineProtocol(asyncio.Protocol):
@@ -549,6 +576,7 @@ class _LineProtocol(asyncio.Protocol):
             origin, stream.json, stream.max_line, stream.on_bad, stream.dead_letter, stream._counter
         )
         self.transport: asyncio.Transport | None = None
+        self.unqueued = 0  # bytes received whose lines are not queued yet (a line begun)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's transports are not asyncio.Transport subclasses
@@ -561,9 +589,11 @@ class _LineProtocol(asyncio.Protocol):
             self.pending.fail(exc)
             return
         if items:
-            self.pending.push(items, self.transport)
+            self.pending.push(items, self.transport, self.unqueued)
+            self.unqueued = 0
 
     def data_received(self, data: bytes) -> None:
+        self.unqueued += len(data)
         self._push(lambda: self.reader.feed(data))
 
     def eof_received(self) -> bool:
@@ -587,9 +617,10 @@ class SocketStream:
     after a dead worker: the restart closed the connections), it listens or
     connects anew, and accepts N clients anew.
 
-    Back-pressure: when ``max_pending`` items wait for the workflow, the
-    stream stops reading its sockets until half of them are taken, so TCP
-    flow control slows the senders down.
+    Back-pressure: when ``max_pending`` items, or items read from
+    ``max_pending_bytes`` bytes, wait for the workflow, the stream stops
+    reading its sockets until half of both are left, so TCP flow control
+    slows the senders down.
 
     Bad lines (``max_line``, ``on_bad``, ``dead_letter``, ``skipped``): as
     :class:`LineStream`; each connection numbers its own lines.
@@ -608,6 +639,7 @@ class SocketStream:
         connections: int | None = None,
         on_listen: Callable[[tuple[str, int]], Any] | None = None,
         max_pending: int = 1024,
+        max_pending_bytes: int = MAX_PENDING_BYTES,
         max_line: int = MAX_LINE_BYTES,
         on_bad: str = "fail",
         dead_letter: Callable[[dict[str, Any]], object] | None = None,
@@ -620,13 +652,13 @@ class SocketStream:
         self.host, self.port, self.mode, self.json = host, port, mode, json
         self.connections = connections
         self.on_listen = on_listen
-        self.max_pending = max_pending
+        self.max_pending, self.max_pending_bytes = max_pending, max_pending_bytes
         self.address: tuple[str, int] | None = None
         self._waker = _Waker()
         self._open: set[_LineProtocol] = set()
         self._accepted = 0
         self._server: asyncio.Server | None = None
-        self._pending = _Pending(self._waker, max_pending)
+        self._pending = _Pending(self._waker, max_pending, max_pending_bytes)
 
     @property
     def skipped(self) -> int:
@@ -730,7 +762,7 @@ class _DatagramProtocol(asyncio.DatagramProtocol):
     def datagram_received(self, data: bytes, addr: tuple[str | Any, int]) -> None:
         if self.pending.waker.draining:  # what comes after the drain is not received: a sender could keep it going
             return
-        if len(self.pending.items) >= self.pending.high:
+        if self.pending.full:
             self.stream.dropped += 1
             return
         items = []
@@ -742,7 +774,7 @@ class _DatagramProtocol(asyncio.DatagramProtocol):
                 except InputError as exc:
                     self.pending.fail(exc)
                     return
-        self.pending.push(items, None)
+        self.pending.push(items, None, len(data))
 
     def error_received(self, exc: Exception) -> None:
         self.pending.fail(InputError(f"UDP socket {self.stream.host}:{self.stream.port} failed: {exc}"))
@@ -753,8 +785,9 @@ class DatagramStream:
 
     ``on_listen(address)`` is called once bound (``port=0`` picks a free
     port). Runs until drained, or until ``count`` items have been received.
-    UDP has no flow control: datagrams arriving while ``max_pending`` items
-    wait are dropped and counted in ``dropped``.
+    UDP has no flow control: datagrams arriving while ``max_pending`` items,
+    or items received in ``max_pending_bytes`` bytes, wait are dropped and
+    counted in ``dropped``.
 
     Raises (while iterating):
         InputError: cannot bind, the socket fails, or a line is not valid JSON.
@@ -769,10 +802,11 @@ class DatagramStream:
         count: int | None = None,
         on_listen: Callable[[tuple[str, int]], Any] | None = None,
         max_pending: int = 65536,
+        max_pending_bytes: int = MAX_PENDING_BYTES,
     ) -> None:
         self.host, self.port, self.json, self.count = host, port, json, count
         self.on_listen = on_listen
-        self.max_pending = max_pending
+        self.max_pending, self.max_pending_bytes = max_pending, max_pending_bytes
         self.dropped = 0
         self.address: tuple[str, int] | None = None
         self._waker = _Waker()
@@ -786,7 +820,7 @@ class DatagramStream:
 
     async def _items(self) -> AsyncIterator[Any]:
         loop = asyncio.get_running_loop()
-        pending = _Pending(self._waker, self.max_pending)
+        pending = _Pending(self._waker, self.max_pending, self.max_pending_bytes)
         where = f"{self.host}:{self.port}"
         sock: socket.socket | None = None
         try:  # bound here, not by the loop: uvloop leaks its transport when binding fails
@@ -1142,6 +1176,7 @@ class TCPSource(_BadLines):
         connections: int | None = None,
         on_listen: Callable[[tuple[str, int]], Any] | None = None,
         max_pending: int = 1024,
+        max_pending_bytes: int = MAX_PENDING_BYTES,
         max_line: int = MAX_LINE_BYTES,
         on_bad: str = "fail",
         name: str | None = None,
@@ -1150,7 +1185,8 @@ class TCPSource(_BadLines):
             raise ValueError(f"TCPSource mode must be 'server' or 'client', not {mode!r}")
         super().__init__(max_line=max_line, on_bad=on_bad, name=name)
         self.host, self.port, self.mode, self.json = host, port, mode, json
-        self.connections, self.on_listen, self.max_pending = connections, on_listen, max_pending
+        self.connections, self.on_listen = connections, on_listen
+        self.max_pending, self.max_pending_bytes = max_pending, max_pending_bytes
         self.address: tuple[str, int] | None = None
 
     def _listening(self, address: tuple[str, int]) -> None:
@@ -1167,6 +1203,7 @@ class TCPSource(_BadLines):
             connections=self.connections,
             on_listen=self._listening,
             max_pending=self.max_pending,
+            max_pending_bytes=self.max_pending_bytes,
             max_line=self.max_line,
             on_bad=self.on_bad,
             dead_letter=self._dead_letter,
@@ -1187,11 +1224,13 @@ class UDPSource(SourcePE):
         count: int | None = None,
         on_listen: Callable[[tuple[str, int]], Any] | None = None,
         max_pending: int = 65536,
+        max_pending_bytes: int = MAX_PENDING_BYTES,
         name: str | None = None,
     ) -> None:
         super().__init__(name=name)
         self.host, self.port, self.json, self.count = host, port, json, count
-        self.on_listen, self.max_pending = on_listen, max_pending
+        self.on_listen = on_listen
+        self.max_pending, self.max_pending_bytes = max_pending, max_pending_bytes
 
     def open(self) -> DatagramStream:
         return DatagramStream(
@@ -1201,6 +1240,7 @@ class UDPSource(SourcePE):
             count=self.count,
             on_listen=self.on_listen,
             max_pending=self.max_pending,
+            max_pending_bytes=self.max_pending_bytes,
         )
 
 

@@ -356,6 +356,52 @@ async def test_tcp_source_stops_reading_when_the_workflow_is_behind() -> None:
     assert [int(line.split()[0]) for line in data] == list(range(total))
 
 
+async def test_a_socket_stream_of_heavy_lines_stops_reading_at_its_bytes_bound() -> None:
+    """Its queue was bounded by count alone: 1,500 lines of 1 MB for a slow PE took 1 GB (1,024 lines held)."""
+    listening: asyncio.Future[tuple[str, int]] = asyncio.get_running_loop().create_future()
+    stream = SocketStream(connections=1, on_listen=listening.set_result, max_pending_bytes=100_000)
+    lines = aiter(stream)
+    line, total = b"x" * 9_999 + b"\n", 2_000  # 20 MB: more than loopback socket buffers hold
+
+    async def send(writer: asyncio.StreamWriter) -> None:
+        writer.write(line * total)
+        await writer.drain()
+        writer.close()
+        await writer.wait_closed()
+
+    async with asyncio.timeout(30):
+        first = asyncio.ensure_future(anext(lines))
+        _, writer = await asyncio.open_connection(*await listening)
+        sending = asyncio.ensure_future(send(writer))
+        assert await first == line[:-1].decode()
+        while not stream.paused:  # noqa: ASYNC110 - the source stops reading once its bound is reached
+            await asyncio.sleep(0.005)
+        assert stream.pending * len(line) <= 100_000 + 256 * 1024  # the bound, and at most one read beyond it
+        rest = [item async for item in lines]
+        await sending
+    assert len(rest) == total - 1
+
+
+async def test_a_datagram_stream_drops_what_comes_beyond_its_bytes_bound() -> None:
+    listening: asyncio.Future[tuple[str, int]] = asyncio.get_running_loop().create_future()
+    stream = DatagramStream("127.0.0.1", 0, on_listen=listening.set_result, max_pending_bytes=10_000)
+    items = aiter(stream)
+    async with asyncio.timeout(20):
+        first = asyncio.ensure_future(anext(items))
+        address = await listening
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sender:
+            sender.sendto(b"first\n", address)
+            assert await first == "first"
+            for number in range(50):
+                sender.sendto(b"%03d %s\n" % (number, b"x" * 995), address)  # 1,000 bytes each
+            while stream.dropped < 40:  # noqa: ASYNC110 - datagrams arrive as the loop turns
+                await asyncio.sleep(0.005)
+        stream.drain()
+        kept = [item async for item in items]
+    assert [int(item.split()[0]) for item in kept] == list(range(10))
+    assert stream.dropped == 40
+
+
 async def test_a_socket_stream_read_again_accepts_its_clients_anew() -> None:
     """A restart closes the dead attempt's reading of a feed, with its clients' connections, and reads it again:
     with ``connections=1``, the new reading ended at once (its client counted already), and the run succeeded
