@@ -25,6 +25,7 @@ import aiod4p
 from aiod4p import ConsumerPE, IterativePE, ProducerPE, WorkflowGraph, iterative
 from aiod4p._api import run_in_threads
 from aiod4p._cli import main
+from aiod4p._threads import DaemonThreadPool
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKFLOWS = ROOT / "tests" / "workflows.py"
@@ -372,6 +373,26 @@ def test_a_service_exits_after_closing_a_run_whose_threaded_call_never_returns(m
     assert proc.returncode == 0, err
     if mapping != "multi":  # the call blocks in this process: the user is told it goes on
         assert re.search(r"a call of PE SaysItBlocks\d+\[0\] returned: it goes on in thread aiod4p-worker0_", err), err
+
+
+def test_a_closed_pool_names_the_calls_under_way_and_cancels_those_not_started() -> None:
+    pool = DaemonThreadPool(1, "test-pool")
+    started, release = threading.Event(), threading.Event()
+
+    def blocks() -> None:
+        started.set()
+        release.wait(30)
+
+    busy = pool.submit("the blocked call", blocks)
+    queued = pool.submit("the queued call", int)  # the pool's one thread is busy
+    assert started.wait(30)
+    assert [thread.daemon for thread in threading.enumerate() if thread.name == "test-pool_0"] == [True]
+    assert pool.close() == [("the blocked call", "test-pool_0")]
+    assert queued.cancelled()
+    with pytest.raises(RuntimeError, match="closed"):
+        pool.submit("a late call", int)
+    release.set()
+    assert busy.result(timeout=30) is None
 
 
 @pytest.mark.parametrize("mapping", ["async", "multi"])
