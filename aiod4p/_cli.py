@@ -198,9 +198,9 @@ def _name_graph(args: argparse.Namespace) -> None:
 def entry() -> NoReturn:
     """The ``aiod4p`` command: :func:`main`, then exit, even while a threaded PE call is still blocked.
 
-    Python joins every non-daemon thread at exit, so a thread-pool call that
-    never returns (a failed or abandoned run's blocked PE) would keep the
-    process alive; the run is over, so the command leaves without it.
+    Python joins every non-daemon thread at exit, so a thread that never ends
+    (one a PE or its library started) would keep the process alive; the run
+    is over, so the command leaves without it.
     """
     _open_standard_streams()
     status = main()

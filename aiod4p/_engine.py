@@ -46,6 +46,7 @@ from ._plan import ExecutionPlan, InstanceRef
 from ._provenance import ActorRecorder, WorkerRecorder
 from ._results import ResultSink
 from ._stats import InstanceStats
+from ._threads import DaemonThreadPool
 from .errors import Aiod4pError, CheckpointError, GraphError, InputError, PEError, TransportError
 from .sources import SourcePE
 from .transports import Comm
@@ -761,7 +762,7 @@ class _Actor(_Invoker):
         assert runtime is not None
         runtime.full = functools.partial(self._hand_over, loop)
         try:
-            return await loop.run_in_executor(self.worker.executor(), function, *args)
+            return await asyncio.wrap_future(self.worker.threads().submit(f"a call of PE {self.ref}", function, *args))
         finally:
             runtime.full = _switch_to_actor
 
@@ -1298,7 +1299,7 @@ class Worker:
         self.fixed_order = fixed_order
         self.shares_loop = shares_loop
         self.held_loop: set[str] = set()  # the PEs logged for holding the loop (see _Actor._held_since)
-        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
+        self._threads: DaemonThreadPool | None = None
         self._handovers: set[concurrent.futures.Future[None]] = set()
         self._aborting = False
         self._turn_started = time.monotonic()
@@ -1386,18 +1387,17 @@ class Worker:
                 " in preprocess())"
             ) from exc
 
-    def executor(self) -> concurrent.futures.ThreadPoolExecutor:
+    def threads(self) -> DaemonThreadPool:
         """The pool that threaded PE calls run in, made on first use.
 
         One thread per instance at most (threads start as needed): a threaded
         call waiting for credit holds its thread, and the instance it waits
-        for must still find one.
+        for must still find one. A call that never returns does not keep the
+        process from exiting once the run is over (see :meth:`run`).
         """
-        if self._executor is None:
-            self._executor = concurrent.futures.ThreadPoolExecutor(
-                max_workers=max(1, len(self.actors)), thread_name_prefix=f"aiod4p-worker{self.worker_id}"
-            )
-        return self._executor
+        if self._threads is None:
+            self._threads = DaemonThreadPool(max(1, len(self.actors)), f"aiod4p-worker{self.worker_id}")
+        return self._threads
 
     # -- sharing the event loop ---------------------------------------------------
     def held_too_long(self) -> bool:
@@ -1479,6 +1479,10 @@ class Worker:
     async def run(self) -> list[InstanceStats]:
         """Run every local instance to completion and return their statistics.
 
+        A run that fails or is cancelled does not wait for the threaded calls
+        under way (each stops after its current item): a call that has not
+        returned when the run ends is logged, naming its PE and thread.
+
         Raises:
             PEError: a PE raised; every task of this worker has been cancelled.
             TransportError: a comm to another worker failed.
@@ -1507,8 +1511,14 @@ class Worker:
             raise
         finally:
             self._abort_threads()
-            if self._executor is not None:
-                self._executor.shutdown(wait=False, cancel_futures=True)
+            if self._threads is not None:
+                for what, thread in self._threads.close():
+                    logger.warning(
+                        "the run ended before %s returned: it goes on in thread %s, which a run cannot stop"
+                        " (it does not keep the process from exiting)",
+                        what,
+                        thread,
+                    )
             for link in self.links.values():
                 await link.comm.aclose()
         return self.stats

@@ -1,18 +1,23 @@
 """Threads: blocking calls made from the event loop that must not be left under way when their caller is
-cancelled, and ending a process that threads it cannot stop would keep alive."""
+cancelled, threads for calls that may never return, and ending a process that threads it cannot stop
+would keep alive."""
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import logging
 import os
+import queue
 import sys
 import threading
 from collections.abc import Callable
 from typing import Any, NoReturn, TypeVar
 
 T = TypeVar("T")
+
+_Call = tuple[concurrent.futures.Future[Any], str, Callable[..., Any], tuple[Any, ...]]
 
 logger = logging.getLogger("aiod4p")
 
@@ -35,6 +40,84 @@ async def finished_in_thread(function: Callable[..., T], *args: Any) -> T:
         raise
 
 
+class DaemonThreadPool:
+    """Threads for blocking calls that may never return (a threaded PE's read with no timeout).
+
+    Threads start as calls need them, up to ``size``, and are reused. They are
+    daemon threads: one blocked in a call does not keep the process from
+    exiting, as the threads of ``concurrent.futures`` pools would (Python joins
+    those at exit). A caller that never runs more than ``size`` calls at once
+    never has a call wait for a thread.
+    """
+
+    def __init__(self, size: int, prefix: str) -> None:
+        self._size = size
+        self._prefix = prefix
+        self._calls: queue.SimpleQueue[_Call | None] = queue.SimpleQueue()
+        self._idle = threading.Semaphore(0)  # released by a thread done with a call, taken by the call it gets
+        self._lock = threading.Lock()
+        self._threads = 0
+        self._under_way: dict[concurrent.futures.Future[Any], tuple[str, str]] = {}  # (what, thread name)
+        self._closed = False
+
+    def submit(self, what: str, function: Callable[..., T], *args: Any) -> concurrent.futures.Future[T]:
+        """Call ``function(*args)`` in a thread of the pool; ``what`` describes the call for :meth:`close`.
+
+        Raises:
+            RuntimeError: the pool is closed.
+        """
+        future: concurrent.futures.Future[T] = concurrent.futures.Future()
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("the thread pool is closed")
+            self._calls.put((future, what, function, args))
+            if not self._idle.acquire(blocking=False) and self._threads < self._size:
+                self._threads += 1
+                name = f"{self._prefix}_{self._threads - 1}"
+                threading.Thread(target=self._serve, name=name, daemon=True).start()
+        return future
+
+    def close(self) -> list[tuple[str, str]]:
+        """Take no more calls, cancel those not started, and let each thread end once its call returns.
+
+        Returns:
+            the calls still under way, each as ``(what, thread name)``: they go on in the background.
+        """
+        with self._lock:
+            if not self._closed:
+                self._closed = True
+                with contextlib.suppress(queue.Empty):
+                    while call := self._calls.get_nowait():
+                        call[0].cancel()
+                for _ in range(self._threads):
+                    self._calls.put(None)
+            return list(self._under_way.values())
+
+    def _serve(self) -> None:
+        name = threading.current_thread().name
+        while (call := self._calls.get()) is not None:
+            future, what, function, args = call
+            del call
+            if future.set_running_or_notify_cancel():
+                with self._lock:
+                    self._under_way[future] = (what, name)
+                try:
+                    result = function(*args)
+                except BaseException as exc:
+                    self._done(future)
+                    future.set_exception(exc)
+                else:
+                    self._done(future)
+                    future.set_result(result)
+            del future, function, args
+            self._idle.release()
+
+    def _done(self, future: concurrent.futures.Future[Any]) -> None:
+        # Before the caller learns that the call is over: it may close the pool at once.
+        with self._lock:
+            del self._under_way[future]
+
+
 def flush_standard_streams() -> None:
     """Write out what is buffered for stdout and stderr (a closed or broken stream is passed over)."""
     for stream in (sys.stdout, sys.stderr):
@@ -43,8 +126,8 @@ def flush_standard_streams() -> None:
 
 
 def exit_past_threads(status: int, before_exit: Callable[[], object] = lambda: None) -> NoReturn:
-    """End the process with ``status``, even while a thread it cannot stop still runs (a threaded PE's
-    blocked call, a thread a PE's library left running), which Python would wait for at exit.
+    """End the process with ``status``, even while a thread it cannot stop still runs (a thread a PE or its
+    library left running), which Python would wait for at exit.
 
     With such a thread alive: flushes stdout and stderr, calls ``before_exit``, and ends the process at
     once; else exits as usual.

@@ -9,9 +9,11 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import ray
@@ -193,6 +195,59 @@ def test_cli_address_is_for_the_ray_mapping_only(tmp_path: Path) -> None:
 
 
 # -- a local Ray, started by the run (a laptop: no cluster, no RAY_ADDRESS) --------------------------
+
+# Where a service's process imports Ray's core (its C extension) as it starts a run on the ray mapping.
+EMBEDS_A_RAY_RUN = """
+import asyncio, sys, threading
+import aiod4p, workflows
+
+imported_in = []
+
+class NotesRaysImport:
+    def find_spec(self, name, path=None, target=None):
+        if name == "ray._raylet":
+            imported_in.append(threading.current_thread().name)
+        return None  # found by the finders after this one
+
+sys.meta_path.insert(0, NotesRaysImport())
+graph, _ = workflows.pipeline(2)
+assert len(asyncio.run(aiod4p.run_async(graph, 10, mapping="ray", workers=2))) == 10
+print(*imported_in)
+"""
+
+
+def test_a_run_imports_ray_off_the_event_loop(ray_cluster: RayCluster) -> None:
+    # Resolving mapping="ray" imported Ray on the loop: the host's tasks waited 0.25-0.5 s.
+    done = subprocess.run(
+        [sys.executable, "-c", EMBEDS_A_RAY_RUN],
+        capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT / "tests")},
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() and "MainThread" not in done.stdout.split(), done.stdout
+
+
+@pytest.mark.asyncio
+async def test_ray_s_calls_that_start_and_stop_a_run_are_made_off_the_event_loop(
+    ray_cluster: RayCluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    loop_thread, on_loop = threading.current_thread(), []
+
+    def noted(what: str, call: Any) -> Any:
+        def noting(*args: Any, **kwargs: Any) -> Any:
+            if threading.current_thread() is loop_thread:
+                on_loop.append(what)
+            return call(*args, **kwargs)
+
+        return noting
+
+    for name in ("init", "put", "kill"):
+        monkeypatch.setattr(ray, name, noted(f"ray.{name}", getattr(ray, name)))
+    monkeypatch.setattr(ray.actor.ActorClass, "_remote", noted("creating an actor", ray.actor.ActorClass._remote))
+    async with asyncio.timeout(120):
+        results = await aiod4p.run_async(_chain(wf.Double()), 10, mapping="ray", workers=2)
+    assert sorted(results.data()) == [4 * i for i in range(10)]
+    assert on_loop == []
+
 
 WITHOUT_CLUSTER = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
 

@@ -7,8 +7,10 @@ import contextlib
 import functools
 import json
 import os
+import re
 import signal
 import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,6 +25,7 @@ import aiod4p
 from aiod4p import ConsumerPE, IterativePE, ProducerPE, WorkflowGraph, iterative
 from aiod4p._api import run_in_threads
 from aiod4p._cli import main
+from aiod4p._threads import DaemonThreadPool
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKFLOWS = ROOT / "tests" / "workflows.py"
@@ -338,6 +341,58 @@ def test_a_failed_run_exits_while_a_threaded_call_still_blocks(mapping: str) -> 
             os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode == 1, err
     assert "FailsOnInstance" in err
+
+
+EMBEDS_A_BLOCKED_RUN = """
+import asyncio, sys
+import aiod4p, workflows
+
+async def main() -> None:
+    async with aiod4p.start(workflows.says_it_blocks(), 1, mapping=sys.argv[1]):
+        await asyncio.to_thread(sys.stdin.readline)  # the test's word, once the call blocks; then the run is closed
+
+asyncio.run(main())
+"""
+
+
+@pytest.mark.parametrize("mapping", ["simple", "async", "multi"])
+def test_a_service_exits_after_closing_a_run_whose_threaded_call_never_returns(mapping: str) -> None:
+    # Python joined the pool's thread at exit: a service's process waited forever for the abandoned call.
+    proc = subprocess.Popen(
+        [sys.executable, "-c", EMBEDS_A_BLOCKED_RUN, mapping],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=WORKFLOWS.parent,
+        start_new_session=True,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline() == "blocked\n"
+        _, err = proc.communicate("close\n", timeout=30)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0, err
+    if mapping != "multi":  # the call blocks in this process: the user is told it goes on
+        assert re.search(r"a call of PE SaysItBlocks\d+\[0\] returned: it goes on in thread aiod4p-worker0_", err), err
+
+
+def test_a_closed_pool_names_the_calls_under_way_and_cancels_those_not_started() -> None:
+    pool = DaemonThreadPool(1, "test-pool")
+    started, release = threading.Event(), threading.Event()
+
+    def blocks() -> None:
+        started.set()
+        release.wait(30)
+
+    busy = pool.submit("the blocked call", blocks)
+    queued = pool.submit("the queued call", int)  # the pool's one thread is busy
+    assert started.wait(30)
+    assert [thread.daemon for thread in threading.enumerate() if thread.name == "test-pool_0"] == [True]
+    assert pool.close() == [("the blocked call", "test-pool_0")]
+    assert queued.cancelled()
+    with pytest.raises(RuntimeError, match="closed"):
+        pool.submit("a late call", int)
+    release.set()
+    assert busy.result(timeout=30) is None
 
 
 @pytest.mark.parametrize("mapping", ["async", "multi"])

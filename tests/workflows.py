@@ -504,6 +504,14 @@ class BlocksForever(IterativePE):
         threading.Event().wait()
 
 
+class SaysItBlocks(BlocksForever):
+    """A :class:`BlocksForever` that prints ``blocked`` on stdout as its call starts to block."""
+
+    def process_item(self, item: int) -> None:
+        print("blocked", flush=True)
+        super().process_item(item)
+
+
 class HoldsItsLoop(IterativePE):
     """On its second item, each instance writes its pid to the FIFO named by
     ``AIOD4P_TEST_HOLDING`` and holds its process's event loop forever (it is not threaded)."""
@@ -533,6 +541,13 @@ def blocked_and_failing() -> WorkflowGraph:
     count = Count()
     graph.connect(count, "output", BlocksForever(), "input")
     graph.connect(count, "output", FailsOnInstance(0), "input", grouping=ALL)  # instance 0 surely gets items
+    return graph
+
+
+def says_it_blocks() -> WorkflowGraph:
+    """count -> a threaded PE that says so on stdout, then blocks forever."""
+    graph = WorkflowGraph()
+    graph.connect(Count(), "output", SaysItBlocks(), "input")
     return graph
 
 

@@ -3,74 +3,40 @@
 Like every multi-process mapping, it contributes only how workers start and
 which comm joins them (see ``docs/worker-host.md``); the worker host
 (:mod:`aiod4p.mappings._host`) does the rest: results, statistics, drain,
-pumped feeds, failures. What is Ray's is here:
-
-- joining a cluster: ``ray.init(address=...)`` (``None``: the ``RAY_ADDRESS``
-  environment variable, else a new local Ray); the mapping disconnects (and
-  stops a Ray it started) after the run, unless Ray was initialised already;
-- starting workers: one actor per worker with ``num_cpus`` and ``resources``
-  each, in a placement group that reserves every worker's share at once
-  (spread over the nodes): a run waiting for the cluster holds nothing, so
-  runs that share a cluster queue instead of each holding part of it and
-  waiting for the rest; each actor is given the job shipped once
-  (:func:`~aiod4p.mappings._shipping.ship`, in Ray's object store) and the
-  driver's ``sys.path``;
-- the comms: :mod:`aiod4p.transports.ray` (actor calls with credits);
-- dead workers: a pending call to each actor fails when it dies, which ends
-  the worker for the :class:`~aiod4p.mappings._host.Supervisor`; actors are
-  killed, and their placement group removed, after the run.
+pumped feeds, failures. What is Ray's (joining a cluster, starting the actors,
+stopping them) is in :mod:`aiod4p.mappings._ray_run`, which a run imports, with
+Ray, in a thread as it starts: importing Ray holds the interpreter for a
+quarter of a second or more, and the caller's event loop with it.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import functools
-import logging
+import importlib
+import importlib.util
 import math
 import os
-import select
-import signal
 import sys
-import threading
-import time
-from collections.abc import Callable, Mapping
-from pathlib import Path
-from typing import Any
-
-import ray
-from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
-from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
 from .._plan import ExecutionPlan
-from .._signals import adopt_orphans
 from ..errors import MappingUnavailable
-from ..transports.ray import DriverComm
+from ..transports import Comm
 from ._base import available_cpus
 from ._host import GRACE, STATS_INTERVAL
 from ._hosted import HostedMapping
-from ._ray_worker import CONTROL, RayWorker
-from ._shipping import Job, check_importable, ship
+from ._shipping import Job
+
+if TYPE_CHECKING:
+    from ._ray_run import RayRun
+
+if importlib.util.find_spec("ray") is None:  # the mapping's registry names the extra that brings it
+    raise ModuleNotFoundError("No module named 'ray'", name="ray")
 
 __all__ = ["RayMapping"]
 
 OBJECT_STORE_MEMORY = 200 * 1024 * 1024  # bytes of a local Ray's object store
-LEFTOVER_GRACE = 5.0  # seconds a local Ray's processes have to end after ray.shutdown() before SIGKILL
-
-_RemoteWorker: Any = None  # ray.remote(RayWorker), made once
-
-
-class _SigtermNotice(logging.Filter):
-    """Drops Ray's warning that ``ray.init``, called off the main thread, leaves SIGTERM alone: aiod4p
-    handles SIGTERM itself (a drain), and the line would end up on the user's stderr at every run."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not record.getMessage().startswith("SIGTERM handler is not set")
-
-
-logging.getLogger("ray._private.worker").addFilter(_SigtermNotice())
-
-_cluster_resources: Callable[[], dict[str, float]] = ray.cluster_resources  # unannotated in Ray
 
 
 class RayMapping(HostedMapping):
@@ -113,20 +79,23 @@ class RayMapping(HostedMapping):
     def shares_cpus(self) -> bool:
         """The run starts a local Ray (no ``address``, no ``RAY_ADDRESS``, no connection yet), whose
         workers all share this machine's CPUs."""
-        return self._starts_local_ray() and not ray.is_initialized()
+        ray = sys.modules.get("ray")  # not imported yet: not initialised
+        return self._starts_local_ray() and not (ray is not None and ray.is_initialized())
 
     def _starts_local_ray(self) -> bool:
         return self.address is None and not os.environ.get("RAY_ADDRESS")
 
-    def launch(self, plan: ExecutionPlan) -> _RayRun:
+    def launch(self, plan: ExecutionPlan) -> _RayLaunch:
         """Ray actors for a run of ``plan``; starting them raises :class:`~aiod4p.errors.MappingUnavailable`
         when Ray cannot be joined or cannot start them."""
-        return _RayRun(self, plan)
+        return _RayLaunch(self, plan)
 
     def _connect(self, workers: int) -> bool:
         """Join the cluster at ``address`` (or ``RAY_ADDRESS``), else start a local Ray with room for ``workers``
         actors (as many CPUs as this process may use, or more when they need more, as the multi mapping starts
-        as many processes as it is given); whether it started one."""
+        as many processes as it is given); whether it started one. Called in a thread, Ray imported."""
+        import ray
+
         options: dict[str, Any] = {"include_dashboard": False, "log_to_driver": True, "configure_logging": False}
         if self.runtime_env:
             options["runtime_env"] = self.runtime_env
@@ -142,283 +111,29 @@ class RayMapping(HostedMapping):
             raise MappingUnavailable(f"cannot join the Ray cluster at {where}: {exc}") from exc
 
 
-class _Connection:
-    """This process's connection to Ray: made by the first run that needs it, closed by the last one.
-
-    A connection made by the caller (``ray.init`` before the run) is theirs: it is never closed here.
-    """
-
-    def __init__(self) -> None:
-        self._users = 0
-        self._owned = False
-        self.local = False  # the connection is to a local Ray started here: it never grows
-        self._before: set[int] = set()  # this process's children before it started a local Ray
-        self._started: set[int] = set()  # the processes of a local Ray started here (raylet, GCS, ...)
-        self._lock = threading.Lock()
-
-    def acquire(self, connect: Callable[[], bool]) -> None:
-        """Count one more run, calling ``connect`` (whether it started a local Ray) first if Ray is not
-        initialized."""
-        with self._lock:
-            if self._users == 0 and not ray.is_initialized():
-                self._before = _children({os.getpid()})
-                adopt_orphans(True)  # the agents a raylet leaves behind come back to this process
-                try:
-                    self.local = connect()
-                except BaseException:
-                    adopt_orphans(False)
-                    raise
-                self._started = _children({os.getpid()}) - self._before
-                self._owned = True
-            self._users += 1
-
-    def release(self) -> None:
-        """Count one run less; the last one closes a connection made here, and stops what is left of a
-        local Ray it started: a run stopped while Ray was still starting (Ctrl-C) ends its raylet before
-        the agents the raylet was starting, which then wait for it forever."""
-        with self._lock:
-            self._users -= 1
-            if self._users == 0 and self._owned:
-                self._owned = self.local = False
-                tree = _pidfds(_descendants(self._started))
-                try:
-                    ray.shutdown()
-                    orphans = {pid for pid in _children({os.getpid()}) - self._before if _of_ray(pid)}
-                    tree += _pidfds(_descendants(orphans))
-                    _kill_left(tree, LEFTOVER_GRACE)
-                    for pid in orphans:  # children of this process now: reap them
-                        with contextlib.suppress(ChildProcessError):
-                            os.waitpid(pid, 0)
-                finally:
-                    adopt_orphans(False)
-                    for fd in tree:
-                        os.close(fd)
-
-
-_CONNECTION = _Connection()
-
-
-def _children(parents: set[int]) -> set[int]:
-    """The running processes whose parent is one of ``parents`` (none without Linux's ``/proc``)."""
-    found = set()
-    with contextlib.suppress(OSError):
-        for entry in os.listdir("/proc"):
-            if entry.isdigit():
-                try:
-                    fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
-                except OSError:
-                    continue  # ended meanwhile
-                if fields[0] != "Z" and int(fields[1]) in parents:
-                    found.add(int(entry))
-    return found
-
-
-def _of_ray(pid: int) -> bool:
-    """Whether process ``pid`` is one of Ray's (a raylet, an agent, a worker: named so by their command lines)."""
-    try:
-        command = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return False
-    return b"ray::" in command or b"/ray/" in command
-
-
-def _descendants(roots: set[int]) -> set[int]:
-    """``roots`` and every process below them."""
-    tree, level = set(roots), set(roots)
-    while level:
-        level = _children(level) - tree
-        tree |= level
-    return tree
-
-
-def _pidfds(pids: set[int]) -> list[int]:
-    """A pidfd for each of ``pids`` still running: it names that process even once its pid is reused."""
-    fds = []
-    for pid in pids:
-        with contextlib.suppress(OSError):
-            fds.append(os.pidfd_open(pid))
-    return fds
-
-
-def _kill_left(pidfds: list[int], grace: float) -> None:
-    """SIGKILL the processes of ``pidfds`` that are still running ``grace`` seconds from now."""
-    deadline = time.monotonic() + grace
-    running = list(pidfds)
-    while running and (left := deadline - time.monotonic()) > 0:
-        ended, _, _ = select.select(running, [], [], left)  # a pidfd is readable once its process ended
-        running = [fd for fd in running if fd not in ended]
-    for fd in running:
-        with contextlib.suppress(OSError):
-            signal.pidfd_send_signal(fd, signal.SIGKILL)
-
-
-class _Handover:
-    """The share of the connection that a thread joins for a run: the run gives it back once it stops,
-    unless it gave up waiting for the thread first, in which case the thread gives it back itself.
-
-    A signal (Ctrl-C) can end the run's wait at any point, and the loop with it, while Ray is still
-    starting (the loop, closing, still waits for its executor's threads): exactly one side releases.
-    """
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._joined = False
-        self._given_up = False
-
-    def joined(self) -> None:
-        """Called by the thread once it joined: it releases the share if the run no longer waits for it."""
-        with self._lock:
-            self._joined = True
-            abandoned = self._given_up
-        if abandoned:
-            _CONNECTION.release()
-
-    def give_up(self) -> bool:
-        """Called by the run when its wait ends, however it ends; whether the run holds the share."""
-        with self._lock:
-            self._given_up = True
-            return self._joined
-
-
-class _RayRun:
-    """One execution: its share of the connection to Ray, its actors and their placement group."""
+class _RayLaunch:
+    """A run's Ray actors: a :class:`~aiod4p.mappings._ray_run.RayRun`, made once its module is imported."""
 
     def __init__(self, mapping: RayMapping, plan: ExecutionPlan) -> None:
         self.mapping = mapping
         self.plan = plan
-        self.connected = False
-        self.comms: dict[int, DriverComm] = {}
-        self.group: PlacementGroup | None = None
-        self.actors: list[Any] = []
-        self.places: list[tuple[str, int]] = []
-        self.serving: list[asyncio.Future[Any]] = []
-        self.alive: list[asyncio.Future[Any]] = []
+        self.run: RayRun | None = None
 
-    async def start(self, job: Job) -> dict[int, DriverComm]:
-        """Ship the job, join Ray (concurrent runs share one connection), start the actors; the driver's
-        ends of their control comms.
-
-        Raises:
-            GraphError: a PE cannot be pickled, or its class or function is defined in ``__main__`` (a notebook,
-                a script), which the actors cannot import (before anything of Ray starts).
-            MappingUnavailable: Ray cannot be joined, or did not start the actors within ``start_timeout``.
-        """
-        check_importable(self.plan, "the Ray actors")
-        payload = ship(job, "start Ray actors")
-        handover = _Handover()
-
-        def acquire() -> None:
-            _CONNECTION.acquire(functools.partial(self.mapping._connect, self.plan.workers))
-            handover.joined()
-
-        try:
-            await asyncio.get_running_loop().run_in_executor(None, acquire)
-        finally:
-            self.connected = handover.give_up()
-        await self._start_actors(payload)
-        self.comms = {wid: DriverComm(actor, CONTROL) for wid, actor in enumerate(self.actors)}
-        return self.comms
-
-    async def stop(self, finished: bool) -> None:
-        """Kill the actors (whether or not the run ``finished``), then give back this run's share of the
-        connection (once the comms stopped taking from the actors)."""
-        for comm in self.comms.values():
-            comm.abort()
-        if self.connected:
-            try:
-                await self._kill_actors()
-            finally:
-                await asyncio.to_thread(_CONNECTION.release)
-
-    async def _start_actors(self, payload: bytes) -> None:
-        """Start one actor per worker, wait until each runs, then have each serve its share.
-
-        Raises:
-            MappingUnavailable: the cluster did not start them within ``start_timeout``, or it is a local Ray
-                started for the run that has fewer resources than they reserve (it will never have more).
-        """
-        global _RemoteWorker
-        if _RemoteWorker is None:
-            _RemoteWorker = ray.remote(RayWorker)
-        mapping, n = self.mapping, self.plan.workers
-        options: dict[str, Any] = {"num_cpus": mapping.num_cpus, "max_restarts": 0}
-        if mapping.resources:
-            options["resources"] = mapping.resources
-        # Every worker's share in one reservation, made at once or not at all: two runs on too small a
-        # cluster would otherwise each start some of their actors and wait forever for the rest.
-        share = {name: amount for name, amount in {"CPU": mapping.num_cpus, **mapping.resources}.items() if amount}
-        if _CONNECTION.local:
-            total = _cluster_resources()
-            if any(amount * n > total.get(name, 0) for name, amount in share.items()):
-                raise MappingUnavailable(
-                    f"the local Ray started for the run cannot start {self._asked()}: it has {total}; start a"
-                    " Ray with them (`ray start --head --resources ...`), then give its --address"
-                )
-        places: list[Any] = ["SPREAD"] * n  # workers that reserve nothing need no reservation
-        if share:
-            self.group = placement_group([share] * n, strategy="SPREAD")
-            places = [PlacementGroupSchedulingStrategy(self.group, placement_group_bundle_index=i) for i in range(n)]
-        self.actors = [
-            _RemoteWorker.options(**options, scheduling_strategy=place).remote(wid) for wid, place in enumerate(places)
-        ]
-        self.alive = [_future(actor.alive.remote()) for actor in self.actors]
-        started = [_future(actor.where.remote()) for actor in self.actors]
-        try:
-            async with asyncio.timeout(mapping.start_timeout):
-                self.places = list(await asyncio.gather(*started))
-        except TimeoutError:
-            raise MappingUnavailable(
-                f"the Ray cluster did not start {self._asked()} within {mapping.start_timeout:g} s;"
-                f" its resources: {_cluster_resources()}"
-            ) from None
-        finally:
-            for future in started:
-                future.cancel()
-        peers: list[set[int]] = [set() for _ in range(n)]
-        for spec in self.plan.channels:
-            if spec.source_worker != spec.dest_worker:
-                peers[spec.source_worker].add(spec.dest_worker)
-                peers[spec.dest_worker].add(spec.source_worker)
-        job = ray.put(payload)  # one copy in the object store for every worker
-        paths = [path for path in sys.path if path]
-        self.serving = [
-            _future(actor.serve.remote(job, {peer: self.actors[peer] for peer in sorted(peers[wid])}, paths))
-            for wid, actor in enumerate(self.actors)
-        ]
-
-    def _asked(self) -> str:
-        """The actors the run asks for, in words."""
-        mapping = self.mapping
-        return (
-            f"{self.plan.workers} worker actors of {mapping.num_cpus:g} CPU{'' if mapping.num_cpus == 1 else 's'}"
-            f"{f' and {mapping.resources}' if mapping.resources else ''} each"
-        )
-
-    async def _kill_actors(self) -> None:
-        """Kill every actor of the run, give back its reservation, and wait (a few ``grace`` periods at most)
-        until Ray confirms the actors are gone."""
-        for actor in self.actors:
-            ray.kill(actor, no_restart=True)
-        if self.group is not None:
-            remove_placement_group(self.group)
-        if self.alive:
-            await asyncio.wait(self.alive, timeout=self.mapping.grace * 5)
-        for future in (*self.alive, *self.serving):
-            if future.done() and not future.cancelled():
-                future.exception()  # retrieved: a killed actor's calls fail, as expected
-            future.cancel()
+    async def start(self, job: Job) -> Mapping[int, Comm]:
+        """Import :mod:`~aiod4p.mappings._ray_run` (and Ray) in a thread, then start the run's actors
+        (:meth:`~aiod4p.mappings._ray_run.RayRun.start`, which says what it raises)."""
+        module = await asyncio.to_thread(importlib.import_module, "aiod4p.mappings._ray_run")
+        self.run = module.RayRun(self.mapping, self.plan)
+        return await self.run.start(job)
 
     async def exited(self, wid: int) -> None:
-        """Wait until worker ``wid``'s actor died or its serve call ended."""
-        await asyncio.wait({self.alive[wid], self.serving[wid]}, return_when=asyncio.FIRST_COMPLETED)
+        assert self.run is not None
+        await self.run.exited(wid)
 
     async def death(self, wid: int) -> str:
-        node, pid = self.places[wid]
-        causes = [f.exception() for f in (self.alive[wid], self.serving[wid]) if f.done() and not f.cancelled()]
-        cause = next((str(c).strip().splitlines()[0] for c in causes if c is not None), "it stopped responding")
-        return f"worker actor {wid} (pid {pid} on Ray node {node[:12]}) died before the run finished: {cause}"
+        assert self.run is not None
+        return await self.run.death(wid)
 
-
-def _future(ref: Any) -> asyncio.Future[Any]:
-    """An asyncio future of a Ray object reference."""
-    return asyncio.wrap_future(ref.future())
+    async def stop(self, finished: bool) -> None:
+        if self.run is not None:
+            await self.run.stop(finished)
