@@ -36,6 +36,11 @@ REMOTE_BATCH_FACTOR = 16
 """A batch between two workers may carry this many times ``batch_size`` items: each message between
 processes costs a pickle frame, a write, a wake-up of the peer and a credit coming back, which small
 batches of cheap items cannot pay for (the time and byte bounds still apply)."""
+MAX_CHANNELS = 1_000_000
+"""The most channels a plan may have. Every channel holds buffers and credit in every run (about 2 KB and
+20 us to build each), and an edge needs one per sending instance and destination it may reach: between
+two PEs of N instances each, a key grouping or an ``all`` needs N x N (``-n 10000`` on the async mapping:
+10^8 channels, which took 17 GB and never started)."""
 REMOTE_TIME_FACTOR = 4
 """A batch between two workers may carry this many times ``batch_seconds`` of its destination's
 measured work: the credits of such a channel come back only when the sending worker's event loop
@@ -299,11 +304,12 @@ def make_plan(graph: WorkflowGraph | FlatGraph, options: PlanOptions | None = No
             workers = tuple(index % options.placing_workers for index in range(parallelism))
         placement[pe_id] = PEPlan(pe_id, len(workers), workers, pe_id in root_set)
 
+    _check_channels(flat, placement)
     routes: dict[str, list[RouteSpec]] = {pe_id: [] for pe_id in flat.pes}
     pairs: set[tuple[str, int, str, int]] = set()  # plain tuples: sorted at C speed
     for edge in flat.edges:
         source, dest = placement[edge.source], placement[edge.dest]
-        aligned = source.parallelism == dest.parallelism and source.workers == dest.workers
+        aligned = _aligned(source, dest)
         targets = tuple(
             edge.grouping.candidates(dest.parallelism, index, aligned) for index in range(source.parallelism)
         )
@@ -331,6 +337,30 @@ def make_plan(graph: WorkflowGraph | FlatGraph, options: PlanOptions | None = No
         roots=roots,
         graph=flat,
     )
+
+
+def _aligned(source: PEPlan, dest: PEPlan) -> bool:
+    return source.parallelism == dest.parallelism and source.workers == dest.workers
+
+
+def _check_channels(flat: FlatGraph, placement: dict[str, PEPlan]) -> None:
+    """Raises:
+    GraphError: the plan would need more than :data:`MAX_CHANNELS` channels (counted before any is made).
+    """
+    needs = []
+    for edge in flat.edges:
+        source, dest = placement[edge.source], placement[edge.dest]
+        reached = len(edge.grouping.candidates(dest.parallelism, 0, _aligned(source, dest)))  # by every sender
+        needs.append((source.parallelism * reached, edge))
+    total = sum(count for count, _ in needs)
+    if total > MAX_CHANNELS:
+        count, edge = max(needs, key=lambda need: need[0])
+        raise GraphError(
+            f"the plan needs {total:,} channels, more than the {MAX_CHANNELS:,} a run can be given;"
+            f" {edge.source}.{edge.source_port} ({placement[edge.source].parallelism:,} instances) ->"
+            f" {edge.dest}.{edge.dest_port} ({placement[edge.dest].parallelism:,} instances, {edge.grouping})"
+            f" alone needs {count:,}: give these PEs fewer instances (-n, or the PEs' parallelism)"
+        )
 
 
 def _parallelism(pe_id: str, pe: PE, single: bool, options: PlanOptions) -> int:

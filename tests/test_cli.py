@@ -290,6 +290,33 @@ def test_graph_command_checks_n_as_a_usage_error(workflow_file: Path, tmp_path: 
     assert "argument -n/--num: must be at least 1, not 0" in done.stderr
 
 
+def test_a_large_n_on_the_async_mapping_fails_at_once_when_its_plan_needs_too_many_channels(tmp_path: Path) -> None:
+    """`-n 10000` on async gives every PE but the root 10,000 instances, and a key grouping between two of
+    them 10^8 channels: the run took 17 GB and never started. It now fails at once, naming the edge."""
+    flow = tmp_path / "flow.py"
+    flow.write_text(
+        "from aiod4p import IterativePE, ProducerPE, WorkflowGraph, group_by\n"
+        "class Numbers(ProducerPE):\n"
+        "    def produce(self):\n"
+        "        yield from range(10)\n"
+        "class Tag(IterativePE):\n"
+        "    def process_item(self, x):\n"
+        "        return (x % 5, x)\n"
+        "class Sum(IterativePE):\n"
+        "    def __init__(self):\n"
+        "        super().__init__(grouping=group_by(0))\n"
+        "    def process_item(self, pair):\n"
+        "        return pair\n"
+        "graph = WorkflowGraph()\n"
+        "graph.connect(Numbers(), 'output', tag := Tag(), 'input')\n"
+        "graph.connect(tag, 'output', Sum(), 'input')\n"
+    )
+    done = aiod4p("run", str(flow), "-m", "async", "-n", "10000")
+    assert done.returncode == 1, done.stderr
+    assert "the plan needs 100,010,000 channels, more than the 1,000,000 a run can be given" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
 def test_version() -> None:
     done = aiod4p("--version")
     assert done.returncode == 0
