@@ -875,6 +875,12 @@ class LiveFeed:
     application code: ``send`` waits while ``maxsize`` items are queued and
     not yet taken by the workflow. :meth:`close` ends the stream after the
     queued items (draining the run closes it too).
+
+    A feed feeds one run at a time (:meth:`claim`): a run started with a feed
+    that another run, not ended, has is refused, since each run would take
+    some of its items. Once that run ended, a later run may take the feed up,
+    with the items left queued, unless the feed was closed and a run read it
+    to its end (its stream is over).
     """
 
     def __init__(self, maxsize: int = 1024) -> None:
@@ -889,6 +895,34 @@ class LiveFeed:
         self.ended = False  # the run stopped taking items (until a restart of the run takes them again)
         self._readers = 0
         self._read = asyncio.Event()  # set while a run takes items
+        self._run: object = None  # the run the feed feeds, until it ends
+        self._fed = ""  # the PE it feeds in that run
+        self._over = False  # closed, and a run read it to its end
+
+    def claim(self, run: object, pe: str) -> None:
+        """Make the feed the input of PE ``pe`` of ``run`` until :meth:`release` (more PEs of ``run`` may share it).
+
+        Raises:
+            InputError: another run has the feed and has not ended, or the feed was closed and a run read it to
+                its end; the PE is named.
+        """
+        if self._run is not None and self._run is not run:
+            raise InputError(
+                f"the LiveFeed given as the input of PE {pe} is already feeding another run (its PE {self._fed}),"
+                " which has not ended: a LiveFeed feeds one run at a time (each run would take some of its items);"
+                " give each run a LiveFeed of its own"
+            )
+        if self._over:
+            raise InputError(
+                f"the LiveFeed given as the input of PE {pe} was closed and an earlier run read it to its end:"
+                " its stream is over; give this run a new LiveFeed"
+            )
+        self._run, self._fed = run, pe
+
+    def release(self, run: object) -> None:
+        """``run`` ended: a later run may claim the feed."""
+        if self._run is run:
+            self._run = None
 
     def full(self) -> bool:
         return len(self._items) >= self.maxsize
@@ -950,6 +984,7 @@ class LiveFeed:
             while True:
                 while not items:
                     if self.closed:
+                        self._over = True
                         return
                     self._has_items.clear()
                     await self._has_items.wait()
