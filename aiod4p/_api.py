@@ -76,11 +76,31 @@ class WorkflowRun:
         self._finished: float | None = None
 
     def start(self) -> WorkflowRun:
-        """Start running (idempotent); needs a running event loop."""
+        """Start running (idempotent); needs a running event loop.
+
+        Raises:
+            InputError: a :class:`~aiod4p.sources.LiveFeed` input is feeding another run, or its stream is over
+                (:meth:`~aiod4p.sources.LiveFeed.claim`).
+        """
         if self._task is None:
+            try:
+                for pe, feed in self.feeds.items():
+                    if isinstance(feed, LiveFeed):
+                        feed.claim(self, pe)
+            except InputError:
+                self._release()
+                raise
             self._started = time.perf_counter()
             self._task = asyncio.get_running_loop().create_task(self._execute(), name="aiod4p run")
+            # a task cancelled before its first step never runs _execute's own release
+            self._task.add_done_callback(lambda _: self._release())
         return self
+
+    def _release(self) -> None:
+        """Let a later run take this run's live feeds (idempotent)."""
+        for feed in self.feeds.values():
+            if isinstance(feed, LiveFeed):
+                feed.release(self)
 
     async def _execute(self) -> None:
         try:
@@ -92,6 +112,7 @@ class WorkflowRun:
             self.stats = stats
         finally:
             self._finished = time.perf_counter()
+            self._release()  # when the run ends, not a loop step later: a run started next may take its feeds
 
     def instances(self, pe: str | PE) -> list[PE]:
         """The PE objects this run's instances of ``pe`` (a PE id, or the PE as built) work on, by index.

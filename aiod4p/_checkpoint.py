@@ -47,7 +47,8 @@ from typing import TYPE_CHECKING, Any, Protocol, TextIO
 
 from ._channels import Barrier, Message
 from ._engine import plain_generator_call
-from ._groupings import GroupBy
+from ._groupings import All, GroupBy
+from ._pe import PE
 from ._plan import ExecutionPlan, InstanceRef
 from ._results import ResultRecord, ResultSink, record_line
 from ._state import capture, restore_state
@@ -202,9 +203,9 @@ class Checkpoint:
 
         Raises:
             CheckpointError: a PE or a connection that one of them lacks (named): another graph. Or a PE
-                restored with another instance count whose instances saved different state, none of it
-                ``keyed_state``, and not all finished: instance ``i`` would take that of old instance
-                ``i % old``, duplicating it (or dropping it, with fewer); the PE and the attributes are named.
+                restored with another instance count, not all of its instances finished and none of its state
+                ``keyed_state``, whose saved state cannot be shared out (:meth:`_check_shared_out`): the PE and
+                the attributes are named.
         """
         for pe in plan.placement:
             self.parallelism(pe)
@@ -220,32 +221,61 @@ class Checkpoint:
             raise CheckpointError(f"checkpoint {self.id} was taken of another graph: only {whose} connects {differ[0]}")
         for pe, placement in plan.placement.items():
             old = self.parallelism(pe)
-            if old != placement.parallelism:
-                self._check_shared_out(pe, old, placement.parallelism)
+            if old != placement.parallelism and not placement.is_root:  # a root's is refused with its position
+                self._check_shared_out(plan, pe, old, placement.parallelism)
 
-    def _check_shared_out(self, pe: str, old: int, new: int) -> None:
+    def _check_shared_out(self, plan: ExecutionPlan, pe: str, old: int, new: int) -> None:
+        """Refuse to give PE ``pe``'s non-keyed state of ``old`` instances to ``new``: instance ``i`` would take that
+        of old instance ``i % old``, duplicating it (or dropping it, with fewer).
+
+        It is shared out only where that is right: every instance had finished (none runs again), part of it is
+        ``keyed_state`` (keys go where their items now go, the rest by index), or each attribute (or what
+        ``snapshot()`` returned) is, in every old instance, as the PE was built (nothing the items made), or is
+        the same in every old instance and every input of the PE is broadcast (``ALL``: each instance sees
+        every item, so each holds what all of them would). One instance's state, with any other grouping, holds
+        what its share of the items made: copied to several instances, or split among them, it would be wrong.
+        """
         if all(self.states[InstanceRef(pe, i)]["finished"] for i in range(old)):
             return  # its instances do not run again
         saved = [self.states[InstanceRef(pe, i)]["pe"] for i in range(old)]
         if any("keyed" in state for state in saved):
             return  # its keys move to the instances they now reach; its other attributes go by index
-        first = saved[0]
-        if "custom" in first:
-            differ = [] if all(_same(state, first) for state in saved) else ["what snapshot() returned"]
+        inputs = [edge.grouping for edge in plan.graph.edges if edge.dest == pe]
+        broadcast = bool(inputs) and all(isinstance(grouping, All) for grouping in inputs)
+        built = _built_state(plan.pes[pe])
+        if "custom" in saved[0]:
+            values = {"what snapshot() returned": ([state.get("custom") for state in saved], built.get("custom"))}
         else:
             names = sorted({name for state in saved for name in state["attributes"]})
-            differ = [
-                name
-                for name in names
-                if not all(_same(state["attributes"].get(name), first["attributes"].get(name)) for state in saved)
-            ]
+            initial = built.get("attributes", {})
+            values = {name: ([state["attributes"].get(name) for state in saved], initial.get(name)) for name in names}
+        differ = [
+            name
+            for name, (held, initial) in values.items()
+            if not all(_same(value, initial) for value in held)
+            and not (broadcast and all(_same(value, held[0]) for value in held))
+        ]
         if differ:
-            raise CheckpointError(
-                f"PE {pe} had {old} instances in checkpoint {self.id}, now {new}, and their state differs"
-                f" ({', '.join(differ)}) with none of it in keyed_state: it cannot be shared out among {new}"
-                " (restore with the same -n, or declare the PE's keyed_state, or name a cache or configuration"
-                " in checkpoint_exclude)"
+            grouped = ", ".join(sorted({str(grouping) for grouping in inputs}))
+            why = (
+                "its instances hold different state"
+                if broadcast
+                else f"its inputs ({grouped}) are not all broadcast: each instance's state holds what its items made"
             )
+            raise CheckpointError(
+                f"PE {pe} had {old} instance{'s' if old > 1 else ''} in checkpoint {self.id}, now {new}, and its"
+                f" state ({', '.join(differ)}) is not as built, none of it in keyed_state, and {why}: it cannot be"
+                f" shared out among {new} (restore with the same -n, or declare the PE's keyed_state, or name a"
+                " cache or configuration in checkpoint_exclude)"
+            )
+
+
+def _built_state(pe: PE) -> dict[str, Any]:
+    """The state of ``pe`` as the graph built it, before any run (``{}`` if its ``snapshot()`` fails there)."""
+    try:
+        return capture(pe, None)
+    except Exception:  # a snapshot() that needs what preprocess() sets: no initial state to compare with
+        return {}
 
 
 def _same(one: Any, other: Any) -> bool:

@@ -36,6 +36,7 @@ import termios
 import time
 from collections import deque
 from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Callable
+from dataclasses import dataclass
 from typing import Any
 
 from ._pe import ProducerPE
@@ -44,6 +45,7 @@ from .errors import Aiod4pError, InputError
 __all__ = [
     "AsyncIterSource",
     "DatagramStream",
+    "FileGeneration",
     "LineStream",
     "LinesSource",
     "LiveFeed",
@@ -310,6 +312,36 @@ def _check_line_options(max_line: int, on_bad: str, what: str) -> None:
 
 # -- lines from stdin, a pipe or a file -------------------------------------------
 
+_HEAD_BYTES = 256  # of a followed file's content, kept to tell it from the file truncated and written again
+
+
+@dataclass
+class FileGeneration:
+    """One file a followed path held: from its creation, or its truncation, to its rotation or truncation.
+
+    ``first`` is the number of items the stream had yielded before it (the
+    offset protocol's count), ``head`` its first bytes once read (up to 256):
+    a restore finds the item of its offset in the generation it lies in, and
+    goes on in the file at the path only if that is the same generation (the
+    same device and inode, and those first bytes).
+    """
+
+    dev: int
+    ino: int
+    first: int
+    head: bytes = b""
+
+    @classmethod
+    def of(cls, fd: int, first: int) -> FileGeneration:
+        opened = os.fstat(fd)
+        return cls(opened.st_dev, opened.st_ino, first)
+
+    def holds(self, fd: int) -> bool:
+        """Whether ``fd`` is this generation's file, as far as can be known (a copy truncated and written again
+        with the same first bytes cannot be told apart)."""
+        opened = os.fstat(fd)
+        return (opened.st_dev, opened.st_ino) == (self.dev, self.ino) and os.pread(fd, len(self.head), 0) == self.head
+
 
 class LineStream:
     """Lines (or JSON Lines) from stdin, a file descriptor or a file, as an async iterable.
@@ -319,10 +351,18 @@ class LineStream:
         json: parse each non-empty line as JSON (else yield the line as ``str``).
         follow: for a regular file, keep reading as it grows (``tail -f``),
             polling every ``poll_interval`` seconds; restart from the top if
-            the file is truncated, and go on with the new file once the path
-            names another one (rotated away, as logrotate's ``create`` does:
-            ``tail -F``), from its top, after the end of the old one.
+            the file is truncated (its size fell below what was read: as
+            logrotate's ``copytruncate`` does), and go on with the new file
+            once the path names another one (rotated away, as logrotate's
+            ``create`` does: ``tail -F``), from its top, after the end of the
+            old one. The unterminated last line of a file rotated away or
+            truncated is a line of its own, never joined to the next file's first.
         from_end: with ``follow``, start at the current end of the file.
+        generations: with ``follow``, where the stream records the files the
+            path held (:class:`FileGeneration`), so that a :meth:`seek` after a
+            truncation or a rotation finds its line in the right one; a
+            source PE keeps it in its checkpointed state. By default the
+            stream's own (kept over its iterations in one process).
         max_line: the longest line accepted, in bytes (default
             :data:`MAX_LINE_BYTES`, 64 MiB); a longer one is a bad line and
             is never held in memory whole.
@@ -353,9 +393,11 @@ class LineStream:
         max_line: int = MAX_LINE_BYTES,
         on_bad: str = "fail",
         dead_letter: Callable[[dict[str, Any]], object] | None = None,
+        generations: list[FileGeneration] | None = None,
     ) -> None:
         _check_line_options(max_line, on_bad, "LineStream")
         self.source = source
+        self.generations: list[FileGeneration] = [] if generations is None else generations
         self.json = json
         self.follow = follow
         self.from_end = from_end
@@ -370,7 +412,13 @@ class LineStream:
         """The bytes read since the current iteration began (the engine's read-ahead counts the lines by them)."""
 
     def seek(self, offset: int) -> None:
-        """The offset protocol (checkpoints): start with line ``offset`` (counted as yielded); call before iterating."""
+        """The offset protocol (checkpoints): start with line ``offset`` (counted as yielded); call before iterating.
+
+        A followed path whose file was truncated or rotated since that line was read holds other lines: the
+        stream then reads the new file from its top (the lines the old one got after ``offset`` are lost, not
+        replaced by the new one's). It tells by :attr:`generations`; without them, it drops ``offset`` lines of
+        the file at the path.
+        """
         self._skip = offset
 
     @property
@@ -428,12 +476,40 @@ class LineStream:
         opened = os.fstat(fd)
         return (named.st_dev, named.st_ino) != (opened.st_dev, opened.st_ino)
 
+    def _resume(self, fd: int, offset: int) -> int:
+        """The items of followed file ``fd`` to drop, for a stream that starts with item ``offset``.
+
+        The generation item ``offset`` lies in is the last to begin at or before it: if ``fd`` is still that
+        file, its items before ``offset`` are dropped; if not (truncated or rotated since), all of ``fd`` is new,
+        and none is. :attr:`generations` is cut back to that generation, ``fd``'s added when it is another.
+        """
+        known = [generation for generation in self.generations if generation.first <= offset]
+        if not known:  # nothing recorded: the file at the path is the one the offset counts in
+            self.generations[:] = [FileGeneration.of(fd, 0)]
+            return offset
+        self.generations[:] = known
+        if known[-1].holds(fd):
+            return offset - known[-1].first
+        logger.warning(
+            "%s was truncated or rotated since its item %d was read: the new file is read from its top (lines the"
+            " old one got after that item, if any, are not read)",
+            self.origin,
+            offset,
+        )
+        self.generations.append(FileGeneration.of(fd, offset))
+        return 0
+
     async def _lines(self) -> AsyncIterator[Any]:
         loop = asyncio.get_running_loop()
         fd, owned = self._open()
         reader = _LineReader(self.origin, self.json, self.max_line, self.on_bad, self.dead_letter, self._counter)
         reader.skip, self._skip, waker = self._skip, 0, self._waker  # a seek holds for one iteration
         regular = stat.S_ISREG(os.fstat(fd).st_mode)
+        followed = regular and owned and self.follow and not self.from_end
+        if followed:
+            reader.skip = self._resume(fd, reader.skip)
+        top = self.generations[-1].first if followed else 0  # the items before the current file
+        counted = reader.skip  # the items of the current file counted before (the skip) or yielded since
         if regular and not owned:  # stdin or a descriptor: a reading again (a restart) starts as a path's does
             if self._origin is None:
                 self._origin = os.lseek(fd, 0, os.SEEK_CUR)
@@ -454,8 +530,26 @@ class LineStream:
 
         left: int | None = None  # once draining: the bytes there were to read when the drain came
         self.bytes_read = 0
+        switch: str | None = None  # the path's file was "truncated" or "rotated" away
         try:
             while True:
+                if followed and switch is None and not self.generations[-1].holds(fd):
+                    switch = "truncated"  # and written past where it was read: its first bytes are others
+                if switch is not None:
+                    for item in reader.finish():  # its unterminated last line: a line of its own
+                        counted += 1
+                        yield item
+                    if switch == "truncated":
+                        os.lseek(fd, 0, os.SEEK_SET)
+                    else:
+                        old, fd = fd, self._open()[0]
+                        os.close(old)
+                    if followed:
+                        top += counted - reader.skip
+                        self.generations.append(FileGeneration.of(fd, top))
+                    counted = reader.skip = 0  # every line of the new file is new
+                    switch = None
+                    continue
                 if regular and waker.draining and not self.follow:
                     break
                 if waker.draining and left is None:
@@ -474,21 +568,22 @@ class LineStream:
                 if not data:
                     if not (regular and self.follow) or waker.draining:
                         break
-                    if os.fstat(fd).st_size < os.lseek(fd, 0, os.SEEK_CUR):  # truncated
-                        os.lseek(fd, 0, os.SEEK_SET)
-                        continue
-                    if owned and self._replaced(fd):  # rotated: the old file was read to its end just now
-                        rotated, fd = fd, self._open()[0]
-                        os.close(rotated)
-                        continue
-                    await waker.wait(after_poll)
+                    if os.fstat(fd).st_size < os.lseek(fd, 0, os.SEEK_CUR):
+                        switch = "truncated"
+                    elif owned and self._replaced(fd):  # the old one was read to its end just now
+                        switch = "rotated"
+                    else:
+                        await waker.wait(after_poll)
                     continue
                 if left is not None:
                     if left <= 0 and (end := data.find(b"\n")) >= 0:
                         data = data[: end + 1]  # the rest of the line under way when the drain came, no more
                     left -= len(data)
                 self.bytes_read += len(data)
+                if followed and len(self.generations[-1].head) < _HEAD_BYTES:
+                    self.generations[-1].head = os.pread(fd, _HEAD_BYTES, 0)
                 for item in reader.feed(data):
+                    counted += 1
                     yield item
             for item in reader.finish():
                 yield item
@@ -909,6 +1004,12 @@ class LiveFeed:
     application code: ``send`` waits while ``maxsize`` items are queued and
     not yet taken by the workflow. :meth:`close` ends the stream after the
     queued items (draining the run closes it too).
+
+    A feed feeds one run at a time (:meth:`claim`): a run started with a feed
+    that another run, not ended, has is refused, since each run would take
+    some of its items. Once that run ended, a later run may take the feed up,
+    with the items left queued, unless the feed was closed and a run read it
+    to its end (its stream is over).
     """
 
     def __init__(self, maxsize: int = 1024) -> None:
@@ -923,6 +1024,34 @@ class LiveFeed:
         self.ended = False  # the run stopped taking items (until a restart of the run takes them again)
         self._readers = 0
         self._read = asyncio.Event()  # set while a run takes items
+        self._run: object = None  # the run the feed feeds, until it ends
+        self._fed = ""  # the PE it feeds in that run
+        self._over = False  # closed, and a run read it to its end
+
+    def claim(self, run: object, pe: str) -> None:
+        """Make the feed the input of PE ``pe`` of ``run`` until :meth:`release` (more PEs of ``run`` may share it).
+
+        Raises:
+            InputError: another run has the feed and has not ended, or the feed was closed and a run read it to
+                its end; the PE is named.
+        """
+        if self._run is not None and self._run is not run:
+            raise InputError(
+                f"the LiveFeed given as the input of PE {pe} is already feeding another run (its PE {self._fed}),"
+                " which has not ended: a LiveFeed feeds one run at a time (each run would take some of its items);"
+                " give each run a LiveFeed of its own"
+            )
+        if self._over:
+            raise InputError(
+                f"the LiveFeed given as the input of PE {pe} was closed and an earlier run read it to its end:"
+                " its stream is over; give this run a new LiveFeed"
+            )
+        self._run, self._fed = run, pe
+
+    def release(self, run: object) -> None:
+        """``run`` ended: a later run may claim the feed."""
+        if self._run is run:
+            self._run = None
 
     def full(self) -> bool:
         return len(self._items) >= self.maxsize
@@ -984,6 +1113,7 @@ class LiveFeed:
             while True:
                 while not items:
                     if self.closed:
+                        self._over = True
                         return
                     self._has_items.clear()
                     await self._has_items.wait()
@@ -1138,6 +1268,7 @@ class LinesSource(_BadLines):
         super().__init__(max_line=max_line, on_bad=on_bad, name=name)
         self.path = None if path is None else os.fspath(path)
         self.json, self.follow, self.from_end, self.poll_interval = json, follow, from_end, poll_interval
+        self.generations: list[FileGeneration] = []  # state: the files a followed path held, for a restore
 
     @property
     def replayable(self) -> bool:  # type: ignore[override]
@@ -1154,6 +1285,7 @@ class LinesSource(_BadLines):
             max_line=self.max_line,
             on_bad=self.on_bad,
             dead_letter=self._dead_letter,
+            generations=self.generations,
         )
 
 

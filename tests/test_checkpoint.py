@@ -9,6 +9,7 @@ import logging
 import os
 import pickle
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -33,7 +34,7 @@ from ckpt_workflows import (
 )
 from helpers import aiod4p_cli, aiod4p_process, json_lines
 
-from aiod4p import ProducerPE, WorkflowGraph, run, run_async, start
+from aiod4p import ALL, IterativePE, ProducerPE, WorkflowGraph, run, run_async, start
 from aiod4p._checkpoint import (
     MANIFEST,
     Aligner,
@@ -444,13 +445,53 @@ async def test_restore_with_another_n_refuses_state_it_cannot_share_out(tmp_path
     directory = tmp_path / "ck"
     graph = _numbers_joined(("numbers", "pair"), ("pair", "count"), count=_PlainCount())
     assert not await _run_until_killed(graph, _mapping(directory), 2, 3000, NUMBERS, directory)
-    refused = r"^PE count had 2 instances in checkpoint \d+, now 3, and their state differs \(counts, seen\) with none"
+    refused = (
+        r"^PE count had 2 instances in checkpoint \d+, now 3, and its state \(counts, seen\) is not as built, none of"
+        r" it in keyed_state, and its inputs \(group_by\[0\]\) are not all broadcast"
+    )
     with pytest.raises(CheckpointError, match=refused):
         await run_async(graph, NUMBERS, mapping=_mapping(directory, restore=True), workers=3)
     got = await run_async(graph, NUMBERS, mapping=_mapping(directory, restore=True), workers=2)
     assert _counts(got) == {str(k): sum(1 for n in range(1, NUMBERS + 1) if n % 7 == k) for k in range(7)}
     # The run's last checkpoint: every instance finished, none runs again, so another -n takes it.
     assert len(await run_async(graph, NUMBERS, mapping=_mapping(directory, restore=True), workers=3)) == 0
+
+
+async def test_restore_of_one_instance_with_another_n_refuses_its_plain_state(tmp_path: Path) -> None:
+    """One instance's state is trivially "the same in every instance": a plain count saved with -n 1 was copied to
+    each of 3 instances, tripling every count. It is refused by name, unless it is as the PE was built."""
+    directory = tmp_path / "ck"
+    graph = _numbers_joined(("numbers", "pair"), ("pair", "count"), count=_PlainCount())
+    assert not await _run_until_killed(graph, _mapping(directory), 1, 3000, NUMBERS, directory)
+    refused = r"^PE count had 1 instance in checkpoint \d+, now 3, and its state \(counts, seen\) is not as built"
+    with pytest.raises(CheckpointError, match=refused):
+        await run_async(graph, NUMBERS, mapping=_mapping(directory, restore=True), workers=3)
+    got = await run_async(graph, NUMBERS, mapping=_mapping(directory, restore=True), workers=1)
+    assert _counts(got) == {str(k): sum(1 for n in range(1, NUMBERS + 1) if n % 7 == k) for k in range(7)}
+
+
+class _Total(IterativePE):
+    """Counts every item; its input is broadcast (``ALL``), so each instance counts them all."""
+
+    def __init__(self) -> None:
+        super().__init__(grouping=ALL)
+        self.total = 0
+
+    def process_item(self, item: Any) -> None:
+        self.total += 1
+
+    def postprocess(self) -> None:
+        self.write("output", self.total)
+
+
+async def test_restore_with_another_n_copies_the_state_of_a_broadcast_input(tmp_path: Path) -> None:
+    """Every instance of a PE whose inputs are all broadcast sees every item: one instance's state is what each of
+    any number would hold, so a restore with another -n copies it (the PE ``pair`` before it, stateless, too)."""
+    directory = tmp_path / "ck"
+    graph = _numbers_joined(("numbers", "pair"), ("pair", "count"), count=_Total())
+    assert not await _run_until_killed(graph, _mapping(directory), 1, 3000, NUMBERS, directory)
+    got = await run_async(graph, NUMBERS, mapping=_mapping(directory, restore=True), workers=3)
+    assert list(got.data()) == [NUMBERS] * 3
 
 
 def _numbers_joined(*edges: tuple[str, str], count: Count | None = None) -> WorkflowGraph:
@@ -1173,3 +1214,91 @@ async def test_held_results_raise_the_reader_s_failure_rather_than_wait_for_it()
         held.complete(2)
         with pytest.raises(OSError, match="the reader failed"):
             await held.emit("pe", "output", [4])
+
+
+PLAIN_COUNT_FLOW = """
+import asyncio, json, os, sys
+from aiod4p import GenericPE, WorkflowGraph, group_by
+from aiod4p.sources import SourcePE
+
+DIRECTORY = {directory!r}
+
+
+def complete():
+    return {{name for name in os.listdir(DIRECTORY) if os.path.exists(os.path.join(DIRECTORY, name, "MANIFEST.json"))}}
+
+
+class Stream:
+    def __init__(self):
+        self.start = 0
+
+    def seek(self, offset):
+        self.start = offset
+
+    def __aiter__(self):
+        return self.words()
+
+    async def words(self):
+        for number in range(self.start, 700):
+            yield "abcdefg"[number % 7]
+        if os.environ.get("FLOW_HOLD") == "1":
+            before = complete()
+            while len(complete() - before) < 2:  # the second was triggered after every word was yielded
+                await asyncio.sleep(0.01)  # ok-sleep: polls the files the run writes
+            print("held", file=sys.stderr, flush=True)
+            await asyncio.Event().wait()
+
+
+class Words(SourcePE):
+    def open(self):
+        return Stream()
+
+
+class Count(GenericPE):
+    def __init__(self):
+        super().__init__(inputs=[("input", group_by(0))], outputs=["output"])
+        self.counts = {{}}
+
+    def process(self, inputs):
+        self.counts[inputs["input"]] = self.counts.get(inputs["input"], 0) + 1
+
+    def postprocess(self):
+        for item in sorted(self.counts.items()):
+            self.write("output", item)
+
+
+graph = WorkflowGraph()
+words, count = Words(), Count()
+words.id, count.id = "words", "count"
+graph.connect(words, "output", count, "input")
+"""
+
+
+@pytest.mark.parametrize("mapping", ["async", "multi"])
+def test_cli_restore_of_a_one_instance_count_on_more_instances_is_refused(tmp_path: Path, mapping: str) -> None:
+    """The README's count, its counter not keyed_state, checkpointed with -n 1 and restored with -n 3: every
+    instance took the one instance's counts (each word counted 3 times on async, twice on multi -n 2), exit 0."""
+    flow = tmp_path / "plain_count.py"
+    flow.write_text(PLAIN_COUNT_FLOW.format(directory=str(tmp_path / "ck")))
+    common = ["run", str(flow), "-m", mapping, "--checkpoint-dir", str(tmp_path / "ck"), "-q"]
+    process = aiod4p_process(*common, "-n", "1", "--checkpoint-interval", "0.02", env={**os.environ, "FLOW_HOLD": "1"})
+    try:
+        assert process.stderr is not None
+        said = process.stderr.readline()
+        assert said == "held\n", said
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.communicate(timeout=30)
+    results = tmp_path / "out.jsonl"
+    done = aiod4p_cli(*common, "-n", "3", "--restore", "--results", str(results), timeout=60)
+    assert done.returncode == 1, done.stderr
+    assert re.match(
+        r"aiod4p: error: PE count had 1 instance in checkpoint \d+, now \d, and its state \(counts\) is not as built,"
+        r" none of it in keyed_state, and its inputs \(group_by\[0\]\) are not all broadcast",
+        done.stderr,
+    ), done.stderr
+    done = aiod4p_cli(*common, "-n", "1", "--restore", "--results", str(results), timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert sorted(json_lines(results), key=str) == [
+        {"pe": "count", "output": "output", "data": [word, 100]} for word in "abcdefg"
+    ]

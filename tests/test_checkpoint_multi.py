@@ -12,6 +12,7 @@ import shutil
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from ckpt_workflows import (
@@ -31,7 +32,7 @@ from ckpt_workflows import (
 )
 from helpers import recorded_supervisors
 
-from aiod4p import WorkflowGraph, run, run_async, start
+from aiod4p import IterativePE, WorkflowGraph, run, run_async, start
 from aiod4p._checkpoint import Checkpointing, CheckpointStore
 from aiod4p.errors import CheckpointError, PeerDied, TransportError, WorkerDied
 from aiod4p.mappings import get_mapping
@@ -502,3 +503,47 @@ async def test_a_checkpoint_that_cannot_be_committed_fails_the_run_naming_it(tmp
     latest = CheckpointStore(directory).latest()  # checkpoint 2 is torn: ignored
     assert latest is not None and latest.id == 1
     assert not list((directory / "chk-00000002").glob("*.tmp-*"))  # the failed write left no temporary file
+
+
+class _Lines(IterativePE):
+    def process_item(self, line: str) -> str:
+        return line
+
+
+def _followed_lines(path: Path) -> WorkflowGraph:
+    graph = WorkflowGraph()
+    source, lines = LinesSource(path, follow=True, poll_interval=0.01), _Lines()
+    source.id, lines.id = "log", "lines"
+    graph.connect(source, "output", lines, "input")
+    return graph
+
+
+async def _results_until(live: Any, last: str) -> None:
+    async for record in live:
+        if record.data == last:
+            return
+
+
+@pytest.mark.parametrize("mapping", ["async", "multi"])
+async def test_a_restore_after_a_copytruncate_reads_the_new_lines_from_the_top(tmp_path: Path, mapping: str) -> None:
+    """logrotate's copytruncate after a checkpoint at line 3: the restore dropped the new file's first 3 lines
+    (results 1, 2, 3, 7 where 4 to 7 were written). The checkpoint knows which file its lines were read from."""
+    path, results = tmp_path / "app.log", tmp_path / "results.jsonl"
+    path.write_text("1\n2\n3\n")
+    completions = _Completions(2)
+    async with asyncio.timeout(60):
+        async with start(_followed_lines(path), 1, mapping=_multi(tmp_path / "ck", results, mapping)) as live:
+            await _results_until(live, "3")
+            with on_completed(completions.completed):
+                await completions.reached.wait()  # a checkpoint taken after line 3
+        # leaving the block aborted the run, as a crash would
+        with path.open("r+") as log:
+            log.truncate(0)
+            log.write("4\n5\n6\n7\n")
+        restored = _multi(tmp_path / "ck", results, mapping, restore=True)
+        async with start(_followed_lines(path), 1, mapping=restored) as live:
+            await _results_until(live, "7")
+            live.drain()
+            await live.results()
+    written = [json.loads(line)["data"] for line in results.read_text().splitlines()]
+    assert sorted(written, key=int) == [str(n) for n in range(1, 8)]  # each once (multi: in any order)

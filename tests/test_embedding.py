@@ -120,6 +120,51 @@ async def test_a_blocked_send_raises_the_runs_error() -> None:
                 await run.send(entry.id, i)
 
 
+def _doubling() -> tuple[WorkflowGraph, wf.Double]:
+    graph = WorkflowGraph()
+    graph.add(entry := wf.Double())
+    return graph, entry
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("mapping", ["async", "multi"])
+async def test_a_live_feed_feeds_one_run_at_a_time(mapping: str) -> None:
+    """A second run given the feed of a run under way took some of its items, each run seeing part of the stream
+    and nothing said so. It is refused, naming its PE; once the first run read the closed feed to its end, a
+    later run given it is refused too (its stream is over)."""
+    feed = LiveFeed()
+    (graph, entry), (other, second_entry) = _doubling(), _doubling()
+    async with asyncio.timeout(60):
+        async with aiod4p.start(graph, {entry: feed}, mapping=mapping, workers=1) as first:
+            second = aiod4p.start(other, {second_entry: feed}, mapping=mapping, workers=1)
+            refused = rf"^the LiveFeed given as the input of PE {second_entry.id} is already feeding another run \(its"
+            with pytest.raises(InputError, match=rf"{refused} PE {entry.id}\), which has not ended"):
+                async with second:
+                    pass
+            for i in range(100):
+                await feed.send(i)
+            feed.close()
+            assert (await first.results()).data() == [2 * i for i in range(100)]
+        with pytest.raises(InputError, match="was closed and an earlier run read it to its end: its stream is over"):
+            await aiod4p.run_async(other, {second_entry: feed}, mapping=mapping, workers=1)
+
+
+@pytest.mark.asyncio
+async def test_a_live_feed_whose_run_was_aborted_feeds_a_later_run() -> None:
+    """A run that ended without closing its feed (aborted, or failed) lets it go: a later run takes it up."""
+    feed = LiveFeed()
+    graph, entry = _doubling()
+    async with asyncio.timeout(20):
+        async with aiod4p.start(graph, {entry: feed}) as first:
+            await feed.send(1)
+            assert (await anext(aiter(first))).data == 2
+        async with aiod4p.start(graph, {entry: feed}) as later:
+            await feed.wait_read()
+            await feed.send(2)
+            feed.close()
+            assert (await later.results()).data() == [4]
+
+
 # -- the example service ---------------------------------------------------------------
 
 

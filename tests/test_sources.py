@@ -180,6 +180,88 @@ async def test_follow_goes_on_with_the_new_file_once_the_old_one_is_rotated_away
 
 
 @pytest.mark.asyncio
+async def test_the_unterminated_last_line_of_a_rotated_file_is_a_line_of_its_own(tmp_path: Path) -> None:
+    """The old file's last line, with no newline, was joined with the new file's first: "lastnew"."""
+    path = tmp_path / "app.log"
+    path.write_text("old\nlast")
+    run = aiod4p.start(source_graph(LinesSource(path, follow=True, poll_interval=0.01)))
+    seen = []
+    async with asyncio.timeout(20), run:
+        async for record in run:
+            seen.append(record.data)
+            if record.data == "old":
+                path.rename(tmp_path / "app.log.1")
+                path.write_text("new\n")
+            elif "new" in record.data:
+                run.drain()
+    assert seen == ["old", "last", "new"]
+
+
+async def _taken(lines: AsyncIterator[Any], count: int) -> list[Any]:
+    async with asyncio.timeout(20):
+        return [await anext(lines) for _ in range(count)]
+
+
+@pytest.mark.asyncio
+async def test_a_truncated_file_written_past_where_it_was_read_is_read_from_its_top(tmp_path: Path) -> None:
+    """copytruncate, then more written than had been read before the next poll: its size never fell below the
+    offset read, and the stream went on from there, in the middle of a new line ("itten again"), joined to the
+    old file's unterminated last line ("halfitten again")."""
+    path = tmp_path / "app.log"
+    path.write_text("first line\nhalf")
+    stream = LineStream(path, follow=True, poll_interval=0.01)
+    lines = aiter(stream)
+    assert await _taken(lines, 1) == ["first line"]
+    with path.open("r+") as log:
+        log.truncate(0)
+        log.write("a line written again\nand one more\n")
+    assert await _taken(lines, 3) == ["half", "a line written again", "and one more"]
+    stream.drain()
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("rotate", ["copytruncate", "create"])
+async def test_a_followed_file_seeks_its_offset_in_the_file_it_read_it_from(tmp_path: Path, rotate: str) -> None:
+    """A restore at line 3 after the file was truncated (or rotated) dropped the new file's first 3 lines; one at
+    line 4, taken after, drops the new file's first line only; one of a file unchanged since, its first 3."""
+    path = tmp_path / "app.log"
+    path.write_text("1\n2\n3\n")
+    stream = LineStream(path, follow=True, poll_interval=0.01)
+    lines = aiter(stream)
+    assert await _taken(lines, 3) == ["1", "2", "3"]
+    at_3 = pickle.loads(pickle.dumps(stream.generations))  # as a checkpoint at line 3 saves them
+    if rotate == "copytruncate":
+        with path.open("r+") as log:
+            log.truncate(0)
+            log.write("4\n")
+    else:
+        path.rename(tmp_path / "app.log.1")
+        path.write_text("4\n")
+    assert await _taken(lines, 1) == ["4"]
+    at_4 = pickle.loads(pickle.dumps(stream.generations))
+    with path.open("a") as log:
+        log.write("5\n6\n7\n")
+    assert await _taken(lines, 3) == ["5", "6", "7"]
+    stream.drain()
+    for offset, generations, expected in [(3, at_3, ["4", "5", "6", "7"]), (4, at_4, ["5", "6", "7"])]:
+        restored = LineStream(path, follow=True, poll_interval=0.01, generations=generations)
+        restored.seek(offset)
+        again = aiter(restored)
+        assert await _taken(again, len(expected)) == expected
+        restored.drain()
+        assert [line async for line in again] == []
+    unchanged = tmp_path / "unchanged.log"
+    unchanged.write_text("1\n2\n3\n4\n")
+    stream = LineStream(unchanged, follow=True, poll_interval=0.01)
+    assert await _taken(aiter(stream), 3) == ["1", "2", "3"]
+    stream.drain()
+    restored = LineStream(unchanged, follow=True, poll_interval=0.01, generations=stream.generations)
+    restored.seek(3)
+    restored.drain()
+    assert [line async for line in restored] == ["4"]
+
+
+@pytest.mark.asyncio
 async def test_follow_from_the_end_skips_what_is_there(tmp_path: Path) -> None:
     path = tmp_path / "log.txt"
     path.write_text("old\n" * 10)
