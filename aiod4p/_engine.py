@@ -45,6 +45,7 @@ from ._pe import PE, _Runtime
 from ._plan import ExecutionPlan, InstanceRef
 from ._provenance import ActorRecorder, WorkerRecorder
 from ._results import ResultSink
+from ._sizes import SCALARS, approximate_size
 from ._stats import InstanceStats
 from ._threads import DaemonThreadPool
 from .errors import Aiod4pError, CheckpointError, GraphError, InputError, PEError, TransportError
@@ -496,12 +497,12 @@ class _Invoker:
         held = 0
         for items in self.buffers.values():
             if items:
-                held += len(items) * _approximate_size(items[-1])[0]
+                held += len(items) * approximate_size(items[-1])[0]
         return held
 
     def _cap_by_bytes(self, cap: int, sample: Any) -> int:
         """``cap``, or as many items like ``sample`` as ``batch_bytes`` holds if that is fewer (at least 1)."""
-        size = _approximate_size(sample)[0]
+        size = approximate_size(sample)[0]
         return max(1, self.batch_bytes // size) if size * cap > self.batch_bytes else cap
 
     # -- hooks for hosts that route -------------------------------------------
@@ -972,7 +973,7 @@ class _Actor(_Invoker):
         seconds = self.worker.seconds_per_item(pending.dest.pe, pending.dest)
         if seconds is None or seconds <= 0.0:
             return False
-        size, in_bytes = _approximate_size(sample)
+        size, in_bytes = approximate_size(sample)
         return seconds < (size - in_bytes) * SEND_SECONDS_PER_BYTE + in_bytes * SEND_SECONDS_PER_BYTES_BYTE
 
     async def _flush_many(
@@ -1073,7 +1074,7 @@ class _Actor(_Invoker):
             limit = min(limit, pending.limit * 2 if pending.blind > 2 * self.credits else 1)
         elif seconds * limit > pending.seconds:
             limit = max(1, int(pending.seconds / seconds))
-        size, _ = _approximate_size(sample)
+        size, _ = approximate_size(sample)
         if size * limit > self.batch_bytes:
             limit = max(1, self.batch_bytes // size)
         return limit
@@ -1167,51 +1168,16 @@ def _room(pending: _Pending) -> int:
     return channel.credits * per_credit - len(pending.items)
 
 
-_SCALARS = frozenset({int, float, bool, type(None)})
-"""Types whose values :func:`_approximate_size` counts as 8 bytes at once, and a feed's byte bound as nothing
-(a batch of them is far below any byte budget: a feed of numbers is not slowed down by measuring them)."""
-
-
-def _approximate_size(item: Any, depth: int = 2) -> tuple[int, int]:
-    """A cheap guess of the bytes ``item`` takes to send (buffers, strings and small containers of them), and how
-    many of them are in ``bytes`` objects (which the pipes hand to the socket without copying them first).
-
-    A container's first 16 elements are measured and scaled by its length: a list of 500,000 floats
-    counts as about 4 MB, whatever the cost of measuring it (16 elements, ``depth`` levels down).
-    """
-    if type(item) in _SCALARS:
-        return 8, 0
-    nbytes = getattr(item, "nbytes", None)  # numpy arrays, memoryviews
-    if isinstance(nbytes, int):
-        return nbytes, 0
-    if type(item) is bytes:
-        return len(item), len(item)
-    if isinstance(item, (bytes, bytearray, str)):
-        return len(item), 0
-    if depth and isinstance(item, (tuple, list, dict)):
-        elements = item[:16] if not isinstance(item, dict) else itertools.islice(item.values(), 16)
-        size = in_bytes = 0
-        for element in elements:
-            element_size, element_bytes = _approximate_size(element, depth - 1)
-            size += element_size
-            in_bytes += element_bytes
-        length = len(item)
-        if length > 16:
-            size, in_bytes = size * length // 16, in_bytes * length // 16
-        return 8 + size, in_bytes
-    return 8, 0
-
-
 def _pull(iterator: Iterator[Any], limit: int, max_bytes: int, pe: PE, pe_id: str) -> list[Any]:
     """The next elements of ``iterator``, as root ``pe``'s inputs (:func:`_input_dict`): at most ``limit``, and
-    none after the one that brings their :func:`_approximate_size` (numbers: none) to ``max_bytes`` (so at
+    none after the one that brings their :func:`approximate_size` (numbers: none) to ``max_bytes`` (so at
     least one, unless the iterator is exhausted)."""
     chunk: list[Any] = []
     append, held = chunk.append, 0
     for element in itertools.islice(iterator, limit):
         append(_input_dict(pe, pe_id, element))
-        if type(element) not in _SCALARS:
-            held += _approximate_size(element)[0]
+        if type(element) not in SCALARS:
+            held += approximate_size(element)[0]
             if held >= max_bytes:
                 break
     return chunk
@@ -1623,8 +1589,8 @@ class _ReadAhead:
 
     A value's bytes are what ``sized.bytes_read`` grew by while the source made it (the raw bytes a
     line stream read, a pumped feed's chunk), when ``sized`` has such an int; else its
-    :func:`_approximate_size` (measuring a small dict costs about as much as the rest of its trip;
-    numbers count as nothing, see :data:`_SCALARS`).
+    :func:`approximate_size` (measuring a small dict costs about as much as the rest of its trip;
+    numbers count as nothing, see :data:`SCALARS`).
 
     ``None`` values are skipped. :meth:`drain` ends the stream; :meth:`take`
     re-raises the source's own errors.
@@ -1677,8 +1643,8 @@ class _ReadAhead:
                 if counted and type(now := sized.bytes_read) is int:  # type: ignore[attr-defined]
                     self._bytes += now - read
                     read = now
-                elif type(value) not in _SCALARS:
-                    self._bytes += _approximate_size(value)[0]
+                elif type(value) not in SCALARS:
+                    self._bytes += approximate_size(value)[0]
                 self._ready.set()
                 while len(self._buffer) >= self._limit or self._bytes >= self._max_bytes:
                     self._room.clear()

@@ -40,6 +40,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ._pe import ProducerPE
+from ._sizes import approximate_size
 from .errors import Aiod4pError, InputError
 
 __all__ = [
@@ -107,9 +108,10 @@ decoded JSON object takes several times its size.
 """
 
 MAX_PENDING_BYTES = 16 * 1024 * 1024
-"""The default bytes of read items a socket source holds for the workflow (16 MiB, as received): beyond
-them a TCP source stops reading (its senders are held back) and a UDP source drops datagrams, as they do
-beyond their ``max_pending`` items. Heavy lines reach the bound long before the count does."""
+"""The default bytes of items a live source holds for the workflow (16 MiB; a socket's as received, a
+:class:`LiveFeed`'s as guessed from the items): beyond them a TCP source stops reading (its senders are
+held back), a UDP source drops datagrams and ``LiveFeed.send`` waits, as they do beyond their count of
+items. Heavy items reach the bound long before the count does."""
 
 LINE_POLICIES = ("fail", "skip", "dead-letter")
 """What a line source does with a bad line (longer than its maximum, or not
@@ -1001,9 +1003,11 @@ class LiveFeed:
     """A root's feed that application code writes into, with back-pressure.
 
     Give it as the input of a root PE, then ``await feed.send(item)`` from
-    application code: ``send`` waits while ``maxsize`` items are queued and
-    not yet taken by the workflow. :meth:`close` ends the stream after the
-    queued items (draining the run closes it too).
+    application code: ``send`` waits while ``maxsize`` items, or items of
+    ``max_bytes`` bytes (as guessed: numpy arrays, bytes, strings and
+    containers of them), are queued and not yet taken by the workflow; an
+    item is taken into an empty feed whatever its size. :meth:`close` ends
+    the stream after the queued items (draining the run closes it too).
 
     A feed feeds one run at a time (:meth:`claim`): a run started with a feed
     that another run, not ended, has is refused, since each run would take
@@ -1012,11 +1016,14 @@ class LiveFeed:
     to its end (its stream is over).
     """
 
-    def __init__(self, maxsize: int = 1024) -> None:
+    def __init__(self, maxsize: int = 1024, max_bytes: int = MAX_PENDING_BYTES) -> None:
         if maxsize < 1:
             raise ValueError(f"LiveFeed maxsize must be at least 1, not {maxsize}")
-        self.maxsize = maxsize
-        self._items: deque[Any] = deque()
+        if max_bytes < 1:
+            raise ValueError(f"LiveFeed max_bytes must be at least 1, not {max_bytes}")
+        self.maxsize, self.max_bytes = maxsize, max_bytes
+        self._items: deque[tuple[Any, int]] = deque()  # with the size of each
+        self._bytes = 0
         self._has_items = asyncio.Event()
         self._has_room = asyncio.Event()
         self._has_room.set()
@@ -1054,7 +1061,13 @@ class LiveFeed:
             self._run = None
 
     def full(self) -> bool:
-        return len(self._items) >= self.maxsize
+        return len(self._items) >= self.maxsize or self._bytes >= self.max_bytes
+
+    def _append(self, item: Any) -> None:
+        size = approximate_size(item)[0]
+        self._items.append((item, size))
+        self._bytes += size
+        self._has_items.set()
 
     def _check_open(self) -> None:
         if self.closed or self.ended:
@@ -1065,13 +1078,12 @@ class LiveFeed:
 
         Raises:
             Aiod4pError: the feed is closed or its run is over.
-            asyncio.QueueFull: ``maxsize`` items are already waiting.
+            asyncio.QueueFull: the feed is full (``maxsize`` items, or ``max_bytes``, are waiting).
         """
         self._check_open()
         if self.full():
             raise asyncio.QueueFull
-        self._items.append(item)
-        self._has_items.set()
+        self._append(item)
 
     async def send(self, item: Any) -> None:
         """Queue ``item``, waiting while the feed is full.
@@ -1085,8 +1097,7 @@ class LiveFeed:
                 break
             self._has_room.clear()
             await self._has_room.wait()
-        self._items.append(item)
-        self._has_items.set()
+        self._append(item)
 
     def close(self) -> None:
         """End the stream once the queued items are taken; idempotent."""
@@ -1117,7 +1128,8 @@ class LiveFeed:
                         return
                     self._has_items.clear()
                     await self._has_items.wait()
-                item = items.popleft()
+                item, size = items.popleft()
+                self._bytes -= size
                 self._has_room.set()
                 yield item
         finally:

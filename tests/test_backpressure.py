@@ -14,7 +14,7 @@ import workflows as wf
 import aiod4p
 from aiod4p import ConsumerPE, GenericPE, ProducerPE, WorkflowGraph
 from aiod4p._channels import Inbox, LocalChannel
-from aiod4p._engine import _approximate_size
+from aiod4p._sizes import approximate_size
 from aiod4p.sources import LineStream
 
 
@@ -138,7 +138,7 @@ class CountsTaken(ConsumerPE):
 
 
 def _heavy_elements(kind: str, taken: Path, ahead: list[int], count: int) -> Iterator[Any]:
-    """``count`` elements of about 2 MiB (``bytes``, or a list of floats as :func:`_approximate_size` scales
+    """``count`` elements of about 2 MiB (``bytes``, or a list of floats as :func:`approximate_size` scales
     it), recording before each how many were pulled and not yet taken."""
     for made in range(count):
         ahead.append(made - (taken.stat().st_size if taken.exists() else 0))
@@ -177,10 +177,10 @@ def test_a_feed_of_heavy_elements_is_pulled_a_few_ahead_of_its_root(
 
 def test_the_size_of_a_long_container_scales_with_its_length() -> None:
     # 16 elements are measured, then scaled: a list of 500,000 floats counted as 136 bytes before.
-    assert _approximate_size([0.5] * 500_000)[0] == 8 + 8 * 500_000
-    assert _approximate_size({"data": [0.5] * 500_000})[0] == 8 + 8 + 8 * 500_000
-    assert _approximate_size((b"ab",) * 100) == (8 + 2 * 100, 2 * 100)
-    assert _approximate_size(["x" * 10] * 4)[0] == 8 + 40  # short containers are measured whole
+    assert approximate_size([0.5] * 500_000)[0] == 8 + 8 * 500_000
+    assert approximate_size({"data": [0.5] * 500_000})[0] == 8 + 8 + 8 * 500_000
+    assert approximate_size((b"ab",) * 100) == (8 + 2 * 100, 2 * 100)
+    assert approximate_size(["x" * 10] * 4)[0] == 8 + 40  # short containers are measured whole
 
 
 _streams: list[LineStream] = []  # the stream read (a PE is copied into its instances: not an attribute)

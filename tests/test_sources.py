@@ -680,6 +680,27 @@ def test_invalid_source_options_are_refused() -> None:
         TimerSource(0)
     with pytest.raises(ValueError, match="maxsize"):
         aiod4p.LiveFeed(0)
+    with pytest.raises(ValueError, match="max_bytes must be at least 1, not 0"):
+        aiod4p.LiveFeed(max_bytes=0)
+
+
+async def test_a_live_feed_of_heavy_items_is_full_at_its_bytes_bound() -> None:
+    """Bounded by count alone, a feed of 50 MB arrays held up to 1,024 of them (51 GB) before ``send`` waited."""
+    feed = aiod4p.LiveFeed(max_bytes=3_000_000)
+    items = aiter(feed)
+    async with asyncio.timeout(20):
+        for _ in range(3):
+            feed.send_nowait(b"x" * 1_000_000)
+        with pytest.raises(asyncio.QueueFull):
+            feed.send_nowait(b"y")
+        blocked = asyncio.ensure_future(feed.send(b"z" * 5_000_000))  # more than the bound: waits for room
+        await asyncio.sleep(0)
+        assert not blocked.done()
+        assert len(await anext(items)) == 1_000_000
+        await blocked  # one item taken: room again (an item larger than the bound still goes)
+        assert feed.full()
+        feed.close()
+        assert [len(item) async for item in items] == [1_000_000, 1_000_000, 5_000_000]
 
 
 # -- long and bad lines ------------------------------------------------------------------
