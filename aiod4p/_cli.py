@@ -351,6 +351,7 @@ def _run_loaded(args: argparse.Namespace, mapping: BaseMapping, results: str | N
         Interrupts(EXIT_ABORTED, before_exit=flush_results, produced=lambda: _records(outcome.records)) as signals,
         mapping.head_start(args.target, args.num),
     ):
+        phase = "loading the workflow"  # what a signal stops, as it says
         try:
             compat.install()  # dispel4py workflows run unchanged
             graph = load_graph(args.target)
@@ -360,6 +361,7 @@ def _run_loaded(args: argparse.Namespace, mapping: BaseMapping, results: str | N
             if args.stdin is not None:
                 stdin = LineStream(json=True, max_line=args.max_line, on_bad=args.on_bad)
                 inputs = {**(inputs if isinstance(inputs, Mapping) else {}), args.stdin: stdin}
+            phase = "planning the run"
             workflow = WorkflowRun(
                 graph,
                 inputs,
@@ -370,7 +372,7 @@ def _run_loaded(args: argparse.Namespace, mapping: BaseMapping, results: str | N
                 provenance=(args.provenance_level or "item") if args.provenance else None,
             )
         except Stopped as stop:
-            return _aborted(stop.signum, 0, "while loading the workflow")
+            return _aborted(stop.signum, 0, f"while {phase}")
         show_progress = progress_wanted(args.quiet, args.results == "-")
         sampler = StatsSampler(workflow) if args.stats_json else None
         try:
@@ -383,7 +385,7 @@ def _run_loaded(args: argparse.Namespace, mapping: BaseMapping, results: str | N
             # task it interrupted (the run's, often): taken here, it is not logged as never retrieved.
             if (task := workflow._task) is not None and task.done() and not task.cancelled():
                 task.exception()
-            return _aborted(stop.signum, outcome.records, "during start-up")
+            return _aborted(stop.signum, outcome.records, f"while starting the {mapping.workers_started[1]}")
         finally:
             signals.restore()
             report_stats(

@@ -692,16 +692,34 @@ while True:
     time.sleep(0.05)  # ok-sleep: a workflow module that takes forever to import
 """
 
+SLOW_PLAN = """
+import sys, time
+from aiod4p import IterativePE, WorkflowGraph
+
+class Slow(IterativePE):
+    @property
+    def _parallelism(self):  # what the planner asks of every PE
+        print("starting", file=sys.stderr, flush=True)
+        while True:
+            time.sleep(0.05)  # ok-sleep: a plan that takes forever
+    def process_item(self, item):
+        return item
+
+graph = WorkflowGraph()
+graph.add(Slow())
+"""
+
 
 @pytest.mark.parametrize(
     ("mapping", "module", "signum", "when"),
     [
-        ("async", SLOW_START, signal.SIGINT, "during start-up"),
-        ("async", SLOW_START, signal.SIGTERM, "during start-up"),
+        ("async", SLOW_START, signal.SIGINT, "while starting the PE instances"),
+        ("async", SLOW_START, signal.SIGTERM, "while starting the PE instances"),
         ("simple", SLOW_IMPORT, signal.SIGTERM, "while loading the workflow"),
         ("multi", SLOW_IMPORT, signal.SIGINT, "while loading the workflow"),
+        ("multi", SLOW_PLAN, signal.SIGTERM, "while planning the run"),
     ],
-    ids=["async-build-int", "async-build-term", "simple-import-term", "multi-import-int"],
+    ids=["async-build-int", "async-build-term", "simple-import-term", "multi-import-int", "multi-plan-term"],
 )
 def test_a_signal_during_start_up_stops_the_run_at_once(
     tmp_path: Path, mapping: str, module: str, signum: signal.Signals, when: str
