@@ -11,6 +11,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -740,6 +741,44 @@ def test_a_signal_during_start_up_stops_the_run_at_once(
     assert process.returncode == 130, err
     assert f"aiod4p: aborted by {signum.name} {when}; 0 records produced" in err
     assert "Traceback" not in err
+
+
+HOLDS_THE_LOOP = """
+import sys, time
+from aiod4p import ProducerPE, WorkflowGraph
+
+class Hold(ProducerPE):
+    def produce(self):
+        print("holding", file=sys.stderr, flush=True)
+        while True:
+            time.sleep(0.005)  # ok-sleep: a PE that holds the event loop, never giving way
+
+graph = WorkflowGraph()
+graph.add(Hold())
+"""
+
+
+@pytest.mark.parametrize("mapping", ["simple", "async"])
+def test_a_second_signal_aborts_within_a_second_while_a_pe_holds_the_loop(tmp_path: Path, mapping: str) -> None:
+    flow = tmp_path / "hold.py"
+    flow.write_text(HOLDS_THE_LOOP)
+    process = aiod4p_process("run", str(flow), "-m", mapping, "-i", "1")
+    try:
+        assert process.stderr is not None
+        assert process.stderr.readline() == "holding\n"  # the run is under way, its loop held
+        process.send_signal(signal.SIGINT)
+        assert process.stderr.readline().startswith("aiod4p: SIGINT: stopping the sources")  # the first, acted on
+        process.send_signal(signal.SIGINT)
+        sent = time.monotonic()
+        _, err = process.communicate(timeout=20)
+        took = time.monotonic() - sent
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.communicate()
+    assert process.returncode == 130, err
+    assert err.splitlines()[-1] == "aiod4p: aborted by SIGINT; 0 records produced (the event loop was held by a PE)"
+    assert took < 1.0  # what the README promises
 
 
 def test_console_script_is_installed() -> None:
