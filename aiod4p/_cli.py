@@ -796,12 +796,18 @@ def _add_science_parsers(commands: Any) -> None:
         "provenance",
         help="show what a provenance file records, or the lineage of one result",
         description="Read a PROV-JSON file written by `aiod4p run --provenance` and trace results to their sources.",
+        usage="%(prog)s [-h] FILE [--trace RESULT [--draw OUT]] [--debug]",  # argparse cannot say --draw needs --trace
     )
     lineage.add_argument("file", metavar="FILE", help="the PROV-JSON (or PROV-XML) file")
     lineage.add_argument(
         "--trace", default=None, metavar="RESULT", help="an entity id, or (part of) the repr of a result's value"
     )
-    lineage.add_argument("--draw", default=None, metavar="OUT", help="draw the lineage: OUT.dot, .svg, .png or .pdf")
+    lineage.add_argument(
+        "--draw",
+        default=None,
+        metavar="OUT",
+        help="with --trace: draw the lineage of RESULT: OUT.dot, .svg, .png or .pdf",
+    )
     lineage.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks of errors")
     stats = commands.add_parser("stats", help="work with a --stats-json file", description="Statistics files.")
     actions = stats.add_subparsers(dest="stats_command", required=True)
