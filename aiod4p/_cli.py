@@ -17,7 +17,7 @@ from typing import Any, NoReturn, TextIO
 from . import __version__, compat
 from ._api import WorkflowRun, loop_factory, run_in_threads
 from ._checkpoint import Checkpointing
-from ._inputs import parse_cli_inputs
+from ._inputs import find_pe, parse_cli_inputs
 from ._loading import _split, load_graph
 from ._logging import configure_logging
 from ._plan import DEFAULT_BATCH_SIZE, DEFAULT_CREDITS, make_plan
@@ -359,6 +359,7 @@ def _run_loaded(args: argparse.Namespace, mapping: BaseMapping, results: str | N
             inputs = parse_cli_inputs(args.iter, args.data, args.file)
             stdin = None
             if args.stdin is not None:
+                find_pe(graph.flatten(), args.stdin, "--stdin")  # else the error would name an input key
                 stdin = LineStream(json=True, max_line=args.max_line, on_bad=args.on_bad)
                 inputs = {**(inputs if isinstance(inputs, Mapping) else {}), args.stdin: stdin}
             phase = "planning the run"

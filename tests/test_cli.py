@@ -183,6 +183,28 @@ def test_errors_are_one_line_and_non_zero(workflow_file: Path, args: list[str], 
     assert message in done.stderr
 
 
+def test_an_unknown_root_is_named_as_given_and_the_roots_as_they_can_be_written(tmp_path: Path) -> None:
+    flow = tmp_path / "flow.py"
+    flow.write_text(
+        "from aiod4p import IterativePE, WorkflowGraph\n"
+        "class Echo(IterativePE):\n"
+        "    def process_item(self, item):\n"
+        "        return item\n"
+        "graph = WorkflowGraph()\n"
+        "graph.connect(Echo(name='parse'), 'output', Echo(name='show'), 'input')\n"
+        "graph.add(Echo())\n"  # two PEs of one name: each by its id alone
+        "graph.add(Echo())\n"
+    )
+    roots = "(roots: parse (parse0), Echo2, Echo3)"
+    for args, given in ((["--stdin", "nope"], "--stdin 'nope'"), (["-d", '{"nope": [1]}'], "input key 'nope'")):
+        done = aiod4p("run", str(flow), "-m", "simple", *args, input="")
+        assert done.returncode == 1
+        assert done.stderr == f"aiod4p: error: {given} names no PE of the graph {roots}\n"
+    done = aiod4p("run", str(flow), "-m", "simple", "--stdin", "parse", "-q", input='"hello"\n')
+    assert done.returncode == 0, done.stderr
+    assert "'hello'" in done.stdout
+
+
 def test_several_graphs_need_a_choice(tmp_path: Path) -> None:
     (tmp_path / "two.py").write_text("from aiod4p import WorkflowGraph\na = WorkflowGraph()\nb = WorkflowGraph()\n")
     done = aiod4p("run", str(tmp_path / "two.py"))
