@@ -427,11 +427,11 @@ def _cap_workers(args: argparse.Namespace, mapping: BaseMapping) -> None:
             if args.num > MOST_SHARED_PROCESSES
             else ""
         )
+        one, several = mapping.workers_started
         _warn(
             args,
-            f"-n {args.num}: {cpus} CPU{'s' if cpus > 1 else ''} available, so {cpus} worker process"
-            f"{'es' if cpus > 1 else ''} (more would only compete for them; --oversubscribe starts {args.num})"
-            + shared,
+            f"-n {args.num}: {cpus} CPU{'s' if cpus > 1 else ''} available, so {cpus} {several if cpus > 1 else one}"
+            f" (more would only compete for them; --oversubscribe starts {args.num})" + shared,
         )
         args.num = cpus
 
@@ -464,8 +464,8 @@ def _ignored_options(args: argparse.Namespace, mapping: BaseMapping) -> list[str
         ignored.append(f"--oversubscribe is ignored: the {mapping.name} mapping does not limit -n to the CPUs")
     if mapping.uses_processes and args.num is not None and args.num > 4 * cpus:
         ignored.append(
-            f"-n {args.num} starts {args.num} worker processes on {cpus} CPU{'s' if cpus > 1 else ''}: start-up is"
-            f" slow and they compete for the CPUs (-n {cpus} uses every CPU)"
+            f"-n {args.num} starts {args.num} {mapping.workers_started[1]} on {cpus} CPU{'s' if cpus > 1 else ''}:"
+            f" start-up is slow and they compete for the CPUs (-n {cpus} uses every CPU)"
         )
     return ignored
 

@@ -370,8 +370,9 @@ def test_at_most_one_worker_per_cpu_on_this_machine(mapping: str, workflow_file:
     run = ("run", str(workflow_file), "-m", mapping, "-i", "4", "--stats-json", str(stats))
     done = aiod4p(*run, "-n", "3", one_cpu=True)
     assert done.returncode == 0, done.stderr
+    started = {"multi": "worker process", "mpi": "rank"}[mapping]  # what the mapping starts
     assert (
-        "aiod4p: warning: -n 3: 1 CPU available, so 1 worker process (more would only compete for them;"
+        f"aiod4p: warning: -n 3: 1 CPU available, so 1 {started} (more would only compete for them;"
         " --oversubscribe starts 3)" in done.stderr.splitlines()
     )
     assert json.loads(stats.read_text())["workers"] == 1
