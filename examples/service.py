@@ -11,7 +11,8 @@ same connection:
 * ``{"sensor", "value", "calibrated"}`` for every valid observation;
 * ``{"sensor", "mean", "count"}`` for every window of ``--window``
   observations of one sensor from that client (a keyed count window);
-* ``{"error": ..., "line": ...}`` for an invalid observation.
+* ``{"error": ..., "line": ...}`` for an invalid observation, or a line that is
+  not valid JSON.
 
 One workflow runs for the whole service, inside the server's event loop. A
 client's observations are fed with ``await run.send(...)``, which waits while
@@ -50,6 +51,8 @@ class Validate(GenericPE):
     def process(self, inputs: dict[str, Any]) -> dict[str, Any]:
         obs = inputs["input"]
         data = obs.get("data")
+        if "not_json" in obs:
+            return {"errors": {"client": obs["client"], "error": f"not valid JSON ({obs['not_json']})", "line": data}}
         if not isinstance(data, dict) or not isinstance(data.get("sensor"), str):
             return {
                 "errors": {"client": obs["client"], "error": "an observation needs a 'sensor' string", "line": data}
@@ -151,11 +154,11 @@ class ObservationService:
                 if not line.strip():
                     continue
                 try:
-                    data = json.loads(line)
-                except ValueError:
-                    data = line.decode("utf-8", "replace").strip()
+                    obs = {"client": client_id, "data": json.loads(line)}
+                except ValueError as exc:  # Validate answers it, in its turn
+                    obs = {"client": client_id, "data": line.decode("utf-8", "replace").strip(), "not_json": str(exc)}
                 client.sent += 1
-                await self.run.send("validate", {"client": client_id, "data": data})  # waits while the workflow is full
+                await self.run.send("validate", obs)  # waits while the workflow is full
                 await writer.drain()  # a client that does not read its results is not read either
             client.input_ended = True  # the client closed its sending side: answer it, then close
             client.check()

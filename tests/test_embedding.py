@@ -147,7 +147,7 @@ async def test_the_service_streams_results_back_to_each_client() -> None:
     async with asyncio.timeout(20):
         address = await app.start()
         first, second = await asyncio.gather(
-            talk(address, [*observations("t1", 10), b"not json", {"sensor": "t1"}], 10 + 2 + 2),
+            talk(address, [*observations("t1", 10), b"not json", "t1", {"sensor": "t1"}], 10 + 2 + 3),
             talk(address, observations("t2", 5), 5 + 1),
         )
         await app.aclose()
@@ -155,7 +155,8 @@ async def test_the_service_streams_results_back_to_each_client() -> None:
     assert calibrated == [2.0 * i + 1.0 for i in range(10)]
     assert [(r["sensor"], r["mean"]) for r in first if "mean" in r] == [("t1", 5.0), ("t1", 15.0)]
     assert [r["error"] for r in first if "error" in r] == [
-        "an observation needs a 'sensor' string",
+        "not valid JSON (Expecting value: line 1 column 1 (char 0))",
+        "an observation needs a 'sensor' string",  # JSON, but not an observation
         "'value' must be a number",
     ]
     assert {r["sensor"] for r in second} == {"t2"}
