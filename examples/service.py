@@ -1,8 +1,8 @@
 """A TCP service that embeds a workflow: observations in, results streamed back.
 
     python examples/service.py --port 8765
-    # then, from another terminal (one JSON observation per line; -N: end the sending at end of input):
-    printf '{"sensor": "t1", "value": 20.5}\\n{"sensor": "t1", "value": 21}\\n' | nc -N 127.0.0.1 8765
+    # then, from another terminal, send observations (one JSON object per line) and print the replies
+    # with docs/live.md's client (Python, one line), or with netcat-openbsd's `nc -N 127.0.0.1 8765`
 
 Standard library only. Each client sends JSON Lines observations
 ``{"sensor": str, "value": number}`` and receives JSON Lines back, on the
@@ -20,8 +20,8 @@ the workflow is full: the connection is then not read, so TCP flow control
 slows that client down. Results come out of ``async for record in run`` and
 go back to the client that sent the observation.
 
-A client may close its sending side when done (``nc -N``,
-``shutdown(SHUT_WR)``): the server still replies to everything it sent,
+A client may close its sending side when done (``shutdown(SHUT_WR)``,
+``nc -N``): the server still replies to everything it sent,
 every window mean included, then closes the connection. On SIGINT/SIGTERM
 the server stops accepting, drains the workflow (every accepted observation
 gets its result), and exits.
