@@ -183,6 +183,18 @@ def test_errors_are_one_line_and_non_zero(workflow_file: Path, args: list[str], 
     assert message in done.stderr
 
 
+def test_a_module_the_workflow_imports_that_is_missing_gets_a_hint(tmp_path: Path) -> None:
+    (tmp_path / "needs.py").write_text("import numpy\nimport no_such_library_xyz.sub\n")
+    for target in ("needs.py", "needs"):
+        done = aiod4p("run", target, cwd=tmp_path)
+        assert done.returncode == 1
+        assert done.stderr == (
+            f"aiod4p: error: importing {target} failed at {tmp_path / 'needs.py'}, line 2: ModuleNotFoundError: No"
+            f" module named 'no_such_library_xyz' (is no_such_library_xyz installed in this environment,"
+            f" {sys.prefix}? see the workflow's documentation)\n"
+        )
+
+
 def test_an_unknown_root_is_named_as_given_and_the_roots_as_they_can_be_written(tmp_path: Path) -> None:
     flow = tmp_path / "flow.py"
     flow.write_text(
