@@ -688,10 +688,21 @@ def _print_results(grouped: dict[tuple[str, str], list[Any]], stdout: TextIO) ->
     if not grouped:
         print("No results.", file=stdout)
         return
-    for (pe, port), items in grouped.items():
-        print(f"{pe}.{port}: {len(items)} item{'s' if len(items) != 1 else ''}", file=stdout)
-        for item in items:
-            print(f"  {item!r}", file=stdout)
+    with _plain_numbers():
+        for (pe, port), items in grouped.items():
+            print(f"{pe}.{port}: {len(items)} item{'s' if len(items) != 1 else ''}", file=stdout)
+            for item in items:
+                print(f"  {item!r}", file=stdout)
+
+
+def _plain_numbers() -> contextlib.AbstractContextManager[Any]:
+    """Meanwhile numpy scalars print as the numbers they are (``112761.0``), as before numpy 2, not as
+    ``np.float64(112761.0)``, also inside tuples, lists and dicts (when the run imported numpy)."""
+    numpy = sys.modules.get("numpy")
+    if numpy is None or int(numpy.__version__.split(".")[0]) < 2:
+        return contextlib.nullcontext()
+    options: contextlib.AbstractContextManager[Any] = numpy.printoptions(legacy="1.25")
+    return options
 
 
 # -- provenance and plots (issue 15) ------------------------------------------------

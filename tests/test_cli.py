@@ -195,6 +195,25 @@ def test_a_module_the_workflow_imports_that_is_missing_gets_a_hint(tmp_path: Pat
         )
 
 
+def test_printed_results_show_numpy_scalars_as_numbers(tmp_path: Path) -> None:
+    pytest.importorskip("numpy")
+    flow = tmp_path / "flow.py"
+    flow.write_text(
+        "import numpy as np\n"
+        "from aiod4p import ProducerPE, WorkflowGraph\n"
+        "class Sums(ProducerPE):\n"
+        "    def produce(self):\n"
+        "        return ('CA', np.float64(112761.0), [np.int64(3)], {'ok': np.bool_(True)}, np.array([1.5]))\n"
+        "graph = WorkflowGraph()\n"
+        "graph.add(Sums())\n"
+    )
+    done = aiod4p("run", str(flow), "-m", "simple")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "Sums0.output: 1 item\n  ('CA', 112761.0, [3], {'ok': True}, array([1.5]))\n"
+    as_json = json.loads(aiod4p("run", str(flow), "-m", "simple", "--results", "-").stdout)["data"]
+    assert as_json == ["CA", 112761.0, [3], {"ok": True}, [1.5]]  # as it was
+
+
 def test_an_unknown_root_is_named_as_given_and_the_roots_as_they_can_be_written(tmp_path: Path) -> None:
     flow = tmp_path / "flow.py"
     flow.write_text(
