@@ -17,7 +17,7 @@ from typing import Any, NoReturn, TextIO
 from . import __version__, compat
 from ._api import WorkflowRun, loop_factory, run_in_threads
 from ._checkpoint import Checkpointing
-from ._inputs import parse_cli_inputs
+from ._inputs import find_pe, parse_cli_inputs
 from ._loading import _split, load_graph
 from ._logging import configure_logging
 from ._plan import DEFAULT_BATCH_SIZE, DEFAULT_CREDITS, make_plan
@@ -351,6 +351,7 @@ def _run_loaded(args: argparse.Namespace, mapping: BaseMapping, results: str | N
         Interrupts(EXIT_ABORTED, before_exit=flush_results, produced=lambda: _records(outcome.records)) as signals,
         mapping.head_start(args.target, args.num),
     ):
+        phase = "loading the workflow"  # what a signal stops, as it says
         try:
             compat.install()  # dispel4py workflows run unchanged
             graph = load_graph(args.target)
@@ -358,8 +359,10 @@ def _run_loaded(args: argparse.Namespace, mapping: BaseMapping, results: str | N
             inputs = parse_cli_inputs(args.iter, args.data, args.file)
             stdin = None
             if args.stdin is not None:
+                find_pe(graph.flatten(), args.stdin, "--stdin")  # else the error would name an input key
                 stdin = LineStream(json=True, max_line=args.max_line, on_bad=args.on_bad)
                 inputs = {**(inputs if isinstance(inputs, Mapping) else {}), args.stdin: stdin}
+            phase = "planning the run"
             workflow = WorkflowRun(
                 graph,
                 inputs,
@@ -370,7 +373,7 @@ def _run_loaded(args: argparse.Namespace, mapping: BaseMapping, results: str | N
                 provenance=(args.provenance_level or "item") if args.provenance else None,
             )
         except Stopped as stop:
-            return _aborted(stop.signum, 0, "while loading the workflow")
+            return _aborted(stop.signum, 0, f"while {phase}")
         show_progress = progress_wanted(args.quiet, args.results == "-")
         sampler = StatsSampler(workflow) if args.stats_json else None
         try:
@@ -383,7 +386,7 @@ def _run_loaded(args: argparse.Namespace, mapping: BaseMapping, results: str | N
             # task it interrupted (the run's, often): taken here, it is not logged as never retrieved.
             if (task := workflow._task) is not None and task.done() and not task.cancelled():
                 task.exception()
-            return _aborted(stop.signum, outcome.records, "during start-up")
+            return _aborted(stop.signum, outcome.records, f"while starting the {mapping.workers_started[1]}")
         finally:
             signals.restore()
             report_stats(
@@ -424,11 +427,11 @@ def _cap_workers(args: argparse.Namespace, mapping: BaseMapping) -> None:
             if args.num > MOST_SHARED_PROCESSES
             else ""
         )
+        one, several = mapping.workers_started
         _warn(
             args,
-            f"-n {args.num}: {cpus} CPU{'s' if cpus > 1 else ''} available, so {cpus} worker process"
-            f"{'es' if cpus > 1 else ''} (more would only compete for them; --oversubscribe starts {args.num})"
-            + shared,
+            f"-n {args.num}: {cpus} CPU{'s' if cpus > 1 else ''} available, so {cpus} {several if cpus > 1 else one}"
+            f" (more would only compete for them; --oversubscribe starts {args.num})" + shared,
         )
         args.num = cpus
 
@@ -461,8 +464,8 @@ def _ignored_options(args: argparse.Namespace, mapping: BaseMapping) -> list[str
         ignored.append(f"--oversubscribe is ignored: the {mapping.name} mapping does not limit -n to the CPUs")
     if mapping.uses_processes and args.num is not None and args.num > 4 * cpus:
         ignored.append(
-            f"-n {args.num} starts {args.num} worker processes on {cpus} CPU{'s' if cpus > 1 else ''}: start-up is"
-            f" slow and they compete for the CPUs (-n {cpus} uses every CPU)"
+            f"-n {args.num} starts {args.num} {mapping.workers_started[1]} on {cpus} CPU{'s' if cpus > 1 else ''}:"
+            f" start-up is slow and they compete for the CPUs (-n {cpus} uses every CPU)"
         )
     return ignored
 
@@ -685,10 +688,21 @@ def _print_results(grouped: dict[tuple[str, str], list[Any]], stdout: TextIO) ->
     if not grouped:
         print("No results.", file=stdout)
         return
-    for (pe, port), items in grouped.items():
-        print(f"{pe}.{port}: {len(items)} item{'s' if len(items) != 1 else ''}", file=stdout)
-        for item in items:
-            print(f"  {item!r}", file=stdout)
+    with _plain_numbers():
+        for (pe, port), items in grouped.items():
+            print(f"{pe}.{port}: {len(items)} item{'s' if len(items) != 1 else ''}", file=stdout)
+            for item in items:
+                print(f"  {item!r}", file=stdout)
+
+
+def _plain_numbers() -> contextlib.AbstractContextManager[Any]:
+    """Meanwhile numpy scalars print as the numbers they are (``112761.0``), as before numpy 2, not as
+    ``np.float64(112761.0)``, also inside tuples, lists and dicts (when the run imported numpy)."""
+    numpy = sys.modules.get("numpy")
+    if numpy is None or int(numpy.__version__.split(".")[0]) < 2:
+        return contextlib.nullcontext()
+    options: contextlib.AbstractContextManager[Any] = numpy.printoptions(legacy="1.25")
+    return options
 
 
 # -- provenance and plots (issue 15) ------------------------------------------------
@@ -794,12 +808,18 @@ def _add_science_parsers(commands: Any) -> None:
         "provenance",
         help="show what a provenance file records, or the lineage of one result",
         description="Read a PROV-JSON file written by `aiod4p run --provenance` and trace results to their sources.",
+        usage="%(prog)s [-h] FILE [--trace RESULT [--draw OUT]] [--debug]",  # argparse cannot say --draw needs --trace
     )
     lineage.add_argument("file", metavar="FILE", help="the PROV-JSON (or PROV-XML) file")
     lineage.add_argument(
         "--trace", default=None, metavar="RESULT", help="an entity id, or (part of) the repr of a result's value"
     )
-    lineage.add_argument("--draw", default=None, metavar="OUT", help="draw the lineage: OUT.dot, .svg, .png or .pdf")
+    lineage.add_argument(
+        "--draw",
+        default=None,
+        metavar="OUT",
+        help="with --trace: draw the lineage of RESULT: OUT.dot, .svg, .png or .pdf",
+    )
     lineage.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks of errors")
     stats = commands.add_parser("stats", help="work with a --stats-json file", description="Statistics files.")
     actions = stats.add_subparsers(dest="stats_command", required=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 from collections.abc import AsyncIterable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, TypeAlias
@@ -12,7 +13,7 @@ from ._graph import FlatGraph
 from ._pe import PE
 from .errors import InputError
 
-__all__ = ["Inputs", "parse_cli_inputs", "resolve_inputs"]
+__all__ = ["Inputs", "find_pe", "parse_cli_inputs", "resolve_inputs"]
 
 Inputs: TypeAlias = Mapping[Any, Feed] | int | None
 
@@ -40,7 +41,7 @@ def resolve_inputs(graph: FlatGraph, inputs: Inputs) -> dict[str, Feed]:
         raise InputError(f"inputs must be a count or a mapping of PE to input, not {type(inputs).__name__}")
     feeds: dict[str, Feed] = {}
     for key, value in inputs.items():
-        pe_id = _find(graph, key)
+        pe_id = find_pe(graph, key)
         if pe_id not in roots:
             raise InputError(f"PE {pe_id} is not a root of the graph (its inputs are connected); it cannot take input")
         feeds[pe_id] = _check_feed(pe_id, value)
@@ -50,7 +51,13 @@ def resolve_inputs(graph: FlatGraph, inputs: Inputs) -> dict[str, Feed]:
     return feeds
 
 
-def _find(graph: FlatGraph, key: Any) -> str:
+def find_pe(graph: FlatGraph, key: Any, given_as: str = "input key") -> str:
+    """The id of the PE of ``graph`` that ``key`` names (a PE, a PE id or a PE name).
+
+    Raises:
+        InputError: ``key`` names no PE, several, or a composite; the message calls it ``given_as``
+            (``--stdin``, say).
+    """
     if isinstance(key, PE):
         if key.id in graph.pes and graph.pes[key.id] is key:
             return key.id
@@ -67,15 +74,26 @@ def _find(graph: FlatGraph, key: Any) -> str:
     if len(named) == 1:
         return named[0]
     if named:
-        raise InputError(f"input key {key!r} names several PEs ({', '.join(named)}); use the PE id")
-    raise InputError(f"input key {key!r} names no PE of the graph (roots: {', '.join(graph.roots()) or 'none'})")
+        raise InputError(f"{given_as} {key!r} names several PEs ({', '.join(named)}); use the PE id")
+    raise InputError(f"{given_as} {key!r} names no PE of the graph (roots: {_listing(graph, graph.roots())})")
+
+
+def _listing(graph: FlatGraph, pe_ids: Iterable[str]) -> str:
+    """``pe_ids`` as a user may give them: each PE's name and its id (``parse (parse3)``), or the id alone
+    when the name is the id or another PE has it too; ``none`` for no PEs."""
+    names = Counter(pe.name for pe in graph.pes.values())
+    shown = []
+    for pe_id in pe_ids:
+        name = graph.pes[pe_id].name
+        shown.append(f"{name} ({pe_id})" if name != pe_id and names[name] == 1 else pe_id)
+    return ", ".join(shown) or "none"
 
 
 def _refuse_composite(graph: FlatGraph, composite: str) -> None:
     roots = [pe_id for pe_id in graph.composites[composite] if pe_id in graph.roots()]
     raise InputError(
         f"PE {composite} is a composite, which never runs itself; give the input to its inner root"
-        f" ({', '.join(roots) or 'none'})"
+        f" ({_listing(graph, roots)})"
     )
 
 

@@ -193,7 +193,7 @@ def load_module(spec: str) -> ModuleType:
         except TargetError:
             raise
         except Exception as exc:
-            raise TargetError(f"importing {spec} failed{_where(exc)}: {type(exc).__name__}: {exc}") from exc
+            raise _import_failed(spec, exc) from exc
     cwd = os.getcwd()
     if cwd not in sys.path and "" not in sys.path:  # importable as under `python -m`, also from the console script
         sys.path.insert(0, cwd)
@@ -204,9 +204,21 @@ def load_module(spec: str) -> ModuleType:
     except ModuleNotFoundError as exc:
         if exc.name and spec.startswith(exc.name):
             raise TargetError(f"no module named {spec!r}") from exc
-        raise TargetError(f"importing {spec} failed{_where(exc)}: {exc}") from exc
+        raise _import_failed(spec, exc) from exc
     except Exception as exc:
-        raise TargetError(f"importing {spec} failed{_where(exc)}: {type(exc).__name__}: {exc}") from exc
+        raise _import_failed(spec, exc) from exc
+
+
+def _import_failed(spec: str, exc: Exception) -> TargetError:
+    """The error of importing the workflow ``spec``, which raised ``exc``; a module it imports that is
+    missing gets a hint: the workflow needs a package this environment lacks."""
+    hint = ""
+    if isinstance(exc, ModuleNotFoundError) and exc.name:
+        hint = (
+            f" (is {exc.name.partition('.')[0]} installed in this environment, {sys.prefix}? see the workflow's"
+            " documentation)"
+        )
+    return TargetError(f"importing {spec} failed{_where(exc)}: {type(exc).__name__}: {exc}{hint}")
 
 
 _workflow_names: set[str] = set()  # the names workflow files were imported under (by _module_name)

@@ -13,7 +13,8 @@ planning, start-up: long synchronous code) a signal raises :class:`Stopped`
 wherever the main thread is. Once the run is under way the handlers hand
 their work to the loop with ``call_soon_threadsafe``, and a second signal
 also arms a watchdog thread that ends the process if the loop has not
-aborted the run within :data:`ABORT_GRACE` seconds.
+aborted the run: after :data:`HELD_GRACE` seconds if a PE holds the loop,
+else (a slow clean-up) after :data:`ABORT_GRACE` seconds.
 
 A process forked from the run's (a multi worker) inherits these handlers and
 would run them if a signal came before it set its own: :func:`held` blocks
@@ -30,14 +31,19 @@ import os
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from types import FrameType
 from typing import Any, Protocol
 
-__all__ = ["ABORT_GRACE", "Interrupts", "Stopped", "die_with_parent", "held", "release"]
+__all__ = ["ABORT_GRACE", "HELD_GRACE", "Interrupts", "Stopped", "die_with_parent", "held", "release"]
 
-ABORT_GRACE = 1.0
+ABORT_GRACE = 0.9
+"""Seconds an abort may take while the event loop turns (its clean-up: stopping a local Ray, say)."""
+HELD_GRACE = 0.5
+"""Seconds an abort may take before the watchdog checks whether the event loop turns; if it does not within
+a tenth of that (a PE holds it), the watchdog ends the process then."""
 SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
@@ -175,20 +181,23 @@ class Interrupts:
             threading.Thread(target=self._watchdog, name="aiod4p abort watchdog", daemon=True).start()
 
     def _watchdog(self) -> None:
-        """End the process if the run has not aborted within :data:`ABORT_GRACE` seconds, saying why: a PE
-        holds the event loop (it runs no callback), or the run's clean-up (stopping a local Ray, say) is slow."""
-        if self._finished.wait(ABORT_GRACE):
+        """End the process if the run has not aborted, saying why: a PE holds the event loop (it runs no
+        callback), after :data:`HELD_GRACE` seconds and a tenth; or the run's clean-up (stopping a local Ray,
+        say) did not end within :data:`ABORT_GRACE` seconds. Either way within a second of the signal."""
+        start = time.monotonic()
+        if self._finished.wait(HELD_GRACE):
             return
+        turned = threading.Event()
+        if self._loop is not None:
+            with contextlib.suppress(RuntimeError):  # the loop is closed
+                self._loop.call_soon_threadsafe(turned.set)
+        if not turned.wait(HELD_GRACE / 10):
+            why = "the event loop was held by a PE"
+        elif self._finished.wait(ABORT_GRACE - (time.monotonic() - start)):
+            return
+        else:
+            why = f"its clean-up did not end within {ABORT_GRACE:g} s"
         try:
-            turned = threading.Event()
-            if self._loop is not None:
-                with contextlib.suppress(RuntimeError):  # the loop is closed
-                    self._loop.call_soon_threadsafe(turned.set)
-            why = (
-                f"its clean-up did not end within {ABORT_GRACE:g} s"
-                if turned.wait(ABORT_GRACE / 10)
-                else "the event loop was held by a PE"
-            )
             self._before_exit()
             print(f"aiod4p: aborted by {self.name}; {self._produced()} produced ({why})", file=sys.stderr, flush=True)
             sys.stdout.flush()

@@ -1,8 +1,8 @@
 """A TCP service that embeds a workflow: observations in, results streamed back.
 
     python examples/service.py --port 8765
-    # then, from another terminal (one JSON observation per line; -N: end the sending at end of input):
-    printf '{"sensor": "t1", "value": 20.5}\\n{"sensor": "t1", "value": 21}\\n' | nc -N 127.0.0.1 8765
+    # then, from another terminal, send observations (one JSON object per line) and print the replies
+    # with docs/live.md's client (Python, one line), or with netcat-openbsd's `nc -N 127.0.0.1 8765`
 
 Standard library only. Each client sends JSON Lines observations
 ``{"sensor": str, "value": number}`` and receives JSON Lines back, on the
@@ -11,7 +11,8 @@ same connection:
 * ``{"sensor", "value", "calibrated"}`` for every valid observation;
 * ``{"sensor", "mean", "count"}`` for every window of ``--window``
   observations of one sensor from that client (a keyed count window);
-* ``{"error": ..., "line": ...}`` for an invalid observation.
+* ``{"error": ..., "line": ...}`` for an invalid observation, or a line that is
+  not valid JSON.
 
 One workflow runs for the whole service, inside the server's event loop. A
 client's observations are fed with ``await run.send(...)``, which waits while
@@ -19,8 +20,8 @@ the workflow is full: the connection is then not read, so TCP flow control
 slows that client down. Results come out of ``async for record in run`` and
 go back to the client that sent the observation.
 
-A client may close its sending side when done (``nc -N``,
-``shutdown(SHUT_WR)``): the server still replies to everything it sent,
+A client may close its sending side when done (``shutdown(SHUT_WR)``,
+``nc -N``): the server still replies to everything it sent,
 every window mean included, then closes the connection. On SIGINT/SIGTERM
 the server stops accepting, drains the workflow (every accepted observation
 gets its result), and exits.
@@ -50,6 +51,8 @@ class Validate(GenericPE):
     def process(self, inputs: dict[str, Any]) -> dict[str, Any]:
         obs = inputs["input"]
         data = obs.get("data")
+        if "not_json" in obs:
+            return {"errors": {"client": obs["client"], "error": f"not valid JSON ({obs['not_json']})", "line": data}}
         if not isinstance(data, dict) or not isinstance(data.get("sensor"), str):
             return {
                 "errors": {"client": obs["client"], "error": "an observation needs a 'sensor' string", "line": data}
@@ -151,11 +154,11 @@ class ObservationService:
                 if not line.strip():
                     continue
                 try:
-                    data = json.loads(line)
-                except ValueError:
-                    data = line.decode("utf-8", "replace").strip()
+                    obs = {"client": client_id, "data": json.loads(line)}
+                except ValueError as exc:  # Validate answers it, in its turn
+                    obs = {"client": client_id, "data": line.decode("utf-8", "replace").strip(), "not_json": str(exc)}
                 client.sent += 1
-                await self.run.send("validate", {"client": client_id, "data": data})  # waits while the workflow is full
+                await self.run.send("validate", obs)  # waits while the workflow is full
                 await writer.drain()  # a client that does not read its results is not read either
             client.input_ended = True  # the client closed its sending side: answer it, then close
             client.check()

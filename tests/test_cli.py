@@ -11,6 +11,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -180,6 +181,59 @@ def test_errors_are_one_line_and_non_zero(workflow_file: Path, args: list[str], 
     assert done.returncode == 1, done.stdout
     assert len(done.stderr.strip().splitlines()) == 1
     assert message in done.stderr
+
+
+def test_a_module_the_workflow_imports_that_is_missing_gets_a_hint(tmp_path: Path) -> None:
+    (tmp_path / "needs.py").write_text("import numpy\nimport no_such_library_xyz.sub\n")
+    for target in ("needs.py", "needs"):
+        done = aiod4p("run", target, cwd=tmp_path)
+        assert done.returncode == 1
+        assert done.stderr == (
+            f"aiod4p: error: importing {target} failed at {tmp_path / 'needs.py'}, line 2: ModuleNotFoundError: No"
+            f" module named 'no_such_library_xyz' (is no_such_library_xyz installed in this environment,"
+            f" {sys.prefix}? see the workflow's documentation)\n"
+        )
+
+
+def test_printed_results_show_numpy_scalars_as_numbers(tmp_path: Path) -> None:
+    pytest.importorskip("numpy")
+    flow = tmp_path / "flow.py"
+    flow.write_text(
+        "import numpy as np\n"
+        "from aiod4p import ProducerPE, WorkflowGraph\n"
+        "class Sums(ProducerPE):\n"
+        "    def produce(self):\n"
+        "        return ('CA', np.float64(112761.0), [np.int64(3)], {'ok': np.bool_(True)}, np.array([1.5]))\n"
+        "graph = WorkflowGraph()\n"
+        "graph.add(Sums())\n"
+    )
+    done = aiod4p("run", str(flow), "-m", "simple")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "Sums0.output: 1 item\n  ('CA', 112761.0, [3], {'ok': True}, array([1.5]))\n"
+    as_json = json.loads(aiod4p("run", str(flow), "-m", "simple", "--results", "-").stdout)["data"]
+    assert as_json == ["CA", 112761.0, [3], {"ok": True}, [1.5]]  # as it was
+
+
+def test_an_unknown_root_is_named_as_given_and_the_roots_as_they_can_be_written(tmp_path: Path) -> None:
+    flow = tmp_path / "flow.py"
+    flow.write_text(
+        "from aiod4p import IterativePE, WorkflowGraph\n"
+        "class Echo(IterativePE):\n"
+        "    def process_item(self, item):\n"
+        "        return item\n"
+        "graph = WorkflowGraph()\n"
+        "graph.connect(Echo(name='parse'), 'output', Echo(name='show'), 'input')\n"
+        "graph.add(Echo())\n"  # two PEs of one name: each by its id alone
+        "graph.add(Echo())\n"
+    )
+    roots = "(roots: parse (parse0), Echo2, Echo3)"
+    for args, given in ((["--stdin", "nope"], "--stdin 'nope'"), (["-d", '{"nope": [1]}'], "input key 'nope'")):
+        done = aiod4p("run", str(flow), "-m", "simple", *args, input="")
+        assert done.returncode == 1
+        assert done.stderr == f"aiod4p: error: {given} names no PE of the graph {roots}\n"
+    done = aiod4p("run", str(flow), "-m", "simple", "--stdin", "parse", "-q", input='"hello"\n')
+    assert done.returncode == 0, done.stderr
+    assert "'hello'" in done.stdout
 
 
 def test_several_graphs_need_a_choice(tmp_path: Path) -> None:
@@ -374,8 +428,9 @@ def test_at_most_one_worker_per_cpu_on_this_machine(mapping: str, workflow_file:
     run = ("run", str(workflow_file), "-m", mapping, "-i", "4", "--stats-json", str(stats))
     done = aiod4p(*run, "-n", "3", one_cpu=True)
     assert done.returncode == 0, done.stderr
+    started = {"multi": "worker process", "mpi": "rank"}[mapping]  # what the mapping starts
     assert (
-        "aiod4p: warning: -n 3: 1 CPU available, so 1 worker process (more would only compete for them;"
+        f"aiod4p: warning: -n 3: 1 CPU available, so 1 {started} (more would only compete for them;"
         " --oversubscribe starts 3)" in done.stderr.splitlines()
     )
     assert json.loads(stats.read_text())["workers"] == 1
@@ -719,16 +774,34 @@ while True:
     time.sleep(0.05)  # ok-sleep: a workflow module that takes forever to import
 """
 
+SLOW_PLAN = """
+import sys, time
+from aiod4p import IterativePE, WorkflowGraph
+
+class Slow(IterativePE):
+    @property
+    def _parallelism(self):  # what the planner asks of every PE
+        print("starting", file=sys.stderr, flush=True)
+        while True:
+            time.sleep(0.05)  # ok-sleep: a plan that takes forever
+    def process_item(self, item):
+        return item
+
+graph = WorkflowGraph()
+graph.add(Slow())
+"""
+
 
 @pytest.mark.parametrize(
     ("mapping", "module", "signum", "when"),
     [
-        ("async", SLOW_START, signal.SIGINT, "during start-up"),
-        ("async", SLOW_START, signal.SIGTERM, "during start-up"),
+        ("async", SLOW_START, signal.SIGINT, "while starting the PE instances"),
+        ("async", SLOW_START, signal.SIGTERM, "while starting the PE instances"),
         ("simple", SLOW_IMPORT, signal.SIGTERM, "while loading the workflow"),
         ("multi", SLOW_IMPORT, signal.SIGINT, "while loading the workflow"),
+        ("multi", SLOW_PLAN, signal.SIGTERM, "while planning the run"),
     ],
-    ids=["async-build-int", "async-build-term", "simple-import-term", "multi-import-int"],
+    ids=["async-build-int", "async-build-term", "simple-import-term", "multi-import-int", "multi-plan-term"],
 )
 def test_a_signal_during_start_up_stops_the_run_at_once(
     tmp_path: Path, mapping: str, module: str, signum: signal.Signals, when: str
@@ -749,6 +822,44 @@ def test_a_signal_during_start_up_stops_the_run_at_once(
     assert process.returncode == 130, err
     assert f"aiod4p: aborted by {signum.name} {when}; 0 records produced" in err
     assert "Traceback" not in err
+
+
+HOLDS_THE_LOOP = """
+import sys, time
+from aiod4p import ProducerPE, WorkflowGraph
+
+class Hold(ProducerPE):
+    def produce(self):
+        print("holding", file=sys.stderr, flush=True)
+        while True:
+            time.sleep(0.005)  # ok-sleep: a PE that holds the event loop, never giving way
+
+graph = WorkflowGraph()
+graph.add(Hold())
+"""
+
+
+@pytest.mark.parametrize("mapping", ["simple", "async"])
+def test_a_second_signal_aborts_within_a_second_while_a_pe_holds_the_loop(tmp_path: Path, mapping: str) -> None:
+    flow = tmp_path / "hold.py"
+    flow.write_text(HOLDS_THE_LOOP)
+    process = aiod4p_process("run", str(flow), "-m", mapping, "-i", "1")
+    try:
+        assert process.stderr is not None
+        assert process.stderr.readline() == "holding\n"  # the run is under way, its loop held
+        process.send_signal(signal.SIGINT)
+        assert process.stderr.readline().startswith("aiod4p: SIGINT: stopping the sources")  # the first, acted on
+        process.send_signal(signal.SIGINT)
+        sent = time.monotonic()
+        _, err = process.communicate(timeout=20)
+        took = time.monotonic() - sent
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.communicate()
+    assert process.returncode == 130, err
+    assert err.splitlines()[-1] == "aiod4p: aborted by SIGINT; 0 records produced (the event loop was held by a PE)"
+    assert took < 1.0  # what the README promises
 
 
 def test_console_script_is_installed() -> None:

@@ -192,7 +192,7 @@ async def test_the_service_streams_results_back_to_each_client() -> None:
     async with asyncio.timeout(20):
         address = await app.start()
         first, second = await asyncio.gather(
-            talk(address, [*observations("t1", 10), b"not json", {"sensor": "t1"}], 10 + 2 + 2),
+            talk(address, [*observations("t1", 10), b"not json", "t1", {"sensor": "t1"}], 10 + 2 + 3),
             talk(address, observations("t2", 5), 5 + 1),
         )
         await app.aclose()
@@ -200,7 +200,8 @@ async def test_the_service_streams_results_back_to_each_client() -> None:
     assert calibrated == [2.0 * i + 1.0 for i in range(10)]
     assert [(r["sensor"], r["mean"]) for r in first if "mean" in r] == [("t1", 5.0), ("t1", 15.0)]
     assert [r["error"] for r in first if "error" in r] == [
-        "an observation needs a 'sensor' string",
+        "not valid JSON (Expecting value: line 1 column 1 (char 0))",
+        "an observation needs a 'sensor' string",  # JSON, but not an observation
         "'value' must be a number",
     ]
     assert {r["sensor"] for r in second} == {"t2"}
@@ -255,6 +256,17 @@ def test_the_service_as_a_process_with_a_real_client() -> None:
 
         replies = asyncio.run(client())
         assert [r["mean"] for r in replies if "mean" in r] == [1.0, 4.0]
+        # docs/live.md's client, as a user copies it (Python's standard library: no netcat needed)
+        docs = (ROOT / "docs" / "live.md").read_text()
+        command = next(line for line in docs.splitlines() if line.startswith("printf") and "127.0.0.1 8765" in line)
+        done = subprocess.run(
+            ["bash", "-c", command.replace("8765", port)], capture_output=True, text=True, timeout=20, check=True
+        )
+        answers = sorted((json.loads(line) for line in done.stdout.splitlines()), key=lambda r: "error" in r)
+        assert answers == [  # the error may come first: it is on another port
+            {"sensor": "t1", "value": 20.5, "calibrated": 20.5},
+            {"error": "not valid JSON (Expecting value: line 1 column 1 (char 0))", "line": "not json"},
+        ]
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=20) == 0
     finally:

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers import ROOT
 
 import aiod4p
 from aiod4p import GenericPE, IterativePE, PlanOptions, ProducerPE, Results, WorkflowGraph, group_by
@@ -235,6 +236,11 @@ def test_cli_records_traces_and_draws(tmp_path: Path) -> None:
     untraced = cli("provenance", str(path), "--draw", str(tmp_path / "all.svg"), cwd=tmp_path)
     assert (untraced.returncode, untraced.stdout) == (2, "")
     assert untraced.stderr == "aiod4p: error: --draw draws the lineage of a result: give it with --trace RESULT\n"
+    # ... as the usage says: --draw goes with --trace, as the README's and docs/cli.md's synopses have it.
+    usage = cli("provenance", "--help", cwd=tmp_path).stdout
+    assert usage.startswith("usage: aiod4p provenance [-h] FILE [--trace RESULT [--draw OUT]] [--debug]\n"), usage
+    synopsis = "aiod4p provenance FILE.json [--trace RESULT [--draw FILE.svg]]\n"
+    assert all(synopsis in (ROOT / doc).read_text() for doc in ("README.md", "docs/cli.md"))
 
 
 def test_cli_listing_into_a_closed_pipe_ends_quietly(tmp_path: Path) -> None:

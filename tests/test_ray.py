@@ -285,7 +285,7 @@ def test_a_sigint_while_the_local_ray_starts_leaves_none_of_it() -> None:
             time.sleep(0.02)  # ok-sleep: polling for a process to appear, with a deadline
         run.send_signal(signal.SIGINT)
         _, err = run.communicate(timeout=120)
-        assert run.returncode == 130 and "aborted by SIGINT during start-up" in err, err
+        assert run.returncode == 130 and "aborted by SIGINT while starting the actors" in err, err
         left = wait_gone(session_processes([run.pid]), timeout=30)
         assert left == [], [_described(pid) for pid in left]
 

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
+
+from helpers import AIOD4P
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -22,3 +25,28 @@ def test_readme_names_the_two_commands_ci_runs() -> None:
     assert "scripts/setup && .venv/bin/aiod4p run examples/" in text
     assert "\n.ci/run\n" in text
     assert "python -m pytest" in (README.parent / ".ci" / "run").read_text()
+
+
+def test_recovery_commands_run_from_the_clone_root_and_a_restore_after_a_finished_run_resumes_nothing(
+    tmp_path: Path,
+) -> None:
+    """docs/recovery.md's two commands, as a user copies them (cd'd into the clone, as the README has it):
+    the first run finishes and ends with a final checkpoint, which the second one restores, adding nothing."""
+    text = (README.parent / "docs" / "recovery.md").read_text()
+    block = re.search(r"## Operating it\n\n```\n(.*?)```", text, re.S)
+    assert block is not None
+    commands = [line for line in block.group(1).replace("\\\n", "").splitlines() if line.startswith("aiod4p run")]
+    assert len(commands) == 2, commands
+    results = tmp_path / "counts.jsonl"
+
+    def run(command: str) -> subprocess.CompletedProcess[str]:
+        args = [str(tmp_path / arg) if arg in ("ckpt/", "counts.jsonl") else arg for arg in shlex.split(command)[1:]]
+        done = subprocess.run(AIOD4P + args, capture_output=True, text=True, timeout=120, cwd=README.parent)
+        assert done.returncode == 0, done.stderr
+        return done
+
+    assert "aiod4p: 18 records" in run(commands[0].split("#")[0]).stderr
+    finished = results.read_text()
+    restored = run(commands[1]).stderr
+    assert "restoring checkpoint" in restored and "aiod4p: 0 records" in restored, restored
+    assert results.read_text() == finished

@@ -315,5 +315,5 @@ def test_an_abort_whose_clean_up_is_slow_says_so_and_counts_the_records() -> Non
     assert done.returncode == 130
     assert (
         done.stderr.splitlines()[-1]
-        == "aiod4p: aborted by SIGINT; 7 records produced (its clean-up did not end within 1 s)"
+        == "aiod4p: aborted by SIGINT; 7 records produced (its clean-up did not end within 0.9 s)"
     )

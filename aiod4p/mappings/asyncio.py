@@ -21,6 +21,7 @@ class AsyncMapping(BaseMapping):
     name = "async"
     fixed_order: ClassVar[bool] = False
     supports_checkpoints = True
+    workers_started = ("PE instance", "PE instances")
 
     def plan_options(self, workers: int | None, batch_size: int, credits: int) -> PlanOptions:
         return PlanOptions(workers=1, default_parallelism=workers or 1, batch_size=batch_size, credits=credits)

@@ -81,6 +81,7 @@ class MpiMapping(BaseMapping):
     name = "mpi"
     uses_processes = True
     supports_checkpoints = True
+    workers_started = ("rank", "ranks")
 
     def __init__(self) -> None:
         self.size = job_size()

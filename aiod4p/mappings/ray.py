@@ -56,6 +56,7 @@ class RayMapping(HostedMapping):
     """
 
     name = "ray"
+    workers_started = ("actor", "actors")
 
     def __init__(
         self,
