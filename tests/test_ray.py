@@ -297,7 +297,7 @@ def test_a_local_ray_started_by_the_run_has_room_for_its_workers(tmp_path: Path)
     drawing = tmp_path / "flow.dot"
     graph = ("graph", "examples/wordcount.py", "-m", "ray", "-n", "3", "-o", str(drawing))
     capped = aiod4p_cli(*graph, one_cpu=True, env=WITHOUT_CLUSTER)
-    assert capped.returncode == 0 and "so 1 worker process" in capped.stderr, capped.stderr
+    assert capped.returncode == 0 and "so 1 actor (" in capped.stderr, capped.stderr
     flow = tmp_path / "times10.py"
     flow.write_text(TIMES10_FLOW)
     run = ("run", str(flow), "-m", "ray", "-n", "2", "--oversubscribe", "-i", "5", "--results", "-", "-q")
