@@ -550,12 +550,15 @@ def test_a_run_cancelled_before_rank_0_has_the_job_kills_mpiexec_at_once(monkeyp
             processes.append(self)
 
     waiting: list[asyncio.Event] = []  # set once rank 0 has connected: the ranks are waiting for the job
+    # Open until mpiexec is gone: closed as the hand-over is cancelled, rank 0 saw its end and exited with 1,
+    # at times before mpiexec was killed.
+    connections: list[socket.socket] = []
 
     async def never_hand_over(listener: socket.socket, payload: bytes) -> None:
         connection, _ = await asyncio.get_running_loop().sock_accept(listener)
-        with connection:
-            waiting[0].set()
-            await asyncio.Event().wait()
+        connections.append(connection)
+        waiting[0].set()
+        await asyncio.Event().wait()
 
     monkeypatch.setattr(mpi, "_Process", Recorded)
     monkeypatch.setattr(mpi._Job, "_hand_over", staticmethod(never_hand_over))
@@ -571,7 +574,11 @@ def test_a_run_cancelled_before_rank_0_has_the_job_kills_mpiexec_at_once(monkeyp
             await run.aclose()
         assert processes[0].returncode == -signal.SIGKILL
 
-    asyncio.run(main())
+    try:
+        asyncio.run(main())
+    finally:
+        for connection in connections:
+            connection.close()
     assert wait_gone(_marked_processes(mark), timeout=10) == []  # its proxy and ranks follow it
 
 
