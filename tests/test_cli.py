@@ -214,14 +214,19 @@ def test_printed_results_show_numpy_scalars_as_numbers(tmp_path: Path) -> None:
     assert as_json == ["CA", 112761.0, [3], {"ok": True}, [1.5]]  # as it was
 
 
+ECHO_PE = (
+    "from aiod4p import IterativePE, WorkflowGraph\n"
+    "class Echo(IterativePE):\n"
+    "    def process_item(self, item):\n"
+    "        return item\n"
+)
+"""A workflow file's start: ``Echo``, a PE that passes its items on; the file then builds ``graph`` of it."""
+
+
 def test_an_unknown_root_is_named_as_given_and_the_roots_as_they_can_be_written(tmp_path: Path) -> None:
     flow = tmp_path / "flow.py"
     flow.write_text(
-        "from aiod4p import IterativePE, WorkflowGraph\n"
-        "class Echo(IterativePE):\n"
-        "    def process_item(self, item):\n"
-        "        return item\n"
-        "graph = WorkflowGraph()\n"
+        ECHO_PE + "graph = WorkflowGraph()\n"
         "graph.connect(Echo(name='parse'), 'output', Echo(name='show'), 'input')\n"
         "graph.add(Echo())\n"  # two PEs of one name: each by its id alone
         "graph.add(Echo())\n"
@@ -873,14 +878,7 @@ def test_console_script_is_installed() -> None:
 @pytest.mark.parametrize("on_bad", ["fail", "skip", "dead-letter"])
 def test_stdin_bad_lines_follow_on_bad(tmp_path: Path, mapping: str, on_bad: str) -> None:
     flow = tmp_path / "echo.py"
-    flow.write_text(
-        "from aiod4p import IterativePE, WorkflowGraph\n"
-        "class Echo(IterativePE):\n"
-        "    def process_item(self, item):\n"
-        "        return item\n"
-        "graph = WorkflowGraph()\n"
-        "graph.add(Echo(name='echo'))\n"
-    )
+    flow.write_text(ECHO_PE + "graph = WorkflowGraph()\ngraph.add(Echo(name='echo'))\n")
     lines = '{"i": 1}\n' + '{"long": "' + "z" * 500 + '"}\n{"i": 2}\nnot json\n'
     stats = tmp_path / "stats.json"
     options = ["--max-line", "100", "--on-bad", on_bad, "--results", "-", "--stats-json", str(stats)]

@@ -88,7 +88,7 @@ async def test_a_host_timer_due_during_a_pe_call_runs_as_soon_as_the_call_ends()
         await busy.progress.under_way.wait()
         for _ in range(10):
             before = busy.progress.calls
-            await asyncio.sleep(BUSY_SECONDS / 10)  # falls due during the next call
+            await asyncio.sleep(BUSY_SECONDS / 10)  # ok-sleep: a timer that falls due during the next call
             calls_while_waiting.append(busy.progress.calls - before)
         await run
     assert max(calls_while_waiting) <= 1, calls_while_waiting

@@ -312,13 +312,12 @@ class _Ranks:
             except OSError as exc:
                 raise MappingUnavailable(f"cannot start {mpiexec}: {exc}") from exc
         except BaseException:
-            self.listener.close()
-            self._directory.cleanup()
+            self.remove_address()
             raise
 
-    def connected(self) -> None:
-        """Rank 0 has connected: remove the socket's directory now, so that a launcher killed later (SIGKILL)
-        leaves nothing behind in the temporary folder."""
+    def remove_address(self) -> None:
+        """Close the listening socket and remove its directory: once rank 0 has connected (so that a launcher
+        killed later, with SIGKILL, leaves nothing in the temporary folder), or when the ranks end."""
         self.listener.close()
         self._directory.cleanup()
 
@@ -339,8 +338,7 @@ class _Ranks:
         for pipe in (self.process.stdout, self.process.stderr):
             if pipe is not None:
                 pipe.close()
-        self.listener.close()
-        self._directory.cleanup()
+        self.remove_address()
 
 
 _BAD_TERMINATION = re.compile(r"PID (\d+) RUNNING AT (\S+)\s*=\s*EXIT CODE: (-?\d+)")
@@ -463,7 +461,7 @@ class _Job:
             if not accept.done() or accept.exception() is not None:
                 raise WorkerDied(await self._death(0))
             self.sent = True
-            ranks.connected()
+            ranks.remove_address()
             comm = await open_pipe_comm(accept.result())
             supervisor = Supervisor(
                 self.plan,
