@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import contextlib
 import dataclasses
 import operator
+import signal
+import sys
+import threading
 import time
+import warnings
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Iterator
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 from ._graph import WorkflowGraph
 from ._inputs import Inputs, resolve_inputs
@@ -21,7 +27,9 @@ from .errors import Aiod4pError, GraphError, InputError, MappingUnavailable
 from .mappings import BaseMapping, RunControl, get_mapping
 from .sources import LiveFeed
 
-__all__ = ["WorkflowRun", "run", "run_async", "start"]
+__all__ = ["WorkflowRun", "run", "run_async", "run_blocking", "start"]
+
+T = TypeVar("T")
 
 
 class WorkflowRun:
@@ -316,26 +324,126 @@ async def run_async(graph: WorkflowGraph, inputs: Inputs = None, **options: Any)
 def run(graph: WorkflowGraph, inputs: Inputs = None, **options: Any) -> Results:
     """Run ``graph`` to completion and return its results.
 
-    Runs its own event loop (uvloop for mappings that use it, when installed);
-    inside a running loop use :func:`run_async` or :func:`start`.
+    Runs its own event loop (uvloop for mappings that use it, when installed).
+    Called where an event loop is running in this thread, as in a Jupyter
+    notebook's cell, it runs that loop in a thread of its own and blocks until
+    the run ends, as any blocking call there does (see :func:`run_blocking`);
+    async code that must stay responsive awaits :func:`run_async` instead.
 
     Raises:
         PEError: a PE raised.
         GraphError, InputError, MappingUnavailable, ValueError: as :func:`start`.
-        RuntimeError: called from a running event loop.
+        KeyboardInterrupt: interrupted (Ctrl-C, or a notebook's "interrupt the kernel"), after the run drained,
+            or aborted if interrupted twice.
+    """
+    mapping_obj = resolve_mapping(options.get("mapping", "async"))
+    options["mapping"] = mapping_obj
+    return run_blocking(lambda: run_async(graph, inputs, **options), mapping_obj.uses_uvloop)
+
+
+def run_blocking(main: Callable[[], Coroutine[Any, Any, T]], use_uvloop: bool) -> T:
+    """Run ``main()`` on an event loop of its own and return what it returns: the blocking calls' one way in.
+
+    With no event loop running in this thread, the loop runs here under
+    :class:`asyncio.Runner`: a first Ctrl-C cancels ``main()`` (:func:`run_async`
+    drains), a second one aborts it, and ``KeyboardInterrupt`` is raised once
+    ``main()`` has ended. Where a loop is running (a notebook's cell, or async
+    code calling a blocking function), the loop runs in a new thread while this
+    one waits, and a ``KeyboardInterrupt`` raised in the waiting thread (Ctrl-C,
+    a notebook's "interrupt the kernel") has those same effects. Outside a
+    Jupyter kernel, where blocking a running loop is most likely a mistake, that
+    case also warns (:class:`RuntimeWarning`).
     """
     try:
         asyncio.get_running_loop()
     except RuntimeError:
-        pass
-    else:
-        raise RuntimeError(
-            "aiod4p.run() cannot be called from a running event loop; use await aiod4p.run_async() or aiod4p.start()"
+        with asyncio.Runner(loop_factory=loop_factory(use_uvloop)) as runner:
+            return runner.run(main())
+    if "ipykernel" not in sys.modules:
+        warnings.warn(
+            "aiod4p.run() was called where an event loop is running: it blocks that loop until the run ends;"
+            " await aiod4p.run_async() instead",
+            RuntimeWarning,
+            stacklevel=3,
         )
-    mapping_obj = resolve_mapping(options.get("mapping", "async"))
-    options["mapping"] = mapping_obj
-    with asyncio.Runner(loop_factory=loop_factory(mapping_obj.uses_uvloop)) as runner:
-        return runner.run(run_async(graph, inputs, **options))
+    return _run_beside(main, use_uvloop)
+
+
+def _run_beside(main: Callable[[], Coroutine[Any, Any, T]], use_uvloop: bool) -> T:
+    """:func:`run_blocking` where this thread's event loop is running: ``main()`` in a thread and loop of its own."""
+    running: concurrent.futures.Future[tuple[asyncio.AbstractEventLoop, asyncio.Task[T]]] = concurrent.futures.Future()
+    outcome: concurrent.futures.Future[T] = concurrent.futures.Future()
+
+    async def handed_over() -> T:
+        task = asyncio.current_task()
+        assert task is not None
+        running.set_result((asyncio.get_running_loop(), task))
+        return await main()
+
+    def serve() -> None:
+        try:
+            with asyncio.Runner(loop_factory=loop_factory(use_uvloop)) as runner:
+                outcome.set_result(runner.run(handed_over()))
+        except BaseException as exc:  # handed to the waiting thread, which raises it
+            if not running.done():
+                running.set_exception(exc)
+            outcome.set_exception(exc)
+
+    interrupts = 0
+
+    def interrupt() -> None:
+        nonlocal interrupts
+        interrupts += 1
+        running.add_done_callback(_cancel if interrupts == 1 else _cancel_again)
+
+    with _on_ctrl_c(interrupt):
+        threading.Thread(target=serve, name="aiod4p run", daemon=True).start()
+        try:
+            return outcome.result()
+        except asyncio.CancelledError:
+            if interrupts:
+                raise KeyboardInterrupt from None
+            raise
+
+
+Running = concurrent.futures.Future[tuple[asyncio.AbstractEventLoop, asyncio.Task[Any]]]
+
+
+def _cancel(running: Running) -> None:
+    """Cancel the run's task (:func:`run_async` drains), as :class:`asyncio.Runner` does on a first SIGINT."""
+    if running.exception() is None:
+        loop, task = running.result()
+        with contextlib.suppress(RuntimeError):  # the loop is closed: the run has ended
+            loop.call_soon_threadsafe(task.cancel)
+
+
+def _cancel_again(running: Running) -> None:
+    """Cancel the run's task once more (:func:`run_async` aborts), in the loop's next turn: after the task
+    has taken the first cancellation, which an interrupt coming right after it would otherwise join."""
+    if running.exception() is None:
+        loop, task = running.result()
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(lambda: loop.call_soon(task.cancel))
+
+
+@contextlib.contextmanager
+def _on_ctrl_c(interrupt: Callable[[], None]) -> Iterator[None]:
+    """In the main thread, let SIGINT (Ctrl-C, a notebook's "interrupt the kernel") call ``interrupt()``.
+
+    The running loop's own handler (:class:`asyncio.Runner`'s cancels its main
+    task, a notebook's raises ``KeyboardInterrupt``) could not act while its
+    thread waits, and an exception raised there would leave the run behind. A
+    SIGINT ignored, or handled outside Python, stays so.
+    """
+    handler = signal.getsignal(signal.SIGINT)
+    if threading.current_thread() is not threading.main_thread() or not callable(handler):
+        yield
+        return
+    signal.signal(signal.SIGINT, lambda signum, frame: interrupt())
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, handler)
 
 
 def resolve_mapping(mapping: str | BaseMapping) -> BaseMapping:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import signal
+import threading
 from collections.abc import AsyncIterator, Mapping
 
 import numpy as np
@@ -21,6 +23,7 @@ from aiod4p import (
     WorkflowGraph,
     chain,
 )
+from aiod4p._api import run_blocking
 from aiod4p._engine import Feed
 from aiod4p._results import ResultSink
 from aiod4p.errors import MappingUnavailable as FromErrors
@@ -176,10 +179,69 @@ async def test_a_failing_source_iterable_names_the_pe() -> None:
             await aiod4p.run_async(graph, {double: source()})
 
 
-async def test_run_inside_a_loop_is_refused() -> None:
+async def test_run_inside_a_loop_runs_in_a_thread_and_warns_outside_a_notebook() -> None:
     graph, _ = wf.pipeline(1)
-    with pytest.raises(RuntimeError, match="running event loop"):
-        aiod4p.run(graph, 1)
+    with pytest.warns(RuntimeWarning, match="blocks that loop until the run ends; await aiod4p.run_async"):
+        assert sorted(aiod4p.run(graph, 3).data()) == [0, 2, 4]
+    failing = WorkflowGraph()
+    failing.connect(wf.Range(3), "output", wf.Fail(on=1), "input")
+    with pytest.warns(RuntimeWarning), pytest.raises(aiod4p.PEError, match="Fail"):
+        aiod4p.run(failing)
+
+
+class InterruptsAt(ConsumerPE):
+    """Sends SIGINT to the main thread (as Ctrl-C does) at its ``at``-th item; records that postprocess ran."""
+
+    def __init__(self, at: int) -> None:
+        super().__init__()
+        self.at = at
+        self.state = wf.Shared(seen=0, finished=False)
+
+    def consume(self, item: int) -> None:
+        self.state.seen += 1
+        if self.state.seen == self.at:
+            ctrl_c()
+
+    def postprocess(self) -> None:
+        self.state.finished = True
+
+
+def ctrl_c() -> None:
+    """What a terminal's Ctrl-C or a notebook's "interrupt the kernel" does (an interrupt_main() would
+    not wake a thread blocked on a lock)."""
+    signal.pthread_kill(threading.main_thread().ident or 0, signal.SIGINT)
+
+
+@pytest.mark.parametrize("mapping", ["simple", "async"])
+async def test_an_interrupt_of_a_run_beside_a_running_loop_drains_it(mapping: str) -> None:
+    graph = WorkflowGraph()
+    double, sink = wf.Double(), InterruptsAt(50)
+    graph.connect(double, "output", sink, "input")
+    with pytest.warns(RuntimeWarning), pytest.raises(KeyboardInterrupt):
+        aiod4p.run(graph, {double: endless()}, mapping=mapping)
+    assert sink.state.finished and sink.state.seen >= 50
+
+
+@pytest.mark.parametrize("use_uvloop", [False, True])
+async def test_a_second_interrupt_beside_a_running_loop_aborts(use_uvloop: bool) -> None:
+    cancellations = []
+
+    async def drains_forever() -> None:
+        ctrl_c()
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:  # the first interrupt: a drain that never ends
+            cancellations.append("drain")
+            ctrl_c()
+            try:
+                await asyncio.Event().wait()
+            except asyncio.CancelledError:  # the second: an abort
+                cancellations.append("abort")
+                raise
+
+    with pytest.warns(RuntimeWarning), pytest.raises(KeyboardInterrupt):
+        run_blocking(drains_forever, use_uvloop)
+    assert cancellations == ["drain", "abort"]
 
 
 def test_unknown_mapping() -> None:

@@ -10,11 +10,10 @@ do nothing, so a module that runs itself at import does not run again there.
 
 from __future__ import annotations
 
-import asyncio
 import queue
 from typing import Any
 
-from .._api import run, start
+from .._api import resolve_mapping, run, run_blocking, start
 from .._loading import in_worker
 from .._results import Results
 from .processor import STATUS_ACTIVE, STATUS_TERMINATED
@@ -48,14 +47,15 @@ def process_and_return(
     if config is None:
         results = run(workflow, inputs, mapping=mapping, workers=workers)
     else:
+        chosen = resolve_mapping(mapping)
 
         async def recorded() -> Results:
-            async with start(workflow, inputs, mapping=mapping, workers=workers, provenance=config.level) as flow:
+            async with start(workflow, inputs, mapping=chosen, workers=workers, provenance=config.level) as flow:
                 done = await flow.results()
             config.save(flow.stats)
             return done
 
-        results = asyncio.run(recorded())
+        results = run_blocking(recorded, chosen.uses_uvloop)
     outputs: dict[str, dict[str, list[Any]]] = {}
     for (pe_id, port), items in results.by_port().items():
         outputs.setdefault(pe_id, {})[port] = items

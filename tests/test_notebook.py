@@ -1,0 +1,143 @@
+"""A workflow in a real Jupyter kernel: cells that define PEs and run them, as a notebook user does.
+
+ipykernel runs every cell inside its own event loop, and Ctrl-C there is
+"interrupt the kernel" (a SIGINT to the kernel process). One kernel serves
+the module's cells, in order.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pytest
+from jupyter_client.blocking.client import BlockingKernelClient
+from jupyter_client.manager import KernelManager, start_new_kernel
+
+MESSAGE_TIMEOUT = 60.0
+
+
+@dataclass
+class Cell:
+    """What one executed cell showed: its printed text (stdout and stderr) and its error, if any."""
+
+    stdout: str = ""
+    stderr: str = ""
+    error: str | None = None
+
+
+class Notebook:
+    def __init__(self, manager: KernelManager, client: BlockingKernelClient) -> None:
+        self.manager, self.client = manager, client
+
+    def run(self, code: str, interrupt_on: str | None = None) -> Cell:
+        """Execute ``code`` as a cell; interrupt the kernel once its output contains ``interrupt_on``."""
+        msg_id = self.client.execute(code)
+        cell = Cell()
+        interrupted = False
+        while True:
+            message = self.client.get_iopub_msg(timeout=MESSAGE_TIMEOUT)
+            if message["parent_header"].get("msg_id") != msg_id:
+                continue
+            kind, content = message["msg_type"], message["content"]
+            if kind == "stream":
+                if content["name"] == "stdout":
+                    cell.stdout += content["text"]
+                else:
+                    cell.stderr += content["text"]
+                if interrupt_on is not None and interrupt_on in cell.stdout and not interrupted:
+                    self.manager.interrupt_kernel()
+                    interrupted = True
+            elif kind == "error":
+                cell.error = f"{content['ename']}: {content['evalue']}"
+            elif kind == "status" and content["execution_state"] == "idle":
+                return cell
+
+
+@pytest.fixture(scope="module")
+def notebook() -> Iterator[Notebook]:
+    manager, client = start_new_kernel(kernel_name="python3", startup_timeout=MESSAGE_TIMEOUT)
+    try:
+        yield Notebook(manager, client)
+    finally:
+        client.stop_channels()
+        manager.shutdown_kernel(now=True)
+
+
+DEFINITIONS = """
+import itertools
+import aiod4p
+from aiod4p import ConsumerPE, IterativePE, ProducerPE, WorkflowGraph
+
+class Numbers(ProducerPE):
+    def produce(self):
+        yield from range(5)
+
+class Double(IterativePE):
+    def process_item(self, x):
+        return 2 * x
+
+class Endless(ProducerPE):
+    def produce(self):
+        yield from itertools.count()
+
+class Show(ConsumerPE):
+    def consume(self, x):
+        if x == 5000:
+            print("seen 5000", flush=True)
+    def postprocess(self):
+        print("postprocess ran", flush=True)
+
+graph = WorkflowGraph()
+graph.connect(Numbers(), "output", Double(), "input")
+endless = WorkflowGraph()
+endless.connect(Endless(), "output", Show(), "input")
+"""
+
+
+def test_a_cell_runs_a_workflow_defined_in_the_notebook(notebook: Notebook) -> None:
+    assert notebook.run(DEFINITIONS).error is None
+    cell = notebook.run("print(sorted(aiod4p.run(graph).data()))")
+    assert (cell.error, cell.stdout) == (None, "[0, 2, 4, 6, 8]\n")
+    assert "Warning" not in cell.stderr  # blocking the kernel's loop is what a cell does
+    awaited = notebook.run("print(sorted((await aiod4p.run_async(graph, mapping='simple')).data()))")
+    assert (awaited.error, awaited.stdout) == (None, "[0, 2, 4, 6, 8]\n")
+
+
+@pytest.mark.parametrize("mapping", ["simple", "async"])
+def test_interrupting_the_kernel_drains_the_run_and_the_kernel_goes_on(notebook: Notebook, mapping: str) -> None:
+    notebook.run(DEFINITIONS)
+    cell = notebook.run(f"aiod4p.run(endless, mapping={mapping!r})", interrupt_on="seen 5000")
+    assert cell.error is not None and cell.error.startswith("KeyboardInterrupt")
+    assert cell.stdout == "seen 5000\npostprocess ran\n"
+    after = notebook.run("print(sorted(aiod4p.run(graph).data()))")
+    assert (after.error, after.stdout) == (None, "[0, 2, 4, 6, 8]\n")
+
+
+def test_a_dispel4py_tutorial_cell_runs_unchanged(notebook: Notebook) -> None:
+    cell = notebook.run(
+        """
+from aiod4p import compat
+compat.install()
+from dispel4py.base import IterativePE, ProducerPE
+from dispel4py.new import simple_process
+from dispel4py.workflow_graph import WorkflowGraph
+
+class Seven(ProducerPE):
+    def _process(self, inputs):
+        return 7
+
+class Twice(IterativePE):
+    def _process(self, data):
+        return 2 * data
+
+tutorial = WorkflowGraph()
+seven, twice = Seven(), Twice()
+tutorial.connect(seven, "output", twice, "input")
+print(simple_process.process_and_return(tutorial, {seven: 3}))
+compat.uninstall()
+"""
+    )
+    assert cell.error is None, cell.stderr
+    assert re.fullmatch(r"\{'Twice\d+': \{'output': \[14, 14, 14\]\}\}\n", cell.stdout), cell.stdout
