@@ -17,6 +17,7 @@ import sys
 import textwrap
 import threading
 import time
+import types
 from collections.abc import AsyncIterator, Iterator
 from multiprocessing import resource_tracker
 from pathlib import Path
@@ -30,6 +31,7 @@ import aiod4p
 from aiod4p import IterativePE, PEError, WorkflowGraph, group_by
 from aiod4p._plan import REMOTE_BATCH_FACTOR
 from aiod4p.errors import GraphError, InputError, TransportError, WorkerDied
+from aiod4p.mappings import _shipping
 from aiod4p.mappings.multi import START_METHOD_ENV, MultiMapping, resolve_start_method
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -247,6 +249,32 @@ def test_spawn_from_an_interactive_session_runs_its_classes(how: str) -> None:
     script's, which spawned workers import again, travel by name.)"""
     for run in run_notebook_flow("spawn", "fork", how=how):
         assert run == {"mapping": run["mapping"], "same": True, "points": True, "processes": 2}
+
+
+def test_a_notebook_ships_the_top_level_classes_and_functions_that_pickle(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What goes along with a job shipped with ``__main__``: not what holds a lock, nor what drags a large
+    global along (its pickle stops at the limit); a worker's ``__main__`` gets what it lacks."""
+    lock, big = threading.Lock(), bytes(_shipping.MAIN_LIMIT + 1)
+
+    class Point:
+        pass
+
+    def holds_lock() -> Any:
+        return lock
+
+    def holds_big() -> Any:
+        return big
+
+    for defined in (Point, holds_lock, holds_big):
+        defined.__module__, defined.__qualname__ = "__main__", defined.__name__
+        monkeypatch.setattr(sys.modules["__main__"], defined.__name__, defined, raising=False)
+    data = _shipping.dumps([Point()], main=True)
+    assert len(data) < _shipping.MAIN_LIMIT
+    worker_main = types.ModuleType("__main__")
+    monkeypatch.setitem(sys.modules, "__main__", worker_main)
+    (point,) = _shipping.loads(data)
+    assert type(point) is Point and worker_main.Point is Point  # cloudpickle's class tracking: the same class
+    assert not hasattr(worker_main, "holds_lock") and not hasattr(worker_main, "holds_big")
 
 
 def test_an_unpicklable_pe_under_spawn_is_named() -> None:
