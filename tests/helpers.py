@@ -10,6 +10,7 @@ import re
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
 import weakref
 from collections.abc import Iterator, Mapping
@@ -167,3 +168,86 @@ def recorded_supervisors(monkeypatch: pytest.MonkeyPatch) -> list[weakref.ref[Su
 
     monkeypatch.setattr(Supervisor, "run", recorded)
     return supervisors
+
+
+# A workflow as a notebook defines it: everything in __main__ (a PE class, a function PE, a group-by key
+# function and an item class), run on each mapping named on the command line after the simple mapping. Each
+# prints one JSON line: whether its results equal the simple mapping's, whether every result is an instance of
+# __main__'s Point (the launcher's class: the items went through the workers and back), and how many
+# processes made them.
+NOTEBOOK_FLOW = textwrap.dedent(
+    """
+    import dataclasses, json, os, sys, threading
+    import aiod4p
+    from aiod4p import FunctionPE, GenericPE, ProducerPE, WorkflowGraph, group_by
+    from aiod4p.mappings.multi import MultiMapping
+
+    threading.Thread(target=threading.Event().wait, daemon=True).start()  # as a notebook kernel's threads
+
+    @dataclasses.dataclass(frozen=True, order=True)
+    class Point:
+        x: int
+        y: int
+
+    class Points(ProducerPE):
+        def produce(self):
+            for i in range(40):
+                yield Point(i % 4, i)
+
+    def shift(point):
+        return Point(point.x, point.y + 100)
+
+    def column(point):
+        return point.x
+
+    class Total(GenericPE):
+        def __init__(self):
+            super().__init__(inputs=[("input", group_by(key=column))], outputs=["output"], parallelism=2)
+            self.totals = {}
+
+        def process(self, inputs):
+            point = inputs["input"]
+            self.totals[point.x] = self.totals.get(point.x, 0) + point.y
+
+        def postprocess(self):
+            for x, total in self.totals.items():
+                self.write("output", (Point(x, total), os.getpid()))
+
+    def results(mapping, workers):
+        graph = WorkflowGraph()
+        graph.connect(Points(), "output", moved := FunctionPE(shift), "input")
+        moved.parallelism = 2
+        graph.connect(moved, "output", Total(), "input")
+        return aiod4p.run(graph, mapping=mapping, workers=workers).data()
+
+    if __name__ == "__main__":  # as a notebook's cells run (a script's spawned workers import it again)
+        expected = sorted(point for point, _ in results("simple", 1))
+        mappings = {"spawn": MultiMapping(start_method="spawn"), "fork": MultiMapping(start_method="fork")}
+        for name in sys.argv[1:]:
+            got = results(mappings.get(name, name), 2)
+            print(json.dumps({
+                "mapping": name,
+                "same": sorted(point for point, _ in got) == expected,
+                "points": all(isinstance(point, Point) for point, _ in got),
+                "processes": len({pid for _, pid in got} - {os.getpid()}),
+            }))
+    """
+)
+
+
+def run_notebook_flow(*mappings: str, how: str = "python - < script", timeout: float = 60) -> list[dict[str, Any]]:
+    """Run :data:`NOTEBOOK_FLOW` on ``mappings`` in a fresh interpreter (``how``: read from stdin, or
+    ``"python -c"``, both leaving ``__main__`` without a file, as in a notebook; or ``"python script.py"``); its
+    JSON lines."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    with tempfile.TemporaryDirectory() as directory:
+        script = Path(directory, "script.py")
+        script.write_text(NOTEBOOK_FLOW)
+        command, stdin = {
+            "python - < script": ([sys.executable, "-", *mappings], NOTEBOOK_FLOW),
+            "python -c": ([sys.executable, "-c", NOTEBOOK_FLOW, *mappings], None),
+            "python script.py": ([sys.executable, str(script), *mappings], None),
+        }[how]
+        result = subprocess.run(command, input=stdin, capture_output=True, text=True, timeout=timeout, env=env)
+    assert result.returncode == 0, result.stderr
+    return [json.loads(line) for line in result.stdout.splitlines()]

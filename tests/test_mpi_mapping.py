@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 import test_differential as differential
 import workflows as wf
-from helpers import LINGERING_FLOW, ROOT, aiod4p_cli, aiod4p_process, numbers_flow
+from helpers import LINGERING_FLOW, ROOT, aiod4p_cli, aiod4p_process, numbers_flow, run_notebook_flow
 from ray_cluster import wait_gone
 
 import aiod4p
@@ -411,29 +411,32 @@ def test_streamed_input_must_feed_rank_0_only() -> None:
         aiod4p.run(graph, {double: iter(range(10))}, mapping="mpi", workers=2)
 
 
-def test_a_class_from_main_is_refused_clearly() -> None:
+def test_classes_and_functions_from_main_travel_by_value() -> None:
+    """The ranks cannot import the launcher's ``__main__`` (a notebook, a script): its classes and functions,
+    and lambdas, travel with the job."""
     main_class = type("Local", (wf.Double,), {"__module__": "__main__"})
-    graph = WorkflowGraph()
-    graph.connect(wf.Count(), "output", main_class(), "input")
-    with pytest.raises(GraphError, match="defined in __main__"):
-        aiod4p.run(graph, 3, mapping="mpi", workers=2)
 
-
-def test_a_function_from_main_is_refused_clearly() -> None:
     def twice(item: int) -> int:
         return 2 * item
 
     twice.__module__ = "__main__"
     graph = WorkflowGraph()
-    graph.connect(wf.Count(), "output", pe := aiod4p.FunctionPE(functools.partial(twice)), "input")
-    with pytest.raises(GraphError, match=rf"PE {pe.id}: its function twice is defined in __main__"):
-        aiod4p.run(graph, 3, mapping="mpi", workers=2)
+    graph.connect(wf.Count(), "output", doubled := main_class(), "input")
+    graph.connect(doubled, "output", twiced := aiod4p.FunctionPE(functools.partial(twice)), "input")
+    graph.connect(twiced, "output", aiod4p.FunctionPE(lambda item: item + 1, parallelism=2), "input")
+    assert sorted(aiod4p.run(graph, 3, mapping="mpi", workers=2).data()) == [1, 5, 9]
+
+
+def test_a_notebook_workflow_runs_on_the_ranks() -> None:
+    """PE classes, functions and item classes defined in a ``__main__`` without a file, as in a notebook; the
+    items come back as the launcher's own class."""
+    assert run_notebook_flow("mpi") == [{"mapping": "mpi", "same": True, "points": True, "processes": 2}]
 
 
 def test_an_unpicklable_pe_is_refused_clearly() -> None:
     graph = WorkflowGraph()
-    graph.connect(wf.Count(), "output", aiod4p.FunctionPE(lambda item: item), "input")
-    with pytest.raises(GraphError, match="pickling"):
+    graph.connect(wf.Count(), "output", holder := wf.HoldsLock(), "input")
+    with pytest.raises(GraphError, match=rf"PE {holder.id} cannot be pickled to start the MPI ranks: .*lock"):
         aiod4p.run(graph, 3, mapping="mpi", workers=2)
 
 

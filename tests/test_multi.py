@@ -17,6 +17,7 @@ import sys
 import textwrap
 import threading
 import time
+import types
 from collections.abc import AsyncIterator, Iterator
 from multiprocessing import resource_tracker
 from pathlib import Path
@@ -24,12 +25,13 @@ from typing import Any
 
 import pytest
 import workflows as wf
-from helpers import aiod4p_process, numbers_flow
+from helpers import aiod4p_process, numbers_flow, run_notebook_flow
 
 import aiod4p
 from aiod4p import IterativePE, PEError, WorkflowGraph, group_by
 from aiod4p._plan import REMOTE_BATCH_FACTOR
 from aiod4p.errors import GraphError, InputError, TransportError, WorkerDied
+from aiod4p.mappings import _shipping
 from aiod4p.mappings.multi import START_METHOD_ENV, MultiMapping, resolve_start_method
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -240,38 +242,39 @@ def test_spawn_from_a_script_read_from_stdin_runs_pes_from_modules() -> None:
     assert result.stdout == "[0, 2, 4]\n"
 
 
-@pytest.mark.parametrize("how", ["python -c", "python - < script"])
-def test_spawn_from_an_interactive_session_refuses_its_classes_clearly(how: str) -> None:
-    session = textwrap.dedent(
-        """
-        import aiod4p, threading
-        from aiod4p import IterativePE, ProducerPE, WorkflowGraph
-        from aiod4p.mappings.multi import MultiMapping
-        threading.Thread(target=threading.Event().wait, daemon=True).start()  # as a notebook kernel's threads
-        class Numbers(ProducerPE):
-            def produce(self):
-                yield from range(3)
-        class Square(IterativePE):
-            def process_item(self, item):
-                return item * item
-        graph = WorkflowGraph()
-        graph.connect(Numbers(), "output", Square(), "input")
-        try:
-            aiod4p.run(graph, mapping="multi", workers=2)
-        except aiod4p.GraphError as error:
-            print(error)
-        print(sorted(aiod4p.run(graph, mapping=MultiMapping("fork"), workers=2).data()))
-        """
-    )
-    command, stdin = ([sys.executable, "-c", session], None) if how == "python -c" else ([sys.executable, "-"], session)
-    result = subprocess.run(
-        command, input=stdin, capture_output=True, text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(ROOT)}
-    )
-    assert result.returncode == 0, result.stderr
-    refused, fork = result.stdout.splitlines()
-    assert refused.startswith("PE Numbers0: its class Numbers is defined in __main__, which spawned worker processes")
-    assert 'MultiMapping(start_method="fork")' in refused
-    assert fork == "[0, 1, 4]"
+@pytest.mark.parametrize("how", ["python -c", "python - < script", "python script.py"])
+def test_spawn_from_an_interactive_session_runs_its_classes(how: str) -> None:
+    """A notebook's workflow (its PE classes, functions and item classes in a ``__main__`` that spawned workers
+    cannot import: they travel by value) runs unchanged; its items come back as the notebook's own class. (A
+    script's, which spawned workers import again, travel by name.)"""
+    for run in run_notebook_flow("spawn", "fork", how=how):
+        assert run == {"mapping": run["mapping"], "same": True, "points": True, "processes": 2}
+
+
+def test_a_notebook_ships_the_top_level_classes_and_functions_that_pickle(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What goes along with a job shipped with ``__main__``: not what holds a lock, nor what drags a large
+    global along (its pickle stops at the limit); a worker's ``__main__`` gets what it lacks."""
+    lock, big = threading.Lock(), bytes(_shipping.MAIN_LIMIT + 1)
+
+    class Point:
+        pass
+
+    def holds_lock() -> Any:
+        return lock
+
+    def holds_big() -> Any:
+        return big
+
+    for defined in (Point, holds_lock, holds_big):
+        defined.__module__, defined.__qualname__ = "__main__", defined.__name__
+        monkeypatch.setattr(sys.modules["__main__"], defined.__name__, defined, raising=False)
+    data = _shipping.dumps([Point()], main=True)
+    assert len(data) < _shipping.MAIN_LIMIT
+    worker_main = types.ModuleType("__main__")
+    monkeypatch.setitem(sys.modules, "__main__", worker_main)
+    (point,) = _shipping.loads(data)
+    assert type(point) is Point and worker_main.Point is Point  # cloudpickle's class tracking: the same class
+    assert not hasattr(worker_main, "holds_lock") and not hasattr(worker_main, "holds_big")
 
 
 def test_an_unpicklable_pe_under_spawn_is_named() -> None:

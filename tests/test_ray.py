@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import ray
 import workflows as wf
-from helpers import ROOT, TIMES10_FLOW, aiod4p_cli, aiod4p_process
+from helpers import ROOT, TIMES10_FLOW, aiod4p_cli, aiod4p_process, run_notebook_flow
 from ray_cluster import RayCluster, session_processes, wait_gone
 
 import aiod4p
@@ -139,15 +139,16 @@ def test_more_than_the_cluster_has_fails_clearly(ray_cluster: RayCluster) -> Non
         aiod4p.run(_chain(wf.Double()), 10, mapping=mapping, workers=1)
 
 
-def test_a_class_from_main_is_refused_before_ray_starts(ray_cluster: RayCluster) -> None:
-    """PEs defined in a notebook or a script (``__main__``): Ray's workers cannot import them, which the run
-    found out only once every actor had started and failed to load the workflow."""
+def test_a_notebook_workflow_runs_on_the_actors(ray_cluster: RayCluster) -> None:
+    """PE classes, functions and item classes defined in a ``__main__`` without a file, as in a notebook (Ray's
+    workers cannot import it: they travel by value); the items come back as the driver's own class."""
+    assert run_notebook_flow("ray") == [{"mapping": "ray", "same": True, "points": True, "processes": 2}]
+
+
+def test_a_class_made_in_main_at_run_time_travels_by_value(ray_cluster: RayCluster) -> None:
     graph = WorkflowGraph()
-    graph.connect(wf.Count(), "output", pe := type("Local", (wf.Double,), {"__module__": "__main__"})(), "input")
-    message = rf"PE {pe.id}: its class Local is defined in __main__, which the Ray actors cannot import"
-    with pytest.raises(GraphError, match=message):
-        aiod4p.run(graph, 3, mapping="ray", workers=2)
-    assert not ray.is_initialized()
+    graph.connect(wf.Count(), "output", type("Local", (wf.Double,), {"__module__": "__main__"})(), "input")
+    assert sorted(aiod4p.run(graph, 3, mapping="ray", workers=2).data()) == [0, 2, 4]
 
 
 def test_an_unpicklable_pe_is_named(ray_cluster: RayCluster) -> None:

@@ -33,7 +33,7 @@ from ..transports.pipes import open_pipe_comm
 from ._host import ForwardSink, fail, pumped_feeds, serve
 from ._mpi_env import receive_job, take_launcher_path
 from ._mpi_ranks import RankZero, abort_job, run_follower
-from ._shipping import unship
+from ._shipping import Job, unship
 
 __all__ = ["main"]
 
@@ -44,11 +44,20 @@ async def _lead(sock: socket.socket) -> None:
     except ConnectionError:
         abort_job(1)  # the launcher gave up the run (it failed to load the workflow, and reported it)
         return
-    control = await open_pipe_comm(sock)
     name = "MPI rank 0"
+    # Loaded before the control comm opens: it unpickles messages as they arrive, and a pumped item may be
+    # of a class the job brings along (a notebook's, which loading sets on this process's __main__).
+    loaded: Job | Exception
     try:
         await _every_rank_ready()
-        job = unship(MPI.COMM_WORLD.bcast(payload, root=0), name)
+        loaded = unship(MPI.COMM_WORLD.bcast(payload, root=0), name)
+    except Exception as exc:
+        loaded = exc
+    control = await open_pipe_comm(sock)
+    try:
+        if isinstance(loaded, Exception):
+            raise loaded
+        job = loaded
         feeds, pumped = pumped_feeds(job.feeds, control)
         sink = ForwardSink(control, "the launching process")
         group = RankZero(

@@ -43,7 +43,7 @@ from .._threads import finished_in_thread
 from ..errors import MappingUnavailable
 from ..transports.ray import DriverComm
 from ._ray_worker import CONTROL, RayWorker
-from ._shipping import Job, check_importable, ship
+from ._shipping import Job, ship
 
 if TYPE_CHECKING:
     from .ray import RayMapping
@@ -225,12 +225,10 @@ class RayRun:
         ends of their control comms.
 
         Raises:
-            GraphError: a PE cannot be pickled, or its class or function is defined in ``__main__`` (a notebook,
-                a script), which the actors cannot import (before anything of Ray starts).
+            GraphError: a PE cannot be pickled (before anything of Ray starts).
             MappingUnavailable: Ray cannot be joined, or did not start the actors within ``start_timeout``.
         """
-        check_importable(self.plan, "the Ray actors")
-        payload = ship(job, "start Ray actors")
+        payload = ship(job, "start Ray actors", main=True)  # the actors cannot import the driver's __main__
         handover = _Handover()
 
         def acquire() -> None:

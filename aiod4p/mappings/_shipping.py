@@ -1,33 +1,52 @@
 """Shipping a job (plan, feeds, settings) to workers in other interpreters.
 
-One pickling for every multi-process mapping: classes made at run time
-(``type()``, as dispel4py's monitoring wrappers do) travel by value, and a
-module the other interpreter could not import by name (a workflow file
-loaded by path) travels as the path of its file, loaded there before
-unpickling. Errors name the PE or the input that cannot be pickled.
+One pickling for every multi-process mapping, cloudpickle's (as Ray, dask
+and PySpark ship code): what another interpreter could not import by name
+travels by value, namely classes and functions defined in ``__main__`` (a
+notebook, ``python -c``, a script), lambdas and local functions, and classes
+made at run time (``type()``, as dispel4py's monitoring wrappers do). A module
+the other interpreter could not import by name (a workflow file loaded by
+path) travels as the path of its file, loaded there before unpickling. Errors
+name the PE or the input that cannot be pickled.
+
+Items travel between workers with plain pickle, which names the class of an
+item defined in ``__main__`` by reference (``__main__.Point``). So a job
+shipped *with* ``__main__`` (``main=True``: the workers cannot import the
+launcher's ``__main__``) also carries the classes and functions defined at
+the top level of the launcher's ``__main__``, which the worker sets on its
+own ``__main__`` where missing: an item of such a class pickled there by
+reference finds its class, and comes back to the launcher as an instance of
+its original class. Shipped without (``main=False``: a spawned worker imports
+the launcher's script again), ``__main__``'s classes and functions travel by
+reference, as plain pickle sends them.
 """
 
 from __future__ import annotations
 
-import functools
 import io
 import pickle
 import sys
+import types
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import cloudpickle
+
 from .._checkpoint import WorkerSpec
 from .._engine import Feed
 from .._loading import ship_code
-from .._pe import FunctionPE
 from .._plan import ExecutionPlan
 from ..errors import GraphError, InputError, TargetError
 
 if TYPE_CHECKING:
     from ._host import Pumped
 
-__all__ = ["Job", "check_importable", "dumps", "loads", "ship", "unship"]
+__all__ = ["Job", "dumps", "loads", "ship", "unship"]
+
+#: A top-level class or function of ``__main__`` whose pickle is larger is not shipped along (it drags
+#: large globals with it; a PE that uses it carries it all the same).
+MAIN_LIMIT = 1 << 20
 
 
 @dataclass
@@ -49,65 +68,128 @@ class Job:
     checkpoints: WorkerSpec | None = None
 
 
-class _Pickler(pickle.Pickler):
-    """Pickles classes that cannot be found by name by value (name, bases and
-    attributes); everything else as usual."""
+class _Pickler(cloudpickle.Pickler):  # type: ignore[misc]  # cloudpickle has no type hints
+    """cloudpickle's pickler; with ``main`` false, the classes and functions that ``__main__`` names
+    travel by reference (the other interpreter imports the launcher's ``__main__`` again)."""
+
+    def __init__(self, file: io.BytesIO, main: bool) -> None:
+        # A dict of cloudpickle's ChainMap (its reducers, then copyreg's, as they are now), which pickle
+        # would look up for every object in Python; read by pickle as the pickler starts.
+        self.dispatch_table = dict(cloudpickle.Pickler.dispatch_table)
+        super().__init__(file, pickle.HIGHEST_PROTOCOL)
+        self._main = main
 
     def reducer_override(self, obj: Any) -> Any:
-        if not isinstance(obj, type) or _findable(obj):
-            return NotImplemented
-        namespace = {k: v for k, v in vars(obj).items() if k not in ("__dict__", "__weakref__")}
-        return type(obj), (obj.__name__, obj.__bases__, namespace)
+        # cloudpickle's own takes classes and functions only: the others go on at once
+        if not isinstance(obj, type | types.FunctionType) or (not self._main and _in_main(obj)):
+            return NotImplemented  # pickle's own (classes and functions: by reference)
+        return super().reducer_override(obj)
 
 
-def _findable(cls: type) -> bool:
-    target: Any = sys.modules.get(cls.__module__)
-    for part in cls.__qualname__.split("."):
+def _in_main(obj: type | types.FunctionType) -> bool:
+    """Whether ``__main__`` names ``obj`` (by its qualified name)."""
+    if getattr(obj, "__module__", None) != "__main__":
+        return False
+    target: Any = sys.modules.get("__main__")
+    for part in obj.__qualname__.split("."):
         target = getattr(target, part, None)
-    return target is cls
+    return target is obj
 
 
-def dumps(obj: Any) -> bytes:
+def _pickle(obj: Any, main: bool) -> bytes:
+    buffer = io.BytesIO()
+    _Pickler(buffer, main).dump(obj)
+    return buffer.getvalue()
+
+
+class _Limited(io.BytesIO):
+    """A pickler's file that refuses to grow beyond :data:`MAIN_LIMIT` bytes (a function of a notebook that
+    uses a large global data set: its pickle stops there, not once the data set is copied)."""
+
+    def write(self, data: Any) -> int:
+        if self.tell() + memoryview(data).nbytes > MAIN_LIMIT:
+            raise _TooLarge
+        return super().write(data)
+
+
+class _TooLarge(Exception):
+    pass
+
+
+def _main_namespace() -> dict[str, Any]:
+    """The classes and functions defined at the top level of ``__main__`` that can be pickled by value
+    (within :data:`MAIN_LIMIT` bytes); the others are left behind."""
+    shipped: dict[str, Any] = {}
+    main = sys.modules.get("__main__")
+    for name, value in list(vars(main).items()) if main is not None else ():
+        if not isinstance(value, type | types.FunctionType) or name.startswith("__"):
+            continue
+        if getattr(value, "__module__", None) != "__main__" or getattr(value, "__qualname__", None) != name:
+            continue  # imported from elsewhere (by reference anyway), or made under another name
+        try:
+            _Pickler(_Limited(), True).dump(value)
+        except Exception:  # _TooLarge, or it cannot be pickled
+            continue
+        shipped[name] = value
+    return shipped
+
+
+def dumps(obj: Any, main: bool = False) -> bytes:
     """Pickle ``obj`` for another interpreter (see the module's docstring); :func:`loads` reverses it.
+
+    Args:
+        obj: what to pickle.
+        main: whether the other interpreter cannot import the launcher's ``__main__``: then its classes
+            and functions travel by value, and its top-level ones with ``obj``.
 
     Raises:
         Exception: ``obj`` cannot be pickled (pickle.PicklingError, TypeError, AttributeError, ...).
     """
-    buffer = io.BytesIO()
-    _Pickler(buffer, pickle.HIGHEST_PROTOCOL).dump(obj)
-    payload = buffer.getvalue()
+    payload = _pickle((obj, _main_namespace() if main else {}), main)
     return pickle.dumps((ship_code(payload), payload), pickle.HIGHEST_PROTOCOL)
 
 
 def loads(data: bytes) -> Any:
     """Unpickle what :func:`dumps` made, loading the code shipped with it first
-    (:meth:`aiod4p._loading.CodeShipment.load`: workflow files, dispel4py's modules).
+    (:meth:`aiod4p._loading.CodeShipment.load`: workflow files, dispel4py's modules), and setting the
+    launcher's top-level classes and functions shipped with it on this interpreter's ``__main__`` where
+    it has none of their names.
 
     Raises:
         Exception: whatever unpickling or loading a module raises.
     """
     shipment, payload = pickle.loads(data)
     shipment.load()
-    return pickle.loads(payload)
+    obj, namespace = pickle.loads(payload)
+    main = vars(sys.modules["__main__"])
+    for name, value in namespace.items():
+        main.setdefault(name, value)
+    return obj
 
 
-def ship(job: Job, purpose: str, hint: str = "") -> bytes:
+def ship(job: Job, purpose: str, hint: str = "", *, main: bool = False) -> bytes:
     """Pickle ``job`` with :func:`dumps` ``to {purpose}`` (e.g. "start spawned worker processes").
+
+    Args:
+        job: the job.
+        purpose: what the job is pickled for, in error messages.
+        hint: ends the advice of an error.
+        main: whether the workers cannot import the launcher's ``__main__`` (see :func:`dumps`).
 
     Raises:
         GraphError: a PE (named) or the workflow cannot be pickled; ``hint`` ends the advice.
         InputError: the input of a PE (named) cannot be pickled.
     """
     try:
-        return dumps(job)
+        return dumps(job, main)
     except Exception as exc:
-        if (culprit := _unpicklable(job.plan.pes)) is not None:
+        if (culprit := _unpicklable(job.plan.pes, main)) is not None:
             pe_id, error = culprit
             raise GraphError(
-                f"PE {pe_id} cannot be pickled to {purpose}: {type(error).__name__}: {error} (pickling needs"
-                f" PEs and their functions defined at module level, not as lambdas or local objects{hint})"
+                f"PE {pe_id} cannot be pickled to {purpose}: {type(error).__name__}: {error} (a PE travels with"
+                f" its attributes; create resources such as files, sockets and locks in preprocess(){hint})"
             ) from error
-        if (culprit := _unpicklable(job.feeds)) is not None:
+        if (culprit := _unpicklable(job.feeds, main)) is not None:
             pe_id, error = culprit
             raise InputError(
                 f"the input of PE {pe_id} cannot be pickled to {purpose}: {type(error).__name__}: {error}"
@@ -132,33 +214,11 @@ def unship(data: bytes, where: str) -> Job:
     return job
 
 
-def check_importable(plan: ExecutionPlan, where: str, hint: str = "") -> None:
-    """Refuse PEs whose class, or function (a :class:`~aiod4p.FunctionPE`), is defined in ``__main__``,
-    which ``where`` cannot import.
-
-    Raises:
-        GraphError: naming the first such PE; ``hint`` ends the advice.
-    """
-    for pe_id, pe in plan.pes.items():
-        code: list[tuple[str, Any]] = [("class", type(pe))]
-        if isinstance(pe, FunctionPE):
-            fn = pe.fn
-            while isinstance(fn, functools.partial):
-                fn = fn.func
-            code.append(("function", fn))
-        for kind, defined in code:
-            if getattr(defined, "__module__", None) == "__main__":
-                raise GraphError(
-                    f"PE {pe_id}: its {kind} {defined.__name__} is defined in __main__, which {where} cannot"
-                    f" import; define it in a module{hint}"
-                )
-
-
-def _unpicklable(values: Mapping[str, Any]) -> tuple[str, Exception] | None:
-    """The first ``(key, error)`` whose value cannot be pickled by :func:`dumps`, if any."""
+def _unpicklable(values: Mapping[str, Any], main: bool) -> tuple[str, Exception] | None:
+    """The first ``(key, error)`` whose value cannot be pickled as :func:`dumps` pickles, if any."""
     for key, value in values.items():
         try:
-            dumps(value)
+            _pickle(value, main)
         except Exception as exc:
             return key, exc
     return None

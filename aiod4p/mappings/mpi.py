@@ -59,7 +59,7 @@ from ._mpi_env import (
     rank_environment,
     ranks_here,
 )
-from ._shipping import Job, check_importable, ship
+from ._shipping import Job, ship
 
 __all__ = ["MpiMapping"]
 
@@ -239,13 +239,13 @@ async def _launch(
     """Run ``plan`` on ``ranks`` started ahead for it, or on ranks launched now."""
     try:
         mpiexec = find_mpiexec() if ranks is None else ""
-        check_importable(plan, "the MPI ranks")
         shipped, pumped = split_feeds(plan, feeds)
         _check_pumped(plan, pumped)
         if session is not None:
             pumped = session.resumed(pumped)
         spec = session.spec() if session is not None else None
-        payload = ship(Job(plan, shipped, max_delay, STATS_INTERVAL, spec), "start the MPI ranks")
+        # the ranks run aiod4p's own __main__: the launcher's travels by value
+        payload = ship(Job(plan, shipped, max_delay, STATS_INTERVAL, spec), "start the MPI ranks", main=True)
         if ranks is None:
             ranks = _Ranks(mpiexec, plan.workers)
         process = _Process(ranks.process)

@@ -34,7 +34,7 @@ from ..transports.pipes import PipeComm, open_pipe_comm
 from ._host import GRACE, STATS_INTERVAL
 from ._hosted import HostedMapping
 from ._multi_worker import worker_main
-from ._shipping import Job, check_importable, ship
+from ._shipping import Job, ship
 
 __all__ = ["START_METHOD_ENV", "MultiMapping", "resolve_start_method"]
 
@@ -159,10 +159,10 @@ class _MultiRun:
 
     async def start(self, job: Job) -> dict[int, PipeComm]:
         """Start the worker processes; the parent's ends of their control comms."""
-        if self.method != "fork" and not _main_importable():
-            where = f"{self.method}ed worker processes (an interactive session or notebook has no file to import again)"
-            check_importable(self.plan, where, _HINT)
-        payload = job if self.method == "fork" else ship(job, f"start {self.method}ed worker processes", _HINT)
+        payload: Job | bytes = job
+        if self.method != "fork":
+            # __main__ by value where the workers cannot import it again (a notebook, python -c, stdin)
+            payload = ship(job, f"start {self.method}ed worker processes", _HINT, main=not _main_importable())
         socks = self._start(payload)
         comms: dict[int, PipeComm] = {}
         for index, sock in enumerate(socks):
@@ -250,7 +250,7 @@ def _watch_exit(process: BaseProcess) -> asyncio.Future[None]:
 def _main_not_reimported(method: str) -> Iterator[None]:
     """While a process starts by ``method``: a ``__main__`` that cannot be imported again (a script read from
     stdin, whose ``__file__`` is ``<stdin>``) shows no file, as in a notebook, so that a spawned process does not
-    try to run it again and die (its PEs come from modules: :meth:`_MultiRun.start` refused the others)."""
+    try to run it again and die (what the job needs of it travels with the job: :meth:`_MultiRun.start`)."""
     main = sys.modules["__main__"]
     hidden = method != "fork" and not _main_importable() and "__file__" in vars(main)
     path = vars(main).pop("__file__") if hidden else None

@@ -7,7 +7,8 @@ pickled when it is sent (so a message that cannot be pickled fails its own
 travels in a call of the peer actor's :meth:`RayCommHost.aiod4p_deliver`
 carrying the sequence number of its first message (Ray does not promise that
 an async actor runs calls in the order they were made: the receiver reorders
-by sequence number). A sender keeps at most ``window`` deliveries in flight;
+by sequence number) and unpickles it when it is received (an actor may still be loading the job
+that brings a message's classes). A sender keeps at most ``window`` deliveries in flight;
 while they are, what it sends waits and leaves in the next delivery, up to
 ``batch`` messages in one call. Flow control is end-to-end: a delivery waits
 in the receiving actor until its first message is within ``capacity`` of the
@@ -43,6 +44,7 @@ WINDOW = 4  # deliveries a sending end keeps in flight
 BATCH = 16  # messages one delivery carries at most
 
 _CLOSE = "<aiod4p: end of channel>"  # the last message of an end closed cleanly
+_CLOSE_DATA = pickle.dumps(_CLOSE, protocol=5)  # as it arrives
 _GONE = "gone"  # a delivery's answer when the receiving end is closed or aborted
 _ABORTED = "aborted"  # a watch's answer when the watched end was aborted
 
@@ -77,7 +79,7 @@ class _Mailbox(Wakeups):
     def __init__(self, capacity: int) -> None:
         super().__init__()
         self.capacity = capacity
-        self.arrived: dict[int, Any] = {}  # sequence number -> message
+        self.arrived: dict[int, bytes] = {}  # sequence number -> message, pickled
         self.next = 0  # the sequence number receive() returns next
         self.outbox: deque[Any] = deque()  # pull mode: messages the driver takes
         self.state = "open"  # "closed" or "aborted": this end is over
@@ -109,12 +111,11 @@ class RayCommHost:
         """Accept the pickled messages ``seq``, ``seq + 1``, ... for end ``key`` once the first is
         within the end's capacity (at once when they end with the close marker)."""
         box = self.mailbox(key)
-        messages = [_loads(item) for item in data]
-        while box.state == "open" and seq >= box.next + box.capacity and not _is_close(messages[-1]):
+        while box.state == "open" and seq >= box.next + box.capacity and data[-1] != _CLOSE_DATA:
             await box.changed()
         if box.state != "open":
             return _GONE
-        for offset, message in enumerate(messages):
+        for offset, message in enumerate(data):
             box.arrived[seq + offset] = message
         box.wake()
         return None
@@ -227,13 +228,15 @@ class _RayEnd(Comm):
             if self._peer_closed:
                 raise EndOfChannel()
             if box.next in box.arrived:
-                message = box.arrived.pop(box.next)
+                # unpickled as it is received, not as it arrives: this actor may still be loading the job
+                # whose classes (those of a notebook's __main__, for one) a message needs
+                data = box.arrived.pop(box.next)
                 box.next += 1
                 box.wake()
-                if _is_close(message):
+                if data == _CLOSE_DATA:
                     self._peer_closed = True
                     raise EndOfChannel()
-                return opened(message)
+                return opened(_loads(data))
             if self._peer_gone:
                 raise PeerDied("the peer of this Ray comm vanished without closing it")
             await box.changed()
