@@ -115,6 +115,32 @@ def test_interrupting_the_kernel_drains_the_run_and_the_kernel_goes_on(notebook:
     assert (after.error, after.stdout) == (None, "[0, 2, 4, 6, 8]\n")
 
 
+def test_pes_and_item_classes_defined_in_the_notebook_run_on_worker_processes(notebook: Notebook) -> None:
+    cell = notebook.run(
+        """
+import dataclasses, os
+
+@dataclasses.dataclass
+class Reading:
+    value: int
+    pid: int
+
+class Read(IterativePE):
+    def process_item(self, x):
+        return Reading(x, os.getpid())
+
+readings = WorkflowGraph()
+read = Read()
+read.numprocesses = 2
+readings.connect(Numbers(), "output", read, "input")
+results = aiod4p.run(readings, mapping="multi", workers=2).data()
+print(sorted(r.value for r in results), all(isinstance(r, Reading) for r in results))
+print(os.getpid() in {r.pid for r in results})
+"""
+    )
+    assert (cell.error, cell.stdout) == (None, "[0, 1, 2, 3, 4] True\nFalse\n"), cell.stderr
+
+
 def test_a_dispel4py_tutorial_cell_runs_unchanged(notebook: Notebook) -> None:
     cell = notebook.run(
         """
