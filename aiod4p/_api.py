@@ -6,6 +6,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import dataclasses
+import functools
 import operator
 import signal
 import sys
@@ -349,10 +350,10 @@ def run_blocking(main: Callable[[], Coroutine[Any, Any, T]], use_uvloop: bool) -
     drains), a second one aborts it, and ``KeyboardInterrupt`` is raised once
     ``main()`` has ended. Where a loop is running (a notebook's cell, or async
     code calling a blocking function), the loop runs in a new thread while this
-    one waits, and a ``KeyboardInterrupt`` raised in the waiting thread (Ctrl-C,
-    a notebook's "interrupt the kernel") has those same effects. Outside a
-    Jupyter kernel, where blocking a running loop is most likely a mistake, that
-    case also warns (:class:`RuntimeWarning`).
+    one waits, and SIGINT (Ctrl-C, a notebook's "interrupt the kernel") has
+    those same effects, when this is the main thread. Outside a Jupyter kernel,
+    where blocking a running loop is most likely a mistake, that case also
+    warns (:class:`RuntimeWarning`).
     """
     try:
         asyncio.get_running_loop()
@@ -369,9 +370,12 @@ def run_blocking(main: Callable[[], Coroutine[Any, Any, T]], use_uvloop: bool) -
     return _run_beside(main, use_uvloop)
 
 
+Running = concurrent.futures.Future[tuple[asyncio.AbstractEventLoop, asyncio.Task[Any]]]
+
+
 def _run_beside(main: Callable[[], Coroutine[Any, Any, T]], use_uvloop: bool) -> T:
     """:func:`run_blocking` where this thread's event loop is running: ``main()`` in a thread and loop of its own."""
-    running: concurrent.futures.Future[tuple[asyncio.AbstractEventLoop, asyncio.Task[T]]] = concurrent.futures.Future()
+    running: Running = concurrent.futures.Future()
     outcome: concurrent.futures.Future[T] = concurrent.futures.Future()
 
     async def handed_over() -> T:
@@ -394,7 +398,7 @@ def _run_beside(main: Callable[[], Coroutine[Any, Any, T]], use_uvloop: bool) ->
     def interrupt() -> None:
         nonlocal interrupts
         interrupts += 1
-        running.add_done_callback(_cancel if interrupts == 1 else _cancel_again)
+        running.add_done_callback(functools.partial(_cancel, again=interrupts > 1))
 
     with _on_ctrl_c(interrupt):
         threading.Thread(target=serve, name="aiod4p run", daemon=True).start()
@@ -406,24 +410,15 @@ def _run_beside(main: Callable[[], Coroutine[Any, Any, T]], use_uvloop: bool) ->
             raise
 
 
-Running = concurrent.futures.Future[tuple[asyncio.AbstractEventLoop, asyncio.Task[Any]]]
-
-
-def _cancel(running: Running) -> None:
-    """Cancel the run's task (:func:`run_async` drains), as :class:`asyncio.Runner` does on a first SIGINT."""
+def _cancel(running: Running, again: bool) -> None:
+    """Cancel the run's task: :func:`run_async` drains, as on :class:`asyncio.Runner`'s first SIGINT; cancelled
+    ``again``, it aborts. Again is in the loop's next turn, after the task has taken the first cancellation,
+    which one coming right after it would otherwise join."""
     if running.exception() is None:
         loop, task = running.result()
+        cancel = (lambda: loop.call_soon(task.cancel)) if again else task.cancel
         with contextlib.suppress(RuntimeError):  # the loop is closed: the run has ended
-            loop.call_soon_threadsafe(task.cancel)
-
-
-def _cancel_again(running: Running) -> None:
-    """Cancel the run's task once more (:func:`run_async` aborts), in the loop's next turn: after the task
-    has taken the first cancellation, which an interrupt coming right after it would otherwise join."""
-    if running.exception() is None:
-        loop, task = running.result()
-        with contextlib.suppress(RuntimeError):
-            loop.call_soon_threadsafe(lambda: loop.call_soon(task.cancel))
+            loop.call_soon_threadsafe(cancel)
 
 
 @contextlib.contextmanager
