@@ -99,9 +99,10 @@ class MpiMapping(BaseMapping):
         if here is None or here != self.size:
             return None  # aiod4p starts the ranks, or some run elsewhere
         # The CPUs of the ranks' parent, the process manager's proxy: binding ranks to cores narrows
-        # each rank's own CPUs, not the job's.
+        # each rank's own CPUs, not the job's. Never fewer than this rank's own (a run under load, once in
+        # about 50, counted 1 CPU of 2 for unbound ranks, and left one of them without work).
         try:
-            cpus = available_cpus(os.getppid())
+            cpus = max(available_cpus(os.getppid()), available_cpus())
         except OSError:  # the parent is gone
             cpus = available_cpus()
         return (here, cpus) if here > cpus else None
