@@ -7,15 +7,19 @@ the module's cells, in order.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 from jupyter_client.blocking.client import BlockingKernelClient
 from jupyter_client.manager import KernelManager, start_new_kernel
 
 MESSAGE_TIMEOUT = 60.0
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @dataclass
@@ -55,14 +59,20 @@ class Notebook:
                 return cell
 
 
-@pytest.fixture(scope="module")
-def notebook() -> Iterator[Notebook]:
-    manager, client = start_new_kernel(kernel_name="python3", startup_timeout=MESSAGE_TIMEOUT)
+@contextlib.contextmanager
+def kernel(cwd: Path | None = None) -> Iterator[Notebook]:
+    manager, client = start_new_kernel(kernel_name="python3", startup_timeout=MESSAGE_TIMEOUT, cwd=cwd)
     try:
         yield Notebook(manager, client)
     finally:
         client.stop_channels()
         manager.shutdown_kernel(now=True)
+
+
+@pytest.fixture(scope="module")
+def notebook() -> Iterator[Notebook]:
+    with kernel() as started:
+        yield started
 
 
 DEFINITIONS = """
@@ -167,3 +177,16 @@ compat.uninstall()
     )
     assert cell.error is None, cell.stderr
     assert re.fullmatch(r"\{'Twice\d+': \{'output': \[14, 14, 14\]\}\}\n", cell.stdout), cell.stdout
+
+
+def test_the_example_notebook_runs_cell_by_cell() -> None:
+    """examples/science/notebook.ipynb, as "Run All" runs it from its folder (its cells check their results)."""
+    path = ROOT / "examples" / "science" / "notebook.ipynb"
+    cells = [cell for cell in json.loads(path.read_text())["cells"] if cell["cell_type"] == "code"]
+    printed = ""
+    with kernel(cwd=path.parent) as started:
+        for number, cell in enumerate(cells, 1):
+            ran = started.run("".join(cell["source"]))
+            assert ran.error is None, f"code cell {number}: {ran.error}\n{ran.stderr}"
+            printed += ran.stdout
+    assert printed.count("misfit +0.00 s") == 10  # 5 stations: every pair's lag found
