@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import ctypes
 import dataclasses
 import functools
 import operator
@@ -23,6 +24,7 @@ from ._inputs import Inputs, resolve_inputs
 from ._pe import PE
 from ._plan import DEFAULT_BATCH_SIZE, DEFAULT_CREDITS, ExecutionPlan, make_plan
 from ._results import QueueSink, ResultRecord, Results
+from ._signals import HELD_GRACE, loop_turns
 from ._stats import InstanceStats
 from .errors import Aiod4pError, GraphError, InputError, MappingUnavailable
 from .mappings import BaseMapping, RunControl, get_mapping
@@ -395,13 +397,18 @@ def _run_beside(main: Callable[[], Coroutine[Any, Any, T]], use_uvloop: bool) ->
 
     interrupts = 0
 
+    thread = threading.Thread(target=serve, name="aiod4p run", daemon=True)
+
     def interrupt() -> None:
         nonlocal interrupts
         interrupts += 1
         running.add_done_callback(functools.partial(_cancel, again=interrupts > 1))
+        if interrupts == 2:
+            watchdog = functools.partial(_interrupt_a_held_loop, running, outcome, thread)
+            threading.Thread(target=watchdog, name="aiod4p abort watchdog", daemon=True).start()
 
     with _on_ctrl_c(interrupt):
-        threading.Thread(target=serve, name="aiod4p run", daemon=True).start()
+        thread.start()
         try:
             return outcome.result()
         except asyncio.CancelledError:
@@ -419,6 +426,20 @@ def _cancel(running: Running, again: bool) -> None:
         cancel = (lambda: loop.call_soon(task.cancel)) if again else task.cancel
         with contextlib.suppress(RuntimeError):  # the loop is closed: the run has ended
             loop.call_soon_threadsafe(cancel)
+
+
+def _interrupt_a_held_loop(running: Running, outcome: concurrent.futures.Future[Any], thread: threading.Thread) -> None:
+    """After a second interrupt: if the run has not ended within :data:`HELD_GRACE` seconds and its loop does
+    not turn (a PE holds it: a blocking call, a loop that never ends), raise ``KeyboardInterrupt`` in the
+    run's thread, in that PE's code (at its next Python instruction: a call into C that never returns still
+    holds it). The command line ends its process instead; a notebook's kernel must go on."""
+    if concurrent.futures.wait([outcome], HELD_GRACE).done or not running.done() or running.exception():
+        return
+    loop, _ = running.result()
+    if thread.ident is None or loop_turns(loop, HELD_GRACE / 10):
+        return
+    print("aiod4p: a PE holds the event loop: interrupting its code", file=sys.stderr, flush=True)
+    ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread.ident), ctypes.py_object(KeyboardInterrupt))
 
 
 @contextlib.contextmanager

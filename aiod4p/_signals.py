@@ -37,7 +37,7 @@ from contextlib import contextmanager
 from types import FrameType
 from typing import Any, Protocol
 
-__all__ = ["ABORT_GRACE", "HELD_GRACE", "Interrupts", "Stopped", "die_with_parent", "held", "release"]
+__all__ = ["ABORT_GRACE", "HELD_GRACE", "Interrupts", "Stopped", "die_with_parent", "held", "loop_turns", "release"]
 
 ABORT_GRACE = 0.9
 """Seconds an abort may take while the event loop turns (its clean-up: stopping a local Ray, say)."""
@@ -79,6 +79,15 @@ def held() -> Iterator[None]:
 def release() -> None:
     """Unblock SIGINT, SIGTERM and SIGHUP in a child created under :func:`held`; a pending one is acted on now."""
     signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)
+
+
+def loop_turns(loop: asyncio.AbstractEventLoop | None, within: float) -> bool:
+    """Whether ``loop`` runs a callback within ``within`` seconds: false while a PE holds it (or it is closed)."""
+    turned = threading.Event()
+    if loop is not None:
+        with contextlib.suppress(RuntimeError):  # the loop is closed
+            loop.call_soon_threadsafe(turned.set)
+    return turned.wait(within)
 
 
 def _say(message: str) -> None:
@@ -187,11 +196,7 @@ class Interrupts:
         start = time.monotonic()
         if self._finished.wait(HELD_GRACE):
             return
-        turned = threading.Event()
-        if self._loop is not None:
-            with contextlib.suppress(RuntimeError):  # the loop is closed
-                self._loop.call_soon_threadsafe(turned.set)
-        if not turned.wait(HELD_GRACE / 10):
+        if not loop_turns(self._loop, HELD_GRACE / 10):
             why = "the event loop was held by a PE"
         elif self._finished.wait(ABORT_GRACE - (time.monotonic() - start)):
             return

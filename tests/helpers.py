@@ -181,21 +181,26 @@ NOTEBOOK_FLOW = textwrap.dedent(
     import aiod4p
     from aiod4p import FunctionPE, GenericPE, ProducerPE, WorkflowGraph, group_by
     from aiod4p.mappings.multi import MultiMapping
+    from aiod4p import compat
+
+    compat.install()
+    from dispel4py.base import IterativePE as D4pIterativePE, ProducerPE as D4pProducerPE
+    from dispel4py.workflow_graph import WorkflowGraph as D4pGraph
 
     threading.Thread(target=threading.Event().wait, daemon=True).start()  # as a notebook kernel's threads
 
     @dataclasses.dataclass(frozen=True, order=True)
-    class Point:
+    class Job:  # named as a class of aiod4p's MPI entry point, whose names a rank's __main__ held
         x: int
         y: int
 
-    class Points(ProducerPE):
+    class Jobs(ProducerPE):
         def produce(self):
             for i in range(40):
-                yield Point(i % 4, i)
+                yield Job(i % 4, i)
 
     def shift(point):
-        return Point(point.x, point.y + 100)
+        return Job(point.x, point.y + 100)
 
     def column(point):
         return point.x
@@ -211,14 +216,28 @@ NOTEBOOK_FLOW = textwrap.dedent(
 
         def postprocess(self):
             for x, total in self.totals.items():
-                self.write("output", (Point(x, total), os.getpid()))
+                self.write("output", (Job(x, total), os.getpid()))
 
     def results(mapping, workers):
         graph = WorkflowGraph()
-        graph.connect(Points(), "output", moved := FunctionPE(shift), "input")
+        graph.connect(Jobs(), "output", moved := FunctionPE(shift), "input")
         moved.parallelism = 2
         graph.connect(moved, "output", Total(), "input")
         return aiod4p.run(graph, mapping=mapping, workers=workers).data()
+
+    class Seven(D4pProducerPE):  # dispel4py's PEs travel by the names of their classes
+        def _process(self, inputs):
+            return 7
+
+    class Twice(D4pIterativePE):
+        def _process(self, data):
+            return 2 * data
+
+    def dispel4py_results(mapping, workers):
+        graph = D4pGraph()
+        seven = Seven()
+        graph.connect(seven, "output", Twice(), "input")
+        return aiod4p.run(graph, {seven: 3}, mapping=mapping, workers=workers).data()
 
     if __name__ == "__main__":  # as a notebook's cells run (a script's spawned workers import it again)
         expected = sorted(point for point, _ in results("simple", 1))
@@ -228,8 +247,9 @@ NOTEBOOK_FLOW = textwrap.dedent(
             print(json.dumps({
                 "mapping": name,
                 "same": sorted(point for point, _ in got) == expected,
-                "points": all(isinstance(point, Point) for point, _ in got),
+                "points": all(isinstance(point, Job) for point, _ in got),
                 "processes": len({pid for _, pid in got} - {os.getpid()}),
+                "dispel4py": dispel4py_results(mappings.get(name, name), 2) == [14, 14, 14],
             }))
     """
 )

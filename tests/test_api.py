@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import signal
 import threading
-from collections.abc import AsyncIterator, Mapping
+import time
+from collections.abc import AsyncIterator, Iterator, Mapping
 
 import numpy as np
 import pytest
@@ -19,6 +20,7 @@ from aiod4p import (
     GraphError,
     InputError,
     InstanceStats,
+    IterativePE,
     MappingUnavailable,
     WorkflowGraph,
     chain,
@@ -206,6 +208,16 @@ class InterruptsAt(ConsumerPE):
         self.state.finished = True
 
 
+@pytest.fixture
+def interruptible() -> Iterator[None]:
+    """SIGINT raising KeyboardInterrupt, as in a terminal or a notebook (a background job's shell ignores it)."""
+    handler = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, handler)
+
+
 def ctrl_c() -> None:
     """What a terminal's Ctrl-C or a notebook's "interrupt the kernel" does (an interrupt_main() would
     not wake a thread blocked on a lock)."""
@@ -213,6 +225,7 @@ def ctrl_c() -> None:
 
 
 @pytest.mark.parametrize("mapping", ["simple", "async"])
+@pytest.mark.usefixtures("interruptible")
 async def test_an_interrupt_of_a_run_beside_a_running_loop_drains_it(mapping: str) -> None:
     graph = WorkflowGraph()
     double, sink = wf.Double(), InterruptsAt(50)
@@ -223,6 +236,7 @@ async def test_an_interrupt_of_a_run_beside_a_running_loop_drains_it(mapping: st
 
 
 @pytest.mark.parametrize("use_uvloop", [False, True])
+@pytest.mark.usefixtures("interruptible")
 async def test_a_second_interrupt_beside_a_running_loop_aborts(use_uvloop: bool) -> None:
     cancellations = []
 
@@ -242,6 +256,36 @@ async def test_a_second_interrupt_beside_a_running_loop_aborts(use_uvloop: bool)
     with pytest.warns(RuntimeWarning), pytest.raises(KeyboardInterrupt):
         run_blocking(drains_forever, use_uvloop)
     assert cancellations == ["drain", "abort"]
+
+
+class PressesCtrlCWhileStuck(IterativePE):
+    """A PE stuck in a blocking loop (a bug), while its user presses Ctrl-C again and again."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.state = wf.Shared(interrupted=False)
+
+    def process_item(self, item: int) -> None:
+        try:
+            while True:
+                ctrl_c()
+                time.sleep(0.05)  # ok-sleep: the blocking call the PE is stuck in
+        except KeyboardInterrupt:
+            self.state.interrupted = True
+            raise
+
+
+@pytest.mark.usefixtures("interruptible")
+@pytest.mark.parametrize("mapping", ["simple", "async"])
+async def test_a_second_interrupt_beside_a_running_loop_held_by_a_pe_interrupts_the_pe(mapping: str) -> None:
+    """In a notebook, a PE that holds the run's loop (which runs in a thread of its own) is interrupted in its
+    own code once an abort does not end the run: the kernel goes on, where the command line ends its process."""
+    graph = WorkflowGraph()
+    graph.connect(wf.Range(3), "output", stuck := PressesCtrlCWhileStuck(), "input")
+    with pytest.warns(RuntimeWarning), pytest.raises(KeyboardInterrupt):
+        aiod4p.run(graph, mapping=mapping)
+    assert stuck.state.interrupted
+    assert [thread.name for thread in threading.enumerate() if thread.name.startswith("aiod4p")] == []
 
 
 def test_unknown_mapping() -> None:

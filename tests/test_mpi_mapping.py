@@ -430,7 +430,8 @@ def test_classes_and_functions_from_main_travel_by_value() -> None:
 def test_a_notebook_workflow_runs_on_the_ranks() -> None:
     """PE classes, functions and item classes defined in a ``__main__`` without a file, as in a notebook; the
     items come back as the launcher's own class."""
-    assert run_notebook_flow("mpi") == [{"mapping": "mpi", "same": True, "points": True, "processes": 2}]
+    (run,) = run_notebook_flow("mpi")
+    assert run == {"mapping": "mpi", "same": True, "points": True, "processes": 2, "dispel4py": True}
 
 
 def test_an_unpicklable_pe_is_refused_clearly() -> None:

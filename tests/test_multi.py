@@ -248,12 +248,12 @@ def test_spawn_from_an_interactive_session_runs_its_classes(how: str) -> None:
     cannot import: they travel by value) runs unchanged; its items come back as the notebook's own class. (A
     script's, which spawned workers import again, travel by name.)"""
     for run in run_notebook_flow("spawn", "fork", how=how):
-        assert run == {"mapping": run["mapping"], "same": True, "points": True, "processes": 2}
+        assert run == {"mapping": run["mapping"], "same": True, "points": True, "processes": 2, "dispel4py": True}
 
 
 def test_a_notebook_ships_the_top_level_classes_and_functions_that_pickle(monkeypatch: pytest.MonkeyPatch) -> None:
     """What goes along with a job shipped with ``__main__``: not what holds a lock, nor what drags a large
-    global along (its pickle stops at the limit); a worker's ``__main__`` gets what it lacks."""
+    global along (its pickle stops at the limit); they become a worker's ``__main__``, in a module of their own."""
     lock, big = threading.Lock(), bytes(_shipping.MAIN_LIMIT + 1)
 
     class Point:
@@ -270,9 +270,13 @@ def test_a_notebook_ships_the_top_level_classes_and_functions_that_pickle(monkey
         monkeypatch.setattr(sys.modules["__main__"], defined.__name__, defined, raising=False)
     data = _shipping.dumps([Point()], main=True)
     assert len(data) < _shipping.MAIN_LIMIT
-    worker_main = types.ModuleType("__main__")
-    monkeypatch.setitem(sys.modules, "__main__", worker_main)
+    entry_point = types.ModuleType("__main__")
+    entry_point.Point = "an entry point's own name"  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "__main__", entry_point)
+    monkeypatch.setattr(_shipping, "_REPLACED", [])
     (point,) = _shipping.loads(data)
+    worker_main = sys.modules["__main__"]
+    assert worker_main is not entry_point and [entry_point] == _shipping._REPLACED  # its code runs on
     assert type(point) is Point and worker_main.Point is Point  # cloudpickle's class tracking: the same class
     assert not hasattr(worker_main, "holds_lock") and not hasattr(worker_main, "holds_big")
 

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import queue
 import re
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +21,7 @@ from jupyter_client.blocking.client import BlockingKernelClient
 from jupyter_client.manager import KernelManager, start_new_kernel
 
 MESSAGE_TIMEOUT = 60.0
+AGAIN = 0.3  # seconds between interrupts of a cell that shows nothing
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -35,13 +38,22 @@ class Notebook:
     def __init__(self, manager: KernelManager, client: BlockingKernelClient) -> None:
         self.manager, self.client = manager, client
 
-    def run(self, code: str, interrupt_on: str | None = None) -> Cell:
-        """Execute ``code`` as a cell; interrupt the kernel once its output contains ``interrupt_on``."""
+    def run(self, code: str, interrupt_on: str | None = None, again_until: str | None = None) -> Cell:
+        """Execute ``code`` as a cell; interrupt the kernel once its output contains ``interrupt_on``, then
+        again after each :data:`AGAIN` seconds that the cell shows nothing, until its stderr has ``again_until``
+        (as a user presses it until something happens)."""
         msg_id = self.client.execute(code)
         cell = Cell()
         interrupted = False
+        deadline = time.monotonic() + MESSAGE_TIMEOUT
         while True:
-            message = self.client.get_iopub_msg(timeout=MESSAGE_TIMEOUT)
+            pressing = interrupted and again_until is not None and again_until not in cell.stderr
+            try:
+                message = self.client.get_iopub_msg(timeout=AGAIN if pressing else MESSAGE_TIMEOUT)
+            except queue.Empty:
+                assert pressing and time.monotonic() < deadline, f"the cell went on: {cell}"
+                self.manager.interrupt_kernel()
+                continue
             if message["parent_header"].get("msg_id") != msg_id:
                 continue
             kind, content = message["msg_type"], message["content"]
@@ -121,6 +133,32 @@ def test_interrupting_the_kernel_drains_the_run_and_the_kernel_goes_on(notebook:
     cell = notebook.run(f"aiod4p.run(endless, mapping={mapping!r})", interrupt_on="seen 5000")
     assert cell.error is not None and cell.error.startswith("KeyboardInterrupt")
     assert cell.stdout == "seen 5000\npostprocess ran\n"
+    after = notebook.run("print(sorted(aiod4p.run(graph).data()))")
+    assert (after.error, after.stdout) == (None, "[0, 2, 4, 6, 8]\n")
+
+
+@pytest.mark.parametrize("mapping", ["simple", "async"])
+def test_interrupting_the_kernel_twice_stops_a_pe_that_holds_the_run(notebook: Notebook, mapping: str) -> None:
+    """A PE stuck in a blocking loop holds the run's event loop: the second interrupt stops it in its own code."""
+    notebook.run(DEFINITIONS)
+    notebook.run(
+        """
+import time
+
+class Stuck(IterativePE):
+    def process_item(self, x):
+        print("stuck", flush=True)
+        while True:
+            time.sleep(0.05)
+
+stuck = WorkflowGraph()
+stuck.connect(Numbers(), "output", Stuck(), "input")
+"""
+    )
+    held = "a PE holds the event loop: interrupting its code"
+    cell = notebook.run(f"aiod4p.run(stuck, mapping={mapping!r})", interrupt_on="stuck", again_until=held)
+    assert cell.error is not None and cell.error.startswith("KeyboardInterrupt")
+    assert held in cell.stderr
     after = notebook.run("print(sorted(aiod4p.run(graph).data()))")
     assert (after.error, after.stdout) == (None, "[0, 2, 4, 6, 8]\n")
 

@@ -142,7 +142,8 @@ def test_more_than_the_cluster_has_fails_clearly(ray_cluster: RayCluster) -> Non
 def test_a_notebook_workflow_runs_on_the_actors(ray_cluster: RayCluster) -> None:
     """PE classes, functions and item classes defined in a ``__main__`` without a file, as in a notebook (Ray's
     workers cannot import it: they travel by value); the items come back as the driver's own class."""
-    assert run_notebook_flow("ray") == [{"mapping": "ray", "same": True, "points": True, "processes": 2}]
+    (run,) = run_notebook_flow("ray")
+    assert run == {"mapping": "ray", "same": True, "points": True, "processes": 2, "dispel4py": True}
 
 
 def test_a_class_made_in_main_at_run_time_travels_by_value(ray_cluster: RayCluster) -> None:

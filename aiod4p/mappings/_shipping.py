@@ -13,10 +13,13 @@ Items travel between workers with plain pickle, which names the class of an
 item defined in ``__main__`` by reference (``__main__.Point``). So a job
 shipped *with* ``__main__`` (``main=True``: the workers cannot import the
 launcher's ``__main__``) also carries the classes and functions defined at
-the top level of the launcher's ``__main__``, which the worker sets on its
-own ``__main__`` where missing: an item of such a class pickled there by
-reference finds its class, and comes back to the launcher as an instance of
-its original class. Shipped without (``main=False``: a spawned worker imports
+the top level of the launcher's ``__main__``, which become the worker's
+``__main__`` (a module of its own: the worker's entry point, such as
+``aiod4p.mappings._mpi_job``, keeps its names) before the rest is unpickled:
+an item of such a class pickled there by reference finds its class, and
+comes back to the launcher as an instance of its original class; a
+dispel4py PE of such a class, which travels by the name of its class, is
+rebuilt. Shipped without (``main=False``: a spawned worker imports
 the launcher's script again), ``__main__``'s classes and functions travel by
 reference, as plain pickle sends them.
 """
@@ -145,26 +148,47 @@ def dumps(obj: Any, main: bool = False) -> bytes:
     Raises:
         Exception: ``obj`` cannot be pickled (pickle.PicklingError, TypeError, AttributeError, ...).
     """
-    payload = _pickle((obj, _main_namespace() if main else {}), main)
+    payload = _pickle((_MainNames(_main_namespace() if main else {}), obj), main)
     return pickle.dumps((ship_code(payload), payload), pickle.HIGHEST_PROTOCOL)
 
 
 def loads(data: bytes) -> Any:
     """Unpickle what :func:`dumps` made, loading the code shipped with it first
-    (:meth:`aiod4p._loading.CodeShipment.load`: workflow files, dispel4py's modules), and setting the
-    launcher's top-level classes and functions shipped with it on this interpreter's ``__main__`` where
-    it has none of their names.
+    (:meth:`aiod4p._loading.CodeShipment.load`: workflow files, dispel4py's modules), and making the
+    launcher's top-level classes and functions shipped with it this interpreter's ``__main__``.
 
     Raises:
         Exception: whatever unpickling or loading a module raises.
     """
     shipment, payload = pickle.loads(data)
     shipment.load()
-    obj, namespace = pickle.loads(payload)
-    main = vars(sys.modules["__main__"])
-    for name, value in namespace.items():
-        main.setdefault(name, value)
+    _, obj = pickle.loads(payload)
     return obj
+
+
+class _MainNames:
+    """The launcher's top-level classes and functions, pickled before what may need them: unpickled, they
+    become this interpreter's ``__main__`` (see :func:`_become_main`)."""
+
+    def __init__(self, names: dict[str, Any]) -> None:
+        self.names = names
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return _become_main, (self.names,)
+
+
+#: The ``__main__`` modules that :func:`_become_main` replaced: their code (a worker's entry point) runs on.
+_REPLACED: list[types.ModuleType] = []
+
+
+def _become_main(names: dict[str, Any]) -> None:
+    """Make ``names`` (when any) this interpreter's ``__main__``, in a module of their own."""
+    if not names:
+        return
+    main = types.ModuleType("__main__")
+    vars(main).update(names)
+    _REPLACED.append(sys.modules["__main__"])
+    sys.modules["__main__"] = main
 
 
 def ship(job: Job, purpose: str, hint: str = "", *, main: bool = False) -> bytes:
