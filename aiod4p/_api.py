@@ -360,6 +360,10 @@ def run_blocking(main: Callable[[], Coroutine[Any, Any, T]], use_uvloop: bool) -
     try:
         asyncio.get_running_loop()
     except RuntimeError:
+        beside = False  # the run goes on out of this handler: not the context of every exception it raises
+    else:
+        beside = True
+    if not beside:
         with asyncio.Runner(loop_factory=loop_factory(use_uvloop)) as runner:
             return runner.run(main())
     if "ipykernel" not in sys.modules:

@@ -83,7 +83,23 @@ class PEError(Aiod4pError):
         super().__init__(f"PE {pe}[{instance}] failed on {_where(port)}: {message}")
 
     def __reduce__(self) -> tuple[object, ...]:
-        return (PEError, (self.pe, self.instance, self.port, self.message, self.traceback_text))
+        return (_arrived, (self.pe, self.instance, self.port, self.message, self.traceback_text))
+
+
+class _RemoteTraceback(Exception):
+    """The traceback of a PE's exception in another process, shown as the cause of the :class:`PEError` that
+    arrived from there (as :mod:`concurrent.futures` shows a worker's): where the PE's code failed."""
+
+    def __str__(self) -> str:
+        return f'\n"""\n{self.args[0]}"""'
+
+
+def _arrived(pe: str, instance: int, port: str, message: str, traceback_text: str) -> PEError:
+    """A :class:`PEError` unpickled in another process: caused by its traceback there."""
+    error = PEError(pe, instance, port, message, traceback_text)
+    if traceback_text:
+        error.__cause__ = _RemoteTraceback(traceback_text)
+    return error
 
 
 def _where(port: str) -> str:

@@ -314,6 +314,10 @@ def test_a_pe_error_in_a_worker_names_the_pe_with_its_traceback(method: str) -> 
     assert "bad item 333" in str(caught.value)
     assert "ValueError: bad item 333" in caught.value.traceback_text
     assert "process_item" in caught.value.traceback_text
+    assert "During handling" not in caught.value.traceback_text  # the worker's exception, nothing before it
+    # shown as the cause of the error raised here (as concurrent.futures shows a worker's): where the PE failed
+    cause = caught.value.__cause__
+    assert type(cause).__name__ == "_RemoteTraceback" and caught.value.traceback_text in str(cause)
 
 
 @pytest.mark.parametrize(("how", "expected"), [("kill", "killed by SIGKILL"), ("exit", "exited with code 7")])
