@@ -175,12 +175,20 @@ def test_cli_under_mpiexec_rejects_another_n() -> None:
     assert "has 2 ranks" in done.stderr
 
 
+def left_shared_memory(stderr: str) -> list[str]:
+    """The MPICH shared-memory files a failing rank said it mapped (``wf.FailsOnInstance``) that still exist."""
+    lines = [line for line in stderr.splitlines() if line.startswith(wf.SHARED_MEMORY)]
+    assert lines, f"no rank said its shared memory: {stderr}"
+    return [path for line in lines for path in line.split()[len(wf.SHARED_MEMORY.split()) :] if Path(path).exists()]
+
+
 def test_cli_under_mpiexec_pe_error_on_rank_1_ends_the_job() -> None:
     started = time.monotonic()
     done = mpiexec(["-n", "2", *cli(f"{WORKFLOWS}:mpi_failing", "--mapping", "mpi", "-i", "100")])
     assert done.returncode != 0
     assert "FailsOnInstance" in done.stderr and "refuses item" in done.stderr
     assert time.monotonic() - started < 10
+    assert left_shared_memory(done.stderr) == []  # MPI_Abort ends the job without MPI_Finalize
 
 
 def test_cli_under_mpiexec_killed_rank_ends_the_job() -> None:
@@ -188,6 +196,7 @@ def test_cli_under_mpiexec_killed_rank_ends_the_job() -> None:
     done = mpiexec(["-n", "2", *cli(f"{WORKFLOWS}:mpi_killed", "--mapping", "mpi", "-i", "100")])
     assert done.returncode != 0
     assert time.monotonic() - started < 10
+    assert left_shared_memory(done.stderr) == []
 
 
 # -- launched by the mapping -----------------------------------------------------------
@@ -232,6 +241,7 @@ def test_cli_launched_pe_error_exits_non_zero() -> None:
     assert done.returncode == 1
     assert "FailsOnInstance" in done.stderr and "refuses item" in done.stderr
     assert "Abort(" not in done.stderr  # the expected teardown is not shown as noise
+    assert left_shared_memory(done.stderr) == []
 
 
 # A workflow file whose import, in the launcher, waits until both ranks have imported it too.

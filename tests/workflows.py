@@ -5,10 +5,14 @@ from __future__ import annotations
 import asyncio
 import atexit
 import os
+import re
+import signal
+import sys
 import threading
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -373,6 +377,9 @@ class WhereAmI(IterativePE):
         return os.environ.get("PMI_HOSTNAME", ""), os.getpid(), item
 
 
+SHARED_MEMORY = "shared memory of this MPI rank:"
+
+
 class FailsOnInstance(IterativePE):
     """Instance ``instance`` raises on its first item (``kill``: kills its own process instead)."""
 
@@ -382,10 +389,10 @@ class FailsOnInstance(IterativePE):
 
     def process_item(self, item: int) -> int:
         if self.instance == self.failing:
+            mapped = sorted(set(re.findall(r"/dev/shm/mpich_shm_\S+", Path("/proc/self/maps").read_text())))
+            if mapped:  # an MPI rank's: a test checks that no file is left once the job has ended
+                print(SHARED_MEMORY, *mapped, file=sys.stderr, flush=True)
             if self.kill:
-                import os
-                import signal
-
                 os.kill(os.getpid(), signal.SIGKILL)
             raise ValueError(f"instance {self.instance} refuses item {item}")
         return item

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import re
 import shlex
 import socket
 import sys
@@ -16,6 +18,7 @@ from ..errors import MappingUnavailable
 __all__ = [
     "INSTALL_HINT",
     "find_mpiexec",
+    "forget_shared_memory",
     "job_frame",
     "job_rank",
     "job_size",
@@ -28,6 +31,8 @@ __all__ = [
 ]
 
 INSTALL_HINT = install_hint("mpi")
+# The shared-memory files MPICH maps in every rank of a node, as /proc/self/maps names them.
+_SHARED_MEMORY = re.compile(r"/dev/shm/mpich_shm_\S+")
 
 # The rank and size variables of the process managers we know: MPICH's Hydra
 # (PMI), PMIx-based ones (Open MPI 5, Slurm), and Open MPI's own.
@@ -173,3 +178,20 @@ async def receive_job(sock: socket.socket) -> bytes:
         return bytes(data)
 
     return await exactly(int.from_bytes(await exactly(_LENGTH), "big"))
+
+
+def forget_shared_memory() -> None:
+    """Unlink the shared-memory files this rank's MPI has mapped (MPICH's ``/dev/shm/mpich_shm_*``); call it
+    once every rank of the job has started (after a barrier), before any can end.
+
+    MPICH removes them in ``MPI_Finalize`` only: a job whose rank failed (``MPI_Abort``), was killed or was
+    aborted left each node's files, megabytes of memory apiece, until the machine restarted. Unlinked, the
+    memory stays while a rank maps it and is freed with the last one, however it ends.
+    """
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:  # not Linux
+        return
+    for path in set(_SHARED_MEMORY.findall(maps)):
+        with contextlib.suppress(OSError):  # another rank of this node unlinked it first
+            os.unlink(path)

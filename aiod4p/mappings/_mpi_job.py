@@ -31,7 +31,7 @@ from .._logging import configure_logging
 from .._threads import exit_past_threads
 from ..transports.pipes import open_pipe_comm
 from ._host import ForwardSink, fail, pumped_feeds, serve
-from ._mpi_env import receive_job, take_launcher_path
+from ._mpi_env import forget_shared_memory, receive_job, take_launcher_path
 from ._mpi_ranks import RankZero, abort_job, run_follower
 from ._shipping import Job, unship
 
@@ -79,12 +79,14 @@ async def _lead(sock: socket.socket) -> None:
 
 async def _every_rank_ready() -> None:
     """Wait until every rank has reached this point, polling (a rank blocked in an MPICH call spins at 100%
-    CPU, which would slow the launcher and the other ranks while they load the workflow)."""
+    CPU, which would slow the launcher and the other ranks while they load the workflow); then no rank is
+    starting, and this one forgets the names of its shared memory (see :func:`forget_shared_memory`)."""
     request = MPI.COMM_WORLD.Ibarrier()
     delay = 0.0005
     while not request.Test():
         await asyncio.sleep(delay)
         delay = min(2 * delay, 0.005)
+    forget_shared_memory()
 
 
 async def _follow() -> None:

@@ -39,6 +39,7 @@ from ..transports import Comm, memory_comm_pair
 from ..transports.mpi import MpiEndpoint
 from ._base import RunControl
 from ._host import STATS_INTERVAL, ForwardSink, Pumped, Supervisor, serve, serve_job
+from ._mpi_env import forget_shared_memory
 from ._shipping import Job, ship, unship
 
 __all__ = ["ABORT_GRACE", "RankZero", "abort_job", "abort_job_at_exit", "broadcast_plan", "run_follower"]
@@ -64,6 +65,8 @@ def broadcast_plan(plan: ExecutionPlan | None) -> ExecutionPlan:
         except GraphError as exc:
             payload = str(exc)
     payload = comm.bcast(payload, root=0)
+    comm.Barrier()  # every rank has started: none is still attaching to the node's shared memory
+    forget_shared_memory()
     if isinstance(payload, str):
         raise GraphError(payload)
     assert payload is not None
