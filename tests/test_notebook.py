@@ -149,7 +149,7 @@ class Stuck(IterativePE):
     def process_item(self, x):
         print("stuck", flush=True)
         while True:
-            time.sleep(0.05)
+            time.sleep(0.05)  # ok-sleep: the blocking call the PE is stuck in
 
 stuck = WorkflowGraph()
 stuck.connect(Numbers(), "output", Stuck(), "input")
