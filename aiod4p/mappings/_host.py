@@ -54,7 +54,7 @@ from ..errors import (
 )
 from ..transports import Comm
 from ._base import RunControl
-from ._shipping import Job, unship
+from ._shipping import Job
 
 __all__ = [
     "GRACE",
@@ -359,23 +359,22 @@ async def fail(control: Comm, name: str, error: BaseException, *, goodbye_timeou
 
 
 async def serve_job(
-    job: Job | bytes,
+    job: Job | Exception,
     wid: int,
     control: Comm,
     peers: Mapping[int, Comm],
     *,
     name: str,
     launcher: str,
-    where: str | None = None,
     goodbye_timeout: float | None = None,
 ) -> bool:
     """Build the engine's worker ``wid`` of ``job``, joined to ``peers`` (by id); :func:`serve` it on ``control``.
 
     Args:
-        job: the job, or the bytes :func:`~aiod4p.mappings._shipping.ship` made of it (loaded here).
+        job: the job, or why it could not be loaded (see
+            :func:`~aiod4p.mappings._shipping.unship_or_error`): reported as a failure.
         name: this worker in error messages (``"worker 2"``).
         launcher: the launcher, in the message of a result that cannot reach it (see :class:`ForwardSink`).
-        where: this worker in the message of a job it cannot load (default: ``name``).
         goodbye_timeout: as for :func:`serve`.
 
     Returns:
@@ -383,8 +382,8 @@ async def serve_job(
         the worker, is reported to the launcher (:func:`fail`), not raised.
     """
     try:
-        if not isinstance(job, Job):
-            job = unship(job, where or name)
+        if isinstance(job, Exception):
+            raise job
         feeds, pumped = pumped_feeds(job.feeds, control)
         sink = ForwardSink(control, launcher)
         worker = Worker(job.plan, wid, feeds=feeds, results=sink, peers=peers, max_delay=job.max_delay)

@@ -31,9 +31,9 @@ from .._logging import configure_logging
 from .._threads import exit_past_threads
 from ..transports.pipes import open_pipe_comm
 from ._host import ForwardSink, fail, pumped_feeds, serve
-from ._mpi_env import forget_shared_memory, receive_job, take_launcher_path
-from ._mpi_ranks import RankZero, abort_job, run_follower
-from ._shipping import Job, unship
+from ._mpi_env import receive_job, take_launcher_path
+from ._mpi_ranks import RankZero, abort_job, every_rank_ready, run_follower
+from ._shipping import unship, unship_or_error
 
 __all__ = ["main"]
 
@@ -45,14 +45,10 @@ async def _lead(sock: socket.socket) -> None:
         abort_job(1)  # the launcher gave up the run (it failed to load the workflow, and reported it)
         return
     name = "MPI rank 0"
+    await every_rank_ready()
     # Loaded before the control comm opens: it unpickles messages as they arrive, and a pumped item may be
     # of a class the job brings along (a notebook's, which loading sets on this process's __main__).
-    loaded: Job | Exception
-    try:
-        await _every_rank_ready()
-        loaded = unship(MPI.COMM_WORLD.bcast(payload, root=0), name)
-    except Exception as exc:
-        loaded = exc
+    loaded = unship_or_error(MPI.COMM_WORLD.bcast(payload, root=0), name)
     control = await open_pipe_comm(sock)
     try:
         if isinstance(loaded, Exception):
@@ -77,24 +73,10 @@ async def _lead(sock: socket.socket) -> None:
         abort_job(1)  # the error is reported (or the launcher is gone): end every rank
 
 
-async def _every_rank_ready() -> None:
-    """Wait until every rank has reached this point, polling (a rank blocked in an MPICH call spins at 100%
-    CPU, which would slow the launcher and the other ranks while they load the workflow); then no rank is
-    starting, and this one forgets the names of its shared memory (see :func:`forget_shared_memory`)."""
-    request = MPI.COMM_WORLD.Ibarrier()
-    delay = 0.0005
-    while not request.Test():
-        await asyncio.sleep(delay)
-        delay = min(2 * delay, 0.005)
-    forget_shared_memory()
-
-
 async def _follow() -> None:
-    await _every_rank_ready()
+    await every_rank_ready()
     job = unship(MPI.COMM_WORLD.bcast(None, root=0), f"MPI rank {MPI.COMM_WORLD.Get_rank()}")
-    if not await run_follower(
-        job.plan, job.feeds, max_delay=job.max_delay, interval=job.interval, checkpoints=job.checkpoints
-    ):
+    if not await run_follower(job):
         abort_job(1)
 
 

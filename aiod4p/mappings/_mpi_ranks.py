@@ -38,19 +38,39 @@ from ..errors import GraphError
 from ..transports import Comm, memory_comm_pair
 from ..transports.mpi import MpiEndpoint
 from ._base import RunControl
-from ._host import STATS_INTERVAL, ForwardSink, Pumped, Supervisor, serve, serve_job
+from ._host import STATS_INTERVAL, ForwardSink, Supervisor, serve, serve_job
 from ._mpi_env import forget_shared_memory
 from ._shipping import Job, ship, unship
 
-__all__ = ["ABORT_GRACE", "RankZero", "abort_job", "abort_job_at_exit", "broadcast_plan", "run_follower"]
+__all__ = [
+    "ABORT_GRACE",
+    "RankZero",
+    "abort_job",
+    "abort_job_at_exit",
+    "broadcast_plan",
+    "every_rank_ready",
+    "run_follower",
+]
 
 LINK_KEY, CONTROL_KEY = 1, 2
 ABORT_GRACE = 20.0
 CAUSE_GRACE = 2.0
 
 
-def broadcast_plan(plan: ExecutionPlan | None) -> ExecutionPlan:
-    """Give every rank rank 0's plan (collective; other ranks pass anything).
+async def every_rank_ready() -> None:
+    """Wait until every rank has reached this point, polling (a rank blocked in an MPICH call spins at 100%
+    CPU, which would slow the launcher and the other ranks while they load the workflow); then no rank is
+    starting, and this one forgets the names of its shared memory (see :func:`forget_shared_memory`)."""
+    request = MPI.COMM_WORLD.Ibarrier()
+    delay = 0.0005
+    while not request.Test():
+        await asyncio.sleep(delay)
+        delay = min(2 * delay, 0.005)
+    forget_shared_memory()
+
+
+async def broadcast_plan(plan: ExecutionPlan | None) -> ExecutionPlan:
+    """Give every rank rank 0's plan, once every rank is ready (collective; other ranks pass anything).
 
     Raises:
         GraphError: rank 0's plan cannot be pickled (on every rank).
@@ -64,9 +84,8 @@ def broadcast_plan(plan: ExecutionPlan | None) -> ExecutionPlan:
             payload = ship(Job(plan, {}, 0.0, 0.0), "start the MPI ranks")
         except GraphError as exc:
             payload = str(exc)
+    await every_rank_ready()
     payload = comm.bcast(payload, root=0)
-    comm.Barrier()  # every rank has started: none is still attaching to the node's shared memory
-    forget_shared_memory()
     if isinstance(payload, str):
         raise GraphError(payload)
     assert payload is not None
@@ -196,15 +215,8 @@ async def _silent(endpoint: MpiEndpoint, rank: int) -> str:
     return f"MPI rank {rank} ended its part of the run without reporting"
 
 
-async def run_follower(
-    plan: ExecutionPlan,
-    feeds: Mapping[str, Feed | Pumped],
-    *,
-    max_delay: float,
-    interval: float,
-    checkpoints: WorkerSpec | None = None,
-) -> bool:
-    """Serve this rank's (k > 0) share of ``plan`` to rank 0; collective with :class:`RankZero`.
+async def run_follower(job: Job) -> bool:
+    """Serve this rank's (k > 0) share of ``job`` to rank 0; collective with :class:`RankZero`.
 
     Returns:
         Whether the rank's run succeeded. On a failure, reported to rank 0,
@@ -212,12 +224,10 @@ async def run_follower(
     """
     endpoint = MpiEndpoint()
     rank = endpoint.rank
-    name = f"MPI rank {rank}"
     peers = {other: endpoint.comm(other, LINK_KEY) for other in range(endpoint.size) if other != rank}
     control = endpoint.comm(0, CONTROL_KEY)
-    job = Job(plan, dict(feeds), max_delay, interval, checkpoints)
     succeeded = await serve_job(
-        job, rank, control, peers, name=name, launcher="MPI rank 0", goodbye_timeout=ABORT_GRACE
+        job, rank, control, peers, name=f"MPI rank {rank}", launcher="MPI rank 0", goodbye_timeout=ABORT_GRACE
     )
     if succeeded:
         await endpoint.aclose()

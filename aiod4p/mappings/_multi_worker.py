@@ -11,8 +11,8 @@ from collections.abc import Mapping
 from .._api import loop_factory
 from .._signals import die_with_parent, release
 from ..transports.pipes import PipeComm, open_pipe_comm
-from ._host import fail, serve_job
-from ._shipping import Job, unship
+from ._host import serve_job
+from ._shipping import Job, unship_or_error
 
 __all__ = ["take_over_signals", "worker_main"]
 
@@ -62,23 +62,15 @@ async def _main(
     name = f"worker {wid}"
     # Loaded before any comm opens: a comm unpickles messages as they arrive, and an item may be of a class
     # the job brings along (a notebook's, which loading sets on this process's __main__).
-    job: Job | None = None
-    failure: Exception | None = None
-    try:
-        job = job_data if isinstance(job_data, Job) else unship(job_data, f"worker process {wid}")
-    except Exception as exc:
-        failure = exc
+    job: Job | Exception = unship_or_error(job_data, f"worker process {wid}")
     control = await open_pipe_comm(control_sock)
     peers: dict[int, PipeComm] = {}
     try:
         for peer, sock in peer_socks.items():
             peers[peer] = await open_pipe_comm(sock)
-        if failure is not None:
-            raise failure
     except Exception as exc:
-        await fail(control, name, exc)
-    else:
-        assert job is not None
+        job = job if isinstance(job, Exception) else exc
+    try:
         await serve_job(job, wid, control, peers, name=name, launcher="the parent process")
     finally:
         for comm in peers.values():

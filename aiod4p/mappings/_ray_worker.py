@@ -19,6 +19,7 @@ import ray
 
 from ..transports.ray import PulledComm, RayComm, RayCommHost
 from ._host import serve_job
+from ._shipping import unship_or_error
 
 __all__ = ["CONTROL", "RayWorker", "link_key"]
 
@@ -58,8 +59,8 @@ class RayWorker(RayCommHost):
         control = PulledComm(self, CONTROL)
         comms = {peer: RayComm(self, link_key(peer), handle, link_key(self.wid)) for peer, handle in peers.items()}
         try:
-            where = f"Ray worker actor {self.wid}"
-            await serve_job(payload, self.wid, control, comms, name=name, launcher="the Ray driver", where=where)
+            job = unship_or_error(payload, f"Ray worker actor {self.wid}")
+            await serve_job(job, self.wid, control, comms, name=name, launcher="the Ray driver")
         finally:
             for comm in comms.values():
                 comm.abort()

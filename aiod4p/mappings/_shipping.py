@@ -45,7 +45,7 @@ from ..errors import GraphError, InputError, TargetError
 if TYPE_CHECKING:
     from ._host import Pumped
 
-__all__ = ["Job", "dumps", "loads", "ship", "unship"]
+__all__ = ["Job", "dumps", "loads", "ship", "unship", "unship_or_error"]
 
 #: A top-level class or function of ``__main__`` whose pickle is larger is not shipped along (it drags
 #: large globals with it; a PE that uses it carries it all the same).
@@ -236,6 +236,18 @@ def unship(data: bytes, where: str) -> Job:
             f"{where} cannot load the workflow ({type(exc).__name__}: {exc}); its PE classes must be importable there"
         ) from exc
     return job
+
+
+def unship_or_error(data: Job | bytes, where: str) -> Job | TargetError:
+    """``data`` (a job, or what :func:`ship` made of one) loaded as :func:`unship` loads it, or the error that
+    it raised: for a worker that loads its job before it opens the comm that would report the failure (a comm
+    unpickles what arrives, and items may be of classes the job brings along)."""
+    if isinstance(data, Job):
+        return data
+    try:
+        return unship(data, where)
+    except TargetError as exc:
+        return exc
 
 
 def _unpicklable(values: Mapping[str, Any], main: bool) -> tuple[str, Exception] | None:

@@ -202,13 +202,13 @@ class MpiMapping(BaseMapping):
         except ImportError as exc:
             raise MappingUnavailable(f"the mpi mapping needs mpi4py: {INSTALL_HINT}") from exc
         try:
-            shipped = broadcast_plan(plan)
+            shipped = await broadcast_plan(plan)
             if not self.follower:
                 return await RankZero(shipped, feeds, sink, control, max_delay=max_delay).run()
             # Rank 0 drains the whole job (mpiexec gives every rank the signal): here a signal only finds
             # the run under way, so it does not stop this rank as if it were still starting.
             control.on_drain(lambda: None)
-            if not await run_follower(shipped, feeds, max_delay=max_delay, interval=STATS_INTERVAL):
+            if not await run_follower(Job(shipped, dict(feeds), max_delay, STATS_INTERVAL)):
                 raise WorkerDied(f"MPI rank {job_rank()} failed, and rank 0 did not end the job")
             return []
         except BaseException:
