@@ -33,6 +33,7 @@ __all__ = [
     "SHUFFLE",
     "All",
     "Global",
+    "KEY_CACHE_LIMIT",
     "GroupBy",
     "Grouping",
     "GroupingLike",
@@ -205,6 +206,17 @@ class GroupBy(Grouping):
             return self.key(item)
         return tuple(item[i] for i in self.indices)
 
+    @property
+    def one_index(self) -> bool:
+        """Whether the key is one index's value (which :meth:`key_of` gives as a 1-tuple)."""
+        return self.key is None and len(self.indices) == 1
+
+    @staticmethod
+    def owner(key: Any, count: int) -> int:
+        """The instance (of ``count``) that the items whose :meth:`key_of` is ``key`` reach, in every process
+        and run (checkpoints file keyed state by it)."""
+        return stable_hash(key) % count
+
     def router(self, count: int, start: int, sender: str, dest: str) -> Router:
         # The key is evaluated even for one destination: a bad key fails alike on every mapping.
         return KeyRouter(self, count, sender, dest)
@@ -261,7 +273,7 @@ class _Broadcast(Router):
         return [items] * self.count
 
 
-_CACHE_LIMIT = 1 << 17  # distinct keys remembered per router; past it the cache starts again
+KEY_CACHE_LIMIT = 1 << 17  # distinct keys remembered per router; past it the cache starts again
 
 
 class KeyRouter(Router):
@@ -275,7 +287,7 @@ class KeyRouter(Router):
         self.grouping = grouping
         self.sender, self.dest = sender, dest
         # ``get`` returns what identifies the key; ``single`` marks one index, whose key is ``(item[i],)``.
-        self.single = grouping.key is None and len(grouping.indices) == 1
+        self.single = grouping.one_index
         self.get: Callable[[Any], Any] = grouping.key or operator.itemgetter(*grouping.indices)
         self.cache: dict[Any, int] = {}
 
@@ -299,12 +311,12 @@ class KeyRouter(Router):
         try:
             destinations = list(map(cache.__getitem__, keys))
         except KeyError:  # keys not seen yet: hash them once
-            if len(cache) > _CACHE_LIMIT:
+            if len(cache) > KEY_CACHE_LIMIT:
                 cache.clear()
-            single = self.single
+            single, owner = self.single, self.grouping.owner
             for key in keys:
                 if key not in cache:
-                    cache[key] = stable_hash((key,) if single else key) % count
+                    cache[key] = owner((key,) if single else key, count)
             destinations = list(map(cache.__getitem__, keys))
         except TypeError:  # an unhashable key: hash each one
             return self._split_uncached(items, keys)
@@ -318,10 +330,10 @@ class KeyRouter(Router):
         return parts
 
     def _split_uncached(self, items: list[Any], keys: list[Any]) -> list[list[Any]]:
-        count, single = self.count, self.single
+        count, single, owner = self.count, self.single, self.grouping.owner
         parts: list[list[Any]] = [[] for _ in range(count)]
         for item, key in zip(items, keys, strict=True):
-            parts[stable_hash((key,) if single else key) % count].append(item)
+            parts[owner((key,) if single else key, count)].append(item)
         return parts
 
     def _fail(self, items: list[Any]) -> None:

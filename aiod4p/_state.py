@@ -23,7 +23,7 @@ import types
 from collections.abc import Iterable
 from typing import Any
 
-from ._groupings import _CACHE_LIMIT, GroupBy, stable_hash
+from ._groupings import KEY_CACHE_LIMIT, GroupBy
 from ._pe import PE
 from .errors import CheckpointError
 
@@ -56,15 +56,16 @@ def _is_code(value: Any) -> bool:
 
 
 def _route_key(grouping: GroupBy, key: Any) -> Any:
-    """The key as routing hashes it: a group-by on one index hashes a 1-tuple (given as such, or its value)."""
-    if grouping.key is None and len(grouping.indices) == 1 and not (isinstance(key, tuple) and len(key) == 1):
+    """A key of a PE's keyed state as :meth:`GroupBy.key_of` gives it: a group-by on one index keys a 1-tuple
+    (the state may hold it as such, or its value)."""
+    if grouping.one_index and not (isinstance(key, tuple) and len(key) == 1):
         return (key,)
     return key
 
 
 def keyed_owner(grouping: GroupBy, key: Any, parallelism: int) -> int:
     """The instance (of ``parallelism``) that the items of ``key`` reach, as routing decides."""
-    return stable_hash(_route_key(grouping, key)) % parallelism if parallelism > 1 else 0
+    return grouping.owner(_route_key(grouping, key), parallelism) if parallelism > 1 else 0
 
 
 def capture(pe: PE, grouping: GroupBy | None, slots: dict[Any, int] | None = None) -> dict[str, Any]:
@@ -73,7 +74,7 @@ def capture(pe: PE, grouping: GroupBy | None, slots: dict[Any, int] | None = Non
     ``slots`` remembers the key group of every key across the snapshots of one
     instance (its caller keeps it), so that a key is hashed once per run, not
     at every checkpoint; like a router's cache, it starts again past
-    ``_CACHE_LIMIT`` keys.
+    ``KEY_CACHE_LIMIT`` keys.
 
     Raises:
         CheckpointError: ``keyed_state`` names no dict, or the PE has a group-by input none.
@@ -96,9 +97,9 @@ def capture(pe: PE, grouping: GroupBy | None, slots: dict[Any, int] | None = Non
         for key, value in table.items():
             slot = known.get(key)
             if slot is None:
-                if len(known) >= _CACHE_LIMIT:
+                if len(known) >= KEY_CACHE_LIMIT:
                     known.clear()
-                slot = known[key] = stable_hash(_route_key(grouping, key)) % KEY_GROUPS
+                slot = known[key] = grouping.owner(_route_key(grouping, key), KEY_GROUPS)
             groups.setdefault(slot, {})[key] = value
         state["keyed"] = groups
     return state

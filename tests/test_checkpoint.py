@@ -602,16 +602,16 @@ def test_default_state_is_the_pe_attributes_without_runtime_ones() -> None:
 
 def test_keyed_state_hashes_each_key_once_a_run(monkeypatch: pytest.MonkeyPatch) -> None:
     """An instance's snapshots remember every key's group: the keys are hashed at its first snapshot only."""
-    import aiod4p._state
+    import aiod4p._groupings
 
     hashed: list[Any] = []
-    real = aiod4p._state.stable_hash
+    real = aiod4p._groupings.stable_hash
 
     def counting(key: Any) -> int:
         hashed.append(key)
         return real(key)
 
-    monkeypatch.setattr(aiod4p._state, "stable_hash", counting)
+    monkeypatch.setattr(aiod4p._groupings, "stable_hash", counting)
     pe = Count()
     grouping = pe.inputs["input"].grouping
     pe.counts = {w: i for i, w in enumerate(ckpt_workflows.WORDS)}
