@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 from ._graph import WorkflowGraph
 from ._inputs import Inputs, resolve_inputs
 from ._pe import PE
-from ._plan import DEFAULT_BATCH_SIZE, DEFAULT_CREDITS, ExecutionPlan, make_plan
+from ._plan import DEFAULT_BATCH_SIZE, DEFAULT_CREDITS, DEFAULT_MAX_DELAY, ExecutionPlan, make_plan
 from ._results import QueueSink, ResultRecord, Results
 from ._signals import HELD_GRACE, loop_turns
 from ._stats import InstanceStats
@@ -44,6 +44,19 @@ class WorkflowRun:
     everything at once. Use it as an async context manager, which aborts the
     run if the block exits before the run has finished.
 
+    Args:
+        graph: the workflow.
+        inputs: what feeds its roots (see :func:`aiod4p.run`).
+        mapping: the mapping's name (``"simple"``, ``"async"``, ``"multi"``, ``"mpi"``, ``"ray"``, ``"storm"``)
+            or a mapping object.
+        workers: processes, ranks or actors (``None``: the mapping's default).
+        batch_size: items per batch on a channel.
+        credits: batches a channel may have in flight before its sender waits.
+        max_delay: seconds a partly filled batch may wait for more items.
+        result_batches: batches of results that may wait for the consumer before the run waits for it.
+        provenance: record provenance at this level (``"pe"`` or ``"item"``; read it back with
+            :func:`aiod4p.provenance_document` from :attr:`stats`).
+
     Attributes:
         plan: the execution plan.
         stats: per-instance statistics, once the run has finished.
@@ -58,7 +71,7 @@ class WorkflowRun:
         workers: int | None = None,
         batch_size: int = DEFAULT_BATCH_SIZE,
         credits: int = DEFAULT_CREDITS,
-        max_delay: float = 0.005,
+        max_delay: float = DEFAULT_MAX_DELAY,
         result_batches: int = 16,
         provenance: str | None = None,
     ) -> None:
@@ -66,7 +79,8 @@ class WorkflowRun:
             hint = ": add it to a WorkflowGraph and run the graph" if isinstance(graph, PE) else ""
             raise GraphError(f"a run takes a WorkflowGraph, not {graph!r}{hint}")
         if workers is not None:
-            workers = _positive_integer(workers)
+            workers = _positive_integer(workers, "workers", " (None: the mapping's default)")
+        result_batches = _positive_integer(result_batches, "result_batches")
         if not isinstance(max_delay, (int, float)) or not max_delay >= 0:
             raise ValueError(f"max_delay must be a number of seconds, at least 0, not {max_delay!r}")
         self.mapping = resolve_mapping(mapping)
@@ -166,6 +180,7 @@ class WorkflowRun:
 
     @property
     def done(self) -> bool:
+        """Whether the run has ended (finished, failed or aborted)."""
         return self._task is not None and self._task.done()
 
     def drain(self) -> None:
@@ -287,7 +302,7 @@ def start(graph: WorkflowGraph, inputs: Inputs = None, **options: Any) -> Workfl
     """Prepare a run of ``graph`` for use inside an event loop.
 
     ``options`` are those of :class:`WorkflowRun` (``mapping``, ``workers``,
-    ``batch_size``, ``credits``, ``max_delay``). The run starts when entered
+    ``batch_size``, ``credits``, ``max_delay``, ``result_batches``, ``provenance``). The run starts when entered
     (``async with``), iterated, or when :meth:`WorkflowRun.results` is awaited.
 
     Raises:
@@ -295,8 +310,8 @@ def start(graph: WorkflowGraph, inputs: Inputs = None, **options: Any) -> Workfl
         InputError: the inputs are invalid.
         MappingUnavailable: the mapping is unknown, its extra is missing, or it is
             neither a name nor a mapping object.
-        ValueError: ``workers``, ``batch_size`` or ``credits`` is not a positive
-            integer, or ``max_delay`` is negative.
+        ValueError: ``workers``, ``batch_size``, ``credits`` or ``result_batches`` is
+            not a positive integer, or ``max_delay`` is negative.
     """
     return WorkflowRun(graph, inputs, **options)
 
@@ -512,16 +527,16 @@ def loop_factory(use_uvloop: bool) -> Callable[[], asyncio.AbstractEventLoop] | 
     return factory
 
 
-def _positive_integer(workers: Any) -> int:
-    """``workers`` as an ``int`` (a numpy integer too), if it is a whole number of at least 1.
+def _positive_integer(value: Any, name: str, hint: str = "") -> int:
+    """``value`` as an ``int`` (a numpy integer too), if it is a whole number of at least 1.
 
     Raises:
-        ValueError: naming the value.
+        ValueError: naming the argument (``name``) and the value, followed by ``hint``.
     """
     try:
-        count = operator.index(workers) if not isinstance(workers, bool) else 0
+        count = operator.index(value) if not isinstance(value, bool) else 0
     except TypeError:
         count = 0
     if count < 1:
-        raise ValueError(f"workers must be a positive integer (None: the mapping's default), not {workers!r}")
+        raise ValueError(f"{name} must be a positive integer{hint}, not {value!r}")
     return count

@@ -42,7 +42,7 @@ from ._channels import EOS, Inbox, LocalChannel, SenderChannel
 from ._groupings import Router
 from ._links import PeerLink, RemoteChannel
 from ._pe import PE, _Runtime
-from ._plan import ExecutionPlan, InstanceRef
+from ._plan import DEFAULT_MAX_DELAY, ExecutionPlan, InstanceRef
 from ._provenance import ActorRecorder, WorkerRecorder
 from ._results import ResultSink
 from ._sizes import SCALARS, approximate_size
@@ -1257,7 +1257,7 @@ class Worker:
         feeds: Mapping[str, Feed],
         results: ResultSink,
         peers: Mapping[int, Comm] | None = None,
-        max_delay: float = 0.005,
+        max_delay: float = DEFAULT_MAX_DELAY,
         fixed_order: bool = False,
         shares_loop: bool = False,
     ) -> None:

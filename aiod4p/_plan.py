@@ -16,6 +16,7 @@ from .errors import GraphError
 __all__ = [
     "DEFAULT_BATCH_SIZE",
     "DEFAULT_CREDITS",
+    "DEFAULT_MAX_DELAY",
     "REMOTE_BATCH_FACTOR",
     "REMOTE_TIME_FACTOR",
     "ChannelSpec",
@@ -32,6 +33,8 @@ DEFAULT_BATCH_SIZE = 256
 """Items per batch on a channel, unless asked otherwise (the library, the CLI and the planner use it)."""
 DEFAULT_CREDITS = 4
 """Batches a channel may have in flight before its sender waits, unless asked otherwise."""
+DEFAULT_MAX_DELAY = 0.005
+"""Seconds a partly filled batch may wait for more items before it is sent, unless asked otherwise."""
 REMOTE_BATCH_FACTOR = 16
 """A batch between two workers may carry this many times ``batch_size`` items: each message between
 processes costs a pickle frame, a write, a wake-up of the peer and a credit coming back, which small
@@ -197,6 +200,7 @@ class ExecutionPlan:
 
     @property
     def workers(self) -> int:
+        """The number of workers (processes, ranks, actors) the plan places instances on."""
         return self.options.workers
 
     def instances(self, worker: int | None = None) -> list[InstanceRef]:
@@ -209,6 +213,7 @@ class ExecutionPlan:
         ]
 
     def worker_of(self, instance: InstanceRef) -> int:
+        """The worker that ``instance`` runs on."""
         return self.placement[instance.pe].workers[instance.index]
 
     def rank_of(self, instance: InstanceRef) -> int:

@@ -147,7 +147,7 @@ class QueueSink:
     The workflow waits when the consumer falls ``max_batches`` behind.
     """
 
-    def __init__(self, max_batches: int = 16) -> None:
+    def __init__(self, max_batches: int) -> None:
         self.queue: asyncio.Queue[list[ResultRecord] | None] = asyncio.Queue(max_batches)
 
     async def emit(self, pe: str, port: str, items: list[Any]) -> None:

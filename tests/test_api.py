@@ -316,6 +316,8 @@ def test_workers_given_as_a_numpy_integer_are_taken() -> None:
         (WorkflowGraph(), {"mapping": None}, MappingUnavailable, "mapping must be a mapping's name .* not None"),
         (WorkflowGraph(), {"max_delay": -1}, ValueError, "max_delay must be .* at least 0, not -1"),
         (WorkflowGraph(), {"max_delay": None}, ValueError, "max_delay must be .* at least 0, not None"),
+        # 0 would make the results' queue unbounded: a consumer that falls behind would not hold the run back
+        (WorkflowGraph(), {"result_batches": 0}, ValueError, "result_batches must be a positive integer, not 0"),
     ],
 )
 def test_bad_run_arguments_are_named(
