@@ -46,7 +46,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TextIO
 
 from ._channels import Barrier, Message
-from ._engine import plain_generator_call
+from ._engine import HELD_FEEDS, plain_generator_call
 from ._groupings import All, GroupBy
 from ._pe import PE
 from ._plan import ExecutionPlan, InstanceRef
@@ -56,7 +56,7 @@ from ._threads import finished_in_thread
 from .errors import CheckpointError, PeerDied, TransportError, WorkerDied, reader_went_away, writing
 
 if TYPE_CHECKING:
-    from ._engine import Feed, Worker, _Actor, _ReadAhead
+    from ._engine import Feed, ReadAhead, Worker, _Actor
     from ._stats import InstanceStats
     from .transports import Comm
 
@@ -836,7 +836,7 @@ class Aligner:
         self.base = 0  # feed elements consumed before the restored checkpoint
         self.resume_outputs = 0  # outputs of the interrupted call already delivered
         self.in_call = False
-        self.waiting: _ReadAhead | None = None  # a root's source while it has nothing ready
+        self.waiting: ReadAhead | None = None  # a root's source while it has nothing ready
         self.calls = 0  # calls completed in this run (async generator roots)
         self.outputs = 0  # outputs of the current call
         self.restoring: dict[str, Any] | None = None
@@ -886,7 +886,7 @@ class Aligner:
         if self.due > self.done:
             await self.snapshot(self.due)
 
-    async def idle(self, source: _ReadAhead) -> None:
+    async def idle(self, source: ReadAhead) -> None:
         """Wait until ``source`` has items ready, taking the checkpoints triggered meanwhile.
 
         A live source may have nothing to say for hours; its checkpoints (and the results they
@@ -1147,7 +1147,7 @@ def replayable(source: object) -> bool:
 def _replayable_feed(feed: Feed) -> bool:
     """Whether a restore can skip what ``feed`` gave before: a count, a list, a tuple, a range, or a
     :func:`replayable` object with ``seek(offset)`` (the offset protocol)."""
-    if isinstance(feed, (int, list, tuple, range)):
+    if isinstance(feed, (int, *HELD_FEEDS)):
         return True
     return callable(getattr(feed, "seek", None)) and replayable(feed)
 
@@ -1165,7 +1165,7 @@ def resumed_feed(feed: Feed, skip: int) -> Feed:
         return feed
     if isinstance(feed, int):
         return max(feed - skip, 0)
-    if isinstance(feed, (list, tuple, range)):
+    if isinstance(feed, HELD_FEEDS):
         return feed[skip:]
     feed.seek(skip)  # type: ignore[union-attr]
     return feed

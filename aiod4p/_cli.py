@@ -20,9 +20,9 @@ from ._checkpoint import Checkpointing
 from ._inputs import find_pe, parse_cli_inputs
 from ._loading import _split, load_graph
 from ._logging import configure_logging
-from ._plan import DEFAULT_BATCH_SIZE, DEFAULT_CREDITS, make_plan
+from ._plan import DEFAULT_BATCH_SIZE, DEFAULT_CREDITS, PROVENANCE_LEVELS, make_plan
 from ._progress import progress, progress_wanted
-from ._provenance import LEVELS, check_provenance_file, read_lineage, write_document
+from ._provenance import check_provenance_file, read_lineage, write_document
 from ._provenance import document as provenance_document
 from ._results import ResultRecord, record_line
 from ._signals import Interrupts, Stopped
@@ -716,7 +716,7 @@ def _add_provenance_options(run: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--provenance-level",
         default=None,
-        choices=LEVELS,
+        choices=PROVENANCE_LEVELS,
         help="item: the lineage of every item (default); pe: per PE and port counts and timing, nearly free",
     )
 

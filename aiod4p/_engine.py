@@ -55,9 +55,12 @@ from .transports import Comm
 if TYPE_CHECKING:
     from ._checkpoint import Aligner, WorkerCheckpoints
 
-__all__ = ["Feed", "Worker"]
+__all__ = ["HELD_FEEDS", "Feed", "ReadAhead", "Worker", "pe_error", "plain_generator_call"]
 
 Feed: TypeAlias = int | Iterable[Any] | AsyncIterable[Any]
+HELD_FEEDS = (list, tuple, range)
+"""Feeds whose elements are in memory already (with a count, ``int``: the feeds that travel with a job, and that a
+restore can replay)."""
 
 logger = logging.getLogger("aiod4p")
 pe_logger = logging.getLogger("aiod4p.pe")
@@ -102,7 +105,7 @@ def _failed(exc: BaseException) -> bool:
     return isinstance(exc, asyncio.CancelledError) and task is not None and not task.cancelling()
 
 
-def _error(ref: InstanceRef, port: str, exc: BaseException) -> Aiod4pError:
+def pe_error(ref: InstanceRef, port: str, exc: BaseException) -> Aiod4pError:
     """The error to fail the run with when ``exc`` interrupts instance ``ref`` on ``port``.
 
     A transport's error (an item or result that cannot reach its destination, which
@@ -290,7 +293,7 @@ class _Invoker:
             if not _failed(exc):
                 raise
             self.stats.errors += 1
-            raise _error(self.ref, port, exc) from exc
+            raise pe_error(self.ref, port, exc) from exc
 
     async def lifecycle(self, stage: str) -> None:
         """Call the PE's ``preprocess`` or ``postprocess``; what it writes stays in :attr:`buffers`.
@@ -309,7 +312,7 @@ class _Invoker:
             if not _failed(exc):
                 raise
             self.stats.errors += 1
-            raise _error(self.ref, stage, exc) from exc
+            raise pe_error(self.ref, stage, exc) from exc
         finally:  # as for a batch: waiting for credit while writing is blocked time
             self.stats.busy_seconds += time.perf_counter() - started - (self.stats.blocked_seconds - blocked)
 
@@ -636,7 +639,7 @@ class _Actor(_Invoker):
                     if not _failed(exc):
                         raise
                     self.stats.errors += 1
-                    raise _error(ref, "feed" if port is None else port, exc) from exc
+                    raise pe_error(ref, "feed" if port is None else port, exc) from exc
                 if self.worker.held_too_long():
                     if self.worker.fixed_order:  # its max_delay: partly filled batches wait one turn at most
                         await self._flush_all()
@@ -665,7 +668,7 @@ class _Actor(_Invoker):
             await self._route_outputs()
         except Exception as exc:
             self.stats.errors += 1
-            raise _error(self.ref, stage, exc) from exc
+            raise pe_error(self.ref, stage, exc) from exc
         if self.recorder is not None:
             self.recorder.end_stage()
 
@@ -809,7 +812,7 @@ class _Actor(_Invoker):
         aligner = self.aligner
         if aligner is not None:
             source = aligner.call_started(source)
-        ahead = _ReadAhead(
+        ahead = ReadAhead(
             source,
             self.batch_size,
             self.batch_bytes,
@@ -1528,7 +1531,7 @@ class Worker:
             else:
                 iterator, batch_bytes, pe_id = iter(feed), self.plan.options.batch_bytes, ref.pe
                 # A sequence's elements are in memory already: batches of them hold no more, unmeasured.
-                held = isinstance(feed, (list, tuple, range))
+                held = isinstance(feed, HELD_FEEDS)
                 while not (self._draining and (fed or not drains_itself)):
                     limit = self._feed_limit(pe_id)
                     if held:
@@ -1544,7 +1547,7 @@ class Worker:
         except Aiod4pError:
             raise
         except Exception as exc:
-            raise _error(ref, "feed", exc) from exc
+            raise pe_error(ref, "feed", exc) from exc
         finally:
             timed.close()
 
@@ -1566,7 +1569,7 @@ class Worker:
     async def _feed_async(self, pe: PE, channel: _TimedChannel, feed: AsyncIterable[Any]) -> None:
         # Read ahead while the channel has no credit, so batches grow under
         # load and stay small (low latency) when the workflow is idle.
-        ahead = _ReadAhead(
+        ahead = ReadAhead(
             feed,
             self.plan.options.batch_size,
             self.plan.options.batch_bytes,
@@ -1582,7 +1585,7 @@ class Worker:
             await ahead.aclose()
 
 
-class _ReadAhead:
+class ReadAhead:
     """Pulls an async iterable in its own task, ahead of the consumer by up to ``limit`` items and
     about ``max_bytes`` bytes of them, whichever comes first: it stops reading after the value that
     reaches either bound, so heavy values are read one or a few at a time.

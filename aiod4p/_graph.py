@@ -152,11 +152,9 @@ class FlatGraph:
         fed = {edge.dest for edge in self.edges}
         return [pe_id for pe_id in self.pes if pe_id not in fed]
 
-    def incoming(self, pe_id: str) -> list[Edge]:
-        return [edge for edge in self.edges if edge.dest == pe_id]
-
-    def outgoing(self, pe_id: str, port: str | None = None) -> list[Edge]:
-        return [e for e in self.edges if e.source == pe_id and (port is None or e.source_port == port)]
+    def outgoing(self, pe_id: str) -> list[Edge]:
+        """The edges that leave PE ``pe_id``."""
+        return [edge for edge in self.edges if edge.source == pe_id]
 
     def result_ports(self) -> dict[str, list[str]]:
         """Output ports with no outgoing edge, per PE: their items are results."""

@@ -10,13 +10,13 @@ from typing import Any
 from ._graph import FlatGraph, WorkflowGraph
 from ._groupings import Grouping
 from ._pe import PE
-from ._provenance import check_level
 from .errors import GraphError
 
 __all__ = [
     "DEFAULT_BATCH_SIZE",
     "DEFAULT_CREDITS",
     "DEFAULT_MAX_DELAY",
+    "PROVENANCE_LEVELS",
     "REMOTE_BATCH_FACTOR",
     "REMOTE_TIME_FACTOR",
     "ChannelSpec",
@@ -25,6 +25,7 @@ __all__ = [
     "PEPlan",
     "PlanOptions",
     "RouteSpec",
+    "check_provenance_level",
     "make_plan",
     "worker_list",
 ]
@@ -33,6 +34,8 @@ DEFAULT_BATCH_SIZE = 256
 """Items per batch on a channel, unless asked otherwise (the library, the CLI and the planner use it)."""
 DEFAULT_CREDITS = 4
 """Batches a channel may have in flight before its sender waits, unless asked otherwise."""
+PROVENANCE_LEVELS = ("pe", "item")
+"""What provenance records: per PE and port (counts, timing), or per item (its lineage)."""
 DEFAULT_MAX_DELAY = 0.005
 """Seconds a partly filled batch may wait for more items before it is sent, unless asked otherwise."""
 REMOTE_BATCH_FACTOR = 16
@@ -60,6 +63,12 @@ class InstanceRef:
 
     def __str__(self) -> str:
         return f"{self.pe}[{self.index}]"
+
+
+def check_provenance_level(level: str | None) -> None:
+    """Raises ValueError unless ``level`` is ``None`` or one of :data:`PROVENANCE_LEVELS`."""
+    if level is not None and level not in PROVENANCE_LEVELS:
+        raise ValueError(f"provenance level must be one of {', '.join(PROVENANCE_LEVELS)}, not {level!r}")
 
 
 @dataclass(frozen=True)
@@ -113,7 +122,7 @@ class PlanOptions:
             raise ValueError("batch_size and credits must be at least 1")
         if self.batch_seconds <= 0 or self.batch_bytes < 1:
             raise ValueError("batch_seconds and batch_bytes must be positive")
-        check_level(self.provenance)
+        check_provenance_level(self.provenance)
 
     @property
     def placing_workers(self) -> int:

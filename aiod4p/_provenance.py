@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 from ._groupings import KeyRouter
 from ._install import install_hint
+from ._plan import check_provenance_level
 from ._results import ResultSink
 from .errors import Aiod4pError, writing
 
@@ -43,9 +44,7 @@ if TYPE_CHECKING:
     from ._engine import _Actor
     from ._stats import InstanceStats
 
-__all__ = ["LEVELS", "ActorRecorder", "Tagged", "WorkerRecorder", "document", "write_document"]
-
-LEVELS = ("pe", "item")
+__all__ = ["ActorRecorder", "Tagged", "WorkerRecorder", "document", "write_document"]
 NAMESPACE = ("aiod4p", "urn:aiod4p:")
 _VALUE_CHARS = 200  # an entity keeps the repr of its value, cut to this length
 
@@ -127,17 +126,11 @@ class _KeyOfValue:
         return self.get(item.value)
 
 
-def check_level(level: str | None) -> None:
-    """Raises ValueError unless ``level`` is ``None`` or one of :data:`LEVELS`."""
-    if level is not None and level not in LEVELS:
-        raise ValueError(f"provenance level must be one of {', '.join(LEVELS)}, not {level!r}")
-
-
 class WorkerRecorder:
     """Creates the recorders of one worker's instances."""
 
     def __init__(self, level: str, worker_id: int) -> None:
-        check_level(level)
+        check_provenance_level(level)
         self.level = level
         self.worker_id = worker_id
 

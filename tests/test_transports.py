@@ -16,9 +16,9 @@ import pytest
 from conformance import CHECKS, Check, TransportUnderTest
 
 from aiod4p import transports
-from aiod4p.errors import EndOfChannel, MappingUnavailable, PeerDied, TransportError
+from aiod4p.errors import EndOfChannel, MappingUnavailable, PeerDied, TransportError, UnpicklableMessage
 from aiod4p.transports import Comm, MemoryComm, get_transport, memory_comm_pair
-from aiod4p.transports.pipes import PipeComm, UnpicklableMessage, open_pipe_comm, pipe_comm_pair
+from aiod4p.transports.pipes import PipeComm, open_pipe_comm, pipe_comm_pair
 
 
 async def _memory_pair() -> tuple[Comm, Comm]:

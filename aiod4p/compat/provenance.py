@@ -336,7 +336,7 @@ def configure_prov_run(
     Raises:
         Aiod4pError: an unknown ``save_mode`` or ``provenance_level``.
     """
-    from .._provenance import check_level
+    from .._plan import check_provenance_level
 
     settings: dict[str, Any] = {
         "save_mode": save_mode,
@@ -355,7 +355,7 @@ def configure_prov_run(
             f"configure_prov_run: unknown save_mode {save_mode!r} (dispel4py knows {sorted(_SAVE_MODES)})"
         )
     try:
-        check_level(provenance_level)
+        check_provenance_level(provenance_level)
     except ValueError as exc:
         raise Aiod4pError(f"configure_prov_run: {exc}") from exc
     run_id = str(settings["runId"] or uuid.uuid4())

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from .._checkpoint import HostCheckpoints, Trigger, attach_worker
-from .._engine import Feed, Worker, _error, _ReadAhead
+from .._engine import HELD_FEEDS, Feed, ReadAhead, Worker, pe_error
 from .._links import unpicklable_item
 from .._plan import ExecutionPlan, InstanceRef
 from .._results import ResultSink
@@ -89,7 +89,7 @@ the last messages of a worker whose process ended)."""
 STATS_INTERVAL = 0.5
 """Seconds between two statistics reports of a worker."""
 
-STATIC_FEEDS = (int, list, tuple, range)
+STATIC_FEEDS = (int, *HELD_FEEDS)
 """Feeds that travel with the job; any other iterable stays with the launcher, which pumps it."""
 
 
@@ -491,7 +491,7 @@ class Supervisor:
         self.checkpoints = checkpoints
         self.workers = {wid: _WorkerState() for wid in controls}
         self.draining = False
-        self._aheads: list[_ReadAhead] = []
+        self._aheads: list[ReadAhead] = []
         self._posts: set[asyncio.Task[None]] = set()
 
     async def run(self) -> list[InstanceStats]:
@@ -606,7 +606,7 @@ class Supervisor:
         """Send a feed this process holds to worker ``wid``, a chunk per credit."""
         comm, credits = self.controls[wid], self.workers[wid].credits[pe]
         source = feed if isinstance(feed, AsyncIterable) else _elements(feed)  # type: ignore[arg-type]
-        ahead = _ReadAhead(
+        ahead = ReadAhead(
             source,
             self.plan.options.batch_size,
             self.plan.options.batch_bytes,
@@ -624,7 +624,7 @@ class Supervisor:
                 except Aiod4pError:
                     raise  # the feed's own error (an --stdin line that is not JSON): as on async
                 except Exception as exc:
-                    raise _error(InstanceRef(pe, 0), "feed", exc) from exc
+                    raise pe_error(InstanceRef(pe, 0), "feed", exc) from exc
                 if chunk is None:
                     break
                 await credits.acquire()

@@ -101,10 +101,10 @@ def abort_job(code: int = 1) -> None:
     MPI.COMM_WORLD.Abort(code)
 
 
-def _wait_until_read(stream: Any, limit: float = 1.0) -> None:
+def _wait_until_read(stream: Any) -> None:
     # MPI_Abort tears down mpiexec's forwarding of this rank's pipes: what it has not read yet
     # (the error message, typically) would be lost. Wait, briefly, until the pipe is empty.
-    deadline = time.monotonic() + limit
+    deadline = time.monotonic() + 1.0
     with contextlib.suppress(OSError, ValueError, AttributeError):
         fd = stream.fileno()
         while time.monotonic() < deadline:

@@ -40,6 +40,8 @@ __all__ = ["MpiComm", "MpiEndpoint"]
 
 _DATA, _ACK, _CLOSE, _ABORT = 0, 1, 2, 3
 _MAX_PER_POLL = 256  # messages taken per poll before yielding to the loop
+_SPIN = 0.001  # seconds of polling at every turn of the loop after the last progress, before backing off
+_MAX_SLEEP = 0.004  # the longest pause between two polls, in seconds
 
 
 class MpiEndpoint:
@@ -53,19 +55,14 @@ class MpiEndpoint:
 
     Args:
         comm: the communicator to duplicate (default ``MPI.COMM_WORLD``).
-        spin: after the last progress, how long to keep polling at every turn
-            of the event loop before backing off, in seconds.
-        max_sleep: the longest pause between two polls, in seconds.
     """
 
-    def __init__(self, comm: Any = None, *, spin: float = 0.001, max_sleep: float = 0.004) -> None:
+    def __init__(self, comm: Any = None) -> None:
         base = comm if comm is not None else MPI.COMM_WORLD
         # pkl5: messages pickled with protocol 5, large buffers (numpy arrays) sent out of band
         self._comm = pkl5.Intracomm(base.Dup())
         self.rank: int = self._comm.Get_rank()
         self.size: int = self._comm.Get_size()
-        self._spin = spin
-        self._max_sleep = max_sleep
         self._comms: dict[tuple[int, int], MpiComm] = {}
         self._early: dict[tuple[int, int], list[Any]] = {}
         self._receiving: deque[tuple[Any, tuple[int, int]]] = deque()
@@ -149,8 +146,8 @@ class MpiEndpoint:
                 return
             if progressed:
                 last_progress, delay = time.monotonic(), 0.0
-            elif time.monotonic() - last_progress > self._spin:
-                delay = min(max(delay * 2, 0.001), self._max_sleep)
+            elif time.monotonic() - last_progress > _SPIN:
+                delay = min(max(delay * 2, 0.001), _MAX_SLEEP)
             await asyncio.sleep(delay)
 
     def poll(self) -> bool:

@@ -41,7 +41,7 @@ from typing import Any, cast
 from ..errors import ChannelClosed, EndOfChannel, PeerDied, UnpicklableMessage
 from ._base import Comm, Undecodable, Wakeups, opened
 
-__all__ = ["PipeComm", "UnpicklableMessage", "open_pipe_comm", "pipe_comm_pair"]
+__all__ = ["PipeComm", "open_pipe_comm", "pipe_comm_pair"]
 
 _HEADER = struct.Struct("<Q")
 _CLOSE_MARKER = _HEADER.pack(0)
@@ -51,6 +51,7 @@ _OUT_OF_BAND = 64 * 1024  # smaller buffers stay in the pickle
 
 _READ_ROOM = 256 * 1024  # the least room each read of the socket is offered
 _KEPT_BUFFER = 8 << 20  # a read buffer grown past this for a large frame is dropped once it is decoded
+_CLOSE_TIMEOUT = 5.0  # seconds aclose() waits for the peer to take what is buffered
 
 
 class _FrameProtocol(Wakeups, asyncio.BufferedProtocol):
@@ -220,10 +221,9 @@ class PipeComm(Comm):
     Safe for several concurrent senders: each message is written whole.
     """
 
-    def __init__(self, transport: asyncio.Transport, protocol: _FrameProtocol, close_timeout: float) -> None:
+    def __init__(self, transport: asyncio.Transport, protocol: _FrameProtocol) -> None:
         self._transport = transport
         self._protocol = protocol
-        self._close_timeout = close_timeout
         self._closed = False
 
     async def send(self, message: Any) -> None:
@@ -277,7 +277,7 @@ class PipeComm(Comm):
     async def aclose(self) -> None:
         """Send the close marker, flush, and close the socket.
 
-        Waits at most ``close_timeout`` seconds for the peer to take what is
+        Waits at most ``_CLOSE_TIMEOUT`` seconds for the peer to take what is
         buffered, then drops it.
         """
         if self._closed:
@@ -290,7 +290,7 @@ class PipeComm(Comm):
                 transport.write(_CLOSE_MARKER)
                 transport.close()
                 with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(self._close_timeout):
+                    async with asyncio.timeout(_CLOSE_TIMEOUT):
                         await asyncio.shield(protocol.gone)
         finally:
             if not protocol.lost:
@@ -303,11 +303,6 @@ class PipeComm(Comm):
             self._transport.abort()
         self._protocol.wake()
 
-    @property
-    def buffered_messages(self) -> int:
-        """Decoded messages waiting to be received."""
-        return len(self._protocol.messages)
-
 
 async def open_pipe_comm(
     sock: socket.socket,
@@ -315,7 +310,6 @@ async def open_pipe_comm(
     max_messages: int = 32,
     write_buffer: int = 256 * 1024,
     socket_buffer: int = 4 << 20,
-    close_timeout: float = 5.0,
 ) -> PipeComm:
     """Wrap a connected stream socket (one end of a :func:`socket.socketpair`).
 
@@ -329,8 +323,6 @@ async def open_pipe_comm(
             (the kernel caps it at ``net.core.wmem_max`` and ``rmem_max``). The
             default holds a frame of a few megabytes whole, so a receiver busy in
             a PE's call takes it in one turn of its loop, not 208 KiB a turn.
-        close_timeout: seconds :meth:`PipeComm.aclose` waits for the peer to take
-            the buffered data.
 
     Raises:
         ValueError: a limit is not positive.
@@ -343,7 +335,7 @@ async def open_pipe_comm(
         sock.setsockopt(socket.SOL_SOCKET, option, socket_buffer)
     transport, protocol = await loop.create_unix_connection(lambda: _FrameProtocol(max_messages), sock=sock)
     transport.set_write_buffer_limits(high=write_buffer)
-    return PipeComm(transport, protocol, close_timeout)
+    return PipeComm(transport, protocol)
 
 
 async def pipe_comm_pair(**options: Any) -> tuple[PipeComm, PipeComm]:
