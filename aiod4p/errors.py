@@ -2,22 +2,27 @@
 
 ::
 
-    Aiod4pError
-    ├── GraphError            the graph is invalid (a port, a cycle, an id, a grouping's key)
-    ├── InputError            the inputs of a run are invalid
-    ├── TargetError           a workflow file or module cannot be loaded
-    ├── MappingUnavailable    an unknown mapping, or one whose extra is not installed
-    ├── PEError               a PE raised (its id, instance, port or stage, traceback)
-    ├── WorkerDied            a worker process, MPI rank or Ray actor ended before the run
-    ├── CheckpointError       a checkpoint cannot be taken or restored
-    └── TransportError        a channel between workers failed
-        ├── ChannelClosed         this end was closed
-        ├── EndOfChannel          the peer closed cleanly (a normal event)
-        ├── PeerDied              the peer vanished
-        └── UnpicklableMessage    a message cannot be pickled (nothing was sent)
+    Aiod4pError                   what no subclass names (a missing tool, an unreadable file, a closed feed)
+    ├── GraphError                the graph or a PE is invalid (a port, a cycle, an id, a grouping's key, a pickle)
+    ├── InputError                the inputs of a run are invalid or cannot be read
+    ├── TargetError               a workflow file or module cannot be loaded
+    ├── MappingUnavailable        a mapping or transport is unknown, or cannot run here
+    ├── PEError                   a PE raised (its id, instance, port or stage, traceback)
+    ├── WorkerDied                a worker process, MPI rank, Ray actor or Storm task ended early
+    ├── CheckpointError           a checkpoint cannot be taken or restored
+    └── TransportError            a message between workers, or a worker and its launcher, cannot be carried
+        ├── ChannelClosed             this end was closed
+        ├── EndOfChannel              the peer closed cleanly (a normal event, not a failure)
+        ├── PeerDied                  the peer vanished
+        ├── UnpicklableMessage        a message cannot be pickled (nothing was sent)
+        └── aiod4p.storm.WireError    an item aiod4p.storm's wire encoding of Storm's multilang protocol refuses
 
-Errors from back ends (pipes, MPI, Storm, Ray, the file system) are mapped into
-this tree with ``raise ... from exc``, so callers only ever need to catch these.
+Each class's docstring says when it is raised. Errors from back ends (pipes,
+MPI, Storm, Ray, the file system) are mapped into this tree with ``raise ...
+from exc``, so a failed run, load or build raises one of these; an invalid
+argument (a negative number of workers, an unknown start method) raises
+:class:`ValueError` or :class:`TypeError`, as Python's own functions do.
+Every public class here is also reachable as ``aiod4p.<name>``.
 """
 
 from __future__ import annotations
@@ -43,23 +48,34 @@ __all__ = [
 
 
 class Aiod4pError(Exception):
-    """Base class of every error aiod4p raises on purpose."""
+    """Base class of every error aiod4p raises on purpose; raised itself where no subclass names the failure
+    (Graphviz's ``dot`` or an optional package such as ``prov`` or ``matplotlib`` missing, a statistics or
+    provenance file that cannot be read, a feed that is closed, Storm's ``sparse submit`` failing)."""
 
 
 class GraphError(Aiod4pError):
-    """The workflow graph is invalid: unknown port, cycle, duplicate id, ..."""
+    """The workflow graph, or a PE in it, is invalid: an unknown or twice-declared port, a required input left
+    unconnected, a cycle, a duplicate id, a parallelism that is not positive, a plan needing more channels than
+    a run can be given; a PE that breaks its contract while running (writes to an undeclared port, returns what
+    is not a dict, has a grouping key that fails on an item); a PE that cannot be copied for its instances or
+    pickled for its workers."""
 
 
 class InputError(Aiod4pError):
-    """The inputs given to a run are invalid (unknown PE, bad JSON, bad count)."""
+    """The inputs of a run are invalid (an unknown or non-root PE, a negative count, bad JSON, an input that
+    cannot be pickled for its workers or stored in a Storm topology), or a live source cannot be read (a file
+    or socket that cannot be opened, a bad line under the ``fail`` policy, a :class:`~aiod4p.sources.LiveFeed`
+    already feeding another run)."""
 
 
 class TargetError(Aiod4pError):
-    """A workflow target (``module:attr`` or ``file.py[:attr]``) cannot be loaded."""
+    """A workflow target (``module:attr`` or ``file.py[:attr]``) cannot be loaded, here or in a worker, or holds
+    no single workflow graph; or a Storm project cannot be written or read back."""
 
 
 class MappingUnavailable(Aiod4pError):
-    """A mapping is unknown, or its optional dependencies are not installed."""
+    """A mapping or transport is unknown, or cannot run here: its extra is not installed (the message gives
+    the install command), or what it runs on is missing or unreachable (``mpiexec``, a Ray or Storm cluster)."""
 
 
 class PEError(Aiod4pError):
@@ -68,8 +84,10 @@ class PEError(Aiod4pError):
     Attributes:
         pe: the PE id.
         instance: the instance index of that PE.
-        port: the input port being processed, or the lifecycle stage
-            (``"preprocess"``, ``"postprocess"``) when no item was involved.
+        port: the input port being processed; or, when no input item was involved,
+            the lifecycle stage (``"preprocess"``, ``"postprocess"``) or
+            ``"feed"`` (a root PE called without input, or the run's input for
+            it, failed).
         traceback_text: the formatted traceback of the original exception,
             kept as text so it survives crossing process boundaries.
     """
@@ -109,7 +127,12 @@ def _where(port: str) -> str:
 
 
 class TransportError(Aiod4pError):
-    """A channel between workers failed."""
+    """A message between workers, or between a worker and its launcher, cannot be carried: the comm failed (the
+    subclasses), an item or result cannot be pickled (or, on Storm, encoded) to cross, a message cannot be
+    unpickled where it arrives, or a peer sent what the protocol does not allow.
+
+    ``except TransportError`` also catches :class:`EndOfChannel`, which is no failure.
+    """
 
 
 class ChannelClosed(TransportError):
@@ -117,11 +140,13 @@ class ChannelClosed(TransportError):
 
 
 class EndOfChannel(TransportError):
-    """The peer closed the channel cleanly: a normal event, not a failure."""
+    """The peer closed the channel cleanly: a normal event, not a failure. :meth:`~aiod4p.transports.Comm.receive`
+    raises it once every message the peer sent has been received; nothing else does."""
 
 
 class PeerDied(TransportError):
-    """The other end of a channel vanished without closing it cleanly."""
+    """The other end of a channel vanished without closing it cleanly (or closed it before the goodbye of the
+    protocol on top: a worker's link, a launcher's control comm)."""
 
 
 class UnpicklableMessage(TransportError):
@@ -139,11 +164,15 @@ class UnpicklableMessage(TransportError):
 
 
 class WorkerDied(Aiod4pError):
-    """A worker process (or MPI rank) exited before the run finished."""
+    """A worker (a process of the multi mapping, an MPI rank, a Ray actor, a Storm task) ended before the run
+    finished; with checkpoints, a death the run was not restarted after (the message says why)."""
 
 
 class CheckpointError(Aiod4pError):
-    """A checkpoint cannot be taken or restored (unpicklable state, a plan that does not match)."""
+    """A checkpoint cannot be taken or restored: a state that cannot be saved, a checkpoint directory that
+    cannot be written or is locked by another run, no complete checkpoint to restore, a checkpoint of another
+    graph or of other instance counts, a PE's ``keyed_state`` or ``snapshot()`` misdeclared, checkpoints asked
+    of a run the mapping cannot checkpoint (mpi under the user's own ``mpiexec``)."""
 
 
 def reader_went_away(what: str, where: str, error: type[Aiod4pError] = Aiod4pError) -> Aiod4pError:
