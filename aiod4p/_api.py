@@ -344,8 +344,9 @@ def run(graph: WorkflowGraph, inputs: Inputs = None, **options: Any) -> Results:
 
     Runs its own event loop (uvloop for mappings that use it, when installed).
     Called where an event loop is running in this thread, as in a Jupyter
-    notebook's cell, it runs that loop in a thread of its own and blocks until
-    the run ends, as any blocking call there does (see :func:`run_blocking`);
+    notebook's cell, it runs a new event loop in a new thread and blocks the
+    caller (and its loop) until the run ends, as any blocking call there does
+    (see :func:`run_blocking`);
     async code that must stay responsive awaits :func:`run_async` instead.
 
     Raises:

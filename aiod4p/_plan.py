@@ -295,7 +295,7 @@ def make_plan(graph: WorkflowGraph | FlatGraph, options: PlanOptions | None = No
     and never pay a process hop.
     A graph with a ``placer`` (dispel4py's) places the PEs it names itself
     when the mapping shares out worker processes (``default_parallelism``
-    unset, not ``force_single``: multi and mpi): it shares out ``processes``
+    unset, not ``force_single``: multi, mpi and ray): it shares out ``processes``
     (else ``workers``), on the workers instances are placed on.
 
     Raises:

@@ -1,6 +1,7 @@
 """The multi mapping: N worker processes, each an event loop running the engine.
 
-The planner places instance ``i`` of every PE on worker ``i % N``. What is
+The planner places instance ``i`` of every PE on worker ``i % N`` (or as a
+dispel4py graph's ``placer`` says). What is
 specific to multi is only how workers start and what joins them: worker
 processes, a pipe comm (socket pair) between every two workers that share a
 channel, and one pipe comm from each worker to the parent, which the worker
