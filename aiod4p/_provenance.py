@@ -36,6 +36,7 @@ from ._groupings import KeyRouter
 from ._install import install_hint
 from ._plan import check_provenance_level
 from ._results import ResultSink
+from ._visual import dot_escape
 from .errors import Aiod4pError, writing
 
 if TYPE_CHECKING:
@@ -471,6 +472,7 @@ class Lineage:
     made_by: dict[str, str] = field(default_factory=dict)
 
     def results(self) -> list[str]:
+        """The entities that are results of the run."""
         return [entity for entity, kind in self.kinds.items() if kind.endswith("Result")]
 
     def find(self, wanted: str) -> list[str]:
@@ -515,22 +517,15 @@ class Lineage:
         keep = dict.fromkeys(nodes)
         lines = ["digraph lineage {", "  rankdir=BT;", '  node [shape=box, fontname="Helvetica", fontsize=10];']
         for node in keep:
-            label = f"{self.values.get(node, '')}\\n{node} ({self.made_by.get(node, 'input')})"
+            made_by = self.made_by.get(node, "input")
+            label = dot_escape(self.values.get(node, "")) + "\\n" + dot_escape(f"{node} ({made_by})")
             colour = "gold" if not self.parents.get(node) else "white"
-            lines.append(f'  "{_esc(node)}" [label="{_esc_label(label)}", style=filled, fillcolor={colour}];')
+            lines.append(f'  "{dot_escape(node)}" [label="{label}", style=filled, fillcolor={colour}];')
         for node in keep:
             for parent in self.parents.get(node, ()):
-                lines.append(f'  "{_esc(node)}" -> "{_esc(parent)}";')
+                lines.append(f'  "{dot_escape(node)}" -> "{dot_escape(parent)}";')
         lines.append("}")
         return "\n".join(lines) + "\n"
-
-
-def _esc(text: str) -> str:
-    return text.replace("\\", "\\\\").replace('"', '\\"')
-
-
-def _esc_label(text: str) -> str:
-    return text.replace('"', '\\"')
 
 
 def read_lineage(path: str) -> Lineage:

@@ -19,7 +19,7 @@ from ._graph import FlatGraph, WorkflowGraph
 from ._plan import ExecutionPlan, make_plan, worker_list
 from .errors import Aiod4pError, writing
 
-__all__ = ["GRAPHVIZ_FORMATS", "draw", "draw_dot", "render_dot", "to_dot"]
+__all__ = ["GRAPHVIZ_FORMATS", "dot_escape", "draw", "draw_dot", "render_dot", "to_dot"]
 
 # Suffixes written by Graphviz's dot (the format is the suffix).
 GRAPHVIZ_FORMATS = ("svg", "png", "pdf")
@@ -197,8 +197,13 @@ def _cluster(plan: ExecutionPlan, composite: str, tree: dict[str | None, list[st
     return lines
 
 
+def dot_escape(text: str) -> str:
+    """``text`` escaped for a double-quoted Graphviz string (backslashes and quotes)."""
+    return text.replace("\\", "\\\\").replace('"', '\\"')
+
+
 def _quote(text: str) -> str:
-    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return '"' + dot_escape(text) + '"'
 
 
 def _esc(text: str) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import subprocess
 import sys
 from collections import Counter
@@ -279,3 +280,25 @@ def test_cli_provenance_errors_name_the_problem(tmp_path: Path) -> None:
 
 
 word_count_graph = word_count()
+
+
+def test_a_lineage_of_values_with_backslashes_and_quotes_draws(tmp_path: Path) -> None:
+    # A value ending in a backslash (a custom repr) escaped the label's line break: both lines ran into one.
+    item, result = "aiod4p:Read0.0.0", "aiod4p:Sum1.0.0"
+    lineage = aiod4p.Lineage(
+        values={item: "ends in \\", result: "('say \"hi\"', 1)"},
+        kinds={item: "aiod4p:Item", result: "aiod4p:Result"},
+        parents={result: [item]},
+        made_by={result: "Sum1[0]"},
+    )
+    dot_file = tmp_path / "lineage.dot"
+    dot_file.write_text(lineage.to_dot([result]))
+    drawn = subprocess.run(["dot", "-Tsvg", str(dot_file)], capture_output=True, text=True, check=False)
+    assert drawn.returncode == 0, drawn.stderr
+    lines = re.findall(r"<text[^>]*>([^<]*)</text>", drawn.stdout)
+    assert lines == [
+        "(&#39;say &quot;hi&quot;&#39;, 1)",
+        "aiod4p:Sum1.0.0 (Sum1[0])",
+        "ends in \\",
+        "aiod4p:Read0.0.0 (input)",
+    ]
