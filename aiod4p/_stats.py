@@ -52,4 +52,5 @@ class InstanceStats:
     provenance: Any = field(default=None, repr=False, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
+        """The counters by name (``provenance`` left out)."""
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "provenance"}

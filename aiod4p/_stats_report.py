@@ -40,10 +40,9 @@ SAMPLE_INTERVAL = 0.25  # seconds between the samples --stats-json keeps for `ai
 
 @dataclass
 class PESummary:
-    """The statistics of every instance of one PE, added up.
-
-    ``max_queued_items`` is the largest of any instance; the others are sums.
-    """
+    """The statistics of every instance of one PE, added up: each counter of
+    :class:`InstanceStats` (but which instance, and where), summed, except
+    ``max_queued_items``, the largest of any instance."""
 
     pe: str
     instances: int = 0
@@ -53,26 +52,25 @@ class PESummary:
     errors: int = 0
     busy_seconds: float = 0.0
     blocked_seconds: float = 0.0
+    feed_blocked_seconds: float = 0.0
     max_queued_items: int = 0
     queued_items: int = 0
     inflight_bound: int = 0
     skipped: int = 0
 
     def add(self, stats: InstanceStats) -> None:
+        """Count ``stats``, one more instance of this PE."""
         self.instances += 1
-        self.items_in += stats.items_in
-        self.items_out += stats.items_out
-        self.batches_in += stats.batches_in
-        self.errors += stats.errors
-        self.busy_seconds += stats.busy_seconds
-        self.blocked_seconds += stats.blocked_seconds
+        for name in _SUMMED:
+            setattr(self, name, getattr(self, name) + getattr(stats, name))
         self.max_queued_items = max(self.max_queued_items, stats.max_queued_items)
-        self.queued_items += stats.queued_items
-        self.inflight_bound += stats.inflight_bound
-        self.skipped += stats.skipped
 
     def to_dict(self) -> dict[str, Any]:
+        """The counters by name (``pe`` left out)."""
         return {field.name: getattr(self, field.name) for field in fields(self) if field.name != "pe"}
+
+
+_SUMMED = [field.name for field in fields(PESummary) if field.name not in ("pe", "instances", "max_queued_items")]
 
 
 def summarise(stats: Iterable[InstanceStats], plan: ExecutionPlan | None = None) -> dict[str, PESummary]:

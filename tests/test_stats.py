@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import io
 import json
 import textwrap
@@ -164,6 +165,17 @@ def test_summaries_and_document() -> None:
     assert [(e["pe"], e["instance"]) for e in document["instances"]] == [("A", 0), ("B", 0), ("B", 1)]
     assert document["mapping"] == "multi" and document["elapsed_seconds"] == 1.5
     json.dumps(document)
+
+
+def test_a_pe_summary_adds_up_every_counter_of_its_instances() -> None:
+    # A counter added to InstanceStats and not to the summary went missing from --stats-json's "pes"
+    # (feed_blocked_seconds did).
+    identity = {"pe", "instance", "worker", "provenance"}
+    counters = [f.name for f in dataclasses.fields(InstanceStats) if f.name not in identity]
+    first = InstanceStats("A", 0, **{name: 1 for name in counters})
+    second = InstanceStats("A", 1, **{name: 2 for name in counters})
+    summary = summarise([first, second])["A"].to_dict()
+    assert summary == {"instances": 2, **{name: 3 for name in counters}, "max_queued_items": 2}
 
 
 def render(table: Any) -> str:
