@@ -221,6 +221,16 @@ class ExecutionPlan:
             if worker is None or placed == worker
         ]
 
+    def worker_pairs(self) -> list[tuple[int, int]]:
+        """The pairs of workers ``(a, b)``, ``a < b``, that share a channel (each pair once, sorted)."""
+        return sorted(
+            {
+                (min(spec.source_worker, spec.dest_worker), max(spec.source_worker, spec.dest_worker))
+                for spec in self.channels
+                if spec.source_worker != spec.dest_worker
+            }
+        )
+
     def worker_of(self, instance: InstanceRef) -> int:
         """The worker that ``instance`` runs on."""
         return self.placement[instance.pe].workers[instance.index]

@@ -283,10 +283,9 @@ class RayRun:
             for future in started:
                 future.cancel()
         peers: list[set[int]] = [set() for _ in range(n)]
-        for spec in self.plan.channels:
-            if spec.source_worker != spec.dest_worker:
-                peers[spec.source_worker].add(spec.dest_worker)
-                peers[spec.dest_worker].add(spec.source_worker)
+        for a, b in self.plan.worker_pairs():
+            peers[a].add(b)
+            peers[b].add(a)
         job = await finished_in_thread(ray.put, payload)  # one copy in the object store for every worker
         paths = [path for path in sys.path if path]
         self.serving = [

@@ -111,16 +111,7 @@ class _MultiRun:
         """Start the workers; returns the parent's ends of their control socket pairs."""
         n = self.plan.workers
         controls = [socket.socketpair() for _ in range(n)]
-        links = {
-            pair: socket.socketpair()
-            for pair in sorted(
-                {
-                    (min(c.source_worker, c.dest_worker), max(c.source_worker, c.dest_worker))
-                    for c in self.plan.channels
-                    if c.source_worker != c.dest_worker
-                }
-            )
-        }
+        links = {pair: socket.socketpair() for pair in self.plan.worker_pairs()}
         every = [s for pair in itertools.chain(controls, links.values()) for s in pair]
         context: Any = multiprocessing.get_context(self.method)  # typeshed's BaseContext lacks Process
         parent = None if self.method == "forkserver" else os.getpid()  # a forkserver's child is the server's
