@@ -59,6 +59,7 @@ __all__ = [
     "iterate",
     "bad_line",
     "DEAD_LETTER",
+    "DEFAULT_LINE_POLICY",
     "LINE_POLICIES",
     "MAX_LINE_BYTES",
     "MAX_PENDING_BYTES",
@@ -114,12 +115,18 @@ held back), a UDP source drops datagrams and ``LiveFeed.send`` waits, as they do
 items. Heavy items reach the bound long before the count does."""
 
 LINE_POLICIES = ("fail", "skip", "dead-letter")
+DEFAULT_LINE_POLICY = "fail"
 """What a line source does with a bad line (longer than its maximum, or not
 valid JSON / UTF-8 when it parses JSON): ``fail`` (the default) ends the run
 with an :class:`InputError` naming the source and line number; ``skip`` logs
 a warning, counts the line in ``skipped`` and goes on; ``dead-letter`` hands a
 :func:`bad_line` record to the dead-letter output (a source PE's
 ``dead_letter`` port; the ``dead_letter`` callback of a stream) and goes on."""
+
+_POLL_INTERVAL = 0.05  # seconds between two looks at a followed file that has nothing new
+_MAX_PENDING_LINES = 1024  # lines a TCP source holds for the workflow before it stops reading
+_MAX_PENDING_DATAGRAMS = 65536  # datagrams a UDP source holds for the workflow before it drops them
+_SOCKET_MODES = ("server", "client")
 
 DEAD_LETTER = "dead_letter"
 """The output port of a source PE that gets its bad lines under ``on_bad="dead-letter"``."""
@@ -312,6 +319,16 @@ def _check_line_options(max_line: int, on_bad: str, what: str) -> None:
         raise ValueError(f"{what}: on_bad must be one of {', '.join(LINE_POLICIES)}, not {on_bad!r}")
 
 
+def _check_mode(mode: str, what: str) -> None:
+    if mode not in _SOCKET_MODES:
+        raise ValueError(f"{what} mode must be 'server' or 'client', not {mode!r}")
+
+
+def _check_interval(interval: float) -> None:
+    if not interval > 0:
+        raise ValueError(f"the timer interval must be positive, not {interval}")
+
+
 # -- lines from stdin, a pipe or a file -------------------------------------------
 
 _HEAD_BYTES = 256  # of a followed file's content, kept to tell it from the file truncated and written again
@@ -390,10 +407,10 @@ class LineStream:
         json: bool = False,
         follow: bool = False,
         from_end: bool = False,
-        poll_interval: float = 0.05,
+        poll_interval: float = _POLL_INTERVAL,
         chunk_size: int = 65536,
         max_line: int = MAX_LINE_BYTES,
-        on_bad: str = "fail",
+        on_bad: str = DEFAULT_LINE_POLICY,
         dead_letter: Callable[[dict[str, Any]], object] | None = None,
         generations: list[FileGeneration] | None = None,
     ) -> None:
@@ -735,14 +752,13 @@ class SocketStream:
         json: bool = False,
         connections: int | None = None,
         on_listen: Callable[[tuple[str, int]], Any] | None = None,
-        max_pending: int = 1024,
+        max_pending: int = _MAX_PENDING_LINES,
         max_pending_bytes: int = MAX_PENDING_BYTES,
         max_line: int = MAX_LINE_BYTES,
-        on_bad: str = "fail",
+        on_bad: str = DEFAULT_LINE_POLICY,
         dead_letter: Callable[[dict[str, Any]], object] | None = None,
     ) -> None:
-        if mode not in ("server", "client"):
-            raise ValueError(f"SocketStream mode must be 'server' or 'client', not {mode!r}")
+        _check_mode(mode, "SocketStream")
         _check_line_options(max_line, on_bad, "SocketStream")
         self.max_line, self.on_bad, self.dead_letter = max_line, on_bad, dead_letter
         self._counter = _Counter()
@@ -898,7 +914,7 @@ class DatagramStream:
         json: bool = False,
         count: int | None = None,
         on_listen: Callable[[tuple[str, int]], Any] | None = None,
-        max_pending: int = 65536,
+        max_pending: int = _MAX_PENDING_DATAGRAMS,
         max_pending_bytes: int = MAX_PENDING_BYTES,
     ) -> None:
         self.host, self.port, self.json, self.count = host, port, json, count
@@ -961,8 +977,7 @@ class TimerStream:
     """
 
     def __init__(self, interval: float, *, count: int | None = None) -> None:
-        if interval <= 0:
-            raise ValueError(f"the timer interval must be positive, not {interval}")
+        _check_interval(interval)
         self.interval = interval
         self.count = count
         self._waker = _Waker()
@@ -1272,9 +1287,9 @@ class LinesSource(_BadLines):
         json: bool = False,
         follow: bool = False,
         from_end: bool = False,
-        poll_interval: float = 0.05,
+        poll_interval: float = _POLL_INTERVAL,
         max_line: int = MAX_LINE_BYTES,
-        on_bad: str = "fail",
+        on_bad: str = DEFAULT_LINE_POLICY,
         name: str | None = None,
     ) -> None:
         super().__init__(max_line=max_line, on_bad=on_bad, name=name)
@@ -1319,14 +1334,13 @@ class TCPSource(_BadLines):
         json: bool = False,
         connections: int | None = None,
         on_listen: Callable[[tuple[str, int]], Any] | None = None,
-        max_pending: int = 1024,
+        max_pending: int = _MAX_PENDING_LINES,
         max_pending_bytes: int = MAX_PENDING_BYTES,
         max_line: int = MAX_LINE_BYTES,
-        on_bad: str = "fail",
+        on_bad: str = DEFAULT_LINE_POLICY,
         name: str | None = None,
     ) -> None:
-        if mode not in ("server", "client"):
-            raise ValueError(f"TCPSource mode must be 'server' or 'client', not {mode!r}")
+        _check_mode(mode, "TCPSource")
         super().__init__(max_line=max_line, on_bad=on_bad, name=name)
         self.host, self.port, self.mode, self.json = host, port, mode, json
         self.connections, self.on_listen = connections, on_listen
@@ -1367,7 +1381,7 @@ class UDPSource(SourcePE):
         json: bool = False,
         count: int | None = None,
         on_listen: Callable[[tuple[str, int]], Any] | None = None,
-        max_pending: int = 65536,
+        max_pending: int = _MAX_PENDING_DATAGRAMS,
         max_pending_bytes: int = MAX_PENDING_BYTES,
         name: str | None = None,
     ) -> None:
@@ -1392,8 +1406,7 @@ class TimerSource(SourcePE):
     """A tick every ``interval`` seconds; options as :class:`TimerStream`."""
 
     def __init__(self, interval: float, *, count: int | None = None, name: str | None = None) -> None:
-        if interval <= 0:
-            raise ValueError(f"the timer interval must be positive, not {interval}")
+        _check_interval(interval)
         super().__init__(name=name)
         self.interval, self.count = interval, count
 
