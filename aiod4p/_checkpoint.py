@@ -299,7 +299,7 @@ def _edges(plan: ExecutionPlan) -> list[str]:
 class CheckpointStore:
     """The checkpoints in one directory, written atomically, the last ``keep`` kept."""
 
-    def __init__(self, directory: str | os.PathLike[str], keep: int = 3) -> None:
+    def __init__(self, directory: str | os.PathLike[str], keep: int = Checkpointing.keep) -> None:
         self.directory = Path(directory)
         self.keep = keep
         try:

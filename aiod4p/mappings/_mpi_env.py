@@ -17,6 +17,7 @@ from ..errors import MappingUnavailable
 
 __all__ = [
     "INSTALL_HINT",
+    "NEEDS_MPI4PY",
     "find_mpiexec",
     "forget_shared_memory",
     "job_frame",
@@ -31,6 +32,7 @@ __all__ = [
 ]
 
 INSTALL_HINT = install_hint("mpi")
+NEEDS_MPI4PY = f"the mpi mapping needs mpi4py: {INSTALL_HINT}"
 # The shared-memory files MPICH maps in every rank of a node, as /proc/self/maps names them.
 _SHARED_MEMORY = re.compile(r"/dev/shm/mpich_shm_\S+")
 
@@ -118,7 +120,7 @@ def find_mpiexec() -> str:
     try:
         import mpi4py  # noqa: F401 - only checks that it is installed
     except ImportError as exc:
-        raise MappingUnavailable(f"the mpi mapping needs mpi4py: {INSTALL_HINT}") from exc
+        raise MappingUnavailable(NEEDS_MPI4PY) from exc
     chosen = os.environ.get("AIOD4P_MPIEXEC")
     if chosen:
         if not Path(chosen).is_file():

@@ -10,7 +10,7 @@ an in-memory comm, and one supervisor on rank 0 watches them all
 
 Failure: a rank whose worker fails reports the error to rank 0 and waits for
 rank 0 to end the job (``MPI_Abort``); if rank 0 never does, it gives up
-after :data:`ABORT_GRACE` seconds and fails itself, which makes mpiexec end
+after :data:`FOLLOWER_ABORT_GRACE` seconds and fails itself, which makes mpiexec end
 the job.
 """
 
@@ -43,7 +43,7 @@ from ._mpi_env import forget_shared_memory
 from ._shipping import Job, ship, unship
 
 __all__ = [
-    "ABORT_GRACE",
+    "FOLLOWER_ABORT_GRACE",
     "RankZero",
     "abort_job",
     "abort_job_at_exit",
@@ -53,7 +53,7 @@ __all__ = [
 ]
 
 LINK_KEY, CONTROL_KEY = 1, 2
-ABORT_GRACE = 20.0
+FOLLOWER_ABORT_GRACE = 20.0
 CAUSE_GRACE = 2.0
 
 
@@ -220,14 +220,14 @@ async def run_follower(job: Job) -> bool:
 
     Returns:
         Whether the rank's run succeeded. On a failure, reported to rank 0,
-        it waits up to :data:`ABORT_GRACE` seconds for rank 0 to end the job.
+        it waits up to :data:`FOLLOWER_ABORT_GRACE` seconds for rank 0 to end the job.
     """
     endpoint = MpiEndpoint()
     rank = endpoint.rank
     peers = {other: endpoint.comm(other, LINK_KEY) for other in range(endpoint.size) if other != rank}
     control = endpoint.comm(0, CONTROL_KEY)
     succeeded = await serve_job(
-        job, rank, control, peers, name=f"MPI rank {rank}", launcher="MPI rank 0", goodbye_timeout=ABORT_GRACE
+        job, rank, control, peers, name=f"MPI rank {rank}", launcher="MPI rank 0", goodbye_timeout=FOLLOWER_ABORT_GRACE
     )
     if succeeded:
         await endpoint.aclose()

@@ -49,7 +49,7 @@ from ..transports.pipes import PipeComm, open_pipe_comm
 from ._base import BaseMapping, RunControl, available_cpus
 from ._host import STATS_INTERVAL, Supervisor, split_feeds
 from ._mpi_env import (
-    INSTALL_HINT,
+    NEEDS_MPI4PY,
     find_mpiexec,
     job_frame,
     job_rank,
@@ -200,7 +200,7 @@ class MpiMapping(BaseMapping):
         try:
             from ._mpi_ranks import RankZero, abort_job_at_exit, broadcast_plan, run_follower
         except ImportError as exc:
-            raise MappingUnavailable(f"the mpi mapping needs mpi4py: {INSTALL_HINT}") from exc
+            raise MappingUnavailable(NEEDS_MPI4PY) from exc
         try:
             shipped = await broadcast_plan(plan)
             if not self.follower:

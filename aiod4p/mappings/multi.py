@@ -41,7 +41,7 @@ __all__ = ["START_METHOD_ENV", "MultiMapping", "resolve_start_method"]
 
 START_METHOD_ENV = "AIOD4P_START_METHOD"
 START_METHODS = ("fork", "spawn", "forkserver")
-_HINT = ', or use the fork start method (MultiMapping(start_method="fork"), or AIOD4P_START_METHOD=fork)'
+_HINT = f', or use the fork start method (MultiMapping(start_method="fork"), or {START_METHOD_ENV}=fork)'
 
 
 def resolve_start_method(requested: str | None = None) -> str:

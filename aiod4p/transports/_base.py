@@ -9,7 +9,10 @@ from typing import Any
 
 from ..errors import TransportError
 
-__all__ = ["Comm", "Undecodable", "Wakeups", "opened"]
+__all__ = ["DEFAULT_CAPACITY", "Comm", "Undecodable", "Wakeups", "opened"]
+
+DEFAULT_CAPACITY = 16
+"""Messages a comm's receiving end buffers before its sender waits, unless asked otherwise."""
 
 
 class Comm(ABC):

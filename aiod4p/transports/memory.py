@@ -7,7 +7,7 @@ from collections import deque
 from typing import Any
 
 from ..errors import ChannelClosed, EndOfChannel, PeerDied
-from ._base import Comm
+from ._base import DEFAULT_CAPACITY, Comm
 
 __all__ = ["MemoryComm", "memory_comm_pair"]
 
@@ -84,7 +84,7 @@ class MemoryComm(Comm):
         self._in.wake()
 
 
-def memory_comm_pair(capacity: int = 16) -> tuple[MemoryComm, MemoryComm]:
+def memory_comm_pair(capacity: int = DEFAULT_CAPACITY) -> tuple[MemoryComm, MemoryComm]:
     """Two joined comms; each direction buffers at most ``capacity`` messages."""
     if capacity < 1:
         raise ValueError(f"capacity must be at least 1, not {capacity}")

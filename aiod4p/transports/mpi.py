@@ -34,7 +34,7 @@ from mpi4py import MPI
 from mpi4py.util import pkl5
 
 from ..errors import ChannelClosed, EndOfChannel, PeerDied, TransportError, UnpicklableMessage
-from ._base import Comm
+from ._base import DEFAULT_CAPACITY, Comm
 
 __all__ = ["MpiComm", "MpiEndpoint"]
 
@@ -75,7 +75,7 @@ class MpiEndpoint:
         self.failure: PeerDied | None = None  # MPI failed: the poller stopped
         self._settled: asyncio.Future[None] | None = None  # aclose waits on it
 
-    def comm(self, peer: int, key: int = 0, capacity: int = 16) -> MpiComm:
+    def comm(self, peer: int, key: int = 0, capacity: int = DEFAULT_CAPACITY) -> MpiComm:
         """Open the comm to rank ``peer`` identified by ``key`` (a non-negative int).
 
         Raises:

@@ -35,11 +35,10 @@ from collections import deque
 from typing import Any
 
 from ..errors import ChannelClosed, EndOfChannel, PeerDied, UnpicklableMessage
-from ._base import Comm, Undecodable, Wakeups, opened
+from ._base import DEFAULT_CAPACITY, Comm, Undecodable, Wakeups, opened
 
 __all__ = ["DriverComm", "PulledComm", "RayComm", "RayCommHost", "ray_comm_pair"]
 
-CAPACITY = 16  # messages a receiving end buffers
 WINDOW = 4  # deliveries a sending end keeps in flight
 BATCH = 16  # messages one delivery carries at most
 
@@ -104,7 +103,7 @@ class RayCommHost:
             boxes = self._aiod4p_mailboxes = {}
         box = boxes.get(key)
         if box is None:
-            box = boxes[key] = _Mailbox(CAPACITY)
+            box = boxes[key] = _Mailbox(DEFAULT_CAPACITY)
         return box
 
     async def aiod4p_deliver(self, key: str, seq: int, data: list[bytes]) -> str | None:
@@ -270,7 +269,7 @@ class RayComm(_RayEnd):
         peer: Any,
         peer_key: str,
         *,
-        capacity: int = CAPACITY,
+        capacity: int = DEFAULT_CAPACITY,
         window: int = WINDOW,
         batch: int = BATCH,
     ) -> None:
@@ -318,7 +317,7 @@ class PulledComm(_RayEnd):
         capacity: messages queued for the driver before :meth:`send` waits.
     """
 
-    def __init__(self, host: RayCommHost, key: str, *, capacity: int = CAPACITY) -> None:
+    def __init__(self, host: RayCommHost, key: str, *, capacity: int = DEFAULT_CAPACITY) -> None:
         super().__init__(host.mailbox(key))
         self._capacity = capacity
 
