@@ -35,7 +35,7 @@ from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, I
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from .._checkpoint import HostCheckpoints, Trigger, attach_worker
+from .._checkpoint import HostCheckpoints, Session, Trigger, attach_worker
 from .._engine import HELD_FEEDS, Feed, ReadAhead, Worker, pe_error
 from .._links import unpicklable_item
 from .._plan import ExecutionPlan, InstanceRef
@@ -77,6 +77,7 @@ __all__ = [
     "pumped_feeds",
     "serve",
     "serve_job",
+    "prepare_job",
     "split_feeds",
 ]
 
@@ -178,6 +179,18 @@ def split_feeds(
             shipped[pe_id] = Pumped()
             pumped.append((pe_id, plan.placement[pe_id].workers[0], feed))
     return shipped, pumped
+
+
+def prepare_job(
+    plan: ExecutionPlan, feeds: Mapping[str, Feed], max_delay: float, interval: float, session: Session | None
+) -> tuple[Job, list[tuple[str, int, Feed]]]:
+    """The job of one attempt of a run on launched workers, and the ``(pe, worker, feed)`` feeds the launcher
+    pumps (see :func:`split_feeds`); an attempt of a checkpointed run (its ``session``) resumes them where the
+    restored checkpoint left them, and its workers take part in checkpoints."""
+    shipped, pumped = split_feeds(plan, feeds)
+    if session is None:
+        return Job(plan, shipped, max_delay, interval), pumped
+    return Job(plan, shipped, max_delay, interval, session.spec()), session.resumed(pumped)
 
 
 # -- the worker side -------------------------------------------------------------------

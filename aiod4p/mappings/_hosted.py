@@ -1,7 +1,7 @@
 """The launcher's side of a mapping that starts its own hosted workers (multi, ray).
 
 Such a mapping's run is always the same four steps around what is its own:
-split the feeds (:func:`~aiod4p.mappings._host.split_feeds`), start the
+prepare the job (:func:`~aiod4p.mappings._host.prepare_job`), start the
 workers with the job (its :class:`Launch`), supervise them
 (:class:`~aiod4p.mappings._host.Supervisor`), then stop them and abort
 their comms whatever happened; with checkpointing on, each attempt of the
@@ -23,7 +23,7 @@ from .._results import ResultSink
 from .._stats import InstanceStats
 from ..transports import Comm
 from ._base import BaseMapping, RunControl, available_cpus
-from ._host import GRACE, STATS_INTERVAL, Supervisor, split_feeds
+from ._host import GRACE, STATS_INTERVAL, Supervisor, prepare_job
 from ._shipping import Job
 
 __all__ = ["HostedMapping", "Launch"]
@@ -118,15 +118,12 @@ class HostedMapping(BaseMapping):
         session: Session | None,
     ) -> list[InstanceStats]:
         """One run on new workers (one attempt of a checkpointed run, with its ``session``)."""
-        shipped, pumped = split_feeds(plan, feeds)
-        if session is not None:
-            pumped = session.resumed(pumped)
-        spec = session.spec() if session is not None else None
+        job, pumped = prepare_job(plan, feeds, max_delay, self.stats_interval, session)
         launch = self.launch(plan)
         comms: Mapping[int, Comm] = {}
         finished = False
         try:
-            comms = await launch.start(Job(plan, shipped, max_delay, self.stats_interval, spec))
+            comms = await launch.start(job)
             supervisor = Supervisor(
                 plan,
                 comms,

@@ -47,7 +47,7 @@ from .._stats import InstanceStats
 from ..errors import CheckpointError, InputError, MappingUnavailable, PeerDied, TransportError, WorkerDied
 from ..transports.pipes import PipeComm, open_pipe_comm
 from ._base import BaseMapping, RunControl, available_cpus
-from ._host import STATS_INTERVAL, Supervisor, split_feeds
+from ._host import STATS_INTERVAL, Supervisor, prepare_job
 from ._mpi_env import (
     NEEDS_MPI4PY,
     find_mpiexec,
@@ -240,13 +240,10 @@ async def _launch(
     """Run ``plan`` on ``ranks`` started ahead for it, or on ranks launched now."""
     try:
         mpiexec = find_mpiexec() if ranks is None else ""
-        shipped, pumped = split_feeds(plan, feeds)
+        prepared, pumped = prepare_job(plan, feeds, max_delay, STATS_INTERVAL, session)
         _check_pumped(plan, pumped)
-        if session is not None:
-            pumped = session.resumed(pumped)
-        spec = session.spec() if session is not None else None
         # the ranks run aiod4p's own __main__: the launcher's travels by value
-        payload = ship(Job(plan, shipped, max_delay, STATS_INTERVAL, spec), "start the MPI ranks", main=True)
+        payload = ship(prepared, "start the MPI ranks", main=True)
         if ranks is None:
             ranks = _Ranks(mpiexec, plan.workers)
         process = _Process(ranks.process)
