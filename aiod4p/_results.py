@@ -10,7 +10,7 @@ import logging
 from collections.abc import Iterator, Sequence
 from typing import Any, NamedTuple, Protocol, overload
 
-__all__ = ["ListSink", "QueueSink", "ResultRecord", "ResultSink", "Results", "record_line"]
+__all__ = ["QueueSink", "ResultRecord", "ResultSink", "Results", "record_line"]
 
 logger = logging.getLogger("aiod4p")
 
@@ -129,16 +129,6 @@ class Results(Sequence[ResultRecord]):
 
     def __repr__(self) -> str:
         return f"Results({len(self.records)} records)"
-
-
-class ListSink:
-    """Collects every result into a :class:`Results`."""
-
-    def __init__(self) -> None:
-        self.results = Results()
-
-    async def emit(self, pe: str, port: str, items: list[Any]) -> None:
-        self.results.records.extend(ResultRecord(pe, port, item) for item in items)
 
 
 class QueueSink:

@@ -21,7 +21,7 @@ from helpers import recorded_supervisors
 from aiod4p import ALL, PlanOptions, WorkflowGraph, make_plan
 from aiod4p._engine import Feed, Worker
 from aiod4p._plan import ExecutionPlan
-from aiod4p._results import ListSink
+from aiod4p._results import ResultRecord, Results
 from aiod4p.errors import PEError, WorkerDied
 from aiod4p.mappings import RunControl
 from aiod4p.mappings._host import ForwardSink, Supervisor, pumped_feeds, serve, split_feeds
@@ -67,6 +67,16 @@ async def _run(
             comm.abort()
         await asyncio.gather(*served, return_exceptions=True)
     return sink, control, stats
+
+
+class ListSink:
+    """Collects every result into a :class:`Results`."""
+
+    def __init__(self) -> None:
+        self.results = Results()
+
+    async def emit(self, pe: str, port: str, items: list[Any]) -> None:
+        self.results.records.extend(ResultRecord(pe, port, item) for item in items)
 
 
 class _Watching(ListSink):
