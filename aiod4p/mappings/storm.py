@@ -46,6 +46,7 @@ from ..storm._cluster import (
     topology_facts,
 )
 from ..storm._run import RunReport
+from ..storm._spec import DEFAULT_MAX_REPLAYS
 from ._base import BaseMapping, RunControl
 
 __all__ = ["DEFAULT_CONF", "StormMapping"]
@@ -86,7 +87,7 @@ class StormMapping(BaseMapping):
         target: str | None = None,
         name: str | None = None,
         conf: Mapping[str, Any] | None = None,
-        max_replays: int = 3,
+        max_replays: int = DEFAULT_MAX_REPLAYS,
         callback_host: str | None = None,
         start_timeout: float = 300.0,
     ) -> None:

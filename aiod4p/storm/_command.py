@@ -8,6 +8,7 @@ from typing import Any
 
 from .._install import install_hint
 from ..errors import MappingUnavailable
+from ._spec import DEFAULT_MAX_REPLAYS
 
 __all__ = ["add_storm_parser", "mapping_options", "storm_command"]
 
@@ -29,7 +30,12 @@ def add_storm_parser(commands: Any) -> None:
     build.add_argument("-d", "--data", default=None, metavar="JSON", help='{"PE": N or [input dicts]}')
     build.add_argument("-f", "--file", default=None, metavar="FILE", help="a JSON file like -d")
     build.add_argument("--nimbus", default=None, metavar="HOST:PORT", help="write this Nimbus into config.json")
-    build.add_argument("--max-replays", type=int, default=3, help="replays of a failed tuple (default 3)")
+    build.add_argument(
+        "--max-replays",
+        type=int,
+        default=DEFAULT_MAX_REPLAYS,
+        help=f"replays of a failed tuple (default {DEFAULT_MAX_REPLAYS})",
+    )
     build.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks of errors")
 
 

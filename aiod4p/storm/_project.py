@@ -22,7 +22,7 @@ from .._graph import FlatGraph, WorkflowGraph
 from .._inputs import Inputs, resolve_inputs
 from .._plan import ExecutionPlan, PlanOptions, make_plan
 from ..errors import GraphError, InputError, TargetError
-from ._spec import EOS_FIELD, EOS_STREAM, TopologySpec, plan_topology
+from ._spec import DEFAULT_MAX_REPLAYS, EOS_FIELD, EOS_STREAM, TopologySpec, plan_topology
 from ._wire import WireError, encode
 
 __all__ = ["COMPONENTS_MODULE", "Project", "build_jar", "build_project", "load_topology", "topology_name"]
@@ -69,7 +69,7 @@ def build_project(
     inputs: Inputs = None,
     options: PlanOptions | None = None,
     envs: Mapping[str, Any] | None = None,
-    max_replays: int = 3,
+    max_replays: int = DEFAULT_MAX_REPLAYS,
     report: str = "",
     token: str = "",
 ) -> Project:
