@@ -285,3 +285,16 @@ def test_cli_storm_build_bad_target(tmp_path: Path) -> None:
     assert done.returncode == 1
     assert "missing.py does not exist" in done.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_cli_storm_build_bad_nimbus(tmp_path: Path) -> None:
+    wordcount = str(ROOT / "examples" / "wordcount.py")
+    done = subprocess.run(
+        [sys.executable, "-m", "aiod4p", "storm", "build", wordcount, "-o", str(tmp_path / "o"), "--nimbus", "h:x"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 1
+    assert "--nimbus: 'h:x' is not HOST or HOST:PORT" in done.stderr
+    assert not (tmp_path / "o").exists()

@@ -69,16 +69,15 @@ def storm_command(args: argparse.Namespace) -> int:
     from .._plan import PlanOptions
     from ..mappings.storm import _target_name
     from . import build_project
-    from ._cluster import DEFAULT_PORT
+    from ._cluster import cluster_at
 
     if args.num is not None and args.num < 1:
         raise ValueError(f"-n must be at least 1, not {args.num}")
+    nimbus = cluster_at(args.nimbus, "--nimbus").address if args.nimbus else ""
     compat.install()
     graph = load_graph(args.target)
     inputs = parse_cli_inputs(args.iter, args.data, args.file)
-    env: dict[str, Any] = {"nimbus": args.nimbus or "", "use_ssh_for_nimbus": False, "use_virtualenv": False}
-    if args.nimbus and ":" not in args.nimbus:
-        env["nimbus"] = f"{args.nimbus}:{DEFAULT_PORT}"
+    env: dict[str, Any] = {"nimbus": nimbus, "use_ssh_for_nimbus": False, "use_virtualenv": False}
     project = build_project(
         graph,
         Path(args.output),
