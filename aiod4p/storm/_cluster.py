@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import Aiod4pError, MappingUnavailable
-from ._project import Project, build_jar
+from ._project import Project, build_jar, streamparse_env
 
 __all__ = [
     "Cluster",
@@ -254,9 +254,7 @@ def sparse_command() -> list[str]:
 
 def submit_env(cluster: Cluster) -> dict[str, Any]:
     """The streamparse environment the generated project submits with."""
-    env: dict[str, Any] = {"use_ssh_for_nimbus": False, "use_virtualenv": False, "workers": [], **cluster.env}
-    env["nimbus"] = cluster.address
-    return env
+    return {**streamparse_env(), **cluster.env, "nimbus": cluster.address}
 
 
 def submit(project: Project, cluster: Cluster, options: Mapping[str, Any] | None = None, timeout: float = 120) -> str:

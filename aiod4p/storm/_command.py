@@ -70,6 +70,7 @@ def storm_command(args: argparse.Namespace) -> int:
     from ..mappings.storm import _target_name
     from . import build_project
     from ._cluster import cluster_at
+    from ._project import streamparse_env
 
     if args.num is not None and args.num < 1:
         raise ValueError(f"-n must be at least 1, not {args.num}")
@@ -77,14 +78,13 @@ def storm_command(args: argparse.Namespace) -> int:
     compat.install()
     graph = load_graph(args.target)
     inputs = parse_cli_inputs(args.iter, args.data, args.file)
-    env: dict[str, Any] = {"nimbus": nimbus, "use_ssh_for_nimbus": False, "use_virtualenv": False}
     project = build_project(
         graph,
         Path(args.output),
         name=args.name or _target_name(args.target),
         inputs=inputs,
         options=PlanOptions(default_parallelism=args.num or 1),
-        envs={"prod": {**env, "workers": []}},
+        envs={"prod": streamparse_env(nimbus)},
         max_replays=args.max_replays,
     )
     spouts = sum(component.kind == "spout" for component in project.spec.components)

@@ -25,7 +25,15 @@ from ..errors import GraphError, InputError, TargetError
 from ._spec import DEFAULT_MAX_REPLAYS, EOS_FIELD, EOS_STREAM, TopologySpec, plan_topology
 from ._wire import WireError, encode
 
-__all__ = ["COMPONENTS_MODULE", "Project", "build_jar", "build_project", "load_topology", "topology_name"]
+__all__ = [
+    "COMPONENTS_MODULE",
+    "Project",
+    "build_jar",
+    "build_project",
+    "load_topology",
+    "streamparse_env",
+    "topology_name",
+]
 
 COMPONENTS_MODULE = "aiod4p_components"
 SPEC_FILE = "aiod4p_topology.json"
@@ -346,10 +354,14 @@ def _config(envs: Mapping[str, Any] | None) -> dict[str, Any]:
         "serializer": "json",
         "topology_specs": "topologies/",
         "virtualenv_specs": "virtualenvs/",
-        "envs": dict(envs)
-        if envs
-        else {"prod": {"nimbus": "", "use_ssh_for_nimbus": False, "use_virtualenv": False, "workers": []}},
+        "envs": dict(envs) if envs else {"prod": streamparse_env()},
     }
+
+
+def streamparse_env(nimbus: str = "") -> dict[str, Any]:
+    """A streamparse environment (an entry of ``config.json``'s ``envs``) that submits to the Nimbus at
+    ``nimbus`` (``HOST:PORT``; empty: to fill in), with no SSH, no virtualenv and no list of workers."""
+    return {"nimbus": nimbus, "use_ssh_for_nimbus": False, "use_virtualenv": False, "workers": []}
 
 
 _PROJECT_CLJ = """\
