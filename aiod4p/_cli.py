@@ -759,7 +759,8 @@ def _add_checkpoint_options(run: argparse.ArgumentParser) -> None:
         type=_COUNT,
         default=None,
         metavar="N",
-        help="restart the run from its last checkpoint when a worker dies, up to N times (default 0)",
+        help="restart the run from its last checkpoint when a worker dies, up to N times"
+        f" (default {Checkpointing.restarts})",
     )
 
 
