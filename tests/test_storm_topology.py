@@ -19,6 +19,7 @@ from workflows import Count, Double, Merge, Tag, WhoSawWhat, multi_edge, parity
 from aiod4p import FunctionPE, GenericPE, PlanOptions, WorkflowGraph, group_by, load_graph
 from aiod4p.errors import GraphError, InputError, TargetError
 from aiod4p.storm import WireError, build_jar, build_project, decode, encode
+from aiod4p.storm._project import target_name
 
 ROOT = Path(__file__).resolve().parents[1]
 EOS = ("aiod4p_eos", ["pe"])
@@ -240,6 +241,14 @@ def test_json_items_round_trip_exactly(item: Any) -> None:
 def test_other_items_are_rejected(item: Any, reason: str) -> None:
     with pytest.raises(WireError, match=reason):
         encode(item)
+
+
+@pytest.mark.parametrize(
+    ("target", "name"),
+    [("path/to/flow.py", "flow"), ("flow.py:graph", "graph"), ("pkg.flow", "flow"), ("pkg.flow:graph", "graph")],
+)
+def test_a_target_names_its_topology(target: str, name: str) -> None:
+    assert target_name(target) == name
 
 
 # -- command line --------------------------------------------------------------------------------

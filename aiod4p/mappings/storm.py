@@ -27,7 +27,6 @@ from typing import Any
 import streamparse  # noqa: F401 - the storm extra: without it get_mapping() explains how to install it
 
 from .._engine import Feed
-from .._loading import _split
 from .._plan import ExecutionPlan, PlanOptions
 from .._results import ResultSink
 from .._stats import InstanceStats
@@ -45,6 +44,7 @@ from ..storm._cluster import (
     submit_env,
     topology_facts,
 )
+from ..storm._project import target_name
 from ..storm._run import RunReport
 from ..storm._spec import DEFAULT_MAX_REPLAYS
 from ._base import BaseMapping, RunControl
@@ -92,7 +92,7 @@ class StormMapping(BaseMapping):
         start_timeout: float = 300.0,
     ) -> None:
         self.nimbus = nimbus
-        self.topology = topology_name(name or (_target_name(target) if target else "aiod4p"))
+        self.topology = topology_name(name or (target_name(target) if target else "aiod4p"))
         self.conf = {**DEFAULT_CONF, **(conf or {})}
         self.max_replays = max_replays
         self.callback_host = callback_host
@@ -240,10 +240,3 @@ def _errors(cluster: Cluster, name: str) -> str:
     if not errors:
         return "Nimbus reports no error (see the worker logs)"
     return "Nimbus reports: " + "; ".join(errors[:5])
-
-
-def _target_name(target: str) -> str:
-    spec, attr = _split(target)
-    if attr:
-        return attr
-    return Path(spec).stem if spec.endswith(".py") else spec.rpartition(".")[2]

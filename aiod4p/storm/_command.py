@@ -67,10 +67,9 @@ def storm_command(args: argparse.Namespace) -> int:
     from .._inputs import parse_cli_inputs
     from .._loading import load_graph
     from .._plan import PlanOptions
-    from ..mappings.storm import _target_name
     from . import build_project
     from ._cluster import cluster_at
-    from ._project import streamparse_env
+    from ._project import streamparse_env, target_name
 
     if args.num is not None and args.num < 1:
         raise ValueError(f"-n must be at least 1, not {args.num}")
@@ -81,7 +80,7 @@ def storm_command(args: argparse.Namespace) -> int:
     project = build_project(
         graph,
         Path(args.output),
-        name=args.name or _target_name(args.target),
+        name=args.name or target_name(args.target),
         inputs=inputs,
         options=PlanOptions(default_parallelism=args.num or 1),
         envs={"prod": streamparse_env(nimbus)},

@@ -20,6 +20,7 @@ from typing import Any
 
 from .._graph import FlatGraph, WorkflowGraph
 from .._inputs import Inputs, resolve_inputs
+from .._loading import _split
 from .._plan import ExecutionPlan, PlanOptions, make_plan
 from ..errors import GraphError, InputError, TargetError
 from ._spec import DEFAULT_MAX_REPLAYS, EOS_FIELD, EOS_STREAM, TopologySpec, plan_topology
@@ -32,6 +33,7 @@ __all__ = [
     "build_project",
     "load_topology",
     "streamparse_env",
+    "target_name",
     "topology_name",
 ]
 
@@ -67,6 +69,15 @@ class Project:
 def topology_name(text: str) -> str:
     """A Storm topology name made from ``text`` (a file stem, module or attribute name)."""
     return re.sub(r"[^A-Za-z0-9_-]", "_", text) or "workflow"
+
+
+def target_name(target: str) -> str:
+    """The name a workflow target gives its topology: the graph's attribute (``flow.py:graph``, ``pkg.flow:graph``),
+    else the file's stem (``path/to/flow.py``) or the module's last part (``pkg.flow``)."""
+    spec, attr = _split(target)
+    if attr:
+        return attr
+    return Path(spec).stem if spec.endswith(".py") else spec.rpartition(".")[2]
 
 
 def build_project(
