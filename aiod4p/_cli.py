@@ -14,11 +14,11 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NoReturn, TextIO
 
-from . import __version__, compat
+from . import __version__
 from ._api import WorkflowRun, loop_factory, run_in_threads
 from ._checkpoint import Checkpointing
 from ._inputs import find_pe, parse_cli_inputs
-from ._loading import _split, load_graph
+from ._loading import _split, load_workflow
 from ._logging import configure_logging
 from ._plan import DEFAULT_BATCH_SIZE, DEFAULT_CREDITS, make_plan
 from ._progress import progress, progress_wanted
@@ -353,8 +353,7 @@ def _run_loaded(args: argparse.Namespace, mapping: BaseMapping, results: str | N
     ):
         phase = "loading the workflow"  # what a signal stops, as it says
         try:
-            compat.install()  # dispel4py workflows run unchanged
-            graph = load_graph(args.target)
+            graph = load_workflow(args.target)
             run_in_threads(graph, args.threaded)
             inputs = parse_cli_inputs(args.iter, args.data, args.file)
             stdin = None
@@ -439,8 +438,7 @@ def _cap_workers(args: argparse.Namespace, mapping: BaseMapping) -> None:
 def _graph(args: argparse.Namespace) -> int:
     mapping = get_mapping(args.mapping)
     _cap_workers(args, mapping)  # the workers `aiod4p run` would start
-    compat.install()  # dispel4py workflows run unchanged
-    plan = make_plan(load_graph(args.target), mapping.plan_options(args.num, DEFAULT_BATCH_SIZE, DEFAULT_CREDITS))
+    plan = make_plan(load_workflow(args.target), mapping.plan_options(args.num, DEFAULT_BATCH_SIZE, DEFAULT_CREDITS))
     print(f"wrote {draw(plan, args.output, title=args.target)}")
     return 0
 

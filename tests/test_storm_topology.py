@@ -284,6 +284,31 @@ def test_cli_storm_build(tmp_path: Path) -> None:
     assert read_components(out)  # a valid topology
 
 
+def test_cli_storm_build_of_a_dispel4py_workflow(tmp_path: Path) -> None:
+    flow = tmp_path / "d4p_flow.py"
+    flow.write_text(
+        "from dispel4py.base import IterativePE, ProducerPE\n"
+        "from dispel4py.workflow_graph import WorkflowGraph\n"
+        "class Numbers(ProducerPE):\n"
+        "    def _process(self, inputs):\n"
+        "        return 1\n"
+        "class Negate(IterativePE):\n"
+        "    def _process(self, data):\n"
+        "        return -data\n"
+        "graph = WorkflowGraph()\n"
+        "graph.connect(Numbers(), 'output', Negate(), 'input')\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "aiod4p", "storm", "build", str(flow), "-o", str(tmp_path / "o"), "-i", "3"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    spec = json.loads((tmp_path / "o" / "src" / "aiod4p_topology.json").read_text())
+    assert spec["dispel4py"] is True  # loaded through aiod4p.compat: the components serve dispel4py too
+
+
 def test_cli_storm_build_bad_target(tmp_path: Path) -> None:
     done = subprocess.run(
         [sys.executable, "-m", "aiod4p", "storm", "build", str(tmp_path / "missing.py"), "-o", str(tmp_path / "o")],

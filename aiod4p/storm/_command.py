@@ -63,9 +63,8 @@ def storm_command(args: argparse.Namespace) -> int:
         import streamparse  # noqa: F401
     except ImportError as exc:
         raise MappingUnavailable(f"aiod4p storm needs streamparse: {install_hint('storm')}") from exc
-    from .. import compat
     from .._inputs import parse_cli_inputs
-    from .._loading import load_graph
+    from .._loading import load_workflow
     from .._plan import PlanOptions
     from . import build_project
     from ._cluster import cluster_at
@@ -74,8 +73,7 @@ def storm_command(args: argparse.Namespace) -> int:
     if args.num is not None and args.num < 1:
         raise ValueError(f"-n must be at least 1, not {args.num}")
     nimbus = cluster_at(args.nimbus, "--nimbus").address if args.nimbus else ""
-    compat.install()
-    graph = load_graph(args.target)
+    graph = load_workflow(args.target)
     inputs = parse_cli_inputs(args.iter, args.data, args.file)
     project = build_project(
         graph,
