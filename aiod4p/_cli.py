@@ -34,7 +34,8 @@ from .errors import Aiod4pError, reader_went_away, writing
 from .mappings import MAPPINGS, BaseMapping, get_mapping
 from .mappings._base import available_cpus
 from .sources import DEAD_LETTER, LINE_POLICIES, MAX_LINE_BYTES, LineStream
-from .storm._command import add_storm_parser, mapping_options, storm_command
+from .storm._command import mapping_options, storm_command
+from .storm._spec import DEFAULT_MAX_REPLAYS
 
 __all__ = ["main"]
 
@@ -91,7 +92,7 @@ def _parser() -> argparse.ArgumentParser:
         epilog=EXIT_STATUS_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    run.add_argument("target", help="module:graph, path/to/file.py[:graph], or a module holding one graph")
+    _add_target(run)
     _add_attr_option(run)
     run.add_argument("--mapping", "-m", default="async", choices=sorted(MAPPINGS), help="where to run (default: async)")
     run.add_argument("-n", "--num", type=_POSITIVE, default=None, metavar="N", help="workers (instances for async)")
@@ -101,10 +102,7 @@ def _parser() -> argparse.ArgumentParser:
         help="multi, and mpi started on this machine: start -n workers even beyond the CPUs available"
         " (by default at most one per CPU)",
     )
-    source = run.add_argument_group("inputs (dispel4py semantics; -f wins over -d, which wins over -i)")
-    source.add_argument("-i", "--iter", type=_COUNT, default=None, metavar="N", help="call every root PE N times")
-    source.add_argument("-d", "--data", default=None, metavar="JSON", help='{"PE": N or [input dicts]}')
-    source.add_argument("-f", "--file", default=None, metavar="FILE", help="a JSON file like -d")
+    source = _add_inputs(run)
     source.add_argument("--stdin", default=None, metavar="PE", help="read JSON Lines from stdin into root PE, live")
     source.add_argument(
         "--max-line",
@@ -160,16 +158,57 @@ def _parser() -> argparse.ArgumentParser:
     picture = commands.add_parser(
         "graph", help="draw a workflow", description="Draw a workflow graph: .dot, or .svg/.png/.pdf with Graphviz."
     )
-    picture.add_argument("target", help="module:graph, path/to/file.py[:graph], or a module holding one graph")
+    _add_target(picture)
     _add_attr_option(picture)
     picture.add_argument("-o", "--output", required=True, metavar="FILE", help="FILE.dot, FILE.svg, FILE.png or .pdf")
     picture.add_argument("--mapping", "-m", default="async", choices=sorted(MAPPINGS), help="whose parallelism to show")
     picture.add_argument("-n", "--num", type=_POSITIVE, default=None, metavar="N", help="workers, as for run")
     picture.add_argument("--oversubscribe", action="store_true", help="as for run: -n workers even beyond the CPUs")
     picture.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks of errors")
-    add_storm_parser(commands)
+    _add_storm_parser(commands)
     _add_science_parsers(commands)
     return parser
+
+
+def _add_target(parser: argparse.ArgumentParser) -> None:
+    """The positional ``target``: the workflow to load (see :func:`aiod4p.load_graph`)."""
+    parser.add_argument("target", help="module:graph, path/to/file.py[:graph], or a module holding one graph")
+
+
+def _add_inputs(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
+    """dispel4py's inputs of the root PEs, ``-i N``, ``-d JSON`` and ``-f FILE`` (see
+    :func:`aiod4p._inputs.parse_cli_inputs`); returns their group, for the command's other input options."""
+    source = parser.add_argument_group("inputs (dispel4py semantics; -f wins over -d, which wins over -i)")
+    source.add_argument("-i", "--iter", type=_COUNT, default=None, metavar="N", help="call every root PE N times")
+    source.add_argument("-d", "--data", default=None, metavar="JSON", help='{"PE": N or [input dicts]}')
+    source.add_argument("-f", "--file", default=None, metavar="FILE", help="a JSON file like -d")
+    return source
+
+
+def _add_storm_parser(commands: Any) -> None:
+    """``aiod4p storm build``, which :func:`aiod4p.storm._command.storm_command` runs."""
+    storm = commands.add_parser("storm", help="Apache Storm: build a workflow's topology", description="Apache Storm.")
+    actions = storm.add_subparsers(dest="storm_command", required=True)
+    build = actions.add_parser(
+        "build",
+        help="write the streamparse project of a workflow",
+        description="Write a streamparse project (topology, components, config.json) to submit with `sparse submit`.",
+    )
+    _add_target(build)
+    build.add_argument("-o", "--output", required=True, metavar="DIR", help="the project directory to write")
+    build.add_argument("--name", default=None, help="the topology name (default: from the target)")
+    build.add_argument(
+        "-n", "--num", type=_POSITIVE, default=None, metavar="N", help="tasks of PEs with no parallelism"
+    )
+    _add_inputs(build)
+    build.add_argument("--nimbus", default=None, metavar="HOST:PORT", help="write this Nimbus into config.json")
+    build.add_argument(
+        "--max-replays",
+        type=_COUNT,
+        default=DEFAULT_MAX_REPLAYS,
+        help=f"replays of a failed tuple (default {DEFAULT_MAX_REPLAYS})",
+    )
+    build.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks of errors")
 
 
 def _add_attr_option(parser: argparse.ArgumentParser) -> None:

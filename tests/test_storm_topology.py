@@ -17,6 +17,7 @@ from storm_harness import Component, read_components
 from workflows import Count, Double, Merge, Tag, WhoSawWhat, multi_edge, parity
 
 from aiod4p import FunctionPE, GenericPE, PlanOptions, WorkflowGraph, group_by, load_graph
+from aiod4p._cli import main
 from aiod4p.errors import GraphError, InputError, TargetError
 from aiod4p.storm import WireError, build_jar, build_project, decode, encode
 from aiod4p.storm._project import target_name
@@ -318,6 +319,27 @@ def test_cli_storm_build_bad_target(tmp_path: Path) -> None:
     )
     assert done.returncode == 1
     assert "missing.py does not exist" in done.stderr
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [
+        (["-i", "-5"], "argument -i/--iter: must be at least 0, not -5"),
+        (["-n", "0"], "argument -n/--num: must be at least 1, not 0"),
+        (["--max-replays", "-1"], "argument --max-replays: must be at least 0, not -1"),
+        (["--max-replays", "many"], "argument --max-replays: not an integer: 'many'"),
+    ],
+)
+def test_cli_storm_build_refuses_bad_numbers(
+    tmp_path: Path, option: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Checked as `aiod4p run` checks them: a usage error (exit 2) naming the option; nothing is written.
+    `-i -5` was taken, and refused only later, as a bad input (exit 1)."""
+    with pytest.raises(SystemExit) as exit_:
+        main(["storm", "build", str(ROOT / "examples" / "wordcount.py"), "-o", str(tmp_path / "o"), *option])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.endswith(f"error: {message}\n")
     assert not (tmp_path / "o").exists()
 
 
