@@ -140,7 +140,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--nimbus", default=None, metavar="HOST:PORT", help="Storm's Nimbus (--mapping storm)")
     run.add_argument("--address", default=None, metavar="ADDR", help="the Ray cluster to join (--mapping ray)")
-    run.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks of errors")
+    _add_debug_option(run)
     _add_checkpoint_options(run)
     seeing = run.add_argument_group("progress, statistics and logging")
     seeing.add_argument("--stats", action="store_true", help="print a table of per-PE statistics at the end (stderr)")
@@ -164,10 +164,16 @@ def _parser() -> argparse.ArgumentParser:
     picture.add_argument("--mapping", "-m", default="async", choices=sorted(MAPPINGS), help="whose parallelism to show")
     picture.add_argument("-n", "--num", type=_POSITIVE, default=None, metavar="N", help="workers, as for run")
     picture.add_argument("--oversubscribe", action="store_true", help="as for run: -n workers even beyond the CPUs")
-    picture.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks of errors")
+    _add_debug_option(picture)
     _add_storm_parser(commands)
     _add_science_parsers(commands)
     return parser
+
+
+def _add_debug_option(parser: argparse.ArgumentParser) -> None:
+    """``--debug`` after a command's name too (``aiod4p run flow.py --debug``); not given, it leaves ``aiod4p``'s
+    own ``--debug`` as it was."""
+    parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks of errors")
 
 
 def _add_target(parser: argparse.ArgumentParser) -> None:
@@ -208,7 +214,7 @@ def _add_storm_parser(commands: Any) -> None:
         default=DEFAULT_MAX_REPLAYS,
         help=f"replays of a failed tuple (default {DEFAULT_MAX_REPLAYS})",
     )
-    build.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks of errors")
+    _add_debug_option(build)
 
 
 def _add_attr_option(parser: argparse.ArgumentParser) -> None:
@@ -858,7 +864,7 @@ def _add_science_parsers(commands: Any) -> None:
         metavar="OUT",
         help="with --trace: draw the lineage of RESULT: OUT.dot, .svg, .png or .pdf",
     )
-    lineage.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks of errors")
+    _add_debug_option(lineage)
     stats = commands.add_parser("stats", help="work with a --stats-json file", description="Statistics files.")
     actions = stats.add_subparsers(dest="stats_command", required=True)
     plot = actions.add_parser(
@@ -866,7 +872,7 @@ def _add_science_parsers(commands: Any) -> None:
     )
     plot.add_argument("file", metavar="STATS.json", help="written by `aiod4p run --stats-json`")
     plot.add_argument("-o", "--output", required=True, metavar="FILE", help="FILE.png, .svg or .pdf")
-    plot.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks of errors")
+    _add_debug_option(plot)
 
 
 def _science_command(args: argparse.Namespace) -> int:
