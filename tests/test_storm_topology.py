@@ -18,7 +18,7 @@ from workflows import Count, Double, Merge, Tag, WhoSawWhat, multi_edge, parity
 
 from aiod4p import FunctionPE, GenericPE, PlanOptions, WorkflowGraph, group_by, load_graph
 from aiod4p._cli import main
-from aiod4p.errors import GraphError, InputError, TargetError
+from aiod4p.errors import GraphError, InputError, TargetError, TransportError
 from aiod4p.storm import WireError, build_jar, build_project, decode, encode
 from aiod4p.storm._project import target_name
 
@@ -240,8 +240,9 @@ def test_json_items_round_trip_exactly(item: Any) -> None:
     ids=repr,
 )
 def test_other_items_are_rejected(item: Any, reason: str) -> None:
-    with pytest.raises(WireError, match=reason):
+    with pytest.raises(WireError, match=reason) as error:
         encode(item)
+    assert isinstance(error.value, TransportError)  # in aiod4p's one tree of errors
 
 
 @pytest.mark.parametrize(
