@@ -17,6 +17,8 @@ pytest.importorskip("streamparse", reason="the storm extra is not installed")
 
 from aiod4p._install import install_hint
 from aiod4p.errors import MappingUnavailable
+from aiod4p.mappings.asyncio import AsyncMapping
+from aiod4p.mappings.storm import StormMapping
 from aiod4p.storm._cluster import cluster_at, configured_nimbus, find_cluster
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -176,6 +178,12 @@ def test_the_nimbus_of_a_storm_configuration() -> None:
     assert cluster_at("host", "conf").address == "host:6627"
     with pytest.raises(MappingUnavailable, match=r"conf: 'host:0' is not HOST or HOST:PORT"):
         cluster_at("host:0", "conf")
+
+
+def test_n_gives_tasks_as_the_async_mapping_gives_instances() -> None:
+    options = StormMapping().plan_options(4, 100, 2)
+    assert options == AsyncMapping().plan_options(4, 100, 2)
+    assert (options.workers, options.default_parallelism) == (1, 4)
 
 
 def test_nimbus_without_supervisors(

@@ -27,7 +27,7 @@ from typing import Any
 import streamparse  # noqa: F401 - the storm extra: without it get_mapping() explains how to install it
 
 from .._engine import Feed
-from .._plan import ExecutionPlan, PlanOptions
+from .._plan import ExecutionPlan
 from .._results import ResultSink
 from .._stats import InstanceStats
 from .._threads import finished_in_thread
@@ -48,6 +48,7 @@ from ..storm._project import target_name
 from ..storm._run import RunReport
 from ..storm._spec import DEFAULT_MAX_REPLAYS
 from ._base import BaseMapping, RunControl
+from .asyncio import AsyncMapping
 
 __all__ = ["DEFAULT_CONF", "StormMapping"]
 
@@ -100,9 +101,8 @@ class StormMapping(BaseMapping):
         self.submitted: str | None = None
         self.facts: dict[str, Any] = {}
 
-    def plan_options(self, workers: int | None, batch_size: int, credits: int) -> PlanOptions:
-        # -n N: N tasks for every PE whose parallelism is unset (as the async mapping's instances).
-        return PlanOptions(workers=1, default_parallelism=workers or 1, batch_size=batch_size, credits=credits)
+    # -n N: N tasks for every PE whose parallelism is unset, as the async mapping's instances.
+    plan_options = AsyncMapping.plan_options
 
     async def execute(
         self,
