@@ -256,26 +256,17 @@ def test_a_target_names_its_topology(target: str, name: str) -> None:
 # -- command line --------------------------------------------------------------------------------
 
 
+def storm_build(*args: str) -> subprocess.CompletedProcess[str]:
+    """``aiod4p storm build ARGS`` in a new process."""
+    return subprocess.run(
+        [sys.executable, "-m", "aiod4p", "storm", "build", *args], capture_output=True, text=True, timeout=60
+    )
+
+
 def test_cli_storm_build(tmp_path: Path) -> None:
     out = tmp_path / "wc"
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "aiod4p",
-            "storm",
-            "build",
-            str(ROOT / "examples" / "wordcount.py"),
-            "-o",
-            str(out),
-            "-i",
-            "2",
-            "--nimbus",
-            "nimbus.example.org",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
+    done = storm_build(
+        str(ROOT / "examples" / "wordcount.py"), "-o", str(out), "-i", "2", "--nimbus", "nimbus.example.org"
     )
     assert done.returncode == 0, done.stderr
     assert "wrote topology wordcount_topology (1 spouts, 2 bolts)" in done.stdout
@@ -300,24 +291,14 @@ def test_cli_storm_build_of_a_dispel4py_workflow(tmp_path: Path) -> None:
         "graph = WorkflowGraph()\n"
         "graph.connect(Numbers(), 'output', Negate(), 'input')\n"
     )
-    done = subprocess.run(
-        [sys.executable, "-m", "aiod4p", "storm", "build", str(flow), "-o", str(tmp_path / "o"), "-i", "3"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    done = storm_build(str(flow), "-o", str(tmp_path / "o"), "-i", "3")
     assert done.returncode == 0, done.stderr
     spec = json.loads((tmp_path / "o" / "src" / "aiod4p_topology.json").read_text())
     assert spec["dispel4py"] is True  # loaded through aiod4p.compat: the components serve dispel4py too
 
 
 def test_cli_storm_build_bad_target(tmp_path: Path) -> None:
-    done = subprocess.run(
-        [sys.executable, "-m", "aiod4p", "storm", "build", str(tmp_path / "missing.py"), "-o", str(tmp_path / "o")],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    done = storm_build(str(tmp_path / "missing.py"), "-o", str(tmp_path / "o"))
     assert done.returncode == 1
     assert "missing.py does not exist" in done.stderr
     assert not (tmp_path / "o").exists()
@@ -345,13 +326,7 @@ def test_cli_storm_build_refuses_bad_numbers(
 
 
 def test_cli_storm_build_bad_nimbus(tmp_path: Path) -> None:
-    wordcount = str(ROOT / "examples" / "wordcount.py")
-    done = subprocess.run(
-        [sys.executable, "-m", "aiod4p", "storm", "build", wordcount, "-o", str(tmp_path / "o"), "--nimbus", "h:x"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    done = storm_build(str(ROOT / "examples" / "wordcount.py"), "-o", str(tmp_path / "o"), "--nimbus", "h:x")
     assert done.returncode == 1
     assert "--nimbus: 'h:x' is not HOST or HOST:PORT" in done.stderr
     assert not (tmp_path / "o").exists()
