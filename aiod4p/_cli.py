@@ -14,11 +14,11 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NoReturn, TextIO
 
-from . import __version__, compat
+from . import __version__
 from ._api import WorkflowRun, loop_factory, run_in_threads
 from ._checkpoint import Checkpointing
 from ._inputs import find_pe, parse_cli_inputs
-from ._loading import _split, load_graph
+from ._loading import _split, load_workflow
 from ._logging import configure_logging
 from ._plan import DEFAULT_BATCH_SIZE, DEFAULT_CREDITS, PROVENANCE_LEVELS, make_plan
 from ._progress import progress, progress_wanted
@@ -34,7 +34,8 @@ from .errors import Aiod4pError, reader_went_away, writing
 from .mappings import MAPPINGS, BaseMapping, get_mapping
 from .mappings._base import available_cpus
 from .sources import DEAD_LETTER, LINE_POLICIES, MAX_LINE_BYTES, LineStream
-from .storm._command import add_storm_parser, mapping_options, storm_command
+from .storm._command import mapping_options, storm_command
+from .storm._spec import DEFAULT_MAX_REPLAYS
 
 __all__ = ["main"]
 
@@ -91,7 +92,7 @@ def _parser() -> argparse.ArgumentParser:
         epilog=EXIT_STATUS_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    run.add_argument("target", help="module:graph, path/to/file.py[:graph], or a module holding one graph")
+    _add_target(run)
     _add_attr_option(run)
     run.add_argument("--mapping", "-m", default="async", choices=sorted(MAPPINGS), help="where to run (default: async)")
     run.add_argument("-n", "--num", type=_POSITIVE, default=None, metavar="N", help="workers (instances for async)")
@@ -101,10 +102,7 @@ def _parser() -> argparse.ArgumentParser:
         help="multi, and mpi started on this machine: start -n workers even beyond the CPUs available"
         " (by default at most one per CPU)",
     )
-    source = run.add_argument_group("inputs (dispel4py semantics; -f wins over -d, which wins over -i)")
-    source.add_argument("-i", "--iter", type=_COUNT, default=None, metavar="N", help="call every root PE N times")
-    source.add_argument("-d", "--data", default=None, metavar="JSON", help='{"PE": N or [input dicts]}')
-    source.add_argument("-f", "--file", default=None, metavar="FILE", help="a JSON file like -d")
+    source = _add_inputs(run)
     source.add_argument("--stdin", default=None, metavar="PE", help="read JSON Lines from stdin into root PE, live")
     source.add_argument(
         "--max-line",
@@ -142,7 +140,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--nimbus", default=None, metavar="HOST:PORT", help="Storm's Nimbus (--mapping storm)")
     run.add_argument("--address", default=None, metavar="ADDR", help="the Ray cluster to join (--mapping ray)")
-    run.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks of errors")
+    _add_debug_option(run)
     _add_checkpoint_options(run)
     seeing = run.add_argument_group("progress, statistics and logging")
     seeing.add_argument("--stats", action="store_true", help="print a table of per-PE statistics at the end (stderr)")
@@ -160,16 +158,63 @@ def _parser() -> argparse.ArgumentParser:
     picture = commands.add_parser(
         "graph", help="draw a workflow", description="Draw a workflow graph: .dot, or .svg/.png/.pdf with Graphviz."
     )
-    picture.add_argument("target", help="module:graph, path/to/file.py[:graph], or a module holding one graph")
+    _add_target(picture)
     _add_attr_option(picture)
     picture.add_argument("-o", "--output", required=True, metavar="FILE", help="FILE.dot, FILE.svg, FILE.png or .pdf")
     picture.add_argument("--mapping", "-m", default="async", choices=sorted(MAPPINGS), help="whose parallelism to show")
     picture.add_argument("-n", "--num", type=_POSITIVE, default=None, metavar="N", help="workers, as for run")
     picture.add_argument("--oversubscribe", action="store_true", help="as for run: -n workers even beyond the CPUs")
-    picture.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks of errors")
-    add_storm_parser(commands)
+    _add_debug_option(picture)
+    _add_storm_parser(commands)
     _add_science_parsers(commands)
     return parser
+
+
+def _add_debug_option(parser: argparse.ArgumentParser) -> None:
+    """``--debug`` after a command's name too (``aiod4p run flow.py --debug``); not given, it leaves ``aiod4p``'s
+    own ``--debug`` as it was."""
+    parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks of errors")
+
+
+def _add_target(parser: argparse.ArgumentParser) -> None:
+    """The positional ``target``: the workflow to load (see :func:`aiod4p.load_graph`)."""
+    parser.add_argument("target", help="module:graph, path/to/file.py[:graph], or a module holding one graph")
+
+
+def _add_inputs(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
+    """dispel4py's inputs of the root PEs, ``-i N``, ``-d JSON`` and ``-f FILE`` (see
+    :func:`aiod4p._inputs.parse_cli_inputs`); returns their group, for the command's other input options."""
+    source = parser.add_argument_group("inputs (dispel4py semantics; -f wins over -d, which wins over -i)")
+    source.add_argument("-i", "--iter", type=_COUNT, default=None, metavar="N", help="call every root PE N times")
+    source.add_argument("-d", "--data", default=None, metavar="JSON", help='{"PE": N or [input dicts]}')
+    source.add_argument("-f", "--file", default=None, metavar="FILE", help="a JSON file like -d")
+    return source
+
+
+def _add_storm_parser(commands: Any) -> None:
+    """``aiod4p storm build``, which :func:`aiod4p.storm._command.storm_command` runs."""
+    storm = commands.add_parser("storm", help="Apache Storm: build a workflow's topology", description="Apache Storm.")
+    actions = storm.add_subparsers(dest="storm_command", required=True)
+    build = actions.add_parser(
+        "build",
+        help="write the streamparse project of a workflow",
+        description="Write a streamparse project (topology, components, config.json) to submit with `sparse submit`.",
+    )
+    _add_target(build)
+    build.add_argument("-o", "--output", required=True, metavar="DIR", help="the project directory to write")
+    build.add_argument("--name", default=None, help="the topology name (default: from the target)")
+    build.add_argument(
+        "-n", "--num", type=_POSITIVE, default=None, metavar="N", help="tasks of PEs with no parallelism"
+    )
+    _add_inputs(build)
+    build.add_argument("--nimbus", default=None, metavar="HOST:PORT", help="write this Nimbus into config.json")
+    build.add_argument(
+        "--max-replays",
+        type=_COUNT,
+        default=DEFAULT_MAX_REPLAYS,
+        help=f"replays of a failed tuple (default {DEFAULT_MAX_REPLAYS})",
+    )
+    _add_debug_option(build)
 
 
 def _add_attr_option(parser: argparse.ArgumentParser) -> None:
@@ -353,8 +398,7 @@ def _run_loaded(args: argparse.Namespace, mapping: BaseMapping, results: str | N
     ):
         phase = "loading the workflow"  # what a signal stops, as it says
         try:
-            compat.install()  # dispel4py workflows run unchanged
-            graph = load_graph(args.target)
+            graph = load_workflow(args.target)
             run_in_threads(graph, args.threaded)
             inputs = parse_cli_inputs(args.iter, args.data, args.file)
             stdin = None
@@ -439,8 +483,7 @@ def _cap_workers(args: argparse.Namespace, mapping: BaseMapping) -> None:
 def _graph(args: argparse.Namespace) -> int:
     mapping = get_mapping(args.mapping)
     _cap_workers(args, mapping)  # the workers `aiod4p run` would start
-    compat.install()  # dispel4py workflows run unchanged
-    plan = make_plan(load_graph(args.target), mapping.plan_options(args.num, DEFAULT_BATCH_SIZE, DEFAULT_CREDITS))
+    plan = make_plan(load_workflow(args.target), mapping.plan_options(args.num, DEFAULT_BATCH_SIZE, DEFAULT_CREDITS))
     print(f"wrote {draw(plan, args.output, title=args.target)}")
     return 0
 
@@ -759,7 +802,8 @@ def _add_checkpoint_options(run: argparse.ArgumentParser) -> None:
         type=_COUNT,
         default=None,
         metavar="N",
-        help="restart the run from its last checkpoint when a worker dies, up to N times (default 0)",
+        help="restart the run from its last checkpoint when a worker dies, up to N times"
+        f" (default {Checkpointing.restarts})",
     )
 
 
@@ -820,7 +864,7 @@ def _add_science_parsers(commands: Any) -> None:
         metavar="OUT",
         help="with --trace: draw the lineage of RESULT: OUT.dot, .svg, .png or .pdf",
     )
-    lineage.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks of errors")
+    _add_debug_option(lineage)
     stats = commands.add_parser("stats", help="work with a --stats-json file", description="Statistics files.")
     actions = stats.add_subparsers(dest="stats_command", required=True)
     plot = actions.add_parser(
@@ -828,7 +872,7 @@ def _add_science_parsers(commands: Any) -> None:
     )
     plot.add_argument("file", metavar="STATS.json", help="written by `aiod4p run --stats-json`")
     plot.add_argument("-o", "--output", required=True, metavar="FILE", help="FILE.png, .svg or .pdf")
-    plot.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks of errors")
+    _add_debug_option(plot)
 
 
 def _science_command(args: argparse.Namespace) -> int:

@@ -25,6 +25,7 @@ __all__ = [
     "in_worker",
     "load_graph",
     "load_module",
+    "load_workflow",
     "preload",
     "quiet_import",
     "ship_code",
@@ -293,6 +294,19 @@ def load_graph(target: str) -> WorkflowGraph:
         raise TargetError(f"{spec} defines no WorkflowGraph; name one with {spec}:ATTR")
     names = ", ".join(sorted(graphs))
     raise TargetError(f"{spec} defines several workflow graphs ({names}); choose one with {spec}:ATTR")
+
+
+def load_workflow(target: str) -> WorkflowGraph:
+    """Load the workflow graph named by ``target`` as the command line does: :func:`load_graph`, with
+    :mod:`aiod4p.compat` installed first, so that a dispel4py workflow runs unchanged.
+
+    Raises:
+        TargetError: as :func:`load_graph`.
+    """
+    from . import compat  # only for a workflow to load here: the core never imports it otherwise
+
+    compat.install()
+    return load_graph(target)
 
 
 def _nested_graphs(graph: WorkflowGraph) -> set[int]:

@@ -156,8 +156,10 @@ def test_pe_exception_gives_one_line_and_exit_1(workflow_file: Path) -> None:
     ]
 
 
-def test_debug_adds_the_traceback(workflow_file: Path) -> None:
-    done = aiod4p("--debug", "run", str(workflow_file), "-i", "20")
+@pytest.mark.parametrize("after", [False, True], ids=["before the command", "after it"])
+def test_debug_adds_the_traceback(workflow_file: Path, after: bool) -> None:
+    args = ["run", str(workflow_file), "-i", "20"]
+    done = aiod4p(*args, "--debug") if after else aiod4p("--debug", *args)
     assert done.returncode == 1
     assert "Traceback" in done.stderr and 'raise ValueError("unlucky")' in done.stderr
 

@@ -19,6 +19,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -237,6 +238,32 @@ def test_a_signal_during_the_submission_drains_the_run(nimbus: str) -> None:
     with nimbus_client(Cluster(host, int(port), "tests")) as client:
         left = {t.name: t.status for t in client.getClusterInfo().topologies or [] if t.name == name}
     assert left in ({}, {name: "KILLED"}), left
+
+
+def test_the_topology_of_a_killed_run_is_killed_by_its_spout(nimbus: str) -> None:
+    """A run killed outright (SIGKILL) kills nothing; its spout finds the run gone and kills the topology, at the
+    Nimbus its Storm configuration names."""
+    process = interrupted("tests/storm_workflows.py:endless", nimbus, "-v")
+    try:
+        said = read_until(process.stderr, "submitting topology")
+        name = said.split("submitting topology ", 1)[1].split()[0]
+        assert process.stdout is not None
+        assert process.stdout.readline(), said  # the topology runs: results stream back
+    finally:
+        process.kill()
+        process.wait(timeout=60)
+        for stream in (process.stdout, process.stderr):
+            assert stream is not None
+            stream.close()
+    host, port = nimbus.split(":")
+    deadline = time.monotonic() + SUBMISSION / 2
+    while True:
+        with nimbus_client(Cluster(host, int(port), "tests")) as client:
+            left = {t.name: t.status for t in client.getClusterInfo().topologies or [] if t.name == name}
+        if left in ({}, {name: "KILLED"}):
+            break
+        assert time.monotonic() < deadline, f"the topology of the killed run still runs: {left}"
+        time.sleep(0.5)  # ok-sleep: polling Nimbus
 
 
 # -- the Python API: many workflows in one topology ------------------------------------------------

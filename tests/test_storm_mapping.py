@@ -17,7 +17,9 @@ pytest.importorskip("streamparse", reason="the storm extra is not installed")
 
 from aiod4p._install import install_hint
 from aiod4p.errors import MappingUnavailable
-from aiod4p.storm._cluster import find_cluster
+from aiod4p.mappings.asyncio import AsyncMapping
+from aiod4p.mappings.storm import StormMapping
+from aiod4p.storm._cluster import cluster_at, configured_nimbus, find_cluster
 
 ROOT = Path(__file__).resolve().parents[1]
 WORDCOUNT = str(ROOT / "examples" / "wordcount.py")
@@ -155,6 +157,33 @@ def test_where_the_cluster_address_comes_from(tmp_path: Path, monkeypatch: pytes
     monkeypatch.setenv("AIOD4P_STORM_ENV", "c")
     with pytest.raises(MappingUnavailable, match=r"no environment 'c'"):
         find_cluster()
+
+
+def test_a_bad_port_in_storm_yaml_names_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("STREAMPARSE_NIMBUS", "STORM_CONF_DIR", "STORM_HOME"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "storm.yaml").write_text("nimbus.host: seed\nnimbus.thrift.port: thrift\n")
+    monkeypatch.setenv("STORM_CONF_DIR", str(tmp_path))
+    with pytest.raises(MappingUnavailable, match=r"storm.yaml: 'seed:thrift' is not HOST or HOST:PORT"):
+        find_cluster()
+
+
+def test_the_nimbus_of_a_storm_configuration() -> None:
+    """As a topology's spout finds the Nimbus to kill it at: storm.yaml's keys, in the topology's conf."""
+    assert configured_nimbus({"nimbus.seeds": ["seed1", "seed2"], "nimbus.thrift.port": 7000}) == "seed1:7000"
+    assert configured_nimbus({"nimbus.host": "host"}) == "host"
+    assert configured_nimbus({"nimbus.seeds": [], "nimbus.thrift.port": 7000}) is None
+    assert cluster_at("host", "conf").address == "host:6627"
+    with pytest.raises(MappingUnavailable, match=r"conf: 'host:0' is not HOST or HOST:PORT"):
+        cluster_at("host:0", "conf")
+
+
+def test_n_gives_tasks_as_the_async_mapping_gives_instances() -> None:
+    options = StormMapping().plan_options(4, 100, 2)
+    assert options == AsyncMapping().plan_options(4, 100, 2)
+    assert (options.workers, options.default_parallelism) == (1, 4)
 
 
 def test_nimbus_without_supervisors(

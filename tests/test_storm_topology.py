@@ -17,8 +17,10 @@ from storm_harness import Component, read_components
 from workflows import Count, Double, Merge, Tag, WhoSawWhat, multi_edge, parity
 
 from aiod4p import FunctionPE, GenericPE, PlanOptions, WorkflowGraph, group_by, load_graph
-from aiod4p.errors import GraphError, InputError, TargetError
+from aiod4p._cli import main
+from aiod4p.errors import GraphError, InputError, TargetError, TransportError
 from aiod4p.storm import WireError, build_jar, build_project, decode, encode
+from aiod4p.storm._project import target_name
 
 ROOT = Path(__file__).resolve().parents[1]
 EOS = ("aiod4p_eos", ["pe"])
@@ -238,33 +240,33 @@ def test_json_items_round_trip_exactly(item: Any) -> None:
     ids=repr,
 )
 def test_other_items_are_rejected(item: Any, reason: str) -> None:
-    with pytest.raises(WireError, match=reason):
+    with pytest.raises(WireError, match=reason) as error:
         encode(item)
+    assert isinstance(error.value, TransportError)  # in aiod4p's one tree of errors
+
+
+@pytest.mark.parametrize(
+    ("target", "name"),
+    [("path/to/flow.py", "flow"), ("flow.py:graph", "graph"), ("pkg.flow", "flow"), ("pkg.flow:graph", "graph")],
+)
+def test_a_target_names_its_topology(target: str, name: str) -> None:
+    assert target_name(target) == name
 
 
 # -- command line --------------------------------------------------------------------------------
 
 
+def storm_build(*args: str) -> subprocess.CompletedProcess[str]:
+    """``aiod4p storm build ARGS`` in a new process."""
+    return subprocess.run(
+        [sys.executable, "-m", "aiod4p", "storm", "build", *args], capture_output=True, text=True, timeout=60
+    )
+
+
 def test_cli_storm_build(tmp_path: Path) -> None:
     out = tmp_path / "wc"
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "aiod4p",
-            "storm",
-            "build",
-            str(ROOT / "examples" / "wordcount.py"),
-            "-o",
-            str(out),
-            "-i",
-            "2",
-            "--nimbus",
-            "nimbus.example.org",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
+    done = storm_build(
+        str(ROOT / "examples" / "wordcount.py"), "-o", str(out), "-i", "2", "--nimbus", "nimbus.example.org"
     )
     assert done.returncode == 0, done.stderr
     assert "wrote topology wordcount_topology (1 spouts, 2 bolts)" in done.stdout
@@ -275,13 +277,56 @@ def test_cli_storm_build(tmp_path: Path) -> None:
     assert read_components(out)  # a valid topology
 
 
-def test_cli_storm_build_bad_target(tmp_path: Path) -> None:
-    done = subprocess.run(
-        [sys.executable, "-m", "aiod4p", "storm", "build", str(tmp_path / "missing.py"), "-o", str(tmp_path / "o")],
-        capture_output=True,
-        text=True,
-        timeout=60,
+def test_cli_storm_build_of_a_dispel4py_workflow(tmp_path: Path) -> None:
+    flow = tmp_path / "d4p_flow.py"
+    flow.write_text(
+        "from dispel4py.base import IterativePE, ProducerPE\n"
+        "from dispel4py.workflow_graph import WorkflowGraph\n"
+        "class Numbers(ProducerPE):\n"
+        "    def _process(self, inputs):\n"
+        "        return 1\n"
+        "class Negate(IterativePE):\n"
+        "    def _process(self, data):\n"
+        "        return -data\n"
+        "graph = WorkflowGraph()\n"
+        "graph.connect(Numbers(), 'output', Negate(), 'input')\n"
     )
+    done = storm_build(str(flow), "-o", str(tmp_path / "o"), "-i", "3")
+    assert done.returncode == 0, done.stderr
+    spec = json.loads((tmp_path / "o" / "src" / "aiod4p_topology.json").read_text())
+    assert spec["dispel4py"] is True  # loaded through aiod4p.compat: the components serve dispel4py too
+
+
+def test_cli_storm_build_bad_target(tmp_path: Path) -> None:
+    done = storm_build(str(tmp_path / "missing.py"), "-o", str(tmp_path / "o"))
     assert done.returncode == 1
     assert "missing.py does not exist" in done.stderr
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [
+        (["-i", "-5"], "argument -i/--iter: must be at least 0, not -5"),
+        (["-n", "0"], "argument -n/--num: must be at least 1, not 0"),
+        (["--max-replays", "-1"], "argument --max-replays: must be at least 0, not -1"),
+        (["--max-replays", "many"], "argument --max-replays: not an integer: 'many'"),
+    ],
+)
+def test_cli_storm_build_refuses_bad_numbers(
+    tmp_path: Path, option: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Checked as `aiod4p run` checks them: a usage error (exit 2) naming the option; nothing is written.
+    `-i -5` was taken, and refused only later, as a bad input (exit 1)."""
+    with pytest.raises(SystemExit) as exit_:
+        main(["storm", "build", str(ROOT / "examples" / "wordcount.py"), "-o", str(tmp_path / "o"), *option])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.endswith(f"error: {message}\n")
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_storm_build_bad_nimbus(tmp_path: Path) -> None:
+    done = storm_build(str(ROOT / "examples" / "wordcount.py"), "-o", str(tmp_path / "o"), "--nimbus", "h:x")
+    assert done.returncode == 1
+    assert "--nimbus: 'h:x' is not HOST or HOST:PORT" in done.stderr
     assert not (tmp_path / "o").exists()

@@ -27,8 +27,7 @@ from typing import Any
 import streamparse  # noqa: F401 - the storm extra: without it get_mapping() explains how to install it
 
 from .._engine import Feed
-from .._loading import _split
-from .._plan import ExecutionPlan, PlanOptions
+from .._plan import ExecutionPlan
 from .._results import ResultSink
 from .._stats import InstanceStats
 from .._threads import finished_in_thread
@@ -45,8 +44,11 @@ from ..storm._cluster import (
     submit_env,
     topology_facts,
 )
+from ..storm._project import target_name
 from ..storm._run import RunReport
+from ..storm._spec import DEFAULT_MAX_REPLAYS
 from ._base import BaseMapping, RunControl
+from .asyncio import AsyncMapping
 
 __all__ = ["DEFAULT_CONF", "StormMapping"]
 
@@ -86,12 +88,12 @@ class StormMapping(BaseMapping):
         target: str | None = None,
         name: str | None = None,
         conf: Mapping[str, Any] | None = None,
-        max_replays: int = 3,
+        max_replays: int = DEFAULT_MAX_REPLAYS,
         callback_host: str | None = None,
         start_timeout: float = 300.0,
     ) -> None:
         self.nimbus = nimbus
-        self.topology = topology_name(name or (_target_name(target) if target else "aiod4p"))
+        self.topology = topology_name(name or (target_name(target) if target else "aiod4p"))
         self.conf = {**DEFAULT_CONF, **(conf or {})}
         self.max_replays = max_replays
         self.callback_host = callback_host
@@ -99,9 +101,8 @@ class StormMapping(BaseMapping):
         self.submitted: str | None = None
         self.facts: dict[str, Any] = {}
 
-    def plan_options(self, workers: int | None, batch_size: int, credits: int) -> PlanOptions:
-        # -n N: N tasks for every PE whose parallelism is unset (as the async mapping's instances).
-        return PlanOptions(workers=1, default_parallelism=workers or 1, batch_size=batch_size, credits=credits)
+    # -n N: N tasks for every PE whose parallelism is unset, as the async mapping's instances.
+    plan_options = AsyncMapping.plan_options
 
     async def execute(
         self,
@@ -239,10 +240,3 @@ def _errors(cluster: Cluster, name: str) -> str:
     if not errors:
         return "Nimbus reports no error (see the worker logs)"
     return "Nimbus reports: " + "; ".join(errors[:5])
-
-
-def _target_name(target: str) -> str:
-    spec, attr = _split(target)
-    if attr:
-        return attr
-    return Path(spec).stem if spec.endswith(".py") else spec.rpartition(".")[2]

@@ -15,9 +15,20 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import Aiod4pError, MappingUnavailable
-from ._project import Project, build_jar
+from ._project import Project, build_jar, streamparse_env
 
-__all__ = ["Cluster", "deactivate", "find_cluster", "kill", "nimbus", "probe", "submit", "topology_facts"]
+__all__ = [
+    "Cluster",
+    "cluster_at",
+    "configured_nimbus",
+    "deactivate",
+    "find_cluster",
+    "kill",
+    "nimbus",
+    "probe",
+    "submit",
+    "topology_facts",
+]
 
 DEFAULT_PORT = 6627
 ENV_NAME = "aiod4p"
@@ -47,15 +58,33 @@ class Cluster:
         return f"{self.host}:{self.port}"
 
 
-def _address(text: str, origin: str) -> tuple[str, int]:
-    host, _, port = text.strip().rpartition(":") if ":" in text else (text.strip(), "", "")
+def cluster_at(address: str, origin: str, env: dict[str, Any] | None = None) -> Cluster:
+    """The cluster whose Nimbus is at ``address``: ``HOST`` or ``HOST:PORT`` (default port :data:`DEFAULT_PORT`).
+
+    ``origin`` says where the address came from; ``env`` is the streamparse environment to submit with.
+
+    Raises:
+        MappingUnavailable: ``address`` is not ``HOST`` or ``HOST:PORT`` (the message names ``origin``).
+    """
+    host, _, port = address.strip().rpartition(":") if ":" in address else (address.strip(), "", "")
     try:
         number = int(port) if port else DEFAULT_PORT
     except ValueError:
-        raise MappingUnavailable(f"{origin}: {text!r} is not HOST or HOST:PORT") from None
+        raise MappingUnavailable(f"{origin}: {address!r} is not HOST or HOST:PORT") from None
     if not host or not 0 < number < 65536:
-        raise MappingUnavailable(f"{origin}: {text!r} is not HOST or HOST:PORT")
-    return host, number
+        raise MappingUnavailable(f"{origin}: {address!r} is not HOST or HOST:PORT")
+    return Cluster(host, number, origin, env or {})
+
+
+def configured_nimbus(conf: Mapping[str, Any]) -> str | None:
+    """The address of Nimbus in a Storm configuration (``storm.yaml``, a topology's conf), for :func:`cluster_at`:
+    the first of ``nimbus.seeds`` (or ``nimbus.host``), at ``nimbus.thrift.port`` if set; ``None`` if there is none.
+    """
+    seeds = conf.get("nimbus.seeds") or ([conf["nimbus.host"]] if conf.get("nimbus.host") else [])
+    if not seeds:
+        return None
+    port = conf.get("nimbus.thrift.port")
+    return str(seeds[0]) if port is None else f"{seeds[0]}:{port}"
 
 
 def _user_env(config: Path) -> dict[str, Any]:
@@ -101,11 +130,11 @@ def find_cluster(nimbus: str | None = None, config: str | Path = "config.json") 
     config_path = Path(config)
     env = _user_env(config_path) if config_path.is_file() else {}
     if nimbus:
-        return Cluster(*_address(nimbus, "--nimbus"), "--nimbus", env)
+        return cluster_at(nimbus, "--nimbus", env)
     if os.environ.get("STREAMPARSE_NIMBUS"):
-        return Cluster(*_address(os.environ["STREAMPARSE_NIMBUS"], "STREAMPARSE_NIMBUS"), "STREAMPARSE_NIMBUS", env)
+        return cluster_at(os.environ["STREAMPARSE_NIMBUS"], "STREAMPARSE_NIMBUS", env)
     if env.get("nimbus"):
-        return Cluster(*_address(str(env["nimbus"]), str(config_path)), str(config_path), env)
+        return cluster_at(str(env["nimbus"]), str(config_path), env)
     yaml_path = _storm_yaml()
     if yaml_path is not None:
         from ruamel.yaml import YAML
@@ -114,10 +143,9 @@ def find_cluster(nimbus: str | None = None, config: str | Path = "config.json") 
             conf = YAML(typ="safe", pure=True).load(yaml_path.read_text()) or {}
         except Exception as exc:
             raise MappingUnavailable(f"cannot read Storm's configuration {yaml_path}: {exc}") from exc
-        seeds = conf.get("nimbus.seeds") or ([conf["nimbus.host"]] if conf.get("nimbus.host") else [])
-        if seeds:
-            port = int(conf.get("nimbus.thrift.port", DEFAULT_PORT))
-            return Cluster(str(seeds[0]), port, str(yaml_path), env)
+        address = configured_nimbus(conf)
+        if address is not None:
+            return cluster_at(address, str(yaml_path), env)
     raise MappingUnavailable(f"the storm mapping needs a Storm cluster, and none is configured: {_HOW}")
 
 
@@ -226,9 +254,7 @@ def sparse_command() -> list[str]:
 
 def submit_env(cluster: Cluster) -> dict[str, Any]:
     """The streamparse environment the generated project submits with."""
-    env: dict[str, Any] = {"use_ssh_for_nimbus": False, "use_virtualenv": False, "workers": [], **cluster.env}
-    env["nimbus"] = cluster.address
-    return env
+    return {**streamparse_env(), **cluster.env, "nimbus": cluster.address}
 
 
 def submit(project: Project, cluster: Cluster, options: Mapping[str, Any] | None = None, timeout: float = 120) -> str:

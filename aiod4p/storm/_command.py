@@ -1,4 +1,5 @@
-"""The ``aiod4p storm build`` command, and the options ``aiod4p run`` passes the storm mapping."""
+"""What ``aiod4p storm build`` does (its options are declared in :mod:`aiod4p._cli`), and the options
+``aiod4p run`` passes the storm mapping."""
 
 from __future__ import annotations
 
@@ -9,28 +10,7 @@ from typing import Any
 from .._install import install_hint
 from ..errors import MappingUnavailable
 
-__all__ = ["add_storm_parser", "mapping_options", "storm_command"]
-
-
-def add_storm_parser(commands: Any) -> None:
-    """Add ``storm build`` to the CLI's subcommands."""
-    storm = commands.add_parser("storm", help="Apache Storm: build a workflow's topology", description="Apache Storm.")
-    actions = storm.add_subparsers(dest="storm_command", required=True)
-    build = actions.add_parser(
-        "build",
-        help="write the streamparse project of a workflow",
-        description="Write a streamparse project (topology, components, config.json) to submit with `sparse submit`.",
-    )
-    build.add_argument("target", help="module:graph, path/to/file.py[:graph], or a module holding one graph")
-    build.add_argument("-o", "--output", required=True, metavar="DIR", help="the project directory to write")
-    build.add_argument("--name", default=None, help="the topology name (default: from the target)")
-    build.add_argument("-n", "--num", type=int, default=None, metavar="N", help="tasks of PEs with no parallelism")
-    build.add_argument("-i", "--iter", type=int, default=None, metavar="N", help="the spouts call their PE N times")
-    build.add_argument("-d", "--data", default=None, metavar="JSON", help='{"PE": N or [input dicts]}')
-    build.add_argument("-f", "--file", default=None, metavar="FILE", help="a JSON file like -d")
-    build.add_argument("--nimbus", default=None, metavar="HOST:PORT", help="write this Nimbus into config.json")
-    build.add_argument("--max-replays", type=int, default=3, help="replays of a failed tuple (default 3)")
-    build.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks of errors")
+__all__ = ["mapping_options", "storm_command"]
 
 
 def mapping_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -57,29 +37,23 @@ def storm_command(args: argparse.Namespace) -> int:
         import streamparse  # noqa: F401
     except ImportError as exc:
         raise MappingUnavailable(f"aiod4p storm needs streamparse: {install_hint('storm')}") from exc
-    from .. import compat
     from .._inputs import parse_cli_inputs
-    from .._loading import load_graph
+    from .._loading import load_workflow
     from .._plan import PlanOptions
-    from ..mappings.storm import _target_name
     from . import build_project
-    from ._cluster import DEFAULT_PORT
+    from ._cluster import cluster_at
+    from ._project import streamparse_env, target_name
 
-    if args.num is not None and args.num < 1:
-        raise ValueError(f"-n must be at least 1, not {args.num}")
-    compat.install()
-    graph = load_graph(args.target)
+    nimbus = cluster_at(args.nimbus, "--nimbus").address if args.nimbus else ""
+    graph = load_workflow(args.target)
     inputs = parse_cli_inputs(args.iter, args.data, args.file)
-    env: dict[str, Any] = {"nimbus": args.nimbus or "", "use_ssh_for_nimbus": False, "use_virtualenv": False}
-    if args.nimbus and ":" not in args.nimbus:
-        env["nimbus"] = f"{args.nimbus}:{DEFAULT_PORT}"
     project = build_project(
         graph,
         Path(args.output),
-        name=args.name or _target_name(args.target),
+        name=args.name or target_name(args.target),
         inputs=inputs,
         options=PlanOptions(default_parallelism=args.num or 1),
-        envs={"prod": {**env, "workers": []}},
+        envs={"prod": streamparse_env(nimbus)},
         max_replays=args.max_replays,
     )
     spouts = sum(component.kind == "spout" for component in project.spec.components)

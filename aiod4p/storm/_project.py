@@ -20,12 +20,22 @@ from typing import Any
 
 from .._graph import FlatGraph, WorkflowGraph
 from .._inputs import Inputs, resolve_inputs
+from .._loading import _split
 from .._plan import ExecutionPlan, PlanOptions, make_plan
 from ..errors import GraphError, InputError, TargetError
-from ._spec import EOS_FIELD, EOS_STREAM, TopologySpec, plan_topology
+from ._spec import DEFAULT_MAX_REPLAYS, EOS_FIELD, EOS_STREAM, TopologySpec, plan_topology
 from ._wire import WireError, encode
 
-__all__ = ["COMPONENTS_MODULE", "Project", "build_jar", "build_project", "load_topology", "topology_name"]
+__all__ = [
+    "COMPONENTS_MODULE",
+    "Project",
+    "build_jar",
+    "build_project",
+    "load_topology",
+    "streamparse_env",
+    "target_name",
+    "topology_name",
+]
 
 COMPONENTS_MODULE = "aiod4p_components"
 SPEC_FILE = "aiod4p_topology.json"
@@ -61,6 +71,15 @@ def topology_name(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_-]", "_", text) or "workflow"
 
 
+def target_name(target: str) -> str:
+    """The name a workflow target gives its topology: the graph's attribute (``flow.py:graph``, ``pkg.flow:graph``),
+    else the file's stem (``path/to/flow.py``) or the module's last part (``pkg.flow``)."""
+    spec, attr = _split(target)
+    if attr:
+        return attr
+    return Path(spec).stem if spec.endswith(".py") else spec.rpartition(".")[2]
+
+
 def build_project(
     graph: WorkflowGraph | FlatGraph | ExecutionPlan,
     directory: str | Path,
@@ -69,7 +88,7 @@ def build_project(
     inputs: Inputs = None,
     options: PlanOptions | None = None,
     envs: Mapping[str, Any] | None = None,
-    max_replays: int = 3,
+    max_replays: int = DEFAULT_MAX_REPLAYS,
     report: str = "",
     token: str = "",
 ) -> Project:
@@ -346,10 +365,14 @@ def _config(envs: Mapping[str, Any] | None) -> dict[str, Any]:
         "serializer": "json",
         "topology_specs": "topologies/",
         "virtualenv_specs": "virtualenvs/",
-        "envs": dict(envs)
-        if envs
-        else {"prod": {"nimbus": "", "use_ssh_for_nimbus": False, "use_virtualenv": False, "workers": []}},
+        "envs": dict(envs) if envs else {"prod": streamparse_env()},
     }
+
+
+def streamparse_env(nimbus: str = "") -> dict[str, Any]:
+    """A streamparse environment (an entry of ``config.json``'s ``envs``) that submits to the Nimbus at
+    ``nimbus`` (``HOST:PORT``; empty: to fill in), with no SSH, no virtualenv and no list of workers."""
+    return {"nimbus": nimbus, "use_ssh_for_nimbus": False, "use_virtualenv": False, "workers": []}
 
 
 _PROJECT_CLJ = """\

@@ -36,6 +36,7 @@ from .._plan import ExecutionPlan
 from ..errors import GraphError
 
 __all__ = [
+    "DEFAULT_MAX_REPLAYS",
     "EOS_STREAM",
     "ITEM_FIELD",
     "ComponentSpec",
@@ -49,6 +50,7 @@ __all__ = [
 EOS_STREAM = "aiod4p_eos"
 ITEM_FIELD = "item"
 EOS_FIELD = "pe"
+DEFAULT_MAX_REPLAYS = 3  # replays of a failed tuple before its spout drops it (and a run fails)
 
 
 @dataclass(frozen=True)
@@ -128,7 +130,7 @@ class TopologySpec:
     name: str
     components: tuple[ComponentSpec, ...]
     feeds: dict[str, Any]
-    max_replays: int = 3
+    max_replays: int = DEFAULT_MAX_REPLAYS
     report: str = ""
     token: str = ""
     dispel4py: bool = False
@@ -177,7 +179,7 @@ class TopologySpec:
 
 
 def plan_topology(
-    plan: ExecutionPlan, name: str, feeds: dict[str, Any], max_replays: int = 3
+    plan: ExecutionPlan, name: str, feeds: dict[str, Any], max_replays: int = DEFAULT_MAX_REPLAYS
 ) -> tuple[TopologySpec, dict[str, Callable[[Any], Any]]]:
     """Compile ``plan`` into a topology called ``name``.
 

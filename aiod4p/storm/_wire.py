@@ -15,6 +15,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from ..errors import TransportError
+
 __all__ = ["WireError", "decode", "encode"]
 
 _TUPLE = "~t"
@@ -22,8 +24,8 @@ _DICT = "~d"
 _LONG_MIN, _LONG_MAX = -(2**63), 2**63 - 1
 
 
-class WireError(ValueError):
-    """An item cannot cross Storm unchanged; the message says where and why."""
+class WireError(TransportError):
+    """An item cannot cross Storm unchanged (nothing was sent); the message says where and why."""
 
 
 def encode(item: Any) -> Any:

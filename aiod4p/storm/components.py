@@ -452,11 +452,10 @@ class PESpout(HostedComponent, Spout):  # type: ignore[misc]
 
     def _orphaned(self) -> None:
         """The run that submitted the topology is gone (killed): nobody will collect results, so kill it."""
-        from ._cluster import Cluster, kill
+        from ._cluster import cluster_at, configured_nimbus, kill
 
         name = str(self.storm_conf.get("topology.name", ""))
-        seeds = self.storm_conf.get("nimbus.seeds") or ["127.0.0.1"]
-        cluster = Cluster(str(seeds[0]), int(self.storm_conf.get("nimbus.thrift.port", 6627)), "topology conf")
+        cluster = cluster_at(configured_nimbus(self.storm_conf) or "127.0.0.1", "topology conf")
         self.logger.error("the run that submitted topology %s is gone: killing the topology", name)
         self.reporter = None
         try:
