@@ -18,7 +18,7 @@ from . import __version__
 from ._api import WorkflowRun, loop_factory, run_in_threads
 from ._checkpoint import Checkpointing
 from ._inputs import find_pe, parse_cli_inputs
-from ._loading import _split, load_workflow
+from ._loading import load_workflow, split_target
 from ._logging import configure_logging
 from ._plan import DEFAULT_BATCH_SIZE, DEFAULT_CREDITS, PROVENANCE_LEVELS, make_plan
 from ._progress import progress, progress_wanted
@@ -33,7 +33,7 @@ from .compat.processor import MOST_SHARED_PROCESSES
 from .errors import Aiod4pError, reader_went_away, writing
 from .mappings import MAPPINGS, BaseMapping, get_mapping
 from .mappings._base import available_cpus
-from .sources import DEAD_LETTER, LINE_POLICIES, MAX_LINE_BYTES, LineStream
+from .sources import DEAD_LETTER, DEFAULT_LINE_POLICY, LINE_POLICIES, MAX_LINE_BYTES, LineStream
 from .storm._command import mapping_options, storm_command
 from .storm._spec import DEFAULT_MAX_REPLAYS
 
@@ -114,7 +114,7 @@ def _parser() -> argparse.ArgumentParser:
     source.add_argument(
         "--on-bad",
         choices=LINE_POLICIES,
-        default="fail",
+        default=DEFAULT_LINE_POLICY,
         help="--stdin: an over-long or invalid JSON line fails the run (default), is skipped with a warning,"
         " or becomes a result on port dead_letter",
     )
@@ -235,7 +235,7 @@ def _name_graph(args: argparse.Namespace) -> None:
         return
     if not attr.isidentifier():
         raise ValueError(f"-a {attr!r}: not a Python name")
-    if _split(args.target)[1] is not None:
+    if split_target(args.target)[1] is not None:
         raise ValueError(f"-a {attr}: {args.target} already names its graph; give one of the two")
     args.target = f"{args.target}:{attr}"
 

@@ -41,7 +41,7 @@ import greenlet
 from ._channels import EOS, Inbox, LocalChannel, SenderChannel
 from ._groupings import Router
 from ._links import PeerLink, RemoteChannel
-from ._pe import PE, _Runtime
+from ._pe import PE, Runtime
 from ._plan import DEFAULT_MAX_DELAY, ExecutionPlan, InstanceRef
 from ._provenance import ActorRecorder, WorkerRecorder
 from ._results import ResultSink
@@ -55,7 +55,7 @@ from .transports import Comm
 if TYPE_CHECKING:
     from ._checkpoint import Aligner, WorkerCheckpoints
 
-__all__ = ["HELD_FEEDS", "Feed", "ReadAhead", "Worker", "pe_error", "plain_generator_call"]
+__all__ = ["HELD_FEEDS", "Feed", "Invoker", "ReadAhead", "Worker", "pe_error", "plain_generator_call"]
 
 Feed: TypeAlias = int | Iterable[Any] | AsyncIterable[Any]
 HELD_FEEDS = (list, tuple, range)
@@ -218,7 +218,7 @@ class _NeverDrains:
 _NEVER_DRAINS = _NeverDrains()
 
 
-class _Invoker:
+class Invoker:
     """Calls one PE instance: its calling conventions, its output buffers, its lifecycle stages, its stats.
 
     What the PE writes stays in :attr:`buffers` for the host to take: a Storm
@@ -517,7 +517,7 @@ class _Invoker:
         """Hand on the buffered outputs; an invoker alone keeps them in :attr:`buffers` for its host."""
 
 
-class _Actor(_Invoker):
+class _Actor(Invoker):
     """An invoker that the engine runs as a task: it takes batches from its inbox and routes what the PE writes."""
 
     def __init__(self, worker: Worker, ref: InstanceRef, pe: PE, inbox: Inbox, expected_eos: int) -> None:
@@ -573,7 +573,7 @@ class _Actor(_Invoker):
     # -- main loop ---------------------------------------------------------
     async def run(self) -> InstanceStats:
         pe, ref = self.pe, self.ref
-        pe._runtime = _Runtime(
+        pe._runtime = Runtime(
             self.buffers,
             ref.index,
             logging.LoggerAdapter(pe_logger, {"pe": ref.pe, "instance": ref.index}),

@@ -29,11 +29,15 @@ __all__ = [
     "preload",
     "quiet_import",
     "ship_code",
+    "split_target",
 ]
 
 
-def _split(target: str) -> tuple[str, str | None]:
-    # "C:\\x.py" has no attr; "pkg.mod:graph" and "dir/x.py:graph" do.
+def split_target(target: str) -> tuple[str, str | None]:
+    """A target's module or file, and the attribute it names after a colon (``None`` when it names none).
+
+    ``"C:\\x.py"`` has no attribute; ``"pkg.mod:graph"`` and ``"dir/x.py:graph"`` do.
+    """
     head, sep, tail = target.rpartition(":")
     if sep and tail.isidentifier() and head and not head.endswith(("/", "\\")):
         return head, tail
@@ -93,7 +97,7 @@ def preload(target: str) -> None:
     global _worker
     _worker = True
     with contextlib.suppress(Exception), quiet_import():
-        load_module(_split(target)[0])
+        load_module(split_target(target)[0])
 
 
 def _exited(workflow: str, exc: SystemExit) -> TargetError:
@@ -272,7 +276,7 @@ def load_graph(target: str) -> WorkflowGraph:
         TargetError: the module cannot be loaded, the attribute is missing or
             not a graph, or the graph is not uniquely determined.
     """
-    spec, attr = _split(target)
+    spec, attr = split_target(target)
     module = load_module(spec)
     if attr is not None:
         try:

@@ -26,6 +26,7 @@ __all__ = [
     "OutputPort",
     "PE",
     "ProducerPE",
+    "Runtime",
     "chain",
     "consumer",
     "iterative",
@@ -60,7 +61,7 @@ class OutputPort:
 
 
 @dataclass
-class _Runtime:
+class Runtime:
     """What the engine attaches to a running PE instance."""
 
     buffers: dict[str, list[Any]]
@@ -131,7 +132,7 @@ class PE:
         self.parallelism: int | None = parallelism
         self.inputs: dict[str, InputPort] = {}
         self.outputs: dict[str, OutputPort] = {}
-        self._runtime: _Runtime | None = None
+        self._runtime: Runtime | None = None
 
     # -- declaration -------------------------------------------------------
     def add_input(self, name: str, grouping: GroupingLike = None, *, required: bool = True) -> InputPort:

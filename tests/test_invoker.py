@@ -10,15 +10,15 @@ import pytest
 import workflows as wf
 
 from aiod4p import GenericPE, IterativePE, PEError, ProducerPE
-from aiod4p._engine import _Invoker
-from aiod4p._pe import _Runtime
+from aiod4p._engine import Invoker
+from aiod4p._pe import Runtime
 from aiod4p._plan import InstanceRef
 
 
-def invoker(pe: Any, index: int = 0, **options: Any) -> _Invoker:
+def invoker(pe: Any, index: int = 0, **options: Any) -> Invoker:
     """An invoker of ``pe`` with the runtime a host attaches (write() appends to its buffers)."""
-    made = _Invoker(InstanceRef("pe", index), pe, **options)
-    pe._runtime = _Runtime(made.buffers, index)
+    made = Invoker(InstanceRef("pe", index), pe, **options)
+    pe._runtime = Runtime(made.buffers, index)
     return made
 
 

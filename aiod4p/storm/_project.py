@@ -20,7 +20,7 @@ from typing import Any
 
 from .._graph import FlatGraph, WorkflowGraph
 from .._inputs import Inputs, resolve_inputs
-from .._loading import _split
+from .._loading import split_target
 from .._plan import ExecutionPlan, PlanOptions, make_plan
 from ..errors import GraphError, InputError, TargetError
 from ._spec import DEFAULT_MAX_REPLAYS, EOS_FIELD, EOS_STREAM, TopologySpec, plan_topology
@@ -74,7 +74,7 @@ def topology_name(text: str) -> str:
 def target_name(target: str) -> str:
     """The name a workflow target gives its topology: the graph's attribute (``flow.py:graph``, ``pkg.flow:graph``),
     else the file's stem (``path/to/flow.py``) or the module's last part (``pkg.flow``)."""
-    spec, attr = _split(target)
+    spec, attr = split_target(target)
     if attr:
         return attr
     return Path(spec).stem if spec.endswith(".py") else spec.rpartition(".")[2]

@@ -63,9 +63,9 @@ from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any, ClassVar
 
-from .._engine import Worker, _Invoker
+from .._engine import Invoker, Worker
 from .._graph import FlatGraph
-from .._pe import PE, _Runtime
+from .._pe import PE, Runtime
 from .._plan import InstanceRef, PlanOptions, make_plan
 from ..errors import Aiod4pError, PEError, TransportError
 from ._spec import EOS_STREAM, ComponentSpec, TopologySpec
@@ -277,7 +277,7 @@ class PEBolt(HostedComponent, Bolt):  # type: ignore[misc]
     def initialize(self, storm_conf: dict[str, Any], context: dict[str, Any]) -> None:
         self._host(context)
         # The outputs of one call stay in the invoker's buffers until the bolt emits them.
-        self.invoker = _Invoker(InstanceRef(self.component, self.index), self.loaded.pe)
+        self.invoker = Invoker(InstanceRef(self.component, self.index), self.loaded.pe)
         try:
             self._start(context)
         except Exception as exc:
@@ -296,7 +296,7 @@ class PEBolt(HostedComponent, Bolt):  # type: ignore[misc]
         # A plain or generator PE never awaits: its calls complete without an event loop turn.
         self.plain = (invoker.fn_kind if invoker.fn is not None else invoker.process_kind) in ("sync", "gen")
         pe = invoker.pe
-        pe._runtime = _Runtime(
+        pe._runtime = Runtime(
             invoker.buffers,
             self.index,
             logging.LoggerAdapter(pe_logger, {"pe": self.component, "instance": self.index}),
