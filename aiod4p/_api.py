@@ -24,7 +24,7 @@ from ._inputs import Inputs, resolve_inputs
 from ._pe import PE
 from ._plan import DEFAULT_BATCH_SIZE, DEFAULT_CREDITS, DEFAULT_MAX_DELAY, ExecutionPlan, make_plan
 from ._results import QueueSink, ResultRecord, Results
-from ._signals import HELD_GRACE, loop_turns
+from ._signals import HELD_GRACE, HeldLoopInterrupt, loop_turns
 from ._stats import InstanceStats
 from .errors import Aiod4pError, GraphError, InputError, MappingUnavailable
 from .mappings import BaseMapping, RunControl, get_mapping
@@ -459,7 +459,7 @@ def _interrupt_a_held_loop(running: Running, outcome: concurrent.futures.Future[
     if thread.ident is None or loop_turns(loop, HELD_GRACE / 10):
         return
     print("aiod4p: a PE holds the event loop: interrupting its code", file=sys.stderr, flush=True)
-    ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread.ident), ctypes.py_object(KeyboardInterrupt))
+    ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread.ident), ctypes.py_object(HeldLoopInterrupt))
 
 
 @contextlib.contextmanager

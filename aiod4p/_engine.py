@@ -45,6 +45,7 @@ from ._pe import PE, Runtime
 from ._plan import DEFAULT_MAX_DELAY, ExecutionPlan, InstanceRef
 from ._provenance import ActorRecorder, WorkerRecorder
 from ._results import ResultSink
+from ._signals import interrupts_the_run
 from ._sizes import SCALARS, approximate_size
 from ._stats import InstanceStats
 from ._threads import DaemonThreadPool
@@ -95,12 +96,18 @@ _IS_NOT_NONE = functools.partial(operator.is_not, None)  # what a generator yiel
 def _failed(exc: BaseException) -> bool:
     """Whether ``exc``, out of a PE's code, is that code's failure rather than this task's cancellation.
 
-    Any ``Exception`` is; so is a ``CancelledError`` while nobody cancels the current task: the PE's
-    code raised it, or let it out of something it awaited (a task someone else cancelled), and the
-    run must fail on it, not end as if that instance had finished.
+    Any ``Exception`` is, and ``SystemExit`` (``sys.exit()`` in a PE or a library it calls: the run
+    fails naming the PE, rather than ending the process, or a worker, without a word); so is a
+    ``CancelledError`` while nobody cancels the current task: the PE's code raised it, or let it
+    out of something it awaited (a task someone else cancelled), and the run must fail on it, not
+    end as if that instance had finished. A ``KeyboardInterrupt`` is, unless it interrupts the run
+    (:func:`~aiod4p._signals.interrupts_the_run`): raised by the PE where no signal raises one, it
+    would end the loop's thread (a Ray actor's) with nobody told.
     """
-    if isinstance(exc, Exception):
+    if isinstance(exc, Exception | SystemExit):
         return True
+    if isinstance(exc, KeyboardInterrupt):
+        return not interrupts_the_run(exc)
     task = asyncio.current_task()
     return isinstance(exc, asyncio.CancelledError) and task is not None and not task.cancelling()
 

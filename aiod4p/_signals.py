@@ -37,7 +37,18 @@ from contextlib import contextmanager
 from types import FrameType
 from typing import Any, Protocol
 
-__all__ = ["ABORT_GRACE", "HELD_GRACE", "Interrupts", "Stopped", "die_with_parent", "held", "loop_turns", "release"]
+__all__ = [
+    "ABORT_GRACE",
+    "HELD_GRACE",
+    "HeldLoopInterrupt",
+    "Interrupts",
+    "Stopped",
+    "die_with_parent",
+    "held",
+    "interrupts_the_run",
+    "loop_turns",
+    "release",
+]
 
 ABORT_GRACE = 0.9
 """Seconds an abort may take while the event loop turns (its clean-up: stopping a local Ray, say)."""
@@ -45,6 +56,20 @@ HELD_GRACE = 0.5
 """Seconds an abort may take before the watchdog checks whether the event loop turns; if it does not within
 a tenth of that (a PE holds it), the watchdog ends the process then."""
 SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+class HeldLoopInterrupt(KeyboardInterrupt):
+    """The interruption aiod4p raises in a PE's code that holds the event loop when interrupted twice."""
+
+
+def interrupts_the_run(exc: KeyboardInterrupt) -> bool:
+    """Whether ``exc``, raised in a PE's code, interrupts the run rather than being the PE's failure.
+
+    Python raises ``KeyboardInterrupt`` for a signal (Ctrl-C; :class:`asyncio.Runner`'s second one) in the
+    main thread only, and aiod4p as a :class:`HeldLoopInterrupt`; raised in another thread (the event loop
+    of a Ray actor), the PE's code raised it itself.
+    """
+    return isinstance(exc, HeldLoopInterrupt) or threading.current_thread() is threading.main_thread()
 
 
 def die_with_parent(parent: int | None = None) -> None:

@@ -158,6 +158,27 @@ def test_a_raising_pe_fails_the_run_with_its_name(mapping: MappingCase) -> None:
     assert "ValueError" in caught.value.traceback_text
 
 
+@pytest.mark.parametrize(
+    ("mapping", "raised"),
+    [
+        *((MappingCase(*case), SystemExit) for case in [("simple", None), ("async", None), ("multi", 2), ("mpi", 2)]),
+        (MappingCase("ray", 2), SystemExit),
+        (MappingCase("ray", 2), KeyboardInterrupt),
+    ],
+    ids=lambda value: getattr(value, "id", getattr(value, "__name__", "")),
+)
+def test_a_pe_that_exits_fails_the_run_with_its_name(mapping: MappingCase, raised: type[BaseException]) -> None:
+    """``sys.exit()`` in a PE (or in a library it calls) ended the process silently with the PE's code, a worker
+    without naming the PE, and a Ray actor's event loop with the run waiting for it forever; so did a
+    ``KeyboardInterrupt`` that the PE raised there (no signal raises one in an actor's loop)."""
+    graph = WorkflowGraph()
+    graph.connect(wf.Count(), "output", fail := wf.Fail(on=3, raises=raised), "input")
+    with pytest.raises(PEError) as caught:
+        mapping.run(graph, 10)
+    assert (caught.value.pe, caught.value.port) == (fail.id, "input")
+    assert f"{raised.__name__}: bad item 3" in str(caught.value)
+
+
 @pytest.mark.parametrize(("on", "port"), [(3, "input"), (None, "postprocess")])
 def test_a_cancelled_error_out_of_a_pe_fails_the_run(mapping: MappingCase, on: int | None, port: str) -> None:
     """It ended the instance as if it had finished: the run succeeded with the results it had so far."""

@@ -135,15 +135,16 @@ class SumAtEnd(GenericPE):
 
 
 class Fail(IterativePE):
-    """Raises on the item equal to ``on``."""
+    """Raises ``raises`` on the item equal to ``on``."""
 
-    def __init__(self, on: int = 3) -> None:
+    def __init__(self, on: int = 3, raises: type[BaseException] = ValueError) -> None:
         super().__init__()
         self.on = on
+        self.raises = raises
 
     def process_item(self, item: int) -> int:
         if item == self.on:
-            raise ValueError(f"bad item {item}")
+            raise self.raises(f"bad item {item}")
         return item
 
 
