@@ -435,6 +435,8 @@ def _run_beside(main: Callable[[], Coroutine[Any, Any, T]], use_uvloop: bool) ->
             if interrupts:
                 raise KeyboardInterrupt from None
             raise
+        except HeldLoopInterrupt as held:  # raised in the code of the PE that held the loop: its traceback
+            raise KeyboardInterrupt from held
 
 
 def _cancel(running: Running, again: bool) -> None:

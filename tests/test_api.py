@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator, Mapping
@@ -206,6 +207,13 @@ class InterruptsAt(ConsumerPE):
 
     def postprocess(self) -> None:
         self.state.finished = True
+
+
+@pytest.fixture(autouse=True)
+def _outside_a_notebook(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No ``ipykernel`` imported in this process (jupyter_client imports it when test_notebook starts a kernel),
+    as in the scripts and services these tests stand for: a blocking run inside a running loop warns there."""
+    monkeypatch.delitem(sys.modules, "ipykernel", raising=False)
 
 
 @pytest.fixture
