@@ -6,9 +6,11 @@ import asyncio
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -304,7 +306,16 @@ def test_a_local_ray_started_by_the_run_has_room_for_its_workers(tmp_path: Path)
     flow.write_text(TIMES10_FLOW)
     run = ("run", str(flow), "-m", "ray", "-n", "2", "--oversubscribe", "-i", "5", "--results", "-", "-q")
     stats = ("--stats-json", str(tmp_path / "stats.json"))
-    done = aiod4p_cli(*run, *stats, env=WITHOUT_CLUSTER, timeout=45, one_cpu=True)  # 2 workers on 1 CPU
+    # Where `ray start` ran (here: its address file, left by a cluster that was killed), the run joined that
+    # cluster (and failed: "num_cpus ... must not be provided"); it starts its own.
+    ray_tmp = Path(tempfile.mkdtemp(prefix="ray", dir="/tmp"))  # short: Ray's socket paths must fit 107 bytes
+    try:
+        (ray_tmp / "ray").mkdir()
+        (ray_tmp / "ray" / "ray_current_cluster").write_text("127.0.0.1:1\n")
+        env = {**WITHOUT_CLUSTER, "RAY_TMPDIR": str(ray_tmp)}
+        done = aiod4p_cli(*run, *stats, env=env, timeout=45, one_cpu=True)  # 2 workers on 1 CPU
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
     assert done.returncode == 0, done.stderr
     assert sorted(json.loads(line)["data"] for line in done.stdout.splitlines()) == [10, 20, 30, 40, 50]
     assert json.loads((tmp_path / "stats.json").read_text())["workers"] == 2

@@ -100,16 +100,20 @@ class RayMapping(HostedMapping):
         options: dict[str, Any] = {"include_dashboard": False, "log_to_driver": True, "configure_logging": False}
         if self.runtime_env:
             options["runtime_env"] = self.runtime_env
+        if self._starts_local_ray():
+            cpus = max(available_cpus(), math.ceil(workers * self.num_cpus))
+            try:
+                # "local": a new Ray even where `ray start` ran (its address file, perhaps stale, would be joined)
+                ray.init(address="local", num_cpus=cpus, object_store_memory=OBJECT_STORE_MEMORY, **options)
+            except (ConnectionError, RuntimeError, ValueError) as exc:
+                raise MappingUnavailable(f"cannot start a local Ray: {exc}") from exc
+            return True
         try:
-            if self._starts_local_ray():
-                cpus = max(available_cpus(), math.ceil(workers * self.num_cpus))
-                ray.init(num_cpus=cpus, object_store_memory=OBJECT_STORE_MEMORY, **options)
-                return True
             ray.init(address=self.address, **options)
-            return False
         except (ConnectionError, RuntimeError, ValueError) as exc:
             where = self.address or "RAY_ADDRESS"
             raise MappingUnavailable(f"cannot join the Ray cluster at {where}: {exc}") from exc
+        return False
 
 
 class _RayLaunch:
