@@ -270,11 +270,11 @@ def load_graph(target: str) -> WorkflowGraph:
 
     Without ``:attr`` the module must hold exactly one :class:`WorkflowGraph`
     that is not the graph of a composite inside another one.
-    An attribute may also be a function returning a graph.
+    An attribute may also be a function returning a graph (called without arguments).
 
     Raises:
         TargetError: the module cannot be loaded, the attribute is missing or
-            not a graph, or the graph is not uniquely determined.
+            not a graph, the function raised, or the graph is not uniquely determined.
     """
     spec, attr = split_target(target)
     module = load_module(spec)
@@ -284,7 +284,10 @@ def load_graph(target: str) -> WorkflowGraph:
         except AttributeError:
             raise TargetError(f"{spec} has no attribute {attr!r}") from None
         if callable(value) and not isinstance(value, WorkflowGraph):
-            value = value()
+            try:
+                value = value()
+            except Exception as exc:
+                raise TargetError(f"{spec}:{attr}() failed{_where(exc)}: {type(exc).__name__}: {exc}") from exc
         if not isinstance(value, WorkflowGraph):
             raise TargetError(f"{spec}:{attr} is a {type(value).__name__}, not a WorkflowGraph")
         return value

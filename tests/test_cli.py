@@ -185,6 +185,30 @@ def test_errors_are_one_line_and_non_zero(workflow_file: Path, args: list[str], 
     assert message in done.stderr
 
 
+def test_a_graph_function_that_fails_is_named_with_its_line(tmp_path: Path) -> None:
+    # It gave a Python traceback (a function needing an argument), or exit 2 as if the command line were wrong
+    # (a ValueError), without the line.
+    (tmp_path / "factory.py").write_text(
+        "from aiod4p import WorkflowGraph\n"
+        "def make_graph(stations):\n"
+        "    return WorkflowGraph()\n"
+        "def parse():\n"
+        "    return int('five thousand')\n"
+    )
+    needs = aiod4p("run", "factory.py:make_graph", cwd=tmp_path)
+    assert (needs.returncode, needs.stderr) == (
+        1,
+        "aiod4p: error: factory.py:make_graph() failed: TypeError: make_graph() missing 1 required positional"
+        " argument: 'stations'\n",
+    )
+    fails = aiod4p("graph", "factory.py:parse", "-o", "flow.dot", cwd=tmp_path)
+    assert (fails.returncode, fails.stderr) == (
+        1,
+        f"aiod4p: error: factory.py:parse() failed at {tmp_path / 'factory.py'}, line 5: ValueError: invalid literal"
+        " for int() with base 10: 'five thousand'\n",
+    )
+
+
 def test_a_module_the_workflow_imports_that_is_missing_gets_a_hint(tmp_path: Path) -> None:
     (tmp_path / "needs.py").write_text("import numpy\nimport no_such_library_xyz.sub\n")
     for target in ("needs.py", "needs"):
