@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import shlex
 import subprocess
@@ -18,6 +19,24 @@ def test_readme_concepts_example_runs() -> None:
     done = subprocess.run([sys.executable, "-c", example], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert sorted(eval(done.stdout)) == [("a", 2), ("b", 2), ("c", 1)]
+
+
+def test_readme_concepts_example_saved_as_a_flow_file_runs_once(tmp_path: Path) -> None:
+    # Its run at the top level ran again in `aiod4p run flow.py` (which imports the file), and in every worker.
+    (tmp_path / "flow.py").write_text(re.findall(r"```python\n(.*?)```", README.read_text(), re.S)[0])
+    done = subprocess.run(
+        [*AIOD4P, "run", "flow.py", "-m", "multi", "-n", "2", "--results", "-"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr
+    assert sorted(tuple(json.loads(line)["data"]) for line in done.stdout.splitlines()) == [
+        ("a", 2),
+        ("b", 2),
+        ("c", 1),
+    ]
 
 
 def test_readme_names_the_two_commands_ci_runs() -> None:
