@@ -30,6 +30,8 @@ class InstanceStats:
             :class:`~aiod4p.sources.SourcePE` such as ``LinesSource`` or
             ``TCPSource``, or a feed such as ``--stdin``'s ``LineStream``: anything
             with a ``skipped`` count) skipped or dead-lettered (``on_bad``).
+        late: items a time window (:class:`~aiod4p.windows.TimeWindow`) dropped because their
+            windows had been emitted.
         provenance: what the instance recorded for provenance (when on), set
             once it has finished; it travels to the launcher with these
             statistics and is left out of :meth:`to_dict`.
@@ -49,6 +51,7 @@ class InstanceStats:
     inflight_bound: int = 0
     queued_items: int = 0
     skipped: int = 0
+    late: int = 0
     provenance: Any = field(default=None, repr=False, compare=False)
 
     def to_dict(self) -> dict[str, Any]:

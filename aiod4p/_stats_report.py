@@ -57,6 +57,7 @@ class PESummary:
     queued_items: int = 0
     inflight_bound: int = 0
     skipped: int = 0
+    late: int = 0
 
     def add(self, stats: InstanceStats) -> None:
         """Count ``stats``, one more instance of this PE."""
@@ -96,8 +97,9 @@ def stats_table(stats: list[InstanceStats], plan: ExecutionPlan | None = None, *
     table.add_column("PE", no_wrap=True)
     for name in ("instance", "worker"):
         table.add_column(name)
-    skipped = any(entry.skipped for entry in stats)  # a column only for runs whose sources skipped bad lines
-    for name in ("items in", "items out", "errors", "busy s", "blocked s", "max queued", "skipped")[: 6 + skipped]:
+    # columns only for runs whose sources skipped bad lines, or whose windows dropped late items
+    optional = [name for name in ("skipped", "late") if any(getattr(entry, name) for entry in stats)]
+    for name in ("items in", "items out", "errors", "busy s", "blocked s", "max queued", *optional):
         table.add_column(name, justify="right")
     by_pe: dict[str, list[InstanceStats]] = {}
     for entry in sorted(stats, key=_order_key(plan)):
@@ -112,18 +114,18 @@ def stats_table(stats: list[InstanceStats], plan: ExecutionPlan | None = None, *
             pe,
             f"all {len(entries)}" if several else str(entries[0].instance),
             workers,
-            *_cells(total)[: 6 + skipped],
+            *_cells(total, optional),
             style="bold" if several else None,
         )
         if several:
             for entry in entries:
-                table.add_row("", str(entry.instance), str(entry.worker), *_cells(entry)[: 6 + skipped], style="dim")
+                table.add_row("", str(entry.instance), str(entry.worker), *_cells(entry, optional), style="dim")
     if not by_pe:
         table.caption = "no statistics were reported"
     return table
 
 
-def _cells(entry: InstanceStats | PESummary) -> list[str]:
+def _cells(entry: InstanceStats | PESummary, optional: list[str]) -> list[str]:
     return [
         f"{entry.items_in:,}",
         f"{entry.items_out:,}",
@@ -131,7 +133,7 @@ def _cells(entry: InstanceStats | PESummary) -> list[str]:
         f"{entry.busy_seconds:.3f}",
         f"{entry.blocked_seconds:.3f}",
         f"{entry.max_queued_items:,}",
-        f"{entry.skipped:,}",
+        *(f"{getattr(entry, name):,}" for name in optional),
     ]
 
 

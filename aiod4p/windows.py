@@ -20,6 +20,7 @@ multi-process mappings can pickle it).
 
 from __future__ import annotations
 
+import logging
 import math
 import reprlib
 import time
@@ -31,7 +32,7 @@ from ._groupings import ALL, GLOBAL, GroupBy, group_by
 from ._pe import GenericPE
 from .errors import GraphError
 
-__all__ = ["CountWindow", "TimeWindow"]
+__all__ = ["MAX_WINDOWS_PER_ITEM", "CountWindow", "TimeWindow"]
 
 KeyLike = GroupBy | int | str | tuple[int | str, ...] | Callable[[Any], Any] | None
 
@@ -103,7 +104,7 @@ class CountWindow(_WindowPE):
     started but are not full are emitted too, unless ``partial=False``.
 
     Raises:
-        ValueError: ``size`` or ``step`` is not positive, or the key is not understood.
+        ValueError: ``size`` or ``step`` is not a whole number of at least 1, or the key is not understood.
     """
 
     def __init__(
@@ -118,8 +119,9 @@ class CountWindow(_WindowPE):
         parallelism: int | None = None,
     ) -> None:
         step = size if step is None else step
-        if size < 1 or step < 1:
-            raise ValueError(f"CountWindow size and step must be at least 1, not {size} and {step}")
+        for what, value in (("size", size), ("step", step)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"CountWindow {what} must be a whole number of items, at least 1, not {value!r}")
         super().__init__(key, aggregate, (), name, parallelism)
         self.size, self.step, self.partial = size, step, partial
         self.state: dict[Any, tuple[deque[Any], list[int]]] = {}
@@ -153,6 +155,12 @@ class CountWindow(_WindowPE):
         self.state.clear()
 
 
+MAX_WINDOWS_PER_ITEM = 100_000
+"""The most windows one item may fall in (``size / step``): more is a step given in the wrong unit."""
+
+_WARNED_LATE = (1, 10, 100, 1_000, 10_000, 100_000, 1_000_000)  # late items counted when a warning is logged
+
+
 class TimeWindow(_WindowPE):
     """Windows of ``size`` seconds, a new one every ``step`` seconds (per key).
 
@@ -162,14 +170,21 @@ class TimeWindow(_WindowPE):
     (``time.time()``, processing time) when ``timestamp`` is ``None``.
 
     A window is emitted once the stream's clock (the latest time seen by
-    this instance) passes its end, and every open window at the end of the
-    stream. Connect a :class:`~aiod4p.sources.TimerSource` (or any stream)
-    to the ``tick`` input to advance the clock to ``time.time()`` while no
-    items arrive, so windows close on quiet streams too. Items older than an
-    already emitted window are counted in ``late`` and dropped.
+    this instance) passes its end by ``allowed_lateness`` seconds, and every
+    open window at the end of the stream. Connect a
+    :class:`~aiod4p.sources.TimerSource` (or any stream) to the ``tick`` input
+    to advance the clock to ``time.time()`` while no items arrive, so windows
+    close on quiet streams too. An item that arrives when its windows have been
+    emitted (an item out of order by more than ``allowed_lateness``, or any
+    item once a timestamp far in the future moved the clock there) is late:
+    it is dropped, counted in the instance's statistics (``late``, shown by
+    ``--stats``), and logged as a warning (the first one, with the clock, and
+    then the count at 10, 100, ... late items).
 
     Raises:
-        ValueError: ``size`` or ``step`` is not positive, or the key is not understood.
+        ValueError: ``size``, ``step`` or ``allowed_lateness`` is not a finite number of seconds (``size`` and
+            ``step``: at least a microsecond; ``allowed_lateness``: at least 0), an item would fall in more than
+            :data:`MAX_WINDOWS_PER_ITEM` windows, or the key is not understood.
     """
 
     def __init__(
@@ -180,31 +195,58 @@ class TimeWindow(_WindowPE):
         key: KeyLike = None,
         timestamp: int | str | Callable[[Any], Any] | None = None,
         aggregate: Callable[[list[Any]], Any] | None = None,
+        allowed_lateness: float = 0.0,
         name: str | None = None,
         parallelism: int | None = None,
     ) -> None:
         step = size if step is None else step
-        if not size > 0 or not step > 0:
-            raise ValueError(f"TimeWindow size and step must be positive, not {size} and {step}")
+        options = (("size", size, 1e-6), ("step", step, 1e-6), ("allowed_lateness", allowed_lateness, 0))
+        for what, value, least in options:
+            if isinstance(value, bool) or not isinstance(value, int | float) or not least <= value < math.inf:
+                raise ValueError(
+                    f"TimeWindow {what} must be a finite number of seconds, at least {least:g}, not {value!r}"
+                )
+        if size / step > MAX_WINDOWS_PER_ITEM:
+            raise ValueError(
+                f"TimeWindow size {size:g} s with step {step:g} s puts every item in {size / step:,.0f} windows"
+                f" (at most {MAX_WINDOWS_PER_ITEM:,}): is the step in seconds?"
+            )
         super().__init__(key, aggregate, (("tick", ALL),), name, parallelism)
         self.inputs["tick"].required = False
-        self.size, self.step = float(size), float(step)
+        self.size, self.step, self.allowed_lateness = float(size), float(step), float(allowed_lateness)
         self.timestamp = timestamp
         self.preprocess()
 
     def preprocess(self) -> None:  # a PE object may run several times: start afresh
         self.clock = -math.inf
         self.late = 0
-        self.closed_before: int | None = None  # every window k below this was emitted
         self.windows: dict[int, dict[Any, list[Any]]] = {}
 
     def _time_of(self, item: Any) -> float:
         if self.timestamp is None:
             return time.time()
         try:
-            return float(_value_getter(self.timestamp)(item))
+            at = float(_value_getter(self.timestamp)(item))
         except Exception as exc:
             raise GraphError(f"window PE {self.label}: no timestamp in item {reprlib.repr(item)}: {exc}") from exc
+        if not math.isfinite(at):
+            raise GraphError(f"window PE {self.label}: the timestamp of item {reprlib.repr(item)} is {at}")
+        return at
+
+    def _emitted(self, k: int) -> bool:
+        """Whether window ``k`` is due (emitted once it had items)."""
+        return k * self.step + self.size + self.allowed_lateness <= self.clock
+
+    def _first_open(self) -> int | None:
+        """The first window not due yet (``None``: none is due)."""
+        if self.clock == -math.inf:
+            return None
+        k = math.floor((self.clock - self.size - self.allowed_lateness) / self.step) + 1
+        while self._emitted(k):  # where the division rounded otherwise
+            k += 1
+        while not self._emitted(k - 1):
+            k -= 1
+        return k
 
     def process(self, inputs: Mapping[str, Any]) -> None:
         if "input" in inputs:
@@ -212,19 +254,34 @@ class TimeWindow(_WindowPE):
             at = self._time_of(item)
             first = math.floor((at - self.size) / self.step) + 1
             last = math.floor(at / self.step)
-            if self.closed_before is not None and last < self.closed_before:
-                self.late += 1
-            else:
-                key = self._key(item)
-                if self.closed_before is not None:
-                    first = max(first, self.closed_before)
-                for k in range(first, last + 1):
-                    self.windows.setdefault(k, {}).setdefault(key, []).append(item)
+            if first <= last:  # else the item falls between two windows (step > size)
+                first_open = self._first_open()
+                if first_open is not None and last < first_open:
+                    self._late(at)
+                else:
+                    key = self._key(item)
+                    for k in range(first if first_open is None else max(first, first_open), last + 1):
+                        self.windows.setdefault(k, {}).setdefault(key, []).append(item)
         else:
             at = time.time()
         if at > self.clock:
             self.clock = at
-            self._close(lambda k: k * self.step + self.size <= at)
+            self._close(self._emitted)
+
+    def _late(self, at: float) -> None:
+        self.late += 1
+        runtime = self._runtime
+        if runtime is not None and runtime.stats is not None:
+            runtime.stats.late += 1
+        if self.late == 1:
+            self.log(
+                f"an item at {at:g} s is late: the clock is at {self.clock:g} s and its windows were emitted"
+                f" (allowed_lateness {self.allowed_lateness:g} s); late items are dropped and counted in the"
+                " statistics' late",
+                logging.WARNING,
+            )
+        elif self.late in _WARNED_LATE:
+            self.log(f"{self.late:,} late items dropped", logging.WARNING)
 
     def _close(self, done: Callable[[int], bool]) -> None:
         for k in sorted(self.windows):
@@ -233,7 +290,8 @@ class TimeWindow(_WindowPE):
             start = k * self.step
             for key, items in self.windows.pop(k).items():
                 self._emit(key, start, start + self.size, items)
-            self.closed_before = k + 1
 
     def postprocess(self) -> None:
         self._close(lambda k: True)
+        if self.late > 1 and self.late not in _WARNED_LATE:
+            self.log(f"{self.late:,} late items dropped in all", logging.WARNING)

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import logging
+import math
 import pickle
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -139,6 +142,47 @@ def test_late_items_are_counted_and_dropped() -> None:
     assert window.late == 0  # the graph's own PE is never changed by a run
 
 
+def test_late_items_are_in_the_statistics_and_logged(caplog: pytest.LogCaptureFixture) -> None:
+    # An operator could not see them: `late` was an attribute of the run's copy of the PE only.
+    window = TimeWindow(1.0, timestamp=0)
+    items = [(0.1,), (5.0,), *((0.2 + i / 100,) for i in range(12)), (5.5,)]
+    run = aiod4p.start(windowed(items, window), mapping="simple")
+    with caplog.at_level(logging.WARNING, logger="aiod4p"):
+        asyncio.run(run.results())
+    assert [entry.late for entry in run.stats if entry.pe == window.id] == [12]
+    warnings = [record.getMessage() for record in caplog.records if record.levelno == logging.WARNING]
+    assert warnings == [
+        "an item at 0.2 s is late: the clock is at 5 s and its windows were emitted (allowed_lateness 0 s); late"
+        " items are dropped and counted in the statistics' late",
+        "10 late items dropped",
+        "12 late items dropped in all",
+    ]
+
+
+def test_allowed_lateness_keeps_a_window_open_for_items_out_of_order() -> None:
+    items = [(0.1,), (1.2,), (0.2,), (2.6,), (0.3,)]
+    results = run_simple(windowed(items, TimeWindow(1.0, timestamp=0, allowed_lateness=0.5)))
+    # 0.2 arrived while the clock (1.2) was within 0.5 s of its window's end; 0.3 after 2.6: late
+    assert [r["items"] for r in results.data()] == [[(0.1,), (0.2,)], [(1.2,)], [(2.6,)]]
+
+
+def test_a_timestamp_far_in_the_future_makes_the_items_after_it_late() -> None:
+    # One reading stamped in milliseconds moved the clock years ahead: the windows of every later item stayed
+    # open until the end of the stream (a live one: never), holding every item in memory.
+    items = [(0.1,), (1.5,), (2_500.0,), (2.1,), (3.2,)]
+    window = TimeWindow(1.0, timestamp=0)
+    run = aiod4p.start(windowed(items, window), mapping="simple")
+    results = asyncio.run(run.results())
+    assert [r["items"] for r in results.data()] == [[(0.1,)], [(1.5,)], [(2_500.0,)]]
+    assert run.instances(window)[0].late == 2 and run.instances(window)[0].windows == {}
+
+
+@pytest.mark.parametrize("at", [math.nan, math.inf])
+def test_a_timestamp_that_is_no_finite_number_fails_naming_the_item(at: float) -> None:
+    with pytest.raises(PEError, match=rf"the timestamp of item \({at},\) is {at}"):
+        run_simple(windowed([(0.1,), (at,)], TimeWindow(1.0, timestamp=0)))
+
+
 def test_a_window_closes_as_soon_as_the_clock_passes_it() -> None:
     items = [(0.1,), (0.2,), (1.5,)]
     window = TimeWindow(1.0, timestamp=0)
@@ -200,10 +244,27 @@ def test_a_timestamp_failure_names_a_large_item_short() -> None:
     assert "[0.5, 0.5, 0.5, 0.5, 0.5, 0.5, ...]" in str(caught.value) and len(str(caught.value)) < 300
 
 
-def test_invalid_window_options_are_refused() -> None:
-    with pytest.raises(ValueError, match="at least 1"):
-        CountWindow(0)
-    with pytest.raises(ValueError, match="positive"):
-        TimeWindow(1.0, 0)
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda: CountWindow(0), "CountWindow size must be a whole number of items, at least 1, not 0"),
+        (lambda: CountWindow(2.5), "CountWindow size must be a whole number of items, at least 1, not 2.5"),
+        (lambda: CountWindow(True), "CountWindow size must be a whole number of items, at least 1, not True"),
+        (lambda: CountWindow(3, math.inf), "CountWindow step must be a whole number of items, at least 1, not inf"),
+        (lambda: TimeWindow(1.0, 0), "TimeWindow step must be a finite number of seconds, at least 1e-06, not 0"),
+        (lambda: TimeWindow(math.inf), "TimeWindow size must be a finite number of seconds, at least 1e-06, not inf"),
+        (lambda: TimeWindow(1e-300), "TimeWindow size must be a finite number of seconds, at least 1e-06"),
+        (lambda: TimeWindow(5, math.inf), "TimeWindow step must be a finite number of seconds, at least 1e-06"),
+        (lambda: TimeWindow(5, allowed_lateness=-1), "TimeWindow allowed_lateness must be a finite number of seconds"),
+        # the step typed in microseconds: every item in ten million windows held the loop for minutes
+        (lambda: TimeWindow(10, 1e-6), r"puts every item in 10,000,000 windows \(at most 100,000\): is the step in"),
+    ],
+)
+def test_invalid_window_options_are_refused(make: Callable[[], object], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        make()
+
+
+def test_invalid_window_keys_are_refused() -> None:
     with pytest.raises(ValueError, match="window key"):
         CountWindow(2, key=1.5)  # type: ignore[arg-type]
