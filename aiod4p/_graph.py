@@ -52,10 +52,15 @@ class WorkflowGraph:
         """Add ``pe`` (once; adding it again is a no-op) and return it.
 
         Raises:
-            GraphError: ``pe`` is not a PE.
+            GraphError: ``pe`` is not a PE, or its ``__init__`` did not call ``super().__init__()``.
         """
         if not isinstance(pe, PE):
             raise GraphError(f"cannot add {pe!r} to a workflow graph: {_not_a_pe(pe)}")
+        if "_runtime" not in vars(pe):
+            raise GraphError(
+                f"cannot add a {type(pe).__name__} to a workflow graph: its __init__ must call super().__init__()"
+                " (which declares its ports)"
+            )
         if id(pe) not in self._members:
             self._members.add(id(pe))
             self._pes.append(pe)

@@ -13,6 +13,7 @@ from aiod4p import (
     GenericPE,
     GraphError,
     GroupBy,
+    IterativePE,
     WorkflowGraph,
     chain,
     group_by,
@@ -91,6 +92,19 @@ def test_duplicate_ids_are_rejected() -> None:
 def test_adding_something_that_is_not_a_pe() -> None:
     with pytest.raises(GraphError, match="not a PE"):
         WorkflowGraph().add("Count")  # type: ignore[arg-type]
+
+
+def test_a_pe_whose_init_forgot_super_init_is_named() -> None:
+    # It failed with "'Scale' object has no attribute 'id'".
+    class Scale(IterativePE):
+        def __init__(self, factor: int) -> None:
+            self.factor = factor
+
+        def process_item(self, item: int) -> int:
+            return item * self.factor
+
+    with pytest.raises(GraphError, match=r"a Scale .*: its __init__ must call super\(\)\.__init__\(\)"):
+        WorkflowGraph().connect(wf.Count(), "output", Scale(2), "input")
 
 
 def test_adding_a_pe_class_or_factory_says_what_to_add() -> None:
