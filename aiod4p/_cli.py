@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import contextlib
 import os
+import re
 import signal
 import stat
 import sys
@@ -456,6 +457,11 @@ def _run_loaded(args: argparse.Namespace, mapping: BaseMapping, results: str | N
     return status
 
 
+def _natural(text: str) -> list[str | int]:
+    """A sort key putting ``Read0.0.9`` before ``Read0.0.10``."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text)]
+
+
 def _cap_workers(args: argparse.Namespace, mapping: BaseMapping) -> None:
     """At most one worker per CPU where the workers share this machine's CPUs, unless ``--oversubscribe``.
 
@@ -467,7 +473,7 @@ def _cap_workers(args: argparse.Namespace, mapping: BaseMapping) -> None:
         cpus = available_cpus()
         mapping.processes = min(args.num, MOST_SHARED_PROCESSES)
         shared = (
-            f"; a dispel4py graph's instances are shared out as dispel4py does for -n {MOST_SHARED_PROCESSES}"
+            f"; the instances of a dispel4py graph are shared out as dispel4py does for -n {MOST_SHARED_PROCESSES}"
             if args.num > MOST_SHARED_PROCESSES
             else ""
         )
@@ -900,7 +906,7 @@ def _science_command(args: argparse.Namespace) -> int:
         sources = lineage.sources(entity)
         print(f"{entity} = {lineage.values.get(entity, '')}  (made by {lineage.made_by.get(entity, 'input')})")
         print(f"  lineage: {len(chain) - 1} items; {len(sources)} sources:")
-        for source in sorted(sources):
+        for source in sorted(sources, key=_natural):
             print(f"    {source} = {lineage.values.get(source, '')}  (made by {lineage.made_by.get(source, 'input')})")
     if args.draw is not None:
         print(f"wrote {draw_dot(lineage.to_dot(found), args.draw, 'a lineage')}")

@@ -302,3 +302,11 @@ def test_a_lineage_of_values_with_backslashes_and_quotes_draws(tmp_path: Path) -
         "ends in \\",
         "aiod4p:Read0.0.0 (input)",
     ]
+
+
+def test_a_trace_lists_its_sources_in_their_order() -> None:
+    # Sorted as strings: Read0.0.0, Read0.0.1, Read0.0.10, Read0.0.100, Read0.0.1000, Read0.0.101 ...
+    from aiod4p._cli import _natural
+
+    ids = [f"aiod4p:Read0.0.{n}" for n in (10, 9, 100, 1000, 0)]
+    assert sorted(ids, key=_natural) == [f"aiod4p:Read0.0.{n}" for n in (0, 9, 10, 100, 1000)]
