@@ -457,6 +457,23 @@ def test_missing_mpiexec_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> No
         aiod4p.run(wf.mpi_chain(), 3, mapping="mpi", workers=2)
 
 
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ("-n 3", r"AIOD4P_MPIEXEC_ARGS gives the number of ranks \(-n\): leave it out, and give it with -n"),
+        ("-np=3", r"AIOD4P_MPIEXEC_ARGS gives the number of ranks \(-np=3\)"),
+        ("-f 'hosts", 'AIOD4P_MPIEXEC_ARGS cannot be split into arguments .*: "-f \'hosts"'),
+    ],
+)
+def test_mpiexec_args_that_cannot_work_are_a_clear_error(
+    monkeypatch: pytest.MonkeyPatch, extra: str, message: str
+) -> None:
+    # A rank count gave Hydra's "duplicate setting: n" from the mpiexec; a stray quote, shlex's error alone.
+    monkeypatch.setenv("AIOD4P_MPIEXEC_ARGS", extra)
+    with pytest.raises(MappingUnavailable, match=message):
+        aiod4p.run(wf.mpi_chain(), 3, mapping="mpi", workers=2)
+
+
 def test_missing_mpi4py_is_a_clear_error() -> None:
     code = (
         "import sys; sys.modules['mpi4py'] = None\n"

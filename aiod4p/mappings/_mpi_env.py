@@ -135,9 +135,27 @@ def find_mpiexec() -> str:
     )
 
 
+_RANK_COUNT_OPTIONS = frozenset({"-n", "-np", "--n", "--np", "-c"})  # Hydra's and Open MPI's
+
+
 def mpiexec_extra_args() -> list[str]:
-    """Extra mpiexec arguments from ``AIOD4P_MPIEXEC_ARGS`` (e.g. ``-f hostfile``)."""
-    return shlex.split(os.environ.get("AIOD4P_MPIEXEC_ARGS", ""))
+    """Extra mpiexec arguments from ``AIOD4P_MPIEXEC_ARGS`` (e.g. ``-f hostfile``).
+
+    Raises:
+        MappingUnavailable: they cannot be split as a shell would, or give the number of ranks (``-n``
+            gives it).
+    """
+    text = os.environ.get("AIOD4P_MPIEXEC_ARGS", "")
+    try:
+        args = shlex.split(text)
+    except ValueError as exc:
+        raise MappingUnavailable(f"AIOD4P_MPIEXEC_ARGS cannot be split into arguments ({exc}): {text!r}") from None
+    counts = [arg for arg in args if arg.split("=", 1)[0] in _RANK_COUNT_OPTIONS]
+    if counts:
+        raise MappingUnavailable(
+            f"AIOD4P_MPIEXEC_ARGS gives the number of ranks ({counts[0]}): leave it out, and give it with -n"
+        )
+    return args
 
 
 # mpiexec options that place ranks on named hosts: Hydra's and Open MPI's
