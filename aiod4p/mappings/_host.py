@@ -74,10 +74,10 @@ __all__ = [
     "Stats",
     "Supervisor",
     "fail",
+    "prepare_job",
     "pumped_feeds",
     "serve",
     "serve_job",
-    "prepare_job",
     "split_feeds",
 ]
 
