@@ -16,9 +16,10 @@ are already waiting are dropped and counted in ``dropped``.
 
 Drain (SIGINT/SIGTERM in the CLI, :meth:`WorkflowRun.drain` in Python): a
 stream stops waiting for more input. It still yields what it can read
-without waiting (what is already in a pipe, socket buffer or followed file),
-then ends; so every line written to a pipe before the signal reaches the
-workflow. A regular file that is not followed stops at once.
+without waiting (what is already in a pipe, a TCP connection's receive
+buffer or a followed file), then ends; so every line written to a pipe
+before the signal, and every line TCP acknowledged to its sender, reaches
+the workflow. A regular file that is not followed stops at once.
 """
 
 from __future__ import annotations
@@ -84,9 +85,12 @@ class _Waker:
         if future is not None and not future.done():
             future.set_result(None)
 
-    async def wait(self, arrange: Callable[[], Callable[[], object]] | None = None) -> None:
-        """Wait until woken or drained (at once if draining); ``arrange()`` may set up a wake-up and return its undo."""
-        if self.draining:
+    async def wait(
+        self, arrange: Callable[[], Callable[[], object]] | None = None, *, drained_too: bool = False
+    ) -> None:
+        """Wait until woken or drained (at once if draining, unless ``drained_too``: then until woken, for a
+        stream whose drain still has to receive); ``arrange()`` may set up a wake-up and return its undo."""
+        if self.draining and not drained_too:
             return
         future = asyncio.get_running_loop().create_future()
         self._future = future
@@ -186,6 +190,11 @@ class _LineSplitter:
     def partial(self) -> bool:
         """Whether a line has begun and not ended."""
         return self._size > 0
+
+    @property
+    def size(self) -> int:
+        """The bytes of the line begun and not ended."""
+        return self._size
 
     def _add(self, piece: bytes) -> None:
         self._size += len(piece)
@@ -682,19 +691,39 @@ class _Pending:
         self.waker.wake()
 
 
+def _endpoint(address: Any) -> str:
+    """``host:port`` of a socket address (``[host]:port`` for IPv6)."""
+    if not isinstance(address, tuple) or len(address) < 2:
+        return str(address)
+    host, port = address[:2]
+    return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+
+
 class _LineProtocol(asyncio.Protocol):
-    def __init__(self, stream: SocketStream, pending: _Pending, origin: str) -> None:
+    """One TCP connection of a :class:`SocketStream`; its lines' origin names the peer (and, for a server's
+    client, the address it connected to)."""
+
+    reader: _LineReader  # once connected
+
+    def __init__(self, stream: SocketStream, pending: _Pending) -> None:
         self.stream = stream
         self.pending = pending
-        self.reader = _LineReader(
-            origin, stream.json, stream.max_line, stream.on_bad, stream.dead_letter, stream._counter
-        )
         self.transport: asyncio.Transport | None = None
         self.unqueued = 0  # bytes received whose lines are not queued yet (a line begun)
+        self.received = 0  # bytes received on the connection
+        self.last: int | None = None  # once draining: the bytes to receive before closing (what the kernel held)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's transports are not asyncio.Transport subclasses
-        self.stream._connected(self)
+        stream, peer = self.stream, _endpoint(transport.get_extra_info("peername"))
+        if stream.mode == "server":
+            origin = f"TCP client {peer} of {_endpoint(transport.get_extra_info('sockname'))}"
+        else:
+            origin = f"TCP {peer}"
+        self.reader = _LineReader(
+            origin, stream.json, stream.max_line, stream.on_bad, stream.dead_letter, stream._counter
+        )
+        stream._connected(self)
 
     def _push(self, read: Callable[[], list[Any]]) -> None:
         try:
@@ -706,9 +735,38 @@ class _LineProtocol(asyncio.Protocol):
             self.pending.push(items, self.transport, self.unqueued)
             self.unqueued = 0
 
+    def drain(self) -> None:
+        """Receive what the kernel holds for the connection now (``FIONREAD``), then close it."""
+        assert self.transport is not None
+        sock = self.transport.get_extra_info("socket")
+        held = None if sock is None else _readable_now(sock.fileno(), False)
+        if held is None:
+            logger.warning("%s: the drain cannot tell what the connection holds: closed at once", self.reader.origin)
+            held = 0
+        self.last = self.received + held
+        if held <= 0:
+            self.close()
+
+    def close(self) -> None:
+        """Close the connection after a drain: a line begun and not ended is not a record, and is discarded."""
+        assert self.transport is not None
+        if self.transport.is_closing():
+            return
+        if self.reader.partial:
+            logger.warning(
+                "%s: the drain closed the connection in the middle of a line: its %d bytes received are discarded",
+                self.reader.origin,
+                self.reader.splitter.size,
+            )
+        self.transport.close()
+        self.stream._disconnected(self)
+
     def data_received(self, data: bytes) -> None:
         self.unqueued += len(data)
+        self.received += len(data)
         self._push(lambda: self.reader.feed(data))
+        if self.last is not None and self.received >= self.last:
+            self.close()
 
     def eof_received(self) -> bool:
         self._push(self.reader.finish)
@@ -789,16 +847,22 @@ class SocketStream:
         return bool(self._pending.paused)
 
     def drain(self) -> None:
-        """Stop accepting and reading; yield the lines already read, then end.
+        """Stop accepting; yield what the connections hold now, then end.
 
-        What clients send from now on is not read, nor waited for: a client that sends faster than the run
-        would otherwise keep it from ending.
+        The listening socket is closed (new connections are refused). Each open connection is still read up to
+        what its kernel buffer holds when the drain comes (``FIONREAD``: bytes TCP has acknowledged to the
+        peer), then closed; every line read is yielded. What a client sends after that is not read, nor
+        waited for (a client that sends faster than the run would keep it from ending): closing a connection
+        with unread bytes resets it, so the client can tell. A line that a connection began and had not ended
+        when it was closed is not a record: it is discarded, with a warning naming the connection.
         """
+        if self._waker.draining:
+            return
         self._waker.drain()
-        self._pending.paused.clear()  # none is resumed any more
-        for protocol in self._open:
-            if protocol.transport is not None and not protocol.transport.is_closing():
-                protocol.transport.pause_reading()
+        if self._server is not None:
+            self._server.close()
+        for protocol in list(self._open):
+            protocol.drain()
 
     def __aiter__(self) -> AsyncIterator[Any]:
         return self._lines()
@@ -820,7 +884,7 @@ class SocketStream:
     def _finished(self) -> bool:
         if self._open:
             return False
-        if self.mode == "client":
+        if self.mode == "client" or self._waker.draining:
             return True
         return self.connections is not None and self._accepted >= self.connections
 
@@ -832,9 +896,7 @@ class SocketStream:
         try:
             if self.mode == "server":
                 try:
-                    self._server = await loop.create_server(
-                        lambda: _LineProtocol(self, pending, f"TCP client of {where}"), self.host, self.port
-                    )
+                    self._server = await loop.create_server(lambda: _LineProtocol(self, pending), self.host, self.port)
                 except OSError as exc:
                     raise InputError(f"cannot listen on {where}: {exc.strerror or exc}") from exc
                 self.address = self._server.sockets[0].getsockname()[:2]
@@ -842,9 +904,7 @@ class SocketStream:
                     self.on_listen(self.address)
             else:
                 try:
-                    await loop.create_connection(
-                        lambda: _LineProtocol(self, pending, f"TCP {where}"), self.host, self.port
-                    )
+                    await loop.create_connection(lambda: _LineProtocol(self, pending), self.host, self.port)
                 except OSError as exc:
                     raise InputError(f"cannot connect to {where}: {exc.strerror or exc}") from exc
             while True:
@@ -852,9 +912,9 @@ class SocketStream:
                     yield pending.take()
                 if pending.error is not None:
                     raise pending.error
-                if self._waker.draining or self._finished():
+                if self._finished():
                     break
-                await self._waker.wait()
+                await self._waker.wait(drained_too=True)  # a drain ends when the connections have delivered
         finally:
             if self._server is not None:
                 self._server.close()
