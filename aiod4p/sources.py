@@ -307,20 +307,6 @@ class _Counter:
         self.skipped = 0
 
 
-def _decoder(as_json: bool, origin: str) -> Callable[[bytes, int], Any]:
-    """``decode(line, number)`` -> item; JSON errors name the origin and line (for datagrams)."""
-    if not as_json:
-        return lambda line, _number: line.decode("utf-8", "replace").rstrip("\r")
-
-    def decode(line: bytes, number: int) -> Any:
-        try:
-            return json.loads(line)
-        except ValueError as exc:
-            raise InputError(f"{origin}, line {number}: not valid JSON ({exc}): {line[:80]!r}") from exc
-
-    return decode
-
-
 def _check_line_options(max_line: int, on_bad: str, what: str) -> None:
     if max_line < 1:
         raise ValueError(f"{what}: max_line must be at least 1 byte, not {max_line}")
@@ -926,31 +912,46 @@ class SocketStream:
 
 
 class _DatagramProtocol(asyncio.DatagramProtocol):
-    def __init__(self, stream: DatagramStream, pending: _Pending, origin: str) -> None:
+    """The datagrams of one reading of a :class:`DatagramStream`; bad lines are numbered within their datagram,
+    which is named by its number (counting every datagram received) and its sender."""
+
+    def __init__(self, stream: DatagramStream, pending: _Pending) -> None:
         self.stream = stream
         self.pending = pending
-        self.decode = _decoder(stream.json, origin)
+        self.reader = _LineReader("", stream.json, stream.max_line, stream.on_bad, stream.dead_letter, stream._counter)
+        self.where = ""  # the bound address, once bound
         self.number = 0
 
     def datagram_received(self, data: bytes, addr: tuple[str | Any, int]) -> None:
         if self.pending.waker.draining:  # what comes after the drain is not received: a sender could keep it going
             return
+        self.number += 1
+        stream = self.stream
         if self.pending.full:
-            self.stream.dropped += 1
+            stream.dropped += 1
+            if stream.dropped == 1:
+                logger.warning(
+                    "UDP %s: the workflow is behind (%d items or %d bytes wait: max_pending, max_pending_bytes):"
+                    " datagrams are dropped from datagram %d on; their count is logged when the stream ends",
+                    self.where,
+                    stream.max_pending,
+                    stream.max_pending_bytes,
+                    self.number,
+                )
             return
-        items = []
-        for line in data.split(b"\n"):
-            self.number += 1
-            if line.strip():
-                try:
-                    items.append(self.decode(line, self.number))
-                except InputError as exc:
-                    self.pending.fail(exc)
-                    return
+        reader = self.reader
+        reader.origin, reader.number = f"UDP {self.where}, datagram {self.number} from {_endpoint(addr)}", 0
+        try:
+            items = reader.feed(data) + reader.finish()
+        except InputError as exc:
+            self.pending.fail(exc)
+            return
+        if not stream.json:
+            items = [item for item in items if item.strip()]
         self.pending.push(items, None, len(data))
 
     def error_received(self, exc: Exception) -> None:
-        self.pending.fail(InputError(f"UDP socket {self.stream.host}:{self.stream.port} failed: {exc}"))
+        self.pending.fail(InputError(f"UDP socket {self.where} failed: {exc}"))
 
 
 class DatagramStream:
@@ -960,10 +961,17 @@ class DatagramStream:
     port). Runs until drained, or until ``count`` items have been received.
     UDP has no flow control: datagrams arriving while ``max_pending`` items,
     or items received in ``max_pending_bytes`` bytes, wait are dropped and
-    counted in ``dropped``.
+    counted in ``dropped``; the first drop is logged as a warning, and so is
+    their count when the stream ends.
+
+    Bad lines (``max_line``, ``on_bad``, ``dead_letter``, ``skipped``): as
+    :class:`LineStream`; a bad line is named by its datagram's number
+    (counting every datagram received, dropped ones too), its sender, and its
+    line in the datagram (``UDP 127.0.0.1:9000, datagram 2 from
+    127.0.0.1:50123, line 1: not valid JSON ...``).
 
     Raises (while iterating):
-        InputError: cannot bind, the socket fails, or a line is not valid JSON.
+        InputError: cannot bind, the socket fails, or a line is bad under ``on_bad="fail"``.
     """
 
     def __init__(
@@ -976,13 +984,24 @@ class DatagramStream:
         on_listen: Callable[[tuple[str, int]], Any] | None = None,
         max_pending: int = _MAX_PENDING_DATAGRAMS,
         max_pending_bytes: int = MAX_PENDING_BYTES,
+        max_line: int = MAX_LINE_BYTES,
+        on_bad: str = DEFAULT_LINE_POLICY,
+        dead_letter: Callable[[dict[str, Any]], object] | None = None,
     ) -> None:
+        _check_line_options(max_line, on_bad, "DatagramStream")
         self.host, self.port, self.json, self.count = host, port, json, count
         self.on_listen = on_listen
         self.max_pending, self.max_pending_bytes = max_pending, max_pending_bytes
+        self.max_line, self.on_bad, self.dead_letter = max_line, on_bad, dead_letter
+        self._counter = _Counter()
         self.dropped = 0
         self.address: tuple[str, int] | None = None
         self._waker = _Waker()
+
+    @property
+    def skipped(self) -> int:
+        """Bad lines skipped or dead-lettered so far."""
+        return self._counter.skipped
 
     def drain(self) -> None:
         """Stop receiving (datagrams that come from now on are ignored); yield what was received, then end."""
@@ -994,7 +1013,6 @@ class DatagramStream:
     async def _items(self) -> AsyncIterator[Any]:
         loop = asyncio.get_running_loop()
         pending = _Pending(self._waker, self.max_pending, self.max_pending_bytes)
-        where = f"{self.host}:{self.port}"
         sock: socket.socket | None = None
         try:  # bound here, not by the loop: uvloop leaks its transport when binding fails
             family, kind, proto, _, address = socket.getaddrinfo(self.host, self.port, type=socket.SOCK_DGRAM)[0]
@@ -1003,10 +1021,10 @@ class DatagramStream:
         except OSError as exc:
             if sock is not None:
                 sock.close()
-            raise InputError(f"cannot bind UDP {where}: {exc.strerror or exc}") from exc
-        transport, _ = await loop.create_datagram_endpoint(
-            lambda: _DatagramProtocol(self, pending, f"UDP {where}"), sock=sock
-        )
+            raise InputError(f"cannot bind UDP {self.host}:{self.port}: {exc.strerror or exc}") from exc
+        protocol = _DatagramProtocol(self, pending)
+        protocol.where = _endpoint(sock.getsockname())
+        transport, _ = await loop.create_datagram_endpoint(lambda: protocol, sock=sock)
         received = 0
         try:
             self.address = transport.get_extra_info("sockname")[:2]
@@ -1023,6 +1041,16 @@ class DatagramStream:
                 await self._waker.wait()
         finally:
             transport.close()
+            if self.dropped:
+                logger.warning(
+                    "UDP %s: %d datagram%s dropped in all, the workflow being behind (max_pending=%d,"
+                    " max_pending_bytes=%d)",
+                    protocol.where,
+                    self.dropped,
+                    "s" if self.dropped != 1 else "",
+                    self.max_pending,
+                    self.max_pending_bytes,
+                )
 
 
 # -- timer ------------------------------------------------------------------------------
@@ -1428,8 +1456,9 @@ class TCPSource(_BadLines):
         )
 
 
-class UDPSource(SourcePE):
-    """Datagrams on a UDP socket; options as :class:`DatagramStream`."""
+class UDPSource(_BadLines):
+    """Datagrams on a UDP socket; options as :class:`DatagramStream`. See :class:`_BadLines` for
+    ``on_bad="dead-letter"``."""
 
     replayable = False
 
@@ -1443,9 +1472,11 @@ class UDPSource(SourcePE):
         on_listen: Callable[[tuple[str, int]], Any] | None = None,
         max_pending: int = _MAX_PENDING_DATAGRAMS,
         max_pending_bytes: int = MAX_PENDING_BYTES,
+        max_line: int = MAX_LINE_BYTES,
+        on_bad: str = DEFAULT_LINE_POLICY,
         name: str | None = None,
     ) -> None:
-        super().__init__(name=name)
+        super().__init__(max_line=max_line, on_bad=on_bad, name=name)
         self.host, self.port, self.json, self.count = host, port, json, count
         self.on_listen = on_listen
         self.max_pending, self.max_pending_bytes = max_pending, max_pending_bytes
@@ -1459,6 +1490,9 @@ class UDPSource(SourcePE):
             on_listen=self.on_listen,
             max_pending=self.max_pending,
             max_pending_bytes=self.max_pending_bytes,
+            max_line=self.max_line,
+            on_bad=self.on_bad,
+            dead_letter=self._dead_letter,
         )
 
 

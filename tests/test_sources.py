@@ -468,7 +468,9 @@ async def test_a_socket_stream_of_heavy_lines_stops_reading_at_its_bytes_bound()
     assert len(rest) == total - 1
 
 
-async def test_a_datagram_stream_drops_what_comes_beyond_its_bytes_bound() -> None:
+async def test_a_datagram_stream_drops_what_comes_beyond_its_bytes_bound(caplog: pytest.LogCaptureFixture) -> None:
+    """Dropped datagrams were only counted in ``dropped``, which nothing reported: the first drop is a warning,
+    and so is their count when the stream ends."""
     listening: asyncio.Future[tuple[str, int]] = asyncio.get_running_loop().create_future()
     stream = DatagramStream("127.0.0.1", 0, on_listen=listening.set_result, max_pending_bytes=10_000)
     items = aiter(stream)
@@ -486,6 +488,71 @@ async def test_a_datagram_stream_drops_what_comes_beyond_its_bytes_bound() -> No
         kept = [item async for item in items]
     assert [int(item.split()[0]) for item in kept] == list(range(10))
     assert stream.dropped == 40
+    warnings = [r.getMessage() for r in caplog.records if r.name == "aiod4p.sources"]
+    where = f"UDP {address[0]}:{address[1]}"
+    assert warnings == [
+        f"{where}: the workflow is behind (65536 items or 10000 bytes wait: max_pending, max_pending_bytes):"
+        " datagrams are dropped from datagram 12 on; their count is logged when the stream ends",
+        f"{where}: 40 datagrams dropped in all, the workflow being behind (max_pending=65536, max_pending_bytes=10000)",
+    ]
+
+
+async def _datagrams(stream: DatagramStream, datagrams: list[bytes], taken: int) -> tuple[list[Any], str]:
+    """Send ``datagrams`` to ``stream`` and take ``taken`` items; with the sender's address."""
+    listening: asyncio.Future[tuple[str, int]] = asyncio.get_running_loop().create_future()
+    stream.on_listen = listening.set_result
+    items = aiter(stream)
+    async with asyncio.timeout(20):
+        first = asyncio.ensure_future(anext(items))
+        address = await listening
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sender:
+            for datagram in datagrams:
+                sender.sendto(datagram, address)
+            return [
+                await first,
+                *[await anext(items) for _ in range(taken - 1)],
+            ], f"127.0.0.1:{sender.getsockname()[1]}"
+
+
+async def test_a_bad_datagram_fails_naming_the_datagram_and_its_sender() -> None:
+    """The second datagram was "line 3": the empty piece after each newline counted as a line."""
+    stream = DatagramStream(json=True)
+    with pytest.raises(aiod4p.InputError) as failed:
+        await _datagrams(stream, [b'{"i": 1}\n', b"oops\n"], 2)
+    assert re.fullmatch(
+        r"UDP 127\.0\.0\.1:\d+, datagram 2 from 127\.0\.0\.1:\d+, line 1: not valid JSON \(.*\): b'oops'",
+        str(failed.value),
+    )
+
+
+async def test_bad_datagrams_skipped_with_a_warning_and_a_count(caplog: pytest.LogCaptureFixture) -> None:
+    stream = DatagramStream(json=True, on_bad="skip", max_line=20)
+    datagrams = [b'{"i": 1}\n', b"\xff\xfe", b"9" * 30, b'{"i": 2}\nnope\n{"i": 3}']
+    data, sender = await _datagrams(stream, datagrams, 3)
+    assert data == [{"i": 1}, {"i": 2}, {"i": 3}] and stream.skipped == 3
+    warnings = [r.getMessage() for r in caplog.records if r.name == "aiod4p.sources"]
+    assert [w.split(": ")[0].split(", datagram ")[1] for w in warnings] == [
+        f"{n} from {sender}, line {line}" for n, line in ((2, 1), (3, 1), (4, 2))
+    ]
+    assert "not valid JSON" in warnings[0] and "longer than 20 bytes (30 bytes)" in warnings[1]
+
+
+@pytest.mark.parametrize("on_bad", ["skip", "dead-letter"])
+async def test_udp_source_bad_lines(on_bad: str) -> None:
+    listening: asyncio.Future[tuple[str, int]] = asyncio.get_running_loop().create_future()
+    source = UDPSource(json=True, count=2, on_listen=listening.set_result, on_bad=on_bad)
+    run = aiod4p.start(source_graph(source))
+    async with asyncio.timeout(20), run:
+        results = asyncio.ensure_future(run.results())
+        address = await listening
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sender:
+            for datagram in (b"{bad\n", b'{"i": 1}', b'{"i": 2}\n'):
+                sender.sendto(datagram, address)
+        records = (await results).records
+    assert sorted(r.data["i"] for r in records if r.port == "output") == [1, 2]
+    letters = [(r.data["line"], r.data["text"]) for r in records if r.port == "dead_letter"]
+    assert letters == ([(1, "{bad")] if on_bad == "dead-letter" else [])
+    assert {(entry.pe, entry.skipped) for entry in run.stats if entry.skipped} == {(source.id, 1)}
 
 
 async def test_a_socket_stream_read_again_accepts_its_clients_anew() -> None:
