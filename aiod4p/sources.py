@@ -29,6 +29,7 @@ import contextlib
 import fcntl
 import json
 import logging
+import math
 import os
 import socket
 import stat
@@ -307,11 +308,32 @@ class _Counter:
         self.skipped = 0
 
 
+def _check_int(value: int | None, option: str, what: str, least: int = 1, *, most: int | None = None) -> None:
+    """Refuse ``value`` of option ``option`` of ``what`` (a class name) unless it is an int from ``least`` to
+    ``most``: a ``TypeError`` for another type (``bool`` included), a ``ValueError`` out of range."""
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"{what}: {option} must be an int, not {value!r}")
+    if value < least or (most is not None and value > most):
+        span = f"at least {least}" if most is None else f"{least} to {most}"
+        raise ValueError(f"{what}: {option} must be {span}, not {value}")
+
+
+def _check_limit(value: int | None, option: str, what: str) -> None:
+    """``None`` (no limit), or an int of at least 1."""
+    if value is not None:
+        _check_int(value, f"{option} (None for no limit)", what)
+
+
 def _check_line_options(max_line: int, on_bad: str, what: str) -> None:
-    if max_line < 1:
-        raise ValueError(f"{what}: max_line must be at least 1 byte, not {max_line}")
+    _check_int(max_line, "max_line (bytes)", what)
     if on_bad not in LINE_POLICIES:
         raise ValueError(f"{what}: on_bad must be one of {', '.join(LINE_POLICIES)}, not {on_bad!r}")
+
+
+def _check_socket_options(port: int, max_pending: int, max_pending_bytes: int, what: str) -> None:
+    _check_int(port, "port", what, 0, most=65535)
+    _check_int(max_pending, "max_pending", what)
+    _check_int(max_pending_bytes, "max_pending_bytes", what)
 
 
 def _check_mode(mode: str, what: str) -> None:
@@ -319,9 +341,12 @@ def _check_mode(mode: str, what: str) -> None:
         raise ValueError(f"{what} mode must be 'server' or 'client', not {mode!r}")
 
 
-def _check_interval(interval: float) -> None:
-    if not interval > 0:
-        raise ValueError(f"the timer interval must be positive, not {interval}")
+def _check_seconds(seconds: float, option: str, what: str) -> None:
+    """A positive, finite number of seconds (not NaN, not infinite)."""
+    if not isinstance(seconds, (int, float)) or isinstance(seconds, bool):
+        raise TypeError(f"{what}: {option} must be a number of seconds, not {seconds!r}")
+    if not 0 < seconds < math.inf:
+        raise ValueError(f"{what}: {option} must be positive and finite (seconds), not {seconds}")
 
 
 # -- lines from stdin, a pipe or a file -------------------------------------------
@@ -410,6 +435,8 @@ class LineStream:
         generations: list[FileGeneration] | None = None,
     ) -> None:
         _check_line_options(max_line, on_bad, "LineStream")
+        _check_seconds(poll_interval, "poll_interval", "LineStream")
+        _check_int(chunk_size, "chunk_size", "LineStream")
         self.source = source
         self.generations: list[FileGeneration] = [] if generations is None else generations
         self.json = json
@@ -804,6 +831,8 @@ class SocketStream:
     ) -> None:
         _check_mode(mode, "SocketStream")
         _check_line_options(max_line, on_bad, "SocketStream")
+        _check_socket_options(port, max_pending, max_pending_bytes, "SocketStream")
+        _check_limit(connections, "connections", "SocketStream")
         self.max_line, self.on_bad, self.dead_letter = max_line, on_bad, dead_letter
         self._counter = _Counter()
         self.host, self.port, self.mode, self.json = host, port, mode, json
@@ -989,6 +1018,8 @@ class DatagramStream:
         dead_letter: Callable[[dict[str, Any]], object] | None = None,
     ) -> None:
         _check_line_options(max_line, on_bad, "DatagramStream")
+        _check_socket_options(port, max_pending, max_pending_bytes, "DatagramStream")
+        _check_limit(count, "count", "DatagramStream")
         self.host, self.port, self.json, self.count = host, port, json, count
         self.on_listen = on_listen
         self.max_pending, self.max_pending_bytes = max_pending, max_pending_bytes
@@ -1065,7 +1096,8 @@ class TimerStream:
     """
 
     def __init__(self, interval: float, *, count: int | None = None) -> None:
-        _check_interval(interval)
+        _check_seconds(interval, "interval", "TimerStream")
+        _check_limit(count, "count", "TimerStream")
         self.interval = interval
         self.count = count
         self._waker = _Waker()
@@ -1120,10 +1152,8 @@ class LiveFeed:
     """
 
     def __init__(self, maxsize: int = 1024, max_bytes: int = MAX_PENDING_BYTES) -> None:
-        if maxsize < 1:
-            raise ValueError(f"LiveFeed maxsize must be at least 1, not {maxsize}")
-        if max_bytes < 1:
-            raise ValueError(f"LiveFeed max_bytes must be at least 1, not {max_bytes}")
+        _check_int(maxsize, "maxsize", "LiveFeed")
+        _check_int(max_bytes, "max_bytes", "LiveFeed")
         self.maxsize, self.max_bytes = maxsize, max_bytes
         self._items: deque[tuple[Any, int]] = deque()  # with the size of each
         self._bytes = 0
@@ -1380,6 +1410,7 @@ class LinesSource(_BadLines):
         on_bad: str = DEFAULT_LINE_POLICY,
         name: str | None = None,
     ) -> None:
+        _check_seconds(poll_interval, "poll_interval", "LinesSource")
         super().__init__(max_line=max_line, on_bad=on_bad, name=name)
         self.path = None if path is None else os.fspath(path)
         self.json, self.follow, self.from_end, self.poll_interval = json, follow, from_end, poll_interval
@@ -1429,6 +1460,8 @@ class TCPSource(_BadLines):
         name: str | None = None,
     ) -> None:
         _check_mode(mode, "TCPSource")
+        _check_socket_options(port, max_pending, max_pending_bytes, "TCPSource")
+        _check_limit(connections, "connections", "TCPSource")
         super().__init__(max_line=max_line, on_bad=on_bad, name=name)
         self.host, self.port, self.mode, self.json = host, port, mode, json
         self.connections, self.on_listen = connections, on_listen
@@ -1476,6 +1509,8 @@ class UDPSource(_BadLines):
         on_bad: str = DEFAULT_LINE_POLICY,
         name: str | None = None,
     ) -> None:
+        _check_socket_options(port, max_pending, max_pending_bytes, "UDPSource")
+        _check_limit(count, "count", "UDPSource")
         super().__init__(max_line=max_line, on_bad=on_bad, name=name)
         self.host, self.port, self.json, self.count = host, port, json, count
         self.on_listen = on_listen
@@ -1500,7 +1535,8 @@ class TimerSource(SourcePE):
     """A tick every ``interval`` seconds; options as :class:`TimerStream`."""
 
     def __init__(self, interval: float, *, count: int | None = None, name: str | None = None) -> None:
-        _check_interval(interval)
+        _check_seconds(interval, "interval", "TimerSource")
+        _check_limit(count, "count", "TimerSource")
         super().__init__(name=name)
         self.interval, self.count = interval, count
 

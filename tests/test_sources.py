@@ -7,6 +7,7 @@ import contextlib
 import fcntl
 import itertools
 import json
+import math
 import os
 import pickle
 import re
@@ -15,7 +16,7 @@ import sys
 import termios
 import threading
 import tracemalloc
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,7 @@ from aiod4p.sources import (
     SocketStream,
     TCPSource,
     TimerSource,
+    TimerStream,
     UDPSource,
     _endpoint,
     iterate,
@@ -813,6 +815,54 @@ def test_source_pes_are_picklable_and_reusable(tmp_path: Path) -> None:
         assert aiod4p.run(source_graph(lines)).data() == [1, 2]
 
 
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda: UDPSource(port=70000), "UDPSource: port must be 0 to 65535, not 70000"),
+        (lambda: DatagramStream(port=-1), "DatagramStream: port must be 0 to 65535, not -1"),
+        (lambda: TCPSource(port=65536), "TCPSource: port must be 0 to 65535, not 65536"),
+        (lambda: SocketStream(port=1 << 16), "SocketStream: port must be 0 to 65535, not 65536"),
+        (lambda: UDPSource(max_pending=0), "UDPSource: max_pending must be at least 1, not 0"),
+        (lambda: DatagramStream(max_pending_bytes=-5), "DatagramStream: max_pending_bytes must be at least 1, not -5"),
+        (lambda: TCPSource(max_pending=0), "TCPSource: max_pending must be at least 1, not 0"),
+        (lambda: SocketStream(max_pending_bytes=0), "SocketStream: max_pending_bytes must be at least 1, not 0"),
+        (lambda: TCPSource(connections=0), r"TCPSource: connections \(None for no limit\) must be at least 1, not 0"),
+        (lambda: SocketStream(connections=-2), r"SocketStream: connections \(None for no limit\) must be at least 1"),
+        (lambda: UDPSource(count=0), r"UDPSource: count \(None for no limit\) must be at least 1, not 0"),
+        (lambda: DatagramStream(count=-1), r"DatagramStream: count \(None for no limit\) must be at least 1"),
+        (lambda: TimerSource(1.0, count=-1), r"TimerSource: count \(None for no limit\) must be at least 1, not -1"),
+        (lambda: TimerStream(1.0, count=0), r"TimerStream: count \(None for no limit\) must be at least 1, not 0"),
+        (lambda: TimerSource(math.inf), r"TimerSource: interval must be positive and finite \(seconds\), not inf"),
+        (lambda: TimerStream(math.nan), r"TimerStream: interval must be positive and finite \(seconds\), not nan"),
+        (lambda: TimerStream(-1.0), r"TimerStream: interval must be positive and finite \(seconds\), not -1.0"),
+        (lambda: LinesSource(poll_interval=math.inf), "LinesSource: poll_interval must be positive and finite"),
+        (lambda: LineStream(poll_interval=0), "LineStream: poll_interval must be positive and finite"),
+        (lambda: LineStream(chunk_size=0), "LineStream: chunk_size must be at least 1, not 0"),
+        (lambda: UDPSource(max_line=0), r"UDPSource: max_line \(bytes\) must be at least 1, not 0"),
+        (lambda: aiod4p.LiveFeed(-3), "LiveFeed: maxsize must be at least 1, not -3"),
+    ],
+)
+def test_nonsensical_numeric_options_are_refused_naming_the_class_and_option(
+    make: Callable[[], object], message: str
+) -> None:
+    """``UDPSource(port=70000)`` bound port 4464 (70000 modulo 65536); ``max_pending=0`` dropped every datagram."""
+    with pytest.raises(ValueError, match=message):
+        make()
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda: TCPSource(port="9000"), "TCPSource: port must be an int, not '9000'"),  # type: ignore[arg-type]
+        (lambda: UDPSource(max_pending=True), "UDPSource: max_pending must be an int, not True"),
+        (lambda: TimerStream("1"), "TimerStream: interval must be a number of seconds, not '1'"),  # type: ignore[arg-type]
+    ],
+)
+def test_numeric_options_of_another_type_are_refused(make: Callable[[], object], message: str) -> None:
+    with pytest.raises(TypeError, match=message):
+        make()
+
+
 def test_invalid_source_options_are_refused() -> None:
     with pytest.raises(ValueError, match="mode must be"):
         TCPSource(mode="peer")
@@ -956,7 +1006,7 @@ async def test_bad_lines_go_to_the_dead_letter_callback() -> None:
 def test_line_options_are_checked() -> None:
     with pytest.raises(ValueError, match="on_bad must be one of fail, skip, dead-letter, not 'drop'"):
         LineStream(on_bad="drop")
-    with pytest.raises(ValueError, match="max_line must be at least 1 byte, not 0"):
+    with pytest.raises(ValueError, match=r"LinesSource: max_line \(bytes\) must be at least 1, not 0"):
         LinesSource(max_line=0)
 
 
