@@ -250,6 +250,13 @@ class _LineReader:
     def finish(self) -> list[Any]:
         return self._items(self.splitter.finish())
 
+    def cut(self, why: str) -> None:
+        """The line begun and not ended is cut off (``why``): not a complete record, so a bad line (``on_bad``)."""
+        for line in self.splitter.finish():
+            self.number += 1
+            text, size = (line.head, line.size) if isinstance(line, _TooLong) else (line, len(line))
+            self._bad(f"{why} ({size} bytes without a newline)", text, size)
+
     def _items(self, lines: list[bytes | _TooLong]) -> list[Any]:
         items = []
         for line in lines:
@@ -782,7 +789,11 @@ class _LineProtocol(asyncio.Protocol):
             self.close()
 
     def eof_received(self) -> bool:
-        self._push(self.reader.finish)
+        """The peer closed: a line it began and did not end is a bad line (a client that died mid-line)."""
+        try:
+            self.reader.cut("the connection ended mid-line")
+        except InputError as exc:
+            self.pending.fail(exc)
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -808,7 +819,12 @@ class SocketStream:
     slows the senders down.
 
     Bad lines (``max_line``, ``on_bad``, ``dead_letter``, ``skipped``): as
-    :class:`LineStream`; each connection numbers its own lines.
+    :class:`LineStream`; each connection numbers its own lines, and the
+    messages name the peer. A line is a record once its newline comes: a
+    connection that ends in the middle of a line (a client that died while
+    sending) leaves a bad line, ``the connection ended mid-line``, which
+    ``on_bad`` handles (under ``"fail"`` it ends the run: end every line,
+    the last one too, with a newline).
 
     Raises (while iterating):
         InputError: cannot listen or connect, or a line is bad under ``on_bad="fail"``.

@@ -1072,6 +1072,70 @@ async def test_tcp_source_fails_on_a_bad_line_by_default() -> None:
             await results
 
 
+async def _two_clients(stream: SocketStream) -> tuple[list[Any], str]:
+    """One client of ``stream`` sends two lines and dies in the middle of a third; another sends two lines.
+    The items, and the address of the first."""
+    listening: asyncio.Future[tuple[str, int]] = asyncio.get_running_loop().create_future()
+    stream.on_listen = listening.set_result
+    items = aiter(stream)
+    async with asyncio.timeout(20):
+        first = asyncio.ensure_future(anext(items))
+        address = await listening
+        _, dying = await asyncio.open_connection(*address)
+        dying.write(b'{"c": 0}\n{"c": 1}\n{"c": ')
+        peer = _endpoint(dying.get_extra_info("sockname"))
+        dying.close()
+        _, other = await asyncio.open_connection(*address)
+        other.write(b'{"c": 2}\n{"c": 3}\n')
+        other.close()
+        return [await first, *[item async for item in items]], peer
+
+
+async def test_a_client_that_dies_mid_line_fails_the_stream_by_default_naming_it() -> None:
+    """The unterminated fragment of a client that died was taken as a line: its JSON error ("not valid JSON")
+    ended a multi-client ingestion without saying that the connection had ended mid-line."""
+    with pytest.raises(aiod4p.InputError) as failed:
+        await _two_clients(SocketStream(json=True, connections=2))
+    assert re.fullmatch(
+        r"TCP client 127\.0\.0\.1:\d+ of 127\.0\.0\.1:\d+, line 3: the connection ended mid-line"
+        r" \(6 bytes without a newline\): b'\{\"c\": '",
+        str(failed.value),
+    )
+
+
+@pytest.mark.parametrize("on_bad", ["skip", "dead-letter"])
+async def test_a_client_that_dies_mid_line_leaves_a_bad_line(on_bad: str, caplog: pytest.LogCaptureFixture) -> None:
+    letters: list[dict[str, Any]] = []
+    stream = SocketStream(json=True, connections=2, on_bad=on_bad, dead_letter=letters.append)
+    items, peer = await _two_clients(stream)
+    assert sorted(item["c"] for item in items) == [0, 1, 2, 3] and stream.skipped == 1
+    if on_bad == "dead-letter":
+        [letter] = letters
+        assert letter["line"] == 3 and letter["text"] == '{"c": ' and letter["size"] == 6
+        assert letter["source"].startswith(f"TCP client {peer} of ")
+        assert letter["error"] == "the connection ended mid-line (6 bytes without a newline)"
+    else:
+        assert not letters
+        assert f"TCP client {peer} of " in caplog.text and "line 3: the connection ended mid-line" in caplog.text
+
+
+async def test_a_text_line_not_ended_when_the_client_closed_is_a_bad_line_too() -> None:
+    """A text line without its newline at the peer's end: over-long too, its first bytes are kept."""
+    letters: list[dict[str, Any]] = []
+    stream = SocketStream(connections=1, max_line=4, on_bad="dead-letter", dead_letter=letters.append)
+    listening: asyncio.Future[tuple[str, int]] = asyncio.get_running_loop().create_future()
+    stream.on_listen = listening.set_result
+    items = aiter(stream)
+    async with asyncio.timeout(20):
+        first = asyncio.ensure_future(anext(items))
+        _, writer = await asyncio.open_connection(*await listening)
+        writer.write(b"abc\nlonger than four")
+        writer.close()
+        assert [await first, *[item async for item in items]] == ["abc"]
+    assert [(d["line"], d["text"], d["size"]) for d in letters] == [(2, "longer than four", 16)]
+    assert letters[0]["error"] == "the connection ended mid-line (16 bytes without a newline)"
+
+
 async def test_a_drain_ends_a_datagram_stream_whose_sender_keeps_sending() -> None:
     """Datagrams that come after the drain are not received: a sender faster than the run cannot keep it going."""
     listening: asyncio.Future[tuple[str, int]] = asyncio.get_running_loop().create_future()
