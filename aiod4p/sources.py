@@ -12,7 +12,8 @@ Back-pressure: a stream is only read when the workflow asks for the next
 item, so a source stops reading when the workflow is behind (a TCP peer's
 send then blocks on a full socket buffer; a pipe writer blocks on a full
 pipe). UDP cannot push back: datagrams that arrive while ``max_pending``
-are already waiting are dropped and counted in ``dropped``.
+are already waiting are dropped, counted in ``dropped`` and reported in a
+warning.
 
 Drain (SIGINT/SIGTERM in the CLI, :meth:`WorkflowRun.drain` in Python): a
 stream stops waiting for more input. It still yields what it can read
@@ -758,6 +759,8 @@ class _LineProtocol(asyncio.Protocol):
     def drain(self) -> None:
         """Receive what the kernel holds for the connection now (``FIONREAD``), then close it."""
         assert self.transport is not None
+        if self.transport.is_closing():  # the peer closed it, and it is being closed: all was received
+            return
         sock = self.transport.get_extra_info("socket")
         held = None if sock is None else _readable_now(sock.fileno(), False)
         if held is None:
@@ -900,13 +903,15 @@ class SocketStream:
 
     def _connected(self, protocol: _LineProtocol) -> None:
         self._accepted += 1
-        if self._waker.draining or (self.connections is not None and self._accepted > self.connections):
+        if self.connections is not None and self._accepted > self.connections:
             assert protocol.transport is not None
             protocol.transport.close()
             return
         self._open.add(protocol)
         if self.connections is not None and self._accepted >= self.connections and self._server is not None:
             self._server.close()
+        if self._waker.draining:  # accepted before the drain closed the listening socket: what it holds is read
+            protocol.drain()
 
     def _disconnected(self, protocol: _LineProtocol) -> None:
         self._open.discard(protocol)
@@ -931,6 +936,8 @@ class SocketStream:
                 except OSError as exc:
                     raise InputError(f"cannot listen on {where}: {exc.strerror or exc}") from exc
                 self.address = self._server.sockets[0].getsockname()[:2]
+                if self._waker.draining:  # drained before listening: refuse what comes from now on
+                    self._server.close()
                 if self.on_listen is not None:
                     self.on_listen(self.address)
             else:

@@ -24,7 +24,7 @@ import pytest
 import workflows as wf
 
 import aiod4p
-from aiod4p import IterativePE, PEError, ProducerPE, WorkflowGraph
+from aiod4p import IterativePE, PEError, ProducerPE, WorkflowGraph, sources
 from aiod4p.sources import (
     AsyncIterSource,
     DatagramStream,
@@ -652,6 +652,38 @@ async def test_a_drain_delivers_what_the_kernel_acknowledged(caplog: pytest.LogC
         f"TCP client {client} of {_endpoint(address)}: the drain closed the connection in the middle of a line:"
         " its 8 bytes received are discarded"
     ) in caplog.text
+
+
+async def test_a_socket_stream_drained_before_it_listens_ends_at_once() -> None:
+    listening: asyncio.Future[tuple[str, int]] = asyncio.get_running_loop().create_future()
+    stream = SocketStream(on_listen=listening.set_result)
+    stream.drain()
+    async with asyncio.timeout(20):
+        assert [item async for item in stream] == []
+        with pytest.raises(OSError):  # nothing listens
+            await asyncio.open_connection(*listening.result())
+
+
+async def test_a_drain_that_cannot_tell_what_a_connection_holds_says_so(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Where ``FIONREAD`` fails, the connection is closed at once, with a warning naming it: nothing is lost
+    without a word."""
+    listening: asyncio.Future[tuple[str, int]] = asyncio.get_running_loop().create_future()
+    stream = SocketStream(on_listen=listening.set_result)
+    items = aiter(stream)
+    async with asyncio.timeout(20):
+        first = asyncio.ensure_future(anext(items))
+        _, writer = await asyncio.open_connection(*await listening)
+        writer.write(b"one\n")
+        assert await first == "one"
+        monkeypatch.setattr(sources, "_readable_now", lambda fd, regular: None)
+        stream.drain()
+        assert [item async for item in items] == []
+        writer.close()
+    peer = _endpoint(writer.get_extra_info("sockname"))
+    assert f"TCP client {peer} of " in caplog.text
+    assert "the drain cannot tell what the connection holds: closed at once" in caplog.text
 
 
 @pytest.mark.parametrize("mapping", ["simple", "async"])
