@@ -316,7 +316,7 @@ class _Counter:
         self.skipped = 0
 
 
-def _check_int(value: int | None, option: str, what: str, least: int = 1, *, most: int | None = None) -> None:
+def _check_int(value: object, option: str, what: str, least: int = 1, *, most: int | None = None) -> None:
     """Refuse ``value`` of option ``option`` of ``what`` (a class name) unless it is an int from ``least`` to
     ``most``: a ``TypeError`` for another type (``bool`` included), a ``ValueError`` out of range."""
     if not isinstance(value, int) or isinstance(value, bool):
@@ -349,7 +349,7 @@ def _check_mode(mode: str, what: str) -> None:
         raise ValueError(f"{what} mode must be 'server' or 'client', not {mode!r}")
 
 
-def _check_seconds(seconds: float, option: str, what: str) -> None:
+def _check_seconds(seconds: object, option: str, what: str) -> None:
     """A positive, finite number of seconds (not NaN, not infinite)."""
     if not isinstance(seconds, (int, float)) or isinstance(seconds, bool):
         raise TypeError(f"{what}: {option} must be a number of seconds, not {seconds!r}")
