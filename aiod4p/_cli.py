@@ -34,7 +34,7 @@ from .compat.processor import MOST_SHARED_PROCESSES
 from .errors import Aiod4pError, reader_went_away, writing
 from .mappings import MAPPINGS, BaseMapping, get_mapping
 from .mappings._base import available_cpus
-from .sources import DEAD_LETTER, DEFAULT_LINE_POLICY, LINE_POLICIES, MAX_LINE_BYTES, LineStream
+from .sources import DEAD_LETTER, LINE_POLICIES, MAX_LINE_BYTES, LineStream
 from .storm._command import mapping_options, storm_command
 from .storm._spec import DEFAULT_MAX_REPLAYS
 
@@ -108,14 +108,14 @@ def _parser() -> argparse.ArgumentParser:
     source.add_argument(
         "--max-line",
         type=_POSITIVE,
-        default=MAX_LINE_BYTES,
+        default=None,
         metavar="BYTES",
         help=f"--stdin: the longest line accepted (default {MAX_LINE_BYTES} = 64 MiB)",
     )
     source.add_argument(
         "--on-bad",
         choices=LINE_POLICIES,
-        default=DEFAULT_LINE_POLICY,
+        default=None,
         help="--stdin: an over-long or invalid JSON line fails the run (default), is skipped with a warning,"
         " or becomes a result on port dead_letter",
     )
@@ -332,6 +332,12 @@ def _command_parser(parser: argparse.ArgumentParser, args: argparse.Namespace) -
 def _run(args: argparse.Namespace) -> int:
     if args.stdin is not None and args.iter is not None and args.data is None and args.file is None:
         raise ValueError("--stdin cannot be combined with -i; give the other roots' inputs with -d or -f")
+    for option, value in (("--max-line", args.max_line), ("--on-bad", args.on_bad)):
+        if value is not None and args.stdin is None:
+            raise ValueError(
+                f"{option} applies to the lines of --stdin only, and there is no --stdin PE: give --stdin PE, or"
+                " set max_line/on_bad on the workflow's own source PEs"
+            )
     if args.stats_json == "-" and args.results in (None, "-"):
         raise ValueError("--stats-json -: the results already go to stdout; give --results FILE, or --stats-json FILE")
     options = mapping_options(args)
@@ -405,7 +411,8 @@ def _run_loaded(args: argparse.Namespace, mapping: BaseMapping, results: str | N
             stdin = None
             if args.stdin is not None:
                 find_pe(graph.flatten(), args.stdin, "--stdin")  # else the error would name an input key
-                stdin = LineStream(json=True, max_line=args.max_line, on_bad=args.on_bad)
+                given = {"max_line": args.max_line, "on_bad": args.on_bad}
+                stdin = LineStream(json=True, **{name: value for name, value in given.items() if value is not None})
                 inputs = {**(inputs if isinstance(inputs, Mapping) else {}), args.stdin: stdin}
             phase = "planning the run"
             workflow = WorkflowRun(

@@ -12,13 +12,15 @@ Back-pressure: a stream is only read when the workflow asks for the next
 item, so a source stops reading when the workflow is behind (a TCP peer's
 send then blocks on a full socket buffer; a pipe writer blocks on a full
 pipe). UDP cannot push back: datagrams that arrive while ``max_pending``
-are already waiting are dropped and counted in ``dropped``.
+are already waiting are dropped, counted in ``dropped`` and reported in a
+warning.
 
 Drain (SIGINT/SIGTERM in the CLI, :meth:`WorkflowRun.drain` in Python): a
 stream stops waiting for more input. It still yields what it can read
-without waiting (what is already in a pipe, socket buffer or followed file),
-then ends; so every line written to a pipe before the signal reaches the
-workflow. A regular file that is not followed stops at once.
+without waiting (what is already in a pipe, a TCP connection's receive
+buffer or a followed file), then ends; so every line written to a pipe
+before the signal, and every line TCP acknowledged to its sender, reaches
+the workflow. A regular file that is not followed stops at once.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import contextlib
 import fcntl
 import json
 import logging
+import math
 import os
 import socket
 import stat
@@ -84,9 +87,12 @@ class _Waker:
         if future is not None and not future.done():
             future.set_result(None)
 
-    async def wait(self, arrange: Callable[[], Callable[[], object]] | None = None) -> None:
-        """Wait until woken or drained (at once if draining); ``arrange()`` may set up a wake-up and return its undo."""
-        if self.draining:
+    async def wait(
+        self, arrange: Callable[[], Callable[[], object]] | None = None, *, drained_too: bool = False
+    ) -> None:
+        """Wait until woken or drained (at once if draining, unless ``drained_too``: then until woken, for a
+        stream whose drain still has to receive); ``arrange()`` may set up a wake-up and return its undo."""
+        if self.draining and not drained_too:
             return
         future = asyncio.get_running_loop().create_future()
         self._future = future
@@ -187,6 +193,11 @@ class _LineSplitter:
         """Whether a line has begun and not ended."""
         return self._size > 0
 
+    @property
+    def size(self) -> int:
+        """The bytes of the line begun and not ended."""
+        return self._size
+
     def _add(self, piece: bytes) -> None:
         self._size += len(piece)
         if self._size <= self._max:
@@ -239,6 +250,13 @@ class _LineReader:
 
     def finish(self) -> list[Any]:
         return self._items(self.splitter.finish())
+
+    def cut(self, why: str) -> None:
+        """The line begun and not ended is cut off (``why``): not a complete record, so a bad line (``on_bad``)."""
+        for line in self.splitter.finish():
+            self.number += 1
+            text, size = (line.head, line.size) if isinstance(line, _TooLong) else (line, len(line))
+            self._bad(f"{why} ({size} bytes without a newline)", text, size)
 
     def _items(self, lines: list[bytes | _TooLong]) -> list[Any]:
         items = []
@@ -298,25 +316,32 @@ class _Counter:
         self.skipped = 0
 
 
-def _decoder(as_json: bool, origin: str) -> Callable[[bytes, int], Any]:
-    """``decode(line, number)`` -> item; JSON errors name the origin and line (for datagrams)."""
-    if not as_json:
-        return lambda line, _number: line.decode("utf-8", "replace").rstrip("\r")
+def _check_int(value: object, option: str, what: str, least: int = 1, *, most: int | None = None) -> None:
+    """Refuse ``value`` of option ``option`` of ``what`` (a class name) unless it is an int from ``least`` to
+    ``most``: a ``TypeError`` for another type (``bool`` included), a ``ValueError`` out of range."""
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"{what}: {option} must be an int, not {value!r}")
+    if value < least or (most is not None and value > most):
+        span = f"at least {least}" if most is None else f"{least} to {most}"
+        raise ValueError(f"{what}: {option} must be {span}, not {value}")
 
-    def decode(line: bytes, number: int) -> Any:
-        try:
-            return json.loads(line)
-        except ValueError as exc:
-            raise InputError(f"{origin}, line {number}: not valid JSON ({exc}): {line[:80]!r}") from exc
 
-    return decode
+def _check_limit(value: int | None, option: str, what: str) -> None:
+    """``None`` (no limit), or an int of at least 1."""
+    if value is not None:
+        _check_int(value, f"{option} (None for no limit)", what)
 
 
 def _check_line_options(max_line: int, on_bad: str, what: str) -> None:
-    if max_line < 1:
-        raise ValueError(f"{what}: max_line must be at least 1 byte, not {max_line}")
+    _check_int(max_line, "max_line (bytes)", what)
     if on_bad not in LINE_POLICIES:
         raise ValueError(f"{what}: on_bad must be one of {', '.join(LINE_POLICIES)}, not {on_bad!r}")
+
+
+def _check_socket_options(port: int, max_pending: int, max_pending_bytes: int, what: str) -> None:
+    _check_int(port, "port", what, 0, most=65535)
+    _check_int(max_pending, "max_pending", what)
+    _check_int(max_pending_bytes, "max_pending_bytes", what)
 
 
 def _check_mode(mode: str, what: str) -> None:
@@ -324,9 +349,12 @@ def _check_mode(mode: str, what: str) -> None:
         raise ValueError(f"{what} mode must be 'server' or 'client', not {mode!r}")
 
 
-def _check_interval(interval: float) -> None:
-    if not interval > 0:
-        raise ValueError(f"the timer interval must be positive, not {interval}")
+def _check_seconds(seconds: object, option: str, what: str) -> None:
+    """A positive, finite number of seconds (not NaN, not infinite)."""
+    if not isinstance(seconds, (int, float)) or isinstance(seconds, bool):
+        raise TypeError(f"{what}: {option} must be a number of seconds, not {seconds!r}")
+    if not 0 < seconds < math.inf:
+        raise ValueError(f"{what}: {option} must be positive and finite (seconds), not {seconds}")
 
 
 # -- lines from stdin, a pipe or a file -------------------------------------------
@@ -415,6 +443,8 @@ class LineStream:
         generations: list[FileGeneration] | None = None,
     ) -> None:
         _check_line_options(max_line, on_bad, "LineStream")
+        _check_seconds(poll_interval, "poll_interval", "LineStream")
+        _check_int(chunk_size, "chunk_size", "LineStream")
         self.source = source
         self.generations: list[FileGeneration] = [] if generations is None else generations
         self.json = json
@@ -682,19 +712,39 @@ class _Pending:
         self.waker.wake()
 
 
+def _endpoint(address: Any) -> str:
+    """``host:port`` of a socket address (``[host]:port`` for IPv6)."""
+    if not isinstance(address, tuple) or len(address) < 2:
+        return str(address)
+    host, port = address[:2]
+    return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+
+
 class _LineProtocol(asyncio.Protocol):
-    def __init__(self, stream: SocketStream, pending: _Pending, origin: str) -> None:
+    """One TCP connection of a :class:`SocketStream`; its lines' origin names the peer (and, for a server's
+    client, the address it connected to)."""
+
+    reader: _LineReader  # once connected
+
+    def __init__(self, stream: SocketStream, pending: _Pending) -> None:
         self.stream = stream
         self.pending = pending
-        self.reader = _LineReader(
-            origin, stream.json, stream.max_line, stream.on_bad, stream.dead_letter, stream._counter
-        )
         self.transport: asyncio.Transport | None = None
         self.unqueued = 0  # bytes received whose lines are not queued yet (a line begun)
+        self.received = 0  # bytes received on the connection
+        self.last: int | None = None  # once draining: the bytes to receive before closing (what the kernel held)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's transports are not asyncio.Transport subclasses
-        self.stream._connected(self)
+        stream, peer = self.stream, _endpoint(transport.get_extra_info("peername"))
+        if stream.mode == "server":
+            origin = f"TCP client {peer} of {_endpoint(transport.get_extra_info('sockname'))}"
+        else:
+            origin = f"TCP {peer}"
+        self.reader = _LineReader(
+            origin, stream.json, stream.max_line, stream.on_bad, stream.dead_letter, stream._counter
+        )
+        stream._connected(self)
 
     def _push(self, read: Callable[[], list[Any]]) -> None:
         try:
@@ -706,12 +756,47 @@ class _LineProtocol(asyncio.Protocol):
             self.pending.push(items, self.transport, self.unqueued)
             self.unqueued = 0
 
+    def drain(self) -> None:
+        """Receive what the kernel holds for the connection now (``FIONREAD``), then close it."""
+        assert self.transport is not None
+        if self.transport.is_closing():  # the peer closed it, and it is being closed: all was received
+            return
+        sock = self.transport.get_extra_info("socket")
+        held = None if sock is None else _readable_now(sock.fileno(), False)
+        if held is None:
+            logger.warning("%s: the drain cannot tell what the connection holds: closed at once", self.reader.origin)
+            held = 0
+        self.last = self.received + held
+        if held <= 0:
+            self.close()
+
+    def close(self) -> None:
+        """Close the connection after a drain: a line begun and not ended is not a record, and is discarded."""
+        assert self.transport is not None
+        if self.transport.is_closing():
+            return
+        if self.reader.partial:
+            logger.warning(
+                "%s: the drain closed the connection in the middle of a line: its %d bytes received are discarded",
+                self.reader.origin,
+                self.reader.splitter.size,
+            )
+        self.transport.close()
+        self.stream._disconnected(self)
+
     def data_received(self, data: bytes) -> None:
         self.unqueued += len(data)
+        self.received += len(data)
         self._push(lambda: self.reader.feed(data))
+        if self.last is not None and self.received >= self.last:
+            self.close()
 
     def eof_received(self) -> bool:
-        self._push(self.reader.finish)
+        """The peer closed: a line it began and did not end is a bad line (a client that died mid-line)."""
+        try:
+            self.reader.cut("the connection ended mid-line")
+        except InputError as exc:
+            self.pending.fail(exc)
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -737,7 +822,12 @@ class SocketStream:
     slows the senders down.
 
     Bad lines (``max_line``, ``on_bad``, ``dead_letter``, ``skipped``): as
-    :class:`LineStream`; each connection numbers its own lines.
+    :class:`LineStream`; each connection numbers its own lines, and the
+    messages name the peer. A line is a record once its newline comes: a
+    connection that ends in the middle of a line (a client that died while
+    sending) leaves a bad line, ``the connection ended mid-line``, which
+    ``on_bad`` handles (under ``"fail"`` it ends the run: end every line,
+    the last one too, with a newline).
 
     Raises (while iterating):
         InputError: cannot listen or connect, or a line is bad under ``on_bad="fail"``.
@@ -760,6 +850,8 @@ class SocketStream:
     ) -> None:
         _check_mode(mode, "SocketStream")
         _check_line_options(max_line, on_bad, "SocketStream")
+        _check_socket_options(port, max_pending, max_pending_bytes, "SocketStream")
+        _check_limit(connections, "connections", "SocketStream")
         self.max_line, self.on_bad, self.dead_letter = max_line, on_bad, dead_letter
         self._counter = _Counter()
         self.host, self.port, self.mode, self.json = host, port, mode, json
@@ -789,29 +881,37 @@ class SocketStream:
         return bool(self._pending.paused)
 
     def drain(self) -> None:
-        """Stop accepting and reading; yield the lines already read, then end.
+        """Stop accepting; yield what the connections hold now, then end.
 
-        What clients send from now on is not read, nor waited for: a client that sends faster than the run
-        would otherwise keep it from ending.
+        The listening socket is closed (new connections are refused). Each open connection is still read up to
+        what its kernel buffer holds when the drain comes (``FIONREAD``: bytes TCP has acknowledged to the
+        peer), then closed; every line read is yielded. What a client sends after that is not read, nor
+        waited for (a client that sends faster than the run would keep it from ending): closing a connection
+        with unread bytes resets it, so the client can tell. A line that a connection began and had not ended
+        when it was closed is not a record: it is discarded, with a warning naming the connection.
         """
+        if self._waker.draining:
+            return
         self._waker.drain()
-        self._pending.paused.clear()  # none is resumed any more
-        for protocol in self._open:
-            if protocol.transport is not None and not protocol.transport.is_closing():
-                protocol.transport.pause_reading()
+        if self._server is not None:
+            self._server.close()
+        for protocol in list(self._open):
+            protocol.drain()
 
     def __aiter__(self) -> AsyncIterator[Any]:
         return self._lines()
 
     def _connected(self, protocol: _LineProtocol) -> None:
         self._accepted += 1
-        if self._waker.draining or (self.connections is not None and self._accepted > self.connections):
+        if self.connections is not None and self._accepted > self.connections:
             assert protocol.transport is not None
             protocol.transport.close()
             return
         self._open.add(protocol)
         if self.connections is not None and self._accepted >= self.connections and self._server is not None:
             self._server.close()
+        if self._waker.draining:  # accepted before the drain closed the listening socket: what it holds is read
+            protocol.drain()
 
     def _disconnected(self, protocol: _LineProtocol) -> None:
         self._open.discard(protocol)
@@ -820,7 +920,7 @@ class SocketStream:
     def _finished(self) -> bool:
         if self._open:
             return False
-        if self.mode == "client":
+        if self.mode == "client" or self._waker.draining:
             return True
         return self.connections is not None and self._accepted >= self.connections
 
@@ -832,19 +932,17 @@ class SocketStream:
         try:
             if self.mode == "server":
                 try:
-                    self._server = await loop.create_server(
-                        lambda: _LineProtocol(self, pending, f"TCP client of {where}"), self.host, self.port
-                    )
+                    self._server = await loop.create_server(lambda: _LineProtocol(self, pending), self.host, self.port)
                 except OSError as exc:
                     raise InputError(f"cannot listen on {where}: {exc.strerror or exc}") from exc
                 self.address = self._server.sockets[0].getsockname()[:2]
+                if self._waker.draining:  # drained before listening: refuse what comes from now on
+                    self._server.close()
                 if self.on_listen is not None:
                     self.on_listen(self.address)
             else:
                 try:
-                    await loop.create_connection(
-                        lambda: _LineProtocol(self, pending, f"TCP {where}"), self.host, self.port
-                    )
+                    await loop.create_connection(lambda: _LineProtocol(self, pending), self.host, self.port)
                 except OSError as exc:
                     raise InputError(f"cannot connect to {where}: {exc.strerror or exc}") from exc
             while True:
@@ -852,9 +950,9 @@ class SocketStream:
                     yield pending.take()
                 if pending.error is not None:
                     raise pending.error
-                if self._waker.draining or self._finished():
+                if self._finished():
                     break
-                await self._waker.wait()
+                await self._waker.wait(drained_too=True)  # a drain ends when the connections have delivered
         finally:
             if self._server is not None:
                 self._server.close()
@@ -866,31 +964,46 @@ class SocketStream:
 
 
 class _DatagramProtocol(asyncio.DatagramProtocol):
-    def __init__(self, stream: DatagramStream, pending: _Pending, origin: str) -> None:
+    """The datagrams of one reading of a :class:`DatagramStream`; bad lines are numbered within their datagram,
+    which is named by its number (counting every datagram received) and its sender."""
+
+    def __init__(self, stream: DatagramStream, pending: _Pending) -> None:
         self.stream = stream
         self.pending = pending
-        self.decode = _decoder(stream.json, origin)
+        self.reader = _LineReader("", stream.json, stream.max_line, stream.on_bad, stream.dead_letter, stream._counter)
+        self.where = ""  # the bound address, once bound
         self.number = 0
 
     def datagram_received(self, data: bytes, addr: tuple[str | Any, int]) -> None:
         if self.pending.waker.draining:  # what comes after the drain is not received: a sender could keep it going
             return
+        self.number += 1
+        stream = self.stream
         if self.pending.full:
-            self.stream.dropped += 1
+            stream.dropped += 1
+            if stream.dropped == 1:
+                logger.warning(
+                    "UDP %s: the workflow is behind (%d items or %d bytes wait: max_pending, max_pending_bytes):"
+                    " datagrams are dropped from datagram %d on; their count is logged when the stream ends",
+                    self.where,
+                    stream.max_pending,
+                    stream.max_pending_bytes,
+                    self.number,
+                )
             return
-        items = []
-        for line in data.split(b"\n"):
-            self.number += 1
-            if line.strip():
-                try:
-                    items.append(self.decode(line, self.number))
-                except InputError as exc:
-                    self.pending.fail(exc)
-                    return
+        reader = self.reader
+        reader.origin, reader.number = f"UDP {self.where}, datagram {self.number} from {_endpoint(addr)}", 0
+        try:
+            items = reader.feed(data) + reader.finish()
+        except InputError as exc:
+            self.pending.fail(exc)
+            return
+        if not stream.json:
+            items = [item for item in items if item.strip()]
         self.pending.push(items, None, len(data))
 
     def error_received(self, exc: Exception) -> None:
-        self.pending.fail(InputError(f"UDP socket {self.stream.host}:{self.stream.port} failed: {exc}"))
+        self.pending.fail(InputError(f"UDP socket {self.where} failed: {exc}"))
 
 
 class DatagramStream:
@@ -900,10 +1013,17 @@ class DatagramStream:
     port). Runs until drained, or until ``count`` items have been received.
     UDP has no flow control: datagrams arriving while ``max_pending`` items,
     or items received in ``max_pending_bytes`` bytes, wait are dropped and
-    counted in ``dropped``.
+    counted in ``dropped``; the first drop is logged as a warning, and so is
+    their count when the stream ends.
+
+    Bad lines (``max_line``, ``on_bad``, ``dead_letter``, ``skipped``): as
+    :class:`LineStream`; a bad line is named by its datagram's number
+    (counting every datagram received, dropped ones too), its sender, and its
+    line in the datagram (``UDP 127.0.0.1:9000, datagram 2 from
+    127.0.0.1:50123, line 1: not valid JSON ...``).
 
     Raises (while iterating):
-        InputError: cannot bind, the socket fails, or a line is not valid JSON.
+        InputError: cannot bind, the socket fails, or a line is bad under ``on_bad="fail"``.
     """
 
     def __init__(
@@ -916,13 +1036,26 @@ class DatagramStream:
         on_listen: Callable[[tuple[str, int]], Any] | None = None,
         max_pending: int = _MAX_PENDING_DATAGRAMS,
         max_pending_bytes: int = MAX_PENDING_BYTES,
+        max_line: int = MAX_LINE_BYTES,
+        on_bad: str = DEFAULT_LINE_POLICY,
+        dead_letter: Callable[[dict[str, Any]], object] | None = None,
     ) -> None:
+        _check_line_options(max_line, on_bad, "DatagramStream")
+        _check_socket_options(port, max_pending, max_pending_bytes, "DatagramStream")
+        _check_limit(count, "count", "DatagramStream")
         self.host, self.port, self.json, self.count = host, port, json, count
         self.on_listen = on_listen
         self.max_pending, self.max_pending_bytes = max_pending, max_pending_bytes
+        self.max_line, self.on_bad, self.dead_letter = max_line, on_bad, dead_letter
+        self._counter = _Counter()
         self.dropped = 0
         self.address: tuple[str, int] | None = None
         self._waker = _Waker()
+
+    @property
+    def skipped(self) -> int:
+        """Bad lines skipped or dead-lettered so far."""
+        return self._counter.skipped
 
     def drain(self) -> None:
         """Stop receiving (datagrams that come from now on are ignored); yield what was received, then end."""
@@ -934,7 +1067,6 @@ class DatagramStream:
     async def _items(self) -> AsyncIterator[Any]:
         loop = asyncio.get_running_loop()
         pending = _Pending(self._waker, self.max_pending, self.max_pending_bytes)
-        where = f"{self.host}:{self.port}"
         sock: socket.socket | None = None
         try:  # bound here, not by the loop: uvloop leaks its transport when binding fails
             family, kind, proto, _, address = socket.getaddrinfo(self.host, self.port, type=socket.SOCK_DGRAM)[0]
@@ -943,10 +1075,10 @@ class DatagramStream:
         except OSError as exc:
             if sock is not None:
                 sock.close()
-            raise InputError(f"cannot bind UDP {where}: {exc.strerror or exc}") from exc
-        transport, _ = await loop.create_datagram_endpoint(
-            lambda: _DatagramProtocol(self, pending, f"UDP {where}"), sock=sock
-        )
+            raise InputError(f"cannot bind UDP {self.host}:{self.port}: {exc.strerror or exc}") from exc
+        protocol = _DatagramProtocol(self, pending)
+        protocol.where = _endpoint(sock.getsockname())
+        transport, _ = await loop.create_datagram_endpoint(lambda: protocol, sock=sock)
         received = 0
         try:
             self.address = transport.get_extra_info("sockname")[:2]
@@ -963,6 +1095,16 @@ class DatagramStream:
                 await self._waker.wait()
         finally:
             transport.close()
+            if self.dropped:
+                logger.warning(
+                    "UDP %s: %d datagram%s dropped in all, the workflow being behind (max_pending=%d,"
+                    " max_pending_bytes=%d)",
+                    protocol.where,
+                    self.dropped,
+                    "s" if self.dropped != 1 else "",
+                    self.max_pending,
+                    self.max_pending_bytes,
+                )
 
 
 # -- timer ------------------------------------------------------------------------------
@@ -977,7 +1119,8 @@ class TimerStream:
     """
 
     def __init__(self, interval: float, *, count: int | None = None) -> None:
-        _check_interval(interval)
+        _check_seconds(interval, "interval", "TimerStream")
+        _check_limit(count, "count", "TimerStream")
         self.interval = interval
         self.count = count
         self._waker = _Waker()
@@ -1032,10 +1175,8 @@ class LiveFeed:
     """
 
     def __init__(self, maxsize: int = 1024, max_bytes: int = MAX_PENDING_BYTES) -> None:
-        if maxsize < 1:
-            raise ValueError(f"LiveFeed maxsize must be at least 1, not {maxsize}")
-        if max_bytes < 1:
-            raise ValueError(f"LiveFeed max_bytes must be at least 1, not {max_bytes}")
+        _check_int(maxsize, "maxsize", "LiveFeed")
+        _check_int(max_bytes, "max_bytes", "LiveFeed")
         self.maxsize, self.max_bytes = maxsize, max_bytes
         self._items: deque[tuple[Any, int]] = deque()  # with the size of each
         self._bytes = 0
@@ -1292,6 +1433,7 @@ class LinesSource(_BadLines):
         on_bad: str = DEFAULT_LINE_POLICY,
         name: str | None = None,
     ) -> None:
+        _check_seconds(poll_interval, "poll_interval", "LinesSource")
         super().__init__(max_line=max_line, on_bad=on_bad, name=name)
         self.path = None if path is None else os.fspath(path)
         self.json, self.follow, self.from_end, self.poll_interval = json, follow, from_end, poll_interval
@@ -1341,6 +1483,8 @@ class TCPSource(_BadLines):
         name: str | None = None,
     ) -> None:
         _check_mode(mode, "TCPSource")
+        _check_socket_options(port, max_pending, max_pending_bytes, "TCPSource")
+        _check_limit(connections, "connections", "TCPSource")
         super().__init__(max_line=max_line, on_bad=on_bad, name=name)
         self.host, self.port, self.mode, self.json = host, port, mode, json
         self.connections, self.on_listen = connections, on_listen
@@ -1368,8 +1512,9 @@ class TCPSource(_BadLines):
         )
 
 
-class UDPSource(SourcePE):
-    """Datagrams on a UDP socket; options as :class:`DatagramStream`."""
+class UDPSource(_BadLines):
+    """Datagrams on a UDP socket; options as :class:`DatagramStream`. See :class:`_BadLines` for
+    ``on_bad="dead-letter"``."""
 
     replayable = False
 
@@ -1383,9 +1528,13 @@ class UDPSource(SourcePE):
         on_listen: Callable[[tuple[str, int]], Any] | None = None,
         max_pending: int = _MAX_PENDING_DATAGRAMS,
         max_pending_bytes: int = MAX_PENDING_BYTES,
+        max_line: int = MAX_LINE_BYTES,
+        on_bad: str = DEFAULT_LINE_POLICY,
         name: str | None = None,
     ) -> None:
-        super().__init__(name=name)
+        _check_socket_options(port, max_pending, max_pending_bytes, "UDPSource")
+        _check_limit(count, "count", "UDPSource")
+        super().__init__(max_line=max_line, on_bad=on_bad, name=name)
         self.host, self.port, self.json, self.count = host, port, json, count
         self.on_listen = on_listen
         self.max_pending, self.max_pending_bytes = max_pending, max_pending_bytes
@@ -1399,6 +1548,9 @@ class UDPSource(SourcePE):
             on_listen=self.on_listen,
             max_pending=self.max_pending,
             max_pending_bytes=self.max_pending_bytes,
+            max_line=self.max_line,
+            on_bad=self.on_bad,
+            dead_letter=self._dead_letter,
         )
 
 
@@ -1406,7 +1558,8 @@ class TimerSource(SourcePE):
     """A tick every ``interval`` seconds; options as :class:`TimerStream`."""
 
     def __init__(self, interval: float, *, count: int | None = None, name: str | None = None) -> None:
-        _check_interval(interval)
+        _check_seconds(interval, "interval", "TimerSource")
+        _check_limit(count, "count", "TimerSource")
         super().__init__(name=name)
         self.interval, self.count = interval, count
 

@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import itertools
 import json
+import math
 import os
 import pickle
 import re
 import socket
+import sys
+import termios
 import threading
 import tracemalloc
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +24,7 @@ import pytest
 import workflows as wf
 
 import aiod4p
-from aiod4p import IterativePE, PEError, ProducerPE, WorkflowGraph
+from aiod4p import IterativePE, PEError, ProducerPE, WorkflowGraph, sources
 from aiod4p.sources import (
     AsyncIterSource,
     DatagramStream,
@@ -29,7 +33,9 @@ from aiod4p.sources import (
     SocketStream,
     TCPSource,
     TimerSource,
+    TimerStream,
     UDPSource,
+    _endpoint,
     iterate,
 )
 
@@ -464,7 +470,9 @@ async def test_a_socket_stream_of_heavy_lines_stops_reading_at_its_bytes_bound()
     assert len(rest) == total - 1
 
 
-async def test_a_datagram_stream_drops_what_comes_beyond_its_bytes_bound() -> None:
+async def test_a_datagram_stream_drops_what_comes_beyond_its_bytes_bound(caplog: pytest.LogCaptureFixture) -> None:
+    """Dropped datagrams were only counted in ``dropped``, which nothing reported: the first drop is a warning,
+    and so is their count when the stream ends."""
     listening: asyncio.Future[tuple[str, int]] = asyncio.get_running_loop().create_future()
     stream = DatagramStream("127.0.0.1", 0, on_listen=listening.set_result, max_pending_bytes=10_000)
     items = aiter(stream)
@@ -482,6 +490,71 @@ async def test_a_datagram_stream_drops_what_comes_beyond_its_bytes_bound() -> No
         kept = [item async for item in items]
     assert [int(item.split()[0]) for item in kept] == list(range(10))
     assert stream.dropped == 40
+    warnings = [r.getMessage() for r in caplog.records if r.name == "aiod4p.sources"]
+    where = f"UDP {address[0]}:{address[1]}"
+    assert warnings == [
+        f"{where}: the workflow is behind (65536 items or 10000 bytes wait: max_pending, max_pending_bytes):"
+        " datagrams are dropped from datagram 12 on; their count is logged when the stream ends",
+        f"{where}: 40 datagrams dropped in all, the workflow being behind (max_pending=65536, max_pending_bytes=10000)",
+    ]
+
+
+async def _datagrams(stream: DatagramStream, datagrams: list[bytes], taken: int) -> tuple[list[Any], str]:
+    """Send ``datagrams`` to ``stream`` and take ``taken`` items; with the sender's address."""
+    listening: asyncio.Future[tuple[str, int]] = asyncio.get_running_loop().create_future()
+    stream.on_listen = listening.set_result
+    items = aiter(stream)
+    async with asyncio.timeout(20):
+        first = asyncio.ensure_future(anext(items))
+        address = await listening
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sender:
+            for datagram in datagrams:
+                sender.sendto(datagram, address)
+            return [
+                await first,
+                *[await anext(items) for _ in range(taken - 1)],
+            ], f"127.0.0.1:{sender.getsockname()[1]}"
+
+
+async def test_a_bad_datagram_fails_naming_the_datagram_and_its_sender() -> None:
+    """The second datagram was "line 3": the empty piece after each newline counted as a line."""
+    stream = DatagramStream(json=True)
+    with pytest.raises(aiod4p.InputError) as failed:
+        await _datagrams(stream, [b'{"i": 1}\n', b"oops\n"], 2)
+    assert re.fullmatch(
+        r"UDP 127\.0\.0\.1:\d+, datagram 2 from 127\.0\.0\.1:\d+, line 1: not valid JSON \(.*\): b'oops'",
+        str(failed.value),
+    )
+
+
+async def test_bad_datagrams_skipped_with_a_warning_and_a_count(caplog: pytest.LogCaptureFixture) -> None:
+    stream = DatagramStream(json=True, on_bad="skip", max_line=20)
+    datagrams = [b'{"i": 1}\n', b"\xff\xfe", b"9" * 30, b'{"i": 2}\nnope\n{"i": 3}']
+    data, sender = await _datagrams(stream, datagrams, 3)
+    assert data == [{"i": 1}, {"i": 2}, {"i": 3}] and stream.skipped == 3
+    warnings = [r.getMessage() for r in caplog.records if r.name == "aiod4p.sources"]
+    assert [w.split(": ")[0].split(", datagram ")[1] for w in warnings] == [
+        f"{n} from {sender}, line {line}" for n, line in ((2, 1), (3, 1), (4, 2))
+    ]
+    assert "not valid JSON" in warnings[0] and "longer than 20 bytes (30 bytes)" in warnings[1]
+
+
+@pytest.mark.parametrize("on_bad", ["skip", "dead-letter"])
+async def test_udp_source_bad_lines(on_bad: str) -> None:
+    listening: asyncio.Future[tuple[str, int]] = asyncio.get_running_loop().create_future()
+    source = UDPSource(json=True, count=2, on_listen=listening.set_result, on_bad=on_bad)
+    run = aiod4p.start(source_graph(source))
+    async with asyncio.timeout(20), run:
+        results = asyncio.ensure_future(run.results())
+        address = await listening
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sender:
+            for datagram in (b"{bad\n", b'{"i": 1}', b'{"i": 2}\n'):
+                sender.sendto(datagram, address)
+        records = (await results).records
+    assert sorted(r.data["i"] for r in records if r.port == "output") == [1, 2]
+    letters = [(r.data["line"], r.data["text"]) for r in records if r.port == "dead_letter"]
+    assert letters == ([(1, "{bad")] if on_bad == "dead-letter" else [])
+    assert {(entry.pe, entry.skipped) for entry in run.stats if entry.skipped} == {(source.id, 1)}
 
 
 async def test_a_socket_stream_read_again_accepts_its_clients_anew() -> None:
@@ -506,7 +579,7 @@ async def test_a_socket_stream_read_again_accepts_its_clients_anew() -> None:
 
 
 async def test_a_drain_ends_a_socket_stream_whose_client_keeps_sending() -> None:
-    """A client that sends faster than the run: the drain stops reading its socket and ends (the stream
+    """A client that sends faster than the run: the drain reads what its socket held then, and ends (the stream
     took what kept arriving, and resumed the reading it had paused, so Ctrl-C waited for the client)."""
     listening: asyncio.Future[tuple[str, int]] = asyncio.get_running_loop().create_future()
     stream = SocketStream(on_listen=listening.set_result, max_pending=100)
@@ -532,7 +605,108 @@ async def test_a_drain_ends_a_socket_stream_whose_client_keeps_sending() -> None
             await asyncio.sleep(0)  # as a workflow does: the loop turns, the client's data comes in
         sender.cancel()
         writer.close()
-    assert len(after) == held
+    assert len(after) >= held  # and what the kernel held for the connection, but not what kept coming
+
+
+def _unacknowledged(writer: asyncio.StreamWriter) -> int:
+    """Bytes the client has written that the peer's kernel has not acknowledged (its send queue)."""
+    fd = writer.get_extra_info("socket").fileno()
+    return int.from_bytes(fcntl.ioctl(fd, termios.TIOCOUTQ, bytes(4)), sys.byteorder)
+
+
+async def _acknowledged(writer: asyncio.StreamWriter) -> None:
+    """Wait until every byte written is in the peer's kernel (read or in its receive buffer)."""
+    writer.transport.set_write_buffer_limits(high=0)
+    await writer.drain()  # in the client's kernel
+    while _unacknowledged(writer):  # noqa: ASYNC110 - loopback acknowledges as the peer's buffer takes it
+        await asyncio.sleep(0.005)
+
+
+async def test_a_drain_delivers_what_the_kernel_acknowledged(caplog: pytest.LogCaptureFixture) -> None:
+    """The drain paused the sockets and closed them: lines TCP had acknowledged to the client (in the socket's
+    receive buffer, the reading paused because the workflow was behind) were lost. It now reads what each
+    connection holds when it comes, then closes it; a line begun is discarded with a warning naming the client,
+    and new connections are refused."""
+    listening: asyncio.Future[tuple[str, int]] = asyncio.get_running_loop().create_future()
+    stream = SocketStream(json=True, max_pending=100, on_listen=listening.set_result)
+    items = aiter(stream)
+    async with asyncio.timeout(30):
+        first = asyncio.ensure_future(anext(items))
+        address = await listening
+        reader, writer = await asyncio.open_connection(*address)
+        writer.write(b"".join(b'{"i": %d}\n' % i for i in range(300)))  # beyond max_pending: reading pauses
+        assert await first == {"i": 0}
+        while not stream.paused:  # noqa: ASYNC110 - the stream pauses once it has read the first write
+            await asyncio.sleep(0.005)
+        writer.write(b"".join(b'{"i": %d}\n' % i for i in range(300, 2300)) + b'{"i": 23')  # 26 KB: unread
+        await _acknowledged(writer)
+        stream.drain()
+        rest = [item["i"] async for item in items]
+        with pytest.raises(OSError):  # the drain closed the listening socket
+            await asyncio.open_connection(*address)
+        assert await reader.read() == b""  # a clean close: the client's bytes were all read
+        writer.close()
+    assert rest == list(range(1, 2300))
+    client = _endpoint(writer.get_extra_info("sockname"))
+    assert (
+        f"TCP client {client} of {_endpoint(address)}: the drain closed the connection in the middle of a line:"
+        " its 8 bytes received are discarded"
+    ) in caplog.text
+
+
+async def test_a_socket_stream_drained_before_it_listens_ends_at_once() -> None:
+    listening: asyncio.Future[tuple[str, int]] = asyncio.get_running_loop().create_future()
+    stream = SocketStream(on_listen=listening.set_result)
+    stream.drain()
+    async with asyncio.timeout(20):
+        assert [item async for item in stream] == []
+        with pytest.raises(OSError):  # nothing listens
+            await asyncio.open_connection(*listening.result())
+
+
+async def test_a_drain_that_cannot_tell_what_a_connection_holds_says_so(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Where ``FIONREAD`` fails, the connection is closed at once, with a warning naming it: nothing is lost
+    without a word."""
+    listening: asyncio.Future[tuple[str, int]] = asyncio.get_running_loop().create_future()
+    stream = SocketStream(on_listen=listening.set_result)
+    items = aiter(stream)
+    async with asyncio.timeout(20):
+        first = asyncio.ensure_future(anext(items))
+        _, writer = await asyncio.open_connection(*await listening)
+        writer.write(b"one\n")
+        assert await first == "one"
+        monkeypatch.setattr(sources, "_readable_now", lambda fd, regular: None)
+        stream.drain()
+        assert [item async for item in items] == []
+        writer.close()
+    peer = _endpoint(writer.get_extra_info("sockname"))
+    assert f"TCP client {peer} of " in caplog.text
+    assert "the drain cannot tell what the connection holds: closed at once" in caplog.text
+
+
+@pytest.mark.parametrize("mapping", ["simple", "async"])
+async def test_a_drained_tcp_source_delivers_what_the_kernel_acknowledged(mapping: str) -> None:
+    """``aiod4p run`` with a TCPSource, SIGTERM: of 20,000 lines a client had sent, only those the source had
+    read reached the results. Every line acknowledged before the drain does now."""
+    listening: asyncio.Future[tuple[str, int]] = asyncio.get_running_loop().create_future()
+    source = TCPSource(json=True, max_pending=100, on_listen=listening.set_result)
+    graph = WorkflowGraph()
+    gate = Gate()
+    graph.connect(source, "output", gate, "input")
+    run = aiod4p.start(graph, mapping=mapping)
+    total = 2000
+    async with asyncio.timeout(30), run:
+        results = asyncio.ensure_future(run.results())
+        _, writer = await asyncio.open_connection(*await listening)
+        writer.write(b"".join(b'{"i": %d}\n' % i for i in range(total)))  # 24 KB: the receive buffer holds it
+        await _acknowledged(writer)
+        run.drain()
+        gate.gate.event.set()
+        data = (await results).data()
+        writer.close()
+    assert sorted(item["i"] for item in data) == list(range(total))
 
 
 # -- UDP ------------------------------------------------------------------------------
@@ -671,6 +845,54 @@ def test_source_pes_are_picklable_and_reusable(tmp_path: Path) -> None:
     lines = LinesSource(path, json=True)
     for _ in range(2):  # the same PE object runs twice: the stream is made per run
         assert aiod4p.run(source_graph(lines)).data() == [1, 2]
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda: UDPSource(port=70000), "UDPSource: port must be 0 to 65535, not 70000"),
+        (lambda: DatagramStream(port=-1), "DatagramStream: port must be 0 to 65535, not -1"),
+        (lambda: TCPSource(port=65536), "TCPSource: port must be 0 to 65535, not 65536"),
+        (lambda: SocketStream(port=1 << 16), "SocketStream: port must be 0 to 65535, not 65536"),
+        (lambda: UDPSource(max_pending=0), "UDPSource: max_pending must be at least 1, not 0"),
+        (lambda: DatagramStream(max_pending_bytes=-5), "DatagramStream: max_pending_bytes must be at least 1, not -5"),
+        (lambda: TCPSource(max_pending=0), "TCPSource: max_pending must be at least 1, not 0"),
+        (lambda: SocketStream(max_pending_bytes=0), "SocketStream: max_pending_bytes must be at least 1, not 0"),
+        (lambda: TCPSource(connections=0), r"TCPSource: connections \(None for no limit\) must be at least 1, not 0"),
+        (lambda: SocketStream(connections=-2), r"SocketStream: connections \(None for no limit\) must be at least 1"),
+        (lambda: UDPSource(count=0), r"UDPSource: count \(None for no limit\) must be at least 1, not 0"),
+        (lambda: DatagramStream(count=-1), r"DatagramStream: count \(None for no limit\) must be at least 1"),
+        (lambda: TimerSource(1.0, count=-1), r"TimerSource: count \(None for no limit\) must be at least 1, not -1"),
+        (lambda: TimerStream(1.0, count=0), r"TimerStream: count \(None for no limit\) must be at least 1, not 0"),
+        (lambda: TimerSource(math.inf), r"TimerSource: interval must be positive and finite \(seconds\), not inf"),
+        (lambda: TimerStream(math.nan), r"TimerStream: interval must be positive and finite \(seconds\), not nan"),
+        (lambda: TimerStream(-1.0), r"TimerStream: interval must be positive and finite \(seconds\), not -1.0"),
+        (lambda: LinesSource(poll_interval=math.inf), "LinesSource: poll_interval must be positive and finite"),
+        (lambda: LineStream(poll_interval=0), "LineStream: poll_interval must be positive and finite"),
+        (lambda: LineStream(chunk_size=0), "LineStream: chunk_size must be at least 1, not 0"),
+        (lambda: UDPSource(max_line=0), r"UDPSource: max_line \(bytes\) must be at least 1, not 0"),
+        (lambda: aiod4p.LiveFeed(-3), "LiveFeed: maxsize must be at least 1, not -3"),
+    ],
+)
+def test_nonsensical_numeric_options_are_refused_naming_the_class_and_option(
+    make: Callable[[], object], message: str
+) -> None:
+    """``UDPSource(port=70000)`` bound port 4464 (70000 modulo 65536); ``max_pending=0`` dropped every datagram."""
+    with pytest.raises(ValueError, match=message):
+        make()
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda: TCPSource(port="9000"), "TCPSource: port must be an int, not '9000'"),  # type: ignore[arg-type]
+        (lambda: UDPSource(max_pending=True), "UDPSource: max_pending must be an int, not True"),
+        (lambda: TimerStream("1"), "TimerStream: interval must be a number of seconds, not '1'"),  # type: ignore[arg-type]
+    ],
+)
+def test_numeric_options_of_another_type_are_refused(make: Callable[[], object], message: str) -> None:
+    with pytest.raises(TypeError, match=message):
+        make()
 
 
 def test_invalid_source_options_are_refused() -> None:
@@ -816,7 +1038,7 @@ async def test_bad_lines_go_to_the_dead_letter_callback() -> None:
 def test_line_options_are_checked() -> None:
     with pytest.raises(ValueError, match="on_bad must be one of fail, skip, dead-letter, not 'drop'"):
         LineStream(on_bad="drop")
-    with pytest.raises(ValueError, match="max_line must be at least 1 byte, not 0"):
+    with pytest.raises(ValueError, match=r"LinesSource: max_line \(bytes\) must be at least 1, not 0"):
         LinesSource(max_line=0)
 
 
@@ -869,7 +1091,9 @@ async def test_tcp_source_fails_on_a_bad_line_by_default() -> None:
     listening: asyncio.Future[tuple[str, int]] = asyncio.get_running_loop().create_future()
     source = TCPSource(port=0, json=True, connections=1, on_listen=listening.set_result, max_line=1000)
     run = aiod4p.start(source_graph(source))
-    with pytest.raises(PEError, match=r"TCP client of 127.0.0.1:0, line 2: longer than 1000 bytes"):
+    with pytest.raises(
+        PEError, match=r"TCP client 127\.0\.0\.1:\d+ of 127\.0\.0\.1:\d+, line 2: longer than 1000 bytes"
+    ):
         async with asyncio.timeout(20), run:
             results = asyncio.ensure_future(run.results())
             _, writer = await asyncio.open_connection(*await listening)
@@ -878,6 +1102,70 @@ async def test_tcp_source_fails_on_a_bad_line_by_default() -> None:
             writer.close()
             await writer.wait_closed()
             await results
+
+
+async def _two_clients(stream: SocketStream) -> tuple[list[Any], str]:
+    """One client of ``stream`` sends two lines and dies in the middle of a third; another sends two lines.
+    The items, and the address of the first."""
+    listening: asyncio.Future[tuple[str, int]] = asyncio.get_running_loop().create_future()
+    stream.on_listen = listening.set_result
+    items = aiter(stream)
+    async with asyncio.timeout(20):
+        first = asyncio.ensure_future(anext(items))
+        address = await listening
+        _, dying = await asyncio.open_connection(*address)
+        dying.write(b'{"c": 0}\n{"c": 1}\n{"c": ')
+        peer = _endpoint(dying.get_extra_info("sockname"))
+        dying.close()
+        _, other = await asyncio.open_connection(*address)
+        other.write(b'{"c": 2}\n{"c": 3}\n')
+        other.close()
+        return [await first, *[item async for item in items]], peer
+
+
+async def test_a_client_that_dies_mid_line_fails_the_stream_by_default_naming_it() -> None:
+    """The unterminated fragment of a client that died was taken as a line: its JSON error ("not valid JSON")
+    ended a multi-client ingestion without saying that the connection had ended mid-line."""
+    with pytest.raises(aiod4p.InputError) as failed:
+        await _two_clients(SocketStream(json=True, connections=2))
+    assert re.fullmatch(
+        r"TCP client 127\.0\.0\.1:\d+ of 127\.0\.0\.1:\d+, line 3: the connection ended mid-line"
+        r" \(6 bytes without a newline\): b'\{\"c\": '",
+        str(failed.value),
+    )
+
+
+@pytest.mark.parametrize("on_bad", ["skip", "dead-letter"])
+async def test_a_client_that_dies_mid_line_leaves_a_bad_line(on_bad: str, caplog: pytest.LogCaptureFixture) -> None:
+    letters: list[dict[str, Any]] = []
+    stream = SocketStream(json=True, connections=2, on_bad=on_bad, dead_letter=letters.append)
+    items, peer = await _two_clients(stream)
+    assert sorted(item["c"] for item in items) == [0, 1, 2, 3] and stream.skipped == 1
+    if on_bad == "dead-letter":
+        [letter] = letters
+        assert letter["line"] == 3 and letter["text"] == '{"c": ' and letter["size"] == 6
+        assert letter["source"].startswith(f"TCP client {peer} of ")
+        assert letter["error"] == "the connection ended mid-line (6 bytes without a newline)"
+    else:
+        assert not letters
+        assert f"TCP client {peer} of " in caplog.text and "line 3: the connection ended mid-line" in caplog.text
+
+
+async def test_a_text_line_not_ended_when_the_client_closed_is_a_bad_line_too() -> None:
+    """A text line without its newline at the peer's end: over-long too, its first bytes are kept."""
+    letters: list[dict[str, Any]] = []
+    stream = SocketStream(connections=1, max_line=4, on_bad="dead-letter", dead_letter=letters.append)
+    listening: asyncio.Future[tuple[str, int]] = asyncio.get_running_loop().create_future()
+    stream.on_listen = listening.set_result
+    items = aiter(stream)
+    async with asyncio.timeout(20):
+        first = asyncio.ensure_future(anext(items))
+        _, writer = await asyncio.open_connection(*await listening)
+        writer.write(b"abc\nlonger than four")
+        writer.close()
+        assert [await first, *[item async for item in items]] == ["abc"]
+    assert [(d["line"], d["text"], d["size"]) for d in letters] == [(2, "longer than four", 16)]
+    assert letters[0]["error"] == "the connection ended mid-line (16 bytes without a newline)"
 
 
 async def test_a_drain_ends_a_datagram_stream_whose_sender_keeps_sending() -> None:
