@@ -251,12 +251,17 @@ class _LineReader:
     def finish(self) -> list[Any]:
         return self._items(self.splitter.finish())
 
-    def cut(self, why: str) -> None:
-        """The line begun and not ended is cut off (``why``): not a complete record, so a bad line (``on_bad``)."""
+    def cut(self, why: str) -> list[Any]:
+        """The items of the line begun and not ended when the source ended: a line, as a file's last one, unless
+        JSON is read and it is not valid JSON: then it is a record cut off (``why``), a bad line (``on_bad``)."""
+        items: list[Any] = []
         for line in self.splitter.finish():
-            self.number += 1
-            text, size = (line.head, line.size) if isinstance(line, _TooLong) else (line, len(line))
-            self._bad(f"{why} ({size} bytes without a newline)", text, size)
+            if self.json and not self.skip and isinstance(line, bytes) and line.strip() and not self._valid(line):
+                self.number += 1
+                self._bad(f"{why} ({len(line)} bytes without a newline)", line, len(line))
+            else:
+                items.extend(self._items([line]))
+        return items
 
     def _items(self, lines: list[bytes | _TooLong]) -> list[Any]:
         items = []
@@ -792,11 +797,8 @@ class _LineProtocol(asyncio.Protocol):
             self.close()
 
     def eof_received(self) -> bool:
-        """The peer closed: a line it began and did not end is a bad line (a client that died mid-line)."""
-        try:
-            self.reader.cut("the connection ended mid-line")
-        except InputError as exc:
-            self.pending.fail(exc)
+        """The peer closed: a JSON line it began and did not end is a bad line (a client that died mid-line)."""
+        self._push(lambda: self.reader.cut("the connection ended mid-line"))
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:

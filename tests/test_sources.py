@@ -1151,21 +1151,21 @@ async def test_a_client_that_dies_mid_line_leaves_a_bad_line(on_bad: str, caplog
         assert f"TCP client {peer} of " in caplog.text and "line 3: the connection ended mid-line" in caplog.text
 
 
-async def test_a_text_line_not_ended_when_the_client_closed_is_a_bad_line_too() -> None:
-    """A text line without its newline at the peer's end: over-long too, its first bytes are kept."""
-    letters: list[dict[str, Any]] = []
-    stream = SocketStream(connections=1, max_line=4, on_bad="dead-letter", dead_letter=letters.append)
+@pytest.mark.parametrize(("as_json", "sent"), [(False, b"abc\nlast"), (True, b'"abc"\n{"last": 1}')])
+async def test_a_line_not_ended_when_the_client_closed_is_a_line_when_it_is_whole(as_json: bool, sent: bytes) -> None:
+    """As a file's last line (`printf 'a\\nb' | nc`): text, or a JSON line that is valid; only a JSON line cut off is
+    a bad line."""
+    stream = SocketStream(connections=1, json=as_json)
     listening: asyncio.Future[tuple[str, int]] = asyncio.get_running_loop().create_future()
     stream.on_listen = listening.set_result
     items = aiter(stream)
     async with asyncio.timeout(20):
         first = asyncio.ensure_future(anext(items))
         _, writer = await asyncio.open_connection(*await listening)
-        writer.write(b"abc\nlonger than four")
+        writer.write(sent)
         writer.close()
-        assert [await first, *[item async for item in items]] == ["abc"]
-    assert [(d["line"], d["text"], d["size"]) for d in letters] == [(2, "longer than four", 16)]
-    assert letters[0]["error"] == "the connection ended mid-line (16 bytes without a newline)"
+        got = [await first, *[item async for item in items]]
+    assert got == (["abc", {"last": 1}] if as_json else ["abc", "last"]) and stream.skipped == 0
 
 
 async def test_a_drain_ends_a_datagram_stream_whose_sender_keeps_sending() -> None:
