@@ -470,15 +470,21 @@ async def test_a_socket_stream_of_heavy_lines_stops_reading_at_its_bytes_bound()
     assert len(rest) == total - 1
 
 
+async def _listening(stream: SocketStream | DatagramStream) -> tuple[AsyncIterator[Any], asyncio.Future[Any], Any]:
+    """Start iterating ``stream`` (which listens): its items, its first item to come, and the address it listens on."""
+    listening: asyncio.Future[tuple[str, int]] = asyncio.get_running_loop().create_future()
+    stream.on_listen = listening.set_result
+    items = aiter(stream)
+    first = asyncio.ensure_future(anext(items))
+    return items, first, await listening
+
+
 async def test_a_datagram_stream_drops_what_comes_beyond_its_bytes_bound(caplog: pytest.LogCaptureFixture) -> None:
     """Dropped datagrams were only counted in ``dropped``, which nothing reported: the first drop is a warning,
     and so is their count when the stream ends."""
-    listening: asyncio.Future[tuple[str, int]] = asyncio.get_running_loop().create_future()
-    stream = DatagramStream("127.0.0.1", 0, on_listen=listening.set_result, max_pending_bytes=10_000)
-    items = aiter(stream)
+    stream = DatagramStream("127.0.0.1", 0, max_pending_bytes=10_000)
     async with asyncio.timeout(20):
-        first = asyncio.ensure_future(anext(items))
-        address = await listening
+        items, first, address = await _listening(stream)
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sender:
             sender.sendto(b"first\n", address)
             assert await first == "first"
@@ -501,12 +507,8 @@ async def test_a_datagram_stream_drops_what_comes_beyond_its_bytes_bound(caplog:
 
 async def _datagrams(stream: DatagramStream, datagrams: list[bytes], taken: int) -> tuple[list[Any], str]:
     """Send ``datagrams`` to ``stream`` and take ``taken`` items; with the sender's address."""
-    listening: asyncio.Future[tuple[str, int]] = asyncio.get_running_loop().create_future()
-    stream.on_listen = listening.set_result
-    items = aiter(stream)
     async with asyncio.timeout(20):
-        first = asyncio.ensure_future(anext(items))
-        address = await listening
+        items, first, address = await _listening(stream)
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sender:
             for datagram in datagrams:
                 sender.sendto(datagram, address)
@@ -581,12 +583,10 @@ async def test_a_socket_stream_read_again_accepts_its_clients_anew() -> None:
 async def test_a_drain_ends_a_socket_stream_whose_client_keeps_sending() -> None:
     """A client that sends faster than the run: the drain reads what its socket held then, and ends (the stream
     took what kept arriving, and resumed the reading it had paused, so Ctrl-C waited for the client)."""
-    listening: asyncio.Future[tuple[str, int]] = asyncio.get_running_loop().create_future()
-    stream = SocketStream(on_listen=listening.set_result, max_pending=100)
-    items = aiter(stream)
+    stream = SocketStream(max_pending=100)
     async with asyncio.timeout(20):
-        first = asyncio.ensure_future(anext(items))
-        _, writer = await asyncio.open_connection(*await listening)
+        items, first, address = await _listening(stream)
+        _, writer = await asyncio.open_connection(*address)
 
         async def keep_sending() -> None:
             while True:
@@ -627,12 +627,9 @@ async def test_a_drain_delivers_what_the_kernel_acknowledged(caplog: pytest.LogC
     receive buffer, the reading paused because the workflow was behind) were lost. It now reads what each
     connection holds when it comes, then closes it; a line begun is discarded with a warning naming the client,
     and new connections are refused."""
-    listening: asyncio.Future[tuple[str, int]] = asyncio.get_running_loop().create_future()
-    stream = SocketStream(json=True, max_pending=100, on_listen=listening.set_result)
-    items = aiter(stream)
+    stream = SocketStream(json=True, max_pending=100)
     async with asyncio.timeout(30):
-        first = asyncio.ensure_future(anext(items))
-        address = await listening
+        items, first, address = await _listening(stream)
         reader, writer = await asyncio.open_connection(*address)
         writer.write(b"".join(b'{"i": %d}\n' % i for i in range(300)))  # beyond max_pending: reading pauses
         assert await first == {"i": 0}
@@ -669,12 +666,10 @@ async def test_a_drain_that_cannot_tell_what_a_connection_holds_says_so(
 ) -> None:
     """Where ``FIONREAD`` fails, the connection is closed at once, with a warning naming it: nothing is lost
     without a word."""
-    listening: asyncio.Future[tuple[str, int]] = asyncio.get_running_loop().create_future()
-    stream = SocketStream(on_listen=listening.set_result)
-    items = aiter(stream)
+    stream = SocketStream()
     async with asyncio.timeout(20):
-        first = asyncio.ensure_future(anext(items))
-        _, writer = await asyncio.open_connection(*await listening)
+        items, first, address = await _listening(stream)
+        _, writer = await asyncio.open_connection(*address)
         writer.write(b"one\n")
         assert await first == "one"
         monkeypatch.setattr(sources, "_readable_now", lambda fd, regular: None)
@@ -1107,12 +1102,8 @@ async def test_tcp_source_fails_on_a_bad_line_by_default() -> None:
 async def _two_clients(stream: SocketStream) -> tuple[list[Any], str]:
     """One client of ``stream`` sends two lines and dies in the middle of a third; another sends two lines.
     The items, and the address of the first."""
-    listening: asyncio.Future[tuple[str, int]] = asyncio.get_running_loop().create_future()
-    stream.on_listen = listening.set_result
-    items = aiter(stream)
     async with asyncio.timeout(20):
-        first = asyncio.ensure_future(anext(items))
-        address = await listening
+        items, first, address = await _listening(stream)
         _, dying = await asyncio.open_connection(*address)
         dying.write(b'{"c": 0}\n{"c": 1}\n{"c": ')
         peer = _endpoint(dying.get_extra_info("sockname"))
@@ -1156,12 +1147,9 @@ async def test_a_line_not_ended_when_the_client_closed_is_a_line_when_it_is_whol
     """As a file's last line (`printf 'a\\nb' | nc`): text, or a JSON line that is valid; only a JSON line cut off is
     a bad line."""
     stream = SocketStream(connections=1, json=as_json)
-    listening: asyncio.Future[tuple[str, int]] = asyncio.get_running_loop().create_future()
-    stream.on_listen = listening.set_result
-    items = aiter(stream)
     async with asyncio.timeout(20):
-        first = asyncio.ensure_future(anext(items))
-        _, writer = await asyncio.open_connection(*await listening)
+        items, first, address = await _listening(stream)
+        _, writer = await asyncio.open_connection(*address)
         writer.write(sent)
         writer.close()
         got = [await first, *[item async for item in items]]
@@ -1170,12 +1158,9 @@ async def test_a_line_not_ended_when_the_client_closed_is_a_line_when_it_is_whol
 
 async def test_a_drain_ends_a_datagram_stream_whose_sender_keeps_sending() -> None:
     """Datagrams that come after the drain are not received: a sender faster than the run cannot keep it going."""
-    listening: asyncio.Future[tuple[str, int]] = asyncio.get_running_loop().create_future()
-    stream = DatagramStream("127.0.0.1", 0, on_listen=listening.set_result, max_pending=100)
-    items = aiter(stream)
+    stream = DatagramStream("127.0.0.1", 0, max_pending=100)
     async with asyncio.timeout(20):
-        first = asyncio.ensure_future(anext(items))
-        address = await listening
+        items, first, address = await _listening(stream)
         sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         sender.setblocking(False)
 
