@@ -825,11 +825,10 @@ class SocketStream:
 
     Bad lines (``max_line``, ``on_bad``, ``dead_letter``, ``skipped``): as
     :class:`LineStream`; each connection numbers its own lines, and the
-    messages name the peer. A line is a record once its newline comes: a
-    connection that ends in the middle of a line (a client that died while
-    sending) leaves a bad line, ``the connection ended mid-line``, which
-    ``on_bad`` handles (under ``"fail"`` it ends the run: end every line,
-    the last one too, with a newline).
+    messages name the peer. As in a file, a connection's last line needs no
+    newline; but with ``json``, a last line that is not valid JSON is a
+    record cut off (a client that died while sending): a bad line, ``the
+    connection ended mid-line``, which ``on_bad`` handles.
 
     Raises (while iterating):
         InputError: cannot listen or connect, or a line is bad under ``on_bad="fail"``.
