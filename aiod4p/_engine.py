@@ -270,6 +270,7 @@ class Invoker:
         self.bytes_per_call: float | None = None  # outputs of one plain call, measured (see _in_parts)
         self.drains: Worker | _NeverDrains = _NEVER_DRAINS
         self.stats = InstanceStats(ref.pe, ref.index, worker_id)
+        self.busy_since = self.blocked_then = 0.0  # the busy clock of the call under way (see _busy_fold)
         self.buffers: dict[str, list[Any]] = {port: [] for port in pe._output_ports}
         item_function = pe._item_function()
         self.fn: Callable[..., Any] | None = item_function[0] if item_function else None
@@ -312,7 +313,7 @@ class Invoker:
 
     async def _lifecycle(self, stage: str, method: Any) -> None:
         """Call ``preprocess`` or ``postprocess``; what it wrote stays in the buffers."""
-        started, blocked = time.perf_counter(), self.stats.blocked_seconds
+        self._busy_begin()
         try:
             await self._call_stage(method)
         except BaseException as exc:
@@ -320,8 +321,8 @@ class Invoker:
                 raise
             self.stats.errors += 1
             raise pe_error(self.ref, stage, exc) from exc
-        finally:  # as for a batch: waiting for credit while writing is blocked time
-            self.stats.busy_seconds += time.perf_counter() - started - (self.stats.blocked_seconds - blocked)
+        finally:
+            self._busy_fold()
 
     async def _call_stage(self, method: Callable[[], Any]) -> None:
         """Call lifecycle ``method`` (plain or ``async def``)."""
@@ -461,7 +462,7 @@ class Invoker:
 
     async def _collect_streaming(self, output: Any) -> None:
         self._collect(output)
-        if any(len(items) >= self.batch_size for items in self.buffers.values()):
+        if any(len(items) >= self.stream_limit for items in self.buffers.values()):
             await self._route_streamed()
 
     async def _append_streaming(self, port: str, item: Any) -> None:
@@ -514,6 +515,19 @@ class Invoker:
         """``cap``, or as many items like ``sample`` as ``batch_bytes`` holds if that is fewer (at least 1)."""
         size = approximate_size(sample)[0]
         return max(1, self.batch_bytes // size) if size * cap > self.batch_bytes else cap
+
+    # -- busy time -------------------------------------------------------------
+    def _busy_begin(self) -> None:
+        """Start timing the busy time of a call (a batch's calls, or a lifecycle stage)."""
+        self.busy_since = time.perf_counter()
+        self.blocked_then = self.stats.blocked_seconds
+
+    def _busy_fold(self) -> None:
+        """Add the time since the call began, or since the last fold, to the busy time, less what was blocked
+        on credit meanwhile: a long call (a generator, a live source) shows its busy time as it goes."""
+        now, blocked = time.perf_counter(), self.stats.blocked_seconds
+        self.stats.busy_seconds += now - self.busy_since - (blocked - self.blocked_then)
+        self.busy_since, self.blocked_then = now, blocked
 
     # -- hooks for hosts that route -------------------------------------------
     async def _route_streamed(self) -> None:
@@ -628,7 +642,8 @@ class _Actor(Invoker):
                 self.stats.items_in += len(items)
                 self.stats.queued_items = inbox.queued_items
                 try:
-                    started, blocked = time.perf_counter(), self.stats.blocked_seconds
+                    started = time.perf_counter()
+                    self._busy_begin()
                     try:
                         if self.traced:
                             assert self.recorder is not None
@@ -637,9 +652,8 @@ class _Actor(Invoker):
                             if self.recorder is not None:
                                 self.recorder.count_in(port, len(items))
                             await self._handle(port, items)
-                    finally:  # waiting for credit while streaming outputs is blocked time, not busy time
-                        blocked = self.stats.blocked_seconds - blocked
-                        self.stats.busy_seconds += time.perf_counter() - started - blocked
+                    finally:
+                        self._busy_fold()
                     await self._route_outputs()
                     self._paced(started, len(items))
                 except BaseException as exc:
@@ -802,7 +816,7 @@ class _Actor(Invoker):
         runtime = self.pe._runtime
         assert runtime is not None
         sample = self.buffers[port][-1]
-        future = asyncio.run_coroutine_threadsafe(self._route_outputs(detach=True), loop)
+        future = asyncio.run_coroutine_threadsafe(self._route_handed_over(), loop)
         handovers = self.worker._handovers
         handovers.add(future)
         try:
@@ -810,6 +824,11 @@ class _Actor(Invoker):
         finally:
             handovers.discard(future)
         runtime.limit = self._cap_by_bytes(min(2 * runtime.limit, self.hand_over_limit), sample)
+
+    async def _route_handed_over(self) -> None:
+        """On the loop, for a call in a pool thread: route what it wrote so far."""
+        self._busy_fold()
+        await self._route_outputs(detach=True)
 
     async def _pump(self, source: AsyncIterator[Any], port: str) -> None:
         # A live source (a root's async generator) is read ahead while the actor
@@ -831,11 +850,15 @@ class _Actor(Invoker):
         self.worker._add_stopper(ahead.drain)
         try:
             while True:
-                if not ahead.ready():
+                if ahead.ready():
+                    chunk = await ahead.take()
+                else:  # waiting for the source's next items is idle time, not busy time
                     await self._flush_all()
+                    self._busy_fold()
                     if aligner is not None:
                         await aligner.idle(ahead)
-                chunk = await ahead.take()
+                    chunk = await ahead.take()
+                    self._busy_begin()
                 if chunk is None:
                     break
                 self.buffers[port].extend(chunk)
@@ -850,9 +873,9 @@ class _Actor(Invoker):
     async def _route_streamed(self) -> None:
         """Route a batch that a long call (a generator) has written so far, and let other tasks run in time."""
         self.stream_limit = self._next_hand_over(self.stream_limit, self.batch_size)
+        self._busy_fold()
         await self._route_outputs()
-        if self.worker.held_too_long():
-            await self.worker.give_way()
+        await self._give_way_if_held()
         self.writing_since = time.perf_counter()
 
     async def _route_written(self) -> None:
@@ -861,10 +884,18 @@ class _Actor(Invoker):
         assert runtime is not None
         if not self.threaded:  # a threaded call hands over across threads: it keeps the full count
             runtime.limit = self._next_hand_over(runtime.limit, self.hand_over_limit)
+        self._busy_fold()
         await self._route_outputs(detach=True)
-        if self.worker.held_too_long():
-            await self.worker.give_way()
+        await self._give_way_if_held()
         self.writing_since = time.perf_counter()
+
+    async def _give_way_if_held(self) -> None:
+        """Within a long call: let other tasks run if the worker has held the loop long enough (their
+        turns are not this PE's busy time)."""
+        if self.worker.held_too_long():
+            self._busy_fold()
+            await self.worker.give_way()
+            self._busy_begin()
 
     def _next_hand_over(self, handed: int, cap: int) -> int:
         """How many items a long call may write before it hands them on again, once it handed ``handed`` on.

@@ -326,6 +326,17 @@ class HeavyYielder(ProducerPE):
         yield from _heavy_items()
 
 
+class HeavyProcessYielder(GenericPE):
+    """Yields 200 heavy items as ``{port: item}`` dicts from one ``process()`` generator."""
+
+    def __init__(self) -> None:
+        super().__init__(inputs=[], outputs=["output"])
+
+    def process(self, inputs: dict[str, Any]) -> Iterator[dict[str, int]]:
+        for item in _heavy_items():
+            yield {"output": item}
+
+
 class FirstArrival(GenericPE):
     """Outputs how many items the source had made when the first one arrived here."""
 
@@ -382,10 +393,13 @@ def test_a_generator_yielding_none_emits_nothing_for_it_but_a_written_none_is_an
     assert results.by_port()[(source.id, "output")] == [*range(2_501), None, *range(2_501, 5_000)]
 
 
-@pytest.mark.parametrize("source", [HeavyWriter, HeavyYielder], ids=["write", "yield"])
+@pytest.mark.parametrize(
+    "source", [HeavyWriter, HeavyYielder, HeavyProcessYielder], ids=["write", "yield", "process-yields"]
+)
 def test_heavy_items_reach_the_next_stage_while_their_call_goes_on(source: type[GenericPE | ProducerPE]) -> None:
     """A call that makes heavy items hands them on a few at a time, not after a batch's worth of them (1,024
-    written, or 256 yielded: the whole of this call's 200), so the stages after it work from the start."""
+    written, or 256 yielded: the whole of this call's 200), so the stages after it work from the start (and
+    a run embedded in a service does not hold its loop for the whole call)."""
     _made[0] = 0
     graph = WorkflowGraph()
     graph.connect(source(), "output", first := FirstArrival(), "input")

@@ -7,8 +7,9 @@ import dataclasses
 import io
 import json
 import textwrap
+import threading
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -124,6 +125,54 @@ def test_live_stats_while_running() -> None:
                 release.set()
                 await run.results()
             assert run.done and run.elapsed == run.elapsed  # stopped counting at the end
+
+    asyncio.run(go())
+
+
+class WaitsBetweenItems(aiod4p.ProducerPE):
+    """A live source with little to say: it waits 0.1 s before each of its three items."""
+
+    async def produce(self) -> AsyncIterator[int]:
+        for number in range(3):
+            await asyncio.sleep(0.1)  # ok-sleep: the wait for the next observation is what is measured
+            yield number
+
+
+def test_a_live_source_waiting_for_its_next_item_is_not_busy() -> None:
+    """Its busy time counted the whole wait: a live source that waited all night showed 100% busy."""
+    graph = WorkflowGraph()
+    graph.add(source := WaitsBetweenItems())
+    results, run = run_with_stats(MappingCase("async", None), graph, 1)
+    assert results.data() == [0, 1, 2]
+    (entry,) = run.stats
+    assert entry.pe == source.id
+    assert run.elapsed >= 0.3 and entry.busy_seconds < 0.1
+
+
+class ComputesEachItem(aiod4p.ProducerPE):
+    """A source whose one call makes 2,000 items of about 1 ms each."""
+
+    def produce(self) -> Iterator[int]:
+        for number in range(2_000):
+            threading.Event().wait(0.001)  # ok-sleep: the item's cost, not synchronisation
+            yield number
+
+
+def test_a_long_call_shows_its_busy_time_while_it_runs() -> None:
+    """A generator's busy time was added when its call ended: the progress display and the statistics'
+    samples showed the source idle for the whole call, then busy for all of it at once."""
+    graph = WorkflowGraph()
+    graph.add(source := ComputesEachItem())
+
+    async def go() -> None:
+        async with asyncio.timeout(30):
+            async with aiod4p.start(graph, 1, mapping="async") as run:
+                for _ in range(100):
+                    await anext(run)
+                (entry,) = run.live_stats()
+                assert entry.pe == source.id and not run.done
+                assert entry.busy_seconds >= 0.05  # 100 items of 1 ms or more each
+                run.drain()
 
     asyncio.run(go())
 
