@@ -19,9 +19,9 @@ class InstanceStats:
         batches_in: batches taken from the inbox.
         errors: exceptions raised by the PE (at most 1 under the fail-fast policy).
         busy_seconds: time spent in the PE's own code: not waiting for credit,
-            nor in other tasks' turns, nor, for a live source (a root's
-            ``async def`` generator), waiting for its next item. A long call
-            adds to it as it goes.
+            nor in other tasks' turns, nor, for a live source (an ``async def``
+            generator ``produce()``, the sources of :mod:`aiod4p.sources`),
+            waiting for its next item. A long call adds to it as it goes.
         blocked_seconds: time spent waiting for credit (back-pressure).
         feed_blocked_seconds: for a root, time its input feed waited for the
             PE to accept more (back-pressure reaching the source).
