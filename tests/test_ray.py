@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -196,6 +197,38 @@ def test_cli_address_is_for_the_ray_mapping_only(tmp_path: Path) -> None:
     process = aiod4p_cli("run", str(flow), "--mapping", "multi", "--address", "127.0.0.1:1", timeout=55)
     assert process.returncode == 2
     assert "--address applies to --mapping ray only" in process.stderr
+
+
+@contextlib.contextmanager
+def _not_ray_ports() -> Iterator[dict[str, str]]:
+    """Addresses that are no Ray head: a port that refuses connections, one that closes them, an unknown host."""
+    with socket.socket() as refusing, socket.create_server(("127.0.0.1", 0)) as closing:
+        refusing.bind(("127.0.0.1", 0))  # bound, not listening: connections are refused
+
+        def close_each() -> None:
+            with contextlib.suppress(OSError):
+                while True:
+                    closing.accept()[0].close()
+
+        threading.Thread(target=close_each, daemon=True).start()
+        yield {
+            "nothing listens there": f"127.0.0.1:{refusing.getsockname()[1]}",
+            "that port is not a Ray head's": f"127.0.0.1:{closing.getsockname()[1]}",
+            "unknown host 'no-such-host.invalid'": "no-such-host.invalid:6379",
+        }
+
+
+def test_an_address_with_no_ray_head_fails_at_once_saying_why(tmp_path: Path) -> None:
+    # ray.init retried each of them for about a quarter of an hour, printing Ray's connection warnings.
+    flow = tmp_path / "flow.py"
+    flow.write_text(FLOW)
+    env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
+    with _not_ray_ports() as addresses:
+        for why, address in addresses.items():
+            process = aiod4p_cli("run", str(flow), "-m", "ray", "--address", address, env=env, timeout=30)
+            assert process.returncode == 1, process.stderr
+            assert process.stderr.startswith(f"aiod4p: error: cannot join the Ray cluster at {address}: {why}")
+            assert process.stderr.count("\n") == 1, process.stderr
 
 
 # -- a local Ray, started by the run (a laptop: no cluster, no RAY_ADDRESS) --------------------------

@@ -16,6 +16,8 @@ import importlib
 import importlib.util
 import math
 import os
+import re
+import socket
 import sys
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
@@ -37,6 +39,11 @@ if importlib.util.find_spec("ray") is None:  # the mapping's registry names the 
 __all__ = ["RayMapping"]
 
 OBJECT_STORE_MEMORY = 200 * 1024 * 1024  # bytes of a local Ray's object store
+PROBE_TIMEOUT = 5.0  # seconds the head's GCS port has to accept a connection and answer
+# An HTTP/2 client's connection preface and an empty SETTINGS frame: a gRPC server (Ray's GCS) answers with a
+# SETTINGS frame (its 4th byte, the frame type, is 4).
+_HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])
+_HOST_PORT = re.compile(r"\[?(?P<host>[^\[\]/]+?)\]?:(?P<port>\d+)")
 
 
 class RayMapping(HostedMapping):
@@ -108,12 +115,36 @@ class RayMapping(HostedMapping):
             except (ConnectionError, RuntimeError, ValueError) as exc:
                 raise MappingUnavailable(f"cannot start a local Ray: {exc}") from exc
             return True
+        address = self.address or os.environ["RAY_ADDRESS"]
+        where = self.address or f"{address} (RAY_ADDRESS)"
+        if (problem := _not_a_gcs(address)) is not None:
+            raise MappingUnavailable(f"cannot join the Ray cluster at {where}: {problem}")
         try:
             ray.init(address=self.address, **options)
         except (ConnectionError, RuntimeError, ValueError) as exc:
-            where = self.address or "RAY_ADDRESS"
             raise MappingUnavailable(f"cannot join the Ray cluster at {where}: {exc}") from exc
         return False
+
+
+def _not_a_gcs(address: str) -> str | None:
+    """Why ``HOST:PORT`` is not the GCS of a Ray head, or ``None`` if it may be (or ``address`` is another
+    form: ``auto``, ``ray://...``). ``ray.init`` retries a port that refuses or does not speak gRPC for
+    about a quarter of an hour."""
+    if (found := _HOST_PORT.fullmatch(address)) is None or os.environ.get("RAY_USE_TLS", "0").lower() in ("1", "true"):
+        return None
+    try:
+        with socket.create_connection((found["host"], int(found["port"])), timeout=PROBE_TIMEOUT) as probe:
+            probe.sendall(_HTTP2_PREFACE)
+            answer = probe.recv(9)
+    except socket.gaierror as exc:
+        return f"unknown host {found['host']!r} ({exc.strerror})"
+    except TimeoutError:
+        return f"no answer within {PROBE_TIMEOUT:g} s"
+    except OSError as exc:
+        return f"nothing listens there ({exc.strerror or exc})"
+    if len(answer) < 4 or answer[3] != 4:
+        return "that port is not a Ray head's (its GCS port, 6379 unless `ray start --head --port` chose another)"
+    return None
 
 
 class _RayLaunch:
