@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import os
+import queue
 import shutil
 import signal
 import socket
@@ -229,6 +230,46 @@ def test_an_address_with_no_ray_head_fails_at_once_saying_why(tmp_path: Path) ->
             assert process.returncode == 1, process.stderr
             assert process.stderr.startswith(f"aiod4p: error: cannot join the Ray cluster at {address}: {why}")
             assert process.stderr.count("\n") == 1, process.stderr
+
+
+def test_a_signal_while_ray_init_waits_for_a_head_that_does_not_answer_aborts_at_once(tmp_path: Path) -> None:
+    # A head whose GCS takes connections but answers no call (overloaded, or stopping): the signal ended
+    # start-up, then the process waited for the thread still in ray.init, for minutes.
+    flow = tmp_path / "flow.py"
+    flow.write_text(FLOW)
+    env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
+    connections: queue.Queue[socket.socket] = queue.Queue()
+    # Every address: ray.init connects to this machine's address for 127.0.0.1.
+    silent = socket.create_server(("0.0.0.0", 0))
+
+    def settle_then_keep_silent() -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                connection = silent.accept()[0]
+                connections.put(connection)
+                connection.sendall(bytes([0, 0, 0, 4, 0, 0, 0, 0, 0]))  # an HTTP/2 SETTINGS frame
+
+    server = threading.Thread(target=settle_then_keep_silent)
+    server.start()
+    run = aiod4p_process("run", str(flow), "-m", "ray", "--address", f"127.0.0.1:{silent.getsockname()[1]}", env=env)
+    accepted = []
+    try:
+        accepted.append(connections.get(timeout=30))  # the mapping's probe
+        accepted.append(connections.get(timeout=30))  # ray.init
+        run.send_signal(signal.SIGTERM)
+        _, err = run.communicate(timeout=10)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(run.pid, signal.SIGKILL)
+        run.communicate()
+        silent.shutdown(socket.SHUT_RDWR)  # ends the accept
+        silent.close()
+        server.join()
+        while not connections.empty():
+            accepted.append(connections.get())
+        for connection in accepted:
+            connection.close()
+    assert run.returncode == 130 and "aborted by SIGTERM while starting the actors" in err, err
 
 
 # -- a local Ray, started by the run (a laptop: no cluster, no RAY_ADDRESS) --------------------------

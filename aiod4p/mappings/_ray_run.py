@@ -39,7 +39,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from .._plan import ExecutionPlan
 from .._signals import adopt_orphans
-from .._threads import finished_in_thread
+from .._threads import DaemonThreadPool, finished_in_thread
 from ..errors import MappingUnavailable
 from ..transports.ray import DriverComm
 from ._ray_worker import CONTROL, RayWorker
@@ -235,10 +235,18 @@ class RayRun:
             _CONNECTION.acquire(functools.partial(self.mapping._connect, self.plan.workers))
             handover.joined()
 
+        # Stopped meanwhile, the process waits (the loop's executor, as it closes) for a local Ray to start, and
+        # then stops it; but not for a cluster's head that does not answer, which ray.init retries for minutes.
+        threads = DaemonThreadPool(1, "aiod4p-ray-connect")
+        if self.mapping._starts_local_ray():
+            joining = asyncio.get_running_loop().run_in_executor(None, acquire)
+        else:
+            joining = asyncio.wrap_future(threads.submit("joining Ray", acquire))
         try:
-            await asyncio.get_running_loop().run_in_executor(None, acquire)
+            await joining
         finally:
             self.connected = handover.give_up()
+            threads.close()
         await self._start_actors(payload)
         self.comms = {wid: DriverComm(actor, CONTROL) for wid, actor in enumerate(self.actors)}
         return self.comms
