@@ -518,7 +518,8 @@ def _ignored_options(args: argparse.Namespace, mapping: BaseMapping) -> list[str
     cpus = available_cpus()
     if args.oversubscribe and not mapping.shares_cpus:
         ignored.append(f"--oversubscribe is ignored: the {mapping.name} mapping does not limit -n to the CPUs")
-    if mapping.uses_processes and args.num is not None and args.num > 4 * cpus:
+    on_a_cluster = args.mapping == "ray" and not mapping.shares_cpus  # the actors do not share this machine's CPUs
+    if mapping.uses_processes and args.num is not None and args.num > 4 * cpus and not on_a_cluster:
         ignored.append(
             f"-n {args.num} starts {args.num} {mapping.workers_started[1]} on {cpus} CPU{'s' if cpus > 1 else ''}:"
             f" start-up is slow and they compete for the CPUs (-n {cpus} uses every CPU)"

@@ -9,6 +9,7 @@ import re
 import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -558,6 +559,17 @@ def test_many_more_workers_than_cpus_give_a_warning(workflow_file: Path) -> None
     assert f"aiod4p: warning: -n {n} starts {n} worker processes on" in done.stderr
     fine = aiod4p("run", str(workflow_file), "-m", "multi", "-n", "2", "-i", "1")
     assert "warning" not in fine.stderr
+
+
+def test_many_more_ray_actors_than_this_machine_s_cpus_give_no_warning_on_a_cluster(workflow_file: Path) -> None:
+    # -n 64 --address HEAD from a laptop said the actors "compete for the CPUs (-n 2 uses every CPU)".
+    with socket.socket() as refusing:
+        refusing.bind(("127.0.0.1", 0))  # no Ray head there: the run fails at once, after the warnings
+        n = 4 * len(os.sched_getaffinity(0)) + 1
+        address = f"127.0.0.1:{refusing.getsockname()[1]}"
+        done = aiod4p("run", str(workflow_file), "-m", "ray", "-n", str(n), "--address", address)
+    assert done.returncode == 1 and "cannot join the Ray cluster" in done.stderr, done.stderr
+    assert "warning" not in done.stderr, done.stderr
 
 
 def test_oversubscribe_on_a_mapping_that_does_not_cap_workers_gives_a_warning(workflow_file: Path) -> None:
