@@ -133,15 +133,21 @@ def _not_a_gcs(address: str) -> str | None:
     if (found := _HOST_PORT.fullmatch(address)) is None or os.environ.get("RAY_USE_TLS", "0").lower() in ("1", "true"):
         return None
     try:
-        with socket.create_connection((found["host"], int(found["port"])), timeout=PROBE_TIMEOUT) as probe:
-            probe.sendall(_HTTP2_PREFACE)
-            answer = probe.recv(9)
+        probe = socket.create_connection((found["host"], int(found["port"])), timeout=PROBE_TIMEOUT)
     except socket.gaierror as exc:
         return f"unknown host {found['host']!r} ({exc.strerror})"
     except TimeoutError:
         return f"no answer within {PROBE_TIMEOUT:g} s"
     except OSError as exc:
         return f"nothing listens there ({exc.strerror or exc})"
+    with probe:
+        try:
+            probe.sendall(_HTTP2_PREFACE)
+            answer = probe.recv(9)
+        except TimeoutError:
+            return f"no answer within {PROBE_TIMEOUT:g} s"
+        except OSError:  # the connection was reset: by a server that does not speak HTTP/2
+            answer = b""
     if len(answer) < 4 or answer[3] != 4:
         return "that port is not a Ray head's (its GCS port, 6379 unless `ray start --head --port` chose another)"
     return None
