@@ -137,10 +137,14 @@ def test_a_run_waiting_for_the_cluster_holds_none_of_it(ray_cluster: RayCluster)
     assert asyncio.run(main()) == [4 * i for i in range(10)]
 
 
-def test_more_than_the_cluster_has_fails_clearly(ray_cluster: RayCluster) -> None:
+def test_more_than_the_cluster_has_fails_clearly(ray_cluster: RayCluster, caplog: pytest.LogCaptureFixture) -> None:
     mapping = RayMapping(num_cpus=3, start_timeout=2)
     with pytest.raises(MappingUnavailable, match=r"did not start 1 worker actors of 3 CPUs each within 2 s"):
         aiod4p.run(_chain(wf.Double()), 10, mapping=mapping, workers=1)
+    # Said as the run starts waiting, not only when it gives up (-n 10000 on two CPUs: 90 s of silence).
+    assert "the Ray cluster cannot start 1 worker actors of 3 CPUs each until nodes join it (waiting up to 2 s)" in (
+        caplog.text
+    )
 
 
 def test_a_notebook_workflow_runs_on_the_actors(ray_cluster: RayCluster) -> None:

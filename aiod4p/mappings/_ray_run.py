@@ -54,6 +54,8 @@ LEFTOVER_GRACE = 5.0  # seconds a local Ray's processes have to end after ray.sh
 
 _RemoteWorker: Any = None  # ray.remote(RayWorker), made once
 
+logger = logging.getLogger("aiod4p.ray")
+
 
 class _SigtermNotice(logging.Filter):
     """Drops Ray's warning that ``ray.init``, called off the main thread, leaves SIGTERM alone: aiod4p
@@ -318,13 +320,19 @@ class RayRun:
         # Every worker's share in one reservation, made at once or not at all: two runs on too small a
         # cluster would otherwise each start some of their actors and wait forever for the rest.
         share = {name: amount for name, amount in {"CPU": mapping.num_cpus, **mapping.resources}.items() if amount}
-        if _CONNECTION.local:
-            total = _cluster_resources()
-            if any(amount * n > total.get(name, 0) for name, amount in share.items()):
+        total = _cluster_resources()
+        if any(amount * n > total.get(name, 0) for name, amount in share.items()):
+            if _CONNECTION.local:
                 raise MappingUnavailable(
                     f"the local Ray started for the run cannot start {self._asked()}: it has {total}; start a"
                     " Ray with them (`ray start --head --resources ...`), then give its --address"
                 )
+            logger.warning(
+                "the Ray cluster cannot start %s until nodes join it (waiting up to %g s): it has %s in all",
+                self._asked(),
+                mapping.start_timeout,
+                total,
+            )
         places: list[Any] = ["SPREAD"] * n  # workers that reserve nothing need no reservation
         if share:
             self.group = placement_group([share] * n, strategy="SPREAD")
