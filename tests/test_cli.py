@@ -148,11 +148,13 @@ def test_inputs_from_data_and_file(workflow_file: Path, tmp_path: Path) -> None:
     assert done.stdout.startswith("Check1.output: 2 items"), done.stderr
 
 
-def test_pe_exception_gives_one_line_and_exit_1(workflow_file: Path) -> None:
+def test_pe_exception_gives_one_line_naming_the_line_and_exit_1(workflow_file: Path) -> None:
     done = aiod4p("run", str(workflow_file), "-i", "20")
     assert done.returncode == 1
+    line = workflow_file.read_text().splitlines().index('            raise ValueError("unlucky")') + 1
     assert done.stderr.strip().splitlines() == [
-        "aiod4p: error: PE Check1[0] failed on input port 'input': ValueError: unlucky"
+        f"aiod4p: error: PE Check1[0] failed on input port 'input': ValueError: unlucky"
+        f" ({workflow_file}, line {line}, in process_item)"
     ]
 
 

@@ -847,6 +847,34 @@ def test_cli_feeds_a_file_name_to_a_root(tmp_path: Path, options: list[str]) -> 
     assert sorted(records(out)[("Shout1", "output")]) == ["A", "B"]
 
 
+@pytest.mark.parametrize("options", FRESH_MAPPINGS, ids=lambda o: o[1])
+def test_cli_names_the_line_of_the_pe_that_failed(tmp_path: Path, options: list[str]) -> None:
+    # A tutorial's reader fed -d with a misspelt key: dispel4py's traceback showed the line; the one-line
+    # error names it too, from whichever process the PE ran in.
+    flow = write(
+        tmp_path / "reader.py",
+        """
+        from dispel4py.base import ProducerPE
+        from dispel4py.workflow_graph import WorkflowGraph
+
+        class Read(ProducerPE):
+            def _process(self, inputs):
+                with open(inputs['input']) as lines:
+                    self.write('output', lines.read())
+
+        read = Read()
+        read.name = 'read'
+        graph = WorkflowGraph()
+        graph.add(read)
+        """,
+    )
+    done = fresh_cli("run", str(flow), *options, "-d", '{"read": [{"inptu": "words.txt"}]}', cwd=tmp_path)
+    assert done.returncode == 1
+    assert done.stderr.splitlines()[-1] == (
+        f"aiod4p: error: PE read0[0] failed on feed: KeyError: 'input' ({flow}, line 7, in _process)"
+    )
+
+
 class Numbers(ProducerPE):
     def __init__(self) -> None:
         ProducerPE.__init__(self)
