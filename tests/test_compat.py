@@ -660,6 +660,17 @@ def test_bad_composite_mappings_name_the_composite(d4p: Any) -> None:
     with pytest.raises(GraphError, match="output 'output' must map to exactly one inner output"):
         graph.flatten()
 
+    # dispel4py's own test_dot_composite maps a graph's input to a producer's port that does not exist:
+    # a KeyError from deep inside the flattening, where the graph can name what is wrong.
+    inner = d4p.workflow_graph.WorkflowGraph()
+    producer = Counter_()
+    inner.connect(producer, "output", Square(), "input")
+    inner.inputmappings = {"input": (producer, "input")}
+    graph = d4p.workflow_graph.WorkflowGraph()
+    graph.connect(Counter_(), "output", inner, "input")
+    with pytest.raises(GraphError, match=r"input 'input' is mapped to PE \w+'s input port 'input', which it does not"):
+        graph.flatten()
+
     from aiod4p.compat.workflow_graph import as_pe
 
     with pytest.raises(GraphError, match="set those instead"):
