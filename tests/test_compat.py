@@ -1052,6 +1052,11 @@ def test_mapping_entry_points(d4p: Any, capsys: pytest.CaptureFixture[str]) -> N
     graph, producer = fresh()
     args = argparse.Namespace(file=None, data='{"Numbers": 2}', iter=1)
     assert processor.create_inputs(args, graph) == {producer.id: 2}
+    # dispel4py's own processor_test: malformed JSON and a missing file are ValueErrors (and InputErrors).
+    for bad in (argparse.Namespace(file=None, data="{not valid", iter=1), argparse.Namespace(file="/nope", iter=1)):
+        with pytest.raises(ValueError) as raised:
+            processor.create_inputs(bad, None)
+        assert isinstance(raised.value, InputError)
     assert processor.get_inputs(producer, {producer.id: 5}) == 5
     with pytest.raises(NotImplementedError, match="resultmappings"):
         simple_process.process_and_return(graph, {producer: 1}, {"x": ["output"]})
