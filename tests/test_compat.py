@@ -15,6 +15,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import threading
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -427,6 +428,35 @@ def double(x: int) -> int:
 
 def scale(x: int, by: int) -> int:
     return x * by
+
+
+class Journal(ConsumerPE):
+    """A consumer as dispel4py workflows write them: its file opened, and a lock made, in ``__init__``."""
+
+    def __init__(self, path: Path) -> None:
+        ConsumerPE.__init__(self)
+        self.out = open(path, "a")  # noqa: SIM115 (held open for the run, as such PEs do)
+        self.lock = threading.Lock()
+        self.seen: list[int] = []
+
+    def _process(self, data: int) -> None:
+        with self.lock:
+            self.out.write(f"{data}\n")
+            self.out.flush()
+        self.seen.append(data)
+
+
+@pytest.mark.parametrize("name", ["simple", "async"])
+def test_a_pe_holding_an_open_file_runs_in_process(d4p: Any, tmp_path: Path, name: str) -> None:
+    # dispel4py's simple mapping runs the PE object itself; aiod4p's copies, and failed on the file:
+    # what cannot be copied is shared with the copy, the rest is copied still.
+    graph = d4p.workflow_graph.WorkflowGraph()
+    journal = Journal(tmp_path / "journal.txt")
+    graph.connect(Counter_(), "output", journal, "input")
+    aiod4p.run(graph, 3, mapping=name, workers=2)
+    journal.out.close()
+    assert sorted((tmp_path / "journal.txt").read_text().split()) == ["1", "2", "3"]
+    assert journal.seen == []
 
 
 def test_iterative_chains_nested_composites_and_fan_in(d4p: Any, mapping: MappingCase) -> None:
