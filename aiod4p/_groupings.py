@@ -138,6 +138,11 @@ class RoundRobin(Shuffle):
     batch still goes to the least loaded instance when the one in turn has no room.
     """
 
+    def candidates(self, parallelism: int, index: int, aligned: bool) -> tuple[int, ...]:
+        # In instance order: the router starts sender ``index`` at candidate ``index``, as dispel4py's
+        # senders start (rotated as shuffle's candidates are, sender 1 of 2 began at instance 0).
+        return (index,) if aligned else tuple(range(parallelism))
+
     def router(self, count: int, start: int, sender: str, dest: str) -> Router:
         return _RoundRobin(count, start) if count > 1 else Router(count)
 
