@@ -326,6 +326,16 @@ def test_import_error_in_the_workflow_file(tmp_path: Path) -> None:
     assert "importing" in done.stderr and "no_such_dependency_xyz" in done.stderr
 
 
+def test_dispel4pys_command_line_names_aiod4ps(workflow_file: Path) -> None:
+    # `dispel4py multi flow.py -n 4 -i 3` with aiod4p for dispel4py: argparse said only "invalid choice: 'multi'".
+    done = aiod4p("multi", str(workflow_file), "-n", "4", "-i", "3")
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip().splitlines()[-1] == (
+        "aiod4p: error: 'multi' is a mapping, not a command: dispel4py's `dispel4py multi ...` is"
+        f" `aiod4p run {workflow_file} -m multi -n 4 -i 3`"
+    )
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
