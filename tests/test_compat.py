@@ -600,6 +600,20 @@ def test_cli_rejects_an_unknown_input_key(tmp_path: Path) -> None:
     assert "'Nobody' names no PE" in done.stderr
 
 
+def test_an_input_dict_naming_none_of_a_roots_ports_is_warned_about(
+    d4p: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # -d '{"Source": [{"inptu": "a"}]}': dispel4py hands the dict to process() as it is, and so does aiod4p,
+    # where Source's inputs.get('input', ...) silently takes its default; a misspelt key was never said.
+    graph = aiod4p.load_graph(str(write(tmp_path / "inputs_flow.py", INPUTS_FLOW)))
+    with caplog.at_level("WARNING", logger="aiod4p.inputs"):
+        assert aiod4p.run(graph, {"Source": [{"inptu": "a"}, {"input": "b"}]}, mapping="simple").data() == [1, "b"]
+    (source,) = graph.flatten().roots()
+    assert caplog.messages == [
+        f"the input for PE {source} names 'inptu', none of its input ports ('input'); its process() gets it as it is"
+    ]
+
+
 def test_a_root_with_inputs_absent_from_data_gets_nothing(d4p: Any, mapping: MappingCase, tmp_path: Path) -> None:
     graph = aiod4p.load_graph(str(write(tmp_path / "inputs_flow.py", INPUTS_FLOW)))
     assert mapping.run(graph, {}).data() == []
