@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import os
 import re
+import shlex
 import signal
 import stat
 import sys
@@ -281,6 +282,11 @@ def _open_standard_streams() -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status (see ``EXIT_STATUS_HELP``)."""
     parser = _parser()
+    words = [word for word in (sys.argv[1:] if argv is None else argv) if word != "--debug"]
+    commands = next(action.choices for action in parser._actions if isinstance(action, argparse._SubParsersAction))
+    if words and words[0] in MAPPINGS and words[0] not in commands:  # dispel4py's: `dispel4py multi flow.py -n 4`
+        command = shlex.join(["aiod4p", "run", *words[1:2], "-m", words[0], *words[2:]])
+        parser.error(f"{words[0]!r} is a mapping, not a command: dispel4py's `dispel4py {words[0]} ...` is `{command}`")
     args, unknown = parser.parse_known_args(argv)
     if unknown:  # argparse would report them with the usage of `aiod4p` itself, not of the command given
         _command_parser(parser, args).error(f"unrecognized arguments: {' '.join(unknown)}")

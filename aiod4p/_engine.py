@@ -49,7 +49,7 @@ from ._signals import interrupts_the_run
 from ._sizes import SCALARS, approximate_size
 from ._stats import InstanceStats
 from ._threads import DaemonThreadPool
-from .errors import Aiod4pError, CheckpointError, GraphError, InputError, PEError, TransportError
+from .errors import Aiod4pError, CheckpointError, GraphError, InputError, PEError, TransportError, workflow_frame
 from .sources import SourcePE
 from .transports import Comm
 
@@ -123,7 +123,9 @@ def pe_error(ref: InstanceRef, port: str, exc: BaseException) -> Aiod4pError:
     if isinstance(exc, (PEError, TransportError, CheckpointError)):
         return exc
     text = "".join(traceback.format_exception(exc))
-    return PEError(ref.pe, ref.index, port, f"{type(exc).__name__}: {exc}", text)
+    frame = workflow_frame(exc)
+    where = f" ({frame.filename}, line {frame.lineno}, in {frame.name})" if frame else ""
+    return PEError(ref.pe, ref.index, port, f"{type(exc).__name__}: {exc}{where}", text)
 
 
 class _Pending:

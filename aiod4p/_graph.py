@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import itertools
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from ._groupings import Grouping, GroupingLike, as_grouping
 from ._pe import PE, CompositePE
@@ -263,6 +264,8 @@ def _resolve_input(pe: PE, port: str) -> list[tuple[PE, str]]:
     targets = pe.input_map.get(port)
     if not targets:
         raise GraphError(f"composite {pe.label}: input {port!r} is not mapped to an inner PE")
+    for inner, inner_port in targets:
+        _check_mapped(pe, "input", port, inner, inner_port, inner._input_ports)
     return [resolved for inner, inner_port in targets for resolved in _resolve_input(inner, inner_port)]
 
 
@@ -272,7 +275,18 @@ def _resolve_output(pe: PE, port: str) -> list[tuple[PE, str]]:
     target = pe.output_map.get(port)
     if target is None:
         raise GraphError(f"composite {pe.label}: output {port!r} is not mapped to an inner PE")
+    _check_mapped(pe, "output", port, *target, target[0]._output_ports)
     return _resolve_output(*target)
+
+
+def _check_mapped(composite: PE, kind: str, port: str, inner: PE, inner_port: str, ports: Mapping[str, Any]) -> None:
+    """Raise :class:`GraphError` unless ``inner`` has the port ``inner_port`` (one of ``ports``, its ``kind``
+    ports) that ``composite`` maps its ``kind`` ``port`` to."""
+    if inner_port not in ports:
+        raise GraphError(
+            f"composite {composite.label}: {kind} {port!r} is mapped to PE {inner.label}'s {kind} port"
+            f" {inner_port!r}, which it does not have ({kind}s: {sorted(ports) or 'none'})"
+        )
 
 
 def _not_a_pe(thing: object) -> str:

@@ -134,9 +134,15 @@ class RoundRobin(Shuffle):
     """Any one instance, dealt item by item in turn, as dispel4py does (its PEs' default).
 
     With at least as many items as instances, every instance gets one (a
-    dispel4py PE may rely on it: its timing PE divides by its item count). A
-    batch still goes to the least loaded instance when the one in turn has no room.
+    dispel4py PE may rely on it: its timing PE divides by its item count). Each
+    item waits for room at the instance in turn, as in dispel4py, so which items
+    an ungrouped stateful PE sees never depends on timing.
     """
+
+    def candidates(self, parallelism: int, index: int, aligned: bool) -> tuple[int, ...]:
+        # In instance order: the router starts sender ``index`` at candidate ``index``, as dispel4py's
+        # senders start (rotated as shuffle's candidates are, sender 1 of 2 began at instance 0).
+        return (index,) if aligned else tuple(range(parallelism))
 
     def router(self, count: int, start: int, sender: str, dest: str) -> Router:
         return _RoundRobin(count, start) if count > 1 else Router(count)
@@ -236,11 +242,12 @@ GLOBAL = Global()
 
 
 class _RoundRobin(Router):
-    """Deals a batch out like cards, starting where the last batch stopped."""
+    """Deals a batch out like cards, starting where the last batch stopped: each item to the instance in
+    turn, whatever the timing, as dispel4py's senders deal (so an ungrouped stateful PE sees the items it
+    sees there)."""
 
     __slots__ = ("next",)
     passes_through = False
-    any_destination = True
 
     def __init__(self, count: int, start: int) -> None:
         super().__init__(count)
@@ -262,6 +269,7 @@ class _Dealer(_RoundRobin):
     """Shuffle's router: the engine deals whole batches by room; split (round robin) where timing must not count."""
 
     __slots__ = ()
+    any_destination = True
     deals = True
 
 

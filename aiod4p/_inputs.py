@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from collections import Counter
 from collections.abc import AsyncIterable, Iterable, Mapping
 from pathlib import Path
@@ -14,6 +15,8 @@ from ._pe import PE
 from .errors import InputError
 
 __all__ = ["Inputs", "find_pe", "parse_cli_inputs", "resolve_inputs"]
+
+logger = logging.getLogger("aiod4p.inputs")
 
 Inputs: TypeAlias = Mapping[Any, Feed] | int | None
 
@@ -45,6 +48,7 @@ def resolve_inputs(graph: FlatGraph, inputs: Inputs) -> dict[str, Feed]:
         if pe_id not in roots:
             raise InputError(f"PE {pe_id} is not a root of the graph (its inputs are connected); it cannot take input")
         feeds[pe_id] = _check_feed(pe_id, value)
+        _warn_unknown_ports(graph.pes[pe_id], pe_id, value)
     for pe_id in roots:
         if pe_id not in feeds and not graph.pes[pe_id]._input_ports:
             feeds[pe_id] = 1
@@ -95,6 +99,24 @@ def _refuse_composite(graph: FlatGraph, composite: str) -> None:
         f"PE {composite} is a composite, which never runs itself; give the input to its inner root"
         f" ({_listing(graph, roots)})"
     )
+
+
+def _warn_unknown_ports(pe: PE, pe_id: str, value: Any) -> None:
+    """Warn when an input dict in the list ``value`` for a dispel4py PE with input ports names none of them
+    (``{"inptu": ...}``): it is handed to ``process`` as it is, as dispel4py does, where it may fail far
+    from the misspelt key."""
+    ports = pe._input_ports
+    if not pe.takes_undeclared_inputs or not ports or not isinstance(value, (list, tuple)):
+        return
+    for element in value:
+        if isinstance(element, dict) and element and not element.keys() & ports.keys():
+            logger.warning(
+                "the input for PE %s names %s, none of its input ports (%s); its process() gets it as it is",
+                pe_id,
+                ", ".join(map(repr, element)),
+                ", ".join(map(repr, ports)),
+            )
+            return
 
 
 def _check_count(what: str, value: int) -> None:

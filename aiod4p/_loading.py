@@ -10,14 +10,13 @@ import importlib.util
 import io
 import os
 import sys
-import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 
 from ._graph import WorkflowGraph
 from ._pe import CompositePE
-from .errors import TargetError
+from .errors import INSTALLED, TargetError, workflow_frame
 
 __all__ = [
     "CodeShipment",
@@ -150,9 +149,6 @@ class CodeShipment:
                 raise TargetError(f"importing workflow {path} failed{_where(exc)}: {failure}") from exc
 
 
-_INSTALLED = tuple({str(Path(prefix, "lib")) for prefix in (sys.prefix, sys.base_prefix, sys.exec_prefix)})
-
-
 def ship_code(payload: bytes) -> CodeShipment:
     """The code another interpreter must load before unpickling ``payload`` (a pickle).
 
@@ -166,7 +162,7 @@ def ship_code(payload: bytes) -> CodeShipment:
     files = []
     for name, module in sorted(sys.modules.items()):
         path = getattr(module, "__file__", None)
-        if not path or name == "__main__" or "." in name or str(path).startswith(_INSTALLED):
+        if not path or name == "__main__" or "." in name or str(path).startswith(INSTALLED):
             continue
         if name.encode() not in payload:
             continue
@@ -252,17 +248,10 @@ def _module_name(path: Path) -> str:
     return stem
 
 
-_OURS = str(Path(__file__).resolve().parent)
-
-
 def _where(exc: BaseException) -> str:
     """`` at FILE, line N``: the last line of the workflow's own code that the error passed, if any."""
-    frames = [
-        frame
-        for frame in traceback.extract_tb(exc.__traceback__)
-        if not frame.filename.startswith((_OURS, *_INSTALLED, "<frozen"))
-    ]
-    return f" at {frames[-1].filename}, line {frames[-1].lineno}" if frames else ""
+    frame = workflow_frame(exc)
+    return f" at {frame.filename}, line {frame.lineno}" if frame else ""
 
 
 def load_graph(target: str) -> WorkflowGraph:

@@ -4,6 +4,7 @@ hooks that watch a run."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import re
@@ -34,14 +35,17 @@ def aiod4p_cli(
     input: str | None = None,
     timeout: float = 60,
     one_cpu: bool = False,
+    cpus: int | None = None,
 ) -> subprocess.CompletedProcess[str]:
     """Run ``python -m aiod4p ARGS`` to its end and return its exit status and output, as text.
 
     It runs in ``cwd`` (the repository by default) with ``env`` as its whole
     environment (this process's by default), reading ``input`` on stdin; with
-    ``one_cpu``, it (and what it starts) may use one CPU only: ``aiod4p run``
-    then starts one worker.
+    ``one_cpu`` (or ``cpus``), it (and what it starts) may use one CPU (or the
+    first ``cpus`` of this process's) only: ``aiod4p run`` then starts that
+    many workers at most.
     """
+    allowed = 1 if one_cpu else cpus
     return subprocess.run(
         [*AIOD4P, *args],
         capture_output=True,
@@ -50,12 +54,12 @@ def aiod4p_cli(
         cwd=cwd or ROOT,
         env=env,
         input=input,
-        preexec_fn=_on_one_cpu if one_cpu else None,
+        preexec_fn=functools.partial(_on_cpus, allowed) if allowed else None,
     )
 
 
-def _on_one_cpu() -> None:
-    os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
+def _on_cpus(count: int) -> None:
+    os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:count])
 
 
 def aiod4p_process(*args: str, cwd: Path | None = None, env: Mapping[str, str] | None = None) -> subprocess.Popen[str]:

@@ -149,11 +149,13 @@ def test_inputs_from_data_and_file(workflow_file: Path, tmp_path: Path) -> None:
     assert done.stdout.startswith("Check1.output: 2 items"), done.stderr
 
 
-def test_pe_exception_gives_one_line_and_exit_1(workflow_file: Path) -> None:
+def test_pe_exception_gives_one_line_naming_the_line_and_exit_1(workflow_file: Path) -> None:
     done = aiod4p("run", str(workflow_file), "-i", "20")
     assert done.returncode == 1
+    line = workflow_file.read_text().splitlines().index('            raise ValueError("unlucky")') + 1
     assert done.stderr.strip().splitlines() == [
-        "aiod4p: error: PE Check1[0] failed on input port 'input': ValueError: unlucky"
+        f"aiod4p: error: PE Check1[0] failed on input port 'input': ValueError: unlucky"
+        f" ({workflow_file}, line {line}, in process_item)"
     ]
 
 
@@ -323,6 +325,16 @@ def test_import_error_in_the_workflow_file(tmp_path: Path) -> None:
     done = aiod4p("run", str(tmp_path / "broken.py"))
     assert done.returncode == 1
     assert "importing" in done.stderr and "no_such_dependency_xyz" in done.stderr
+
+
+def test_dispel4pys_command_line_names_aiod4ps(workflow_file: Path) -> None:
+    # `dispel4py multi flow.py -n 4 -i 3` with aiod4p for dispel4py: argparse said only "invalid choice: 'multi'".
+    done = aiod4p("multi", str(workflow_file), "-n", "4", "-i", "3")
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip().splitlines()[-1] == (
+        "aiod4p: error: 'multi' is a mapping, not a command: dispel4py's `dispel4py multi ...` is"
+        f" `aiod4p run {workflow_file} -m multi -n 4 -i 3`"
+    )
 
 
 @pytest.mark.parametrize(

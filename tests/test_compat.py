@@ -15,6 +15,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import threading
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -429,6 +430,35 @@ def scale(x: int, by: int) -> int:
     return x * by
 
 
+class Journal(ConsumerPE):
+    """A consumer as dispel4py workflows write them: its file opened, and a lock made, in ``__init__``."""
+
+    def __init__(self, path: Path) -> None:
+        ConsumerPE.__init__(self)
+        self.out = open(path, "a")  # noqa: SIM115 (held open for the run, as such PEs do)
+        self.lock = threading.Lock()
+        self.seen: list[int] = []
+
+    def _process(self, data: int) -> None:
+        with self.lock:
+            self.out.write(f"{data}\n")
+            self.out.flush()
+        self.seen.append(data)
+
+
+@pytest.mark.parametrize("name", ["simple", "async"])
+def test_a_pe_holding_an_open_file_runs_in_process(d4p: Any, tmp_path: Path, name: str) -> None:
+    # dispel4py's simple mapping runs the PE object itself; aiod4p's copies, and failed on the file:
+    # what cannot be copied is shared with the copy, the rest is copied still.
+    graph = d4p.workflow_graph.WorkflowGraph()
+    journal = Journal(tmp_path / "journal.txt")
+    graph.connect(Counter_(), "output", journal, "input")
+    aiod4p.run(graph, 3, mapping=name, workers=2)
+    journal.out.close()
+    assert sorted((tmp_path / "journal.txt").read_text().split()) == ["1", "2", "3"]
+    assert journal.seen == []
+
+
 def test_iterative_chains_nested_composites_and_fan_in(d4p: Any, mapping: MappingCase) -> None:
     from dispel4py.base import CompositePE, create_iterative_chain
 
@@ -570,6 +600,20 @@ def test_cli_rejects_an_unknown_input_key(tmp_path: Path) -> None:
     assert "'Nobody' names no PE" in done.stderr
 
 
+def test_an_input_dict_naming_none_of_a_roots_ports_is_warned_about(
+    d4p: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # -d '{"Source": [{"inptu": "a"}]}': dispel4py hands the dict to process() as it is, and so does aiod4p,
+    # where Source's inputs.get('input', ...) silently takes its default; a misspelt key was never said.
+    graph = aiod4p.load_graph(str(write(tmp_path / "inputs_flow.py", INPUTS_FLOW)))
+    with caplog.at_level("WARNING", logger="aiod4p.inputs"):
+        assert aiod4p.run(graph, {"Source": [{"inptu": "a"}, {"input": "b"}]}, mapping="simple").data() == [1, "b"]
+    (source,) = graph.flatten().roots()
+    assert caplog.messages == [
+        f"the input for PE {source} names 'inptu', none of its input ports ('input'); its process() gets it as it is"
+    ]
+
+
 def test_a_root_with_inputs_absent_from_data_gets_nothing(d4p: Any, mapping: MappingCase, tmp_path: Path) -> None:
     graph = aiod4p.load_graph(str(write(tmp_path / "inputs_flow.py", INPUTS_FLOW)))
     assert mapping.run(graph, {}).data() == []
@@ -658,6 +702,17 @@ def test_bad_composite_mappings_name_the_composite(d4p: Any) -> None:
     graph = d4p.workflow_graph.WorkflowGraph()
     graph.connect(CompositePE(two_outputs), "output", Square(), "input")
     with pytest.raises(GraphError, match="output 'output' must map to exactly one inner output"):
+        graph.flatten()
+
+    # dispel4py's own test_dot_composite maps a graph's input to a producer's port that does not exist:
+    # a KeyError from deep inside the flattening, where the graph can name what is wrong.
+    inner = d4p.workflow_graph.WorkflowGraph()
+    producer = Counter_()
+    inner.connect(producer, "output", Square(), "input")
+    inner.inputmappings = {"input": (producer, "input")}
+    graph = d4p.workflow_graph.WorkflowGraph()
+    graph.connect(Counter_(), "output", inner, "input")
+    with pytest.raises(GraphError, match=r"input 'input' is mapped to PE \w+'s input port 'input', which it does not"):
         graph.flatten()
 
     from aiod4p.compat.workflow_graph import as_pe
@@ -847,6 +902,34 @@ def test_cli_feeds_a_file_name_to_a_root(tmp_path: Path, options: list[str]) -> 
     assert sorted(records(out)[("Shout1", "output")]) == ["A", "B"]
 
 
+@pytest.mark.parametrize("options", FRESH_MAPPINGS, ids=lambda o: o[1])
+def test_cli_names_the_line_of_the_pe_that_failed(tmp_path: Path, options: list[str]) -> None:
+    # A tutorial's reader fed -d with a misspelt key: dispel4py's traceback showed the line; the one-line
+    # error names it too, from whichever process the PE ran in.
+    flow = write(
+        tmp_path / "reader.py",
+        """
+        from dispel4py.base import ProducerPE
+        from dispel4py.workflow_graph import WorkflowGraph
+
+        class Read(ProducerPE):
+            def _process(self, inputs):
+                with open(inputs['input']) as lines:
+                    self.write('output', lines.read())
+
+        read = Read()
+        read.name = 'read'
+        graph = WorkflowGraph()
+        graph.add(read)
+        """,
+    )
+    done = fresh_cli("run", str(flow), *options, "-d", '{"read": [{"inptu": "words.txt"}]}', cwd=tmp_path)
+    assert done.returncode == 1
+    assert done.stderr.splitlines()[-1] == (
+        f"aiod4p: error: PE read0[0] failed on feed: KeyError: 'input' ({flow}, line 7, in _process)"
+    )
+
+
 class Numbers(ProducerPE):
     def __init__(self) -> None:
         ProducerPE.__init__(self)
@@ -1013,6 +1096,11 @@ def test_mapping_entry_points(d4p: Any, capsys: pytest.CaptureFixture[str]) -> N
     graph, producer = fresh()
     args = argparse.Namespace(file=None, data='{"Numbers": 2}', iter=1)
     assert processor.create_inputs(args, graph) == {producer.id: 2}
+    # dispel4py's own processor_test: malformed JSON and a missing file are ValueErrors (and InputErrors).
+    for bad in (argparse.Namespace(file=None, data="{not valid", iter=1), argparse.Namespace(file="/nope", iter=1)):
+        with pytest.raises(ValueError) as raised:
+            processor.create_inputs(bad, None)
+        assert isinstance(raised.value, InputError)
     assert processor.get_inputs(producer, {producer.id: 5}) == 5
     with pytest.raises(NotImplementedError, match="resultmappings"):
         simple_process.process_and_return(graph, {producer: 1}, {"x": ["output"]})

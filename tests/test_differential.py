@@ -350,7 +350,8 @@ def test_example_from_the_cli(name: str, tmp_path: Path) -> None:
 
 # -- the fixes over dispel4py, each shown failing on dispel4py ----------------------
 
-FAILING_FLOW = """
+# A root as the tutorials write one: 1, 2, 3, ... one per call.
+NUMBERS_FLOW = """
 from dispel4py.base import IterativePE, ProducerPE
 from dispel4py.workflow_graph import WorkflowGraph
 
@@ -363,6 +364,11 @@ class Numbers(ProducerPE):
     def _process(self, inputs):
         self.n += 1
         return self.n
+"""
+
+FAILING_FLOW = (
+    NUMBERS_FLOW
+    + """
 
 
 class Explode(IterativePE):
@@ -382,6 +388,7 @@ explode = Explode()
 graph.connect(Numbers(), "output", explode, "input")
 graph.connect(explode, "output", Show(), "input")
 """
+)
 
 CYCLE_FLOW = """
 from dispel4py.base import IterativePE, ProducerPE
@@ -559,19 +566,9 @@ graph = WorkflowGraph()
 graph.connect(read, 'output', Length(), 'input')
 """
 
-COUNTING_FLOW = """
-from dispel4py.base import ProducerPE, IterativePE
-from dispel4py.workflow_graph import WorkflowGraph
-
-
-class Numbers(ProducerPE):
-    def __init__(self):
-        ProducerPE.__init__(self)
-        self.n = 0
-
-    def _process(self, inputs):
-        self.n += 1
-        return self.n
+COUNTING_FLOW = (
+    NUMBERS_FLOW
+    + """
 
 
 class Count(IterativePE):
@@ -589,6 +586,7 @@ class Count(IterativePE):
 graph = WorkflowGraph()
 graph.connect(Numbers(), 'output', Count(), 'input')
 """
+)
 
 TUTORIAL_FLOW = """
 from dispel4py.base import ProducerPE, IterativePE
@@ -658,6 +656,100 @@ def test_an_ungrouped_stateful_pe_under_n(
     assert {fresh[pe]: placed.parallelism for pe, placed in run.plan.placement.items()} == processes
     assert sorted(counts) == [1, 1, 1, 2, 2, 2]  # each of 3 instances counted 2 of the 6 items
     assert sorted(aiod4p.run(graph, 6, mapping=name, workers=4).data()) == sorted(counts)
+
+
+# Ungrouped and stateful: its sum depends on which items each instance is dealt.
+SUM_FLOW = (
+    NUMBERS_FLOW
+    + """
+
+
+class Sum(IterativePE):
+    def __init__(self):
+        IterativePE.__init__(self)
+        self.sum = 0
+
+    def _process(self, data):
+        self.sum += data
+
+    def _postprocess(self):
+        print('SUM %d' % self.sum, flush=True)  # dispel4py's multi mapping drops results
+        self.write('output', self.sum)
+"""
+)
+
+TWO_STAGE_FLOW = (
+    SUM_FLOW
+    + """
+
+class Pass(IterativePE):
+    def _process(self, data):
+        return data
+
+
+graph = WorkflowGraph()
+passing = Pass()
+graph.connect(Numbers(), 'output', passing, 'input')
+graph.connect(passing, 'output', Sum(), 'input')
+"""
+)
+
+SQUARE_SUM_FLOW = (
+    SUM_FLOW
+    + """
+
+class Square(IterativePE):
+    def _process(self, data):
+        return data * data
+
+
+graph = WorkflowGraph()
+square = Square()
+square.numprocesses = 3
+total = Sum()
+total.numprocesses = 2
+graph.connect(Numbers(), 'output', square, 'input')
+graph.connect(square, 'output', total, 'input')
+"""
+)
+
+
+def dispel4py_multi_sums(path: str, processes: str, iterations: str, placed: str) -> list[int]:
+    """The sums SUM_FLOW's Sum instances print on dispel4py's multi, after checking that its processes
+    include ``placed``."""
+    done = dispel4py_cli("multi", path, "-n", processes, "-i", iterations)
+    assert done is not None and done.returncode == 0, done
+    assert placed in done.stdout
+    return sorted(int(total) for total in re.findall(r"SUM (\d+)", done.stdout))
+
+
+@pytest.mark.parametrize("name", ["multi", "mpi"])
+def test_parallel_senders_deal_round_robin_as_dispel4pys(name: str, dispel4py_hook: None, tmp_path: Path) -> None:
+    # Two instances of Pass deal to two of Sum: dispel4py starts sender i at instance i. aiod4p started
+    # sender 1 at instance 0 (its candidates rotated, then its round robin staggered again), so each Sum
+    # saw other items: sums [14, 14] where dispel4py's multi printed [10, 18].
+    path = flow(tmp_path, TWO_STAGE_FLOW)
+    sums = dispel4py_multi_sums(path, "6", "7", "'Pass1': range(1, 3), 'Sum2': range(3, 5)")
+    assert sums == [10, 18]  # Sum 0: 1, 5, 4; Sum 1: 3, 7, 2, 6
+    graph = aiod4p.load_graph(path)
+    assert sorted(aiod4p.run(graph, 7, mapping=name, workers=6).data()) == sums
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs 2 CPUs: workers on the sender's and another")
+@pytest.mark.parametrize("name", ["multi", "mpi"])
+def test_round_robin_deals_in_turn_on_fewer_workers_than_instances(name: str, tmp_path: Path) -> None:
+    # -n 6 on 2 CPUs: dispel4py's 6 processes share 2 workers. A batch went to another instance when the
+    # one in turn had no room, or stayed beside its sender, so the sums of 100 squares varied from run
+    # to run; they are dispel4py's, whatever the timing.
+    path = flow(tmp_path, SQUARE_SUM_FLOW)
+    sums = dispel4py_multi_sums(path, "6", "100", "'Square1': range(1, 4), 'Sum2': range(4, 6)")
+    assert sums == [166650, 171700]
+    for _ in range(3):
+        out = tmp_path / "out.jsonl"
+        done = aiod4p_cli("run", path, "-m", name, "-n", "6", "-i", "100", "--results", str(out), cpus=2)
+        assert done.returncode == 0, done.stderr
+        assert sorted(json.loads(line)["data"] for line in out.read_text().splitlines()) == sums
 
 
 @pytest.mark.timeout(120)

@@ -145,6 +145,24 @@ def test_unmapped_composite_port() -> None:
         graph.flatten()
 
 
+def test_composite_port_mapped_to_a_port_its_inner_pe_lacks() -> None:
+    composite = CompositePE()
+    inner = wf.Double()
+    composite.map_input("input", inner, "inptu")
+    composite.map_output("output", inner, "output")
+    graph = WorkflowGraph()
+    graph.connect(wf.Count(), "output", composite, "input")
+    with pytest.raises(GraphError, match=r"input 'input' is mapped to PE Double\d+'s input port 'inptu', which it"):
+        graph.flatten()
+    composite = CompositePE()
+    composite.map_input("input", inner := wf.Double(), "input")
+    composite.map_output("output", inner, "outptu")
+    graph = WorkflowGraph()
+    graph.connect(composite, "output", wf.Double(), "input")
+    with pytest.raises(GraphError, match=r"output 'output' is mapped .* \(outputs: \['output'\]\)"):
+        graph.flatten()
+
+
 def test_composite_input_mapped_to_several_inner_pes() -> None:
     composite = CompositePE()
     first, second = wf.Double(), wf.Double()

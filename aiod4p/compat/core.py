@@ -217,9 +217,20 @@ class GenericPE(_CoreGenericPE):
 
     # -- copies and pickles ------------------------------------------------------
     def __deepcopy__(self, memo: dict[int, Any]) -> GenericPE:
+        """A copy for a run's instance, in the process that built the PE (simple, async; a worker process
+        copies what it unpickled). An attribute that cannot be deep-copied (an open file, a lock, a
+        connection made in ``__init__``) is shared with the copy: dispel4py's simple mapping runs the PE
+        object itself, so such a PE ran there, and still does."""
         clone = type(self).__new__(type(self))
         memo[id(self)] = clone
-        clone.__dict__.update(copy.deepcopy(self.__getstate__(), memo))
+        for name, value in self.__getstate__().items():
+            known = set(memo)
+            try:
+                clone.__dict__[name] = copy.deepcopy(value, memo)
+            except Exception:
+                for key in set(memo) - known:  # the copies begun before it failed
+                    del memo[key]
+                clone.__dict__[name] = value
         return clone
 
     def __reduce_ex__(self, protocol: Any) -> Any:

@@ -19,6 +19,7 @@ from typing import Any
 from .._graph import FlatGraph
 from .._inputs import parse_cli_inputs
 from .._pe import PE
+from ..errors import InputError
 
 #: The most processes dispel4py's rule shares out among a graph's PEs beyond the workers that start
 #: (``aiod4p run`` starts one per CPU): an edge dealt round robin joins every instance to every instance
@@ -101,13 +102,22 @@ def get_inputs(pe: Any, inputs: Mapping[Any, Any]) -> Any:
     return None
 
 
+class _BadInputs(InputError, ValueError):
+    """Inputs that dispel4py's ``create_inputs`` refuses with a ``ValueError`` (a file that does not exist,
+    malformed JSON), so ``except ValueError`` written for dispel4py still catches them."""
+
+
 def create_inputs(args: Any, graph: Any) -> dict[str, Any]:
     """The inputs of ``graph`` from ``args.file`` / ``args.data`` / ``args.iter``, keyed by PE id.
 
     Raises:
-        InputError: the JSON is malformed or the file cannot be read.
+        InputError: the JSON is malformed, or the file cannot be read; also a ``ValueError``, as dispel4py
+            raises.
     """
-    inputs = parse_cli_inputs(getattr(args, "iter", 1), getattr(args, "data", None), getattr(args, "file", None))
+    try:
+        inputs = parse_cli_inputs(getattr(args, "iter", 1), getattr(args, "data", None), getattr(args, "file", None))
+    except InputError as exc:
+        raise _BadInputs(str(exc)) from exc
     flat = graph.flatten()
     if inputs is None or isinstance(inputs, int):
         return dict.fromkeys(flat.roots(), 1 if inputs is None else inputs)
