@@ -78,6 +78,8 @@ logger = logging.getLogger("aiod4p.checkpoint")
 MANIFEST = "MANIFEST.json"
 LOCK = "aiod4p.lock"
 """The lock file in a checkpoint directory: the run that uses the directory holds ``flock`` on it."""
+RUN = "RUN.json"
+"""Where the last fresh run (not a restore) in a checkpoint directory started: a restore takes no checkpoint before."""
 _PREFIX = "chk-"
 
 
@@ -376,6 +378,29 @@ class CheckpointStore:
             with contextlib.suppress(ValueError):
                 found.append(int(entry.name[len(_PREFIX) :]))
         return sorted(found)
+
+    def start_run(self) -> int:
+        """A fresh run (not a restore) starts: record that the checkpoints now in the directory are of earlier runs
+        (:data:`RUN`), so that no restore takes one of them; returns the id of the newest (0: none).
+
+        Raises:
+            CheckpointError: the record cannot be written (named, with the system's reason).
+        """
+        after = max(self.ids(), default=0)
+        path = self.directory / RUN
+        try:
+            _atomic_write(path, json.dumps({"after": after, "pid": os.getpid(), "started": time.time()}).encode())
+        except OSError as exc:
+            raise CheckpointError(
+                f"cannot start a run in checkpoint directory {self.directory}: {path}: {exc.strerror or exc}"
+            ) from exc
+        return after
+
+    def run_started_after(self) -> int:
+        """The id of the newest checkpoint before the last fresh run in the directory started (0: unknown)."""
+        with contextlib.suppress(OSError, ValueError, TypeError, KeyError):
+            return int(json.loads((self.directory / RUN).read_bytes())["after"])
+        return 0
 
     def write_part(self, n: int, ref: InstanceRef, data: bytes) -> dict[str, Any]:
         """Save the state of instance ``ref`` for checkpoint ``n``; returns its manifest entry.
@@ -1318,11 +1343,14 @@ async def _attempts(
                 " worker fails the run (give a LiveFeed fed from it, or a source PE, to restart)",
                 one_shot[0],
             )
-        restore, restarts, since = config.restore, 0, 0
+        restore, restarts = config.restore, 0
+        # A restore resumes the last fresh run, never an earlier one, whose results file that run started afresh.
+        started_after = store.run_started_after() if config.restore else store.start_run()
+        since = started_after + 1
         while True:
             restored = store.latest(since) if restore else None
             if config.restore and restored is None and restarts == 0:
-                raise CheckpointError(f"--restore: no complete checkpoint in {store.directory}")
+                _no_checkpoint_to_restore(store, since)
             if restored is not None:
                 restored.check(plan)
                 logger.warning("restoring checkpoint %d from %s", restored.id, store.directory)
@@ -1345,8 +1373,6 @@ async def _attempts(
                 else None
             )
             coordinator = Coordinator(store, plan, config.interval, restored.id if restored else 0, log, held)
-            if restarts == 0 and not config.restore:
-                since = coordinator.first_of_run  # a restart never takes an older run's checkpoint
             try:
                 return await attempt(Session(config, store, restored, coordinator, log if log is not None else sink))
             except RESTARTED as exc:
@@ -1381,6 +1407,19 @@ async def _attempts(
             finally:
                 if log is not None:
                     log.close()
+
+
+def _no_checkpoint_to_restore(store: CheckpointStore, since: int) -> None:
+    """Raise the error of a restore that finds no complete checkpoint of the last run (at least ``since``)."""
+    earlier = store.latest()
+    if earlier is None:
+        raise CheckpointError(f"--restore: no complete checkpoint in {store.directory}")
+    raise CheckpointError(
+        f"--restore: no complete checkpoint of the last run in {store.directory}, which started after checkpoint"
+        f" {since - 1}: it was stopped before its first checkpoint completed; checkpoint {earlier.id} is of an earlier"
+        " run, which that run did not resume (it started afresh, and its results file too): start the run afresh,"
+        " without --restore"
+    )
 
 
 def _resume_hint(store: CheckpointStore, since: int) -> str:

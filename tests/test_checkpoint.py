@@ -1302,3 +1302,31 @@ def test_cli_restore_of_a_one_instance_count_on_more_instances_is_refused(tmp_pa
     assert sorted(json_lines(results), key=str) == [
         {"pe": "count", "output": "output", "data": [word, 100]} for word in "abcdefg"
     ]
+
+
+def test_restore_after_a_fresh_run_that_completed_no_checkpoint_refuses_the_earlier_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run that finished leaves its final checkpoint; a fresh run in the same directory (no --restore) fails
+    before its first checkpoint. `--restore` took the first run's checkpoint: it restored the first run's
+    finished state, produced nothing and succeeded (with a results file, it truncated the second run's to the
+    first run's committed length, cutting a record in two). It is refused, naming both runs."""
+    directory, words = tmp_path / "ck", tmp_path / "words.txt"
+    write_words(words, 5_000)
+    run(word_count(words), 1, mapping=_mapping(directory), workers=1)
+    finished = CheckpointStore(directory).latest()
+    assert finished is not None
+
+    def fail(seen: int) -> None:
+        raise RuntimeError("the second run fails")
+
+    monkeypatch.setattr(ckpt_workflows, "HOOK", fail)
+    with pytest.raises(Exception, match="the second run fails"):
+        run(word_count(words), 1, mapping=_mapping(directory, interval=3600), workers=1)
+    monkeypatch.setattr(ckpt_workflows, "HOOK", None)
+    with pytest.raises(CheckpointError) as refused:
+        run(word_count(words), 1, mapping=_mapping(directory, restore=True), workers=1)
+    assert str(refused.value).startswith(
+        f"--restore: no complete checkpoint of the last run in {directory}, which started after checkpoint"
+        f" {finished.id}: it was stopped before its first checkpoint completed"
+    )
