@@ -866,6 +866,7 @@ class Aligner:
         self.outputs = 0  # outputs of the current call
         self.restoring: dict[str, Any] | None = None
         self.slots: dict[Any, int] = {}  # the key group of every keyed-state key (:func:`capture`)
+        self.carried_in = 0  # items_in of the attempts before the restored checkpoint (in the statistics)
 
     # -- alignment -------------------------------------------------------------
     async def intercept(self, message: Message, remaining: int) -> bool:
@@ -945,12 +946,16 @@ class Aligner:
         would replay what that call had already delivered.
         """
         actor = self.actor
-        consumed = self.calls if self.in_call else actor.stats.items_in
+        consumed = self.calls if self.in_call else actor.stats.items_in - self.carried_in
+        counters = actor.stats.counters()
+        if actor.is_root:  # a restore takes the element of an interrupted call again: it counts it then
+            counters["items_in"] = self.base + consumed
         return {
             "pe": capture(actor.pe, self.runtime.grouping(actor.ref.pe), self.slots),
             "feed": self.base + consumed if actor.is_root else 0,
             "outputs": self.outputs if self.in_call else self.resume_outputs,
             "finished": finished,
+            "stats": counters,
         }
 
     async def snapshot(self, n: int) -> None:
@@ -1038,6 +1043,9 @@ class WorkerCheckpoints:
                 aligner.restoring = own
                 aligner.base = own["feed"]
                 aligner.resume_outputs = own["outputs"]
+                carried = _carried_stats(restored, worker.plan, ref)
+                actor.stats.carry(carried)
+                aligner.carried_in = int(carried.get("items_in", 0))
             actor.aligner = aligner
             if actor.results:
                 actor.results_sink = gate.sink(ref)
@@ -1161,6 +1169,18 @@ def _own_state(checkpoint: Checkpoint, plan: ExecutionPlan, ref: InstanceRef) ->
                 f"PE {ref.pe} had some instances finished in checkpoint {checkpoint.id}: restore it with the same -n"
             )
     return checkpoint.states[InstanceRef(ref.pe, ref.index % old)]
+
+
+def _carried_stats(checkpoint: Checkpoint, plan: ExecutionPlan, ref: InstanceRef) -> dict[str, float]:
+    """The statistics counters instance ``ref`` goes on from: those its PE's instances saved in ``checkpoint``,
+    old instance ``j`` counted by new instance ``j % new`` (so each PE's totals stay whatever ``-n``)."""
+    old = checkpoint.parallelism(ref.pe)
+    new = plan.placement[ref.pe].parallelism
+    carried: dict[str, float] = {}
+    for j in range(ref.index, old, new):
+        for name, value in checkpoint.states[InstanceRef(ref.pe, j)].get("stats", {}).items():
+            carried[name] = carried.get(name, 0) + value
+    return carried
 
 
 def replayable(source: object) -> bool:

@@ -1330,3 +1330,27 @@ def test_restore_after_a_fresh_run_that_completed_no_checkpoint_refuses_the_earl
         f"--restore: no complete checkpoint of the last run in {directory}, which started after checkpoint"
         f" {finished.id}: it was stopped before its first checkpoint completed"
     )
+
+
+async def test_statistics_after_a_restore_count_the_items_before_its_checkpoint(tmp_path: Path) -> None:
+    """A restored run's statistics (--stats, --stats-json) counted only what came after its checkpoint: a word count
+    of 40,000 words reported fewer. The counters of the attempts before are saved with each instance's state and go
+    on from there, also restored with another -n (each PE's totals kept)."""
+    words = tmp_path / "words.txt"
+    write_words(words, 40_000)
+    directory, gate = tmp_path / "ck", tmp_path / "killed"
+    graph = _held_word_count(words, gate, 0)
+    assert not await _run_until_killed(graph, _mapping(directory), 2, 0, checkpointed=directory, new=2, gate=gate)
+    async with (
+        asyncio.timeout(30),
+        start(word_count(words), 1, mapping=_mapping(directory, restore=True), workers=3) as restored,
+    ):
+        got = await restored.results()
+    assert _counts(got) == expected_counts(words)
+    items_in: dict[str, int] = {}
+    items_out: dict[str, int] = {}
+    for entry in restored.stats:
+        items_in[entry.pe] = items_in.get(entry.pe, 0) + entry.items_in
+        items_out[entry.pe] = items_out.get(entry.pe, 0) + entry.items_out
+    assert items_in == {"lines": 1, "split": 4_000, "count": 40_000}
+    assert items_out == {"lines": 4_000, "split": 40_000, "count": len(expected_counts(words))}
