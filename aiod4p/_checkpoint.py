@@ -188,6 +188,13 @@ class Checkpoint:
         offset = self.manifest.get("results_offset")
         return offset if isinstance(offset, int) else None
 
+    @property
+    def results_tail(self) -> dict[str, Any] | None:
+        """The last bytes of the results file before :attr:`results_offset`: ``{"size", "sha256"}`` (``None``:
+        not recorded, by a stream or an older version)."""
+        tail = self.manifest.get("results_tail")
+        return tail if isinstance(tail, dict) else None
+
     def parallelism(self, pe: str) -> int:
         """Instances PE ``pe`` had when the checkpoint was taken.
 
@@ -577,12 +584,21 @@ class ResultsLog:
             are not all there, and nothing is written.
     """
 
-    def __init__(self, path: str, sink: ResultSink, offset: int | None, checkpoint: str = "the checkpoint") -> None:
+    def __init__(
+        self,
+        path: str,
+        sink: ResultSink,
+        offset: int | None,
+        checkpoint: str = "the checkpoint",
+        tail: Mapping[str, Any] | None = None,
+    ) -> None:
         self.path = path
         self._sink = sink
         with writing("results", path, CheckpointError):
-            self._out: TextIO = _open_results(path, offset, checkpoint)
+            self._out: TextIO = _open_results(path, offset, checkpoint, tail)
         self._regular = stat.S_ISREG(os.fstat(self._out.fileno()).st_mode)
+        self.tail: dict[str, Any] | None = None
+        """The last bytes committed (:meth:`commit`), as :attr:`Checkpoint.results_tail`."""
 
     async def emit(self, pe: str, port: str, items: list[Any]) -> None:
         """Write ``items`` to the file, then hand them on.
@@ -606,7 +622,10 @@ class ResultsLog:
             if not self._regular:
                 return None
             os.fsync(self._out.fileno())
-        return self._out.tell()
+            length = self._out.tell()
+            size = min(length, RESULTS_TAIL)
+            self.tail = {"size": size, "sha256": _digest(os.pread(self._out.fileno(), size, length - size))}
+        return length
 
     def close(self) -> None:
         """Close the file, without raising: a run that ends has committed every result already (:meth:`commit`
@@ -718,18 +737,26 @@ class HeldResults:
                 self._room.clear()
 
 
-def _open_results(path: str, offset: int | None, checkpoint: str) -> TextIO:
-    """``path`` open for writing at ``offset`` (truncated there), or empty with no offset or when it is not a regular
-    file (a stream: see :class:`ResultsLog`).
+RESULTS_TAIL = 4096
+"""The last bytes of the results file a checkpoint records the digest of: a restore checks them there."""
 
-    Nothing is written before the file is known to hold the ``offset`` bytes committed.
+
+def _open_results(path: str, offset: int | None, checkpoint: str, tail: Mapping[str, Any] | None = None) -> TextIO:
+    """``path`` open for writing (and reading) at ``offset`` (truncated there), or empty with no offset; a file that
+    is not a regular one (a stream: see :class:`ResultsLog`) is open for writing only, from where it stands.
+
+    Nothing is written before the file is known to hold the ``offset`` bytes committed, ending with ``tail``
+    (:attr:`Checkpoint.results_tail`) when given.
 
     Raises:
-        CheckpointError: the file is shorter than ``offset``, or missing while ``offset`` is not 0.
+        CheckpointError: the file is shorter than ``offset``, or does not end there with ``tail`` (another file, or
+            rewritten since), or is missing while ``offset`` is not 0.
         OSError: it cannot be opened.
     """
-    if offset is None or (os.path.exists(path) and not stat.S_ISREG(os.stat(path).st_mode)):
-        return open(path, "w", encoding="utf-8")  # new, or a stream (/dev/null, a named pipe): nothing to truncate
+    if os.path.exists(path) and not stat.S_ISREG(os.stat(path).st_mode):
+        return open(path, "w", encoding="utf-8")  # a stream (/dev/null, a named pipe): nothing to truncate
+    if offset is None:
+        return open(path, "w+", encoding="utf-8")
     try:
         out = open(path, "r+", encoding="utf-8")  # noqa: SIM115 - the caller closes it
     except FileNotFoundError:
@@ -739,7 +766,7 @@ def _open_results(path: str, offset: int | None, checkpoint: str) -> TextIO:
                 f" {offset} bytes of it); nothing was written (put the file back, or start the run afresh,"
                 " without --restore)"
             ) from None
-        return open(path, "w", encoding="utf-8")  # nothing was committed: a new file
+        return open(path, "w+", encoding="utf-8")  # nothing was committed: a new file
     try:
         size = os.fstat(out.fileno()).st_size
         if size < offset:
@@ -747,6 +774,12 @@ def _open_results(path: str, offset: int | None, checkpoint: str) -> TextIO:
                 f"the results file {path} is {size} bytes, shorter than the {offset} bytes {checkpoint}"
                 " committed: it was truncated or replaced since; nothing was written (put the whole file back,"
                 " or start the run afresh, without --restore)"
+            )
+        if tail is not None and _digest(os.pread(out.fileno(), tail["size"], offset - tail["size"])) != tail["sha256"]:
+            raise CheckpointError(
+                f"the results file {path} does not end, at the {offset} bytes {checkpoint} committed, with what it"
+                " committed: it is another run's, or it was rewritten since; nothing was written (give the results"
+                " file of the checkpointed run, or start the run afresh, without --restore)"
             )
         out.truncate(offset)
         out.seek(offset)
@@ -788,6 +821,7 @@ class Coordinator:
         self.first_of_run = self.next_id
         self._parts: dict[int, dict[tuple[str, int], dict[str, Any]]] = {}
         self._offsets: dict[int, int | None] = {}
+        self._tails: dict[int, dict[str, Any] | None] = {}
         self._started: dict[int, float] = {}
         self._idle = asyncio.Event()
         self._idle.set()
@@ -817,6 +851,7 @@ class Coordinator:
     async def commit_results(self, n: int) -> None:
         """Every result written before barrier ``n`` has been delivered: commit them with ``n``."""
         self._offsets[n] = self.results.commit() if self.results is not None else None
+        self._tails[n] = self.results.tail if self.results is not None else None
         if self.held is not None:
             self.held.seal(n)
         self._maybe_complete(n)
@@ -833,11 +868,12 @@ class Coordinator:
             "edges": _edges(self.plan),
             "parts": sorted(parts.values(), key=lambda part: (part["pe"], part["index"])),
             "results_offset": self._offsets[n],
+            "results_tail": self._tails[n],
         }
         # In the loop, not in a thread: on the async mapping this loop runs the workflow too, and a thread then
         # waited for the interpreter's lock for seconds (measured) while the run kept it busy.
         self.store.commit(n, manifest)
-        del self._parts[n], self._offsets[n]
+        del self._parts[n], self._offsets[n], self._tails[n]
         if self.held is not None:
             self.held.complete(n)
         seconds = time.perf_counter() - self._started.pop(n, time.perf_counter())
@@ -1388,6 +1424,7 @@ async def _attempts(
                     sink,
                     restored.results_offset if restored is not None else None,
                     f"checkpoint {restored.id} in {store.directory}" if restored is not None else "the checkpoint",
+                    restored.results_tail if restored is not None else None,
                 )
                 if config.results_path is not None
                 else None

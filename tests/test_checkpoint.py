@@ -1354,3 +1354,21 @@ async def test_statistics_after_a_restore_count_the_items_before_its_checkpoint(
         items_out[entry.pe] = items_out.get(entry.pe, 0) + entry.items_out
     assert items_in == {"lines": 1, "split": 4_000, "count": 40_000}
     assert items_out == {"lines": 4_000, "split": 40_000, "count": len(expected_counts(words))}
+
+
+def test_restore_refuses_a_results_file_that_is_not_the_one_its_checkpoint_committed(tmp_path: Path) -> None:
+    """A restore given another results file as long as the committed length or longer (another run's, or the
+    file rewritten since) truncated it to that length and appended: a file of two runs, silently. The end of
+    what a checkpoint commits is in its manifest; a file whose bytes there differ is refused, untouched."""
+    words, directory = tmp_path / "words.txt", tmp_path / "ck"
+    write_words(words, 2_000)
+    results, other = tmp_path / "results.jsonl", tmp_path / "other.jsonl"
+    run(word_count(words), 1, mapping=_mapping(directory, results), workers=1)
+    text = results.read_text()
+    other.write_text(text.replace("alpha", "ALPHA") + "more\n")
+    with pytest.raises(CheckpointError) as refused:
+        run(word_count(words), 1, mapping=_mapping(directory, other, restore=True), workers=1)
+    assert str(refused.value).startswith(f"the results file {other} does not end, at the {len(text)} bytes checkpoint ")
+    assert other.read_text() == text.replace("alpha", "ALPHA") + "more\n"
+    run(word_count(words), 1, mapping=_mapping(directory, results, restore=True), workers=1)
+    assert results.read_text() == text
