@@ -1198,7 +1198,11 @@ def _own_state(checkpoint: Checkpoint, plan: ExecutionPlan, ref: InstanceRef) ->
     new = plan.placement[ref.pe].parallelism
     if old != new:
         if plan.placement[ref.pe].is_root:
-            raise CheckpointError(f"root PE {ref.pe} had {old} instances in checkpoint {checkpoint.id}, now {new}")
+            had = f"{old} instance{'s' if old > 1 else ''}"
+            raise CheckpointError(
+                f"root PE {ref.pe} had {had} in checkpoint {checkpoint.id}, now {new}: a source's position in its input"
+                f" cannot be shared out among another number of instances (restore it with {had})"
+            )
         finished = [checkpoint.states[InstanceRef(ref.pe, i)]["finished"] for i in range(old)]
         if any(finished) and not all(finished):
             raise CheckpointError(

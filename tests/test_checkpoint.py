@@ -524,8 +524,13 @@ async def test_restore_refuses_another_graph_and_another_root_parallelism(tmp_pa
     rewired = _numbers_joined(("numbers", "pair"), ("numbers", "count"))
     with pytest.raises(CheckpointError, match=r"only this workflow connects numbers\.output -> count\.input$"):
         await run_async(rewired, NUMBERS, mapping=_mapping(directory, restore=True))
-    with pytest.raises(CheckpointError, match=r"root PE numbers had 1 instances in checkpoint \d+, now 2"):
+    with pytest.raises(CheckpointError) as refused:  # it said "had 1 instances", and not what to do
         await run_async(_numbers(root_parallelism=2), NUMBERS, mapping=_mapping(directory, restore=True))
+    assert re.fullmatch(
+        r"root PE numbers had 1 instance in checkpoint \d+, now 2: a source's position in its input cannot be shared"
+        r" out among another number of instances \(restore it with 1 instance\)",
+        str(refused.value),
+    )
 
 
 def test_results_file_that_cannot_be_written_fails_clearly(tmp_path: Path, words: Path) -> None:
