@@ -1079,6 +1079,8 @@ class WorkerCheckpoints:
                 aligner.restoring = own
                 aligner.base = own["feed"]
                 aligner.resume_outputs = own["outputs"]
+                if actor.recorder is not None:
+                    actor.recorder.record.restored = restored.id
                 carried = _carried_stats(restored, worker.plan, ref)
                 actor.stats.carry(carried)
                 aligner.carried_in = int(carried.get("items_in", 0))

@@ -20,6 +20,7 @@ from types import SimpleNamespace
 from typing import Any, cast
 
 import ckpt_workflows
+import prov.model
 import pytest
 import workflows as wf
 from ckpt_workflows import (
@@ -34,6 +35,7 @@ from ckpt_workflows import (
 )
 from helpers import aiod4p_cli, aiod4p_process, json_lines
 
+import aiod4p
 from aiod4p import ALL, IterativePE, ProducerPE, WorkflowGraph, run, run_async, start
 from aiod4p._checkpoint import (
     MANIFEST,
@@ -54,6 +56,7 @@ from aiod4p._cli import main
 from aiod4p._engine import Worker
 from aiod4p._inputs import resolve_inputs
 from aiod4p._plan import DEFAULT_BATCH_SIZE, DEFAULT_CREDITS, InstanceRef, PlanOptions, make_plan
+from aiod4p._provenance import read_lineage, write_document
 from aiod4p._state import KEY_GROUPS, capture, restore_state
 from aiod4p.errors import CheckpointError
 from aiod4p.mappings import get_mapping
@@ -1377,3 +1380,37 @@ def test_restore_refuses_a_results_file_that_is_not_the_one_its_checkpoint_commi
     assert other.read_text() == text.replace("alpha", "ALPHA") + "more\n"
     run(word_count(words), 1, mapping=_mapping(directory, results, restore=True), workers=1)
     assert results.read_text() == text
+
+
+async def test_provenance_after_a_restore_marks_each_instance_with_the_checkpoint_it_started_from(
+    tmp_path: Path,
+) -> None:
+    """The provenance of a restored run starts at its checkpoint (the attempts before it died with their records);
+    nothing in the file said so. Each instance's agent now holds aiod4p:restored_from_checkpoint."""
+    pytest.importorskip("prov")
+    words = tmp_path / "words.txt"
+    write_words(words, 40_000)
+    directory, gate = tmp_path / "ck", tmp_path / "killed"
+    assert not await _run_until_killed(
+        _held_word_count(words, gate, 0), _mapping(directory), 2, 0, checkpointed=directory, new=2, gate=gate
+    )
+    latest = CheckpointStore(directory).latest()
+    assert latest is not None
+    mapping = _mapping(directory, restore=True)
+    async with (
+        asyncio.timeout(30),
+        start(word_count(words), 1, mapping=mapping, workers=2, provenance="pe") as restored,
+    ):
+        await restored.results()
+    document = aiod4p.provenance_document(restored.stats)
+    marks = {
+        str(agent.identifier): [
+            value for name, value in agent.attributes if name.localpart == "restored_from_checkpoint"
+        ]
+        for agent in document.get_records(prov.model.ProvAgent)
+        if str(agent.identifier).count(".") == 1
+    }
+    assert marks and all(found == [latest.id] for found in marks.values()), marks
+    path = str(tmp_path / "provenance.json")
+    write_document(document, path)
+    assert read_lineage(path).restored == {latest.id}
