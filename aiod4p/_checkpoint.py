@@ -800,6 +800,8 @@ class Coordinator:
         first: the id of the checkpoint the run started from (0: none).
         results: the results file, committed with every checkpoint, if any.
         held: the results held until a checkpoint commits them (with ``--restarts``), if any.
+        stall: seconds after a trigger before a checkpoint not complete is reported (a warning naming what it
+            waits for), then at doubled delays; by default :data:`STALL_SECONDS` or 10 intervals, the longer.
     """
 
     def __init__(
@@ -810,10 +812,12 @@ class Coordinator:
         first: int,
         results: ResultsLog | None,
         held: HeldResults | None = None,
+        stall: float | None = None,
     ) -> None:
         self.store = store
         self.plan = plan
         self.interval = interval
+        self.stall = stall if stall is not None else max(STALL_SECONDS, 10 * interval)
         self.results = results
         self.held = held
         self.expected = {(ref.pe, ref.index) for ref in plan.instances()}
@@ -825,14 +829,40 @@ class Coordinator:
         self._started: dict[int, float] = {}
         self._idle = asyncio.Event()
         self._idle.set()
+        self._stall_timer: asyncio.TimerHandle | None = None
 
     async def drive(self, trigger: Callable[[int], Awaitable[None]]) -> None:
         """Trigger a checkpoint every ``interval`` seconds after the previous one completed; runs until cancelled."""
-        while True:
-            await self._idle.wait()
-            await asyncio.sleep(self.interval)
-            self._idle.clear()
-            await trigger(self.take_id())
+        try:
+            while True:
+                await self._idle.wait()
+                await asyncio.sleep(self.interval)
+                self._idle.clear()
+                n = self.take_id()
+                self._stall_timer = asyncio.get_running_loop().call_later(self.stall, self._report_stall, n, self.stall)
+                await trigger(n)
+        finally:
+            if self._stall_timer is not None:
+                self._stall_timer.cancel()
+
+    def _report_stall(self, n: int, after: float) -> None:
+        """Warn if checkpoint ``n`` has not completed ``after`` seconds after its trigger, naming what it waits for;
+        then check again after twice as long (until :meth:`drive` ends)."""
+        if n not in self._started:
+            return  # complete
+        self._stall_timer = asyncio.get_running_loop().call_later(2 * after, self._report_stall, n, 2 * after)
+        missing = sorted(self.expected - self._parts.get(n, {}).keys())
+        waits = []
+        if missing:
+            waits.append("no state yet from " + ", ".join(f"PE {pe} instance {index}" for pe, index in missing))
+        if n not in self._offsets:
+            waits.append("results not committed yet")
+        logger.warning(
+            "checkpoint %d has not completed in %.1f s: %s (a worker or PE that hangs holds every checkpoint back)",
+            n,
+            time.perf_counter() - self._started[n],
+            "; ".join(waits),
+        )
 
     def take_id(self) -> int:
         """The id of the next checkpoint, taken now."""
@@ -1313,6 +1343,9 @@ class Session:
         states = self.restored.states
         return [(pe, wid, resumed_feed(feed, states[InstanceRef(pe, 0)]["feed"])) for pe, wid, feed in pumped]
 
+
+STALL_SECONDS = 30.0
+"""Seconds after which a checkpoint that has not completed is reported, at least (:class:`Coordinator`)."""
 
 HELD_BACKLOG = 65_536
 """Results ready for a slow reader beyond which a run under ``--restarts`` waits for it (:class:`HeldResults`)."""

@@ -1414,3 +1414,38 @@ async def test_provenance_after_a_restore_marks_each_instance_with_the_checkpoin
     path = str(tmp_path / "provenance.json")
     write_document(document, path)
     assert read_lineage(path).restored == {latest.id}
+
+
+async def test_a_checkpoint_that_does_not_complete_is_reported_naming_what_it_waits_for(tmp_path: Path) -> None:
+    """A worker that hangs (stopped, stuck in a system call) held every checkpoint back, and the results they commit,
+    and nothing said so: the run looked healthy. The coordinator now warns, naming the instances whose state it still
+    waits for, and again at doubled delays."""
+    plan = make_plan(word_count(tmp_path / "words.txt"), PlanOptions(workers=1))
+    coordinator = Coordinator(CheckpointStore(tmp_path / "ck"), plan, 0.001, 0, None, stall=0.01)
+    coordinator.add_parts(1, [{"pe": "lines", "index": 0, "size": 1}])
+    warned = asyncio.Event()
+    messages: list[str] = []
+
+    class Warned(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            messages.append(record.getMessage())
+            warned.set()
+
+    handler = Warned(logging.WARNING)
+    logging.getLogger("aiod4p.checkpoint").addHandler(handler)
+
+    async def trigger(n: int) -> None:
+        pass
+
+    driving = asyncio.ensure_future(coordinator.drive(trigger))
+    try:
+        async with asyncio.timeout(5):
+            await warned.wait()
+    finally:
+        driving.cancel()
+        logging.getLogger("aiod4p.checkpoint").removeHandler(handler)
+    assert re.fullmatch(
+        r"checkpoint 1 has not completed in [\d.]+ s: no state yet from PE count instance 0, PE split instance 0;"
+        r" results not committed yet \(a worker or PE that hangs holds every checkpoint back\)",
+        messages[0],
+    )
