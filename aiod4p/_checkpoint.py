@@ -78,6 +78,8 @@ logger = logging.getLogger("aiod4p.checkpoint")
 MANIFEST = "MANIFEST.json"
 LOCK = "aiod4p.lock"
 """The lock file in a checkpoint directory: the run that uses the directory holds ``flock`` on it."""
+RUN = "RUN.json"
+"""Where the last fresh run (not a restore) in a checkpoint directory started: a restore takes no checkpoint before."""
 _PREFIX = "chk-"
 
 
@@ -185,6 +187,13 @@ class Checkpoint:
         """The committed length of the results file, if the run wrote one."""
         offset = self.manifest.get("results_offset")
         return offset if isinstance(offset, int) else None
+
+    @property
+    def results_tail(self) -> dict[str, Any] | None:
+        """The last bytes of the results file before :attr:`results_offset`: ``{"size", "sha256"}`` (``None``:
+        not recorded, by a stream or an older version)."""
+        tail = self.manifest.get("results_tail")
+        return tail if isinstance(tail, dict) else None
 
     def parallelism(self, pe: str) -> int:
         """Instances PE ``pe`` had when the checkpoint was taken.
@@ -377,6 +386,29 @@ class CheckpointStore:
                 found.append(int(entry.name[len(_PREFIX) :]))
         return sorted(found)
 
+    def start_run(self) -> int:
+        """A fresh run (not a restore) starts: record that the checkpoints now in the directory are of earlier runs
+        (:data:`RUN`), so that no restore takes one of them; returns the id of the newest (0: none).
+
+        Raises:
+            CheckpointError: the record cannot be written (named, with the system's reason).
+        """
+        after = max(self.ids(), default=0)
+        path = self.directory / RUN
+        try:
+            _atomic_write(path, json.dumps({"after": after, "pid": os.getpid(), "started": time.time()}).encode())
+        except OSError as exc:
+            raise CheckpointError(
+                f"cannot start a run in checkpoint directory {self.directory}: {path}: {exc.strerror or exc}"
+            ) from exc
+        return after
+
+    def run_started_after(self) -> int:
+        """The id of the newest checkpoint before the last fresh run in the directory started (0: unknown)."""
+        with contextlib.suppress(OSError, ValueError, TypeError, KeyError):
+            return int(json.loads((self.directory / RUN).read_bytes())["after"])
+        return 0
+
     def write_part(self, n: int, ref: InstanceRef, data: bytes) -> dict[str, Any]:
         """Save the state of instance ``ref`` for checkpoint ``n``; returns its manifest entry.
 
@@ -552,12 +584,21 @@ class ResultsLog:
             are not all there, and nothing is written.
     """
 
-    def __init__(self, path: str, sink: ResultSink, offset: int | None, checkpoint: str = "the checkpoint") -> None:
+    def __init__(
+        self,
+        path: str,
+        sink: ResultSink,
+        offset: int | None,
+        checkpoint: str = "the checkpoint",
+        tail: Mapping[str, Any] | None = None,
+    ) -> None:
         self.path = path
         self._sink = sink
         with writing("results", path, CheckpointError):
-            self._out: TextIO = _open_results(path, offset, checkpoint)
+            self._out: TextIO = _open_results(path, offset, checkpoint, tail)
         self._regular = stat.S_ISREG(os.fstat(self._out.fileno()).st_mode)
+        self.tail: dict[str, Any] | None = None
+        """The last bytes committed (:meth:`commit`), as :attr:`Checkpoint.results_tail`."""
 
     async def emit(self, pe: str, port: str, items: list[Any]) -> None:
         """Write ``items`` to the file, then hand them on.
@@ -581,7 +622,10 @@ class ResultsLog:
             if not self._regular:
                 return None
             os.fsync(self._out.fileno())
-        return self._out.tell()
+            length = self._out.tell()
+            size = min(length, RESULTS_TAIL)
+            self.tail = {"size": size, "sha256": _digest(os.pread(self._out.fileno(), size, length - size))}
+        return length
 
     def close(self) -> None:
         """Close the file, without raising: a run that ends has committed every result already (:meth:`commit`
@@ -693,18 +737,26 @@ class HeldResults:
                 self._room.clear()
 
 
-def _open_results(path: str, offset: int | None, checkpoint: str) -> TextIO:
-    """``path`` open for writing at ``offset`` (truncated there), or empty with no offset or when it is not a regular
-    file (a stream: see :class:`ResultsLog`).
+RESULTS_TAIL = 4096
+"""The last bytes of the results file a checkpoint records the digest of: a restore checks them there."""
 
-    Nothing is written before the file is known to hold the ``offset`` bytes committed.
+
+def _open_results(path: str, offset: int | None, checkpoint: str, tail: Mapping[str, Any] | None = None) -> TextIO:
+    """``path`` open for writing (and reading) at ``offset`` (truncated there), or empty with no offset; a file that
+    is not a regular one (a stream: see :class:`ResultsLog`) is open for writing only, from where it stands.
+
+    Nothing is written before the file is known to hold the ``offset`` bytes committed, ending with ``tail``
+    (:attr:`Checkpoint.results_tail`) when given.
 
     Raises:
-        CheckpointError: the file is shorter than ``offset``, or missing while ``offset`` is not 0.
+        CheckpointError: the file is shorter than ``offset``, or does not end there with ``tail`` (another file, or
+            rewritten since), or is missing while ``offset`` is not 0.
         OSError: it cannot be opened.
     """
-    if offset is None or (os.path.exists(path) and not stat.S_ISREG(os.stat(path).st_mode)):
-        return open(path, "w", encoding="utf-8")  # new, or a stream (/dev/null, a named pipe): nothing to truncate
+    if os.path.exists(path) and not stat.S_ISREG(os.stat(path).st_mode):
+        return open(path, "w", encoding="utf-8")  # a stream (/dev/null, a named pipe): nothing to truncate
+    if offset is None:
+        return open(path, "w+", encoding="utf-8")
     try:
         out = open(path, "r+", encoding="utf-8")  # noqa: SIM115 - the caller closes it
     except FileNotFoundError:
@@ -714,7 +766,7 @@ def _open_results(path: str, offset: int | None, checkpoint: str) -> TextIO:
                 f" {offset} bytes of it); nothing was written (put the file back, or start the run afresh,"
                 " without --restore)"
             ) from None
-        return open(path, "w", encoding="utf-8")  # nothing was committed: a new file
+        return open(path, "w+", encoding="utf-8")  # nothing was committed: a new file
     try:
         size = os.fstat(out.fileno()).st_size
         if size < offset:
@@ -722,6 +774,12 @@ def _open_results(path: str, offset: int | None, checkpoint: str) -> TextIO:
                 f"the results file {path} is {size} bytes, shorter than the {offset} bytes {checkpoint}"
                 " committed: it was truncated or replaced since; nothing was written (put the whole file back,"
                 " or start the run afresh, without --restore)"
+            )
+        if tail is not None and _digest(os.pread(out.fileno(), tail["size"], offset - tail["size"])) != tail["sha256"]:
+            raise CheckpointError(
+                f"the results file {path} does not end, at the {offset} bytes {checkpoint} committed, with what it"
+                " committed: it is another run's, or it was rewritten since; nothing was written (give the results"
+                " file of the checkpointed run, or start the run afresh, without --restore)"
             )
         out.truncate(offset)
         out.seek(offset)
@@ -742,6 +800,8 @@ class Coordinator:
         first: the id of the checkpoint the run started from (0: none).
         results: the results file, committed with every checkpoint, if any.
         held: the results held until a checkpoint commits them (with ``--restarts``), if any.
+        stall: seconds after a trigger before a checkpoint not complete is reported (a warning naming what it
+            waits for), then at doubled delays; by default :data:`STALL_SECONDS` or 10 intervals, the longer.
     """
 
     def __init__(
@@ -752,10 +812,12 @@ class Coordinator:
         first: int,
         results: ResultsLog | None,
         held: HeldResults | None = None,
+        stall: float | None = None,
     ) -> None:
         self.store = store
         self.plan = plan
         self.interval = interval
+        self.stall = stall if stall is not None else max(STALL_SECONDS, 10 * interval)
         self.results = results
         self.held = held
         self.expected = {(ref.pe, ref.index) for ref in plan.instances()}
@@ -763,17 +825,44 @@ class Coordinator:
         self.first_of_run = self.next_id
         self._parts: dict[int, dict[tuple[str, int], dict[str, Any]]] = {}
         self._offsets: dict[int, int | None] = {}
+        self._tails: dict[int, dict[str, Any] | None] = {}
         self._started: dict[int, float] = {}
         self._idle = asyncio.Event()
         self._idle.set()
+        self._stall_timer: asyncio.TimerHandle | None = None
 
     async def drive(self, trigger: Callable[[int], Awaitable[None]]) -> None:
         """Trigger a checkpoint every ``interval`` seconds after the previous one completed; runs until cancelled."""
-        while True:
-            await self._idle.wait()
-            await asyncio.sleep(self.interval)
-            self._idle.clear()
-            await trigger(self.take_id())
+        try:
+            while True:
+                await self._idle.wait()
+                await asyncio.sleep(self.interval)
+                self._idle.clear()
+                n = self.take_id()
+                self._stall_timer = asyncio.get_running_loop().call_later(self.stall, self._report_stall, n, self.stall)
+                await trigger(n)
+        finally:
+            if self._stall_timer is not None:
+                self._stall_timer.cancel()
+
+    def _report_stall(self, n: int, after: float) -> None:
+        """Warn if checkpoint ``n`` has not completed ``after`` seconds after its trigger, naming what it waits for;
+        then check again after twice as long (until :meth:`drive` ends)."""
+        if n not in self._started:
+            return  # complete
+        self._stall_timer = asyncio.get_running_loop().call_later(2 * after, self._report_stall, n, 2 * after)
+        missing = sorted(self.expected - self._parts.get(n, {}).keys())
+        waits = []
+        if missing:
+            waits.append("no state yet from " + ", ".join(f"PE {pe} instance {index}" for pe, index in missing))
+        if n not in self._offsets:
+            waits.append("results not committed yet")
+        logger.warning(
+            "checkpoint %d has not completed in %.1f s: %s (a worker or PE that hangs holds every checkpoint back)",
+            n,
+            time.perf_counter() - self._started[n],
+            "; ".join(waits),
+        )
 
     def take_id(self) -> int:
         """The id of the next checkpoint, taken now."""
@@ -792,6 +881,7 @@ class Coordinator:
     async def commit_results(self, n: int) -> None:
         """Every result written before barrier ``n`` has been delivered: commit them with ``n``."""
         self._offsets[n] = self.results.commit() if self.results is not None else None
+        self._tails[n] = self.results.tail if self.results is not None else None
         if self.held is not None:
             self.held.seal(n)
         self._maybe_complete(n)
@@ -808,11 +898,12 @@ class Coordinator:
             "edges": _edges(self.plan),
             "parts": sorted(parts.values(), key=lambda part: (part["pe"], part["index"])),
             "results_offset": self._offsets[n],
+            "results_tail": self._tails[n],
         }
         # In the loop, not in a thread: on the async mapping this loop runs the workflow too, and a thread then
         # waited for the interpreter's lock for seconds (measured) while the run kept it busy.
         self.store.commit(n, manifest)
-        del self._parts[n], self._offsets[n]
+        del self._parts[n], self._offsets[n], self._tails[n]
         if self.held is not None:
             self.held.complete(n)
         seconds = time.perf_counter() - self._started.pop(n, time.perf_counter())
@@ -841,6 +932,7 @@ class Aligner:
         self.outputs = 0  # outputs of the current call
         self.restoring: dict[str, Any] | None = None
         self.slots: dict[Any, int] = {}  # the key group of every keyed-state key (:func:`capture`)
+        self.carried_in = 0  # items_in of the attempts before the restored checkpoint (in the statistics)
 
     # -- alignment -------------------------------------------------------------
     async def intercept(self, message: Message, remaining: int) -> bool:
@@ -920,12 +1012,16 @@ class Aligner:
         would replay what that call had already delivered.
         """
         actor = self.actor
-        consumed = self.calls if self.in_call else actor.stats.items_in
+        consumed = self.calls if self.in_call else actor.stats.items_in - self.carried_in
+        counters = actor.stats.counters()
+        if actor.is_root:  # a restore takes the element of an interrupted call again: it counts it then
+            counters["items_in"] = self.base + consumed
         return {
             "pe": capture(actor.pe, self.runtime.grouping(actor.ref.pe), self.slots),
             "feed": self.base + consumed if actor.is_root else 0,
             "outputs": self.outputs if self.in_call else self.resume_outputs,
             "finished": finished,
+            "stats": counters,
         }
 
     async def snapshot(self, n: int) -> None:
@@ -1013,6 +1109,11 @@ class WorkerCheckpoints:
                 aligner.restoring = own
                 aligner.base = own["feed"]
                 aligner.resume_outputs = own["outputs"]
+                if actor.recorder is not None:
+                    actor.recorder.record.restored = restored.id
+                carried = _carried_stats(restored, worker.plan, ref)
+                actor.stats.carry(carried)
+                aligner.carried_in = int(carried.get("items_in", 0))
             actor.aligner = aligner
             if actor.results:
                 actor.results_sink = gate.sink(ref)
@@ -1129,13 +1230,29 @@ def _own_state(checkpoint: Checkpoint, plan: ExecutionPlan, ref: InstanceRef) ->
     new = plan.placement[ref.pe].parallelism
     if old != new:
         if plan.placement[ref.pe].is_root:
-            raise CheckpointError(f"root PE {ref.pe} had {old} instances in checkpoint {checkpoint.id}, now {new}")
+            had = f"{old} instance{'s' if old > 1 else ''}"
+            raise CheckpointError(
+                f"root PE {ref.pe} had {had} in checkpoint {checkpoint.id}, now {new}: a source's position in its input"
+                f" cannot be shared out among another number of instances (restore it with {had})"
+            )
         finished = [checkpoint.states[InstanceRef(ref.pe, i)]["finished"] for i in range(old)]
         if any(finished) and not all(finished):
             raise CheckpointError(
                 f"PE {ref.pe} had some instances finished in checkpoint {checkpoint.id}: restore it with the same -n"
             )
     return checkpoint.states[InstanceRef(ref.pe, ref.index % old)]
+
+
+def _carried_stats(checkpoint: Checkpoint, plan: ExecutionPlan, ref: InstanceRef) -> dict[str, float]:
+    """The statistics counters instance ``ref`` goes on from: those its PE's instances saved in ``checkpoint``,
+    old instance ``j`` counted by new instance ``j % new`` (so each PE's totals stay whatever ``-n``)."""
+    old = checkpoint.parallelism(ref.pe)
+    new = plan.placement[ref.pe].parallelism
+    carried: dict[str, float] = {}
+    for j in range(ref.index, old, new):
+        for name, value in checkpoint.states[InstanceRef(ref.pe, j)].get("stats", {}).items():
+            carried[name] = carried.get(name, 0) + value
+    return carried
 
 
 def replayable(source: object) -> bool:
@@ -1226,6 +1343,9 @@ class Session:
         states = self.restored.states
         return [(pe, wid, resumed_feed(feed, states[InstanceRef(pe, 0)]["feed"])) for pe, wid, feed in pumped]
 
+
+STALL_SECONDS = 30.0
+"""Seconds after which a checkpoint that has not completed is reported, at least (:class:`Coordinator`)."""
 
 HELD_BACKLOG = 65_536
 """Results ready for a slow reader beyond which a run under ``--restarts`` waits for it (:class:`HeldResults`)."""
@@ -1318,11 +1438,14 @@ async def _attempts(
                 " worker fails the run (give a LiveFeed fed from it, or a source PE, to restart)",
                 one_shot[0],
             )
-        restore, restarts, since = config.restore, 0, 0
+        restore, restarts = config.restore, 0
+        # A restore resumes the last fresh run, never an earlier one, whose results file that run started afresh.
+        started_after = store.run_started_after() if config.restore else store.start_run()
+        since = started_after + 1
         while True:
             restored = store.latest(since) if restore else None
             if config.restore and restored is None and restarts == 0:
-                raise CheckpointError(f"--restore: no complete checkpoint in {store.directory}")
+                _no_checkpoint_to_restore(store, since)
             if restored is not None:
                 restored.check(plan)
                 logger.warning("restoring checkpoint %d from %s", restored.id, store.directory)
@@ -1340,13 +1463,12 @@ async def _attempts(
                     sink,
                     restored.results_offset if restored is not None else None,
                     f"checkpoint {restored.id} in {store.directory}" if restored is not None else "the checkpoint",
+                    restored.results_tail if restored is not None else None,
                 )
                 if config.results_path is not None
                 else None
             )
             coordinator = Coordinator(store, plan, config.interval, restored.id if restored else 0, log, held)
-            if restarts == 0 and not config.restore:
-                since = coordinator.first_of_run  # a restart never takes an older run's checkpoint
             try:
                 return await attempt(Session(config, store, restored, coordinator, log if log is not None else sink))
             except RESTARTED as exc:
@@ -1381,6 +1503,19 @@ async def _attempts(
             finally:
                 if log is not None:
                     log.close()
+
+
+def _no_checkpoint_to_restore(store: CheckpointStore, since: int) -> None:
+    """Raise the error of a restore that finds no complete checkpoint of the last run (at least ``since``)."""
+    earlier = store.latest()
+    if earlier is None:
+        raise CheckpointError(f"--restore: no complete checkpoint in {store.directory}")
+    raise CheckpointError(
+        f"--restore: no complete checkpoint of the last run in {store.directory}, which started after checkpoint"
+        f" {since - 1}: it was stopped before its first checkpoint completed; checkpoint {earlier.id} is of an earlier"
+        " run, which that run did not resume (it started afresh, and its results file too): start the run afresh,"
+        " without --restore"
+    )
 
 
 def _resume_hint(store: CheckpointStore, since: int) -> str:

@@ -909,6 +909,11 @@ def _science_command(args: argparse.Namespace) -> int:
     if args.trace is None:
         results = lineage.results()
         print(f"{args.file}: {len(lineage.values)} entities, {len(results)} results")
+        if lineage.restored:
+            print(
+                f"  recorded from checkpoint {', '.join(map(str, sorted(lineage.restored)))} on (a restored run): the"
+                " results made before it are not here (the --results file has them all)"
+            )
         for entity in results[:20]:
             print(f"  {entity} = {lineage.values[entity]}")
         if len(results) > 20:

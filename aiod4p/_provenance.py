@@ -180,6 +180,7 @@ class _Part:
     entities: list[tuple[str, int, str, str, tuple[str, ...] | None]] = field(default_factory=list)
     sources: list[tuple[str, str]] = field(default_factory=list)  # feed elements: (entity id, repr)
     result_ports: list[str] = field(default_factory=list)
+    restored: int | None = None  # the checkpoint the instance resumed from: what came before it is not recorded
 
 
 class ActorRecorder:
@@ -371,6 +372,8 @@ def document(stats: Iterable[InstanceStats]) -> ProvDocument:
         agent = q(f"{part.pe}.{part.instance}")
         attributes: dict[Any, Any] = {PROV_TYPE: software, q("worker"): part.worker, q("level"): part.level}
         attributes.update({q(key): value for key, value in part.annotations.items()})
+        if part.restored is not None:
+            attributes[q("restored_from_checkpoint")] = part.restored
         doc.agent(agent, attributes)
         doc.actedOnBehalfOf(agent, q(part.pe))
         for entity, value in part.sources:
@@ -464,12 +467,15 @@ class Lineage:
         parents: the entities each entity derives from (its derivations, else
             what its generating activity used).
         made_by: the PE instance (agent) whose activity generated each entity.
+        restored: the checkpoints the run resumed from (its instances' ``aiod4p:restored_from_checkpoint``):
+            what came before them is not recorded.
     """
 
     values: dict[str, str] = field(default_factory=dict)
     kinds: dict[str, str] = field(default_factory=dict)
     parents: dict[str, list[str]] = field(default_factory=dict)
     made_by: dict[str, str] = field(default_factory=dict)
+    restored: set[int] = field(default_factory=set)
 
     def results(self) -> list[str]:
         """The entities that are results of the run."""
@@ -563,6 +569,8 @@ def read_lineage(path: str) -> Lineage:
             used.setdefault(args[0] or "", []).append(args[1] or "")
         elif isinstance(record, model.ProvAssociation):
             associated[args[0] or ""] = args[1] or ""
+        elif isinstance(record, model.ProvAgent):
+            lineage.restored.update(int(v) for v in record.get_attribute(f"{NAMESPACE[0]}:restored_from_checkpoint"))
     for entity in lineage.values:
         activity = generated_by.get(entity)
         parents = derived.get(entity)

@@ -2,10 +2,24 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
 __all__ = ["InstanceStats"]
+
+CARRIED = (
+    "items_in",
+    "items_out",
+    "batches_in",
+    "errors",
+    "busy_seconds",
+    "blocked_seconds",
+    "feed_blocked_seconds",
+    "skipped",
+    "late",
+)
+"""The counters that add up over the attempts of a run: a checkpoint saves them, a restore goes on from them."""
 
 
 @dataclass
@@ -56,6 +70,15 @@ class InstanceStats:
     skipped: int = 0
     late: int = 0
     provenance: Any = field(default=None, repr=False, compare=False)
+
+    def counters(self) -> dict[str, float]:
+        """The :data:`CARRIED` counters by name, as a checkpoint saves them."""
+        return {name: getattr(self, name) for name in CARRIED}
+
+    def carry(self, counters: Mapping[str, float]) -> None:
+        """Add ``counters`` (saved by :meth:`counters`, of the attempts before a restore) to these."""
+        for name in CARRIED:
+            setattr(self, name, getattr(self, name) + counters.get(name, 0))
 
     def to_dict(self) -> dict[str, Any]:
         """The counters by name (``provenance`` left out)."""

@@ -36,6 +36,8 @@ __all__ = [
 ]
 
 SAMPLE_INTERVAL = 0.25  # seconds between the samples --stats-json keeps for `aiod4p stats plot`
+MAX_SAMPLES = 2048
+"""The samples a :class:`StatsSampler` keeps at most: past them, every other one goes and the interval doubles."""
 
 
 @dataclass
@@ -187,7 +189,8 @@ class StatsSampler:
 
     Each sample is ``{"t": seconds since the start, "pes": {pe: [items_in,
     items_out, busy_seconds]}}`` with cumulative figures, the last taken when
-    the block exits; ``aiod4p stats plot`` draws rates from them. The samples
+    the block exits; at most :data:`MAX_SAMPLES` are kept (a long run's are thinned to every other one and the
+    interval doubled, the last kept); ``aiod4p stats plot`` draws rates from them. The samples
     are taken by a thread, so a PE that holds the event loop for long (CPU-bound
     work on the simple and async mappings) does not leave gaps. Costs one
     aggregation of the statistics per interval, nothing per item. Worker
@@ -213,6 +216,9 @@ class StatsSampler:
                 "pes": {pe: [s.items_in, s.items_out, round(s.busy_seconds, 6)] for pe, s in pes.items()},
             }
         )
+        if len(self.samples) >= MAX_SAMPLES:  # a run that never ends: constant memory, the whole run still covered
+            del self.samples[-2::-2]
+            self.interval *= 2
 
     def _loop(self) -> None:
         while not self._stop.wait(self.interval):

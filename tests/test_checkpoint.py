@@ -20,6 +20,7 @@ from types import SimpleNamespace
 from typing import Any, cast
 
 import ckpt_workflows
+import prov.model
 import pytest
 import workflows as wf
 from ckpt_workflows import (
@@ -34,6 +35,7 @@ from ckpt_workflows import (
 )
 from helpers import aiod4p_cli, aiod4p_process, json_lines
 
+import aiod4p
 from aiod4p import ALL, IterativePE, ProducerPE, WorkflowGraph, run, run_async, start
 from aiod4p._checkpoint import (
     MANIFEST,
@@ -54,6 +56,7 @@ from aiod4p._cli import main
 from aiod4p._engine import Worker
 from aiod4p._inputs import resolve_inputs
 from aiod4p._plan import DEFAULT_BATCH_SIZE, DEFAULT_CREDITS, InstanceRef, PlanOptions, make_plan
+from aiod4p._provenance import read_lineage, write_document
 from aiod4p._state import KEY_GROUPS, capture, restore_state
 from aiod4p.errors import CheckpointError
 from aiod4p.mappings import get_mapping
@@ -524,8 +527,13 @@ async def test_restore_refuses_another_graph_and_another_root_parallelism(tmp_pa
     rewired = _numbers_joined(("numbers", "pair"), ("numbers", "count"))
     with pytest.raises(CheckpointError, match=r"only this workflow connects numbers\.output -> count\.input$"):
         await run_async(rewired, NUMBERS, mapping=_mapping(directory, restore=True))
-    with pytest.raises(CheckpointError, match=r"root PE numbers had 1 instances in checkpoint \d+, now 2"):
+    with pytest.raises(CheckpointError) as refused:  # it said "had 1 instances", and not what to do
         await run_async(_numbers(root_parallelism=2), NUMBERS, mapping=_mapping(directory, restore=True))
+    assert re.fullmatch(
+        r"root PE numbers had 1 instance in checkpoint \d+, now 2: a source's position in its input cannot be shared"
+        r" out among another number of instances \(restore it with 1 instance\)",
+        str(refused.value),
+    )
 
 
 def test_results_file_that_cannot_be_written_fails_clearly(tmp_path: Path, words: Path) -> None:
@@ -1302,3 +1310,142 @@ def test_cli_restore_of_a_one_instance_count_on_more_instances_is_refused(tmp_pa
     assert sorted(json_lines(results), key=str) == [
         {"pe": "count", "output": "output", "data": [word, 100]} for word in "abcdefg"
     ]
+
+
+def test_restore_after_a_fresh_run_that_completed_no_checkpoint_refuses_the_earlier_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run that finished leaves its final checkpoint; a fresh run in the same directory (no --restore) fails
+    before its first checkpoint. `--restore` took the first run's checkpoint: it restored the first run's
+    finished state, produced nothing and succeeded (with a results file, it truncated the second run's to the
+    first run's committed length, cutting a record in two). It is refused, naming both runs."""
+    directory, words = tmp_path / "ck", tmp_path / "words.txt"
+    write_words(words, 5_000)
+    run(word_count(words), 1, mapping=_mapping(directory), workers=1)
+    finished = CheckpointStore(directory).latest()
+    assert finished is not None
+
+    def fail(seen: int) -> None:
+        raise RuntimeError("the second run fails")
+
+    monkeypatch.setattr(ckpt_workflows, "HOOK", fail)
+    with pytest.raises(Exception, match="the second run fails"):
+        run(word_count(words), 1, mapping=_mapping(directory, interval=3600), workers=1)
+    monkeypatch.setattr(ckpt_workflows, "HOOK", None)
+    with pytest.raises(CheckpointError) as refused:
+        run(word_count(words), 1, mapping=_mapping(directory, restore=True), workers=1)
+    assert str(refused.value).startswith(
+        f"--restore: no complete checkpoint of the last run in {directory}, which started after checkpoint"
+        f" {finished.id}: it was stopped before its first checkpoint completed"
+    )
+
+
+async def test_statistics_after_a_restore_count_the_items_before_its_checkpoint(tmp_path: Path) -> None:
+    """A restored run's statistics (--stats, --stats-json) counted only what came after its checkpoint: a word count
+    of 40,000 words reported fewer. The counters of the attempts before are saved with each instance's state and go
+    on from there, also restored with another -n (each PE's totals kept)."""
+    words = tmp_path / "words.txt"
+    write_words(words, 40_000)
+    directory, gate = tmp_path / "ck", tmp_path / "killed"
+    graph = _held_word_count(words, gate, 0)
+    assert not await _run_until_killed(graph, _mapping(directory), 2, 0, checkpointed=directory, new=2, gate=gate)
+    async with (
+        asyncio.timeout(30),
+        start(word_count(words), 1, mapping=_mapping(directory, restore=True), workers=3) as restored,
+    ):
+        got = await restored.results()
+    assert _counts(got) == expected_counts(words)
+    items_in: dict[str, int] = {}
+    items_out: dict[str, int] = {}
+    for entry in restored.stats:
+        items_in[entry.pe] = items_in.get(entry.pe, 0) + entry.items_in
+        items_out[entry.pe] = items_out.get(entry.pe, 0) + entry.items_out
+    assert items_in == {"lines": 1, "split": 4_000, "count": 40_000}
+    assert items_out == {"lines": 4_000, "split": 40_000, "count": len(expected_counts(words))}
+
+
+def test_restore_refuses_a_results_file_that_is_not_the_one_its_checkpoint_committed(tmp_path: Path) -> None:
+    """A restore given another results file as long as the committed length or longer (another run's, or the
+    file rewritten since) truncated it to that length and appended: a file of two runs, silently. The end of
+    what a checkpoint commits is in its manifest; a file whose bytes there differ is refused, untouched."""
+    words, directory = tmp_path / "words.txt", tmp_path / "ck"
+    write_words(words, 2_000)
+    results, other = tmp_path / "results.jsonl", tmp_path / "other.jsonl"
+    run(word_count(words), 1, mapping=_mapping(directory, results), workers=1)
+    text = results.read_text()
+    other.write_text(text.replace("alpha", "ALPHA") + "more\n")
+    with pytest.raises(CheckpointError) as refused:
+        run(word_count(words), 1, mapping=_mapping(directory, other, restore=True), workers=1)
+    assert str(refused.value).startswith(f"the results file {other} does not end, at the {len(text)} bytes checkpoint ")
+    assert other.read_text() == text.replace("alpha", "ALPHA") + "more\n"
+    run(word_count(words), 1, mapping=_mapping(directory, results, restore=True), workers=1)
+    assert results.read_text() == text
+
+
+async def test_provenance_after_a_restore_marks_each_instance_with_the_checkpoint_it_started_from(
+    tmp_path: Path,
+) -> None:
+    """The provenance of a restored run starts at its checkpoint (the attempts before it died with their records);
+    nothing in the file said so. Each instance's agent now holds aiod4p:restored_from_checkpoint."""
+    pytest.importorskip("prov")
+    words = tmp_path / "words.txt"
+    write_words(words, 40_000)
+    directory, gate = tmp_path / "ck", tmp_path / "killed"
+    assert not await _run_until_killed(
+        _held_word_count(words, gate, 0), _mapping(directory), 2, 0, checkpointed=directory, new=2, gate=gate
+    )
+    latest = CheckpointStore(directory).latest()
+    assert latest is not None
+    mapping = _mapping(directory, restore=True)
+    async with (
+        asyncio.timeout(30),
+        start(word_count(words), 1, mapping=mapping, workers=2, provenance="pe") as restored,
+    ):
+        await restored.results()
+    document = aiod4p.provenance_document(restored.stats)
+    marks = {
+        str(agent.identifier): [
+            value for name, value in agent.attributes if name.localpart == "restored_from_checkpoint"
+        ]
+        for agent in document.get_records(prov.model.ProvAgent)
+        if str(agent.identifier).count(".") == 1
+    }
+    assert marks and all(found == [latest.id] for found in marks.values()), marks
+    path = str(tmp_path / "provenance.json")
+    write_document(document, path)
+    assert read_lineage(path).restored == {latest.id}
+
+
+async def test_a_checkpoint_that_does_not_complete_is_reported_naming_what_it_waits_for(tmp_path: Path) -> None:
+    """A worker that hangs (stopped, stuck in a system call) held every checkpoint back, and the results they commit,
+    and nothing said so: the run looked healthy. The coordinator now warns, naming the instances whose state it still
+    waits for, and again at doubled delays."""
+    plan = make_plan(word_count(tmp_path / "words.txt"), PlanOptions(workers=1))
+    coordinator = Coordinator(CheckpointStore(tmp_path / "ck"), plan, 0.001, 0, None, stall=0.01)
+    coordinator.add_parts(1, [{"pe": "lines", "index": 0, "size": 1}])
+    warned = asyncio.Event()
+    messages: list[str] = []
+
+    class Warned(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            messages.append(record.getMessage())
+            warned.set()
+
+    handler = Warned(logging.WARNING)
+    logging.getLogger("aiod4p.checkpoint").addHandler(handler)
+
+    async def trigger(n: int) -> None:
+        pass
+
+    driving = asyncio.ensure_future(coordinator.drive(trigger))
+    try:
+        async with asyncio.timeout(5):
+            await warned.wait()
+    finally:
+        driving.cancel()
+        logging.getLogger("aiod4p.checkpoint").removeHandler(handler)
+    assert re.fullmatch(
+        r"checkpoint 1 has not completed in [\d.]+ s: no state yet from PE count instance 0, PE split instance 0;"
+        r" results not committed yet \(a worker or PE that hangs holds every checkpoint back\)",
+        messages[0],
+    )
