@@ -41,7 +41,7 @@ from ._pe import (
     producer,
 )
 from ._plan import ExecutionPlan, InstanceRef, PlanOptions, make_plan
-from ._provenance import Lineage, read_lineage, write_document
+from ._provenance import Lineage, read_lineage, write_document, write_provenance
 from ._provenance import document as provenance_document
 from ._results import ResultRecord, Results
 from ._stats import InstanceStats
@@ -128,4 +128,5 @@ __all__ = [
     "start",
     "to_dot",
     "write_document",
+    "write_provenance",
 ]

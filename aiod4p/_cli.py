@@ -24,8 +24,7 @@ from ._loading import load_workflow, split_target
 from ._logging import configure_logging
 from ._plan import DEFAULT_BATCH_SIZE, DEFAULT_CREDITS, PROVENANCE_LEVELS, make_plan
 from ._progress import progress, progress_wanted
-from ._provenance import check_provenance_file, read_lineage, write_document
-from ._provenance import document as provenance_document
+from ._provenance import check_provenance_file, read_lineage, write_provenance
 from ._results import ResultRecord, record_line
 from ._signals import Interrupts, Stopped
 from ._stats_report import StatsSampler, report_stats
@@ -455,7 +454,7 @@ def _run_loaded(args: argparse.Namespace, mapping: BaseMapping, results: str | N
                 stdout=stdout,
             )
     if status == EXIT_OK and args.provenance:
-        write_document(provenance_document(workflow.stats), args.provenance)
+        write_provenance(workflow.stats, args.provenance)
     if stdin is not None and stdin.skipped and args.on_bad == "skip":
         _warn(args, f"--stdin: {stdin.skipped} bad line{'s' if stdin.skipped != 1 else ''} skipped")
     if status == EXIT_OK and signals.received:

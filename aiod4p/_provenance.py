@@ -25,12 +25,16 @@ item that instance used. A stateful PE makes it exact with
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
+import shutil
+import tempfile
 import time
 from collections.abc import Callable, Hashable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TextIO
 
 from ._groupings import KeyRouter
 from ._install import install_hint
@@ -45,7 +49,7 @@ if TYPE_CHECKING:
     from ._engine import _Actor
     from ._stats import InstanceStats
 
-__all__ = ["ActorRecorder", "Tagged", "WorkerRecorder", "document", "write_document"]
+__all__ = ["ActorRecorder", "Tagged", "WorkerRecorder", "document", "write_document", "write_provenance"]
 NAMESPACE = ("aiod4p", "urn:aiod4p:")
 _VALUE_CHARS = 200  # an entity keeps the repr of its value, cut to this length
 
@@ -333,6 +337,91 @@ def _prov() -> Any:
     return prov.model
 
 
+class _QName(str):
+    """An attribute value that is a qualified name (``prov:SoftwareAgent``, ``aiod4p:Item``), not a string."""
+
+    __slots__ = ()
+
+
+_Record = tuple[str, str, str, dict[str, Any]]
+"""``(kind, first, second, attributes)``: an element (``agent``, ``entity``, ``activity``: ``first`` is its id;
+an activity's ``second`` is its start and end time, ``START END``) or a relation (``first`` and ``second``
+are its two terms, as :data:`_TERMS` names them). Ids and attribute names are qualified (``aiod4p:...``)."""
+
+_TERMS = {
+    "actedOnBehalfOf": ("prov:delegate", "prov:responsible"),
+    "wasAssociatedWith": ("prov:activity", "prov:agent"),
+    "used": ("prov:activity", "prov:entity"),
+    "wasGeneratedBy": ("prov:entity", "prov:activity"),
+    "wasDerivedFrom": ("prov:generatedEntity", "prov:usedEntity"),
+}
+"""The two terms of each relation :func:`_records` yields, as PROV-JSON names them."""
+
+
+def _records(found: list[_Part]) -> Iterable[_Record]:
+    """The records of the W3C PROV document merged from the instances' parts (see :func:`document`)."""
+    prefix = NAMESPACE[0] + ":"
+    software = _QName("prov:SoftwareAgent")
+    pes_done: set[str] = set()
+    generated: set[str] = set()
+    for part in found:
+        if part.pe not in pes_done:
+            pes_done.add(part.pe)
+            yield "agent", prefix + part.pe, "", {"prov:type": software, prefix + "class": part.pe_class}
+        agent = f"{prefix}{part.pe}.{part.instance}"
+        attributes: dict[str, Any] = {
+            "prov:type": software,
+            prefix + "worker": part.worker,
+            prefix + "level": part.level,
+        }
+        attributes.update({prefix + key: value for key, value in part.annotations.items()})
+        if part.restored is not None:
+            attributes[prefix + "restored_from_checkpoint"] = part.restored
+        yield "agent", agent, "", attributes
+        yield "actedOnBehalfOf", agent, prefix + part.pe, {}
+        for entity, value in part.sources:
+            yield "entity", prefix + entity, "", {"prov:value": value, "prov:type": _QName(prefix + "Input")}
+        everything = [entity for activity in part.activities for entity in activity.used or ()]
+        for activity in part.activities:
+            attrs: dict[str, Any] = {prefix + "stage": activity.stage}
+            if activity.port is not None:
+                attrs[prefix + "port"] = activity.port
+            if part.level == "pe":
+                attrs.update({f"{prefix}in_{port}": count for port, count in part.items_in.items()})
+                attrs.update({f"{prefix}out_{port}": count for port, count in part.items_out.items()})
+            identifier = prefix + activity.id
+            yield "activity", identifier, f"{activity.started} {activity.ended or activity.started}", attrs
+            yield "wasAssociatedWith", identifier, agent, {}
+            # postprocess (used is None) used whatever the instance used: its state may hold any of it
+            for entity in everything if activity.used is None else activity.used:
+                yield "used", identifier, prefix + entity, {}
+        if part.level == "pe":
+            identifier = prefix + part.activities[0].id
+            for source_pe, source_port, _ in part.inputs_from:
+                stream = f"{prefix}{source_pe}.{source_port}.stream"
+                if stream not in generated:
+                    generated.add(stream)
+                    yield "entity", stream, "", {"prov:type": _QName(prefix + "Stream")}
+                yield "used", identifier, stream, {}
+            for port in part.items_out:
+                stream = f"{prefix}{part.pe}.{port}.stream"
+                if stream not in generated:
+                    generated.add(stream)
+                    yield "entity", stream, "", {"prov:type": _QName(prefix + "Stream")}
+                yield "wasGeneratedBy", stream, identifier, {}
+    result, item = _QName(prefix + "Result"), _QName(prefix + "Item")
+    for part in found:
+        for entity, index, port, value, derived in part.entities:
+            activity = part.activities[index]
+            identifier = prefix + entity
+            kind = result if port in part.result_ports else item
+            yield "entity", identifier, "", {"prov:value": value, "prov:type": kind, prefix + "port": port}
+            yield "wasGeneratedBy", identifier, prefix + activity.id, {}
+            # a postprocess output without recall() derives from its activity's used (not repeated per output)
+            for origin in derived if derived is not None else activity.used or ():
+                yield "wasDerivedFrom", identifier, prefix + origin, {}
+
+
 def document(stats: Iterable[InstanceStats]) -> ProvDocument:
     """Merge the instances' provenance parts into one W3C PROV document.
 
@@ -344,78 +433,38 @@ def document(stats: Iterable[InstanceStats]) -> ProvDocument:
     one activity per instance that used and generated one entity per
     connected stream, with per-port counts as attributes.
 
+    The document holds every record in memory (a few kB each); :func:`write_provenance` writes a PROV-JSON
+    file of any size without it.
+
     Raises:
         Aiod4pError: no provenance was recorded, or ``prov`` is not installed.
     """
     model = _prov()
-    from prov.constants import PROV, PROV_TYPE, PROV_VALUE
-
     found = parts(stats)
     doc = model.ProvDocument()
-    namespace = doc.add_namespace(*NAMESPACE)
+    namespace, prefix = doc.add_namespace(*NAMESPACE), NAMESPACE[0] + ":"
     names: dict[str, Any] = {}
 
-    def q(local: str) -> Any:
-        """The qualified name of ``local``, made once: prov resolves strings slowly."""
-        name = names.get(local)
+    def q(text: str) -> Any:
+        """The qualified name of ``text``, made once: prov resolves strings slowly (and checks the syntax of
+        their local part, which an annotation's name need not follow)."""
+        name = names.get(text)
         if name is None:
-            name = names[local] = namespace[local]
+            local = text.removeprefix(prefix)
+            name = names[text] = namespace[local] if local != text else doc.valid_qualified_name(text)
         return name
 
-    software, stage_key, port_key = PROV["SoftwareAgent"], q("stage"), q("port")
-    pes_done: set[str] = set()
-    generated: set[str] = set()
-    for part in found:
-        if part.pe not in pes_done:
-            pes_done.add(part.pe)
-            doc.agent(q(part.pe), {PROV_TYPE: software, q("class"): part.pe_class})
-        agent = q(f"{part.pe}.{part.instance}")
-        attributes: dict[Any, Any] = {PROV_TYPE: software, q("worker"): part.worker, q("level"): part.level}
-        attributes.update({q(key): value for key, value in part.annotations.items()})
-        if part.restored is not None:
-            attributes[q("restored_from_checkpoint")] = part.restored
-        doc.agent(agent, attributes)
-        doc.actedOnBehalfOf(agent, q(part.pe))
-        for entity, value in part.sources:
-            doc.entity(q(entity), {PROV_VALUE: value, PROV_TYPE: q("Input")})
-        everything = [entity for activity in part.activities for entity in activity.used or ()]
-        for activity in part.activities:
-            attrs: dict[Any, Any] = {stage_key: activity.stage}
-            if activity.port is not None:
-                attrs[port_key] = activity.port
-            if part.level == "pe":
-                attrs.update({q(f"in_{port}"): count for port, count in part.items_in.items()})
-                attrs.update({q(f"out_{port}"): count for port, count in part.items_out.items()})
-            identifier = q(activity.id)
-            doc.activity(identifier, _time(activity.started), _time(activity.ended or activity.started), attrs)
-            doc.wasAssociatedWith(identifier, agent)
-            # postprocess (used is None) used whatever the instance used: its state may hold any of it
-            for entity in everything if activity.used is None else activity.used:
-                doc.used(identifier, q(entity))
-        if part.level == "pe":
-            identifier = q(part.activities[0].id)
-            for source_pe, source_port, _ in part.inputs_from:
-                stream = f"{source_pe}.{source_port}.stream"
-                if stream not in generated:
-                    generated.add(stream)
-                    doc.entity(q(stream), {PROV_TYPE: q("Stream")})
-                doc.used(identifier, q(stream))
-            for port in part.items_out:
-                stream = f"{part.pe}.{port}.stream"
-                if stream not in generated:
-                    generated.add(stream)
-                    doc.entity(q(stream), {PROV_TYPE: q("Stream")})
-                doc.wasGeneratedBy(q(stream), identifier)
-    for part in found:
-        for entity, index, port, value, derived in part.entities:
-            activity = part.activities[index]
-            kind = q("Result") if port in part.result_ports else q("Item")
-            identifier = q(entity)
-            doc.entity(identifier, {PROV_VALUE: value, PROV_TYPE: kind, port_key: port})
-            doc.wasGeneratedBy(identifier, q(activity.id))
-            # a postprocess output without recall() derives from its activity's used (not repeated per output)
-            for origin in derived if derived is not None else activity.used or ():
-                doc.wasDerivedFrom(identifier, q(origin))
+    def attributes(attrs: dict[str, Any]) -> dict[Any, Any]:
+        return {q(key): q(value) if type(value) is _QName else value for key, value in attrs.items()}
+
+    for kind, first, second, attrs in _records(found):
+        if kind == "activity":
+            started, ended = map(float, second.split())
+            doc.activity(q(first), _time(started), _time(ended), attributes(attrs))
+        elif kind in _TERMS:
+            getattr(doc, kind)(q(first), q(second))
+        else:
+            getattr(doc, kind)(q(first), attributes(attrs))
     result: ProvDocument = doc
     return result
 
@@ -455,6 +504,65 @@ def write_document(doc: ProvDocument, path: str) -> str:
         else:
             doc.serialize(out, format=fmt)
     return path
+
+
+def write_provenance(stats: Iterable[InstanceStats], path: str) -> str:
+    """Write the provenance a run's ``stats`` carry to ``path``, as :func:`write_document` writes
+    :func:`document`: PROV-JSON record by record, in about the memory the parts take already (the
+    document would take a few kB a record); PROV-N and PROV-XML through the document.
+
+    Raises:
+        Aiod4pError: as :func:`document` and :func:`write_document`.
+    """
+    if check_provenance_file(path) != "json":
+        return write_document(document(stats), path)
+    found = parts(stats)
+    with writing("provenance", str(path)), open(path, "w", encoding="utf-8") as out:
+        _write_json(_records(found), out, os.path.dirname(os.path.abspath(path)))
+    return path
+
+
+def _write_json(records: Iterable[_Record], out: TextIO, spool: str) -> None:
+    """Write ``records`` to ``out`` as one PROV-JSON document: each kind's records gather in a temporary file
+    in directory ``spool`` (PROV-JSON groups them by kind), then the kinds are copied into ``out`` in turn."""
+    encode = json.JSONEncoder(ensure_ascii=False, check_circular=False).encode
+    with contextlib.ExitStack() as stack:
+        kinds: dict[str, TextIO] = {}
+        anonymous = 0
+        for kind, first, second, attrs in records:
+            section = kinds.get(kind)
+            if section is None:
+                section = kinds[kind] = stack.enter_context(tempfile.TemporaryFile("w+", encoding="utf-8", dir=spool))
+            else:
+                section.write(", ")
+            fields = {key: _json_value(value) for key, value in attrs.items()}
+            if kind in _TERMS:
+                anonymous += 1
+                first_term, second_term = _TERMS[kind]
+                section.write(f'"_:id{anonymous}": {encode({first_term: first, second_term: second, **fields})}')
+                continue
+            if kind == "activity":
+                started, ended = (_time(float(seconds)).isoformat() for seconds in second.split())
+                fields = {"prov:startTime": started, "prov:endTime": ended, **fields}
+            section.write(f"{encode(first)}: {encode(fields)}")
+        out.write(f'{{"prefix": {encode(dict([NAMESPACE]))}')
+        for kind, section in kinds.items():
+            out.write(f', "{kind}": {{')
+            section.seek(0)
+            shutil.copyfileobj(section, out)
+            out.write("}")
+        out.write("}\n")
+
+
+def _json_value(value: Any) -> Any:
+    """An attribute value as PROV-JSON writes it: a qualified name or a number typed, a string as it is."""
+    if type(value) is _QName:
+        return {"$": str(value), "type": "xsd:QName"}
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        from prov.model import canonical_xsd_datatype
+
+        return {"$": str(value), "type": str(canonical_xsd_datatype(value))}
+    return value
 
 
 @dataclass

@@ -90,9 +90,16 @@ def run_recorded(
 def record(tmp_path: Path, mapping: str, workers: int | None, level: str = "item", exact: bool = True) -> Path:
     results, stats = run_recorded(word_count(exact), 1, mapping, workers, level)
     assert sorted(results.data()) == sorted(Counter(w for line in LINES for w in line.split()).items())
-    path = tmp_path / "wc.json"
-    aiod4p.write_document(aiod4p.provenance_document(stats), str(path))
-    return path
+    return Path(aiod4p.write_provenance(stats, str(tmp_path / "wc.json")))
+
+
+@pytest.mark.parametrize("level", ["item", "pe"])
+def test_a_prov_json_file_written_record_by_record_holds_the_document(tmp_path: Path, level: str) -> None:
+    """PROV-JSON files are written record by record: prov's document took a few kB a record (the word count
+    example's 2,000 lines: 848 MB and 14 s, against 65 MB and 2.7 s now). prov reads back the same document."""
+    _, stats = run_recorded(word_count(), 1, "multi", 2, level)
+    path = aiod4p.write_provenance(stats, str(tmp_path / "wc.json"))
+    assert prov_model.ProvDocument.deserialize(source=path, format="json") == aiod4p.provenance_document(stats)
 
 
 @pytest.mark.parametrize(("mapping", "workers"), [("simple", None), ("multi", 3), ("mpi", 3)])

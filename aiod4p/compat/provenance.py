@@ -273,9 +273,9 @@ class ProvenanceConfig:
 
     def save(self, stats: Iterable[Any]) -> str:
         """Write the PROV document of a finished run's ``stats`` to :attr:`path`; returns the path."""
-        from .._provenance import document, write_document
+        from .._provenance import write_provenance
 
-        return write_document(document(stats), self.path)
+        return write_provenance(stats, self.path)
 
 
 _CONFIG_ATTRIBUTE = "_dispel4py_provenance"
