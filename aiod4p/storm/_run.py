@@ -142,7 +142,9 @@ class RunReport:
             if not self.killed:
                 self.stopped_deaths.append(
                     WorkerDied(
-                        f"{task} was stopped by its Storm worker before the end of its stream: the worker shut down"
+                        f"{task} was stopped by its Storm worker before the end of its stream: the worker was"
+                        " shutting down (another of its tasks died, the topology was killed, or the worker's JVM was"
+                        " stopped)"
                     )
                 )
                 self._fail(self.stopped_deaths[-1])
