@@ -140,9 +140,10 @@ class RoundRobin(Shuffle):
     """
 
     def candidates(self, parallelism: int, index: int, aligned: bool) -> tuple[int, ...]:
-        # In instance order: the router starts sender ``index`` at candidate ``index``, as dispel4py's
-        # senders start (rotated as shuffle's candidates are, sender 1 of 2 began at instance 0).
-        return (index,) if aligned else tuple(range(parallelism))
+        # Every instance, in instance order, even between equal parallelisms on the same workers (which shuffle
+        # joins one to one): each of dispel4py's senders deals to them all, starting sender ``index`` at
+        # instance ``index`` (the router's start).
+        return tuple(range(parallelism))
 
     def router(self, count: int, start: int, sender: str, dest: str) -> Router:
         return _RoundRobin(count, start) if count > 1 else Router(count)

@@ -429,8 +429,8 @@ def dispel4py_cli(*args: str, timeout: float = 30) -> subprocess.CompletedProces
         return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
 
 
-def flow(tmp_path: Path, source: str) -> str:
-    path = tmp_path / "flow.py"
+def flow(tmp_path: Path, source: str, name: str = "flow.py") -> str:
+    path = tmp_path / name
     path.write_text(source)
     return str(path)
 
@@ -741,15 +741,20 @@ def test_parallel_senders_deal_round_robin_as_dispel4pys(name: str, dispel4py_ho
 def test_round_robin_deals_in_turn_on_fewer_workers_than_instances(name: str, tmp_path: Path) -> None:
     # -n 6 on 2 CPUs: dispel4py's 6 processes share 2 workers. A batch went to another instance when the
     # one in turn had no room, or stayed beside its sender, so the sums of 100 squares varied from run
-    # to run; they are dispel4py's, whatever the timing.
-    path = flow(tmp_path, SQUARE_SUM_FLOW)
-    sums = dispel4py_multi_sums(path, "6", "100", "'Square1': range(1, 4), 'Sum2': range(4, 6)")
-    assert sums == [166650, 171700]
-    for _ in range(3):
+    # to run; they are dispel4py's, whatever the timing. Two instances of Pass on the workers of two of
+    # Sum were joined one to one (sums [12, 16]), where each of dispel4py's senders deals to both.
+    square_sum, two_stage = flow(tmp_path, SQUARE_SUM_FLOW, "square_sum.py"), flow(tmp_path, TWO_STAGE_FLOW)
+    square_sums = dispel4py_multi_sums(square_sum, "6", "100", "'Square1': range(1, 4), 'Sum2': range(4, 6)")
+    assert square_sums == [166650, 171700]
+    for path, iterations, sums in [
+        (square_sum, "100", square_sums),
+        (square_sum, "100", square_sums),
+        (two_stage, "7", [10, 18]),
+    ]:
         out = tmp_path / "out.jsonl"
-        done = aiod4p_cli("run", path, "-m", name, "-n", "6", "-i", "100", "--results", str(out), cpus=2)
+        done = aiod4p_cli("run", path, "-m", name, "-n", "6", "-i", iterations, "--results", str(out), cpus=2)
         assert done.returncode == 0, done.stderr
-        assert sorted(json.loads(line)["data"] for line in out.read_text().splitlines()) == sums
+        assert sorted(json.loads(line)["data"] for line in out.read_text().splitlines()) == sums, path
 
 
 @pytest.mark.timeout(120)
