@@ -193,7 +193,9 @@ class Checkpoint:
         """The last bytes of the results file before :attr:`results_offset`: ``{"size", "sha256"}`` (``None``:
         not recorded, by a stream or an older version)."""
         tail = self.manifest.get("results_tail")
-        return tail if isinstance(tail, dict) else None
+        if isinstance(tail, dict) and isinstance(tail.get("size"), int) and isinstance(tail.get("sha256"), str):
+            return tail
+        return None
 
     def parallelism(self, pe: str) -> int:
         """Instances PE ``pe`` had when the checkpoint was taken.

@@ -284,7 +284,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     words = [word for word in (sys.argv[1:] if argv is None else argv) if word != "--debug"]
     commands = next(action.choices for action in parser._actions if isinstance(action, argparse._SubParsersAction))
     if words and words[0] in MAPPINGS and words[0] not in commands:  # dispel4py's: `dispel4py multi flow.py -n 4`
-        command = shlex.join(["aiod4p", "run", *words[1:2], "-m", words[0], *words[2:]])
+        command = shlex.join(["aiod4p", "run", "-m", words[0], *words[1:]])
         parser.error(f"{words[0]!r} is a mapping, not a command: dispel4py's `dispel4py {words[0]} ...` is `{command}`")
     args, unknown = parser.parse_known_args(argv)
     if unknown:  # argparse would report them with the usage of `aiod4p` itself, not of the command given

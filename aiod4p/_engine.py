@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any, TypeAlias
 import greenlet
 
 from ._channels import EOS, Inbox, LocalChannel, SenderChannel
+from ._frames import workflow_frame
 from ._groupings import Router
 from ._links import PeerLink, RemoteChannel
 from ._pe import PE, Runtime
@@ -49,7 +50,7 @@ from ._signals import interrupts_the_run
 from ._sizes import SCALARS, approximate_size
 from ._stats import InstanceStats
 from ._threads import DaemonThreadPool
-from .errors import Aiod4pError, CheckpointError, GraphError, InputError, PEError, TransportError, workflow_frame
+from .errors import Aiod4pError, CheckpointError, GraphError, InputError, PEError, TransportError
 from .sources import SourcePE
 from .transports import Comm
 

@@ -14,9 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 
+from ._frames import INSTALLED, workflow_frame
 from ._graph import WorkflowGraph
 from ._pe import CompositePE
-from .errors import INSTALLED, TargetError, workflow_frame
+from .errors import TargetError
 
 __all__ = [
     "CodeShipment",

@@ -525,7 +525,7 @@ def write_provenance(stats: Iterable[InstanceStats], path: str) -> str:
 def _write_json(records: Iterable[_Record], out: TextIO, spool: str) -> None:
     """Write ``records`` to ``out`` as one PROV-JSON document: each kind's records gather in a temporary file
     in directory ``spool`` (PROV-JSON groups them by kind), then the kinds are copied into ``out`` in turn."""
-    encode = json.JSONEncoder(ensure_ascii=False, check_circular=False).encode
+    encode = json.JSONEncoder(check_circular=False).encode
     with contextlib.ExitStack() as stack:
         kinds: dict[str, TextIO] = {}
         anonymous = 0

@@ -28,10 +28,7 @@ Every public class here is also reachable as ``aiod4p.<name>``.
 from __future__ import annotations
 
 import contextlib
-import sys
-import traceback
 from collections.abc import Iterator
-from pathlib import Path
 
 __all__ = [
     "Aiod4pError",
@@ -197,19 +194,3 @@ def writing(what: str, where: str, error: type[Aiod4pError] = Aiod4pError) -> It
         raise
     except OSError as exc:
         raise error(f"cannot write {what} to {where}: {exc.strerror or exc}") from exc
-
-
-_OURS = str(Path(__file__).resolve().parent)
-INSTALLED = tuple({str(Path(prefix, "lib")) for prefix in (sys.prefix, sys.base_prefix, sys.exec_prefix)})
-"""Where the Python installation's own packages and the environment's installed ones live."""
-
-
-def workflow_frame(exc: BaseException) -> traceback.FrameSummary | None:
-    """The last frame of the workflow's own code that ``exc`` passed (not aiod4p's, not an installed
-    package's, not Python's), or ``None`` when it passed none."""
-    frames = [
-        frame
-        for frame in traceback.extract_tb(exc.__traceback__)
-        if not frame.filename.startswith((_OURS, *INSTALLED, "<frozen"))
-    ]
-    return frames[-1] if frames else None

@@ -327,14 +327,19 @@ def test_import_error_in_the_workflow_file(tmp_path: Path) -> None:
     assert "importing" in done.stderr and "no_such_dependency_xyz" in done.stderr
 
 
-def test_dispel4pys_command_line_names_aiod4ps(workflow_file: Path) -> None:
+@pytest.mark.parametrize("options_first", [False, True])
+def test_dispel4pys_command_line_names_aiod4ps(workflow_file: Path, options_first: bool) -> None:
     # `dispel4py multi flow.py -n 4 -i 3` with aiod4p for dispel4py: argparse said only "invalid choice: 'multi'".
-    done = aiod4p("multi", str(workflow_file), "-n", "4", "-i", "3")
+    # With the options first, the command given in reply put the file among them (`run -n -m multi 4 flow.py`).
+    words = ["-n", "4", "-i", "3", str(workflow_file)] if options_first else [str(workflow_file), "-n", "4", "-i", "3"]
+    done = aiod4p("multi", *words)
     assert done.returncode == 2, done.stderr
     assert done.stderr.strip().splitlines()[-1] == (
         "aiod4p: error: 'multi' is a mapping, not a command: dispel4py's `dispel4py multi ...` is"
-        f" `aiod4p run {workflow_file} -m multi -n 4 -i 3`"
+        f" `aiod4p run -m multi {' '.join(words)}`"
     )
+    suggested = aiod4p("run", "-m", "multi", *words, "--results", os.devnull)
+    assert suggested.returncode == 0, suggested.stderr
 
 
 @pytest.mark.parametrize(

@@ -8,7 +8,9 @@ real one).
 from __future__ import annotations
 
 import ast
+import copy
 import json
+import logging
 import os
 import pickle
 import shutil
@@ -449,7 +451,7 @@ class Journal(ConsumerPE):
 @pytest.mark.parametrize("name", ["simple", "async"])
 def test_a_pe_holding_an_open_file_runs_in_process(d4p: Any, tmp_path: Path, name: str) -> None:
     # dispel4py's simple mapping runs the PE object itself; aiod4p's copies, and failed on the file:
-    # what cannot be copied is shared with the copy, the rest is copied still.
+    # what cannot be copied is shared with the copy, and said so, the rest is copied still.
     graph = d4p.workflow_graph.WorkflowGraph()
     journal = Journal(tmp_path / "journal.txt")
     graph.connect(Counter_(), "output", journal, "input")
@@ -457,6 +459,20 @@ def test_a_pe_holding_an_open_file_runs_in_process(d4p: Any, tmp_path: Path, nam
     journal.out.close()
     assert sorted((tmp_path / "journal.txt").read_text().split()) == ["1", "2", "3"]
     assert journal.seen == []
+
+
+def test_a_shared_attribute_is_named_once_per_class(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    class Holder(Journal):  # a class of its own: the warning is given once per class and attribute
+        pass
+
+    holder = Holder(tmp_path / "journal.txt")
+    with caplog.at_level(logging.WARNING, logger="aiod4p.compat"):
+        copies = [copy.deepcopy(holder) for _ in range(3)]
+    holder.out.close()
+    assert all(c.out is holder.out and c.lock is holder.lock and c.seen is not holder.seen for c in copies)
+    warned = sorted(record.getMessage() for record in caplog.records)
+    assert len(warned) == 2 and "attribute 'lock' cannot be copied" in warned[0] and "'out'" in warned[1]
+    assert all("the PE's instances share it" in message for message in warned)
 
 
 def test_iterative_chains_nested_composites_and_fan_in(d4p: Any, mapping: MappingCase) -> None:

@@ -93,6 +93,33 @@ def record(tmp_path: Path, mapping: str, workers: int | None, level: str = "item
     return Path(aiod4p.write_provenance(stats, str(tmp_path / "wc.json")))
 
 
+class NamesItsFile(ProducerPE):
+    """Annotates its agent with a file name that is not valid UTF-8 (as os.fsdecode makes it), and makes one item."""
+
+    def preprocess(self) -> None:
+        self.annotate(file="caf\udce9.csv")
+
+    def produce(self) -> str:
+        return "row"
+
+
+def test_a_prov_json_file_keeps_a_value_that_is_not_valid_utf8(tmp_path: Path) -> None:
+    # The record-by-record writer wrote UTF-8 and failed on a lone surrogate with a bare UnicodeEncodeError,
+    # leaving an empty file; prov's own writer escapes it, as this one now does.
+    graph = WorkflowGraph()
+    graph.add(NamesItsFile())
+    _, stats = run_recorded(graph, 1, "async", None, "item")
+    path = aiod4p.write_provenance(stats, str(tmp_path / "run.json"))
+    assert prov_model.ProvDocument.deserialize(source=path, format="json") == aiod4p.provenance_document(stats)
+    assert "caf\\udce9.csv" in Path(path).read_text(encoding="ascii")
+
+
+def test_an_unwritable_prov_json_file_is_named(tmp_path: Path) -> None:
+    _, stats = run_recorded(word_count(), 1, "async", None, "item")
+    with pytest.raises(aiod4p.Aiod4pError, match=r"cannot write provenance to .*missing/run.json: No such file"):
+        aiod4p.write_provenance(stats, str(tmp_path / "missing" / "run.json"))
+
+
 @pytest.mark.parametrize("level", ["item", "pe"])
 def test_a_prov_json_file_written_record_by_record_holds_the_document(tmp_path: Path, level: str) -> None:
     """PROV-JSON files are written record by record: prov's document took a few kB a record (the word count

@@ -20,6 +20,7 @@ from __future__ import annotations
 import copy
 import importlib
 import inspect
+import logging
 import sys
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -32,6 +33,9 @@ from ..errors import GraphError
 from . import install
 
 __all__ = ["DESCRIPTION", "GROUPING", "META", "NAME", "TYPE", "WRITER", "GenericPE"]
+
+logger = logging.getLogger("aiod4p.compat")
+_SHARED_ATTRIBUTES: set[tuple[type, str]] = set()  # (PE class, attribute) warned about by GenericPE.__deepcopy__
 
 
 NAME = "name"
@@ -219,7 +223,8 @@ class GenericPE(_CoreGenericPE):
     def __deepcopy__(self, memo: dict[int, Any]) -> GenericPE:
         """A copy for a run's instance, in the process that built the PE (simple, async; a worker process
         copies what it unpickled). An attribute that cannot be deep-copied (an open file, a lock, a
-        connection made in ``__init__``) is shared with the copy: dispel4py's simple mapping runs the PE
+        connection made in ``__init__``, or a dict holding one) is shared with the copy, with a warning
+        (once per class and attribute) that its instances share it: dispel4py's simple mapping runs the PE
         object itself, so such a PE ran there, and still does."""
         clone = type(self).__new__(type(self))
         memo[id(self)] = clone
@@ -227,10 +232,18 @@ class GenericPE(_CoreGenericPE):
             known = set(memo)
             try:
                 clone.__dict__[name] = copy.deepcopy(value, memo)
-            except Exception:
+            except (TypeError, copy.Error) as exc:  # what copy and pickle raise for what they cannot copy
                 for key in set(memo) - known:  # the copies begun before it failed
                     del memo[key]
                 clone.__dict__[name] = value
+                if (type(self), name) not in _SHARED_ATTRIBUTES:
+                    _SHARED_ATTRIBUTES.add((type(self), name))
+                    logger.warning(
+                        "PE %s: attribute %r cannot be copied (%s); the PE's instances share it",
+                        getattr(self, "id", type(self).__name__),
+                        name,
+                        exc,
+                    )
         return clone
 
     def __reduce_ex__(self, protocol: Any) -> Any:

@@ -143,7 +143,9 @@ def _not_a_gcs(address: str) -> str | None:
     with probe:
         try:
             probe.sendall(_HTTP2_PREFACE)
-            answer = probe.recv(9)
+            answer = b""
+            while len(answer) < 4 and (piece := probe.recv(9 - len(answer))):
+                answer += piece
         except TimeoutError:
             return f"no answer within {PROBE_TIMEOUT:g} s"
         except OSError:  # the connection was reset: by a server that does not speak HTTP/2
