@@ -645,8 +645,8 @@ class _Actor(Invoker):
                 self.stats.items_in += len(items)
                 self.stats.queued_items = inbox.queued_items
                 try:
-                    started = time.perf_counter()
                     self._busy_begin()
+                    started = self.busy_since
                     try:
                         if self.traced:
                             assert self.recorder is not None

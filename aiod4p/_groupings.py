@@ -139,11 +139,10 @@ class RoundRobin(Shuffle):
     an ungrouped stateful PE sees never depends on timing.
     """
 
-    def candidates(self, parallelism: int, index: int, aligned: bool) -> tuple[int, ...]:
-        # Every instance, in instance order, even between equal parallelisms on the same workers (which shuffle
-        # joins one to one): each of dispel4py's senders deals to them all, starting sender ``index`` at
-        # instance ``index`` (the router's start).
-        return tuple(range(parallelism))
+    # Every instance, in instance order, even between equal parallelisms on the same workers (which shuffle
+    # joins one to one): each of dispel4py's senders deals to them all, starting sender ``index`` at
+    # instance ``index`` (the router's start).
+    candidates = Grouping.candidates
 
     def router(self, count: int, start: int, sender: str, dest: str) -> Router:
         return _RoundRobin(count, start) if count > 1 else Router(count)

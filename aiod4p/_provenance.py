@@ -33,7 +33,7 @@ import tempfile
 import time
 from collections.abc import Callable, Hashable, Iterable, Mapping
 from dataclasses import dataclass, field
-from datetime import UTC
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, TextIO
 
 from ._groupings import KeyRouter
@@ -344,9 +344,10 @@ class _QName(str):
 
 
 _Record = tuple[str, str, str, dict[str, Any]]
-"""``(kind, first, second, attributes)``: an element (``agent``, ``entity``, ``activity``: ``first`` is its id;
-an activity's ``second`` is its start and end time, ``START END``) or a relation (``first`` and ``second``
-are its two terms, as :data:`_TERMS` names them). Ids and attribute names are qualified (``aiod4p:...``)."""
+"""``(kind, first, second, attributes)``: an element (``agent``, ``entity``, ``activity``: ``first`` is its id,
+``second`` empty; an activity's attributes start with ``prov:startTime`` and ``prov:endTime``) or a relation
+(``first`` and ``second`` are its two terms, as :data:`_TERMS` names them). Ids and attribute names are
+qualified (``aiod4p:...``)."""
 
 _TERMS = {
     "actedOnBehalfOf": ("prov:delegate", "prov:responsible"),
@@ -383,14 +384,18 @@ def _records(found: list[_Part]) -> Iterable[_Record]:
             yield "entity", prefix + entity, "", {"prov:value": value, "prov:type": _QName(prefix + "Input")}
         everything = [entity for activity in part.activities for entity in activity.used or ()]
         for activity in part.activities:
-            attrs: dict[str, Any] = {prefix + "stage": activity.stage}
+            attrs: dict[str, Any] = {
+                "prov:startTime": _time(activity.started),
+                "prov:endTime": _time(activity.ended or activity.started),
+                prefix + "stage": activity.stage,
+            }
             if activity.port is not None:
                 attrs[prefix + "port"] = activity.port
             if part.level == "pe":
                 attrs.update({f"{prefix}in_{port}": count for port, count in part.items_in.items()})
                 attrs.update({f"{prefix}out_{port}": count for port, count in part.items_out.items()})
             identifier = prefix + activity.id
-            yield "activity", identifier, f"{activity.started} {activity.ended or activity.started}", attrs
+            yield "activity", identifier, "", attrs
             yield "wasAssociatedWith", identifier, agent, {}
             # postprocess (used is None) used whatever the instance used: its state may hold any of it
             for entity in everything if activity.used is None else activity.used:
@@ -459,8 +464,8 @@ def document(stats: Iterable[InstanceStats]) -> ProvDocument:
 
     for kind, first, second, attrs in _records(found):
         if kind == "activity":
-            started, ended = map(float, second.split())
-            doc.activity(q(first), _time(started), _time(ended), attributes(attrs))
+            started, ended = attrs.pop("prov:startTime"), attrs.pop("prov:endTime")
+            doc.activity(q(first), started, ended, attributes(attrs))
         elif kind in _TERMS:
             getattr(doc, kind)(q(first), q(second))
         else:
@@ -469,9 +474,7 @@ def document(stats: Iterable[InstanceStats]) -> ProvDocument:
     return result
 
 
-def _time(seconds: float) -> Any:
-    from datetime import datetime
-
+def _time(seconds: float) -> datetime:
     return datetime.fromtimestamp(seconds, UTC)
 
 
@@ -541,9 +544,6 @@ def _write_json(records: Iterable[_Record], out: TextIO, spool: str) -> None:
                 first_term, second_term = _TERMS[kind]
                 section.write(f'"_:id{anonymous}": {encode({first_term: first, second_term: second, **fields})}')
                 continue
-            if kind == "activity":
-                started, ended = (_time(float(seconds)).isoformat() for seconds in second.split())
-                fields = {"prov:startTime": started, "prov:endTime": ended, **fields}
             section.write(f"{encode(first)}: {encode(fields)}")
         out.write(f'{{"prefix": {encode(dict([NAMESPACE]))}')
         for kind, section in kinds.items():
@@ -558,6 +558,8 @@ def _json_value(value: Any) -> Any:
     """An attribute value as PROV-JSON writes it: a qualified name or a number typed, a string as it is."""
     if type(value) is _QName:
         return {"$": str(value), "type": "xsd:QName"}
+    if isinstance(value, datetime):  # an activity's start or end: written as prov writes them, untyped
+        return value.isoformat()
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         from prov.model import canonical_xsd_datatype
 
