@@ -302,12 +302,10 @@ class KeyRouter(Router):
     def split(self, items: list[Any]) -> list[list[Any]]:
         count = self.count
         if count > 1:
-            try:  # the common case, in one pass: every key is hashable and seen before
-                destinations = list(map(self.cache.__getitem__, map(self.get, items)))
-            except Exception:  # a new key, an unhashable one or a failing one: sorted out below
-                pass
-            else:
-                return self._deal(items, destinations)
+            # The common case, in one pass: every key hashable and seen before; else sorted out below.
+            parts = deal_by_key(items, self.get, self.cache, count)
+            if parts is not None:
+                return parts
         try:
             keys = list(map(self.get, items))
         except Exception:
@@ -328,14 +326,7 @@ class KeyRouter(Router):
             destinations = list(map(cache.__getitem__, keys))
         except TypeError:  # an unhashable key: hash each one
             return self._split_uncached(items, keys)
-        return self._deal(items, destinations)
-
-    def _deal(self, items: list[Any], destinations: list[int]) -> list[list[Any]]:
-        parts: list[list[Any]] = [[] for _ in range(self.count)]
-        appends = [part.append for part in parts]
-        for item, destination in zip(items, destinations, strict=True):
-            appends[destination](item)
-        return parts
+        return _deal(items, destinations, count)
 
     def _split_uncached(self, items: list[Any], keys: list[Any]) -> list[list[Any]]:
         count, single, owner = self.count, self.single, self.grouping.owner
@@ -353,6 +344,31 @@ class KeyRouter(Router):
                     f"{self.sender} cannot route item {reprlib.repr(item)} to {self.dest}: its {self.grouping}"
                     f" key failed ({type(exc).__name__}: {exc})"
                 ) from exc
+
+
+def _deal(items: list[Any], destinations: list[int], count: int) -> list[list[Any]]:
+    parts: list[list[Any]] = [[] for _ in range(count)]
+    appends = [part.append for part in parts]
+    for item, destination in zip(items, destinations, strict=True):
+        appends[destination](item)
+    return parts
+
+
+def _deal_by_key(
+    items: list[Any], key: Callable[[Any], Any], destinations: dict[Any, int], count: int
+) -> list[list[Any]] | None:
+    """``aiod4p._speedups.deal_by_key`` in Python, for an install without a C compiler (same contract)."""
+    try:
+        chosen = list(map(destinations.__getitem__, map(key, items)))
+    except Exception:
+        return None
+    return _deal(items, chosen, count)
+
+
+try:
+    from ._speedups import deal_by_key
+except ImportError:  # built without a C compiler
+    deal_by_key = _deal_by_key
 
 
 def group_by(*indices: int | str, key: Callable[[Any], Any] | None = None) -> GroupBy:

@@ -19,6 +19,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from aiod4p import ALL, ROUND_ROBIN, SHUFFLE, GraphError, Grouping, Router, WorkflowGraph, group_by, stable_hash
+from aiod4p import _groupings as groupings
 from aiod4p._groupings import as_grouping
 from aiod4p._plan import make_plan
 from aiod4p.compat.base import IterativePE as Dispel4pyIterativePE
@@ -107,6 +108,72 @@ def test_a_router_by_key_function_routes_unhashable_keys_and_several_indices() -
     by_indices = group_by(0, 2).router(2, 0, "PE a", "b.input")
     parts = by_indices.split([(i, "x", i % 3) for i in range(30)])
     assert all(stable_hash((a, c)) % 2 == d for d, part in enumerate(parts) for a, _, c in part)
+
+
+def _speedups() -> Any:
+    try:
+        from aiod4p import _speedups
+    except ImportError:
+        pytest.fail("aiod4p._speedups was not built: install a C compiler and Python's headers, then pip install -e .")
+    return _speedups
+
+
+def test_keyed_routing_deals_in_c_where_the_install_found_a_compiler() -> None:
+    assert groupings.deal_by_key is _speedups().deal_by_key
+
+
+DEALERS = [
+    pytest.param(lambda: _speedups().deal_by_key, id="c"),
+    pytest.param(lambda: groupings._deal_by_key, id="python"),
+]
+
+
+def _first_or_fail(item: tuple[Any, ...]) -> Any:
+    if item[0] == "fails":
+        raise ValueError("no key")
+    return item[0]
+
+
+@pytest.mark.parametrize("dealer", DEALERS)
+@given(
+    keys=st.lists(st.sampled_from(["a", "b", 3, (1, 2), ["unhashable"], "fails", "unknown"]), max_size=40),
+    count=st.integers(1, 4),
+    seed=st.integers(0, 1000),
+)
+def test_deal_by_key_deals_known_keys_in_order_and_gives_up_on_any_other(
+    dealer: Any, keys: list[Any], count: int, seed: int
+) -> None:
+    destinations = {key: (seed + index) % count for index, key in enumerate(["a", "b", 3, (1, 2)])}
+    items = [(key, index) for index, key in enumerate(keys)]
+    dealt = dealer()(items, _first_or_fail, destinations, count)
+    if any(isinstance(key, list) or key in ("fails", "unknown") for key in keys):
+        assert dealt is None
+    else:
+        assert dealt == [[item for item in items if destinations[item[0]] == part] for part in range(count)]
+
+
+@pytest.mark.parametrize("dealer", DEALERS)
+def test_deal_by_key_lets_an_interrupt_through(dealer: Any) -> None:
+    def interrupted(item: Any) -> Any:
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        dealer()([1, 2], interrupted, {1: 0}, 2)
+
+
+def test_deal_by_key_in_c_survives_a_key_function_that_changes_the_batch() -> None:
+    items = list(range(10))
+
+    def shrinking(item: int) -> int:
+        del items[5:]
+        return item % 2
+
+    assert _speedups().deal_by_key(items, shrinking, {0: 0, 1: 1}, 2) == [[0, 2, 4], [1, 3]]
+    with pytest.raises(TypeError, match="a list, a callable, a dict and an int"):
+        _speedups().deal_by_key((1, 2), shrinking, {}, 2)
+    with pytest.raises(ValueError, match="count of at least 1"):
+        _speedups().deal_by_key([], shrinking, {}, 0)
+    assert _speedups().deal_by_key([1], lambda item: item, {1: 5}, 2) is None  # no such destination
 
 
 def test_a_router_names_the_item_whose_key_fails() -> None:
