@@ -222,9 +222,11 @@ def test_every_keyword_the_docs_give_a_public_class_or_function_is_one_it_takes(
     and not in the docs fails the user's copy of it with a ``TypeError``."""
     import aiod4p.sources
     import aiod4p.windows
-    from aiod4p.mappings import multi, ray, storm
+    from aiod4p.mappings import _host, _shipping, multi, ray, storm
+    from aiod4p.transports import pipes
 
-    namespaces = [aiod4p, aiod4p.sources, aiod4p.windows, multi, ray, storm]
+    # the public API, and the worker host's, which docs/worker-host.md teaches to build a mapping with
+    namespaces = [aiod4p, aiod4p.sources, aiod4p.windows, multi, ray, storm, _host, _shipping, pipes]
     wrong, checked = [], 0
     for doc in DOCS:
         text = doc.read_text()
