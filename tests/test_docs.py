@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import inspect
 import re
+import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -247,3 +248,15 @@ def test_every_keyword_the_docs_give_a_public_class_or_function_is_one_it_takes(
             wrong += [f"{where}: {name}({keyword}=)" for keyword in keywords if keyword not in parameters]
     assert checked > 30, checked  # the extraction still finds the docs' calls
     assert not wrong, "keywords the callable does not take:\n" + "\n".join(wrong)
+
+
+def test_every_extra_the_docs_install_is_in_pyproject() -> None:
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    named = {
+        (doc.name, extra)
+        for doc in DOCS
+        for group in re.findall(r"(?:aiod4p|'\.)\[([a-z][a-z0-9,-]*)\]", doc.read_text())  # not [EXTRAS]
+        for extra in group.split(",")
+    }
+    assert len(named) >= 8, named  # the extraction still finds them
+    assert not {(doc, extra) for doc, extra in named if extra not in extras}, sorted(extras)
