@@ -1,7 +1,9 @@
-"""The docs name the command line as it is: every option an ``aiod4p`` command in README.md or docs/*.md
-gives exists in that command's parser, every choice a table of an option's values lists is one the
-option takes, and every default the prose quotes for an option is the one the parser (or its help,
-where the parser leaves the default to the run) has. Parsing only: nothing runs."""
+"""The docs name the code as it is, checked mechanically (parsing only: nothing runs): every option an
+``aiod4p`` command in README.md or docs/*.md gives exists in that command's parser, and so does every
+``--option`` they name; every default they quote for an option is the parser's (or its help's, where the
+parser leaves it to the run); a table of an option's values lists its choices; docs/cli.md's synopsis
+lists every option of every command; a keyword given to a function or class of aiod4p is one it takes;
+an extra to install is one pyproject.toml has. What the docs' commands print is tests/test_readme.py's."""
 
 from __future__ import annotations
 
@@ -14,7 +16,12 @@ from pathlib import Path
 
 import pytest
 
+import aiod4p
+import aiod4p.sources
+import aiod4p.windows
 from aiod4p._cli import _parser
+from aiod4p.mappings import _host, _shipping, multi, ray, storm
+from aiod4p.transports import pipes
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -221,11 +228,6 @@ def test_the_synopsis_of_docs_cli_md_lists_every_option_of_every_command() -> No
 def test_every_keyword_the_docs_give_a_public_class_or_function_is_one_it_takes() -> None:
     """``LineStream(source=...)``, ``Checkpointing(interval=..., keep=...)``: a keyword renamed in the code
     and not in the docs fails the user's copy of it with a ``TypeError``."""
-    import aiod4p.sources
-    import aiod4p.windows
-    from aiod4p.mappings import _host, _shipping, multi, ray, storm
-    from aiod4p.transports import pipes
-
     # the public API, and the worker host's, which docs/worker-host.md teaches to build a mapping with
     namespaces = [aiod4p, aiod4p.sources, aiod4p.windows, multi, ray, storm, _host, _shipping, pipes]
     wrong, checked = [], 0
