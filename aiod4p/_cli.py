@@ -575,7 +575,11 @@ def _refused(path: Path, flags: int) -> str:
 
 
 def _records(count: int) -> str:
-    return f"{count} record{'s' if count != 1 else ''}"
+    return _counted(count, "record")
+
+
+def _counted(count: int, noun: str) -> str:
+    return f"{count} {noun}{'s' if count != 1 else ''}"
 
 
 def _aborted(signum: int, records: int, when: str) -> int:
@@ -923,7 +927,7 @@ def _science_command(args: argparse.Namespace) -> int:
         chain = lineage.trace(entity)
         sources = lineage.sources(entity)
         print(f"{entity} = {lineage.values.get(entity, '')}  (made by {lineage.made_by.get(entity, 'input')})")
-        print(f"  lineage: {len(chain) - 1} items; {len(sources)} sources:")
+        print(f"  lineage: {_counted(len(chain) - 1, 'item')}; {_counted(len(sources), 'source')}:")
         for source in sorted(sources, key=_natural):
             print(f"    {source} = {lineage.values.get(source, '')}  (made by {lineage.made_by.get(source, 'input')})")
     if args.draw is not None:

@@ -1793,6 +1793,12 @@ def _input_dict(pe: PE, pe_id: str, element: Any) -> Any:
         return {next(iter(ports)): element}
     if not ports and pe.takes_undeclared_inputs:
         return element
+    if isinstance(element, dict):  # a dict that names ports the PE has not: say which
+        unknown = sorted(repr(port) for port in element.keys() - ports.keys())
+        raise InputError(
+            f"input for PE {pe_id} names {'ports' if len(unknown) > 1 else 'port'} {', '.join(unknown)}, which it"
+            f" does not have (its input ports: {sorted(ports) or 'none'}), in {reprlib.repr(element)}"
+        )
     raise InputError(
         f"input for PE {pe_id} must be a dict of its input ports (ports: {sorted(ports) or 'none'}),"
         f" got {reprlib.repr(element)}"

@@ -609,7 +609,8 @@ class Lineage:
             return partial
         # Without results, the file may be of level pe, which records none: say what it takes.
         hint = "" if results else "; item-level provenance (--provenance-level item) is needed to trace single results"
-        raise Aiod4pError(f"no entity or result matches {wanted!r} ({len(results)} results recorded{hint})")
+        recorded = f"{len(results)} result{'' if len(results) == 1 else 's'} recorded"
+        raise Aiod4pError(f"no entity or result matches {wanted!r} ({recorded}{hint})")
 
     def trace(self, entity: str) -> list[str]:
         """Every entity ``entity`` derives from, transitively, itself first (breadth first)."""

@@ -877,7 +877,12 @@ def test_aiod4ps_own_pes_refuse_undeclared_input_ports() -> None:
     # misspelt port fails the run instead of being silently ignored.
     graph = aiod4p.WorkflowGraph()
     graph.add(NativeOne())
-    with pytest.raises(InputError, match=r"must be a dict of its input ports \(ports: none\), got \{'input': 'f'\}"):
+    # The error says which port the dict names that the PE has not (it said the input "must be a dict" of a dict).
+    with pytest.raises(
+        InputError,
+        match=r"input for PE NativeOne\d+ names port 'input', which it does not have \(its input ports: none\),"
+        r" in \{'input': 'f'\}$",
+    ):
         aiod4p.run(graph, {"NativeOne": [{"input": "f"}]}, mapping="async")
 
 

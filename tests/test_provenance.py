@@ -278,6 +278,15 @@ def test_cli_records_traces_and_draws(tmp_path: Path) -> None:
     assert all(synopsis in (ROOT / doc).read_text() for doc in ("README.md", "docs/cli.md"))
 
 
+def test_cli_trace_counts_one_item_and_one_source_in_the_singular(tmp_path: Path) -> None:
+    # `aiod4p provenance FILE --trace` said "lineage: 1 items; 1 sources:".
+    path = record(tmp_path, "async", None)
+    traced = cli("provenance", str(path), "--trace", "('lazy', 1)", cwd=tmp_path)
+    assert traced.returncode == 0, traced.stderr
+    assert "; 1 source:\n" in traced.stdout and "1 sources" not in traced.stdout, traced.stdout
+    assert re.search(r"lineage: \d+ items?; ", traced.stdout) and "lineage: 1 items" not in traced.stdout
+
+
 def test_cli_listing_into_a_closed_pipe_ends_quietly(tmp_path: Path) -> None:
     path = record(tmp_path, "async", None)
     reader, writer = os.pipe()
@@ -295,7 +304,7 @@ def test_a_result_not_found_in_an_item_level_file_is_not_blamed_on_the_level() -
     lineage = aiod4p.Lineage(values={"aiod4p:Sum1.0.0": "('ST01', 0.5)"}, kinds={"aiod4p:Sum1.0.0": "aiod4p:Result"})
     with pytest.raises(aiod4p.Aiod4pError) as caught:
         lineage.find("ST02")
-    assert str(caught.value) == "no entity or result matches 'ST02' (1 results recorded)"
+    assert str(caught.value) == "no entity or result matches 'ST02' (1 result recorded)"  # was "1 results"
     with pytest.raises(aiod4p.Aiod4pError, match=r"\(0 results recorded; item-level provenance \(--provenance-level"):
         aiod4p.Lineage().find("ST02")
 
