@@ -84,6 +84,21 @@ class FailsAt(IterativePE):
         return item
 
 
+class NotesTopologyThenFails(IterativePE):
+    """On an MPI rank: writes to ``path`` the topology file (``/tmp/hydra_hwloc_xmlfile_*``) that the rank's
+    Hydra proxy holds for the job, then fails the run."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__()
+        self.path = path
+
+    def process_item(self, item: int) -> None:
+        proxy = os.getppid()
+        held = [os.readlink(f"/proc/{proxy}/fd/{fd}") for fd in os.listdir(f"/proc/{proxy}/fd")]
+        Path(self.path).write_text("\n".join(p for p in held if p.startswith("/tmp/hydra_hwloc_xmlfile_")))
+        raise ValueError("failing on purpose")
+
+
 def keyed() -> WorkflowGraph:
     graph = WorkflowGraph()
     tag = Tag()
@@ -303,3 +318,17 @@ def test_a_failed_multi_run_leaves_no_process_and_the_next_run_is_right() -> Non
             aiod4p.run(failing(at), 50, mapping="multi", workers=2)
         assert sorted(aiod4p.run(graph, N, mapping="multi", workers=2).data()) == EXPECTED_TOTALS
     assert_same_resources(before, resources())
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_a_failed_mpi_run_leaves_no_topology_file_in_tmp(tmp_path: Path) -> None:
+    pytest.importorskip("mpi4py")
+    noted = tmp_path / "topology"
+    graph = WorkflowGraph()
+    graph.connect(Count(), "output", NotesTopologyThenFails(str(noted)), "input")
+    with pytest.raises(aiod4p.PEError, match="failing on purpose"):
+        aiod4p.run(graph, 1, mapping="mpi", workers=2)
+    files = noted.read_text().split()
+    # Hydra's proxy removes its file only when it exits by itself; a rank's MPI_Abort left it, one per run.
+    assert files and not [path for path in files if Path(path).exists()]
+    assert sorted(aiod4p.run(keyed(), N, mapping="mpi", workers=2).data()) == EXPECTED_TOTALS
