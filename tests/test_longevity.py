@@ -151,19 +151,23 @@ def resources() -> dict[str, Any]:
     loggers = logging.Logger.manager.loggerDict.items()
     handlers = [(name, len(logger.handlers)) for name, logger in loggers if isinstance(logger, logging.Logger)]
     return {
-        "fds": sorted(os.listdir("/proc/self/fd")),
-        "threads": sorted(thread.name for thread in threading.enumerate()),
-        "os threads": len(os.listdir("/proc/self/task")),
-        "children": children(),
+        "fds": set(os.listdir("/proc/self/fd")),
+        "threads": {thread.ident for thread in threading.enumerate()},
+        "os threads": set(os.listdir("/proc/self/task")),
+        "children": set(children()),
         "signal handlers": {int(s): signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)},
         "loggers": [*sorted(handlers), ("", len(logging.getLogger().handlers))],
-        "modules": len(sys.modules),
+        "modules": set(sys.modules),
     }
 
 
-def assert_same_resources(before: dict[str, Any], after: dict[str, Any]) -> None:
+def assert_nothing_left(before: dict[str, Any], after: dict[str, Any]) -> None:
+    """Nothing in ``after`` that ``before`` lacked (what an earlier test left may end meanwhile)."""
     for name, value in before.items():
-        assert after[name] == value, f"{name} changed: {value} -> {after[name]}"
+        if isinstance(value, set):
+            assert not after[name] - value, f"{name} left: {after[name] - value}"
+        else:
+            assert after[name] == value, f"{name} changed: {value} -> {after[name]}"
 
 
 # -- many runs in one process -----------------------------------------------------------------------------
@@ -183,7 +187,7 @@ def test_many_runs_in_one_process_keep_nothing(mapping: str, workers: int | None
     # Each instance's greenlet (the one that runs its PE's calls) outlived its run, frame and all: 4 to 6
     # per run here, tens of kB, for as long as the process lived.
     assert call_greenlets() == greenlets
-    assert_same_resources(before, resources())
+    assert_nothing_left(before, resources())
 
 
 def test_runs_from_other_threads_and_from_a_running_loop_keep_nothing() -> None:
@@ -204,8 +208,13 @@ def test_runs_from_other_threads_and_from_a_running_loop_keep_nothing() -> None:
         thread.join(30)
         assert not thread.is_alive()
         asyncio.run(in_a_loop())
+    # run() returns once the run has ended; its thread then closes the run's loop and ends
+    for thread in threading.enumerate():
+        if thread.name == "aiod4p run":
+            thread.join(10)
+            assert not thread.is_alive()
     assert call_greenlets() == greenlets
-    assert_same_resources(before, resources())
+    assert_nothing_left(before, resources())
 
 
 # -- concurrent runs ----------------------------------------------------------------------------------------
@@ -244,7 +253,7 @@ def test_concurrent_runs_on_worker_processes_do_not_mix_and_leave_no_process() -
     asyncio.run(main())
     before = resources()
     asyncio.run(main())
-    assert_same_resources(before, resources())
+    assert_nothing_left(before, resources())
 
 
 # -- cancelled and failed runs ------------------------------------------------------------------------------
@@ -317,7 +326,7 @@ def test_a_failed_multi_run_leaves_no_process_and_the_next_run_is_right() -> Non
         with pytest.raises(aiod4p.PEError, match=f"boom at {at}"):
             aiod4p.run(failing(at), 50, mapping="multi", workers=2)
         assert sorted(aiod4p.run(graph, N, mapping="multi", workers=2).data()) == EXPECTED_TOTALS
-    assert_same_resources(before, resources())
+    assert_nothing_left(before, resources())
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
