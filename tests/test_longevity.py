@@ -183,7 +183,7 @@ def test_many_runs_in_one_process_keep_nothing(mapping: str, workers: int | None
 
     runs(3)  # first-run imports and caches
     greenlets, before = call_greenlets(), resources()
-    runs(100)
+    runs(50)
     # Each instance's greenlet (the one that runs its PE's calls) outlived its run, frame and all: 4 to 6
     # per run here, tens of kB, for as long as the process lived.
     assert call_greenlets() == greenlets
