@@ -677,11 +677,20 @@ class _Actor(Invoker):
             if aligner is not None:
                 await aligner.finished()
         finally:
+            self._end_runner()
             self.stats.max_queued_items = self.inbox.max_queued_items
             self.stats.queued_items = self.inbox.queued_items
         if self.recorder is not None:
             self.stats.provenance = self.recorder.part()
         return self.stats
+
+    def _end_runner(self) -> None:
+        """End the greenlet that ran the PE's calls. Parked between two calls, it would outlive the run, with
+        its frame: the collector cannot look into a suspended greenlet's frames, so the cycle through them
+        (the frame refers to the greenlet) is never found, and every run of a process kept its instances'."""
+        runner, self.runner = self.runner, None
+        if runner:  # started, and not dead
+            runner.throw(greenlet.GreenletExit)
 
     async def _stage(self, stage: str, method: Any) -> None:
         """Run a lifecycle stage and route what it wrote."""

@@ -20,6 +20,7 @@ __all__ = [
     "NEEDS_MPI4PY",
     "find_mpiexec",
     "forget_shared_memory",
+    "hydra_topology_files",
     "job_frame",
     "job_rank",
     "job_size",
@@ -35,6 +36,9 @@ INSTALL_HINT = install_hint("mpi")
 NEEDS_MPI4PY = f"the mpi mapping needs mpi4py: {INSTALL_HINT}"
 # The shared-memory files MPICH maps in every rank of a node, as /proc/self/maps names them.
 _SHARED_MEMORY = re.compile(r"/dev/shm/mpich_shm_\S+")
+
+# The file in which MPICH's Hydra proxy hands the node's processor topology to its ranks (hwloc's XML).
+_HYDRA_TOPOLOGY = re.compile(r"/tmp/hydra_hwloc_xmlfile_\w+")
 
 # The rank and size variables of the process managers we know: MPICH's Hydra
 # (PMI), PMIx-based ones (Open MPI 5, Slurm), and Open MPI's own.
@@ -215,3 +219,25 @@ def forget_shared_memory() -> None:
     for path in set(_SHARED_MEMORY.findall(maps)):
         with contextlib.suppress(OSError):  # another rank of this node unlinked it first
             os.unlink(path)
+
+
+def hydra_topology_files(mpiexec: int) -> set[Path]:
+    """The topology files (``/tmp/hydra_hwloc_xmlfile_*``) that the children of process ``mpiexec`` (Hydra's
+    proxies on this machine) hold open; none without Linux's ``/proc``, or for another process manager.
+
+    A proxy removes its file when it exits by itself, not when a rank ends the job (``MPI_Abort``: a run that
+    failed) or the job is killed (an aborted run): each such run left one in ``/tmp``, and a process that
+    runs workflows for days would fill it. The launcher notes them while the job runs, and removes them once
+    the mpiexec is reaped.
+    """
+    found: set[Path] = set()
+    with contextlib.suppress(OSError):
+        for task in os.listdir(f"/proc/{mpiexec}/task"):
+            with contextlib.suppress(OSError, ValueError):
+                for child in Path(f"/proc/{mpiexec}/task/{task}/children").read_text().split():
+                    with contextlib.suppress(OSError):
+                        for fd in os.listdir(f"/proc/{int(child)}/fd"):
+                            with contextlib.suppress(OSError):
+                                if _HYDRA_TOPOLOGY.fullmatch(target := os.readlink(f"/proc/{child}/fd/{fd}")):
+                                    found.add(Path(target))
+    return found
