@@ -1497,6 +1497,8 @@ class Worker:
             PEError: a PE raised; every task of this worker has been cancelled.
             TransportError: a comm to another worker failed.
         """
+        if self.checkpoints is not None:
+            await self.checkpoints.started()
         feed_tasks = [
             asyncio.create_task(self._feed(ref, channel, self._feed_share(ref)), name=f"feed {ref}")
             for ref, channel in self._feed_channels.items()
