@@ -334,7 +334,7 @@ def arm(dags_: list[list[Node]], choice: Choice, case: MappingCase, **how: Any) 
 
 
 # -- what a run leaves behind ------------------------------------------------------------------------------
-GRACE = 5.0
+GRACE = 10.0
 """Seconds a thread or task that a run started may take to end once the run has ended."""
 
 
@@ -570,12 +570,15 @@ def test_a_worker_killed_at_a_random_moment_restarts_to_the_models_results(
         mapping = aiod4p.mappings.get_mapping("multi")
         results_file = directory / "results.jsonl"
         mapping.checkpointing = Checkpointing(
-            directory / "ck", interval=0.01, restarts=2, results_path=str(results_file)
+            directory / "ck", interval=0.02, restarts=2, results_path=str(results_file)
         )
 
         async def restarted() -> aiod4p.Results:
-            async with asyncio.timeout(DEADLINE):
-                return await aiod4p.run_async(armed.graph, 1, mapping=mapping, workers=workers, **armed.options)
+            async with (  # a run past the deadline is aborted (run_async would drain it)
+                asyncio.timeout(DEADLINE),
+                aiod4p.start(armed.graph, 1, mapping=mapping, workers=workers, **armed.options) as run,
+            ):
+                return await run.results()
 
         results = asyncio.run(restarted())
         assert (directory / "killed").exists(), "no worker was killed"
