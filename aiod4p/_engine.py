@@ -822,6 +822,8 @@ class _Actor(Invoker):
         future = asyncio.run_coroutine_threadsafe(self._route_handed_over(), loop)
         handovers = self.worker._handovers
         handovers.add(future)
+        if self.worker._aborting:  # aborted before the future was there to cancel (_abort_threads)
+            future.cancel()
         try:
             future.result()
         finally:
