@@ -1166,6 +1166,12 @@ class WorkerCheckpoints:
             self._saving -= 1
             self._settle()
 
+    async def started(self) -> None:
+        """The worker starts: one with no instance has finished them all, and says so at once (its launcher's
+        results gate would otherwise wait for it for ever, once it ended before a checkpoint reached it)."""
+        if self.on_all_finished is not None and not self.worker.actors:
+            await self.on_all_finished([])
+
     async def finish(self, aligner: Aligner, state: dict[str, Any]) -> None:
         ref = aligner.actor.ref
         self._final[ref] = (aligner, _pickled(ref, state))

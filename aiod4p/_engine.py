@@ -831,6 +831,8 @@ class _Actor(Invoker):
         future = asyncio.run_coroutine_threadsafe(self._route_handed_over(), loop)
         handovers = self.worker._handovers
         handovers.add(future)
+        if self.worker._aborting:  # aborted before the future was there to cancel (_abort_threads)
+            future.cancel()
         try:
             future.result()
         finally:
@@ -1506,6 +1508,8 @@ class Worker:
             PEError: a PE raised; every task of this worker has been cancelled.
             TransportError: a comm to another worker failed.
         """
+        if self.checkpoints is not None:
+            await self.checkpoints.started()
         feed_tasks = [
             asyncio.create_task(self._feed(ref, channel, self._feed_share(ref)), name=f"feed {ref}")
             for ref, channel in self._feed_channels.items()

@@ -32,7 +32,7 @@ from ckpt_workflows import (
 )
 from helpers import recorded_supervisors
 
-from aiod4p import IterativePE, WorkflowGraph, run, run_async, start
+from aiod4p import IterativePE, ProducerPE, WorkflowGraph, run, run_async, start
 from aiod4p._checkpoint import Checkpointing, CheckpointStore
 from aiod4p.errors import CheckpointError, PeerDied, TransportError, WorkerDied
 from aiod4p.mappings import get_mapping
@@ -547,3 +547,43 @@ async def test_a_restore_after_a_copytruncate_reads_the_new_lines_from_the_top(t
             await live.results()
     written = [json.loads(line)["data"] for line in results.read_text().splitlines()]
     assert sorted(written, key=int) == [str(n) for n in range(1, 8)]  # each once (multi: in any order)
+
+
+class _PausedNumbers(ProducerPE):
+    """0 to 99; after 10 of them, waits until its own part of checkpoint 1 is written (it snapshotted at
+    barrier 1): the others are results written after barrier 1."""
+
+    def __init__(self, directory: str) -> None:
+        super().__init__()
+        self.directory = directory
+
+    async def produce(self) -> AsyncIterator[int]:
+        part = Path(self.directory, "chk-00000001", f"{self.id}.0.state")
+        for number in range(100):
+            if number == 10:
+                while not part.exists():  # noqa: ASYNC110, ASYNC240 - one stat; the checkpoint writes it
+                    await asyncio.sleep(0.005)  # ok-sleep: polls a file the checkpoint writes
+            yield number
+
+
+class _Pass(IterativePE):
+    def process_item(self, item: int) -> int:
+        return item
+
+
+async def test_a_worker_with_no_instance_does_not_hold_the_results_back(tmp_path: Path) -> None:
+    """-n 3 with every PE on worker 0: workers 1 and 2 have no instance, and end before the first checkpoint
+    (0.5 s). They used to never report their (no) final states, so the launcher's results gate waited for
+    them for ever: checkpoints never completed, and the results written after barrier 1 were lost, the run
+    ending well with 10 of its 100 results (also in the --results file)."""
+    graph = WorkflowGraph()
+    source = _PausedNumbers(str(tmp_path / "ck"))
+    source.parallelism = 1
+    graph.connect(source, "output", passed := _Pass(), "input")
+    passed.parallelism = 1
+    results = tmp_path / "results.jsonl"
+    checkpointed = _multi(tmp_path / "ck", results, interval=0.5)
+    async with asyncio.timeout(60):
+        got = await run_async(graph, 1, mapping=checkpointed, workers=3)
+    assert sorted(got.data()) == list(range(100))
+    assert sorted(json.loads(line)["data"] for line in results.read_text().splitlines()) == list(range(100))

@@ -428,3 +428,64 @@ def test_threaded_pes_give_the_same_results_on_every_mapping(mapping: MappingCas
 def test_the_cli_names_an_unknown_threaded_pe(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["run", "workflows:sleepy", "-i", "1", "--threaded", "Nope", "-q"]) == 2  # by name: not reloaded
     assert "--threaded Nope: the workflow has no such PE (PEs: Count" in capsys.readouterr().err
+
+
+class _One(ProducerPE):
+    def produce(self) -> int:
+        return 1
+
+
+class _Flood(IterativePE):
+    """Threaded: one call writes 1,000 items (each write may hand the buffered ones over, waiting for credit)."""
+
+    threaded = True
+
+    def process_item(self, item: int) -> None:
+        for number in range(1000):
+            self.write("output", number)
+
+
+class _Stuck(IterativePE):
+    """Takes its first batch and never finishes it: its upstream runs out of credit."""
+
+    async def process_item(self, item: int) -> None:
+        await asyncio.Event().wait()
+
+
+async def test_an_abort_between_a_hand_over_and_its_registration_still_ends_the_threaded_call(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A threaded call hands its writes over to the loop (``run_coroutine_threadsafe``), then registers the
+    future so that an abort cancels it. An abort in between used to leave it: the hand-over waited for credit
+    for ever, its pool thread with it, as long as the loop ran (an embedding service's)."""
+    schedule = asyncio.run_coroutine_threadsafe
+    calls, handing_over, aborted = 0, threading.Event(), threading.Event()
+
+    def late(coro: Any, loop: asyncio.AbstractEventLoop) -> Any:
+        nonlocal calls
+        future = schedule(coro, loop)
+        calls += 1
+        if calls == 3:  # the downstream has stopped taking batches: this hand-over waits for credit
+            handing_over.set()
+            aborted.wait(10)  # the abort comes now, before the caller registers the future
+        return future
+
+    abort = aiod4p._engine.Worker._abort_threads
+
+    def noted(self: aiod4p._engine.Worker) -> None:
+        abort(self)
+        aborted.set()
+
+    monkeypatch.setattr(asyncio, "run_coroutine_threadsafe", late)
+    monkeypatch.setattr(aiod4p._engine.Worker, "_abort_threads", noted)
+    graph = WorkflowGraph()
+    graph.connect(_One(), "output", flood := _Flood(), "input")
+    graph.connect(flood, "output", _Stuck(), "input")
+    async with asyncio.timeout(30):
+        run = aiod4p.start(graph, 1, mapping="async", batch_size=1, credits=1)
+        async with run:
+            assert await asyncio.to_thread(handing_over.wait, 10)
+        pool = [thread for thread in threading.enumerate() if thread.name.startswith("aiod4p-worker")]
+        for thread in pool:
+            await asyncio.to_thread(thread.join, 5)
+        assert [thread.name for thread in pool if thread.is_alive()] == []
