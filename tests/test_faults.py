@@ -44,6 +44,7 @@ import pytest
 from conftest import MappingCase
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from ray_cluster import RayCluster
 from test_properties import (
     SETTINGS,
     Affine,
@@ -480,11 +481,10 @@ def test_a_failing_pe_fails_the_run_across_processes(
 
 @settings(max_examples=examples(1), **FAULT_SETTINGS)
 @given(union=faulty_unions(6))
-def test_a_failing_pe_fails_the_run_on_ray(union: tuple[list[list[Node]], Choice], leftovers: Leftovers) -> None:
-    """One launch, where the suite runs a Ray cluster anyway (tests/test_properties.py's ray case starts it: some
-    30 s of start-up that this one test would not be worth)."""
-    if "RAY_ADDRESS" not in os.environ:
-        pytest.skip("no Ray cluster: the suite starts one for the tests of the ray mapping")
+def test_a_failing_pe_fails_the_run_on_ray(
+    union: tuple[list[list[Node]], Choice], leftovers: Leftovers, ray_cluster: RayCluster
+) -> None:
+    """One launch, on the session's Ray cluster (conftest's ``ray_cluster``, which the ray mapping joins)."""
     dags_, choice = union
     case = MappingCase("ray", 2)
     fails_naming_the_pe(arm(dags_, choice, case), case, leftovers)
