@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from aiod4p import InstanceStats
+from aiod4p import InstanceStats, WorkflowGraph
 from aiod4p.mappings._host import Supervisor
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -275,3 +275,15 @@ def run_notebook_flow(*mappings: str, how: str = "python - < script", timeout: f
         result = subprocess.run(command, input=stdin, capture_output=True, text=True, timeout=timeout, env=env)
     assert result.returncode == 0, result.stderr
     return [json.loads(line) for line in result.stdout.splitlines()]
+
+
+def add_graph(combined: WorkflowGraph, graph: WorkflowGraph) -> None:
+    """Add every PE and edge of ``graph`` (flattened) to ``combined``, keeping the PEs' ids: graphs run
+    side by side as one workflow, a launch for all of them."""
+    flat = graph.flatten()
+    for pe in flat.pes.values():
+        combined.add(pe)
+    for edge in flat.edges:
+        combined.connect(
+            flat.pes[edge.source], edge.source_port, flat.pes[edge.dest], edge.dest_port, grouping=edge.grouping
+        )

@@ -864,12 +864,16 @@ class Echo(ProducerPE):
 
 
 def test_a_root_with_no_input_ports_takes_bare_items_as_dispel4py(d4p: Any, mapping: MappingCase) -> None:
+    # Two roots side by side, one launch: one fed bare items, the other a count.
     graph = d4p.workflow_graph.WorkflowGraph()
     graph.add(echo := Echo())
+    graph.add(counted := Echo())
     items = [1, [1, 2], "x", None, {"a": 1}, {}, 0, [], False]
-    got = mapping.run(graph, {echo.id: items}).data()
+    results = mapping.run(graph, {echo.id: items, counted.id: 2})
+    assert {record.pe for record in results} == {echo.id, counted.id}
+    got = results.data(echo.id)
     assert sorted(map(repr, got)) == sorted(repr(["got", item]) for item in items)
-    assert mapping.run(graph, {echo.id: 2}).data() == [["got", {}], ["got", {}]]
+    assert results.data(counted.id) == [["got", {}], ["got", {}]]
 
 
 def test_aiod4ps_own_pes_refuse_undeclared_input_ports() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter, defaultdict
+from collections.abc import Callable
 from decimal import Decimal
 from fractions import Fraction
 
@@ -11,20 +12,82 @@ import numpy as np
 import pytest
 import workflows as wf
 from conftest import MappingCase
+from helpers import add_graph
 
-from aiod4p import ALL, GLOBAL, IterativePE, PEError, WorkflowGraph, chain, group_by
+from aiod4p import ALL, GLOBAL, IterativePE, PEError, Results, WorkflowGraph, chain, group_by
+
+
+def _connection_grouping_graph() -> WorkflowGraph:
+    graph = WorkflowGraph()
+    tag, who = wf.Tag(), wf.WhoSawWhat(None, parallelism=2)
+    graph.connect(wf.Count(), "output", tag, "input")
+    graph.connect(tag, "output", who, "input", grouping=ALL)
+    return graph
+
+
+def _nested_composites_graph() -> WorkflowGraph:
+    graph = WorkflowGraph()
+    inner = chain(wf.Double(), wf.Double())
+    outer = chain(inner, wf.lambda_free_increment)
+    graph.connect(wf.Count(), "output", outer, "input")
+    return graph
+
+
+def _postprocess_graph() -> WorkflowGraph:
+    graph = WorkflowGraph()
+    graph.connect(wf.Count(), "output", wf.SumAtEnd(), "input")
+    return graph
+
+
+# The graphs of the tests below that feed their roots a count, and each one's count: they run side by
+# side as one workflow, once per mapping (a launch per mapping, as tests/test_differential.py runs the
+# examples, instead of one per test and mapping); each test checks its own graph's results.
+SIDE_BY_SIDE: dict[str, tuple[Callable[[], WorkflowGraph], int]] = {
+    "pipeline": (lambda: wf.pipeline(3)[0], 100),
+    "group_by": (lambda: wf.grouping_graph(group_by(0), parallelism=3), 300),
+    "mixed_keys": (lambda: wf.mixed_number_keys(float, np.float32, Fraction, Decimal), 40),
+    "key_function": (lambda: wf.grouping_graph(group_by(key=wf.first_element), parallelism=2), 50),
+    "all": (lambda: wf.grouping_graph(ALL, parallelism=3), 40),
+    "global": (lambda: wf.grouping_graph(GLOBAL, parallelism=None), 60),
+    "shuffle": (lambda: wf.grouping_graph(None, parallelism=3), 90),
+    "connection_grouping": (_connection_grouping_graph, 10),
+    "fan_out_in": (wf.fan_out_in, 20),
+    "multi_edge": (wf.multi_edge, 10),
+    "composite": (wf.composite_graph, 10),
+    "nested_composites": (_nested_composites_graph, 5),
+    "postprocess": (_postprocess_graph, 100),
+}
+_SIDE_BY_SIDE_RUNS: dict[str, dict[str, tuple[WorkflowGraph, Results]]] = {}
+
+
+def side_by_side(mapping: MappingCase, name: str) -> tuple[WorkflowGraph, Results]:
+    """Graph ``name`` of :data:`SIDE_BY_SIDE` and its results (its own PEs' records) on ``mapping``."""
+    if mapping.id not in _SIDE_BY_SIDE_RUNS:
+        combined = WorkflowGraph()
+        inputs: dict[str, int] = {}
+        parts: dict[str, WorkflowGraph] = {}
+        for key, (build, count) in SIDE_BY_SIDE.items():
+            parts[key] = graph = build()
+            add_graph(combined, graph)
+            inputs.update(dict.fromkeys(graph.flatten().roots(), count))
+        records = mapping.run(combined, inputs).records
+        runs = {}
+        for key, graph in parts.items():
+            pes = graph.flatten().pes
+            runs[key] = graph, Results([record for record in records if record.pe in pes])
+        assert sum(len(results) for _, results in runs.values()) == len(records)
+        _SIDE_BY_SIDE_RUNS[mapping.id] = runs
+    return _SIDE_BY_SIDE_RUNS[mapping.id][name]
 
 
 def test_pipeline_results(mapping: MappingCase) -> None:
-    graph, _ = wf.pipeline(3)
-    results = mapping.run(graph, 100)
+    graph, results = side_by_side(mapping, "pipeline")
     assert sorted(results.data()) == [i * 8 for i in range(100)]
     assert {(r.pe, r.port) for r in results} == {(graph.pes[-1].id, "output")}
 
 
 def test_group_by_sends_each_key_to_exactly_one_instance(mapping: MappingCase) -> None:
-    graph = wf.grouping_graph(group_by(0), parallelism=3)
-    results = mapping.run(graph, 300)
+    _, results = side_by_side(mapping, "group_by")
     instances_per_key: dict[int, set[int]] = defaultdict(set)
     for instance, (key, _item) in results.data():
         instances_per_key[key].add(instance)
@@ -36,8 +99,7 @@ def test_group_by_sends_each_key_to_exactly_one_instance(mapping: MappingCase) -
 def test_group_by_sends_equal_keys_of_other_number_types_to_one_instance(mapping: MappingCase) -> None:
     # np.float32(0.5) == 0.5 == Fraction(1, 2) in Python: one key, whichever branch (a FITS column, a
     # Python computation) it came from.
-    graph = wf.mixed_number_keys(float, np.float32, Fraction, Decimal)
-    results = mapping.run(graph, 40)
+    _, results = side_by_side(mapping, "mixed_keys")
     instances_per_key: dict[float, set[int]] = defaultdict(set)
     for instance, (key, _item) in results.data():
         instances_per_key[float(key)].add(instance)
@@ -47,8 +109,7 @@ def test_group_by_sends_equal_keys_of_other_number_types_to_one_instance(mapping
 
 
 def test_group_by_key_function(mapping: MappingCase) -> None:
-    graph = wf.grouping_graph(group_by(key=wf.first_element), parallelism=2)
-    results = mapping.run(graph, 50)
+    _, results = side_by_side(mapping, "key_function")
     instances_per_key: dict[int, set[int]] = defaultdict(set)
     for instance, (key, _item) in results.data():
         instances_per_key[key].add(instance)
@@ -57,8 +118,7 @@ def test_group_by_key_function(mapping: MappingCase) -> None:
 
 
 def test_all_gives_every_instance_every_item(mapping: MappingCase) -> None:
-    graph = wf.grouping_graph(ALL, parallelism=3)
-    results = mapping.run(graph, 40)
+    _, results = side_by_side(mapping, "all")
     per_instance = Counter(instance for instance, _ in results.data())
     parallelism = 1 if mapping.name == "simple" else 3
     assert per_instance == dict.fromkeys(range(parallelism), 40)
@@ -67,15 +127,13 @@ def test_all_gives_every_instance_every_item(mapping: MappingCase) -> None:
 
 
 def test_global_sends_everything_to_one_instance(mapping: MappingCase) -> None:
-    graph = wf.grouping_graph(GLOBAL, parallelism=None)
-    results = mapping.run(graph, 60)
+    _, results = side_by_side(mapping, "global")
     assert {instance for instance, _ in results.data()} == {0}
     assert len(results) == 60
 
 
 def test_shuffle_spreads_over_instances(mapping: MappingCase) -> None:
-    graph = wf.grouping_graph(None, parallelism=3)
-    results = mapping.run(graph, 90)
+    _, results = side_by_side(mapping, "shuffle")
     per_instance = Counter(instance for instance, _ in results.data())
     assert sum(per_instance.values()) == 90
     if mapping.name != "simple":
@@ -83,44 +141,36 @@ def test_shuffle_spreads_over_instances(mapping: MappingCase) -> None:
 
 
 def test_connection_grouping_overrides_the_port(mapping: MappingCase) -> None:
-    graph = WorkflowGraph()
-    tag, who = wf.Tag(), wf.WhoSawWhat(None, parallelism=2)
-    graph.connect(wf.Count(), "output", tag, "input")
-    graph.connect(tag, "output", who, "input", grouping=ALL)
-    results = mapping.run(graph, 10)
+    _, results = side_by_side(mapping, "connection_grouping")
     expected = 10 * (1 if mapping.name == "simple" else 2)
     assert len(results) == expected
 
 
 def test_fan_out_and_fan_in(mapping: MappingCase) -> None:
-    results = mapping.run(wf.fan_out_in(), 20)
+    _, results = side_by_side(mapping, "fan_out_in")
     by_port = Counter(port for port, _ in results.data())
     assert by_port == {"left": 20, "right": 20}
     assert sorted(item for port, item in results.data() if port == "left") == [2 * i for i in range(20)]
 
 
 def test_two_connections_between_the_same_ports_are_two_edges(mapping: MappingCase) -> None:
-    results = mapping.run(wf.multi_edge(), 10)
+    _, results = side_by_side(mapping, "multi_edge")
     assert sorted(results.data()) == sorted([2 * i for i in range(10)] * 2)
 
 
 def test_composite_chain(mapping: MappingCase) -> None:
-    results = mapping.run(wf.composite_graph(), 10)
+    _, results = side_by_side(mapping, "composite")
     assert sorted(results.data()) == [((i * 2) + 1) * 2 for i in range(10)]
 
 
 def test_nested_composites(mapping: MappingCase) -> None:
-    graph = WorkflowGraph()
-    inner = chain(wf.Double(), wf.Double())
-    outer = chain(inner, wf.lambda_free_increment)
-    graph.connect(wf.Count(), "output", outer, "input")
-    assert sorted(mapping.run(graph, 5).data()) == [i * 4 + 1 for i in range(5)]
+    _, results = side_by_side(mapping, "nested_composites")
+    assert sorted(results.data()) == [i * 4 + 1 for i in range(5)]
 
 
 def test_write_in_postprocess(mapping: MappingCase) -> None:
-    graph = WorkflowGraph()
-    graph.connect(wf.Count(), "output", wf.SumAtEnd(), "input")
-    assert mapping.run(graph, 100).data() == [sum(range(100))]
+    _, results = side_by_side(mapping, "postprocess")
+    assert results.data() == [sum(range(100))]
 
 
 def test_async_process_and_generator_source(mapping: MappingCase) -> None:

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import workflows as wf
 from conftest import MappingCase
-from helpers import aiod4p_cli
+from helpers import add_graph, aiod4p_cli
 
 import aiod4p
 from aiod4p import InstanceStats, PEError, Results, WorkflowGraph, WorkflowRun, group_by
@@ -58,12 +58,54 @@ def check_instances(run: WorkflowRun) -> None:
         assert (entry.batches_in == 0) == (entry.items_in == 0)
 
 
+@dataclasses.dataclass
+class StatsRun:
+    """The four graphs below, run side by side as one workflow on one mapping, and what each is."""
+
+    results: Results
+    run: WorkflowRun
+    pipeline: WorkflowGraph
+    source: wf.Count
+    broadcast: WorkflowGraph
+    grouped: WorkflowGraph
+    total: wf.SumAtEnd
+
+
+_STATS_RUNS: dict[str, StatsRun] = {}
+
+
+def stats_run(mapping: MappingCase) -> StatsRun:
+    """One run per mapping of a pipeline (N items), a broadcast (200), a group-by (300) and a
+    total written in postprocess (50), side by side: a launch per mapping instead of one per
+    test and mapping (an MPI job, a Ray job); each test checks its own graph's counts."""
+    if mapping.id not in _STATS_RUNS:
+        pipeline, source = wf.pipeline(3)
+        broadcast, grouped = wf.broadcast_graph(), wf.grouping_graph(group_by(0))
+        totals = WorkflowGraph()
+        totals.connect(wf.Count(), "output", total := wf.SumAtEnd(), "input")
+        combined = WorkflowGraph()
+        inputs: dict[str, int] = {}
+        for part, count in ((pipeline, N), (broadcast, 200), (grouped, 300), (totals, 50)):
+            add_graph(combined, part)
+            inputs.update(dict.fromkeys(part.flatten().roots(), count))
+        results, run = run_with_stats(mapping, combined, inputs)
+        _STATS_RUNS[mapping.id] = StatsRun(results, run, pipeline, source, broadcast, grouped, total)
+    return _STATS_RUNS[mapping.id]
+
+
+def only(results: Results, graph: WorkflowGraph) -> list[Any]:
+    """The data of ``graph``'s PEs among ``results``."""
+    pes = graph.flatten().pes
+    return [record.data for record in results.records if record.pe in pes]
+
+
 def test_pipeline_counts_match_items_processed(mapping: MappingCase) -> None:
-    graph, source = wf.pipeline(3)
-    results, run = run_with_stats(mapping, graph, N)
-    assert len(results.data()) == N
+    shared = stats_run(mapping)
+    graph, source, run = shared.pipeline, shared.source, shared.run
+    assert len(only(shared.results, graph)) == N
     check_instances(run)
-    grouped = by_pe(run.stats)
+    grouped = {pe_id: entries for pe_id, entries in by_pe(run.stats).items() if pe_id in graph.flatten().pes}
+    assert sorted(grouped) == sorted(graph.flatten().pes)
     assert sum(e.items_in for e in grouped[source.id]) == N  # feed elements
     for pe_id, entries in grouped.items():
         assert sum(e.items_in for e in entries) == N, pe_id
@@ -72,11 +114,11 @@ def test_pipeline_counts_match_items_processed(mapping: MappingCase) -> None:
 
 
 def test_broadcast_counts_every_copy(mapping: MappingCase) -> None:
-    graph = wf.broadcast_graph()  # Count -> Tag -> WhoSawWhat x3, grouping all
-    results, run = run_with_stats(mapping, graph, 200)
+    shared = stats_run(mapping)  # broadcast: Count -> Tag -> WhoSawWhat x3, grouping all
+    run = shared.run
     check_instances(run)
-    seen = Counter(instance for instance, _ in results.data())
-    (who,) = [pe for pe in run.plan.pes if pe.startswith("WhoSawWhat")]
+    seen = Counter(instance for instance, _ in only(shared.results, shared.broadcast))
+    (who,) = [pe for pe in shared.broadcast.flatten().pes if pe.startswith("WhoSawWhat")]
     per_instance = {e.instance: e for e in by_pe(run.stats)[who]}
     assert len(per_instance) == run.plan.placement[who].parallelism  # 1 on simple, else 3
     for index, entry in per_instance.items():
@@ -84,22 +126,20 @@ def test_broadcast_counts_every_copy(mapping: MappingCase) -> None:
 
 
 def test_group_by_counts_match_what_each_instance_got(mapping: MappingCase) -> None:
-    graph = wf.grouping_graph(group_by(0))
-    results, run = run_with_stats(mapping, graph, 300)
-    check_instances(run)
-    seen = Counter(instance for instance, _ in results.data())
-    (who,) = [pe for pe in run.plan.pes if pe.startswith("WhoSawWhat")]
-    for entry in by_pe(run.stats)[who]:
+    shared = stats_run(mapping)
+    check_instances(shared.run)
+    seen = Counter(instance for instance, _ in only(shared.results, shared.grouped))
+    (who,) = [pe for pe in shared.grouped.flatten().pes if pe.startswith("WhoSawWhat")]
+    for entry in by_pe(shared.run.stats)[who]:
         assert entry.items_in == entry.items_out == seen[entry.instance]
     assert sum(seen.values()) == 300
 
 
 def test_postprocess_output_is_counted(mapping: MappingCase) -> None:
-    graph = WorkflowGraph()
-    graph.connect(wf.Count(), "output", total := wf.SumAtEnd(), "input")
-    results, run = run_with_stats(mapping, graph, 50)
-    assert results.data() == [sum(range(50))]
-    (entry,) = by_pe(run.stats)[total.id]
+    shared = stats_run(mapping)
+    total = shared.total
+    assert shared.results.data(total.id) == [sum(range(50))]
+    (entry,) = by_pe(shared.run.stats)[total.id]
     assert (entry.items_in, entry.items_out) == (50, 1)
 
 
