@@ -33,6 +33,7 @@ from aiod4p import WorkflowGraph, group_by
 from aiod4p._install import install_hint
 from aiod4p.errors import GraphError, MappingUnavailable, PEError, TransportError, WorkerDied
 from aiod4p.mappings import mpi
+from aiod4p.mappings._mpi_env import find_mpiexec, job_files
 
 pytest.importorskip("mpi4py", reason="the mpi extra is not installed")
 
@@ -569,6 +570,40 @@ def test_a_failure_while_reading_mpiexec_output_closes_what_it_opened(monkeypatc
             assert [output.lost.done() for output in connected] == [True]
 
     asyncio.run(main())
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_the_files_a_killed_job_would_leave_are_found_under_its_mpiexec() -> None:
+    """A run cancelled while its ranks start (before every rank is ready and unlinks its shared memory) left
+    2 MB in /dev/shm until the machine restarted; the launcher removes what ``job_files`` finds, once the
+    mpiexec is reaped (its topology file: tests/test_longevity.py)."""
+    script = (
+        "from mpi4py import MPI; import sys\nMPI.COMM_WORLD.Barrier(); print('ready', flush=True); sys.stdin.read()"
+    )
+    job = subprocess.Popen(
+        [find_mpiexec(), "-n", "2", sys.executable, "-c", script],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        start_new_session=True,
+    )
+    assert job.stdout is not None and job.stdin is not None
+    try:
+        ready = b""
+        deadline = time.monotonic() + 60
+        while ready.count(b"ready") < 2:
+            assert select.select([job.stdout], [], [], max(0.0, deadline - time.monotonic()))[0], ready
+            ready += os.read(job.stdout.fileno(), 4096)
+        found = job_files(job.pid)
+        shared = [path for path in found if path.name.startswith("mpich_shm_")]
+        assert shared and all(path.exists() for path in shared), found
+        assert any(path.name.startswith("hydra_hwloc_xmlfile_") for path in found), found
+    finally:
+        os.killpg(job.pid, signal.SIGKILL)
+        job.wait(timeout=30)
+        job.stdin.close()
+        job.stdout.close()
+    for path in found:  # as _Ranks.close does
+        path.unlink(missing_ok=True)
 
 
 def test_a_run_cancelled_before_rank_0_has_the_job_kills_mpiexec_at_once(monkeypatch: pytest.MonkeyPatch) -> None:

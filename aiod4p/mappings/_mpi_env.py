@@ -20,7 +20,7 @@ __all__ = [
     "NEEDS_MPI4PY",
     "find_mpiexec",
     "forget_shared_memory",
-    "hydra_topology_files",
+    "job_files",
     "job_frame",
     "job_rank",
     "job_size",
@@ -221,23 +221,33 @@ def forget_shared_memory() -> None:
             os.unlink(path)
 
 
-def hydra_topology_files(mpiexec: int) -> set[Path]:
-    """The topology files (``/tmp/hydra_hwloc_xmlfile_*``) that the children of process ``mpiexec`` (Hydra's
-    proxies on this machine) hold open; none without Linux's ``/proc``, or for another process manager.
+def job_files(mpiexec: int) -> set[Path]:
+    """The files that the processes under ``mpiexec`` (Hydra's proxies and the ranks on this machine) hold and
+    that their end may leave behind: the topology files a proxy holds open (``/tmp/hydra_hwloc_xmlfile_*``)
+    and the shared memory a rank maps (``/dev/shm/mpich_shm_*``); none without Linux's ``/proc``.
 
     A proxy removes its file when it exits by itself, not when a rank ends the job (``MPI_Abort``: a run that
-    failed) or the job is killed (an aborted run): each such run left one in ``/tmp``, and a process that
-    runs workflows for days would fill it. The launcher notes them while the job runs, and removes them once
+    failed) or the job is killed (an aborted run); a rank's shared memory is unlinked once every rank is ready
+    (:func:`forget_shared_memory`), not when the job is stopped before that (a run cancelled while its ranks
+    start). Each such run left files in ``/tmp`` and megabytes in ``/dev/shm``, and a process that runs
+    workflows for days would fill them. The launcher notes them while the job runs, and removes them once
     the mpiexec is reaped.
     """
     found: set[Path] = set()
-    with contextlib.suppress(OSError):
-        for task in os.listdir(f"/proc/{mpiexec}/task"):
-            with contextlib.suppress(OSError, ValueError):
-                for child in Path(f"/proc/{mpiexec}/task/{task}/children").read_text().split():
-                    with contextlib.suppress(OSError):
-                        for fd in os.listdir(f"/proc/{int(child)}/fd"):
-                            with contextlib.suppress(OSError):
-                                if _HYDRA_TOPOLOGY.fullmatch(target := os.readlink(f"/proc/{child}/fd/{fd}")):
-                                    found.add(Path(target))
+    waiting = [mpiexec]
+    while waiting:
+        pid = waiting.pop()
+        with contextlib.suppress(OSError, ValueError):
+            for task in os.listdir(f"/proc/{pid}/task"):
+                with contextlib.suppress(OSError):
+                    waiting.extend(map(int, Path(f"/proc/{pid}/task/{task}/children").read_text().split()))
+        if pid == mpiexec:
+            continue
+        with contextlib.suppress(OSError):
+            found.update(map(Path, _SHARED_MEMORY.findall(Path(f"/proc/{pid}/maps").read_text())))
+        with contextlib.suppress(OSError):
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                with contextlib.suppress(OSError):
+                    if _HYDRA_TOPOLOGY.fullmatch(target := os.readlink(f"/proc/{pid}/fd/{fd}")):
+                        found.add(Path(target))
     return found

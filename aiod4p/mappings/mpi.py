@@ -51,7 +51,7 @@ from ._host import STATS_INTERVAL, Supervisor, prepare_job
 from ._mpi_env import (
     NEEDS_MPI4PY,
     find_mpiexec,
-    hydra_topology_files,
+    job_files,
     job_frame,
     job_rank,
     job_size,
@@ -258,7 +258,7 @@ async def _launch(
             # job says once terminated (mpiexec's "BAD TERMINATION" banner) is our own doing, not news.
             if job is not None:
                 job.stopped = process.returncode is None
-            ranks.note_topology()  # before the job is stopped (it may not have been handed over)
+            ranks.note_files()  # before the job is stopped (it may not have been handed over)
             try:
                 # Here, not in ranks.close(), which would block the event loop. Ranks given no job have nothing
                 # to end gently (and a young mpiexec may take seconds to pass a SIGTERM on).
@@ -287,7 +287,7 @@ class _Ranks:
 
     def __init__(self, mpiexec: str, workers: int, preload: str | None = None) -> None:
         self.workers = workers
-        self._topology: set[Path] = set()  # Hydra's topology files of the job (note_topology)
+        self._files: set[Path] = set()  # what the job's end may leave behind (note_files)
         self._directory = tempfile.TemporaryDirectory(prefix="aiod4p-mpi-")
         address = str(Path(self._directory.name, "rank0.sock"))
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -316,11 +316,11 @@ class _Ranks:
             self.remove_address()
             raise
 
-    def note_topology(self) -> None:
-        """Note the topology files that Hydra's proxies hold for the job, while it runs: :meth:`close` removes
-        what its end left behind (:func:`~aiod4p.mappings._mpi_env.hydra_topology_files`)."""
+    def note_files(self) -> None:
+        """Note the files that the job's proxies and ranks hold, while it runs: :meth:`close` removes what its
+        end left behind (:func:`~aiod4p.mappings._mpi_env.job_files`)."""
         if self.process.returncode is None:
-            self._topology |= hydra_topology_files(self.process.pid)
+            self._files |= job_files(self.process.pid)
 
     def remove_address(self) -> None:
         """Close the listening socket and remove its directory: once rank 0 has connected (so that a launcher
@@ -334,7 +334,7 @@ class _Ranks:
         ``unused``: no job was sent (a head start no run took): nothing to stop gently, so SIGKILL at once.
         """
         if self.process.returncode is None:
-            self.note_topology()
+            self.note_files()
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.process.pid, signal.SIGKILL if unused else signal.SIGTERM)
             try:
@@ -347,10 +347,10 @@ class _Ranks:
             if pipe is not None:
                 pipe.close()
         self.remove_address()
-        for path in self._topology:  # the mpiexec is reaped: nothing of the job reads them any more
-            with contextlib.suppress(OSError):  # removed by its proxy
+        for path in self._files:  # the mpiexec is reaped: nothing of the job reads them any more
+            with contextlib.suppress(OSError):  # removed by the job itself
                 path.unlink()
-        self._topology.clear()
+        self._files.clear()
 
 
 _BAD_TERMINATION = re.compile(r"PID (\d+) RUNNING AT (\S+)\s*=\s*EXIT CODE: (-?\d+)")
@@ -474,7 +474,7 @@ class _Job:
                 raise WorkerDied(await self._death(0))
             self.sent = True
             ranks.remove_address()
-            ranks.note_topology()  # a proxy writes its file before it starts its ranks
+            ranks.note_files()  # a proxy writes its file before it starts its ranks
             comm = await open_pipe_comm(accept.result())
             supervisor = Supervisor(
                 self.plan,
