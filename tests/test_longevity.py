@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from workflows import Count
 
 import aiod4p
 from aiod4p import GenericPE, IterativePE, ProducerPE, WorkflowGraph, group_by
@@ -25,16 +26,6 @@ from aiod4p._engine import _CallGreenlet
 
 N = 30
 EXPECTED_TOTALS = sorted((key, sum(i for i in range(N) if i % 3 == key)) for key in range(3))
-
-
-class Count(ProducerPE):
-    def __init__(self) -> None:
-        super().__init__()
-        self.next = 0
-
-    def produce(self) -> int:
-        value, self.next = self.next, self.next + 1
-        return value
 
 
 class Tag(IterativePE):

@@ -29,6 +29,7 @@ import pytest
 import storm_workflows
 import test_differential as differential
 import workflows
+from helpers import add_graph
 from test_differential import dispel4py_hook  # noqa: F401 - a fixture
 
 import aiod4p
@@ -296,19 +297,8 @@ def examples() -> WorkflowGraph:
     """Two bundled examples side by side."""
     graph = WorkflowGraph()
     for name in ("split_merge", "async_io"):
-        add(graph, aiod4p.load_graph(str(ROOT / "examples" / f"{name}.py")))
+        add_graph(graph, aiod4p.load_graph(str(ROOT / "examples" / f"{name}.py")))
     return graph
-
-
-def add(combined: WorkflowGraph, graph: WorkflowGraph) -> None:
-    """Add every PE and edge of ``graph`` (flattened) to ``combined``, keeping the PEs' ids."""
-    flat = graph.flatten()
-    for pe in flat.pes.values():
-        combined.add(pe)
-    for edge in flat.edges:
-        combined.connect(
-            flat.pes[edge.source], edge.source_port, flat.pes[edge.dest], edge.dest_port, grouping=edge.grouping
-        )
 
 
 def by_class(results: dict[tuple[str, str], list[Any]], graph: WorkflowGraph) -> dict[tuple[str, str], list[Any]]:
@@ -350,7 +340,7 @@ def shared_run(nimbus: str, monkeypatch: pytest.MonkeyPatch) -> Shared:
     combined = WorkflowGraph()
     inputs: dict[str, int] = {}
     for part, count in ((shared.groupings, 10), (shared.examples, 5)):
-        add(combined, part)
+        add_graph(combined, part)
         inputs.update(dict.fromkeys(part.flatten().roots(), count))
     if differential.D4P_PYTHON.exists():
         for name in DISPEL4PY:
@@ -361,7 +351,7 @@ def shared_run(nimbus: str, monkeypatch: pytest.MonkeyPatch) -> Shared:
             for pe in graph.flatten().pes.values():
                 if hasattr(pe, "delay"):
                     pe.delay = 0.01  # delayed_pipeline: its results do not depend on the delay
-            add(combined, graph)
+            add_graph(combined, graph)
             inputs.update(dict.fromkeys(graph.flatten().roots(), iterations))
     shared.mapping = StormMapping(nimbus=nimbus, name="shared", conf={"topology.max.spout.pending": 64})
     shared.results = aiod4p.run(combined, inputs, mapping=shared.mapping).by_port()
