@@ -157,21 +157,36 @@ def ship_code(payload: bytes) -> CodeShipment:
     module by name, and so do dispel4py PEs, which travel as the names of their
     class) is shipped as its file when it was loaded from a file that an import
     by name would not find. The pickle is searched for the names of the modules
-    loaded from outside the Python installation only, so a large input costs
-    one byte search per such module.
+    loaded from outside the Python installation only, each as a whole pickled
+    string (module ``flow`` is not named by ``workflows``), so a large input
+    costs a few byte searches per such module.
     """
     files = []
     for name, module in sorted(sys.modules.items()):
         path = getattr(module, "__file__", None)
         if not path or name == "__main__" or "." in name or str(path).startswith(INSTALLED):
             continue
-        if name.encode() not in payload:
+        if not _names(payload, name):
             continue
         found = importlib.machinery.PathFinder.find_spec(name, sys.path)
         if found is None or found.origin != path:
             files.append((name, str(path)))
     compat = sys.modules.get("aiod4p.compat")
     return CodeShipment(tuple(files), bool(compat is not None and compat.installed()))
+
+
+def _names(payload: bytes, name: str) -> bool:
+    """Whether pickle ``payload`` holds ``name`` as a whole string: the operand of a string opcode, whose
+    length prefix pins where it ends (protocols 4 and 5: ``STACK_GLOBAL`` takes the module's name so), or a
+    ``GLOBAL`` opcode's module (protocols 0 to 3)."""
+    text = name.encode()
+    size = len(text)
+    return (
+        (size < 256 and b"\x8c" + bytes([size]) + text in payload)  # SHORT_BINUNICODE
+        or b"X" + size.to_bytes(4, "little") + text in payload  # BINUNICODE
+        or b"\x8d" + size.to_bytes(8, "little") + text in payload  # BINUNICODE8
+        or b"c" + text + b"\n" in payload  # GLOBAL
+    )
 
 
 def load_module(spec: str) -> ModuleType:

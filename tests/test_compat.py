@@ -1276,6 +1276,11 @@ def test_code_shipment_names_what_a_worker_cannot_import(
     shipment = _loading.ship_code(pickle.dumps(graph.flatten().pes))
     assert shipment.files == (("workflow", str(flow.resolve())),) and shipment.dispel4py
     assert _loading.ship_code(pickle.dumps([1, "two"])).files == ()
+    # A later run of another graph, whose PEs come from the module ``workflows``, named "workflow" in bytes
+    # only: it shipped this file, which its ranks then failed to import (the dispel4py hook gone by then).
+    import workflows
+
+    assert _loading.ship_code(pickle.dumps([workflows.Count(), "a workflow", "workflow.py"])).files == ()
     monkeypatch.setattr(_loading, "_worker", False)  # load() marks this process as a worker
     gone = _loading.CodeShipment((("gone_flow", str(tmp_path / "gone.py")),))
     with pytest.raises(aiod4p.errors.TargetError, match=r"importing workflow .*gone.py failed: FileNotFoundError"):
