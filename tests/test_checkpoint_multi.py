@@ -550,19 +550,23 @@ async def test_a_restore_after_a_copytruncate_reads_the_new_lines_from_the_top(t
 
 
 class _PausedNumbers(ProducerPE):
-    """0 to 99; after 10 of them, waits until its own part of checkpoint 1 is written (it snapshotted at
-    barrier 1): the others are results written after barrier 1."""
+    """0 to 99; after 10 of them, waits until it has taken its snapshot at barrier 1: the others are results
+    written after barrier 1."""
 
-    def __init__(self, directory: str) -> None:
-        super().__init__()
-        self.directory = directory
+    def preprocess(self) -> None:
+        self.snapshotted = asyncio.Event()  # made on the worker's loop
+
+    def snapshot(self) -> dict[str, Any]:
+        self.snapshotted.set()
+        return {}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """Nothing to restore (the test does not restore)."""
 
     async def produce(self) -> AsyncIterator[int]:
-        part = Path(self.directory, "chk-00000001", f"{self.id}.0.state")
         for number in range(100):
             if number == 10:
-                while not part.exists():  # noqa: ASYNC110, ASYNC240 - one stat; the checkpoint writes it
-                    await asyncio.sleep(0.005)  # ok-sleep: polls a file the checkpoint writes
+                await self.snapshotted.wait()
             yield number
 
 
@@ -577,7 +581,7 @@ async def test_a_worker_with_no_instance_does_not_hold_the_results_back(tmp_path
     them for ever: checkpoints never completed, and the results written after barrier 1 were lost, the run
     ending well with 10 of its 100 results (also in the --results file)."""
     graph = WorkflowGraph()
-    source = _PausedNumbers(str(tmp_path / "ck"))
+    source = _PausedNumbers()
     source.parallelism = 1
     graph.connect(source, "output", passed := _Pass(), "input")
     passed.parallelism = 1
