@@ -25,7 +25,7 @@ from typing import Any
 
 import pytest
 from conftest import MappingCase
-from helpers import aiod4p_cli
+from helpers import add_graph, aiod4p_cli
 
 import aiod4p
 from aiod4p import compat
@@ -218,13 +218,9 @@ def run_all_examples(
             graph = aiod4p.load_graph(path)
             flat = graph.flatten()
             for pe in flat.pes.values():
-                combined.add(pe)
                 if hasattr(pe, "delay"):
                     pe.delay = 0.01  # delayed_pipeline: its results do not depend on the delay
-            for edge in flat.edges:
-                combined.connect(
-                    flat.pes[edge.source], edge.source_port, flat.pes[edge.dest], edge.dest_port, grouping=edge.grouping
-                )
+            add_graph(combined, graph)
             inputs.update(dict.fromkeys(flat.roots(), iterations))
             renames.update({pe_id: (name, fresh) for pe_id, fresh in fresh_ids(graph).items()})
         results: dict[str, dict[tuple[str, str], list[Any]]] = {name: {} for name in RUNNABLE}
