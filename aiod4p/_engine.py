@@ -1481,8 +1481,9 @@ class Worker:
         ``0.0`` where this worker runs none (nothing to measure: no bound by
         time); ``None`` while they have finished no batch yet.
         """
-        actor = self.actors.get(instance) if instance is not None else None
-        actors = [actor] if actor is not None else self._actors_of.get(pe)
+        if instance is not None and (actor := self.actors.get(instance)) is not None:
+            return actor.pace
+        actors = self._actors_of.get(pe)
         if not actors:
             return 0.0
         paces = [actor.pace for actor in actors if actor.pace is not None]

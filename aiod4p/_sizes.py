@@ -19,22 +19,32 @@ def approximate_size(item: Any, depth: int = 2) -> tuple[int, int]:
     A container's first 16 elements are measured and scaled by its length: a list of 500,000 floats
     counts as about 4 MB, whatever the cost of measuring it (16 elements, ``depth`` levels down).
     """
-    if type(item) in SCALARS:
+    kind = type(item)
+    if kind in SCALARS:
         return 8, 0
+    if kind is str:
+        return len(item), 0
+    if kind is bytes:
+        return len(item), len(item)
     nbytes = getattr(item, "nbytes", None)  # numpy arrays, memoryviews
     if isinstance(nbytes, int):
         return nbytes, 0
-    if type(item) is bytes:
-        return len(item), len(item)
     if isinstance(item, (bytes, bytearray, str)):
         return len(item), 0
     if depth and isinstance(item, (tuple, list, dict)):
         elements = item[:16] if not isinstance(item, dict) else itertools.islice(item.values(), 16)
         size = in_bytes = 0
         for element in elements:
-            element_size, element_bytes = approximate_size(element, depth - 1)
-            size += element_size
-            in_bytes += element_bytes
+            # Strings and numbers, most containers' elements, without a call each.
+            kind = type(element)
+            if kind is str:
+                size += len(element)
+            elif kind in SCALARS:
+                size += 8
+            else:
+                element_size, element_bytes = approximate_size(element, depth - 1)
+                size += element_size
+                in_bytes += element_bytes
         length = len(item)
         if length > 16:
             size, in_bytes = size * length // 16, in_bytes * length // 16

@@ -10,6 +10,8 @@ from typing import Any
 
 import pytest
 import workflows as wf
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import aiod4p
 from aiod4p import ConsumerPE, GenericPE, ProducerPE, WorkflowGraph
@@ -181,6 +183,57 @@ def test_the_size_of_a_long_container_scales_with_its_length() -> None:
     assert approximate_size({"data": [0.5] * 500_000})[0] == 8 + 8 + 8 * 500_000
     assert approximate_size((b"ab",) * 100) == (8 + 2 * 100, 2 * 100)
     assert approximate_size(["x" * 10] * 4)[0] == 8 + 40  # short containers are measured whole
+
+
+def _measured(item: Any, depth: int = 2) -> tuple[int, int]:
+    """What :func:`approximate_size` computes, said plainly (one call per element): its model."""
+    if type(item) in (int, float, bool, type(None)):
+        return 8, 0
+    if isinstance(getattr(item, "nbytes", None), int):
+        return item.nbytes, 0
+    if type(item) is bytes:
+        return len(item), len(item)
+    if isinstance(item, (bytes, bytearray, str)):
+        return len(item), 0
+    if depth and isinstance(item, (tuple, list, dict)):
+        elements = list(item.values() if isinstance(item, dict) else item)[:16]
+        sizes = [_measured(element, depth - 1) for element in elements]
+        size, in_bytes = sum(s for s, _ in sizes), sum(b for _, b in sizes)
+        if len(item) > 16:
+            size, in_bytes = size * len(item) // 16, in_bytes * len(item) // 16
+        return 8 + size, in_bytes
+    return 8, 0
+
+
+class _Text(str):
+    """A str subclass: measured as a string, not by the exact-type shortcut."""
+
+
+_leaves = st.one_of(
+    st.integers(),
+    st.floats(allow_nan=False),
+    st.booleans(),
+    st.none(),
+    st.text(max_size=40),
+    st.binary(max_size=40),
+    st.binary(max_size=40).map(bytearray),
+    st.text(max_size=10).map(_Text),
+)
+_items = st.recursive(
+    _leaves,
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=40),
+        st.lists(inner, max_size=40).map(tuple),
+        st.dictionaries(st.text(max_size=5), inner, max_size=40),
+    ),
+    max_leaves=120,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(_items)
+def test_the_size_of_an_item_is_its_models(item: Any) -> None:
+    assert approximate_size(item) == _measured(item)
 
 
 _streams: list[LineStream] = []  # the stream read (a PE is copied into its instances: not an attribute)
