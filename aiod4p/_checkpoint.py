@@ -934,7 +934,6 @@ class Aligner:
         self.outputs = 0  # outputs of the current call
         self.restoring: dict[str, Any] | None = None
         self.slots: dict[Any, int] = {}  # the key group of every keyed-state key (:func:`capture`)
-        self.carried_in = 0  # items_in of the attempts before the restored checkpoint (in the statistics)
 
     # -- alignment -------------------------------------------------------------
     async def intercept(self, message: Message, remaining: int) -> bool:
@@ -1014,7 +1013,7 @@ class Aligner:
         would replay what that call had already delivered.
         """
         actor = self.actor
-        consumed = self.calls if self.in_call else actor.stats.items_in - self.carried_in
+        consumed = self.calls if self.in_call else int(actor.stats.done("items_in"))
         counters = actor.stats.counters()
         if actor.is_root:  # a restore takes the element of an interrupted call again: it counts it then
             counters["items_in"] = self.base + consumed
@@ -1080,6 +1079,7 @@ class WorkerCheckpoints:
         first: the id before the first checkpoint this run triggers.
         report: called with ``(n, parts)`` once every local instance saved its state for ``n``.
         gate: where result-writing instances deliver (their results pass it).
+        attempt: the attempt of the run (:attr:`Session.attempt`), which the instances' statistics record.
     """
 
     def __init__(
@@ -1090,6 +1090,7 @@ class WorkerCheckpoints:
         first: int,
         report: Callable[[int, list[dict[str, Any]]], Awaitable[None] | None],
         gate: ResultGate,
+        attempt: int = 0,
     ) -> None:
         self.worker = worker
         self.store = store
@@ -1106,6 +1107,7 @@ class WorkerCheckpoints:
         self._groupings = _groupings(worker.plan)
         for ref, actor in worker.actors.items():
             aligner = Aligner(actor, self, first)
+            actor.stats.attempt = attempt
             if restored is not None:
                 own = _own_state(restored, worker.plan, ref)
                 aligner.restoring = own
@@ -1113,9 +1115,7 @@ class WorkerCheckpoints:
                 aligner.resume_outputs = own["outputs"]
                 if actor.recorder is not None:
                     actor.recorder.record.restored = restored.id
-                carried = _carried_stats(restored, worker.plan, ref)
-                actor.stats.carry(carried)
-                aligner.carried_in = int(carried.get("items_in", 0))
+                actor.stats.carry(_carried_stats(restored, worker.plan, ref))
             actor.aligner = aligner
             if actor.results:
                 actor.results_sink = gate.sink(ref)
@@ -1325,6 +1325,8 @@ class Session:
     restored: Checkpoint | None
     coordinator: Coordinator
     sink: ResultSink
+    attempt: int = 0
+    """0 for the run's first attempt, one more at each restart (the instances' statistics record it)."""
 
     @property
     def first(self) -> int:
@@ -1338,7 +1340,9 @@ class Session:
     def spec(self) -> WorkerSpec:
         """What worker processes need to take part (shipped with their job)."""
         restored = self.restored
-        return WorkerSpec(str(self.store.directory), self.store.keep, restored.id if restored else None, self.first)
+        return WorkerSpec(
+            str(self.store.directory), self.store.keep, restored.id if restored else None, self.first, self.attempt
+        )
 
     def resumed(self, pumped: list[tuple[str, int, Feed]]) -> list[tuple[str, int, Feed]]:
         """The ``(pe, worker, feed)`` feeds a launcher pumps, without what the restored checkpoint consumed.
@@ -1478,7 +1482,8 @@ async def _attempts(
             )
             coordinator = Coordinator(store, plan, config.interval, restored.id if restored else 0, log, held)
             try:
-                return await attempt(Session(config, store, restored, coordinator, log if log is not None else sink))
+                session = Session(config, store, restored, coordinator, log if log is not None else sink, restarts)
+                return await attempt(session)
             except RESTARTED as exc:
                 if restarts >= config.restarts:
                     if not isinstance(exc, WorkerDied):
@@ -1558,6 +1563,7 @@ class WorkerSpec:
     keep: int
     restored: int | None
     first: int
+    attempt: int
 
 
 @dataclass(frozen=True)
@@ -1617,7 +1623,7 @@ def attach_worker(worker: Worker, spec: WorkerSpec, control: Comm) -> WorkerChec
 
     producers = [ref for ref, actor in worker.actors.items() if actor.results]
     gate = ResultGate(producers, worker.results.emit, commit, spec.first)
-    checkpoints = WorkerCheckpoints(worker, store, restored, spec.first, report, gate)
+    checkpoints = WorkerCheckpoints(worker, store, restored, spec.first, report, gate, spec.attempt)
     checkpoints.on_all_finished = finals
     return checkpoints
 

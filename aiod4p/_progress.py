@@ -2,8 +2,10 @@
 
 It samples the run's statistics (:meth:`WorkflowRun.live_stats`) every
 ``interval`` seconds from a thread of its own and redraws:
-items in and out per PE, each PE's throughput and busy share over the last
-interval (the busiest PE is named in the title), and the queue waiting at
+items in and out per PE (the whole run's, as the statistics count them), each
+PE's throughput and busy share over the last interval (the work done in it:
+:class:`~aiod4p._stats_report.WorkTally`, so a restored run shows none of
+its checkpoint's counters there; the busiest PE is named in the title), and the queue waiting at
 the end of each edge against its bound (where back-pressure builds). The
 engine keeps its statistics anyway, so the display costs one render per
 interval (a few milliseconds) and nothing per item.
@@ -22,7 +24,7 @@ from typing import TYPE_CHECKING
 
 from ._plan import ExecutionPlan
 from ._stats import InstanceStats
-from ._stats_report import PESummary, summarise
+from ._stats_report import Work, WorkTally, summarise
 
 if TYPE_CHECKING:
     from rich.console import Console, RenderableType
@@ -64,7 +66,8 @@ class ProgressDisplay:
         self.clock = clock
         self.title = title
         self._started = clock()
-        self._previous: tuple[float, dict[str, PESummary]] | None = None
+        self._work = WorkTally(plan)
+        self._previous: tuple[float, dict[str, Work]] | None = None
 
     def render(self) -> RenderableType:
         """Sample the statistics and return the display (a rich renderable)."""
@@ -74,10 +77,12 @@ class ProgressDisplay:
         from rich.text import Text
 
         now = self.clock()
-        summaries = summarise(self.source(), self.plan)
+        stats = self.source()
+        summaries = summarise(stats, self.plan)
+        work = self._work.observe(stats)
         since, before = self._previous or (self._started, {})
         span = max(now - since, 1e-9)
-        self._previous = (now, summaries)
+        self._previous = (now, work)
 
         pes = Table(header_style="bold", box=None, pad_edge=False)
         pes.add_column("PE")
@@ -86,9 +91,9 @@ class ProgressDisplay:
             pes.add_column(name, justify="right")
         busiest: tuple[float, str] | None = None
         for pe_id, summary in summaries.items():
-            earlier = before.get(pe_id, PESummary(pe_id))
-            rate = (summary.items_in - earlier.items_in) / span
-            busy = (summary.busy_seconds - earlier.busy_seconds) / (span * max(summary.instances, 1))
+            earlier, later = before.get(pe_id, Work()), work[pe_id]
+            rate = (later.items_in - earlier.items_in) / span
+            busy = (later.busy_seconds - earlier.busy_seconds) / (span * max(summary.instances, 1))
             busy = min(max(busy, 0.0), 1.0)
             if busiest is None or busy > busiest[0]:
                 busiest = (busy, pe_id)

@@ -49,6 +49,10 @@ class InstanceStats:
             with a ``skipped`` count) skipped or dead-lettered (``on_bad``).
         late: items a time window (:class:`~aiod4p.windows.TimeWindow`) dropped because their
             windows had been emitted.
+        attempt: the attempt of the run this instance runs in: 0 for the first, one more at each
+            restart under ``--restarts`` (whose counters begin again at the checkpoint's).
+        carried: how much of each :data:`CARRIED` counter is not this attempt's work but the attempts'
+            before the checkpoint it was restored from (:meth:`carry`; empty: nothing restored).
         provenance: what the instance recorded for provenance (when on), set
             once it has finished; it travels to the launcher with these
             statistics and is left out of :meth:`to_dict`.
@@ -69,6 +73,8 @@ class InstanceStats:
     queued_items: int = 0
     skipped: int = 0
     late: int = 0
+    attempt: int = 0
+    carried: dict[str, float] = field(default_factory=dict)
     provenance: Any = field(default=None, repr=False, compare=False)
 
     def counters(self) -> dict[str, float]:
@@ -76,10 +82,21 @@ class InstanceStats:
         return {name: getattr(self, name) for name in CARRIED}
 
     def carry(self, counters: Mapping[str, float]) -> None:
-        """Add ``counters`` (saved by :meth:`counters`, of the attempts before a restore) to these."""
+        """Add ``counters`` (saved by :meth:`counters`, of the attempts before a restore) to these, and to
+        :attr:`carried`."""
         for name in CARRIED:
-            setattr(self, name, getattr(self, name) + counters.get(name, 0))
+            value = counters.get(name, 0)
+            setattr(self, name, getattr(self, name) + value)
+            self.carried[name] = self.carried.get(name, 0) + value
+
+    def done(self, name: str) -> float:
+        """What this attempt did of :data:`CARRIED` counter ``name``: the counter less what was carried in."""
+        value: float = getattr(self, name) - self.carried.get(name, 0)
+        return value
 
     def to_dict(self) -> dict[str, Any]:
-        """The counters by name (``provenance`` left out)."""
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "provenance"}
+        """The counters by name: the run's (``attempt``, ``carried`` and ``provenance`` left out)."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in _UNREPORTED}
+
+
+_UNREPORTED = ("attempt", "carried", "provenance")

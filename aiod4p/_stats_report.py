@@ -10,10 +10,10 @@ from __future__ import annotations
 import json
 import sys
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TextIO
+from typing import TYPE_CHECKING, Any, NamedTuple, TextIO
 
 from ._plan import ExecutionPlan, worker_list
 from ._stats import InstanceStats
@@ -28,6 +28,8 @@ if TYPE_CHECKING:
 __all__ = [
     "PESummary",
     "StatsSampler",
+    "Work",
+    "WorkTally",
     "report_stats",
     "stats_document",
     "stats_table",
@@ -85,9 +87,62 @@ def summarise(stats: Iterable[InstanceStats], plan: ExecutionPlan | None = None)
     return summaries
 
 
-def _order_key(plan: ExecutionPlan | None) -> Any:
+class Work(NamedTuple):
+    """What a PE's instances did in a run: the figures its samples and rates come from."""
+
+    items_in: int = 0
+    items_out: int = 0
+    busy_seconds: float = 0.0
+
+    def plus(self, other: Work) -> Work:
+        """Both works added up."""
+        return Work(
+            self.items_in + other.items_in, self.items_out + other.items_out, self.busy_seconds + other.busy_seconds
+        )
+
+
+class WorkTally:
+    """The work a run's instances did since it started, per PE, from successive looks at their statistics.
+
+    A restored instance's counters start from its checkpoint's (:attr:`InstanceStats.carried`), and under
+    ``--restarts`` go back to a checkpoint's at each restart (:attr:`InstanceStats.attempt`): its counters say
+    what the whole run did, not when. The tally counts what each attempt of this run did (the counters less
+    what was carried in), those of the attempts that ended as last seen, so it only grows: work redone after
+    a restart counts again (it was done again), and work an attempt did after its last report, lost with it,
+    does not. A report of an attempt older than the last seen of that instance is stale and ignored.
+    """
+
+    def __init__(self, plan: ExecutionPlan | None = None) -> None:
+        self._order = _pe_order(plan)
+        self._ended: dict[tuple[str, int], Work] = {}  # per instance: what its attempts that ended did
+        self._latest: dict[tuple[str, int], tuple[int, Work]] = {}  # per instance: its attempt and what it did
+
+    def observe(self, stats: Iterable[InstanceStats]) -> dict[str, Work]:
+        """Take in the latest ``stats``; return each PE's work so far, in the plan's topological order."""
+        for entry in stats:
+            key = (entry.pe, entry.instance)
+            seen = self._latest.get(key)
+            if seen is not None and entry.attempt != seen[0]:
+                if entry.attempt < seen[0]:
+                    continue
+                self._ended[key] = self._ended.get(key, Work()).plus(seen[1])
+            done = Work(int(entry.done("items_in")), int(entry.done("items_out")), entry.done("busy_seconds"))
+            self._latest[key] = (entry.attempt, done)
+        work: dict[str, Work] = {}
+        for key, (_, done) in self._latest.items():
+            work[key[0]] = work.get(key[0], Work()).plus(self._ended.get(key, Work()).plus(done))
+        return {pe: work[pe] for pe in sorted(work, key=self._order)}
+
+
+def _pe_order(plan: ExecutionPlan | None) -> Callable[[str], tuple[int, str]]:
+    """The sort key of PE ids in ``plan``'s topological order (those it has not last, by id)."""
     rank = {pe_id: index for index, pe_id in enumerate(plan.graph.topological_order())} if plan else {}
-    return lambda entry: (rank.get(entry.pe, len(rank)), entry.pe, entry.instance)
+    return lambda pe: (rank.get(pe, len(rank)), pe)
+
+
+def _order_key(plan: ExecutionPlan | None) -> Any:
+    order = _pe_order(plan)
+    return lambda entry: (*order(entry.pe), entry.instance)
 
 
 def stats_table(stats: list[InstanceStats], plan: ExecutionPlan | None = None, *, elapsed: float = 0.0) -> Table:
@@ -188,9 +243,12 @@ class StatsSampler:
     """Samples a running workflow's per-PE counters every ``interval`` seconds (an async context manager).
 
     Each sample is ``{"t": seconds since the start, "pes": {pe: [items_in,
-    items_out, busy_seconds]}}`` with cumulative figures, the last taken when
-    the block exits; at most :data:`MAX_SAMPLES` are kept (a long run's are thinned to every other one and the
-    interval doubled, the last kept); ``aiod4p stats plot`` draws rates from them. The samples
+    items_out, busy_seconds]}}``: the work done since the run started
+    (:class:`WorkTally`; what a restored run's counters carried in from its
+    checkpoint is not), cumulative, the last taken when the block exits; at
+    most :data:`MAX_SAMPLES` are kept (a long run's are thinned to every other
+    one and the interval doubled, the last kept); ``aiod4p stats plot`` draws
+    rates from them. The samples
     are taken by a thread, so a PE that holds the event loop for long (CPU-bound
     work on the simple and async mappings) does not leave gaps. Costs one
     aggregation of the statistics per interval, nothing per item. Worker
@@ -202,18 +260,19 @@ class StatsSampler:
         self.workflow = workflow
         self.interval = interval
         self.samples: list[dict[str, Any]] = []
+        self._work = WorkTally(workflow.plan)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     def sample(self) -> None:
         try:
-            pes = summarise(self.workflow.live_stats(), self.workflow.plan)
+            pes = self._work.observe(self.workflow.live_stats())
         except RuntimeError:  # the statistics changed while being read: the next sample will do
             return
         self.samples.append(
             {
                 "t": round(self.workflow.elapsed, 4),
-                "pes": {pe: [s.items_in, s.items_out, round(s.busy_seconds, 6)] for pe, s in pes.items()},
+                "pes": {pe: [w.items_in, w.items_out, round(w.busy_seconds, 6)] for pe, w in pes.items()},
             }
         )
         if len(self.samples) >= MAX_SAMPLES:  # a run that never ends: constant memory, the whole run still covered

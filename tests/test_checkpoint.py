@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import logging
 import os
@@ -56,6 +57,7 @@ from aiod4p._cli import main
 from aiod4p._engine import Worker
 from aiod4p._inputs import resolve_inputs
 from aiod4p._plan import DEFAULT_BATCH_SIZE, DEFAULT_CREDITS, InstanceRef, PlanOptions, make_plan
+from aiod4p._plot import load_samples
 from aiod4p._provenance import read_lineage, write_document
 from aiod4p._state import KEY_GROUPS, capture, restore_state
 from aiod4p.errors import CheckpointError
@@ -1362,6 +1364,42 @@ async def test_statistics_after_a_restore_count_the_items_before_its_checkpoint(
         items_out[entry.pe] = items_out.get(entry.pe, 0) + entry.items_out
     assert items_in == {"lines": 1, "split": 4_000, "count": 40_000}
     assert items_out == {"lines": 4_000, "split": 40_000, "count": len(expected_counts(words))}
+
+
+async def test_the_samples_of_a_restore_in_a_new_process_show_the_work_it_did(tmp_path: Path) -> None:
+    """`aiod4p run --restore --stats-json` went on from its checkpoint's counters, and its samples counted the
+    words the run had counted before its checkpoint as counted in the restored process's first interval: a
+    spike of throughput and busy time that was no work. The samples now add up to the words the restored
+    process counted, while the totals still cover the whole run."""
+    words = tmp_path / "words.txt"
+    write_words(words, 40_000)
+    directory, gate = tmp_path / "ck", tmp_path / "killed"
+    graph = _held_word_count(words, gate, 20_000)
+    async with asyncio.timeout(30):
+        assert not await _run_until_killed(graph, _mapping(directory), 2, 20_000, checkpointed=directory, gate=gate)
+    checkpoint = CheckpointStore(directory).latest()
+    assert checkpoint is not None
+    carried = sum(state["stats"]["items_in"] for ref, state in checkpoint.states.items() if ref.pe == "count")
+    assert carried >= 1_000  # the checkpoint counted words before the kill
+    flow = tmp_path / "flow.py"
+    flow.write_text(f"from ckpt_workflows import word_count\n\ngraph = word_count({str(words)!r})\n")
+    stats = tmp_path / "stats.json"
+    restored = await asyncio.to_thread(
+        aiod4p_cli,
+        *("run", str(flow), "-m", "async", "-n", "3", "-i", "1", "-q", "--results", os.devnull),
+        *("--checkpoint-dir", str(directory), "--restore", "--stats-json", str(stats)),
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).parent)},
+        timeout=30,
+    )
+    assert restored.returncode == 0, restored.stderr
+    document, samples = load_samples(stats)
+    assert document["pes"]["count"]["items_in"] == 40_000  # the totals: the whole run
+    instances = document["pes"]["count"]["instances"]
+    assert samples[-1]["pes"]["count"][0] == 40_000 - carried  # what the restored process counted
+    for before, after in itertools.pairwise(samples):
+        counted, busy = (after["pes"]["count"][i] - before["pes"]["count"][i] for i in (0, 2))
+        assert 0 <= counted <= 40_000 - carried, (before, after)
+        assert 0 <= busy <= (after["t"] - before["t"]) * instances + 0.05, (before, after)
 
 
 def test_restore_refuses_a_results_file_that_is_not_the_one_its_checkpoint_committed(tmp_path: Path) -> None:

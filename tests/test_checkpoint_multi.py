@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import itertools
 import json
 import logging
 import os
@@ -34,9 +35,11 @@ from helpers import recorded_supervisors
 
 from aiod4p import IterativePE, ProducerPE, WorkflowGraph, run, run_async, start
 from aiod4p._checkpoint import Checkpointing, CheckpointStore
+from aiod4p._plot import load_samples
 from aiod4p.errors import CheckpointError, PeerDied, TransportError, WorkerDied
 from aiod4p.mappings import get_mapping
 from aiod4p.mappings._base import BaseMapping
+from aiod4p.mappings._host import STATS_INTERVAL
 from aiod4p.mappings.asyncio import AsyncMapping
 from aiod4p.sources import LinesSource, LiveFeed
 
@@ -148,6 +151,37 @@ def test_cli_restarts_after_sigkills(tmp_path: Path, words: Path, monkeypatch: p
     assert main([*argv, *checkpoints]) == 0
     assert len(list(kills.iterdir())) == 2
     assert _file_counts(results) == expected_counts(words)
+
+
+def test_cli_stats_samples_over_a_restart_show_the_work_done(
+    tmp_path: Path, words: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker SIGKILLed under `aiod4p run --restarts --stats-json`: the restarted attempt's counters began again
+    at its checkpoint's, and the samples went back with them (a negative throughput and busy time) while the
+    attempt worked again up to where the ended one had been. The samples now only grow: the ended attempt's work
+    stays counted, and the restarted attempt's adds to it. Checkpoints a second apart (each attempt holds its
+    input until its first one) leave the restart's checkpoint thousands of words behind the kill."""
+    from aiod4p._cli import main
+
+    kills = planned_kills(tmp_path, monkeypatch, "12000")
+    target = tmp_path / "wf.py"
+    target.write_text(held_word_count_module(words, tmp_path / "ck"))
+    stats = tmp_path / "stats.json"
+    argv = ["run", str(target), "-m", "multi", "-n", "2", "-i", "1", "--results", os.devnull, "-q"]
+    checkpoints = ["--checkpoint-dir", str(tmp_path / "ck"), "--checkpoint-interval", "1", "--restarts", "1"]
+    assert main([*argv, *checkpoints, "--stats-json", str(stats)]) == 0
+    assert len(list(kills.iterdir())) == 1
+    document, samples = load_samples(stats)
+    assert document["pes"]["count"]["items_in"] == WORDS  # the totals: each word once
+    assert samples[-1]["pes"]["count"][0] >= 12_000  # the kill came after 12,000 words in one worker
+    for before, after in itertools.pairwise(samples):
+        span = after["t"] - before["t"]
+        for pe, summary in document["pes"].items():
+            was, now = (sample["pes"].get(pe, [0, 0, 0.0]) for sample in (before, after))
+            counted, busy = now[0] - was[0], now[2] - was[2]
+            assert 0 <= counted <= WORDS, (pe, before, after)
+            # a worker reports every STATS_INTERVAL: an interval's samples may see more than its span of work
+            assert 0 <= busy <= (span + 2 * STATS_INTERVAL) * summary["instances"], (pe, before, after)
 
 
 async def test_restarts_let_the_ended_attempts_go(tmp_path: Path, words: Path, monkeypatch: pytest.MonkeyPatch) -> None:

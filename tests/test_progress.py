@@ -304,3 +304,29 @@ def test_a_failing_display_stops_and_the_run_goes_on(caplog: pytest.LogCaptureFi
         assert asyncio.run(go()) == 10
     (record,) = caplog.records
     assert record.getMessage() == "progress display stopped: OSError: [Errno 5] Input/output error"
+
+
+def test_a_restored_run_shows_the_work_done_in_each_interval() -> None:
+    """A restored instance goes on from its checkpoint's counters: its first frame showed them as done in the
+    first interval (here 40,000 items/s and the busy time of the whole run before), and under --restarts the
+    counters going back to the checkpoint's showed a negative throughput."""
+    plan = make_plan(wf.pipeline(1)[0])
+    pe = next(iter(plan.pes))
+    stats = [InstanceStats(pe, 0)]
+    stats[0].carry({"items_in": 40_000, "busy_seconds": 30.0})
+    clock = Clock()
+    display = ProgressDisplay(plan, lambda: list(stats), clock=clock, title="run")
+
+    def row() -> list[str]:
+        clock.now += 1.0
+        text = text_of(display.render())
+        return next(line.split() for line in text.splitlines() if line.split() and line.split()[0] == pe)
+
+    stats[0].items_in += 100
+    stats[0].busy_seconds += 0.5
+    assert row()[2:6] == ["40,100", "0", "100", "50%"]  # the run's items in, and this second's rate and busy
+
+    stats[0] = InstanceStats(pe, 0, attempt=1)  # a restart from a checkpoint taken before those 100 items
+    stats[0].carry({"items_in": 40_050, "busy_seconds": 30.25})
+    stats[0].items_in += 10
+    assert row()[2:6] == ["40,060", "0", "10", "0%"]

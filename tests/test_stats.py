@@ -260,7 +260,7 @@ def test_summaries_and_document() -> None:
 def test_a_pe_summary_adds_up_every_counter_of_its_instances() -> None:
     # A counter added to InstanceStats and not to the summary went missing from --stats-json's "pes"
     # (feed_blocked_seconds did).
-    identity = {"pe", "instance", "worker", "provenance"}
+    identity = {"pe", "instance", "worker", "attempt", "carried", "provenance"}
     counters = [f.name for f in dataclasses.fields(InstanceStats) if f.name not in identity]
     first = InstanceStats("A", 0, **{name: 1 for name in counters})
     second = InstanceStats("A", 1, **{name: 2 for name in counters})
@@ -387,3 +387,55 @@ def test_the_samples_of_a_run_that_never_ends_stay_bounded() -> None:
     assert MAX_SAMPLES // 2 <= len(times) < MAX_SAMPLES
     assert times == sorted(times) and times[-1] == 3 * MAX_SAMPLES - 1
     assert sampler.interval > 0.25
+
+
+def _sampled(stats: list[InstanceStats], times: list[float], change: Any) -> list[dict[str, Any]]:
+    """The samples a StatsSampler takes of ``stats`` at ``times``, ``change(i)`` before the i-th."""
+    workflow = SimpleNamespace(live_stats=lambda: list(stats), plan=None, elapsed=0.0)
+    sampler = StatsSampler(workflow)  # type: ignore[arg-type]
+    for index, moment in enumerate(times):
+        change(index)
+        workflow.elapsed = moment
+        sampler.sample()
+    return sampler.samples
+
+
+def test_the_samples_of_a_restored_run_count_the_work_done_not_what_its_checkpoint_carried() -> None:
+    """A restored instance goes on from its checkpoint's counters: the samples counted them as done in the
+    first interval (40,000 items in 0.25 s, 30 s busy on one instance). They count the work done since."""
+    entry = InstanceStats("count", 0)
+    entry.carry({"items_in": 40_000, "items_out": 39_000, "busy_seconds": 30.0, "errors": 0})
+
+    def work(index: int) -> None:
+        entry.items_in += 100
+        entry.items_out += 90
+        entry.busy_seconds += 0.125
+
+    samples = _sampled([entry], [0.25, 0.5], work)
+    assert [sample["pes"]["count"] for sample in samples] == [[100, 90, 0.125], [200, 180, 0.25]]
+    assert (entry.items_in, entry.items_out, entry.busy_seconds) == (40_200, 39_180, 30.25)  # the totals
+    assert entry.to_dict()["items_in"] == 40_200 and "carried" not in entry.to_dict()
+
+
+def test_the_samples_over_a_restart_never_go_back() -> None:
+    """Under --restarts the counters go back to the checkpoint's when the restarted attempt begins: the samples
+    went back with them (a negative throughput and busy time). The ended attempt's work stays counted (as last
+    seen), and the restarted attempt's adds to it, what it does again included; a stale report of the ended
+    attempt is ignored."""
+    first = InstanceStats("count", 0, items_in=5_000, busy_seconds=2.0)
+    stats = [first]
+    restarted = InstanceStats("count", 0, attempt=1)
+    restarted.carry({"items_in": 3_000, "busy_seconds": 1.0})
+
+    def change(index: int) -> None:
+        if index == 1:  # the restart: the new attempt reports from its checkpoint on
+            stats[0] = restarted
+        elif index == 2:
+            restarted.items_in += 500
+            restarted.busy_seconds += 0.25
+        elif index == 3:  # the ended attempt's last report, late
+            stats[0] = first
+
+    samples = _sampled(stats, [0.25, 0.5, 0.75, 1.0], change)
+    assert [sample["pes"]["count"][0] for sample in samples] == [5_000, 5_000, 5_500, 5_500]
+    assert [sample["pes"]["count"][2] for sample in samples] == [2.0, 2.0, 2.25, 2.25]

@@ -44,7 +44,13 @@ class AsyncMapping(BaseMapping):
             producers = [ref for ref, actor in worker.actors.items() if actor.results]
             gate = session.gate(producers, worker.results.emit)
             checkpoints = WorkerCheckpoints(
-                worker, session.store, session.restored, session.first, session.coordinator.add_parts, gate
+                worker,
+                session.store,
+                session.restored,
+                session.first,
+                session.coordinator.add_parts,
+                gate,
+                session.attempt,
             )
             forget_drain = _publish(worker, control)
             try:
