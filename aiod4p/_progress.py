@@ -3,12 +3,13 @@
 It samples the run's statistics (:meth:`WorkflowRun.live_stats`) every
 ``interval`` seconds from a thread of its own and redraws:
 items in and out per PE (the whole run's, as the statistics count them), each
-PE's throughput and busy share over the last interval (the work done in it:
-:class:`~aiod4p._stats_report.WorkTally`, so a restored run shows none of
-its checkpoint's counters there; the busiest PE is named in the title), and the queue waiting at
-the end of each edge against its bound (where back-pressure builds). The
-engine keeps its statistics anyway, so the display costs one render per
-interval (a few milliseconds) and nothing per item.
+PE's throughput and busy share over the last interval (the work done in it,
+:class:`~aiod4p._stats_report.WorkTally`: not what a restored run's counters
+carried in from its checkpoint; the busiest PE is named in the title), and
+the queue waiting at the end of each edge against its bound (where
+back-pressure builds). The engine keeps its statistics anyway, so the
+display costs one render per interval (a few milliseconds) and nothing per
+item.
 """
 
 from __future__ import annotations

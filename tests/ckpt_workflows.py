@@ -278,6 +278,20 @@ class _HeldStream:
             yield lines[number]
 
 
+class HeldPerAttempt(SourcePE):
+    """The lines of ``path``; in the attempt that started after ``k`` kills of the kill plan (``_maybe_kill``),
+    those after line ``holds[k]`` wait until the file ``{gate}-{k}`` exists."""
+
+    def __init__(self, path: str | os.PathLike[str], gate: str | os.PathLike[str], holds: tuple[int, ...]) -> None:
+        super().__init__()
+        self.path, self.gate, self.holds = os.fspath(path), os.fspath(gate), holds
+
+    def open(self) -> _HeldStream:
+        _note_birth()
+        attempt = _born or 0
+        return _HeldStream(self.path, lambda: os.path.exists(f"{self.gate}-{attempt}"), self.holds[attempt])
+
+
 def word_count(
     path: str | os.PathLike[str], split: Split | None = None, lines: SourcePE | None = None
 ) -> WorkflowGraph:

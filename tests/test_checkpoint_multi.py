@@ -21,6 +21,7 @@ from ckpt_workflows import (
     DiesDraining,
     DiesSaving,
     HeldLines,
+    HeldPerAttempt,
     Split,
     expected_counts,
     held_echo,
@@ -33,13 +34,12 @@ from ckpt_workflows import (
 )
 from helpers import recorded_supervisors
 
-from aiod4p import IterativePE, ProducerPE, WorkflowGraph, run, run_async, start
+from aiod4p import InstanceStats, IterativePE, ProducerPE, WorkflowGraph, run, run_async, start
 from aiod4p._checkpoint import Checkpointing, CheckpointStore
-from aiod4p._plot import load_samples
+from aiod4p._stats_report import StatsSampler
 from aiod4p.errors import CheckpointError, PeerDied, TransportError, WorkerDied
 from aiod4p.mappings import get_mapping
-from aiod4p.mappings._base import BaseMapping
-from aiod4p.mappings._host import STATS_INTERVAL
+from aiod4p.mappings._base import BaseMapping, RunControl
 from aiod4p.mappings.asyncio import AsyncMapping
 from aiod4p.sources import LinesSource, LiveFeed
 
@@ -153,35 +153,55 @@ def test_cli_restarts_after_sigkills(tmp_path: Path, words: Path, monkeypatch: p
     assert _file_counts(results) == expected_counts(words)
 
 
-def test_cli_stats_samples_over_a_restart_show_the_work_done(
-    tmp_path: Path, words: Path, monkeypatch: pytest.MonkeyPatch
+async def test_the_samples_over_a_restart_show_the_work_done(
+    tmp_path: Path, words: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """A worker SIGKILLed under `aiod4p run --restarts --stats-json`: the restarted attempt's counters began again
-    at its checkpoint's, and the samples went back with them (a negative throughput and busy time) while the
-    attempt worked again up to where the ended one had been. The samples now only grow: the ended attempt's work
-    stays counted, and the restarted attempt's adds to it. Checkpoints a second apart (each attempt holds its
-    input until its first one) leave the restart's checkpoint thousands of words behind the kill."""
-    from aiod4p._cli import main
+    """Under --restarts the restarted attempt's counters begin again at its checkpoint's (here none: the start),
+    and the samples of --stats-json went back with them: a negative throughput while the attempt did again what
+    the ended one had done. The ended attempt's work stays counted (as last seen), and the restarted attempt's
+    adds to it: 10,000 words counted, a worker SIGKILLed after 20,000 of its own, then every word again.
 
-    kills = planned_kills(tmp_path, monkeypatch, "12000")
-    target = tmp_path / "wf.py"
-    target.write_text(held_word_count_module(words, tmp_path / "ck"))
-    stats = tmp_path / "stats.json"
-    argv = ["run", str(target), "-m", "multi", "-n", "2", "-i", "1", "--results", os.devnull, "-q"]
-    checkpoints = ["--checkpoint-dir", str(tmp_path / "ck"), "--checkpoint-interval", "1", "--restarts", "1"]
-    assert main([*argv, *checkpoints, "--stats-json", str(stats)]) == 0
+    The test samples when it knows where each attempt stands: attempt 1 holds its input after 1,000 lines
+    until the test saw them counted, attempt 2 after 500."""
+    kills = tmp_path / "kills"
+    kills.mkdir()
+    monkeypatch.setenv("AIOD4P_TEST_KILLS", f"{kills}:20000")
+    gate = tmp_path / "gate"
+    graph = word_count(words, lines=HeldPerAttempt(words, gate, (1_000, 500)))
+    counted: list[asyncio.Event] = [asyncio.Event(), asyncio.Event()]  # each attempt's counts at its hold, reported
+    since_restart: set[int] = set()  # the workers that reported since the restart
+    publish = RunControl.publish_stats
+
+    def watch(control: RunControl, worker: int, stats: list[InstanceStats]) -> None:
+        publish(control, worker, stats)
+        restarted = any(record.getMessage().startswith("restart 1 of 1") for record in caplog.records)
+        if restarted:
+            since_restart.add(worker)
+        total = sum(entry.items_in for entry in control.stats() if entry.pe == "count")
+        if not restarted and total == 10_000:
+            counted[0].set()
+        elif since_restart == {0, 1} and total == 5_000:
+            counted[1].set()
+
+    monkeypatch.setattr(RunControl, "publish_stats", watch)
+    mapping = _multi(tmp_path / "ck", None, restarts=1, interval=3600)  # no checkpoint: a restart starts afresh
+    with caplog.at_level(logging.WARNING, "aiod4p.checkpoint"):
+        async with asyncio.timeout(50), start(graph, 1, mapping=mapping, workers=2) as live:
+            sampler = StatsSampler(live)
+            results = asyncio.ensure_future(live.results())
+            for attempt, event in enumerate(counted):
+                await event.wait()
+                sampler.sample()
+                (tmp_path / f"gate-{attempt}").touch()
+            got = await results
+            sampler.sample()
+    assert dict(record.data for record in got) == expected_counts(words)
     assert len(list(kills.iterdir())) == 1
-    document, samples = load_samples(stats)
-    assert document["pes"]["count"]["items_in"] == WORDS  # the totals: each word once
-    assert samples[-1]["pes"]["count"][0] >= 12_000  # the kill came after 12,000 words in one worker
-    for before, after in itertools.pairwise(samples):
-        span = after["t"] - before["t"]
-        for pe, summary in document["pes"].items():
-            was, now = (sample["pes"].get(pe, [0, 0, 0.0]) for sample in (before, after))
-            counted, busy = now[0] - was[0], now[2] - was[2]
-            assert 0 <= counted <= WORDS, (pe, before, after)
-            # a worker reports every STATS_INTERVAL: an interval's samples may see more than its span of work
-            assert 0 <= busy <= (span + 2 * STATS_INTERVAL) * summary["instances"], (pe, before, after)
+    assert [sample["pes"]["count"][0] for sample in sampler.samples] == [10_000, 15_000, 10_000 + WORDS]
+    for before, after in itertools.pairwise(sampler.samples):
+        for pe, work in after["pes"].items():
+            assert all(now >= then for now, then in zip(work, before["pes"][pe], strict=True)), (pe, before, after)
+    assert sum(entry.items_in for entry in live.stats if entry.pe == "count") == WORDS  # the totals: each word once
 
 
 async def test_restarts_let_the_ended_attempts_go(tmp_path: Path, words: Path, monkeypatch: pytest.MonkeyPatch) -> None:
