@@ -664,6 +664,31 @@ def test_an_input_error_ends_the_ranks_started_ahead() -> None:
     assert wait_gone(_marked_processes(mark), timeout=10) == []  # SIGKILLed: may take a moment to end
 
 
+def test_a_plan_that_cannot_be_shipped_kills_the_ranks_started_ahead_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`aiod4p run -m mpi` starts mpiexec while it loads the workflow: a plan that then cannot reach the ranks (a
+    PE holding a lock) ended them with SIGTERM, which a young mpiexec may take seconds to pass on; meanwhile
+    its proxy wrote its topology file and the ranks mapped their shared memory, which the SIGKILL 3 s later
+    left behind (one run in about 8 left /tmp/hydra_hwloc_xmlfile_* and 2 MB in /dev/shm)."""
+    sent: list[tuple[int, int]] = []
+    killpg = os.killpg
+
+    def recorded(pgid: int, signum: int) -> None:
+        sent.append((pgid, signum))
+        killpg(pgid, signum)
+
+    monkeypatch.setattr(mpi.os, "killpg", recorded)
+    mapping = mpi.MpiMapping()
+    graph = WorkflowGraph()
+    graph.connect(wf.Count(), "output", wf.HoldsLock(), "input")
+    with mapping.head_start(f"{WORKFLOWS}:mpi_chain", 2):
+        early = mapping._early
+        assert early is not None
+        with pytest.raises(GraphError, match="cannot be pickled to start the MPI ranks"):
+            aiod4p.run(graph, 3, mapping=mapping, workers=2)
+        assert early.process.returncode == -signal.SIGKILL
+    assert sent == [(early.process.pid, signal.SIGKILL)]
+
+
 def test_a_killed_launcher_takes_mpiexec_and_its_ranks_with_it(tmp_path: Path) -> None:
     """mpiexec and its ranks run in a session of their own: no signal to the launcher's reaches them.
     Nor is its rank 0 socket's directory left in the temporary folder, nor its proxy's topology file in /tmp
