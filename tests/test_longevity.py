@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from workflows import Count
+from workflows import Count, proxy_topology_files
 
 import aiod4p
 from aiod4p import GenericPE, IterativePE, ProducerPE, WorkflowGraph, group_by
@@ -84,9 +84,7 @@ class NotesTopologyThenFails(IterativePE):
         self.path = path
 
     def process_item(self, item: int) -> None:
-        proxy = os.getppid()
-        held = [os.readlink(f"/proc/{proxy}/fd/{fd}") for fd in os.listdir(f"/proc/{proxy}/fd")]
-        Path(self.path).write_text("\n".join(p for p in held if p.startswith("/tmp/hydra_hwloc_xmlfile_")))
+        Path(self.path).write_text("\n".join(proxy_topology_files()))
         raise ValueError("failing on purpose")
 
 

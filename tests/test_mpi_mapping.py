@@ -168,6 +168,7 @@ def test_cli_under_mpiexec_a_pe_error_ends_the_job_with_an_idle_rank() -> None:
     assert "FailsOnInstance" in done.stderr and "refuses item" in done.stderr
     assert "on the first 2 ranks, and the other ranks wait" in done.stderr
     assert time.monotonic() - started < 10
+    assert left_files(done.stderr, wf.TOPOLOGY) == []
 
 
 def test_cli_under_mpiexec_rejects_another_n() -> None:
@@ -176,11 +177,12 @@ def test_cli_under_mpiexec_rejects_another_n() -> None:
     assert "has 2 ranks" in done.stderr
 
 
-def left_shared_memory(stderr: str) -> list[str]:
-    """The MPICH shared-memory files a failing rank said it mapped (``wf.FailsOnInstance``) that still exist."""
-    lines = [line for line in stderr.splitlines() if line.startswith(wf.SHARED_MEMORY)]
-    assert lines, f"no rank said its shared memory: {stderr}"
-    return [path for line in lines for path in line.split()[len(wf.SHARED_MEMORY.split()) :] if Path(path).exists()]
+def left_files(stderr: str, said: str = wf.SHARED_MEMORY) -> list[str]:
+    """The files a failing rank said it had (``wf.FailsOnInstance``: ``said`` is ``wf.SHARED_MEMORY``, the MPICH
+    shared memory it mapped, or ``wf.TOPOLOGY``, its Hydra proxy's topology file) that still exist."""
+    lines = [line for line in stderr.splitlines() if line.startswith(said)]
+    assert [path for line in lines for path in line.split()[len(said.split()) :]], f"no rank said {said}: {stderr}"
+    return [path for line in lines for path in line.split()[len(said.split()) :] if Path(path).exists()]
 
 
 def test_cli_under_mpiexec_pe_error_on_rank_1_ends_the_job() -> None:
@@ -189,7 +191,9 @@ def test_cli_under_mpiexec_pe_error_on_rank_1_ends_the_job() -> None:
     assert done.returncode != 0
     assert "FailsOnInstance" in done.stderr and "refuses item" in done.stderr
     assert time.monotonic() - started < 10
-    assert left_shared_memory(done.stderr) == []  # MPI_Abort ends the job without MPI_Finalize
+    assert left_files(done.stderr) == []  # MPI_Abort ends the job without MPI_Finalize
+    # nor lets the proxy remove its topology file: one per failed run under the user's mpiexec
+    assert left_files(done.stderr, wf.TOPOLOGY) == []
 
 
 def test_cli_under_mpiexec_killed_rank_ends_the_job() -> None:
@@ -197,7 +201,7 @@ def test_cli_under_mpiexec_killed_rank_ends_the_job() -> None:
     done = mpiexec(["-n", "2", *cli(f"{WORKFLOWS}:mpi_killed", "--mapping", "mpi", "-i", "100")])
     assert done.returncode != 0
     assert time.monotonic() - started < 10
-    assert left_shared_memory(done.stderr) == []
+    assert left_files(done.stderr) == []
 
 
 # -- launched by the mapping -----------------------------------------------------------
@@ -242,7 +246,7 @@ def test_cli_launched_pe_error_exits_non_zero() -> None:
     assert done.returncode == 1
     assert "FailsOnInstance" in done.stderr and "refuses item" in done.stderr
     assert "Abort(" not in done.stderr  # the expected teardown is not shown as noise
-    assert left_shared_memory(done.stderr) == []
+    assert left_files(done.stderr) == []
 
 
 # A workflow file whose import, in the launcher, waits until both ranks have imported it too.
@@ -660,9 +664,35 @@ def test_an_input_error_ends_the_ranks_started_ahead() -> None:
     assert wait_gone(_marked_processes(mark), timeout=10) == []  # SIGKILLed: may take a moment to end
 
 
+def test_a_plan_that_cannot_be_shipped_kills_the_ranks_started_ahead_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`aiod4p run -m mpi` starts mpiexec while it loads the workflow: a plan that then cannot reach the ranks (a
+    PE holding a lock) ended them with SIGTERM, which a young mpiexec may take seconds to pass on; meanwhile
+    its proxy wrote its topology file and the ranks mapped their shared memory, which the SIGKILL 3 s later
+    left behind (one run in about 8 left /tmp/hydra_hwloc_xmlfile_* and 2 MB in /dev/shm)."""
+    sent: list[tuple[int, int]] = []
+    killpg = os.killpg
+
+    def recorded(pgid: int, signum: int) -> None:
+        sent.append((pgid, signum))
+        killpg(pgid, signum)
+
+    monkeypatch.setattr(mpi.os, "killpg", recorded)
+    mapping = mpi.MpiMapping()
+    graph = WorkflowGraph()
+    graph.connect(wf.Count(), "output", wf.HoldsLock(), "input")
+    with mapping.head_start(f"{WORKFLOWS}:mpi_chain", 2):
+        early = mapping._early
+        assert early is not None
+        with pytest.raises(GraphError, match="cannot be pickled to start the MPI ranks"):
+            aiod4p.run(graph, 3, mapping=mapping, workers=2)
+        assert early.process.returncode == -signal.SIGKILL
+    assert sent == [(early.process.pid, signal.SIGKILL)]
+
+
 def test_a_killed_launcher_takes_mpiexec_and_its_ranks_with_it(tmp_path: Path) -> None:
     """mpiexec and its ranks run in a session of their own: no signal to the launcher's reaches them.
-    Nor is its rank 0 socket's directory left in the temporary folder."""
+    Nor is its rank 0 socket's directory left in the temporary folder, nor its proxy's topology file in /tmp
+    (no process of the job removes it once killed)."""
     mark = f"kill-{os.getpid()}-{time.monotonic_ns()}"
     holding = tmp_path / "holding"
     os.mkfifo(holding)
@@ -693,6 +723,8 @@ def test_a_killed_launcher_takes_mpiexec_and_its_ranks_with_it(tmp_path: Path) -
                 exits.remove(fd)
                 os.close(fd)
         assert [path.name for path in temporary.iterdir()] == []
+        topology = {path for line in held.decode().splitlines() for path in line.split()[1:]}
+        assert topology and [path for path in topology if Path(path).exists()] == []
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(launcher.pid, signal.SIGKILL)

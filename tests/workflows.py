@@ -379,6 +379,20 @@ class WhereAmI(IterativePE):
 
 
 SHARED_MEMORY = "shared memory of this MPI rank:"
+TOPOLOGY = "topology file of this MPI rank's proxy:"
+
+
+def proxy_topology_files() -> list[str]:
+    """The names of the Hydra topology files (``/tmp/hydra_hwloc_xmlfile_*``) that this MPI rank's proxy (its
+    parent process) holds open, whether or not they have been removed since; none outside an MPI job."""
+    held = set()
+    for fd in os.listdir(f"/proc/{os.getppid()}/fd"):
+        try:
+            held.add(os.readlink(f"/proc/{os.getppid()}/fd/{fd}"))
+        except OSError:
+            continue  # closed meanwhile
+    # a removed file reads as "PATH (deleted)"
+    return sorted({found.group(0) for path in held if (found := re.match(r"/tmp/hydra_hwloc_xmlfile_\w+", path))})
 
 
 class FailsOnInstance(IterativePE):
@@ -393,6 +407,7 @@ class FailsOnInstance(IterativePE):
             mapped = sorted(set(re.findall(r"/dev/shm/mpich_shm_\S+", Path("/proc/self/maps").read_text())))
             if mapped:  # an MPI rank's: a test checks that no file is left once the job has ended
                 print(SHARED_MEMORY, *mapped, file=sys.stderr, flush=True)
+                print(TOPOLOGY, *proxy_topology_files(), file=sys.stderr, flush=True)
             if self.kill:
                 os.kill(os.getpid(), signal.SIGKILL)
             raise ValueError(f"instance {self.instance} refuses item {item}")
@@ -521,8 +536,9 @@ class SaysItBlocks(BlocksForever):
 
 
 class HoldsItsLoop(IterativePE):
-    """On its second item, each instance writes its pid to the FIFO named by
-    ``AIOD4P_TEST_HOLDING`` and holds its process's event loop forever (it is not threaded)."""
+    """On its second item, each instance writes a line to the FIFO named by ``AIOD4P_TEST_HOLDING`` (its pid,
+    and on an MPI rank the topology file of its proxy) and holds its process's event loop forever (it is not
+    threaded)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -532,7 +548,7 @@ class HoldsItsLoop(IterativePE):
         self.seen += 1
         if self.seen == 2:
             with open(os.environ["AIOD4P_TEST_HOLDING"], "w") as holding:
-                holding.write(f"{os.getpid()}\n")
+                holding.write(" ".join([str(os.getpid()), *proxy_topology_files()]) + "\n")
             threading.Event().wait()
 
 

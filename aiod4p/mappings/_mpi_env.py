@@ -20,6 +20,7 @@ __all__ = [
     "NEEDS_MPI4PY",
     "find_mpiexec",
     "forget_shared_memory",
+    "forget_topology_file",
     "job_files",
     "job_frame",
     "job_rank",
@@ -227,11 +228,11 @@ def job_files(mpiexec: int) -> set[Path]:
     and the shared memory a rank maps (``/dev/shm/mpich_shm_*``); none without Linux's ``/proc``.
 
     A proxy removes its file when it exits by itself, not when a rank ends the job (``MPI_Abort``: a run that
-    failed) or the job is killed (an aborted run); a rank's shared memory is unlinked once every rank is ready
-    (:func:`forget_shared_memory`), not when the job is stopped before that (a run cancelled while its ranks
-    start). Each such run left files in ``/tmp`` and megabytes in ``/dev/shm``, and a process that runs
-    workflows for days would fill them. The launcher notes them while the job runs, and removes them once
-    the mpiexec is reaped.
+    failed) or the job is killed (an aborted run); the ranks unlink both once every rank is ready
+    (:func:`forget_shared_memory`, :func:`forget_topology_file`), not when the job is stopped before that (a
+    run cancelled, or failing, while its ranks start). Each such run left files in ``/tmp`` and megabytes in
+    ``/dev/shm``, and a process that runs workflows for days would fill them. The launcher notes them while
+    the job runs, and removes them once the mpiexec is reaped.
     """
     found: set[Path] = set()
     waiting = [mpiexec]
@@ -245,9 +246,34 @@ def job_files(mpiexec: int) -> set[Path]:
             continue
         with contextlib.suppress(OSError):
             found.update(map(Path, _SHARED_MEMORY.findall(Path(f"/proc/{pid}/maps").read_text())))
-        with contextlib.suppress(OSError):
-            for fd in os.listdir(f"/proc/{pid}/fd"):
-                with contextlib.suppress(OSError):
-                    if _HYDRA_TOPOLOGY.fullmatch(target := os.readlink(f"/proc/{pid}/fd/{fd}")):
-                        found.add(Path(target))
+        found |= _held_topology_files(pid)
     return found
+
+
+def _held_topology_files(pid: int) -> set[Path]:
+    """The Hydra topology files (``/tmp/hydra_hwloc_xmlfile_*``) that process ``pid`` holds open and that still
+    exist; none if it cannot be read (gone, another user's, no ``/proc``)."""
+    found: set[Path] = set()
+    with contextlib.suppress(OSError):
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            with contextlib.suppress(OSError):  # closed meanwhile
+                # an unlinked file reads as "PATH (deleted)", which does not match
+                if _HYDRA_TOPOLOGY.fullmatch(target := os.readlink(f"/proc/{pid}/fd/{fd}")):
+                    found.add(Path(target))
+    return found
+
+
+def forget_topology_file() -> None:
+    """Unlink the topology file that this rank's Hydra proxy (its parent process) holds for the job
+    (``/tmp/hydra_hwloc_xmlfile_*``); call it once every rank of the job has started (after a barrier).
+
+    The proxy writes the node's hwloc topology there for its ranks, which read it in ``MPI_Init``, and removes
+    it only when it exits by itself: not when a rank ends the job with ``MPI_Abort`` (a failed run), nor when
+    the proxy is killed (its launcher killed). Each such job left a file in ``/tmp``, under the user's own
+    mpiexec as under the one aiod4p starts. Nothing is removed when the parent holds no such file (another
+    process manager, a rank started through a shell); the proxy's own removal at its exit then finds none,
+    and says nothing.
+    """
+    for path in _held_topology_files(os.getppid()):
+        with contextlib.suppress(OSError):  # another rank of this node unlinked it first
+            path.unlink()

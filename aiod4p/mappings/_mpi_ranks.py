@@ -39,7 +39,7 @@ from ..transports import Comm, memory_comm_pair
 from ..transports.mpi import MpiEndpoint
 from ._base import RunControl
 from ._host import STATS_INTERVAL, ForwardSink, Supervisor, serve, serve_job
-from ._mpi_env import forget_shared_memory
+from ._mpi_env import forget_shared_memory, forget_topology_file
 from ._shipping import Job, ship, unship
 
 __all__ = [
@@ -60,13 +60,15 @@ CAUSE_GRACE = 2.0
 async def every_rank_ready() -> None:
     """Wait until every rank has reached this point, polling (a rank blocked in an MPICH call spins at 100%
     CPU, which would slow the launcher and the other ranks while they load the workflow); then no rank is
-    starting, and this one forgets the names of its shared memory (see :func:`forget_shared_memory`)."""
+    starting, and this one forgets the names of its shared memory and of its proxy's topology file, so that
+    no end of the job leaves them behind (see :func:`forget_shared_memory`, :func:`forget_topology_file`)."""
     request = MPI.COMM_WORLD.Ibarrier()
     delay = 0.0005
     while not request.Test():
         await asyncio.sleep(delay)
         delay = min(2 * delay, 0.005)
     forget_shared_memory()
+    forget_topology_file()
 
 
 async def broadcast_plan(plan: ExecutionPlan | None) -> ExecutionPlan:

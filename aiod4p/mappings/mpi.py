@@ -239,6 +239,7 @@ async def _launch(
     ranks: _Ranks | None = None,
 ) -> list[InstanceStats]:
     """Run ``plan`` on ``ranks`` started ahead for it, or on ranks launched now."""
+    job: _Job | None = None
     try:
         mpiexec = find_mpiexec() if ranks is None else ""
         prepared, pumped = prepare_job(plan, feeds, max_delay, STATS_INTERVAL, session)
@@ -248,7 +249,6 @@ async def _launch(
         if ranks is None:
             ranks = _Ranks(mpiexec, plan.workers)
         process = _Process(ranks.process)
-        job: _Job | None = None
         try:
             await process.connect()
             job = _Job(process, plan, sink, control, pumped, session)
@@ -269,7 +269,10 @@ async def _launch(
                 await process.close()  # even when cancelled while connecting: no transport outlives its pipe
     finally:
         if ranks is not None:
-            ranks.close()
+            # Still running, it was given no job (started ahead for a plan that then failed: a PE that cannot
+            # be pickled): SIGKILL at once, as _stop does. A young mpiexec may take seconds to pass a SIGTERM
+            # on, meanwhile its proxy writes its topology file, and the kill that followed left it.
+            ranks.close(unused=job is None or not job.sent)
 
 
 class _Ranks:
@@ -331,7 +334,8 @@ class _Ranks:
     def close(self, *, unused: bool = False) -> None:
         """End the mpiexec and its ranks if still running, reap it, and remove the socket.
 
-        ``unused``: no job was sent (a head start no run took): nothing to stop gently, so SIGKILL at once.
+        ``unused``: no job was sent (a head start no run took, or a run that failed before sending it): nothing
+        to stop gently, so SIGKILL at once.
         """
         if self.process.returncode is None:
             self.note_files()
