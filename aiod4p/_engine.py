@@ -586,6 +586,8 @@ class _Actor(Invoker):
         self.runner: _CallGreenlet | None = None  # runs the PE's calls, created on first use (see _drive)
         self.results_sink: ResultSink = worker.results
         self.aligner: Aligner | None = None  # set when the run takes checkpoints
+        # While a restore calls preprocess again: what it writes was delivered before the checkpoint.
+        self.dropping_outputs = False
         # A source with its own drain() (a SourcePE: a followed file reads to its end) is called even when the
         # run drains before its call started: what draining means is its to say.
         self.drains_itself = is_root and callable(getattr(pe, "drain", None))
@@ -610,7 +612,11 @@ class _Actor(Invoker):
         try:
             aligner = self.aligner
             if aligner is not None and aligner.restoring is not None:
-                await self._lifecycle("preprocess", pe.preprocess)  # what it writes was delivered before
+                self.dropping_outputs = True
+                try:
+                    await self._lifecycle("preprocess", pe.preprocess)
+                finally:
+                    self.dropping_outputs = False
                 if aligner.restore():  # it had finished: downstream gets only the end of stream
                     for channel in self.outgoing:
                         channel.close()
@@ -939,6 +945,10 @@ class _Actor(Invoker):
     async def _route_outputs(self, detach: bool = False) -> None:
         """Route every buffered output; ``detach`` empties the buffers in place (a threaded call holds them)."""
         buffers = self.buffers
+        if self.dropping_outputs:
+            for items in buffers.values():
+                items.clear()
+            return
         full: list[_Pending | _ResultPending] = []
         batch_size = self.route_chunk
         dirty = self.dirty

@@ -1487,3 +1487,57 @@ async def test_a_checkpoint_that_does_not_complete_is_reported_naming_what_it_wa
         r" results not committed yet \(a worker or PE that hangs holds every checkpoint back\)",
         messages[0],
     )
+
+
+class _Ticks(ProducerPE):
+    """Yields 0..count-1; in the first attempt it stops at ``pause`` and waits (a live source idle) for ever."""
+
+    first_attempt = True  # a class attribute: the restored run's copies see it cleared
+
+    def __init__(self, count: int, pause: int) -> None:
+        super().__init__()
+        self.count, self.pause = count, pause
+
+    async def produce(self) -> AsyncIterator[int]:
+        for tick in range(self.count):
+            if tick == self.pause and _Ticks.first_attempt:
+                await asyncio.Event().wait()  # cancelled with the run
+            yield tick
+
+
+class _Announces(IterativePE):
+    """Writes a header in ``preprocess``, then passes its items on."""
+
+    def preprocess(self) -> None:
+        self.write("output", "header")
+
+    def process_item(self, item: int) -> int:
+        return item
+
+
+@pytest.mark.parametrize("threaded", [False, True], ids=["on the loop", "threaded"])
+async def test_what_preprocess_writes_is_not_delivered_again_by_a_restore(tmp_path: Path, threaded: bool) -> None:
+    """On restore ``preprocess`` runs again, and what it writes was delivered before the checkpoint: a
+    restored run delivered it a second time (each write() handed on at once, before the restore dropped it)."""
+    directory, results = tmp_path / "ck", tmp_path / "results.jsonl"
+    graph = WorkflowGraph()
+    announces = _Announces()
+    announces.threaded = threaded
+    graph.connect(_Ticks(50, pause=20), "output", announces, "input")
+    completed = asyncio.Event()
+    _Ticks.first_attempt = True
+    try:
+        async with asyncio.timeout(60):
+            with on_completed(lambda n: completed.set()):
+                async with start(graph, 1, mapping=_mapping(directory, results)) as first:
+                    running = asyncio.ensure_future(first.results())
+                    await completed.wait()
+                    running.cancel()
+                    await asyncio.gather(running, return_exceptions=True)
+            _Ticks.first_attempt = False
+            final = await run_async(graph, 1, mapping=_mapping(directory, results, restore=True))
+    finally:
+        _Ticks.first_attempt = True
+    delivered = [record["data"] for record in json_lines(results)]
+    assert sorted(delivered, key=str) == sorted([*range(50), "header"], key=str)
+    assert [record.data for record in final].count("header") <= 1
