@@ -402,57 +402,68 @@ def _run_loaded(args: argparse.Namespace, mapping: BaseMapping, results: str | N
             out.flush()
 
     # The mapping may start its workers now, so that they start while the workflow loads (mpi: the ranks
-    # import it too); what the run does not take is stopped when it ends.
+    # import it too); what the run does not take is stopped when it ends. A signal that stops the start-up
+    # (Stopped) is said at once, then passes through the mapping's head start, which may have to end its
+    # workers' start-up with it (under the user's mpiexec, the other ranks').
     outcome = _Outcome()
-    with (
-        Interrupts(EXIT_ABORTED, before_exit=flush_results, produced=lambda: _records(outcome.records)) as signals,
-        mapping.head_start(args.target, args.num),
-    ):
-        phase = "loading the workflow"  # what a signal stops, as it says
-        try:
-            graph = load_workflow(args.target)
-            run_in_threads(graph, args.threaded)
-            inputs = parse_cli_inputs(args.iter, args.data, args.file)
-            stdin = None
-            if args.stdin is not None:
-                find_pe(graph.flatten(), args.stdin, "--stdin")  # else the error would name an input key
-                given = {"max_line": args.max_line, "on_bad": args.on_bad}
-                stdin = LineStream(json=True, **{name: value for name, value in given.items() if value is not None})
-                inputs = {**(inputs if isinstance(inputs, Mapping) else {}), args.stdin: stdin}
-            phase = "planning the run"
-            workflow = WorkflowRun(
-                graph,
-                inputs,
-                mapping=mapping,
-                workers=args.num,
-                batch_size=args.batch_size,
-                credits=args.credits,
-                provenance=(args.provenance_level or "item") if args.provenance else None,
-            )
-        except Stopped as stop:
-            return _aborted(stop.signum, 0, f"while {phase}")
-        show_progress = progress_wanted(args.quiet, args.results == "-")
-        sampler = StatsSampler(workflow) if args.stats_json else None
-        try:
-            with asyncio.Runner(loop_factory=loop_factory(mapping.uses_uvloop)) as runner:
-                status = runner.run(
-                    _consume(workflow, results, signals, outcome, opened, stdout, show_progress, stdin, sampler)
+    said = False  # a stop was said
+    try:
+        with (
+            Interrupts(EXIT_ABORTED, before_exit=flush_results, produced=lambda: _records(outcome.records)) as signals,
+            contextlib.ExitStack() as started,
+        ):
+            phase = "loading the workflow"  # what a signal stops, as it says
+            try:
+                started.enter_context(mapping.head_start(args.target, args.num))
+                graph = load_workflow(args.target)
+                run_in_threads(graph, args.threaded)
+                inputs = parse_cli_inputs(args.iter, args.data, args.file)
+                stdin = None
+                if args.stdin is not None:
+                    find_pe(graph.flatten(), args.stdin, "--stdin")  # else the error would name an input key
+                    given = {"max_line": args.max_line, "on_bad": args.on_bad}
+                    stdin = LineStream(json=True, **{name: value for name, value in given.items() if value is not None})
+                    inputs = {**(inputs if isinstance(inputs, Mapping) else {}), args.stdin: stdin}
+                phase = "planning the run"
+                workflow = WorkflowRun(
+                    graph,
+                    inputs,
+                    mapping=mapping,
+                    workers=args.num,
+                    batch_size=args.batch_size,
+                    credits=args.credits,
+                    provenance=(args.provenance_level or "item") if args.provenance else None,
                 )
-        except Stopped as stop:
-            # asyncio re-raises a KeyboardInterrupt out of the loop and also keeps it as the exception of the
-            # task it interrupted (the run's, often): taken here, it is not logged as never retrieved.
-            if (task := workflow._task) is not None and task.done() and not task.cancelled():
-                task.exception()
-            return _aborted(stop.signum, outcome.records, f"while starting the {mapping.workers_started[1]}")
-        finally:
-            signals.restore()
-            report_stats(
-                workflow,
-                table=args.stats,
-                json_path=args.stats_json,
-                samples=sampler.samples if sampler else None,
-                stdout=stdout,
-            )
+            except Stopped as stop:
+                _aborted(stop.signum, 0, f"while {phase}")
+                said = True
+                raise
+            show_progress = progress_wanted(args.quiet, args.results == "-")
+            sampler = StatsSampler(workflow) if args.stats_json else None
+            try:
+                with asyncio.Runner(loop_factory=loop_factory(mapping.uses_uvloop)) as runner:
+                    status = runner.run(
+                        _consume(workflow, results, signals, outcome, opened, stdout, show_progress, stdin, sampler)
+                    )
+            except Stopped as stop:
+                # asyncio re-raises a KeyboardInterrupt out of the loop and also keeps it as the exception of the
+                # task it interrupted (the run's, often): taken here, it is not logged as never retrieved.
+                if (task := workflow._task) is not None and task.done() and not task.cancelled():
+                    task.exception()
+                _aborted(stop.signum, outcome.records, f"while starting the {mapping.workers_started[1]}")
+                said = True
+                raise
+            finally:
+                signals.restore()
+                report_stats(
+                    workflow,
+                    table=args.stats,
+                    json_path=args.stats_json,
+                    samples=sampler.samples if sampler else None,
+                    stdout=stdout,
+                )
+    except Stopped as stop:  # said above, unless it stopped the head start's own end
+        return EXIT_ABORTED if said else _aborted(stop.signum, outcome.records, "")
     if status == EXIT_OK and args.provenance:
         write_provenance(workflow.stats, args.provenance)
     if stdin is not None and stdin.skipped and args.on_bad == "skip":

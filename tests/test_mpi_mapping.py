@@ -204,6 +204,120 @@ def test_cli_under_mpiexec_killed_rank_ends_the_job() -> None:
     assert left_files(done.stderr) == []
 
 
+# A workflow file whose import takes long on one rank (AIOD4P_TEST_SLOW_RANK; AIOD4P_TEST_FAILING_RANK: fails
+# there): each rank writes its pid to a file in AIOD4P_TEST_MARKS once it has imported it, or as it starts the
+# slow import.
+_SLOW_ON_ONE_RANK = """
+import os
+import sys
+import time
+from pathlib import Path
+
+rank = os.environ["PMI_RANK"]
+marks = Path(os.environ["AIOD4P_TEST_MARKS"])
+if rank == os.environ.get("AIOD4P_TEST_FAILING_RANK"):
+    raise ImportError(f"rank {rank} lacks a library")
+if rank == os.environ.get("AIOD4P_TEST_SLOW_RANK"):
+    (marks / "slow").write_text(str(os.getpid()))
+    time.sleep(120)  # a slow import (scipy, astropy...), which the signal interrupts
+sys.path.insert(0, os.environ["AIOD4P_TEST_WORKFLOWS"])
+from workflows import mpi_chain
+
+graph = mpi_chain()
+(marks / f"imported-{rank}").write_text(str(os.getpid()))
+"""
+
+
+def _slow_job(tmp_path: Path, **env: str) -> subprocess.Popen[str]:
+    """``mpiexec -n 2 aiod4p run`` of :data:`_SLOW_ON_ONE_RANK` (``env``: its variables), its processes marked
+    with ``AIOD4P_TEST_MARK`` = ``tmp_path``'s name (:func:`_marked_processes`)."""
+    flow = tmp_path / "slow.py"
+    flow.write_text(_SLOW_ON_ONE_RANK)
+    env = {
+        **os.environ,
+        "AIOD4P_TEST_MARKS": str(tmp_path),
+        "AIOD4P_TEST_WORKFLOWS": str(WORKFLOWS.parent),
+        "AIOD4P_TEST_MARK": f"slow-{tmp_path.name}-{os.getpid()}",
+        **env,
+    }
+    return subprocess.Popen(
+        [str(MPIEXEC), "-n", "2", *cli(str(flow), "--mapping", "mpi", "-i", "3")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        start_new_session=True,
+    )
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+@pytest.mark.parametrize("slow", [0, 1])
+@pytest.mark.parametrize("group", [False, True], ids=["mpiexec", "process-group"])
+@pytest.mark.parametrize("twice", [False, True], ids=["once", "twice"])
+def test_ctrl_c_under_mpiexec_while_a_rank_imports_the_workflow_ends_the_job(
+    tmp_path: Path, slow: int, group: bool, twice: bool
+) -> None:
+    """A rank stopped while it imported the workflow exited before MPI_Init, and Hydra ends a job only for a
+    rank that had connected to it: the other rank waited in MPI_Init for it forever, at full CPU, and mpiexec
+    with it; a second Ctrl-C (mpiexec then exits at once) left the job's topology file and shared memory."""
+    fast = 1 - slow
+    process = _slow_job(tmp_path, AIOD4P_TEST_SLOW_RANK=str(slow))
+    found: set[Path] = set()
+    try:
+        deadline = time.monotonic() + 40
+        while not ((tmp_path / "slow").exists() and (tmp_path / f"imported-{fast}").exists()):
+            assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+            time.sleep(0.01)  # ok-sleep: polling for the files the ranks write
+        ranks = {int((tmp_path / name).read_text()) for name in ("slow", f"imported-{fast}")}
+        waiting = int((tmp_path / f"imported-{fast}").read_text())
+        while "libmpi" not in Path(f"/proc/{waiting}/maps").read_text():  # the old code's MPI_Init was after it
+            assert time.monotonic() < deadline
+            time.sleep(0.01)  # ok-sleep: polling for MPI in the rank that waits
+        if not twice:
+            # The rank that waits for the slow one does so without spinning (MPICH's waits spin).
+            before, start = _cpu_seconds(waiting), time.monotonic()
+            time.sleep(0.5)  # ok-sleep: a measurement window, not a wait for an event
+            assert _cpu_seconds(waiting) - before < 0.25 * (time.monotonic() - start)
+        found = job_files(process.pid)
+        for _ in range(2 if twice else 1):  # a terminal's Ctrl-C reaches the whole foreground process group
+            os.killpg(process.pid, signal.SIGINT) if group else process.send_signal(signal.SIGINT)
+        started = time.monotonic()
+        _, stderr = process.communicate(timeout=20)
+        assert time.monotonic() - started < 5, stderr
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.communicate()
+        left = [path for path in found if path.exists()]
+        for path in left:  # as _Ranks.close does
+            path.unlink()
+    assert wait_gone([*ranks, *_marked_processes(f"slow-{tmp_path.name}-{os.getpid()}")], timeout=10) == []
+    if not twice:  # a second Ctrl-C makes mpiexec exit at once, with a status of its own
+        assert process.returncode == 130, stderr
+        assert "aiod4p: aborted by SIGINT while loading the workflow" in stderr
+        assert "Abort(" not in stderr  # every rank ends by itself
+    assert left == []
+
+
+def test_cli_under_mpiexec_a_workflow_that_fails_to_load_on_one_rank_ends_the_job(tmp_path: Path) -> None:
+    """The rank that failed exited before MPI_Init: the other waited for it forever (as above)."""
+    process = _slow_job(tmp_path, AIOD4P_TEST_FAILING_RANK="1")
+    try:
+        _, stderr = process.communicate(timeout=30)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.communicate()
+    assert process.returncode == 1, stderr
+    assert "ImportError: rank 1 lacks a library" in stderr
+    assert "MPI rank 1 could not load or plan the workflow" in stderr
+
+
 # -- launched by the mapping -----------------------------------------------------------
 
 

@@ -11,11 +11,14 @@ an in-memory comm, and one supervisor on rank 0 watches them all
 Failure: a rank whose worker fails reports the error to rank 0 and waits for
 rank 0 to end the job (``MPI_Abort``); if rank 0 never does, it gives up
 after :data:`FOLLOWER_ABORT_GRACE` seconds and fails itself, which makes mpiexec end
-the job.
+the job. Under the user's mpiexec, every rank says whether it goes on to run
+the workflow or leaves while starting (:class:`StartUp`), so that all go on
+or all end.
 """
 
 from __future__ import annotations
 
+import array
 import asyncio
 import atexit
 import contextlib
@@ -33,8 +36,9 @@ from .._checkpoint import RelayCheckpoints, WorkerSpec, attach_worker
 from .._engine import Feed, Worker
 from .._plan import ExecutionPlan
 from .._results import ResultSink
+from .._signals import Stopped
 from .._stats import InstanceStats
-from ..errors import GraphError
+from ..errors import GraphError, WorkerDied
 from ..transports import Comm, memory_comm_pair
 from ..transports.mpi import MpiEndpoint
 from ._base import RunControl
@@ -43,8 +47,10 @@ from ._mpi_env import forget_shared_memory, forget_topology_file
 from ._shipping import Job, ship, unship
 
 __all__ = [
+    "ABORTED",
     "FOLLOWER_ABORT_GRACE",
     "RankZero",
+    "StartUp",
     "abort_job",
     "abort_job_at_exit",
     "broadcast_plan",
@@ -55,26 +61,102 @@ __all__ = [
 LINK_KEY, CONTROL_KEY = 1, 2
 FOLLOWER_ABORT_GRACE = 20.0
 CAUSE_GRACE = 2.0
+ABORTED = 130  # the exit status of a run that a signal stopped while it started (aiod4p run's)
+_FAILED = -1  # what a rank that could not load or plan the workflow says (StartUp.leave)
 
 
-async def every_rank_ready() -> None:
-    """Wait until every rank has reached this point, polling (a rank blocked in an MPICH call spins at 100%
-    CPU, which would slow the launcher and the other ranks while they load the workflow); then no rank is
-    starting, and this one forgets the names of its shared memory and of its proxy's topology file, so that
-    no end of the job leaves them behind (see :func:`forget_shared_memory`, :func:`forget_topology_file`)."""
-    request = MPI.COMM_WORLD.Ibarrier()
+async def _completion(request: MPI.Request) -> None:
+    """Wait until ``request`` completes, polling: a rank blocked in an MPICH call spins at 100% CPU, which
+    would slow the launcher and the other ranks while they load the workflow."""
     delay = 0.0005
     while not request.Test():
         await asyncio.sleep(delay)
         delay = min(2 * delay, 0.005)
+
+
+def _forget_job_files() -> None:
     forget_shared_memory()
     forget_topology_file()
 
 
-async def broadcast_plan(plan: ExecutionPlan | None) -> ExecutionPlan:
-    """Give every rank rank 0's plan, once every rank is ready (collective; other ranks pass anything).
+async def every_rank_ready() -> None:
+    """Wait until every rank has reached this point, without spinning; then no rank is starting, and this
+    one forgets the names of its shared memory and of its proxy's topology file, so that no end of the job
+    leaves them behind (see :func:`forget_shared_memory`, :func:`forget_topology_file`)."""
+    await _completion(MPI.COMM_WORLD.Ibarrier())
+    _forget_job_files()
+
+
+class StartUp:
+    """This rank's say, under the user's mpiexec, in whether the job goes on to run the workflow.
+
+    Every rank says it once, collectively and without spinning: it goes on (:meth:`go_on`, with the plan),
+    or it leaves while starting (:meth:`leave`: a signal stopped it, or it could not load or plan the
+    workflow); and hears what every other rank said. Then every rank goes on, or every rank ends by itself,
+    through ``MPI_Finalize``. A rank that simply exited left the others waiting for it forever: in
+    ``MPI_Init``, spinning at full CPU, if it had not initialized MPI (Hydra ends a job only when a rank
+    that connected to it exits), else in a collective call.
+
+    A rank that said it goes on and is then stopped before every rank has said still leaves: if every
+    other rank goes on, it ends the job (``MPI_Abort``).
+    """
+
+    def __init__(self) -> None:
+        self._said = array.array("i", [0])
+        self._heard = array.array("i", [0] * MPI.COMM_WORLD.Get_size())
+        self._request: MPI.Request | None = None
+        self.agreed = False  # every rank has said whether it goes on
+
+    @property
+    def all_went_on(self) -> bool:
+        """Every rank has said, and said it goes on."""
+        return self.agreed and not any(self._heard)
+
+    async def _say(self, state: int) -> None:
+        """Say ``state`` (0: going on, else why this rank leaves) unless this rank has said already; wait
+        until every rank has, then forget the job's files (:func:`every_rank_ready`)."""
+        if self._request is None:
+            self._said[0] = state
+            self._request = MPI.COMM_WORLD.Iallgather([self._said, MPI.INT], [self._heard, MPI.INT])
+        await _completion(self._request)
+        self.agreed = True
+        _forget_job_files()
+
+    async def go_on(self) -> None:
+        """Say that this rank goes on, and wait until every rank has said whether it does.
+
+        Raises:
+            Stopped: another rank was stopped by a signal while it started: the run ends on every rank.
+            WorkerDied: another rank could not load or plan the workflow (it reports why): likewise.
+        """
+        await self._say(0)
+        left = {rank: state for rank, state in enumerate(self._heard) if state}
+        if stopped := [state for state in left.values() if state > 0]:
+            raise Stopped(stopped[0])
+        if left:
+            ranks = ", ".join(map(str, left))
+            raise WorkerDied(
+                f"MPI rank{'s' if len(left) > 1 else ''} {ranks} could not load or plan the workflow (the rank"
+                " says why): no rank runs it"
+            )
+
+    async def leave(self, signum: int | None) -> None:
+        """Say that this rank leaves (stopped by signal ``signum``; ``None``: it could not load or plan the
+        workflow), unless it has said already, and wait until every rank has said. If every rank goes on (this
+        one had said so before it was stopped), end the whole job now: exit status :data:`ABORTED` for a
+        signal, else 1.
+        """
+        await self._say(_FAILED if signum is None else signum)
+        if self.all_went_on:
+            abort_job(1 if signum is None else ABORTED)
+
+
+async def broadcast_plan(plan: ExecutionPlan | None, start_up: StartUp) -> ExecutionPlan:
+    """Give every rank rank 0's plan once every rank goes on (collective; other ranks pass anything).
 
     Raises:
+        Stopped: another rank was stopped by a signal while it started (:meth:`StartUp.go_on`).
+        WorkerDied: another rank could not load or plan the workflow.
         GraphError: rank 0's plan cannot be pickled (on every rank).
         TargetError: this rank cannot load the workflow's code.
     """
@@ -86,7 +168,7 @@ async def broadcast_plan(plan: ExecutionPlan | None) -> ExecutionPlan:
             payload = ship(Job(plan, {}, 0.0, 0.0), "start the MPI ranks")
         except GraphError as exc:
             payload = str(exc)
-    await every_rank_ready()
+    await start_up.go_on()
     payload = comm.bcast(payload, root=0)
     if isinstance(payload, str):
         raise GraphError(payload)

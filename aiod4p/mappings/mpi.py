@@ -37,12 +37,13 @@ import threading
 from collections import deque
 from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .._checkpoint import LauncherCheckpoints, Session
 from .._engine import Feed
 from .._plan import ExecutionPlan, PlanOptions
 from .._results import ResultSink
-from .._signals import die_with_parent
+from .._signals import Stopped, die_with_parent, held
 from .._stats import InstanceStats
 from ..errors import CheckpointError, InputError, MappingUnavailable, PeerDied, TransportError, WorkerDied
 from ..transports.pipes import PipeComm, open_pipe_comm
@@ -61,6 +62,9 @@ from ._mpi_env import (
     ranks_here,
 )
 from ._shipping import Job, ship
+
+if TYPE_CHECKING:
+    from ._mpi_ranks import StartUp
 
 __all__ = ["MpiMapping"]
 
@@ -88,6 +92,7 @@ class MpiMapping(BaseMapping):
         self.size = job_size()
         self.follower = self.size is not None and job_rank() != 0
         self._early: _Ranks | None = None  # started by head_start, for the next run
+        self._start_up: StartUp | None = None  # under the user's mpiexec: this rank's, from head_start
 
     @property
     def shares_cpus(self) -> bool:
@@ -139,16 +144,55 @@ class MpiMapping(BaseMapping):
     def head_start(self, target: str, workers: int | None) -> Iterator[None]:
         """Launch the mpiexec of the next run now, its ranks importing ``target``'s module while the caller
         loads and plans it (they then wait for the job without spinning); on leaving, end it if no run
-        took it. Under the user's mpiexec, or when no mpiexec can start, nothing is started: the run
-        reports why.
+        took it. When no mpiexec can start, nothing is started: the run reports why.
+
+        Under the user's mpiexec, initialize MPI now, on every rank before any loads the workflow, and see
+        that this rank says whether it goes on or leaves while starting (:class:`~._mpi_ranks.StartUp`):
+        leaving the block with :class:`~aiod4p._signals.Stopped` (a signal), another error, or no run, it
+        leaves, and the other ranks end too.
         """
-        if self.size is None:
-            with contextlib.suppress(MappingUnavailable, ValueError):
-                self._early = _Ranks(find_mpiexec(), self._ranks(workers), target)
+        if self.size is not None:
+            with self._starting():
+                yield
+            return
+        with contextlib.suppress(MappingUnavailable, ValueError):
+            self._early = _Ranks(find_mpiexec(), self._ranks(workers), target)
         try:
             yield
         finally:
             self._take_early(None)
+
+    @contextlib.contextmanager
+    def _starting(self) -> Iterator[None]:
+        """Under the user's mpiexec: :meth:`head_start`'s part."""
+        try:
+            with held():  # a signal meanwhile takes effect once this rank has started (it raises Stopped)
+                self._start_up = _start_up()
+            yield
+        except Stopped as stop:
+            self._leave(stop.signum)
+            raise
+        except BaseException:
+            self._leave(None)
+            raise
+        else:
+            self._leave(None)  # a run said already; with none, the other ranks must not wait for this one
+        finally:
+            self._start_up = None
+
+    def _leave(self, signum: int | None) -> None:
+        """This rank leaves the job's start-up (stopped by signal ``signum``, or failing), unless every rank
+        has said whether it goes on (:meth:`~._mpi_ranks.StartUp.leave`); a further signal while it waits for
+        them ends the job now."""
+        start_up = self._start_up
+        if start_up is None or start_up.agreed:
+            return
+        from ._mpi_ranks import ABORTED, abort_job
+
+        try:
+            asyncio.run(start_up.leave(signum))
+        except KeyboardInterrupt:  # Stopped: the second signal aborts
+            abort_job(ABORTED)
 
     def _take_early(self, workers: int | None) -> _Ranks | None:
         """The ranks :meth:`head_start` launched if there are ``workers`` of them; any others are ended."""
@@ -199,11 +243,12 @@ class MpiMapping(BaseMapping):
         max_delay: float,
     ) -> list[InstanceStats]:
         try:
-            from ._mpi_ranks import RankZero, abort_job_at_exit, broadcast_plan, run_follower
+            from ._mpi_ranks import RankZero, StartUp, abort_job_at_exit, broadcast_plan, run_follower
         except ImportError as exc:
             raise MappingUnavailable(NEEDS_MPI4PY) from exc
+        start_up = self._start_up or StartUp()
         try:
-            shipped = await broadcast_plan(plan)
+            shipped = await broadcast_plan(plan, start_up)
             if not self.follower:
                 return await RankZero(shipped, feeds, sink, control, max_delay=max_delay).run()
             # Rank 0 drains the whole job (mpiexec gives every rank the signal): here a signal only finds
@@ -213,8 +258,23 @@ class MpiMapping(BaseMapping):
                 raise WorkerDied(f"MPI rank {job_rank()} failed, and rank 0 did not end the job")
             return []
         except BaseException:
-            abort_job_at_exit(1)  # end every rank once this one has reported (MPI_Finalize would hang)
+            # Every rank went on, or (no head_start to have this rank leave) this one did not say: end every
+            # rank once this one has reported (MPI_Finalize would hang). Else every rank leaves by itself.
+            if start_up.all_went_on or (start_up is not self._start_up and not start_up.agreed):
+                abort_job_at_exit(1)
             raise
+
+
+def _start_up() -> StartUp | None:
+    """Initialize MPI, wait until every rank has (:func:`~._mpi_ranks.every_rank_ready`: from then on, no end
+    of the job leaves its files behind), and return this rank's say in the start-up; ``None`` without mpi4py
+    (the run says so)."""
+    try:
+        from ._mpi_ranks import StartUp, every_rank_ready
+    except ImportError:
+        return None
+    asyncio.run(every_rank_ready())
+    return StartUp()
 
 
 def _check_pumped(plan: ExecutionPlan, pumped: list[tuple[str, int, Feed]]) -> None:
