@@ -214,17 +214,24 @@ import time
 from pathlib import Path
 
 rank = os.environ["PMI_RANK"]
-marks = Path(os.environ["AIOD4P_TEST_MARKS"])
+
+
+def mark(name):
+    marks = Path(os.environ["AIOD4P_TEST_MARKS"])
+    (marks / f"{name}.part").write_text(str(os.getpid()))
+    os.replace(marks / f"{name}.part", marks / name)
+
+
 if rank == os.environ.get("AIOD4P_TEST_FAILING_RANK"):
     raise ImportError(f"rank {rank} lacks a library")
 if rank == os.environ.get("AIOD4P_TEST_SLOW_RANK"):
-    (marks / "slow").write_text(str(os.getpid()))
+    mark("slow")
     time.sleep(120)  # a slow import (scipy, astropy...), which the signal interrupts
 sys.path.insert(0, os.environ["AIOD4P_TEST_WORKFLOWS"])
 from workflows import mpi_chain
 
 graph = mpi_chain()
-(marks / f"imported-{rank}").write_text(str(os.getpid()))
+mark(f"imported-{rank}")
 """
 
 
@@ -275,19 +282,32 @@ def test_ctrl_c_under_mpiexec_while_a_rank_imports_the_workflow_ends_the_job(
             time.sleep(0.01)  # ok-sleep: polling for the files the ranks write
         ranks = {int((tmp_path / name).read_text()) for name in ("slow", f"imported-{fast}")}
         waiting = int((tmp_path / f"imported-{fast}").read_text())
-        while "libmpi" not in Path(f"/proc/{waiting}/maps").read_text():  # the old code's MPI_Init was after it
+        # It has started MPI (the old code's MPI_Init, where it waited, came after the import)
+        while "/dev/shm/mpich_shm_" not in Path(f"/proc/{waiting}/maps").read_text():
             assert time.monotonic() < deadline
-            time.sleep(0.01)  # ok-sleep: polling for MPI in the rank that waits
+            time.sleep(0.01)  # ok-sleep: polling for MPI's shared memory in the rank that waits
         if not twice:
             # The rank that waits for the slow one does so without spinning (MPICH's waits spin).
             before, start = _cpu_seconds(waiting), time.monotonic()
             time.sleep(0.5)  # ok-sleep: a measurement window, not a wait for an event
             assert _cpu_seconds(waiting) - before < 0.25 * (time.monotonic() - start)
         found = job_files(process.pid)
-        for _ in range(2 if twice else 1):  # a terminal's Ctrl-C reaches the whole foreground process group
-            os.killpg(process.pid, signal.SIGINT) if group else process.send_signal(signal.SIGINT)
+
+        def ctrl_c() -> None:  # a terminal's reaches the whole foreground process group
+            with contextlib.suppress(ProcessLookupError):  # the job has ended
+                os.killpg(process.pid, signal.SIGINT) if group else process.send_signal(signal.SIGINT)
+
+        ctrl_c()
         started = time.monotonic()
+        said = b""
+        if twice:  # once the slow rank has stopped (the old code's job then waited for it forever)
+            assert process.stderr is not None
+            while b"aborted by SIGINT while loading" not in said:
+                assert select.select([process.stderr], [], [], max(0.0, started + 10 - time.monotonic()))[0], said
+                said += os.read(process.stderr.fileno(), 4096)
+            ctrl_c()
         _, stderr = process.communicate(timeout=20)
+        stderr = said.decode() + stderr
         assert time.monotonic() - started < 5, stderr
     finally:
         if process.poll() is None:
