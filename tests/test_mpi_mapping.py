@@ -43,7 +43,12 @@ WORKFLOWS = Path(wf.__file__).resolve()
 
 
 def mpiexec(
-    args: list[str], *, timeout: float = 30, cwd: Path | None = None, prefix: tuple[str, ...] = ()
+    args: list[str],
+    *,
+    timeout: float = 30,
+    cwd: Path | None = None,
+    prefix: tuple[str, ...] = (),
+    env: dict[str, str] | None = None,
 ) -> subprocess.CompletedProcess[str]:
     """Run ``prefix mpiexec args`` (the venv's aiod4p CLI on every rank); never leaves a rank behind."""
     process = subprocess.Popen(
@@ -52,6 +57,7 @@ def mpiexec(
         stderr=subprocess.PIPE,
         text=True,
         cwd=cwd,
+        env=env,
         start_new_session=True,
     )
     try:
@@ -235,26 +241,23 @@ mark(f"imported-{rank}")
 """
 
 
-def _slow_job(tmp_path: Path, **env: str) -> subprocess.Popen[str]:
-    """``mpiexec -n 2 aiod4p run`` of :data:`_SLOW_ON_ONE_RANK` (``env``: its variables), its processes marked
-    with ``AIOD4P_TEST_MARK`` = ``tmp_path``'s name (:func:`_marked_processes`)."""
+def _slow_job(tmp_path: Path, **variables: str) -> tuple[list[str], dict[str, str]]:
+    """The arguments of ``mpiexec`` that run :data:`_SLOW_ON_ONE_RANK` with ``aiod4p run`` on 2 ranks, and its
+    environment (with ``variables``), which marks its processes with ``AIOD4P_TEST_MARK`` = :func:`_slow_mark`."""
     flow = tmp_path / "slow.py"
     flow.write_text(_SLOW_ON_ONE_RANK)
     env = {
         **os.environ,
         "AIOD4P_TEST_MARKS": str(tmp_path),
         "AIOD4P_TEST_WORKFLOWS": str(WORKFLOWS.parent),
-        "AIOD4P_TEST_MARK": f"slow-{tmp_path.name}-{os.getpid()}",
-        **env,
+        "AIOD4P_TEST_MARK": _slow_mark(tmp_path),
+        **variables,
     }
-    return subprocess.Popen(
-        [str(MPIEXEC), "-n", "2", *cli(str(flow), "--mapping", "mpi", "-i", "3")],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-        start_new_session=True,
-    )
+    return ["-n", "2", *cli(str(flow), "--mapping", "mpi", "-i", "3")], env
+
+
+def _slow_mark(tmp_path: Path) -> str:
+    return f"slow-{tmp_path.name}-{os.getpid()}"
 
 
 def _cpu_seconds(pid: int) -> float:
@@ -273,7 +276,15 @@ def test_ctrl_c_under_mpiexec_while_a_rank_imports_the_workflow_ends_the_job(
     rank that had connected to it: the other rank waited in MPI_Init for it forever, at full CPU, and mpiexec
     with it; a second Ctrl-C (mpiexec then exits at once) left the job's topology file and shared memory."""
     fast = 1 - slow
-    process = _slow_job(tmp_path, AIOD4P_TEST_SLOW_RANK=str(slow))
+    args, env = _slow_job(tmp_path, AIOD4P_TEST_SLOW_RANK=str(slow))
+    process = subprocess.Popen(
+        [str(MPIEXEC), *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        start_new_session=True,
+    )
     found: set[Path] = set()
     try:
         deadline = time.monotonic() + 40
@@ -293,7 +304,7 @@ def test_ctrl_c_under_mpiexec_while_a_rank_imports_the_workflow_ends_the_job(
             assert _cpu_seconds(waiting) - before < 0.25 * (time.monotonic() - start)
         found = job_files(process.pid)
 
-        def ctrl_c() -> None:  # a terminal's reaches the whole foreground process group
+        def ctrl_c() -> None:  # a terminal's goes to mpiexec's process group; mpiexec passes it on to the ranks
             with contextlib.suppress(ProcessLookupError):  # the job has ended
                 os.killpg(process.pid, signal.SIGINT) if group else process.send_signal(signal.SIGINT)
 
@@ -304,7 +315,9 @@ def test_ctrl_c_under_mpiexec_while_a_rank_imports_the_workflow_ends_the_job(
             assert process.stderr is not None
             while b"aborted by SIGINT while loading" not in said:
                 assert select.select([process.stderr], [], [], max(0.0, started + 10 - time.monotonic()))[0], said
-                said += os.read(process.stderr.fileno(), 4096)
+                chunk = os.read(process.stderr.fileno(), 4096)
+                assert chunk, said
+                said += chunk
             ctrl_c()
         _, stderr = process.communicate(timeout=20)
         stderr = said.decode() + stderr
@@ -316,7 +329,7 @@ def test_ctrl_c_under_mpiexec_while_a_rank_imports_the_workflow_ends_the_job(
         left = [path for path in found if path.exists()]
         for path in left:  # as _Ranks.close does
             path.unlink()
-    assert wait_gone([*ranks, *_marked_processes(f"slow-{tmp_path.name}-{os.getpid()}")], timeout=10) == []
+    assert wait_gone([*ranks, *_marked_processes(_slow_mark(tmp_path))], timeout=10) == []
     if not twice:  # a second Ctrl-C makes mpiexec exit at once, with a status of its own
         assert process.returncode == 130, stderr
         assert "aiod4p: aborted by SIGINT while loading the workflow" in stderr
@@ -326,16 +339,11 @@ def test_ctrl_c_under_mpiexec_while_a_rank_imports_the_workflow_ends_the_job(
 
 def test_cli_under_mpiexec_a_workflow_that_fails_to_load_on_one_rank_ends_the_job(tmp_path: Path) -> None:
     """The rank that failed exited before MPI_Init: the other waited for it forever (as above)."""
-    process = _slow_job(tmp_path, AIOD4P_TEST_FAILING_RANK="1")
-    try:
-        _, stderr = process.communicate(timeout=30)
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.communicate()
-    assert process.returncode == 1, stderr
-    assert "ImportError: rank 1 lacks a library" in stderr
-    assert "MPI rank 1 could not load or plan the workflow" in stderr
+    args, env = _slow_job(tmp_path, AIOD4P_TEST_FAILING_RANK="1")
+    done = mpiexec(args, env=env)
+    assert done.returncode == 1, done.stderr
+    assert "ImportError: rank 1 lacks a library" in done.stderr
+    assert "MPI rank 1 failed while starting" in done.stderr
 
 
 # -- launched by the mapping -----------------------------------------------------------

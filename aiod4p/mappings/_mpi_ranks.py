@@ -62,7 +62,7 @@ LINK_KEY, CONTROL_KEY = 1, 2
 FOLLOWER_ABORT_GRACE = 20.0
 CAUSE_GRACE = 2.0
 ABORTED = 130  # the exit status of a run that a signal stopped while it started (aiod4p run's)
-_FAILED = -1  # what a rank that could not load or plan the workflow says (StartUp.leave)
+_FAILED = -1  # what a rank that failed while starting says (StartUp.leave)
 
 
 async def _completion(request: MPI.Request) -> None:
@@ -91,8 +91,8 @@ class StartUp:
     """This rank's say, under the user's mpiexec, in whether the job goes on to run the workflow.
 
     Every rank says it once, collectively and without spinning: it goes on (:meth:`go_on`, with the plan),
-    or it leaves while starting (:meth:`leave`: a signal stopped it, or it could not load or plan the
-    workflow); and hears what every other rank said. Then every rank goes on, or every rank ends by itself,
+    or it leaves while starting (:meth:`leave`: a signal stopped it, or it failed: it could not load or plan
+    the workflow, say); and hears what every other rank said. Then every rank goes on, or every rank ends by itself,
     through ``MPI_Finalize``. A rank that simply exited left the others waiting for it forever: in
     ``MPI_Init``, spinning at full CPU, if it had not initialized MPI (Hydra ends a job only when a rank
     that connected to it exits), else in a collective call.
@@ -127,7 +127,8 @@ class StartUp:
 
         Raises:
             Stopped: another rank was stopped by a signal while it started: the run ends on every rank.
-            WorkerDied: another rank could not load or plan the workflow (it reports why): likewise.
+            WorkerDied: another rank failed while starting (loading or planning the workflow; it says why):
+                likewise.
         """
         await self._say(0)
         left = {rank: state for rank, state in enumerate(self._heard) if state}
@@ -136,16 +137,14 @@ class StartUp:
         if left:
             ranks = ", ".join(map(str, left))
             raise WorkerDied(
-                f"MPI rank{'s' if len(left) > 1 else ''} {ranks} could not load or plan the workflow (the rank"
-                " says why): no rank runs it"
+                f"MPI rank{'s' if len(left) > 1 else ''} {ranks} failed while starting (the rank says why): no"
+                " rank runs the workflow"
             )
 
     async def leave(self, signum: int | None) -> None:
-        """Say that this rank leaves (stopped by signal ``signum``; ``None``: it could not load or plan the
-        workflow), unless it has said already, and wait until every rank has said. If every rank goes on (this
-        one had said so before it was stopped), end the whole job now: exit status :data:`ABORTED` for a
-        signal, else 1.
-        """
+        """Say that this rank leaves (stopped by signal ``signum``; ``None``: it failed), unless it has said
+        already, and wait until every rank has said. If every rank goes on (this one had said so before it was
+        stopped), end the whole job now: exit status :data:`ABORTED` for a signal, else 1."""
         await self._say(_FAILED if signum is None else signum)
         if self.all_went_on:
             abort_job(1 if signum is None else ABORTED)
@@ -156,7 +155,7 @@ async def broadcast_plan(plan: ExecutionPlan | None, start_up: StartUp) -> Execu
 
     Raises:
         Stopped: another rank was stopped by a signal while it started (:meth:`StartUp.go_on`).
-        WorkerDied: another rank could not load or plan the workflow.
+        WorkerDied: another rank failed while starting.
         GraphError: rank 0's plan cannot be pickled (on every rank).
         TargetError: this rank cannot load the workflow's code.
     """
