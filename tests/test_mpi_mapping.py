@@ -297,12 +297,12 @@ def test_ctrl_c_under_mpiexec_while_a_rank_imports_the_workflow_ends_the_job(
         while "/dev/shm/mpich_shm_" not in Path(f"/proc/{waiting}/maps").read_text():
             assert time.monotonic() < deadline
             time.sleep(0.01)  # ok-sleep: polling for MPI's shared memory in the rank that waits
+        found = job_files(process.pid)
         if not twice:
             # The rank that waits for the slow one does so without spinning (MPICH's waits spin).
             before, start = _cpu_seconds(waiting), time.monotonic()
             time.sleep(0.5)  # ok-sleep: a measurement window, not a wait for an event
             assert _cpu_seconds(waiting) - before < 0.25 * (time.monotonic() - start)
-        found = job_files(process.pid)
 
         def ctrl_c() -> None:  # a terminal's goes to mpiexec's process group; mpiexec passes it on to the ranks
             with contextlib.suppress(ProcessLookupError):  # the job has ended
