@@ -232,7 +232,7 @@ if rank == os.environ.get("AIOD4P_TEST_FAILING_RANK"):
     raise ImportError(f"rank {rank} lacks a library")
 if rank == os.environ.get("AIOD4P_TEST_SLOW_RANK"):
     mark("slow")
-    time.sleep(120)  # a slow import (scipy, astropy...), which the signal interrupts
+    time.sleep(120)  # ok-sleep: a slow import (scipy, astropy...), which the signal interrupts
 sys.path.insert(0, os.environ["AIOD4P_TEST_WORKFLOWS"])
 from workflows import mpi_chain
 
