@@ -504,6 +504,13 @@ class ResultGate:
     last result). Once every active producer passed ``n``, ``commit(n)`` is
     awaited; results are handed to ``emit`` so that everything written before
     barrier ``n`` precedes commit ``n`` and nothing written after it does.
+
+    Commits come one at a time, in order: commit ``n`` waits until the results
+    held for the commits before it have all been handed to ``emit`` (which may
+    wait for a reader that is behind). Once every producer has finished, the
+    gate commits up to the last checkpoint triggered or passed by any producer,
+    whichever is later (a run may end before a trigger reaches the gate; its
+    producers' barriers did), so that nothing stays held.
     """
 
     def __init__(
@@ -516,9 +523,11 @@ class ResultGate:
         self._marks: dict[Hashable, int] = dict.fromkeys(producers, first)
         self._emit = emit
         self._commit = commit
-        self._held: list[tuple[int, str, str, list[Any]]] = []
+        self._held: dict[int, collections.deque[tuple[str, str, list[Any]]]] = {}  # by the commit they wait for
         self.committed = first
         self._triggered = first
+        self._passed = first  # the last barrier a producer passed
+        self._advancing = asyncio.Lock()
 
     def sink(self, producer: Hashable) -> _GateSink:
         """The result sink of one producer."""
@@ -527,13 +536,14 @@ class ResultGate:
     async def emit(self, producer: Hashable, pe: str, port: str, items: list[Any]) -> None:
         epoch = self._marks.get(producer, self.committed)
         if epoch > self.committed:
-            self._held.append((epoch, pe, port, items))
+            self._held.setdefault(epoch, collections.deque()).append((pe, port, items))
         else:
             await self._emit(pe, port, items)
 
     async def mark(self, producer: Hashable, n: int) -> None:
         if producer in self._marks:
             self._marks[producer] = n
+            self._passed = max(self._passed, n)
         await self._advance()
 
     async def finish(self, producer: Hashable) -> None:
@@ -546,15 +556,25 @@ class ResultGate:
         await self._advance()
 
     async def _advance(self) -> None:
-        low = min(self._marks.values()) if self._marks else self._triggered
-        while self.committed < low:
-            k = self.committed + 1
-            await self._commit(k)
-            self.committed = k
-            released = [entry for entry in self._held if entry[0] == k]
-            self._held = [entry for entry in self._held if entry[0] != k]
-            for _, pe, port, items in released:
-                await self._emit(pe, port, items)
+        """Commit what every producer passed, each commit after the results held for the one before were handed on.
+
+        One caller at a time: a second would commit ``n + 1`` while the first still hands on what ``n``
+        released, and those results would follow commit ``n + 1`` in the file, where a restore from it
+        truncates them. A held result leaves the gate only as it is handed on, so that a caller cancelled
+        meanwhile (the coordinator, when the run ends) leaves the rest to the next one.
+        """
+        async with self._advancing:
+            while True:
+                for epoch in sorted(k for k in self._held if k <= self.committed):
+                    released = self._held[epoch]
+                    while released:
+                        await self._emit(*released.popleft())
+                    del self._held[epoch]
+                low = min(self._marks.values()) if self._marks else max(self._triggered, self._passed)
+                if self.committed >= low:
+                    return
+                await self._commit(self.committed + 1)
+                self.committed += 1
 
 
 class _GateSink:

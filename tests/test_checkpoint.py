@@ -352,6 +352,103 @@ async def test_a_finished_workers_stand_in_keeps_the_parts_its_instances_saved(t
     assert (store.path(1) / f"{stood_in.pe}.{stood_in.index}.state").read_bytes() == b"final"
 
 
+async def test_a_results_commit_waits_for_the_earlier_results_the_gate_is_still_handing_on() -> None:
+    """Commit 1 hands on the results ``p`` wrote after barrier 1 (held while ``q`` had not passed it), to a reader
+    that is behind: handing them on waits. Meanwhile ``p`` passes barrier 2. Commit 2 must count them (they
+    were written before barrier 2); it used to be made at once, before them, so a restore from checkpoint 2
+    truncated them away (seen as a block of a PE's results missing after a restore)."""
+    written: list[str] = []
+    commits: dict[int, int] = {}
+    behind, caught_up = asyncio.Event(), asyncio.Event()
+
+    async def emit(pe: str, port: str, items: list[str]) -> None:
+        written.extend(items)  # the file first, then the reader, as ResultsLog does
+        if items == ["p after 1"]:
+            behind.set()
+            await caught_up.wait()
+
+    async def commit(n: int) -> None:
+        commits[n] = len(written)
+
+    gate = ResultGate(["p", "q"], emit, commit, 0)
+    async with asyncio.timeout(30):
+        await gate.trigger(1)
+        await gate.mark("p", 1)
+        await gate.emit("p", "p", "output", ["p after 1"])
+        await gate.emit("p", "p", "output", ["p after 1, again"])
+        handing_on = asyncio.ensure_future(gate.finish("q"))  # q ends: commit 1, then p's results go on
+        await behind.wait()
+        marking = asyncio.ensure_future(gate.mark("p", 2))  # runs before the reader catches up
+        caught_up.set()
+        await asyncio.gather(handing_on, marking)
+    assert commits == {1: 0, 2: 2}
+    assert written == ["p after 1", "p after 1, again"]
+
+
+class _SignalledStore(CheckpointStore):
+    """A store whose writes of instance ``held``'s part wait for ``release``; ``writing`` is set when one starts."""
+
+    def __init__(self, directory: Path, held: InstanceRef) -> None:
+        super().__init__(directory)
+        self.held = held
+        self.writing = threading.Event()
+        self.release = threading.Event()
+
+    def write_part(self, n: int, ref: InstanceRef, data: bytes) -> dict[str, Any]:
+        if ref == self.held:
+            self.writing.set()
+            self.release.wait(30)
+        return super().write_part(n, ref, data)
+
+
+async def test_a_run_that_ends_inside_a_trigger_commits_the_results_written_after_its_barrier(tmp_path: Path) -> None:
+    """The coordinator triggers checkpoint 1 and, before its trigger reaches the results gate, writes the final
+    state of an instance that finished (``feeder``). Meanwhile ``source`` passes barrier 1 and writes a result,
+    which waits at the gate for ``pair``, then both end, ``pair`` without barrier 1 (its input had ended).
+    Every result-writing instance has finished, so the run is over and its end cancels the coordinator inside
+    that trigger (the async mapping's ``drive``): the gate never learnt of checkpoint 1, held the result for
+    ever, and the run's last checkpoint committed the results file without it (seen as results missing from
+    finished runs, in memory and in the file)."""
+    graph = WorkflowGraph()
+    source, feeder, pair = Numbers(), Numbers(), _Pair()
+    source.id, feeder.id, pair.id = "source", "feeder", "pair"
+    graph.add(source)
+    graph.connect(feeder, "output", pair, "input")
+    plan = make_plan(graph, PlanOptions(workers=1))
+    collected = _Collected()
+    results = tmp_path / "results.jsonl"
+    log = ResultsLog(str(results), collected, None)
+    worker = Worker(plan, 0, feeds=resolve_inputs(plan.graph, 1), results=log)
+    store = _SignalledStore(tmp_path / "ck", held=InstanceRef("feeder", 0))
+    coordinator = Coordinator(store, plan, 1.0, 0, log)
+    producers = [ref for ref, actor in worker.actors.items() if actor.results]
+    gate = ResultGate(producers, worker.results.emit, coordinator.commit_results, 0)
+    checkpoints = WorkerCheckpoints(worker, store, None, 0, coordinator.add_parts, gate)
+    first, ended, last = (worker.actors[InstanceRef(pe, 0)] for pe in ("source", "feeder", "pair"))
+    assert first.aligner is not None and ended.aligner is not None and last.aligner is not None
+    try:
+        async with asyncio.timeout(30):
+            await ended.aligner.finished()
+            n = coordinator.take_id()
+            trigger = asyncio.ensure_future(checkpoints.trigger(n))  # the source first, then feeder's part: held
+            assert await asyncio.to_thread(store.writing.wait, 30)
+            await first.aligner.snapshot(n)
+            await first.results_sink.emit("source", "output", ["after barrier 1"])
+            await first.aligner.finished()
+            await last.aligner.finished()
+            trigger.cancel()  # every instance finished: the run is over
+            store.release.set()
+            await asyncio.gather(trigger, return_exceptions=True)
+            await checkpoints.final_checkpoint(coordinator)
+    finally:
+        store.release.set()  # a failure above must not leave the writing thread waiting
+        log.close()
+    assert collected.records == ["after barrier 1"]
+    assert [json.loads(line)["data"] for line in results.read_text().splitlines()] == ["after barrier 1"]
+    final = store.latest()
+    assert final is not None and final.results_offset == results.stat().st_size
+
+
 async def test_a_results_pipe_whose_reader_left_is_named_not_blamed_on_a_pe(tmp_path: Path) -> None:
     fifo = tmp_path / "results.fifo"
     os.mkfifo(fifo)

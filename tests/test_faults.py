@@ -50,6 +50,7 @@ from test_properties import (
     Affine,
     Built,
     KeyedCount,
+    LiveSource,
     Merge,
     Node,
     Source,
@@ -143,15 +144,6 @@ class Faulty:
         if self.fault.stage == "postprocess":
             self._strike("postprocess")
         return super().postprocess()  # type: ignore[misc]
-
-
-class LiveSource(Source):
-    """A :class:`Source` whose items come from an async generator, as a live source's (checkpoints come between
-    its items)."""
-
-    async def produce(self) -> AsyncIterator[int]:  # type: ignore[override]
-        for item in Source.produce(self):
-            yield item
 
 
 class FaultySource(Faulty, Source):

@@ -9,7 +9,8 @@ plans (``all`` reaches every instance). The same graph objects then run
 several times in a row and concurrently, on every case of
 ``conftest.MAPPING_CASES``; the process mappings get few examples, each one
 a union of several random DAGs, so that they cost few launches. In process,
-random DAGs also run with small batches and credits, checkpointed, are
+random DAGs also run with small batches and credits, plain or async
+generator sources and a reader that may be behind, checkpointed, are
 stopped without a drain and restored: their results file must be the model's.
 """
 
@@ -20,7 +21,7 @@ import dataclasses
 import json
 import tempfile
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -55,6 +56,15 @@ class Source(ProducerPE):
     def produce(self) -> Iterator[int]:
         for index in range(self.count):
             yield (self.seed * 7 + index * 13) % MODULUS
+
+
+class LiveSource(Source):
+    """A :class:`Source` whose items come from an async generator, as a live source's (checkpoints come between
+    its items)."""
+
+    async def produce(self) -> AsyncIterator[int]:  # type: ignore[override]
+        for item in Source.produce(self):
+            yield item
 
 
 def affine(a: int, b: int, item: int) -> int:
@@ -288,23 +298,51 @@ def _checkpointed(case: MappingCase, directory: Path, restore: bool) -> aiod4p.m
 @pytest.mark.parametrize("case", [c for c in CASES if c.name in IN_PROCESS], ids=lambda case: case.id)
 @settings(max_examples=15, **SETTINGS)
 @given(
-    st.lists(dags(), min_size=1, max_size=2), st.sampled_from([1, 2, 256]), st.sampled_from([1, 2]), st.integers(1, 3)
+    st.lists(dags(), min_size=1, max_size=2),
+    st.sampled_from([1, 2, 256]),
+    st.sampled_from([1, 2]),
+    st.integers(1, 3),
+    st.booleans(),
+    st.sampled_from([1, 16]),
 )
 def test_random_workflows_stopped_and_restored_write_each_result_once(
-    case: MappingCase, dags_: list[list[Node]], batch_size: int, credits: int, stop_after: int
+    case: MappingCase,
+    dags_: list[list[Node]],
+    batch_size: int,
+    credits: int,
+    stop_after: int,
+    live: bool,
+    result_batches: int,
 ) -> None:
     """Once ``stop_after`` checkpoints completed, the run is stopped without a drain (a kill), then restored
-    with the same -n (plain state per instance, such as KeyedCount's, restores only so)."""
-    longer = [  # sources 50 times as long: checkpoints complete before most runs end
+    with the same -n (plain state per instance, such as KeyedCount's, restores only so). A run that ended
+    first must have handed on the model's results too.
+
+    ``live`` sources are async generators, whose checkpoints come between their items (a plain generator's
+    wait for its call to end: with one call per source, for most of the run); a reader that takes one batch
+    of results at a time (``result_batches``) is behind whenever the results gate hands on what it held."""
+    # Sources 50 times as long (20 for live ones, which checkpoint between their items): checkpoints complete
+    # before most runs end.
+    longer = [
         [
-            dataclasses.replace(node, params=(node.params[0], node.params[1] * 50)) if node.kind == "source" else node
+            dataclasses.replace(node, params=(node.params[0], node.params[1] * (20 if live else 50)))
+            if node.kind == "source"
+            else node
             for node in dag
         ]
         for dag in dags_
     ]
     graph, built = build(longer)
+    for pe in graph.pes:
+        if live and type(pe) is Source:
+            pe.__class__ = LiveSource
     expected = model(graph, built, case)
-    options: dict[str, Any] = {"workers": case.workers, "batch_size": batch_size, "credits": credits}
+    options: dict[str, Any] = {
+        "workers": case.workers,
+        "batch_size": batch_size,
+        "credits": credits,
+        "result_batches": result_batches,
+    }
 
     async def stopped_then_restored(directory: Path) -> None:
         completed: list[int] = []
@@ -324,7 +362,7 @@ def test_random_workflows_stopped_and_restored_write_each_result_once(
                     stop.cancel()
                     finished = results.done()
                     if finished:
-                        results.result()
+                        assert multiset(results.result()) == expected
                     else:
                         results.cancel()
                     await asyncio.gather(results, stop, return_exceptions=True)
