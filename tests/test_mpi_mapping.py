@@ -31,6 +31,7 @@ from ray_cluster import wait_gone
 import aiod4p
 from aiod4p import WorkflowGraph, group_by
 from aiod4p._install import install_hint
+from aiod4p._processes import descendants, pidfds
 from aiod4p.errors import GraphError, MappingUnavailable, PEError, TransportError, WorkerDied
 from aiod4p.mappings import mpi
 from aiod4p.mappings._mpi_env import find_mpiexec, job_files
@@ -750,6 +751,48 @@ def test_the_files_a_killed_job_would_leave_are_found_under_its_mpiexec() -> Non
         job.stdout.close()
     for path in found:  # as _Ranks.close does
         path.unlink(missing_ok=True)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_a_rank_left_running_once_its_mpiexec_is_reaped_is_killed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Hydra's proxy and each rank start sessions of their own, which the launcher's signals to the mpiexec's
+    session do not reach: a rank whose proxy died outlived the run (a failing run's rank, under load), and
+    one waiting for the others in MPI waits for ever. What the launcher noted of the job and still runs once
+    the mpiexec is reaped is killed after a grace."""
+    monkeypatch.setattr(mpi, "LEFTOVER_GRACE", 0.2)
+    ranks = mpi._Ranks(find_mpiexec(), 2)
+    held: list[int] = []
+    try:
+        deadline = time.monotonic() + 60
+        while True:  # both ranks have started MPI (mapped its shared memory): the job is whole
+            below = descendants({ranks.process.pid}) - {ranks.process.pid}
+            commands = {pid: Path(f"/proc/{pid}/cmdline").read_bytes() for pid in below}
+            started = [pid for pid, command in commands.items() if b"_mpi_job" in command and _in_mpi(pid)]
+            if len(started) == 2:
+                break
+            assert ranks.process.poll() is None and time.monotonic() < deadline, commands
+            time.sleep(0.01)  # ok-sleep: polling for the processes mpiexec starts
+        ranks.note_job()
+        held = pidfds(set(started))
+        proxy = next(pid for pid, command in commands.items() if b"hydra_pmi_proxy" in command)
+        os.kill(proxy, signal.SIGKILL)
+    finally:
+        ranks.close(unused=True)
+    try:
+        running, deadline = list(held), time.monotonic() + 10
+        while running and time.monotonic() < deadline:  # a pidfd is readable once its process ended
+            ended, _, _ = select.select(running, [], [], max(0.0, deadline - time.monotonic()))
+            running = [fd for fd in running if fd not in ended]
+        assert not running
+    finally:
+        for fd in held:
+            os.close(fd)
+
+
+def _in_mpi(pid: int) -> bool:
+    with contextlib.suppress(OSError):
+        return "/dev/shm/mpich_shm_" in Path(f"/proc/{pid}/maps").read_text()
+    return False
 
 
 def test_a_run_cancelled_before_rank_0_has_the_job_kills_mpiexec_at_once(monkeypatch: pytest.MonkeyPatch) -> None:

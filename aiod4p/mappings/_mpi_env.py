@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from .._install import install_hint
+from .._processes import descendants
 from ..errors import MappingUnavailable
 
 __all__ = [
@@ -235,15 +236,7 @@ def job_files(mpiexec: int) -> set[Path]:
     the job runs, and removes them once the mpiexec is reaped.
     """
     found: set[Path] = set()
-    waiting = [mpiexec]
-    while waiting:
-        pid = waiting.pop()
-        with contextlib.suppress(OSError, ValueError):
-            for task in os.listdir(f"/proc/{pid}/task"):
-                with contextlib.suppress(OSError):
-                    waiting.extend(map(int, Path(f"/proc/{pid}/task/{task}/children").read_text().split()))
-        if pid == mpiexec:
-            continue
+    for pid in descendants({mpiexec}) - {mpiexec}:
         with contextlib.suppress(OSError):
             found.update(map(Path, _SHARED_MEMORY.findall(Path(f"/proc/{pid}/maps").read_text())))
         found |= _held_topology_files(pid)

@@ -24,11 +24,8 @@ import contextlib
 import functools
 import logging
 import os
-import select
-import signal
 import sys
 import threading
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -38,6 +35,7 @@ from ray.util.placement_group import PlacementGroup, placement_group, remove_pla
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from .._plan import ExecutionPlan
+from .._processes import LEFTOVER_GRACE, children, descendants, kill_left, pidfds
 from .._signals import adopt_orphans
 from .._threads import DaemonThreadPool, finished_in_thread
 from ..errors import MappingUnavailable
@@ -50,7 +48,6 @@ if TYPE_CHECKING:
 
 __all__ = ["RayRun"]
 
-LEFTOVER_GRACE = 5.0  # seconds a local Ray's processes have to end after ray.shutdown() before SIGKILL
 
 _RemoteWorker: Any = None  # ray.remote(RayWorker), made once
 
@@ -89,14 +86,14 @@ class _Connection:
         initialized."""
         with self._lock:
             if self._users == 0 and not ray.is_initialized():
-                self._before = _children({os.getpid()})
+                self._before = children({os.getpid()})
                 adopt_orphans(True)  # the agents a raylet leaves behind come back to this process
                 try:
                     self.local = connect()
                 except BaseException:
                     adopt_orphans(False)
                     raise
-                self._started = _children({os.getpid()}) - self._before
+                self._started = children({os.getpid()}) - self._before
                 self._owned = True
             self._users += 1
 
@@ -108,12 +105,12 @@ class _Connection:
             self._users -= 1
             if self._users == 0 and self._owned:
                 self._owned = self.local = False
-                tree = _pidfds(_descendants(self._started))
+                tree = pidfds(descendants(self._started))
                 try:
                     ray.shutdown()
-                    orphans = {pid for pid in _children({os.getpid()}) - self._before if _of_ray(pid)}
-                    tree += _pidfds(_descendants(orphans))
-                    _kill_left(tree, LEFTOVER_GRACE)
+                    orphans = {pid for pid in children({os.getpid()}) - self._before if _of_ray(pid)}
+                    tree += pidfds(descendants(orphans))
+                    kill_left(tree, LEFTOVER_GRACE)
                     for pid in orphans:  # children of this process now: reap them
                         with contextlib.suppress(ChildProcessError):
                             os.waitpid(pid, 0)
@@ -126,21 +123,6 @@ class _Connection:
 _CONNECTION = _Connection()
 
 
-def _children(parents: set[int]) -> set[int]:
-    """The running processes whose parent is one of ``parents`` (none without Linux's ``/proc``)."""
-    found = set()
-    with contextlib.suppress(OSError):
-        for entry in os.listdir("/proc"):
-            if entry.isdigit():
-                try:
-                    fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
-                except OSError:
-                    continue  # ended meanwhile
-                if fields[0] != "Z" and int(fields[1]) in parents:
-                    found.add(int(entry))
-    return found
-
-
 def _of_ray(pid: int) -> bool:
     """Whether process ``pid`` is one of Ray's (a raylet, an agent, a worker: named so by their command lines)."""
     try:
@@ -148,36 +130,6 @@ def _of_ray(pid: int) -> bool:
     except OSError:
         return False
     return b"ray::" in command or b"/ray/" in command
-
-
-def _descendants(roots: set[int]) -> set[int]:
-    """``roots`` and every process below them."""
-    tree, level = set(roots), set(roots)
-    while level:
-        level = _children(level) - tree
-        tree |= level
-    return tree
-
-
-def _pidfds(pids: set[int]) -> list[int]:
-    """A pidfd for each of ``pids`` still running: it names that process even once its pid is reused."""
-    fds = []
-    for pid in pids:
-        with contextlib.suppress(OSError):
-            fds.append(os.pidfd_open(pid))
-    return fds
-
-
-def _kill_left(pidfds: list[int], grace: float) -> None:
-    """SIGKILL the processes of ``pidfds`` that are still running ``grace`` seconds from now."""
-    deadline = time.monotonic() + grace
-    running = list(pidfds)
-    while running and (left := deadline - time.monotonic()) > 0:
-        ended, _, _ = select.select(running, [], [], left)  # a pidfd is readable once its process ended
-        running = [fd for fd in running if fd not in ended]
-    for fd in running:
-        with contextlib.suppress(OSError):
-            signal.pidfd_send_signal(fd, signal.SIGKILL)
 
 
 class _Handover:

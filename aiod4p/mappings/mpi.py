@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING
 from .._checkpoint import LauncherCheckpoints, Session
 from .._engine import Feed
 from .._plan import ExecutionPlan, PlanOptions
+from .._processes import LEFTOVER_GRACE, descendants, kill_left, pidfds
 from .._results import ResultSink
 from .._signals import Stopped, die_with_parent, held
 from .._stats import InstanceStats
@@ -318,7 +319,7 @@ async def _launch(
             # job says once terminated (mpiexec's "BAD TERMINATION" banner) is our own doing, not news.
             if job is not None:
                 job.stopped = process.returncode is None
-            ranks.note_files()  # before the job is stopped (it may not have been handed over)
+            ranks.note_job()  # before the job is stopped (it may not have been handed over)
             try:
                 # Here, not in ranks.close(), which would block the event loop. Ranks given no job have nothing
                 # to end gently (and a young mpiexec may take seconds to pass a SIGTERM on).
@@ -350,7 +351,11 @@ class _Ranks:
 
     def __init__(self, mpiexec: str, workers: int, preload: str | None = None) -> None:
         self.workers = workers
-        self._files: set[Path] = set()  # what the job's end may leave behind (note_files)
+        self._files: set[Path] = set()  # what the job's end may leave behind (note_job)
+        # The job's processes: each proxy and rank starts a session of its own, which no signal to the
+        # mpiexec's reaches, and a rank can outlive a killed proxy (note_job).
+        self._noted: set[int] = set()
+        self._held: list[int] = []  # their pidfds
         self._directory = tempfile.TemporaryDirectory(prefix="aiod4p-mpi-")
         address = str(Path(self._directory.name, "rank0.sock"))
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -379,10 +384,14 @@ class _Ranks:
             self.remove_address()
             raise
 
-    def note_files(self) -> None:
-        """Note the files that the job's proxies and ranks hold, while it runs: :meth:`close` removes what its
-        end left behind (:func:`~aiod4p.mappings._mpi_env.job_files`)."""
+    def note_job(self) -> None:
+        """Note the job's processes (Hydra's proxies and the ranks on this machine) and the files they hold,
+        while it runs: :meth:`close` ends what its end left running and removes what it left behind
+        (:func:`~aiod4p.mappings._mpi_env.job_files`)."""
         if self.process.returncode is None:
+            below = descendants({self.process.pid}) - {self.process.pid} - self._noted
+            self._held += pidfds(below)
+            self._noted |= below
             self._files |= job_files(self.process.pid)
 
     def remove_address(self) -> None:
@@ -398,7 +407,7 @@ class _Ranks:
         to stop gently, so SIGKILL at once.
         """
         if self.process.returncode is None:
-            self.note_files()
+            self.note_job()
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.process.pid, signal.SIGKILL if unused else signal.SIGTERM)
             try:
@@ -411,6 +420,12 @@ class _Ranks:
             if pipe is not None:
                 pipe.close()
         self.remove_address()
+        try:
+            kill_left(self._held, LEFTOVER_GRACE)
+        finally:
+            for fd in self._held:
+                os.close(fd)
+            self._held.clear()
         for path in self._files:  # the mpiexec is reaped: nothing of the job reads them any more
             with contextlib.suppress(OSError):  # removed by the job itself
                 path.unlink()
@@ -538,7 +553,7 @@ class _Job:
                 raise WorkerDied(await self._death(0))
             self.sent = True
             ranks.remove_address()
-            ranks.note_files()  # a proxy writes its file before it starts its ranks
+            ranks.note_job()  # a proxy writes its file before it starts its ranks
             comm = await open_pipe_comm(accept.result())
             supervisor = Supervisor(
                 self.plan,

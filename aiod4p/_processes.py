@@ -1,0 +1,62 @@
+"""The processes below this one, from Linux's ``/proc``: finding them, holding them by pidfd (which names a
+process even once its pid is reused), and ending those left running. Without ``/proc`` none are found."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import select
+import signal
+import time
+from pathlib import Path
+
+__all__ = ["LEFTOVER_GRACE", "children", "descendants", "kill_left", "pidfds"]
+
+LEFTOVER_GRACE = 5.0
+"""Seconds that processes a run leaves behind (a stopped local Ray's, a killed mpiexec's ranks) have to end
+by themselves before they are killed."""
+
+
+def children(parents: set[int]) -> set[int]:
+    """The running processes whose parent is one of ``parents``."""
+    found = set()
+    with contextlib.suppress(OSError):
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                try:
+                    fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+                except OSError:
+                    continue  # ended meanwhile
+                if fields[0] != "Z" and int(fields[1]) in parents:
+                    found.add(int(entry))
+    return found
+
+
+def descendants(roots: set[int]) -> set[int]:
+    """``roots`` and every running process below them."""
+    tree, level = set(roots), set(roots)
+    while level:
+        level = children(level) - tree
+        tree |= level
+    return tree
+
+
+def pidfds(pids: set[int]) -> list[int]:
+    """A pidfd for each of ``pids`` still running (the caller closes them)."""
+    fds = []
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            fds.append(os.pidfd_open(pid))
+    return fds
+
+
+def kill_left(fds: list[int], grace: float) -> None:
+    """SIGKILL the processes of pidfds ``fds`` that are still running ``grace`` seconds from now."""
+    deadline = time.monotonic() + grace
+    running = list(fds)
+    while running and (left := deadline - time.monotonic()) > 0:
+        ended, _, _ = select.select(running, [], [], left)  # a pidfd is readable once its process ended
+        running = [fd for fd in running if fd not in ended]
+    for fd in running:
+        with contextlib.suppress(OSError):
+            signal.pidfd_send_signal(fd, signal.SIGKILL)
