@@ -65,6 +65,7 @@ import aiod4p
 from aiod4p import PEError, WorkflowGraph, make_plan
 from aiod4p._checkpoint import Checkpointing
 from aiod4p._pe import PE
+from aiod4p._processes import descendants as processes_below
 
 TESTS = Path(__file__).resolve().parent
 MARK = "AIOD4P_FAULTS_MARK"
@@ -340,17 +341,8 @@ def _stat(pid: str) -> list[str] | None:
 
 def descendants() -> set[int]:
     """The live processes below this one (but multiprocessing's resource tracker), from /proc."""
-    parents: dict[int, int] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit() and (fields := _stat(entry.name)) is not None and fields[0] != "Z":
-            parents[int(entry.name)] = int(fields[1])
     tracker = getattr(resource_tracker._resource_tracker, "_pid", None)
-    found: set[int] = set()
-    frontier = {os.getpid()}
-    while frontier:
-        frontier = {pid for pid, parent in parents.items() if parent in frontier and pid != tracker} - found
-        found |= frontier
-    return found
+    return processes_below({os.getpid()}) - {os.getpid(), tracker}
 
 
 def marked(marker: str) -> set[int]:

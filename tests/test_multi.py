@@ -30,6 +30,7 @@ from helpers import aiod4p_process, numbers_flow, run_notebook_flow
 import aiod4p
 from aiod4p import IterativePE, PEError, WorkflowGraph, group_by
 from aiod4p._plan import REMOTE_BATCH_FACTOR
+from aiod4p._processes import children
 from aiod4p.errors import GraphError, InputError, TransportError, WorkerDied
 from aiod4p.mappings import _shipping
 from aiod4p.mappings.multi import START_METHOD_ENV, MultiMapping, resolve_start_method
@@ -65,17 +66,7 @@ class Pid(IterativePE):
 
 def _children() -> set[int]:
     """Live child processes of this process, from /proc (but multiprocessing's resource tracker)."""
-    me, found = os.getpid(), set()
-    tracker = getattr(resource_tracker._resource_tracker, "_pid", None)
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[1]) == me and fields[0] != "Z" and int(entry.name) != tracker:
-                found.add(int(entry.name))
-    return found
+    return children({os.getpid()}) - {getattr(resource_tracker._resource_tracker, "_pid", None)}
 
 
 @pytest.fixture(autouse=True)

@@ -19,6 +19,7 @@ from ..errors import MappingUnavailable
 __all__ = [
     "INSTALL_HINT",
     "NEEDS_MPI4PY",
+    "files_held",
     "find_mpiexec",
     "forget_shared_memory",
     "forget_topology_file",
@@ -235,8 +236,13 @@ def job_files(mpiexec: int) -> set[Path]:
     ``/dev/shm``, and a process that runs workflows for days would fill them. The launcher notes them while
     the job runs, and removes them once the mpiexec is reaped.
     """
+    return files_held(descendants({mpiexec}) - {mpiexec})
+
+
+def files_held(processes: set[int]) -> set[Path]:
+    """What :func:`job_files` finds, for the processes of a job already walked."""
     found: set[Path] = set()
-    for pid in descendants({mpiexec}) - {mpiexec}:
+    for pid in processes:
         with contextlib.suppress(OSError):
             found.update(map(Path, _SHARED_MEMORY.findall(Path(f"/proc/{pid}/maps").read_text())))
         found |= _held_topology_files(pid)

@@ -52,8 +52,8 @@ from ._base import BaseMapping, RunControl, available_cpus
 from ._host import STATS_INTERVAL, Supervisor, prepare_job
 from ._mpi_env import (
     NEEDS_MPI4PY,
+    files_held,
     find_mpiexec,
-    job_files,
     job_frame,
     job_rank,
     job_size,
@@ -389,10 +389,10 @@ class _Ranks:
         while it runs: :meth:`close` ends what its end left running and removes what it left behind
         (:func:`~aiod4p.mappings._mpi_env.job_files`)."""
         if self.process.returncode is None:
-            below = descendants({self.process.pid}) - {self.process.pid} - self._noted
-            self._held += pidfds(below)
+            below = descendants({self.process.pid}) - {self.process.pid}
+            self._held += pidfds(below - self._noted)
             self._noted |= below
-            self._files |= job_files(self.process.pid)
+            self._files |= files_held(below)
 
     def remove_address(self) -> None:
         """Close the listening socket and remove its directory: once rank 0 has connected (so that a launcher
