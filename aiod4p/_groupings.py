@@ -287,7 +287,7 @@ KEY_CACHE_LIMIT = 1 << 17  # distinct keys remembered per router; past it the ca
 class KeyRouter(Router):
     """Routes by key, hashing each distinct (hashable) key once."""
 
-    __slots__ = ("cache", "dest", "get", "grouping", "sender", "single")
+    __slots__ = ("cache", "dest", "get", "grouping", "key", "sender", "single")
     passes_through = False
 
     def __init__(self, grouping: GroupBy, count: int, sender: str, dest: str) -> None:
@@ -297,22 +297,29 @@ class KeyRouter(Router):
         # ``get`` returns what identifies the key; ``single`` marks one index, whose key is ``(item[i],)``.
         self.single = grouping.one_index
         self.get: Callable[[Any], Any] = grouping.key or operator.itemgetter(*grouping.indices)
+        # What the per-item loops take: one index is read in place, without a call per item.
+        self.key: Callable[[Any], Any] | int | str = grouping.indices[0] if self.single else self.get
         self.cache: dict[Any, int] = {}
+
+    def use_key(self, get: Callable[[Any], Any]) -> None:
+        """Route by ``get(item)`` from now on (what identifies an item's key; provenance's tagged items)."""
+        self.get = self.key = get
 
     def split(self, items: list[Any]) -> list[list[Any]]:
         count = self.count
-        if count > 1:
-            # The common case, in one pass: every key hashable and seen before; else sorted out below.
-            parts = deal_by_key(items, self.get, self.cache, count)
-            if parts is not None:
-                return parts
+        if count == 1:
+            if not keys_evaluate(items, self.key):
+                self._fail(items)
+            return [items]
+        # The common case, in one pass: every key hashable and seen before; else sorted out below.
+        parts = deal_by_key(items, self.key, self.cache, count)
+        if parts is not None:
+            return parts
         try:
             keys = list(map(self.get, items))
         except Exception:
             self._fail(items)
             raise  # _fail raised; the item that failed once passed the second time (an unstable key function)
-        if count == 1:
-            return [items]
         cache = self.cache
         try:
             destinations = list(map(cache.__getitem__, keys))
@@ -336,6 +343,7 @@ class KeyRouter(Router):
         return parts
 
     def _fail(self, items: list[Any]) -> None:
+        """Raise the error naming the first item whose key fails (an unstable key function may pass them all)."""
         for item in items:
             try:
                 self.get(item)
@@ -354,21 +362,38 @@ def _deal(items: list[Any], destinations: list[int], count: int) -> list[list[An
     return parts
 
 
+def _key_getter(key: Callable[[Any], Any] | int | str) -> Callable[[Any], Any]:
+    return key if callable(key) else operator.itemgetter(key)
+
+
 def _deal_by_key(
-    items: list[Any], key: Callable[[Any], Any], destinations: dict[Any, int], count: int
+    items: list[Any], key: Callable[[Any], Any] | int | str, destinations: dict[Any, int], count: int
 ) -> list[list[Any]] | None:
     """``aiod4p._speedups.deal_by_key`` in Python, for an install without a C compiler (same contract)."""
+    length = len(items)
     try:
-        chosen = list(map(destinations.__getitem__, map(key, items)))
+        chosen = list(map(destinations.__getitem__, map(_key_getter(key), items)))
     except Exception:
+        return None
+    if len(items) != length or not all(0 <= destination < count for destination in chosen):
         return None
     return _deal(items, chosen, count)
 
 
+def _keys_evaluate(items: list[Any], key: Callable[[Any], Any] | int | str) -> bool:
+    """``aiod4p._speedups.keys_evaluate`` in Python, for an install without a C compiler (same contract)."""
+    try:
+        for _ in map(_key_getter(key), items):
+            pass
+    except Exception:
+        return False
+    return True
+
+
 try:
-    from ._speedups import deal_by_key
+    from ._speedups import deal_by_key, keys_evaluate
 except ImportError:  # built without a C compiler
-    deal_by_key = _deal_by_key
+    deal_by_key, keys_evaluate = _deal_by_key, _keys_evaluate
 
 
 def group_by(*indices: int | str, key: Callable[[Any], Any] | None = None) -> GroupBy:

@@ -214,7 +214,7 @@ class ActorRecorder:
             for routes in actor.routes.values():
                 for route in routes:
                     if isinstance(route.router, KeyRouter):
-                        route.router.get = _KeyOfValue(route.router.get)
+                        route.router.use_key(_KeyOfValue(route.router.get))
             original = actor._route_outputs
 
             async def route_outputs(detach: bool = False) -> None:

@@ -1,7 +1,8 @@
-/* aiod4p._speedups: the per-item loops of keyed routing, in C.
+/* aiod4p._speedups: the per-item loops of keyed routing and of choosing how to pickle, in C.
  *
- * aiod4p/_groupings.py holds the same contract in Python and uses it when this
- * module was not built (no C compiler at install time); tests run both.
+ * aiod4p/_groupings.py holds the same contracts in Python and uses them when this
+ * module was not built (no C compiler at install time); tests run both. Without
+ * it, memo_free answers False (aiod4p/transports/_base.py): messages keep the memo.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -10,19 +11,72 @@ PyDoc_STRVAR(deal_by_key_doc,
 "deal_by_key(items, key, destinations, count, /)\n"
 "--\n"
 "\n"
-"Deal ``items`` (a list) into ``count`` lists by ``destinations[key(item)]``.\n"
+"Deal ``items`` (a list) into ``count`` lists by ``destinations[k]``, where\n"
+"``k`` is ``key(item)`` for a callable ``key``, else ``item[key]``.\n"
 "\n"
 "Returns the lists, each keeping the items' order, or None when some item's\n"
-"key is not in ``destinations`` (a dict of ints in ``range(count)``), or when\n"
-"``key(item)`` or hashing the key raised an Exception: the caller then sorts\n"
-"the batch out itself. Other BaseExceptions (KeyboardInterrupt, SystemExit)\n"
-"propagate.");
+"key is not in ``destinations`` (a dict of ints in ``range(count)``), when\n"
+"finding or hashing a key raised an Exception, or when ``key`` changed the\n"
+"list's length: the caller then sorts the batch out itself. Other\n"
+"BaseExceptions (KeyboardInterrupt, SystemExit) propagate.");
+
+PyDoc_STRVAR(keys_evaluate_doc,
+"keys_evaluate(items, key, /)\n"
+"--\n"
+"\n"
+"Whether every item of ``items`` (a list) has a key: ``key(item)`` for a\n"
+"callable ``key``, else ``item[key]``, without raising an Exception. Other\n"
+"BaseExceptions propagate.");
+
+/* How a key is found: by calling the key function, by a non-negative int index into an exact tuple or list
+ * (read in place; any other item is indexed as Python would), or by indexing with any other index. */
+typedef struct {
+    PyObject *key;
+    Py_ssize_t index; /* >= 0: an int index */
+    int call;
+} KeyOf;
+
+static int
+key_of_init(KeyOf *key_of, PyObject *key)
+{
+    key_of->key = key;
+    key_of->call = PyCallable_Check(key);
+    key_of->index = -1;
+    if (!key_of->call && PyLong_CheckExact(key)) {
+        Py_ssize_t index = PyLong_AsSsize_t(key);
+        if (index == -1 && PyErr_Occurred()) {
+            if (!PyErr_ExceptionMatches(PyExc_OverflowError)) {
+                return -1;
+            }
+            PyErr_Clear(); /* a huge index: Python's indexing raises IndexError */
+        }
+        key_of->index = index;
+    }
+    return 0;
+}
+
+/* The key of ``item``, a new reference; NULL with an exception set. */
+static inline PyObject *
+key_of_item(const KeyOf *key_of, PyObject *item)
+{
+    if (key_of->index >= 0) {
+        if (PyTuple_CheckExact(item) && key_of->index < PyTuple_GET_SIZE(item)) {
+            return Py_NewRef(PyTuple_GET_ITEM(item, key_of->index));
+        }
+        if (PyList_CheckExact(item) && key_of->index < PyList_GET_SIZE(item)) {
+            return Py_NewRef(PyList_GET_ITEM(item, key_of->index));
+        }
+    }
+    if (key_of->call) {
+        return PyObject_CallOneArg(key_of->key, item);
+    }
+    return PyObject_GetItem(item, key_of->key);
+}
 
 /* On a pending error: an Exception is swallowed (the caller redoes the batch), anything else propagates. */
 static PyObject *
-give_up(PyObject *parts)
+give_up(void)
 {
-    Py_DECREF(parts);
     if (PyErr_ExceptionMatches(PyExc_Exception)) {
         PyErr_Clear();
         Py_RETURN_NONE;
@@ -30,6 +84,7 @@ give_up(PyObject *parts)
     return NULL;
 }
 
+/* The destination of each item, then the lists made at their final sizes and filled: no list grows. */
 static PyObject *
 deal_by_key(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
@@ -37,9 +92,9 @@ deal_by_key(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         PyErr_Format(PyExc_TypeError, "deal_by_key() takes 4 arguments (%zd given)", nargs);
         return NULL;
     }
-    PyObject *items = args[0], *key = args[1], *destinations = args[2];
-    if (!PyList_Check(items) || !PyCallable_Check(key) || !PyDict_Check(destinations)) {
-        PyErr_SetString(PyExc_TypeError, "deal_by_key() takes a list, a callable, a dict and an int");
+    PyObject *items = args[0], *destinations = args[2];
+    if (!PyList_Check(items) || !PyDict_Check(destinations)) {
+        PyErr_SetString(PyExc_TypeError, "deal_by_key() takes a list, a key, a dict and an int");
         return NULL;
     }
     Py_ssize_t count = PyLong_AsSsize_t(args[3]);
@@ -50,58 +105,167 @@ deal_by_key(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         PyErr_SetString(PyExc_ValueError, "deal_by_key() needs a count of at least 1");
         return NULL;
     }
-    PyObject *parts = PyList_New(count);
-    if (parts == NULL) {
+    KeyOf key_of;
+    if (key_of_init(&key_of, args[1]) < 0) {
         return NULL;
     }
-    for (Py_ssize_t index = 0; index < count; index++) {
-        PyObject *part = PyList_New(0);
-        if (part == NULL) {
-            Py_DECREF(parts);
-            return NULL;
-        }
-        PyList_SET_ITEM(parts, index, part);
+    Py_ssize_t length = PyList_GET_SIZE(items);
+    Py_ssize_t *chosen = PyMem_New(Py_ssize_t, length ? length : 1);
+    Py_ssize_t *sizes = PyMem_Calloc(count, sizeof(Py_ssize_t));
+    PyObject *parts = NULL;
+    if (chosen == NULL || sizes == NULL) {
+        PyErr_NoMemory();
+        goto done;
     }
-    /* key() may run any Python code, even code that changes the list: re-read its size each turn. */
-    for (Py_ssize_t index = 0; index < PyList_GET_SIZE(items); index++) {
+    for (Py_ssize_t index = 0; index < length; index++) {
         PyObject *item = PyList_GET_ITEM(items, index);
-        Py_INCREF(item);
-        PyObject *found = PyObject_CallOneArg(key, item);
+        PyObject *found;
+        if (key_of.call) { /* a key function may change the list */
+            Py_INCREF(item);
+            found = key_of_item(&key_of, item);
+            Py_DECREF(item);
+        }
+        else {
+            found = key_of_item(&key_of, item);
+        }
         if (found == NULL) {
-            Py_DECREF(item);
-            return give_up(parts);
+            parts = give_up();
+            goto done;
         }
+        /* A key's __hash__ or __eq__ may run any Python code: ``found`` is held meanwhile. */
         PyObject *destination = PyDict_GetItemWithError(destinations, found); /* borrowed */
+        Py_ssize_t to = -1;
+        if (destination != NULL) {
+            to = PyLong_AsSsize_t(destination);
+        }
         Py_DECREF(found);
-        if (destination == NULL) {
-            Py_DECREF(item);
-            if (PyErr_Occurred()) {
-                return give_up(parts);
-            }
-            Py_DECREF(parts);
-            Py_RETURN_NONE;
+        if (to == -1 && PyErr_Occurred()) {
+            parts = give_up();
+            goto done;
         }
-        Py_ssize_t chosen = PyLong_AsSsize_t(destination);
-        if (chosen < 0 || chosen >= count) {
-            Py_DECREF(item);
-            if (PyErr_Occurred()) {
-                return give_up(parts);
-            }
-            Py_DECREF(parts);
-            Py_RETURN_NONE;
+        if (to < 0 || to >= count || PyList_GET_SIZE(items) != length) {
+            parts = Py_NewRef(Py_None);
+            goto done;
         }
-        int appended = PyList_Append(PyList_GET_ITEM(parts, chosen), item);
+        chosen[index] = to;
+        sizes[to]++;
+    }
+    parts = PyList_New(count);
+    if (parts == NULL) {
+        goto done;
+    }
+    for (Py_ssize_t to = 0; to < count; to++) {
+        PyObject *part = PyList_New(sizes[to]);
+        if (part == NULL) {
+            Py_CLEAR(parts);
+            goto done;
+        }
+        PyList_SET_ITEM(parts, to, part);
+        sizes[to] = 0; /* from here on: how many items each part holds */
+    }
+    for (Py_ssize_t index = 0; index < length; index++) {
+        Py_ssize_t to = chosen[index];
+        PyList_SET_ITEM(PyList_GET_ITEM(parts, to), sizes[to]++, Py_NewRef(PyList_GET_ITEM(items, index)));
+    }
+done:
+    PyMem_Free(chosen);
+    PyMem_Free(sizes);
+    return parts;
+}
+
+static PyObject *
+keys_evaluate(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2) {
+        PyErr_Format(PyExc_TypeError, "keys_evaluate() takes 2 arguments (%zd given)", nargs);
+        return NULL;
+    }
+    PyObject *items = args[0];
+    if (!PyList_Check(items)) {
+        PyErr_SetString(PyExc_TypeError, "keys_evaluate() takes a list and a key");
+        return NULL;
+    }
+    KeyOf key_of;
+    if (key_of_init(&key_of, args[1]) < 0) {
+        return NULL;
+    }
+    /* A key function may change the list: its size is read again each turn. */
+    for (Py_ssize_t index = 0; index < PyList_GET_SIZE(items); index++) {
+        PyObject *item = Py_NewRef(PyList_GET_ITEM(items, index));
+        PyObject *found = key_of_item(&key_of, item);
         Py_DECREF(item);
-        if (appended < 0) {
-            Py_DECREF(parts);
+        if (found == NULL) {
+            if (PyErr_ExceptionMatches(PyExc_Exception)) {
+                PyErr_Clear();
+                Py_RETURN_FALSE;
+            }
             return NULL;
         }
+        Py_DECREF(found);
     }
-    return parts;
+    Py_RETURN_TRUE;
+}
+
+PyDoc_STRVAR(memo_free_doc,
+"memo_free(message, /)\n"
+"--\n"
+"\n"
+"Whether ``message`` pickles faster without the pickler's memo, and the same:\n"
+"a tree of exact lists and tuples, at most 6 levels deep, whose leaves are\n"
+"str, bytes, int, float, bool or None, holding at least as many lists and\n"
+"tuples as strings and bytes (the memo costs each container more than it\n"
+"saves; a string repeated in the message is written once with it).");
+
+#define MEMO_FREE_DEPTH 6
+
+/* Counts the tree's containers and strings into ``tally``; 0 where the tree is not plain data. */
+static int
+plain_tree(PyObject *node, int depth, Py_ssize_t *tally)
+{
+    PyTypeObject *type = Py_TYPE(node);
+    if (type == &PyLong_Type || type == &PyFloat_Type || node == Py_None || type == &PyBool_Type) {
+        return 1;
+    }
+    if (type == &PyUnicode_Type || type == &PyBytes_Type) {
+        (*tally)--;
+        return 1;
+    }
+    if (depth == 0) {
+        return 0;
+    }
+    PyObject **elements;
+    Py_ssize_t length;
+    if (type == &PyTuple_Type) {
+        elements = ((PyTupleObject *)node)->ob_item;
+        length = PyTuple_GET_SIZE(node);
+    }
+    else if (type == &PyList_Type) {
+        elements = ((PyListObject *)node)->ob_item;
+        length = PyList_GET_SIZE(node);
+    }
+    else {
+        return 0;
+    }
+    (*tally)++;
+    for (Py_ssize_t index = 0; index < length; index++) {
+        if (!plain_tree(elements[index], depth - 1, tally)) {
+            return 0;
+        }
+    }
+    return 1;
+}
+
+static PyObject *
+memo_free(PyObject *module, PyObject *message)
+{
+    Py_ssize_t tally = 0; /* containers less strings */
+    return PyBool_FromLong(plain_tree(message, MEMO_FREE_DEPTH, &tally) && tally >= 0);
 }
 
 static PyMethodDef speedups_methods[] = {
     {"deal_by_key", (PyCFunction)(void (*)(void))deal_by_key, METH_FASTCALL, deal_by_key_doc},
+    {"keys_evaluate", (PyCFunction)(void (*)(void))keys_evaluate, METH_FASTCALL, keys_evaluate_doc},
+    {"memo_free", memo_free, METH_O, memo_free_doc},
     {NULL, NULL, 0, NULL},
 };
 
@@ -115,7 +279,7 @@ static struct PyModuleDef_Slot speedups_slots[] = {
 static struct PyModuleDef speedups_module = {
     PyModuleDef_HEAD_INIT,
     .m_name = "aiod4p._speedups",
-    .m_doc = "The per-item loops of keyed routing, in C (aiod4p/_groupings.py has them in Python too).",
+    .m_doc = "The per-item loops of keyed routing and of choosing how to pickle, in C.",
     .m_size = 0,
     .m_methods = speedups_methods,
     .m_slots = speedups_slots,

@@ -127,6 +127,23 @@ async def check_large_messages(transport: TransportUnderTest) -> None:
         assert received == ["before", big, {"nested": [big[:1000]] * 3}, "after"]
 
 
+async def check_plain_batches(transport: TransportUnderTest) -> None:
+    """Batches of plain data (tuples, lists, strings, numbers), with parts referenced twice, arrive equal."""
+    shared = ("station-1", 2.5, None, True, b"raw")
+    pair_of = [shared, shared]
+    messages: list[object] = [
+        [(0, 7, "input", [(f"w{i % 13}", i) for i in range(500)])],  # what the engine's links send
+        [(0, 7, "input", [shared] * 50 + [pair_of] * 3 + [[[[[[1]]]]]])],
+        ["a repeated string"] * 300,
+        [(1, -(2**80), 1e300, float("inf"), "é\udcff")],
+    ]
+    async with _pair(transport) as (a, b):
+        sending = asyncio.create_task(_send_all(a, messages))
+        received = [await b.receive() for _ in messages]
+        await sending
+        assert received == messages
+
+
 async def _send_all(comm: Comm, messages: list[object]) -> None:
     for message in messages:
         await comm.send(message)
@@ -209,6 +226,7 @@ CHECKS: list[Check] = [
     check_concurrent_senders,
     check_end_of_stream,
     check_large_messages,
+    check_plain_batches,
     check_backpressure,
     check_close_semantics,
     check_dead_peer,

@@ -120,36 +120,88 @@ def _speedups() -> Any:
 
 def test_keyed_routing_deals_in_c_where_the_install_found_a_compiler() -> None:
     assert groupings.deal_by_key is _speedups().deal_by_key
+    assert groupings.keys_evaluate is _speedups().keys_evaluate
 
 
 DEALERS = [
     pytest.param(lambda: _speedups().deal_by_key, id="c"),
     pytest.param(lambda: groupings._deal_by_key, id="python"),
 ]
+KEY_CHECKERS = [
+    pytest.param(lambda: _speedups().keys_evaluate, id="c"),
+    pytest.param(lambda: groupings._keys_evaluate, id="python"),
+]
 
 
-def _first_or_fail(item: tuple[Any, ...]) -> Any:
+def _first_or_fail(item: Any) -> Any:
     if item[0] == "fails":
         raise ValueError("no key")
     return item[0]
 
 
+class _Row(tuple[Any, ...]):
+    """A tuple whose indexing is its own: read through ``__getitem__``, never in place."""
+
+    def __getitem__(self, index: Any) -> Any:
+        return ("row", super().__getitem__(index))
+
+
+# An item per kind the loops tell apart: an exact tuple or list (read in place), a tuple subclass, a dict, an
+# item too short for the index, and one that cannot be indexed at all.
+ITEM_SHAPES = st.sampled_from(["tuple", "list", "row", "dict", "short", "int"])
+
+
+def _shaped(key: Any, index: int, shape: str) -> Any:
+    return {
+        "tuple": (key, index),
+        "list": [key, index],
+        "row": _Row((key, index)),
+        "dict": {0: key, 1: index},
+        "short": (),
+        "int": index,
+    }[shape]
+
+
 @pytest.mark.parametrize("dealer", DEALERS)
 @given(
-    keys=st.lists(st.sampled_from(["a", "b", 3, (1, 2), ["unhashable"], "fails", "unknown"]), max_size=40),
+    keys=st.lists(st.tuples(st.sampled_from(["a", "b", 3, (1, 2), ["unhashable"], "fails", "unknown"]), ITEM_SHAPES)),
     count=st.integers(1, 4),
     seed=st.integers(0, 1000),
+    by_index=st.booleans(),
 )
 def test_deal_by_key_deals_known_keys_in_order_and_gives_up_on_any_other(
-    dealer: Any, keys: list[Any], count: int, seed: int
+    dealer: Any, keys: list[tuple[Any, str]], count: int, seed: int, by_index: bool
 ) -> None:
-    destinations = {key: (seed + index) % count for index, key in enumerate(["a", "b", 3, (1, 2)])}
-    items = [(key, index) for index, key in enumerate(keys)]
-    dealt = dealer()(items, _first_or_fail, destinations, count)
-    if any(isinstance(key, list) or key in ("fails", "unknown") for key in keys):
+    known = ["a", "b", 3, (1, 2), ("row", "a"), ("row", 3)]
+    destinations = {key: (seed + index) % count for index, key in enumerate(known)}
+    items = [_shaped(key, index, shape) for index, (key, shape) in enumerate(keys)]
+    key = 0 if by_index else _first_or_fail
+    dealt = dealer()(items, key, destinations, count)
+    try:
+        found = [_first_or_fail(item) for item in items]
+        expected = [
+            [item for item, k in zip(items, found, strict=True) if destinations[k] == part] for part in range(count)
+        ]
+    except (LookupError, TypeError, ValueError):  # no key, an unhashable key or one without a destination
         assert dealt is None
     else:
-        assert dealt == [[item for item in items if destinations[item[0]] == part] for part in range(count)]
+        assert dealt == expected
+
+
+@pytest.mark.parametrize("checker", KEY_CHECKERS)
+@given(keys=st.lists(st.tuples(st.sampled_from(["a", ["unhashable"], "fails"]), ITEM_SHAPES)), by_index=st.booleans())
+def test_keys_evaluate_says_whether_every_item_has_a_key(
+    checker: Any, keys: list[tuple[Any, str]], by_index: bool
+) -> None:
+    items = [_shaped(key, index, shape) for index, (key, shape) in enumerate(keys)]
+    key = 0 if by_index else _first_or_fail
+    try:
+        for item in items:
+            item[0] if by_index else _first_or_fail(item)
+    except (LookupError, TypeError, ValueError):
+        assert checker()(items, key) is False
+    else:
+        assert checker()(items, key) is True
 
 
 @pytest.mark.parametrize("dealer", DEALERS)
@@ -161,6 +213,15 @@ def test_deal_by_key_lets_an_interrupt_through(dealer: Any) -> None:
         dealer()([1, 2], interrupted, {1: 0}, 2)
 
 
+@pytest.mark.parametrize("checker", KEY_CHECKERS)
+def test_keys_evaluate_lets_an_interrupt_through(checker: Any) -> None:
+    def interrupted(item: Any) -> Any:
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        checker()([1, 2], interrupted)
+
+
 def test_deal_by_key_in_c_survives_a_key_function_that_changes_the_batch() -> None:
     items = list(range(10))
 
@@ -168,12 +229,38 @@ def test_deal_by_key_in_c_survives_a_key_function_that_changes_the_batch() -> No
         del items[5:]
         return item % 2
 
-    assert _speedups().deal_by_key(items, shrinking, {0: 0, 1: 1}, 2) == [[0, 2, 4], [1, 3]]
-    with pytest.raises(TypeError, match="a list, a callable, a dict and an int"):
+    assert _speedups().deal_by_key(items, shrinking, {0: 0, 1: 1}, 2) is None  # the caller deals it again
+    items = list(range(10))
+    assert _speedups().keys_evaluate(items, shrinking) is True
+    with pytest.raises(TypeError, match="a list, a key, a dict and an int"):
         _speedups().deal_by_key((1, 2), shrinking, {}, 2)
+    with pytest.raises(TypeError, match="a list and a key"):
+        _speedups().keys_evaluate((1, 2), shrinking)
     with pytest.raises(ValueError, match="count of at least 1"):
         _speedups().deal_by_key([], shrinking, {}, 0)
     assert _speedups().deal_by_key([1], lambda item: item, {1: 5}, 2) is None  # no such destination
+    assert _speedups().deal_by_key([(1,)], 10**30, {1: 0}, 2) is None  # an index no item has
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["c", "python"])
+def test_a_router_by_one_index_routes_every_kind_of_item_as_its_key_function_would(
+    native: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if not native:
+        monkeypatch.setattr(groupings, "deal_by_key", groupings._deal_by_key)
+        monkeypatch.setattr(groupings, "keys_evaluate", groupings._keys_evaluate)
+    items = [(word, 1) for word in "abcabd"] + [["a", 2], _Row(("b", 3)), {0: "c", "x": 4}]
+    for count in (1, 2, 3):
+        by_index = group_by(0).router(count, 0, "PE a", "b.input").split(list(items))
+        by_function = group_by(key=_first_or_fail).router(count, 0, "PE a", "b.input").split(list(items))
+        if count > 1:  # the key function's keys are not 1-tuples: compare where each item went by its own key
+            by_function = [
+                [item for item in items if stable_hash((_first_or_fail(item),)) % count == part]
+                for part in range(count)
+            ]
+        assert by_index == by_function
+    with pytest.raises(GraphError, match=r"cannot route item \(\) to b.input: its group_by\[0\] key failed"):
+        group_by(0).router(1, 0, "PE a", "b.input").split([("a",), ()])
 
 
 def test_a_router_names_the_item_whose_key_fails() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import os
 import signal
 import socket
@@ -12,6 +13,7 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from conformance import CHECKS, Check, TransportUnderTest
 
@@ -46,6 +48,38 @@ async def test_conformance(transport: TransportUnderTest, check: Check) -> None:
 
 
 # -- pipe specifics ------------------------------------------------------------------
+
+
+MEMO_FREE = [
+    ([(0, 7, "input", [("w1", 1), ("w2", 1)])], True),  # a link message: as many tuples as strings
+    ([(1, 2.5, None, True)] * 3, True),
+    ([[[[[[1]]]]]], True),  # six levels
+    ([[[[[[[1]]]]]]], False),  # seven
+    (["a", "a", "a"], False),  # bare strings: the memo writes a repeated one once
+    ([("a", "b", "c")], False),
+    ([{"ra": 1.0}], False),  # a dict's keys repeat from item to item
+    ([np.zeros(3)], False),
+    ([(1, True.__class__)], False),
+]
+
+
+@pytest.mark.parametrize(("message", "free"), MEMO_FREE, ids=range(len(MEMO_FREE)))
+def test_plain_batches_are_pickled_without_the_memo_and_anything_else_with_it(message: Any, free: bool) -> None:
+    from aiod4p import _speedups
+    from aiod4p.transports import _base
+
+    assert _base.memo_free is _speedups.memo_free
+    assert _speedups.memo_free(message) is free
+    assert _base._memo_free(message) is False  # without the C module every message keeps the memo
+    assert bool(_base.message_pickler(io.BytesIO(), message).fast) is free
+
+
+def test_a_list_that_holds_itself_is_not_memo_free() -> None:
+    from aiod4p import _speedups
+
+    loop: list[Any] = [1]
+    loop.append(loop)
+    assert _speedups.memo_free(loop) is False
 
 
 @pytest.mark.asyncio

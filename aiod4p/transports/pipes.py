@@ -39,7 +39,7 @@ from collections import deque
 from typing import Any, cast
 
 from ..errors import ChannelClosed, EndOfChannel, PeerDied, UnpicklableMessage
-from ._base import Comm, Undecodable, Wakeups, opened
+from ._base import Comm, Undecodable, Wakeups, message_pickler, opened
 
 __all__ = ["PipeComm", "open_pipe_comm", "pipe_comm_pair"]
 
@@ -191,7 +191,7 @@ def _pickle(message: Any) -> list[bytes]:
         return False
 
     writer = _Pieces()
-    pickle.Pickler(writer, protocol=5, buffer_callback=out_of_band).dump(message)
+    message_pickler(writer, message, out_of_band).dump(message)
     data = writer.pieces
     size = sum(map(len, data))
     if not views:

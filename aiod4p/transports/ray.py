@@ -30,12 +30,13 @@ delivery like any end, and receives by calling
 from __future__ import annotations
 
 import asyncio
+import io
 import pickle
 from collections import deque
 from typing import Any
 
 from ..errors import ChannelClosed, EndOfChannel, PeerDied, UnpicklableMessage
-from ._base import DEFAULT_CAPACITY, Comm, Undecodable, Wakeups, opened
+from ._base import DEFAULT_CAPACITY, Comm, Undecodable, Wakeups, message_pickler, opened
 
 __all__ = ["DriverComm", "PulledComm", "RayComm", "RayCommHost", "ray_comm_pair"]
 
@@ -58,10 +59,12 @@ def _dumps(message: Any) -> bytes:
     Raises:
         UnpicklableMessage: it cannot be pickled.
     """
+    data = io.BytesIO()
     try:
-        return pickle.dumps(message, protocol=5)
+        message_pickler(data, message).dump(message)
     except Exception as exc:
         raise UnpicklableMessage(f"a message cannot be pickled: {type(exc).__name__}: {exc}", message) from exc
+    return data.getvalue()
 
 
 def _loads(data: bytes) -> Any:
