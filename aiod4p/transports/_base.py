@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import pickle
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -10,7 +11,7 @@ from typing import Any
 
 from ..errors import TransportError
 
-__all__ = ["DEFAULT_CAPACITY", "Comm", "Undecodable", "Wakeups", "message_pickler", "opened"]
+__all__ = ["DEFAULT_CAPACITY", "Comm", "Undecodable", "Wakeups", "message_pickler", "opened", "pickled_plain"]
 
 DEFAULT_CAPACITY = 16
 """Messages a comm's receiving end buffers before its sender waits, unless asked otherwise."""
@@ -115,6 +116,18 @@ def message_pickler(file: Any, message: Any, buffer_callback: Any = None) -> pic
     pickler = pickle.Pickler(file, protocol=5, buffer_callback=buffer_callback)
     pickler.fast = memo_free(message)
     return pickler
+
+
+def pickled_plain(message: Any) -> bytes | None:
+    """``message`` pickled without the memo where :func:`message_pickler` would leave it out, else ``None``
+    (for a transport that pickles other messages its own way)."""
+    if not memo_free(message):
+        return None
+    data = io.BytesIO()
+    pickler = pickle.Pickler(data, protocol=5)
+    pickler.fast = True
+    pickler.dump(message)
+    return data.getvalue()
 
 
 def _memo_free(message: Any) -> bool:
