@@ -118,16 +118,9 @@ deal_by_key(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         goto done;
     }
     for (Py_ssize_t index = 0; index < length; index++) {
-        PyObject *item = PyList_GET_ITEM(items, index);
-        PyObject *found;
-        if (key_of.call) { /* a key function may change the list */
-            Py_INCREF(item);
-            found = key_of_item(&key_of, item);
-            Py_DECREF(item);
-        }
-        else {
-            found = key_of_item(&key_of, item);
-        }
+        PyObject *item = Py_NewRef(PyList_GET_ITEM(items, index)); /* a key function may change the list */
+        PyObject *found = key_of_item(&key_of, item);
+        Py_DECREF(item);
         if (found == NULL) {
             parts = give_up();
             goto done;
