@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import io
 import os
+import pickle
 import signal
 import socket
 import subprocess
@@ -16,6 +17,8 @@ from typing import Any
 import numpy as np
 import pytest
 from conformance import CHECKS, Check, TransportUnderTest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from aiod4p import transports
 from aiod4p.errors import EndOfChannel, MappingUnavailable, PeerDied, TransportError, UnpicklableMessage
@@ -72,6 +75,26 @@ def test_plain_batches_are_pickled_without_the_memo_and_anything_else_with_it(me
     assert _speedups.memo_free(message) is free
     assert _base._memo_free(message) is False  # without the C module every message keeps the memo
     assert bool(_base.message_pickler(io.BytesIO(), message).fast) is free
+
+
+PLAIN_LEAVES = st.one_of(
+    st.text(max_size=8), st.binary(max_size=8), st.integers(), st.floats(allow_nan=False), st.booleans(), st.none()
+)
+PLAIN_TREES = st.recursive(
+    PLAIN_LEAVES, lambda inner: st.lists(inner, max_size=6) | st.tuples(inner, inner), max_leaves=40
+)
+
+
+@given(tree=PLAIN_TREES, shared=st.booleans())
+def test_any_message_comes_back_equal_with_or_without_the_memo(tree: Any, shared: bool) -> None:
+    from aiod4p.transports import _base
+
+    message = [tree, tree] if shared else tree  # a part referenced twice
+    data = io.BytesIO()
+    _base.message_pickler(data, message).dump(message)
+    assert pickle.loads(data.getvalue()) == message
+    plain = _base.pickled_plain(message)
+    assert plain is None or pickle.loads(plain) == message
 
 
 def test_a_list_that_holds_itself_is_not_memo_free() -> None:
