@@ -476,7 +476,7 @@ graph = mpi_chain()
 
 def _recorded_files(marks: Path) -> list[Path]:
     """The files that the ranks of :data:`_KILLS_RANK_1_WHILE_IMPORTED` recorded in ``marks``."""
-    return [Path(path) for mark in marks.glob("rank-[01]") for path in mark.read_text().split()[1:]]
+    return sorted({Path(path) for mark in marks.glob("rank-[01]") for path in mark.read_text().split()[1:]})
 
 
 def test_a_rank_killed_while_it_imports_the_workflow_leaves_no_file(tmp_path: Path) -> None:
