@@ -24,6 +24,7 @@ from mpi4py import MPI
 from aiod4p.errors import TransportError
 from aiod4p.mappings._host import Failed
 from aiod4p.mappings._mpi_env import receive_job
+from aiod4p.mappings._mpi_ranks import every_rank_ready
 from aiod4p.transports.mpi import MpiEndpoint
 from aiod4p.transports.pipes import open_pipe_comm
 
@@ -50,6 +51,7 @@ async def _report_a_broken_link(address: str, wait_for_the_launcher: bool) -> No
 
 
 def main(address: str, pidfile: str, mode: str = "dies") -> None:
+    asyncio.run(every_rank_ready())  # as aiod4p's ranks start: the job's end leaves none of MPI's files behind
     world = MPI.COMM_WORLD
     if world.Get_rank() == 0:
         asyncio.run(_report_a_broken_link(address, wait_for_the_launcher=mode == "aborts"))

@@ -432,6 +432,80 @@ def test_cli_ranks_import_the_workflow_while_the_launcher_loads_it(tmp_path: Pat
     assert sorted(json.loads(line)["data"] for line in out.read_text().splitlines()) == [i * 8 for i in range(50)]
 
 
+# A workflow file whose import, on each MPI rank, records the job's files the rank has (its shared memory and its
+# proxy's topology file) and its pid in AIOD4P_TEST_MARKS, after which rank 1 SIGKILLs itself once rank 0 has
+# recorded too; in the launcher, it waits until both ranks have ended: the job ends before its hand-over.
+_KILLS_RANK_1_WHILE_IMPORTED = """
+import os
+import re
+import signal
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, os.environ["AIOD4P_TEST_WORKFLOWS"])
+from ray_cluster import wait_gone
+from workflows import mpi_chain, proxy_topology_files
+
+marks = Path(os.environ["AIOD4P_TEST_MARKS"])
+
+
+def recorded(rank):
+    deadline = time.monotonic() + 40
+    while not (marks / f"rank-{rank}").exists():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"rank {rank} did not import the workflow")
+        time.sleep(0.01)  # polls other processes' files: there is no event to wait on
+    return (marks / f"rank-{rank}").read_text().split()
+
+
+if "PMI_RANK" in os.environ:
+    rank = os.environ["PMI_RANK"]
+    held = re.findall(r"/dev/shm/mpich_shm_\\S+", Path("/proc/self/maps").read_text()) + proxy_topology_files()
+    (marks / f"rank-{rank}.part").write_text(" ".join([str(os.getpid()), *sorted(set(held))]))
+    os.replace(marks / f"rank-{rank}.part", marks / f"rank-{rank}")
+    if rank == "1":
+        recorded(0)
+        os.kill(os.getpid(), signal.SIGKILL)
+elif wait_gone([int(recorded(rank)[0]) for rank in (0, 1)], timeout=40):
+    raise RuntimeError("the MPI ranks did not end once rank 1 was killed")
+
+graph = mpi_chain()
+"""
+
+
+def _recorded_files(marks: Path) -> list[Path]:
+    """The files that the ranks of :data:`_KILLS_RANK_1_WHILE_IMPORTED` recorded in ``marks``."""
+    return sorted({Path(path) for mark in marks.glob("rank-[01]") for path in mark.read_text().split()[1:]})
+
+
+def test_a_rank_killed_while_it_imports_the_workflow_leaves_no_file(tmp_path: Path) -> None:
+    """A rank killed after MPI_Init, before the launcher handed the job over (the ranks import the workflow while
+    the launcher loads it, and wait for the job): the job ended before the launcher noted its files, and left its
+    2 MB of shared memory in /dev/shm (under the test suite's replaying ranks, about once a run)."""
+    flow = tmp_path / "killed.py"
+    flow.write_text(_KILLS_RANK_1_WHILE_IMPORTED)
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    try:
+        done = subprocess.run(
+            cli(str(flow), "--mapping", "mpi", "-n", "2", "-i", "5"),
+            capture_output=True,
+            text=True,
+            timeout=55,
+            env={**os.environ, "AIOD4P_TEST_MARKS": str(marks), "AIOD4P_TEST_WORKFLOWS": str(WORKFLOWS.parent)},
+        )
+        held = _recorded_files(marks)
+        left = [path for path in held if path.exists()]
+    finally:
+        for path in _recorded_files(marks):
+            path.unlink(missing_ok=True)  # as _Ranks.close does
+    assert done.returncode == 1, done.stderr
+    assert "Killed (signal 9)" in done.stderr, done.stderr
+    assert any(path.name.startswith("mpich_shm_") for path in held), held
+    assert left == []
+
+
 def test_a_module_of_the_workflow_named_as_one_of_pythons_leaves_the_ranks_pythons(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -230,7 +230,7 @@ def job_files(mpiexec: int) -> set[Path]:
     and the shared memory a rank maps (``/dev/shm/mpich_shm_*``); none without Linux's ``/proc``.
 
     A proxy removes its file when it exits by itself, not when a rank ends the job (``MPI_Abort``: a run that
-    failed) or the job is killed (an aborted run); the ranks unlink both once every rank is ready
+    failed) or the job is killed (an aborted run); the ranks unlink both once every rank has initialized MPI
     (:func:`forget_shared_memory`, :func:`forget_topology_file`), not when the job is stopped before that (a
     run cancelled, or failing, while its ranks start). Each such run left files in ``/tmp`` and megabytes in
     ``/dev/shm``, and a process that runs workflows for days would fill them. The launcher notes them while

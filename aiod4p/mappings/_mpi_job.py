@@ -32,7 +32,7 @@ from .._threads import exit_past_threads
 from ..transports.pipes import open_pipe_comm
 from ._host import ForwardSink, fail, pumped_feeds, serve
 from ._mpi_env import receive_job, take_launcher_path
-from ._mpi_ranks import RankZero, abort_job, every_rank_ready, run_follower
+from ._mpi_ranks import RankZero, abort_job, every_rank_here, every_rank_ready, run_follower
 from ._shipping import unship, unship_or_error
 
 __all__ = ["main"]
@@ -45,7 +45,7 @@ async def _lead(sock: socket.socket) -> None:
         abort_job(1)  # the launcher gave up the run (it failed to load the workflow, and reported it)
         return
     name = "MPI rank 0"
-    await every_rank_ready()
+    await every_rank_here()  # the other ranks wait there for the job without spinning (a bcast would spin)
     # Loaded before the control comm opens: it unpickles messages as they arrive, and a pumped item may be
     # of a class the job brings along (a notebook's, which loading sets on this process's __main__).
     loaded = unship_or_error(MPI.COMM_WORLD.bcast(payload, root=0), name)
@@ -74,7 +74,7 @@ async def _lead(sock: socket.socket) -> None:
 
 
 async def _follow() -> None:
-    await every_rank_ready()
+    await every_rank_here()  # until rank 0 has the job
     job = unship(MPI.COMM_WORLD.bcast(None, root=0), f"MPI rank {MPI.COMM_WORLD.Get_rank()}")
     if not await run_follower(job):
         abort_job(1)
@@ -87,17 +87,21 @@ def main(argv: list[str]) -> int:
     take_launcher_path()
     rank = MPI.COMM_WORLD.Get_rank()
     configure_logging()  # PE.log() messages reach this rank's stderr, which the launcher relays
-    sock: socket.socket | None = None
-    if rank == 0:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.connect(address)
-        sock.setblocking(False)
-    if target:
-        from .. import compat  # the CLI installs it before it loads a workflow: import the same way
-
-        compat.install()
-        preload(target[0])
     with asyncio.Runner(loop_factory=loop_factory(True)) as runner:
+        # First: from here on, no end of the job leaves its shared memory and topology file behind. The launcher
+        # notes them once it has handed the job over; a job that ended before (a rank killed while it imported
+        # the workflow, or just after the hand-over) left them.
+        runner.run(every_rank_ready())
+        sock: socket.socket | None = None
+        if rank == 0:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.connect(address)
+            sock.setblocking(False)
+        if target:
+            from .. import compat  # the CLI installs it before it loads a workflow: import the same way
+
+            compat.install()
+            preload(target[0])
         try:
             runner.run(_lead(sock) if sock is not None else _follow())
         except Exception:

@@ -54,6 +54,7 @@ __all__ = [
     "abort_job",
     "abort_job_at_exit",
     "broadcast_plan",
+    "every_rank_here",
     "every_rank_ready",
     "run_follower",
 ]
@@ -79,11 +80,17 @@ def _forget_job_files() -> None:
     forget_topology_file()
 
 
-async def every_rank_ready() -> None:
-    """Wait until every rank has reached this point, without spinning; then no rank is starting, and this
-    one forgets the names of its shared memory and of its proxy's topology file, so that no end of the job
-    leaves them behind (see :func:`forget_shared_memory`, :func:`forget_topology_file`)."""
+async def every_rank_here() -> None:
+    """Wait until every rank has reached this point, without spinning."""
     await _completion(MPI.COMM_WORLD.Ibarrier())
+
+
+async def every_rank_ready() -> None:
+    """Wait until every rank has reached this point, without spinning (:func:`every_rank_here`); then no rank
+    is starting, and this one forgets the names of its shared memory and of its proxy's topology file, so that
+    no end of the job leaves them behind (see :func:`forget_shared_memory`, :func:`forget_topology_file`).
+    Call it as soon as MPI is initialized: until then, only a launcher that noted them removes them."""
+    await every_rank_here()
     _forget_job_files()
 
 
