@@ -22,7 +22,7 @@ import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
-from typing import Any, ClassVar, TypeAlias
+from typing import Any, ClassVar, NoReturn, TypeAlias
 
 from .errors import GraphError
 
@@ -319,7 +319,6 @@ class KeyRouter(Router):
             keys = list(map(self.get, items))
         except Exception:
             self._fail(items)
-            raise  # _fail raised; the item that failed once passed the second time (an unstable key function)
         cache = self.cache
         try:
             destinations = list(map(cache.__getitem__, keys))
@@ -342,8 +341,12 @@ class KeyRouter(Router):
             parts[owner((key,) if single else key, count)].append(item)
         return parts
 
-    def _fail(self, items: list[Any]) -> None:
-        """Raise the error naming the first item whose key fails (an unstable key function may pass them all)."""
+    def _fail(self, items: list[Any]) -> NoReturn:
+        """Raise the error naming the first item whose key fails, found by trying each key again.
+
+        Raises:
+            GraphError: always; when every key passes this time (an unstable key function), it says so.
+        """
         for item in items:
             try:
                 self.get(item)
@@ -352,6 +355,10 @@ class KeyRouter(Router):
                     f"{self.sender} cannot route item {reprlib.repr(item)} to {self.dest}: its {self.grouping}"
                     f" key failed ({type(exc).__name__}: {exc})"
                 ) from exc
+        raise GraphError(
+            f"{self.sender} cannot route a batch to {self.dest}: its {self.grouping} key failed for an item, then"
+            " passed for every item when tried again (a key function whose result changes)"
+        )
 
 
 def _deal(items: list[Any], destinations: list[int], count: int) -> list[list[Any]]:
@@ -363,6 +370,7 @@ def _deal(items: list[Any], destinations: list[int], count: int) -> list[list[An
 
 
 def _key_getter(key: Callable[[Any], Any] | int | str) -> Callable[[Any], Any]:
+    """What the per-item loops' ``key`` means: the function itself, or ``item[key]`` for an index."""
     return key if callable(key) else operator.itemgetter(key)
 
 
@@ -373,9 +381,9 @@ def _deal_by_key(
     length = len(items)
     try:
         chosen = list(map(destinations.__getitem__, map(_key_getter(key), items)))
+        if len(items) != length or not all(0 <= destination < count for destination in chosen):
+            return None
     except Exception:
-        return None
-    if len(items) != length or not all(0 <= destination < count for destination in chosen):
         return None
     return _deal(items, chosen, count)
 

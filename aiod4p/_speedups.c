@@ -84,7 +84,9 @@ give_up(void)
     return NULL;
 }
 
-/* The destination of each item, then the lists made at their final sizes and filled: no list grows. */
+/* The destination of each item, then the lists made at their final sizes and filled: no list grows. The items
+ * are held from the first pass to the second: making a list may run the garbage collector, and any code
+ * (a __del__) that may change ``items``. */
 static PyObject *
 deal_by_key(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
@@ -110,18 +112,20 @@ deal_by_key(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         return NULL;
     }
     Py_ssize_t length = PyList_GET_SIZE(items);
+    PyObject **held = PyMem_New(PyObject *, length ? length : 1); /* a reference to each item taken */
     Py_ssize_t *chosen = PyMem_New(Py_ssize_t, length ? length : 1);
     Py_ssize_t *sizes = PyMem_Calloc(count, sizeof(Py_ssize_t));
+    Py_ssize_t taken = 0;
     PyObject *parts = NULL;
-    if (chosen == NULL || sizes == NULL) {
+    if (held == NULL || chosen == NULL || sizes == NULL) {
         PyErr_NoMemory();
         goto done;
     }
-    for (Py_ssize_t index = 0; index < length; index++) {
-        PyObject *item = Py_NewRef(PyList_GET_ITEM(items, index)); /* a key function may change the list */
+    for (; taken < length; taken++) {
+        PyObject *item = held[taken] = Py_NewRef(PyList_GET_ITEM(items, taken));
         PyObject *found = key_of_item(&key_of, item);
-        Py_DECREF(item);
         if (found == NULL) {
+            taken++;
             parts = give_up();
             goto done;
         }
@@ -133,14 +137,17 @@ deal_by_key(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         }
         Py_DECREF(found);
         if (to == -1 && PyErr_Occurred()) {
+            taken++;
             parts = give_up();
             goto done;
         }
+        /* A key function that changed the list: the caller deals it again. */
         if (to < 0 || to >= count || PyList_GET_SIZE(items) != length) {
+            taken++;
             parts = Py_NewRef(Py_None);
             goto done;
         }
-        chosen[index] = to;
+        chosen[taken] = to;
         sizes[to]++;
     }
     parts = PyList_New(count);
@@ -156,11 +163,16 @@ deal_by_key(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         PyList_SET_ITEM(parts, to, part);
         sizes[to] = 0; /* from here on: how many items each part holds */
     }
-    for (Py_ssize_t index = 0; index < length; index++) {
+    for (Py_ssize_t index = 0; index < length; index++) { /* each held reference moves into its part */
         Py_ssize_t to = chosen[index];
-        PyList_SET_ITEM(PyList_GET_ITEM(parts, to), sizes[to]++, Py_NewRef(PyList_GET_ITEM(items, index)));
+        PyList_SET_ITEM(PyList_GET_ITEM(parts, to), sizes[to]++, held[index]);
     }
+    taken = 0;
 done:
+    for (Py_ssize_t index = 0; index < taken; index++) {
+        Py_DECREF(held[index]);
+    }
+    PyMem_Free(held);
     PyMem_Free(chosen);
     PyMem_Free(sizes);
     return parts;
@@ -203,25 +215,42 @@ PyDoc_STRVAR(memo_free_doc,
 "memo_free(message, /)\n"
 "--\n"
 "\n"
-"Whether ``message`` pickles faster without the pickler's memo, and the same:\n"
-"a tree of exact lists and tuples, at most 6 levels deep, whose leaves are\n"
-"str, bytes, int, float, bool or None, holding at least as many lists and\n"
-"tuples as strings and bytes (the memo costs each container more than it\n"
-"saves; a string repeated in the message is written once with it).");
+"Whether ``message`` pickles faster without the pickler's memo, and to about\n"
+"the same size: a tree of exact lists and tuples, at most 6 levels deep,\n"
+"whose leaves are str and bytes of at most 1 KiB, int, float, bool or None,\n"
+"holding at least as many lists and tuples as strings and bytes (the memo\n"
+"costs each container more than it saves; a string repeated in the message\n"
+"is written once with it). Without the memo, a part referenced twice is\n"
+"written twice: a message with a part next to itself (``[part] * n``), more\n"
+"than 2**18 parts, or more than 4 MiB of strings and bytes keeps the memo.");
 
 #define MEMO_FREE_DEPTH 6
+#define MEMO_FREE_LEAF_BYTES 1024
+#define MEMO_FREE_NODES (1 << 18)
+#define MEMO_FREE_BYTES (4 << 20)
 
-/* Counts the tree's containers and strings into ``tally``; 0 where the tree is not plain data. */
+typedef struct {
+    Py_ssize_t containers_less_strings;
+    Py_ssize_t nodes; /* left to visit */
+    Py_ssize_t bytes; /* of strings and bytes left to visit */
+} Walk;
+
+/* 1 where the tree is plain data within the walk's budgets, else 0. */
 static int
-plain_tree(PyObject *node, int depth, Py_ssize_t *tally)
+plain_tree(PyObject *node, int depth, Walk *walk)
 {
+    if (--walk->nodes < 0) {
+        return 0;
+    }
     PyTypeObject *type = Py_TYPE(node);
     if (type == &PyLong_Type || type == &PyFloat_Type || node == Py_None || type == &PyBool_Type) {
         return 1;
     }
     if (type == &PyUnicode_Type || type == &PyBytes_Type) {
-        (*tally)--;
-        return 1;
+        Py_ssize_t size = type == &PyUnicode_Type ? PyUnicode_GET_LENGTH(node) : PyBytes_GET_SIZE(node);
+        walk->containers_less_strings--;
+        walk->bytes -= size;
+        return size <= MEMO_FREE_LEAF_BYTES && walk->bytes >= 0;
     }
     if (depth == 0) {
         return 0;
@@ -239,9 +268,14 @@ plain_tree(PyObject *node, int depth, Py_ssize_t *tally)
     else {
         return 0;
     }
-    (*tally)++;
+    walk->containers_less_strings++;
     for (Py_ssize_t index = 0; index < length; index++) {
-        if (!plain_tree(elements[index], depth - 1, tally)) {
+        PyObject *element = elements[index];
+        int container = PyTuple_CheckExact(element) || PyList_CheckExact(element);
+        if (container && index > 0 && element == elements[index - 1]) {
+            return 0; /* [part] * n */
+        }
+        if (!plain_tree(element, depth - 1, walk)) {
             return 0;
         }
     }
@@ -251,8 +285,8 @@ plain_tree(PyObject *node, int depth, Py_ssize_t *tally)
 static PyObject *
 memo_free(PyObject *module, PyObject *message)
 {
-    Py_ssize_t tally = 0; /* containers less strings */
-    return PyBool_FromLong(plain_tree(message, MEMO_FREE_DEPTH, &tally) && tally >= 0);
+    Walk walk = {0, MEMO_FREE_NODES, MEMO_FREE_BYTES};
+    return PyBool_FromLong(plain_tree(message, MEMO_FREE_DEPTH, &walk) && walk.containers_less_strings >= 0);
 }
 
 static PyMethodDef speedups_methods[] = {

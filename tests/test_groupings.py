@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import gc
 import json
+import operator
 import os
 import subprocess
 import sys
@@ -222,15 +224,69 @@ def test_keys_evaluate_lets_an_interrupt_through(checker: Any) -> None:
         checker()([1, 2], interrupted)
 
 
-def test_deal_by_key_in_c_survives_a_key_function_that_changes_the_batch() -> None:
+@pytest.mark.parametrize("dealer", DEALERS)
+def test_deal_by_key_gives_up_on_a_key_function_that_changes_the_batch(dealer: Any) -> None:
     items = list(range(10))
 
     def shrinking(item: int) -> int:
         del items[5:]
         return item % 2
 
-    assert _speedups().deal_by_key(items, shrinking, {0: 0, 1: 1}, 2) is None  # the caller deals it again
+    assert dealer()(items, shrinking, {0: 0, 1: 1}, 2) is None  # the caller deals it again
+
+
+def test_deal_by_key_in_c_deals_what_it_took_when_a_finalizer_clears_the_batch() -> None:
+    # Making the parts' lists may run the garbage collector, and so a __del__ that changes the batch: the
+    # second pass read the list again, and found it cleared (a crash: a NULL item array).
+    items = [("a", index) for index in range(100)]
+
+    class ClearsTheBatch:
+        def __del__(self) -> None:
+            items.clear()
+
+    def key(item: tuple[str, int]) -> str:
+        if item[1] == 99:
+            cycle = ClearsTheBatch()
+            cycle.itself = cycle  # type: ignore[attr-defined]
+            del cycle
+            spare_lists.extend([] for _ in range(200))  # empty the free list: the next list is allocated
+            gc.set_threshold(1)
+        return item[0]
+
+    spare_lists: list[list[Any]] = []
+    threshold = gc.get_threshold()
+    try:
+        parts = _speedups().deal_by_key(items, key, {"a": 0}, 2)
+    finally:
+        gc.set_threshold(*threshold)
+    assert items == []  # the finalizer ran
+    assert parts is not None and [len(part) for part in parts] == [100, 0]
+
+
+@pytest.mark.parametrize("dealer", DEALERS)
+@pytest.mark.parametrize(
+    ("items", "index"),
+    [
+        ([(1, "a"), (2, "b", "c")], -1),
+        ([{"k": "a"}, {"k": "b", "j": 1}], "k"),
+        ([(1, "a"), [2, "b"]], True),
+        ([_Row(("a", 1)), (1, "b")], 0),
+    ],
+)
+def test_deal_by_key_indexes_as_itemgetter_does(dealer: Any, items: list[Any], index: Any) -> None:
+    keys = list(map(operator.itemgetter(index), items))
+    destinations = {key: number % 2 for number, key in enumerate(keys)}
+    expected = [[item for item, key in zip(items, keys, strict=True) if destinations[key] == to] for to in (0, 1)]
+    assert dealer()(items, index, destinations, 2) == expected
+
+
+def test_deal_by_key_in_c_refuses_what_is_not_its_contract() -> None:
     items = list(range(10))
+
+    def shrinking(item: int) -> int:
+        del items[5:]
+        return item % 2
+
     assert _speedups().keys_evaluate(items, shrinking) is True
     with pytest.raises(TypeError, match="a list, a key, a dict and an int"):
         _speedups().deal_by_key((1, 2), shrinking, {}, 2)
@@ -261,6 +317,20 @@ def test_a_router_by_one_index_routes_every_kind_of_item_as_its_key_function_wou
         assert by_index == by_function
     with pytest.raises(GraphError, match=r"cannot route item \(\) to b.input: its group_by\[0\] key failed"):
         group_by(0).router(1, 0, "PE a", "b.input").split([("a",), ()])
+
+
+@pytest.mark.parametrize("count", [1, 2])
+def test_a_key_function_that_fails_once_then_passes_is_named_so(count: int) -> None:
+    calls = [0]
+
+    def flaky(item: str) -> str:
+        calls[0] += 1
+        if calls[0] <= count:  # the first pass over the batch (and, to two destinations, the second) fails
+            raise ValueError("not yet")
+        return item
+
+    with pytest.raises(GraphError, match="key failed for an item, then passed for every item when tried again"):
+        group_by(key=flaky).router(count, 0, "PE a", "b.input").split(["x", "y"])
 
 
 def test_a_router_names_the_item_whose_key_fails() -> None:

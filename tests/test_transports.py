@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import enum
 import io
 import os
 import pickle
@@ -53,9 +54,14 @@ async def test_conformance(transport: TransportUnderTest, check: Check) -> None:
 # -- pipe specifics ------------------------------------------------------------------
 
 
+class Color(enum.IntEnum):
+    RED = 1
+
+
 MEMO_FREE = [
     ([(0, 7, "input", [("w1", 1), ("w2", 1)])], True),  # a link message: as many tuples as strings
-    ([(1, 2.5, None, True)] * 3, True),
+    ([(number, 2.5, None, True) for number in range(3)], True),
+    ([(1, 2.5, None, True)] * 3, False),  # a part next to itself
     ([[[[[[1]]]]]], True),  # six levels
     ([[[[[[[1]]]]]]], False),  # seven
     (["a", "a", "a"], False),  # bare strings: the memo writes a repeated one once
@@ -63,6 +69,15 @@ MEMO_FREE = [
     ([{"ra": 1.0}], False),  # a dict's keys repeat from item to item
     ([np.zeros(3)], False),
     ([(1, True.__class__)], False),
+    ([("a",), "b"], True),  # two containers, two strings
+    ([("a",), "b", "c"], False),  # one string more
+    ([(Color.RED, 1)], False),  # an int subclass
+    ([("k", 1), ("x" * 1024, 1)], True),
+    ([("x" * 1025, 1)], False),  # a long string: the memo writes it once where it repeats
+    ([("y" * 1000, i) for i in range(4200)], False),  # over 4 MiB of strings
+    (list(range(1 << 18)), False),  # more parts than are walked
+    ([("k", ((0,) * 1000,) * 1000)], False),  # a part next to itself: 1,000 copies
+    ([[("a", 1)], [("a", 1)]], True),  # equal parts, not the same
 ]
 
 

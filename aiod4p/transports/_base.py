@@ -6,6 +6,7 @@ import asyncio
 import io
 import pickle
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -104,14 +105,18 @@ def opened(message: Any) -> Any:
     return message
 
 
-def message_pickler(file: Any, message: Any, buffer_callback: Any = None) -> pickle.Pickler:
+def message_pickler(
+    file: Any, message: Any, buffer_callback: Callable[[pickle.PickleBuffer], bool | None] | None = None
+) -> pickle.Pickler:
     """A protocol-5 pickler writing to ``file``, to pickle ``message`` (its ``dump`` is the caller's).
 
     A message of plain data that is mostly tuples and lists (batches of
-    ``(word, 1)``) is pickled without the pickler's memo: remembering each tuple
-    cost more than writing it (pickling and unpickling such a batch took about
-    a third less time without it). It comes back equal; only parts referenced
-    twice come back as two copies, as they would from two messages.
+    ``(word, 1)``) is pickled without the pickler's memo (its ``fast`` is set):
+    remembering each tuple cost more than writing it (pickling and unpickling
+    such a batch took about a third less time without it). It comes back
+    equal; a part referenced twice comes back as two copies, as it would from
+    two messages (``memo_free`` says which messages: none whose copies would
+    make it much larger).
     """
     pickler = pickle.Pickler(file, protocol=5, buffer_callback=buffer_callback)
     pickler.fast = memo_free(message)
@@ -121,11 +126,10 @@ def message_pickler(file: Any, message: Any, buffer_callback: Any = None) -> pic
 def pickled_plain(message: Any) -> bytes | None:
     """``message`` pickled without the memo where :func:`message_pickler` would leave it out, else ``None``
     (for a transport that pickles other messages its own way)."""
-    if not memo_free(message):
-        return None
     data = io.BytesIO()
-    pickler = pickle.Pickler(data, protocol=5)
-    pickler.fast = True
+    pickler = message_pickler(data, message)
+    if not pickler.fast:
+        return None
     pickler.dump(message)
     return data.getvalue()
 

@@ -44,7 +44,6 @@ WINDOW = 4  # deliveries a sending end keeps in flight
 BATCH = 16  # messages one delivery carries at most
 
 _CLOSE = "<aiod4p: end of channel>"  # the last message of an end closed cleanly
-_CLOSE_DATA = pickle.dumps(_CLOSE, protocol=5)  # as it arrives
 _GONE = "gone"  # a delivery's answer when the receiving end is closed or aborted
 _ABORTED = "aborted"  # a watch's answer when the watched end was aborted
 
@@ -65,6 +64,9 @@ def _dumps(message: Any) -> bytes:
     except Exception as exc:
         raise UnpicklableMessage(f"a message cannot be pickled: {type(exc).__name__}: {exc}", message) from exc
     return data.getvalue()
+
+
+_CLOSE_DATA = _dumps(_CLOSE)  # as it arrives
 
 
 def _loads(data: bytes) -> Any:
@@ -350,7 +352,7 @@ class PulledComm(_RayEnd):
             return
         self._closed = True
         box = self._box
-        box.outbox.append(_dumps(_CLOSE))
+        box.outbox.append(_CLOSE_DATA)
         box.state = "closed"
         box.arrived.clear()
         box.wake()
