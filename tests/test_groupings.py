@@ -237,7 +237,8 @@ def test_deal_by_key_gives_up_on_a_key_function_that_changes_the_batch(dealer: A
 
 def test_deal_by_key_in_c_deals_what_it_took_when_a_finalizer_clears_the_batch() -> None:
     # Making the parts' lists may run the garbage collector, and so a __del__ that changes the batch: the
-    # second pass read the list again, and found it cleared (a crash: a NULL item array).
+    # second pass read the list again, and found it cleared (a crash: a NULL item array). Where exactly the
+    # collector runs depends on what the process allocated before: in the first pass, the batch's change is seen.
     items = [("a", index) for index in range(100)]
 
     class ClearsTheBatch:
@@ -259,8 +260,8 @@ def test_deal_by_key_in_c_deals_what_it_took_when_a_finalizer_clears_the_batch()
         parts = _speedups().deal_by_key(items, key, {"a": 0}, 2)
     finally:
         gc.set_threshold(*threshold)
-    assert items == []  # the finalizer ran
-    assert parts is not None and [len(part) for part in parts] == [100, 0]
+    assert items == []  # the finalizer ran: where the collector ran, the first pass gives up, the second deals
+    assert parts is None or [len(part) for part in parts] == [100, 0]
 
 
 @pytest.mark.parametrize("dealer", DEALERS)
