@@ -408,7 +408,7 @@ else:
     while not all((marks / f"rank-{rank}").exists() for rank in (0, 1)):
         if time.monotonic() > deadline:
             raise RuntimeError("the ranks did not import the workflow while the launcher loaded it")
-        time.sleep(0.01)  # polls other processes' files: there is no event to wait on
+        time.sleep(0.01)  # ok-sleep: polls the files other processes write (no event joins them)
 
 sys.path.insert(0, os.environ["AIOD4P_TEST_WORKFLOWS"])
 from workflows import mpi_chain
@@ -455,7 +455,7 @@ def recorded(rank):
     while not (marks / f"rank-{rank}").exists():
         if time.monotonic() > deadline:
             raise RuntimeError(f"rank {rank} did not import the workflow")
-        time.sleep(0.01)  # polls other processes' files: there is no event to wait on
+        time.sleep(0.01)  # ok-sleep: polls the files other processes write (no event joins them)
     return (marks / f"rank-{rank}").read_text().split()
 
 
