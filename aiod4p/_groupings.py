@@ -287,23 +287,28 @@ KEY_CACHE_LIMIT = 1 << 17  # distinct keys remembered per router; past it the ca
 class KeyRouter(Router):
     """Routes by key, hashing each distinct (hashable) key once."""
 
-    __slots__ = ("cache", "dest", "get", "grouping", "key", "sender", "single")
+    __slots__ = ("cache", "dest", "grouping", "key", "sender", "single")
     passes_through = False
 
     def __init__(self, grouping: GroupBy, count: int, sender: str, dest: str) -> None:
         super().__init__(count)
         self.grouping = grouping
         self.sender, self.dest = sender, dest
-        # ``get`` returns what identifies the key; ``single`` marks one index, whose key is ``(item[i],)``.
+        # ``single`` marks one index, whose key is ``(item[i],)``; the per-item loops read that index in place.
         self.single = grouping.one_index
-        self.get: Callable[[Any], Any] = grouping.key or operator.itemgetter(*grouping.indices)
-        # What the per-item loops take: one index is read in place, without a call per item.
-        self.key: Callable[[Any], Any] | int | str = grouping.indices[0] if self.single else self.get
+        self.key: Callable[[Any], Any] | int | str = (
+            grouping.indices[0] if self.single else grouping.key or operator.itemgetter(*grouping.indices)
+        )
         self.cache: dict[Any, int] = {}
+
+    @property
+    def get(self) -> Callable[[Any], Any]:
+        """What identifies an item's key, as a function of the item."""
+        return _key_getter(self.key)
 
     def use_key(self, get: Callable[[Any], Any]) -> None:
         """Route by ``get(item)`` from now on (what identifies an item's key; provenance's tagged items)."""
-        self.get = self.key = get
+        self.key = get
 
     def split(self, items: list[Any]) -> list[list[Any]]:
         count = self.count
@@ -315,8 +320,9 @@ class KeyRouter(Router):
         parts = deal_by_key(items, self.key, self.cache, count)
         if parts is not None:
             return parts
+        get = self.get
         try:
-            keys = list(map(self.get, items))
+            keys = list(map(get, items))
         except Exception:
             self._fail(items)
         cache = self.cache
@@ -347,9 +353,10 @@ class KeyRouter(Router):
         Raises:
             GraphError: always; when every key passes this time (an unstable key function), it says so.
         """
+        get = self.get
         for item in items:
             try:
-                self.get(item)
+                get(item)
             except Exception as exc:
                 raise GraphError(
                     f"{self.sender} cannot route item {reprlib.repr(item)} to {self.dest}: its {self.grouping}"
