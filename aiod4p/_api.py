@@ -214,21 +214,17 @@ class WorkflowRun:
         live = self.feed(pe)
         task = self.start()._task
         assert task is not None
-        if not (live.full() or live.ended or live.closed or task.done()):
-            live.send_nowait(item)
-            return
         while not (live.closed or task.done()):
+            if not (live.ended or live.full()):
+                live.send_nowait(item)  # here, after any wait: a cancelled send has queued nothing
+                return
             # A run that stopped taking items by itself (ended) is failing, and its error is raised; or it
             # restarts from a checkpoint, and its new attempt takes them again.
-            stopped = live.ended
-            step = asyncio.ensure_future(live.wait_read() if stopped else live.send(item))
+            waiting = asyncio.ensure_future(live.wait_read() if live.ended else live.wait_room())
             try:
-                await asyncio.wait({step, task}, return_when=asyncio.FIRST_COMPLETED)
+                await asyncio.wait({waiting, task}, return_when=asyncio.FIRST_COMPLETED)
             finally:
-                if not step.done():
-                    step.cancel()
-            if not stopped and step.done() and not step.cancelled() and step.exception() is None:
-                return
+                waiting.cancel()
         if task.done():
             task.result()
         raise Aiod4pError(f"cannot send to {pe!r}: its feed is closed or the run has ended")
@@ -251,30 +247,36 @@ class WorkflowRun:
 
     async def __anext__(self) -> ResultRecord:
         while not self._ready:
-            batch = await self._next_batch()
-            if batch is None:
+            if not await self._take_batch():
                 raise StopAsyncIteration
-            self._ready.extend(batch)
         return self._ready.popleft()
 
-    async def _next_batch(self) -> list[ResultRecord] | None:
+    async def _take_batch(self) -> bool:
+        """Move the next batch of results to ``_ready``; false once the run has ended and every batch was taken.
+
+        A batch taken is kept even when the caller is cancelled meanwhile (a timeout on ``anext``): the next
+        call returns its results, none is lost.
+        """
         task = self.start()._task
         assert task is not None
         queue = self._sink.queue
         while True:
             if not queue.empty():
-                return queue.get_nowait()
+                self._ready.extend(queue.get_nowait())
+                return True
             if task.done():
                 task.result()  # raises the run's error
-                return None
+                return False
             getter = asyncio.ensure_future(queue.get())
             try:
                 await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
             finally:
                 if not getter.done():
                     getter.cancel()
+                elif not getter.cancelled():
+                    self._ready.extend(getter.result())
             if getter.done() and not getter.cancelled():
-                return getter.result()
+                return True
 
     async def results(self) -> Results:
         """Wait for the run to finish and return every result not yet iterated.
@@ -283,10 +285,10 @@ class WorkflowRun:
             PEError: a PE raised.
             Aiod4pError: the run failed otherwise.
         """
+        while await self._take_batch():
+            pass
         collected = Results(list(self._ready))
         self._ready.clear()
-        while (batch := await self._next_batch()) is not None:
-            collected.records.extend(batch)
         return collected
 
     async def __aenter__(self) -> WorkflowRun:

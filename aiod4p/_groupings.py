@@ -13,13 +13,16 @@ once per run.
 
 from __future__ import annotations
 
+import dataclasses
+import datetime
+import functools
 import hashlib
 import numbers
 import operator
 import pickle
 import reprlib
 import struct
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any, ClassVar, NoReturn, TypeAlias
@@ -184,7 +187,10 @@ class GroupBy(Grouping):
 
     The key is either the tuple of ``item[i]`` for the given ``indices`` or
     ``key(item)``. A key function must be picklable (a module-level function)
-    for mappings that run in several processes.
+    for mappings that run in several processes. Keys are equal as Python
+    compares them (``1 == 1.0``, the same moment in two time zones, dataclasses
+    field by field); a key of another class is compared by its class and
+    attributes (:func:`stable_hash`).
 
     Raises:
         ValueError: neither indices nor a key function, or both.
@@ -462,6 +468,8 @@ def _encode(value: Any, out: bytearray) -> None:
         _encode(value[0], out)
     elif value is None:
         out += b"N"
+    elif _is_numpy_scalar(value) and value.dtype.kind in "mM":  # datetime64, timedelta64: equal in any unit
+        _encode(value.astype(f"{value.dtype.name.partition('[')[0]}[us]").item(), out)
     elif isinstance(value, numbers.Integral):  # bools and integer types too: equal keys hash alike
         text = str(int(value)).encode()
         out += b"i" + struct.pack("<I", len(text)) + text
@@ -482,8 +490,10 @@ def _encode(value: Any, out: bytearray) -> None:
     elif isinstance(value, dict):
         pairs = sorted(_encoded(k) + _encoded(v) for k, v in value.items())
         out += b"d" + struct.pack("<I", len(pairs)) + b"".join(pairs)
+    elif isinstance(value, (datetime.date, datetime.time, datetime.timedelta)):
+        _encode_moment(value, out)
     else:
-        _encode_pickled(value, out)
+        _encode_object(value, out)
 
 
 def _encode_number(value: Any, out: bytearray) -> None:
@@ -509,7 +519,7 @@ def _encode_number(value: Any, out: bytearray) -> None:
             try:
                 out += b"f" + struct.pack("<d", float(value))
             except (TypeError, ValueError, OverflowError):
-                _encode_pickled(value, out)
+                _encode_object(value, out)
             return
         if denominator == 1:
             _encode(numerator, out)
@@ -521,13 +531,73 @@ def _encode_number(value: Any, out: bytearray) -> None:
             _encode(denominator, out)
 
 
+_MICROSECOND = datetime.timedelta(microseconds=1)
+
+
+def _encode_moment(value: datetime.date | datetime.time | datetime.timedelta, out: bytearray) -> None:
+    """Equal dates, times and durations encode alike, as Python compares (and hashes) them: an aware datetime
+    or time as its UTC instant, so the same moment in two time zones is one key, and a time in a repeated
+    hour (``fold``) as the first of the two. A date encodes as its midnight (a naive datetime then, which no
+    date equals, shares its encoding: they only meet at one instance).
+    """
+    if isinstance(value, datetime.timedelta):
+        out += b"e"
+        _encode(value // _MICROSECOND, out)
+        return
+    if isinstance(value, datetime.datetime | datetime.time):
+        offset = value.replace(fold=0).utcoffset()
+        micro = ((value.hour * 60 + value.minute) * 60 + value.second) * 1_000_000 + value.microsecond
+        micro -= offset // _MICROSECOND if offset is not None else 0
+    else:
+        micro = 0
+    if isinstance(value, datetime.date):
+        out += b"m"
+        micro += value.toordinal() * 86_400_000_000
+    else:
+        out += b"h"
+    _encode(micro, out)
+
+
 def _is_numpy_scalar(value: Any) -> bool:
     return type(value).__module__ == "numpy" and hasattr(value, "item") and getattr(value, "ndim", None) == 0
 
 
-def _encode_pickled(value: Any, out: bytearray) -> None:
-    data = pickle.dumps(value, protocol=5)
-    out += b"p" + struct.pack("<I", len(data)) + data
+def _encode_object(value: Any, out: bytearray) -> None:
+    """Any other key: a dataclass by the fields it compares; a class or function by its name; anything else by
+    what pickling it saves (``__reduce_ex__``: its class and state), each part encoded as a key, so that keys
+    whose attributes are equal encode alike: sets and dicts in any order, equal numbers, the same moment in any
+    time zone, a string shared or copied. (A class whose ``==`` ignores some attributes is not seen through: its
+    equal keys may reach different instances; group it by a key function that returns plain values.)
+    """
+    kind: Any = type(value)
+    if _compares_fields(kind):
+        out += b"o"
+        _encode(kind.__qualname__, out)  # the module is left out: a script's is __main__ in one process only
+        _encode(tuple(getattr(value, field.name) for field in dataclasses.fields(value) if field.compare), out)
+    elif isinstance(value, type) or (callable(value) and isinstance(getattr(value, "__qualname__", None), str)):
+        out += b"g"
+        _encode(value.__qualname__, out)
+    else:
+        reduced = value.__reduce_ex__(5)
+        if isinstance(reduced, str):  # pickled by name: an enum member, a singleton
+            out += b"g"
+            _encode(reduced, out)
+        else:
+            out += b"r"
+            _encode(tuple(list(part) if isinstance(part, Iterator) else part for part in reduced), out)
+
+
+@functools.cache
+def _compares_fields(kind: Any) -> bool:
+    """Whether ``kind`` is a dataclass whose ``==`` is the one dataclasses generate: its compared fields, in order."""
+    parameters = getattr(kind, "__dataclass_params__", None)
+    equal = getattr(kind.__eq__, "__code__", None)
+    return bool(
+        parameters is not None
+        and parameters.eq
+        and equal is not None
+        and equal.co_filename == "<string>"  # generated, not the class's own
+    )
 
 
 _LENGTH = struct.Struct("<I")
@@ -540,5 +610,9 @@ def _encoded(value: Any) -> bytes:
 
 
 def stable_hash(key: Any) -> int:
-    """A 64-bit hash of ``key`` that is identical in every process and run."""
-    return int.from_bytes(hashlib.blake2b(_encoded(key), digest_size=8).digest(), "little")
+    """A 64-bit hash of ``key`` that is identical in every process and run, and equal for equal keys."""
+    try:
+        encoded = _encoded(key)
+    except RecursionError:  # an object that holds itself: its pickle, as a last resort
+        encoded = pickle.dumps(key, protocol=5)
+    return int.from_bytes(hashlib.blake2b(encoded, digest_size=8).digest(), "little")

@@ -138,7 +138,7 @@ class QueueSink:
     """
 
     def __init__(self, max_batches: int) -> None:
-        self.queue: asyncio.Queue[list[ResultRecord] | None] = asyncio.Queue(max_batches)
+        self.queue: asyncio.Queue[list[ResultRecord]] = asyncio.Queue(max_batches)
 
     async def emit(self, pe: str, port: str, items: list[Any]) -> None:
         await self.queue.put([ResultRecord(pe, port, item) for item in items])

@@ -1248,13 +1248,14 @@ class LiveFeed:
         Raises:
             Aiod4pError: the feed is closed or its run is over (also while waiting).
         """
-        while True:
-            self._check_open()
-            if not self.full():
-                break
+        await self.wait_room()
+        self.send_nowait(item)
+
+    async def wait_room(self) -> None:
+        """Wait until the feed takes an item without waiting, or is closed, or its run stopped taking items."""
+        while self.full() and not (self.closed or self.ended):
             self._has_room.clear()
             await self._has_room.wait()
-        self._append(item)
 
     def close(self) -> None:
         """End the stream once the queued items are taken; idempotent."""

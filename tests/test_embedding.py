@@ -165,6 +165,94 @@ async def test_a_live_feed_whose_run_was_aborted_feeds_a_later_run() -> None:
             assert (await later.results()).data() == [4]
 
 
+@pytest.mark.asyncio
+async def test_a_batch_taken_as_the_reader_is_cancelled_comes_with_its_next_read() -> None:
+    """A service reading with a timeout (``wait_for(anext(run), t)``) lost the results that arrived in the loop
+    turn its wait timed out: taken from the run's queue, dropped with the cancellation."""
+    feed = LiveFeed()
+    graph, entry = _doubling()
+    async with asyncio.timeout(20), aiod4p.start(graph, {entry: feed}) as run:
+        queue = run._sink.queue
+        take = queue.get
+
+        async def take_then_cancel_the_reader() -> Any:
+            batch = await take()
+            reader.cancel()  # the reader's wait ends in this turn, cancelled, with the batch already taken
+            return batch
+
+        queue.get = take_then_cancel_the_reader  # type: ignore[method-assign]
+        reader = asyncio.ensure_future(anext(aiter(run)))
+        await run.send(entry.id, 21)
+        with pytest.raises(asyncio.CancelledError):
+            await reader
+        queue.get = take  # type: ignore[method-assign]
+        assert (await anext(aiter(run))).data == 42
+        feed.close()
+        assert (await run.results()).data() == []
+
+
+@pytest.mark.asyncio
+async def test_a_send_cancelled_as_the_feed_makes_room_queues_nothing() -> None:
+    """A service sending with a timeout (``wait_for(run.send(...), t)``) and sending again on timeout had an item
+    processed twice: it was queued in the loop turn its send was cancelled."""
+    graph, entry, gate = gated()
+    feed = LiveFeed(maxsize=2)
+    async with asyncio.timeout(20), aiod4p.start(graph, {entry: feed}, batch_size=1, credits=1) as run:
+        sent = 0
+        while not feed.full():
+            await run.send(entry.id, sent)
+            sent += 1
+            await asyncio.sleep(0.001)
+        wait_room = feed.wait_room
+
+        async def wait_then_cancel_the_sender() -> None:
+            await wait_room()
+            sender.cancel()  # the sender's wait ends in this turn, cancelled, with room in the feed
+
+        feed.wait_room = wait_then_cancel_the_sender  # type: ignore[method-assign]
+        sender = asyncio.ensure_future(run.send(entry.id, -1))
+        await asyncio.sleep(0)
+        gate.gate.event.set()
+        with pytest.raises(asyncio.CancelledError):
+            await sender
+        feed.close()
+        assert (await run.results()).data() == [2 * i for i in range(sent)]
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("mapping", ["async", "multi"])
+async def test_a_service_sending_and_reading_with_timeouts_gets_each_result_once(mapping: str) -> None:
+    """Sends and reads that time out and are tried again, as a service with heartbeats does: every item is
+    processed once and every result read once."""
+    feed = LiveFeed(maxsize=4)
+    graph, entry = _doubling()
+    total = 2000
+    received: list[int] = []
+    async with asyncio.timeout(60), aiod4p.start(graph, {entry: feed}, mapping=mapping, workers=2) as run:
+
+        async def read() -> None:
+            results = aiter(run)
+            while True:
+                try:
+                    received.append((await asyncio.wait_for(anext(results), 0.0002)).data)
+                except TimeoutError:
+                    continue
+                except StopAsyncIteration:
+                    return
+
+        reader = asyncio.ensure_future(read())
+        for item in range(total):
+            while True:
+                try:
+                    await asyncio.wait_for(run.send(entry.id, item), 0.0002)
+                    break
+                except TimeoutError:
+                    continue
+        feed.close()
+        await reader
+    assert sorted(received) == [2 * i for i in range(total)]
+
+
 # -- the example service ---------------------------------------------------------------
 
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+import datetime
+import functools
 import gc
 import json
 import operator
@@ -9,9 +12,11 @@ import os
 import subprocess
 import sys
 from collections import Counter
+from collections.abc import Iterator
 from decimal import Decimal
 from fractions import Fraction
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import numpy as np
 import pytest
@@ -20,18 +25,104 @@ from conftest import MappingCase
 from hypothesis import given
 from hypothesis import strategies as st
 
-from aiod4p import ALL, ROUND_ROBIN, SHUFFLE, GraphError, Grouping, Router, WorkflowGraph, group_by, stable_hash
+from aiod4p import (
+    ALL,
+    ROUND_ROBIN,
+    SHUFFLE,
+    GraphError,
+    Grouping,
+    ProducerPE,
+    Router,
+    WorkflowGraph,
+    group_by,
+    stable_hash,
+)
 from aiod4p import _groupings as groupings
 from aiod4p._groupings import as_grouping
 from aiod4p._plan import make_plan
 from aiod4p.compat.base import IterativePE as Dispel4pyIterativePE
 
+
+@dataclasses.dataclass(frozen=True)
+class Station:
+    """A dataclass key: equal by its compared fields, whatever else an instance holds."""
+
+    network: object
+    code: str
+    note: str = dataclasses.field(default="", compare=False)
+
+    @functools.cached_property
+    def label(self) -> str:
+        return f"{self.network}.{self.code}"
+
+
+class Sensor:
+    """A key of a plain class, equal when its attributes are."""
+
+    def __init__(self, names: frozenset[str], site: str) -> None:
+        self.names, self.site = names, site
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Sensor) and (self.names, self.site) == (other.names, other.site)
+
+    def __hash__(self) -> int:
+        return hash((self.names, self.site))
+
+
+def _built_apart(text: str) -> str:
+    """An equal string that is another object."""
+    return "".join(list(text))
+
+
+_SITE = "site-" * 3
+_FIRST = Station(1, "ST01", note="a")
+_FIRST_LABEL = _FIRST.label  # cached on this instance only
+_DICT_ORDER = Sensor(frozenset({"z"}), _SITE)
+_DICT_ORDER.__dict__ = {"site": _SITE, "names": frozenset({"z"})}
+UTC = datetime.UTC
+CET = datetime.timezone(datetime.timedelta(hours=1))
+NEW_YORK = ZoneInfo("America/New_York")
+REPEATED_HOUR = datetime.datetime(2024, 10, 27, 2, 30, tzinfo=ZoneInfo("Europe/Berlin"))  # clocks went back at 3
 KEYS = ["station-7", 42, -3, 2.5, 1.0, None, True, b"raw", ("a", 1), ["a", 1], frozenset({1, 2}), {"k": [1, 2]}]
 SCRIPT = f"""
 import json
 from aiod4p import stable_hash
 print(json.dumps([stable_hash(k) for k in {KEYS!r}]))
 """
+
+
+OBJECT_SCRIPT = """
+import json
+from aiod4p import stable_hash
+class Sensor:  # the same class in every process
+    def __init__(self, names, site):
+        self.names, self.site = names, site
+print(json.dumps(stable_hash(Sensor(frozenset({"s1", "s2", "s3", "s4", "s5"}), "site"))))
+"""
+
+
+def test_a_key_of_a_plain_class_hashes_alike_across_hash_seeds() -> None:
+    """Its frozenset attribute is iterated in an order that depends on the string hash's seed: a pickle of the
+    key differed from process to process."""
+    digests = set()
+    for seed in ("0", "1", "2", "12345"):
+        env = {**os.environ, "PYTHONHASHSEED": seed}
+        done = subprocess.run([sys.executable, "-c", OBJECT_SCRIPT], env=env, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+        digests.add(json.loads(done.stdout))
+    assert len(digests) == 1
+
+
+class Loop:
+    """A key that holds itself."""
+
+    def __init__(self) -> None:
+        self.me = self
+
+
+def test_a_key_that_holds_itself_still_hashes() -> None:
+    key = Loop()
+    assert stable_hash(key) == stable_hash(key)
 
 
 def test_stable_hash_is_identical_across_processes_and_hash_seeds() -> None:
@@ -85,11 +176,37 @@ def test_stable_hash_keeps_its_values_across_versions(key: object, expected: int
         (Fraction(1, 3), Fraction(2, 6)),
         (float("inf"), Decimal("inf")),
         ((np.float32(1.5), "a"), [1.5, "a"]),
+        (datetime.datetime(2024, 1, 1, 5, tzinfo=UTC), datetime.datetime(2024, 1, 1, 6, tzinfo=CET)),
+        (datetime.datetime(2024, 7, 1, 12, tzinfo=UTC), datetime.datetime(2024, 7, 1, 8, tzinfo=NEW_YORK)),
+        (datetime.datetime(2024, 1, 1, 1), datetime.datetime(2024, 1, 1, 1, fold=1)),
+        (REPEATED_HOUR, REPEATED_HOUR.replace(fold=1)),
+        (datetime.time(12, tzinfo=CET), datetime.time(11, tzinfo=UTC)),
+        (datetime.timedelta(days=1), datetime.timedelta(hours=24)),
+        (datetime.timedelta(days=1), np.timedelta64(24, "h")),
+        (np.datetime64("2024-01-01"), np.datetime64("2024-01-01T00:00:00.000000000")),
+        (np.datetime64("2024-01-01T01:00"), datetime.datetime(2024, 1, 1, 1)),
+        ((datetime.datetime(2024, 1, 1, tzinfo=UTC), "s1"), [datetime.datetime(2024, 1, 1, 1, tzinfo=CET), "s1"]),
+        (_FIRST, Station(1.0, _built_apart("ST01"), note="b")),
+        (Station("XX", _SITE), Station("XX", _built_apart(_SITE))),
+        (Sensor(frozenset({"a", "b", "c"}), _SITE), Sensor(frozenset({"c", "b", "a"}), _built_apart(_SITE))),
+        (Sensor(frozenset({"z"}), _SITE), _DICT_ORDER),
     ],
 )
 def test_equal_keys_hash_alike_where_python_says_they_are_equal(left: object, right: object) -> None:
     # Equal keys must hash alike: a router remembers each key's destination by Python equality.
     assert stable_hash(left) == stable_hash(right)
+
+
+@given(
+    moment=st.datetimes(
+        min_value=datetime.datetime(1900, 1, 1), max_value=datetime.datetime(2200, 1, 1), timezones=st.timezones()
+    ),
+    zone=st.timezones(),
+)
+def test_the_same_moment_in_any_time_zone_is_one_key(moment: datetime.datetime, zone: datetime.tzinfo) -> None:
+    elsewhere = moment.astimezone(zone)
+    if elsewhere == moment:  # a moment in a repeated hour equals none in another zone (PEP 495)
+        assert stable_hash(elsewhere) == stable_hash(moment)
 
 
 def test_a_router_sends_a_key_where_its_stable_hash_says_and_keeps_the_order() -> None:
@@ -405,12 +522,26 @@ class _EvenOddRouter(Router):
         return parts
 
 
+class Instants(ProducerPE):
+    """The same 12 hours as 1-tuples of aware datetimes, in time zone ``zone``: what two sensors in two zones report."""
+
+    def __init__(self, zone: datetime.tzinfo) -> None:
+        super().__init__()
+        self.zone = zone
+
+    def produce(self) -> Iterator[tuple[datetime.datetime]]:
+        start = datetime.datetime(2024, 1, 1, tzinfo=UTC)
+        for hour in range(12):
+            yield ((start + datetime.timedelta(hours=hour)).astimezone(self.zone),)
+
+
 _SIDE_BY_SIDE: dict[str, dict[str, list[Any]]] = {}
 
 
 def grouped_side_by_side(mapping: MappingCase) -> dict[str, list[Any]]:
-    """What the WhoSawWhat behind round robin (fed 3 items) and behind :class:`EvenOdd` (fed 40) saw, from
-    one run of both side by side on ``mapping``: a launch per mapping instead of two."""
+    """What the WhoSawWhat behind round robin (fed 3 items), behind :class:`EvenOdd` (fed 40) and behind a group-by of
+    two :class:`Instants` sources saw, from one run of all three side by side on ``mapping``: a launch per mapping
+    instead of three."""
     if mapping.id not in _SIDE_BY_SIDE:
         graph = WorkflowGraph()
         sinks = {"round_robin": wf.WhoSawWhat("round_robin", parallelism=3), "even_odd": wf.WhoSawWhat(EvenOdd(), 2)}
@@ -418,6 +549,10 @@ def grouped_side_by_side(mapping: MappingCase) -> dict[str, list[Any]]:
         for name, count in (("round_robin", 3), ("even_odd", 40)):
             graph.connect(source := wf.Count(), "output", sinks[name], "input")
             inputs[source.id] = count
+        sinks["instants"] = wf.WhoSawWhat(group_by(0), 3)
+        for zone in (UTC, CET):
+            graph.connect(zoned := Instants(zone), "output", sinks["instants"], "input")
+            inputs[zoned.id] = 1
         results = mapping.run(graph, inputs)
         seen = {name: results.data(sink.id) for name, sink in sinks.items()}
         assert sum(map(len, seen.values())) == len(results)
@@ -432,6 +567,16 @@ def test_a_new_grouping_is_one_class(mapping: MappingCase) -> None:
     else:
         assert {(instance, item % 2) for instance, item in seen} == {(0, 0), (1, 1)}
     assert sorted(item for _, item in seen) == list(range(40))
+
+
+def test_equal_keys_from_two_senders_reach_one_instance(mapping: MappingCase) -> None:
+    # Two sources, so two routers: only the key's encoding makes them agree (each router's cache goes by equality).
+    seen = grouped_side_by_side(mapping)["instants"]
+    instances_of: dict[datetime.datetime, set[int]] = {}
+    for instance, (moment,) in seen:
+        instances_of.setdefault(moment.astimezone(UTC), set()).add(instance)
+    assert len(seen) == 24 and len(instances_of) == 12
+    assert all(len(instances) == 1 for instances in instances_of.values())
 
 
 def test_the_planner_asks_the_grouping_for_candidates_and_single_instances() -> None:
