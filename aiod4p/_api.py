@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 
 from ._graph import WorkflowGraph
 from ._inputs import Inputs, resolve_inputs
+from ._loading import in_worker
 from ._pe import PE
 from ._plan import DEFAULT_BATCH_SIZE, DEFAULT_CREDITS, DEFAULT_MAX_DELAY, ExecutionPlan, make_plan
 from ._results import QueueSink, ResultRecord, Results
@@ -492,12 +493,20 @@ def resolve_mapping(mapping: str | BaseMapping) -> BaseMapping:
     Raises:
         MappingUnavailable: ``mapping`` is an unknown name, a mapping whose extra is missing, or
             neither a name nor a mapping object.
+        Aiod4pError: a worker process asks for a mapping that starts processes: its workflow module runs a
+            workflow at import, which every worker's import would start again (on mpi, ranks inside ranks hung).
     """
     if isinstance(mapping, str):
-        return get_mapping(mapping)
-    if not isinstance(mapping, BaseMapping):
+        mapping = get_mapping(mapping)
+    elif not isinstance(mapping, BaseMapping):
         raise MappingUnavailable(
             f"mapping must be a mapping's name (such as 'async') or a mapping object, not {mapping!r}"
+        )
+    if mapping.uses_processes and in_worker():
+        raise Aiod4pError(
+            f"a run on the {mapping.name} mapping was started while a worker process imported the workflow's"
+            " module: the module runs a workflow when imported, and each worker imports it again; run it only"
+            " under `if __name__ == '__main__':`"
         )
     return mapping
 

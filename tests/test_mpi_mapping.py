@@ -379,6 +379,20 @@ def test_cli_launches_a_workflow_named_as_a_python_module_from_its_directory(tmp
     assert sorted(json.loads(line)["data"] for line in done.stdout.splitlines()) == [2, 4, 6, 8, 10]
 
 
+def test_cli_a_workflow_module_that_runs_on_mpi_when_imported_is_refused_by_the_ranks(tmp_path: Path) -> None:
+    """A module-level ``run(graph, mapping="mpi")`` without the ``__main__`` guard: the launcher's import started
+    ranks, whose imports started ranks of their own, and ``aiod4p run`` hung until it was killed."""
+    flow = numbers_flow("class Times2(IterativePE):\n    def process_item(self, item):\n        return 2 * item\n")
+    unguarded = 'from aiod4p import run\n\nprint(run(graph, 3, mapping="mpi", workers=2).data())\n'
+    (tmp_path / "unguarded.py").write_text(f"{flow}\n{unguarded}")
+    done = subprocess.run(
+        cli("unguarded.py", "-m", "mpi", "-n", "2"), capture_output=True, text=True, timeout=60, cwd=tmp_path
+    )
+    assert done.returncode == 1, done.stderr
+    assert "a run on the mpi mapping was started while a worker process imported the workflow's module" in done.stderr
+    assert "if __name__ == '__main__':" in done.stderr
+
+
 def test_cli_launched_pe_error_exits_non_zero() -> None:
     done = subprocess.run(
         cli(f"{WORKFLOWS}:mpi_failing", "--mapping", "mpi", "-n", "2", "-i", "100"),
