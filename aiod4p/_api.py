@@ -19,6 +19,7 @@ from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Iterat
 from types import TracebackType
 from typing import Any, TypeVar
 
+from ._frames import importing_workflow_code
 from ._graph import WorkflowGraph
 from ._inputs import Inputs, resolve_inputs
 from ._loading import in_worker
@@ -493,8 +494,9 @@ def resolve_mapping(mapping: str | BaseMapping) -> BaseMapping:
     Raises:
         MappingUnavailable: ``mapping`` is an unknown name, a mapping whose extra is missing, or
             neither a name nor a mapping object.
-        Aiod4pError: a worker process asks for a mapping that starts processes: its workflow module runs a
-            workflow at import, which every worker's import would start again (on mpi, ranks inside ranks hung).
+        Aiod4pError: a worker process, importing the workflow's module, asks for a mapping that starts
+            processes: the module runs a workflow at import, which every worker's import would start again (on
+            mpi, ranks inside ranks hung).
     """
     if isinstance(mapping, str):
         mapping = get_mapping(mapping)
@@ -502,7 +504,7 @@ def resolve_mapping(mapping: str | BaseMapping) -> BaseMapping:
         raise MappingUnavailable(
             f"mapping must be a mapping's name (such as 'async') or a mapping object, not {mapping!r}"
         )
-    if mapping.uses_processes and in_worker():
+    if mapping.uses_processes and in_worker() and importing_workflow_code():
         raise Aiod4pError(
             f"a run on the {mapping.name} mapping was started while a worker process imported the workflow's"
             " module: the module runs a workflow when imported, and each worker imports it again; run it only"

@@ -18,7 +18,6 @@ import inspect
 import itertools
 import logging
 import operator
-import reprlib
 import sys
 import time
 import traceback
@@ -39,7 +38,7 @@ from typing import TYPE_CHECKING, Any, TypeAlias
 import greenlet
 
 from ._channels import EOS, Inbox, LocalChannel, SenderChannel
-from ._frames import workflow_frame
+from ._frames import called_with, short_repr, workflow_frame
 from ._groupings import Router
 from ._links import PeerLink, RemoteChannel
 from ._pe import PE, Runtime
@@ -125,7 +124,10 @@ def pe_error(ref: InstanceRef, port: str, exc: BaseException) -> Aiod4pError:
         return exc
     text = "".join(traceback.format_exception(exc))
     frame = workflow_frame(exc)
-    where = f" ({frame.filename}, line {frame.lineno}, in {frame.name})" if frame else ""
+    where = ""
+    if frame is not None:
+        argument = called_with(exc)
+        where = f" ({frame.filename}, line {frame.lineno}, in {frame.name}{f'; {argument}' if argument else ''})"
     return PEError(ref.pe, ref.index, port, f"{type(exc).__name__}: {exc}{where}", text)
 
 
@@ -1821,11 +1823,11 @@ def _input_dict(pe: PE, pe_id: str, element: Any) -> Any:
         unknown = sorted(repr(port) for port in element.keys() - ports.keys())
         raise InputError(
             f"input for PE {pe_id} names {'ports' if len(unknown) > 1 else 'port'} {', '.join(unknown)}, which it"
-            f" does not have (its input ports: {sorted(ports) or 'none'}), in {reprlib.repr(element)}"
+            f" does not have (its input ports: {sorted(ports) or 'none'}), in {short_repr(element)}"
         )
     raise InputError(
         f"input for PE {pe_id} must be a dict of its input ports (ports: {sorted(ports) or 'none'}),"
-        f" got {reprlib.repr(element)}"
+        f" got {short_repr(element)}"
     )
 
 

@@ -1,13 +1,16 @@
-"""Where in a traceback the workflow's own code is: not aiod4p's, not an installed package's, not Python's."""
+"""Where in a traceback the workflow's own code is (not aiod4p's, not an installed package's, not Python's), and
+what it was called with, shown short."""
 
 from __future__ import annotations
 
 import os
+import reprlib
 import sys
 import traceback
 from pathlib import Path
+from typing import Any
 
-__all__ = ["INSTALLED", "workflow_frame"]
+__all__ = ["INSTALLED", "called_with", "importing_workflow_code", "short_repr", "workflow_frame"]
 
 _OURS = str(Path(__file__).resolve().parent) + os.sep
 INSTALLED = tuple({str(Path(prefix, "lib")) + os.sep for prefix in (sys.prefix, sys.base_prefix, sys.exec_prefix)})
@@ -17,9 +20,60 @@ INSTALLED = tuple({str(Path(prefix, "lib")) + os.sep for prefix in (sys.prefix, 
 def workflow_frame(exc: BaseException) -> traceback.FrameSummary | None:
     """The last frame of the workflow's own code that ``exc`` passed (not aiod4p's, not an installed
     package's, not Python's), or ``None`` when it passed none."""
-    frames = [
-        frame
-        for frame in traceback.extract_tb(exc.__traceback__)
-        if not frame.filename.startswith((_OURS, *INSTALLED, "<frozen"))
-    ]
+    frames = [frame for frame in traceback.extract_tb(exc.__traceback__) if _is_workflows(frame.filename)]
     return frames[-1] if frames else None
+
+
+def called_with(exc: BaseException) -> str | None:
+    """``name=value`` for the first argument (after ``self``) of the first workflow frame that ``exc`` passed:
+    the item, or the dict of inputs, that aiod4p called a PE's method with; ``None`` when that frame takes none.
+    The value is as the frame last held it (:func:`short_repr`)."""
+    trace = exc.__traceback__
+    while trace is not None and not _is_workflows(trace.tb_frame.f_code.co_filename):
+        trace = trace.tb_next
+    if trace is None:
+        return None
+    code = trace.tb_frame.f_code
+    names = [name for name in code.co_varnames[: code.co_argcount] if name != "self"]
+    if not names or names[0] not in trace.tb_frame.f_locals:
+        return None
+    return f"{names[0]}={short_repr(trace.tb_frame.f_locals[names[0]])}"
+
+
+def importing_workflow_code() -> bool:
+    """Whether the body of a module of the workflow's own code runs on this thread's stack: an import of it
+    is under way (the caller runs as part of it)."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code.co_name == "<module>" and _is_workflows(frame.f_code.co_filename):
+            return True
+        frame = frame.f_back  # type: ignore[assignment]
+    return False
+
+
+class _ShortRepr(reprlib.Repr):
+    """:mod:`reprlib`'s limits, and bytes cut before they are shown (``reprlib`` shows all of them first)."""
+
+    def repr_bytes(self, value: bytes | bytearray, level: int) -> str:
+        if len(value) <= self.maxother:
+            return repr(value)
+        half = self.maxother // 2
+        shown = f"{repr(bytes(value[:half]))[:-1]}...{repr(bytes(value[-half:]))[2:]}"
+        return shown if isinstance(value, bytes) else f"{type(value).__name__}({shown})"
+
+    repr_bytearray = repr_bytes
+
+
+_SHORT = _ShortRepr()
+
+
+def short_repr(value: Any) -> str:
+    """``value`` shown in a message: a few of its elements and characters, whatever its size; never raises."""
+    try:
+        return _SHORT.repr(value)
+    except Exception as exc:  # a broken __repr__ must not hide the error being reported
+        return f"<{type(value).__name__} whose repr raised {type(exc).__name__}>"
+
+
+def _is_workflows(filename: str) -> bool:
+    return not filename.startswith((_OURS, *INSTALLED, "<frozen"))

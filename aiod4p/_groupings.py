@@ -20,13 +20,13 @@ import hashlib
 import numbers
 import operator
 import pickle
-import reprlib
 import struct
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any, ClassVar, NoReturn, TypeAlias
 
+from ._frames import short_repr
 from .errors import GraphError
 
 __all__ = [
@@ -365,7 +365,7 @@ class KeyRouter(Router):
                 get(item)
             except Exception as exc:
                 raise GraphError(
-                    f"{self.sender} cannot route item {reprlib.repr(item)} to {self.dest}: its {self.grouping}"
+                    f"{self.sender} cannot route item {short_repr(item)} to {self.dest}: its {self.grouping}"
                     f" key failed ({type(exc).__name__}: {exc})"
                 ) from exc
         raise GraphError(

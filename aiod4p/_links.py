@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import asyncio
 import pickle
-import reprlib
 from typing import TYPE_CHECKING, Any
 
 from ._channels import EOS, CreditedSender, Inbox
+from ._frames import short_repr
 from .errors import EndOfChannel, PeerDied, TransportError, UnpicklableMessage
 from .transports import Comm
 
@@ -152,7 +152,7 @@ def unpicklable_item(plan: ExecutionPlan, error: UnpicklableMessage) -> Transpor
                 )
                 return TransportError(
                     f"PE {spec.source} wrote an item on output port {source_port!r} that cannot be pickled to"
-                    f" reach {spec.dest.pe}.{message[2]} on worker {spec.dest_worker}: {reprlib.repr(item)}"
+                    f" reach {spec.dest.pe}.{message[2]} on worker {spec.dest_worker}: {short_repr(item)}"
                     f" ({type(exc).__name__}: {exc})"
                 )
     return TransportError(str(error))

@@ -22,12 +22,12 @@ from __future__ import annotations
 
 import logging
 import math
-import reprlib
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from ._frames import short_repr
 from ._groupings import ALL, GLOBAL, GroupBy, group_by
 from ._pe import GenericPE
 from .errors import GraphError
@@ -228,9 +228,9 @@ class TimeWindow(_WindowPE):
         try:
             at = float(_value_getter(self.timestamp)(item))
         except Exception as exc:
-            raise GraphError(f"window PE {self.label}: no timestamp in item {reprlib.repr(item)}: {exc}") from exc
+            raise GraphError(f"window PE {self.label}: no timestamp in item {short_repr(item)}: {exc}") from exc
         if not math.isfinite(at):
-            raise GraphError(f"window PE {self.label}: the timestamp of item {reprlib.repr(item)} is {at}")
+            raise GraphError(f"window PE {self.label}: the timestamp of item {short_repr(item)} is {at}")
         return at
 
     def _emitted(self, k: int) -> bool:

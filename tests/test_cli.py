@@ -149,14 +149,48 @@ def test_inputs_from_data_and_file(workflow_file: Path, tmp_path: Path) -> None:
     assert done.stdout.startswith("Check1.output: 2 items"), done.stderr
 
 
-def test_pe_exception_gives_one_line_naming_the_line_and_exit_1(workflow_file: Path) -> None:
+def test_pe_exception_gives_one_line_naming_the_line_the_item_and_exit_1(workflow_file: Path) -> None:
     done = aiod4p("run", str(workflow_file), "-i", "20")
     assert done.returncode == 1
     line = workflow_file.read_text().splitlines().index('            raise ValueError("unlucky")') + 1
     assert done.stderr.strip().splitlines() == [
         f"aiod4p: error: PE Check1[0] failed on input port 'input': ValueError: unlucky"
-        f" ({workflow_file}, line {line}, in process_item)"
+        f" ({workflow_file}, line {line}, in process_item; item=13)"
     ]
+
+
+BLOBS = """
+from aiod4p import IterativePE, ProducerPE, WorkflowGraph
+
+
+class Blobs(ProducerPE):
+    def produce(self):
+        yield bytes(50_000_000) + b"end"
+
+
+class Check(IterativePE):
+    def process_item(self, blob):
+        return self.check(blob)
+
+    def check(self, blob):
+        raise ValueError("bad blob")
+
+
+graph = WorkflowGraph()
+graph.connect(Blobs(), "output", Check(), "input")
+"""
+
+
+@pytest.mark.parametrize("mapping", ["simple", "multi"])
+def test_a_pe_error_shows_the_item_short_whatever_its_size(tmp_path: Path, mapping: str) -> None:
+    """A 50 MB item is shown by a few of its bytes (``reprlib`` made the whole repr of bytes before cutting it)."""
+    flow = tmp_path / "blobs.py"
+    flow.write_text(BLOBS)
+    done = aiod4p("run", str(flow), "-m", mapping, "-n", "2")
+    assert done.returncode == 1
+    message = done.stderr.strip().splitlines()[-1]
+    assert re.match(r"aiod4p: error: PE Check1\[[01]\] failed on input port 'input': ValueError: bad blob \(", message)
+    assert message.endswith("line 15, in check; blob=b'\\x00\\x00\\x00\\x00\\x00\\x00\\x00\\x00\\x00\\x00\\x00\\x00\\x00\\x00\\x00...\\x00\\x00\\x00\\x00\\x00\\x00\\x00\\x00\\x00\\x00\\x00\\x00end')"), message
 
 
 @pytest.mark.parametrize("after", [False, True], ids=["before the command", "after it"])

@@ -951,7 +951,8 @@ def test_cli_names_the_line_of_the_pe_that_failed(tmp_path: Path, options: list[
     done = fresh_cli("run", str(flow), *options, "-d", '{"read": [{"inptu": "words.txt"}]}', cwd=tmp_path)
     assert done.returncode == 1
     assert done.stderr.splitlines()[-1] == (
-        f"aiod4p: error: PE read0[0] failed on feed: KeyError: 'input' ({flow}, line 7, in _process)"
+        f"aiod4p: error: PE read0[0] failed on feed: KeyError: 'input' ({flow}, line 7, in _process;"
+        " inputs={'inptu': 'words.txt'})"
     )
 
 
