@@ -517,7 +517,8 @@ def run_in_threads(graph: WorkflowGraph, names: Iterable[str]) -> None:
     """Make the PEs of ``graph`` called ``names`` (ids or names) threaded (``aiod4p run --threaded``).
 
     Raises:
-        ValueError: no PE of the graph has one of the names.
+        GraphError: no PE of the graph has one of the names (found once the workflow is loaded, as ``--stdin``'s
+            is: exit 1, not a usage error).
     """
     names = list(names)
     if not names:
@@ -526,7 +527,7 @@ def run_in_threads(graph: WorkflowGraph, names: Iterable[str]) -> None:
     for name in names:
         chosen = [pe for pe_id, pe in pes.items() if name in (pe_id, pe.name)]
         if not chosen:
-            raise ValueError(f"--threaded {name}: the workflow has no such PE (PEs: {', '.join(pes)})")
+            raise GraphError(f"--threaded {name}: the workflow has no such PE (PEs: {', '.join(pes)})")
         for pe in chosen:
             pe.threaded = True
 

@@ -34,6 +34,7 @@ from .compat.processor import MOST_SHARED_PROCESSES
 from .errors import Aiod4pError, reader_went_away, writing
 from .mappings import MAPPINGS, BaseMapping, get_mapping
 from .mappings._base import available_cpus
+from .mappings._mpi_env import job_rank, job_size
 from .sources import DEAD_LETTER, LINE_POLICIES, MAX_LINE_BYTES, LineStream
 from .storm._command import mapping_options, storm_command
 from .storm._spec import DEFAULT_MAX_REPLAYS
@@ -312,6 +313,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"aiod4p: error: {exc}", file=sys.stderr)
         return EXIT_ERROR
     except ValueError as exc:
+        if job_size() is not None and job_rank() != 0:  # under the user's mpiexec every rank has it: rank 0 says it
+            return EXIT_USAGE
         if args.debug:
             traceback.print_exc()
         print(f"aiod4p: error: {exc}", file=sys.stderr)
@@ -335,6 +338,12 @@ def _command_parser(parser: argparse.ArgumentParser, args: argparse.Namespace) -
 
 
 def _run(args: argparse.Namespace) -> int:
+    ranks = job_size()
+    if ranks is not None and ranks > 1 and args.mapping != "mpi":
+        raise ValueError(
+            f"this process is one of {ranks} MPI ranks (started by mpiexec), and --mapping {args.mapping} would run"
+            " the whole workflow on each of them: give --mapping mpi, or run without mpiexec"
+        )
     if args.stdin is not None and args.iter is not None and args.data is None and args.file is None:
         raise ValueError("--stdin cannot be combined with -i; give the other roots' inputs with -d or -f")
     for option, value in (("--max-line", args.max_line), ("--on-bad", args.on_bad)):

@@ -200,6 +200,8 @@ def load_module(spec: str) -> ModuleType:
     """
     if spec.endswith(".py") or "/" in spec or "\\" in spec:
         path = Path(spec)
+        if path.is_dir():
+            raise TargetError(f"workflow file {spec} is a directory: give the .py file of the workflow in it")
         if not path.is_file():
             raise TargetError(f"workflow file {spec} does not exist")
         directory = str(path.resolve().parent)

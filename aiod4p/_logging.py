@@ -9,13 +9,18 @@ instance index; the formatter here shows them as ``PE[instance]``.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from typing import TextIO
 
-__all__ = ["PEFormatter", "configure_logging"]
+__all__ = ["PEFormatter", "configure_logging", "configure_logging_as_launcher", "logging_environment"]
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s%(where)s: %(message)s"
 DATE_FORMAT = "%H:%M:%S"
+
+# How the command line configured logging (-v, -q), for the processes a run starts that do not inherit it.
+_LOGGING_VARIABLE = "AIOD4P_LOGGING"
+_configured: tuple[int, bool] | None = None
 
 
 class PEFormatter(logging.Formatter):
@@ -59,7 +64,26 @@ def configure_logging(verbosity: int = 0, quiet: bool = False) -> None:
         level = pe_level = logging.INFO
     else:
         level, pe_level = logging.WARNING, logging.INFO
+    global _configured
+    _configured = (verbosity, quiet)
     handler = _CurrentStderrHandler()
     handler.setFormatter(PEFormatter(LOG_FORMAT, DATE_FORMAT))
     logging.basicConfig(level=level, handlers=[handler], force=True)
     logging.getLogger("aiod4p.pe").setLevel(pe_level)
+
+
+def logging_environment() -> dict[str, str]:
+    """The environment a process started for a run (an MPI rank) needs to log as this one does: the
+    ``verbosity`` and ``quiet`` :func:`configure_logging` was given, if it was called (the command line);
+    nothing else."""
+    if _configured is None:
+        return {}
+    verbosity, quiet = _configured
+    return {_LOGGING_VARIABLE: f"{verbosity},{int(quiet)}"}
+
+
+def configure_logging_as_launcher() -> None:
+    """In a process started with :func:`logging_environment`: :func:`configure_logging` as in the launcher
+    (``-q`` hides the PEs' messages, ``-v`` shows more); its defaults when the launcher did not say."""
+    verbosity, _, quiet = os.environ.get(_LOGGING_VARIABLE, "").partition(",")
+    configure_logging(int(verbosity) if verbosity.isdigit() else 0, quiet == "1")

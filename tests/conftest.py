@@ -15,6 +15,7 @@ from ray_cluster import RayCluster
 
 import aiod4p
 from aiod4p import Results, WorkflowGraph
+from aiod4p import _logging as aiod4p_logging
 
 # Every mapping and worker count the mapping-parametrised suite runs on.
 # A new mapping joins by adding its cases here.
@@ -104,11 +105,14 @@ def pytest_asyncio_loop_factories(
 @pytest.fixture(autouse=True)
 def _root_logger_restored() -> Iterator[None]:
     """Give the next test the root logger this one had: the CLI's ``main()``, called in-process,
-    replaces the root handlers (pytest's log capture among them)."""
+    replaces the root handlers (pytest's log capture among them), and what the ranks it starts are told
+    (``-q`` in one test must not quiet the ranks of the next)."""
     root = logging.getLogger()
     handlers, level = root.handlers[:], root.level
     levels = {name: logging.getLogger(name).level for name in ("aiod4p", "aiod4p.pe")}
+    configured = aiod4p_logging._configured
     yield
+    aiod4p_logging._configured = configured
     root.handlers[:] = handlers
     root.setLevel(level)
     for name, saved in levels.items():

@@ -205,6 +205,7 @@ def test_debug_adds_the_traceback(workflow_file: Path, after: bool) -> None:
     ("args", "message"),
     [
         (["run", "no/such/file.py"], "workflow file no/such/file.py does not exist"),
+        (["run", "{folder}"], "is a directory: give the .py file of the workflow in it"),
         (["run", "no_such_module_xyz"], "no module named 'no_such_module_xyz'"),
         (["run", "{flow}:missing"], "has no attribute 'missing'"),
         (["run", "{flow}", "-d", "{{not json"], "-d is not valid JSON"),
@@ -220,11 +221,28 @@ def test_errors_are_one_line_and_non_zero(
 ) -> None:
     # In this process (main(), which `python -m aiod4p` calls): each error is found before anything runs;
     # test_import_error_in_the_workflow_file and others give exit 1 from a real process.
-    code = main([arg.format(flow=workflow_file) for arg in args])
+    code = main([arg.format(flow=workflow_file, folder=workflow_file.parent) for arg in args])
     out, err = capsys.readouterr()
     assert code == 1, out
     assert len(err.strip().splitlines()) == 1
     assert message in err
+
+
+@pytest.mark.parametrize("variables", [("PMI_SIZE", "PMI_RANK"), ("OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_RANK")])
+def test_a_mapping_other_than_mpi_under_mpiexec_is_refused(
+    workflow_file: Path, variables: tuple[str, str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Each of mpiexec's ranks ran the whole workflow, and printed its results (test_mpi_mapping runs a real mpiexec).
+    size, rank = variables
+    monkeypatch.setenv(size, "2")
+    for number, said in (("1", ""), ("0", "aiod4p: error: this process is one of 2 MPI ranks (started by mpiexec)")):
+        monkeypatch.setenv(rank, number)
+        assert main(["run", str(workflow_file), "--mapping", "simple", "-i", "2"]) == 2
+        out, err = capsys.readouterr()
+        assert out == "" and err.startswith(said) and len(err.splitlines()) == (1 if said else 0)
+    monkeypatch.setenv(size, "1")  # a job of one rank runs the workflow once
+    assert main(["run", str(workflow_file), "--mapping", "simple", "-i", "2", "-q"]) == 0
+    assert "2 items" in capsys.readouterr().out
 
 
 def test_a_graph_function_that_fails_is_named_with_its_line(tmp_path: Path) -> None:

@@ -158,13 +158,17 @@ def test_cli_shows_pe_messages_with_their_instance(tmp_path: Path, mapping: str)
     assert len(lines(stderr, "bad news")) == 1
 
 
-def test_cli_verbose_twice_shows_debug(tmp_path: Path) -> None:
-    stderr = cli(tmp_path, "-vv").stderr
+# mpi: the ranks aiod4p launches log as the command line says (they showed the PEs' messages under -q).
+@pytest.mark.parametrize("mapping", ["async", "mpi"])
+def test_cli_verbose_twice_shows_debug(tmp_path: Path, mapping: str) -> None:
+    stderr = cli(tmp_path, "-vv", "--mapping", mapping).stderr
     assert len(lines(stderr, "debug")) == 4 and " DEBUG aiod4p.pe Talk[" in lines(stderr, "debug")[0]
 
 
-def test_cli_quiet_shows_errors_only(tmp_path: Path) -> None:
-    stderr = cli(tmp_path, "-q").stderr
+@pytest.mark.parametrize("mapping", ["async", "mpi"])
+def test_cli_quiet_shows_errors_only(tmp_path: Path, mapping: str) -> None:
+    stderr = cli(tmp_path, "-q", "--mapping", mapping).stderr
+    assert " WARNING " not in stderr and " INFO " not in stderr
     assert lines(stderr, "info") == [] and lines(stderr, "debug") == []
     (bad,) = lines(stderr, "bad news")
     assert " ERROR aiod4p.pe Talk[" in bad

@@ -178,10 +178,17 @@ def test_cli_under_mpiexec_a_pe_error_ends_the_job_with_an_idle_rank() -> None:
     assert left_files(done.stderr, wf.TOPOLOGY) == []
 
 
-def test_cli_under_mpiexec_rejects_another_n() -> None:
+def test_cli_under_mpiexec_rejects_another_n_or_mapping() -> None:
+    # Rank 0 says it, once; each rank said it, and with another mapping each ran the whole workflow, silently.
     done = mpiexec(["-n", "2", *cli(f"{WORKFLOWS}:mpi_chain", "--mapping", "mpi", "-n", "3")])
-    assert done.returncode != 0
-    assert "has 2 ranks" in done.stderr
+    assert done.returncode == 2
+    assert done.stderr == "aiod4p: error: this mpi run has 2 ranks (from mpiexec); -n 3 does not match it: drop -n\n"
+    done = mpiexec(["-n", "2", *cli(f"{WORKFLOWS}:mpi_chain", "--mapping", "multi", "-i", "3")])
+    assert (done.returncode, done.stdout) == (2, "")
+    assert done.stderr == (
+        "aiod4p: error: this process is one of 2 MPI ranks (started by mpiexec), and --mapping multi would run the"
+        " whole workflow on each of them: give --mapping mpi, or run without mpiexec\n"
+    )
 
 
 def left_files(stderr: str, said: str = wf.SHARED_MEMORY) -> list[str]:

@@ -26,6 +26,7 @@ from aiod4p import ConsumerPE, IterativePE, ProducerPE, WorkflowGraph, iterative
 from aiod4p._api import run_in_threads
 from aiod4p._cli import main
 from aiod4p._threads import DaemonThreadPool
+from aiod4p.errors import GraphError
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKFLOWS = ROOT / "tests" / "workflows.py"
@@ -150,7 +151,7 @@ def test_run_in_threads_names_an_unknown_pe() -> None:
     graph = wf.sleepy()
     run_in_threads(graph, ["Sleepy"])
     assert [pe.threaded for pe in graph.pes] == [False, True]
-    with pytest.raises(ValueError, match=r"--threaded nope: the workflow has no such PE \(PEs: Count"):
+    with pytest.raises(GraphError, match=r"--threaded nope: the workflow has no such PE \(PEs: Count"):
         run_in_threads(graph, ["nope"])
 
 
@@ -426,7 +427,8 @@ def test_threaded_pes_give_the_same_results_on_every_mapping(mapping: MappingCas
 
 
 def test_the_cli_names_an_unknown_threaded_pe(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["run", "workflows:sleepy", "-i", "1", "--threaded", "Nope", "-q"]) == 2  # by name: not reloaded
+    # A name no PE has is found in the loaded graph, as --stdin's is: exit 1 (it was 2, a usage error).
+    assert main(["run", "workflows:sleepy", "-i", "1", "--threaded", "Nope", "-q"]) == 1  # by name: not reloaded
     assert "--threaded Nope: the workflow has no such PE (PEs: Count" in capsys.readouterr().err
 
 

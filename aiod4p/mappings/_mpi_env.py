@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from .._install import install_hint
+from .._logging import logging_environment
 from .._processes import descendants
 from ..errors import MappingUnavailable
 
@@ -92,7 +93,8 @@ _PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])  # where aiod4p itself 
 
 
 def rank_environment(environ: Mapping[str, str]) -> dict[str, str]:
-    """The environment of the ranks aiod4p launches: ``environ``, and the launcher's ``sys.path``.
+    """The environment of the ranks aiod4p launches: ``environ``, the launcher's ``sys.path``, and how the
+    command line set logging up (``-q``, ``-v``: :func:`~aiod4p._logging.logging_environment`).
 
     The ranks take the launcher's entries up once started (:func:`take_launcher_path`), as
     multiprocessing's spawned workers do; ``PYTHONPATH`` gets only the directory aiod4p comes
@@ -104,6 +106,7 @@ def rank_environment(environ: Mapping[str, str]) -> dict[str, str]:
     env["PYTHONPATH"] = os.pathsep.join([_PACKAGE_ROOT, *(p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p)])
     # "" is the launcher's current directory (python -c, a REPL, a notebook): the ranks get it by name.
     env[_SYS_PATH_VARIABLE] = os.pathsep.join(p or os.getcwd() for p in sys.path)
+    env.update(logging_environment())
     return env
 
 
