@@ -55,9 +55,53 @@ def by_pe(results: aiod4p.Results) -> dict[str, list[Any]]:
     return {pe: sorted(items, key=repr) for pe, items in grouped.items()}
 
 
+# Two calls of each root (as `-i 2` makes): the second call's stations, galaxies and articles follow the
+# first's, so the data is twice as much, every id is unique and the results are those of one call twice as big.
+TWICE = {
+    "Synthesise": [{"stations": 3, "seconds": 120}] * 2,
+    "ReadCatalogue": [{"galaxies": 20}] * 2,
+    "Articles": [{"articles": 60}] * 2,
+}
+TWICE_AS_BIG = {
+    "Synthesise": [{"stations": 6, "seconds": 120}],
+    "ReadCatalogue": [{"galaxies": 40}],
+    "Articles": [{"articles": 120}],
+}
+
+
+def six_domains() -> tuple[WorkflowGraph, dict[Any, Any], set[str]]:
+    """The three domains twice in one graph (one launch per mapping): the first fed :data:`SMALL`, the
+    second :data:`TWICE`; with the ids of the first's PEs."""
+    graph = three_domains()
+    first = {pe.id for pe in graph.pes}
+    for module in (seismic, astro, sentiment):
+        module.build(graph)
+    inputs = {
+        pe: (SMALL if pe.id in first else TWICE)[type(pe).__name__] for pe in graph.pes if type(pe).__name__ in SMALL
+    }
+    return graph, inputs, first
+
+
+def run_six(mapping: str, workers: int | None = None) -> tuple[dict[str, list[Any]], dict[str, list[Any]]]:
+    """The results of :func:`six_domains` per PE class: those of :data:`SMALL`, those of :data:`TWICE`."""
+    graph, inputs, first = six_domains()
+    results = list(aiod4p.run(graph, inputs, mapping=mapping, workers=workers))
+    return by_pe([r for r in results if r.pe in first]), by_pe([r for r in results if r.pe not in first])
+
+
 @pytest.fixture(scope="module")
-def reference() -> dict[str, list[Any]]:
-    return by_pe(aiod4p.run(three_domains(), SMALL, mapping="simple"))
+def both() -> tuple[dict[str, list[Any]], dict[str, list[Any]]]:
+    return run_six("simple")
+
+
+@pytest.fixture(scope="module")
+def reference(both: tuple[dict[str, list[Any]], dict[str, list[Any]]]) -> dict[str, list[Any]]:
+    return both[0]
+
+
+@pytest.fixture(scope="module")
+def twice(both: tuple[dict[str, list[Any]], dict[str, list[Any]]]) -> dict[str, list[Any]]:
+    return both[1]
 
 
 def test_seismic_recovers_the_hidden_travel_time_differences(reference: dict[str, list[Any]]) -> None:
@@ -102,8 +146,44 @@ def test_sentiment_joins_both_scores_and_ranks_states(reference: dict[str, list[
 
 @pytest.mark.timeout(240)  # four worker processes import the scientific stack, on a busy machine
 @pytest.mark.parametrize(("mapping", "workers"), [("async", 4), ("multi", 4), ("mpi", 4)])
-def test_every_mapping_gives_the_same_results(reference: dict[str, list[Any]], mapping: str, workers: int) -> None:
-    assert by_pe(aiod4p.run(three_domains(), SMALL, mapping=mapping, workers=workers)) == reference
+def test_every_mapping_gives_the_same_results(
+    both: tuple[dict[str, list[Any]], dict[str, list[Any]]], mapping: str, workers: int
+) -> None:
+    """Fed once and fed twice (each root called twice: those results changed with the mapping)."""
+    assert run_six(mapping, workers) == both
+
+
+def test_a_second_call_of_each_root_adds_as_much_new_data(twice: dict[str, list[Any]]) -> None:
+    """Each call made the same stations, galaxies and articles again: PairUp paired a station with its
+    double (('ST000', 'ST000', 0.0, 1.0)), JoinScores joined the scores of two articles by their one id,
+    and the results changed with the mapping and from run to run."""
+    assert twice == by_pe(aiod4p.run(three_domains(), TWICE_AS_BIG, mapping="simple"))
+    truth = seismic.true_lags(6)
+    found = {(i, j): lag for i, j, lag, _ in twice["CrossCorrelate"]}
+    assert found.keys() == truth.keys() and len(found) == 15  # 6 stations, no station with itself
+    step = seismic.DECIMATE / seismic.RATE
+    assert all(abs(lag - truth[pair]) <= step / 2 for pair, lag in found.items())
+    assert sum(count for _, count, _, _ in twice["StatsPerType"]) == 40  # 2 x 20 galaxies
+    assert sum(count for _, _, count, _, _ in twice["PerState"]) == 120  # 2 x 60 articles
+
+
+@pytest.mark.parametrize(
+    ("module", "root", "calls", "message"),
+    [
+        ("seismic", "Synthesise", [{}, {"seed": 5}], "seed 5 differs from the first call's 2017"),
+        ("astro", "ReadCatalogue", "twice the file", "which an earlier call emitted: each galaxy is counted once"),
+    ],
+)
+def test_a_second_call_that_cannot_add_new_data_is_refused(
+    tmp_path: Path, module: str, root: str, calls: Any, message: str
+) -> None:
+    if calls == "twice the file":
+        path = tmp_path / "catalogue.xml"
+        path.write_bytes(astro.catalogue(3, 1))
+        calls = [{"path": str(path)}] * 2
+    with pytest.raises(PEError, match=root) as caught:
+        aiod4p.run(DOMAINS[module].build(), {root: calls}, mapping="simple")
+    assert message in str(caught.value)
 
 
 @pytest.mark.parametrize(

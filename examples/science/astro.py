@@ -17,7 +17,9 @@ paper: :class:`QueryService` is an ``async def`` PE with
 :data:`CONCURRENCY` instances, so queries overlap in one event loop, where
 dispel4py's blocking calls (:func:`query_blocking`) wait one after another.
 
-Size knob: ``galaxies`` (and ``seed``).
+Size knob: ``galaxies`` (and ``seed``). Each call of the root reads the next
+galaxies of the catalogue (``-i 2``: CIG 0001 to CIG 0400, as ``galaxies: 400``
+once); a galaxy that an earlier call emitted fails the run (it would be counted twice).
 """
 
 from __future__ import annotations
@@ -55,9 +57,12 @@ def galaxy_name(index: int) -> str:
     return f"CIG {index + 1:04d}"
 
 
-def catalogue(galaxies: int, seed: int) -> bytes:
-    """A VOTable catalogue of ``galaxies`` galaxies (name, right ascension, declination), written by astropy."""
+def catalogue(galaxies: int, seed: int, first: int = 0) -> bytes:
+    """A VOTable catalogue of ``galaxies`` galaxies (name, right ascension, declination), written by astropy:
+    those from index ``first`` of the catalogue of ``seed`` (the rows of ``catalogue(first + galaxies, seed)``
+    that ``catalogue(first, seed)`` lacks)."""
     rng = np.random.default_rng(seed)
+    rng.random(2 * first)  # the positions of the galaxies before ``first``
     votable = VOTableFile()
     resource = Resource()
     votable.resources.append(resource)
@@ -72,7 +77,7 @@ def catalogue(galaxies: int, seed: int) -> bytes:
     )
     table.create_arrays(galaxies)
     for index in range(galaxies):
-        table.array[index] = (galaxy_name(index), rng.uniform(0, 360), rng.uniform(-30, 60))
+        table.array[index] = (galaxy_name(first + index), rng.uniform(0, 360), rng.uniform(-30, 60))
     out = io.BytesIO()
     votable.to_xml(out)
     return out.getvalue()
@@ -217,25 +222,43 @@ class ReadCatalogue(GenericPE):
     """Emits ``(name, ra, dec)`` for every galaxy of the catalogue.
 
     The input (optional) is ``{"galaxies": N, "seed": S}`` for a synthetic
-    catalogue, or ``{"path": FILE}`` for a VOTable file.
+    catalogue, or ``{"path": FILE}`` for a VOTable file. Each synthetic call
+    reads the galaxies that follow the previous call's (``-i 2``: CIG 0001 to
+    CIG 0400, as ``galaxies: 400`` once).
+
+    Raises:
+        ValueError: the catalogue cannot be read, or has a galaxy that an earlier call emitted already
+            (the same file read twice, say): it would be counted twice.
     """
 
     def __init__(self) -> None:
         super().__init__(inputs=["size"], outputs=["output"])
+        self.next_galaxy = 0  # the index of the next synthetic call's first galaxy
+        self.emitted: set[str] = set()  # the names emitted so far: each galaxy once
 
     def process(self, inputs: dict[str, Any]) -> None:
         size = settings(inputs.get("size", {}))
         if "path" in size:
             source: Any = size["path"]
         else:
-            source = io.BytesIO(catalogue(int(size["galaxies"]), int(size["seed"])))
+            first, self.next_galaxy = self.next_galaxy, self.next_galaxy + int(size["galaxies"])
+            source = io.BytesIO(catalogue(int(size["galaxies"]), int(size["seed"]), first))
         self.annotate(**{k: str(v) for k, v in size.items()}, astropy=astropy.__version__)
         try:
             table = parse_single_table(source).array
         except (OSError, ValueError) as exc:
             raise ValueError(f"cannot read the catalogue {size.get('path', '')}: {exc}") from exc
-        for row in table:
-            self.write("output", (str(row["name"]), float(row["ra"]), float(row["dec"])))
+        names = [str(row["name"]) for row in table]
+        again = next((name for name in names if name in self.emitted), None)
+        if again is not None:
+            where = f"the catalogue {size['path']}" if "path" in size else "the synthetic catalogue"
+            raise ValueError(
+                f"{where} has galaxy {again!r}, which an earlier call emitted: each galaxy is counted once"
+                " (a file read twice?)"
+            )
+        self.emitted.update(names)
+        for name, row in zip(names, table, strict=True):
+            self.write("output", (name, float(row["ra"]), float(row["dec"])))
 
 
 class QueryService(IterativePE):

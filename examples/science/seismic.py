@@ -16,7 +16,9 @@ result ``(station_i, station_j, lag_seconds, peak)`` recovers the hidden
 ``delay_j - delay_i`` (see :func:`true_lags`).
 
 The synthetic data is deterministic (seeded per station), so every mapping
-gives the same results. Size knobs: ``stations`` and ``seconds``.
+gives the same results. Size knobs: ``stations`` and ``seconds``. Each call of
+the root adds new stations to the same network (``-i 2``: stations ST000 to
+ST015, as ``stations: 16`` once), every pair of them correlated.
 """
 
 from __future__ import annotations
@@ -175,16 +177,35 @@ def settings(given: Any) -> dict[str, Any]:
 
 class Synthesise(GenericPE):
     """Emits one request ``(index, seconds, seed)`` per station, which ``Record`` turns into its raw trace;
-    the input (optional) sets ``stations``, ``seconds`` and ``seed``."""
+    the input (optional) sets ``stations``, ``seconds`` and ``seed``.
+
+    Each call adds new stations to the network: the first call's are numbered from 0, the next call's
+    from where the previous one stopped (``-i 2`` makes stations 0 to 15, as ``stations: 16`` once), so
+    every station is unique and every pair, across calls too, has its hidden lag (:func:`true_lags`).
+
+    Raises:
+        ValueError: a later call gives another ``seed`` than the first: its stations would record
+            another noise field, and their pairs with the first call's stations would have no lag to find.
+    """
 
     def __init__(self) -> None:
         super().__init__(inputs=["size"], outputs=["output"])
+        self.next_station = 0  # the index of the next call's first station
+        self.field_seed: int | None = None  # the seed of the noise field, set by the first call
 
     def process(self, inputs: dict[str, Any]) -> None:
         size = settings(inputs.get("size", {}))
-        self.annotate(**size, rate=RATE, generator="synthetic ambient noise")
-        for index in range(int(size["stations"])):
-            self.write("output", (index, float(size["seconds"]), int(size["seed"])))
+        seed = int(size["seed"])
+        if self.field_seed is not None and seed != self.field_seed:
+            raise ValueError(
+                f"seed {seed} differs from the first call's {self.field_seed}: every call adds stations to one"
+                " network recording one noise field (run another seed as a run of its own)"
+            )
+        self.field_seed = seed
+        first, self.next_station = self.next_station, self.next_station + int(size["stations"])
+        self.annotate(**size, first_station=first, rate=RATE, generator="synthetic ambient noise")
+        for index in range(first, self.next_station):
+            self.write("output", (index, float(size["seconds"]), seed))
 
 
 class Step(IterativePE):

@@ -14,7 +14,9 @@ Results: ``("state", name, articles, mean AFINN, mean VADER)`` per state and
 
 The synthetic articles are deterministic (seeded): each state has its own
 share of positive words (:func:`positivity`), so the ranking is known.
-Size knob: ``articles`` (and ``seed``).
+Size knob: ``articles`` (and ``seed``). Each call of the root writes the
+articles that follow the previous call's (``-i 2``: A000000 to A000999, as
+``articles: 1000`` once), so every article id is unique.
 """
 
 from __future__ import annotations
@@ -236,16 +238,22 @@ def settings(given: Any) -> dict[str, Any]:
 
 
 class Articles(GenericPE):
-    """Emits the articles; the input (optional) sets ``articles`` and ``seed``."""
+    """Emits the articles; the input (optional) sets ``articles`` and ``seed``.
+
+    Each call writes the articles numbered after the previous call's (``-i 2``: A000000 to A000999, as
+    ``articles: 1000`` once): ``JoinScores`` joins an article's two scores by its id, which must be unique.
+    """
 
     def __init__(self) -> None:
         super().__init__(inputs=["size"], outputs=["output"])
+        self.next_article = 0  # the number of the next call's first article
 
     def process(self, inputs: dict[str, Any]) -> None:
         size = settings(inputs.get("size", {}))
-        self.annotate(**size, generator="synthetic news")
+        first, self.next_article = self.next_article, self.next_article + int(size["articles"])
+        self.annotate(**size, first_article=first, generator="synthetic news")
         words = lexicon_words()
-        for number in range(int(size["articles"])):
+        for number in range(first, self.next_article):
             self.write("output", article(number, int(size["seed"]), words))
 
 
