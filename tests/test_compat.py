@@ -230,6 +230,14 @@ class Sink(ConsumerPE):
         return "ignored"
 
 
+class TensWithMetadata(ProducerPE):
+    """Writes as dispel4py 2.0's provenance PEs do, in a workflow run with provenance off."""
+
+    def _process(self, inputs: dict[str, Any]) -> None:
+        for i in range(10):
+            self.write("output", i, metadata={"i": i}, location="file://tens.txt", format="int")
+
+
 class Keyed(IterativePE):
     def _process(self, data: int) -> list[int]:
         return [data % 3, data]
@@ -272,13 +280,24 @@ def test_process_return_write_and_lifecycle(d4p: Any, mapping: MappingCase, capl
     graph.connect(tens, "output", square, "input")
     graph.connect(tens, "output", life, "input")
     graph.connect(tens, "output", sink, "input")
+    graph.connect(TensWithMetadata(), "output", square_too := pes["Square"](), "input")
     life.numprocesses = 1
     with caplog.at_level("INFO", logger="aiod4p.pe"):
         results = mapping.run(graph, 1)
-    assert sorted(results.data(square.id)) == [1, 4, 9, 16, 36, 49, 64, 81]
+    assert sorted(results.data(square.id)) == sorted(results.data(square_too.id)) == [1, 4, 9, 16, 36, 49, 64, 81]
     assert results.data(life.id) == [10]
     if mapping.name in ("simple", "async"):  # log records of other processes stay there
         assert any("saw 10" in record.getMessage() for record in caplog.records)
+
+
+def test_only_a_class_that_writes_with_keywords_pays_for_them() -> None:
+    """dispel4py ignores ``write``'s provenance keywords with provenance off; taking them costs a call per write, so
+    the classes that never pass them keep the engine's own ``write``."""
+    core_write = aiod4p.GenericPE.write
+    assert Tens.write is Tens._write is core_write
+    assert TensWithMetadata.write is not core_write and TensWithMetadata._write is TensWithMetadata.write
+    made = type("Made", (ProducerPE,), {})  # no source to read: taken to write with keywords
+    assert made.write is not core_write
 
 
 def test_every_instance_has_a_rank_of_its_own(d4p: Any, mapping: MappingCase) -> None:

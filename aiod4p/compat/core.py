@@ -17,11 +17,13 @@ not affected. Until then they read as aiod4p's.
 
 from __future__ import annotations
 
+import ast
 import copy
 import importlib
 import inspect
 import logging
 import sys
+import textwrap
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -81,8 +83,9 @@ class GenericPE(_CoreGenericPE):
     Override :meth:`process` (or :meth:`_process`), which receives one
     ``{input_name: item}`` per call (``{}`` for a root fed by ``-i``) and
     returns ``None`` or ``{output_name: item}``; :meth:`write` (or ``_write``)
-    emits any number of items (dispel4py's extra keywords to ``write`` are
-    not accepted). On multi and mpi, ``numprocesses`` is the PE's weight in
+    emits any number of items (dispel4py's extra keywords to ``write``, its
+    provenance metadata, are ignored, as dispel4py ignores them with provenance
+    off). On multi and mpi, ``numprocesses`` is the PE's weight in
     dispel4py's share of the ``-n`` processes
     (:func:`aiod4p.compat.processor.place`); elsewhere (and when the workers
     are too few for dispel4py's rule), when assigned, it is the number of
@@ -308,8 +311,36 @@ class GenericPE(_CoreGenericPE):
 
     # -- output ------------------------------------------------------------------
     # write() is aiod4p's own PE.write (inherited), the very call native PEs make;
-    # dispel4py's _write is the same function.
+    # dispel4py's _write is the same function. A class that writes with keywords gets
+    # _write_ignoring_keywords instead (__init_subclass__).
     _write = _CoreGenericPE.write
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.write is _CoreGenericPE.write and _writes_with_keywords(cls):
+            cls.write = cls._write = _write_ignoring_keywords  # type: ignore[method-assign,assignment]
+
+
+def _write_ignoring_keywords(self: GenericPE, name: str, data: Any, **ignored: Any) -> None:
+    """dispel4py's ``write``: the keywords it takes for provenance (``metadata``, ``location``, ...) are ignored, as
+    dispel4py ignores them with provenance off (a :class:`~aiod4p.compat.provenance.ProvenanceType` records them)."""
+    _CoreGenericPE.write(self, name, data)
+
+
+def _writes_with_keywords(cls: type) -> bool:
+    """Whether the source of ``cls`` calls ``write`` or ``_write`` with keywords (taken to, when its source cannot be
+    read): only such a class pays for a ``write`` that takes them, every other keeps the engine's own."""
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    except (OSError, TypeError, SyntaxError):
+        return True
+    return any(
+        isinstance(node, ast.Call)
+        and isinstance(node.func, ast.Attribute)
+        and node.func.attr in ("write", "_write")
+        and bool(node.keywords)
+        for node in ast.walk(tree)
+    )
 
 
 def plain_function(fn: Callable[..., Any]) -> bool:
