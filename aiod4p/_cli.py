@@ -425,6 +425,7 @@ def _run_loaded(args: argparse.Namespace, mapping: BaseMapping, results: str | N
             try:
                 started.enter_context(mapping.head_start(args.target, args.num))
                 graph = load_workflow(args.target)
+                _provenance_the_workflow_asks(args, graph, mapping)
                 run_in_threads(graph, args.threaded)
                 inputs = parse_cli_inputs(args.iter, args.data, args.file)
                 stdin = None
@@ -550,6 +551,20 @@ def _ignored_options(args: argparse.Namespace, mapping: BaseMapping) -> list[str
             f" start-up is slow and they compete for the CPUs (-n {cpus} uses every CPU)"
         )
     return ignored
+
+
+def _provenance_the_workflow_asks(args: argparse.Namespace, graph: Any, mapping: BaseMapping) -> None:
+    """Without ``--provenance``, record the provenance a dispel4py workflow's ``configure_prov_run`` asked for,
+    in the file it names, and say so (rank 0 only, under the user's mpiexec)."""
+    asked = sys.modules.get("aiod4p.compat.provenance")  # loaded only by a workflow that uses dispel4py's API
+    config = asked.provenance_config(graph) if asked is not None else None
+    if config is None or args.provenance is not None or getattr(mapping, "follower", False):
+        return
+    check_provenance_file(config.path)
+    _check_writable(config.path, "provenance")
+    args.provenance, args.provenance_level = config.path, args.provenance_level or config.level
+    asks = "the workflow's configure_prov_run asks for provenance"
+    _warn(args, f"{asks}: writing {config.path} (--provenance FILE to choose)")
 
 
 def _warn(args: argparse.Namespace, message: str) -> None:

@@ -1415,7 +1415,7 @@ def test_dispel4py_provenance_options_without_equivalent_warn_or_fail(d4p: Any, 
 
     graph, _ = prov_graph(d4p)
     path = str(tmp_path / "p.json")
-    with pytest.warns(UserWarning, match=r"save_mode='service' is not supported .*writing .*p\.json instead"):
+    with pytest.warns(UserWarning, match=r"save_mode='service' is not supported .*a file instead \(.*p\.json, or the"):
         configure_prov_run(graph, save_mode="service", provenance_file=path)
     with pytest.warns(UserWarning, match=r"ignores sel_rules=.*aiod4p has no equivalent"):
         configure_prov_run(graph, sel_rules={"CorrCoef": {"rules": {"rho": {"$gt": 0}}}}, provenance_file=path)
@@ -1427,6 +1427,45 @@ def test_dispel4py_provenance_options_without_equivalent_warn_or_fail(d4p: Any, 
         configure_prov_run(graph, save_mode="cloud")
     with pytest.raises(Aiod4pError, match=r"configure_prov_run: .*'row'"):
         configure_prov_run(graph, provenance_level="row")
+
+
+PROVENANCE_FLOW = """
+from dispel4py.base import IterativePE, ProducerPE
+from dispel4py.provenance import configure_prov_run
+from dispel4py.workflow_graph import WorkflowGraph
+
+
+class Numbers(ProducerPE):
+    def _process(self, inputs):
+        for number in range(1, 5):
+            self.write("output", number, metadata={"number": number})
+
+
+class Square(IterativePE):
+    def _process(self, data):
+        return data * data
+
+
+graph = WorkflowGraph()
+graph.connect(Numbers(), "output", Square(), "input")
+configure_prov_run(graph, runId="asked", save_mode="service")
+"""
+
+
+def test_the_cli_records_the_provenance_a_dispel4py_workflow_asks_for(tmp_path: Path) -> None:
+    """``configure_prov_run`` under ``aiod4p run`` was ignored (its warning named a file never written); it now
+    writes the file it names, unless ``--provenance FILE`` chooses another."""
+    (tmp_path / "asks.py").write_text(PROVENANCE_FLOW)
+    done = aiod4p_cli("run", "asks.py", "-i", "1", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "configure_prov_run asks for provenance: writing prov-asked.json" in done.stderr
+    lineage = aiod4p.read_lineage(str(tmp_path / "prov-asked.json"))
+    (result,) = lineage.find("16")
+    assert [lineage.values[source] for source in lineage.sources(result)] == ["4"]
+    (tmp_path / "prov-asked.json").unlink()
+    done = aiod4p_cli("run", "asks.py", "-i", "1", "--provenance", "chosen.json", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "chosen.json").exists() and not (tmp_path / "prov-asked.json").exists()
 
 
 class Doubled(IterativePE):

@@ -330,8 +330,8 @@ def configure_prov_run(
     written. Run attribution (``username``, ``workflowId``, ...) is accepted
     and not recorded.
 
-    Under ``aiod4p run``, use ``--provenance FILE`` instead: the command line
-    decides where provenance goes.
+    Under ``aiod4p run``, ``--provenance FILE`` overrides the file (and
+    ``--provenance-level`` the level); without it, the run writes this one.
 
     Raises:
         Aiod4pError: an unknown ``save_mode`` or ``provenance_level``.
@@ -361,7 +361,10 @@ def configure_prov_run(
     run_id = str(settings["runId"] or uuid.uuid4())
     path = provenance_file or f"prov-{run_id}.json"
     if save_mode != "file":
-        _warn(f"save_mode={save_mode!r} is not supported (no provenance service or sensor): writing {path} instead")
+        _warn(
+            f"save_mode={save_mode!r} is not supported (no provenance service or sensor): provenance goes to a file"
+            f" instead ({path}, or the --provenance FILE of aiod4p run)"
+        )
     unsupported = {
         "provRecorderClass": provRecorderClass,
         "clustersRecorders": clustersRecorders,
@@ -372,7 +375,7 @@ def configure_prov_run(
     }
     for option, value in unsupported.items():
         if value:
-            _warn(f"configure_prov_run ignores {option}={value!r}: aiod4p has no equivalent; writing {path}")
+            _warn(f"configure_prov_run ignores {option}={value!r}: aiod4p has no equivalent")
     injectProv(graph, provImpClass, componentsType=settings["componentsType"])
     setattr(graph, _CONFIG_ATTRIBUTE, ProvenanceConfig(provenance_level, path, run_id))
     return run_id
