@@ -134,6 +134,10 @@ class SumAtEnd(GenericPE):
         self.write("total", self.total)
 
 
+class Escape(BaseException):
+    """A library's own BaseException, not an Exception (as some use for control flow)."""
+
+
 class Fail(IterativePE):
     """Raises ``raises`` on the item equal to ``on``."""
 
