@@ -13,7 +13,7 @@ import os
 import sys
 from typing import TextIO
 
-__all__ = ["PEFormatter", "configure_logging", "configure_logging_as_launcher", "logging_environment"]
+__all__ = ["PEFormatter", "configure_logging", "launcher_logging", "logging_environment"]
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s%(where)s: %(message)s"
 DATE_FORMAT = "%H:%M:%S"
@@ -73,7 +73,7 @@ def configure_logging(verbosity: int = 0, quiet: bool = False) -> None:
 
 
 def logging_environment() -> dict[str, str]:
-    """The environment a process started for a run (an MPI rank) needs to log as this one does: the
+    """The environment a process started for a run (an MPI rank, a spawned worker) needs to log as this one does: the
     ``verbosity`` and ``quiet`` :func:`configure_logging` was given, if it was called (the command line);
     nothing else."""
     if _configured is None:
@@ -82,8 +82,12 @@ def logging_environment() -> dict[str, str]:
     return {_LOGGING_VARIABLE: f"{verbosity},{int(quiet)}"}
 
 
-def configure_logging_as_launcher() -> None:
-    """In a process started with :func:`logging_environment`: :func:`configure_logging` as in the launcher
-    (``-q`` hides the PEs' messages, ``-v`` shows more); its defaults when the launcher did not say."""
-    verbosity, _, quiet = os.environ.get(_LOGGING_VARIABLE, "").partition(",")
-    configure_logging(int(verbosity) if verbosity.isdigit() else 0, quiet == "1")
+def launcher_logging() -> tuple[int, bool] | None:
+    """In a process started with :func:`logging_environment`: the ``verbosity`` and ``quiet`` the launcher's
+    command line gave :func:`configure_logging` (``-q`` hides the PEs' messages, ``-v`` shows more), or ``None``
+    when it gave none."""
+    told = os.environ.get(_LOGGING_VARIABLE)
+    if told is None:
+        return None
+    verbosity, _, quiet = told.partition(",")
+    return int(verbosity) if verbosity.isdigit() else 0, quiet == "1"

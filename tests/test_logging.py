@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import os
 import subprocess
 import sys
 import textwrap
@@ -129,15 +130,18 @@ graph.connect(Numbers(), "output", Talk(), "input")
 """
 
 
-def cli(tmp_path: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+def cli(tmp_path: Path, *extra: str, mapping: str) -> subprocess.CompletedProcess[str]:
+    """``aiod4p run`` of FLOW with ``extra`` options on ``mapping`` (``multi-spawn``: multi, its workers spawned)."""
     path = tmp_path / "talk.py"
     path.write_text(textwrap.dedent(FLOW))
+    env = {**os.environ, "AIOD4P_START_METHOD": "spawn"} if mapping == "multi-spawn" else None
     result = subprocess.run(
-        [sys.executable, "-m", "aiod4p", "run", str(path), "-i", "4", "-n", "2", *extra],
+        [sys.executable, "-m", "aiod4p", "run", str(path), "-i", "4", "-n", "2", *extra, "-m", mapping.split("-")[0]],
         capture_output=True,
         text=True,
         timeout=60,
         cwd=tmp_path,
+        env=env,
     )
     assert result.returncode == 0, result.stderr
     return result
@@ -147,9 +151,9 @@ def lines(stderr: str, word: str) -> list[str]:
     return [line for line in stderr.splitlines() if f": {word}" in line]
 
 
-@pytest.mark.parametrize("mapping", ["async", "multi", "mpi"])
+@pytest.mark.parametrize("mapping", ["async", "multi", "multi-spawn", "mpi"])
 def test_cli_shows_pe_messages_with_their_instance(tmp_path: Path, mapping: str) -> None:
-    stderr = cli(tmp_path, "--mapping", mapping).stderr
+    stderr = cli(tmp_path, mapping=mapping).stderr
     info = lines(stderr, "info")
     assert len(info) == 4
     assert all(" INFO aiod4p.pe Talk[" in line for line in info)
@@ -158,16 +162,17 @@ def test_cli_shows_pe_messages_with_their_instance(tmp_path: Path, mapping: str)
     assert len(lines(stderr, "bad news")) == 1
 
 
-# mpi: the ranks aiod4p launches log as the command line says (they showed the PEs' messages under -q).
-@pytest.mark.parametrize("mapping", ["async", "mpi"])
+# mpi: the ranks aiod4p launches log as the command line says (they showed the PEs' messages under -q); so do
+# workers started by spawn (they showed none, errors included).
+@pytest.mark.parametrize("mapping", ["async", "multi-spawn", "mpi"])
 def test_cli_verbose_twice_shows_debug(tmp_path: Path, mapping: str) -> None:
-    stderr = cli(tmp_path, "-vv", "--mapping", mapping).stderr
+    stderr = cli(tmp_path, "-vv", mapping=mapping).stderr
     assert len(lines(stderr, "debug")) == 4 and " DEBUG aiod4p.pe Talk[" in lines(stderr, "debug")[0]
 
 
-@pytest.mark.parametrize("mapping", ["async", "mpi"])
+@pytest.mark.parametrize("mapping", ["async", "multi-spawn", "mpi"])
 def test_cli_quiet_shows_errors_only(tmp_path: Path, mapping: str) -> None:
-    stderr = cli(tmp_path, "-q", "--mapping", mapping).stderr
+    stderr = cli(tmp_path, "-q", mapping=mapping).stderr
     assert " WARNING " not in stderr and " INFO " not in stderr
     assert lines(stderr, "info") == [] and lines(stderr, "debug") == []
     (bad,) = lines(stderr, "bad news")

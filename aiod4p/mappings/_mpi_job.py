@@ -27,7 +27,7 @@ from mpi4py import MPI
 
 from .._api import loop_factory
 from .._loading import preload
-from .._logging import configure_logging_as_launcher
+from .._logging import configure_logging, launcher_logging
 from .._threads import exit_past_threads
 from ..transports.pipes import open_pipe_comm
 from ._host import ForwardSink, fail, pumped_feeds, serve
@@ -86,7 +86,7 @@ def main(argv: list[str]) -> int:
     address, *target = argv
     take_launcher_path()
     rank = MPI.COMM_WORLD.Get_rank()
-    configure_logging_as_launcher()  # PE.log() messages reach this rank's stderr, which the launcher relays
+    configure_logging(*(launcher_logging() or (0, False)))  # PE.log() messages reach this rank's stderr, relayed
     with asyncio.Runner(loop_factory=loop_factory(True)) as runner:
         # First: from here on, no end of the job leaves its shared memory and topology file behind. The launcher
         # notes them once it has handed the job over; a job that ended before (a rank killed while it imported

@@ -9,6 +9,7 @@ import socket
 from collections.abc import Mapping
 
 from .._api import loop_factory
+from .._logging import configure_logging, launcher_logging
 from .._signals import die_with_parent, release
 from ..transports.pipes import PipeComm, open_pipe_comm
 from ._host import serve_job
@@ -32,6 +33,9 @@ def worker_main(
     ``parent``: the launcher's pid if it is this process's parent; ``None`` under forkserver, whose server
     is the parent (it ends when the launcher does, and the worker with it).
     """
+    told = launcher_logging()  # spawned: a new interpreter logs as the command line said (forked: it inherits)
+    if told is not None:
+        configure_logging(*told)
     for name in started_with:
         os.environ.pop(name, None)
     # Its own session, so its own scheduler autogroup: under CPU contention the workers of

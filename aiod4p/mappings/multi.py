@@ -29,6 +29,7 @@ from collections.abc import Iterator
 from multiprocessing.process import BaseProcess
 from typing import Any
 
+from .._logging import logging_environment
 from .._plan import ExecutionPlan
 from .._signals import held
 from ..transports.pipes import PipeComm, open_pipe_comm
@@ -119,7 +120,7 @@ class _MultiRun:
         # thread would take them for the caller's own, or take them out under this one. (Fork sets none, and
         # a forked child must not inherit the lock held.)
         with _environment_lock if self.method != "fork" else contextlib.nullcontext():
-            safe = _safe_path(self.method)
+            safe = _safe_path(self.method) | (logging_environment() if self.method != "fork" else {})
             try:
                 for wid in range(n):
                     peers = {
