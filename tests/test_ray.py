@@ -395,6 +395,7 @@ def test_a_local_ray_started_by_the_run_has_room_for_its_workers(tmp_path: Path)
     finally:
         shutil.rmtree(ray_tmp, ignore_errors=True)
     assert done.returncode == 0, done.stderr
+    assert done.stderr == ""  # -q: Ray's own notes too ("Token authentication is enabled ..." was shown)
     assert sorted(json.loads(line)["data"] for line in done.stdout.splitlines()) == [10, 20, 30, 40, 50]
     assert json.loads((tmp_path / "stats.json").read_text())["workers"] == 2
     script = (

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import importlib
 import importlib.util
+import logging
 import math
 import os
 import re
@@ -104,6 +105,8 @@ class RayMapping(HostedMapping):
         as many processes as it is given); whether it started one. Called in a thread, Ray imported."""
         import ray
 
+        if logging.getLogger().getEffectiveLevel() >= logging.ERROR:  # aiod4p run -q: Ray's own notes too
+            logging.getLogger("ray").setLevel(logging.ERROR)
         options: dict[str, Any] = {"include_dashboard": False, "log_to_driver": True, "configure_logging": False}
         if self.runtime_env:
             options["runtime_env"] = self.runtime_env
