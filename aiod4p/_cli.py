@@ -943,6 +943,7 @@ def _science_command(args: argparse.Namespace) -> int:
         if args.trace is None:
             raise ValueError("--draw draws the lineage of a result: give it with --trace RESULT")
         check_drawing(args.draw, "a lineage")
+        _check_writable(args.draw, "the lineage's drawing")
     lineage = read_lineage(args.file)
     if args.trace is None:
         results = lineage.results()
