@@ -270,7 +270,7 @@ def test_cli_records_traces_and_draws(tmp_path: Path) -> None:
     assert bad.stderr.startswith(f"aiod4p: error: cannot draw a lineage to {tmp_path / 'fox.bad'}: the file name")
     nowhere = tmp_path / "no" / "fox.svg"
     unwritable = cli("provenance", str(path), "--trace", "('fox', 3)", "--draw", str(nowhere), cwd=tmp_path)
-    assert (unwritable.returncode, unwritable.stdout) == (1, "")  # the trace was printed, then the drawing failed
+    assert (unwritable.returncode, unwritable.stdout) == (1, "")  # the trace was printed before the drawing failed
     assert f"cannot write the lineage's drawing to {nowhere}: No such file or directory" in unwritable.stderr
     untraced = cli("provenance", str(path), "--draw", str(tmp_path / "all.svg"), cwd=tmp_path)
     assert (untraced.returncode, untraced.stdout) == (2, "")
