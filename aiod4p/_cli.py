@@ -382,13 +382,7 @@ def _run(args: argparse.Namespace) -> int:
         )
     for message in _ignored_options(args, mapping):
         _warn(args, message)
-    if args.provenance is not None and (args.restore or (args.restarts and mapping.uses_processes)):
-        _warn(
-            args,
-            "--provenance records the last attempt only: after a restore (--restore, or a restart after a dead"
-            " worker) it starts at the checkpoint, so results made before it are not traced, and lineage through"
-            " PE state restored from it stops there",
-        )
+    _warn_of_partial_provenance(args, mapping)
     for path, what in ((args.results, "results"), (args.stats_json, "statistics"), (args.provenance, "provenance")):
         if path not in (None, "-"):
             _check_writable(path, what)
@@ -539,8 +533,7 @@ def _ignored_options(args: argparse.Namespace, mapping: BaseMapping) -> list[str
             f"--restarts is ignored: the {mapping.name} mapping runs in this process, where no worker dies alone"
             " (--restore resumes a run that was stopped)"
         )
-    if args.provenance_level is not None and args.provenance is None:
-        ignored.append("--provenance-level is ignored: --provenance FILE records provenance")
+
     cpus = available_cpus()
     if args.oversubscribe and not mapping.shares_cpus:
         ignored.append(f"--oversubscribe is ignored: the {mapping.name} mapping does not limit -n to the CPUs")
@@ -555,16 +548,32 @@ def _ignored_options(args: argparse.Namespace, mapping: BaseMapping) -> list[str
 
 def _provenance_the_workflow_asks(args: argparse.Namespace, graph: Any, mapping: BaseMapping) -> None:
     """Without ``--provenance``, record the provenance a dispel4py workflow's ``configure_prov_run`` asked for,
-    in the file it names, and say so (rank 0 only, under the user's mpiexec)."""
+    in the file it names, and say so (rank 0 only, under the user's mpiexec); ``--provenance-level`` without
+    either is said to be ignored."""
     asked = sys.modules.get("aiod4p.compat.provenance")  # loaded only by a workflow that uses dispel4py's API
     config = asked.provenance_config(graph) if asked is not None else None
-    if config is None or args.provenance is not None or getattr(mapping, "follower", False):
-        return
-    check_provenance_file(config.path)
-    _check_writable(config.path, "provenance")
-    args.provenance, args.provenance_level = config.path, args.provenance_level or config.level
-    asks = "the workflow's configure_prov_run asks for provenance"
-    _warn(args, f"{asks}: writing {config.path} (--provenance FILE to choose)")
+    if config is not None and args.provenance is None and not getattr(mapping, "follower", False):
+        asks = "the workflow's configure_prov_run asks for provenance"
+        if mapping.name == "storm":
+            _warn(args, f"{asks}, which the storm mapping does not record (Storm routes the items itself)")
+        else:
+            check_provenance_file(config.path)
+            _check_writable(config.path, "provenance")
+            args.provenance, args.provenance_level = config.path, args.provenance_level or config.level
+            _warn(args, f"{asks}: writing {config.path} (--provenance FILE to choose)")
+            _warn_of_partial_provenance(args, mapping)
+    if args.provenance_level is not None and args.provenance is None:
+        _warn(args, "--provenance-level is ignored: --provenance FILE records provenance")
+
+
+def _warn_of_partial_provenance(args: argparse.Namespace, mapping: BaseMapping) -> None:
+    if args.provenance is not None and (args.restore or (args.restarts and mapping.uses_processes)):
+        _warn(
+            args,
+            "--provenance records the last attempt only: after a restore (--restore, or a restart after a dead"
+            " worker) it starts at the checkpoint, so results made before it are not traced, and lineage through"
+            " PE state restored from it stops there",
+        )
 
 
 def _warn(args: argparse.Namespace, message: str) -> None:

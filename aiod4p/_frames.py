@@ -3,6 +3,8 @@ what it was called with, shown short."""
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import os
 import reprlib
 import sys
@@ -26,7 +28,8 @@ def workflow_frame(exc: BaseException) -> traceback.FrameSummary | None:
 
 def called_with(exc: BaseException) -> str | None:
     """``name=value`` for the first argument (after ``self``) of the first workflow frame that ``exc`` passed:
-    the item, or the dict of inputs, that aiod4p called a PE's method with; ``None`` when that frame takes none.
+    the item, or the dict of inputs, that aiod4p called a PE's method with, followed by ``given to FUNCTION``
+    when ``exc`` came out of a later frame (its place names that one); ``None`` when the frame takes none.
     The value is as the frame last held it (:func:`short_repr`)."""
     trace = exc.__traceback__
     while trace is not None and not _is_workflows(trace.tb_frame.f_code.co_filename):
@@ -37,7 +40,11 @@ def called_with(exc: BaseException) -> str | None:
     names = [name for name in code.co_varnames[: code.co_argcount] if name != "self"]
     if not names or names[0] not in trace.tb_frame.f_locals:
         return None
-    return f"{names[0]}={short_repr(trace.tb_frame.f_locals[names[0]])}"
+    later = trace.tb_next
+    while later is not None and not _is_workflows(later.tb_frame.f_code.co_filename):
+        later = later.tb_next
+    shown = f"{names[0]}={short_repr(trace.tb_frame.f_locals[names[0]])}"
+    return shown if later is None else f"{shown} given to {code.co_name}"
 
 
 def importing_workflow_code() -> bool:
@@ -51,8 +58,24 @@ def importing_workflow_code() -> bool:
     return False
 
 
+# Modules whose types show themselves in a few characters (numpy summarises large arrays itself).
+_SHOWN_BY_THEIR_REPR = frozenset({"builtins", "numpy", "datetime", "decimal", "fractions", "uuid", "pathlib"})
+
+
 class _ShortRepr(reprlib.Repr):
-    """:mod:`reprlib`'s limits, and bytes cut before they are shown (``reprlib`` shows all of them first)."""
+    """:mod:`reprlib`'s limits, bytes cut before they are shown (``reprlib`` shows all of them first), and no
+    object's own ``__repr__`` called (it may take long for a large object, or never return): a dataclass is
+    shown by its fields, numbers, dates and numpy arrays as they show themselves, any other object by its class."""
+
+    def repr_instance(self, value: Any, level: int) -> str:
+        kind = type(value)
+        if kind.__module__ in _SHOWN_BY_THEIR_REPR:
+            return super().repr_instance(value, level)
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            fields = itertools.islice(dataclasses.fields(value), self.maxtuple)
+            shown = (f"{field.name}={self.repr1(getattr(value, field.name), level - 1)}" for field in fields)
+            return f"{kind.__qualname__}({', '.join(shown)})"
+        return f"<{kind.__qualname__}>"
 
     def repr_bytes(self, value: bytes | bytearray, level: int) -> str:
         if len(value) <= self.maxother:

@@ -15,15 +15,17 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import functools
 import hashlib
 import numbers
 import operator
 import pickle
 import struct
+import threading
+import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
+from pathlib import PurePath, PureWindowsPath
 from typing import Any, ClassVar, NoReturn, TypeAlias
 
 from ._frames import short_repr
@@ -563,11 +565,13 @@ def _is_numpy_scalar(value: Any) -> bool:
 
 
 def _encode_object(value: Any, out: bytearray) -> None:
-    """Any other key: a dataclass by the fields it compares; a class or function by its name; anything else by
-    what pickling it saves (``__reduce_ex__``: its class and state), each part encoded as a key, so that keys
-    whose attributes are equal encode alike: sets and dicts in any order, equal numbers, the same moment in any
-    time zone, a string shared or copied. (A class whose ``==`` ignores some attributes is not seen through: its
-    equal keys may reach different instances; group it by a key function that returns plain values.)
+    """Any other key: a dataclass by the fields it compares; a class or function by its name; a UUID, a range
+    or a path as they compare; anything else by what pickling it saves (``__reduce_ex__``: its class and state),
+    each part encoded as a key, so that keys whose attributes are equal encode alike: sets and dicts in any
+    order, equal numbers, the same moment in any time zone, a string shared or copied. (A class whose ``==``
+    ignores some attributes is not seen through: its equal keys may reach different instances; group it by a
+    key function that returns plain values.) Past :data:`_MOST_NESTED_OBJECTS` objects within objects, the
+    whole key goes by its pickle (:func:`stable_hash`), whatever the stack's depth.
     """
     kind: Any = type(value)
     if _compares_fields(kind):
@@ -577,17 +581,44 @@ def _encode_object(value: Any, out: bytearray) -> None:
     elif isinstance(value, type) or (callable(value) and isinstance(getattr(value, "__qualname__", None), str)):
         out += b"g"
         _encode(value.__qualname__, out)
+    elif isinstance(value, uuid.UUID):
+        out += b"u"
+        _encode(value.int, out)
+    elif isinstance(value, range):  # equal when they hold the same numbers
+        out += b"R"
+        _encode((len(value), value.start if value else None, value.step if len(value) > 1 else None), out)
+    elif isinstance(value, PurePath):  # a pure path equals a concrete one; Windows paths compare case-blind
+        windows = isinstance(value, PureWindowsPath)
+        out += b"P"
+        _encode((windows, tuple(part.lower() if windows else part for part in value.parts)), out)
+    elif isinstance(value, pickle.PickleBuffer):  # a numpy array's data
+        data = memoryview(value).tobytes()
+        out += b"b" + struct.pack("<I", len(data)) + data
     else:
-        reduced = value.__reduce_ex__(5)
-        if isinstance(reduced, str):  # pickled by name: an enum member, a singleton
-            out += b"g"
-            _encode(reduced, out)
-        else:
-            out += b"r"
-            _encode(tuple(list(part) if isinstance(part, Iterator) else part for part in reduced), out)
+        depth = getattr(_nesting, "depth", 0)
+        if depth >= _MOST_NESTED_OBJECTS:
+            raise _TooNested
+        _nesting.depth = depth + 1
+        try:
+            reduced = value.__reduce_ex__(5)
+            if isinstance(reduced, str):  # pickled by name: an enum member, a singleton
+                out += b"g"
+                _encode(reduced, out)
+            else:
+                out += b"r"
+                _encode(tuple(list(part) if isinstance(part, Iterator) else part for part in reduced), out)
+        finally:
+            _nesting.depth = depth
 
 
-@functools.cache
+_MOST_NESTED_OBJECTS = 32
+_nesting = threading.local()  # how many objects within objects _encode_object is in, in this thread
+
+
+class _TooNested(Exception):
+    """A key nests objects deeper than :data:`_MOST_NESTED_OBJECTS`: it goes by its pickle."""
+
+
 def _compares_fields(kind: Any) -> bool:
     """Whether ``kind`` is a dataclass whose ``==`` is the one dataclasses generate: its compared fields, in order."""
     parameters = getattr(kind, "__dataclass_params__", None)
@@ -613,6 +644,6 @@ def stable_hash(key: Any) -> int:
     """A 64-bit hash of ``key`` that is identical in every process and run, and equal for equal keys."""
     try:
         encoded = _encoded(key)
-    except RecursionError:  # an object that holds itself: its pickle, as a last resort
-        encoded = pickle.dumps(key, protocol=5)
+    except (_TooNested, RecursionError):  # objects deep within objects, or one that holds itself: its pickle
+        encoded = b"p" + pickle.dumps(key, protocol=5)
     return int.from_bytes(hashlib.blake2b(encoded, digest_size=8).digest(), "little")

@@ -9,6 +9,7 @@ import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator, Mapping
+from typing import Any
 
 import numpy as np
 import pytest
@@ -181,6 +182,41 @@ async def test_a_failing_source_iterable_names_the_pe() -> None:
     with pytest.raises(aiod4p.PEError, match=rf"{double.id}.*feed.*sensor offline"):
         async with asyncio.timeout(10):
             await aiod4p.run_async(graph, {double: source()})
+
+
+def _parse(text: str) -> int:
+    return int(text)
+
+
+class ParsesText(IterativePE):
+    def process_item(self, item: dict[str, str]) -> int:
+        return _parse(item["text"])
+
+
+class Unshowable:
+    """An item whose own ``__repr__`` never returns: an error message must not call it."""
+
+    def __repr__(self) -> str:
+        raise AssertionError("an error message called the item's __repr__")
+
+
+class Rejects(IterativePE):
+    def process_item(self, item: Any) -> None:
+        raise ValueError("rejected")
+
+
+def test_a_pe_error_names_the_item_and_the_method_it_was_given_to() -> None:
+    graph = WorkflowGraph()
+    graph.add(parses := ParsesText())
+    with pytest.raises(aiod4p.PEError) as caught:
+        aiod4p.run(graph, {parses: [{"input": {"text": "x1"}}]}, mapping="simple")
+    line = _parse.__code__.co_firstlineno + 1
+    assert str(caught.value).endswith(f"line {line}, in _parse; item={{'text': 'x1'}} given to process_item)")
+    graph = WorkflowGraph()
+    graph.add(rejects := Rejects())
+    with pytest.raises(aiod4p.PEError) as caught:
+        aiod4p.run(graph, {rejects: [{"input": [Unshowable(), np.float64(1.5)]}]}, mapping="simple")
+    assert str(caught.value).endswith("in process_item; item=[<Unshowable>, np.float64(1.5)])")
 
 
 async def test_run_inside_a_loop_runs_in_a_thread_and_warns_outside_a_notebook() -> None:

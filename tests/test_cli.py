@@ -191,7 +191,7 @@ def test_a_pe_error_shows_the_item_short_whatever_its_size(tmp_path: Path, mappi
     message = done.stderr.strip().splitlines()[-1]
     assert re.match(r"aiod4p: error: PE Check1\[[01]\] failed on input port 'input': ValueError: bad blob \(", message)
     shown = "\\x00" * 15
-    assert message.endswith(f"line 15, in check; blob=b'{shown}...{shown[: -4 * 3]}end')"), message
+    assert message.endswith(f"line 15, in check; blob=b'{shown}...{shown[: -4 * 3]}end' given to process_item)")
 
 
 @pytest.mark.parametrize("after", [False, True], ids=["before the command", "after it"])

@@ -296,8 +296,23 @@ def test_only_a_class_that_writes_with_keywords_pays_for_them() -> None:
     core_write = aiod4p.GenericPE.write
     assert Tens.write is Tens._write is core_write
     assert TensWithMetadata.write is not core_write and TensWithMetadata._write is TensWithMetadata.write
-    made = type("Made", (ProducerPE,), {})  # no source to read: taken to write with keywords
-    assert made.write is not core_write
+    assert type("Made", (ProducerPE,), {}).write is core_write  # no method of its own
+    namespace: dict[str, Any] = {}
+    exec("def _process(self, inputs):\n    return None\n", namespace)
+    assert type("Unread", (ProducerPE,), {"_process": namespace["_process"]}).write is not core_write
+    assert EmitsThroughAMixin.write is not core_write
+
+
+class Emits:
+    """A mixin that is no PE: its method writes with keywords for the PE it is mixed into."""
+
+    def emit(self, item: int) -> None:
+        self.write("output", item, metadata={"item": item})  # type: ignore[attr-defined]
+
+
+class EmitsThroughAMixin(ProducerPE, Emits):
+    def _process(self, inputs: dict[str, Any]) -> None:
+        self.emit(1)
 
 
 def test_every_instance_has_a_rank_of_its_own(d4p: Any, mapping: MappingCase) -> None:
@@ -1462,6 +1477,10 @@ def test_the_cli_records_the_provenance_a_dispel4py_workflow_asks_for(tmp_path: 
     lineage = aiod4p.read_lineage(str(tmp_path / "prov-asked.json"))
     (result,) = lineage.find("16")
     assert [lineage.values[source] for source in lineage.sources(result)] == ["4"]
+    (tmp_path / "prov-asked.json").unlink()
+    done = aiod4p_cli("run", "asks.py", "-i", "1", "--provenance-level", "pe", cwd=tmp_path)
+    assert done.returncode == 0 and "ignored" not in done.stderr, done.stderr
+    assert "aiod4p:Stream" in (tmp_path / "prov-asked.json").read_text()  # level pe: streams, not items
     (tmp_path / "prov-asked.json").unlink()
     done = aiod4p_cli("run", "asks.py", "-i", "1", "--provenance", "chosen.json", cwd=tmp_path)
     assert done.returncode == 0, done.stderr

@@ -9,8 +9,10 @@ import gc
 import json
 import operator
 import os
+import pathlib
 import subprocess
 import sys
+import uuid
 from collections import Counter
 from collections.abc import Iterator
 from decimal import Decimal
@@ -74,6 +76,7 @@ def _built_apart(text: str) -> str:
     return "".join(list(text))
 
 
+_UUID = uuid.uuid1()
 _SITE = "site-" * 3
 _FIRST = Station(1, "ST01", note="a")
 _FIRST_LABEL = _FIRST.label  # cached on this instance only
@@ -111,6 +114,41 @@ def test_a_key_of_a_plain_class_hashes_alike_across_hash_seeds() -> None:
         assert done.returncode == 0, done.stderr
         digests.add(json.loads(done.stdout))
     assert len(digests) == 1
+
+
+class Link:
+    """A key of objects within objects: ``Link(Link(...))``."""
+
+    def __init__(self, inner: Link | None) -> None:
+        self.inner = inner
+
+
+def _chain(links: int) -> Link | None:
+    chain = None
+    for _ in range(links):
+        chain = Link(chain)
+    return chain
+
+
+def _hashed_at_depth(key: object, depth: int) -> int:
+    return _hashed_at_depth(key, depth - 1) if depth else stable_hash(key)
+
+
+@pytest.mark.parametrize("links", [10, 150])
+def test_a_key_of_nested_objects_hashes_alike_at_any_stack_depth(links: int) -> None:
+    """Past Python's recursion limit the key went by its pickle: how deep the caller was decided which way."""
+    key = _chain(links)
+    assert _hashed_at_depth(key, 0) == _hashed_at_depth(key, 400) == stable_hash(_chain(links))
+
+
+def test_a_key_holding_an_array_routes() -> None:
+    """Its pickled state holds a PickleBuffer, which has no state to encode: the run failed."""
+    router = group_by(key=lambda item: item[0]).router(2, 0, "PE a", "b.input")
+    items = [(np.arange(3) + (i % 2), i) for i in range(10)]
+    parts = router.split(items)
+    assert sorted(i for part in parts for _, i in part) == list(range(10))
+    where = {(int(array.sum()), destination) for destination, part in enumerate(parts) for array, _ in part}
+    assert len(where) == 2  # each of the two arrays, every time at one destination
 
 
 class Loop:
@@ -190,6 +228,11 @@ def test_stable_hash_keeps_its_values_across_versions(key: object, expected: int
         (Station("XX", _SITE), Station("XX", _built_apart(_SITE))),
         (Sensor(frozenset({"a", "b", "c"}), _SITE), Sensor(frozenset({"c", "b", "a"}), _built_apart(_SITE))),
         (Sensor(frozenset({"z"}), _SITE), _DICT_ORDER),
+        (_UUID, uuid.UUID(str(_UUID))),  # uuid1's is_safe, which == ignores, is in its pickled state
+        (range(0, 3, 2), range(0, 4, 2)),
+        (range(0), range(5, 5)),
+        (pathlib.PurePosixPath("a/b"), pathlib.PosixPath("a//b")),
+        (pathlib.PureWindowsPath("C:/Data"), pathlib.PureWindowsPath("c:/data")),
     ],
 )
 def test_equal_keys_hash_alike_where_python_says_they_are_equal(left: object, right: object) -> None:

@@ -19,12 +19,14 @@ from __future__ import annotations
 
 import ast
 import copy
+import functools
 import importlib
 import inspect
 import logging
 import sys
 import textwrap
 from collections.abc import Callable, Mapping
+from types import CodeType
 from typing import Any
 
 from .._groupings import ROUND_ROBIN, as_grouping
@@ -328,10 +330,25 @@ def _write_ignoring_keywords(self: GenericPE, name: str, data: Any, **ignored: A
 
 
 def _writes_with_keywords(cls: type) -> bool:
-    """Whether the source of ``cls`` calls ``write`` or ``_write`` with keywords (taken to, when its source cannot be
-    read): only such a class pays for a ``write`` that takes them, every other keeps the engine's own."""
+    """Whether a method of ``cls``, or of a base of it that is not aiod4p's, calls ``write`` or ``_write`` with
+    keywords (taken to, when a method's source cannot be read): only such a class pays for a ``write`` that
+    takes them, every other keeps the engine's own."""
+    for klass in cls.__mro__:
+        if klass.__module__ == "builtins" or klass.__module__.startswith("aiod4p."):
+            continue
+        for member in vars(klass).values():
+            code = getattr(getattr(member, "__func__", member), "__code__", None)  # static and class methods too
+            if code is not None and _code_writes_with_keywords(code):
+                return True
+    return False
+
+
+@functools.lru_cache(maxsize=4096)
+def _code_writes_with_keywords(code: CodeType) -> bool:
+    """Whether the source of function ``code`` calls ``write`` or ``_write`` with keywords (read once a function:
+    the methods a module's classes inherit are read once, not once a class)."""
     try:
-        tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+        tree = ast.parse(textwrap.dedent(inspect.getsource(code)))
     except (OSError, TypeError, SyntaxError):
         return True
     return any(

@@ -270,16 +270,20 @@ def _safe_path(method: str) -> dict[str, str]:
 
 @contextlib.contextmanager
 def _environment(added: dict[str, str]) -> Iterator[None]:
-    """``added`` in this process's environment, which the processes started meanwhile inherit; taken out after.
+    """``added`` in this process's environment, which the processes started meanwhile inherit; as it was after.
 
     The worker takes it out of its own (:func:`~aiod4p.mappings._multi_worker.worker_main`): what a PE starts
     gets the caller's environment."""
+    before = {name: os.environ.get(name) for name in added}
     os.environ.update(added)
     try:
         yield
     finally:
-        for name in added:
-            os.environ.pop(name, None)
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def _main_importable() -> bool:
