@@ -789,6 +789,9 @@ def test_pickles_rebuild_pes_and_refuse_what_they_cannot(d4p: Any) -> None:
         pickle.dumps(Local())
     mixed = type("Mixed", (Square,), {})  # a class mixed at run time, as ProcessTimingPE does
     assert type(pickle.loads(pickle.dumps(mixed()))).__bases__ == (Square,)
+    emitting = type("Emitting", (Square, Emits), {})  # ... of a base that writes with keywords: write is its own
+    assert emitting.write is not aiod4p.GenericPE.write
+    assert type(pickle.loads(pickle.dumps(emitting()))).__bases__ == (Square, Emits)
     with pytest.raises(GraphError, match="cannot import no_such_module"):
         _rebuild(("no_such_module", "X", ()))
     with pytest.raises(GraphError, match="is not a class here"):

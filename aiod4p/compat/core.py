@@ -380,7 +380,8 @@ def _class_spec(cls: type) -> ClassSpec | None:
     """``(module, qualname, ())`` for an importable class; ``("", name, bases)`` for one mixed at run time."""
     if _find_class(cls.__module__, cls.__qualname__) is cls:
         return (cls.__module__, cls.__qualname__, ())
-    if set(vars(cls)) - _EMPTY_CLASS:
+    own = {name for name, value in vars(cls).items() if value is not _write_ignoring_keywords}  # set again there
+    if own - _EMPTY_CLASS:
         return None  # a local class with its own methods: not rebuildable from its bases
     bases = tuple((base.__module__, base.__qualname__) for base in cls.__bases__)
     if all(_find_class(*base) is not None for base in bases):
