@@ -4,11 +4,12 @@ what it was called with, shown short."""
 from __future__ import annotations
 
 import dataclasses
-import itertools
+import enum
 import os
 import reprlib
 import sys
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -65,17 +66,29 @@ _SHOWN_BY_THEIR_REPR = frozenset({"builtins", "numpy", "datetime", "decimal", "f
 class _ShortRepr(reprlib.Repr):
     """:mod:`reprlib`'s limits, bytes cut before they are shown (``reprlib`` shows all of them first), and no
     object's own ``__repr__`` called (it may take long for a large object, or never return): a dataclass is
-    shown by its fields, numbers, dates and numpy arrays as they show themselves, any other object by its class."""
+    shown by its fields (a named tuple too), an enum member by its name, a subclass of a built-in container as
+    the container, numbers, dates and numpy arrays as they show themselves, any other object by its class."""
 
     def repr_instance(self, value: Any, level: int) -> str:
         kind = type(value)
+        name = kind.__qualname__
         if kind.__module__ in _SHOWN_BY_THEIR_REPR:
             return super().repr_instance(value, level)
-        if dataclasses.is_dataclass(value) and not isinstance(value, type):
-            fields = itertools.islice(dataclasses.fields(value), self.maxtuple)
-            shown = (f"{field.name}={self.repr1(getattr(value, field.name), level - 1)}" for field in fields)
-            return f"{kind.__qualname__}({', '.join(shown)})"
-        return f"<{kind.__qualname__}>"
+        if isinstance(value, enum.Enum):
+            return f"{name}.{value.name}"
+        if dataclasses.is_dataclass(value) or (isinstance(value, tuple) and hasattr(value, "_fields")):
+            if level <= 0:
+                return f"{name}(...)"
+            if dataclasses.is_dataclass(value):
+                names = [field.name for field in dataclasses.fields(value) if field.repr]
+            else:
+                names = list(value._fields)
+            shown = [f"{field}={self.repr1(getattr(value, field), level - 1)}" for field in names[: self.maxtuple]]
+            return f"{name}({', '.join(shown + ['...'] * (len(names) > self.maxtuple))})"
+        for builtin, show in _CONTAINERS:
+            if isinstance(value, builtin):
+                return f"{name}({show(self, value, level)})"
+        return f"<{name}>"
 
     def repr_bytes(self, value: bytes | bytearray, level: int) -> str:
         if len(value) <= self.maxother:
@@ -86,6 +99,15 @@ class _ShortRepr(reprlib.Repr):
 
     repr_bytearray = repr_bytes
 
+
+_CONTAINERS: tuple[tuple[type, Callable[[reprlib.Repr, Any, int], str]], ...] = (
+    (dict, reprlib.Repr.repr_dict),
+    (list, reprlib.Repr.repr_list),
+    (tuple, reprlib.Repr.repr_tuple),
+    (set, reprlib.Repr.repr_set),
+    (frozenset, reprlib.Repr.repr_frozenset),
+)
+"""Subclasses of the built-in containers (OrderedDict, Counter, ...): shown as their base is, with their name."""
 
 _SHORT = _ShortRepr()
 

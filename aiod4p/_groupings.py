@@ -467,7 +467,7 @@ def _encode(value: Any, out: bytearray) -> None:
         out += b"i" + _LENGTH.pack(len(text)) + text
     elif kind is tuple and len(value) == 1:
         out += b"t" + _LENGTH.pack(1)
-        _encode(value[0], out)
+        _encode_within(value[0], out)
     elif value is None:
         out += b"N"
     elif _is_numpy_scalar(value) and value.dtype.kind in "mM":  # datetime64, timedelta64: equal in any unit
@@ -485,12 +485,12 @@ def _encode(value: Any, out: bytearray) -> None:
     elif isinstance(value, (tuple, list)):
         out += b"t" + struct.pack("<I", len(value))
         for element in value:
-            _encode(element, out)
+            _encode_within(element, out)
     elif isinstance(value, (frozenset, set)):
-        parts = sorted(_encoded(element) for element in value)
+        parts = sorted(_encoded_within(element) for element in value)
         out += b"S" + struct.pack("<I", len(parts)) + b"".join(parts)
     elif isinstance(value, dict):
-        pairs = sorted(_encoded(k) + _encoded(v) for k, v in value.items())
+        pairs = sorted(_encoded_within(k) + _encoded_within(v) for k, v in value.items())
         out += b"d" + struct.pack("<I", len(pairs)) + b"".join(pairs)
     elif isinstance(value, (datetime.date, datetime.time, datetime.timedelta)):
         _encode_moment(value, out)
@@ -570,23 +570,22 @@ def _encode_object(value: Any, out: bytearray) -> None:
     each part encoded as a key, so that keys whose attributes are equal encode alike: sets and dicts in any
     order, equal numbers, the same moment in any time zone, a string shared or copied. (A class whose ``==``
     ignores some attributes is not seen through: its equal keys may reach different instances; group it by a
-    key function that returns plain values.) Past :data:`_MOST_NESTED_OBJECTS` objects within objects, the
-    whole key goes by its pickle (:func:`stable_hash`), whatever the stack's depth.
+    key function that returns plain values.)
     """
     kind: Any = type(value)
     if _compares_fields(kind):
         out += b"o"
         _encode(kind.__qualname__, out)  # the module is left out: a script's is __main__ in one process only
-        _encode(tuple(getattr(value, field.name) for field in dataclasses.fields(value) if field.compare), out)
+        _encode_within(tuple(getattr(value, field.name) for field in dataclasses.fields(value) if field.compare), out)
     elif isinstance(value, type) or (callable(value) and isinstance(getattr(value, "__qualname__", None), str)):
         out += b"g"
         _encode(value.__qualname__, out)
     elif isinstance(value, uuid.UUID):
         out += b"u"
         _encode(value.int, out)
-    elif isinstance(value, range):  # equal when they hold the same numbers
+    elif isinstance(value, range):  # equal when they hold the same numbers (len() fails past sys.maxsize)
         out += b"R"
-        _encode((len(value), value.start if value else None, value.step if len(value) > 1 else None), out)
+        _encode((value[0], value[-1], value.step if value[0] != value[-1] else None) if value else None, out)
     elif isinstance(value, PurePath):  # a pure path equals a concrete one; Windows paths compare case-blind
         windows = isinstance(value, PureWindowsPath)
         out += b"P"
@@ -595,28 +594,38 @@ def _encode_object(value: Any, out: bytearray) -> None:
         data = memoryview(value).tobytes()
         out += b"b" + struct.pack("<I", len(data)) + data
     else:
-        depth = getattr(_nesting, "depth", 0)
-        if depth >= _MOST_NESTED_OBJECTS:
-            raise _TooNested
-        _nesting.depth = depth + 1
-        try:
-            reduced = value.__reduce_ex__(5)
-            if isinstance(reduced, str):  # pickled by name: an enum member, a singleton
-                out += b"g"
-                _encode(reduced, out)
-            else:
-                out += b"r"
-                _encode(tuple(list(part) if isinstance(part, Iterator) else part for part in reduced), out)
-        finally:
-            _nesting.depth = depth
+        reduced = value.__reduce_ex__(5)
+        if isinstance(reduced, str):  # pickled by name: an enum member, a singleton
+            out += b"g"
+            _encode(reduced, out)
+        else:
+            out += b"r"
+            _encode_within(tuple(list(part) if isinstance(part, Iterator) else part for part in reduced), out)
 
 
-_MOST_NESTED_OBJECTS = 32
-_nesting = threading.local()  # how many objects within objects _encode_object is in, in this thread
+_MOST_NESTED = 64
+_nesting = threading.local()  # how deep in a key _encode_within is, in this thread
 
 
-class _TooNested(Exception):
-    """A key nests objects deeper than :data:`_MOST_NESTED_OBJECTS`: it goes by its pickle."""
+def _encode_within(value: Any, out: bytearray) -> None:
+    """:func:`_encode` of a part of a key (an element, a field, an attribute). Past :data:`_MOST_NESTED`
+    levels every part encodes alike, as ``~``: equal keys still encode alike, in every process and whatever the
+    depth of the caller's stack (a recursion limit would depend on it), and a key that holds itself ends."""
+    depth = getattr(_nesting, "depth", 0)
+    if depth >= _MOST_NESTED:
+        out += b"~"
+        return
+    _nesting.depth = depth + 1
+    try:
+        _encode(value, out)
+    finally:
+        _nesting.depth = depth
+
+
+def _encoded_within(value: Any) -> bytes:
+    out = bytearray()
+    _encode_within(value, out)
+    return bytes(out)
 
 
 def _compares_fields(kind: Any) -> bool:
@@ -642,8 +651,10 @@ def _encoded(value: Any) -> bytes:
 
 def stable_hash(key: Any) -> int:
     """A 64-bit hash of ``key`` that is identical in every process and run, and equal for equal keys."""
+    depth = getattr(_nesting, "depth", 0)  # a key's __reduce_ex__ may hash another key: that one starts afresh
+    _nesting.depth = 0
     try:
         encoded = _encoded(key)
-    except (_TooNested, RecursionError):  # objects deep within objects, or one that holds itself: its pickle
-        encoded = b"p" + pickle.dumps(key, protocol=5)
+    finally:
+        _nesting.depth = depth
     return int.from_bytes(hashlib.blake2b(encoded, digest_size=8).digest(), "little")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import signal
 import sys
 import threading
@@ -203,6 +204,28 @@ class Unshowable:
 class Rejects(IterativePE):
     def process_item(self, item: Any) -> None:
         raise ValueError("rejected")
+
+
+@dataclasses.dataclass
+class Node:
+    left: Any
+    right: Any
+    secret: str = dataclasses.field(default="hunter2", repr=False)
+
+
+def test_items_in_messages_are_short_whatever_they_hold() -> None:
+    from collections import OrderedDict, namedtuple
+
+    from aiod4p._frames import short_repr
+
+    shared: Any = None
+    for _ in range(30):  # 2**30 paths through 30 objects: shown whole, it never ended
+        shared = Node(shared, shared)
+    shown = short_repr(shared)
+    assert len(shown) < 2000 and shown.startswith("Node(left=Node(left=") and "hunter2" not in shown
+    point = namedtuple("point", "x y")
+    shown = short_repr([point(1, 2), OrderedDict(a=1), signal.SIGINT])
+    assert shown == "[point(x=1, y=2), OrderedDict({'a': 1}), Signals.SIGINT]"
 
 
 def test_a_pe_error_names_the_item_and_the_method_it_was_given_to() -> None:

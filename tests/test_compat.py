@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ast
 import copy
+import functools
 import json
 import logging
 import os
@@ -19,7 +20,7 @@ import sys
 import textwrap
 import threading
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -301,6 +302,7 @@ def test_only_a_class_that_writes_with_keywords_pays_for_them() -> None:
     exec("def _process(self, inputs):\n    return None\n", namespace)
     assert type("Unread", (ProducerPE,), {"_process": namespace["_process"]}).write is not core_write
     assert EmitsThroughAMixin.write is not core_write
+    assert EmitsInADecoratedMethod.write is not core_write and EmitsInAProperty.write is not core_write
 
 
 class Emits:
@@ -313,6 +315,30 @@ class Emits:
 class EmitsThroughAMixin(ProducerPE, Emits):
     def _process(self, inputs: dict[str, Any]) -> None:
         self.emit(1)
+
+
+def _timed(method: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(method)
+    def timed(*args: Any) -> Any:
+        return method(*args)
+
+    return timed
+
+
+class EmitsInADecoratedMethod(ProducerPE):
+    @_timed
+    def _process(self, inputs: dict[str, Any]) -> None:
+        self.write("output", 1, location="file://one")
+
+
+class EmitsInAProperty(ProducerPE):
+    @property
+    def emitted(self) -> int:
+        self.write("output", 1, metadata={"one": 1})
+        return 1
+
+    def _process(self, inputs: dict[str, Any]) -> None:
+        assert self.emitted == 1
 
 
 def test_every_instance_has_a_rank_of_its_own(d4p: Any, mapping: MappingCase) -> None:

@@ -100,7 +100,11 @@ from aiod4p import stable_hash
 class Sensor:  # the same class in every process
     def __init__(self, names, site):
         self.names, self.site = names, site
-print(json.dumps(stable_hash(Sensor(frozenset({"s1", "s2", "s3", "s4", "s5"}), "site"))))
+key = Sensor(frozenset({"s1", "s2", "s3", "s4", "s5"}), "site")
+deep = key
+for _ in range(40):  # objects within objects past the depth a key is encoded to
+    deep = Sensor(frozenset({"s1", "s2"}), deep)
+print(json.dumps([stable_hash(key), stable_hash(deep)]))
 """
 
 
@@ -112,7 +116,7 @@ def test_a_key_of_a_plain_class_hashes_alike_across_hash_seeds() -> None:
         env = {**os.environ, "PYTHONHASHSEED": seed}
         done = subprocess.run([sys.executable, "-c", OBJECT_SCRIPT], env=env, capture_output=True, text=True)
         assert done.returncode == 0, done.stderr
-        digests.add(json.loads(done.stdout))
+        digests.add(tuple(json.loads(done.stdout)))
     assert len(digests) == 1
 
 
@@ -231,6 +235,7 @@ def test_stable_hash_keeps_its_values_across_versions(key: object, expected: int
         (_UUID, uuid.UUID(str(_UUID))),  # uuid1's is_safe, which == ignores, is in its pickled state
         (range(0, 3, 2), range(0, 4, 2)),
         (range(0), range(5, 5)),
+        (range(2**100), range(0, 2**100, 1)),  # longer than len() can say
         (pathlib.PurePosixPath("a/b"), pathlib.PosixPath("a//b")),
         (pathlib.PureWindowsPath("C:/Data"), pathlib.PureWindowsPath("c:/data")),
     ],

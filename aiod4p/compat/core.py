@@ -25,7 +25,7 @@ import inspect
 import logging
 import sys
 import textwrap
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from types import CodeType
 from typing import Any
 
@@ -337,10 +337,28 @@ def _writes_with_keywords(cls: type) -> bool:
         if klass.__module__ == "builtins" or klass.__module__.startswith("aiod4p."):
             continue
         for member in vars(klass).values():
-            code = getattr(getattr(member, "__func__", member), "__code__", None)  # static and class methods too
-            if code is not None and _code_writes_with_keywords(code):
+            if any(_code_writes_with_keywords(code) for code in _codes(member)):
                 return True
     return False
+
+
+def _codes(member: Any) -> Iterator[CodeType]:
+    """The code of a class member: a function's (a static or class method's, a property's accessors), and
+    through decorators, those ``functools.wraps`` names and those the wrapper holds in its closure."""
+    accessors = (member.fget, member.fset, member.fdel) if isinstance(member, property) else (member,)
+    for accessor in accessors:
+        function = getattr(accessor, "__func__", accessor)
+        seen: set[int] = set()
+        while callable(function) and id(function) not in seen:  # each wrapper in turn, down to the function
+            seen.add(id(function))
+            code = getattr(function, "__code__", None)
+            if code is not None:
+                yield code
+                for cell in getattr(function, "__closure__", None) or ():
+                    inner = getattr(getattr(cell, "cell_contents", None), "__code__", None)
+                    if isinstance(inner, CodeType) and inner is not code:
+                        yield inner
+            function = getattr(function, "__wrapped__", None)
 
 
 @functools.lru_cache(maxsize=4096)
