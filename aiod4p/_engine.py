@@ -96,14 +96,14 @@ _IS_NOT_NONE = functools.partial(operator.is_not, None)  # what a generator yiel
 def _failed(exc: BaseException) -> bool:
     """Whether ``exc``, out of a PE's code, is that code's failure rather than this task's cancellation.
 
-    Any ``Exception`` is, and so is any other ``BaseException`` but three: ``SystemExit`` (``sys.exit()``
-    in a PE or a library it calls) and a library's own ``BaseException`` fail the run naming the PE,
-    rather than ending the process, or a worker, without a word. A ``CancelledError`` is while nobody
-    cancels the current task: the PE's code raised it, or let it out of something it awaited (a task
-    someone else cancelled), and the run must fail on it, not end as if that instance had finished. A
-    ``KeyboardInterrupt`` is, unless it interrupts the run (:func:`~aiod4p._signals.interrupts_the_run`):
-    raised by the PE where no signal raises one, it would end the loop's thread (a Ray actor's) with
-    nobody told. A ``GeneratorExit`` is not: it closes a generator.
+    Any ``Exception`` is, and so are ``SystemExit`` (``sys.exit()`` in a PE or a library it calls) and a
+    library's own ``BaseException``: the run fails naming the PE, rather than ending the process, or a
+    worker, without a word. A ``CancelledError`` is only while nobody cancels the current task: the PE's
+    code raised it, or let it out of something it awaited (a task someone else cancelled), and the run
+    must fail on it, not end as if that instance had finished. A ``KeyboardInterrupt`` is, unless it
+    interrupts the run (:func:`~aiod4p._signals.interrupts_the_run`): raised by the PE where no signal
+    raises one, it would end the loop's thread (a Ray actor's) with nobody told. A ``GeneratorExit``
+    never is: it closes a generator.
     """
     if isinstance(exc, KeyboardInterrupt):
         return not interrupts_the_run(exc)
