@@ -262,7 +262,7 @@ NOTEBOOK_FLOW = textwrap.dedent(
 def run_notebook_flow(*mappings: str, how: str = "python - < script", timeout: float = 60) -> list[dict[str, Any]]:
     """Run :data:`NOTEBOOK_FLOW` on ``mappings`` in a fresh interpreter (``how``: read from stdin, or
     ``"python -c"``, both leaving ``__main__`` without a file, as in a notebook; or ``"python script.py"``); its
-    JSON lines."""
+    JSON lines (the objects it printed, one a line)."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     with tempfile.TemporaryDirectory() as directory:
         script = Path(directory, "script.py")
@@ -274,7 +274,8 @@ def run_notebook_flow(*mappings: str, how: str = "python - < script", timeout: f
         }[how]
         result = subprocess.run(command, input=stdin, capture_output=True, text=True, timeout=timeout, env=env)
     assert result.returncode == 0, result.stderr
-    return [json.loads(line) for line in result.stdout.splitlines()]
+    # Ray's driver may print its own notes to this stdout (an autoscaler tip when an actor waits for a CPU).
+    return [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
 
 
 def add_graph(combined: WorkflowGraph, graph: WorkflowGraph) -> None:
