@@ -11,6 +11,7 @@ import sys
 import traceback
 from collections.abc import Callable
 from pathlib import Path
+from types import TracebackType
 from typing import Any
 
 __all__ = ["INSTALLED", "called_with", "importing_workflow_code", "short_repr", "workflow_frame"]
@@ -32,20 +33,23 @@ def called_with(exc: BaseException) -> str | None:
     the item, or the dict of inputs, that aiod4p called a PE's method with, followed by ``given to FUNCTION``
     when ``exc`` came out of a later frame (its place names that one); ``None`` when the frame takes none.
     The value is as the frame last held it (:func:`short_repr`)."""
-    trace = exc.__traceback__
-    while trace is not None and not _is_workflows(trace.tb_frame.f_code.co_filename):
-        trace = trace.tb_next
+    trace = _workflows_from(exc.__traceback__)
     if trace is None:
         return None
     code = trace.tb_frame.f_code
     names = [name for name in code.co_varnames[: code.co_argcount] if name != "self"]
     if not names or names[0] not in trace.tb_frame.f_locals:
         return None
-    later = trace.tb_next
-    while later is not None and not _is_workflows(later.tb_frame.f_code.co_filename):
-        later = later.tb_next
+    later = _workflows_from(trace.tb_next)
     shown = f"{names[0]}={short_repr(trace.tb_frame.f_locals[names[0]])}"
     return shown if later is None else f"{shown} given to {code.co_name}"
+
+
+def _workflows_from(trace: TracebackType | None) -> TracebackType | None:
+    """The first entry of ``trace``, from this one on, in the workflow's own code."""
+    while trace is not None and not _is_workflows(trace.tb_frame.f_code.co_filename):
+        trace = trace.tb_next
+    return trace
 
 
 def importing_workflow_code() -> bool:

@@ -1248,7 +1248,8 @@ class LiveFeed:
         Raises:
             Aiod4pError: the feed is closed or its run is over (also while waiting).
         """
-        await self.wait_room()
+        if self.full():  # no coroutine per item while there is room
+            await self.wait_room()
         self.send_nowait(item)
 
     async def wait_room(self) -> None:
