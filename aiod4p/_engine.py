@@ -22,6 +22,7 @@ import sys
 import time
 import traceback
 import types
+import weakref
 from collections.abc import (
     AsyncIterable,
     AsyncIterator,
@@ -1281,6 +1282,30 @@ def _call_kind(fn: Any) -> str:
     return "sync"
 
 
+class _LoopTurn:
+    """How long (and, for ``fixed_order``, for how many batches) the workers of one event loop have held it since
+    it last ran its other tasks."""
+
+    def __init__(self) -> None:
+        self.started = time.monotonic()
+        self.batches = 0
+        self._pending = False
+
+    def restart_soon(self) -> None:
+        """Restart the turn once the loop has run the tasks ready now (a callback queued behind them)."""
+        if not self._pending:
+            self._pending = True
+            asyncio.get_running_loop().call_soon(self._restart)
+
+    def _restart(self) -> None:
+        self._pending = False
+        self.started = time.monotonic()
+        self.batches = 0
+
+
+_LOOP_TURNS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopTurn] = weakref.WeakKeyDictionary()
+
+
 class Worker:
     """Runs the instances ``plan`` places on worker ``worker_id``.
 
@@ -1336,9 +1361,7 @@ class Worker:
         self._threads: DaemonThreadPool | None = None
         self._handovers: set[concurrent.futures.Future[None]] = set()
         self._aborting = False
-        self._turn_started = time.monotonic()
-        self._turn_batches = 0
-        self._beat_pending = False
+        self._turn: _LoopTurn | None = None  # the turn of the loop this worker runs in, once it runs
         self.worker_id = worker_id
         level = plan.options.provenance
         self.recorder = WorkerRecorder(level, worker_id) if level is not None else None
@@ -1435,24 +1458,31 @@ class Worker:
 
     # -- sharing the event loop ---------------------------------------------------
     def held_too_long(self) -> bool:
-        """Whether this worker has held the event loop long enough to let other tasks run (asked once per batch)."""
+        """Whether the event loop has been held long enough to let other tasks run (asked once per batch).
+
+        Timed per event loop, not per worker: runs side by side in one loop (a service's requests) share
+        one slice, so the host's tasks wait :data:`YIELD_SECONDS` however many runs are busy, not one slice
+        per run. With ``fixed_order`` the turn counts batches, and is this worker's own, so that its order
+        never depends on what else runs in the loop.
+        """
+        turn = self._loop_turn()
         if self.fixed_order:
-            self._turn_batches += 1
-            return self._turn_batches >= YIELD_BATCHES
-        return time.monotonic() - self._turn_started >= YIELD_SECONDS
+            turn.batches += 1
+            return turn.batches >= YIELD_BATCHES
+        return time.monotonic() - turn.started >= YIELD_SECONDS
 
     async def give_way(self) -> None:
         """Let the event loop run every other ready task and due timer, then go on.
 
-        The turn restarts when the loop comes back to this worker (a callback
+        The turn restarts when the loop comes back to the workers (a callback
         queued behind the tasks now ready), not when each task resumes: other
-        instances ready in this loop turn then give way after one batch each,
-        so a turn of the loop stays short however many instances are busy.
+        instances ready in this loop turn, of this run or of another one in
+        the same loop, then give way after one batch each, so a turn of the
+        loop stays short however many instances are busy.
         """
-        held = time.monotonic() - self._turn_started
-        if not self._beat_pending:
-            self._beat_pending = True
-            asyncio.get_running_loop().call_soon(self._new_turn)
+        turn = self._loop_turn()
+        held = time.monotonic() - turn.started
+        turn.restart_soon()
         if self.fixed_order or held < LONG_TURN:
             await asyncio.sleep(0)
         else:
@@ -1461,10 +1491,14 @@ class Worker:
             # after sleep(0) this task would go first, and they would wait two or three more batches.
             await asyncio.sleep(1e-9)
 
-    def _new_turn(self) -> None:
-        self._beat_pending = False
-        self._turn_started = time.monotonic()
-        self._turn_batches = 0
+    def _loop_turn(self) -> _LoopTurn:
+        """The turn of the running event loop, which every worker in it shares (with ``fixed_order``, its own)."""
+        if self._turn is None:
+            if self.fixed_order:
+                self._turn = _LoopTurn()
+            else:
+                self._turn = _LOOP_TURNS.setdefault(asyncio.get_running_loop(), _LoopTurn())
+        return self._turn
 
     # -- running -----------------------------------------------------------
     def drain(self) -> None:

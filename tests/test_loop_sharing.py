@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import statistics
 import time
 from collections.abc import Iterator
 
@@ -128,3 +129,45 @@ async def test_a_pe_that_holds_the_loop_is_logged_once(
         else:
             assert len(held) == 1 and re.match(r"PE blocks held the event loop for \d+\.\d s in one go", held[0])
             assert "threaded = True, or aiod4p run --threaded blocks" in held[0]
+
+
+RUNS_SIDE_BY_SIDE = 24
+
+
+async def _progress_per_host_turn(runs: int) -> float:
+    """The median number of items that ``runs`` flooding runs, side by side in this loop, produce between two
+    turns of a host task."""
+    graphs = [flood_graph() for _ in range(runs)]
+    credits = TOTAL // BATCH + 1  # as above: only the engine's own yielding lets the host in
+    tasks = [
+        asyncio.ensure_future(aiod4p.run_async(graph, 1, mapping="async", batch_size=BATCH, credits=credits))
+        for graph, _ in graphs
+    ]
+
+    def produced() -> int:
+        return sum(source.progress.produced for _, source in graphs)
+
+    steps: list[int] = []
+    async with asyncio.timeout(100):
+        before = produced()
+        while not all(task.done() for task in tasks):
+            await asyncio.sleep(0)
+            now = produced()
+            if 0 < now < runs * TOTAL:
+                steps.append(now - before)
+            before = now
+        await asyncio.gather(*tasks)
+    assert steps, "the host task never ran while the sources were streaming"
+    return statistics.median(steps)
+
+
+@pytest.mark.asyncio
+async def test_runs_side_by_side_share_one_slice_of_the_loop() -> None:
+    """A service ran 50 requests' runs at once and its loop lagged 50 slices: each run kept its own turn clock.
+
+    The slice is the loop's: however many runs share it, the host's tasks run once it has been held
+    ``YIELD_SECONDS``, so the work done between two host turns does not grow with the number of runs (one batch
+    more per run at most)."""
+    alone = await _progress_per_host_turn(1)
+    side_by_side = await _progress_per_host_turn(RUNS_SIDE_BY_SIDE)
+    assert side_by_side < 4 * alone + RUNS_SIDE_BY_SIDE * BATCH, (alone, side_by_side)
