@@ -12,6 +12,7 @@ import json
 import multiprocessing
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -386,6 +387,33 @@ def test_cancelling_the_run_stops_every_worker() -> None:
             assert run.done
 
     asyncio.run(main())  # the fixture checks that no worker is left
+
+
+def test_forked_workers_let_go_of_the_callers_connections() -> None:
+    """A service closed a client's connection while a run forked meanwhile went on: its workers held the
+    connection, so the client never saw it end (and the service's port could not be bound again) until the
+    run ended."""
+    graph = WorkflowGraph()
+    graph.add(double := wf.Double())
+    double.id = "double"
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        service, client = socket.socketpair()  # a connection the service holds while the run starts
+        client.setblocking(False)
+        feed = aiod4p.LiveFeed()
+        run = aiod4p.start(graph, {"double": feed}, mapping=MultiMapping(start_method="fork"), workers=2)
+        async with asyncio.timeout(30), run:
+            await run.send("double", 1)
+            assert (await anext(run)).data == 2  # the workers run
+            service.close()
+            assert await loop.sock_recv(client, 1) == b""  # the end of the connection, while the run goes on
+            assert not run.done
+            feed.close()
+            await run.results()
+        client.close()
+
+    asyncio.run(main())
 
 
 def test_live_stats_are_published_while_running() -> None:

@@ -6,7 +6,8 @@ import asyncio
 import os
 import signal
 import socket
-from collections.abc import Mapping
+import stat
+from collections.abc import Collection, Mapping
 
 from .._api import loop_factory
 from .._logging import configure_logging, launcher_logging
@@ -15,7 +16,7 @@ from ..transports.pipes import PipeComm, open_pipe_comm
 from ._host import serve_job
 from ._shipping import Job, unship_or_error
 
-__all__ = ["take_over_signals", "worker_main"]
+__all__ = ["release_inherited_connections", "take_over_signals", "worker_main"]
 
 
 def worker_main(
@@ -46,8 +47,43 @@ def worker_main(
     take_over_signals()
     for sock in inherited:
         sock.close()
+    release_inherited_connections({control.fileno(), *(sock.fileno() for sock in peers.values())})
     with asyncio.Runner(loop_factory=loop_factory(True)) as runner:
         runner.run(_main(wid, job, control, peers))
+
+
+def release_inherited_connections(keep: Collection[int]) -> None:
+    """Let go of every stream socket this process holds but those in ``keep`` (its own comms' sockets).
+
+    A forked worker inherits every descriptor its launcher had open: in a service, its listening socket
+    and its clients' connections. Held here, a connection the service closes stays open, its client never
+    sees the end of it, and the port cannot be bound again, until the run ends. Each is replaced by
+    ``/dev/null`` rather than closed, so its number stays taken: the launcher's socket objects, copied into
+    this process, never close a descriptor this process opens later. Datagram sockets (a syslog handler's)
+    are kept. Nothing to do in a new interpreter (spawn, forkserver) nor where ``/proc`` is missing.
+    """
+    try:
+        descriptors = [int(name) for name in os.listdir("/proc/self/fd")]
+    except FileNotFoundError:
+        return
+    devnull: int | None = None
+    for fd in descriptors:
+        if fd in keep:
+            continue
+        try:
+            if not stat.S_ISSOCK(os.fstat(fd).st_mode):
+                continue
+            probe = socket.socket(fileno=fd)
+        except OSError:  # the listing's own descriptor, closed since
+            continue
+        stream = probe.type == socket.SOCK_STREAM
+        probe.detach()
+        if stream:
+            if devnull is None:
+                devnull = os.open(os.devnull, os.O_RDWR)
+            os.dup2(devnull, fd, inheritable=False)
+    if devnull is not None:
+        os.close(devnull)
 
 
 def take_over_signals() -> None:
