@@ -416,6 +416,41 @@ def test_forked_workers_let_go_of_the_callers_connections() -> None:
     asyncio.run(main())
 
 
+def test_forked_workers_start_one_per_turn_of_the_callers_loop(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A service started 50 runs at once and its loop stood still for half a second: each fork takes
+    milliseconds, and every run forked its workers in one go. At most one worker now starts per turn of the
+    loop, after the timers that fell due, so the service's other tasks run between two forks."""
+    turn = 0
+    turns_of_starts: list[int] = []
+    start = multiprocessing.process.BaseProcess.start
+
+    def recorded(process: multiprocessing.process.BaseProcess) -> None:
+        turns_of_starts.append(turn)
+        start(process)
+
+    monkeypatch.setattr(multiprocessing.process.BaseProcess, "start", recorded)
+
+    async def main() -> None:
+        nonlocal turn
+
+        async def count_turns() -> None:
+            nonlocal turn
+            while True:
+                await asyncio.sleep(0)
+                turn += 1
+
+        counter = asyncio.create_task(count_turns())
+        mapping = MultiMapping(start_method="fork")
+        async with asyncio.timeout(60):
+            runs = [aiod4p.run_async(_chain(wf.Double())[0], 10, mapping=mapping, workers=2) for _ in range(3)]
+            await asyncio.gather(*runs)
+        counter.cancel()
+
+    asyncio.run(main())
+    assert len(turns_of_starts) == 6
+    assert len(set(turns_of_starts)) == 6, turns_of_starts
+
+
 def test_live_stats_are_published_while_running() -> None:
     graph = WorkflowGraph()
     graph.connect(wf.Count(), "output", sink := wf.Slow(), "input")

@@ -25,7 +25,8 @@ import signal
 import socket
 import sys
 import threading
-from collections.abc import Iterator
+import weakref
+from collections.abc import AsyncIterator, Iterator
 from multiprocessing.process import BaseProcess
 from typing import Any
 
@@ -108,8 +109,12 @@ class _MultiRun:
         self.processes: list[BaseProcess] = []
         self._exits: list[asyncio.Future[None]] = []
 
-    def _start(self, job: Job | bytes) -> list[socket.socket]:
-        """Start the workers; returns the parent's ends of their control socket pairs."""
+    async def _start(self, job: Job | bytes) -> list[socket.socket]:
+        """Start the workers; returns the parent's ends of their control socket pairs.
+
+        Forked workers start one per turn of the event loop (:func:`_start_turn`): a fork holds the loop for
+        milliseconds, and the caller's other tasks (a service's, other runs') run between two of them.
+        """
         n = self.plan.workers
         controls = [socket.socketpair() for _ in range(n)]
         links = {pair: socket.socketpair() for pair in self.plan.worker_pairs()}
@@ -137,8 +142,9 @@ class _MultiRun:
                         name=f"aiod4p-worker-{wid}",
                     )
                     # held until it has its own handlers (worker_main)
-                    with held(), _main_not_reimported(self.method), _environment(safe):
-                        process.start()
+                    async with _start_turn(self.method):
+                        with held(), _main_not_reimported(self.method), _environment(safe):
+                            process.start()
                     self.processes.append(process)
                     self._exits.append(_watch_exit(process))
             finally:
@@ -156,7 +162,7 @@ class _MultiRun:
         if self.method != "fork":
             # __main__ by value where the workers cannot import it again (a notebook, python -c, stdin)
             payload = ship(job, f"start {self.method}ed worker processes", _HINT, main=not _main_importable())
-        socks = self._start(payload)
+        socks = await self._start(payload)
         comms: dict[int, PipeComm] = {}
         for index, sock in enumerate(socks):
             try:
@@ -222,6 +228,23 @@ class _MultiRun:
                 exit_future.cancel()
             if process.exitcode is not None:
                 process.close()
+
+
+_STARTING: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = weakref.WeakKeyDictionary()
+
+
+@contextlib.asynccontextmanager
+async def _start_turn(method: str) -> AsyncIterator[None]:
+    """While a worker process starts by ``method``: with fork, the only one of this event loop's runs to start
+    one, in a turn of the loop of its own, after the timers that fell due (a fork copies the caller's memory
+    map: milliseconds, longer for a big process). Other methods start a process at once: it execs a new
+    interpreter, and the caller holds :data:`_environment_lock`, which must not be held across a turn."""
+    if method != "fork":
+        yield
+        return
+    async with _STARTING.setdefault(asyncio.get_running_loop(), asyncio.Lock()):
+        await asyncio.sleep(1e-9)  # on a timer, so that the timers due now run first (sleep(0) would run first)
+        yield
 
 
 def _watch_exit(process: BaseProcess) -> asyncio.Future[None]:
