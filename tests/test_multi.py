@@ -416,6 +416,20 @@ def test_forked_workers_let_go_of_the_callers_connections() -> None:
     asyncio.run(main())
 
 
+def test_forked_workers_keep_standard_streams_that_are_sockets() -> None:
+    """Under systemd, stdout and stderr are a stream socket to the journal: a worker's prints still go there."""
+    ours, theirs = socket.socketpair()
+    code = (
+        "from aiod4p.mappings._multi_worker import release_inherited_connections\n"
+        "release_inherited_connections(set())\n"
+        "print('still here', flush=True)"
+    )
+    with ours, theirs:
+        subprocess.run([sys.executable, "-c", code], stdout=theirs, check=True, timeout=60)
+        theirs.close()
+        assert ours.recv(100) == b"still here\n"
+
+
 def test_forked_workers_start_one_per_turn_of_the_callers_loop(monkeypatch: pytest.MonkeyPatch) -> None:
     """A service started 50 runs at once and its loop stood still for half a second: each fork takes
     milliseconds, and every run forked its workers in one go. At most one worker now starts per turn of the

@@ -60,7 +60,8 @@ def release_inherited_connections(keep: Collection[int]) -> None:
     sees the end of it, and the port cannot be bound again, until the run ends. Each is replaced by
     ``/dev/null`` rather than closed, so its number stays taken: the launcher's socket objects, copied into
     this process, never close a descriptor this process opens later. Datagram sockets (a syslog handler's)
-    are kept. Nothing to do in a new interpreter (spawn, forkserver) nor where ``/proc`` is missing.
+    are kept, and so are the standard streams (under systemd, stdout and stderr are a stream socket to the
+    journal). Nothing to do in a new interpreter (spawn, forkserver) nor where ``/proc`` is missing.
     """
     try:
         descriptors = [int(name) for name in os.listdir("/proc/self/fd")]
@@ -68,7 +69,7 @@ def release_inherited_connections(keep: Collection[int]) -> None:
         return
     devnull: int | None = None
     for fd in descriptors:
-        if fd in keep:
+        if fd in keep or fd <= 2:
             continue
         try:
             if not stat.S_ISSOCK(os.fstat(fd).st_mode):
