@@ -399,7 +399,10 @@ def test_forked_workers_let_go_of_the_callers_connections() -> None:
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
-        service, client = socket.socketpair()  # a connection the service holds while the run starts
+        listener = socket.create_server(("127.0.0.1", 0))
+        port = listener.getsockname()[1]
+        client = socket.create_connection(("127.0.0.1", port))
+        service, _ = listener.accept()  # a client's connection the service holds while the run starts
         client.setblocking(False)
         feed = aiod4p.LiveFeed()
         run = aiod4p.start(graph, {"double": feed}, mapping=MultiMapping(start_method="fork"), workers=2)
@@ -407,13 +410,42 @@ def test_forked_workers_let_go_of_the_callers_connections() -> None:
             await run.send("double", 1)
             assert (await anext(run)).data == 2  # the workers run
             service.close()
+            listener.close()
             assert await loop.sock_recv(client, 1) == b""  # the end of the connection, while the run goes on
+            socket.create_server(("127.0.0.1", port)).close()  # and the port is free again
             assert not run.done
             feed.close()
             await run.results()
         client.close()
 
     asyncio.run(main())
+
+
+REPORTS: list[socket.socket] = []  # a connection the workflow's module opens, as a module-level client does
+
+
+class Report(IterativePE):
+    """Writes each item, as a line, to the module's connection."""
+
+    def process_item(self, item: int) -> None:
+        REPORTS[0].sendall(b"%d\n" % item)
+
+
+def test_forked_workers_keep_the_connections_the_caller_made(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Letting go of a service's connections must not take the workflow's own: a module-level client's
+    connection, opened before the run (a database's, say), still carries what a PE writes from its worker."""
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        outbound = socket.create_connection(server.getsockname())
+        monkeypatch.setattr(sys.modules[__name__], "REPORTS", [outbound])
+        accepted, _ = server.accept()
+        graph = WorkflowGraph()
+        graph.add(Report())
+        inputs = {"Report": [{"input": n} for n in range(4)]}
+        aiod4p.run(graph, inputs, mapping=MultiMapping(start_method="fork"), workers=2)
+        outbound.close()
+        accepted.settimeout(30)
+        with accepted, accepted.makefile("rb") as lines:
+            assert sorted(int(line) for line in lines) == [0, 1, 2, 3]
 
 
 def test_forked_workers_keep_standard_streams_that_are_sockets() -> None:

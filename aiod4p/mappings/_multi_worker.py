@@ -53,21 +53,23 @@ def worker_main(
 
 
 def release_inherited_connections(keep: Collection[int]) -> None:
-    """Let go of every stream socket this process holds but those in ``keep`` (its own comms' sockets).
+    """Let go of the caller's server sockets this forked process inherited, but those in ``keep``: each socket
+    listening, and each connection accepted from one of them (its local address is the listener's).
 
-    A forked worker inherits every descriptor its launcher had open: in a service, its listening socket
-    and its clients' connections. Held here, a connection the service closes stays open, its client never
-    sees the end of it, and the port cannot be bound again, until the run ends. Each is replaced by
-    ``/dev/null`` rather than closed, so its number stays taken: the launcher's socket objects, copied into
-    this process, never close a descriptor this process opens later. Datagram sockets (a syslog handler's)
-    are kept, and so are the standard streams (under systemd, stdout and stderr are a stream socket to the
-    journal). Nothing to do in a new interpreter (spawn, forkserver) nor where ``/proc`` is missing.
+    In a service, a forked worker would otherwise hold the service's listening socket and its clients'
+    connections: a connection the service closes would stay open, its client would never see the end of it,
+    and the port could not be bound again, until the run ended. Each is replaced by ``/dev/null`` rather than
+    closed, so its number stays taken: the launcher's socket objects, copied into this process, never close a
+    descriptor this process opens later. Connections the caller made itself (a PE's database connection opened
+    before the run) are kept, and so are datagram sockets and the standard streams (under systemd, stdout and
+    stderr are a stream socket to the journal). Nothing to do in a new interpreter (spawn, forkserver) nor where
+    ``/proc`` is missing.
     """
     try:
         descriptors = [int(name) for name in os.listdir("/proc/self/fd")]
     except FileNotFoundError:
         return
-    devnull: int | None = None
+    streams: dict[int, tuple[object, bool]] = {}  # descriptor -> (local address, listening)
     for fd in descriptors:
         if fd in keep or fd <= 2:
             continue
@@ -77,14 +79,31 @@ def release_inherited_connections(keep: Collection[int]) -> None:
             probe = socket.socket(fileno=fd)
         except OSError:  # the listing's own descriptor, closed since
             continue
-        stream = probe.type == socket.SOCK_STREAM
-        probe.detach()
-        if stream:
+        try:
+            if probe.type == socket.SOCK_STREAM:
+                streams[fd] = (_served_address(probe), bool(probe.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)))
+        except OSError:
+            pass
+        finally:
+            probe.detach()
+    served = {address for address, listening in streams.values() if listening and address is not None}
+    devnull: int | None = None
+    for fd, (address, listening) in streams.items():
+        if listening or (address is not None and address in served):
             if devnull is None:
                 devnull = os.open(os.devnull, os.O_RDWR)
             os.dup2(devnull, fd, inheritable=False)
     if devnull is not None:
         os.close(devnull)
+
+
+def _served_address(sock: socket.socket) -> object:
+    """What a listening socket and the connections accepted from it have alike: the family and port of an IP
+    socket, the path of a Unix one (``None`` for an unnamed one: a socket pair's)."""
+    address = sock.getsockname()
+    if sock.family in (socket.AF_INET, socket.AF_INET6):
+        return (sock.family, address[1])
+    return (sock.family, address) if address else None
 
 
 def take_over_signals() -> None:
