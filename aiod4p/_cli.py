@@ -11,6 +11,7 @@ import shlex
 import signal
 import stat
 import sys
+import threading
 import traceback
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -399,10 +400,23 @@ def _run_loaded(args: argparse.Namespace, mapping: BaseMapping, results: str | N
     """Load the workflow of ``args``, run it on ``mapping`` writing its results to ``results`` and report;
     ``stdout`` takes what goes to stdout (results with ``-``, ``--stats-json -``, the printed results)."""
     opened: list[TextIO] = []  # the results file once open: flushed before a hard abort
+    reports: list[Callable[[], None]] = []  # writes the statistics reports, once the run is planned
+    reporting = threading.Lock()  # the run's end and a hard abort's watchdog may both come to write them
 
-    def flush_results() -> None:
+    def report_once() -> None:
+        """Write the ``--stats``/``--stats-json`` reports unless they were written (wait while they are)."""
+        with reporting:
+            while reports:
+                reports.pop()()
+
+    def on_hard_abort() -> None:
+        """What the abort watchdog does before it ends the process: results flushed, statistics reported."""
         for out in opened:
             out.flush()
+        try:
+            report_once()
+        except Aiod4pError as exc:
+            print(f"aiod4p: error: {exc}", file=sys.stderr)
 
     # The mapping may start its workers now, so that they start while the workflow loads (mpi: the ranks
     # import it too); what the run does not take is stopped when it ends. A signal that stops the start-up
@@ -412,7 +426,7 @@ def _run_loaded(args: argparse.Namespace, mapping: BaseMapping, results: str | N
     said = False  # a stop was said
     try:
         with (
-            Interrupts(EXIT_ABORTED, before_exit=flush_results, produced=lambda: _records(outcome.records)) as signals,
+            Interrupts(EXIT_ABORTED, before_exit=on_hard_abort, produced=lambda: _records(outcome.records)) as signals,
             contextlib.ExitStack() as started,
         ):
             phase = "loading the workflow"  # what a signal stops, as it says
@@ -444,6 +458,15 @@ def _run_loaded(args: argparse.Namespace, mapping: BaseMapping, results: str | N
                 raise
             show_progress = progress_wanted(args.quiet, args.results == "-")
             sampler = StatsSampler(workflow) if args.stats_json else None
+            reports.append(
+                lambda: report_stats(
+                    workflow,
+                    table=args.stats,
+                    json_path=args.stats_json,
+                    samples=sampler.samples if sampler else None,
+                    stdout=stdout,
+                )
+            )
             try:
                 with asyncio.Runner(loop_factory=loop_factory(mapping.uses_uvloop)) as runner:
                     status = runner.run(
@@ -459,13 +482,7 @@ def _run_loaded(args: argparse.Namespace, mapping: BaseMapping, results: str | N
                 raise
             finally:
                 signals.restore()
-                report_stats(
-                    workflow,
-                    table=args.stats,
-                    json_path=args.stats_json,
-                    samples=sampler.samples if sampler else None,
-                    stdout=stdout,
-                )
+                report_once()
     except Stopped as stop:  # said above, unless it stopped the head start's own end
         return EXIT_ABORTED if said else _aborted(stop.signum, outcome.records, "")
     if status == EXIT_OK and args.provenance:

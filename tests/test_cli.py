@@ -994,6 +994,31 @@ def test_a_second_signal_aborts_within_a_second_while_a_pe_holds_the_loop(tmp_pa
     assert took < 1.0  # what the README promises
 
 
+def test_an_abort_past_a_pe_holding_the_loop_still_writes_the_statistics(tmp_path: Path) -> None:
+    """The watchdog that ends a run whose loop a PE holds wrote neither --stats nor --stats-json (it ended
+    the process before the run's own end could), where docs/observability.md promises both after an abort."""
+    flow = tmp_path / "hold.py"
+    flow.write_text(HOLDS_THE_LOOP)
+    stats = tmp_path / "stats.json"
+    process = aiod4p_process("run", str(flow), "-i", "1", "--stats", "--stats-json", str(stats))
+    try:
+        assert process.stderr is not None
+        assert process.stderr.readline() == "holding\n"
+        process.send_signal(signal.SIGINT)
+        assert process.stderr.readline().startswith("aiod4p: SIGINT: stopping the sources")
+        process.send_signal(signal.SIGINT)
+        _, err = process.communicate(timeout=20)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.communicate()
+    assert process.returncode == 130, err
+    assert "Statistics per PE" in err
+    assert err.splitlines()[-1] == "aiod4p: aborted by SIGINT; 0 records produced (the event loop was held by a PE)"
+    document = json.loads(stats.read_text())
+    assert document["finished"] is False and document["pes"]["Hold0"]["items_in"] == 1
+
+
 def test_console_script_is_installed() -> None:
     script = Path(sys.executable).parent / "aiod4p"
     done = subprocess.run([str(script), "run", WORDCOUNT, "-m", "simple"], capture_output=True, text=True, timeout=60)
