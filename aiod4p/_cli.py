@@ -403,20 +403,27 @@ def _run_loaded(args: argparse.Namespace, mapping: BaseMapping, results: str | N
     reports: list[Callable[[], None]] = []  # writes the statistics reports, once the run is planned
     reporting = threading.Lock()  # the run's end and a hard abort's watchdog may both come to write them
 
-    def report_once() -> None:
-        """Write the ``--stats``/``--stats-json`` reports unless they were written (wait while they are)."""
+    def report_once(*, failing: bool) -> None:
+        """Write the ``--stats``/``--stats-json`` reports unless they were written (wait while they are).
+
+        Raises:
+            Aiod4pError: a report cannot be written, unless ``failing`` (the run failed or is being aborted):
+                then the error is said, and the run's own (a full disk for the results, say) is not hidden.
+        """
         with reporting:
             while reports:
-                reports.pop()()
+                try:
+                    reports.pop()()
+                except Aiod4pError as exc:
+                    if not failing:
+                        raise
+                    print(f"aiod4p: error: {exc}", file=sys.stderr)
 
     def on_hard_abort() -> None:
         """What the abort watchdog does before it ends the process: results flushed, statistics reported."""
         for out in opened:
             out.flush()
-        try:
-            report_once()
-        except Aiod4pError as exc:
-            print(f"aiod4p: error: {exc}", file=sys.stderr)
+        report_once(failing=True)
 
     # The mapping may start its workers now, so that they start while the workflow loads (mpi: the ranks
     # import it too); what the run does not take is stopped when it ends. A signal that stops the start-up
@@ -467,6 +474,7 @@ def _run_loaded(args: argparse.Namespace, mapping: BaseMapping, results: str | N
                     stdout=stdout,
                 )
             )
+            status = EXIT_ERROR  # until the run returns its own
             try:
                 with asyncio.Runner(loop_factory=loop_factory(mapping.uses_uvloop)) as runner:
                     status = runner.run(
@@ -482,7 +490,7 @@ def _run_loaded(args: argparse.Namespace, mapping: BaseMapping, results: str | N
                 raise
             finally:
                 signals.restore()
-                report_once()
+                report_once(failing=status != EXIT_OK)
     except Stopped as stop:  # said above, unless it stopped the head start's own end
         return EXIT_ABORTED if said else _aborted(stop.signum, outcome.records, "")
     if status == EXIT_OK and args.provenance:
