@@ -305,6 +305,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise AssertionError(args.command)
     except BrokenPipeError:  # e.g. `aiod4p provenance FILE | head`
         return _stdout_closed()
+    except KeyboardInterrupt:  # Ctrl-C in a command that takes no signals itself (`aiod4p graph`, `stats plot`)
+        if args.debug:
+            traceback.print_exc()
+        print("aiod4p: aborted by SIGINT", file=sys.stderr)
+        return EXIT_ABORTED
     except Aiod4pError as exc:
         if args.debug:
             traceback.print_exc()

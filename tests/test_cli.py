@@ -994,6 +994,21 @@ def test_a_second_signal_aborts_within_a_second_while_a_pe_holds_the_loop(tmp_pa
     assert took < 1.0  # what the README promises
 
 
+def test_ctrl_c_in_a_command_without_signal_handling_is_one_line(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Ctrl-C while `aiod4p graph` imported a workflow (seconds, with scipy) or `aiod4p stats plot` drew
+    printed Python's KeyboardInterrupt traceback; it is one line and the status of an abort now."""
+
+    def interrupted(target: str) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("aiod4p._cli.load_workflow", interrupted)
+    assert main(["graph", WORDCOUNT, "-o", "never.svg"]) == 130
+    err = capsys.readouterr().err
+    assert err == "aiod4p: aborted by SIGINT\n"
+
+
 def test_an_abort_past_a_pe_holding_the_loop_still_writes_the_statistics(tmp_path: Path) -> None:
     """The watchdog that ends a run whose loop a PE holds wrote neither --stats nor --stats-json (it ended
     the process before the run's own end could), where docs/observability.md promises both after an abort."""
