@@ -229,6 +229,25 @@ def test_errors_are_one_line_and_non_zero(
     assert message in err
 
 
+def test_an_input_file_is_read_as_json_files_are_written(
+    workflow_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """-f read its file as text in the locale's encoding: one that is not UTF-8 was a UnicodeDecodeError said as
+    a usage error (exit 2) that did not name the file, and a UTF-8 file with a byte-order mark (as Notepad
+    saves one) was refused. The bytes go to json, which finds their encoding as RFC 8259 says."""
+    latin = tmp_path / "latin.json"
+    latin.write_bytes('{"Numbers": [{"x": "\u00e9"}]}'.encode("latin-1"))
+    assert main(["run", str(workflow_file), "-f", str(latin)]) == 1
+    assert capsys.readouterr().err.startswith(f"aiod4p: error: input file {latin} is not valid JSON: 'utf-8' codec")
+    for name, content in (
+        ("bom.json", b'\xef\xbb\xbf{"Numbers": 3}'),
+        ("utf16.json", '{"Numbers": 3}'.encode("utf-16")),
+    ):
+        (tmp_path / name).write_bytes(content)
+        assert main(["run", str(workflow_file), "-f", str(tmp_path / name), "-q"]) == 0
+        assert capsys.readouterr().out.splitlines()[0].endswith(".output: 3 items")
+
+
 @pytest.mark.parametrize("variables", [("PMI_SIZE", "PMI_RANK"), ("OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_RANK")])
 def test_a_mapping_other_than_mpi_under_mpiexec_is_refused(
     workflow_file: Path, variables: tuple[str, str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
