@@ -11,6 +11,7 @@ import shlex
 import signal
 import stat
 import sys
+import threading
 import traceback
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -304,6 +305,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise AssertionError(args.command)
     except BrokenPipeError:  # e.g. `aiod4p provenance FILE | head`
         return _stdout_closed()
+    except KeyboardInterrupt:  # Ctrl-C in a command that takes no signals itself (`aiod4p graph`, `stats plot`)
+        if args.debug:
+            traceback.print_exc()
+        print("aiod4p: aborted by SIGINT", file=sys.stderr)
+        return EXIT_ABORTED
     except Aiod4pError as exc:
         if args.debug:
             traceback.print_exc()
@@ -399,10 +405,30 @@ def _run_loaded(args: argparse.Namespace, mapping: BaseMapping, results: str | N
     """Load the workflow of ``args``, run it on ``mapping`` writing its results to ``results`` and report;
     ``stdout`` takes what goes to stdout (results with ``-``, ``--stats-json -``, the printed results)."""
     opened: list[TextIO] = []  # the results file once open: flushed before a hard abort
+    reports: list[Callable[[], None]] = []  # writes the statistics reports, once the run is planned
+    reporting = threading.Lock()  # the run's end and a hard abort's watchdog may both come to write them
 
-    def flush_results() -> None:
+    def report_once(*, failing: bool) -> None:
+        """Write the ``--stats``/``--stats-json`` reports unless they were written (wait while they are).
+
+        Raises:
+            Aiod4pError: a report cannot be written, unless ``failing`` (the run failed or is being aborted):
+                then the error is said, and the run's own (a full disk for the results, say) is not hidden.
+        """
+        with reporting:
+            while reports:
+                try:
+                    reports.pop()()
+                except Aiod4pError as exc:
+                    if not failing:
+                        raise
+                    print(f"aiod4p: error: {exc}", file=sys.stderr)
+
+    def on_hard_abort() -> None:
+        """What the abort watchdog does before it ends the process: results flushed, statistics reported."""
         for out in opened:
             out.flush()
+        report_once(failing=True)
 
     # The mapping may start its workers now, so that they start while the workflow loads (mpi: the ranks
     # import it too); what the run does not take is stopped when it ends. A signal that stops the start-up
@@ -412,7 +438,7 @@ def _run_loaded(args: argparse.Namespace, mapping: BaseMapping, results: str | N
     said = False  # a stop was said
     try:
         with (
-            Interrupts(EXIT_ABORTED, before_exit=flush_results, produced=lambda: _records(outcome.records)) as signals,
+            Interrupts(EXIT_ABORTED, before_exit=on_hard_abort, produced=lambda: _records(outcome.records)) as signals,
             contextlib.ExitStack() as started,
         ):
             phase = "loading the workflow"  # what a signal stops, as it says
@@ -444,6 +470,16 @@ def _run_loaded(args: argparse.Namespace, mapping: BaseMapping, results: str | N
                 raise
             show_progress = progress_wanted(args.quiet, args.results == "-")
             sampler = StatsSampler(workflow) if args.stats_json else None
+            reports.append(
+                lambda: report_stats(
+                    workflow,
+                    table=args.stats,
+                    json_path=args.stats_json,
+                    samples=sampler.samples if sampler else None,
+                    stdout=stdout,
+                )
+            )
+            status = EXIT_ERROR  # until the run returns its own
             try:
                 with asyncio.Runner(loop_factory=loop_factory(mapping.uses_uvloop)) as runner:
                     status = runner.run(
@@ -459,13 +495,7 @@ def _run_loaded(args: argparse.Namespace, mapping: BaseMapping, results: str | N
                 raise
             finally:
                 signals.restore()
-                report_stats(
-                    workflow,
-                    table=args.stats,
-                    json_path=args.stats_json,
-                    samples=sampler.samples if sampler else None,
-                    stdout=stdout,
-                )
+                report_once(failing=status != EXIT_OK)
     except Stopped as stop:  # said above, unless it stopped the head start's own end
         return EXIT_ABORTED if said else _aborted(stop.signum, outcome.records, "")
     if status == EXIT_OK and args.provenance:

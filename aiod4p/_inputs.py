@@ -145,10 +145,10 @@ def parse_cli_inputs(iterations: int | None, data: str | None, file: str | None)
     if file is not None:
         path = Path(file)
         try:
-            text = path.read_text()
+            content = path.read_bytes()  # json finds its encoding (UTF-8, a BOM, UTF-16): not the locale's
         except OSError as exc:
             raise InputError(f"cannot read input file {file}: {exc.strerror or exc}") from exc
-        return _parse_json(text, f"input file {file}")
+        return _parse_json(content, f"input file {file}")
     if data is not None:
         return _parse_json(data, "-d")
     if iterations is not None:
@@ -156,10 +156,10 @@ def parse_cli_inputs(iterations: int | None, data: str | None, file: str | None)
     return iterations
 
 
-def _parse_json(text: str, origin: str) -> Mapping[str, Feed]:
+def _parse_json(text: str | bytes, origin: str) -> Mapping[str, Feed]:
     try:
         value = json.loads(text)
-    except json.JSONDecodeError as exc:
+    except ValueError as exc:  # malformed JSON, or bytes that are not text in the encoding they start like
         raise InputError(f"{origin} is not valid JSON: {exc}") from exc
     if not isinstance(value, dict):
         raise InputError(f"{origin} must be a JSON object {{PE: count or list of inputs}}, not {type(value).__name__}")

@@ -40,18 +40,37 @@ def load_samples(path: str | Path) -> tuple[dict[str, Any], list[dict[str, Any]]
         raise Aiod4pError(f"cannot read statistics file {path}: {exc.strerror or exc}") from exc
     except ValueError as exc:
         raise Aiod4pError(f"{path} is not JSON: {exc}") from exc
+    not_stats = f"{path} is not a statistics file written by `aiod4p run --stats-json`"
     if not isinstance(document, dict) or not isinstance(document.get("pes"), dict):
-        raise Aiod4pError(f"{path} is not a statistics file written by `aiod4p run --stats-json`")
+        raise Aiod4pError(not_stats)
     samples = document.get("samples") or []
     if not samples:  # the end figures alone still give each PE's mean rate
-        samples = [
-            {
-                "t": document.get("elapsed_seconds", 0.0),
-                "pes": {pe: [s["items_in"], s["items_out"], s["busy_seconds"]] for pe, s in document["pes"].items()},
-            }
-        ]
+        try:
+            figures = {pe: [s["items_in"], s["items_out"], s["busy_seconds"]] for pe, s in document["pes"].items()}
+        except (KeyError, TypeError) as exc:
+            raise Aiod4pError(f"{not_stats}: its PEs' figures are not all there") from exc
+        samples = [{"t": document.get("elapsed_seconds", 0.0), "pes": figures}]
+    if not isinstance(samples, list):
+        raise Aiod4pError(f"{not_stats}: its samples are not a list")
+    for number, sample in enumerate(samples):
+        if not _is_sample(sample):
+            raise Aiod4pError(f"{not_stats}: sample {number} is not {{'t': seconds, 'pes': {{pe: [in, out, busy]}}}}")
     zero = {"t": 0.0, "pes": {pe: [0, 0, 0.0] for pe in document["pes"]}}
     return document, [zero, *samples]
+
+
+def _is_sample(sample: Any) -> bool:
+    """Whether ``sample`` is ``{"t": seconds, "pes": {pe: [items_in, items_out, busy_seconds]}}``."""
+
+    def number(value: Any) -> bool:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+
+    return (
+        isinstance(sample, dict)
+        and number(sample.get("t"))
+        and isinstance(sample.get("pes"), dict)
+        and all(isinstance(row, list) and len(row) == 3 and all(map(number, row)) for row in sample["pes"].values())
+    )
 
 
 def plot_stats(path: str | Path, output: str | Path) -> Path:

@@ -82,7 +82,8 @@ class _WindowPE(GenericPE):
         try:
             key = grouping.key_of(item)
         except Exception as exc:
-            raise GraphError(f"window PE {self.label}: the key {grouping} of item {item!r} failed: {exc}") from exc
+            shown = short_repr(item)
+            raise GraphError(f"window PE {self.label}: the key {grouping} of item {shown} failed: {exc}") from exc
         return key[0] if grouping.key is None and len(grouping.indices) == 1 else key
 
     def _emit(self, key: Any, start: Any, end: Any, items: list[Any]) -> None:

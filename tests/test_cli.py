@@ -229,6 +229,25 @@ def test_errors_are_one_line_and_non_zero(
     assert message in err
 
 
+def test_an_input_file_is_read_as_json_files_are_written(
+    workflow_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """-f read its file as text in the locale's encoding: one that is not UTF-8 was a UnicodeDecodeError said as
+    a usage error (exit 2) that did not name the file, and a UTF-8 file with a byte-order mark (as Notepad
+    saves one) was refused. The bytes go to json, which finds their encoding as RFC 8259 says."""
+    latin = tmp_path / "latin.json"
+    latin.write_bytes('{"Numbers": [{"x": "\u00e9"}]}'.encode("latin-1"))
+    assert main(["run", str(workflow_file), "-f", str(latin)]) == 1
+    assert capsys.readouterr().err.startswith(f"aiod4p: error: input file {latin} is not valid JSON: 'utf-8' codec")
+    for name, content in (
+        ("bom.json", b'\xef\xbb\xbf{"Numbers": 3}'),
+        ("utf16.json", '{"Numbers": 3}'.encode("utf-16")),
+    ):
+        (tmp_path / name).write_bytes(content)
+        assert main(["run", str(workflow_file), "-f", str(tmp_path / name), "-q"]) == 0
+        assert capsys.readouterr().out.splitlines()[0].endswith(".output: 3 items")
+
+
 @pytest.mark.parametrize("variables", [("PMI_SIZE", "PMI_RANK"), ("OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_RANK")])
 def test_a_mapping_other_than_mpi_under_mpiexec_is_refused(
     workflow_file: Path, variables: tuple[str, str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
@@ -992,6 +1011,46 @@ def test_a_second_signal_aborts_within_a_second_while_a_pe_holds_the_loop(tmp_pa
     assert process.returncode == 130, err
     assert err.splitlines()[-1] == "aiod4p: aborted by SIGINT; 0 records produced (the event loop was held by a PE)"
     assert took < 1.0  # what the README promises
+
+
+def test_ctrl_c_in_a_command_without_signal_handling_is_one_line(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Ctrl-C while `aiod4p graph` imported a workflow (seconds, with scipy) or `aiod4p stats plot` drew
+    printed Python's KeyboardInterrupt traceback; it is one line and the status of an abort now."""
+
+    def interrupted(target: str) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("aiod4p._cli.load_workflow", interrupted)
+    assert main(["graph", WORDCOUNT, "-o", "never.svg"]) == 130
+    err = capsys.readouterr().err
+    assert err == "aiod4p: aborted by SIGINT\n"
+
+
+def test_an_abort_past_a_pe_holding_the_loop_still_writes_the_statistics(tmp_path: Path) -> None:
+    """The watchdog that ends a run whose loop a PE holds wrote neither --stats nor --stats-json (it ended
+    the process before the run's own end could), where docs/observability.md promises both after an abort."""
+    flow = tmp_path / "hold.py"
+    flow.write_text(HOLDS_THE_LOOP)
+    stats = tmp_path / "stats.json"
+    process = aiod4p_process("run", str(flow), "-i", "1", "--stats", "--stats-json", str(stats))
+    try:
+        assert process.stderr is not None
+        assert process.stderr.readline() == "holding\n"
+        process.send_signal(signal.SIGINT)
+        assert process.stderr.readline().startswith("aiod4p: SIGINT: stopping the sources")
+        process.send_signal(signal.SIGINT)
+        _, err = process.communicate(timeout=20)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.communicate()
+    assert process.returncode == 130, err
+    assert "Statistics per PE" in err
+    assert err.splitlines()[-1] == "aiod4p: aborted by SIGINT; 0 records produced (the event loop was held by a PE)"
+    document = json.loads(stats.read_text())
+    assert document["finished"] is False and document["pes"]["Hold0"]["items_in"] == 1
 
 
 def test_console_script_is_installed() -> None:

@@ -338,6 +338,15 @@ def test_an_unpicklable_result_names_the_pe_and_port() -> None:
         aiod4p.run(graph, 100, mapping="multi", workers=2)
 
 
+@pytest.mark.timeout(30)
+def test_an_unpicklable_result_is_named_without_calling_its_repr() -> None:
+    """The error asked the result for its repr: one that never returns hung the run (a worker stuck in it)."""
+    graph = WorkflowGraph()
+    graph.connect(wf.Count(), "output", emit := wf.EmitHandle(), "input")
+    with pytest.raises(TransportError, match=rf"PE {emit.id} wrote a result .*: <Handle> \(TypeError: a Handle cannot"):
+        aiod4p.run(graph, 100, mapping="multi", workers=2)
+
+
 # -- drain and cancel -------------------------------------------------------------------
 
 

@@ -281,3 +281,19 @@ def test_stats_plot_errors_name_the_file(tmp_path: Path) -> None:
     (tmp_path / "junk.json").write_text("{")
     junk = cli("stats", "plot", str(tmp_path / "junk.json"), "-o", str(tmp_path / "x.png"), cwd=tmp_path)
     assert junk.returncode == 1 and "is not JSON" in junk.stderr
+
+
+@pytest.mark.parametrize(
+    "samples",
+    [[{"t": 0.5}], [{"t": 0.5, "pes": {"Count0": [3]}}], [{"t": "0.5", "pes": {}}], ["0.5"], 7],
+    ids=["no pes", "short row", "t not a number", "not a dict", "not a list"],
+)
+def test_stats_plot_of_a_malformed_sample_names_the_file(tmp_path: Path, samples: Any) -> None:
+    """A sample not as --stats-json writes it (a file edited, or another tool's) gave a KeyError or TypeError
+    traceback, or numpy's message as a usage error (exit 2); it is one line naming the file and sample."""
+    stats = tmp_path / "stats.json"
+    stats.write_text(json.dumps({"pes": {"Count0": {}}, "samples": samples}))
+    done = cli("stats", "plot", str(stats), "-o", str(tmp_path / "x.png"), cwd=tmp_path)
+    assert done.returncode == 1, done.stderr
+    assert done.stderr.startswith(f"aiod4p: error: {stats} is not a statistics file written by")
+    assert "Traceback" not in done.stderr and not (tmp_path / "x.png").exists()

@@ -368,6 +368,19 @@ def test_cli_unwritable_stats_json(flow: Path, tmp_path: Path) -> None:
     assert f"cannot write statistics to {target}" in result.stderr
 
 
+def test_cli_stats_that_cannot_be_written_do_not_hide_why_the_run_failed(flow: Path, tmp_path: Path) -> None:
+    """On a full disk the results failed first, then the statistics written at the end: the second error
+    replaced the first, and stderr named only the statistics. Both are said now, the run's own last."""
+    result = aiod4p_cli(
+        "run", f"{flow}:graph", "-i", "3", "--results", "/dev/full", "--stats-json", "/dev/full", cwd=tmp_path
+    )
+    assert result.returncode == 1
+    assert result.stderr.splitlines()[-2:] == [
+        "aiod4p: error: cannot write statistics to /dev/full: No space left on device",
+        "aiod4p: error: cannot write results to /dev/full: No space left on device",
+    ]
+
+
 def test_no_stats_unless_asked(flow: Path, tmp_path: Path) -> None:
     result = aiod4p_cli("run", f"{flow}:graph", "-i", "3", cwd=tmp_path)
     assert result.returncode == 0 and "Statistics" not in result.stderr + result.stdout

@@ -207,6 +207,24 @@ class EmitLock(IterativePE):
         return threading.Lock() if item == 7 else item
 
 
+class Handle:
+    """An object that cannot be pickled and whose ``repr`` never returns (one that asks a remote service, say)."""
+
+    def __reduce__(self) -> Any:
+        raise TypeError("a Handle cannot be pickled")
+
+    def __repr__(self) -> str:
+        threading.Event().wait()  # never set
+        return "Handle()"
+
+
+class EmitHandle(IterativePE):
+    """Emits a :class:`Handle` for item 7."""
+
+    def process_item(self, item: int) -> Any:
+        return Handle() if item == 7 else item
+
+
 def on_instance_1(item: Any) -> str:
     """A group-by key that sends every item to instance 1 of a PE with 2 instances (on worker 1)."""
     return _INSTANCE_1_KEY

@@ -29,7 +29,6 @@ import asyncio
 import contextlib
 import logging
 import pickle
-import reprlib
 from collections import deque
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -37,6 +36,7 @@ from typing import Any, Protocol
 
 from .._checkpoint import HostCheckpoints, Session, Trigger, attach_worker
 from .._engine import HELD_FEEDS, Feed, ReadAhead, Worker, pe_error
+from .._frames import short_repr
 from .._links import unpicklable_item
 from .._plan import ExecutionPlan, InstanceRef
 from .._results import ResultSink
@@ -227,9 +227,10 @@ class ForwardSink:
             await self._control.send(Results(pe, port, items))
         except UnpicklableMessage as exc:
             culprit = next((item for item in items if not _picklable(item)), None)
+            cause = exc.__cause__
             raise TransportError(
                 f"PE {pe} wrote a result on output port {port!r} that cannot be pickled to reach"
-                f" {self._destination}: {reprlib.repr(culprit)} ({exc.__cause__})"
+                f" {self._destination}: {short_repr(culprit)} ({type(cause).__name__}: {cause})"
             ) from exc
 
 
