@@ -417,6 +417,29 @@ def test_a_local_ray_started_by_the_run_has_room_for_its_workers(tmp_path: Path)
     ), missing.stderr
 
 
+def test_a_sigterm_handler_outlives_a_local_ray_started_by_a_run(tmp_path: Path) -> None:
+    """Ray takes over SIGTERM (and SIGSEGV, ...) below Python while connected, and sets the default action when
+    it disconnects: after a run had started and stopped its local Ray, a SIGTERM killed the process, with the
+    handler Python still believed in (aiod4p run's drain, after a restart with --restarts; a service's)."""
+    (tmp_path / "times10.py").write_text(TIMES10_FLOW)
+    script = (
+        "import os, signal, aiod4p, times10\n"
+        "got = []\n"
+        "signal.signal(signal.SIGTERM, lambda signum, frame: got.append(signum))\n"
+        "aiod4p.run(times10.graph, 2, mapping='ray', workers=1)\n"
+        "os.kill(os.getpid(), signal.SIGTERM)\n"
+        "print('handled' if got else 'not handled')\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        env={**WITHOUT_CLUSTER, "PYTHONPATH": f"{ROOT}:{tmp_path}"},
+        timeout=120,
+    )
+    assert (done.returncode, done.stdout) == (0, "handled\n"), done.stderr
+
+
 def _described(pid: int) -> str:
     try:
         command = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
