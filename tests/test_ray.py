@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 import ray
 import workflows as wf
-from helpers import ROOT, TIMES10_FLOW, aiod4p_cli, aiod4p_process, run_notebook_flow
+from helpers import ROOT, TIMES10_FLOW, aiod4p_cli, aiod4p_process, numbers_flow, run_notebook_flow
 from ray_cluster import RayCluster, session_processes, wait_gone
 
 import aiod4p
@@ -438,6 +438,42 @@ def test_a_sigterm_handler_outlives_a_local_ray_started_by_a_run(tmp_path: Path)
         timeout=120,
     )
     assert (done.returncode, done.stdout) == (0, "handled\n"), done.stderr
+
+
+SLOW_END_FLOW = numbers_flow(
+    """
+    import time
+
+    class SlowEnd(IterativePE):
+        def process_item(self, item):
+            return item
+
+        def postprocess(self):
+            time.sleep(4)  # longer than Ray's crash reporter gives a signal handler (3 s)
+            self.write("output", "done")
+    """
+)
+
+
+def test_a_sigterm_drains_a_ray_run_however_long_the_drain_takes(tmp_path: Path) -> None:
+    """Ray's crash reporter, which took SIGTERM in the driver, printed a stack of addresses and armed an alarm
+    that aborted the process (SIGABRT) 3 s later: a drain that took longer lost every result it was finishing."""
+    flow = tmp_path / "slow_end.py"
+    flow.write_text(SLOW_END_FLOW)
+    args = ("run", str(flow), "-m", "ray", "-n", "1", "-i", "1000000", "--results", "-")
+    run = aiod4p_process(*args, env=WITHOUT_CLUSTER)
+    try:
+        assert run.stdout is not None
+        assert json.loads(run.stdout.readline())["data"] == 1  # the run is under way
+        run.send_signal(signal.SIGTERM)
+        out, err = run.communicate(timeout=120)
+    finally:
+        if run.poll() is None:
+            os.killpg(run.pid, signal.SIGKILL)
+        run.communicate()
+    assert run.returncode == 0, err
+    assert json.loads(out.splitlines()[-1])["data"] == "done"
+    assert "interrupted by SIGTERM: drained" in err and "SIGTERM received" not in err, err
 
 
 def _described(pid: int) -> str:

@@ -24,6 +24,7 @@ import contextlib
 import functools
 import logging
 import os
+import signal
 import sys
 import threading
 from collections.abc import Callable
@@ -98,6 +99,9 @@ class _Connection:
                     adopt_orphans(False)
                     restore_signal_actions(self._actions)
                     raise
+                # SIGTERM is the run's (a drain), not a crash: Ray's reporter printed a stack of addresses for it,
+                # and its alarm aborted the process (SIGABRT) 3 s later, in the middle of the drain.
+                restore_signal_actions({signal.SIGTERM: self._actions[signal.SIGTERM]})
                 self._started = children({os.getpid()}) - self._before
                 self._owned = True
             self._users += 1
