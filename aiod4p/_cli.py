@@ -402,7 +402,8 @@ def _run_loaded(args: argparse.Namespace, mapping: BaseMapping, results: str | N
 
     def flush_results() -> None:
         for out in opened:
-            out.flush()
+            if not out.closed:  # the run closed it once every result was written: a clean-up after it is slow
+                out.flush()
 
     # The mapping may start its workers now, so that they start while the workflow loads (mpi: the ranks
     # import it too); what the run does not take is stopped when it ends. A signal that stops the start-up

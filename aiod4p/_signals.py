@@ -267,7 +267,8 @@ class Interrupts:
         else:
             why = f"its clean-up did not end within {ABORT_GRACE:g} s"
         try:
-            self._before_exit()
+            with contextlib.suppress(Exception):  # what cannot be flushed (a full disk) must not hide why it ends
+                self._before_exit()
             print(f"aiod4p: aborted by {self.name}; {self._produced()} produced ({why})", file=sys.stderr, flush=True)
             sys.stdout.flush()
         finally:
