@@ -176,11 +176,17 @@ def _part_name(ref: InstanceRef) -> str:
 
 @dataclass(frozen=True)
 class Checkpoint:
-    """A complete checkpoint: its id, manifest and the saved state of every instance."""
+    """A complete checkpoint: its id, manifest, the saved state of every instance, and the directory it is in."""
 
     id: int
     manifest: dict[str, Any]
     states: dict[InstanceRef, dict[str, Any]]
+    directory: Path
+
+    @property
+    def label(self) -> str:
+        """``checkpoint N in DIR``, for messages."""
+        return f"checkpoint {self.id} in {self.directory}"
 
     @property
     def results_offset(self) -> int | None:
@@ -206,7 +212,7 @@ class Checkpoint:
         try:
             return int(self.manifest["parallelism"][pe])
         except KeyError:
-            raise CheckpointError(f"checkpoint {self.id} has no PE {pe}: it was taken of another graph") from None
+            raise CheckpointError(f"{self.label} has no PE {pe}: it was taken of another graph") from None
 
     def check(self, plan: ExecutionPlan) -> None:
         """Whether ``plan`` can resume from the checkpoint: it was taken of the same graph (the same PEs, by id,
@@ -223,13 +229,13 @@ class Checkpoint:
         extra = sorted(set(self.manifest["parallelism"]) - set(plan.placement))
         if extra:
             raise CheckpointError(
-                f"checkpoint {self.id} has PE {extra[0]}, which this workflow has not: it was taken of another graph"
+                f"{self.label} has PE {extra[0]}, which this workflow has not: it was taken of another graph"
             )
         saved = self.manifest.get("edges", [])  # a manifest written before connections were recorded has none
         differ = sorted(set(saved) ^ set(_edges(plan))) if "edges" in self.manifest else []
         if differ:
-            whose = f"checkpoint {self.id}'s graph" if differ[0] in saved else "this workflow"
-            raise CheckpointError(f"checkpoint {self.id} was taken of another graph: only {whose} connects {differ[0]}")
+            whose = "the checkpoint's graph" if differ[0] in saved else "this workflow"
+            raise CheckpointError(f"{self.label} was taken of another graph: only {whose} connects {differ[0]}")
         for pe, placement in plan.placement.items():
             old = self.parallelism(pe)
             if old != placement.parallelism and not placement.is_root:  # a root's is refused with its position
@@ -313,6 +319,7 @@ class CheckpointStore:
     def __init__(self, directory: str | os.PathLike[str], keep: int = Checkpointing.keep) -> None:
         self.directory = Path(directory)
         self.keep = keep
+        self._torn: set[int] = set()  # the torn checkpoints logged: each is logged once
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -444,7 +451,7 @@ class CheckpointStore:
                 shutil.rmtree(self.path(i), ignore_errors=True)
 
     def load(self, n: int) -> Checkpoint | None:
-        """Checkpoint ``n`` if it is complete and whole, else ``None`` (torn: never used; logged).
+        """Checkpoint ``n`` if it is complete and whole, else ``None`` (torn: never used; logged, once).
 
         Raises:
             CheckpointError: it is whole, but a part's state cannot be unpickled here: the workflow's code
@@ -461,7 +468,8 @@ class CheckpointStore:
                     raise ValueError(f"part {part['file']} does not match the manifest")
                 parts[InstanceRef(part["pe"], part["index"])] = (part["file"], data)
         except (OSError, ValueError, KeyError, TypeError) as exc:
-            if folder.exists():
+            if folder.exists() and n not in self._torn:
+                self._torn.add(n)
                 reason = (
                     f"{MANIFEST} is not a checkpoint's manifest ({type(exc).__name__}: {exc})"
                     if isinstance(exc, (KeyError, TypeError, json.JSONDecodeError))
@@ -478,7 +486,7 @@ class CheckpointStore:
                     f"checkpoint {n} in {self.directory}: the state of PE {ref.pe} instance {ref.index} ({name})"
                     f" cannot be loaded: {type(exc).__name__}: {exc} (was the workflow's code changed since?)"
                 ) from exc
-        return Checkpoint(n, manifest, states)
+        return Checkpoint(n, manifest, states, self.directory)
 
     def latest(self, since: int = 0) -> Checkpoint | None:
         """The newest complete checkpoint whose id is at least ``since``."""

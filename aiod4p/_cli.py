@@ -427,7 +427,8 @@ def _run_loaded(args: argparse.Namespace, mapping: BaseMapping, results: str | N
     def on_hard_abort() -> None:
         """What the abort watchdog does before it ends the process: results flushed, statistics reported."""
         for out in opened:
-            out.flush()
+            if not out.closed:  # the run closed it once every result was written: a clean-up after it is slow
+                out.flush()
         report_once(failing=True)
 
     # The mapping may start its workers now, so that they start while the workflow loads (mpi: the ranks

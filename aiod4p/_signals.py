@@ -32,13 +32,14 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from types import FrameType
 from typing import Any, Protocol
 
 __all__ = [
     "ABORT_GRACE",
+    "FAILURE_SIGNALS",
     "HELD_GRACE",
     "HeldLoopInterrupt",
     "Interrupts",
@@ -48,6 +49,8 @@ __all__ = [
     "interrupts_the_run",
     "loop_turns",
     "release",
+    "restore_signal_actions",
+    "signal_actions",
 ]
 
 ABORT_GRACE = 0.9
@@ -89,6 +92,42 @@ def adopt_orphans(adopt: bool) -> None:
     child subreaper), so that what a child leaves behind when it dies can still be found and stopped."""
     if sys.platform.startswith("linux"):
         ctypes.CDLL(None, use_errno=True).prctl(36, int(adopt))  # PR_SET_CHILD_SUBREAPER
+
+
+FAILURE_SIGNALS = (
+    signal.SIGSEGV,
+    signal.SIGILL,
+    signal.SIGFPE,
+    signal.SIGABRT,
+    signal.SIGBUS,
+    signal.SIGTRAP,
+    signal.SIGTERM,
+)
+"""The signals a crash reporter (Ray's, abseil's failure signal handler) takes over; Ray puts the default action
+back on them when it disconnects, Python's SIGTERM handler and :mod:`faulthandler`'s included."""
+
+_SIGACTION_SIZE = 256
+"""Bytes enough for the C library's ``struct sigaction`` (152 on Linux), kept as an opaque record."""
+
+
+def signal_actions(signums: Iterable[int] = FAILURE_SIGNALS) -> dict[int, bytes]:
+    """The process's actions for ``signums`` as the C library holds them (``sigaction``), for
+    :func:`restore_signal_actions`: what a library that installs handlers below Python's (Ray) leaves behind
+    is then undone, whatever Python's :mod:`signal` module believes."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    actions = {}
+    for signum in signums:
+        record = ctypes.create_string_buffer(_SIGACTION_SIZE)
+        if libc.sigaction(signum, None, record) == 0:
+            actions[signum] = record.raw
+    return actions
+
+
+def restore_signal_actions(actions: dict[int, bytes]) -> None:
+    """Put back the actions :func:`signal_actions` read (from any thread)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    for signum, record in actions.items():
+        libc.sigaction(signum, ctypes.create_string_buffer(record, _SIGACTION_SIZE), None)
 
 
 @contextmanager
@@ -228,7 +267,8 @@ class Interrupts:
         else:
             why = f"its clean-up did not end within {ABORT_GRACE:g} s"
         try:
-            self._before_exit()
+            with contextlib.suppress(Exception):  # what cannot be flushed (a full disk) must not hide why it ends
+                self._before_exit()
             print(f"aiod4p: aborted by {self.name}; {self._produced()} produced ({why})", file=sys.stderr, flush=True)
             sys.stdout.flush()
         finally:

@@ -619,12 +619,15 @@ async def test_count_feed_is_replayed_from_its_index(tmp_path: Path) -> None:
 async def test_restore_refuses_another_graph_and_another_root_parallelism(tmp_path: Path) -> None:
     directory = tmp_path / "ck"
     assert not await _run_until_killed(_numbers(), _mapping(directory), 2, 3000, NUMBERS, directory)
-    with pytest.raises(CheckpointError, match="has no PE lines: it was taken of another graph"):
+    # each names the directory: the operator may have given the directory of another workflow
+    named = rf"checkpoint \d+ in {re.escape(str(directory))} "
+    with pytest.raises(CheckpointError, match=named + "has no PE lines: it was taken of another graph"):
         await run_async(word_count(tmp_path / "none.txt"), 1, mapping=_mapping(directory, restore=True))
-    with pytest.raises(CheckpointError, match="has PE count, which this workflow has not: it was taken of another"):
+    with pytest.raises(CheckpointError, match=named + "has PE count, which this workflow has not: it was taken of"):
         await run_async(_numbers_joined(("numbers", "pair")), NUMBERS, mapping=_mapping(directory, restore=True))
     rewired = _numbers_joined(("numbers", "pair"), ("numbers", "count"))
-    with pytest.raises(CheckpointError, match=r"only this workflow connects numbers\.output -> count\.input$"):
+    rewiring = r"was taken of another graph: only this workflow connects numbers\.output -> count\.input$"
+    with pytest.raises(CheckpointError, match=named + rewiring):
         await run_async(rewired, NUMBERS, mapping=_mapping(directory, restore=True))
     with pytest.raises(CheckpointError) as refused:  # it said "had 1 instances", and not what to do
         await run_async(_numbers(root_parallelism=2), NUMBERS, mapping=_mapping(directory, restore=True))
@@ -1207,6 +1210,21 @@ def test_a_manifest_that_is_not_one_is_named_so(
     assert f"ignoring torn checkpoint {store.path(1)}: MANIFEST.json is not a checkpoint's manifest ({reason}" in (
         caplog.text
     )
+
+
+def test_a_restore_logs_each_torn_checkpoint_once(
+    tmp_path: Path, words: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A restore finding only torn checkpoints logged each twice: once looking for one of the last run, once
+    for the error's wording (an earlier run's)."""
+    store = CheckpointStore(tmp_path / "ck")
+    for n in (1, 2):
+        store.path(n).mkdir()
+        (store.path(n) / MANIFEST).write_text("{garbage")
+    with pytest.raises(CheckpointError, match="no complete checkpoint in"):
+        run(word_count(words), 1, mapping=_mapping(store.directory, restore=True))
+    torn = [record.getMessage() for record in caplog.records if "ignoring torn" in record.getMessage()]
+    assert len(torn) == 2 and {str(store.path(1)), str(store.path(2))} == {m.split()[3][:-1] for m in torn}, torn
 
 
 def test_a_checkpoint_directory_that_is_a_file_is_named_so(tmp_path: Path) -> None:

@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 import ray
 import workflows as wf
-from helpers import ROOT, TIMES10_FLOW, aiod4p_cli, aiod4p_process, run_notebook_flow
+from helpers import ROOT, TIMES10_FLOW, aiod4p_cli, aiod4p_process, numbers_flow, run_notebook_flow
 from ray_cluster import RayCluster, session_processes, wait_gone
 
 import aiod4p
@@ -415,6 +415,65 @@ def test_a_local_ray_started_by_the_run_has_room_for_its_workers(tmp_path: Path)
         "MappingUnavailable: the local Ray started for the run cannot start 1 worker actors of 1 CPU and"
         " {'gpu_host': 1} each: it has {" in missing.stderr
     ), missing.stderr
+
+
+def test_a_sigterm_handler_outlives_a_local_ray_started_by_a_run(tmp_path: Path) -> None:
+    """Ray takes over SIGTERM (and SIGSEGV, ...) below Python while connected, and sets the default action when
+    it disconnects: after a run had started and stopped its local Ray, a SIGTERM killed the process, with the
+    handler Python still believed in (aiod4p run's drain, after a restart with --restarts; a service's)."""
+    (tmp_path / "times10.py").write_text(TIMES10_FLOW)
+    script = (
+        "import os, signal, aiod4p, times10\n"
+        "got = []\n"
+        "signal.signal(signal.SIGTERM, lambda signum, frame: got.append(signum))\n"
+        "aiod4p.run(times10.graph, 2, mapping='ray', workers=1)\n"
+        "os.kill(os.getpid(), signal.SIGTERM)\n"
+        "print('handled' if got else 'not handled')\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        env={**WITHOUT_CLUSTER, "PYTHONPATH": f"{ROOT}:{tmp_path}"},
+        timeout=120,
+    )
+    assert (done.returncode, done.stdout) == (0, "handled\n"), done.stderr
+
+
+SLOW_END_FLOW = numbers_flow(
+    """
+    import time
+
+    class SlowEnd(IterativePE):
+        def process_item(self, item):
+            return item
+
+        def postprocess(self):
+            time.sleep(4)  # longer than Ray's crash reporter gives a signal handler (3 s)
+            self.write("output", "done")
+    """
+)
+
+
+def test_a_sigterm_drains_a_ray_run_however_long_the_drain_takes(tmp_path: Path) -> None:
+    """Ray's crash reporter, which took SIGTERM in the driver, printed a stack of addresses and armed an alarm
+    that aborted the process (SIGABRT) 3 s later: a drain that took longer lost every result it was finishing."""
+    flow = tmp_path / "slow_end.py"
+    flow.write_text(SLOW_END_FLOW)
+    args = ("run", str(flow), "-m", "ray", "-n", "1", "-i", "1000000", "--results", "-")
+    run = aiod4p_process(*args, env=WITHOUT_CLUSTER)
+    try:
+        assert run.stdout is not None
+        assert json.loads(run.stdout.readline())["data"] == 1  # the run is under way
+        run.send_signal(signal.SIGTERM)
+        out, err = run.communicate(timeout=120)
+    finally:
+        if run.poll() is None:
+            os.killpg(run.pid, signal.SIGKILL)
+        run.communicate()
+    assert run.returncode == 0, err
+    assert json.loads(out.splitlines()[-1])["data"] == "done"
+    assert "interrupted by SIGTERM: drained" in err and "SIGTERM received" not in err, err
 
 
 def _described(pid: int) -> str:

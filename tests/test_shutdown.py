@@ -303,15 +303,23 @@ async def main(signals):
     except asyncio.CancelledError:
         await asyncio.Event().wait()  # the clean-up, which never ends: the watchdog ends it
 
-with Interrupts(130, produced=lambda: "7 records") as signals:
+results = open(os.devnull, "w")
+if CLOSED:
+    results.close()
+with Interrupts(130, before_exit=results.flush, produced=lambda: "7 records") as signals:
     asyncio.run(main(signals))
 """
 
 
-def test_an_abort_whose_clean_up_is_slow_says_so_and_counts_the_records() -> None:
+@pytest.mark.parametrize("closed", [False, True])
+def test_an_abort_whose_clean_up_is_slow_says_so_and_counts_the_records(closed: bool) -> None:
     """The watchdog ends an abort that takes too long; its last line says how many records the run produced
-    and why it had to step in: here not a PE holding the event loop (the loop is free), a slow clean-up."""
-    done = subprocess.run([sys.executable, "-c", _SLOW_CLEAN_UP], capture_output=True, text=True, timeout=30)
+    and why it had to step in: here not a PE holding the event loop (the loop is free), a slow clean-up.
+
+    With the results file closed already (the run had written every result, and Ray was still stopping), the
+    flush before the exit raised, and the process ended with status 130 saying nothing."""
+    script = f"CLOSED = {closed}\n{_SLOW_CLEAN_UP}"
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=30)
     assert done.returncode == 130
     assert (
         done.stderr.splitlines()[-1]

@@ -24,6 +24,7 @@ import contextlib
 import functools
 import logging
 import os
+import signal
 import sys
 import threading
 from collections.abc import Callable
@@ -36,7 +37,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from .._plan import ExecutionPlan
 from .._processes import LEFTOVER_GRACE, children, descendants, kill_left, pidfds
-from .._signals import adopt_orphans
+from .._signals import adopt_orphans, restore_signal_actions, signal_actions
 from .._threads import DaemonThreadPool, finished_in_thread
 from ..errors import MappingUnavailable
 from ..transports.ray import DriverComm
@@ -79,6 +80,7 @@ class _Connection:
         self.local = False  # the connection is to a local Ray started here: it never grows
         self._before: set[int] = set()  # this process's children before it started a local Ray
         self._started: set[int] = set()  # the processes of a local Ray started here (raylet, GCS, ...)
+        self._actions: dict[int, bytes] = {}  # the signal actions before Ray was joined here, put back after
         self._lock = threading.Lock()
 
     def acquire(self, connect: Callable[[], bool]) -> None:
@@ -87,12 +89,19 @@ class _Connection:
         with self._lock:
             if self._users == 0 and not ray.is_initialized():
                 self._before = children({os.getpid()})
+                # Ray's crash reporter takes over SIGTERM, SIGSEGV...; disconnecting, Ray sets their default
+                # action, under Python: a SIGTERM would then kill the process (a restart's, a service's), undrained.
+                self._actions = signal_actions()
                 adopt_orphans(True)  # the agents a raylet leaves behind come back to this process
                 try:
                     self.local = connect()
                 except BaseException:
                     adopt_orphans(False)
+                    restore_signal_actions(self._actions)
                     raise
+                # SIGTERM is the run's (a drain), not a crash: Ray's reporter printed a stack of addresses for it,
+                # and its alarm aborted the process (SIGABRT) 3 s later, in the middle of the drain.
+                restore_signal_actions({signal.SIGTERM: self._actions[signal.SIGTERM]})
                 self._started = children({os.getpid()}) - self._before
                 self._owned = True
             self._users += 1
@@ -116,6 +125,7 @@ class _Connection:
                             os.waitpid(pid, 0)
                 finally:
                     adopt_orphans(False)
+                    restore_signal_actions(self._actions)
                     for fd in tree:
                         os.close(fd)
 
