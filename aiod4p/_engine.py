@@ -78,6 +78,9 @@ YIELD_BATCHES = 16
 # A plain PE call that holds the caller's event loop this long in one go is logged (once per PE): nothing else
 # in that loop ran meanwhile, a service's tasks among them. asyncio's debug mode says so from 0.1 s; dask from 3 s.
 HELD_LOOP_WARNING = 1.0
+# A call in a pool thread (a ``threaded`` PE's) adds to its instance's busy time at least this often while it
+# runs, so that a long call that writes nothing yet shows busy in the live statistics, not idle until it returns.
+THREADED_BUSY_FOLD = 0.1
 # How much each batch moves an instance's measured pace (an exponential moving average): start-up waits,
 # and a stretch held back by a stage downstream, are forgotten after a few dozen batches.
 PACE_WEIGHT = 0.25
@@ -575,6 +578,7 @@ class _Actor(Invoker):
         # Plain calls may run in a pool thread (where write() can wait for credit); others stay on the loop.
         self.can_thread = self.process_kind == "sync" and (self.fn is None or self.fn_kind == "sync")
         self.threaded = self.can_thread and bool(getattr(pe, "threaded", False))
+        self.handing_over = False  # a threaded call's writes are being routed (_route_handed_over)
         # What a call buffers before it hands its writes over (and waits for credit): as many items as
         # one channel may have in flight.
         self.hand_over_limit = self.batch_size * options.credits
@@ -808,9 +812,15 @@ class _Actor(Invoker):
         runtime = self.pe._runtime
         assert runtime is not None
         runtime.full = functools.partial(self._hand_over, loop)
+        call = asyncio.wrap_future(self.worker.threads().submit(f"a call of PE {self.ref}", function, *args))
         try:
-            return await asyncio.wrap_future(self.worker.threads().submit(f"a call of PE {self.ref}", function, *args))
+            while not call.done():
+                await asyncio.wait((call,), timeout=THREADED_BUSY_FOLD)
+                if not self.handing_over:  # a hand-over's wait for credit is counted as blocked when it ends
+                    self._busy_fold()
+            return call.result()
         finally:
+            call.cancel()  # cancelled while waiting: the call stops unless it has started
             runtime.full = _switch_to_actor
 
     def _call_items(self, port: str | None, items: list[Any]) -> None:
@@ -852,7 +862,11 @@ class _Actor(Invoker):
     async def _route_handed_over(self) -> None:
         """On the loop, for a call in a pool thread: route what it wrote so far."""
         self._busy_fold()
-        await self._route_outputs(detach=True)
+        self.handing_over = True
+        try:
+            await self._route_outputs(detach=True)
+        finally:
+            self.handing_over = False
 
     async def _pump(self, source: AsyncIterator[Any], port: str) -> None:
         # A live source (a root's async generator) is read ahead while the actor

@@ -218,6 +218,41 @@ def test_a_long_call_shows_its_busy_time_while_it_runs() -> None:
     asyncio.run(go())
 
 
+class WaitsInAThread(aiod4p.IterativePE):
+    """A threaded PE whose call writes nothing until a file appears (a long blocking call, as a slow query)."""
+
+    threaded = True
+
+    def process_item(self, path: str) -> str:
+        while not Path(path).exists():
+            threading.Event().wait(0.01)  # ok-sleep: polls for the test's signal, a file (works across processes)
+        return path
+
+
+@pytest.mark.parametrize(("mapping_name", "workers"), [("async", None), ("multi", 2)])
+def test_a_threaded_call_shows_its_busy_time_before_it_returns(
+    mapping_name: str, workers: int | None, tmp_path: Path
+) -> None:
+    """A threaded call that wrote nothing for seconds showed 0% busy until it returned: the progress display
+    and the samples of --stats-json showed the stage that held the run back as idle."""
+    graph = WorkflowGraph()
+    graph.add(waits := WaitsInAThread())
+    done = tmp_path / "done"
+
+    async def go() -> None:
+        async with asyncio.timeout(60):
+            async with aiod4p.start(
+                graph, {waits: [{"input": str(done)}]}, mapping=mapping_name, workers=workers
+            ) as run:
+                while sum(entry.busy_seconds for entry in run.live_stats() if entry.pe == waits.id) < 0.3:  # noqa: ASYNC110
+                    await asyncio.sleep(0.01)  # polls the live statistics, as the progress display does
+                assert not run.done
+                done.touch()
+                assert [record.data for record in await run.results()] == [str(done)]
+
+    asyncio.run(go())
+
+
 @pytest.mark.parametrize(("mapping_name", "workers"), [("simple", None), ("async", None), ("multi", 2), ("mpi", 2)])
 def test_errors_are_counted_in_the_last_stats(mapping_name: str, workers: int | None) -> None:
     # On multi and mpi a failing worker reported no statistics: a run failing within its first
