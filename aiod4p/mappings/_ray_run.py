@@ -20,7 +20,6 @@ does not import Ray: this module, and Ray with it, is imported in a thread as a 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import logging
 import os
@@ -35,7 +34,7 @@ from ray.util.placement_group import PlacementGroup, placement_group, remove_pla
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from .._plan import ExecutionPlan
-from .._processes import LEFTOVER_GRACE, children, descendants, kill_left, pidfds
+from .._processes import LEFTOVER_GRACE, children, descendants, kill_left, pidfds, reap
 from .._signals import adopt_orphans
 from .._threads import DaemonThreadPool, finished_in_thread
 from ..errors import MappingUnavailable
@@ -111,9 +110,8 @@ class _Connection:
                     orphans = {pid for pid in children({os.getpid()}) - self._before if _of_ray(pid)}
                     tree += pidfds(descendants(orphans))
                     kill_left(tree, LEFTOVER_GRACE)
-                    for pid in orphans:  # children of this process now: reap them
-                        with contextlib.suppress(ChildProcessError):
-                            os.waitpid(pid, 0)
+                    # every adopted one, orphaned before the kill or by it (a killed raylet's workers)
+                    reap(tree, LEFTOVER_GRACE)
                 finally:
                     adopt_orphans(False)
                     for fd in tree:
