@@ -374,6 +374,43 @@ def test_a_sigint_while_the_local_ray_starts_leaves_none_of_it() -> None:
         assert left == [], [_described(pid) for pid in left]
 
 
+CONCURRENT_RUNS = """
+from concurrent.futures import ThreadPoolExecutor
+import aiod4p
+from aiod4p import IterativePE, ProducerPE, WorkflowGraph
+
+class Numbers(ProducerPE):
+    def produce(self):
+        yield from range(1000)
+
+class Times(IterativePE):
+    def __init__(self, k):
+        super().__init__()
+        self.k = k
+
+    def process_item(self, x):
+        return self.k * x
+
+def total(k):
+    graph = WorkflowGraph()
+    graph.connect(Numbers(), "output", Times(k), "input")
+    return sum(aiod4p.run(graph, mapping="ray", workers=2).data())
+
+with ThreadPoolExecutor(3) as pool:
+    print(list(pool.map(total, [1, 2, 3, 4])))
+"""
+
+
+@pytest.mark.timeout(240)
+def test_runs_in_threads_share_the_local_ray_that_the_first_started() -> None:
+    """Runs from several threads (a notebook's thread pool over parameters) share one local Ray: it lives until
+    the last ends, though the thread and loop of the run that started it end first."""
+    result = subprocess.run(
+        [sys.executable, "-c", CONCURRENT_RUNS], capture_output=True, text=True, timeout=200, env=WITHOUT_CLUSTER
+    )
+    assert (result.returncode, result.stdout) == (0, f"{[k * sum(range(1000)) for k in (1, 2, 3, 4)]}\n"), result.stderr
+
+
 def test_a_killed_local_rays_orphans_are_reaped_not_left_as_zombies() -> None:
     """A process that ran a local Ray (a notebook's kernel) adopts what its raylet leaves behind (child subreaper);
     those killed with the raylet (its idle workers) are reaped, not left zombies for as long as the kernel lives."""

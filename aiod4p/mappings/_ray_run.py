@@ -20,6 +20,7 @@ does not import Ray: this module, and Ray with it, is imported in a thread as a 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import functools
 import logging
 import os
@@ -78,6 +79,7 @@ class _Connection:
         self.local = False  # the connection is to a local Ray started here: it never grows
         self._before: set[int] = set()  # this process's children before it started a local Ray
         self._started: set[int] = set()  # the processes of a local Ray started here (raylet, GCS, ...)
+        self._closed = threading.Event()  # ends the thread that made the connection
         self._lock = threading.Lock()
 
     def acquire(self, connect: Callable[[], bool]) -> None:
@@ -88,7 +90,7 @@ class _Connection:
                 self._before = children({os.getpid()})
                 adopt_orphans(True)  # the agents a raylet leaves behind come back to this process
                 try:
-                    self.local = connect()
+                    self.local = self._connect_in_keeper(connect)
                 except BaseException:
                     adopt_orphans(False)
                     raise
@@ -114,8 +116,27 @@ class _Connection:
                     reap(tree, LEFTOVER_GRACE)
                 finally:
                     adopt_orphans(False)
+                    self._closed.set()
                     for fd in tree:
                         os.close(fd)
+
+    def _connect_in_keeper(self, connect: Callable[[], bool]) -> bool:
+        """``connect()``, called in a thread that lives until :meth:`release` closes the connection: the processes
+        of a local Ray (GCS, raylet) die with the thread that started them (Ray sets their ``PR_SET_PDEATHSIG``),
+        and a run's own threads end with it while other runs, in other threads or loops, still use that Ray."""
+        outcome: concurrent.futures.Future[bool] = concurrent.futures.Future()
+        closed = self._closed = threading.Event()
+
+        def keep() -> None:
+            try:
+                outcome.set_result(connect())
+            except BaseException as exc:  # handed to the caller, which raises it
+                outcome.set_exception(exc)
+                return
+            closed.wait()
+
+        threading.Thread(target=keep, name="aiod4p-ray-connection", daemon=True).start()
+        return outcome.result()
 
 
 _CONNECTION = _Connection()
