@@ -10,7 +10,7 @@ import signal
 import time
 from pathlib import Path
 
-__all__ = ["LEFTOVER_GRACE", "children", "descendants", "kill_left", "pidfds"]
+__all__ = ["LEFTOVER_GRACE", "children", "descendants", "kill_left", "pidfds", "reap"]
 
 LEFTOVER_GRACE = 5.0
 """Seconds that processes a run leaves behind (a stopped local Ray's, a killed mpiexec's ranks) have to end
@@ -52,11 +52,29 @@ def pidfds(pids: set[int]) -> list[int]:
 
 def kill_left(fds: list[int], grace: float) -> None:
     """SIGKILL the processes of pidfds ``fds`` that are still running ``grace`` seconds from now."""
-    deadline = time.monotonic() + grace
+    for fd in _running(fds, grace):
+        with contextlib.suppress(OSError):
+            signal.pidfd_send_signal(fd, signal.SIGKILL)
+
+
+def reap(fds: list[int], within: float) -> None:
+    """Collect the exit status of the processes of pidfds ``fds`` that are this process's children once they
+    have ended, waiting ``within`` seconds at most: orphans that this process adopted as a child subreaper
+    (a killed raylet's workers) would otherwise stay zombies as long as it lives. Those not ended by then, and
+    those that are not its children, are left alone."""
+    running = _running(fds, within)
+    for fd in fds:
+        if fd not in running:
+            with contextlib.suppress(ChildProcessError):
+                os.waitid(os.P_PIDFD, fd, os.WEXITED | os.WNOHANG)
+
+
+def _running(fds: list[int], within: float) -> list[int]:
+    """Those of pidfds ``fds`` whose processes are still running ``within`` seconds from now (or sooner, once
+    all have ended)."""
+    deadline = time.monotonic() + within
     running = list(fds)
     while running and (left := deadline - time.monotonic()) > 0:
         ended, _, _ = select.select(running, [], [], left)  # a pidfd is readable once its process ended
         running = [fd for fd in running if fd not in ended]
-    for fd in running:
-        with contextlib.suppress(OSError):
-            signal.pidfd_send_signal(fd, signal.SIGKILL)
+    return running

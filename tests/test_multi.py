@@ -312,6 +312,22 @@ def test_a_pe_error_in_a_worker_names_the_pe_with_its_traceback(method: str) -> 
     assert type(cause).__name__ == "_RemoteTraceback" and caught.value.traceback_text in str(cause)
 
 
+def test_code_shipped_by_value_fails_naming_its_file_and_line() -> None:
+    """A local function (as a notebook's cell defines) travels by value to spawned workers: its error still names
+    the file and line it was defined at, as on simple and async (cloudpickle names such code ``<dynamic-code>``)."""
+
+    def invert(item: int) -> float:
+        return 1 / (item - 3)
+
+    graph = WorkflowGraph()
+    graph.connect(wf.Count(), "output", aiod4p.FunctionPE(invert), "input")
+    with pytest.raises(PEError) as caught:
+        aiod4p.run(graph, 10, mapping=MultiMapping("spawn"), workers=2)
+    line = invert.__code__.co_firstlineno + 1
+    assert f"({__file__}, line {line}, in invert; item=3)" in str(caught.value)
+    assert f'File "{__file__}", line {line}, in invert' in caught.value.traceback_text
+
+
 @pytest.mark.parametrize(("how", "expected"), [("kill", "killed by SIGKILL"), ("exit", "exited with code 7")])
 def test_a_dying_worker_fails_the_run_within_seconds(how: str, expected: str) -> None:
     graph, _ = _chain(Die(how))

@@ -28,6 +28,8 @@ from ray_cluster import RayCluster, session_processes, wait_gone
 import aiod4p
 from aiod4p import IterativePE, WorkflowGraph, group_by
 from aiod4p._plan import REMOTE_BATCH_FACTOR
+from aiod4p._processes import LEFTOVER_GRACE, kill_left, pidfds, reap
+from aiod4p._signals import adopt_orphans
 from aiod4p.errors import GraphError, MappingUnavailable, TransportError, WorkerDied
 from aiod4p.mappings.ray import RayMapping
 
@@ -370,6 +372,62 @@ def test_a_sigint_while_the_local_ray_starts_leaves_none_of_it() -> None:
         assert run.returncode == 130 and "aborted by SIGINT while starting the actors" in err, err
         left = wait_gone(session_processes([run.pid]), timeout=30)
         assert left == [], [_described(pid) for pid in left]
+
+
+CONCURRENT_RUNS = """
+from concurrent.futures import ThreadPoolExecutor
+import aiod4p
+from aiod4p import IterativePE, ProducerPE, WorkflowGraph
+
+class Numbers(ProducerPE):
+    def produce(self):
+        yield from range(1000)
+
+class Times(IterativePE):
+    def __init__(self, k):
+        super().__init__()
+        self.k = k
+
+    def process_item(self, x):
+        return self.k * x
+
+def total(k):
+    graph = WorkflowGraph()
+    graph.connect(Numbers(), "output", Times(k), "input")
+    return sum(aiod4p.run(graph, mapping="ray", workers=2).data())
+
+with ThreadPoolExecutor(3) as pool:
+    print(list(pool.map(total, [1, 2, 3, 4])))
+"""
+
+
+@pytest.mark.timeout(240)
+def test_runs_in_threads_share_the_local_ray_that_the_first_started() -> None:
+    """Runs from several threads (a notebook's thread pool over parameters) share one local Ray: it lives until
+    the last ends, though the thread and loop of the run that started it end first."""
+    result = subprocess.run(
+        [sys.executable, "-c", CONCURRENT_RUNS], capture_output=True, text=True, timeout=200, env=WITHOUT_CLUSTER
+    )
+    assert (result.returncode, result.stdout) == (0, f"{[k * sum(range(1000)) for k in (1, 2, 3, 4)]}\n"), result.stderr
+
+
+def test_a_killed_local_rays_orphans_are_reaped_not_left_as_zombies() -> None:
+    """A process that ran a local Ray (a notebook's kernel) adopts what its raylet leaves behind (child subreaper);
+    those killed with the raylet (its idle workers) are reaped, not left zombies for as long as the kernel lives."""
+    adopt_orphans(True)
+    try:  # a shell (a raylet) that starts a worker and ends: the worker comes back to this process
+        shell = subprocess.run(
+            ["sh", "-c", "sleep 60 >/dev/null 2>&1 & echo $!"], capture_output=True, text=True, check=True
+        )
+        orphan = int(shell.stdout)
+        fds = pidfds({orphan})
+        kill_left(fds, 0.0)
+        reap(fds, LEFTOVER_GRACE)
+        for fd in fds:
+            os.close(fd)
+        assert not Path(f"/proc/{orphan}").exists()  # a zombie still has its entry
+    finally:
+        adopt_orphans(False)
 
 
 def test_a_local_ray_started_by_the_run_has_room_for_its_workers(tmp_path: Path) -> None:

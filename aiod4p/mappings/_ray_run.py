@@ -20,7 +20,7 @@ does not import Ray: this module, and Ray with it, is imported in a thread as a 
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import concurrent.futures
 import functools
 import logging
 import os
@@ -36,7 +36,7 @@ from ray.util.placement_group import PlacementGroup, placement_group, remove_pla
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from .._plan import ExecutionPlan
-from .._processes import LEFTOVER_GRACE, children, descendants, kill_left, pidfds
+from .._processes import LEFTOVER_GRACE, children, descendants, kill_left, pidfds, reap
 from .._signals import adopt_orphans, restore_signal_actions, signal_actions
 from .._threads import DaemonThreadPool, finished_in_thread
 from ..errors import MappingUnavailable
@@ -81,6 +81,7 @@ class _Connection:
         self._before: set[int] = set()  # this process's children before it started a local Ray
         self._started: set[int] = set()  # the processes of a local Ray started here (raylet, GCS, ...)
         self._actions: dict[int, bytes] = {}  # the signal actions before Ray was joined here, put back after
+        self._closed = threading.Event()  # ends the thread that made the connection
         self._lock = threading.Lock()
 
     def acquire(self, connect: Callable[[], bool]) -> None:
@@ -94,7 +95,7 @@ class _Connection:
                 self._actions = signal_actions()
                 adopt_orphans(True)  # the agents a raylet leaves behind come back to this process
                 try:
-                    self.local = connect()
+                    self.local = self._connect_in_keeper(connect)
                 except BaseException:
                     adopt_orphans(False)
                     restore_signal_actions(self._actions)
@@ -120,14 +121,32 @@ class _Connection:
                     orphans = {pid for pid in children({os.getpid()}) - self._before if _of_ray(pid)}
                     tree += pidfds(descendants(orphans))
                     kill_left(tree, LEFTOVER_GRACE)
-                    for pid in orphans:  # children of this process now: reap them
-                        with contextlib.suppress(ChildProcessError):
-                            os.waitpid(pid, 0)
+                    # every adopted one, orphaned before the kill or by it (a killed raylet's workers)
+                    reap(tree, LEFTOVER_GRACE)
                 finally:
                     adopt_orphans(False)
                     restore_signal_actions(self._actions)
+                    self._closed.set()
                     for fd in tree:
                         os.close(fd)
+
+    def _connect_in_keeper(self, connect: Callable[[], bool]) -> bool:
+        """``connect()``, called in a thread that lives until :meth:`release` closes the connection: the processes
+        of a local Ray (GCS, raylet) die with the thread that started them (Ray sets their ``PR_SET_PDEATHSIG``),
+        and a run's own threads end with it while other runs, in other threads or loops, still use that Ray."""
+        outcome: concurrent.futures.Future[bool] = concurrent.futures.Future()
+        closed = self._closed = threading.Event()
+
+        def keep() -> None:
+            try:
+                outcome.set_result(connect())
+            except BaseException as exc:  # handed to the caller, which raises it
+                outcome.set_exception(exc)
+                return
+            closed.wait()
+
+        threading.Thread(target=keep, name="aiod4p-ray-connection", daemon=True).start()
+        return outcome.result()
 
 
 _CONNECTION = _Connection()

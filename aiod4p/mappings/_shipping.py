@@ -79,6 +79,7 @@ class _Pickler(cloudpickle.Pickler):  # type: ignore[misc]  # cloudpickle has no
         # A dict of cloudpickle's ChainMap (its reducers, then copyreg's, as they are now), which pickle
         # would look up for every object in Python; read by pickle as the pickler starts.
         self.dispatch_table = dict(cloudpickle.Pickler.dispatch_table)
+        self.dispatch_table[types.CodeType] = _reduce_code
         super().__init__(file, pickle.HIGHEST_PROTOCOL)
         self._main = main
 
@@ -87,6 +88,20 @@ class _Pickler(cloudpickle.Pickler):  # type: ignore[misc]  # cloudpickle has no
         if not isinstance(obj, type | types.FunctionType) or (not self._main and _in_main(obj)):
             return NotImplemented  # pickle's own (classes and functions: by reference)
         return super().reducer_override(obj)
+
+
+def _reduce_code(code: types.CodeType) -> tuple[Any, ...]:
+    """cloudpickle's reduction of ``code``, keeping the file it names: cloudpickle names every code it ships by
+    value ``<dynamic-code>``, so a PE of a notebook failing in a worker would be said to fail there, where the
+    same PE on simple or async names its cell's file."""
+    return _code_in, (cloudpickle.Pickler.dispatch_table[types.CodeType](code), code.co_filename)
+
+
+def _code_in(reduced: tuple[Any, tuple[Any, ...]], filename: str) -> types.CodeType:
+    """The code that cloudpickle ``reduced`` (a constructor and its arguments), naming ``filename``."""
+    make, arguments = reduced
+    code: types.CodeType = make(*arguments)
+    return code.replace(co_filename=filename)
 
 
 def _in_main(obj: type | types.FunctionType) -> bool:
