@@ -51,7 +51,7 @@ def failing() -> WorkflowGraph:
 
 
 def unencodable() -> WorkflowGraph:
-    """Count -> Unencodable(on=3) -> SumAtEnd: the item 3 becomes a set, which JSON cannot carry."""
+    """Count -> Unencodable(on=3) -> SumAtEnd: the item 3 becomes a lock, which cannot cross Storm."""
     graph = WorkflowGraph()
     graph.connect(Count(), "output", bad := Unencodable(on=3), "input")
     graph.connect(bad, "output", SumAtEnd(), "input")

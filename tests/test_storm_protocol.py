@@ -139,7 +139,7 @@ def test_bolt_runs_postprocess_once_every_upstream_task_has_finished(topology: A
     assert bolt.close()[1] == 2
 
 
-def test_bolt_rejects_items_json_cannot_carry(topology: Any) -> None:
+def test_bolt_rejects_items_that_cannot_cross(topology: Any) -> None:
     graph = WorkflowGraph()
     graph.connect(source := Count(), "output", bad := Unencodable(on=2), "input")
     topo = topology(graph)
@@ -149,7 +149,7 @@ def test_bolt_rejects_items_json_cannot_carry(topology: Any) -> None:
     messages = bolt.read_until(done("5"))
     assert [m["command"] for m in messages] == ["log", "error", "sync", "fail"]
     assert (
-        f"PE {bad.id}[0] wrote an item to output port 'output' that cannot cross Storm: item is a set"
+        f"PE {bad.id}[0] wrote an item to output port 'output' that cannot cross Storm: item is a lock"
         in (messages[1]["msg"])
     )
     bolt.send(tup("6", source.id, src, [(1, "x")]))  # a tuple item, then the same item back out

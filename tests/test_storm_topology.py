@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +21,7 @@ from workflows import Count, Double, Merge, Tag, WhoSawWhat, multi_edge, parity
 from aiod4p import FunctionPE, GenericPE, PlanOptions, WorkflowGraph, group_by, load_graph
 from aiod4p._cli import main
 from aiod4p.errors import GraphError, InputError, TargetError, TransportError
-from aiod4p.storm import WireError, build_jar, build_project, decode, encode
+from aiod4p.storm import WireError, build_jar, build_project, decode, encode, encode_key
 from aiod4p.storm._project import target_name
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -185,8 +187,8 @@ def test_inputs_must_be_storable(tmp_path: Path) -> None:
 
     with pytest.raises(InputError, match=rf"the input of PE {source.id} must be a count or a list"):
         build_project(graph, tmp_path / "p", inputs={source.id: live()})
-    with pytest.raises(InputError, match=rf"the input of PE {source.id} cannot be stored.*bytes"):
-        build_project(graph, tmp_path / "p", inputs={source.id: [{"left": b"raw"}]})
+    with pytest.raises(InputError, match=rf"the input of PE {source.id} cannot be stored.*lock"):
+        build_project(graph, tmp_path / "p", inputs={source.id: [{"left": threading.Lock()}]})
 
 
 def test_unwritable_directory(tmp_path: Path) -> None:
@@ -225,24 +227,57 @@ def test_json_items_round_trip_exactly(item: Any) -> None:
     assert repr(back) == repr(item)  # same types all the way down (tuples stay tuples, 1.0 stays float)
 
 
+@dataclasses.dataclass(frozen=True)
+class Reading:
+    """An item of a class of the workflow's own (a trace, a catalogue row)."""
+
+    station: str
+    samples: bytes
+
+
+PICKLED_SAMPLES: list[Any] = [
+    {1, 2},
+    b"raw",
+    2**63,
+    {1: "a"},
+    ("a", frozenset({1})),  # a part is not JSON: the whole item travels pickled
+    Reading("ST01", bytes(range(256)) * 100),
+]
+
+
+@pytest.mark.parametrize("item", PICKLED_SAMPLES, ids=repr)
+def test_other_items_travel_pickled(item: Any) -> None:
+    """Scientists' items (numpy arrays, dataclasses, bytes) could not run on storm at all: JSON only."""
+    wire = encode(item)
+    assert list(wire) == ["~p"]
+    back = decode(json.loads(json.dumps(wire)))
+    assert back == item and type(back) is type(item)
+
+
+def test_an_item_neither_json_nor_picklable_is_rejected() -> None:
+    with pytest.raises(WireError, match=r"item\['k'\] is a lock .* and it cannot be pickled: TypeError") as error:
+        encode({"k": threading.Lock()})
+    assert isinstance(error.value, TransportError)  # in aiod4p's one tree of errors
+
+
 @pytest.mark.parametrize(
-    ("item", "reason"),
+    ("key", "reason"),
     [
-        ({1, 2}, r"item is a set"),
-        (b"raw", r"item is a bytes"),
-        ([1, math.nan], r"item\[1\] is nan"),
-        ((math.inf,), r"item\[0\] is inf"),
+        ({1, 2}, r"key is a set"),
+        (b"raw", r"key is a bytes"),
+        ([1, math.nan], r"key\[1\] is nan"),
+        ((math.inf,), r"key\[0\] is inf"),
         (2**63, r"outside the 64-bit range"),
         ("\ud800", r"lone surrogate"),
         ({1: "a"}, r"int key 1"),
-        ({"k": object()}, r"item\['k'\] is a object"),
+        ({"k": object()}, r"key\['k'\] is a object"),
     ],
     ids=repr,
 )
-def test_other_items_are_rejected(item: Any, reason: str) -> None:
-    with pytest.raises(WireError, match=reason) as error:
-        encode(item)
-    assert isinstance(error.value, TransportError)  # in aiod4p's one tree of errors
+def test_grouping_keys_must_be_json(key: Any, reason: str) -> None:
+    """Storm hashes a key field itself, as the Java value JSON gives: a pickle would split equal keys."""
+    with pytest.raises(WireError, match=reason):
+        encode_key(key)
 
 
 @pytest.mark.parametrize(

@@ -363,14 +363,14 @@ class Chatty(IterativePE):
 
 
 class Unencodable(IterativePE):
-    """Emits the set ``{item}`` for the item equal to ``on``: not JSON-representable."""
+    """Emits a lock for the item equal to ``on``: neither JSON-representable nor picklable."""
 
     def __init__(self, on: int = 2) -> None:
         super().__init__()
         self.on = on
 
     def process_item(self, item: int) -> Any:
-        return {item} if item == self.on else item
+        return threading.Lock() if item == self.on else item
 
 
 def parity(item: Any) -> int:

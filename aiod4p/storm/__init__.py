@@ -10,7 +10,7 @@ them (see :mod:`aiod4p.storm.components`); Storm routes the tuples. Needs the
 
 from ._project import Project, build_jar, build_project, load_topology, topology_name
 from ._spec import EOS_STREAM, ComponentSpec, InputSpec, KeyField, StreamSpec, TopologySpec, plan_topology
-from ._wire import WireError, decode, encode
+from ._wire import WireError, decode, encode, encode_key
 
 __all__ = [
     "EOS_STREAM",
@@ -25,6 +25,7 @@ __all__ = [
     "build_project",
     "decode",
     "encode",
+    "encode_key",
     "load_topology",
     "plan_topology",
     "topology_name",

@@ -97,7 +97,7 @@ def build_project(
     The plan (``options``, default: one instance of every PE whose
     parallelism is unset) gives the components and parallelism hints;
     ``inputs`` (as for :func:`aiod4p.run`) become the spouts' feeds and must
-    be counts or lists of JSON-representable items. ``envs`` is the
+    be counts or lists of items that can cross Storm (:mod:`aiod4p.storm._wire`). ``envs`` is the
     ``envs`` section of ``config.json`` (default: one environment ``prod``
     to fill in). ``report`` and ``token`` make the components report their
     results, errors and end of stream to a waiting run (see
@@ -107,7 +107,7 @@ def build_project(
 
     Raises:
         GraphError: the graph is invalid, a PE cannot be pickled, or a name is reserved.
-        InputError: the inputs are invalid or not JSON-representable.
+        InputError: the inputs are invalid, or an item can neither be JSON nor be pickled.
         TargetError: ``directory`` cannot be written.
     """
     if max_replays < 0:

@@ -1,26 +1,32 @@
-"""Items on Storm's wire: JSON that round-trips every JSON-representable item exactly.
+"""Items on Storm's wire: JSON that round-trips every item exactly.
 
 Storm's multilang protocol carries JSON, which Storm parses into Java values
 (``Long``, ``Double``, ``String``, lists, maps) and writes back as JSON for the
-next component. An item crosses unchanged when it is built from ``None``,
-``bool``, ``int`` (64-bit), finite ``float``, ``str``, ``list``, ``tuple``
-and ``dict`` with ``str`` keys. Tuples, which JSON lacks, travel as
-``{"~t": [...]}``; a dict whose only key starts with ``~`` is wrapped as
-``{"~d": {...}}`` so it is never mistaken for a tag. Anything else (bytes,
-sets, objects, NaN, huge ints, lone surrogates) is rejected.
+next component. An item built from ``None``, ``bool``, ``int`` (64-bit), finite
+``float``, ``str``, ``list``, ``tuple`` and ``dict`` with ``str`` keys travels
+as that JSON, which a Java bolt can read too. Tuples, which JSON lacks, travel
+as ``{"~t": [...]}``; a dict whose only key starts with ``~`` is wrapped as
+``{"~d": {...}}`` so it is never mistaken for a tag. Any other item (a numpy
+array, a dataclass, bytes, a set, NaN) travels pickled, as ``{"~p": base64}``,
+for the topology's Python components only; one that cannot be pickled is
+rejected. Grouping keys, which Storm itself hashes, must be JSON
+(:func:`encode_key`).
 """
 
 from __future__ import annotations
 
+import base64
 import math
+import pickle
 from typing import Any
 
 from ..errors import TransportError
 
-__all__ = ["WireError", "decode", "encode"]
+__all__ = ["WireError", "decode", "encode", "encode_key"]
 
 _TUPLE = "~t"
 _DICT = "~d"
+_PICKLED = "~p"
 _LONG_MIN, _LONG_MAX = -(2**63), 2**63 - 1
 
 
@@ -29,12 +35,28 @@ class WireError(TransportError):
 
 
 def encode(item: Any) -> Any:
-    """Return the JSON-ready form of ``item``.
+    """Return the JSON-ready form of ``item``: itself as JSON if it can be, else pickled.
 
     Raises:
-        WireError: ``item`` (or a value inside it) is not JSON-representable.
+        WireError: ``item`` is not JSON-representable, and cannot be pickled either.
     """
-    return _encode(item, "item")
+    try:
+        return _encode(item, "item")
+    except WireError as not_json:
+        try:
+            data = pickle.dumps(item, pickle.HIGHEST_PROTOCOL)
+        except Exception as exc:  # pickling runs the item's own reduction, which may raise anything
+            raise WireError(f"{not_json}, and it cannot be pickled: {type(exc).__name__}: {exc}") from exc
+        return {_PICKLED: base64.b64encode(data).decode("ascii")}
+
+
+def encode_key(key: Any) -> Any:
+    """Return the JSON form of grouping key ``key``, which Storm hashes to choose a task.
+
+    Raises:
+        WireError: ``key`` (or a value inside it) is not JSON-representable.
+    """
+    return _encode(key, "key")
 
 
 def _encode(value: Any, path: str) -> Any:
@@ -82,6 +104,8 @@ def decode(value: Any) -> Any:
                 return tuple(decode(element) for element in inner)
             if key == _DICT:
                 return {name: decode(element) for name, element in inner.items()}
+            if key == _PICKLED:
+                return pickle.loads(base64.b64decode(inner))
         return {name: decode(element) for name, element in value.items()}
     return value
 

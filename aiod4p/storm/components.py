@@ -69,7 +69,7 @@ from .._pe import PE, Runtime
 from .._plan import InstanceRef, PlanOptions, make_plan
 from ..errors import Aiod4pError, PEError, TransportError
 from ._spec import EOS_STREAM, ComponentSpec, TopologySpec
-from ._wire import WireError, decode, encode
+from ._wire import WireError, decode, encode, encode_key
 
 warnings.filterwarnings("ignore", message="Cannot import msgpack", category=ImportWarning)
 
@@ -226,7 +226,7 @@ class HostedComponent:
         """Send ``items``, written to the result port ``port``, to the run.
 
         Raises:
-            TransportError: an item is not JSON-representable.
+            TransportError: an item can neither be JSON nor be pickled.
         """
         assert self.reporter is not None
         try:
@@ -242,7 +242,7 @@ class HostedComponent:
         """The ``(stream, values)`` to emit for ``items`` written to ``port``.
 
         Raises:
-            TransportError: an item (or its grouping key) is not JSON-representable.
+            TransportError: an item can neither be JSON nor be pickled, or its grouping key is not JSON-representable.
         """
         out = []
         streams = self.loaded.spec.streams_of(port)
@@ -253,10 +253,10 @@ class HostedComponent:
                     values = [wire]
                     for key in stream.keys:
                         if key.function is not None:
-                            values.append(encode(self.loaded.functions[key.function](item)))
+                            values.append(encode_key(self.loaded.functions[key.function](item)))
                         else:
                             assert key.index is not None
-                            values.append(encode(item[key.index]))
+                            values.append(encode_key(item[key.index]))
                     out.append((stream.name, values))
             except (WireError, LookupError, TypeError) as exc:
                 raise TransportError(
