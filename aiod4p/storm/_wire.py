@@ -9,8 +9,8 @@ as ``{"~t": [...]}``; a dict whose only key starts with ``~`` is wrapped as
 ``{"~d": {...}}`` so it is never mistaken for a tag. Any other item (a numpy
 array, a dataclass, bytes, a set, NaN) travels pickled, as ``{"~p": base64}``,
 for the topology's Python components only; one that cannot be pickled is
-rejected. Grouping keys, which Storm itself hashes, must be JSON
-(:func:`encode_key`).
+rejected. A grouping key travels as its stable hash (:func:`encode_key`), which
+Storm's fields grouping then hashes.
 """
 
 from __future__ import annotations
@@ -20,6 +20,8 @@ import math
 import pickle
 from typing import Any
 
+from .._frames import short_repr
+from .._groupings import stable_hash
 from ..errors import TransportError
 
 __all__ = ["WireError", "decode", "encode", "encode_key"]
@@ -50,13 +52,19 @@ def encode(item: Any) -> Any:
         return {_PICKLED: base64.b64encode(data).decode("ascii")}
 
 
-def encode_key(key: Any) -> Any:
-    """Return the JSON form of grouping key ``key``, which Storm hashes to choose a task.
+def encode_key(key: Any) -> int:
+    """Return the field Storm groups by for grouping key ``key``: its :func:`~aiod4p.stable_hash`, as a JSON
+    integer (63 bits, a Java ``Long``), so that keys Python holds equal (``1``, ``1.0`` and ``True``; one
+    instant in two time zones) go to the same task whatever their type, as on every other mapping, and any
+    key that can be grouped by elsewhere can be here.
 
     Raises:
-        WireError: ``key`` (or a value inside it) is not JSON-representable.
+        WireError: ``key`` cannot be hashed (its state cannot be read, as a lock's).
     """
-    return _encode(key, "key")
+    try:
+        return stable_hash(key) >> 1
+    except Exception as exc:  # a key's own reduction may raise anything
+        raise WireError(f"the key {short_repr(key)} cannot be hashed: {type(exc).__name__}: {exc}") from exc
 
 
 def _encode(value: Any, path: str) -> Any:
