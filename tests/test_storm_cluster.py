@@ -22,9 +22,12 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
+from decimal import Decimal
+from fractions import Fraction
 from pathlib import Path
 from typing import IO, Any
 
+import numpy as np
 import pytest
 import storm_workflows
 import test_differential as differential
@@ -34,6 +37,7 @@ from test_differential import dispel4py_hook  # noqa: F401 - a fixture
 
 import aiod4p
 from aiod4p import ALL, GLOBAL, SHUFFLE, WorkflowGraph, group_by
+from aiod4p._loading import load_module
 from aiod4p.errors import WorkerDied
 from aiod4p.mappings.storm import StormMapping
 from aiod4p.storm._cluster import Cluster, probe
@@ -312,11 +316,23 @@ def by_class(results: dict[tuple[str, str], list[Any]], graph: WorkflowGraph) ->
     return grouped
 
 
+# Seismic at a small size: its traces (numpy arrays in a dataclass) cross Storm pickled.
+SEISMIC = {"stations": 3, "seconds": 120}
+
+
+def seismic() -> WorkflowGraph:
+    """The seismic example of examples/science/ (heavy items that JSON cannot carry)."""
+    return load_module(str(ROOT / "examples" / "science" / "seismic.py")).build()
+
+
 class Shared:
     """The one run of :func:`shared_run`: its parts' graphs, its results by (PE id, port), the mapping."""
 
     def __init__(self) -> None:
         self.groupings, self.examples = groupings(), examples()
+        # Equal keys of four number types (not JSON but float): one task each, as on every mapping.
+        self.keys = workflows.mixed_number_keys(float, np.float32, Fraction, Decimal)
+        self.seismic = seismic()
         # Flaky has a source of its own: a replayed tuple reaches every subscriber of its stream again.
         self.flaky = storm_workflows.Flaky()
         self.groupings.connect(workflows.Count(), "output", self.flaky, "input")
@@ -338,10 +354,12 @@ def shared_run(nimbus: str, monkeypatch: pytest.MonkeyPatch) -> Shared:
         return _SHARED[0]
     shared = Shared()
     combined = WorkflowGraph()
-    inputs: dict[str, int] = {}
-    for part, count in ((shared.groupings, 10), (shared.examples, 5)):
+    inputs: dict[str, Any] = {}
+    for part, count in ((shared.groupings, 10), (shared.examples, 5), (shared.keys, 10)):
         add_graph(combined, part)
         inputs.update(dict.fromkeys(part.flatten().roots(), count))
+    add_graph(combined, shared.seismic)
+    inputs.update({key: [SEISMIC] for key in shared.seismic.flatten().roots()})
     if differential.D4P_PYTHON.exists():
         for name in DISPEL4PY:
             iterations = differential.RUNNABLE[name]
@@ -425,6 +443,30 @@ def test_the_examples_give_the_results_of_async(nimbus: str, monkeypatch: pytest
     for key, items in expected.items():
         if key[0] != "Elapsed":  # async_io's wall time
             assert multiset(got[key]) == multiset(items), key
+
+
+def test_equal_keys_of_every_number_type_meet_in_one_task(nimbus: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Storm grouped by the Java value of a key's JSON: ``1`` and ``1.0`` (a Long, a Double) went to two tasks,
+    and a key JSON cannot carry (a Fraction, a Decimal) failed the run."""
+    shared = shared_run(nimbus, monkeypatch)
+    (sink,) = (pe.id for pe in shared.keys.flatten().pes.values() if isinstance(pe, workflows.WhoSawWhat))
+    seen = shared.results[(sink, "output")]
+    owners: dict[float, set[int]] = {}
+    for instance, (key, _) in seen:
+        owners.setdefault(float(key), set()).add(instance)
+    assert len(seen) == 40 and sorted(owners) == [key + 0.5 for key in range(10)]
+    assert all(len(owner) == 1 for owner in owners.values()), owners
+
+
+def test_seismic_gives_the_results_of_simple(nimbus: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Its traces hold numpy arrays, which JSON cannot carry: it failed at its first trace."""
+    shared = shared_run(nimbus, monkeypatch)
+    got = by_class(shared.results, shared.seismic)
+    simple_graph = seismic()
+    inputs = {key: [SEISMIC] for key in simple_graph.flatten().roots()}
+    expected = by_class(aiod4p.run(simple_graph, inputs, mapping="simple").by_port(), simple_graph)
+    assert {key: sorted(items) for key, items in got.items()} == {key: sorted(items) for key, items in expected.items()}
+    assert len(expected[("CrossCorrelate", "output")]) == 3  # 3 stations, 3 pairs
 
 
 # -- dispel4py's own examples, unchanged -----------------------------------------------------------
