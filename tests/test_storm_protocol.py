@@ -7,6 +7,7 @@ stdin closing when the worker goes away.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,10 +17,13 @@ import pytest
 pytest.importorskip("streamparse", reason="the storm extra is not installed")
 
 from storm_harness import ComponentProcess, StormHarness, command
+from test_storm_report import TOKEN, Sink
 from workflows import Chatty, Count, Double, Fail, FailsAtEnd, Greets, SumAtEnd, Unencodable
 
 from aiod4p import WorkflowGraph
+from aiod4p.errors import TargetError
 from aiod4p.storm import EOS_STREAM, build_project
+from aiod4p.storm._run import RunReport
 
 ERROR = 4  # Storm's log level "error"
 
@@ -27,8 +31,8 @@ ERROR = 4  # Storm's log level "error"
 class Topology:
     """A generated project of test PEs, and helpers to start one of its tasks."""
 
-    def __init__(self, tmp: Path, graph: WorkflowGraph, inputs: Any) -> None:
-        self.project = build_project(graph, tmp / "project", name="protocol", inputs=inputs)
+    def __init__(self, tmp: Path, graph: WorkflowGraph, inputs: Any, **options: Any) -> None:
+        self.project = build_project(graph, tmp / "project", name="protocol", inputs=inputs, **options)
         self.harness = StormHarness(self.project.path)
         self.started: list[ComponentProcess] = []
 
@@ -53,8 +57,8 @@ class Topology:
 def topology(tmp_path: Path) -> Iterator[Any]:
     made: list[Topology] = []
 
-    def make(graph: WorkflowGraph, inputs: Any = 3) -> Topology:
-        made.append(Topology(tmp_path / str(len(made)), graph, inputs))
+    def make(graph: WorkflowGraph, inputs: Any = 3, **options: Any) -> Topology:
+        made.append(Topology(tmp_path / str(len(made)), graph, inputs, **options))
         return made[-1]
 
     yield make
@@ -275,3 +279,37 @@ def test_preprocess_output_and_failing_postprocess(topology: Any) -> None:
     assert messages[3]["stream"] == EOS_STREAM  # downstream still finishes
     assert source.id in topo.harness.components
     assert bolt.close()[1] == 2
+
+
+async def test_a_task_that_cannot_load_its_pe_tells_the_run_why(
+    topology: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A PE class from a package only the submitting machine has (not copied into src/): the task says so to the
+    run at once, naming its PE and the module; Storm itself would only restart it until the start timeout."""
+    package = tmp_path / "driver_only"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "pes.py").write_text(
+        "from aiod4p import IterativePE\n\n\nclass Here(IterativePE):\n    def process_item(self, item):\n"
+        "        return item\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    from driver_only.pes import Here  # type: ignore[import-not-found]
+
+    graph = WorkflowGraph()
+    graph.connect(Count(), "output", here := Here(), "input")
+    report = RunReport(Sink(), TOKEN)
+    address = await report.listen("127.0.0.1")
+    topo = topology(graph, report=address, token=TOKEN)
+    report.expect(topo.project.spec)
+    task = topo.task_of(here.id)
+    process = ComponentProcess(topo.project.src, topo.harness.components[here.id].script, env=topo.harness.env)
+    topo.started.append(process)
+    await asyncio.to_thread(process.handshake, topo.harness.conf, topo.harness.context(task))
+    await asyncio.wait_for(report.ended.wait(), 30)
+    error = report.error()
+    assert isinstance(error, TargetError)
+    assert f"the Storm task of PE {here.id}[0] cannot load the workflow" in str(error)
+    assert "No module named 'driver_only'" in str(error)
+    assert await asyncio.to_thread(process.process.wait, 30) == 1
+    await report.close(0)
