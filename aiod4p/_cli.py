@@ -412,7 +412,12 @@ def _run_loaded(args: argparse.Namespace, mapping: BaseMapping, results: str | N
     said = False  # a stop was said
     try:
         with (
-            Interrupts(EXIT_ABORTED, before_exit=flush_results, produced=lambda: _records(outcome.records)) as signals,
+            Interrupts(
+                EXIT_ABORTED,
+                before_exit=flush_results,
+                produced=lambda: _records(outcome.records),
+                quiet=getattr(mapping, "follower", False),
+            ) as signals,
             contextlib.ExitStack() as started,
         ):
             phase = "loading the workflow"  # what a signal stops, as it says
@@ -472,7 +477,7 @@ def _run_loaded(args: argparse.Namespace, mapping: BaseMapping, results: str | N
         write_provenance(workflow.stats, args.provenance)
     if stdin is not None and stdin.skipped and args.on_bad == "skip":
         _warn(args, f"--stdin: {stdin.skipped} bad line{'s' if stdin.skipped != 1 else ''} skipped")
-    if status == EXIT_OK and signals.received:
+    if status == EXIT_OK and signals.received and not signals.quiet:
         print(
             f"aiod4p: interrupted by {signals.name}: drained; {_records(outcome.records)} produced (partial results)",
             file=sys.stderr,
