@@ -382,6 +382,8 @@ def _run(args: argparse.Namespace) -> int:
         )
     for message in _ignored_options(args, mapping):
         _warn(args, message)
+    if not mapping.reports_stats:  # said to be ignored above
+        args.stats, args.stats_json = False, None
     _warn_of_partial_provenance(args, mapping)
     for path, what in ((args.results, "results"), (args.stats_json, "statistics"), (args.provenance, "provenance")):
         if path not in (None, "-"):
@@ -539,6 +541,12 @@ def _ignored_options(args: argparse.Namespace, mapping: BaseMapping) -> list[str
             " (--restore resumes a run that was stopped)"
         )
 
+    if not mapping.reports_stats:
+        ignored.extend(
+            f"{option} is ignored: the {mapping.name} mapping reports no per-PE statistics"
+            for option, given in (("--stats", args.stats), ("--stats-json", args.stats_json is not None))
+            if given
+        )
     cpus = available_cpus()
     if args.oversubscribe and not mapping.shares_cpus:
         ignored.append(f"--oversubscribe is ignored: the {mapping.name} mapping does not limit -n to the CPUs")

@@ -81,6 +81,7 @@ class StormMapping(BaseMapping):
 
     name = "storm"
     uses_uvloop = False
+    reports_stats = False  # Storm keeps its own (the Storm UI)
 
     def __init__(
         self,
