@@ -101,8 +101,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--oversubscribe",
         action="store_true",
-        help="multi, and mpi started on this machine: start -n workers even beyond the CPUs available"
-        " (by default at most one per CPU)",
+        help="multi, mpi started on this machine, and ray on a local Ray started for the run: start -n workers"
+        " even beyond the CPUs available (by default at most one per CPU)",
     )
     source = _add_inputs(run)
     source.add_argument("--stdin", default=None, metavar="PE", help="read JSON Lines from stdin into root PE, live")

@@ -524,6 +524,14 @@ def test_ignored_options_give_a_warning(workflow_file: Path, tmp_path: Path, arg
     assert quiet.returncode == 0 and quiet.stderr == ""
 
 
+def test_the_help_of_oversubscribe_names_every_mapping_that_caps_n_at_the_cpus() -> None:
+    """multi, mpi started by aiod4p, and ray on a local Ray start at most one worker per CPU (docs/cli.md)."""
+    found = re.search(r"^ +--oversubscribe +(.*?)^ +--", aiod4p("run", "--help").stdout, re.M | re.S)
+    assert found is not None
+    entry = " ".join(found.group(1).split())
+    assert [name for name in ("multi", "mpi", "ray") if name not in entry] == [], entry
+
+
 def test_provenance_over_restarts_says_it_records_the_last_attempt(workflow_file: Path, tmp_path: Path) -> None:
     pytest.importorskip("prov")
     done = aiod4p(
