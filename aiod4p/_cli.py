@@ -360,6 +360,11 @@ def _run(args: argparse.Namespace) -> int:
             raise ValueError("--address applies to --mapping ray only")
         options["address"] = args.address
     mapping = get_mapping(args.mapping, **options)
+    if args.stdin is not None and not mapping.live_inputs:
+        raise ValueError(
+            f"--stdin: the {args.mapping} mapping stores its sources' inputs before the run starts, and cannot read"
+            " stdin as the run goes: give them with -d or -f"
+        )
     checkpointing = _checkpointing(args)
     if checkpointing is not None:
         if not mapping.supports_checkpoints:

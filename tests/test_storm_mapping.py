@@ -128,6 +128,18 @@ def test_statistics_options_are_said_to_be_ignored(sandbox: dict[str, str], tmp_
     assert not stats.exists()
 
 
+def test_stdin_is_a_usage_error(sandbox: dict[str, str], tmp_path: Path) -> None:
+    """A topology stores its spouts' inputs when it is built: --stdin says so, before Nimbus is even asked."""
+    port = free_port()
+    args = ["run", WORDCOUNT, "--mapping", "storm", "--nimbus", f"127.0.0.1:{port}", "--stdin", "ReadLines"]
+    done = aiod4p(args, sandbox, tmp_path / "cwd")
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.splitlines() == [
+        "aiod4p: error: --stdin: the storm mapping stores its sources' inputs before the run starts, and cannot"
+        " read stdin as the run goes: give them with -d or -f"
+    ]
+
+
 def test_configured_but_unreachable_through_the_environment(sandbox: dict[str, str], tmp_path: Path) -> None:
     port = free_port()
     done = aiod4p(
