@@ -282,6 +282,21 @@ def test_a_module_the_workflow_imports_that_is_missing_gets_a_hint(tmp_path: Pat
         )
 
 
+def test_a_file_of_a_package_that_imports_relatively_gets_the_command_that_runs_it(tmp_path: Path) -> None:
+    package = tmp_path / "project" / "pkg"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (package / "pes.py").write_text("from aiod4p import IterativePE\nclass Sq(IterativePE):\n    pass\n")
+    (package / "flow.py").write_text("from aiod4p import WorkflowGraph\nfrom .pes import Sq\n")
+    done = aiod4p("run", str(package / "flow.py"), cwd=tmp_path)
+    assert done.returncode == 1
+    assert done.stderr == (
+        f"aiod4p: error: importing {package / 'flow.py'} failed at {package / 'flow.py'}, line 2: ImportError:"
+        " attempted relative import with no known parent package (flow.py is module pkg.flow of a package: run it"
+        f" by that name, cd {tmp_path / 'project'} && aiod4p run pkg.flow)\n"
+    )
+
+
 def test_printed_results_show_numpy_scalars_as_numbers(tmp_path: Path) -> None:
     pytest.importorskip("numpy")
     flow = tmp_path / "flow.py"
