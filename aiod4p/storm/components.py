@@ -187,6 +187,7 @@ class HostedComponent:
     index: int
     tasks: int  # how many tasks run this component
     reporter: Reporter | None
+    sources: dict[str, str]  # the modules copied into the project, by path here: the files they were copied from
     logger: logging.Logger  # pystorm's, set up before initialize()
 
     def _host(self, context: dict[str, Any]) -> None:
@@ -196,6 +197,7 @@ class HostedComponent:
         sys.stdout = LogStream(logging.getLogger("aiod4p.stdout"))
         directory = Path(sys.modules[type(self).__module__].__file__ or ".").resolve().parent
         topology = TopologySpec.from_json(json.loads((directory / SPEC_FILE).read_text()))
+        self.sources = {str(directory / f"{name}.py"): original for name, original in topology.sources.items()}
         tasks = sorted(int(task) for task, name in context["task->component"].items() if name == self.component)
         self.index = tasks.index(int(context["taskid"]))
         self.tasks = len(tasks)
@@ -230,8 +232,14 @@ class HostedComponent:
         super()._exit(status_code)  # type: ignore[misc]
 
     def _report_error(self, exc: BaseException, fatal: bool) -> None:
-        if self.reporter is not None:
-            self.reporter.send(error_message(exc, fatal))
+        """Tell the run about ``exc``, naming the workflow's own files where it names the copies this task ran."""
+        if self.reporter is None:
+            return
+        message = error_message(exc, fatal)
+        for key in ("message", "traceback"):
+            for copy, original in self.sources.items():
+                message[key] = message[key].replace(copy, original)
+        self.reporter.send(message)
 
     def _finished(self) -> None:
         """Tell the run that this task has sent its end-of-stream marker."""
