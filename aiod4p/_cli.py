@@ -102,8 +102,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--oversubscribe",
         action="store_true",
-        help="multi, and mpi started on this machine: start -n workers even beyond the CPUs available"
-        " (by default at most one per CPU)",
+        help="multi, mpi started on this machine, and ray on a local Ray started for the run: start -n workers"
+        " even beyond the CPUs available (by default at most one per CPU)",
     )
     source = _add_inputs(run)
     source.add_argument("--stdin", default=None, metavar="PE", help="read JSON Lines from stdin into root PE, live")
@@ -366,6 +366,11 @@ def _run(args: argparse.Namespace) -> int:
             raise ValueError("--address applies to --mapping ray only")
         options["address"] = args.address
     mapping = get_mapping(args.mapping, **options)
+    if args.stdin is not None and not mapping.live_inputs:
+        raise ValueError(
+            f"--stdin: the {args.mapping} mapping stores its sources' inputs before the run starts, and cannot read"
+            " stdin as the run goes: give them with -d or -f"
+        )
     checkpointing = _checkpointing(args)
     if checkpointing is not None:
         if not mapping.supports_checkpoints:
@@ -388,6 +393,8 @@ def _run(args: argparse.Namespace) -> int:
         )
     for message in _ignored_options(args, mapping):
         _warn(args, message)
+    if not mapping.reports_stats:  # said to be ignored above
+        args.stats, args.stats_json = False, None
     _warn_of_partial_provenance(args, mapping)
     for path, what in ((args.results, "results"), (args.stats_json, "statistics"), (args.provenance, "provenance")):
         if path not in (None, "-"):
@@ -439,7 +446,12 @@ def _run_loaded(args: argparse.Namespace, mapping: BaseMapping, results: str | N
     said = False  # a stop was said
     try:
         with (
-            Interrupts(EXIT_ABORTED, before_exit=on_hard_abort, produced=lambda: _records(outcome.records)) as signals,
+            Interrupts(
+                EXIT_ABORTED,
+                before_exit=on_hard_abort,
+                produced=lambda: _records(outcome.records),
+                quiet=getattr(mapping, "follower", False),
+            ) as signals,
             contextlib.ExitStack() as started,
         ):
             phase = "loading the workflow"  # what a signal stops, as it says
@@ -503,7 +515,7 @@ def _run_loaded(args: argparse.Namespace, mapping: BaseMapping, results: str | N
         write_provenance(workflow.stats, args.provenance)
     if stdin is not None and stdin.skipped and args.on_bad == "skip":
         _warn(args, f"--stdin: {stdin.skipped} bad line{'s' if stdin.skipped != 1 else ''} skipped")
-    if status == EXIT_OK and signals.received:
+    if status == EXIT_OK and signals.received and not signals.quiet:
         print(
             f"aiod4p: interrupted by {signals.name}: drained; {_records(outcome.records)} produced (partial results)",
             file=sys.stderr,
@@ -565,6 +577,12 @@ def _ignored_options(args: argparse.Namespace, mapping: BaseMapping) -> list[str
             " (--restore resumes a run that was stopped)"
         )
 
+    if not mapping.reports_stats:
+        ignored.extend(
+            f"{option} is ignored: the {mapping.name} mapping reports no per-PE statistics"
+            for option, given in (("--stats", args.stats), ("--stats-json", args.stats_json is not None))
+            if given
+        )
     cpus = available_cpus()
     if args.oversubscribe and not mapping.shares_cpus:
         ignored.append(f"--oversubscribe is ignored: the {mapping.name} mapping does not limit -n to the CPUs")

@@ -212,7 +212,7 @@ def load_module(spec: str) -> ModuleType:
         except TargetError:
             raise
         except Exception as exc:
-            raise _import_failed(spec, exc) from exc
+            raise _import_failed(spec, exc, _in_package(path.resolve())) from exc
     cwd = os.getcwd()
     if cwd not in sys.path and "" not in sys.path:  # importable as under `python -m`, also from the console script
         sys.path.insert(0, cwd)
@@ -228,16 +228,32 @@ def load_module(spec: str) -> ModuleType:
         raise _import_failed(spec, exc) from exc
 
 
-def _import_failed(spec: str, exc: Exception) -> TargetError:
+def _import_failed(spec: str, exc: Exception, package: tuple[str, Path] | None = None) -> TargetError:
     """The error of importing the workflow ``spec``, which raised ``exc``; a module it imports that is
-    missing gets a hint: the workflow needs a package this environment lacks."""
+    missing gets a hint: the workflow needs a package this environment lacks. A file that is ``package``'s
+    module (:func:`_in_package`) and imports relatively gets the command that imports it as that module."""
     hint = ""
     if isinstance(exc, ModuleNotFoundError) and exc.name:
         hint = (
             f" (is {exc.name.partition('.')[0]} installed in this environment, {sys.prefix}? see the workflow's"
             " documentation)"
         )
+    elif package is not None and isinstance(exc, ImportError) and "relative import" in str(exc):
+        name, root = package
+        hint = (
+            f" ({Path(spec).name} is module {name} of a package: run it by that name, cd {root} && aiod4p run {name})"
+        )
     return TargetError(f"importing {spec} failed{_where(exc)}: {type(exc).__name__}: {exc}{hint}")
+
+
+def _in_package(path: Path) -> tuple[str, Path] | None:
+    """``(dotted module name, directory it is imported from)`` of the file ``path`` when it lies in a package
+    (a directory with an ``__init__.py``); None otherwise."""
+    names, directory = [path.stem], path.parent
+    while (directory / "__init__.py").is_file():
+        names.insert(0, directory.name)
+        directory = directory.parent
+    return (".".join(names), directory) if len(names) > 1 else None
 
 
 _workflow_names: set[str] = set()  # the names workflow files were imported under (by _module_name)

@@ -194,6 +194,9 @@ class Interrupts:
             (flush what can be flushed).
         produced: what the run produced so far (``"5300 records"``), for the
             watchdog's last line.
+        quiet: do not say that a drain starts (an MPI rank other than rank 0
+            under the user's mpiexec: every rank gets the signal, rank 0 speaks
+            for the job).
     """
 
     def __init__(
@@ -201,7 +204,9 @@ class Interrupts:
         exit_status: int,
         before_exit: Callable[[], None] = lambda: None,
         produced: Callable[[], str] = lambda: "nothing",
+        quiet: bool = False,
     ) -> None:
+        self.quiet = quiet
         self.received = 0
         self.signum: int = signal.SIGINT
         self._exit_status = exit_status
@@ -246,7 +251,8 @@ class Interrupts:
         if run is None or loop is None or task is None or not run.under_way:
             raise Stopped(signum)
         if self.received == 1:
-            _say(f"aiod4p: {self.name}: stopping the sources, finishing what is in flight (send it again to abort)")
+            if not self.quiet:
+                _say(f"aiod4p: {self.name}: stopping the sources, finishing what is in flight (send it again to abort)")
             loop.call_soon_threadsafe(run.drain)
             return
         loop.call_soon_threadsafe(task.cancel)

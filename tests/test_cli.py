@@ -301,6 +301,21 @@ def test_a_module_the_workflow_imports_that_is_missing_gets_a_hint(tmp_path: Pat
         )
 
 
+def test_a_file_of_a_package_that_imports_relatively_gets_the_command_that_runs_it(tmp_path: Path) -> None:
+    package = tmp_path / "project" / "pkg"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (package / "pes.py").write_text("from aiod4p import IterativePE\nclass Sq(IterativePE):\n    pass\n")
+    (package / "flow.py").write_text("from aiod4p import WorkflowGraph\nfrom .pes import Sq\n")
+    done = aiod4p("run", str(package / "flow.py"), cwd=tmp_path)
+    assert done.returncode == 1
+    assert done.stderr == (
+        f"aiod4p: error: importing {package / 'flow.py'} failed at {package / 'flow.py'}, line 2: ImportError:"
+        " attempted relative import with no known parent package (flow.py is module pkg.flow of a package: run it"
+        f" by that name, cd {tmp_path / 'project'} && aiod4p run pkg.flow)\n"
+    )
+
+
 def test_printed_results_show_numpy_scalars_as_numbers(tmp_path: Path) -> None:
     pytest.importorskip("numpy")
     flow = tmp_path / "flow.py"
@@ -541,6 +556,14 @@ def test_ignored_options_give_a_warning(workflow_file: Path, tmp_path: Path, arg
     shutil.rmtree(tmp_path / "ck", ignore_errors=True)
     quiet = aiod4p("run", str(workflow_file), "-q", *given)
     assert quiet.returncode == 0 and quiet.stderr == ""
+
+
+def test_the_help_of_oversubscribe_names_every_mapping_that_caps_n_at_the_cpus() -> None:
+    """multi, mpi started by aiod4p, and ray on a local Ray start at most one worker per CPU (docs/cli.md)."""
+    found = re.search(r"^ +--oversubscribe +(.*?)^ +--", aiod4p("run", "--help").stdout, re.M | re.S)
+    assert found is not None
+    entry = " ".join(found.group(1).split())
+    assert [name for name in ("multi", "mpi", "ray") if name not in entry] == [], entry
 
 
 def test_provenance_over_restarts_says_it_records_the_last_attempt(workflow_file: Path, tmp_path: Path) -> None:

@@ -1029,7 +1029,7 @@ def test_ctrl_c_under_mpiexec_drains_every_rank(tmp_path: Path) -> None:
         while (not out.exists() or out.stat().st_size < 100_000) and time.monotonic() < deadline:
             time.sleep(0.05)  # ok-sleep: polling for the condition: results are flowing
         process.send_signal(signal.SIGINT)  # mpiexec forwards it to every rank
-        process.communicate(timeout=20)
+        _, stderr = process.communicate(timeout=20)
     finally:
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
@@ -1038,6 +1038,11 @@ def test_ctrl_c_under_mpiexec_drains_every_rank(tmp_path: Path) -> None:
     data = [json.loads(line)["data"] for line in out.read_text().splitlines()]
     assert len(data) > 1000
     assert all(value % 8 == 0 for value in data)  # every item went through the whole chain
+    # Rank 0 speaks for the job: the other rank drains without a word (it said "0 records produced").
+    said = stderr.decode()
+    assert said.count("stopping the sources") == 1, said
+    assert said.count("drained;") == 1, said
+    assert f"drained; {len(data)} records produced" in said, said
 
 
 def test_launched_run_takes_mpiexec_arguments(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

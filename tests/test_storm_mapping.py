@@ -105,6 +105,41 @@ def test_unreachable_nimbus_stops_before_anything_else(sandbox: dict[str, str], 
     assert nothing_written(tmp_path)  # no project, no jar
 
 
+def test_statistics_options_are_said_to_be_ignored(sandbox: dict[str, str], tmp_path: Path) -> None:
+    """Storm keeps its own statistics (the Storm UI): --stats and --stats-json warn, and write no empty table."""
+    port, stats = free_port(), tmp_path / "stats.json"
+    args = [
+        "run",
+        WORDCOUNT,
+        "--mapping",
+        "storm",
+        "--nimbus",
+        f"127.0.0.1:{port}",
+        "--stats",
+        "--stats-json",
+        str(stats),
+    ]
+    done = aiod4p(args, sandbox, tmp_path / "cwd")
+    assert done.returncode == 1  # no Nimbus answers; the warnings come first
+    for option in ("--stats", "--stats-json"):
+        warning = f"aiod4p: warning: {option} is ignored: the storm mapping reports no per-PE statistics"
+        assert warning in done.stderr.splitlines(), done.stderr
+    assert "Statistics per PE" not in done.stderr
+    assert not stats.exists()
+
+
+def test_stdin_is_a_usage_error(sandbox: dict[str, str], tmp_path: Path) -> None:
+    """A topology stores its spouts' inputs when it is built: --stdin says so, before Nimbus is even asked."""
+    port = free_port()
+    args = ["run", WORDCOUNT, "--mapping", "storm", "--nimbus", f"127.0.0.1:{port}", "--stdin", "ReadLines"]
+    done = aiod4p(args, sandbox, tmp_path / "cwd")
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.splitlines() == [
+        "aiod4p: error: --stdin: the storm mapping stores its sources' inputs before the run starts, and cannot"
+        " read stdin as the run goes: give them with -d or -f"
+    ]
+
+
 def test_configured_but_unreachable_through_the_environment(sandbox: dict[str, str], tmp_path: Path) -> None:
     port = free_port()
     done = aiod4p(

@@ -7,6 +7,8 @@ stdin closing when the worker goes away.
 
 from __future__ import annotations
 
+import asyncio
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,10 +18,13 @@ import pytest
 pytest.importorskip("streamparse", reason="the storm extra is not installed")
 
 from storm_harness import ComponentProcess, StormHarness, command
+from test_storm_report import TOKEN, Sink
 from workflows import Chatty, Count, Double, Fail, FailsAtEnd, Greets, SumAtEnd, Unencodable
 
 from aiod4p import WorkflowGraph
+from aiod4p.errors import PEError, TargetError
 from aiod4p.storm import EOS_STREAM, build_project
+from aiod4p.storm._run import RunReport
 
 ERROR = 4  # Storm's log level "error"
 
@@ -27,8 +32,8 @@ ERROR = 4  # Storm's log level "error"
 class Topology:
     """A generated project of test PEs, and helpers to start one of its tasks."""
 
-    def __init__(self, tmp: Path, graph: WorkflowGraph, inputs: Any) -> None:
-        self.project = build_project(graph, tmp / "project", name="protocol", inputs=inputs)
+    def __init__(self, tmp: Path, graph: WorkflowGraph, inputs: Any, **options: Any) -> None:
+        self.project = build_project(graph, tmp / "project", name="protocol", inputs=inputs, **options)
         self.harness = StormHarness(self.project.path)
         self.started: list[ComponentProcess] = []
 
@@ -53,8 +58,8 @@ class Topology:
 def topology(tmp_path: Path) -> Iterator[Any]:
     made: list[Topology] = []
 
-    def make(graph: WorkflowGraph, inputs: Any = 3) -> Topology:
-        made.append(Topology(tmp_path / str(len(made)), graph, inputs))
+    def make(graph: WorkflowGraph, inputs: Any = 3, **options: Any) -> Topology:
+        made.append(Topology(tmp_path / str(len(made)), graph, inputs, **options))
         return made[-1]
 
     yield make
@@ -275,3 +280,68 @@ def test_preprocess_output_and_failing_postprocess(topology: Any) -> None:
     assert messages[3]["stream"] == EOS_STREAM  # downstream still finishes
     assert source.id in topo.harness.components
     assert bolt.close()[1] == 2
+
+
+async def test_a_task_that_cannot_load_its_pe_tells_the_run_why(
+    topology: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A PE class from a package only the submitting machine has (not copied into src/): the task says so to the
+    run at once, naming its PE and the module; Storm itself would only restart it until the start timeout."""
+    package = tmp_path / "driver_only"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "pes.py").write_text(
+        "from aiod4p import IterativePE\n\n\nclass Here(IterativePE):\n    def process_item(self, item):\n"
+        "        return item\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    from driver_only.pes import Here  # type: ignore[import-not-found]
+
+    graph = WorkflowGraph()
+    graph.connect(Count(), "output", here := Here(), "input")
+    report = RunReport(Sink(), TOKEN)
+    address = await report.listen("127.0.0.1")
+    topo = topology(graph, report=address, token=TOKEN)
+    report.expect(topo.project.spec)
+    task = topo.task_of(here.id)
+    process = ComponentProcess(topo.project.src, topo.harness.components[here.id].script, env=topo.harness.env)
+    topo.started.append(process)
+    await asyncio.to_thread(process.handshake, topo.harness.conf, topo.harness.context(task))
+    await asyncio.wait_for(report.ended.wait(), 30)
+    error = report.error()
+    assert isinstance(error, TargetError)
+    assert f"the Storm task of PE {here.id}[0] cannot load the workflow" in str(error)
+    assert "No module named 'driver_only'" in str(error)
+    assert await asyncio.to_thread(process.process.wait, 30) == 1
+    await report.close(0)
+
+
+async def test_errors_reported_to_the_run_name_the_workflow_files_not_the_copies_the_tasks_ran(
+    topology: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A task runs the copy of the workflow's module in the topology (on a worker, under Storm's own directories):
+    the run's error points at the file the user wrote."""
+    (tmp_path / "user_flow.py").write_text(
+        "from aiod4p import IterativePE\n\n\nclass Boom(IterativePE):\n    def process_item(self, item):\n"
+        "        raise ValueError(item)\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "user_flow", raising=False)  # another test's (each event loop runs this one)
+    from user_flow import Boom  # type: ignore[import-not-found]
+
+    graph = WorkflowGraph()
+    graph.connect(source := Count(), "output", boom := Boom(), "input")
+    report = RunReport(Sink(), TOKEN)
+    topo = topology(graph, report=await report.listen("127.0.0.1"), token=TOKEN)
+    bolt, _ = await asyncio.to_thread(topo.start, boom.id)
+    bolt.send(tup("77", source.id, topo.task_of(source.id), [3]))
+    await asyncio.to_thread(bolt.read_until, done("77"))
+    await asyncio.to_thread(bolt.close)  # its connection ends after its report: the run has read it
+    await asyncio.wait_for(report.ended.wait(), 30)
+    [error] = report.failed_tuples
+    assert isinstance(error, PEError)
+    copy, original = str(topo.project.src / "user_flow.py"), str(tmp_path / "user_flow.py")
+    assert f"({original}, line 6, in process_item; item=3)" in str(error)
+    assert f'File "{original}", line 6' in error.traceback_text
+    assert copy not in str(error) + error.traceback_text
+    await report.close(0)

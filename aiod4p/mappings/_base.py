@@ -89,6 +89,8 @@ class BaseMapping(ABC):
         takes_workers: ``workers`` (``-n``) changes the plan.
         uses_processes: every worker is an operating-system process.
         supports_checkpoints: runs take checkpoints and recover (docs/recovery.md).
+        reports_stats: runs return per-PE statistics (``--stats``, ``--stats-json``).
+        live_inputs: runs take inputs that are iterators, consumed as they go (``--stdin``).
         workers_started: what the workers a run starts are called, one and several (how messages name them).
     """
 
@@ -97,6 +99,8 @@ class BaseMapping(ABC):
     takes_workers: ClassVar[bool] = True
     uses_processes: ClassVar[bool] = False
     supports_checkpoints: ClassVar[bool] = False
+    reports_stats: ClassVar[bool] = True
+    live_inputs: ClassVar[bool] = True
     workers_started: ClassVar[tuple[str, str]] = ("worker process", "worker processes")
     checkpointing: Checkpointing | None = None
     """Checkpoints and recovery for the next runs (mappings whose ``supports_checkpoints`` is true)."""

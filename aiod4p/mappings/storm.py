@@ -81,6 +81,8 @@ class StormMapping(BaseMapping):
 
     name = "storm"
     uses_uvloop = False
+    reports_stats = False  # Storm keeps its own (the Storm UI)
+    live_inputs = False  # the spouts' inputs are stored in the topology
 
     def __init__(
         self,

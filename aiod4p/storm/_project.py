@@ -121,6 +121,7 @@ def build_project(
     compat = sys.modules.get("aiod4p.compat")  # loaded only where dispel4py workflows run
     spec = dataclasses.replace(spec, report=report, token=token, dispel4py=bool(compat and compat.installed()))
     local = _local_modules(plan, functions)
+    spec = dataclasses.replace(spec, sources={module_name: str(path) for module_name, path in local.items()})
     if name in local or name == COMPONENTS_MODULE:
         # sparse imports topologies/<name>.py as module <name>, after src/: the names must differ.
         name = f"{name}_topology"

@@ -20,11 +20,15 @@ import logging
 from typing import Any
 
 from .._results import ResultSink
-from ..errors import Aiod4pError, PEError, TransportError, WorkerDied
+from ..errors import Aiod4pError, PEError, TargetError, TransportError, WorkerDied
 from ._spec import TopologySpec
 from ._wire import decode
 
-__all__ = ["RunReport"]
+__all__ = ["ERROR_KINDS", "RunReport"]
+
+ERROR_KINDS: dict[str, type[Aiod4pError]] = {kind.__name__: kind for kind in (TransportError, TargetError)}
+"""The errors an ``e`` report names by their class (``kind``); others travel as ``Aiod4pError``, and ``PEError``
+with its PE, instance, port and traceback."""
 
 logger = logging.getLogger("aiod4p.storm")
 
@@ -187,7 +191,7 @@ def _error(key: tuple[str, int], message: dict[str, Any]) -> Aiod4pError:
     if message.get("kind") == "PEError":
         pe, instance = str(message.get("pe", key[0])), int(message.get("instance", key[1]))
         return PEError(pe, instance, str(message.get("port", "")), text, str(message.get("traceback", "")))
-    if message.get("kind") == "TransportError":
-        return TransportError(text)
+    if (kind := ERROR_KINDS.get(str(message.get("kind")))) is not None:
+        return kind(text)
     detail = str(message.get("traceback", ""))
     return Aiod4pError(f"{text}\n{detail}".rstrip() if detail else text)

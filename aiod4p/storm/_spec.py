@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from .._groupings import All, Global, GroupBy, Grouping, Shuffle
@@ -125,6 +125,9 @@ class TopologySpec:
     topology that runs on its own; ``token`` identifies that run.
     ``dispel4py``: the components serve dispel4py's modules from
     :mod:`aiod4p.compat` (the workflow is a dispel4py one).
+    ``sources``: the modules copied into the project's ``src`` (the workflow
+    file...), by name, with the file each was copied from: what errors
+    reported to the run name instead of the copy a task ran.
     """
 
     name: str
@@ -134,6 +137,7 @@ class TopologySpec:
     report: str = ""
     token: str = ""
     dispel4py: bool = False
+    sources: dict[str, str] = field(default_factory=dict)
 
     def component(self, name: str) -> ComponentSpec:
         """The component called ``name``.
@@ -175,6 +179,7 @@ class TopologySpec:
             data.get("report", ""),
             data.get("token", ""),
             data.get("dispel4py", False),
+            data.get("sources", {}),
         )
 
 

@@ -67,7 +67,8 @@ from .._engine import Invoker, Worker
 from .._graph import FlatGraph
 from .._pe import PE, Runtime
 from .._plan import InstanceRef, PlanOptions, make_plan
-from ..errors import Aiod4pError, PEError, TransportError
+from ..errors import Aiod4pError, PEError, TargetError, TransportError
+from ._run import ERROR_KINDS
 from ._spec import EOS_STREAM, ComponentSpec, TopologySpec
 from ._wire import WireError, decode, encode, encode_key
 
@@ -85,17 +86,28 @@ pe_logger = logging.getLogger("aiod4p.pe")
 
 
 class _Loaded:
-    """What a component reads at start-up: its spec, its PE and key functions."""
+    """What a component reads at start-up: its spec (``topology``), its PE and key functions.
 
-    def __init__(self, directory: Path, name: str) -> None:
-        self.topology = TopologySpec.from_json(json.loads((directory / SPEC_FILE).read_text()))
-        self.spec: ComponentSpec = self.topology.component(name)
-        if self.topology.dispel4py:
+    Raises:
+        TargetError: the PEs cannot be unpickled here (``where``, e.g. "the Storm task of PE Read0[0]"): a module
+            defining them, or one such a module imports, is not importable on this Storm worker.
+    """
+
+    def __init__(self, directory: Path, topology: TopologySpec, name: str, where: str) -> None:
+        self.topology = topology
+        self.spec: ComponentSpec = topology.component(name)
+        if topology.dispel4py:
             from .. import compat
 
             compat.install()
-        with open(directory / PES_FILE, "rb") as handle:
-            stored = pickle.load(handle)
+        try:
+            with open(directory / PES_FILE, "rb") as handle:
+                stored = pickle.load(handle)
+        except Exception as exc:
+            raise TargetError(
+                f"{where} cannot load the workflow ({type(exc).__name__}: {exc}); its PE classes, and the modules"
+                " they import, must be importable on the Storm workers"
+            ) from exc
         self.pe: PE = stored["pes"][name]
         self.functions: dict[str, Callable[[Any], Any]] = stored["functions"]
 
@@ -157,7 +169,7 @@ def error_message(exc: BaseException, fatal: bool) -> dict[str, Any]:
     if isinstance(exc, PEError):
         where = {"pe": exc.pe, "instance": exc.instance, "port": exc.port, "traceback": exc.traceback_text}
         return {"t": "e", "fatal": fatal, "kind": "PEError", "message": exc.message, **where}
-    kind = "TransportError" if isinstance(exc, TransportError) else "Aiod4pError"
+    kind = next((name for name, kind in ERROR_KINDS.items() if isinstance(exc, kind)), "Aiod4pError")
     detail = "".join(traceback.format_exception(exc)) if not isinstance(exc, Aiod4pError) else ""
     return {"t": "e", "fatal": fatal, "kind": kind, "message": str(exc) or type(exc).__name__, "traceback": detail}
 
@@ -175,6 +187,7 @@ class HostedComponent:
     index: int
     tasks: int  # how many tasks run this component
     reporter: Reporter | None
+    sources: dict[str, str]  # the modules copied into the project, by path here: the files they were copied from
     logger: logging.Logger  # pystorm's, set up before initialize()
 
     def _host(self, context: dict[str, Any]) -> None:
@@ -182,12 +195,12 @@ class HostedComponent:
         # PE logs and print() go to Storm's log at pystorm's level; print() must not corrupt the protocol.
         logging.getLogger("aiod4p").setLevel(self.logger.level or logging.INFO)
         sys.stdout = LogStream(logging.getLogger("aiod4p.stdout"))
-        module = sys.modules[type(self).__module__]
-        self.loaded = _Loaded(Path(module.__file__ or ".").resolve().parent, self.component)
+        directory = Path(sys.modules[type(self).__module__].__file__ or ".").resolve().parent
+        topology = TopologySpec.from_json(json.loads((directory / SPEC_FILE).read_text()))
+        self.sources = {str(directory / f"{name}.py"): original for name, original in topology.sources.items()}
         tasks = sorted(int(task) for task, name in context["task->component"].items() if name == self.component)
         self.index = tasks.index(int(context["taskid"]))
         self.tasks = len(tasks)
-        topology = self.loaded.topology
         self.reporter = None
         if topology.report:
             hello = {"t": "hello", "token": topology.token, "pe": self.component, "task": self.index}
@@ -195,6 +208,15 @@ class HostedComponent:
             # Storm's worker stops its tasks with SIGTERM when it shuts down (another of its tasks died, or the
             # topology was killed): the run then knows this task did not die of its own accord.
             signal.signal(signal.SIGTERM, self._terminated)
+        # Connected first, so that a run hears why a task cannot load its PE (Storm would restart it until the
+        # run's start timeout, and report only that its process exited).
+        try:
+            self.loaded = _Loaded(
+                directory, topology, self.component, f"the Storm task of PE {self.component}[{self.index}]"
+            )
+        except TargetError as exc:
+            self._report_error(exc, fatal=True)
+            raise
         self.loaded.pe._parallelism = self.tasks  # not its parallelism: a dispel4py PE may keep data there
 
     def _terminated(self, signum: int, frame: object) -> None:
@@ -210,8 +232,14 @@ class HostedComponent:
         super()._exit(status_code)  # type: ignore[misc]
 
     def _report_error(self, exc: BaseException, fatal: bool) -> None:
-        if self.reporter is not None:
-            self.reporter.send(error_message(exc, fatal))
+        """Tell the run about ``exc``, naming the workflow's own files where it names the copies this task ran."""
+        if self.reporter is None:
+            return
+        message = error_message(exc, fatal)
+        for key in ("message", "traceback"):
+            for copy, original in self.sources.items():
+                message[key] = message[key].replace(copy, original)
+        self.reporter.send(message)
 
     def _finished(self) -> None:
         """Tell the run that this task has sent its end-of-stream marker."""
