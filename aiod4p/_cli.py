@@ -583,6 +583,16 @@ def _ignored_options(args: argparse.Namespace, mapping: BaseMapping) -> list[str
             for option, given in (("--stats", args.stats), ("--stats-json", args.stats_json is not None))
             if given
         )
+    if not mapping.runs_the_engine:
+        ignored.extend(
+            f"{option} is ignored: the {mapping.name} mapping routes each item itself"
+            for option, given in (
+                ("--batch-size", args.batch_size != DEFAULT_BATCH_SIZE),
+                ("--credits", args.credits != DEFAULT_CREDITS),
+                ("--threaded", bool(args.threaded)),
+            )
+            if given
+        )
     cpus = available_cpus()
     if args.oversubscribe and not mapping.shares_cpus:
         ignored.append(f"--oversubscribe is ignored: the {mapping.name} mapping does not limit -n to the CPUs")

@@ -128,6 +128,18 @@ def test_statistics_options_are_said_to_be_ignored(sandbox: dict[str, str], tmp_
     assert not stats.exists()
 
 
+def test_engine_options_are_said_to_be_ignored(sandbox: dict[str, str], tmp_path: Path) -> None:
+    """Storm routes each tuple itself: --batch-size, --credits and --threaded changed nothing, silently."""
+    port = free_port()
+    args = ["run", WORDCOUNT, "--mapping", "storm", "--nimbus", f"127.0.0.1:{port}", "--batch-size", "7"]
+    args += ["--credits", "2", "--threaded", "SplitWords"]
+    done = aiod4p(args, sandbox, tmp_path / "cwd")
+    assert done.returncode == 1  # no Nimbus answers; the warnings come first
+    for option in ("--batch-size", "--credits", "--threaded"):
+        warning = f"aiod4p: warning: {option} is ignored: the storm mapping routes each item itself"
+        assert warning in done.stderr.splitlines(), done.stderr
+
+
 def test_stdin_is_a_usage_error(sandbox: dict[str, str], tmp_path: Path) -> None:
     """A topology stores its spouts' inputs when it is built: --stdin says so, before Nimbus is even asked."""
     port = free_port()

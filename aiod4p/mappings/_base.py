@@ -91,6 +91,8 @@ class BaseMapping(ABC):
         supports_checkpoints: runs take checkpoints and recover (docs/recovery.md).
         reports_stats: runs return per-PE statistics (``--stats``, ``--stats-json``).
         live_inputs: runs take inputs that are iterators, consumed as they go (``--stdin``).
+        runs_the_engine: aiod4p's engine runs the PEs, moving items in batches against credits (``--batch-size``,
+            ``--credits``, ``--threaded``), not a system that routes them itself (Storm).
         workers_started: what the workers a run starts are called, one and several (how messages name them).
     """
 
@@ -101,6 +103,7 @@ class BaseMapping(ABC):
     supports_checkpoints: ClassVar[bool] = False
     reports_stats: ClassVar[bool] = True
     live_inputs: ClassVar[bool] = True
+    runs_the_engine: ClassVar[bool] = True
     workers_started: ClassVar[tuple[str, str]] = ("worker process", "worker processes")
     checkpointing: Checkpointing | None = None
     """Checkpoints and recovery for the next runs (mappings whose ``supports_checkpoints`` is true)."""

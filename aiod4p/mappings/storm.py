@@ -83,6 +83,7 @@ class StormMapping(BaseMapping):
     uses_uvloop = False
     reports_stats = False  # Storm keeps its own (the Storm UI)
     live_inputs = False  # the spouts' inputs are stored in the topology
+    runs_the_engine = False  # Storm routes each tuple to a task that calls the PE
 
     def __init__(
         self,
