@@ -19,6 +19,7 @@ from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Iterat
 from types import TracebackType
 from typing import Any, TypeVar
 
+from ._engine import YIELD_SECONDS
 from ._frames import importing_workflow_code
 from ._graph import WorkflowGraph
 from ._inputs import Inputs, resolve_inputs
@@ -98,6 +99,7 @@ class WorkflowRun:
         self._sink = QueueSink(result_batches)
         self._control = RunControl()
         self._ready: deque[ResultRecord] = deque()
+        self._read_since = time.monotonic()  # when the reader last let the event loop run other tasks here
         self._task: asyncio.Task[None] | None = None
         self._started: float | None = None
         self._finished: float | None = None
@@ -248,6 +250,13 @@ class WorkflowRun:
         return self
 
     async def __anext__(self) -> ResultRecord:
+        """The next result. Results already here are handed out without waiting, but the event loop runs its
+        other tasks every :data:`~aiod4p._engine.YIELD_SECONDS` of reading: a reader that works on each
+        result (a service writing it to its client) does not hold the loop for a whole batch of them."""
+        now = time.monotonic()
+        if now - self._read_since >= YIELD_SECONDS:
+            self._read_since = now  # first: a read cancelled in its turn (a timeout) must not give way again
+            await asyncio.sleep(0)
         while not self._ready:
             if not await self._take_batch():
                 raise StopAsyncIteration
@@ -272,6 +281,7 @@ class WorkflowRun:
             getter = asyncio.ensure_future(queue.get())
             try:
                 await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
+                self._read_since = time.monotonic()
             finally:
                 if not getter.done():
                     getter.cancel()

@@ -13,7 +13,7 @@ import workflows as wf
 
 import aiod4p
 from aiod4p import IterativePE, ProducerPE, WorkflowGraph
-from aiod4p._engine import LONG_TURN, YIELD_BATCHES
+from aiod4p._engine import LONG_TURN, YIELD_BATCHES, YIELD_SECONDS
 
 TOTAL = 100_000
 BATCH = 10
@@ -171,3 +171,51 @@ async def test_runs_side_by_side_share_one_slice_of_the_loop() -> None:
     alone = await _progress_per_host_turn(1)
     side_by_side = await _progress_per_host_turn(RUNS_SIDE_BY_SIDE)
     assert side_by_side < 4 * alone + RUNS_SIDE_BY_SIDE * BATCH, (alone, side_by_side)
+
+
+class Burst(ProducerPE):
+    """Writes ``RESULTS_IN_A_BURST`` results at once, at the end: the reader gets them as one batch."""
+
+    def produce(self) -> None:
+        pass
+
+    def postprocess(self) -> None:
+        for item in range(RESULTS_IN_A_BURST):
+            self.write("output", item)
+
+
+RESULTS_IN_A_BURST = 40
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("mapping", ["async", "multi"])
+async def test_a_reader_working_on_each_result_lets_the_host_run(mapping: str) -> None:
+    """A service wrote each result to its client (work per result) and its loop stood still for a whole batch
+    of results: they were handed out without a suspension. The reader now lets the loop run its other tasks
+    once it has read for ``YIELD_SECONDS``."""
+    graph = WorkflowGraph()
+    graph.add(Burst())
+    host_turns = 0
+
+    async def host() -> None:
+        nonlocal host_turns
+        while True:
+            await asyncio.sleep(0)
+            host_turns += 1
+
+    ticker = asyncio.create_task(host())
+    read_between_turns: list[int] = []
+    async with asyncio.timeout(60), aiod4p.start(graph, 1, mapping=mapping, workers=2) as run:
+        seen = host_turns
+        async for _ in run:
+            end = time.perf_counter() + YIELD_SECONDS / 2  # the reader's work on the result: CPU, not a wait
+            while time.perf_counter() < end:
+                pass
+            if host_turns == seen:
+                read_between_turns[-1:] = [read_between_turns[-1] + 1] if read_between_turns else [1]
+            else:
+                read_between_turns.append(1)
+                seen = host_turns
+    ticker.cancel()
+    assert sum(read_between_turns) == RESULTS_IN_A_BURST
+    assert max(read_between_turns) <= 3, read_between_turns  # two results of YIELD_SECONDS / 2, and a margin
