@@ -572,3 +572,26 @@ def test_a_sigterm_handler_installed_while_ray_was_joined_outlives_the_disconnec
     SIGTERM killed the process undrained while Python still named the handler."""
     done = subprocess.run([sys.executable, "-c", SIGTERM_AFTER_RAY], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and done.stdout.strip() == f"[{int(signal.SIGTERM)}]", done
+
+
+def test_processes_left_are_waited_for_whatever_their_pidfds_numbers() -> None:
+    """kill_left and reap waited with select(), which refuses descriptors from 1024 on: in a process with that many
+    open (a service's connections) stopping a local Ray raised ValueError and left its processes running."""
+    held = []
+    try:
+        while len(held) < 1100:
+            held.append(os.open(os.devnull, os.O_RDONLY))
+    except OSError:
+        pytest.skip("cannot open 1100 descriptors here")
+    try:
+        process = subprocess.Popen(["sleep", "60"])
+        fds = pidfds({process.pid})
+        assert fds[0] >= 1024
+        kill_left(fds, 0.0)
+        reap(fds, LEFTOVER_GRACE)
+        for fd in fds:
+            os.close(fd)
+        assert not Path(f"/proc/{process.pid}").exists()  # killed and reaped
+    finally:
+        for fd in held:
+            os.close(fd)
