@@ -555,7 +555,10 @@ import os, signal, time
 from unittest import mock
 import aiod4p.mappings._ray_run as ray_run
 connection = ray_run._Connection()
-with mock.patch.object(ray_run.ray, "is_initialized", lambda: False), mock.patch.object(ray_run.ray, "shutdown", lambda: None):
+with (
+    mock.patch.object(ray_run.ray, "is_initialized", lambda: False),
+    mock.patch.object(ray_run.ray, "shutdown", lambda: None),
+):
     connection.acquire(lambda: True)
     received = []
     signal.signal(signal.SIGTERM, lambda signum, frame: received.append(signum))
