@@ -433,10 +433,14 @@ def _run_loaded(args: argparse.Namespace, mapping: BaseMapping, results: str | N
 
     def on_hard_abort() -> None:
         """What the abort watchdog does before it ends the process: results flushed, statistics reported."""
-        for out in opened:
-            if not out.closed:  # the run closed it once every result was written: a clean-up after it is slow
-                out.flush()
-        report_once(failing=True)
+        try:
+            for out in opened:
+                if not out.closed:  # the run closed it once every result was written: a clean-up after it is slow
+                    out.flush()
+        except OSError as exc:  # a full disk: said, and the statistics are still reported
+            print(f"aiod4p: error: cannot write results to {results}: {exc.strerror or exc}", file=sys.stderr)
+        finally:
+            report_once(failing=True)
 
     # The mapping may start its workers now, so that they start while the workflow loads (mpi: the ranks
     # import it too); what the run does not take is stopped when it ends. A signal that stops the start-up

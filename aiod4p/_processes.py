@@ -75,6 +75,11 @@ def _running(fds: list[int], within: float) -> list[int]:
     deadline = time.monotonic() + within
     running = list(fds)
     while running and (left := deadline - time.monotonic()) > 0:
-        ended, _, _ = select.select(running, [], [], left)  # a pidfd is readable once its process ended
+        # a pidfd is readable once its process ended; poll, not select, which refuses numbers from 1024 on
+        # (a service with a thousand connections open)
+        waiting = select.poll()
+        for fd in running:
+            waiting.register(fd, select.POLLIN)
+        ended = {fd for fd, _ in waiting.poll(left * 1000)}
         running = [fd for fd in running if fd not in ended]
     return running

@@ -1076,6 +1076,51 @@ def test_an_abort_past_a_pe_holding_the_loop_still_writes_the_statistics(tmp_pat
     assert document["finished"] is False and document["pes"]["Hold0"]["items_in"] == 1
 
 
+WRITES_THEN_HOLDS_THE_LOOP = """
+import asyncio, sys, time
+from aiod4p import ProducerPE, WorkflowGraph
+
+class Write(ProducerPE):
+    def produce(self):
+        yield from range(3)
+
+class Hold(ProducerPE):
+    async def produce(self):
+        await asyncio.sleep(1.0)  # ok-sleep: the other source's results reach the results file first
+        print("holding", file=sys.stderr, flush=True)
+        while True:
+            time.sleep(0.005)  # ok-sleep: a PE that holds the event loop, never giving way
+        yield 0
+
+graph = WorkflowGraph()
+graph.add(Write())
+graph.add(Hold())
+"""
+
+
+def test_an_abort_past_a_pe_holding_the_loop_writes_the_statistics_when_the_results_cannot_be(tmp_path: Path) -> None:
+    """The watchdog flushed the results file, then wrote the statistics: on a full disk the flush raised, and the
+    statistics were never written, nor was the error said."""
+    flow = tmp_path / "hold.py"
+    flow.write_text(WRITES_THEN_HOLDS_THE_LOOP)
+    stats = tmp_path / "stats.json"
+    process = aiod4p_process("run", str(flow), "-i", "1", "--results", "/dev/full", "--stats-json", str(stats))
+    try:
+        assert process.stderr is not None
+        assert process.stderr.readline() == "holding\n"
+        process.send_signal(signal.SIGINT)
+        assert process.stderr.readline().startswith("aiod4p: SIGINT: stopping the sources")
+        process.send_signal(signal.SIGINT)
+        _, err = process.communicate(timeout=20)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.communicate()
+    assert process.returncode == 130, err
+    assert "aiod4p: error: cannot write results to /dev/full: No space left on device" in err
+    assert json.loads(stats.read_text())["finished"] is False
+
+
 def test_console_script_is_installed() -> None:
     script = Path(sys.executable).parent / "aiod4p"
     done = subprocess.run([str(script), "run", WORDCOUNT, "-m", "simple"], capture_output=True, text=True, timeout=60)

@@ -734,3 +734,38 @@ def test_an_unpicklable_result_is_a_transport_error_wherever_its_batch_is_flushe
     for batch_size in (1, 256):
         with pytest.raises(TransportError, match=rf"PE {emit.id} wrote a result on output port 'output'.*lock"):
             aiod4p.run(graph, 100, mapping="multi", workers=1, batch_size=batch_size)
+
+
+def _sockets_of(pid: int) -> int:
+    return sum(1 for fd in os.listdir(f"/proc/{pid}/fd") if os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:"))
+
+
+def test_a_forked_worker_holds_no_socket_of_another_run_starting_meanwhile() -> None:
+    """Runs of one loop fork in turns: a worker forked between two forks of another run inherited that run's
+    socket pairs (its workers' control and link ends) and held them as long as it ran."""
+    from aiod4p._processes import children
+
+    async def held_by_a_live_run(other_run: bool) -> int:
+        graph = WorkflowGraph()
+        graph.add(double := wf.Double())
+        double.id = "double"
+        feed = aiod4p.LiveFeed()
+        mapping = MultiMapping(start_method="fork")
+        before = children({os.getpid()})
+        other = None
+        if other_run:  # it forks its first worker first, the live run's between two of its own
+            other = asyncio.ensure_future(aiod4p.run_async(_chain(wf.Double())[0], 10, mapping=mapping, workers=4))
+            await asyncio.sleep(0)
+        async with asyncio.timeout(60), aiod4p.start(graph, {"double": feed}, mapping=mapping) as run:
+            await run.send("double", 1)
+            await anext(run)
+            if other is not None:
+                await other
+            held = sum(_sockets_of(pid) for pid in children({os.getpid()}) - before)
+            feed.close()
+            await run.results()
+        return held
+
+    alone = asyncio.run(held_by_a_live_run(False))
+    beside = asyncio.run(held_by_a_live_run(True))
+    assert beside <= alone + 4, (alone, beside)  # the other run's parent ends, open while it ran, at most

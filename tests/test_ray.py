@@ -548,3 +548,53 @@ def _is_raylet(pid: int) -> bool:
         return "raylet" in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
     except OSError:
         return False
+
+
+SIGTERM_AFTER_RAY = """
+import os, signal, time
+from unittest import mock
+import aiod4p.mappings._ray_run as ray_run
+connection = ray_run._Connection()
+with (
+    mock.patch.object(ray_run.ray, "is_initialized", lambda: False),
+    mock.patch.object(ray_run.ray, "shutdown", lambda: None),
+):
+    connection.acquire(lambda: True)
+    received = []
+    signal.signal(signal.SIGTERM, lambda signum, frame: received.append(signum))
+    connection.release()
+os.kill(os.getpid(), signal.SIGTERM)
+time.sleep(0.2)
+print(received)
+"""
+
+
+def test_a_sigterm_handler_installed_while_ray_was_joined_outlives_the_disconnection() -> None:
+    """The actions saved before Ray was joined were all put back when it was left: a SIGTERM handler that the
+    program installed meanwhile (a service, after its first run) was replaced by the default action, and the next
+    SIGTERM killed the process undrained while Python still named the handler."""
+    done = subprocess.run([sys.executable, "-c", SIGTERM_AFTER_RAY], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == f"[{int(signal.SIGTERM)}]", done
+
+
+def test_processes_left_are_waited_for_whatever_their_pidfds_numbers() -> None:
+    """kill_left and reap waited with select(), which refuses descriptors from 1024 on: in a process with that many
+    open (a service's connections) stopping a local Ray raised ValueError and left its processes running."""
+    held = []
+    try:
+        while len(held) < 1100:
+            held.append(os.open(os.devnull, os.O_RDONLY))
+    except OSError:
+        pytest.skip("cannot open 1100 descriptors here")
+    try:
+        pid = os.posix_spawnp("sleep", ["sleep", "60"], os.environ)  # reaped by reap(), not by a Popen
+        fds = pidfds({pid})
+        assert fds[0] >= 1024
+        kill_left(fds, 0.0)
+        reap(fds, LEFTOVER_GRACE)
+        for fd in fds:
+            os.close(fd)
+        assert not Path(f"/proc/{pid}").exists()  # killed and reaped
+    finally:
+        for fd in held:
+            os.close(fd)

@@ -116,6 +116,9 @@ class _Connection:
             if self._users == 0 and self._owned:
                 self._owned = self.local = False
                 tree = pidfds(descendants(self._started))
+                # SIGTERM's action is the program's since the connection was made (acquire put it back): one it
+                # installed or took out meanwhile is what Ray's disconnection must not undo, not the one before.
+                actions = {**self._actions, **signal_actions((signal.SIGTERM,))}
                 try:
                     ray.shutdown()
                     orphans = {pid for pid in children({os.getpid()}) - self._before if _of_ray(pid)}
@@ -125,7 +128,7 @@ class _Connection:
                     reap(tree, LEFTOVER_GRACE)
                 finally:
                     adopt_orphans(False)
-                    restore_signal_actions(self._actions)
+                    restore_signal_actions(actions)
                     self._closed.set()
                     for fd in tree:
                         os.close(fd)

@@ -126,28 +126,35 @@ class _MultiRun:
         # a forked child must not inherit the lock held.)
         with _environment_lock if self.method != "fork" else contextlib.nullcontext():
             safe = _safe_path(self.method) | (logging_environment() if self.method != "fork" else {})
+            with _starting_lock:
+                _STARTING_SOCKETS.update(every)
             try:
                 for wid in range(n):
                     peers = {
                         b if a == wid else a: links[(a, b)][0 if a == wid else 1] for (a, b) in links if wid in (a, b)
                     }
                     child_control = controls[wid][1]
-                    inherited = []
-                    if self.method == "fork":
-                        own = {id(child_control), *(id(s) for s in peers.values())}
-                        inherited = [s for s in every if id(s) not in own]
-                    process = context.Process(
-                        target=worker_main,
-                        args=(wid, job, child_control, peers, inherited, safe, parent),
-                        name=f"aiod4p-worker-{wid}",
-                    )
                     # held until it has its own handlers (worker_main)
                     async with _start_turn(self.method):
+                        inherited = []
+                        if self.method == "fork":
+                            # every run's that is starting in this process (another run of this loop forks
+                            # between two of this one's forks), not only this run's
+                            own = {id(child_control), *(id(s) for s in peers.values())}
+                            with _starting_lock:
+                                inherited = [s for s in _STARTING_SOCKETS if id(s) not in own]
+                        process = context.Process(
+                            target=worker_main,
+                            args=(wid, job, child_control, peers, inherited, safe, parent),
+                            name=f"aiod4p-worker-{wid}",
+                        )
                         with held(), _main_not_reimported(self.method), _environment(safe):
                             process.start()
                     self.processes.append(process)
                     self._exits.append(_watch_exit(process))
             finally:
+                with _starting_lock:
+                    _STARTING_SOCKETS.difference_update(every)
                 for sock in every:
                     if not any(sock is parent_end for parent_end, _ in controls):
                         sock.close()
@@ -229,6 +236,11 @@ class _MultiRun:
             if process.exitcode is not None:
                 process.close()
 
+
+_STARTING_SOCKETS: set[socket.socket] = set()
+"""The socket pairs of the runs starting their workers in this process: a forked worker closes every one but its
+own, whichever run made them (runs in one loop fork in turns, runs in other threads at any time)."""
+_starting_lock = threading.Lock()
 
 _STARTING: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = weakref.WeakKeyDictionary()
 
