@@ -270,7 +270,7 @@ class HostedComponent:
         """The ``(stream, values)`` to emit for ``items`` written to ``port``.
 
         Raises:
-            TransportError: an item can neither be JSON nor be pickled, or its grouping key is not JSON-representable.
+            TransportError: an item can neither be JSON nor be pickled, or its grouping key cannot be hashed.
         """
         out = []
         streams = self.loaded.spec.streams_of(port)
