@@ -551,7 +551,7 @@ def _is_raylet(pid: int) -> bool:
 
 
 SIGTERM_AFTER_RAY = """
-import os, signal, time
+import os, signal
 from unittest import mock
 import aiod4p.mappings._ray_run as ray_run
 connection = ray_run._Connection()
@@ -563,8 +563,7 @@ with (
     received = []
     signal.signal(signal.SIGTERM, lambda signum, frame: received.append(signum))
     connection.release()
-os.kill(os.getpid(), signal.SIGTERM)
-time.sleep(0.2)
+os.kill(os.getpid(), signal.SIGTERM)  # its handler runs before kill returns
 print(received)
 """
 
@@ -575,6 +574,37 @@ def test_a_sigterm_handler_installed_while_ray_was_joined_outlives_the_disconnec
     SIGTERM killed the process undrained while Python still named the handler."""
     done = subprocess.run([sys.executable, "-c", SIGTERM_AFTER_RAY], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and done.stdout.strip() == f"[{int(signal.SIGTERM)}]", done
+
+
+A_PROCESS_STARTED_WHILE_RAY_STARTS = """
+import os, signal
+from unittest import mock
+import aiod4p.mappings._ray_run as ray_run
+started = []
+def connect():
+    started.append(os.posix_spawnp("sleep", ["sleep", "60"], os.environ))  # another run's worker, say
+    return True
+connection = ray_run._Connection()
+with (
+    mock.patch.object(ray_run.ray, "is_initialized", lambda: False),
+    mock.patch.object(ray_run.ray, "shutdown", lambda: None),
+):
+    connection.acquire(connect)
+    connection.release()
+alive = os.waitpid(started[0], os.WNOHANG) == (0, 0)
+os.kill(started[0], signal.SIGKILL)
+os.waitpid(started[0], 0)
+print(alive)
+"""
+
+
+def test_leaving_a_local_ray_stops_only_rays_processes() -> None:
+    """Every child that appeared while a local Ray started was taken for Ray's, and killed when it stopped: a
+    process that another thread's run started meanwhile (a multi run's worker) too."""
+    done = subprocess.run(
+        [sys.executable, "-c", A_PROCESS_STARTED_WHILE_RAY_STARTS], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0 and done.stdout.strip() == "True", done
 
 
 def test_processes_left_are_waited_for_whatever_their_pidfds_numbers() -> None:

@@ -103,7 +103,8 @@ class _Connection:
                 # SIGTERM is the run's (a drain), not a crash: Ray's reporter printed a stack of addresses for it,
                 # and its alarm aborted the process (SIGABRT) 3 s later, in the middle of the drain.
                 restore_signal_actions({signal.SIGTERM: self._actions[signal.SIGTERM]})
-                self._started = children({os.getpid()}) - self._before
+                # Ray's only: another thread's run may have started processes of its own meanwhile (multi's workers)
+                self._started = {pid for pid in children({os.getpid()}) - self._before if _of_ray(pid)}
                 self._owned = True
             self._users += 1
 
