@@ -158,8 +158,10 @@ def test_large_items_of_little_work_stay_on_their_senders_worker() -> None:
 
 
 def test_large_items_of_much_work_are_shared_by_both_workers() -> None:
+    """Items of 20 ms go where credit is free: both workers take a good share (20 each on a quiet machine; the
+    split follows measured paces, so a loaded one skews it: 9 / 31 was seen at a load average of 100)."""
     here, there = _items_per_worker(40, 0.02)
-    assert min(here, there) >= 10
+    assert min(here, there) >= 6
 
 
 # -- start methods ----------------------------------------------------------------------
