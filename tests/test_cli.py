@@ -1013,11 +1013,10 @@ graph.add(Hold())
 """
 
 
-@pytest.mark.parametrize("mapping", ["simple", "async"])
-def test_a_second_signal_aborts_within_a_second_while_a_pe_holds_the_loop(tmp_path: Path, mapping: str) -> None:
-    flow = tmp_path / "hold.py"
-    flow.write_text(HOLDS_THE_LOOP)
-    process = aiod4p_process("run", str(flow), "-m", mapping, "-i", "1")
+def _interrupted_twice(flow: Path, *args: str) -> tuple[int, str, float]:
+    """``aiod4p run FLOW ARGS``, whose PE prints "holding" once it holds the event loop: SIGINT, and SIGINT again
+    once the first is acted on. Its exit status, its stderr, and the seconds it took to end after the second."""
+    process = aiod4p_process("run", str(flow), *args)
     try:
         assert process.stderr is not None
         assert process.stderr.readline() == "holding\n"  # the run is under way, its loop held
@@ -1031,7 +1030,15 @@ def test_a_second_signal_aborts_within_a_second_while_a_pe_holds_the_loop(tmp_pa
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
             process.communicate()
-    assert process.returncode == 130, err
+    return process.returncode, err, took
+
+
+@pytest.mark.parametrize("mapping", ["simple", "async"])
+def test_a_second_signal_aborts_within_a_second_while_a_pe_holds_the_loop(tmp_path: Path, mapping: str) -> None:
+    flow = tmp_path / "hold.py"
+    flow.write_text(HOLDS_THE_LOOP)
+    status, err, took = _interrupted_twice(flow, "-m", mapping, "-i", "1")
+    assert status == 130, err
     assert err.splitlines()[-1] == "aiod4p: aborted by SIGINT; 0 records produced (the event loop was held by a PE)"
     assert took < 1.0  # what the README promises
 
@@ -1057,19 +1064,8 @@ def test_an_abort_past_a_pe_holding_the_loop_still_writes_the_statistics(tmp_pat
     flow = tmp_path / "hold.py"
     flow.write_text(HOLDS_THE_LOOP)
     stats = tmp_path / "stats.json"
-    process = aiod4p_process("run", str(flow), "-i", "1", "--stats", "--stats-json", str(stats))
-    try:
-        assert process.stderr is not None
-        assert process.stderr.readline() == "holding\n"
-        process.send_signal(signal.SIGINT)
-        assert process.stderr.readline().startswith("aiod4p: SIGINT: stopping the sources")
-        process.send_signal(signal.SIGINT)
-        _, err = process.communicate(timeout=20)
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.communicate()
-    assert process.returncode == 130, err
+    status, err, _ = _interrupted_twice(flow, "-i", "1", "--stats", "--stats-json", str(stats))
+    assert status == 130, err
     assert "Statistics per PE" in err
     assert err.splitlines()[-1] == "aiod4p: aborted by SIGINT; 0 records produced (the event loop was held by a PE)"
     document = json.loads(stats.read_text())
@@ -1104,19 +1100,8 @@ def test_an_abort_past_a_pe_holding_the_loop_writes_the_statistics_when_the_resu
     flow = tmp_path / "hold.py"
     flow.write_text(WRITES_THEN_HOLDS_THE_LOOP)
     stats = tmp_path / "stats.json"
-    process = aiod4p_process("run", str(flow), "-i", "1", "--results", "/dev/full", "--stats-json", str(stats))
-    try:
-        assert process.stderr is not None
-        assert process.stderr.readline() == "holding\n"
-        process.send_signal(signal.SIGINT)
-        assert process.stderr.readline().startswith("aiod4p: SIGINT: stopping the sources")
-        process.send_signal(signal.SIGINT)
-        _, err = process.communicate(timeout=20)
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.communicate()
-    assert process.returncode == 130, err
+    status, err, _ = _interrupted_twice(flow, "-i", "1", "--results", "/dev/full", "--stats-json", str(stats))
+    assert status == 130, err
     assert "aiod4p: error: cannot write results to /dev/full: No space left on device" in err
     assert json.loads(stats.read_text())["finished"] is False
 

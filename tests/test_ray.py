@@ -336,6 +336,17 @@ async def test_ray_s_calls_that_start_and_stop_a_run_are_made_off_the_event_loop
 WITHOUT_CLUSTER = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
 
 
+def _python_beside(script: str, modules: Path, timeout: float) -> subprocess.CompletedProcess[str]:
+    """``python -c SCRIPT`` with the modules of directory ``modules`` importable, starting a local Ray of its own."""
+    return subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        env={**WITHOUT_CLUSTER, "PYTHONPATH": f"{ROOT}:{modules}"},
+        timeout=timeout,
+    )
+
+
 @contextlib.contextmanager
 def local_ray_wordcount() -> Iterator[subprocess.Popen[str]]:
     """``aiod4p run examples/wordcount.py -m ray --results -`` in a session of its own, starting its own Ray;
@@ -461,13 +472,7 @@ def test_a_local_ray_started_by_the_run_has_room_for_its_workers(tmp_path: Path)
         "from aiod4p.mappings.ray import RayMapping\n"
         "aiod4p.run(times10.graph, 5, mapping=RayMapping(resources={'gpu_host': 1}), workers=1)\n"
     )
-    missing = subprocess.run(
-        [sys.executable, "-c", script],
-        capture_output=True,
-        text=True,
-        env={**WITHOUT_CLUSTER, "PYTHONPATH": f"{ROOT}:{tmp_path}"},
-        timeout=45,
-    )
+    missing = _python_beside(script, tmp_path, timeout=45)
     assert missing.returncode == 1
     assert (
         "MappingUnavailable: the local Ray started for the run cannot start 1 worker actors of 1 CPU and"
@@ -488,13 +493,7 @@ def test_a_sigterm_handler_outlives_a_local_ray_started_by_a_run(tmp_path: Path)
         "os.kill(os.getpid(), signal.SIGTERM)\n"
         "print('handled' if got else 'not handled')\n"
     )
-    done = subprocess.run(
-        [sys.executable, "-c", script],
-        capture_output=True,
-        text=True,
-        env={**WITHOUT_CLUSTER, "PYTHONPATH": f"{ROOT}:{tmp_path}"},
-        timeout=120,
-    )
+    done = _python_beside(script, tmp_path, timeout=120)
     assert (done.returncode, done.stdout) == (0, "handled\n"), done.stderr
 
 
@@ -507,7 +506,7 @@ SLOW_END_FLOW = numbers_flow(
             return item
 
         def postprocess(self):
-            time.sleep(4)  # longer than Ray's crash reporter gives a signal handler (3 s)
+            time.sleep(4)  # ok-sleep: a drain longer than Ray's crash reporter gives a signal handler (3 s)
             self.write("output", "done")
     """
 )
