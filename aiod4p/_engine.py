@@ -1382,7 +1382,7 @@ class Worker:
         self._threads: DaemonThreadPool | None = None
         self._handovers: set[concurrent.futures.Future[None]] = set()
         self._aborting = False
-        self._turn: _LoopTurn | None = None  # the turn of the loop this worker runs in, once it runs
+        self._turn = _LoopTurn()  # its own until it runs: then the turn of its loop, unless fixed_order (run)
         self.worker_id = worker_id
         level = plan.options.provenance
         self.recorder = WorkerRecorder(level, worker_id) if level is not None else None
@@ -1486,7 +1486,7 @@ class Worker:
         per run. With ``fixed_order`` the turn counts batches, and is this worker's own, so that its order
         never depends on what else runs in the loop.
         """
-        turn = self._loop_turn()
+        turn = self._turn
         if self.fixed_order:
             turn.batches += 1
             return turn.batches >= YIELD_BATCHES
@@ -1501,7 +1501,7 @@ class Worker:
         the same loop, then give way after one batch each, so a turn of the
         loop stays short however many instances are busy.
         """
-        turn = self._loop_turn()
+        turn = self._turn
         held = time.monotonic() - turn.started
         turn.restart_soon()
         if self.fixed_order or held < LONG_TURN:
@@ -1511,15 +1511,6 @@ class Worker:
             # of their deadlines, so giving way on a timer lets their tasks run before this one resumes;
             # after sleep(0) this task would go first, and they would wait two or three more batches.
             await asyncio.sleep(1e-9)
-
-    def _loop_turn(self) -> _LoopTurn:
-        """The turn of the running event loop, which every worker in it shares (with ``fixed_order``, its own)."""
-        if self._turn is None:
-            if self.fixed_order:
-                self._turn = _LoopTurn()
-            else:
-                self._turn = _LOOP_TURNS.setdefault(asyncio.get_running_loop(), _LoopTurn())
-        return self._turn
 
     # -- running -----------------------------------------------------------
     def drain(self) -> None:
@@ -1577,6 +1568,8 @@ class Worker:
             PEError: a PE raised; every task of this worker has been cancelled.
             TransportError: a comm to another worker failed.
         """
+        if not self.fixed_order:  # the turn of the running event loop, which every worker in it shares
+            self._turn = _LOOP_TURNS.setdefault(asyncio.get_running_loop(), _LoopTurn())
         if self.checkpoints is not None:
             await self.checkpoints.started()
         feed_tasks = [
