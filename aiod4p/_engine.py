@@ -366,8 +366,12 @@ class Invoker:
         out_port = self.fn_port
         if kind == "sync":
             if out_port is None:
-                for item in items:
-                    fn(item)
+
+                def call_part(part: list[Any]) -> None:
+                    for item in part:
+                        fn(item)
+
+                await self._in_parts(items, call_part)
                 return
             buffers = self.buffers
 
@@ -482,6 +486,26 @@ class Invoker:
             await self._route_streamed()
 
     async def _in_parts(self, items: list[Any], call_part: Callable[[list[Any]], None]) -> None:
+        """``call_part(items)``, making the plain calls of one batch, in parts of at most
+        :meth:`_calls_per_part` calls with :meth:`_after_part` between them, each split further where its
+        outputs could outgrow ``batch_bytes`` (:meth:`_in_parts_by_bytes`)."""
+        most = self._calls_per_part()
+        if most is None or most >= len(items):
+            await self._in_parts_by_bytes(items, call_part)
+            return
+        for start in range(0, len(items), most):
+            if start:
+                await self._after_part()
+            await self._in_parts_by_bytes(items[start : start + most], call_part)
+
+    def _calls_per_part(self) -> int | None:
+        """The most plain calls of one batch made in a row (``None``: all of them)."""
+        return None
+
+    async def _after_part(self) -> None:
+        """Between two parts of a batch's plain calls (see :meth:`_calls_per_part`)."""
+
+    async def _in_parts_by_bytes(self, items: list[Any], call_part: Callable[[list[Any]], None]) -> None:
         """``call_part(items)``, making plain calls that buffer their outputs, in parts where the outputs
         could outgrow ``batch_bytes``: the buffers are handed on between parts, as a generator's are.
 
@@ -568,6 +592,7 @@ class _Actor(Invoker):
         self.batch_seconds = options.batch_seconds
         self.credits = options.credits
         self.pace: float | None = None  # seconds per item, busy or blocked on credit (see _paced)
+        self.given_away = 0.0  # seconds of the batch under way that other tasks ran (see _give_way_if_held)
         self.max_delay = worker.max_delay
         self.routes: dict[str, list[_Route]] = {port: [] for port in pe._output_ports}
         self.results: dict[str, _ResultPending] = {}
@@ -661,7 +686,7 @@ class _Actor(Invoker):
                 self.stats.queued_items = inbox.queued_items
                 try:
                     self._busy_begin()
-                    started = self.busy_since
+                    started, self.given_away = self.busy_since, 0.0
                     try:
                         if self.traced:
                             assert self.recorder is not None
@@ -673,7 +698,7 @@ class _Actor(Invoker):
                     finally:
                         self._busy_fold()
                     await self._route_outputs()
-                    self._paced(started, len(items))
+                    self._paced(started + self.given_away, len(items))
                 except BaseException as exc:
                     if not _failed(exc):
                         raise
@@ -723,10 +748,11 @@ class _Actor(Invoker):
     def _paced(self, started: float, count: int) -> None:
         """Fold the time per item of the batch of ``count`` items begun at ``started`` into :attr:`pace`.
 
-        From the call's start until its outputs are routed: busy, or blocked
-        on credit. A cheap stage held back by a slow one after it takes items
-        at the slow one's pace, and sending it more than that pace allows only
-        queues them on a worker that cannot get through them.
+        From the call's start until its outputs are routed, less the turns it
+        gave to other tasks meanwhile: busy, or blocked on credit. A cheap
+        stage held back by a slow one after it takes items at the slow one's
+        pace, and sending it more than that pace allows only queues them on a
+        worker that cannot get through them.
         """
         if count:
             per_item = (time.perf_counter() - started) / count
@@ -936,11 +962,31 @@ class _Actor(Invoker):
 
     async def _give_way_if_held(self) -> None:
         """Within a long call: let other tasks run if the worker has held the loop long enough (their
-        turns are not this PE's busy time)."""
+        turns are neither this PE's busy time nor in its pace: :attr:`given_away`)."""
         if self.worker.held_too_long():
             self._busy_fold()
+            given = time.perf_counter()
             await self.worker.give_way()
+            self.given_away += time.perf_counter() - given
             self._busy_begin()
+
+    def _calls_per_part(self) -> int | None:
+        """About :data:`YIELD_SECONDS` of calls at this instance's pace: a batch of heavy items (a batch
+        within a worker may carry ``TURNS_TIME_FACTOR x batch_seconds`` of them) lets other tasks run
+        between its calls, as between batches. None with ``fixed_order`` (its turns count batches) or before
+        the first measurement (a batch of one item)."""
+        pace = self.pace
+        if not pace or self.worker.fixed_order:
+            return None
+        return max(1, int(YIELD_SECONDS / pace))
+
+    async def _after_part(self) -> None:
+        """If the worker has held the loop long enough: hand on what the calls wrote so far (a stage on
+        another worker may be waiting for it), then let other tasks run."""
+        if self.worker.held_too_long():
+            self._busy_fold()
+            await self._route_outputs()
+            await self._give_way_if_held()
 
     def _next_hand_over(self, handed: int, cap: int) -> int:
         """How many items a long call may write before it hands them on again, once it handed ``handed`` on.
@@ -1290,6 +1336,14 @@ def plain_generator_call(pe: PE) -> bool:
     return _call_kind(item_function[0] if item_function else pe.process) == "gen"
 
 
+def _calls_take_turns(pe: PE) -> bool:
+    """Whether the calls of ``pe``'s instances run one at a time on their worker's event loop: plain calls
+    (or plain generators), not ``async def`` (whose awaits let instances overlap) and not threaded."""
+    item_function = pe._item_function()
+    functions = [pe.process, item_function[0]] if item_function else [pe.process]
+    return not getattr(pe, "threaded", False) and all(_call_kind(fn) in ("sync", "gen") for fn in functions)
+
+
 def _call_kind(fn: Any) -> str:
     target = fn
     while hasattr(target, "func"):  # functools.partial
@@ -1407,7 +1461,15 @@ class Worker:
         local = plan.instances(me)
         inboxes = {ref: Inbox() for ref in local}
         senders: dict[tuple[InstanceRef, InstanceRef], SenderChannel] = {}
-        bounds = {(spec.source, spec.dest): plan.options.batch_bounds(spec) for spec in plan.channels}
+        taking_turns = {
+            pe_id
+            for pe_id, placed in plan.placement.items()
+            if set(placed.workers) == {me} and _calls_take_turns(plan.pes[pe_id])
+        }
+        bounds = {
+            (spec.source, spec.dest): plan.options.batch_bounds(spec, spec.dest.pe in taking_turns)
+            for spec in plan.channels
+        }
         for spec in plan.channels:
             if spec.dest_worker == me and spec.source_worker == me:
                 senders[(spec.source, spec.dest)] = LocalChannel(inboxes[spec.dest], credits, plan.options.batch_size)

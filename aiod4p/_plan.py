@@ -19,6 +19,7 @@ __all__ = [
     "PROVENANCE_LEVELS",
     "REMOTE_BATCH_FACTOR",
     "REMOTE_TIME_FACTOR",
+    "TURNS_TIME_FACTOR",
     "ChannelSpec",
     "ExecutionPlan",
     "InstanceRef",
@@ -52,6 +53,13 @@ REMOTE_TIME_FACTOR = 4
 measured work: the credits of such a channel come back only when the sending worker's event loop
 reads them (it gives way every few milliseconds), and the work in flight must cover that round
 trip or the other worker idles."""
+TURNS_TIME_FACTOR = 25
+"""Within a worker, a batch may carry this many times ``batch_seconds`` of its destination's measured work
+where every instance of the destination PE runs on that worker and their calls take turns on its event
+loop (plain calls, not threaded): small batches buy no parallelism there, and dealing heavy items one at
+a time between stages that take turns interleaves their working sets (sentiment's two scorers on the
+async mapping used 10-15% more CPU time than on the simple one). The work queued on such a channel, which
+a drain or a checkpoint's barrier waits behind, stays within ``credits`` times this."""
 
 
 @dataclass(frozen=True, order=True)
@@ -86,7 +94,8 @@ class PlanOptions:
         credits: batches a channel may have in flight before its sender waits.
         batch_seconds: a batch carries at most what its destination PE gets
             through in about this time (measured), so slow stages get items a
-            few at a time (:attr:`remote_batch_seconds` between workers).
+            few at a time (:attr:`remote_batch_seconds` between workers; see
+            :meth:`batch_bounds`).
         batch_bytes: a batch carries at most about this many bytes of items.
         provenance: ``None`` (off), ``"pe"`` or ``"item"``: what each worker records
             (see :mod:`aiod4p._provenance`).
@@ -143,18 +152,21 @@ class PlanOptions:
         """The most items one credit of ``channel`` carries: its items in flight are at most ``credits`` times this."""
         return self.remote_batch_size if channel.source_worker != channel.dest_worker else self.batch_size
 
-    def batch_bounds(self, channel: ChannelSpec) -> tuple[int, float]:
+    def batch_bounds(self, channel: ChannelSpec, dest_takes_turns: bool) -> tuple[int, float]:
         """The most items, and the most seconds of the destination's measured work, per batch on ``channel``.
 
         Within a worker a batch may carry up to ``credits x batch_size`` items: it
         then takes one credit per ``batch_size`` items (see
         :class:`aiod4p._channels.LocalChannel`), so items measured as tiny travel in
         fewer, larger batches while the channel's items in flight stay within
-        ``credits x batch_size`` (:meth:`batch_cap` per credit).
+        ``credits x batch_size`` (:meth:`batch_cap` per credit). ``dest_takes_turns``:
+        every instance of the destination PE runs on this worker, one call at a
+        time on its event loop, so the bound by time is :data:`TURNS_TIME_FACTOR`
+        times ``batch_seconds``.
         """
         if channel.source_worker != channel.dest_worker:
             return self.remote_batch_size, self.remote_batch_seconds
-        return self.batch_size * self.credits, self.batch_seconds
+        return self.batch_size * self.credits, self.batch_seconds * (TURNS_TIME_FACTOR if dest_takes_turns else 1)
 
 
 @dataclass(frozen=True)

@@ -52,15 +52,30 @@ async def _stats(graph: WorkflowGraph, mapping: str) -> list[InstanceStats]:
     return run.stats
 
 
-@pytest.mark.parametrize("mapping", ["async", "multi"])
-def test_a_slow_stage_gets_its_items_one_at_a_time(mapping: str) -> None:
+class ThreadedSlow(Slow):
+    threaded = True
+
+
+@pytest.mark.parametrize(("mapping", "slow"), [("multi", Slow()), ("async", ThreadedSlow())], ids=["multi", "threaded"])
+def test_a_slow_stage_gets_its_items_one_at_a_time(mapping: str, slow: Slow) -> None:
+    # Its instances run at the same time (on two workers, in two threads): small batches keep both busy.
     graph = WorkflowGraph()
-    graph.connect(Burst(40), "output", slow := Slow(), "input")
+    graph.connect(Burst(40), "output", slow, "input")
     stats = [entry for entry in asyncio.run(_stats(graph, mapping)) if entry.pe == slow.id]
     assert sum(entry.items_in for entry in stats) == 40
     for entry in stats:
         assert entry.items_in > 0  # both instances work
         assert entry.batches_in == entry.items_in
+
+
+def test_a_slow_stage_whose_instances_take_turns_gets_several_items_a_batch() -> None:
+    # On async both instances' plain calls take turns on one event loop: a batch carries up to
+    # TURNS_TIME_FACTOR x batch_seconds (50 ms) of work, ten of these items, not one.
+    graph = WorkflowGraph()
+    graph.connect(Burst(40), "output", slow := Slow(), "input")
+    stats = [entry for entry in asyncio.run(_stats(graph, "async")) if entry.pe == slow.id]
+    assert sum(entry.items_in for entry in stats) == 40
+    assert 40 // 10 <= sum(entry.batches_in for entry in stats) < 40
 
 
 class Medium(IterativePE):

@@ -12,8 +12,9 @@ import pytest
 import workflows as wf
 
 import aiod4p
-from aiod4p import IterativePE, ProducerPE, WorkflowGraph
+from aiod4p import ConsumerPE, IterativePE, ProducerPE, WorkflowGraph
 from aiod4p._engine import LONG_TURN, YIELD_BATCHES, YIELD_SECONDS
+from aiod4p._plan import DEFAULT_BATCH_SIZE
 
 TOTAL = 100_000
 BATCH = 10
@@ -61,29 +62,51 @@ async def test_a_host_task_runs_while_a_run_streams_at_full_speed(mapping: str) 
 BUSY_SECONDS = 2 * LONG_TURN  # a call that alone holds the loop long
 
 
+def _hold_the_loop(progress: wf.Shared) -> None:
+    """Hold the loop for ``BUSY_SECONDS`` (CPU-bound, not threaded), counting the calls in ``progress``."""
+    end = time.perf_counter() + BUSY_SECONDS
+    while time.perf_counter() < end:
+        pass
+    progress.calls += 1
+    if progress.calls == 3:
+        progress.under_way.set()
+
+
 class Busy(IterativePE):
-    """Holds the loop for ``BUSY_SECONDS`` per item (CPU-bound, not threaded), counting its calls."""
+    """Holds the loop for ``BUSY_SECONDS`` per item, counting its calls."""
 
     def __init__(self) -> None:
         super().__init__()
         self.progress = wf.Shared(calls=0, under_way=asyncio.Event())
 
     def process_item(self, item: int) -> int:
-        end = time.perf_counter() + BUSY_SECONDS
-        while time.perf_counter() < end:
-            pass
-        self.progress.calls += 1
-        if self.progress.calls == 3:
-            self.progress.under_way.set()
+        _hold_the_loop(self.progress)
         return item
 
 
+class BusySink(ConsumerPE):
+    """Holds the loop for ``BUSY_SECONDS`` per item, counting its calls; writes nothing."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.progress = wf.Shared(calls=0, under_way=asyncio.Event())
+
+    def consume(self, item: int) -> None:
+        _hold_the_loop(self.progress)
+
+
 @pytest.mark.asyncio
-async def test_a_host_timer_due_during_a_pe_call_runs_as_soon_as_the_call_ends() -> None:
-    """A busy instance gives way to due timers too, not only to ready tasks: the host's lag is one call."""
+@pytest.mark.parametrize("batch_size", [1, DEFAULT_BATCH_SIZE])
+@pytest.mark.parametrize("kind", [Busy, BusySink])
+async def test_a_host_timer_due_during_a_pe_call_runs_as_soon_as_the_call_ends(
+    kind: type[Busy | BusySink], batch_size: int
+) -> None:
+    """A busy instance gives way to due timers too, not only to ready tasks: the host's lag is one call,
+    also when a batch carries several calls (within a worker, up to TURNS_TIME_FACTOR x batch_seconds of
+    them: it gives way between them)."""
     graph = WorkflowGraph()
-    graph.connect(wf.Count(), "output", busy := Busy(), "input")
-    run = asyncio.ensure_future(aiod4p.run_async(graph, 25, batch_size=1))
+    graph.connect(wf.Count(), "output", busy := kind(), "input")
+    run = asyncio.ensure_future(aiod4p.run_async(graph, 25, batch_size=batch_size))
     calls_while_waiting = []
     async with asyncio.timeout(50):
         await busy.progress.under_way.wait()

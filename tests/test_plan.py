@@ -6,7 +6,7 @@ import pytest
 import workflows as wf
 
 from aiod4p import ALL, GLOBAL, GraphError, InstanceRef, PlanOptions, WorkflowGraph, group_by, make_plan
-from aiod4p._plan import MAX_CHANNELS, REMOTE_BATCH_FACTOR, REMOTE_TIME_FACTOR
+from aiod4p._plan import MAX_CHANNELS, REMOTE_BATCH_FACTOR, REMOTE_TIME_FACTOR, TURNS_TIME_FACTOR
 
 
 def chain_graph(parallelism: int | None = None) -> tuple[WorkflowGraph, list[object]]:
@@ -137,9 +137,18 @@ def test_the_plan_gives_each_instance_its_end_of_stream_count_and_inflight_bound
     assert options.remote_batch_size == 10 * REMOTE_BATCH_FACTOR
     assert plan.inflight_bound(middle) == 3 * 10 * REMOTE_BATCH_FACTOR
     (into_middle,) = plan.channels_into(middle)
-    assert options.batch_bounds(into_middle) == (10 * REMOTE_BATCH_FACTOR, options.batch_seconds * REMOTE_TIME_FACTOR)
+    assert options.batch_bounds(into_middle, dest_takes_turns=False) == (
+        10 * REMOTE_BATCH_FACTOR,
+        options.batch_seconds * REMOTE_TIME_FACTOR,
+    )
     local = InstanceRef(first.id, 0)  # type: ignore[attr-defined]
     assert plan.inflight_bound(local) == 3 * 10
+    (into_local,) = plan.channels_into(local)
+    assert options.batch_bounds(into_local, dest_takes_turns=False) == (3 * 10, options.batch_seconds)
+    assert options.batch_bounds(into_local, dest_takes_turns=True) == (
+        3 * 10,
+        options.batch_seconds * TURNS_TIME_FACTOR,
+    )
 
 
 def test_a_wide_plan_and_its_channel_lookups_are_linear() -> None:
