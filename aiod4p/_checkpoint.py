@@ -51,7 +51,7 @@ from ._groupings import All, GroupBy
 from ._pe import PE
 from ._plan import ExecutionPlan, InstanceRef
 from ._results import ResultRecord, ResultSink, record_line
-from ._state import capture, restore_state
+from ._state import NOT_MADE, capture, check_keyed_state, restore_state
 from ._threads import finished_in_thread
 from .errors import CheckpointError, PeerDied, TransportError, WorkerDied, reader_went_away, writing
 
@@ -1454,6 +1454,10 @@ async def _attempts(
     held: HeldResults | None,
 ) -> list[InstanceStats]:
     """The attempts of :func:`run_with_recovery`: results go to ``sink`` (``held`` when it is given)."""
+    groupings = _groupings(plan)
+    for pe_id, pe in plan.pes.items():  # before anything runs, not at the first checkpoint
+        name = getattr(pe, "keyed_state", None)
+        check_keyed_state(pe, groupings.get(pe_id), NOT_MADE if name is None else pe.__dict__.get(name, NOT_MADE))
     store = CheckpointStore(config.directory, config.keep)
     with store.locked():
         for pe_id in unreplayable(plan, feeds):

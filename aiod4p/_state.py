@@ -27,7 +27,15 @@ from ._groupings import KEY_CACHE_LIMIT, GroupBy
 from ._pe import PE
 from .errors import CheckpointError
 
-__all__ = ["KEY_GROUPS", "RUNTIME_ATTRIBUTES", "capture", "keyed_owner", "restore_state"]
+__all__ = [
+    "KEY_GROUPS",
+    "NOT_MADE",
+    "RUNTIME_ATTRIBUTES",
+    "capture",
+    "check_keyed_state",
+    "keyed_owner",
+    "restore_state",
+]
 
 KEY_GROUPS = 128
 """Hash slots of keyed state (Flink's max parallelism): a key's slot is its routing hash modulo this."""
@@ -68,6 +76,27 @@ def keyed_owner(grouping: GroupBy, key: Any, parallelism: int) -> int:
     return grouping.owner(_route_key(grouping, key), parallelism) if parallelism > 1 else 0
 
 
+NOT_MADE: Any = object()
+"""For :func:`check_keyed_state`: the PE has no attribute of its ``keyed_state``'s name yet (it may make it in
+``preprocess``)."""
+
+
+def check_keyed_state(pe: PE, grouping: GroupBy | None, table: Any) -> None:
+    """Check what ``pe`` declares in ``keyed_state`` (nothing without one, or with a ``snapshot()``): ``table``
+    is the attribute it names, or :data:`NOT_MADE`; ``grouping`` the group-by of its inputs, if any.
+
+    Raises:
+        CheckpointError: ``table`` is not a dict, or the PE has no group-by input.
+    """
+    name = getattr(pe, "keyed_state", None)
+    if name is None or callable(getattr(pe, "snapshot", None)):
+        return
+    if table is not NOT_MADE and not isinstance(table, dict):
+        raise CheckpointError(f"PE {pe.label}: keyed_state names {name!r}, which is not a dict attribute")
+    if grouping is None:
+        raise CheckpointError(f"PE {pe.label}: keyed_state needs a group-by input")
+
+
 def capture(pe: PE, grouping: GroupBy | None, slots: dict[Any, int] | None = None) -> dict[str, Any]:
     """The state of ``pe`` to save: ``{"attributes" | "custom": ..., "keyed": {slot: {key: value}}}``.
 
@@ -88,10 +117,8 @@ def capture(pe: PE, grouping: GroupBy | None, slots: dict[Any, int] | None = Non
     name = getattr(pe, "keyed_state", None)
     if name is not None:
         table = attributes.pop(name, None)
-        if not isinstance(table, dict):
-            raise CheckpointError(f"PE {pe.label}: keyed_state names {name!r}, which is not a dict attribute")
-        if grouping is None:
-            raise CheckpointError(f"PE {pe.label}: keyed_state needs a group-by input")
+        check_keyed_state(pe, grouping, table)
+        assert grouping is not None and isinstance(table, dict)
         known = slots if slots is not None else {}
         groups: dict[int, dict[Any, Any]] = {}
         for key, value in table.items():

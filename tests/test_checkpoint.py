@@ -804,6 +804,41 @@ def test_keyed_state_must_name_a_dict() -> None:
         capture(pe, pe.inputs["input"].grouping)  # type: ignore[arg-type]
 
 
+class KeyedWithoutGroupBy(IterativePE):
+    """Declares keyed state on an input that is not grouped by key."""
+
+    keyed_state = "counts"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.counts: dict[int, int] = {}
+
+    def process_item(self, item: int) -> None:
+        self.counts[item] = self.counts.get(item, 0) + 1
+
+
+class CountsNotADict(Count):
+    def __init__(self) -> None:
+        super().__init__()
+        self.counts = 3  # type: ignore[assignment]
+
+
+@pytest.mark.parametrize(
+    ("pe", "message"),
+    [(KeyedWithoutGroupBy, "keyed_state needs a group-by input"), (CountsNotADict, "'counts', which is not a dict")],
+)
+def test_a_misdeclared_keyed_state_fails_the_run_before_it_starts(
+    pe: type[IterativePE], message: str, tmp_path: Path
+) -> None:
+    """Found before any item is processed, not at the first checkpoint (which a run shorter than the interval
+    never takes: it then ran to its end with a declaration that every later run would fail on)."""
+    graph = WorkflowGraph()
+    graph.connect(Numbers(), "output", pe(), "input")
+    with pytest.raises(CheckpointError, match=message):
+        run(graph, 100, mapping=_mapping(tmp_path / "ck", interval=3600))
+    assert not (tmp_path / "ck").exists() or not any((tmp_path / "ck").iterdir())
+
+
 # -- the command line ------------------------------------------------------------------------
 def test_cli_options_need_a_checkpoint_dir(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["run", "x:y", "--restore"]) == 2
