@@ -593,6 +593,7 @@ class _Actor(Invoker):
         self.credits = options.credits
         self.pace: float | None = None  # seconds per item, busy or blocked on credit (see _paced)
         self.given_away = 0.0  # seconds of the batch under way that other tasks ran (see _give_way_if_held)
+        self.calls_under_way = 1  # calls of the PE the batch under way makes (see _held_since)
         self.max_delay = worker.max_delay
         self.routes: dict[str, list[_Route]] = {port: [] for port in pe._output_ports}
         self.results: dict[str, _ResultPending] = {}
@@ -694,8 +695,10 @@ class _Actor(Invoker):
                         else:
                             if self.recorder is not None:
                                 self.recorder.count_in(port, len(items))
+                            self.calls_under_way = len(items)
                             await self._handle(port, items)
                     finally:
+                        self.calls_under_way = 1
                         self._busy_fold()
                     await self._route_outputs()
                     self._paced(started + self.given_away, len(items))
@@ -803,8 +806,14 @@ class _Actor(Invoker):
 
     def _held_since(self, resumed: float) -> None:
         """Log once per PE, where the worker runs in the caller's event loop, that the PE's calls resumed at
-        ``resumed`` held it for :data:`HELD_LOOP_WARNING` seconds or more in one go."""
+        ``resumed`` held it for :data:`HELD_LOOP_WARNING` seconds or more in one go.
+
+        With ``fixed_order`` a batch's calls are one go by design (its turns count batches): only where the
+        batch's calls took that long on average, so that one of them did, is the PE to blame.
+        """
         held = time.perf_counter() - resumed
+        if self.worker.fixed_order:
+            held /= self.calls_under_way
         if held >= HELD_LOOP_WARNING and self.worker.shares_loop and self.ref.pe not in self.worker.held_loop:
             self.worker.held_loop.add(self.ref.pe)
             logger.warning(
