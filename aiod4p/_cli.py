@@ -280,6 +280,14 @@ def _open_standard_streams() -> None:
                 setattr(sys, name, open(fd, "r" if fd == 0 else "w", encoding="utf-8", closefd=False))  # noqa: SIM115
 
 
+# dispel4py's multi and mpi take -s/--simple (README command lines of its workflows have it).
+_SIMPLE_HINT = (
+    " (dispel4py's -s/--simple, which runs partitions of the graph with its simple mapping, has no aiod4p"
+    " equivalent: drop it, and the PEs run as instances on the -n workers, as dispel4py's multi and mpi run"
+    " them without -s)"
+)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status (see ``EXIT_STATUS_HELP``)."""
     parser = _parser()
@@ -290,7 +298,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"{words[0]!r} is a mapping, not a command: dispel4py's `dispel4py {words[0]} ...` is `{command}`")
     args, unknown = parser.parse_known_args(argv)
     if unknown:  # argparse would report them with the usage of `aiod4p` itself, not of the command given
-        _command_parser(parser, args).error(f"unrecognized arguments: {' '.join(unknown)}")
+        hint = _SIMPLE_HINT if {"-s", "--simple"} & set(unknown) else ""
+        _command_parser(parser, args).error(f"unrecognized arguments: {' '.join(unknown)}{hint}")
     configure_logging(getattr(args, "verbose", 0), getattr(args, "quiet", False))
     try:
         _name_graph(args)

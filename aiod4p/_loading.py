@@ -76,13 +76,20 @@ def in_worker() -> bool:
 
 
 def quiet_import() -> contextlib.AbstractContextManager[object]:
-    """Where a worker imports a workflow module: what the import prints is dropped.
+    """Where a worker imports a workflow module: what the import prints, on stdout or stderr (warnings
+    included), is dropped.
 
     The launcher imported the module first and printed it; a worker imports it
     again only to rebuild its PEs (a tutorial module printing its own run at
-    import would print once per worker otherwise).
+    import, or a library warning as it loads, would print once per worker otherwise).
+    An error is still raised.
     """
-    return contextlib.redirect_stdout(io.StringIO()) if _worker else contextlib.nullcontext()
+    if not _worker:
+        return contextlib.nullcontext()
+    quiet = contextlib.ExitStack()
+    quiet.enter_context(contextlib.redirect_stdout(io.StringIO()))
+    quiet.enter_context(contextlib.redirect_stderr(io.StringIO()))
+    return quiet
 
 
 def preload(target: str) -> None:

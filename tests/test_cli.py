@@ -434,6 +434,19 @@ def test_dispel4pys_command_line_names_aiod4ps(workflow_file: Path, options_firs
     assert suggested.returncode == 0, suggested.stderr
 
 
+@pytest.mark.parametrize("option", ["-s", "--simple"])
+def test_dispel4pys_simple_option_is_explained(workflow_file: Path, option: str) -> None:
+    # `dispel4py multi flow.py -n 4 -s`, as dispel4py workflows' READMEs write it: argparse said only
+    # "unrecognized arguments: -s".
+    done = aiod4p("run", str(workflow_file), "-m", "multi", "-n", "2", option)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip().splitlines()[-1] == (
+        f"aiod4p run: error: unrecognized arguments: {option} (dispel4py's -s/--simple, which runs partitions of"
+        " the graph with its simple mapping, has no aiod4p equivalent: drop it, and the PEs run as instances on"
+        " the -n workers, as dispel4py's multi and mpi run them without -s)"
+    )
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [

@@ -1164,6 +1164,24 @@ def test_a_tutorial_module_that_runs_itself_at_import(tmp_path: Path, options: l
     assert sorted(records(out)[("Square1", "output")]) == [1, 4]
 
 
+@pytest.mark.parametrize("options", FRESH_MAPPINGS, ids=lambda o: o[1])
+def test_what_a_module_writes_to_stderr_at_import_is_shown_once(tmp_path: Path, options: list[str]) -> None:
+    """A warning (a library's, or dispel4py's provenance options aiod4p ignores) or a message on stderr as the
+    module loads: the launcher shows it, the worker processes that import the module again do not (each
+    repeated it, -n times)."""
+    flow = write(
+        tmp_path / "noisy.py",
+        "import sys, warnings\nwarnings.warn('catalogue is old')\nprint('loading catalogue', file=sys.stderr)\n"
+        + TUTORIAL.replace("results = simple_process.process_and_return(graph, {producer: 4})\n", "").replace(
+            "print('TUTORIAL', results)\n", ""
+        ),
+    )
+    done = fresh_cli("run", str(flow), *options, "-i", "2", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.count("UserWarning: catalogue is old") == 1
+    assert done.stderr.count("loading catalogue") == 1
+
+
 def test_mapping_entry_points(d4p: Any, capsys: pytest.CaptureFixture[str]) -> None:
     import argparse
 

@@ -187,6 +187,7 @@ OTHER_PROGRAMS_OPTIONS = {
     "--resources",
     "--head",
     "--timeout",  # pytest-timeout
+    "--simple",  # dispel4py's multi and mpi
 }
 
 

@@ -386,6 +386,25 @@ def test_cli_launches_a_workflow_named_as_a_python_module_from_its_directory(tmp
     assert sorted(json.loads(line)["data"] for line in done.stdout.splitlines()) == [2, 4, 6, 8, 10]
 
 
+def test_cli_launched_ranks_see_the_command_line_in_sys_argv(tmp_path: Path) -> None:
+    """A workflow reading ``sys.argv`` at import (dispel4py's ``large_teecopy.py`` does) gets the command line on
+    every rank, as under the user's mpiexec and on multi's workers; the ranks aiod4p started read their own
+    (``-m aiod4p.mappings._mpi_job SOCKET TARGET``) and their PEs computed with another value."""
+    (tmp_path / "flow.py").write_text(
+        "import sys\n\nFACTOR = int(sys.argv[-1]) if sys.argv[-1].isdigit() else -1\n\n"
+        + numbers_flow("class Scale(IterativePE):\n    def process_item(self, item):\n        return FACTOR * item\n")
+    )
+    done = subprocess.run(
+        cli("flow.py", "-m", "mpi", "-n", "2", "--results", "-", "-i", "3"),
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr
+    assert sorted(json.loads(line)["data"] for line in done.stdout.splitlines()) == [3, 6, 9]
+
+
 def test_cli_a_workflow_module_that_runs_on_mpi_when_imported_is_refused_by_the_ranks(tmp_path: Path) -> None:
     """A module-level ``run(graph, mapping="mpi")`` without the ``__main__`` guard: the launcher's import started
     ranks, whose imports started ranks of their own, and ``aiod4p run`` hung until it was killed."""

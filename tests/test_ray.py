@@ -198,6 +198,21 @@ def test_cli_joins_the_cluster_at_address_and_ships_the_workflow_file(ray_cluste
     assert values == [10 * i for i in range(1, 51)]
 
 
+def test_cli_workers_see_the_command_line_in_sys_argv(ray_cluster: RayCluster, tmp_path: Path) -> None:
+    """A workflow reading ``sys.argv`` at import (as dispel4py workflows do) reads the command line in the actors
+    too, as in multi's workers; it read the Ray worker process's arguments, and its PEs computed with another value."""
+    flow = tmp_path / "flow.py"
+    flow.write_text(
+        "import sys\n\nFACTOR = int(sys.argv[-1]) if sys.argv[-1].isdigit() else -1\n\n"
+        + numbers_flow("class Scale(IterativePE):\n    def process_item(self, item):\n        return FACTOR * item\n")
+    )
+    env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
+    command = ["run", str(flow), "--mapping", "ray", "-n", "2", "--address", ray_cluster.address]
+    process = aiod4p_cli(*command, "--results", "-", "-q", "-i", "3", env=env, cwd=tmp_path, timeout=55)
+    assert process.returncode == 0, process.stderr
+    assert sorted(json.loads(line)["data"] for line in process.stdout.splitlines()) == [3, 6, 9]
+
+
 def test_cli_address_is_for_the_ray_mapping_only(tmp_path: Path) -> None:
     flow = tmp_path / "flow.py"
     flow.write_text(FLOW)

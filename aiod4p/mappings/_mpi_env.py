@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import re
 import shlex
@@ -33,7 +34,7 @@ __all__ = [
     "rank_environment",
     "ranks_here",
     "receive_job",
-    "take_launcher_path",
+    "take_launcher_state",
 ]
 
 INSTALL_HINT = install_hint("mpi")
@@ -89,32 +90,41 @@ def job_rank() -> int:
 
 
 _SYS_PATH_VARIABLE = "AIOD4P_LAUNCHER_SYS_PATH"  # the launcher's sys.path, for the ranks it starts
+_ARGV_VARIABLE = "AIOD4P_LAUNCHER_ARGV"  # the launcher's sys.argv (a JSON list), for the ranks it starts
 _PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])  # where aiod4p itself is imported from
 
 
 def rank_environment(environ: Mapping[str, str]) -> dict[str, str]:
-    """The environment of the ranks aiod4p launches: ``environ``, the launcher's ``sys.path``, and how the
-    command line set logging up (``-q``, ``-v``: :func:`~aiod4p._logging.logging_environment`).
+    """The environment of the ranks aiod4p launches: ``environ``, the launcher's ``sys.path`` and
+    ``sys.argv``, and how the command line set logging up (``-q``, ``-v``:
+    :func:`~aiod4p._logging.logging_environment`).
 
-    The ranks take the launcher's entries up once started (:func:`take_launcher_path`), as
-    multiprocessing's spawned workers do; ``PYTHONPATH`` gets only the directory aiod4p comes
-    from (``python -m aiod4p.mappings._mpi_job`` must find it). A workflow's directory there came
-    before the standard library while the interpreter started, so a module of the user's named
-    as one of Python's (``types.py``) replaced it, and every rank failed at start-up.
+    The ranks take the launcher's ``sys.path`` entries and ``sys.argv`` up once started
+    (:func:`take_launcher_state`), as multiprocessing's spawned workers do; ``PYTHONPATH`` gets only
+    the directory aiod4p comes from (``python -m aiod4p.mappings._mpi_job`` must find it). A
+    workflow's directory there came before the standard library while the interpreter started, so
+    a module of the user's named as one of Python's (``types.py``) replaced it, and every rank failed at start-up.
     """
     env = dict(environ)
     env["PYTHONPATH"] = os.pathsep.join([_PACKAGE_ROOT, *(p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p)])
     # "" is the launcher's current directory (python -c, a REPL, a notebook): the ranks get it by name.
     env[_SYS_PATH_VARIABLE] = os.pathsep.join(p or os.getcwd() for p in sys.path)
+    env[_ARGV_VARIABLE] = json.dumps(sys.argv)
     env.update(logging_environment())
     return env
 
 
-def take_launcher_path() -> None:
+def take_launcher_state() -> None:
     """In a rank, put the entries of the launcher's ``sys.path`` (:func:`rank_environment`) that this rank's
-    lacks in front of it, in the launcher's order, so the workflow's modules import as in the launcher."""
+    lacks in front of it, in the launcher's order, and make ``sys.argv`` the launcher's, so the workflow's
+    modules import as in the launcher (a module that reads ``sys.argv`` at import, as dispel4py
+    workflows do, reads the command line given to ``aiod4p run`` on every rank). A rank not started by
+    :func:`rank_environment` keeps its own ``sys.argv``."""
     launcher = os.environ.get(_SYS_PATH_VARIABLE, "").split(os.pathsep)
     sys.path[:0] = [path for path in launcher if path and path not in sys.path]
+    argv = os.environ.get(_ARGV_VARIABLE)
+    if argv is not None:
+        sys.argv = json.loads(argv)
 
 
 def find_mpiexec() -> str:

@@ -31,7 +31,7 @@ from .._logging import configure_logging, launcher_logging
 from .._threads import exit_past_threads
 from ..transports.pipes import open_pipe_comm
 from ._host import ForwardSink, fail, pumped_feeds, serve
-from ._mpi_env import receive_job, take_launcher_path
+from ._mpi_env import receive_job, take_launcher_state
 from ._mpi_ranks import RankZero, abort_job, every_rank_here, every_rank_ready, run_follower
 from ._shipping import unship, unship_or_error
 
@@ -84,7 +84,7 @@ def main(argv: list[str]) -> int:
     """Run this rank (``argv``: the launcher's socket, and optionally the workflow's target to import
     ahead); returns its exit status (a failure aborts the whole job)."""
     address, *target = argv
-    take_launcher_path()
+    take_launcher_state()
     rank = MPI.COMM_WORLD.Get_rank()
     configure_logging(*(launcher_logging() or (0, False)))  # PE.log() messages reach this rank's stderr, relayed
     with asyncio.Runner(loop_factory=loop_factory(True)) as runner:

@@ -9,8 +9,8 @@ does not import Ray: this module, and Ray with it, is imported in a thread as a 
   (spread over the nodes): a run waiting for the cluster holds nothing, so
   runs that share a cluster queue instead of each holding part of it and
   waiting for the rest; each actor is given the job shipped once
-  (:func:`~aiod4p.mappings._shipping.ship`, in Ray's object store) and the
-  driver's ``sys.path``;
+  (:func:`~aiod4p.mappings._shipping.ship`, in Ray's object store), the
+  driver's ``sys.path`` and its ``sys.argv``;
 - the comms: :mod:`aiod4p.transports.ray` (actor calls with credits);
 - dead workers: a pending call to each actor fails when it dies, which ends
   the worker for the :class:`~aiod4p.mappings._host.Supervisor`; actors are
@@ -284,7 +284,7 @@ class RayRun:
         job = await finished_in_thread(ray.put, payload)  # one copy in the object store for every worker
         paths = [path for path in sys.path if path]
         self.serving = [
-            _future(actor.serve.remote(job, {peer: self.actors[peer] for peer in sorted(peers[wid])}, paths))
+            _future(actor.serve.remote(job, {peer: self.actors[peer] for peer in sorted(peers[wid])}, paths, sys.argv))
             for wid, actor in enumerate(self.actors)
         ]
 

@@ -46,16 +46,20 @@ class RayWorker(RayCommHost):
         """The id of the Ray node this actor runs on, and its process id (answered once it started)."""
         return ray.get_runtime_context().get_node_id(), os.getpid()
 
-    async def serve(self, payload: bytes, peers: Mapping[int, Any], paths: Sequence[str]) -> None:
+    async def serve(self, payload: bytes, peers: Mapping[int, Any], paths: Sequence[str], argv: Sequence[str]) -> None:
         """Run this worker's share of the shipped job, joined to the ``peers`` actors (by worker id).
 
         ``paths`` is the driver's ``sys.path``: the entries that exist on this
         node are added to the worker's (classes pickled by name, as dispel4py
-        PEs are, import their modules from there). Returns once the driver
+        PEs are, import their modules from there). ``argv`` is the driver's
+        ``sys.argv``, which becomes the worker's before the job's modules are
+        imported (a workflow may read the command line at import, as
+        multiprocessing's spawned workers let it). Returns once the driver
         closed its end of the control comm.
         """
         name = f"worker {self.wid}"
         _extend_path(paths)
+        sys.argv = list(argv)
         control = PulledComm(self, CONTROL)
         comms = {peer: RayComm(self, link_key(peer), handle, link_key(self.wid)) for peer, handle in peers.items()}
         try:
