@@ -11,7 +11,10 @@ several times in a row and concurrently, on every case of
 a union of several random DAGs, so that they cost few launches. In process,
 random DAGs also run with small batches and credits, plain or async
 generator sources and a reader that may be behind, checkpointed, are
-stopped without a drain and restored: their results file must be the model's.
+stopped without a drain and restored: their results file must be the model's. Graphs of PE call kinds
+mixed (plain, generator, ``async def``, threaded, busy, writing in loops and in pre/postprocess), with large
+payloads beside empty items, must give the model's results in process, in order on paths of single
+instances, also after a run of theirs was cancelled midway.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import asyncio
 import dataclasses
 import json
 import tempfile
+import time
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -374,3 +378,271 @@ def test_random_workflows_stopped_and_restored_write_each_result_once(
         asyncio.run(stopped_then_restored(directory))
         lines = (directory / "results.jsonl").read_text().splitlines()
     assert Counter((record["pe"], record["data"]) for record in map(json.loads, lines)) == expected
+
+
+# -- PE call kinds mixed in one graph, items of different costs and sizes ------------------------------------
+
+
+class Plain(Affine):
+    """A plain ``process_item`` that also carries a payload (bytes) along with the item: ``(item, payload)``."""
+
+    def process_item(self, item: tuple[int, bytes]) -> tuple[int, bytes]:  # type: ignore[override]
+        return affine(self.a, self.b, item[0]), item[1]
+
+
+class Generator(Plain):
+    """A generator ``process_item``: the item, then its successor without payload."""
+
+    def process_item(self, item: tuple[int, bytes]) -> Iterator[tuple[int, bytes]]:  # type: ignore[override]
+        yield affine(self.a, self.b, item[0]), item[1]
+        yield (item[0] + 1) % MODULUS, b""
+
+
+class Awaiting(Plain):
+    """An ``async def process_item`` that gives way before it answers."""
+
+    async def process_item(self, item: tuple[int, bytes]) -> tuple[int, bytes]:  # type: ignore[override]
+        await asyncio.sleep(0)
+        return affine(self.a, self.b, item[0]), item[1]
+
+
+class Threaded(Plain):
+    threaded = True
+
+
+class Busy(Plain):
+    """Busy-waits ``b`` ms per item (a stage heavier than its neighbours; ``b`` is at most 3)."""
+
+    def process_item(self, item: tuple[int, bytes]) -> tuple[int, bytes]:  # type: ignore[override]
+        end = time.perf_counter() + self.b / 1000
+        while time.perf_counter() < end:
+            pass
+        return super().process_item(item)
+
+
+class Writes(GenericPE):
+    """process() writes ``a`` items in a loop (``a * 10`` with ``many``), then returns a dict; preprocess and
+    postprocess each write a marker (``a`` and ``b``) per instance."""
+
+    def __init__(self, a: int, b: int, many: bool) -> None:
+        super().__init__(inputs=["input"], outputs=["output"])
+        self.a, self.b, self.count = a, b, a * 10 if many else a
+
+    def preprocess(self) -> None:
+        self.write("output", (self.a, b""))
+
+    def process(self, inputs: dict[str, tuple[int, bytes]]) -> dict[str, tuple[int, bytes]]:
+        item, payload = inputs["input"]
+        for index in range(self.count):
+            self.write("output", ((item + index) % MODULUS, b""))
+        return {"output": (affine(self.a, self.b, item), payload)}
+
+    def postprocess(self) -> None:
+        self.write("output", (self.b, b""))
+
+
+class PayloadSource(ProducerPE):
+    """Yields ``count`` items per call, every ``heavy``-th (if any) with a payload of ``size`` bytes."""
+
+    def __init__(self, seed: int, count: int, heavy: int, size: int) -> None:
+        super().__init__()
+        self.seed, self.count, self.heavy, self.size, self.calls = seed, count, heavy, size, 0
+
+    def produce(self) -> Iterator[tuple[int, bytes]]:
+        self.calls += 1
+        for index in range(self.count):
+            yield (self.seed + self.calls * 17 + index * 13) % MODULUS, payload_of(index, self.heavy, self.size)
+
+
+def payload_of(index: int, heavy: int, size: int) -> bytes:
+    return bytes(size) if heavy and index % heavy == 0 else b""
+
+
+CALL_KINDS = ("plain", "generator", "awaiting", "threaded", "busy", "writes", "writes_many", "threaded_writes")
+
+
+@dataclass
+class Stage:
+    kind: str  # one of CALL_KINDS
+    a: int
+    b: int
+    parallelism: int
+    upstream: tuple[int, ...]  # indices of the source (0) and earlier stages (1...)
+
+
+@st.composite
+def mixed_graphs(draw: st.DrawFn) -> tuple[tuple[int, int, int, int, int], list[Stage]]:
+    """A source ``(seed, count, calls, heavy, size)`` and stages of mixed call kinds, each fed by one or two
+    earlier nodes."""
+    source = (
+        draw(st.integers(0, 50)),
+        draw(st.integers(0, 20)),
+        draw(st.integers(1, 3)),
+        draw(st.integers(0, 4)),
+        draw(st.sampled_from([100_000, 2_000_000])),
+    )
+    stages: list[Stage] = []
+    for index in range(draw(st.integers(1, 4))):
+        upstream = tuple(draw(st.lists(st.integers(0, index), min_size=1, max_size=2)))
+        kind = draw(st.sampled_from(CALL_KINDS))
+        stage = Stage(kind, draw(st.integers(1, 3)), draw(st.integers(0, 3)), draw(st.integers(1, 3)), upstream)
+        stages.append(stage)
+    return source, stages
+
+
+def build_mixed(source: tuple[int, int, int, int, int], stages: list[Stage]) -> tuple[WorkflowGraph, list[PE]]:
+    graph = WorkflowGraph()
+    seed, count, _, heavy, size = source
+    pes: list[PE] = [PayloadSource(seed, count, heavy, size)]
+    graph.add(pes[0])
+    kinds: dict[str, type[Plain]] = {
+        "plain": Plain,
+        "generator": Generator,
+        "awaiting": Awaiting,
+        "threaded": Threaded,
+        "busy": Busy,
+    }
+    for stage in stages:
+        if stage.kind in kinds:
+            pe: PE = kinds[stage.kind](stage.a, stage.b, SHUFFLE)
+        else:
+            pe = Writes(stage.a, stage.b, stage.kind != "writes")
+            pe.threaded = stage.kind == "threaded_writes"
+        pe.parallelism = stage.parallelism
+        for upstream in stage.upstream:
+            graph.connect(pes[upstream], "output", pe, "input")
+        pes.append(pe)
+    return graph, pes
+
+
+def model_mixed(
+    source: tuple[int, int, int, int, int], stages: list[Stage], pes: list[PE], parallelism: dict[str, int]
+) -> tuple[Counter[tuple[str, int, int]], dict[str, list[tuple[int, int]]]]:
+    """The results multiset ``(pe id, item, payload size)``, and the results in order of the PEs whose every
+    upstream path is single channels between single instances (per channel FIFO makes their order the model's)."""
+    seed, count, calls, heavy, size = source
+    outputs = [
+        [
+            ((seed + call * 17 + index * 13) % MODULUS, len(payload_of(index, heavy, size)))
+            for call in range(1, calls + 1)
+            for index in range(count)
+        ]
+    ]
+    in_order = [True]
+    for stage, pe in zip(stages, pes[1:], strict=True):
+        a, b = stage.a, stage.b
+        received = [item for upstream in stage.upstream for item in outputs[upstream]]
+        instances = parallelism[str(pe.id)]
+        if stage.kind == "generator":
+            produced = [out for item, n in received for out in ((affine(a, b, item), n), ((item + 1) % MODULUS, 0))]
+        elif stage.kind in ("writes", "writes_many", "threaded_writes"):
+            writes = a if stage.kind == "writes" else a * 10
+            produced = [(a, 0)] * instances
+            for item, n in received:
+                produced += [((item + index) % MODULUS, 0) for index in range(writes)] + [(affine(a, b, item), n)]
+            produced += [(b, 0)] * instances
+        else:
+            produced = [(affine(a, b, item), n) for item, n in received]
+        outputs.append(produced)
+        in_order.append(len(stage.upstream) == 1 and in_order[stage.upstream[0]] and instances == 1)
+    consumed = {upstream for stage in stages for upstream in stage.upstream}
+    results: Counter[tuple[str, int, int]] = Counter()
+    ordered = {}
+    for index, (pe, produced) in enumerate(zip(pes, outputs, strict=True)):
+        if index not in consumed:
+            results.update((str(pe.id), item, n) for item, n in produced)
+            if in_order[index]:
+                ordered[str(pe.id)] = produced
+    return results, ordered
+
+
+def sized(results: aiod4p.Results) -> Counter[tuple[str, int, int]]:
+    return Counter((record.pe, record.data[0], len(record.data[1])) for record in results)
+
+
+def in_order_of(results: aiod4p.Results, pe_id: str) -> list[tuple[int, int]]:
+    return [(record.data[0], len(record.data[1])) for record in results if record.pe == pe_id]
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.name in IN_PROCESS], ids=lambda case: case.id)
+@settings(max_examples=12, **SETTINGS)
+@given(
+    mixed_graphs(),
+    st.integers(1, 300),
+    st.integers(1, 8),
+    st.sampled_from([0.0, 0.001, 0.005, 0.05]),
+)
+def test_mixed_call_kinds_sizes_and_costs_agree_with_the_model(
+    case: MappingCase,
+    graph_: tuple[tuple[int, int, int, int, int], list[Stage]],
+    batch_size: int,
+    credits: int,
+    max_delay: float,
+) -> None:
+    """Plain, generator, ``async def``, threaded and busy ``process_item``s, and a process() that writes in a loop
+    and returns a dict beside a preprocess and a postprocess that write, in one graph, with payloads of 100 KB to
+    2 MB beside empty ones and ``-i N`` calls of the root: once, then twice at once, each run gives the model's
+    multiset, and keeps the order of every path of single instances."""
+    source, stages = graph_
+    graph, pes = build_mixed(source, stages)
+    mapping = aiod4p.mappings.get_mapping(case.name)
+    plan = make_plan(graph, mapping.plan_options(case.workers, batch_size, credits))
+    expected, ordered = model_mixed(source, stages, pes, {pe: p.parallelism for pe, p in plan.placement.items()})
+    options: dict[str, Any] = {"batch_size": batch_size, "credits": credits, "max_delay": max_delay}
+    inputs = {pes[0]: source[2]}
+
+    async def three_runs() -> list[aiod4p.Results]:
+        async with asyncio.timeout(50):
+            first = await aiod4p.run_async(graph, inputs, mapping=case.name, workers=case.workers, **options)
+            runs = [
+                aiod4p.run_async(graph, inputs, mapping=case.name, workers=case.workers, **options) for _ in range(2)
+            ]
+            return [first, *await asyncio.gather(*runs)]
+
+    for results in asyncio.run(three_runs()):
+        assert sized(results) == expected
+        for pe_id, produced in ordered.items():
+            assert in_order_of(results, pe_id) == produced
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.name in IN_PROCESS], ids=lambda case: case.id)
+@settings(max_examples=12, **SETTINGS)
+@given(mixed_graphs(), st.integers(1, 300), st.integers(1, 8), st.integers(0, 40), st.integers(1, 2))
+def test_a_run_cancelled_midway_leaves_no_task_and_the_next_run_is_exact(
+    case: MappingCase,
+    graph_: tuple[tuple[int, int, int, int, int], list[Stage]],
+    batch_size: int,
+    credits: int,
+    turns: int,
+    cancels: int,
+) -> None:
+    """A run cancelled after ``turns`` turns of the loop, once (a drain) or twice (an abort), ends without a task
+    left behind and gives no result the model does not; the next run of the same graph gives the model's."""
+    source, stages = graph_
+    graph, pes = build_mixed(source, stages)
+    mapping = aiod4p.mappings.get_mapping(case.name)
+    plan = make_plan(graph, mapping.plan_options(case.workers, batch_size, credits))
+    expected, _ = model_mixed(source, stages, pes, {pe: p.parallelism for pe, p in plan.placement.items()})
+    options: dict[str, Any] = {"workers": case.workers, "batch_size": batch_size, "credits": credits}
+    inputs = {pes[0]: source[2]}
+
+    async def cancelled_then_again() -> aiod4p.Results:
+        async with asyncio.timeout(50):
+            before = asyncio.all_tasks()
+            run = asyncio.ensure_future(aiod4p.run_async(graph, inputs, mapping=case.name, **options))
+            for _ in range(turns):
+                await asyncio.sleep(0)
+            for _ in range(cancels):
+                run.cancel()
+                await asyncio.sleep(0)
+            try:
+                drained = await run
+            except asyncio.CancelledError:
+                pass
+            else:
+                assert not sized(drained) - expected
+            await asyncio.sleep(0)  # the run's reader cancelled a helper task: it ends in this turn
+            assert asyncio.all_tasks() == before
+            return await aiod4p.run_async(graph, inputs, mapping=case.name, **options)
+
+    assert sized(asyncio.run(cancelled_then_again())) == expected
