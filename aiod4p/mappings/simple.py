@@ -11,8 +11,9 @@ __all__ = ["SimpleMapping"]
 class SimpleMapping(AsyncMapping):
     """One instance of every PE on the standard event loop.
 
-    Instances take turns in a fixed order, so a run without real I/O gives
-    its results in the same order every time. ``-n`` is ignored.
+    Instances take turns in a fixed order, so a run without real I/O (or
+    ``threaded`` PEs, whose calls end when their threads do) gives its results
+    in the same order every time. ``-n`` is ignored.
     """
 
     name = "simple"
