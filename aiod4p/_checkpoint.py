@@ -1143,6 +1143,7 @@ class WorkerCheckpoints:
                 aligner.resume_outputs = own["outputs"]
                 if actor.recorder is not None:
                     actor.recorder.record.restored = restored.id
+                    actor.recorder.fed = aligner.base
                 actor.stats.carry(_carried_stats(restored, worker.plan, ref))
             actor.aligner = aligner
             if actor.results:

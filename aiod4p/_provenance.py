@@ -206,6 +206,9 @@ class ActorRecorder:
         self.record.result_ports = sorted(plan.result_ports.get(ref.pe, []))
         self.prefix = f"{ref.pe}.{ref.index}"
         self.count = 0
+        # The index in the feed of the next feed element (a restored run's starts where its checkpoint's feed
+        # stood), so that an input entity's id names the element it is: ``feed7`` is the feed's eighth.
+        self.fed = 0
         self.current: _Activity | None = None
         self.current_index = -1
         self.derived: tuple[str, ...] | None = None  # set by recall()
@@ -244,11 +247,13 @@ class ActorRecorder:
                 used: tuple[str, ...] = (element.id,)
                 element = element.value
             elif port is None and element is not None and element != {}:
-                source = f"{self.prefix}.feed{len(self.record.sources)}"
+                source = f"{self.prefix}.feed{self.fed}"
                 self.record.sources.append((source, value_repr(element)))
                 used = (source,)
             else:
                 used = ()
+            if port is None:
+                self.fed += 1
             self._begin("process", name, used)
             await handle(port, [element])
             self._end()

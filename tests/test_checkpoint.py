@@ -1604,6 +1604,56 @@ async def test_provenance_after_a_restore_marks_each_instance_with_the_checkpoin
     assert read_lineage(path).restored == {latest.id}
 
 
+class _Paced(IterativePE):
+    """A root taking a few milliseconds per call: checkpoints complete between its calls."""
+
+    async def process_item(self, item: Any) -> Any:
+        await asyncio.sleep(0.005)
+        return item
+
+
+def _paced_graph() -> WorkflowGraph:
+    graph = WorkflowGraph()
+    paced = _Paced()
+    paced.id = "paced"  # a restore finds PEs by id
+    graph.add(paced)
+    return graph
+
+
+async def test_provenance_after_a_restore_names_each_input_by_its_place_in_the_feed(tmp_path: Path) -> None:
+    """A restored run numbered its feed entities from 0 again: the input a result traced back to was named
+    ``feed0`` although it was the feed's element at the checkpoint's position (the seismic example's 22nd -d
+    dict traced to ``feed0``). ``feedN`` is now the feed's element N, in a restored run too."""
+    directory = tmp_path / "ck"
+    feed = [{"input": {"n": n}} for n in range(400)]
+    reached = asyncio.Event()
+
+    def completed(n: int) -> None:
+        latest = CheckpointStore(directory).latest()
+        if latest is not None and latest.states[InstanceRef("paced", 0)]["feed"] >= 3:
+            reached.set()
+
+    async with asyncio.timeout(60):
+        with on_completed(completed):
+            async with start(_paced_graph(), {"paced": feed}, mapping=_mapping(directory), batch_size=1) as first:
+                results = asyncio.ensure_future(first.results())
+                await reached.wait()
+                results.cancel()
+                await asyncio.gather(results, return_exceptions=True)
+        latest = CheckpointStore(directory).latest()
+        assert latest is not None
+        base = latest.states[InstanceRef("paced", 0)]["feed"]
+        assert 3 <= base < len(feed)
+        mapping = _mapping(directory, restore=True)
+        async with start(_paced_graph(), {"paced": feed}, mapping=mapping, provenance="item") as restored:
+            await restored.results()
+    path = str(tmp_path / "provenance.json")
+    write_document(aiod4p.provenance_document(restored.stats), path)
+    lineage = read_lineage(path)
+    inputs = {entity: value for entity, value in lineage.values.items() if ".feed" in entity}
+    assert inputs == {f"aiod4p:paced.0.feed{n}": repr(feed[n]) for n in range(base, len(feed))}
+
+
 async def test_a_checkpoint_that_does_not_complete_is_reported_naming_what_it_waits_for(tmp_path: Path) -> None:
     """A worker that hangs (stopped, stuck in a system call) held every checkpoint back, and the results they commit,
     and nothing said so: the run looked healthy. The coordinator now warns, naming the instances whose state it still
