@@ -396,25 +396,28 @@ class Invoker:
                     self.buffers[out_port].append(result)
         elif kind == "gen":
             drains, is_root, limit, buffers = self.drains, self.is_root, self.stream_limit, self.buffers
-            for item in items:
-                if out_port is None:
-                    for _ in fn(item):
+            for number, part in enumerate(self._parts(items)):
+                if number:
+                    await self._after_part()
+                for item in part:
+                    if out_port is None:
+                        for _ in fn(item):
+                            if drains._draining and is_root:
+                                return
+                        continue
+                    results = filter(_IS_NOT_NONE, fn(item))
+                    for first in results:
+                        # The rest of a buffer's room in one C-level pass. extend() appends each item as it comes,
+                        # so what the generator write()s on the same port in between keeps its place.
+                        buffer = buffers[out_port]
+                        buffer.append(first)
+                        room = self._cap_by_bytes(limit, first)
+                        buffer.extend(itertools.islice(results, max(room - len(buffer), 0)))
+                        if len(buffer) >= room:
+                            await self._route_streamed()
+                            limit = self.stream_limit
                         if drains._draining and is_root:
-                            return
-                    continue
-                results = filter(_IS_NOT_NONE, fn(item))
-                for first in results:
-                    # The rest of a buffer's room in one C-level pass. extend() appends each item as it comes,
-                    # so what the generator write()s on the same port in between keeps its place.
-                    buffer = buffers[out_port]
-                    buffer.append(first)
-                    room = self._cap_by_bytes(limit, first)
-                    buffer.extend(itertools.islice(results, max(room - len(buffer), 0)))
-                    if len(buffer) >= room:
-                        await self._route_streamed()
-                        limit = self.stream_limit
-                    if drains._draining and is_root:
-                        return  # a draining source stops producing (at most a buffer's room later)
+                            return  # a draining source stops producing (at most a buffer's room later)
         elif self.is_root and out_port is not None:
             for item in items:
                 await self._pump(fn(item), out_port)
@@ -443,20 +446,23 @@ class Invoker:
 
             await self._in_parts(items, call_part)
             return
-        for item in items:
-            inputs = item if port is None else {port: item}
-            if kind == "async":
-                self._collect(await process(inputs))
-            elif kind == "gen":
-                for output in process(inputs):
-                    await self._collect_streaming(output)
-                    if self.is_root and self.drains._draining:
-                        return  # a draining source stops producing
-            else:
-                async for output in process(inputs):
-                    await self._collect_streaming(output)
-                    if self.is_root and self.drains._draining:
-                        return
+        for number, part in enumerate(self._parts(items)):
+            if number:
+                await self._after_part()
+            for item in part:
+                inputs = item if port is None else {port: item}
+                if kind == "async":
+                    self._collect(await process(inputs))
+                elif kind == "gen":
+                    for output in process(inputs):
+                        await self._collect_streaming(output)
+                        if self.is_root and self.drains._draining:
+                            return  # a draining source stops producing
+                else:
+                    async for output in process(inputs):
+                        await self._collect_streaming(output)
+                        if self.is_root and self.drains._draining:
+                            return
 
     def _collect(self, output: Any) -> None:
         if output is None:
@@ -489,14 +495,19 @@ class Invoker:
         """``call_part(items)``, making the plain calls of one batch, in parts of at most
         :meth:`_calls_per_part` calls with :meth:`_after_part` between them, each split further where its
         outputs could outgrow ``batch_bytes`` (:meth:`_in_parts_by_bytes`)."""
+        for number, part in enumerate(self._parts(items)):
+            if number:
+                await self._after_part()
+            await self._in_parts_by_bytes(part, call_part)
+
+    def _parts(self, items: list[Any]) -> list[list[Any]]:
+        """The items of one batch in parts of at most :meth:`_calls_per_part` calls (``[items]`` when one part
+        holds them): whoever calls the PE on them, plainly or a generator at a time (or the provenance recorder,
+        item by item), awaits :meth:`_after_part` between two parts."""
         most = self._calls_per_part()
         if most is None or most >= len(items):
-            await self._in_parts_by_bytes(items, call_part)
-            return
-        for start in range(0, len(items), most):
-            if start:
-                await self._after_part()
-            await self._in_parts_by_bytes(items[start : start + most], call_part)
+            return [items]
+        return [items[start : start + most] for start in range(0, len(items), most)]
 
     def _calls_per_part(self) -> int | None:
         """The most plain calls of one batch made in a row (``None``: all of them)."""

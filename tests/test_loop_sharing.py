@@ -95,18 +95,37 @@ class BusySink(ConsumerPE):
         _hold_the_loop(self.progress)
 
 
+class BusyFilter(IterativePE):
+    """Holds the loop for ``BUSY_SECONDS`` per item, counting its calls; a plain generator that writes every
+    tenth item."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.progress = wf.Shared(calls=0, under_way=asyncio.Event())
+
+    def process_item(self, item: int) -> Iterator[int]:
+        _hold_the_loop(self.progress)
+        if item % 10 == 0:
+            yield item
+
+
 @pytest.mark.asyncio
 @pytest.mark.parametrize("batch_size", [1, DEFAULT_BATCH_SIZE])
-@pytest.mark.parametrize("kind", [Busy, BusySink])
+@pytest.mark.parametrize(
+    ("kind", "provenance"),
+    [(Busy, None), (BusySink, None), (BusyFilter, None), (Busy, "item")],
+    ids=["plain", "sink", "generator", "provenance-item"],
+)
 async def test_a_host_timer_due_during_a_pe_call_runs_as_soon_as_the_call_ends(
-    kind: type[Busy | BusySink], batch_size: int
+    kind: type[Busy | BusySink | BusyFilter], provenance: str | None, batch_size: int
 ) -> None:
     """A busy instance gives way to due timers too, not only to ready tasks: the host's lag is one call,
     also when a batch carries several calls (within a worker, up to TURNS_TIME_FACTOR x batch_seconds of
-    them: it gives way between them)."""
+    them: it gives way between them, whether they are plain calls, a generator's, or made one by one by
+    the provenance recorder)."""
     graph = WorkflowGraph()
     graph.connect(wf.Count(), "output", busy := kind(), "input")
-    run = asyncio.ensure_future(aiod4p.run_async(graph, 25, batch_size=batch_size))
+    run = asyncio.ensure_future(aiod4p.run_async(graph, 25, batch_size=batch_size, provenance=provenance))
     calls_while_waiting = []
     async with asyncio.timeout(50):
         await busy.progress.under_way.wait()
