@@ -992,12 +992,13 @@ class _Actor(Invoker):
         return max(1, int(YIELD_SECONDS / pace))
 
     async def _after_part(self) -> None:
-        """If the worker has held the loop long enough: hand on what the calls wrote so far (a stage on
-        another worker may be waiting for it), then let other tasks run."""
-        if self.worker.held_too_long():
-            self._busy_fold()
-            await self._route_outputs()
-            await self._give_way_if_held()
+        """Hand on what the calls wrote so far, then let other tasks run if the worker has held the loop long
+        enough. Always handed on: each part is sized by ``batch_bytes`` from empty buffers
+        (:meth:`_in_parts_by_bytes`), and a stage on another worker may be waiting for it. A part is about
+        :data:`YIELD_SECONDS` of calls, so this costs a batch ten routings at most."""
+        self._busy_fold()
+        await self._route_outputs()
+        await self._give_way_if_held()
 
     def _next_hand_over(self, handed: int, cap: int) -> int:
         """How many items a long call may write before it hands them on again, once it handed ``handed`` on.
