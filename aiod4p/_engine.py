@@ -397,8 +397,8 @@ class Invoker:
         elif kind == "gen":
             drains, is_root, limit, buffers = self.drains, self.is_root, self.stream_limit, self.buffers
             for number, part in enumerate(self._parts(items)):
-                if number:
-                    await self._after_part()
+                if number and not await self._after_part():
+                    return
                 for item in part:
                     if out_port is None:
                         for _ in fn(item):
@@ -447,8 +447,8 @@ class Invoker:
             await self._in_parts(items, call_part)
             return
         for number, part in enumerate(self._parts(items)):
-            if number:
-                await self._after_part()
+            if number and not await self._after_part():
+                return
             for item in part:
                 inputs = item if port is None else {port: item}
                 if kind == "async":
@@ -496,14 +496,14 @@ class Invoker:
         :meth:`_calls_per_part` calls with :meth:`_after_part` between them, each split further where its
         outputs could outgrow ``batch_bytes`` (:meth:`_in_parts_by_bytes`)."""
         for number, part in enumerate(self._parts(items)):
-            if number:
-                await self._after_part()
+            if number and not await self._after_part():
+                return
             await self._in_parts_by_bytes(part, call_part)
 
     def _parts(self, items: list[Any]) -> list[list[Any]]:
         """The items of one batch in parts of at most :meth:`_calls_per_part` calls (``[items]`` when one part
         holds them): whoever calls the PE on them, plainly or a generator at a time (or the provenance recorder,
-        item by item), awaits :meth:`_after_part` between two parts."""
+        item by item), awaits :meth:`_after_part` between two parts, and stops if it says so."""
         most = self._calls_per_part()
         if most is None or most >= len(items):
             return [items]
@@ -513,8 +513,11 @@ class Invoker:
         """The most plain calls of one batch made in a row (``None``: all of them)."""
         return None
 
-    async def _after_part(self) -> None:
-        """Between two parts of a batch's plain calls (see :meth:`_calls_per_part`)."""
+    async def _after_part(self) -> bool:
+        """Between two parts of a batch's calls (see :meth:`_calls_per_part`): whether to make the rest of them
+        (not for a source once the run drains: the calls it was asked for and has not made yet make no item in
+        flight)."""
+        return not (self.is_root and self.drains._draining)
 
     async def _in_parts_by_bytes(self, items: list[Any], call_part: Callable[[list[Any]], None]) -> None:
         """``call_part(items)``, making plain calls that buffer their outputs, in parts where the outputs
@@ -984,14 +987,16 @@ class _Actor(Invoker):
     def _calls_per_part(self) -> int | None:
         """About :data:`YIELD_SECONDS` of calls at this instance's pace: a batch of heavy items (a batch
         within a worker may carry ``TURNS_TIME_FACTOR x batch_seconds`` of them) lets other tasks run
-        between its calls, as between batches. None with ``fixed_order`` (its turns count batches) or before
-        the first measurement (a batch of one item)."""
-        pace = self.pace
-        if not pace or self.worker.fixed_order:
+        between its calls, as between batches. One before the first measurement: a batch of one item,
+        except a root's first batch of feed elements (``batch_size`` of them or more, see
+        :meth:`Worker._feed_limit`), whose calls may be heavy too. None with ``fixed_order`` (its turns
+        count batches)."""
+        if self.worker.fixed_order:
             return None
-        return max(1, int(YIELD_SECONDS / pace))
+        pace = self.pace
+        return max(1, int(YIELD_SECONDS / pace)) if pace else 1
 
-    async def _after_part(self) -> None:
+    async def _after_part(self) -> bool:
         """Hand on what the calls wrote so far, then let other tasks run if the worker has held the loop long
         enough. Always handed on: each part is sized by ``batch_bytes`` from empty buffers
         (:meth:`_in_parts_by_bytes`), and a stage on another worker may be waiting for it. A part is about
@@ -999,6 +1004,7 @@ class _Actor(Invoker):
         self._busy_fold()
         await self._route_outputs()
         await self._give_way_if_held()
+        return await super()._after_part()
 
     def _next_hand_over(self, handed: int, cap: int) -> int:
         """How many items a long call may write before it hands them on again, once it handed ``handed`` on.

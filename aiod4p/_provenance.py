@@ -242,8 +242,8 @@ class ActorRecorder:
         handle = actor._handle
         name = "feed" if port is None else port
         for number, part in enumerate(actor._parts(items)):
-            if number:
-                await actor._after_part()
+            if number and not await actor._after_part():
+                return
             for element in part:
                 if type(element) is Tagged:
                     used: tuple[str, ...] = (element.id,)
