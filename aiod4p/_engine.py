@@ -514,10 +514,8 @@ class Invoker:
         return None
 
     async def _after_part(self) -> bool:
-        """Between two parts of a batch's calls (see :meth:`_calls_per_part`): whether to make the rest of them
-        (not for a source once the run drains: the calls it was asked for and has not made yet make no item in
-        flight)."""
-        return not (self.is_root and self.drains._draining)
+        """Between two parts of a batch's calls (see :meth:`_calls_per_part`): whether to make the rest."""
+        return True
 
     async def _in_parts_by_bytes(self, items: list[Any], call_part: Callable[[list[Any]], None]) -> None:
         """``call_part(items)``, making plain calls that buffer their outputs, in parts where the outputs
@@ -690,8 +688,8 @@ class _Actor(Invoker):
                         await aligner.check(remaining)
                     continue
                 source.release()
-                if port is None and not self.has_inputs and self.worker._draining and not self.drains_itself:
-                    continue  # calls of a source asked for (-i N) but not made yet: no item is in flight
+                if port is None and self._drops_calls():
+                    continue
                 if self.links and any(link.pending for link in self.links):
                     # Let the links send first: a long batch would hold back what other workers wait for.
                     await asyncio.sleep(0)
@@ -737,6 +735,11 @@ class _Actor(Invoker):
         if self.recorder is not None:
             self.stats.provenance = self.recorder.part()
         return self.stats
+
+    def _drops_calls(self) -> bool:
+        """Whether this instance drops the calls it was asked for and has not made yet: a source's (-i N; no
+        item is in flight) once the run drains, unless the source says what draining means (:attr:`drains_itself`)."""
+        return not self.has_inputs and self.worker._draining and not self.drains_itself
 
     def _end_runner(self) -> None:
         """End the greenlet that ran the PE's calls. Parked between two calls, it would outlive the run, with
@@ -974,13 +977,14 @@ class _Actor(Invoker):
         await self._give_way_if_held()
         self.writing_since = time.perf_counter()
 
-    async def _give_way_if_held(self) -> None:
+    async def _give_way_if_held(self, on_timer: bool = False) -> None:
         """Within a long call: let other tasks run if the worker has held the loop long enough (their
-        turns are neither this PE's busy time nor in its pace: :attr:`given_away`)."""
+        turns are neither this PE's busy time nor in its pace: :attr:`given_away`); ``on_timer``: see
+        :meth:`Worker.give_way`."""
         if self.worker.held_too_long():
             self._busy_fold()
             given = time.perf_counter()
-            await self.worker.give_way()
+            await self.worker.give_way(on_timer)
             self.given_away += time.perf_counter() - given
             self._busy_begin()
 
@@ -998,13 +1002,14 @@ class _Actor(Invoker):
 
     async def _after_part(self) -> bool:
         """Hand on what the calls wrote so far, then let other tasks run if the worker has held the loop long
-        enough. Always handed on: each part is sized by ``batch_bytes`` from empty buffers
-        (:meth:`_in_parts_by_bytes`), and a stage on another worker may be waiting for it. A part is about
-        :data:`YIELD_SECONDS` of calls, so this costs a batch ten routings at most."""
+        enough; the rest of the batch is made unless this instance now drops it (:meth:`_drops_calls`).
+        Always handed on: each part is sized by ``batch_bytes`` from empty buffers (:meth:`_in_parts_by_bytes`),
+        and a stage on another worker may be waiting for it. A part is about :data:`YIELD_SECONDS` of calls, so
+        this costs a batch ten routings at most."""
         self._busy_fold()
         await self._route_outputs()
-        await self._give_way_if_held()
-        return await super()._after_part()
+        await self._give_way_if_held(on_timer=True)  # the batch goes on at once: due timers first
+        return not self._drops_calls()
 
     def _next_hand_over(self, handed: int, cap: int) -> int:
         """How many items a long call may write before it hands them on again, once it handed ``handed`` on.
@@ -1572,19 +1577,21 @@ class Worker:
             return turn.batches >= YIELD_BATCHES
         return time.monotonic() - turn.started >= YIELD_SECONDS
 
-    async def give_way(self) -> None:
+    async def give_way(self, on_timer: bool = False) -> None:
         """Let the event loop run every other ready task and due timer, then go on.
 
         The turn restarts when the loop comes back to the workers (a callback
         queued behind the tasks now ready), not when each task resumes: other
         instances ready in this loop turn, of this run or of another one in
         the same loop, then give way after one batch each, so a turn of the
-        loop stays short however many instances are busy.
+        loop stays short however many instances are busy. On a timer after a
+        long turn, or with ``on_timer`` (the caller goes on computing at once:
+        between the parts of a batch's calls), so that due timers run first.
         """
         turn = self._turn
         held = time.monotonic() - turn.started
         turn.restart_soon()
-        if self.fixed_order or held < LONG_TURN:
+        if self.fixed_order or (held < LONG_TURN and not on_timer):
             await asyncio.sleep(0)
         else:
             # A batch held the loop long: timers fell due meanwhile. The loop runs due timers in the order
