@@ -874,10 +874,11 @@ class _Actor(Invoker):
         self.folding = loop.call_later(THREADED_BUSY_FOLD, self._fold_threaded, loop)
 
     def _call_items(self, port: str | None, items: list[Any]) -> None:
-        """In a pool thread: call the PE item by item, stopping early if the run aborts (or a source drains)."""
+        """In a pool thread: call the PE item by item, stopping early if the run aborts (or drops the calls of a
+        source, :meth:`_drops_calls`)."""
         worker = self.worker
         for index in range(len(items)):
-            if worker._aborting or (self.is_root and worker._draining):
+            if worker._aborting or self._drops_calls():
                 return
             call = self._handle_here(port, items[index : index + 1])
             try:

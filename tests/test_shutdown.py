@@ -271,10 +271,14 @@ async def test_cancelling_run_async_drains_before_it_propagates() -> None:
 
 
 @pytest.mark.asyncio
+@pytest.mark.parametrize("threaded", [False, True], ids=["plain", "threaded"])
 @pytest.mark.parametrize("mapping", ["simple", "async", "multi"])
-async def test_drain_lets_accepted_items_finish(mapping: str) -> None:
+async def test_drain_lets_accepted_items_finish(mapping: str, threaded: bool) -> None:
+    # A threaded root stopped its batch under way once the run drained, as a source asked for -i N calls
+    # does: it dropped the items it had accepted (a sum of 0).
     graph = WorkflowGraph()
     graph.connect(entry := wf.Double(), "output", wf.SumAtEnd(), "input")
+    entry.threaded = threaded
     feed = LiveFeed(1000)
     run = aiod4p.start(graph, {entry: feed}, mapping=mapping, workers=2)
     async with asyncio.timeout(20), run:
