@@ -395,14 +395,21 @@ class Invoker:
                 if result is not None and out_port is not None:
                     self.buffers[out_port].append(result)
         elif kind == "gen":
-            drains, is_root, limit, buffers = self.drains, self.is_root, self.stream_limit, self.buffers
+            # A source (no input: -i N, or an endless generator) stops producing once the run drains; a root
+            # fed items finishes those it accepted.
+            drains, source, limit, buffers = (
+                self.drains,
+                self.is_root and not self.has_inputs,
+                self.stream_limit,
+                self.buffers,
+            )
             for number, part in enumerate(self._parts(items)):
                 if number and not await self._after_part():
                     return
                 for item in part:
                     if out_port is None:
                         for _ in fn(item):
-                            if drains._draining and is_root:
+                            if source and drains._draining:
                                 return
                         continue
                     results = filter(_IS_NOT_NONE, fn(item))
@@ -416,7 +423,7 @@ class Invoker:
                         if len(buffer) >= room:
                             await self._route_streamed()
                             limit = self.stream_limit
-                        if drains._draining and is_root:
+                        if source and drains._draining:
                             return  # a draining source stops producing (at most a buffer's room later)
         elif self.is_root and out_port is not None:
             for item in items:
@@ -446,6 +453,7 @@ class Invoker:
 
             await self._in_parts(items, call_part)
             return
+        source = self.is_root and not self.has_inputs  # see _call_fn
         for number, part in enumerate(self._parts(items)):
             if number and not await self._after_part():
                 return
@@ -456,12 +464,12 @@ class Invoker:
                 elif kind == "gen":
                     for output in process(inputs):
                         await self._collect_streaming(output)
-                        if self.is_root and self.drains._draining:
+                        if source and self.drains._draining:
                             return  # a draining source stops producing
                 else:
                     async for output in process(inputs):
                         await self._collect_streaming(output)
-                        if self.is_root and self.drains._draining:
+                        if source and self.drains._draining:
                             return
 
     def _collect(self, output: Any) -> None:
