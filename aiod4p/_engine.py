@@ -395,26 +395,36 @@ class Invoker:
                 if result is not None and out_port is not None:
                     self.buffers[out_port].append(result)
         elif kind == "gen":
-            drains, is_root, limit, buffers = self.drains, self.is_root, self.stream_limit, self.buffers
-            for item in items:
-                if out_port is None:
-                    for _ in fn(item):
-                        if drains._draining and is_root:
-                            return
-                    continue
-                results = filter(_IS_NOT_NONE, fn(item))
-                for first in results:
-                    # The rest of a buffer's room in one C-level pass. extend() appends each item as it comes,
-                    # so what the generator write()s on the same port in between keeps its place.
-                    buffer = buffers[out_port]
-                    buffer.append(first)
-                    room = self._cap_by_bytes(limit, first)
-                    buffer.extend(itertools.islice(results, max(room - len(buffer), 0)))
-                    if len(buffer) >= room:
-                        await self._route_streamed()
-                        limit = self.stream_limit
-                    if drains._draining and is_root:
-                        return  # a draining source stops producing (at most a buffer's room later)
+            # A source (no input: -i N, or an endless generator) stops producing once the run drains; a root
+            # fed items finishes those it accepted.
+            drains, source, limit, buffers = (
+                self.drains,
+                self.is_root and not self.has_inputs,
+                self.stream_limit,
+                self.buffers,
+            )
+            for number, part in enumerate(self._parts(items)):
+                if number and not await self._after_part():
+                    return
+                for item in part:
+                    if out_port is None:
+                        for _ in fn(item):
+                            if source and drains._draining:
+                                return
+                        continue
+                    results = filter(_IS_NOT_NONE, fn(item))
+                    for first in results:
+                        # The rest of a buffer's room in one C-level pass. extend() appends each item as it comes,
+                        # so what the generator write()s on the same port in between keeps its place.
+                        buffer = buffers[out_port]
+                        buffer.append(first)
+                        room = self._cap_by_bytes(limit, first)
+                        buffer.extend(itertools.islice(results, max(room - len(buffer), 0)))
+                        if len(buffer) >= room:
+                            await self._route_streamed()
+                            limit = self.stream_limit
+                        if source and drains._draining:
+                            return  # a draining source stops producing (at most a buffer's room later)
         elif self.is_root and out_port is not None:
             for item in items:
                 await self._pump(fn(item), out_port)
@@ -443,20 +453,24 @@ class Invoker:
 
             await self._in_parts(items, call_part)
             return
-        for item in items:
-            inputs = item if port is None else {port: item}
-            if kind == "async":
-                self._collect(await process(inputs))
-            elif kind == "gen":
-                for output in process(inputs):
-                    await self._collect_streaming(output)
-                    if self.is_root and self.drains._draining:
-                        return  # a draining source stops producing
-            else:
-                async for output in process(inputs):
-                    await self._collect_streaming(output)
-                    if self.is_root and self.drains._draining:
-                        return
+        source = self.is_root and not self.has_inputs  # see _call_fn
+        for number, part in enumerate(self._parts(items)):
+            if number and not await self._after_part():
+                return
+            for item in part:
+                inputs = item if port is None else {port: item}
+                if kind == "async":
+                    self._collect(await process(inputs))
+                elif kind == "gen":
+                    for output in process(inputs):
+                        await self._collect_streaming(output)
+                        if source and self.drains._draining:
+                            return  # a draining source stops producing
+                else:
+                    async for output in process(inputs):
+                        await self._collect_streaming(output)
+                        if source and self.drains._draining:
+                            return
 
     def _collect(self, output: Any) -> None:
         if output is None:
@@ -489,21 +503,27 @@ class Invoker:
         """``call_part(items)``, making the plain calls of one batch, in parts of at most
         :meth:`_calls_per_part` calls with :meth:`_after_part` between them, each split further where its
         outputs could outgrow ``batch_bytes`` (:meth:`_in_parts_by_bytes`)."""
+        for number, part in enumerate(self._parts(items)):
+            if number and not await self._after_part():
+                return
+            await self._in_parts_by_bytes(part, call_part)
+
+    def _parts(self, items: list[Any]) -> list[list[Any]]:
+        """The items of one batch in parts of at most :meth:`_calls_per_part` calls (``[items]`` when one part
+        holds them): whoever calls the PE on them, plainly or a generator at a time (or the provenance recorder,
+        item by item), awaits :meth:`_after_part` between two parts, and stops if it says so."""
         most = self._calls_per_part()
         if most is None or most >= len(items):
-            await self._in_parts_by_bytes(items, call_part)
-            return
-        for start in range(0, len(items), most):
-            if start:
-                await self._after_part()
-            await self._in_parts_by_bytes(items[start : start + most], call_part)
+            return [items]
+        return [items[start : start + most] for start in range(0, len(items), most)]
 
     def _calls_per_part(self) -> int | None:
         """The most plain calls of one batch made in a row (``None``: all of them)."""
         return None
 
-    async def _after_part(self) -> None:
-        """Between two parts of a batch's plain calls (see :meth:`_calls_per_part`)."""
+    async def _after_part(self) -> bool:
+        """Between two parts of a batch's calls (see :meth:`_calls_per_part`): whether to make the rest."""
+        return True
 
     async def _in_parts_by_bytes(self, items: list[Any], call_part: Callable[[list[Any]], None]) -> None:
         """``call_part(items)``, making plain calls that buffer their outputs, in parts where the outputs
@@ -677,8 +697,8 @@ class _Actor(Invoker):
                         await aligner.check(remaining)
                     continue
                 source.release()
-                if port is None and not self.has_inputs and self.worker._draining and not self.drains_itself:
-                    continue  # calls of a source asked for (-i N) but not made yet: no item is in flight
+                if port is None and self._drops_calls():
+                    continue
                 if self.links and any(link.pending for link in self.links):
                     # Let the links send first: a long batch would hold back what other workers wait for.
                     await asyncio.sleep(0)
@@ -726,6 +746,11 @@ class _Actor(Invoker):
         if self.recorder is not None:
             self.stats.provenance = self.recorder.part()
         return self.stats
+
+    def _drops_calls(self) -> bool:
+        """Whether this instance drops the calls it was asked for and has not made yet: a source's (-i N; no
+        item is in flight) once the run drains, unless the source says what draining means (:attr:`drains_itself`)."""
+        return not self.has_inputs and self.worker._draining and not self.drains_itself
 
     def _end_runner(self) -> None:
         """End the greenlet that ran the PE's calls. Parked between two calls, it would outlive the run, with
@@ -866,10 +891,11 @@ class _Actor(Invoker):
         self.folding = loop.call_later(THREADED_BUSY_FOLD, self._fold_threaded, loop)
 
     def _call_items(self, port: str | None, items: list[Any]) -> None:
-        """In a pool thread: call the PE item by item, stopping early if the run aborts (or a source drains)."""
+        """In a pool thread: call the PE item by item, stopping early if the run aborts (or drops the calls of a
+        source, :meth:`_drops_calls`)."""
         worker = self.worker
         for index in range(len(items)):
-            if worker._aborting or (self.is_root and worker._draining):
+            if worker._aborting or self._drops_calls():
                 return
             call = self._handle_here(port, items[index : index + 1])
             try:
@@ -969,33 +995,39 @@ class _Actor(Invoker):
         await self._give_way_if_held()
         self.writing_since = time.perf_counter()
 
-    async def _give_way_if_held(self) -> None:
+    async def _give_way_if_held(self, on_timer: bool = False) -> None:
         """Within a long call: let other tasks run if the worker has held the loop long enough (their
-        turns are neither this PE's busy time nor in its pace: :attr:`given_away`)."""
+        turns are neither this PE's busy time nor in its pace: :attr:`given_away`); ``on_timer``: see
+        :meth:`Worker.give_way`."""
         if self.worker.held_too_long():
             self._busy_fold()
             given = time.perf_counter()
-            await self.worker.give_way()
+            await self.worker.give_way(on_timer)
             self.given_away += time.perf_counter() - given
             self._busy_begin()
 
     def _calls_per_part(self) -> int | None:
         """About :data:`YIELD_SECONDS` of calls at this instance's pace: a batch of heavy items (a batch
         within a worker may carry ``TURNS_TIME_FACTOR x batch_seconds`` of them) lets other tasks run
-        between its calls, as between batches. None with ``fixed_order`` (its turns count batches) or before
-        the first measurement (a batch of one item)."""
-        pace = self.pace
-        if not pace or self.worker.fixed_order:
+        between its calls, as between batches. One before the first measurement: a batch of one item,
+        except a root's first batch of feed elements (``batch_size`` of them or more, see
+        :meth:`Worker._feed_limit`), whose calls may be heavy too. None with ``fixed_order`` (its turns
+        count batches)."""
+        if self.worker.fixed_order:
             return None
-        return max(1, int(YIELD_SECONDS / pace))
+        pace = self.pace
+        return max(1, int(YIELD_SECONDS / pace)) if pace else 1
 
-    async def _after_part(self) -> None:
-        """If the worker has held the loop long enough: hand on what the calls wrote so far (a stage on
-        another worker may be waiting for it), then let other tasks run."""
-        if self.worker.held_too_long():
-            self._busy_fold()
-            await self._route_outputs()
-            await self._give_way_if_held()
+    async def _after_part(self) -> bool:
+        """Hand on what the calls wrote so far, then let other tasks run if the worker has held the loop long
+        enough; the rest of the batch is made unless this instance now drops it (:meth:`_drops_calls`).
+        Always handed on: each part is sized by ``batch_bytes`` from empty buffers (:meth:`_in_parts_by_bytes`),
+        and a stage on another worker may be waiting for it. A part is about :data:`YIELD_SECONDS` of calls, so
+        this costs a batch ten routings at most."""
+        self._busy_fold()
+        await self._route_outputs()
+        await self._give_way_if_held(on_timer=True)  # the batch goes on at once: due timers first
+        return not self._drops_calls()
 
     def _next_hand_over(self, handed: int, cap: int) -> int:
         """How many items a long call may write before it hands them on again, once it handed ``handed`` on.
@@ -1563,19 +1595,21 @@ class Worker:
             return turn.batches >= YIELD_BATCHES
         return time.monotonic() - turn.started >= YIELD_SECONDS
 
-    async def give_way(self) -> None:
+    async def give_way(self, on_timer: bool = False) -> None:
         """Let the event loop run every other ready task and due timer, then go on.
 
         The turn restarts when the loop comes back to the workers (a callback
         queued behind the tasks now ready), not when each task resumes: other
         instances ready in this loop turn, of this run or of another one in
         the same loop, then give way after one batch each, so a turn of the
-        loop stays short however many instances are busy.
+        loop stays short however many instances are busy. On a timer after a
+        long turn, or with ``on_timer`` (the caller goes on computing at once:
+        between the parts of a batch's calls), so that due timers run first.
         """
         turn = self._turn
         held = time.monotonic() - turn.started
         turn.restart_soon()
-        if self.fixed_order or held < LONG_TURN:
+        if self.fixed_order or (held < LONG_TURN and not on_timer):
             await asyncio.sleep(0)
         else:
             # A batch held the loop long: timers fell due meanwhile. The loop runs due timers in the order

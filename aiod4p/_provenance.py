@@ -238,25 +238,30 @@ class ActorRecorder:
         counts[name] = counts.get(name, 0) + count
 
     async def handle(self, port: str | None, items: list[Any]) -> None:
-        """Hand a batch to the PE as the engine would, recording each call (level ``item``)."""
+        """Hand a batch to the PE as the engine would, recording each call (level ``item``): in the engine's
+        parts of a batch, letting other tasks run between them as it does."""
         self.count_in(port, len(items))
-        handle = self.actor._handle
+        actor = self.actor
+        handle = actor._handle
         name = "feed" if port is None else port
-        for element in items:
-            if type(element) is Tagged:
-                used: tuple[str, ...] = (element.id,)
-                element = element.value
-            elif port is None and element is not None and element != {}:
-                source = f"{self.prefix}.feed{self.fed}"
-                self.record.sources.append((source, value_repr(element)))
-                used = (source,)
-            else:
-                used = ()
-            if port is None:
-                self.fed += 1
-            self._begin("process", name, used)
-            await handle(port, [element])
-            self._end()
+        for number, part in enumerate(actor._parts(items)):
+            if number and not await actor._after_part():
+                return
+            for element in part:
+                if type(element) is Tagged:
+                    used: tuple[str, ...] = (element.id,)
+                    element = element.value
+                elif port is None and element is not None and element != {}:
+                    source = f"{self.prefix}.feed{self.fed}"
+                    self.record.sources.append((source, value_repr(element)))
+                    used = (source,)
+                else:
+                    used = ()
+                if port is None:
+                    self.fed += 1
+                self._begin("process", name, used)
+                await handle(port, [element])
+                self._end()
 
     def begin_stage(self, stage: str) -> None:
         """``preprocess`` or ``postprocess`` starts (level ``item``)."""

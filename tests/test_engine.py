@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -212,6 +213,40 @@ async def test_a_drain_makes_no_further_call_of_a_source(mapping: str) -> None:
                 run.drain()
     assert source.state.calls_after == 0
     assert received == source.state.calls  # every item made before the drain still arrives
+
+
+class HeavyCalls(CountingCalls):
+    """CountingCalls taking 2 ms of CPU a call (on the loop: not threaded); sets ``state.under_way`` at its
+    third call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.state.under_way = asyncio.Event()
+
+    def produce(self) -> int:
+        end = time.perf_counter() + 0.002
+        while time.perf_counter() < end:
+            pass
+        if self.state.calls == 2:
+            self.state.under_way.set()
+        return super().produce()
+
+
+async def test_a_drain_makes_no_further_call_of_a_source_within_its_batch_of_calls() -> None:
+    """A source's batch of feed elements (256 calls or more, its first one too) is called in parts of about
+    5 ms, and the loop's other tasks run between them: the host drains mid-batch, and the source makes no
+    further call, as between batches. It held the loop for its whole first batch, and later went on to the
+    end of the batch under way."""
+    graph = WorkflowGraph()
+    graph.connect(source := HeavyCalls(), "output", wf.Double(), "input")
+    async with asyncio.timeout(20), aiod4p.start(graph, 10**6, mapping="async") as run:
+        await source.state.under_way.wait()
+        source.state.draining = True
+        run.drain()
+        received = [item async for item in run]
+    assert source.state.calls < 256
+    assert source.state.calls_after == 0
+    assert len(received) == source.state.calls  # every item made before the drain still arrives
 
 
 def test_a_bad_group_by_key_fails_alike_with_one_or_many_instances(mapping: Any) -> None:

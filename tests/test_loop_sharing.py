@@ -95,18 +95,37 @@ class BusySink(ConsumerPE):
         _hold_the_loop(self.progress)
 
 
+class BusyFilter(IterativePE):
+    """Holds the loop for ``BUSY_SECONDS`` per item, counting its calls; a plain generator that writes every
+    tenth item."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.progress = wf.Shared(calls=0, under_way=asyncio.Event())
+
+    def process_item(self, item: int) -> Iterator[int]:
+        _hold_the_loop(self.progress)
+        if item % 10 == 0:
+            yield item
+
+
 @pytest.mark.asyncio
 @pytest.mark.parametrize("batch_size", [1, DEFAULT_BATCH_SIZE])
-@pytest.mark.parametrize("kind", [Busy, BusySink])
+@pytest.mark.parametrize(
+    ("kind", "provenance"),
+    [(Busy, None), (BusySink, None), (BusyFilter, None), (Busy, "item")],
+    ids=["plain", "sink", "generator", "provenance-item"],
+)
 async def test_a_host_timer_due_during_a_pe_call_runs_as_soon_as_the_call_ends(
-    kind: type[Busy | BusySink], batch_size: int
+    kind: type[Busy | BusySink | BusyFilter], provenance: str | None, batch_size: int
 ) -> None:
     """A busy instance gives way to due timers too, not only to ready tasks: the host's lag is one call,
     also when a batch carries several calls (within a worker, up to TURNS_TIME_FACTOR x batch_seconds of
-    them: it gives way between them)."""
+    them: it gives way between them, whether they are plain calls, a generator's, or made one by one by
+    the provenance recorder)."""
     graph = WorkflowGraph()
     graph.connect(wf.Count(), "output", busy := kind(), "input")
-    run = asyncio.ensure_future(aiod4p.run_async(graph, 25, batch_size=batch_size))
+    run = asyncio.ensure_future(aiod4p.run_async(graph, 25, batch_size=batch_size, provenance=provenance))
     calls_while_waiting = []
     async with asyncio.timeout(50):
         await busy.progress.under_way.wait()
@@ -116,6 +135,47 @@ async def test_a_host_timer_due_during_a_pe_call_runs_as_soon_as_the_call_ends(
             calls_while_waiting.append(busy.progress.calls - before)
         await run
     assert max(calls_while_waiting) <= 1, calls_while_waiting
+
+
+class Short(IterativePE):
+    """Holds the loop for ``SHORT_SECONDS`` per item (longer than a turn, shorter than a long one), counting
+    its calls."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.progress = wf.Shared(calls=0, under_way=asyncio.Event())
+
+    def process_item(self, item: int) -> int:
+        end = time.perf_counter() + SHORT_SECONDS
+        while time.perf_counter() < end:
+            pass
+        self.progress.calls += 1
+        if self.progress.calls == 3:
+            self.progress.under_way.set()
+        return item
+
+
+SHORT_SECONDS = (YIELD_SECONDS + LONG_TURN) / 2
+
+
+@pytest.mark.asyncio
+async def test_a_host_timer_due_between_the_parts_of_a_batch_runs_before_the_next_part() -> None:
+    """Between the parts of a batch the instance goes on computing at once: it gives way on a timer, so that
+    the host's due timer runs first, even after a short turn. After ``sleep(0)`` the instance resumed first,
+    and the host waited three calls for one."""
+    graph = WorkflowGraph()
+    graph.connect(wf.Count(), "output", short := Short(), "input")
+    run = asyncio.ensure_future(aiod4p.run_async(graph, 60))
+    calls_while_waiting = []
+    async with asyncio.timeout(50):
+        await short.progress.under_way.wait()
+        for _ in range(20):
+            before = short.progress.calls
+            await asyncio.sleep(SHORT_SECONDS / 10)  # ok-sleep: a timer that falls due during the next call
+            calls_while_waiting.append(short.progress.calls - before)
+        await run
+    # Between batches it gives way by sleep(0) after a short turn: a tick there may wait two or three calls.
+    assert statistics.median(calls_while_waiting) <= 1, calls_while_waiting
 
 
 class Blocks(IterativePE):

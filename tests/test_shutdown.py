@@ -12,7 +12,7 @@ import subprocess
 import sys
 import termios
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -20,7 +20,7 @@ import pytest
 import workflows as wf
 
 import aiod4p
-from aiod4p import ConsumerPE, LiveFeed, WorkflowGraph
+from aiod4p import ConsumerPE, IterativePE, LiveFeed, WorkflowGraph
 from aiod4p._api import loop_factory
 from aiod4p._signals import Interrupts, Stopped
 
@@ -270,11 +270,23 @@ async def test_cancelling_run_async_drains_before_it_propagates() -> None:
     assert sink.state.closed and feed.closed
 
 
+class DoubleEach(IterativePE):
+    """wf.Double as a generator."""
+
+    def process_item(self, item: int) -> Iterator[int]:
+        yield 2 * item
+
+
 @pytest.mark.asyncio
+@pytest.mark.parametrize("kind", ["plain", "threaded", "generator"])
 @pytest.mark.parametrize("mapping", ["simple", "async", "multi"])
-async def test_drain_lets_accepted_items_finish(mapping: str) -> None:
+async def test_drain_lets_accepted_items_finish(mapping: str, kind: str) -> None:
+    # A threaded or generator root stopped its batch under way once the run drained, as a source asked for
+    # -i N calls (or an endless generator) does: it dropped items it had accepted (sums of 0 and 3,072).
     graph = WorkflowGraph()
-    graph.connect(entry := wf.Double(), "output", wf.SumAtEnd(), "input")
+    entry: IterativePE = DoubleEach() if kind == "generator" else wf.Double()
+    entry.threaded = kind == "threaded"
+    graph.connect(entry, "output", wf.SumAtEnd(), "input")
     feed = LiveFeed(1000)
     run = aiod4p.start(graph, {entry: feed}, mapping=mapping, workers=2)
     async with asyncio.timeout(20), run:
