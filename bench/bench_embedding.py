@@ -111,12 +111,10 @@ async def hosted(make: Callable[[], tuple[WorkflowGraph, int]]) -> tuple[float, 
     return elapsed, lags
 
 
-async def _give_way_by_sleep0(self: Worker) -> None:
+async def _give_way_by_sleep0(self: Worker, on_timer: bool = False) -> None:
     """The engine's give-way before round 9, after long batches too: ``sleep(0)``, which resumes the
     instance before the tasks of timers that fell due."""
-    if not self._beat_pending:
-        self._beat_pending = True
-        asyncio.get_running_loop().call_soon(self._new_turn)
+    self._turn.restart_soon()
     await asyncio.sleep(0)
 
 

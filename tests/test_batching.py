@@ -68,14 +68,25 @@ def test_a_slow_stage_gets_its_items_one_at_a_time(mapping: str, slow: Slow) -> 
         assert entry.batches_in == entry.items_in
 
 
+class HalfMillisecond(IterativePE):
+    """Takes at least 0.5 ms per item."""
+
+    def __init__(self) -> None:
+        super().__init__(parallelism=2)
+
+    def process_item(self, item: Any) -> Any:
+        threading.Event().wait(0.0005)  # ok-sleep: the item's cost, not synchronisation
+        return item
+
+
 def test_a_slow_stage_whose_instances_take_turns_gets_several_items_a_batch() -> None:
     # On async both instances' plain calls take turns on one event loop: a batch carries up to
-    # TURNS_TIME_FACTOR x batch_seconds (50 ms) of work, ten of these items, not one.
+    # TURNS_TIME_FACTOR x batch_seconds (8 ms) of work, at most 16 of these items, not the 4 of 2 ms.
     graph = WorkflowGraph()
-    graph.connect(Burst(40), "output", slow := Slow(), "input")
+    graph.connect(Burst(100), "output", slow := HalfMillisecond(), "input")
     stats = [entry for entry in asyncio.run(_stats(graph, "async")) if entry.pe == slow.id]
-    assert sum(entry.items_in for entry in stats) == 40
-    assert 40 // 10 <= sum(entry.batches_in for entry in stats) < 40
+    assert sum(entry.items_in for entry in stats) == 100
+    assert 100 // 16 <= sum(entry.batches_in for entry in stats) < 100 // 4
 
 
 class Medium(IterativePE):

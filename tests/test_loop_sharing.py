@@ -117,12 +117,13 @@ class BusyFilter(IterativePE):
     ids=["plain", "sink", "generator", "provenance-item"],
 )
 async def test_a_host_timer_due_during_a_pe_call_runs_as_soon_as_the_call_ends(
-    kind: type[Busy | BusySink | BusyFilter], provenance: str | None, batch_size: int
+    kind: type[Busy | BusySink | BusyFilter], provenance: str | None, batch_size: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A busy instance gives way to due timers too, not only to ready tasks: the host's lag is one call,
-    also when a batch carries several calls (within a worker, up to TURNS_TIME_FACTOR x batch_seconds of
-    them: it gives way between them, whether they are plain calls, a generator's, or made one by one by
-    the provenance recorder)."""
+    also when a batch carries several calls (within a worker up to TURNS_TIME_FACTOR x batch_seconds of
+    them, raised here above a call's length): it gives way between them, whether they are plain calls, a
+    generator's, or made one by one by the provenance recorder."""
+    monkeypatch.setattr("aiod4p._plan.TURNS_TIME_FACTOR", 25)
     graph = WorkflowGraph()
     graph.connect(wf.Count(), "output", busy := kind(), "input")
     run = asyncio.ensure_future(aiod4p.run_async(graph, 25, batch_size=batch_size, provenance=provenance))
@@ -159,10 +160,14 @@ SHORT_SECONDS = (YIELD_SECONDS + LONG_TURN) / 2
 
 
 @pytest.mark.asyncio
-async def test_a_host_timer_due_between_the_parts_of_a_batch_runs_before_the_next_part() -> None:
+async def test_a_host_timer_due_between_the_parts_of_a_batch_runs_before_the_next_part(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """Between the parts of a batch the instance goes on computing at once: it gives way on a timer, so that
     the host's due timer runs first, even after a short turn. After ``sleep(0)`` the instance resumed first,
-    and the host waited three calls for one."""
+    and the host waited three calls for one. (Batches of several such calls, in parts of one: a batch within
+    the worker carries TURNS_TIME_FACTOR x batch_seconds of work, raised here above a call's length.)"""
+    monkeypatch.setattr("aiod4p._plan.TURNS_TIME_FACTOR", 25)
     graph = WorkflowGraph()
     graph.connect(wf.Count(), "output", short := Short(), "input")
     run = asyncio.ensure_future(aiod4p.run_async(graph, 60))
