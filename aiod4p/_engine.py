@@ -1117,9 +1117,10 @@ class _Actor(Invoker):
             if route.deals:
                 # Dealt whole to the instance with the most room, not item by item in turn: an instance that
                 # gets through its items faster (on a worker of its own, beside no source) gets more of them.
-                # Only items that fit in the next batch of any candidate compared: heavy items (a batch of one or
-                # a few), and the first batches (one item until measured), are still dealt in turn, so that every
-                # instance gets some of a few heavy items or of a short stream.
+                # Only items that fit in the next batch of every candidate compared: more at once than a heavy or
+                # still unmeasured destination's batch holds (one or a few items) are dealt in turn, so that every
+                # instance gets some of them; items routed one at a time (a source's heavy items, as it makes
+                # them) each go where there is most room.
                 compared = route.candidates.compared()
                 if len(items) <= min(pending.limit for pending in compared):
                     self._add(max(compared, key=_room), items, owned, full)

@@ -116,7 +116,8 @@ class Numbers(ProducerPE):
 
 class Talk(IterativePE):
     def __init__(self):
-        super().__init__(parallelism=2)
+        # dealt in turn, so that both instances log: a shuffle may send a short stream to one of them
+        super().__init__(parallelism=2, grouping="round_robin")
         self.id = "Talk"
     def process_item(self, item):
         self.log(f"info {item}")
