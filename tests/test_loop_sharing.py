@@ -62,6 +62,11 @@ async def test_a_host_task_runs_while_a_run_streams_at_full_speed(mapping: str) 
 BUSY_SECONDS = 2 * LONG_TURN  # a call that alone holds the loop long
 
 
+def _calls_progress() -> wf.Shared:
+    """Where a busy PE counts its calls, and says when the third one is done."""
+    return wf.Shared(calls=0, under_way=asyncio.Event())
+
+
 def _hold_the_loop(progress: wf.Shared) -> None:
     """Hold the loop for ``BUSY_SECONDS`` (CPU-bound, not threaded), counting the calls in ``progress``."""
     end = time.perf_counter() + BUSY_SECONDS
@@ -77,7 +82,7 @@ class Busy(IterativePE):
 
     def __init__(self) -> None:
         super().__init__()
-        self.progress = wf.Shared(calls=0, under_way=asyncio.Event())
+        self.progress = _calls_progress()
 
     def process_item(self, item: int) -> int:
         _hold_the_loop(self.progress)
@@ -89,7 +94,7 @@ class BusySink(ConsumerPE):
 
     def __init__(self) -> None:
         super().__init__()
-        self.progress = wf.Shared(calls=0, under_way=asyncio.Event())
+        self.progress = _calls_progress()
 
     def consume(self, item: int) -> None:
         _hold_the_loop(self.progress)
@@ -101,7 +106,7 @@ class BusyFilter(IterativePE):
 
     def __init__(self) -> None:
         super().__init__()
-        self.progress = wf.Shared(calls=0, under_way=asyncio.Event())
+        self.progress = _calls_progress()
 
     def process_item(self, item: int) -> Iterator[int]:
         _hold_the_loop(self.progress)
@@ -144,7 +149,7 @@ class Short(IterativePE):
 
     def __init__(self) -> None:
         super().__init__()
-        self.progress = wf.Shared(calls=0, under_way=asyncio.Event())
+        self.progress = _calls_progress()
 
     def process_item(self, item: int) -> int:
         end = time.perf_counter() + SHORT_SECONDS
