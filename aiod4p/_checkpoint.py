@@ -4,9 +4,11 @@
   results) triggers checkpoint ``n`` every ``interval`` seconds, one at a time.
 * Every **source** (a root PE instance) then takes a snapshot at its next safe
   point: between two feed batches (a :class:`~aiod4p._channels.Barrier` sent
-  in its feed channel) or, inside a long call of an async generator (a
-  ``SourcePE``), between two chunks of its output; and forwards barrier ``n``
-  on each of its output channels, behind what it wrote before.
+  in its feed channel) or, within its calls, between two chunks of their
+  output (an async generator's, a ``SourcePE``'s: its position in its stream;
+  plain calls': the state their batch found and what they delivered, which a
+  restore makes again and drops); and forwards barrier ``n`` on each of its
+  output channels, behind what it wrote before.
 * Every other instance **aligns** (:class:`Aligner`): a channel that delivered
   barrier ``n`` is blocked (its messages wait, unread, so its sender runs out
   of credits and stalls: alignment is back-pressure on the fast channels)
@@ -46,7 +48,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TextIO
 
 from ._channels import Barrier, Message
-from ._engine import HELD_FEEDS, plain_generator_call
+from ._engine import HELD_FEEDS, calls_take_turns
 from ._groupings import All, GroupBy
 from ._pe import PE
 from ._plan import ExecutionPlan, InstanceRef
@@ -958,8 +960,14 @@ class Aligner:
         self.resume_outputs = 0  # outputs of the interrupted call already delivered
         self.in_call = False
         self.waiting: ReadAhead | None = None  # a root's source while it has nothing ready
-        self.calls = 0  # calls completed in this run (async generator roots)
+        self.calls = 0  # calls completed in this run (roots whose calls checkpoints are taken within)
         self.outputs = 0  # outputs of the current call
+        # A root whose calls are plain (a generator, or a call that writes): checkpoints are taken within the calls
+        # of a batch, as they hand on what they wrote, saving the PE's state as the batch found it (call_state)
+        # and what its calls delivered on each port; a restore makes those calls again from that state and drops
+        # what they had delivered (the actor's ``delivered``).
+        self.within_calls = actor.is_root and calls_take_turns(actor.pe) and not actor.traced
+        self.call_state: dict[str, Any] | None = None
         self.restoring: dict[str, Any] | None = None
         self.slots: dict[Any, int] = {}  # the key group of every keyed-state key (:func:`capture`)
 
@@ -1001,6 +1009,25 @@ class Aligner:
             return source
         return _dropping(source, skip)
 
+    def calls_begin(self) -> None:
+        """The calls of a batch of a root that takes checkpoints within its calls begin: its state as they find
+        it is kept (a copy: the calls may change it)."""
+        actor = self.actor
+        self.in_call = True
+        self.call_state = pickle.loads(_pickled(actor.ref, capture(actor.pe, None, self.slots)))
+        actor.call_outputs = {}
+
+    async def within_call(self) -> None:
+        """The calls of a root that takes checkpoints within them routed what they wrote so far: a due
+        checkpoint is taken here."""
+        if self.due > self.done:
+            await self.snapshot(self.due)
+
+    def calls_ended(self, calls: int) -> None:
+        """The ``calls`` of the batch begun by :meth:`calls_begin` ended, and what they wrote was routed."""
+        self.call_ended(calls)
+        self.call_state = self.actor.call_outputs = None
+
     async def pumped(self, count: int) -> None:
         """``count`` outputs of the current call were routed; a due checkpoint is taken here."""
         self.outputs += count
@@ -1025,9 +1052,9 @@ class Aligner:
         finally:
             self.waiting = None
 
-    def call_ended(self) -> None:
+    def call_ended(self, calls: int = 1) -> None:
         self.in_call = False
-        self.calls += 1
+        self.calls += calls
         self.outputs = 0
 
     # -- snapshots -------------------------------------------------------------
@@ -1045,10 +1072,12 @@ class Aligner:
         counters = actor.stats.counters()
         if actor.is_root:  # a restore takes the element of an interrupted call again: it counts it then
             counters["items_in"] = self.base + consumed
+        state, ports = self.call_state, actor.call_outputs
         return {
-            "pe": capture(actor.pe, self.runtime.grouping(actor.ref.pe), self.slots),
+            "pe": capture(actor.pe, self.runtime.grouping(actor.ref.pe), self.slots) if state is None else state,
             "feed": self.base + consumed if actor.is_root else 0,
             "outputs": self.outputs if self.in_call else self.resume_outputs,
+            "port_outputs": dict(actor.delivered if ports is None else ports),
             "finished": finished,
             "stats": counters,
         }
@@ -1141,6 +1170,8 @@ class WorkerCheckpoints:
                 aligner.restoring = own
                 aligner.base = own["feed"]
                 aligner.resume_outputs = own["outputs"]
+                if replayable(actor.pe):  # else a live stream goes on from where it stands: nothing dropped
+                    actor.delivered = own.get("port_outputs", {})
                 if actor.recorder is not None:
                     actor.recorder.record.restored = restored.id
                     actor.recorder.fed = aligner.base
@@ -1466,14 +1497,6 @@ async def _attempts(
                 "checkpoints: the input of PE %s cannot be replayed; after a restore, what it had in flight is lost",
                 pe_id,
             )
-        for pe_id in plan.roots:
-            if plain_generator_call(plan.pes[pe_id]):
-                logger.warning(
-                    "checkpoints: PE %s is a plain generator: no checkpoint completes until each of its calls ends"
-                    " (an async generator takes them between its items)%s",
-                    pe_id,
-                    "; with --restarts, the results wait for the checkpoints too" if held is not None else "",
-                )
         # An async iterator (an async generator) is read once: a restart's attempt would find it stopped
         # (cancelled while the dead attempt read it) and end its root early, dropping the rest silently.
         one_shot = [pe_id for pe_id, feed in feeds.items() if isinstance(feed, AsyncIterator)]

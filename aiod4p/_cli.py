@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import os
 import re
 import shlex
@@ -455,7 +456,7 @@ def _run_loaded(args: argparse.Namespace, mapping: BaseMapping, results: str | N
     # import it too); what the run does not take is stopped when it ends. A signal that stops the start-up
     # (Stopped) is said at once, then passes through the mapping's head start, which may have to end its
     # workers' start-up with it (under the user's mpiexec, the other ranks').
-    outcome = _Outcome()
+    outcome = _Outcome(functools.partial(_warn, args))
     said = False  # a stop was said
     try:
         with (
@@ -704,11 +705,18 @@ def _aborted(signum: int, records: int, when: str) -> int:
     return EXIT_ABORTED
 
 
-class _Outcome:
-    """What a run produced so far (read after it stopped, however it stopped)."""
+GATHERED_RESULTS_WARNING = 1_000_000
+"""Results gathered to be printed when the run ends (no ``--results``) at which ``aiod4p run`` warns, once, that
+they are all held in memory until then (a run of an endless source grows without bound)."""
 
-    def __init__(self) -> None:
+
+class _Outcome:
+    """What a run produced so far (read after it stopped, however it stopped); ``warn`` says what the user must
+    know while it runs."""
+
+    def __init__(self, warn: Callable[[str], None]) -> None:
         self.records = 0
+        self.warn = warn
 
 
 async def _consume(
@@ -759,6 +767,11 @@ async def _consume(
                         raise
             else:
                 grouped.setdefault((record.pe, record.port), []).append(record.data)
+                if outcome.records == GATHERED_RESULTS_WARNING:
+                    outcome.warn(
+                        f"{_records(outcome.records)} so far, all held in memory to be printed when the run ends:"
+                        " give --results - to print them as they come, or --results FILE"
+                    )
 
         if stdin is not None:
             stdin.dead_letter = lambda bad: emit(ResultRecord("stdin", DEAD_LETTER, bad))

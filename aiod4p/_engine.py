@@ -57,7 +57,7 @@ from .transports import Comm
 if TYPE_CHECKING:
     from ._checkpoint import Aligner, WorkerCheckpoints
 
-__all__ = ["HELD_FEEDS", "Feed", "Invoker", "ReadAhead", "Worker", "pe_error", "plain_generator_call"]
+__all__ = ["HELD_FEEDS", "Feed", "Invoker", "ReadAhead", "Worker", "calls_take_turns", "pe_error"]
 
 Feed: TypeAlias = int | Iterable[Any] | AsyncIterable[Any]
 HELD_FEEDS = (list, tuple, range)
@@ -638,6 +638,11 @@ class _Actor(Invoker):
         self.recorder: ActorRecorder | None = None  # provenance, when on
         self.traced = False  # provenance at level item: the recorder hands each item to the PE
         self.counts_out: dict[str, int] | None = None  # provenance: items written, by port
+        # The calls of a batch that a checkpoint may be taken within (Aligner.within_calls): their outputs so far
+        # by port; and the outputs that the calls made again after a restore had delivered before it, which they
+        # drop (the first ones on each port).
+        self.call_outputs: dict[str, int] | None = None
+        self.delivered: dict[str, int] = {}
         self.runner: _CallGreenlet | None = None  # runs the PE's calls, created on first use (see _drive)
         self.results_sink: ResultSink = worker.results
         self.aligner: Aligner | None = None  # set when the run takes checkpoints
@@ -716,7 +721,13 @@ class _Actor(Invoker):
                             if self.recorder is not None:
                                 self.recorder.count_in(port, len(items))
                             self.calls_under_way = len(items)
-                            await self._handle(port, items)
+                            if aligner is not None and aligner.within_calls:
+                                aligner.calls_begin()
+                                await self._handle(port, items)
+                                await self._route_outputs()  # a checkpoint within the next counts its own
+                                aligner.calls_ended(len(items))
+                            else:
+                                await self._handle(port, items)
                     finally:
                         self.calls_under_way = 1
                         self._busy_fold()
@@ -981,6 +992,7 @@ class _Actor(Invoker):
         self.stream_limit = self._next_hand_over(self.stream_limit, self.batch_size)
         self._busy_fold()
         await self._route_outputs()
+        await self._checkpoint_within_call()
         await self._give_way_if_held()
         self.writing_since = time.perf_counter()
 
@@ -992,8 +1004,16 @@ class _Actor(Invoker):
             runtime.limit = self._next_hand_over(runtime.limit, self.hand_over_limit)
         self._busy_fold()
         await self._route_outputs(detach=True)
+        await self._checkpoint_within_call()
         await self._give_way_if_held()
         self.writing_since = time.perf_counter()
+
+    async def _checkpoint_within_call(self) -> None:
+        """Take a due checkpoint here, within the calls of a batch that have routed what they wrote so far, if
+        the PE takes them within its calls (:attr:`Aligner.within_calls`)."""
+        aligner = self.aligner
+        if aligner is not None and self.call_outputs is not None:
+            await aligner.within_call()
 
     async def _give_way_if_held(self, on_timer: bool = False) -> None:
         """Within a long call: let other tasks run if the worker has held the loop long enough (their
@@ -1073,6 +1093,10 @@ class _Actor(Invoker):
                 held.clear()
             else:
                 buffers[port] = []
+            if self.call_outputs is not None:
+                items = self._not_delivered(port, items)
+                if not items:
+                    continue
             self.stats.items_out += len(items)
             if counts_out is not None:
                 counts_out[port] = counts_out.get(port, 0) + len(items)
@@ -1105,6 +1129,17 @@ class _Actor(Invoker):
             await self._flush_many(full, whole=True)
         if self.dirty and not self.worker.fixed_order and time.monotonic() - self.last_flush >= self.max_delay:
             await self._flush_all(wait=False)
+
+    def _not_delivered(self, port: str, items: list[Any]) -> list[Any]:
+        """Count ``items``, written on ``port`` by calls that a checkpoint may be taken within; of those, drop
+        what was delivered before the restored checkpoint, when they are made again (:attr:`delivered`)."""
+        assert self.call_outputs is not None
+        self.call_outputs[port] = self.call_outputs.get(port, 0) + len(items)
+        delivered = self.delivered.get(port, 0)
+        if not delivered:
+            return items
+        self.delivered[port] = max(0, delivered - len(items))
+        return items[delivered:]
 
     def _route(self, route: _Route, items: list[Any], owned: bool, full: list[_Pending | _ResultPending]) -> None:
         if route.passes_through:
@@ -1371,14 +1406,7 @@ def _ignoring_argument(fn: Callable[[], Any]) -> Callable[[Any], Any]:
     return lambda _: fn()
 
 
-def plain_generator_call(pe: PE) -> bool:
-    """Whether the call the engine makes of ``pe`` (its per-item function, else ``process``) is a plain
-    generator: it cannot take a checkpoint until the call ends (an async generator can, between items)."""
-    item_function = pe._item_function()
-    return _call_kind(item_function[0] if item_function else pe.process) == "gen"
-
-
-def _calls_take_turns(pe: PE) -> bool:
+def calls_take_turns(pe: PE) -> bool:
     """Whether the calls of ``pe``'s instances run one at a time on their worker's event loop: plain calls
     (or plain generators), not ``async def`` (whose awaits let instances overlap) and not threaded."""
     item_function = pe._item_function()
@@ -1506,7 +1534,7 @@ class Worker:
         taking_turns = {
             pe_id
             for pe_id, placed in plan.placement.items()
-            if set(placed.workers) == {me} and _calls_take_turns(plan.pes[pe_id])
+            if set(placed.workers) == {me} and calls_take_turns(plan.pes[pe_id])
         }
         bounds = {
             (spec.source, spec.dest): plan.options.batch_bounds(spec, spec.dest.pe in taking_turns)

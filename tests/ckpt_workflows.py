@@ -6,11 +6,12 @@ import asyncio
 import logging
 import os
 import signal
+import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from aiod4p import IterativePE, WorkflowGraph
+from aiod4p import PE, IterativePE, ProducerPE, WorkflowGraph
 from aiod4p.sources import LinesSource, SourcePE
 
 HOOK: Any = None
@@ -292,9 +293,28 @@ class HeldPerAttempt(SourcePE):
         return _HeldStream(self.path, lambda: os.path.exists(f"{self.gate}-{attempt}"), self.holds[attempt])
 
 
-def word_count(
-    path: str | os.PathLike[str], split: Split | None = None, lines: SourcePE | None = None
-) -> WorkflowGraph:
+class PacedLines(ProducerPE):
+    """The lines of ``path``, all in one call of a plain generator (dispel4py's usual source); until a checkpoint
+    newer than the newest when the call began has completed, one line every 10 ms (``until``, a
+    :class:`NextCheckpoint`). ``read`` counts the lines it made: a restore must not count a line twice."""
+
+    def __init__(self, path: str | os.PathLike[str], until: NextCheckpoint) -> None:
+        super().__init__()
+        self.path, self.until = os.fspath(path), until
+        self.read = 0
+
+    def produce(self) -> Iterator[str]:
+        opened = self.until.newest()
+        with open(self.path, encoding="utf-8") as file:
+            lines = file.read().splitlines()
+        for line in lines:
+            if self.until.newest() <= opened:
+                time.sleep(0.01)  # paced: its checkpoints are taken within this call, between its lines
+            self.read += 1
+            yield line
+
+
+def word_count(path: str | os.PathLike[str], split: Split | None = None, lines: PE | None = None) -> WorkflowGraph:
     """lines (``lines``, a :class:`LinesSource` of ``path`` by default) -> words (``split``, a :class:`Split` by
     default) -> keyed counts (results: (word, count))."""
     graph = WorkflowGraph()
@@ -314,6 +334,11 @@ def held_word_count(words: str | os.PathLike[str], checkpoints: str | os.PathLik
     run (a quiet machine, or a restart that resumes near the end) could end before one, and never kill.
     """
     return word_count(words, lines=HeldLines(words, until=NextCheckpoint(checkpoints), hold_after=100))
+
+
+def paced_word_count(words: str | os.PathLike[str], checkpoints: str | os.PathLike[str]) -> WorkflowGraph:
+    """Word count whose input is a plain generator making every line in one call (:class:`PacedLines`)."""
+    return word_count(words, lines=PacedLines(words, NextCheckpoint(checkpoints)))
 
 
 def held_word_count_module(words: str | os.PathLike[str], checkpoints: str | os.PathLike[str]) -> str:

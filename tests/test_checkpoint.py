@@ -23,7 +23,6 @@ from typing import Any, cast
 import ckpt_workflows
 import prov.model
 import pytest
-import workflows as wf
 from ckpt_workflows import (
     Count,
     HeldLines,
@@ -31,6 +30,7 @@ from ckpt_workflows import (
     expected_counts,
     held_word_count_module,
     on_completed,
+    paced_word_count,
     word_count,
     write_words,
 )
@@ -1122,22 +1122,27 @@ async def test_keyed_windows_are_checkpointed_and_move_with_their_keys(tmp_path:
     assert max(windows(restored), key=lambda w: w[1])[1] == max(w[1] for w in emitted)
 
 
-@pytest.mark.parametrize("mapping", ["async", "multi"])
-def test_a_plain_generator_root_is_named_as_holding_checkpoints_back(
-    tmp_path: Path, mapping: str, caplog: pytest.LogCaptureFixture
-) -> None:
-    """With --restarts, a plain generator source (dispel4py's usual one) kept every result back until it
-    ended, silently: no checkpoint completes during its call, and results wait for checkpoints."""
-    graph = WorkflowGraph()
-    graph.connect(source := wf.Range(3), "output", wf.Double(), "input")
-    source.id = "numbers"
-    checkpointed = get_mapping(mapping)
-    checkpointed.checkpointing = Checkpointing(tmp_path / "ck", restarts=1)
-    with caplog.at_level(logging.WARNING, "aiod4p.checkpoint"):
-        assert sorted(run(graph, 1, mapping=checkpointed, workers=2).data()) == [0, 2, 4]
-    held = [r.getMessage() for r in caplog.records if "plain generator" in r.getMessage()]
-    assert len(held) == 1 and held[0].startswith("checkpoints: PE numbers is a plain generator: no checkpoint")
-    assert held[0].endswith("the results wait for the checkpoints too") == (mapping == "multi")
+async def test_a_plain_generator_root_is_checkpointed_within_its_call(tmp_path: Path, words: Path) -> None:
+    """A plain generator that makes every line in one call (dispel4py's usual source) took no checkpoint until
+    that call ended. A checkpoint within it saves the PE as the call found it and the lines it delivered; the
+    restore makes the call again from there and drops those lines: every word counted once, every line read
+    once in the PE's own count."""
+    directory, lines = tmp_path / "ck", len((await asyncio.to_thread(words.read_text)).splitlines())
+    graph = paced_word_count(words, directory)
+    mapping = _mapping(directory, keep=1000)
+    assert not await _run_until_killed(graph, mapping, 2, 10_000, checkpointed=directory)
+    first = CheckpointStore(directory, keep=1000).load(1)
+    assert first is not None
+    source = first.states[InstanceRef("lines", 0)]
+    delivered = source["port_outputs"]["output"]
+    assert source["feed"] == 0 and 0 < delivered < lines  # within the call
+    assert source["pe"]["attributes"]["read"] == 0  # as the call found it
+    restored = _mapping(directory, keep=1000, restore=True)
+    got = await run_async(paced_word_count(words, directory), 1, mapping=restored, workers=3)
+    assert _counts(got) == expected_counts(words)
+    final = CheckpointStore(directory, keep=1000).latest()
+    assert final is not None
+    assert final.states[InstanceRef("lines", 0)]["pe"]["attributes"]["read"] == lines
 
 
 def test_stdin_and_sockets_are_named_unreplayable(tmp_path: Path) -> None:
@@ -1208,7 +1213,8 @@ async def test_a_restored_source_that_cannot_be_replayed_drops_nothing_of_its_ne
     """A restored ``TCPSource``/``LinesSource()`` resumes its call in a new stream: nothing of it is dropped
     (the checkpoint's output count was skipped, so the first lines clients sent after a restart were lost)."""
     pe = _Live()
-    aligner = Aligner(cast(Any, SimpleNamespace(pe=pe)), cast(Any, None), 0)
+    actor = SimpleNamespace(pe=pe, is_root=True, traced=False)
+    aligner = Aligner(cast(Any, actor), cast(Any, None), 0)
     aligner.resume_outputs = 3  # the interrupted call had delivered 3 items before the checkpoint
     assert [item async for item in aligner.call_started(pe.produce())] == list(range(5))
 

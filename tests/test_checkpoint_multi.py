@@ -11,7 +11,7 @@ import os
 import random
 import shutil
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +29,7 @@ from ckpt_workflows import (
     held_word_count,
     held_word_count_module,
     on_completed,
+    paced_word_count,
     word_count,
     write_words,
 )
@@ -115,6 +116,52 @@ def test_three_sigkills_with_restarts_give_the_failure_free_results(
     expected = expected_counts(words)
     assert dict(record.data for record in got) == expected
     assert _file_counts(results) == expected
+
+
+def test_a_plain_generator_source_is_checkpointed_within_its_call_and_restarted_exactly(
+    tmp_path: Path, words: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """dispel4py's usual source makes every line in one call of a plain generator: no checkpoint completed
+    until that call ended, so a kill lost the whole run and, with --restarts, every result waited in the
+    launcher's memory. Checkpoints are now taken within the call; each restart makes the call again from the
+    state it began with and drops the lines it had delivered."""
+    kills = planned_kills(tmp_path, monkeypatch, f"{WORDS // 10},{WORDS // 8}")
+    results = tmp_path / "results.jsonl"
+    graph = paced_word_count(words, tmp_path / "ck")
+    got = run(graph, 1, mapping=_multi(tmp_path / "ck", results, restarts=3), workers=2, batch_size=32, credits=2)
+    assert sorted(p.name for p in kills.iterdir()) == ["kill-0", "kill-1"]
+    expected = expected_counts(words)
+    assert dict(record.data for record in got) == expected
+    assert _file_counts(results) == expected
+
+
+async def test_an_endless_plain_generator_source_delivers_results_under_restarts(tmp_path: Path) -> None:
+    """Under --restarts a result is handed on once a checkpoint commits it: with an endless plain generator
+    source none was, and every result waited in the launcher's memory for the end of a run that never ends."""
+    graph = WorkflowGraph()
+    graph.connect(source := Endless(), "output", Double(), "input")
+    source.id = "ticks"
+    async with asyncio.timeout(60), start(graph, 1, mapping=_multi(tmp_path / "ck", None, restarts=1)) as workflow:
+        got = [record.data async for record in _first(workflow, 2000)]
+    assert len(set(got)) == 2000 and all(number % 2 == 0 for number in got)
+
+
+class Endless(ProducerPE):
+    def produce(self) -> Iterator[int]:
+        yield from itertools.count()
+
+
+class Double(IterativePE):
+    def process_item(self, item: int) -> int:
+        return 2 * item
+
+
+async def _first(records: AsyncIterator[Any], count: int) -> AsyncIterator[Any]:
+    async for record in records:
+        yield record
+        count -= 1
+        if not count:
+            return
 
 
 def test_restore_on_other_n_and_mapping(tmp_path: Path, words: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -99,6 +99,20 @@ def test_results_printed_readably(workflow_file: Path) -> None:
     assert done.stdout.splitlines() == ["Check1.output: 2 items", "  10", "  20"]
 
 
+def test_results_gathered_for_the_end_warn_once_that_they_are_held_in_memory(
+    workflow_file: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Without --results every result waits in memory to be printed at the end: an endless source grew the
+    process by every result, silently (500 MB in 9 s)."""
+    monkeypatch.setattr("aiod4p._cli.GATHERED_RESULTS_WARNING", 3)
+    assert main(["run", str(workflow_file), "-m", "simple", "-i", "5"]) == 0
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+    assert warnings == [
+        "aiod4p: warning: 3 records so far, all held in memory to be printed when the run ends: give --results -"
+        " to print them as they come, or --results FILE"
+    ]
+
+
 def test_results_to_stdout(workflow_file: Path) -> None:
     done = aiod4p("run", str(workflow_file), "-i", "1", "--results", "-")
     assert json.loads(done.stdout) == {"pe": "Check1", "output": "output", "data": 10}

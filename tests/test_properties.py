@@ -322,16 +322,14 @@ def test_random_workflows_stopped_and_restored_write_each_result_once(
     with the same -n (plain state per instance, such as KeyedCount's, restores only so). A run that ended
     first must have handed on the model's results too.
 
-    ``live`` sources are async generators, whose checkpoints come between their items (a plain generator's
-    wait for its call to end: with one call per source, for most of the run); a reader that takes one batch
-    of results at a time (``result_batches``) is behind whenever the results gate hands on what it held."""
-    # Sources 50 times as long (20 for live ones, which checkpoint between their items): checkpoints complete
-    # before most runs end.
+    ``live`` sources are async generators; the others plain generators, each making all its items in one call,
+    whose checkpoints are taken within that call (a restore makes it again and drops what it delivered); a
+    reader that takes one batch of results at a time (``result_batches``) is behind whenever the results gate
+    hands on what it held."""
+    # Sources 20 times as long: checkpoints complete before most runs end.
     longer = [
         [
-            dataclasses.replace(node, params=(node.params[0], node.params[1] * (20 if live else 50)))
-            if node.kind == "source"
-            else node
+            dataclasses.replace(node, params=(node.params[0], node.params[1] * 20)) if node.kind == "source" else node
             for node in dag
         ]
         for dag in dags_
