@@ -50,8 +50,13 @@ async def _run(
             continue
         peers: dict[int, Comm] = {b if a == wid else a: links[(a, b)][a != wid] for (a, b) in links if wid in (a, b)}
         resolved, pumped_here = pumped_feeds(shipped, far)
-        worker = Worker(plan, wid, feeds=resolved, results=ForwardSink(far, "the test"), peers=peers)
-        served.append(asyncio.create_task(serve(worker, far, name=f"worker {wid}", pumped=pumped_here, interval=0.01)))
+        forward = ForwardSink(far, "the test", plan.options.result_bytes)
+        worker = Worker(plan, wid, feeds=resolved, results=forward, peers=peers)
+        served.append(
+            asyncio.create_task(
+                serve(worker, far, name=f"worker {wid}", sink=forward, pumped=pumped_here, interval=0.01)
+            )
+        )
 
     async def death(wid: int) -> str:
         return f"worker {wid} vanished"
