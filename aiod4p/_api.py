@@ -56,7 +56,8 @@ class WorkflowRun:
         batch_size: items per batch on a channel.
         credits: batches a channel may have in flight before its sender waits.
         max_delay: seconds a partly filled batch may wait for more items.
-        result_batches: batches of results that may wait for the consumer before the run waits for it.
+        result_batches: batches of results that may wait for the consumer before the run waits for it (and at
+            most :attr:`~aiod4p.PlanOptions.result_bytes` of them: ``RESULT_WINDOW`` times ``batch_bytes``).
         provenance: record provenance at this level (``"pe"`` or ``"item"``; read it back with
             :func:`aiod4p.provenance_document` from :attr:`stats`).
 
@@ -96,7 +97,7 @@ class WorkflowRun:
         self.feeds = resolve_inputs(self.plan.graph, inputs)
         self.stats: list[InstanceStats] = []
         self._max_delay = max_delay
-        self._sink = QueueSink(result_batches)
+        self._sink = QueueSink(result_batches, self.plan.options.result_bytes)
         self._control = RunControl()
         self._ready: deque[ResultRecord] = deque()
         self._read_since = time.monotonic()  # when the reader last let the event loop run other tasks here
@@ -273,7 +274,7 @@ class WorkflowRun:
         queue = self._sink.queue
         while True:
             if not queue.empty():
-                self._ready.extend(queue.get_nowait())
+                self._ready.extend(self._sink.taken(queue.get_nowait()))
                 return True
             if task.done():
                 task.result()  # raises the run's error
@@ -286,7 +287,7 @@ class WorkflowRun:
                 if not getter.done():
                     getter.cancel()
                 elif not getter.cancelled():
-                    self._ready.extend(getter.result())
+                    self._ready.extend(self._sink.taken(getter.result()))
             if getter.done() and not getter.cancelled():
                 return True
 

@@ -47,7 +47,7 @@ from ._plan import DEFAULT_MAX_DELAY, ExecutionPlan, InstanceRef
 from ._provenance import ActorRecorder, WorkerRecorder
 from ._results import ResultSink
 from ._signals import interrupts_the_run
-from ._sizes import SCALARS, approximate_size
+from ._sizes import SCALARS, approximate_batch_size, approximate_size
 from ._stats import InstanceStats
 from ._threads import DaemonThreadPool
 from .errors import Aiod4pError, CheckpointError, GraphError, InputError, PEError, TransportError
@@ -161,14 +161,18 @@ class _Pending:
 
 
 class _ResultPending:
-    __slots__ = ("dirty", "items", "limit", "pe", "port")
+    """The results an instance wrote on one result port, not yet sent: a batch carries at most ``cap`` of
+    them, and at most ``batch_bytes`` of items like the last written (``limit``)."""
 
-    def __init__(self, pe: str, port: str, limit: int) -> None:
+    __slots__ = ("cap", "dirty", "items", "limit", "pe", "port")
+
+    def __init__(self, pe: str, port: str, cap: int) -> None:
         self.items: list[Any] = []
         self.dirty = False
         self.pe = pe
         self.port = port
-        self.limit = limit
+        self.cap = cap
+        self.limit = cap
 
 
 _COMPARED = 16  # the most candidates compared to choose the one with the most room
@@ -559,11 +563,7 @@ class Invoker:
 
     def _buffered_bytes(self) -> int:
         """About how many bytes the output buffers hold (each port's items sized like its last)."""
-        held = 0
-        for items in self.buffers.values():
-            if items:
-                held += len(items) * approximate_size(items[-1])[0]
-        return held
+        return sum(map(approximate_batch_size, self.buffers.values()))
 
     def _cap_by_bytes(self, cap: int, sample: Any) -> int:
         """``cap``, or as many items like ``sample`` as ``batch_bytes`` holds if that is fewer (at least 1)."""
@@ -1107,6 +1107,7 @@ class _Actor(Invoker):
                     pending_result.dirty = True
                     dirty.append(pending_result)
                 pending_result.items.extend(items)
+                pending_result.limit = self._cap_by_bytes(pending_result.cap, items[-1])
                 if len(pending_result.items) >= pending_result.limit:
                     full.append(pending_result)
                 continue

@@ -19,6 +19,7 @@ __all__ = [
     "PROVENANCE_LEVELS",
     "REMOTE_BATCH_FACTOR",
     "REMOTE_TIME_FACTOR",
+    "RESULT_WINDOW",
     "TURNS_TIME_FACTOR",
     "ChannelSpec",
     "ExecutionPlan",
@@ -35,6 +36,9 @@ DEFAULT_BATCH_SIZE = 256
 """Items per batch on a channel, unless asked otherwise (the library, the CLI and the planner use it)."""
 DEFAULT_CREDITS = 4
 """Batches a channel may have in flight before its sender waits, unless asked otherwise."""
+RESULT_WINDOW = 4
+"""Results may wait this many times ``batch_bytes`` (:attr:`PlanOptions.result_bytes`) for the caller, and
+travel as much from each worker to it: results of megabytes are bounded by bytes, not only by batches."""
 PROVENANCE_LEVELS = ("pe", "item")
 """What provenance records: per PE and port (counts, timing), or per item (its lineage)."""
 DEFAULT_MAX_DELAY = 0.005
@@ -132,6 +136,13 @@ class PlanOptions:
         if self.batch_seconds <= 0 or self.batch_bytes < 1:
             raise ValueError("batch_seconds and batch_bytes must be positive")
         check_provenance_level(self.provenance)
+
+    @property
+    def result_bytes(self) -> int:
+        """The bytes of results (as :func:`~aiod4p._sizes.approximate_size` counts them) that may wait for the
+        caller, and that each worker may have sent it that it has not yet taken: :data:`RESULT_WINDOW` times
+        ``batch_bytes`` (one batch more where a batch holds one larger item)."""
+        return RESULT_WINDOW * self.batch_bytes
 
     @property
     def placing_workers(self) -> int:

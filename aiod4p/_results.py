@@ -10,6 +10,8 @@ import logging
 from collections.abc import Iterator, Sequence
 from typing import Any, NamedTuple, Protocol, overload
 
+from ._sizes import approximate_batch_size
+
 __all__ = ["QueueSink", "ResultRecord", "ResultSink", "Results", "record_line"]
 
 logger = logging.getLogger("aiod4p")
@@ -132,13 +134,31 @@ class Results(Sequence[ResultRecord]):
 
 
 class QueueSink:
-    """Hands result batches to a consumer through a bounded queue.
+    """Hands result batches to a consumer through a queue bounded by batches and by bytes.
 
-    The workflow waits when the consumer falls ``max_batches`` behind.
+    The workflow waits when the consumer falls ``max_batches`` batches, or ``max_bytes`` bytes of results
+    (:func:`~aiod4p._sizes.approximate_batch_size`), behind; a batch larger than ``max_bytes`` (an item larger
+    than it) waits until the queue is empty. The consumer takes ``(records, nbytes)`` entries from
+    :attr:`queue` and hands each to :meth:`taken`.
     """
 
-    def __init__(self, max_batches: int) -> None:
-        self.queue: asyncio.Queue[list[ResultRecord]] = asyncio.Queue(max_batches)
+    def __init__(self, max_batches: int, max_bytes: int) -> None:
+        self.queue: asyncio.Queue[tuple[list[ResultRecord], int]] = asyncio.Queue(max_batches)
+        self.max_bytes = max_bytes
+        self.queued_bytes = 0  # of the batches queued, or waiting for a place in the queue
+        self._room = asyncio.Event()
 
     async def emit(self, pe: str, port: str, items: list[Any]) -> None:
-        await self.queue.put([ResultRecord(pe, port, item) for item in items])
+        nbytes = approximate_batch_size(items)
+        while self.queued_bytes and self.queued_bytes + nbytes > self.max_bytes:
+            self._room.clear()
+            await self._room.wait()
+        self.queued_bytes += nbytes
+        await self.queue.put(([ResultRecord(pe, port, item) for item in items], nbytes))
+
+    def taken(self, entry: tuple[list[ResultRecord], int]) -> list[ResultRecord]:
+        """The records of ``entry``, taken from :attr:`queue`: its bytes make room."""
+        records, nbytes = entry
+        self.queued_bytes -= nbytes
+        self._room.set()
+        return records

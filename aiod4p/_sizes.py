@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 from typing import Any
 
-__all__ = ["SCALARS", "approximate_size"]
+__all__ = ["SCALARS", "approximate_batch_size", "approximate_size"]
 
 SCALARS = frozenset({int, float, bool, type(None)})
 """Types whose values :func:`approximate_size` counts as 8 bytes at once, and a feed's byte bound as nothing
@@ -50,3 +50,9 @@ def approximate_size(item: Any, depth: int = 2) -> tuple[int, int]:
             size, in_bytes = size * length // 16, in_bytes * length // 16
         return 8 + size, in_bytes
     return 8, 0
+
+
+def approximate_batch_size(items: list[Any]) -> int:
+    """A cheap guess of the bytes a batch of ``items`` takes: as many items as it holds like its last one (0 when
+    empty); what bounds output buffers and results by bytes."""
+    return len(items) * approximate_size(items[-1])[0] if items else 0

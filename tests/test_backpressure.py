@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -302,3 +303,50 @@ def test_a_stream_of_heavy_lines_is_read_a_few_lines_ahead_of_its_root(mapping: 
     asyncio.run(main())
     assert len(_lines_ahead) == 60
     assert max(_lines_ahead) <= 8, max(_lines_ahead)
+
+
+# -- results of megabytes: a slow reader holds them back in the workers, by bytes ----------------------
+
+HEAVY_RESULTS = 100
+
+
+class MakesResults(ProducerPE):
+    """Results of 2 MiB, made far faster than the reader takes them (written bytes: ``bytes(n)``'s zeros take no
+    memory until touched, and the launcher's growth must count every result it holds)."""
+
+    def produce(self) -> Iterator[bytes]:
+        for _ in range(HEAVY_RESULTS):
+            yield b"r" * BLOB
+
+
+def _rss() -> int:
+    """This process's resident memory now, in bytes."""
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@pytest.mark.parametrize("mapping", ["multi", "mpi"])
+def test_results_of_megabytes_wait_for_a_slow_reader_bounded_by_bytes(mapping: str) -> None:
+    # Results on their way to the launcher were bounded by counts only: 16 batches in its queue, 32 messages in
+    # each worker's pipe, each batch what a worker made in 5 ms; the launcher grew by about 300 MB for 200 results
+    # of 2 MB read slowly. Now by bytes too: result_bytes in its queue and from each worker (PlanOptions).
+    if mapping == "mpi":
+        pytest.importorskip("mpi4py")
+    graph = WorkflowGraph()
+    graph.add(MakesResults())
+
+    async def main() -> tuple[int, int]:
+        count, before = 0, _rss()
+        peak = before
+        async with asyncio.timeout(60), aiod4p.start(graph, mapping=mapping, workers=2) as run:
+            async for record in run:
+                assert len(record.data) == BLOB
+                count += 1
+                await asyncio.sleep(0.01)  # a slow reader: the launcher's loop takes whatever may wait meanwhile
+                peak = max(peak, _rss())
+        return count, peak - before
+
+    count, growth = asyncio.run(main())
+    assert count == HEAVY_RESULTS
+    bound = 2 * (PlanOptions().result_bytes * 3 + BLOB)  # its queue, each worker's window, one result; doubled
+    assert growth <= bound, f"the launcher grew by {growth >> 20} MiB (bound {bound >> 20} MiB)"

@@ -21,7 +21,7 @@ from helpers import recorded_supervisors
 from aiod4p import ALL, PlanOptions, WorkflowGraph, make_plan
 from aiod4p._engine import Feed, Worker
 from aiod4p._plan import ExecutionPlan
-from aiod4p._results import ResultRecord, Results
+from aiod4p._results import QueueSink, ResultRecord, Results
 from aiod4p.errors import PEError, WorkerDied
 from aiod4p.mappings import RunControl
 from aiod4p.mappings._host import ForwardSink, Supervisor, pumped_feeds, serve, split_feeds
@@ -50,8 +50,13 @@ async def _run(
             continue
         peers: dict[int, Comm] = {b if a == wid else a: links[(a, b)][a != wid] for (a, b) in links if wid in (a, b)}
         resolved, pumped_here = pumped_feeds(shipped, far)
-        worker = Worker(plan, wid, feeds=resolved, results=ForwardSink(far, "the test"), peers=peers)
-        served.append(asyncio.create_task(serve(worker, far, name=f"worker {wid}", pumped=pumped_here, interval=0.01)))
+        forward = ForwardSink(far, "the test", plan.options.result_bytes)
+        worker = Worker(plan, wid, feeds=resolved, results=forward, peers=peers)
+        served.append(
+            asyncio.create_task(
+                serve(worker, far, name=f"worker {wid}", sink=forward, pumped=pumped_here, interval=0.01)
+            )
+        )
 
     async def death(wid: int) -> str:
         return f"worker {wid} vanished"
@@ -180,3 +185,26 @@ def test_a_forgotten_drain_callback_is_not_called_and_a_later_one_is_at_once() -
     assert calls == []
     control.on_drain(lambda: calls.append("next attempt"))  # a drain asked for between attempts
     assert calls == ["next attempt"]
+
+
+async def test_a_forward_sink_waits_while_a_window_of_its_results_is_not_taken() -> None:
+    near, far = memory_comm_pair()
+    sink = ForwardSink(far, "the test", 16)  # bytes: two integers (8 bytes each)
+    await sink.emit("pe", "output", [1, 2])
+    later = asyncio.create_task(sink.emit("pe", "output", [3]))
+    await asyncio.sleep(0.01)
+    assert not later.done()  # a whole window is on its way
+    sink.taken((await near.receive()).nbytes)
+    await asyncio.wait_for(later, 10)
+    assert (await near.receive()).items == [3]
+
+
+async def test_a_queue_sink_holds_at_most_its_bytes_but_always_one_batch() -> None:
+    queue = QueueSink(16, 2 << 20)
+    await queue.emit("pe", "output", [bytes(3 << 20)])  # larger than its bytes: alone, it goes in
+    later = asyncio.create_task(queue.emit("pe", "output", [bytes(10)]))
+    await asyncio.sleep(0.01)
+    assert not later.done() and queue.queue.qsize() == 1
+    assert len(queue.taken(queue.queue.get_nowait())[0].data) == 3 << 20
+    await asyncio.wait_for(later, 10)
+    assert queue.queued_bytes == 10

@@ -40,6 +40,7 @@ from .._frames import short_repr
 from .._links import unpicklable_item
 from .._plan import ExecutionPlan, InstanceRef
 from .._results import ResultSink
+from .._sizes import approximate_batch_size
 from .._stats import InstanceStats
 from .._threads import flush_standard_streams
 from ..errors import (
@@ -70,6 +71,7 @@ __all__ = [
     "Pumped",
     "PumpedFeed",
     "Results",
+    "ResultsTaken",
     "Servable",
     "Stats",
     "Supervisor",
@@ -98,11 +100,13 @@ STATIC_FEEDS = (int, *HELD_FEEDS)
 # Worker -> launcher.
 @dataclass(frozen=True)
 class Results:
-    """Items written by PE ``pe`` on its result port ``port``."""
+    """Items written by PE ``pe`` on its result port ``port``, about ``nbytes`` bytes of them (as the worker's
+    :class:`ForwardSink` counted them: the launcher's :class:`ResultsTaken` gives them back so)."""
 
     pe: str
     port: str
     items: list[Any]
+    nbytes: int
 
 
 @dataclass(frozen=True)
@@ -134,6 +138,13 @@ class Failed:
 
 
 # Launcher -> worker.
+@dataclass(frozen=True)
+class ResultsTaken:
+    """The launcher handed on ``nbytes`` bytes of the worker's :class:`Results`: it may send as many more."""
+
+    nbytes: int
+
+
 @dataclass(frozen=True)
 class Drain:
     """Stop the sources and feeds; what is in flight still reaches the sinks."""
@@ -208,23 +219,41 @@ class Servable(Protocol):
 
 
 class ForwardSink:
-    """Results travel to the launcher on the control comm.
+    """Results travel to the launcher on the control comm, at most ``window`` bytes of them not yet taken.
+
+    A batch waits while the launcher has not taken ``window`` bytes of results sent before it
+    (:func:`~aiod4p._sizes.approximate_batch_size`; :class:`ResultsTaken`, which :func:`serve` hands to
+    :meth:`taken`), so at most ``window`` bytes and one batch are on their way: a slow reader of heavy results
+    holds them back in the worker's PEs, by bytes, not by batches.
 
     Args:
         control: the worker's control comm.
         destination: where they go, for error messages (``"the parent process"``).
+        window: the plan's :attr:`~aiod4p.PlanOptions.result_bytes`.
     """
 
-    def __init__(self, control: Comm, destination: str) -> None:
+    def __init__(self, control: Comm, destination: str, window: int) -> None:
         self._control = control
         self._destination = destination
+        self._window = window
+        self._untaken = 0  # bytes sent that the launcher has not said it took
+        self._room = asyncio.Event()
+
+    def taken(self, nbytes: int) -> None:
+        """The launcher took ``nbytes`` bytes of the results sent."""
+        self._untaken -= nbytes
+        self._room.set()
 
     async def emit(self, pe: str, port: str, items: list[Any]) -> None:
         """Raises:
         TransportError: a result cannot be pickled (naming the PE, port and item).
         """
+        while self._untaken >= self._window:
+            self._room.clear()
+            await self._room.wait()
+        nbytes = approximate_batch_size(items)
         try:
-            await self._control.send(Results(pe, port, items))
+            await self._control.send(Results(pe, port, items, nbytes))
         except UnpicklableMessage as exc:
             culprit = next((item for item in items if not _picklable(item)), None)
             cause = exc.__cause__
@@ -232,6 +261,7 @@ class ForwardSink:
                 f"PE {pe} wrote a result on output port {port!r} that cannot be pickled to reach"
                 f" {self._destination}: {short_repr(culprit)} ({type(cause).__name__}: {cause})"
             ) from exc
+        self._untaken += nbytes
 
 
 def _picklable(item: Any) -> bool:
@@ -295,6 +325,7 @@ async def serve(
     control: Comm,
     *,
     name: str,
+    sink: ForwardSink,
     pumped: Mapping[str, PumpedFeed] | None = None,
     interval: float = STATS_INTERVAL,
     goodbye_timeout: float | None = None,
@@ -302,8 +333,9 @@ async def serve(
     """Run ``worker``, obey the launcher on ``control``, report, then close ``control``.
 
     Args:
-        worker: what to run; its results should leave through a :class:`ForwardSink` on ``control``.
+        worker: what to run.
         control: the comm to the launcher.
+        sink: the :class:`ForwardSink` on ``control`` that ``worker``'s results leave through.
         name: this worker in error messages (``"worker 2"``, ``"MPI rank 0"``).
         pumped: the feeds the launcher pumps, by PE id (see :func:`pumped_feeds`).
         interval: seconds between two :class:`Stats` reports.
@@ -317,7 +349,7 @@ async def serve(
     """
     feeds = pumped or {}
     running = asyncio.create_task(worker.run(), name=f"{name} engine")
-    listener = asyncio.create_task(_listen(control, worker, feeds), name=f"{name} listener")
+    listener = asyncio.create_task(_listen(control, worker, sink, feeds), name=f"{name} listener")
     reporter = asyncio.create_task(_report(control, worker, interval), name=f"{name} statistics")
     succeeded = False
     try:
@@ -399,7 +431,7 @@ async def serve_job(
         if isinstance(job, Exception):
             raise job
         feeds, pumped = pumped_feeds(job.feeds, control)
-        sink = ForwardSink(control, launcher)
+        sink = ForwardSink(control, launcher, job.plan.options.result_bytes)
         worker = Worker(job.plan, wid, feeds=feeds, results=sink, peers=peers, max_delay=job.max_delay)
         if job.checkpoints is not None:
             attach_worker(worker, job.checkpoints, control)
@@ -407,7 +439,7 @@ async def serve_job(
         await fail(control, name, exc, goodbye_timeout=goodbye_timeout)
         return False
     return await serve(
-        worker, control, name=name, pumped=pumped, interval=job.interval, goodbye_timeout=goodbye_timeout
+        worker, control, name=name, sink=sink, pumped=pumped, interval=job.interval, goodbye_timeout=goodbye_timeout
     )
 
 
@@ -421,7 +453,7 @@ async def _report_failure(control: Comm, name: str, exc: BaseException) -> None:
         await control.send(Failed(exc))
 
 
-async def _listen(control: Comm, worker: Servable, pumped: Mapping[str, PumpedFeed]) -> None:
+async def _listen(control: Comm, worker: Servable, sink: ForwardSink, pumped: Mapping[str, PumpedFeed]) -> None:
     """Obey the launcher until it closes the control comm.
 
     Raises:
@@ -433,6 +465,8 @@ async def _listen(control: Comm, worker: Servable, pumped: Mapping[str, PumpedFe
         except EndOfChannel:
             return
         match message:
+            case ResultsTaken(nbytes):
+                sink.taken(nbytes)
             case FeedChunk(pe, items, nbytes):
                 pumped[pe].put(items, nbytes)
             case FeedEnd(pe):
@@ -459,6 +493,7 @@ async def _no_reason(wid: int) -> str:
 @dataclass
 class _WorkerState:
     received: int = 0  # control messages received
+    taken: int = 0  # bytes of results handed on and not yet acknowledged (ResultsTaken)
     receiving: bool = False  # whether its reader waits for one
     final: list[InstanceStats] | None = None
     credits: dict[str, asyncio.Semaphore] = field(default_factory=dict)
@@ -593,15 +628,16 @@ class Supervisor:
                 raise WorkerDied(await self.death(wid)) from None
             state.receiving = False
             state.received += 1
-            if self.checkpoints is not None:
-                if isinstance(message, Results):
+            if isinstance(message, Results):
+                if self.checkpoints is not None:
                     await self.checkpoints.emit(wid, message.pe, message.port, message.items)
-                    continue
-                if await self.checkpoints.receive(wid, message):
-                    continue
+                else:
+                    await sink.emit(message.pe, message.port, message.items)
+                await self._taken(wid, message.nbytes)
+                continue
+            if self.checkpoints is not None and await self.checkpoints.receive(wid, message):
+                continue
             match message:
-                case Results(pe, port, items):
-                    await sink.emit(pe, port, items)
                 case Stats(stats):
                     _publish(control, stats)
                 case Credit(pe):
@@ -615,6 +651,16 @@ class Supervisor:
                     raise error
                 case _:
                     raise TransportError(f"unexpected message {message!r} from worker {wid}")
+
+    async def _taken(self, wid: int, nbytes: int) -> None:
+        """Worker ``wid``'s results of ``nbytes`` bytes were handed on: acknowledge them once they add up to half
+        of its :class:`ForwardSink`'s window (a worker that waits has a whole window untaken: never less)."""
+        state = self.workers[wid]
+        state.taken += nbytes
+        if state.taken >= self.plan.options.result_bytes // 2:
+            nbytes, state.taken = state.taken, 0
+            with contextlib.suppress(TransportError):  # it is gone: its reader says how
+                await self.controls[wid].send(ResultsTaken(nbytes))
 
     async def _pump(self, pe: str, wid: int, feed: Feed) -> None:
         """Send a feed this process holds to worker ``wid``, a chunk per credit."""

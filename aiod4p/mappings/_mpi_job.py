@@ -55,7 +55,7 @@ async def _lead(sock: socket.socket) -> None:
             raise loaded
         job = loaded
         feeds, pumped = pumped_feeds(job.feeds, control)
-        sink = ForwardSink(control, "the launching process")
+        sink = ForwardSink(control, "the launching process", job.plan.options.result_bytes)
         group = RankZero(
             job.plan,
             feeds,
@@ -69,7 +69,7 @@ async def _lead(sock: socket.socket) -> None:
         await fail(control, name, exc)
         abort_job(1)
         return
-    if not await serve(group, control, name=name, pumped=pumped, interval=job.interval):
+    if not await serve(group, control, name=name, sink=sink, pumped=pumped, interval=job.interval):
         abort_job(1)  # the error is reported (or the launcher is gone): end every rank
 
 

@@ -269,14 +269,13 @@ class RankZero:
         controls: dict[int, Comm] = {other: endpoint.comm(other, CONTROL_KEY) for other in range(1, endpoint.size)}
         near, far = memory_comm_pair()
         controls[0] = near
-        worker = Worker(
-            self.plan, 0, feeds=self.feeds, results=ForwardSink(far, "rank 0"), peers=peers, max_delay=self.max_delay
-        )
+        sink = ForwardSink(far, "rank 0", self.plan.options.result_bytes)
+        worker = Worker(self.plan, 0, feeds=self.feeds, results=sink, peers=peers, max_delay=self.max_delay)
         if self.spec is not None:
             assert self.upward is not None
             attach_worker(worker, self.spec, far)
             self.checkpoints = RelayCheckpoints(self.spec, controls, self.upward, self.sink)
-        local = asyncio.create_task(serve(worker, far, name="MPI rank 0", interval=self.interval))
+        local = asyncio.create_task(serve(worker, far, name="MPI rank 0", sink=sink, interval=self.interval))
         supervisor = Supervisor(
             self.plan,
             dict(sorted(controls.items())),
