@@ -1234,6 +1234,22 @@ def test_workflow_graph_drawing_functions(d4p: Any, tmp_path: Path) -> None:
     assert drawDot(graph, "svg").lstrip().startswith(b"<?xml") and drawDot(graph).startswith(b"\x89PNG")
 
 
+def test_visualisation_displays_the_graph_in_a_notebook(d4p: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    # dispel4py's notebooks and tutorials draw their graph with `from dispel4py.visualisation import display`.
+    ipython_display = pytest.importorskip("IPython.display")
+    from dispel4py.visualisation import display
+    from dispel4py.workflow_graph import WorkflowGraph
+
+    graph = WorkflowGraph()
+    graph.connect(Numbers(), "output", Shout_(), "input")
+    shown: list[tuple[bytes, bool]] = []
+    monkeypatch.setattr(ipython_display, "display_png", lambda data, raw: shown.append((data, raw)))
+    if shutil.which("dot") is None:
+        return  # Graphviz (Debian package graphviz) is needed to render
+    display(graph)
+    assert len(shown) == 1 and shown[0][0].startswith(b"\x89PNG") and shown[0][1]
+
+
 def test_dispel4py_utils(d4p: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from dispel4py import utils
 
