@@ -31,7 +31,7 @@ from .._logging import configure_logging, launcher_logging
 from .._threads import exit_past_threads
 from ..transports.pipes import open_pipe_comm
 from ._host import ForwardSink, fail, pumped_feeds, serve
-from ._mpi_env import receive_job, take_launcher_state
+from ._mpi_env import receive_job, take_launcher_state, take_stdin
 from ._mpi_ranks import RankZero, abort_job, every_rank_here, every_rank_ready, run_follower
 from ._shipping import unship, unship_or_error
 
@@ -40,6 +40,7 @@ __all__ = ["main"]
 
 async def _lead(sock: socket.socket) -> None:
     try:
+        await take_stdin(sock)
         payload = await receive_job(sock)
     except ConnectionError:
         abort_job(1)  # the launcher gave up the run (it failed to load the workflow, and reported it)

@@ -54,6 +54,7 @@ from ._mpi_env import (
     NEEDS_MPI4PY,
     files_held,
     find_mpiexec,
+    hand_stdin,
     job_frame,
     job_rank,
     job_size,
@@ -621,6 +622,7 @@ class _Job:
         loop = asyncio.get_running_loop()
         sock = (await loop.sock_accept(listener))[0]
         try:
+            hand_stdin(sock)
             await loop.sock_sendall(sock, job_frame(payload))
         except BaseException:
             sock.close()
