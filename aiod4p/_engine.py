@@ -1110,8 +1110,8 @@ class _Actor(Invoker):
             await self._flush_all(wait=False)
 
     def _note_written(self, port: str, items: list[Any]) -> None:
-        """Log, once per PE on this worker, that the PE wrote one mutable object twice on ``port``: again in
-        ``items``, or as the first of ``items`` after the last of what was routed before.
+        """Log, once per PE on this worker (process), that the PE wrote one mutable object twice on ``port``:
+        again in ``items``, or as the first of ``items`` after the last of what was routed before.
 
         An item is not copied when written (that would cost every item several times its routing): a PE that
         changes an object after writing it (a sliding window written, then slid) changes what its consumers
@@ -1126,7 +1126,7 @@ class _Actor(Invoker):
                 "PE %s wrote the same %s object twice on output %r: an item is not copied when it is written,"
                 " so if the PE changes the object after writing it, its consumers get the object as changed,"
                 " on every mapping (dispel4py's mpi mapping copied it at each write). Write a copy instead"
-                " (list(x), dict(x), x.copy()). Logged once per PE.",
+                " (list(x), dict(x), x.copy()). Logged once per PE in each process.",
                 self.ref.pe,
                 type(first).__name__,
                 port,
