@@ -9,12 +9,14 @@ Two ways to run:
 * launched (``aiod4p run wf:graph --mapping mpi -n 4`` or
   ``aiod4p.run(graph, mapping="mpi", workers=4)``): the mapping starts the
   mpiexec of the installed MPI itself, sends the job to rank 0 on a local
-  socket, and supervises rank 0 over a pipe comm on that socket (the worker
-  host's control messages: results, statistics, errors, drain, pumped
-  inputs). The ranks' stdout and stderr reach this process's stderr: stdout
-  carries only what the caller writes (``--results -``). The CLI starts the
-  mpiexec before it loads the workflow (:meth:`MpiMapping.head_start`): the
-  ranks import the workflow's module while the CLI loads and plans it.
+  socket (after this process's stdin, as a descriptor:
+  :func:`._mpi_env.hand_stdin`), and supervises rank 0 over a pipe comm on
+  that socket (the worker host's control messages: results, statistics,
+  errors, drain, pumped inputs). The ranks' stdout and stderr reach this
+  process's stderr: stdout carries only what the caller writes (``--results
+  -``). The CLI starts the mpiexec before it loads the workflow
+  (:meth:`MpiMapping.head_start`): the ranks import the workflow's module
+  while the CLI loads and plans it.
 
 Instance ``i`` of a PE runs on rank ``i % ranks``; channels between ranks are
 :class:`~aiod4p.transports.mpi.MpiComm` s. Needs the ``mpi`` extra.
