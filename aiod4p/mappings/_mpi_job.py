@@ -6,7 +6,8 @@ The launcher may start the ranks before it has a job for them: with the
 workflow's ``TARGET`` (as given to ``aiod4p run``), every rank imports the
 workflow's module while the launcher loads and plans it (a head start; see
 :func:`aiod4p._loading.preload`). Rank 0 connects to the launcher's local
-socket, receives the job (shipped by :func:`aiod4p.mappings._shipping.ship`),
+socket, takes the launcher's stdin as its own (:func:`._mpi_env.take_stdin`),
+receives the job (shipped by :func:`aiod4p.mappings._shipping.ship`),
 and broadcasts it once every rank is ready; the ranks wait for it without
 spinning. Rank 0 then serves the whole job to the launcher
 (:class:`~aiod4p.mappings._mpi_ranks.RankZero` under
