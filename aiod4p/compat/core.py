@@ -271,7 +271,11 @@ class GenericPE(_CoreGenericPE):
         if spec is None:
             return super().__reduce_ex__(protocol)  # pickle's own error
         state = self.__getstate__()
-        local = tuple(name for name, value in state.items() if isinstance(value, _LOCAL_RESOURCES))
+        local = tuple(
+            name
+            for name, value in state.items()
+            if isinstance(value, _LOCAL_RESOURCES) and not isinstance(value, io.StringIO | io.BytesIO)
+        )
         if local and _made_without_arguments(type(self)):
             # What __init__ opened (a file, a socket, a lock) is opened again where the PE arrives, by its
             # __init__: as in dispel4py's mpi mapping, where every rank builds the graph by importing its module.
@@ -460,7 +464,7 @@ def _rebuild(spec: ClassSpec, local: tuple[str, ...] = ()) -> GenericPE:
     return pe
 
 
-#: What a PE's ``__init__`` may open that cannot travel to another process: files, sockets, locks.
+#: What a PE's ``__init__`` may open that cannot travel to another process: files (not in memory), sockets, locks.
 _LOCAL_RESOURCES = (io.IOBase, socket.socket, type(threading.Lock()), type(threading.RLock()))
 
 
