@@ -619,6 +619,8 @@ class _Actor(Invoker):
         self.results: dict[str, _ResultPending] = {}
         self.outgoing: list[SenderChannel] = []
         self.dirty: list[_Pending | _ResultPending] = []
+        # The last item routed on each port when it is mutable (unhashable), as a reference: see _note_written.
+        self.last_written: dict[str, Callable[[], Any]] = {}
         self.last_flush = time.monotonic()
         self.links = list(worker.links.values())
         # Plain calls may run in a pool thread (where write() can wait for credit); others stay on the loop.
@@ -1088,6 +1090,7 @@ class _Actor(Invoker):
         for port, items in buffers.items():
             if not items:
                 continue
+            self._note_written(port, items)
             if detach:
                 items, held = items.copy(), items
                 held.clear()
@@ -1141,6 +1144,38 @@ class _Actor(Invoker):
             return items
         self.delivered[port] = max(0, delivered - len(items))
         return items[delivered:]
+
+    def _note_written(self, port: str, items: list[Any]) -> None:
+        """Log, once per PE on this worker (process), that the PE wrote one mutable object twice on ``port``:
+        again in ``items``, or as the first of ``items`` after the last of what was routed before.
+
+        An item is not copied when written (that would cost every item several times its routing): a PE that
+        changes an object after writing it (a sliding window written, then slid) changes what its consumers
+        get, on every mapping. Mutable means unhashable (a list, dict, set, bytearray, numpy array); the last
+        one routed is remembered per port until the next by a weak reference where it takes one (a numpy array:
+        a heavy item is not kept alive for this), else held (a list, a dict).
+        """
+        first, last = items[0], items[-1]
+        previous = self.last_written.get(port)
+        rewritten = (previous is not None and first is previous()) or (first is last and len(items) > 1)
+        if rewritten and type(first).__hash__ is None and self.ref.pe not in self.worker.rewritten:
+            self.worker.rewritten.add(self.ref.pe)
+            logger.warning(
+                "PE %s wrote the same %s object twice on output %r: an item is not copied when it is written,"
+                " so if the PE changes the object after writing it, its consumers get the object as changed,"
+                " on every mapping (dispel4py's mpi mapping copied it at each write). Write a copy instead"
+                " (list(x), dict(x), x.copy()). Logged once per PE in each process.",
+                self.ref.pe,
+                type(first).__name__,
+                port,
+            )
+        if type(last).__hash__ is None:
+            try:
+                self.last_written[port] = weakref.ref(last)
+            except TypeError:  # a list, a dict
+                self.last_written[port] = functools.partial(_same, last)
+        else:
+            self.last_written.pop(port, None)
 
     def _route(self, route: _Route, items: list[Any], owned: bool, full: list[_Pending | _ResultPending]) -> None:
         if route.passes_through:
@@ -1407,6 +1442,10 @@ def _ignoring_argument(fn: Callable[[], Any]) -> Callable[[Any], Any]:
     return lambda _: fn()
 
 
+def _same(item: Any) -> Any:
+    return item
+
+
 def calls_take_turns(pe: PE) -> bool:
     """Whether the calls of ``pe``'s instances run one at a time on their worker's event loop: plain calls
     (or plain generators), not ``async def`` (whose awaits let instances overlap) and not threaded."""
@@ -1504,6 +1543,7 @@ class Worker:
         self.fixed_order = fixed_order
         self.shares_loop = shares_loop
         self.held_loop: set[str] = set()  # the PEs logged for holding the loop (see _Actor._held_since)
+        self.rewritten: set[str] = set()  # the PEs logged for writing an object twice (see _Actor._note_written)
         self._threads: DaemonThreadPool | None = None
         self._handovers: set[concurrent.futures.Future[None]] = set()
         self._aborting = False

@@ -843,6 +843,52 @@ def fresh_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     return aiod4p_cli(*args, cwd=cwd, env={**os.environ, "AIOD4P_START_METHOD": "spawn"})
 
 
+OPENS_IN_INIT = """
+import os
+
+from dispel4py.base import ConsumerPE, ProducerPE
+from dispel4py.workflow_graph import WorkflowGraph
+
+
+class Numbers(ProducerPE):
+    def _process(self, inputs):
+        for i in range(20):
+            self.write("output", i)
+
+
+class Save(ConsumerPE):
+    def __init__(self):
+        ConsumerPE.__init__(self)
+        self.out = open("saved-%d-%d.txt" % (os.getpid(), id(self)), "w")
+
+    def _process(self, data):
+        self.out.write("%s\\n" % data)
+        self.out.flush()
+
+
+graph = WorkflowGraph()
+graph.connect(Numbers(), "output", Save(), "input")
+"""
+
+
+@pytest.mark.parametrize("options", FRESH_MAPPINGS[2:], ids=lambda o: o[1])
+def test_a_pe_opening_a_file_in_init_opens_it_again_in_each_worker(tmp_path: Path, options: list[str]) -> None:
+    """dispel4py's mpi runs a PE that opens its file in ``__init__``: every rank builds the graph, opening its own.
+    aiod4p pickles the PEs to the ranks (and to spawned workers), and refused the file: a PE whose ``__init__``
+    takes no argument now opens it again where it arrives."""
+    write(tmp_path / "saving.py", OPENS_IN_INIT)
+    done = fresh_cli("run", "saving.py", *options, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    written = [line for path in tmp_path.glob("saved-*.txt") for line in path.read_text().split()]
+    assert sorted(map(int, written)) == list(range(20))
+    # Made with an argument, it might not be made the same way again: refused, naming the attribute.
+    source = OPENS_IN_INIT.replace("def __init__(self):", "def __init__(self, prefix='saved'):")
+    write(tmp_path / "saving_as.py", source)
+    done = fresh_cli("run", "saving_as.py", *options, cwd=tmp_path)
+    assert done.returncode == 1 and "PE Save1 cannot be pickled" in done.stderr
+    assert "its attribute 'out' (a TextIOWrapper) cannot" in done.stderr
+
+
 class ReadLines(ProducerPE):
     """dispel4py's way of reading a file named by ``-d '{"read": [{"input": "file"}]}'``."""
 
@@ -1232,6 +1278,22 @@ def test_workflow_graph_drawing_functions(d4p: Any, tmp_path: Path) -> None:
     write_image(graph, str(tmp_path / "flow.png"))
     assert (tmp_path / "flow.png").read_bytes().startswith(b"\x89PNG")
     assert drawDot(graph, "svg").lstrip().startswith(b"<?xml") and drawDot(graph).startswith(b"\x89PNG")
+
+
+def test_visualisation_displays_the_graph_in_a_notebook(d4p: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    # dispel4py's notebooks and tutorials draw their graph with `from dispel4py.visualisation import display`.
+    ipython_display = pytest.importorskip("IPython.display")
+    from dispel4py.visualisation import display
+    from dispel4py.workflow_graph import WorkflowGraph
+
+    graph = WorkflowGraph()
+    graph.connect(Numbers(), "output", Shout_(), "input")
+    shown: list[tuple[bytes, bool]] = []
+    monkeypatch.setattr(ipython_display, "display_png", lambda data, raw: shown.append((data, raw)))
+    if shutil.which("dot") is None:
+        return  # Graphviz (Debian package graphviz) is needed to render
+    display(graph)
+    assert len(shown) == 1 and shown[0][0].startswith(b"\x89PNG") and shown[0][1]
 
 
 def test_dispel4py_utils(d4p: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

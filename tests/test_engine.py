@@ -5,11 +5,13 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 import workflows as wf
 from conftest import MappingCase
+from helpers import aiod4p_cli
 
 import aiod4p
 from aiod4p import GenericPE, PEError, ProducerPE, WorkflowGraph, group_by
@@ -298,3 +300,87 @@ async def test_supervising_raises_the_first_failure_and_lets_cancelled_tasks_end
         with pytest.raises(ValueError, match="broken"):
             await _supervise([primary], [secondary])
         primary.cancel()
+
+
+SLIDING_WINDOW = """
+from aiod4p import IterativePE, ProducerPE, WorkflowGraph
+
+
+class Numbers(ProducerPE):
+    def produce(self):
+        yield from range(6)
+
+
+class Slide(IterativePE):
+    # A window of three items, written as it is, then slid: dispel4py's mpi mapping copied it at each write.
+    def __init__(self):
+        super().__init__(parallelism=1)
+        self.window = []
+
+    def process_item(self, item):
+        self.window.append(item)
+        if len(self.window) == 3:
+            self.write("output", self.window)
+            self.window.pop(0)
+
+
+class Fresh(IterativePE):
+    # A new list, and the same immutable objects, for every item: nothing to warn about.
+    def process_item(self, item):
+        self.write("output", [item])
+        self.write("output", "same")
+        self.write("output", None)
+
+
+graph = WorkflowGraph()
+graph.connect(Numbers(), "output", Slide(), "input")
+graph.connect(Numbers(), "output", Fresh(), "input")
+"""
+
+
+@pytest.mark.parametrize("mapping", ["simple", "async", "multi", "mpi"])
+def test_writing_one_mutable_object_twice_is_logged_once(mapping: str, tmp_path: Path) -> None:
+    """A migrant's sliding-window PE gave the right windows on dispel4py's mpi mapping and the last window over
+    and over on aiod4p's, silently."""
+    (tmp_path / "window.py").write_text(SLIDING_WINDOW)
+    done = aiod4p_cli("run", "window.py", "-m", mapping, "-n", "2", "--results", "out.jsonl", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert len((tmp_path / "out.jsonl").read_text().splitlines()) == 4 + 18
+    warned = [line for line in done.stderr.splitlines() if "wrote the same" in line]
+    assert len(warned) == 1 and "PE Slide1 wrote the same list object twice on output 'output'" in warned[0]
+    assert "Write a copy instead" in warned[0]
+
+
+class _SameArray(wf.Double):
+    """Writes its one array, changed, for every item."""
+
+    def __init__(self, numpy: Any) -> None:
+        super().__init__()
+        self.array = numpy.zeros(4)
+
+    def process_item(self, item: int) -> Any:
+        self.array[0] = item
+        return self.array
+
+
+class _FreshArray(wf.Double):
+    """A new array for every item, the last one freed first: its address may be the next one's."""
+
+    def process_item(self, item: int) -> Any:
+        import numpy
+
+        return numpy.full(4, item)
+
+
+def test_an_array_written_twice_is_logged_and_fresh_arrays_are_not(caplog: pytest.LogCaptureFixture) -> None:
+    """An array, the heavy item, is remembered by a weak reference between batches (one item each here), so that
+    the check keeps none alive: the same one written again is logged, a fresh one each time is not."""
+    numpy = pytest.importorskip("numpy")
+    graph = WorkflowGraph()
+    same, fresh = _SameArray(numpy), _FreshArray()
+    same.id, fresh.id = "same", "fresh"
+    graph.connect(numbers := wf.Range(6), "output", same, "input")
+    graph.connect(numbers, "output", fresh, "input")
+    aiod4p.run(graph, 1, mapping="async", batch_size=1)
+    warned = [r.getMessage() for r in caplog.records if "wrote the same" in r.getMessage()]
+    assert len(warned) == 1 and warned[0].startswith("PE same wrote the same ndarray object twice")

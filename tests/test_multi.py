@@ -277,7 +277,9 @@ def test_a_notebook_ships_the_top_level_classes_and_functions_that_pickle(monkey
 
 def test_an_unpicklable_pe_under_spawn_is_named() -> None:
     graph, _ = _chain(holder := wf.HoldsLock())
-    with pytest.raises(GraphError, match=rf"PE {holder.id} cannot be pickled.*spawn"):
+    with pytest.raises(
+        GraphError, match=rf"PE {holder.id} cannot be pickled.*spawn.*: its attribute 'lock' \(a lock\) cannot: "
+    ):
         aiod4p.run(graph, 10, mapping=MultiMapping("spawn"), workers=2)
     # fork inherits the PE, unpickled; but every run works on copies of its PEs, and a lock cannot be copied
     with pytest.raises(GraphError, match=rf"PE {holder.id} cannot be copied for instance 0: .*preprocess\(\)"):

@@ -1,7 +1,7 @@
 """Run unchanged dispel4py workflows on aiod4p.
 
 :func:`install` puts an import hook first on ``sys.meta_path``: from then on
-``import dispel4py.core`` (``.base``, ``.workflow_graph``, ``.utils``,
+``import dispel4py.core`` (``.base``, ``.workflow_graph``, ``.visualisation``, ``.utils``,
 ``.new.processor``, the ``.new.*_process`` mapping entry points,
 ``.provenance`` and ``.seismo.seismo``) gives
 aiod4p's compatible code, even when the real dispel4py is installed. Any
@@ -34,6 +34,7 @@ SERVED: dict[str, str] = {
     f"{PACKAGE}.core": "aiod4p.compat.core",
     f"{PACKAGE}.base": "aiod4p.compat.base",
     f"{PACKAGE}.workflow_graph": "aiod4p.compat.workflow_graph",
+    f"{PACKAGE}.visualisation": "aiod4p.compat.visualisation",
     f"{PACKAGE}.utils": "aiod4p.compat.utils",
     f"{PACKAGE}.new.processor": "aiod4p.compat.processor",
     f"{PACKAGE}.new.simple_process": "aiod4p.compat.mappings:simple",

@@ -22,9 +22,12 @@ import copy
 import functools
 import importlib
 import inspect
+import io
 import logging
+import socket
 import sys
 import textwrap
+import threading
 from collections.abc import Callable, Iterator, Mapping
 from types import CodeType
 from typing import Any
@@ -267,7 +270,17 @@ class GenericPE(_CoreGenericPE):
         spec = _class_spec(type(self))
         if spec is None:
             return super().__reduce_ex__(protocol)  # pickle's own error
-        return (_rebuild, (spec,), self.__getstate__())
+        state = self.__getstate__()
+        local = tuple(
+            name
+            for name, value in state.items()
+            if isinstance(value, _LOCAL_RESOURCES) and not isinstance(value, io.StringIO | io.BytesIO)
+        )
+        if local and _made_without_arguments(type(self)):
+            # What __init__ opened (a file, a socket, a lock) is opened again where the PE arrives, by its
+            # __init__: as in dispel4py's mpi mapping, where every rank builds the graph by importing its module.
+            return (_rebuild, (spec, local), {name: value for name, value in state.items() if name not in local})
+        return (_rebuild, (spec,), state)
 
     # -- dispel4py's type propagation ------------------------------------------
     def setInputTypes(self, types: Mapping[str, Any]) -> None:
@@ -429,8 +442,9 @@ def _import_class(module_name: str, qualname: str) -> type:
     return cls
 
 
-def _rebuild(spec: ClassSpec) -> GenericPE:
-    """An empty dispel4py PE of the class ``spec`` names (pickle then restores its state).
+def _rebuild(spec: ClassSpec, local: tuple[str, ...] = ()) -> GenericPE:
+    """A dispel4py PE of the class ``spec`` names (pickle then restores its state), empty but for its attributes
+    ``local``, which a new PE of the class made here (its ``__init__`` run, with no arguments) opens.
 
     Raises:
         GraphError: the class cannot be imported in this process.
@@ -442,4 +456,22 @@ def _rebuild(spec: ClassSpec) -> GenericPE:
         cls = type(name, tuple(_import_class(*base) for base in bases), {})
     if not issubclass(cls, GenericPE):
         raise GraphError(f"{name} is not a dispel4py PE class in this process")
-    return cls.__new__(cls)
+    pe = cls.__new__(cls)
+    if local:
+        made = cls()
+        for attribute in local:
+            object.__setattr__(pe, attribute, getattr(made, attribute))
+    return pe
+
+
+#: What a PE's ``__init__`` may open that cannot travel to another process: files (not in memory), sockets, locks.
+_LOCAL_RESOURCES = (io.IOBase, socket.socket, type(threading.Lock()), type(threading.RLock()))
+
+
+def _made_without_arguments(cls: type) -> bool:
+    """Whether ``cls`` takes no argument (its ``__init__`` none but ``self``): calling it again elsewhere makes
+    the same PE, where defaults might differ from the arguments it was made with."""
+    try:
+        return not inspect.signature(cls).parameters
+    except (TypeError, ValueError):
+        return False

@@ -25,6 +25,7 @@ __all__ = [
     "find_mpiexec",
     "forget_shared_memory",
     "forget_topology_file",
+    "hand_stdin",
     "job_files",
     "job_frame",
     "job_rank",
@@ -35,6 +36,7 @@ __all__ = [
     "ranks_here",
     "receive_job",
     "take_launcher_state",
+    "take_stdin",
 ]
 
 INSTALL_HINT = install_hint("mpi")
@@ -198,6 +200,45 @@ _LENGTH = 8  # bytes of a job's length before the job, on the launcher's socket
 def job_frame(payload: bytes) -> bytes:
     """What a launcher sends rank 0 on its socket to hand it the job ``payload``; :func:`receive_job` reads it."""
     return len(payload).to_bytes(_LENGTH, "big") + payload
+
+
+def hand_stdin(sock: socket.socket) -> None:
+    """Send rank 0, on its ``sock`` before its job, this process's standard input (its descriptor), for
+    :func:`take_stdin`: a PE on rank 0 that reads ``sys.stdin`` reads what it would read on simple, as under
+    ``mpiexec`` itself (whose own forwarding of stdin, Hydra's, ends the job past 64 KiB). Where ``sys.stdin``
+    has no descriptor (closed, or replaced: a test's capture), rank 0 keeps the empty one mpiexec gave it."""
+    try:
+        fds = [] if sys.stdin is None else [sys.stdin.fileno()]
+    except (OSError, ValueError):  # io.UnsupportedOperation is both
+        fds = []
+    socket.send_fds(sock, [b"\0"], fds)  # on a new connection: never more than its buffer takes
+
+
+async def take_stdin(sock: socket.socket) -> None:
+    """Make the standard input :func:`hand_stdin` sent on ``sock`` (non-blocking) this process's (descriptor 0,
+    which ``sys.stdin`` reads).
+
+    Raises:
+        ConnectionError: the launcher closed the socket first (it gave up the run).
+    """
+    loop = asyncio.get_running_loop()
+    readable: asyncio.Future[None] = loop.create_future()
+
+    def ready() -> None:
+        if not readable.done():
+            readable.set_result(None)
+
+    loop.add_reader(sock.fileno(), ready)
+    try:
+        await readable
+    finally:
+        loop.remove_reader(sock.fileno())
+    marker, fds, _, _ = socket.recv_fds(sock, 1, 1)
+    if not marker:
+        raise ConnectionError("the launching process closed its socket before sending the job")
+    for fd in fds:
+        os.dup2(fd, 0)
+        os.close(fd)
 
 
 async def receive_job(sock: socket.socket) -> bytes:

@@ -6,7 +6,8 @@ The launcher may start the ranks before it has a job for them: with the
 workflow's ``TARGET`` (as given to ``aiod4p run``), every rank imports the
 workflow's module while the launcher loads and plans it (a head start; see
 :func:`aiod4p._loading.preload`). Rank 0 connects to the launcher's local
-socket, receives the job (shipped by :func:`aiod4p.mappings._shipping.ship`),
+socket, takes the launcher's stdin as its own (:func:`._mpi_env.take_stdin`),
+receives the job (shipped by :func:`aiod4p.mappings._shipping.ship`),
 and broadcasts it once every rank is ready; the ranks wait for it without
 spinning. Rank 0 then serves the whole job to the launcher
 (:class:`~aiod4p.mappings._mpi_ranks.RankZero` under
@@ -31,7 +32,7 @@ from .._logging import configure_logging, launcher_logging
 from .._threads import exit_past_threads
 from ..transports.pipes import open_pipe_comm
 from ._host import ForwardSink, fail, pumped_feeds, serve
-from ._mpi_env import receive_job, take_launcher_state
+from ._mpi_env import receive_job, take_launcher_state, take_stdin
 from ._mpi_ranks import RankZero, abort_job, every_rank_here, every_rank_ready, run_follower
 from ._shipping import unship, unship_or_error
 
@@ -40,6 +41,7 @@ __all__ = ["main"]
 
 async def _lead(sock: socket.socket) -> None:
     try:
+        await take_stdin(sock)
         payload = await receive_job(sock)
     except ConnectionError:
         abort_job(1)  # the launcher gave up the run (it failed to load the workflow, and reported it)

@@ -224,9 +224,16 @@ def ship(job: Job, purpose: str, hint: str = "", *, main: bool = False) -> bytes
     except Exception as exc:
         if (culprit := _unpicklable(job.plan.pes, main)) is not None:
             pe_id, error = culprit
+            state = job.plan.pes[pe_id].__getstate__()
+            attribute = _unpicklable(state, main) if isinstance(state, dict) else None
+            if attribute is not None:
+                name, error = attribute
+                what = f"its attribute {name!r} (a {type(state[name]).__name__}) cannot: "
+            else:
+                what = ""
             raise GraphError(
-                f"PE {pe_id} cannot be pickled to {purpose}: {type(error).__name__}: {error} (a PE travels with"
-                f" its attributes; create resources such as files, sockets and locks in preprocess(){hint})"
+                f"PE {pe_id} cannot be pickled to {purpose}: {what}{type(error).__name__}: {error} (a PE travels"
+                f" with its attributes; create resources such as files, sockets and locks in preprocess(){hint})"
             ) from error
         if (culprit := _unpicklable(job.feeds, main)) is not None:
             pe_id, error = culprit

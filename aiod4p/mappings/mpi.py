@@ -9,12 +9,14 @@ Two ways to run:
 * launched (``aiod4p run wf:graph --mapping mpi -n 4`` or
   ``aiod4p.run(graph, mapping="mpi", workers=4)``): the mapping starts the
   mpiexec of the installed MPI itself, sends the job to rank 0 on a local
-  socket, and supervises rank 0 over a pipe comm on that socket (the worker
-  host's control messages: results, statistics, errors, drain, pumped
-  inputs). The ranks' stdout and stderr reach this process's stderr: stdout
-  carries only what the caller writes (``--results -``). The CLI starts the
-  mpiexec before it loads the workflow (:meth:`MpiMapping.head_start`): the
-  ranks import the workflow's module while the CLI loads and plans it.
+  socket (after this process's stdin, as a descriptor:
+  :func:`._mpi_env.hand_stdin`), and supervises rank 0 over a pipe comm on
+  that socket (the worker host's control messages: results, statistics,
+  errors, drain, pumped inputs). The ranks' stdout and stderr reach this
+  process's stderr: stdout carries only what the caller writes (``--results
+  -``). The CLI starts the mpiexec before it loads the workflow
+  (:meth:`MpiMapping.head_start`): the ranks import the workflow's module
+  while the CLI loads and plans it.
 
 Instance ``i`` of a PE runs on rank ``i % ranks``; channels between ranks are
 :class:`~aiod4p.transports.mpi.MpiComm` s. Needs the ``mpi`` extra.
@@ -54,6 +56,7 @@ from ._mpi_env import (
     NEEDS_MPI4PY,
     files_held,
     find_mpiexec,
+    hand_stdin,
     job_frame,
     job_rank,
     job_size,
@@ -621,6 +624,7 @@ class _Job:
         loop = asyncio.get_running_loop()
         sock = (await loop.sock_accept(listener))[0]
         try:
+            hand_stdin(sock)
             await loop.sock_sendall(sock, job_frame(payload))
         except BaseException:
             sock.close()
