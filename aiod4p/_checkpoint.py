@@ -1072,12 +1072,17 @@ class Aligner:
         counters = actor.stats.counters()
         if actor.is_root:  # a restore takes the element of an interrupted call again: it counts it then
             counters["items_in"] = self.base + consumed
-        state, ports = self.call_state, actor.call_outputs
+        state = self.call_state
+        # Delivered since the feed position: what the batch's calls made so far, and what a restored checkpoint's
+        # calls had delivered that they have not made again yet (a checkpoint before they did keeps it).
+        ports = dict(actor.delivered)
+        for port, count in (actor.call_outputs or {}).items():
+            ports[port] = ports.get(port, 0) + count
         return {
             "pe": capture(actor.pe, self.runtime.grouping(actor.ref.pe), self.slots) if state is None else state,
             "feed": self.base + consumed if actor.is_root else 0,
             "outputs": self.outputs if self.in_call else self.resume_outputs,
-            "port_outputs": dict(actor.delivered if ports is None else ports),
+            "port_outputs": ports,
             "finished": finished,
             "stats": counters,
         }

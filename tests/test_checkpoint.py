@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -1143,6 +1144,94 @@ async def test_a_plain_generator_root_is_checkpointed_within_its_call(tmp_path: 
     final = CheckpointStore(directory, keep=1000).latest()
     assert final is not None
     assert final.states[InstanceRef("lines", 0)]["pe"]["attributes"]["read"] == lines
+
+
+TICKS = 100_000
+"""Far more ticks than a paced attempt makes before it is aborted: no attempt ends before its abort."""
+
+
+class _PlainTicks(ProducerPE):
+    """0 to TICKS - 1 in one call of a plain generator, each shown to ``ckpt_workflows.HOOK`` (a
+    :class:`_PacedUntilCheckpoint`) first; its results go to the reader, no PE after it."""
+
+    def produce(self) -> Iterator[int]:
+        for tick in range(TICKS):
+            if ckpt_workflows.HOOK is not None:
+                ckpt_workflows.HOOK(tick)
+            yield tick
+
+
+class _PacedUntilCheckpoint:
+    """Paces the ticks from ``start`` on (5 ms each, handing them on one by one) until a checkpoint has completed
+    in ``directory`` since the tick ``start``; ``reached`` is set then, and ``at`` is the tick that saw it."""
+
+    def __init__(self, directory: Path, start: int) -> None:
+        self.directory, self.start = directory, start
+        self.before: set[str] | None = None
+        self.at: int | None = None
+        self.reached = asyncio.Event()
+
+    def __call__(self, tick: int) -> None:
+        if tick < self.start or self.at is not None:
+            return
+        if self.before is None:
+            self.before = complete_checkpoints(self.directory)
+        if complete_checkpoints(self.directory) - self.before:
+            self.at = tick
+            self.reached.set()
+        else:
+            time.sleep(0.005)  # pacing: the checkpoint is taken between ticks, within the call
+
+
+async def _ticks_until_checkpoint(directory: Path, results: Path, start: int, restore: bool) -> int:
+    """Run :class:`_PlainTicks` (restored, with ``restore``) until a checkpoint completed after tick ``start``,
+    then abort it (no drain: a kill); the tick that saw that checkpoint."""
+    paced = ckpt_workflows.HOOK = _PacedUntilCheckpoint(directory, start)
+    try:
+        mapping = _mapping(directory, results, keep=1000, restore=restore)
+        async with asyncio.timeout(60), aiod4p.start(_ticks(), 1, mapping=mapping) as workflow:
+            results_read = asyncio.ensure_future(workflow.results())
+            await paced.reached.wait()
+            results_read.cancel()
+            await asyncio.gather(results_read, return_exceptions=True)
+    finally:
+        ckpt_workflows.HOOK = None
+    assert paced.at is not None
+    return paced.at
+
+
+def _ticks() -> WorkflowGraph:
+    graph = WorkflowGraph()
+    graph.add(ticks := _PlainTicks())
+    ticks.id = "ticks"
+    return graph
+
+
+def _delivered(directory: Path) -> int:
+    """The ticks that the newest checkpoint in ``directory`` says its source's interrupted call delivered."""
+    newest = CheckpointStore(directory, keep=1000).latest()
+    assert newest is not None
+    state = newest.states[InstanceRef("ticks", 0)]
+    assert state["feed"] == 0  # within the one call
+    return int(state["port_outputs"]["output"])
+
+
+async def test_a_checkpoint_while_a_restored_call_drops_what_it_delivered_keeps_that_count(tmp_path: Path) -> None:
+    """A restored root's call makes its outputs again and drops as many as its checkpoint's call had delivered. A
+    checkpoint taken before it had dropped them all saved only those it had made again: the next restore
+    delivered the others a second time."""
+    directory, results = tmp_path / "ck", tmp_path / "results.jsonl"
+    await _ticks_until_checkpoint(directory, results, 500, restore=False)
+    delivered = _delivered(directory)
+    assert delivered >= 500
+    # The restored call is paced from its first tick: its first checkpoint comes while it still drops.
+    assert await _ticks_until_checkpoint(directory, results, 0, restore=True) < delivered
+    assert _delivered(directory) == delivered
+    async with asyncio.timeout(60):
+        got = await run_async(_ticks(), 1, mapping=_mapping(directory, results, keep=1000, restore=True))
+    assert sorted(record.data for record in got) == list(range(delivered, TICKS))
+    ticks = [json.loads(line)["data"] for line in (await asyncio.to_thread(results.read_text)).splitlines()]
+    assert sorted(ticks) == list(range(TICKS))
 
 
 def test_stdin_and_sockets_are_named_unreplayable(tmp_path: Path) -> None:
