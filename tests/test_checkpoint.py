@@ -38,7 +38,7 @@ from ckpt_workflows import (
 from helpers import aiod4p_cli, aiod4p_process, json_lines
 
 import aiod4p
-from aiod4p import ALL, IterativePE, ProducerPE, WorkflowGraph, run, run_async, start
+from aiod4p import ALL, PE, IterativePE, ProducerPE, WorkflowGraph, run, run_async, start
 from aiod4p._checkpoint import (
     MANIFEST,
     Aligner,
@@ -64,7 +64,7 @@ from aiod4p._state import KEY_GROUPS, capture, restore_state
 from aiod4p.errors import CheckpointError
 from aiod4p.mappings import get_mapping
 from aiod4p.mappings.asyncio import AsyncMapping
-from aiod4p.sources import LineStream, SourcePE
+from aiod4p.sources import LineStream, LiveFeed, SourcePE
 from aiod4p.windows import CountWindow
 
 
@@ -1183,13 +1183,20 @@ class _PacedUntilCheckpoint:
             time.sleep(0.005)  # pacing: the checkpoint is taken between ticks, within the call
 
 
-async def _ticks_until_checkpoint(directory: Path, results: Path, start: int, restore: bool) -> int:
-    """Run :class:`_PlainTicks` (restored, with ``restore``) until a checkpoint completed after tick ``start``,
-    then abort it (no drain: a kill); the tick that saw that checkpoint."""
+async def _ticks_until_checkpoint(
+    directory: Path,
+    results: Path | None,
+    start: int,
+    restore: bool,
+    graph: WorkflowGraph | None = None,
+    inputs: Any = 1,
+) -> int:
+    """Run ``graph`` (:func:`_ticks` by default; restored, with ``restore``) until a checkpoint completed after
+    tick ``start``, then abort it (no drain: a kill); the tick that saw that checkpoint."""
     paced = ckpt_workflows.HOOK = _PacedUntilCheckpoint(directory, start)
     try:
         mapping = _mapping(directory, results, keep=1000, restore=restore)
-        async with asyncio.timeout(60), aiod4p.start(_ticks(), 1, mapping=mapping) as workflow:
+        async with asyncio.timeout(60), aiod4p.start(graph or _ticks(), inputs, mapping=mapping) as workflow:
             results_read = asyncio.ensure_future(workflow.results())
             await paced.reached.wait()
             results_read.cancel()
@@ -1200,9 +1207,10 @@ async def _ticks_until_checkpoint(directory: Path, results: Path, start: int, re
     return paced.at
 
 
-def _ticks() -> WorkflowGraph:
+def _ticks(ticks: PE | None = None) -> WorkflowGraph:
+    """``ticks`` (a :class:`_PlainTicks` by default), with the id ``ticks``, alone."""
     graph = WorkflowGraph()
-    graph.add(ticks := _PlainTicks())
+    graph.add(ticks := ticks or _PlainTicks())
     ticks.id = "ticks"
     return graph
 
@@ -1232,6 +1240,33 @@ async def test_a_checkpoint_while_a_restored_call_drops_what_it_delivered_keeps_
     assert sorted(record.data for record in got) == list(range(delivered, TICKS))
     ticks = [json.loads(line)["data"] for line in (await asyncio.to_thread(results.read_text)).splitlines()]
     assert sorted(ticks) == list(range(TICKS))
+
+
+class _PlainTicksOf(IterativePE):
+    """For each element, ``(element, tick)`` for every tick of :class:`_PlainTicks`, in one call each."""
+
+    def process_item(self, element: int) -> Iterator[tuple[int, int]]:
+        for tick in _PlainTicks().produce():
+            yield element, tick
+
+
+async def test_a_restored_plain_root_fed_live_drops_nothing_of_its_new_elements(tmp_path: Path) -> None:
+    """A root whose feed cannot be replayed (a LiveFeed, stdin from a pipe) goes on with new elements after a
+    restore, not with those of its interrupted calls: what those had delivered was dropped from the outputs
+    of the new elements' calls, lost (on multi too, where the launcher pumps the feed)."""
+    directory, feed = tmp_path / "ck", LiveFeed()
+    await feed.send(1)
+    await _ticks_until_checkpoint(
+        directory, None, 0, restore=False, graph=_ticks(_PlainTicksOf()), inputs={"ticks": feed}
+    )
+    assert _delivered(directory) > 0
+    fresh = LiveFeed()
+    await fresh.send(2)
+    fresh.close()
+    mapping = _mapping(directory, keep=1000, restore=True)
+    async with asyncio.timeout(60):
+        got = await run_async(_ticks(_PlainTicksOf()), {"ticks": fresh}, mapping=mapping)
+    assert [record.data for record in got] == [(2, tick) for tick in range(TICKS)]
 
 
 def test_stdin_and_sockets_are_named_unreplayable(tmp_path: Path) -> None:
