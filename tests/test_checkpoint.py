@@ -1162,7 +1162,7 @@ class _PlainTicks(ProducerPE):
 
 
 class _PacedUntilCheckpoint:
-    """Paces the ticks from ``start`` on (5 ms each, handing them on one by one) until a checkpoint has completed
+    """Paces the ticks from ``start`` on (5 ms each) until a checkpoint has completed
     in ``directory`` since the tick ``start``; ``reached`` is set then, and ``at`` is the tick that saw it."""
 
     def __init__(self, directory: Path, start: int) -> None:
