@@ -71,6 +71,7 @@ __all__ = [
     "ResultsLog",
     "Session",
     "WorkerCheckpoints",
+    "replayable_feed",
     "resumed_feed",
     "run_with_recovery",
 ]
@@ -1072,12 +1073,17 @@ class Aligner:
         counters = actor.stats.counters()
         if actor.is_root:  # a restore takes the element of an interrupted call again: it counts it then
             counters["items_in"] = self.base + consumed
-        state, ports = self.call_state, actor.call_outputs
+        state = self.call_state
+        # Delivered since the feed position: what the batch's calls made so far, and what a restored checkpoint's
+        # calls had delivered that they have not made again yet (a checkpoint before they did keeps it).
+        ports = dict(actor.delivered)
+        for port, count in (actor.call_outputs or {}).items():
+            ports[port] = ports.get(port, 0) + count
         return {
             "pe": capture(actor.pe, self.runtime.grouping(actor.ref.pe), self.slots) if state is None else state,
             "feed": self.base + consumed if actor.is_root else 0,
             "outputs": self.outputs if self.in_call else self.resume_outputs,
-            "port_outputs": dict(actor.delivered if ports is None else ports),
+            "port_outputs": ports,
             "finished": finished,
             "stats": counters,
         }
@@ -1189,9 +1195,14 @@ class WorkerCheckpoints:
         return [state["pe"] for ref, state in self.restored.states.items() if ref.pe == pe]
 
     def resumed_feed(self, ref: InstanceRef, feed: Feed) -> Feed:
-        """The feed of root instance ``ref`` without what the restored checkpoint had consumed."""
+        """The feed of root instance ``ref`` without what the restored checkpoint had consumed. A feed that goes
+        on from where it stands (neither :func:`replayable_feed` nor ``replayed``: a launcher's pumped feed says
+        whether it resumed it) gives new elements, not those of the restored checkpoint's interrupted calls:
+        nothing of their outputs is dropped."""
         actor = self.worker.actors[ref]
         assert actor.aligner is not None
+        if not (replayable_feed(feed) or getattr(feed, "replayed", False)):
+            actor.delivered = {}
         return resumed_feed(feed, actor.aligner.base)
 
     async def trigger(self, n: int) -> None:
@@ -1329,7 +1340,7 @@ def replayable(source: object) -> bool:
     return getattr(source, "replayable", True) is not False
 
 
-def _replayable_feed(feed: Feed) -> bool:
+def replayable_feed(feed: Feed) -> bool:
     """Whether a restore can skip what ``feed`` gave before: a count, a list, a tuple, a range, or a
     :func:`replayable` object with ``seek(offset)`` (the offset protocol)."""
     if isinstance(feed, (int, *HELD_FEEDS)):
@@ -1346,7 +1357,7 @@ def resumed_feed(feed: Feed, skip: int) -> Feed:
     from where it stands: a stream with ``seek`` that cannot be replayed
     (stdin) is not sought, which would drop its next ``skip`` lines.
     """
-    if not skip or not _replayable_feed(feed):
+    if not skip or not replayable_feed(feed):
         return feed
     if isinstance(feed, int):
         return max(feed - skip, 0)
@@ -1362,7 +1373,7 @@ def unreplayable(plan: ExecutionPlan, feeds: Mapping[str, Feed]) -> list[str]:
     for pe_id, pe in plan.pes.items():
         if not plan.placement[pe_id].is_root:
             continue
-        if not _replayable_feed(feeds.get(pe_id, 0)) or not replayable(pe):
+        if not replayable_feed(feeds.get(pe_id, 0)) or not replayable(pe):
             names.append(pe_id)
     return names
 

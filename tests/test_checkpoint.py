@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -37,7 +38,7 @@ from ckpt_workflows import (
 from helpers import aiod4p_cli, aiod4p_process, json_lines
 
 import aiod4p
-from aiod4p import ALL, IterativePE, ProducerPE, WorkflowGraph, run, run_async, start
+from aiod4p import ALL, PE, IterativePE, ProducerPE, WorkflowGraph, run, run_async, start
 from aiod4p._checkpoint import (
     MANIFEST,
     Aligner,
@@ -63,7 +64,7 @@ from aiod4p._state import KEY_GROUPS, capture, restore_state
 from aiod4p.errors import CheckpointError
 from aiod4p.mappings import get_mapping
 from aiod4p.mappings.asyncio import AsyncMapping
-from aiod4p.sources import LineStream, SourcePE
+from aiod4p.sources import LineStream, LiveFeed, SourcePE
 from aiod4p.windows import CountWindow
 
 
@@ -1143,6 +1144,129 @@ async def test_a_plain_generator_root_is_checkpointed_within_its_call(tmp_path: 
     final = CheckpointStore(directory, keep=1000).latest()
     assert final is not None
     assert final.states[InstanceRef("lines", 0)]["pe"]["attributes"]["read"] == lines
+
+
+TICKS = 100_000
+"""Far more ticks than a paced attempt makes before it is aborted: no attempt ends before its abort."""
+
+
+class _PlainTicks(ProducerPE):
+    """0 to TICKS - 1 in one call of a plain generator, each shown to ``ckpt_workflows.HOOK`` (a
+    :class:`_PacedUntilCheckpoint`) first; its results go to the reader, no PE after it."""
+
+    def produce(self) -> Iterator[int]:
+        for tick in range(TICKS):
+            if ckpt_workflows.HOOK is not None:
+                ckpt_workflows.HOOK(tick)
+            yield tick
+
+
+class _PacedUntilCheckpoint:
+    """Paces the ticks from ``start`` on (5 ms each) until a checkpoint has completed
+    in ``directory`` since the tick ``start``; ``reached`` is set then, and ``at`` is the tick that saw it."""
+
+    def __init__(self, directory: Path, start: int) -> None:
+        self.directory, self.start = directory, start
+        self.before: set[str] | None = None
+        self.at: int | None = None
+        self.reached = asyncio.Event()
+
+    def __call__(self, tick: int) -> None:
+        if tick < self.start or self.at is not None:
+            return
+        if self.before is None:
+            self.before = complete_checkpoints(self.directory)
+        if complete_checkpoints(self.directory) - self.before:
+            self.at = tick
+            self.reached.set()
+        else:
+            time.sleep(0.005)  # pacing: the checkpoint is taken between ticks, within the call
+
+
+async def _ticks_until_checkpoint(
+    directory: Path,
+    results: Path | None,
+    start: int,
+    restore: bool,
+    graph: WorkflowGraph | None = None,
+    inputs: Any = 1,
+) -> int:
+    """Run ``graph`` (:func:`_ticks` by default; restored, with ``restore``) until a checkpoint completed after
+    tick ``start``, then abort it (no drain: a kill); the tick that saw that checkpoint."""
+    paced = ckpt_workflows.HOOK = _PacedUntilCheckpoint(directory, start)
+    try:
+        mapping = _mapping(directory, results, keep=1000, restore=restore)
+        async with asyncio.timeout(60), aiod4p.start(graph or _ticks(), inputs, mapping=mapping) as workflow:
+            results_read = asyncio.ensure_future(workflow.results())
+            await paced.reached.wait()
+            results_read.cancel()
+            await asyncio.gather(results_read, return_exceptions=True)
+    finally:
+        ckpt_workflows.HOOK = None
+    assert paced.at is not None
+    return paced.at
+
+
+def _ticks(ticks: PE | None = None) -> WorkflowGraph:
+    """``ticks`` (a :class:`_PlainTicks` by default), with the id ``ticks``, alone."""
+    graph = WorkflowGraph()
+    graph.add(ticks := ticks or _PlainTicks())
+    ticks.id = "ticks"
+    return graph
+
+
+def _delivered(directory: Path) -> int:
+    """The ticks that the newest checkpoint in ``directory`` says its source's interrupted call delivered."""
+    newest = CheckpointStore(directory, keep=1000).latest()
+    assert newest is not None
+    state = newest.states[InstanceRef("ticks", 0)]
+    assert state["feed"] == 0  # within the one call
+    return int(state["port_outputs"]["output"])
+
+
+async def test_a_checkpoint_while_a_restored_call_drops_what_it_delivered_keeps_that_count(tmp_path: Path) -> None:
+    """A restored root's call makes its outputs again and drops as many as its checkpoint's call had delivered. A
+    checkpoint taken before it had dropped them all saved only those it had made again: the next restore
+    delivered the others a second time."""
+    directory, results = tmp_path / "ck", tmp_path / "results.jsonl"
+    await _ticks_until_checkpoint(directory, results, 500, restore=False)
+    delivered = _delivered(directory)
+    assert delivered >= 500
+    # The restored call is paced from its first tick: its first checkpoint comes while it still drops.
+    assert await _ticks_until_checkpoint(directory, results, 0, restore=True) < delivered
+    assert _delivered(directory) == delivered
+    async with asyncio.timeout(60):
+        got = await run_async(_ticks(), 1, mapping=_mapping(directory, results, keep=1000, restore=True))
+    assert sorted(record.data for record in got) == list(range(delivered, TICKS))
+    ticks = [json.loads(line)["data"] for line in (await asyncio.to_thread(results.read_text)).splitlines()]
+    assert sorted(ticks) == list(range(TICKS))
+
+
+class _PlainTicksOf(IterativePE):
+    """For each element, ``(element, tick)`` for every tick of :class:`_PlainTicks`, in one call each."""
+
+    def process_item(self, element: int) -> Iterator[tuple[int, int]]:
+        for tick in _PlainTicks().produce():
+            yield element, tick
+
+
+async def test_a_restored_plain_root_fed_live_drops_nothing_of_its_new_elements(tmp_path: Path) -> None:
+    """A root whose feed cannot be replayed (a LiveFeed, stdin from a pipe) goes on with new elements after a
+    restore, not with those of its interrupted calls: what those had delivered was dropped from the outputs
+    of the new elements' calls, lost (on multi too, where the launcher pumps the feed)."""
+    directory, feed = tmp_path / "ck", LiveFeed()
+    await feed.send(1)
+    await _ticks_until_checkpoint(
+        directory, None, 0, restore=False, graph=_ticks(_PlainTicksOf()), inputs={"ticks": feed}
+    )
+    assert _delivered(directory) > 0
+    fresh = LiveFeed()
+    await fresh.send(2)
+    fresh.close()
+    mapping = _mapping(directory, keep=1000, restore=True)
+    async with asyncio.timeout(60):
+        got = await run_async(_ticks(_PlainTicksOf()), {"ticks": fresh}, mapping=mapping)
+    assert [record.data for record in got] == [(2, tick) for tick in range(TICKS)]
 
 
 def test_stdin_and_sockets_are_named_unreplayable(tmp_path: Path) -> None:

@@ -34,7 +34,7 @@ from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, I
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from .._checkpoint import HostCheckpoints, Session, Trigger, attach_worker
+from .._checkpoint import HostCheckpoints, Session, Trigger, attach_worker, replayable_feed
 from .._engine import HELD_FEEDS, Feed, ReadAhead, Worker, pe_error
 from .._frames import short_repr
 from .._links import unpicklable_item
@@ -169,7 +169,11 @@ class FeedEnd:
 
 @dataclass(frozen=True)
 class Pumped:
-    """Stands in a shipped job's feeds for a feed that the launcher pumps (see :func:`split_feeds`)."""
+    """Stands in a shipped job's feeds for a feed that the launcher pumps (see :func:`split_feeds`);
+    ``replayed``: whether the launcher resumes it where a restored checkpoint left it (a
+    :func:`~aiod4p._checkpoint.replayable_feed`), else it goes on from where it stands."""
+
+    replayed: bool
 
 
 def split_feeds(
@@ -187,7 +191,7 @@ def split_feeds(
         if isinstance(feed, STATIC_FEEDS):
             shipped[pe_id] = feed
         else:
-            shipped[pe_id] = Pumped()
+            shipped[pe_id] = Pumped(replayable_feed(feed))
             pumped.append((pe_id, plan.placement[pe_id].workers[0], feed))
     return shipped, pumped
 
@@ -278,10 +282,12 @@ class PumpedFeed:
     Attributes:
         bytes_read: the bytes of the chunks taken so far (their :class:`FeedChunk` ``nbytes``), counted
             when a chunk's first element is yielded: the engine's read-ahead counts its elements by it.
+        replayed: whether the launcher resumes the feed where a restored checkpoint left it (:class:`Pumped`).
     """
 
-    def __init__(self, pe: str, control: Comm) -> None:
+    def __init__(self, pe: str, control: Comm, replayed: bool) -> None:
         self._pe = pe
+        self.replayed = replayed
         self._control = control
         self._chunks: deque[tuple[list[Any], int]] = deque()
         self._ended = False
@@ -315,7 +321,7 @@ class PumpedFeed:
 
 def pumped_feeds(feeds: Mapping[str, Feed | Pumped], control: Comm) -> tuple[dict[str, Feed], dict[str, PumpedFeed]]:
     """A shipped job's feeds with each :class:`Pumped` replaced by a :class:`PumpedFeed` on ``control``."""
-    pumped = {pe: PumpedFeed(pe, control) for pe, feed in feeds.items() if isinstance(feed, Pumped)}
+    pumped = {pe: PumpedFeed(pe, control, feed.replayed) for pe, feed in feeds.items() if isinstance(feed, Pumped)}
     resolved: dict[str, Feed] = {pe: feed for pe, feed in feeds.items() if not isinstance(feed, Pumped)}
     return {**resolved, **pumped}, pumped
 
