@@ -963,10 +963,10 @@ class Aligner:
         self.waiting: ReadAhead | None = None  # a root's source while it has nothing ready
         self.calls = 0  # calls completed in this run (roots whose calls checkpoints are taken within)
         self.outputs = 0  # outputs of the current call
-        # A root whose calls are plain (a generator, or a call that writes): checkpoints are taken within the calls
-        # of a batch, as they hand on what they wrote, saving the PE's state as the batch found it (call_state)
-        # and what its calls delivered on each port; a restore makes those calls again from that state and drops
-        # what they had delivered (the actor's ``delivered``).
+        # A root whose calls are plain (a generator, or a call that writes): checkpoints may be taken within the
+        # calls of a batch (:meth:`within`), as they hand on what they wrote, saving the PE's state as the batch
+        # found it (call_state) and what its calls delivered on each port; a restore makes those calls again from
+        # that state and drops what they had delivered (the actor's ``delivered``).
         self.within_calls = actor.is_root and calls_take_turns(actor.pe) and not actor.traced
         self.call_state: dict[str, Any] | None = None
         self.restoring: dict[str, Any] | None = None
@@ -1010,9 +1010,21 @@ class Aligner:
             return source
         return _dropping(source, skip)
 
+    def within(self, calls: int) -> bool:
+        """Whether checkpoints are taken within the ``calls`` of the batch a root whose calls are plain is about
+        to make: where they may take long, so that a checkpoint would wait for them (the batch's copy of the
+        PE's state, :meth:`calls_begin`, costs a pickling of it): the first batch, whose pace is unknown (a
+        source's one endless call), a batch whose calls take the checkpoint interval or more at the pace
+        measured so far; and while a restored root has outputs to drop."""
+        if not self.within_calls:
+            return False
+        actor = self.actor
+        pace = actor.pace
+        return pace is None or pace * calls >= self.runtime.interval or bool(actor.delivered)
+
     def calls_begin(self) -> None:
-        """The calls of a batch of a root that takes checkpoints within its calls begin: its state as they find
-        it is kept (a copy: the calls may change it)."""
+        """The calls of a batch that checkpoints are taken within (:meth:`within`) begin: the PE's state as they
+        find it is kept (a copy: the calls may change it)."""
         actor = self.actor
         self.in_call = True
         self.call_state = pickle.loads(_pickled(actor.ref, capture(actor.pe, None, self.slots)))
@@ -1142,6 +1154,7 @@ class WorkerCheckpoints:
         first: the id before the first checkpoint this run triggers.
         report: called with ``(n, parts)`` once every local instance saved its state for ``n``.
         gate: where result-writing instances deliver (their results pass it).
+        interval: the run's :attr:`Checkpointing.interval`.
         attempt: the attempt of the run (:attr:`Session.attempt`), which the instances' statistics record.
     """
 
@@ -1153,9 +1166,12 @@ class WorkerCheckpoints:
         first: int,
         report: Callable[[int, list[dict[str, Any]]], Awaitable[None] | None],
         gate: ResultGate,
+        *,
+        interval: float,
         attempt: int = 0,
     ) -> None:
         self.worker = worker
+        self.interval = interval
         self.store = store
         self.restored = restored
         self.report = report
@@ -1412,7 +1428,12 @@ class Session:
         """What worker processes need to take part (shipped with their job)."""
         restored = self.restored
         return WorkerSpec(
-            str(self.store.directory), self.store.keep, restored.id if restored else None, self.first, self.attempt
+            str(self.store.directory),
+            self.store.keep,
+            restored.id if restored else None,
+            self.first,
+            self.attempt,
+            self.config.interval,
         )
 
     def resumed(self, pumped: list[tuple[str, int, Feed]]) -> list[tuple[str, int, Feed]]:
@@ -1631,6 +1652,7 @@ class WorkerSpec:
     restored: int | None
     first: int
     attempt: int
+    interval: float
 
 
 @dataclass(frozen=True)
@@ -1690,7 +1712,9 @@ def attach_worker(worker: Worker, spec: WorkerSpec, control: Comm) -> WorkerChec
 
     producers = [ref for ref, actor in worker.actors.items() if actor.results]
     gate = ResultGate(producers, worker.results.emit, commit, spec.first)
-    checkpoints = WorkerCheckpoints(worker, store, restored, spec.first, report, gate, spec.attempt)
+    checkpoints = WorkerCheckpoints(
+        worker, store, restored, spec.first, report, gate, interval=spec.interval, attempt=spec.attempt
+    )
     checkpoints.on_all_finished = finals
     return checkpoints
 

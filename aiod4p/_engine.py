@@ -723,7 +723,7 @@ class _Actor(Invoker):
                             if self.recorder is not None:
                                 self.recorder.count_in(port, len(items))
                             self.calls_under_way = len(items)
-                            if aligner is not None and aligner.within_calls:
+                            if aligner is not None and aligner.within(len(items)):
                                 aligner.calls_begin()
                                 await self._handle(port, items)
                                 await self._route_outputs()  # a checkpoint within the next counts its own

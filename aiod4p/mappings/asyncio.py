@@ -50,7 +50,8 @@ class AsyncMapping(BaseMapping):
                 session.first,
                 session.coordinator.add_parts,
                 gate,
-                session.attempt,
+                interval=session.config.interval,
+                attempt=session.attempt,
             )
             forget_drain = _publish(worker, control)
             try:
