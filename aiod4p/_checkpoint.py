@@ -1085,6 +1085,8 @@ class Aligner:
         counters = actor.stats.counters()
         if actor.is_root:  # a restore takes the element of an interrupted call again: it counts it then
             counters["items_in"] = self.base + consumed
+            if self.in_call:  # and the batch of that element
+                counters["batches_in"] -= 1
         state = self.call_state
         # Delivered since the feed position: what the batch's calls made so far, and what a restored checkpoint's
         # calls had delivered that they have not made again yet (a checkpoint before they did keeps it).

@@ -1181,6 +1181,7 @@ async def test_a_plain_generator_root_is_checkpointed_within_its_call(tmp_path: 
     final = CheckpointStore(directory, keep=1000).latest()
     assert final is not None
     assert final.states[InstanceRef("lines", 0)]["pe"]["attributes"]["read"] == lines
+    assert final.states[InstanceRef("lines", 0)]["stats"]["batches_in"] == 1  # its one element, made twice
 
 
 TICKS = 100_000
