@@ -1041,13 +1041,15 @@ class _Actor(Invoker):
         return max(1, int(YIELD_SECONDS / pace)) if pace else 1
 
     async def _after_part(self) -> bool:
-        """Hand on what the calls wrote so far, then let other tasks run if the worker has held the loop long
-        enough; the rest of the batch is made unless this instance now drops it (:meth:`_drops_calls`).
+        """Hand on what the calls wrote so far (and take a due checkpoint, where the calls take them within), then
+        let other tasks run if the worker has held the loop long enough; the rest of the batch is made unless
+        this instance now drops it (:meth:`_drops_calls`).
         Always handed on: each part is sized by ``batch_bytes`` from empty buffers (:meth:`_in_parts_by_bytes`),
         and a stage on another worker may be waiting for it. A part is about :data:`YIELD_SECONDS` of calls, so
         this costs a batch ten routings at most."""
         self._busy_fold()
         await self._route_outputs()
+        await self._checkpoint_within_call()
         await self._give_way_if_held(on_timer=True)  # the batch goes on at once: due timers first
         return not self._drops_calls()
 

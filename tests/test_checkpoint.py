@@ -1160,6 +1160,33 @@ async def test_a_root_copies_its_state_only_for_batches_that_may_take_long(
     assert source.made == 0 and copies == 1  # the run works on a copy of the PE; of a dozen batches
 
 
+_MADE = [0]  # the calls _Heavy made in this process, in every run
+
+
+class _Heavy(ProducerPE):
+    """Takes 3 ms of CPU to make each number, which its call returns."""
+
+    def produce(self) -> int:
+        end = time.perf_counter() + 0.003
+        while time.perf_counter() < end:
+            pass
+        _MADE[0] += 1
+        return _MADE[0]
+
+
+async def test_a_root_whose_calls_return_their_items_is_checkpointed_between_its_calls(tmp_path: Path) -> None:
+    """A root's first batch is hundreds of calls: where they return their items (neither yield nor write), no
+    checkpoint came until it ended (1.3 s with -i 400 of 3 ms calls). One is now taken between two parts of it."""
+    made_at: list[int] = []
+    graph = WorkflowGraph()
+    graph.add(_Heavy())
+    _MADE[0] = 0
+    with on_completed(lambda n: made_at.append(_MADE[0])):
+        got = await run_async(graph, 300, mapping=_mapping(tmp_path / "ck", interval=0.01))
+    assert sorted(got.data()) == list(range(1, 301))
+    assert made_at[0] < 150, made_at
+
+
 async def test_a_plain_generator_root_is_checkpointed_within_its_call(tmp_path: Path, words: Path) -> None:
     """A plain generator that makes every line in one call (dispel4py's usual source) took no checkpoint until
     that call ended. A checkpoint within it saves the PE as the call found it and the lines it delivered; the
