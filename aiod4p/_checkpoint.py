@@ -735,6 +735,12 @@ class HeldResults:
         if self._failure is not None:
             raise self._failure
 
+    def behind(self) -> int:
+        """The results ready that the reader has not taken yet while they are more than the backlog (the run waits
+        for the reader meanwhile, and so does every checkpoint: its sources' barriers wait behind what they write);
+        0 while the run does not wait for it."""
+        return 0 if self._room.is_set() else self._waiting
+
     def discard(self) -> None:
         """A restart: drop what no complete checkpoint commits (the restarted run produces it again)."""
         self._sealed, self._open = [], []
@@ -890,11 +896,16 @@ class Coordinator:
             waits.append("no state yet from " + ", ".join(f"PE {pe} instance {index}" for pe, index in missing))
         if n not in self._offsets:
             waits.append("results not committed yet")
+        behind = self.held.behind() if self.held is not None else 0
         logger.warning(
-            "checkpoint %d has not completed in %.1f s: %s (a worker or PE that hangs holds every checkpoint back)",
+            "checkpoint %d has not completed in %.1f s: %s (%s)",
             n,
             time.perf_counter() - self._started[n],
             "; ".join(waits),
+            f"{behind} results of complete checkpoints wait for their reader, which is behind: the workflow waits"
+            " for it, and every checkpoint with it"
+            if behind
+            else "a worker or PE that hangs holds every checkpoint back",
         )
 
     def take_id(self) -> int:

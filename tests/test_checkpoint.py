@@ -1884,6 +1884,49 @@ async def test_a_checkpoint_that_does_not_complete_is_reported_naming_what_it_wa
     )
 
 
+async def test_a_checkpoint_held_back_by_a_slow_reader_of_the_results_is_reported_as_such(tmp_path: Path) -> None:
+    """Under --restarts, a reader of --results - that is behind holds the workflow back once more results are ready
+    for it than the backlog: the sources wait to write, so no checkpoint completes until the reader catches up
+    (minutes, behind a checkpoint's worth of results). The warning blamed a worker or PE that hangs."""
+    plan = make_plan(word_count(tmp_path / "words.txt"), PlanOptions(workers=1))
+    sink = _ListSink()
+    sink.gate.clear()  # the reader takes nothing
+    held = HeldResults(sink, backlog=1)
+    delivering = asyncio.create_task(held.deliver())
+    coordinator = Coordinator(CheckpointStore(tmp_path / "ck"), plan, 0.001, 0, None, held, stall=0.01)
+    messages: list[str] = []
+    warned = asyncio.Event()
+
+    class Warned(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            messages.append(record.getMessage())
+            warned.set()
+
+    handler = Warned(logging.WARNING)
+    logging.getLogger("aiod4p.checkpoint").addHandler(handler)
+
+    async def trigger(n: int) -> None:
+        pass
+
+    await held.emit("count", "output", [("a", 1), ("b", 1), ("c", 1)])
+    held.seal(0)
+    held.complete(0)  # the checkpoint before: its results are ready, more than the backlog
+    driving = asyncio.ensure_future(coordinator.drive(trigger))
+    try:
+        async with asyncio.timeout(5):
+            await warned.wait()
+    finally:
+        driving.cancel()
+        delivering.cancel()
+        logging.getLogger("aiod4p.checkpoint").removeHandler(handler)
+    assert re.fullmatch(
+        r"checkpoint 1 has not completed in [\d.]+ s: no state yet from PE count instance 0, PE lines instance 0,"
+        r" PE split instance 0; results not committed yet \(3 results of complete checkpoints wait for their reader,"
+        r" which is behind: the workflow waits for it, and every checkpoint with it\)",
+        messages[0],
+    )
+
+
 class _Ticks(ProducerPE):
     """Yields 0..count-1; in the first attempt it stops at ``pause`` and waits (a live source idle) for ever."""
 
