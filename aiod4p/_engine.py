@@ -614,6 +614,7 @@ class _Actor(Invoker):
         self.pace: float | None = None  # seconds per item, busy or blocked on credit (see _paced)
         self.given_away = 0.0  # seconds of the batch under way that other tasks ran (see _give_way_if_held)
         self.calls_under_way = 1  # calls of the PE the batch under way makes (see _held_since)
+        self.handling = False  # a batch's calls are under way (not a lifecycle stage's): see _route_written
         self.max_delay = worker.max_delay
         self.routes: dict[str, list[_Route]] = {port: [] for port in pe._output_ports}
         self.results: dict[str, _ResultPending] = {}
@@ -803,7 +804,13 @@ class _Actor(Invoker):
     async def _handle(self, port: str | None, items: list[Any]) -> None:
         if self.threaded:
             return await self._handle_in_thread(port, items)
-        await self._drive(self._handle_here(port, items))
+        self.handling = True
+        try:
+            await self._drive(self._handle_here(port, items))
+        except _SourceStopped:
+            pass  # a source's call that wrote in a loop ended at a write() once the run drained
+        finally:
+            self.handling = False
 
     @types.coroutine
     def _drive(self, call: Coroutine[Any, Any, None]) -> Generator[Any, Any, None]:
@@ -1007,6 +1014,8 @@ class _Actor(Invoker):
         self._busy_fold()
         await self._route_outputs(detach=True)
         await self._checkpoint_within_call()
+        if self.handling and self._drops_calls():
+            raise _SourceStopped  # into the call, at its write(): a source stops there once the run drains
         await self._give_way_if_held()
         self.writing_since = time.perf_counter()
 
@@ -1348,6 +1357,12 @@ class _Actor(Invoker):
                 pending.dirty = True
                 self.dirty.append(pending)
         self.last_flush = time.monotonic()
+
+
+class _SourceStopped(BaseException):
+    """Thrown into a source's plain call at a ``write()`` once the run drains: the call ends there, as a
+    generator source's does at its next item (a ``BaseException``, as ``GeneratorExit``: the PE's ``except
+    Exception`` does not catch it, its ``finally`` runs)."""
 
 
 class _CallGreenlet(greenlet.greenlet):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -16,6 +17,7 @@ from helpers import aiod4p_cli
 import aiod4p
 from aiod4p import GenericPE, PEError, ProducerPE, WorkflowGraph, group_by
 from aiod4p._engine import _COMPARED, _Candidates, _supervise
+from aiod4p._plan import DEFAULT_BATCH_SIZE
 
 
 class Burst(ProducerPE):
@@ -186,6 +188,42 @@ async def test_drain_stops_a_generator_process_source() -> None:
             if received == 1000:
                 run.drain()
     assert received >= 1000
+
+
+class WritingTicker(GenericPE):
+    """A root whose process() writes 0, 1, 2, ... in an endless loop (dispel4py's usual live source); says in
+    ``state`` that its loop was left (its ``finally`` ran), and writes -1 in postprocess."""
+
+    def __init__(self) -> None:
+        super().__init__(outputs=["output"])
+        self.state = wf.Shared(left=False)
+
+    def process(self, inputs: dict[str, Any]) -> None:
+        try:
+            for value in itertools.count():
+                self.write("output", value)
+        finally:
+            self.state.left = True
+
+    def postprocess(self) -> None:
+        for _ in range(3 * DEFAULT_BATCH_SIZE):  # past a hand-over: the postprocess of a drained source is made
+            self.write("output", -1)
+
+
+@pytest.mark.parametrize("mapping", ["async", "multi"])
+async def test_drain_stops_a_source_whose_call_writes_in_an_endless_loop(mapping: str) -> None:
+    """A first SIGTERM or Ctrl-C never ended such a run: only generator sources stopped, at their next item. The
+    call now ends at a write() once the run drains, as a generator would, and its postprocess runs."""
+    graph = WorkflowGraph()
+    graph.connect(source := WritingTicker(), "output", wf.Double(), "input")
+    async with asyncio.timeout(30), aiod4p.start(graph, mapping=mapping, workers=2) as run:
+        received = []
+        async for record in run:
+            received.append(record.data)
+            if len(received) == 1000:
+                run.drain()
+    assert received.count(-2) == 3 * DEFAULT_BATCH_SIZE
+    assert mapping != "async" or source.state.left
 
 
 class CountingCalls(ProducerPE):
