@@ -802,11 +802,12 @@ class _Actor(Invoker):
 
     # -- calling the PE ------------------------------------------------------
     async def _handle(self, port: str | None, items: list[Any]) -> None:
-        if self.threaded:
-            return await self._handle_in_thread(port, items)
         self.handling = True
         try:
-            await self._drive(self._handle_here(port, items))
+            if self.threaded:
+                await self._handle_in_thread(port, items)
+            else:
+                await self._drive(self._handle_here(port, items))
         except _SourceStopped:
             pass  # a source's call that wrote in a loop ended at a write() once the run drained
         finally:
@@ -946,6 +947,8 @@ class _Actor(Invoker):
         finally:
             handovers.discard(future)
         runtime.limit = self._cap_by_bytes(min(2 * runtime.limit, self.hand_over_limit), sample)
+        if self.handling and self._drops_calls():
+            raise _SourceStopped  # into the call, at its write(): see _route_written
 
     async def _route_handed_over(self) -> None:
         """On the loop, for a call in a pool thread: route what it wrote so far."""

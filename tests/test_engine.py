@@ -210,12 +210,13 @@ class WritingTicker(GenericPE):
             self.write("output", -1)
 
 
-@pytest.mark.parametrize("mapping", ["async", "multi"])
-async def test_drain_stops_a_source_whose_call_writes_in_an_endless_loop(mapping: str) -> None:
+@pytest.mark.parametrize(("mapping", "threaded"), [("async", False), ("async", True), ("multi", False)])
+async def test_drain_stops_a_source_whose_call_writes_in_an_endless_loop(mapping: str, threaded: bool) -> None:
     """A first SIGTERM or Ctrl-C never ended such a run: only generator sources stopped, at their next item. The
     call now ends at a write() once the run drains, as a generator would, and its postprocess runs."""
     graph = WorkflowGraph()
     graph.connect(source := WritingTicker(), "output", wf.Double(), "input")
+    source.threaded = threaded
     async with asyncio.timeout(30), aiod4p.start(graph, mapping=mapping, workers=2) as run:
         received = []
         async for record in run:
