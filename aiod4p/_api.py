@@ -286,9 +286,10 @@ class WorkflowRun:
             finally:
                 if not getter.done():
                     getter.cancel()
-                elif not getter.cancelled():
+                    await asyncio.wait({getter})  # it ends at once, taking no batch: no task is left behind
+                if not getter.cancelled():
                     self._ready.extend(self._sink.taken(getter.result()))
-            if getter.done() and not getter.cancelled():
+            if not getter.cancelled():
                 return True
 
     async def results(self) -> Results:

@@ -87,6 +87,17 @@ async def test_results_stream_as_they_are_produced() -> None:
     assert seen == [0, 2, 4, 6, 8]
 
 
+async def test_a_run_that_ends_while_its_reader_waits_leaves_no_task() -> None:
+    """The reader waits for a batch of results and for the run's end at once: when the end came first, the wait
+    for a batch was cancelled and left to end later, a task still there when ``run_async`` returned."""
+    graph = WorkflowGraph()
+    graph.add(wf.Range(0))  # no result: the reader waits until the run ends
+    async with asyncio.timeout(10):
+        for _ in range(5):
+            assert not (await aiod4p.run_async(graph, 3)).data()
+            assert [task for task in asyncio.all_tasks() if task is not asyncio.current_task()] == []
+
+
 async def test_drain_stops_the_source_and_runs_postprocess() -> None:
     graph, double, tracker = tracked_graph()
     async with asyncio.timeout(10), aiod4p.start(graph, {double: endless()}) as run:
