@@ -97,6 +97,9 @@ class Checkpointing:
         restore: resume from the newest complete checkpoint in ``directory``.
         restarts: restart the whole run from the last checkpoint this many times when a worker dies.
         results_path: the ``--results`` file, written exactly once per result (truncated on restore).
+        results_counted: with ``results_path``, the file alone gets the results: the run's reader gets none, and
+            this is called with the number of each batch of results instead, once the file holds them (with
+            ``restarts``, once a checkpoint that commits them is complete). Nothing is held for a reader.
     """
 
     directory: str | os.PathLike[str]
@@ -105,8 +108,11 @@ class Checkpointing:
     restore: bool = False
     restarts: int = 0
     results_path: str | None = None
+    results_counted: Callable[[int], None] | None = None
 
     def __post_init__(self) -> None:
+        if self.results_counted is not None and self.results_path is None:
+            raise ValueError("Checkpointing: results_counted needs results_path, the file that gets the results")
         if not self.interval > 0:
             raise ValueError(f"Checkpointing: interval must be positive, not {self.interval}")
         if self.keep < 1:
@@ -776,6 +782,70 @@ class HeldResults:
                 self._room.clear()
 
 
+class ResultCounts:
+    """The sink of a run whose results go to its file alone (:attr:`Checkpointing.results_counted`): it keeps no
+    result, and calls ``counted`` with the number of each batch."""
+
+    def __init__(self, counted: Callable[[int], None]) -> None:
+        self._counted = counted
+
+    async def emit(self, pe: str, port: str, items: list[Any]) -> None:
+        self._counted(len(items))
+
+
+class HeldCounts:
+    """:class:`HeldResults` for a run whose results go to its file alone (:attr:`Checkpointing.results_counted`):
+    it holds the number of the results a checkpoint commits, not the results, and calls ``counted`` with it once
+    the checkpoint is complete; there is no reader to wait for."""
+
+    def __init__(self, counted: Callable[[int], None]) -> None:
+        self._counted = counted
+        self._open = 0
+        self._sealed: list[tuple[int, int]] = []
+
+    async def emit(self, pe: str, port: str, items: list[Any]) -> None:
+        self._open += len(items)
+
+    def seal(self, n: int) -> None:
+        """Checkpoint ``n`` commits every result emitted so far."""
+        self._sealed.append((n, self._open))
+        self._open = 0
+
+    def complete(self, n: int) -> None:
+        """Checkpoint ``n`` is complete: what it commits is counted."""
+        while self._sealed and self._sealed[0][0] <= n:
+            self._counted(self._sealed.pop(0)[1])
+
+    async def finish(self) -> None:
+        """The run is over: count every result held (the run will not produce them again)."""
+        self._counted(sum(count for _, count in self._sealed) + self._open)
+        self._sealed, self._open = [], 0
+
+    def behind(self) -> int:
+        """0: no reader is behind."""
+        return 0
+
+    def discard(self) -> None:
+        """A restart: drop what no complete checkpoint commits (the restarted run produces it again)."""
+        self._sealed, self._open = [], 0
+
+    async def deliver(self) -> None:
+        """Nothing to deliver: :meth:`complete` counts."""
+
+
+class Held(Protocol):
+    """What a run under ``--restarts`` holds until checkpoints commit it: :class:`HeldResults` or
+    :class:`HeldCounts`."""
+
+    async def emit(self, pe: str, port: str, items: list[Any]) -> None: ...
+    def seal(self, n: int) -> None: ...
+    def complete(self, n: int) -> None: ...
+    async def finish(self) -> None: ...
+    def behind(self) -> int: ...
+    def discard(self) -> None: ...
+    async def deliver(self) -> None: ...
+
+
 RESULTS_TAIL = 4096
 """The last bytes of the results file a checkpoint records the digest of: a restore checks them there."""
 
@@ -850,7 +920,7 @@ class Coordinator:
         interval: float,
         first: int,
         results: ResultsLog | None,
-        held: HeldResults | None = None,
+        held: Held | None = None,
         stall: float | None = None,
     ) -> None:
         self.store = store
@@ -1488,7 +1558,9 @@ async def run_with_recovery(
     With ``restarts``, ``sink`` gets each result once a checkpoint that commits it is complete
     (:class:`HeldResults`), and every result when the run ends, however it ends but cancelled: a restart
     produces again what followed its checkpoint, and ``sink`` still gets each result once. (The
-    ``--results`` file is written at once, and truncated to the checkpoint by a restart.)
+    ``--results`` file is written at once, and truncated to the checkpoint by a restart.) With
+    ``results_counted``, ``sink`` gets nothing: the file alone gets the results, and their numbers are
+    counted the same way (:class:`HeldCounts`).
 
     The run holds the directory's lock (:meth:`CheckpointStore.locked`) from before its first attempt to
     the end of its last one: another run cannot use the directory meanwhile; its own restarts do.
@@ -1501,9 +1573,13 @@ async def run_with_recovery(
     """
     if config.restore and not os.path.lexists(config.directory):  # noqa: ASYNC240 - one stat, instant
         raise CheckpointError(f"--restore: no complete checkpoint in {config.directory}: the directory does not exist")
+    if config.results_counted is not None:
+        sink = ResultCounts(config.results_counted)
     if not config.restarts:
         return await _attempts(config, plan, feeds, sink, attempt, draining, None)
-    held = HeldResults(sink, HELD_BACKLOG)
+    held: Held = (
+        HeldResults(sink, HELD_BACKLOG) if config.results_counted is None else HeldCounts(config.results_counted)
+    )
     delivering = asyncio.create_task(held.deliver(), name="results of complete checkpoints")
     try:
         try:
@@ -1528,7 +1604,7 @@ async def _attempts(
     sink: ResultSink,
     attempt: Callable[[Session], Awaitable[list[InstanceStats]]],
     draining: Callable[[], bool],
-    held: HeldResults | None,
+    held: Held | None,
 ) -> list[InstanceStats]:
     """The attempts of :func:`run_with_recovery`: results go to ``sink`` (``held`` when it is given)."""
     groupings = _groupings(plan)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import os
 import re
@@ -413,7 +414,7 @@ def _run(args: argparse.Namespace) -> int:
         check_provenance_file(args.provenance)
     results = args.results
     if checkpointing is not None and checkpointing.results_path is not None:
-        results = os.devnull  # the run writes the file itself, committed with each checkpoint
+        results = os.devnull  # the run writes the file itself, committed with each checkpoint, and yields no result
     with _stdout_for_data(data_on_stdout) as stdout:
         return _run_loaded(args, mapping, results, stdout)
 
@@ -457,6 +458,8 @@ def _run_loaded(args: argparse.Namespace, mapping: BaseMapping, results: str | N
     # (Stopped) is said at once, then passes through the mapping's head start, which may have to end its
     # workers' start-up with it (under the user's mpiexec, the other ranks').
     outcome = _Outcome(functools.partial(_warn, args))
+    if mapping.checkpointing is not None and mapping.checkpointing.results_path is not None:
+        mapping.checkpointing = dataclasses.replace(mapping.checkpointing, results_counted=outcome.written)
     said = False  # a stop was said
     try:
         with (
@@ -717,6 +720,10 @@ class _Outcome:
     def __init__(self, warn: Callable[[str], None]) -> None:
         self.records = 0
         self.warn = warn
+
+    def written(self, records: int) -> None:
+        """The run wrote ``records`` more to its results file itself (:attr:`Checkpointing.results_counted`)."""
+        self.records += records
 
 
 async def _consume(

@@ -46,6 +46,7 @@ from aiod4p._checkpoint import (
     CheckpointStore,
     Coordinator,
     Finals,
+    HeldCounts,
     HeldResults,
     LauncherCheckpoints,
     ResultGate,
@@ -882,6 +883,10 @@ def test_cli_bad_checkpoint_values_are_usage_errors(
         ({"interval": 0}, "Checkpointing: interval must be positive, not 0"),
         ({"keep": 0}, "Checkpointing: keep must be at least 1, not 0"),
         ({"restarts": -1}, "Checkpointing: restarts must be at least 0, not -1"),
+        (
+            {"results_counted": print},
+            "Checkpointing: results_counted needs results_path, the file that gets the results",
+        ),
     ],
 )
 def test_bad_checkpointing_values_name_the_argument_given(
@@ -1502,6 +1507,26 @@ async def test_held_results_reach_the_sink_once_their_checkpoint_completes() -> 
         await held.finish()
     delivering.cancel()
     assert sink.got == [1, 2, 3, 4, 5]
+
+
+async def test_held_counts_count_the_results_of_each_checkpoint_once_it_completes() -> None:
+    """The results go to the file alone: what waits for a checkpoint is their number, not the results."""
+    counted: list[int] = []
+    held = HeldCounts(counted.append)
+    async with asyncio.timeout(10):
+        await held.deliver()  # nothing to deliver: it returns at once
+        await held.emit("pe", "output", [1, 2])
+        held.seal(1)
+        await held.emit("pe", "output", [3])
+        held.seal(2)
+        await held.emit("pe", "output", [4])
+        held.complete(1)
+        assert counted == [2]  # checkpoint 2 did not complete: 3 waits, and 4 with it
+        held.discard()  # a restart: 3 and 4 are made again
+        await held.emit("pe", "output", [3, 4, 5])
+        assert held.behind() == 0
+        await held.finish()
+    assert counted == [2, 3]
 
 
 async def test_held_results_wait_for_a_slow_reader_and_fail_with_its_failure() -> None:

@@ -345,6 +345,23 @@ def test_results_streamed_before_a_restart_are_not_handed_on_twice(
     assert sorted(json.loads(line)["data"] for line in results.read_text().splitlines()) == sorted(lines)
 
 
+def test_results_that_go_to_the_file_alone_are_counted_once_over_a_restart(
+    tmp_path: Path, words: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With ``results_counted``, the run holds no result for a reader until a checkpoint commits it (an interval
+    of results, gigabytes for a fast stream); it counts each once, as the file holds it once."""
+    kills = planned_kills(tmp_path, monkeypatch, "30000")
+    results = tmp_path / "results.jsonl"
+    counted: list[int] = []
+    mapping = _multi(tmp_path / "ck", results, restarts=2, results_counted=counted.append)
+    got = run(held_echo(words, tmp_path / "ck"), 1, mapping=mapping, workers=2)
+    assert len(list(kills.iterdir())) == 1
+    lines = words.read_text().splitlines()
+    assert list(got) == []
+    assert sorted(json.loads(line)["data"] for line in results.read_text().splitlines()) == sorted(lines)
+    assert sum(counted) == len(lines)
+
+
 def test_cli_counts_each_result_once_over_a_restart(
     tmp_path: Path, words: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
 ) -> None:
