@@ -39,6 +39,10 @@ DEFAULT_CREDITS = 4
 RESULT_WINDOW = 4
 """Results may wait this many times ``batch_bytes`` (:attr:`PlanOptions.result_bytes`) for the caller, and
 travel as much from each worker to it: results of megabytes are bounded by bytes, not only by batches."""
+RESULT_BATCHES_IN_FLIGHT = 64
+"""Batches of results each worker may have sent the caller that it has not yet taken, whatever their bytes
+(:attr:`PlanOptions.result_batches`): enough to keep the caller busy while its acknowledgement travels back, few
+enough that a drain or a live run's reader waits for a fraction of a second of them."""
 PROVENANCE_LEVELS = ("pe", "item")
 """What provenance records: per PE and port (counts, timing), or per item (its lineage)."""
 DEFAULT_MAX_DELAY = 0.005
@@ -143,6 +147,14 @@ class PlanOptions:
         caller, and that each worker may have sent it that it has not yet taken: :data:`RESULT_WINDOW` times
         ``batch_bytes`` (one batch more where a batch holds one larger item)."""
         return RESULT_WINDOW * self.batch_bytes
+
+    @property
+    def result_batches(self) -> int:
+        """The batches of results each worker may have sent the caller that it has not yet taken, whatever their
+        bytes: :data:`RESULT_BATCHES_IN_FLIGHT`. (Bytes alone let small results, which
+        :func:`~aiod4p._sizes.approximate_size` counts at a few bytes each, pile up by the hundred thousand: the
+        results of a live run lagged seconds behind, and so did its drain.)"""
+        return RESULT_BATCHES_IN_FLIGHT
 
     @property
     def placing_workers(self) -> int:

@@ -140,9 +140,11 @@ class Failed:
 # Launcher -> worker.
 @dataclass(frozen=True)
 class ResultsTaken:
-    """The launcher handed on ``nbytes`` bytes of the worker's :class:`Results`: it may send as many more."""
+    """The launcher handed on ``batches`` of the worker's :class:`Results`, of ``nbytes`` bytes: it may send as
+    many more."""
 
     nbytes: int
+    batches: int
 
 
 @dataclass(frozen=True)
@@ -223,36 +225,40 @@ class Servable(Protocol):
 
 
 class ForwardSink:
-    """Results travel to the launcher on the control comm, at most ``window`` bytes of them not yet taken.
+    """Results travel to the launcher on the control comm, at most a window of them not yet taken.
 
     A batch waits while the launcher has not taken ``window`` bytes of results sent before it
-    (:func:`~aiod4p._sizes.approximate_batch_size`; :class:`ResultsTaken`, which :func:`serve` hands to
-    :meth:`taken`), so at most ``window`` bytes and one batch are on their way: a slow reader of heavy results
-    holds them back in the worker's PEs, by bytes, not by batches.
+    (:func:`~aiod4p._sizes.approximate_batch_size`), or ``window_batches`` batches (:class:`ResultsTaken`, which
+    :func:`serve` hands to :meth:`taken`), so at most ``window`` bytes and one batch are on their way, and at most
+    ``window_batches``: a slow reader holds heavy results back in the worker's PEs by bytes, small ones by batches.
 
     Args:
         control: the worker's control comm.
         destination: where they go, for error messages (``"the parent process"``).
         window: the plan's :attr:`~aiod4p.PlanOptions.result_bytes`.
+        window_batches: the plan's :attr:`~aiod4p.PlanOptions.result_batches`.
     """
 
-    def __init__(self, control: Comm, destination: str, window: int) -> None:
+    def __init__(self, control: Comm, destination: str, window: int, window_batches: int) -> None:
         self._control = control
         self._destination = destination
         self._window = window
+        self._window_batches = window_batches
         self._untaken = 0  # bytes sent that the launcher has not said it took
+        self._untaken_batches = 0
         self._room = asyncio.Event()
 
-    def taken(self, nbytes: int) -> None:
-        """The launcher took ``nbytes`` bytes of the results sent."""
+    def taken(self, nbytes: int, batches: int) -> None:
+        """The launcher took ``batches`` of the results sent, of ``nbytes`` bytes."""
         self._untaken -= nbytes
+        self._untaken_batches -= batches
         self._room.set()
 
     async def emit(self, pe: str, port: str, items: list[Any]) -> None:
         """Raises:
         TransportError: a result cannot be pickled (naming the PE, port and item).
         """
-        while self._untaken >= self._window:
+        while self._untaken >= self._window or self._untaken_batches >= self._window_batches:
             self._room.clear()
             await self._room.wait()
         nbytes = approximate_batch_size(items)
@@ -266,6 +272,7 @@ class ForwardSink:
                 f" {self._destination}: {short_repr(culprit)} ({type(cause).__name__}: {cause})"
             ) from exc
         self._untaken += nbytes
+        self._untaken_batches += 1
 
 
 def _picklable(item: Any) -> bool:
@@ -437,7 +444,7 @@ async def serve_job(
         if isinstance(job, Exception):
             raise job
         feeds, pumped = pumped_feeds(job.feeds, control)
-        sink = ForwardSink(control, launcher, job.plan.options.result_bytes)
+        sink = ForwardSink(control, launcher, job.plan.options.result_bytes, job.plan.options.result_batches)
         worker = Worker(job.plan, wid, feeds=feeds, results=sink, peers=peers, max_delay=job.max_delay)
         if job.checkpoints is not None:
             attach_worker(worker, job.checkpoints, control)
@@ -471,8 +478,8 @@ async def _listen(control: Comm, worker: Servable, sink: ForwardSink, pumped: Ma
         except EndOfChannel:
             return
         match message:
-            case ResultsTaken(nbytes):
-                sink.taken(nbytes)
+            case ResultsTaken(nbytes, batches):
+                sink.taken(nbytes, batches)
             case FeedChunk(pe, items, nbytes):
                 pumped[pe].put(items, nbytes)
             case FeedEnd(pe):
@@ -500,6 +507,7 @@ async def _no_reason(wid: int) -> str:
 class _WorkerState:
     received: int = 0  # control messages received
     taken: int = 0  # bytes of results handed on and not yet acknowledged (ResultsTaken)
+    taken_batches: int = 0  # and their batches
     receiving: bool = False  # whether its reader waits for one
     final: list[InstanceStats] | None = None
     credits: dict[str, asyncio.Semaphore] = field(default_factory=dict)
@@ -659,14 +667,17 @@ class Supervisor:
                     raise TransportError(f"unexpected message {message!r} from worker {wid}")
 
     async def _taken(self, wid: int, nbytes: int) -> None:
-        """Worker ``wid``'s results of ``nbytes`` bytes were handed on: acknowledge them once they add up to half
-        of its :class:`ForwardSink`'s window (a worker that waits has a whole window untaken: never less)."""
-        state = self.workers[wid]
+        """A batch of worker ``wid``'s results, of ``nbytes`` bytes, was handed on: acknowledge the batches once
+        they add up to half of its :class:`ForwardSink`'s window, in bytes or in batches (a worker that waits
+        has a whole window untaken: never less)."""
+        state, options = self.workers[wid], self.plan.options
         state.taken += nbytes
-        if state.taken >= self.plan.options.result_bytes // 2:
-            nbytes, state.taken = state.taken, 0
+        state.taken_batches += 1
+        if state.taken >= options.result_bytes // 2 or state.taken_batches >= max(options.result_batches // 2, 1):
+            taken = ResultsTaken(state.taken, state.taken_batches)
+            state.taken = state.taken_batches = 0
             with contextlib.suppress(TransportError):  # it is gone: its reader says how
-                await self.controls[wid].send(ResultsTaken(nbytes))
+                await self.controls[wid].send(taken)
 
     async def _pump(self, pe: str, wid: int, feed: Feed) -> None:
         """Send a feed this process holds to worker ``wid``, a chunk per credit."""

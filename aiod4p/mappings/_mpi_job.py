@@ -57,7 +57,9 @@ async def _lead(sock: socket.socket) -> None:
             raise loaded
         job = loaded
         feeds, pumped = pumped_feeds(job.feeds, control)
-        sink = ForwardSink(control, "the launching process", job.plan.options.result_bytes)
+        sink = ForwardSink(
+            control, "the launching process", job.plan.options.result_bytes, job.plan.options.result_batches
+        )
         group = RankZero(
             job.plan,
             feeds,
