@@ -43,9 +43,16 @@ def record_line(record: ResultRecord) -> str:
     NaN and the infinities are written ``NaN``, ``Infinity``, ``-Infinity``, which ``json.loads`` reads back.
     """
     try:
-        return json.dumps(record.to_json(), default=_jsonable) + "\n"
+        data = _encode(record.data)
     except TypeError:  # a dict key json refuses: it calls no default for keys
-        return json.dumps(_json_keys(record.to_json()), default=_jsonable) + "\n"
+        data = _encode(_json_keys(record.data))
+    return _record_head(record.pe, record.port) + data + "}\n"
+
+
+@functools.lru_cache(maxsize=4096)
+def _record_head(pe: str, port: str) -> str:
+    """What :meth:`ResultRecord.to_json` encodes to before the data, as ``json.dumps`` writes it."""
+    return '{"pe": ' + _encode(pe) + ', "output": ' + _encode(port) + ', "data": '
 
 
 _KEY_TYPES = (str, int, float, bool, type(None))
@@ -86,6 +93,10 @@ def _jsonable(value: Any) -> Any:
         return isoformat()
     _warn_repr(f"{type(value).__module__}.{type(value).__qualname__}")
     return repr(value)
+
+
+_encode = json.JSONEncoder(default=_jsonable).encode
+"""``json.dumps(value, default=_jsonable)``, with one encoder for every record: ``json.dumps`` makes one a call."""
 
 
 @functools.cache
