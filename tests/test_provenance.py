@@ -165,6 +165,38 @@ def test_postprocess_outputs_derive_from_everything_the_instance_used_without_re
         assert len(lineage.sources(entity)) == len(LINES)  # the one instance saw a word of every line
 
 
+class Readings(ProducerPE):
+    """Emits ``(sensor, time, n)`` for 20 readings of two sensors."""
+
+    def produce(self) -> Any:
+        yield from (("ab"[n % 2], n * 0.3, n) for n in range(20))
+
+
+@pytest.mark.parametrize(("mapping", "workers"), [("simple", None), ("multi", 2)])
+def test_a_window_derives_from_exactly_its_items(tmp_path: Path, mapping: str, workers: int | None) -> None:
+    # The window PEs recorded no state: a window written in process derived from its last item only, and one
+    # written in postprocess (a partial window, or any time window still open) from every item of the instance.
+    from aiod4p.windows import CountWindow, TimeWindow
+
+    graph = WorkflowGraph()
+    readings = Readings()
+    windows = [
+        CountWindow(3, key=0, name="count_keyed", parallelism=2),
+        CountWindow(4, 3, name="count_sliding"),
+        TimeWindow(1.0, 0.5, key=0, timestamp=1, name="time_sliding_keyed", parallelism=2),
+    ]
+    for window in windows:
+        graph.connect(readings, "output", window, "input")
+    _, stats = run_recorded(graph, 1, mapping, workers, "item")
+    lineage = aiod4p.read_lineage(aiod4p.write_provenance(stats, str(tmp_path / "windows.json")))
+    results = lineage.results()
+    assert len(results) == 40
+    for entity in results:
+        window = eval(lineage.values[entity])  # the repr of the window's record
+        sources = sorted(lineage.values[source] for source in lineage.sources(entity))
+        assert sources == sorted(repr(item) for item in window["items"]), window
+
+
 def plain(value: Any) -> Any:
     """A PROV-JSON value: plain, or typed as ``{"$": 6, "type": "xsd:int"}``."""
     return value["$"] if isinstance(value, dict) else value
