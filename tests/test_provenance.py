@@ -314,6 +314,22 @@ def test_cli_records_traces_and_draws(tmp_path: Path) -> None:
     assert all(synopsis in (ROOT / doc).read_text() for doc in ("README.md", "docs/cli.md"))
 
 
+def test_cli_trace_of_a_restored_run_says_its_lineage_stops_at_the_checkpoint(tmp_path: Path) -> None:
+    # Only the listing said the file was recorded from a checkpoint on: a trace printed a lineage short of the
+    # sources before it (a count of 400 traced to 190 lines) as if it were whole.
+    path = record(tmp_path, "simple", None)
+    document = json.loads(path.read_text())
+    agents = document["agent"]
+    counter = next(agent for name, agent in agents.items() if name.startswith("aiod4p:CountWords") and "." in name)
+    counter["aiod4p:restored_from_checkpoint"] = {"$": "3", "type": "xsd:int"}
+    path.write_text(json.dumps(document))
+    for args in ((), ("--trace", "fox")):
+        shown = cli("provenance", str(path), *args, cwd=tmp_path)
+        assert shown.returncode == 0, shown.stderr
+        assert "recorded from checkpoint 3 on (a restored run)" in shown.stdout
+        assert "lineage through PE state restored from it stops there" in shown.stdout
+
+
 def test_cli_trace_counts_one_item_and_one_source_in_the_singular(tmp_path: Path) -> None:
     # `aiod4p provenance FILE --trace` said "lineage: 1 items; 1 sources:".
     path = record(tmp_path, "async", None)
