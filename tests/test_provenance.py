@@ -197,6 +197,55 @@ def test_a_window_derives_from_exactly_its_items(tmp_path: Path, mapping: str, w
         assert sources == sorted(repr(item) for item in window["items"]), window
 
 
+class EvenOdd(aiod4p.Grouping):
+    """A grouping of one's own, as docs/performance.md writes one: its router reads the items."""
+
+    def router(self, count: int, start: int, sender: str, dest: str) -> aiod4p.Router:
+        return EvenOddRouter(count)
+
+
+class EvenOddRouter(aiod4p.Router):
+    passes_through = False
+
+    def split(self, items: list[Any]) -> list[list[Any]]:
+        parts: list[list[Any]] = [[] for _ in range(self.count)]
+        for item in items:
+            parts[item % 2 % self.count].append(item)
+        return parts
+
+
+class Numbers(ProducerPE):
+    def produce(self) -> Any:
+        yield from [*range(10), 1, 1, 2]  # small ints: one object each, written more than once
+
+
+class ByParity(GenericPE):
+    def __init__(self) -> None:
+        super().__init__(inputs=[("input", EvenOdd())], outputs=["output"], parallelism=2)
+        self.seen: list[int] = []
+
+    def process(self, inputs: dict[str, Any]) -> None:
+        self.seen.append(inputs["input"])
+
+    def postprocess(self) -> None:
+        self.write("output", sorted(self.seen))
+
+
+@pytest.mark.parametrize(("mapping", "workers"), [("async", 2), ("multi", 2)])
+def test_a_grouping_of_ones_own_routes_the_values_at_level_item(
+    tmp_path: Path, mapping: str, workers: int | None
+) -> None:
+    # Its router was handed the tagged items that travel: `item % 2` failed with a TypeError on Tagged.
+    graph = WorkflowGraph()
+    graph.connect(Numbers(), "output", ByParity(), "input")
+    results, stats = run_recorded(graph, 1, mapping, workers, "item")
+    assert sorted(results.data()) == [[0, 2, 2, 4, 6, 8], [1, 1, 1, 3, 5, 7, 9]]
+    lineage = aiod4p.read_lineage(aiod4p.write_provenance(stats, str(tmp_path / "parity.json")))
+    for entity in lineage.results():
+        sources = [lineage.values[source] for source in lineage.sources(entity)]
+        assert sorted(sources, key=int) == [repr(n) for n in eval(lineage.values[entity])]
+
+
 def plain(value: Any) -> Any:
     """A PROV-JSON value: plain, or typed as ``{"$": 6, "type": "xsd:int"}``."""
     return value["$"] if isinstance(value, dict) else value
