@@ -1006,7 +1006,7 @@ def _add_science_parsers(commands: Any) -> None:
         description="Read a PROV-JSON file written by `aiod4p run --provenance` and trace results to their sources.",
         usage="%(prog)s [-h] FILE [--trace RESULT [--draw OUT]] [--debug]",  # argparse cannot say --draw needs --trace
     )
-    lineage.add_argument("file", metavar="FILE", help="the PROV-JSON (or PROV-XML) file")
+    lineage.add_argument("file", metavar="FILE", help="the PROV-JSON (or PROV-XML, or PROV-N) file")
     lineage.add_argument(
         "--trace", default=None, metavar="RESULT", help="an entity id, or (part of) the repr of a result's value"
     )

@@ -699,17 +699,20 @@ class Lineage:
 
 
 def read_lineage(path: str) -> Lineage:
-    """Read a PROV-JSON (or ``.xml``) file written by aiod4p with the ``prov`` package.
+    """Read a PROV-JSON (or ``.xml``, or ``.provn`` where ``prov`` reads PROV-N) file written by aiod4p with the
+    ``prov`` package.
 
     Raises:
         Aiod4pError: the file is missing or is not a PROV document.
     """
     model = _prov()
     fmt = FORMATS.get(os.path.splitext(path)[1].lower(), "json")
-    if fmt == "provn":
-        raise Aiod4pError(f"{path}: prov reads PROV-JSON and PROV-XML back, not PROV-N; record a .json file")
     try:
         doc = model.ProvDocument.deserialize(source=path, format=fmt)
+    except NotImplementedError:  # a prov that writes PROV-N but does not read it (older releases)
+        raise Aiod4pError(
+            f"{path}: this prov reads PROV-JSON and PROV-XML back, not PROV-N; record a .json file"
+        ) from None
     except OSError as exc:
         raise Aiod4pError(f"cannot read provenance file {path}: {exc.strerror or exc}") from exc
     except Exception as exc:

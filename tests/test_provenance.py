@@ -294,6 +294,13 @@ def test_prov_n_and_prov_xml_by_extension(tmp_path: Path) -> None:
     assert Path(provn).read_text().startswith("document")
     xml = aiod4p.write_document(doc, str(tmp_path / "wc.xml"))
     assert aiod4p.read_lineage(xml).results()
+    # prov 3.2.3 reads PROV-N back; the lineage said it could not, naming prov.
+    try:
+        lineage = aiod4p.read_lineage(provn)
+    except aiod4p.Aiod4pError as refused:
+        assert "this prov reads PROV-JSON and PROV-XML back, not PROV-N" in str(refused)
+    else:
+        assert lineage == aiod4p.read_lineage(xml)
 
 
 def test_off_records_nothing() -> None:
