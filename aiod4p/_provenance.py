@@ -473,7 +473,10 @@ def _records(found: list[_Part]) -> Iterable[_Record]:
             activity = part.activities[index]
             identifier = prefix + entity
             kind = result if port in part.result_ports else item
-            yield "entity", identifier, "", {"prov:value": value, "prov:type": kind, prefix + "port": port}
+            fields: dict[str, Any] = {"prov:value": value, "prov:type": kind, prefix + "port": port}
+            if derived == ():  # recall() of states that hold nothing: no derivation, and none from its activity's used
+                fields[prefix + "recalled"] = "nothing"
+            yield "entity", identifier, "", fields
             yield "wasGeneratedBy", identifier, prefix + activity.id, {}
             # a postprocess output without recall() derives from its activity's used (not repeated per output)
             for origin in derived if derived is not None else activity.used or ():
@@ -728,6 +731,8 @@ def read_lineage(path: str) -> Lineage:
             identifier = str(record.identifier)
             lineage.values[identifier] = next((str(v) for v in record.get_attribute("prov:value")), "")
             lineage.kinds[identifier] = next((str(v) for v in record.get_asserted_types()), "")
+            if "nothing" in map(str, record.get_attribute(f"{NAMESPACE[0]}:recalled")):
+                derived[identifier] = []  # written after recall() of states that held nothing
         elif isinstance(record, model.ProvDerivation):
             derived.setdefault(args[0] or "", []).append(args[1] or "")
         elif isinstance(record, model.ProvGeneration):

@@ -246,6 +246,37 @@ def test_a_grouping_of_ones_own_routes_the_values_at_level_item(
         assert sorted(sources, key=int) == [repr(n) for n in eval(lineage.values[entity])]
 
 
+class EvensAtTheEnd(GenericPE):
+    """Remembers the even numbers only; at the end writes a record of the odd ones (none remembered) and the evens."""
+
+    def __init__(self) -> None:
+        super().__init__(inputs=["input"], outputs=["output"])
+        self.evens: list[int] = []
+
+    def process(self, inputs: dict[str, Any]) -> None:
+        if inputs["input"] % 2 == 0:
+            self.evens.append(inputs["input"])
+            self.remember("even")
+
+    def postprocess(self) -> None:
+        self.recall("odd")
+        self.write("output", ("odd", []))
+        self.recall("even")
+        self.write("output", ("even", self.evens))
+
+
+@pytest.mark.parametrize("extension", [".json", ".xml"])
+def test_what_is_written_after_recalling_nothing_derives_from_nothing(tmp_path: Path, extension: str) -> None:
+    # It had no derivation, so it was read as derived from everything its postprocess used: every item.
+    graph = WorkflowGraph()
+    graph.connect(Numbers(), "output", EvensAtTheEnd(), "input")
+    _, stats = run_recorded(graph, 1, "async", None, "item")
+    lineage = aiod4p.read_lineage(aiod4p.write_provenance(stats, str(tmp_path / f"evens{extension}")))
+    odd, even = (lineage.find(f"('{name}', ")[0] for name in ("odd", "even"))
+    assert lineage.trace(odd) == [odd]
+    assert sorted(lineage.values[source] for source in lineage.sources(even)) == ["0", "2", "2", "4", "6", "8"]
+
+
 def plain(value: Any) -> Any:
     """A PROV-JSON value: plain, or typed as ``{"$": 6, "type": "xsd:int"}``."""
     return value["$"] if isinstance(value, dict) else value
