@@ -1013,7 +1013,7 @@ def _add_science_parsers(commands: Any) -> None:
         description="Read a PROV-JSON file written by `aiod4p run --provenance` and trace results to their sources.",
         usage="%(prog)s [-h] FILE [--trace RESULT [--draw OUT]] [--debug]",  # argparse cannot say --draw needs --trace
     )
-    lineage.add_argument("file", metavar="FILE", help="the PROV-JSON (or PROV-XML) file")
+    lineage.add_argument("file", metavar="FILE", help="the PROV-JSON (or PROV-XML, or PROV-N) file")
     lineage.add_argument(
         "--trace", default=None, metavar="RESULT", help="an entity id, or (part of) the repr of a result's value"
     )
@@ -1046,20 +1046,24 @@ def _science_command(args: argparse.Namespace) -> int:
         check_drawing(args.draw, "a lineage")
         _check_writable(args.draw, "the lineage's drawing")
     lineage = read_lineage(args.file)
+    restored = (
+        f"  recorded from checkpoint {', '.join(map(str, sorted(lineage.restored)))} on (a restored run): the results"
+        " made before it are not here (the --results file has them all), and a lineage through PE state restored"
+        " from it stops there, without the sources before it"
+    )
     if args.trace is None:
         results = lineage.results()
         print(f"{args.file}: {len(lineage.values)} entities, {len(results)} results")
         if lineage.restored:
-            print(
-                f"  recorded from checkpoint {', '.join(map(str, sorted(lineage.restored)))} on (a restored run): the"
-                " results made before it are not here (the --results file has them all)"
-            )
+            print(restored)
         for entity in results[:20]:
             print(f"  {entity} = {lineage.values[entity]}")
         if len(results) > 20:
             print(f"  ... ({len(results) - 20} more)")
         return 0
     found = lineage.find(args.trace)
+    if lineage.restored:
+        print(restored)
     for entity in found:
         chain = lineage.trace(entity)
         sources = lineage.sources(entity)

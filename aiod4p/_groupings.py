@@ -69,6 +69,9 @@ class Router:
     passes_through: ClassVar[bool] = True
     any_destination: ClassVar[bool] = False
     deals: ClassVar[bool] = False
+    # Whether split() looks at the items themselves (a grouping of one's own may): item-level provenance then
+    # hands it the items' values, not the tagged items that travel. The built-in routers that never look say so.
+    reads_items: ClassVar[bool] = True
 
     def __init__(self, count: int) -> None:
         self.count = count
@@ -256,6 +259,7 @@ class _RoundRobin(Router):
 
     __slots__ = ("next",)
     passes_through = False
+    reads_items = False
 
     def __init__(self, count: int, start: int) -> None:
         super().__init__(count)
@@ -284,6 +288,7 @@ class _Dealer(_RoundRobin):
 class _Broadcast(Router):
     __slots__ = ()
     passes_through = False
+    reads_items = False
 
     def split(self, items: list[Any]) -> list[list[Any]]:
         return [items] * self.count

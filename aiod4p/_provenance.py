@@ -36,12 +36,13 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, TextIO
 
-from ._groupings import KeyRouter
+from ._frames import short_repr
+from ._groupings import KeyRouter, Router
 from ._install import install_hint
 from ._plan import check_provenance_level
 from ._results import ResultSink
 from ._visual import dot_escape
-from .errors import Aiod4pError, writing
+from .errors import Aiod4pError, GraphError, writing
 
 if TYPE_CHECKING:
     from prov.model import ProvDocument
@@ -131,6 +132,46 @@ class _KeyOfValue:
         return self.get(item.value)
 
 
+class _ValueRouter(Router):
+    """Hands a router that reads items (a grouping of one's own) their values, and its parts back tagged."""
+
+    __slots__ = ("inner", "where")
+    passes_through = False
+
+    def __init__(self, inner: Router, where: str) -> None:
+        super().__init__(inner.count)
+        self.inner = inner
+        self.where = where
+
+    def split(self, items: list[Tagged]) -> list[list[Any]]:
+        """Raises:
+        GraphError: the router's parts hold an object it was not given."""
+        values = [item.value for item in items]
+        parts = self.inner.split(values)
+        # Each value goes back to its tagged item. Items that are one object (small ints, a string written twice)
+        # look alike to the router: they are handed out in turn, a split sending each to one part and a
+        # broadcast all of them to every part.
+        positions: dict[int, list[int]] = {}
+        for index, value in enumerate(values):
+            positions.setdefault(id(value), []).append(index)
+        turns = dict.fromkeys(positions, 0)
+        tagged: list[list[Any]] = []
+        for part in parts:
+            back = []
+            for value in part:
+                at = positions.get(id(value))
+                if at is None:
+                    raise GraphError(
+                        f"the router of {self.where} returned {short_repr(value)}, which it was not given: item-level"
+                        " provenance needs a router to return the items themselves"
+                    )
+                turn = turns[id(value)]
+                turns[id(value)] = turn + 1
+                back.append(items[at[turn % len(at)]])
+            tagged.append(back)
+        return tagged
+
+
 class WorkerRecorder:
     """Creates the recorders of one worker's instances."""
 
@@ -214,10 +255,12 @@ class ActorRecorder:
         self.derived: tuple[str, ...] | None = None  # set by recall()
         self.state: dict[Hashable, list[str]] = {}
         if self.item_level:
-            for routes in actor.routes.values():
+            for port, routes in actor.routes.items():
                 for route in routes:
                     if isinstance(route.router, KeyRouter):
                         route.router.use_key(_KeyOfValue(route.router.get))
+                    elif route.router.reads_items and not route.passes_through:
+                        route.router = _ValueRouter(route.router, f"PE {ref.pe}'s output {port!r}")
             original = actor._route_outputs
 
             async def route_outputs(detach: bool = False) -> None:
@@ -430,7 +473,10 @@ def _records(found: list[_Part]) -> Iterable[_Record]:
             activity = part.activities[index]
             identifier = prefix + entity
             kind = result if port in part.result_ports else item
-            yield "entity", identifier, "", {"prov:value": value, "prov:type": kind, prefix + "port": port}
+            fields: dict[str, Any] = {"prov:value": value, "prov:type": kind, prefix + "port": port}
+            if derived == ():  # recall() of states that hold nothing: no derivation, and none from its activity's used
+                fields[prefix + "recalled"] = "nothing"
+            yield "entity", identifier, "", fields
             yield "wasGeneratedBy", identifier, prefix + activity.id, {}
             # a postprocess output without recall() derives from its activity's used (not repeated per output)
             for origin in derived if derived is not None else activity.used or ():
@@ -656,17 +702,20 @@ class Lineage:
 
 
 def read_lineage(path: str) -> Lineage:
-    """Read a PROV-JSON (or ``.xml``) file written by aiod4p with the ``prov`` package.
+    """Read a PROV-JSON (or ``.xml``, or ``.provn`` where ``prov`` reads PROV-N) file written by aiod4p with the
+    ``prov`` package.
 
     Raises:
         Aiod4pError: the file is missing or is not a PROV document.
     """
     model = _prov()
     fmt = FORMATS.get(os.path.splitext(path)[1].lower(), "json")
-    if fmt == "provn":
-        raise Aiod4pError(f"{path}: prov reads PROV-JSON and PROV-XML back, not PROV-N; record a .json file")
     try:
         doc = model.ProvDocument.deserialize(source=path, format=fmt)
+    except NotImplementedError:  # a prov that writes PROV-N but does not read it (older releases)
+        raise Aiod4pError(
+            f"{path}: this prov reads PROV-JSON and PROV-XML back, not PROV-N; record a .json file"
+        ) from None
     except OSError as exc:
         raise Aiod4pError(f"cannot read provenance file {path}: {exc.strerror or exc}") from exc
     except Exception as exc:
@@ -682,6 +731,8 @@ def read_lineage(path: str) -> Lineage:
             identifier = str(record.identifier)
             lineage.values[identifier] = next((str(v) for v in record.get_attribute("prov:value")), "")
             lineage.kinds[identifier] = next((str(v) for v in record.get_asserted_types()), "")
+            if "nothing" in map(str, record.get_attribute(f"{NAMESPACE[0]}:recalled")):
+                derived[identifier] = []  # written after recall() of states that held nothing
         elif isinstance(record, model.ProvDerivation):
             derived.setdefault(args[0] or "", []).append(args[1] or "")
         elif isinstance(record, model.ProvGeneration):

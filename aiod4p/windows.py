@@ -140,9 +140,11 @@ class CountWindow(_WindowPE):
             entry = self.state[key] = (deque(maxlen=self.size), [0])
         recent, counter = entry
         recent.append(item)
+        self.remember((key, counter[0]))  # provenance: item ``counter[0]`` of ``key``'s stream
         counter[0] += 1
         seen = counter[0]
         if seen >= self.size and (seen - self.size) % self.step == 0:
+            self._recall(key, seen - self.size, seen)
             self._emit(key, seen - self.size, seen, list(recent))
 
     def postprocess(self) -> None:
@@ -152,8 +154,13 @@ class CountWindow(_WindowPE):
             # Windows that started (start < seen) but did not fill (start + size > seen).
             first = max(0, (seen - self.size) // self.step + 1)
             for start in range(first * self.step, seen, self.step):
+                self._recall(key, start, seen)
                 self._emit(key, start, start + self.size, list(recent)[len(recent) - (seen - start) :])
         self.state.clear()
+
+    def _recall(self, key: Any, start: int, end: int) -> None:
+        """Provenance: what is written next derives from items ``start`` to ``end`` (excluded) of ``key``."""
+        self.recall(*((key, position) for position in range(start, end)))
 
 
 MAX_WINDOWS_PER_ITEM = 100_000
@@ -263,6 +270,7 @@ class TimeWindow(_WindowPE):
                     key = self._key(item)
                     for k in range(first if first_open is None else max(first, first_open), last + 1):
                         self.windows.setdefault(k, {}).setdefault(key, []).append(item)
+                        self.remember((k, key))  # provenance: window ``k`` of ``key`` holds this item
         else:
             at = time.time()
         if at > self.clock:
@@ -290,6 +298,7 @@ class TimeWindow(_WindowPE):
                 break
             start = k * self.step
             for key, items in self.windows.pop(k).items():
+                self.recall((k, key))
                 self._emit(key, start, start + self.size, items)
 
     def postprocess(self) -> None:
