@@ -203,10 +203,16 @@ class PE:
             runtime.full(port)
 
     # -- provenance (no-ops when it is off) --------------------------------------
+    @property
+    def _recorder(self) -> Any:
+        """This instance's provenance recorder, ``None`` when it records none (so what is computed only to remember
+        or recall need not be)."""
+        return self._runtime.recorder if self._runtime is not None else None
+
     def annotate(self, **attributes: Any) -> None:
         """Attach ``attributes`` (parameters, file names, versions) to this instance's provenance agent."""
-        if self._runtime is not None and self._runtime.recorder is not None:
-            self._runtime.recorder.annotate(attributes)
+        if (recorder := self._recorder) is not None:
+            recorder.annotate(attributes)
 
     def remember(self, key: Hashable) -> None:
         """Record that the item being processed contributes to this PE's state ``key``.
@@ -215,14 +221,14 @@ class PE:
         exact (item-level provenance); without, what ``postprocess`` writes
         derives from every item this instance used.
         """
-        if self._runtime is not None and self._runtime.recorder is not None:
-            self._runtime.recorder.remember(key)
+        if (recorder := self._recorder) is not None:
+            recorder.remember(key)
 
     def recall(self, *keys: Hashable) -> None:
         """What is written next, until the call ends or ``recall`` is called again, derives from the states
         ``keys`` (together: a pair written from two remembered items derives from both)."""
-        if self._runtime is not None and self._runtime.recorder is not None:
-            self._runtime.recorder.recall(keys)
+        if (recorder := self._recorder) is not None:
+            recorder.recall(keys)
 
     @property
     def instance(self) -> int:

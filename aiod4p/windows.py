@@ -160,7 +160,8 @@ class CountWindow(_WindowPE):
 
     def _recall(self, key: Any, start: int, end: int) -> None:
         """Provenance: what is written next derives from items ``start`` to ``end`` (excluded) of ``key``."""
-        self.recall(*((key, position) for position in range(start, end)))
+        if self._recorder is not None:  # else a window of n items would cost n keys made for nothing
+            self.recall(*((key, position) for position in range(start, end)))
 
 
 MAX_WINDOWS_PER_ITEM = 100_000
