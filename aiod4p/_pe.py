@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import itertools
 import logging
+import re
 import sys
 from collections.abc import Callable, Hashable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -210,7 +211,18 @@ class PE:
         return self._runtime.recorder if self._runtime is not None else None
 
     def annotate(self, **attributes: Any) -> None:
-        """Attach ``attributes`` (parameters, file names, versions) to this instance's provenance agent."""
+        """Attach ``attributes`` (parameters, file names, versions) to this instance's provenance agent.
+
+        Raises:
+            ValueError: a name is not an identifier (``**{"file name": ...}``): PROV names it as a qualified
+                name, which ``prov`` warns of and will refuse.
+        """
+        for name in attributes:
+            if not name.isidentifier():
+                raise ValueError(
+                    f"annotate(): {name!r} is not a name provenance can keep (letters, digits and _, as a"
+                    " keyword argument): call it, say, " + repr(re.sub(r"\W+", "_", name).strip("_") or "value")
+                )
         if (recorder := self._recorder) is not None:
             recorder.annotate(attributes)
 

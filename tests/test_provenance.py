@@ -103,6 +103,24 @@ class NamesItsFile(ProducerPE):
         return "row"
 
 
+class AnnotatesWithASpace(ProducerPE):
+    def preprocess(self) -> None:
+        self.annotate(**{"file name": "a.csv"})
+
+    def produce(self) -> str:
+        return "row"
+
+
+@pytest.mark.parametrize("level", [None, "item"])
+def test_an_annotation_whose_name_is_not_an_identifier_fails_naming_it(level: str | None) -> None:
+    """prov 3.2.3 wrote `file name` as a qualified name with a warning that 3.3.0 will refuse it (the file would
+    not be read back): the PE fails at once, with or without provenance, naming the name and one to use."""
+    graph = WorkflowGraph()
+    graph.add(AnnotatesWithASpace())
+    with pytest.raises(aiod4p.PEError, match=r"annotate\(\): 'file name' is not a name .* call it, say, 'file_name'"):
+        aiod4p.run(graph, 1, provenance=level)
+
+
 def test_a_prov_json_file_keeps_a_value_that_is_not_valid_utf8(tmp_path: Path) -> None:
     # The record-by-record writer wrote UTF-8 and failed on a lone surrogate with a bare UnicodeEncodeError,
     # leaving an empty file; prov's own writer escapes it, as this one now does.
