@@ -494,6 +494,11 @@ def _run_loaded(args: argparse.Namespace, mapping: BaseMapping, results: str | N
                     credits=args.credits,
                     provenance=(args.provenance_level or "item") if args.provenance else None,
                 )
+                if args.provenance and os.path.isfile(args.provenance):
+                    # As --results FILE is emptied: a run that fails writes no provenance, and an earlier run's
+                    # file left there would pass for its own.
+                    with writing("provenance", args.provenance):
+                        os.unlink(args.provenance)
             except Stopped as stop:
                 _aborted(stop.signum, 0, f"while {phase}")
                 said = True

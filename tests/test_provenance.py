@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import ROOT
+from helpers import ROOT, numbers_flow
 
 import aiod4p
 from aiod4p import GenericPE, IterativePE, PlanOptions, ProducerPE, Results, WorkflowGraph, group_by
@@ -464,6 +464,18 @@ def test_a_result_not_found_in_an_item_level_file_is_not_blamed_on_the_level() -
     assert str(caught.value) == "no entity or result matches 'ST02' (1 result recorded)"  # was "1 results"
     with pytest.raises(aiod4p.Aiod4pError, match=r"\(0 results recorded; item-level provenance \(--provenance-level"):
         aiod4p.Lineage().find("ST02")
+
+
+def test_cli_a_failed_run_leaves_no_earlier_provenance_file_that_would_pass_for_its_own(tmp_path: Path) -> None:
+    flow = tmp_path / "flow.py"
+    flow.write_text(
+        numbers_flow("class Fails(IterativePE):\n    def process_item(self, item):\n        raise ValueError(item)\n")
+    )
+    earlier = tmp_path / "run.json"
+    earlier.write_text('{"an earlier run": "its provenance"}')
+    failed = cli("run", str(flow), "-i", "3", "-q", "--provenance", str(earlier), cwd=tmp_path)
+    assert failed.returncode == 1 and "PE Fails1" in failed.stderr
+    assert not earlier.exists()  # as --results FILE is emptied as the run starts
 
 
 def test_cli_provenance_errors_name_the_problem(tmp_path: Path) -> None:
