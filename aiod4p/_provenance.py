@@ -651,8 +651,13 @@ class Lineage:
         """The results ``wanted`` names: an entity id, else the exact repr of a result's value, else a part of it.
 
         Raises:
-            Aiod4pError: nothing matches (saying that item-level provenance is needed when no result is recorded).
+            Aiod4pError: nothing matches (saying that item-level provenance is needed when no result is recorded);
+                ``wanted`` is empty (a part of every value).
         """
+        if not wanted.strip():
+            raise Aiod4pError(
+                f"{wanted!r} names no result: give an entity id, or (part of) the repr of a result's value"
+            )
         for candidate in (wanted, f"{NAMESPACE[0]}:{wanted}"):
             if candidate in self.values or candidate in self.parents:
                 return [candidate]

@@ -464,6 +464,9 @@ def test_a_result_not_found_in_an_item_level_file_is_not_blamed_on_the_level() -
     assert str(caught.value) == "no entity or result matches 'ST02' (1 result recorded)"  # was "1 results"
     with pytest.raises(aiod4p.Aiod4pError, match=r"\(0 results recorded; item-level provenance \(--provenance-level"):
         aiod4p.Lineage().find("ST02")
+    for blank in ("", " "):  # a part of every value: it traced every result
+        with pytest.raises(aiod4p.Aiod4pError, match=f"^{blank!r} names no result: give an entity id"):
+            lineage.find(blank)
 
 
 def test_cli_a_failed_run_leaves_no_earlier_provenance_file_that_would_pass_for_its_own(tmp_path: Path) -> None:
