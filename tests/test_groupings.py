@@ -552,24 +552,6 @@ def test_round_robin_gives_every_instance_an_item_and_is_dispel4pys_default(mapp
     assert Passes().inputs["input"].grouping is ROUND_ROBIN
 
 
-class EvenOdd(Grouping):
-    """A grouping defined outside aiod4p: even items to instance 0, odd ones to instance 1."""
-
-    def router(self, count: int, start: int, sender: str, dest: str) -> Router:
-        return _EvenOddRouter(count)
-
-
-class _EvenOddRouter(Router):
-    __slots__ = ()
-    passes_through = False
-
-    def split(self, items: list[Any]) -> list[list[Any]]:
-        parts: list[list[Any]] = [[] for _ in range(self.count)]
-        for item in items:
-            parts[item % 2 % self.count].append(item)
-        return parts
-
-
 class Instants(ProducerPE):
     """The same 12 hours as 1-tuples of aware datetimes, in time zone ``zone``: what two sensors in two zones report."""
 
@@ -587,12 +569,12 @@ _SIDE_BY_SIDE: dict[str, dict[str, list[Any]]] = {}
 
 
 def grouped_side_by_side(mapping: MappingCase) -> dict[str, list[Any]]:
-    """What the WhoSawWhat behind round robin (fed 3 items), behind :class:`EvenOdd` (fed 40) and behind a group-by of
+    """What the WhoSawWhat behind round robin (fed 3 items), behind :class:`wf.Parity` (fed 40) and behind a group-by of
     two :class:`Instants` sources saw, from one run of all three side by side on ``mapping``: a launch per mapping
     instead of three."""
     if mapping.id not in _SIDE_BY_SIDE:
         graph = WorkflowGraph()
-        sinks = {"round_robin": wf.WhoSawWhat("round_robin", parallelism=3), "even_odd": wf.WhoSawWhat(EvenOdd(), 2)}
+        sinks = {"round_robin": wf.WhoSawWhat("round_robin", parallelism=3), "even_odd": wf.WhoSawWhat(wf.Parity(), 2)}
         inputs: dict[str, int] = {}
         for name, count in (("round_robin", 3), ("even_odd", 40)):
             graph.connect(source := wf.Count(), "output", sinks[name], "input")

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import workflows as wf
 from helpers import ROOT, numbers_flow
 
 import aiod4p
@@ -215,23 +216,6 @@ def test_a_window_derives_from_exactly_its_items(tmp_path: Path, mapping: str, w
         assert sources == sorted(repr(item) for item in window["items"]), window
 
 
-class EvenOdd(aiod4p.Grouping):
-    """A grouping of one's own, as docs/performance.md writes one: its router reads the items."""
-
-    def router(self, count: int, start: int, sender: str, dest: str) -> aiod4p.Router:
-        return EvenOddRouter(count)
-
-
-class EvenOddRouter(aiod4p.Router):
-    passes_through = False
-
-    def split(self, items: list[Any]) -> list[list[Any]]:
-        parts: list[list[Any]] = [[] for _ in range(self.count)]
-        for item in items:
-            parts[item % 2 % self.count].append(item)
-        return parts
-
-
 class Numbers(ProducerPE):
     def produce(self) -> Any:
         yield from [*range(10), 1, 1, 2]  # small ints: one object each, written more than once
@@ -239,7 +223,7 @@ class Numbers(ProducerPE):
 
 class ByParity(GenericPE):
     def __init__(self) -> None:
-        super().__init__(inputs=[("input", EvenOdd())], outputs=["output"], parallelism=2)
+        super().__init__(inputs=[("input", wf.Parity())], outputs=["output"], parallelism=2)
         self.seen: list[int] = []
 
     def process(self, inputs: dict[str, Any]) -> None:
