@@ -53,6 +53,7 @@ from ._groupings import All, GroupBy
 from ._pe import PE
 from ._plan import ExecutionPlan, InstanceRef
 from ._results import ResultRecord, ResultSink, record_line
+from ._sizes import approximate_batch_size
 from ._state import NOT_MADE, capture, check_keyed_state, restore_state
 from ._threads import finished_in_thread
 from .errors import CheckpointError, PeerDied, TransportError, WorkerDied, reader_went_away, writing
@@ -691,18 +692,21 @@ class HeldResults:
 
     The results emitted until checkpoint ``n`` commits them (:meth:`seal`) wait for ``n`` to complete
     (:meth:`complete`); :meth:`deliver`, a task of its own, hands them on in order. :meth:`emit` waits
-    while more than ``backlog`` results are ready for a slow ``sink`` (back-pressure), never on a
+    while more than ``backlog`` results, or more than ``max_bytes`` of them
+    (:func:`~aiod4p._sizes.approximate_batch_size`), are ready for a slow ``sink`` (back-pressure), never on a
     checkpoint. At a restart, :meth:`discard` drops those no complete checkpoint commits; when the run
     is over, :meth:`finish` hands on all the others.
     """
 
-    def __init__(self, sink: ResultSink, backlog: int) -> None:
+    def __init__(self, sink: ResultSink, backlog: int, max_bytes: int) -> None:
         self._sink = sink
         self._backlog = backlog
+        self._max_bytes = max_bytes
         self._open: list[tuple[str, str, list[Any]]] = []
         self._sealed: list[tuple[int, list[tuple[str, str, list[Any]]]]] = []
-        self._ready: collections.deque[tuple[str, str, list[Any]]] = collections.deque()
+        self._ready: collections.deque[tuple[str, str, list[Any], int]] = collections.deque()  # and their bytes
         self._waiting = 0  # the items in ``_ready``
+        self._waiting_bytes = 0  # and their bytes
         self._room = asyncio.Event()
         self._room.set()
         self._filled = asyncio.Event()
@@ -742,9 +746,9 @@ class HeldResults:
             raise self._failure
 
     def behind(self) -> int:
-        """The results ready that the reader has not taken yet while they are more than the backlog (the run waits
-        for the reader meanwhile, and so does every checkpoint: its sources' barriers wait behind what they write);
-        0 while the run does not wait for it."""
+        """The results ready that the reader has not taken yet while they are more than the backlog, in number or in
+        bytes (the run waits for the reader meanwhile, and so does every checkpoint: its sources' barriers wait
+        behind what they write); 0 while the run does not wait for it."""
         return 0 if self._room.is_set() else self._waiting
 
     def discard(self) -> None:
@@ -756,7 +760,7 @@ class HeldResults:
         failure is raised by the next :meth:`emit` and by :meth:`finish`)."""
         while True:
             await self._filled.wait()
-            pe, port, items = self._ready[0]
+            pe, port, items, nbytes = self._ready[0]
             try:
                 await self._sink.emit(pe, port, items)
             except Exception as exc:
@@ -766,7 +770,8 @@ class HeldResults:
                 return
             self._ready.popleft()
             self._waiting -= len(items)
-            if self._waiting <= self._backlog:
+            self._waiting_bytes -= nbytes
+            if not self._behind():
                 self._room.set()
             if not self._ready:
                 self._filled.clear()
@@ -774,12 +779,19 @@ class HeldResults:
 
     def _make_ready(self, batches: list[tuple[str, str, list[Any]]]) -> None:
         if batches and self._failure is None:  # else no reader takes them: emit raises instead of waiting
-            self._ready.extend(batches)
-            self._waiting += sum(len(items) for _, _, items in batches)
+            for pe, port, items in batches:
+                nbytes = approximate_batch_size(items)
+                self._ready.append((pe, port, items, nbytes))
+                self._waiting += len(items)
+                self._waiting_bytes += nbytes
             self._filled.set()
             self._emptied.clear()
-            if self._waiting > self._backlog:
+            if self._behind():
                 self._room.clear()
+
+    def _behind(self) -> bool:
+        """Whether more results are ready than the reader may be behind by, in number or in bytes."""
+        return self._waiting > self._backlog or self._waiting_bytes > self._max_bytes
 
 
 class ResultCounts:
@@ -1535,7 +1547,8 @@ STALL_SECONDS = 30.0
 """Seconds after which a checkpoint that has not completed is reported, at least (:class:`Coordinator`)."""
 
 HELD_BACKLOG = 65_536
-"""Results ready for a slow reader beyond which a run under ``--restarts`` waits for it (:class:`HeldResults`)."""
+"""Results ready for a slow reader beyond which a run under ``--restarts`` waits for it (:class:`HeldResults`; and
+beyond :attr:`~aiod4p.PlanOptions.result_bytes` of them)."""
 
 RESTARTED = (WorkerDied, PeerDied)
 """Failures after which ``--restarts`` restarts a run (a PE's own error is not retried)."""
@@ -1578,7 +1591,9 @@ async def run_with_recovery(
     if not config.restarts:
         return await _attempts(config, plan, feeds, sink, attempt, draining, None)
     held: Held = (
-        HeldResults(sink, HELD_BACKLOG) if config.results_counted is None else HeldCounts(config.results_counted)
+        HeldResults(sink, HELD_BACKLOG, plan.options.result_bytes)
+        if config.results_counted is None
+        else HeldCounts(config.results_counted)
     )
     delivering = asyncio.create_task(held.deliver(), name="results of complete checkpoints")
     try:
