@@ -22,6 +22,7 @@ from helpers import aiod4p_cli as aiod4p
 import aiod4p as aiod4p_package
 from aiod4p._cli import main
 from aiod4p._results import ResultRecord, record_line
+from aiod4p.mappings.multi import START_METHOD_ENV
 
 ROOT = Path(__file__).resolve().parents[1]
 WORDCOUNT = str(ROOT / "examples" / "wordcount.py")
@@ -230,13 +231,13 @@ graph.connect(Numbers(), "output", Crash(), "input")
 """
 
 
-@pytest.mark.parametrize("mapping", ["async", "multi", "mpi"])
-def test_a_pe_crashing_the_interpreter_shows_where(tmp_path: Path, mapping: str) -> None:
+@pytest.mark.parametrize(("mapping", "start"), [("async", ""), ("multi", "fork"), ("multi", "spawn"), ("mpi", "")])
+def test_a_pe_crashing_the_interpreter_shows_where(tmp_path: Path, mapping: str, start: str) -> None:
     """A segfault in a PE ended the process it ran in with no word of the PE: a bare exit 139 on async, the
     worker's signal alone on multi and mpi. The process (the command, a worker, a rank) prints its Python stack."""
     flow = tmp_path / "crashing.py"
     flow.write_text(CRASHING)
-    done = aiod4p("run", str(flow), "-m", mapping, "-n", "2")
+    done = aiod4p("run", str(flow), "-m", mapping, "-n", "2", env={**os.environ, START_METHOD_ENV: start})
     assert done.returncode == (-signal.SIGSEGV if mapping == "async" else 1), done.stderr
     assert "Fatal Python error: Segmentation fault" in done.stderr
     assert f'File "{flow}", line 14 in process_item' in done.stderr
