@@ -29,7 +29,7 @@ from ._plan import DEFAULT_BATCH_SIZE, DEFAULT_CREDITS, PROVENANCE_LEVELS, make_
 from ._progress import progress, progress_wanted
 from ._provenance import check_provenance_file, read_lineage, write_provenance
 from ._results import ResultRecord, record_line
-from ._signals import Interrupts, Stopped
+from ._signals import Interrupts, Stopped, report_crashes
 from ._stats_report import StatsSampler, report_stats
 from ._threads import exit_past_threads
 from ._visual import check_drawing, draw, draw_dot
@@ -253,6 +253,7 @@ def entry() -> NoReturn:
     is over, so the command leaves without it.
     """
     _open_standard_streams()
+    report_crashes()
     status = main()
     try:
         sys.stdout.flush()  # a report still buffered (`aiod4p graph`'s line) may fail only now

@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import faulthandler
 import os
 import signal
 import sys
@@ -49,6 +50,7 @@ __all__ = [
     "interrupts_the_run",
     "loop_turns",
     "release",
+    "report_crashes",
     "restore_signal_actions",
     "signal_actions",
 ]
@@ -85,6 +87,17 @@ def die_with_parent(parent: int | None = None) -> None:
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     if parent is not None and os.getppid() != parent:
         os._exit(1)
+
+
+def report_crashes() -> None:
+    """Have a crash of this process (SIGSEGV, SIGFPE, SIGABRT, SIGBUS, SIGILL: a C extension a PE calls) print the
+    Python stack of each of its threads on stderr (file descriptor 2) before it dies of the signal, so that the
+    PE's file, line and method are named; the exit status stays the signal's (:mod:`faulthandler`).
+
+    For the processes aiod4p owns (the command, a multi worker, an MPI rank): a program that embeds a run keeps
+    its own choice.
+    """
+    faulthandler.enable(2, all_threads=True)
 
 
 def adopt_orphans(adopt: bool) -> None:

@@ -24,6 +24,7 @@ from hypothesis import strategies as st
 import aiod4p as aiod4p_package
 from aiod4p._cli import main
 from aiod4p._results import ResultRecord, record_line
+from aiod4p.mappings.multi import START_METHOD_ENV
 
 ROOT = Path(__file__).resolve().parents[1]
 WORDCOUNT = str(ROOT / "examples" / "wordcount.py")
@@ -225,6 +226,40 @@ def test_a_pe_error_shows_the_item_short_whatever_its_size(tmp_path: Path, mappi
     assert re.match(r"aiod4p: error: PE Check1\[[01]\] failed on input port 'input': ValueError: bad blob \(", message)
     shown = "\\x00" * 15
     assert message.endswith(f"line 15, in check; blob=b'{shown}...{shown[: -4 * 3]}end' given to process_item)")
+
+
+CRASHING = """
+import ctypes
+from aiod4p import IterativePE, ProducerPE, WorkflowGraph
+
+
+class Numbers(ProducerPE):
+    def produce(self):
+        yield from range(10)
+
+
+class Crash(IterativePE):
+    def process_item(self, item):
+        if item == 5:
+            ctypes.string_at(0)  # a C extension's bad pointer: SIGSEGV
+        return item
+
+
+graph = WorkflowGraph()
+graph.connect(Numbers(), "output", Crash(), "input")
+"""
+
+
+@pytest.mark.parametrize(("mapping", "start"), [("async", ""), ("multi", "fork"), ("multi", "spawn"), ("mpi", "")])
+def test_a_pe_crashing_the_interpreter_shows_where(tmp_path: Path, mapping: str, start: str) -> None:
+    """A segfault in a PE ended the process it ran in with no word of the PE: a bare exit 139 on async, the
+    worker's signal alone on multi and mpi. The process (the command, a worker, a rank) prints its Python stack."""
+    flow = tmp_path / "crashing.py"
+    flow.write_text(CRASHING)
+    done = aiod4p("run", str(flow), "-m", mapping, "-n", "2", env={**os.environ, START_METHOD_ENV: start})
+    assert done.returncode == (-signal.SIGSEGV if mapping == "async" else 1), done.stderr
+    assert "Fatal Python error: Segmentation fault" in done.stderr
+    assert f'File "{flow}", line 14 in process_item' in done.stderr
 
 
 @pytest.mark.parametrize("after", [False, True], ids=["before the command", "after it"])

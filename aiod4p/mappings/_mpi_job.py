@@ -29,6 +29,7 @@ from mpi4py import MPI
 from .._api import loop_factory
 from .._loading import preload
 from .._logging import configure_logging, launcher_logging
+from .._signals import report_crashes
 from .._threads import exit_past_threads
 from ..transports.pipes import open_pipe_comm
 from ._host import ForwardSink, fail, pumped_feeds, serve
@@ -88,6 +89,7 @@ def main(argv: list[str]) -> int:
     """Run this rank (``argv``: the launcher's socket, and optionally the workflow's target to import
     ahead); returns its exit status (a failure aborts the whole job)."""
     address, *target = argv
+    report_crashes()
     take_launcher_state()
     rank = MPI.COMM_WORLD.Get_rank()
     configure_logging(*(launcher_logging() or (0, False)))  # PE.log() messages reach this rank's stderr, relayed

@@ -11,7 +11,7 @@ from collections.abc import Collection, Mapping
 
 from .._api import loop_factory
 from .._logging import configure_logging, launcher_logging
-from .._signals import die_with_parent, release
+from .._signals import die_with_parent, release, report_crashes
 from ..transports.pipes import PipeComm, open_pipe_comm
 from ._host import serve_job
 from ._shipping import Job, unship_or_error
@@ -34,6 +34,7 @@ def worker_main(
     ``parent``: the launcher's pid if it is this process's parent; ``None`` under forkserver, whose server
     is the parent (it ends when the launcher does, and the worker with it).
     """
+    report_crashes()  # spawned, or forked from a program that embeds the run (forked from the command: on already)
     told = launcher_logging()  # spawned: a new interpreter logs as the command line said (forked: it inherits)
     if told is not None:
         configure_logging(*told)
