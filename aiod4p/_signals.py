@@ -13,8 +13,8 @@ planning, start-up: long synchronous code) a signal raises :class:`Stopped`
 wherever the main thread is. Once the run is under way the handlers hand
 their work to the loop with ``call_soon_threadsafe``, and a second signal
 also arms a watchdog thread that ends the process if the loop has not
-aborted the run: after :data:`HELD_GRACE` seconds if a PE holds the loop,
-else (a slow clean-up) after :data:`ABORT_GRACE` seconds.
+aborted the run after :data:`ABORT_GRACE` seconds, saying whether a PE held
+the loop or the clean-up was slow.
 
 A process forked from the run's (a multi worker) inherits these handlers and
 would run them if a signal came before it set its own: :func:`held` blocks
@@ -58,8 +58,8 @@ __all__ = [
 ABORT_GRACE = 0.9
 """Seconds an abort may take while the event loop turns (its clean-up: stopping a local Ray, say)."""
 HELD_GRACE = 0.5
-"""Seconds an abort may take before the watchdog checks whether the event loop turns; if it does not within
-a tenth of that (a PE holds it), the watchdog ends the process then."""
+"""Seconds an abort may take before the watchdog checks whether the event loop turns (whether a PE holds it);
+the notebook's interrupt (``aiod4p.run``) waits a tenth of that for it to turn."""
 SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
@@ -158,13 +158,18 @@ def release() -> None:
     signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)
 
 
-def loop_turns(loop: asyncio.AbstractEventLoop | None, within: float) -> bool:
-    """Whether ``loop`` runs a callback within ``within`` seconds: false while a PE holds it (or it is closed)."""
+def loop_turn(loop: asyncio.AbstractEventLoop | None) -> threading.Event:
+    """An event set once ``loop`` runs a callback: never while a PE holds it (or once it is closed)."""
     turned = threading.Event()
     if loop is not None:
         with contextlib.suppress(RuntimeError):  # the loop is closed
             loop.call_soon_threadsafe(turned.set)
-    return turned.wait(within)
+    return turned
+
+
+def loop_turns(loop: asyncio.AbstractEventLoop | None, within: float) -> bool:
+    """Whether ``loop`` runs a callback within ``within`` seconds: false while a PE holds it (or it is closed)."""
+    return loop_turn(loop).wait(within)
 
 
 def _say(message: str) -> None:
@@ -273,18 +278,22 @@ class Interrupts:
             threading.Thread(target=self._watchdog, name="aiod4p abort watchdog", daemon=True).start()
 
     def _watchdog(self) -> None:
-        """End the process if the run has not aborted, saying why: a PE holds the event loop (it runs no
-        callback), after :data:`HELD_GRACE` seconds and a tenth; or the run's clean-up (stopping a local Ray,
-        say) did not end within :data:`ABORT_GRACE` seconds. Either way within a second of the signal."""
+        """End the process if the run has not aborted within :data:`ABORT_GRACE` seconds, within a second of the
+        signal, saying why: a PE holds the event loop (it ran no callback asked of it after :data:`HELD_GRACE`
+        seconds), or the run's clean-up (stopping a local Ray, say) did not end."""
         start = time.monotonic()
         if self._finished.wait(HELD_GRACE):
             return
-        if not loop_turns(self._loop, HELD_GRACE / 10):
-            why = "the event loop was held by a PE"
-        elif self._finished.wait(ABORT_GRACE - (time.monotonic() - start)):
+        # The loop has the rest of the grace to turn once: on a loaded machine its thread may wait for a CPU
+        # for tens of milliseconds, and a shorter wait blamed a PE for a slow clean-up.
+        turned = loop_turn(self._loop)
+        if self._finished.wait(ABORT_GRACE - (time.monotonic() - start)):
             return
-        else:
-            why = f"its clean-up did not end within {ABORT_GRACE:g} s"
+        why = (
+            f"its clean-up did not end within {ABORT_GRACE:g} s"
+            if turned.is_set()
+            else "the event loop was held by a PE"
+        )
         try:
             with contextlib.suppress(Exception):  # what cannot be flushed (a full disk) must not hide why it ends
                 self._before_exit()
