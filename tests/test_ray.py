@@ -216,6 +216,24 @@ def test_cli_workers_see_the_command_line_in_sys_argv(ray_cluster: RayCluster, t
     assert sorted(json.loads(line)["data"] for line in process.stdout.splitlines()) == [3, 6, 9]
 
 
+def test_cli_workers_open_relative_paths_in_the_working_directory(ray_cluster: RayCluster, tmp_path: Path) -> None:
+    """A PE opening a relative path finds the file where the command was run, as on multi; the actors ran in the
+    cluster's working directory (where ``ray start`` ran), and the run failed: no such file there."""
+    flow = tmp_path / "flow.py"
+    flow.write_text(
+        numbers_flow(
+            "class Scale(IterativePE):\n    def process_item(self, item):\n"
+            "        with open('factor.txt') as factor:\n            return int(factor.read()) * item\n"
+        )
+    )
+    (tmp_path / "factor.txt").write_text("7")
+    env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
+    command = ["run", str(flow), "--mapping", "ray", "-n", "2", "--address", ray_cluster.address]
+    process = aiod4p_cli(*command, "--results", "-", "-q", "-i", "3", env=env, cwd=tmp_path, timeout=55)
+    assert process.returncode == 0, process.stderr
+    assert sorted(json.loads(line)["data"] for line in process.stdout.splitlines()) == [7, 14, 21]
+
+
 def test_cli_address_is_for_the_ray_mapping_only(tmp_path: Path) -> None:
     flow = tmp_path / "flow.py"
     flow.write_text(FLOW)

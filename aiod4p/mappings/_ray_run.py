@@ -284,7 +284,11 @@ class RayRun:
         job = await finished_in_thread(ray.put, payload)  # one copy in the object store for every worker
         paths = [path for path in sys.path if path]
         self.serving = [
-            _future(actor.serve.remote(job, {peer: self.actors[peer] for peer in sorted(peers[wid])}, paths, sys.argv))
+            _future(
+                actor.serve.remote(
+                    job, {peer: self.actors[peer] for peer in sorted(peers[wid])}, paths, sys.argv, os.getcwd()
+                )
+            )
             for wid, actor in enumerate(self.actors)
         ]
 
