@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 import os
 import queue
@@ -367,6 +368,30 @@ async def test_ray_s_calls_that_start_and_stop_a_run_are_made_off_the_event_loop
         results = await aiod4p.run_async(_chain(wf.Double()), 10, mapping="ray", workers=2)
     assert sorted(results.data()) == [4 * i for i in range(10)]
     assert on_loop == []
+
+
+@pytest.mark.asyncio
+async def test_killing_the_actors_cut_short_leaves_no_failure_unretrieved() -> None:
+    # A signal during start-up cancels the run while it kills its actors: their calls, failed by the kill,
+    # were logged as "Future exception was never retrieved", each with Ray's message, after "aborted by SIGINT".
+    from aiod4p.mappings._ray_run import RayRun
+
+    loop = asyncio.get_running_loop()
+    unretrieved: list[dict[str, Any]] = []
+    loop.set_exception_handler(lambda _, context: unretrieved.append(context))
+    run = RayRun(RayMapping(), plan=None)  # type: ignore[arg-type]  # killing needs no plan
+    failed: asyncio.Future[None] = loop.create_future()
+    failed.set_exception(WorkerDied("killed by ray.kill"))
+    run.alive = [failed, loop.create_future()]  # the other one's actor is not gone yet
+    killing = [asyncio.ensure_future(run._kill_actors())]
+    run._remove_actors = lambda: loop.call_soon_threadsafe(killing[0].cancel)  # type: ignore[method-assign]
+    async with asyncio.timeout(10):
+        await asyncio.wait(killing)
+    assert killing[0].cancelled()
+    del failed, run
+    killing.clear()  # with the cancelled task's frames, which hold the run
+    gc.collect()
+    assert unretrieved == []
 
 
 WITHOUT_CLUSTER = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
