@@ -62,6 +62,14 @@ class Die(IterativePE):
         return item
 
 
+class ReadsFactor(IterativePE):
+    """Multiplies each item by the number in ``factor.txt``, a relative path."""
+
+    def process_item(self, item: int) -> int:
+        with open("factor.txt") as factor:
+            return int(factor.read()) * item
+
+
 def _chain(middle: IterativePE) -> WorkflowGraph:
     graph = WorkflowGraph()
     graph.connect(wf.Count(), "output", middle, "input")
@@ -233,6 +241,19 @@ def test_cli_workers_open_relative_paths_in_the_working_directory(ray_cluster: R
     process = aiod4p_cli(*command, "--results", "-", "-q", "-i", "3", env=env, cwd=tmp_path, timeout=55)
     assert process.returncode == 0, process.stderr
     assert sorted(json.loads(line)["data"] for line in process.stdout.splitlines()) == [7, 14, 21]
+
+
+def test_a_runtime_env_working_dir_stays_the_workers_working_directory(
+    ray_cluster: RayCluster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A ``working_dir`` in the runtime environment is where relative paths are, not the driver's directory."""
+    (tmp_path / "shipped").mkdir()
+    (tmp_path / "shipped" / "factor.txt").write_text("5")
+    (tmp_path / "factor.txt").write_text("7")
+    monkeypatch.chdir(tmp_path)
+    mapping = RayMapping(runtime_env={"working_dir": str(tmp_path / "shipped")})
+    results = aiod4p.run(_chain(ReadsFactor()), 3, mapping=mapping, workers=2)
+    assert sorted(results.data()) == [0, 10, 20]
 
 
 def test_cli_address_is_for_the_ray_mapping_only(tmp_path: Path) -> None:

@@ -60,14 +60,16 @@ class RayWorker(RayCommHost):
         multiprocessing's spawned workers let it). ``cwd`` is the driver's
         working directory, which becomes the worker's if it exists on this
         node (a PE opens relative paths there, as on multi; the actor
-        started in its cluster's). Returns once the driver closed its end of
-        the control comm.
+        started in its cluster's), unless a runtime environment's
+        ``working_dir`` gave the worker its own. Returns once the driver
+        closed its end of the control comm.
         """
         name = f"worker {self.wid}"
         _extend_path(paths)
         sys.argv = list(argv)
-        with contextlib.suppress(OSError):  # not on this node
-            os.chdir(cwd)
+        if not ray.get_runtime_context().runtime_env.get("working_dir"):  # else Ray's copy of it, as asked
+            with contextlib.suppress(OSError):  # not on this node
+                os.chdir(cwd)
         control = PulledComm(self, CONTROL)
         comms = {peer: RayComm(self, link_key(peer), handle, link_key(self.wid)) for peer, handle in peers.items()}
         try:
