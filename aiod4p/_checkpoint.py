@@ -1520,10 +1520,14 @@ class Session:
         return ResultGate(producers, emit, self.coordinator.commit_results, self.first)
 
     def spec(self) -> WorkerSpec:
-        """What worker processes need to take part (shipped with their job)."""
+        """What worker processes need to take part (shipped with their job).
+
+        The directory is made absolute here: a worker may run in another working directory (a Ray
+        actor runs in the one its cluster was started in), and a relative one is the caller's.
+        """
         restored = self.restored
         return WorkerSpec(
-            str(self.store.directory),
+            str(self.store.directory.absolute()),
             self.store.keep,
             restored.id if restored else None,
             self.first,
@@ -1752,6 +1756,7 @@ class WorkerSpec:
     """What a worker process needs to take checkpoints: shipped with its job."""
 
     directory: str
+    """Absolute: a worker may run in another working directory than the caller's."""
     keep: int
     restored: int | None
     first: int

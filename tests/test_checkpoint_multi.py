@@ -504,6 +504,21 @@ def test_ray_restarts_its_actors_after_a_sigkill(
     assert _file_counts(results) == expected_counts(words)
 
 
+def test_ray_takes_a_relative_checkpoint_directory_as_the_drivers(
+    ray_cluster: object, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A relative directory is in the driver's working directory, not in the actors' (the cluster's)."""
+    pytest.importorskip("ray")
+    words = tmp_path / "words.txt"
+    write_words(words, 1000)
+    monkeypatch.chdir(tmp_path)  # the actors' working directory is where the cluster was started
+    graph = held_word_count(words, tmp_path / "ck")  # its input waits for a checkpoint that the actors commit
+    got = run(graph, 1, mapping=_multi(Path("ck"), Path("results.jsonl"), "ray"), workers=2)
+    assert dict(record.data for record in got) == expected_counts(words)
+    assert _file_counts(tmp_path / "results.jsonl") == expected_counts(words)
+    assert list((tmp_path / "ck").glob("chk-*/MANIFEST.json"))
+
+
 def _followed_word_count(tmp_path: Path) -> tuple[Path, WorkflowGraph]:
     """A word count of a 1000-word file that it follows (a live run: it ends only when drained)."""
     path = tmp_path / "words.txt"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 import os
 import queue
@@ -59,6 +60,14 @@ class Die(IterativePE):
                 os.kill(os.getpid(), signal.SIGKILL)
             ray.kill(ray.get_runtime_context().current_actor)
         return item
+
+
+class ReadsFactor(IterativePE):
+    """Multiplies each item by the number in ``factor.txt``, a relative path."""
+
+    def process_item(self, item: int) -> int:
+        with open("factor.txt") as factor:
+            return int(factor.read()) * item
 
 
 def _chain(middle: IterativePE) -> WorkflowGraph:
@@ -216,6 +225,37 @@ def test_cli_workers_see_the_command_line_in_sys_argv(ray_cluster: RayCluster, t
     assert sorted(json.loads(line)["data"] for line in process.stdout.splitlines()) == [3, 6, 9]
 
 
+def test_cli_workers_open_relative_paths_in_the_working_directory(ray_cluster: RayCluster, tmp_path: Path) -> None:
+    """A PE opening a relative path finds the file where the command was run, as on multi; the actors ran in the
+    cluster's working directory (where ``ray start`` ran), and the run failed: no such file there."""
+    flow = tmp_path / "flow.py"
+    flow.write_text(
+        numbers_flow(
+            "class Scale(IterativePE):\n    def process_item(self, item):\n"
+            "        with open('factor.txt') as factor:\n            return int(factor.read()) * item\n"
+        )
+    )
+    (tmp_path / "factor.txt").write_text("7")
+    env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
+    command = ["run", str(flow), "--mapping", "ray", "-n", "2", "--address", ray_cluster.address]
+    process = aiod4p_cli(*command, "--results", "-", "-q", "-i", "3", env=env, cwd=tmp_path, timeout=55)
+    assert process.returncode == 0, process.stderr
+    assert sorted(json.loads(line)["data"] for line in process.stdout.splitlines()) == [7, 14, 21]
+
+
+def test_a_runtime_env_working_dir_stays_the_workers_working_directory(
+    ray_cluster: RayCluster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A ``working_dir`` in the runtime environment is where relative paths are, not the driver's directory."""
+    (tmp_path / "shipped").mkdir()
+    (tmp_path / "shipped" / "factor.txt").write_text("5")
+    (tmp_path / "factor.txt").write_text("7")
+    monkeypatch.chdir(tmp_path)
+    mapping = RayMapping(runtime_env={"working_dir": str(tmp_path / "shipped")})
+    results = aiod4p.run(_chain(ReadsFactor()), 3, mapping=mapping, workers=2)
+    assert sorted(results.data()) == [0, 10, 20]
+
+
 def test_cli_address_is_for_the_ray_mapping_only(tmp_path: Path) -> None:
     flow = tmp_path / "flow.py"
     flow.write_text(FLOW)
@@ -349,6 +389,30 @@ async def test_ray_s_calls_that_start_and_stop_a_run_are_made_off_the_event_loop
         results = await aiod4p.run_async(_chain(wf.Double()), 10, mapping="ray", workers=2)
     assert sorted(results.data()) == [4 * i for i in range(10)]
     assert on_loop == []
+
+
+@pytest.mark.asyncio
+async def test_killing_the_actors_cut_short_leaves_no_failure_unretrieved() -> None:
+    # A signal during start-up cancels the run while it kills its actors: their calls, failed by the kill,
+    # were logged as "Future exception was never retrieved", each with Ray's message, after "aborted by SIGINT".
+    from aiod4p.mappings._ray_run import RayRun
+
+    loop = asyncio.get_running_loop()
+    unretrieved: list[dict[str, Any]] = []
+    loop.set_exception_handler(lambda _, context: unretrieved.append(context))
+    run = RayRun(RayMapping(), plan=None)  # type: ignore[arg-type]  # killing needs no plan
+    failed: asyncio.Future[None] = loop.create_future()
+    failed.set_exception(WorkerDied("killed by ray.kill"))
+    run.alive = [failed, loop.create_future()]  # the other one's actor is not gone yet
+    killing = [asyncio.ensure_future(run._kill_actors())]
+    run._remove_actors = lambda: loop.call_soon_threadsafe(killing[0].cancel)  # type: ignore[method-assign]
+    async with asyncio.timeout(10):
+        await asyncio.wait(killing)
+    assert killing[0].cancelled()
+    del failed, run
+    killing.clear()  # with the cancelled task's frames, which hold the run
+    gc.collect()
+    assert unretrieved == []
 
 
 WITHOUT_CLUSTER = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}

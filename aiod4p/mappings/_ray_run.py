@@ -284,7 +284,11 @@ class RayRun:
         job = await finished_in_thread(ray.put, payload)  # one copy in the object store for every worker
         paths = [path for path in sys.path if path]
         self.serving = [
-            _future(actor.serve.remote(job, {peer: self.actors[peer] for peer in sorted(peers[wid])}, paths, sys.argv))
+            _future(
+                actor.serve.remote(
+                    job, {peer: self.actors[peer] for peer in sorted(peers[wid])}, paths, sys.argv, os.getcwd()
+                )
+            )
             for wid, actor in enumerate(self.actors)
         ]
 
@@ -336,13 +340,15 @@ class RayRun:
     async def _kill_actors(self) -> None:
         """Kill every actor of the run, give back its reservation (in a thread, as they were made), and wait (a
         few ``grace`` periods at most) until Ray confirms the actors are gone."""
-        await finished_in_thread(self._remove_actors)
-        if self.alive:
-            await asyncio.wait(self.alive, timeout=self.mapping.grace * 5)
-        for future in (*self.alive, *self.serving):
-            if future.done() and not future.cancelled():
-                future.exception()  # retrieved: a killed actor's calls fail, as expected
-            future.cancel()
+        try:
+            await finished_in_thread(self._remove_actors)
+            if self.alive:
+                await asyncio.wait(self.alive, timeout=self.mapping.grace * 5)
+        finally:  # also when the wait is cancelled (a signal during start-up): no failure is left unretrieved
+            for future in (*self.alive, *self.serving):
+                if future.done() and not future.cancelled():
+                    future.exception()  # retrieved: a killed actor's calls fail, as expected
+                future.cancel()
 
     def _remove_actors(self) -> None:
         """In a thread: kill the actors made so far and remove their placement group."""

@@ -10,6 +10,7 @@ worker host's (:func:`~aiod4p.mappings._host.serve_job`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import sys
 from collections.abc import Mapping, Sequence
@@ -46,7 +47,9 @@ class RayWorker(RayCommHost):
         """The id of the Ray node this actor runs on, and its process id (answered once it started)."""
         return ray.get_runtime_context().get_node_id(), os.getpid()
 
-    async def serve(self, payload: bytes, peers: Mapping[int, Any], paths: Sequence[str], argv: Sequence[str]) -> None:
+    async def serve(
+        self, payload: bytes, peers: Mapping[int, Any], paths: Sequence[str], argv: Sequence[str], cwd: str
+    ) -> None:
         """Run this worker's share of the shipped job, joined to the ``peers`` actors (by worker id).
 
         ``paths`` is the driver's ``sys.path``: the entries that exist on this
@@ -54,12 +57,19 @@ class RayWorker(RayCommHost):
         PEs are, import their modules from there). ``argv`` is the driver's
         ``sys.argv``, which becomes the worker's before the job's modules are
         imported (a workflow may read the command line at import, as
-        multiprocessing's spawned workers let it). Returns once the driver
+        multiprocessing's spawned workers let it). ``cwd`` is the driver's
+        working directory, which becomes the worker's if it exists on this
+        node (a PE opens relative paths there, as on multi; the actor
+        started in its cluster's), unless a runtime environment's
+        ``working_dir`` gave the worker its own. Returns once the driver
         closed its end of the control comm.
         """
         name = f"worker {self.wid}"
         _extend_path(paths)
         sys.argv = list(argv)
+        if not ray.get_runtime_context().runtime_env.get("working_dir"):  # else Ray's copy of it, as asked
+            with contextlib.suppress(OSError):  # not on this node
+                os.chdir(cwd)
         control = PulledComm(self, CONTROL)
         comms = {peer: RayComm(self, link_key(peer), handle, link_key(self.wid)) for peer, handle in peers.items()}
         try:
