@@ -19,12 +19,21 @@ import workflows as wf
 from helpers import recorded_supervisors
 
 from aiod4p import ALL, PlanOptions, WorkflowGraph, make_plan
+from aiod4p._checkpoint import ResultGate, Trigger
 from aiod4p._engine import Feed, Worker
 from aiod4p._plan import ExecutionPlan
 from aiod4p._results import QueueSink, ResultRecord, Results
 from aiod4p.errors import PEError, WorkerDied
 from aiod4p.mappings import RunControl
-from aiod4p.mappings._host import ForwardSink, Supervisor, pumped_feeds, serve, split_feeds
+from aiod4p.mappings._host import (
+    Done,
+    ForwardSink,
+    ResultsTaken,
+    Supervisor,
+    pumped_feeds,
+    serve,
+    split_feeds,
+)
 from aiod4p.transports import Comm, MemoryComm, memory_comm_pair
 
 
@@ -224,3 +233,56 @@ async def test_a_queue_sink_holds_at_most_its_bytes_but_always_one_batch() -> No
     assert len(queue.taken(queue.queue.get_nowait())[0].data) == 3 << 20
     await asyncio.wait_for(later, 10)
     assert queue.queued_bytes == 10
+
+
+class _GatedWorker:
+    """A servable whose results pass a :class:`ResultGate` of two producers, ``a`` and ``b``, as a worker's with
+    checkpoints does (and MPI rank 0's, per rank): its run releases what ``a`` wrote past barrier 1 once ``b``
+    passes it, and a :class:`Trigger` goes through the gate too."""
+
+    def __init__(self, plan: ExecutionPlan, gate: ResultGate) -> None:
+        self.plan = plan
+        self.gate = gate
+        self.checkpoints = self
+
+    @property
+    def stats(self) -> list[Any]:
+        return []
+
+    def drain(self) -> None:
+        pass
+
+    async def run(self) -> list[Any]:
+        await self.gate.mark("b", 1)
+        return []
+
+    async def trigger(self, n: int) -> None:
+        await self.gate.trigger(n)
+
+
+async def test_a_trigger_does_not_keep_a_worker_from_hearing_that_its_results_were_taken() -> None:
+    """A trigger came while the gate handed on held results, a window of them untaken: the worker read no more
+    control messages until the trigger was through, which waited for the gate, which waited for the launcher's
+    acknowledgement, which was not read (multi, mpi under checkpoints, behind a slow reader): the run hung."""
+    near, far = memory_comm_pair()
+    sink = ForwardSink(far, "the test", 1 << 20, 2)
+    gate = ResultGate(["a", "b"], sink.emit, _nothing)
+    await gate.mark("a", 1)
+    for item in range(4):
+        await gate.emit("a", "pe", "output", [item])  # held: b has not passed barrier 1 yet
+    worker = _GatedWorker(make_plan(wf.pipeline()[0], PlanOptions()), gate)
+    served = asyncio.create_task(serve(worker, far, name="worker 0", sink=sink, interval=3600))
+    async with asyncio.timeout(20):
+        sent = [await near.receive() for _ in range(2)]  # a window: the worker waits
+        await near.send(Trigger(2))
+        await near.send(ResultsTaken(sum(results.nbytes for results in sent), 2))
+        sent += [await near.receive() for _ in range(2)]
+        assert [results.items for results in sent] == [[0], [1], [2], [3]]
+        await near.send(ResultsTaken(sum(results.nbytes for results in sent[2:]), 2))
+        assert isinstance(await near.receive(), Done)
+        await near.aclose()
+        assert await served
+
+
+async def _nothing(n: int) -> None:
+    pass

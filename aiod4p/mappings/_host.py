@@ -361,14 +361,18 @@ async def serve(
         and leaves at once.
     """
     feeds = pumped or {}
+    triggers: asyncio.Queue[int] = asyncio.Queue()
     running = asyncio.create_task(worker.run(), name=f"{name} engine")
-    listener = asyncio.create_task(_listen(control, worker, sink, feeds), name=f"{name} listener")
+    listener = asyncio.create_task(_listen(control, worker, sink, feeds, triggers), name=f"{name} listener")
+    triggering = asyncio.create_task(_trigger(worker, triggers), name=f"{name} checkpoints")
     reporter = asyncio.create_task(_report(control, worker, interval), name=f"{name} statistics")
     succeeded = False
     try:
-        await asyncio.wait({running, listener}, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait({running, listener, triggering}, return_when=asyncio.FIRST_COMPLETED)
         reporter.cancel()
         if not running.done():
+            if triggering.done():
+                triggering.result()  # raises why a checkpoint could not start here
             listener.result()  # raises PeerDied: the launcher vanished
             raise PeerDied("the launcher closed the control comm before the run finished")
         try:
@@ -396,8 +400,9 @@ async def serve(
         with contextlib.suppress(Exception, TimeoutError):
             async with asyncio.timeout(goodbye_timeout):
                 await listener
-        listener.cancel()
-        await asyncio.gather(listener, return_exceptions=True)
+        for task in (listener, triggering):
+            task.cancel()
+        await asyncio.gather(listener, triggering, return_exceptions=True)
         await control.aclose()
     return succeeded
 
@@ -466,8 +471,15 @@ async def _report_failure(control: Comm, name: str, exc: BaseException) -> None:
         await control.send(Failed(exc))
 
 
-async def _listen(control: Comm, worker: Servable, sink: ForwardSink, pumped: Mapping[str, PumpedFeed]) -> None:
-    """Obey the launcher until it closes the control comm.
+async def _listen(
+    control: Comm,
+    worker: Servable,
+    sink: ForwardSink,
+    pumped: Mapping[str, PumpedFeed],
+    triggers: asyncio.Queue[int],
+) -> None:
+    """Obey the launcher until it closes the control comm; the checkpoints it triggers go to ``triggers``, for
+    :func:`_trigger`.
 
     Raises:
         PeerDied: the launcher vanished, or sent what a worker does not understand.
@@ -487,9 +499,18 @@ async def _listen(control: Comm, worker: Servable, sink: ForwardSink, pumped: Ma
             case Drain():
                 worker.drain()
             case Trigger(n) if getattr(worker, "checkpoints", None) is not None:
-                await worker.checkpoints.trigger(n)  # type: ignore[attr-defined]
+                triggers.put_nowait(n)
             case _:
                 raise PeerDied(f"unexpected control message {message!r} from the launcher")
+
+
+async def _trigger(worker: Servable, triggers: asyncio.Queue[int]) -> None:
+    """Start the checkpoints in ``triggers`` on ``worker``, in order, apart from :func:`_listen`: a trigger may
+    wait for the worker's results gate, which may wait for room in the :class:`ForwardSink`, which only the
+    :class:`ResultsTaken` that :func:`_listen` reads gives (awaited there, the worker hung)."""
+    while True:
+        n = await triggers.get()
+        await worker.checkpoints.trigger(n)  # type: ignore[attr-defined]
 
 
 async def _report(control: Comm, worker: Servable, interval: float) -> None:
