@@ -27,7 +27,7 @@ from ._loading import in_worker
 from ._pe import PE
 from ._plan import DEFAULT_BATCH_SIZE, DEFAULT_CREDITS, DEFAULT_MAX_DELAY, ExecutionPlan, make_plan
 from ._results import QueueSink, ResultRecord, Results
-from ._signals import HELD_GRACE, HeldLoopInterrupt, loop_turns
+from ._signals import ABORT_GRACE, HELD_GRACE, HeldLoopInterrupt, loop_turns
 from ._stats import InstanceStats
 from .errors import Aiod4pError, GraphError, InputError, MappingUnavailable
 from .mappings import BaseMapping, RunControl, get_mapping
@@ -468,13 +468,14 @@ def _cancel(running: Running, again: bool) -> None:
 
 def _interrupt_a_held_loop(running: Running, outcome: concurrent.futures.Future[Any], thread: threading.Thread) -> None:
     """After a second interrupt: if the run has not ended within :data:`HELD_GRACE` seconds and its loop does
-    not turn (a PE holds it: a blocking call, a loop that never ends), raise ``KeyboardInterrupt`` in the
+    not turn in the rest of :data:`ABORT_GRACE` (a PE holds it: a blocking call, a loop that never ends; a loop
+    that waited a moment for a CPU, or for a clean-up step, is not held), raise ``KeyboardInterrupt`` in the
     run's thread, in that PE's code (at its next Python instruction: a call into C that never returns still
     holds it). The command line ends its process instead; a notebook's kernel must go on."""
     if concurrent.futures.wait([outcome], HELD_GRACE).done or not running.done() or running.exception():
         return
     loop, _ = running.result()
-    if thread.ident is None or loop_turns(loop, HELD_GRACE / 10):
+    if thread.ident is None or loop_turns(loop, ABORT_GRACE - HELD_GRACE):
         return
     print("aiod4p: a PE holds the event loop: interrupting its code", file=sys.stderr, flush=True)
     ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread.ident), ctypes.py_object(HeldLoopInterrupt))

@@ -59,7 +59,7 @@ ABORT_GRACE = 0.9
 """Seconds an abort may take while the event loop turns (its clean-up: stopping a local Ray, say)."""
 HELD_GRACE = 0.5
 """Seconds an abort may take before the watchdog checks whether the event loop turns (whether a PE holds it);
-the notebook's interrupt (``aiod4p.run``) waits a tenth of that for it to turn."""
+the loop has the rest of :data:`ABORT_GRACE` to turn once (the notebook's interrupt, ``aiod4p.run``, too)."""
 SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
