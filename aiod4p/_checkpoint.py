@@ -100,7 +100,8 @@ class Checkpointing:
         results_path: the ``--results`` file, written exactly once per result (truncated on restore).
         results_counted: with ``results_path``, the file alone gets the results: the run's reader gets none, and
             this is called with the number of each batch of results instead, once the file holds them (with
-            ``restarts``, once a checkpoint that commits them is complete). Nothing is held for a reader.
+            ``restarts``, with the number a checkpoint commits once it is complete, and with the rest when the
+            run ends, also when it fails). Nothing is held for a reader.
     """
 
     directory: str | os.PathLike[str]
