@@ -77,6 +77,11 @@ class Runtime:
     rank: int = 0  # unique among the run's instances (ExecutionPlan.rank_of)
 
 
+_UNWRITABLE_IN_NAMES = re.compile(r'[\s"%<>\\^`{|}\x00-\x1f\x7f]+')
+"""What the local part of a PROV qualified name cannot hold (PROV-N cannot write it: ``prov`` warns, and will
+refuse it): the names of :meth:`PE.annotate`'s attributes."""
+
+
 class PE:
     """Base class of every processing element.
 
@@ -214,14 +219,14 @@ class PE:
         """Attach ``attributes`` (parameters, file names, versions) to this instance's provenance agent.
 
         Raises:
-            ValueError: a name is not an identifier (``**{"file name": ...}``): PROV names it as a qualified
-                name, which ``prov`` warns of and will refuse.
+            ValueError: a name is empty or holds what a PROV qualified name cannot (a space, a backtick, one of
+                ``"%<>\\^{|}``: ``**{"file name": ...}``), which ``prov`` warns of and will refuse.
         """
         for name in attributes:
-            if not name.isidentifier():
+            if not name or _UNWRITABLE_IN_NAMES.search(name):
                 raise ValueError(
-                    f"annotate(): {name!r} is not a name provenance can keep (letters, digits and _, as a"
-                    " keyword argument): call it, say, " + repr(re.sub(r"\W+", "_", name).strip("_") or "value")
+                    f"annotate(): {name!r} is not a name provenance can keep (no space, no backtick, none of"
+                    f' "%<>\\^{{|}}): call it, say, {_UNWRITABLE_IN_NAMES.sub("_", name).strip("_") or "value"!r}'
                 )
         if (recorder := self._recorder) is not None:
             recorder.annotate(attributes)

@@ -8,6 +8,7 @@ import os
 import re
 import subprocess
 import sys
+import warnings
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -104,6 +105,14 @@ class NamesItsFile(ProducerPE):
         return "row"
 
 
+class AnnotatesWithNames(ProducerPE):
+    def preprocess(self) -> None:
+        self.annotate(**{"ns:seis": "http://seis-prov.eu/ns", "run.id": "7", "a-b": "x"})
+
+    def produce(self) -> str:
+        return "row"
+
+
 class AnnotatesWithASpace(ProducerPE):
     def preprocess(self) -> None:
         self.annotate(**{"file name": "a.csv"})
@@ -120,6 +129,24 @@ def test_an_annotation_whose_name_is_not_an_identifier_fails_naming_it(level: st
     graph.add(AnnotatesWithASpace())
     with pytest.raises(aiod4p.PEError, match=r"annotate\(\): 'file name' is not a name .* call it, say, 'file_name'"):
         aiod4p.run(graph, 1, provenance=level)
+
+
+def test_annotation_names_that_prov_writes_are_kept(tmp_path: Path) -> None:
+    """Qualified and dotted names (dispel4py's provenance annotates `ns:seis`) are PROV names: only a space and
+    what PROV-N cannot write are refused."""
+    graph = WorkflowGraph()
+    graph.add(pe := AnnotatesWithNames())
+    _, stats = run_recorded(graph, 1, "async", None, "pe")
+    assert next(entry.provenance.annotations for entry in stats if entry.pe == pe.id) == {
+        "ns:seis": "http://seis-prov.eu/ns",
+        "run.id": "7",
+        "a-b": "x",
+    }
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # prov warns of the names it will refuse
+        path = aiod4p.write_provenance(stats, str(tmp_path / "run.provn"))
+        aiod4p.write_provenance(stats, str(tmp_path / "run.json"))
+    assert "http://seis-prov.eu/ns" in Path(path).read_text()
 
 
 def test_a_prov_json_file_keeps_a_value_that_is_not_valid_utf8(tmp_path: Path) -> None:
