@@ -7,7 +7,6 @@ import atexit
 import os
 import re
 import signal
-import sys
 import threading
 import time
 from collections import Counter
@@ -430,8 +429,10 @@ class FailsOnInstance(IterativePE):
         if self.instance == self.failing:
             mapped = sorted(set(re.findall(r"/dev/shm/mpich_shm_\S+", Path("/proc/self/maps").read_text())))
             if mapped:  # an MPI rank's: a test checks that no file is left once the job has ended
-                print(SHARED_MEMORY, *mapped, file=sys.stderr, flush=True)
-                print(TOPOLOGY, *proxy_topology_files(), file=sys.stderr, flush=True)
+                # One write a line: print() writes each argument apart, and another rank's line (rank 0's
+                # "Abort(1) ..." as it ends the job) landed in the middle of one, where no filter knows it.
+                for said, files in ((SHARED_MEMORY, mapped), (TOPOLOGY, proxy_topology_files())):
+                    os.write(2, f"{' '.join([said, *files])}\n".encode())
             if self.kill:
                 os.kill(os.getpid(), signal.SIGKILL)
             raise ValueError(f"instance {self.instance} refuses item {item}")
