@@ -509,9 +509,8 @@ def test_a_killed_local_rays_orphans_are_reaped_not_left_as_zombies() -> None:
     those killed with the raylet (its idle workers) are reaped, not left zombies for as long as the kernel lives."""
     adopt_orphans(True)
     try:  # a shell (a raylet) that starts a worker and ends: the worker comes back to this process
-        shell = subprocess.run(
-            ["sh", "-c", "sleep 60 >/dev/null 2>&1 & echo $!"], capture_output=True, text=True, check=True
-        )
+        starts_a_worker = "sleep 60 >/dev/null 2>&1 & echo $!"  # ok-sleep: a stand-in worker process, killed below
+        shell = subprocess.run(["sh", "-c", starts_a_worker], capture_output=True, text=True, check=True)
         orphan = int(shell.stdout)
         fds = pidfds({orphan})
         kill_left(fds, 0.0)
@@ -663,7 +662,7 @@ from unittest import mock
 import aiod4p.mappings._ray_run as ray_run
 started = []
 def connect():
-    started.append(os.posix_spawnp("sleep", ["sleep", "60"], os.environ))  # another run's worker, say
+    started.append(os.posix_spawnp("sleep", ["sleep", "60"], os.environ))  # ok-sleep: another run's worker, say
     return True
 connection = ray_run._Connection()
 with (
@@ -698,7 +697,7 @@ def test_processes_left_are_waited_for_whatever_their_pidfds_numbers() -> None:
     except OSError:
         pytest.skip("cannot open 1100 descriptors here")
     try:
-        pid = os.posix_spawnp("sleep", ["sleep", "60"], os.environ)  # reaped by reap(), not by a Popen
+        pid = os.posix_spawnp("sleep", ["sleep", "60"], os.environ)  # ok-sleep: a process reaped by reap(), not a Popen
         fds = pidfds({pid})
         assert fds[0] >= 1024
         kill_left(fds, 0.0)
