@@ -766,6 +766,12 @@ class _Actor(Invoker):
         item is in flight) once the run drains, unless the source says what draining means (:attr:`drains_itself`)."""
         return not self.has_inputs and self.worker._draining and not self.drains_itself
 
+    def _stop_a_drained_sources_call(self) -> None:
+        """At a ``write()`` of a batch's call: once the run drains, a source's call ends there, as a generator
+        source's does at its next item (:class:`_SourceStopped`, raised into the call)."""
+        if self.handling and self._drops_calls():
+            raise _SourceStopped
+
     def _end_runner(self) -> None:
         """End the greenlet that ran the PE's calls. Parked between two calls, it would outlive the run, with
         its frame: the collector cannot look into a suspended greenlet's frames, so the cycle through them
@@ -947,8 +953,7 @@ class _Actor(Invoker):
         finally:
             handovers.discard(future)
         runtime.limit = self._cap_by_bytes(min(2 * runtime.limit, self.hand_over_limit), sample)
-        if self.handling and self._drops_calls():
-            raise _SourceStopped  # into the call, at its write(): see _route_written
+        self._stop_a_drained_sources_call()
 
     async def _route_handed_over(self) -> None:
         """On the loop, for a call in a pool thread: route what it wrote so far."""
@@ -1017,8 +1022,7 @@ class _Actor(Invoker):
         self._busy_fold()
         await self._route_outputs(detach=True)
         await self._checkpoint_within_call()
-        if self.handling and self._drops_calls():
-            raise _SourceStopped  # into the call, at its write(): a source stops there once the run drains
+        self._stop_a_drained_sources_call()
         await self._give_way_if_held()
         self.writing_since = time.perf_counter()
 

@@ -59,7 +59,7 @@ async def _run(
             continue
         peers: dict[int, Comm] = {b if a == wid else a: links[(a, b)][a != wid] for (a, b) in links if wid in (a, b)}
         resolved, pumped_here = pumped_feeds(shipped, far)
-        forward = ForwardSink(far, "the test", plan.options.result_bytes, plan.options.result_batches)
+        forward = ForwardSink.for_plan(far, "the test", plan.options)
         worker = Worker(plan, wid, feeds=resolved, results=forward, peers=peers)
         served.append(
             asyncio.create_task(

@@ -38,7 +38,7 @@ from .._checkpoint import HostCheckpoints, Session, Trigger, attach_worker, repl
 from .._engine import HELD_FEEDS, Feed, ReadAhead, Worker, pe_error
 from .._frames import short_repr
 from .._links import unpicklable_item
-from .._plan import ExecutionPlan, InstanceRef
+from .._plan import ExecutionPlan, InstanceRef, PlanOptions
 from .._results import ResultSink
 from .._sizes import approximate_batch_size
 from .._stats import InstanceStats
@@ -248,6 +248,12 @@ class ForwardSink:
         self._untaken_batches = 0
         self._room = asyncio.Event()
 
+    @classmethod
+    def for_plan(cls, control: Comm, destination: str, options: PlanOptions) -> ForwardSink:
+        """A sink with the plan's windows: :attr:`~aiod4p.PlanOptions.result_bytes` and
+        :attr:`~aiod4p.PlanOptions.result_batches`."""
+        return cls(control, destination, options.result_bytes, options.result_batches)
+
     def taken(self, nbytes: int, batches: int) -> None:
         """The launcher took ``batches`` of the results sent, of ``nbytes`` bytes."""
         self._untaken -= nbytes
@@ -449,7 +455,7 @@ async def serve_job(
         if isinstance(job, Exception):
             raise job
         feeds, pumped = pumped_feeds(job.feeds, control)
-        sink = ForwardSink(control, launcher, job.plan.options.result_bytes, job.plan.options.result_batches)
+        sink = ForwardSink.for_plan(control, launcher, job.plan.options)
         worker = Worker(job.plan, wid, feeds=feeds, results=sink, peers=peers, max_delay=job.max_delay)
         if job.checkpoints is not None:
             attach_worker(worker, job.checkpoints, control)

@@ -58,9 +58,7 @@ async def _lead(sock: socket.socket) -> None:
             raise loaded
         job = loaded
         feeds, pumped = pumped_feeds(job.feeds, control)
-        sink = ForwardSink(
-            control, "the launching process", job.plan.options.result_bytes, job.plan.options.result_batches
-        )
+        sink = ForwardSink.for_plan(control, "the launching process", job.plan.options)
         group = RankZero(
             job.plan,
             feeds,

@@ -269,7 +269,7 @@ class RankZero:
         controls: dict[int, Comm] = {other: endpoint.comm(other, CONTROL_KEY) for other in range(1, endpoint.size)}
         near, far = memory_comm_pair()
         controls[0] = near
-        sink = ForwardSink(far, "rank 0", self.plan.options.result_bytes, self.plan.options.result_batches)
+        sink = ForwardSink.for_plan(far, "rank 0", self.plan.options)
         worker = Worker(self.plan, 0, feeds=self.feeds, results=sink, peers=peers, max_delay=self.max_delay)
         if self.spec is not None:
             assert self.upward is not None
