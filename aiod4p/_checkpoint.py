@@ -45,7 +45,7 @@ import urllib.parse
 from collections.abc import AsyncIterator, Awaitable, Callable, Hashable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol, TextIO
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TextIO, TypeVar
 
 from ._channels import Barrier, Message
 from ._engine import HELD_FEEDS, calls_take_turns
@@ -78,6 +78,8 @@ __all__ = [
 ]
 
 logger = logging.getLogger("aiod4p.checkpoint")
+
+T = TypeVar("T")
 
 MANIFEST = "MANIFEST.json"
 LOCK = "aiod4p.lock"
@@ -686,6 +688,41 @@ def _reader_gone(path: str) -> Iterator[None]:
         raise reader_went_away("results", path, CheckpointError) from None
 
 
+class _Commits(Generic[T]):
+    """What a run under ``--restarts`` holds (results, or their numbers), by the checkpoint that commits it."""
+
+    def __init__(self) -> None:
+        self._open: list[T] = []  # emitted since the last seal
+        self._sealed: collections.deque[tuple[int, list[T]]] = collections.deque()
+
+    def hold(self, held: T) -> None:
+        """Hold ``held`` under the next checkpoint sealed."""
+        self._open.append(held)
+
+    def seal(self, n: int) -> None:
+        """Checkpoint ``n`` commits everything held so far."""
+        self._sealed.append((n, self._open))
+        self._open = []
+
+    def complete(self, n: int) -> list[T]:
+        """Checkpoint ``n`` is complete: take what it (and any earlier one) commits, in order."""
+        committed: list[T] = []
+        while self._sealed and self._sealed[0][0] <= n:
+            committed += self._sealed.popleft()[1]
+        return committed
+
+    def release(self) -> list[T]:
+        """The run is over: take everything held, in order."""
+        held = [entry for _, entries in self._sealed for entry in entries] + self._open
+        self.discard()
+        return held
+
+    def discard(self) -> None:
+        """A restart: drop everything held."""
+        self._sealed.clear()
+        self._open = []
+
+
 class HeldResults:
     """The run's results sink under ``--restarts``: each result is handed on once a checkpoint that
     commits it has completed, so that a restart, which produces again what followed the checkpoint it
@@ -703,8 +740,7 @@ class HeldResults:
         self._sink = sink
         self._backlog = backlog
         self._max_bytes = max_bytes
-        self._open: list[tuple[str, str, list[Any]]] = []
-        self._sealed: list[tuple[int, list[tuple[str, str, list[Any]]]]] = []
+        self._commits: _Commits[tuple[str, str, list[Any]]] = _Commits()
         self._ready: collections.deque[tuple[str, str, list[Any], int]] = collections.deque()  # and their bytes
         self._waiting = 0  # the items in ``_ready``
         self._waiting_bytes = 0  # and their bytes
@@ -720,28 +756,23 @@ class HeldResults:
         is behind; raises what the sink raised, once it did."""
         if self._failure is not None:
             raise self._failure
-        self._open.append((pe, port, items))
+        self._commits.hold((pe, port, items))
         await self._room.wait()
 
     def seal(self, n: int) -> None:
         """Checkpoint ``n`` commits every result emitted so far."""
-        self._sealed.append((n, self._open))
-        self._open = []
+        self._commits.seal(n)
 
     def complete(self, n: int) -> None:
         """Checkpoint ``n`` is complete: what it commits is ready."""
-        while self._sealed and self._sealed[0][0] <= n:
-            self._make_ready(self._sealed.pop(0)[1])
+        self._make_ready(self._commits.complete(n))
 
     async def finish(self) -> None:
         """The run is over: hand every result held on (the run will not produce them again), and wait until
         :meth:`deliver` did; raises what the sink raised, if it did."""
         if self._failure is not None:
             raise self._failure
-        for _, batches in self._sealed:
-            self._make_ready(batches)
-        self._make_ready(self._open)
-        self._sealed, self._open = [], []
+        self._make_ready(self._commits.release())
         await self._emptied.wait()
         if self._failure is not None:
             raise self._failure
@@ -754,7 +785,7 @@ class HeldResults:
 
     def discard(self) -> None:
         """A restart: drop what no complete checkpoint commits (the restarted run produces it again)."""
-        self._sealed, self._open = [], []
+        self._commits.discard()
 
     async def deliver(self) -> None:
         """Hand the ready results on, in order; runs until cancelled, or until the sink raises (the
@@ -813,26 +844,23 @@ class HeldCounts:
 
     def __init__(self, counted: Callable[[int], None]) -> None:
         self._counted = counted
-        self._open = 0
-        self._sealed: list[tuple[int, int]] = []
+        self._commits: _Commits[int] = _Commits()
 
     async def emit(self, pe: str, port: str, items: list[Any]) -> None:
-        self._open += len(items)
+        self._commits.hold(len(items))
 
     def seal(self, n: int) -> None:
         """Checkpoint ``n`` commits every result emitted so far."""
-        self._sealed.append((n, self._open))
-        self._open = 0
+        self._commits.seal(n)
 
     def complete(self, n: int) -> None:
         """Checkpoint ``n`` is complete: what it commits is counted."""
-        while self._sealed and self._sealed[0][0] <= n:
-            self._counted(self._sealed.pop(0)[1])
+        if committed := self._commits.complete(n):
+            self._counted(sum(committed))
 
     async def finish(self) -> None:
         """The run is over: count every result held (the run will not produce them again)."""
-        self._counted(sum(count for _, count in self._sealed) + self._open)
-        self._sealed, self._open = [], 0
+        self._counted(sum(self._commits.release()))
 
     def behind(self) -> int:
         """0: no reader is behind."""
@@ -840,7 +868,7 @@ class HeldCounts:
 
     def discard(self) -> None:
         """A restart: drop what no complete checkpoint commits (the restarted run produces it again)."""
-        self._sealed, self._open = [], 0
+        self._commits.discard()
 
     async def deliver(self) -> None:
         """Nothing to deliver: :meth:`complete` counts."""

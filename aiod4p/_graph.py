@@ -149,6 +149,7 @@ class FlatGraph:
                     grouping = connection.grouping or dest._input_ports[dest_port].grouping
                     edges.append(Edge(_id(source), source_port, _id(dest), dest_port, grouping))
         flat = cls(pes, edges, composites)
+        flat._check_implemented()
         flat._check_required_inputs()
         flat._check_acyclic()
         return flat
@@ -187,6 +188,12 @@ class FlatGraph:
                 if indegree[edge.dest] == 0:
                     ready.append(edge.dest)
         return order
+
+    def _check_implemented(self) -> None:
+        for pe_id, pe in self.pes.items():
+            problem = pe._unimplemented()
+            if problem is not None:
+                raise GraphError(f"PE {pe_id}: {problem}")
 
     def _check_required_inputs(self) -> None:
         connected = {(edge.dest, edge.dest_port) for edge in self.edges}

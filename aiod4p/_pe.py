@@ -124,6 +124,10 @@ class PE:
     #: PEs take only dicts of their declared input ports, so a misspelt port
     #: is an error rather than an item silently ignored.
     takes_undeclared_inputs: ClassVar[bool] = False
+    #: The method a subclass of this class overrides to handle items (unless
+    #: it overrides :meth:`process` itself); a graph with a PE that does
+    #: neither is refused (:meth:`_unimplemented`).
+    _handler: ClassVar[str] = "process"
     threaded: bool = False
 
     def __init__(
@@ -303,6 +307,19 @@ class PE:
         """
         return None
 
+    def _unimplemented(self) -> str | None:
+        """What this PE lacks to handle items (see :attr:`_handler`), said for an error, or ``None``."""
+        base = next(cls for cls in type(self).__mro__ if "_handler" in vars(cls))
+        if _overrides(self, base, "process") or _overrides(self, base, self._handler):
+            return None
+        problem = f"{type(self).__name__} does not implement {self._handler}()"
+        if hasattr(self, "_process"):
+            problem += (
+                f": _process() is dispel4py's name for it; name it {self._handler}() for aiod4p's {base.__name__}, "
+                f"or import {base.__name__} from dispel4py.base, which aiod4p provides (docs/dispel4py.md)"
+            )
+        return problem
+
 
 class GenericPE(PE):
     """A PE with any named inputs and outputs; override :meth:`process`.
@@ -331,7 +348,8 @@ class GenericPE(PE):
 
 
 def _overrides(pe: PE, base: type[PE], method: str) -> bool:
-    return getattr(type(pe), method) is not getattr(base, method)
+    """Whether ``pe`` has a ``method`` of its own: set on the instance, or its class's rather than ``base``'s."""
+    return method in vars(pe) or getattr(type(pe), method) is not getattr(base, method)
 
 
 def _emit(port: str | None, result: Any) -> Any:
@@ -346,6 +364,8 @@ class IterativePE(PE):
     The return value of :meth:`process_item`, unless ``None``, is written to
     ``output``; a generator's every yielded value is.
     """
+
+    _handler = "process_item"
 
     def __init__(self, *, grouping: GroupingLike = None, name: str | None = None, parallelism: int | None = None):
         super().__init__(name=name, parallelism=parallelism)
@@ -375,6 +395,8 @@ class ProducerPE(PE):
     ``output``, and a generator's every yielded value is.
     """
 
+    _handler = "produce"
+
     def __init__(self, *, name: str | None = None, parallelism: int | None = None):
         super().__init__(name=name, parallelism=parallelism)
         self.add_output(OUTPUT)
@@ -394,6 +416,8 @@ class ProducerPE(PE):
 
 class ConsumerPE(PE):
     """A sink with one input ``input`` and no outputs: override :meth:`consume`."""
+
+    _handler = "consume"
 
     def __init__(self, *, grouping: GroupingLike = None, name: str | None = None, parallelism: int | None = None):
         super().__init__(name=name, parallelism=parallelism)

@@ -256,6 +256,13 @@ class ExecutionPlan:
             if worker is None or placed == worker
         ]
 
+    def instances_on(self, worker: int) -> str:
+        """The instances placed on ``worker``, as short text: ``Read0[0], Count1[0-3,6]``."""
+        indexes: dict[str, list[int]] = {}
+        for instance in self.instances(worker):
+            indexes.setdefault(instance.pe, []).append(instance.index)
+        return ", ".join(f"{pe_id}[{worker_list(found)}]" for pe_id, found in indexes.items())
+
     def worker_pairs(self) -> list[tuple[int, int]]:
         """The pairs of workers ``(a, b)``, ``a < b``, that share a channel (each pair once, sorted)."""
         return sorted(
@@ -317,8 +324,8 @@ class ExecutionPlan:
 
 
 def worker_list(workers: Iterable[int]) -> str:
-    """The distinct worker indexes of ``workers``, in order, as short text: runs of three or more as a range
-    (``0-2,5,7,8``), so that thousands of workers stay one short label (a drawing, a table)."""
+    """The distinct indexes in ``workers`` (or of instances), in order, as short text: runs of three or more as a
+    range (``0-2,5,7,8``), so that thousands of workers stay one short label (a drawing, a table)."""
     runs: list[list[int]] = []
     for worker in sorted(set(workers)):
         if runs and worker == runs[-1][-1] + 1:

@@ -8,16 +8,19 @@ import workflows as wf
 from aiod4p import (
     ALL,
     GLOBAL,
+    PE,
     SHUFFLE,
     CompositePE,
     GenericPE,
     GraphError,
     GroupBy,
     IterativePE,
+    ProducerPE,
     WorkflowGraph,
     chain,
     group_by,
     iterative,
+    run,
 )
 from aiod4p._groupings import as_grouping
 
@@ -62,10 +65,51 @@ def test_required_input_left_unconnected() -> None:
 def test_optional_input_may_stay_unconnected() -> None:
     graph = WorkflowGraph()
     pe = GenericPE(outputs=["output"])
+    pe.process = lambda inputs: None  # type: ignore[method-assign]
     pe.add_input("input")
     pe.add_input("extra", required=False)
     graph.connect(wf.Count(), "output", pe, "input")
     assert len(graph.flatten().edges) == 1
+
+
+class _Nothing(GenericPE):
+    """Declares ports, handles nothing."""
+
+    def __init__(self) -> None:
+        super().__init__(inputs=["input"], outputs=["output"])
+
+
+class _Dispel4pyStyle(ProducerPE):
+    """aiod4p's ProducerPE written with dispel4py's method."""
+
+    def _process(self, inputs: object) -> int:
+        return 1
+
+
+@pytest.mark.parametrize(
+    ("pe", "expected"),
+    [
+        (_Nothing(), r"_Nothing does not implement process\(\)$"),
+        (
+            _Dispel4pyStyle(),
+            r"_Dispel4pyStyle does not implement produce\(\): _process\(\) is dispel4py's name for it; name it"
+            r" produce\(\) for aiod4p's ProducerPE, or import ProducerPE from dispel4py.base",
+        ),
+    ],
+)
+def test_a_pe_that_handles_no_items_is_refused_before_a_run(pe: PE, expected: str) -> None:
+    graph = WorkflowGraph()
+    graph.add(pe)
+    with pytest.raises(GraphError, match=rf"PE {pe.id}: {expected}"):
+        graph.flatten()
+
+
+def test_a_handler_set_on_the_instance_counts() -> None:
+    pe = IterativePE()
+    pe.process_item = lambda item: item + 1  # type: ignore[method-assign]
+    graph = WorkflowGraph()
+    graph.add(pe)
+    assert run(graph, {pe.id: [{"input": 1}]}).data() == [2]
 
 
 def test_cycle_is_rejected_with_its_path() -> None:

@@ -333,10 +333,10 @@ def test_code_shipped_by_value_fails_naming_its_file_and_line() -> None:
 
 
 @pytest.mark.parametrize(("how", "expected"), [("kill", "killed by SIGKILL"), ("exit", "exited with code 7")])
-def test_a_dying_worker_fails_the_run_within_seconds(how: str, expected: str) -> None:
-    graph, _ = _chain(Die(how))
+def test_a_dying_worker_fails_the_run_within_seconds_naming_its_pe_instances(how: str, expected: str) -> None:
+    graph, _ = _chain(die := Die(how))
     started = time.monotonic()
-    with pytest.raises(WorkerDied, match=expected):
+    with pytest.raises(WorkerDied, match=rf"{expected} before the run finished; it ran .*{die.id}\[[01]\]"):
         aiod4p.run(graph, 10_000_000, mapping="multi", workers=2)
     assert time.monotonic() - started < 10
 

@@ -8,6 +8,7 @@ import json
 import subprocess
 import sys
 import threading
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -154,6 +155,9 @@ def test_jar_holds_the_resources(tmp_path: Path) -> None:
 class Reserved(GenericPE):
     def __init__(self) -> None:
         super().__init__(inputs=["input"], outputs=["__tick"])
+
+    def process(self, inputs: Mapping[str, Any]) -> None:
+        return None
 
 
 def test_reserved_port_name_is_rejected(tmp_path: Path) -> None:

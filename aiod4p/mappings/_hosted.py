@@ -12,6 +12,7 @@ workers start, end, and die.
 
 from __future__ import annotations
 
+import functools
 from abc import abstractmethod
 from collections.abc import Mapping
 from typing import Protocol
@@ -132,7 +133,7 @@ class HostedMapping(BaseMapping):
                 pumped=pumped,
                 grace=self.grace,
                 exited=launch.exited,
-                death=launch.death,
+                death=functools.partial(_death_naming_instances, launch, plan),
                 checkpoints=LauncherCheckpoints(session, comms) if session is not None else None,
             )
             stats = await supervisor.run()
@@ -144,3 +145,9 @@ class HostedMapping(BaseMapping):
             finally:
                 for comm in comms.values():
                     comm.abort()
+
+
+async def _death_naming_instances(launch: Launch, plan: ExecutionPlan, wid: int) -> str:
+    """Why worker ``wid`` died, and the PE instances it ran (one of them may have ended it: ``os._exit``, a crash
+    in an extension, the memory it took)."""
+    return f"{await launch.death(wid)}; it ran {plan.instances_on(wid)}"
