@@ -643,10 +643,12 @@ def test_pe_error_on_another_rank_names_the_pe() -> None:
     assert time.monotonic() - started < 10
 
 
-def test_a_rank_killed_by_a_signal_fails_the_run() -> None:
+def test_a_rank_killed_by_a_signal_fails_the_run_naming_the_rank_and_its_pe_instances() -> None:
     started = time.monotonic()
     with pytest.raises(
-        WorkerDied, match=r"an MPI rank \(pid \d+ on \S+\) ended with exit code 9 \(Killed \(signal 9\)\)"
+        WorkerDied,
+        match=r"MPI rank [01] \(pid \d+ on \S+; it ran .*FailsOnInstance\d+\[1\].*\) ended with exit code 9"
+        r" \(Killed \(signal 9\)\)",
     ):
         aiod4p.run(wf.mpi_killed(), 100, mapping="mpi", workers=2)
     assert time.monotonic() - started < 10

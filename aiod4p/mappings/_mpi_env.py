@@ -34,6 +34,7 @@ __all__ = [
     "names_hosts",
     "rank_environment",
     "ranks_here",
+    "ranks_of",
     "receive_job",
     "take_launcher_state",
     "take_stdin",
@@ -84,11 +85,29 @@ def ranks_here() -> int | None:
 
 def job_rank() -> int:
     """This process's rank when it was started by mpiexec, else 0."""
+    return _rank_in(os.environ) or 0
+
+
+def _rank_in(environ: Mapping[str, str]) -> int | None:
+    """The rank that ``environ`` gives its process, if it is an MPI rank's."""
     for name in _RANK_VARIABLES:
-        value = os.environ.get(name, "")
+        value = environ.get(name, "")
         if value.isdigit():
             return int(value)
-    return 0
+    return None
+
+
+def ranks_of(processes: set[int]) -> dict[int, int]:
+    """The MPI rank of each of ``processes`` (by pid) that is a rank, as its process manager told it in its
+    environment; none for a process whose ``/proc/PID/environ`` cannot be read (gone, another user's)."""
+    found: dict[int, int] = {}
+    for pid in processes:
+        with contextlib.suppress(OSError):
+            entries = Path(f"/proc/{pid}/environ").read_bytes().decode(errors="replace").split("\0")
+            environ = dict(entry.partition("=")[::2] for entry in entries)
+            if (rank := _rank_in(environ)) is not None:
+                found[pid] = rank
+    return found
 
 
 _SYS_PATH_VARIABLE = "AIOD4P_LAUNCHER_SYS_PATH"  # the launcher's sys.path, for the ranks it starts

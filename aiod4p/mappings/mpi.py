@@ -64,6 +64,7 @@ from ._mpi_env import (
     names_hosts,
     rank_environment,
     ranks_here,
+    ranks_of,
 )
 from ._shipping import Job, ship
 
@@ -359,6 +360,7 @@ class _Ranks:
         # mpiexec's reaches, and a rank can outlive a killed proxy (note_job).
         self._noted: set[int] = set()
         self._held: list[int] = []  # their pidfds
+        self.rank_of: dict[int, int] = {}  # the MPI rank of each rank process noted here, by pid
         self._directory = tempfile.TemporaryDirectory(prefix="aiod4p-mpi-")
         address = str(Path(self._directory.name, "rank0.sock"))
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -388,12 +390,13 @@ class _Ranks:
             raise
 
     def note_job(self) -> None:
-        """Note the job's processes (Hydra's proxies and the ranks on this machine) and the files they hold,
-        while it runs: :meth:`close` ends what its end left running and removes what it left behind
+        """Note the job's processes (Hydra's proxies and the ranks on this machine, with their ranks' numbers) and
+        the files they hold, while it runs: :meth:`close` ends what its end left running and removes what it left behind
         (:func:`~aiod4p.mappings._mpi_env.job_files`)."""
         if self.process.returncode is None:
             below = descendants({self.process.pid}) - {self.process.pid}
             self._held += pidfds(below - self._noted)
+            self.rank_of |= ranks_of(below - self._noted)
             self._noted |= below
             self._files |= files_held(below)
 
@@ -541,6 +544,7 @@ class _Job:
         self.reported = False  # rank 0 reported the run's outcome: the job's teardown is expected
         self.stopped = False  # this process terminates the job: its output is no longer relayed
         self.sent = False  # rank 0 has the job
+        self.rank_of: dict[int, int] = {}  # the job's rank processes on this machine, by pid, once rank 0 has it
         self.tail: deque[str] = deque(maxlen=_OUTPUT_LINES)
         assert process.stdout is not None and process.stderr is not None
         self.relays = [asyncio.create_task(self._relay(stream)) for stream in (process.stdout, process.stderr)]
@@ -557,6 +561,7 @@ class _Job:
             self.sent = True
             ranks.remove_address()
             ranks.note_job()  # a proxy writes its file before it starts its ranks
+            self.rank_of = ranks.rank_of
             comm = await open_pipe_comm(accept.result())
             supervisor = Supervisor(
                 self.plan,
@@ -653,7 +658,11 @@ class _Job:
             return None
         pid, host, code = rank.groups()
         how = f" ({ended.group(1).strip()})" if (ended := _EXIT_STRING.search(tail)) is not None else ""
-        return f"an MPI rank (pid {pid} on {host}) ended with exit code {code}{how}: {self._status()}"
+        if (number := self.rank_of.get(int(pid))) is None:  # on another host
+            who = f"an MPI rank (pid {pid} on {host})"
+        else:
+            who = f"MPI rank {number} (pid {pid} on {host}; it ran {self.plan.instances_on(number)})"
+        return f"{who} ended with exit code {code}{how}: {self._status()}"
 
     def _status(self) -> str:
         return f"mpiexec exited with status {self.process.returncode} before the run finished"
