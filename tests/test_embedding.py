@@ -120,6 +120,37 @@ async def test_a_blocked_send_raises_the_runs_error() -> None:
                 await run.send(entry.id, i)
 
 
+@pytest.mark.asyncio
+async def test_a_reader_and_a_sender_of_an_aborted_run_get_an_error_not_a_cancellation() -> None:
+    """A service that aborts a run (``aclose()``, its client gone) while its reader and sender wait in tasks of
+    their own: they ended with the run task's ``CancelledError``, as if they had been cancelled themselves, which
+    ``except Aiod4pError`` does not catch and a TaskGroup takes for a cancellation."""
+    graph, entry, _ = gated()  # the gate stays closed: the reader waits, the feed fills up
+    feed = LiveFeed(maxsize=2)
+    run = aiod4p.start(graph, {entry: feed}, batch_size=1, credits=1)
+    aborted = "the run was aborted before it finished"
+
+    async def send_until_refused() -> None:
+        with pytest.raises(Aiod4pError, match=aborted):
+            for i in range(10_000):
+                await run.send(entry.id, i)
+
+    async def read_until_refused() -> None:
+        with pytest.raises(Aiod4pError, match=aborted):
+            async for _ in run:
+                pass
+
+    async with asyncio.timeout(20):
+        sender, reader = asyncio.create_task(send_until_refused()), asyncio.create_task(read_until_refused())
+        while not feed.full():  # noqa: ASYNC110 - the feed fills up behind the closed gate
+            await asyncio.sleep(0.001)
+        await run.aclose()
+        await sender
+        await reader
+        with pytest.raises(Aiod4pError, match=aborted):
+            await run.results()
+
+
 def _doubling() -> tuple[WorkflowGraph, wf.Double]:
     graph = WorkflowGraph()
     graph.add(entry := wf.Double())
