@@ -231,11 +231,12 @@ class WorkflowRun:
             finally:
                 waiting.cancel()
         if task.done():
-            task.result()
+            self._raise_outcome(task)
         raise Aiod4pError(f"cannot send to {pe!r}: its feed is closed or the run has ended")
 
     async def aclose(self) -> None:
-        """Cancel the run and release everything it holds; idempotent."""
+        """Cancel the run and release everything it holds; idempotent. A read or :meth:`send` waiting on the run, in
+        another task, then raises :class:`~aiod4p.errors.Aiod4pError` (the run was aborted), as any later one does."""
         if self._task is not None and not self._task.done():
             self._task.cancel()
             try:
@@ -277,7 +278,7 @@ class WorkflowRun:
                 self._ready.extend(self._sink.taken(queue.get_nowait()))
                 return True
             if task.done():
-                task.result()  # raises the run's error
+                self._raise_outcome(task)
                 return False
             getter = asyncio.ensure_future(queue.get())
             try:
@@ -292,12 +293,22 @@ class WorkflowRun:
             if not getter.cancelled():
                 return True
 
+    @staticmethod
+    def _raise_outcome(task: asyncio.Task[None]) -> None:
+        """Raise what ended the run's ``task``, if anything did: the run's own error, or an
+        :class:`~aiod4p.errors.Aiod4pError` when it was aborted (:meth:`aclose`, or its task cancelled), never the
+        task's ``CancelledError``: a reader or sender in another task was not cancelled, and must not end as if it
+        were."""
+        if task.cancelled():
+            raise Aiod4pError("the run was aborted before it finished (aclose(), or its task was cancelled)")
+        task.result()
+
     async def results(self) -> Results:
         """Wait for the run to finish and return every result not yet iterated.
 
         Raises:
             PEError: a PE raised.
-            Aiod4pError: the run failed otherwise.
+            Aiod4pError: the run failed otherwise, or was aborted (:meth:`aclose`).
         """
         while await self._take_batch():
             pass

@@ -24,7 +24,8 @@ A client may close its sending side when done (``shutdown(SHUT_WR)``,
 ``nc -N``): the server still replies to everything it sent,
 every window mean included, then closes the connection. On SIGINT/SIGTERM
 the server stops accepting, drains the workflow (every accepted observation
-gets its result), and exits.
+gets its result), and exits; a client still sending then is no longer read,
+and gets the replies to what was accepted, then the end of the stream.
 """
 
 from __future__ import annotations
@@ -40,6 +41,8 @@ from typing import Any
 import aiod4p
 from aiod4p import GenericPE, WorkflowGraph
 from aiod4p.windows import CountWindow
+
+LINGER = 5.0  # seconds a connection closed with input unread waits for its client to read the last replies
 
 
 class Validate(GenericPE):
@@ -136,6 +139,7 @@ class ObservationService:
         self._next_client = 0
         self._server: asyncio.Server | None = None
         self._dispatcher: asyncio.Task[None] | None = None
+        self._handlers: set[asyncio.Task[Any]] = set()  # one per connection
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> tuple[str, int]:
         """Start the workflow and listen; returns the bound address."""
@@ -149,6 +153,9 @@ class ObservationService:
         client_id = self._next_client
         self._next_client += 1
         client = self.clients[client_id] = _Client(writer, self.window)
+        handler = asyncio.current_task()
+        assert handler is not None  # asyncio.start_server runs each connection's handler as a task
+        self._handlers.add(handler)
         try:
             async for line in reader:
                 if not line.strip():
@@ -158,19 +165,27 @@ class ObservationService:
                 except ValueError as exc:  # Validate answers it, in its turn
                     obs = {"client": client_id, "data": line.decode("utf-8", "replace").strip(), "not_json": str(exc)}
                 client.sent += 1
-                await self.run.send("validate", obs)  # waits while the workflow is full
+                try:
+                    await self.run.send("validate", obs)  # waits while the workflow is full
+                except aiod4p.Aiod4pError:  # the service is shutting down (the feed is closed), or the run failed
+                    client.sent -= 1  # not taken: this line, and the rest, go unanswered
+                    break
                 await writer.drain()  # a client that does not read its results is not read either
-            client.input_ended = True  # the client closed its sending side: answer it, then close
+            client.input_ended = True  # the client closed its sending side, or is no longer read: answer it, close
             client.check()
             await client.settled.wait()
             await writer.drain()
-        except (aiod4p.Aiod4pError, ConnectionError):
-            pass  # the service is shutting down (the feed is closed), or the client went away
+            await _linger(reader, writer)
+        except ConnectionError:
+            pass  # the client went away
         finally:
-            del self.clients[client_id]
             writer.close()
-            with contextlib.suppress(ConnectionError):
-                await writer.wait_closed()
+            try:
+                with contextlib.suppress(ConnectionError):
+                    await writer.wait_closed()  # once the client took the last replies (aclose() cuts that short)
+            finally:
+                del self.clients[client_id]
+                self._handlers.discard(handler)
 
     async def _dispatch(self) -> None:
         try:
@@ -206,10 +221,30 @@ class ObservationService:
         if self._dispatcher is not None:
             await self._dispatcher
         for client in list(self.clients.values()):
-            client.writer.close()
+            if not client.input_ended:
+                client.writer.close()  # a client sending nothing: every reply it is due was written
+        if self._handlers:  # the others are answered in full: let them read their replies, LINGER s at most
+            await asyncio.wait(self._handlers, timeout=LINGER)
+        for client in list(self.clients.values()):
+            client.writer.transport.abort()  # a client that does not read its replies: cut it off
+        if self._handlers:
+            await asyncio.wait(self._handlers)
         if self._server is not None:
             await self._server.wait_closed()
         await self.run.aclose()
+
+
+async def _linger(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """End a connection whose client may still be sending: close the sending side, then read (and drop) what the
+    client sends until it closes, ``LINGER`` seconds at most. A socket closed with unread input is reset, and its
+    client loses the replies it had not read yet."""
+    if reader.at_eof():
+        return
+    writer.write_eof()
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(LINGER):
+            while await reader.read(1 << 16):
+                pass
 
 
 async def serve(host: str, port: int, window: int) -> None:

@@ -448,6 +448,23 @@ def test_feed_element_that_is_not_an_input_dict() -> None:
         aiod4p.run(graph, {merge: [[0.5] * 1_000_000]})
 
 
+class Echo(IterativePE):
+    def process_item(self, item: object) -> object:
+        return item
+
+
+@pytest.mark.parametrize("mapping", ["simple", "async", "multi"])
+def test_a_dict_fed_to_a_root_of_one_port_is_an_input_dict_only_when_it_names_that_port_alone(mapping: str) -> None:
+    """As docs/live.md and docs/dispel4py.md say: a service feeding its clients' JSON objects to such a root sees
+    ``{"input": 5}`` arrive as ``5`` and ``{}`` call it with no input; wrapped (``{"input": obs}``), each arrives
+    as it was."""
+    graph = WorkflowGraph()
+    graph.add(echo := Echo())
+    fed = [{"input": 5}, {}, {"inptu": 1}, {"input": {"input": 5}}, {"input": {}}]
+    results = aiod4p.run(graph, {echo: fed}, mapping=mapping, workers=1).data()
+    assert sorted(results, key=repr) == sorted([5, {"inptu": 1}, {"input": 5}, {}], key=repr)
+
+
 class Silent(ConsumerPE):
     def consume(self, item: object) -> None:
         pass

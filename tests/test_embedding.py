@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import itertools
 import json
 import os
 import signal
@@ -118,6 +120,37 @@ async def test_a_blocked_send_raises_the_runs_error() -> None:
         with pytest.raises(PEError, match="bad item 600"):
             for i in range(10_000):
                 await run.send(entry.id, i)
+
+
+@pytest.mark.asyncio
+async def test_a_reader_and_a_sender_of_an_aborted_run_get_an_error_not_a_cancellation() -> None:
+    """A service that aborts a run (``aclose()``, its client gone) while its reader and sender wait in tasks of
+    their own: they ended with the run task's ``CancelledError``, as if they had been cancelled themselves, which
+    ``except Aiod4pError`` does not catch and a TaskGroup takes for a cancellation."""
+    graph, entry, _ = gated()  # the gate stays closed: the reader waits, the feed fills up
+    feed = LiveFeed(maxsize=2)
+    run = aiod4p.start(graph, {entry: feed}, batch_size=1, credits=1)
+    aborted = "the run was aborted before it finished"
+
+    async def send_until_refused() -> None:
+        with pytest.raises(Aiod4pError, match=aborted):
+            for i in range(10_000):
+                await run.send(entry.id, i)
+
+    async def read_until_refused() -> None:
+        with pytest.raises(Aiod4pError, match=aborted):
+            async for _ in run:
+                pass
+
+    async with asyncio.timeout(20):
+        sender, reader = asyncio.create_task(send_until_refused()), asyncio.create_task(read_until_refused())
+        while not feed.full():  # noqa: ASYNC110 - the feed fills up behind the closed gate
+            await asyncio.sleep(0.001)
+        await run.aclose()
+        await sender
+        await reader
+        with pytest.raises(Aiod4pError, match=aborted):
+            await run.results()
 
 
 def _doubling() -> tuple[WorkflowGraph, wf.Double]:
@@ -323,6 +356,42 @@ async def test_the_service_answers_a_half_closed_client_in_full_then_closes() ->
     assert sorted((r["sensor"], r["mean"]) for r in replies if "mean" in r) == [("a", 1.0), ("a", 4.0), ("b", 1.0)]
     assert [r["error"] for r in replies if "error" in r] == ["an observation needs a 'sensor' string"]
     assert other == []
+
+
+@pytest.mark.asyncio
+async def test_the_service_shutting_down_answers_a_client_still_sending_every_observation_it_took() -> None:
+    """A client still sending when the service shut down lost replies it was due: its handler, refused by the
+    drained feed, dropped the client while its last observations were in the workflow; and the connection,
+    closed with the client's unread lines in it, was reset, taking the replies the client had not read yet."""
+    app = service.ObservationService(window=1000)
+    taken = 0
+    send = app.run.send
+
+    async def counted(pe: str, item: Any) -> None:
+        nonlocal taken
+        await send(pe, item)
+        taken += 1
+
+    app.run.send = counted  # type: ignore[method-assign]
+    async with asyncio.timeout(30):
+        reader, writer = await asyncio.open_connection(*await app.start())
+
+        async def keep_sending() -> None:
+            with contextlib.suppress(ConnectionError):  # the service may reset it once it has answered in full
+                for i in itertools.count():
+                    writer.write(json.dumps({"sensor": "s", "value": i}).encode() + b"\n")
+                    await writer.drain()
+                    await asyncio.sleep(0)  # the client shares this loop with the service
+
+        sender = asyncio.create_task(keep_sending())
+        while taken < 300:  # noqa: ASYNC110 - the service takes the client's lines
+            await asyncio.sleep(0.001)
+        closing = asyncio.create_task(app.aclose())
+        replies = [json.loads(line) for line in (await reader.read()).splitlines()]  # read only now, to the end
+        sender.cancel()
+        writer.close()
+        await closing
+    assert [r["value"] for r in replies] == list(range(taken))
 
 
 def test_the_service_as_a_process_with_a_real_client() -> None:
