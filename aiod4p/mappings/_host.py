@@ -199,15 +199,22 @@ def split_feeds(
 
 
 def prepare_job(
-    plan: ExecutionPlan, feeds: Mapping[str, Feed], max_delay: float, interval: float, session: Session | None
+    plan: ExecutionPlan,
+    feeds: Mapping[str, Feed],
+    max_delay: float,
+    interval: float,
+    session: Session | None,
+    control: RunControl,
 ) -> tuple[Job, list[tuple[str, int, Feed]]]:
     """The job of one attempt of a run on launched workers, and the ``(pe, worker, feed)`` feeds the launcher
     pumps (see :func:`split_feeds`); an attempt of a checkpointed run (its ``session``) resumes them where the
-    restored checkpoint left them, and its workers take part in checkpoints."""
+    restored checkpoint left them, and its workers take part in checkpoints. Workers start drained if ``control``
+    is draining already."""
     shipped, pumped = split_feeds(plan, feeds)
+    drained = control.draining
     if session is None:
-        return Job(plan, shipped, max_delay, interval), pumped
-    return Job(plan, shipped, max_delay, interval, session.spec()), session.resumed(pumped)
+        return Job(plan, shipped, max_delay, interval, drained=drained), pumped
+    return Job(plan, shipped, max_delay, interval, session.spec(), drained), session.resumed(pumped)
 
 
 # -- the worker side -------------------------------------------------------------------
@@ -459,6 +466,8 @@ async def serve_job(
         worker = Worker(job.plan, wid, feeds=feeds, results=sink, peers=peers, max_delay=job.max_delay)
         if job.checkpoints is not None:
             attach_worker(worker, job.checkpoints, control)
+        if job.drained:
+            worker.drain()
     except Exception as exc:
         await fail(control, name, exc, goodbye_timeout=goodbye_timeout)
         return False

@@ -119,7 +119,7 @@ class HostedMapping(BaseMapping):
         session: Session | None,
     ) -> list[InstanceStats]:
         """One run on new workers (one attempt of a checkpointed run, with its ``session``)."""
-        job, pumped = prepare_job(plan, feeds, max_delay, self.stats_interval, session)
+        job, pumped = prepare_job(plan, feeds, max_delay, self.stats_interval, session, control)
         launch = self.launch(plan)
         comms: Mapping[int, Comm] = {}
         finished = False

@@ -68,6 +68,8 @@ async def _lead(sock: socket.socket) -> None:
             checkpoints=job.checkpoints,
             upward=control,
         )
+        if job.drained:
+            group.drain()
     except Exception as exc:
         await fail(control, name, exc)
         abort_job(1)

@@ -62,6 +62,9 @@ class Job:
         max_delay: the engine's batching delay, in seconds.
         interval: seconds between two statistics reports.
         checkpoints: where and from what the workers take checkpoints (``None``: they take none).
+        drained: the run was asked to drain before its workers started: they start drained, their sources and
+            feeds ending at once, as on the async mapping (a ``Drain`` message would reach them only once their
+            sources had produced for a while).
     """
 
     plan: ExecutionPlan
@@ -69,6 +72,7 @@ class Job:
     max_delay: float
     interval: float
     checkpoints: WorkerSpec | None = None
+    drained: bool = False
 
 
 class _Pickler(cloudpickle.Pickler):  # type: ignore[misc]  # cloudpickle has no type hints

@@ -307,7 +307,7 @@ async def _launch(
     job: _Job | None = None
     try:
         mpiexec = find_mpiexec() if ranks is None else ""
-        prepared, pumped = prepare_job(plan, feeds, max_delay, STATS_INTERVAL, session)
+        prepared, pumped = prepare_job(plan, feeds, max_delay, STATS_INTERVAL, session, control)
         _check_pumped(plan, pumped)
         # the ranks run aiod4p's own __main__: the launcher's travels by value
         payload = ship(prepared, "start the MPI ranks", main=True)
