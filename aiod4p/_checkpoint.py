@@ -49,6 +49,7 @@ from typing import TYPE_CHECKING, Any, Protocol, TextIO
 
 from ._channels import Barrier, Message
 from ._engine import HELD_FEEDS, calls_take_turns
+from ._frames import short_repr
 from ._groupings import All, GroupBy
 from ._pe import PE
 from ._plan import ExecutionPlan, InstanceRef
@@ -202,17 +203,15 @@ class Checkpoint:
     @property
     def results_offset(self) -> int | None:
         """The committed length of the results file, if the run wrote one."""
-        offset = self.manifest.get("results_offset")
-        return offset if isinstance(offset, int) else None
+        offset: int | None = self.manifest.get("results_offset")  # checked when loaded (_check_manifest)
+        return offset
 
     @property
     def results_tail(self) -> dict[str, Any] | None:
         """The last bytes of the results file before :attr:`results_offset`: ``{"size", "sha256"}`` (``None``:
         not recorded, by a stream or an older version)."""
-        tail = self.manifest.get("results_tail")
-        if isinstance(tail, dict) and isinstance(tail.get("size"), int) and isinstance(tail.get("sha256"), str):
-            return tail
-        return None
+        tail: dict[str, Any] | None = self.manifest.get("results_tail")  # checked when loaded (_check_manifest)
+        return tail
 
     def parallelism(self, pe: str) -> int:
         """Instances PE ``pe`` had when the checkpoint was taken.
@@ -221,7 +220,8 @@ class Checkpoint:
             CheckpointError: the checkpoint has no PE ``pe`` (another graph).
         """
         try:
-            return int(self.manifest["parallelism"][pe])
+            count: int = self.manifest["parallelism"][pe]  # checked when loaded (_check_manifest)
+            return count
         except KeyError:
             raise CheckpointError(f"{self.label} has no PE {pe}: it was taken of another graph") from None
 
@@ -473,6 +473,7 @@ class CheckpointStore:
         parts: dict[InstanceRef, tuple[str, bytes]] = {}
         try:
             manifest = json.loads((folder / MANIFEST).read_bytes())
+            _check_manifest(manifest)
             for part in manifest["parts"]:
                 data = (folder / part["file"]).read_bytes()
                 if len(data) != part["size"] or _digest(data) != part["sha256"]:
@@ -512,6 +513,46 @@ class CheckpointStore:
 
 def _digest(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+def _is_count(value: object, least: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= least
+
+
+def _check_manifest(manifest: Any) -> None:
+    """Check that ``manifest``, read back from a :data:`MANIFEST` that parses, is shaped as
+    :class:`Coordinator` writes one: a manifest damaged but still JSON (a digit changed, a hand edit) is then
+    torn, as one that does not parse, not a restore failing further on with a ``KeyError`` in a worker, a
+    misleading "taken of another graph", or a results file left unchecked.
+
+    Raises:
+        KeyError: a key every manifest has is missing (``parts``, ``parallelism``).
+        TypeError: a value is not what the coordinator writes there (named), or the parts are not one per
+            instance of the counts in ``parallelism``.
+    """
+    parts, parallelism = manifest["parts"], manifest["parallelism"]
+    if not isinstance(parallelism, dict) or not all(_is_count(n, 1) for n in parallelism.values()):
+        raise TypeError(f"its parallelism is not an instance count per PE: {short_repr(parallelism)}")
+    fields = {"pe": str, "index": int, "file": str, "size": int, "sha256": str}
+    if not isinstance(parts, list) or not all(
+        isinstance(part, dict) and all(isinstance(part.get(key), kind) for key, kind in fields.items())
+        for part in parts
+    ):
+        raise TypeError("its parts are not each a pe, index, file, size and sha256")
+    instances = {(pe, i) for pe, n in parallelism.items() for i in range(n)}
+    if len(parts) != len(instances) or {(part["pe"], part["index"]) for part in parts} != instances:
+        raise TypeError("its parts are not one per instance of its parallelism")
+    edges = manifest.get("edges", [])  # absent in a manifest written before connections were recorded
+    if not isinstance(edges, list) or not all(isinstance(edge, str) for edge in edges):
+        raise TypeError(f"its edges are not connections: {short_repr(edges)}")
+    offset = manifest.get("results_offset")
+    if offset is not None and not _is_count(offset, 0):
+        raise TypeError(f"its results_offset is not a length: {offset!r}")
+    tail = manifest.get("results_tail")  # absent in a manifest written before it was recorded
+    if tail is not None and not (
+        isinstance(tail, dict) and _is_count(tail.get("size"), 0) and isinstance(tail.get("sha256"), str)
+    ):
+        raise TypeError(f"its results_tail is not a size and digest: {short_repr(tail)}")
 
 
 # -- results ------------------------------------------------------------------------------

@@ -1434,13 +1434,39 @@ def test_a_whole_checkpoint_whose_state_the_code_cannot_load_names_the_part(
         store.latest()
 
 
-@pytest.mark.parametrize(("manifest", "reason"), [("{}", "KeyError: 'parts'"), ("{garbage", "JSONDecodeError")])
+_PART = {"pe": "count", "index": 0, "file": "count.0.state", "size": 2, "sha256": "0" * 64}
+
+
+@pytest.mark.parametrize(
+    ("manifest", "reason"),
+    [
+        ("{}", "KeyError: 'parts'"),
+        ("{garbage", "JSONDecodeError"),
+        # still JSON, but damaged (a digit or a character changed): these failed the restore further on, with
+        # exit 2 (a ValueError), a KeyError in a worker, or "taken of another graph"; or skipped the results check
+        (
+            {"parallelism": {"count": "x"}, "parts": [_PART]},
+            "TypeError: its parallelism is not an instance count per PE: {'count': 'x'}",
+        ),
+        ({"parallelism": {"count": 2}, "parts": [_PART]}, "TypeError: its parts are not one per instance"),
+        ({"parallelism": {"count": 1}, "parts": [{**_PART, "index": "zz"}]}, "TypeError: its parts are not each"),
+        (
+            {"parallelism": {"count": 1}, "parts": [_PART], "results_offset": "12"},
+            "TypeError: its results_offset is not a length: '12'",
+        ),
+        (
+            {"parallelism": {"count": 1}, "parts": [_PART], "results_offset": 12, "results_tail": 5},
+            "TypeError: its results_tail is not a size and digest: 5",
+        ),
+    ],
+)
 def test_a_manifest_that_is_not_one_is_named_so(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture, manifest: str, reason: str
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, manifest: str | dict[str, Any], reason: str
 ) -> None:
     store = CheckpointStore(tmp_path / "ck")
     store.path(1).mkdir()
-    (store.path(1) / MANIFEST).write_text(manifest)
+    (store.path(1) / MANIFEST).write_text(manifest if isinstance(manifest, str) else json.dumps(manifest))
+    (store.path(1) / "count.0.state").write_bytes(b"{}")
     assert store.latest() is None
     assert f"ignoring torn checkpoint {store.path(1)}: MANIFEST.json is not a checkpoint's manifest ({reason}" in (
         caplog.text
