@@ -1707,6 +1707,8 @@ async def _attempts(
                         restored.id,
                         restored.results_offset,
                     )
+                if restored.results_offset is None and config.results_path is not None:
+                    _check_no_results_to_lose(restored, config.results_path)
             log = (
                 ResultsLog(
                     config.results_path,
@@ -1754,6 +1756,26 @@ async def _attempts(
             finally:
                 if log is not None:
                     log.close()
+
+
+def _check_no_results_to_lose(restored: Checkpoint, path: str) -> None:
+    """Refuse to restore ``restored``, which committed no results file (its run wrote its results to stdout, or
+    kept none), into the results file ``path`` if it is a regular file that holds something: with no committed
+    length to truncate it to, it would be emptied, another run's results (or the checkpointed run's own, which
+    went to stdout and were redirected there) with it.
+
+    Raises:
+        CheckpointError: ``path`` is a regular file that is not empty (named, with its size).
+    """
+    with contextlib.suppress(OSError):  # missing: made new; not a file: a stream, written from where it stands
+        info = os.stat(path)
+        if stat.S_ISREG(info.st_mode) and info.st_size:
+            raise CheckpointError(
+                f"the results file {path} holds {info.st_size} bytes, but {restored.label} committed none of a"
+                " results file (its run wrote its results to stdout, or to none), so it has no length to continue"
+                " it from: nothing was written (give --results a new or empty file, which gets what follows the"
+                " checkpoint, or start the run afresh, without --restore)"
+            )
 
 
 def _no_checkpoint_to_restore(store: CheckpointStore, since: int) -> None:

@@ -1840,6 +1840,27 @@ def test_restore_refuses_a_results_file_that_is_not_the_one_its_checkpoint_commi
     assert results.read_text() == text
 
 
+def test_restore_of_a_run_without_a_results_file_refuses_to_empty_one(tmp_path: Path) -> None:
+    """A checkpoint of a run whose results went to stdout (or nowhere) has no committed length: a restore given a
+    results file emptied it, another run's results (or this run's, redirected there from stdout) with it. It is
+    refused, untouched; an empty or new file gets what follows the checkpoint."""
+    words, directory = tmp_path / "words.txt", tmp_path / "ck"
+    write_words(words, 2_000)
+    run(word_count(words), 1, mapping=_mapping(directory), workers=1)
+    other = tmp_path / "other.jsonl"
+    other.write_text('{"pe": "p", "output": "o", "data": 1}\n')
+    with pytest.raises(
+        CheckpointError,
+        match=rf"^the results file {re.escape(str(other))} holds 38 bytes, but checkpoint \d+ in"
+        rf" {re.escape(str(directory))} committed none of a results file ",
+    ):
+        run(word_count(words), 1, mapping=_mapping(directory, other, restore=True), workers=1)
+    assert other.read_text() == '{"pe": "p", "output": "o", "data": 1}\n'
+    fresh = tmp_path / "fresh.jsonl"
+    run(word_count(words), 1, mapping=_mapping(directory, fresh, restore=True), workers=1)
+    assert fresh.read_text() == ""  # the run had finished: nothing follows its checkpoint
+
+
 async def test_provenance_after_a_restore_marks_each_instance_with_the_checkpoint_it_started_from(
     tmp_path: Path,
 ) -> None:
