@@ -1017,7 +1017,9 @@ class Coordinator:
         missing = sorted(self.expected - self._parts.get(n, {}).keys())
         waits = []
         if missing:
-            waits.append("no state yet from " + ", ".join(f"PE {pe} instance {index}" for pe, index in missing))
+            named = ", ".join(f"PE {pe} instance {index}" for pe, index in missing[:STALL_NAMED])
+            more = len(missing) - STALL_NAMED
+            waits.append(f"no state yet from {named}" + (f" and {more} more instances" if more > 0 else ""))
         if n not in self._offsets:
             waits.append("results not committed yet")
         behind = self.held.behind() if self.held is not None else 0
@@ -1591,6 +1593,10 @@ class Session:
 
 STALL_SECONDS = 30.0
 """Seconds after which a checkpoint that has not completed is reported, at least (:class:`Coordinator`)."""
+
+STALL_NAMED = 10
+"""The most instances a warning of a checkpoint that has not completed names: the others are counted (a worker that
+hangs holds back the state of every instance on it, and of those it feeds: thousands, in a large plan)."""
 
 HELD_BACKLOG = 65_536
 """Results ready for a slow reader beyond which a run under ``--restarts`` waits for it (:class:`HeldResults`; and

@@ -27,6 +27,7 @@ import pytest
 from ckpt_workflows import (
     Count,
     HeldLines,
+    Split,
     complete_checkpoints,
     expected_counts,
     held_word_count_module,
@@ -1954,6 +1955,22 @@ async def test_a_checkpoint_that_does_not_complete_is_reported_naming_what_it_wa
     coordinator.add_parts(1, [{"pe": "lines", "index": 0, "size": 1}])
     assert re.fullmatch(
         r"checkpoint 1 has not completed in [\d.]+ s: no state yet from PE count instance 0, PE split instance 0;"
+        r" results not committed yet \(a worker or PE that hangs holds every checkpoint back\)",
+        await _first_stall_warning(coordinator),
+    )
+
+
+async def test_a_checkpoint_that_does_not_complete_names_ten_instances_and_counts_the_others(tmp_path: Path) -> None:
+    """The warning named every instance whose state it waited for: a worker that hangs, in a plan of 300 instances,
+    made a line of 4 KiB naming 151 (one of 100,000 instances, megabytes)."""
+    split = Split()
+    split.parallelism = 300
+    plan = make_plan(word_count(tmp_path / "words.txt", split), PlanOptions(workers=2))
+    coordinator = Coordinator(CheckpointStore(tmp_path / "ck"), plan, 0.001, 0, None, stall=0.01)
+    coordinator.add_parts(1, [{"pe": "lines", "index": 0, "size": 1}])
+    named = ", ".join([*(f"PE count instance {i}" for i in range(2)), *(f"PE split instance {i}" for i in range(8))])
+    assert re.fullmatch(
+        rf"checkpoint 1 has not completed in [\d.]+ s: no state yet from {named} and 292 more instances;"
         r" results not committed yet \(a worker or PE that hangs holds every checkpoint back\)",
         await _first_stall_warning(coordinator),
     )
