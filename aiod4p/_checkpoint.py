@@ -49,6 +49,7 @@ from typing import TYPE_CHECKING, Any, Generic, Protocol, TextIO, TypeVar
 
 from ._channels import Barrier, Message
 from ._engine import HELD_FEEDS, calls_take_turns
+from ._frames import short_repr
 from ._groupings import All, GroupBy
 from ._pe import PE
 from ._plan import ExecutionPlan, InstanceRef
@@ -204,17 +205,15 @@ class Checkpoint:
     @property
     def results_offset(self) -> int | None:
         """The committed length of the results file, if the run wrote one."""
-        offset = self.manifest.get("results_offset")
-        return offset if isinstance(offset, int) else None
+        offset: int | None = self.manifest.get("results_offset")  # checked when loaded (_check_manifest)
+        return offset
 
     @property
     def results_tail(self) -> dict[str, Any] | None:
         """The last bytes of the results file before :attr:`results_offset`: ``{"size", "sha256"}`` (``None``:
         not recorded, by a stream or an older version)."""
-        tail = self.manifest.get("results_tail")
-        if isinstance(tail, dict) and isinstance(tail.get("size"), int) and isinstance(tail.get("sha256"), str):
-            return tail
-        return None
+        tail: dict[str, Any] | None = self.manifest.get("results_tail")  # checked when loaded (_check_manifest)
+        return tail
 
     def parallelism(self, pe: str) -> int:
         """Instances PE ``pe`` had when the checkpoint was taken.
@@ -223,7 +222,8 @@ class Checkpoint:
             CheckpointError: the checkpoint has no PE ``pe`` (another graph).
         """
         try:
-            return int(self.manifest["parallelism"][pe])
+            count: int = self.manifest["parallelism"][pe]  # checked when loaded (_check_manifest)
+            return count
         except KeyError:
             raise CheckpointError(f"{self.label} has no PE {pe}: it was taken of another graph") from None
 
@@ -475,6 +475,7 @@ class CheckpointStore:
         parts: dict[InstanceRef, tuple[str, bytes]] = {}
         try:
             manifest = json.loads((folder / MANIFEST).read_bytes())
+            _check_manifest(manifest)
             for part in manifest["parts"]:
                 data = (folder / part["file"]).read_bytes()
                 if len(data) != part["size"] or _digest(data) != part["sha256"]:
@@ -514,6 +515,46 @@ class CheckpointStore:
 
 def _digest(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+def _is_count(value: object, least: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= least
+
+
+def _check_manifest(manifest: Any) -> None:
+    """Check that ``manifest``, read back from a :data:`MANIFEST` that parses, is shaped as
+    :class:`Coordinator` writes one: a manifest damaged but still JSON (a digit changed, a hand edit) is then
+    torn, as one that does not parse, not a restore failing further on with a ``KeyError`` in a worker, a
+    misleading "taken of another graph", or a results file left unchecked.
+
+    Raises:
+        KeyError: a key every manifest has is missing (``parts``, ``parallelism``).
+        TypeError: a value is not what the coordinator writes there (named), or the parts are not one per
+            instance of the counts in ``parallelism``.
+    """
+    parts, parallelism = manifest["parts"], manifest["parallelism"]
+    if not isinstance(parallelism, dict) or not all(_is_count(n, 1) for n in parallelism.values()):
+        raise TypeError(f"its parallelism is not an instance count per PE: {short_repr(parallelism)}")
+    fields = {"pe": str, "index": int, "file": str, "size": int, "sha256": str}
+    if not isinstance(parts, list) or not all(
+        isinstance(part, dict) and all(isinstance(part.get(key), kind) for key, kind in fields.items())
+        for part in parts
+    ):
+        raise TypeError("its parts are not each a pe, index, file, size and sha256")
+    instances = {(pe, i) for pe, n in parallelism.items() for i in range(n)}
+    if len(parts) != len(instances) or {(part["pe"], part["index"]) for part in parts} != instances:
+        raise TypeError("its parts are not one per instance of its parallelism")
+    edges = manifest.get("edges", [])  # absent in a manifest written before connections were recorded
+    if not isinstance(edges, list) or not all(isinstance(edge, str) for edge in edges):
+        raise TypeError(f"its edges are not connections: {short_repr(edges)}")
+    offset = manifest.get("results_offset")
+    if offset is not None and not _is_count(offset, 0):
+        raise TypeError(f"its results_offset is not a length: {offset!r}")
+    tail = manifest.get("results_tail")  # absent in a manifest written before it was recorded
+    if tail is not None and not (
+        isinstance(tail, dict) and _is_count(tail.get("size"), 0) and isinstance(tail.get("sha256"), str)
+    ):
+        raise TypeError(f"its results_tail is not a size and digest: {short_repr(tail)}")
 
 
 # -- results ------------------------------------------------------------------------------
@@ -1004,7 +1045,9 @@ class Coordinator:
         missing = sorted(self.expected - self._parts.get(n, {}).keys())
         waits = []
         if missing:
-            waits.append("no state yet from " + ", ".join(f"PE {pe} instance {index}" for pe, index in missing))
+            named = ", ".join(f"PE {pe} instance {index}" for pe, index in missing[:STALL_NAMED])
+            more = len(missing) - STALL_NAMED
+            waits.append(f"no state yet from {named}" + (f" and {more} more instances" if more > 0 else ""))
         if n not in self._offsets:
             waits.append("results not committed yet")
         behind = self.held.behind() if self.held is not None else 0
@@ -1579,6 +1622,10 @@ class Session:
 STALL_SECONDS = 30.0
 """Seconds after which a checkpoint that has not completed is reported, at least (:class:`Coordinator`)."""
 
+STALL_NAMED = 10
+"""The most instances a warning of a checkpoint that has not completed names: the others are counted (a worker that
+hangs holds back the state of every instance on it, and of those it feeds: thousands, in a large plan)."""
+
 HELD_BACKLOG = 65_536
 """Results ready for a slow reader beyond which a run under ``--restarts`` waits for it (:class:`HeldResults`; and
 beyond :attr:`~aiod4p.PlanOptions.result_bytes` of them)."""
@@ -1694,6 +1741,8 @@ async def _attempts(
                         restored.id,
                         restored.results_offset,
                     )
+                if restored.results_offset is None and config.results_path is not None:
+                    _check_no_results_to_lose(restored, config.results_path)
             log = (
                 ResultsLog(
                     config.results_path,
@@ -1741,6 +1790,26 @@ async def _attempts(
             finally:
                 if log is not None:
                     log.close()
+
+
+def _check_no_results_to_lose(restored: Checkpoint, path: str) -> None:
+    """Refuse to restore ``restored``, which committed no results file (its run wrote its results to stdout, or
+    kept none), into the results file ``path`` if it is a regular file that holds something: with no committed
+    length to truncate it to, it would be emptied, another run's results (or the checkpointed run's own, which
+    went to stdout and were redirected there) with it.
+
+    Raises:
+        CheckpointError: ``path`` is a regular file that is not empty (named, with its size).
+    """
+    with contextlib.suppress(OSError):  # missing: made new; not a file: a stream, written from where it stands
+        info = os.stat(path)
+        if stat.S_ISREG(info.st_mode) and info.st_size:
+            raise CheckpointError(
+                f"the results file {path} holds {info.st_size} bytes, but {restored.label} committed none of a"
+                " results file (its run wrote its results to stdout, or to none), so it has no length to continue"
+                " it from: nothing was written (give --results a new or empty file, which gets what follows the"
+                " checkpoint, or start the run afresh, without --restore)"
+            )
 
 
 def _no_checkpoint_to_restore(store: CheckpointStore, since: int) -> None:

@@ -27,6 +27,7 @@ import pytest
 from ckpt_workflows import (
     Count,
     HeldLines,
+    Split,
     complete_checkpoints,
     expected_counts,
     held_word_count_module,
@@ -1434,13 +1435,39 @@ def test_a_whole_checkpoint_whose_state_the_code_cannot_load_names_the_part(
         store.latest()
 
 
-@pytest.mark.parametrize(("manifest", "reason"), [("{}", "KeyError: 'parts'"), ("{garbage", "JSONDecodeError")])
+_PART = {"pe": "count", "index": 0, "file": "count.0.state", "size": 2, "sha256": "0" * 64}
+
+
+@pytest.mark.parametrize(
+    ("manifest", "reason"),
+    [
+        ("{}", "KeyError: 'parts'"),
+        ("{garbage", "JSONDecodeError"),
+        # still JSON, but damaged (a digit or a character changed): these failed the restore further on, with
+        # exit 2 (a ValueError), a KeyError in a worker, or "taken of another graph"; or skipped the results check
+        (
+            {"parallelism": {"count": "x"}, "parts": [_PART]},
+            "TypeError: its parallelism is not an instance count per PE: {'count': 'x'}",
+        ),
+        ({"parallelism": {"count": 2}, "parts": [_PART]}, "TypeError: its parts are not one per instance"),
+        ({"parallelism": {"count": 1}, "parts": [{**_PART, "index": "zz"}]}, "TypeError: its parts are not each"),
+        (
+            {"parallelism": {"count": 1}, "parts": [_PART], "results_offset": "12"},
+            "TypeError: its results_offset is not a length: '12'",
+        ),
+        (
+            {"parallelism": {"count": 1}, "parts": [_PART], "results_offset": 12, "results_tail": 5},
+            "TypeError: its results_tail is not a size and digest: 5",
+        ),
+    ],
+)
 def test_a_manifest_that_is_not_one_is_named_so(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture, manifest: str, reason: str
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, manifest: str | dict[str, Any], reason: str
 ) -> None:
     store = CheckpointStore(tmp_path / "ck")
     store.path(1).mkdir()
-    (store.path(1) / MANIFEST).write_text(manifest)
+    (store.path(1) / MANIFEST).write_text(manifest if isinstance(manifest, str) else json.dumps(manifest))
+    (store.path(1) / "count.0.state").write_bytes(b"{}")
     assert store.latest() is None
     assert f"ignoring torn checkpoint {store.path(1)}: MANIFEST.json is not a checkpoint's manifest ({reason}" in (
         caplog.text
@@ -1814,6 +1841,27 @@ def test_restore_refuses_a_results_file_that_is_not_the_one_its_checkpoint_commi
     assert results.read_text() == text
 
 
+def test_restore_of_a_run_without_a_results_file_refuses_to_empty_one(tmp_path: Path) -> None:
+    """A checkpoint of a run whose results went to stdout (or nowhere) has no committed length: a restore given a
+    results file emptied it, another run's results (or this run's, redirected there from stdout) with it. It is
+    refused, untouched; an empty or new file gets what follows the checkpoint."""
+    words, directory = tmp_path / "words.txt", tmp_path / "ck"
+    write_words(words, 2_000)
+    run(word_count(words), 1, mapping=_mapping(directory), workers=1)
+    other = tmp_path / "other.jsonl"
+    other.write_text('{"pe": "p", "output": "o", "data": 1}\n')
+    with pytest.raises(
+        CheckpointError,
+        match=rf"^the results file {re.escape(str(other))} holds 38 bytes, but checkpoint \d+ in"
+        rf" {re.escape(str(directory))} committed none of a results file ",
+    ):
+        run(word_count(words), 1, mapping=_mapping(directory, other, restore=True), workers=1)
+    assert other.read_text() == '{"pe": "p", "output": "o", "data": 1}\n'
+    fresh = tmp_path / "fresh.jsonl"
+    run(word_count(words), 1, mapping=_mapping(directory, fresh, restore=True), workers=1)
+    assert fresh.read_text() == ""  # the run had finished: nothing follows its checkpoint
+
+
 async def test_provenance_after_a_restore_marks_each_instance_with_the_checkpoint_it_started_from(
     tmp_path: Path,
 ) -> None:
@@ -1907,6 +1955,22 @@ async def test_a_checkpoint_that_does_not_complete_is_reported_naming_what_it_wa
     coordinator.add_parts(1, [{"pe": "lines", "index": 0, "size": 1}])
     assert re.fullmatch(
         r"checkpoint 1 has not completed in [\d.]+ s: no state yet from PE count instance 0, PE split instance 0;"
+        r" results not committed yet \(a worker or PE that hangs holds every checkpoint back\)",
+        await _first_stall_warning(coordinator),
+    )
+
+
+async def test_a_checkpoint_that_does_not_complete_names_ten_instances_and_counts_the_others(tmp_path: Path) -> None:
+    """The warning named every instance whose state it waited for: a worker that hangs, in a plan of 300 instances,
+    made a line of 4 KiB naming 151 (one of 100,000 instances, megabytes)."""
+    split = Split()
+    split.parallelism = 300
+    plan = make_plan(word_count(tmp_path / "words.txt", split), PlanOptions(workers=2))
+    coordinator = Coordinator(CheckpointStore(tmp_path / "ck"), plan, 0.001, 0, None, stall=0.01)
+    coordinator.add_parts(1, [{"pe": "lines", "index": 0, "size": 1}])
+    named = ", ".join([*(f"PE count instance {i}" for i in range(2)), *(f"PE split instance {i}" for i in range(8))])
+    assert re.fullmatch(
+        rf"checkpoint 1 has not completed in [\d.]+ s: no state yet from {named} and 292 more instances;"
         r" results not committed yet \(a worker or PE that hangs holds every checkpoint back\)",
         await _first_stall_warning(coordinator),
     )
