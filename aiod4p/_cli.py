@@ -461,13 +461,14 @@ def _run_loaded(args: argparse.Namespace, mapping: BaseMapping, results: str | N
     outcome = _Outcome(functools.partial(_warn, args))
     if mapping.checkpointing is not None and mapping.checkpointing.results_path is not None:
         mapping.checkpointing = dataclasses.replace(mapping.checkpointing, results_counted=outcome.written)
+        outcome.committed_only = mapping.checkpointing.restarts > 0
     said = False  # a stop was said
     try:
         with (
             Interrupts(
                 EXIT_ABORTED,
                 before_exit=on_hard_abort,
-                produced=lambda: _records(outcome.records),
+                produced=outcome.said,
                 quiet=getattr(mapping, "follower", False),
             ) as signals,
             contextlib.ExitStack() as started,
@@ -501,7 +502,7 @@ def _run_loaded(args: argparse.Namespace, mapping: BaseMapping, results: str | N
                     with writing("provenance", args.provenance):
                         os.unlink(args.provenance)
             except Stopped as stop:
-                _aborted(stop.signum, 0, f"while {phase}")
+                _aborted(stop.signum, _Outcome(outcome.warn), f"while {phase}")
                 said = True
                 raise
             show_progress = progress_wanted(args.quiet, args.results == "-")
@@ -526,14 +527,14 @@ def _run_loaded(args: argparse.Namespace, mapping: BaseMapping, results: str | N
                 # task it interrupted (the run's, often): taken here, it is not logged as never retrieved.
                 if (task := workflow._task) is not None and task.done() and not task.cancelled():
                     task.exception()
-                _aborted(stop.signum, outcome.records, f"while starting the {mapping.workers_started[1]}")
+                _aborted(stop.signum, outcome, f"while starting the {mapping.workers_started[1]}")
                 said = True
                 raise
             finally:
                 signals.restore()
                 report_once(failing=status != EXIT_OK)
     except Stopped as stop:  # said above, unless it stopped the head start's own end
-        return EXIT_ABORTED if said else _aborted(stop.signum, outcome.records, "")
+        return EXIT_ABORTED if said else _aborted(stop.signum, outcome, "")
     if status == EXIT_OK and args.provenance:
         write_provenance(workflow.stats, args.provenance)
     if stdin is not None and stdin.skipped and args.on_bad == "skip":
@@ -544,7 +545,7 @@ def _run_loaded(args: argparse.Namespace, mapping: BaseMapping, results: str | N
             file=sys.stderr,
         )
     elif status == EXIT_ABORTED:
-        return _aborted(signals.signum, outcome.records, "")
+        return _aborted(signals.signum, outcome, "")
     if status == EXIT_OK and args.results not in (None, "-", os.devnull) and not args.quiet:
         print(f"aiod4p: {_records(outcome.records)} in {workflow.elapsed:.1f} s -> {args.results}", file=sys.stderr)
     return status
@@ -708,9 +709,9 @@ def _counted(count: int, noun: str) -> str:
     return f"{count} {noun}{'s' if count != 1 else ''}"
 
 
-def _aborted(signum: int, records: int, when: str) -> int:
+def _aborted(signum: int, outcome: _Outcome, when: str) -> int:
     where = f" {when}" if when else ""
-    print(f"aiod4p: aborted by {signal.Signals(signum).name}{where}; {_records(records)} produced", file=sys.stderr)
+    print(f"aiod4p: aborted by {signal.Signals(signum).name}{where}; {outcome.said()}", file=sys.stderr)
     return EXIT_ABORTED
 
 
@@ -726,6 +727,18 @@ class _Outcome:
     def __init__(self, warn: Callable[[str], None]) -> None:
         self.records = 0
         self.warn = warn
+        #: ``records`` counts only what checkpoints committed (under ``--restarts``): an aborted run's file holds
+        #: more, written after the last one, which a restore drops.
+        self.committed_only = False
+
+    def said(self) -> str:
+        """What the run produced, for the line that says it was aborted."""
+        if self.committed_only:
+            return (
+                f"{_records(self.records)} committed by checkpoints (the results file holds more, written after the"
+                " last one: --restore drops them)"
+            )
+        return f"{_records(self.records)} produced"
 
     def written(self, records: int) -> None:
         """The run wrote ``records`` more to its results file itself (:attr:`Checkpointing.results_counted`)."""

@@ -210,8 +210,8 @@ class Interrupts:
         exit_status: the process's exit status when the watchdog ends it.
         before_exit: called by the watchdog just before it ends the process
             (flush what can be flushed).
-        produced: what the run produced so far (``"5300 records"``), for the
-            watchdog's last line.
+        produced: what the run produced so far (``"5300 records produced"``), for
+            the watchdog's last line.
         quiet: do not say that a drain starts (an MPI rank other than rank 0
             under the user's mpiexec: every rank gets the signal, rank 0 speaks
             for the job).
@@ -221,7 +221,7 @@ class Interrupts:
         self,
         exit_status: int,
         before_exit: Callable[[], None] = lambda: None,
-        produced: Callable[[], str] = lambda: "nothing",
+        produced: Callable[[], str] = lambda: "nothing produced",
         quiet: bool = False,
     ) -> None:
         self.quiet = quiet
@@ -297,7 +297,7 @@ class Interrupts:
         try:
             with contextlib.suppress(Exception):  # what cannot be flushed (a full disk) must not hide why it ends
                 self._before_exit()
-            print(f"aiod4p: aborted by {self.name}; {self._produced()} produced ({why})", file=sys.stderr, flush=True)
+            print(f"aiod4p: aborted by {self.name}; {self._produced()} ({why})", file=sys.stderr, flush=True)
             sys.stdout.flush()
         finally:
             os._exit(self._exit_status)

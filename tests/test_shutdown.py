@@ -321,7 +321,7 @@ async def main(signals):
 results = open(os.devnull, "w")
 if CLOSED:
     results.close()
-with Interrupts(130, before_exit=results.flush, produced=lambda: "7 records") as signals:
+with Interrupts(130, before_exit=results.flush, produced=lambda: "7 records produced") as signals:
     asyncio.run(main(signals))
 """
 

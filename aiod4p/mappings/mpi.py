@@ -552,7 +552,7 @@ class _Job:
 
     async def run(self, ranks: _Ranks, payload: bytes) -> list[InstanceStats]:
         """Hand the job ``payload`` to rank 0 when it connects to ``ranks``' listener, then supervise the run."""
-        accept = asyncio.ensure_future(self._hand_over(ranks.listener, payload))
+        accept = asyncio.ensure_future(self._hand_over(ranks, payload))
         comm: PipeComm | None = None
         try:
             await asyncio.wait({accept, self.exited}, return_when=asyncio.FIRST_COMPLETED)
@@ -620,14 +620,16 @@ class _Job:
                 comm.abort()
 
     @staticmethod
-    async def _hand_over(listener: socket.socket, payload: bytes) -> socket.socket:
+    async def _hand_over(ranks: _Ranks, payload: bytes) -> socket.socket:
         """Rank 0's connection, once the job is sent on it.
 
         Raises:
             OSError: rank 0 went away while the job was sent.
         """
         loop = asyncio.get_running_loop()
-        sock = (await loop.sock_accept(listener))[0]
+        sock = (await loop.sock_accept(ranks.listener))[0]
+        # Rank 0 connects once every rank has started MPI: note them before the job, which may end one at once.
+        ranks.note_job()
         try:
             hand_stdin(sock)
             await loop.sock_sendall(sock, job_frame(payload))
