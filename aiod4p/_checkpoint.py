@@ -425,6 +425,26 @@ class CheckpointStore:
             ) from exc
         return after
 
+    def end_run(self) -> None:
+        """The last fresh run in the directory (restored or not) has ended, its input done or drained: say so in
+        :data:`RUN`, so that a fresh run after it is not warned of an unfinished one (:meth:`unfinished_run`)."""
+        path = self.directory / RUN
+        with contextlib.suppress(OSError, ValueError):
+            record = json.loads(path.read_bytes())
+            if isinstance(record, dict):
+                _atomic_write(path, json.dumps({**record, "ended": True}).encode())
+
+    def unfinished_run(self) -> Checkpoint | None:
+        """The newest complete checkpoint of the last fresh run in the directory, if that run did not end (it was
+        killed, failed, or aborted: :meth:`end_run` was not called), else ``None``."""
+        try:
+            record = json.loads((self.directory / RUN).read_bytes())
+        except (OSError, ValueError):
+            return None
+        if not isinstance(record, dict) or record.get("ended") or not _is_count(record.get("after"), 0):
+            return None
+        return self.latest(record["after"] + 1)
+
     def run_started_after(self) -> int:
         """The id of the newest checkpoint before the last fresh run in the directory started (0: unknown)."""
         with contextlib.suppress(OSError, ValueError, TypeError, KeyError):
@@ -1724,7 +1744,17 @@ async def _attempts(
             )
         restore, restarts = config.restore, 0
         # A restore resumes the last fresh run, never an earlier one, whose results file that run started afresh.
-        started_after = store.run_started_after() if config.restore else store.start_run()
+        if config.restore:
+            started_after = store.run_started_after()
+        else:
+            if (unfinished := store.unfinished_run()) is not None:
+                logger.warning(
+                    "%s is of a run that did not end (killed, failed or aborted), which --restore would have"
+                    " resumed: this run starts afresh%s, and from now on --restore resumes this one",
+                    unfinished.label[:1].upper() + unfinished.label[1:],
+                    f" (its results file {config.results_path} emptied)" if config.results_path is not None else "",
+                )
+            started_after = store.start_run()
         since = started_after + 1
         while True:
             restored = store.latest(since) if restore else None
@@ -1757,7 +1787,9 @@ async def _attempts(
             coordinator = Coordinator(store, plan, config.interval, restored.id if restored else 0, log, held)
             try:
                 session = Session(config, store, restored, coordinator, log if log is not None else sink, restarts)
-                return await attempt(session)
+                stats = await attempt(session)
+                store.end_run()
+                return stats
             except RESTARTED as exc:
                 if restarts >= config.restarts:
                     if not isinstance(exc, WorkerDied):

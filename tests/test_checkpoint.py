@@ -1735,6 +1735,34 @@ def test_cli_restore_of_a_one_instance_count_on_more_instances_is_refused(tmp_pa
     ]
 
 
+def test_a_fresh_run_over_a_run_that_did_not_end_says_that_run_can_no_longer_be_restored(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Run again without --restore after a run was killed, and the killed run's results file was emptied and its
+    checkpoints could no longer be restored, without a word. A run that ended (its input done, or drained) says so
+    in RUN.json; a fresh run after one that did not (killed: RUN.json as it started) warns."""
+    directory, words = tmp_path / "ck", tmp_path / "words.txt"
+    write_words(words, 2_000)
+    results = tmp_path / "out.jsonl"
+    with caplog.at_level(logging.WARNING, "aiod4p.checkpoint"):
+        run(word_count(words), 1, mapping=_mapping(directory, results=results), workers=1)
+        run(word_count(words), 1, mapping=_mapping(directory, results=results), workers=1)
+    assert not [r for r in caplog.records if "did not end" in r.getMessage()]
+    record = json.loads((directory / "RUN.json").read_text())
+    assert record.pop("ended") is True
+    (directory / "RUN.json").write_text(json.dumps(record))  # as a run killed after its checkpoints leaves it
+    latest = CheckpointStore(directory).latest()
+    assert latest is not None
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, "aiod4p.checkpoint"):
+        run(word_count(words), 1, mapping=_mapping(directory, results=results), workers=1)
+    assert [r.getMessage() for r in caplog.records if "did not end" in r.getMessage()] == [
+        f"Checkpoint {latest.id} in {directory} is of a run that did not end (killed, failed or aborted), which"
+        f" --restore would have resumed: this run starts afresh (its results file {results} emptied), and from now"
+        " on --restore resumes this one"
+    ]
+
+
 def test_restore_after_a_fresh_run_that_completed_no_checkpoint_refuses_the_earlier_runs(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
