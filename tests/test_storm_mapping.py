@@ -233,6 +233,28 @@ def test_n_gives_tasks_as_the_async_mapping_gives_instances() -> None:
     assert (options.workers, options.default_parallelism) == (1, 4)
 
 
+def test_the_environments_options_are_over_the_default_conf(
+    fake_nimbus: Callable[[int], tuple[int, Path]], sandbox: dict[str, str], tmp_path: Path
+) -> None:
+    """The settings of the streamparse environment in config.json reach the topology, over aiod4p's defaults.
+    Its `topology.max.spout.pending` was overridden by the default 1000, given on sparse's command line."""
+    port, record = fake_nimbus(1)
+    options = {"topology.max.spout.pending": 7, "topology.message.timeout.secs": 77}
+    config = {"envs": {"prod": {"nimbus": f"127.0.0.1:{port}", "options": options}}}
+    (tmp_path / "cwd" / "config.json").write_text(json.dumps(config))
+    done = subprocess.run(
+        [sys.executable, "-c", wordcount_on(port)],
+        env=sandbox,
+        cwd=tmp_path / "cwd",
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 1  # the stand-in Nimbus runs nothing
+    submitted = json.loads((record / "submitted.json").read_text())
+    assert {key: submitted["conf"][key] for key in options} == options
+
+
 def test_nimbus_without_supervisors(
     fake_nimbus: Callable[[int], tuple[int, Path]], sandbox: dict[str, str], tmp_path: Path
 ) -> None:

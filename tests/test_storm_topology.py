@@ -321,6 +321,9 @@ def test_cli_storm_build(tmp_path: Path) -> None:
     assert list(spec["feeds"].values()) == [2]
     config = json.loads((out / "config.json").read_text())
     assert config["envs"]["prod"]["nimbus"] == "nimbus.example.org:6627"
+    # sparse submit of the project bounds the tuples in flight as `aiod4p run` does (without it, a slow bolt
+    # made tuples time out, and their replays were counted twice downstream)
+    assert config["envs"]["prod"]["options"] == {"topology.max.spout.pending": 1000}
     assert read_components(out)  # a valid topology
 
 

@@ -44,7 +44,7 @@ from ..storm._cluster import (
     submit_env,
     topology_facts,
 )
-from ..storm._project import target_name
+from ..storm._project import DEFAULT_CONF, target_name
 from ..storm._run import RunReport
 from ..storm._spec import DEFAULT_MAX_REPLAYS
 from ._base import BaseMapping, RunControl
@@ -53,11 +53,6 @@ from .asyncio import AsyncMapping
 __all__ = ["DEFAULT_CONF", "StormMapping"]
 
 logger = logging.getLogger("aiod4p.storm")
-
-# Storm settings of every run, unless the caller's ``conf`` says otherwise. A bounded number of
-# tuples in flight per spout task is Storm's back-pressure: it also keeps tuples from timing out
-# (and being replayed) on a busy cluster.
-DEFAULT_CONF: dict[str, Any] = {"topology.max.spout.pending": 1000}
 
 
 class StormMapping(BaseMapping):
@@ -69,7 +64,8 @@ class StormMapping(BaseMapping):
         name: the topology name (default: from ``target``, else ``aiod4p``);
             a run adds a suffix of its own, so that runs never collide.
         conf: Storm configuration for the topology (``topology.*`` keys,
-            ``aiod4p.max_replays``), over :data:`DEFAULT_CONF`.
+            ``aiod4p.max_replays``), over the ``options`` of the streamparse
+            environment in use, which are over :data:`DEFAULT_CONF`.
         max_replays: replays of a failed tuple before the run fails.
         callback_host: the address the cluster's workers reach this process
             at (default: the one this machine uses to reach Nimbus).
@@ -97,7 +93,7 @@ class StormMapping(BaseMapping):
     ) -> None:
         self.nimbus = nimbus
         self.topology = topology_name(name or (target_name(target) if target else "aiod4p"))
-        self.conf = {**DEFAULT_CONF, **(conf or {})}
+        self.conf = dict(conf or {})
         self.max_replays = max_replays
         self.callback_host = callback_host
         self.start_timeout = start_timeout

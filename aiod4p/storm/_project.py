@@ -28,6 +28,7 @@ from ._wire import WireError, encode
 
 __all__ = [
     "COMPONENTS_MODULE",
+    "DEFAULT_CONF",
     "Project",
     "build_jar",
     "build_project",
@@ -42,6 +43,11 @@ SPEC_FILE = "aiod4p_topology.json"
 PES_FILE = "aiod4p_pes.pickle"
 STORM_VERSION = "2.6.0"
 STREAMPARSE_VERSION = "5.0.1"
+
+# Storm settings of every topology, unless the streamparse environment's ``options`` (or a run's ``conf``) say
+# otherwise. A bounded number of tuples in flight per spout task is Storm's back-pressure: it also keeps tuples
+# from timing out (and being replayed, so counted twice downstream) behind a slow bolt.
+DEFAULT_CONF: dict[str, Any] = {"topology.max.spout.pending": 1000}
 
 _GROUPINGS = {"shuffle": "Grouping.SHUFFLE", "all": "Grouping.ALL", "global": "Grouping.GLOBAL"}
 
@@ -370,10 +376,17 @@ def _config(envs: Mapping[str, Any] | None) -> dict[str, Any]:
     }
 
 
-def streamparse_env(nimbus: str = "") -> dict[str, Any]:
+def streamparse_env(nimbus: str = "", options: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """A streamparse environment (an entry of ``config.json``'s ``envs``) that submits to the Nimbus at
-    ``nimbus`` (``HOST:PORT``; empty: to fill in), with no SSH, no virtualenv and no list of workers."""
-    return {"nimbus": nimbus, "use_ssh_for_nimbus": False, "use_virtualenv": False, "workers": []}
+    ``nimbus`` (``HOST:PORT``; empty: to fill in), with no SSH, no virtualenv and no list of workers, and the
+    Storm ``options`` given over :data:`DEFAULT_CONF`."""
+    return {
+        "nimbus": nimbus,
+        "use_ssh_for_nimbus": False,
+        "use_virtualenv": False,
+        "workers": [],
+        "options": {**DEFAULT_CONF, **(options or {})},
+    }
 
 
 _PROJECT_CLJ = """\
