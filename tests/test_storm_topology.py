@@ -327,6 +327,39 @@ def test_cli_storm_build(tmp_path: Path) -> None:
     assert read_components(out)  # a valid topology
 
 
+def test_cli_storm_build_into_an_earlier_project(tmp_path: Path) -> None:
+    """A rebuild replaces the generated files, removes the previous workflow's, and keeps the config.json the user
+    edited (it was overwritten, its nimbus and virtualenv settings lost, and the old module stayed in src/)."""
+    out, other = tmp_path / "p", tmp_path / "other_flow.py"
+    other.write_text((ROOT / "examples" / "split_merge.py").read_text())
+    assert storm_build(str(other), "-o", str(out)).returncode == 0
+    config = json.loads((out / "config.json").read_text())
+    config["envs"]["prod"].update(nimbus="edited:6627", use_virtualenv=True, virtualenv_root="/opt/venvs")
+    (out / "config.json").write_text(json.dumps(config))
+    done = storm_build(str(ROOT / "examples" / "wordcount.py"), "-o", str(out), "--nimbus", "ignored")
+    assert done.returncode == 0, done.stderr
+    assert f"kept {out / 'config.json'} as it was" in done.stdout
+    assert f"--nimbus is not written into {out / 'config.json'}" in done.stderr
+    assert json.loads((out / "config.json").read_text()) == config
+    assert sorted(p.name for p in (out / "src").glob("*.py")) == ["aiod4p_components.py", "wordcount.py"]
+    assert [p.name for p in (out / "virtualenvs").iterdir()] == ["wordcount_topology.txt"]
+    assert [p.name for p in (out / "topologies").iterdir()] == ["wordcount_topology.py"]
+
+
+def test_cli_storm_build_refuses_a_directory_of_other_files(tmp_path: Path) -> None:
+    """A non-empty directory that holds no project of aiod4p is left alone: its topologies/*.py were deleted and its
+    config.json overwritten."""
+    (tmp_path / "o" / "topologies").mkdir(parents=True)
+    (tmp_path / "o" / "topologies" / "mine.py").write_text("# a topology of the user's\n")
+    done = storm_build(str(ROOT / "examples" / "wordcount.py"), "-o", str(tmp_path / "o"))
+    assert done.returncode == 1
+    assert f"{tmp_path / 'o'} is not empty and holds no project of aiod4p storm build" in done.stderr
+    assert [str(p.relative_to(tmp_path)) for p in (tmp_path / "o").rglob("*")] == [
+        "o/topologies",
+        "o/topologies/mine.py",
+    ]
+
+
 def test_cli_storm_build_of_a_dispel4py_workflow(tmp_path: Path) -> None:
     flow = tmp_path / "d4p_flow.py"
     flow.write_text(
