@@ -8,6 +8,7 @@ import json
 import subprocess
 import sys
 import threading
+import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -141,8 +142,6 @@ def test_a_second_connection_to_the_same_bolt_gets_its_own_stream(tmp_path: Path
 
 
 def test_jar_holds_the_resources(tmp_path: Path) -> None:
-    import zipfile
-
     project = build_project(load_graph(str(ROOT / "examples" / "wordcount.py")), tmp_path / "p", name="wc")
     with zipfile.ZipFile(build_jar(project, tmp_path / "wc.jar")) as jar:
         names = set(jar.namelist())
@@ -317,6 +316,10 @@ def test_cli_storm_build(tmp_path: Path) -> None:
     )
     assert done.returncode == 0, done.stderr
     assert "wrote topology wordcount_topology (1 spouts, 2 bolts)" in done.stdout
+    # the jar sparse submit -j uploads: without it, sparse submit needed lein and Java to build one
+    assert f"submit it with: cd {out} && sparse submit -n wordcount_topology -j wordcount_topology.jar" in done.stdout
+    with zipfile.ZipFile(out / "wordcount_topology.jar") as jar:
+        assert {f"resources/{p.name}" for p in (out / "src").iterdir()} <= set(jar.namelist())
     spec = json.loads((out / "src" / "aiod4p_topology.json").read_text())
     assert list(spec["feeds"].values()) == [2]
     config = json.loads((out / "config.json").read_text())
@@ -344,6 +347,7 @@ def test_cli_storm_build_into_an_earlier_project(tmp_path: Path) -> None:
     assert sorted(p.name for p in (out / "src").glob("*.py")) == ["aiod4p_components.py", "wordcount.py"]
     assert [p.name for p in (out / "virtualenvs").iterdir()] == ["wordcount_topology.txt"]
     assert [p.name for p in (out / "topologies").iterdir()] == ["wordcount_topology.py"]
+    assert sorted(p.name for p in out.glob("*.jar")) == ["wordcount_topology.jar"]
 
 
 def test_cli_storm_build_refuses_a_directory_of_other_files(tmp_path: Path) -> None:

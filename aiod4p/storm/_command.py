@@ -41,7 +41,7 @@ def storm_command(args: argparse.Namespace) -> int:
     from .._inputs import parse_cli_inputs
     from .._loading import load_workflow
     from .._plan import PlanOptions
-    from . import build_project
+    from . import build_jar, build_project
     from ._cluster import cluster_at
     from ._project import streamparse_env, target_name
 
@@ -66,5 +66,6 @@ def storm_command(args: argparse.Namespace) -> int:
         print(f"kept {config} as it was")
         if args.nimbus:
             print(f"aiod4p: warning: --nimbus is not written into {config}: set its nimbus there", file=sys.stderr)
-    print(f"submit it with: cd {project.path} && sparse submit -n {project.name}")
+    jar = build_jar(project, project.path / f"{project.name}.jar")  # sparse submit -j: no lein, no Java
+    print(f"submit it with: cd {project.path} && sparse submit -n {project.name} -j {jar.name}")
     return 0

@@ -168,7 +168,7 @@ def build_project(
 
 def _remove_previous_build(root: Path) -> None:
     """Remove from ``root`` the files an earlier build wrote that this one may not overwrite: the workflow
-    modules it copied into ``src`` and its requirements file. Nothing in a new or empty directory.
+    modules it copied into ``src``, its requirements file and its jar. Nothing in a new or empty directory.
 
     Raises:
         TargetError: ``root`` is not empty and holds no project of aiod4p (no topology spec in ``src``).
@@ -185,6 +185,7 @@ def _remove_previous_build(root: Path) -> None:
     for module_name in previous.get("sources", {}):
         (root / "src" / f"{module_name}.py").unlink(missing_ok=True)
     (root / "virtualenvs" / f"{previous.get('name')}.txt").unlink(missing_ok=True)
+    (root / f"{previous.get('name')}.jar").unlink(missing_ok=True)
 
 
 def _json_feeds(feeds: Mapping[str, Any]) -> dict[str, Any]:
