@@ -169,6 +169,8 @@ class StormMapping(BaseMapping):
             await asyncio.gather(*draining, return_exceptions=True)
             try:
                 if submitted:
+                    if report.failed and report.stopped_only:  # why the worker shut down: Nimbus knows, until the kill
+                        report.storm_errors = await asyncio.to_thread(_errors, cluster, self.topology)
                     await self._kill(cluster, failed)
             finally:
                 await report.close(grace=30 if report.failed else 0)

@@ -57,6 +57,7 @@ class RunReport:
         self.fatal: list[Aiod4pError] = []
         self.failed_tuples: list[Aiod4pError] = []  # errors of tuples Storm then failed (and replayed)
         self.dropped = False  # a spout gave a tuple up after its last replay
+        self.storm_errors = ""  # what Nimbus reported for the topology, read by the run when stopped_only
         self.killed = False
         self._server: asyncio.Server | None = None
         self._handlers: set[asyncio.Task[None]] = set()
@@ -85,6 +86,12 @@ class RunReport:
     def failed(self) -> bool:
         return bool(self.fatal)
 
+    @property
+    def stopped_only(self) -> bool:
+        """The run failed only because tasks were stopped by their worker: why it shut down (Storm's own error,
+        such as a subprocess heartbeat timeout) is known to Nimbus, not to the tasks."""
+        return bool(self.fatal) and all(error in self.stopped_deaths for error in self.fatal)
+
     def error(self) -> Aiod4pError:
         """The error the run fails with: a PE's own error rather than its consequences."""
         for error in self.fatal:
@@ -93,7 +100,9 @@ class RunReport:
         if self.dropped and self.failed_tuples:
             return self.failed_tuples[-1]  # a tuple dropped after its last replay: the error that failed it
         own = [error for error in self.fatal if error not in self.stopped_deaths]
-        return own[0] if own else self.fatal[0]
+        if own:
+            return own[0]
+        return WorkerDied(f"{self.fatal[0]}; {self.storm_errors}") if self.storm_errors else self.fatal[0]
 
     async def close(self, grace: float) -> None:
         """Read what the tasks of a killed topology still sent (at most ``grace`` s), then stop."""
