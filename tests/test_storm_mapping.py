@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import socket
@@ -15,11 +16,14 @@ import pytest
 
 pytest.importorskip("streamparse", reason="the storm extra is not installed")
 
+from test_storm_report import Sink
+
 from aiod4p._install import install_hint
-from aiod4p.errors import MappingUnavailable
+from aiod4p.errors import Aiod4pError, MappingUnavailable
 from aiod4p.mappings.asyncio import AsyncMapping
 from aiod4p.mappings.storm import StormMapping
 from aiod4p.storm._cluster import cluster_at, configured_nimbus, find_cluster
+from aiod4p.storm._run import RunReport
 
 ROOT = Path(__file__).resolve().parents[1]
 WORDCOUNT = str(ROOT / "examples" / "wordcount.py")
@@ -253,6 +257,18 @@ def test_the_environments_options_are_over_the_default_conf(
     assert done.returncode == 1  # the stand-in Nimbus runs nothing
     submitted = json.loads((record / "submitted.json").read_text())
     assert {key: submitted["conf"][key] for key in options} == options
+
+
+async def test_a_drain_that_nimbus_does_not_take_fails_the_run() -> None:
+    """SIGINT deactivates the topology through Nimbus; a Nimbus that does not answer then fails the run, naming the
+    topology. The run waited, silent, for an end that never came (a live source), until a second signal."""
+    report = RunReport(Sink(), "token")
+    report.all_started.set()  # every task runs: the drain deactivates at once
+    mapping = StormMapping(name="live")
+    await asyncio.wait_for(mapping._drain(report, cluster_at(f"127.0.0.1:{free_port()}", "test")), 30)
+    assert report.ended.is_set()
+    with pytest.raises(Aiod4pError, match=r"cannot drain topology live: Nimbus at 127\.0\.0\.1:\d+ did not deactivate"):
+        raise report.error()
 
 
 def test_nimbus_without_supervisors(

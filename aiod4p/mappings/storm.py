@@ -161,7 +161,7 @@ class StormMapping(BaseMapping):
             await self._wait(report, cluster)
             for task in draining:
                 await task
-            failed = False
+            failed = report.failed
         finally:
             over = True
             for task in draining:
@@ -212,12 +212,21 @@ class StormMapping(BaseMapping):
         await report.ended.wait()
 
     async def _drain(self, report: RunReport, cluster: Cluster) -> None:
-        """Deactivate the topology once every task runs (only a running topology deactivates)."""
+        """Deactivate the topology once every task runs (only a running topology deactivates); if Nimbus does not,
+        fail the run, which would otherwise wait for an end that never comes."""
         await report.started_or_ended()
         if report.ended.is_set():
             return
         logger.warning("draining topology %s: deactivating it; its spouts stop and finish their streams", self.topology)
-        await asyncio.to_thread(deactivate, cluster, self.topology)
+        try:
+            await asyncio.to_thread(deactivate, cluster, self.topology)
+        except Exception as exc:
+            report.fail(
+                Aiod4pError(
+                    f"cannot drain topology {self.topology}: Nimbus at {cluster.address} did not deactivate it"
+                    f" ({type(exc).__name__}: {exc})"
+                )
+            )
 
 
 def _reachable_address(cluster: Cluster) -> str:

@@ -127,7 +127,7 @@ class RunReport:
                 return  # not a task of this run's topology
             key = (str(hello["pe"]), int(hello["task"]))
             if key in self.started:
-                self._fail(WorkerDied(f"the Storm task of PE {key[0]}[{key[1]}] was restarted: its worker died"))
+                self.fail(WorkerDied(f"the Storm task of PE {key[0]}[{key[1]}] was restarted: its worker died"))
             self.started.add(key)
             self.pids[key] = int(hello.get("pid", 0))
             if self.expected <= self.started:
@@ -138,7 +138,7 @@ class RunReport:
                 self._ended_early(key)
         except (ValueError, KeyError, TypeError, ConnectionError) as exc:
             if not self.killed:
-                self._fail(TransportError(f"a Storm task sent a malformed report: {type(exc).__name__}: {exc}"))
+                self.fail(TransportError(f"a Storm task sent a malformed report: {type(exc).__name__}: {exc}"))
         finally:
             writer.close()
 
@@ -160,9 +160,9 @@ class RunReport:
                         " stopped)"
                     )
                 )
-                self._fail(self.stopped_deaths[-1])
+                self.fail(self.stopped_deaths[-1])
             return
-        self._fail(
+        self.fail(
             WorkerDied(
                 f"{task} exited before the end of its stream: its worker died (Storm restarts it, but its PE's"
                 " state and the tuples in flight in it are lost)"
@@ -183,14 +183,15 @@ class RunReport:
             error = _error(key, message)
             self.dropped |= message.get("kind") == "dropped"
             if message.get("fatal"):
-                self._fail(error)
+                self.fail(error)
             else:
                 logger.warning("%s (Storm fails the tuple; its spout replays it)", error)
                 self.failed_tuples.append(error)
         else:
             raise ValueError(f"unknown report {kind!r}")
 
-    def _fail(self, error: Aiod4pError) -> None:
+    def fail(self, error: Aiod4pError) -> None:
+        """End the run with ``error`` (the first fatal error wins, as :meth:`error` says)."""
         self.fatal.append(error)
         self.ended.set()
 
