@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import socket
 import sys
+import threading
 from typing import Any
 
 from workflows import Count, Fail, SumAtEnd, Unencodable
@@ -47,6 +48,22 @@ def failing() -> WorkflowGraph:
     """Count -> Fail(on=3): the item 3 fails on every attempt."""
     graph = WorkflowGraph()
     graph.connect(Count(), "output", Fail(on=3), "input")
+    return graph
+
+
+class Stuck(IterativePE):
+    """Never returns from its call on the item 2, as a PE blocked on a read that nothing answers."""
+
+    def process_item(self, item: int) -> int:
+        if item == 2:
+            threading.Event().wait()
+        return item
+
+
+def stuck() -> WorkflowGraph:
+    """Count -> Stuck: the call on the item 2 blocks for ever."""
+    graph = WorkflowGraph()
+    graph.connect(Count(), "output", Stuck(), "input")
     return graph
 
 

@@ -477,6 +477,16 @@ def test_dispel4py_examples_give_the_results_of_dispel4py(nimbus: str, monkeypat
         differential.check_example(name, got, expected, differential.BROADCAST.get(name, 1))
 
 
+def test_a_pe_call_past_the_subprocess_timeout_fails_the_run_saying_what_storm_reported(nimbus: str) -> None:
+    """Storm stops the worker of a task silent past topology.subprocess.timeout.secs, and with it every task:
+    the run says why, as Nimbus reported it (it named only a stopped task, whose worker 'another of its tasks died'
+    had shut down)."""
+    mapping = StormMapping(nimbus=nimbus, name="stuck", conf={"topology.subprocess.timeout.secs": 5})
+    reason = r"; Nimbus reports: Stuck\d*: java.lang.RuntimeException: subprocess heartbeat timeout"
+    with pytest.raises(WorkerDied, match=rf"was stopped by its Storm worker .*{reason}"):
+        aiod4p.run(storm_workflows.stuck(), 5, mapping=mapping)
+
+
 def test_a_dead_worker_fails_the_run(nimbus: str) -> None:
     # Instance 1 of FailsOnInstance kills its own process (the Python side of a Storm task).
     graph = workflows.mpi_killed()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import socket
@@ -15,11 +16,14 @@ import pytest
 
 pytest.importorskip("streamparse", reason="the storm extra is not installed")
 
+from test_storm_report import Sink
+
 from aiod4p._install import install_hint
-from aiod4p.errors import MappingUnavailable
+from aiod4p.errors import Aiod4pError, MappingUnavailable
 from aiod4p.mappings.asyncio import AsyncMapping
 from aiod4p.mappings.storm import StormMapping
 from aiod4p.storm._cluster import cluster_at, configured_nimbus, find_cluster
+from aiod4p.storm._run import RunReport
 
 ROOT = Path(__file__).resolve().parents[1]
 WORDCOUNT = str(ROOT / "examples" / "wordcount.py")
@@ -231,6 +235,40 @@ def test_n_gives_tasks_as_the_async_mapping_gives_instances() -> None:
     options = StormMapping().plan_options(4, 100, 2)
     assert options == AsyncMapping().plan_options(4, 100, 2)
     assert (options.workers, options.default_parallelism) == (1, 4)
+
+
+def test_the_environments_options_are_over_the_default_conf(
+    fake_nimbus: Callable[[int], tuple[int, Path]], sandbox: dict[str, str], tmp_path: Path
+) -> None:
+    """The settings of the streamparse environment in config.json reach the topology, over aiod4p's defaults.
+    Its `topology.max.spout.pending` was overridden by the default 1000, given on sparse's command line."""
+    port, record = fake_nimbus(1)
+    options = {"topology.max.spout.pending": 7, "topology.message.timeout.secs": 77}
+    config = {"envs": {"prod": {"nimbus": f"127.0.0.1:{port}", "options": options}}}
+    (tmp_path / "cwd" / "config.json").write_text(json.dumps(config))
+    done = subprocess.run(
+        [sys.executable, "-c", wordcount_on(port)],
+        env=sandbox,
+        cwd=tmp_path / "cwd",
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 1  # the stand-in Nimbus runs nothing
+    submitted = json.loads((record / "submitted.json").read_text())
+    assert {key: submitted["conf"][key] for key in options} == options
+
+
+async def test_a_drain_that_nimbus_does_not_take_fails_the_run() -> None:
+    """SIGINT deactivates the topology through Nimbus; a Nimbus that does not answer then fails the run, naming the
+    topology. The run waited, silent, for an end that never came (a live source), until a second signal."""
+    report = RunReport(Sink(), "token")
+    report.all_started.set()  # every task runs: the drain deactivates at once
+    mapping = StormMapping(name="live")
+    await asyncio.wait_for(mapping._drain(report, cluster_at(f"127.0.0.1:{free_port()}", "test")), 30)
+    assert report.ended.is_set()
+    with pytest.raises(Aiod4pError, match=r"cannot drain topology live: Nimbus at 127\.0\.0\.1:\d+ did not deactivate"):
+        raise report.error()
 
 
 def test_nimbus_without_supervisors(

@@ -131,6 +131,28 @@ async def test_a_task_its_worker_stopped_is_named_if_none_died_of_its_own_accord
         raise report.error()
 
 
+async def test_a_run_its_stopped_tasks_failed_says_what_nimbus_reported() -> None:
+    """Only stopped tasks failed the run: the storm mapping reads Nimbus's errors (why the worker shut down), and
+    the error says them; a task that died of its own accord is named without them."""
+    report, _, address = await started()
+    stopped, died = await Task.connect(address, "sink", 0), await Task.connect(address, "sink", 1)
+    await stopped.send({"t": "x"})
+    await stopped.close()
+    await asyncio.wait_for(report.ended.wait(), 10)
+    closing = asyncio.ensure_future(report.close(10))  # the run kills the topology: then sink[1]'s end is read
+    try:
+        assert report.stopped_only
+        report.storm_errors = "Nimbus reports: sink: java.lang.RuntimeException: subprocess heartbeat timeout"
+        with pytest.raises(WorkerDied, match=r"sink\[0\] \(pid 4242\) was stopped .*; Nimbus reports: sink: java"):
+            raise report.error()
+    finally:
+        await died.close()
+        await closing
+    assert not report.stopped_only
+    with pytest.raises(WorkerDied, match=r"PE sink\[1\] \(pid 4242\) exited before the end of its stream: [^;]*$"):
+        raise report.error()
+
+
 async def test_a_restarted_task_is_a_dead_worker() -> None:
     report, _, address = await started()
     first = await Task.connect(address, "source", 0)

@@ -8,6 +8,7 @@ import json
 import subprocess
 import sys
 import threading
+import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -141,8 +142,6 @@ def test_a_second_connection_to_the_same_bolt_gets_its_own_stream(tmp_path: Path
 
 
 def test_jar_holds_the_resources(tmp_path: Path) -> None:
-    import zipfile
-
     project = build_project(load_graph(str(ROOT / "examples" / "wordcount.py")), tmp_path / "p", name="wc")
     with zipfile.ZipFile(build_jar(project, tmp_path / "wc.jar")) as jar:
         names = set(jar.namelist())
@@ -317,11 +316,52 @@ def test_cli_storm_build(tmp_path: Path) -> None:
     )
     assert done.returncode == 0, done.stderr
     assert "wrote topology wordcount_topology (1 spouts, 2 bolts)" in done.stdout
+    # the jar sparse submit -j uploads: without it, sparse submit needed lein and Java to build one
+    assert f"submit it with: cd {out} && sparse submit -n wordcount_topology -j wordcount_topology.jar" in done.stdout
+    with zipfile.ZipFile(out / "wordcount_topology.jar") as jar:
+        assert {f"resources/{p.name}" for p in (out / "src").iterdir()} <= set(jar.namelist())
     spec = json.loads((out / "src" / "aiod4p_topology.json").read_text())
     assert list(spec["feeds"].values()) == [2]
     config = json.loads((out / "config.json").read_text())
     assert config["envs"]["prod"]["nimbus"] == "nimbus.example.org:6627"
+    # sparse submit of the project bounds the tuples in flight as `aiod4p run` does (without it, a slow bolt
+    # made tuples time out, and their replays were counted twice downstream)
+    assert config["envs"]["prod"]["options"] == {"topology.max.spout.pending": 1000}
     assert read_components(out)  # a valid topology
+
+
+def test_cli_storm_build_into_an_earlier_project(tmp_path: Path) -> None:
+    """A rebuild replaces the generated files, removes the previous workflow's, and keeps the config.json the user
+    edited (it was overwritten, its nimbus and virtualenv settings lost, and the old module stayed in src/)."""
+    out, other = tmp_path / "p", tmp_path / "other_flow.py"
+    other.write_text((ROOT / "examples" / "split_merge.py").read_text())
+    assert storm_build(str(other), "-o", str(out)).returncode == 0
+    config = json.loads((out / "config.json").read_text())
+    config["envs"]["prod"].update(nimbus="edited:6627", use_virtualenv=True, virtualenv_root="/opt/venvs")
+    (out / "config.json").write_text(json.dumps(config))
+    done = storm_build(str(ROOT / "examples" / "wordcount.py"), "-o", str(out), "--nimbus", "ignored")
+    assert done.returncode == 0, done.stderr
+    assert f"kept {out / 'config.json'} as it was" in done.stdout
+    assert f"--nimbus is not written into {out / 'config.json'}" in done.stderr
+    assert json.loads((out / "config.json").read_text()) == config
+    assert sorted(p.name for p in (out / "src").glob("*.py")) == ["aiod4p_components.py", "wordcount.py"]
+    assert [p.name for p in (out / "virtualenvs").iterdir()] == ["wordcount_topology.txt"]
+    assert [p.name for p in (out / "topologies").iterdir()] == ["wordcount_topology.py"]
+    assert sorted(p.name for p in out.glob("*.jar")) == ["wordcount_topology.jar"]
+
+
+def test_cli_storm_build_refuses_a_directory_of_other_files(tmp_path: Path) -> None:
+    """A non-empty directory that holds no project of aiod4p is left alone: its topologies/*.py were deleted and its
+    config.json overwritten."""
+    (tmp_path / "o" / "topologies").mkdir(parents=True)
+    (tmp_path / "o" / "topologies" / "mine.py").write_text("# a topology of the user's\n")
+    done = storm_build(str(ROOT / "examples" / "wordcount.py"), "-o", str(tmp_path / "o"))
+    assert done.returncode == 1
+    assert f"{tmp_path / 'o'} is not empty and holds no project of aiod4p storm build" in done.stderr
+    assert [str(p.relative_to(tmp_path)) for p in (tmp_path / "o").rglob("*")] == [
+        "o/topologies",
+        "o/topologies/mine.py",
+    ]
 
 
 def test_cli_storm_build_of_a_dispel4py_workflow(tmp_path: Path) -> None:

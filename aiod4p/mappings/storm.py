@@ -44,7 +44,7 @@ from ..storm._cluster import (
     submit_env,
     topology_facts,
 )
-from ..storm._project import target_name
+from ..storm._project import DEFAULT_CONF, target_name
 from ..storm._run import RunReport
 from ..storm._spec import DEFAULT_MAX_REPLAYS
 from ._base import BaseMapping, RunControl
@@ -53,11 +53,6 @@ from .asyncio import AsyncMapping
 __all__ = ["DEFAULT_CONF", "StormMapping"]
 
 logger = logging.getLogger("aiod4p.storm")
-
-# Storm settings of every run, unless the caller's ``conf`` says otherwise. A bounded number of
-# tuples in flight per spout task is Storm's back-pressure: it also keeps tuples from timing out
-# (and being replayed) on a busy cluster.
-DEFAULT_CONF: dict[str, Any] = {"topology.max.spout.pending": 1000}
 
 
 class StormMapping(BaseMapping):
@@ -69,7 +64,8 @@ class StormMapping(BaseMapping):
         name: the topology name (default: from ``target``, else ``aiod4p``);
             a run adds a suffix of its own, so that runs never collide.
         conf: Storm configuration for the topology (``topology.*`` keys,
-            ``aiod4p.max_replays``), over :data:`DEFAULT_CONF`.
+            ``aiod4p.max_replays``), over the ``options`` of the streamparse
+            environment in use, which are over :data:`DEFAULT_CONF`.
         max_replays: replays of a failed tuple before the run fails.
         callback_host: the address the cluster's workers reach this process
             at (default: the one this machine uses to reach Nimbus).
@@ -97,7 +93,7 @@ class StormMapping(BaseMapping):
     ) -> None:
         self.nimbus = nimbus
         self.topology = topology_name(name or (target_name(target) if target else "aiod4p"))
-        self.conf = {**DEFAULT_CONF, **(conf or {})}
+        self.conf = dict(conf or {})
         self.max_replays = max_replays
         self.callback_host = callback_host
         self.start_timeout = start_timeout
@@ -165,7 +161,7 @@ class StormMapping(BaseMapping):
             await self._wait(report, cluster)
             for task in draining:
                 await task
-            failed = False
+            failed = report.failed
         finally:
             over = True
             for task in draining:
@@ -173,6 +169,8 @@ class StormMapping(BaseMapping):
             await asyncio.gather(*draining, return_exceptions=True)
             try:
                 if submitted:
+                    if report.failed and report.stopped_only:  # why the worker shut down: Nimbus knows, until the kill
+                        report.storm_errors = await asyncio.to_thread(_errors, cluster, self.topology)
                     await self._kill(cluster, failed)
             finally:
                 await report.close(grace=30 if report.failed else 0)
@@ -214,12 +212,21 @@ class StormMapping(BaseMapping):
         await report.ended.wait()
 
     async def _drain(self, report: RunReport, cluster: Cluster) -> None:
-        """Deactivate the topology once every task runs (only a running topology deactivates)."""
+        """Deactivate the topology once every task runs (only a running topology deactivates); if Nimbus does not,
+        fail the run, which would otherwise wait for an end that never comes."""
         await report.started_or_ended()
         if report.ended.is_set():
             return
         logger.warning("draining topology %s: deactivating it; its spouts stop and finish their streams", self.topology)
-        await asyncio.to_thread(deactivate, cluster, self.topology)
+        try:
+            await asyncio.to_thread(deactivate, cluster, self.topology)
+        except Exception as exc:
+            report.fail(
+                Aiod4pError(
+                    f"cannot drain topology {self.topology}: Nimbus at {cluster.address} did not deactivate it"
+                    f" ({type(exc).__name__}: {exc})"
+                )
+            )
 
 
 def _reachable_address(cluster: Cluster) -> str:

@@ -253,8 +253,15 @@ def sparse_command() -> list[str]:
 
 
 def submit_env(cluster: Cluster) -> dict[str, Any]:
-    """The streamparse environment the generated project submits with."""
-    return {**streamparse_env(), **cluster.env, "nimbus": cluster.address}
+    """The streamparse environment the generated project submits with: the user's (``cluster.env``), its
+    ``options`` over :data:`~aiod4p.storm._project.DEFAULT_CONF`."""
+    options = cluster.env.get("options")
+    return {
+        **streamparse_env(),
+        **cluster.env,
+        "nimbus": cluster.address,
+        "options": streamparse_env(options=options if isinstance(options, dict) else None)["options"],
+    }
 
 
 def submit(project: Project, cluster: Cluster, options: Mapping[str, Any] | None = None, timeout: float = 120) -> str:

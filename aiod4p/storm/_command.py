@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -40,11 +41,13 @@ def storm_command(args: argparse.Namespace) -> int:
     from .._inputs import parse_cli_inputs
     from .._loading import load_workflow
     from .._plan import PlanOptions
-    from . import build_project
+    from . import build_jar, build_project
     from ._cluster import cluster_at
     from ._project import streamparse_env, target_name
 
     nimbus = cluster_at(args.nimbus, "--nimbus").address if args.nimbus else ""
+    config = Path(args.output) / "config.json"
+    kept = config.is_file()  # a rebuild keeps the configuration the user edited
     graph = load_workflow(args.target)
     inputs = parse_cli_inputs(args.iter, args.data, args.file)
     project = build_project(
@@ -59,5 +62,10 @@ def storm_command(args: argparse.Namespace) -> int:
     spouts = sum(component.kind == "spout" for component in project.spec.components)
     bolts = len(project.spec.components) - spouts
     print(f"wrote topology {project.name} ({spouts} spouts, {bolts} bolts) to {project.path}")
-    print(f"submit it with: cd {project.path} && sparse submit -n {project.name}")
+    if kept:
+        print(f"kept {config} as it was")
+        if args.nimbus:
+            print(f"aiod4p: warning: --nimbus is not written into {config}: set its nimbus there", file=sys.stderr)
+    jar = build_jar(project, project.path / f"{project.name}.jar")  # sparse submit -j: no lein, no Java
+    print(f"submit it with: cd {project.path} && sparse submit -n {project.name} -j {jar.name}")
     return 0

@@ -28,6 +28,7 @@ from ._wire import WireError, encode
 
 __all__ = [
     "COMPONENTS_MODULE",
+    "DEFAULT_CONF",
     "Project",
     "build_jar",
     "build_project",
@@ -42,6 +43,11 @@ SPEC_FILE = "aiod4p_topology.json"
 PES_FILE = "aiod4p_pes.pickle"
 STORM_VERSION = "2.6.0"
 STREAMPARSE_VERSION = "5.0.1"
+
+# Storm settings of every topology, unless the streamparse environment's ``options`` (or a run's ``conf``) say
+# otherwise. A bounded number of tuples in flight per spout task is Storm's back-pressure: it also keeps tuples
+# from timing out (and being replayed, so counted twice downstream) behind a slow bolt.
+DEFAULT_CONF: dict[str, Any] = {"topology.max.spout.pending": 1000}
 
 _GROUPINGS = {"shuffle": "Grouping.SHUFFLE", "all": "Grouping.ALL", "global": "Grouping.GLOBAL"}
 
@@ -105,10 +111,14 @@ def build_project(
     called ``name``, or ``<name>_topology`` when a module copied into ``src``
     (the workflow file) already has that name.
 
+    ``directory`` is new, empty, or a project written by an earlier build: that one's generated files are
+    replaced (its workflow modules and requirements removed), and its ``config.json``, which the user edits
+    before submitting, is kept (``envs`` is written into a new one only).
+
     Raises:
         GraphError: the graph is invalid, a PE cannot be pickled, or a name is reserved.
         InputError: the inputs are invalid, or an item can neither be JSON nor be pickled.
-        TargetError: ``directory`` cannot be written.
+        TargetError: ``directory`` cannot be written, or is not empty and holds no project of aiod4p.
     """
     if max_replays < 0:
         raise ValueError(f"max_replays must not be negative, not {max_replays}")
@@ -129,6 +139,7 @@ def build_project(
     pickled = _pickle(plan, functions)
     root = Path(directory)
     try:
+        _remove_previous_build(root)
         for sub in ("src", "topologies", "virtualenvs"):
             (root / sub).mkdir(parents=True, exist_ok=True)
         src = root / "src"
@@ -145,13 +156,36 @@ def build_project(
             stale.unlink()
         (root / "topologies" / f"{name}.py").write_text(_topology_source(spec))
         (root / "virtualenvs" / f"{name}.txt").write_text(f"aiod4p[storm]\nstreamparse=={STREAMPARSE_VERSION}\n")
-        (root / "config.json").write_text(json.dumps(_config(envs), indent=2) + "\n")
+        if not (root / "config.json").exists():
+            (root / "config.json").write_text(json.dumps(_config(envs), indent=2) + "\n")
         (root / "project.clj").write_text(_PROJECT_CLJ.format(name=name, storm=STORM_VERSION))
     except OSError as exc:
         raise TargetError(f"cannot write the Storm project to {root}: {exc.strerror or exc}") from exc
     project = Project(root, name, spec)
     load_topology(project.path)  # streamparse validates the definition as it builds it
     return project
+
+
+def _remove_previous_build(root: Path) -> None:
+    """Remove from ``root`` the files an earlier build wrote that this one may not overwrite: the workflow
+    modules it copied into ``src``, its requirements file and its jar. Nothing in a new or empty directory.
+
+    Raises:
+        TargetError: ``root`` is not empty and holds no project of aiod4p (no topology spec in ``src``).
+    """
+    if not root.is_dir() or not any(root.iterdir()):
+        return
+    try:
+        previous = json.loads((root / "src" / SPEC_FILE).read_text())
+    except (OSError, ValueError):
+        raise TargetError(
+            f"{root} is not empty and holds no project of aiod4p storm build (no src/{SPEC_FILE}):"
+            " give a new or empty directory"
+        ) from None
+    for module_name in previous.get("sources", {}):
+        (root / "src" / f"{module_name}.py").unlink(missing_ok=True)
+    (root / "virtualenvs" / f"{previous.get('name')}.txt").unlink(missing_ok=True)
+    (root / f"{previous.get('name')}.jar").unlink(missing_ok=True)
 
 
 def _json_feeds(feeds: Mapping[str, Any]) -> dict[str, Any]:
@@ -370,10 +404,17 @@ def _config(envs: Mapping[str, Any] | None) -> dict[str, Any]:
     }
 
 
-def streamparse_env(nimbus: str = "") -> dict[str, Any]:
+def streamparse_env(nimbus: str = "", options: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """A streamparse environment (an entry of ``config.json``'s ``envs``) that submits to the Nimbus at
-    ``nimbus`` (``HOST:PORT``; empty: to fill in), with no SSH, no virtualenv and no list of workers."""
-    return {"nimbus": nimbus, "use_ssh_for_nimbus": False, "use_virtualenv": False, "workers": []}
+    ``nimbus`` (``HOST:PORT``; empty: to fill in), with no SSH, no virtualenv and no list of workers, and the
+    Storm ``options`` given over :data:`DEFAULT_CONF`."""
+    return {
+        "nimbus": nimbus,
+        "use_ssh_for_nimbus": False,
+        "use_virtualenv": False,
+        "workers": [],
+        "options": {**DEFAULT_CONF, **(options or {})},
+    }
 
 
 _PROJECT_CLJ = """\

@@ -57,6 +57,7 @@ class RunReport:
         self.fatal: list[Aiod4pError] = []
         self.failed_tuples: list[Aiod4pError] = []  # errors of tuples Storm then failed (and replayed)
         self.dropped = False  # a spout gave a tuple up after its last replay
+        self.storm_errors = ""  # what Nimbus reported for the topology, read by the run when stopped_only
         self.killed = False
         self._server: asyncio.Server | None = None
         self._handlers: set[asyncio.Task[None]] = set()
@@ -85,6 +86,12 @@ class RunReport:
     def failed(self) -> bool:
         return bool(self.fatal)
 
+    @property
+    def stopped_only(self) -> bool:
+        """The run failed only because tasks were stopped by their worker: why it shut down (Storm's own error,
+        such as a subprocess heartbeat timeout) is known to Nimbus, not to the tasks."""
+        return bool(self.fatal) and all(error in self.stopped_deaths for error in self.fatal)
+
     def error(self) -> Aiod4pError:
         """The error the run fails with: a PE's own error rather than its consequences."""
         for error in self.fatal:
@@ -93,7 +100,9 @@ class RunReport:
         if self.dropped and self.failed_tuples:
             return self.failed_tuples[-1]  # a tuple dropped after its last replay: the error that failed it
         own = [error for error in self.fatal if error not in self.stopped_deaths]
-        return own[0] if own else self.fatal[0]
+        if own:
+            return own[0]
+        return WorkerDied(f"{self.fatal[0]}; {self.storm_errors}") if self.storm_errors else self.fatal[0]
 
     async def close(self, grace: float) -> None:
         """Read what the tasks of a killed topology still sent (at most ``grace`` s), then stop."""
@@ -118,7 +127,7 @@ class RunReport:
                 return  # not a task of this run's topology
             key = (str(hello["pe"]), int(hello["task"]))
             if key in self.started:
-                self._fail(WorkerDied(f"the Storm task of PE {key[0]}[{key[1]}] was restarted: its worker died"))
+                self.fail(WorkerDied(f"the Storm task of PE {key[0]}[{key[1]}] was restarted: its worker died"))
             self.started.add(key)
             self.pids[key] = int(hello.get("pid", 0))
             if self.expected <= self.started:
@@ -129,7 +138,7 @@ class RunReport:
                 self._ended_early(key)
         except (ValueError, KeyError, TypeError, ConnectionError) as exc:
             if not self.killed:
-                self._fail(TransportError(f"a Storm task sent a malformed report: {type(exc).__name__}: {exc}"))
+                self.fail(TransportError(f"a Storm task sent a malformed report: {type(exc).__name__}: {exc}"))
         finally:
             writer.close()
 
@@ -151,9 +160,9 @@ class RunReport:
                         " stopped)"
                     )
                 )
-                self._fail(self.stopped_deaths[-1])
+                self.fail(self.stopped_deaths[-1])
             return
-        self._fail(
+        self.fail(
             WorkerDied(
                 f"{task} exited before the end of its stream: its worker died (Storm restarts it, but its PE's"
                 " state and the tuples in flight in it are lost)"
@@ -174,14 +183,15 @@ class RunReport:
             error = _error(key, message)
             self.dropped |= message.get("kind") == "dropped"
             if message.get("fatal"):
-                self._fail(error)
+                self.fail(error)
             else:
                 logger.warning("%s (Storm fails the tuple; its spout replays it)", error)
                 self.failed_tuples.append(error)
         else:
             raise ValueError(f"unknown report {kind!r}")
 
-    def _fail(self, error: Aiod4pError) -> None:
+    def fail(self, error: Aiod4pError) -> None:
+        """End the run with ``error`` (the first fatal error wins, as :meth:`error` says)."""
         self.fatal.append(error)
         self.ended.set()
 
