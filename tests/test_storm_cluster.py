@@ -359,8 +359,12 @@ def shared_run(nimbus: str, monkeypatch: pytest.MonkeyPatch) -> Shared:
             add_graph(combined, graph)
             inputs.update(dict.fromkeys(graph.flatten().roots(), iterations))
     # About a hundred Python tasks start at once on two shared cores: Storm's default 30 s for a task's first
-    # heartbeat is not always enough there.
-    conf = {"topology.max.spout.pending": 64, "topology.subprocess.timeout.secs": 120}
+    # heartbeat is not always enough there, nor for a tuple's tree (a tuple timed out fails the run).
+    conf = {
+        "topology.max.spout.pending": 64,
+        "topology.subprocess.timeout.secs": 120,
+        "topology.message.timeout.secs": 300,
+    }
     shared.mapping = StormMapping(nimbus=nimbus, name="shared", conf=conf)
     shared.results = aiod4p.run(combined, inputs, mapping=shared.mapping).by_port()
     _SHARED.append(shared)

@@ -239,6 +239,38 @@ def test_spout_emits_replays_failed_tuples_and_ends(topology: Any) -> None:
     assert spout.close()[1] == 2
 
 
+@pytest.mark.parametrize("reported", [True, False])
+async def test_a_tuple_storm_timed_out_fails_a_run_rather_than_being_replayed(topology: Any, reported: bool) -> None:
+    """Storm fails a tuple whose tree is not acked within topology.message.timeout.secs, while its first emission
+    may still be under way downstream: the replay's results came on top of the first's, and a run's test topology
+    behind busy tasks gave every count twice. A run fails, naming the setting; a topology on its own (no run to
+    report to) replays, as Storm users expect."""
+    graph = WorkflowGraph()
+    graph.connect(source := Count(), "output", Double(), "input")
+    report = RunReport(Sink(), TOKEN)
+    options = {"report": await report.listen("127.0.0.1"), "token": TOKEN} if reported else {}
+    topo = topology(graph, inputs=3, **options)
+    report.expect(topo.project.spec)
+    topo.harness.conf["topology.message.timeout.secs"] = 0  # every failure comes after the timeout
+    spout, _ = await asyncio.to_thread(topo.start, source.id)
+    first = next(m for m in await asyncio.to_thread(next_until, spout, emitted("output")) if emitted("output")(m))
+    spout.send({"command": "fail", "id": first["id"]})
+    messages = await asyncio.to_thread(spout.read_until, command("sync"))
+    if reported:
+        assert [m["command"] for m in messages] == ["log", "error", "sync"]
+        await asyncio.wait_for(report.ended.wait(), 30)
+        assert str(report.error()) == (
+            f"PE {source.id}[0]: tuple {first['id']} on stream 'output' was not acked within"
+            " topology.message.timeout.secs (0 s): Storm replays such a tuple while the first is still under way, so"
+            " the run's results could count it twice, and the run fails instead (give it more time:"
+            " StormMapping(conf={'topology.message.timeout.secs': ...}), or the environment's options in"
+            " config.json)"
+        )
+    else:
+        assert messages == [first, {"command": "sync"}]
+    await report.close(0)
+
+
 def test_spout_reports_a_failing_root_pe_and_still_ends(topology: Any) -> None:
     graph = WorkflowGraph()
     graph.connect(root := Fail(on=1), "output", Double(), "input")

@@ -57,6 +57,7 @@ import signal
 import socket
 import sys
 import threading
+import time
 import traceback
 import warnings
 from collections.abc import Callable, Coroutine
@@ -443,7 +444,9 @@ class PESpout(HostedComponent, Spout):  # type: ignore[misc]
         self.worker = self._worker()
         if self.max_replays < 0:
             self.max_replays = self.loaded.topology.max_replays
-        self.pending: dict[int, list[Any]] = {}  # id -> [stream, values, attempts]
+        # Storm fails a tuple whose tree is not acked within this: its first emission may still be under way.
+        self.message_timeout = float(storm_conf.get("topology.message.timeout.secs", 30))
+        self.pending: dict[int, list[Any]] = {}  # id -> [stream, values, attempts, when last emitted]
         self.next_id = 0
         self.produced = False
         self.eos_sent = False
@@ -530,7 +533,7 @@ class PESpout(HostedComponent, Spout):  # type: ignore[misc]
             for stream, values in tuples:
                 tup_id = self.next_id
                 self.next_id += 1
-                self.pending[tup_id] = [stream, values, 0]
+                self.pending[tup_id] = [stream, values, 0, time.monotonic()]
                 self.emit(values, tup_id=tup_id, stream=stream)
 
     def _report(self, exc: BaseException) -> None:
@@ -550,16 +553,29 @@ class PESpout(HostedComponent, Spout):  # type: ignore[misc]
         if entry is None:
             return
         entry[2] += 1
-        if entry[2] > self.max_replays:
+        timed_out = time.monotonic() - entry[3] >= self.message_timeout
+        if entry[2] > self.max_replays or (timed_out and self.reporter is not None):
             del self.pending[tup_id]
-            message = (
-                f"PE {self.component}[{self.index}]: tuple {tup_id} on stream {entry[0]!r} failed"
-                f" {entry[2]} times; dropped after {self.max_replays} replays"
-            )
+            if timed_out and self.reporter is not None:
+                # A run's results would hold what the first emission still makes downstream, and the replay's too.
+                message = (
+                    f"PE {self.component}[{self.index}]: tuple {tup_id} on stream {entry[0]!r} was not acked within"
+                    f" topology.message.timeout.secs ({self.message_timeout:g} s): Storm replays such a tuple while"
+                    " the first is still under way, so the run's results could count it twice, and the run fails"
+                    " instead (give it more time: StormMapping(conf={'topology.message.timeout.secs': ...}), or the"
+                    " environment's options in config.json)"
+                )
+            else:
+                message = (
+                    f"PE {self.component}[{self.index}]: tuple {tup_id} on stream {entry[0]!r} failed"
+                    f" {entry[2]} times; dropped after {self.max_replays} replays"
+                )
             self.logger.error("%s", message)
             self.send_message({"command": "error", "msg": message})
             if self.reporter is not None:
-                self.reporter.send({**error_message(Aiod4pError(message), fatal=True), "kind": "dropped"})
+                kind = "timed out" if timed_out else "dropped"
+                self.reporter.send({**error_message(Aiod4pError(message), fatal=True), "kind": kind})
             self._finish_if_done()
             return
+        entry[3] = time.monotonic()
         self.emit(entry[1], tup_id=tup_id, stream=entry[0])  # replay: at-least-once
