@@ -105,14 +105,20 @@ async def test_a_task_that_vanishes_before_its_end_is_a_dead_worker() -> None:
     await report.close(0)
 
 
-async def test_the_task_that_died_is_named_not_the_one_its_worker_stopped_for_it() -> None:
-    """A worker whose task died stops its other tasks, whose connections may be read first."""
+async def _one_stopped_then_killed() -> tuple[RunReport, Task, asyncio.Future[None]]:
+    """A run whose task sink[0] its worker stopped, ending it, and the run's close under way (it kills the
+    topology), with sink[1] still connected: the close reads its end once the test closes it."""
     report, _, address = await started()
     stopped, died = await Task.connect(address, "sink", 0), await Task.connect(address, "sink", 1)
     await stopped.send({"t": "x"})
     await stopped.close()
     await asyncio.wait_for(report.ended.wait(), 10)
-    closing = asyncio.ensure_future(report.close(10))  # the run kills the topology: then sink[1]'s end is read
+    return report, died, asyncio.ensure_future(report.close(10))
+
+
+async def test_the_task_that_died_is_named_not_the_one_its_worker_stopped_for_it() -> None:
+    """A worker whose task died stops its other tasks, whose connections may be read first."""
+    report, died, closing = await _one_stopped_then_killed()
     await died.close()
     await closing
     assert report.killed
@@ -134,12 +140,7 @@ async def test_a_task_its_worker_stopped_is_named_if_none_died_of_its_own_accord
 async def test_a_run_its_stopped_tasks_failed_says_what_nimbus_reported() -> None:
     """Only stopped tasks failed the run: the storm mapping reads Nimbus's errors (why the worker shut down), and
     the error says them; a task that died of its own accord is named without them."""
-    report, _, address = await started()
-    stopped, died = await Task.connect(address, "sink", 0), await Task.connect(address, "sink", 1)
-    await stopped.send({"t": "x"})
-    await stopped.close()
-    await asyncio.wait_for(report.ended.wait(), 10)
-    closing = asyncio.ensure_future(report.close(10))  # the run kills the topology: then sink[1]'s end is read
+    report, died, closing = await _one_stopped_then_killed()
     try:
         assert report.stopped_only
         report.storm_errors = "Nimbus reports: sink: java.lang.RuntimeException: subprocess heartbeat timeout"
