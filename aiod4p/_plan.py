@@ -256,12 +256,15 @@ class ExecutionPlan:
             if worker is None or placed == worker
         ]
 
-    def instances_on(self, worker: int) -> str:
-        """The instances placed on ``worker``, as short text: ``Read0[0], Count1[0-3,6]``."""
+    def instances_on(self, worker: int, most: int = 10) -> str:
+        """The instances placed on ``worker``, as short text: ``Read0[0], Count1[0-3,6]``, those of the first ``most``
+        PEs only (``..., and 290 more PEs``)."""
         indexes: dict[str, list[int]] = {}
         for instance in self.instances(worker):
             indexes.setdefault(instance.pe, []).append(instance.index)
-        return ", ".join(f"{pe_id}[{worker_list(found)}]" for pe_id, found in indexes.items())
+        named = [f"{pe_id}[{worker_list(found)}]" for pe_id, found in list(indexes.items())[:most]]
+        more = len(indexes) - most
+        return ", ".join(named) + (f", and {more} more PEs" if more > 0 else "")
 
     def worker_pairs(self) -> list[tuple[int, int]]:
         """The pairs of workers ``(a, b)``, ``a < b``, that share a channel (each pair once, sorted)."""

@@ -26,6 +26,20 @@ def test_sources_get_one_instance_and_others_one_per_worker() -> None:
     assert plan.placement[second.id].parallelism == 4  # type: ignore[attr-defined]
 
 
+def test_the_instances_on_a_worker_are_named_in_short_and_the_pes_past_ten_counted() -> None:
+    graph = WorkflowGraph()
+    graph.connect(source := wf.Count(), "output", double := wf.Double(parallelism=8), "input")
+    plan = make_plan(graph, PlanOptions(workers=2))
+    assert plan.instances_on(0) == f"{source.id}[0], {double.id}[0,2,4,6]"
+    wide = WorkflowGraph()
+    for _ in range(12):
+        wide.add(wf.Count())
+    ids = list(wide.flatten().pes)
+    assert make_plan(wide, PlanOptions(workers=1)).instances_on(0) == ", ".join(f"{pe}[0]" for pe in ids[:10]) + (
+        ", and 2 more PEs"
+    )
+
+
 def test_explicit_parallelism_is_honoured() -> None:
     graph, (_, first, _) = chain_graph(parallelism=3)
     plan = make_plan(graph, PlanOptions(workers=2))
