@@ -50,6 +50,7 @@ _OUT_OF_BAND = 64 * 1024  # smaller buffers stay in the pickle
 
 
 _READ_ROOM = 256 * 1024  # the least room each read of the socket is offered
+_PIECEWISE = 1 << 20  # a frame at least this long goes to a transport that joins its pieces a piece at a time
 _KEPT_BUFFER = 8 << 20  # a read buffer grown past this for a large frame is dropped once it is decoded
 _CLOSE_TIMEOUT = 5.0  # seconds aclose() waits for the peer to take what is buffered
 
@@ -225,6 +226,9 @@ class PipeComm(Comm):
         self._transport = transport
         self._protocol = protocol
         self._closed = False
+        # asyncio's own transports (before Python 3.12) join a frame's pieces into one bytes object, a copy of the
+        # frame made on the event loop, before the buffer's copy of what the socket does not take at once.
+        self._joins = type(transport).writelines is asyncio.WriteTransport.writelines
 
     async def send(self, message: Any) -> None:
         """Pickle and send ``message``, waiting while the write buffer is full.
@@ -244,7 +248,12 @@ class PipeComm(Comm):
                 break
             await protocol.changed()
         try:
-            self._transport.writelines(_pickle(message))
+            pieces = _pickle(message)
+            if self._joins and len(pieces) > 2 and sum(map(len, pieces)) >= _PIECEWISE:
+                for piece in pieces:
+                    self._transport.write(piece)
+            else:
+                self._transport.writelines(pieces)
         except Exception as exc:
             raise UnpicklableMessage(f"a message cannot be pickled: {type(exc).__name__}: {exc}", message) from exc
 
