@@ -965,8 +965,8 @@ def test_a_run_cancelled_before_rank_0_has_the_job_kills_mpiexec_at_once(monkeyp
     # at times before mpiexec was killed.
     connections: list[socket.socket] = []
 
-    async def never_hand_over(listener: socket.socket, payload: bytes) -> None:
-        connection, _ = await asyncio.get_running_loop().sock_accept(listener)
+    async def never_hand_over(ranks: mpi._Ranks, payload: bytes) -> None:
+        connection, _ = await asyncio.get_running_loop().sock_accept(ranks.listener)
         connections.append(connection)
         waiting[0].set()
         await asyncio.Event().wait()
