@@ -188,6 +188,11 @@ def _part_name(ref: InstanceRef) -> str:
     return f"{urllib.parse.quote(ref.pe, safe='')}.{ref.index}.state"
 
 
+def _label(n: int, directory: Path) -> str:
+    """``checkpoint N in DIR``: checkpoint ``n`` in ``directory``, for messages."""
+    return f"checkpoint {n} in {directory}"
+
+
 @dataclass(frozen=True)
 class Checkpoint:
     """A complete checkpoint: its id, manifest, the saved state of every instance, and the directory it is in."""
@@ -200,7 +205,7 @@ class Checkpoint:
     @property
     def label(self) -> str:
         """``checkpoint N in DIR``, for messages."""
-        return f"checkpoint {self.id} in {self.directory}"
+        return _label(self.id, self.directory)
 
     @property
     def results_offset(self) -> int | None:
@@ -434,16 +439,22 @@ class CheckpointStore:
             if isinstance(record, dict):
                 _atomic_write(path, json.dumps({**record, "ended": True}).encode())
 
-    def unfinished_run(self) -> Checkpoint | None:
-        """The newest complete checkpoint of the last fresh run in the directory, if that run did not end (it was
-        killed, failed, or aborted: :meth:`end_run` was not called), else ``None``."""
+    def unfinished_run(self) -> str | None:
+        """The newest complete checkpoint of the last fresh run in the directory (its :attr:`Checkpoint.label`), if
+        that run did not end (it was killed, failed, or aborted: :meth:`end_run` was not called), else ``None``.
+        Its states are not unpickled: the workflow's code may have changed since, and a fresh run needs none."""
         try:
             record = json.loads((self.directory / RUN).read_bytes())
         except (OSError, ValueError):
             return None
         if not isinstance(record, dict) or record.get("ended") or not _is_count(record.get("after"), 0):
             return None
-        return self.latest(record["after"] + 1)
+        for n in reversed(self.ids()):
+            if n <= record["after"]:
+                break
+            if self._read(n) is not None:
+                return _label(n, self.directory)
+        return None
 
     def run_started_after(self) -> int:
         """The id of the newest checkpoint before the last fresh run in the directory started (0: unknown)."""
@@ -491,6 +502,24 @@ class CheckpointStore:
                 changed since (a class its state holds was renamed or removed). The part and the reason are
                 named; an older checkpoint would fail alike.
         """
+        whole = self._read(n)
+        if whole is None:
+            return None
+        manifest, parts = whole
+        states: dict[InstanceRef, dict[str, Any]] = {}
+        for ref, (name, data) in parts.items():
+            try:
+                states[ref] = pickle.loads(data)
+            except Exception as exc:
+                raise CheckpointError(
+                    f"{_label(n, self.directory)}: the state of PE {ref.pe} instance {ref.index} ({name})"
+                    f" cannot be loaded: {type(exc).__name__}: {exc} (was the workflow's code changed since?)"
+                ) from exc
+        return Checkpoint(n, manifest, states, self.directory)
+
+    def _read(self, n: int) -> tuple[dict[str, Any], dict[InstanceRef, tuple[str, bytes]]] | None:
+        """Checkpoint ``n``'s manifest and its parts (file name, pickled state), if it is complete and whole, else
+        ``None`` (torn: logged, once)."""
         folder = self.path(n)
         parts: dict[InstanceRef, tuple[str, bytes]] = {}
         try:
@@ -511,16 +540,7 @@ class CheckpointStore:
                 )
                 logger.warning("ignoring torn checkpoint %s: %s", folder, reason)
             return None
-        states: dict[InstanceRef, dict[str, Any]] = {}
-        for ref, (name, data) in parts.items():
-            try:
-                states[ref] = pickle.loads(data)
-            except Exception as exc:
-                raise CheckpointError(
-                    f"checkpoint {n} in {self.directory}: the state of PE {ref.pe} instance {ref.index} ({name})"
-                    f" cannot be loaded: {type(exc).__name__}: {exc} (was the workflow's code changed since?)"
-                ) from exc
-        return Checkpoint(n, manifest, states, self.directory)
+        return manifest, parts
 
     def latest(self, since: int = 0) -> Checkpoint | None:
         """The newest complete checkpoint whose id is at least ``since``."""
@@ -1751,7 +1771,7 @@ async def _attempts(
                 logger.warning(
                     "%s is of a run that did not end (killed, failed or aborted), which --restore would have"
                     " resumed: this run starts afresh%s, and from now on --restore resumes this one",
-                    unfinished.label[:1].upper() + unfinished.label[1:],
+                    unfinished[:1].upper() + unfinished[1:],
                     f" (its results file {config.results_path} emptied)" if config.results_path is not None else "",
                 )
             started_after = store.start_run()

@@ -735,8 +735,8 @@ class _Outcome:
         """What the run produced, for the line that says it was aborted."""
         if self.committed_only:
             return (
-                f"{_records(self.records)} committed by checkpoints (the results file holds more, written after the"
-                " last one: --restore drops them)"
+                f"{_records(self.records)} committed by checkpoints (the results file may hold more, written after"
+                " the last one: --restore drops them)"
             )
         return f"{_records(self.records)} produced"
 

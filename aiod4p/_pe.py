@@ -314,9 +314,11 @@ class PE:
             return None
         problem = f"{type(self).__name__} does not implement {self._handler}()"
         if hasattr(self, "_process"):
+            ours = next(cls for cls in type(self).__mro__ if cls.__module__ == __name__).__name__
+            theirs = "GenericPE" if ours == "PE" else ours  # dispel4py's of the same name; it has no PE
             problem += (
-                f": _process() is dispel4py's name for it; name it {self._handler}() for aiod4p's {base.__name__}, "
-                f"or import {base.__name__} from dispel4py.base, which aiod4p provides (docs/dispel4py.md)"
+                f": _process() is dispel4py's name for it; name it {self._handler}() for aiod4p's {ours}, "
+                f"or import {theirs} from dispel4py.base, which aiod4p provides (docs/dispel4py.md)"
             )
         return problem
 

@@ -1763,6 +1763,28 @@ def test_a_fresh_run_over_a_run_that_did_not_end_says_that_run_can_no_longer_be_
     ]
 
 
+def test_a_fresh_run_over_a_run_that_did_not_end_whose_state_the_code_cannot_load_runs(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A fresh run after a killed run, the workflow's code changed since (a class its state held renamed): the
+    check for the warning unpickled that run's checkpoint, and the fresh run, which restores nothing, failed with
+    'the state of PE count instance 0 ... cannot be loaded'. It warns and runs."""
+    directory, words = tmp_path / "ck", tmp_path / "words.txt"
+    write_words(words, 2_000)
+    store = CheckpointStore(directory)
+    store.start_run()  # the killed run: RUN.json as it started, and its checkpoint
+    part = store.write_part(1, InstanceRef("count", 0), pickle.dumps({"pe": {"attributes": {"t": _Renamed()}}}))
+    store.commit(1, {"version": 1, "id": 1, "parallelism": {"count": 1}, "parts": [part], "results_offset": None})
+    monkeypatch.delattr(sys.modules[__name__], "_Renamed")
+    with caplog.at_level(logging.WARNING, "aiod4p.checkpoint"):
+        results = run(word_count(words), 1, mapping=_mapping(directory), workers=1)
+    assert sum(_counts(results).values()) == 2_000
+    assert [r.getMessage() for r in caplog.records if "did not end" in r.getMessage()] == [
+        f"Checkpoint 1 in {directory} is of a run that did not end (killed, failed or aborted), which --restore would"
+        " have resumed: this run starts afresh, and from now on --restore resumes this one"
+    ]
+
+
 def test_restore_after_a_fresh_run_that_completed_no_checkpoint_refuses_the_earlier_runs(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -86,6 +86,16 @@ class _Dispel4pyStyle(ProducerPE):
         return 1
 
 
+class _Dispel4pyGeneric(GenericPE):
+    """aiod4p's GenericPE written with dispel4py's method: dispel4py has a GenericPE, and no PE."""
+
+    def __init__(self) -> None:
+        super().__init__(outputs=["output"])
+
+    def _process(self, inputs: object) -> None:
+        return None
+
+
 @pytest.mark.parametrize(
     ("pe", "expected"),
     [
@@ -94,6 +104,11 @@ class _Dispel4pyStyle(ProducerPE):
             _Dispel4pyStyle(),
             r"_Dispel4pyStyle does not implement produce\(\): _process\(\) is dispel4py's name for it; name it"
             r" produce\(\) for aiod4p's ProducerPE, or import ProducerPE from dispel4py.base",
+        ),
+        (
+            _Dispel4pyGeneric(),
+            r"_Dispel4pyGeneric does not implement process\(\): _process\(\) is dispel4py's name for it; name it"
+            r" process\(\) for aiod4p's GenericPE, or import GenericPE from dispel4py.base",
         ),
     ],
 )

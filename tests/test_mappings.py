@@ -8,6 +8,7 @@ from collections import Counter, defaultdict
 from collections.abc import Callable
 from decimal import Decimal
 from fractions import Fraction
+from typing import Any
 
 import numpy as np
 import pytest
@@ -277,6 +278,31 @@ def test_a_run_drained_before_it_starts_runs_nothing(mapping: MappingCase) -> No
 
     assert asyncio.run(main(sourced, {source: 1})) == 0
     assert asyncio.run(main(fed, {root: list(range(10**6))})) == 0
+
+
+def test_an_mpi_run_drained_while_its_ranks_start_runs_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """drain() once the job was prepared, while mpiexec started the ranks (a second, say): the job went out as
+    prepared, not drained, and the Drain message reached the ranks once their sources had produced for a while
+    (25,000 to 42,000 results of an endless source)."""
+    from aiod4p.mappings import mpi
+
+    prepare = mpi.prepare_job
+
+    def prepared_then_drained(*args: Any) -> Any:
+        job = prepare(*args)
+        args[-1].drain()  # the run's RunControl
+        return job
+
+    monkeypatch.setattr(mpi, "prepare_job", prepared_then_drained)
+    graph = WorkflowGraph()
+    graph.connect(source := wf.Range(10**6), "output", wf.Double(), "input")
+
+    async def main() -> int:
+        run = aiod4p.start(graph, {source: 1}, mapping="mpi", workers=2)
+        async with asyncio.timeout(60):
+            return len(await run.results())
+
+    assert asyncio.run(main()) == 0
 
 
 def test_writing_an_undeclared_port_fails_with_pe_and_port(mapping: MappingCase) -> None:

@@ -965,14 +965,14 @@ def test_a_run_cancelled_before_rank_0_has_the_job_kills_mpiexec_at_once(monkeyp
     # at times before mpiexec was killed.
     connections: list[socket.socket] = []
 
-    async def never_hand_over(listener: socket.socket, payload: bytes) -> None:
-        connection, _ = await asyncio.get_running_loop().sock_accept(listener)
+    async def never_hand_over(job: mpi._Job, ranks: mpi._Ranks, prepared: object, payload: bytes) -> None:
+        connection, _ = await asyncio.get_running_loop().sock_accept(ranks.listener)
         connections.append(connection)
         waiting[0].set()
         await asyncio.Event().wait()
 
     monkeypatch.setattr(mpi, "_Process", Recorded)
-    monkeypatch.setattr(mpi._Job, "_hand_over", staticmethod(never_hand_over))
+    monkeypatch.setattr(mpi._Job, "_hand_over", never_hand_over)
     mark = f"AIOD4P_TEST_MARK=unsent-{os.getpid()}-{time.monotonic_ns()}"
     monkeypatch.setenv("AIOD4P_TEST_MARK", mark.split("=", 1)[1])
     graph, _ = wf.pipeline(2)

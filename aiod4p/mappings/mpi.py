@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import logging
 import os
@@ -310,14 +311,14 @@ async def _launch(
         prepared, pumped = prepare_job(plan, feeds, max_delay, STATS_INTERVAL, session, control)
         _check_pumped(plan, pumped)
         # the ranks run aiod4p's own __main__: the launcher's travels by value
-        payload = ship(prepared, "start the MPI ranks", main=True)
+        payload = ship(prepared, _SHIPPED_FOR, main=True)
         if ranks is None:
             ranks = _Ranks(mpiexec, plan.workers)
         process = _Process(ranks.process)
         try:
             await process.connect()
             job = _Job(process, plan, sink, control, pumped, session)
-            return await job.run(ranks, payload)
+            return await job.run(ranks, prepared, payload)
         finally:
             # Still running: the run was cancelled or aborted (Ctrl-C twice, a closed stdout). What the
             # job says once terminated (mpiexec's "BAD TERMINATION" banner) is our own doing, not news.
@@ -338,6 +339,9 @@ async def _launch(
             # be pickled): SIGKILL at once, as _stop does. A young mpiexec may take seconds to pass a SIGTERM
             # on, meanwhile its proxy writes its topology file, and the kill that followed left it.
             ranks.close(unused=job is None or not job.sent)
+
+
+_SHIPPED_FOR = "start the MPI ranks"  # what the job is pickled for, in the errors of ship()
 
 
 class _Ranks:
@@ -550,9 +554,10 @@ class _Job:
         self.relays = [asyncio.create_task(self._relay(stream)) for stream in (process.stdout, process.stderr)]
         self.exited = asyncio.create_task(process.wait())
 
-    async def run(self, ranks: _Ranks, payload: bytes) -> list[InstanceStats]:
-        """Hand the job ``payload`` to rank 0 when it connects to ``ranks``' listener, then supervise the run."""
-        accept = asyncio.ensure_future(self._hand_over(ranks, payload))
+    async def run(self, ranks: _Ranks, prepared: Job, payload: bytes) -> list[InstanceStats]:
+        """Hand the job ``prepared``, shipped as ``payload``, to rank 0 when it connects to ``ranks``' listener,
+        then supervise the run."""
+        accept = asyncio.ensure_future(self._hand_over(ranks, prepared, payload))
         comm: PipeComm | None = None
         try:
             await asyncio.wait({accept, self.exited}, return_when=asyncio.FIRST_COMPLETED)
@@ -619,9 +624,10 @@ class _Job:
             if comm is not None:
                 comm.abort()
 
-    @staticmethod
-    async def _hand_over(ranks: _Ranks, payload: bytes) -> socket.socket:
-        """Rank 0's connection, once the job is sent on it.
+    async def _hand_over(self, ranks: _Ranks, prepared: Job, payload: bytes) -> socket.socket:
+        """Rank 0's connection, once the job ``prepared`` (shipped as ``payload``) is sent on it: drained if the
+        run was drained while the ranks started (seconds, for mpiexec), so that they run nothing, as
+        :attr:`Job.drained` says (a ``Drain`` message would reach them once their sources had produced).
 
         Raises:
             OSError: rank 0 went away while the job was sent.
@@ -630,6 +636,8 @@ class _Job:
         sock = (await loop.sock_accept(ranks.listener))[0]
         # Rank 0 connects once every rank has started MPI: note them before the job, which may end one at once.
         ranks.note_job()
+        if self.control.draining and not prepared.drained:
+            payload = ship(dataclasses.replace(prepared, drained=True), _SHIPPED_FOR, main=True)
         try:
             hand_stdin(sock)
             await loop.sock_sendall(sock, job_frame(payload))
