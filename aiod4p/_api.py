@@ -94,6 +94,7 @@ class WorkflowRun:
                 raise Aiod4pError("provenance is not recorded on the storm mapping: Storm routes the items itself")
             options = dataclasses.replace(options, provenance=provenance)
         self.plan: ExecutionPlan = make_plan(graph, options)
+        self.plan.graph.check_runnable()
         self.feeds = resolve_inputs(self.plan.graph, inputs)
         self.stats: list[InstanceStats] = []
         self._max_delay = max_delay

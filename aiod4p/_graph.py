@@ -149,7 +149,6 @@ class FlatGraph:
                     grouping = connection.grouping or dest._input_ports[dest_port].grouping
                     edges.append(Edge(_id(source), source_port, _id(dest), dest_port, grouping))
         flat = cls(pes, edges, composites)
-        flat._check_implemented()
         flat._check_required_inputs()
         flat._check_acyclic()
         return flat
@@ -189,7 +188,14 @@ class FlatGraph:
                     ready.append(edge.dest)
         return order
 
-    def _check_implemented(self) -> None:
+    def check_runnable(self) -> None:
+        """Check, before a run or a Storm build, that every PE can do some work: a graph still being drawn may
+        have PEs that cannot.
+
+        Raises:
+            GraphError: a PE implements no handler (:meth:`~aiod4p.PE.process`, ``process_item``, ...), nor
+                ``preprocess`` or ``postprocess`` (named, with the method to write).
+        """
         for pe_id, pe in self.pes.items():
             problem = pe._unimplemented()
             if problem is not None:

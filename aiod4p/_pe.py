@@ -125,8 +125,9 @@ class PE:
     #: is an error rather than an item silently ignored.
     takes_undeclared_inputs: ClassVar[bool] = False
     #: The method a subclass of this class overrides to handle items (unless
-    #: it overrides :meth:`process` itself); a graph with a PE that does
-    #: neither is refused (:meth:`_unimplemented`).
+    #: it overrides :meth:`process` itself); a run of a PE that does neither,
+    #: and has no ``preprocess`` or ``postprocess`` either, is refused
+    #: (:meth:`_unimplemented`).
     _handler: ClassVar[str] = "process"
     threaded: bool = False
 
@@ -308,10 +309,12 @@ class PE:
         return None
 
     def _unimplemented(self) -> str | None:
-        """What this PE lacks to handle items (see :attr:`_handler`), said for an error, or ``None``."""
+        """What this PE lacks to do any work (see :attr:`_handler`), said for an error, or ``None``."""
         base = next(cls for cls in type(self).__mro__ if "_handler" in vars(cls))
         if _overrides(self, base, "process") or _overrides(self, base, self._handler):
             return None
+        if _overrides(self, PE, "preprocess") or _overrides(self, PE, "postprocess"):
+            return None  # its work may all be there (a root run with no input, writing in postprocess)
         problem = f"{type(self).__name__} does not implement {self._handler}()"
         if hasattr(self, "_process"):
             ours = next(cls for cls in type(self).__mro__ if cls.__module__ == __name__).__name__

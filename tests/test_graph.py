@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import workflows as wf
 
@@ -21,8 +23,10 @@ from aiod4p import (
     group_by,
     iterative,
     run,
+    to_dot,
 )
 from aiod4p._groupings import as_grouping
+from aiod4p.storm import build_project
 
 
 def test_ids_are_name_and_counter_in_order_of_first_add() -> None:
@@ -65,7 +69,6 @@ def test_required_input_left_unconnected() -> None:
 def test_optional_input_may_stay_unconnected() -> None:
     graph = WorkflowGraph()
     pe = GenericPE(outputs=["output"])
-    pe.process = lambda inputs: None  # type: ignore[method-assign]
     pe.add_input("input")
     pe.add_input("extra", required=False)
     graph.connect(wf.Count(), "output", pe, "input")
@@ -112,11 +115,29 @@ class _Dispel4pyGeneric(GenericPE):
         ),
     ],
 )
-def test_a_pe_that_handles_no_items_is_refused_before_a_run(pe: PE, expected: str) -> None:
+def test_a_pe_that_handles_no_items_is_refused_before_a_run(pe: PE, expected: str, tmp_path: Path) -> None:
+    """It failed on its first item, once workers, ranks or a Storm topology had started. A graph still being drawn
+    may have such PEs: it is drawn."""
     graph = WorkflowGraph()
     graph.add(pe)
+    assert pe.id in to_dot(graph)
     with pytest.raises(GraphError, match=rf"PE {pe.id}: {expected}"):
-        graph.flatten()
+        run(graph, 1, mapping="multi")
+    with pytest.raises(GraphError, match=rf"PE {pe.id}: {expected}"):
+        build_project(graph, tmp_path / "topology", inputs=1)
+
+
+def test_a_pe_whose_work_is_in_postprocess_runs() -> None:
+    class Total(GenericPE):
+        def __init__(self) -> None:
+            super().__init__(outputs=["output"])
+
+        def postprocess(self) -> None:
+            self.write("output", 42)
+
+    graph = WorkflowGraph()
+    graph.add(total := Total())
+    assert run(graph, {total.id: []}).data() == [42]
 
 
 def test_a_handler_set_on_the_instance_counts() -> None:

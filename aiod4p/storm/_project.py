@@ -125,6 +125,7 @@ def build_project(
     plan = (
         graph if isinstance(graph, ExecutionPlan) else make_plan(graph, options or PlanOptions(default_parallelism=1))
     )
+    plan.graph.check_runnable()
     name = topology_name(name)
     feeds = _json_feeds(resolve_inputs(plan.graph, inputs))
     spec, functions = plan_topology(plan, name, feeds, max_replays)
