@@ -97,16 +97,17 @@ def _rank_in(environ: Mapping[str, str]) -> int | None:
     return None
 
 
-def ranks_of(processes: set[int]) -> dict[int, int]:
-    """The MPI rank of each of ``processes`` (by pid) that is a rank, as its process manager told it in its
-    environment; none for a process whose ``/proc/PID/environ`` cannot be read (gone, another user's)."""
-    found: dict[int, int] = {}
+def ranks_of(processes: set[int]) -> dict[tuple[str, int], int]:
+    """The MPI rank of each of ``processes`` that is a rank, by its host's name (as Hydra names it in its messages)
+    and pid, as its process manager told it in its environment; none for a process whose ``/proc/PID/environ``
+    cannot be read (gone, another user's)."""
+    found: dict[tuple[str, int], int] = {}
     for pid in processes:
         with contextlib.suppress(OSError):
             entries = Path(f"/proc/{pid}/environ").read_bytes().decode(errors="replace").split("\0")
             environ = dict(entry.partition("=")[::2] for entry in entries)
             if (rank := _rank_in(environ)) is not None:
-                found[pid] = rank
+                found[environ.get("PMI_HOSTNAME") or socket.gethostname(), pid] = rank
     return found
 
 

@@ -364,7 +364,7 @@ class _Ranks:
         # mpiexec's reaches, and a rank can outlive a killed proxy (note_job).
         self._noted: set[int] = set()
         self._held: list[int] = []  # their pidfds
-        self.rank_of: dict[int, int] = {}  # the MPI rank of each rank process noted here, by pid
+        self.rank_of: dict[tuple[str, int], int] = {}  # the MPI rank of each rank process noted, by host and pid
         self._directory = tempfile.TemporaryDirectory(prefix="aiod4p-mpi-")
         address = str(Path(self._directory.name, "rank0.sock"))
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -548,7 +548,7 @@ class _Job:
         self.reported = False  # rank 0 reported the run's outcome: the job's teardown is expected
         self.stopped = False  # this process terminates the job: its output is no longer relayed
         self.sent = False  # rank 0 has the job
-        self.rank_of: dict[int, int] = {}  # the job's rank processes on this machine, by pid, once rank 0 has it
+        self.rank_of: dict[tuple[str, int], int] = {}  # the ranks on this machine (by host, pid) once rank 0 has it
         self.tail: deque[str] = deque(maxlen=_OUTPUT_LINES)
         assert process.stdout is not None and process.stderr is not None
         self.relays = [asyncio.create_task(self._relay(stream)) for stream in (process.stdout, process.stderr)]
@@ -668,7 +668,7 @@ class _Job:
             return None
         pid, host, code = rank.groups()
         how = f" ({ended.group(1).strip()})" if (ended := _EXIT_STRING.search(tail)) is not None else ""
-        if (number := self.rank_of.get(int(pid))) is None:  # on another host
+        if (number := self.rank_of.get((host, int(pid)))) is None:  # on another host
             who = f"an MPI rank (pid {pid} on {host})"
         else:
             who = f"MPI rank {number} (pid {pid} on {host}; it ran {self.plan.instances_on(number)})"
