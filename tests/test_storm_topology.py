@@ -24,7 +24,7 @@ from aiod4p import FunctionPE, GenericPE, PlanOptions, WorkflowGraph, group_by, 
 from aiod4p._cli import main
 from aiod4p.errors import GraphError, InputError, TargetError, TransportError
 from aiod4p.storm import WireError, build_jar, build_project, decode, encode, encode_key
-from aiod4p.storm._project import target_name
+from aiod4p.storm._project import SPEC_FILE, target_name
 
 ROOT = Path(__file__).resolve().parents[1]
 EOS = ("aiod4p_eos", ["pe"])
@@ -362,6 +362,21 @@ def test_cli_storm_build_refuses_a_directory_of_other_files(tmp_path: Path) -> N
         "o/topologies",
         "o/topologies/mine.py",
     ]
+
+
+@pytest.mark.parametrize(
+    "spec", ["[1, 2]", '{"name": "x", "sources": {"../../outside": 1}}', '{"name": "../x", "sources": {}}']
+)
+def test_cli_storm_build_refuses_a_project_whose_spec_is_damaged(tmp_path: Path, spec: str) -> None:
+    """A spec that parses but is not one (a list gave an AttributeError traceback), or names files outside the
+    project, which a rebuild would have removed."""
+    (tmp_path / "o" / "src").mkdir(parents=True)
+    (tmp_path / "o" / "src" / SPEC_FILE).write_text(spec)
+    (tmp_path / "outside.py").write_text("# the user's\n")
+    done = storm_build(str(ROOT / "examples" / "wordcount.py"), "-o", str(tmp_path / "o"))
+    assert done.returncode == 1, done.stderr
+    assert f"{tmp_path / 'o'} is not empty and holds no project of aiod4p storm build" in done.stderr
+    assert (tmp_path / "outside.py").exists()
 
 
 def test_cli_storm_build_of_a_dispel4py_workflow(tmp_path: Path) -> None:

@@ -179,14 +179,23 @@ def _remove_previous_build(root: Path) -> None:
     try:
         previous = json.loads((root / "src" / SPEC_FILE).read_text())
     except (OSError, ValueError):
+        previous = None
+    # Only names a build writes: a spec edited or damaged must not have files removed elsewhere ("../x").
+    sources, name = (previous.get("sources", {}), previous.get("name")) if isinstance(previous, dict) else (None, None)
+    if not (
+        isinstance(sources, dict)
+        and all(isinstance(module, str) and module.isidentifier() for module in sources)
+        and isinstance(name, str)
+        and name == topology_name(name)
+    ):
         raise TargetError(
-            f"{root} is not empty and holds no project of aiod4p storm build (no src/{SPEC_FILE}):"
+            f"{root} is not empty and holds no project of aiod4p storm build (no src/{SPEC_FILE} of one):"
             " give a new or empty directory"
-        ) from None
-    for module_name in previous.get("sources", {}):
+        )
+    for module_name in sources:
         (root / "src" / f"{module_name}.py").unlink(missing_ok=True)
-    (root / "virtualenvs" / f"{previous.get('name')}.txt").unlink(missing_ok=True)
-    (root / f"{previous.get('name')}.jar").unlink(missing_ok=True)
+    (root / "virtualenvs" / f"{name}.txt").unlink(missing_ok=True)
+    (root / f"{name}.jar").unlink(missing_ok=True)
 
 
 def _json_feeds(feeds: Mapping[str, Any]) -> dict[str, Any]:
