@@ -727,8 +727,8 @@ class _Outcome:
     def __init__(self, warn: Callable[[str], None]) -> None:
         self.records = 0
         self.warn = warn
-        #: ``records`` counts only what checkpoints committed (under ``--restarts``): an aborted run's file holds
-        #: more, written after the last one, which a restore drops.
+        #: ``records`` counts only what checkpoints committed (under ``--restarts``): an aborted run's file may
+        #: hold more, written after the last one, which a restore drops.
         self.committed_only = False
 
     def said(self) -> str:
