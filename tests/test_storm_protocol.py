@@ -253,22 +253,25 @@ async def test_a_tuple_storm_timed_out_fails_a_run_rather_than_being_replayed(to
     report.expect(topo.project.spec)
     topo.harness.conf["topology.message.timeout.secs"] = 0  # every failure comes after the timeout
     spout, _ = await asyncio.to_thread(topo.start, source.id)
-    first = next(m for m in await asyncio.to_thread(next_until, spout, emitted("output")) if emitted("output")(m))
-    spout.send({"command": "fail", "id": first["id"]})
-    messages = await asyncio.to_thread(spout.read_until, command("sync"))
-    if reported:
-        assert [m["command"] for m in messages] == ["log", "error", "sync"]
-        await asyncio.wait_for(report.ended.wait(), 30)
-        assert str(report.error()) == (
-            f"PE {source.id}[0]: tuple {first['id']} on stream 'output' was not acked within"
-            " topology.message.timeout.secs (0 s): Storm replays such a tuple while the first is still under way, so"
-            " the run's results could count it twice, and the run fails instead (give it more time:"
-            " StormMapping(conf={'topology.message.timeout.secs': ...}), or the environment's options in"
-            " config.json)"
-        )
-    else:
-        assert messages == [first, {"command": "sync"}]
-    await report.close(0)
+    try:
+        first = next(m for m in await asyncio.to_thread(next_until, spout, emitted("output")) if emitted("output")(m))
+        spout.send({"command": "fail", "id": first["id"]})
+        messages = await asyncio.to_thread(spout.read_until, command("sync"))
+        if reported:
+            assert [m["command"] for m in messages] == ["log", "error", "sync"]
+            await asyncio.wait_for(report.ended.wait(), 30)
+            assert str(report.error()) == (
+                f"PE {source.id}[0]: tuple {first['id']} on stream 'output' was not acked within"
+                " topology.message.timeout.secs (0 s): Storm replays such a tuple while the first is still under way,"
+                " so the run's results could count it twice, and the run fails instead (give it more time:"
+                " StormMapping(conf={'topology.message.timeout.secs': ...}), or the environment's options in"
+                " config.json)"
+            )
+        else:
+            assert messages == [first, {"command": "sync"}]
+    finally:  # a failed check must not leave the report's server waiting for the spout
+        spout.kill()
+        await report.close(0)
 
 
 def test_spout_reports_a_failing_root_pe_and_still_ends(topology: Any) -> None:
