@@ -433,34 +433,33 @@ class CheckpointStore:
     def end_run(self) -> None:
         """The last fresh run in the directory (restored or not) has ended, its input done or drained: say so in
         :data:`RUN`, so that a fresh run after it is not warned of an unfinished one (:meth:`unfinished_run`)."""
-        path = self.directory / RUN
-        with contextlib.suppress(OSError, ValueError):
-            record = json.loads(path.read_bytes())
-            if isinstance(record, dict):
-                _atomic_write(path, json.dumps({**record, "ended": True}).encode())
+        if (record := self._run_record()) is not None:
+            with contextlib.suppress(OSError):
+                _atomic_write(self.directory / RUN, json.dumps({**record, "ended": True}).encode())
 
     def unfinished_run(self) -> str | None:
         """The newest complete checkpoint of the last fresh run in the directory (its :attr:`Checkpoint.label`), if
         that run did not end (it was killed, failed, or aborted: :meth:`end_run` was not called), else ``None``.
         Its states are not unpickled: the workflow's code may have changed since, and a fresh run needs none."""
-        try:
-            record = json.loads((self.directory / RUN).read_bytes())
-        except (OSError, ValueError):
+        record = self._run_record()
+        if record is None or record.get("ended") or not _is_count(record.get("after"), 0):
             return None
-        if not isinstance(record, dict) or record.get("ended") or not _is_count(record.get("after"), 0):
-            return None
-        for n in reversed(self.ids()):
-            if n <= record["after"]:
-                break
-            if self._read(n) is not None:
-                return _label(n, self.directory)
-        return None
+        found = self._newest(record["after"] + 1, self._read)
+        return None if found is None else _label(found[0], self.directory)
 
     def run_started_after(self) -> int:
         """The id of the newest checkpoint before the last fresh run in the directory started (0: unknown)."""
-        with contextlib.suppress(OSError, ValueError, TypeError, KeyError):
-            return int(json.loads((self.directory / RUN).read_bytes())["after"])
+        with contextlib.suppress(ValueError, TypeError, KeyError):
+            return int((self._run_record() or {})["after"])
         return 0
+
+    def _run_record(self) -> dict[str, Any] | None:
+        """What :data:`RUN` says of the last fresh run in the directory; ``None`` if nothing readable."""
+        with contextlib.suppress(OSError, ValueError):
+            record = json.loads((self.directory / RUN).read_bytes())
+            if isinstance(record, dict):
+                return record
+        return None
 
     def write_part(self, n: int, ref: InstanceRef, data: bytes) -> dict[str, Any]:
         """Save the state of instance ``ref`` for checkpoint ``n``; returns its manifest entry.
@@ -544,12 +543,17 @@ class CheckpointStore:
 
     def latest(self, since: int = 0) -> Checkpoint | None:
         """The newest complete checkpoint whose id is at least ``since``."""
+        found = self._newest(since, self.load)
+        return None if found is None else found[1]
+
+    def _newest(self, since: int, read: Callable[[int], T | None]) -> tuple[int, T] | None:
+        """The newest checkpoint whose id is at least ``since`` that ``read`` finds complete: its id, and what
+        ``read`` gave."""
         for n in reversed(self.ids()):
             if n < since:
                 break
-            checkpoint = self.load(n)
-            if checkpoint is not None:
-                return checkpoint
+            if (got := read(n)) is not None:
+                return n, got
         return None
 
 

@@ -502,7 +502,7 @@ def _run_loaded(args: argparse.Namespace, mapping: BaseMapping, results: str | N
                     with writing("provenance", args.provenance):
                         os.unlink(args.provenance)
             except Stopped as stop:
-                _aborted(stop.signum, _Outcome(outcome.warn), f"while {phase}")
+                _aborted(stop.signum, f"{_records(0)} produced", f"while {phase}")
                 said = True
                 raise
             show_progress = progress_wanted(args.quiet, args.results == "-")
@@ -527,14 +527,14 @@ def _run_loaded(args: argparse.Namespace, mapping: BaseMapping, results: str | N
                 # task it interrupted (the run's, often): taken here, it is not logged as never retrieved.
                 if (task := workflow._task) is not None and task.done() and not task.cancelled():
                     task.exception()
-                _aborted(stop.signum, outcome, f"while starting the {mapping.workers_started[1]}")
+                _aborted(stop.signum, outcome.said(), f"while starting the {mapping.workers_started[1]}")
                 said = True
                 raise
             finally:
                 signals.restore()
                 report_once(failing=status != EXIT_OK)
     except Stopped as stop:  # said above, unless it stopped the head start's own end
-        return EXIT_ABORTED if said else _aborted(stop.signum, outcome, "")
+        return EXIT_ABORTED if said else _aborted(stop.signum, outcome.said(), "")
     if status == EXIT_OK and args.provenance:
         write_provenance(workflow.stats, args.provenance)
     if stdin is not None and stdin.skipped and args.on_bad == "skip":
@@ -545,7 +545,7 @@ def _run_loaded(args: argparse.Namespace, mapping: BaseMapping, results: str | N
             file=sys.stderr,
         )
     elif status == EXIT_ABORTED:
-        return _aborted(signals.signum, outcome, "")
+        return _aborted(signals.signum, outcome.said(), "")
     if status == EXIT_OK and args.results not in (None, "-", os.devnull) and not args.quiet:
         print(f"aiod4p: {_records(outcome.records)} in {workflow.elapsed:.1f} s -> {args.results}", file=sys.stderr)
     return status
@@ -709,9 +709,10 @@ def _counted(count: int, noun: str) -> str:
     return f"{count} {noun}{'s' if count != 1 else ''}"
 
 
-def _aborted(signum: int, outcome: _Outcome, when: str) -> int:
+def _aborted(signum: int, produced: str, when: str) -> int:
+    """Say that a signal aborted the run (``when``: in which phase) and what it ``produced`` (:meth:`_Outcome.said`)."""
     where = f" {when}" if when else ""
-    print(f"aiod4p: aborted by {signal.Signals(signum).name}{where}; {outcome.said()}", file=sys.stderr)
+    print(f"aiod4p: aborted by {signal.Signals(signum).name}{where}; {produced}", file=sys.stderr)
     return EXIT_ABORTED
 
 
