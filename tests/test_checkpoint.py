@@ -1757,9 +1757,9 @@ def test_a_fresh_run_over_a_run_that_did_not_end_says_that_run_can_no_longer_be_
     with caplog.at_level(logging.WARNING, "aiod4p.checkpoint"):
         run(word_count(words), 1, mapping=_mapping(directory, results=results), workers=1)
     assert [r.getMessage() for r in caplog.records if "did not end" in r.getMessage()] == [
-        f"Checkpoint {latest.id} in {directory} is of a run that did not end (killed, failed or aborted), which"
-        f" --restore would have resumed: this run starts afresh (its results file {results} emptied), and from now"
-        " on --restore resumes this one"
+        f"Checkpoint {latest.id} in {directory} is of a run that did not end (killed, failed, aborted or suspended),"
+        f" which --restore would have resumed: this run starts afresh (its results file {results} emptied), and from"
+        " now on --restore resumes this one"
     ]
 
 
@@ -1780,8 +1780,8 @@ def test_a_fresh_run_over_a_run_that_did_not_end_whose_state_the_code_cannot_loa
         results = run(word_count(words), 1, mapping=_mapping(directory), workers=1)
     assert sum(_counts(results).values()) == 2_000
     assert [r.getMessage() for r in caplog.records if "did not end" in r.getMessage()] == [
-        f"Checkpoint 1 in {directory} is of a run that did not end (killed, failed or aborted), which --restore would"
-        " have resumed: this run starts afresh, and from now on --restore resumes this one"
+        f"Checkpoint 1 in {directory} is of a run that did not end (killed, failed, aborted or suspended), which"
+        " --restore would have resumed: this run starts afresh, and from now on --restore resumes this one"
     ]
 
 
