@@ -660,6 +660,52 @@ async def test_a_suspended_run_leaves_its_results_file_as_its_checkpoint_committ
     )
 
 
+class _NotedSplit(Split):
+    """A :class:`Split` that notes the pid of its process in the folder ``pids``."""
+
+    def __init__(self, pids: Path) -> None:
+        super().__init__()
+        self.pids = pids
+
+    def preprocess(self) -> None:
+        (self.pids / str(os.getpid())).touch()
+
+
+async def test_a_worker_dying_while_the_run_suspends_stops_it_at_its_last_checkpoint(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Suspended once checkpoint 1 completed, and a worker SIGKILLed before checkpoint 2, the one the suspend
+    takes, can complete: not restarted (the operator asked the run to stop), it stops at checkpoint 1 with a warning
+    naming the death, and the restore counts every word once."""
+    path, go, results, pids = tmp_path / "words.txt", tmp_path / "go", tmp_path / "results.jsonl", tmp_path / "pids"
+    write_words(path, 3000)
+    pids.mkdir()
+    graph = word_count(path, _NotedSplit(pids), HeldLines(path, until=go, hold_after=100))
+    mapping = _multi(tmp_path / "ck", results, restarts=2, interval=1.0)  # checkpoint 2 comes by the suspend
+    live = start(graph, 1, mapping=mapping, workers=2)
+
+    def suspend_and_kill() -> None:
+        live.suspend()
+        os.kill(max(int(pid.name) for pid in pids.iterdir()), signal.SIGKILL)
+
+    def completed(n: int) -> None:
+        if n == 1:  # the next turn: a suspend asked now would stop the run at this checkpoint
+            asyncio.get_running_loop().call_soon(suspend_and_kill)
+
+    with caplog.at_level(logging.WARNING, "aiod4p.checkpoint"), on_completed(completed):
+        async with asyncio.timeout(60), live:
+            assert len(await live.results()) == 0
+    assert live.suspended == 1
+    assert [r.getMessage() for r in caplog.records if r.getMessage().startswith("suspended at checkpoint 1 after: ")]
+    assert results.read_bytes() == b""
+    go.touch()
+    again = word_count(path, Split(), HeldLines(path, until=go, hold_after=100))
+    restored = _multi(tmp_path / "ck", results, restore=True)
+    async with asyncio.timeout(60), start(again, 1, mapping=restored, workers=2) as live:
+        await live.results()
+    assert _file_counts(results) == expected_counts(path)
+
+
 def test_cli_suspends_on_a_signal_and_restore_resumes_exactly_once(tmp_path: Path) -> None:
     """`--on-signal suspend`, for a unit that systemd stops with SIGTERM: exit 0, the line says where it stopped and
     what resumes it, and `--restore` after it counts every word once."""
