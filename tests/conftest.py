@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import faulthandler
+import functools
 import logging
 import os
+import sys
+import threading
 import warnings
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -94,12 +98,35 @@ def pytest_asyncio_loop_factories(
 ) -> Mapping[str, Callable[[], asyncio.AbstractEventLoop]]:
     """Run every async test on asyncio's own loop and on uvloop."""
     factories: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {"asyncio": asyncio.new_event_loop}
+    uvloop_loop = _uvloop_closing_whole()
+    if uvloop_loop is not None:
+        factories["uvloop"] = uvloop_loop
+    return factories
+
+
+@functools.cache
+def _uvloop_closing_whole() -> type[asyncio.AbstractEventLoop] | None:
+    """uvloop's loop (``None`` if uvloop is not installed), whose ``close()`` ends whatever a test left open.
+
+    uvloop warns of each handle still open before it closes it: a warning raised as an error there (as
+    ``_no_resource_warnings`` makes them) stopped the close half-way, and it then waited forever on the listening
+    socket of a server the test had left open, out of pytest-timeout's reach. The warnings come again, under the
+    test's filters, once the loop is closed.
+    """
     try:
         import uvloop
     except ImportError:
-        return factories
-    factories["uvloop"] = uvloop.new_event_loop
-    return factories
+        return None
+
+    class Loop(uvloop.Loop):  # type: ignore[misc]
+        def close(self) -> None:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always", ResourceWarning)
+                super().close()
+            for warning in caught:
+                warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
+
+    return Loop
 
 
 @pytest.fixture(autouse=True)
@@ -124,3 +151,40 @@ def _no_resource_warnings() -> Iterator[None]:
     with warnings.catch_warnings():
         warnings.simplefilter("error", ResourceWarning)
         yield
+
+
+# -- a test that pytest-timeout cannot stop ends the session, with every thread's stack ----------------
+
+_BACKSTOP = pytest.StashKey[threading.Timer]()
+
+
+@pytest.hookimpl(tryfirst=True, optionalhook=True)
+def pytest_timeout_set_timer(item: pytest.Item, settings: Any) -> None:
+    """Arm a backstop at twice the test's timeout: pytest-timeout's alarm runs its handler only when the main thread
+    returns to Python, and one blocked in C (an event loop's close waiting on a handle) would hang the suite."""
+    timer = threading.Timer(2 * settings.timeout, _stuck, (item, settings.timeout))
+    timer.daemon = True
+    item.stash[_BACKSTOP] = timer
+    timer.start()
+
+
+@pytest.hookimpl(tryfirst=True, optionalhook=True)
+def pytest_timeout_cancel_timer(item: pytest.Item) -> None:
+    timer = item.stash.get(_BACKSTOP, None)
+    if timer is not None:
+        timer.cancel()
+
+
+def _stuck(item: pytest.Item, timeout: float) -> None:
+    """Say which test is stuck, dump every thread's stack and end the session (exit status 1)."""
+    capture = item.config.pluginmanager.getplugin("capturemanager")
+    if capture is not None:
+        capture.suspend_global_capture(in_=True)
+    sys.stderr.write(
+        f"\n{item.nodeid} still runs {2 * timeout:g} s after it started, though its timeout is {timeout:g} s:"
+        " pytest-timeout could not stop it (its main thread is blocked outside Python); the session ends here."
+        " Every thread's stack:\n"
+    )
+    sys.stderr.flush()
+    faulthandler.dump_traceback(sys.stderr, all_threads=True)
+    os._exit(1)
