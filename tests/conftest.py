@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import faulthandler
-import functools
 import logging
 import os
 import sys
@@ -20,6 +19,7 @@ from ray_cluster import RayCluster
 import aiod4p
 from aiod4p import Results, WorkflowGraph
 from aiod4p import _logging as aiod4p_logging
+from aiod4p._api import loop_factory
 
 # Every mapping and worker count the mapping-parametrised suite runs on.
 # A new mapping joins by adding its cases here.
@@ -96,37 +96,13 @@ def ray_cluster(request: pytest.FixtureRequest) -> RayCluster:
 def pytest_asyncio_loop_factories(
     config: pytest.Config, item: pytest.Item
 ) -> Mapping[str, Callable[[], asyncio.AbstractEventLoop]]:
-    """Run every async test on asyncio's own loop and on uvloop."""
+    """Run every async test on asyncio's own loop and on uvloop (the one runs use: its close ends whole where
+    ResourceWarning is an error, as :func:`_no_resource_warnings` makes it)."""
     factories: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {"asyncio": asyncio.new_event_loop}
-    uvloop_loop = _uvloop_closing_whole()
-    if uvloop_loop is not None:
-        factories["uvloop"] = uvloop_loop
+    uvloop_factory = loop_factory(True)
+    if uvloop_factory is not None:
+        factories["uvloop"] = uvloop_factory
     return factories
-
-
-@functools.cache
-def _uvloop_closing_whole() -> type[asyncio.AbstractEventLoop] | None:
-    """uvloop's loop (``None`` if uvloop is not installed), whose ``close()`` ends whatever a test left open.
-
-    uvloop warns of each handle still open before it closes it: a warning raised as an error there (as
-    ``_no_resource_warnings`` makes them) stopped the close half-way, and it then waited forever on the listening
-    socket of a server the test had left open, out of pytest-timeout's reach. The warnings come again, under the
-    test's filters, once the loop is closed.
-    """
-    try:
-        import uvloop
-    except ImportError:
-        return None
-
-    class Loop(uvloop.Loop):  # type: ignore[misc]
-        def close(self) -> None:
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always", ResourceWarning)
-                super().close()
-            for warning in caught:
-                warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
-
-    return Loop
 
 
 @pytest.fixture(autouse=True)
