@@ -136,17 +136,34 @@ _BACKSTOP = pytest.StashKey[threading.Timer]()
 
 @pytest.hookimpl(tryfirst=True, optionalhook=True)
 def pytest_timeout_set_timer(item: pytest.Item, settings: Any) -> None:
-    """Arm a backstop at twice the test's timeout: pytest-timeout's alarm runs its handler only when the main thread
-    returns to Python, and one blocked in C (an event loop's close waiting on a handle) would hang the suite."""
+    """Arm a backstop at twice the test's timeout, until the test's teardown has ended.
+
+    pytest-timeout's own timer cannot always stop a test: it is cancelled as soon as the test fails (by its
+    ``pytest_exception_interact``, meant for a debugger, which runs on every failure), so the teardown of a failed
+    test had no timeout at all; and its alarm runs its handler only when the main thread returns to Python, not in
+    an event loop's close waiting in C.
+    """
     timer = threading.Timer(2 * settings.timeout, _stuck, (item, settings.timeout))
     timer.daemon = True
-    item.stash[_BACKSTOP] = timer
+    item.config.stash[_BACKSTOP] = timer
     timer.start()
 
 
-@pytest.hookimpl(tryfirst=True, optionalhook=True)
-def pytest_timeout_cancel_timer(item: pytest.Item) -> None:
-    timer = item.stash.get(_BACKSTOP, None)
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item: pytest.Item) -> Iterator[object]:
+    try:
+        return (yield)
+    finally:
+        _disarm(item.config)
+
+
+def pytest_enter_pdb(config: pytest.Config) -> None:
+    """No backstop under a debugger: its user takes their time."""
+    _disarm(config)
+
+
+def _disarm(config: pytest.Config) -> None:
+    timer = config.stash.get(_BACKSTOP, None)
     if timer is not None:
         timer.cancel()
 
@@ -158,8 +175,8 @@ def _stuck(item: pytest.Item, timeout: float) -> None:
         capture.suspend_global_capture(in_=True)
     sys.stderr.write(
         f"\n{item.nodeid} still runs {2 * timeout:g} s after it started, though its timeout is {timeout:g} s:"
-        " pytest-timeout could not stop it (its main thread is blocked outside Python); the session ends here."
-        " Every thread's stack:\n"
+        " pytest-timeout did not stop it (a failed test's teardown, or a main thread blocked outside Python);"
+        " the session ends here. Every thread's stack:\n"
     )
     sys.stderr.flush()
     faulthandler.dump_traceback(sys.stderr, all_threads=True)

@@ -40,6 +40,20 @@ def test_blocked_out_of_reach_of_the_alarm() -> None:
     threading.Event().wait()
 """
 
+AWAITS_A_STUCK_THREAD = """
+import asyncio
+import threading
+
+import pytest
+
+GATE = threading.Event()
+
+
+@pytest.mark.timeout(1)
+async def test_times_out_awaiting_a_thread() -> None:
+    await asyncio.to_thread(GATE.wait)  # as a read from a component process that never answers
+"""
+
 
 def run_pytest(tmp_path: Path, source: str) -> subprocess.CompletedProcess[str]:
     """Run ``source`` as a test file under this suite's conftest and pytest settings; it must end within 45 s."""
@@ -64,6 +78,19 @@ def test_a_test_that_pytest_timeout_cannot_stop_ends_the_session_with_every_stac
     assert done.returncode == 1, done.stdout + done.stderr
     assert (
         "test_it.py::test_blocked_out_of_reach_of_the_alarm still runs 2 s after it started, though its timeout is"
-        " 1 s: pytest-timeout could not stop it (its main thread is blocked outside Python); the session ends here."
+        " 1 s: pytest-timeout did not stop it (a failed test's teardown, or a main thread blocked outside Python);"
+        " the session ends here."
     ) in done.stderr
     assert "in test_blocked_out_of_reach_of_the_alarm" in done.stderr  # the main thread's stack
+
+
+def test_a_failed_test_whose_teardown_waits_for_a_stuck_thread_ends_the_session(tmp_path: Path) -> None:
+    """pytest-timeout fails the test and, as it fails, cancels its own timer: the event loop's close then waited
+    for the thread, for ever."""
+    done = run_pytest(tmp_path, AWAITS_A_STUCK_THREAD)
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert (
+        "test_it.py::test_times_out_awaiting_a_thread[asyncio] still runs 2 s after it started, though its timeout is"
+        " 1 s: pytest-timeout did not stop it (a failed test's teardown"
+    ) in done.stderr
+    assert "in _do_shutdown" in done.stderr  # the stacks: the loop's close waits for the executor's thread
