@@ -586,15 +586,36 @@ def run_in_threads(graph: WorkflowGraph, names: Iterable[str]) -> None:
 
 
 def loop_factory(use_uvloop: bool) -> Callable[[], asyncio.AbstractEventLoop] | None:
-    """uvloop's loop factory when wanted and installed, else ``None`` (asyncio's)."""
-    if not use_uvloop:
-        return None
+    """uvloop's loop factory (:func:`_uvloop_closing_whole`) when wanted and installed, else ``None`` (asyncio's)."""
+    return _uvloop_closing_whole() if use_uvloop else None
+
+
+@functools.cache
+def _uvloop_closing_whole() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop's loop (``None`` if uvloop is not installed), whose ``close()`` closes what was left open even where
+    warnings are errors.
+
+    uvloop warns of each handle still open (a server a PE started and never closed) before it closes it: under
+    ``-W error::ResourceWarning`` the warning raised there stopped the close half-way, and it then waited forever
+    on the server's listening socket, in C, where not even a signal's Python handler runs. The warnings are given
+    again, under the caller's filters, once the loop is closed (an error then is raised by ``close()``).
+    """
     try:
         import uvloop
     except ImportError:
         return None
-    factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
-    return factory
+
+    class Loop(uvloop.Loop):
+        def close(self) -> None:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always", ResourceWarning)
+                super().close()
+            for warning in caught:
+                warnings.warn_explicit(
+                    warning.message, warning.category, warning.filename, warning.lineno, source=warning.source
+                )
+
+    return Loop
 
 
 def _positive_integer(value: Any, name: str, hint: str = "") -> int:
