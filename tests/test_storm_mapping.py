@@ -8,6 +8,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -334,6 +335,40 @@ def test_a_kill_that_nimbus_refuses_is_reported_and_the_run_releases_what_it_hol
     assert f"topology {name} did not start within 1 s" in done.stderr  # the run's own error comes first
     assert f"did not kill topology {name}" in done.stderr and f"storm kill {name} -w 0" in done.stderr
     assert "ResourceWarning" not in done.stderr  # the run's report server was closed all the same
+
+
+def test_a_failed_run_whose_kill_nimbus_refuses_fails_at_once(
+    fake_nimbus: Callable[[int], tuple[int, Path]], sandbox: dict[str, str], tmp_path: Path
+) -> None:
+    """A task reports a fatal error, and Nimbus does not take the kill: the run fails at once. It waited 30 s for
+    the last reports of tasks that, not killed, would never close their connections (a drain Nimbus did not
+    take, after Ctrl-C, so came 30 s late)."""
+    port, record = fake_nimbus(1)
+    (record / "refuse-kill").touch()
+    code = wordcount_on(port).replace("start_timeout=1", "start_timeout=60")
+    run = subprocess.Popen(
+        [sys.executable, "-c", code], env=sandbox, cwd=tmp_path / "cwd", stderr=subprocess.PIPE, text=True
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not (record / "submitted.json").exists():  # the jar was uploaded before
+            assert run.poll() is None and time.monotonic() < deadline, run.communicate()
+            time.sleep(0.05)  # ok-sleep: polls the file the stand-in Nimbus writes (no event joins them)
+        with zipfile.ZipFile(record / "uploaded.jar") as jar:
+            spec = json.loads(jar.read("resources/aiod4p_topology.json"))
+        host, _, task_port = spec["report"].rpartition(":")
+        with socket.create_connection((host, int(task_port))) as task:  # a task that goes on: it was not killed
+            pe = spec["components"][0]["name"]
+            hello = {"t": "hello", "token": spec["token"], "pe": pe, "task": 0, "pid": os.getpid()}
+            error = {"t": "e", "fatal": True, "kind": "Aiod4pError", "message": "the task gave up"}
+            task.sendall(f"{json.dumps(hello)}\n{json.dumps(error)}\n".encode())
+            _, stderr = run.communicate(timeout=15)
+    finally:
+        run.kill()
+        run.communicate()
+    assert run.returncode == 1
+    name = spec["name"]
+    assert f"did not kill topology {name}" in stderr and stderr.rstrip().endswith("the task gave up")
 
 
 def test_without_streamparse_the_mapping_says_how_to_install_it(tmp_path: Path) -> None:

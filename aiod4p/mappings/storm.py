@@ -141,6 +141,7 @@ class StormMapping(BaseMapping):
         control.on_drain(drain)
         submitted = False
         failed = True
+        killed = False
         try:
             with tempfile.TemporaryDirectory(prefix="aiod4p-storm-project-") as tmp:
                 project = build_project(
@@ -171,15 +172,20 @@ class StormMapping(BaseMapping):
                 if submitted:
                     if report.failed and report.stopped_only:  # why the worker shut down: Nimbus knows, until the kill
                         report.storm_errors = await asyncio.to_thread(_errors, cluster, self.topology)
-                    await self._kill(cluster, failed)
+                    killed = await self._kill(cluster, failed)
             finally:
-                await report.close(grace=30 if report.failed else 0)
+                # The tasks of a killed topology soon close their connections; those of one Nimbus did not kill
+                # go on, so a failed run waits for their last reports only after a kill.
+                await report.close(grace=30 if report.failed and killed else 0)
         if report.failed:
             raise report.error()
         return []
 
-    async def _kill(self, cluster: Cluster, failed: bool) -> None:
+    async def _kill(self, cluster: Cluster, failed: bool) -> bool:
         """Kill the run's topology; if Nimbus does not, say how to, as an error of the run unless it ``failed`` already.
+
+        Returns:
+            Whether Nimbus killed it.
 
         Raises:
             Aiod4pError: Nimbus did not kill it (and the run had not failed).
@@ -194,6 +200,8 @@ class StormMapping(BaseMapping):
             if not failed:
                 raise Aiod4pError(message) from exc
             logger.error("%s", message)
+            return False
+        return True
 
     async def _wait(self, report: RunReport, cluster: Cluster) -> None:
         """Wait until every task has finished or the run failed."""
