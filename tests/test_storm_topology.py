@@ -24,7 +24,8 @@ from aiod4p import FunctionPE, GenericPE, PlanOptions, WorkflowGraph, group_by, 
 from aiod4p._cli import main
 from aiod4p.errors import GraphError, InputError, TargetError, TransportError
 from aiod4p.storm import WireError, build_jar, build_project, decode, encode, encode_key
-from aiod4p.storm._project import SPEC_FILE, target_name
+from aiod4p.storm._project import target_name
+from aiod4p.storm._spec import SPEC_FILE
 
 ROOT = Path(__file__).resolve().parents[1]
 EOS = ("aiod4p_eos", ["pe"])

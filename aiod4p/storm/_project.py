@@ -23,7 +23,7 @@ from .._inputs import Inputs, resolve_inputs
 from .._loading import split_target
 from .._plan import ExecutionPlan, PlanOptions, make_plan
 from ..errors import GraphError, InputError, TargetError
-from ._spec import DEFAULT_MAX_REPLAYS, EOS_FIELD, EOS_STREAM, TopologySpec, plan_topology
+from ._spec import DEFAULT_MAX_REPLAYS, EOS_FIELD, EOS_STREAM, PES_FILE, SPEC_FILE, TopologySpec, plan_topology
 from ._wire import WireError, encode
 
 __all__ = [
@@ -39,8 +39,6 @@ __all__ = [
 ]
 
 COMPONENTS_MODULE = "aiod4p_components"
-SPEC_FILE = "aiod4p_topology.json"
-PES_FILE = "aiod4p_pes.pickle"
 STORM_VERSION = "2.6.0"
 STREAMPARSE_VERSION = "5.0.1"
 

@@ -70,7 +70,7 @@ from .._pe import PE, Runtime
 from .._plan import InstanceRef, PlanOptions, make_plan
 from ..errors import Aiod4pError, PEError, TargetError, TransportError
 from ._run import ERROR_KINDS
-from ._spec import EOS_STREAM, ComponentSpec, TopologySpec
+from ._spec import EOS_STREAM, PES_FILE, SPEC_FILE, ComponentSpec, TopologySpec
 from ._wire import WireError, decode, encode, encode_key
 
 warnings.filterwarnings("ignore", message="Cannot import msgpack", category=ImportWarning)
@@ -78,10 +78,7 @@ warnings.filterwarnings("ignore", message="Cannot import msgpack", category=Impo
 from pystorm.component import LogStream  # noqa: E402
 from streamparse import Bolt, Spout  # noqa: E402
 
-__all__ = ["HostedComponent", "PEBolt", "PESpout", "SPEC_FILE", "PES_FILE"]
-
-SPEC_FILE = "aiod4p_topology.json"
-PES_FILE = "aiod4p_pes.pickle"
+__all__ = ["HostedComponent", "PEBolt", "PESpout"]
 
 pe_logger = logging.getLogger("aiod4p.pe")
 
