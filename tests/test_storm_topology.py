@@ -320,6 +320,9 @@ def test_cli_storm_build(tmp_path: Path) -> None:
     assert "wrote topology wordcount_topology (1 spouts, 2 bolts)" in done.stdout
     # the jar sparse submit -j uploads: without it, sparse submit needed lein and Java to build one
     assert f"submit it with: cd {out} && sparse submit -n wordcount_topology -j wordcount_topology.jar" in done.stdout
+    # a name in use, which sparse calls invalid: what to do about it
+    assert "while a topology wordcount_topology runs, sparse says the name is invalid" in done.stdout
+    assert "sparse submit --force" in done.stdout
     with zipfile.ZipFile(out / "wordcount_topology.jar") as jar:
         files = {p.relative_to(out / "src").as_posix() for p in (out / "src").rglob("*") if p.is_file()}
         assert {f"resources/{name}" for name in files if "__pycache__" not in name} <= set(jar.namelist())
