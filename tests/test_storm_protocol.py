@@ -19,12 +19,12 @@ pytest.importorskip("streamparse", reason="the storm extra is not installed")
 
 from storm_harness import ComponentProcess, StormHarness, command
 from test_storm_report import TOKEN, Sink
-from workflows import Chatty, Count, Double, Fail, FailsAtEnd, Greets, SumAtEnd, Unencodable
+from workflows import Chatty, Count, Double, Fail, FailsAtEnd, Greets, Strings, SumAtEnd, Unencodable
 
 from aiod4p import WorkflowGraph
-from aiod4p.errors import PEError, TargetError
+from aiod4p.errors import PEError, TargetError, TransportError
 from aiod4p.storm import EOS_STREAM, build_project
-from aiod4p.storm._run import RunReport
+from aiod4p.storm._run import LINE_LIMIT, RunReport
 
 ERROR = 4  # Storm's log level "error"
 
@@ -271,6 +271,54 @@ async def test_a_tuple_storm_timed_out_fails_a_run_rather_than_being_replayed(to
             assert messages == [first, {"command": "sync"}]
     finally:  # a failed check must not leave the report's server waiting for the spout
         spout.kill()
+        await report.close(0)
+
+
+class Results(Sink):
+    """A sink that says when ``count`` items have arrived."""
+
+    def __init__(self, count: int) -> None:
+        super().__init__()
+        self.count = count
+        self.arrived = asyncio.Event()
+
+    async def emit(self, pe: str, port: str, items: list[Any]) -> None:
+        await super().emit(pe, port, items)
+        if len(self.items) >= self.count:
+            self.arrived.set()
+
+
+async def test_results_longer_than_a_report_line_together_are_split_and_one_too_long_fails_its_pe(
+    topology: Any,
+) -> None:
+    """Three results written for one tuple, each a third of the line limit or more: they come back in several lines.
+    They were sent in one, which the run could not read, and the run failed with `a Storm task sent a malformed
+    report: ValueError: Separator is not found, and chunk exceed the limit`, naming no PE. A result longer than a
+    line fails its PE, naming the port."""
+    graph = WorkflowGraph()
+    graph.connect(source := Count(), "output", strings := Strings(LINE_LIMIT // 3), "input")
+    sink = Results(3)
+    report = RunReport(sink, TOKEN)
+    address = await report.listen("127.0.0.1")
+    topo = topology(graph, report=address, token=TOKEN)
+    try:
+        bolt, _ = await asyncio.to_thread(topo.start, strings.id)
+        bolt.send(tup("77", source.id, topo.task_of(source.id), [3]))
+        assert [m["command"] for m in await asyncio.to_thread(bolt.read_until, done("77"))] == ["ack"]
+        await asyncio.wait_for(sink.arrived.wait(), 30)  # sent before the ack, but the run may still be reading
+        assert [(pe, port, len(item), item[0]) for pe, port, item in sink.items] == [
+            (strings.id, "output", LINE_LIMIT // 3, digit) for digit in "012"
+        ]
+        strings.length = LINE_LIMIT
+        topo = topology(graph, report=address, token=TOKEN)
+        bolt, _ = await asyncio.to_thread(topo.start, strings.id)
+        bolt.send(tup("78", source.id, topo.task_of(source.id), [1]))
+        assert [m["command"] for m in await asyncio.to_thread(bolt.read_until, done("78"))][-1] == "fail"
+        await asyncio.wait_for(report.ended.wait(), 30)
+        error = report.error()
+        assert isinstance(error, TransportError)
+        assert str(error).startswith(f"PE {strings.id}[0] wrote a result to output port 'output' of {LINE_LIMIT + 2}")
+    finally:
         await report.close(0)
 
 

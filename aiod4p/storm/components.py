@@ -69,7 +69,7 @@ from .._graph import FlatGraph
 from .._pe import PE, Runtime
 from .._plan import InstanceRef, PlanOptions, make_plan
 from ..errors import Aiod4pError, PEError, TargetError, TransportError
-from ._run import ERROR_KINDS
+from ._run import ERROR_KINDS, LINE_LIMIT
 from ._spec import EOS_STREAM, PES_FILE, SPEC_FILE, ComponentSpec, TopologySpec
 from ._wire import WireError, decode, encode, encode_key
 
@@ -129,9 +129,13 @@ class Reporter:
         self.send(hello)
 
     def send(self, message: dict[str, Any]) -> None:
+        self.send_line(json.dumps(message, separators=(",", ":")))
+
+    def send_line(self, line: str) -> None:
+        """Send one message already in JSON (ASCII, no newline)."""
         self._sending = True
         try:
-            self.socket.sendall(json.dumps(message, separators=(",", ":")).encode() + b"\n")
+            self.socket.sendall(line.encode() + b"\n")
         finally:
             self._sending = False
             if self._leaving is not None:  # told to stop meanwhile: whether this message went or not
@@ -249,20 +253,35 @@ class HostedComponent:
         return self.reporter is not None and port in self.loaded.spec.results
 
     def _report_results(self, port: str, items: list[Any]) -> None:
-        """Send ``items``, written to the result port ``port``, to the run.
+        """Send ``items``, written to the result port ``port``, to the run: in as few lines as
+        :data:`~aiod4p.storm._run.LINE_LIMIT` allows, and none unless every item fits in one.
 
         Raises:
-            TransportError: an item can neither be JSON nor be pickled.
+            TransportError: an item can neither be JSON nor be pickled, or is longer than a line may be.
         """
         assert self.reporter is not None
+        where = f"PE {self.component}[{self.index}] wrote a result to output port {port!r}"
         try:
-            wire = [encode(item) for item in items]
+            wire = [json.dumps(encode(item), separators=(",", ":")) for item in items]
         except WireError as exc:
-            raise TransportError(
-                f"PE {self.component}[{self.index}] wrote a result to output port {port!r} that cannot cross"
-                f" Storm: {exc}"
-            ) from exc
-        self.reporter.send({"t": "r", "port": port, "items": wire})
+            raise TransportError(f"{where} that cannot cross Storm: {exc}") from exc
+        head, tail = f'{{"t":"r","port":{json.dumps(port)},"items":[', "]}"
+        room = LINE_LIMIT - len(head) - len(tail) - 1  # the newline
+        for text in wire:
+            if len(text) > room:
+                raise TransportError(
+                    f"{where} of {len(text)} bytes on the wire, over the {room} bytes a result may have on its way"
+                    " back to the run"
+                )
+        line: list[str] = []
+        size = -1  # the length of ",".join(line)
+        for text in wire:
+            if line and size + 1 + len(text) > room:
+                self.reporter.send_line(head + ",".join(line) + tail)
+                line, size = [], -1
+            line.append(text)
+            size += 1 + len(text)
+        self.reporter.send_line(head + ",".join(line) + tail)
 
     def _tuples(self, port: str, items: list[Any]) -> list[tuple[str, list[Any]]]:
         """The ``(stream, values)`` to emit for ``items`` written to ``port``.
