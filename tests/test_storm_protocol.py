@@ -8,7 +8,10 @@ stdin closing when the worker goes away.
 from __future__ import annotations
 
 import asyncio
+import json
+import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -320,6 +323,49 @@ async def test_results_longer_than_a_report_line_together_are_split_and_one_too_
         assert str(error).startswith(f"PE {strings.id}[0] wrote a result to output port 'output' of {LINE_LIMIT + 2}")
     finally:
         await report.close(0)
+
+
+async def test_an_orphaned_spout_whose_kill_nimbus_refuses_stops_emitting_and_tries_again(
+    topology: Any, tmp_path: Path
+) -> None:
+    """The run is gone (killed) while Nimbus does not take the kill: the spout tried once, then went on emitting
+    its live source's tuples into a topology nobody collects, for ever. It emits nothing more and tries again."""
+    record = tmp_path / "nimbus"
+    record.mkdir()
+    (record / "refuse-kill").touch()
+    script = Path(__file__).with_name("storm_fake_nimbus.py")
+    nimbus = await asyncio.to_thread(
+        subprocess.Popen, [sys.executable, str(script), str(record)], stdout=subprocess.PIPE, text=True
+    )
+    report = RunReport(Sink(), TOKEN)
+    try:
+        assert nimbus.stdout is not None
+        port = int(await asyncio.to_thread(nimbus.stdout.readline))
+        graph = WorkflowGraph()
+        graph.connect(source := Count(), "output", Double(), "input")
+        topo = topology(graph, inputs=10_000, report=await report.listen("127.0.0.1"), token=TOKEN)
+        topo.harness.conf.update({"nimbus.seeds": ["127.0.0.1"], "nimbus.thrift.port": port})
+        spout, _ = await asyncio.to_thread(topo.start, source.id)
+        await asyncio.to_thread(next_until, spout, emitted("output"))
+        await report.close(0)  # the run is gone: its end of every connection closes
+        messages = await asyncio.to_thread(next_until, spout, lambda m: "could not kill" in m.get("msg", ""))
+        name = topo.harness.conf["topology.name"]
+        assert f"the run that submitted topology {name} is gone: killing the topology" in messages[-2]["msg"]
+        assert f"could not kill topology {name} at 127.0.0.1:{port}: " in messages[-1]["msg"]
+        assert messages[-1]["msg"].endswith("; trying again in 5 s")
+        (record / "refuse-kill").unlink()
+        deadline = time.monotonic() + 30
+        after: list[Any] = []
+        while not (record / "killed.json").exists():
+            assert time.monotonic() < deadline, after
+            spout.send({"command": "next", "id": ""})  # each waits a little when there is nothing to do
+            after += [m for m in await asyncio.to_thread(spout.read_until, command("sync")) if m != {"command": "sync"}]
+        assert json.loads((record / "killed.json").read_text()) == {"name": name, "wait_secs": 0}
+        assert not [m for m in after if command("emit")(m)]  # orphaned: nothing emitted while it waited
+    finally:
+        await report.close(0)
+        nimbus.terminate()
+        await asyncio.to_thread(nimbus.communicate, timeout=10)
 
 
 def test_spout_reports_a_failing_root_pe_and_still_ends(topology: Any) -> None:

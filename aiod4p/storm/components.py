@@ -451,6 +451,7 @@ class PESpout(HostedComponent, Spout):  # type: ignore[misc]
     """A spout running a root PE over its feed; see the module docstring."""
 
     wait_seconds = 0.05  # the longest next_tuple waits for the engine when it has nothing ready
+    kill_retry_seconds = 5.0  # how often an orphaned spout whose kill Nimbus did not take tries again
 
     def initialize(self, storm_conf: dict[str, Any], context: dict[str, Any]) -> None:
         self.storm_conf = storm_conf
@@ -466,6 +467,7 @@ class PESpout(HostedComponent, Spout):  # type: ignore[misc]
         self.next_id = 0
         self.produced = False
         self.eos_sent = False
+        self.kill_again: float | None = None  # orphaned, and Nimbus did not take the kill: when to try again
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self._produce, name="aiod4p engine", daemon=True)
         self.thread.start()
@@ -486,6 +488,12 @@ class PESpout(HostedComponent, Spout):  # type: ignore[misc]
         self.sink.queue.put(_DONE)
 
     def next_tuple(self) -> None:
+        if self.kill_again is not None:
+            if time.monotonic() >= self.kill_again:
+                self._orphaned()
+            else:
+                time.sleep(self.wait_seconds)
+            return
         if self.reporter is not None and self.reporter.gone():
             self._orphaned()
             return
@@ -498,17 +506,28 @@ class PESpout(HostedComponent, Spout):  # type: ignore[misc]
         self._finish_if_done()
 
     def _orphaned(self) -> None:
-        """The run that submitted the topology is gone (killed): nobody will collect results, so kill it."""
+        """The run that submitted the topology is gone (killed): nobody will collect results, so kill it. If Nimbus
+        does not take the kill, emit nothing more and try again every :attr:`kill_retry_seconds`."""
         from ._cluster import cluster_at, configured_nimbus, kill
 
         name = str(self.storm_conf.get("topology.name", ""))
         cluster = cluster_at(configured_nimbus(self.storm_conf) or "127.0.0.1", "topology conf")
-        self.logger.error("the run that submitted topology %s is gone: killing the topology", name)
+        if self.kill_again is None:
+            self.logger.error("the run that submitted topology %s is gone: killing the topology", name)
         self.reporter = None
         try:
             kill(cluster, name)
         except Exception as exc:
-            self.logger.error("could not kill topology %s at %s: %s", name, cluster.address, exc)
+            self.logger.error(
+                "could not kill topology %s at %s: %s; trying again in %.0f s",
+                name,
+                cluster.address,
+                exc,
+                self.kill_retry_seconds,
+            )
+            self.kill_again = time.monotonic() + self.kill_retry_seconds
+        else:
+            self.kill_again = None
 
     def deactivate(self) -> None:
         """Under a run, deactivating the topology drains it: the PE stops, what it produced still flows."""
