@@ -316,6 +316,29 @@ def test_submit_with_sparse_then_kill_a_topology_that_does_not_start(
     assert not any((tmp_path / "scratch").iterdir())  # the temporary project is gone
 
 
+def test_a_topology_that_gets_no_worker_slot_says_so(
+    fake_nimbus: Callable[[int], tuple[int, Path]], sandbox: dict[str, str], tmp_path: Path
+) -> None:
+    """Other topologies hold every worker slot: the topology never starts, and the run says why. It said
+    `Nimbus reports no error (see the worker logs)`, and no worker, so no log, was there."""
+    port, record = fake_nimbus(1)
+    (record / "slots-used").touch()
+    done = subprocess.run(
+        [sys.executable, "-c", wordcount_on(port)],
+        env=sandbox,
+        cwd=tmp_path / "cwd",
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 1
+    name = json.loads((record / "submitted.json").read_text())["name"]
+    assert (
+        f"topology {name} did not start within 1 s (0 of 6 tasks reported); Nimbus assigned it no worker: all 4"
+        " worker slots of the cluster are taken (by other topologies: kill one, or give the supervisors more slots)"
+    ) in done.stderr
+
+
 def test_a_kill_that_nimbus_refuses_is_reported_and_the_run_releases_what_it_holds(
     fake_nimbus: Callable[[int], tuple[int, Path]], sandbox: dict[str, str], tmp_path: Path
 ) -> None:

@@ -39,6 +39,7 @@ from ..storm._cluster import (
     deactivate,
     find_cluster,
     kill,
+    nimbus,
     probe,
     submit,
     submit_env,
@@ -249,12 +250,25 @@ def _reachable_address(cluster: Cluster) -> str:
 
 
 def _errors(cluster: Cluster, name: str) -> str:
-    """What Nimbus knows about a topology that did not start: its components' errors."""
+    """What Nimbus knows about a topology that did not start: its components' errors, or that no worker was
+    assigned to it, and how many worker slots the cluster has free."""
     try:
         info = topology_facts(cluster, name)["info"]
+        if not info.executors:
+            with nimbus(cluster) as client:
+                supervisors = client.getClusterInfo().supervisors or []
     except Exception as exc:
         return f"Nimbus gives no information ({type(exc).__name__}: {exc})"
     errors = [f"{component}: {e.error.splitlines()[0]}" for component, es in (info.errors or {}).items() for e in es]
-    if not errors:
-        return "Nimbus reports no error (see the worker logs)"
-    return "Nimbus reports: " + "; ".join(errors[:5])
+    if errors:
+        return "Nimbus reports: " + "; ".join(errors[:5])
+    if not info.executors:
+        slots = sum(s.num_workers for s in supervisors)
+        free = slots - sum(s.num_used_workers for s in supervisors)
+        if free:
+            return f"Nimbus assigned it no worker ({free} of the cluster's {slots} worker slots are free)"
+        return (
+            f"Nimbus assigned it no worker: all {slots} worker slots of the cluster are taken (by other topologies:"
+            " kill one, or give the supervisors more slots)"
+        )
+    return "Nimbus reports no error (see the worker logs)"
