@@ -753,6 +753,10 @@ class _Actor(Invoker):
                 channel.close()
             if aligner is not None:
                 await aligner.finished()
+        except PEError as exc:
+            if (exc.pe, exc.instance) == (ref.pe, ref.index):
+                await self._hand_on_results()
+            raise
         finally:
             self._end_runner()
             self.stats.max_queued_items = self.inbox.max_queued_items
@@ -760,6 +764,21 @@ class _Actor(Invoker):
         if self.recorder is not None:
             self.stats.provenance = self.recorder.part()
         return self.stats
+
+    async def _hand_on_results(self) -> None:
+        """Send the results this instance wrote before it failed: those of the calls before the one that raised
+        (and what that one wrote before raising), and those waiting for a batch to fill. The run's reader
+        (``--results FILE``, ``async for`` over :func:`~aiod4p.start`) gets them before the run's error, as it
+        would have had they filled a batch first. Not in a run that takes checkpoints, which commits its
+        results with them (a failure discards what no checkpoint committed)."""
+        if self.aligner is not None:
+            return
+        for port, pending in self.results.items():
+            pending.items.extend(self.buffers[port])
+            self.buffers[port] = []
+            if pending.items:
+                chunk, pending.items = pending.items, []
+                await self.results_sink.emit(pending.pe, pending.port, chunk)
 
     def _drops_calls(self) -> bool:
         """Whether this instance drops the calls it was asked for and has not made yet: a source's (-i N; no
