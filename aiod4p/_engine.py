@@ -907,8 +907,8 @@ class _Actor(Invoker):
         that each load a model load them at the same time, while the event loop goes on."""
         if self.threaded and not inspect.iscoroutinefunction(method):
             result = await self._in_thread(method)
-            if inspect.isawaitable(result):  # a plain wrapper of an async def (a decorator's)
-                await self._drive(_call_stage(lambda: result))
+            # a plain wrapper of an async def (a decorator's), or a generator
+            await self._drive(_end_stage(method, result))
         else:
             await super()._call_stage(method)
 
@@ -1439,11 +1439,25 @@ def _switch_to_actor(port: str) -> None:
 
 def _call_stage(method: Callable[[], Any]) -> Coroutine[Any, Any, None]:
     async def stage() -> None:
-        result = method()
-        if inspect.isawaitable(result):
-            await result
+        await _end_stage(method, method())
 
     return stage()
+
+
+async def _end_stage(method: Callable[[], Any], result: Any) -> None:
+    """Await what lifecycle ``method`` returned, ``result``, if awaitable.
+
+    Raises:
+        TypeError: ``method`` is a generator (plain or async): its body would never run, and what it
+            yields would be lost without a word.
+    """
+    if inspect.isawaitable(result):
+        await result
+    elif inspect.isgenerator(result) or inspect.isasyncgen(result):
+        raise TypeError(
+            f"{method.__name__}() is a generator: its body never runs, what it yields would be lost;"
+            " write its items with self.write(port, item) instead of yielding them"
+        )
 
 
 def _room(pending: _Pending) -> int:

@@ -339,6 +339,28 @@ def test_a_raising_postprocess_fails_the_run(mapping: MappingCase) -> None:
     assert (caught.value.pe, caught.value.port) == (bad.id, "postprocess")
 
 
+@pytest.mark.parametrize(
+    ("pe", "stage", "threaded"),
+    [
+        (wf.YieldsAtEnd, "postprocess", False),
+        (wf.YieldsAtEnd, "postprocess", True),
+        (wf.YieldsAtStartAsync, "preprocess", False),
+    ],
+    ids=["generator", "threaded", "async-generator"],
+)
+def test_a_generator_stage_fails_the_run(
+    mapping: MappingCase, pe: type[IterativePE], stage: str, threaded: bool
+) -> None:
+    """A ``postprocess`` or ``preprocess`` that yielded its items was called, its generator dropped: its body
+    never ran, and the run succeeded without them."""
+    graph = WorkflowGraph()
+    graph.connect(wf.Count(), "output", bad := pe(), "input")
+    bad.threaded = threaded
+    with pytest.raises(PEError, match=f"{stage}\\(\\) is a generator") as caught:
+        mapping.run(graph, 3)
+    assert (caught.value.pe, caught.value.port) == (bad.id, stage)
+
+
 def test_results_of_every_unconnected_port(mapping: MappingCase) -> None:
     graph = WorkflowGraph()
     split = wf.EvenOdd()
