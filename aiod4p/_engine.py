@@ -753,6 +753,10 @@ class _Actor(Invoker):
                 channel.close()
             if aligner is not None:
                 await aligner.finished()
+        except PEError as exc:
+            if (exc.pe, exc.instance) == (ref.pe, ref.index):
+                await self._hand_on_results()
+            raise
         finally:
             self._end_runner()
             self.stats.max_queued_items = self.inbox.max_queued_items
@@ -760,6 +764,21 @@ class _Actor(Invoker):
         if self.recorder is not None:
             self.stats.provenance = self.recorder.part()
         return self.stats
+
+    async def _hand_on_results(self) -> None:
+        """Send the results this instance wrote before it failed: those of the calls before the one that raised
+        (and what that one wrote before raising), and those waiting for a batch to fill. The run's reader
+        (``--results FILE``, ``async for`` over :func:`~aiod4p.start`) gets them before the run's error, as it
+        would have had they filled a batch first. Not in a run that takes checkpoints, which commits its
+        results with them (a failure discards what no checkpoint committed)."""
+        if self.aligner is not None:
+            return
+        for port, pending in self.results.items():
+            pending.items.extend(self.buffers[port])
+            self.buffers[port] = []
+            if pending.items:
+                chunk, pending.items = pending.items, []
+                await self.results_sink.emit(pending.pe, pending.port, chunk)
 
     def _drops_calls(self) -> bool:
         """Whether this instance drops the calls it was asked for and has not made yet: a source's (-i N; no
@@ -888,8 +907,8 @@ class _Actor(Invoker):
         that each load a model load them at the same time, while the event loop goes on."""
         if self.threaded and not inspect.iscoroutinefunction(method):
             result = await self._in_thread(method)
-            if inspect.isawaitable(result):  # a plain wrapper of an async def (a decorator's)
-                await self._drive(_call_stage(lambda: result))
+            # a plain wrapper of an async def (a decorator's), or a generator
+            await self._drive(_end_stage(method, result))
         else:
             await super()._call_stage(method)
 
@@ -1420,11 +1439,25 @@ def _switch_to_actor(port: str) -> None:
 
 def _call_stage(method: Callable[[], Any]) -> Coroutine[Any, Any, None]:
     async def stage() -> None:
-        result = method()
-        if inspect.isawaitable(result):
-            await result
+        await _end_stage(method, method())
 
     return stage()
+
+
+async def _end_stage(method: Callable[[], Any], result: Any) -> None:
+    """Await what lifecycle ``method`` returned, ``result``, if awaitable.
+
+    Raises:
+        TypeError: ``method`` is a generator (plain or async): its body would never run, and what it
+            yields would be lost without a word.
+    """
+    if inspect.isawaitable(result):
+        await result
+    elif inspect.isgenerator(result) or inspect.isasyncgen(result):
+        raise TypeError(
+            f"{method.__name__}() is a generator: its body never runs, what it yields would be lost;"
+            " write its items with self.write(port, item) instead of yielding them"
+        )
 
 
 def _room(pending: _Pending) -> int:

@@ -54,10 +54,15 @@ def _workflows_from(trace: TracebackType | None) -> TracebackType | None:
 
 def importing_workflow_code() -> bool:
     """Whether the body of a module of the workflow's own code runs on this thread's stack: an import of it
-    is under way (the caller runs as part of it)."""
+    is under way (the caller runs as part of it). The program's own ``__main__`` is run, not imported: every
+    rank's script under ``mpiexec -n N python script.py``, which may start one run after another."""
     frame = sys._getframe(1)
     while frame is not None:
-        if frame.f_code.co_name == "<module>" and _is_workflows(frame.f_code.co_filename):
+        if (
+            frame.f_code.co_name == "<module>"
+            and _is_workflows(frame.f_code.co_filename)
+            and frame.f_globals.get("__name__") != "__main__"
+        ):
             return True
         frame = frame.f_back  # type: ignore[assignment]
     return False

@@ -340,16 +340,17 @@ class KeyRouter(Router):
             self._fail(items)
         cache = self.cache
         try:
-            destinations = list(map(cache.__getitem__, keys))
-        except KeyError:  # keys not seen yet: hash them once
-            if len(cache) > KEY_CACHE_LIMIT:
-                cache.clear()
-            single, owner = self.single, self.grouping.owner
-            for key in keys:
-                if key not in cache:
-                    cache[key] = owner((key,) if single else key, count)
-            destinations = list(map(cache.__getitem__, keys))
-        except TypeError:  # an unhashable key: hash each one
+            try:
+                destinations = list(map(cache.__getitem__, keys))
+            except KeyError:  # keys not seen yet: hash them once
+                if len(cache) > KEY_CACHE_LIMIT:
+                    cache.clear()
+                single, owner = self.single, self.grouping.owner
+                for key in keys:
+                    if key not in cache:
+                        cache[key] = owner((key,) if single else key, count)
+                destinations = list(map(cache.__getitem__, keys))
+        except TypeError:  # an unhashable key (after keys not seen yet, too): hash each one
             return self._split_uncached(items, keys)
         return _deal(items, destinations, count)
 

@@ -211,6 +211,11 @@ def load_module(spec: str) -> ModuleType:
             raise TargetError(f"workflow file {spec} is a directory: give the .py file of the workflow in it")
         if not path.is_file():
             raise TargetError(f"workflow file {spec} does not exist")
+        if path.suffix == ".ipynb":
+            raise TargetError(
+                f"workflow file {spec} is a Jupyter notebook: run its graph with aiod4p.run() in a cell, or export"
+                f" it (jupyter nbconvert --to script {spec}) and give the .py file"
+            )
         directory = str(path.resolve().parent)
         if directory not in sys.path:
             sys.path.insert(0, directory)

@@ -275,6 +275,7 @@ def test_debug_adds_the_traceback(workflow_file: Path, after: bool) -> None:
     [
         (["run", "no/such/file.py"], "workflow file no/such/file.py does not exist"),
         (["run", "{folder}"], "is a directory: give the .py file of the workflow in it"),
+        (["run", "{notebook}"], "is a Jupyter notebook: run its graph with aiod4p.run() in a cell, or export it"),
         (["run", "no_such_module_xyz"], "no module named 'no_such_module_xyz'"),
         (["run", "{flow}:missing"], "has no attribute 'missing'"),
         (["run", "{flow}", "-d", "{{not json"], "-d is not valid JSON"),
@@ -290,7 +291,8 @@ def test_errors_are_one_line_and_non_zero(
 ) -> None:
     # In this process (main(), which `python -m aiod4p` calls): each error is found before anything runs;
     # test_import_error_in_the_workflow_file and others give exit 1 from a real process.
-    code = main([arg.format(flow=workflow_file, folder=workflow_file.parent) for arg in args])
+    notebook = ROOT / "examples" / "science" / "notebook.ipynb"
+    code = main([arg.format(flow=workflow_file, folder=workflow_file.parent, notebook=notebook) for arg in args])
     out, err = capsys.readouterr()
     assert code == 1, out
     assert len(err.strip().splitlines()) == 1

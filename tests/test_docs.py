@@ -189,6 +189,7 @@ OTHER_PROGRAMS_OPTIONS = {
     "--timeout",  # pytest-timeout
     "--simple",  # dispel4py's multi and mpi
     "--force",  # sparse submit
+    "--to",  # jupyter nbconvert
 }
 
 

@@ -7,6 +7,7 @@ import datetime
 import functools
 import gc
 import json
+import math
 import operator
 import os
 import pathlib
@@ -275,6 +276,16 @@ def test_a_router_by_key_function_routes_unhashable_keys_and_several_indices() -
     by_indices = group_by(0, 2).router(2, 0, "PE a", "b.input")
     parts = by_indices.split([(i, "x", i % 3) for i in range(30)])
     assert all(stable_hash((a, c)) % 2 == d for d, part in enumerate(parts) for a, _, c in part)
+
+
+def test_a_router_routes_an_unhashable_key_after_a_new_hashable_one_in_one_batch() -> None:
+    """A list as key (a JSON input's) after a key not seen yet, or after a NaN (never found again in the cache),
+    failed the batch with ``TypeError: unhashable type``, blamed on the PE that wrote it; alone, it routed."""
+    router = group_by(0).router(2, 0, "PE a", "b.input")
+    for batch in ([("a", 0), (["a", "b"], 1)], [(math.nan, 2), (np.arange(2), 3)]):
+        parts = router.split(batch)
+        assert all(stable_hash((key,)) % 2 == destination for destination, part in enumerate(parts) for key, _ in part)
+        assert sorted(i for part in parts for _, i in part) == [i for _, i in batch]
 
 
 def _speedups() -> Any:

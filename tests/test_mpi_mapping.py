@@ -345,6 +345,27 @@ def test_ctrl_c_under_mpiexec_while_a_rank_imports_the_workflow_ends_the_job(
     assert left == []
 
 
+def test_a_script_under_mpiexec_runs_one_workflow_after_another(tmp_path: Path) -> None:
+    """``mpiexec -n 2 python script.py`` whose script calls ``run(mapping="mpi")`` twice: the first run marked
+    each rank a worker, so the second was refused as if a worker imported the module, naming the
+    ``if __name__ == '__main__':`` guard the script had."""
+    flow = numbers_flow("class Times2(IterativePE):\n    def process_item(self, item):\n        return 2 * item\n")
+    runs = (
+        "from aiod4p import run\nfrom mpi4py import MPI\n\n"
+        "if __name__ == '__main__':\n"
+        "    for _ in range(2):\n"
+        "        results = run(graph, 3, mapping='mpi')\n"
+        "        if MPI.COMM_WORLD.Get_rank() == 0:\n"
+        "            print(sorted(results.data()), flush=True)\n"
+        "        else:\n"
+        "            assert not results\n"  # the other ranks get none (docs/mpi.md)
+    )
+    (tmp_path / "script.py").write_text(f"{flow}\n{runs}")
+    done = mpiexec(["-n", "2", sys.executable, "script.py"], cwd=tmp_path, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ["[2, 4, 6]", "[2, 4, 6]"]
+
+
 def test_cli_under_mpiexec_a_workflow_that_fails_to_load_on_one_rank_ends_the_job(tmp_path: Path) -> None:
     """The rank that failed exited before MPI_Init: the other waited for it forever (as above)."""
     args, env = _slow_job(tmp_path, AIOD4P_TEST_FAILING_RANK="1")

@@ -331,6 +331,26 @@ class FailsAtEnd(IterativePE):
         raise RuntimeError("cannot finish")
 
 
+class YieldsAtEnd(IterativePE):
+    """A ``postprocess`` that yields, as ``process_item`` may: a stage's generator is never run."""
+
+    def process_item(self, item: int) -> int:
+        return item
+
+    def postprocess(self) -> Iterator[dict[str, str]]:
+        yield {"output": "end"}
+
+
+class YieldsAtStartAsync(IterativePE):
+    """A ``preprocess`` that is an async generator."""
+
+    def process_item(self, item: int) -> int:
+        return item
+
+    async def preprocess(self) -> AsyncIterator[dict[str, str]]:
+        yield {"output": "start"}
+
+
 class EvenOdd(GenericPE):
     def __init__(self) -> None:
         super().__init__(inputs=["input"], outputs=["even", "odd"])
