@@ -827,6 +827,12 @@ async def _consume(
             ):
                 async for record in workflow:
                     emit(record)
+        except Aiod4pError:
+            if out is None and grouped:  # else they were to be printed at the end, which a failed run never reaches
+                with contextlib.suppress(OSError):
+                    _print_results(grouped, stdout)
+                    stdout.flush()
+            raise
         except asyncio.CancelledError:
             if reader_gone is not None and reader_gone.is_set():
                 return _stdout_closed(stdout)

@@ -299,6 +299,39 @@ def test_errors_are_one_line_and_non_zero(
     assert message in err
 
 
+FAILS_AT_FIVE = """
+from aiod4p import IterativePE, ProducerPE, WorkflowGraph
+
+class Numbers(ProducerPE):
+    def produce(self):
+        yield from range(10)
+
+class FailsAtFive(IterativePE):
+    def process_item(self, item):
+        if item == 5:
+            raise ValueError("bad item 5")
+        return item
+
+graph = WorkflowGraph()
+graph.connect(Numbers(), "output", FailsAtFive(), "input")
+"""
+
+
+@pytest.mark.parametrize("mapping", ["simple", "async"])
+def test_a_failed_run_without_results_prints_those_it_produced_before_its_error(
+    tmp_path: Path, mapping: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Without --results, results are printed at the end, which a failed run never reached: the work done
+    before the failure was lost (hours of it, in a scientist's run), where --results FILE keeps it."""
+    flow = tmp_path / "fails.py"
+    flow.write_text(FAILS_AT_FIVE)
+    assert main(["run", str(flow), "-m", mapping, "-i", "1"]) == 1
+    out, err = capsys.readouterr()
+    assert re.fullmatch(r"FailsAtFive\d+\.output: 5 items", out.splitlines()[0]), out
+    assert out.splitlines()[1:] == [f"  {n}" for n in range(5)]
+    assert re.match(r"aiod4p: error: PE FailsAtFive\d+\[0\] failed on input port 'input': ValueError", err), err
+
+
 def test_an_input_file_is_read_as_json_files_are_written(
     workflow_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
