@@ -129,6 +129,9 @@ class PE:
     #: and has no ``preprocess`` or ``postprocess`` either, is refused
     #: (:meth:`_unimplemented`).
     _handler: ClassVar[str] = "process"
+    #: A root gets one instance whatever its parallelism says: dispel4py's PEs, whose ``numprocesses`` is a
+    #: weight that dispel4py never gives a root (one process each, on every mapping).
+    _root_runs_once: ClassVar[bool] = False
     threaded: bool = False
 
     def __init__(

@@ -342,8 +342,8 @@ def make_plan(graph: WorkflowGraph | FlatGraph, options: PlanOptions | None = No
     """Plan a run of ``graph``.
 
     Parallelism: an explicit ``pe.parallelism`` (for a dispel4py PE:
-    ``numprocesses`` once assigned) is honoured; roots and PEs with a
-    ``global`` input get one instance; others get ``default_parallelism``
+    ``numprocesses`` once assigned, except on a root, which dispel4py runs
+    once) is honoured; roots and PEs with a ``global`` input get one instance; others get ``default_parallelism``
     (one per worker when unset). ``force_single`` gives every PE one instance.
     Instance ``i`` of every PE is placed on worker ``i % workers`` (of the
     ``busy_workers`` when set), so equal-width pipelines stay on one worker
@@ -369,7 +369,7 @@ def make_plan(graph: WorkflowGraph | FlatGraph, options: PlanOptions | None = No
         if pe_id in placed:
             workers = placed[pe_id]
         else:
-            parallelism = _parallelism(pe_id, pe, pe_id in single, options)
+            parallelism = _parallelism(pe_id, pe, pe_id in single, pe_id in root_set, options)
             workers = tuple(index % options.placing_workers for index in range(parallelism))
         placement[pe_id] = PEPlan(pe_id, len(workers), workers, pe_id in root_set)
 
@@ -432,9 +432,10 @@ def _check_channels(flat: FlatGraph, placement: dict[str, PEPlan]) -> None:
         )
 
 
-def _parallelism(pe_id: str, pe: PE, single: bool, options: PlanOptions) -> int:
-    """``single``: a root or a PE with a ``global`` input, which gets one instance unless set otherwise."""
-    if options.force_single:
+def _parallelism(pe_id: str, pe: PE, single: bool, root: bool, options: PlanOptions) -> int:
+    """``single``: a root or a PE with a ``global`` input, which gets one instance unless set otherwise (a ``root``
+    of dispel4py's API always: :attr:`~aiod4p.PE._root_runs_once`)."""
+    if options.force_single or (root and pe._root_runs_once):
         return 1
     parallelism = pe._parallelism
     if parallelism is not None:

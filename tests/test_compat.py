@@ -420,6 +420,27 @@ def test_numprocesses_sets_the_instances(d4p: Any) -> None:
     assert GenericPE(numprocesses=3).parallelism == 3
 
 
+class CountingSource(ProducerPE):
+    """A stateful dispel4py root given ``numprocesses = 3``: dispel4py runs a root once, whatever it says."""
+
+    def __init__(self) -> None:
+        ProducerPE.__init__(self)
+        self.numprocesses = 3
+        self.calls = 0
+
+    def _process(self, inputs: Any) -> int:
+        self.calls += 1
+        return self.calls
+
+
+def test_a_dispel4py_root_runs_once_whatever_its_numprocesses(mapping: MappingCase) -> None:
+    """async gave it 3 instances (and multi, with too few workers for dispel4py's rule): `-i 4` made [1, 2, 1, 1]
+    where dispel4py's every mapping, and aiod4p's simple, multi and mpi, make [1, 2, 3, 4]."""
+    graph = aiod4p.WorkflowGraph()
+    graph.add(source := CountingSource())
+    assert sorted(mapping.run(graph, 4).data(source.id)) == [1, 2, 3, 4]
+
+
 def test_unknown_grouping_names_the_pe_and_port(d4p: Any) -> None:
     pes = build_pes(d4p)
     graph = d4p.workflow_graph.WorkflowGraph()

@@ -98,11 +98,13 @@ class GenericPE(_CoreGenericPE):
     (:func:`aiod4p.compat.processor.place`); elsewhere (and when the workers
     are too few for dispel4py's rule), when assigned, it is the number of
     instances (:attr:`_parallelism`), and left at its default the mapping
-    decides. ``inputs``, ``outputs``, ``parallelism``, ``label`` and
-    ``instance`` are the PE's own once it assigns them (see the module).
+    decides. A root runs once whatever it says, as on every dispel4py mapping.
+    ``inputs``, ``outputs``, ``parallelism``, ``label`` and ``instance`` are
+    the PE's own once it assigns them (see the module).
     """
 
     takes_undeclared_inputs = True  # dispel4py passes a root's input dicts to process() as they are
+    _root_runs_once = True
 
     def __init__(self, numprocesses: int = 1) -> None:
         own = {key: getattr(self, key) for key in _ASSIGNED_BY_CORE if hasattr(self, key)}  # set before this call
