@@ -561,9 +561,10 @@ def _stopped(workflow: WorkflowRun, signals: Interrupts, outcome: _Outcome) -> s
     checkpointing = workflow.mapping.checkpointing
     assert checkpointing is not None  # --on-signal suspend needs --checkpoint-dir
     stopped = f"suspended at checkpoint {workflow.suspended} in {checkpointing.directory}; {_records(outcome.records)}"
-    if outcome.committed_only or checkpointing.restarts:
+    if outcome.committed_only or (checkpointing.restarts and workflow.mapping.uses_processes):
         return f"{stopped} committed (--restore resumes the run from there)"
-    # Without --restarts, the results printed as they came (--results -) may include some the checkpoint did not commit.
+    # Without --restarts (ignored on a mapping without processes), the results printed as they came (--results -)
+    # may include some the checkpoint did not commit.
     return f"{stopped} produced (--restore resumes the run from there, and makes again those produced after it)"
 
 
