@@ -55,7 +55,7 @@ exit status:
   0    the run finished, or was drained (or suspended: --on-signal) by a first SIGINT/SIGTERM (stderr says so)
   1    the run failed: a PE raised, a worker died, bad inputs or workflow file
   2    usage error: an unknown option or a bad option value
-  130  aborted: a signal during start-up, or a second signal while draining
+  130  aborted: a signal during start-up, or a second signal while draining or suspending
   141  the reader of --results - went away (e.g. | head): the run stopped quietly
 """
 
