@@ -207,8 +207,9 @@ class WorkflowRun:
         Unlike :meth:`drain`, the sources are not finished and no PE's ``postprocess`` runs: windows and
         counts stay in the checkpoint, and a restore goes on from it exactly once. A checkpoint under way
         is the one the run stops at. The results that follow the checkpoint are dropped from the
-        ``results_path`` file and, under ``restarts``, from what the reader has not been given yet (a restore
-        makes them again); without ``restarts`` a reader may already hold some of them. The run then ends
+        ``results_path`` file and, under ``restarts`` on a mapping with worker processes, from what the reader
+        has not been given yet (a restore makes them again); otherwise a reader may already hold some of them
+        (the async mapping ignores ``restarts``). The run then ends
         as a drained one does, and :attr:`suspended` names the checkpoint. Idempotent.
 
         Raises:

@@ -791,7 +791,8 @@ def _reader_gone(path: str) -> Iterator[None]:
 
 
 class _Commits(Generic[T]):
-    """What a run under ``--restarts`` holds (results, or their numbers), by the checkpoint that commits it."""
+    """What a run under ``--restarts`` (or with ``results_counted``) holds (results, or their numbers), by the
+    checkpoint that commits it."""
 
     def __init__(self) -> None:
         self._open: list[T] = []  # emitted since the last seal
@@ -820,7 +821,7 @@ class _Commits(Generic[T]):
         return held
 
     def discard(self) -> None:
-        """A restart: drop everything held."""
+        """A restart or a suspend: drop everything held."""
         self._sealed.clear()
         self._open = []
 
@@ -886,7 +887,8 @@ class HeldResults:
         return 0 if self._room.is_set() else self._waiting
 
     def discard(self) -> None:
-        """A restart: drop what no complete checkpoint commits (the restarted run produces it again)."""
+        """A restart or a suspend: drop what no complete checkpoint commits (the restarted or restored run produces it
+        again)."""
         self._commits.discard()
 
     async def deliver(self) -> None:
@@ -958,7 +960,8 @@ class HeldCounts:
         return 0
 
     def discard(self) -> None:
-        """A restart: drop what no complete checkpoint commits (the restarted run produces it again)."""
+        """A restart or a suspend: drop what no complete checkpoint commits (the restarted or restored run produces it
+        again)."""
         self._commits.discard()
 
     async def deliver(self) -> None:
@@ -966,8 +969,8 @@ class HeldCounts:
 
 
 class Held(Protocol):
-    """What a run under ``--restarts`` holds until checkpoints commit it: :class:`HeldResults` or
-    :class:`HeldCounts`."""
+    """What a run under ``--restarts`` (or with ``results_counted``) holds until checkpoints commit it:
+    :class:`HeldResults` or :class:`HeldCounts`."""
 
     async def emit(self, pe: str, port: str, items: list[Any]) -> None: ...
     def seal(self, n: int) -> None: ...

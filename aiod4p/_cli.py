@@ -55,7 +55,7 @@ exit status:
   0    the run finished, or was drained (or suspended: --on-signal) by a first SIGINT/SIGTERM (stderr says so)
   1    the run failed: a PE raised, a worker died, bad inputs or workflow file
   2    usage error: an unknown option or a bad option value
-  130  aborted: a signal during start-up, or a second signal while draining
+  130  aborted: a signal during start-up, or a second signal while draining or suspending
   141  the reader of --results - went away (e.g. | head): the run stopped quietly
 """
 
@@ -561,9 +561,10 @@ def _stopped(workflow: WorkflowRun, signals: Interrupts, outcome: _Outcome) -> s
     checkpointing = workflow.mapping.checkpointing
     assert checkpointing is not None  # --on-signal suspend needs --checkpoint-dir
     stopped = f"suspended at checkpoint {workflow.suspended} in {checkpointing.directory}; {_records(outcome.records)}"
-    if outcome.committed_only or checkpointing.restarts:
+    if outcome.committed_only or (checkpointing.restarts and workflow.mapping.uses_processes):
         return f"{stopped} committed (--restore resumes the run from there)"
-    # Without --restarts, the results printed as they came (--results -) may include some the checkpoint did not commit.
+    # Without --restarts (ignored on a mapping without processes), the results printed as they came (--results -)
+    # may include some the checkpoint did not commit.
     return f"{stopped} produced (--restore resumes the run from there, and makes again those produced after it)"
 
 

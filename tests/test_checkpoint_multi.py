@@ -706,19 +706,18 @@ async def test_a_worker_dying_while_the_run_suspends_stops_it_at_its_last_checkp
     assert _file_counts(results) == expected_counts(path)
 
 
-def test_cli_suspends_on_a_signal_and_restore_resumes_exactly_once(tmp_path: Path) -> None:
-    """`--on-signal suspend`, for a unit that systemd stops with SIGTERM: exit 0, the line says where it stopped and
-    what resumes it, and `--restore` after it counts every word once."""
-    path, go, results, checkpoints = tmp_path / "words.txt", tmp_path / "go", tmp_path / "out.jsonl", tmp_path / "ck"
-    write_words(path, 3000)
+def _held_word_count_file(tmp_path: Path, path: Path, go: Path) -> Path:
+    """A workflow file of :func:`_held_word_count`, for ``aiod4p run``."""
     flow = tmp_path / "flow.py"
     flow.write_text(
         "from ckpt_workflows import HeldLines, word_count\n"
         f"graph = word_count({str(path)!r}, lines=HeldLines({str(path)!r}, until={str(go)!r}, hold_after=100))\n"
     )
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}
-    argv = ["run", str(flow), "-m", "multi", "-n", "2", "-i", "1", "--results", str(results)]
-    argv += ["--checkpoint-dir", str(checkpoints), "--checkpoint-interval", "0.05"]
+    return flow
+
+
+def _suspended_by_sigterm(argv: list[str], env: dict[str, str], checkpoints: Path) -> tuple[int, str]:
+    """Run ``aiod4p ARGV --on-signal suspend``, SIGTERM it once a checkpoint is complete; its exit status and stderr."""
     process = aiod4p_process(*argv, "--on-signal", "suspend", env=env)
     try:
         deadline = time.monotonic() + 60
@@ -730,7 +729,20 @@ def test_cli_suspends_on_a_signal_and_restore_resumes_exactly_once(tmp_path: Pat
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
             process.communicate()
-    assert process.returncode == 0, err
+    return process.returncode, err
+
+
+def test_cli_suspends_on_a_signal_and_restore_resumes_exactly_once(tmp_path: Path) -> None:
+    """`--on-signal suspend`, for a unit that systemd stops with SIGTERM: exit 0, the line says where it stopped and
+    what resumes it, and `--restore` after it counts every word once."""
+    path, go, results, checkpoints = tmp_path / "words.txt", tmp_path / "go", tmp_path / "out.jsonl", tmp_path / "ck"
+    write_words(path, 3000)
+    flow = _held_word_count_file(tmp_path, path, go)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}
+    argv = ["run", str(flow), "-m", "multi", "-n", "2", "-i", "1", "--results", str(results)]
+    argv += ["--checkpoint-dir", str(checkpoints), "--checkpoint-interval", "0.05"]
+    status, err = _suspended_by_sigterm(argv, env, checkpoints)
+    assert status == 0, err
     assert "aiod4p: SIGTERM: suspending: taking a checkpoint to stop at (send it again to abort)" in err
     last = err.splitlines()[-2]  # the last is the count of the results file
     assert re.fullmatch(
@@ -744,6 +756,24 @@ def test_cli_suspends_on_a_signal_and_restore_resumes_exactly_once(tmp_path: Pat
     _, err = process.communicate(timeout=60)
     assert process.returncode == 0, err
     assert _file_counts(results) == expected_counts(path)
+
+
+def test_cli_suspended_on_async_with_restarts_says_its_printed_results_may_be_made_again(tmp_path: Path) -> None:
+    """`--restarts` is ignored on async, whose results are printed as they come (`--results -`): some printed may
+    follow the checkpoint, and the restore makes them again, so the line says they were produced, not committed."""
+    path, go, checkpoints = tmp_path / "words.txt", tmp_path / "go", tmp_path / "ck"
+    write_words(path, 3000)
+    flow = _held_word_count_file(tmp_path, path, go)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}
+    argv = ["run", str(flow), "-m", "async", "-i", "1", "--results", "-", "--restarts", "1"]
+    argv += ["--checkpoint-dir", str(checkpoints), "--checkpoint-interval", "0.05"]
+    status, err = _suspended_by_sigterm(argv, env, checkpoints)
+    assert status == 0, err
+    assert re.fullmatch(
+        rf"aiod4p: interrupted by SIGTERM: suspended at checkpoint \d+ in {re.escape(str(checkpoints))}; 0 records"
+        r" produced \(--restore resumes the run from there, and makes again those produced after it\)",
+        err.splitlines()[-1],
+    ), err
 
 
 async def test_a_run_without_checkpoints_cannot_be_suspended() -> None:
