@@ -448,10 +448,30 @@ class CheckpointStore:
         return None if found is None else _label(found[0], self.directory)
 
     def run_started_after(self) -> int:
-        """The id of the newest checkpoint before the last fresh run in the directory started (0: unknown)."""
-        with contextlib.suppress(ValueError, TypeError, KeyError):
-            return int((self._run_record() or {})["after"])
-        return 0
+        """The id of the newest checkpoint before the last fresh run in the directory started (0: no fresh run
+        recorded one, :data:`RUN` missing).
+
+        Raises:
+            CheckpointError: :data:`RUN` is there but unreadable or damaged (named): taken as 0, a restore would
+                resume a checkpoint of an earlier run, whose results file the last run started afresh.
+        """
+        path = self.directory / RUN
+        if not path.exists():
+            return 0
+        record = self._run_record()
+        if record is not None and _is_count(record.get("after"), 0):
+            return int(record["after"])
+        newest = self._newest(0, self._read)
+        raise CheckpointError(
+            f"--restore: {path}, which says where the last run in {self.directory} started, cannot be read or is"
+            " damaged, so which checkpoints are of that run is unknown: nothing was restored (start the run afresh,"
+            " without --restore"
+            + (
+                f"; or remove {path} to resume the newest complete checkpoint, {newest[0]}, whichever run took it)"
+                if newest is not None
+                else ")"
+            )
+        )
 
     def _run_record(self) -> dict[str, Any] | None:
         """What :data:`RUN` says of the last fresh run in the directory; ``None`` if nothing readable."""

@@ -1813,6 +1813,29 @@ def test_restore_after_a_fresh_run_that_completed_no_checkpoint_refuses_the_earl
     )
 
 
+@pytest.mark.parametrize("damage", [b"", b"{not json", b'{"pid": 1}', b'{"after": "3"}'])
+def test_restore_with_a_damaged_run_record_is_refused_naming_it(tmp_path: Path, damage: bytes) -> None:
+    """RUN.json that cannot be read, or says no start, was taken as "the last run started after checkpoint 0":
+    `--restore` then resumed the newest checkpoint of any earlier run, whose results file the last run had
+    started afresh. It is refused, naming the file and what resumes that checkpoint if it is wanted."""
+    directory, words = tmp_path / "ck", tmp_path / "words.txt"
+    write_words(words, 5_000)
+    run(word_count(words), 1, mapping=_mapping(directory), workers=1)
+    finished = CheckpointStore(directory).latest()
+    assert finished is not None
+    (directory / "RUN.json").write_bytes(damage)
+    with pytest.raises(CheckpointError) as refused:
+        run(word_count(words), 1, mapping=_mapping(directory, restore=True), workers=1)
+    assert str(refused.value) == (
+        f"--restore: {directory / 'RUN.json'}, which says where the last run in {directory} started, cannot be read"
+        " or is damaged, so which checkpoints are of that run is unknown: nothing was restored (start the run"
+        f" afresh, without --restore; or remove {directory / 'RUN.json'} to resume the newest complete checkpoint,"
+        f" {finished.id}, whichever run took it)"
+    )
+    (directory / "RUN.json").unlink()
+    assert len(run(word_count(words), 1, mapping=_mapping(directory, restore=True), workers=1)) == 0
+
+
 async def test_statistics_after_a_restore_count_the_items_before_its_checkpoint(tmp_path: Path) -> None:
     """A restored run's statistics (--stats, --stats-json) counted only what came after its checkpoint: a word count
     of 40,000 words reported fewer. The counters of the attempts before are saved with each instance's state and go
