@@ -522,6 +522,8 @@ def _run_loaded(args: argparse.Namespace, mapping: BaseMapping, results: str | N
                     status = runner.run(
                         _consume(workflow, results, signals, outcome, opened, stdout, show_progress, stdin, sampler)
                     )
+            except ValueError as exc:  # the options were checked before the run was planned: not a usage error
+                raise Aiod4pError(f"{type(exc).__name__}: {exc}") from exc
             except Stopped as stop:
                 # asyncio re-raises a KeyboardInterrupt out of the loop and also keeps it as the exception of the
                 # task it interrupted (the run's, often): taken here, it is not logged as never retrieved.
