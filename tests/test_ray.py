@@ -578,6 +578,49 @@ def test_a_sigterm_handler_outlives_a_local_ray_started_by_a_run(tmp_path: Path)
     assert (done.returncode, done.stdout) == (0, "handled\n"), done.stderr
 
 
+RESTARTED_FLOW = numbers_flow(
+    """
+    import os, signal
+    from pathlib import Path
+
+    class DiesOnce(IterativePE):
+        def __init__(self, folder):
+            super().__init__()
+            self.folder = folder
+
+        def preprocess(self):
+            (Path(self.folder) / f"raylet-{os.getppid()}").touch()
+
+        def process_item(self, item):
+            died = Path(self.folder) / "died"
+            if item == 100 and not died.exists():
+                died.touch()
+                os.kill(os.getpid(), signal.SIGKILL)
+            return item
+    """
+).replace("DiesOnce()", "DiesOnce(FOLDER)")
+
+
+@pytest.mark.timeout(240)
+def test_restarts_of_a_run_on_a_local_ray_start_it_once(tmp_path: Path) -> None:
+    """Each restart under `restarts` (`--restarts`) closed the connection to the local Ray the run had started,
+    stopping that Ray, and started a new one: 7-8 s a restart, against 1 s on multi. The attempts of a run share
+    the first one's Ray, stopped once the run ends."""
+    (tmp_path / "restarted.py").write_text(RESTARTED_FLOW.replace("FOLDER", repr(str(tmp_path))))
+    script = (
+        "import aiod4p, restarted\n"
+        "from aiod4p.mappings.ray import RayMapping\n"
+        "mapping = RayMapping()\n"
+        f"mapping.checkpointing = aiod4p.Checkpointing({str(tmp_path / 'ck')!r}, interval=0.05, restarts=1)\n"
+        "print(sorted(aiod4p.run(restarted.graph, 300, mapping=mapping, workers=1).data()) == list(range(1, 301)))\n"
+    )
+    done = _python_beside(script, tmp_path, timeout=200)
+    assert (done.returncode, done.stdout.splitlines()[-1:]) == (0, ["True"]), done.stderr  # after Ray's notes
+    assert "restart 1 of 1 after: worker actor 0" in done.stderr, done.stderr
+    assert (tmp_path / "died").exists()
+    assert len(list(tmp_path.glob("raylet-*"))) == 1, list(tmp_path.glob("raylet-*"))
+
+
 SLOW_END_FLOW = numbers_flow(
     """
     import time

@@ -21,13 +21,15 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
+import contextvars
 import functools
 import logging
 import os
 import signal
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -106,6 +108,12 @@ class _Connection:
                 # Ray's only: another thread's run may have started processes of its own meanwhile (multi's workers)
                 self._started = {pid for pid in children({os.getpid()}) - self._before if _of_ray(pid)}
                 self._owned = True
+            self._users += 1
+
+    def share(self) -> None:
+        """Count one more user of the connection that a run holds (it made it, or shares it)."""
+        with self._lock:
+            assert self._users > 0, "no run holds the connection"
             self._users += 1
 
     def release(self) -> None:
@@ -193,6 +201,30 @@ class _Handover:
             return self._joined
 
 
+class _Kept:
+    """A share of the connection kept over the attempts of one run (:func:`kept_connection`)."""
+
+    held = False
+
+
+_KEPT: contextvars.ContextVar[_Kept | None] = contextvars.ContextVar("aiod4p_ray_kept", default=None)
+
+
+@contextlib.asynccontextmanager
+async def kept_connection() -> AsyncIterator[None]:
+    """Within it, the first run that joins Ray takes one more share of the connection, given back on leaving: the
+    attempts of a run under ``restarts`` share one connection (and a local Ray started by the first, started
+    once: some 7 s, a restart's cost otherwise) instead of each making, and closing, its own."""
+    kept = _Kept()
+    token = _KEPT.set(kept)
+    try:
+        yield
+    finally:
+        _KEPT.reset(token)
+        if kept.held:
+            await asyncio.to_thread(_CONNECTION.release)
+
+
 class RayRun:
     """One execution: its share of the connection to Ray, its actors and their placement group."""
 
@@ -234,6 +266,9 @@ class RayRun:
         finally:
             self.connected = handover.give_up()
             threads.close()
+        if self.connected and (kept := _KEPT.get()) is not None and not kept.held:
+            _CONNECTION.share()  # at once: the lock is held long only to make or close a connection, not while one is
+            kept.held = True
         await self._start_actors(payload)
         self.comms = {wid: DriverComm(actor, CONTROL) for wid, actor in enumerate(self.actors)}
         return self.comms

@@ -23,10 +23,13 @@ import sys
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
+from .._engine import Feed
 from .._plan import ExecutionPlan
+from .._results import ResultSink
+from .._stats import InstanceStats
 from ..errors import MappingUnavailable
 from ..transports import Comm
-from ._base import available_cpus
+from ._base import RunControl, available_cpus
 from ._host import GRACE, STATS_INTERVAL
 from ._hosted import HostedMapping
 from ._shipping import Job
@@ -93,6 +96,22 @@ class RayMapping(HostedMapping):
 
     def _starts_local_ray(self) -> bool:
         return self.address is None and not os.environ.get("RAY_ADDRESS")
+
+    async def execute(
+        self,
+        plan: ExecutionPlan,
+        feeds: Mapping[str, Feed],
+        sink: ResultSink,
+        control: RunControl,
+        max_delay: float,
+    ) -> list[InstanceStats]:
+        """As :meth:`HostedMapping.execute`; with ``restarts``, the connection to Ray that the first attempt makes
+        is kept until the last one ends, so that a restart does not start (and stop) a local Ray again."""
+        if self.checkpointing is None or not self.checkpointing.restarts:
+            return await super().execute(plan, feeds, sink, control, max_delay)
+        module = await asyncio.to_thread(importlib.import_module, "aiod4p.mappings._ray_run")
+        async with module.kept_connection():
+            return await super().execute(plan, feeds, sink, control, max_delay)
 
     def launch(self, plan: ExecutionPlan) -> _RayLaunch:
         """Ray actors for a run of ``plan``; starting them raises :class:`~aiod4p.errors.MappingUnavailable`
