@@ -621,6 +621,28 @@ def test_restarts_of_a_run_on_a_local_ray_start_it_once(tmp_path: Path) -> None:
     assert len(list(tmp_path.glob("raylet-*"))) == 1, list(tmp_path.glob("raylet-*"))
 
 
+DRAINED_WHILE_RAY_STARTS = """
+import asyncio, aiod4p, times10
+
+async def drained_after(delay):
+    run = aiod4p.start(times10.graph, 100_000, mapping="ray", workers=2)
+    asyncio.get_running_loop().call_later(delay, run.drain)
+    return len([record async for record in run])
+
+print([asyncio.run(drained_after(delay)) for delay in (0.001, 0.01)])
+"""
+
+
+@pytest.mark.timeout(240)
+def test_a_drain_while_a_local_ray_starts_lets_nothing_run(tmp_path: Path) -> None:
+    """`run.drain()` called before the workers started lets nothing run, on every mapping; on ray, called 1-10 ms
+    after the run started (while the local Ray started), it let 15 results through: the job had been shipped
+    undrained before Ray was joined, and the actors produced until the `Drain` message reached them."""
+    (tmp_path / "times10.py").write_text(TIMES10_FLOW)
+    done = _python_beside(DRAINED_WHILE_RAY_STARTS, tmp_path, timeout=200)
+    assert (done.returncode, done.stdout.splitlines()[-1:]) == (0, ["[0, 0]"]), done.stderr
+
+
 SLOW_END_FLOW = numbers_flow(
     """
     import time
