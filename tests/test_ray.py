@@ -264,6 +264,19 @@ def test_cli_address_is_for_the_ray_mapping_only(tmp_path: Path) -> None:
     assert "--address applies to --mapping ray only" in process.stderr
 
 
+def test_an_empty_address_is_a_usage_error(tmp_path: Path) -> None:
+    """`--address "$HEAD"` with HEAD unset: the run failed with a KeyError traceback (RAY_ADDRESS unset), or joined
+    the cluster of RAY_ADDRESS though an address was given."""
+    flow = tmp_path / "flow.py"
+    flow.write_text(FLOW)
+    process = aiod4p_cli("run", str(flow), "--mapping", "ray", "--address", "", timeout=55)
+    assert (process.returncode, process.stderr) == (
+        2,
+        "aiod4p: error: the Ray address (--address) is empty (''): give the cluster's (auto, HOST:PORT or"
+        " ray://HOST:10001), or none to use RAY_ADDRESS or start a local Ray\n",
+    )
+
+
 @contextlib.contextmanager
 def _not_ray_ports() -> Iterator[dict[str, str]]:
     """Addresses that are no Ray head: a port that refuses connections, one that closes them, an unknown host."""

@@ -64,6 +64,9 @@ class RayMapping(HostedMapping):
         stats_interval: seconds between the workers' statistics reports.
         grace: seconds to wait, after a worker failed because another one
             did, for the root cause to be reported.
+
+    Raises:
+        ValueError: ``address`` is empty (a shell variable that was not set, say).
     """
 
     name = "ray"
@@ -81,6 +84,11 @@ class RayMapping(HostedMapping):
         grace: float = GRACE,
     ) -> None:
         super().__init__(stats_interval=stats_interval, grace=grace)
+        if address is not None and not address.strip():
+            raise ValueError(
+                f"the Ray address (--address) is empty ({address!r}): give the cluster's (auto, HOST:PORT or"
+                " ray://HOST:10001), or none to use RAY_ADDRESS or start a local Ray"
+            )
         self.address = address
         self.num_cpus = num_cpus
         self.resources = dict(resources or {})
