@@ -57,7 +57,15 @@ from ._results import ResultRecord, ResultSink, record_line
 from ._sizes import approximate_batch_size
 from ._state import NOT_MADE, capture, check_keyed_state, restore_state
 from ._threads import finished_in_thread
-from .errors import CheckpointError, PeerDied, TransportError, WorkerDied, reader_went_away, writing
+from .errors import (
+    CheckpointError,
+    MappingUnavailable,
+    PeerDied,
+    TransportError,
+    WorkerDied,
+    reader_went_away,
+    writing,
+)
 
 if TYPE_CHECKING:
     from ._engine import Feed, ReadAhead, Worker, _Actor
@@ -1727,6 +1735,7 @@ async def run_with_recovery(
             graph; another run uses the directory; the ``--results`` file does not hold what the restored
             checkpoint committed (:class:`ResultsLog`).
         WorkerDied: a worker died, ``restarts`` times already or while draining.
+        MappingUnavailable: the workers of an attempt could not start (a restart's saying what resumes the run).
     """
     if config.restore and not os.path.lexists(config.directory):  # noqa: ASYNC240 - one stat, instant
         raise CheckpointError(f"--restore: no complete checkpoint in {config.directory}: the directory does not exist")
@@ -1834,6 +1843,14 @@ async def _attempts(
                 stats = await attempt(session)
                 store.end_run()
                 return stats
+            except MappingUnavailable as exc:
+                if not restarts:
+                    raise
+                # The workers of a restart could not start (a node lost with the dead worker, its CPUs gone too).
+                raise MappingUnavailable(
+                    f"{exc}; restart {restarts} of {config.restarts} could not start its workers:"
+                    f" {_resume_hint(store, since)}"
+                ) from exc
             except RESTARTED as exc:
                 if restarts >= config.restarts:
                     if not isinstance(exc, WorkerDied):

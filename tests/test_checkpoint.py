@@ -55,6 +55,7 @@ from aiod4p._checkpoint import (
     Session,
     WorkerCheckpoints,
     resumed_feed,
+    run_with_recovery,
 )
 from aiod4p._cli import main
 from aiod4p._engine import Worker
@@ -63,7 +64,7 @@ from aiod4p._plan import DEFAULT_BATCH_SIZE, DEFAULT_CREDITS, InstanceRef, PlanO
 from aiod4p._plot import load_samples
 from aiod4p._provenance import read_lineage, write_document
 from aiod4p._state import KEY_GROUPS, capture, restore_state
-from aiod4p.errors import CheckpointError
+from aiod4p.errors import CheckpointError, MappingUnavailable, WorkerDied
 from aiod4p.mappings import get_mapping
 from aiod4p.mappings.asyncio import AsyncMapping
 from aiod4p.sources import LineStream, LiveFeed, SourcePE
@@ -1834,6 +1835,29 @@ def test_restore_with_a_damaged_run_record_is_refused_naming_it(tmp_path: Path, 
     )
     (directory / "RUN.json").unlink()
     assert len(run(word_count(words), 1, mapping=_mapping(directory, restore=True), workers=1)) == 0
+
+
+async def test_a_restart_whose_workers_cannot_start_says_what_resumes_the_run(tmp_path: Path) -> None:
+    """A Ray node lost with the dead worker: the restart waited for CPUs the cluster no longer had and failed with
+    `MappingUnavailable: the Ray cluster did not start 4 worker actors ...` alone, not saying that the restart
+    failed, nor what resumes the run, as a dead worker with no restart left says."""
+    plan = make_plan(word_count(tmp_path / "words.txt"), PlanOptions(workers=1))
+    tried: list[Session] = []
+
+    async def attempt(session: Session) -> list[Any]:
+        tried.append(session)
+        if len(tried) == 1:
+            raise WorkerDied("worker 0 died")
+        raise MappingUnavailable("the Ray cluster did not start 1 worker actor within 60 s")
+
+    with pytest.raises(MappingUnavailable) as failed:
+        async with asyncio.timeout(30):
+            await run_with_recovery(Checkpointing(tmp_path / "ck", restarts=2), plan, {}, _Collected(), attempt)
+    assert str(failed.value) == (
+        "the Ray cluster did not start 1 worker actor within 60 s; restart 1 of 2 could not start its workers:"
+        " no checkpoint had completed"
+    )
+    assert len(tried) == 2
 
 
 async def test_statistics_after_a_restore_count_the_items_before_its_checkpoint(tmp_path: Path) -> None:
