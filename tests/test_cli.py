@@ -131,6 +131,30 @@ def test_a_result_json_cannot_write_fails_the_run_naming_its_pe_and_port(tmp_pat
         record_line(ResultRecord("pe", "out", deep))
 
 
+def test_a_result_with_no_repr_fails_the_run_naming_its_pe_and_port(tmp_path: Path) -> None:
+    """Printed at the end (no --results), a result nested deeper than Python recurses ended the run with a
+    RecursionError traceback."""
+    flow = tmp_path / "flow.py"
+    flow.write_text(
+        numbers_flow(
+            """
+            class Deep(IterativePE):
+                def process_item(self, item):
+                    nested = []
+                    for _ in range(100_000):
+                        nested = [nested]
+                    return nested
+            """
+        )
+    )
+    done = aiod4p("run", str(flow), "-m", "simple", "-i", "1")
+    assert (done.returncode, done.stderr) == (
+        1,
+        "aiod4p: error: a result of PE Deep1 on port output cannot be printed: maximum recursion depth exceeded"
+        " while getting the repr of an object\n",
+    )
+
+
 def test_a_value_error_escaping_a_run_is_no_usage_error(
     workflow_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
