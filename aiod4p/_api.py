@@ -19,6 +19,7 @@ from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Iterat
 from types import TracebackType
 from typing import Any, TypeVar
 
+from ._checkpoint import Suspended
 from ._engine import YIELD_SECONDS
 from ._frames import importing_workflow_code
 from ._graph import WorkflowGraph
@@ -64,6 +65,8 @@ class WorkflowRun:
     Attributes:
         plan: the execution plan.
         stats: per-instance statistics, once the run has finished.
+        suspended: the id of the checkpoint the run stopped at, once a run asked to :meth:`suspend` has ended
+            (``None`` otherwise: a run asked to that ended before the checkpoint completed ended as any run).
     """
 
     def __init__(
@@ -97,6 +100,7 @@ class WorkflowRun:
         self.plan.graph.check_runnable()
         self.feeds = resolve_inputs(self.plan.graph, inputs)
         self.stats: list[InstanceStats] = []
+        self.suspended: int | None = None
         self._max_delay = max_delay
         self._sink = QueueSink(result_batches, self.plan.options.result_bytes)
         self._control = RunControl()
@@ -135,7 +139,11 @@ class WorkflowRun:
 
     async def _execute(self) -> None:
         try:
-            stats = await self.mapping.execute(self.plan, self.feeds, self._sink, self._control, self._max_delay)
+            try:
+                stats = await self.mapping.execute(self.plan, self.feeds, self._sink, self._control, self._max_delay)
+            except Suspended as stop:
+                self.suspended = stop.checkpoint
+                stats = self._control.stats()
             for pe, feed in self.feeds.items():  # a line stream's bad lines count for the instance it fed
                 for entry in stats:
                     if (entry.pe, entry.instance) == (pe, 0):
@@ -192,6 +200,26 @@ class WorkflowRun:
     def drain(self) -> None:
         """Stop the sources; items already accepted still reach the results."""
         self._control.drain()
+
+    def suspend(self) -> None:
+        """Take a checkpoint now and stop the run at it, to be resumed later (``restore=True``): for maintenance.
+
+        Unlike :meth:`drain`, the sources are not finished and no PE's ``postprocess`` runs: windows and
+        counts stay in the checkpoint, and a restore goes on from it exactly once. A checkpoint under way
+        is the one the run stops at. The results that follow the checkpoint are dropped from the
+        ``results_path`` file and, under ``restarts``, from what the reader has not been given yet (a restore
+        makes them again); without ``restarts`` a reader may already hold some of them. The run then ends
+        as a drained one does, and :attr:`suspended` names the checkpoint. Idempotent.
+
+        Raises:
+            Aiod4pError: the run takes no checkpoints (its mapping's ``checkpointing`` is not set).
+        """
+        if self.mapping.checkpointing is None:
+            raise Aiod4pError(
+                "suspend(): this run takes no checkpoints, so it could not be resumed: set its mapping's"
+                " checkpointing (aiod4p run: --checkpoint-dir), or drain() it"
+            )
+        self._control.suspend()
 
     def feed(self, pe: str) -> LiveFeed:
         """The :class:`~aiod4p.sources.LiveFeed` given as the input of root ``pe`` (its id or name).
@@ -558,15 +586,36 @@ def run_in_threads(graph: WorkflowGraph, names: Iterable[str]) -> None:
 
 
 def loop_factory(use_uvloop: bool) -> Callable[[], asyncio.AbstractEventLoop] | None:
-    """uvloop's loop factory when wanted and installed, else ``None`` (asyncio's)."""
-    if not use_uvloop:
-        return None
+    """uvloop's loop factory (:func:`_uvloop_closing_whole`) when wanted and installed, else ``None`` (asyncio's)."""
+    return _uvloop_closing_whole() if use_uvloop else None
+
+
+@functools.cache
+def _uvloop_closing_whole() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop's loop (``None`` if uvloop is not installed), whose ``close()`` closes what was left open even where
+    warnings are errors.
+
+    uvloop warns of each handle still open (a server a PE started and never closed) before it closes it: under
+    ``-W error::ResourceWarning`` the warning raised there stopped the close half-way, and it then waited forever
+    on the server's listening socket, in C, where not even a signal's Python handler runs. The warnings are given
+    again, under the caller's filters, once the loop is closed (an error then is raised by ``close()``).
+    """
     try:
         import uvloop
     except ImportError:
         return None
-    factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
-    return factory
+
+    class Loop(uvloop.Loop):
+        def close(self) -> None:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always", ResourceWarning)
+                super().close()
+            for warning in caught:
+                warnings.warn_explicit(
+                    warning.message, warning.category, warning.filename, warning.lineno, source=warning.source
+                )
+
+    return Loop
 
 
 def _positive_integer(value: Any, name: str, hint: str = "") -> int:

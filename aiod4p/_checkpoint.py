@@ -79,7 +79,9 @@ __all__ = [
     "Coordinator",
     "ResultGate",
     "ResultsLog",
+    "RunRequests",
     "Session",
+    "Suspended",
     "WorkerCheckpoints",
     "replayable_feed",
     "resumed_feed",
@@ -110,9 +112,9 @@ class Checkpointing:
         restarts: restart the whole run from the last checkpoint this many times when a worker dies.
         results_path: the ``--results`` file, written exactly once per result (truncated on restore).
         results_counted: with ``results_path``, the file alone gets the results: the run's reader gets none, and
-            this is called with the number of each batch of results instead, once the file holds them (with
-            ``restarts``, with the number a checkpoint commits once it is complete, and with the rest when the
-            run ends, also when it fails). Nothing is held for a reader.
+            this is called instead with the number of the results each checkpoint commits, once it is complete,
+            and with the rest when the run ends, also when it fails (not when it is aborted or suspended: those
+            are not counted, and a restore makes them again). Nothing is held for a reader.
     """
 
     directory: str | os.PathLike[str]
@@ -783,6 +785,21 @@ class ResultsLog:
             self.tail = {"size": size, "sha256": _digest(os.pread(self._out.fileno(), size, length - size))}
         return length
 
+    def rewind(self, offset: int | None) -> None:
+        """Cut the file back to ``offset``, the length a checkpoint committed (a stream, or ``None``: nothing to
+        cut): the run stopped at that checkpoint, and what it wrote after it is written again when the checkpoint
+        is restored.
+
+        Raises:
+            CheckpointError: the file cannot be cut (named, with the system's reason).
+        """
+        if offset is None or not self._regular:
+            return
+        with writing("results", self.path, CheckpointError):
+            self._out.flush()
+            os.ftruncate(self._out.fileno(), offset)
+            os.fsync(self._out.fileno())
+
     def close(self) -> None:
         """Close the file, without raising: a run that ends has committed every result already (:meth:`commit`
         raises what fails), and a run that failed raises its own failure, not that of flushing what no
@@ -939,17 +956,6 @@ class HeldResults:
         return self._waiting > self._backlog or self._waiting_bytes > self._max_bytes
 
 
-class ResultCounts:
-    """The sink of a run whose results go to its file alone (:attr:`Checkpointing.results_counted`): it keeps no
-    result, and calls ``counted`` with the number of each batch."""
-
-    def __init__(self, counted: Callable[[int], None]) -> None:
-        self._counted = counted
-
-    async def emit(self, pe: str, port: str, items: list[Any]) -> None:
-        self._counted(len(items))
-
-
 class HeldCounts:
     """:class:`HeldResults` for a run whose results go to its file alone (:attr:`Checkpointing.results_counted`):
     it holds the number of the results a checkpoint commits, not the results, and calls ``counted`` with it once
@@ -1053,6 +1059,37 @@ def _open_results(path: str, offset: int | None, checkpoint: str, tail: Mapping[
 
 
 # -- the coordinator ------------------------------------------------------------------------
+class Suspended(Exception):
+    """A run stopped at checkpoint ``checkpoint``, as asked (:meth:`Coordinator.suspend`): what followed it is made
+    again when the checkpoint is restored. Not a failure: the run's caller hears of it as a run that ended
+    (:attr:`aiod4p.WorkflowRun.suspended`).
+
+    Attributes:
+        checkpoint: the id of the checkpoint that ``restore`` resumes.
+        results_offset: the length of the ``--results`` file that checkpoint committed (``None``: none).
+    """
+
+    def __init__(self, checkpoint: int, results_offset: int | None) -> None:
+        super().__init__(f"suspended at checkpoint {checkpoint}")
+        self.checkpoint = checkpoint
+        self.results_offset = results_offset
+
+
+class RunRequests(Protocol):
+    """What a run's caller asks of a checkpointed run while it goes (:class:`~aiod4p.mappings.RunControl`)."""
+
+    @property
+    def draining(self) -> bool:
+        """Whether the run drains."""
+
+    @property
+    def suspending(self) -> bool:
+        """Whether the run is to stop at a checkpoint taken now."""
+
+    def on_suspend(self, callback: Callable[[], None]) -> Callable[[], None]:
+        """Call ``callback`` when suspending is requested (at once if it already was); returns what stops that."""
+
+
 class Coordinator:
     """Triggers checkpoints one at a time and completes them.
 
@@ -1093,13 +1130,24 @@ class Coordinator:
         self._idle = asyncio.Event()
         self._idle.set()
         self._stall_timer: asyncio.TimerHandle | None = None
+        self._suspending = asyncio.Event()
+        self._suspended: Suspended | None = None
 
     async def drive(self, trigger: Callable[[int], Awaitable[None]]) -> None:
-        """Trigger a checkpoint every ``interval`` seconds after the previous one completed; runs until cancelled."""
+        """Trigger a checkpoint every ``interval`` seconds after the previous one completed, at once when the run
+        is to be suspended (:meth:`suspend`); runs until cancelled.
+
+        Raises:
+            Suspended: a checkpoint completed once the run was to be suspended: the run stops at it.
+        """
         try:
             while True:
                 await self._idle.wait()
-                await asyncio.sleep(self.interval)
+                if self._suspended is not None:
+                    raise self._suspended
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(self.interval):
+                        await self._suspending.wait()
                 self._idle.clear()
                 n = self.take_id()
                 self._stall_timer = asyncio.get_running_loop().call_later(self.stall, self._report_stall, n, self.stall)
@@ -1134,6 +1182,11 @@ class Coordinator:
             else "a worker or PE that hangs holds every checkpoint back",
         )
 
+    def suspend(self) -> None:
+        """Suspend the run: take a checkpoint now (or let the one under way complete), and stop the run at it
+        (:meth:`drive` raises :class:`Suspended`). Idempotent."""
+        self._suspending.set()
+
     def take_id(self) -> int:
         """The id of the next checkpoint, taken now."""
         n = self.next_id
@@ -1160,6 +1213,7 @@ class Coordinator:
         parts = self._parts.get(n, {})
         if n not in self._offsets or parts.keys() < self.expected:
             return
+        offset = self._offsets[n]
         manifest = {
             "version": 1,
             "id": n,
@@ -1167,7 +1221,7 @@ class Coordinator:
             "parallelism": {pe: placement.parallelism for pe, placement in self.plan.placement.items()},
             "edges": _edges(self.plan),
             "parts": sorted(parts.values(), key=lambda part: (part["pe"], part["index"])),
-            "results_offset": self._offsets[n],
+            "results_offset": offset,
             "results_tail": self._tails[n],
         }
         # In the loop, not in a thread: on the async mapping this loop runs the workflow too, and a thread then
@@ -1179,6 +1233,8 @@ class Coordinator:
         seconds = time.perf_counter() - self._started.pop(n, time.perf_counter())
         size = sum(part["size"] for part in parts.values())
         logger.info("checkpoint %d complete in %.3f s, %d bytes", n, seconds, size)
+        if self._suspending.is_set() and self._suspended is None:
+            self._suspended = Suspended(n, offset)
         self._idle.set()
 
 
@@ -1712,25 +1768,30 @@ async def run_with_recovery(
     feeds: Mapping[str, Feed],
     sink: ResultSink,
     attempt: Callable[[Session], Awaitable[list[InstanceStats]]],
-    draining: Callable[[], bool] = lambda: False,
+    requests: RunRequests,
 ) -> list[InstanceStats]:
     """Run ``attempt`` with checkpoints; after a dead worker, restart it from the last checkpoint.
 
-    Not once the run is ``draining``: the restored sources would stop where the checkpoint left them,
+    Not once the run is draining (``requests``): the restored sources would stop where the checkpoint left them,
     and what the run had accepted after it would be lost. The run fails instead; ``--restore`` resumes it
-    from that checkpoint.
+    from that checkpoint. Nor once it is suspending: it stops at its newest complete checkpoint, if it has one.
+
+    A run asked to suspend (``requests``) takes a checkpoint at once and stops at it: no PE's ``postprocess``
+    runs, what followed the checkpoint is dropped from the ``--results`` file and from what is held (a restore
+    makes it again), and the run is not recorded as ended, so that ``restore`` resumes it.
 
     With ``restarts``, ``sink`` gets each result once a checkpoint that commits it is complete
     (:class:`HeldResults`), and every result when the run ends, however it ends but cancelled: a restart
     produces again what followed its checkpoint, and ``sink`` still gets each result once. (The
     ``--results`` file is written at once, and truncated to the checkpoint by a restart.) With
-    ``results_counted``, ``sink`` gets nothing: the file alone gets the results, and their numbers are
-    counted the same way (:class:`HeldCounts`).
+    ``results_counted``, with or without ``restarts``, ``sink`` gets nothing: the file alone gets the results,
+    and their numbers are counted the same way (:class:`HeldCounts`).
 
     The run holds the directory's lock (:meth:`CheckpointStore.locked`) from before its first attempt to
     the end of its last one: another run cannot use the directory meanwhile; its own restarts do.
 
     Raises:
+        Suspended: the run stopped at a checkpoint, as asked.
         CheckpointError: ``restore`` found no complete checkpoint (or no directory), or one of another
             graph; another run uses the directory; the ``--results`` file does not hold what the restored
             checkpoint committed (:class:`ResultsLog`).
@@ -1739,10 +1800,8 @@ async def run_with_recovery(
     """
     if config.restore and not os.path.lexists(config.directory):  # noqa: ASYNC240 - one stat, instant
         raise CheckpointError(f"--restore: no complete checkpoint in {config.directory}: the directory does not exist")
-    if config.results_counted is not None:
-        sink = ResultCounts(config.results_counted)
-    if not config.restarts:
-        return await _attempts(config, plan, feeds, sink, attempt, draining, None)
+    if not config.restarts and config.results_counted is None:
+        return await _attempts(config, plan, feeds, sink, attempt, requests, None)
     held: Held = (
         HeldResults(sink, HELD_BACKLOG, plan.options.result_bytes)
         if config.results_counted is None
@@ -1751,7 +1810,11 @@ async def run_with_recovery(
     delivering = asyncio.create_task(held.deliver(), name="results of complete checkpoints")
     try:
         try:
-            stats = await _attempts(config, plan, feeds, held, attempt, draining, held)
+            stats = await _attempts(config, plan, feeds, held, attempt, requests, held)
+        except Suspended:
+            held.discard()
+            await held.finish()
+            raise
         except Exception:
             # A failed run hands on what it produced, as its --results file holds it; its own failure is
             # what it raises, also when the reader failed too.
@@ -1771,7 +1834,7 @@ async def _attempts(
     feeds: Mapping[str, Feed],
     sink: ResultSink,
     attempt: Callable[[Session], Awaitable[list[InstanceStats]]],
-    draining: Callable[[], bool],
+    requests: RunRequests,
     held: Held | None,
 ) -> list[InstanceStats]:
     """The attempts of :func:`run_with_recovery`: results go to ``sink`` (``held`` when it is given)."""
@@ -1802,8 +1865,8 @@ async def _attempts(
         else:
             if (unfinished := store.unfinished_run()) is not None:
                 logger.warning(
-                    "%s is of a run that did not end (killed, failed or aborted), which --restore would have"
-                    " resumed: this run starts afresh%s, and from now on --restore resumes this one",
+                    "%s is of a run that did not end (killed, failed, aborted or suspended), which --restore would"
+                    " have resumed: this run starts afresh%s, and from now on --restore resumes this one",
                     unfinished[:1].upper() + unfinished[1:],
                     f" (its results file {config.results_path} emptied)" if config.results_path is not None else "",
                 )
@@ -1838,11 +1901,16 @@ async def _attempts(
                 else None
             )
             coordinator = Coordinator(store, plan, config.interval, restored.id if restored else 0, log, held)
+            forget_suspend = requests.on_suspend(coordinator.suspend)
             try:
                 session = Session(config, store, restored, coordinator, log if log is not None else sink, restarts)
                 stats = await attempt(session)
                 store.end_run()
                 return stats
+            except Suspended as stop:
+                if log is not None:
+                    log.rewind(stop.results_offset)
+                raise
             except MappingUnavailable as exc:
                 if not restarts:
                     raise
@@ -1852,6 +1920,11 @@ async def _attempts(
                     f" {_resume_hint(store, since)}"
                 ) from exc
             except RESTARTED as exc:
+                if requests.suspending and (newest := store.latest(since)) is not None:
+                    if log is not None:
+                        log.rewind(newest.results_offset)
+                    logger.warning("suspended at checkpoint %d after: %s", newest.id, str(exc))
+                    raise Suspended(newest.id, newest.results_offset) from exc
                 if restarts >= config.restarts:
                     if not isinstance(exc, WorkerDied):
                         raise
@@ -1861,7 +1934,7 @@ async def _attempts(
                         else "not restarted (--restarts 0)"
                     )
                     raise WorkerDied(f"{exc}; {used}: {_resume_hint(store, since)}") from exc
-                if draining():
+                if requests.draining:
                     raise WorkerDied(
                         f"{exc}; not restarted, since the run was draining (a restart would stop its sources"
                         f" where the checkpoint left them, and lose what they had produced since):"
@@ -1881,6 +1954,7 @@ async def _attempts(
                 # traceback, and with it the frames of the attempt that ended, its workers' comms and buffers.
                 logger.warning("restart %d of %d after: %s", restarts, config.restarts, str(exc))
             finally:
+                forget_suspend()  # else the run's control keeps this attempt's coordinator through every restart
                 if log is not None:
                     log.close()
 

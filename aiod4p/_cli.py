@@ -52,7 +52,7 @@ EXIT_PIPE = 141  # 128 + SIGPIPE: what a shell reports for a Unix tool whose rea
 
 EXIT_STATUS_HELP = """\
 exit status:
-  0    the run finished, or was drained by a first SIGINT/SIGTERM (stderr says so)
+  0    the run finished, or was drained (or suspended: --on-signal) by a first SIGINT/SIGTERM (stderr says so)
   1    the run failed: a PE raised, a worker died, bad inputs or workflow file
   2    usage error: an unknown option or a bad option value
   130  aborted: a signal during start-up, or a second signal while draining
@@ -461,7 +461,7 @@ def _run_loaded(args: argparse.Namespace, mapping: BaseMapping, results: str | N
     outcome = _Outcome(functools.partial(_warn, args))
     if mapping.checkpointing is not None and mapping.checkpointing.results_path is not None:
         mapping.checkpointing = dataclasses.replace(mapping.checkpointing, results_counted=outcome.written)
-        outcome.committed_only = mapping.checkpointing.restarts > 0
+        outcome.committed_only = True
     said = False  # a stop was said
     try:
         with (
@@ -470,6 +470,7 @@ def _run_loaded(args: argparse.Namespace, mapping: BaseMapping, results: str | N
                 before_exit=on_hard_abort,
                 produced=outcome.said,
                 quiet=getattr(mapping, "follower", False),
+                suspend=args.on_signal == "suspend",
             ) as signals,
             contextlib.ExitStack() as started,
         ):
@@ -538,19 +539,34 @@ def _run_loaded(args: argparse.Namespace, mapping: BaseMapping, results: str | N
     except Stopped as stop:  # said above, unless it stopped the head start's own end
         return EXIT_ABORTED if said else _aborted(stop.signum, outcome.said(), "")
     if status == EXIT_OK and args.provenance:
-        write_provenance(workflow.stats, args.provenance)
+        if workflow.suspended is None:
+            write_provenance(workflow.stats, args.provenance)
+        else:
+            _warn(args, f"--provenance: {args.provenance} not written: a suspended run's records are not all in")
     if stdin is not None and stdin.skipped and args.on_bad == "skip":
         _warn(args, f"--stdin: {stdin.skipped} bad line{'s' if stdin.skipped != 1 else ''} skipped")
     if status == EXIT_OK and signals.received and not signals.quiet:
-        print(
-            f"aiod4p: interrupted by {signals.name}: drained; {_records(outcome.records)} produced (partial results)",
-            file=sys.stderr,
-        )
+        print(f"aiod4p: interrupted by {signals.name}: {_stopped(workflow, signals, outcome)}", file=sys.stderr)
     elif status == EXIT_ABORTED:
         return _aborted(signals.signum, outcome.said(), "")
     if status == EXIT_OK and args.results not in (None, "-", os.devnull) and not args.quiet:
         print(f"aiod4p: {_records(outcome.records)} in {workflow.elapsed:.1f} s -> {args.results}", file=sys.stderr)
     return status
+
+
+def _stopped(workflow: WorkflowRun, signals: Interrupts, outcome: _Outcome) -> str:
+    """How a run that a first signal stopped ended, and what it produced."""
+    if not signals.suspend:
+        return f"drained; {_records(outcome.records)} produced (partial results)"
+    if workflow.suspended is None:
+        return f"the run ended before a checkpoint could suspend it; {_records(outcome.records)} produced"
+    checkpointing = workflow.mapping.checkpointing
+    assert checkpointing is not None  # --on-signal suspend needs --checkpoint-dir
+    stopped = f"suspended at checkpoint {workflow.suspended} in {checkpointing.directory}; {_records(outcome.records)}"
+    if outcome.committed_only or checkpointing.restarts:
+        return f"{stopped} committed (--restore resumes the run from there)"
+    # Without --restarts, the results printed as they came (--results -) may include some the checkpoint did not commit.
+    return f"{stopped} produced (--restore resumes the run from there, and makes again those produced after it)"
 
 
 def _natural(text: str) -> list[str | int]:
@@ -730,8 +746,8 @@ class _Outcome:
     def __init__(self, warn: Callable[[str], None]) -> None:
         self.records = 0
         self.warn = warn
-        #: ``records`` counts only what checkpoints committed (under ``--restarts``): an aborted run's file may
-        #: hold more, written after the last one, which a restore drops.
+        #: ``records`` counts only what checkpoints committed (a run that writes its --results file itself): an
+        #: aborted run's file may hold more, written after the last one, which a restore drops.
         self.committed_only = False
 
     def said(self) -> str:
@@ -988,6 +1004,14 @@ def _add_checkpoint_options(run: argparse.ArgumentParser) -> None:
     )
     group.add_argument("--restore", action="store_true", help="resume from the newest complete checkpoint in DIR")
     group.add_argument(
+        "--on-signal",
+        choices=("drain", "suspend"),
+        default="drain",
+        help="what the first SIGINT/SIGTERM/SIGHUP does: drain (the sources stop, what is in flight finishes, the run"
+        " ends) or suspend (a checkpoint now, the run stops at it, and --restore resumes it: for maintenance; needs"
+        " --checkpoint-dir) (default drain)",
+    )
+    group.add_argument(
         "--restarts",
         type=_COUNT,
         default=None,
@@ -1016,6 +1040,11 @@ def _checkpointing(args: argparse.Namespace) -> Checkpointing | None:
     if args.checkpoint_dir is None:
         if given or args.restore:
             raise ValueError("--restore, --restarts and --checkpoint-* options need --checkpoint-dir")
+        if args.on_signal == "suspend":
+            raise ValueError(
+                "--on-signal suspend needs --checkpoint-dir: a suspended run stops at a checkpoint, which --restore"
+                " resumes"
+            )
         return None
     # A results stream (a named pipe, /dev/stdout) has no length a checkpoint could commit: it is written as
     # `--results -` is, each result once a checkpoint that commits it completed (with --restarts).

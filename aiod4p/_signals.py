@@ -1,4 +1,5 @@
-"""SIGINT/SIGTERM/SIGHUP for ``aiod4p run``: stop start-up at once; drain on the first, abort on the second.
+"""SIGINT/SIGTERM/SIGHUP for ``aiod4p run``: stop start-up at once; drain (or suspend) on the first, abort on the
+second.
 
 SIGHUP (a terminal hang-up: the ssh session that started the run dropped) is
 taken as SIGTERM, so the results already accepted still reach ``--results``;
@@ -190,6 +191,8 @@ class _Drainable(Protocol):
 
     def drain(self) -> None: ...
 
+    def suspend(self) -> None: ...
+
 
 class Stopped(KeyboardInterrupt):
     """Raised by the signal handler while the run is not under way: start-up stops where it is.
@@ -215,6 +218,8 @@ class Interrupts:
         quiet: do not say that a drain starts (an MPI rank other than rank 0
             under the user's mpiexec: every rank gets the signal, rank 0 speaks
             for the job).
+        suspend: the first signal suspends the run (a checkpoint now, and the run
+            stops at it) rather than drain it.
     """
 
     def __init__(
@@ -223,8 +228,10 @@ class Interrupts:
         before_exit: Callable[[], None] = lambda: None,
         produced: Callable[[], str] = lambda: "nothing produced",
         quiet: bool = False,
+        suspend: bool = False,
     ) -> None:
         self.quiet = quiet
+        self.suspend = suspend
         self.received = 0
         self.signum: int = signal.SIGINT
         self._exit_status = exit_status
@@ -259,7 +266,7 @@ class Interrupts:
         self._previous.clear()
 
     def attach(self, run: _Drainable, task: asyncio.Task[Any]) -> None:
-        """Act on ``run`` once it is under way: drain it, then cancel ``task`` to abort."""
+        """Act on ``run`` once it is under way: drain (or suspend) it, then cancel ``task`` to abort."""
         self._run, self._task, self._loop = run, task, asyncio.get_running_loop()
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
@@ -269,6 +276,10 @@ class Interrupts:
         if run is None or loop is None or task is None or not run.under_way:
             raise Stopped(signum)
         if self.received == 1:
+            if self.suspend:
+                _say(f"aiod4p: {self.name}: suspending: taking a checkpoint to stop at (send it again to abort)")
+                loop.call_soon_threadsafe(run.suspend)
+                return
             if not self.quiet:
                 _say(f"aiod4p: {self.name}: stopping the sources, finishing what is in flight (send it again to abort)")
             loop.call_soon_threadsafe(run.drain)

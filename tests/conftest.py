@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import faulthandler
 import logging
 import os
+import sys
+import threading
 import warnings
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -16,6 +19,7 @@ from ray_cluster import RayCluster
 import aiod4p
 from aiod4p import Results, WorkflowGraph
 from aiod4p import _logging as aiod4p_logging
+from aiod4p._api import loop_factory
 
 # Every mapping and worker count the mapping-parametrised suite runs on.
 # A new mapping joins by adding its cases here.
@@ -92,13 +96,12 @@ def ray_cluster(request: pytest.FixtureRequest) -> RayCluster:
 def pytest_asyncio_loop_factories(
     config: pytest.Config, item: pytest.Item
 ) -> Mapping[str, Callable[[], asyncio.AbstractEventLoop]]:
-    """Run every async test on asyncio's own loop and on uvloop."""
+    """Run every async test on asyncio's own loop and on uvloop (the one runs use: its close ends whole where
+    ResourceWarning is an error, as :func:`_no_resource_warnings` makes it)."""
     factories: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {"asyncio": asyncio.new_event_loop}
-    try:
-        import uvloop
-    except ImportError:
-        return factories
-    factories["uvloop"] = uvloop.new_event_loop
+    uvloop_factory = loop_factory(True)
+    if uvloop_factory is not None:
+        factories["uvloop"] = uvloop_factory
     return factories
 
 
@@ -124,3 +127,57 @@ def _no_resource_warnings() -> Iterator[None]:
     with warnings.catch_warnings():
         warnings.simplefilter("error", ResourceWarning)
         yield
+
+
+# -- a test that pytest-timeout cannot stop ends the session, with every thread's stack ----------------
+
+_BACKSTOP = pytest.StashKey[threading.Timer]()
+
+
+@pytest.hookimpl(tryfirst=True, optionalhook=True)
+def pytest_timeout_set_timer(item: pytest.Item, settings: Any) -> None:
+    """Arm a backstop at twice the test's timeout, until the test's teardown has ended.
+
+    pytest-timeout's own timer cannot always stop a test: it is cancelled as soon as the test fails (by its
+    ``pytest_exception_interact``, meant for a debugger, which runs on every failure), so the teardown of a failed
+    test had no timeout at all; and its alarm runs its handler only when the main thread returns to Python, not in
+    an event loop's close waiting in C.
+    """
+    timer = threading.Timer(2 * settings.timeout, _stuck, (item, settings.timeout))
+    timer.daemon = True
+    item.config.stash[_BACKSTOP] = timer
+    timer.start()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item: pytest.Item) -> Iterator[object]:
+    try:
+        return (yield)
+    finally:
+        _disarm(item.config)
+
+
+def pytest_enter_pdb(config: pytest.Config) -> None:
+    """No backstop under a debugger: its user takes their time."""
+    _disarm(config)
+
+
+def _disarm(config: pytest.Config) -> None:
+    timer = config.stash.get(_BACKSTOP, None)
+    if timer is not None:
+        timer.cancel()
+
+
+def _stuck(item: pytest.Item, timeout: float) -> None:
+    """Say which test is stuck, dump every thread's stack and end the session (exit status 1)."""
+    capture = item.config.pluginmanager.getplugin("capturemanager")
+    if capture is not None:
+        capture.suspend_global_capture(in_=True)
+    sys.stderr.write(
+        f"\n{item.nodeid} still runs {2 * timeout:g} s after it started, though its timeout is {timeout:g} s:"
+        " pytest-timeout did not stop it (a failed test's teardown, or a main thread blocked outside Python);"
+        " the session ends here. Every thread's stack:\n"
+    )
+    sys.stderr.flush()
+    faulthandler.dump_traceback(sys.stderr, all_threads=True)
+    os._exit(1)

@@ -65,7 +65,7 @@ from aiod4p._plot import load_samples
 from aiod4p._provenance import read_lineage, write_document
 from aiod4p._state import KEY_GROUPS, capture, restore_state
 from aiod4p.errors import CheckpointError, MappingUnavailable, WorkerDied
-from aiod4p.mappings import get_mapping
+from aiod4p.mappings import RunControl, get_mapping
 from aiod4p.mappings.asyncio import AsyncMapping
 from aiod4p.sources import LineStream, LiveFeed, SourcePE
 from aiod4p.windows import CountWindow
@@ -1758,9 +1758,9 @@ def test_a_fresh_run_over_a_run_that_did_not_end_says_that_run_can_no_longer_be_
     with caplog.at_level(logging.WARNING, "aiod4p.checkpoint"):
         run(word_count(words), 1, mapping=_mapping(directory, results=results), workers=1)
     assert [r.getMessage() for r in caplog.records if "did not end" in r.getMessage()] == [
-        f"Checkpoint {latest.id} in {directory} is of a run that did not end (killed, failed or aborted), which"
-        f" --restore would have resumed: this run starts afresh (its results file {results} emptied), and from now"
-        " on --restore resumes this one"
+        f"Checkpoint {latest.id} in {directory} is of a run that did not end (killed, failed, aborted or suspended),"
+        f" which --restore would have resumed: this run starts afresh (its results file {results} emptied), and from"
+        " now on --restore resumes this one"
     ]
 
 
@@ -1781,8 +1781,8 @@ def test_a_fresh_run_over_a_run_that_did_not_end_whose_state_the_code_cannot_loa
         results = run(word_count(words), 1, mapping=_mapping(directory), workers=1)
     assert sum(_counts(results).values()) == 2_000
     assert [r.getMessage() for r in caplog.records if "did not end" in r.getMessage()] == [
-        f"Checkpoint 1 in {directory} is of a run that did not end (killed, failed or aborted), which --restore would"
-        " have resumed: this run starts afresh, and from now on --restore resumes this one"
+        f"Checkpoint 1 in {directory} is of a run that did not end (killed, failed, aborted or suspended), which"
+        " --restore would have resumed: this run starts afresh, and from now on --restore resumes this one"
     ]
 
 
@@ -1852,7 +1852,9 @@ async def test_a_restart_whose_workers_cannot_start_says_what_resumes_the_run(tm
 
     with pytest.raises(MappingUnavailable) as failed:
         async with asyncio.timeout(30):
-            await run_with_recovery(Checkpointing(tmp_path / "ck", restarts=2), plan, {}, _Collected(), attempt)
+            await run_with_recovery(
+                Checkpointing(tmp_path / "ck", restarts=2), plan, {}, _Collected(), attempt, RunControl()
+            )
     assert str(failed.value) == (
         "the Ray cluster did not start 1 worker actor within 60 s; restart 1 of 2 could not start its workers:"
         " no checkpoint had completed"

@@ -11,7 +11,9 @@ import os
 import random
 import re
 import shutil
+import signal
 import sys
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -21,9 +23,11 @@ from ckpt_workflows import (
     Count,
     DiesDraining,
     DiesSaving,
+    Echo,
     HeldLines,
     HeldPerAttempt,
     Split,
+    complete_checkpoints,
     expected_counts,
     held_echo,
     held_echo_module,
@@ -34,12 +38,13 @@ from ckpt_workflows import (
     word_count,
     write_words,
 )
-from helpers import recorded_supervisors
+from conftest import MappingCase
+from helpers import aiod4p_process, recorded_supervisors
 
 from aiod4p import InstanceStats, IterativePE, ProducerPE, WorkflowGraph, run, run_async, start
 from aiod4p._checkpoint import Checkpointing, CheckpointStore
 from aiod4p._stats_report import StatsSampler
-from aiod4p.errors import CheckpointError, PeerDied, TransportError, WorkerDied
+from aiod4p.errors import Aiod4pError, CheckpointError, PeerDied, TransportError, WorkerDied
 from aiod4p.mappings import get_mapping
 from aiod4p.mappings._base import BaseMapping, RunControl
 from aiod4p.mappings.asyncio import AsyncMapping
@@ -574,6 +579,179 @@ async def test_a_drained_run_ends_with_a_checkpoint_that_restores_to_nothing(tmp
     async with asyncio.timeout(60), start(again, 1, mapping=restored, workers=2) as live:
         assert len(await live.results()) == 0
     assert results.read_bytes() == written
+
+
+def _held_word_count(path: Path, go: Path) -> WorkflowGraph:
+    """Word count of ``path``, whose lines after the 100th wait until the file ``go`` exists."""
+    return word_count(path, lines=HeldLines(path, until=go, hold_after=100))
+
+
+@pytest.mark.parametrize(
+    "mapping", [MappingCase(name, 2) for name in ("async", "multi", "mpi", "ray")], ids=lambda case: case.id
+)
+async def test_a_suspended_run_stops_at_a_checkpoint_and_its_restore_goes_on_exactly_once(
+    tmp_path: Path, mapping: MappingCase, request: pytest.FixtureRequest
+) -> None:
+    """An operator stopping a live ingest for maintenance: a drain would finish it (Count's counts written in its
+    postprocess, its source recorded as finished), and its restore would resume nothing. A suspended run stops at
+    a checkpoint with no postprocess, is not recorded as ended, and its restore counts every word once."""
+    if mapping.name == "ray":
+        request.getfixturevalue("ray_cluster")  # the ray mapping joins it through RAY_ADDRESS
+    path, go, results = tmp_path / "words.txt", tmp_path / "go", tmp_path / "results.jsonl"
+    write_words(path, 3000)
+    completions = _Completions(1)
+    with on_completed(completions.completed):
+        async with (
+            asyncio.timeout(60),
+            start(
+                _held_word_count(path, go),
+                1,
+                mapping=_multi(tmp_path / "ck", results, mapping.name),
+                workers=mapping.workers,
+            ) as live,
+        ):
+            ended = asyncio.ensure_future(live.results())
+            await completions.reached.wait()
+            live.suspend()
+            assert len(await ended) == 0  # Count writes only in postprocess, which a suspended run does not run
+    assert live.suspended is not None and live.suspended >= 1
+    assert results.read_bytes() == b""
+    assert CheckpointStore(tmp_path / "ck").unfinished_run() is not None
+    go.touch()
+    restored = _multi(tmp_path / "ck", results, mapping.name, restore=True)
+    async with (
+        asyncio.timeout(60),
+        start(_held_word_count(path, go), 1, mapping=restored, workers=mapping.workers) as live,
+    ):
+        await live.results()
+    assert live.suspended is None
+    assert _file_counts(results) == expected_counts(path)
+
+
+@pytest.mark.parametrize("mapping", ["async", "multi"])
+async def test_a_suspended_run_leaves_its_results_file_as_its_checkpoint_committed_it(
+    tmp_path: Path, mapping: str
+) -> None:
+    """Suspended while its results stream (the reader's first result asks for it): the file holds what the
+    checkpoint committed, no more (what followed is made again by the restore), and the restore completes it with
+    every line once."""
+    path, go, results = tmp_path / "words.txt", tmp_path / "go", tmp_path / "results.jsonl"
+    write_words(path, 200_000)
+
+    def echo() -> WorkflowGraph:
+        graph, lines, echo = WorkflowGraph(), HeldLines(path, until=go, hold_after=15_000), Echo()
+        lines.id, echo.id = "lines", "echo"
+        graph.connect(lines, "output", echo, "input")
+        return graph
+
+    async with asyncio.timeout(60), start(echo(), mapping=_multi(tmp_path / "ck", results, mapping), workers=2) as live:
+        async for _ in live:
+            live.suspend()
+    assert live.suspended is not None
+    committed = CheckpointStore(tmp_path / "ck").latest()
+    assert committed is not None and committed.id == live.suspended
+    assert results.stat().st_size == committed.results_offset
+    go.touch()
+    restored = _multi(tmp_path / "ck", results, mapping, restore=True)
+    async with asyncio.timeout(60), start(echo(), mapping=restored, workers=2) as live:
+        await live.results()
+    assert sorted(json.loads(line)["data"] for line in results.read_text().splitlines()) == sorted(
+        path.read_text().splitlines()
+    )
+
+
+class _NotedSplit(Split):
+    """A :class:`Split` that notes the pid of its process in the folder ``pids``."""
+
+    def __init__(self, pids: Path) -> None:
+        super().__init__()
+        self.pids = pids
+
+    def preprocess(self) -> None:
+        (self.pids / str(os.getpid())).touch()
+
+
+async def test_a_worker_dying_while_the_run_suspends_stops_it_at_its_last_checkpoint(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Suspended once checkpoint 1 completed, and a worker SIGKILLed before checkpoint 2, the one the suspend
+    takes, can complete: not restarted (the operator asked the run to stop), it stops at checkpoint 1 with a warning
+    naming the death, and the restore counts every word once."""
+    path, go, results, pids = tmp_path / "words.txt", tmp_path / "go", tmp_path / "results.jsonl", tmp_path / "pids"
+    write_words(path, 3000)
+    pids.mkdir()
+    graph = word_count(path, _NotedSplit(pids), HeldLines(path, until=go, hold_after=100))
+    mapping = _multi(tmp_path / "ck", results, restarts=2, interval=1.0)  # checkpoint 2 comes by the suspend
+    live = start(graph, 1, mapping=mapping, workers=2)
+
+    def suspend_and_kill() -> None:
+        live.suspend()
+        os.kill(max(int(pid.name) for pid in pids.iterdir()), signal.SIGKILL)
+
+    def completed(n: int) -> None:
+        if n == 1:  # the next turn: a suspend asked now would stop the run at this checkpoint
+            asyncio.get_running_loop().call_soon(suspend_and_kill)
+
+    with caplog.at_level(logging.WARNING, "aiod4p.checkpoint"), on_completed(completed):
+        async with asyncio.timeout(60), live:
+            assert len(await live.results()) == 0
+    assert live.suspended == 1
+    assert [r.getMessage() for r in caplog.records if r.getMessage().startswith("suspended at checkpoint 1 after: ")]
+    assert results.read_bytes() == b""
+    go.touch()
+    again = word_count(path, Split(), HeldLines(path, until=go, hold_after=100))
+    restored = _multi(tmp_path / "ck", results, restore=True)
+    async with asyncio.timeout(60), start(again, 1, mapping=restored, workers=2) as live:
+        await live.results()
+    assert _file_counts(results) == expected_counts(path)
+
+
+def test_cli_suspends_on_a_signal_and_restore_resumes_exactly_once(tmp_path: Path) -> None:
+    """`--on-signal suspend`, for a unit that systemd stops with SIGTERM: exit 0, the line says where it stopped and
+    what resumes it, and `--restore` after it counts every word once."""
+    path, go, results, checkpoints = tmp_path / "words.txt", tmp_path / "go", tmp_path / "out.jsonl", tmp_path / "ck"
+    write_words(path, 3000)
+    flow = tmp_path / "flow.py"
+    flow.write_text(
+        "from ckpt_workflows import HeldLines, word_count\n"
+        f"graph = word_count({str(path)!r}, lines=HeldLines({str(path)!r}, until={str(go)!r}, hold_after=100))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}
+    argv = ["run", str(flow), "-m", "multi", "-n", "2", "-i", "1", "--results", str(results)]
+    argv += ["--checkpoint-dir", str(checkpoints), "--checkpoint-interval", "0.05"]
+    process = aiod4p_process(*argv, "--on-signal", "suspend", env=env)
+    try:
+        deadline = time.monotonic() + 60
+        while not complete_checkpoints(checkpoints) and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)  # ok-sleep: polls files that the run's processes write
+        process.send_signal(signal.SIGTERM)
+        _, err = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.communicate()
+    assert process.returncode == 0, err
+    assert "aiod4p: SIGTERM: suspending: taking a checkpoint to stop at (send it again to abort)" in err
+    last = err.splitlines()[-2]  # the last is the count of the results file
+    assert re.fullmatch(
+        rf"aiod4p: interrupted by SIGTERM: suspended at checkpoint \d+ in {re.escape(str(checkpoints))}; 0 records"
+        r" committed \(--restore resumes the run from there\)",
+        last,
+    ), err
+    assert results.read_bytes() == b""
+    go.touch()
+    process = aiod4p_process(*argv, "--restore", env=env)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 0, err
+    assert _file_counts(results) == expected_counts(path)
+
+
+async def test_a_run_without_checkpoints_cannot_be_suspended() -> None:
+    """It could not be resumed: suspend() says so, and the run goes on."""
+    async with asyncio.timeout(30), start(_split_count(), {"split": ["a b a"]}) as live:
+        with pytest.raises(Aiod4pError, match=r"suspend\(\): this run takes no checkpoints"):
+            live.suspend()
+        assert sorted(record.data for record in await live.results()) == [("a", 2), ("b", 1)]
 
 
 async def test_a_worker_dying_while_the_run_drains_is_not_restarted_and_restore_loses_nothing(tmp_path: Path) -> None:

@@ -596,6 +596,8 @@ def test_dispel4pys_simple_option_is_explained(workflow_file: Path, option: str)
         (["--on-bad", "skip", "--max-line", "5"], "--max-line applies to the lines of --stdin only"),
         (["--stats-json", "-"], "--stats-json -: the results already go to stdout; give --results FILE"),
         (["-v", "-q"], "argument -q/--quiet: not allowed with argument -v/--verbose"),
+        (["--on-signal", "suspend"], "--on-signal suspend needs --checkpoint-dir"),
+        (["--on-signal", "pause"], "argument --on-signal: invalid choice: 'pause'"),
     ],
 )
 def test_usage_errors_exit_2(

@@ -188,6 +188,7 @@ OTHER_PROGRAMS_OPTIONS = {
     "--head",
     "--timeout",  # pytest-timeout
     "--simple",  # dispel4py's multi and mpi
+    "--force",  # sparse submit
 }
 
 

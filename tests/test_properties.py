@@ -308,6 +308,7 @@ def _checkpointed(case: MappingCase, directory: Path, restore: bool) -> aiod4p.m
     st.integers(1, 3),
     st.booleans(),
     st.sampled_from([1, 16]),
+    st.booleans(),
 )
 def test_random_workflows_stopped_and_restored_write_each_result_once(
     case: MappingCase,
@@ -317,10 +318,11 @@ def test_random_workflows_stopped_and_restored_write_each_result_once(
     stop_after: int,
     live: bool,
     result_batches: int,
+    suspend: bool,
 ) -> None:
-    """Once ``stop_after`` checkpoints completed, the run is stopped without a drain (a kill), then restored
-    with the same -n (plain state per instance, such as KeyedCount's, restores only so). A run that ended
-    first must have handed on the model's results too.
+    """Once ``stop_after`` checkpoints completed, the run is stopped without a drain (a kill, or ``suspend()``: a
+    checkpoint then, and the run stops at it), then restored with the same -n (plain state per instance, such as
+    KeyedCount's, restores only so). A run that ended first must have handed on the model's results too.
 
     ``live`` sources are async generators; the others plain generators, each making all its items in one call,
     whose checkpoints are taken within that call (a restore makes it again and drops what it delivered); a
@@ -362,13 +364,16 @@ def test_random_workflows_stopped_and_restored_write_each_result_once(
                     stop = asyncio.ensure_future(enough.wait())
                     await asyncio.wait({results, stop}, return_when=asyncio.FIRST_COMPLETED)
                     stop.cancel()
-                    finished = results.done()
+                    if suspend and not results.done():
+                        first.suspend()
+                        await asyncio.wait({results})
+                    finished = results.done() and first.suspended is None
                     if finished:
                         assert multiset(results.result()) == expected
                     else:
                         results.cancel()
                     await asyncio.gather(results, stop, return_exceptions=True)
-            if not finished:  # leaving the block aborted the run
+            if not finished:  # leaving the block aborted the run, or it was suspended
                 await aiod4p.run_async(graph, 1, mapping=_checkpointed(case, directory, True), **options)
 
     with tempfile.TemporaryDirectory() as name:

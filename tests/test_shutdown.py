@@ -200,6 +200,42 @@ def test_a_signal_in_a_loop_callback_during_start_up_stops_the_start_up(uvloop: 
     assert not started_after_signal
 
 
+LEAVES_A_SERVER_OPEN = """
+import asyncio
+import aiod4p
+from aiod4p import ConsumerPE, ProducerPE, WorkflowGraph
+
+class Serves(ProducerPE):
+    async def preprocess(self):
+        self.server = await asyncio.start_server(lambda reader, writer: None, "127.0.0.1", 0)  # never closed
+
+    def produce(self):
+        return 1
+
+class Discard(ConsumerPE):
+    def consume(self, item):
+        pass
+
+graph = WorkflowGraph()
+graph.connect(Serves(), "output", Discard(), "input")
+aiod4p.run(graph, 1, mapping="async")
+"""
+
+
+def test_a_run_whose_pe_left_a_server_open_ends_where_resource_warnings_are_errors() -> None:
+    """uvloop warns of a handle still open as its loop closes, before it closes it: raised as an error
+    (``-W error::ResourceWarning``), the warning stopped the close half-way, and the run never returned."""
+    done = subprocess.run(
+        [sys.executable, "-W", "error::ResourceWarning", "-c", LEAVES_A_SERVER_OPEN],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        stdin=subprocess.DEVNULL,
+    )
+    assert done.returncode == 1
+    assert done.stderr.splitlines()[-1].startswith("ResourceWarning: unclosed resource <TCPServer closed=False")
+
+
 def test_stdin_with_iterations_is_a_usage_error() -> None:
     result = subprocess.run(
         [sys.executable, "-m", "aiod4p", "run", TARGET, "--stdin", "square", "-i", "3"],

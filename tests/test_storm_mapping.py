@@ -8,6 +8,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -315,6 +316,29 @@ def test_submit_with_sparse_then_kill_a_topology_that_does_not_start(
     assert not any((tmp_path / "scratch").iterdir())  # the temporary project is gone
 
 
+def test_a_topology_that_gets_no_worker_slot_says_so(
+    fake_nimbus: Callable[[int], tuple[int, Path]], sandbox: dict[str, str], tmp_path: Path
+) -> None:
+    """Other topologies hold every worker slot: the topology never starts, and the run says why. It said
+    `Nimbus reports no error (see the worker logs)`, and no worker, so no log, was there."""
+    port, record = fake_nimbus(1)
+    (record / "slots-used").touch()
+    done = subprocess.run(
+        [sys.executable, "-c", wordcount_on(port)],
+        env=sandbox,
+        cwd=tmp_path / "cwd",
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 1
+    name = json.loads((record / "submitted.json").read_text())["name"]
+    assert (
+        f"topology {name} did not start within 1 s (0 of 6 tasks reported); Nimbus assigned it no worker: all 4"
+        " worker slots of the cluster are taken (by other topologies: kill one, or give the supervisors more slots)"
+    ) in done.stderr
+
+
 def test_a_kill_that_nimbus_refuses_is_reported_and_the_run_releases_what_it_holds(
     fake_nimbus: Callable[[int], tuple[int, Path]], sandbox: dict[str, str], tmp_path: Path
 ) -> None:
@@ -334,6 +358,40 @@ def test_a_kill_that_nimbus_refuses_is_reported_and_the_run_releases_what_it_hol
     assert f"topology {name} did not start within 1 s" in done.stderr  # the run's own error comes first
     assert f"did not kill topology {name}" in done.stderr and f"storm kill {name} -w 0" in done.stderr
     assert "ResourceWarning" not in done.stderr  # the run's report server was closed all the same
+
+
+def test_a_failed_run_whose_kill_nimbus_refuses_fails_at_once(
+    fake_nimbus: Callable[[int], tuple[int, Path]], sandbox: dict[str, str], tmp_path: Path
+) -> None:
+    """A task reports a fatal error, and Nimbus does not take the kill: the run fails at once. It waited 30 s for
+    the last reports of tasks that, not killed, would never close their connections (a drain Nimbus did not
+    take, after Ctrl-C, so came 30 s late)."""
+    port, record = fake_nimbus(1)
+    (record / "refuse-kill").touch()
+    code = wordcount_on(port).replace("start_timeout=1", "start_timeout=60")
+    run = subprocess.Popen(
+        [sys.executable, "-c", code], env=sandbox, cwd=tmp_path / "cwd", stderr=subprocess.PIPE, text=True
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not (record / "submitted.json").exists():  # the jar was uploaded before
+            assert run.poll() is None and time.monotonic() < deadline, run.communicate()
+            time.sleep(0.05)  # ok-sleep: polls the file the stand-in Nimbus writes (no event joins them)
+        with zipfile.ZipFile(record / "uploaded.jar") as jar:
+            spec = json.loads(jar.read("resources/aiod4p_topology.json"))
+        host, _, task_port = spec["report"].rpartition(":")
+        with socket.create_connection((host, int(task_port))) as task:  # a task that goes on: it was not killed
+            pe = spec["components"][0]["name"]
+            hello = {"t": "hello", "token": spec["token"], "pe": pe, "task": 0, "pid": os.getpid()}
+            error = {"t": "e", "fatal": True, "kind": "Aiod4pError", "message": "the task gave up"}
+            task.sendall(f"{json.dumps(hello)}\n{json.dumps(error)}\n".encode())
+            _, stderr = run.communicate(timeout=15)
+    finally:
+        run.kill()
+        run.communicate()
+    assert run.returncode == 1
+    name = spec["name"]
+    assert f"did not kill topology {name}" in stderr and stderr.rstrip().endswith("the task gave up")
 
 
 def test_without_streamparse_the_mapping_says_how_to_install_it(tmp_path: Path) -> None:

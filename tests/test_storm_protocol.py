@@ -8,7 +8,10 @@ stdin closing when the worker goes away.
 from __future__ import annotations
 
 import asyncio
+import json
+import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,12 +22,12 @@ pytest.importorskip("streamparse", reason="the storm extra is not installed")
 
 from storm_harness import ComponentProcess, StormHarness, command
 from test_storm_report import TOKEN, Sink
-from workflows import Chatty, Count, Double, Fail, FailsAtEnd, Greets, SumAtEnd, Unencodable
+from workflows import Chatty, Count, Double, Fail, FailsAtEnd, Greets, Strings, SumAtEnd, Unencodable
 
 from aiod4p import WorkflowGraph
-from aiod4p.errors import PEError, TargetError
+from aiod4p.errors import PEError, TargetError, TransportError
 from aiod4p.storm import EOS_STREAM, build_project
-from aiod4p.storm._run import RunReport
+from aiod4p.storm._run import LINE_LIMIT, RunReport
 
 ERROR = 4  # Storm's log level "error"
 
@@ -272,6 +275,97 @@ async def test_a_tuple_storm_timed_out_fails_a_run_rather_than_being_replayed(to
     finally:  # a failed check must not leave the report's server waiting for the spout
         spout.kill()
         await report.close(0)
+
+
+class Results(Sink):
+    """A sink that says when ``count`` items have arrived."""
+
+    def __init__(self, count: int) -> None:
+        super().__init__()
+        self.count = count
+        self.arrived = asyncio.Event()
+
+    async def emit(self, pe: str, port: str, items: list[Any]) -> None:
+        await super().emit(pe, port, items)
+        if len(self.items) >= self.count:
+            self.arrived.set()
+
+
+async def test_results_longer_than_a_report_line_together_are_split_and_one_too_long_fails_its_pe(
+    topology: Any,
+) -> None:
+    """Three results written for one tuple, each a third of the line limit or more: they come back in several lines.
+    They were sent in one, which the run could not read, and the run failed with `a Storm task sent a malformed
+    report: ValueError: Separator is not found, and chunk exceed the limit`, naming no PE. A result longer than a
+    line fails its PE, naming the port."""
+    graph = WorkflowGraph()
+    graph.connect(source := Count(), "output", strings := Strings(LINE_LIMIT // 3), "input")
+    sink = Results(3)
+    report = RunReport(sink, TOKEN)
+    address = await report.listen("127.0.0.1")
+    topo = topology(graph, report=address, token=TOKEN)
+    try:
+        bolt, _ = await asyncio.to_thread(topo.start, strings.id)
+        bolt.send(tup("77", source.id, topo.task_of(source.id), [3]))
+        assert [m["command"] for m in await asyncio.to_thread(bolt.read_until, done("77"))] == ["ack"]
+        await asyncio.wait_for(sink.arrived.wait(), 30)  # sent before the ack, but the run may still be reading
+        assert [(pe, port, len(item), item[0]) for pe, port, item in sink.items] == [
+            (strings.id, "output", LINE_LIMIT // 3, digit) for digit in "012"
+        ]
+        strings.length = LINE_LIMIT
+        topo = topology(graph, report=address, token=TOKEN)
+        bolt, _ = await asyncio.to_thread(topo.start, strings.id)
+        bolt.send(tup("78", source.id, topo.task_of(source.id), [1]))
+        assert [m["command"] for m in await asyncio.to_thread(bolt.read_until, done("78"))][-1] == "fail"
+        await asyncio.wait_for(report.ended.wait(), 30)
+        error = report.error()
+        assert isinstance(error, TransportError)
+        assert str(error).startswith(f"PE {strings.id}[0] wrote a result to output port 'output' of {LINE_LIMIT + 2}")
+    finally:
+        await report.close(0)
+
+
+async def test_an_orphaned_spout_whose_kill_nimbus_refuses_stops_emitting_and_tries_again(
+    topology: Any, tmp_path: Path
+) -> None:
+    """The run is gone (killed) while Nimbus does not take the kill: the spout tried once, then went on emitting
+    its live source's tuples into a topology nobody collects, for ever. It emits nothing more and tries again."""
+    record = tmp_path / "nimbus"
+    record.mkdir()
+    (record / "refuse-kill").touch()
+    script = Path(__file__).with_name("storm_fake_nimbus.py")
+    nimbus = await asyncio.to_thread(
+        subprocess.Popen, [sys.executable, str(script), str(record)], stdout=subprocess.PIPE, text=True
+    )
+    report = RunReport(Sink(), TOKEN)
+    try:
+        assert nimbus.stdout is not None
+        port = int(await asyncio.to_thread(nimbus.stdout.readline))
+        graph = WorkflowGraph()
+        graph.connect(source := Count(), "output", Double(), "input")
+        topo = topology(graph, inputs=10_000, report=await report.listen("127.0.0.1"), token=TOKEN)
+        topo.harness.conf.update({"nimbus.seeds": ["127.0.0.1"], "nimbus.thrift.port": port})
+        spout, _ = await asyncio.to_thread(topo.start, source.id)
+        await asyncio.to_thread(next_until, spout, emitted("output"))
+        await report.close(0)  # the run is gone: its end of every connection closes
+        messages = await asyncio.to_thread(next_until, spout, lambda m: "could not kill" in m.get("msg", ""))
+        name = topo.harness.conf["topology.name"]
+        assert f"the run that submitted topology {name} is gone: killing the topology" in messages[-2]["msg"]
+        assert f"could not kill topology {name} at 127.0.0.1:{port}: " in messages[-1]["msg"]
+        assert messages[-1]["msg"].endswith("; trying again in 5 s")
+        (record / "refuse-kill").unlink()
+        deadline = time.monotonic() + 30
+        after: list[Any] = []
+        while not (record / "killed.json").exists():
+            assert time.monotonic() < deadline, after
+            spout.send({"command": "next", "id": ""})  # each waits a little when there is nothing to do
+            after += [m for m in await asyncio.to_thread(spout.read_until, command("sync")) if m != {"command": "sync"}]
+        assert json.loads((record / "killed.json").read_text()) == {"name": name, "wait_secs": 0}
+        assert not [m for m in after if command("emit")(m)]  # orphaned: nothing emitted while it waited
+    finally:
+        await report.close(0)
+        nimbus.terminate()
+        await asyncio.to_thread(nimbus.communicate, timeout=10)
 
 
 def test_spout_reports_a_failing_root_pe_and_still_ends(topology: Any) -> None:

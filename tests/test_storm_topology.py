@@ -7,6 +7,7 @@ import datetime
 import json
 import subprocess
 import sys
+import sysconfig
 import threading
 import zipfile
 from collections.abc import Mapping
@@ -24,7 +25,8 @@ from aiod4p import FunctionPE, GenericPE, PlanOptions, WorkflowGraph, group_by, 
 from aiod4p._cli import main
 from aiod4p.errors import GraphError, InputError, TargetError, TransportError
 from aiod4p.storm import WireError, build_jar, build_project, decode, encode, encode_key
-from aiod4p.storm._project import SPEC_FILE, target_name
+from aiod4p.storm._project import target_name
+from aiod4p.storm._spec import SPEC_FILE
 
 ROOT = Path(__file__).resolve().parents[1]
 EOS = ("aiod4p_eos", ["pe"])
@@ -318,8 +320,12 @@ def test_cli_storm_build(tmp_path: Path) -> None:
     assert "wrote topology wordcount_topology (1 spouts, 2 bolts)" in done.stdout
     # the jar sparse submit -j uploads: without it, sparse submit needed lein and Java to build one
     assert f"submit it with: cd {out} && sparse submit -n wordcount_topology -j wordcount_topology.jar" in done.stdout
+    # a name in use, which sparse calls invalid: what to do about it
+    assert "while a topology wordcount_topology runs, sparse says the name is invalid" in done.stdout
+    assert "sparse submit --force" in done.stdout
     with zipfile.ZipFile(out / "wordcount_topology.jar") as jar:
-        assert {f"resources/{p.name}" for p in (out / "src").iterdir()} <= set(jar.namelist())
+        files = {p.relative_to(out / "src").as_posix() for p in (out / "src").rglob("*") if p.is_file()}
+        assert {f"resources/{name}" for name in files if "__pycache__" not in name} <= set(jar.namelist())
     spec = json.loads((out / "src" / "aiod4p_topology.json").read_text())
     assert list(spec["feeds"].values()) == [2]
     config = json.loads((out / "config.json").read_text())
@@ -328,6 +334,31 @@ def test_cli_storm_build(tmp_path: Path) -> None:
     # made tuples time out, and their replays were counted twice downstream)
     assert config["envs"]["prod"]["options"] == {"topology.max.spout.pending": 1000}
     assert read_components(out)  # a valid topology
+
+
+def test_a_project_needs_only_pypi_on_the_workers(tmp_path: Path) -> None:
+    """aiod4p is not on PyPI: the workers' requirements (which sparse submit installs with use_virtualenv) name what
+    is, and aiod4p travels in the jar. The requirements asked for aiod4p[storm], which pip could not find."""
+    project = build_project(load_graph(str(ROOT / "examples" / "wordcount.py")), tmp_path / "p", name="wc")
+    lines = (project.path / "virtualenvs" / "wc.txt").read_text().splitlines()
+    requirements = [line for line in lines if not line.startswith("#")]
+    assert "streamparse==5.0.1" in requirements and "cloudpickle>=3" in requirements
+    assert not [line for line in requirements if line.startswith("aiod4p")]
+    # Without the installed aiod4p (site-packages, but not the .pth files that make this clone importable), the
+    # components load their PEs from the copy in src.
+    site_packages = sysconfig.get_paths()["purelib"]
+    code = (
+        f"import sys; sys.path[:0] = [{str(project.src)!r}]; sys.path.append({site_packages!r})\n"
+        "import pickle, aiod4p, aiod4p_components\n"
+        "pickle.loads(open('aiod4p_pes.pickle', 'rb').read())\n"
+        "print(aiod4p.__file__)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-S", "-c", code], cwd=project.src, capture_output=True, text=True, timeout=60, check=True
+    )
+    assert done.stdout.strip() == str(project.src / "aiod4p" / "__init__.py")
+    with zipfile.ZipFile(build_jar(project, tmp_path / "wc.jar")) as jar:
+        assert "resources/aiod4p/storm/components.py" in jar.namelist()
 
 
 def test_cli_storm_build_into_an_earlier_project(tmp_path: Path) -> None:

@@ -363,6 +363,18 @@ class Chatty(IterativePE):
         return item
 
 
+class Strings(IterativePE):
+    """Writes ``item`` strings of ``length`` characters for every ``item`` (a count)."""
+
+    def __init__(self, length: int) -> None:
+        super().__init__()
+        self.length = length
+
+    def process_item(self, item: int) -> None:
+        for index in range(item):
+            self.write("output", str(index % 10) * self.length)
+
+
 class Unencodable(IterativePE):
     """Emits a lock for the item equal to ``on``: neither JSON-representable nor picklable."""
 

@@ -20,11 +20,13 @@ __all__ = ["BaseMapping", "RunControl"]
 
 
 class RunControl:
-    """Between a run's caller and its mapping: drain requests and live statistics."""
+    """Between a run's caller and its mapping: drain and suspend requests, and live statistics."""
 
     def __init__(self) -> None:
         self.draining = False
-        self._callbacks: list[Callable[[], None]] = []
+        self.suspending = False
+        self._drain_callbacks: list[Callable[[], None]] = []
+        self._suspend_callbacks: list[Callable[[], None]] = []
         self._under_way = False
         self._stats: dict[int, list[InstanceStats]] = {}
         self.instances: dict[InstanceRef, PE] = {}
@@ -54,22 +56,39 @@ class RunControl:
         otherwise keep the whole attempt (its workers' comms and buffers, its checkpoints) alive for every
         restart to come.
         """
-        self._callbacks.append(callback)
         self._under_way = True
-        if self.draining:
-            callback()
-
-        def forget() -> None:
-            with contextlib.suppress(ValueError):  # already forgotten
-                self._callbacks.remove(callback)
-
-        return forget
+        return _subscribe(self._drain_callbacks, callback, self.draining)
 
     def drain(self) -> None:
         if not self.draining:
             self.draining = True
-            for callback in list(self._callbacks):
+            for callback in list(self._drain_callbacks):
                 callback()
+
+    def on_suspend(self, callback: Callable[[], None]) -> Callable[[], None]:
+        """Call ``callback`` when suspending is requested (at once if it already was); returns what stops that
+        (each attempt of a checkpointed run subscribes its coordinator, as :meth:`on_drain` says)."""
+        return _subscribe(self._suspend_callbacks, callback, self.suspending)
+
+    def suspend(self) -> None:
+        """Ask the run to stop at a checkpoint taken now (:meth:`aiod4p.WorkflowRun.suspend`); idempotent."""
+        if not self.suspending:
+            self.suspending = True
+            for callback in list(self._suspend_callbacks):
+                callback()
+
+
+def _subscribe(callbacks: list[Callable[[], None]], callback: Callable[[], None], now: bool) -> Callable[[], None]:
+    """Add ``callback`` to ``callbacks`` (and call it ``now``); returns what removes it (idempotent)."""
+    callbacks.append(callback)
+    if now:
+        callback()
+
+    def forget() -> None:
+        with contextlib.suppress(ValueError):  # already forgotten
+            callbacks.remove(callback)
+
+    return forget
 
 
 def available_cpus(pid: int = 0) -> int:
@@ -162,7 +181,7 @@ class BaseMapping(ABC):
     ) -> list[InstanceStats]:
         """Run ``plan`` by ``attempt``: once, as ``attempt(sink, None)``, with checkpointing off; with it on,
         under :func:`~aiod4p._checkpoint.run_with_recovery`, each attempt as ``attempt(session.sink, session)``
-        (no restart once ``control`` is draining).
+        (no restart once ``control`` is draining; a stop at a checkpoint once it is suspending).
 
         Raises:
             CheckpointError: ``restore`` found no complete checkpoint, or one of another graph.
@@ -177,5 +196,5 @@ class BaseMapping(ABC):
             feeds,
             sink,
             lambda session: attempt(session.sink, session),
-            draining=lambda: control.draining,
+            control,
         )

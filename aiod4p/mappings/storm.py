@@ -39,6 +39,7 @@ from ..storm._cluster import (
     deactivate,
     find_cluster,
     kill,
+    nimbus,
     probe,
     submit,
     submit_env,
@@ -141,6 +142,7 @@ class StormMapping(BaseMapping):
         control.on_drain(drain)
         submitted = False
         failed = True
+        killed = False
         try:
             with tempfile.TemporaryDirectory(prefix="aiod4p-storm-project-") as tmp:
                 project = build_project(
@@ -171,15 +173,20 @@ class StormMapping(BaseMapping):
                 if submitted:
                     if report.failed and report.stopped_only:  # why the worker shut down: Nimbus knows, until the kill
                         report.storm_errors = await asyncio.to_thread(_errors, cluster, self.topology)
-                    await self._kill(cluster, failed)
+                    killed = await self._kill(cluster, failed)
             finally:
-                await report.close(grace=30 if report.failed else 0)
+                # The tasks of a killed topology soon close their connections; those of one Nimbus did not kill
+                # go on, so a failed run waits for their last reports only after a kill.
+                await report.close(grace=30 if report.failed and killed else 0)
         if report.failed:
             raise report.error()
         return []
 
-    async def _kill(self, cluster: Cluster, failed: bool) -> None:
+    async def _kill(self, cluster: Cluster, failed: bool) -> bool:
         """Kill the run's topology; if Nimbus does not, say how to, as an error of the run unless it ``failed`` already.
+
+        Returns:
+            Whether Nimbus killed it.
 
         Raises:
             Aiod4pError: Nimbus did not kill it (and the run had not failed).
@@ -194,6 +201,8 @@ class StormMapping(BaseMapping):
             if not failed:
                 raise Aiod4pError(message) from exc
             logger.error("%s", message)
+            return False
+        return True
 
     async def _wait(self, report: RunReport, cluster: Cluster) -> None:
         """Wait until every task has finished or the run failed."""
@@ -241,12 +250,25 @@ def _reachable_address(cluster: Cluster) -> str:
 
 
 def _errors(cluster: Cluster, name: str) -> str:
-    """What Nimbus knows about a topology that did not start: its components' errors."""
+    """What Nimbus knows about a topology that did not start: its components' errors, or that no worker was
+    assigned to it, and how many worker slots the cluster has free."""
     try:
         info = topology_facts(cluster, name)["info"]
+        if not info.executors:
+            with nimbus(cluster) as client:
+                supervisors = client.getClusterInfo().supervisors or []
     except Exception as exc:
         return f"Nimbus gives no information ({type(exc).__name__}: {exc})"
     errors = [f"{component}: {e.error.splitlines()[0]}" for component, es in (info.errors or {}).items() for e in es]
-    if not errors:
-        return "Nimbus reports no error (see the worker logs)"
-    return "Nimbus reports: " + "; ".join(errors[:5])
+    if errors:
+        return "Nimbus reports: " + "; ".join(errors[:5])
+    if not info.executors:
+        slots = sum(s.num_workers for s in supervisors)
+        free = slots - sum(s.num_used_workers for s in supervisors)
+        if free:
+            return f"Nimbus assigned it no worker ({free} of the cluster's {slots} worker slots are free)"
+        return (
+            f"Nimbus assigned it no worker: all {slots} worker slots of the cluster are taken (by other topologies:"
+            " kill one, or give the supervisors more slots)"
+        )
+    return "Nimbus reports no error (see the worker logs)"

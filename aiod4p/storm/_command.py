@@ -68,4 +68,9 @@ def storm_command(args: argparse.Namespace) -> int:
             print(f"aiod4p: warning: --nimbus is not written into {config}: set its nimbus there", file=sys.stderr)
     jar = build_jar(project, project.path / f"{project.name}.jar")  # sparse submit -j: no lein, no Java
     print(f"submit it with: cd {project.path} && sparse submit -n {project.name} -j {jar.name}")
+    # Nimbus refuses a name in use, which sparse reports as invalid (the build only writes valid names).
+    print(
+        f"(while a topology {project.name} runs, sparse says the name is invalid: replace it with"
+        f" sparse submit --force, or build with another --name)"
+    )
     return 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import importlib.metadata
 import importlib.util
 import json
 import pickle
@@ -23,7 +24,7 @@ from .._inputs import Inputs, resolve_inputs
 from .._loading import split_target
 from .._plan import ExecutionPlan, PlanOptions, make_plan
 from ..errors import GraphError, InputError, TargetError
-from ._spec import DEFAULT_MAX_REPLAYS, EOS_FIELD, EOS_STREAM, TopologySpec, plan_topology
+from ._spec import DEFAULT_MAX_REPLAYS, EOS_FIELD, EOS_STREAM, PES_FILE, SPEC_FILE, TopologySpec, plan_topology
 from ._wire import WireError, encode
 
 __all__ = [
@@ -39,10 +40,9 @@ __all__ = [
 ]
 
 COMPONENTS_MODULE = "aiod4p_components"
-SPEC_FILE = "aiod4p_topology.json"
-PES_FILE = "aiod4p_pes.pickle"
 STORM_VERSION = "2.6.0"
-STREAMPARSE_VERSION = "5.0.1"
+AIOD4P_PACKAGE = Path(__file__).resolve().parents[1]
+"""The aiod4p package of this build, copied into every project's ``src`` (it is not on PyPI)."""
 
 # Storm settings of every topology, unless the streamparse environment's ``options`` (or a run's ``conf``) say
 # otherwise. A bounded number of tuples in flight per spout task is Storm's back-pressure: it also keeps tuples
@@ -156,7 +156,11 @@ def build_project(
         for stale in (root / "topologies").glob("*.py"):
             stale.unlink()
         (root / "topologies" / f"{name}.py").write_text(_topology_source(spec))
-        (root / "virtualenvs" / f"{name}.txt").write_text(f"aiod4p[storm]\nstreamparse=={STREAMPARSE_VERSION}\n")
+        shutil.rmtree(src / AIOD4P_PACKAGE.name, ignore_errors=True)
+        shutil.copytree(
+            AIOD4P_PACKAGE, src / AIOD4P_PACKAGE.name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "*.c")
+        )
+        (root / "virtualenvs" / f"{name}.txt").write_text(_requirements())
         if not (root / "config.json").exists():
             (root / "config.json").write_text(json.dumps(_config(envs), indent=2) + "\n")
         (root / "project.clj").write_text(_PROJECT_CLJ.format(name=name, storm=STORM_VERSION))
@@ -165,6 +169,21 @@ def build_project(
     project = Project(root, name, spec)
     load_topology(project.path)  # streamparse validates the definition as it builds it
     return project
+
+
+def _requirements() -> str:
+    """The workers' requirements (``virtualenvs/<name>.txt``, which ``sparse submit`` with ``use_virtualenv``
+    installs on every worker): aiod4p's own dependencies and those of its storm extra, all on PyPI.
+
+    aiod4p is not on PyPI: it travels in the jar (``src/aiod4p``), which ``streamparse_run`` puts last on
+    ``sys.path``, so a worker with aiod4p installed uses that one.
+    """
+    lines = ["# Installed on every Storm worker by sparse submit (use_virtualenv); aiod4p itself is in src/."]
+    for requirement in importlib.metadata.requires("aiod4p") or []:
+        line, _, marker = requirement.partition(";")
+        if marker.strip() in ("", 'extra == "storm"'):
+            lines.append(line.strip())
+    return "\n".join(lines) + "\n"
 
 
 def _remove_previous_build(root: Path) -> None:

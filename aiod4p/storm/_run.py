@@ -24,7 +24,7 @@ from ..errors import Aiod4pError, PEError, TargetError, TransportError, WorkerDi
 from ._spec import TopologySpec
 from ._wire import decode
 
-__all__ = ["ERROR_KINDS", "RunReport"]
+__all__ = ["ERROR_KINDS", "LINE_LIMIT", "RunReport"]
 
 ERROR_KINDS: dict[str, type[Aiod4pError]] = {kind.__name__: kind for kind in (TransportError, TargetError)}
 """The errors an ``e`` report names by their class (``kind``); others travel as ``Aiod4pError``, and ``PEError``
@@ -32,7 +32,8 @@ with its PE, instance, port and traceback."""
 
 logger = logging.getLogger("aiod4p.storm")
 
-_LINE_LIMIT = 1 << 26  # one result batch per line
+LINE_LIMIT = 1 << 26
+"""The longest report line the run reads (bytes): a task splits its results into lines no longer."""
 
 
 class RunReport:
@@ -64,7 +65,7 @@ class RunReport:
 
     async def listen(self, host: str) -> str:
         """Start listening on ``host`` (an ephemeral port); returns ``HOST:PORT``."""
-        self._server = await asyncio.start_server(self._serve, host, 0, limit=_LINE_LIMIT)
+        self._server = await asyncio.start_server(self._serve, host, 0, limit=LINE_LIMIT)
         port = self._server.sockets[0].getsockname()[1]
         return f"{host}:{port}"
 

@@ -39,6 +39,8 @@ __all__ = [
     "DEFAULT_MAX_REPLAYS",
     "EOS_STREAM",
     "ITEM_FIELD",
+    "PES_FILE",
+    "SPEC_FILE",
     "ComponentSpec",
     "InputSpec",
     "KeyField",
@@ -51,6 +53,9 @@ EOS_STREAM = "aiod4p_eos"
 ITEM_FIELD = "item"
 EOS_FIELD = "pe"
 DEFAULT_MAX_REPLAYS = 3  # replays of a failed tuple before its spout drops it (and a run fails)
+# The files of a project's src/ (next to the components' module) that the build writes and every component reads.
+SPEC_FILE = "aiod4p_topology.json"  # the TopologySpec, as JSON
+PES_FILE = "aiod4p_pes.pickle"  # the PEs and group-by key functions, pickled
 
 
 @dataclass(frozen=True)

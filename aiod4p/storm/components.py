@@ -69,8 +69,8 @@ from .._graph import FlatGraph
 from .._pe import PE, Runtime
 from .._plan import InstanceRef, PlanOptions, make_plan
 from ..errors import Aiod4pError, PEError, TargetError, TransportError
-from ._run import ERROR_KINDS
-from ._spec import EOS_STREAM, ComponentSpec, TopologySpec
+from ._run import ERROR_KINDS, LINE_LIMIT
+from ._spec import EOS_STREAM, PES_FILE, SPEC_FILE, ComponentSpec, TopologySpec
 from ._wire import WireError, decode, encode, encode_key
 
 warnings.filterwarnings("ignore", message="Cannot import msgpack", category=ImportWarning)
@@ -78,10 +78,7 @@ warnings.filterwarnings("ignore", message="Cannot import msgpack", category=Impo
 from pystorm.component import LogStream  # noqa: E402
 from streamparse import Bolt, Spout  # noqa: E402
 
-__all__ = ["HostedComponent", "PEBolt", "PESpout", "SPEC_FILE", "PES_FILE"]
-
-SPEC_FILE = "aiod4p_topology.json"
-PES_FILE = "aiod4p_pes.pickle"
+__all__ = ["HostedComponent", "PEBolt", "PESpout"]
 
 pe_logger = logging.getLogger("aiod4p.pe")
 
@@ -132,9 +129,13 @@ class Reporter:
         self.send(hello)
 
     def send(self, message: dict[str, Any]) -> None:
+        self.send_line(json.dumps(message, separators=(",", ":")))
+
+    def send_line(self, line: str) -> None:
+        """Send one message already in JSON (ASCII, no newline)."""
         self._sending = True
         try:
-            self.socket.sendall(json.dumps(message, separators=(",", ":")).encode() + b"\n")
+            self.socket.sendall(line.encode() + b"\n")
         finally:
             self._sending = False
             if self._leaving is not None:  # told to stop meanwhile: whether this message went or not
@@ -252,20 +253,35 @@ class HostedComponent:
         return self.reporter is not None and port in self.loaded.spec.results
 
     def _report_results(self, port: str, items: list[Any]) -> None:
-        """Send ``items``, written to the result port ``port``, to the run.
+        """Send ``items``, written to the result port ``port``, to the run: in as few lines as
+        :data:`~aiod4p.storm._run.LINE_LIMIT` allows, and none unless every item fits in one.
 
         Raises:
-            TransportError: an item can neither be JSON nor be pickled.
+            TransportError: an item can neither be JSON nor be pickled, or is longer than a line may be.
         """
         assert self.reporter is not None
+        where = f"PE {self.component}[{self.index}] wrote a result to output port {port!r}"
         try:
-            wire = [encode(item) for item in items]
+            wire = [json.dumps(encode(item), separators=(",", ":")) for item in items]
         except WireError as exc:
-            raise TransportError(
-                f"PE {self.component}[{self.index}] wrote a result to output port {port!r} that cannot cross"
-                f" Storm: {exc}"
-            ) from exc
-        self.reporter.send({"t": "r", "port": port, "items": wire})
+            raise TransportError(f"{where} that cannot cross Storm: {exc}") from exc
+        head, tail = f'{{"t":"r","port":{json.dumps(port)},"items":[', "]}"
+        room = LINE_LIMIT - len(head) - len(tail) - 1  # the newline
+        for text in wire:
+            if len(text) > room:
+                raise TransportError(
+                    f"{where} of {len(text)} bytes on the wire, over the {room} bytes a result may have on its way"
+                    " back to the run"
+                )
+        line: list[str] = []
+        size = -1  # the length of ",".join(line)
+        for text in wire:
+            if line and size + 1 + len(text) > room:
+                self.reporter.send_line(head + ",".join(line) + tail)
+                line, size = [], -1
+            line.append(text)
+            size += 1 + len(text)
+        self.reporter.send_line(head + ",".join(line) + tail)
 
     def _tuples(self, port: str, items: list[Any]) -> list[tuple[str, list[Any]]]:
         """The ``(stream, values)`` to emit for ``items`` written to ``port``.
@@ -435,6 +451,7 @@ class PESpout(HostedComponent, Spout):  # type: ignore[misc]
     """A spout running a root PE over its feed; see the module docstring."""
 
     wait_seconds = 0.05  # the longest next_tuple waits for the engine when it has nothing ready
+    kill_retry_seconds = 5.0  # how often an orphaned spout whose kill Nimbus did not take tries again
 
     def initialize(self, storm_conf: dict[str, Any], context: dict[str, Any]) -> None:
         self.storm_conf = storm_conf
@@ -450,6 +467,7 @@ class PESpout(HostedComponent, Spout):  # type: ignore[misc]
         self.next_id = 0
         self.produced = False
         self.eos_sent = False
+        self.kill_again: float | None = None  # orphaned, and Nimbus did not take the kill: when to try again
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self._produce, name="aiod4p engine", daemon=True)
         self.thread.start()
@@ -470,6 +488,12 @@ class PESpout(HostedComponent, Spout):  # type: ignore[misc]
         self.sink.queue.put(_DONE)
 
     def next_tuple(self) -> None:
+        if self.kill_again is not None:
+            if time.monotonic() >= self.kill_again:
+                self._orphaned()
+            else:
+                time.sleep(self.wait_seconds)
+            return
         if self.reporter is not None and self.reporter.gone():
             self._orphaned()
             return
@@ -482,17 +506,28 @@ class PESpout(HostedComponent, Spout):  # type: ignore[misc]
         self._finish_if_done()
 
     def _orphaned(self) -> None:
-        """The run that submitted the topology is gone (killed): nobody will collect results, so kill it."""
+        """The run that submitted the topology is gone (killed): nobody will collect results, so kill it. If Nimbus
+        does not take the kill, emit nothing more and try again every :attr:`kill_retry_seconds`."""
         from ._cluster import cluster_at, configured_nimbus, kill
 
         name = str(self.storm_conf.get("topology.name", ""))
         cluster = cluster_at(configured_nimbus(self.storm_conf) or "127.0.0.1", "topology conf")
-        self.logger.error("the run that submitted topology %s is gone: killing the topology", name)
+        if self.kill_again is None:
+            self.logger.error("the run that submitted topology %s is gone: killing the topology", name)
         self.reporter = None
         try:
             kill(cluster, name)
         except Exception as exc:
-            self.logger.error("could not kill topology %s at %s: %s", name, cluster.address, exc)
+            self.logger.error(
+                "could not kill topology %s at %s: %s; trying again in %.0f s",
+                name,
+                cluster.address,
+                exc,
+                self.kill_retry_seconds,
+            )
+            self.kill_again = time.monotonic() + self.kill_retry_seconds
+        else:
+            self.kill_again = None
 
     def deactivate(self) -> None:
         """Under a run, deactivating the topology drains it: the PE stops, what it produced still flows."""
