@@ -57,7 +57,15 @@ from ._results import ResultRecord, ResultSink, record_line
 from ._sizes import approximate_batch_size
 from ._state import NOT_MADE, capture, check_keyed_state, restore_state
 from ._threads import finished_in_thread
-from .errors import CheckpointError, PeerDied, TransportError, WorkerDied, reader_went_away, writing
+from .errors import (
+    CheckpointError,
+    MappingUnavailable,
+    PeerDied,
+    TransportError,
+    WorkerDied,
+    reader_went_away,
+    writing,
+)
 
 if TYPE_CHECKING:
     from ._engine import Feed, ReadAhead, Worker, _Actor
@@ -450,10 +458,30 @@ class CheckpointStore:
         return None if found is None else _label(found[0], self.directory)
 
     def run_started_after(self) -> int:
-        """The id of the newest checkpoint before the last fresh run in the directory started (0: unknown)."""
-        with contextlib.suppress(ValueError, TypeError, KeyError):
-            return int((self._run_record() or {})["after"])
-        return 0
+        """The id of the newest checkpoint before the last fresh run in the directory started (0: no fresh run
+        recorded one, :data:`RUN` missing).
+
+        Raises:
+            CheckpointError: :data:`RUN` is there but unreadable or damaged (named): taken as 0, a restore would
+                resume a checkpoint of an earlier run, whose results file the last run started afresh.
+        """
+        path = self.directory / RUN
+        if not path.exists():
+            return 0
+        record = self._run_record()
+        if record is not None and _is_count(record.get("after"), 0):
+            return int(record["after"])
+        newest = self._newest(0, self._read)
+        raise CheckpointError(
+            f"--restore: {path}, which says where the last run in {self.directory} started, cannot be read or is"
+            " damaged, so which checkpoints are of that run is unknown: nothing was restored (start the run afresh,"
+            " without --restore"
+            + (
+                f"; or remove {path} to resume the newest complete checkpoint, {newest[0]}, whichever run took it)"
+                if newest is not None
+                else ")"
+            )
+        )
 
     def _run_record(self) -> dict[str, Any] | None:
         """What :data:`RUN` says of the last fresh run in the directory; ``None`` if nothing readable."""
@@ -1771,6 +1799,7 @@ async def run_with_recovery(
             graph; another run uses the directory; the ``--results`` file does not hold what the restored
             checkpoint committed (:class:`ResultsLog`).
         WorkerDied: a worker died, ``restarts`` times already or while draining.
+        MappingUnavailable: the workers of an attempt could not start (a restart's saying what resumes the run).
     """
     if config.restore and not os.path.lexists(config.directory):  # noqa: ASYNC240 - one stat, instant
         raise CheckpointError(f"--restore: no complete checkpoint in {config.directory}: the directory does not exist")
@@ -1885,6 +1914,14 @@ async def _attempts(
                 if log is not None:
                     log.rewind(stop.results_offset)
                 raise
+            except MappingUnavailable as exc:
+                if not restarts:
+                    raise
+                # The workers of a restart could not start (a node lost with the dead worker, its CPUs gone too).
+                raise MappingUnavailable(
+                    f"{exc}; restart {restarts} of {config.restarts} could not start its workers:"
+                    f" {_resume_hint(store, since)}"
+                ) from exc
             except RESTARTED as exc:
                 if requests.suspending and (newest := store.latest(since)) is not None:
                     if log is not None:

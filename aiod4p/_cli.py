@@ -523,6 +523,8 @@ def _run_loaded(args: argparse.Namespace, mapping: BaseMapping, results: str | N
                     status = runner.run(
                         _consume(workflow, results, signals, outcome, opened, stdout, show_progress, stdin, sampler)
                     )
+            except ValueError as exc:  # the options were checked before the run was planned: not a usage error
+                raise Aiod4pError(f"{type(exc).__name__}: {exc}") from exc
             except Stopped as stop:
                 # asyncio re-raises a KeyboardInterrupt out of the loop and also keeps it as the exception of the
                 # task it interrupted (the run's, often): taken here, it is not logged as never retrieved.
@@ -930,6 +932,11 @@ def _write_record(out: TextIO, record: ResultRecord, *, flush: bool) -> None:
 
 
 def _print_results(grouped: dict[tuple[str, str], list[Any]], stdout: TextIO) -> None:
+    """Print the results of every PE and port, each as its ``repr``.
+
+    Raises:
+        Aiod4pError: a result has no ``repr`` (nested deeper than Python recurses), naming its PE and port.
+    """
     if not grouped:
         print("No results.", file=stdout)
         return
@@ -937,7 +944,11 @@ def _print_results(grouped: dict[tuple[str, str], list[Any]], stdout: TextIO) ->
         for (pe, port), items in grouped.items():
             print(f"{pe}.{port}: {len(items)} item{'s' if len(items) != 1 else ''}", file=stdout)
             for item in items:
-                print(f"  {item!r}", file=stdout)
+                try:
+                    text = repr(item)
+                except RecursionError as exc:
+                    raise Aiod4pError(f"a result of PE {pe} on port {port} cannot be printed: {exc}") from None
+                print(f"  {text}", file=stdout)
 
 
 def _plain_numbers() -> contextlib.AbstractContextManager[Any]:

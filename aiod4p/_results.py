@@ -11,6 +11,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any, NamedTuple, Protocol, overload
 
 from ._sizes import approximate_batch_size
+from .errors import Aiod4pError
 
 __all__ = ["QueueSink", "ResultRecord", "ResultSink", "Results", "record_line"]
 
@@ -41,11 +42,19 @@ def record_line(record: ResultRecord) -> str:
     number a numpy scalar is, a date or time in ISO 8601, else as their
     ``repr``, with the same warning.
     NaN and the infinities are written ``NaN``, ``Infinity``, ``-Infinity``, which ``json.loads`` reads back.
+
+    Raises:
+        Aiod4pError: JSON cannot write ``record.data`` (it holds itself, or is nested deeper than Python
+            recurses), naming the PE and port.
     """
     try:
-        data = _encode(record.data)
-    except TypeError:  # a dict key json refuses: it calls no default for keys
-        data = _encode(_json_keys(record.data))
+        try:
+            data = _encode(record.data)
+        except TypeError:  # a dict key json refuses: it calls no default for keys
+            data = _encode(_json_keys(record.data))
+    except (ValueError, RecursionError) as exc:
+        what = f"a result of PE {record.pe} on port {record.port}"
+        raise Aiod4pError(f"{what} cannot be written as JSON: {exc}") from None
     return _record_head(record.pe, record.port) + data + "}\n"
 
 

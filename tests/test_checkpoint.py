@@ -55,6 +55,7 @@ from aiod4p._checkpoint import (
     Session,
     WorkerCheckpoints,
     resumed_feed,
+    run_with_recovery,
 )
 from aiod4p._cli import main
 from aiod4p._engine import Worker
@@ -63,8 +64,8 @@ from aiod4p._plan import DEFAULT_BATCH_SIZE, DEFAULT_CREDITS, InstanceRef, PlanO
 from aiod4p._plot import load_samples
 from aiod4p._provenance import read_lineage, write_document
 from aiod4p._state import KEY_GROUPS, capture, restore_state
-from aiod4p.errors import CheckpointError
-from aiod4p.mappings import get_mapping
+from aiod4p.errors import CheckpointError, MappingUnavailable, WorkerDied
+from aiod4p.mappings import RunControl, get_mapping
 from aiod4p.mappings.asyncio import AsyncMapping
 from aiod4p.sources import LineStream, LiveFeed, SourcePE
 from aiod4p.windows import CountWindow
@@ -1811,6 +1812,54 @@ def test_restore_after_a_fresh_run_that_completed_no_checkpoint_refuses_the_earl
         f"--restore: no complete checkpoint of the last run in {directory}, which started after checkpoint"
         f" {finished.id}: it was stopped before its first checkpoint completed"
     )
+
+
+@pytest.mark.parametrize("damage", [b"", b"{not json", b'{"pid": 1}', b'{"after": "3"}'])
+def test_restore_with_a_damaged_run_record_is_refused_naming_it(tmp_path: Path, damage: bytes) -> None:
+    """RUN.json that cannot be read, or says no start, was taken as "the last run started after checkpoint 0":
+    `--restore` then resumed the newest checkpoint of any earlier run, whose results file the last run had
+    started afresh. It is refused, naming the file and what resumes that checkpoint if it is wanted."""
+    directory, words = tmp_path / "ck", tmp_path / "words.txt"
+    write_words(words, 5_000)
+    run(word_count(words), 1, mapping=_mapping(directory), workers=1)
+    finished = CheckpointStore(directory).latest()
+    assert finished is not None
+    (directory / "RUN.json").write_bytes(damage)
+    with pytest.raises(CheckpointError) as refused:
+        run(word_count(words), 1, mapping=_mapping(directory, restore=True), workers=1)
+    assert str(refused.value) == (
+        f"--restore: {directory / 'RUN.json'}, which says where the last run in {directory} started, cannot be read"
+        " or is damaged, so which checkpoints are of that run is unknown: nothing was restored (start the run"
+        f" afresh, without --restore; or remove {directory / 'RUN.json'} to resume the newest complete checkpoint,"
+        f" {finished.id}, whichever run took it)"
+    )
+    (directory / "RUN.json").unlink()
+    assert len(run(word_count(words), 1, mapping=_mapping(directory, restore=True), workers=1)) == 0
+
+
+async def test_a_restart_whose_workers_cannot_start_says_what_resumes_the_run(tmp_path: Path) -> None:
+    """A Ray node lost with the dead worker: the restart waited for CPUs the cluster no longer had and failed with
+    `MappingUnavailable: the Ray cluster did not start 4 worker actors ...` alone, not saying that the restart
+    failed, nor what resumes the run, as a dead worker with no restart left says."""
+    plan = make_plan(word_count(tmp_path / "words.txt"), PlanOptions(workers=1))
+    tried: list[Session] = []
+
+    async def attempt(session: Session) -> list[Any]:
+        tried.append(session)
+        if len(tried) == 1:
+            raise WorkerDied("worker 0 died")
+        raise MappingUnavailable("the Ray cluster did not start 1 worker actor within 60 s")
+
+    with pytest.raises(MappingUnavailable) as failed:
+        async with asyncio.timeout(30):
+            await run_with_recovery(
+                Checkpointing(tmp_path / "ck", restarts=2), plan, {}, _Collected(), attempt, RunControl()
+            )
+    assert str(failed.value) == (
+        "the Ray cluster did not start 1 worker actor within 60 s; restart 1 of 2 could not start its workers:"
+        " no checkpoint had completed"
+    )
+    assert len(tried) == 2
 
 
 async def test_statistics_after_a_restore_count_the_items_before_its_checkpoint(tmp_path: Path) -> None:

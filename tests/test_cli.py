@@ -24,6 +24,7 @@ from hypothesis import strategies as st
 import aiod4p as aiod4p_package
 from aiod4p._cli import main
 from aiod4p._results import ResultRecord, record_line
+from aiod4p.errors import Aiod4pError
 from aiod4p.mappings.multi import START_METHOD_ENV
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -101,6 +102,71 @@ def test_results_json_lines_write_any_date_or_time_in_iso_8601(caplog: pytest.Lo
         written = json.loads(record_line(ResultRecord("pe", "out", value)))["data"]
     assert written == {"start": "2020-01-01T00:16:40", "days": {"2020-01-01": 3}}
     assert caplog.text == ""
+
+
+def test_a_result_json_cannot_write_fails_the_run_naming_its_pe_and_port(tmp_path: Path) -> None:
+    """A result that holds itself (or is nested deeper than Python recurses) ended the run with `aiod4p: error:
+    Circular reference detected`, naming no PE, and exit 2, the usage error's status."""
+    flow = tmp_path / "flow.py"
+    flow.write_text(
+        numbers_flow(
+            """
+            class Loop(IterativePE):
+                def process_item(self, item):
+                    looped = {"n": item}
+                    looped["self"] = looped
+                    return looped
+            """
+        )
+    )
+    done = aiod4p("run", str(flow), "-m", "simple", "-i", "1", "--results", str(tmp_path / "out.jsonl"))
+    assert (done.returncode, done.stderr) == (
+        1,
+        "aiod4p: error: a result of PE Loop1 on port output cannot be written as JSON: Circular reference detected\n",
+    )
+    deep: list[object] = []
+    for _ in range(100_000):
+        deep = [deep]
+    with pytest.raises(Aiod4pError, match=r"^a result of PE pe on port out cannot be written as JSON: maximum"):
+        record_line(ResultRecord("pe", "out", deep))
+
+
+def test_a_result_with_no_repr_fails_the_run_naming_its_pe_and_port(tmp_path: Path) -> None:
+    """Printed at the end (no --results), a result nested deeper than Python recurses ended the run with a
+    RecursionError traceback."""
+    flow = tmp_path / "flow.py"
+    flow.write_text(
+        numbers_flow(
+            """
+            class Deep(IterativePE):
+                def process_item(self, item):
+                    nested = []
+                    for _ in range(100_000):
+                        nested = [nested]
+                    return nested
+            """
+        )
+    )
+    done = aiod4p("run", str(flow), "-m", "simple", "-i", "1")
+    assert (done.returncode, done.stderr) == (
+        1,
+        "aiod4p: error: a result of PE Deep1 on port output cannot be printed: maximum recursion depth exceeded"
+        " while getting the repr of an object\n",
+    )
+
+
+def test_a_value_error_escaping_a_run_is_no_usage_error(
+    workflow_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Exit status 2 is a usage error's (a bad option); a ValueError that escaped the run once its options were
+    checked made it too. It is a failed run's, 1."""
+
+    def broken(record: ResultRecord) -> str:
+        raise ValueError("broken writer")
+
+    monkeypatch.setattr("aiod4p._cli.record_line", broken)
+    assert main(["run", str(workflow_file), "-m", "simple", "-i", "1", "--results", str(tmp_path / "out.jsonl")]) == 1
+    assert capsys.readouterr().err == "aiod4p: error: ValueError: broken writer\n"
 
 
 @pytest.mark.parametrize("mapping", ["simple", "async"])

@@ -11,6 +11,7 @@ import itertools
 import json
 import multiprocessing
 import os
+import pickle
 import signal
 import socket
 import subprocess
@@ -29,10 +30,10 @@ import workflows as wf
 from helpers import aiod4p_process, numbers_flow, run_notebook_flow
 
 import aiod4p
-from aiod4p import IterativePE, PEError, WorkflowGraph, group_by
+from aiod4p import IterativePE, PEError, WorkflowGraph, _loading, group_by
 from aiod4p._plan import REMOTE_BATCH_FACTOR
 from aiod4p._processes import children
-from aiod4p.errors import GraphError, InputError, TransportError, WorkerDied
+from aiod4p.errors import GraphError, InputError, TargetError, TransportError, WorkerDied
 from aiod4p.mappings import _shipping
 from aiod4p.mappings.multi import START_METHOD_ENV, MultiMapping, resolve_start_method
 
@@ -273,6 +274,20 @@ def test_a_notebook_ships_the_top_level_classes_and_functions_that_pickle(monkey
     assert worker_main is not entry_point and [entry_point] == _shipping._REPLACED  # its code runs on
     assert type(point) is Point and worker_main.Point is Point  # cloudpickle's class tracking: the same class
     assert not hasattr(worker_main, "holds_lock") and not hasattr(worker_main, "holds_big")
+
+
+def test_a_worker_that_cannot_import_a_file_the_job_ships_names_itself(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker (spawned process, Ray actor, MPI rank) that could not import a file of the workflow's code shipped
+    with the job (a module of PEs gone from the driver's path since the driver imported it) failed the run with
+    `importing workflow F failed: ...`, naming no worker; it names itself, as when the job does not unpickle."""
+    monkeypatch.setattr(_loading, "_worker", False)  # loading the shipment marks this process as a worker
+    gone = tmp_path / "gone_pes.py"
+    data = pickle.dumps((_loading.CodeShipment((("gone_pes", str(gone)),)), pickle.dumps(None)))
+    with pytest.raises(TargetError) as failed:
+        _shipping.unship(data, "Ray worker actor 1")
+    assert str(failed.value).startswith(f"Ray worker actor 1: importing workflow {gone} failed: FileNotFoundError")
 
 
 def test_an_unpicklable_pe_under_spawn_is_named() -> None:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import functools
 from abc import abstractmethod
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Protocol
 
 from .._checkpoint import LauncherCheckpoints, Session
@@ -33,9 +33,12 @@ __all__ = ["HostedMapping", "Launch"]
 class Launch(Protocol):
     """One run's workers, as a :class:`HostedMapping` starts them."""
 
-    async def start(self, job: Job) -> Mapping[int, Comm]:
+    async def start(self, job: Job, draining: Callable[[], bool]) -> Mapping[int, Comm]:
         """Start a worker for each worker id of ``job.plan``, each given ``job``; their control comms by id.
 
+        ``draining()`` says whether the run has been asked to drain: a launch that hands the job over once its
+        workers have started (Ray's actors, once Ray is joined) hands it over drained if the drain came meanwhile,
+        as :attr:`Job.drained` says (a ``Drain`` message would reach the workers once their sources had produced).
         Whatever started before a failure is stopped by :meth:`stop`.
         """
         ...
@@ -124,7 +127,7 @@ class HostedMapping(BaseMapping):
         comms: Mapping[int, Comm] = {}
         finished = False
         try:
-            comms = await launch.start(job)
+            comms = await launch.start(job, lambda: control.draining)
             supervisor = Supervisor(
                 plan,
                 comms,

@@ -21,13 +21,16 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
+import contextvars
+import dataclasses
 import functools
 import logging
 import os
 import signal
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -53,6 +56,8 @@ __all__ = ["RayRun"]
 _RemoteWorker: Any = None  # ray.remote(RayWorker), made once
 
 logger = logging.getLogger("aiod4p.ray")
+
+_SHIPPED_FOR = "start Ray actors"  # what the job is pickled for, in the errors of ship()
 
 
 class _SigtermNotice(logging.Filter):
@@ -106,6 +111,12 @@ class _Connection:
                 # Ray's only: another thread's run may have started processes of its own meanwhile (multi's workers)
                 self._started = {pid for pid in children({os.getpid()}) - self._before if _of_ray(pid)}
                 self._owned = True
+            self._users += 1
+
+    def share(self) -> None:
+        """Count one more user of the connection that a run holds (it made it, or shares it)."""
+        with self._lock:
+            assert self._users > 0, "no run holds the connection"
             self._users += 1
 
     def release(self) -> None:
@@ -193,6 +204,30 @@ class _Handover:
             return self._joined
 
 
+class _Kept:
+    """A share of the connection kept over the attempts of one run (:func:`kept_connection`)."""
+
+    held = False
+
+
+_KEPT: contextvars.ContextVar[_Kept | None] = contextvars.ContextVar("aiod4p_ray_kept", default=None)
+
+
+@contextlib.asynccontextmanager
+async def kept_connection() -> AsyncIterator[None]:
+    """Within it, the first run that joins Ray takes one more share of the connection, given back on leaving: the
+    attempts of a run under ``restarts`` share one connection (and a local Ray started by the first, started
+    once: some 7 s, a restart's cost otherwise) instead of each making, and closing, its own."""
+    kept = _Kept()
+    token = _KEPT.set(kept)
+    try:
+        yield
+    finally:
+        _KEPT.reset(token)
+        if kept.held:
+            await asyncio.to_thread(_CONNECTION.release)
+
+
 class RayRun:
     """One execution: its share of the connection to Ray, its actors and their placement group."""
 
@@ -207,7 +242,7 @@ class RayRun:
         self.serving: list[asyncio.Future[Any]] = []
         self.alive: list[asyncio.Future[Any]] = []
 
-    async def start(self, job: Job) -> dict[int, DriverComm]:
+    async def start(self, job: Job, draining: Callable[[], bool]) -> dict[int, DriverComm]:
         """Ship the job, join Ray (concurrent runs share one connection), start the actors; the driver's
         ends of their control comms.
 
@@ -215,7 +250,7 @@ class RayRun:
             GraphError: a PE cannot be pickled (before anything of Ray starts).
             MappingUnavailable: Ray cannot be joined, or did not start the actors within ``start_timeout``.
         """
-        payload = ship(job, "start Ray actors", main=True)  # the actors cannot import the driver's __main__
+        payload = ship(job, _SHIPPED_FOR, main=True)  # the actors cannot import the driver's __main__
         handover = _Handover()
 
         def acquire() -> None:
@@ -234,7 +269,10 @@ class RayRun:
         finally:
             self.connected = handover.give_up()
             threads.close()
-        await self._start_actors(payload)
+        if self.connected and (kept := _KEPT.get()) is not None and not kept.held:
+            _CONNECTION.share()  # at once: the lock is held long only to make or close a connection, not while one is
+            kept.held = True
+        await self._start_actors(job, payload, draining)
         self.comms = {wid: DriverComm(actor, CONTROL) for wid, actor in enumerate(self.actors)}
         return self.comms
 
@@ -249,8 +287,9 @@ class RayRun:
             finally:
                 await asyncio.to_thread(_CONNECTION.release)
 
-    async def _start_actors(self, payload: bytes) -> None:
-        """Start one actor per worker, wait until each runs, then have each serve its share.
+    async def _start_actors(self, job: Job, payload: bytes, draining: Callable[[], bool]) -> None:
+        """Start one actor per worker, wait until each runs, then have each serve its share of ``job`` (shipped as
+        ``payload``; shipped again drained if the run was drained meanwhile: see :meth:`start`).
 
         Ray's calls that create them, and the copy of the job into the object
         store, are made in a thread: they take milliseconds each (the first
@@ -281,12 +320,14 @@ class RayRun:
         for a, b in self.plan.worker_pairs():
             peers[a].add(b)
             peers[b].add(a)
-        job = await finished_in_thread(ray.put, payload)  # one copy in the object store for every worker
+        if draining() and not job.drained:  # while Ray started: the actors run nothing, as the job says
+            payload = ship(dataclasses.replace(job, drained=True), _SHIPPED_FOR, main=True)
+        shared = await finished_in_thread(ray.put, payload)  # one copy in the object store for every worker
         paths = [path for path in sys.path if path]
         self.serving = [
             _future(
                 actor.serve.remote(
-                    job, {peer: self.actors[peer] for peer in sorted(peers[wid])}, paths, sys.argv, os.getcwd()
+                    shared, {peer: self.actors[peer] for peer in sorted(peers[wid])}, paths, sys.argv, os.getcwd()
                 )
             )
             for wid, actor in enumerate(self.actors)

@@ -251,13 +251,13 @@ def unship(data: bytes, where: str) -> Job:
     """The job :func:`ship` made, loaded in ``where`` (e.g. "MPI rank 1").
 
     Raises:
-        TargetError: the workflow's code cannot be loaded here.
+        TargetError: the workflow's code cannot be loaded here (``where`` named).
     """
     try:
         job: Job = loads(data)
+    except TargetError as exc:  # a file of the workflow's code that the job ships (CodeShipment) failed to import
+        raise TargetError(f"{where}: {exc}") from exc
     except Exception as exc:
-        if isinstance(exc, TargetError):
-            raise
         raise TargetError(
             f"{where} cannot load the workflow ({type(exc).__name__}: {exc}); its PE classes must be importable there"
         ) from exc

@@ -26,7 +26,7 @@ import socket
 import sys
 import threading
 import weakref
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from multiprocessing.process import BaseProcess
 from typing import Any
 
@@ -163,8 +163,9 @@ class _MultiRun:
                         parent_end.close()
         return [parent_end for parent_end, _ in controls]
 
-    async def start(self, job: Job) -> dict[int, PipeComm]:
-        """Start the worker processes; the parent's ends of their control comms."""
+    async def start(self, job: Job, draining: Callable[[], bool]) -> dict[int, PipeComm]:
+        """Start the worker processes, each given ``job`` as it starts (``draining`` is not read: the job says
+        whether the run drained before); the parent's ends of their control comms."""
         payload: Job | bytes = job
         if self.method != "fork":
             # __main__ by value where the workers cannot import it again (a notebook, python -c, stdin)

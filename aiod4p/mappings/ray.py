@@ -20,13 +20,16 @@ import os
 import re
 import socket
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
+from .._engine import Feed
 from .._plan import ExecutionPlan
+from .._results import ResultSink
+from .._stats import InstanceStats
 from ..errors import MappingUnavailable
 from ..transports import Comm
-from ._base import available_cpus
+from ._base import RunControl, available_cpus
 from ._host import GRACE, STATS_INTERVAL
 from ._hosted import HostedMapping
 from ._shipping import Job
@@ -61,6 +64,9 @@ class RayMapping(HostedMapping):
         stats_interval: seconds between the workers' statistics reports.
         grace: seconds to wait, after a worker failed because another one
             did, for the root cause to be reported.
+
+    Raises:
+        ValueError: ``address`` is empty (a shell variable that was not set, say).
     """
 
     name = "ray"
@@ -78,6 +84,11 @@ class RayMapping(HostedMapping):
         grace: float = GRACE,
     ) -> None:
         super().__init__(stats_interval=stats_interval, grace=grace)
+        if address is not None and not address.strip():
+            raise ValueError(
+                f"the Ray address (--address) is empty ({address!r}): give the cluster's (auto, HOST:PORT or"
+                " ray://HOST:10001), or none to use RAY_ADDRESS or start a local Ray"
+            )
         self.address = address
         self.num_cpus = num_cpus
         self.resources = dict(resources or {})
@@ -93,6 +104,22 @@ class RayMapping(HostedMapping):
 
     def _starts_local_ray(self) -> bool:
         return self.address is None and not os.environ.get("RAY_ADDRESS")
+
+    async def execute(
+        self,
+        plan: ExecutionPlan,
+        feeds: Mapping[str, Feed],
+        sink: ResultSink,
+        control: RunControl,
+        max_delay: float,
+    ) -> list[InstanceStats]:
+        """As :meth:`HostedMapping.execute`; with ``restarts``, the connection to Ray that the first attempt makes
+        is kept until the last one ends, so that a restart does not start (and stop) a local Ray again."""
+        if self.checkpointing is None or not self.checkpointing.restarts:
+            return await super().execute(plan, feeds, sink, control, max_delay)
+        module = await asyncio.to_thread(importlib.import_module, "aiod4p.mappings._ray_run")
+        async with module.kept_connection():
+            return await super().execute(plan, feeds, sink, control, max_delay)
 
     def launch(self, plan: ExecutionPlan) -> _RayLaunch:
         """Ray actors for a run of ``plan``; starting them raises :class:`~aiod4p.errors.MappingUnavailable`
@@ -166,12 +193,12 @@ class _RayLaunch:
         self.plan = plan
         self.run: RayRun | None = None
 
-    async def start(self, job: Job) -> Mapping[int, Comm]:
+    async def start(self, job: Job, draining: Callable[[], bool]) -> Mapping[int, Comm]:
         """Import :mod:`~aiod4p.mappings._ray_run` (and Ray) in a thread, then start the run's actors
         (:meth:`~aiod4p.mappings._ray_run.RayRun.start`, which says what it raises)."""
         module = await asyncio.to_thread(importlib.import_module, "aiod4p.mappings._ray_run")
         self.run = module.RayRun(self.mapping, self.plan)
-        return await self.run.start(job)
+        return await self.run.start(job, draining)
 
     async def exited(self, wid: int) -> None:
         assert self.run is not None
