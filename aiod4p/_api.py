@@ -198,7 +198,8 @@ class WorkflowRun:
         return self._task is not None and self._task.done()
 
     def drain(self) -> None:
-        """Stop the sources; items already accepted still reach the results."""
+        """Stop the sources; items already accepted still reach the results. Nothing once :meth:`suspend` was
+        called: the suspend's stop stands."""
         self._control.drain()
 
     def suspend(self) -> None:
@@ -212,13 +213,23 @@ class WorkflowRun:
         (the async mapping ignores ``restarts``). The run then ends
         as a drained one does, and :attr:`suspended` names the checkpoint. Idempotent.
 
+        A run that ends by itself while the checkpoint is taken ends as any run does if every instance had
+        finished before the checkpoint reached it; else it stops at that checkpoint, and its restore makes again
+        what followed it. Once suspending, :meth:`drain` does nothing: the suspend's stop stands.
+
         Raises:
-            Aiod4pError: the run takes no checkpoints (its mapping's ``checkpointing`` is not set).
+            Aiod4pError: the run takes no checkpoints (its mapping's ``checkpointing`` is not set), or it drains
+                already (its sources stopped for good: a drained run ends with a checkpoint that resumes nothing).
         """
         if self.mapping.checkpointing is None:
             raise Aiod4pError(
                 "suspend(): this run takes no checkpoints, so it could not be resumed: set its mapping's"
                 " checkpointing (aiod4p run: --checkpoint-dir), or drain() it"
+            )
+        if self._control.draining:
+            raise Aiod4pError(
+                "suspend(): the run drains already (drain() was called): its sources stopped for good, and it ends"
+                " with a checkpoint that a restore resumes nothing from"
             )
         self._control.suspend()
 

@@ -491,8 +491,9 @@ class CheckpointStore:
                 return record
         return None
 
-    def write_part(self, n: int, ref: InstanceRef, data: bytes) -> dict[str, Any]:
-        """Save the state of instance ``ref`` for checkpoint ``n``; returns its manifest entry.
+    def write_part(self, n: int, ref: InstanceRef, data: bytes, finished: bool = False) -> dict[str, Any]:
+        """Save the state of instance ``ref`` for checkpoint ``n``; returns its manifest entry (which says so when
+        the state is the instance's final one, ``finished``: it ran its ``postprocess``).
 
         Raises:
             CheckpointError: the file cannot be written (named, with the system's reason).
@@ -504,7 +505,14 @@ class CheckpointStore:
             _atomic_write(folder / name, data, sync_dir=False)  # the commit syncs the folder once for all parts
         except OSError as exc:
             raise CheckpointError(f"cannot write checkpoint {n}: {folder / name}: {exc.strerror or exc}") from exc
-        return {"pe": ref.pe, "index": ref.index, "file": name, "size": len(data), "sha256": _digest(data)}
+        entry = {"pe": ref.pe, "index": ref.index, "file": name, "size": len(data), "sha256": _digest(data)}
+        if finished:
+            entry["finished"] = True
+        return entry
+
+    def write_finals(self, n: int, finals: Iterable[tuple[InstanceRef, bytes]]) -> list[dict[str, Any]]:
+        """Save the final states of finished instances, ``(ref, data)``, for checkpoint ``n``; their entries."""
+        return [self.write_part(n, ref, data, finished=True) for ref, data in finals]
 
     def commit(self, n: int, manifest: dict[str, Any]) -> None:
         """Complete checkpoint ``n`` (its parts' names synced, then its manifest); keep only the newest ``keep``.
@@ -1133,7 +1141,8 @@ class Coordinator:
         self._idle = asyncio.Event()
         self._idle.set()
         self._stall_timer: asyncio.TimerHandle | None = None
-        self._suspending = asyncio.Event()
+        self._suspending = False
+        self._hurry = asyncio.Event()  # set from a suspend request until a checkpoint stops the run, or comes too late
         self._suspended: Suspended | None = None
 
     async def drive(self, trigger: Callable[[int], Awaitable[None]]) -> None:
@@ -1150,7 +1159,7 @@ class Coordinator:
                     raise self._suspended
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(self.interval):
-                        await self._suspending.wait()
+                        await self._hurry.wait()
                 self._idle.clear()
                 n = self.take_id()
                 self._stall_timer = asyncio.get_running_loop().call_later(self.stall, self._report_stall, n, self.stall)
@@ -1187,8 +1196,10 @@ class Coordinator:
 
     def suspend(self) -> None:
         """Suspend the run: take a checkpoint now (or let the one under way complete), and stop the run at it
-        (:meth:`drive` raises :class:`Suspended`). Idempotent."""
-        self._suspending.set()
+        (:meth:`drive` raises :class:`Suspended`), unless every instance has finished by then: the run then ends as
+        any run does. Idempotent."""
+        self._suspending = True
+        self._hurry.set()
 
     def take_id(self) -> int:
         """The id of the next checkpoint, taken now."""
@@ -1236,8 +1247,11 @@ class Coordinator:
         seconds = time.perf_counter() - self._started.pop(n, time.perf_counter())
         size = sum(part["size"] for part in parts.values())
         logger.info("checkpoint %d complete in %.3f s, %d bytes", n, seconds, size)
-        if self._suspending.is_set() and self._suspended is None:
-            self._suspended = Suspended(n, offset)
+        if self._suspending and self._suspended is None:
+            if all(part.get("finished") for part in parts.values()):
+                self._hurry.clear()  # every instance ran its postprocess: too late, the run ends by itself
+            else:
+                self._suspended = Suspended(n, offset)
         self._idle.set()
 
 
@@ -1536,8 +1550,9 @@ class WorkerCheckpoints:
                     channel.mark(Barrier(n))
         await self.gate.trigger(n)
 
-    async def save(self, ref: InstanceRef, ids: Iterable[int], data: bytes) -> None:
-        """Write ``data``, the saved state of instance ``ref``, as its part of every checkpoint in ``ids``.
+    async def save(self, ref: InstanceRef, ids: Iterable[int], data: bytes, finished: bool = False) -> None:
+        """Write ``data``, the saved state of instance ``ref`` (its final one, ``finished``), as its part of every
+        checkpoint in ``ids``.
 
         The files are written and synced in a thread: the disk's sync (milliseconds) must not stall the
         worker's other instances, which go on with the stream meanwhile.
@@ -1546,7 +1561,7 @@ class WorkerCheckpoints:
         self._reported.clear()
         try:
             for n in ids:
-                await self._add(n, await finished_in_thread(self.store.write_part, n, ref, data))
+                await self._add(n, await finished_in_thread(self.store.write_part, n, ref, data, finished))
         finally:
             self._saving -= 1
             self._settle()
@@ -1572,7 +1587,7 @@ class WorkerCheckpoints:
         n = coordinator.take_id()
         store = self.store
         coordinator.add_parts(
-            n, [await finished_in_thread(store.write_part, n, ref, data) for ref, (_, data) in self._final.items()]
+            n, await finished_in_thread(store.write_finals, n, [(ref, data) for ref, (_, data) in self._final.items()])
         )
         await coordinator.commit_results(n)
 
@@ -1580,7 +1595,7 @@ class WorkerCheckpoints:
         aligner, data = self._final[ref]
         ids = range(aligner.done + 1, self.triggered + 1)
         aligner.done = self.triggered
-        await self.save(ref, ids, data)
+        await self.save(ref, ids, data, finished=True)
 
     async def _add(self, n: int, part: dict[str, Any]) -> None:
         parts = self._parts.setdefault(n, [])
@@ -2149,13 +2164,13 @@ class LauncherCheckpoints:
         final states, committing every result, so that restoring the run resumes nothing."""
         coordinator, store = self.session.coordinator, self.session.store
         n = coordinator.take_id()
-        coordinator.add_parts(n, [store.write_part(n, ref, data) for ref, data in self._finals])
+        coordinator.add_parts(n, store.write_finals(n, self._finals))
         await coordinator.commit_results(n)
 
     def _save_finals(self, n: int) -> None:
         if self._finals:
             store = self.session.store
-            self.session.coordinator.add_parts(n, [store.write_part(n, ref, data) for ref, data in self._finals])
+            self.session.coordinator.add_parts(n, store.write_finals(n, self._finals))
 
     async def emit(self, wid: int, pe: str, port: str, items: list[Any]) -> None:
         await self.gate.emit(wid, pe, port, items)
@@ -2173,7 +2188,7 @@ class LauncherCheckpoints:
                 stand_ins = _stand_ins(states, n)
                 if stand_ins:
                     store = self.session.store
-                    self.session.coordinator.add_parts(n, [store.write_part(n, ref, data) for ref, data in stand_ins])
+                    self.session.coordinator.add_parts(n, store.write_finals(n, stand_ins))
                 await self.gate.finish(wid)
             case _:
                 return False
@@ -2219,7 +2234,7 @@ class RelayCheckpoints:
 
     async def _save_finals(self, n: int) -> None:
         if self._finals:
-            await self.upward.send(Saved(n, [self.store.write_part(n, ref, data) for ref, data, _ in self._finals]))
+            await self.upward.send(Saved(n, self.store.write_finals(n, [(ref, data) for ref, data, _ in self._finals])))
 
     async def emit(self, wid: int, pe: str, port: str, items: list[Any]) -> None:
         await self.gate.emit(wid, pe, port, items)
@@ -2236,7 +2251,7 @@ class RelayCheckpoints:
                 n = self._inflight
                 stand_ins = _stand_ins(states, n)
                 if stand_ins:
-                    await self.upward.send(Saved(n, [self.store.write_part(n, ref, data) for ref, data in stand_ins]))
+                    await self.upward.send(Saved(n, self.store.write_finals(n, stand_ins)))
                 await self.gate.finish(wid)
                 if len(self._finished) == len(self.controls):
                     await self.upward.send(Finals(self._finals))

@@ -53,6 +53,7 @@ from aiod4p._checkpoint import (
     ResultGate,
     ResultsLog,
     Session,
+    Suspended,
     WorkerCheckpoints,
     resumed_feed,
     run_with_recovery,
@@ -276,10 +277,10 @@ class _HeldStore(CheckpointStore):
         self.held = held
         self.release = threading.Event()
 
-    def write_part(self, n: int, ref: InstanceRef, data: bytes) -> dict[str, Any]:
+    def write_part(self, n: int, ref: InstanceRef, data: bytes, finished: bool = False) -> dict[str, Any]:
         if ref == self.held:
             self.release.wait(30)
-        return super().write_part(n, ref, data)
+        return super().write_part(n, ref, data, finished)
 
 
 async def test_a_worker_reports_the_parts_its_finished_instances_saved_before_its_final_states(
@@ -341,6 +342,44 @@ async def test_the_coordinator_keeps_nothing_of_the_checkpoints_it_completed(tmp
     assert await complete(3) == await complete(30)
 
 
+@pytest.mark.parametrize("finished", [False, True])
+async def test_a_suspend_takes_a_checkpoint_at_once_and_stops_the_run_unless_every_instance_finished(
+    tmp_path: Path, finished: bool
+) -> None:
+    """The suspend's checkpoint is triggered at once, not an interval later, and stops the run once complete. A
+    checkpoint made of final states only (every instance ran its postprocess before the trigger reached it: the
+    run is ending by itself) comes too late: the run was reported suspended, not ended, though its postprocess had
+    run (partial windows given out) and a restore resumed nothing."""
+    store = CheckpointStore(tmp_path / "ck")
+    plan = make_plan(_numbers(), PlanOptions())
+    coordinator = Coordinator(store, plan, 30.0, 0, None)
+    triggered: asyncio.Queue[int] = asyncio.Queue()
+    driving = asyncio.create_task(coordinator.drive(triggered.put))
+    try:
+        async with asyncio.timeout(10):
+            coordinator.suspend()
+            n = await triggered.get()
+            if finished:
+                coordinator.add_parts(n, store.write_finals(n, [(ref, b"final") for ref in plan.instances()]))
+            else:
+                coordinator.add_parts(n, [store.write_part(n, ref, b"state") for ref in plan.instances()])
+            await coordinator.commit_results(n)
+            if finished:
+                for _ in range(10):  # the coordinator's turns: it neither stops the run nor hurries a next one
+                    await asyncio.sleep(0)
+            else:
+                await asyncio.wait({driving})
+        if finished:
+            assert not driving.done() and triggered.empty()  # the run's own end is awaited
+        else:
+            with pytest.raises(Suspended) as stopped:
+                driving.result()
+            assert (stopped.value.checkpoint, stopped.value.results_offset) == (n, None)
+    finally:
+        driving.cancel()
+        await asyncio.gather(driving, return_exceptions=True)
+
+
 async def test_a_finished_workers_stand_in_keeps_the_parts_its_instances_saved(tmp_path: Path) -> None:
     """A worker's instances all finish before the trigger of checkpoint n reaches it, one of them after it saved
     its part for n at barrier n (come first through another worker): the launcher writes final states only for
@@ -400,11 +439,11 @@ class _SignalledStore(CheckpointStore):
         self.writing = threading.Event()
         self.release = threading.Event()
 
-    def write_part(self, n: int, ref: InstanceRef, data: bytes) -> dict[str, Any]:
+    def write_part(self, n: int, ref: InstanceRef, data: bytes, finished: bool = False) -> dict[str, Any]:
         if ref == self.held:
             self.writing.set()
             self.release.wait(30)
-        return super().write_part(n, ref, data)
+        return super().write_part(n, ref, data, finished)
 
 
 async def test_a_run_that_ends_inside_a_trigger_commits_the_results_written_after_its_barrier(tmp_path: Path) -> None:

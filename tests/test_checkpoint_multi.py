@@ -776,6 +776,28 @@ def test_cli_suspended_on_async_with_restarts_says_its_printed_results_may_be_ma
     ), err
 
 
+@pytest.mark.parametrize("mapping", ["async", "multi"])
+async def test_drain_and_suspend_do_not_mix_the_first_asked_stands(tmp_path: Path, mapping: str) -> None:
+    """Asked both, a run drained or suspended by timing: a drain's postprocess gave partial windows to the reader,
+    then the suspend made the restore go on. A run that drains cannot be suspended (said), and a run being
+    suspended is not drained."""
+    path, go = tmp_path / "words.txt", tmp_path / "go"
+    write_words(path, 3000)
+    drained = _multi(tmp_path / "ck1", tmp_path / "results1.jsonl", mapping)
+    async with asyncio.timeout(60), start(_held_word_count(path, go), 1, mapping=drained, workers=2) as live:
+        live.drain()
+        with pytest.raises(Aiod4pError, match=r"suspend\(\): the run drains already"):
+            live.suspend()
+        await live.results()
+    assert live.suspended is None
+    suspended = _multi(tmp_path / "ck2", tmp_path / "results2.jsonl", mapping)
+    async with asyncio.timeout(60), start(_held_word_count(path, go), 1, mapping=suspended, workers=2) as live:
+        live.suspend()
+        live.drain()
+        assert len(await live.results()) == 0  # no postprocess: not drained
+    assert live.suspended is not None
+
+
 async def test_a_run_without_checkpoints_cannot_be_suspended() -> None:
     """It could not be resumed: suspend() says so, and the run goes on."""
     async with asyncio.timeout(30), start(_split_count(), {"split": ["a b a"]}) as live:

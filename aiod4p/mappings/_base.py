@@ -60,7 +60,8 @@ class RunControl:
         return _subscribe(self._drain_callbacks, callback, self.draining)
 
     def drain(self) -> None:
-        if not self.draining:
+        """Ask the run to drain; idempotent, and nothing once it is suspending (the suspend's stop stands)."""
+        if not (self.draining or self.suspending):
             self.draining = True
             for callback in list(self._drain_callbacks):
                 callback()
