@@ -433,9 +433,14 @@ class CountingSource(ProducerPE):
         return self.calls
 
 
+@pytest.mark.parametrize(
+    "mapping",
+    [MappingCase("simple", None), MappingCase("async", None), MappingCase("async", 3), MappingCase("multi", 2)],
+    ids=lambda case: case.id,
+)
 def test_a_dispel4py_root_runs_once_whatever_its_numprocesses(mapping: MappingCase) -> None:
     """async gave it 3 instances (and multi, with too few workers for dispel4py's rule): `-i 4` made [1, 2, 1, 1]
-    where dispel4py's every mapping, and aiod4p's simple, multi and mpi, make [1, 2, 3, 4]."""
+    where dispel4py's every mapping makes [1, 2, 3, 4]. The planner decides, alike for every mapping."""
     graph = aiod4p.WorkflowGraph()
     graph.add(source := CountingSource())
     assert sorted(mapping.run(graph, 4).data(source.id)) == [1, 2, 3, 4]

@@ -348,11 +348,17 @@ def test_a_raising_postprocess_fails_the_run(mapping: MappingCase) -> None:
     ],
     ids=["generator", "threaded", "async-generator"],
 )
+@pytest.mark.parametrize(
+    "mapping",
+    [MappingCase("simple", None), MappingCase("async", None), MappingCase("multi", 2)],
+    ids=lambda case: case.id,
+)
 def test_a_generator_stage_fails_the_run(
     mapping: MappingCase, pe: type[IterativePE], stage: str, threaded: bool
 ) -> None:
     """A ``postprocess`` or ``preprocess`` that yielded its items was called, its generator dropped: its body
-    never ran, and the run succeeded without them."""
+    never ran, and the run succeeded without them. The engine calls the stages alike on every mapping: those
+    that run it in this process and one that runs it in worker processes."""
     graph = WorkflowGraph()
     graph.connect(wf.Count(), "output", bad := pe(), "input")
     bad.threaded = threaded
