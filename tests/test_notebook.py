@@ -157,7 +157,9 @@ stuck.connect(Numbers(), "output", Stuck(), "input")
     )
     held = "a PE holds the event loop: interrupting its code"
     cell = notebook.run(f"aiod4p.run(stuck, mapping={mapping!r})", interrupt_on="stuck", again_until=held)
-    assert cell.error is not None and cell.error.startswith("KeyboardInterrupt")
+    # The cell's KeyboardInterrupt; or, when one more press (sent every AGAIN seconds until the message comes)
+    # reaches the kernel while IPython reports it, IPython's bare "KeyboardInterrupt" in its place (seen once in CI).
+    assert (cell.error or "").startswith("KeyboardInterrupt") or cell.stderr.rstrip().endswith("KeyboardInterrupt")
     assert held in cell.stderr
     after = notebook.run("print(sorted(aiod4p.run(graph).data()))")
     assert (after.error, after.stdout) == (None, "[0, 2, 4, 6, 8]\n")
