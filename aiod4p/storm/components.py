@@ -451,11 +451,14 @@ class PESpout(HostedComponent, Spout):  # type: ignore[misc]
     """A spout running a root PE over its feed; see the module docstring."""
 
     wait_seconds = 0.05  # the longest next_tuple waits for the engine when it has nothing ready
-    kill_retry_seconds = 5.0  # how often an orphaned spout whose kill Nimbus did not take tries again
+    kill_retry_seconds = 5.0
+    """How often an orphaned spout whose kill Nimbus did not take tries again (topology option
+    ``aiod4p.kill_retry_secs``)."""
 
     def initialize(self, storm_conf: dict[str, Any], context: dict[str, Any]) -> None:
         self.storm_conf = storm_conf
         self.max_replays = int(storm_conf.get("aiod4p.max_replays", -1))
+        self.kill_retry_seconds = float(storm_conf.get("aiod4p.kill_retry_secs", self.kill_retry_seconds))
         self.sink = _QueueSink(16)
         self._host(context)
         self.worker = self._worker()
@@ -519,7 +522,7 @@ class PESpout(HostedComponent, Spout):  # type: ignore[misc]
             kill(cluster, name)
         except Exception as exc:
             self.logger.error(
-                "could not kill topology %s at %s: %s; trying again in %.0f s",
+                "could not kill topology %s at %s: %s; trying again in %g s",
                 name,
                 cluster.address,
                 exc,
