@@ -23,7 +23,6 @@ import asyncio
 import concurrent.futures
 import contextlib
 import contextvars
-import dataclasses
 import functools
 import logging
 import os
@@ -45,7 +44,7 @@ from .._threads import DaemonThreadPool, finished_in_thread
 from ..errors import MappingUnavailable
 from ..transports.ray import DriverComm
 from ._ray_worker import CONTROL, RayWorker
-from ._shipping import Job, ship
+from ._shipping import Job, ship, shipped_drained
 
 if TYPE_CHECKING:
     from .ray import RayMapping
@@ -320,8 +319,7 @@ class RayRun:
         for a, b in self.plan.worker_pairs():
             peers[a].add(b)
             peers[b].add(a)
-        if draining() and not job.drained:  # while Ray started: the actors run nothing, as the job says
-            payload = ship(dataclasses.replace(job, drained=True), _SHIPPED_FOR, main=True)
+        payload = shipped_drained(job, payload, draining(), _SHIPPED_FOR)  # drained while Ray started
         shared = await finished_in_thread(ray.put, payload)  # one copy in the object store for every worker
         paths = [path for path in sys.path if path]
         self.serving = [

@@ -26,6 +26,7 @@ reference, as plain pickle sends them.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import pickle
 import sys
@@ -45,7 +46,7 @@ from ..errors import GraphError, InputError, TargetError
 if TYPE_CHECKING:
     from ._host import Pumped
 
-__all__ = ["Job", "dumps", "loads", "ship", "unship", "unship_or_error"]
+__all__ = ["Job", "dumps", "loads", "ship", "shipped_drained", "unship", "unship_or_error"]
 
 #: A top-level class or function of ``__main__`` whose pickle is larger is not shipped along (it drags
 #: large globals with it; a PE that uses it carries it all the same).
@@ -245,6 +246,16 @@ def ship(job: Job, purpose: str, hint: str = "", *, main: bool = False) -> bytes
                 f"the input of PE {pe_id} cannot be pickled to {purpose}: {type(error).__name__}: {error}"
             ) from error
         raise GraphError(f"the workflow cannot be pickled to {purpose}: {type(exc).__name__}: {exc}") from exc
+
+
+def shipped_drained(job: Job, payload: bytes, draining: bool, purpose: str) -> bytes:
+    """``payload`` (``job`` shipped for ``purpose``, ``main`` as the workers of a launch that ships it late need:
+    MPI ranks, Ray actors); or, if the run was asked to drain (``draining``) after the job was made and before it
+    is handed over, the job shipped again drained, so that the workers run nothing, as :attr:`Job.drained` says
+    (a ``Drain`` message would reach them only once their sources had produced)."""
+    if draining and not job.drained:
+        return ship(dataclasses.replace(job, drained=True), purpose, main=True)
+    return payload
 
 
 def unship(data: bytes, where: str) -> Job:

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import functools
 import logging
 import os
@@ -67,7 +66,7 @@ from ._mpi_env import (
     ranks_here,
     ranks_of,
 )
-from ._shipping import Job, ship
+from ._shipping import Job, ship, shipped_drained
 
 if TYPE_CHECKING:
     from ._mpi_ranks import StartUp
@@ -636,8 +635,7 @@ class _Job:
         sock = (await loop.sock_accept(ranks.listener))[0]
         # Rank 0 connects once every rank has started MPI: note them before the job, which may end one at once.
         ranks.note_job()
-        if self.control.draining and not prepared.drained:
-            payload = ship(dataclasses.replace(prepared, drained=True), _SHIPPED_FOR, main=True)
+        payload = shipped_drained(prepared, payload, self.control.draining, _SHIPPED_FOR)
         try:
             hand_stdin(sock)
             await loop.sock_sendall(sock, job_frame(payload))
