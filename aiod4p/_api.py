@@ -30,7 +30,7 @@ from ._plan import DEFAULT_BATCH_SIZE, DEFAULT_CREDITS, DEFAULT_MAX_DELAY, Execu
 from ._results import QueueSink, ResultRecord, Results
 from ._signals import ABORT_GRACE, HELD_GRACE, HeldLoopInterrupt, loop_turns
 from ._stats import InstanceStats
-from .errors import Aiod4pError, GraphError, InputError, MappingUnavailable
+from .errors import Aiod4pError, GraphError, InputError, MappingUnavailable, RunInterrupted
 from .mappings import BaseMapping, RunControl, get_mapping
 from .sources import LiveFeed
 
@@ -350,12 +350,21 @@ class WorkflowRun:
         Raises:
             PEError: a PE raised.
             Aiod4pError: the run failed otherwise, or was aborted (:meth:`aclose`).
+            Either carries the results the run gave before it failed in its ``partial_results``.
         """
-        while await self._take_batch():
-            pass
-        collected = Results(list(self._ready))
+        try:
+            while await self._take_batch():
+                pass
+        except Aiod4pError as exc:
+            exc.partial_results = self._take_ready()
+            raise
+        return self._take_ready()
+
+    def _take_ready(self) -> Results:
+        """The results taken from the run and not yet handed out, handed out now."""
+        taken = Results(list(self._ready))
         self._ready.clear()
-        return collected
+        return taken
 
     async def __aenter__(self) -> WorkflowRun:
         return self.start()
@@ -394,16 +403,24 @@ async def run_async(graph: WorkflowGraph, inputs: Inputs = None, **options: Any)
     is in flight yet, and start-up may take seconds), as ``aiod4p run`` does.
 
     Raises:
-        PEError: a PE raised.
+        PEError: a PE raised; its ``partial_results`` holds the results the run gave before.
         GraphError, InputError, MappingUnavailable, ValueError: as :func:`start`.
     """
+    return await _run_draining_on_cancel(graph, inputs, lambda drained: None, **options)
+
+
+async def _run_draining_on_cancel(
+    graph: WorkflowGraph, inputs: Inputs, keep_drained: Callable[[Results], None], **options: Any
+) -> Results:
+    """:func:`run_async`, handing the results of a run drained on cancellation to ``keep_drained`` before the
+    cancellation propagates."""
     async with start(graph, inputs, **options) as workflow:
         try:
             return await workflow.results()
         except asyncio.CancelledError:
             if workflow.under_way:  # else leaving the block aborts the run
                 workflow.drain()
-                await workflow.results()
+                keep_drained(await workflow.results())
             raise
 
 
@@ -418,14 +435,23 @@ def run(graph: WorkflowGraph, inputs: Inputs = None, **options: Any) -> Results:
     async code that must stay responsive awaits :func:`run_async` instead.
 
     Raises:
-        PEError: a PE raised.
+        PEError: a PE raised; its ``partial_results`` holds the results the run gave before.
         GraphError, InputError, MappingUnavailable, ValueError: as :func:`start`.
-        KeyboardInterrupt: interrupted (Ctrl-C, or a notebook's "interrupt the kernel"), after the run drained,
-            or aborted if interrupted twice.
+        RunInterrupted: interrupted (Ctrl-C, or a notebook's "interrupt the kernel"), after the run drained; a
+            ``KeyboardInterrupt`` that holds the drained run's results in its ``partial_results``.
+        KeyboardInterrupt: interrupted twice (the run aborted), or while the mapping was starting.
     """
     mapping_obj = resolve_mapping(options.get("mapping", "async"))
     options["mapping"] = mapping_obj
-    return run_blocking(lambda: run_async(graph, inputs, **options), mapping_obj.uses_uvloop)
+    drained: list[Results] = []
+    try:
+        return run_blocking(
+            lambda: _run_draining_on_cancel(graph, inputs, drained.append, **options), mapping_obj.uses_uvloop
+        )
+    except KeyboardInterrupt:
+        if drained:
+            raise RunInterrupted(drained[0]) from None
+        raise
 
 
 def run_blocking(main: Callable[[], Coroutine[Any, Any, T]], use_uvloop: bool) -> T:

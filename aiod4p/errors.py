@@ -16,19 +16,27 @@
         ├── PeerDied                  the peer vanished
         ├── UnpicklableMessage        a message cannot be pickled (nothing was sent)
         └── aiod4p.storm.WireError    an item aiod4p.storm's wire encoding of Storm's multilang protocol refuses
+    KeyboardInterrupt             Python's: ``except Exception`` does not catch an interrupt
+    └── RunInterrupted            aiod4p.run() was interrupted, and its run drained (its results are kept)
 
 Each class's docstring says when it is raised. Errors from back ends (pipes,
 MPI, Storm, Ray, the file system) are mapped into this tree with ``raise ...
 from exc``, so a failed run, load or build raises one of these; an invalid
 argument (a negative number of workers, an unknown start method) raises
 :class:`ValueError` or :class:`TypeError`, as Python's own functions do.
-Every public class here is also reachable as ``aiod4p.<name>``.
+Every public class here is also reachable as ``aiod4p.<name>``. The error that ends a run raised by
+:func:`aiod4p.run`, :func:`aiod4p.run_async` or :meth:`aiod4p.WorkflowRun.results` carries the results the
+run gave before it failed, in its ``partial_results``.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ._results import Results
 
 __all__ = [
     "Aiod4pError",
@@ -40,6 +48,7 @@ __all__ = [
     "TargetError",
     "TransportError",
     "PeerDied",
+    "RunInterrupted",
     "ChannelClosed",
     "EndOfChannel",
     "UnpicklableMessage",
@@ -50,7 +59,15 @@ __all__ = [
 class Aiod4pError(Exception):
     """Base class of every error aiod4p raises on purpose; raised itself where no subclass names the failure
     (Graphviz's ``dot`` or an optional package such as ``prov`` or ``matplotlib`` missing, a statistics or
-    provenance file that cannot be read, a feed that is closed, Storm's ``sparse submit`` failing)."""
+    provenance file that cannot be read, a feed that is closed, Storm's ``sparse submit`` failing).
+
+    Attributes:
+        partial_results: on the error that ended a run, as :func:`aiod4p.run`, :func:`aiod4p.run_async` and
+            :meth:`aiod4p.WorkflowRun.results` raise it, the results the run gave before it failed (but those a
+            reader already took from the run by iterating it); ``None`` on every other error.
+    """
+
+    partial_results: Results | None = None
 
 
 class GraphError(Aiod4pError):
@@ -161,6 +178,24 @@ class UnpicklableMessage(TransportError):
 
     def __reduce__(self) -> tuple[object, ...]:
         return (TransportError, (str(self),))
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """:func:`aiod4p.run` was interrupted (Ctrl-C, a notebook's "interrupt the kernel") and its run drained: the
+    sources stopped, the items in flight finished, every ``postprocess`` ran. A ``KeyboardInterrupt``, so that
+    the interrupt still stops the caller; the drained run's results are in :attr:`partial_results` (in a
+    notebook, the cell's error is ``sys.last_value``).
+
+    Attributes:
+        partial_results: the results of the drained run.
+    """
+
+    def __init__(self, partial_results: Results) -> None:
+        self.partial_results = partial_results
+        super().__init__(
+            f"the run was interrupted and drained; its {len(partial_results):,} results are in this exception's"
+            " partial_results"
+        )
 
 
 class WorkerDied(Aiod4pError):

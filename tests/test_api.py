@@ -27,6 +27,7 @@ from aiod4p import (
     InstanceStats,
     IterativePE,
     MappingUnavailable,
+    PEError,
     WorkflowGraph,
     chain,
 )
@@ -264,18 +265,20 @@ async def test_run_inside_a_loop_runs_in_a_thread_and_warns_outside_a_notebook()
         aiod4p.run(failing)
 
 
-class InterruptsAt(ConsumerPE):
-    """Sends SIGINT to the main thread (as Ctrl-C does) at its ``at``-th item; records that postprocess ran."""
+class InterruptsAt(IterativePE):
+    """Gives its items back, and sends SIGINT to the main thread (as Ctrl-C does) at its ``at``-th; records
+    that postprocess ran."""
 
     def __init__(self, at: int) -> None:
         super().__init__()
         self.at = at
         self.state = wf.Shared(seen=0, finished=False)
 
-    def consume(self, item: int) -> None:
+    def process_item(self, item: int) -> int:
         self.state.seen += 1
         if self.state.seen == self.at:
             ctrl_c()
+        return item
 
     def postprocess(self) -> None:
         self.state.finished = True
@@ -310,9 +313,47 @@ async def test_an_interrupt_of_a_run_beside_a_running_loop_drains_it(mapping: st
     graph = WorkflowGraph()
     double, sink = wf.Double(), InterruptsAt(50)
     graph.connect(double, "output", sink, "input")
-    with pytest.warns(RuntimeWarning), pytest.raises(KeyboardInterrupt):
+    with pytest.warns(RuntimeWarning), pytest.raises(aiod4p.RunInterrupted) as interrupted:
         aiod4p.run(graph, {double: endless()}, mapping=mapping)
     assert sink.state.finished and sink.state.seen >= 50
+    drained = interrupted.value.partial_results.data()
+    assert drained == [2 * i for i in range(sink.state.seen)]  # every item the drain let finish, none lost
+    assert isinstance(interrupted.value, KeyboardInterrupt)
+
+
+class GivesBackUntil(IterativePE):
+    """Gives its items back, and raises at ``bad``."""
+
+    def __init__(self, bad: int) -> None:
+        super().__init__(parallelism=1)
+        self.bad = bad
+
+    def process_item(self, item: int) -> int:
+        if item == self.bad:
+            raise RuntimeError(f"{item} is bad")
+        return item
+
+
+@pytest.mark.parametrize("mapping", ["simple", "async", "multi"])
+def test_the_error_of_a_failed_run_carries_the_results_it_gave_before(mapping: str) -> None:
+    """A scientist's long run failing near its end still gives what it had made (``aiod4p run`` prints it)."""
+    graph = WorkflowGraph()
+    graph.add(pe := GivesBackUntil(7))
+    with pytest.raises(PEError, match="7 is bad") as failed:
+        aiod4p.run(graph, {pe: range(10)}, mapping=mapping)
+    assert failed.value.partial_results is not None
+    assert failed.value.partial_results.data() == list(range(7))
+
+
+async def test_the_error_of_a_failed_run_carries_the_results_not_yet_iterated() -> None:
+    graph = WorkflowGraph()
+    graph.add(pe := GivesBackUntil(7))
+    async with aiod4p.start(graph, {pe: range(10)}, mapping="simple", batch_size=1) as workflow:
+        first = await anext(workflow)
+        with pytest.raises(PEError) as failed:
+            await workflow.results()
+    assert failed.value.partial_results is not None
+    assert [first.data, *failed.value.partial_results.data()] == list(range(7))
 
 
 @pytest.mark.parametrize("use_uvloop", [False, True])

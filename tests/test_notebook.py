@@ -90,7 +90,7 @@ def notebook() -> Iterator[Notebook]:
 DEFINITIONS = """
 import itertools
 import aiod4p
-from aiod4p import ConsumerPE, IterativePE, ProducerPE, WorkflowGraph
+from aiod4p import IterativePE, ProducerPE, WorkflowGraph
 
 class Numbers(ProducerPE):
     def produce(self):
@@ -104,10 +104,11 @@ class Endless(ProducerPE):
     def produce(self):
         yield from itertools.count()
 
-class Show(ConsumerPE):
-    def consume(self, x):
+class Show(IterativePE):
+    def process_item(self, x):
         if x == 5000:
             print("seen 5000", flush=True)
+        return x
     def postprocess(self):
         print("postprocess ran", flush=True)
 
@@ -131,8 +132,10 @@ def test_a_cell_runs_a_workflow_defined_in_the_notebook(notebook: Notebook) -> N
 def test_interrupting_the_kernel_drains_the_run_and_the_kernel_goes_on(notebook: Notebook, mapping: str) -> None:
     notebook.run(DEFINITIONS)
     cell = notebook.run(f"aiod4p.run(endless, mapping={mapping!r})", interrupt_on="seen 5000")
-    assert cell.error is not None and cell.error.startswith("KeyboardInterrupt")
+    assert cell.error is not None and cell.error.startswith("RunInterrupted")
     assert cell.stdout == "seen 5000\npostprocess ran\n"
+    kept = notebook.run("import sys; drained = sys.last_value.partial_results.data(); print(drained[5000])")
+    assert (kept.error, kept.stdout) == (None, "5000\n")  # the drained run's results, kept
     after = notebook.run("print(sorted(aiod4p.run(graph).data()))")
     assert (after.error, after.stdout) == (None, "[0, 2, 4, 6, 8]\n")
 
