@@ -37,7 +37,7 @@ HOST = "127.0.0.1"
 ZK_PORT = int(os.environ.get("STORM_ZK_PORT", "2181"))
 NIMBUS_PORT = int(os.environ.get("STORM_NIMBUS_PORT", "6627"))
 SUPERVISOR_PORT = int(os.environ.get("STORM_SUPERVISOR_PORT", "6628"))
-SLOTS = [int(p) for p in os.environ.get("STORM_SLOTS", "6700,6701").split(",")]
+SLOTS = [int(p) for p in os.environ.get("STORM_SLOTS", "6700,6701,6702,6703").split(",")]
 START_TIMEOUT = float(os.environ.get("STORM_START_TIMEOUT", "300"))
 DAEMONS = ("zookeeper", "nimbus", "supervisor")  # start order; stopped in reverse
 ZK_MAIN = "org.apache.storm.shade.org.apache.zookeeper.server.ZooKeeperServerMain"
@@ -93,9 +93,11 @@ def storm_yaml() -> str:
         'worker.childopts: "-Xmx%HEAP-MEM%m -XX:+UseSerialGC -XX:TieredStopAtLevel=1"',
         "worker.heap.memory.mb: 384",
         "topology.worker.max.heap.size.mb: 384",
-        # Nimbus hands new assignments to the Supervisor at once; these bound the waits under load.
-        "nimbus.monitor.freq.secs: 2",
+        # Nimbus assigns a submitted topology at its next monitor round, and the Supervisor frees the slot of a
+        # killed one after its shutdown sleep (3 s by default, twice): seconds a topology, kept short.
+        "nimbus.monitor.freq.secs: 1",
         "supervisor.monitor.frequency.secs: 1",
+        "supervisor.worker.shutdown.sleep.secs: 1",
         "nimbus.topology.blobstore.deletion.delay.ms: 1000",
         "storm.blobstore.replication.factor: 1",
         "topology.min.replication.count: 1",

@@ -5,7 +5,7 @@ suite); when none answers, the module starts it and stops it at the end. Under C
 cannot start fails these tests; they are skipped only outside CI on a machine without Java.
 A submission costs seconds and each Storm task is a Python process: the workflows whose results
 are compared with another mapping's run side by side in one shared topology (:func:`shared_run`),
-and every other test submits one topology of a few tasks.
+and every other test submits one topology of a few tasks, beside the others (:func:`side_by_side`).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from decimal import Decimal
 from fractions import Fraction
 from pathlib import Path
@@ -85,9 +85,38 @@ def multiset(items: list[Any]) -> Counter[str]:
     return Counter(json.dumps(item, sort_keys=True) for item in items)
 
 
+# -- a topology a test, side by side -----------------------------------------------------------------
+# A test with a topology of its own spends seconds waiting on Storm (Nimbus's next assignment round, the
+# Supervisor's slot, a worker JVM starting, the slot freed after a kill), little of it on a CPU: those tests
+# run side by side, SIDE_BY_SIDE at a time on the cluster's four worker slots, each test waiting for its own.
+
+SIDE_BY_SIDE = 3
+Scenario = Callable[[str], None]
+SCENARIOS: dict[str, Scenario] = {}
+
+
+def side_by_side(scenario: Scenario) -> Callable[[dict[str, concurrent.futures.Future[None]]], None]:
+    """The test ``scenario(nimbus)``, run beside the others (:func:`scenarios`): the test fails as it fails."""
+    SCENARIOS[scenario.__name__] = scenario
+
+    def test(scenarios: dict[str, concurrent.futures.Future[None]]) -> None:
+        scenarios[scenario.__name__].result(timeout=SUBMISSION)
+
+    test.__doc__ = scenario.__doc__
+    return test
+
+
+@pytest.fixture(scope="module")
+def scenarios(nimbus: str) -> Iterator[dict[str, concurrent.futures.Future[None]]]:
+    """Every side-by-side test of the module, started at once in the order of the module; waited for at its end."""
+    with concurrent.futures.ThreadPoolExecutor(SIDE_BY_SIDE, thread_name_prefix="storm-test") as pool:
+        yield {name: pool.submit(scenario, nimbus) for name, scenario in SCENARIOS.items()}
+
+
 # -- the command line ------------------------------------------------------------------------------
 
 
+@side_by_side
 def test_wordcount_from_the_cli_prints_the_counts_of_simple(nimbus: str) -> None:
     storm = cli("examples/wordcount.py", "--mapping", "storm", "--nimbus", nimbus, "-n", "2", "--results", "-")
     assert storm.returncode == 0, storm.stderr
@@ -97,6 +126,7 @@ def test_wordcount_from_the_cli_prints_the_counts_of_simple(nimbus: str) -> None
     assert records
 
 
+@side_by_side
 def test_a_pe_exception_fails_the_run_naming_the_pe(nimbus: str) -> None:
     done = cli("tests/storm_workflows.py:failing", "--mapping", "storm", "--nimbus", nimbus, "-i", "5")
     assert done.returncode == 1
@@ -105,6 +135,7 @@ def test_a_pe_exception_fails_the_run_naming_the_pe(nimbus: str) -> None:
     assert done.stderr.count("Storm fails the tuple; its spout replays it") == 4, done.stderr
 
 
+@side_by_side
 def test_an_item_that_cannot_cross_storm_fails_the_run_without_replays(nimbus: str) -> None:
     done = cli("tests/storm_workflows.py:unencodable", "--mapping", "storm", "--nimbus", nimbus, "-i", "5")
     assert done.returncode == 1
@@ -158,6 +189,7 @@ def drained_ticks(lines: list[str]) -> list[int]:
     return ticks
 
 
+@side_by_side
 def test_a_live_source_drains_on_sigint(nimbus: str) -> None:
     process = interrupted("tests/storm_workflows.py:endless", nimbus)
     assert process.stdout is not None
@@ -210,6 +242,7 @@ class GateKeeper:
         self.server.close()
 
 
+@side_by_side
 def test_a_signal_before_every_task_has_started_drains_the_run(nimbus: str) -> None:
     # Every task waits at the gate before it says hello to the run: the signal comes before any has.
     gate = GateKeeper()
@@ -229,6 +262,7 @@ def test_a_signal_before_every_task_has_started_drains_the_run(nimbus: str) -> N
     drained_ticks(out.splitlines())
 
 
+@side_by_side
 def test_a_signal_during_the_submission_drains_the_run(nimbus: str) -> None:
     process = interrupted("tests/storm_workflows.py:endless", nimbus, "-v")
     said = read_until(process.stderr, "submitting topology")  # sparse submit now takes seconds, in a thread
@@ -244,6 +278,7 @@ def test_a_signal_during_the_submission_drains_the_run(nimbus: str) -> None:
     assert left in ({}, {name: "KILLED"}), left
 
 
+@side_by_side
 def test_the_topology_of_a_killed_run_is_killed_by_its_spout(nimbus: str) -> None:
     """A run killed outright (SIGKILL) kills nothing; its spout finds the run gone and kills the topology, at the
     Nimbus its Storm configuration names."""
@@ -333,14 +368,18 @@ class Shared:
 _SHARED: list[Shared] = []
 
 
-def shared_run(nimbus: str, monkeypatch: pytest.MonkeyPatch) -> Shared:
+def shared_run(
+    nimbus: str, monkeypatch: pytest.MonkeyPatch, scenarios: dict[str, concurrent.futures.Future[None]]
+) -> Shared:
     """groupings(), examples() and dispel4py's examples as one topology, run once for the tests that read it.
 
     A submission costs seconds, and each Storm task is a Python process: one
-    topology of about a hundred tasks costs less than a topology per test.
+    topology of about a hundred tasks costs less than a topology per test. It runs once the side-by-side tests
+    have ended, which would compete with its hundred tasks for the CPUs.
     """
     if _SHARED:
         return _SHARED[0]
+    concurrent.futures.wait(scenarios.values())
     shared = Shared()
     combined = WorkflowGraph()
     inputs: dict[str, Any] = {}
@@ -372,8 +411,10 @@ def shared_run(nimbus: str, monkeypatch: pytest.MonkeyPatch) -> Shared:
 
 
 @pytest.mark.usefixtures("dispel4py_hook")
-def test_groupings_and_workflows_give_the_results_of_simple(nimbus: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    shared = shared_run(nimbus, monkeypatch)
+def test_groupings_and_workflows_give_the_results_of_simple(
+    nimbus: str, monkeypatch: pytest.MonkeyPatch, scenarios: dict[str, concurrent.futures.Future[None]]
+) -> None:
+    shared = shared_run(nimbus, monkeypatch, scenarios)
     got = by_class(shared.results, shared.groupings)
     simple_graph = groupings()
     expected = by_class(aiod4p.run(simple_graph, 10, mapping="simple").by_port(), simple_graph)
@@ -427,9 +468,11 @@ def test_groupings_and_workflows_give_the_results_of_simple(nimbus: str, monkeyp
 
 
 @pytest.mark.usefixtures("dispel4py_hook")
-def test_the_examples_give_the_results_of_async(nimbus: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_examples_give_the_results_of_async(
+    nimbus: str, monkeypatch: pytest.MonkeyPatch, scenarios: dict[str, concurrent.futures.Future[None]]
+) -> None:
     # async, not simple: like Storm it runs the instances the examples ask for (split_merge's Monitor has 2).
-    shared = shared_run(nimbus, monkeypatch)
+    shared = shared_run(nimbus, monkeypatch, scenarios)
     got = by_class(shared.results, shared.examples)
     async_graph = examples()
     expected = by_class(aiod4p.run(async_graph, 5, mapping="async").by_port(), async_graph)
@@ -439,10 +482,12 @@ def test_the_examples_give_the_results_of_async(nimbus: str, monkeypatch: pytest
             assert multiset(got[key]) == multiset(items), key
 
 
-def test_equal_keys_of_every_number_type_meet_in_one_task(nimbus: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_equal_keys_of_every_number_type_meet_in_one_task(
+    nimbus: str, monkeypatch: pytest.MonkeyPatch, scenarios: dict[str, concurrent.futures.Future[None]]
+) -> None:
     """Storm grouped by the Java value of a key's JSON: ``1`` and ``1.0`` (a Long, a Double) went to two tasks,
     and a key JSON cannot carry (a Fraction, a Decimal) failed the run."""
-    shared = shared_run(nimbus, monkeypatch)
+    shared = shared_run(nimbus, monkeypatch, scenarios)
     (sink,) = (pe.id for pe in shared.keys.flatten().pes.values() if isinstance(pe, workflows.WhoSawWhat))
     seen = shared.results[(sink, "output")]
     owners: dict[float, set[int]] = {}
@@ -452,6 +497,7 @@ def test_equal_keys_of_every_number_type_meet_in_one_task(nimbus: str, monkeypat
     assert all(len(owner) == 1 for owner in owners.values()), owners
 
 
+@side_by_side
 def test_seismic_from_the_cli_gives_the_results_of_simple(nimbus: str) -> None:
     """Its traces hold numpy arrays, which JSON cannot carry: it failed at its first trace."""
     small = ["-d", json.dumps({"Synthesise": [{"stations": 3, "seconds": 120}]}), "--results", "-"]
@@ -468,8 +514,10 @@ def test_seismic_from_the_cli_gives_the_results_of_simple(nimbus: str) -> None:
 
 @pytest.mark.skipif(not differential.D4P_PYTHON.exists(), reason="dispel4py 1.2.1 is not installed")
 @pytest.mark.usefixtures("dispel4py_hook")
-def test_dispel4py_examples_give_the_results_of_dispel4py(nimbus: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    shared = shared_run(nimbus, monkeypatch)
+def test_dispel4py_examples_give_the_results_of_dispel4py(
+    nimbus: str, monkeypatch: pytest.MonkeyPatch, scenarios: dict[str, concurrent.futures.Future[None]]
+) -> None:
+    shared = shared_run(nimbus, monkeypatch, scenarios)
     for name in DISPEL4PY:
         graph = shared.dispel4py[name]
         fresh = differential.fresh_ids(graph)
@@ -481,6 +529,7 @@ def test_dispel4py_examples_give_the_results_of_dispel4py(nimbus: str, monkeypat
         differential.check_example(name, got, expected, differential.BROADCAST.get(name, 1))
 
 
+@side_by_side
 def test_a_pe_call_past_the_subprocess_timeout_fails_the_run_saying_what_storm_reported(nimbus: str) -> None:
     """Storm stops the worker of a task silent past topology.subprocess.timeout.secs, and with it every task:
     the run says why, as Nimbus reported it (it named only a stopped task, whose worker 'another of its tasks died'
@@ -491,6 +540,7 @@ def test_a_pe_call_past_the_subprocess_timeout_fails_the_run_saying_what_storm_r
         aiod4p.run(storm_workflows.stuck(), 5, mapping=mapping)
 
 
+@side_by_side
 def test_a_dead_worker_fails_the_run(nimbus: str) -> None:
     # Instance 1 of FailsOnInstance kills its own process (the Python side of a Storm task).
     graph = workflows.mpi_killed()
