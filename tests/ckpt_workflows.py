@@ -238,8 +238,12 @@ class HeldLines(SourcePE):
     the newest when the source opened has completed (the next one of each attempt of a restarted run).
 
     Checkpoints go on while the lines are held (a waiting source snapshots), so a test can make sure that
-    a run reaches the checkpoints it waits for before its input ends, however fast the machine.
+    a run reaches the checkpoints it waits for before its input ends, however fast the machine. Where and how
+    long it holds is the graph's, not the checkpoint's: a restored attempt holds at its own gate (it held at the
+    killed attempt's, after as many lines as that attempt held after).
     """
+
+    checkpoint_exclude = ("until", "hold_after")
 
     def __init__(
         self, path: str | os.PathLike[str], until: str | os.PathLike[str] | NextCheckpoint, hold_after: int

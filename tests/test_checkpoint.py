@@ -110,19 +110,18 @@ def test_checkpointed_run_gives_the_results_of_a_plain_run(tmp_path: Path, words
 
 class _Killer:
     """Knows when Count instances counted ``threshold`` words (or Numbers made as many) in this attempt,
-    and ``new`` checkpoints completed in ``checkpointed`` since it was made; then creates ``gate``, if given.
+    and ``new`` checkpoints completed in ``checkpointed`` since it was made.
 
     It looks every 1000 words (``ckpt_workflows.HOOK``) and at every checkpoint completed (:meth:`completed`):
-    a source held until ``gate`` exists (:class:`HeldLines`) counts no more words, and its
-    checkpoints still complete.
+    a source held until its gate exists (:class:`HeldLines`; the gate of a killed attempt never opens, so the
+    attempt cannot end before its abort does) counts no more words, and its checkpoints still complete.
     """
 
-    def __init__(self, threshold: int, checkpointed: Path | None = None, new: int = 1, gate: Path | None = None):
+    def __init__(self, threshold: int, checkpointed: Path | None = None, new: int = 1):
         self.threshold = threshold
         self.checkpointed = checkpointed
         self.before = complete_checkpoints(checkpointed) if checkpointed is not None else set()
         self.new = new
-        self.gate = gate
         self.reached = asyncio.Event()
         self.calls = 0
 
@@ -138,8 +137,6 @@ class _Killer:
             self.checkpointed is None or len(complete_checkpoints(self.checkpointed) - self.before) >= self.new
         ):
             self.reached.set()
-            if self.gate is not None:
-                self.gate.touch()
 
 
 def _held_word_count(words: Path, gate: Path, threshold: int) -> WorkflowGraph:
@@ -156,10 +153,9 @@ async def _run_until_killed(
     inputs: Any = 1,
     checkpointed: Path | None = None,
     new: int = 1,
-    gate: Path | None = None,
 ) -> bool:
     """Run, aborting (no drain: a kill) at the moment chosen; whether the run finished before it."""
-    killer = _Killer(threshold, checkpointed, new, gate)
+    killer = _Killer(threshold, checkpointed, new)
     ckpt_workflows.HOOK = killer
     try:
         with on_completed(killer.completed):
@@ -194,7 +190,7 @@ async def test_killed_three_times_restored_with_other_n_counts_exactly(tmp_path:
         threshold = rng.randrange(count // 30, count // 5, 1000)
         gate = tmp_path / f"killed-{workers}"
         graph = _held_word_count(words, gate, threshold)
-        assert not await _run_until_killed(graph, mapping, workers, threshold, checkpointed=directory, gate=gate)
+        assert not await _run_until_killed(graph, mapping, workers, threshold, checkpointed=directory)
     assert restored[0] == 0 and restored[1] > 0 and restored[2] > restored[1]
     final = await run_async(word_count(words), 1, mapping=_mapping(directory, results, restore=True), workers=3)
     assert _counts(final) == expected_counts(words)
@@ -207,9 +203,7 @@ async def test_torn_checkpoint_is_ignored(tmp_path: Path) -> None:
     directory = tmp_path / "ck"
     gate = tmp_path / "killed"
     graph = _held_word_count(words, gate, 0)
-    assert not await _run_until_killed(
-        graph, _mapping(directory, keep=5), 2, 0, checkpointed=directory, new=2, gate=gate
-    )
+    assert not await _run_until_killed(graph, _mapping(directory, keep=5), 2, 0, checkpointed=directory, new=2)
     store = CheckpointStore(directory, keep=5)
     complete = [n for n in store.ids() if (store.path(n) / MANIFEST).exists()]
     newest, previous = complete[-1], complete[-2]
@@ -242,7 +236,7 @@ async def test_a_checkpoint_before_a_restored_source_resumes_keeps_its_position(
     directory = tmp_path / "ck"
     gate = tmp_path / "killed"
     graph = _held_word_count(words, gate, 5000)
-    assert not await _run_until_killed(graph, _mapping(directory), 2, 5000, checkpointed=directory, gate=gate)
+    assert not await _run_until_killed(graph, _mapping(directory), 2, 5000, checkpointed=directory)
     store = CheckpointStore(directory)
     restored = store.latest()
     assert restored is not None
@@ -1909,7 +1903,7 @@ async def test_statistics_after_a_restore_count_the_items_before_its_checkpoint(
     write_words(words, 40_000)
     directory, gate = tmp_path / "ck", tmp_path / "killed"
     graph = _held_word_count(words, gate, 0)
-    assert not await _run_until_killed(graph, _mapping(directory), 2, 0, checkpointed=directory, new=2, gate=gate)
+    assert not await _run_until_killed(graph, _mapping(directory), 2, 0, checkpointed=directory, new=2)
     async with (
         asyncio.timeout(30),
         start(word_count(words), 1, mapping=_mapping(directory, restore=True), workers=3) as restored,
@@ -1935,7 +1929,7 @@ async def test_the_samples_of_a_restore_in_a_new_process_show_the_work_it_did(tm
     directory, gate = tmp_path / "ck", tmp_path / "killed"
     graph = _held_word_count(words, gate, 20_000)
     async with asyncio.timeout(30):
-        assert not await _run_until_killed(graph, _mapping(directory), 2, 20_000, checkpointed=directory, gate=gate)
+        assert not await _run_until_killed(graph, _mapping(directory), 2, 20_000, checkpointed=directory)
     checkpoint = CheckpointStore(directory).latest()
     assert checkpoint is not None
     carried = sum(state["stats"]["items_in"] for ref, state in checkpoint.states.items() if ref.pe == "count")
@@ -2010,7 +2004,7 @@ async def test_provenance_after_a_restore_marks_each_instance_with_the_checkpoin
     write_words(words, 40_000)
     directory, gate = tmp_path / "ck", tmp_path / "killed"
     assert not await _run_until_killed(
-        _held_word_count(words, gate, 0), _mapping(directory), 2, 0, checkpointed=directory, new=2, gate=gate
+        _held_word_count(words, gate, 0), _mapping(directory), 2, 0, checkpointed=directory, new=2
     )
     latest = CheckpointStore(directory).latest()
     assert latest is not None
