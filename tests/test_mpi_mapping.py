@@ -676,6 +676,17 @@ def test_a_rank_killed_by_a_signal_fails_the_run_naming_the_rank_and_its_pe_inst
     assert time.monotonic() - started < 10
 
 
+def test_a_rank_exiting_by_itself_fails_the_run_naming_the_rank_and_its_pe_instances() -> None:
+    """Hydra prints no banner for a rank that exits by no signal (``os._exit(3)``): the run named only the
+    mpiexec's status. The rank is the first of the job's to end."""
+    with pytest.raises(
+        WorkerDied,
+        match=r"MPI rank \d \(pid \d+ on \S+; it ran [^)]*FailsOnInstance\d+\[1\][^)]*\) was the first of the job's"
+        r" ranks to end: mpiexec exited with status 3 before the run finished",
+    ):
+        aiod4p.run(wf.mpi_failing(exits=3), 100, mapping="mpi", workers=2)
+
+
 def test_ranks_exiting_badly_after_the_run_finished_leave_its_results(caplog: pytest.LogCaptureFixture) -> None:
     # Every rank had sent all it had: the run's results are complete (and a checkpointed run must not be
     # restarted to redo them), so mpiexec's status is a warning.
@@ -950,7 +961,7 @@ def test_a_rank_left_running_once_its_mpiexec_is_reaped_is_killed(monkeypatch: p
             assert ranks.process.poll() is None and time.monotonic() < deadline, commands
             time.sleep(0.01)  # ok-sleep: polling for the processes mpiexec starts
         ranks.note_job()
-        held = pidfds(set(started))
+        held = list(pidfds(set(started)).values())
         proxy = next(pid for pid, command in commands.items() if b"hydra_pmi_proxy" in command)
         os.kill(proxy, signal.SIGKILL)
     finally:

@@ -451,11 +451,12 @@ def proxy_topology_files() -> list[str]:
 
 
 class FailsOnInstance(IterativePE):
-    """Instance ``instance`` raises on its first item (``kill``: kills its own process instead)."""
+    """Instance ``instance`` raises on its first item (``kill``: kills its own process instead; ``exits``: its
+    process exits with that status, as ``os._exit`` does, by no signal)."""
 
-    def __init__(self, instance: int = 1, kill: bool = False) -> None:
+    def __init__(self, instance: int = 1, kill: bool = False, exits: int | None = None) -> None:
         super().__init__()
-        self.failing, self.kill = instance, kill
+        self.failing, self.kill, self.exits = instance, kill, exits
 
     def process_item(self, item: int) -> int:
         if self.instance == self.failing:
@@ -467,6 +468,8 @@ class FailsOnInstance(IterativePE):
                     os.write(2, f"{' '.join([said, *files])}\n".encode())
             if self.kill:
                 os.kill(os.getpid(), signal.SIGKILL)
+            if self.exits is not None:
+                os._exit(self.exits)
             raise ValueError(f"instance {self.instance} refuses item {item}")
         return item
 
@@ -482,14 +485,15 @@ def mpi_hosts() -> WorkflowGraph:
     return graph
 
 
-def mpi_failing(kill: bool = False) -> WorkflowGraph:
-    """Count -> FailsOnInstance: instance 1 fails on its first item (``kill``: its process dies).
+def mpi_failing(kill: bool = False, exits: int | None = None) -> WorkflowGraph:
+    """Count -> FailsOnInstance: instance 1 fails on its first item (``kill``: its process dies; ``exits``: its
+    process exits with that status).
 
     Every instance gets every item: a shuffle may keep cheap items beside their sender, and instance 1 (on
     another worker, rank or Storm task) then never got one, and the run ended well.
     """
     graph = WorkflowGraph()
-    graph.connect(Count(), "output", FailsOnInstance(1, kill), "input", grouping=ALL)
+    graph.connect(Count(), "output", FailsOnInstance(1, kill, exits), "input", grouping=ALL)
     return graph
 
 
