@@ -30,7 +30,7 @@ from ._plan import DEFAULT_BATCH_SIZE, DEFAULT_CREDITS, DEFAULT_MAX_DELAY, Execu
 from ._results import QueueSink, ResultRecord, Results
 from ._signals import ABORT_GRACE, HELD_GRACE, HeldLoopInterrupt, loop_turns
 from ._stats import InstanceStats
-from .errors import Aiod4pError, GraphError, InputError, MappingUnavailable, RunInterrupted
+from .errors import Aiod4pError, GraphError, InputError, MappingUnavailable
 from .mappings import BaseMapping, RunControl, get_mapping
 from .sources import LiveFeed
 
@@ -437,9 +437,10 @@ def run(graph: WorkflowGraph, inputs: Inputs = None, **options: Any) -> Results:
     Raises:
         PEError: a PE raised; its ``partial_results`` holds the results the run gave before.
         GraphError, InputError, MappingUnavailable, ValueError: as :func:`start`.
-        RunInterrupted: interrupted (Ctrl-C, or a notebook's "interrupt the kernel"), after the run drained; a
-            ``KeyboardInterrupt`` that holds the drained run's results in its ``partial_results``.
-        KeyboardInterrupt: interrupted twice (the run aborted), or while the mapping was starting.
+        KeyboardInterrupt: interrupted (Ctrl-C, or a notebook's "interrupt the kernel"): once the run drained,
+            with its results in the exception's ``partial_results`` attribute (in a notebook,
+            ``sys.last_value.partial_results``); interrupted twice (the run aborted), or while the mapping was
+            starting, without.
     """
     mapping_obj = resolve_mapping(options.get("mapping", "async"))
     options["mapping"] = mapping_obj
@@ -448,9 +449,13 @@ def run(graph: WorkflowGraph, inputs: Inputs = None, **options: Any) -> Results:
         return run_blocking(
             lambda: _run_draining_on_cancel(graph, inputs, drained.append, **options), mapping_obj.uses_uvloop
         )
-    except KeyboardInterrupt:
-        if drained:
-            raise RunInterrupted(drained[0]) from None
+    except KeyboardInterrupt as interrupted:
+        if drained:  # Python's own class, so that a script it ends still ends as killed by SIGINT (status 130)
+            interrupted.partial_results = results = drained[0]  # type: ignore[attr-defined]
+            interrupted.args = (
+                f"the run was interrupted and drained; its {len(results):,} results are in this exception's"
+                " partial_results",
+            )
         raise
 
 

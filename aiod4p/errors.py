@@ -16,8 +16,6 @@
         ├── PeerDied                  the peer vanished
         ├── UnpicklableMessage        a message cannot be pickled (nothing was sent)
         └── aiod4p.storm.WireError    an item aiod4p.storm's wire encoding of Storm's multilang protocol refuses
-    KeyboardInterrupt             Python's: ``except Exception`` does not catch an interrupt
-    └── RunInterrupted            aiod4p.run() was interrupted, and its run drained (its results are kept)
 
 Each class's docstring says when it is raised. Errors from back ends (pipes,
 MPI, Storm, Ray, the file system) are mapped into this tree with ``raise ...
@@ -26,7 +24,8 @@ argument (a negative number of workers, an unknown start method) raises
 :class:`ValueError` or :class:`TypeError`, as Python's own functions do.
 Every public class here is also reachable as ``aiod4p.<name>``. The error that ends a run raised by
 :func:`aiod4p.run`, :func:`aiod4p.run_async` or :meth:`aiod4p.WorkflowRun.results` carries the results the
-run gave before it failed, in its ``partial_results``.
+run gave before it failed, in its ``partial_results``; so does the ``KeyboardInterrupt`` that :func:`aiod4p.run`
+raises once an interrupt has drained its run.
 """
 
 from __future__ import annotations
@@ -48,7 +47,6 @@ __all__ = [
     "TargetError",
     "TransportError",
     "PeerDied",
-    "RunInterrupted",
     "ChannelClosed",
     "EndOfChannel",
     "UnpicklableMessage",
@@ -178,24 +176,6 @@ class UnpicklableMessage(TransportError):
 
     def __reduce__(self) -> tuple[object, ...]:
         return (TransportError, (str(self),))
-
-
-class RunInterrupted(KeyboardInterrupt):
-    """:func:`aiod4p.run` was interrupted (Ctrl-C, a notebook's "interrupt the kernel") and its run drained: the
-    sources stopped, the items in flight finished, every ``postprocess`` ran. A ``KeyboardInterrupt``, so that
-    the interrupt still stops the caller; the drained run's results are in :attr:`partial_results` (in a
-    notebook, the cell's error is ``sys.last_value``).
-
-    Attributes:
-        partial_results: the results of the drained run.
-    """
-
-    def __init__(self, partial_results: Results) -> None:
-        self.partial_results = partial_results
-        super().__init__(
-            f"the run was interrupted and drained; its {len(partial_results):,} results are in this exception's"
-            " partial_results"
-        )
 
 
 class WorkerDied(Aiod4pError):
