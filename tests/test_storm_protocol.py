@@ -455,6 +455,28 @@ async def test_a_task_that_cannot_load_its_pe_tells_the_run_why(
     await report.close(0)
 
 
+def test_a_task_loads_its_own_pe_only(topology: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every task unpickled every PE of the topology, importing every PE's modules (a hundred tasks of a
+    scientist's workflow each imported obspy and astropy, whichever it ran): a task now loads its own PE, and
+    the task of a PE whose module its worker lacks is the only one that fails."""
+    package = tmp_path / "elsewhere"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "pes.py").write_text(
+        "from aiod4p import IterativePE\n\n\nclass There(IterativePE):\n    def process_item(self, item):\n"
+        "        return item\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    from elsewhere.pes import There  # type: ignore[import-not-found]
+
+    graph = WorkflowGraph()
+    graph.connect(count := Count(), "output", Double(), "input")
+    graph.connect(count, "output", There(), "input")
+    spout, _ = topology(graph, inputs=2).start(count.id)  # its greeting: it loaded, There's module missing
+    first = next(m for m in next_until(spout, emitted("output")) if emitted("output")(m))
+    assert first["tuple"] == [0]
+
+
 async def test_errors_reported_to_the_run_name_the_workflow_files_not_the_copies_the_tasks_ran(
     topology: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

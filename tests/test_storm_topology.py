@@ -350,7 +350,8 @@ def test_a_project_needs_only_pypi_on_the_workers(tmp_path: Path) -> None:
     code = (
         f"import sys; sys.path[:0] = [{str(project.src)!r}]; sys.path.append({site_packages!r})\n"
         "import pickle, aiod4p, aiod4p_components\n"
-        "pickle.loads(open('aiod4p_pes.pickle', 'rb').read())\n"
+        "stored = pickle.loads(open('aiod4p_pes.pickle', 'rb').read())\n"
+        "[pickle.loads(pe) for pe in stored['pes'].values()]\n"
         "print(aiod4p.__file__)\n"
     )
     done = subprocess.run(

@@ -239,18 +239,21 @@ def _pickle(plan: ExecutionPlan, functions: dict[str, Callable[[Any], Any]]) -> 
                 f"PE {pe_id}: its class {type(pe).__name__} is defined in __main__; Storm's workers cannot"
                 " import it (define it in a module)"
             )
+    # Each PE and function pickled apart: a task unpickles its own, importing only the modules that one needs.
     with _defining_modules(_objects(plan, functions)):
+        pes = {}
         for pe_id, pe in plan.pes.items():
             try:
-                pickle.dumps(pe)
+                pes[pe_id] = pickle.dumps(pe)
             except Exception as exc:
                 raise GraphError(
                     f"PE {pe_id} cannot be pickled for Storm's workers: {type(exc).__name__}: {exc}"
                 ) from exc
         try:
-            return pickle.dumps({"pes": dict(plan.pes), "functions": functions})
+            keys = {name: pickle.dumps(function) for name, function in functions.items()}
         except Exception as exc:
             raise GraphError(f"a group-by key function cannot be pickled for Storm's workers: {exc}") from exc
+    return pickle.dumps({"pes": pes, "functions": keys})
 
 
 def _objects(plan: ExecutionPlan, functions: dict[str, Callable[[Any], Any]]) -> list[Any]:

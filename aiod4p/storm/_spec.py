@@ -55,7 +55,7 @@ EOS_FIELD = "pe"
 DEFAULT_MAX_REPLAYS = 3  # replays of a failed tuple before its spout drops it (and a run fails)
 # The files of a project's src/ (next to the components' module) that the build writes and every component reads.
 SPEC_FILE = "aiod4p_topology.json"  # the TopologySpec, as JSON
-PES_FILE = "aiod4p_pes.pickle"  # the PEs and group-by key functions, pickled
+PES_FILE = "aiod4p_pes.pickle"  # the PEs and group-by key functions, each pickled apart, by id
 
 
 @dataclass(frozen=True)

@@ -84,7 +84,8 @@ pe_logger = logging.getLogger("aiod4p.pe")
 
 
 class _Loaded:
-    """What a component reads at start-up: its spec (``topology``), its PE and key functions.
+    """What a component reads at start-up: its spec (``topology``), its PE and the key functions of its streams,
+    each unpickled alone (so importing only what they need: not every PE's modules).
 
     Raises:
         TargetError: the PEs cannot be unpickled here (``where``, e.g. "the Storm task of PE Read0[0]"): a module
@@ -98,16 +99,19 @@ class _Loaded:
             from .. import compat
 
             compat.install()
+        keys = {key.function for stream in self.spec.streams for key in stream.keys if key.function is not None}
         try:
             with open(directory / PES_FILE, "rb") as handle:
                 stored = pickle.load(handle)
+            self.pe: PE = pickle.loads(stored["pes"][name])
+            self.functions: dict[str, Callable[[Any], Any]] = {
+                key: pickle.loads(stored["functions"][key]) for key in keys
+            }
         except Exception as exc:
             raise TargetError(
                 f"{where} cannot load the workflow ({type(exc).__name__}: {exc}); its PE classes, and the modules"
                 " they import, must be importable on the Storm workers"
             ) from exc
-        self.pe: PE = stored["pes"][name]
-        self.functions: dict[str, Callable[[Any], Any]] = stored["functions"]
 
 
 _LEAVING_SECONDS = 1.0
