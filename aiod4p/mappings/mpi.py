@@ -448,6 +448,7 @@ class _Ranks:
 
 _BAD_TERMINATION = re.compile(r"PID (\d+) RUNNING AT (\S+)\s*=\s*EXIT CODE: (-?\d+)")
 _EXIT_STRING = re.compile(r"EXIT STRING: (.+)")
+_MPI_ABORT = re.compile(r"Abort\(.*\(rank (\d+) in comm \d+\)")  # a rank's MPI_Abort, as MPICH reports it
 
 
 class _Output(asyncio.StreamReaderProtocol):
@@ -555,6 +556,9 @@ class _Job:
         self.rank_of: dict[tuple[str, int], int] = {}  # the ranks on this machine (by host, pid) once rank 0 has it
         self.first_ended: tuple[str, int] | None = None  # the first of them to end (host, pid), while watched
         self._watched: list[int] = []  # the pidfds of those still running
+        # A rank called MPI_Abort by itself (not rank 0 ending the job on this process's goodbye): Hydra then
+        # ends every rank, and which ended first says nothing of who failed.
+        self.aborted = False
         self.tail: deque[str] = deque(maxlen=_OUTPUT_LINES)
         assert process.stdout is not None and process.stderr is not None
         self.relays = [asyncio.create_task(self._relay(stream)) for stream in (process.stdout, process.stderr)]
@@ -626,6 +630,9 @@ class _Job:
                     logger.warning("mpiexec exited with status %d after the run finished (results complete)", code)
             return stats
         finally:
+            # Here, before any await: a cancellation in _launch's teardown may skip close(), and _Ranks.close()
+            # then closes the pidfds; a reader left on a closed fd number silenced a later reader on that number.
+            self._unwatch_all()
             accept.cancel()
             await asyncio.gather(accept, return_exceptions=True)
             if comm is not None:
@@ -669,6 +676,11 @@ class _Job:
         asyncio.get_running_loop().remove_reader(fd)
         self._watched.remove(fd)
 
+    def _unwatch_all(self) -> None:
+        """Stop watching the ranks (idempotent); before :meth:`_Ranks.close` closes their pidfds."""
+        for fd in list(self._watched):
+            self._unwatch(fd)
+
     async def _exited(self, _: int) -> None:
         await asyncio.shield(self.exited)
 
@@ -688,10 +700,11 @@ class _Job:
                 await asyncio.gather(*self.relays)  # its last words
         tail = "".join(self.tail).strip()
         if (rank := _BAD_TERMINATION.search(tail)) is None:  # Hydra's banner (already on stderr)
-            if self.first_ended is None:
+            if self.first_ended is None or self.aborted:
                 return None
             first = self._rank(*self.first_ended)
-            return f"{first} was the first of the job's ranks to end: {self._status()}"
+            said = f"; its last output:\n{tail}" if tail else ""  # what the rank said as it went (a library's error)
+            return f"{first} was the first of the job's ranks to end: {self._status()}{said}"
         pid, host, code = rank.groups()
         how = f" ({ended.group(1).strip()})" if (ended := _EXIT_STRING.search(tail)) is not None else ""
         return f"{self._rank(host, int(pid))} ended with exit code {code}{how}: {self._status()}"
@@ -710,14 +723,15 @@ class _Job:
         while line := await stream.readline():
             text = line.decode(errors="replace")
             self.tail.append(text)
+            if (aborts := _MPI_ABORT.match(text)) is not None and not (self.reported and aborts.group(1) == "0"):
+                self.aborted = True
             if (text.startswith("Abort(") and self.reported) or self.stopped:
                 continue  # rank 0 ending the job after reporting the run's error, or the job being terminated
             sys.stderr.write(text)
 
     async def close(self) -> None:
         """Once the mpiexec is reaped: read its output to the end; stop watching the ranks."""
-        for fd in list(self._watched):
-            self._unwatch(fd)
+        self._unwatch_all()
         try:
             async with asyncio.timeout(_EXIT_TIMEOUT):
                 await asyncio.gather(*self.relays)
