@@ -356,7 +356,8 @@ class WorkflowRun:
             while await self._take_batch():
                 pass
         except Aiod4pError as exc:
-            exc.partial_results = self._take_ready()
+            if exc.partial_results is None:  # a second call re-raises the error the first one gave them on
+                exc.partial_results = self._take_ready()
             raise
         return self._take_ready()
 
@@ -397,7 +398,8 @@ async def run_async(graph: WorkflowGraph, inputs: Inputs = None, **options: Any)
     """Run ``graph`` in the current event loop and return its results.
 
     Cancelling the awaiting task drains the run (sources stop, in-flight
-    items finish, ``postprocess`` runs) before the cancellation propagates; a
+    items finish, ``postprocess`` runs) before the cancellation propagates (a
+    cancelled await returns nothing: iterate :func:`start`'s run to keep a drained run's results); a
     second cancellation aborts at once, and so does a first one while the
     mapping is still starting (:attr:`WorkflowRun.under_way` is false: no item
     is in flight yet, and start-up may take seconds), as ``aiod4p run`` does.

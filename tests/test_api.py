@@ -352,8 +352,11 @@ async def test_the_error_of_a_failed_run_carries_the_results_not_yet_iterated() 
         first = await anext(workflow)
         with pytest.raises(PEError) as failed:
             await workflow.results()
+        with pytest.raises(PEError) as again:
+            await workflow.results()
     assert failed.value.partial_results is not None
     assert [first.data, *failed.value.partial_results.data()] == list(range(7))
+    assert again.value is failed.value and len(again.value.partial_results or ()) == 6  # not emptied
 
 
 @pytest.mark.parametrize("use_uvloop", [False, True])
