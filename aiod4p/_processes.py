@@ -41,12 +41,12 @@ def descendants(roots: set[int]) -> set[int]:
     return tree
 
 
-def pidfds(pids: set[int]) -> dict[int, int]:
-    """A pidfd for each of ``pids`` still running, by pid (the caller closes them)."""
-    fds = {}
+def pidfds(pids: set[int]) -> list[int]:
+    """A pidfd for each of ``pids`` still running (the caller closes them)."""
+    fds = []
     for pid in pids:
         with contextlib.suppress(OSError):
-            fds[pid] = os.pidfd_open(pid)
+            fds.append(os.pidfd_open(pid))
     return fds
 
 

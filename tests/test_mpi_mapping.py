@@ -11,7 +11,6 @@ import contextlib
 import functools
 import json
 import os
-import re
 import select
 import signal
 import socket
@@ -677,62 +676,6 @@ def test_a_rank_killed_by_a_signal_fails_the_run_naming_the_rank_and_its_pe_inst
     assert time.monotonic() - started < 10
 
 
-def test_a_rank_exiting_by_itself_fails_the_run_naming_the_rank_and_its_pe_instances() -> None:
-    """Hydra prints no banner for a rank that exits by no signal (``os._exit(3)``): the run named only the
-    mpiexec's status. The rank is the first of the job's to end."""
-    with pytest.raises(
-        WorkerDied,
-        match=r"MPI rank \d \(pid \d+ on \S+; it ran [^)]*FailsOnInstance\d+\[1\][^)]*\) was the first of the job's"
-        r" ranks to end: mpiexec exited with status 3 before the run finished; its last output:\n(.*\n)*"
-        r"instance 1 exits with status 3",  # what it said as it went (a library's reason)
-    ):
-        aiod4p.run(wf.mpi_failing(exits=3), 100, mapping="mpi", workers=2)
-
-
-def test_a_rank_calling_mpi_abort_is_not_blamed_on_the_first_rank_to_end() -> None:
-    """Hydra ends every rank of a job one of them aborted, in no telling order: the run named whichever ended
-    first (rank 0, for an MPI_Abort on rank 1), not the rank that aborted, and left out MPICH's ``Abort(3) ...
-    rank 1`` line. Without that line (once in CI the job's output was empty), the first to end is named: the
-    aborting rank, if any (it ends first, and Hydra ends the others after it)."""
-    with pytest.raises((WorkerDied, TransportError)) as failed:
-        aiod4p.run(wf.mpi_failing(aborts=3), 100, mapping="mpi", workers=2)
-    first = re.search(
-        r"MPI rank \d \(pid \d+ on \S+; it ran ([^)]*)\) was the first of the job's ranks", str(failed.value)
-    )
-    assert first is None or re.fullmatch(r"FailsOnInstance\d+\[1\]", first.group(1)), str(failed.value)
-
-
-async def test_a_run_cancelled_in_its_teardown_leaves_no_reader_on_the_closed_pidfds(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """A cancellation while the mpiexec was stopped skipped the job's close(), and its readers of the ranks'
-    pidfds stayed on the event loop once _Ranks.close() had closed them: a reader added later on one of those
-    fd numbers (a pipe of the loop's next run) was never called."""
-
-    async def cancelled_stop(process: Any, *, gently: bool) -> None:
-        raise asyncio.CancelledError  # as a cancellation arriving there does: _Ranks.close() stops the ranks
-
-    monkeypatch.setattr(mpi, "_stop", cancelled_stop)
-    graph = WorkflowGraph()
-    graph.connect(count := wf.Count(), "output", wf.Double(), "input")
-    async with aiod4p.start(graph, {count: 10**9}, mapping="mpi", workers=2) as workflow:
-        await anext(workflow)  # the ranks run, watched
-    loop = asyncio.get_running_loop()
-    pipes = [os.pipe() for _ in range(64)]  # the lowest free numbers: those of the closed pidfds among them
-    try:
-        called = [loop.create_future() for _ in pipes]
-        for (read, write), future in zip(pipes, called, strict=True):
-            loop.add_reader(read, lambda future=future: future.done() or future.set_result(None))
-            os.write(write, b"x")
-        async with asyncio.timeout(10):
-            await asyncio.gather(*called)
-    finally:
-        for read, write in pipes:
-            loop.remove_reader(read)
-            os.close(read)
-            os.close(write)
-
-
 def test_ranks_exiting_badly_after_the_run_finished_leave_its_results(caplog: pytest.LogCaptureFixture) -> None:
     # Every rank had sent all it had: the run's results are complete (and a checkpointed run must not be
     # restarted to redo them), so mpiexec's status is a warning.
@@ -1007,7 +950,7 @@ def test_a_rank_left_running_once_its_mpiexec_is_reaped_is_killed(monkeypatch: p
             assert ranks.process.poll() is None and time.monotonic() < deadline, commands
             time.sleep(0.01)  # ok-sleep: polling for the processes mpiexec starts
         ranks.note_job()
-        held = list(pidfds(set(started)).values())
+        held = pidfds(set(started))
         proxy = next(pid for pid, command in commands.items() if b"hydra_pmi_proxy" in command)
         os.kill(proxy, signal.SIGKILL)
     finally:

@@ -525,7 +525,7 @@ def test_a_killed_local_rays_orphans_are_reaped_not_left_as_zombies() -> None:
         starts_a_worker = "sleep 60 >/dev/null 2>&1 & echo $!"  # ok-sleep: a stand-in worker process, killed below
         shell = subprocess.run(["sh", "-c", starts_a_worker], capture_output=True, text=True, check=True)
         orphan = int(shell.stdout)
-        fds = list(pidfds({orphan}).values())
+        fds = pidfds({orphan})
         kill_left(fds, 0.0)
         reap(fds, LEFTOVER_GRACE)
         for fd in fds:
@@ -776,7 +776,7 @@ def test_processes_left_are_waited_for_whatever_their_pidfds_numbers() -> None:
         pytest.skip("cannot open 1100 descriptors here")
     try:
         pid = os.posix_spawnp("sleep", ["sleep", "60"], os.environ)  # ok-sleep: a process reaped by reap(), not a Popen
-        fds = list(pidfds({pid}).values())
+        fds = pidfds({pid})
         assert fds[0] >= 1024
         kill_left(fds, 0.0)
         reap(fds, LEFTOVER_GRACE)

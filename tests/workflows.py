@@ -451,15 +451,11 @@ def proxy_topology_files() -> list[str]:
 
 
 class FailsOnInstance(IterativePE):
-    """Instance ``instance`` raises on its first item (``kill``: kills its own process instead; ``exits``: its
-    process says so and exits with that status, as ``os._exit`` does, by no signal; ``aborts``: its MPI rank
-    calls ``MPI_Abort`` with that code)."""
+    """Instance ``instance`` raises on its first item (``kill``: kills its own process instead)."""
 
-    def __init__(
-        self, instance: int = 1, kill: bool = False, exits: int | None = None, aborts: int | None = None
-    ) -> None:
+    def __init__(self, instance: int = 1, kill: bool = False) -> None:
         super().__init__()
-        self.failing, self.kill, self.exits, self.aborts = instance, kill, exits, aborts
+        self.failing, self.kill = instance, kill
 
     def process_item(self, item: int) -> int:
         if self.instance == self.failing:
@@ -471,13 +467,6 @@ class FailsOnInstance(IterativePE):
                     os.write(2, f"{' '.join([said, *files])}\n".encode())
             if self.kill:
                 os.kill(os.getpid(), signal.SIGKILL)
-            if self.exits is not None:
-                os.write(2, f"instance {self.instance} exits with status {self.exits}\n".encode())
-                os._exit(self.exits)
-            if self.aborts is not None:
-                from mpi4py import MPI
-
-                MPI.COMM_WORLD.Abort(self.aborts)
             raise ValueError(f"instance {self.instance} refuses item {item}")
         return item
 
@@ -493,15 +482,14 @@ def mpi_hosts() -> WorkflowGraph:
     return graph
 
 
-def mpi_failing(kill: bool = False, exits: int | None = None, aborts: int | None = None) -> WorkflowGraph:
-    """Count -> FailsOnInstance: instance 1 fails on its first item (``kill``: its process dies; ``exits``: its
-    process exits with that status; ``aborts``: its rank calls ``MPI_Abort`` with that code).
+def mpi_failing(kill: bool = False) -> WorkflowGraph:
+    """Count -> FailsOnInstance: instance 1 fails on its first item (``kill``: its process dies).
 
     Every instance gets every item: a shuffle may keep cheap items beside their sender, and instance 1 (on
     another worker, rank or Storm task) then never got one, and the run ended well.
     """
     graph = WorkflowGraph()
-    graph.connect(Count(), "output", FailsOnInstance(1, kill, exits, aborts), "input", grouping=ALL)
+    graph.connect(Count(), "output", FailsOnInstance(1, kill), "input", grouping=ALL)
     return graph
 
 

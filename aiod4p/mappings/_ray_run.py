@@ -126,14 +126,14 @@ class _Connection:
             self._users -= 1
             if self._users == 0 and self._owned:
                 self._owned = self.local = False
-                tree = list(pidfds(descendants(self._started)).values())
+                tree = pidfds(descendants(self._started))
                 # SIGTERM's action is the program's since the connection was made (acquire put it back): one it
                 # installed or took out meanwhile is what Ray's disconnection must not undo, not the one before.
                 actions = {**self._actions, **signal_actions((signal.SIGTERM,))}
                 try:
                     ray.shutdown()
                     orphans = {pid for pid in children({os.getpid()}) - self._before if _of_ray(pid)}
-                    tree += pidfds(descendants(orphans)).values()
+                    tree += pidfds(descendants(orphans))
                     kill_left(tree, LEFTOVER_GRACE)
                     # every adopted one, orphaned before the kill or by it (a killed raylet's workers)
                     reap(tree, LEFTOVER_GRACE)

@@ -362,7 +362,7 @@ class _Ranks:
         # The job's processes: each proxy and rank starts a session of its own, which no signal to the
         # mpiexec's reaches, and a rank can outlive a killed proxy (note_job).
         self._noted: set[int] = set()
-        self._held: dict[int, int] = {}  # their pidfds, by pid
+        self._held: list[int] = []  # their pidfds
         self.rank_of: dict[tuple[str, int], int] = {}  # the MPI rank of each rank process noted, by host and pid
         self._directory = tempfile.TemporaryDirectory(prefix="aiod4p-mpi-")
         address = str(Path(self._directory.name, "rank0.sock"))
@@ -398,15 +398,10 @@ class _Ranks:
         (:func:`~aiod4p.mappings._mpi_env.job_files`)."""
         if self.process.returncode is None:
             below = descendants({self.process.pid}) - {self.process.pid}
-            self._held |= pidfds(below - self._noted)
+            self._held += pidfds(below - self._noted)
             self.rank_of |= ranks_of(below - self._noted)
             self._noted |= below
             self._files |= files_held(below)
-
-    def rank_pidfds(self) -> dict[tuple[str, int], int]:
-        """The pidfd of each rank noted on this machine, by host and pid (:attr:`rank_of`'s keys); valid until
-        :meth:`close`."""
-        return {(host, pid): self._held[pid] for host, pid in self.rank_of if pid in self._held}
 
     def remove_address(self) -> None:
         """Close the listening socket and remove its directory: once rank 0 has connected (so that a launcher
@@ -435,9 +430,9 @@ class _Ranks:
                 pipe.close()
         self.remove_address()
         try:
-            kill_left(list(self._held.values()), LEFTOVER_GRACE)
+            kill_left(self._held, LEFTOVER_GRACE)
         finally:
-            for fd in self._held.values():
+            for fd in self._held:
                 os.close(fd)
             self._held.clear()
         for path in self._files:  # the mpiexec is reaped: nothing of the job reads them any more
@@ -448,7 +443,6 @@ class _Ranks:
 
 _BAD_TERMINATION = re.compile(r"PID (\d+) RUNNING AT (\S+)\s*=\s*EXIT CODE: (-?\d+)")
 _EXIT_STRING = re.compile(r"EXIT STRING: (.+)")
-_MPI_ABORT = re.compile(r"Abort\(.*\(rank (\d+) in comm \d+\)")  # a rank's MPI_Abort, as MPICH reports it
 
 
 class _Output(asyncio.StreamReaderProtocol):
@@ -554,11 +548,6 @@ class _Job:
         self.stopped = False  # this process terminates the job: its output is no longer relayed
         self.sent = False  # rank 0 has the job
         self.rank_of: dict[tuple[str, int], int] = {}  # the ranks on this machine (by host, pid) once rank 0 has it
-        self.first_ended: tuple[str, int] | None = None  # the first of them to end (host, pid), while watched
-        self._watched: list[int] = []  # the pidfds of those still running
-        # A rank called MPI_Abort by itself (not rank 0 ending the job on this process's goodbye): Hydra then
-        # ends every rank, and which ended first says nothing of who failed.
-        self.aborted = False
         self.tail: deque[str] = deque(maxlen=_OUTPUT_LINES)
         assert process.stdout is not None and process.stderr is not None
         self.relays = [asyncio.create_task(self._relay(stream)) for stream in (process.stdout, process.stderr)]
@@ -577,7 +566,6 @@ class _Job:
             ranks.remove_address()
             ranks.note_job()  # a proxy writes its file before it starts its ranks
             self.rank_of = ranks.rank_of
-            self._watch(ranks.rank_pidfds())
             comm = await open_pipe_comm(accept.result())
             supervisor = Supervisor(
                 self.plan,
@@ -630,9 +618,6 @@ class _Job:
                     logger.warning("mpiexec exited with status %d after the run finished (results complete)", code)
             return stats
         finally:
-            # Here, before any await: a cancellation in _launch's teardown may skip close(), and _Ranks.close()
-            # then closes the pidfds; a reader left on a closed fd number silenced a later reader on that number.
-            self._unwatch_all()
             accept.cancel()
             await asyncio.gather(accept, return_exceptions=True)
             if comm is not None:
@@ -659,28 +644,6 @@ class _Job:
             raise
         return sock
 
-    def _watch(self, pidfds: dict[tuple[str, int], int]) -> None:
-        """Note the first of the ranks of ``pidfds`` (by host and pid) to end: the rank that ended by itself when
-        Hydra's banner names none (an exit without MPI but by no signal, such as ``os._exit(3)``)."""
-        loop = asyncio.get_running_loop()
-        for rank, fd in pidfds.items():
-            loop.add_reader(fd, self._rank_ended, rank, fd)
-            self._watched.append(fd)
-
-    def _rank_ended(self, rank: tuple[str, int], fd: int) -> None:
-        self._unwatch(fd)
-        if self.first_ended is None:
-            self.first_ended = rank
-
-    def _unwatch(self, fd: int) -> None:
-        asyncio.get_running_loop().remove_reader(fd)
-        self._watched.remove(fd)
-
-    def _unwatch_all(self) -> None:
-        """Stop watching the ranks (idempotent); before :meth:`_Ranks.close` closes their pidfds."""
-        for fd in list(self._watched):
-            self._unwatch(fd)
-
     async def _exited(self, _: int) -> None:
         await asyncio.shield(self.exited)
 
@@ -700,20 +663,14 @@ class _Job:
                 await asyncio.gather(*self.relays)  # its last words
         tail = "".join(self.tail).strip()
         if (rank := _BAD_TERMINATION.search(tail)) is None:  # Hydra's banner (already on stderr)
-            if self.first_ended is None or self.aborted:
-                return None
-            first = self._rank(*self.first_ended)
-            said = f"; its last output:\n{tail}" if tail else ""  # what the rank said as it went (a library's error)
-            return f"{first} was the first of the job's ranks to end: {self._status()}{said}"
+            return None
         pid, host, code = rank.groups()
         how = f" ({ended.group(1).strip()})" if (ended := _EXIT_STRING.search(tail)) is not None else ""
-        return f"{self._rank(host, int(pid))} ended with exit code {code}{how}: {self._status()}"
-
-    def _rank(self, host: str, pid: int) -> str:
-        """The rank of process ``pid`` on ``host``, with the PE instances it ran if it ran on this machine."""
-        if (number := self.rank_of.get((host, pid))) is None:  # on another host
-            return f"an MPI rank (pid {pid} on {host})"
-        return f"MPI rank {number} (pid {pid} on {host}; it ran {self.plan.instances_on(number)})"
+        if (number := self.rank_of.get((host, int(pid)))) is None:  # on another host
+            who = f"an MPI rank (pid {pid} on {host})"
+        else:
+            who = f"MPI rank {number} (pid {pid} on {host}; it ran {self.plan.instances_on(number)})"
+        return f"{who} ended with exit code {code}{how}: {self._status()}"
 
     def _status(self) -> str:
         return f"mpiexec exited with status {self.process.returncode} before the run finished"
@@ -723,15 +680,12 @@ class _Job:
         while line := await stream.readline():
             text = line.decode(errors="replace")
             self.tail.append(text)
-            if (aborts := _MPI_ABORT.match(text)) is not None and not (self.reported and aborts.group(1) == "0"):
-                self.aborted = True
             if (text.startswith("Abort(") and self.reported) or self.stopped:
                 continue  # rank 0 ending the job after reporting the run's error, or the job being terminated
             sys.stderr.write(text)
 
     async def close(self) -> None:
-        """Once the mpiexec is reaped: read its output to the end; stop watching the ranks."""
-        self._unwatch_all()
+        """Once the mpiexec is reaped: read its output to the end."""
         try:
             async with asyncio.timeout(_EXIT_TIMEOUT):
                 await asyncio.gather(*self.relays)
