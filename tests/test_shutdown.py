@@ -350,7 +350,7 @@ async def main(signals):
         await asyncio.Event().wait()  # until the first signal cancels it
     except asyncio.CancelledError:
         if BLOCKS:  # a clean-up step that holds the loop a while, as the watchdog first checks whether it turns
-            await asyncio.sleep(0.3)
+            await asyncio.sleep(0.3)  # ok-sleep: the loop turns a while before the step holds it
             time.sleep(BLOCKS)  # ok-sleep: the step that holds the loop
         await asyncio.Event().wait()  # the clean-up, which never ends: the watchdog ends it
 

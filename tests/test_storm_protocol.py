@@ -8,6 +8,7 @@ stdin closing when the worker goes away.
 from __future__ import annotations
 
 import asyncio
+import importlib
 import json
 import subprocess
 import sys
@@ -421,23 +422,26 @@ def test_preprocess_output_and_failing_postprocess(topology: Any) -> None:
     assert bolt.close()[1] == 2
 
 
+def pe_only_here(directory: Path, package: str, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """A PE class (a pass-through) of ``package``, a package written into ``directory`` and importable in this
+    process only: not copied into a project's src/, so its Storm tasks cannot import it."""
+    (directory / package).mkdir()
+    (directory / package / "__init__.py").write_text("")
+    (directory / package / "pes.py").write_text(
+        "from aiod4p import IterativePE\n\n\nclass Here(IterativePE):\n    def process_item(self, item):\n"
+        "        return item\n"
+    )
+    monkeypatch.syspath_prepend(str(directory))
+    return importlib.import_module(f"{package}.pes").Here
+
+
 async def test_a_task_that_cannot_load_its_pe_tells_the_run_why(
     topology: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A PE class from a package only the submitting machine has (not copied into src/): the task says so to the
     run at once, naming its PE and the module; Storm itself would only restart it until the start timeout."""
-    package = tmp_path / "driver_only"
-    package.mkdir()
-    (package / "__init__.py").write_text("")
-    (package / "pes.py").write_text(
-        "from aiod4p import IterativePE\n\n\nclass Here(IterativePE):\n    def process_item(self, item):\n"
-        "        return item\n"
-    )
-    monkeypatch.syspath_prepend(str(tmp_path))
-    from driver_only.pes import Here  # type: ignore[import-not-found]
-
     graph = WorkflowGraph()
-    graph.connect(Count(), "output", here := Here(), "input")
+    graph.connect(Count(), "output", here := pe_only_here(tmp_path, "driver_only", monkeypatch)(), "input")
     report = RunReport(Sink(), TOKEN)
     address = await report.listen("127.0.0.1")
     topo = topology(graph, report=address, token=TOKEN)
@@ -459,20 +463,10 @@ def test_a_task_loads_its_own_pe_only(topology: Any, tmp_path: Path, monkeypatch
     """Every task unpickled every PE of the topology, importing every PE's modules (a hundred tasks of a
     scientist's workflow each imported obspy and astropy, whichever it ran): a task now loads its own PE, and
     the task of a PE whose module its worker lacks is the only one that fails."""
-    package = tmp_path / "elsewhere"
-    package.mkdir()
-    (package / "__init__.py").write_text("")
-    (package / "pes.py").write_text(
-        "from aiod4p import IterativePE\n\n\nclass There(IterativePE):\n    def process_item(self, item):\n"
-        "        return item\n"
-    )
-    monkeypatch.syspath_prepend(str(tmp_path))
-    from elsewhere.pes import There  # type: ignore[import-not-found]
-
     graph = WorkflowGraph()
     graph.connect(count := Count(), "output", Double(), "input")
-    graph.connect(count, "output", There(), "input")
-    spout, _ = topology(graph, inputs=2).start(count.id)  # its greeting: it loaded, There's module missing
+    graph.connect(count, "output", pe_only_here(tmp_path, "elsewhere", monkeypatch)(), "input")
+    spout, _ = topology(graph, inputs=2).start(count.id)  # its greeting: it loaded, the other module missing
     first = next(m for m in next_until(spout, emitted("output")) if emitted("output")(m))
     assert first["tuple"] == [0]
 
