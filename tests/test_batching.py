@@ -82,11 +82,13 @@ class HalfMillisecond(IterativePE):
 def test_a_slow_stage_whose_instances_take_turns_gets_several_items_a_batch() -> None:
     # On async both instances' plain calls take turns on one event loop: a batch carries up to
     # TURNS_TIME_FACTOR x batch_seconds (8 ms) of work, at most 16 of these items, not the 4 of 2 ms.
+    # 200 items: the first batches carry one item until the stage's pace is measured, and under load the
+    # source hands on smaller batches; with a factor of 1 this gives about 75 batches, with 4 about 30.
     graph = WorkflowGraph()
-    graph.connect(Burst(100), "output", slow := HalfMillisecond(), "input")
+    graph.connect(Burst(200), "output", slow := HalfMillisecond(), "input")
     stats = [entry for entry in asyncio.run(_stats(graph, "async")) if entry.pe == slow.id]
-    assert sum(entry.items_in for entry in stats) == 100
-    assert 100 // 16 <= sum(entry.batches_in for entry in stats) < 100 // 4
+    assert sum(entry.items_in for entry in stats) == 200
+    assert 200 // 16 <= sum(entry.batches_in for entry in stats) < 200 // 4
 
 
 class Medium(IterativePE):
