@@ -27,6 +27,7 @@ from aiod4p.errors import PEError, WorkerDied
 from aiod4p.mappings import RunControl
 from aiod4p.mappings._host import (
     Done,
+    Failed,
     ForwardSink,
     ResultsTaken,
     Supervisor,
@@ -286,3 +287,57 @@ async def test_a_trigger_does_not_keep_a_worker_from_hearing_that_its_results_we
 
 async def _nothing(n: int) -> None:
     pass
+
+
+class _SendsThenWaits:
+    """A servable whose run writes ``batches`` results, sets ``sent``, and never ends (a healthy worker with more
+    to do)."""
+
+    def __init__(self, plan: ExecutionPlan, sink: ForwardSink, batches: int) -> None:
+        self.plan, self.sink, self.batches = plan, sink, batches
+        self.sent = asyncio.Event()
+
+    @property
+    def stats(self) -> list[Any]:
+        return []
+
+    def drain(self) -> None:
+        pass
+
+    async def run(self) -> list[Any]:
+        for item in range(self.batches):
+            await self.sink.emit("pe", "output", [item])
+        self.sent.set()
+        await asyncio.Event().wait()
+        return []
+
+
+class _YieldingSink(ListSink):
+    """Hands each batch on in a turn of the loop of its own, as a reader's queue does."""
+
+    async def emit(self, pe: str, port: str, items: list[Any]) -> None:
+        await asyncio.sleep(0)
+        await super().emit(pe, port, items)
+
+
+async def test_the_results_another_worker_sent_before_a_failure_reach_the_reader() -> None:
+    """Worker 0 fails while the launcher has not yet read all that worker 1 sent (a sibling instance's finished
+    results): the launcher stopped reading at the failure and they were lost (multi and mpi, at random). Now
+    worker 1 is told to stop, reports so, and everything it sent before is relayed."""
+    plan = make_plan(wf.pipeline()[0], PlanOptions(workers=2))
+    (near0, far0), (near1, far1) = memory_comm_pair(), memory_comm_pair()
+    sink1 = ForwardSink(far1, "the test", 1 << 20, 1000)
+    healthy = _SendsThenWaits(plan, sink1, 50)
+    served = asyncio.create_task(serve(healthy, far1, name="worker 1", sink=sink1, interval=3600))
+    sink = _YieldingSink()
+    supervisor = Supervisor(plan, {0: near0, 1: near1}, sink, RunControl())
+    supervising = asyncio.create_task(supervisor.run())
+    async with asyncio.timeout(20):
+        await healthy.sent.wait()
+        await far0.send(Failed(PEError("pe", 0, "input", "ValueError: boom")))
+        with pytest.raises(PEError, match="boom"):
+            await supervising
+        assert sorted(sink.results.data()) == list(range(50))
+        for comm in (near0, near1):
+            comm.abort()
+        assert not await served  # it reported that it stopped

@@ -17,7 +17,8 @@ rest lives here:
   statistics, pumps the feeds that stay in the launcher (one bounded
   read-ahead, one chunk per credit), relays drain requests, and fails the
   run on the first failure, preferring the root cause, and on a worker that
-  ends without reporting.
+  ends without reporting; the other workers are told to :class:`Stop`, and
+  the results they sent before that still reach the reader.
 
 A launcher closes a worker's control comm after its :class:`Done` (its
 goodbye); a worker leaves only then, so nothing it sent is lost.
@@ -74,6 +75,7 @@ __all__ = [
     "ResultsTaken",
     "Servable",
     "Stats",
+    "Stop",
     "Supervisor",
     "fail",
     "prepare_job",
@@ -150,6 +152,12 @@ class ResultsTaken:
 @dataclass(frozen=True)
 class Drain:
     """Stop the sources and feeds; what is in flight still reaches the sinks."""
+
+
+@dataclass(frozen=True)
+class Stop:
+    """The run failed elsewhere: stop at once (no ``postprocess``) and report :class:`Failed`, after which the
+    worker sends nothing; what it sent before still reaches the launcher, results included."""
 
 
 @dataclass(frozen=True)
@@ -375,17 +383,21 @@ async def serve(
     """
     feeds = pumped or {}
     triggers: asyncio.Queue[int] = asyncio.Queue()
+    stop = asyncio.Event()
     running = asyncio.create_task(worker.run(), name=f"{name} engine")
-    listener = asyncio.create_task(_listen(control, worker, sink, feeds, triggers), name=f"{name} listener")
+    listener = asyncio.create_task(_listen(control, worker, sink, feeds, triggers, stop), name=f"{name} listener")
     triggering = asyncio.create_task(_trigger(worker, triggers), name=f"{name} checkpoints")
     reporter = asyncio.create_task(_report(control, worker, interval), name=f"{name} statistics")
+    stopping = asyncio.create_task(stop.wait(), name=f"{name} stop")
     succeeded = False
     try:
-        await asyncio.wait({running, listener, triggering}, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait({running, listener, triggering, stopping}, return_when=asyncio.FIRST_COMPLETED)
         reporter.cancel()
         if not running.done():
             if triggering.done():
                 triggering.result()  # raises why a checkpoint could not start here
+            if stopping.done():
+                raise Aiod4pError(f"{name} stopped: the run failed elsewhere")
             listener.result()  # raises PeerDied: the launcher vanished
             raise PeerDied("the launcher closed the control comm before the run finished")
         try:
@@ -405,9 +417,9 @@ async def serve(
         control.abort()
         raise
     finally:
-        for task in (running, reporter):
+        for task in (running, reporter, stopping):
             task.cancel()
-        await asyncio.gather(running, reporter, return_exceptions=True)
+        await asyncio.gather(running, reporter, stopping, return_exceptions=True)
         # Leave only once the launcher closes its end (its goodbye): a launcher still
         # writing to a closed comm (a drain, say) would lose what this worker sent.
         with contextlib.suppress(Exception, TimeoutError):
@@ -492,9 +504,10 @@ async def _listen(
     sink: ForwardSink,
     pumped: Mapping[str, PumpedFeed],
     triggers: asyncio.Queue[int],
+    stop: asyncio.Event,
 ) -> None:
     """Obey the launcher until it closes the control comm; the checkpoints it triggers go to ``triggers``, for
-    :func:`_trigger`.
+    :func:`_trigger`, and :class:`Stop` sets ``stop``.
 
     Raises:
         PeerDied: the launcher vanished, or sent what a worker does not understand.
@@ -505,6 +518,8 @@ async def _listen(
         except EndOfChannel:
             return
         match message:
+            case Stop():
+                stop.set()
             case ResultsTaken(nbytes, batches):
                 sink.taken(nbytes, batches)
             case FeedChunk(pe, items, nbytes):
@@ -635,7 +650,21 @@ class Supervisor:
             if others:
                 done, _ = await asyncio.wait(others, timeout=self.grace)
                 errors.extend(_failures(done))
+        if self.checkpoints is None:  # a checkpointed run's results are its committed ones: none to relay
+            await self._stop_the_others(dict(zip(self.controls, watchers, strict=True)))
         raise min(errors, key=_rank)
+
+    async def _stop_the_others(self, watchers: Mapping[int, asyncio.Task[Any]]) -> None:
+        """After a failure: tell every worker still running to :class:`Stop`, and relay what each sent until it
+        reports, for at most ``grace`` seconds; the results a worker sent before the failure reached it are the
+        failed run's too (a sibling instance's finished results, on another worker)."""
+        running = {wid: task for wid, task in watchers.items() if not task.done()}
+        if not running:
+            return
+        for wid in running:
+            with contextlib.suppress(TransportError):  # that worker already went
+                await self.controls[wid].send(Stop())
+        await asyncio.wait(running.values(), timeout=self.grace)
 
     async def _watch(self, wid: int) -> None:
         """Relay worker ``wid``'s messages until it reports the end of its run.
