@@ -351,7 +351,9 @@ def make_plan(graph: WorkflowGraph | FlatGraph, options: PlanOptions | None = No
     A graph with a ``placer`` (dispel4py's) places the PEs it names itself
     when the mapping shares out worker processes (``default_parallelism``
     unset, not ``force_single``: multi, mpi and ray): it shares out ``processes``
-    (else ``workers``), on the workers instances are placed on.
+    (else ``workers``), on the workers instances are placed on; where ``processes`` are too few for its rule,
+    the PEs it would have placed get one instance per process, not per worker started, so that the instance
+    counts (and an ungrouped stateful PE's results) do not depend on the workers the machine's CPUs allow.
 
     Raises:
         GraphError: the graph is invalid, or a parallelism is not positive.
@@ -362,14 +364,16 @@ def make_plan(graph: WorkflowGraph | FlatGraph, options: PlanOptions | None = No
     root_set = set(roots)
     single = {*roots, *(edge.dest for edge in flat.edges if edge.grouping.single_instance)}
     placed: dict[str, tuple[int, ...]] = {}
+    default = options.default_parallelism or options.placing_workers
     if flat.placer is not None and options.default_parallelism is None and not options.force_single:
         placed = flat.placer(flat, options.processes or options.workers, options.placing_workers)
+        default = options.processes or default
     placement: dict[str, PEPlan] = {}
     for pe_id, pe in flat.pes.items():
         if pe_id in placed:
             workers = placed[pe_id]
         else:
-            parallelism = _parallelism(pe_id, pe, pe_id in single, pe_id in root_set, options)
+            parallelism = _parallelism(pe_id, pe, pe_id in single, pe_id in root_set, options, default)
             workers = tuple(index % options.placing_workers for index in range(parallelism))
         placement[pe_id] = PEPlan(pe_id, len(workers), workers, pe_id in root_set)
 
@@ -432,9 +436,10 @@ def _check_channels(flat: FlatGraph, placement: dict[str, PEPlan]) -> None:
         )
 
 
-def _parallelism(pe_id: str, pe: PE, single: bool, root: bool, options: PlanOptions) -> int:
+def _parallelism(pe_id: str, pe: PE, single: bool, root: bool, options: PlanOptions, default: int) -> int:
     """``single``: a root or a PE with a ``global`` input, which gets one instance unless set otherwise (a ``root``
-    of dispel4py's API always: :attr:`~aiod4p.PE._root_runs_once`)."""
+    of dispel4py's API always: :attr:`~aiod4p.PE._root_runs_once`); ``default``: the instances of any other PE
+    whose parallelism is not set."""
     if options.force_single or (root and pe._root_runs_once):
         return 1
     parallelism = pe._parallelism
@@ -444,4 +449,4 @@ def _parallelism(pe_id: str, pe: PE, single: bool, root: bool, options: PlanOpti
         return parallelism
     if single:
         return 1
-    return options.default_parallelism or options.placing_workers
+    return default

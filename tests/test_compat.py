@@ -1158,6 +1158,13 @@ def test_dispel4py_rule_places_instances_on_consecutive_workers(d4p: Any) -> Non
     assert process_counts(flat, 3) is None and place(flat, 3) == {}  # too few: aiod4p's own rule
     plan = aiod4p.make_plan(flat, aiod4p.PlanOptions(workers=3))
     assert plan.placement[heavy.id].parallelism == 2  # numprocesses as the instance count
+    assert plan.placement[light.id].parallelism == 3  # one per process
+    # -n 3 on 2 CPUs (aiod4p run starts 2 workers): the instances of -n 3, whatever the workers
+    capped = aiod4p.make_plan(flat, aiod4p.PlanOptions(workers=2, processes=3))
+    assert {pe: p.parallelism for pe, p in capped.placement.items()} == {
+        pe: p.parallelism for pe, p in plan.placement.items()
+    }
+    assert set(capped.placement[light.id].workers) == {0, 1}
 
 
 def test_graph_and_stats_show_dispel4pys_instance_counts(tmp_path: Path) -> None:
