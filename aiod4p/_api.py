@@ -23,7 +23,7 @@ from ._checkpoint import Suspended
 from ._engine import YIELD_SECONDS
 from ._frames import importing_workflow_code
 from ._graph import WorkflowGraph
-from ._inputs import Inputs, resolve_inputs
+from ._inputs import Inputs, find_pe, resolve_inputs
 from ._loading import in_worker
 from ._pe import PE
 from ._plan import DEFAULT_BATCH_SIZE, DEFAULT_CREDITS, DEFAULT_MAX_DELAY, ExecutionPlan, make_plan
@@ -233,31 +233,34 @@ class WorkflowRun:
             )
         self._control.suspend()
 
-    def feed(self, pe: str) -> LiveFeed:
-        """The :class:`~aiod4p.sources.LiveFeed` given as the input of root ``pe`` (its id or name).
+    def feed(self, pe: str | PE) -> LiveFeed:
+        """The :class:`~aiod4p.sources.LiveFeed` given as the input of root ``pe``: the PE, its id or its name,
+        as in the inputs.
 
         Raises:
-            InputError: ``pe``'s input is not a LiveFeed.
+            InputError: ``pe`` names no PE of the graph (or several), or its input is not a LiveFeed.
         """
-        names = {self.plan.graph.pes[pe_id].name: pe_id for pe_id in self.feeds}
-        live = self.feeds.get(pe, self.feeds.get(names.get(pe, ""), None))
+        pe_id = find_pe(self.plan.graph, pe, "PE to feed")
+        live = self.feeds.get(pe_id)
         if not isinstance(live, LiveFeed):
             fed = ", ".join(k for k, v in self.feeds.items() if isinstance(v, LiveFeed)) or "none"
-            raise InputError(f"the input of {pe!r} is not a LiveFeed (PEs fed by a LiveFeed: {fed})")
+            raise InputError(f"the input of PE {pe_id} is not a LiveFeed (PEs fed by a LiveFeed: {fed})")
         return live
 
-    async def send(self, pe: str, item: Any) -> None:
-        """Feed ``item`` to root ``pe`` (fed by a LiveFeed), waiting while the workflow is full.
+    async def send(self, pe: str | PE, item: Any) -> None:
+        """Feed ``item`` to root ``pe`` (the PE, its id or its name, as in the inputs; fed by a LiveFeed), waiting
+        while the workflow is full.
 
         Starts the run if needed. While a run restarts from a checkpoint (``--restarts``), it waits for the
         new attempt to take items.
 
         Raises:
-            InputError: ``pe``'s input is not a LiveFeed.
+            InputError: ``pe`` names no PE of the graph (or several), or its input is not a LiveFeed.
             Aiod4pError: the feed is closed, or the run ended first (its own
                 error, such as a PEError, is raised when it failed).
         """
-        live = self.feed(pe)
+        pe_id = find_pe(self.plan.graph, pe, "PE to feed")
+        live = self.feed(pe_id)
         task = self.start()._task
         assert task is not None
         while not (live.closed or task.done()):
@@ -273,7 +276,7 @@ class WorkflowRun:
                 waiting.cancel()
         if task.done():
             self._raise_outcome(task)
-        raise Aiod4pError(f"cannot send to {pe!r}: its feed is closed or the run has ended")
+        raise Aiod4pError(f"cannot send to PE {pe_id}: its feed is closed or the run has ended")
 
     async def aclose(self) -> None:
         """Cancel the run and release everything it holds; idempotent. A read or :meth:`send` waiting on the run, in

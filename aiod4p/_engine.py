@@ -128,12 +128,39 @@ def pe_error(ref: InstanceRef, port: str, exc: BaseException) -> Aiod4pError:
     if isinstance(exc, (PEError, TransportError, CheckpointError)):
         return exc
     text = "".join(traceback.format_exception(exc))
+    stop = _escaped_stop(exc)
+    if stop is not None:
+        shown = f"{type(stop).__name__}{f': {stop}' if str(stop) else ''}{_where(stop)}"
+        message = f"{shown}, which Python turns into a RuntimeError when it escapes a generator or coroutine"
+    else:
+        message = f"{type(exc).__name__}: {exc}{_where(exc)}"
+    return PEError(ref.pe, ref.index, port, message, text)
+
+
+def _escaped_stop(exc: BaseException) -> StopIteration | StopAsyncIteration | None:
+    """The ``StopIteration`` (or ``StopAsyncIteration``) that the workflow's code raised, when ``exc`` is the
+    ``RuntimeError`` Python replaced it with as it escaped a generator or coroutine (the PE's own, or the
+    engine's that made a plain call); ``None`` otherwise. The ``RuntimeError``'s own traceback holds the frames
+    that resumed the generator or coroutine, not the one that raised."""
+    stop = exc.__cause__
+    if (
+        type(exc) is RuntimeError
+        and isinstance(stop, (StopIteration, StopAsyncIteration))
+        and str(exc).endswith((" raised StopIteration", " raised StopAsyncIteration"))
+        and workflow_frame(stop) is not None
+    ):
+        return stop
+    return None
+
+
+def _where(exc: BaseException) -> str:
+    """`` (FILE, line N, in FUNCTION; ARGUMENT=VALUE)`` for the workflow's last frame that ``exc`` passed (see
+    :func:`~aiod4p._frames.called_with`), or ``""`` when it passed none."""
     frame = workflow_frame(exc)
-    where = ""
-    if frame is not None:
-        argument = called_with(exc)
-        where = f" ({frame.filename}, line {frame.lineno}, in {frame.name}{f'; {argument}' if argument else ''})"
-    return PEError(ref.pe, ref.index, port, f"{type(exc).__name__}: {exc}{where}", text)
+    if frame is None:
+        return ""
+    argument = called_with(exc)
+    return f" ({frame.filename}, line {frame.lineno}, in {frame.name}{f'; {argument}' if argument else ''})"
 
 
 class _Pending:

@@ -67,9 +67,9 @@ def find_pe(graph: FlatGraph, key: Any, given_as: str = "input key") -> str:
             return key.id
         if key.id in graph.composites:
             _refuse_composite(graph, key.id)
-        raise InputError(f"PE {key.label} given as input key is not in the graph")
+        raise InputError(f"PE {key.label} given as {given_as} is not in the graph")
     if not isinstance(key, str):
-        raise InputError(f"input keys must be PEs, PE ids or PE names, not {key!r}")
+        raise InputError(f"{given_as} must be a PE, a PE id or a PE name, not {key!r}")
     if key in graph.pes:
         return key
     if key in graph.composites:

@@ -110,6 +110,29 @@ async def test_send_errors() -> None:
 
 
 @pytest.mark.asyncio
+@pytest.mark.parametrize("mapping", ["simple", "async", "multi"])
+async def test_send_and_feed_take_the_pe_as_the_inputs_do(mapping: str) -> None:
+    """They took a PE id or name only: given the PE, as the inputs are, send() said ``the input of <Double Double0>
+    is not a LiveFeed (PEs fed by a LiveFeed: Double0)``. A PE not in the graph, or not fed by a LiveFeed, is named
+    as such."""
+    graph = WorkflowGraph()
+    graph.connect(entry := wf.Double(), "output", after := wf.Double(), "input")
+    feed = LiveFeed()
+    async with asyncio.timeout(60), aiod4p.start(graph, {entry: feed}, mapping=mapping) as run:
+        assert run.feed(entry) is feed
+        await run.send(entry, 1)
+        await run.send(entry.id, 2)
+        with pytest.raises(
+            InputError, match=rf"^the input of PE {after.id} is not a LiveFeed \(PEs fed by a LiveFeed: {entry.id}\)$"
+        ):
+            await run.send(after, 3)
+        with pytest.raises(InputError, match=r"^PE Double given as PE to feed is not in the graph$"):
+            await run.send(wf.Double(), 4)
+        feed.close()
+        assert sorted((await run.results()).data()) == [4, 8]
+
+
+@pytest.mark.asyncio
 async def test_a_blocked_send_raises_the_runs_error() -> None:
     graph = WorkflowGraph()
     graph.connect(entry := wf.Double(), "output", fail := wf.Fail(on=2 * 300), "input")

@@ -123,6 +123,37 @@ def test_downstream_postprocess_does_not_run_after_an_upstream_failure() -> None
     assert not finisher.state.finished
 
 
+_ESCAPED = "which Python turns into a RuntimeError when it escapes a generator or coroutine"
+
+
+@pytest.mark.parametrize(
+    "mapping",
+    [MappingCase("simple", None), MappingCase("async", None), MappingCase("multi", 2)],
+    ids=lambda case: case.id,
+)
+def test_a_stop_iteration_out_of_a_pe_is_named_with_its_line(mapping: MappingCase) -> None:
+    """A ``StopIteration`` out of a plain method, or out of a generator source, failed the run with the
+    ``RuntimeError`` Python replaced it with, without the file, line and item that every other exception's
+    message names: ``RuntimeError: coroutine raised StopIteration`` (the engine's coroutine, about a plain
+    method) or ``RuntimeError: generator raised StopIteration``."""
+    graph = WorkflowGraph()
+    graph.connect(wf.Count(), "output", wf.Fail(on=3, raises=StopIteration), "input")
+    with pytest.raises(PEError) as caught:
+        mapping.run(graph, 10)
+    line = wf.Fail.process_item.__code__.co_firstlineno + 2
+    where = f"({wf.__file__}, line {line}, in process_item; item=3)"
+    assert str(caught.value).endswith(f"failed on input port 'input': StopIteration: bad item 3 {where}, {_ESCAPED}")
+    assert "RuntimeError: coroutine raised StopIteration" in caught.value.traceback_text
+    graph = WorkflowGraph()
+    graph.connect(wf.StopsEarly(), "output", wf.Double(), "input")
+    with pytest.raises(PEError) as caught:
+        mapping.run(graph)
+    line = wf.StopsEarly.produce.__code__.co_firstlineno + 2
+    where = f"({wf.__file__}, line {line}, in produce)"
+    assert str(caught.value).endswith(f"failed on feed: StopIteration {where}, {_ESCAPED}")
+    assert "RuntimeError: generator raised StopIteration" in caught.value.traceback_text
+
+
 class CallCounter(ProducerPE):
     def __init__(self) -> None:
         super().__init__(parallelism=3)

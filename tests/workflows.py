@@ -67,6 +67,19 @@ class Range(ProducerPE):
         yield from range(self.n)
 
 
+class StopsEarly(ProducerPE):
+    """A generator source that yields ``before`` items, then lets out the ``StopIteration`` of ``next()`` on an
+    empty iterator."""
+
+    def __init__(self, before: int = 5) -> None:
+        super().__init__()
+        self.before = before
+
+    def produce(self) -> Iterator[int]:
+        yield from range(self.before)
+        next(iter(()))
+
+
 class Double(IterativePE):
     def process_item(self, item: int) -> int:
         return item * 2
