@@ -50,7 +50,16 @@ from ._signals import interrupts_the_run
 from ._sizes import SCALARS, approximate_batch_size, approximate_size
 from ._stats import InstanceStats
 from ._threads import DaemonThreadPool
-from .errors import Aiod4pError, CheckpointError, GraphError, InputError, PEError, TransportError
+from .errors import (
+    Aiod4pError,
+    CheckpointError,
+    GraphError,
+    InputError,
+    PEError,
+    TransportError,
+    _StdoutClosed,
+    stdout_closed,
+)
 from .sources import SourcePE
 from .transports import Comm
 
@@ -124,9 +133,13 @@ def pe_error(ref: InstanceRef, port: str, exc: BaseException) -> Aiod4pError:
     names the PE and port itself) stays as it is, wherever the flush that hit it ran;
     so does a checkpoint's (a state that cannot be saved or written names its PE or
     file), whether the snapshot came between two calls or inside a source's call.
+    A write to stdout whose reader went away (a ``print``, the run piped into
+    ``head``) stops the run, as it stops a Unix tool: no failure of the PE.
     """
     if isinstance(exc, (PEError, TransportError, CheckpointError)):
         return exc
+    if stdout_closed(exc):
+        return _StdoutClosed(f"PE {ref.pe}[{ref.index}] wrote to stdout, whose reader went away")
     text = "".join(traceback.format_exception(exc))
     frame = workflow_frame(exc)
     where = ""
