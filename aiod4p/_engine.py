@@ -2139,11 +2139,15 @@ def _carries_nothing(items: list[Any]) -> bool:
 
 
 async def _supervise(primary: list[asyncio.Task[Any]], secondary: list[asyncio.Task[Any]]) -> None:
-    """Wait until every primary task is done; raise the first failure of any task.
+    """Wait until every primary task is done; raise the first failure of any task, one that ended before
+    the call too (a link's tasks, failed while the worker's instances finished: else nobody retrieved it).
 
     Each task is watched by one callback, so that thousands of tasks (``-n 10000``) cost no more per
     task than a few (waiting on all of them again after each one ends would cost their square).
     """
+    for task in (*primary, *secondary):
+        if task.done() and not task.cancelled() and (error := task.exception()) is not None:
+            raise error
     running = {task for task in primary if not task.done()}
     if not running:
         return
