@@ -34,7 +34,7 @@ from ._stats_report import StatsSampler, report_stats
 from ._threads import exit_past_threads
 from ._visual import check_drawing, draw, draw_dot
 from .compat.processor import MOST_SHARED_PROCESSES
-from .errors import Aiod4pError, reader_went_away, writing
+from .errors import Aiod4pError, _StdoutClosed, reader_went_away, writing
 from .mappings import MAPPINGS, BaseMapping, get_mapping
 from .mappings._base import available_cpus
 from .mappings._mpi_env import job_rank, job_size
@@ -56,7 +56,7 @@ exit status:
   1    the run failed: a PE raised, a worker died, bad inputs or workflow file
   2    usage error: an unknown option or a bad option value
   130  aborted: a signal during start-up, or a second signal while draining or suspending
-  141  the reader of --results - went away (e.g. | head): the run stopped quietly
+  141  the reader of stdout (--results -, what PEs print) went away (e.g. | head): the run stopped quietly
 """
 
 
@@ -315,7 +315,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command in ("provenance", "stats"):
             return _science_command(args)
         raise AssertionError(args.command)
-    except BrokenPipeError:  # e.g. `aiod4p provenance FILE | head`
+    except (BrokenPipeError, _StdoutClosed):  # e.g. `aiod4p provenance FILE | head`, `aiod4p run ... | head`
         return _stdout_closed()
     except KeyboardInterrupt:  # Ctrl-C in a command that takes no signals itself (`aiod4p graph`, `stats plot`)
         if args.debug:

@@ -50,7 +50,16 @@ from ._signals import interrupts_the_run
 from ._sizes import SCALARS, approximate_batch_size, approximate_size
 from ._stats import InstanceStats
 from ._threads import DaemonThreadPool
-from .errors import Aiod4pError, CheckpointError, GraphError, InputError, PEError, TransportError
+from .errors import (
+    Aiod4pError,
+    CheckpointError,
+    GraphError,
+    InputError,
+    PEError,
+    TransportError,
+    _StdoutClosed,
+    stdout_closed,
+)
 from .sources import SourcePE
 from .transports import Comm
 
@@ -124,9 +133,13 @@ def pe_error(ref: InstanceRef, port: str, exc: BaseException) -> Aiod4pError:
     names the PE and port itself) stays as it is, wherever the flush that hit it ran;
     so does a checkpoint's (a state that cannot be saved or written names its PE or
     file), whether the snapshot came between two calls or inside a source's call.
+    A write to stdout whose reader went away (a ``print``, the run piped into
+    ``head``) stops the run, as it stops a Unix tool: no failure of the PE.
     """
     if isinstance(exc, (PEError, TransportError, CheckpointError)):
         return exc
+    if stdout_closed(exc):
+        return _StdoutClosed(f"PE {ref.pe}[{ref.index}] wrote to stdout, whose reader went away")
     text = "".join(traceback.format_exception(exc))
     stop = _escaped_stop(exc)
     if stop is not None:
@@ -2153,11 +2166,15 @@ def _carries_nothing(items: list[Any]) -> bool:
 
 
 async def _supervise(primary: list[asyncio.Task[Any]], secondary: list[asyncio.Task[Any]]) -> None:
-    """Wait until every primary task is done; raise the first failure of any task.
+    """Wait until every primary task is done; raise the first failure of any task, one that ended before
+    the call too (a link's tasks, failed while the worker's instances finished: else nobody retrieved it).
 
     Each task is watched by one callback, so that thousands of tasks (``-n 10000``) cost no more per
     task than a few (waiting on all of them again after each one ends would cost their square).
     """
+    for task in (*primary, *secondary):
+        if task.done() and not task.cancelled() and (error := task.exception()) is not None:
+            raise error
     running = {task for task in primary if not task.done()}
     if not running:
         return

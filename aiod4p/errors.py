@@ -31,6 +31,9 @@ raises once an interrupt has drained its run.
 from __future__ import annotations
 
 import contextlib
+import os
+import select
+import stat
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
@@ -139,6 +142,27 @@ def _where(port: str) -> str:
     if port in ("preprocess", "postprocess", "feed"):
         return port
     return f"input port {port!r}"
+
+
+class _StdoutClosed(Aiod4pError):
+    """A PE wrote to its process's stdout, a pipe whose reader went away (``aiod4p run ... | head``): the run
+    stops, and the command exits quietly with the status of a closed ``--results -`` (141), as Unix tools do."""
+
+
+def stdout_closed(exc: BaseException) -> bool:
+    """Whether ``exc`` is a write to this process's stdout that failed because its reader went away: a
+    ``BrokenPipeError`` while file descriptor 1 is a pipe whose read end is closed. A ``BrokenPipeError`` of
+    another pipe or socket (a PE's own) is not, while stdout's reader is there."""
+    if not isinstance(exc, BrokenPipeError):
+        return False
+    try:
+        if not stat.S_ISFIFO(os.fstat(1).st_mode):
+            return False
+    except OSError:  # closed
+        return False
+    poll = select.poll()
+    poll.register(1, select.POLLOUT)
+    return any(events & select.POLLERR for _, events in poll.poll(0))  # the write end of a pipe with no reader
 
 
 class TransportError(Aiod4pError):

@@ -1051,6 +1051,60 @@ def test_a_closed_stdout_stops_the_run_quietly(tmp_path: Path, mapping: str) -> 
     assert done.stderr.splitlines() == ["status=141"], done.stderr
 
 
+PRINTING_FLOW = numbers_flow(
+    """
+    class Printer(IterativePE):
+        def process_item(self, item):
+            print("line", item)
+    """
+)
+
+
+@pytest.mark.parametrize("mapping", ["simple", "async", "multi"])
+def test_a_pe_printing_into_a_closed_stdout_stops_the_run_quietly(tmp_path: Path, mapping: str) -> None:
+    """`aiod4p run flow.py | head -2`, a PE printing each item: exit 141 once `head` left, as with `--results -`;
+    the PE's BrokenPipeError failed the run naming it, exit 1."""
+    flow = tmp_path / "printing.py"
+    flow.write_text(PRINTING_FLOW)
+    command = shlex.join([*AIOD4P, "run", str(flow), "-m", mapping, "-n", "2", "-i", str(10**9), "-q"])
+    done = subprocess.run(
+        ["bash", "-c", f'{command} | head -2; echo "status=${{PIPESTATUS[0]}}" >&2'],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert len(done.stdout.splitlines()) == 2
+    assert done.stderr.splitlines() == ["status=141"], done.stderr
+
+
+def test_a_broken_pipe_of_a_pes_own_fails_it_while_stdout_is_read(tmp_path: Path) -> None:
+    """Only stdout's reader leaving stops the run quietly: a PE's own pipe without a reader is its failure."""
+    flow = tmp_path / "own_pipe.py"
+    flow.write_text(
+        numbers_flow(
+            """
+            import os
+
+            class OwnPipe(IterativePE):
+                def process_item(self, item):
+                    read, write = os.pipe()
+                    os.close(read)
+                    with os.fdopen(write, "w") as pipe:
+                        pipe.write("lost")
+            """
+        )
+    )
+    command = shlex.join([*AIOD4P, "run", str(flow), "-m", "simple", "-i", "3", "-q"])
+    done = subprocess.run(
+        ["bash", "-c", f'{command} | cat; echo "status=${{PIPESTATUS[0]}}" >&2'],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.stderr.splitlines()[-1] == "status=1", done.stderr
+    assert "aiod4p: error: PE OwnPipe1[0] failed on input port 'input': BrokenPipeError" in done.stderr
+
+
 def test_a_closed_stdout_stops_the_readable_listing_quietly(tmp_path: Path) -> None:
     done = _piped_to_head(tmp_path, "-m", "simple", "-i", "100000")
     assert done.stdout.splitlines() == ["Times101.output: 100000 items", "  10"]

@@ -15,7 +15,7 @@ from conftest import MappingCase
 from helpers import aiod4p_cli
 
 import aiod4p
-from aiod4p import GenericPE, PEError, ProducerPE, WorkflowGraph, group_by
+from aiod4p import GenericPE, PeerDied, PEError, ProducerPE, WorkflowGraph, group_by
 from aiod4p._engine import _COMPARED, _Candidates, _supervise
 from aiod4p._plan import DEFAULT_BATCH_SIZE
 
@@ -370,6 +370,23 @@ async def test_supervising_raises_the_first_failure_and_lets_cancelled_tasks_end
         with pytest.raises(ValueError, match="broken"):
             await _supervise([primary], [secondary])
         primary.cancel()
+
+
+async def test_supervising_raises_a_failure_that_came_before_it() -> None:
+    """A worker's instances finished, and its link's tasks failed (the peer closed its channels) before the
+    worker supervised them: the run ended as if it had succeeded, and asyncio logged "Task exception was never
+    retrieved" for each of them."""
+
+    async def fails() -> None:
+        raise PeerDied("worker 1 closed its channels before finishing")
+
+    async with asyncio.timeout(10):
+        primary, secondary = asyncio.create_task(fails()), asyncio.create_task(fails())
+        await asyncio.wait([primary, secondary])
+        with pytest.raises(PeerDied, match="closed its channels"):
+            await _supervise([primary], [])
+        with pytest.raises(PeerDied, match="closed its channels"):
+            await _supervise([], [secondary])
 
 
 SLIDING_WINDOW = """
