@@ -1173,7 +1173,7 @@ class _Actor(Invoker):
                 held.clear()
             else:
                 buffers[port] = []
-            if self.call_outputs is not None:
+            if self.call_outputs is not None or self.delivered:
                 items = self._not_delivered(port, items)
                 if not items:
                     continue
@@ -1213,9 +1213,11 @@ class _Actor(Invoker):
 
     def _not_delivered(self, port: str, items: list[Any]) -> list[Any]:
         """Count ``items``, written on ``port`` by calls that a checkpoint may be taken within; of those, drop
-        what was delivered before the restored checkpoint, when they are made again (:attr:`delivered`)."""
-        assert self.call_outputs is not None
-        self.call_outputs[port] = self.call_outputs.get(port, 0) + len(items)
+        what was delivered before the restored checkpoint, when they are made again (:attr:`delivered`), whether
+        or not this run takes checkpoints within them (a restore with the root threaded, or traced for item-level
+        provenance, makes the calls again all the same)."""
+        if self.call_outputs is not None:
+            self.call_outputs[port] = self.call_outputs.get(port, 0) + len(items)
         delivered = self.delivered.get(port, 0)
         if not delivered:
             return items

@@ -300,19 +300,23 @@ class HeldPerAttempt(SourcePE):
 class PacedLines(ProducerPE):
     """The lines of ``path``, all in one call of a plain generator (dispel4py's usual source); until a checkpoint
     newer than the newest when the call began has completed, one line every 10 ms (``until``, a
-    :class:`NextCheckpoint`). ``read`` counts the lines it made: a restore must not count a line twice."""
+    :class:`NextCheckpoint`; ``None``: not paced). ``read`` counts the lines it made: a restore must not count a
+    line twice. Its pace is the graph's, not the checkpoint's (a restored graph's ``until``, not the killed one's).
+    """
 
-    def __init__(self, path: str | os.PathLike[str], until: NextCheckpoint) -> None:
+    checkpoint_exclude = ("until",)
+
+    def __init__(self, path: str | os.PathLike[str], until: NextCheckpoint | None) -> None:
         super().__init__()
         self.path, self.until = os.fspath(path), until
         self.read = 0
 
     def produce(self) -> Iterator[str]:
-        opened = self.until.newest()
+        opened = self.until.newest() if self.until is not None else 0
         with open(self.path, encoding="utf-8") as file:
             lines = file.read().splitlines()
         for line in lines:
-            if self.until.newest() <= opened:
+            if self.until is not None and self.until.newest() <= opened:
                 time.sleep(0.01)  # paced: its checkpoints are taken within this call, between its lines
             self.read += 1
             yield line
@@ -340,9 +344,10 @@ def held_word_count(words: str | os.PathLike[str], checkpoints: str | os.PathLik
     return word_count(words, lines=HeldLines(words, until=NextCheckpoint(checkpoints), hold_after=100))
 
 
-def paced_word_count(words: str | os.PathLike[str], checkpoints: str | os.PathLike[str]) -> WorkflowGraph:
-    """Word count whose input is a plain generator making every line in one call (:class:`PacedLines`)."""
-    return word_count(words, lines=PacedLines(words, NextCheckpoint(checkpoints)))
+def paced_word_count(words: str | os.PathLike[str], checkpoints: str | os.PathLike[str] | None) -> WorkflowGraph:
+    """Word count whose input is a plain generator making every line in one call (:class:`PacedLines`, paced
+    by the checkpoints in ``checkpoints``; ``None``: not paced)."""
+    return word_count(words, lines=PacedLines(words, NextCheckpoint(checkpoints) if checkpoints is not None else None))
 
 
 def held_word_count_module(words: str | os.PathLike[str], checkpoints: str | os.PathLike[str]) -> str:

@@ -11,6 +11,7 @@ import os
 import pickle
 import random
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -1231,7 +1232,9 @@ async def test_a_plain_generator_root_is_checkpointed_within_its_call(tmp_path: 
     """A plain generator that makes every line in one call (dispel4py's usual source) took no checkpoint until
     that call ended. A checkpoint within it saves the PE as the call found it and the lines it delivered; the
     restore makes the call again from there and drops those lines: every word counted once, every line read
-    once in the PE's own count."""
+    once in the PE's own count. Also when the restore runs the source threaded (`--threaded`, which aiod4p's
+    own warning suggests for it) or traced (item-level provenance), which take no checkpoint within its calls:
+    those dropped nothing, and every line delivered before the checkpoint was counted twice."""
     directory, lines = tmp_path / "ck", len((await asyncio.to_thread(words.read_text)).splitlines())
     graph = paced_word_count(words, directory)
     mapping = _mapping(directory, keep=1000)
@@ -1242,13 +1245,20 @@ async def test_a_plain_generator_root_is_checkpointed_within_its_call(tmp_path: 
     delivered = source["port_outputs"]["output"]
     assert source["feed"] == 0 and 0 < delivered < lines  # within the call
     assert source["pe"]["attributes"]["read"] == 0  # as the call found it
-    restored = _mapping(directory, keep=1000, restore=True)
-    got = await run_async(paced_word_count(words, directory), 1, mapping=restored, workers=3)
-    assert _counts(got) == expected_counts(words)
-    final = CheckpointStore(directory, keep=1000).latest()
-    assert final is not None
-    assert final.states[InstanceRef("lines", 0)]["pe"]["attributes"]["read"] == lines
-    assert final.states[InstanceRef("lines", 0)]["stats"]["batches_in"] == 1  # its one element, made twice
+    for restored_as in ("threaded", "traced", "plain"):  # each from a copy of the killed run's checkpoints
+        copy = tmp_path / restored_as
+        await asyncio.to_thread(shutil.copytree, directory, copy)
+        graph = paced_word_count(words, None)  # a threaded source takes no checkpoint within its call to pace by
+        (lines_pe,) = [pe for pe in graph.pes if pe.id == "lines"]
+        lines_pe.threaded = restored_as == "threaded"
+        provenance = "item" if restored_as == "traced" else None
+        restored = _mapping(copy, keep=1000, restore=True)
+        got = await run_async(graph, 1, mapping=restored, workers=3, provenance=provenance)
+        assert _counts(got) == expected_counts(words), restored_as
+        final = CheckpointStore(copy, keep=1000).latest()
+        assert final is not None
+        assert final.states[InstanceRef("lines", 0)]["pe"]["attributes"]["read"] == lines
+        assert final.states[InstanceRef("lines", 0)]["stats"]["batches_in"] == 1  # its one element, made twice
 
 
 TICKS = 100_000
