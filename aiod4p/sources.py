@@ -802,6 +802,12 @@ class _LineProtocol(asyncio.Protocol):
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
+        """The connection is closed. Lost (``exc``: the peer reset it, or it failed) rather than ended by the peer
+        or closed by the stream, a line it began and did not end is its last line, as at an end of stream (a JSON
+        line that is not valid JSON a bad line: a client that died mid-line)."""
+        if exc is not None:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc) or type(exc).__name__
+            self._push(lambda: self.reader.cut(f"the connection was lost mid-line: {reason}"))
         if self.transport is not None:
             self.pending.paused.discard(self.transport)
         self.stream._disconnected(self)
@@ -826,9 +832,11 @@ class SocketStream:
     Bad lines (``max_line``, ``on_bad``, ``dead_letter``, ``skipped``): as
     :class:`LineStream`; each connection numbers its own lines, and the
     messages name the peer. As in a file, a connection's last line needs no
-    newline; but with ``json``, a last line that is not valid JSON is a
-    record cut off (a client that died while sending): a bad line, ``the
-    connection ended mid-line``, which ``on_bad`` handles.
+    newline, whether the client closed the connection or reset it; but with
+    ``json``, a last line that is not valid JSON is a record cut off (a
+    client that died while sending): a bad line, ``the connection ended
+    mid-line`` (``the connection was lost mid-line: Connection reset by
+    peer`` after a reset), which ``on_bad`` handles.
 
     Raises (while iterating):
         InputError: cannot listen or connect, or a line is bad under ``on_bad="fail"``.

@@ -12,6 +12,7 @@ import os
 import pickle
 import re
 import socket
+import struct
 import sys
 import termios
 import threading
@@ -1099,14 +1100,21 @@ async def test_tcp_source_fails_on_a_bad_line_by_default() -> None:
             await results
 
 
-async def _two_clients(stream: SocketStream) -> tuple[list[Any], str]:
-    """One client of ``stream`` sends two lines and dies in the middle of a third; another sends two lines.
-    The items, and the address of the first."""
+def _reset_on_close(writer: asyncio.StreamWriter) -> None:
+    """Make closing ``writer`` reset its connection (``SO_LINGER`` 0), as a client killed with unread bytes does."""
+    writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+
+async def _two_clients(stream: SocketStream, *, reset: bool = False) -> tuple[list[Any], str]:
+    """One client of ``stream`` sends two lines and dies in the middle of a third (closing its connection, or
+    resetting it: ``reset``); another sends two lines. The items, and the address of the first."""
     async with asyncio.timeout(20):
         items, first, address = await _listening(stream)
         _, dying = await asyncio.open_connection(*address)
         dying.write(b'{"c": 0}\n{"c": 1}\n{"c": ')
         peer = _endpoint(dying.get_extra_info("sockname"))
+        if reset:
+            _reset_on_close(dying)
         dying.close()
         _, other = await asyncio.open_connection(*address)
         other.write(b'{"c": 2}\n{"c": 3}\n')
@@ -1114,43 +1122,57 @@ async def _two_clients(stream: SocketStream) -> tuple[list[Any], str]:
         return [await first, *[item async for item in items]], peer
 
 
-async def test_a_client_that_dies_mid_line_fails_the_stream_by_default_naming_it() -> None:
+_ENDED = "the connection ended mid-line"
+_RESET = "the connection was lost mid-line: Connection reset by peer"
+
+
+@pytest.mark.parametrize(("reset", "why"), [(False, _ENDED), (True, _RESET)])
+async def test_a_client_that_dies_mid_line_fails_the_stream_by_default_naming_it(reset: bool, why: str) -> None:
     """The unterminated fragment of a client that died was taken as a line: its JSON error ("not valid JSON")
-    ended a multi-client ingestion without saying that the connection had ended mid-line."""
+    ended a multi-client ingestion without saying that the connection had ended mid-line. A client that reset
+    its connection (killed with unread data, ``SO_LINGER`` 0) left no error at all: its fragment was lost."""
     with pytest.raises(aiod4p.InputError) as failed:
-        await _two_clients(SocketStream(json=True, connections=2))
+        await _two_clients(SocketStream(json=True, connections=2), reset=reset)
     assert re.fullmatch(
-        r"TCP client 127\.0\.0\.1:\d+ of 127\.0\.0\.1:\d+, line 3: the connection ended mid-line"
+        rf"TCP client 127\.0\.0\.1:\d+ of 127\.0\.0\.1:\d+, line 3: {why}"
         r" \(6 bytes without a newline\): b'\{\"c\": '",
         str(failed.value),
     )
 
 
+@pytest.mark.parametrize(("reset", "why"), [(False, _ENDED), (True, _RESET)])
 @pytest.mark.parametrize("on_bad", ["skip", "dead-letter"])
-async def test_a_client_that_dies_mid_line_leaves_a_bad_line(on_bad: str, caplog: pytest.LogCaptureFixture) -> None:
+async def test_a_client_that_dies_mid_line_leaves_a_bad_line(
+    on_bad: str, reset: bool, why: str, caplog: pytest.LogCaptureFixture
+) -> None:
     letters: list[dict[str, Any]] = []
     stream = SocketStream(json=True, connections=2, on_bad=on_bad, dead_letter=letters.append)
-    items, peer = await _two_clients(stream)
+    items, peer = await _two_clients(stream, reset=reset)
     assert sorted(item["c"] for item in items) == [0, 1, 2, 3] and stream.skipped == 1
     if on_bad == "dead-letter":
         [letter] = letters
         assert letter["line"] == 3 and letter["text"] == '{"c": ' and letter["size"] == 6
         assert letter["source"].startswith(f"TCP client {peer} of ")
-        assert letter["error"] == "the connection ended mid-line (6 bytes without a newline)"
+        assert letter["error"] == f"{why} (6 bytes without a newline)"
     else:
         assert not letters
-        assert f"TCP client {peer} of " in caplog.text and "line 3: the connection ended mid-line" in caplog.text
+        assert f"TCP client {peer} of " in caplog.text and f"line 3: {why}" in caplog.text
 
 
+@pytest.mark.parametrize("reset", [False, True])
 @pytest.mark.parametrize(("as_json", "sent"), [(False, b"abc\nlast"), (True, b'"abc"\n{"last": 1}')])
-async def test_a_line_not_ended_when_the_client_closed_is_a_line_when_it_is_whole(as_json: bool, sent: bytes) -> None:
+async def test_a_line_not_ended_when_the_client_closed_is_a_line_when_it_is_whole(
+    as_json: bool, sent: bytes, reset: bool
+) -> None:
     """As a file's last line (`printf 'a\\nb' | nc`): text, or a JSON line that is valid; only a JSON line cut off is
-    a bad line."""
+    a bad line. So too when the client reset the connection: its last line was lost."""
     stream = SocketStream(connections=1, json=as_json)
     async with asyncio.timeout(20):
         items, first, address = await _listening(stream)
         _, writer = await asyncio.open_connection(*address)
         writer.write(sent)
+        if reset:
+            _reset_on_close(writer)
         writer.close()
         got = [await first, *[item async for item in items]]
     assert got == (["abc", {"last": 1}] if as_json else ["abc", "last"]) and stream.skipped == 0
