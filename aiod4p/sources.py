@@ -150,6 +150,27 @@ def bad_line(source: str, line: int, error: str, text: str, size: int) -> dict[s
     return {"source": source, "line": line, "error": error, "text": text, "size": size}
 
 
+def _json_item(line: bytes) -> Any:
+    """The item of the JSON line ``line``: UTF-8, a byte-order mark before it ignored (as RFC 8259 allows).
+
+    Raises:
+        ValueError: the line is bad; the message says why: ``not UTF-8 (...)`` or ``not valid JSON (...)``.
+    """
+    try:
+        text = line.decode("utf-8")  # json.loads(bytes) would take UTF-16 and UTF-32 too
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"not UTF-8 (byte {exc.start}: {exc.reason})") from None
+    try:
+        try:
+            return json.loads(text)
+        except ValueError:
+            if not text.startswith("\ufeff"):  # looked for once the line failed: a valid line pays nothing for it
+                raise
+            return json.loads(text[1:])
+    except ValueError as exc:
+        raise ValueError(f"not valid JSON ({exc})") from None
+
+
 class _TooLong:
     """A line longer than the maximum: only its size and first bytes are kept."""
 
@@ -277,9 +298,9 @@ class _LineReader:
                 items.append(line.decode("utf-8", "replace").rstrip("\r"))
             elif line.strip():
                 try:
-                    items.append(json.loads(line))
-                except ValueError as exc:  # UnicodeDecodeError included
-                    self._bad(f"not valid JSON ({exc})", line, len(line))
+                    items.append(_json_item(line))
+                except ValueError as exc:
+                    self._bad(str(exc), line, len(line))
         return items
 
     @staticmethod
@@ -288,7 +309,7 @@ class _LineReader:
         if not line.strip():
             return False
         try:
-            json.loads(line)
+            _json_item(line)
         except ValueError:
             return False
         return True

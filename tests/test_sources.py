@@ -539,7 +539,7 @@ async def test_bad_datagrams_skipped_with_a_warning_and_a_count(caplog: pytest.L
     assert [w.split(": ")[0].split(", datagram ")[1] for w in warnings] == [
         f"{n} from {sender}, line {line}" for n, line in ((2, 1), (3, 1), (4, 2))
     ]
-    assert "not valid JSON" in warnings[0] and "longer than 20 bytes (30 bytes)" in warnings[1]
+    assert "not UTF-8 (byte 0: invalid start byte)" in warnings[0] and "longer than 20 bytes (30 bytes)" in warnings[1]
 
 
 @pytest.mark.parametrize("on_bad", ["skip", "dead-letter"])
@@ -1005,7 +1005,7 @@ async def test_bad_lines_skipped_with_a_warning_and_a_count(caplog: pytest.LogCa
     warnings = [r.getMessage() for r in caplog.records if r.name == "aiod4p.sources"]
     assert len(warnings) == 3
     assert "line 2: longer than 1000 bytes (5012 bytes); line skipped" in warnings[0]
-    assert "line 4: not valid JSON" in warnings[1] and "line 5: not valid JSON" in warnings[2]
+    assert "line 4: not valid JSON" in warnings[1] and "line 5: not UTF-8 (byte 0: invalid start byte)" in warnings[2]
 
 
 @pytest.mark.asyncio
@@ -1029,6 +1029,52 @@ async def test_bad_lines_go_to_the_dead_letter_callback() -> None:
     assert [(d["line"], d["size"]) for d in letters] == [(2, 5012), (4, 8), (5, 2)]
     assert letters[0]["text"] == ('{"long": "' + "z" * 5000)[:1024] and letters[1]["text"] == "not json"
     assert letters[2]["text"] == "\ufffd\ufffd" and letters[0]["source"].startswith("file descriptor")
+
+
+# A line with a UTF-8 byte-order mark, three that are not UTF-8 (json tells UTF-16 and UTF-32 by their first
+# bytes; Latin-1), one that is.
+NOT_UTF8_INPUT = b"\n".join(
+    [
+        b'\xef\xbb\xbf{"i": 1}',
+        '"utf-16"'.encode("utf-16"),
+        '"utf-32"'.encode("utf-32"),
+        b'"caf\xe9"',
+        b'{"i": "\xc3\xa9"}',
+    ]
+)
+NOT_UTF8_ERRORS = [
+    (2, "not UTF-8 (byte 0: invalid start byte)"),
+    (3, "not UTF-8 (byte 0: invalid start byte)"),
+    (4, "not UTF-8 (byte 4: invalid continuation byte)"),
+]
+
+
+@pytest.mark.parametrize("on_bad", ["fail", "skip", "dead-letter"])
+async def test_a_json_line_that_is_not_utf8_is_a_bad_line_saying_so(
+    on_bad: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """JSON lines went to ``json.loads`` as bytes, which reads UTF-16 and UTF-32 too: such lines were items, and
+    other bytes were "not valid JSON". A line that is not UTF-8 is a bad line, said so; a byte-order mark is
+    ignored, as before."""
+    letters: list[dict[str, Any]] = []
+    if on_bad == "fail":
+        with pytest.raises(aiod4p.InputError) as failed:
+            await _read_pipe(NOT_UTF8_INPUT, json=True)
+        assert re.fullmatch(
+            r"file descriptor \d+, line 2: not UTF-8 \(byte 0: invalid start byte\): b'\\xff\\xfe\"\\x00u.*'",
+            str(failed.value),
+        )
+        return
+    items, stream = await _read_pipe(NOT_UTF8_INPUT, json=True, on_bad=on_bad, dead_letter=letters.append)
+    assert items == [{"i": 1}, {"i": "\u00e9"}] and stream.skipped == 3
+    if on_bad == "dead-letter":
+        assert [(letter["line"], letter["error"]) for letter in letters] == NOT_UTF8_ERRORS
+        assert letters[2]["text"] == '"caf\ufffd"'
+    else:
+        warnings = [r.getMessage() for r in caplog.records if r.name == "aiod4p.sources"]
+        assert [re.search(r"line (\d+): (.*); line skipped", w).groups() for w in warnings] == [  # type: ignore[union-attr]
+            (str(line), error) for line, error in NOT_UTF8_ERRORS
+        ]
 
 
 def test_line_options_are_checked() -> None:
