@@ -150,6 +150,27 @@ def bad_line(source: str, line: int, error: str, text: str, size: int) -> dict[s
     return {"source": source, "line": line, "error": error, "text": text, "size": size}
 
 
+def _json_item(line: bytes) -> Any:
+    """The item of the JSON line ``line``: UTF-8, a byte-order mark before it ignored (as RFC 8259 allows).
+
+    Raises:
+        ValueError: the line is bad; the message says why: ``not UTF-8 (...)`` or ``not valid JSON (...)``.
+    """
+    try:
+        text = line.decode("utf-8")  # json.loads(bytes) would take UTF-16 and UTF-32 too
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"not UTF-8 (byte {exc.start}: {exc.reason})") from None
+    try:
+        try:
+            return json.loads(text)
+        except ValueError:
+            if not text.startswith("\ufeff"):  # looked for once the line failed: a valid line pays nothing for it
+                raise
+            return json.loads(text[1:])
+    except ValueError as exc:
+        raise ValueError(f"not valid JSON ({exc})") from None
+
+
 class _TooLong:
     """A line longer than the maximum: only its size and first bytes are kept."""
 
@@ -277,9 +298,9 @@ class _LineReader:
                 items.append(line.decode("utf-8", "replace").rstrip("\r"))
             elif line.strip():
                 try:
-                    items.append(json.loads(line))
-                except ValueError as exc:  # UnicodeDecodeError included
-                    self._bad(f"not valid JSON ({exc})", line, len(line))
+                    items.append(_json_item(line))
+                except ValueError as exc:
+                    self._bad(str(exc), line, len(line))
         return items
 
     @staticmethod
@@ -288,7 +309,7 @@ class _LineReader:
         if not line.strip():
             return False
         try:
-            json.loads(line)
+            _json_item(line)
         except ValueError:
             return False
         return True
@@ -802,6 +823,12 @@ class _LineProtocol(asyncio.Protocol):
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
+        """The connection is closed. Lost (``exc``: the peer reset it, or it failed) rather than ended by the peer
+        or closed by the stream, a line it began and did not end is its last line, as at an end of stream (a JSON
+        line that is not valid JSON a bad line: a client that died mid-line)."""
+        if exc is not None:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc) or type(exc).__name__
+            self._push(lambda: self.reader.cut(f"the connection was lost mid-line: {reason}"))
         if self.transport is not None:
             self.pending.paused.discard(self.transport)
         self.stream._disconnected(self)
@@ -826,9 +853,11 @@ class SocketStream:
     Bad lines (``max_line``, ``on_bad``, ``dead_letter``, ``skipped``): as
     :class:`LineStream`; each connection numbers its own lines, and the
     messages name the peer. As in a file, a connection's last line needs no
-    newline; but with ``json``, a last line that is not valid JSON is a
-    record cut off (a client that died while sending): a bad line, ``the
-    connection ended mid-line``, which ``on_bad`` handles.
+    newline, whether the client closed the connection or reset it; but with
+    ``json``, a last line that is not valid JSON is a record cut off (a
+    client that died while sending): a bad line, ``the connection ended
+    mid-line`` (``the connection was lost mid-line: Connection reset by
+    peer`` after a reset), which ``on_bad`` handles.
 
     Raises (while iterating):
         InputError: cannot listen or connect, or a line is bad under ``on_bad="fail"``.

@@ -1393,3 +1393,34 @@ def test_stdin_bad_lines_follow_on_bad(tmp_path: Path, mapping: str, on_bad: str
     else:
         assert [(d["source"], d["line"], d["size"]) for d in letters] == [("stdin", 2, 512), ("stdin", 4, 8)]
         assert {r["pe"] for r in records if r["output"] == "dead_letter"} == {"stdin"}
+
+
+@pytest.mark.parametrize("on_bad", ["fail", "skip", "dead-letter"])
+def test_stdin_lines_that_are_not_utf8_are_bad_lines(tmp_path: Path, on_bad: str) -> None:
+    """``printf '\\xff\\xfe1\\x00\\n2\\x00\\n'`` gave the items 1 and 2: json read the first line as UTF-16 (its byte
+    order mark) and the second as UTF-16 too (a NUL after an ASCII byte). Lines are read as UTF-8 only."""
+    flow = tmp_path / "echo.py"
+    flow.write_text(ECHO_PE + "graph = WorkflowGraph()\ngraph.add(Echo(name='echo'))\n")
+    done = subprocess.run(
+        [*AIOD4P, "run", str(flow), "--stdin", "echo", "--on-bad", on_bad, "--results", "-"],
+        input=b'\xff\xfe1\x00\n2\x00\n{"i": 3}\n',
+        capture_output=True,
+        timeout=60,
+    )
+    err = done.stderr.decode()
+    first = "stdin, line 1: not UTF-8 (byte 0: invalid start byte)"
+    if on_bad == "fail":
+        assert done.returncode == 1
+        assert err.splitlines()[-1] == rf"aiod4p: error: {first}: b'\xff\xfe1\x00'", err
+        return
+    assert done.returncode == 0, err
+    records = [json.loads(line) for line in done.stdout.splitlines()]
+    assert [r["data"] for r in records if r["output"] == "output"] == [{"i": 3}]
+    letters = [(r["data"]["line"], r["data"]["error"]) for r in records if r["output"] == "dead_letter"]
+    if on_bad == "skip":
+        assert letters == [] and f"{first}; line skipped" in err
+    else:
+        assert letters == [
+            (1, "not UTF-8 (byte 0: invalid start byte)"),
+            (2, "not valid JSON (Extra data: line 1 column 2 (char 1))"),
+        ]

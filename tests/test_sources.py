@@ -12,6 +12,7 @@ import os
 import pickle
 import re
 import socket
+import struct
 import sys
 import termios
 import threading
@@ -538,7 +539,7 @@ async def test_bad_datagrams_skipped_with_a_warning_and_a_count(caplog: pytest.L
     assert [w.split(": ")[0].split(", datagram ")[1] for w in warnings] == [
         f"{n} from {sender}, line {line}" for n, line in ((2, 1), (3, 1), (4, 2))
     ]
-    assert "not valid JSON" in warnings[0] and "longer than 20 bytes (30 bytes)" in warnings[1]
+    assert "not UTF-8 (byte 0: invalid start byte)" in warnings[0] and "longer than 20 bytes (30 bytes)" in warnings[1]
 
 
 @pytest.mark.parametrize("on_bad", ["skip", "dead-letter"])
@@ -1004,7 +1005,7 @@ async def test_bad_lines_skipped_with_a_warning_and_a_count(caplog: pytest.LogCa
     warnings = [r.getMessage() for r in caplog.records if r.name == "aiod4p.sources"]
     assert len(warnings) == 3
     assert "line 2: longer than 1000 bytes (5012 bytes); line skipped" in warnings[0]
-    assert "line 4: not valid JSON" in warnings[1] and "line 5: not valid JSON" in warnings[2]
+    assert "line 4: not valid JSON" in warnings[1] and "line 5: not UTF-8 (byte 0: invalid start byte)" in warnings[2]
 
 
 @pytest.mark.asyncio
@@ -1028,6 +1029,52 @@ async def test_bad_lines_go_to_the_dead_letter_callback() -> None:
     assert [(d["line"], d["size"]) for d in letters] == [(2, 5012), (4, 8), (5, 2)]
     assert letters[0]["text"] == ('{"long": "' + "z" * 5000)[:1024] and letters[1]["text"] == "not json"
     assert letters[2]["text"] == "\ufffd\ufffd" and letters[0]["source"].startswith("file descriptor")
+
+
+# A line with a UTF-8 byte-order mark, three that are not UTF-8 (json tells UTF-16 and UTF-32 by their first
+# bytes; Latin-1), one that is.
+NOT_UTF8_INPUT = b"\n".join(
+    [
+        b'\xef\xbb\xbf{"i": 1}',
+        '"utf-16"'.encode("utf-16"),
+        '"utf-32"'.encode("utf-32"),
+        b'"caf\xe9"',
+        b'{"i": "\xc3\xa9"}',
+    ]
+)
+NOT_UTF8_ERRORS = [
+    (2, "not UTF-8 (byte 0: invalid start byte)"),
+    (3, "not UTF-8 (byte 0: invalid start byte)"),
+    (4, "not UTF-8 (byte 4: invalid continuation byte)"),
+]
+
+
+@pytest.mark.parametrize("on_bad", ["fail", "skip", "dead-letter"])
+async def test_a_json_line_that_is_not_utf8_is_a_bad_line_saying_so(
+    on_bad: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """JSON lines went to ``json.loads`` as bytes, which reads UTF-16 and UTF-32 too: such lines were items, and
+    other bytes were "not valid JSON". A line that is not UTF-8 is a bad line, said so; a byte-order mark is
+    ignored, as before."""
+    letters: list[dict[str, Any]] = []
+    if on_bad == "fail":
+        with pytest.raises(aiod4p.InputError) as failed:
+            await _read_pipe(NOT_UTF8_INPUT, json=True)
+        assert re.fullmatch(
+            r"file descriptor \d+, line 2: not UTF-8 \(byte 0: invalid start byte\): b'\\xff\\xfe\"\\x00u.*'",
+            str(failed.value),
+        )
+        return
+    items, stream = await _read_pipe(NOT_UTF8_INPUT, json=True, on_bad=on_bad, dead_letter=letters.append)
+    assert items == [{"i": 1}, {"i": "\u00e9"}] and stream.skipped == 3
+    if on_bad == "dead-letter":
+        assert [(letter["line"], letter["error"]) for letter in letters] == NOT_UTF8_ERRORS
+        assert letters[2]["text"] == '"caf\ufffd"'
+    else:
+        warnings = [r.getMessage() for r in caplog.records if r.name == "aiod4p.sources"]
+        assert [re.search(r"line (\d+): (.*); line skipped", w).groups() for w in warnings] == [  # type: ignore[union-attr]
+            (str(line), error) for line, error in NOT_UTF8_ERRORS
+        ]
 
 
 def test_line_options_are_checked() -> None:
@@ -1099,14 +1146,21 @@ async def test_tcp_source_fails_on_a_bad_line_by_default() -> None:
             await results
 
 
-async def _two_clients(stream: SocketStream) -> tuple[list[Any], str]:
-    """One client of ``stream`` sends two lines and dies in the middle of a third; another sends two lines.
-    The items, and the address of the first."""
+def _reset_on_close(writer: asyncio.StreamWriter) -> None:
+    """Make closing ``writer`` reset its connection (``SO_LINGER`` 0), as a client killed with unread bytes does."""
+    writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+
+async def _two_clients(stream: SocketStream, *, reset: bool = False) -> tuple[list[Any], str]:
+    """One client of ``stream`` sends two lines and dies in the middle of a third (closing its connection, or
+    resetting it: ``reset``); another sends two lines. The items, and the address of the first."""
     async with asyncio.timeout(20):
         items, first, address = await _listening(stream)
         _, dying = await asyncio.open_connection(*address)
         dying.write(b'{"c": 0}\n{"c": 1}\n{"c": ')
         peer = _endpoint(dying.get_extra_info("sockname"))
+        if reset:
+            _reset_on_close(dying)
         dying.close()
         _, other = await asyncio.open_connection(*address)
         other.write(b'{"c": 2}\n{"c": 3}\n')
@@ -1114,43 +1168,57 @@ async def _two_clients(stream: SocketStream) -> tuple[list[Any], str]:
         return [await first, *[item async for item in items]], peer
 
 
-async def test_a_client_that_dies_mid_line_fails_the_stream_by_default_naming_it() -> None:
+_ENDED = "the connection ended mid-line"
+_RESET = "the connection was lost mid-line: Connection reset by peer"
+
+
+@pytest.mark.parametrize(("reset", "why"), [(False, _ENDED), (True, _RESET)])
+async def test_a_client_that_dies_mid_line_fails_the_stream_by_default_naming_it(reset: bool, why: str) -> None:
     """The unterminated fragment of a client that died was taken as a line: its JSON error ("not valid JSON")
-    ended a multi-client ingestion without saying that the connection had ended mid-line."""
+    ended a multi-client ingestion without saying that the connection had ended mid-line. A client that reset
+    its connection (killed with unread data, ``SO_LINGER`` 0) left no error at all: its fragment was lost."""
     with pytest.raises(aiod4p.InputError) as failed:
-        await _two_clients(SocketStream(json=True, connections=2))
+        await _two_clients(SocketStream(json=True, connections=2), reset=reset)
     assert re.fullmatch(
-        r"TCP client 127\.0\.0\.1:\d+ of 127\.0\.0\.1:\d+, line 3: the connection ended mid-line"
+        rf"TCP client 127\.0\.0\.1:\d+ of 127\.0\.0\.1:\d+, line 3: {why}"
         r" \(6 bytes without a newline\): b'\{\"c\": '",
         str(failed.value),
     )
 
 
+@pytest.mark.parametrize(("reset", "why"), [(False, _ENDED), (True, _RESET)])
 @pytest.mark.parametrize("on_bad", ["skip", "dead-letter"])
-async def test_a_client_that_dies_mid_line_leaves_a_bad_line(on_bad: str, caplog: pytest.LogCaptureFixture) -> None:
+async def test_a_client_that_dies_mid_line_leaves_a_bad_line(
+    on_bad: str, reset: bool, why: str, caplog: pytest.LogCaptureFixture
+) -> None:
     letters: list[dict[str, Any]] = []
     stream = SocketStream(json=True, connections=2, on_bad=on_bad, dead_letter=letters.append)
-    items, peer = await _two_clients(stream)
+    items, peer = await _two_clients(stream, reset=reset)
     assert sorted(item["c"] for item in items) == [0, 1, 2, 3] and stream.skipped == 1
     if on_bad == "dead-letter":
         [letter] = letters
         assert letter["line"] == 3 and letter["text"] == '{"c": ' and letter["size"] == 6
         assert letter["source"].startswith(f"TCP client {peer} of ")
-        assert letter["error"] == "the connection ended mid-line (6 bytes without a newline)"
+        assert letter["error"] == f"{why} (6 bytes without a newline)"
     else:
         assert not letters
-        assert f"TCP client {peer} of " in caplog.text and "line 3: the connection ended mid-line" in caplog.text
+        assert f"TCP client {peer} of " in caplog.text and f"line 3: {why}" in caplog.text
 
 
+@pytest.mark.parametrize("reset", [False, True])
 @pytest.mark.parametrize(("as_json", "sent"), [(False, b"abc\nlast"), (True, b'"abc"\n{"last": 1}')])
-async def test_a_line_not_ended_when_the_client_closed_is_a_line_when_it_is_whole(as_json: bool, sent: bytes) -> None:
+async def test_a_line_not_ended_when_the_client_closed_is_a_line_when_it_is_whole(
+    as_json: bool, sent: bytes, reset: bool
+) -> None:
     """As a file's last line (`printf 'a\\nb' | nc`): text, or a JSON line that is valid; only a JSON line cut off is
-    a bad line."""
+    a bad line. So too when the client reset the connection: its last line was lost."""
     stream = SocketStream(connections=1, json=as_json)
     async with asyncio.timeout(20):
         items, first, address = await _listening(stream)
         _, writer = await asyncio.open_connection(*address)
         writer.write(sent)
+        if reset:
+            _reset_on_close(writer)
         writer.close()
         got = [await first, *[item async for item in items]]
     assert got == (["abc", {"last": 1}] if as_json else ["abc", "last"]) and stream.skipped == 0
