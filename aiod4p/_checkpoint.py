@@ -83,6 +83,7 @@ __all__ = [
     "Session",
     "Suspended",
     "WorkerCheckpoints",
+    "in_checkpoint_store",
     "replayable_feed",
     "resumed_feed",
     "run_with_recovery",
@@ -137,6 +138,17 @@ class Checkpointing:
 
 
 # -- storage ------------------------------------------------------------------------------
+def in_checkpoint_store(path: str | os.PathLike[str], directory: str | os.PathLike[str]) -> bool:
+    """Whether the checkpoints of ``directory`` would write or remove ``path``: the directory itself, its
+    :data:`LOCK` or :data:`RUN` (or their temporary files), or anything in a checkpoint (after symbolic links);
+    other files in the directory are left alone."""
+    try:
+        inside = Path(path).resolve().relative_to(Path(directory).resolve())
+    except ValueError:
+        return False
+    return not inside.parts or inside.parts[0].startswith((LOCK, RUN, _PREFIX))
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:

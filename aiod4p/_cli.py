@@ -21,7 +21,7 @@ from typing import Any, NoReturn, TextIO
 
 from . import __version__
 from ._api import WorkflowRun, loop_factory, run_in_threads
-from ._checkpoint import Checkpointing
+from ._checkpoint import Checkpointing, in_checkpoint_store
 from ._inputs import find_pe, parse_cli_inputs
 from ._loading import load_workflow, split_target
 from ._logging import configure_logging
@@ -79,6 +79,20 @@ def _at_least(low: int) -> Callable[[str], int]:
 _POSITIVE, _COUNT = _at_least(1), _at_least(0)
 
 
+def _path(text: str) -> str:
+    """An argparse type: a path, which cannot be empty (a bad value is a usage error, exit 2).
+
+    The empty path names the current directory to some calls (``Path("")``) and no file to others
+    (``open("")``): a checkpoint directory ``''`` was written into the current one, then not found by
+    ``--restore``."""
+    if not text:
+        raise argparse.ArgumentTypeError("the path is empty")
+    return text
+
+
+_path.__name__ = "path"  # argparse names the type in its messages
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="aiod4p",
@@ -123,7 +137,9 @@ def _parser() -> argparse.ArgumentParser:
         help="--stdin: an over-long or invalid JSON line fails the run (default), is skipped with a warning,"
         " or becomes a result on port dead_letter",
     )
-    run.add_argument("--results", default=None, metavar="FILE", help="write results as JSON Lines ('-' for stdout)")
+    run.add_argument(
+        "--results", type=_path, default=None, metavar="FILE", help="write results as JSON Lines ('-' for stdout)"
+    )
     run.add_argument(
         "--threaded",
         action="append",
@@ -151,6 +167,7 @@ def _parser() -> argparse.ArgumentParser:
     seeing.add_argument("--stats", action="store_true", help="print a table of per-PE statistics at the end (stderr)")
     seeing.add_argument(
         "--stats-json",
+        type=_path,
         default=None,
         metavar="FILE",
         help="write per-PE statistics as JSON (-: stdout, with --results FILE)",
@@ -165,7 +182,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     _add_target(picture)
     _add_attr_option(picture)
-    picture.add_argument("-o", "--output", required=True, metavar="FILE", help="FILE.dot, FILE.svg, FILE.png or .pdf")
+    picture.add_argument(
+        "-o", "--output", type=_path, required=True, metavar="FILE", help="FILE.dot, FILE.svg, FILE.png or .pdf"
+    )
     picture.add_argument("--mapping", "-m", default="async", choices=sorted(MAPPINGS), help="whose parallelism to show")
     picture.add_argument("-n", "--num", type=_POSITIVE, default=None, metavar="N", help="workers, as for run")
     picture.add_argument("--oversubscribe", action="store_true", help="as for run: -n workers even beyond the CPUs")
@@ -183,7 +202,9 @@ def _add_debug_option(parser: argparse.ArgumentParser) -> None:
 
 def _add_target(parser: argparse.ArgumentParser) -> None:
     """The positional ``target``: the workflow to load (see :func:`aiod4p.load_graph`)."""
-    parser.add_argument("target", help="module:graph, path/to/file.py[:graph], or a module holding one graph")
+    parser.add_argument(
+        "target", type=_path, help="module:graph, path/to/file.py[:graph], or a module holding one graph"
+    )
 
 
 def _add_inputs(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
@@ -192,7 +213,7 @@ def _add_inputs(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
     source = parser.add_argument_group("inputs (dispel4py semantics; -f wins over -d, which wins over -i)")
     source.add_argument("-i", "--iter", type=_COUNT, default=None, metavar="N", help="call every root PE N times")
     source.add_argument("-d", "--data", default=None, metavar="JSON", help='{"PE": N or [input dicts]}')
-    source.add_argument("-f", "--file", default=None, metavar="FILE", help="a JSON file like -d")
+    source.add_argument("-f", "--file", type=_path, default=None, metavar="FILE", help="a JSON file like -d")
     return source
 
 
@@ -206,7 +227,9 @@ def _add_storm_parser(commands: Any) -> None:
         description="Write a streamparse project (topology, components, config.json) to submit with `sparse submit`.",
     )
     _add_target(build)
-    build.add_argument("-o", "--output", required=True, metavar="DIR", help="the project directory to write")
+    build.add_argument(
+        "-o", "--output", type=_path, required=True, metavar="DIR", help="the project directory to write"
+    )
     build.add_argument("--name", default=None, help="the topology name (default: from the target)")
     build.add_argument(
         "-n", "--num", type=_POSITIVE, default=None, metavar="N", help="tasks of PEs with no parallelism"
@@ -284,6 +307,7 @@ def _open_standard_streams() -> None:
 
 
 # dispel4py's multi and mpi take -s/--simple (README command lines of its workflows have it).
+_SIMPLE_OPTIONS = frozenset({"-s", "--simple"})
 _SIMPLE_HINT = (
     " (dispel4py's -s/--simple, which runs partitions of the graph with its simple mapping, has no aiod4p"
     " equivalent: drop it, and the PEs run as instances on the -n workers, as dispel4py's multi and mpi run"
@@ -297,11 +321,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     words = [word for word in (sys.argv[1:] if argv is None else argv) if word != "--debug"]
     commands = next(action.choices for action in parser._actions if isinstance(action, argparse._SubParsersAction))
     if words and words[0] in MAPPINGS and words[0] not in commands:  # dispel4py's: `dispel4py multi flow.py -n 4`
-        command = shlex.join(["aiod4p", "run", "-m", words[0], *words[1:]])
-        parser.error(f"{words[0]!r} is a mapping, not a command: dispel4py's `dispel4py {words[0]} ...` is `{command}`")
+        kept = [word for word in words[1:] if word not in _SIMPLE_OPTIONS]
+        command = shlex.join(["aiod4p", "run", "-m", words[0], *kept])
+        hint = _SIMPLE_HINT if len(kept) < len(words) - 1 else ""
+        parser.error(
+            f"{words[0]!r} is a mapping, not a command: dispel4py's `dispel4py {words[0]} ...` is `{command}`{hint}"
+        )
     args, unknown = parser.parse_known_args(argv)
     if unknown:  # argparse would report them with the usage of `aiod4p` itself, not of the command given
-        hint = _SIMPLE_HINT if {"-s", "--simple"} & set(unknown) else ""
+        hint = _SIMPLE_HINT if _SIMPLE_OPTIONS & set(unknown) else ""
         _command_parser(parser, args).error(f"unrecognized arguments: {' '.join(unknown)}{hint}")
     configure_logging(getattr(args, "verbose", 0), getattr(args, "quiet", False))
     try:
@@ -372,6 +400,7 @@ def _run(args: argparse.Namespace) -> int:
             )
     if args.stats_json == "-" and args.results in (None, "-"):
         raise ValueError("--stats-json -: the results already go to stdout; give --results FILE, or --stats-json FILE")
+    _check_files_apart(args)
     options = mapping_options(args)
     if args.address is not None:
         if args.mapping != "ray":
@@ -662,6 +691,7 @@ def _provenance_the_workflow_asks(args: argparse.Namespace, graph: Any, mapping:
             check_provenance_file(config.path)
             _check_writable(config.path, "provenance")
             args.provenance, args.provenance_level = config.path, args.provenance_level or config.level
+            _check_files_apart(args, "the workflow's configure_prov_run file")
             _warn(args, f"{asks}: writing {config.path} (--provenance FILE to choose)")
             _warn_of_partial_provenance(args, mapping)
     if args.provenance_level is not None and args.provenance is None:
@@ -681,6 +711,48 @@ def _warn_of_partial_provenance(args: argparse.Namespace, mapping: BaseMapping) 
 def _warn(args: argparse.Namespace, message: str) -> None:
     if not getattr(args, "quiet", False):
         print(f"aiod4p: warning: {message}", file=sys.stderr)
+
+
+def _check_files_apart(args: argparse.Namespace, provenance: str = "--provenance") -> None:
+    """Refuse two files of ``aiod4p run`` that are one, as the OS finds them (after symbolic links, hard links
+    too): the input file ``-f``, and ``--results``, ``--stats-json`` and ``--provenance``, whose writer each
+    replaces the file (the others' contents were lost, silently); and any of them where ``--checkpoint-dir``'s
+    checkpoints are written. Streams (``-``, ``/dev/null``, a named pipe) are not files: what is written to
+    them is not replaced. ``provenance`` names where the provenance file was given.
+
+    Raises:
+        ValueError: naming both options and their paths.
+    """
+    files = [
+        (option, path)
+        for option, path in (
+            ("-f", args.file),
+            ("--results", args.results),
+            ("--stats-json", args.stats_json),
+            (provenance, args.provenance),
+        )
+        if path not in (None, "-") and not _is_stream(path)
+    ]
+    for index, (option, path) in enumerate(files):
+        for earlier, earlier_path in files[:index]:
+            if _same_file(earlier_path, path):
+                raise ValueError(
+                    f"{earlier} {earlier_path} and {option} {path} are the same file, which would keep only one of"
+                    " them: give each its own"
+                )
+        if args.checkpoint_dir is not None and in_checkpoint_store(path, args.checkpoint_dir):
+            raise ValueError(
+                f"{option} {path} is --checkpoint-dir {args.checkpoint_dir}'s own (the directory, its lock, its run"
+                " record or a checkpoint), which the checkpoints write: give another path"
+            )
+
+
+def _same_file(first: str, second: str) -> bool:
+    """Whether two paths name one file: the same existing file, or else the same path once resolved."""
+    try:
+        return os.path.samefile(first, second)
+    except OSError:  # one of them does not exist (yet)
+        return Path(first).resolve() == Path(second).resolve()
 
 
 def _check_writable(path: str, what: str) -> None:
@@ -967,7 +1039,11 @@ def _plain_numbers() -> contextlib.AbstractContextManager[Any]:
 def _add_provenance_options(run: argparse.ArgumentParser) -> None:
     group = run.add_argument_group("provenance (W3C PROV, needs aiod4p[provenance])")
     group.add_argument(
-        "--provenance", default=None, metavar="FILE", help="record provenance: FILE.json (PROV-JSON), .provn or .xml"
+        "--provenance",
+        type=_path,
+        default=None,
+        metavar="FILE",
+        help="record provenance: FILE.json (PROV-JSON), .provn or .xml",
     )
     group.add_argument(
         "--provenance-level",
@@ -994,7 +1070,7 @@ _positive_seconds.__name__ = "seconds"  # argparse names the type in its message
 def _add_checkpoint_options(run: argparse.ArgumentParser) -> None:
     """The checkpoint options; their defaults are :class:`Checkpointing`'s (given: ``None``)."""
     group = run.add_argument_group("checkpoints and recovery (docs/recovery.md)")
-    group.add_argument("--checkpoint-dir", default=None, metavar="DIR", help="take checkpoints into DIR")
+    group.add_argument("--checkpoint-dir", type=_path, default=None, metavar="DIR", help="take checkpoints into DIR")
     group.add_argument(
         "--checkpoint-interval",
         type=_positive_seconds,
@@ -1080,12 +1156,13 @@ def _add_science_parsers(commands: Any) -> None:
         description="Read a PROV-JSON file written by `aiod4p run --provenance` and trace results to their sources.",
         usage="%(prog)s [-h] FILE [--trace RESULT [--draw OUT]] [--debug]",  # argparse cannot say --draw needs --trace
     )
-    lineage.add_argument("file", metavar="FILE", help="the PROV-JSON (or PROV-XML, or PROV-N) file")
+    lineage.add_argument("file", type=_path, metavar="FILE", help="the PROV-JSON (or PROV-XML, or PROV-N) file")
     lineage.add_argument(
         "--trace", default=None, metavar="RESULT", help="an entity id, or (part of) the repr of a result's value"
     )
     lineage.add_argument(
         "--draw",
+        type=_path,
         default=None,
         metavar="OUT",
         help="with --trace: draw the lineage of RESULT: OUT.dot, .svg, .png or .pdf",
@@ -1096,8 +1173,8 @@ def _add_science_parsers(commands: Any) -> None:
     plot = actions.add_parser(
         "plot", help="plot per-PE throughput and busy time over the run", description="Plot a --stats-json file."
     )
-    plot.add_argument("file", metavar="STATS.json", help="written by `aiod4p run --stats-json`")
-    plot.add_argument("-o", "--output", required=True, metavar="FILE", help="FILE.png, .svg or .pdf")
+    plot.add_argument("file", type=_path, metavar="STATS.json", help="written by `aiod4p run --stats-json`")
+    plot.add_argument("-o", "--output", type=_path, required=True, metavar="FILE", help="FILE.png, .svg or .pdf")
     _add_debug_option(plot)
 
 

@@ -604,6 +604,26 @@ def test_dispel4pys_command_line_names_aiod4ps(workflow_file: Path, options_firs
 
 
 @pytest.mark.parametrize("option", ["-s", "--simple"])
+def test_dispel4pys_command_line_with_simple_names_an_aiod4p_command_without_it(
+    workflow_file: Path, option: str
+) -> None:
+    # `dispel4py multi flow.py -n 2 -s` named `aiod4p run -m multi flow.py -n 2 -s`, which aiod4p run refused.
+    done = aiod4p("multi", str(workflow_file), "-n", "2", option, "-i", "3")
+    assert done.returncode == 2, done.stderr
+    words = [str(workflow_file), "-n", "2", "-i", "3"]
+    assert (
+        done.stderr.strip()
+        .splitlines()[-1]
+        .startswith(
+            "aiod4p: error: 'multi' is a mapping, not a command: dispel4py's `dispel4py multi ...` is"
+            f" `aiod4p run -m multi {' '.join(words)}` (dispel4py's -s/--simple, which runs partitions of the graph"
+        )
+    )
+    suggested = aiod4p("run", "-m", "multi", *words, "--results", os.devnull)
+    assert suggested.returncode == 0, suggested.stderr
+
+
+@pytest.mark.parametrize("option", ["-s", "--simple"])
 def test_dispel4pys_simple_option_is_explained(workflow_file: Path, option: str) -> None:
     # `dispel4py multi flow.py -n 4 -s`, as dispel4py workflows' READMEs write it: argparse said only
     # "unrecognized arguments: -s".
@@ -633,6 +653,11 @@ def test_dispel4pys_simple_option_is_explained(workflow_file: Path, option: str)
         (["-v", "-q"], "argument -q/--quiet: not allowed with argument -v/--verbose"),
         (["--on-signal", "suspend"], "--on-signal suspend needs --checkpoint-dir"),
         (["--on-signal", "pause"], "argument --on-signal: invalid choice: 'pause'"),
+        (["--checkpoint-dir", ""], "argument --checkpoint-dir: the path is empty"),
+        (["--results", ""], "argument --results: the path is empty"),
+        (["--stats-json", ""], "argument --stats-json: the path is empty"),
+        (["--provenance", ""], "argument --provenance: the path is empty"),
+        (["-f", ""], "argument -f/--file: the path is empty"),
     ],
 )
 def test_usage_errors_exit_2(
@@ -652,6 +677,89 @@ def test_usage_errors_exit_2(
     assert code == 2, err
     assert message in err
     assert "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    ("args", "argument"),
+    [
+        (["run", ""], "target"),
+        (["graph", "", "-o", "g.dot"], "target"),
+        (["graph", WORDCOUNT, "-o", ""], "-o/--output"),
+        (["storm", "build", WORDCOUNT, "-o", ""], "-o/--output"),
+        (["storm", "build", WORDCOUNT, "-o", "out", "-f", ""], "-f/--file"),
+        (["provenance", ""], "FILE"),
+        (["provenance", "p.json", "--trace", "1", "--draw", ""], "--draw"),
+        (["stats", "plot", "", "-o", "s.png"], "STATS.json"),
+        (["stats", "plot", "s.json", "-o", ""], "-o/--output"),
+    ],
+)
+def test_an_empty_path_is_a_usage_error(args: list[str], argument: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """An empty path named the current directory to some calls and no file to others: `--checkpoint-dir ''`
+    checkpointed into it and `--restore` found nothing, `storm build -o ''` wrote its project there. Every path
+    of every command is refused as empty, exit 2, naming the argument."""
+    with pytest.raises(SystemExit) as exit_:
+        main(args)
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.endswith(f"error: argument {argument}: the path is empty\n")
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (
+            ["--results", "{tmp}/same.json", "--provenance", "{tmp}/same.json"],
+            "--results {tmp}/same.json and --provenance {tmp}/same.json are the same file",
+        ),
+        (
+            ["--stats-json", "{tmp}/same.json", "--results", "{tmp}/no/../same.json"],
+            "--results {tmp}/no/../same.json and --stats-json {tmp}/same.json are the same file",
+        ),
+        (
+            ["--stats-json", "{tmp}/stats.json", "--provenance", "{tmp}/hard-link.json"],
+            "--stats-json {tmp}/stats.json and --provenance {tmp}/hard-link.json are the same file",
+        ),
+        (
+            ["--results", "{tmp}/symbolic-link.json", "--stats-json", "{tmp}/stats.json"],
+            "--results {tmp}/symbolic-link.json and --stats-json {tmp}/stats.json are the same file",
+        ),
+        (["-f", "{tmp}/stats.json", "--results", "{tmp}/stats.json"], "-f {tmp}/stats.json and --results"),
+        (
+            ["--checkpoint-dir", "{tmp}/ck", "--results", "{tmp}/ck/RUN.json"],
+            "--results {tmp}/ck/RUN.json is --checkpoint-dir {tmp}/ck's own",
+        ),
+        (["--checkpoint-dir", "{tmp}/ck", "--results", "{tmp}/ck"], "--results {tmp}/ck is --checkpoint-dir"),
+        (
+            ["--checkpoint-dir", "{tmp}/ck", "--stats-json", "{tmp}/ck/chk-00000001/s.json"],
+            "--stats-json {tmp}/ck/chk-00000001/s.json is --checkpoint-dir {tmp}/ck's own",
+        ),
+    ],
+    ids=["new", "resolved", "hard-link", "symbolic-link", "input", "run-record", "directory", "checkpoint"],
+)
+def test_two_outputs_in_one_file_are_a_usage_error(
+    workflow_file: Path, tmp_path: Path, args: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`--results F --provenance F` kept only the provenance in F (`--stats-json F`: the statistics), and said
+    it wrote the results there. Two options naming one file, as the OS finds it, or a file the checkpoints write,
+    are refused before anything runs, naming both."""
+    (tmp_path / "stats.json").write_text("{}")
+    (tmp_path / "hard-link.json").hardlink_to(tmp_path / "stats.json")
+    (tmp_path / "symbolic-link.json").symlink_to(tmp_path / "stats.json")
+    code = main(["run", str(workflow_file), *(arg.format(tmp=tmp_path) for arg in args)])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert f"aiod4p: error: {message.format(tmp=tmp_path)}" in err
+    assert (tmp_path / "stats.json").read_text() == "{}"
+
+
+def test_outputs_may_share_a_stream_and_the_checkpoint_directory(workflow_file: Path, tmp_path: Path) -> None:
+    """What is written to a stream is not replaced: `--results /dev/null --stats-json /dev/null` runs; so does a
+    provenance file in the checkpoint directory, beside the checkpoints."""
+    (tmp_path / "ck").mkdir()
+    streams = ["--results", os.devnull, "--stats-json", os.devnull]
+    checkpoints = ["--checkpoint-dir", str(tmp_path / "ck"), "--provenance", str(tmp_path / "ck" / "prov.json")]
+    done = aiod4p("run", str(workflow_file), "-i", "3", *streams, *checkpoints)
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "ck" / "prov.json").exists()
 
 
 @pytest.mark.parametrize(

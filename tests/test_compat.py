@@ -1629,6 +1629,18 @@ def test_the_cli_records_the_provenance_a_dispel4py_workflow_asks_for(tmp_path: 
     assert (tmp_path / "chosen.json").exists() and not (tmp_path / "prov-asked.json").exists()
 
 
+def test_the_file_a_dispel4py_workflow_asks_provenance_in_is_not_the_results_file(tmp_path: Path) -> None:
+    """`--results` naming the file ``configure_prov_run`` names is refused (exit 2), as `--provenance` naming it
+    is: the provenance would replace the results."""
+    (tmp_path / "asks.py").write_text(PROVENANCE_FLOW)
+    done = aiod4p_cli("run", "asks.py", "-i", "1", "--results", "prov-asked.json", cwd=tmp_path)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip().splitlines()[-1] == (
+        "aiod4p: error: --results prov-asked.json and the workflow's configure_prov_run file prov-asked.json are"
+        " the same file, which would keep only one of them: give each its own"
+    )
+
+
 class Doubled(IterativePE):
     """A plain PE written for a run that configure_prov_run made provenance-aware: it writes with metadata."""
 
