@@ -1509,6 +1509,8 @@ class WorkerCheckpoints:
                 if actor.recorder is not None:
                     actor.recorder.record.restored = restored.id
                     actor.recorder.fed = aligner.base
+                    if own["finished"]:  # it does not run again: its record, of nothing done, is its final one
+                        actor.stats.provenance = actor.recorder.part()
                 actor.stats.carry(_carried_stats(restored, worker.plan, ref))
             actor.aligner = aligner
             if actor.results:
