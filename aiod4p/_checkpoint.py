@@ -69,6 +69,7 @@ from .errors import (
 
 if TYPE_CHECKING:
     from ._engine import Feed, ReadAhead, Worker, _Actor
+    from ._graph import Edge
     from ._stats import InstanceStats
     from .transports import Comm
 
@@ -256,10 +257,12 @@ class Checkpoint:
 
     def check(self, plan: ExecutionPlan) -> None:
         """Whether ``plan`` can resume from the checkpoint: it was taken of the same graph (the same PEs, by id,
-        the same connections), and the state of a PE whose instance count changed can be shared out.
+        the same connections, grouped alike: :func:`_groupings_of_edges`), and the state of a PE whose instance
+        count changed can be shared out.
 
         Raises:
-            CheckpointError: a PE or a connection that one of them lacks (named): another graph. Or a PE
+            CheckpointError: a PE or a connection that one of them lacks, or a connection grouped otherwise (named,
+                with both groupings): another graph, whose keyed state the restored instances do not hold. Or a PE
                 restored with another instance count, not all of its instances finished and none of its state
                 ``keyed_state``, whose saved state cannot be shared out (:meth:`_check_shared_out`): the PE and
                 the attributes are named.
@@ -276,6 +279,13 @@ class Checkpoint:
         if differ:
             whose = "the checkpoint's graph" if differ[0] in saved else "this workflow"
             raise CheckpointError(f"{self.label} was taken of another graph: only {whose} connects {differ[0]}")
+        grouped = self.manifest.get("groupings", {})  # a manifest written before groupings were recorded has none
+        for edge, grouping in sorted(_groupings_of_edges(plan).items()):
+            if edge in grouped and grouped[edge] != grouping:
+                raise CheckpointError(
+                    f"{self.label} was taken of another graph: its connection {edge} is grouped {grouped[edge]},"
+                    f" this workflow's {grouping} (its PEs' state holds what the items grouped so made)"
+                )
         for pe, placement in plan.placement.items():
             old = self.parallelism(pe)
             if old != placement.parallelism and not placement.is_root:  # a root's is refused with its position
@@ -348,9 +358,27 @@ def _same(one: Any, other: Any) -> bool:
         return False
 
 
+def _edge_name(edge: Edge) -> str:
+    """A connection as a manifest names it: ``"source.port -> dest.port"``."""
+    return f"{edge.source}.{edge.source_port} -> {edge.dest}.{edge.dest_port}"
+
+
 def _edges(plan: ExecutionPlan) -> list[str]:
-    """The connections of the graph ``plan`` runs, as a manifest records them: ``"source.port -> dest.port"``."""
-    return sorted(f"{e.source}.{e.source_port} -> {e.dest}.{e.dest_port}" for e in plan.graph.edges)
+    """The connections of the graph ``plan`` runs, as a manifest records them (:func:`_edge_name`)."""
+    return sorted(_edge_name(edge) for edge in plan.graph.edges)
+
+
+def _groupings_of_edges(plan: ExecutionPlan) -> dict[str, str]:
+    """The grouping of each connection of the graph ``plan`` runs, by its name (:func:`_edge_name`), as a
+    manifest records them: its kind, and a ``group_by``'s key fields or key function's name (``group_by[0]``,
+    ``group_by(word_of)``), which say where keyed state goes. A grouping whose class says nothing of itself
+    is named by its class alone (its default ``repr`` holds an address, which differs from run to run)."""
+    names = {}
+    for edge in plan.graph.edges:
+        kind = type(edge.grouping)
+        described = kind.__str__ is not object.__str__ or kind.__repr__ is not object.__repr__
+        names[_edge_name(edge)] = str(edge.grouping) if described else f"{kind.__module__}.{kind.__qualname__}"
+    return names
 
 
 class CheckpointStore:
@@ -641,6 +669,9 @@ def _check_manifest(manifest: Any) -> None:
     edges = manifest.get("edges", [])  # absent in a manifest written before connections were recorded
     if not isinstance(edges, list) or not all(isinstance(edge, str) for edge in edges):
         raise TypeError(f"its edges are not connections: {short_repr(edges)}")
+    groupings = manifest.get("groupings", {})  # absent in a manifest written before groupings were recorded
+    if not isinstance(groupings, dict) or not all(isinstance(name, str) for name in groupings.values()):
+        raise TypeError(f"its groupings are not a grouping per connection: {short_repr(groupings)}")
     offset = manifest.get("results_offset")
     if offset is not None and not _is_count(offset, 0):
         raise TypeError(f"its results_offset is not a length: {offset!r}")
@@ -1246,6 +1277,7 @@ class Coordinator:
             "created": time.time(),
             "parallelism": {pe: placement.parallelism for pe, placement in self.plan.placement.items()},
             "edges": _edges(self.plan),
+            "groupings": _groupings_of_edges(self.plan),
             "parts": sorted(parts.values(), key=lambda part: (part["pe"], part["index"])),
             "results_offset": offset,
             "results_tail": self._tails[n],
@@ -1521,6 +1553,8 @@ class WorkerCheckpoints:
                 if actor.recorder is not None:
                     actor.recorder.record.restored = restored.id
                     actor.recorder.fed = aligner.base
+                    if own["finished"]:  # it does not run again: its record, of nothing done, is its final one
+                        actor.stats.provenance = actor.recorder.part()
                 actor.stats.carry(_carried_stats(restored, worker.plan, ref))
             actor.aligner = aligner
             if actor.results:

@@ -445,8 +445,23 @@ def _run(args: argparse.Namespace) -> int:
     results = args.results
     if checkpointing is not None and checkpointing.results_path is not None:
         results = os.devnull  # the run writes the file itself, committed with each checkpoint, and yields no result
-    with _stdout_for_data(data_on_stdout) as stdout:
-        return _run_loaded(args, mapping, results, stdout)
+    status = EXIT_ERROR  # until the run returns its own
+    try:
+        with _stdout_for_data(data_on_stdout) as stdout:
+            status = _run_loaded(args, mapping, results, stdout)
+    finally:
+        if status != EXIT_OK and args.provenance and os.path.isfile(args.provenance):
+            # Said also under -q, with the run's error: else the file would pass for this run's.
+            print(
+                f"aiod4p: --provenance: {args.provenance} not written{_earlier_file(args.provenance)}", file=sys.stderr
+            )
+    return status
+
+
+def _earlier_file(path: str) -> str:
+    """``: the file there is an earlier run's...`` if ``path`` is a file, which a run that did not write it (it
+    failed, or was suspended) left as it was: a provenance file is written whole, only once the run succeeds."""
+    return ": the file there is an earlier run's, left as it was" if os.path.isfile(path) else ""
 
 
 def _run_loaded(args: argparse.Namespace, mapping: BaseMapping, results: str | None, stdout: TextIO) -> int:
@@ -526,11 +541,6 @@ def _run_loaded(args: argparse.Namespace, mapping: BaseMapping, results: str | N
                     credits=args.credits,
                     provenance=(args.provenance_level or "item") if args.provenance else None,
                 )
-                if args.provenance and os.path.isfile(args.provenance):
-                    # As --results FILE is emptied: a run that fails writes no provenance, and an earlier run's
-                    # file left there would pass for its own.
-                    with writing("provenance", args.provenance):
-                        os.unlink(args.provenance)
             except Stopped as stop:
                 _aborted(stop.signum, f"{_records(0)} produced", f"while {phase}")
                 said = True
@@ -571,7 +581,11 @@ def _run_loaded(args: argparse.Namespace, mapping: BaseMapping, results: str | N
         if workflow.suspended is None:
             write_provenance(workflow.stats, args.provenance)
         else:
-            _warn(args, f"--provenance: {args.provenance} not written: a suspended run's records are not all in")
+            _warn(
+                args,
+                f"--provenance: {args.provenance} not written (a suspended run's records are not all in)"
+                + _earlier_file(args.provenance),
+            )
     if stdin is not None and stdin.skipped and args.on_bad == "skip":
         _warn(args, f"--stdin: {stdin.skipped} bad line{'s' if stdin.skipped != 1 else ''} skipped")
     if status == EXIT_OK and signals.received and not signals.quiet:

@@ -31,7 +31,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Hashable, Iterable, Mapping
+from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, TextIO
@@ -551,13 +551,14 @@ def check_provenance_file(path: str) -> str:
 
 
 def write_document(doc: ProvDocument, path: str) -> str:
-    """Write ``doc`` as PROV-JSON (``.json``), PROV-N (``.provn``) or PROV-XML (``.xml``), by extension.
+    """Write ``doc`` as PROV-JSON (``.json``), PROV-N (``.provn``) or PROV-XML (``.xml``), by extension: the file
+    replaces ``path`` once it is whole, and a failed write leaves ``path`` as it was.
 
     Raises:
         Aiod4pError: as :func:`check_provenance_file`, or the file cannot be written.
     """
     fmt = check_provenance_file(path)
-    with writing("provenance", str(path)), open(path, "w", encoding="utf-8") as out:
+    with _replacing(path) as out:
         if fmt == "provn":
             out.write(doc.get_provn())
         else:
@@ -576,9 +577,31 @@ def write_provenance(stats: Iterable[InstanceStats], path: str) -> str:
     if check_provenance_file(path) != "json":
         return write_document(document(stats), path)
     found = parts(stats)
-    with writing("provenance", str(path)), open(path, "w", encoding="utf-8") as out:
+    with _replacing(path) as out:
         _write_json(_records(found), out, os.path.dirname(os.path.abspath(path)))
     return path
+
+
+@contextlib.contextmanager
+def _replacing(path: str) -> Iterator[TextIO]:
+    """A text file, beside ``path``, that replaces ``path`` (renamed over it) once the block ends; if the block
+    or the writing fails, it is removed and ``path`` is left as it was (an earlier run's file is never lost to a
+    document that could not be written).
+
+    Raises:
+        Aiod4pError: the file cannot be written or renamed (named, with the system's reason).
+    """
+    directory, name = os.path.split(os.path.abspath(path))
+    temporary = os.path.join(directory, f".{name}.tmp-{os.getpid()}")
+    try:
+        with writing("provenance", str(path)):
+            with open(temporary, "w", encoding="utf-8") as out:
+                yield out
+            os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        raise
 
 
 def _write_json(records: Iterable[_Record], out: TextIO, spool: str) -> None:

@@ -40,7 +40,7 @@ from ckpt_workflows import (
 from helpers import aiod4p_cli, aiod4p_process, json_lines
 
 import aiod4p
-from aiod4p import ALL, PE, IterativePE, ProducerPE, WorkflowGraph, run, run_async, start
+from aiod4p import ALL, PE, IterativePE, ProducerPE, WorkflowGraph, group_by, run, run_async, start
 from aiod4p._checkpoint import (
     MANIFEST,
     Aligner,
@@ -676,6 +676,42 @@ async def test_restore_refuses_another_graph_and_another_root_parallelism(tmp_pa
         r" out among another number of instances \(restore it with 1 instance\)",
         str(refused.value),
     )
+
+
+def _word_of(item: tuple[str, int]) -> str:
+    return item[0]
+
+
+def _numbers_grouped(grouping: Any) -> WorkflowGraph:
+    """:func:`_numbers` with ``pair`` connected to ``count`` by ``grouping`` (``count`` declares ``group_by(0)``)."""
+    graph = WorkflowGraph()
+    source, pair, count = Numbers(), _Pair(), Count()
+    source.id, pair.id, count.id = "numbers", "pair", "count"
+    graph.connect(source, "output", pair, "input")
+    graph.connect(pair, "output", count, "input", grouping=grouping)
+    return graph
+
+
+async def test_restore_refuses_a_connection_grouped_otherwise(tmp_path: Path) -> None:
+    """A grouping edited between suspend and restore (``group_by(0)`` to ``group_by(1)``) was restored: the keyed
+    state stayed where the old keys went, and the counts came out split, two records a word."""
+    directory = tmp_path / "ck"
+    assert not await _run_until_killed(_numbers(), _mapping(directory), 2, 3000, NUMBERS, directory)
+    named = rf"checkpoint \d+ in {re.escape(str(directory))} was taken of another graph: its connection"
+    for grouping, shown in ((group_by(1), r"group_by\[1\]"), (group_by(key=_word_of), r"group_by\(_word_of\)"),
+                            (group_by(0, 1), r"group_by\[0, 1\]")):  # fmt: skip
+        regrouped = rf" pair\.output -> count\.input is grouped group_by\[0\], this workflow's {shown} \("
+        with pytest.raises(CheckpointError, match=named + regrouped):
+            await run_async(_numbers_grouped(grouping), NUMBERS, mapping=_mapping(directory, restore=True), workers=2)
+    # a checkpoint whose manifest records no groupings (written before they were) restores as before
+    store = CheckpointStore(directory)
+    latest = store.latest()
+    assert latest is not None
+    newest = store.path(latest.id) / "MANIFEST.json"
+    manifest = json.loads(newest.read_text())
+    newest.write_text(json.dumps({key: value for key, value in manifest.items() if key != "groupings"}))
+    got = await run_async(_numbers(), NUMBERS, mapping=_mapping(directory, restore=True), workers=2)
+    assert _counts(got) == {str(k): sum(1 for n in range(1, NUMBERS + 1) if n % 7 == k) for k in range(7)}
 
 
 def test_results_file_that_cannot_be_written_fails_clearly(tmp_path: Path, words: Path) -> None:

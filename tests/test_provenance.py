@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 import workflows as wf
-from helpers import ROOT, numbers_flow
+from helpers import ROOT, TIMES10_FLOW, numbers_flow
 
 import aiod4p
 from aiod4p import GenericPE, IterativePE, PlanOptions, ProducerPE, Results, WorkflowGraph, group_by
@@ -480,7 +480,8 @@ def test_a_result_not_found_in_an_item_level_file_is_not_blamed_on_the_level() -
             lineage.find(blank)
 
 
-def test_cli_a_failed_run_leaves_no_earlier_provenance_file_that_would_pass_for_its_own(tmp_path: Path) -> None:
+def test_cli_a_failed_run_says_the_earlier_provenance_file_is_not_its_own_and_keeps_it(tmp_path: Path) -> None:
+    # It was removed as the run started: the failed run left none to pass for its own, and the earlier run's was lost.
     flow = tmp_path / "flow.py"
     flow.write_text(
         numbers_flow("class Fails(IterativePE):\n    def process_item(self, item):\n        raise ValueError(item)\n")
@@ -489,7 +490,54 @@ def test_cli_a_failed_run_leaves_no_earlier_provenance_file_that_would_pass_for_
     earlier.write_text('{"an earlier run": "its provenance"}')
     failed = cli("run", str(flow), "-i", "3", "-q", "--provenance", str(earlier), cwd=tmp_path)
     assert failed.returncode == 1 and "PE Fails1" in failed.stderr
-    assert not earlier.exists()  # as --results FILE is emptied as the run starts
+    assert f"--provenance: {earlier} not written: the file there is an earlier run's, left as it was" in failed.stderr
+    assert earlier.read_text() == '{"an earlier run": "its provenance"}'
+
+
+@pytest.mark.parametrize(("mapping", "level"), [("async", "pe"), ("multi", "item")])
+def test_cli_restore_of_a_finished_run_writes_the_provenance_of_its_empty_attempt(
+    tmp_path: Path, mapping: str, level: str
+) -> None:
+    # It failed with "the run recorded no provenance", its instances having finished, and the earlier file was gone.
+    flow = tmp_path / "flow.py"
+    flow.write_text(TIMES10_FLOW)
+    options = ["-m", mapping, "-n", "2", "-i", "5", "--checkpoint-dir", "ck", "--results", "out.jsonl"]
+    first = cli("run", str(flow), *options, "-q", cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    earlier = tmp_path / "prov.json"
+    earlier.write_text('{"an earlier run": "its provenance"}')
+    restored = cli(
+        "run", str(flow), *options, "--restore", "--provenance", str(earlier), "--provenance-level", level, cwd=tmp_path
+    )
+    assert restored.returncode == 0, restored.stderr
+    assert "0 records" in restored.stderr
+    document = json.loads(earlier.read_text())
+    agents = document["agent"]
+    assert {"aiod4p:Numbers0.0", "aiod4p:Times101.0"} <= set(agents)
+    assert all("aiod4p:restored_from_checkpoint" in agents[agent] for agent in agents if agent.count(".") == 1)
+    listing = cli("provenance", str(earlier), cwd=tmp_path)
+    assert listing.returncode == 0, listing.stderr
+    assert "0 results" in listing.stdout and "(a restored run)" in listing.stdout
+    assert [path.name for path in tmp_path.iterdir() if ".tmp" in path.name] == []
+
+
+def test_a_provenance_file_that_cannot_be_written_leaves_the_earlier_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # It was opened for writing at once: a write failing half-way left neither run's document.
+    _, stats = run_recorded(word_count(), 1, "simple", None, "item")
+    path = tmp_path / "prov.json"
+    path.write_text('{"an earlier run": "its provenance"}')
+
+    def full_disk(records: Any, out: Any, spool: str) -> None:
+        out.write('{"prefix": ')
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("aiod4p._provenance._write_json", full_disk)
+    with pytest.raises(aiod4p.Aiod4pError, match=f"cannot write provenance to {path}: No space left on device"):
+        aiod4p.write_provenance(stats, str(path))
+    assert path.read_text() == '{"an earlier run": "its provenance"}'
+    assert [entry.name for entry in tmp_path.iterdir()] == ["prov.json"]
 
 
 def test_cli_provenance_errors_name_the_problem(tmp_path: Path) -> None:
