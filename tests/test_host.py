@@ -18,7 +18,7 @@ import pytest
 import workflows as wf
 from helpers import recorded_supervisors
 
-from aiod4p import ALL, PlanOptions, WorkflowGraph, make_plan
+from aiod4p import ALL, InstanceStats, PlanOptions, WorkflowGraph, make_plan
 from aiod4p._checkpoint import ResultGate, Trigger
 from aiod4p._engine import Feed, Worker
 from aiod4p._plan import ExecutionPlan
@@ -298,8 +298,8 @@ class _SendsThenWaits:
         self.sent = asyncio.Event()
 
     @property
-    def stats(self) -> list[Any]:
-        return []
+    def stats(self) -> list[InstanceStats]:
+        return [InstanceStats("pe", 1, worker=1, items_out=self.batches)]
 
     def drain(self) -> None:
         pass
@@ -329,8 +329,8 @@ async def test_the_results_another_worker_sent_before_a_failure_reach_the_reader
     sink1 = ForwardSink(far1, "the test", 1 << 20, 1000)
     healthy = _SendsThenWaits(plan, sink1, 50)
     served = asyncio.create_task(serve(healthy, far1, name="worker 1", sink=sink1, interval=3600))
-    sink = _YieldingSink()
-    supervisor = Supervisor(plan, {0: near0, 1: near1}, sink, RunControl())
+    sink, control = _YieldingSink(), RunControl()
+    supervisor = Supervisor(plan, {0: near0, 1: near1}, sink, control)
     supervising = asyncio.create_task(supervisor.run())
     async with asyncio.timeout(20):
         await healthy.sent.wait()
@@ -338,6 +338,7 @@ async def test_the_results_another_worker_sent_before_a_failure_reach_the_reader
         with pytest.raises(PEError, match="boom"):
             await supervising
         assert sorted(sink.results.data()) == list(range(50))
+        assert control.stats() == healthy.stats  # what it did up to the stop: the failed run's statistics
         for comm in (near0, near1):
             comm.abort()
         assert not await served  # it reported that it stopped

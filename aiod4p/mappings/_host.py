@@ -409,7 +409,8 @@ async def serve(
         await control.send(Done(stats))
         succeeded = True
     except Exception as exc:
-        if isinstance(exc, PEError):  # what every instance did up to it, the error counted: the failed run's report
+        # What every instance did up to the error (the error counted) or up to a Stop: the failed run's report.
+        if isinstance(exc, PEError) or stopping.done():
             with contextlib.suppress(TransportError):
                 await control.send(Stats(worker.stats))
         await _report_failure(control, name, exc)
