@@ -371,13 +371,13 @@ def _edges(plan: ExecutionPlan) -> list[str]:
 def _groupings_of_edges(plan: ExecutionPlan) -> dict[str, str]:
     """The grouping of each connection of the graph ``plan`` runs, by its name (:func:`_edge_name`), as a
     manifest records them: its kind, and a ``group_by``'s key fields or key function's name (``group_by[0]``,
-    ``group_by(word_of)``), which say where keyed state goes. A grouping whose class says nothing of itself
-    is named by its class alone (its default ``repr`` holds an address, which differs from run to run)."""
+    ``group_by(word_of)``), which say where keyed state goes. A grouping whose text holds an address (an
+    object's default ``repr``, a dataclass holding a function), which differs from process to process, is
+    named by its class alone, without its module (which depends on how the workflow was loaded)."""
     names = {}
     for edge in plan.graph.edges:
-        kind = type(edge.grouping)
-        described = kind.__str__ is not object.__str__ or kind.__repr__ is not object.__repr__
-        names[_edge_name(edge)] = str(edge.grouping) if described else f"{kind.__module__}.{kind.__qualname__}"
+        text = str(edge.grouping)
+        names[_edge_name(edge)] = type(edge.grouping).__qualname__ if " at 0x" in text else text
     return names
 
 

@@ -785,6 +785,7 @@ class _Actor(Invoker):
                     if self.worker.fixed_order:  # its max_delay: partly filled batches wait one turn at most
                         await self._flush_all()
                     await self.worker.give_way()
+            self.delivered = {}  # outputs the restored checkpoint's calls had delivered: only those calls drop them
             await self._stage("postprocess", pe.postprocess)
             await self._flush_all()
             # End of stream only after success: on a failure the run is cancelled, and

@@ -584,24 +584,33 @@ def write_provenance(stats: Iterable[InstanceStats], path: str) -> str:
 
 @contextlib.contextmanager
 def _replacing(path: str) -> Iterator[TextIO]:
-    """A text file, beside ``path``, that replaces ``path`` (renamed over it) once the block ends; if the block
-    or the writing fails, it is removed and ``path`` is left as it was (an earlier run's file is never lost to a
-    document that could not be written).
+    """A text file, beside ``path``, that replaces ``path`` (renamed over it, with its permissions) once the block
+    ends; if the block or the writing fails, it is removed and ``path`` is left as it was (an earlier run's file
+    is never lost to a document that could not be written). A path that cannot be replaced so is written in
+    place: a symbolic link (its target is the file), a named pipe or other file that is not a regular one, a
+    file in a directory this process cannot write to.
 
     Raises:
         Aiod4pError: the file cannot be written or renamed (named, with the system's reason).
     """
     directory, name = os.path.split(os.path.abspath(path))
-    temporary = os.path.join(directory, f".{name}.tmp-{os.getpid()}")
-    try:
-        with writing("provenance", str(path)):
+    exists = os.path.lexists(path)
+    with writing("provenance", str(path)):
+        if (exists and (os.path.islink(path) or not os.path.isfile(path))) or not os.access(directory, os.W_OK):
+            with open(path, "w", encoding="utf-8") as out:
+                yield out
+            return
+        temporary = os.path.join(directory, f".{name}.tmp-{os.getpid()}")
+        try:
             with open(temporary, "w", encoding="utf-8") as out:
                 yield out
+            if exists:
+                shutil.copymode(path, temporary)
             os.replace(temporary, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(temporary)
-        raise
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(temporary)
+            raise
 
 
 def _write_json(records: Iterable[_Record], out: TextIO, spool: str) -> None:

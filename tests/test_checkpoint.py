@@ -17,7 +17,8 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, cast
@@ -25,6 +26,7 @@ from typing import Any, cast
 import ckpt_workflows
 import prov.model
 import pytest
+import workflows as wf
 from ckpt_workflows import (
     Count,
     HeldLines,
@@ -40,7 +42,7 @@ from ckpt_workflows import (
 from helpers import aiod4p_cli, aiod4p_process, json_lines
 
 import aiod4p
-from aiod4p import ALL, PE, IterativePE, ProducerPE, WorkflowGraph, group_by, run, run_async, start
+from aiod4p import ALL, PE, Grouping, IterativePE, ProducerPE, WorkflowGraph, group_by, run, run_async, start
 from aiod4p._checkpoint import (
     MANIFEST,
     Aligner,
@@ -56,11 +58,13 @@ from aiod4p._checkpoint import (
     Session,
     Suspended,
     WorkerCheckpoints,
+    _groupings_of_edges,
     resumed_feed,
     run_with_recovery,
 )
 from aiod4p._cli import main
 from aiod4p._engine import Worker
+from aiod4p._groupings import Router
 from aiod4p._inputs import resolve_inputs
 from aiod4p._plan import DEFAULT_BATCH_SIZE, DEFAULT_CREDITS, InstanceRef, PlanOptions, make_plan
 from aiod4p._plot import load_samples
@@ -690,6 +694,25 @@ def _numbers_grouped(grouping: Any) -> WorkflowGraph:
     graph.connect(source, "output", pair, "input")
     graph.connect(pair, "output", count, "input", grouping=grouping)
     return graph
+
+
+@dataclass(frozen=True)
+class _KeyedBy(Grouping):
+    """A grouping of a user's, as the built-in ones are written: a frozen dataclass, here holding a function."""
+
+    key: Callable[[Any], Any]
+
+    def router(self, count: int, start: int, sender: str, dest: str) -> Router:
+        raise NotImplementedError
+
+
+def test_a_grouping_is_recorded_without_an_address() -> None:
+    """A dataclass grouping holding a function printed its address, which differs from process to process: a
+    restore of the unchanged graph was refused as grouped otherwise."""
+    graph = WorkflowGraph()
+    graph.connect(wf.Count(), "output", wf.Double(), "input", grouping=_KeyedBy(_word_of))
+    (name,) = _groupings_of_edges(make_plan(graph, PlanOptions())).values()
+    assert name == "_KeyedBy"
 
 
 async def test_restore_refuses_a_connection_grouped_otherwise(tmp_path: Path) -> None:

@@ -27,6 +27,7 @@ from aiod4p.errors import PEError, WorkerDied
 from aiod4p.mappings import RunControl
 from aiod4p.mappings._host import (
     Done,
+    Drain,
     Failed,
     ForwardSink,
     ResultsTaken,
@@ -342,3 +343,16 @@ async def test_the_results_another_worker_sent_before_a_failure_reach_the_reader
         for comm in (near0, near1):
             comm.abort()
         assert not await served  # it reported that it stopped
+
+
+async def test_a_worker_that_takes_no_stop_does_not_hold_up_the_runs_error() -> None:
+    """The stop to a worker whose comm is full (its loop held by a PE, a pumped feed's chunks filling its pipe)
+    waited for room: the launcher hung where it used to fail at once. The stops are bounded by the grace."""
+    plan = make_plan(wf.pipeline()[0], PlanOptions(workers=2))
+    (near0, far0), (near1, _) = memory_comm_pair(1), memory_comm_pair(1)
+    await near1.send(Drain())  # worker 1 reads nothing: its comm is full
+    supervisor = Supervisor(plan, {0: near0, 1: near1}, ListSink(), RunControl(), grace=0.2)
+    async with asyncio.timeout(20):
+        await far0.send(Failed(PEError("pe", 0, "input", "ValueError: boom")))
+        with pytest.raises(PEError, match="boom"):
+            await supervisor.run()

@@ -19,7 +19,7 @@ from helpers import ROOT, TIMES10_FLOW, numbers_flow
 
 import aiod4p
 from aiod4p import GenericPE, IterativePE, PlanOptions, ProducerPE, Results, WorkflowGraph, group_by
-from aiod4p._provenance import Tagged, value_repr
+from aiod4p._provenance import Tagged, _replacing, value_repr
 
 prov_model = pytest.importorskip(
     "prov.model", reason="provenance needs the prov package: pip install 'aiod4p[provenance]'"
@@ -584,3 +584,19 @@ def test_a_trace_lists_its_sources_in_their_order() -> None:
 
     ids = [f"aiod4p:Read0.0.{n}" for n in (10, 9, 100, 1000, 0)]
     assert sorted(ids, key=_natural) == [f"aiod4p:Read0.0.{n}" for n in (0, 9, 10, 100, 1000)]
+
+
+@pytest.mark.skipif(os.name != "posix", reason="symbolic links and modes")
+def test_a_provenance_file_behind_a_link_is_written_in_place_and_keeps_its_mode(tmp_path: Path) -> None:
+    """A provenance file is replaced by a renamed one beside it: a symbolic link was replaced by a regular file
+    (its target kept the earlier document), and a file's permissions were lost."""
+    target, link, plain = tmp_path / "target.json", tmp_path / "link.json", tmp_path / "plain.json"
+    target.write_text("earlier")
+    link.symlink_to(target)
+    plain.write_text("earlier")
+    plain.chmod(0o640)
+    for path in (link, plain):
+        with _replacing(str(path)) as out:
+            out.write("new")
+    assert link.is_symlink() and target.read_text() == "new"
+    assert plain.read_text() == "new" and plain.stat().st_mode & 0o777 == 0o640

@@ -657,15 +657,18 @@ class Supervisor:
 
     async def _stop_the_others(self, watchers: Mapping[int, asyncio.Task[Any]]) -> None:
         """After a failure: tell every worker still running to :class:`Stop`, and relay what each sent until it
-        reports, for at most ``grace`` seconds; the results a worker sent before the failure reached it are the
-        failed run's too (a sibling instance's finished results, on another worker)."""
+        reports, for at most ``grace`` seconds in all; the results a worker sent before the failure reached it
+        are the failed run's too (a sibling instance's finished results, on another worker). The stops are sent
+        apart (:meth:`_post`): a worker whose loop a PE holds, with its comm full, must not hold up the others,
+        nor the run's error beyond ``grace``."""
         running = {wid: task for wid, task in watchers.items() if not task.done()}
         if not running:
             return
-        for wid in running:
-            with contextlib.suppress(TransportError):  # that worker already went
-                await self.controls[wid].send(Stop())
+        stops = [asyncio.create_task(self._post(wid, Stop())) for wid in running]
         await asyncio.wait(running.values(), timeout=self.grace)
+        for task in stops:
+            task.cancel()
+        await asyncio.gather(*stops, return_exceptions=True)
 
     async def _watch(self, wid: int) -> None:
         """Relay worker ``wid``'s messages until it reports the end of its run.
@@ -789,7 +792,7 @@ class Supervisor:
             self._posts.add(task)
             task.add_done_callback(self._posts.discard)
 
-    async def _post(self, wid: int, message: Drain) -> None:
+    async def _post(self, wid: int, message: Drain | Stop) -> None:
         with contextlib.suppress(TransportError):  # that worker already finished
             await self.controls[wid].send(message)
 
