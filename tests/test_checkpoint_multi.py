@@ -440,9 +440,11 @@ def test_a_dead_rank_restarts_the_run_when_rank_0_reports_the_broken_link_first(
         got = run(word_count(words), 1, mapping=_multi(tmp_path / "ck", None, "mpi", restarts=1), workers=2)
     assert dict(record.data for record in got) == expected_counts(words)
     restarts = [r.getMessage() for r in caplog.records if r.getMessage().startswith("restart ")]
-    dead = pidfile.read_text()
+    assert pidfile.read_text()  # rank 1 died
     assert len(restarts) == 1, restarts
-    assert re.match(rf"restart 1 of 1 after: MPI rank [01] \(pid {dead} on \S+; it ran ", restarts[0]), restarts
+    # Hydra's banner names a rank that ended by SIGKILL: rank 1, or, on a loaded machine, rank 0, which its
+    # cleanup killed the same way and reaped first (seen once in a loaded CI run).
+    assert re.match(r"restart 1 of 1 after: MPI rank [01] \(pid \d+ on \S+; it ran ", restarts[0]), restarts
     assert "ended with exit code 9 (Killed (signal 9))" in restarts[0]
 
 
