@@ -6,8 +6,6 @@ import asyncio
 import faulthandler
 import logging
 import os
-import sys
-import threading
 import warnings
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -131,22 +129,51 @@ def _no_resource_warnings() -> Iterator[None]:
 
 # -- a test that pytest-timeout cannot stop ends the session, with every thread's stack ----------------
 
-_BACKSTOP = pytest.StashKey[threading.Timer]()
+_STDERR = pytest.StashKey[int]()
+_BACKSTOP = pytest.StashKey[float | None]()  # seconds, while a test runs
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Keep a descriptor of the session's stderr for the backstop: file descriptor 2 is pytest's capture file,
+    whose content is lost when the backstop ends the process."""
+    capture = config.pluginmanager.getplugin("capturemanager")
+    if capture is not None:
+        capture.suspend_global_capture(in_=True)
+    try:
+        config.stash[_STDERR] = os.dup(2)
+    finally:
+        if capture is not None:
+            capture.resume_global_capture()
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    _disarm(config)
+    os.close(config.stash[_STDERR])
 
 
 @pytest.hookimpl(tryfirst=True, optionalhook=True)
 def pytest_timeout_set_timer(item: pytest.Item, settings: Any) -> None:
-    """Arm a backstop at twice the test's timeout, until the test's teardown has ended.
+    """Arm a backstop at twice the test's timeout, until the test's teardown has ended: it prints every thread's
+    stack (the main thread's names the test) and ends the session with exit status 1.
 
     pytest-timeout's own timer cannot always stop a test: it is cancelled as soon as the test fails (by its
     ``pytest_exception_interact``, meant for a debugger, which runs on every failure), so the teardown of a failed
     test had no timeout at all; and its alarm runs its handler only when the main thread returns to Python, not in
     an event loop's close waiting in C.
+
+    The backstop is :mod:`faulthandler`'s watchdog, a thread in C: it needs no GIL (a main thread stuck in C
+    may hold it), and the multi mapping's choice of start method does not see it (a Python thread in every test
+    would have made every multi run of the suite spawn its workers, where a program's runs fork them).
     """
-    timer = threading.Timer(2 * settings.timeout, _stuck, (item, settings.timeout))
-    timer.daemon = True
-    item.config.stash[_BACKSTOP] = timer
-    timer.start()
+    item.config.stash[_BACKSTOP] = 2 * settings.timeout
+    _arm(item.config)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_exception_interact(node: pytest.Item | pytest.Collector) -> None:
+    """Arm the backstop again, for the rest of a failed test: pytest's faulthandler plugin cancels it on every
+    failure, as pytest-timeout cancels its own timer."""
+    _arm(node.config)
 
 
 @pytest.hookimpl(wrapper=True)
@@ -162,22 +189,12 @@ def pytest_enter_pdb(config: pytest.Config) -> None:
     _disarm(config)
 
 
+def _arm(config: pytest.Config) -> None:
+    seconds = config.stash.get(_BACKSTOP, None)
+    if seconds is not None:
+        faulthandler.dump_traceback_later(seconds, file=config.stash[_STDERR], exit=True)
+
+
 def _disarm(config: pytest.Config) -> None:
-    timer = config.stash.get(_BACKSTOP, None)
-    if timer is not None:
-        timer.cancel()
-
-
-def _stuck(item: pytest.Item, timeout: float) -> None:
-    """Say which test is stuck, dump every thread's stack and end the session (exit status 1)."""
-    capture = item.config.pluginmanager.getplugin("capturemanager")
-    if capture is not None:
-        capture.suspend_global_capture(in_=True)
-    sys.stderr.write(
-        f"\n{item.nodeid} still runs {2 * timeout:g} s after it started, though its timeout is {timeout:g} s:"
-        " pytest-timeout did not stop it (a failed test's teardown, or a main thread blocked outside Python);"
-        " the session ends here. Every thread's stack:\n"
-    )
-    sys.stderr.flush()
-    faulthandler.dump_traceback(sys.stderr, all_threads=True)
-    os._exit(1)
+    config.stash[_BACKSTOP] = None
+    faulthandler.cancel_dump_traceback_later()

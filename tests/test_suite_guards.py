@@ -76,12 +76,8 @@ def test_a_test_that_fails_leaving_a_connected_server_open_fails_rather_than_han
 def test_a_test_that_pytest_timeout_cannot_stop_ends_the_session_with_every_stack(tmp_path: Path) -> None:
     done = run_pytest(tmp_path, BLOCKED_IN_C)
     assert done.returncode == 1, done.stdout + done.stderr
-    assert (
-        "test_it.py::test_blocked_out_of_reach_of_the_alarm still runs 2 s after it started, though its timeout is"
-        " 1 s: pytest-timeout did not stop it (a failed test's teardown, or a main thread blocked outside Python);"
-        " the session ends here."
-    ) in done.stderr
-    assert "in test_blocked_out_of_reach_of_the_alarm" in done.stderr  # the main thread's stack
+    assert done.stderr.startswith("Timeout (0:00:02)!\n"), done.stderr  # twice the test's timeout
+    assert 'test_it.py", line 12 in test_blocked_out_of_reach_of_the_alarm' in done.stderr  # the main thread's stack
 
 
 def test_a_failed_test_whose_teardown_waits_for_a_stuck_thread_ends_the_session(tmp_path: Path) -> None:
@@ -89,8 +85,5 @@ def test_a_failed_test_whose_teardown_waits_for_a_stuck_thread_ends_the_session(
     for the thread, for ever."""
     done = run_pytest(tmp_path, AWAITS_A_STUCK_THREAD)
     assert done.returncode == 1, done.stdout + done.stderr
-    assert (
-        "test_it.py::test_times_out_awaiting_a_thread[asyncio] still runs 2 s after it started, though its timeout is"
-        " 1 s: pytest-timeout did not stop it (a failed test's teardown"
-    ) in done.stderr
+    assert done.stderr.startswith("Timeout (0:00:02)!\n"), done.stderr
     assert "in _do_shutdown" in done.stderr  # the stacks: the loop's close waits for the executor's thread
