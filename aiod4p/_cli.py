@@ -1172,7 +1172,10 @@ def _add_science_parsers(commands: Any) -> None:
     )
     lineage.add_argument("file", type=_path, metavar="FILE", help="the PROV-JSON (or PROV-XML, or PROV-N) file")
     lineage.add_argument(
-        "--trace", default=None, metavar="RESULT", help="an entity id, or (part of) the repr of a result's value"
+        "--trace",
+        default=None,
+        metavar="RESULT",
+        help="an entity id, (part of) the repr of a result's value, or the result as --results writes it",
     )
     lineage.add_argument(
         "--draw",
