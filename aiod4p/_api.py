@@ -87,6 +87,8 @@ class WorkflowRun:
             raise GraphError(f"a run takes a WorkflowGraph, not {graph!r}{hint}")
         if workers is not None:
             workers = _positive_integer(workers, "workers", " (None: the mapping's default)")
+        batch_size = _positive_integer(batch_size, "batch_size")
+        credits = _positive_integer(credits, "credits")
         result_batches = _positive_integer(result_batches, "result_batches")
         if not isinstance(max_delay, (int, float)) or not max_delay >= 0:
             raise ValueError(f"max_delay must be a number of seconds, at least 0, not {max_delay!r}")

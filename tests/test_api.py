@@ -450,6 +450,12 @@ def test_workers_given_as_a_numpy_integer_are_taken() -> None:
         (WorkflowGraph(), {"max_delay": None}, ValueError, "max_delay must be .* at least 0, not None"),
         # 0 would make the results' queue unbounded: a consumer that falls behind would not hold the run back
         (WorkflowGraph(), {"result_batches": 0}, ValueError, "result_batches must be a positive integer, not 0"),
+        # a float failed the run later, blamed on its first PE ("PE Range0[0] failed on feed: TypeError: slice
+        # indices must be integers ..."), a string with a TypeError naming no option
+        (WorkflowGraph(), {"batch_size": 2.5}, ValueError, "batch_size must be a positive integer, not 2.5"),
+        (WorkflowGraph(), {"batch_size": "64"}, ValueError, "batch_size must be a positive integer, not '64'"),
+        (WorkflowGraph(), {"credits": 1.5}, ValueError, "credits must be a positive integer, not 1.5"),
+        (WorkflowGraph(), {"credits": 0}, ValueError, "credits must be a positive integer, not 0"),
     ],
 )
 def test_bad_run_arguments_are_named(
