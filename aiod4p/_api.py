@@ -87,6 +87,8 @@ class WorkflowRun:
             raise GraphError(f"a run takes a WorkflowGraph, not {graph!r}{hint}")
         if workers is not None:
             workers = _positive_integer(workers, "workers", " (None: the mapping's default)")
+        batch_size = _positive_integer(batch_size, "batch_size")
+        credits = _positive_integer(credits, "credits")
         result_batches = _positive_integer(result_batches, "result_batches")
         if not isinstance(max_delay, (int, float)) or not max_delay >= 0:
             raise ValueError(f"max_delay must be a number of seconds, at least 0, not {max_delay!r}")
@@ -111,12 +113,15 @@ class WorkflowRun:
         self._finished: float | None = None
 
     def start(self) -> WorkflowRun:
-        """Start running (idempotent); needs a running event loop.
+        """Start running (idempotent); needs a running event loop, and once started, the loop it started in
+        until the run has ended.
 
         Raises:
             InputError: a :class:`~aiod4p.sources.LiveFeed` input is feeding another run, or its stream is over
                 (:meth:`~aiod4p.sources.LiveFeed.claim`).
+            Aiod4pError: the run started in another event loop and has not ended.
         """
+        self._check_loop()
         if self._task is None:
             try:
                 for pe, feed in self.feeds.items():
@@ -130,6 +135,31 @@ class WorkflowRun:
             # a task cancelled before its first step never runs _execute's own release
             self._task.add_done_callback(lambda _: self._release())
         return self
+
+    def _check_loop(self) -> None:
+        """Refuse to use a run that has not ended from an event loop other than the one it started in.
+
+        Its task, its result queue and its channels belong to that loop: waited on from another one, a read
+        or :meth:`send` waited forever when that loop was closed (a run started in a loop closed before it
+        ended never ends), and raised asyncio's ``RuntimeError`` with the whole queue of results in its
+        message, or waited forever, when that loop ran in another thread. A run that has ended may be read
+        from any loop: nothing of it waits on its loop any more.
+
+        Raises:
+            Aiod4pError: the run started in another event loop, and has not ended.
+        """
+        if self._task is None or self._task.done():
+            return
+        own = self._task.get_loop()
+        if own is asyncio.get_running_loop():
+            return
+        where = (
+            "an event loop closed before the run ended, so it never will" if own.is_closed() else "another event loop"
+        )
+        raise Aiod4pError(
+            f"this run started in {where}: a run is read, fed and closed in the loop it started in; start a new"
+            " run (aiod4p.start()) in this loop"
+        )
 
     def _release(self) -> None:
         """Let a later run take this run's live feeds (idempotent)."""
@@ -257,7 +287,8 @@ class WorkflowRun:
         Raises:
             InputError: ``pe`` names no PE of the graph (or several), or its input is not a LiveFeed.
             Aiod4pError: the feed is closed, or the run ended first (its own
-                error, such as a PEError, is raised when it failed).
+                error, such as a PEError, is raised when it failed), or it started in another event loop and
+                has not ended.
         """
         pe_id = find_pe(self.plan.graph, pe, "PE to feed")
         live = self.feed(pe_id)
@@ -280,7 +311,12 @@ class WorkflowRun:
 
     async def aclose(self) -> None:
         """Cancel the run and release everything it holds; idempotent. A read or :meth:`send` waiting on the run, in
-        another task, then raises :class:`~aiod4p.errors.Aiod4pError` (the run was aborted), as any later one does."""
+        another task, then raises :class:`~aiod4p.errors.Aiod4pError` (the run was aborted), as any later one does.
+
+        Raises:
+            Aiod4pError: the run started in another event loop and has not ended.
+        """
+        self._check_loop()
         if self._task is not None and not self._task.done():
             self._task.cancel()
             try:
@@ -352,7 +388,8 @@ class WorkflowRun:
 
         Raises:
             PEError: a PE raised.
-            Aiod4pError: the run failed otherwise, or was aborted (:meth:`aclose`).
+            Aiod4pError: the run failed otherwise, or was aborted (:meth:`aclose`), or it started in another
+                event loop and has not ended.
             Either carries the results the run gave before it failed in its ``partial_results``.
         """
         try:

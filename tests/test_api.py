@@ -19,6 +19,7 @@ import workflows as wf
 
 import aiod4p
 from aiod4p import (
+    Aiod4pError,
     ConsumerPE,
     ExecutionPlan,
     GenericPE,
@@ -98,6 +99,61 @@ async def test_a_run_that_ends_while_its_reader_waits_leaves_no_task() -> None:
         for _ in range(5):
             assert not (await aiod4p.run_async(graph, 3)).data()
             assert [task for task in asyncio.all_tasks() if task is not asyncio.current_task()] == []
+
+
+async def test_a_run_used_from_another_event_loop_is_refused_at_once() -> None:
+    """A run's task, results and channels belong to the loop it started in: read from another loop, a run whose
+    loop was closed before it ended waited forever, and one whose loop runs in another thread raised asyncio's
+    ``RuntimeError`` with every queued result in its message (180 kB), or waited forever. A run that has ended is
+    read from any loop."""
+    counted, _ = wf.pipeline(1)
+    endless_graph, double, _ = tracked_graph()
+
+    async def started(graph: WorkflowGraph, inputs: Any, *, ended: bool = False) -> aiod4p.WorkflowRun:
+        run = aiod4p.start(graph, inputs).start()
+        while ended and not run.done:  # noqa: ASYNC110 - its results wait, unread, in its queue
+            await asyncio.sleep(0.01)
+        return run
+
+    def in_a_loop_then_closed(ended: bool) -> aiod4p.WorkflowRun:
+        closed = asyncio.new_event_loop()
+
+        async def make() -> aiod4p.WorkflowRun:
+            closed.stop()  # at the end of this turn of the loop: a run not ended never takes a step
+            return await started(counted, 3, ended=ended)
+
+        try:
+            making = closed.create_task(make())
+            closed.run_forever()
+            if ended:
+                closed.run_until_complete(making)
+        finally:
+            closed.close()
+        return making.result()
+
+    orphan = await asyncio.to_thread(in_a_loop_then_closed, False)
+    ended = await asyncio.to_thread(in_a_loop_then_closed, True)
+    assert sorted((await ended.results()).data()) == [0, 2, 4]
+    elsewhere = asyncio.new_event_loop()
+    thread = threading.Thread(target=elsewhere.run_forever)
+    thread.start()
+    running = asyncio.run_coroutine_threadsafe(started(endless_graph, {double: endless()}), elsewhere).result(10)
+    try:
+        async with asyncio.timeout(10):
+            with pytest.raises(Aiod4pError, match=r"^this run started in an event loop closed before the run ended"):
+                await orphan.results()
+            another = r"^this run started in another event loop: a run is read, fed and closed in the loop it started"
+            with pytest.raises(Aiod4pError, match=another):
+                await anext(running)
+            with pytest.raises(Aiod4pError, match=another):
+                await running.aclose()
+    finally:
+        asyncio.run_coroutine_threadsafe(running.aclose(), elsewhere).result(10)
+        elsewhere.call_soon_threadsafe(elsewhere.stop)
+        thread.join()
+        elsewhere.close()
+        assert orphan._task is not None
+        orphan._task.get_coro().close()  # never to run: not "never awaited" either
 
 
 async def test_drain_stops_the_source_and_runs_postprocess() -> None:
@@ -450,6 +506,12 @@ def test_workers_given_as_a_numpy_integer_are_taken() -> None:
         (WorkflowGraph(), {"max_delay": None}, ValueError, "max_delay must be .* at least 0, not None"),
         # 0 would make the results' queue unbounded: a consumer that falls behind would not hold the run back
         (WorkflowGraph(), {"result_batches": 0}, ValueError, "result_batches must be a positive integer, not 0"),
+        # a float failed the run later, blamed on its first PE ("PE Range0[0] failed on feed: TypeError: slice
+        # indices must be integers ..."), a string with a TypeError naming no option
+        (WorkflowGraph(), {"batch_size": 2.5}, ValueError, "batch_size must be a positive integer, not 2.5"),
+        (WorkflowGraph(), {"batch_size": "64"}, ValueError, "batch_size must be a positive integer, not '64'"),
+        (WorkflowGraph(), {"credits": 1.5}, ValueError, "credits must be a positive integer, not 1.5"),
+        (WorkflowGraph(), {"credits": 0}, ValueError, "credits must be a positive integer, not 0"),
     ],
 )
 def test_bad_run_arguments_are_named(
