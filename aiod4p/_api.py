@@ -295,12 +295,14 @@ class WorkflowRun:
         task = self.start()._task
         assert task is not None
         while not (live.closed or task.done()):
-            if not (live.ended or live.full()):
-                live.send_nowait(item)  # here, after any wait: a cancelled send has queued nothing
-                return
+            if not live.ended:
+                if live.has_turn() or await live.wait_turn(unless=task):
+                    live.send_nowait(item)  # in the turn's own step: a cancelled send has queued nothing
+                    return
+                continue
             # A run that stopped taking items by itself (ended) is failing, and its error is raised; or it
             # restarts from a checkpoint, and its new attempt takes them again.
-            waiting = asyncio.ensure_future(live.wait_read() if live.ended else live.wait_room())
+            waiting = asyncio.ensure_future(live.wait_read())
             try:
                 await asyncio.wait({waiting, task}, return_when=asyncio.FIRST_COMPLETED)
             finally:

@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import itertools
 import json
 import logging
 import math
@@ -1211,8 +1212,7 @@ class LiveFeed:
         self._items: deque[tuple[Any, int]] = deque()  # with the size of each
         self._bytes = 0
         self._has_items = asyncio.Event()
-        self._has_room = asyncio.Event()
-        self._has_room.set()
+        self._senders: deque[asyncio.Event] = deque()  # the senders waiting for room, in the order they came
         self.closed = False
         self.ended = False  # the run stopped taking items (until a restart of the run takes them again)
         self._readers = 0
@@ -1272,26 +1272,65 @@ class LiveFeed:
         self._append(item)
 
     async def send(self, item: Any) -> None:
-        """Queue ``item``, waiting while the feed is full.
+        """Queue ``item``, waiting while the feed is full, in turn: senders that wait for room are served in the
+        order they came (one sending in a loop does not shut the others out).
 
         Raises:
             Aiod4pError: the feed is closed or its run is over (also while waiting).
         """
-        if self.full():  # no coroutine per item while there is room
-            await self.wait_room()
+        if not self.has_turn():  # no coroutine per item while there is room and nobody waits
+            await self.wait_turn()
         self.send_nowait(item)
 
-    async def wait_room(self) -> None:
-        """Wait until the feed takes an item without waiting, or is closed, or its run stopped taking items."""
-        while self.full() and not (self.closed or self.ended):
-            self._has_room.clear()
-            await self._has_room.wait()
+    def has_turn(self) -> bool:
+        """Whether a sender may queue an item now without waiting: the feed has room and nobody waits for it."""
+        return not (self._senders or self.full())
+
+    async def wait_turn(self, unless: asyncio.Future[Any] | None = None) -> bool:
+        """Wait for this sender's turn, behind the senders already waiting, with room in the feed for it: ``True``,
+        and the caller queues its item (:meth:`send_nowait`) before it awaits anything. ``False`` as soon as the
+        feed is closed, its run stopped taking items, or ``unless`` is done. Cancelled, it leaves the line and
+        nothing is queued.
+
+        With room for N items the first N senders in line are woken at once, and take their turns in order."""
+        turn = asyncio.Event()
+        self._senders.append(turn)
+
+        def wake(_: object) -> None:
+            turn.set()
+
+        if unless is not None:
+            unless.add_done_callback(wake)
+        try:
+            while not (self.closed or self.ended or (unless is not None and unless.done())):
+                if self._senders[0] is turn and not self.full():
+                    return True
+                turn.clear()
+                await turn.wait()
+            return False
+        finally:
+            if unless is not None:
+                unless.remove_done_callback(wake)
+            self._senders.remove(turn)
+            self._wake_next()
+
+    def _wake_next(self) -> None:
+        """Wake the senders in line that the feed has room for (every one once it is over: they return)."""
+        senders = self._senders
+        if self.closed or self.ended:
+            count = len(senders)
+        elif self._bytes >= self.max_bytes:
+            return
+        else:
+            count = self.maxsize - len(self._items)
+        for turn in itertools.islice(senders, count):
+            turn.set()
 
     def close(self) -> None:
         """End the stream once the queued items are taken; idempotent."""
         self.closed = True
         self._has_items.set()
-        self._has_room.set()
+        self._wake_next()
 
     drain = close
 
@@ -1318,14 +1357,15 @@ class LiveFeed:
                     await self._has_items.wait()
                 item, size = items.popleft()
                 self._bytes -= size
-                self._has_room.set()
+                if self._senders and not self._senders[-1].is_set():  # else every sender in line is woken
+                    self._wake_next()
                 yield item
         finally:
             self._readers -= 1
             if not self._readers:
                 self.ended = True
                 self._read.clear()
-            self._has_room.set()
+            self._wake_next()
 
 
 async def iterate(iterable: AsyncIterable[Any]) -> AsyncGenerator[Any, None]:
