@@ -275,10 +275,16 @@ async def test_runs_side_by_side_share_one_slice_of_the_loop() -> None:
 
     The slice is the loop's: however many runs share it, the host's tasks run once it has been held
     ``YIELD_SECONDS``, so the work done between two host turns does not grow with the number of runs (one batch
-    more per run at most)."""
-    alone = await _progress_per_host_turn(1)
+    more per run at most).
+
+    A run alone is measured before and after, and the more of the two taken: the first run of the test made half
+    as much between two turns as the next ones (5,460 against 9,440-10,520 items, quiet), and a CPU taken by
+    another process meanwhile makes less too (2,410 against 10,220 side by side, in CI's two test processes).
+    """
+    before = await _progress_per_host_turn(1)
     side_by_side = await _progress_per_host_turn(RUNS_SIDE_BY_SIDE)
-    assert side_by_side < 4 * alone + RUNS_SIDE_BY_SIDE * BATCH, (alone, side_by_side)
+    alone = max(before, await _progress_per_host_turn(1))
+    assert side_by_side < 4 * alone + RUNS_SIDE_BY_SIDE * BATCH, (before, alone, side_by_side)
 
 
 class Burst(ProducerPE):
