@@ -599,6 +599,8 @@ def _run_loaded(args: argparse.Namespace, mapping: BaseMapping, results: str | N
 
 def _stopped(workflow: WorkflowRun, signals: Interrupts, outcome: _Outcome) -> str:
     """How a run that a first signal stopped ended, and what it produced."""
+    if signals.after_end:
+        return f"the run had ended; {_records(outcome.records)} produced (all its results)"
     if not signals.suspend:
         return f"drained; {_records(outcome.records)} produced (partial results)"
     if workflow.suspended is None:

@@ -189,6 +189,9 @@ class _Drainable(Protocol):
     @property
     def under_way(self) -> bool: ...
 
+    @property
+    def done(self) -> bool: ...
+
     def drain(self) -> None: ...
 
     def suspend(self) -> None: ...
@@ -220,6 +223,10 @@ class Interrupts:
             for the job).
         suspend: the first signal suspends the run (a checkpoint now, and the run
             stops at it) rather than drain it.
+
+    A first signal that comes once the run has ended (while its results are
+    printed or written) drains and suspends nothing: it sets :attr:`after_end`,
+    and the results are complete; a second one aborts, as always.
     """
 
     def __init__(
@@ -233,6 +240,7 @@ class Interrupts:
         self.quiet = quiet
         self.suspend = suspend
         self.received = 0
+        self.after_end = False
         self.signum: int = signal.SIGINT
         self._exit_status = exit_status
         self._before_exit = before_exit
@@ -276,6 +284,11 @@ class Interrupts:
         if run is None or loop is None or task is None or not run.under_way:
             raise Stopped(signum)
         if self.received == 1:
+            if run.done:  # nothing left to drain or suspend: the results are being written
+                self.after_end = True
+                if not self.quiet:
+                    _say(f"aiod4p: {self.name}: the run has ended; writing its results (send it again to abort)")
+                return
             if self.suspend:
                 _say(f"aiod4p: {self.name}: suspending: taking a checkpoint to stop at (send it again to abort)")
                 loop.call_soon_threadsafe(run.suspend)

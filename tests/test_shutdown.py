@@ -236,6 +236,50 @@ def test_a_run_whose_pe_left_a_server_open_ends_where_resource_warnings_are_erro
     assert done.stderr.splitlines()[-1].startswith("ResourceWarning: unclosed resource <TCPServer closed=False")
 
 
+MANY_RESULTS = """
+from aiod4p import ProducerPE, WorkflowGraph
+
+class Numbers(ProducerPE):
+    def produce(self):
+        yield from range(100_000)
+
+graph = WorkflowGraph()
+graph.add(Numbers())
+"""
+
+
+def test_a_signal_while_the_results_are_printed_says_they_are_complete(tmp_path: Path) -> None:
+    """The results are printed once the run has ended: a Ctrl-C then had nothing to drain, yet the command said
+    ``drained; 100000 records produced (partial results)``, and a user would run it again for nothing."""
+    flow = tmp_path / "many.py"
+    flow.write_text(MANY_RESULTS)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "aiod4p", "run", str(flow)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    try:
+        assert proc.stdout.readline() == b"Numbers0.output: 100000 items\n"  # the run has ended
+        proc.send_signal(signal.SIGINT)  # while the printing waits for this reader (a full pipe)
+        printed = proc.stdout.read()
+        assert proc.wait(timeout=30) == 0
+        stderr = proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(timeout=20)
+        proc.stdout.close()
+        proc.stderr.close()
+    assert printed.splitlines() == [f"  {i}".encode() for i in range(100_000)]
+    assert stderr.decode().splitlines() == [
+        "aiod4p: SIGINT: the run has ended; writing its results (send it again to abort)",
+        "aiod4p: interrupted by SIGINT: the run had ended; 100000 records produced (all its results)",
+    ]
+
+
 def test_stdin_with_iterations_is_a_usage_error() -> None:
     result = subprocess.run(
         [sys.executable, "-m", "aiod4p", "run", TARGET, "--stdin", "square", "-i", "3"],
@@ -340,6 +384,7 @@ from aiod4p._signals import Interrupts
 
 class Run:
     under_way = True
+    done = False
     def drain(self):
         os.kill(os.getpid(), signal.SIGINT)  # the second signal, once the first was acted on
 
