@@ -225,8 +225,10 @@ class Interrupts:
             stops at it) rather than drain it.
 
     A first signal that comes once the run has ended (while its results are
-    printed or written) drains and suspends nothing: it sets :attr:`after_end`,
-    and the results are complete; a second one aborts, as always.
+    printed, or its provenance written, under the handlers installed again by
+    another ``with``) drains and suspends nothing: it sets :attr:`after_end`,
+    and the output is complete; a second one aborts, as always: once the run's
+    event loop is closed, by raising :class:`Stopped` where the main thread is.
     """
 
     def __init__(
@@ -283,12 +285,14 @@ class Interrupts:
         run, loop, task = self._run, self._loop, self._task
         if run is None or loop is None or task is None or not run.under_way:
             raise Stopped(signum)
+        if self.received == 1 and run.done:  # nothing left to drain or suspend: its output is being written
+            self.after_end = True
+            if not self.quiet:
+                _say(f"aiod4p: {self.name}: the run has ended; writing its output (send it again to abort)")
+            return
+        if loop.is_closed():  # the run's loop is over: what is left is writing its output, which this aborts
+            raise Stopped(signum)
         if self.received == 1:
-            if run.done:  # nothing left to drain or suspend: the results are being written
-                self.after_end = True
-                if not self.quiet:
-                    _say(f"aiod4p: {self.name}: the run has ended; writing its results (send it again to abort)")
-                return
             if self.suspend:
                 _say(f"aiod4p: {self.name}: suspending: taking a checkpoint to stop at (send it again to abort)")
                 loop.call_soon_threadsafe(run.suspend)
