@@ -575,17 +575,19 @@ def _run_loaded(args: argparse.Namespace, mapping: BaseMapping, results: str | N
             finally:
                 signals.restore()
                 report_once(failing=status != EXIT_OK)
+        if status == EXIT_OK and args.provenance:
+            if workflow.suspended is None:
+                # Seconds for a large run: a first signal meanwhile has nothing to drain, and does not lose the file.
+                with signals:
+                    write_provenance(workflow.stats, args.provenance)
+            else:
+                _warn(
+                    args,
+                    f"--provenance: {args.provenance} not written (a suspended run's records are not all in)"
+                    + _earlier_file(args.provenance),
+                )
     except Stopped as stop:  # said above, unless it stopped the head start's own end
         return EXIT_ABORTED if said else _aborted(stop.signum, outcome.said(), "")
-    if status == EXIT_OK and args.provenance:
-        if workflow.suspended is None:
-            write_provenance(workflow.stats, args.provenance)
-        else:
-            _warn(
-                args,
-                f"--provenance: {args.provenance} not written (a suspended run's records are not all in)"
-                + _earlier_file(args.provenance),
-            )
     if stdin is not None and stdin.skipped and args.on_bad == "skip":
         _warn(args, f"--stdin: {stdin.skipped} bad line{'s' if stdin.skipped != 1 else ''} skipped")
     if status == EXIT_OK and signals.received and not signals.quiet:
@@ -599,6 +601,8 @@ def _run_loaded(args: argparse.Namespace, mapping: BaseMapping, results: str | N
 
 def _stopped(workflow: WorkflowRun, signals: Interrupts, outcome: _Outcome) -> str:
     """How a run that a first signal stopped ended, and what it produced."""
+    if signals.after_end:
+        return f"the run had ended; {_records(outcome.records)} produced (all its results)"
     if not signals.suspend:
         return f"drained; {_records(outcome.records)} produced (partial results)"
     if workflow.suspended is None:

@@ -32,7 +32,8 @@ def resolve_inputs(graph: FlatGraph, inputs: Inputs) -> dict[str, Feed]:
 
     Raises:
         InputError: a key names no PE, is ambiguous, or names a PE that is not
-            a root; a value is neither a count nor an iterable.
+            a root, or that another key names too (its name and its id, say);
+            a value is neither a count nor an iterable.
     """
     roots = graph.roots()
     if inputs is None:
@@ -43,10 +44,14 @@ def resolve_inputs(graph: FlatGraph, inputs: Inputs) -> dict[str, Feed]:
     if not isinstance(inputs, Mapping):
         raise InputError(f"inputs must be a count or a mapping of PE to input, not {type(inputs).__name__}")
     feeds: dict[str, Feed] = {}
+    keys: dict[str, Any] = {}
     for key, value in inputs.items():
         pe_id = find_pe(graph, key)
         if pe_id not in roots:
             raise InputError(f"PE {pe_id} is not a root of the graph (its inputs are connected); it cannot take input")
+        if pe_id in keys:
+            raise InputError(f"input keys {keys[pe_id]!r} and {key!r} both name PE {pe_id}; give its input once")
+        keys[pe_id] = key
         feeds[pe_id] = _check_feed(pe_id, value)
         _warn_unknown_ports(graph.pes[pe_id], pe_id, value)
     for pe_id in roots:

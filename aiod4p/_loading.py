@@ -203,7 +203,9 @@ def load_module(spec: str) -> ModuleType:
     does (the file's own directory is importable for a file).
 
     Raises:
-        TargetError: the file or module does not exist or fails to import.
+        TargetError: the file or module does not exist or fails to import, or is a directory (a file path naming
+            one, or a module name that finds only a directory without ``__init__.py``: a namespace package,
+            which holds no code).
     """
     if spec.endswith(".py") or "/" in spec or "\\" in spec:
         path = Path(spec)
@@ -229,7 +231,7 @@ def load_module(spec: str) -> ModuleType:
     if cwd not in sys.path and "" not in sys.path:  # importable as under `python -m`, also from the console script
         sys.path.insert(0, cwd)
     try:
-        return importlib.import_module(spec)
+        module = importlib.import_module(spec)
     except SystemExit as exc:
         raise _exited(spec, exc) from None
     except ModuleNotFoundError as exc:
@@ -238,6 +240,10 @@ def load_module(spec: str) -> ModuleType:
         raise _import_failed(spec, exc) from exc
     except Exception as exc:
         raise _import_failed(spec, exc) from exc
+    if getattr(module, "__file__", None) is None and hasattr(module, "__path__"):
+        directories = ", ".join(dict.fromkeys(module.__path__))  # a directory once, though found twice on sys.path
+        raise TargetError(f"workflow {spec} is a directory ({directories}): give the .py file of the workflow in it")
+    return module
 
 
 def _import_failed(spec: str, exc: Exception, package: tuple[str, Path] | None = None) -> TargetError:

@@ -189,6 +189,9 @@ class _Drainable(Protocol):
     @property
     def under_way(self) -> bool: ...
 
+    @property
+    def done(self) -> bool: ...
+
     def drain(self) -> None: ...
 
     def suspend(self) -> None: ...
@@ -220,6 +223,12 @@ class Interrupts:
             for the job).
         suspend: the first signal suspends the run (a checkpoint now, and the run
             stops at it) rather than drain it.
+
+    A first signal that comes once the run has ended (while its results are
+    printed, or its provenance written, under the handlers installed again by
+    another ``with``) drains and suspends nothing: it sets :attr:`after_end`,
+    and the output is complete; a second one aborts, as always: once the run's
+    event loop is closed, by raising :class:`Stopped` where the main thread is.
     """
 
     def __init__(
@@ -233,6 +242,7 @@ class Interrupts:
         self.quiet = quiet
         self.suspend = suspend
         self.received = 0
+        self.after_end = False
         self.signum: int = signal.SIGINT
         self._exit_status = exit_status
         self._before_exit = before_exit
@@ -274,6 +284,13 @@ class Interrupts:
         self.signum = signum
         run, loop, task = self._run, self._loop, self._task
         if run is None or loop is None or task is None or not run.under_way:
+            raise Stopped(signum)
+        if self.received == 1 and run.done:  # nothing left to drain or suspend: its output is being written
+            self.after_end = True
+            if not self.quiet:
+                _say(f"aiod4p: {self.name}: the run has ended; writing its output (send it again to abort)")
+            return
+        if loop.is_closed():  # the run's loop is over: what is left is writing its output, which this aborts
             raise Stopped(signum)
         if self.received == 1:
             if self.suspend:

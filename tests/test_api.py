@@ -536,6 +536,14 @@ def test_bad_inputs(inputs: object, message: str) -> None:
         aiod4p.run(graph, inputs)  # type: ignore[arg-type]
 
 
+def test_input_keys_naming_one_pe_twice() -> None:
+    # -d '{"Count": [5], "Count0": [6, 7]}' ran [6, 7] only and dropped [5], with exit 0.
+    graph, source = wf.pipeline(1)
+    for inputs in ({"Count": [5], source.id: [6, 7]}, {source: 2, "Count": 3}):
+        with pytest.raises(InputError, match=rf"input keys .* and .* both name PE {source.id}; give its input once"):
+            aiod4p.run(graph, inputs)
+
+
 def test_input_to_a_pe_that_is_not_a_root() -> None:
     graph, source = wf.pipeline(2)
     with pytest.raises(InputError, match="is not a root"):

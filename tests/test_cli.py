@@ -365,6 +365,27 @@ def test_errors_are_one_line_and_non_zero(
     assert message in err
 
 
+def test_a_directory_named_as_a_module_is_no_target(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``cd examples && aiod4p run science`` imported the directory as a namespace package and said ``science
+    defines no WorkflowGraph; name one with science:ATTR``, though no ATTR could name one (``science:graph``:
+    ``science has no attribute 'graph'``). A directory is no target, named as a path or as a module."""
+    (tmp_path / "folder_of_flows").mkdir()
+    (tmp_path / "folder_of_flows" / "flow.py").write_text(TIMES10_FLOW)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", list(sys.path))  # main() puts the current directory on it
+    try:
+        for target in ("folder_of_flows", "folder_of_flows:graph"):
+            assert main(["run", target]) == 1
+            assert capsys.readouterr().err == (
+                f"aiod4p: error: workflow folder_of_flows is a directory ({tmp_path / 'folder_of_flows'}):"
+                " give the .py file of the workflow in it\n"
+            )
+    finally:
+        sys.modules.pop("folder_of_flows", None)
+
+
 FAILS_AT_FIVE = """
 from aiod4p import IterativePE, ProducerPE, WorkflowGraph
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
 import json
 import os
@@ -12,6 +13,7 @@ import subprocess
 import sys
 import termios
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
@@ -236,6 +238,95 @@ def test_a_run_whose_pe_left_a_server_open_ends_where_resource_warnings_are_erro
     assert done.stderr.splitlines()[-1].startswith("ResourceWarning: unclosed resource <TCPServer closed=False")
 
 
+MANY_RESULTS = """
+from aiod4p import ProducerPE, WorkflowGraph
+
+class Numbers(ProducerPE):
+    def produce(self):
+        yield from range(100_000)
+
+graph = WorkflowGraph()
+graph.add(Numbers())
+"""
+
+
+def test_a_signal_while_the_results_are_printed_says_they_are_complete(tmp_path: Path) -> None:
+    """The results are printed once the run has ended: a Ctrl-C then had nothing to drain, yet the command said
+    ``drained; 100000 records produced (partial results)``, and a user would run it again for nothing."""
+    flow = tmp_path / "many.py"
+    flow.write_text(MANY_RESULTS)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "aiod4p", "run", str(flow)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    try:
+        assert proc.stdout.readline() == b"Numbers0.output: 100000 items\n"  # the run has ended
+        proc.send_signal(signal.SIGINT)  # while the printing waits for this reader (a full pipe)
+        printed = proc.stdout.read()
+        assert proc.wait(timeout=30) == 0
+        stderr = proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(timeout=20)
+        proc.stdout.close()
+        proc.stderr.close()
+    assert printed.splitlines() == [f"  {i}".encode() for i in range(100_000)]
+    assert stderr.decode().splitlines() == [
+        "aiod4p: SIGINT: the run has ended; writing its output (send it again to abort)",
+        "aiod4p: interrupted by SIGINT: the run had ended; 100000 records produced (all its results)",
+    ]
+
+
+def test_a_signal_while_the_provenance_is_written_lets_it_finish(tmp_path: Path) -> None:
+    """Once the run has ended, ``--provenance F`` is written (seconds for a large run): a first SIGINT, SIGTERM or
+    SIGHUP (an ssh session dropping) then found the handlers removed and aborted, exit 130 and no F, though every
+    result was written. F is a named pipe here, so that the writing waits for this reader, mid-document."""
+    flow = tmp_path / "many.py"
+    flow.write_text(MANY_RESULTS.replace("100_000", "2_000"))
+    provenance = tmp_path / "lineage.json"
+    os.mkfifo(provenance)
+    reader = os.open(provenance, os.O_RDONLY | os.O_NONBLOCK)  # before the run: its writer then never blocks to open
+    results = tmp_path / "out.jsonl"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "aiod4p", "run", str(flow), "--results", str(results), "--provenance", str(provenance)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert proc.stderr is not None
+    written = b""
+    try:
+        while not written:  # nothing yet: no writer (b""), or one that wrote nothing yet (EAGAIN)
+            assert proc.poll() is None
+            with contextlib.suppress(BlockingIOError):
+                written = os.read(reader, 1 << 16)
+            time.sleep(0.01)  # ok-sleep: polling a non-blocking pipe
+        proc.send_signal(signal.SIGTERM)  # the rest of the document waits for this reader
+        os.set_blocking(reader, True)
+        while chunk := os.read(reader, 1 << 16):
+            written += chunk
+        assert proc.wait(timeout=30) == 0
+        stderr = proc.stderr.read()
+    finally:
+        os.close(reader)
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(timeout=20)
+        proc.stderr.close()
+    assert len(json.loads(written)["entity"]) == 2_000  # the whole document: an entity per result
+    assert stderr.decode().splitlines() == [
+        "aiod4p: SIGTERM: the run has ended; writing its output (send it again to abort)",
+        "aiod4p: interrupted by SIGTERM: the run had ended; 2000 records produced (all its results)",
+        f"aiod4p: 2000 records in {stderr.decode().split(' in ')[-1].split(' s ')[0]} s -> {results}",
+    ]
+
+
 def test_stdin_with_iterations_is_a_usage_error() -> None:
     result = subprocess.run(
         [sys.executable, "-m", "aiod4p", "run", TARGET, "--stdin", "square", "-i", "3"],
@@ -340,6 +431,7 @@ from aiod4p._signals import Interrupts
 
 class Run:
     under_way = True
+    done = False
     def drain(self):
         os.kill(os.getpid(), signal.SIGINT)  # the second signal, once the first was acted on
 
