@@ -288,12 +288,19 @@ def _not_ray_ports() -> Iterator[dict[str, str]]:
                 while True:
                     closing.accept()[0].close()
 
-        threading.Thread(target=close_each, daemon=True).start()
-        yield {
-            "nothing listens there": f"127.0.0.1:{refusing.getsockname()[1]}",
-            "that port is not a Ray head's": f"127.0.0.1:{closing.getsockname()[1]}",
-            "unknown host 'no-such-host.invalid'": "no-such-host.invalid:6379",
-        }
+        closer = threading.Thread(target=close_each, daemon=True)
+        closer.start()
+        try:
+            yield {
+                "nothing listens there": f"127.0.0.1:{refusing.getsockname()[1]}",
+                "that port is not a Ray head's": f"127.0.0.1:{closing.getsockname()[1]}",
+                "unknown host 'no-such-host.invalid'": "no-such-host.invalid:6379",
+            }
+        finally:
+            # Its accept() ends with the shutdown (a close would leave it waiting): a thread left in the test
+            # process made every later multi run of the session spawn its workers.
+            closing.shutdown(socket.SHUT_RDWR)
+            closer.join()
 
 
 def test_an_address_with_no_ray_head_fails_at_once_saying_why(tmp_path: Path) -> None:
