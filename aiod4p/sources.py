@@ -39,7 +39,7 @@ import sys
 import termios
 import time
 from collections import deque
-from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -1316,14 +1316,13 @@ class LiveFeed:
 
     def _wake_next(self) -> None:
         """Wake the senders in line that the feed has room for (every one once it is over: they return)."""
-        senders = self._senders
         if self.closed or self.ended:
-            count = len(senders)
-        elif self._bytes >= self.max_bytes:
+            waking: Iterable[asyncio.Event] = self._senders
+        elif self.full():
             return
         else:
-            count = self.maxsize - len(self._items)
-        for turn in itertools.islice(senders, count):
+            waking = itertools.islice(self._senders, self.maxsize - len(self._items))
+        for turn in waking:
             turn.set()
 
     def close(self) -> None:
