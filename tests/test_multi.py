@@ -35,6 +35,7 @@ from aiod4p._plan import REMOTE_BATCH_FACTOR
 from aiod4p._processes import children
 from aiod4p.errors import GraphError, InputError, TargetError, TransportError, WorkerDied
 from aiod4p.mappings import _shipping
+from aiod4p.mappings import multi as multi_module
 from aiod4p.mappings.multi import START_METHOD_ENV, MultiMapping, resolve_start_method
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -730,6 +731,33 @@ def test_cli_interrupt_leaves_no_orphans(tmp_path: Path, signals: int | str) -> 
                 os.killpg(process.pid, signal.SIGKILL)  # the CLI's session: workers too, so the pipes close
             process.communicate()
     assert _marked(marker) == []
+
+
+def test_a_first_interrupt_while_later_workers_start_drains_the_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Forked workers start one per turn of the loop, and the first runs the job (its source produces) while the
+    others start: a first Ctrl-C then drains the run, as it does once every worker has started (it aborted it)."""
+    start_turn = multi_module._start_turn
+    turns = itertools.count()
+
+    @contextlib.asynccontextmanager
+    async def interrupted_before_the_second(method: str) -> AsyncIterator[None]:
+        if next(turns) == 1:
+            signal.pthread_kill(threading.main_thread().ident or 0, signal.SIGINT)  # a terminal's Ctrl-C
+        async with start_turn(method):
+            yield
+
+    monkeypatch.setattr(multi_module, "_start_turn", interrupted_before_the_second)
+    graph = WorkflowGraph()
+    count, double = wf.Count(), wf.Double()
+    graph.connect(count, "output", double, "input")
+    handler = signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal
+    try:
+        with pytest.raises(KeyboardInterrupt, match="interrupted and drained") as interrupted:
+            aiod4p.run(graph, {count: 10**9}, mapping="multi", workers=2)
+    finally:
+        signal.signal(signal.SIGINT, handler)
+    drained = interrupted.value.partial_results.data()  # type: ignore[attr-defined]
+    assert sorted(drained) == [2 * i for i in range(len(drained))]  # no item lost
 
 
 def test_workers_exit_when_the_parent_is_killed(tmp_path: Path) -> None:

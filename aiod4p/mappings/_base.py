@@ -45,9 +45,15 @@ class RunControl:
 
     @property
     def under_way(self) -> bool:
-        """Whether the mapping has started its workers and listens for drain requests (it still is between
-        two attempts of a checkpointed run: the next attempt drains at once)."""
+        """Whether the run's workers run its job: from when the mapping listens for drain requests (:meth:`on_drain`),
+        or when its first workers run the job while others still start (:meth:`workers_run`). A drain requested
+        from then on is acted on once the mapping listens. It still is between two attempts of a checkpointed
+        run: the next attempt drains at once."""
         return self._under_way
+
+    def workers_run(self) -> None:
+        """Say that the run's first workers run its job (they may be producing), while the mapping starts others."""
+        self._under_way = True
 
     def on_drain(self, callback: Callable[[], None]) -> Callable[[], None]:
         """Call ``callback`` when draining is requested (at once if it already was); returns what stops that.

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import functools
 from abc import abstractmethod
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Protocol
 
 from .._checkpoint import LauncherCheckpoints, Session
@@ -33,13 +33,15 @@ __all__ = ["HostedMapping", "Launch"]
 class Launch(Protocol):
     """One run's workers, as a :class:`HostedMapping` starts them."""
 
-    async def start(self, job: Job, draining: Callable[[], bool]) -> Mapping[int, Comm]:
+    async def start(self, job: Job, control: RunControl) -> Mapping[int, Comm]:
         """Start a worker for each worker id of ``job.plan``, each given ``job``; their control comms by id.
 
-        ``draining()`` says whether the run has been asked to drain: a launch that hands the job over once its
-        workers have started (Ray's actors, once Ray is joined) hands it over drained if the drain came meanwhile,
-        as :attr:`Job.drained` says (a ``Drain`` message would reach the workers once their sources had produced).
-        Whatever started before a failure is stopped by :meth:`stop`.
+        ``control.draining`` says whether the run has been asked to drain: a launch that hands the job over once
+        its workers have started (Ray's actors, once Ray is joined) hands it over drained if the drain came
+        meanwhile, as :attr:`Job.drained` says (a ``Drain`` message would reach the workers once their sources had
+        produced). A launch whose first workers run the job while it starts the others says so
+        (:meth:`RunControl.workers_run`): a first signal then drains the run rather than aborting it. Whatever
+        started before a failure is stopped by :meth:`stop`.
         """
         ...
 
@@ -127,7 +129,7 @@ class HostedMapping(BaseMapping):
         comms: Mapping[int, Comm] = {}
         finished = False
         try:
-            comms = await launch.start(job, lambda: control.draining)
+            comms = await launch.start(job, control)
             supervisor = Supervisor(
                 plan,
                 comms,

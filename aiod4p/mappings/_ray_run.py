@@ -43,6 +43,7 @@ from .._signals import adopt_orphans, restore_signal_actions, signal_actions
 from .._threads import DaemonThreadPool, finished_in_thread
 from ..errors import MappingUnavailable
 from ..transports.ray import DriverComm
+from ._base import RunControl
 from ._ray_worker import CONTROL, RayWorker
 from ._shipping import Job, ship, shipped_drained
 
@@ -241,7 +242,7 @@ class RayRun:
         self.serving: list[asyncio.Future[Any]] = []
         self.alive: list[asyncio.Future[Any]] = []
 
-    async def start(self, job: Job, draining: Callable[[], bool]) -> dict[int, DriverComm]:
+    async def start(self, job: Job, control: RunControl) -> dict[int, DriverComm]:
         """Ship the job, join Ray (concurrent runs share one connection), start the actors; the driver's
         ends of their control comms.
 
@@ -271,7 +272,7 @@ class RayRun:
         if self.connected and (kept := _KEPT.get()) is not None and not kept.held:
             _CONNECTION.share()  # at once: the lock is held long only to make or close a connection, not while one is
             kept.held = True
-        await self._start_actors(job, payload, draining)
+        await self._start_actors(job, payload, control)
         self.comms = {wid: DriverComm(actor, CONTROL) for wid, actor in enumerate(self.actors)}
         return self.comms
 
@@ -286,7 +287,7 @@ class RayRun:
             finally:
                 await asyncio.to_thread(_CONNECTION.release)
 
-    async def _start_actors(self, job: Job, payload: bytes, draining: Callable[[], bool]) -> None:
+    async def _start_actors(self, job: Job, payload: bytes, control: RunControl) -> None:
         """Start one actor per worker, wait until each runs, then have each serve its share of ``job`` (shipped as
         ``payload``; shipped again drained if the run was drained meanwhile: see :meth:`start`).
 
@@ -319,7 +320,7 @@ class RayRun:
         for a, b in self.plan.worker_pairs():
             peers[a].add(b)
             peers[b].add(a)
-        payload = shipped_drained(job, payload, draining(), _SHIPPED_FOR)  # drained while Ray started
+        payload = shipped_drained(job, payload, control.draining, _SHIPPED_FOR)  # drained while Ray started
         shared = await finished_in_thread(ray.put, payload)  # one copy in the object store for every worker
         paths = [path for path in sys.path if path]
         self.serving = [

@@ -26,7 +26,7 @@ import socket
 import sys
 import threading
 import weakref
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from multiprocessing.process import BaseProcess
 from typing import Any
 
@@ -34,6 +34,7 @@ from .._logging import logging_environment
 from .._plan import ExecutionPlan
 from .._signals import held
 from ..transports.pipes import PipeComm, open_pipe_comm
+from ._base import RunControl
 from ._host import GRACE, STATS_INTERVAL
 from ._hosted import HostedMapping
 from ._multi_worker import worker_main
@@ -109,8 +110,9 @@ class _MultiRun:
         self.processes: list[BaseProcess] = []
         self._exits: list[asyncio.Future[None]] = []
 
-    async def _start(self, job: Job | bytes) -> list[socket.socket]:
-        """Start the workers; returns the parent's ends of their control socket pairs.
+    async def _start(self, job: Job | bytes, control: RunControl) -> list[socket.socket]:
+        """Start the workers, telling ``control`` once the first runs ``job``; returns the parent's ends of their
+        control socket pairs.
 
         Forked workers start one per turn of the event loop (:func:`_start_turn`): a fork holds the loop for
         milliseconds, and the caller's other tasks (a service's, other runs') run between two of them.
@@ -151,6 +153,7 @@ class _MultiRun:
                         with held(), _main_not_reimported(self.method), _environment(safe):
                             process.start()
                     self.processes.append(process)
+                    control.workers_run()
                     self._exits.append(_watch_exit(process))
             finally:
                 with _starting_lock:
@@ -163,14 +166,16 @@ class _MultiRun:
                         parent_end.close()
         return [parent_end for parent_end, _ in controls]
 
-    async def start(self, job: Job, draining: Callable[[], bool]) -> dict[int, PipeComm]:
-        """Start the worker processes, each given ``job`` as it starts (``draining`` is not read: the job says
-        whether the run drained before); the parent's ends of their control comms."""
+    async def start(self, job: Job, control: RunControl) -> dict[int, PipeComm]:
+        """Start the worker processes, each given ``job`` as it starts (``control.draining`` is not read: the job
+        says whether the run drained before); the parent's ends of their control comms. The run is under way once
+        the first has started: forked ones start one per turn of the loop, and the first may be producing while
+        the last starts."""
         payload: Job | bytes = job
         if self.method != "fork":
             # __main__ by value where the workers cannot import it again (a notebook, python -c, stdin)
             payload = ship(job, f"start {self.method}ed worker processes", _HINT, main=not _main_importable())
-        socks = await self._start(payload)
+        socks = await self._start(payload, control)
         comms: dict[int, PipeComm] = {}
         for index, sock in enumerate(socks):
             try:

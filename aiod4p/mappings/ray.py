@@ -20,7 +20,7 @@ import os
 import re
 import socket
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from .._engine import Feed
@@ -193,12 +193,12 @@ class _RayLaunch:
         self.plan = plan
         self.run: RayRun | None = None
 
-    async def start(self, job: Job, draining: Callable[[], bool]) -> Mapping[int, Comm]:
+    async def start(self, job: Job, control: RunControl) -> Mapping[int, Comm]:
         """Import :mod:`~aiod4p.mappings._ray_run` (and Ray) in a thread, then start the run's actors
         (:meth:`~aiod4p.mappings._ray_run.RayRun.start`, which says what it raises)."""
         module = await asyncio.to_thread(importlib.import_module, "aiod4p.mappings._ray_run")
         self.run = module.RayRun(self.mapping, self.plan)
-        return await self.run.start(job, draining)
+        return await self.run.start(job, control)
 
     async def exited(self, wid: int) -> None:
         assert self.run is not None
