@@ -4,11 +4,12 @@
 
 They stand in for ``python -m aiod4p.mappings._mpi_job SOCKET`` (tests/test_checkpoint_multi.py).
 Rank 0 takes the job from the launcher, reports what MPI raises on a link that broke (the transport's
-own error, of a communicator freed under it), and only then lets rank 1 die: rank 1 writes its pid to
-PIDFILE and SIGKILLs itself, and mpiexec ends the job with its banner naming that rank. On a loaded
-machine the same order came by chance: rank 0 saw the link to a SIGKILLed rank fail, and reported it,
-before mpiexec ended the job. With ``aborts``, no rank dies: once the launcher has closed its end, rank 0
-ends the job with MPI_Abort, as aiod4p's rank 0 does after a failure (mpiexec then names no dead rank).
+own error, of a communicator freed under it), after its statistics as aiod4p's rank 0 does, and only
+then lets rank 1 die: rank 1 writes its pid to PIDFILE and SIGKILLs itself, and mpiexec ends the job
+with its banner naming that rank. On a loaded machine the same order came by chance: rank 0 saw the link
+to a SIGKILLed rank fail, and reported it, before mpiexec ended the job. With ``aborts``, no rank dies:
+once the launcher has closed its end, rank 0 ends the job with MPI_Abort, as aiod4p's rank 0 does after a
+failure (mpiexec then names no dead rank).
 """
 
 from __future__ import annotations
@@ -21,8 +22,9 @@ import sys
 
 from mpi4py import MPI
 
+from aiod4p._stats import InstanceStats
 from aiod4p.errors import TransportError
-from aiod4p.mappings._host import Failed
+from aiod4p.mappings._host import Failed, Stats
 from aiod4p.mappings._mpi_env import receive_job
 from aiod4p.mappings._mpi_ranks import every_rank_ready
 from aiod4p.transports.mpi import MpiEndpoint
@@ -40,6 +42,7 @@ async def _report_a_broken_link(address: str, wait_for_the_launcher: bool) -> No
     try:
         endpoint.poll()
     except TransportError as exc:
+        await control.send(Stats([InstanceStats("count", 0, worker=0, items_in=1)]))
         await control.send(Failed(exc))  # written to the socket before rank 1 is told to die
     else:
         raise AssertionError("poll() on a freed communicator did not raise")

@@ -429,9 +429,10 @@ def _replaying_mpiexec(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mode: st
 def test_a_dead_rank_restarts_the_run_when_rank_0_reports_the_broken_link_first(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """Rank 0 reports the MPI error of its link to a rank that died before the launcher hears of the death (the
-    mpiexec's exit): the death is still the run's error, and --restarts restarts it. The first launch's ranks
-    (tests/mpi_link_breaks.py) replay that order; it failed the run with that TransportError, not restarted."""
+    """Rank 0 reports its statistics and the MPI error of its link to a rank that died before the launcher hears
+    of the death (the mpiexec's exit): the death is still the run's error, and --restarts restarts it. The first
+    launch's ranks (tests/mpi_link_breaks.py) replay that order; it failed the run with that TransportError, not
+    restarted."""
     pytest.importorskip("mpi4py")
     pidfile = _replaying_mpiexec(tmp_path, monkeypatch, "dies")
     words = tmp_path / "words.txt"

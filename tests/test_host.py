@@ -23,7 +23,7 @@ from aiod4p._checkpoint import ResultGate, Trigger
 from aiod4p._engine import Feed, Worker
 from aiod4p._plan import ExecutionPlan
 from aiod4p._results import QueueSink, ResultRecord, Results
-from aiod4p.errors import PEError, WorkerDied
+from aiod4p.errors import PeerDied, PEError, WorkerDied
 from aiod4p.mappings import RunControl
 from aiod4p.mappings._host import (
     Done,
@@ -343,6 +343,59 @@ async def test_the_results_another_worker_sent_before_a_failure_reach_the_reader
         for comm in (near0, near1):
             comm.abort()
         assert not await served  # it reported that it stopped
+
+
+class _LinkBroke:
+    """A servable whose link to another worker breaks (:class:`PeerDied`) after its instance did some work."""
+
+    def __init__(self, plan: ExecutionPlan) -> None:
+        self.plan = plan
+
+    @property
+    def stats(self) -> list[InstanceStats]:
+        return [InstanceStats("pe", 0, worker=0, items_in=7)]
+
+    def drain(self) -> None:
+        pass
+
+    async def run(self) -> list[Any]:
+        raise PeerDied("worker 1 closed its channels before finishing")
+
+
+def _watcher(wid: int) -> asyncio.Task[Any]:
+    """The running supervisor's task that watches worker ``wid``."""
+    (task,) = [task for task in asyncio.all_tasks() if task.get_name() == f"watch worker {wid}"]
+    return task
+
+
+@pytest.mark.parametrize("cause", ["pe error", "death"])
+async def test_a_worker_whose_link_broke_reports_its_statistics_and_the_cause_still_wins(cause: str) -> None:
+    """Worker 1 fails, so worker 0's link to it breaks: worker 0 sent no statistics (only a PE's error or a Stop
+    made a worker send them), and a failed multi or mpi run's statistics lacked its instances. It now sends them
+    before its failure; that report reaching the launcher before worker 1's, the run still fails with worker 1's
+    PE error, or its death (which --restarts restarts after)."""
+    plan = make_plan(wf.pipeline()[0], PlanOptions(workers=2))
+    (near0, far0), (near1, far1) = memory_comm_pair(), memory_comm_pair()
+    broke = _LinkBroke(plan)
+    sink0 = ForwardSink(far0, "the test", 1 << 20, 1000)
+    served = asyncio.create_task(serve(broke, far0, name="worker 0", sink=sink0, interval=3600))
+    control = RunControl()
+    supervising = asyncio.create_task(Supervisor(plan, {0: near0, 1: near1}, ListSink(), control).run())
+    await asyncio.sleep(0)  # the supervisor starts watching its workers
+    async with asyncio.timeout(20):
+        await asyncio.wait({_watcher(0)})  # worker 0's report is read: the broken link comes first
+        if cause == "pe error":
+            await far1.send(Failed(PEError("pe", 1, "input", "ValueError: boom")))
+            with pytest.raises(PEError, match="boom"):
+                await supervising
+        else:
+            far1.abort()
+            with pytest.raises(WorkerDied, match="worker 1 ended its part of the run without reporting"):
+                await supervising
+        assert control.stats() == broke.stats
+        for comm in (near0, near1):
+            comm.abort()
+        assert not await served
 
 
 async def test_a_worker_that_takes_no_stop_does_not_hold_up_the_runs_error() -> None:

@@ -12,6 +12,7 @@ import json
 import multiprocessing
 import os
 import pickle
+import re
 import signal
 import socket
 import subprocess
@@ -350,11 +351,22 @@ def test_code_shipped_by_value_fails_naming_its_file_and_line() -> None:
 
 @pytest.mark.parametrize(("how", "expected"), [("kill", "killed by SIGKILL"), ("exit", "exited with code 7")])
 def test_a_dying_worker_fails_the_run_within_seconds_naming_its_pe_instances(how: str, expected: str) -> None:
+    """The other worker fails too, its link to the dead one broken: the run still fails with the death, and the
+    run's statistics hold the other worker's instances (it reported none: a failed run's --stats lacked them)."""
     graph, _ = _chain(die := Die(how))
+    run = aiod4p.start(graph, 10_000_000, mapping="multi", workers=2)
+
+    async def main() -> None:
+        async with asyncio.timeout(30), run:
+            await run.results()
+
     started = time.monotonic()
-    with pytest.raises(WorkerDied, match=rf"{expected} before the run finished; it ran .*{die.id}\[[01]\]"):
-        aiod4p.run(graph, 10_000_000, mapping="multi", workers=2)
+    with pytest.raises(WorkerDied, match=rf"{expected} before the run finished; it ran .*{die.id}\[[01]\]") as died:
+        asyncio.run(main())
     assert time.monotonic() - started < 10
+    (dead,) = re.findall(r"worker process (\d+) ", str(died.value))
+    alive = {(ref.pe, ref.index) for ref in run.plan.instances() if run.plan.worker_of(ref) != int(dead)}
+    assert {(entry.pe, entry.instance) for entry in run.live_stats()} >= alive
 
 
 def test_an_unpicklable_item_between_workers_names_the_pe_and_port() -> None:

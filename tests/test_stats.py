@@ -256,7 +256,9 @@ def test_a_threaded_call_shows_its_busy_time_before_it_returns(
 @pytest.mark.parametrize(("mapping_name", "workers"), [("simple", None), ("async", None), ("multi", 2), ("mpi", 2)])
 def test_errors_are_counted_in_the_last_stats(mapping_name: str, workers: int | None) -> None:
     # On multi and mpi a failing worker reported no statistics: a run failing within its first
-    # report's interval gave a --stats-json with no PE, and a later one an error count of 0.
+    # report's interval gave a --stats-json with no PE, and a later one an error count of 0. The
+    # other worker, failing because its link to the failed one broke, reported none either: the
+    # statistics lacked its instances.
     graph = WorkflowGraph()
     graph.connect(wf.Count(), "output", fail := wf.Fail(on=3), "input")
 
@@ -271,6 +273,9 @@ def test_errors_are_counted_in_the_last_stats(mapping_name: str, workers: int | 
     run = asyncio.run(go())
     assert run.stats == []  # no final statistics: the run failed
     assert sum(entry.errors for entry in by_pe(run.live_stats())[fail.id]) == 1
+    assert sorted((entry.pe, entry.instance) for entry in run.live_stats()) == sorted(
+        (ref.pe, ref.index) for ref in run.plan.instances()
+    )
     assert stats_document(run.live_stats(), run.plan, finished=False)["pes"][fail.id]["errors"] == 1
 
 

@@ -10,7 +10,8 @@ rest lives here:
 * the worker side, :func:`serve`: runs a :class:`Servable` (the engine's
   :class:`~aiod4p._engine.Worker`), obeys :class:`Drain` and the pumped feed's
   :class:`FeedChunk`/:class:`FeedEnd`, reports :class:`Stats` every
-  ``interval`` seconds, and ends with :class:`Done` or :class:`Failed`;
+  ``interval`` seconds, and ends with :class:`Done`, or with its last
+  :class:`Stats` and :class:`Failed`;
   results leave through a :class:`ForwardSink`; :func:`serve_job` builds
   that worker from a shipped job and serves it;
 * the launcher side, :class:`Supervisor`: delivers results, publishes
@@ -49,7 +50,6 @@ from ..errors import (
     EndOfChannel,
     InputError,
     PeerDied,
-    PEError,
     TransportError,
     UnpicklableMessage,
     WorkerDied,
@@ -134,7 +134,8 @@ class Done:
 
 @dataclass(frozen=True)
 class Failed:
-    """The worker failed with ``error`` (picklable, an :class:`~aiod4p.errors.Aiod4pError`)."""
+    """The worker failed with ``error`` (picklable, an :class:`~aiod4p.errors.Aiod4pError`); a worker that ran
+    (:func:`serve`) first sends the :class:`Stats` of what its instances did up to then, whatever the error."""
 
     error: BaseException
 
@@ -378,8 +379,8 @@ async def serve(
 
     Returns:
         Whether the run succeeded (:class:`Done` was sent); a failure is
-        reported to the launcher, not raised. Cancelled, it aborts ``control``
-        and leaves at once.
+        reported to the launcher (:class:`Stats`, then :class:`Failed`), not
+        raised. Cancelled, it aborts ``control`` and leaves at once.
     """
     feeds = pumped or {}
     triggers: asyncio.Queue[int] = asyncio.Queue()
@@ -409,10 +410,11 @@ async def serve(
         await control.send(Done(stats))
         succeeded = True
     except Exception as exc:
-        # What every instance did up to the error (the error counted) or up to a Stop: the failed run's report.
-        if isinstance(exc, PEError) or stopping.done():
-            with contextlib.suppress(TransportError):
-                await control.send(Stats(worker.stats))
+        # What every instance did up to the failure (a PE's error, counted; a link broken by another worker's
+        # failure; a Stop): the failed run's report. The Supervisor still blames the root cause: it ranks the
+        # failures, whichever reaches it first.
+        with contextlib.suppress(TransportError):
+            await control.send(Stats(worker.stats))
         await _report_failure(control, name, exc)
     except BaseException:  # cancelled: leave at once, abandoning the control comm
         control.abort()
