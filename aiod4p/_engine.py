@@ -106,8 +106,9 @@ _DONE = object()  # the call has returned or raised
 _IS_NOT_NONE = functools.partial(operator.is_not, None)  # what a generator yields that counts as an item
 
 
-def _failed(exc: BaseException) -> bool:
-    """Whether ``exc``, out of a PE's code, is that code's failure rather than this task's cancellation.
+def _failed(exc: BaseException, caller: asyncio.Task[Any] | None) -> bool:
+    """Whether ``exc``, out of a PE's code called by task ``caller``, is that code's failure rather than this
+    task's cancellation, or the close of the coroutine that made the call.
 
     Any ``Exception`` is, and so are ``SystemExit`` (``sys.exit()`` in a PE or a library it calls) and a
     library's own ``BaseException``: the run fails naming the PE, rather than ending the process, or a
@@ -115,15 +116,29 @@ def _failed(exc: BaseException) -> bool:
     code raised it, or let it out of something it awaited (a task someone else cancelled), and the run
     must fail on it, not end as if that instance had finished. A ``KeyboardInterrupt`` is, unless it
     interrupts the run (:func:`~aiod4p._signals.interrupts_the_run`): raised by the PE where no signal
-    raises one, it would end the loop's thread (a Ray actor's) with nobody told. A ``GeneratorExit``
-    never is: it closes a generator.
+    raises one, it would end the loop's thread (a Ray actor's) with nobody told. A ``GeneratorExit`` is
+    when it comes while ``caller`` is the task that runs: the PE's code (or a library it calls) raised it.
+    ``close()`` throws one into the coroutine that made the call from outside that task's steps (the
+    collector, closing a pending task of an abandoned loop): that one is no failure, and must go on closing
+    the coroutine.
     """
     if isinstance(exc, KeyboardInterrupt):
         return not interrupts_the_run(exc)
     if isinstance(exc, asyncio.CancelledError):
-        task = asyncio.current_task()
+        task = _running_task()
         return task is not None and not task.cancelling()
-    return not isinstance(exc, GeneratorExit)
+    if isinstance(exc, GeneratorExit):
+        return caller is not None and _running_task() is caller
+    return True
+
+
+def _running_task() -> asyncio.Task[Any] | None:
+    """The task that runs now; ``None`` outside one, or outside a running event loop (where the collector
+    closes a coroutine)."""
+    try:
+        return asyncio.current_task()
+    except RuntimeError:  # no running event loop
+        return None
 
 
 def pe_error(ref: InstanceRef, port: str, exc: BaseException) -> Aiod4pError:
@@ -349,10 +364,11 @@ class Invoker:
         Raises:
             PEError: the PE raised; it names the PE, the instance and the port.
         """
+        caller = _running_task()
         try:
             await self._handle(port, items)
         except BaseException as exc:
-            if not _failed(exc):
+            if not _failed(exc, caller):
                 raise
             self.stats.errors += 1
             raise pe_error(self.ref, port, exc) from exc
@@ -367,11 +383,12 @@ class Invoker:
 
     async def _lifecycle(self, stage: str, method: Any) -> None:
         """Call ``preprocess`` or ``postprocess``; what it wrote stays in the buffers."""
+        caller = _running_task()
         self._busy_begin()
         try:
             await self._call_stage(method)
         except BaseException as exc:
-            if not _failed(exc):
+            if not _failed(exc, caller):
                 raise
             self.stats.errors += 1
             raise pe_error(self.ref, stage, exc) from exc
@@ -701,7 +718,7 @@ class _Actor(Invoker):
 
     # -- main loop ---------------------------------------------------------
     async def run(self) -> InstanceStats:
-        pe, ref = self.pe, self.ref
+        pe, ref, task = self.pe, self.ref, _running_task()
         pe._runtime = Runtime(
             self.buffers,
             ref.index,
@@ -777,7 +794,7 @@ class _Actor(Invoker):
                     await self._route_outputs()
                     self._paced(started + self.given_away, len(items))
                 except BaseException as exc:
-                    if not _failed(exc):
+                    if not _failed(exc, task):
                         raise
                     self.stats.errors += 1
                     raise pe_error(ref, "feed" if port is None else port, exc) from exc

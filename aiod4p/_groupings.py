@@ -297,6 +297,30 @@ class _Broadcast(Router):
 KEY_CACHE_LIMIT = 1 << 17  # distinct keys remembered per router; past it the cache starts again
 
 
+@dataclass(frozen=True, slots=True)
+class _NaN:
+    """Stands for the float NaNs of one bit pattern in a router's key cache: they route alike, as
+    :func:`stable_hash` encodes a NaN by its bits, and no key of another kind equals it."""
+
+    bits: bytes
+
+
+_DOUBLE = struct.Struct("<d")
+
+
+def _held(key: Any, depth: int = 0) -> Any:
+    """``key`` as a router's key cache holds it: ``key`` itself, unless a float NaN is in it (as the key, or in a
+    tuple, to :data:`_MOST_NESTED` levels); then a copy with each such NaN replaced by its :class:`_NaN`, which
+    equal keys share."""
+    if isinstance(key, float):
+        return _NaN(_DOUBLE.pack(key)) if key != key else key
+    if isinstance(key, tuple) and depth < _MOST_NESTED:
+        for element in key:  # on every key the cache misses: no copy unless a NaN is in it
+            if isinstance(element, (float, tuple)) and _held(element, depth + 1) is not element:
+                return tuple([_held(element, depth + 1) for element in key])
+    return key
+
+
 class KeyRouter(Router):
     """Routes by key, hashing each distinct (hashable) key once."""
 
@@ -338,21 +362,45 @@ class KeyRouter(Router):
             keys = list(map(get, items))
         except Exception:
             self._fail(items)
-        cache = self.cache
         try:
             try:
-                destinations = list(map(cache.__getitem__, keys))
+                destinations = list(map(self.cache.__getitem__, keys))
             except KeyError:  # keys not seen yet: hash them once
-                if len(cache) > KEY_CACHE_LIMIT:
-                    cache.clear()
-                single, owner = self.single, self.grouping.owner
-                for key in keys:
-                    if key not in cache:
-                        cache[key] = owner((key,) if single else key, count)
-                destinations = list(map(cache.__getitem__, keys))
+                destinations = self._destinations(keys)
         except TypeError:  # an unhashable key (after keys not seen yet, too): hash each one
             return self._split_uncached(items, keys)
         return _deal(items, destinations, count)
+
+    def _destinations(self, keys: list[Any]) -> list[int]:
+        """The destination of each of ``keys``, hashing each key that the cache does not hold, and adding it.
+
+        A key with a float NaN in it is held as :func:`_held` makes it, and as itself only while this batch is
+        dealt: held as itself, it was found only as that very object (``nan != nan``, and a NaN hashes by its
+        identity), so each new NaN object was hashed again and took an entry of its own, crowding the other
+        keys out of the cache.
+
+        Raises:
+            TypeError: a key is unhashable.
+        """
+        cache, count, single, owner = self.cache, self.count, self.single, self.grouping.owner
+        if len(cache) > KEY_CACHE_LIMIT:
+            cache.clear()
+        with_nan = []  # keys held otherwise, in the cache as themselves for this batch only
+        try:
+            for key in keys:
+                if key not in cache:
+                    held = _held(key)
+                    if held is key:
+                        cache[key] = owner((key,) if single else key, count)
+                        continue
+                    if held not in cache:
+                        cache[held] = owner((key,) if single else key, count)
+                    cache[key] = cache[held]
+                    with_nan.append(key)
+            return list(map(cache.__getitem__, keys))
+        finally:
+            for key in with_nan:
+                del cache[key]
 
     def _split_uncached(self, items: list[Any], keys: list[Any]) -> list[list[Any]]:
         count, single, owner = self.count, self.single, self.grouping.owner

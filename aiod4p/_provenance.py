@@ -770,13 +770,16 @@ def read_lineage(path: str) -> Lineage:
     that the JSON parser reads in 2 s; PROV-XML and PROV-N are read with ``prov``.
 
     Raises:
-        Aiod4pError: the file is missing or is not a PROV document.
+        Aiod4pError: the file is missing or is not a PROV document (named, with what is wrong in it).
     """
     fmt = FORMATS.get(os.path.splitext(path)[1].lower(), "json")
+    if fmt == "json":
+        document = _read_json(path)
+        try:
+            return _json_lineage(document)
+        except ValueError as exc:
+            raise Aiod4pError(f"{path} is not a PROV document: {exc}") from exc
     try:
-        if fmt == "json":
-            with open(path, "rb") as file:
-                return _json_lineage(json.load(file))
         doc = _prov().ProvDocument.deserialize(source=path, format=fmt)
     except NotImplementedError:  # a prov that writes PROV-N but does not read it (older releases)
         raise Aiod4pError(
@@ -787,6 +790,21 @@ def read_lineage(path: str) -> Lineage:
     except Exception as exc:
         raise Aiod4pError(f"{path} is not a PROV document: {type(exc).__name__}: {exc}") from exc
     return _prov_lineage(doc)
+
+
+def _read_json(path: str) -> object:
+    """The JSON value in file ``path``.
+
+    Raises:
+        Aiod4pError: the file cannot be read, or is not JSON (named, with the parser's reason).
+    """
+    try:
+        with open(path, "rb") as file:
+            return json.load(file)
+    except OSError as exc:
+        raise Aiod4pError(f"cannot read provenance file {path}: {exc.strerror or exc}") from exc
+    except (ValueError, RecursionError) as exc:  # RecursionError: arrays or objects nested too deep to parse
+        raise Aiod4pError(f"{path} is not a PROV document: it is not JSON ({exc})") from exc
 
 
 def _prov_lineage(doc: ProvDocument) -> Lineage:
@@ -817,45 +835,116 @@ def _json_lineage(document: object) -> Lineage:
     """The lineage of a PROV-JSON document, as :func:`_prov_lineage` reads it.
 
     Raises:
-        ValueError: ``document`` is not a PROV-JSON object.
+        ValueError: ``document`` is not a PROV-JSON document of the shape aiod4p reads; the message says where
+            and what is wrong (``entity 'e1' is a number, not an object of attributes ...``).
     """
     if not isinstance(document, dict):
-        raise ValueError(f"a PROV-JSON document is an object, not {type(document).__name__}")
+        raise ValueError(f"a PROV-JSON document is an object, not {_json_kind(document)}")
     builder = _LineageBuilder()
-    for identifier, attributes in _json_records(document, "entity"):
-        get = attributes.get
+    for identifier, attributes, where in _json_records(document, "entity"):
         builder.entity(
-            identifier, _json_values(get("prov:value")), _json_values(get("prov:type")), _json_values(get(_RECALLED))
+            identifier,
+            _json_values(attributes, "prov:value", where),
+            _json_values(attributes, "prov:type", where),
+            _json_values(attributes, _RECALLED, where),
         )
-    for _, attributes in _json_records(document, "wasDerivedFrom"):
-        builder.derived.setdefault(attributes["prov:generatedEntity"], []).append(attributes["prov:usedEntity"])
-    for _, attributes in _json_records(document, "wasGeneratedBy"):
-        builder.generated_by[attributes["prov:entity"]] = attributes.get("prov:activity", "")
-    for _, attributes in _json_records(document, "used"):
-        builder.used.setdefault(attributes["prov:activity"], []).append(attributes.get("prov:entity", ""))
-    for _, attributes in _json_records(document, "wasAssociatedWith"):
-        builder.associated[attributes["prov:activity"]] = attributes.get("prov:agent", "")
-    for _, attributes in _json_records(document, "agent"):
-        builder.lineage.restored.update(int(v) for v in _json_values(attributes.get(_RESTORED)))
+    for _, attributes, where in _json_records(document, "wasDerivedFrom"):
+        entity = _json_term(attributes, "prov:generatedEntity", where, required=True)
+        builder.derived.setdefault(entity, []).append(_json_term(attributes, "prov:usedEntity", where, required=True))
+    for _, attributes, where in _json_records(document, "wasGeneratedBy"):
+        activity = _json_term(attributes, "prov:activity", where, required=False)
+        builder.generated_by[_json_term(attributes, "prov:entity", where, required=True)] = activity
+    for _, attributes, where in _json_records(document, "used"):
+        entity = _json_term(attributes, "prov:entity", where, required=False)
+        builder.used.setdefault(_json_term(attributes, "prov:activity", where, required=True), []).append(entity)
+    for _, attributes, where in _json_records(document, "wasAssociatedWith"):
+        agent = _json_term(attributes, "prov:agent", where, required=False)
+        builder.associated[_json_term(attributes, "prov:activity", where, required=True)] = agent
+    for _, attributes, where in _json_records(document, "agent"):
+        for value in _json_values(attributes, _RESTORED, where):
+            try:
+                builder.lineage.restored.add(int(value))
+            except ValueError:
+                raise ValueError(f"the {_RESTORED!r} of {where} is {value!r}, not a checkpoint number") from None
     return builder.built()
 
 
-def _json_records(document: dict[str, Any], kind: str) -> Iterator[tuple[str, dict[str, Any]]]:
-    """The records of ``kind`` in a PROV-JSON document: (identifier, attributes), one per record where several
-    share an identifier (a list of attribute objects)."""
-    for identifier, attributes in document.get(kind, {}).items():
+def _json_records(document: dict[str, Any], kind: str) -> Iterator[tuple[str, dict[str, Any], str]]:
+    """The records of ``kind`` in a PROV-JSON document: (identifier, attributes, what names the record in an
+    error), one per record where several share an identifier (a list of attribute objects).
+
+    Raises:
+        ValueError: the records of ``kind`` are not an object of records by identifier, or a record is not an
+            object of attributes.
+    """
+    records = document.get(kind, {})
+    if not isinstance(records, dict):
+        raise ValueError(f"its {kind!r} is {_json_kind(records)}, not an object of records by identifier")
+    for identifier, attributes in records.items():
+        where = f"{kind} {identifier!r}"
         for one in attributes if isinstance(attributes, list) else [attributes]:
-            yield identifier, one
+            if not isinstance(one, dict):
+                raise ValueError(f"{where} is {_json_kind(one)}, not an object of attributes (or a list of them)")
+            yield identifier, one, where
 
 
-def _json_values(value: Any) -> list[str]:
-    """An attribute's values as ``prov`` gives them as text: a typed value ``{"$": ..., "type": ...}`` is its
-    ``$``, several values are a list."""
+def _json_term(attributes: dict[str, Any], name: str, where: str, *, required: bool) -> str:
+    """The identifier attribute ``name`` of a relation names (its entity, activity, agent); ``""`` if it has
+    none and need not.
+
+    Raises:
+        ValueError: the attribute is missing and ``required``, or is not a string.
+    """
+    value = attributes.get(name)
+    if value is None and not required:
+        return ""
+    if not isinstance(value, str):
+        if value is None:
+            raise ValueError(f"{where} has no {name!r}")
+        raise ValueError(f"the {name!r} of {where} is {_json_kind(value)}, not an identifier (a string)")
+    return value
+
+
+def _json_values(attributes: dict[str, Any], name: str, where: str) -> list[str]:
+    """The values of attribute ``name`` as ``prov`` gives them as text: a typed value ``{"$": ..., "type": ...}``
+    is its ``$``, several values are a list, a missing attribute (or ``null``) has none.
+
+    Raises:
+        ValueError: a value is not a string, number or boolean, typed or not.
+    """
+    value = attributes.get(name)
     if value is None:
         return []
-    return [
-        str(one["$"]) if isinstance(one, dict) else str(one) for one in (value if isinstance(value, list) else [value])
-    ]
+    texts = []
+    for one in value if isinstance(value, list) else [value]:
+        typed = isinstance(one, dict)
+        plain = one.get("$") if typed else one
+        if not isinstance(plain, (str, int, float)):
+            if not typed:
+                what = _json_kind(one)
+            elif "$" not in one:
+                what = 'an object with no "$"'
+            else:
+                what = f'an object whose "$" is {_json_kind(plain)}'
+            raise ValueError(
+                f"the {name!r} of {where} holds {what}, not a value (a string, a number, a boolean, or an object"
+                ' with the value in "$")'
+            )
+        texts.append(str(plain))
+    return texts
+
+
+def _json_kind(value: object) -> str:
+    """What ``value``, parsed from JSON, is, as JSON names it: ``"a number"``, ``"an array"``, ..."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    return "an array" if isinstance(value, list) else "an object"
 
 
 _RECALLED = f"{NAMESPACE[0]}:recalled"

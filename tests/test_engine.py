@@ -15,7 +15,7 @@ from conftest import MappingCase
 from helpers import aiod4p_cli
 
 import aiod4p
-from aiod4p import GenericPE, PeerDied, PEError, ProducerPE, WorkflowGraph, group_by
+from aiod4p import GenericPE, IterativePE, PeerDied, PEError, ProducerPE, WorkflowGraph, group_by
 from aiod4p._engine import _COMPARED, _Candidates, _supervise
 from aiod4p._plan import DEFAULT_BATCH_SIZE
 
@@ -152,6 +152,79 @@ def test_a_stop_iteration_out_of_a_pe_is_named_with_its_line(mapping: MappingCas
     where = f"({wf.__file__}, line {line}, in produce)"
     assert str(caught.value).endswith(f"failed on feed: StopIteration {where}, {_ESCAPED}")
     assert "RuntimeError: generator raised StopIteration" in caught.value.traceback_text
+
+
+class ExitsInGenerator(IterativePE):
+    def process_item(self, item: int) -> Iterator[int]:
+        yield item
+        if item == 3:
+            raise GeneratorExit("bad item 3")
+
+
+class ExitsAsync(IterativePE):
+    async def process_item(self, item: int) -> int:
+        if item == 3:
+            raise GeneratorExit("bad item 3")
+        return item
+
+
+class ExitsThreaded(IterativePE):
+    threaded = True
+
+    def process_item(self, item: int) -> int:
+        if item == 3:
+            raise GeneratorExit("bad item 3")
+        return item
+
+
+class ExitsInPostprocess(IterativePE):
+    def process_item(self, item: int) -> int:
+        return item
+
+    def postprocess(self) -> None:
+        raise GeneratorExit("bad item 3")
+
+
+class ExitsAsSource(ProducerPE):
+    async def produce(self) -> AsyncIterator[int]:
+        yield 1
+        raise GeneratorExit("bad item 3")
+
+
+@pytest.mark.parametrize(
+    "mapping",
+    [MappingCase("simple", None), MappingCase("async", None), MappingCase("multi", 2)],
+    ids=lambda case: case.id,
+)
+@pytest.mark.parametrize(
+    ("make", "port"),
+    [
+        (ExitsInGenerator, "input"),
+        (ExitsAsync, "input"),
+        (ExitsThreaded, "input"),
+        (ExitsInPostprocess, "postprocess"),
+        (ExitsAsSource, "feed"),
+    ],
+    ids=lambda value: getattr(value, "__name__", None),
+)
+def test_a_generator_exit_the_pe_raises_fails_the_run_naming_it(
+    mapping: MappingCase, make: type[IterativePE | ProducerPE], port: str
+) -> None:
+    """A ``GeneratorExit`` that a PE's code raised itself (or a library it calls) was taken for the close of the
+    engine's coroutine: simple and async failed with ``RuntimeError: coroutine ignored GeneratorExit``, naming no
+    PE, and a multi worker died (``WorkerDied: worker process 1 ... exited with code 1``)."""
+    graph = WorkflowGraph()
+    pe = make()
+    if isinstance(pe, ProducerPE):
+        graph.connect(pe, "output", wf.Double(), "input")
+        inputs = None
+    else:
+        graph.connect(wf.Count(), "output", pe, "input")
+        inputs = 10
+    with pytest.raises(PEError) as caught:
+        mapping.run(graph, inputs)
+    assert (caught.value.pe, caught.value.port) == (pe.id, port)
+    assert "GeneratorExit: bad item 3" in str(caught.value)
 
 
 class CallCounter(ProducerPE):

@@ -11,6 +11,7 @@ import math
 import operator
 import os
 import pathlib
+import struct
 import subprocess
 import sys
 import uuid
@@ -286,6 +287,40 @@ def test_a_router_routes_an_unhashable_key_after_a_new_hashable_one_in_one_batch
         parts = router.split(batch)
         assert all(stable_hash((key,)) % 2 == destination for destination, part in enumerate(parts) for key, _ in part)
         assert sorted(i for part in parts for _, i in part) == [i for _, i in batch]
+
+
+def test_nan_keys_hit_the_key_cache_and_route_by_their_bits() -> None:
+    """A NaN was found in a router's key cache only as the very object it is (``nan != nan``, and a NaN hashes by
+    its identity): each fresh NaN key was hashed again and took an entry, so a stream of them filled the cache to
+    its limit (131,073 entries) over and over, and the other keys were hashed again after each time it was cleared
+    (1,000,000 items keyed by fresh NaNs: 3.5 s, against 0.7 s now)."""
+    nan, negative = float("nan"), -float("nan")  # two bit patterns: two keys, each where its stable hash says
+    assert struct.pack("<d", nan) != struct.pack("<d", negative)
+    by_one = group_by(0).router(4, 0, "PE a", "b.input")
+    by_two = group_by(0, 1).router(4, 0, "PE a", "b.input")
+    owners = {
+        (by_one, False): stable_hash((nan,)) % 4,
+        (by_one, True): stable_hash((negative,)) % 4,
+        (by_two, False): stable_hash((nan, "k")) % 4,
+        (by_two, True): stable_hash((negative, "k")) % 4,
+    }
+    words = [f"w{index}" for index in range(100)]
+    for start in range(0, 1_000_000, 250):
+        batch = [(-float("nan") if index % 2 else float("nan"), "k", index) for index in range(start, start + 250)]
+        batch[0] = (words[start // 250 % 100], "k", start)  # a key of another kind in each batch: it stays cached
+        for router in (by_one, by_two):
+            parts = router.split(batch)
+            if start % 25_000 == 0:  # every 100th batch: checking them all would take seconds
+                assert sorted(index for part in parts for _, _, index in part) == list(range(start, start + 250))
+                assert all(
+                    destination == owners[router, index % 2 == 1]
+                    for destination, part in enumerate(parts)
+                    for _, _, index in part
+                    if index != start
+                ), "a NaN key routed elsewhere than its stable hash says"
+    for router in (by_one, by_two):
+        router.split([(float("nan"), "k", 0), (["unhashable"], "k", 1)])  # dealt uncached, from the second key on
+        assert len(router.cache) == 2 + len(words), "the cache grew by NaN keys"
 
 
 def _speedups() -> Any:

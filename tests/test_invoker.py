@@ -115,3 +115,53 @@ def test_a_raising_stage_is_a_pe_error_naming_the_stage() -> None:
     with pytest.raises(PEError) as caught:
         asyncio.run(called.lifecycle("postprocess"))
     assert caught.value.port == "postprocess"
+
+
+class AwaitsUntilClosed(IterativePE):
+    """Awaits for ever in its call; records that the call was closed (its ``finally`` ran)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.awaiting: asyncio.Event | None = None
+        self.closed = False
+
+    async def process_item(self, item: int) -> None:
+        assert self.awaiting is not None
+        self.awaiting.set()
+        try:
+            await asyncio.Event().wait()
+        finally:
+            self.closed = True
+
+
+def test_a_generator_exit_is_the_pe_s_failure_unless_it_closes_the_call() -> None:
+    """A ``GeneratorExit`` that a PE raises fails the call naming it (it was taken for a close and went through
+    as it was); one that ``close()`` throws into the call's coroutine from another task (the collector, closing a
+    pending task of an abandoned loop, runs in whatever task is current) closes the call and is no failure."""
+    raises = invoker(wf.Fail(on=2, raises=GeneratorExit))
+
+    async def call_raises() -> None:
+        async with asyncio.timeout(30):
+            await raises.call("input", [1, 2])
+
+    with pytest.raises(PEError) as caught:
+        asyncio.run(call_raises())
+    assert (caught.value.port, raises.stats.errors) == ("input", 1)
+    assert "GeneratorExit: bad item 2" in str(caught.value)
+
+    pe = AwaitsUntilClosed()
+    closed = invoker(pe)
+
+    async def close_the_call() -> None:
+        async with asyncio.timeout(30):
+            pe.awaiting = asyncio.Event()
+            call = closed.call("input", [1])
+            call.send(None)  # the call, made by this task, now awaits in the PE
+
+            async def collect() -> None:
+                call.close()  # raised what the call raised instead of closing it
+
+            await asyncio.create_task(collect())
+
+    asyncio.run(close_the_call())
+    assert pe.closed and closed.stats.errors == 0

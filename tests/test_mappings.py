@@ -238,6 +238,7 @@ def test_a_raising_pe_hands_on_the_results_it_wrote_before(mapping: MappingCase)
             for case in [("simple", None), ("async", None), ("multi", 2), ("mpi", 2)]
             for raised in (SystemExit, wf.Escape)
         ),
+        *((MappingCase(*case), GeneratorExit) for case in [("simple", None), ("async", None), ("multi", 2)]),
         (MappingCase("ray", 2), SystemExit),
         (MappingCase("ray", 2), KeyboardInterrupt),
     ],
@@ -247,7 +248,9 @@ def test_a_pe_that_exits_fails_the_run_with_its_name(mapping: MappingCase, raise
     """``sys.exit()`` in a PE (or in a library it calls) ended the process silently with the PE's code, a worker
     without naming the PE, and a Ray actor's event loop with the run waiting for it forever; so did a
     ``KeyboardInterrupt`` that the PE raised there (no signal raises one in an actor's loop). A library's own
-    ``BaseException`` ended the process with a traceback, and a worker or rank without naming the PE."""
+    ``BaseException`` ended the process with a traceback, and a worker or rank without naming the PE. A
+    ``GeneratorExit`` that the PE raised (not a close of the engine's coroutine) failed simple and async with
+    ``RuntimeError: coroutine ignored GeneratorExit`` and ended a multi worker without naming the PE."""
     graph = WorkflowGraph()
     graph.connect(wf.Count(), "output", fail := wf.Fail(on=3, raises=raised), "input")
     with pytest.raises(PEError) as caught:

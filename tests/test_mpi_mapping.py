@@ -29,7 +29,7 @@ from helpers import LINGERING_FLOW, ROOT, aiod4p_cli, aiod4p_process, numbers_fl
 from ray_cluster import wait_gone
 
 import aiod4p
-from aiod4p import WorkflowGraph, group_by
+from aiod4p import ALL, WorkflowGraph, group_by
 from aiod4p._install import install_hint
 from aiod4p._processes import descendants, pidfds
 from aiod4p.errors import GraphError, MappingUnavailable, PEError, TransportError, WorkerDied
@@ -664,15 +664,32 @@ def test_pe_error_on_another_rank_names_the_pe() -> None:
     assert time.monotonic() - started < 10
 
 
-def test_a_rank_killed_by_a_signal_fails_the_run_naming_the_rank_and_its_pe_instances() -> None:
-    """The rank is the one Hydra's banner names: under load, now and then the rank it killed next (both SIGKILLed)."""
+@pytest.mark.parametrize(
+    ("how", "named"),
+    [
+        (
+            {"kill": True},
+            r"MPI rank [01] \(pid \d+ on \S+; it ran (Count\d+\[0\], )?FailsOnInstance\d+\[[01]\]\) ended with exit"
+            r" code 9 \(Killed \(signal 9\)\)",
+        ),
+        (
+            {"exit_code": 3},
+            r"^MPI rank 1 \(pid \d+ on \S+; it ran FailsOnInstance\d+\[1\]\) ended with exit code 3: mpiexec exited"
+            r" with status \d+ before the run finished$",
+        ),
+    ],
+    ids=["killed", "exited"],
+)
+def test_a_rank_that_dies_fails_the_run_naming_the_rank_and_its_pe_instances(how: dict[str, Any], named: str) -> None:
+    """Killed by a signal, the rank is the one Hydra's banner names: under load, now and then the rank it killed next
+    (both SIGKILLed). A rank that exited by itself (``os._exit(3)`` in a PE) was not named: Hydra's banner names a
+    rank only when one died of a signal, and the run failed with ``mpiexec exited with status 3 before the run
+    finished``; the exit statuses Hydra prints at its end name it."""
+    graph = WorkflowGraph()
+    graph.connect(wf.Count(), "output", wf.FailsOnInstance(1, **how), "input", grouping=ALL)
     started = time.monotonic()
-    with pytest.raises(
-        WorkerDied,
-        match=r"MPI rank [01] \(pid \d+ on \S+; it ran (Count\d+\[0\], )?FailsOnInstance\d+\[[01]\]\) ended with exit"
-        r" code 9 \(Killed \(signal 9\)\)",
-    ):
-        aiod4p.run(wf.mpi_killed(), 100, mapping="mpi", workers=2)
+    with pytest.raises(WorkerDied, match=named):
+        aiod4p.run(graph, 100, mapping="mpi", workers=2)
     assert time.monotonic() - started < 10
 
 

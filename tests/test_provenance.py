@@ -8,6 +8,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 import warnings
 from collections import Counter
 from pathlib import Path
@@ -16,10 +17,12 @@ from typing import Any
 import pytest
 import workflows as wf
 from helpers import ROOT, TIMES10_FLOW, numbers_flow
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import aiod4p
 from aiod4p import GenericPE, IterativePE, PlanOptions, ProducerPE, Results, WorkflowGraph, group_by
-from aiod4p._provenance import Tagged, _replacing, value_repr
+from aiod4p._provenance import _TERMS, Tagged, _replacing, value_repr
 
 prov_model = pytest.importorskip(
     "prov.model", reason="provenance needs the prov package: pip install 'aiod4p[provenance]'"
@@ -463,8 +466,91 @@ def test_a_prov_json_file_reads_as_prov_reads_the_same_document(tmp_path: Path, 
 def test_a_prov_json_file_that_is_no_document_is_named(tmp_path: Path) -> None:
     path = tmp_path / "list.json"
     path.write_text("[1, 2]")
-    with pytest.raises(aiod4p.Aiod4pError, match=r"list.json is not a PROV document: ValueError: a PROV-JSON document"):
+    with pytest.raises(aiod4p.Aiod4pError, match=r"list.json is not a PROV document: a PROV-JSON document is an obj"):
         aiod4p.read_lineage(str(path))
+
+
+@pytest.mark.parametrize(
+    ("document", "wrong"),
+    [
+        ({"entity": 5}, "its 'entity' is a number, not an object of records by identifier"),
+        ({"entity": {"e1": 5}}, "entity 'e1' is a number, not an object of attributes (or a list of them)"),
+        ({"entity": {"e1": [{}, "x"]}}, "entity 'e1' is a string, not an object of attributes"),
+        ([], "a PROV-JSON document is an object, not an array"),
+        (
+            {"wasDerivedFrom": {"_:id1": {"prov:usedEntity": "e"}}},
+            "wasDerivedFrom '_:id1' has no 'prov:generatedEntity'",
+        ),
+        (
+            {"used": {"_:id1": {"prov:activity": ["a"]}}},
+            "the 'prov:activity' of used '_:id1' is an array, not an identifier (a string)",
+        ),
+        (
+            {"entity": {"e1": {"prov:value": {"x": 1}}}},
+            "the 'prov:value' of entity 'e1' holds an object with no \"$\"",
+        ),
+        (
+            {"entity": {"e1": {"prov:type": [{"$": None}]}}},
+            "the 'prov:type' of entity 'e1' holds an object whose \"$\" is null",
+        ),
+        (
+            {"agent": {"a": {"aiod4p:restored_from_checkpoint": "x"}}},
+            "the 'aiod4p:restored_from_checkpoint' of agent 'a' is 'x', not a checkpoint number",
+        ),
+    ],
+)
+def test_a_json_file_of_another_shape_says_what_is_wrong(tmp_path: Path, document: Any, wrong: str) -> None:
+    # Valid JSON of another shape said `bad.json is not a PROV document: AttributeError: 'int' object has no
+    # attribute 'items'`, which told a user nothing of what was wrong in the file.
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(document))
+    with pytest.raises(aiod4p.Aiod4pError) as caught:
+        aiod4p.read_lineage(str(path))
+    assert str(caught.value).startswith(f"{path} is not a PROV document: {wrong}"), caught.value
+    shown = cli("provenance", str(path), "--trace", "x", cwd=tmp_path)
+    assert (shown.returncode, shown.stdout) == (1, "")
+    assert shown.stderr.startswith(f"aiod4p: error: {path} is not a PROV document: {wrong}"), shown.stderr
+    assert "Traceback" not in shown.stderr
+
+
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=5),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=3), inner, max_size=3),
+    max_leaves=12,
+)
+_NAMES = [
+    "prov:value",
+    "prov:type",
+    "$",
+    "aiod4p:recalled",
+    "aiod4p:restored_from_checkpoint",
+    *(name for terms in _TERMS.values() for name in terms),
+]
+_VALUES = _JSON | st.sampled_from(["e1", "a1", "3", "nothing", "aiod4p:Result"]) | st.fixed_dictionaries({"$": _JSON})
+_RECORD = st.dictionaries(st.sampled_from(_NAMES), _VALUES, max_size=4)
+_PROV_LIKE = st.dictionaries(
+    st.sampled_from(["entity", "agent", "activity", "prefix", *_TERMS]),
+    _JSON | st.dictionaries(st.sampled_from(["e1", "a1", "_:id1"]), _JSON | _RECORD | st.lists(_RECORD, max_size=2)),
+    max_size=4,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(document=_JSON | _PROV_LIKE)
+def test_any_json_gives_a_lineage_or_says_what_is_wrong(document: Any) -> None:
+    with tempfile.TemporaryDirectory() as directory:
+        path = os.path.join(directory, "any.json")
+        with open(path, "w") as file:
+            json.dump(document, file)
+        try:
+            lineage = aiod4p.read_lineage(path)
+        except aiod4p.Aiod4pError as exc:
+            assert str(exc).startswith(f"{path} is not a PROV document: "), exc
+            assert not re.search(r"\w+Error\b", str(exc)), exc  # what is wrong in the file, not a Python exception
+            return
+    for entity in lineage.values:
+        lineage.sources(entity)
+    lineage.to_dot(lineage.values)
 
 
 def test_cli_trace_of_a_restored_run_says_its_lineage_stops_at_the_checkpoint(tmp_path: Path) -> None:

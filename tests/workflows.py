@@ -464,11 +464,12 @@ def proxy_topology_files() -> list[str]:
 
 
 class FailsOnInstance(IterativePE):
-    """Instance ``instance`` raises on its first item (``kill``: kills its own process instead)."""
+    """Instance ``instance`` raises on its first item (``kill``: kills its own process instead; ``exit_code``: ends
+    it with that status, by ``os._exit``)."""
 
-    def __init__(self, instance: int = 1, kill: bool = False) -> None:
+    def __init__(self, instance: int = 1, kill: bool = False, exit_code: int | None = None) -> None:
         super().__init__()
-        self.failing, self.kill = instance, kill
+        self.failing, self.kill, self.exit_code = instance, kill, exit_code
 
     def process_item(self, item: int) -> int:
         if self.instance == self.failing:
@@ -480,6 +481,8 @@ class FailsOnInstance(IterativePE):
                     os.write(2, f"{' '.join([said, *files])}\n".encode())
             if self.kill:
                 os.kill(os.getpid(), signal.SIGKILL)
+            if self.exit_code is not None:
+                os._exit(self.exit_code)
             raise ValueError(f"instance {self.instance} refuses item {item}")
         return item
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
+import mmap
 import os
 import re
 import shlex
@@ -26,6 +28,7 @@ __all__ = [
     "forget_shared_memory",
     "forget_topology_file",
     "hand_stdin",
+    "is_hydra",
     "job_files",
     "job_frame",
     "job_rank",
@@ -175,6 +178,18 @@ def find_mpiexec() -> str:
         f"the mpi mapping found no mpiexec next to {sys.executable}: {INSTALL_HINT}"
         " (or set AIOD4P_MPIEXEC to the mpiexec of the MPI that mpi4py was built with)"
     )
+
+
+@functools.cache
+def is_hydra(mpiexec: str) -> bool:
+    """Whether ``mpiexec`` is MPICH's Hydra, which prints the exit status of every rank once all have ended, given
+    ``-print-all-exitcodes``: its program holds that option's name. The program is read, not run: the launch is
+    to be its only run (a site's wrapper script may do more than print a version)."""
+    try:
+        with open(mpiexec, "rb") as file, mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as program:
+            return program.find(b"print-all-exitcodes") >= 0
+    except (OSError, ValueError):  # unreadable, or empty (which mmap refuses)
+        return False
 
 
 _RANK_COUNT_OPTIONS = frozenset({"-n", "-np", "--n", "--np", "-c"})  # Hydra's and Open MPI's

@@ -57,6 +57,7 @@ from ._mpi_env import (
     files_held,
     find_mpiexec,
     hand_stdin,
+    is_hydra,
     job_frame,
     job_rank,
     job_size,
@@ -316,7 +317,7 @@ async def _launch(
         process = _Process(ranks.process)
         try:
             await process.connect()
-            job = _Job(process, plan, sink, control, pumped, session)
+            job = _Job(process, plan, sink, control, pumped, session, reads_exit_codes=ranks.prints_exit_codes)
             return await job.run(ranks, prepared, payload)
         finally:
             # Still running: the run was cancelled or aborted (Ctrl-C twice, a closed stdout). What the
@@ -352,6 +353,9 @@ class _Ranks:
         workers: the number of ranks.
         preload: the workflow's target, which every rank imports while it waits for the job.
 
+    Attributes:
+        prints_exit_codes: the mpiexec was given ``-print-all-exitcodes`` (it is Hydra, :func:`is_hydra`).
+
     Raises:
         MappingUnavailable: the mpiexec cannot be started.
     """
@@ -373,7 +377,12 @@ class _Ranks:
             self.listener.setblocking(False)
             # -P: the current directory is not on sys.path while a rank starts (a signal.py there replaced
             # Python's); the ranks take the launcher's sys.path up once started (rank_environment).
-            command = [mpiexec, *mpiexec_extra_args(), "-n", str(workers), sys.executable, "-P", "-m"]
+            extra = mpiexec_extra_args()
+            # Hydra's banner names a rank only when one died of a signal (and then it may be one its clean-up
+            # killed): the exit statuses it prints at its end tell which rank exited by itself (_Job.exit_codes).
+            self.prints_exit_codes = _EXIT_CODES_OPTION not in extra and is_hydra(mpiexec)
+            command = [mpiexec, *extra, *([_EXIT_CODES_OPTION] if self.prints_exit_codes else [])]
+            command += ["-n", str(workers), sys.executable, "-P", "-m"]
             command += ["aiod4p.mappings._mpi_job", address, *([preload] if preload is not None else [])]
             env = rank_environment(os.environ)
             try:
@@ -443,6 +452,12 @@ class _Ranks:
 
 _BAD_TERMINATION = re.compile(r"PID (\d+) RUNNING AT (\S+)\s*=\s*EXIT CODE: (-?\d+)")
 _EXIT_STRING = re.compile(r"EXIT STRING: (.+)")
+_EXIT_CODES_OPTION = "-print-all-exitcodes"
+# What Hydra prints on its stdout given -print-all-exitcodes, once every rank has ended: "[mpiexec@vm] Exit codes:
+# [vm] 0,768", then a line "[host] ..." for each further host; each host's ranks in the order of their numbers,
+# each as the status wait() gave (768: exit code 3; 9: killed by SIGKILL).
+_EXIT_CODES = re.compile(r"\[mpiexec@[^]]*\] Exit codes: ?")
+_HOST_EXIT_CODES = re.compile(r"\[([^]]+)\] (-?\d+(?:,-?\d+)*)\s*")
 
 
 class _Output(asyncio.StreamReaderProtocol):
@@ -527,7 +542,11 @@ async def _stop(process: _Process, *, gently: bool) -> None:
 
 
 class _Job:
-    """The launcher's side of a launched run: the mpiexec, its output, and rank 0's control comm."""
+    """The launcher's side of a launched run: the mpiexec, its output, and rank 0's control comm.
+
+    ``reads_exit_codes``: the mpiexec was asked to print the exit status of every rank at its end
+    (``-print-all-exitcodes``): :meth:`_dead_rank` reads them, and they are not passed on with its output.
+    """
 
     def __init__(
         self,
@@ -537,6 +556,8 @@ class _Job:
         control: RunControl,
         pumped: list[tuple[str, int, Feed]],
         session: Session | None = None,
+        *,
+        reads_exit_codes: bool = False,
     ) -> None:
         self.process = process
         self.session = session
@@ -549,8 +570,13 @@ class _Job:
         self.sent = False  # rank 0 has the job
         self.rank_of: dict[tuple[str, int], int] = {}  # the ranks on this machine (by host, pid) once rank 0 has it
         self.tail: deque[str] = deque(maxlen=_OUTPUT_LINES)
+        # The wait() status of each rank, by host, as the mpiexec printed them at its end (_EXIT_CODES)
+        self.exit_codes: dict[str, list[int]] | None = None
         assert process.stdout is not None and process.stderr is not None
-        self.relays = [asyncio.create_task(self._relay(stream)) for stream in (process.stdout, process.stderr)]
+        self.relays = [
+            asyncio.create_task(self._relay(process.stdout, reads_exit_codes=reads_exit_codes)),
+            asyncio.create_task(self._relay(process.stderr)),
+        ]
         self.exited = asyncio.create_task(process.wait())
 
     async def run(self, ranks: _Ranks, prepared: Job, payload: bytes) -> list[InstanceStats]:
@@ -655,34 +681,74 @@ class _Job:
         return self._status() + (f"; its last output:\n{tail}" if tail else "")
 
     async def _dead_rank(self) -> str | None:
-        """The rank that ended by itself (a signal, an exit without MPI) and the mpiexec's status, from Hydra's
-        banner, once the mpiexec has exited (waiting up to :data:`_EXIT_TIMEOUT`); ``None`` if it shows none."""
+        """The ranks that ended by themselves and the mpiexec's status, once the mpiexec has exited (waiting up to
+        :data:`_EXIT_TIMEOUT`); ``None`` if it shows none.
+
+        A rank that exited with a status other than 0 (:meth:`_exited_ranks`), else the rank in Hydra's banner (a
+        signal, or an exit without MPI).
+        """
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(_EXIT_TIMEOUT):
                 await asyncio.shield(self.exited)
                 await asyncio.gather(*self.relays)  # its last words
+        if exited := self._exited_ranks():
+            return f"{'; '.join(exited)}: {self._status()}"
         tail = "".join(self.tail).strip()
         if (rank := _BAD_TERMINATION.search(tail)) is None:  # Hydra's banner (already on stderr)
             return None
         pid, host, code = rank.groups()
         how = f" ({ended.group(1).strip()})" if (ended := _EXIT_STRING.search(tail)) is not None else ""
-        if (number := self.rank_of.get((host, int(pid)))) is None:  # on another host
-            who = f"an MPI rank (pid {pid} on {host})"
-        else:
-            who = f"MPI rank {number} (pid {pid} on {host}; it ran {self.plan.instances_on(number)})"
-        return f"{who} ended with exit code {code}{how}: {self._status()}"
+        return f"{self._rank(host, int(pid))} ended with exit code {code}{how}: {self._status()}"
+
+    def _exited_ranks(self) -> list[str]:
+        """The ranks that exited by themselves with a status other than 0 (``os._exit(3)`` in a PE), each named
+        with its exit code, from the statuses the mpiexec printed (:attr:`exit_codes`; none after an
+        ``MPI_Abort``): those its clean-up ended were killed by a signal, or exited with 0."""
+        found = []
+        for host, statuses in (self.exit_codes or {}).items():
+            here = sorted((number, pid) for (on, pid), number in self.rank_of.items() if on == host)
+            for index, status in enumerate(statuses):
+                if not os.WIFEXITED(status) or (code := os.WEXITSTATUS(status)) == 0:
+                    continue
+                if len(here) == len(statuses):  # this machine's: the host's ranks in the order of their numbers
+                    found.append(f"{self._rank(host, here[index][1])} ended with exit code {code}")
+                else:
+                    found.append(f"an MPI rank on {host} ended with exit code {code}")
+        return found
+
+    def _rank(self, host: str, pid: int) -> str:
+        """Rank process ``pid`` on ``host`` as errors name it: with its number and PE instances if on this machine."""
+        if (number := self.rank_of.get((host, pid))) is None:  # on another host
+            return f"an MPI rank (pid {pid} on {host})"
+        return f"MPI rank {number} (pid {pid} on {host}; it ran {self.plan.instances_on(number)})"
 
     def _status(self) -> str:
         return f"mpiexec exited with status {self.process.returncode} before the run finished"
 
-    async def _relay(self, stream: asyncio.StreamReader) -> None:
-        """Pass the ranks' output on to stderr, keeping its last lines for error messages."""
+    async def _relay(self, stream: asyncio.StreamReader, *, reads_exit_codes: bool = False) -> None:
+        """Pass the ranks' output on to stderr, keeping its last lines for error messages; on the mpiexec's stdout,
+        with ``reads_exit_codes``, the exit statuses it prints at its end go to :attr:`exit_codes` instead."""
         while line := await stream.readline():
             text = line.decode(errors="replace")
+            if reads_exit_codes and self._took_exit_codes(text):
+                continue
             self.tail.append(text)
             if (text.startswith("Abort(") and self.reported) or self.stopped:
                 continue  # rank 0 ending the job after reporting the run's error, or the job being terminated
             sys.stderr.write(text)
+
+    def _took_exit_codes(self, text: str) -> bool:
+        """Whether ``text``, a line of the mpiexec's stdout, is one of the exit statuses it prints at its end
+        (:data:`_EXIT_CODES`); those of a host's ranks go to :attr:`exit_codes`."""
+        if (start := _EXIT_CODES.match(text)) is not None:
+            self.exit_codes = {}
+            text = text[start.end() :]
+        elif self.exit_codes is None:
+            return False
+        if (host := _HOST_EXIT_CODES.fullmatch(text)) is not None:
+            self.exit_codes[host[1]] = [int(status) for status in host[2].split(",")]
+            return True
+        return start is not None
 
     async def close(self) -> None:
         """Once the mpiexec is reaped: read its output to the end."""
