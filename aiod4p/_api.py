@@ -219,7 +219,8 @@ class WorkflowRun:
 
     @property
     def under_way(self) -> bool:
-        """Whether the mapping has started (its workers exist and act on :meth:`drain`)."""
+        """Whether the mapping has started: its workers run the job (on multi, from the first one's start), and
+        :meth:`drain` is acted on (at once, or as soon as the mapping listens for it)."""
         return self._control.under_way
 
     @property

@@ -315,16 +315,16 @@ def _held(key: Any, depth: int = 0) -> Any:
     if isinstance(key, float):
         return _NaN(_DOUBLE.pack(key)) if key != key else key
     if isinstance(key, tuple) and depth < _MOST_NESTED:
-        for element in key:  # on every key the cache misses: no copy unless a NaN is in it
-            if isinstance(element, (float, tuple)) and _held(element, depth + 1) is not element:
-                return tuple([_held(element, depth + 1) for element in key])
+        for index, element in enumerate(key):  # on every key the cache misses: no copy unless a NaN is in it
+            if isinstance(element, (float, tuple)) and (held := _held(element, depth + 1)) is not element:
+                return (*key[:index], held, *[_held(rest, depth + 1) for rest in key[index + 1 :]])
     return key
 
 
 class KeyRouter(Router):
     """Routes by key, hashing each distinct (hashable) key once."""
 
-    __slots__ = ("cache", "dest", "grouping", "key", "sender", "single")
+    __slots__ = ("cache", "dest", "grouping", "key", "nan_keys", "sender", "single")
     passes_through = False
 
     def __init__(self, grouping: GroupBy, count: int, sender: str, dest: str) -> None:
@@ -337,6 +337,7 @@ class KeyRouter(Router):
             grouping.indices[0] if self.single else grouping.key or operator.itemgetter(*grouping.indices)
         )
         self.cache: dict[Any, int] = {}
+        self.nan_keys: list[Any] = []  # keys with a NaN in them that the cache holds as themselves (_destinations)
 
     @property
     def get(self) -> Callable[[Any], Any]:
@@ -374,10 +375,11 @@ class KeyRouter(Router):
     def _destinations(self, keys: list[Any]) -> list[int]:
         """The destination of each of ``keys``, hashing each key that the cache does not hold, and adding it.
 
-        A key with a float NaN in it is held as :func:`_held` makes it, and as itself only while this batch is
-        dealt: held as itself, it was found only as that very object (``nan != nan``, and a NaN hashes by its
-        identity), so each new NaN object was hashed again and took an entry of its own, crowding the other
-        keys out of the cache.
+        A key with a float NaN in it is held as :func:`_held` makes it, and as itself until a batch that the
+        cache misses does not hold it: as itself, it is found only as that very object (``nan != nan``, and a
+        NaN hashes by its identity). One NaN object that every batch holds (``math.nan`` for a missing value)
+        so stays on the fast path, and fresh NaN objects take no more than a batch's worth of entries (each
+        took an entry of its own, crowding the other keys out of the cache).
 
         Raises:
             TypeError: a key is unhashable.
@@ -385,7 +387,7 @@ class KeyRouter(Router):
         cache, count, single, owner = self.cache, self.count, self.single, self.grouping.owner
         if len(cache) > KEY_CACHE_LIMIT:
             cache.clear()
-        with_nan = []  # keys held otherwise, in the cache as themselves for this batch only
+        earlier, self.nan_keys = self.nan_keys, []
         try:
             for key in keys:
                 if key not in cache:
@@ -396,11 +398,16 @@ class KeyRouter(Router):
                     if held not in cache:
                         cache[held] = owner((key,) if single else key, count)
                     cache[key] = cache[held]
-                    with_nan.append(key)
+                    self.nan_keys.append(key)
             return list(map(cache.__getitem__, keys))
         finally:
-            for key in with_nan:
-                del cache[key]
+            if earlier:
+                present = set(map(id, keys))
+                for key in earlier:
+                    if id(key) in present:
+                        self.nan_keys.append(key)
+                    else:
+                        cache.pop(key, None)
 
     def _split_uncached(self, items: list[Any], keys: list[Any]) -> list[list[Any]]:
         count, single, owner = self.count, self.single, self.grouping.owner

@@ -42,7 +42,7 @@ from aiod4p import (
     stable_hash,
 )
 from aiod4p import _groupings as groupings
-from aiod4p._groupings import as_grouping
+from aiod4p._groupings import KeyRouter, as_grouping
 from aiod4p._plan import make_plan
 from aiod4p.compat.base import IterativePE as Dispel4pyIterativePE
 
@@ -320,7 +320,29 @@ def test_nan_keys_hit_the_key_cache_and_route_by_their_bits() -> None:
                 ), "a NaN key routed elsewhere than its stable hash says"
     for router in (by_one, by_two):
         router.split([(float("nan"), "k", 0), (["unhashable"], "k", 1)])  # dealt uncached, from the second key on
-        assert len(router.cache) == 2 + len(words), "the cache grew by NaN keys"
+        # the last batch's fresh NaN is held as itself until the next batch the cache misses
+        assert len(router.cache) == 2 + len(words) + 1, "the cache grew by NaN keys"
+
+
+def test_one_nan_object_in_every_batch_stays_on_the_fast_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``math.nan`` for a missing value, in every batch: found as itself, it is dealt with the other keys in one
+    pass, as before NaNs shared an entry of the cache (each batch holding one was dealt key by key in Python)."""
+    router = group_by(0).router(4, 0, "PE a", "b.input")
+    misses = []
+    destinations = KeyRouter._destinations
+
+    def counted(self: KeyRouter, keys: list[Any]) -> list[int]:
+        misses.append(len(keys))
+        return destinations(self, keys)
+
+    monkeypatch.setattr(KeyRouter, "_destinations", counted)
+    owner = stable_hash((math.nan,)) % 4
+    for start in range(0, 10_000, 100):
+        new_word = [f"new{start}"] if start == 5_000 else []  # a key not seen yet: a batch the cache misses
+        keys = [math.nan if index % 10 == 0 else f"w{index % 50}" for index in range(100 - len(new_word))]
+        parts = router.split([(key, start + index) for index, key in enumerate(keys + new_word)])
+        assert (math.nan, start) in parts[owner]  # where its stable hash says
+    assert len(misses) == 2  # the first batch and the one with a new word
 
 
 def _speedups() -> Any:

@@ -1231,3 +1231,13 @@ def test_stdout_carries_only_results_when_a_rank_dies() -> None:
     for line in done.stdout.splitlines():
         assert json.loads(line)["pe"], line
     assert "BAD TERMINATION" in done.stderr and "mpiexec exited" in done.stderr
+
+
+def test_the_exit_codes_hydra_prints_at_its_end_are_read_and_kept_out_of_the_relayed_output() -> None:
+    job = mpi._Job.__new__(mpi._Job)  # its output reader alone: no mpiexec
+    job.exit_codes = None
+    assert job._without_exit_codes("[vm] 0,768\n") == "[vm] 0,768\n"  # before the heading: a rank's own line
+    # the heading ends a line a rank's last output left open (print(x, end="")): that output is relayed
+    assert job._without_exit_codes("42[mpiexec@vm] Exit codes: [vm] 0,768\n") == "42\n"
+    assert job._without_exit_codes("[other] 9\n") == ""
+    assert job.exit_codes == {"vm": [0, 768], "other": [9]}

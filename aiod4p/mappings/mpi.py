@@ -380,7 +380,8 @@ class _Ranks:
             extra = mpiexec_extra_args()
             # Hydra's banner names a rank only when one died of a signal (and then it may be one its clean-up
             # killed): the exit statuses it prints at its end tell which rank exited by itself (_Job.exit_codes).
-            self.prints_exit_codes = _EXIT_CODES_OPTION not in extra and is_hydra(mpiexec)
+            given = {argument.lstrip("-") for argument in extra}  # Hydra takes -option and --option alike
+            self.prints_exit_codes = _EXIT_CODES_OPTION.lstrip("-") not in given and is_hydra(mpiexec)
             command = [mpiexec, *extra, *([_EXIT_CODES_OPTION] if self.prints_exit_codes else [])]
             command += ["-n", str(workers), sys.executable, "-P", "-m"]
             command += ["aiod4p.mappings._mpi_job", address, *([preload] if preload is not None else [])]
@@ -730,25 +731,27 @@ class _Job:
         with ``reads_exit_codes``, the exit statuses it prints at its end go to :attr:`exit_codes` instead."""
         while line := await stream.readline():
             text = line.decode(errors="replace")
-            if reads_exit_codes and self._took_exit_codes(text):
+            if reads_exit_codes and not (text := self._without_exit_codes(text)):
                 continue
             self.tail.append(text)
             if (text.startswith("Abort(") and self.reported) or self.stopped:
                 continue  # rank 0 ending the job after reporting the run's error, or the job being terminated
             sys.stderr.write(text)
 
-    def _took_exit_codes(self, text: str) -> bool:
-        """Whether ``text``, a line of the mpiexec's stdout, is one of the exit statuses it prints at its end
-        (:data:`_EXIT_CODES`); those of a host's ranks go to :attr:`exit_codes`."""
-        if (start := _EXIT_CODES.match(text)) is not None:
+    def _without_exit_codes(self, text: str) -> str:
+        """``text``, a line of the mpiexec's stdout, without the exit statuses it prints at its end
+        (:data:`_EXIT_CODES`): those of a host's ranks go to :attr:`exit_codes`. Their heading may end a line that
+        a rank's last output left open (``print(x, end="")``): that output stays, on a line of its own."""
+        if (heading := _EXIT_CODES.search(text)) is not None:
             self.exit_codes = {}
-            text = text[start.end() :]
-        elif self.exit_codes is None:
-            return False
-        if (host := _HOST_EXIT_CODES.fullmatch(text)) is not None:
+            left_open, text = text[: heading.start()], text[heading.end() :]
+            if (host := _HOST_EXIT_CODES.fullmatch(text)) is not None:
+                self.exit_codes[host[1]] = [int(status) for status in host[2].split(",")]
+            return f"{left_open}\n" if left_open else ""
+        if self.exit_codes is not None and (host := _HOST_EXIT_CODES.fullmatch(text)) is not None:
             self.exit_codes[host[1]] = [int(status) for status in host[2].split(",")]
-            return True
-        return start is not None
+            return ""
+        return text
 
     async def close(self) -> None:
         """Once the mpiexec is reaped: read its output to the end."""
