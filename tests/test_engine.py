@@ -168,21 +168,16 @@ class ExitsAsync(IterativePE):
         return item
 
 
-class ExitsThreaded(IterativePE):
+class ExitsThreaded(wf.Fail):
     threaded = True
 
-    def process_item(self, item: int) -> int:
-        if item == 3:
-            raise GeneratorExit("bad item 3")
-        return item
+    def __init__(self) -> None:
+        super().__init__(on=3, raises=GeneratorExit)
 
 
-class ExitsInPostprocess(IterativePE):
-    def process_item(self, item: int) -> int:
-        return item
-
-    def postprocess(self) -> None:
-        raise GeneratorExit("bad item 3")
+class ExitsInPostprocess(wf.FailsAtEnd):
+    def __init__(self) -> None:
+        super().__init__(GeneratorExit, "bad item 3")
 
 
 class ExitsAsSource(ProducerPE):

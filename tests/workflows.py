@@ -337,11 +337,17 @@ class WritesNowhere(IterativePE):
 
 
 class FailsAtEnd(IterativePE):
+    """Raises ``raises(message)`` in ``postprocess``."""
+
+    def __init__(self, raises: type[BaseException] = RuntimeError, message: str = "cannot finish") -> None:
+        super().__init__()
+        self.raises, self.message = raises, message
+
     def process_item(self, item: int) -> int:
         return item
 
     def postprocess(self) -> None:
-        raise RuntimeError("cannot finish")
+        raise self.raises(self.message)
 
 
 class YieldsAtEnd(IterativePE):

@@ -742,16 +742,16 @@ class _Job:
         """``text``, a line of the mpiexec's stdout, without the exit statuses it prints at its end
         (:data:`_EXIT_CODES`): those of a host's ranks go to :attr:`exit_codes`. Their heading may end a line that
         a rank's last output left open (``print(x, end="")``): that output stays, on a line of its own."""
-        if (heading := _EXIT_CODES.search(text)) is not None:
-            self.exit_codes = {}
-            left_open, text = text[: heading.start()], text[heading.end() :]
-            if (host := _HOST_EXIT_CODES.fullmatch(text)) is not None:
-                self.exit_codes[host[1]] = [int(status) for status in host[2].split(",")]
-            return f"{left_open}\n" if left_open else ""
-        if self.exit_codes is not None and (host := _HOST_EXIT_CODES.fullmatch(text)) is not None:
+        heading = _EXIT_CODES.search(text)
+        if heading is not None:
+            self.exit_codes, left_open, text = {}, text[: heading.start()], text[heading.end() :]
+        if self.exit_codes is None:
+            return text
+        if (host := _HOST_EXIT_CODES.fullmatch(text)) is not None:
             self.exit_codes[host[1]] = [int(status) for status in host[2].split(",")]
-            return ""
-        return text
+        if heading is not None:
+            return f"{left_open}\n" if left_open else ""
+        return "" if host is not None else text
 
     async def close(self) -> None:
         """Once the mpiexec is reaped: read its output to the end."""
