@@ -793,3 +793,23 @@ def test_processes_left_are_waited_for_whatever_their_pidfds_numbers() -> None:
     finally:
         for fd in held:
             os.close(fd)
+
+
+def test_a_failed_run_s_statistics_count_the_error_and_every_instance(ray_cluster: RayCluster) -> None:
+    graph = WorkflowGraph()
+    graph.connect(wf.Count(), "output", fail := wf.Fail(on=3), "input")
+
+    async def go() -> aiod4p.WorkflowRun:
+        async with asyncio.timeout(60):
+            run = aiod4p.start(graph, 10, mapping="ray", workers=2)
+            with pytest.raises(aiod4p.PEError, match=fail.id):
+                async with run:
+                    await run.results()
+        return run
+
+    run = asyncio.run(go())
+    assert run.stats == []
+    assert sum(entry.errors for entry in run.live_stats() if entry.pe == fail.id) == 1
+    assert sorted((entry.pe, entry.instance) for entry in run.live_stats()) == sorted(
+        (ref.pe, ref.index) for ref in run.plan.instances()
+    )
