@@ -178,6 +178,29 @@ def test_spawn_runs_with_a_pumped_generator_feed() -> None:
     assert sorted(results.data()) == [4 * i for i in range(1000)]
 
 
+def test_a_list_fed_to_spawned_workers_is_pumped_not_pickled_into_every_workers_job(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A list travelled in the job, which every spawned worker gets pickled: 300 MB of items given to multi -n 2
+    from a service held its event loop for 5 s (pickled, then copied to each worker in turn), 100,000 numbers for
+    half a second. It is pumped to the worker that reads it, as an iterator is."""
+    sizes: list[int] = []
+    ship = multi_module.ship
+
+    def measured(*args: Any, **kwargs: Any) -> bytes:
+        payload = ship(*args, **kwargs)
+        sizes.append(len(payload))
+        return payload
+
+    monkeypatch.setattr(multi_module, "ship", measured)
+    graph = WorkflowGraph()
+    graph.connect(double := wf.Double(), "output", wf.Double(), "input")
+    fed = list(range(200_000))  # about 1 MB pickled
+    results = aiod4p.run(graph, {double: fed}, mapping=MultiMapping("spawn"), workers=2)
+    assert sorted(results.data()) == [4 * i for i in fed]
+    assert len(sizes) == 1 and sizes[0] < 200_000
+
+
 def test_an_async_generator_feed_is_pumped_from_the_parent() -> None:
     async def numbers() -> AsyncIterator[int]:
         for i in range(700):

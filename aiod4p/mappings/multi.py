@@ -101,12 +101,17 @@ class MultiMapping(HostedMapping):
 
 
 class _MultiRun:
-    """One execution: processes and the socket pairs that join them."""
+    """One execution: processes and the socket pairs that join them.
+
+    Forked workers get the job as it is; others get it pickled, each its own copy, so that list and tuple feeds
+    are pumped to them instead (:attr:`ships_held_feeds`).
+    """
 
     def __init__(self, mapping: MultiMapping, plan: ExecutionPlan) -> None:
         self.mapping = mapping
         self.plan = plan
         self.method = resolve_start_method(mapping.start_method)
+        self.ships_held_feeds = self.method == "fork"
         self.processes: list[BaseProcess] = []
         self._exits: list[asyncio.Future[None]] = []
 
