@@ -795,6 +795,50 @@ def test_a_first_interrupt_while_later_workers_start_drains_the_run(monkeypatch:
     assert sorted(drained) == [2 * i for i in range(len(drained))]  # no item lost
 
 
+INTERRUPTED_AS_A_WORKER_STARTS = textwrap.dedent(
+    """
+    import os, signal, sys
+    import aiod4p, workflows as wf
+    from aiod4p.mappings.multi import MultiMapping
+
+    if __name__ != "__main__":  # a spawned worker (or the forkserver) imports this script as it starts
+        try:
+            os.close(os.open(os.environ["ONCE"], os.O_CREAT | os.O_EXCL))
+        except FileExistsError:
+            pass
+        else:
+            os.killpg(os.getpgid(0), signal.SIGINT)  # Ctrl-C in the terminal, now
+    else:
+        graph = aiod4p.WorkflowGraph()
+        graph.connect(count := wf.Count(), "output", wf.Double(), "input")
+        aiod4p.run(graph, {count: 10**9}, mapping=MultiMapping(sys.argv[1]), workers=2)
+    """
+)
+
+
+@pytest.mark.parametrize("method", ["spawn", "forkserver"])
+def test_ctrl_c_while_a_spawned_worker_starts_interrupts_the_run_not_the_worker(tmp_path: Path, method: str) -> None:
+    """A spawned worker (or the forkserver) is a new interpreter, which takes Ctrl-C as its own until the worker
+    leaves it to the parent (half a second of start and imports): Ctrl-C then killed it, and the run failed with
+    `WorkerDied: worker process 0 ... was killed by SIGINT` (`exited with code 1`; `EOFError` when it was the
+    forkserver) instead of being interrupted."""
+    script = tmp_path / "flow.py"
+    script.write_text(INTERRUPTED_AS_A_WORKER_STARTS)
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}", "ONCE": str(tmp_path / "once")}
+    process = subprocess.Popen(
+        [sys.executable, str(script), method], stderr=subprocess.PIPE, text=True, env=env, start_new_session=True
+    )
+    try:
+        _, err = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.communicate()
+    assert (tmp_path / "once").exists()
+    assert process.returncode == -signal.SIGINT, err
+    assert err.rstrip().splitlines()[-1].startswith("KeyboardInterrupt"), err
+
+
 def test_workers_exit_when_the_parent_is_killed(tmp_path: Path) -> None:
     marker = f"AIOD4P_TEST_MARKER={os.getpid()}-parent-{time.monotonic_ns()}"
     name, value = marker.split("=")
