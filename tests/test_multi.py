@@ -797,9 +797,18 @@ def test_a_first_interrupt_while_later_workers_start_drains_the_run(monkeypatch:
 
 INTERRUPTED_AS_A_WORKER_STARTS = textwrap.dedent(
     """
-    import os, signal, sys
+    import asyncio, os, signal, sys, warnings
     import aiod4p, workflows as wf
     from aiod4p.mappings.multi import MultiMapping
+
+    def run():
+        graph = aiod4p.WorkflowGraph()
+        graph.connect(count := wf.Count(), "output", wf.Double(), "input")
+        aiod4p.run(graph, {count: 10**9}, mapping=MultiMapping(sys.argv[1]), workers=2)
+
+    async def cell():  # a notebook's: its loop runs, and the run's loop runs in a thread of its own
+        warnings.simplefilter("ignore", RuntimeWarning)  # "it blocks that loop" (not said in a kernel)
+        run()
 
     if __name__ != "__main__":  # a spawned worker (or the forkserver) imports this script as it starts
         try:
@@ -807,26 +816,29 @@ INTERRUPTED_AS_A_WORKER_STARTS = textwrap.dedent(
         except FileExistsError:
             pass
         else:
-            os.killpg(os.getpgid(0), signal.SIGINT)  # Ctrl-C in the terminal, now
+            os.killpg(os.getpgid(0), signal.SIGINT)  # Ctrl-C in the terminal (a kernel's interrupt), now
+    elif sys.argv[2] == "script":
+        run()
     else:
-        graph = aiod4p.WorkflowGraph()
-        graph.connect(count := wf.Count(), "output", wf.Double(), "input")
-        aiod4p.run(graph, {count: 10**9}, mapping=MultiMapping(sys.argv[1]), workers=2)
+        asyncio.run(cell())
     """
 )
 
 
+@pytest.mark.parametrize("how", ["script", "notebook"])
 @pytest.mark.parametrize("method", ["spawn", "forkserver"])
-def test_ctrl_c_while_a_spawned_worker_starts_interrupts_the_run_not_the_worker(tmp_path: Path, method: str) -> None:
+def test_ctrl_c_while_a_spawned_worker_starts_interrupts_the_run_not_the_worker(
+    tmp_path: Path, method: str, how: str
+) -> None:
     """A spawned worker (or the forkserver) is a new interpreter, which takes Ctrl-C as its own until the worker
-    leaves it to the parent (half a second of start and imports): Ctrl-C then killed it, and the run failed with
-    `WorkerDied: worker process 0 ... was killed by SIGINT` (`exited with code 1`; `EOFError` when it was the
-    forkserver) instead of being interrupted."""
+    leaves it to the parent (half a second of start and imports): Ctrl-C (or a Jupyter kernel's interrupt, sent to
+    its process group) then killed it, and the run failed with `WorkerDied: worker process 0 ... was killed by
+    SIGINT` (`exited with code 1`; `EOFError` when it was the forkserver) instead of being interrupted."""
     script = tmp_path / "flow.py"
     script.write_text(INTERRUPTED_AS_A_WORKER_STARTS)
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}", "ONCE": str(tmp_path / "once")}
     process = subprocess.Popen(
-        [sys.executable, str(script), method], stderr=subprocess.PIPE, text=True, env=env, start_new_session=True
+        [sys.executable, str(script), method, how], stderr=subprocess.PIPE, text=True, env=env, start_new_session=True
     )
     try:
         _, err = process.communicate(timeout=60)
