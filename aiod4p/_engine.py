@@ -1055,6 +1055,7 @@ class _Actor(Invoker):
             self.batch_bytes,
             lambda value: value,
             f"source {self.ref}",
+            skip_none=True,
             drain=getattr(self.pe, "drain", None),
             sized=self.pe if isinstance(self.pe, SourcePE) else None,  # it tells the bytes its stream read
         )
@@ -2003,10 +2004,12 @@ class ReadAhead:
     :func:`approximate_size` (measuring a small dict costs about as much as the rest of its trip;
     numbers count as nothing, see :data:`SCALARS`).
 
-    ``None`` values are skipped. :meth:`drain` ends the stream; :meth:`take`
-    re-raises the source's own errors.
+    ``None`` values are skipped with ``skip_none`` (what a source PE yields: no item, as a generator
+    ``process`` yields); a feed's ``None`` elements are elements like any other, as a list's are.
+    :meth:`drain` ends the stream; :meth:`take` re-raises the source's own errors.
 
     Args:
+        skip_none: skip ``None`` values.
         drain: the source's own way to drain (a live feed's ``drain()``: it
             yields what it holds, then ends), if it has one.
         sized: what tells the bytes read (default: the source itself); its ``bytes_read`` must
@@ -2024,10 +2027,12 @@ class ReadAhead:
         convert: Callable[[Any], Any],
         name: str,
         *,
+        skip_none: bool = False,
         drain: object = None,
         sized: object = None,
     ) -> None:
         self._source = source
+        self._skip_none = skip_none
         self._sized = source if sized is None else sized
         self.taken_bytes = 0
         self._limit = limit
@@ -2044,11 +2049,11 @@ class ReadAhead:
         self.reader.add_done_callback(lambda _: self._finish())
 
     async def _read(self) -> None:
-        sized, read = self._sized, 0
+        sized, read, skip_none = self._sized, 0, self._skip_none
         counted = hasattr(sized, "bytes_read")  # else no lookup per value (a plain async generator)
         try:
             async for value in self._source:
-                if value is None:
+                if value is None and skip_none:
                     continue
                 self._buffer.append(self._convert(value))
                 if counted and type(now := sized.bytes_read) is int:  # type: ignore[attr-defined]

@@ -579,6 +579,29 @@ def test_a_dict_fed_to_a_root_of_one_port_is_an_input_dict_only_when_it_names_th
     assert sorted(results, key=repr) == sorted([5, {"inptu": 1}, {"input": 5}, {}], key=repr)
 
 
+async def _elements_of(elements: list[Any]) -> AsyncIterator[Any]:
+    for element in elements:
+        yield element
+
+
+@pytest.mark.parametrize("mapping", ["simple", "async", "multi"])
+@pytest.mark.parametrize("kind", ["list", "iterator", "generator", "async generator"])
+def test_a_feeds_none_elements_reach_the_root_as_a_lists_do(mapping: str, kind: str) -> None:
+    """An iterator fed to a root on multi (pumped by the launcher) and an async generator on every mapping
+    dropped their ``None`` elements without a word, where a list gave them to the root as any element."""
+    fed = [1, None, 2, None]
+    feeds: dict[str, Any] = {
+        "list": fed,
+        "iterator": iter(fed),
+        "generator": (element for element in fed),
+        "async generator": _elements_of(fed),
+    }
+    graph = WorkflowGraph()
+    graph.add(seen := wf.WhoSawWhat(parallelism=1))
+    results = aiod4p.run(graph, {seen: feeds[kind]}, mapping=mapping, workers=1).data()
+    assert sorted(results, key=repr) == sorted([(0, element) for element in fed], key=repr)
+
+
 class Silent(ConsumerPE):
     def consume(self, item: object) -> None:
         pass

@@ -178,6 +178,29 @@ def test_spawn_runs_with_a_pumped_generator_feed() -> None:
     assert sorted(results.data()) == [4 * i for i in range(1000)]
 
 
+def test_a_list_fed_to_spawned_workers_is_pumped_not_pickled_into_every_workers_job(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A list travelled in the job, which every spawned worker gets pickled: 300 MB of items given to multi -n 2
+    from a service held its event loop for 5 s (pickled, then copied to each worker in turn), 100,000 numbers for
+    half a second. It is pumped to the worker that reads it, as an iterator is."""
+    sizes: list[int] = []
+    ship = multi_module.ship
+
+    def measured(*args: Any, **kwargs: Any) -> bytes:
+        payload = ship(*args, **kwargs)
+        sizes.append(len(payload))
+        return payload
+
+    monkeypatch.setattr(multi_module, "ship", measured)
+    graph = WorkflowGraph()
+    graph.connect(double := wf.Double(), "output", wf.Double(), "input")
+    fed = list(range(200_000))  # about 1 MB pickled
+    results = aiod4p.run(graph, {double: fed}, mapping=MultiMapping("spawn"), workers=2)
+    assert sorted(results.data()) == [4 * i for i in fed]
+    assert len(sizes) == 1 and sizes[0] < 200_000
+
+
 def test_an_async_generator_feed_is_pumped_from_the_parent() -> None:
     async def numbers() -> AsyncIterator[int]:
         for i in range(700):
@@ -770,6 +793,62 @@ def test_a_first_interrupt_while_later_workers_start_drains_the_run(monkeypatch:
         signal.signal(signal.SIGINT, handler)
     drained = interrupted.value.partial_results.data()  # type: ignore[attr-defined]
     assert sorted(drained) == [2 * i for i in range(len(drained))]  # no item lost
+
+
+INTERRUPTED_AS_A_WORKER_STARTS = textwrap.dedent(
+    """
+    import asyncio, os, signal, sys, warnings
+    import aiod4p, workflows as wf
+    from aiod4p.mappings.multi import MultiMapping
+
+    def run():
+        graph = aiod4p.WorkflowGraph()
+        graph.connect(count := wf.Count(), "output", wf.Double(), "input")
+        aiod4p.run(graph, {count: 10**9}, mapping=MultiMapping(sys.argv[1]), workers=2)
+
+    async def cell():  # a notebook's: its loop runs, and the run's loop runs in a thread of its own
+        warnings.simplefilter("ignore", RuntimeWarning)  # "it blocks that loop" (not said in a kernel)
+        run()
+
+    if __name__ != "__main__":  # a spawned worker (or the forkserver) imports this script as it starts
+        try:
+            os.close(os.open(os.environ["ONCE"], os.O_CREAT | os.O_EXCL))
+        except FileExistsError:
+            pass
+        else:
+            os.killpg(os.getpgid(0), signal.SIGINT)  # Ctrl-C in the terminal (a kernel's interrupt), now
+    elif sys.argv[2] == "script":
+        run()
+    else:
+        asyncio.run(cell())
+    """
+)
+
+
+@pytest.mark.parametrize("how", ["script", "notebook"])
+@pytest.mark.parametrize("method", ["spawn", "forkserver"])
+def test_ctrl_c_while_a_spawned_worker_starts_interrupts_the_run_not_the_worker(
+    tmp_path: Path, method: str, how: str
+) -> None:
+    """A spawned worker (or the forkserver) is a new interpreter, which takes Ctrl-C as its own until the worker
+    leaves it to the parent (half a second of start and imports): Ctrl-C (or a Jupyter kernel's interrupt, sent to
+    its process group) then killed it, and the run failed with `WorkerDied: worker process 0 ... was killed by
+    SIGINT` (`exited with code 1`; `EOFError` when it was the forkserver) instead of being interrupted."""
+    script = tmp_path / "flow.py"
+    script.write_text(INTERRUPTED_AS_A_WORKER_STARTS)
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}", "ONCE": str(tmp_path / "once")}
+    process = subprocess.Popen(
+        [sys.executable, str(script), method, how], stderr=subprocess.PIPE, text=True, env=env, start_new_session=True
+    )
+    try:
+        _, err = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.communicate()
+    assert (tmp_path / "once").exists()
+    assert process.returncode == -signal.SIGINT, err
+    assert err.rstrip().splitlines()[-1].startswith("KeyboardInterrupt"), err
 
 
 def test_workers_exit_when_the_parent_is_killed(tmp_path: Path) -> None:

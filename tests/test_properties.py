@@ -7,8 +7,9 @@ PE is deterministic per item or per key, so a small model computes the
 result multiset each mapping must give, from the parallelism that mapping
 plans (``all`` reaches every instance). The same graph objects then run
 several times in a row and concurrently, on every case of
-``conftest.MAPPING_CASES``; the process mappings get few examples, each one
-a union of several random DAGs, so that they cost few launches. In process,
+``conftest.MAPPING_CASES``, and concurrently on a random mix of simple,
+async and multi; the process mappings get few examples, each one a union
+of several random DAGs, so that they cost few launches. In process,
 random DAGs also run with small batches and credits, plain or async
 generator sources and a reader that may be behind, checkpointed, are
 stopped without a drain and restored: their results file must be the model's. Graphs of PE call kinds
@@ -33,6 +34,7 @@ from typing import Any
 import pytest
 from ckpt_workflows import on_completed
 from conftest import MAPPING_CASES, MappingCase
+from helpers import add_graph
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -289,6 +291,34 @@ def test_random_workflows_agree_in_process(case: MappingCase, dags_: list[list[N
 def test_random_workflows_agree_across_processes(case: MappingCase, dags_: list[list[Node]]) -> None:
     # One union of eight random DAGs: three launches cover them all (one, then two at once).
     check(case, dags_, repeats=1, concurrent=2)
+
+
+MIXED_CASES = [MappingCase("simple", None), MappingCase("async", None), MappingCase("multi", 2)]
+
+
+@settings(max_examples=8, **SETTINGS)
+@given(st.lists(dags(), min_size=4, max_size=4), st.lists(st.sampled_from(MIXED_CASES), min_size=2, max_size=4))
+def test_one_graph_run_on_several_mappings_at_once_agrees_with_each_model(
+    dags_: list[list[Node]], cases: list[MappingCase]
+) -> None:
+    """The same graph object, and a second graph of the same PE objects, run concurrently in one event loop on a
+    random mix of simple, async and multi (a mapping twice, too), then once more each: every run gives its
+    mapping's model."""
+    graph, built = build(dags_)
+    add_graph(sharing := WorkflowGraph(), graph)
+
+    async def together() -> list[aiod4p.Results]:
+        async with asyncio.timeout(50):
+            runs = [
+                aiod4p.run_async((graph, sharing)[index % 2], 1, mapping=case.name, workers=case.workers)
+                for index, case in enumerate(cases)
+            ]
+            return await asyncio.gather(*runs)
+
+    for case, results in zip(cases, asyncio.run(together()), strict=True):
+        assert multiset(results) == model(graph, built, case), case.id
+    for case in dict.fromkeys(cases):
+        assert multiset(case.run(graph, 1)) == model(graph, built, case), case.id
 
 
 def _checkpointed(case: MappingCase, directory: Path, restore: bool) -> aiod4p.mappings.BaseMapping:

@@ -188,18 +188,19 @@ class Pumped:
 
 
 def split_feeds(
-    plan: ExecutionPlan, feeds: Mapping[str, Feed]
+    plan: ExecutionPlan, feeds: Mapping[str, Feed], ship_held: bool = True
 ) -> tuple[dict[str, Feed | Pumped], list[tuple[str, int, Feed]]]:
     """The feeds to ship with the job, and the ``(pe, worker, feed)`` feeds the launcher pumps.
 
-    A feed of :data:`STATIC_FEEDS` travels with the job; any other feed is
-    replaced by :class:`Pumped` and pumped to the worker of the PE's instance 0
-    (the instance that consumes it).
+    A feed of :data:`STATIC_FEEDS` travels with the job, but a list or tuple only if ``ship_held`` (else the
+    workers get the job pickled, each its own copy: a list of large items was pickled on the caller's event loop
+    and copied to every worker, holding the loop for seconds); any other feed is replaced by :class:`Pumped` and
+    pumped to the worker of the PE's instance 0 (the instance that consumes it), a chunk per credit.
     """
     shipped: dict[str, Feed | Pumped] = {}
     pumped: list[tuple[str, int, Feed]] = []
     for pe_id, feed in feeds.items():
-        if isinstance(feed, STATIC_FEEDS):
+        if isinstance(feed, STATIC_FEEDS) and (ship_held or not isinstance(feed, (list, tuple))):
             shipped[pe_id] = feed
         else:
             shipped[pe_id] = Pumped(replayable_feed(feed))
@@ -214,12 +215,13 @@ def prepare_job(
     interval: float,
     session: Session | None,
     control: RunControl,
+    ship_held: bool = True,
 ) -> tuple[Job, list[tuple[str, int, Feed]]]:
     """The job of one attempt of a run on launched workers, and the ``(pe, worker, feed)`` feeds the launcher
-    pumps (see :func:`split_feeds`); an attempt of a checkpointed run (its ``session``) resumes them where the
-    restored checkpoint left them, and its workers take part in checkpoints. Workers start drained if ``control``
-    is draining already."""
-    shipped, pumped = split_feeds(plan, feeds)
+    pumps (see :func:`split_feeds`, given ``ship_held``); an attempt of a checkpointed run (its ``session``)
+    resumes them where the restored checkpoint left them, and its workers take part in checkpoints. Workers start
+    drained if ``control`` is draining already."""
+    shipped, pumped = split_feeds(plan, feeds, ship_held)
     drained = control.draining
     if session is None:
         return Job(plan, shipped, max_delay, interval, drained=drained), pumped

@@ -31,7 +31,15 @@ __all__ = ["HostedMapping", "Launch"]
 
 
 class Launch(Protocol):
-    """One run's workers, as a :class:`HostedMapping` starts them."""
+    """One run's workers, as a :class:`HostedMapping` starts them.
+
+    Attributes:
+        ships_held_feeds: list and tuple feeds travel with the job (its workers get it as it is, as forked
+            processes do, or one pickling of it reaches them all); else the launcher pumps them to the worker
+            that reads each (:func:`~aiod4p.mappings._host.split_feeds`).
+    """
+
+    ships_held_feeds: bool
 
     async def start(self, job: Job, control: RunControl) -> Mapping[int, Comm]:
         """Start a worker for each worker id of ``job.plan``, each given ``job``; their control comms by id.
@@ -124,8 +132,10 @@ class HostedMapping(BaseMapping):
         session: Session | None,
     ) -> list[InstanceStats]:
         """One run on new workers (one attempt of a checkpointed run, with its ``session``)."""
-        job, pumped = prepare_job(plan, feeds, max_delay, self.stats_interval, session, control)
         launch = self.launch(plan)
+        job, pumped = prepare_job(
+            plan, feeds, max_delay, self.stats_interval, session, control, ship_held=launch.ships_held_feeds
+        )
         comms: Mapping[int, Comm] = {}
         finished = False
         try:

@@ -32,7 +32,7 @@ from typing import Any
 
 from .._logging import logging_environment
 from .._plan import ExecutionPlan
-from .._signals import held
+from .._signals import held, held_across_exec
 from ..transports.pipes import PipeComm, open_pipe_comm
 from ._base import RunControl
 from ._host import GRACE, STATS_INTERVAL
@@ -101,12 +101,17 @@ class MultiMapping(HostedMapping):
 
 
 class _MultiRun:
-    """One execution: processes and the socket pairs that join them."""
+    """One execution: processes and the socket pairs that join them.
+
+    Forked workers get the job as it is; others get it pickled, each its own copy, so that list and tuple feeds
+    are pumped to them instead (:attr:`ships_held_feeds`).
+    """
 
     def __init__(self, mapping: MultiMapping, plan: ExecutionPlan) -> None:
         self.mapping = mapping
         self.plan = plan
         self.method = resolve_start_method(mapping.start_method)
+        self.ships_held_feeds = self.method == "fork"
         self.processes: list[BaseProcess] = []
         self._exits: list[asyncio.Future[None]] = []
 
@@ -136,7 +141,7 @@ class _MultiRun:
                         b if a == wid else a: links[(a, b)][0 if a == wid else 1] for (a, b) in links if wid in (a, b)
                     }
                     child_control = controls[wid][1]
-                    # held until it has its own handlers (worker_main)
+                    # signals held (ignored by a new program) until it has its own handlers (worker_main)
                     async with _start_turn(self.method):
                         inherited = []
                         if self.method == "fork":
@@ -150,7 +155,8 @@ class _MultiRun:
                             args=(wid, job, child_control, peers, inherited, safe, parent),
                             name=f"aiod4p-worker-{wid}",
                         )
-                        with held(), _main_not_reimported(self.method), _environment(safe):
+                        signals = held() if self.method == "fork" else held_across_exec()
+                        with signals, _main_not_reimported(self.method), _environment(safe):
                             process.start()
                     self.processes.append(process)
                     control.workers_run()

@@ -188,6 +188,8 @@ def _not_a_gcs(address: str) -> str | None:
 class _RayLaunch:
     """A run's Ray actors: a :class:`~aiod4p.mappings._ray_run.RayRun`, made once its module is imported."""
 
+    ships_held_feeds = True  # the job is pickled once, for every actor
+
     def __init__(self, mapping: RayMapping, plan: ExecutionPlan) -> None:
         self.mapping = mapping
         self.plan = plan
