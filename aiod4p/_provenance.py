@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -53,6 +54,14 @@ if TYPE_CHECKING:
 __all__ = ["ActorRecorder", "Tagged", "WorkerRecorder", "document", "write_document", "write_provenance"]
 NAMESPACE = ("aiod4p", "urn:aiod4p:")
 _VALUE_CHARS = 200  # an entity keeps the repr of its value, cut to this length
+
+
+logger = logging.getLogger("aiod4p")
+
+HELD_CALLS_WARNING = 1_000_000
+"""Calls an instance records at level ``item`` before the run warns, once per process, that its records are all held
+in memory until the run ends (about 1 kB a call with its items: an endless run grows without bound)."""
+_warned_of_held_calls = False
 
 
 class Tagged:
@@ -337,7 +346,10 @@ class ActorRecorder:
 
     # -- recording ------------------------------------------------------------
     def _begin(self, stage: str, port: str | None, used: tuple[str, ...] | None) -> None:
-        activity = _Activity(f"{self.prefix}.a{len(self.record.activities)}", stage, port, time.time(), 0.0, used)
+        calls = len(self.record.activities)
+        if calls == HELD_CALLS_WARNING:
+            _warn_of_held_calls(self.prefix, calls)
+        activity = _Activity(f"{self.prefix}.a{calls}", stage, port, time.time(), 0.0, used)
         self.record.activities.append(activity)
         self.current = activity
         self.current_index = len(self.record.activities) - 1
@@ -368,6 +380,21 @@ class ActorRecorder:
                 buffer[position] = Tagged(entity, value)
                 counts = self.record.items_out
                 counts[port] = counts.get(port, 0) + 1
+
+
+def _warn_of_held_calls(instance: str, calls: int) -> None:
+    """Say, once per process, that item-level provenance holds everything it recorded until the run ends."""
+    global _warned_of_held_calls
+    if not _warned_of_held_calls:
+        _warned_of_held_calls = True
+        logger.warning(
+            "provenance at level item: instance %s has recorded %s calls, all held in memory (about 1 kB a call"
+            " with its items) until the run ends, and written only then: a run that does not end grows without"
+            ' bound. Record such a run at level pe (--provenance-level pe, provenance="pe"), which keeps counts'
+            " only. Logged once per process.",
+            instance.replace(".", "[", 1) + "]",
+            f"{calls:,}",
+        )
 
 
 def parts(stats: Iterable[InstanceStats]) -> list[_Part]:

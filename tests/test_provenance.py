@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 import workflows as wf
-from helpers import ROOT, TIMES10_FLOW, numbers_flow
+from helpers import ROOT, TIMES10_FLOW, aiod4p_cli, json_lines, numbers_flow
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -723,3 +723,41 @@ def test_a_provenance_file_behind_a_link_is_written_in_place_and_keeps_its_mode(
             out.write("new")
     assert link.is_symlink() and target.read_text() == "new"
     assert plain.read_text() == "new" and plain.stat().st_mode & 0o777 == 0o640
+
+
+HOLDS_CALLS_FLOW = """
+import aiod4p._provenance
+from aiod4p import IterativePE, ProducerPE, WorkflowGraph
+
+aiod4p._provenance.HELD_CALLS_WARNING = 50
+
+
+class Numbers(ProducerPE):
+    def produce(self):
+        yield from range(200)
+
+
+class Double(IterativePE):
+    def process_item(self, number):
+        return 2 * number
+
+
+graph = WorkflowGraph()
+graph.connect(Numbers(), "output", Double(), "input")
+"""
+
+
+@pytest.mark.parametrize("mapping", [["-m", "async"], ["-m", "multi", "-n", "2"]])
+def test_item_level_says_once_that_it_holds_every_call_in_memory(tmp_path: Path, mapping: list[str]) -> None:
+    # An endless run recorded at level item grew without bound and said nothing: its records travel with the
+    # final statistics, so they are all held until the run ends.
+    (tmp_path / "flow.py").write_text(HOLDS_CALLS_FLOW)
+    done = aiod4p_cli(
+        "run", str(tmp_path / "flow.py"), *mapping, "--results", str(tmp_path / "out.jsonl"),
+        "--provenance", str(tmp_path / "prov.json"),
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert len(json_lines(tmp_path / "out.jsonl")) == 200
+    held = [line for line in done.stderr.splitlines() if "all held in memory" in line]
+    assert 1 <= len(held) <= 2, done.stderr  # once per process that records
+    assert "has recorded 50 calls" in held[0] and "--provenance-level pe" in held[0]
