@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 from ._plan import ExecutionPlan
 from ._stats import InstanceStats
 from ._stats_report import Work, WorkTally, summarise
+from ._threads import helper_work, start_helper
 
 if TYPE_CHECKING:
     from rich.console import Console, RenderableType
@@ -156,15 +157,15 @@ async def progress(
 
     def refresh() -> None:
         while not stop.wait(interval):
-            try:
-                live.update(display.render(), refresh=True)
-            except Exception as exc:  # a display that fails must not fail the run
-                logger.warning("progress display stopped: %s: %s", type(exc).__name__, exc)
-                return
+            with helper_work():
+                try:
+                    live.update(display.render(), refresh=True)
+                except Exception as exc:  # a display that fails must not fail the run
+                    logger.warning("progress display stopped: %s: %s", type(exc).__name__, exc)
+                    return
 
     live.start()
-    drawer = threading.Thread(target=refresh, name="aiod4p progress", daemon=True)
-    drawer.start()
+    drawer = start_helper(refresh, "aiod4p progress")
     try:
         yield display
     finally:

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple, TextIO
 
 from ._plan import ExecutionPlan, worker_list
 from ._stats import InstanceStats
+from ._threads import helper_work, start_helper
 from .errors import writing
 
 if TYPE_CHECKING:
@@ -281,11 +282,11 @@ class StatsSampler:
 
     def _loop(self) -> None:
         while not self._stop.wait(self.interval):
-            self.sample()
+            with helper_work():
+                self.sample()
 
     async def __aenter__(self) -> StatsSampler:
-        self._thread = threading.Thread(target=self._loop, name="aiod4p stats sampler", daemon=True)
-        self._thread.start()
+        self._thread = start_helper(self._loop, "aiod4p stats sampler")
         return self
 
     async def __aexit__(self, *exc: object) -> None:

@@ -1,6 +1,6 @@
 """Threads: blocking calls made from the event loop that must not be left under way when their caller is
-cancelled, threads for calls that may never return, and ending a process that threads it cannot stop
-would keep alive."""
+cancelled, threads for calls that may never return, aiod4p's own helper threads that a fork waits out, and
+ending a process that threads it cannot stop would keep alive."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ import os
 import queue
 import sys
 import threading
-from collections.abc import Callable
+import weakref
+from collections.abc import Callable, Iterator
 from typing import Any, NoReturn, TypeVar
 
 T = TypeVar("T")
@@ -116,6 +117,53 @@ class DaemonThreadPool:
         # Before the caller learns that the call is over: it may close the pool at once.
         with self._lock:
             del self._under_way[future]
+
+
+_helpers: weakref.WeakSet[threading.Thread] = weakref.WeakSet()
+_helper_work = threading.Lock()
+
+
+def _after_fork_in_child() -> None:
+    global _helper_work
+    _helper_work = threading.Lock()  # a fork made under forking(): the copy is held, by no thread of the child
+    _helpers.clear()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def start_helper(target: Callable[[], object], name: str) -> threading.Thread:
+    """Start a daemon thread of aiod4p's own (a progress display, a statistics sampler) that runs ``target``.
+
+    ``target`` does its work inside :func:`helper_work` and holds nothing
+    (no lock, no stream) between two such blocks: the thread then does not
+    count among :func:`callers_threads`, and a fork made under
+    :func:`forking` copies the process while it is outside its work.
+    """
+    thread = threading.Thread(target=target, name=name, daemon=True)
+    _helpers.add(thread)
+    thread.start()
+    return thread
+
+
+@contextlib.contextmanager
+def helper_work() -> Iterator[None]:
+    """A helper thread's work (:func:`start_helper`): no fork is made under :func:`forking` meanwhile."""
+    with _helper_work:
+        yield
+
+
+@contextlib.contextmanager
+def forking() -> Iterator[None]:
+    """While this process forks: every helper thread is outside its work (waits for the block under way)."""
+    with _helper_work:
+        yield
+
+
+def callers_threads() -> int:
+    """The threads of this process that are not aiod4p's helper threads (:func:`start_helper`): forking
+    while another thread runs may deadlock the child (a lock it held is copied held)."""
+    return sum(1 for thread in threading.enumerate() if thread not in _helpers)
 
 
 def flush_standard_streams() -> None:

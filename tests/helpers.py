@@ -144,6 +144,23 @@ TIMES10_FLOW = numbers_flow(
 )
 
 
+# A workflow file that says on stderr each time it is imported: once in all, when multi forks its workers
+# (spawned ones import it again); every number times 10 (PE ids Numbers0, Times101).
+IMPORTED = "the workflow module is imported"
+SAYS_ITS_IMPORTS_FLOW = numbers_flow(
+    f"""
+    import sys
+
+    print({IMPORTED!r}, file=sys.stderr, flush=True)
+
+
+    class Times10(IterativePE):
+        def process_item(self, item):
+            return item * 10
+    """
+)
+
+
 # A workflow file whose PE leaves a thread running that never ends (as a library may) and prints each item.
 LINGERING_FLOW = numbers_flow(
     """

@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 import workflows as wf
+from helpers import IMPORTED, SAYS_ITS_IMPORTS_FLOW
 from rich.console import Console
 
 import aiod4p
@@ -100,6 +101,17 @@ def test_progress_appears_on_a_terminal(flow: Path, tmp_path: Path) -> None:
     assert TITLE in output
     assert "queued at destination" in output and "Numbers.output → Square.input" in output
     assert "Square.output: 40 items" in output  # the results still follow
+
+
+def test_the_progress_display_leaves_multi_forking_its_workers(tmp_path: Path) -> None:
+    # The display's thread made multi spawn its workers on a terminal (fork only while the process has one
+    # thread): each imported the workflow file again (its module-level code ran once per worker more) and the
+    # run started 0.2-0.4 s later than in a pipe. A fork now waits until the display is between two frames.
+    (tmp_path / "flow.py").write_text(SAYS_ITS_IMPORTS_FLOW)
+    status, output = run_in_pty("run", "flow.py", "-m", "multi", "-n", "2", "-i", "5", cwd=tmp_path)
+    assert status == 0, output
+    assert output.count(IMPORTED) == 1, output
+    assert "Times101.output: 5 items" in output
 
 
 def test_no_progress_without_a_terminal(flow: Path, tmp_path: Path) -> None:

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import workflows as wf
 from conftest import MappingCase
-from helpers import add_graph, aiod4p_cli
+from helpers import IMPORTED, SAYS_ITS_IMPORTS_FLOW, add_graph, aiod4p_cli
 
 import aiod4p
 from aiod4p import InstanceStats, PEError, Results, WorkflowGraph, WorkflowRun, group_by
@@ -419,6 +419,18 @@ def test_cli_stats_that_cannot_be_written_do_not_hide_why_the_run_failed(flow: P
         "aiod4p: error: cannot write statistics to /dev/full: No space left on device",
         "aiod4p: error: cannot write results to /dev/full: No space left on device",
     ]
+
+
+def test_sampling_for_stats_json_leaves_multi_forking_its_workers(tmp_path: Path) -> None:
+    # The sampler's thread made multi spawn its workers: each imported the workflow file again and the run
+    # started 0.2-0.4 s later than without --stats-json.
+    (tmp_path / "flow.py").write_text(SAYS_ITS_IMPORTS_FLOW)
+    result = aiod4p_cli(
+        "run", "flow.py", "-m", "multi", "-n", "2", "-i", "5", "--stats-json", "s.json", "-q", cwd=tmp_path
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.count(IMPORTED) == 1, result.stderr
+    assert json.loads((tmp_path / "s.json").read_text())["pes"]["Times101"]["items_in"] == 5
 
 
 def test_no_stats_unless_asked(flow: Path, tmp_path: Path) -> None:

@@ -8,6 +8,7 @@ import functools
 import json
 import os
 import re
+import select
 import signal
 import subprocess
 import sys
@@ -25,7 +26,7 @@ import aiod4p
 from aiod4p import ConsumerPE, IterativePE, ProducerPE, WorkflowGraph, iterative
 from aiod4p._api import run_in_threads
 from aiod4p._cli import main
-from aiod4p._threads import DaemonThreadPool
+from aiod4p._threads import DaemonThreadPool, callers_threads, forking, helper_work, start_helper
 from aiod4p.errors import GraphError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -511,3 +512,34 @@ async def test_an_abort_between_a_hand_over_and_its_registration_still_ends_the_
         for thread in pool:
             await asyncio.to_thread(thread.join, 5)
         assert [thread.name for thread in pool if thread.is_alive()] == []
+
+
+def test_aiod4p_s_helper_threads_are_not_the_callers_and_a_fork_under_way_leaves_the_child_free_to_fork() -> None:
+    inside, leave = threading.Event(), threading.Event()
+
+    def work() -> None:
+        with helper_work():
+            inside.set()
+        leave.wait()
+
+    helper = start_helper(work, "aiod4p test helper")
+    try:
+        assert inside.wait(10)
+        assert callers_threads() == threading.active_count() - 1
+        with forking():  # the helper is outside its work: taken at once
+            pid = os.fork()
+            if pid == 0:  # the child: its copy of the lock was held by the parent's fork, and is new
+                with forking():
+                    os._exit(0)
+        pidfd = os.pidfd_open(pid)
+        try:
+            ended, _, _ = select.select([pidfd], [], [], 30)
+        finally:
+            os.close(pidfd)
+        if not ended:
+            os.kill(pid, signal.SIGKILL)
+        _, status = os.waitpid(pid, 0)
+        assert ended and os.waitstatus_to_exitcode(status) == 0, "the child could not fork: its lock stayed held"
+    finally:
+        leave.set()
+        helper.join(10)

@@ -33,6 +33,7 @@ from typing import Any
 from .._logging import logging_environment
 from .._plan import ExecutionPlan
 from .._signals import held, held_across_exec
+from .._threads import callers_threads, forking
 from ..transports.pipes import PipeComm, open_pipe_comm
 from ._base import RunControl
 from ._host import GRACE, STATS_INTERVAL
@@ -51,15 +52,18 @@ def resolve_start_method(requested: str | None = None) -> str:
     """The multiprocessing start method to use.
 
     ``requested`` wins, then the ``AIOD4P_START_METHOD`` environment variable;
-    by default ``fork`` on Linux while the process has one thread (forking a
-    threaded process may deadlock), else ``spawn``.
+    by default ``fork`` on Linux while the process has one thread besides
+    aiod4p's own helpers (a progress display, a statistics sampler: a fork
+    waits until they are between two frames; see
+    :func:`~aiod4p._threads.callers_threads`), since forking a threaded
+    process may deadlock; else ``spawn``.
 
     Raises:
         ValueError: the method is unknown or unavailable on this platform.
     """
     method = requested or os.environ.get(START_METHOD_ENV) or None
     if method is None:
-        return "fork" if sys.platform.startswith("linux") and threading.active_count() == 1 else "spawn"
+        return "fork" if sys.platform.startswith("linux") and callers_threads() == 1 else "spawn"
     if method not in START_METHODS or method not in multiprocessing.get_all_start_methods():
         available = [m for m in START_METHODS if m in multiprocessing.get_all_start_methods()]
         raise ValueError(f"unknown start method {method!r} for the multi mapping; choose one of {available}")
@@ -156,7 +160,8 @@ class _MultiRun:
                             name=f"aiod4p-worker-{wid}",
                         )
                         signals = held() if self.method == "fork" else held_across_exec()
-                        with signals, _main_not_reimported(self.method), _environment(safe):
+                        pausing = forking() if self.method == "fork" else contextlib.nullcontext()
+                        with signals, pausing, _main_not_reimported(self.method), _environment(safe):
                             process.start()
                     self.processes.append(process)
                     control.workers_run()
