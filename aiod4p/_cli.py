@@ -30,6 +30,7 @@ from ._progress import progress, progress_wanted
 from ._provenance import check_provenance_file, read_lineage, write_provenance
 from ._results import ResultRecord, record_line
 from ._signals import Interrupts, Stopped, report_crashes
+from ._starting import EXIT_ABORTED, started
 from ._stats_report import StatsSampler, report_stats
 from ._threads import exit_past_threads
 from ._visual import check_drawing, draw, draw_dot
@@ -47,7 +48,6 @@ __all__ = ["main"]
 EXIT_OK = 0
 EXIT_ERROR = 1
 EXIT_USAGE = 2
-EXIT_ABORTED = 130
 EXIT_PIPE = 141  # 128 + SIGPIPE: what a shell reports for a Unix tool whose reader went away
 
 EXIT_STATUS_HELP = """\
@@ -275,9 +275,14 @@ def entry() -> NoReturn:
     (one a PE or its library started) would keep the process alive; the run
     is over, so the command leaves without it.
     """
+    started()  # the command takes signals itself from here on (a signal while it was imported ended it)
     _open_standard_streams()
     report_crashes()
-    status = main()
+    try:
+        status = main()
+    except KeyboardInterrupt:  # Ctrl-C before main() takes it itself (while the arguments are parsed)
+        print("aiod4p: aborted by SIGINT", file=sys.stderr)
+        status = EXIT_ABORTED
     try:
         sys.stdout.flush()  # a report still buffered (`aiod4p graph`'s line) may fail only now
     except BrokenPipeError:
