@@ -17,6 +17,7 @@ import threading
 import traceback
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
+from types import FrameType
 from typing import Any, NoReturn, TextIO
 
 from . import __version__
@@ -30,7 +31,7 @@ from ._progress import progress, progress_wanted
 from ._provenance import check_provenance_file, read_lineage, write_provenance
 from ._results import ResultRecord, record_line
 from ._signals import Interrupts, Stopped, report_crashes
-from ._starting import EXIT_ABORTED, started
+from ._starting import EXIT_ABORTED, install, started
 from ._stats_report import StatsSampler, report_stats
 from ._threads import exit_past_threads
 from ._visual import check_drawing, draw, draw_dot
@@ -292,7 +293,15 @@ def entry() -> NoReturn:
         if status == EXIT_OK:
             print(f"aiod4p: error: cannot write to stdout: {exc.strerror or exc}", file=sys.stderr)
             status = EXIT_ERROR
+    # All is said and written: a signal from now on (Ctrl-C again after an abort, or while the exit waits for a
+    # library's atexit clean-up) ends the command at once with its status, not as a KeyboardInterrupt out of that.
+    install(functools.partial(_exit_now, status))
     exit_past_threads(status)
+
+
+def _exit_now(status: int, signum: int, frame: FrameType | None) -> NoReturn:
+    """A signal handler for the command once its output is flushed and it exits with ``status``: exit at once."""
+    os._exit(status)
 
 
 def _open_standard_streams() -> None:

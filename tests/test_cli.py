@@ -1426,6 +1426,46 @@ def test_ctrl_c_while_the_command_imports_is_one_line_and_status_130(
     assert (process.returncode, err) == (130, said + "\n")
 
 
+EXITS_SLOWLY = """
+import atexit, signal, sys
+
+def clean_up():  # as a library's may: slow
+    print("exiting", file=sys.stderr, flush=True)
+    signal.pause()
+
+atexit.register(clean_up)
+"""
+
+
+@pytest.mark.parametrize(
+    ("blocks", "status"),
+    [("", 0), ("print('loading', file=sys.stderr, flush=True)\nsignal.pause()\n", 130)],
+    ids=["after-the-run", "after-an-abort-while-loading"],
+)
+def test_ctrl_c_while_the_command_exits_ends_it_with_its_status(tmp_path: Path, blocks: str, status: int) -> None:
+    """Ctrl-C while the command exited (an atexit clean-up; or Ctrl-C twice while the workflow loaded) printed
+    Python's "Exception ignored in atexit callback" (or in threading._shutdown) with a KeyboardInterrupt traceback."""
+    flow = tmp_path / "flow.py"
+    flow.write_text(EXITS_SLOWLY + blocks + WORKFLOW)
+    process = aiod4p_process("run", str(flow), "-m", "simple", "-i", "1")
+    try:
+        assert process.stderr is not None
+        if status:
+            assert process.stderr.readline() == "loading\n"
+            process.send_signal(signal.SIGINT)
+            said = process.stderr.readline()
+            assert said == "aiod4p: aborted by SIGINT while loading the workflow; 0 records produced\n"
+        assert process.stderr.readline() == "exiting\n"
+        process.send_signal(signal.SIGINT)
+        _, err = process.communicate(timeout=20)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.communicate()
+    assert process.returncode == status, err
+    assert "KeyboardInterrupt" not in err and "Traceback" not in err
+
+
 def test_ctrl_c_while_the_command_reads_its_arguments_is_one_line() -> None:
     """A KeyboardInterrupt before main() takes Ctrl-C itself (while it builds its parser) is the command's abort."""
     interrupted = (
