@@ -5,7 +5,11 @@ port, then run it with :func:`run` (or :func:`run_async` / :func:`start`
 inside an event loop) on a mapping: ``simple``, ``async``, ...
 """
 
-from . import errors
+# First: a signal while the rest imports ends the aiod4p command quietly (exit 130).
+from . import (
+    _starting,  # noqa: F401
+    errors,
+)
 from ._api import WorkflowRun, run, run_async, start
 from ._checkpoint import Checkpointing
 from ._graph import Connection, WorkflowGraph

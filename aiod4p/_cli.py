@@ -17,6 +17,7 @@ import threading
 import traceback
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
+from types import FrameType
 from typing import Any, NoReturn, TextIO
 
 from . import __version__
@@ -30,6 +31,7 @@ from ._progress import progress, progress_wanted
 from ._provenance import check_provenance_file, read_lineage, write_provenance
 from ._results import ResultRecord, record_line
 from ._signals import Interrupts, Stopped, report_crashes
+from ._starting import EXIT_ABORTED, install, started
 from ._stats_report import StatsSampler, report_stats
 from ._threads import exit_past_threads
 from ._visual import check_drawing, draw, draw_dot
@@ -47,7 +49,6 @@ __all__ = ["main"]
 EXIT_OK = 0
 EXIT_ERROR = 1
 EXIT_USAGE = 2
-EXIT_ABORTED = 130
 EXIT_PIPE = 141  # 128 + SIGPIPE: what a shell reports for a Unix tool whose reader went away
 
 EXIT_STATUS_HELP = """\
@@ -275,9 +276,14 @@ def entry() -> NoReturn:
     (one a PE or its library started) would keep the process alive; the run
     is over, so the command leaves without it.
     """
+    started()  # the command takes signals itself from here on (a signal while it was imported ended it)
     _open_standard_streams()
     report_crashes()
-    status = main()
+    try:
+        status = main()
+    except KeyboardInterrupt:  # Ctrl-C before main() takes it itself (while the arguments are parsed)
+        print("aiod4p: aborted by SIGINT", file=sys.stderr)
+        status = EXIT_ABORTED
     try:
         sys.stdout.flush()  # a report still buffered (`aiod4p graph`'s line) may fail only now
     except BrokenPipeError:
@@ -287,7 +293,15 @@ def entry() -> NoReturn:
         if status == EXIT_OK:
             print(f"aiod4p: error: cannot write to stdout: {exc.strerror or exc}", file=sys.stderr)
             status = EXIT_ERROR
+    # All is said and written: a signal from now on (Ctrl-C again after an abort, or while the exit waits for a
+    # library's atexit clean-up) ends the command at once with its status, not as a KeyboardInterrupt out of that.
+    install(functools.partial(_exit_now, status))
     exit_past_threads(status)
+
+
+def _exit_now(status: int, signum: int, frame: FrameType | None) -> NoReturn:
+    """A signal handler for the command once its output is flushed and it exits with ``status``: exit at once."""
+    os._exit(status)
 
 
 def _open_standard_streams() -> None:

@@ -39,6 +39,8 @@ from contextlib import contextmanager
 from types import FrameType
 from typing import Any, Protocol
 
+from ._starting import SIGNALS, install
+
 __all__ = [
     "ABORT_GRACE",
     "FAILURE_SIGNALS",
@@ -62,7 +64,6 @@ ABORT_GRACE = 0.9
 HELD_GRACE = 0.5
 """Seconds an abort may take before the watchdog checks whether the event loop turns (whether a PE holds it);
 the loop has the rest of :data:`ABORT_GRACE` to turn once (the notebook's interrupt, ``aiod4p.run``, too)."""
-SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 class HeldLoopInterrupt(KeyboardInterrupt):
@@ -289,10 +290,7 @@ class Interrupts:
         return signal.Signals(self.signum).name
 
     def __enter__(self) -> Interrupts:
-        for signum in SIGNALS:
-            if signum == signal.SIGHUP and signal.getsignal(signum) == signal.SIG_IGN:
-                continue  # nohup: the user asked for the run to outlive the terminal
-            self._previous[signum] = signal.signal(signum, self._handle)
+        self._previous.update(install(self._handle))
         return self
 
     def __exit__(self, *exc_info: object) -> None:

@@ -14,7 +14,7 @@ import sys
 import tempfile
 import textwrap
 import weakref
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -62,14 +62,17 @@ def _on_cpus(count: int) -> None:
     os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:count])
 
 
-def aiod4p_process(*args: str, cwd: Path | None = None, env: Mapping[str, str] | None = None) -> subprocess.Popen[str]:
-    """Start ``python -m aiod4p ARGS`` with stdout and stderr piped, as text, in a session of its own.
+def aiod4p_process(
+    *args: str, cwd: Path | None = None, env: Mapping[str, str] | None = None, command: Sequence[str] = AIOD4P
+) -> subprocess.Popen[str]:
+    """Start ``python -m aiod4p ARGS`` (or ``command ARGS``) with stdout and stderr piped, as text, in a session of
+    its own.
 
     ``os.killpg(process.pid, signal.SIGKILL)`` then ends it with every worker
     process it started, so a failing test leaves nothing behind.
     """
     return subprocess.Popen(
-        [*AIOD4P, *args],
+        [*command, *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

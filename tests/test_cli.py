@@ -1365,6 +1365,122 @@ def test_a_signal_during_start_up_stops_the_run_at_once(
     assert "Traceback" not in err
 
 
+BLOCKS_AN_IMPORT = """
+import os, signal, sys
+
+class Block:
+    \"\"\"Holds the import of module $BLOCK_AT (once): says so on stderr, then waits for a signal.\"\"\"
+    def find_spec(self, name, path=None, target=None):
+        if name == os.environ["BLOCK_AT"]:
+            sys.meta_path.remove(self)
+            print("importing " + name, file=sys.stderr, flush=True)
+            signal.pause()
+        return None
+
+sys.meta_path.insert(0, Block())
+"""
+
+CONSOLE_SCRIPT = """
+import sys
+from aiod4p._cli import entry
+if __name__ == '__main__':
+    sys.argv[0] = sys.argv[0].removesuffix('.exe')
+    sys.exit(entry())
+"""
+"""The ``aiod4p`` script pip writes for the console script ``aiod4p = aiod4p._cli:entry``."""
+
+
+@pytest.mark.parametrize("launcher", ["python -m aiod4p", "console script"])
+@pytest.mark.parametrize(
+    ("module", "said"),
+    [
+        ("aiod4p._api", "aiod4p: aborted by SIGINT while starting"),  # while aiod4p imports its own modules
+        ("argparse", "aiod4p: aborted by SIGINT while starting"),  # while aiod4p._cli imports (the entry's module)
+        ("dependency", "aiod4p: aborted by SIGINT while loading the workflow; 0 records produced"),  # the flow's
+    ],
+    ids=["importing-aiod4p", "importing-the-cli", "importing-the-workflow"],
+)
+def test_ctrl_c_while_the_command_imports_is_one_line_and_status_130(
+    tmp_path: Path, launcher: str, module: str, said: str
+) -> None:
+    """Ctrl-C in the first fraction of a second of `aiod4p run` (Python importing aiod4p, before the command takes
+    signals itself) printed Python's KeyboardInterrupt traceback, and the process died of SIGINT. The import is
+    held (a sitecustomize.py) until the signal comes, so that it comes there."""
+    (tmp_path / "sitecustomize.py").write_text(BLOCKS_AN_IMPORT)
+    (tmp_path / "aiod4p").write_text(CONSOLE_SCRIPT)
+    (tmp_path / "dependency.py").write_text("")
+    flow = tmp_path / "flow.py"
+    flow.write_text(f"import dependency\n{WORKFLOW}")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(ROOT)]), "BLOCK_AT": module}
+    command = AIOD4P if launcher == "python -m aiod4p" else [sys.executable, str(tmp_path / "aiod4p")]
+    process = aiod4p_process("run", str(flow), "-m", "simple", "-i", "1", env=env, command=command)
+    try:
+        assert process.stderr is not None
+        assert process.stderr.readline() == f"importing {module}\n"
+        process.send_signal(signal.SIGINT)
+        _, err = process.communicate(timeout=20)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.communicate()
+    assert (process.returncode, err) == (130, said + "\n")
+
+
+EXITS_SLOWLY = """
+import atexit, signal, sys
+
+def clean_up():  # as a library's may: slow
+    print("exiting", file=sys.stderr, flush=True)
+    signal.pause()
+
+atexit.register(clean_up)
+"""
+
+
+@pytest.mark.parametrize(
+    ("blocks", "status"),
+    [("", 0), ("print('loading', file=sys.stderr, flush=True)\nsignal.pause()\n", 130)],
+    ids=["after-the-run", "after-an-abort-while-loading"],
+)
+def test_ctrl_c_while_the_command_exits_ends_it_with_its_status(tmp_path: Path, blocks: str, status: int) -> None:
+    """Ctrl-C while the command exited (an atexit clean-up; or Ctrl-C twice while the workflow loaded) printed
+    Python's "Exception ignored in atexit callback" (or in threading._shutdown) with a KeyboardInterrupt traceback."""
+    flow = tmp_path / "flow.py"
+    flow.write_text(EXITS_SLOWLY + blocks + WORKFLOW)
+    process = aiod4p_process("run", str(flow), "-m", "simple", "-i", "1")
+    try:
+        assert process.stderr is not None
+        if status:
+            assert process.stderr.readline() == "loading\n"
+            process.send_signal(signal.SIGINT)
+            said = process.stderr.readline()
+            assert said == "aiod4p: aborted by SIGINT while loading the workflow; 0 records produced\n"
+        assert process.stderr.readline() == "exiting\n"
+        process.send_signal(signal.SIGINT)
+        _, err = process.communicate(timeout=20)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.communicate()
+    assert process.returncode == status, err
+    assert "KeyboardInterrupt" not in err and "Traceback" not in err
+
+
+def test_ctrl_c_while_the_command_reads_its_arguments_is_one_line() -> None:
+    """A KeyboardInterrupt before main() takes Ctrl-C itself (while it builds its parser) is the command's abort."""
+    interrupted = (
+        "import aiod4p._cli as cli\n"
+        "def interrupted():\n"
+        "    raise KeyboardInterrupt\n"
+        "cli._parser = interrupted\n"
+        "cli.entry()\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", interrupted, "run", WORDCOUNT], capture_output=True, text=True, timeout=60, cwd=ROOT
+    )
+    assert (done.returncode, done.stderr) == (130, "aiod4p: aborted by SIGINT\n")
+
+
 HOLDS_THE_LOOP = """
 import sys, time
 from aiod4p import ProducerPE, WorkflowGraph

@@ -1241,3 +1241,28 @@ def test_the_exit_codes_hydra_prints_at_its_end_are_read_and_kept_out_of_the_rel
     assert job._without_exit_codes("42[mpiexec@vm] Exit codes: [vm] 0,768\n") == "42\n"
     assert job._without_exit_codes("[other] 9\n") == ""
     assert job.exit_codes == {"vm": [0, 768], "other": [9]}
+
+
+def test_a_launched_run_is_under_way_once_rank_0_has_the_job(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A first Ctrl-C once a PE on the ranks ran (it had printed) aborted `aiod4p run -m mpi -n 2` "while starting
+    the ranks", about one time in two, rather than drain it: the launcher took the run as under way only once it
+    listened for drain requests, after it had opened rank 0's control comm, while the ranks already ran the job."""
+    runs: list[aiod4p.WorkflowRun] = []
+    under_way: list[bool] = []
+    opened = mpi.open_pipe_comm
+
+    async def opening(sock: socket.socket) -> Any:
+        under_way.append(runs[0].under_way)
+        return await opened(sock)
+
+    monkeypatch.setattr(mpi, "open_pipe_comm", opening)
+    graph, _ = wf.pipeline(2)
+
+    async def main() -> None:
+        async with asyncio.timeout(30):
+            runs.append(aiod4p.start(graph, 10, mapping="mpi", workers=2))
+            async for _record in runs[0]:
+                pass
+
+    asyncio.run(main())
+    assert under_way == [True]

@@ -13,6 +13,7 @@ import multiprocessing
 import os
 import pickle
 import re
+import resource
 import signal
 import socket
 import subprocess
@@ -28,7 +29,7 @@ from typing import Any
 
 import pytest
 import workflows as wf
-from helpers import aiod4p_process, numbers_flow, run_notebook_flow
+from helpers import AIOD4P, aiod4p_process, numbers_flow, run_notebook_flow
 
 import aiod4p
 from aiod4p import IterativePE, PEError, WorkflowGraph, _loading, group_by
@@ -912,3 +913,26 @@ def test_a_forked_worker_holds_no_socket_of_another_run_starting_meanwhile() -> 
     alone = asyncio.run(held_by_a_live_run(False))
     beside = asyncio.run(held_by_a_live_run(True))
     assert beside <= alone + 4, (alone, beside)  # the other run's parent ends, open while it ran, at most
+
+
+def _few_files() -> None:
+    resource.setrlimit(resource.RLIMIT_NOFILE, (256, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+
+
+def test_more_workers_than_files_this_process_may_open_is_a_clear_error() -> None:
+    """`aiod4p run -m multi -n 10000 --oversubscribe` said only `aiod4p: error: [Errno 24] Too many open files`
+    (and left the socket pairs made so far open): it names the workers, the files they need and the limit now."""
+    done = subprocess.run(
+        [*AIOD4P, "run", "examples/wordcount.py", "-m", "multi", "-n", "100", "--oversubscribe", "-q"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+        preexec_fn=_few_files,
+    )
+    assert done.returncode == 1, done.stderr
+    assert re.fullmatch(
+        r"aiod4p: error: 100 worker processes need \d+ socket pairs here \(\d+ open files\), more than this process"
+        r" may open \(ulimit -n: 256\): start fewer workers \(-n\), or raise the limit\n",
+        done.stderr,
+    ), done.stderr

@@ -590,6 +590,7 @@ class _Job:
             if not accept.done() or accept.exception() is not None:
                 raise WorkerDied(await self._death(0))
             self.sent = True
+            self.control.workers_run()  # the ranks run the job: a first signal drains it from now on
             ranks.remove_address()
             ranks.note_job()  # a proxy writes its file before it starts its ranks
             self.rank_of = ranks.rank_of

@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import itertools
 import multiprocessing
 import os
+import resource
 import signal
 import socket
 import sys
@@ -34,6 +36,7 @@ from .._logging import logging_environment
 from .._plan import ExecutionPlan
 from .._signals import held, held_across_exec
 from .._threads import callers_threads, forking
+from ..errors import MappingUnavailable
 from ..transports.pipes import PipeComm, open_pipe_comm
 from ._base import RunControl
 from ._host import GRACE, STATS_INTERVAL
@@ -104,6 +107,30 @@ class MultiMapping(HostedMapping):
         return _MultiRun(self, plan)
 
 
+def _socket_pairs(count: int, workers: int) -> list[tuple[socket.socket, socket.socket]]:
+    """``count`` socket pairs, to join ``workers`` worker processes and this one.
+
+    Raises:
+        MappingUnavailable: this process may not open so many files (``ulimit -n``); none is left open.
+    """
+    made: list[tuple[socket.socket, socket.socket]] = []
+    try:
+        for _ in range(count):
+            made.append(socket.socketpair())
+    except OSError as exc:
+        for pair in made:
+            for sock in pair:
+                sock.close()
+        if exc.errno != errno.EMFILE:
+            raise
+        limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        raise MappingUnavailable(
+            f"{workers} worker processes need {count} socket pairs here ({2 * count} open files), more than this"
+            f" process may open (ulimit -n: {limit}): start fewer workers (-n), or raise the limit"
+        ) from exc
+    return made
+
+
 class _MultiRun:
     """One execution: processes and the socket pairs that join them.
 
@@ -127,8 +154,9 @@ class _MultiRun:
         milliseconds, and the caller's other tasks (a service's, other runs') run between two of them.
         """
         n = self.plan.workers
-        controls = [socket.socketpair() for _ in range(n)]
-        links = {pair: socket.socketpair() for pair in self.plan.worker_pairs()}
+        joined = self.plan.worker_pairs()
+        made = _socket_pairs(n + len(joined), n)
+        controls, links = made[:n], dict(zip(joined, made[n:], strict=True))
         every = [s for pair in itertools.chain(controls, links.values()) for s in pair]
         context: Any = multiprocessing.get_context(self.method)  # typeshed's BaseContext lacks Process
         parent = None if self.method == "forkserver" else os.getpid()  # a forkserver's child is the server's
