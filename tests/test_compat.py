@@ -305,6 +305,13 @@ def test_only_a_class_that_writes_with_keywords_pays_for_them() -> None:
     assert EmitsInADecoratedMethod.write is not core_write and EmitsInAProperty.write is not core_write
 
 
+class Tags:
+    """A mixin that is no PE: its ``write`` tags what the PE it is mixed into writes."""
+
+    def write(self, name: str, data: Any) -> None:
+        IterativePE.write(self, name, ["tagged", data])  # type: ignore[arg-type]
+
+
 class Emits:
     """A mixin that is no PE: its method writes with keywords for the PE it is mixed into."""
 
@@ -844,6 +851,9 @@ def test_pickles_rebuild_pes_and_refuse_what_they_cannot(d4p: Any) -> None:
     emitting = type("Emitting", (Square, Emits), {})  # ... of a base that writes with keywords: write is its own
     assert emitting.write is not aiod4p.GenericPE.write
     assert type(pickle.loads(pickle.dumps(emitting()))).__bases__ == (Square, Emits)
+    tagging = type("Tagging", (Tags, Square), {})  # ... of a base with a write of its own: process is its own
+    assert tagging.process is not Square.process
+    assert type(pickle.loads(pickle.dumps(tagging()))).__bases__ == (Tags, Square)
     with pytest.raises(GraphError, match="cannot import no_such_module"):
         _rebuild(("no_such_module", "X", ()))
     with pytest.raises(GraphError, match="is not a class here"):
