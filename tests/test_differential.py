@@ -933,6 +933,55 @@ def test_a_pe_overriding_write_sees_what_it_returns(mapping: MappingCase, dispel
     }
 
 
+# A workflow that configures its own logging as it imports, its PEs logging through it.
+LOGGING_FLOW = """
+import logging
+from dispel4py.base import ProducerPE, IterativePE
+from dispel4py.workflow_graph import WorkflowGraph
+
+logging.basicConfig(level=logging.INFO, handlers=[logging.FileHandler('flow.log'), logging.StreamHandler()])
+logger = logging.getLogger('flow')
+
+
+class Numbers(ProducerPE):
+    def _process(self, inputs):
+        logger.info('producing')
+        return 1
+
+
+class Show(IterativePE):
+    def _process(self, data):
+        logger.info('showing %s', data)
+        return data
+
+
+graph = WorkflowGraph()
+graph.connect(Numbers(), 'output', Show(), 'input')
+"""
+
+
+@pytest.mark.timeout(120)
+def test_a_workflow_configuring_its_logging_logs_as_under_dispel4py(tmp_path: Path) -> None:
+    # aiod4p run had configured the root logger before importing the workflow, so its basicConfig did nothing:
+    # its INFO messages were dropped, on the terminal and from its log file, silently.
+    path = flow(tmp_path, LOGGING_FLOW)
+    log = tmp_path / "flow.log"
+    done = subprocess.run(
+        [str(D4P_PYTHON.parent / "dispel4py"), "simple", path], capture_output=True, text=True, timeout=60, cwd=tmp_path
+    )
+    assert done.returncode == 0, done.stderr
+    assert log.read_text().splitlines() == ["INFO:flow:producing", "INFO:flow:showing 1"]
+    for options in (["-m", "simple"], ["-m", "multi", "-n", "2"], ["-m", "mpi", "-n", "2"]):
+        log.unlink()
+        ours = aiod4p_cli("run", path, *options, cwd=tmp_path)
+        assert ours.returncode == 0, ours.stderr
+        assert [line.split(" INFO ")[1] for line in ours.stderr.splitlines() if " INFO flow: " in line] == [
+            "flow: producing",
+            "flow: showing 1",
+        ], options
+        assert log.read_text().splitlines() == ["INFO:flow:producing", "INFO:flow:showing 1"], options
+
+
 # dispel4py's PEs have no `outputs`, `inputs` or `parallelism`: a PE may use those names for its own data.
 OWN_PORT_NAMES_FLOW = """
 from dispel4py.base import ProducerPE
