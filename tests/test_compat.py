@@ -88,6 +88,22 @@ def test_the_hook_serves_dispel4py_from_aiod4p(d4p: Any) -> None:
     assert GenericPE.__module__ == "aiod4p.compat.core"
 
 
+def test_star_imports_give_the_names_dispel4pys_modules_hold(d4p: Any) -> None:
+    # dispel4py's modules hold the names they import: `from dispel4py.base import *` then `WorkflowGraph()` ran there
+    from dispel4py.core import NAME, GenericPE
+    from dispel4py.workflow_graph import WorkflowGraph
+
+    held = {
+        "dispel4py.base": {"NAME": NAME, "WorkflowGraph": WorkflowGraph, "GenericPE": GenericPE},
+        "dispel4py.workflow_graph": {"GenericPE": GenericPE, "WorkflowGraph": WorkflowGraph},
+        "dispel4py.utils": {"WorkflowGraph": WorkflowGraph},
+    }
+    for module, names in held.items():
+        namespace: dict[str, Any] = {}
+        exec(f"from {module} import *", namespace)
+        assert {name: namespace.get(name) for name in names} == names, module
+
+
 def test_the_hook_wins_over_an_installed_dispel4py(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     real = tmp_path / "site" / "dispel4py"
     write(real / "__init__.py", "REAL = True\n")
