@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from typing import TextIO
+from typing import Any, TextIO
 
 __all__ = ["PEFormatter", "configure_logging", "launcher_logging", "logging_environment"]
 
@@ -21,6 +21,7 @@ DATE_FORMAT = "%H:%M:%S"
 # How the command line configured logging (-v, -q), for the processes a run starts that do not inherit it.
 _LOGGING_VARIABLE = "AIOD4P_LOGGING"
 _configured: tuple[int, bool] | None = None
+_basic_config = logging.basicConfig  # Python's own: configure_logging puts _workflow_basic_config in its place
 
 
 class PEFormatter(logging.Formatter):
@@ -68,8 +69,44 @@ def configure_logging(verbosity: int = 0, quiet: bool = False) -> None:
     _configured = (verbosity, quiet)
     handler = _CurrentStderrHandler()
     handler.setFormatter(PEFormatter(LOG_FORMAT, DATE_FORMAT))
-    logging.basicConfig(level=level, handlers=[handler], force=True)
+    handler.setLevel(logging.ERROR if quiet else logging.NOTSET)  # -q: a workflow's own log file still gets its level
+    _basic_config(level=level, handlers=[handler], force=True)
     logging.getLogger("aiod4p.pe").setLevel(pe_level)
+    logging.getLogger("aiod4p").setLevel(logging.NOTSET)  # as the root logger (a workflow's basicConfig may set it)
+    logging.basicConfig = _workflow_basic_config
+
+
+def _workflow_basic_config(**kwargs: Any) -> None:
+    """``logging.basicConfig`` in a process whose logging :func:`configure_logging` set up (the command line, its
+    workers and ranks), where Python's would do nothing, the root logger having a handler: a workflow that
+    configures its logging as it imports (``logging.basicConfig(level=logging.INFO)``) gets what it asks for,
+    as under dispel4py. Its level, when lower, becomes the root logger's (aiod4p's own loggers keep the level
+    they had), and the destinations it names other than stderr (``filename=``, a ``stream``, ``handlers``) are
+    added; its messages on stderr go through aiod4p's handler, in aiod4p's format (under ``-q``: errors only).
+    With ``force=True``, or once the root logger holds no handler of aiod4p's, Python's own.
+    """
+    root = logging.getLogger()
+    ours = [handler for handler in root.handlers if isinstance(handler, _CurrentStderrHandler)]
+    if kwargs.get("force") or not ours:
+        _basic_config(**kwargs)
+        return
+    handlers, level = root.handlers[:], root.level
+    root.handlers = []
+    try:
+        _basic_config(**kwargs)  # makes the handlers and sets the level the workflow asked for
+    finally:
+        made, asked = root.handlers[:], root.level
+        root.handlers = handlers
+        root.setLevel(level)
+    for handler in made:
+        if type(handler) is logging.StreamHandler and handler.stream in (sys.stderr, sys.__stderr__):
+            continue  # stderr: aiod4p's handler writes there already
+        root.addHandler(handler)
+    if "level" in kwargs and asked < level:
+        own = logging.getLogger("aiod4p")
+        if own.level == logging.NOTSET:
+            own.setLevel(level)
+        root.setLevel(asked)
 
 
 def logging_environment() -> dict[str, str]:

@@ -88,6 +88,22 @@ def test_the_hook_serves_dispel4py_from_aiod4p(d4p: Any) -> None:
     assert GenericPE.__module__ == "aiod4p.compat.core"
 
 
+def test_star_imports_give_the_names_dispel4pys_modules_hold(d4p: Any) -> None:
+    # dispel4py's modules hold the names they import: `from dispel4py.base import *` then `WorkflowGraph()` ran there
+    from dispel4py.core import NAME, GenericPE
+    from dispel4py.workflow_graph import WorkflowGraph
+
+    held = {
+        "dispel4py.base": {"NAME": NAME, "WorkflowGraph": WorkflowGraph, "GenericPE": GenericPE},
+        "dispel4py.workflow_graph": {"GenericPE": GenericPE, "WorkflowGraph": WorkflowGraph},
+        "dispel4py.utils": {"WorkflowGraph": WorkflowGraph},
+    }
+    for module, names in held.items():
+        namespace: dict[str, Any] = {}
+        exec(f"from {module} import *", namespace)
+        assert {name: namespace.get(name) for name in names} == names, module
+
+
 def test_the_hook_wins_over_an_installed_dispel4py(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     real = tmp_path / "site" / "dispel4py"
     write(real / "__init__.py", "REAL = True\n")
@@ -303,6 +319,13 @@ def test_only_a_class_that_writes_with_keywords_pays_for_them() -> None:
     assert type("Unread", (ProducerPE,), {"_process": namespace["_process"]}).write is not core_write
     assert EmitsThroughAMixin.write is not core_write
     assert EmitsInADecoratedMethod.write is not core_write and EmitsInAProperty.write is not core_write
+
+
+class Tags:
+    """A mixin that is no PE: its ``write`` tags what the PE it is mixed into writes."""
+
+    def write(self, name: str, data: Any) -> None:
+        IterativePE.write(self, name, ["tagged", data])  # type: ignore[arg-type]
 
 
 class Emits:
@@ -844,6 +867,9 @@ def test_pickles_rebuild_pes_and_refuse_what_they_cannot(d4p: Any) -> None:
     emitting = type("Emitting", (Square, Emits), {})  # ... of a base that writes with keywords: write is its own
     assert emitting.write is not aiod4p.GenericPE.write
     assert type(pickle.loads(pickle.dumps(emitting()))).__bases__ == (Square, Emits)
+    tagging = type("Tagging", (Tags, Square), {})  # ... of a base with a write of its own: process is its own
+    assert tagging.process is not Square.process
+    assert type(pickle.loads(pickle.dumps(tagging()))).__bases__ == (Tags, Square)
     with pytest.raises(GraphError, match="cannot import no_such_module"):
         _rebuild(("no_such_module", "X", ()))
     with pytest.raises(GraphError, match="is not a class here"):

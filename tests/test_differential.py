@@ -887,6 +887,101 @@ def test_a_pe_keeping_its_own_label(mapping: MappingCase, dispel4py_hook: None, 
     }
 
 
+# A PE overriding write() to tag what it emits: dispel4py's simple mapping writes what process() returns
+# through pe.write, so the override sees it too (its multi and mpi take the returned items as they are).
+WRITE_OVERRIDE_FLOW = """
+from dispel4py.base import ProducerPE, IterativePE
+from dispel4py.workflow_graph import WorkflowGraph
+
+
+class Numbers(ProducerPE):
+    def _process(self, inputs):
+        for i in range(3):
+            self.write('output', i)
+
+
+class Tagging(IterativePE):
+    def write(self, name, data, **kwargs):
+        IterativePE.write(self, name, ['tagged', data])
+
+    def _process(self, data):
+        if data == 0:
+            self.write('output', 'explicit')
+        return data * 10
+
+
+class Show(IterativePE):
+    def _process(self, data):
+        return data
+
+
+tagging = Tagging()
+graph = WorkflowGraph()
+graph.connect(Numbers(), 'output', tagging, 'input')
+graph.connect(tagging, 'output', Show(), 'input')
+"""
+
+
+def test_a_pe_overriding_write_sees_what_it_returns(mapping: MappingCase, dispel4py_hook: None, tmp_path: Path) -> None:
+    path = flow(tmp_path, WRITE_OVERRIDE_FLOW)
+    expected = dispel4py_simple(path)
+    assert expected == {("Show2", "output"): [["tagged", "explicit"], ["tagged", 0], ["tagged", 10], ["tagged", 20]]}
+    graph = aiod4p.load_graph(path)
+    got = by_rank(mapping.run(graph, 1).by_port(), graph)
+    assert {key: multiset(items) for key, items in got.items()} == {
+        key: multiset(items) for key, items in expected.items()
+    }
+
+
+# A workflow that configures its own logging as it imports, its PEs logging through it.
+LOGGING_FLOW = """
+import logging
+from dispel4py.base import ProducerPE, IterativePE
+from dispel4py.workflow_graph import WorkflowGraph
+
+logging.basicConfig(level=logging.INFO, handlers=[logging.FileHandler('flow.log'), logging.StreamHandler()])
+logger = logging.getLogger('flow')
+
+
+class Numbers(ProducerPE):
+    def _process(self, inputs):
+        logger.info('producing')
+        return 1
+
+
+class Show(IterativePE):
+    def _process(self, data):
+        logger.info('showing %s', data)
+        return data
+
+
+graph = WorkflowGraph()
+graph.connect(Numbers(), 'output', Show(), 'input')
+"""
+
+
+@pytest.mark.timeout(120)
+def test_a_workflow_configuring_its_logging_logs_as_under_dispel4py(tmp_path: Path) -> None:
+    # aiod4p run had configured the root logger before importing the workflow, so its basicConfig did nothing:
+    # its INFO messages were dropped, on the terminal and from its log file, silently.
+    path = flow(tmp_path, LOGGING_FLOW)
+    log = tmp_path / "flow.log"
+    done = subprocess.run(
+        [str(D4P_PYTHON.parent / "dispel4py"), "simple", path], capture_output=True, text=True, timeout=60, cwd=tmp_path
+    )
+    assert done.returncode == 0, done.stderr
+    assert log.read_text().splitlines() == ["INFO:flow:producing", "INFO:flow:showing 1"]
+    for options in (["-m", "simple"], ["-m", "multi", "-n", "2"], ["-m", "mpi", "-n", "2"]):
+        log.unlink()
+        ours = aiod4p_cli("run", path, *options, cwd=tmp_path)
+        assert ours.returncode == 0, ours.stderr
+        assert [line.split(" INFO ")[1] for line in ours.stderr.splitlines() if " INFO flow: " in line] == [
+            "flow: producing",
+            "flow: showing 1",
+        ], options
+        assert log.read_text().splitlines() == ["INFO:flow:producing", "INFO:flow:showing 1"], options
+
+
 # dispel4py's PEs have no `outputs`, `inputs` or `parallelism`: a PE may use those names for its own data.
 OWN_PORT_NAMES_FLOW = """
 from dispel4py.base import ProducerPE

@@ -63,12 +63,16 @@ def test_formatter_shows_where() -> None:
 
 @pytest.fixture
 def restore_logging() -> Iterator[None]:
-    root, pe_logger = logging.getLogger(), logging.getLogger("aiod4p.pe")
-    saved = (root.handlers[:], root.level, pe_logger.level)
+    root, pe_logger, own = logging.getLogger(), logging.getLogger("aiod4p.pe"), logging.getLogger("aiod4p")
+    saved = (root.handlers[:], root.level, pe_logger.level, own.level, logging.basicConfig)
     yield
+    for handler in set(root.handlers) - set(saved[0]):
+        handler.close()
     root.handlers[:] = saved[0]
     root.setLevel(saved[1])
     pe_logger.setLevel(saved[2])
+    own.setLevel(saved[3])
+    logging.basicConfig = saved[4]  # type: ignore[misc]
 
 
 @pytest.mark.usefixtures("restore_logging")
@@ -97,6 +101,27 @@ def test_handler_follows_the_current_stderr() -> None:
         logging.getLogger("aiod4p.x").warning("two")
     assert first.getvalue().endswith("INFO aiod4p.pe A0[1]: one\n")
     assert second.getvalue().endswith("WARNING aiod4p.x: two\n")
+
+
+@pytest.mark.usefixtures("restore_logging")
+def test_a_workflows_basic_config_is_honoured(tmp_path: Path) -> None:
+    # A workflow module calling logging.basicConfig as it imports: the command line configured logging first.
+    configure_logging(quiet=True)
+    log, shown = tmp_path / "flow.log", io.StringIO()
+    with contextlib.redirect_stderr(shown):
+        logging.basicConfig(level=logging.INFO, handlers=[logging.FileHandler(log), logging.StreamHandler()])
+        logging.getLogger("flow").info("to the file")
+        logging.getLogger("aiod4p.x").info("aiod4p's own keep their level")
+    assert log.read_text() == "INFO:flow:to the file\n"
+    assert shown.getvalue() == ""  # -q: errors only on the terminal
+    configure_logging()
+    with contextlib.redirect_stderr(shown):
+        logging.basicConfig(level="DEBUG")
+        logging.getLogger("flow").debug("on the terminal")
+        logging.getLogger("aiod4p.x").info("hidden")
+    assert shown.getvalue().endswith(" DEBUG flow: on the terminal\n")
+    logging.basicConfig(level=logging.WARNING, force=True)  # Python's own: replaces aiod4p's handler
+    assert [type(handler) for handler in logging.getLogger().handlers] == [logging.StreamHandler]
 
 
 # -- the command line -----------------------------------------------------------------

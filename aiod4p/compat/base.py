@@ -10,6 +10,7 @@ from .core import NAME, GenericPE, plain_function
 from .workflow_graph import WorkflowGraph
 
 __all__ = [
+    "NAME",  # dispel4py's base holds these two it imports, so `from dispel4py.base import *` gives them
     "BasePE",
     "CompositePE",
     "ConsumerPE",
@@ -17,6 +18,7 @@ __all__ = [
     "IterativePE",
     "ProducerPE",
     "SimpleFunctionPE",
+    "WorkflowGraph",
     "create_iterative_chain",
 ]
 

@@ -337,13 +337,42 @@ class GenericPE(_CoreGenericPE):
     # -- output ------------------------------------------------------------------
     # write() is aiod4p's own PE.write (inherited), the very call native PEs make;
     # dispel4py's _write is the same function. A class that writes with keywords gets
-    # _write_ignoring_keywords instead (__init_subclass__).
+    # _write_ignoring_keywords instead, and a class with a write() of its own gets a
+    # process() whose outputs go through it (__init_subclass__).
     _write = _CoreGenericPE.write
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         if cls.write is _CoreGenericPE.write and _writes_with_keywords(cls):
             cls.write = cls._write = _write_ignoring_keywords  # type: ignore[method-assign,assignment]
+        process = cls.process
+        if _has_own_write(cls) and plain_function(process) and not getattr(process, "_writes_outputs", False):
+            cls.process = _outputs_written(process)  # type: ignore[method-assign,assignment]
+
+
+def _has_own_write(cls: type) -> bool:
+    """Whether ``cls`` has a ``write`` of the workflow's own (an override, as a PE that tags what it writes has),
+    rather than aiod4p's."""
+    return not getattr(cls.write, "__module__", "aiod4p.").startswith("aiod4p.")  # type: ignore[attr-defined]
+
+
+def _outputs_written(process: Callable[[Any, Mapping[str, Any]], Any]) -> Callable[[Any, Mapping[str, Any]], Any]:
+    """``process``, its returned ``{output: item}`` written through the PE's own ``write``, as dispel4py's simple
+    mapping writes it (``pe.write(output, item)``), so that the override sees every item the PE emits; the
+    engine would otherwise take them as they are. Anything but a dict or ``None`` is returned for the engine
+    to refuse, naming the PE."""
+
+    @functools.wraps(process)
+    def process_writing_outputs(self: Any, inputs: Mapping[str, Any]) -> Any:
+        outputs = process(self, inputs)
+        if not isinstance(outputs, Mapping):
+            return outputs
+        for port, item in outputs.items():
+            self.write(port, item)
+        return None
+
+    process_writing_outputs._writes_outputs = True  # type: ignore[attr-defined]
+    return process_writing_outputs
 
 
 def _write_ignoring_keywords(self: GenericPE, name: str, data: Any, **ignored: Any) -> None:
@@ -421,7 +450,11 @@ def _class_spec(cls: type) -> ClassSpec | None:
     """``(module, qualname, ())`` for an importable class; ``("", name, bases)`` for one mixed at run time."""
     if _find_class(cls.__module__, cls.__qualname__) is cls:
         return (cls.__module__, cls.__qualname__, ())
-    own = {name for name, value in vars(cls).items() if value is not _write_ignoring_keywords}  # set again there
+    own = {  # less what __init_subclass__ sets again there
+        name
+        for name, value in vars(cls).items()
+        if value is not _write_ignoring_keywords and not getattr(value, "_writes_outputs", False)
+    }
     if own - _EMPTY_CLASS:
         return None  # a local class with its own methods: not rebuildable from its bases
     bases = tuple((base.__module__, base.__qualname__) for base in cls.__bases__)

@@ -5,12 +5,14 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-from .._graph import WorkflowGraph
+from .._graph import WorkflowGraph as _CoreWorkflowGraph
 from .._groupings import stable_hash
 from .._loading import load_graph as _load_graph
 from ..errors import TargetError
+from .workflow_graph import WorkflowGraph
 
-__all__ = ["findWorkflowGraph", "loadGraph", "loadGraphFromFile", "load_graph", "make_hash"]
+# WorkflowGraph: dispel4py's utils holds it (it imports it), so `from dispel4py.utils import *` gives it
+__all__ = ["WorkflowGraph", "findWorkflowGraph", "loadGraph", "loadGraphFromFile", "load_graph", "make_hash"]
 
 
 def findWorkflowGraph(mod: Any, attr: str | None) -> Any:
@@ -20,7 +22,7 @@ def findWorkflowGraph(mod: Any, attr: str | None) -> Any:
     graph = None
     for name in dir(mod):
         value = getattr(mod, name)
-        if isinstance(value, WorkflowGraph) and not hasattr(value, "inputmappings"):
+        if isinstance(value, _CoreWorkflowGraph) and not hasattr(value, "inputmappings"):
             graph = value
     return graph
 

@@ -24,9 +24,11 @@ from .._groupings import ROUND_ROBIN, GroupingLike
 from .._pe import PE, CompositePE, InputPort, OutputPort
 from .._visual import render_dot, to_dot
 from ..errors import GraphError
+from .core import GenericPE
 from .processor import place
 
-__all__ = ["WorkflowGraph", "as_pe", "draw", "drawDot", "write_image"]
+# GenericPE: dispel4py's workflow_graph holds it (it imports it), so `from dispel4py.workflow_graph import *` gives it
+__all__ = ["GenericPE", "WorkflowGraph", "as_pe", "draw", "drawDot", "write_image"]
 
 _composite_counter = itertools.count()
 _WRAPPER = "_aiod4p_composite"
