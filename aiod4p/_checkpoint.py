@@ -55,7 +55,7 @@ from ._pe import PE
 from ._plan import ExecutionPlan, InstanceRef
 from ._results import ResultRecord, ResultSink, record_line
 from ._sizes import approximate_batch_size
-from ._state import NOT_MADE, capture, check_keyed_state, restore_state
+from ._state import NOT_MADE, capture, check_keyed_state, excluded_attributes, restore_state
 from ._threads import finished_in_thread
 from .errors import (
     CheckpointError,
@@ -313,7 +313,8 @@ class Checkpoint:
         if "custom" in saved[0]:
             values = {"what snapshot() returned": ([state.get("custom") for state in saved], built.get("custom"))}
         else:
-            names = sorted({name for state in saved for name in state["attributes"]})
+            excluded = excluded_attributes(plan.pes[pe])  # a checkpoint written before they were named holds them
+            names = sorted({name for state in saved for name in state["attributes"]} - excluded)
             initial = built.get("attributes", {})
             values = {name: ([state["attributes"].get(name) for state in saved], initial.get(name)) for name in names}
         differ = [
