@@ -47,6 +47,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Generic, Protocol, TextIO, TypeVar
 
+from . import __version__
 from ._channels import Barrier, Message
 from ._engine import HELD_FEEDS, calls_take_turns
 from ._frames import short_repr
@@ -100,6 +101,8 @@ LOCK = "aiod4p.lock"
 RUN = "RUN.json"
 """Where the last fresh run (not a restore) in a checkpoint directory started: a restore takes no checkpoint before."""
 _PREFIX = "chk-"
+FORMAT = 1
+"""The version of the checkpoint format this aiod4p writes and reads (a manifest's ``version``)."""
 
 
 @dataclass(frozen=True)
@@ -576,14 +579,23 @@ class CheckpointStore:
         """Checkpoint ``n`` if it is complete and whole, else ``None`` (torn: never used; logged, once).
 
         Raises:
-            CheckpointError: it is whole, but a part's state cannot be unpickled here: the workflow's code
-                changed since (a class its state holds was renamed or removed). The part and the reason are
-                named; an older checkpoint would fail alike.
+            CheckpointError: it is whole, but in a format other than :data:`FORMAT` (an aiod4p of another
+                version wrote it: the format and that version are named), or a part's state cannot be unpickled
+                here: the workflow's code changed since (a class its state holds was renamed or removed). The
+                part and the reason are named; an older checkpoint would fail alike.
         """
         whole = self._read(n)
         if whole is None:
             return None
         manifest, parts = whole
+        if manifest.get("version") != FORMAT:
+            writer = manifest.get("aiod4p")
+            raise CheckpointError(
+                f"{_label(n, self.directory)} is in checkpoint format {short_repr(manifest.get('version'))}"
+                f"{f' (written by aiod4p {short_repr(writer)})' if writer is not None else ''}, and this aiod4p"
+                f" ({__version__}) reads format {FORMAT}: restore it with the aiod4p that wrote it, or start the"
+                " run afresh, without --restore"
+            )
         states: dict[InstanceRef, dict[str, Any]] = {}
         for ref, (name, data) in parts.items():
             try:
@@ -1273,7 +1285,8 @@ class Coordinator:
             return
         offset = self._offsets[n]
         manifest = {
-            "version": 1,
+            "version": FORMAT,
+            "aiod4p": __version__,  # for the message of an aiod4p that cannot read the format
             "id": n,
             "created": time.time(),
             "parallelism": {pe: placement.parallelism for pe, placement in self.plan.placement.items()},

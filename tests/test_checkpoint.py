@@ -2338,3 +2338,26 @@ def test_the_options_of_sources_and_windows_are_not_state_even_in_a_checkpoint_t
     later = aiod4p.windows.TimeWindow(10.0, allowed_lateness=30.0)
     restore_state(later, saved, [saved], None, 0, 1)
     assert (later.allowed_lateness, later.clock) == (30.0, 7.0)
+
+
+def test_a_checkpoint_in_another_format_is_refused_naming_the_format_and_the_aiod4p_that_wrote_it(
+    tmp_path: Path, words: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A manifest's ``version`` (the checkpoint format) was written and never read: a checkpoint of an aiod4p whose
+    format differs was restored as if it were this one's. It is now refused, naming both, and the manifest records
+    the aiod4p that wrote it."""
+    directory, results, target = tmp_path / "ck", tmp_path / "out.jsonl", tmp_path / "wf.py"
+    target.write_text(f"from ckpt_workflows import word_count\n\ngraph = word_count({str(words)!r})\n")
+    common = ["run", str(target), "-i", "1", "--checkpoint-dir", str(directory), "--results", str(results), "-q"]
+    assert main(common) == 0  # it ends with a final checkpoint
+    newest = CheckpointStore(directory).path(CheckpointStore(directory).ids()[-1])
+    manifest = json.loads((newest / MANIFEST).read_text())
+    assert (manifest["version"], manifest["aiod4p"]) == (1, aiod4p.__version__)
+    (newest / MANIFEST).write_text(json.dumps({**manifest, "version": 2, "aiod4p": "9.0.0"}))
+    assert main([*common, "--restore"]) == 1
+    assert re.search(
+        rf"checkpoint \d+ in {re.escape(str(directory))} is in checkpoint format 2 \(written by aiod4p '9.0.0'\),"
+        rf" and this aiod4p \({re.escape(aiod4p.__version__)}\) reads format 1: restore it with the aiod4p that"
+        " wrote it, or start the run afresh, without --restore",
+        capsys.readouterr().err,
+    )
