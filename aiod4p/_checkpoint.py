@@ -265,7 +265,9 @@ class Checkpoint:
 
         Raises:
             CheckpointError: a PE or a connection that one of them lacks, or a connection grouped otherwise (named,
-                with both groupings): another graph, whose keyed state the restored instances do not hold. Or a PE
+                with both groupings): another graph, whose keyed state the restored instances do not hold. Or an
+                attribute the PE's class names in ``checkpoint_fixed`` that the workflow changed (:meth:`_check_fixed`).
+                Or a PE
                 restored with another instance count, not all of its instances finished and none of its state
                 ``keyed_state``, whose saved state cannot be shared out (:meth:`_check_shared_out`): the PE and
                 the attributes are named.
@@ -293,6 +295,24 @@ class Checkpoint:
             old = self.parallelism(pe)
             if old != placement.parallelism and not placement.is_root:  # a root's is refused with its position
                 self._check_shared_out(plan, pe, old, placement.parallelism)
+            self._check_fixed(plan, pe)
+
+    def _check_fixed(self, plan: ExecutionPlan, pe: str) -> None:
+        """Refuse to restore PE ``pe`` if the workflow changed an attribute its class names in ``checkpoint_fixed``:
+        state that the restored state was made with (a window's size and step: its windows under way hold that many
+        items), which the workflow's value cannot replace and the checkpoint's must not silently override."""
+        states = [self.states[InstanceRef(pe, i)] for i in range(self.parallelism(pe))]
+        if all(state["finished"] for state in states):
+            return  # its instances do not run again
+        built, saved = plan.pes[pe], states[0]["pe"].get("attributes", {})
+        for name in getattr(built, "checkpoint_fixed", ()):
+            if name in saved and not _same(saved[name], getattr(built, name)):
+                raise CheckpointError(
+                    f"{self.label}: PE {pe}'s {name} is {short_repr(getattr(built, name))} in this workflow and was"
+                    f" {short_repr(saved[name])} when the checkpoint was taken: its state was made with that {name},"
+                    f" which a restore cannot change (restore with the {name} it had, or start the run afresh,"
+                    " without --restore)"
+                )
 
     def _check_shared_out(self, plan: ExecutionPlan, pe: str, old: int, new: int) -> None:
         """Refuse to give PE ``pe``'s non-keyed state of ``old`` instances to ``new``: instance ``i`` would take that

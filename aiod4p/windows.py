@@ -109,7 +109,8 @@ class CountWindow(_WindowPE):
         ValueError: ``size`` or ``step`` is not a whole number of at least 1, or the key is not understood.
     """
 
-    checkpoint_exclude = ("partial",)  # configuration: a restore takes it from the workflow (size, step: state)
+    checkpoint_exclude = ("partial",)  # configuration: a restore takes it from the workflow
+    checkpoint_fixed = ("size", "step")  # its windows under way were made with them: a restore refuses others
 
     def __init__(
         self,
@@ -199,7 +200,8 @@ class TimeWindow(_WindowPE):
             :data:`MAX_WINDOWS_PER_ITEM` windows, or the key is not understood.
     """
 
-    checkpoint_exclude = ("allowed_lateness",)  # configuration: a restore takes it from the workflow (size: state)
+    checkpoint_exclude = ("allowed_lateness",)  # configuration: a restore takes it from the workflow
+    checkpoint_fixed = ("size", "step")  # its windows under way were made with them: a restore refuses others
 
     def __init__(
         self,

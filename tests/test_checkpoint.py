@@ -2282,12 +2282,15 @@ async def test_what_preprocess_writes_is_not_delivered_again_by_a_restore(tmp_pa
     assert [record.data for record in final].count("header") <= 1
 
 
-def _observations(path: Path, on_bad: str, follow: bool) -> WorkflowGraph:
-    """A root ``LinesSource`` of the JSON Lines in ``path``, its items the results."""
+def _observations(path: Path, on_bad: str, follow: bool, window: CountWindow | None = None) -> WorkflowGraph:
+    """A root ``LinesSource`` of the JSON Lines in ``path``, its items the results (or ``window``'s input)."""
     graph = WorkflowGraph()
     source = LinesSource(path, json=True, follow=follow, on_bad=on_bad)
     source.id = "observations"
     graph.add(source)
+    if window is not None:
+        window.id = "window"
+        graph.connect(source, "output", window, "input")
     return graph
 
 
@@ -2361,3 +2364,23 @@ def test_a_checkpoint_in_another_format_is_refused_naming_the_format_and_the_aio
         " wrote it, or start the run afresh, without --restore",
         capsys.readouterr().err,
     )
+
+
+async def test_a_restore_refuses_a_window_whose_size_the_workflow_changed(tmp_path: Path) -> None:
+    """A window's size and step were restored from the checkpoint over the workflow's: made ``CountWindow(4)``, a
+    restored ``CountWindow(5)`` went on making windows of 5, and nothing said so. Its windows under way hold items
+    for that size, so the restore is refused, naming the PE and both sizes."""
+    directory, path = tmp_path / "ck", tmp_path / "obs.jsonl"
+    path.write_text("".join(json.dumps({"k": i % 2}) + "\n" for i in range(33)))
+    completed = asyncio.Event()
+    with on_completed(lambda n: completed.set()):
+        graph = _observations(path, "fail", follow=True, window=CountWindow(5, key="k"))
+        async with asyncio.timeout(30), start(graph, mapping=_mapping(directory)):
+            await completed.wait()  # then leaving the block aborts the run: it did not end
+    edited = _observations(path, "fail", follow=True, window=CountWindow(4, key="k"))
+    with pytest.raises(
+        CheckpointError,
+        match=r"checkpoint \d+ in .*ck: PE window's size is 4 in this workflow and was 5 when the checkpoint was"
+        r" taken: its state was made with that size, which a restore cannot change",
+    ):
+        await asyncio.wait_for(run_async(edited, mapping=_mapping(directory, restore=True)), 30)
