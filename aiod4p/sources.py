@@ -642,6 +642,16 @@ class LineStream:
                 except OSError as exc:
                     raise InputError(f"cannot read {self.origin}: {exc.strerror or exc}") from exc
                 if not data:
+                    if regular and self.follow and waker.draining and reader.partial:
+                        # Its writer was writing that line when the drain came: not a record (a followed file's
+                        # end is no line's end), discarded as a TCP connection's is.
+                        logger.warning(
+                            "%s: the drain came in the middle of a line, %d bytes without a newline yet at the"
+                            " file's end: discarded",
+                            reader.origin,
+                            reader.splitter.size,
+                        )
+                        return
                     if not (regular and self.follow) or waker.draining:
                         break
                     if os.fstat(fd).st_size < os.lseek(fd, 0, os.SEEK_CUR):
