@@ -5,6 +5,8 @@ port, then run it with :func:`run` (or :func:`run_async` / :func:`start`
 inside an event loop) on a mapping: ``simple``, ``async``, ...
 """
 
+__version__ = "0.1.0"  # before the imports: a checkpoint's manifest records it (aiod4p._checkpoint)
+
 # First: a signal while the rest imports ends the aiod4p command quietly (exit 130).
 from . import (
     _starting,  # noqa: F401
@@ -66,8 +68,6 @@ from .errors import (
     WorkerDied,
 )
 from .sources import LiveFeed
-
-__version__ = "0.1.0"
 
 __all__ = [
     "ALL",

@@ -47,6 +47,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Generic, Protocol, TextIO, TypeVar
 
+from . import __version__
 from ._channels import Barrier, Message
 from ._engine import HELD_FEEDS, calls_take_turns
 from ._frames import short_repr
@@ -55,7 +56,7 @@ from ._pe import PE
 from ._plan import ExecutionPlan, InstanceRef
 from ._results import ResultRecord, ResultSink, record_line
 from ._sizes import approximate_batch_size
-from ._state import NOT_MADE, capture, check_keyed_state, restore_state
+from ._state import NOT_MADE, capture, check_keyed_state, excluded_attributes, restore_state
 from ._threads import finished_in_thread
 from .errors import (
     CheckpointError,
@@ -100,6 +101,8 @@ LOCK = "aiod4p.lock"
 RUN = "RUN.json"
 """Where the last fresh run (not a restore) in a checkpoint directory started: a restore takes no checkpoint before."""
 _PREFIX = "chk-"
+FORMAT = 1
+"""The version of the checkpoint format this aiod4p writes and reads (a manifest's ``version``)."""
 
 
 @dataclass(frozen=True)
@@ -262,7 +265,9 @@ class Checkpoint:
 
         Raises:
             CheckpointError: a PE or a connection that one of them lacks, or a connection grouped otherwise (named,
-                with both groupings): another graph, whose keyed state the restored instances do not hold. Or a PE
+                with both groupings): another graph, whose keyed state the restored instances do not hold. Or an
+                attribute the PE's class names in ``checkpoint_fixed`` that the workflow changed (:meth:`_check_fixed`).
+                Or a PE
                 restored with another instance count, not all of its instances finished and none of its state
                 ``keyed_state``, whose saved state cannot be shared out (:meth:`_check_shared_out`): the PE and
                 the attributes are named.
@@ -290,6 +295,24 @@ class Checkpoint:
             old = self.parallelism(pe)
             if old != placement.parallelism and not placement.is_root:  # a root's is refused with its position
                 self._check_shared_out(plan, pe, old, placement.parallelism)
+            self._check_fixed(plan, pe)
+
+    def _check_fixed(self, plan: ExecutionPlan, pe: str) -> None:
+        """Refuse to restore PE ``pe`` if the workflow changed an attribute its class names in ``checkpoint_fixed``:
+        state that the restored state was made with (a window's size and step: its windows under way hold that many
+        items), which the workflow's value cannot replace and the checkpoint's must not silently override."""
+        states = [self.states[InstanceRef(pe, i)] for i in range(self.parallelism(pe))]
+        if all(state["finished"] for state in states):
+            return  # its instances do not run again
+        built, saved = plan.pes[pe], states[0]["pe"].get("attributes", {})
+        for name in getattr(built, "checkpoint_fixed", ()):
+            if name in saved and not _same(saved[name], getattr(built, name)):
+                raise CheckpointError(
+                    f"{self.label}: PE {pe}'s {name} is {short_repr(getattr(built, name))} in this workflow and was"
+                    f" {short_repr(saved[name])} when the checkpoint was taken: its state was made with that {name},"
+                    f" which a restore cannot change (restore with the {name} it had, or start the run afresh,"
+                    " without --restore)"
+                )
 
     def _check_shared_out(self, plan: ExecutionPlan, pe: str, old: int, new: int) -> None:
         """Refuse to give PE ``pe``'s non-keyed state of ``old`` instances to ``new``: instance ``i`` would take that
@@ -313,7 +336,8 @@ class Checkpoint:
         if "custom" in saved[0]:
             values = {"what snapshot() returned": ([state.get("custom") for state in saved], built.get("custom"))}
         else:
-            names = sorted({name for state in saved for name in state["attributes"]})
+            excluded = excluded_attributes(plan.pes[pe])  # a checkpoint written before they were named holds them
+            names = sorted({name for state in saved for name in state["attributes"]} - excluded)
             initial = built.get("attributes", {})
             values = {name: ([state["attributes"].get(name) for state in saved], initial.get(name)) for name in names}
         differ = [
@@ -575,14 +599,23 @@ class CheckpointStore:
         """Checkpoint ``n`` if it is complete and whole, else ``None`` (torn: never used; logged, once).
 
         Raises:
-            CheckpointError: it is whole, but a part's state cannot be unpickled here: the workflow's code
-                changed since (a class its state holds was renamed or removed). The part and the reason are
-                named; an older checkpoint would fail alike.
+            CheckpointError: it is whole, but in a format other than :data:`FORMAT` (an aiod4p of another
+                version wrote it: the format and that version are named), or a part's state cannot be unpickled
+                here: the workflow's code changed since (a class its state holds was renamed or removed). The
+                part and the reason are named; an older checkpoint would fail alike.
         """
         whole = self._read(n)
         if whole is None:
             return None
         manifest, parts = whole
+        if manifest.get("version") != FORMAT:
+            writer = manifest.get("aiod4p")
+            raise CheckpointError(
+                f"{_label(n, self.directory)} is in checkpoint format {short_repr(manifest.get('version'))}"
+                f"{f' (written by aiod4p {short_repr(writer)})' if writer is not None else ''}, and this aiod4p"
+                f" ({__version__}) reads format {FORMAT}: restore it with the aiod4p that wrote it, or start the"
+                " run afresh, without --restore"
+            )
         states: dict[InstanceRef, dict[str, Any]] = {}
         for ref, (name, data) in parts.items():
             try:
@@ -1272,7 +1305,8 @@ class Coordinator:
             return
         offset = self._offsets[n]
         manifest = {
-            "version": 1,
+            "version": FORMAT,
+            "aiod4p": __version__,  # for the message of an aiod4p that cannot read the format
             "id": n,
             "created": time.time(),
             "parallelism": {pe: placement.parallelism for pe, placement in self.plan.placement.items()},

@@ -33,6 +33,7 @@ __all__ = [
     "RUNTIME_ATTRIBUTES",
     "capture",
     "check_keyed_state",
+    "excluded_attributes",
     "keyed_owner",
     "restore_state",
 ]
@@ -56,6 +57,17 @@ _CODE = (
     type,
     types.ModuleType,
 )
+
+
+def excluded_attributes(pe: PE) -> frozenset[str]:
+    """The attributes of ``pe`` that are not its state: :data:`RUNTIME_ATTRIBUTES` and every name in a
+    ``checkpoint_exclude`` of its class or of any class it derives from (a subclass adds its own configuration to
+    its base's). Neither saved nor restored: a restore keeps them as the workflow built them, whatever a checkpoint
+    (written before they were named) holds."""
+    excluded = set(RUNTIME_ATTRIBUTES)
+    for owner in (pe, *type(pe).__mro__):
+        excluded.update(vars(owner).get("checkpoint_exclude", ()))
+    return frozenset(excluded)
 
 
 def _is_code(value: Any) -> bool:
@@ -111,7 +123,7 @@ def capture(pe: PE, grouping: GroupBy | None, slots: dict[Any, int] | None = Non
     snapshot = getattr(pe, "snapshot", None)
     if callable(snapshot):
         return {"custom": snapshot()}
-    excluded = RUNTIME_ATTRIBUTES.union(getattr(pe, "checkpoint_exclude", ()))
+    excluded = excluded_attributes(pe)
     attributes = {k: v for k, v in pe.__getstate__().items() if k not in excluded and not _is_code(v)}
     state: dict[str, Any] = {"attributes": attributes}
     name = getattr(pe, "keyed_state", None)
@@ -143,7 +155,8 @@ def restore_state(
     """Restore ``pe`` (instance ``index`` of ``parallelism``) from its saved state ``own``.
 
     Keyed state is gathered from the saved states of ``everyone`` (every old
-    instance) and keeps only the keys that now reach this instance.
+    instance) and keeps only the keys that now reach this instance. Attributes that are not state
+    (:func:`excluded_attributes`) keep the values the workflow gave them.
     """
     if "custom" in own:
         restore = getattr(pe, "restore", None)
@@ -151,7 +164,8 @@ def restore_state(
             raise CheckpointError(f"PE {pe.label} saved state with snapshot() but has no restore(state)")
         restore(own["custom"])
         return
-    pe.__dict__.update(own["attributes"])
+    excluded = excluded_attributes(pe)
+    pe.__dict__.update({k: v for k, v in own["attributes"].items() if k not in excluded})
     name = getattr(pe, "keyed_state", None)
     if name is None or "keyed" not in own:
         return

@@ -41,7 +41,7 @@ import time
 from collections import deque
 from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from ._pe import ProducerPE
 from ._sizes import approximate_size
@@ -642,6 +642,16 @@ class LineStream:
                 except OSError as exc:
                     raise InputError(f"cannot read {self.origin}: {exc.strerror or exc}") from exc
                 if not data:
+                    if regular and self.follow and waker.draining and reader.partial:
+                        # Its writer was writing that line when the drain came: not a record (a followed file's
+                        # end is no line's end), discarded as a TCP connection's is.
+                        logger.warning(
+                            "%s: the drain came in the middle of a line, %d bytes without a newline yet at the"
+                            " file's end: discarded",
+                            reader.origin,
+                            reader.splitter.size,
+                        )
+                        return
                     if not (regular and self.follow) or waker.draining:
                         break
                     if os.fstat(fd).st_size < os.lseek(fd, 0, os.SEEK_CUR):
@@ -1473,7 +1483,13 @@ class _BadLines(SourcePE):
     Under ``on_bad="dead-letter"`` the PE has a second output,
     ``dead_letter`` (:data:`DEAD_LETTER`), that gets the :func:`bad_line`
     record of every bad line (a result, when not connected).
+
+    A source PE's options are its configuration, not its state: a checkpoint does not save them, and a restore
+    takes them from the workflow (``on_bad="skip"`` after a bad line failed the run), with the position from the
+    checkpoint.
     """
+
+    checkpoint_exclude: ClassVar[tuple[str, ...]] = ("max_line", "on_bad")
 
     def __init__(self, *, max_line: int, on_bad: str, name: str | None) -> None:
         _check_line_options(max_line, on_bad, type(self).__name__)
@@ -1489,8 +1505,11 @@ class _BadLines(SourcePE):
 class LinesSource(_BadLines):
     """Lines or JSON Lines from stdin (``path=None``) or a file, optionally followed (``tail -f``).
 
-    Options as :class:`LineStream`; see :class:`_BadLines` for ``on_bad="dead-letter"``.
+    Options as :class:`LineStream`; see :class:`_BadLines` for ``on_bad="dead-letter"``. Its state in a
+    checkpoint is its position and ``generations`` (the files a followed path held).
     """
+
+    checkpoint_exclude = ("path", "json", "follow", "from_end", "poll_interval")
 
     def __init__(
         self,
@@ -1537,6 +1556,10 @@ class TCPSource(_BadLines):
     """
 
     replayable = False
+    checkpoint_exclude = (
+        *("host", "port", "mode", "json", "connections", "on_listen", "max_pending", "max_pending_bytes"),
+        "address",  # where this run listens: the workflow's host and port say where a restored one does
+    )
 
     def __init__(
         self,
@@ -1588,6 +1611,7 @@ class UDPSource(_BadLines):
     ``on_bad="dead-letter"``."""
 
     replayable = False
+    checkpoint_exclude = ("host", "port", "json", "count", "on_listen", "max_pending", "max_pending_bytes")
 
     def __init__(
         self,
@@ -1628,6 +1652,8 @@ class UDPSource(_BadLines):
 class TimerSource(SourcePE):
     """A tick every ``interval`` seconds; options as :class:`TimerStream`."""
 
+    checkpoint_exclude = ("interval", "count")
+
     def __init__(self, interval: float, *, count: int | None = None, name: str | None = None) -> None:
         _check_seconds(interval, "interval", "TimerSource")
         _check_limit(count, "count", "TimerSource")
@@ -1646,6 +1672,8 @@ class AsyncIterSource(SourcePE):
     mappings that pickle PEs. Draining cancels the iteration unless the
     iterable has a ``drain()`` method.
     """
+
+    checkpoint_exclude = ("factory", "args", "kwargs")
 
     def __init__(self, factory: Callable[..., AsyncIterable[Any]], *args: Any, name: str | None = None, **kwargs: Any):
         super().__init__(name=name or getattr(factory, "__name__", None))

@@ -25,7 +25,7 @@ import math
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 from ._frames import short_repr
 from ._groupings import ALL, GLOBAL, GroupBy, group_by
@@ -56,7 +56,8 @@ def _value_getter(spec: int | str | Callable[[Any], Any]) -> Callable[[Any], Any
 
 
 class _WindowPE(GenericPE):
-    checkpoint_exclude = ("key_grouping", "aggregate", "timestamp")  # configuration, not state (checkpoints)
+    # Configuration, not state (checkpoints): a subclass adds its own.
+    checkpoint_exclude: ClassVar[tuple[str, ...]] = ("key_grouping", "aggregate", "timestamp")
 
     def __init__(
         self,
@@ -107,6 +108,9 @@ class CountWindow(_WindowPE):
     Raises:
         ValueError: ``size`` or ``step`` is not a whole number of at least 1, or the key is not understood.
     """
+
+    checkpoint_exclude = ("partial",)  # configuration: a restore takes it from the workflow
+    checkpoint_fixed = ("size", "step")  # its windows under way were made with them: a restore refuses others
 
     def __init__(
         self,
@@ -195,6 +199,9 @@ class TimeWindow(_WindowPE):
             ``step``: at least a microsecond; ``allowed_lateness``: at least 0), an item would fall in more than
             :data:`MAX_WINDOWS_PER_ITEM` windows, or the key is not understood.
     """
+
+    checkpoint_exclude = ("allowed_lateness",)  # configuration: a restore takes it from the workflow
+    checkpoint_fixed = ("size", "step")  # its windows under way were made with them: a restore refuses others
 
     def __init__(
         self,

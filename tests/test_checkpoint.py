@@ -73,7 +73,7 @@ from aiod4p._state import KEY_GROUPS, capture, restore_state
 from aiod4p.errors import CheckpointError, MappingUnavailable, WorkerDied
 from aiod4p.mappings import RunControl, get_mapping
 from aiod4p.mappings.asyncio import AsyncMapping
-from aiod4p.sources import LineStream, LiveFeed, SourcePE
+from aiod4p.sources import LinesSource, LineStream, LiveFeed, SourcePE
 from aiod4p.windows import CountWindow
 
 
@@ -2280,3 +2280,107 @@ async def test_what_preprocess_writes_is_not_delivered_again_by_a_restore(tmp_pa
     delivered = [record["data"] for record in json_lines(results)]
     assert sorted(delivered, key=str) == sorted([*range(50), "header"], key=str)
     assert [record.data for record in final].count("header") <= 1
+
+
+def _observations(path: Path, on_bad: str, follow: bool, window: CountWindow | None = None) -> WorkflowGraph:
+    """A root ``LinesSource`` of the JSON Lines in ``path``, its items the results (or ``window``'s input)."""
+    graph = WorkflowGraph()
+    source = LinesSource(path, json=True, follow=follow, on_bad=on_bad)
+    source.id = "observations"
+    graph.add(source)
+    if window is not None:
+        window.id = "window"
+        graph.connect(source, "output", window, "input")
+    return graph
+
+
+async def test_a_restore_takes_a_sources_configuration_from_the_workflow_not_from_the_checkpoint(
+    tmp_path: Path,
+) -> None:
+    """An operator whose followed file got a bad line (the run failed: ``on_bad="fail"``) edits the workflow to
+    ``on_bad="skip"`` and restores: the checkpoint's ``on_bad`` (and ``follow``, ``path``...) was restored over
+    the workflow's, as if it were state, and the restore failed again on the same line, for ever. A source's
+    options are its configuration: the restore takes them from the workflow, its position from the checkpoint."""
+    directory, path = tmp_path / "ck", tmp_path / "obs.jsonl"
+    path.write_text("".join(json.dumps({"i": i}) + "\n" for i in range(30)))
+    completed = asyncio.Event()
+    with on_completed(lambda n: completed.set()):
+        async with (
+            asyncio.timeout(30),
+            start(_observations(path, "fail", follow=True), mapping=_mapping(directory)) as workflow,
+        ):
+            results = asyncio.ensure_future(workflow.results())
+            await completed.wait()  # a checkpoint of the source at some line of the first 30, waiting for more
+            with path.open("a") as out:
+                out.write("not json\n" + "".join(json.dumps({"i": i}) + "\n" for i in range(30, 40)))
+            with pytest.raises(aiod4p.errors.Aiod4pError, match="line 31: not valid JSON"):
+                await results
+    async with (
+        asyncio.timeout(30),
+        start(_observations(path, "skip", follow=False), mapping=_mapping(directory, restore=True)) as restored,
+    ):
+        resumed = [record.data["i"] for record in await restored.results()]
+    assert resumed == list(range(40 - len(resumed), 40)) and len(resumed) >= 10
+    assert [entry.skipped for entry in restored.stats] == [1]
+
+
+def test_the_options_of_sources_and_windows_are_not_state_even_in_a_checkpoint_that_saved_them() -> None:
+    """A checkpoint written before the options were named configuration holds them: a restore keeps the workflow's
+    (a TCP source's new port, a window's new lateness), and only what the items made comes from the checkpoint."""
+    tcp, timer = aiod4p.sources.TCPSource(port=9000, max_pending=5), aiod4p.sources.TimerSource(1.0, count=3)
+    window = aiod4p.windows.TimeWindow(10.0, allowed_lateness=1.0)
+    window.clock = 7.0
+    assert capture(tcp, None) == {"attributes": {}}
+    assert capture(timer, None) == {"attributes": {}}
+    assert capture(window, None)["attributes"] == {"size": 10.0, "step": 10.0, "clock": 7.0, "late": 0, "windows": {}}
+    saved = {"attributes": {"port": 9000, "max_pending": 5, "on_bad": "fail", "address": ("127.0.0.1", 9000)}}
+    edited = aiod4p.sources.TCPSource(port=9001, on_bad="skip")
+    restore_state(edited, saved, [saved], None, 0, 1)
+    assert (edited.port, edited.max_pending, edited.on_bad, edited.address) == (9001, 1024, "skip", None)
+    saved = {"attributes": {**capture(window, None)["attributes"], "allowed_lateness": 1.0}}
+    later = aiod4p.windows.TimeWindow(10.0, allowed_lateness=30.0)
+    restore_state(later, saved, [saved], None, 0, 1)
+    assert (later.allowed_lateness, later.clock) == (30.0, 7.0)
+
+
+def test_a_checkpoint_in_another_format_is_refused_naming_the_format_and_the_aiod4p_that_wrote_it(
+    tmp_path: Path, words: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A manifest's ``version`` (the checkpoint format) was written and never read: a checkpoint of an aiod4p whose
+    format differs was restored as if it were this one's. It is now refused, naming both, and the manifest records
+    the aiod4p that wrote it."""
+    directory, results, target = tmp_path / "ck", tmp_path / "out.jsonl", tmp_path / "wf.py"
+    target.write_text(f"from ckpt_workflows import word_count\n\ngraph = word_count({str(words)!r})\n")
+    common = ["run", str(target), "-i", "1", "--checkpoint-dir", str(directory), "--results", str(results), "-q"]
+    assert main(common) == 0  # it ends with a final checkpoint
+    newest = CheckpointStore(directory).path(CheckpointStore(directory).ids()[-1])
+    manifest = json.loads((newest / MANIFEST).read_text())
+    assert (manifest["version"], manifest["aiod4p"]) == (1, aiod4p.__version__)
+    (newest / MANIFEST).write_text(json.dumps({**manifest, "version": 2, "aiod4p": "9.0.0"}))
+    assert main([*common, "--restore"]) == 1
+    assert re.search(
+        rf"checkpoint \d+ in {re.escape(str(directory))} is in checkpoint format 2 \(written by aiod4p '9.0.0'\),"
+        rf" and this aiod4p \({re.escape(aiod4p.__version__)}\) reads format 1: restore it with the aiod4p that"
+        " wrote it, or start the run afresh, without --restore",
+        capsys.readouterr().err,
+    )
+
+
+async def test_a_restore_refuses_a_window_whose_size_the_workflow_changed(tmp_path: Path) -> None:
+    """A window's size and step were restored from the checkpoint over the workflow's: made ``CountWindow(4)``, a
+    restored ``CountWindow(5)`` went on making windows of 5, and nothing said so. Its windows under way hold items
+    for that size, so the restore is refused, naming the PE and both sizes."""
+    directory, path = tmp_path / "ck", tmp_path / "obs.jsonl"
+    path.write_text("".join(json.dumps({"k": i % 2}) + "\n" for i in range(33)))
+    completed = asyncio.Event()
+    with on_completed(lambda n: completed.set()):
+        graph = _observations(path, "fail", follow=True, window=CountWindow(5, key="k"))
+        async with asyncio.timeout(30), start(graph, mapping=_mapping(directory)):
+            await completed.wait()  # then leaving the block aborts the run: it did not end
+    edited = _observations(path, "fail", follow=True, window=CountWindow(4, key="k"))
+    with pytest.raises(
+        CheckpointError,
+        match=r"checkpoint \d+ in .*ck: PE window's size is 4 in this workflow and was 5 when the checkpoint was"
+        r" taken: its state was made with that size, which a restore cannot change",
+    ):
+        await asyncio.wait_for(run_async(edited, mapping=_mapping(directory, restore=True)), 30)

@@ -134,6 +134,25 @@ async def test_follow_a_file_being_appended_to(tmp_path: Path) -> None:
     assert seen == [0, 1, 2, 3, 4]
 
 
+async def test_a_followed_file_drained_while_its_writer_is_in_the_middle_of_a_line_discards_that_part(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """SIGINT to a live ingest of a file a logger appends to: the drain read the file to its end, and the line the
+    logger was writing then (``{"n": ``, its rest not written yet) was a line of its own: with ``json=True`` a bad
+    line that failed the drained run (exit 1), else half a record among the results. It is discarded, with a
+    warning, as the part of a line a TCP connection held at a drain."""
+    path = tmp_path / "growing.jsonl"
+    path.write_text('{"n": 0}\n{"n": 1}\n{"n": ')
+    for as_json in (True, False):
+        stream = LineStream(path, json=as_json, follow=True, poll_interval=0.01)
+        async with asyncio.timeout(20), contextlib.aclosing(aiter(stream)) as lines:
+            seen = [await anext(lines), await anext(lines)]
+            stream.drain()
+            seen += [line async for line in lines]
+        assert seen == ([{"n": 0}, {"n": 1}] if as_json else ['{"n": 0}', '{"n": 1}'])
+    assert f"file {path}: the drain came in the middle of a line, 6 bytes without a newline yet" in caplog.text
+
+
 @pytest.mark.parametrize("mapping", ["simple", "async", "multi"])
 async def test_a_followed_file_drained_before_its_source_started_is_read_to_its_end(
     tmp_path: Path, mapping: str
