@@ -500,3 +500,31 @@ async def test_errors_reported_to_the_run_name_the_workflow_files_not_the_copies
     assert f'File "{original}", line 6' in error.traceback_text
     assert copy not in str(error) + error.traceback_text
     await report.close(0)
+
+
+def test_a_module_the_workflow_file_imports_travels_with_it(
+    topology: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A workflow file that imports a helper module next to it (importable where the run starts: a file target's
+    directory is on ``sys.path``): the helper goes into the project with the workflow, and the task loads its PE
+    (it failed with ``No module named 'user_words'`` on every Storm worker)."""
+    (tmp_path / "user_words.py").write_text("def shout(word):\n    return word.upper()\n")
+    (tmp_path / "user_shout.py").write_text(
+        "from user_words import shout\n\nfrom aiod4p import IterativePE\n\n\nclass Shout(IterativePE):\n"
+        "    def process_item(self, item):\n        return shout(item)\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for name in ("user_words", "user_shout"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    from user_shout import Shout  # type: ignore[import-not-found]
+
+    graph = WorkflowGraph()
+    graph.connect(source := Count(), "output", shout := Shout(), "input")
+    topo = topology(graph)
+    assert (topo.project.src / "user_words.py").read_text() == (tmp_path / "user_words.py").read_text()
+    bolt, _ = topo.start(shout.id)
+    bolt.send(tup("7", source.id, topo.task_of(source.id), ["abc"]))
+    assert bolt.read_until(done("7")) == [
+        {"command": "emit", "tuple": ["ABC"], "stream": "output", "anchors": ["7"], "need_task_ids": False},
+        {"command": "ack", "id": "7"},
+    ]
