@@ -11,6 +11,7 @@ import json
 import pickle
 import re
 import shutil
+import site
 import sys
 import sysconfig
 import types
@@ -315,6 +316,9 @@ def _local_modules(plan: ExecutionPlan, functions: dict[str, Callable[[Any], Any
     (a file target's directory is on ``sys.path``), is not on the workers.
     """
     installed = {Path(sysconfig.get_paths()[key]).resolve() for key in ("stdlib", "platstdlib", "purelib", "platlib")}
+    # A system Python's other site directories (Debian's dist-packages) and the user's, when Python reads it.
+    extra = [*site.getsitepackages(), *([site.getusersitepackages()] if site.ENABLE_USER_SITE else [])]
+    installed |= {Path(directory).resolve() for directory in extra}
     found: dict[str, Path] = {}
     for obj in _objects(plan, functions):
         module_name = getattr(obj, "__module__", None)
