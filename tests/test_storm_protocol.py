@@ -23,7 +23,18 @@ pytest.importorskip("streamparse", reason="the storm extra is not installed")
 
 from storm_harness import ComponentProcess, StormHarness, command
 from test_storm_report import TOKEN, Sink
-from workflows import Chatty, Count, Double, Fail, FailsAtEnd, Greets, Strings, SumAtEnd, Unencodable
+from workflows import (
+    Chatty,
+    Count,
+    Double,
+    Fail,
+    FailsAtEnd,
+    Greets,
+    Strings,
+    SumAtEnd,
+    Unencodable,
+    WritesAtEnd,
+)
 
 from aiod4p import WorkflowGraph
 from aiod4p.errors import PEError, TargetError, TransportError
@@ -500,3 +511,61 @@ async def test_errors_reported_to_the_run_name_the_workflow_files_not_the_copies
     assert f'File "{original}", line 6' in error.traceback_text
     assert copy not in str(error) + error.traceback_text
     await report.close(0)
+
+
+def test_a_module_the_workflow_file_imports_travels_with_it(
+    topology: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A workflow file that imports a helper module next to it (importable where the run starts: a file target's
+    directory is on ``sys.path``): the helper goes into the project with the workflow, and the task loads its PE
+    (it failed with ``No module named 'user_words'`` on every Storm worker)."""
+    (tmp_path / "user_words.py").write_text("def shout(word):\n    return word.upper()\n")
+    (tmp_path / "user_shout.py").write_text(
+        "from user_words import shout\n\nfrom aiod4p import IterativePE\n\n\nclass Shout(IterativePE):\n"
+        "    def process_item(self, item):\n        return shout(item)\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for name in ("user_words", "user_shout"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    from user_shout import Shout  # type: ignore[import-not-found]
+
+    graph = WorkflowGraph()
+    graph.connect(source := Count(), "output", shout := Shout(), "input")
+    topo = topology(graph)
+    assert (topo.project.src / "user_words.py").read_text() == (tmp_path / "user_words.py").read_text()
+    bolt, _ = topo.start(shout.id)
+    bolt.send(tup("7", source.id, topo.task_of(source.id), ["abc"]))
+    assert bolt.read_until(done("7")) == [
+        {"command": "emit", "tuple": ["ABC"], "stream": "output", "anchors": ["7"], "need_task_ids": False},
+        {"command": "ack", "id": "7"},
+    ]
+
+
+async def test_a_drained_spout_keeps_at_most_max_spout_pending_tuples_in_flight(topology: Any) -> None:
+    """Deactivating a run's topology (Ctrl-C) drains its spouts, and Storm calls their next_tuple no more: a spout
+    emitted everything its PE had produced at once, past topology.max.spout.pending, and a finite run drained behind
+    a bolt of 20 ms an item failed with a tuple not acked within topology.message.timeout.secs. The rest of what
+    it produced now leaves as tuples are acked, at most max.spout.pending in flight, then the end of stream."""
+    graph = WorkflowGraph()
+    graph.connect(source := WritesAtEnd(40), "output", Double(), "input")  # 40 items, drained or not
+    report = RunReport(Sink(), TOKEN)
+    topo = topology(graph, inputs={source.id: []}, report=await report.listen("127.0.0.1"), token=TOKEN)
+    report.expect(topo.project.spec)
+    topo.harness.conf["topology.max.spout.pending"] = 4
+    spout, _ = await asyncio.to_thread(topo.start, source.id)
+    try:
+        spout.send({"command": "deactivate", "id": ""})
+        messages = await asyncio.to_thread(spout.read_until, command("sync"))
+        in_flight = [m["id"] for m in messages if emitted("output")(m)]
+        values: list[Any] = [m["tuple"] for m in messages if emitted("output")(m)]
+        while in_flight:
+            assert len(in_flight) <= 4, messages
+            spout.send({"command": "ack", "id": in_flight.pop(0)})
+            messages = await asyncio.to_thread(spout.read_until, command("sync"))
+            in_flight += [m["id"] for m in messages if emitted("output")(m)]
+            values += [m["tuple"] for m in messages if emitted("output")(m)]
+        assert values == [[n] for n in range(40)]
+        assert any(emitted(EOS_STREAM)(m) for m in messages), messages
+    finally:
+        spout.kill()
+        await report.close(0)

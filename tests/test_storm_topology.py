@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import importlib
 import json
+import site
 import subprocess
 import sys
 import sysconfig
@@ -181,6 +183,36 @@ def test_class_defined_in_main_is_rejected(tmp_path: Path) -> None:
     graph.connect(Count(), "output", pe := main_class(), "input")
     with pytest.raises(GraphError, match=rf"PE {pe.id}: its class InMain is defined in __main__"):
         build_project(graph, tmp_path / "p")
+
+
+def test_the_modules_a_workflow_imports_travel_unless_installed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The top-level modules a workflow file imports go into src/ with it (a helper next to it, even from a
+    function), and those that imports too; installed ones (in a site directory) and packages do not."""
+    flow, site_dir = tmp_path / "flow", tmp_path / "site-packages"
+    for directory in (flow, site_dir, flow / "local_pkg"):
+        directory.mkdir()
+    (flow / "local_pkg" / "__init__.py").write_text("")
+    (site_dir / "installed_one.py").write_text("")
+    (flow / "helper_two.py").write_text("import installed_one\n")
+    (flow / "helper_one.py").write_text("import helper_two\n")
+    (flow / "user_flow2.py").write_text(
+        "import local_pkg\nfrom aiod4p import IterativePE\n\n\nclass Same(IterativePE):\n"
+        "    def process_item(self, item):\n        from helper_one import helper_two\n        return item\n"
+    )
+    for directory in (site_dir, flow):
+        monkeypatch.syspath_prepend(str(directory))
+    monkeypatch.setattr(site, "getsitepackages", lambda: [str(site_dir)])
+    for name in ("user_flow2", "helper_one", "helper_two", "installed_one", "local_pkg"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    graph = WorkflowGraph()
+    graph.connect(Count(), "output", importlib.import_module("user_flow2").Same(), "input")
+    project = build_project(graph, tmp_path / "p")
+    copied = {path.name for path in project.src.glob("*.py")}
+    assert {"user_flow2.py", "helper_one.py", "helper_two.py"} <= copied
+    assert "installed_one.py" not in copied and not (project.src / "local_pkg").exists()
+    assert project.spec.sources["helper_two"] == str(flow / "helper_two.py")
 
 
 def test_inputs_must_be_storable(tmp_path: Path) -> None:

@@ -350,6 +350,21 @@ class FailsAtEnd(IterativePE):
         raise self.raises(self.message)
 
 
+class WritesAtEnd(IterativePE):
+    """Passes its items on, and writes ``0 .. count - 1`` in ``postprocess`` (a drained root's too)."""
+
+    def __init__(self, count: int) -> None:
+        super().__init__()
+        self.count = count
+
+    def process_item(self, item: int) -> int:
+        return item
+
+    def postprocess(self) -> None:
+        for number in range(self.count):
+            self.write("output", number)
+
+
 class YieldsAtEnd(IterativePE):
     """A ``postprocess`` that yields, as ``process_item`` may: a stage's generator is never run."""
 

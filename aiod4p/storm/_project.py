@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import dataclasses
 import importlib.metadata
@@ -10,6 +11,7 @@ import json
 import pickle
 import re
 import shutil
+import site
 import sys
 import sysconfig
 import types
@@ -307,8 +309,16 @@ def _defining_modules(objects: list[Any]) -> Iterator[None]:
 
 
 def _local_modules(plan: ExecutionPlan, functions: dict[str, Callable[[Any], Any]]) -> dict[str, Path]:
-    """Top-level modules defining the PEs (or key functions) that are not installed: they go into ``src``."""
+    """Top-level modules that are not installed and that the PEs need: they go into ``src``.
+
+    Those are the modules defining the PEs (or key functions), and the top-level modules those import, and so on
+    (:func:`_imported_modules`): a workflow file's helper module next to it, importable where the run started
+    (a file target's directory is on ``sys.path``), is not on the workers.
+    """
     installed = {Path(sysconfig.get_paths()[key]).resolve() for key in ("stdlib", "platstdlib", "purelib", "platlib")}
+    # A system Python's other site directories (Debian's dist-packages) and the user's, when Python reads it.
+    extra = [*site.getsitepackages(), *([site.getusersitepackages()] if site.ENABLE_USER_SITE else [])]
+    installed |= {Path(directory).resolve() for directory in extra}
     found: dict[str, Path] = {}
     for obj in _objects(plan, functions):
         module_name = getattr(obj, "__module__", None)
@@ -322,6 +332,47 @@ def _local_modules(plan: ExecutionPlan, functions: dict[str, Callable[[Any], Any
         if any(path.is_relative_to(base) for base in installed):
             continue
         found[module_name] = path
+    pending = list(found.values())
+    while pending:
+        for module_name, path in _imported_modules(pending.pop()).items():
+            if module_name not in found and not any(path.is_relative_to(base) for base in installed):
+                found[module_name] = path
+                pending.append(path)
+    return found
+
+
+def _imported_modules(source: Path) -> dict[str, Path]:
+    """The top-level modules (single ``.py`` files, not packages) that the module at ``source`` imports.
+
+    Every ``import`` statement of the file counts (one in a function too), and a module is looked up where this
+    process would import it from (``sys.modules`` first); relative imports, packages, compiled modules and names
+    that are not found are left out. A file that cannot be read or parsed imports nothing here.
+    """
+    try:
+        tree = ast.parse(source.read_bytes(), str(source))
+    except (OSError, SyntaxError, ValueError):
+        return {}
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names if "." not in alias.name)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module and "." not in node.module:
+            names.add(node.module)
+    found: dict[str, Path] = {}
+    for name in sorted(names):
+        module = sys.modules.get(name)
+        if module is not None:
+            file = getattr(module, "__file__", None)
+            package = hasattr(module, "__path__")
+        else:
+            try:
+                spec = importlib.util.find_spec(name)
+            except (ImportError, ValueError):
+                continue
+            file = spec.origin if spec is not None else None
+            package = spec is not None and spec.submodule_search_locations is not None
+        if isinstance(file, str) and file.endswith(".py") and not package:
+            found[name] = Path(file).resolve()
     return found
 
 

@@ -39,13 +39,15 @@ end-of-stream marker. A task its Storm worker stops (SIGTERM, or its stdin
 closing: the worker shuts down, as when another of its tasks died) writes
 ``x`` before it exits. A connection that closes before ``d`` means the
 task's process died; without ``x``, of its own accord. When the topology is deactivated, the spouts stop their PEs
-(the engine's drain), emit what was already produced, and finish their
+(the engine's drain), emit what was already produced (as tuples are acked,
+at most ``topology.max.spout.pending`` in flight), and finish their
 stream as if the input had ended.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import json
 import logging
@@ -472,6 +474,11 @@ class PESpout(HostedComponent, Spout):  # type: ignore[misc]
         self.message_timeout = float(storm_conf.get("topology.message.timeout.secs", 30))
         self.pending: dict[int, list[Any]] = {}  # id -> [stream, values, attempts, when last emitted]
         self.next_id = 0
+        # Once deactivated (a run's drain), Storm calls next_tuple no more, so it no longer bounds the tuples in flight:
+        # what the PE had produced waits here, and leaves as tuples are acked, at most max_pending in flight.
+        self.max_pending = int(storm_conf.get("topology.max.spout.pending") or 0)  # 0: unbounded
+        self.held: collections.deque[tuple[str, list[Any]]] = collections.deque()
+        self.draining = False
         self.produced = False
         self.eos_sent = False
         self.kill_again: float | None = None  # orphaned, and Nimbus did not take the kill: when to try again
@@ -540,14 +547,15 @@ class PESpout(HostedComponent, Spout):  # type: ignore[misc]
         """Under a run, deactivating the topology drains it: the PE stops, what it produced still flows."""
         if self.reporter is None or self.produced:
             return
+        self.draining = True
         self.loop.call_soon_threadsafe(self.worker.drain)
-        while not self.produced:  # Storm calls next_tuple no more: emit the rest here
+        while not self.produced:  # Storm calls next_tuple no more: emit the rest here, and as tuples are acked
             self._take(self.sink.queue.get())
         self._finish_if_done()
 
     def _finish_if_done(self) -> None:
-        """Once the feed is exhausted and every tuple acked (or dropped), send the end-of-stream marker."""
-        if self.produced and not self.pending and not self.eos_sent:
+        """Once the feed is exhausted and every tuple emitted and acked (or dropped), send the end-of-stream marker."""
+        if self.produced and not self.pending and not self.held and not self.eos_sent:
             self.eos_sent = True
             self.emit([self.component], stream=EOS_STREAM)
             self._finished()
@@ -572,11 +580,18 @@ class PESpout(HostedComponent, Spout):  # type: ignore[misc]
             except TransportError as exc:
                 self._report(exc)
                 continue
-            for stream, values in tuples:
-                tup_id = self.next_id
-                self.next_id += 1
-                self.pending[tup_id] = [stream, values, 0, time.monotonic()]
-                self.emit(values, tup_id=tup_id, stream=stream)
+            self.held.extend(tuples)
+        self._emit_held()
+
+    def _emit_held(self) -> None:
+        """Emit the tuples held back: all of them, or while draining, as long as fewer than ``max_pending`` are in
+        flight (a drained spout's backlog all at once timed out behind a slow bolt, failing the run)."""
+        while self.held and not (self.draining and 0 < self.max_pending <= len(self.pending)):
+            stream, values = self.held.popleft()
+            tup_id = self.next_id
+            self.next_id += 1
+            self.pending[tup_id] = [stream, values, 0, time.monotonic()]
+            self.emit(values, tup_id=tup_id, stream=stream)
 
     def _report(self, exc: BaseException) -> None:
         """Report an error of the root PE, or an item it wrote that cannot cross: fatal to a run."""
@@ -588,6 +603,7 @@ class PESpout(HostedComponent, Spout):  # type: ignore[misc]
 
     def ack(self, tup_id: Any) -> None:
         self.pending.pop(tup_id, None)
+        self._emit_held()
         self._finish_if_done()
 
     def fail(self, tup_id: Any) -> None:
@@ -617,6 +633,7 @@ class PESpout(HostedComponent, Spout):  # type: ignore[misc]
             if self.reporter is not None:
                 kind = "timed out" if timed_out else "dropped"
                 self.reporter.send({**error_message(Aiod4pError(message), fatal=True), "kind": kind})
+            self._emit_held()
             self._finish_if_done()
             return
         entry[3] = time.monotonic()
