@@ -626,10 +626,9 @@ class LineStream:
                     counted = reader.skip = 0  # every line of the new file is new
                     switch = None
                     continue
-                if regular and waker.draining and not self.follow:
-                    break
                 if waker.draining and left is None:
-                    left = _readable_now(fd, regular)
+                    # a file not followed: the line under way (its rest is there), no more
+                    left = 0 if regular and not self.follow else _readable_now(fd, regular)
                 if left is not None and left <= 0 and not reader.partial:
                     break  # not until the pipe is empty: a writer faster than the run would never let it end
                 try:

@@ -153,6 +153,22 @@ async def test_a_followed_file_drained_while_its_writer_is_in_the_middle_of_a_li
     assert f"file {path}: the drain came in the middle of a line, 6 bytes without a newline yet" in caplog.text
 
 
+async def test_a_file_drained_in_the_middle_of_a_line_it_reads_gives_that_line_whole_and_no_more(tmp_path: Path) -> None:
+    """A file is read in chunks, so a drain nearly always comes with part of a line read: that part was a line of
+    its own (a bad JSON line that failed the drained run, or half a record), counted as read (a checkpoint's
+    offset past the real line). The line is read to its end, as a file's lines are all there, and no further."""
+    path = tmp_path / "lines.jsonl"
+    path.write_text("".join(f'{{"n": {n}, "pad": "{"x" * 30}"}}\n' for n in range(10)))
+    for as_json in (True, False):
+        stream = LineStream(path, json=as_json, chunk_size=64)  # lines of 50 bytes: the first read ends in the second
+        async with asyncio.timeout(20), contextlib.aclosing(aiter(stream)) as lines:
+            seen = [await anext(lines)]
+            stream.drain()
+            seen += [line async for line in lines]
+        expected = [{"n": 0, "pad": "x" * 30}, {"n": 1, "pad": "x" * 30}]
+        assert seen == (expected if as_json else [json.dumps(line) for line in expected])
+
+
 @pytest.mark.parametrize("mapping", ["simple", "async", "multi"])
 async def test_a_followed_file_drained_before_its_source_started_is_read_to_its_end(
     tmp_path: Path, mapping: str
