@@ -153,7 +153,7 @@ async def test_a_followed_file_drained_while_its_writer_is_in_the_middle_of_a_li
     assert f"file {path}: the drain came in the middle of a line, 6 bytes without a newline yet" in caplog.text
 
 
-async def test_a_file_drained_in_the_middle_of_a_line_it_reads_gives_that_line_whole_and_no_more(tmp_path: Path) -> None:
+async def test_a_file_drained_in_the_middle_of_a_line_it_reads_gives_that_line_whole(tmp_path: Path) -> None:
     """A file is read in chunks, so a drain nearly always comes with part of a line read: that part was a line of
     its own (a bad JSON line that failed the drained run, or half a record), counted as read (a checkpoint's
     offset past the real line). The line is read to its end, as a file's lines are all there, and no further."""
