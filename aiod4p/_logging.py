@@ -21,6 +21,7 @@ DATE_FORMAT = "%H:%M:%S"
 # How the command line configured logging (-v, -q), for the processes a run starts that do not inherit it.
 _LOGGING_VARIABLE = "AIOD4P_LOGGING"
 _configured: tuple[int, bool] | None = None
+_workflow_configured = False  # a workflow's basicConfig was honoured since configure_logging: later ones do nothing
 _basic_config = logging.basicConfig  # Python's own: configure_logging puts _workflow_basic_config in its place
 
 
@@ -65,8 +66,8 @@ def configure_logging(verbosity: int = 0, quiet: bool = False) -> None:
         level = pe_level = logging.INFO
     else:
         level, pe_level = logging.WARNING, logging.INFO
-    global _configured
-    _configured = (verbosity, quiet)
+    global _configured, _workflow_configured
+    _configured, _workflow_configured = (verbosity, quiet), False
     handler = _CurrentStderrHandler()
     handler.setFormatter(PEFormatter(LOG_FORMAT, DATE_FORMAT))
     handler.setLevel(logging.ERROR if quiet else logging.NOTSET)  # -q: a workflow's own log file still gets its level
@@ -83,13 +84,18 @@ def _workflow_basic_config(**kwargs: Any) -> None:
     as under dispel4py. Its level, when lower, becomes the root logger's (aiod4p's own loggers keep the level
     they had), and the destinations it names other than stderr (``filename=``, a ``stream``, ``handlers``) are
     added; its messages on stderr go through aiod4p's handler, in aiod4p's format (under ``-q``: errors only).
-    With ``force=True``, or once the root logger holds no handler of aiod4p's, Python's own.
+    With ``force=True``, or once the root logger holds no handler of aiod4p's, Python's own. As Python's, it
+    does nothing once it has configured logging (a PE's ``preprocess`` calling it once per instance).
     """
+    global _workflow_configured
     root = logging.getLogger()
     ours = [handler for handler in root.handlers if isinstance(handler, _CurrentStderrHandler)]
     if kwargs.get("force") or not ours:
         _basic_config(**kwargs)
         return
+    if _workflow_configured:
+        return
+    _workflow_configured = True
     handlers, level = root.handlers[:], root.level
     root.handlers = []
     try:

@@ -114,6 +114,11 @@ def test_a_workflows_basic_config_is_honoured(tmp_path: Path) -> None:
         logging.getLogger("aiod4p.x").info("aiod4p's own keep their level")
     assert log.read_text() == "INFO:flow:to the file\n"
     assert shown.getvalue() == ""  # -q: errors only on the terminal
+    again = logging.FileHandler(log)
+    logging.basicConfig(level=logging.INFO, handlers=[again])  # again: nothing, as Python's
+    again.close()
+    logging.getLogger("flow").info("once")
+    assert log.read_text() == "INFO:flow:to the file\nINFO:flow:once\n"
     configure_logging()
     with contextlib.redirect_stderr(shown):
         logging.basicConfig(level="DEBUG")
