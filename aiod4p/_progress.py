@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import sys
 import threading
 import time
@@ -131,6 +132,18 @@ class ProgressDisplay:
         elif not summaries:
             headline.append("  waiting for the first statistics…")
         return Group(headline, pes, edges)
+
+
+def _streams_of_their_own() -> None:
+    """In a forked child (a multi worker): stdout and stderr are the streams themselves, not the parent's live
+    display's proxies, through which the child's copy of the display would redraw its last frame with each line."""
+    for name in ("stdout", "stderr"):
+        proxied = getattr(getattr(sys, name), "rich_proxied_file", None)
+        if proxied is not None:
+            setattr(sys, name, proxied)
+
+
+os.register_at_fork(after_in_child=_streams_of_their_own)
 
 
 @contextlib.asynccontextmanager

@@ -280,6 +280,26 @@ def test_short_run_draws_nothing() -> None:
     assert "aiod4p" not in buffer.getvalue()
 
 
+def test_a_process_forked_under_the_display_writes_to_its_own_streams() -> None:
+    # A multi worker forked while the display showed (it no longer makes multi spawn) inherited its proxies of
+    # stdout and stderr: each line a PE printed went through the child's copy of the display, redrawing its frame.
+    console = Console(file=io.StringIO(), force_terminal=True, width=120)
+    streams = sys.stdout, sys.stderr
+
+    async def go() -> int:
+        async with asyncio.timeout(30):
+            async with aiod4p.start(wf.pipeline(1)[0], 10) as run, progress(run, console=console, interval=60):
+                assert sys.stdout is not streams[0]  # the display's proxy
+                pid = os.fork()
+                if pid == 0:
+                    os._exit(0 if (sys.stdout, sys.stderr) == streams else 1)
+                await run.results()
+                return pid
+
+    pid = asyncio.run(go())
+    assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
+
+
 class BrokenScreen(io.StringIO):
     """A terminal that fails as soon as a frame is written to it."""
 
