@@ -245,6 +245,27 @@ def test_imports_for_type_checkers_or_a_script_run_do_not_travel(
     assert not copied & {"local_secrets", "local_types", "local_script", "local_cli"}
 
 
+def test_a_module_installed_with_pip_target_does_not_travel(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A library installed with ``pip install --target DIR`` (DIR on ``PYTHONPATH``: a ``*.dist-info`` beside
+    it) counts as installed, as for multi and mpi: it stays out of the topology, like site-packages."""
+    flow, target = tmp_path / "flow", tmp_path / "target"
+    (target / "targeted_one-1.0.dist-info").mkdir(parents=True)
+    (target / "targeted_one.py").write_text("")
+    flow.mkdir()
+    (flow / "user_flow5.py").write_text(
+        "import targeted_one\nfrom aiod4p import IterativePE\n\n\nclass Same(IterativePE):\n"
+        "    def process_item(self, item):\n        return item\n"
+    )
+    for directory in (target, flow):
+        monkeypatch.syspath_prepend(str(directory))
+    for name in ("user_flow5", "targeted_one"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    graph = WorkflowGraph()
+    graph.connect(Count(), "output", importlib.import_module("user_flow5").Same(), "input")
+    project = build_project(graph, tmp_path / "p")
+    assert (project.src / "user_flow5.py").exists() and not (project.src / "targeted_one.py").exists()
+
+
 def test_a_module_to_travel_named_as_a_standard_library_one_fails_the_build(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

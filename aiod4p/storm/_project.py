@@ -11,9 +11,7 @@ import json
 import pickle
 import re
 import shutil
-import site
 import sys
-import sysconfig
 import types
 import zipfile
 from collections.abc import AsyncIterable, Callable, Iterable, Iterator, Mapping
@@ -21,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .._frames import installed, installed_directories
 from .._graph import FlatGraph, WorkflowGraph
 from .._inputs import Inputs, resolve_inputs
 from .._loading import split_target
@@ -314,17 +313,16 @@ def _local_modules(plan: ExecutionPlan, functions: dict[str, Callable[[Any], Any
 
     Those are the modules defining the PEs (or key functions), and the top-level modules those import, and so on
     (:func:`_imported_modules`): a workflow file's helper module next to it, importable where the run started
-    (a file target's directory is on ``sys.path``), is not on the workers.
+    (a file target's directory is on ``sys.path``), is not on the workers. Installed is as for multi and mpi
+    (:func:`aiod4p._frames.installed`: the standard library, the site directories, a directory of installed
+    distributions on ``sys.path``): the workers have those, or must be given them like any requirement.
 
     Raises:
         GraphError: such a module has the name of a standard library module (``sched.py`` next to the
             workflow file): on the workers, where ``src`` comes last on ``sys.path``, the standard library's
             would be imported instead.
     """
-    installed = {Path(sysconfig.get_paths()[key]).resolve() for key in ("stdlib", "platstdlib", "purelib", "platlib")}
-    # A system Python's other site directories (Debian's dist-packages) and the user's, when Python reads it.
-    extra = [*site.getsitepackages(), *([site.getusersitepackages()] if site.ENABLE_USER_SITE else [])]
-    installed |= {Path(directory).resolve() for directory in extra}
+    directories = installed_directories()
     found: dict[str, Path] = {}
     for obj in _objects(plan, functions):
         module_name = getattr(obj, "__module__", None)
@@ -332,17 +330,14 @@ def _local_modules(plan: ExecutionPlan, functions: dict[str, Callable[[Any], Any
             continue
         namespace = _namespace(obj) or vars(sys.modules.get(module_name) or types.ModuleType(module_name))
         file = namespace.get("__file__")
-        if not isinstance(file, str) or not file.endswith(".py"):
+        if not isinstance(file, str) or not file.endswith(".py") or installed(file, directories):
             continue
-        path = Path(file).resolve()
-        if any(path.is_relative_to(base) for base in installed):
-            continue
-        found[module_name] = _not_standard(module_name, path, None)
+        found[module_name] = _not_standard(module_name, Path(file).resolve(), None)
     pending = list(found.items())
     while pending:
         importer, source = pending.pop()
         for module_name, path in _imported_modules(source).items():
-            if module_name not in found and not any(path.is_relative_to(base) for base in installed):
+            if module_name not in found and not installed(path, directories):
                 found[module_name] = _not_standard(module_name, path, (importer, source))
                 pending.append((module_name, path))
     return found
