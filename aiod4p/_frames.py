@@ -1,5 +1,5 @@
 """Where in a traceback the workflow's own code is (not aiod4p's, not an installed package's, not Python's), and
-what it was called with, shown short."""
+what it was called with, shown short; which code is installed (:func:`installed`)."""
 
 from __future__ import annotations
 
@@ -7,18 +7,92 @@ import dataclasses
 import enum
 import os
 import reprlib
+import site
 import sys
+import sysconfig
 import traceback
 from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-__all__ = ["INSTALLED", "called_with", "importing_workflow_code", "short_repr", "workflow_frame"]
+__all__ = [
+    "called_with",
+    "importing_workflow_code",
+    "installed",
+    "installed_directories",
+    "short_repr",
+    "workflow_frame",
+]
 
-_OURS = str(Path(__file__).resolve().parent) + os.sep
-INSTALLED = tuple({str(Path(prefix, "lib")) + os.sep for prefix in (sys.prefix, sys.base_prefix, sys.exec_prefix)})
-"""Where the Python installation's own packages and the environment's installed ones live."""
+_OURS = os.path.normcase(str(Path(__file__).resolve().parent)) + os.sep
+_installed_cache: tuple[object, tuple[str, ...]] | None = None
+
+
+def installed_directories() -> tuple[str, ...]:
+    """The directories that hold installed code, each normalised (:func:`os.path.normcase`) and ending in a
+    separator, as given and resolved (symbolic links): :func:`installed` tells whether a file is in one.
+
+    Installed code is what an interpreter with the same packages installed imports by name without being given
+    the file, so it is not the workflow's own code:
+
+    - the standard library: ``sysconfig``'s ``stdlib`` and ``platstdlib`` (``lib-dynload`` in them), and its
+      zip archive on ``sys.path`` (``pythonXY.zip``);
+    - the site directories: ``sysconfig``'s ``purelib`` and ``platlib`` (a virtual environment's
+      site-packages), :func:`site.getsitepackages` (a system Python's ``dist-packages``, ``/usr/local`` ones
+      too) and the user's site-packages when Python reads it;
+    - any other directory on ``sys.path`` that holds an installed distribution's metadata (a ``*.dist-info``
+      directory): ``pip install --target DIR``, or a directory of libraries put on ``PYTHONPATH``. Not
+      ``*.egg-info``, which an editable install (``setup.py develop``) leaves in the project's own directory.
+
+    Any other directory on ``sys.path`` (the workflow file's own, a directory of the user's modules on
+    ``PYTHONPATH``) holds the workflow's own code. That is what error messages point at (:func:`workflow_frame`),
+    what multi and mpi ship to workers that cannot import it by name (:func:`aiod4p._loading.ship_code`), and
+    what a Storm topology carries to its workers (``aiod4p.storm``), which have only what is installed on them.
+    One rule for all three: a library the user installed (with pip, into any of those) is installed where the
+    workflow runs too, or is theirs to install there like any requirement; their own modules are not.
+
+    Computed again when ``sys.path``, the site directories or the working directory change.
+    """
+    global _installed_cache
+    user = site.getusersitepackages() if site.ENABLE_USER_SITE else None
+    key = (tuple(sys.path), tuple(site.getsitepackages()), user, os.getcwd())
+    if _installed_cache is not None and _installed_cache[0] == key:
+        return _installed_cache[1]
+    paths = sysconfig.get_paths()
+    directories = [paths[name] for name in ("stdlib", "platstdlib", "purelib", "platlib") if name in paths]
+    directories += [*key[1], *([user] if user else [])]
+    stdlib_zip = f"python{sys.version_info[0]}{sys.version_info[1]}.zip"
+    for entry in key[0]:
+        if os.path.basename(entry) == stdlib_zip or _holds_distributions(entry):
+            directories.append(entry)
+    found: dict[str, None] = {}
+    for directory in directories:
+        absolute = os.path.abspath(directory)
+        for form in (absolute, os.path.realpath(absolute)):
+            found[os.path.join(os.path.normcase(form), "")] = None
+    _installed_cache = (key, tuple(found))
+    return _installed_cache[1]
+
+
+def _holds_distributions(entry: str) -> bool:
+    try:
+        with os.scandir(entry or os.curdir) as entries:
+            return any(item.name.endswith(".dist-info") and item.is_dir() for item in entries)
+    except OSError:  # missing, not a directory (a zip archive), unreadable
+        return False
+
+
+def installed(path: str | os.PathLike[str], directories: tuple[str, ...] | None = None) -> bool:
+    """Whether the file at ``path`` is installed code (see :func:`installed_directories`, which ``directories``
+    are unless given): in the standard library, a site directory, or a directory of installed distributions on
+    ``sys.path``, as given or resolved."""
+    where = directories if directories is not None else installed_directories()
+    absolute = os.path.abspath(path)
+    if os.path.normcase(absolute).startswith(where):
+        return True
+    resolved = os.path.normcase(os.path.realpath(absolute))
+    return resolved.startswith(where)
 
 
 def workflow_frame(exc: BaseException) -> traceback.FrameSummary | None:
@@ -130,4 +204,6 @@ def short_repr(value: Any) -> str:
 
 
 def _is_workflows(filename: str) -> bool:
-    return not filename.startswith((_OURS, *INSTALLED, "<frozen"))
+    if filename.startswith("<"):  # <frozen ...>, <string>, <stdin>: not a file
+        return not filename.startswith("<frozen")
+    return not os.path.normcase(os.path.abspath(filename)).startswith(_OURS) and not installed(filename)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 
-from ._frames import INSTALLED, workflow_frame
+from ._frames import installed, installed_directories, workflow_frame
 from ._graph import WorkflowGraph
 from ._pe import CompositePE
 from .errors import TargetError
@@ -164,14 +164,15 @@ def ship_code(payload: bytes) -> CodeShipment:
     module by name, and so do dispel4py PEs, which travel as the names of their
     class) is shipped as its file when it was loaded from a file that an import
     by name would not find. The pickle is searched for the names of the modules
-    loaded from outside the Python installation only, each as a whole pickled
+    that are not installed (:func:`~aiod4p._frames.installed`) only, each as a whole pickled
     string (module ``flow`` is not named by ``workflows``), so a large input
     costs a few byte searches per such module.
     """
     files = []
+    directories = installed_directories()
     for name, module in sorted(sys.modules.items()):
         path = getattr(module, "__file__", None)
-        if not path or name == "__main__" or "." in name or str(path).startswith(INSTALLED):
+        if not path or name == "__main__" or "." in name or installed(path, directories):
             continue
         if not _names(payload, name):
             continue

@@ -6,11 +6,13 @@ import asyncio
 import concurrent.futures
 import contextlib
 import dataclasses
+import importlib
 import signal
 import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator, Mapping
+from pathlib import Path
 from typing import Any, cast
 
 import numpy as np
@@ -295,6 +297,35 @@ def test_items_in_messages_are_short_whatever_they_hold() -> None:
     point = namedtuple("point", "x y")
     shown = short_repr([point(1, 2), OrderedDict(a=1), signal.SIGINT])
     assert shown == "[point(x=1, y=2), OrderedDict({'a': 1}), Signals.SIGINT]"
+
+
+def test_installed_code_is_the_standard_library_the_site_directories_and_those_of_distributions(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One rule for error messages, multi's and mpi's shipping and Storm's copying: a library installed with
+    ``pip install --target DIR`` (a ``*.dist-info`` in a directory on ``sys.path``) is installed, like the
+    standard library and site-packages, also through a symbolic link; a directory of the user's modules on
+    ``sys.path`` is not. An error out of such a library names the user's line that called it."""
+    from aiod4p._frames import installed, workflow_frame
+
+    target, mine = tmp_path / "target", tmp_path / "mine"
+    (target / "lib_one-1.0.dist-info").mkdir(parents=True)
+    (target / "lib_one.py").write_text("def fail(item):\n    raise ValueError(item)\n")
+    mine.mkdir()
+    (mine / "mine_one.py").write_text("import lib_one\n\n\ndef call(item):\n    return lib_one.fail(item)\n")
+    (tmp_path / "linked").symlink_to(target)
+    for directory in (target, mine):
+        monkeypatch.syspath_prepend(str(directory))
+    for name in ("lib_one", "mine_one"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    assert installed(target / "lib_one.py") and installed(tmp_path / "linked" / "lib_one.py")
+    assert installed(dataclasses.__file__) and installed(pytest.__file__)
+    assert not installed(mine / "mine_one.py")
+    mine_one = importlib.import_module("mine_one")
+    with pytest.raises(ValueError) as failed:
+        mine_one.call(3)
+    frame = workflow_frame(failed.value)
+    assert frame is not None and (frame.filename, frame.lineno) == (str(mine / "mine_one.py"), 5)
 
 
 def test_a_pe_error_names_the_item_and_the_method_it_was_given_to() -> None:

@@ -215,6 +215,83 @@ def test_the_modules_a_workflow_imports_travel_unless_installed(
     assert project.spec.sources["helper_two"] == str(flow / "helper_two.py")
 
 
+def test_imports_for_type_checkers_or_a_script_run_do_not_travel(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Imports under ``if TYPE_CHECKING:`` (``typing.TYPE_CHECKING`` too) or ``if __name__ == "__main__":``
+    never run where the workflow is imported: those modules (a private local_secrets.py) stay out of the jar.
+    Those under the ``else`` of such an ``if``, under ``try`` or in a function do run, and travel."""
+    flow = tmp_path / "flow"
+    flow.mkdir()
+    for name in ("local_secrets", "local_types", "local_script", "local_cli", "helper_else", "helper_tried"):
+        (flow / f"{name}.py").write_text("Thing = None\n")
+    (flow / "helper_late.py").write_text('if "__main__" == __name__:\n    import local_cli\n')
+    (flow / "user_flow3.py").write_text(
+        "import typing\nfrom typing import TYPE_CHECKING\n\nfrom aiod4p import IterativePE\n\n"
+        "try:\n    import helper_tried\nexcept ImportError:\n    helper_tried = None\n"
+        "if TYPE_CHECKING:\n    import local_secrets\n"
+        "if typing.TYPE_CHECKING:\n    from local_types import Thing\nelse:\n    import helper_else\n"
+        'if __name__ == "__main__":\n    import local_script\n\n\n'
+        "class Same(IterativePE):\n    def process_item(self, item):\n        import helper_late\n        return item\n"
+    )
+    monkeypatch.syspath_prepend(str(flow))
+    for name in ("user_flow3", "helper_else", "helper_tried", "helper_late"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    graph = WorkflowGraph()
+    graph.connect(Count(), "output", importlib.import_module("user_flow3").Same(), "input")
+    project = build_project(graph, tmp_path / "p")
+    copied = {path.stem for path in project.src.glob("*.py")}
+    assert {"user_flow3", "helper_tried", "helper_else", "helper_late"} <= copied
+    assert not copied & {"local_secrets", "local_types", "local_script", "local_cli"}
+
+
+def test_a_module_installed_with_pip_target_does_not_travel(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A library installed with ``pip install --target DIR`` (DIR on ``PYTHONPATH``: a ``*.dist-info`` beside
+    it) counts as installed, as for multi and mpi: it stays out of the topology, like site-packages."""
+    flow, target = tmp_path / "flow", tmp_path / "target"
+    (target / "targeted_one-1.0.dist-info").mkdir(parents=True)
+    (target / "targeted_one.py").write_text("")
+    flow.mkdir()
+    (flow / "user_flow5.py").write_text(
+        "import targeted_one\nfrom aiod4p import IterativePE\n\n\nclass Same(IterativePE):\n"
+        "    def process_item(self, item):\n        return item\n"
+    )
+    for directory in (target, flow):
+        monkeypatch.syspath_prepend(str(directory))
+    for name in ("user_flow5", "targeted_one"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    graph = WorkflowGraph()
+    graph.connect(Count(), "output", importlib.import_module("user_flow5").Same(), "input")
+    project = build_project(graph, tmp_path / "p")
+    assert (project.src / "user_flow5.py").exists() and not (project.src / "targeted_one.py").exists()
+
+
+def test_a_module_to_travel_named_as_a_standard_library_one_fails_the_build(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A helper next to the workflow file named as a standard library module (``sched.py``) is imported here
+    (the file's directory comes first on ``sys.path``) but not on the Storm workers, where the topology's modules
+    come last: the build fails, naming the file and the module that imports it, instead of copying it."""
+    flow = tmp_path / "flow"
+    flow.mkdir()
+    (flow / "sched.py").write_text("def plan(item):\n    return item\n")
+    (flow / "user_flow4.py").write_text(
+        "from aiod4p import IterativePE\n\n\nclass Planned(IterativePE):\n"
+        "    def process_item(self, item):\n        import sched\n\n        return sched.plan(item)\n"
+    )
+    monkeypatch.syspath_prepend(str(flow))
+    for name in ("user_flow4", "sched"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    graph = WorkflowGraph()
+    graph.connect(Count(), "output", importlib.import_module("user_flow4").Planned(), "input")
+    with pytest.raises(GraphError) as failed:
+        build_project(graph, tmp_path / "p")
+    message = str(failed.value)
+    assert f"module sched ({flow / 'sched.py'}) (imported by module user_flow4, {flow / 'user_flow4.py'})" in message
+    assert "standard library" in message and "Rename sched.py" in message
+    assert not (tmp_path / "p" / "src" / "sched.py").exists()
+
+
 def test_inputs_must_be_storable(tmp_path: Path) -> None:
     graph = WorkflowGraph()
     graph.connect(source := Merge(), "output", Double(), "input")

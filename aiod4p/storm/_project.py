@@ -11,9 +11,7 @@ import json
 import pickle
 import re
 import shutil
-import site
 import sys
-import sysconfig
 import types
 import zipfile
 from collections.abc import AsyncIterable, Callable, Iterable, Iterator, Mapping
@@ -21,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .._frames import installed, installed_directories
 from .._graph import FlatGraph, WorkflowGraph
 from .._inputs import Inputs, resolve_inputs
 from .._loading import split_target
@@ -118,7 +117,8 @@ def build_project(
     before submitting, is kept (``envs`` is written into a new one only).
 
     Raises:
-        GraphError: the graph is invalid, a PE cannot be pickled, or a name is reserved.
+        GraphError: the graph is invalid, a PE cannot be pickled, a name is reserved, or a module to copy into
+            ``src`` has the name of a standard library module (the workers would import that one).
         InputError: the inputs are invalid, or an item can neither be JSON nor be pickled.
         TargetError: ``directory`` cannot be written, or is not empty and holds no project of aiod4p.
     """
@@ -313,12 +313,16 @@ def _local_modules(plan: ExecutionPlan, functions: dict[str, Callable[[Any], Any
 
     Those are the modules defining the PEs (or key functions), and the top-level modules those import, and so on
     (:func:`_imported_modules`): a workflow file's helper module next to it, importable where the run started
-    (a file target's directory is on ``sys.path``), is not on the workers.
+    (a file target's directory is on ``sys.path``), is not on the workers. Installed is as for multi and mpi
+    (:func:`aiod4p._frames.installed`: the standard library, the site directories, a directory of installed
+    distributions on ``sys.path``): the workers have those, or must be given them like any requirement.
+
+    Raises:
+        GraphError: such a module has the name of a standard library module (``sched.py`` next to the
+            workflow file): on the workers, where ``src`` comes last on ``sys.path``, the standard library's
+            would be imported instead.
     """
-    installed = {Path(sysconfig.get_paths()[key]).resolve() for key in ("stdlib", "platstdlib", "purelib", "platlib")}
-    # A system Python's other site directories (Debian's dist-packages) and the user's, when Python reads it.
-    extra = [*site.getsitepackages(), *([site.getusersitepackages()] if site.ENABLE_USER_SITE else [])]
-    installed |= {Path(directory).resolve() for directory in extra}
+    directories = installed_directories()
     found: dict[str, Path] = {}
     for obj in _objects(plan, functions):
         module_name = getattr(obj, "__module__", None)
@@ -326,38 +330,57 @@ def _local_modules(plan: ExecutionPlan, functions: dict[str, Callable[[Any], Any
             continue
         namespace = _namespace(obj) or vars(sys.modules.get(module_name) or types.ModuleType(module_name))
         file = namespace.get("__file__")
-        if not isinstance(file, str) or not file.endswith(".py"):
+        if not isinstance(file, str) or not file.endswith(".py") or installed(file, directories):
             continue
-        path = Path(file).resolve()
-        if any(path.is_relative_to(base) for base in installed):
-            continue
-        found[module_name] = path
-    pending = list(found.values())
+        found[module_name] = _not_standard(module_name, Path(file).resolve(), None)
+    pending = list(found.items())
     while pending:
-        for module_name, path in _imported_modules(pending.pop()).items():
-            if module_name not in found and not any(path.is_relative_to(base) for base in installed):
-                found[module_name] = path
-                pending.append(path)
+        importer, source = pending.pop()
+        for module_name, path in _imported_modules(source).items():
+            if module_name not in found and not installed(path, directories):
+                found[module_name] = _not_standard(module_name, path, (importer, source))
+                pending.append((module_name, path))
     return found
+
+
+def _not_standard(module_name: str, path: Path, importer: tuple[str, Path] | None) -> Path:
+    """``path``, the file of module ``module_name`` to copy into ``src``, unless the standard library has a
+    module of that name, which the workers would import instead (GraphError)."""
+    if module_name not in sys.stdlib_module_names:
+        return path
+    by = f" (imported by module {importer[0]}, {importer[1]})" if importer else ""
+    raise GraphError(
+        f"module {module_name} ({path}){by} has the name of a module of Python's standard library: the Storm"
+        f" workers would import the standard library's {module_name} instead of it (the topology's own modules"
+        f" come last on their sys.path). Rename {path.name}"
+    )
 
 
 def _imported_modules(source: Path) -> dict[str, Path]:
     """The top-level modules (single ``.py`` files, not packages) that the module at ``source`` imports.
 
-    Every ``import`` statement of the file counts (one in a function too), and a module is looked up where this
-    process would import it from (``sys.modules`` first); relative imports, packages, compiled modules and names
-    that are not found are left out. A file that cannot be read or parsed imports nothing here.
+    Every ``import`` statement of the file that may run where it is imported counts (one in a function, or
+    under ``try``, too), not those under ``if TYPE_CHECKING:`` or ``if __name__ == "__main__":`` (their
+    ``else`` does); a module is looked up where this process would import it from (``sys.modules`` first).
+    Relative imports, packages, compiled modules and names that are not found are left out. A file that cannot
+    be read or parsed imports nothing here.
     """
     try:
         tree = ast.parse(source.read_bytes(), str(source))
     except (OSError, SyntaxError, ValueError):
         return {}
     names: set[str] = set()
-    for node in ast.walk(tree):
+    pending: list[ast.AST] = [tree]
+    while pending:
+        node = pending.pop()
         if isinstance(node, ast.Import):
             names.update(alias.name for alias in node.names if "." not in alias.name)
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module and "." not in node.module:
             names.add(node.module)
+        elif isinstance(node, ast.If) and _never_imported(node.test):
+            pending.extend(node.orelse)
+            continue
+        pending.extend(ast.iter_child_nodes(node))
     found: dict[str, Path] = {}
     for name in sorted(names):
         module = sys.modules.get(name)
@@ -374,6 +397,19 @@ def _imported_modules(source: Path) -> dict[str, Path]:
         if isinstance(file, str) and file.endswith(".py") and not package:
             found[name] = Path(file).resolve()
     return found
+
+
+def _never_imported(test: ast.expr) -> bool:
+    """Whether an ``if`` with this test never runs its body where the module is imported: ``TYPE_CHECKING``
+    (``typing.TYPE_CHECKING``, any module's), or ``__name__ == "__main__"`` (either way round)."""
+    if isinstance(test, ast.Name | ast.Attribute):
+        return (test.id if isinstance(test, ast.Name) else test.attr) == "TYPE_CHECKING"
+    if isinstance(test, ast.Compare) and len(test.ops) == 1 and isinstance(test.ops[0], ast.Eq):
+        sides = [test.left, test.comparators[0]]
+        main = [side for side in sides if isinstance(side, ast.Constant) and side.value == "__main__"]
+        name = [side for side in sides if isinstance(side, ast.Name) and side.id == "__name__"]
+        return bool(main and name)
+    return False
 
 
 def _dispel4py_package(plan: ExecutionPlan, functions: dict[str, Callable[[Any], Any]]) -> Path | None:
