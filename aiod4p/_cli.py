@@ -331,6 +331,7 @@ _SIMPLE_HINT = (
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status (see ``EXIT_STATUS_HELP``)."""
+    started()  # a program that calls main() itself (a wrapper script) keeps its handlers: none replaced here
     parser = _parser()
     words = [word for word in (sys.argv[1:] if argv is None else argv) if word != "--debug"]
     commands = next(action.choices for action in parser._actions if isinstance(action, argparse._SubParsersAction))

@@ -50,7 +50,6 @@ __all__ = [
     "Stopped",
     "die_with_parent",
     "held",
-    "held_across_exec",
     "interrupts_the_run",
     "loop_turns",
     "release",
@@ -154,35 +153,6 @@ def held() -> Iterator[None]:
         yield
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
-
-
-_TERMINAL_SIGNALS = (signal.SIGINT, signal.SIGHUP)
-_ignoring = threading.Lock()
-
-
-@contextmanager
-def held_across_exec() -> Iterator[None]:
-    """:func:`held`, for a child that runs a new program (a spawned interpreter, multiprocessing's forkserver),
-    which does not keep the mask: SIGINT and SIGHUP, which a terminal (and a Jupyter kernel's interrupt) send to
-    the whole process group, are also ignored meanwhile, as the C library sees them (from any thread), and a
-    program keeps them ignored. A Ctrl-C while the child starts (an interpreter's start and imports: half a second
-    or more) would otherwise end it before it takes them over, as a Python interpreter's ``KeyboardInterrupt``.
-
-    Held in this thread meanwhile: in the main thread, one that comes for this process is acted on once the
-    actions are back (Linux never discards a signal the main thread holds); called from another thread, one that
-    comes within the moment the child takes to start is lost. One caller at a time.
-    """
-    with held(), _ignoring:
-        actions = signal_actions(_TERMINAL_SIGNALS)
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.signal.argtypes = (ctypes.c_int, ctypes.c_void_p)
-        libc.signal.restype = ctypes.c_void_p
-        for signum in actions:
-            libc.signal(signum, int(signal.SIG_IGN))
-        try:
-            yield
-        finally:
-            restore_signal_actions(actions)
 
 
 def release() -> None:

@@ -1426,6 +1426,44 @@ def test_ctrl_c_while_the_command_imports_is_one_line_and_status_130(
     assert (process.returncode, err) == (130, said + "\n")
 
 
+KEEPS_ITS_HANDLERS = """
+import signal, sys
+
+def mine(signum, frame):
+    pass
+
+signal.signal(signal.SIGTERM, mine)
+{body}
+print(signal.getsignal(signal.SIGINT) is signal.default_int_handler, signal.getsignal(signal.SIGTERM) is mine)
+"""
+
+
+@pytest.mark.parametrize(
+    ("how", "body"),
+    [
+        ("script", "from aiod4p._cli import main"),
+        ("-c", "import aiod4p._cli"),
+        ("named aiod4p", "from aiod4p._cli import main\nassert main(sys.argv[1:]) == 0"),
+    ],
+    ids=["imports-the-cli", "python-c", "calls-main"],
+)
+def test_a_program_importing_the_cli_keeps_its_own_signal_handlers(
+    tmp_path: Path, workflow_file: Path, how: str, body: str
+) -> None:
+    """A wrapper script (`from aiod4p._cli import main`, then main(argv)) or a `python -c` one-liner importing
+    aiod4p._cli was taken for the aiod4p command: its SIGINT/SIGTERM handlers were replaced for good, and every
+    Ctrl-C ended it with `aborted by SIGINT while starting`. One named `aiod4p` calling main() gets them back."""
+    program = KEEPS_ITS_HANDLERS.format(body=body)
+    script = tmp_path / ("aiod4p" if how == "named aiod4p" else "wrapper.py")
+    script.write_text(program)
+    command = [sys.executable, "-c", program] if how == "-c" else [sys.executable, str(script)]
+    arguments = ["run", str(workflow_file), "-m", "simple", "-i", "1", "-q"] if how == "named aiod4p" else []
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([*command, *arguments], capture_output=True, text=True, timeout=60, env=env)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[-1] == "True True", done.stdout + done.stderr
+
+
 EXITS_SLOWLY = """
 import atexit, signal, sys
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import json
 import multiprocessing
@@ -805,13 +806,15 @@ INTERRUPTED_AS_A_WORKER_STARTS = textwrap.dedent(
     def run():
         graph = aiod4p.WorkflowGraph()
         graph.connect(count := wf.Count(), "output", wf.Double(), "input")
-        aiod4p.run(graph, {count: 10**9}, mapping=MultiMapping(sys.argv[1]), workers=2)
+        # one worker: a second one could be in its interpreter's start as the first imports this script, before
+        # it imports aiod4p, which is when it ignores Ctrl-C (aiod4p._starting)
+        aiod4p.run(graph, {count: 10**9}, mapping=MultiMapping(sys.argv[1]), workers=1)
 
     async def cell():  # a notebook's: its loop runs, and the run's loop runs in a thread of its own
         warnings.simplefilter("ignore", RuntimeWarning)  # "it blocks that loop" (not said in a kernel)
         run()
 
-    if __name__ != "__main__":  # a spawned worker (or the forkserver) imports this script as it starts
+    if __name__ != "__main__":  # a spawned worker (or the forkserver) imports this script as it starts, aiod4p first
         try:
             os.close(os.open(os.environ["ONCE"], os.O_CREAT | os.O_EXCL))
         except FileExistsError:
@@ -850,6 +853,40 @@ def test_ctrl_c_while_a_spawned_worker_starts_interrupts_the_run_not_the_worker(
     assert (tmp_path / "once").exists()
     assert process.returncode == -signal.SIGINT, err
     assert err.rstrip().splitlines()[-1].startswith("KeyboardInterrupt"), err
+
+
+USERS_FORKSERVER_AFTER_A_RUN = textwrap.dedent(
+    """
+    import multiprocessing, os, signal, sys
+    import aiod4p, workflows as wf
+    from aiod4p.mappings.multi import MultiMapping
+
+    def report():
+        print(signal.getsignal(signal.SIGINT) is signal.default_int_handler,
+              signal.getsignal(signal.SIGHUP) == signal.SIG_DFL,
+              "AIOD4P_SPAWNED_WORKER" in os.environ, flush=True)
+
+    if __name__ == "__main__":
+        graph = aiod4p.WorkflowGraph()
+        graph.connect(count := wf.Count(), "output", wf.Double(), "input")
+        aiod4p.run(graph, {count: 10}, mapping=MultiMapping("forkserver"), workers=2)
+        process = multiprocessing.get_context("forkserver").Process(target=report)
+        process.start()
+        process.join()
+    """
+)
+
+
+def test_the_users_own_forkserver_processes_take_ctrl_c_after_a_run_on_forkserver(tmp_path: Path) -> None:
+    """The forkserver a multi run starts is multiprocessing's, which the program's own forkserver processes come
+    from too: started with SIGINT and SIGHUP ignored (so that a Ctrl-C while it imported did not kill it), it gave
+    them to every process it forked for the program later, which then ignored Ctrl-C."""
+    script = tmp_path / "flow.py"
+    script.write_text(USERS_FORKSERVER_AFTER_A_RUN)
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}"}
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[-1] == "True True False", done.stdout + done.stderr
 
 
 def test_workers_exit_when_the_parent_is_killed(tmp_path: Path) -> None:
@@ -915,24 +952,36 @@ def test_a_forked_worker_holds_no_socket_of_another_run_starting_meanwhile() -> 
     assert beside <= alone + 4, (alone, beside)  # the other run's parent ends, open while it ran, at most
 
 
-def _few_files() -> None:
-    resource.setrlimit(resource.RLIMIT_NOFILE, (256, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+def _few_files(limit: int) -> None:
+    resource.setrlimit(resource.RLIMIT_NOFILE, (limit, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
 
 
 def test_more_workers_than_files_this_process_may_open_is_a_clear_error() -> None:
     """`aiod4p run -m multi -n 10000 --oversubscribe` said only `aiod4p: error: [Errno 24] Too many open files`
-    (and left the socket pairs made so far open): it names the workers, the files they need and the limit now."""
-    done = subprocess.run(
-        [*AIOD4P, "run", "examples/wordcount.py", "-m", "multi", "-n", "100", "--oversubscribe", "-q"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=ROOT,
-        preexec_fn=_few_files,
-    )
-    assert done.returncode == 1, done.stderr
-    assert re.fullmatch(
-        r"aiod4p: error: 100 worker processes need \d+ socket pairs here \(\d+ open files\), more than this process"
-        r" may open \(ulimit -n: 256\): start fewer workers \(-n\), or raise the limit\n",
-        done.stderr,
-    ), done.stderr
+    (and left the socket pairs made so far open): it names the workers, the files they need and the limit now.
+    With a limit just above the socket pairs' files, the pipes that starting the workers opens (and the files open
+    already) were not counted: `os.pipe()` in `process.start()` failed with the bare `[Errno 24]`."""
+
+    def run(limit: int) -> tuple[int, int]:
+        done = subprocess.run(
+            [*AIOD4P, "run", "examples/wordcount.py", "-m", "multi", "-n", "100", "--oversubscribe", "-q"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=ROOT,
+            preexec_fn=functools.partial(_few_files, limit),
+        )
+        assert done.returncode == 1, done.stderr
+        said = re.fullmatch(
+            r"aiod4p: error: 100 worker processes need about (\d+) open files here \((\d+) socket pairs, the pipes to"
+            r" each process and the files open already\), more than this process may open \(ulimit -n: (\d+)\):"
+            r" start fewer workers \(-n\), or raise the limit\n",
+            done.stderr,
+        )
+        assert said is not None, done.stderr
+        needed, pairs, told = map(int, said.groups())
+        assert told == limit and needed > limit and needed >= 2 * pairs + 2 * 100, done.stderr
+        return needed, pairs
+
+    _, pairs = run(256)
+    run(2 * pairs + 16)  # the socket pairs fit, the pipes of the processes' start do not

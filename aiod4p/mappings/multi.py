@@ -34,7 +34,8 @@ from typing import Any
 
 from .._logging import logging_environment
 from .._plan import ExecutionPlan
-from .._signals import held, held_across_exec
+from .._signals import held
+from .._starting import SPAWNED_ENV
 from .._threads import callers_threads, forking
 from ..errors import MappingUnavailable
 from ..transports.pipes import PipeComm, open_pipe_comm
@@ -107,12 +108,39 @@ class MultiMapping(HostedMapping):
         return _MultiRun(self, plan)
 
 
+def _files_needed(pairs: int, workers: int) -> int:
+    """About how many files this process holds open while it starts ``workers`` worker processes joined by
+    ``pairs`` socket pairs: those open already, both ends of each pair, and the pipes each process start opens
+    (two that stay: its sentinel and its pipe to the child; two more for a moment)."""
+    try:
+        already = len(os.listdir("/proc/self/fd")) - 1  # less the listing's own
+    except OSError:
+        already = 3
+    return already + 2 * pairs + 2 * workers + 2
+
+
+def _too_many_files(pairs: int, workers: int, needed: int | None = None) -> MappingUnavailable:
+    """The error for ``workers`` worker processes that need more files than ``ulimit -n`` allows."""
+    limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    needed = _files_needed(pairs, workers) if needed is None else needed
+    return MappingUnavailable(
+        f"{workers} worker processes need about {needed} open files here ({pairs} socket pairs, the pipes to each"
+        f" process and the files open already), more than this process may open (ulimit -n: {limit}): start"
+        " fewer workers (-n), or raise the limit"
+    )
+
+
 def _socket_pairs(count: int, workers: int) -> list[tuple[socket.socket, socket.socket]]:
     """``count`` socket pairs, to join ``workers`` worker processes and this one.
 
     Raises:
-        MappingUnavailable: this process may not open so many files (``ulimit -n``); none is left open.
+        MappingUnavailable: this process may not open so many files (``ulimit -n``), with the pipes that
+            starting the workers opens; none is left open.
     """
+    needed = _files_needed(count, workers)
+    limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if limit != resource.RLIM_INFINITY and needed > limit:
+        raise _too_many_files(count, workers, needed)
     made: list[tuple[socket.socket, socket.socket]] = []
     try:
         for _ in range(count):
@@ -123,11 +151,7 @@ def _socket_pairs(count: int, workers: int) -> list[tuple[socket.socket, socket.
                 sock.close()
         if exc.errno != errno.EMFILE:
             raise
-        limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-        raise MappingUnavailable(
-            f"{workers} worker processes need {count} socket pairs here ({2 * count} open files), more than this"
-            f" process may open (ulimit -n: {limit}): start fewer workers (-n), or raise the limit"
-        ) from exc
+        raise _too_many_files(count, workers, needed) from exc
     return made
 
 
@@ -164,7 +188,9 @@ class _MultiRun:
         # thread would take them for the caller's own, or take them out under this one. (Fork sets none, and
         # a forked child must not inherit the lock held.)
         with _environment_lock if self.method != "fork" else contextlib.nullcontext():
-            safe = _safe_path(self.method) | (logging_environment() if self.method != "fork" else {})
+            safe = _safe_path(self.method)
+            if self.method != "fork":  # a new interpreter, which ignores SIGINT and SIGHUP once it imports aiod4p
+                safe |= logging_environment() | {SPAWNED_ENV: "1"}
             with _starting_lock:
                 _STARTING_SOCKETS.update(every)
             try:
@@ -173,7 +199,8 @@ class _MultiRun:
                         b if a == wid else a: links[(a, b)][0 if a == wid else 1] for (a, b) in links if wid in (a, b)
                     }
                     child_control = controls[wid][1]
-                    # signals held (ignored by a new program) until it has its own handlers (worker_main)
+                    # signals held (by a forked child) until it has its own handlers (worker_main); a new
+                    # interpreter ignores SIGINT and SIGHUP as it imports aiod4p (SPAWNED_ENV, in `safe`)
                     async with _start_turn(self.method):
                         inherited = []
                         if self.method == "fork":
@@ -187,10 +214,16 @@ class _MultiRun:
                             args=(wid, job, child_control, peers, inherited, safe, parent),
                             name=f"aiod4p-worker-{wid}",
                         )
-                        signals = held() if self.method == "fork" else held_across_exec()
                         pausing = forking() if self.method == "fork" else contextlib.nullcontext()
-                        with signals, pausing, _main_not_reimported(self.method), _environment(safe):
-                            process.start()
+                        # forking() first: it may wait for a helper thread (a progress display on a stalled
+                        # terminal), and a signal meanwhile must not be held with it
+                        with pausing, held(), _main_not_reimported(self.method), _environment(safe):
+                            try:
+                                process.start()
+                            except OSError as exc:
+                                if exc.errno != errno.EMFILE:
+                                    raise
+                                raise _too_many_files(len(made), n) from exc
                     self.processes.append(process)
                     control.workers_run()
                     self._exits.append(_watch_exit(process))
