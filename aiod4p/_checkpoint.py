@@ -56,7 +56,7 @@ from ._pe import PE
 from ._plan import ExecutionPlan, InstanceRef
 from ._results import ResultRecord, ResultSink, record_line
 from ._sizes import approximate_batch_size
-from ._state import NOT_MADE, capture, check_keyed_state, excluded_attributes, restore_state
+from ._state import NOT_MADE, capture, check_keyed_state, excluded_attributes, fixed_attributes, restore_state
 from ._threads import finished_in_thread
 from .errors import (
     CheckpointError,
@@ -305,7 +305,7 @@ class Checkpoint:
         if all(state["finished"] for state in states):
             return  # its instances do not run again
         built, saved = plan.pes[pe], states[0]["pe"].get("attributes", {})
-        for name in getattr(built, "checkpoint_fixed", ()):
+        for name in fixed_attributes(built):
             if name in saved and not _same(saved[name], getattr(built, name)):
                 raise CheckpointError(
                     f"{self.label}: PE {pe}'s {name} is {short_repr(getattr(built, name))} in this workflow and was"
@@ -2079,12 +2079,14 @@ def _check_no_results_to_lose(restored: Checkpoint, path: str) -> None:
 
 def _no_checkpoint_to_restore(store: CheckpointStore, since: int) -> None:
     """Raise the error of a restore that finds no complete checkpoint of the last run (at least ``since``)."""
-    earlier = store.latest()
+    # Its id only: unpickled (or its format checked), the checkpoint of an earlier run, of an older aiod4p or of
+    # workflow code since changed, would fail this message with a reason that is not why nothing is restored.
+    earlier = store._newest(0, store._read)
     if earlier is None:
         raise CheckpointError(f"--restore: no complete checkpoint in {store.directory}")
     raise CheckpointError(
         f"--restore: no complete checkpoint of the last run in {store.directory}, which started after checkpoint"
-        f" {since - 1}: it was stopped before its first checkpoint completed; checkpoint {earlier.id} is of an earlier"
+        f" {since - 1}: it was stopped before its first checkpoint completed; checkpoint {earlier[0]} is of an earlier"
         " run, which that run did not resume (it started afresh, and its results file too): start the run afresh,"
         " without --restore"
     )

@@ -34,6 +34,7 @@ __all__ = [
     "capture",
     "check_keyed_state",
     "excluded_attributes",
+    "fixed_attributes",
     "keyed_owner",
     "restore_state",
 ]
@@ -43,7 +44,7 @@ KEY_GROUPS = 128
 
 RUNTIME_ATTRIBUTES = frozenset(
     {"name", "id", "parallelism", "inputs", "outputs", "_runtime", "_stream", "_task", "_draining", "_seek"}
-    | {"keyed_state", "checkpoint_exclude"}
+    | {"keyed_state", "checkpoint_exclude", "checkpoint_fixed"}
 )
 """Attributes that describe or run a PE rather than hold its state (a PE adds its own configuration
 attributes in ``checkpoint_exclude``, a tuple of names)."""
@@ -59,15 +60,29 @@ _CODE = (
 )
 
 
+def _declared(pe: PE, name: str) -> tuple[str, ...]:
+    """The attribute names in the tuples ``name`` (``checkpoint_exclude``, ``checkpoint_fixed``) of ``pe`` and of
+    every class it derives from, added up (a subclass's add to its base's, never hide them): the base's first,
+    each once."""
+    found: dict[str, None] = {}
+    for owner in (*reversed(type(pe).__mro__), pe):
+        found.update(dict.fromkeys(vars(owner).get(name, ())))
+    return tuple(found)
+
+
 def excluded_attributes(pe: PE) -> frozenset[str]:
     """The attributes of ``pe`` that are not its state: :data:`RUNTIME_ATTRIBUTES` and every name in a
     ``checkpoint_exclude`` of its class or of any class it derives from (a subclass adds its own configuration to
     its base's). Neither saved nor restored: a restore keeps them as the workflow built them, whatever a checkpoint
     (written before they were named) holds."""
-    excluded = set(RUNTIME_ATTRIBUTES)
-    for owner in (pe, *type(pe).__mro__):
-        excluded.update(vars(owner).get("checkpoint_exclude", ()))
-    return frozenset(excluded)
+    return RUNTIME_ATTRIBUTES.union(_declared(pe, "checkpoint_exclude"))
+
+
+def fixed_attributes(pe: PE) -> tuple[str, ...]:
+    """The attributes of ``pe`` that a restore refuses to change: every name in a ``checkpoint_fixed`` of its class
+    or of any class it derives from (a subclass adds its own to its base's), in that order. They are saved as
+    state; what the PE's state holds was made with them (a window's size, a file source's path)."""
+    return _declared(pe, "checkpoint_fixed")
 
 
 def _is_code(value: Any) -> bool:

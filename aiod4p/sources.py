@@ -1485,10 +1485,11 @@ class _BadLines(SourcePE):
 
     A source PE's options are its configuration, not its state: a checkpoint does not save them, and a restore
     takes them from the workflow (``on_bad="skip"`` after a bad line failed the run), with the position from the
-    checkpoint.
+    checkpoint. Those that say what the position counts (a :class:`LinesSource`'s path, ``json``, ``max_line``...)
+    are saved instead, and a restore that changes them is refused (``checkpoint_fixed``).
     """
 
-    checkpoint_exclude: ClassVar[tuple[str, ...]] = ("max_line", "on_bad")
+    checkpoint_exclude: ClassVar[tuple[str, ...]] = ("on_bad",)
 
     def __init__(self, *, max_line: int, on_bad: str, name: str | None) -> None:
         _check_line_options(max_line, on_bad, type(self).__name__)
@@ -1505,10 +1506,14 @@ class LinesSource(_BadLines):
     """Lines or JSON Lines from stdin (``path=None``) or a file, optionally followed (``tail -f``).
 
     Options as :class:`LineStream`; see :class:`_BadLines` for ``on_bad="dead-letter"``. Its state in a
-    checkpoint is its position and ``generations`` (the files a followed path held).
+    checkpoint is its position and ``generations`` (the files a followed path held). Its position counts the
+    items of that file as its ``path``, ``json``, ``follow``, ``from_end`` and ``max_line`` made them (which lines
+    are items, from which end, in which file generation): a restore that changes one of them is refused, naming
+    it; ``on_bad`` and ``poll_interval`` are taken from the workflow.
     """
 
-    checkpoint_exclude = ("path", "json", "follow", "from_end", "poll_interval")
+    checkpoint_exclude = ("poll_interval",)
+    checkpoint_fixed = ("path", "json", "follow", "from_end", "max_line")  # what its position counts
 
     def __init__(
         self,
@@ -1558,6 +1563,7 @@ class TCPSource(_BadLines):
     checkpoint_exclude = (
         *("host", "port", "mode", "json", "connections", "on_listen", "max_pending", "max_pending_bytes"),
         "address",  # where this run listens: the workflow's host and port say where a restored one does
+        "max_line",  # not replayable: no position to count lines for, all its options are configuration
     )
 
     def __init__(
@@ -1610,7 +1616,9 @@ class UDPSource(_BadLines):
     ``on_bad="dead-letter"``."""
 
     replayable = False
-    checkpoint_exclude = ("host", "port", "json", "count", "on_listen", "max_pending", "max_pending_bytes")
+    checkpoint_exclude = (  # not replayable: no position to count datagrams for, all its options are configuration
+        *("host", "port", "json", "count", "on_listen", "max_pending", "max_pending_bytes", "max_line"),
+    )
 
     def __init__(
         self,
@@ -1651,7 +1659,7 @@ class UDPSource(_BadLines):
 class TimerSource(SourcePE):
     """A tick every ``interval`` seconds; options as :class:`TimerStream`."""
 
-    checkpoint_exclude = ("interval", "count")
+    checkpoint_exclude = ("interval", "count")  # its position counts ticks whatever their interval and count
 
     def __init__(self, interval: float, *, count: int | None = None, name: str | None = None) -> None:
         _check_seconds(interval, "interval", "TimerSource")

@@ -58,6 +58,8 @@ def _value_getter(spec: int | str | Callable[[Any], Any]) -> Callable[[Any], Any
 class _WindowPE(GenericPE):
     # Configuration, not state (checkpoints): a subclass adds its own.
     checkpoint_exclude: ClassVar[tuple[str, ...]] = ("key_grouping", "aggregate", "timestamp")
+    # State a restore refuses to change (its state was made with it): a subclass adds its own.
+    checkpoint_fixed: ClassVar[tuple[str, ...]] = ()
 
     def __init__(
         self,
@@ -110,7 +112,8 @@ class CountWindow(_WindowPE):
     """
 
     checkpoint_exclude = ("partial",)  # configuration: a restore takes it from the workflow
-    checkpoint_fixed = ("size", "step")  # its windows under way were made with them: a restore refuses others
+    # Its windows under way were made with size and step: a restore refuses others.
+    checkpoint_fixed: ClassVar[tuple[str, ...]] = ("size", "step")
 
     def __init__(
         self,
@@ -200,8 +203,10 @@ class TimeWindow(_WindowPE):
             :data:`MAX_WINDOWS_PER_ITEM` windows, or the key is not understood.
     """
 
-    checkpoint_exclude = ("allowed_lateness",)  # configuration: a restore takes it from the workflow
-    checkpoint_fixed = ("size", "step")  # its windows under way were made with them: a restore refuses others
+    # Its windows under way were made with size and step, and which were emitted is not saved but follows from clock
+    # and allowed_lateness (_emitted): more lateness would reopen windows emitted before the checkpoint and emit
+    # them again. A restore refuses others.
+    checkpoint_fixed: ClassVar[tuple[str, ...]] = ("size", "step", "allowed_lateness")
 
     def __init__(
         self,

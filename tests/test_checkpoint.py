@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import itertools
 import json
@@ -2282,10 +2283,11 @@ async def test_what_preprocess_writes_is_not_delivered_again_by_a_restore(tmp_pa
     assert [record.data for record in final].count("header") <= 1
 
 
-def _observations(path: Path, on_bad: str, follow: bool, window: CountWindow | None = None) -> WorkflowGraph:
-    """A root ``LinesSource`` of the JSON Lines in ``path``, its items the results (or ``window``'s input)."""
+def _observations(path: Path, on_bad: str, follow: bool, window: PE | None = None, **options: Any) -> WorkflowGraph:
+    """A root ``LinesSource`` of the JSON Lines in ``path`` (other ``options`` of it too), its items the results
+    (or ``window``'s input)."""
     graph = WorkflowGraph()
-    source = LinesSource(path, json=True, follow=follow, on_bad=on_bad)
+    source = LinesSource(path, **{"json": True, "follow": follow, "on_bad": on_bad, **options})
     source.id = "observations"
     graph.add(source)
     if window is not None:
@@ -2300,7 +2302,8 @@ async def test_a_restore_takes_a_sources_configuration_from_the_workflow_not_fro
     """An operator whose followed file got a bad line (the run failed: ``on_bad="fail"``) edits the workflow to
     ``on_bad="skip"`` and restores: the checkpoint's ``on_bad`` (and ``follow``, ``path``...) was restored over
     the workflow's, as if it were state, and the restore failed again on the same line, for ever. A source's
-    options are its configuration: the restore takes them from the workflow, its position from the checkpoint."""
+    options are its configuration: the restore takes them from the workflow, its position from the checkpoint
+    (those that say what the position counts, such as ``follow``, it refuses to change: the test below)."""
     directory, path = tmp_path / "ck", tmp_path / "obs.jsonl"
     path.write_text("".join(json.dumps({"i": i}) + "\n" for i in range(30)))
     completed = asyncio.Event()
@@ -2315,13 +2318,16 @@ async def test_a_restore_takes_a_sources_configuration_from_the_workflow_not_fro
                 out.write("not json\n" + "".join(json.dumps({"i": i}) + "\n" for i in range(30, 40)))
             with pytest.raises(aiod4p.errors.Aiod4pError, match="line 31: not valid JSON"):
                 await results
-    async with (
-        asyncio.timeout(30),
-        start(_observations(path, "skip", follow=False), mapping=_mapping(directory, restore=True)) as restored,
-    ):
-        resumed = [record.data["i"] for record in await restored.results()]
+    edited = _observations(path, "skip", follow=True, poll_interval=0.01)
+    async with asyncio.timeout(30), start(edited, mapping=_mapping(directory, restore=True)) as restored:
+        resumed = []
+        async for record in restored:
+            resumed.append(record.data["i"])
+            if resumed[-1] == 39:
+                restored.drain()  # followed: it would wait for more lines
     assert resumed == list(range(40 - len(resumed), 40)) and len(resumed) >= 10
     assert [entry.skipped for entry in restored.stats] == [1]
+    assert [cast(LinesSource, pe).poll_interval for pe in restored.instances("observations")] == [0.01]
 
 
 def test_the_options_of_sources_and_windows_are_not_state_even_in_a_checkpoint_that_saved_them() -> None:
@@ -2332,15 +2338,27 @@ def test_the_options_of_sources_and_windows_are_not_state_even_in_a_checkpoint_t
     window.clock = 7.0
     assert capture(tcp, None) == {"attributes": {}}
     assert capture(timer, None) == {"attributes": {}}
-    assert capture(window, None)["attributes"] == {"size": 10.0, "step": 10.0, "clock": 7.0, "late": 0, "windows": {}}
+    assert capture(aiod4p.sources.UDPSource(max_line=10, count=2), None) == {"attributes": {}}
+    # What a checkpoint_fixed attribute is (a restore refuses to change it) is saved: the test below.
+    assert capture(window, None)["attributes"] == {
+        **{"size": 10.0, "step": 10.0, "allowed_lateness": 1.0},
+        **{"clock": 7.0, "late": 0, "windows": {}},
+    }
+    lines = LinesSource("obs.jsonl", json=True, max_line=10, on_bad="skip", poll_interval=0.5)
+    assert capture(lines, None)["attributes"] == {
+        **{"path": "obs.jsonl", "json": True, "follow": False, "from_end": False, "max_line": 10},
+        "generations": [],
+    }
     saved = {"attributes": {"port": 9000, "max_pending": 5, "on_bad": "fail", "address": ("127.0.0.1", 9000)}}
     edited = aiod4p.sources.TCPSource(port=9001, on_bad="skip")
     restore_state(edited, saved, [saved], None, 0, 1)
     assert (edited.port, edited.max_pending, edited.on_bad, edited.address) == (9001, 1024, "skip", None)
-    saved = {"attributes": {**capture(window, None)["attributes"], "allowed_lateness": 1.0}}
-    later = aiod4p.windows.TimeWindow(10.0, allowed_lateness=30.0)
+    counts = CountWindow(3, partial=False)
+    counts.state = {None: (collections.deque([1], maxlen=3), [1])}
+    saved = {"attributes": {**capture(counts, None)["attributes"], "partial": False}}
+    later = CountWindow(3, partial=True)
     restore_state(later, saved, [saved], None, 0, 1)
-    assert (later.allowed_lateness, later.clock) == (30.0, 7.0)
+    assert (later.partial, later.state) == (True, counts.state)
 
 
 def test_a_checkpoint_in_another_format_is_refused_naming_the_format_and_the_aiod4p_that_wrote_it(
@@ -2366,21 +2384,119 @@ def test_a_checkpoint_in_another_format_is_refused_naming_the_format_and_the_aio
     )
 
 
-async def test_a_restore_refuses_a_window_whose_size_the_workflow_changed(tmp_path: Path) -> None:
+class _ThresholdWindow(CountWindow):
+    """A user's window: its own checkpoint_fixed adds to CountWindow's (size, step), never hides them."""
+
+    checkpoint_fixed = ("threshold",)
+
+    def __init__(self, size: int, threshold: int = 1, **options: Any) -> None:
+        super().__init__(size, **options)
+        self.threshold = threshold
+
+
+@pytest.mark.parametrize(
+    ("made", "edited", "refused"),
+    [
+        (CountWindow(5, key="k"), CountWindow(4, key="k"), "size is 4 in this workflow and was 5"),
+        # Which windows were emitted follows from clock and allowed_lateness: with more lateness a restore emitted
+        # them again (t=1, t=12 emit [0, 10); restored with allowed_lateness=5, t=5 reopened it).
+        (
+            aiod4p.windows.TimeWindow(10, timestamp="t"),
+            aiod4p.windows.TimeWindow(10, timestamp="t", allowed_lateness=5),
+            "allowed_lateness is 5.0 in this workflow and was 0.0",
+        ),
+        # A subclass's checkpoint_fixed hid its base's: the size was taken from the checkpoint, silently.
+        (_ThresholdWindow(5, key="k"), _ThresholdWindow(4, key="k"), "size is 4 in this workflow and was 5"),
+        (_ThresholdWindow(5, 1, key="k"), _ThresholdWindow(5, 2, key="k"), "threshold is 2 in this workflow and was 1"),
+    ],
+    ids=["size", "allowed_lateness", "base-of-subclass", "subclass"],
+)
+async def test_a_restore_refuses_a_window_whose_size_the_workflow_changed(
+    tmp_path: Path, made: PE, edited: PE, refused: str
+) -> None:
     """A window's size and step were restored from the checkpoint over the workflow's: made ``CountWindow(4)``, a
     restored ``CountWindow(5)`` went on making windows of 5, and nothing said so. Its windows under way hold items
-    for that size, so the restore is refused, naming the PE and both sizes."""
+    for that size, so the restore is refused, naming the PE and both sizes; so is one of a ``TimeWindow`` whose
+    ``allowed_lateness`` changed, and of an attribute that a subclass names in ``checkpoint_fixed`` (which adds to
+    its base's)."""
     directory, path = tmp_path / "ck", tmp_path / "obs.jsonl"
-    path.write_text("".join(json.dumps({"k": i % 2}) + "\n" for i in range(33)))
+    path.write_text("".join(json.dumps({"k": i % 2, "t": i}) + "\n" for i in range(33)))
     completed = asyncio.Event()
     with on_completed(lambda n: completed.set()):
-        graph = _observations(path, "fail", follow=True, window=CountWindow(5, key="k"))
+        graph = _observations(path, "fail", follow=True, window=made)
         async with asyncio.timeout(30), start(graph, mapping=_mapping(directory)):
             await completed.wait()  # then leaving the block aborts the run: it did not end
-    edited = _observations(path, "fail", follow=True, window=CountWindow(4, key="k"))
     with pytest.raises(
         CheckpointError,
-        match=r"checkpoint \d+ in .*ck: PE window's size is 4 in this workflow and was 5 when the checkpoint was"
-        r" taken: its state was made with that size, which a restore cannot change",
+        match=rf"checkpoint \d+ in .*ck: PE window's {refused} when the checkpoint was taken: its state was made"
+        r" with that \w+, which a restore cannot change",
+    ):
+        workflow = _observations(path, "fail", follow=True, window=edited)
+        await asyncio.wait_for(run_async(workflow, mapping=_mapping(directory, restore=True)), 30)
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "shown"),
+    [
+        ("path", "other.jsonl", r"'.*other\.jsonl' in this workflow and was '.*obs\.jsonl'"),
+        ("json", False, "False in this workflow and was True"),
+        ("follow", False, "False in this workflow and was True"),
+        ("from_end", True, "True in this workflow and was False"),
+        ("max_line", 100, f"100 in this workflow and was {aiod4p.sources.MAX_LINE_BYTES}"),
+    ],
+)
+async def test_a_restore_refuses_a_line_source_whose_position_would_count_otherwise(
+    tmp_path: Path, option: str, value: Any, shown: str
+) -> None:
+    """A ``LinesSource``'s position counts the items of its file as its options made them: ``json=True`` does not
+    count the blank and bad lines it skips, ``max_line`` decides which lines are bad, ``follow`` goes per file
+    generation, ``from_end`` from which end, and another path is another file. These were configuration: a restore
+    that changed one applied the old position to what it now counts, skipping or repeating items, silently. It is
+    refused, naming the PE, the option and both values."""
+    directory, path = tmp_path / "ck", tmp_path / "obs.jsonl"
+    path.write_text("".join(json.dumps({"i": i}) + "\n" for i in range(30)))
+    if option == "path":
+        value = tmp_path / value
+        shutil.copyfile(path, value)
+    completed = asyncio.Event()
+    with on_completed(lambda n: completed.set()):
+        async with asyncio.timeout(30), start(_observations(path, "skip", True), mapping=_mapping(directory)):
+            await completed.wait()  # then leaving the block aborts the run: it did not end
+    follow, others = value if option == "follow" else True, {} if option in ("path", "follow") else {option: value}
+    edited = _observations(value if option == "path" else path, "skip", follow, **others)
+    with pytest.raises(
+        CheckpointError,
+        match=rf"checkpoint \d+ in .*ck: PE observations's {option} is {shown} when the checkpoint was taken",
     ):
         await asyncio.wait_for(run_async(edited, mapping=_mapping(directory, restore=True)), 30)
+
+
+def test_restore_after_a_run_stopped_before_its_first_checkpoint_names_an_earlier_checkpoint_of_another_format(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After an upgrade, a fresh run stopped before its first checkpoint: ``--restore`` said the earlier run's
+    checkpoint, which it does not resume, is in another format and to restore it with the aiod4p that wrote it.
+    The message says what is so, that the last run has no checkpoint, with that checkpoint's id only."""
+    directory, words = tmp_path / "ck", tmp_path / "words.txt"
+    write_words(words, 5_000)
+    run(word_count(words), 1, mapping=_mapping(directory), workers=1)
+    store = CheckpointStore(directory)
+    earlier = store.ids()[-1]
+    manifest = json.loads((store.path(earlier) / MANIFEST).read_text())
+    (store.path(earlier) / MANIFEST).write_text(json.dumps({**manifest, "version": 0, "aiod4p": "0.0.1"}))
+
+    def fail(seen: int) -> None:
+        raise RuntimeError("the second run fails")
+
+    monkeypatch.setattr(ckpt_workflows, "HOOK", fail)
+    with pytest.raises(Exception, match="the second run fails"):
+        run(word_count(words), 1, mapping=_mapping(directory, interval=3600), workers=1)
+    monkeypatch.setattr(ckpt_workflows, "HOOK", None)
+    with pytest.raises(CheckpointError) as refused:
+        run(word_count(words), 1, mapping=_mapping(directory, restore=True), workers=1)
+    assert str(refused.value) == (
+        f"--restore: no complete checkpoint of the last run in {directory}, which started after checkpoint"
+        f" {earlier}: it was stopped before its first checkpoint completed; checkpoint {earlier} is of an earlier"
+        " run, which that run did not resume (it started afresh, and its results file too): start the run afresh,"
+        " without --restore"
+    )
