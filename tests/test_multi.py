@@ -30,7 +30,7 @@ from typing import Any
 
 import pytest
 import workflows as wf
-from helpers import AIOD4P, aiod4p_process, numbers_flow, run_notebook_flow
+from helpers import AIOD4P, aiod4p_process, as_from_a_terminal, numbers_flow, run_notebook_flow
 
 import aiod4p
 from aiod4p import IterativePE, PEError, WorkflowGraph, _loading, group_by
@@ -842,7 +842,12 @@ def test_ctrl_c_while_a_spawned_worker_starts_interrupts_the_run_not_the_worker(
     script.write_text(INTERRUPTED_AS_A_WORKER_STARTS)
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}", "ONCE": str(tmp_path / "once")}
     process = subprocess.Popen(
-        [sys.executable, str(script), method, how], stderr=subprocess.PIPE, text=True, env=env, start_new_session=True
+        [sys.executable, str(script), method, how],
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        start_new_session=True,
+        preexec_fn=as_from_a_terminal,
     )
     try:
         _, err = process.communicate(timeout=60)
@@ -884,7 +889,14 @@ def test_the_users_own_forkserver_processes_take_ctrl_c_after_a_run_on_forkserve
     script = tmp_path / "flow.py"
     script.write_text(USERS_FORKSERVER_AFTER_A_RUN)
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}"}
-    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=60)
+    done = subprocess.run(
+        [sys.executable, str(script)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+        preexec_fn=as_from_a_terminal,
+    )
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines()[-1] == "True True False", done.stdout + done.stderr
 
