@@ -91,22 +91,29 @@ def aiod4p_process(
 
 
 @contextlib.contextmanager
+def reaped(process: subprocess.Popen[str]) -> Iterator[subprocess.Popen[str]]:
+    """``process`` (started in a session of its own) for the block; when the block ends, however it ends, the
+    process is killed with its session if it is still running, and reaped: a failing test leaves nothing behind."""
+    try:
+        yield process
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+        process.communicate()
+
+
+@contextlib.contextmanager
 def interrupted_run(*args: str) -> Iterator[subprocess.Popen[str]]:
     """``aiod4p run ARGS --results - -q`` (:func:`aiod4p_process`), sent SIGINT once its first result, 0, is out.
 
     The block sees the run under way after the signal; when it ends, however
     it ends, the run is killed (if it is still running) and reaped.
     """
-    process = aiod4p_process("run", *args, "--results", "-", "-q")
-    try:
+    with reaped(aiod4p_process("run", *args, "--results", "-", "-q")) as process:
         assert process.stdout is not None and process.stderr is not None
         assert json.loads(process.stdout.readline())["data"] == 0  # results stream: the run is under way
         process.send_signal(signal.SIGINT)
         yield process
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-        process.communicate()
 
 
 def json_lines(path: Path) -> list[dict[str, Any]]:

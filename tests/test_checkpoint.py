@@ -1889,6 +1889,23 @@ def test_a_fresh_run_over_a_run_that_did_not_end_whose_state_the_code_cannot_loa
     ]
 
 
+def _restored_after_a_run_failed_before_its_first_checkpoint(
+    directory: Path, words: list[str], monkeypatch: pytest.MonkeyPatch
+) -> CheckpointError:
+    """What ``--restore`` raises after a new run over ``directory`` failed before its first checkpoint."""
+
+    def fail(seen: int) -> None:
+        raise RuntimeError("the second run fails")
+
+    monkeypatch.setattr(ckpt_workflows, "HOOK", fail)
+    with pytest.raises(Exception, match="the second run fails"):
+        run(word_count(words), 1, mapping=_mapping(directory, interval=3600), workers=1)
+    monkeypatch.setattr(ckpt_workflows, "HOOK", None)
+    with pytest.raises(CheckpointError) as refused:
+        run(word_count(words), 1, mapping=_mapping(directory, restore=True), workers=1)
+    return refused.value
+
+
 def test_restore_after_a_fresh_run_that_completed_no_checkpoint_refuses_the_earlier_runs(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -1902,16 +1919,8 @@ def test_restore_after_a_fresh_run_that_completed_no_checkpoint_refuses_the_earl
     finished = CheckpointStore(directory).latest()
     assert finished is not None
 
-    def fail(seen: int) -> None:
-        raise RuntimeError("the second run fails")
-
-    monkeypatch.setattr(ckpt_workflows, "HOOK", fail)
-    with pytest.raises(Exception, match="the second run fails"):
-        run(word_count(words), 1, mapping=_mapping(directory, interval=3600), workers=1)
-    monkeypatch.setattr(ckpt_workflows, "HOOK", None)
-    with pytest.raises(CheckpointError) as refused:
-        run(word_count(words), 1, mapping=_mapping(directory, restore=True), workers=1)
-    assert str(refused.value).startswith(
+    refused = _restored_after_a_run_failed_before_its_first_checkpoint(directory, words, monkeypatch)
+    assert str(refused).startswith(
         f"--restore: no complete checkpoint of the last run in {directory}, which started after checkpoint"
         f" {finished.id}: it was stopped before its first checkpoint completed"
     )
@@ -2485,16 +2494,8 @@ def test_restore_after_a_run_stopped_before_its_first_checkpoint_names_an_earlie
     manifest = json.loads((store.path(earlier) / MANIFEST).read_text())
     (store.path(earlier) / MANIFEST).write_text(json.dumps({**manifest, "version": 0, "aiod4p": "0.0.1"}))
 
-    def fail(seen: int) -> None:
-        raise RuntimeError("the second run fails")
-
-    monkeypatch.setattr(ckpt_workflows, "HOOK", fail)
-    with pytest.raises(Exception, match="the second run fails"):
-        run(word_count(words), 1, mapping=_mapping(directory, interval=3600), workers=1)
-    monkeypatch.setattr(ckpt_workflows, "HOOK", None)
-    with pytest.raises(CheckpointError) as refused:
-        run(word_count(words), 1, mapping=_mapping(directory, restore=True), workers=1)
-    assert str(refused.value) == (
+    refused = _restored_after_a_run_failed_before_its_first_checkpoint(directory, words, monkeypatch)
+    assert str(refused) == (
         f"--restore: no complete checkpoint of the last run in {directory}, which started after checkpoint"
         f" {earlier}: it was stopped before its first checkpoint completed; checkpoint {earlier} is of an earlier"
         " run, which that run did not resume (it started afresh, and its results file too): start the run afresh,"

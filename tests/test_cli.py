@@ -16,7 +16,16 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import AIOD4P, LINGERING_FLOW, TIMES10_FLOW, aiod4p_process, as_from_a_terminal, json_lines, numbers_flow
+from helpers import (
+    AIOD4P,
+    LINGERING_FLOW,
+    TIMES10_FLOW,
+    aiod4p_process,
+    as_from_a_terminal,
+    json_lines,
+    numbers_flow,
+    reaped,
+)
 from helpers import aiod4p_cli as aiod4p
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -1413,16 +1422,11 @@ def test_ctrl_c_while_the_command_imports_is_one_line_and_status_130(
     flow.write_text(f"import dependency\n{WORKFLOW}")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(ROOT)]), "BLOCK_AT": module}
     command = AIOD4P if launcher == "python -m aiod4p" else [sys.executable, str(tmp_path / "aiod4p")]
-    process = aiod4p_process("run", str(flow), "-m", "simple", "-i", "1", env=env, command=command)
-    try:
+    with reaped(aiod4p_process("run", str(flow), "-m", "simple", "-i", "1", env=env, command=command)) as process:
         assert process.stderr is not None
         assert process.stderr.readline() == f"importing {module}\n"
         process.send_signal(signal.SIGINT)
         _, err = process.communicate(timeout=20)
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.communicate()
     assert (process.returncode, err) == (130, said + "\n")
 
 
@@ -1487,8 +1491,7 @@ def test_ctrl_c_while_the_command_exits_ends_it_with_its_status(tmp_path: Path, 
     Python's "Exception ignored in atexit callback" (or in threading._shutdown) with a KeyboardInterrupt traceback."""
     flow = tmp_path / "flow.py"
     flow.write_text(EXITS_SLOWLY + blocks + WORKFLOW)
-    process = aiod4p_process("run", str(flow), "-m", "simple", "-i", "1")
-    try:
+    with reaped(aiod4p_process("run", str(flow), "-m", "simple", "-i", "1")) as process:
         assert process.stderr is not None
         if status:
             assert process.stderr.readline() == "loading\n"
@@ -1498,10 +1501,6 @@ def test_ctrl_c_while_the_command_exits_ends_it_with_its_status(tmp_path: Path, 
         assert process.stderr.readline() == "exiting\n"
         process.send_signal(signal.SIGINT)
         _, err = process.communicate(timeout=20)
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.communicate()
     assert process.returncode == status, err
     assert "KeyboardInterrupt" not in err and "Traceback" not in err
 

@@ -30,7 +30,7 @@ from typing import Any
 
 import pytest
 import workflows as wf
-from helpers import AIOD4P, aiod4p_process, as_from_a_terminal, numbers_flow, run_notebook_flow
+from helpers import AIOD4P, aiod4p_process, as_from_a_terminal, numbers_flow, reaped, run_notebook_flow
 
 import aiod4p
 from aiod4p import IterativePE, PEError, WorkflowGraph, _loading, group_by
@@ -849,12 +849,8 @@ def test_ctrl_c_while_a_spawned_worker_starts_interrupts_the_run_not_the_worker(
         start_new_session=True,
         preexec_fn=as_from_a_terminal,
     )
-    try:
+    with reaped(process):
         _, err = process.communicate(timeout=60)
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.communicate()
     assert (tmp_path / "once").exists()
     assert process.returncode == -signal.SIGINT, err
     assert err.rstrip().splitlines()[-1].startswith("KeyboardInterrupt"), err
