@@ -452,11 +452,8 @@ def _run(args: argparse.Namespace) -> int:
     if not mapping.reports_stats:  # said to be ignored above
         args.stats, args.stats_json = False, None
     _warn_of_partial_provenance(args, mapping)
-    for path, what in ((args.results, "results"), (args.stats_json, "statistics"), (args.provenance, "provenance")):
-        if path not in (None, "-"):
-            _check_writable(path, what)
-    if args.provenance is not None:
-        check_provenance_file(args.provenance)
+    if ranks is None:  # under mpiexec, rank 0 checks them once every rank has started (_run_loaded)
+        _check_outputs(args)
     results = args.results
     if checkpointing is not None and checkpointing.results_path is not None:
         results = os.devnull  # the run writes the file itself, committed with each checkpoint, and yields no result
@@ -471,6 +468,23 @@ def _run(args: argparse.Namespace) -> int:
                 f"aiod4p: --provenance: {args.provenance} not written{_earlier_file(args.provenance)}", file=sys.stderr
             )
     return status
+
+
+def _check_outputs(args: argparse.Namespace) -> None:
+    """Fail before the run if a file it writes (``--results``, ``--stats-json``, ``--provenance``) cannot be written.
+
+    Under mpiexec, only rank 0 writes them (the other ranks have none to check), so it checks them within the
+    mapping's head start, once every rank has started MPI: its error then ends every rank's start-up. A rank 0
+    that failed before it started MPI left the other ranks waiting for it in ``MPI_Init``, at full CPU, forever.
+
+    Raises:
+        Aiod4pError: naming the file and what is wrong with it.
+    """
+    for path, what in ((args.results, "results"), (args.stats_json, "statistics"), (args.provenance, "provenance")):
+        if path not in (None, "-"):
+            _check_writable(path, what)
+    if args.provenance is not None:
+        check_provenance_file(args.provenance)
 
 
 def _earlier_file(path: str) -> str:
@@ -536,6 +550,8 @@ def _run_loaded(args: argparse.Namespace, mapping: BaseMapping, results: str | N
             phase = "loading the workflow"  # what a signal stops, as it says
             try:
                 started.enter_context(mapping.head_start(args.target, args.num))
+                if job_size() is not None:
+                    _check_outputs(args)
                 graph = load_workflow(args.target)
                 _provenance_the_workflow_asks(args, graph, mapping)
                 run_in_threads(graph, args.threaded)

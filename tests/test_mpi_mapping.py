@@ -189,6 +189,11 @@ def test_cli_under_mpiexec_rejects_another_n_or_mapping() -> None:
         "aiod4p: error: this process is one of 2 MPI ranks (started by mpiexec), and --mapping multi would run the"
         " whole workflow on each of them: give --mapping mpi, or run without mpiexec\n"
     )
+    # What only rank 0 checks (the files it writes): it exited before MPI_Init, and the other ranks spun there forever
+    unwritable = ["--results", "/nonexistent/results.jsonl", "--provenance", "prov.txt"]
+    done = mpiexec(["-n", "3", *cli(f"{WORKFLOWS}:mpi_chain", "--mapping", "mpi", "-i", "3", *unwritable)], timeout=20)
+    assert (done.returncode, done.stdout) == (1, "")
+    assert "error: cannot write results to /nonexistent/results.jsonl: No such file or directory\n" in done.stderr
 
 
 def left_files(stderr: str, said: str = wf.SHARED_MEMORY) -> list[str]:
