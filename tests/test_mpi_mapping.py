@@ -32,7 +32,7 @@ import aiod4p
 from aiod4p import ALL, WorkflowGraph, group_by
 from aiod4p._install import install_hint
 from aiod4p._processes import descendants, pidfds
-from aiod4p.errors import GraphError, MappingUnavailable, PEError, TransportError, WorkerDied
+from aiod4p.errors import GraphError, MappingUnavailable, PEError, TargetError, TransportError, WorkerDied
 from aiod4p.mappings import mpi
 from aiod4p.mappings._mpi_env import find_mpiexec, job_files
 
@@ -667,6 +667,30 @@ def test_pe_error_on_another_rank_names_the_pe() -> None:
     assert caught.value.pe.startswith("FailsOnInstance") and caught.value.instance == 1
     assert "ValueError" in caught.value.traceback_text
     assert time.monotonic() - started < 10
+
+
+def test_a_rank_that_cannot_load_the_workflow_says_why(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rank 1 printed its traceback and aborted the job: the run failed with ``mpiexec exited with status 1 before
+    the run finished; its last output:`` and the traceback again, not naming what rank 1 could not load."""
+    (tmp_path / "needs_a_library.py").write_text(
+        "import os\n\nimport aiod4p\n\n"
+        "if os.environ.get('PMI_RANK') == '1':\n"
+        "    raise ImportError('rank 1 lacks a library')\n\n\n"
+        "class Double(aiod4p.IterativePE):\n"
+        "    def process_item(self, item):\n"
+        "        return 2 * item\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    from needs_a_library import Double  # type: ignore[import-not-found]
+
+    graph = WorkflowGraph()
+    graph.connect(wf.Count(), "output", Double(), "input", grouping=ALL)
+    with pytest.raises(TargetError) as caught:
+        aiod4p.run(graph, 10, mapping="mpi", workers=2)
+    assert str(caught.value) == (
+        "MPI rank 1 cannot load the workflow (ImportError: rank 1 lacks a library); its PE classes must be importable"
+        " there"
+    )
 
 
 @pytest.mark.parametrize(

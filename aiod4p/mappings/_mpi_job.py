@@ -35,7 +35,7 @@ from ..transports.pipes import open_pipe_comm
 from ._host import ForwardSink, fail, pumped_feeds, serve
 from ._mpi_env import receive_job, take_launcher_state, take_stdin
 from ._mpi_ranks import RankZero, abort_job, every_rank_here, every_rank_ready, run_follower
-from ._shipping import unship, unship_or_error
+from ._shipping import unship_or_error
 
 __all__ = ["main"]
 
@@ -80,7 +80,9 @@ async def _lead(sock: socket.socket) -> None:
 
 async def _follow() -> None:
     await every_rank_here()  # until rank 0 has the job
-    job = unship(MPI.COMM_WORLD.bcast(None, root=0), f"MPI rank {MPI.COMM_WORLD.Get_rank()}")
+    # A job this rank cannot load is reported to rank 0 (run_follower), as a PE's error is: rank 0 names it to the
+    # launcher, where mpiexec's exit status followed the rank's traceback, twice.
+    job = unship_or_error(MPI.COMM_WORLD.bcast(None, root=0), f"MPI rank {MPI.COMM_WORLD.Get_rank()}")
     if not await run_follower(job):
         abort_job(1)
 

@@ -304,8 +304,9 @@ async def _silent(endpoint: MpiEndpoint, rank: int) -> str:
     return f"MPI rank {rank} ended its part of the run without reporting"
 
 
-async def run_follower(job: Job) -> bool:
-    """Serve this rank's (k > 0) share of ``job`` to rank 0; collective with :class:`RankZero`.
+async def run_follower(job: Job | Exception) -> bool:
+    """Serve this rank's (k > 0) share of ``job`` to rank 0; collective with :class:`RankZero`. ``job`` may be why
+    this rank could not load it (see :func:`~aiod4p.mappings._shipping.unship_or_error`): reported as a failure.
 
     Returns:
         Whether the rank's run succeeded. On a failure, reported to rank 0,
