@@ -822,10 +822,28 @@ def test_an_unpicklable_pe_is_refused_clearly() -> None:
         aiod4p.run(graph, 3, mapping="mpi", workers=2)
 
 
-def test_missing_mpiexec_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("AIOD4P_MPIEXEC", "/nonexistent/mpiexec")
-    with pytest.raises(MappingUnavailable, match="AIOD4P_MPIEXEC"):
+@pytest.mark.parametrize(
+    ("chosen", "message"),
+    [
+        ("/nonexistent/mpiexec", "AIOD4P_MPIEXEC names /nonexistent/mpiexec, which does not exist"),
+        # A directory was said not to exist
+        (str(BIN), f"AIOD4P_MPIEXEC names {BIN}, a directory: give the path of its mpiexec"),
+        ("no-such-mpiexec", "AIOD4P_MPIEXEC names no-such-mpiexec, which is no program on PATH"),
+    ],
+)
+def test_missing_mpiexec_is_a_clear_error(monkeypatch: pytest.MonkeyPatch, chosen: str, message: str) -> None:
+    monkeypatch.setenv("AIOD4P_MPIEXEC", chosen)
+    with pytest.raises(MappingUnavailable) as caught:
         aiod4p.run(wf.mpi_chain(), 3, mapping="mpi", workers=2)
+    assert str(caught.value) == message
+
+
+def test_mpiexec_named_without_a_path_is_looked_up_on_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``AIOD4P_MPIEXEC=mpiexec`` once a cluster's MPI module is loaded: it was looked for in the current directory,
+    and said not to exist."""
+    monkeypatch.setenv("AIOD4P_MPIEXEC", "mpiexec")
+    monkeypatch.setenv("PATH", f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
+    assert find_mpiexec() == str(MPIEXEC)
 
 
 @pytest.mark.parametrize(

@@ -10,6 +10,7 @@ import mmap
 import os
 import re
 import shlex
+import shutil
 import socket
 import sys
 from collections.abc import Mapping
@@ -155,12 +156,14 @@ def take_launcher_state() -> None:
 def find_mpiexec() -> str:
     """The ``mpiexec`` of the MPI that mpi4py uses.
 
-    ``AIOD4P_MPIEXEC`` wins; otherwise the one next to ``sys.executable``
-    (where the ``mpich`` wheel installs it). A system ``mpiexec`` on ``PATH``
-    is deliberately not used: with another MPI it fails to start the ranks.
+    ``AIOD4P_MPIEXEC`` wins: a path, or a bare name looked up on ``PATH`` as a shell does (``mpiexec`` once a
+    cluster's MPI module is loaded); otherwise the one next to ``sys.executable`` (where the ``mpich`` wheel
+    installs it). A system ``mpiexec`` on ``PATH`` is deliberately not used unasked: with another MPI it fails
+    to start the ranks.
 
     Raises:
-        MappingUnavailable: mpi4py is not installed, or no mpiexec was found.
+        MappingUnavailable: mpi4py is not installed, or no mpiexec was found (``AIOD4P_MPIEXEC`` names
+            no program: said with what it names instead).
     """
     try:
         import mpi4py  # noqa: F401 - only checks that it is installed
@@ -168,6 +171,12 @@ def find_mpiexec() -> str:
         raise MappingUnavailable(NEEDS_MPI4PY) from exc
     chosen = os.environ.get("AIOD4P_MPIEXEC")
     if chosen:
+        if os.sep not in chosen:
+            if (found := shutil.which(chosen)) is None:
+                raise MappingUnavailable(f"AIOD4P_MPIEXEC names {chosen}, which is no program on PATH")
+            return found
+        if Path(chosen).is_dir():
+            raise MappingUnavailable(f"AIOD4P_MPIEXEC names {chosen}, a directory: give the path of its mpiexec")
         if not Path(chosen).is_file():
             raise MappingUnavailable(f"AIOD4P_MPIEXEC names {chosen}, which does not exist")
         return chosen
