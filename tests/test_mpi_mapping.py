@@ -706,8 +706,15 @@ def test_a_rank_that_cannot_load_the_workflow_says_why(tmp_path: Path, monkeypat
             r"^MPI rank 1 \(pid \d+ on \S+; it ran FailsOnInstance\d+\[1\]\) ended with exit code 3: mpiexec exited"
             r" with status \d+ before the run finished$",
         ),
+        (
+            # Hydra reports every rank as exited with 0: `mpiexec exited with status 0 before the run finished`
+            {"exit_code": 0},
+            r"^an MPI rank ended by itself with exit code 0 \(os\._exit\(0\) in a PE, or exit\(0\) in a library it"
+            r" calls; mpiexec then reports every rank as exited with 0\): mpiexec exited with status 0 before the run"
+            r" finished$",
+        ),
     ],
-    ids=["killed", "exited"],
+    ids=["killed", "exited", "exited-with-0"],
 )
 def test_a_rank_that_dies_fails_the_run_naming_the_rank_and_its_pe_instances(how: dict[str, Any], named: str) -> None:
     """Killed by a signal, the rank is the one Hydra's banner names: under load, now and then the rank it killed next

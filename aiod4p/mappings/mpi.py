@@ -695,6 +695,12 @@ class _Job:
                 await asyncio.gather(*self.relays)  # its last words
         if exited := self._exited_ranks():
             return f"{'; '.join(exited)}: {self._status()}"
+        if self.process.returncode == 0 and self._all_exited_with_0():
+            # Hydra ends the other ranks, and reports them as exited with 0 too: which rank it was, nothing says
+            return (
+                "an MPI rank ended by itself with exit code 0 (os._exit(0) in a PE, or exit(0) in a library it calls;"
+                f" mpiexec then reports every rank as exited with 0): {self._status()}"
+            )
         tail = "".join(self.tail).strip()
         if (rank := _BAD_TERMINATION.search(tail)) is None:  # Hydra's banner (already on stderr)
             return None
@@ -717,6 +723,11 @@ class _Job:
                 else:
                     found.append(f"an MPI rank on {host} ended with exit code {code}")
         return found
+
+    def _all_exited_with_0(self) -> bool:
+        """The mpiexec printed the exit statuses of the ranks (:attr:`exit_codes`), and each exited with 0."""
+        statuses = [status for host in (self.exit_codes or {}).values() for status in host]
+        return bool(statuses) and all(os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0 for status in statuses)
 
     def _rank(self, host: str, pid: int) -> str:
         """Rank process ``pid`` on ``host`` as errors name it: with its number and PE instances if on this machine."""
