@@ -283,15 +283,19 @@ def _start_up() -> StartUp | None:
     return StartUp()
 
 
-def _check_pumped(plan: ExecutionPlan, pumped: list[tuple[str, int, Feed]]) -> None:
-    """Raises:
-    InputError: a pumped input feeds a PE with instances on other ranks than 0.
+def _check_pumped(pumped: list[tuple[str, int, Feed]]) -> None:
+    """Check that each pumped input is consumed on rank 0, the only rank this process pumps to: a feed other
+    than a count goes to its PE's instance 0 (:func:`~aiod4p.mappings._host.split_feeds`), which runs on rank 0
+    (the other instances, on any rank, get their items from it as on every mapping).
+
+    Raises:
+        InputError: the instance 0 of a PE fed so runs on another rank.
     """
-    for pe_id, _, _ in pumped:
-        if any(worker != 0 for worker in plan.placement[pe_id].workers):
+    for pe_id, rank, _ in pumped:
+        if rank != 0:
             raise InputError(
-                f"PE {pe_id} has instances on several MPI ranks; give it a list or a count as input"
-                " (an iterator or async iterator can only feed a root on rank 0)"
+                f"PE {pe_id} consumes its input on MPI rank {rank}; give it a list or a count as input"
+                " (an iterator or async iterator can only feed a root instance on rank 0)"
             )
 
 
@@ -309,7 +313,7 @@ async def _launch(
     try:
         mpiexec = find_mpiexec() if ranks is None else ""
         prepared, pumped = prepare_job(plan, feeds, max_delay, STATS_INTERVAL, session, control)
-        _check_pumped(plan, pumped)
+        _check_pumped(pumped)
         # the ranks run aiod4p's own __main__: the launcher's travels by value
         payload = ship(prepared, _SHIPPED_FOR, main=True)
         if ranks is None:
