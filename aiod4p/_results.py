@@ -7,7 +7,8 @@ import base64
 import functools
 import json
 import logging
-from collections.abc import Iterator, Sequence
+import numbers
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NamedTuple, Protocol, overload
 
 from ._sizes import approximate_batch_size
@@ -80,7 +81,7 @@ def _json_key(key: Any) -> Any:
     if isinstance(key, _KEY_TYPES):
         return key
     tolist = getattr(key, "tolist", None)
-    if callable(tolist) and isinstance(plain := tolist(), _KEY_TYPES):
+    if callable(tolist) and isinstance(plain := _plain(key, tolist), _KEY_TYPES):
         return plain
     isoformat = getattr(key, "isoformat", None)
     if callable(isoformat):
@@ -89,10 +90,19 @@ def _json_key(key: Any) -> Any:
     return repr(key)
 
 
+def _plain(value: Any, tolist: Callable[[], Any]) -> Any:
+    """``value.tolist()``: the Python list or number a numpy array or scalar is; ``value`` itself when that gives
+    back its own type, except numpy's long doubles, which no Python type holds: the nearest float or complex."""
+    plain = tolist()
+    if type(plain) is type(value) and isinstance(value, numbers.Complex):
+        return float(value) if isinstance(value, numbers.Real) else complex(value)
+    return plain
+
+
 def _jsonable(value: Any) -> Any:
     tolist = getattr(value, "tolist", None)
-    if callable(tolist):
-        return tolist()
+    if callable(tolist) and type(plain := _plain(value, tolist)) is not type(value):
+        return plain
     if isinstance(value, (bytes, bytearray, memoryview)):
         return {"base64": base64.b64encode(value).decode("ascii")}
     if isinstance(value, (set, frozenset)):

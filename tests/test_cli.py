@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import math
 import os
 import re
 import shlex
@@ -99,6 +100,22 @@ def test_results_json_lines_keep_what_json_has_no_type_for(caplog: pytest.LogCap
         written_keyed = json.loads(record_line(ResultRecord("pe", "out", keyed)))["data"]
     assert written_keyed == {"('AA', 'BB')": 0.5, "7": {"(1, 2)": [3]}, "plain": [{"frozenset()": None}]}
     assert "builtins.tuple (as a dict key) are written as their repr" in caplog.text
+
+
+def test_results_json_lines_write_numpy_long_doubles_as_numbers(caplog: pytest.LogCaptureFixture) -> None:
+    """numpy's long doubles have no Python type: their ``tolist()`` gives them back, and a result holding one
+    failed the run with ``cannot be written as JSON: maximum recursion depth exceeded``."""
+    numpy = pytest.importorskip("numpy")
+    values = [
+        numpy.longdouble(0.5),
+        numpy.array([1.5, numpy.inf], dtype=numpy.longdouble),
+        numpy.clongdouble(1 + 2j),
+        {numpy.longdouble(2.5): 1, (1,): 2},
+    ]
+    with caplog.at_level("WARNING", logger="aiod4p"):
+        written = [json.loads(record_line(ResultRecord("pe", "out", value)))["data"] for value in values]
+    assert written == [0.5, [1.5, math.inf], "(1+2j)", {"2.5": 1, "(1,)": 2}]
+    assert "builtins.complex are written as their repr" in caplog.text
 
 
 def test_results_json_lines_write_any_date_or_time_in_iso_8601(caplog: pytest.LogCaptureFixture) -> None:
