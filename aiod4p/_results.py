@@ -8,6 +8,7 @@ import functools
 import json
 import logging
 import numbers
+import sys
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NamedTuple, Protocol, overload
 
@@ -37,7 +38,7 @@ def record_line(record: ResultRecord) -> str:
     Values JSON has no type for are written as faithfully as JSON allows:
     numpy arrays and scalars (anything with ``tolist()``) as lists and
     numbers, bytes as ``{"base64": "..."}``, sets as lists, dates and times
-    (anything with ``isoformat()``: obspy's ``UTCDateTime`` too) in ISO 8601;
+    (anything with ``isoformat()``: obspy's ``UTCDateTime`` too; numpy's ``datetime64`` of any unit) in ISO 8601;
     anything else as its ``repr``, with a warning once per type. Dict keys
     JSON does not take (a tuple, a numpy integer, a date) are written as the
     number a numpy scalar is, a date or time in ISO 8601, else as their
@@ -90,9 +91,23 @@ def _json_key(key: Any) -> Any:
     return repr(key)
 
 
+_FINER_THAN_MICROSECONDS = frozenset({"ns", "ps", "fs", "as"})
+
+
 def _plain(value: Any, tolist: Callable[[], Any]) -> Any:
     """``value.tolist()``: the Python list or number a numpy array or scalar is; ``value`` itself when that gives
-    back its own type, except numpy's long doubles, which no Python type holds: the nearest float or complex."""
+    back its own type, except numpy's long doubles, which no Python type holds: the nearest float or complex.
+    A ``datetime64`` finer than microseconds, whose ``tolist()`` gives integers, gives its times in ISO 8601
+    (``None`` for NaT), as a coarser one's ``datetime`` objects are written."""
+    dtype = getattr(value, "dtype", None)
+    if (
+        getattr(dtype, "kind", None) == "M"
+        and (numpy := sys.modules.get("numpy")) is not None
+        and numpy.datetime_data(dtype)[0] in _FINER_THAN_MICROSECONDS
+    ):
+        text = numpy.asarray(numpy.datetime_as_string(value)).astype(object)
+        text[numpy.isnat(value)] = None
+        return text.tolist()
     plain = tolist()
     if type(plain) is type(value) and isinstance(value, numbers.Complex):
         return float(value) if isinstance(value, numbers.Real) else complex(value)

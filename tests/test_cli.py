@@ -118,6 +118,22 @@ def test_results_json_lines_write_numpy_long_doubles_as_numbers(caplog: pytest.L
     assert "builtins.complex are written as their repr" in caplog.text
 
 
+def test_results_json_lines_write_numpy_nanosecond_datetimes_in_iso_8601() -> None:
+    """A ``datetime64`` finer than microseconds (pandas' and astropy's ``datetime64[ns]``) was written as the bare
+    integer its ``tolist()`` gives, ``1577836800123456789``, while a coarser one was written in ISO 8601."""
+    numpy = pytest.importorskip("numpy")
+    stamps = numpy.array([["2020-01-01T00:00:00.123456789", "NaT"]], dtype="datetime64[ns]")
+    values = [stamps[0, 0], stamps, numpy.datetime64("NaT", "ns"), {stamps[0, 0]: 1}, numpy.datetime64("2020-01-02")]
+    written = [json.loads(record_line(ResultRecord("pe", "out", value)))["data"] for value in values]
+    assert written == [
+        "2020-01-01T00:00:00.123456789",
+        [["2020-01-01T00:00:00.123456789", None]],
+        None,
+        {"2020-01-01T00:00:00.123456789": 1},
+        "2020-01-02",
+    ]
+
+
 def test_results_json_lines_write_any_date_or_time_in_iso_8601(caplog: pytest.LogCaptureFixture) -> None:
     # obspy's UTCDateTime, a seismologist's time, is no datetime: it was written as its repr with a warning,
     # "UTCDateTime(2020, 1, 1, 0, 0)"; and a date as a dict key as "datetime.date(2020, 1, 1)".
