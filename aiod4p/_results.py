@@ -12,7 +12,7 @@ import sys
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NamedTuple, Protocol, overload
 
-from ._sizes import approximate_batch_size
+from ._sizes import approximate_batch_size, approximate_size
 from .errors import Aiod4pError
 
 __all__ = ["QueueSink", "ResultRecord", "ResultSink", "Results", "record_line"]
@@ -49,15 +49,58 @@ def record_line(record: ResultRecord) -> str:
         Aiod4pError: JSON cannot write ``record.data`` (it holds itself, or is nested deeper than Python
             recurses), naming the PE and port.
     """
+    head = _record_head(record.pe, record.port)
     try:
-        try:
-            data = _encode(record.data)
-        except TypeError:  # a dict key json refuses: it calls no default for keys
-            data = _encode(_json_keys(record.data))
+        if approximate_size(record.data)[0] < _LARGE:
+            return head + _encode_value(record.data) + "}\n"
+        return "".join([head, *_pieces(record.data, _WALKED_DEPTH), "}\n"])
     except (ValueError, RecursionError) as exc:
         what = f"a result of PE {record.pe} on port {record.port}"
         raise Aiod4pError(f"{what} cannot be written as JSON: {exc}") from None
-    return _record_head(record.pe, record.port) + data + "}\n"
+
+
+_LARGE = 1 << 20  # bytes of a result (as approximate_size counts them) from which large arrays in it are looked for
+_CHUNK = 1 << 14  # elements of a large array encoded at a time
+_WALKED = 64  # the most elements of a tuple, list or dict looked into for large arrays
+_WALKED_DEPTH = 3  # how deep
+
+
+def _encode_value(value: Any) -> str:
+    try:
+        return _encode(value)
+    except TypeError:  # a dict key json refuses: it calls no default for keys
+        return _encode(_json_keys(value))
+
+
+def _pieces(value: Any, depth: int) -> list[str]:
+    """The JSON of ``value``, in pieces: a numpy array of more than :data:`_CHUNK` elements (the value, or one in
+    its small tuples, lists and dicts, ``depth`` levels down) a chunk of elements at a time, as
+    :func:`_encode_value` writes it whole. The whole array as Python objects took about ten times its size, and
+    the encoding, C code that holds the main thread, kept a signal's handler from running until it ended: a 100 MB
+    array's record made Ctrl-C wait 20 seconds, and a second Ctrl-C meanwhile was lost."""
+    if getattr(value, "ndim", 0) and getattr(value, "size", 0) > _CHUNK and callable(getattr(value, "tolist", None)):
+        rows = len(value)
+        per_row = value.size // rows
+        if per_row > _CHUNK:
+            parts = [piece for row in value for piece in (*_pieces(row, 0), ", ")]
+        else:
+            step = max(1, _CHUNK // per_row)
+            parts = [
+                piece
+                for start in range(0, rows, step)
+                for piece in (_encode_value(value[start : start + step])[1:-1], ", ")
+            ]
+        return ["[", *parts[:-1], "]"]
+    kind = type(value)
+    if depth and (kind is list or kind is tuple) and 0 < len(value) <= _WALKED:
+        parts = [piece for element in value for piece in (*_pieces(element, depth - 1), ", ")]
+        return ["[", *parts[:-1], "]"]
+    if depth and kind is dict and 0 < len(value) <= _WALKED:
+        parts = []
+        for key, element in value.items():
+            parts += [_encode_value({key: 0})[1:-4], ": ", *_pieces(element, depth - 1), ", "]
+        return ["{", *parts[:-1], "}"]
+    return [_encode_value(value)]
 
 
 @functools.lru_cache(maxsize=4096)

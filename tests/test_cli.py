@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import time
+import tracemalloc
 from pathlib import Path
 
 import pytest
@@ -132,6 +133,29 @@ def test_results_json_lines_write_numpy_nanosecond_datetimes_in_iso_8601() -> No
         {"2020-01-01T00:00:00.123456789": 1},
         "2020-01-02",
     ]
+
+
+def test_a_large_array_result_is_written_as_json_a_chunk_at_a_time() -> None:
+    """A result holding a large array was written from the whole array as Python floats, about ten times its size
+    (a 100 MB array took the command to 908 MB), in C code that kept Ctrl-C waiting until it ended (20 s; a second
+    Ctrl-C meanwhile was lost). It is written a chunk of elements at a time, the same line to the byte."""
+    numpy = pytest.importorskip("numpy")
+    signal_ = numpy.arange(150_000) / 7
+    values = [signal_, ("trace", signal_.reshape(2, 75_000)), {"rows": signal_.reshape(37_500, 4), "n": 4}]
+    for value in values:
+        whole = '{"pe": "pe", "output": "out", "data": ' + json.dumps(value, default=list_of) + "}"
+        tracemalloc.start()
+        try:
+            line = record_line(ResultRecord("pe", "out", value))
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert line == whole + "\n"
+        assert peak < 2.5 * len(line), (peak, len(line))
+
+
+def list_of(array: object) -> object:
+    return array.tolist()  # type: ignore[attr-defined]
 
 
 def test_results_json_lines_write_any_date_or_time_in_iso_8601(caplog: pytest.LogCaptureFixture) -> None:
