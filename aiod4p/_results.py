@@ -78,10 +78,12 @@ def _pieces(value: Any, depth: int) -> list[str]:
     :func:`_encode_value` writes it whole. The whole array as Python objects took about ten times its size, and
     the encoding, C code that holds the main thread, kept a signal's handler from running until it ended: a 100 MB
     array's record made Ctrl-C wait 20 seconds, and a second Ctrl-C meanwhile was lost."""
-    if getattr(value, "ndim", 0) and getattr(value, "size", 0) > _CHUNK and callable(getattr(value, "tolist", None)):
+    if getattr(value, "ndim", 0) and getattr(value, "size", 0) > _CHUNK and type(_listed(value[:1])) is list:
         rows = len(value)
         per_row = value.size // rows
         if per_row > _CHUNK:
+            if getattr(value[0], "ndim", 0) >= value.ndim:  # rows as deep as the whole (numpy's matrix)
+                return [_encode_value(value)]
             parts = [piece for row in value for piece in (*_pieces(row, 0), ", ")]
         else:
             step = max(1, _CHUNK // per_row)
@@ -124,8 +126,7 @@ def _json_keys(value: Any) -> Any:
 def _json_key(key: Any) -> Any:
     if isinstance(key, _KEY_TYPES):
         return key
-    tolist = getattr(key, "tolist", None)
-    if callable(tolist) and isinstance(plain := _plain(key, tolist), _KEY_TYPES):
+    if isinstance(plain := _listed(key), _KEY_TYPES):
         return plain
     isoformat = getattr(key, "isoformat", None)
     if callable(isoformat):
@@ -157,9 +158,20 @@ def _plain(value: Any, tolist: Callable[[], Any]) -> Any:
     return plain
 
 
-def _jsonable(value: Any) -> Any:
+def _listed(value: Any) -> Any:
+    """What :func:`_plain` makes of ``value``; ``value`` itself if it has no ``tolist()``, or one that fails
+    (astropy's ``Quantity`` refuses: it is then written as its repr)."""
     tolist = getattr(value, "tolist", None)
-    if callable(tolist) and type(plain := _plain(value, tolist)) is not type(value):
+    if not callable(tolist):
+        return value
+    try:
+        return _plain(value, tolist)
+    except Exception:  # any failure of another library's conversion: written as its repr
+        return value
+
+
+def _jsonable(value: Any) -> Any:
+    if type(plain := _listed(value)) is not type(value):
         return plain
     if isinstance(value, (bytes, bytearray, memoryview)):
         return {"base64": base64.b64encode(value).decode("ascii")}

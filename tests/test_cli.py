@@ -154,6 +154,23 @@ def test_a_large_array_result_is_written_as_json_a_chunk_at_a_time() -> None:
         assert peak < 2.5 * len(line), (peak, len(line))
 
 
+@pytest.mark.filterwarnings("ignore:the matrix subclass:PendingDeprecationWarning")
+def test_results_json_lines_write_what_refuses_tolist_as_its_repr(caplog: pytest.LogCaptureFixture) -> None:
+    """astropy's Quantity refuses ``tolist()`` (NotImplementedError): a result holding one (``3.5 * u.Jy``) ended
+    ``aiod4p run --results`` with that traceback and an empty results file."""
+    units = pytest.importorskip("astropy.units")
+    numpy = pytest.importorskip("numpy")
+    values = [{"flux": 3.5 * units.Jy}, numpy.arange(3) * units.m, numpy.arange(200_000) * units.s]
+    with caplog.at_level("WARNING", logger="aiod4p"):
+        written = [json.loads(record_line(ResultRecord("pe", "out", value)))["data"] for value in values]
+    assert written == [{"flux": "<Quantity 3.5 Jy>"}, "<Quantity [0., 1., 2.] m>", repr(values[2])]
+    assert "astropy.units.quantity.Quantity are written as their repr" in caplog.text
+    # numpy's matrix, whose rows are matrices as deep as itself, is written as its tolist() too, a large one as well.
+    for size in (10, 200_000):
+        matrix = numpy.asmatrix(numpy.arange(size))
+        assert json.loads(record_line(ResultRecord("pe", "out", matrix)))["data"] == matrix.tolist()
+
+
 def list_of(array: object) -> object:
     return array.tolist()  # type: ignore[attr-defined]
 
