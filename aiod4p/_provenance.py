@@ -42,6 +42,7 @@ from ._groupings import KeyRouter, Router
 from ._install import install_hint
 from ._plan import check_provenance_level
 from ._results import ResultSink
+from ._tagged import Tagged
 from ._visual import dot_escape
 from .errors import Aiod4pError, GraphError, writing
 
@@ -62,22 +63,6 @@ HELD_CALLS_WARNING = 1_000_000
 """Calls an instance records at level ``item`` before the run warns, once per process, that its records are all held
 in memory until the run ends (about 1 kB a call with its items: an endless run grows without bound)."""
 _warned_of_held_calls = False
-
-
-class Tagged:
-    """An item with its provenance id, as it travels between instances at level ``item``."""
-
-    __slots__ = ("id", "value")
-
-    def __init__(self, id: str, value: Any) -> None:
-        self.id = id
-        self.value = value
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (Tagged, (self.id, self.value))
-
-    def __repr__(self) -> str:
-        return f"Tagged({self.id!r}, {self.value!r})"
 
 
 def value_repr(value: Any) -> str:
@@ -291,7 +276,8 @@ class ActorRecorder:
 
     async def handle(self, port: str | None, items: list[Any]) -> None:
         """Hand a batch to the PE as the engine would, recording each call (level ``item``): in the engine's
-        parts of a batch, letting other tasks run between them as it does."""
+        parts of a batch, letting other tasks run between them and handing on every ``batch_bytes`` of outputs
+        as it does."""
         self.count_in(port, len(items))
         actor = self.actor
         handle = actor._handle
@@ -314,6 +300,8 @@ class ActorRecorder:
                 self._begin("process", name, used)
                 await handle(port, [element])
                 self._end()
+                if actor._buffered_bytes() >= actor.batch_bytes:  # hand them on, as a batch's plain calls do
+                    await actor._route_streamed()
 
     def begin_stage(self, stage: str) -> None:
         """``preprocess`` or ``postprocess`` starts (level ``item``)."""

@@ -7,10 +7,12 @@ import base64
 import functools
 import json
 import logging
-from collections.abc import Iterator, Sequence
+import numbers
+import sys
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NamedTuple, Protocol, overload
 
-from ._sizes import approximate_batch_size
+from ._sizes import approximate_batch_size, approximate_size
 from .errors import Aiod4pError
 
 __all__ = ["QueueSink", "ResultRecord", "ResultSink", "Results", "record_line"]
@@ -36,7 +38,7 @@ def record_line(record: ResultRecord) -> str:
     Values JSON has no type for are written as faithfully as JSON allows:
     numpy arrays and scalars (anything with ``tolist()``) as lists and
     numbers, bytes as ``{"base64": "..."}``, sets as lists, dates and times
-    (anything with ``isoformat()``: obspy's ``UTCDateTime`` too) in ISO 8601;
+    (anything with ``isoformat()``: obspy's ``UTCDateTime`` too; numpy's ``datetime64`` of any unit) in ISO 8601;
     anything else as its ``repr``, with a warning once per type. Dict keys
     JSON does not take (a tuple, a numpy integer, a date) are written as the
     number a numpy scalar is, a date or time in ISO 8601, else as their
@@ -47,15 +49,60 @@ def record_line(record: ResultRecord) -> str:
         Aiod4pError: JSON cannot write ``record.data`` (it holds itself, or is nested deeper than Python
             recurses), naming the PE and port.
     """
+    head = _record_head(record.pe, record.port)
     try:
-        try:
-            data = _encode(record.data)
-        except TypeError:  # a dict key json refuses: it calls no default for keys
-            data = _encode(_json_keys(record.data))
+        if approximate_size(record.data)[0] < _LARGE:
+            return head + _encode_value(record.data) + "}\n"
+        return "".join([head, *_pieces(record.data, _WALKED_DEPTH), "}\n"])
     except (ValueError, RecursionError) as exc:
         what = f"a result of PE {record.pe} on port {record.port}"
         raise Aiod4pError(f"{what} cannot be written as JSON: {exc}") from None
-    return _record_head(record.pe, record.port) + data + "}\n"
+
+
+_LARGE = 1 << 20  # bytes of a result (as approximate_size counts them) from which large arrays in it are looked for
+_CHUNK = 1 << 14  # elements of a large array encoded at a time
+_WALKED = 64  # the most elements of a tuple, list or dict looked into for large arrays
+_WALKED_DEPTH = 3  # how deep
+
+
+def _encode_value(value: Any) -> str:
+    try:
+        return _encode(value)
+    except TypeError:  # a dict key json refuses: it calls no default for keys
+        return _encode(_json_keys(value))
+
+
+def _pieces(value: Any, depth: int) -> list[str]:
+    """The JSON of ``value``, in pieces: a numpy array of more than :data:`_CHUNK` elements (the value, or one in
+    its small tuples, lists and dicts, ``depth`` levels down) a chunk of elements at a time, as
+    :func:`_encode_value` writes it whole. The whole array as Python objects took about ten times its size, and
+    the encoding, C code that holds the main thread, kept a signal's handler from running until it ended: a 100 MB
+    array's record made Ctrl-C wait 20 seconds, and a second Ctrl-C meanwhile was lost."""
+    if getattr(value, "ndim", 0) and getattr(value, "size", 0) > _CHUNK and type(_listed(value[:1])) is list:
+        rows = len(value)
+        per_row = value.size // rows
+        if per_row > _CHUNK:
+            if getattr(value[0], "ndim", 0) >= value.ndim:  # rows as deep as the whole (numpy's matrix)
+                return [_encode_value(value)]
+            parts = [piece for row in value for piece in (*_pieces(row, 0), ", ")]
+        else:
+            step = max(1, _CHUNK // per_row)
+            parts = [
+                piece
+                for start in range(0, rows, step)
+                for piece in (_encode_value(value[start : start + step])[1:-1], ", ")
+            ]
+        return ["[", *parts[:-1], "]"]
+    kind = type(value)
+    if depth and (kind is list or kind is tuple) and 0 < len(value) <= _WALKED:
+        parts = [piece for element in value for piece in (*_pieces(element, depth - 1), ", ")]
+        return ["[", *parts[:-1], "]"]
+    if depth and kind is dict and 0 < len(value) <= _WALKED:
+        parts = []
+        for key, element in value.items():
+            parts += [_encode_value({key: 0})[1:-4], ": ", *_pieces(element, depth - 1), ", "]
+        return ["{", *parts[:-1], "}"]
+    return [_encode_value(value)]
 
 
 @functools.lru_cache(maxsize=4096)
@@ -79,8 +126,7 @@ def _json_keys(value: Any) -> Any:
 def _json_key(key: Any) -> Any:
     if isinstance(key, _KEY_TYPES):
         return key
-    tolist = getattr(key, "tolist", None)
-    if callable(tolist) and isinstance(plain := tolist(), _KEY_TYPES):
+    if isinstance(plain := _listed(key), _KEY_TYPES):
         return plain
     isoformat = getattr(key, "isoformat", None)
     if callable(isoformat):
@@ -89,10 +135,44 @@ def _json_key(key: Any) -> Any:
     return repr(key)
 
 
-def _jsonable(value: Any) -> Any:
+_FINER_THAN_MICROSECONDS = frozenset({"ns", "ps", "fs", "as"})
+
+
+def _plain(value: Any, tolist: Callable[[], Any]) -> Any:
+    """``value.tolist()``: the Python list or number a numpy array or scalar is; ``value`` itself when that gives
+    back its own type, except numpy's long doubles, which no Python type holds: the nearest float or complex.
+    A ``datetime64`` finer than microseconds, whose ``tolist()`` gives integers, gives its times in ISO 8601
+    (``None`` for NaT), as a coarser one's ``datetime`` objects are written."""
+    dtype = getattr(value, "dtype", None)
+    if (
+        getattr(dtype, "kind", None) == "M"
+        and (numpy := sys.modules.get("numpy")) is not None
+        and numpy.datetime_data(dtype)[0] in _FINER_THAN_MICROSECONDS
+    ):
+        text = numpy.asarray(numpy.datetime_as_string(value)).astype(object)
+        text[numpy.isnat(value)] = None
+        return text.tolist()
+    plain = tolist()
+    if type(plain) is type(value) and isinstance(value, numbers.Complex):
+        return float(value) if isinstance(value, numbers.Real) else complex(value)
+    return plain
+
+
+def _listed(value: Any) -> Any:
+    """What :func:`_plain` makes of ``value``; ``value`` itself if it has no ``tolist()``, or one that fails
+    (astropy's ``Quantity`` refuses: it is then written as its repr)."""
     tolist = getattr(value, "tolist", None)
-    if callable(tolist):
-        return tolist()
+    if not callable(tolist):
+        return value
+    try:
+        return _plain(value, tolist)
+    except Exception:  # any failure of another library's conversion: written as its repr
+        return value
+
+
+def _jsonable(value: Any) -> Any:
+    if type(plain := _listed(value)) is not type(value):
+        return plain
     if isinstance(value, (bytes, bytearray, memoryview)):
         return {"base64": base64.b64encode(value).decode("ascii")}
     if isinstance(value, (set, frozenset)):

@@ -5,6 +5,8 @@ from __future__ import annotations
 import itertools
 from typing import Any
 
+from ._tagged import Tagged
+
 __all__ = ["SCALARS", "approximate_batch_size", "approximate_size"]
 
 SCALARS = frozenset({int, float, bool, type(None)})
@@ -26,6 +28,8 @@ def approximate_size(item: Any, depth: int = 2) -> tuple[int, int]:
         return len(item), 0
     if kind is bytes:
         return len(item), len(item)
+    if kind is Tagged:  # an item with its provenance id (level item): it takes what its value takes
+        return approximate_size(item.value, depth)
     nbytes = getattr(item, "nbytes", None)  # numpy arrays, memoryviews
     if isinstance(nbytes, int):
         return nbytes, 0

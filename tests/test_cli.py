@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import math
 import os
 import re
 import shlex
@@ -13,6 +14,7 @@ import socket
 import subprocess
 import sys
 import time
+import tracemalloc
 from pathlib import Path
 
 import pytest
@@ -99,6 +101,78 @@ def test_results_json_lines_keep_what_json_has_no_type_for(caplog: pytest.LogCap
         written_keyed = json.loads(record_line(ResultRecord("pe", "out", keyed)))["data"]
     assert written_keyed == {"('AA', 'BB')": 0.5, "7": {"(1, 2)": [3]}, "plain": [{"frozenset()": None}]}
     assert "builtins.tuple (as a dict key) are written as their repr" in caplog.text
+
+
+def test_results_json_lines_write_numpy_long_doubles_as_numbers(caplog: pytest.LogCaptureFixture) -> None:
+    """numpy's long doubles have no Python type: their ``tolist()`` gives them back, and a result holding one
+    failed the run with ``cannot be written as JSON: maximum recursion depth exceeded``."""
+    numpy = pytest.importorskip("numpy")
+    values = [
+        numpy.longdouble(0.5),
+        numpy.array([1.5, numpy.inf], dtype=numpy.longdouble),
+        numpy.clongdouble(1 + 2j),
+        {numpy.longdouble(2.5): 1, (1,): 2},
+    ]
+    with caplog.at_level("WARNING", logger="aiod4p"):
+        written = [json.loads(record_line(ResultRecord("pe", "out", value)))["data"] for value in values]
+    assert written == [0.5, [1.5, math.inf], "(1+2j)", {"2.5": 1, "(1,)": 2}]
+    assert "builtins.complex are written as their repr" in caplog.text
+
+
+def test_results_json_lines_write_numpy_nanosecond_datetimes_in_iso_8601() -> None:
+    """A ``datetime64`` finer than microseconds (pandas' and astropy's ``datetime64[ns]``) was written as the bare
+    integer its ``tolist()`` gives, ``1577836800123456789``, while a coarser one was written in ISO 8601."""
+    numpy = pytest.importorskip("numpy")
+    stamps = numpy.array([["2020-01-01T00:00:00.123456789", "NaT"]], dtype="datetime64[ns]")
+    values = [stamps[0, 0], stamps, numpy.datetime64("NaT", "ns"), {stamps[0, 0]: 1}, numpy.datetime64("2020-01-02")]
+    written = [json.loads(record_line(ResultRecord("pe", "out", value)))["data"] for value in values]
+    assert written == [
+        "2020-01-01T00:00:00.123456789",
+        [["2020-01-01T00:00:00.123456789", None]],
+        None,
+        {"2020-01-01T00:00:00.123456789": 1},
+        "2020-01-02",
+    ]
+
+
+def test_a_large_array_result_is_written_as_json_a_chunk_at_a_time() -> None:
+    """A result holding a large array was written from the whole array as Python floats, about ten times its size
+    (a 100 MB array took the command to 908 MB), in C code that kept Ctrl-C waiting until it ended (20 s; a second
+    Ctrl-C meanwhile was lost). It is written a chunk of elements at a time, the same line to the byte."""
+    numpy = pytest.importorskip("numpy")
+    signal_ = numpy.arange(150_000) / 7
+    values = [signal_, ("trace", signal_.reshape(2, 75_000)), {"rows": signal_.reshape(37_500, 4), "n": 4}]
+    for value in values:
+        whole = '{"pe": "pe", "output": "out", "data": ' + json.dumps(value, default=list_of) + "}"
+        tracemalloc.start()
+        try:
+            line = record_line(ResultRecord("pe", "out", value))
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert line == whole + "\n"
+        assert peak < 2.5 * len(line), (peak, len(line))
+
+
+@pytest.mark.filterwarnings("ignore:the matrix subclass:PendingDeprecationWarning")
+def test_results_json_lines_write_what_refuses_tolist_as_its_repr(caplog: pytest.LogCaptureFixture) -> None:
+    """astropy's Quantity refuses ``tolist()`` (NotImplementedError): a result holding one (``3.5 * u.Jy``) ended
+    ``aiod4p run --results`` with that traceback and an empty results file."""
+    units = pytest.importorskip("astropy.units")
+    numpy = pytest.importorskip("numpy")
+    values = [{"flux": 3.5 * units.Jy}, numpy.arange(3) * units.m, numpy.arange(200_000) * units.s]
+    with caplog.at_level("WARNING", logger="aiod4p"):
+        written = [json.loads(record_line(ResultRecord("pe", "out", value)))["data"] for value in values]
+    assert written == [{"flux": "<Quantity 3.5 Jy>"}, "<Quantity [0., 1., 2.] m>", repr(values[2])]
+    assert "astropy.units.quantity.Quantity are written as their repr" in caplog.text
+    # numpy's matrix, whose rows are matrices as deep as itself, is written as its tolist() too, a large one as well.
+    for size in (10, 200_000):
+        matrix = numpy.asmatrix(numpy.arange(size))
+        assert json.loads(record_line(ResultRecord("pe", "out", matrix)))["data"] == matrix.tolist()
+
+
+def list_of(array: object) -> object:
+    return array.tolist()  # type: ignore[attr-defined]
 
 
 def test_results_json_lines_write_any_date_or_time_in_iso_8601(caplog: pytest.LogCaptureFixture) -> None:

@@ -8,7 +8,9 @@ are copied once into the frame rather than into the pickle and again into
 the frame: such a frame has the top bit of its length set, and its payload
 is the buffer count (4 bytes), each buffer's length (8 bytes each), the
 pickle's length (8 bytes), the pickle, then the buffers; the receiver gets
-writable copies. Large ``bytes`` objects in the message are not copied into
+writable copies (of a frame of ``_KEPT_BUFFER`` bytes or more, writable views of
+the buffer the socket was read into, which is then replaced: no second copy of
+a 200 MB array). Large ``bytes`` objects in the message are not copied into
 the pickle: the pickler hands them over as they are (a ``bytes`` object
 cannot change while the socket takes it), and the socket copies them once
 (uvloop's transport writes the pieces as they are; asyncio's joins them).
@@ -60,7 +62,10 @@ class _FrameProtocol(Wakeups, asyncio.BufferedProtocol):
 
     The socket is read straight into one buffer, which grows to hold a whole
     frame when a large one arrives: its bytes are copied once, by the read,
-    before they are unpickled.
+    before they are unpickled. The out-of-band buffers of a frame of
+    :data:`_KEPT_BUFFER` bytes or more are not copied again: the message keeps
+    views of the read buffer (:attr:`lent`), which is then replaced, never
+    written again.
     """
 
     def __init__(self, max_messages: int) -> None:
@@ -74,6 +79,7 @@ class _FrameProtocol(Wakeups, asyncio.BufferedProtocol):
         self.reading_paused = False
         self.writing_paused = False
         self.peer_closed = False  # the close marker arrived
+        self.lent = False  # a decoded message holds views of self.buffer: replace it before the next read
         self.eof = False  # the stream ended (with or without the marker)
         self.lost = False
         self.gone = asyncio.get_running_loop().create_future()
@@ -106,6 +112,12 @@ class _FrameProtocol(Wakeups, asyncio.BufferedProtocol):
         else:
             with memoryview(self.buffer) as whole, whole[self.start : self.end] as view:
                 self.start += self._decode(view)
+        if self.lent:
+            self.lent = False
+            rest = self.buffer[self.start : self.end]
+            self.buffer = bytearray(max(_READ_ROOM, len(rest)))
+            self.buffer[: len(rest)] = rest
+            self.start, self.end = 0, len(rest)
         if self.start == self.end:
             self.start = self.end = 0
             if len(self.buffer) > _KEPT_BUFFER:
@@ -129,10 +141,12 @@ class _FrameProtocol(Wakeups, asyncio.BufferedProtocol):
             if end > size:
                 break
             with view[position + header : end] as frame:
+                lend = with_buffers and length >= _KEPT_BUFFER
                 try:
-                    messages.append(_unpickle(frame) if with_buffers else pickle.loads(frame))
+                    messages.append(_unpickle(frame, lend) if with_buffers else pickle.loads(frame))
                 except Exception as exc:
                     messages.append(Undecodable(exc))
+                self.lent |= bool(lend)
             position = end
         return position
 
@@ -202,8 +216,9 @@ def _pickle(message: Any) -> list[bytes]:
     return [_HEADER.pack(length | _WITH_BUFFERS), lengths, *data, b"".join(views)]
 
 
-def _unpickle(frame: memoryview) -> Any:
-    """The message in a frame written by :func:`_pickle` with buffers."""
+def _unpickle(frame: memoryview, lend: bool) -> Any:
+    """The message in a frame written by :func:`_pickle` with buffers: copies of its buffers, or with ``lend``
+    writable views of them, in ``frame`` (of a ``bytearray``, which the caller must never write again)."""
     (count,) = struct.unpack_from("<I", frame)
     *sizes, size = struct.unpack_from(f"<{count}QQ", frame, 4)
     position = 4 + 8 * (count + 1)
@@ -211,7 +226,8 @@ def _unpickle(frame: memoryview) -> Any:
     position += size
     buffers = []
     for length in sizes:
-        buffers.append(bytearray(frame[position : position + length]))  # writable, like an in-band array
+        piece = frame[position : position + length]
+        buffers.append(piece if lend else bytearray(piece))  # writable, like an in-band array
         position += length
     return pickle.loads(data, buffers=buffers)
 
