@@ -210,6 +210,17 @@ async def test_frames_of_megabytes_cross_whole_among_small_ones_however_the_tran
     assert np.array_equal(received[1][0], array) and received[1][1:] == [blob, "small"]
 
 
+def _read(protocol: pipes._FrameProtocol, stream: bytes) -> None:
+    """Give ``protocol`` the bytes of ``stream`` in reads of at most 4 MiB, as a socket gives them."""
+    position = 0
+    while position < len(stream):
+        with protocol.get_buffer(-1) as room:
+            count = min(len(room), len(stream) - position, 4 << 20)
+            room[:count] = stream[position : position + count]
+        protocol.buffer_updated(count)
+        position += count
+
+
 async def test_the_arrays_of_a_frame_of_megabytes_arrive_without_a_second_copy() -> None:
     """The receiver read a frame into its buffer, then copied each array out of it: a 200 MB array took its worker
     to 433 MB. A frame of ``_KEPT_BUFFER`` bytes or more lends its arrays the read buffer (234 MB), which is then
@@ -219,13 +230,7 @@ async def test_the_arrays_of_a_frame_of_megabytes_arrive_without_a_second_copy()
     protocol = pipes._FrameProtocol(max_messages=32)
     tracemalloc.start()
     try:
-        position = 0
-        while position < len(stream):  # reads of at most 4 MiB, as a socket gives them
-            with protocol.get_buffer(-1) as room:
-                count = min(len(room), len(stream) - position, 4 << 20)
-                room[:count] = stream[position : position + count]
-            protocol.buffer_updated(count)
-            position += count
+        _read(protocol, stream)
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
@@ -238,6 +243,26 @@ async def test_the_arrays_of_a_frame_of_megabytes_arrive_without_a_second_copy()
         room[: len(again)] = again
     protocol.buffer_updated(len(again))
     assert protocol.messages[-1] == "again" and float(received.sum()) == -array.size
+
+
+def _owner(array: np.ndarray) -> Any:
+    """The object that holds ``array``'s memory."""
+    base: Any = array
+    while isinstance(base, np.ndarray) and base.base is not None:
+        base = base.base
+    return base.obj if isinstance(base, memoryview) else base
+
+
+async def test_the_arrays_of_a_frame_of_several_are_copied_out_so_that_one_kept_keeps_no_other() -> None:
+    """A batch of large arrays in one frame: a PE keeping one of them (a window, a pair to correlate later) would
+    keep the whole frame if the arrays held views of it."""
+    arrays = [np.full(1 << 20, float(n)) for n in range(3)]  # 8 MiB each
+    stream = b"".join(pipes._pickle(arrays))
+    protocol = pipes._FrameProtocol(max_messages=32)
+    _read(protocol, stream)
+    (received,) = protocol.messages
+    assert all(np.array_equal(got, sent) for got, sent in zip(received, arrays, strict=True))
+    assert all(len(_owner(got)) == got.nbytes for got in received)
 
 
 _CHILD = textwrap.dedent(

@@ -8,9 +8,9 @@ are copied once into the frame rather than into the pickle and again into
 the frame: such a frame has the top bit of its length set, and its payload
 is the buffer count (4 bytes), each buffer's length (8 bytes each), the
 pickle's length (8 bytes), the pickle, then the buffers; the receiver gets
-writable copies (of a frame of ``_KEPT_BUFFER`` bytes or more, writable views of
-the buffer the socket was read into, which is then replaced: no second copy of
-a 200 MB array). Large ``bytes`` objects in the message are not copied into
+writable copies (of a frame of ``_KEPT_BUFFER`` bytes or more with one buffer,
+a writable view of the buffer the socket was read into, which is then replaced:
+no second copy of a 200 MB array). Large ``bytes`` objects in the message are not copied into
 the pickle: the pickler hands them over as they are (a ``bytes`` object
 cannot change while the socket takes it), and the socket copies them once
 (uvloop's transport writes the pieces as they are; asyncio's joins them).
@@ -62,10 +62,10 @@ class _FrameProtocol(Wakeups, asyncio.BufferedProtocol):
 
     The socket is read straight into one buffer, which grows to hold a whole
     frame when a large one arrives: its bytes are copied once, by the read,
-    before they are unpickled. The out-of-band buffers of a frame of
-    :data:`_KEPT_BUFFER` bytes or more are not copied again: the message keeps
-    views of the read buffer (:attr:`lent`), which is then replaced, never
-    written again.
+    before they are unpickled. The out-of-band buffer of a frame of
+    :data:`_KEPT_BUFFER` bytes or more that has one is not copied again: the
+    message keeps a view of the read buffer (:attr:`lent`), which is then
+    replaced, never written again.
     """
 
     def __init__(self, max_messages: int) -> None:
@@ -141,7 +141,8 @@ class _FrameProtocol(Wakeups, asyncio.BufferedProtocol):
             if end > size:
                 break
             with view[position + header : end] as frame:
-                lend = with_buffers and length >= _KEPT_BUFFER
+                # A frame holding several buffers is copied out: one array kept would keep them all.
+                lend = with_buffers and length >= _KEPT_BUFFER and struct.unpack_from("<I", frame)[0] == 1
                 try:
                     messages.append(_unpickle(frame, lend) if with_buffers else pickle.loads(frame))
                 except Exception as exc:
