@@ -377,6 +377,19 @@ class EmitsThroughAHelper(ProducerPE):
             _emit(self, item)
 
 
+class EmitsThroughALaterHelper(ProducerPE):
+    """Passes ``write`` its keywords in a helper defined after the class (:func:`_emit_later`)."""
+
+    def _process(self, inputs: dict[str, Any]) -> None:
+        for item in range(3):
+            _emit_later(self, -item)
+
+
+def _emit_later(pe: Any, item: int) -> None:
+    """:func:`_emit`, defined after a class that calls it."""
+    pe.write("output", item, location="file://later.txt")
+
+
 class CountsWhatItWrites(ProducerPE):
     """A ``write`` of its own, with dispel4py's signature, that hands the keywords it is given on to its base's."""
 
@@ -401,12 +414,14 @@ def test_write_keywords_passed_in_a_helper_or_through_a_write_of_its_own_are_ign
     dispel4py 2.0's provenance workflows pass them (``metadata=``, ``location=``: dispel4py2-0/Dispel4Py,
     prov/test/rtxcorr/rtxcorr3.py); passed in a helper of the module, or through a PE's own ``write`` to
     ``super().write(name, data, **kwargs)``, the run failed: ``TypeError: PE.write() got an unexpected keyword
-    argument 'metadata'``."""
+    argument 'metadata'``. A helper defined after the class is found once the module has run."""
     graph = d4p.workflow_graph.WorkflowGraph()
     graph.add(helped := EmitsThroughAHelper())
     graph.add(counting := CountsWhatItWrites())
+    graph.add(helped_later := EmitsThroughALaterHelper())
     results = case.run(graph, 1)
     assert results.data(helped.id) == [0, 1, 2]
+    assert results.data(helped_later.id) == [0, -1, -2]
     assert results.data(counting.id) == [[1, 0], [2, 1], [3, 2]]
     assert EmitsThroughAHelper.write is not aiod4p.PE.write  # it pays for the keywords; Tens, beside it, does not
     assert Tens.write is aiod4p.PE.write

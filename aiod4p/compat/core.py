@@ -30,6 +30,7 @@ import sys
 import sysconfig
 import textwrap
 import threading
+import weakref
 from collections.abc import Callable, Iterator, Mapping
 from types import CodeType, FunctionType
 from typing import Any
@@ -128,6 +129,7 @@ class GenericPE(_CoreGenericPE):
         self.pickleIgnore: list[str] = []
         self._numprocesses = numprocesses
         self._instances: int | None = numprocesses if numprocesses != 1 else None
+        _look_again_for_keywords(type(self))
 
     # -- dispel4py's declarations --------------------------------------------
     def _add_input(self, name: str, grouping: Any = None, tuple_type: Any = None) -> None:
@@ -404,6 +406,20 @@ def _take_keywords_above(cls: type) -> None:
             base.write = base._write = _write_ignoring_keywords
 
 
+_LOOKED_AGAIN: weakref.WeakSet[type] = weakref.WeakSet()
+
+
+def _look_again_for_keywords(cls: type) -> None:
+    """Give ``cls`` the ``write`` that takes dispel4py's keywords if it got the engine's own when it was defined,
+    but a helper its methods name, defined further on in its module, writes with them: looked at once, when
+    the first PE of the class is made and, in another process, when the first one arrives (its module run by
+    then)."""
+    if cls.write is _CoreGenericPE.write and cls not in _LOOKED_AGAIN:  # type: ignore[attr-defined]
+        _LOOKED_AGAIN.add(cls)
+        if _writes_with_keywords(cls):
+            cls.write = cls._write = _write_ignoring_keywords  # type: ignore[attr-defined]
+
+
 def _writes_with_keywords(cls: type) -> bool:
     """Whether a method of ``cls``, or of a base of it that is not aiod4p's, calls ``write`` or ``_write`` with
     keywords, itself or in a function of the workflow's own that it names (taken to, when a method's source
@@ -552,6 +568,7 @@ def _rebuild(spec: ClassSpec, local: tuple[str, ...] = ()) -> GenericPE:
         cls = type(name, tuple(_import_class(*base) for base in bases), {})
     if not issubclass(cls, GenericPE):
         raise GraphError(f"{name} is not a dispel4py PE class in this process")
+    _look_again_for_keywords(cls)
     pe = cls.__new__(cls)
     if local:
         made = cls()
