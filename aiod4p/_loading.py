@@ -237,7 +237,13 @@ def load_module(spec: str) -> ModuleType:
         raise _exited(spec, exc) from None
     except ModuleNotFoundError as exc:
         if exc.name and spec.startswith(exc.name):
-            raise TargetError(f"no module named {spec!r}") from exc
+            hint = (
+                " (dispel4py's own modules, its examples too, load from an installed dispel4py, which has none"
+                " such here: install dispel4py in this environment, or give the workflow's .py file)"
+                if spec.startswith("dispel4py.")
+                else ""
+            )
+            raise TargetError(f"no module named {spec!r}{hint}") from exc
         raise _import_failed(spec, exc) from exc
     except Exception as exc:
         raise _import_failed(spec, exc) from exc

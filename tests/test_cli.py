@@ -426,6 +426,12 @@ def test_debug_adds_the_traceback(workflow_file: Path, after: bool) -> None:
         (["run", "{folder}"], "is a directory: give the .py file of the workflow in it"),
         (["run", "{notebook}"], "is a Jupyter notebook: run its graph with aiod4p.run() in a cell, or export it"),
         (["run", "no_such_module_xyz"], "no module named 'no_such_module_xyz'"),
+        # As dispel4py's tutorials run its examples (rosafilgueira/dispel4py_training_material,
+        # Testing_dispel4py.py: `dispel4py simple dispel4py.examples.graph_testing.pipeline_test -i 10`).
+        (
+            ["run", "dispel4py.examples.graph_testing.pipeline_test"],
+            "load from an installed dispel4py, which has none such here: install dispel4py in this",
+        ),
         (["run", "{flow}:missing"], "has no attribute 'missing'"),
         (["run", "{flow}", "-d", "{{not json"], "-d is not valid JSON"),
         (["run", "{flow}", "-d", '{{"Nobody": 1}}'], "input key 'Nobody' names no PE of the graph"),

@@ -364,6 +364,69 @@ class EmitsInAProperty(ProducerPE):
         assert self.emitted == 1
 
 
+def _emit(pe: Any, item: int) -> None:
+    """A helper of the workflow's module that writes for the PE calling it, with a provenance keyword."""
+    pe.write("output", item, metadata={"item": item})
+
+
+class EmitsThroughAHelper(ProducerPE):
+    """Passes ``write`` its keywords in a helper (:func:`_emit`), not in a method."""
+
+    def _process(self, inputs: dict[str, Any]) -> None:
+        for item in range(3):
+            _emit(self, item)
+
+
+class EmitsThroughALaterHelper(ProducerPE):
+    """Passes ``write`` its keywords in a helper defined after the class (:func:`_emit_later`)."""
+
+    def _process(self, inputs: dict[str, Any]) -> None:
+        for item in range(3):
+            _emit_later(self, -item)
+
+
+def _emit_later(pe: Any, item: int) -> None:
+    """:func:`_emit`, defined after a class that calls it."""
+    pe.write("output", item, location="file://later.txt")
+
+
+class CountsWhatItWrites(ProducerPE):
+    """A ``write`` of its own, with dispel4py's signature, that hands the keywords it is given on to its base's."""
+
+    def __init__(self) -> None:
+        ProducerPE.__init__(self)
+        self.written = 0
+
+    def write(self, name: str, data: Any, **kwargs: Any) -> None:
+        self.written += 1
+        super().write(name, [self.written, data], **kwargs)
+
+    def _process(self, inputs: dict[str, Any]) -> None:
+        for item in range(3):
+            self.write("output", item, location="file://counted.txt")
+
+
+@pytest.mark.parametrize("case", [MappingCase("simple", None), MappingCase("mpi", 2)], ids=lambda case: case.id)
+def test_write_keywords_passed_in_a_helper_or_through_a_write_of_its_own_are_ignored(
+    d4p: Any, case: MappingCase
+) -> None:
+    """dispel4py's ``write(name, data, **kwargs)`` ignores its keywords (with provenance off) wherever the call is.
+    dispel4py 2.0's provenance workflows pass them (``metadata=``, ``location=``: dispel4py2-0/Dispel4Py,
+    prov/test/rtxcorr/rtxcorr3.py); passed in a helper of the module, or through a PE's own ``write`` to
+    ``super().write(name, data, **kwargs)``, the run failed: ``TypeError: PE.write() got an unexpected keyword
+    argument 'metadata'``. A helper defined after the class is found once the module has run."""
+    graph = d4p.workflow_graph.WorkflowGraph()
+    graph.add(helped := EmitsThroughAHelper())
+    graph.add(counting := CountsWhatItWrites())
+    graph.add(helped_later := EmitsThroughALaterHelper())
+    results = case.run(graph, 1)
+    assert results.data(helped.id) == [0, 1, 2]
+    assert results.data(helped_later.id) == [0, -1, -2]
+    assert results.data(counting.id) == [[1, 0], [2, 1], [3, 2]]
+    assert EmitsThroughAHelper.write is not aiod4p.PE.write  # it pays for the keywords; Tens, beside it, does not
+    assert Tens.write is aiod4p.PE.write
+
+
 def test_every_instance_has_a_rank_of_its_own(d4p: Any, mapping: MappingCase) -> None:
     graph = d4p.workflow_graph.WorkflowGraph()
     graph.connect(Counter_(), "output", ranked := Ranked(), "input")
@@ -1454,13 +1517,14 @@ def test_a_workflow_exiting_at_import_says_so(tmp_path: Path, options: list[str]
 
 
 def test_dispel4py_pes_make_the_calls_native_pes_make(d4p: Any) -> None:
-    # Engine changes to PE.write carry over, and per item no call is added.
-    assert GenericPE.write is aiod4p.PE.write and GenericPE._write is aiod4p.PE.write
-
+    # Engine changes to PE.write carry over, and per item no call is added: a PE class that passes write no
+    # keywords gets the engine's own (the base class takes dispel4py's keywords, for those that do).
     class Sink(ConsumerPE):
         def _process(self, data: int) -> None:
             pass
 
+    for cls in (Sink, Numbers):
+        assert cls.write is aiod4p.PE.write and cls._write is aiod4p.PE.write, cls
     sink, producer = Sink(), Numbers()
     assert sink._item_function() == (sink._process, None)
     produce, port = producer._item_function()

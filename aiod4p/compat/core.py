@@ -24,12 +24,15 @@ import importlib
 import inspect
 import io
 import logging
+import os
 import socket
 import sys
+import sysconfig
 import textwrap
 import threading
+import weakref
 from collections.abc import Callable, Iterator, Mapping
-from types import CodeType
+from types import CodeType, FunctionType
 from typing import Any
 
 from .._groupings import ROUND_ROBIN, as_grouping
@@ -85,6 +88,12 @@ class _Own:
 _ASSIGNED_BY_CORE = ("_own_inputs", "_own_outputs", "_own_parallelism")
 
 
+def _write_ignoring_keywords(self: GenericPE, port: str, item: Any, **ignored: Any) -> None:
+    """dispel4py's ``write``: the keywords it takes for provenance (``metadata``, ``location``, ...) are ignored, as
+    dispel4py ignores them with provenance off (a :class:`~aiod4p.compat.provenance.ProvenanceType` records them)."""
+    _CoreGenericPE.write(self, port, item)
+
+
 class GenericPE(_CoreGenericPE):
     """dispel4py's base PE, run by the aiod4p engine.
 
@@ -120,6 +129,7 @@ class GenericPE(_CoreGenericPE):
         self.pickleIgnore: list[str] = []
         self._numprocesses = numprocesses
         self._instances: int | None = numprocesses if numprocesses != 1 else None
+        _look_again_for_keywords(type(self))
 
     # -- dispel4py's declarations --------------------------------------------
     def _add_input(self, name: str, grouping: Any = None, tuple_type: Any = None) -> None:
@@ -335,16 +345,20 @@ class GenericPE(_CoreGenericPE):
         return self._postprocess()
 
     # -- output ------------------------------------------------------------------
-    # write() is aiod4p's own PE.write (inherited), the very call native PEs make;
-    # dispel4py's _write is the same function. A class that writes with keywords gets
-    # _write_ignoring_keywords instead, and a class with a write() of its own gets a
-    # process() whose outputs go through it (__init_subclass__).
-    _write = _CoreGenericPE.write
+    # write() and dispel4py's _write() take dispel4py's keywords and ignore them. Taking them
+    # costs a call per write, so each class that passes none (nor calls a helper that does)
+    # gets aiod4p's own PE.write instead, the very call native PEs make (__init_subclass__).
+    # A class with a write() of its own gets a process() whose outputs go through it; if
+    # it passes keywords, the write() its super() reaches takes them again.
+    write = _write = _write_ignoring_keywords
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        if cls.write is _CoreGenericPE.write and _writes_with_keywords(cls):
-            cls.write = cls._write = _write_ignoring_keywords  # type: ignore[method-assign,assignment]
+        if _aiod4ps_write(cls.write):
+            taking = _write_ignoring_keywords if _writes_with_keywords(cls) else _CoreGenericPE.write
+            cls.write = cls._write = taking  # type: ignore[assignment]
+        elif _has_own_write(cls) and _writes_with_keywords(cls):
+            _take_keywords_above(cls)
         process = cls.process
         if _has_own_write(cls) and plain_function(process) and not getattr(process, "_writes_outputs", False):
             cls.process = _outputs_written(process)  # type: ignore[method-assign,assignment]
@@ -375,16 +389,41 @@ def _outputs_written(process: Callable[[Any, Mapping[str, Any]], Any]) -> Callab
     return process_writing_outputs
 
 
-def _write_ignoring_keywords(self: GenericPE, name: str, data: Any, **ignored: Any) -> None:
-    """dispel4py's ``write``: the keywords it takes for provenance (``metadata``, ``location``, ...) are ignored, as
-    dispel4py ignores them with provenance off (a :class:`~aiod4p.compat.provenance.ProvenanceType` records them)."""
-    _CoreGenericPE.write(self, name, data)
+def _aiod4ps_write(value: Any) -> bool:
+    """Whether ``value`` is a ``write`` aiod4p gives a dispel4py PE class: its engine's own, or the one that takes
+    dispel4py's keywords (compared by identity: a class attribute may be anything, an array too)."""
+    return value is _CoreGenericPE.write or value is _write_ignoring_keywords
+
+
+def _take_keywords_above(cls: type) -> None:
+    """Have the ``write`` and ``_write`` that ``cls``'s own ``write`` reaches through ``super()`` (or by naming a base,
+    ``IterativePE.write(self, ...)``) take dispel4py's keywords, as ``cls`` hands them on: the bases that
+    :meth:`GenericPE.__init_subclass__` gave aiod4p's own ``write`` (their subclasses keep theirs)."""
+    if cls._write is _CoreGenericPE.write:  # type: ignore[attr-defined]
+        cls._write = _write_ignoring_keywords  # type: ignore[attr-defined]
+    for base in cls.__mro__[1:]:
+        if issubclass(base, GenericPE) and vars(base).get("write") is _CoreGenericPE.write:
+            base.write = base._write = _write_ignoring_keywords
+
+
+_LOOKED_AGAIN: weakref.WeakSet[type] = weakref.WeakSet()
+
+
+def _look_again_for_keywords(cls: type) -> None:
+    """Give ``cls`` the ``write`` that takes dispel4py's keywords if it got the engine's own when it was defined,
+    but a helper its methods name, defined further on in its module, writes with them: looked at once, when
+    the first PE of the class is made and, in another process, when the first one arrives (its module run by
+    then)."""
+    if cls.write is _CoreGenericPE.write and cls not in _LOOKED_AGAIN:  # type: ignore[attr-defined]
+        _LOOKED_AGAIN.add(cls)
+        if _writes_with_keywords(cls):
+            cls.write = cls._write = _write_ignoring_keywords  # type: ignore[attr-defined]
 
 
 def _writes_with_keywords(cls: type) -> bool:
     """Whether a method of ``cls``, or of a base of it that is not aiod4p's, calls ``write`` or ``_write`` with
-    keywords (taken to, when a method's source cannot be read): only such a class pays for a ``write`` that
-    takes them, every other keeps the engine's own."""
+    keywords, itself or in a function of the workflow's own that it names (taken to, when a method's source
+    cannot be read): only such a class pays for a ``write`` that takes them, every other keeps the engine's own."""
     for klass in cls.__mro__:
         if klass.__module__ == "builtins" or klass.__module__.startswith("aiod4p."):
             continue
@@ -396,7 +435,8 @@ def _writes_with_keywords(cls: type) -> bool:
 
 def _codes(member: Any) -> Iterator[CodeType]:
     """The code of a class member: a function's (a static or class method's, a property's accessors), and
-    through decorators, those ``functools.wraps`` names and those the wrapper holds in its closure."""
+    through decorators, those ``functools.wraps`` names and those the wrapper holds in its closure; and the code
+    of the helpers each names (:func:`_named_helpers`)."""
     accessors = (member.fget, member.fset, member.fdel) if isinstance(member, property) else (member,)
     for accessor in accessors:
         function = getattr(accessor, "__func__", accessor)
@@ -406,11 +446,48 @@ def _codes(member: Any) -> Iterator[CodeType]:
             code = getattr(function, "__code__", None)
             if code is not None:
                 yield code
+                yield from _named_helpers(function, seen)
                 for cell in getattr(function, "__closure__", None) or ():
                     inner = getattr(getattr(cell, "cell_contents", None), "__code__", None)
                     if isinstance(inner, CodeType) and inner is not code:
                         yield inner
             function = getattr(function, "__wrapped__", None)
+
+
+#: Where the standard library and installed packages live: their functions write no PE's items.
+_INSTALLED = tuple(
+    os.path.join(os.path.realpath(path), "")
+    for path in {sysconfig.get_paths()[key] for key in ("stdlib", "platstdlib", "purelib", "platlib")}
+)
+
+
+def _named_helpers(function: Any, seen: set[int], depth: int = 2) -> Iterator[CodeType]:
+    """The code of the functions of the workflow's own (not aiod4p's, the standard library's or an installed
+    package's) that ``function`` names as globals, and of those they name, ``depth`` levels down: a helper a
+    method calls (``emit(self, item)``) may write for the PE, as dispel4py lets it, with keywords."""
+    if depth == 0:
+        return
+    names = getattr(function, "__globals__", {})
+    for name in _names(function.__code__):
+        helper = names.get(name)
+        if (
+            isinstance(helper, FunctionType)
+            and id(helper) not in seen
+            and not (helper.__module__ or "").startswith("aiod4p.")
+            and not os.path.realpath(helper.__code__.co_filename).startswith(_INSTALLED)
+        ):
+            seen.add(id(helper))
+            yield helper.__code__
+            yield from _named_helpers(helper, seen, depth - 1)
+
+
+def _names(code: CodeType) -> set[str]:
+    """The global and attribute names ``code`` and the code nested in it (lambdas, comprehensions) use."""
+    names = set(code.co_names)
+    for constant in code.co_consts:
+        if isinstance(constant, CodeType):
+            names |= _names(constant)
+    return names
 
 
 @functools.lru_cache(maxsize=4096)
@@ -453,7 +530,7 @@ def _class_spec(cls: type) -> ClassSpec | None:
     own = {  # less what __init_subclass__ sets again there
         name
         for name, value in vars(cls).items()
-        if value is not _write_ignoring_keywords and not getattr(value, "_writes_outputs", False)
+        if not _aiod4ps_write(value) and not getattr(value, "_writes_outputs", False)
     }
     if own - _EMPTY_CLASS:
         return None  # a local class with its own methods: not rebuildable from its bases
@@ -491,6 +568,7 @@ def _rebuild(spec: ClassSpec, local: tuple[str, ...] = ()) -> GenericPE:
         cls = type(name, tuple(_import_class(*base) for base in bases), {})
     if not issubclass(cls, GenericPE):
         raise GraphError(f"{name} is not a dispel4py PE class in this process")
+    _look_again_for_keywords(cls)
     pe = cls.__new__(cls)
     if local:
         made = cls()

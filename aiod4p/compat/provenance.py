@@ -28,6 +28,7 @@ from collections.abc import Hashable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from .._pe import GenericPE as _CoreGenericPE
 from ..errors import Aiod4pError
 from .base import IterativePE, SimpleFunctionPE
 from .core import GenericPE
@@ -139,7 +140,7 @@ class ProvenanceType(GenericPE):
                 self._ignored_warned.add(keyword)
                 known = "" if keyword in _IGNORED_WRITE_KEYWORDS else " (not a keyword dispel4py knows either)"
                 _warn(f"{type(self).__name__}.write ignores the keyword {keyword!r}{known}")
-        GenericPE.write(self, port, item)
+        _CoreGenericPE.write(self, port, item)  # the engine's own: this write takes the keywords
 
     def _write(self, port: str, item: Any, **kwargs: Any) -> None:
         """dispel4py's ``_write``: :meth:`write`."""
