@@ -6,6 +6,7 @@ import asyncio
 import faulthandler
 import logging
 import os
+import re
 import warnings
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -65,17 +66,16 @@ _RAY_CLUSTER = pytest.StashKey[RayCluster]()
 
 def _needs_ray(item: pytest.Item) -> bool:
     callspec = getattr(item, "callspec", None)
-    case = callspec.params.get("mapping") if callspec is not None else None
+    cases = callspec.params.values() if callspec is not None else ()
     fixtures: list[str] = getattr(item, "fixturenames", [])
-    return "ray_cluster" in fixtures or (isinstance(case, MappingCase) and case.name == "ray")
+    return "ray_cluster" in fixtures or any(isinstance(case, MappingCase) and case.name == "ray" for case in cases)
 
 
-def pytest_collection_finish(session: pytest.Session) -> None:
-    """Start the cluster now (it takes seconds), outside every test's timeout, if a selected test needs it."""
-    if any(_needs_ray(item) for item in session.items):
+def _ray_cluster_started(config: pytest.Config) -> None:
+    if _RAY_CLUSTER not in config.stash:
         cluster = RayCluster.start()
         os.environ["RAY_ADDRESS"] = cluster.address
-        session.config.stash[_RAY_CLUSTER] = cluster
+        config.stash[_RAY_CLUSTER] = cluster
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
@@ -89,6 +89,34 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
 def ray_cluster(request: pytest.FixtureRequest) -> RayCluster:
     """The session's two-node Ray cluster (``RAY_ADDRESS`` points at it)."""
     return request.config.stash[_RAY_CLUSTER]
+
+
+# -- the suite on two processes (``pytest -n 2``, as .ci/run runs it: pytest-xdist) ---------------------
+
+# Files whose tests all run in the process that has the Ray cluster: they start Ray of their own too, and two
+# Ray clusters starting at once on two cores are slower than one after the other.
+_RAY_FILES = ("tests/test_ray.py", "tests/test_ray_transport.py")
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """``-n N`` (``--dist load``) hands out whole files, as ``--dist loadfile`` does (a module's fixtures are
+    made once; the tests of test_storm_cluster.py share one topology), and every test that runs on Ray to one
+    process, which alone starts the session's Ray cluster. A test runs on Ray when its id names Ray (a ``ray-n2``
+    case of :data:`MAPPING_CASES`, a test of Ray in its name); one whose id did not would start a cluster of its
+    own in the other process: slower, as correct."""
+    if config.getvalue("dist") != "load":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ByFileAndRay(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            path = nodeid.split("::", 1)[0]
+            if path in _RAY_FILES or re.search(r"(?<![a-z])ray(?![a-z])", nodeid.lower()):
+                return "ray"
+            return path
+
+    return ByFileAndRay(config, log)
 
 
 def pytest_asyncio_loop_factories(
@@ -176,9 +204,13 @@ def pytest_exception_interact(node: pytest.Item | pytest.Collector) -> None:
     _arm(node.config)
 
 
-@pytest.hookimpl(wrapper=True)
+@pytest.hookimpl(wrapper=True, tryfirst=True)
 def pytest_runtest_protocol(item: pytest.Item) -> Iterator[object]:
+    """Start the session's Ray cluster before the first test that needs it, outside the test's timeout (it
+    takes seconds), and disarm the backstop once the test has ended."""
     try:
+        if _needs_ray(item):
+            _ray_cluster_started(item.config)
         return (yield)
     finally:
         _disarm(item.config)
