@@ -49,11 +49,13 @@ _previous: dict[int, Any] = {}
 
 
 def install(handler: Callable[[int, FrameType | None], Any]) -> dict[int, Any]:
-    """Make ``handler`` the handler of :data:`SIGNALS` (not of SIGHUP if it is ignored: under ``nohup`` the user
-    asked for the run to outlive the terminal); returns the handlers it replaced, by signal."""
+    """Make ``handler`` the handler of :data:`SIGNALS`, but of SIGINT and SIGHUP only if they are not ignored:
+    started with them ignored (under ``nohup``; as a background job ``aiod4p run ... &`` of a shell script, which
+    a Ctrl-C at the terminal is not meant to reach), the run ignores them as Python's own programs do. Returns the
+    handlers it replaced, by signal."""
     previous: dict[int, Any] = {}
     for signum in SIGNALS:
-        if signum == signal.SIGHUP and signal.getsignal(signum) == signal.SIG_IGN:
+        if signum != signal.SIGTERM and signal.getsignal(signum) == signal.SIG_IGN:
             continue
         previous[signum] = signal.signal(signum, handler)
     return previous

@@ -7,6 +7,7 @@ import faulthandler
 import logging
 import os
 import re
+import signal
 import warnings
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -162,8 +163,16 @@ _BACKSTOP = pytest.StashKey[float | None]()  # seconds, while a test runs
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    """Keep a descriptor of the session's stderr for the backstop: file descriptor 2 is pytest's capture file,
+    """Take SIGINT and SIGHUP as a program a terminal's shell starts does, whatever the suite inherited, and so
+    do the processes the tests start: a suite started in the background by a script (``.ci/run &``) inherits
+    them ignored, and an aiod4p command started so keeps them ignored, as it should, where the tests send them.
+
+    Keep a descriptor of the session's stderr for the backstop: file descriptor 2 is pytest's capture file,
     whose content is lost when the backstop ends the process."""
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if signal.getsignal(signal.SIGHUP) == signal.SIG_IGN:
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)
     capture = config.pluginmanager.getplugin("capturemanager")
     if capture is not None:
         capture.suspend_global_capture(in_=True)

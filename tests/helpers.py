@@ -28,14 +28,6 @@ ROOT = Path(__file__).resolve().parents[1]
 AIOD4P = [sys.executable, "-m", "aiod4p"]
 
 
-def as_from_a_terminal() -> None:
-    """A ``preexec_fn``: the child takes SIGINT and SIGHUP as a program a terminal's shell starts does, whatever
-    this process inherited (a suite started in the background by a script ignores SIGINT, and so would the
-    child: Python then installs no ``KeyboardInterrupt`` handler, and aiod4p leaves an ignored SIGINT ignored)."""
-    for signum in (signal.SIGINT, signal.SIGHUP):
-        signal.signal(signum, signal.SIG_DFL)
-
-
 def aiod4p_cli(
     *args: str,
     cwd: Path | None = None,

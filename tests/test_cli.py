@@ -23,7 +23,6 @@ from helpers import (
     LINGERING_FLOW,
     TIMES10_FLOW,
     aiod4p_process,
-    as_from_a_terminal,
     json_lines,
     numbers_flow,
     reaped,
@@ -1543,9 +1542,7 @@ def test_a_program_importing_the_cli_keeps_its_own_signal_handlers(
     command = [sys.executable, "-c", program] if how == "-c" else [sys.executable, str(script)]
     arguments = ["run", str(workflow_file), "-m", "simple", "-i", "1", "-q"] if how == "named aiod4p" else []
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    done = subprocess.run(
-        [*command, *arguments], capture_output=True, text=True, timeout=60, env=env, preexec_fn=as_from_a_terminal
-    )
+    done = subprocess.run([*command, *arguments], capture_output=True, text=True, timeout=60, env=env)
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines()[-1] == "True True", done.stdout + done.stderr
 

@@ -30,7 +30,7 @@ from typing import Any
 
 import pytest
 import workflows as wf
-from helpers import AIOD4P, aiod4p_process, as_from_a_terminal, numbers_flow, reaped, run_notebook_flow
+from helpers import AIOD4P, aiod4p_process, numbers_flow, reaped, run_notebook_flow
 
 import aiod4p
 from aiod4p import IterativePE, PEError, WorkflowGraph, _loading, group_by
@@ -847,7 +847,6 @@ def test_ctrl_c_while_a_spawned_worker_starts_interrupts_the_run_not_the_worker(
         text=True,
         env=env,
         start_new_session=True,
-        preexec_fn=as_from_a_terminal,
     )
     with reaped(process):
         _, err = process.communicate(timeout=60)
@@ -891,7 +890,6 @@ def test_the_users_own_forkserver_processes_take_ctrl_c_after_a_run_on_forkserve
         text=True,
         env=env,
         timeout=60,
-        preexec_fn=as_from_a_terminal,
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines()[-1] == "True True False", done.stdout + done.stderr

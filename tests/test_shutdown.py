@@ -164,6 +164,27 @@ def test_a_run_started_with_sighup_ignored_ignores_it() -> None:
     assert squares(reader.records) == list(range(200))
 
 
+def test_a_run_started_with_sigint_ignored_ignores_it_and_drains_on_sigterm() -> None:
+    """``aiod4p run ... &`` in a shell script: the background job starts with SIGINT ignored, so that a Ctrl-C at
+    the terminal stops the script, not it. The command took SIGINT back and drained the run."""
+    proc, reader = start_cli(preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    try:
+        assert proc.stdin is not None
+        proc.stdin.write(lines(range(100)))
+        proc.stdin.flush()
+        reader.wait_for(lambda records: len(records) >= 100)
+        proc.send_signal(signal.SIGINT)
+        proc.stdin.write(lines(range(100, 200)))
+        proc.stdin.flush()
+        reader.wait_for(lambda records: len(records) >= 200)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        stderr = stop(proc, reader)
+    assert b"SIGINT" not in stderr and b"interrupted by SIGTERM: drained" in stderr, stderr
+    assert squares(reader.records) == list(range(200))
+
+
 def test_a_second_signal_aborts_with_a_non_zero_exit() -> None:
     proc, reader = start_cli()
     try:
