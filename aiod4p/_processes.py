@@ -10,11 +10,22 @@ import signal
 import time
 from pathlib import Path
 
-__all__ = ["LEFTOVER_GRACE", "children", "descendants", "kill_left", "pidfds", "reap"]
+__all__ = ["LEFTOVER_GRACE", "children", "descendants", "ended", "kill_left", "pidfds", "reap"]
 
 LEFTOVER_GRACE = 5.0
 """Seconds that processes a run leaves behind (a stopped local Ray's, a killed mpiexec's ranks) have to end
 by themselves before they are killed."""
+
+
+def ended(code: int) -> str:
+    """How a process ended, from its exit status as :mod:`subprocess` and :mod:`multiprocessing` give it
+    (negative: the signal that killed it): ``exited with code 3``, ``was killed by SIGKILL``."""
+    if code >= 0:
+        return f"exited with code {code}"
+    try:
+        return f"was killed by {signal.Signals(-code).name}"
+    except ValueError:
+        return f"was killed by signal {-code}"
 
 
 def children(parents: set[int]) -> set[int]:

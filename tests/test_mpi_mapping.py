@@ -18,7 +18,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +31,7 @@ from ray_cluster import wait_gone
 import aiod4p
 from aiod4p import ALL, WorkflowGraph, group_by
 from aiod4p._install import install_hint
-from aiod4p._processes import descendants, pidfds
+from aiod4p._processes import children, descendants, pidfds
 from aiod4p.errors import GraphError, MappingUnavailable, PEError, TargetError, TransportError, WorkerDied
 from aiod4p.mappings import mpi
 from aiod4p.mappings._mpi_env import find_mpiexec, job_files
@@ -704,13 +704,13 @@ def test_a_rank_that_cannot_load_the_workflow_says_why(tmp_path: Path, monkeypat
         (
             {"exit_code": 3},
             r"^MPI rank 1 \(pid \d+ on \S+; it ran FailsOnInstance\d+\[1\]\) ended with exit code 3: mpiexec exited"
-            r" with status \d+ before the run finished$",
+            r" with code \d+ before the run finished$",
         ),
         (
             # Hydra reports every rank as exited with 0: `mpiexec exited with status 0 before the run finished`
             {"exit_code": 0},
             r"^an MPI rank ended by itself with exit code 0 \(os\._exit\(0\) in a PE, or exit\(0\) in a library it"
-            r" calls; mpiexec then reports every rank as exited with 0\): mpiexec exited with status 0 before the run"
+            r" calls; mpiexec then reports every rank as exited with 0\): mpiexec exited with code 0 before the run"
             r" finished$",
         ),
     ],
@@ -736,7 +736,7 @@ def test_ranks_exiting_badly_after_the_run_finished_leave_its_results(caplog: py
     graph.connect(wf.Count(), "output", wf.ExitsBadlyAtExit(parallelism=2), "input")
     results = aiod4p.run(graph, 20, mapping="mpi", workers=2)
     assert sorted(results.data()) == list(range(20))
-    assert "mpiexec exited with status" in caplog.text and "after the run finished (results complete)" in caplog.text
+    assert "mpiexec exited with code" in caplog.text and "after the run finished (results complete)" in caplog.text
 
 
 def test_statistics_of_every_rank() -> None:
@@ -1124,11 +1124,12 @@ def test_a_plan_that_cannot_be_shipped_kills_the_ranks_started_ahead_at_once(mon
     assert sent == [(early.process.pid, signal.SIGKILL)]
 
 
-def test_a_killed_launcher_takes_mpiexec_and_its_ranks_with_it(tmp_path: Path) -> None:
-    """mpiexec and its ranks run in a session of their own: no signal to the launcher's reaches them.
-    Nor is its rank 0 socket's directory left in the temporary folder, nor its proxy's topology file in /tmp
-    (no process of the job removes it once killed)."""
-    mark = f"kill-{os.getpid()}-{time.monotonic_ns()}"
+@contextlib.contextmanager
+def _held_job(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[str], str, bytes, Path]]:
+    """A launched run on 2 ranks whose ranks both hold their event loops (neither can notice anything), its
+    processes marked: the launcher, the mark, what the ranks said once holding (each its pid, then its proxy's
+    topology files) and the run's temporary folder. Whatever runs of it when the block ends is killed."""
+    mark = f"held-{os.getpid()}-{time.monotonic_ns()}"
     holding = tmp_path / "holding"
     os.mkfifo(holding)
     reader = os.open(holding, os.O_RDONLY | os.O_NONBLOCK)
@@ -1139,9 +1140,26 @@ def test_a_killed_launcher_takes_mpiexec_and_its_ranks_with_it(tmp_path: Path) -
     launcher = aiod4p_process("run", f"{WORKFLOWS}:held_loops", "-m", "mpi", "-n", "2", "-i", "3", "-q", env=env)
     try:
         held = b""
-        while held.count(b"\n") < 2:  # both ranks hold their event loops: neither can notice anything
+        while held.count(b"\n") < 2:
             assert select.select([reader], [], [], 60)[0], "the ranks never held their loops"
             held += os.read(reader, 100)
+        yield launcher, mark, held, temporary
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(launcher.pid, signal.SIGKILL)
+        for pid in _marked_processes(mark):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        launcher.communicate()
+        os.close(reader)
+        os.close(keep_open)
+
+
+def test_a_killed_launcher_takes_mpiexec_and_its_ranks_with_it(tmp_path: Path) -> None:
+    """mpiexec and its ranks run in a session of their own: no signal to the launcher's reaches them.
+    Nor is its rank 0 socket's directory left in the temporary folder, nor its proxy's topology file in /tmp
+    (no process of the job removes it once killed)."""
+    with _held_job(tmp_path) as (launcher, mark, held, temporary):
         started = [pid for pid in _marked_processes(mark) if pid != launcher.pid]
         assert len(started) >= 3, started  # mpiexec, its proxy, 2 ranks
         exits = []
@@ -1160,17 +1178,16 @@ def test_a_killed_launcher_takes_mpiexec_and_its_ranks_with_it(tmp_path: Path) -
         assert [path.name for path in temporary.iterdir()] == []
         topology = {path for line in held.decode().splitlines() for path in line.split()[1:]}
         assert topology and [path for path in topology if Path(path).exists()] == []
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(launcher.pid, signal.SIGKILL)
-        for pid in _marked_processes(mark):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        for pipe in (launcher.stdout, launcher.stderr):
-            if pipe is not None:
-                pipe.close()
-        os.close(reader)
-        os.close(keep_open)
+
+
+def test_a_killed_mpiexec_fails_the_run_naming_the_signal(tmp_path: Path) -> None:
+    """The run failed with ``mpiexec exited with status -9``: it names the signal now."""
+    with _held_job(tmp_path) as (launcher, _, _, _):
+        (mpiexec_pid,) = children({launcher.pid})
+        os.kill(mpiexec_pid, signal.SIGKILL)
+        _, err = launcher.communicate(timeout=60)
+    assert launcher.returncode == 1, err
+    assert "mpiexec was killed by SIGKILL before the run finished" in err, err
 
 
 def test_ctrl_c_under_mpiexec_drains_every_rank(tmp_path: Path) -> None:

@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING
 from .._checkpoint import LauncherCheckpoints, Session
 from .._engine import Feed
 from .._plan import ExecutionPlan, PlanOptions
-from .._processes import LEFTOVER_GRACE, descendants, kill_left, pidfds
+from .._processes import LEFTOVER_GRACE, descendants, ended, kill_left, pidfds
 from .._results import ResultSink
 from .._signals import Stopped, die_with_parent, held
 from .._stats import InstanceStats
@@ -647,7 +647,7 @@ class _Job:
                 )
             else:
                 if code != 0:
-                    logger.warning("mpiexec exited with status %d after the run finished (results complete)", code)
+                    logger.warning("mpiexec %s after the run finished (results complete)", ended(code))
             return stats
         finally:
             accept.cancel()
@@ -709,7 +709,7 @@ class _Job:
         if (rank := _BAD_TERMINATION.search(tail)) is None:  # Hydra's banner (already on stderr)
             return None
         pid, host, code = rank.groups()
-        how = f" ({ended.group(1).strip()})" if (ended := _EXIT_STRING.search(tail)) is not None else ""
+        how = f" ({found.group(1).strip()})" if (found := _EXIT_STRING.search(tail)) is not None else ""
         return f"{self._rank(host, int(pid))} ended with exit code {code}{how}: {self._status()}"
 
     def _exited_ranks(self) -> list[str]:
@@ -740,7 +740,8 @@ class _Job:
         return f"MPI rank {number} (pid {pid} on {host}; it ran {self.plan.instances_on(number)})"
 
     def _status(self) -> str:
-        return f"mpiexec exited with status {self.process.returncode} before the run finished"
+        code = self.process.returncode
+        return f"mpiexec {'ended' if code is None else ended(code)} before the run finished"
 
     async def _relay(self, stream: asyncio.StreamReader, *, reads_exit_codes: bool = False) -> None:
         """Pass the ranks' output on to stderr, keeping its last lines for error messages; on the mpiexec's stdout,

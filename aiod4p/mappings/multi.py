@@ -23,7 +23,6 @@ import itertools
 import multiprocessing
 import os
 import resource
-import signal
 import socket
 import sys
 import threading
@@ -34,6 +33,7 @@ from typing import Any
 
 from .._logging import logging_environment
 from .._plan import ExecutionPlan
+from .._processes import ended
 from .._signals import held
 from .._starting import SPAWNED_ENV
 from .._threads import callers_threads, forking
@@ -274,15 +274,7 @@ class _MultiRun:
     async def death(self, wid: int) -> str:
         process = self.processes[wid]
         code = process.exitcode
-        if code is None:
-            how = "stopped responding"
-        elif code < 0:
-            try:
-                how = f"was killed by {signal.Signals(-code).name}"
-            except ValueError:
-                how = f"was killed by signal {-code}"
-        else:
-            how = f"exited with code {code}"
+        how = "stopped responding" if code is None else ended(code)
         return f"worker process {wid} (pid {process.pid}) {how} before the run finished"
 
     # -- stopping ---------------------------------------------------------------
