@@ -21,11 +21,13 @@ __all__ = [
     "importing_workflow_code",
     "installed",
     "installed_directories",
+    "running_in",
     "short_repr",
     "workflow_frame",
 ]
 
 _OURS = os.path.normcase(str(Path(__file__).resolve().parent)) + os.sep
+_RESULTS_WRITER = _OURS + "_results.py"
 _installed_cache: tuple[object, tuple[str, ...]] | None = None
 
 
@@ -100,6 +102,21 @@ def workflow_frame(exc: BaseException) -> traceback.FrameSummary | None:
     package's, not Python's), or ``None`` when it passed none."""
     frames = [frame for frame in traceback.extract_tb(exc.__traceback__) if _is_workflows(frame.filename)]
     return frames[-1] if frames else None
+
+
+def running_in(thread: int) -> str | None:
+    """What thread ``thread`` (an ident) runs now, as a message says what holds its event loop: ``a PE (FUNCTION,
+    FILE line N)``, the innermost frame of the workflow's own code on its stack; ``the writing of a result`` when
+    aiod4p's writer of results is nearer the top of it; ``None`` when neither is on it."""
+    frame = sys._current_frames().get(thread)
+    while frame is not None:
+        filename = frame.f_code.co_filename
+        if _is_workflows(filename):
+            return f"a PE ({frame.f_code.co_name}, {os.path.basename(filename)} line {frame.f_lineno})"
+        if os.path.normcase(os.path.abspath(filename)) == _RESULTS_WRITER:
+            return "the writing of a result"
+        frame = frame.f_back
+    return None
 
 
 def called_with(exc: BaseException) -> str | None:

@@ -39,6 +39,7 @@ from contextlib import contextmanager
 from types import FrameType
 from typing import Any, Protocol
 
+from ._frames import running_in
 from ._starting import SIGNALS, install
 
 __all__ = [
@@ -250,6 +251,7 @@ class Interrupts:
         self._produced = produced
         self._run: _Drainable | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread = threading.main_thread().ident or 0  # the thread of self._loop, once attached
         self._task: asyncio.Task[Any] | None = None
         self._finished = threading.Event()
         self._previous: dict[int, Any] = {}
@@ -276,6 +278,7 @@ class Interrupts:
     def attach(self, run: _Drainable, task: asyncio.Task[Any]) -> None:
         """Act on ``run`` once it is under way: drain (or suspend) it, then cancel ``task`` to abort."""
         self._run, self._task, self._loop = run, task, asyncio.get_running_loop()
+        self._loop_thread = threading.get_ident()
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         self.received += 1
@@ -315,11 +318,10 @@ class Interrupts:
         turned = loop_turn(self._loop)
         if self._finished.wait(ABORT_GRACE - (time.monotonic() - start)):
             return
-        why = (
-            f"its clean-up did not end within {ABORT_GRACE:g} s"
-            if turned.is_set()
-            else "the event loop was held by a PE"
-        )
+        if turned.is_set():
+            why = f"its clean-up did not end within {ABORT_GRACE:g} s"
+        else:
+            why = f"the event loop was held by {running_in(self._loop_thread) or 'a PE'}"
         try:
             with contextlib.suppress(Exception):  # what cannot be flushed (a full disk) must not hide why it ends
                 self._before_exit()

@@ -299,6 +299,31 @@ def test_items_in_messages_are_short_whatever_they_hold() -> None:
     assert shown == "[point(x=1, y=2), OrderedDict({'a': 1}), Signals.SIGINT]"
 
 
+def test_what_a_thread_runs_is_named_as_the_pe_s_code_or_the_writing_of_a_result(tmp_path: Path) -> None:
+    """What the watchdog of an abort says held the event loop: "a PE" named nothing, and the writing of a large
+    result (all in C, as json encodes it) was blamed on a PE."""
+    from aiod4p import _results
+    from aiod4p._frames import running_in
+
+    source = "def wait(barrier, event):\n    return barrier.wait(), event.wait()\n"  # in wait(), line 2, once met
+    for filename, expected in (
+        (str(tmp_path / "flow.py"), "a PE (wait, flow.py line 2)"),
+        (_results.__file__, "the writing of a result"),
+        (pytest.__file__, None),
+    ):
+        space: dict[str, Any] = {}
+        exec(compile(source, filename, "exec"), space)
+        barrier, event = threading.Barrier(2), threading.Event()
+        thread = threading.Thread(target=space["wait"], args=(barrier, event))
+        thread.start()
+        try:
+            barrier.wait(10)
+            assert thread.ident is not None and running_in(thread.ident) == expected
+        finally:
+            event.set()
+            thread.join(10)
+
+
 def test_installed_code_is_the_standard_library_the_site_directories_and_those_of_distributions(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

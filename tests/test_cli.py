@@ -1612,6 +1612,11 @@ graph.add(Hold())
 """
 
 
+HELD_BY_HOLD = (
+    r"aiod4p: aborted by SIGINT; 0 records produced \(the event loop was held by a PE \(produce, hold\.py line [89]\)\)"
+)
+
+
 def _interrupted_twice(flow: Path, *args: str) -> tuple[int, str, float]:
     """``aiod4p run FLOW ARGS``, whose PE prints "holding" once it holds the event loop: SIGINT, and SIGINT again
     once the first is acted on. Its exit status, its stderr, and the seconds it took to end after the second."""
@@ -1638,7 +1643,7 @@ def test_a_second_signal_aborts_within_a_second_while_a_pe_holds_the_loop(tmp_pa
     flow.write_text(HOLDS_THE_LOOP)
     status, err, took = _interrupted_twice(flow, "-m", mapping, "-i", "1")
     assert status == 130, err
-    assert err.splitlines()[-1] == "aiod4p: aborted by SIGINT; 0 records produced (the event loop was held by a PE)"
+    assert re.fullmatch(HELD_BY_HOLD, err.splitlines()[-1]), err
     assert took < 2.0  # the README promises a second; the watchdog acts at 0.9 s, a loaded machine adds to it
 
 
@@ -1681,7 +1686,7 @@ def test_an_abort_past_a_pe_holding_the_loop_still_writes_the_statistics(tmp_pat
     status, err, _ = _interrupted_twice(flow, "-i", "1", "--stats", "--stats-json", str(stats))
     assert status == 130, err
     assert "Statistics per PE" in err
-    assert err.splitlines()[-1] == "aiod4p: aborted by SIGINT; 0 records produced (the event loop was held by a PE)"
+    assert re.fullmatch(HELD_BY_HOLD, err.splitlines()[-1]), err
     document = json.loads(stats.read_text())
     assert document["finished"] is False and document["pes"]["Hold0"]["items_in"] == 1
 
