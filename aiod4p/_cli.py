@@ -34,7 +34,7 @@ from ._signals import Interrupts, Stopped, report_crashes
 from ._starting import EXIT_ABORTED, install, started
 from ._stats_report import StatsSampler, report_stats
 from ._threads import exit_past_threads
-from ._visual import check_drawing, draw, draw_dot
+from ._visual import check_drawing, draw, draw_dot, to_dot
 from .compat.processor import MOST_SHARED_PROCESSES
 from .errors import Aiod4pError, _StdoutClosed, reader_went_away, writing
 from .mappings import MAPPINGS, BaseMapping, get_mapping
@@ -184,7 +184,12 @@ def _parser() -> argparse.ArgumentParser:
     _add_target(picture)
     _add_attr_option(picture)
     picture.add_argument(
-        "-o", "--output", type=_path, required=True, metavar="FILE", help="FILE.dot, FILE.svg, FILE.png or .pdf"
+        "-o",
+        "--output",
+        type=_path,
+        required=True,
+        metavar="FILE",
+        help="FILE.dot, FILE.svg, FILE.png or .pdf; - writes dot text to stdout",
     )
     picture.add_argument("--mapping", "-m", default="async", choices=sorted(MAPPINGS), help="whose parallelism to show")
     picture.add_argument("-n", "--num", type=_POSITIVE, default=None, metavar="N", help="workers, as for run")
@@ -681,6 +686,9 @@ def _graph(args: argparse.Namespace) -> int:
     mapping = get_mapping(args.mapping)
     _cap_workers(args, mapping)  # the workers `aiod4p run` would start
     plan = make_plan(load_workflow(args.target), mapping.plan_options(args.num, DEFAULT_BATCH_SIZE, DEFAULT_CREDITS))
+    if args.output == "-":  # for a pipe: aiod4p graph flow.py -o - | dot -Tpng > flow.png
+        sys.stdout.write(to_dot(plan, title=args.target))
+        return 0
     print(f"wrote {draw(plan, args.output, title=args.target)}")
     return 0
 

@@ -1070,6 +1070,14 @@ def test_graph_draws_the_workers_run_would_start(workflow_file: Path, tmp_path: 
     assert "workers 0-2" in drawing.read_text()
 
 
+def test_graph_to_dash_writes_the_dot_text_to_stdout(workflow_file: Path) -> None:
+    """``aiod4p graph flow.py -o - | dot -Tpng > flow.png``: `-o -` was refused (the file name must end with one
+    of .dot, ...)."""
+    drawn = aiod4p("graph", str(workflow_file), "-m", "multi", "-n", "3", "--oversubscribe", "-o", "-")
+    assert drawn.returncode == 0 and drawn.stderr == "", drawn.stderr
+    assert drawn.stdout.startswith("digraph ") and "workers 0-2" in drawn.stdout and "wrote" not in drawn.stdout
+
+
 @pytest.mark.timeout(120)
 def test_mpi_ranks_on_named_hosts_are_not_capped(workflow_file: Path, tmp_path: Path) -> None:
     stats, hosts = tmp_path / "stats.json", tmp_path / "hosts"

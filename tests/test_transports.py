@@ -237,6 +237,7 @@ async def test_the_arrays_of_a_frame_of_megabytes_arrive_without_a_second_copy()
     (received, note), following = protocol.messages
     assert np.array_equal(received, array) and (note, following) == ("with it", "next")
     assert peak < 1.5 * array.nbytes, (peak, array.nbytes)
+    assert received.flags.aligned and received.ctypes.data % 16 == 0  # as fast to compute with as a copy
     received[:] = -1.0  # writable, and no one else's: the buffer the protocol reads into next is another
     again = b"".join(pipes._pickle("again"))
     with protocol.get_buffer(-1) as room:
@@ -253,16 +254,24 @@ def _owner(array: np.ndarray) -> Any:
     return base.obj if isinstance(base, memoryview) else base
 
 
-async def test_the_arrays_of_a_frame_of_several_are_copied_out_so_that_one_kept_keeps_no_other() -> None:
-    """A batch of large arrays in one frame: a PE keeping one of them (a window, a pair to correlate later) would
-    keep the whole frame if the arrays held views of it."""
-    arrays = [np.full(1 << 20, float(n)) for n in range(3)]  # 8 MiB each
-    stream = b"".join(pipes._pickle(arrays))
+@pytest.mark.parametrize(
+    "message",
+    [
+        [np.full(1 << 20, float(n)) for n in range(3)],  # a batch of arrays of 8 MiB
+        (b"x" * (20 << 20), np.zeros(10_000)),  # one small array in a large frame
+    ],
+    ids=["several-arrays", "a-small-array"],
+)
+async def test_an_array_that_does_not_make_its_frame_is_copied_out_so_that_keeping_it_keeps_no_more(
+    message: Any,
+) -> None:
+    """A PE keeping one array of a batch (a window, a pair to correlate later), or a small array beside large
+    bytes, would keep the whole frame if the array held a view of it."""
     protocol = pipes._FrameProtocol(max_messages=32)
-    _read(protocol, stream)
+    _read(protocol, b"".join(pipes._pickle(message)))
     (received,) = protocol.messages
-    assert all(np.array_equal(got, sent) for got, sent in zip(received, arrays, strict=True))
-    assert all(len(_owner(got)) == got.nbytes for got in received)
+    arrays = [(got, sent) for got, sent in zip(received, message, strict=True) if isinstance(sent, np.ndarray)]
+    assert all(np.array_equal(got, sent) and len(_owner(got)) == got.nbytes for got, sent in arrays)
 
 
 _CHILD = textwrap.dedent(

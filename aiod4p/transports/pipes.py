@@ -7,10 +7,12 @@ least 64 KiB) travel out of band, after the pickle, so they
 are copied once into the frame rather than into the pickle and again into
 the frame: such a frame has the top bit of its length set, and its payload
 is the buffer count (4 bytes), each buffer's length (8 bytes each), the
-pickle's length (8 bytes), the pickle, then the buffers; the receiver gets
-writable copies (of a frame of ``_KEPT_BUFFER`` bytes or more with one buffer,
-a writable view of the buffer the socket was read into, which is then replaced:
-no second copy of a 200 MB array). Large ``bytes`` objects in the message are not copied into
+pickle's length (8 bytes), the pickle (padded with zeros, which unpickling
+ignores, so that the buffers start 16-aligned from the frame's header), then
+the buffers; the receiver gets writable copies, but a frame whose one buffer
+is of ``_KEPT_BUFFER`` bytes or more lends it a writable view of the buffer
+the socket was read into, if aligned there as a copy would be, which is then
+replaced: no second copy of a 200 MB array. Large ``bytes`` objects in the message are not copied into
 the pickle: the pickler hands them over as they are (a ``bytes`` object
 cannot change while the socket takes it), and the socket copies them once
 (uvloop's transport writes the pieces as they are; asyncio's joins them).
@@ -34,6 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import pickle
 import socket
 import struct
@@ -62,9 +65,9 @@ class _FrameProtocol(Wakeups, asyncio.BufferedProtocol):
 
     The socket is read straight into one buffer, which grows to hold a whole
     frame when a large one arrives: its bytes are copied once, by the read,
-    before they are unpickled. The out-of-band buffer of a frame of
-    :data:`_KEPT_BUFFER` bytes or more that has one is not copied again: the
-    message keeps a view of the read buffer (:attr:`lent`), which is then
+    before they are unpickled. The one out-of-band buffer of a frame, of
+    :data:`_KEPT_BUFFER` bytes or more, is not copied again when aligned in the
+    read buffer: the message keeps a view of it (:attr:`lent`), which is then
     replaced, never written again.
     """
 
@@ -141,13 +144,15 @@ class _FrameProtocol(Wakeups, asyncio.BufferedProtocol):
             if end > size:
                 break
             with view[position + header : end] as frame:
-                # A frame holding several buffers is copied out: one array kept would keep them all.
-                lend = with_buffers and length >= _KEPT_BUFFER and struct.unpack_from("<I", frame)[0] == 1
                 try:
-                    messages.append(_unpickle(frame, lend) if with_buffers else pickle.loads(frame))
+                    if with_buffers:
+                        message, lent = _unpickle(frame)
+                        messages.append(message)
+                        self.lent |= lent
+                    else:
+                        messages.append(pickle.loads(frame))
                 except Exception as exc:
                     messages.append(Undecodable(exc))
-                self.lent |= bool(lend)
             position = end
         return position
 
@@ -212,25 +217,36 @@ def _pickle(message: Any) -> list[bytes]:
     size = sum(map(len, data))
     if not views:
         return [_HEADER.pack(size), *data]
+    if padding := -(_HEADER.size + 4 + 8 * (len(views) + 1) + size) % _ALIGNMENT:
+        data.append(bytes(padding))
+        size += padding
     lengths = struct.pack(f"<I{len(views)}QQ", len(views), *(view.nbytes for view in views), size)
     length = len(lengths) + size + sum(view.nbytes for view in views)
     return [_HEADER.pack(length | _WITH_BUFFERS), lengths, *data, b"".join(views)]
 
 
-def _unpickle(frame: memoryview, lend: bool) -> Any:
-    """The message in a frame written by :func:`_pickle` with buffers: copies of its buffers, or with ``lend``
-    writable views of them, in ``frame`` (of a ``bytearray``, which the caller must never write again)."""
+_ALIGNMENT = 16  # what malloc gives a copy, and numpy's arrays need (a complex128 element's size)
+
+
+def _unpickle(frame: memoryview) -> tuple[Any, bool]:
+    """The message in a frame written by :func:`_pickle` with buffers, and whether it holds a view of ``frame``
+    (of a ``bytearray``, which the caller must then never write again): its one buffer of :data:`_KEPT_BUFFER`
+    bytes or more, aligned in it. Other buffers are copied out: a view would keep the whole frame, and a
+    misaligned array is several times slower to compute with."""
     (count,) = struct.unpack_from("<I", frame)
     *sizes, size = struct.unpack_from(f"<{count}QQ", frame, 4)
     position = 4 + 8 * (count + 1)
     data = frame[position : position + size]
     position += size
+    if count == 1 and sizes[0] >= _KEPT_BUFFER:
+        piece = frame[position : position + sizes[0]]
+        if ctypes.addressof(ctypes.c_char.from_buffer(piece)) % _ALIGNMENT == 0:
+            return pickle.loads(data, buffers=[piece]), True
     buffers = []
     for length in sizes:
-        piece = frame[position : position + length]
-        buffers.append(piece if lend else bytearray(piece))  # writable, like an in-band array
+        buffers.append(bytearray(frame[position : position + length]))  # writable, like an in-band array
         position += length
-    return pickle.loads(data, buffers=buffers)
+    return pickle.loads(data, buffers=buffers), False
 
 
 class PipeComm(Comm):
