@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import importlib.machinery
+import importlib.metadata
 import importlib.util
 import io
 import os
@@ -197,6 +198,15 @@ def _names(payload: bytes, name: str) -> bool:
     )
 
 
+def _dispel4py_installed() -> bool:
+    """Whether the real dispel4py is installed here (aiod4p's own ``dispel4py`` package is its compat layer)."""
+    try:
+        importlib.metadata.distribution("dispel4py")
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return True
+
+
 def load_module(spec: str) -> ModuleType:
     """Import ``spec``: a dotted module name or the path of a ``.py`` file.
 
@@ -240,7 +250,7 @@ def load_module(spec: str) -> ModuleType:
             hint = (
                 " (dispel4py's own modules, its examples too, load from an installed dispel4py, which has none"
                 " such here: install dispel4py in this environment, or give the workflow's .py file)"
-                if spec.startswith("dispel4py.")
+                if spec.startswith("dispel4py.") and not _dispel4py_installed()
                 else ""
             )
             raise TargetError(f"no module named {spec!r}{hint}") from exc

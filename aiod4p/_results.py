@@ -78,7 +78,14 @@ def _pieces(value: Any, depth: int) -> list[str]:
     :func:`_encode_value` writes it whole. The whole array as Python objects took about ten times its size, and
     the encoding, C code that holds the main thread, kept a signal's handler from running until it ended: a 100 MB
     array's record made Ctrl-C wait 20 seconds, and a second Ctrl-C meanwhile was lost."""
-    if getattr(value, "ndim", 0) and getattr(value, "size", 0) > _CHUNK and type(_listed(value[:1])) is list:
+    numpy = sys.modules.get("numpy")  # numpy's arrays alone: another library's may take size() as a method
+    if (
+        numpy is not None
+        and isinstance(value, numpy.ndarray)
+        and value.ndim
+        and value.size > _CHUNK
+        and type(_listed(value[:1])) is list
+    ):
         rows = len(value)
         per_row = value.size // rows
         if per_row > _CHUNK:
@@ -166,7 +173,7 @@ def _listed(value: Any) -> Any:
         return value
     try:
         return _plain(value, tolist)
-    except Exception:  # any failure of another library's conversion: written as its repr
+    except (NotImplementedError, TypeError, ValueError):  # another library's refusal: written as its repr
         return value
 
 

@@ -72,11 +72,20 @@ def _needs_ray(item: pytest.Item) -> bool:
     return "ray_cluster" in fixtures or any(isinstance(case, MappingCase) and case.name == "ray" for case in cases)
 
 
+_RAY_FAILED = pytest.StashKey[str]()
+
+
 def _ray_cluster_started(config: pytest.Config) -> None:
-    if _RAY_CLUSTER not in config.stash:
+    """Start the session's cluster, once: a failure is kept, and fails each test that needs the cluster."""
+    if _RAY_CLUSTER in config.stash or _RAY_FAILED in config.stash:
+        return
+    try:
         cluster = RayCluster.start()
-        os.environ["RAY_ADDRESS"] = cluster.address
-        config.stash[_RAY_CLUSTER] = cluster
+    except Exception as exc:
+        config.stash[_RAY_FAILED] = f"the session's Ray cluster did not start: {exc}"
+        return
+    os.environ["RAY_ADDRESS"] = cluster.address
+    config.stash[_RAY_CLUSTER] = cluster
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
@@ -89,6 +98,8 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
 @pytest.fixture(scope="session")
 def ray_cluster(request: pytest.FixtureRequest) -> RayCluster:
     """The session's two-node Ray cluster (``RAY_ADDRESS`` points at it)."""
+    if (failure := request.config.stash.get(_RAY_FAILED, None)) is not None:
+        pytest.fail(failure)
     return request.config.stash[_RAY_CLUSTER]
 
 
@@ -162,17 +173,22 @@ _STDERR = pytest.StashKey[int]()
 _BACKSTOP = pytest.StashKey[float | None]()  # seconds, while a test runs
 
 
+def _ignored(signum: int, frame: object) -> None:
+    """The suite's handler of a signal it was started ignoring."""
+
+
 def pytest_configure(config: pytest.Config) -> None:
-    """Take SIGINT and SIGHUP as a program a terminal's shell starts does, whatever the suite inherited, and so
-    do the processes the tests start: a suite started in the background by a script (``.ci/run &``) inherits
-    them ignored, and an aiod4p command started so keeps them ignored, as it should, where the tests send them.
+    """Let the programs the tests start take SIGINT and SIGHUP as a terminal's shell starts them, whatever the
+    suite inherited: a suite started in the background by a script (``.ci/run &``) or under ``nohup`` inherits
+    them ignored, and so would its children, where the tests send them (an aiod4p command keeps an ignored one
+    ignored, as it should). The suite itself still ignores them: a handler that does nothing is not inherited
+    across exec, an ignored signal is.
 
     Keep a descriptor of the session's stderr for the backstop: file descriptor 2 is pytest's capture file,
     whose content is lost when the backstop ends the process."""
-    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-    if signal.getsignal(signal.SIGHUP) == signal.SIG_IGN:
-        signal.signal(signal.SIGHUP, signal.SIG_DFL)
+    for signum in (signal.SIGINT, signal.SIGHUP):
+        if signal.getsignal(signum) == signal.SIG_IGN:
+            signal.signal(signum, _ignored)
     capture = config.pluginmanager.getplugin("capturemanager")
     if capture is not None:
         capture.suspend_global_capture(in_=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import importlib.metadata
 import json
 import math
 import os
@@ -168,6 +169,24 @@ def test_results_json_lines_write_what_refuses_tolist_as_its_repr(caplog: pytest
     for size in (10, 200_000):
         matrix = numpy.asmatrix(numpy.arange(size))
         assert json.loads(record_line(ResultRecord("pe", "out", matrix)))["data"] == matrix.tolist()
+
+
+class _TensorLike:
+    """torch.Tensor's shape of API, of 1.6 MB: ``nbytes``, ``ndim``, ``tolist()``, and ``size`` a method."""
+
+    ndim, nbytes = 1, 8 * 200_000
+
+    def size(self) -> tuple[int]:
+        return (200_000,)
+
+    def tolist(self) -> list[int]:
+        return list(range(200_000))
+
+
+def test_a_large_result_of_another_library_s_array_is_written_as_its_tolist() -> None:
+    """Only numpy's arrays are written a chunk at a time: a torch tensor of 1 MB or more, whose ``size`` is a
+    method, ended the command with `TypeError: '>' not supported between instances of 'method' and 'int'`."""
+    assert json.loads(record_line(ResultRecord("pe", "out", _TensorLike())))["data"] == list(range(200_000))
 
 
 def list_of(array: object) -> object:
@@ -451,6 +470,20 @@ def test_errors_are_one_line_and_non_zero(
     assert code == 1, out
     assert len(err.strip().splitlines()) == 1
     assert message in err
+
+
+def test_a_dispel4py_module_missing_from_an_installed_dispel4py_is_only_said_missing(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Where the real dispel4py is installed, a mistyped name of one of its modules was told to install it."""
+    real = importlib.metadata.distribution
+    monkeypatch.setattr(
+        importlib.metadata, "distribution", lambda name: real("pytest") if name == "dispel4py" else real(name)
+    )
+    assert main(["run", "dispel4py.examples.graph_testing.no_such_test"]) == 1
+    assert capsys.readouterr().err == (
+        "aiod4p: error: no module named 'dispel4py.examples.graph_testing.no_such_test'\n"
+    )
 
 
 def test_a_directory_named_as_a_module_is_no_target(

@@ -286,7 +286,7 @@ def _start_up() -> StartUp | None:
 def _check_pumped(pumped: list[tuple[str, int, Feed]]) -> None:
     """Check that each pumped input is consumed on rank 0, the only rank this process pumps to: a feed other
     than a count goes to its PE's instance 0 (:func:`~aiod4p.mappings._host.split_feeds`), which runs on rank 0
-    (the other instances, on any rank, get their items from it as on every mapping).
+    (the other instances, on any rank, get nothing of it, as on every mapping).
 
     Raises:
         InputError: the instance 0 of a PE fed so runs on another rank.
