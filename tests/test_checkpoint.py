@@ -116,7 +116,8 @@ def test_checkpointed_run_gives_the_results_of_a_plain_run(tmp_path: Path, words
 
 class _Killer:
     """Knows when Count instances counted ``threshold`` words (or Numbers made as many) in this attempt,
-    and ``new`` checkpoints completed in ``checkpointed`` since it was made.
+    and ``new`` checkpoints completed in ``checkpointed`` since then (so they hold the work of those items: one
+    that completed before, on a loaded machine at times before any item, restored the run from its start).
 
     It looks every 1000 words (``ckpt_workflows.HOOK``) and at every checkpoint completed (:meth:`completed`):
     a source held until its gate exists (:class:`HeldLines`; the gate of a killed attempt never opens, so the
@@ -126,7 +127,7 @@ class _Killer:
     def __init__(self, threshold: int, checkpointed: Path | None = None, new: int = 1):
         self.threshold = threshold
         self.checkpointed = checkpointed
-        self.before = complete_checkpoints(checkpointed) if checkpointed is not None else set()
+        self.before: set[str] | None = None  # the checkpoints complete once the threshold was reached
         self.new = new
         self.reached = asyncio.Event()
         self.calls = 0
@@ -139,9 +140,15 @@ class _Killer:
         self._check()
 
     def _check(self) -> None:
-        if self.calls * 1000 >= self.threshold and (
-            self.checkpointed is None or len(complete_checkpoints(self.checkpointed) - self.before) >= self.new
-        ):
+        if self.calls * 1000 < self.threshold:
+            return
+        if self.checkpointed is None:
+            self.reached.set()
+            return
+        complete = complete_checkpoints(self.checkpointed)
+        if self.before is None:
+            self.before = complete
+        if len(complete - self.before) >= self.new:
             self.reached.set()
 
 

@@ -6,6 +6,7 @@ import dataclasses
 import datetime
 import importlib
 import json
+import pickle
 import site
 import subprocess
 import sys
@@ -20,7 +21,9 @@ import pytest
 
 pytest.importorskip("streamparse", reason="the storm extra is not installed")
 
+import test_differential as differential
 from storm_harness import Component, read_components
+from test_differential import dispel4py_hook  # noqa: F401 - a fixture
 from workflows import Count, Double, Merge, Tag, WhoSawWhat, multi_edge, parity
 
 from aiod4p import FunctionPE, GenericPE, PlanOptions, WorkflowGraph, group_by, load_graph
@@ -175,6 +178,17 @@ def test_unpicklable_pe_is_rejected_by_name(tmp_path: Path) -> None:
     graph.connect(Count(), "output", pe := FunctionPE(lambda item: item), "input")
     with pytest.raises(GraphError, match=rf"PE {pe.id} cannot be pickled"):
         build_project(graph, tmp_path / "p")
+
+
+@pytest.mark.usefixtures("dispel4py_hook")
+def test_a_dispel4py_pe_class_mixed_at_run_time_is_pickled(tmp_path: Path) -> None:
+    """dispel4py's ``ProcessTimingPE(pe)`` makes a class in ``dispel4py.new.monitoring`` at run time, holding the
+    ``write`` aiod4p gives it (``aiod4p._pe``'s): the module of that function was taken for the class's, and the
+    build failed, `PE TestDelayOneInOneOut2 cannot be pickled for Storm's workers`."""
+    graph = load_graph(str(differential.example("delayed_pipeline")))
+    timed = next(pe for pe in graph.flatten().pes.values() if type(pe).__module__ == "dispel4py.new.monitoring")
+    build_project(graph, tmp_path / "p")
+    assert type(pickle.loads(pickle.dumps(timed))).__mro__[1:] == type(timed).__mro__[1:]
 
 
 def test_class_defined_in_main_is_rejected(tmp_path: Path) -> None:

@@ -265,12 +265,14 @@ def _objects(plan: ExecutionPlan, functions: dict[str, Callable[[Any], Any]]) ->
 
 
 def _namespace(obj: Any) -> dict[str, Any] | None:
-    """The globals of the module that defined ``obj`` (a function, or a class with a method)."""
+    """The globals of the module that defined ``obj`` (a function, or a class with a method defined with it: a
+    class made at run time may hold another module's functions, as dispel4py's ``ProcessTimingPE`` mixes hold
+    the ``write`` aiod4p gives them)."""
     target = getattr(obj, "func", obj)  # functools.partial
     if isinstance(target, type):
         for value in vars(target).values():
             value = getattr(value, "__func__", value)
-            if hasattr(value, "__globals__"):
+            if hasattr(value, "__globals__") and getattr(value, "__module__", None) == target.__module__:
                 return dict(value.__globals__)
         return None
     found = getattr(target, "__globals__", None)
