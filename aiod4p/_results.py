@@ -178,10 +178,10 @@ def _listed(value: Any) -> Any:
 
 
 def _jsonable(value: Any) -> Any:
+    if isinstance(value, (bytes, bytearray, memoryview)):  # before tolist(): a memoryview's is a list of ints
+        return {"base64": base64.b64encode(value).decode("ascii")}
     if type(plain := _listed(value)) is not type(value):
         return plain
-    if isinstance(value, (bytes, bytearray, memoryview)):
-        return {"base64": base64.b64encode(value).decode("ascii")}
     if isinstance(value, (set, frozenset)):
         return list(value)
     isoformat = getattr(value, "isoformat", None)  # datetime's types, obspy's UTCDateTime, ...

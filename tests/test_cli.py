@@ -80,8 +80,10 @@ def test_a_results_line_is_what_json_dumps_writes_of_the_record(pe: str, port: s
 def test_results_json_lines_keep_what_json_has_no_type_for(caplog: pytest.LogCaptureFixture) -> None:
     numpy = pytest.importorskip("numpy")
     values = [numpy.arange(100_000.0), numpy.int64(3), b"\x00\xff", {7}, datetime.date(2026, 12, 4), (1, "a")]
+    values.append(memoryview(b"\x00\xff"))  # was written as its tolist(), [0, 255]
     written = [json.loads(record_line(ResultRecord("pe", "out", value)))["data"] for value in values]
-    assert written[0] == list(range(100_000)) and written[1:] == [3, {"base64": "AP8="}, [7], "2026-12-04", [1, "a"]]
+    assert written[0] == list(range(100_000))
+    assert written[1:] == [3, {"base64": "AP8="}, [7], "2026-12-04", [1, "a"], {"base64": "AP8="}]
     # Floats that are not numbers keep what they are, as Python's json writes and reads them (jq reads them too).
     line = record_line(ResultRecord("pe", "out", numpy.array([numpy.nan, numpy.inf, -numpy.inf])))
     assert '"data": [NaN, Infinity, -Infinity]' in line
