@@ -40,6 +40,7 @@ from types import FrameType
 from typing import Any, Protocol
 
 from ._starting import SIGNALS, install
+from ._threads import hard_exit
 
 __all__ = [
     "ABORT_GRACE",
@@ -326,4 +327,4 @@ class Interrupts:
             print(f"aiod4p: aborted by {self.name}; {self._produced()} ({why})", file=sys.stderr, flush=True)
             sys.stdout.flush()
         finally:
-            os._exit(self._exit_status)
+            hard_exit(self._exit_status)

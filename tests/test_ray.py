@@ -487,6 +487,22 @@ def test_a_sigint_while_the_local_ray_starts_leaves_none_of_it() -> None:
         assert left == [], [_described(pid) for pid in left]
 
 
+def test_a_second_signal_while_the_local_ray_starts_leaves_none_of_it() -> None:
+    # The second signal ended the command at once, past the thread still starting Ray: its GCS and raylet died
+    # with the process, but the agents the raylet had started ran on, orphaned, for a minute or more.
+    with local_ray_wordcount() as run:
+        deadline = time.monotonic() + 60
+        while not any(_is_agent(pid) for pid in session_processes([run.pid])):  # Ray is starting its agents
+            assert run.poll() is None and time.monotonic() < deadline, "no agent of a raylet started"
+            time.sleep(0.02)  # ok-sleep: polling for a process to appear, with a deadline
+        run.send_signal(signal.SIGINT)
+        run.send_signal(signal.SIGTERM)
+        _, err = run.communicate(timeout=120)
+        assert run.returncode == 130 and "aborted by SIG" in err, err
+        left = wait_gone(session_processes([run.pid]), timeout=20)  # an orphaned agent gives up after 60 s
+        assert left == [], [_described(pid) for pid in left]
+
+
 CONCURRENT_RUNS = """
 from concurrent.futures import ThreadPoolExecutor
 import aiod4p
@@ -706,6 +722,17 @@ def _described(pid: int) -> str:
     except OSError:
         return f"{pid} (gone)"
     return f"{pid} (parent {parent}): {command[:200]}"
+
+
+def _is_agent(pid: int) -> bool:
+    """Whether process ``pid`` is one of the agents a raylet starts (``ray::DashboardAgent``, ``ray::RuntimeEnvAgent``,
+    named so once started, ``.../dashboard/agent.py`` and ``.../runtime_env/agent/main.py`` before)."""
+    try:
+        command = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+    program = command.split(b"\0")[:3]  # the process's title, or the interpreter, its options and the script
+    return any(part.endswith((b"Agent", b"/dashboard/agent.py", b"/runtime_env/agent/main.py")) for part in program)
 
 
 def _is_raylet(pid: int) -> bool:
