@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import importlib
 import json
 import os
 import queue
@@ -254,6 +255,25 @@ def test_a_runtime_env_working_dir_stays_the_workers_working_directory(
     mapping = RayMapping(runtime_env={"working_dir": str(tmp_path / "shipped")})
     results = aiod4p.run(_chain(ReadsFactor()), 3, mapping=mapping, workers=2)
     assert sorted(results.data()) == [0, 10, 20]
+
+
+def test_classes_import_from_a_relative_sys_path_entry(
+    ray_cluster: RayCluster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A script's ``sys.path.insert(0, "lib")`` (or a notebook's ``sys.path.append("..")``) reaches the workers as on
+    multi: they checked the entry before moving to the driver's directory, did not find it in the cluster's, and
+    failed: ``Ray worker actor 0 cannot load the workflow (ModuleNotFoundError: No module named ...)``."""
+    (tmp_path / "lib").mkdir()
+    (tmp_path / "lib" / "relative_entry_pes.py").write_text(
+        "from aiod4p import IterativePE\n\nclass Triple(IterativePE):\n"
+        "    def process_item(self, item):\n        return 3 * item\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", ["lib", *sys.path])
+    monkeypatch.delitem(sys.modules, "relative_entry_pes", raising=False)
+    pes = importlib.import_module("relative_entry_pes")
+    results = aiod4p.run(_chain(pes.Triple()), 3, mapping="ray", workers=2)
+    assert sorted(results.data()) == [0, 6, 12]
 
 
 def test_cli_address_is_for_the_ray_mapping_only(tmp_path: Path) -> None:
