@@ -41,6 +41,7 @@ from typing import Any, Protocol
 
 from ._frames import running_in
 from ._starting import SIGNALS, install
+from ._threads import hard_exit
 
 __all__ = [
     "ABORT_GRACE",
@@ -328,4 +329,4 @@ class Interrupts:
             print(f"aiod4p: aborted by {self.name}; {self._produced()} ({why})", file=sys.stderr, flush=True)
             sys.stdout.flush()
         finally:
-            os._exit(self._exit_status)
+            hard_exit(self._exit_status)

@@ -173,12 +173,30 @@ def flush_standard_streams() -> None:
             stream.flush()
 
 
+_AT_HARD_EXIT: list[Callable[[], object]] = []
+
+
+def at_hard_exit(hook: Callable[[], object]) -> None:
+    """Have ``hook`` called whenever :func:`hard_exit` ends the process, skipping Python's own exit (its ``atexit``
+    hooks, joining its threads): to stop what a thread left under way had started (a local Ray). A hook must not
+    block; what it raises is ignored."""
+    _AT_HARD_EXIT.append(hook)
+
+
+def hard_exit(status: int) -> NoReturn:
+    """End the process with ``status`` at once (``os._exit``), once the :func:`at_hard_exit` hooks were called."""
+    for hook in _AT_HARD_EXIT:
+        with contextlib.suppress(Exception):
+            hook()
+    os._exit(status)
+
+
 def exit_past_threads(status: int, before_exit: Callable[[], object] = lambda: None) -> NoReturn:
     """End the process with ``status``, even while a thread it cannot stop still runs (a thread a PE or its
     library left running), which Python would wait for at exit.
 
     With such a thread alive: flushes stdout and stderr, calls ``before_exit``, and ends the process at
-    once; else exits as usual.
+    once (:func:`hard_exit`); else exits as usual.
     """
     if any(
         thread.is_alive() and not thread.daemon
@@ -187,5 +205,5 @@ def exit_past_threads(status: int, before_exit: Callable[[], object] = lambda: N
     ):
         flush_standard_streams()
         before_exit()
-        os._exit(status)
+        hard_exit(status)
     sys.exit(status)

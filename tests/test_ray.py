@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import importlib
 import json
 import os
 import queue
@@ -256,6 +257,25 @@ def test_a_runtime_env_working_dir_stays_the_workers_working_directory(
     assert sorted(results.data()) == [0, 10, 20]
 
 
+def test_classes_import_from_a_relative_sys_path_entry(
+    ray_cluster: RayCluster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A script's ``sys.path.insert(0, "lib")`` (or a notebook's ``sys.path.append("..")``) reaches the workers as on
+    multi: they checked the entry before moving to the driver's directory, did not find it in the cluster's, and
+    failed: ``Ray worker actor 0 cannot load the workflow (ModuleNotFoundError: No module named ...)``."""
+    (tmp_path / "lib").mkdir()
+    (tmp_path / "lib" / "relative_entry_pes.py").write_text(
+        "from aiod4p import IterativePE\n\nclass Triple(IterativePE):\n"
+        "    def process_item(self, item):\n        return 3 * item\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", ["lib", *sys.path])
+    monkeypatch.delitem(sys.modules, "relative_entry_pes", raising=False)
+    pes = importlib.import_module("relative_entry_pes")
+    results = aiod4p.run(_chain(pes.Triple()), 3, mapping="ray", workers=2)
+    assert sorted(results.data()) == [0, 6, 12]
+
+
 def test_cli_address_is_for_the_ray_mapping_only(tmp_path: Path) -> None:
     flow = tmp_path / "flow.py"
     flow.write_text(FLOW)
@@ -487,6 +507,22 @@ def test_a_sigint_while_the_local_ray_starts_leaves_none_of_it() -> None:
         assert left == [], [_described(pid) for pid in left]
 
 
+def test_a_second_signal_while_the_local_ray_starts_leaves_none_of_it() -> None:
+    # The second signal ended the command at once, past the thread still starting Ray: its GCS and raylet died
+    # with the process, but the agents the raylet had started ran on, orphaned, for a minute or more.
+    with local_ray_wordcount() as run:
+        deadline = time.monotonic() + 60
+        while not any(_is_agent(pid) for pid in session_processes([run.pid])):  # Ray is starting its agents
+            assert run.poll() is None and time.monotonic() < deadline, "no agent of a raylet started"
+            time.sleep(0.02)  # ok-sleep: polling for a process to appear, with a deadline
+        run.send_signal(signal.SIGINT)
+        run.send_signal(signal.SIGTERM)
+        _, err = run.communicate(timeout=120)
+        assert run.returncode == 130 and "aborted by SIG" in err, err
+        left = wait_gone(session_processes([run.pid]), timeout=20)  # an orphaned agent gives up after 60 s
+        assert left == [], [_described(pid) for pid in left]
+
+
 CONCURRENT_RUNS = """
 from concurrent.futures import ThreadPoolExecutor
 import aiod4p
@@ -706,6 +742,17 @@ def _described(pid: int) -> str:
     except OSError:
         return f"{pid} (gone)"
     return f"{pid} (parent {parent}): {command[:200]}"
+
+
+def _is_agent(pid: int) -> bool:
+    """Whether process ``pid`` is one of the agents a raylet starts (``ray::DashboardAgent``, ``ray::RuntimeEnvAgent``,
+    named so once started, ``.../dashboard/agent.py`` and ``.../runtime_env/agent/main.py`` before)."""
+    try:
+        command = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+    program = command.split(b"\0")[:3]  # the process's title, or the interpreter, its options and the script
+    return any(part.endswith((b"Agent", b"/dashboard/agent.py", b"/runtime_env/agent/main.py")) for part in program)
 
 
 def _is_raylet(pid: int) -> bool:

@@ -40,7 +40,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from .._plan import ExecutionPlan
 from .._processes import LEFTOVER_GRACE, children, descendants, kill_left, pidfds, reap
 from .._signals import adopt_orphans, restore_signal_actions, signal_actions
-from .._threads import DaemonThreadPool, finished_in_thread
+from .._threads import DaemonThreadPool, at_hard_exit, finished_in_thread
 from ..errors import MappingUnavailable
 from ..transports.ray import DriverComm
 from ._base import RunControl
@@ -82,6 +82,7 @@ class _Connection:
     def __init__(self) -> None:
         self._users = 0
         self._owned = False
+        self._adopting = False  # between the start of making the connection and the end of closing it
         self.local = False  # the connection is to a local Ray started here: it never grows
         self._before: set[int] = set()  # this process's children before it started a local Ray
         self._started: set[int] = set()  # the processes of a local Ray started here (raylet, GCS, ...)
@@ -99,9 +100,11 @@ class _Connection:
                 # action, under Python: a SIGTERM would then kill the process (a restart's, a service's), undrained.
                 self._actions = signal_actions()
                 adopt_orphans(True)  # the agents a raylet leaves behind come back to this process
+                self._adopting = True
                 try:
                     self.local = self._connect_in_keeper(connect)
                 except BaseException:
+                    self._adopting = False
                     adopt_orphans(False)
                     restore_signal_actions(self._actions)
                     raise
@@ -139,11 +142,26 @@ class _Connection:
                     # every adopted one, orphaned before the kill or by it (a killed raylet's workers)
                     reap(tree, LEFTOVER_GRACE)
                 finally:
+                    self._adopting = False
                     adopt_orphans(False)
                     restore_signal_actions(actions)
                     self._closed.set()
                     for fd in tree:
                         os.close(fd)
+
+    def abandon(self) -> None:
+        """Kill what runs of the Ray processes started since this process began to make its connection, as it ends
+        without closing it (:func:`~aiod4p._threads.hard_exit`: a second Ctrl-C while a local Ray starts, whose thread
+        is then left under way). Ray's GCS and raylet would die with the process, but not the agents the raylet
+        started, which wait a minute for the dead GCS. Takes no lock: the thread making the connection holds it."""
+        if not self._adopting:
+            return
+        tree = pidfds(descendants({pid for pid in children({os.getpid()}) - self._before if _of_ray(pid)}))
+        try:
+            kill_left(tree, 0)
+        finally:
+            for fd in tree:
+                os.close(fd)
 
     def _connect_in_keeper(self, connect: Callable[[], bool]) -> bool:
         """``connect()``, called in a thread that lives until :meth:`release` closes the connection: the processes
@@ -165,6 +183,7 @@ class _Connection:
 
 
 _CONNECTION = _Connection()
+at_hard_exit(_CONNECTION.abandon)
 
 
 def _of_ray(pid: int) -> bool:

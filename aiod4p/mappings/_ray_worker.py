@@ -53,8 +53,9 @@ class RayWorker(RayCommHost):
         """Run this worker's share of the shipped job, joined to the ``peers`` actors (by worker id).
 
         ``paths`` is the driver's ``sys.path``: the entries that exist on this
-        node are added to the worker's (classes pickled by name, as dispel4py
-        PEs are, import their modules from there). ``argv`` is the driver's
+        node (relative ones from the worker's working directory, below) are
+        added to the worker's (classes pickled by name, as dispel4py PEs are,
+        import their modules from there). ``argv`` is the driver's
         ``sys.argv``, which becomes the worker's before the job's modules are
         imported (a workflow may read the command line at import, as
         multiprocessing's spawned workers let it). ``cwd`` is the driver's
@@ -65,11 +66,11 @@ class RayWorker(RayCommHost):
         closed its end of the control comm.
         """
         name = f"worker {self.wid}"
-        _extend_path(paths)
         sys.argv = list(argv)
         if not ray.get_runtime_context().runtime_env.get("working_dir"):  # else Ray's copy of it, as asked
             with contextlib.suppress(OSError):  # not on this node
                 os.chdir(cwd)
+        _extend_path(paths)  # in the directory relative entries are found from ("lib", a notebook's "..")
         control = PulledComm(self, CONTROL)
         comms = {peer: RayComm(self, link_key(peer), handle, link_key(self.wid)) for peer, handle in peers.items()}
         try:
