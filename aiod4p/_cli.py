@@ -685,10 +685,13 @@ def _cap_workers(args: argparse.Namespace, mapping: BaseMapping) -> None:
 def _graph(args: argparse.Namespace) -> int:
     mapping = get_mapping(args.mapping)
     _cap_workers(args, mapping)  # the workers `aiod4p run` would start
-    plan = make_plan(load_workflow(args.target), mapping.plan_options(args.num, DEFAULT_BATCH_SIZE, DEFAULT_CREDITS))
-    if args.output == "-":  # for a pipe: aiod4p graph flow.py -o - | dot -Tpng > flow.png
-        sys.stdout.write(to_dot(plan, title=args.target))
-        return 0
+    to_stdout = args.output == "-"  # for a pipe: aiod4p graph flow.py -o - | dot -Tpng > flow.png
+    with _stdout_for_data(to_stdout) as out:  # what the workflow prints as it loads goes to stderr then
+        options = mapping.plan_options(args.num, DEFAULT_BATCH_SIZE, DEFAULT_CREDITS)
+        plan = make_plan(load_workflow(args.target), options)
+        if to_stdout:
+            out.write(to_dot(plan, title=args.target))
+            return 0
     print(f"wrote {draw(plan, args.output, title=args.target)}")
     return 0
 

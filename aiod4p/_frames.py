@@ -27,7 +27,6 @@ __all__ = [
 ]
 
 _OURS = os.path.normcase(str(Path(__file__).resolve().parent)) + os.sep
-_RESULTS_WRITER = _OURS + "_results.py"
 _installed_cache: tuple[object, tuple[str, ...]] | None = None
 
 
@@ -111,10 +110,10 @@ def running_in(thread: int) -> str | None:
     frame = sys._current_frames().get(thread)
     while frame is not None:
         filename = frame.f_code.co_filename
-        if _is_workflows(filename):
-            return f"a PE ({frame.f_code.co_name}, {os.path.basename(filename)} line {frame.f_lineno})"
-        if os.path.normcase(os.path.abspath(filename)) == _RESULTS_WRITER:
+        if frame.f_globals.get("__name__") == "aiod4p._results":
             return "the writing of a result"
+        if not filename.startswith("<") and _is_workflows(filename):  # not code made at run time (dataclasses')
+            return f"a PE ({frame.f_code.co_name}, {os.path.basename(filename)} line {frame.f_lineno})"
         frame = frame.f_back
     return None
 

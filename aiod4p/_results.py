@@ -173,12 +173,16 @@ def _listed(value: Any) -> Any:
         return value
     try:
         return _plain(value, tolist)
-    except (NotImplementedError, TypeError, ValueError):  # another library's refusal: written as its repr
+    except MemoryError:
+        raise
+    except Exception:  # another library's refusal (astropy's NotImplementedError, torch's RuntimeError): its repr
         return value
 
 
 def _jsonable(value: Any) -> Any:
-    if isinstance(value, (bytes, bytearray, memoryview)):  # before tolist(): a memoryview's is a list of ints
+    if isinstance(value, (bytes, bytearray)) or (
+        isinstance(value, memoryview) and value.format == "B" and value.c_contiguous
+    ):  # before tolist(): a memoryview of bytes gives a list of ints (of other items, their values: kept)
         return {"base64": base64.b64encode(value).decode("ascii")}
     if type(plain := _listed(value)) is not type(value):
         return plain

@@ -307,6 +307,14 @@ class Interrupts:
         if self.received == 2:
             threading.Thread(target=self._watchdog, name="aiod4p abort watchdog", daemon=True).start()
 
+    def _holder(self) -> str:
+        """What held the event loop, never failing: the watchdog must end the process whatever happens."""
+        try:
+            held_by = running_in(self._loop_thread)
+        except Exception:  # the working directory removed, say: what _frames tells installed code by
+            held_by = None
+        return f"the event loop was held by {held_by or 'a PE'}"
+
     def _watchdog(self) -> None:
         """End the process if the run has not aborted within :data:`ABORT_GRACE` seconds, within a second of the
         signal, saying why: a PE holds the event loop (it ran no callback asked of it after :data:`HELD_GRACE`
@@ -319,11 +327,8 @@ class Interrupts:
         turned = loop_turn(self._loop)
         if self._finished.wait(ABORT_GRACE - (time.monotonic() - start)):
             return
-        if turned.is_set():
-            why = f"its clean-up did not end within {ABORT_GRACE:g} s"
-        else:
-            why = f"the event loop was held by {running_in(self._loop_thread) or 'a PE'}"
         try:
+            why = f"its clean-up did not end within {ABORT_GRACE:g} s" if turned.is_set() else self._holder()
             with contextlib.suppress(Exception):  # what cannot be flushed (a full disk) must not hide why it ends
                 self._before_exit()
             print(f"aiod4p: aborted by {self.name}; {self._produced()} ({why})", file=sys.stderr, flush=True)

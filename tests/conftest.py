@@ -177,18 +177,25 @@ def _ignored(signum: int, frame: object) -> None:
     """The suite's handler of a signal it was started ignoring."""
 
 
+_IGNORED_ENV = "AIOD4P_TEST_SUITE_IGNORES"
+"""The signals (numbers, comma-separated) the suite was started ignoring, for its workers to ignore too."""
+
+
 def pytest_configure(config: pytest.Config) -> None:
     """Let the programs the tests start take SIGINT and SIGHUP as a terminal's shell starts them, whatever the
     suite inherited: a suite started in the background by a script (``.ci/run &``) or under ``nohup`` inherits
     them ignored, and so would its children, where the tests send them (an aiod4p command keeps an ignored one
-    ignored, as it should). The suite itself still ignores them: a handler that does nothing is not inherited
-    across exec, an ignored signal is.
+    ignored, as it should). The suite itself still ignores them, its ``pytest -n`` workers too (told by
+    :data:`_IGNORED_ENV`): a handler that does nothing is not inherited across exec, an ignored signal is.
 
     Keep a descriptor of the session's stderr for the backstop: file descriptor 2 is pytest's capture file,
     whose content is lost when the backstop ends the process."""
-    for signum in (signal.SIGINT, signal.SIGHUP):
-        if signal.getsignal(signum) == signal.SIG_IGN:
-            signal.signal(signum, _ignored)
+    ignored = {int(number) for number in os.environ.get(_IGNORED_ENV, "").split(",") if number}
+    ignored |= {signum for signum in (signal.SIGINT, signal.SIGHUP) if signal.getsignal(signum) == signal.SIG_IGN}
+    for signum in ignored:
+        signal.signal(signum, _ignored)
+    if ignored:
+        os.environ[_IGNORED_ENV] = ",".join(str(signum) for signum in sorted(ignored))
     capture = config.pluginmanager.getplugin("capturemanager")
     if capture is not None:
         capture.suspend_global_capture(in_=True)

@@ -306,12 +306,13 @@ def test_what_a_thread_runs_is_named_as_the_pe_s_code_or_the_writing_of_a_result
     from aiod4p._frames import running_in
 
     source = "def wait(barrier, event):\n    return barrier.wait(), event.wait()\n"  # in wait(), line 2, once met
-    for filename, expected in (
-        (str(tmp_path / "flow.py"), "a PE (wait, flow.py line 2)"),
-        (_results.__file__, "the writing of a result"),
-        (pytest.__file__, None),
+    for module, filename, expected in (
+        ("flow", str(tmp_path / "flow.py"), "a PE (wait, flow.py line 2)"),
+        (_results.__name__, _results.__file__, "the writing of a result"),
+        ("pytest", pytest.__file__, None),
+        ("made", "<string>", None),  # code made at run time (a dataclass's __init__) is no PE's
     ):
-        space: dict[str, Any] = {}
+        space: dict[str, Any] = {"__name__": module}
         exec(compile(source, filename, "exec"), space)
         barrier, event = threading.Barrier(2), threading.Event()
         thread = threading.Thread(target=space["wait"], args=(barrier, event))

@@ -116,7 +116,7 @@ def test_checkpointed_run_gives_the_results_of_a_plain_run(tmp_path: Path, words
 
 class _Killer:
     """Knows when Count instances counted ``threshold`` words (or Numbers made as many) in this attempt,
-    and ``new`` checkpoints completed in ``checkpointed`` since then (so they hold the work of those items: one
+    and ``new`` checkpoints completed in ``checkpointed`` since then (so that they hold the work of items: one
     that completed before, on a loaded machine at times before any item, restored the run from its start).
 
     It looks every 1000 words (``ckpt_workflows.HOOK``) and at every checkpoint completed (:meth:`completed`):

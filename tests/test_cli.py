@@ -81,9 +81,10 @@ def test_results_json_lines_keep_what_json_has_no_type_for(caplog: pytest.LogCap
     numpy = pytest.importorskip("numpy")
     values = [numpy.arange(100_000.0), numpy.int64(3), b"\x00\xff", {7}, datetime.date(2026, 12, 4), (1, "a")]
     values.append(memoryview(b"\x00\xff"))  # was written as its tolist(), [0, 255]
+    values += [memoryview(b"\x00\x01\xff")[::2], memoryview(numpy.arange(2.0))]  # not contiguous; not bytes
     written = [json.loads(record_line(ResultRecord("pe", "out", value)))["data"] for value in values]
     assert written[0] == list(range(100_000))
-    assert written[1:] == [3, {"base64": "AP8="}, [7], "2026-12-04", [1, "a"], {"base64": "AP8="}]
+    assert written[1:] == [3, {"base64": "AP8="}, [7], "2026-12-04", [1, "a"], {"base64": "AP8="}, [0, 255], [0, 1]]
     # Floats that are not numbers keep what they are, as Python's json writes and reads them (jq reads them too).
     line = record_line(ResultRecord("pe", "out", numpy.array([numpy.nan, numpy.inf, -numpy.inf])))
     assert '"data": [NaN, Infinity, -Infinity]' in line
@@ -189,6 +190,18 @@ def test_a_large_result_of_another_library_s_array_is_written_as_its_tolist() ->
     """Only numpy's arrays are written a chunk at a time: a torch tensor of 1 MB or more, whose ``size`` is a
     method, ended the command with `TypeError: '>' not supported between instances of 'method' and 'int'`."""
     assert json.loads(record_line(ResultRecord("pe", "out", _TensorLike())))["data"] == list(range(200_000))
+
+
+class _RefusesTolist:
+    def tolist(self) -> list[int]:
+        raise RuntimeError("not on this device")  # as torch says it
+
+    def __repr__(self) -> str:
+        return "<on a device>"
+
+
+def test_a_result_whose_tolist_fails_is_written_as_its_repr() -> None:
+    assert json.loads(record_line(ResultRecord("pe", "out", [_RefusesTolist()])))["data"] == ["<on a device>"]
 
 
 def list_of(array: object) -> object:
@@ -1105,11 +1118,13 @@ def test_graph_draws_the_workers_run_would_start(workflow_file: Path, tmp_path: 
     assert "workers 0-2" in drawing.read_text()
 
 
-def test_graph_to_dash_writes_the_dot_text_to_stdout(workflow_file: Path) -> None:
+def test_graph_to_dash_writes_the_dot_text_to_stdout(workflow_file: Path, tmp_path: Path) -> None:
     """``aiod4p graph flow.py -o - | dot -Tpng > flow.png``: `-o -` was refused (the file name must end with one
-    of .dot, ...)."""
-    drawn = aiod4p("graph", str(workflow_file), "-m", "multi", "-n", "3", "--oversubscribe", "-o", "-")
-    assert drawn.returncode == 0 and drawn.stderr == "", drawn.stderr
+    of .dot, ...). What the workflow prints as it loads goes to stderr: in the dot text, dot would refuse it."""
+    talking = tmp_path / "talking.py"
+    talking.write_text('print("loading my workflow")\n' + workflow_file.read_text())
+    drawn = aiod4p("graph", str(talking), "-m", "multi", "-n", "3", "--oversubscribe", "-o", "-")
+    assert drawn.returncode == 0 and drawn.stderr == "loading my workflow\n", drawn.stderr
     assert drawn.stdout.startswith("digraph ") and "workers 0-2" in drawn.stdout and "wrote" not in drawn.stdout
 
 

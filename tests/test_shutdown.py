@@ -164,6 +164,19 @@ def test_a_run_started_with_sighup_ignored_ignores_it() -> None:
     assert squares(reader.records) == list(range(200))
 
 
+def test_the_watchdog_says_a_pe_held_the_loop_when_what_held_it_cannot_be_told(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """What held the loop is found by looking at its thread's stack, which may fail (the working directory
+    removed: what is installed cannot be told): the watchdog must still end the process, saying what it can."""
+
+    def fails(thread: int) -> str | None:
+        raise FileNotFoundError("the working directory is gone")
+
+    monkeypatch.setattr("aiod4p._signals.running_in", fails)
+    assert Interrupts(exit_status=130)._holder() == "the event loop was held by a PE"
+
+
 def test_a_run_started_with_sigint_ignored_ignores_it_and_drains_on_sigterm() -> None:
     """``aiod4p run ... &`` in a shell script: the background job starts with SIGINT ignored, so that a Ctrl-C at
     the terminal stops the script, not it. The command took SIGINT back and drained the run."""

@@ -259,8 +259,9 @@ def _owner(array: np.ndarray) -> Any:
     [
         [np.full(1 << 20, float(n)) for n in range(3)],  # a batch of arrays of 8 MiB
         (b"x" * (20 << 20), np.zeros(10_000)),  # one small array in a large frame
+        (b"x" * (20 << 20), np.zeros(1 << 20)),  # an array of 8 MiB beside larger bytes
     ],
-    ids=["several-arrays", "a-small-array"],
+    ids=["several-arrays", "a-small-array", "an-array-beside-larger-bytes"],
 )
 async def test_an_array_that_does_not_make_its_frame_is_copied_out_so_that_keeping_it_keeps_no_more(
     message: Any,

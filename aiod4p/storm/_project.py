@@ -272,8 +272,9 @@ def _namespace(obj: Any) -> dict[str, Any] | None:
     if isinstance(target, type):
         for value in vars(target).values():
             value = getattr(value, "__func__", value)
-            if hasattr(value, "__globals__") and getattr(value, "__module__", None) == target.__module__:
-                return dict(value.__globals__)
+            found = getattr(value, "__globals__", None)  # a decorated method's are its decorator's module's
+            if isinstance(found, dict) and found.get("__name__") == target.__module__:
+                return dict(found)
         return None
     found = getattr(target, "__globals__", None)
     return dict(found) if isinstance(found, dict) else None

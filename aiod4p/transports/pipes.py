@@ -10,11 +10,12 @@ is the buffer count (4 bytes), each buffer's length (8 bytes each), the
 pickle's length (8 bytes), the pickle (padded with zeros, which unpickling
 ignores, so that the buffers start 16-aligned from the frame's header), then
 the buffers; the receiver gets writable copies, but a frame whose one buffer
-is of ``_KEPT_BUFFER`` bytes or more lends it a writable view of the buffer
-the socket was read into, if aligned there as a copy would be, which is then
-replaced: no second copy of a 200 MB array. Large ``bytes`` objects in the message are not copied into
-the pickle: the pickler hands them over as they are (a ``bytes`` object
-cannot change while the socket takes it), and the socket copies them once
+is of ``_KEPT_BUFFER`` bytes or more, and most of the frame, lends it a
+writable view of the buffer the socket was read into, if aligned there as a
+copy would be, which is then replaced: no second copy of a 200 MB array.
+Large ``bytes`` objects in the message are not copied into the pickle: the
+pickler hands them over as they are (a ``bytes`` object cannot change while
+the socket takes it), and the socket copies them once
 (uvloop's transport writes the pieces as they are; asyncio's joins them).
 A frame of length 0 is the close marker, so
 the reader tells a clean close (:class:`~aiod4p.errors.EndOfChannel`) from a
@@ -231,14 +232,14 @@ _ALIGNMENT = 16  # what malloc gives a copy, and numpy's arrays need (a complex1
 def _unpickle(frame: memoryview) -> tuple[Any, bool]:
     """The message in a frame written by :func:`_pickle` with buffers, and whether it holds a view of ``frame``
     (of a ``bytearray``, which the caller must then never write again): its one buffer of :data:`_KEPT_BUFFER`
-    bytes or more, aligned in it. Other buffers are copied out: a view would keep the whole frame, and a
-    misaligned array is several times slower to compute with."""
+    bytes or more that is most of the frame, aligned in it. Other buffers are copied out: a view would keep the
+    whole frame, and a misaligned array is several times slower to compute with."""
     (count,) = struct.unpack_from("<I", frame)
     *sizes, size = struct.unpack_from(f"<{count}QQ", frame, 4)
     position = 4 + 8 * (count + 1)
     data = frame[position : position + size]
     position += size
-    if count == 1 and sizes[0] >= _KEPT_BUFFER:
+    if count == 1 and sizes[0] >= max(_KEPT_BUFFER, len(frame) // 2):  # most of the frame: keeps little else
         piece = frame[position : position + sizes[0]]
         if ctypes.addressof(ctypes.c_char.from_buffer(piece)) % _ALIGNMENT == 0:
             return pickle.loads(data, buffers=[piece]), True
