@@ -6,7 +6,6 @@ import asyncio
 import faulthandler
 import logging
 import os
-import re
 import signal
 import warnings
 from collections.abc import Callable, Iterator, Mapping
@@ -103,34 +102,6 @@ def ray_cluster(request: pytest.FixtureRequest) -> RayCluster:
     return request.config.stash[_RAY_CLUSTER]
 
 
-# -- the suite on two processes (``pytest -n 2``, as .ci/run runs it: pytest-xdist) ---------------------
-
-# Files whose tests all run in the process that has the Ray cluster: they start Ray of their own too, and two
-# Ray clusters starting at once on two cores are slower than one after the other.
-_RAY_FILES = ("tests/test_ray.py", "tests/test_ray_transport.py")
-
-
-@pytest.hookimpl(optionalhook=True)
-def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
-    """``-n N`` (``--dist load``) hands out whole files, as ``--dist loadfile`` does (a module's fixtures are
-    made once; the tests of test_storm_cluster.py share one topology), and every test that runs on Ray to one
-    process, which alone starts the session's Ray cluster. A test runs on Ray when its id names Ray (a ``ray-n2``
-    case of :data:`MAPPING_CASES`, a test of Ray in its name); one whose id did not would start a cluster of its
-    own in the other process: slower, as correct."""
-    if config.getvalue("dist") != "load":
-        return None
-    from xdist.scheduler import LoadScopeScheduling
-
-    class ByFileAndRay(LoadScopeScheduling):
-        def _split_scope(self, nodeid: str) -> str:
-            path = nodeid.split("::", 1)[0]
-            if path in _RAY_FILES or re.search(r"(?<![a-z])ray(?![a-z])", nodeid.lower()):
-                return "ray"
-            return path
-
-    return ByFileAndRay(config, log)
-
-
 def pytest_asyncio_loop_factories(
     config: pytest.Config, item: pytest.Item
 ) -> Mapping[str, Callable[[], asyncio.AbstractEventLoop]]:
@@ -177,25 +148,18 @@ def _ignored(signum: int, frame: object) -> None:
     """The suite's handler of a signal it was started ignoring."""
 
 
-_IGNORED_ENV = "AIOD4P_TEST_SUITE_IGNORES"
-"""The signals (numbers, comma-separated) the suite was started ignoring, for its workers to ignore too."""
-
-
 def pytest_configure(config: pytest.Config) -> None:
     """Let the programs the tests start take SIGINT and SIGHUP as a terminal's shell starts them, whatever the
     suite inherited: a suite started in the background by a script (``.ci/run &``) or under ``nohup`` inherits
     them ignored, and so would its children, where the tests send them (an aiod4p command keeps an ignored one
-    ignored, as it should). The suite itself still ignores them, its ``pytest -n`` workers too (told by
-    :data:`_IGNORED_ENV`): a handler that does nothing is not inherited across exec, an ignored signal is.
+    ignored, as it should). The suite itself still ignores them: a handler that does nothing is not inherited
+    across exec, an ignored signal is.
 
     Keep a descriptor of the session's stderr for the backstop: file descriptor 2 is pytest's capture file,
     whose content is lost when the backstop ends the process."""
-    ignored = {int(number) for number in os.environ.get(_IGNORED_ENV, "").split(",") if number}
-    ignored |= {signum for signum in (signal.SIGINT, signal.SIGHUP) if signal.getsignal(signum) == signal.SIG_IGN}
-    for signum in ignored:
-        signal.signal(signum, _ignored)
-    if ignored:
-        os.environ[_IGNORED_ENV] = ",".join(str(signum) for signum in sorted(ignored))
+    for signum in (signal.SIGINT, signal.SIGHUP):
+        if signal.getsignal(signum) == signal.SIG_IGN:
+            signal.signal(signum, _ignored)
     capture = config.pluginmanager.getplugin("capturemanager")
     if capture is not None:
         capture.suspend_global_capture(in_=True)
