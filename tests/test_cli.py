@@ -1753,13 +1753,19 @@ WRITES_THEN_HOLDS_THE_LOOP = """
 import asyncio, sys, time
 from aiod4p import ProducerPE, WorkflowGraph
 
+WRITTEN = []
+
 class Write(ProducerPE):
     def produce(self):
         yield from range(3)
+        WRITTEN.append(True)
 
 class Hold(ProducerPE):
     async def produce(self):
-        await asyncio.sleep(1.0)  # ok-sleep: the other source's results reach the results file first
+        while not WRITTEN:  # the other source's results reach the results file first
+            await asyncio.sleep(0.01)
+        for _ in range(100):  # the turns of the loop that hand them to the results file
+            await asyncio.sleep(0)
         print("holding", file=sys.stderr, flush=True)
         while True:
             time.sleep(0.005)  # ok-sleep: a PE that holds the event loop, never giving way

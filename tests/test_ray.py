@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 import ray
 import workflows as wf
-from helpers import ROOT, TIMES10_FLOW, aiod4p_cli, aiod4p_process, numbers_flow, run_notebook_flow
+from helpers import ROOT, TIMES10_FLOW, aiod4p_cli, aiod4p_process, numbers_flow, reaped, run_notebook_flow
 from ray_cluster import RayCluster, session_processes, wait_gone
 
 import aiod4p
@@ -475,11 +475,9 @@ def local_ray_wordcount() -> Iterator[subprocess.Popen[str]]:
     whatever of it is left running when the block ends is killed."""
     process = aiod4p_process("run", "examples/wordcount.py", "-m", "ray", "--results", "-", env=WITHOUT_CLUSTER)
     try:
-        yield process
+        with reaped(process):
+            yield process
     finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-        process.communicate()
         for pid in session_processes([process.pid]):
             os.kill(pid, signal.SIGKILL)
 

@@ -146,16 +146,29 @@ def test_a_terminal_hang_up_drains_and_exits_0() -> None:
     assert [r["data"] for r in reader.records if r["output"] == "status"] == ["drained"]
 
 
-def test_a_run_started_with_sighup_ignored_ignores_it() -> None:
-    """``nohup aiod4p run ...``: the user asked for the run to outlive the terminal."""
-    proc, reader = start_cli(preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN))
+def _sent_while_ignored(signum: int) -> tuple[subprocess.Popen[bytes], Reader]:
+    """The CLI started with ``signum`` ignored, given 100 lines, sent ``signum``, then given 100 more (its stdin
+    still open). The caller ends the run, then calls :func:`stop`."""
+    proc, reader = start_cli(preexec_fn=lambda: signal.signal(signum, signal.SIG_IGN))
     try:
         assert proc.stdin is not None
         proc.stdin.write(lines(range(100)))
         proc.stdin.flush()
         reader.wait_for(lambda records: len(records) >= 100)
-        proc.send_signal(signal.SIGHUP)
+        proc.send_signal(signum)
         proc.stdin.write(lines(range(100, 200)))
+        proc.stdin.flush()
+    except BaseException:
+        stop(proc, reader)
+        raise
+    return proc, reader
+
+
+def test_a_run_started_with_sighup_ignored_ignores_it() -> None:
+    """``nohup aiod4p run ...``: the user asked for the run to outlive the terminal."""
+    proc, reader = _sent_while_ignored(signal.SIGHUP)
+    try:
+        assert proc.stdin is not None
         proc.stdin.close()  # the end of the stream ends the run
         assert proc.wait(timeout=30) == 0
     finally:
@@ -180,15 +193,8 @@ def test_the_watchdog_says_a_pe_held_the_loop_when_what_held_it_cannot_be_told(
 def test_a_run_started_with_sigint_ignored_ignores_it_and_drains_on_sigterm() -> None:
     """``aiod4p run ... &`` in a shell script: the background job starts with SIGINT ignored, so that a Ctrl-C at
     the terminal stops the script, not it. The command took SIGINT back and drained the run."""
-    proc, reader = start_cli(preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    proc, reader = _sent_while_ignored(signal.SIGINT)
     try:
-        assert proc.stdin is not None
-        proc.stdin.write(lines(range(100)))
-        proc.stdin.flush()
-        reader.wait_for(lambda records: len(records) >= 100)
-        proc.send_signal(signal.SIGINT)
-        proc.stdin.write(lines(range(100, 200)))
-        proc.stdin.flush()
         reader.wait_for(lambda records: len(records) >= 200)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
