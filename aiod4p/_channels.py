@@ -1,11 +1,15 @@
 """Credit-based channels between PE instances.
 
 A channel joins one sender instance to one receiving instance. The sender
-holds ``credits`` (batches it may have in flight) and waits when it has none;
-the receiver returns one credit each time its actor takes a batch from the
+holds ``credits`` (batches it may have in flight) and waits when it has fewer
+than a batch takes: one, or one per ``bytes_per_credit`` bytes of a batch
+larger than that (a single item of hundreds of MB), at most all of them. The
+receiver gives back what a batch took when its actor takes the batch from the
 inbox. So the inbox of an instance never holds more than
-``channels x credits`` batches, and a receiver never blocks on delivery,
-which keeps a worker's transport pump free of head-of-line deadlocks.
+``channels x credits`` batches, nor more than about ``channels x credits x
+bytes_per_credit`` bytes or one item per channel where an item is larger, and
+a receiver never blocks on delivery, which keeps a worker's transport pump
+free of head-of-line deadlocks.
 """
 
 from __future__ import annotations
@@ -65,7 +69,9 @@ class SenderChannel(Protocol):
 
     credits: int
 
-    async def send(self, port: str | None, items: list[Any]) -> None: ...
+    def takes(self, count: int, size: int = 0) -> int: ...
+
+    async def send(self, port: str | None, items: list[Any], size: int = 0) -> None: ...
 
     def close(self) -> None: ...
 
@@ -125,29 +131,44 @@ class Inbox:
 
 
 class CreditedSender:
-    """The sending end of a channel: :meth:`send` waits for a credit, then delivers."""
+    """The sending end of a channel: :meth:`send` waits until it has the credits a batch takes, then delivers.
 
-    __slots__ = ("_waiter", "closed", "credits")
+    :meth:`returned` gives back, batch by batch in the order they were sent, the
+    credits each took.
+    """
 
-    def __init__(self, credits: int) -> None:
+    __slots__ = ("_taken", "_total", "_waiter", "bytes_per_credit", "closed", "credits")
+
+    def __init__(self, credits: int, bytes_per_credit: int = sys.maxsize) -> None:
         self.credits = credits
+        self.bytes_per_credit = bytes_per_credit
+        self._total = credits
+        self._taken: deque[int] = deque()  # the credits each batch in flight took, oldest first
         self._waiter: asyncio.Future[None] | None = None
         self.closed = False
 
-    async def send(self, port: str | None, items: list[Any]) -> None:
-        """Deliver a batch, waiting while no credit is left."""
-        while self.credits <= 0:
+    def takes(self, count: int, size: int = 0) -> int:
+        """The credits a batch of ``count`` items of about ``size`` bytes in all takes: one per
+        ``bytes_per_credit`` bytes (rounded up), at least one and at most all of the channel's."""
+        return min(-(-size // self.bytes_per_credit), self._total) or 1
+
+    async def send(self, port: str | None, items: list[Any], size: int = 0) -> None:
+        """Deliver a batch of about ``size`` bytes, waiting until the channel has the credits it takes."""
+        weight = self.takes(len(items), size)
+        while self.credits < weight:
             self._waiter = asyncio.get_running_loop().create_future()
             try:
                 await self._waiter
             finally:
                 self._waiter = None
-        self.credits -= 1
+        self.credits -= weight
+        self._taken.append(weight)
         self._deliver(port, items)
 
-    def grant(self, credits: int = 1) -> None:
-        """Return ``credits`` credits from the receiver."""
-        self.credits += credits
+    def returned(self, batches: int = 1) -> None:
+        """The receiver took the oldest ``batches`` batches in flight: give back the credits they took."""
+        taken = self._taken
+        self.credits += sum(taken.popleft() for _ in range(batches))
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
@@ -170,41 +191,28 @@ class CreditedSender:
 class LocalChannel(CreditedSender):
     """A channel whose two ends share one event loop.
 
-    A batch takes one credit per ``unit`` items (rounded up, at most all of
-    the channel's credits), and the receiver returns them when it takes the
-    batch: so a batch may carry up to ``credits x unit`` items, and the
-    channel never has more than ``credits x unit`` items in flight however
-    its batches are sized (one credit per batch when ``unit`` is unbounded).
+    A batch takes one credit per ``unit`` items (rounded up), or more where its
+    bytes take more (:meth:`CreditedSender.takes`), at most all of the channel's
+    credits; the receiver returns them when it takes the batch: so a batch may
+    carry up to ``credits x unit`` items, and the channel never has more than
+    ``credits x unit`` items in flight however its batches are sized (one
+    credit per batch when ``unit`` is unbounded).
     """
 
-    __slots__ = ("_inbox", "_taken", "_total", "unit")
+    __slots__ = ("_inbox", "unit")
 
-    def __init__(self, inbox: Inbox, credits: int, unit: int = sys.maxsize) -> None:
-        super().__init__(credits)
+    def __init__(
+        self, inbox: Inbox, credits: int, unit: int = sys.maxsize, bytes_per_credit: int = sys.maxsize
+    ) -> None:
+        super().__init__(credits, bytes_per_credit)
         self._inbox = inbox
         self.unit = unit
-        self._total = credits
-        self._taken: deque[int] = deque()  # the credits each batch in flight took, oldest first
 
-    def takes(self, count: int) -> int:
-        """The credits a batch of ``count`` items takes (it waits while the channel has fewer)."""
-        return min(-(-count // self.unit), self._total) or 1
-
-    async def send(self, port: str | None, items: list[Any]) -> None:
-        """Deliver a batch, waiting until the channel has the credits it takes."""
-        weight = self.takes(len(items))
-        while self.credits < weight:
-            self._waiter = asyncio.get_running_loop().create_future()
-            try:
-                await self._waiter
-            finally:
-                self._waiter = None
-        self.credits -= weight
-        self._taken.append(weight)
-        self._inbox.put((self, port, items))
+    def takes(self, count: int, size: int = 0) -> int:
+        return min(max(-(-count // self.unit), -(-size // self.bytes_per_credit)), self._total) or 1
 
     def _deliver(self, port: str | None, items: Any) -> None:
         self._inbox.put((self, port, items))
 
     def release(self) -> None:
-        self.grant(self._taken.popleft())
+        self.returned()

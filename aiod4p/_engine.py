@@ -196,10 +196,24 @@ class _Pending:
 
     ``limit`` is the most items a batch on this channel carries, set before
     each batch from the destination's measured time per item and the size
-    of the items (see :meth:`_Actor._batch_limit`).
+    of the items (see :meth:`_Actor._batch_limit`); ``weight`` the credits
+    the last batch took (more than one for an item larger than a batch's
+    bytes), what the next one is expected to take.
     """
 
-    __slots__ = ("blind", "cap", "channel", "dest", "dirty", "items", "limit", "port", "seconds", "siblings")
+    __slots__ = (
+        "blind",
+        "cap",
+        "channel",
+        "dest",
+        "dirty",
+        "items",
+        "limit",
+        "port",
+        "seconds",
+        "siblings",
+        "weight",
+    )
 
     def __init__(self, channel: SenderChannel, dest: InstanceRef, port: str, bounds: tuple[int, float]) -> None:
         self.items: list[Any] = []
@@ -210,6 +224,7 @@ class _Pending:
         self.dest = dest
         self.port = port
         self.limit = 1
+        self.weight = 1
         self.blind = 0  # batches sent before the destination's time per item was known
         # The pendings of the route when its grouping lets any of them take any item.
         self.siblings: _Candidates | None = None
@@ -1345,13 +1360,13 @@ class _Actor(Invoker):
         while waiting:
             stalled = True
             for pending in waiting:
-                if isinstance(pending, _ResultPending) or pending.channel.credits > 0:
+                if isinstance(pending, _ResultPending) or pending.channel.credits >= pending.weight:
                     await self._send_batch(pending)
                     stalled = False
                 elif pending.siblings is not None and pending.items:
                     # Any instance will do: give the batch to the least loaded one.
                     freest = pending.siblings.freest()
-                    if freest.channel.credits > 0 and not (
+                    if freest.channel.credits >= pending.weight and not (
                         type(freest.channel) is not LocalChannel and self._cheaper_here(pending, pending.items[0])
                     ):
                         await self._send_batch(pending, freest)
@@ -1369,32 +1384,29 @@ class _Actor(Invoker):
         """Send the first batch of ``pending``'s items, as many as its limit allows (on ``via``'s channel)."""
         items = pending.items
         if isinstance(pending, _ResultPending):
-            limit = pending.limit
-        else:
-            # Sized for the channel it travels on (``via``'s may be within the worker, with a smaller cap).
-            limit = self._batch_limit(via or pending, items[0])
-            pending.limit = limit if via is None else min(pending.limit, limit)
-        channel = None if isinstance(pending, _ResultPending) else (via or pending).channel
+            await self.results_sink.emit(pending.pe, pending.port, _take_first(pending, pending.limit))
+            return
+        # Sized for the channel it travels on (``via``'s may be within the worker, with a smaller cap).
+        target = via or pending
+        limit, size = self._batch_limit(target, items[0])
+        pending.limit = limit if via is None else min(pending.limit, limit)
+        channel = target.channel
         if type(channel) is LocalChannel and channel.credits > 0:
             limit = min(limit, channel.credits * channel.unit)  # what it takes without waiting
-        if len(items) <= limit:
-            chunk, pending.items = items, []
-        else:
-            chunk = items[:limit]
-            del items[:limit]
-        if channel is None:
-            assert isinstance(pending, _ResultPending)
-            await self.results_sink.emit(pending.pe, pending.port, chunk)
-            return
-        if channel.credits > 0:
-            await channel.send(pending.port, chunk)
+        chunk = _take_first(pending, limit)
+        if len(chunk) > 1:
+            size = 0  # within batch_bytes: it takes credits by its count only
+        target.weight = weight = channel.takes(len(chunk), size)
+        if channel.credits >= weight:
+            await channel.send(pending.port, chunk, size)
         else:
             started = time.perf_counter()
-            await channel.send(pending.port, chunk)
+            await channel.send(pending.port, chunk, size)
             self.stats.blocked_seconds += time.perf_counter() - started
 
-    def _batch_limit(self, pending: _Pending, sample: Any) -> int:
-        """How many items the next batch on ``pending``'s channel may carry.
+    def _batch_limit(self, pending: _Pending, sample: Any) -> tuple[int, int]:
+        """How many items the next batch on ``pending``'s channel may carry, and about how many bytes
+        ``sample`` takes.
 
         At most the channel's cap (``credits x batch_size`` within a worker,
         taking a credit per ``batch_size`` items, and ``remote_batch_size``
@@ -1424,7 +1436,7 @@ class _Actor(Invoker):
         size, _ = approximate_size(sample)
         if size * limit > self.batch_bytes:
             limit = max(1, self.batch_bytes // size)
-        return limit
+        return limit, size
 
     async def _flush_all(self, wait: bool = True) -> None:
         """Send every partly filled batch; without ``wait``, only those whose channel has credit.
@@ -1521,6 +1533,17 @@ async def _end_stage(method: Callable[[], Any], result: Any) -> None:
         )
 
 
+def _take_first(pending: _Pending | _ResultPending, count: int) -> list[Any]:
+    """Take the first ``count`` of ``pending``'s items off it (the list itself when that is all of them)."""
+    items = pending.items
+    if len(items) <= count:
+        pending.items = []
+        return items
+    chunk = items[:count]
+    del items[:count]
+    return chunk
+
+
 def _room(pending: _Pending) -> int:
     """The most items ``pending``'s channel takes without waiting, less those already waiting for it.
 
@@ -1535,10 +1558,10 @@ def _room(pending: _Pending) -> int:
     return channel.credits * per_credit - len(pending.items)
 
 
-def _pull(iterator: Iterator[Any], limit: int, max_bytes: int, pe: PE, pe_id: str) -> list[Any]:
-    """The next elements of ``iterator``, as root ``pe``'s inputs (:func:`_input_dict`): at most ``limit``, and
-    none after the one that brings their :func:`approximate_size` (numbers: none) to ``max_bytes`` (so at
-    least one, unless the iterator is exhausted)."""
+def _pull(iterator: Iterator[Any], limit: int, max_bytes: int, pe: PE, pe_id: str) -> tuple[list[Any], int]:
+    """The next elements of ``iterator``, as root ``pe``'s inputs (:func:`_input_dict`), and their bytes: at most
+    ``limit``, and none after the one that brings their :func:`approximate_size` (numbers: none) to ``max_bytes``
+    (so at least one, unless the iterator is exhausted)."""
     chunk: list[Any] = []
     append, held = chunk.append, 0
     for element in itertools.islice(iterator, limit):
@@ -1547,7 +1570,7 @@ def _pull(iterator: Iterator[Any], limit: int, max_bytes: int, pe: PE, pe_id: st
             held += approximate_size(element)[0]
             if held >= max_bytes:
                 break
-    return chunk
+    return chunk, held
 
 
 def _ignoring_argument(fn: Callable[[], Any]) -> Callable[[Any], Any]:
@@ -1701,10 +1724,14 @@ class Worker:
         }
         for spec in plan.channels:
             if spec.dest_worker == me and spec.source_worker == me:
-                senders[(spec.source, spec.dest)] = LocalChannel(inboxes[spec.dest], credits, plan.options.batch_size)
+                senders[(spec.source, spec.dest)] = LocalChannel(
+                    inboxes[spec.dest], credits, plan.options.batch_size, plan.options.batch_bytes
+                )
             elif spec.source_worker == me:
                 link = self._link(spec.dest_worker)
-                senders[(spec.source, spec.dest)] = RemoteChannel(link, spec.channel_id, credits)
+                senders[(spec.source, spec.dest)] = RemoteChannel(
+                    link, spec.channel_id, credits, plan.options.batch_bytes
+                )
             elif spec.dest_worker == me:
                 self._link(spec.source_worker).add_receiver(spec.channel_id, inboxes[spec.dest])
 
@@ -1717,7 +1744,9 @@ class Worker:
             actor = _Actor(self, ref, pe, inboxes[ref], plan.expected_eos(ref))
             actor.stats.inflight_bound = plan.inflight_bound(ref)
             if is_root:
-                self._feed_channels[ref] = LocalChannel(inboxes[ref], credits, plan.options.batch_size)
+                self._feed_channels[ref] = LocalChannel(
+                    inboxes[ref], credits, plan.options.batch_size, plan.options.batch_bytes
+                )
             for port in plan.result_ports.get(ref.pe, []):
                 actor.results[port] = _ResultPending(ref.pe, port, plan.options.batch_size)
             for route in plan.routes[ref.pe]:
@@ -1944,12 +1973,12 @@ class Worker:
                 while not (self._draining and (fed or not drains_itself)):
                     limit = self._feed_limit(pe_id)
                     if held:
-                        chunk = [_input_dict(pe, pe_id, e) for e in itertools.islice(iterator, limit)]
+                        chunk, size = [_input_dict(pe, pe_id, e) for e in itertools.islice(iterator, limit)], 0
                     else:
-                        chunk = _pull(iterator, limit, batch_bytes, pe, pe_id)
+                        chunk, size = _pull(iterator, limit, batch_bytes, pe, pe_id)
                     if not chunk:
                         break
-                    await timed.send(None, chunk)
+                    await timed.send(None, chunk, size)
                     fed = True
                     if self.held_too_long():
                         await self.give_way()
@@ -1989,7 +2018,7 @@ class Worker:
         self._add_stopper(ahead.drain)
         try:
             while (chunk := await ahead.take()) is not None:
-                await channel.send(None, chunk)
+                await channel.send(None, chunk, ahead.taken_bytes)
         finally:
             await ahead.aclose()
 
@@ -2137,11 +2166,11 @@ class _TimedChannel:
         self._channel = channel
         self._stats = stats
 
-    async def send(self, port: str | None, items: list[Any]) -> None:
-        if self._channel.credits >= self._channel.takes(len(items)):
-            return await self._channel.send(port, items)
+    async def send(self, port: str | None, items: list[Any], size: int = 0) -> None:
+        if self._channel.credits >= self._channel.takes(len(items), size):
+            return await self._channel.send(port, items, size)
         started = time.perf_counter()
-        await self._channel.send(port, items)
+        await self._channel.send(port, items, size)
         self._stats.feed_blocked_seconds += time.perf_counter() - started
 
     def close(self) -> None:

@@ -3,10 +3,11 @@
 One :class:`PeerLink` per pair of workers multiplexes every channel between
 them. Its messages are tuples tagged by the constants below (small ints: they
 travel with every batch): ``(DATA, channel, port, items)``, ``(END, channel)``
-end of stream, ``(CREDIT, channel, n)`` n credits returned, ``(BYE,)`` this
-worker sends nothing more. Queued messages travel as one list per comm
-message. (The control messages between a launcher and its workers are another
-vocabulary: :mod:`aiod4p.mappings._host`.)
+end of stream, ``(CREDIT, channel, n)`` the receiver took n batches (the
+credits they took go back), ``(BYE,)`` this worker sends nothing more.
+Queued messages travel as one list per comm message. (The control messages
+between a launcher and its workers are another vocabulary:
+:mod:`aiod4p.mappings._host`.)
 """
 
 from __future__ import annotations
@@ -33,8 +34,8 @@ class RemoteChannel(CreditedSender):
 
     __slots__ = ("_channel_id", "_link")
 
-    def __init__(self, link: PeerLink, channel_id: int, credits: int) -> None:
-        super().__init__(credits)
+    def __init__(self, link: PeerLink, channel_id: int, credits: int, bytes_per_credit: int) -> None:
+        super().__init__(credits, bytes_per_credit)
         self._link = link
         self._channel_id = channel_id
         link.senders[channel_id] = self
@@ -119,7 +120,7 @@ class PeerLink:
                     inbox, source = receivers[message[1]]
                     inbox.put((source, message[2], message[3]))
                 elif kind == CREDIT:
-                    senders[message[1]].grant(message[2])
+                    senders[message[1]].returned(message[2])
                 elif kind == END:
                     inbox, source = receivers[message[1]]
                     inbox.put((source, None, EOS))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import datetime
 import functools
 import json
 import logging
@@ -39,6 +40,8 @@ def record_line(record: ResultRecord) -> str:
     numpy arrays and scalars (anything with ``tolist()``) as lists and
     numbers, bytes as ``{"base64": "..."}``, sets as lists, dates and times
     (anything with ``isoformat()``: obspy's ``UTCDateTime`` too; numpy's ``datetime64`` of any unit) in ISO 8601;
+    durations (``datetime.timedelta``, pandas' ``Timedelta``, numpy's ``timedelta64`` of any unit but years and
+    months) as their seconds, a number (``None`` for NaT);
     anything else as its ``repr``, with a warning once per type. Dict keys
     JSON does not take (a tuple, a numpy integer, a date) are written as the
     number a numpy scalar is, a date or time in ISO 8601, else as their
@@ -149,16 +152,19 @@ def _plain(value: Any, tolist: Callable[[], Any]) -> Any:
     """``value.tolist()``: the Python list or number a numpy array or scalar is; ``value`` itself when that gives
     back its own type, except numpy's long doubles, which no Python type holds: the nearest float or complex.
     A ``datetime64`` finer than microseconds, whose ``tolist()`` gives integers, gives its times in ISO 8601
-    (``None`` for NaT), as a coarser one's ``datetime`` objects are written."""
+    (``None`` for NaT), as a coarser one's ``datetime`` objects are written; a ``timedelta64``, whose ``tolist()``
+    gives integers or ``timedelta`` objects by its unit, gives its seconds (``None`` for NaT)."""
     dtype = getattr(value, "dtype", None)
-    if (
-        getattr(dtype, "kind", None) == "M"
-        and (numpy := sys.modules.get("numpy")) is not None
-        and numpy.datetime_data(dtype)[0] in _FINER_THAN_MICROSECONDS
-    ):
-        text = numpy.asarray(numpy.datetime_as_string(value)).astype(object)
-        text[numpy.isnat(value)] = None
-        return text.tolist()
+    kind = getattr(dtype, "kind", None)
+    if kind in ("M", "m") and (numpy := sys.modules.get("numpy")) is not None:
+        if kind == "M" and numpy.datetime_data(dtype)[0] in _FINER_THAN_MICROSECONDS:
+            text = numpy.asarray(numpy.datetime_as_string(value)).astype(object)
+            text[numpy.isnat(value)] = None
+            return text.tolist()
+        if kind == "m" and numpy.datetime_data(dtype)[0] not in ("Y", "M"):  # a year or month has no fixed length
+            seconds = numpy.asarray(value / numpy.timedelta64(1, "s")).astype(object)
+            seconds[numpy.isnat(value)] = None
+            return seconds.tolist()
     plain = tolist()
     if type(plain) is type(value) and isinstance(value, numbers.Complex):
         return float(value) if isinstance(value, numbers.Real) else complex(value)
@@ -188,6 +194,8 @@ def _jsonable(value: Any) -> Any:
         return plain
     if isinstance(value, (set, frozenset)):
         return list(value)
+    if isinstance(value, datetime.timedelta):
+        return value.total_seconds()
     isoformat = getattr(value, "isoformat", None)  # datetime's types, obspy's UTCDateTime, ...
     if callable(isoformat):
         return isoformat()

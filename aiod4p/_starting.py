@@ -11,8 +11,9 @@ A process multiprocessing starts as a new interpreter for a multi run (a spawned
 told so by :data:`SPAWNED_ENV` in its environment, which only the launcher sets, and only while it starts
 one: it ignores SIGINT and SIGHUP from the moment it imports aiod4p (as it unpickles the worker's target, or
 imports the workflow's ``__main__``), so a Ctrl-C to the process group while it starts interrupts the run,
-not that process (:func:`ignore_terminal_signals`). The interpreter's own start before that (40-70 ms on a
-loaded machine, and whatever a workflow's main module imports before aiod4p: docs/multi.md) is not covered.
+not that process (:func:`ignore_terminal_signals`). A spawned worker's interpreter is covered before that too:
+it starts with the signals held (:func:`aiod4p._signals.held`); the forkserver, started before that hold (what
+it forks would inherit it), is not, until it imports aiod4p.
 """
 
 from __future__ import annotations

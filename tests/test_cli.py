@@ -138,6 +138,27 @@ def test_results_json_lines_write_numpy_nanosecond_datetimes_in_iso_8601() -> No
     ]
 
 
+def test_results_json_lines_write_durations_as_seconds(caplog: pytest.LogCaptureFixture) -> None:
+    """A ``timedelta64`` was written as the bare integer its ``tolist()`` gives for nanoseconds (``1500000000``),
+    but as a repr with a warning for seconds or milliseconds (``datetime.timedelta(seconds=1, ...)``), as was
+    Python's ``timedelta``: one duration, three spellings. Each is now its seconds, a number."""
+    numpy = pytest.importorskip("numpy")
+    values = [
+        numpy.timedelta64(1500, "ms"),
+        numpy.timedelta64(1_500_000_000, "ns"),
+        numpy.array([[3, "NaT"]], dtype="timedelta64[s]"),
+        numpy.timedelta64("NaT", "ns"),
+        datetime.timedelta(days=1, microseconds=5),
+        {"lag": numpy.timedelta64(7, "D")},
+        numpy.arange(100_000).astype("timedelta64[us]"),  # written a chunk at a time
+    ]
+    with caplog.at_level("WARNING", logger="aiod4p"):
+        written = [json.loads(record_line(ResultRecord("pe", "out", value)))["data"] for value in values]
+    assert written[:6] == [1.5, 1.5, [[3.0, None]], None, 86400.000005, {"lag": 604800.0}]
+    assert written[6] == [index / 1e6 for index in range(100_000)]
+    assert "written as their repr" not in caplog.text
+
+
 def test_a_large_array_result_is_written_as_json_a_chunk_at_a_time() -> None:
     """A result holding a large array was written from the whole array as Python floats, about ten times its size
     (a 100 MB array took the command to 908 MB), in C code that kept Ctrl-C waiting until it ended (20 s; a second

@@ -855,6 +855,45 @@ def test_ctrl_c_while_a_spawned_worker_starts_interrupts_the_run_not_the_worker(
     assert err.rstrip().splitlines()[-1].startswith("KeyboardInterrupt"), err
 
 
+INTERRUPTING_SITECUSTOMIZE = textwrap.dedent(
+    """
+    import os, signal
+    with open("/proc/self/cmdline", "rb") as cmdline:
+        spawned = b"spawn_main" in cmdline.read()  # a spawned worker (not the command, nor the resource tracker)
+    if spawned:
+        try:
+            os.close(os.open(os.environ["ONCE"], os.O_CREAT | os.O_EXCL))
+        except FileExistsError:
+            pass
+        else:
+            os.killpg(os.getpgid(0), signal.SIGINT)  # Ctrl-C in the terminal, as the interpreter starts
+    """
+)
+
+
+def test_ctrl_c_as_the_first_spawned_worker_s_interpreter_starts_interrupts_the_run_not_the_worker(
+    tmp_path: Path,
+) -> None:
+    """The launcher starts workers with SIGINT held, so that a new interpreter does not take a Ctrl-C as its own
+    before the worker leaves it to the parent; but multiprocessing starts its resource tracker with the first
+    spawned worker, and unblocks SIGINT after it: that worker started with SIGINT deliverable, and a Ctrl-C in
+    its first 40-70 ms killed it (`Fatal Python error: init_import_site`, then `worker process 0 ... was killed
+    by SIGINT`). Here the worker sends the Ctrl-C itself as its interpreter imports `sitecustomize`."""
+    (tmp_path / "sitecustomize.py").write_text(INTERRUPTING_SITECUSTOMIZE)
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(tmp_path),
+        "ONCE": str(tmp_path / "once"),
+        START_METHOD_ENV: "spawn",
+    }
+    command = ["run", "examples/wordcount.py", "-m", "multi", "-n", "2", "--results", os.devnull]
+    with reaped(aiod4p_process(*command, env=env)) as process:
+        _, err = process.communicate(timeout=60)
+    assert (tmp_path / "once").exists()
+    assert process.returncode in (0, 130), err  # drained, or aborted as it started
+    assert "SIGINT" in err and "killed" not in err and "Fatal Python error" not in err, err
+
+
 USERS_FORKSERVER_AFTER_A_RUN = textwrap.dedent(
     """
     import multiprocessing, os, signal, sys

@@ -191,6 +191,8 @@ class _MultiRun:
             safe = _safe_path(self.method)
             if self.method != "fork":  # a new interpreter, which ignores SIGINT and SIGHUP once it imports aiod4p
                 safe |= logging_environment() | {SPAWNED_ENV: "1"}
+                with _main_not_reimported(self.method), _environment(safe):
+                    _start_helpers(self.method)
             with _starting_lock:
                 _STARTING_SOCKETS.update(every)
             try:
@@ -342,6 +344,21 @@ def _watch_exit(process: BaseProcess) -> asyncio.Future[None]:
 
     loop.add_reader(sentinel, on_exit)
     return ended
+
+
+def _start_helpers(method: str) -> None:
+    """Start multiprocessing's resource tracker, and for ``forkserver`` its server, unless they run, before a
+    worker starts with signals held (:func:`~aiod4p._signals.held`).
+
+    CPython starts the tracker with SIGINT and SIGTERM blocked and then unblocks them in the calling thread
+    instead of putting its mask back: the first worker spawned after it started with SIGINT deliverable, and a
+    Ctrl-C during its interpreter's start (the first second of a run) killed it. A forkserver started with the
+    signals held would pass them on held to every process it forks, the caller's own too."""
+    from multiprocessing import forkserver, resource_tracker
+
+    resource_tracker.ensure_running()
+    if method == "forkserver":
+        forkserver.ensure_running()
 
 
 @contextlib.contextmanager
