@@ -39,7 +39,7 @@ from .compat.processor import MOST_SHARED_PROCESSES
 from .errors import Aiod4pError, _StdoutClosed, reader_went_away, writing
 from .mappings import MAPPINGS, BaseMapping, get_mapping
 from .mappings._base import available_cpus
-from .mappings._mpi_env import job_rank, job_size
+from .mappings._mpi_env import SaidByRankZero, job_rank, job_size
 from .sources import DEAD_LETTER, LINE_POLICIES, MAX_LINE_BYTES, LineStream
 from .storm._command import mapping_options, storm_command
 from .storm._spec import DEFAULT_MAX_REPLAYS
@@ -370,6 +370,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             traceback.print_exc()
         print("aiod4p: aborted by SIGINT", file=sys.stderr)
         return EXIT_ABORTED
+    except SaidByRankZero:  # under the user's mpiexec, rank 0 says it once, not once per rank
+        return EXIT_ERROR
     except Aiod4pError as exc:
         if args.debug:
             traceback.print_exc()

@@ -19,11 +19,12 @@ from pathlib import Path
 from .._install import install_hint
 from .._logging import logging_environment
 from .._processes import descendants
-from ..errors import MappingUnavailable
+from ..errors import MappingUnavailable, WorkerDied
 
 __all__ = [
     "INSTALL_HINT",
     "NEEDS_MPI4PY",
+    "SaidByRankZero",
     "files_held",
     "find_mpiexec",
     "forget_shared_memory",
@@ -43,6 +44,12 @@ __all__ = [
     "take_launcher_state",
     "take_stdin",
 ]
+
+
+class SaidByRankZero(WorkerDied):
+    """Under the user's mpiexec, the workflow failed to start on this rank (not rank 0), as rank 0 says: for the
+    same reason, or rank 0 names it (``aiod4p run`` says it once, on rank 0, rather than once per rank)."""
+
 
 INSTALL_HINT = install_hint("mpi")
 NEEDS_MPI4PY = f"the mpi mapping needs mpi4py: {INSTALL_HINT}"

@@ -43,7 +43,7 @@ from ..transports import Comm, memory_comm_pair
 from ..transports.mpi import MpiEndpoint
 from ._base import RunControl
 from ._host import STATS_INTERVAL, ForwardSink, Supervisor, serve, serve_job
-from ._mpi_env import forget_shared_memory, forget_topology_file
+from ._mpi_env import SaidByRankZero, forget_shared_memory, forget_topology_file
 from ._shipping import Job, ship, unship
 
 __all__ = [
@@ -112,22 +112,40 @@ class StartUp:
         self._said = array.array("i", [0])
         self._heard = array.array("i", [0] * MPI.COMM_WORLD.Get_size())
         self._request: MPI.Request | None = None
-        self.agreed = False  # every rank has said whether it goes on
+        self._reason = ""  # why this rank failed, as it said with its state
+        self.reasons: dict[int, str] = {}  # why each rank that failed while starting failed
+        self.agreed = False  # every rank has said whether it goes on (and the failures' reasons are known)
 
     @property
     def all_went_on(self) -> bool:
         """Every rank has said, and said it goes on."""
         return self.agreed and not any(self._heard)
 
-    async def _say(self, state: int) -> None:
-        """Say ``state`` (0: going on, else why this rank leaves) unless this rank has said already; wait
-        until every rank has, then forget the job's files (:func:`every_rank_ready`)."""
+    async def _say(self, state: int, reason: str = "") -> None:
+        """Say ``state`` (0: going on, else why this rank leaves; ``reason``: the error of a rank that failed)
+        unless this rank has said already; wait until every rank has, hear the reasons of those that failed,
+        then forget the job's files (:func:`every_rank_ready`)."""
         if self._request is None:
-            self._said[0] = state
+            self._said[0], self._reason = state, reason
             self._request = MPI.COMM_WORLD.Iallgather([self._said, MPI.INT], [self._heard, MPI.INT])
         await _completion(self._request)
-        self.agreed = True
+        if not self.agreed:
+            if _FAILED in self._heard:
+                # Every rank gets here right after the exchange above completed: a short blocking call.
+                told = MPI.COMM_WORLD.allgather(self._reason)
+                self.reasons = {rank: told[rank] for rank, state in enumerate(self._heard) if state == _FAILED}
+            self.agreed = True
         _forget_job_files()
+
+    def said_by_rank_zero(self, reason: str | None) -> bool:
+        """Whether rank 0 says what this rank would, once every rank has said: that this rank failed while
+        starting, for ``reason``, or (``None``: this rank went on) that another one did. Rank 0 then says
+        either its own error or, having gone on, which ranks failed and why; never when a signal stopped it."""
+        if MPI.COMM_WORLD.Get_rank() == 0:
+            return False
+        if self._heard[0] == 0:
+            return True
+        return self._heard[0] == _FAILED and (reason is None or self.reasons.get(0) == reason)
 
     async def go_on(self) -> None:
         """Say that this rank goes on, and wait until every rank has said whether it does.
@@ -142,17 +160,21 @@ class StartUp:
         if stopped := [state for state in left.values() if state > 0]:
             raise Stopped(stopped[0])
         if left:
-            ranks = ", ".join(map(str, left))
-            raise WorkerDied(
-                f"MPI rank{'s' if len(left) > 1 else ''} {ranks} failed while starting (the rank says why): no"
-                " rank runs the workflow"
+            by_reason: dict[str, list[int]] = {}
+            for rank, reason in self.reasons.items():
+                by_reason.setdefault(reason, []).append(rank)
+            why = "; ".join(
+                f"MPI rank{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))}: {reason or 'failed'}"
+                for reason, ranks in by_reason.items()
             )
+            failure = WorkerDied if not self.said_by_rank_zero(None) else SaidByRankZero
+            raise failure(f"the workflow failed to start, so no rank runs it: {why}")
 
-    async def leave(self, signum: int | None) -> None:
-        """Say that this rank leaves (stopped by signal ``signum``; ``None``: it failed), unless it has said
-        already, and wait until every rank has said. If every rank goes on (this one had said so before it was
-        stopped), end the whole job now: exit status :data:`ABORTED` for a signal, else 1."""
-        await self._say(_FAILED if signum is None else signum)
+    async def leave(self, signum: int | None, reason: str = "") -> None:
+        """Say that this rank leaves (stopped by signal ``signum``; ``None``: it failed, for ``reason``), unless
+        it has said already, and wait until every rank has said. If every rank goes on (this one had said so
+        before it was stopped), end the whole job now: exit status :data:`ABORTED` for a signal, else 1."""
+        await self._say(_FAILED if signum is None else signum, reason)
         if self.all_went_on:
             abort_job(1 if signum is None else ABORTED)
 

@@ -48,12 +48,21 @@ from .._processes import LEFTOVER_GRACE, descendants, ended, kill_left, pidfds
 from .._results import ResultSink
 from .._signals import Stopped, die_with_parent, held
 from .._stats import InstanceStats
-from ..errors import CheckpointError, InputError, MappingUnavailable, PeerDied, TransportError, WorkerDied
+from ..errors import (
+    Aiod4pError,
+    CheckpointError,
+    InputError,
+    MappingUnavailable,
+    PeerDied,
+    TransportError,
+    WorkerDied,
+)
 from ..transports.pipes import PipeComm, open_pipe_comm
 from ._base import BaseMapping, RunControl, available_cpus
 from ._host import STATS_INTERVAL, Supervisor, prepare_job
 from ._mpi_env import (
     NEEDS_MPI4PY,
+    SaidByRankZero,
     files_held,
     find_mpiexec,
     hand_stdin,
@@ -178,6 +187,10 @@ class MpiMapping(BaseMapping):
         except Stopped as stop:
             self._leave(stop.signum)
             raise
+        except Aiod4pError as error:
+            if not isinstance(error, SaidByRankZero) and self._leave(None, str(error)):
+                raise SaidByRankZero(str(error)) from error
+            raise
         except BaseException:
             self._leave(None)
             raise
@@ -186,19 +199,22 @@ class MpiMapping(BaseMapping):
         finally:
             self._start_up = None
 
-    def _leave(self, signum: int | None) -> None:
-        """This rank leaves the job's start-up (stopped by signal ``signum``, or failing), unless every rank
-        has said whether it goes on (:meth:`~._mpi_ranks.StartUp.leave`); a further signal while it waits for
-        them ends the job now."""
+    def _leave(self, signum: int | None, reason: str = "") -> bool:
+        """This rank leaves the job's start-up (stopped by signal ``signum``, or failing for ``reason``), unless
+        every rank has said whether it goes on (:meth:`~._mpi_ranks.StartUp.leave`); a further signal while it
+        waits for them ends the job now. Whether rank 0 says this rank's error
+        (:meth:`~._mpi_ranks.StartUp.said_by_rank_zero`)."""
         start_up = self._start_up
-        if start_up is None or start_up.agreed:
-            return
-        from ._mpi_ranks import ABORTED, abort_job
+        if start_up is None:
+            return False
+        if not start_up.agreed:
+            from ._mpi_ranks import ABORTED, abort_job
 
-        try:
-            asyncio.run(start_up.leave(signum))
-        except KeyboardInterrupt:  # Stopped: the second signal aborts
-            abort_job(ABORTED)
+            try:
+                asyncio.run(start_up.leave(signum, reason))
+            except KeyboardInterrupt:  # Stopped: the second signal aborts
+                abort_job(ABORTED)
+        return signum is None and start_up.said_by_rank_zero(reason)
 
     def _take_early(self, workers: int | None) -> _Ranks | None:
         """The ranks :meth:`head_start` launched if there are ``workers`` of them; any others are ended."""
