@@ -294,7 +294,8 @@ class _LineReader:
                     self.skip -= 1
                 continue
             if isinstance(line, _TooLong):
-                self._bad(f"longer than {self.max_line} bytes ({line.size} bytes)", line.head, line.size)
+                limit = f"{self.max_line} bytes ({line.size} bytes; --max-line, or max_line=, raises the limit)"
+                self._bad(f"longer than {limit}", line.head, line.size)
             elif not self.json:
                 items.append(line.decode("utf-8", "replace").rstrip("\r"))
             elif line.strip():

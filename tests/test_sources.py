@@ -574,7 +574,10 @@ async def test_bad_datagrams_skipped_with_a_warning_and_a_count(caplog: pytest.L
     assert [w.split(": ")[0].split(", datagram ")[1] for w in warnings] == [
         f"{n} from {sender}, line {line}" for n, line in ((2, 1), (3, 1), (4, 2))
     ]
-    assert "not UTF-8 (byte 0: invalid start byte)" in warnings[0] and "longer than 20 bytes (30 bytes)" in warnings[1]
+    assert (
+        "not UTF-8 (byte 0: invalid start byte)" in warnings[0]
+        and "longer than 20 bytes (30 bytes; --max-line" in warnings[1]
+    )
 
 
 @pytest.mark.parametrize("on_bad", ["skip", "dead-letter"])
@@ -1026,7 +1029,8 @@ BAD_INPUT = b'{"i": 1}\n' + b'{"long": "' + b"z" * 5000 + b'"}\n{"i": 2}\nnot js
 
 @pytest.mark.asyncio
 async def test_bad_lines_fail_by_default_naming_source_and_line() -> None:
-    with pytest.raises(aiod4p.InputError, match=r"file descriptor \d+, line 2: longer than 1000 bytes \(5012 bytes\)"):
+    too_long = r"file descriptor \d+, line 2: longer than 1000 bytes \(5012 bytes; --max-line, or max_line=, raises"
+    with pytest.raises(aiod4p.InputError, match=too_long):
         await _read_pipe(BAD_INPUT, json=True, max_line=1000)
     with pytest.raises(aiod4p.InputError, match=r"file descriptor \d+, line 4: not valid JSON"):
         await _read_pipe(BAD_INPUT, json=True)
@@ -1039,7 +1043,10 @@ async def test_bad_lines_skipped_with_a_warning_and_a_count(caplog: pytest.LogCa
     assert stream.skipped == 3
     warnings = [r.getMessage() for r in caplog.records if r.name == "aiod4p.sources"]
     assert len(warnings) == 3
-    assert "line 2: longer than 1000 bytes (5012 bytes); line skipped" in warnings[0]
+    assert (
+        "line 2: longer than 1000 bytes (5012 bytes; --max-line, or max_line=, raises the limit); line skipped"
+        in warnings[0]
+    )
     assert "line 4: not valid JSON" in warnings[1] and "line 5: not UTF-8 (byte 0: invalid start byte)" in warnings[2]
 
 
