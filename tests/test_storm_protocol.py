@@ -434,22 +434,26 @@ def test_preprocess_output_and_failing_postprocess(topology: Any) -> None:
 
 
 def pe_only_here(directory: Path, package: str, monkeypatch: pytest.MonkeyPatch) -> Any:
-    """A PE class (a pass-through) of ``package``, a package written into ``directory`` and importable in this
-    process only: not copied into a project's src/, so its Storm tasks cannot import it."""
+    """A PE class (a pass-through) of ``package``, a package installed into ``directory`` (as by ``pip install
+    --target``: a ``*.dist-info`` beside it) and importable in this process only: not copied into a project's src/
+    (an installed library is the workers' to have), so its Storm tasks cannot import it."""
     (directory / package).mkdir()
+    (directory / f"{package}-1.0.dist-info").mkdir()
     (directory / package / "__init__.py").write_text("")
     (directory / package / "pes.py").write_text(
         "from aiod4p import IterativePE\n\n\nclass Here(IterativePE):\n    def process_item(self, item):\n"
         "        return item\n"
     )
     monkeypatch.syspath_prepend(str(directory))
+    for name in (package, f"{package}.pes"):  # another test's copy, installed where that test had it
+        monkeypatch.delitem(sys.modules, name, raising=False)
     return importlib.import_module(f"{package}.pes").Here
 
 
 async def test_a_task_that_cannot_load_its_pe_tells_the_run_why(
     topology: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A PE class from a package only the submitting machine has (not copied into src/): the task says so to the
+    """A PE class from a library only the submitting machine has (not copied into src/): the task says so to the
     run at once, naming its PE and the module; Storm itself would only restart it until the start timeout."""
     graph = WorkflowGraph()
     graph.connect(Count(), "output", here := pe_only_here(tmp_path, "driver_only", monkeypatch)(), "input")

@@ -195,7 +195,7 @@ class HostedComponent:
     index: int
     tasks: int  # how many tasks run this component
     reporter: Reporter | None
-    sources: dict[str, str]  # the modules copied into the project, by path here: the files they were copied from
+    sources: dict[str, str]  # the modules (and packages) copied into the project, by path here: their paths there
     logger: logging.Logger  # pystorm's, set up before initialize()
 
     def _host(self, context: dict[str, Any]) -> None:
@@ -205,7 +205,12 @@ class HostedComponent:
         sys.stdout = LogStream(logging.getLogger("aiod4p.stdout"))
         directory = Path(sys.modules[type(self).__module__].__file__ or ".").resolve().parent
         topology = TopologySpec.from_json(json.loads((directory / SPEC_FILE).read_text()))
-        self.sources = {str(directory / f"{name}.py"): original for name, original in topology.sources.items()}
+        self.sources = {}
+        for name, original in topology.sources.items():
+            if original.endswith(".py"):
+                self.sources[str(directory / f"{name}.py")] = original
+            else:  # a package: the path of every file under it
+                self.sources[str(directory / name) + os.sep] = original + os.sep
         tasks = sorted(int(task) for task, name in context["task->component"].items() if name == self.component)
         self.index = tasks.index(int(context["taskid"]))
         self.tasks = len(tasks)
