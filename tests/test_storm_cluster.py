@@ -191,6 +191,19 @@ def test_a_package_next_to_the_workflow_file_travels_to_the_workers(nimbus: str)
         assert f"no bad words ({package / 'util.py'}, line 3, in shout" in failed.stderr, failed.stderr
 
 
+@side_by_side
+def test_a_failed_root_gives_the_results_of_what_it_produced_before(nimbus: str) -> None:
+    """A source that raises after yielding 200 items: the run fails with its error, carrying the results of those
+    items (``aiod4p run`` prints them), as on the other mappings; the run had killed the topology while they were
+    on their way, and gave none."""
+    graph = WorkflowGraph()
+    graph.connect(workflows.StopsEarly(200), "output", workflows.Double(), "input")
+    with pytest.raises(aiod4p.errors.PEError, match="failed on feed: StopIteration") as failed:
+        aiod4p.run(graph, mapping=StormMapping(nimbus=nimbus, name="root_fails"), workers=2)
+    assert failed.value.partial_results is not None
+    assert sorted(failed.value.partial_results.data()) == [2 * n for n in range(200)]
+
+
 def interrupted(target: str, nimbus: str, *options: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
     """``aiod4p run TARGET --mapping storm --results -``, to be sent SIGINT by the test."""
     command = [sys.executable, "-m", "aiod4p", "run", target, *options]

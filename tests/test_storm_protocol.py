@@ -30,6 +30,7 @@ from workflows import (
     Fail,
     FailsAtEnd,
     Greets,
+    StopsEarly,
     Strings,
     SumAtEnd,
     Unencodable,
@@ -543,6 +544,38 @@ def test_a_module_the_workflow_file_imports_travels_with_it(
         {"command": "emit", "tuple": ["ABC"], "stream": "output", "anchors": ["7"], "need_task_ids": False},
         {"command": "ack", "id": "7"},
     ]
+
+
+async def test_a_failed_root_tells_the_run_once_the_tuples_it_emitted_before_are_processed(topology: Any) -> None:
+    """A root PE that raises after yielding items (StopsEarly): its spout told the run at once, and the run killed the
+    topology while those items were on their way, so ``aiod4p run`` printed none of their results (the other
+    mappings print the results gathered before an error). The spout now tells Storm and the run once every tuple it
+    had emitted is acked, so their results come back first, and sends no end of stream (nothing runs postprocess)."""
+    graph = WorkflowGraph()
+    graph.connect(source := StopsEarly(3), "output", Double(), "input")
+    report = RunReport(Sink(), TOKEN)
+    topo = topology(graph, inputs=1, report=await report.listen("127.0.0.1"), token=TOKEN)
+    report.expect(topo.project.spec)
+    spout, _ = await asyncio.to_thread(topo.start, source.id)
+    try:
+        held = "told to the run once the 3 tuples emitted before it are processed"
+        before = await asyncio.to_thread(next_until, spout, lambda m: command("log")(m) and held in m["msg"])
+        assert [m["tuple"] for m in before if emitted("output")(m)] == [[0], [1], [2]]
+        assert not any(command("error")(m) for m in before), before
+        assert not report.fatal
+        after: list[Any] = []
+        for message in [m for m in before if emitted("output")(m)]:
+            assert not any(command("error")(m) for m in after), after
+            spout.send({"command": "ack", "id": message["id"]})
+            after += await asyncio.to_thread(spout.read_until, command("sync"))
+        assert "PE StopsEarly" in next(m for m in after if command("error")(m))["msg"]
+        assert not any(emitted(EOS_STREAM)(m) for m in before + after), after
+        await asyncio.wait_for(report.ended.wait(), 30)
+        error = report.error()
+        assert isinstance(error, PEError) and "failed on feed: StopIteration" in str(error)
+    finally:
+        spout.kill()
+        await report.close(0)
 
 
 async def test_a_drained_spout_keeps_at_most_max_spout_pending_tuples_in_flight(topology: Any) -> None:

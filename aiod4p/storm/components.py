@@ -25,7 +25,9 @@ emits what it has produced, each tuple with a message id. A failed tuple is
 replayed with the same id, at most ``max_replays`` times (then it is dropped
 and an error is reported): at-least-once delivery. When the feed is exhausted
 and every tuple is acked (or dropped), the spout emits its end-of-stream
-marker, unreliably.
+marker, unreliably. When the root PE fails under a run, the spout reports
+the error once every tuple it had emitted is acked (or dropped), so that
+their results reach the run first, and sends no marker.
 
 Reporting to a run: when the topology was submitted by ``aiod4p run
 --mapping storm`` (:attr:`TopologySpec.report` is set), every task opens
@@ -486,6 +488,9 @@ class PESpout(HostedComponent, Spout):  # type: ignore[misc]
         self.draining = False
         self.produced = False
         self.eos_sent = False
+        # Under a run, the root's error waits here until the tuples emitted before it are processed (acked or dropped).
+        self.failure: BaseException | None = None
+        self.failure_said = False
         self.kill_again: float | None = None  # orphaned, and Nimbus did not take the kill: when to try again
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self._produce, name="aiod4p engine", daemon=True)
@@ -559,8 +564,16 @@ class PESpout(HostedComponent, Spout):  # type: ignore[misc]
         self._finish_if_done()
 
     def _finish_if_done(self) -> None:
-        """Once the feed is exhausted and every tuple emitted and acked (or dropped), send the end-of-stream marker."""
-        if self.produced and not self.pending and not self.held and not self.eos_sent:
+        """Once the feed is exhausted and every tuple emitted and acked (or dropped), send the end-of-stream marker;
+        under a run whose root PE failed, report its error then instead (and no marker: the run fails)."""
+        if self.pending or self.held:
+            return
+        if self.failure is not None:
+            if not self.failure_said:
+                self.failure_said = True
+                self._report(self.failure)
+            return
+        if self.produced and not self.eos_sent:
             self.eos_sent = True
             self.emit([self.component], stream=EOS_STREAM)
             self._finished()
@@ -570,23 +583,42 @@ class PESpout(HostedComponent, Spout):  # type: ignore[misc]
             self.produced = True
             return
         if isinstance(entry, BaseException):
-            self._report(entry)
+            self._failed(entry)
             return
+        if self.failure is not None:
+            return  # produced after the error that fails the run: not among its results
         port, items = entry
         if self._reported(port):
             try:
                 self._report_results(port, items)
             except TransportError as exc:
-                self._report(exc)
+                self._failed(exc)
             return
         for item in items:
             try:
                 tuples = self._tuples(port, [item])
             except TransportError as exc:
-                self._report(exc)
+                self._failed(exc)
+                if self.failure is not None:
+                    break
                 continue
             self.held.extend(tuples)
         self._emit_held()
+
+    def _failed(self, exc: BaseException) -> None:
+        """The root PE raised, or wrote an item that cannot cross: fatal to a run.
+
+        On its own, the topology reports it to Storm at once and goes on. Under a run, the error is reported once
+        the tuples emitted before it have been processed (acked, or dropped after their replays), so that the run
+        gets their results before its error, as the other mappings give the results gathered before an error;
+        what the PE produces after it is dropped.
+        """
+        if self.reporter is None:
+            self._report(exc)
+        elif self.failure is None:
+            self.failure = exc
+            in_flight = len(self.pending) + len(self.held)
+            self.logger.error("%s; told to the run once the %d tuples emitted before it are processed", exc, in_flight)
 
     def _emit_held(self) -> None:
         """Emit the tuples held back: all of them, or while draining, as long as fewer than ``max_pending`` are in
