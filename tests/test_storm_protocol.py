@@ -255,6 +255,35 @@ def test_spout_emits_replays_failed_tuples_and_ends(topology: Any) -> None:
     assert spout.close()[1] == 2
 
 
+async def test_a_tuple_dropped_under_a_run_ends_no_stream(topology: Any) -> None:
+    """A tuple dropped after its last replay fails a run: its spout went on to send its end of stream once the other
+    tuples were acked, so a PE downstream ran ``postprocess`` on the data without that item, and the failed run
+    printed its total (a station's mean of 12 readings out of 15) among its results. It now sends none."""
+    graph = WorkflowGraph()
+    graph.connect(source := Count(), "output", Double(), "input")
+    report = RunReport(Sink(), TOKEN)
+    topo = topology(graph, inputs=3, report=await report.listen("127.0.0.1"), token=TOKEN)
+    report.expect(topo.project.spec)
+    topo.harness.conf["aiod4p.max_replays"] = 0
+    spout, _ = await asyncio.to_thread(topo.start, source.id)
+    try:
+        emits: list[Any] = []
+        while len(emits) < 3:
+            found = await asyncio.to_thread(next_until, spout, emitted("output"))
+            emits += [m for m in found if emitted("output")(m)]
+        messages = []
+        for name, tuple_id in (("fail", 1), ("ack", 0), ("ack", 2), ("next", "")):
+            spout.send({"command": name, "id": tuple_id})
+            messages += await asyncio.to_thread(spout.read_until, command("sync"))
+        assert "tuple 1 on stream 'output' failed 1 times; dropped after 0 replays" in str(messages)
+        assert not any(emitted(EOS_STREAM)(m) for m in messages), messages
+        await asyncio.wait_for(report.ended.wait(), 30)
+        assert report.dropped and "dropped after 0 replays" in str(report.error())
+    finally:
+        spout.kill()
+        await report.close(0)
+
+
 @pytest.mark.parametrize("reported", [True, False])
 async def test_a_tuple_storm_timed_out_fails_a_run_rather_than_being_replayed(topology: Any, reported: bool) -> None:
     """Storm fails a tuple whose tree is not acked within topology.message.timeout.secs, while its first emission

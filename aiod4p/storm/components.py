@@ -488,7 +488,8 @@ class PESpout(HostedComponent, Spout):  # type: ignore[misc]
         self.draining = False
         self.produced = False
         self.eos_sent = False
-        # Under a run, the root's error waits here until the tuples emitted before it are processed (acked or dropped).
+        # What fails a run: the root's error waits here until the tuples emitted before it are processed (acked or
+        # dropped), then is said; a tuple dropped or timed out is said at once. Either way no end of stream follows.
         self.failure: BaseException | None = None
         self.failure_said = False
         self.kill_again: float | None = None  # orphaned, and Nimbus did not take the kill: when to try again
@@ -670,6 +671,9 @@ class PESpout(HostedComponent, Spout):  # type: ignore[misc]
             if self.reporter is not None:
                 kind = "timed out" if timed_out else "dropped"
                 self.reporter.send({**error_message(Aiod4pError(message), fatal=True), "kind": kind})
+                # The run fails: no end of stream, so that no postprocess runs on the data without this tuple.
+                self.failure = self.failure or Aiod4pError(message)
+                self.failure_said = True
             self._emit_held()
             self._finish_if_done()
             return
