@@ -37,9 +37,9 @@ from workflows import (
     WritesAtEnd,
 )
 
-from aiod4p import WorkflowGraph
+from aiod4p import FunctionPE, WorkflowGraph, group_by
 from aiod4p.errors import PEError, TargetError, TransportError
-from aiod4p.storm import EOS_STREAM, build_project
+from aiod4p.storm import EOS_STREAM, build_project, encode_key
 from aiod4p.storm._run import LINE_LIMIT, RunReport
 
 ERROR = 4  # Storm's log level "error"
@@ -605,6 +605,22 @@ async def test_a_failed_root_tells_the_run_once_the_tuples_it_emitted_before_are
     finally:
         spout.kill()
         await report.close(0)
+
+
+def test_lambdas_travel_by_value(topology: Any) -> None:
+    """A ``FunctionPE(lambda ...)`` and a ``group_by(key=lambda ...)``, which multi runs (cloudpickle, by value), made
+    the build fail (``PE Function1 cannot be pickled for Storm's workers: ... Can't pickle <function <lambda>``): they
+    now travel by value, and the task runs them."""
+    graph = WorkflowGraph()
+    tenfold = FunctionPE(lambda n: n * 10)
+    graph.connect(source := Count(), "output", tenfold, "input", grouping=group_by(key=lambda n: n % 2))
+    topo = topology(graph, inputs=2)
+    spout, _ = topo.start(source.id)
+    first = next(m for m in next_until(spout, emitted("output")) if emitted("output")(m))
+    assert first["tuple"] == [0, encode_key(0)]
+    bolt, _ = topo.start(tenfold.id)
+    bolt.send(tup("1", source.id, topo.task_of(source.id), [7, encode_key(1)]))
+    assert [m.get("tuple") for m in bolt.read_until(done("1"))] == [[70], None]
 
 
 async def test_a_drained_spout_keeps_at_most_max_spout_pending_tuples_in_flight(topology: Any) -> None:

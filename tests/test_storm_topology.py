@@ -26,7 +26,7 @@ from storm_harness import Component, read_components
 from test_differential import dispel4py_hook  # noqa: F401 - a fixture
 from workflows import Count, Double, Merge, Tag, WhoSawWhat, multi_edge, parity
 
-from aiod4p import FunctionPE, GenericPE, PlanOptions, WorkflowGraph, group_by, load_graph
+from aiod4p import GenericPE, PlanOptions, WorkflowGraph, group_by, load_graph
 from aiod4p._cli import main
 from aiod4p.errors import GraphError, InputError, TargetError, TransportError
 from aiod4p.storm import WireError, build_jar, build_project, decode, encode, encode_key
@@ -174,9 +174,11 @@ def test_reserved_port_name_is_rejected(tmp_path: Path) -> None:
 
 
 def test_unpicklable_pe_is_rejected_by_name(tmp_path: Path) -> None:
+    """A PE holding what no pickler takes (a lock) is refused by name; a lambda it holds travels (by value)."""
     graph = WorkflowGraph()
-    graph.connect(Count(), "output", pe := FunctionPE(lambda item: item), "input")
-    with pytest.raises(GraphError, match=rf"PE {pe.id} cannot be pickled"):
+    graph.connect(Count(), "output", pe := Double(), "input")
+    pe.guard = threading.Lock()  # type: ignore[attr-defined]
+    with pytest.raises(GraphError, match=rf"PE {pe.id} cannot be pickled for Storm's workers: TypeError"):
         build_project(graph, tmp_path / "p")
 
 

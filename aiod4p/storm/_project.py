@@ -25,6 +25,7 @@ from .._inputs import Inputs, resolve_inputs
 from .._loading import split_target
 from .._plan import ExecutionPlan, PlanOptions, make_plan
 from ..errors import GraphError, InputError, TargetError
+from ..mappings._shipping import pickled_code
 from ._spec import DEFAULT_MAX_REPLAYS, EOS_FIELD, EOS_STREAM, PES_FILE, SPEC_FILE, TopologySpec, plan_topology
 from ._wire import WireError, encode
 
@@ -255,13 +256,13 @@ def _pickle(plan: ExecutionPlan, functions: dict[str, Callable[[Any], Any]]) -> 
         pes = {}
         for pe_id, pe in plan.pes.items():
             try:
-                pes[pe_id] = pickle.dumps(pe)
+                pes[pe_id] = pickled_code(pe)  # a lambda it holds (a group-by key) by value, as for multi
             except Exception as exc:
                 raise GraphError(
                     f"PE {pe_id} cannot be pickled for Storm's workers: {type(exc).__name__}: {exc}"
                 ) from exc
         try:
-            keys = {name: pickle.dumps(function) for name, function in functions.items()}
+            keys = {name: pickled_code(function) for name, function in functions.items()}
         except Exception as exc:
             raise GraphError(f"a group-by key function cannot be pickled for Storm's workers: {exc}") from exc
     return pickle.dumps({"pes": pes, "functions": keys})
