@@ -607,6 +607,31 @@ async def test_a_failed_root_tells_the_run_once_the_tuples_it_emitted_before_are
         await report.close(0)
 
 
+async def test_a_failed_roots_error_comes_first_when_a_tuple_it_waits_for_times_out(topology: Any) -> None:
+    """The error of a failed root waits for the tuples it emitted before; one of them timing out fails the run:
+    the run is told the root's error first, the one it fails with, not only the timeout it led to."""
+    graph = WorkflowGraph()
+    graph.connect(source := StopsEarly(3), "output", Double(), "input")
+    report = RunReport(Sink(), TOKEN)
+    topo = topology(graph, inputs=1, report=await report.listen("127.0.0.1"), token=TOKEN)
+    report.expect(topo.project.spec)
+    topo.harness.conf["topology.message.timeout.secs"] = 0  # every failure comes after the timeout
+    spout, _ = await asyncio.to_thread(topo.start, source.id)
+    try:
+        held = "told to the run once the 3 tuples emitted before it are processed"
+        await asyncio.to_thread(next_until, spout, lambda m: command("log")(m) and held in m["msg"])
+        spout.send({"command": "fail", "id": 0})
+        messages = await asyncio.to_thread(spout.read_until, command("sync"))
+        errors = " ".join(m["msg"] for m in messages if command("error")(m))
+        assert "failed on feed: StopIteration" in errors and "not acked within" in errors, errors
+        await asyncio.wait_for(report.ended.wait(), 30)
+        error = report.error()
+        assert isinstance(error, PEError) and "failed on feed: StopIteration" in str(error)
+    finally:
+        spout.kill()
+        await report.close(0)
+
+
 def test_lambdas_travel_by_value(topology: Any) -> None:
     """A ``FunctionPE(lambda ...)`` and a ``group_by(key=lambda ...)``, which multi runs (cloudpickle, by value), made
     the build fail (``PE Function1 cannot be pickled for Storm's workers: ... Can't pickle <function <lambda>``): they

@@ -669,6 +669,9 @@ class PESpout(HostedComponent, Spout):  # type: ignore[misc]
             self.logger.error("%s", message)
             self.send_message({"command": "error", "msg": message})
             if self.reporter is not None:
+                if self.failure is not None and not self.failure_said:  # the root's own error, held for these tuples
+                    self.failure_said = True
+                    self._report(self.failure)
                 kind = "timed out" if timed_out else "dropped"
                 self.reporter.send({**error_message(Aiod4pError(message), fatal=True), "kind": kind})
                 # The run fails: no end of stream, so that no postprocess runs on the data without this tuple.
