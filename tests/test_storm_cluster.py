@@ -18,6 +18,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections import Counter
@@ -141,6 +142,66 @@ def test_an_item_that_cannot_cross_storm_fails_the_run_without_replays(nimbus: s
     assert done.returncode == 1
     assert "Unencodable" in done.stderr and "cannot cross Storm: item is a lock" in done.stderr, done.stderr
     assert "Storm fails the tuple; its spout replays it" not in done.stderr, done.stderr
+
+
+@side_by_side
+def test_a_package_next_to_the_workflow_file_travels_to_the_workers(nimbus: str) -> None:
+    """``flow.py`` beside its own package ``user_lib/`` (``__init__.py``, ``filters.py`` importing ``.util``), which
+    it imports: the package travels to the workers whole, as a single module next to it does (every task failed
+    with ``No module named 'user_lib'``), and an error in it names the user's file, not the copy Storm ran."""
+    with tempfile.TemporaryDirectory(prefix="aiod4p-storm-package-") as tmp:
+        flow = Path(tmp).resolve()
+        package = flow / "user_lib"
+        package.mkdir()
+        (package / "__init__.py").write_text("from .filters import Shout\n")
+        (package / "util.py").write_text(
+            "def shout(word):\n    if word == 'bad':\n        raise ValueError('no bad words')\n"
+            "    return word.upper() + '!'\n"
+        )
+        (package / "filters.py").write_text(
+            "from aiod4p import IterativePE\n\nfrom .util import shout\n\n\nclass Shout(IterativePE):\n"
+            "    def process_item(self, word):\n        return shout(word)\n"
+        )
+        (flow / "flow.py").write_text(
+            "from aiod4p import ProducerPE, WorkflowGraph\nfrom user_lib.filters import Shout\n\n\n"
+            "class Words(ProducerPE):\n    def __init__(self, words):\n        super().__init__()\n"
+            "        self.words = words\n\n    def produce(self):\n        yield from self.words\n\n\n"
+            "good, bad = WorkflowGraph(), WorkflowGraph()\n"
+            "good.connect(Words(['a', 'b', 'c']), 'output', Shout(), 'input')\n"
+            "bad.connect(Words(['bad']), 'output', Shout(), 'input')\n"
+        )
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}  # aiod4p, not the workflow's directory
+
+        def run(graph: str) -> subprocess.CompletedProcess[str]:
+            command = ["run", f"flow.py:{graph}", "--mapping", "storm", "--nimbus", nimbus, "--results", "-"]
+            return subprocess.run(
+                [sys.executable, "-m", "aiod4p", *command],
+                cwd=flow,
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=SUBMISSION,
+            )
+
+        done = run("good")
+        assert done.returncode == 0, done.stderr
+        assert sorted(json.loads(line)["data"] for line in done.stdout.splitlines()) == ["A!", "B!", "C!"]
+        failed = run("bad")
+        assert failed.returncode == 1, failed.stderr
+        assert f"no bad words ({package / 'util.py'}, line 3, in shout" in failed.stderr, failed.stderr
+
+
+@side_by_side
+def test_a_failed_root_gives_the_results_of_what_it_produced_before(nimbus: str) -> None:
+    """A source that raises after yielding 200 items: the run fails with its error, carrying the results of those
+    items (``aiod4p run`` prints them), as on the other mappings; the run had killed the topology while they were
+    on their way, and gave none."""
+    graph = WorkflowGraph()
+    graph.connect(workflows.StopsEarly(200), "output", workflows.Double(), "input")
+    with pytest.raises(aiod4p.errors.PEError, match="failed on feed: StopIteration") as failed:
+        aiod4p.run(graph, mapping=StormMapping(nimbus=nimbus, name="root_fails"), workers=2)
+    assert failed.value.partial_results is not None
+    assert sorted(failed.value.partial_results.data()) == [2 * n for n in range(200)]
 
 
 def interrupted(target: str, nimbus: str, *options: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:

@@ -211,6 +211,21 @@ def test_where_the_cluster_address_comes_from(tmp_path: Path, monkeypatch: pytes
         find_cluster()
 
 
+def test_a_config_json_that_is_not_json_is_not_streamparses(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A scientist's own config.json (JSON with comments) where the run starts stopped ``--mapping storm --nimbus
+    HOST``: ``cannot read the streamparse configuration config.json: Expecting property name ...``. It is said and
+    left alone now; a streamparse one is read as before."""
+    monkeypatch.delenv("STREAMPARSE_NIMBUS", raising=False)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "config.json").write_text('{\n  // my thresholds\n  "threshold": 3\n}\n')
+    cluster = find_cluster("nimbus.example.org:6627")
+    assert (cluster.address, cluster.env) == ("nimbus.example.org:6627", {})
+    assert "config.json is not JSON (Expecting property name" in caplog.text
+    assert "not read as a streamparse configuration" in caplog.text
+
+
 def test_a_bad_port_in_storm_yaml_names_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     for name in ("STREAMPARSE_NIMBUS", "STORM_CONF_DIR", "STORM_HOME"):
         monkeypatch.delenv(name, raising=False)

@@ -30,15 +30,16 @@ from workflows import (
     Fail,
     FailsAtEnd,
     Greets,
+    StopsEarly,
     Strings,
     SumAtEnd,
     Unencodable,
     WritesAtEnd,
 )
 
-from aiod4p import WorkflowGraph
+from aiod4p import FunctionPE, WorkflowGraph, group_by
 from aiod4p.errors import PEError, TargetError, TransportError
-from aiod4p.storm import EOS_STREAM, build_project
+from aiod4p.storm import EOS_STREAM, build_project, encode_key
 from aiod4p.storm._run import LINE_LIMIT, RunReport
 
 ERROR = 4  # Storm's log level "error"
@@ -254,6 +255,35 @@ def test_spout_emits_replays_failed_tuples_and_ends(topology: Any) -> None:
     assert spout.close()[1] == 2
 
 
+async def test_a_tuple_dropped_under_a_run_ends_no_stream(topology: Any) -> None:
+    """A tuple dropped after its last replay fails a run: its spout went on to send its end of stream once the other
+    tuples were acked, so a PE downstream ran ``postprocess`` on the data without that item, and the failed run
+    printed its total (a station's mean of 12 readings out of 15) among its results. It now sends none."""
+    graph = WorkflowGraph()
+    graph.connect(source := Count(), "output", Double(), "input")
+    report = RunReport(Sink(), TOKEN)
+    topo = topology(graph, inputs=3, report=await report.listen("127.0.0.1"), token=TOKEN)
+    report.expect(topo.project.spec)
+    topo.harness.conf["aiod4p.max_replays"] = 0
+    spout, _ = await asyncio.to_thread(topo.start, source.id)
+    try:
+        emits: list[Any] = []
+        while len(emits) < 3:
+            found = await asyncio.to_thread(next_until, spout, emitted("output"))
+            emits += [m for m in found if emitted("output")(m)]
+        messages = []
+        for name, tuple_id in (("fail", 1), ("ack", 0), ("ack", 2), ("next", "")):
+            spout.send({"command": name, "id": tuple_id})
+            messages += await asyncio.to_thread(spout.read_until, command("sync"))
+        assert "tuple 1 on stream 'output' failed 1 times; dropped after 0 replays" in str(messages)
+        assert not any(emitted(EOS_STREAM)(m) for m in messages), messages
+        await asyncio.wait_for(report.ended.wait(), 30)
+        assert report.dropped and "dropped after 0 replays" in str(report.error())
+    finally:
+        spout.kill()
+        await report.close(0)
+
+
 @pytest.mark.parametrize("reported", [True, False])
 async def test_a_tuple_storm_timed_out_fails_a_run_rather_than_being_replayed(topology: Any, reported: bool) -> None:
     """Storm fails a tuple whose tree is not acked within topology.message.timeout.secs, while its first emission
@@ -434,22 +464,26 @@ def test_preprocess_output_and_failing_postprocess(topology: Any) -> None:
 
 
 def pe_only_here(directory: Path, package: str, monkeypatch: pytest.MonkeyPatch) -> Any:
-    """A PE class (a pass-through) of ``package``, a package written into ``directory`` and importable in this
-    process only: not copied into a project's src/, so its Storm tasks cannot import it."""
+    """A PE class (a pass-through) of ``package``, a package installed into ``directory`` (as by ``pip install
+    --target``: a ``*.dist-info`` beside it) and importable in this process only: not copied into a project's src/
+    (an installed library is the workers' to have), so its Storm tasks cannot import it."""
     (directory / package).mkdir()
+    (directory / f"{package}-1.0.dist-info").mkdir()
     (directory / package / "__init__.py").write_text("")
     (directory / package / "pes.py").write_text(
         "from aiod4p import IterativePE\n\n\nclass Here(IterativePE):\n    def process_item(self, item):\n"
         "        return item\n"
     )
     monkeypatch.syspath_prepend(str(directory))
+    for name in (package, f"{package}.pes"):  # another test's copy, installed where that test had it
+        monkeypatch.delitem(sys.modules, name, raising=False)
     return importlib.import_module(f"{package}.pes").Here
 
 
 async def test_a_task_that_cannot_load_its_pe_tells_the_run_why(
     topology: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A PE class from a package only the submitting machine has (not copied into src/): the task says so to the
+    """A PE class from a library only the submitting machine has (not copied into src/): the task says so to the
     run at once, naming its PE and the module; Storm itself would only restart it until the start timeout."""
     graph = WorkflowGraph()
     graph.connect(Count(), "output", here := pe_only_here(tmp_path, "driver_only", monkeypatch)(), "input")
@@ -539,6 +573,79 @@ def test_a_module_the_workflow_file_imports_travels_with_it(
         {"command": "emit", "tuple": ["ABC"], "stream": "output", "anchors": ["7"], "need_task_ids": False},
         {"command": "ack", "id": "7"},
     ]
+
+
+async def test_a_failed_root_tells_the_run_once_the_tuples_it_emitted_before_are_processed(topology: Any) -> None:
+    """A root PE that raises after yielding items (StopsEarly): its spout told the run at once, and the run killed the
+    topology while those items were on their way, so ``aiod4p run`` printed none of their results (the other
+    mappings print the results gathered before an error). The spout now tells Storm and the run once every tuple it
+    had emitted is acked, so their results come back first, and sends no end of stream (nothing runs postprocess)."""
+    graph = WorkflowGraph()
+    graph.connect(source := StopsEarly(3), "output", Double(), "input")
+    report = RunReport(Sink(), TOKEN)
+    topo = topology(graph, inputs=1, report=await report.listen("127.0.0.1"), token=TOKEN)
+    report.expect(topo.project.spec)
+    spout, _ = await asyncio.to_thread(topo.start, source.id)
+    try:
+        held = "told to the run once the 3 tuples emitted before it are processed"
+        before = await asyncio.to_thread(next_until, spout, lambda m: command("log")(m) and held in m["msg"])
+        assert [m["tuple"] for m in before if emitted("output")(m)] == [[0], [1], [2]]
+        assert not any(command("error")(m) for m in before), before
+        assert not report.fatal
+        after: list[Any] = []
+        for message in [m for m in before if emitted("output")(m)]:
+            assert not any(command("error")(m) for m in after), after
+            spout.send({"command": "ack", "id": message["id"]})
+            after += await asyncio.to_thread(spout.read_until, command("sync"))
+        assert "PE StopsEarly" in next(m for m in after if command("error")(m))["msg"]
+        assert not any(emitted(EOS_STREAM)(m) for m in before + after), after
+        await asyncio.wait_for(report.ended.wait(), 30)
+        error = report.error()
+        assert isinstance(error, PEError) and "failed on feed: StopIteration" in str(error)
+    finally:
+        spout.kill()
+        await report.close(0)
+
+
+async def test_a_failed_roots_error_comes_first_when_a_tuple_it_waits_for_times_out(topology: Any) -> None:
+    """The error of a failed root waits for the tuples it emitted before; one of them timing out fails the run:
+    the run is told the root's error first, the one it fails with, not only the timeout it led to."""
+    graph = WorkflowGraph()
+    graph.connect(source := StopsEarly(3), "output", Double(), "input")
+    report = RunReport(Sink(), TOKEN)
+    topo = topology(graph, inputs=1, report=await report.listen("127.0.0.1"), token=TOKEN)
+    report.expect(topo.project.spec)
+    topo.harness.conf["topology.message.timeout.secs"] = 0  # every failure comes after the timeout
+    spout, _ = await asyncio.to_thread(topo.start, source.id)
+    try:
+        held = "told to the run once the 3 tuples emitted before it are processed"
+        await asyncio.to_thread(next_until, spout, lambda m: command("log")(m) and held in m["msg"])
+        spout.send({"command": "fail", "id": 0})
+        messages = await asyncio.to_thread(spout.read_until, command("sync"))
+        errors = " ".join(m["msg"] for m in messages if command("error")(m))
+        assert "failed on feed: StopIteration" in errors and "not acked within" in errors, errors
+        await asyncio.wait_for(report.ended.wait(), 30)
+        error = report.error()
+        assert isinstance(error, PEError) and "failed on feed: StopIteration" in str(error)
+    finally:
+        spout.kill()
+        await report.close(0)
+
+
+def test_lambdas_travel_by_value(topology: Any) -> None:
+    """A ``FunctionPE(lambda ...)`` and a ``group_by(key=lambda ...)``, which multi runs (cloudpickle, by value), made
+    the build fail (``PE Function1 cannot be pickled for Storm's workers: ... Can't pickle <function <lambda>``): they
+    now travel by value, and the task runs them."""
+    graph = WorkflowGraph()
+    tenfold = FunctionPE(lambda n: n * 10)
+    graph.connect(source := Count(), "output", tenfold, "input", grouping=group_by(key=lambda n: n % 2))
+    topo = topology(graph, inputs=2)
+    spout, _ = topo.start(source.id)
+    first = next(m for m in next_until(spout, emitted("output")) if emitted("output")(m))
+    assert first["tuple"] == [0, encode_key(0)]
+    bolt, _ = topo.start(tenfold.id)
+    bolt.send(tup("1", source.id, topo.task_of(source.id), [7, encode_key(1)]))
+    assert [m.get("tuple") for m in bolt.read_until(done("1"))] == [[70], None]
 
 
 async def test_a_drained_spout_keeps_at_most_max_spout_pending_tuples_in_flight(topology: Any) -> None:

@@ -26,7 +26,7 @@ from storm_harness import Component, read_components
 from test_differential import dispel4py_hook  # noqa: F401 - a fixture
 from workflows import Count, Double, Merge, Tag, WhoSawWhat, multi_edge, parity
 
-from aiod4p import FunctionPE, GenericPE, PlanOptions, WorkflowGraph, group_by, load_graph
+from aiod4p import GenericPE, PlanOptions, WorkflowGraph, group_by, load_graph
 from aiod4p._cli import main
 from aiod4p.errors import GraphError, InputError, TargetError, TransportError
 from aiod4p.storm import WireError, build_jar, build_project, decode, encode, encode_key
@@ -174,9 +174,11 @@ def test_reserved_port_name_is_rejected(tmp_path: Path) -> None:
 
 
 def test_unpicklable_pe_is_rejected_by_name(tmp_path: Path) -> None:
+    """A PE holding what no pickler takes (a lock) is refused by name; a lambda it holds travels (by value)."""
     graph = WorkflowGraph()
-    graph.connect(Count(), "output", pe := FunctionPE(lambda item: item), "input")
-    with pytest.raises(GraphError, match=rf"PE {pe.id} cannot be pickled"):
+    graph.connect(Count(), "output", pe := Double(), "input")
+    pe.guard = threading.Lock()  # type: ignore[attr-defined]
+    with pytest.raises(GraphError, match=rf"PE {pe.id} cannot be pickled for Storm's workers: TypeError"):
         build_project(graph, tmp_path / "p")
 
 
@@ -202,31 +204,77 @@ def test_class_defined_in_main_is_rejected(tmp_path: Path) -> None:
 def test_the_modules_a_workflow_imports_travel_unless_installed(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The top-level modules a workflow file imports go into src/ with it (a helper next to it, even from a
-    function), and those that imports too; installed ones (in a site directory) and packages do not."""
+    """The top-level modules and packages a workflow file imports go into src/ with it (a helper next to it, even
+    from a function; a package of the user's, whole), and those that these import too (from any module of the
+    package); installed ones (in a site directory) do not. A package stayed behind: every Storm task failed with
+    ``No module named 'local_pkg'``."""
     flow, site_dir = tmp_path / "flow", tmp_path / "site-packages"
-    for directory in (flow, site_dir, flow / "local_pkg"):
+    for directory in (flow, site_dir, flow / "local_pkg", flow / "local_pkg" / "deeper"):
         directory.mkdir()
     (flow / "local_pkg" / "__init__.py").write_text("")
+    (flow / "local_pkg" / "deeper" / "__init__.py").write_text("from . import leaf\n")
+    (flow / "local_pkg" / "deeper" / "leaf.py").write_text("import helper_three\nimport installed_pkg.part\n")
+    (flow / "local_pkg" / "data.json").write_text("{}")
+    (flow / "helper_three.py").write_text("")
     (site_dir / "installed_one.py").write_text("")
+    (site_dir / "installed_pkg").mkdir()
+    (site_dir / "installed_pkg" / "__init__.py").write_text("")
+    (site_dir / "installed_pkg" / "part.py").write_text("")
     (flow / "helper_two.py").write_text("import installed_one\n")
     (flow / "helper_one.py").write_text("import helper_two\n")
     (flow / "user_flow2.py").write_text(
-        "import local_pkg\nfrom aiod4p import IterativePE\n\n\nclass Same(IterativePE):\n"
+        "import local_pkg.deeper\nfrom aiod4p import IterativePE\n\n\nclass Same(IterativePE):\n"
         "    def process_item(self, item):\n        from helper_one import helper_two\n        return item\n"
     )
     for directory in (site_dir, flow):
         monkeypatch.syspath_prepend(str(directory))
     monkeypatch.setattr(site, "getsitepackages", lambda: [str(site_dir)])
-    for name in ("user_flow2", "helper_one", "helper_two", "installed_one", "local_pkg"):
+    for name in ("user_flow2", "helper_one", "helper_two", "helper_three", "installed_one", "installed_pkg"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    for name in ("local_pkg", "local_pkg.deeper", "local_pkg.deeper.leaf", "installed_pkg.part"):
         monkeypatch.delitem(sys.modules, name, raising=False)
     graph = WorkflowGraph()
     graph.connect(Count(), "output", importlib.import_module("user_flow2").Same(), "input")
     project = build_project(graph, tmp_path / "p")
     copied = {path.name for path in project.src.glob("*.py")}
-    assert {"user_flow2.py", "helper_one.py", "helper_two.py"} <= copied
-    assert "installed_one.py" not in copied and not (project.src / "local_pkg").exists()
+    assert {"user_flow2.py", "helper_one.py", "helper_two.py", "helper_three.py"} <= copied
+    assert "installed_one.py" not in copied and not (project.src / "installed_pkg").exists()
+    package = {path.relative_to(project.src).as_posix() for path in (project.src / "local_pkg").rglob("*")}
+    assert package == {
+        "local_pkg/__init__.py",
+        "local_pkg/data.json",
+        "local_pkg/deeper",
+        "local_pkg/deeper/__init__.py",
+        "local_pkg/deeper/leaf.py",
+    }
     assert project.spec.sources["helper_two"] == str(flow / "helper_two.py")
+    assert project.spec.sources["local_pkg"] == str(flow / "local_pkg")
+
+
+def test_a_pe_of_a_package_next_to_the_workflow_takes_the_package_along(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A PE class defined in a module of the user's package (``user_lib4.filters``) takes the whole package into
+    src/; a rebuild for a workflow without it removes it, and keeps what is not the build's."""
+    (package := tmp_path / "user_lib4").mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "filters.py").write_text(
+        "from aiod4p import IterativePE\n\nfrom .util import same\n\n\nclass Same(IterativePE):\n"
+        "    def process_item(self, item):\n        return same(item)\n"
+    )
+    (package / "util.py").write_text("def same(item):\n    return item\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for name in ("user_lib4", "user_lib4.filters", "user_lib4.util"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    graph = WorkflowGraph()
+    graph.connect(Count(), "output", importlib.import_module("user_lib4.filters").Same(), "input")
+    project = build_project(graph, tmp_path / "p")
+    assert {path.name for path in (project.src / "user_lib4").iterdir()} == {"__init__.py", "filters.py", "util.py"}
+    (project.src / "mine.txt").write_text("kept")
+    plain = WorkflowGraph()
+    plain.connect(Count(), "output", Double(), "input")
+    rebuilt = build_project(plain, tmp_path / "p")
+    assert not (rebuilt.src / "user_lib4").exists() and (rebuilt.src / "mine.txt").exists()
 
 
 def test_imports_for_type_checkers_or_a_script_run_do_not_travel(

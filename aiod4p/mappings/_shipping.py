@@ -125,6 +125,18 @@ def _pickle(obj: Any, main: bool) -> bytes:
     return buffer.getvalue()
 
 
+def pickled_code(obj: Any) -> bytes:
+    """Pickle ``obj`` as :func:`dumps` does with ``main`` false, but alone: the classes and functions importable
+    by name travel by reference, the others (lambdas, local functions) by value, and no code is shipped with it.
+    For an interpreter that imports the same modules by name (a Storm worker, given the workflow's modules);
+    ``pickle.loads`` reverses it where cloudpickle and aiod4p are installed.
+
+    Raises:
+        Exception: ``obj`` cannot be pickled (pickle.PicklingError, TypeError, AttributeError, ...).
+    """
+    return _pickle(obj, main=False)
+
+
 class _Limited(io.BytesIO):
     """A pickler's file that refuses to grow beyond :data:`MAIN_LIMIT` bytes (a function of a notebook that
     uses a large global data set: its pickle stops there, not once the data set is copied)."""

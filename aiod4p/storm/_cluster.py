@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -16,6 +17,8 @@ from typing import Any
 
 from ..errors import Aiod4pError, MappingUnavailable
 from ._project import Project, build_jar, streamparse_env
+
+logger = logging.getLogger("aiod4p.storm")
 
 __all__ = [
     "Cluster",
@@ -88,10 +91,22 @@ def configured_nimbus(conf: Mapping[str, Any]) -> str | None:
 
 
 def _user_env(config: Path) -> dict[str, Any]:
+    """The chosen environment of the streamparse configuration ``config`` (``{}`` for none). A file that is not
+    JSON is a ``config.json`` of the user's own, not streamparse's: it is said, and left alone.
+
+    Raises:
+        MappingUnavailable: ``config`` cannot be read, or it has several environments and none is chosen
+            (``AIOD4P_STORM_ENV``), or not the one chosen.
+    """
     try:
-        data = json.loads(config.read_text())
+        text = config.read_text()
     except (OSError, ValueError) as exc:
         raise MappingUnavailable(f"cannot read the streamparse configuration {config}: {exc}") from exc
+    try:
+        data = json.loads(text)
+    except ValueError as exc:
+        logger.warning("%s is not JSON (%s): not read as a streamparse configuration", config, exc)
+        return {}
     envs = data.get("envs") if isinstance(data, dict) else None
     if not isinstance(envs, dict) or not envs:
         return {}

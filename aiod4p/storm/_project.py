@@ -25,6 +25,7 @@ from .._inputs import Inputs, resolve_inputs
 from .._loading import split_target
 from .._plan import ExecutionPlan, PlanOptions, make_plan
 from ..errors import GraphError, InputError, TargetError
+from ..mappings._shipping import pickled_code
 from ._spec import DEFAULT_MAX_REPLAYS, EOS_FIELD, EOS_STREAM, PES_FILE, SPEC_FILE, TopologySpec, plan_topology
 from ._wire import WireError, encode
 
@@ -49,6 +50,9 @@ AIOD4P_PACKAGE = Path(__file__).resolve().parents[1]
 # otherwise. A bounded number of tuples in flight per spout task is Storm's back-pressure: it also keeps tuples
 # from timing out (and being replayed, so counted twice downstream) behind a slow bolt.
 DEFAULT_CONF: dict[str, Any] = {"topology.max.spout.pending": 1000}
+
+_NOT_COPIED = shutil.ignore_patterns("__pycache__", "*.pyc")
+"""What a package copied into ``src`` leaves out: Python's caches of compiled code."""
 
 _GROUPINGS = {"shuffle": "Grouping.SHUFFLE", "all": "Grouping.ALL", "global": "Grouping.GLOBAL"}
 
@@ -149,11 +153,14 @@ def build_project(
         (src / SPEC_FILE).write_text(json.dumps(spec.to_json(), indent=1) + "\n")
         (src / PES_FILE).write_bytes(pickled)
         for module_name, path in local.items():
-            shutil.copyfile(path, src / f"{module_name}.py")
+            if path.is_dir():  # a package of the user's: the whole of it, as an installed one would be
+                shutil.copytree(path, src / module_name, ignore=_NOT_COPIED)
+            else:
+                shutil.copyfile(path, src / f"{module_name}.py")
         package = _dispel4py_package(plan, functions)
         if package is not None:  # dispel4py's own modules (examples, PE libraries) for the compat hook
             shutil.rmtree(src / package.name, ignore_errors=True)
-            shutil.copytree(package, src / package.name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+            shutil.copytree(package, src / package.name, ignore=_NOT_COPIED)
         (src / f"{COMPONENTS_MODULE}.py").write_text(_components_source(spec))
         for stale in (root / "topologies").glob("*.py"):
             stale.unlink()
@@ -215,6 +222,9 @@ def _remove_previous_build(root: Path) -> None:
         )
     for module_name in sources:
         (root / "src" / f"{module_name}.py").unlink(missing_ok=True)
+        package = root / "src" / module_name
+        if package.is_dir() and not package.is_symlink():
+            shutil.rmtree(package)
     (root / "virtualenvs" / f"{name}.txt").unlink(missing_ok=True)
     (root / f"{name}.jar").unlink(missing_ok=True)
 
@@ -246,13 +256,13 @@ def _pickle(plan: ExecutionPlan, functions: dict[str, Callable[[Any], Any]]) -> 
         pes = {}
         for pe_id, pe in plan.pes.items():
             try:
-                pes[pe_id] = pickle.dumps(pe)
+                pes[pe_id] = pickled_code(pe)  # a lambda it holds (a group-by key) by value, as for multi
             except Exception as exc:
                 raise GraphError(
                     f"PE {pe_id} cannot be pickled for Storm's workers: {type(exc).__name__}: {exc}"
                 ) from exc
         try:
-            keys = {name: pickle.dumps(function) for name, function in functions.items()}
+            keys = {name: pickled_code(function) for name, function in functions.items()}
         except Exception as exc:
             raise GraphError(f"a group-by key function cannot be pickled for Storm's workers: {exc}") from exc
     return pickle.dumps({"pes": pes, "functions": keys})
@@ -312,16 +322,21 @@ def _defining_modules(objects: list[Any]) -> Iterator[None]:
 
 
 def _local_modules(plan: ExecutionPlan, functions: dict[str, Callable[[Any], Any]]) -> dict[str, Path]:
-    """Top-level modules that are not installed and that the PEs need: they go into ``src``.
+    """Top-level modules and packages that are not installed and that the PEs need: they go into ``src``.
 
-    Those are the modules defining the PEs (or key functions), and the top-level modules those import, and so on
-    (:func:`_imported_modules`): a workflow file's helper module next to it, importable where the run started
-    (a file target's directory is on ``sys.path``), is not on the workers. Installed is as for multi and mpi
-    (:func:`aiod4p._frames.installed`: the standard library, the site directories, a directory of installed
-    distributions on ``sys.path``): the workers have those, or must be given them like any requirement.
+    Those are the modules defining the PEs (or key functions), or the top-level packages holding them
+    (``mylib`` for a PE of ``mylib.filters``), and the top-level modules and packages those import, and so on
+    (:func:`_imported_modules`): a workflow file's helper module or package next to it, importable where the run
+    started (a file target's directory is on ``sys.path``), is not on the workers. Installed is as for multi and
+    mpi (:func:`aiod4p._frames.installed`: the standard library, the site directories, a directory of installed
+    distributions on ``sys.path``): the workers have those, or must be given them like any requirement. aiod4p
+    and dispel4py's package travel apart (:data:`AIOD4P_PACKAGE`, :func:`_dispel4py_package`).
+
+    Returns:
+        By name, the file of each module (``.py``) and the directory of each package (the whole of it is copied).
 
     Raises:
-        GraphError: such a module has the name of a standard library module (``sched.py`` next to the
+        GraphError: such a module or package has the name of a standard library module (``sched.py`` next to the
             workflow file): on the workers, where ``src`` comes last on ``sys.path``, the standard library's
             would be imported instead.
     """
@@ -329,26 +344,45 @@ def _local_modules(plan: ExecutionPlan, functions: dict[str, Callable[[Any], Any
     found: dict[str, Path] = {}
     for obj in _objects(plan, functions):
         module_name = getattr(obj, "__module__", None)
-        if not module_name or "." in module_name or module_name in found:
+        if not module_name:
             continue
-        namespace = _namespace(obj) or vars(sys.modules.get(module_name) or types.ModuleType(module_name))
-        file = namespace.get("__file__")
-        if not isinstance(file, str) or not file.endswith(".py") or installed(file, directories):
+        top = module_name.partition(".")[0]
+        if top in found:
             continue
-        found[module_name] = _not_standard(module_name, Path(file).resolve(), None)
+        if top == module_name:
+            namespace = _namespace(obj) or vars(sys.modules.get(module_name) or types.ModuleType(module_name))
+            file = namespace.get("__file__")
+            path = Path(file).resolve() if isinstance(file, str) and file.endswith(".py") else None
+        else:
+            path = _package_directory(sys.modules.get(top))
+        if path is not None and _shipped(top, path, directories):
+            found[top] = _not_standard(top, path, None)
     pending = list(found.items())
     while pending:
         importer, source = pending.pop()
         for module_name, path in _imported_modules(source).items():
-            if module_name not in found and not installed(path, directories):
+            if module_name not in found and _shipped(module_name, path, directories):
                 found[module_name] = _not_standard(module_name, path, (importer, source))
                 pending.append((module_name, path))
     return found
 
 
+def _package_directory(module: types.ModuleType | None) -> Path | None:
+    """The directory of package ``module`` (a namespace package's, when it has one only), or ``None`` for a module
+    that is not a package."""
+    locations = list(getattr(module, "__path__", None) or [])
+    return Path(locations[0]).resolve() if len(locations) == 1 else None
+
+
+def _shipped(name: str, path: Path, directories: tuple[str, ...]) -> bool:
+    """Whether top-level module or package ``name`` at ``path`` is copied into ``src``: neither installed, nor
+    aiod4p or dispel4py, which travel apart."""
+    return name not in (AIOD4P_PACKAGE.name, "dispel4py") and not installed(path, directories)
+
+
 def _not_standard(module_name: str, path: Path, importer: tuple[str, Path] | None) -> Path:
-    """``path``, the file of module ``module_name`` to copy into ``src``, unless the standard library has a
-    module of that name, which the workers would import instead (GraphError)."""
+    """``path``, the file of module (or the directory of package) ``module_name`` to copy into ``src``, unless the
+    standard library has a module of that name, which the workers would import instead (GraphError)."""
     if module_name not in sys.stdlib_module_names:
         return path
     by = f" (imported by module {importer[0]}, {importer[1]})" if importer else ""
@@ -360,35 +394,25 @@ def _not_standard(module_name: str, path: Path, importer: tuple[str, Path] | Non
 
 
 def _imported_modules(source: Path) -> dict[str, Path]:
-    """The top-level modules (single ``.py`` files, not packages) that the module at ``source`` imports.
+    """The top-level modules (``.py`` files) and packages (directories) that the module at ``source``, or every
+    module of the package at ``source`` (a directory), imports.
 
-    Every ``import`` statement of the file that may run where it is imported counts (one in a function, or
+    Every ``import`` statement of a file that may run where it is imported counts (one in a function, or
     under ``try``, too), not those under ``if TYPE_CHECKING:`` or ``if __name__ == "__main__":`` (their
-    ``else`` does); a module is looked up where this process would import it from (``sys.modules`` first).
-    Relative imports, packages, compiled modules and names that are not found are left out. A file that cannot
-    be read or parsed imports nothing here.
+    ``else`` does); ``import pkg.mod`` and ``from pkg.mod import x`` import top-level package ``pkg``. A name is
+    looked up where this process would import it from (``sys.modules`` first). Relative imports (within a
+    package, which travels whole), compiled modules, packages split over several directories and names that are
+    not found are left out. A file that cannot be read or parsed imports nothing here.
     """
-    try:
-        tree = ast.parse(source.read_bytes(), str(source))
-    except (OSError, SyntaxError, ValueError):
-        return {}
     names: set[str] = set()
-    pending: list[ast.AST] = [tree]
-    while pending:
-        node = pending.pop()
-        if isinstance(node, ast.Import):
-            names.update(alias.name for alias in node.names if "." not in alias.name)
-        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module and "." not in node.module:
-            names.add(node.module)
-        elif isinstance(node, ast.If) and _never_imported(node.test):
-            pending.extend(node.orelse)
-            continue
-        pending.extend(ast.iter_child_nodes(node))
+    for module_file in sorted(source.rglob("*.py")) if source.is_dir() else [source]:
+        names |= _imported_names(module_file)
     found: dict[str, Path] = {}
     for name in sorted(names):
         module = sys.modules.get(name)
         if module is not None:
             file = getattr(module, "__file__", None)
+            directory = _package_directory(module)
             package = hasattr(module, "__path__")
         else:
             try:
@@ -396,10 +420,36 @@ def _imported_modules(source: Path) -> dict[str, Path]:
             except (ImportError, ValueError):
                 continue
             file = spec.origin if spec is not None else None
+            locations = list(spec.submodule_search_locations or []) if spec is not None else []
+            directory = Path(locations[0]).resolve() if len(locations) == 1 else None
             package = spec is not None and spec.submodule_search_locations is not None
-        if isinstance(file, str) and file.endswith(".py") and not package:
+        if package:
+            if directory is not None:
+                found[name] = directory
+        elif isinstance(file, str) and file.endswith(".py"):
             found[name] = Path(file).resolve()
     return found
+
+
+def _imported_names(source: Path) -> set[str]:
+    """The top-level names the absolute imports of the file ``source`` import (see :func:`_imported_modules`)."""
+    try:
+        tree = ast.parse(source.read_bytes(), str(source))
+    except (OSError, SyntaxError, ValueError):
+        return set()
+    names: set[str] = set()
+    pending: list[ast.AST] = [tree]
+    while pending:
+        node = pending.pop()
+        if isinstance(node, ast.Import):
+            names.update(alias.name.partition(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module.partition(".")[0])
+        elif isinstance(node, ast.If) and _never_imported(node.test):
+            pending.extend(node.orelse)
+            continue
+        pending.extend(ast.iter_child_nodes(node))
+    return names
 
 
 def _never_imported(test: ast.expr) -> bool:

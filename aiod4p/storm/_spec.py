@@ -130,9 +130,10 @@ class TopologySpec:
     topology that runs on its own; ``token`` identifies that run.
     ``dispel4py``: the components serve dispel4py's modules from
     :mod:`aiod4p.compat` (the workflow is a dispel4py one).
-    ``sources``: the modules copied into the project's ``src`` (the workflow
-    file...), by name, with the file each was copied from: what errors
-    reported to the run name instead of the copy a task ran.
+    ``sources``: the modules and packages copied into the project's ``src``
+    (the workflow file...), by name, with the file (``.py``) or the package
+    directory each was copied from: what errors reported to the run name
+    instead of the copy a task ran.
     """
 
     name: str

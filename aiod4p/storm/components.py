@@ -25,7 +25,9 @@ emits what it has produced, each tuple with a message id. A failed tuple is
 replayed with the same id, at most ``max_replays`` times (then it is dropped
 and an error is reported): at-least-once delivery. When the feed is exhausted
 and every tuple is acked (or dropped), the spout emits its end-of-stream
-marker, unreliably.
+marker, unreliably. When the root PE fails under a run, the spout reports
+the error once every tuple it had emitted is acked (or dropped), so that
+their results reach the run first, and sends no marker.
 
 Reporting to a run: when the topology was submitted by ``aiod4p run
 --mapping storm`` (:attr:`TopologySpec.report` is set), every task opens
@@ -195,7 +197,7 @@ class HostedComponent:
     index: int
     tasks: int  # how many tasks run this component
     reporter: Reporter | None
-    sources: dict[str, str]  # the modules copied into the project, by path here: the files they were copied from
+    sources: dict[str, str]  # the modules (and packages) copied into the project, by path here: their paths there
     logger: logging.Logger  # pystorm's, set up before initialize()
 
     def _host(self, context: dict[str, Any]) -> None:
@@ -205,7 +207,12 @@ class HostedComponent:
         sys.stdout = LogStream(logging.getLogger("aiod4p.stdout"))
         directory = Path(sys.modules[type(self).__module__].__file__ or ".").resolve().parent
         topology = TopologySpec.from_json(json.loads((directory / SPEC_FILE).read_text()))
-        self.sources = {str(directory / f"{name}.py"): original for name, original in topology.sources.items()}
+        self.sources = {}
+        for name, original in topology.sources.items():
+            if original.endswith(".py"):
+                self.sources[str(directory / f"{name}.py")] = original
+            else:  # a package: the path of every file under it
+                self.sources[str(directory / name) + os.sep] = original + os.sep
         tasks = sorted(int(task) for task, name in context["task->component"].items() if name == self.component)
         self.index = tasks.index(int(context["taskid"]))
         self.tasks = len(tasks)
@@ -481,6 +488,10 @@ class PESpout(HostedComponent, Spout):  # type: ignore[misc]
         self.draining = False
         self.produced = False
         self.eos_sent = False
+        # What fails a run: the root's error waits here until the tuples emitted before it are processed (acked or
+        # dropped), then is said; a tuple dropped or timed out is said at once. Either way no end of stream follows.
+        self.failure: BaseException | None = None
+        self.failure_said = False
         self.kill_again: float | None = None  # orphaned, and Nimbus did not take the kill: when to try again
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self._produce, name="aiod4p engine", daemon=True)
@@ -554,8 +565,16 @@ class PESpout(HostedComponent, Spout):  # type: ignore[misc]
         self._finish_if_done()
 
     def _finish_if_done(self) -> None:
-        """Once the feed is exhausted and every tuple emitted and acked (or dropped), send the end-of-stream marker."""
-        if self.produced and not self.pending and not self.held and not self.eos_sent:
+        """Once the feed is exhausted and every tuple emitted and acked (or dropped), send the end-of-stream marker;
+        under a run whose root PE failed, report its error then instead (and no marker: the run fails)."""
+        if self.pending or self.held:
+            return
+        if self.failure is not None:
+            if not self.failure_said:
+                self.failure_said = True
+                self._report(self.failure)
+            return
+        if self.produced and not self.eos_sent:
             self.eos_sent = True
             self.emit([self.component], stream=EOS_STREAM)
             self._finished()
@@ -565,23 +584,42 @@ class PESpout(HostedComponent, Spout):  # type: ignore[misc]
             self.produced = True
             return
         if isinstance(entry, BaseException):
-            self._report(entry)
+            self._failed(entry)
             return
+        if self.failure is not None:
+            return  # produced after the error that fails the run: not among its results
         port, items = entry
         if self._reported(port):
             try:
                 self._report_results(port, items)
             except TransportError as exc:
-                self._report(exc)
+                self._failed(exc)
             return
         for item in items:
             try:
                 tuples = self._tuples(port, [item])
             except TransportError as exc:
-                self._report(exc)
+                self._failed(exc)
+                if self.failure is not None:
+                    break
                 continue
             self.held.extend(tuples)
         self._emit_held()
+
+    def _failed(self, exc: BaseException) -> None:
+        """The root PE raised, or wrote an item that cannot cross: fatal to a run.
+
+        On its own, the topology reports it to Storm at once and goes on. Under a run, the error is reported once
+        the tuples emitted before it have been processed (acked, or dropped after their replays), so that the run
+        gets their results before its error, as the other mappings give the results gathered before an error;
+        what the PE produces after it is dropped.
+        """
+        if self.reporter is None:
+            self._report(exc)
+        elif self.failure is None:
+            self.failure = exc
+            in_flight = len(self.pending) + len(self.held)
+            self.logger.error("%s; told to the run once the %d tuples emitted before it are processed", exc, in_flight)
 
     def _emit_held(self) -> None:
         """Emit the tuples held back: all of them, or while draining, as long as fewer than ``max_pending`` are in
@@ -631,8 +669,14 @@ class PESpout(HostedComponent, Spout):  # type: ignore[misc]
             self.logger.error("%s", message)
             self.send_message({"command": "error", "msg": message})
             if self.reporter is not None:
+                if self.failure is not None and not self.failure_said:  # the root's own error, held for these tuples
+                    self.failure_said = True
+                    self._report(self.failure)
                 kind = "timed out" if timed_out else "dropped"
                 self.reporter.send({**error_message(Aiod4pError(message), fatal=True), "kind": kind})
+                # The run fails: no end of stream, so that no postprocess runs on the data without this tuple.
+                self.failure = self.failure or Aiod4pError(message)
+                self.failure_said = True
             self._emit_held()
             self._finish_if_done()
             return
