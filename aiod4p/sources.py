@@ -65,6 +65,7 @@ __all__ = [
     "DEAD_LETTER",
     "DEFAULT_LINE_POLICY",
     "LINE_POLICIES",
+    "MAX_GENERATIONS",
     "MAX_LINE_BYTES",
     "MAX_PENDING_BYTES",
 ]
@@ -388,6 +389,11 @@ def _check_seconds(seconds: object, option: str, what: str) -> None:
 # -- lines from stdin, a pipe or a file -------------------------------------------
 
 _HEAD_BYTES = 256  # of a followed file's content, kept to tell it from the file truncated and written again
+MAX_GENERATIONS = 1024
+"""The file generations a followed path keeps (:attr:`LineStream.generations`): the newest. A restore needs the one
+its checkpoint's line lies in, and that line is one the run had delivered, at most a few batches (of 256 items by
+default, each generation at least one of them) behind what the stream read; without a bound, a file truncated once a
+second (rewritten in place) added a generation a second to memory and to every checkpoint, for as long as it ran."""
 
 
 @dataclass
@@ -573,8 +579,18 @@ class LineStream:
             self.origin,
             offset,
         )
-        self.generations.append(FileGeneration.of(fd, offset))
+        self._begin_generation(fd, offset)
         return 0
+
+    def _begin_generation(self, fd: int, first: int) -> None:
+        """Record file ``fd`` as the path's generation from item ``first`` on, dropping those no restore can need:
+        one that yielded nothing (a later one begins at the same item, and a restore takes the last to begin at or
+        before its line), and all but the newest :data:`MAX_GENERATIONS`."""
+        generations = self.generations
+        while generations and generations[-1].first >= first:
+            generations.pop()
+        generations.append(FileGeneration.of(fd, first))
+        del generations[:-MAX_GENERATIONS]
 
     async def _lines(self) -> AsyncIterator[Any]:
         loop = asyncio.get_running_loop()
@@ -623,7 +639,7 @@ class LineStream:
                         os.close(old)
                     if followed:
                         top += counted - reader.skip
-                        self.generations.append(FileGeneration.of(fd, top))
+                        self._begin_generation(fd, top)
                     counted = reader.skip = 0  # every line of the new file is new
                     switch = None
                     continue

@@ -304,6 +304,38 @@ async def test_a_followed_file_seeks_its_offset_in_the_file_it_read_it_from(tmp_
 
 
 @pytest.mark.asyncio
+async def test_a_file_truncated_again_and_again_keeps_its_generations_bounded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A followed file rewritten in place (truncated) once a second added a generation a second to the stream's
+    state, held in memory and pickled into every checkpoint for as long as the run went on (a soak of 20 rewrites a
+    second: the source's checkpointed state grew by 5 kB a second). It keeps the newest, and one that yielded
+    nothing not at all; a restore at the last line still finds its file."""
+    monkeypatch.setattr(sources, "MAX_GENERATIONS", 8, raising=False)  # (before the bound, no such name)
+    path = tmp_path / "status.txt"
+    path.write_text("reading 0\n")
+    stream = LineStream(path, follow=True, poll_interval=0.001)
+    lines = aiter(stream)
+    for n in range(1, 40):
+        assert await _taken(lines, 1) == [f"reading {n - 1}"]
+        with path.open("r+") as status:  # rewritten in place: its first bytes differ, so it is a truncation
+            status.truncate(0)
+            status.write(f"reading {n}\n" if n % 2 else "")  # every other rewrite holds no line yet
+        if n % 2 == 0:
+            path.write_text(f"reading {n}\n")
+    assert await _taken(lines, 1) == ["reading 39"]
+    stream.drain()
+    assert len(stream.generations) <= 8
+    assert [generation.first for generation in stream.generations] == sorted({g.first for g in stream.generations})
+    with path.open("a") as status:
+        status.write("reading 40\n")
+    restored = LineStream(path, follow=True, poll_interval=0.01, generations=stream.generations)
+    restored.seek(40)  # as a checkpoint taken after "reading 39" saves it
+    restored.drain()
+    assert [line async for line in restored] == ["reading 40"]
+
+
+@pytest.mark.asyncio
 async def test_follow_from_the_end_skips_what_is_there(tmp_path: Path) -> None:
     path = tmp_path / "log.txt"
     path.write_text("old\n" * 10)
