@@ -3,11 +3,10 @@
 A channel joins one sender instance to one receiving instance. The sender
 holds ``credits`` (batches it may have in flight) and waits when it has fewer
 than a batch takes: one, or one per ``bytes_per_credit`` bytes of a batch
-larger than that (a single item of hundreds of MB), at most all of them. The
-receiver gives back what a batch took when its actor takes the batch from the
-inbox. So the inbox of an instance never holds more than
-``channels x credits`` batches, nor more than about ``channels x credits x
-bytes_per_credit`` bytes or one item per channel where an item is larger, and
+the sender measured as larger than that (a single item of hundreds of MB),
+at most all of them. The receiver gives back what a batch took when its
+actor takes the batch from the inbox. So the inbox of an instance never holds more than
+``channels x credits`` batches (one per channel where each is that large), and
 a receiver never blocks on delivery, which keeps a worker's transport pump
 free of head-of-line deadlocks.
 """
@@ -168,7 +167,7 @@ class CreditedSender:
     def returned(self, batches: int = 1) -> None:
         """The receiver took the oldest ``batches`` batches in flight: give back the credits they took."""
         taken = self._taken
-        self.credits += sum(taken.popleft() for _ in range(batches))
+        self.credits += taken.popleft() if batches == 1 else sum(taken.popleft() for _ in range(batches))
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)

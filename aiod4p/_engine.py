@@ -1314,7 +1314,13 @@ class _Actor(Invoker):
                 self._add(pending, part, False, full)
 
     def _add(self, pending: _Pending, items: list[Any], owned: bool, full: list[_Pending | _ResultPending]) -> None:
-        """Add ``items`` to what waits for ``pending``'s channel (taking the list itself when ``owned``)."""
+        """Add ``items`` to what waits for ``pending``'s channel (taking the list itself when ``owned``).
+
+        One item larger than ``batch_bytes`` fills the batch it joins, whatever its limit (set by the items of
+        the last batch): a source alternating tiny and heavy items would otherwise pile its heavy items up behind
+        a limit set by a tiny one, never waiting for credit. (Items routed several at a time are not measured
+        here: a source's items come one at a time where they are heavy, see :meth:`_cap_by_bytes`.)
+        """
         if not pending.dirty:
             pending.dirty = True
             self.dirty.append(pending)
@@ -1323,6 +1329,9 @@ class _Actor(Invoker):
         else:
             pending.items.extend(items)
         if len(pending.items) >= pending.limit:
+            full.append(pending)
+        elif len(items) == 1 and type(item := items[0]) not in SCALARS and approximate_size(item)[0] > self.batch_bytes:
+            pending.limit = len(pending.items)
             full.append(pending)
 
     def _cheaper_here(self, pending: _Pending, sample: Any) -> bool:

@@ -40,8 +40,8 @@ def record_line(record: ResultRecord) -> str:
     numpy arrays and scalars (anything with ``tolist()``) as lists and
     numbers, bytes as ``{"base64": "..."}``, sets as lists, dates and times
     (anything with ``isoformat()``: obspy's ``UTCDateTime`` too; numpy's ``datetime64`` of any unit) in ISO 8601;
-    durations (``datetime.timedelta``, pandas' ``Timedelta``, numpy's ``timedelta64`` of any unit but years and
-    months) as their seconds, a number (``None`` for NaT);
+    durations (``datetime.timedelta``, pandas' ``Timedelta``, numpy's ``timedelta64`` of any unit but years,
+    months and none) as their seconds, a number (``None`` for NaT), also as dict keys;
     anything else as its ``repr``, with a warning once per type. Dict keys
     JSON does not take (a tuple, a numpy integer, a date) are written as the
     number a numpy scalar is, a date or time in ISO 8601, else as their
@@ -138,6 +138,8 @@ def _json_key(key: Any) -> Any:
         return key
     if isinstance(plain := _listed(key), _KEY_TYPES):
         return plain
+    if isinstance(key, datetime.timedelta):
+        return key.total_seconds()
     isoformat = getattr(key, "isoformat", None)
     if callable(isoformat):
         return isoformat()
@@ -161,7 +163,7 @@ def _plain(value: Any, tolist: Callable[[], Any]) -> Any:
             text = numpy.asarray(numpy.datetime_as_string(value)).astype(object)
             text[numpy.isnat(value)] = None
             return text.tolist()
-        if kind == "m" and numpy.datetime_data(dtype)[0] not in ("Y", "M"):  # a year or month has no fixed length
+        if kind == "m" and numpy.datetime_data(dtype)[0] not in ("Y", "M", "generic"):  # no fixed length
             seconds = numpy.asarray(value / numpy.timedelta64(1, "s")).astype(object)
             seconds[numpy.isnat(value)] = None
             return seconds.tolist()

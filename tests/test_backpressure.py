@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sys
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -227,6 +228,37 @@ class MakesBlobsAhead(GenericPE):
             most = max(most, made - os.stat(self.taken).st_size)
             yield {"output": bytes(self.size)}
         yield {"ahead": most}
+
+
+class AlternatesTinyAndHeavy(ProducerPE):
+    """Yields a tiny item, then one of 4 MiB, 40 times (counted as made in ``_made``, and ahead in ``_ahead``)."""
+
+    def produce(self) -> Iterator[bytes]:
+        for _ in range(40):
+            yield b"x"
+            yield _blob()
+
+
+class TakesHeavySlowly(ConsumerPE):
+    def consume(self, item: bytes) -> None:
+        if len(item) > 1:
+            _taken[0] += 1
+            time.sleep(0.005)  # ok-sleep: work, not synchronisation (the sink is slower than the source)
+
+
+def test_heavy_items_between_tiny_ones_wait_for_credit(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Once heavy batches took all their channel's credits, a tiny batch after one went out only when they came
+    # back, with a limit sized by its tiny item (about 500 items): the heavy items after it piled up behind that
+    # limit without ever waiting for credit, 38 of 40 at once (150 MB) where 2 were before. An item larger than
+    # batch_bytes now fills the batch it joins.
+    monkeypatch.setattr(sys.modules[__name__], "BLOB", 4 << 20)
+    _made[0] = _taken[0] = 0
+    _ahead.clear()
+    graph = WorkflowGraph()
+    graph.connect(AlternatesTinyAndHeavy(), "output", TakesHeavySlowly(), "input")
+    aiod4p.run(graph, 1, mapping="async")
+    assert _made[0] == _taken[0] == 40
+    assert max(_ahead) <= 3, max(_ahead)
 
 
 def test_items_larger_than_a_batch_cross_between_workers_one_per_channel(tmp_path: Path) -> None:

@@ -151,9 +151,11 @@ def test_results_json_lines_write_durations_as_seconds(caplog: pytest.LogCapture
         datetime.timedelta(days=1, microseconds=5),
         {"lag": numpy.timedelta64(7, "D")},
         numpy.arange(100_000).astype("timedelta64[us]"),  # written a chunk at a time
+        {datetime.timedelta(seconds=3): 1, numpy.timedelta64(2, "s"): 2},
     ]
     with caplog.at_level("WARNING", logger="aiod4p"):
         written = [json.loads(record_line(ResultRecord("pe", "out", value)))["data"] for value in values]
+    assert written[7] == {"3.0": 1, "2.0": 2}
     assert written[:6] == [1.5, 1.5, [[3.0, None]], None, 86400.000005, {"lag": 604800.0}]
     assert written[6] == [index / 1e6 for index in range(100_000)]
     assert "written as their repr" not in caplog.text

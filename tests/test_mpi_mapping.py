@@ -397,6 +397,45 @@ def test_cli_under_mpiexec_a_workflow_that_fails_to_load_ends_the_job_saying_why
         assert done.stderr.count(text) == 1, done.stderr
 
 
+A_CLASS_ONLY_RANK_0_HAS = """
+import os
+import sys
+
+from aiod4p import IterativePE, WorkflowGraph
+
+if os.environ["PMI_RANK"] == "0":
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "only0"))
+    from onlyzero import Double
+else:
+    class Double(IterativePE):  # not the class rank 0's plan names
+        def process_item(self, item):
+            return 2 * item
+
+sys.path.insert(0, os.environ["AIOD4P_TEST_WORKFLOWS"])
+from workflows import Count
+
+graph = WorkflowGraph()
+double = Double()
+double.parallelism = 2
+graph.connect(Count(), "output", double, "input")
+"""
+
+
+def test_cli_under_mpiexec_a_rank_that_fails_once_every_rank_went_on_says_why(tmp_path: Path) -> None:
+    """Every rank loaded the workflow, then rank 1 could not load rank 0's plan (a module only rank 0 has):
+    its error was taken for one rank 0 says, and nothing but MPI's `Abort(1)` said why the job ended."""
+    (tmp_path / "only0").mkdir()
+    (tmp_path / "only0" / "onlyzero.py").write_text(
+        "from aiod4p import IterativePE\n\nclass Double(IterativePE):\n"
+        "    def process_item(self, item):\n        return 2 * item\n"
+    )
+    (flow := tmp_path / "flow.py").write_text(A_CLASS_ONLY_RANK_0_HAS)
+    env = {**os.environ, "AIOD4P_TEST_WORKFLOWS": str(WORKFLOWS.parent)}
+    done = mpiexec(["-n", "2", *cli(str(flow), "--mapping", "mpi", "-i", "3", "-q")], env=env)
+    assert done.returncode != 0, done.stderr
+    assert "MPI rank 1 cannot load the workflow (ModuleNotFoundError: No module named 'onlyzero')" in done.stderr
+
+
 # -- launched by the mapping -----------------------------------------------------------
 
 

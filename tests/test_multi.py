@@ -894,6 +894,35 @@ def test_ctrl_c_as_the_first_spawned_worker_s_interpreter_starts_interrupts_the_
     assert "SIGINT" in err and "killed" not in err and "Fatal Python error" not in err, err
 
 
+KEEPS_ITS_MASK = textwrap.dedent(
+    """
+    import signal, sys
+    import aiod4p, workflows as wf
+    from aiod4p.mappings.multi import MultiMapping
+
+    if __name__ == "__main__":
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})  # a service that sigwait()s
+        graph = aiod4p.WorkflowGraph()
+        graph.connect(count := wf.Count(), "output", wf.Double(), "input")
+        aiod4p.run(graph, {count: 10}, mapping=MultiMapping(sys.argv[1]), workers=2)
+        print(sorted(signal.Signals(signum).name for signum in signal.pthread_sigmask(signal.SIG_BLOCK, ())))
+    """
+)
+
+
+@pytest.mark.parametrize("method", ["spawn", "forkserver"])
+def test_a_run_on_spawn_leaves_the_callers_signal_mask_as_it_was(tmp_path: Path, method: str) -> None:
+    """multiprocessing's resource tracker, which the launcher starts before it holds signals for a spawned worker,
+    unblocks SIGINT and SIGTERM in the thread that starts it: a service that blocks them (to sigwait() for them)
+    found them unblocked after its first run."""
+    script = tmp_path / "flow.py"
+    script.write_text(KEEPS_ITS_MASK)
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}"}
+    done = subprocess.run([sys.executable, str(script), method], capture_output=True, text=True, env=env, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ["['SIGINT', 'SIGTERM']"], done.stderr
+
+
 USERS_FORKSERVER_AFTER_A_RUN = textwrap.dedent(
     """
     import multiprocessing, os, signal, sys

@@ -114,6 +114,7 @@ class StartUp:
         self._request: MPI.Request | None = None
         self._reason = ""  # why this rank failed, as it said with its state
         self.reasons: dict[int, str] = {}  # why each rank that failed while starting failed
+        self._told = False  # this rank has taken part in telling the reasons (once, as every rank does)
         self.agreed = False  # every rank has said whether it goes on (and the failures' reasons are known)
 
     @property
@@ -129,12 +130,13 @@ class StartUp:
             self._said[0], self._reason = state, reason
             self._request = MPI.COMM_WORLD.Iallgather([self._said, MPI.INT], [self._heard, MPI.INT])
         await _completion(self._request)
-        if not self.agreed:
+        if not self._told:
+            self._told = True  # before the call: a signal handled after it must not make this rank call it again
             if _FAILED in self._heard:
                 # Every rank gets here right after the exchange above completed: a short blocking call.
                 told = MPI.COMM_WORLD.allgather(self._reason)
                 self.reasons = {rank: told[rank] for rank, state in enumerate(self._heard) if state == _FAILED}
-            self.agreed = True
+        self.agreed = True
         _forget_job_files()
 
     def said_by_rank_zero(self, reason: str | None) -> bool:

@@ -214,7 +214,8 @@ class MpiMapping(BaseMapping):
                 asyncio.run(start_up.leave(signum, reason))
             except KeyboardInterrupt:  # Stopped: the second signal aborts
                 abort_job(ABORTED)
-        return signum is None and start_up.said_by_rank_zero(reason)
+        # Once every rank went on, what fails on this rank is its own to say (rank 0 has not heard of it).
+        return signum is None and not start_up.all_went_on and start_up.said_by_rank_zero(reason)
 
     def _take_early(self, workers: int | None) -> _Ranks | None:
         """The ranks :meth:`head_start` launched if there are ``workers`` of them; any others are ended."""

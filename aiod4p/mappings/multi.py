@@ -23,6 +23,7 @@ import itertools
 import multiprocessing
 import os
 import resource
+import signal
 import socket
 import sys
 import threading
@@ -353,12 +354,17 @@ def _start_helpers(method: str) -> None:
     CPython starts the tracker with SIGINT and SIGTERM blocked and then unblocks them in the calling thread
     instead of putting its mask back: the first worker spawned after it started with SIGINT deliverable, and a
     Ctrl-C during its interpreter's start (the first second of a run) killed it. A forkserver started with the
-    signals held would pass them on held to every process it forks, the caller's own too."""
+    signals held would pass them on held to every process it forks, the caller's own too. The caller's thread
+    keeps its own mask."""
     from multiprocessing import forkserver, resource_tracker
 
-    resource_tracker.ensure_running()
-    if method == "forkserver":
-        forkserver.ensure_running()
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, ())  # as the caller has it: the tracker's start unblocks
+    try:
+        resource_tracker.ensure_running()
+        if method == "forkserver":
+            forkserver.ensure_running()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
 
 
 @contextlib.contextmanager
