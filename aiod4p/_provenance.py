@@ -41,7 +41,7 @@ from ._frames import short_repr
 from ._groupings import KeyRouter, Router
 from ._install import install_hint
 from ._plan import check_provenance_level
-from ._results import ResultSink
+from ._results import ResultSink, data_digest
 from ._tagged import Tagged
 from ._visual import dot_escape
 from .errors import Aiod4pError, GraphError, writing
@@ -219,6 +219,8 @@ class _Part:
     entities: list[tuple[str, int, str, str, tuple[str, ...] | None]] = field(default_factory=list)
     sources: list[tuple[str, str]] = field(default_factory=list)  # feed elements: (entity id, repr)
     result_ports: list[str] = field(default_factory=list)
+    # results' entity ids -> data_digest of their value (none for a value JSON cannot write)
+    digests: dict[str, str] = field(default_factory=dict)
     restored: int | None = None  # the checkpoint the instance resumed from: what came before it is not recorded
 
 
@@ -239,6 +241,7 @@ class ActorRecorder:
         self.record = _Part(ref.pe, type(actor.pe).__name__, ref.index, worker.worker_id, worker.level)
         self.record.inputs_from = sorted(set(inputs_from))
         self.record.result_ports = sorted(plan.result_ports.get(ref.pe, []))
+        self.result_ports = frozenset(self.record.result_ports)
         self.prefix = f"{ref.pe}.{ref.index}"
         self.count = 0
         # The index in the feed of the next feed element (a restored run's starts where its checkpoint's feed
@@ -365,6 +368,9 @@ class ActorRecorder:
                 entity = f"{self.prefix}.{self.count}"
                 self.count += 1
                 entities.append((entity, self.current_index, port, value_repr(value), self.derived))
+                if port in self.result_ports:
+                    with contextlib.suppress(ValueError, RecursionError):  # --results cannot write it either
+                        self.record.digests[entity] = data_digest(value)
                 buffer[position] = Tagged(entity, value)
                 counts = self.record.items_out
                 counts[port] = counts.get(port, 0) + 1
@@ -491,6 +497,9 @@ def _records(found: list[_Part]) -> Iterable[_Record]:
             fields: dict[str, Any] = {"prov:value": value, "prov:type": kind, prefix + "port": port}
             if derived == ():  # recall() of states that hold nothing: no derivation, and none from its activity's used
                 fields[prefix + "recalled"] = "nothing"
+            digest = part.digests.get(entity)
+            if digest is not None:
+                fields[_DIGEST] = digest
             yield "entity", identifier, "", fields
             yield "wasGeneratedBy", identifier, prefix + activity.id, {}
             # a postprocess output without recall() derives from its activity's used (not repeated per output)
@@ -682,6 +691,7 @@ class Lineage:
         made_by: the PE instance (agent) whose activity generated each entity.
         restored: the checkpoints the run resumed from (its instances' ``aiod4p:restored_from_checkpoint``):
             what came before them is not recorded.
+        digests: each result's ``aiod4p:data_digest``, the digest of its value as ``--results`` writes it.
     """
 
     values: dict[str, str] = field(default_factory=dict)
@@ -689,6 +699,7 @@ class Lineage:
     parents: dict[str, list[str]] = field(default_factory=dict)
     made_by: dict[str, str] = field(default_factory=dict)
     restored: set[int] = field(default_factory=set)
+    digests: dict[str, str] = field(default_factory=dict)
 
     def results(self) -> list[str]:
         """The entities that are results of the run."""
@@ -711,8 +722,14 @@ class Lineage:
             if candidate in self.values or candidate in self.parents:
                 return [candidate]
         results = self.results()
-        reprs = {wanted, *_reprs_of_json(wanted)}
-        exact = [entity for entity in results if self.values.get(entity) in reprs]
+        # As --results writes it: JSON has arrays where the value may have had tuples, and lists for numpy's arrays
+        # (found by the digest of that JSON, which a result keeps)
+        candidates = _values_of_json(wanted)
+        reprs = {wanted, *(value_repr(one) for value in candidates for one in (value, _tuples(value)))}
+        digests = {data_digest(value) for value in candidates}
+        exact = [
+            entity for entity in results if self.values.get(entity) in reprs or self.digests.get(entity) in digests
+        ]
         if exact:
             return exact
         partial = [entity for entity in results if wanted in self.values.get(entity, "")]
@@ -756,17 +773,17 @@ class Lineage:
         return "\n".join(lines) + "\n"
 
 
-def _reprs_of_json(text: str) -> list[str]:
-    """The reprs, as an entity keeps them, of the value of result ``text`` written as JSON by ``--results`` (its
-    record, or the record's ``data``): JSON has arrays where the value may have had tuples; none if ``text`` is
-    not JSON."""
+def _values_of_json(text: str) -> list[Any]:
+    """The values result ``text`` may be, written as JSON by ``--results``: the value of its record's ``data``, and
+    the whole (a result may be a dict such as a record, or ``text`` that record's ``data``); none if ``text`` is not
+    JSON."""
     try:
         value = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested too deep to parse
         return []
     if isinstance(value, dict) and {"pe", "output", "data"} <= value.keys():
-        value = value["data"]
-    return [value_repr(value), value_repr(_tuples(value))]
+        return [value["data"], value]
+    return [value]
 
 
 def _tuples(value: Any) -> Any:
@@ -831,7 +848,11 @@ def _prov_lineage(doc: ProvDocument) -> Lineage:
         if isinstance(record, model.ProvEntity):
             attribute = record.get_attribute
             builder.entity(
-                str(record.identifier), attribute("prov:value"), attribute("prov:type"), attribute(_RECALLED)
+                str(record.identifier),
+                attribute("prov:value"),
+                attribute("prov:type"),
+                attribute(_RECALLED),
+                attribute(_DIGEST),
             )
         elif isinstance(record, model.ProvDerivation):
             builder.derived.setdefault(args[0], []).append(args[1])
@@ -862,6 +883,7 @@ def _json_lineage(document: object) -> Lineage:
             _json_values(attributes, "prov:value", where),
             _json_values(attributes, "prov:type", where),
             _json_values(attributes, _RECALLED, where),
+            _json_values(attributes, _DIGEST, where),
         )
     for _, attributes, where in _json_records(document, "wasDerivedFrom"):
         entity = _json_term(attributes, "prov:generatedEntity", where, required=True)
@@ -963,6 +985,9 @@ def _json_kind(value: object) -> str:
 
 
 _RECALLED = f"{NAMESPACE[0]}:recalled"
+_DIGEST = f"{NAMESPACE[0]}:data_digest"
+"""A result's attribute: the :func:`data_digest` of its value, by which ``--trace`` finds it by its ``--results``
+line."""
 _RESTORED = f"{NAMESPACE[0]}:restored_from_checkpoint"
 
 
@@ -977,10 +1002,18 @@ class _LineageBuilder:
         self.associated: dict[str, str] = {}
 
     def entity(
-        self, identifier: str, values: Iterable[object], kinds: Iterable[object], recalled: Iterable[object]
+        self,
+        identifier: str,
+        values: Iterable[object],
+        kinds: Iterable[object],
+        recalled: Iterable[object],
+        digests: Iterable[object],
     ) -> None:
         self.lineage.values[identifier] = next((str(v) for v in values), "")
         self.lineage.kinds[identifier] = next((str(v) for v in kinds), "")
+        digest = next((str(v) for v in digests), None)
+        if digest is not None:
+            self.lineage.digests[identifier] = digest
         if "nothing" in map(str, recalled):
             self.derived[identifier] = []  # written after recall() of states that held nothing
 

@@ -450,6 +450,50 @@ def test_cli_traces_a_result_as_results_writes_it(tmp_path: Path) -> None:
     assert missed.returncode == 1 and "no entity or result matches '[\"fox\", 4]'" in missed.stderr
 
 
+ODD_RESULTS_FLOW = numbers_flow(
+    """
+    import numpy as np
+
+    class Odd(IterativePE):
+        def process_item(self, item):
+            return [
+                np.arange(4, dtype=float), np.arange(2000), np.int64(7), np.float32(1.25), {"k": np.float64(2.5)},
+                {"a": [1, 2], "b": (1, 2)}, {(2, 3): "y", 1: "x"}, b"by\\x00tes", {"n": float("nan")}, "it's \\"7\\"",
+            ][item - 1]
+    """
+)
+
+
+@pytest.mark.parametrize(("mapping", "workers"), [("simple", "1"), ("multi", "2")])
+def test_cli_traces_every_result_as_results_writes_it(tmp_path: Path, mapping: str, workers: str) -> None:
+    # A result whose JSON is not its repr's (a numpy array or scalar, bytes, a dict with a tuple or with a tuple key)
+    # matched no result by its --results line, or (np.int64(7)'s 7) the wrong ones by a part of their repr.
+    (tmp_path / "odd.py").write_text(ODD_RESULTS_FLOW)
+    path, results = tmp_path / "odd.json", tmp_path / "results.jsonl"
+    done = cli("run", "odd.py", "-i", "10", "-m", mapping, "-n", workers, "-q", "--provenance", str(path),
+               "--results", str(results), cwd=tmp_path)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    lines = results.read_text().splitlines()
+    assert len(lines) == 10
+    lineage = aiod4p.read_lineage(str(path))
+    for line in lines:
+        source = lineage.values[lineage.sources(lineage.find(line)[0])[0]]
+        for wanted in (line, json.dumps(json.loads(line)["data"])):
+            found = lineage.find(wanted)
+            assert [lineage.sources(entity) for entity in found] == [lineage.sources(found[0])], (wanted, found)
+            assert lineage.values[lineage.sources(found[0])[0]] == source
+    traced = cli("provenance", str(path), "--trace", "[0, 1, 2, 3]", cwd=tmp_path)
+    assert traced.returncode == 1 and "no entity or result matches" in traced.stderr  # floats were written
+    traced = cli("provenance", str(path), "--trace", "7", cwd=tmp_path)  # np.int64(7)'s data, not a part of others
+    assert traced.returncode == 0, traced.stderr
+    assert [line.split(" = ")[1] for line in traced.stdout.splitlines() if not line.startswith(" ")] == [
+        "np.int64(7)  (made by " + lineage.made_by[lineage.find("np.int64(7)")[0]] + ")"
+    ]
+    # Without --results, nothing says that a result is written as its repr (the digest writes nothing).
+    quiet = cli("run", "odd.py", "-i", "10", "-m", mapping, "-n", workers, "--provenance", str(path), cwd=tmp_path)
+    assert quiet.returncode == 0 and "written as their repr" not in quiet.stderr, quiet.stderr
+
+
 @pytest.mark.parametrize("graph", ["word count", "evens"])
 def test_a_prov_json_file_reads_as_prov_reads_the_same_document(tmp_path: Path, graph: str) -> None:
     # PROV-JSON is read as JSON (prov took 28 s and 1 GB for a 54 MB file, against 2 s): the lineage is prov's.
