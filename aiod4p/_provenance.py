@@ -28,8 +28,10 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import shutil
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping
@@ -210,7 +212,7 @@ class _Part:
     instance: int
     worker: int
     level: str
-    annotations: dict[str, str] = field(default_factory=dict)
+    annotations: dict[str, Annotation] = field(default_factory=dict)
     items_in: dict[str, int] = field(default_factory=dict)
     items_out: dict[str, int] = field(default_factory=dict)
     inputs_from: list[tuple[str, str, str]] = field(default_factory=list)  # (source pe, its port, my port)
@@ -222,6 +224,22 @@ class _Part:
     # results' entity ids -> data_digest of their value (none for a value JSON cannot write)
     digests: dict[str, str] = field(default_factory=dict)
     restored: int | None = None  # the checkpoint the instance resumed from: what came before it is not recorded
+
+
+Annotation = str | bool | int | float
+"""An annotation's value as the file keeps it: a number or a boolean typed (``xsd:int``, ``xsd:double``,
+``xsd:boolean``), anything else as its ``str``."""
+
+
+def _annotation(value: Any) -> Annotation:
+    """``value`` as an annotation keeps it: a bool, int or float as it is (numpy's as Python's), else its ``str``."""
+    numpy = sys.modules.get("numpy")
+    if numpy is not None and isinstance(value, numpy.generic) and value.dtype.kind in "biuf":
+        value = value.item()
+    if type(value) in (bool, int, float):
+        kept: Annotation = value
+        return kept
+    return str(value)
 
 
 class ActorRecorder:
@@ -324,7 +342,7 @@ class ActorRecorder:
 
     # -- the PE's side ------------------------------------------------------
     def annotate(self, attributes: Mapping[str, Any]) -> None:
-        self.record.annotations.update({str(k): str(v) for k, v in attributes.items()})
+        self.record.annotations.update({str(k): _annotation(v) for k, v in attributes.items()})
 
     def remember(self, key: Hashable) -> None:
         if self.item_level and self.current is not None and self.current.used:
@@ -675,8 +693,20 @@ def _json_value(value: Any) -> Any:
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         from prov.model import canonical_xsd_datatype
 
-        return {"$": str(value), "type": str(canonical_xsd_datatype(value))}
+        return {
+            "$": _double_text(value) if isinstance(value, float) else str(value),
+            "type": str(canonical_xsd_datatype(value)),
+        }
     return value
+
+
+def _double_text(value: float) -> str:
+    """The ``xsd:double`` text of ``value``, as ``prov`` writes it: ``NaN``, ``INF``, ``-INF``, else its repr."""
+    if math.isnan(value):
+        return "NaN"
+    if math.isinf(value):
+        return "INF" if value > 0 else "-INF"
+    return float.__repr__(value)
 
 
 @dataclass

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import os
 import re
 import subprocess
@@ -150,6 +151,42 @@ def test_annotation_names_that_prov_writes_are_kept(tmp_path: Path) -> None:
         path = aiod4p.write_provenance(stats, str(tmp_path / "run.provn"))
         aiod4p.write_provenance(stats, str(tmp_path / "run.json"))
     assert "http://seis-prov.eu/ns" in Path(path).read_text()
+
+
+class AnnotatesWithNumbers(ProducerPE):
+    def preprocess(self) -> None:
+        import numpy as np
+
+        self.annotate(threshold=0.5, stations=24, dry_run=False, gain=np.float32(1.5), seed=np.int64(2017), ok=np.True_)
+        self.annotate(missing=float("nan"), version="1.0", path=Path("in.csv"))
+
+    def produce(self) -> str:
+        return "row"
+
+
+@pytest.mark.parametrize("mapping", ["async", "multi"])
+def test_annotations_keep_numbers_and_booleans_typed(tmp_path: Path, mapping: str) -> None:
+    # threshold=0.5 was written "0.5", a string: a PROV query for the runs with threshold > 0.4 found none.
+    graph = WorkflowGraph()
+    graph.add(AnnotatesWithNumbers())
+    _, stats = run_recorded(graph, 1, mapping, 1 if mapping == "multi" else None, "item")
+    kept = {
+        "threshold": 0.5, "stations": 24, "dry_run": False, "gain": 1.5, "seed": 2017, "ok": True, "version": "1.0",
+        "path": "in.csv",
+    }  # fmt: skip
+    for extension in (".json", ".provn", ".xml"):
+        path = aiod4p.write_provenance(stats, str(tmp_path / f"run{extension}"))
+        doc = prov_model.ProvDocument.deserialize(source=path, format=extension[1:])
+        agents = doc.get_records(prov_model.ProvAgent)
+        agent = next(record for record in agents if str(record.identifier).endswith(".0"))
+        got = {name.localpart: value for name, value in agent.attributes if name.namespace.prefix == "aiod4p"}
+        values = {name: got[name].value if isinstance(got[name], prov_model.Literal) else got[name] for name in kept}
+        assert {name: (type(value), value) for name, value in values.items()} == {
+            name: (type(value), value) for name, value in kept.items()
+        }, extension
+        missing = got["missing"]
+        assert math.isnan(float(getattr(missing, "value", missing))), extension
+    assert '"aiod4p:missing": {"$": "NaN", "type": "xsd:double"}' in (tmp_path / "run.json").read_text()  # as prov
 
 
 def test_a_prov_json_file_keeps_a_value_that_is_not_valid_utf8(tmp_path: Path) -> None:
