@@ -485,6 +485,24 @@ def test_cli_records_traces_and_draws(tmp_path: Path) -> None:
     assert all(synopsis in (ROOT / doc).read_text() for doc in ("README.md", "docs/cli.md"))
 
 
+def test_cli_listing_of_a_level_pe_file_says_it_holds_no_items(tmp_path: Path) -> None:
+    # It said "9 entities, 0 results" alone, as if the run had given no results.
+    workflow = Path(__file__).resolve()
+    path = tmp_path / "wc.json"
+    done = cli("run", f"{workflow}:word_count_graph", "-i", "1", "-q", "--provenance", str(path),
+               "--provenance-level", "pe", cwd=tmp_path)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    listing = cli("provenance", str(path), cwd=tmp_path)
+    assert listing.returncode == 0, listing.stderr
+    assert listing.stdout == (
+        f"{path}: 3 entities, 0 results\n  recorded at level pe: each PE's streams and each instance's counts, not the"
+        " items nor the results (--provenance-level item records them, to trace a result)\n"
+    )
+    item = tmp_path / "item.json"
+    cli("run", f"{workflow}:word_count_graph", "-i", "1", "-q", "--provenance", str(item), cwd=tmp_path)
+    assert "level pe" not in cli("provenance", str(item), cwd=tmp_path).stdout
+
+
 def test_cli_traces_a_result_as_results_writes_it(tmp_path: Path) -> None:
     # A result copied from the --results file, ["fox", 3], matched no result: --trace took only the repr, ('fox', 3).
     workflow = Path(__file__).resolve()
