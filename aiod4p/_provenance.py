@@ -31,6 +31,7 @@ import logging
 import math
 import os
 import shutil
+import socket
 import sys
 import tempfile
 import time
@@ -642,7 +643,8 @@ def _replacing(path: str) -> Iterator[TextIO]:
             with open(path, "w", encoding="utf-8") as out:
                 yield out
             return
-        temporary = os.path.join(directory, f".{name}.tmp-{os.getpid()}")
+        _remove_stale_temporaries(directory, name)
+        temporary = os.path.join(directory, f"{_temporary_prefix(name)}{os.getpid()}")
         try:
             with open(temporary, "w", encoding="utf-8") as out:
                 yield out
@@ -653,6 +655,40 @@ def _replacing(path: str) -> Iterator[TextIO]:
             with contextlib.suppress(OSError):
                 os.unlink(temporary)
             raise
+
+
+def _temporary_prefix(name: str) -> str:
+    """The name, but for the writer's process id, of the temporary file that :func:`_replacing` writes file ``name``
+    as on this host."""
+    return f".{name}.tmp-{socket.gethostname()}-"
+
+
+def _remove_stale_temporaries(directory: str, name: str) -> None:
+    """Remove the temporary files of ``name`` in ``directory`` that writers on this host left when they were killed
+    (SIGKILL, the OOM killer: a large run's was hundreds of MB, hidden): those whose process is gone."""
+    prefix = _temporary_prefix(name)
+    try:
+        entries = os.listdir(directory)
+    except OSError:
+        return
+    for entry in entries:
+        pid = entry[len(prefix) :]
+        if entry.startswith(prefix) and pid.isdigit() and not _running(int(pid)):
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(directory, entry))
+
+
+def _running(pid: int) -> bool:
+    """Whether process ``pid`` may run on this host (one of another user's too; where it cannot be told, it may)."""
+    if os.name != "posix":  # os.kill(pid, 0) would end it
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (OSError, OverflowError):  # PermissionError: it runs, as another user; OverflowError: no process id
+        return True
+    return True
 
 
 def _write_json(records: Iterable[_Record], out: TextIO, spool: str) -> None:

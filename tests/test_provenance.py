@@ -823,6 +823,26 @@ def test_a_trace_lists_its_sources_in_their_order() -> None:
     assert sorted(ids, key=_natural) == [f"aiod4p:Read0.0.{n}" for n in (0, 9, 10, 100, 1000)]
 
 
+@pytest.mark.skipif(os.name != "posix", reason="process ids told by os.kill(pid, 0)")
+def test_a_provenance_file_removes_what_a_killed_writer_left(tmp_path: Path) -> None:
+    # A run killed (SIGKILL) while it wrote its provenance file left `.run.json.tmp-<pid>`, hidden, as large as the
+    # file (100 MB for a large run), and every such run one more. The next write of that file removes those of
+    # processes that are gone; a live writer's, and another file's, stay.
+    import socket
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    prefix = f".run.json.tmp-{socket.gethostname()}-"
+    left, live = tmp_path / f"{prefix}{int(gone.stdout)}", tmp_path / f"{prefix}{os.getppid()}"
+    other, odd = tmp_path / f".other.json.tmp-{socket.gethostname()}-{int(gone.stdout)}", tmp_path / f"{prefix}x1"
+    for path in (left, live, other, odd):
+        path.write_text("half a document")
+    graph = WorkflowGraph()
+    graph.add(AnnotatesWithNames())
+    _, stats = run_recorded(graph, 1, "async", None, "pe")
+    aiod4p.write_provenance(stats, str(tmp_path / "run.json"))
+    assert sorted(path.name for path in tmp_path.iterdir()) == sorted(["run.json", live.name, other.name, odd.name])
+
+
 @pytest.mark.skipif(os.name != "posix", reason="symbolic links and modes")
 def test_a_provenance_file_behind_a_link_is_written_in_place_and_keeps_its_mode(tmp_path: Path) -> None:
     """A provenance file is replaced by a renamed one beside it: a symbolic link was replaced by a regular file
