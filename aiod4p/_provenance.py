@@ -45,6 +45,7 @@ from ._groupings import KeyRouter, Router
 from ._install import install_hint
 from ._plan import check_provenance_level
 from ._results import ResultSink, data_digest
+from ._sizes import approximate_size
 from ._tagged import Tagged
 from ._visual import dot_escape
 from .errors import Aiod4pError, GraphError, writing
@@ -66,6 +67,11 @@ HELD_CALLS_WARNING = 1_000_000
 """Calls an instance records at level ``item`` before the run warns, once per process, that its records are all held
 in memory until the run ends (about 1 kB a call with its items: an endless run grows without bound)."""
 _warned_of_held_calls = False
+
+DIGESTED_BYTES = 1 << 20
+"""The largest result (as :func:`approximate_size` counts it) whose JSON's digest is kept (``aiod4p:data_digest``),
+by which ``--trace`` finds it by its ``--results`` line: a larger one's JSON, megabytes, costs its encoding again
+for each result, and is no command-line argument (Linux takes 128 kB at most)."""
 
 
 def value_repr(value: Any) -> str:
@@ -387,7 +393,7 @@ class ActorRecorder:
                 entity = f"{self.prefix}.{self.count}"
                 self.count += 1
                 entities.append((entity, self.current_index, port, value_repr(value), self.derived))
-                if port in self.result_ports:
+                if port in self.result_ports and approximate_size(value)[0] <= DIGESTED_BYTES:
                     with contextlib.suppress(ValueError, RecursionError):  # --results cannot write it either
                         self.record.digests[entity] = data_digest(value)
                 buffer[position] = Tagged(entity, value)

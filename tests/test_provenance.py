@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 
 import aiod4p
 from aiod4p import GenericPE, IterativePE, PlanOptions, ProducerPE, Results, WorkflowGraph, group_by
-from aiod4p._provenance import _TERMS, Tagged, _replacing, value_repr
+from aiod4p._provenance import _TERMS, DIGESTED_BYTES, Tagged, _replacing, value_repr
 
 prov_model = pytest.importorskip(
     "prov.model", reason="provenance needs the prov package: pip install 'aiod4p[provenance]'"
@@ -562,6 +562,26 @@ def test_cli_traces_every_result_as_results_writes_it(tmp_path: Path, mapping: s
     # Without --results, nothing says that a result is written as its repr (the digest writes nothing).
     quiet = cli("run", "odd.py", "-i", "10", "-m", mapping, "-n", workers, "--provenance", str(path), cwd=tmp_path)
     assert quiet.returncode == 0 and "written as their repr" not in quiet.stderr, quiet.stderr
+
+
+class SmallAndLargeArrays(ProducerPE):
+    def produce(self) -> Any:
+        import numpy as np
+
+        yield np.arange(3.0)
+        yield np.zeros(DIGESTED_BYTES // 8 + 1)
+
+
+def test_a_result_keeps_the_digest_of_its_json_up_to_a_size(tmp_path: Path) -> None:
+    # The digest costs the result's JSON once more: a result of megabytes, which no command line can pass to
+    # --trace, keeps none (it is still found by its repr).
+    graph = WorkflowGraph()
+    graph.add(SmallAndLargeArrays())
+    _, stats = run_recorded(graph, 1, "async", None, "item")
+    lineage = aiod4p.read_lineage(aiod4p.write_provenance(stats, str(tmp_path / "run.json")))
+    small, large = sorted(lineage.results(), key=lambda entity: int(entity.rsplit(".", 1)[1]))
+    assert set(lineage.digests) == {small}
+    assert lineage.find("[0.0, 1.0, 2.0]") == [small] and lineage.find("array([0., 0., 0., ...") == [large]
 
 
 @pytest.mark.parametrize("graph", ["word count", "evens"])
