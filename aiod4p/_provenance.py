@@ -794,11 +794,8 @@ class Lineage:
             if candidate in self.values or candidate in self.parents:
                 return [candidate]
         results = self.results()
-        # As --results writes it: JSON has arrays where the value may have had tuples, and lists for numpy's arrays
-        # (found by the digest of that JSON, which a result keeps)
-        candidates = _values_of_json(wanted)
-        reprs = {wanted, *(value_repr(one) for value in candidates for one in (value, _tuples(value)))}
-        digests = {data_digest(value) for value in candidates}
+        reprs, digests = _forms_of_json(wanted)
+        reprs.add(wanted)
         exact = [
             entity for entity in results if self.values.get(entity) in reprs or self.digests.get(entity) in digests
         ]
@@ -845,17 +842,21 @@ class Lineage:
         return "\n".join(lines) + "\n"
 
 
-def _values_of_json(text: str) -> list[Any]:
-    """The values result ``text`` may be, written as JSON by ``--results``: the value of its record's ``data``, and
-    the whole (a result may be a dict such as a record, or ``text`` that record's ``data``); none if ``text`` is not
-    JSON."""
+def _forms_of_json(text: str) -> tuple[set[str], set[str]]:
+    """The reprs (as an entity keeps them) and the :func:`data_digest` of the values that result ``text`` may be,
+    written as JSON by ``--results``: its record's ``data``, and the whole (a result may be a dict such as a record,
+    or ``text`` that record's ``data``). JSON has arrays where the value may have had tuples (both are tried), and
+    lists for numpy's arrays (found by the digest, which a result keeps). None if ``text`` is not JSON, or is nested
+    deeper than Python recurses."""
     try:
         value = json.loads(text)
-    except (ValueError, RecursionError):  # RecursionError: nested too deep to parse
-        return []
-    if isinstance(value, dict) and {"pe", "output", "data"} <= value.keys():
-        return [value["data"], value]
-    return [value]
+        values = (
+            [value["data"], value] if isinstance(value, dict) and {"pe", "output", "data"} <= value.keys() else [value]
+        )
+        reprs = {value_repr(one) for candidate in values for one in (candidate, _tuples(candidate))}
+        return reprs, {data_digest(candidate) for candidate in values}
+    except (ValueError, RecursionError):
+        return set(), set()
 
 
 def _tuples(value: Any) -> Any:

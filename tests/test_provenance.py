@@ -564,6 +564,14 @@ def test_cli_traces_every_result_as_results_writes_it(tmp_path: Path, mapping: s
     assert quiet.returncode == 0 and "written as their repr" not in quiet.stderr, quiet.stderr
 
 
+def test_a_trace_of_json_nested_too_deep_matches_nothing_without_a_traceback(tmp_path: Path) -> None:
+    # --trace '[[[...]]]' 900 deep parsed, then ended in a RecursionError traceback making its tuples' form.
+    lineage = aiod4p.read_lineage(str(record(tmp_path, "simple", None)))
+    for depth in (900, 5000):
+        with pytest.raises(aiod4p.Aiod4pError, match=r"^no entity or result matches '\[\[\["):
+            lineage.find("[" * depth + "]" * depth)
+
+
 class SmallAndLargeArrays(ProducerPE):
     def produce(self) -> Any:
         import numpy as np
