@@ -8,6 +8,7 @@ import contextlib
 import ctypes
 import dataclasses
 import functools
+import logging
 import operator
 import signal
 import sys
@@ -33,6 +34,8 @@ from ._stats import InstanceStats
 from .errors import Aiod4pError, GraphError, InputError, MappingUnavailable
 from .mappings import BaseMapping, RunControl, get_mapping
 from .sources import LiveFeed
+
+logger = logging.getLogger("aiod4p")
 
 __all__ = ["WorkflowRun", "run", "run_async", "run_blocking", "start"]
 
@@ -458,7 +461,15 @@ async def _run_draining_on_cancel(
     graph: WorkflowGraph, inputs: Inputs, keep_drained: Callable[[Results], None], **options: Any
 ) -> Results:
     """:func:`run_async`, handing the results of a run drained on cancellation to ``keep_drained`` before the
-    cancellation propagates."""
+    cancellation propagates. Recording provenance, which it cannot return, says so on the ``aiod4p`` logger."""
+    if options.get("provenance") is not None:
+        logger.warning(
+            "aiod4p.run(provenance=%r) records provenance and returns the results only, so the provenance is lost:"
+            " record it with `async with aiod4p.start(..., provenance=%r) as run:` and then"
+            ' aiod4p.write_provenance(run.stats, "run.json") (docs/provenance.md, From Python)',
+            options["provenance"],
+            options["provenance"],
+        )
     async with start(graph, inputs, **options) as workflow:
         try:
             return await workflow.results()

@@ -1263,6 +1263,11 @@ def _science_command(args: argparse.Namespace) -> int:
     if args.trace is None:
         results = lineage.results()
         print(f"{args.file}: {len(lineage.values)} entities, {len(results)} results")
+        if not results and lineage.kinds and all(kind.endswith(":Stream") for kind in lineage.kinds.values()):
+            print(
+                "  recorded at level pe: each PE's streams and each instance's counts, not the items nor the"
+                " results (--provenance-level item records them, to trace a result)"
+            )
         if lineage.restored:
             print(restored)
         for entity in results[:20]:

@@ -80,6 +80,8 @@ def plot_stats(path: str | Path, output: str | Path) -> Path:
     window (a 25th of the run, at least 4 sampling intervals) of the
     cumulative figures, linearly interpolated between samples. Busy time is in
     percent of one core, summed over a PE's instances (so it may exceed 100).
+    The title names the mapping, the workers, the run's length and, for a run
+    that failed or was aborted (``"finished": false``), that it did not finish.
 
     Raises:
         Aiod4pError: as :func:`load_samples`, or the picture cannot be written.
@@ -106,6 +108,8 @@ def plot_stats(path: str | Path, output: str | Path) -> Path:
     busy_axes.set_xlabel(f"seconds since the start (averaged over {window:.2f} s)")
     workers = document.get("workers")
     title = f"{document.get('mapping') or ''}, {workers} worker{'s' if workers != 1 else ''}, {end:.2f} s"
+    if document.get("finished") is False:  # failed or aborted: the figures stop there
+        title += ", did not finish"
     rate_axes.set_title(f"Per-PE throughput and busy time ({title})")
     rate_axes.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
     figure.tight_layout()

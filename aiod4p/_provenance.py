@@ -28,8 +28,11 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import shutil
+import socket
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping
@@ -41,7 +44,8 @@ from ._frames import short_repr
 from ._groupings import KeyRouter, Router
 from ._install import install_hint
 from ._plan import check_provenance_level
-from ._results import ResultSink
+from ._results import ResultSink, data_digest
+from ._sizes import approximate_size
 from ._tagged import Tagged
 from ._visual import dot_escape
 from .errors import Aiod4pError, GraphError, writing
@@ -63,6 +67,11 @@ HELD_CALLS_WARNING = 1_000_000
 """Calls an instance records at level ``item`` before the run warns, once per process, that its records are all held
 in memory until the run ends (about 1 kB a call with its items: an endless run grows without bound)."""
 _warned_of_held_calls = False
+
+DIGESTED_BYTES = 1 << 20
+"""The largest result (as :func:`approximate_size` counts it) whose JSON's digest is kept (``aiod4p:data_digest``),
+by which ``--trace`` finds it by its ``--results`` line: a larger one's JSON, megabytes, costs its encoding again
+for each result, and is no command-line argument (Linux takes 128 kB at most)."""
 
 
 def value_repr(value: Any) -> str:
@@ -210,7 +219,7 @@ class _Part:
     instance: int
     worker: int
     level: str
-    annotations: dict[str, str] = field(default_factory=dict)
+    annotations: dict[str, Annotation] = field(default_factory=dict)
     items_in: dict[str, int] = field(default_factory=dict)
     items_out: dict[str, int] = field(default_factory=dict)
     inputs_from: list[tuple[str, str, str]] = field(default_factory=list)  # (source pe, its port, my port)
@@ -219,7 +228,25 @@ class _Part:
     entities: list[tuple[str, int, str, str, tuple[str, ...] | None]] = field(default_factory=list)
     sources: list[tuple[str, str]] = field(default_factory=list)  # feed elements: (entity id, repr)
     result_ports: list[str] = field(default_factory=list)
+    # results' entity ids -> data_digest of their value (none for a value JSON cannot write)
+    digests: dict[str, str] = field(default_factory=dict)
     restored: int | None = None  # the checkpoint the instance resumed from: what came before it is not recorded
+
+
+Annotation = str | bool | int | float
+"""An annotation's value as the file keeps it: a number or a boolean typed (``xsd:int``, ``xsd:double``,
+``xsd:boolean``), anything else as its ``str``."""
+
+
+def _annotation(value: Any) -> Annotation:
+    """``value`` as an annotation keeps it: a bool, int or float as it is (numpy's as Python's), else its ``str``."""
+    numpy = sys.modules.get("numpy")
+    if numpy is not None and isinstance(value, numpy.generic) and value.dtype.kind in "biuf":
+        value = value.item()
+    if type(value) in (bool, int, float):
+        kept: Annotation = value
+        return kept
+    return str(value)
 
 
 class ActorRecorder:
@@ -239,6 +266,7 @@ class ActorRecorder:
         self.record = _Part(ref.pe, type(actor.pe).__name__, ref.index, worker.worker_id, worker.level)
         self.record.inputs_from = sorted(set(inputs_from))
         self.record.result_ports = sorted(plan.result_ports.get(ref.pe, []))
+        self.result_ports = frozenset(self.record.result_ports)
         self.prefix = f"{ref.pe}.{ref.index}"
         self.count = 0
         # The index in the feed of the next feed element (a restored run's starts where its checkpoint's feed
@@ -321,7 +349,7 @@ class ActorRecorder:
 
     # -- the PE's side ------------------------------------------------------
     def annotate(self, attributes: Mapping[str, Any]) -> None:
-        self.record.annotations.update({str(k): str(v) for k, v in attributes.items()})
+        self.record.annotations.update({str(k): _annotation(v) for k, v in attributes.items()})
 
     def remember(self, key: Hashable) -> None:
         if self.item_level and self.current is not None and self.current.used:
@@ -365,6 +393,9 @@ class ActorRecorder:
                 entity = f"{self.prefix}.{self.count}"
                 self.count += 1
                 entities.append((entity, self.current_index, port, value_repr(value), self.derived))
+                if port in self.result_ports and approximate_size(value)[0] <= DIGESTED_BYTES:
+                    with contextlib.suppress(ValueError, RecursionError):  # --results cannot write it either
+                        self.record.digests[entity] = data_digest(value)
                 buffer[position] = Tagged(entity, value)
                 counts = self.record.items_out
                 counts[port] = counts.get(port, 0) + 1
@@ -491,6 +522,9 @@ def _records(found: list[_Part]) -> Iterable[_Record]:
             fields: dict[str, Any] = {"prov:value": value, "prov:type": kind, prefix + "port": port}
             if derived == ():  # recall() of states that hold nothing: no derivation, and none from its activity's used
                 fields[prefix + "recalled"] = "nothing"
+            digest = part.digests.get(entity)
+            if digest is not None:
+                fields[_DIGEST] = digest
             yield "entity", identifier, "", fields
             yield "wasGeneratedBy", identifier, prefix + activity.id, {}
             # a postprocess output without recall() derives from its activity's used (not repeated per output)
@@ -615,7 +649,8 @@ def _replacing(path: str) -> Iterator[TextIO]:
             with open(path, "w", encoding="utf-8") as out:
                 yield out
             return
-        temporary = os.path.join(directory, f".{name}.tmp-{os.getpid()}")
+        _remove_stale_temporaries(directory, name)
+        temporary = os.path.join(directory, f"{_temporary_prefix(name)}{os.getpid()}")
         try:
             with open(temporary, "w", encoding="utf-8") as out:
                 yield out
@@ -626,6 +661,40 @@ def _replacing(path: str) -> Iterator[TextIO]:
             with contextlib.suppress(OSError):
                 os.unlink(temporary)
             raise
+
+
+def _temporary_prefix(name: str) -> str:
+    """The name, but for the writer's process id, of the temporary file that :func:`_replacing` writes file ``name``
+    as on this host."""
+    return f".{name}.tmp-{socket.gethostname()}-"
+
+
+def _remove_stale_temporaries(directory: str, name: str) -> None:
+    """Remove the temporary files of ``name`` in ``directory`` that writers on this host left when they were killed
+    (SIGKILL, the OOM killer: a large run's was hundreds of MB, hidden): those whose process is gone."""
+    prefix = _temporary_prefix(name)
+    try:
+        entries = os.listdir(directory)
+    except OSError:
+        return
+    for entry in entries:
+        pid = entry[len(prefix) :]
+        if entry.startswith(prefix) and pid.isdigit() and not _running(int(pid)):
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(directory, entry))
+
+
+def _running(pid: int) -> bool:
+    """Whether process ``pid`` may run on this host (one of another user's too; where it cannot be told, it may)."""
+    if os.name != "posix":  # os.kill(pid, 0) would end it
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (OSError, OverflowError):  # PermissionError: it runs, as another user; OverflowError: no process id
+        return True
+    return True
 
 
 def _write_json(records: Iterable[_Record], out: TextIO, spool: str) -> None:
@@ -666,8 +735,20 @@ def _json_value(value: Any) -> Any:
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         from prov.model import canonical_xsd_datatype
 
-        return {"$": str(value), "type": str(canonical_xsd_datatype(value))}
+        return {
+            "$": _double_text(value) if isinstance(value, float) else str(value),
+            "type": str(canonical_xsd_datatype(value)),
+        }
     return value
+
+
+def _double_text(value: float) -> str:
+    """The ``xsd:double`` text of ``value``, as ``prov`` writes it: ``NaN``, ``INF``, ``-INF``, else its repr."""
+    if math.isnan(value):
+        return "NaN"
+    if math.isinf(value):
+        return "INF" if value > 0 else "-INF"
+    return float.__repr__(value)
 
 
 @dataclass
@@ -682,6 +763,7 @@ class Lineage:
         made_by: the PE instance (agent) whose activity generated each entity.
         restored: the checkpoints the run resumed from (its instances' ``aiod4p:restored_from_checkpoint``):
             what came before them is not recorded.
+        digests: each result's ``aiod4p:data_digest``, the digest of its value as ``--results`` writes it.
     """
 
     values: dict[str, str] = field(default_factory=dict)
@@ -689,6 +771,7 @@ class Lineage:
     parents: dict[str, list[str]] = field(default_factory=dict)
     made_by: dict[str, str] = field(default_factory=dict)
     restored: set[int] = field(default_factory=set)
+    digests: dict[str, str] = field(default_factory=dict)
 
     def results(self) -> list[str]:
         """The entities that are results of the run."""
@@ -711,8 +794,11 @@ class Lineage:
             if candidate in self.values or candidate in self.parents:
                 return [candidate]
         results = self.results()
-        reprs = {wanted, *_reprs_of_json(wanted)}
-        exact = [entity for entity in results if self.values.get(entity) in reprs]
+        reprs, digests = _forms_of_json(wanted)
+        reprs.add(wanted)
+        exact = [
+            entity for entity in results if self.values.get(entity) in reprs or self.digests.get(entity) in digests
+        ]
         if exact:
             return exact
         partial = [entity for entity in results if wanted in self.values.get(entity, "")]
@@ -756,17 +842,21 @@ class Lineage:
         return "\n".join(lines) + "\n"
 
 
-def _reprs_of_json(text: str) -> list[str]:
-    """The reprs, as an entity keeps them, of the value of result ``text`` written as JSON by ``--results`` (its
-    record, or the record's ``data``): JSON has arrays where the value may have had tuples; none if ``text`` is
-    not JSON."""
+def _forms_of_json(text: str) -> tuple[set[str], set[str]]:
+    """The reprs (as an entity keeps them) and the :func:`data_digest` of the values that result ``text`` may be,
+    written as JSON by ``--results``: its record's ``data``, and the whole (a result may be a dict such as a record,
+    or ``text`` that record's ``data``). JSON has arrays where the value may have had tuples (both are tried), and
+    lists for numpy's arrays (found by the digest, which a result keeps). None if ``text`` is not JSON, or is nested
+    deeper than Python recurses."""
     try:
         value = json.loads(text)
-    except ValueError:
-        return []
-    if isinstance(value, dict) and {"pe", "output", "data"} <= value.keys():
-        value = value["data"]
-    return [value_repr(value), value_repr(_tuples(value))]
+        values = (
+            [value["data"], value] if isinstance(value, dict) and {"pe", "output", "data"} <= value.keys() else [value]
+        )
+        reprs = {value_repr(one) for candidate in values for one in (candidate, _tuples(candidate))}
+        return reprs, {data_digest(candidate) for candidate in values}
+    except (ValueError, RecursionError):
+        return set(), set()
 
 
 def _tuples(value: Any) -> Any:
@@ -831,7 +921,11 @@ def _prov_lineage(doc: ProvDocument) -> Lineage:
         if isinstance(record, model.ProvEntity):
             attribute = record.get_attribute
             builder.entity(
-                str(record.identifier), attribute("prov:value"), attribute("prov:type"), attribute(_RECALLED)
+                str(record.identifier),
+                attribute("prov:value"),
+                attribute("prov:type"),
+                attribute(_RECALLED),
+                attribute(_DIGEST),
             )
         elif isinstance(record, model.ProvDerivation):
             builder.derived.setdefault(args[0], []).append(args[1])
@@ -862,6 +956,7 @@ def _json_lineage(document: object) -> Lineage:
             _json_values(attributes, "prov:value", where),
             _json_values(attributes, "prov:type", where),
             _json_values(attributes, _RECALLED, where),
+            _json_values(attributes, _DIGEST, where),
         )
     for _, attributes, where in _json_records(document, "wasDerivedFrom"):
         entity = _json_term(attributes, "prov:generatedEntity", where, required=True)
@@ -963,6 +1058,9 @@ def _json_kind(value: object) -> str:
 
 
 _RECALLED = f"{NAMESPACE[0]}:recalled"
+_DIGEST = f"{NAMESPACE[0]}:data_digest"
+"""A result's attribute: the :func:`data_digest` of its value, by which ``--trace`` finds it by its ``--results``
+line."""
 _RESTORED = f"{NAMESPACE[0]}:restored_from_checkpoint"
 
 
@@ -977,10 +1075,18 @@ class _LineageBuilder:
         self.associated: dict[str, str] = {}
 
     def entity(
-        self, identifier: str, values: Iterable[object], kinds: Iterable[object], recalled: Iterable[object]
+        self,
+        identifier: str,
+        values: Iterable[object],
+        kinds: Iterable[object],
+        recalled: Iterable[object],
+        digests: Iterable[object],
     ) -> None:
         self.lineage.values[identifier] = next((str(v) for v in values), "")
         self.lineage.kinds[identifier] = next((str(v) for v in kinds), "")
+        digest = next((str(v) for v in digests), None)
+        if digest is not None:
+            self.lineage.digests[identifier] = digest
         if "nothing" in map(str, recalled):
             self.derived[identifier] = []  # written after recall() of states that held nothing
 

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextvars
 import datetime
 import functools
+import hashlib
 import json
 import logging
 import numbers
@@ -16,7 +18,7 @@ from typing import Any, NamedTuple, Protocol, overload
 from ._sizes import approximate_batch_size, approximate_size
 from .errors import Aiod4pError
 
-__all__ = ["QueueSink", "ResultRecord", "ResultSink", "Results", "record_line"]
+__all__ = ["QueueSink", "ResultRecord", "ResultSink", "Results", "data_digest", "record_line"]
 
 logger = logging.getLogger("aiod4p")
 
@@ -52,14 +54,37 @@ def record_line(record: ResultRecord) -> str:
         Aiod4pError: JSON cannot write ``record.data`` (it holds itself, or is nested deeper than Python
             recurses), naming the PE and port.
     """
-    head = _record_head(record.pe, record.port)
     try:
-        if approximate_size(record.data)[0] < _LARGE:
-            return head + _encode_value(record.data) + "}\n"
-        return "".join([head, *_pieces(record.data, _WALKED_DEPTH), "}\n"])
+        return "".join([_record_head(record.pe, record.port), *_data_pieces(record.data), "}\n"])
     except (ValueError, RecursionError) as exc:
         what = f"a result of PE {record.pe} on port {record.port}"
         raise Aiod4pError(f"{what} cannot be written as JSON: {exc}") from None
+
+
+def data_digest(data: Any) -> str:
+    """A digest of ``data``'s JSON as :func:`record_line` writes it (its record's ``data``), without the warnings of
+    a type written as its repr. The value ``json.loads`` reads back from that JSON has the same digest (JSON
+    written so is written alike again), so a result written by ``--results`` is found by its line.
+
+    Raises:
+        ValueError, RecursionError: JSON cannot write ``data`` (as :func:`record_line`).
+    """
+    token = _quiet.set(True)
+    try:
+        pieces = _data_pieces(data)
+    finally:
+        _quiet.reset(token)
+    digest = hashlib.blake2b(digest_size=16)
+    for piece in pieces:
+        digest.update(piece.encode("utf-8", "surrogatepass"))
+    return digest.hexdigest()
+
+
+def _data_pieces(data: Any) -> list[str]:
+    """The JSON of ``data`` as :func:`record_line` writes it, in pieces (see :func:`_pieces`)."""
+    if approximate_size(data)[0] < _LARGE:
+        return [_encode_value(data)]
+    return _pieces(data, _WALKED_DEPTH)
 
 
 _LARGE = 1 << 20  # bytes of a result (as approximate_size counts them) from which large arrays in it are looked for
@@ -209,8 +234,17 @@ _encode = json.JSONEncoder(default=_jsonable).encode
 """``json.dumps(value, default=_jsonable)``, with one encoder for every record: ``json.dumps`` makes one a call."""
 
 
-@functools.cache
+_quiet: contextvars.ContextVar[bool] = contextvars.ContextVar("aiod4p_results_quiet", default=False)
+"""Set while :func:`data_digest` encodes: no result is written then, so none is said to be written as its repr."""
+
+
 def _warn_repr(kind: str) -> None:
+    if not _quiet.get():
+        _warn_repr_once(kind)
+
+
+@functools.cache
+def _warn_repr_once(kind: str) -> None:
     logger.warning("results of type %s are written as their repr (JSON has no type for them)", kind)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import os
 import re
 import subprocess
@@ -22,7 +23,7 @@ from hypothesis import strategies as st
 
 import aiod4p
 from aiod4p import GenericPE, IterativePE, PlanOptions, ProducerPE, Results, WorkflowGraph, group_by
-from aiod4p._provenance import _TERMS, Tagged, _replacing, value_repr
+from aiod4p._provenance import _TERMS, DIGESTED_BYTES, Tagged, _replacing, value_repr
 
 prov_model = pytest.importorskip(
     "prov.model", reason="provenance needs the prov package: pip install 'aiod4p[provenance]'"
@@ -150,6 +151,42 @@ def test_annotation_names_that_prov_writes_are_kept(tmp_path: Path) -> None:
         path = aiod4p.write_provenance(stats, str(tmp_path / "run.provn"))
         aiod4p.write_provenance(stats, str(tmp_path / "run.json"))
     assert "http://seis-prov.eu/ns" in Path(path).read_text()
+
+
+class AnnotatesWithNumbers(ProducerPE):
+    def preprocess(self) -> None:
+        import numpy as np
+
+        self.annotate(threshold=0.5, stations=24, dry_run=False, gain=np.float32(1.5), seed=np.int64(2017), ok=np.True_)
+        self.annotate(missing=float("nan"), version="1.0", path=Path("in.csv"))
+
+    def produce(self) -> str:
+        return "row"
+
+
+@pytest.mark.parametrize("mapping", ["async", "multi"])
+def test_annotations_keep_numbers_and_booleans_typed(tmp_path: Path, mapping: str) -> None:
+    # threshold=0.5 was written "0.5", a string: a PROV query for the runs with threshold > 0.4 found none.
+    graph = WorkflowGraph()
+    graph.add(AnnotatesWithNumbers())
+    _, stats = run_recorded(graph, 1, mapping, 1 if mapping == "multi" else None, "item")
+    kept = {
+        "threshold": 0.5, "stations": 24, "dry_run": False, "gain": 1.5, "seed": 2017, "ok": True, "version": "1.0",
+        "path": "in.csv",
+    }  # fmt: skip
+    for extension in (".json", ".provn", ".xml"):
+        path = aiod4p.write_provenance(stats, str(tmp_path / f"run{extension}"))
+        doc = prov_model.ProvDocument.deserialize(source=path, format=extension[1:])
+        agents = doc.get_records(prov_model.ProvAgent)
+        agent = next(record for record in agents if str(record.identifier).endswith(".0"))
+        got = {name.localpart: value for name, value in agent.attributes if name.namespace.prefix == "aiod4p"}
+        values = {name: got[name].value if isinstance(got[name], prov_model.Literal) else got[name] for name in kept}
+        assert {name: (type(value), value) for name, value in values.items()} == {
+            name: (type(value), value) for name, value in kept.items()
+        }, extension
+        missing = got["missing"]
+        assert math.isnan(float(getattr(missing, "value", missing))), extension
+    assert '"aiod4p:missing": {"$": "NaN", "type": "xsd:double"}' in (tmp_path / "run.json").read_text()  # as prov
 
 
 def test_a_prov_json_file_keeps_a_value_that_is_not_valid_utf8(tmp_path: Path) -> None:
@@ -366,6 +403,21 @@ def test_prov_n_and_prov_xml_by_extension(tmp_path: Path) -> None:
         assert lineage == aiod4p.read_lineage(xml)
 
 
+def test_run_says_that_the_provenance_it_records_is_lost(caplog: pytest.LogCaptureFixture) -> None:
+    # aiod4p.run(graph, provenance="item") recorded it and returned the results only: in a notebook, a scientist's
+    # provenance was thrown away without a word.
+    with caplog.at_level("WARNING", logger="aiod4p"):
+        results = aiod4p.run(word_count(), 1, provenance="item")
+    assert ("fox", 3) in results.data()
+    lost = [record.getMessage() for record in caplog.records if "provenance is lost" in record.getMessage()]
+    assert len(lost) == 1 and "aiod4p.start(..., provenance='item')" in lost[0], caplog.text
+    assert "aiod4p.write_provenance(run.stats" in lost[0]
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="aiod4p"):
+        aiod4p.run(word_count(), 1)
+    assert not caplog.records
+
+
 def test_off_records_nothing() -> None:
     results, stats = run_recorded(word_count(), 1, "async", 2, None)
     assert all(entry.provenance is None for entry in stats)
@@ -433,6 +485,24 @@ def test_cli_records_traces_and_draws(tmp_path: Path) -> None:
     assert all(synopsis in (ROOT / doc).read_text() for doc in ("README.md", "docs/cli.md"))
 
 
+def test_cli_listing_of_a_level_pe_file_says_it_holds_no_items(tmp_path: Path) -> None:
+    # It said "9 entities, 0 results" alone, as if the run had given no results.
+    workflow = Path(__file__).resolve()
+    path = tmp_path / "wc.json"
+    done = cli("run", f"{workflow}:word_count_graph", "-i", "1", "-q", "--provenance", str(path),
+               "--provenance-level", "pe", cwd=tmp_path)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    listing = cli("provenance", str(path), cwd=tmp_path)
+    assert listing.returncode == 0, listing.stderr
+    assert listing.stdout == (
+        f"{path}: 3 entities, 0 results\n  recorded at level pe: each PE's streams and each instance's counts, not the"
+        " items nor the results (--provenance-level item records them, to trace a result)\n"
+    )
+    item = tmp_path / "item.json"
+    cli("run", f"{workflow}:word_count_graph", "-i", "1", "-q", "--provenance", str(item), cwd=tmp_path)
+    assert "level pe" not in cli("provenance", str(item), cwd=tmp_path).stdout
+
+
 def test_cli_traces_a_result_as_results_writes_it(tmp_path: Path) -> None:
     # A result copied from the --results file, ["fox", 3], matched no result: --trace took only the repr, ('fox', 3).
     workflow = Path(__file__).resolve()
@@ -448,6 +518,78 @@ def test_cli_traces_a_result_as_results_writes_it(tmp_path: Path) -> None:
         assert "3 sources" in traced.stdout
     missed = cli("provenance", str(path), "--trace", '["fox", 4]', cwd=tmp_path)
     assert missed.returncode == 1 and "no entity or result matches '[\"fox\", 4]'" in missed.stderr
+
+
+ODD_RESULTS_FLOW = numbers_flow(
+    """
+    import numpy as np
+
+    class Odd(IterativePE):
+        def process_item(self, item):
+            return [
+                np.arange(4, dtype=float), np.arange(2000), np.int64(7), np.float32(1.25), {"k": np.float64(2.5)},
+                {"a": [1, 2], "b": (1, 2)}, {(2, 3): "y", 1: "x"}, b"by\\x00tes", {"n": float("nan")}, "it's \\"7\\"",
+            ][item - 1]
+    """
+)
+
+
+@pytest.mark.parametrize(("mapping", "workers"), [("simple", "1"), ("multi", "2")])
+def test_cli_traces_every_result_as_results_writes_it(tmp_path: Path, mapping: str, workers: str) -> None:
+    # A result whose JSON is not its repr's (a numpy array or scalar, bytes, a dict with a tuple or with a tuple key)
+    # matched no result by its --results line, or (np.int64(7)'s 7) the wrong ones by a part of their repr.
+    (tmp_path / "odd.py").write_text(ODD_RESULTS_FLOW)
+    path, results = tmp_path / "odd.json", tmp_path / "results.jsonl"
+    done = cli("run", "odd.py", "-i", "10", "-m", mapping, "-n", workers, "-q", "--provenance", str(path),
+               "--results", str(results), cwd=tmp_path)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    lines = results.read_text().splitlines()
+    assert len(lines) == 10
+    lineage = aiod4p.read_lineage(str(path))
+    for line in lines:
+        source = lineage.values[lineage.sources(lineage.find(line)[0])[0]]
+        for wanted in (line, json.dumps(json.loads(line)["data"])):
+            found = lineage.find(wanted)
+            assert [lineage.sources(entity) for entity in found] == [lineage.sources(found[0])], (wanted, found)
+            assert lineage.values[lineage.sources(found[0])[0]] == source
+    traced = cli("provenance", str(path), "--trace", "[0, 1, 2, 3]", cwd=tmp_path)
+    assert traced.returncode == 1 and "no entity or result matches" in traced.stderr  # floats were written
+    traced = cli("provenance", str(path), "--trace", "7", cwd=tmp_path)  # np.int64(7)'s data, not a part of others
+    assert traced.returncode == 0, traced.stderr
+    assert [line.split(" = ")[1] for line in traced.stdout.splitlines() if not line.startswith(" ")] == [
+        "np.int64(7)  (made by " + lineage.made_by[lineage.find("np.int64(7)")[0]] + ")"
+    ]
+    # Without --results, nothing says that a result is written as its repr (the digest writes nothing).
+    quiet = cli("run", "odd.py", "-i", "10", "-m", mapping, "-n", workers, "--provenance", str(path), cwd=tmp_path)
+    assert quiet.returncode == 0 and "written as their repr" not in quiet.stderr, quiet.stderr
+
+
+def test_a_trace_of_json_nested_too_deep_matches_nothing_without_a_traceback(tmp_path: Path) -> None:
+    # --trace '[[[...]]]' 900 deep parsed, then ended in a RecursionError traceback making its tuples' form.
+    lineage = aiod4p.read_lineage(str(record(tmp_path, "simple", None)))
+    for depth in (900, 5000):
+        with pytest.raises(aiod4p.Aiod4pError, match=r"^no entity or result matches '\[\[\["):
+            lineage.find("[" * depth + "]" * depth)
+
+
+class SmallAndLargeArrays(ProducerPE):
+    def produce(self) -> Any:
+        import numpy as np
+
+        yield np.arange(3.0)
+        yield np.zeros(DIGESTED_BYTES // 8 + 1)
+
+
+def test_a_result_keeps_the_digest_of_its_json_up_to_a_size(tmp_path: Path) -> None:
+    # The digest costs the result's JSON once more: a result of megabytes, which no command line can pass to
+    # --trace, keeps none (it is still found by its repr).
+    graph = WorkflowGraph()
+    graph.add(SmallAndLargeArrays())
+    _, stats = run_recorded(graph, 1, "async", None, "item")
+    lineage = aiod4p.read_lineage(aiod4p.write_provenance(stats, str(tmp_path / "run.json")))
+    small, large = sorted(lineage.results(), key=lambda entity: int(entity.rsplit(".", 1)[1]))
+    assert set(lineage.digests) == {small}
+    assert lineage.find("[0.0, 1.0, 2.0]") == [small] and lineage.find("array([0., 0., 0., ...") == [large]
 
 
 @pytest.mark.parametrize("graph", ["word count", "evens"])
@@ -707,6 +849,26 @@ def test_a_trace_lists_its_sources_in_their_order() -> None:
 
     ids = [f"aiod4p:Read0.0.{n}" for n in (10, 9, 100, 1000, 0)]
     assert sorted(ids, key=_natural) == [f"aiod4p:Read0.0.{n}" for n in (0, 9, 10, 100, 1000)]
+
+
+@pytest.mark.skipif(os.name != "posix", reason="process ids told by os.kill(pid, 0)")
+def test_a_provenance_file_removes_what_a_killed_writer_left(tmp_path: Path) -> None:
+    # A run killed (SIGKILL) while it wrote its provenance file left `.run.json.tmp-<pid>`, hidden, as large as the
+    # file (100 MB for a large run), and every such run one more. The next write of that file removes those of
+    # processes that are gone; a live writer's, and another file's, stay.
+    import socket
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    prefix = f".run.json.tmp-{socket.gethostname()}-"
+    left, live = tmp_path / f"{prefix}{int(gone.stdout)}", tmp_path / f"{prefix}{os.getppid()}"
+    other, odd = tmp_path / f".other.json.tmp-{socket.gethostname()}-{int(gone.stdout)}", tmp_path / f"{prefix}x1"
+    for path in (left, live, other, odd):
+        path.write_text("half a document")
+    graph = WorkflowGraph()
+    graph.add(AnnotatesWithNames())
+    _, stats = run_recorded(graph, 1, "async", None, "pe")
+    aiod4p.write_provenance(stats, str(tmp_path / "run.json"))
+    assert sorted(path.name for path in tmp_path.iterdir()) == sorted(["run.json", live.name, other.name, odd.name])
 
 
 @pytest.mark.skipif(os.name != "posix", reason="symbolic links and modes")

@@ -272,6 +272,26 @@ def test_one_command_runs_an_example_and_its_statistics_plot(tmp_path: Path) -> 
     assert (tmp_path / "stats.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.parametrize("finished", [True, False])
+def test_stats_plot_of_a_run_that_did_not_finish_says_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, finished: bool
+) -> None:
+    # A run that failed midway or was aborted drew as a finished one: nothing in the picture told it had stopped.
+    figure = pytest.importorskip("matplotlib.figure")
+    from aiod4p._plot import plot_stats
+
+    titles: list[str] = []
+    monkeypatch.setattr(figure.Figure, "savefig", lambda drawn, _: titles.append(drawn.axes[0].get_title()))
+    stats = tmp_path / "stats.json"
+    samples = [{"t": 0.25, "pes": {"Count0": [1, 5, 0.1]}}, {"t": 0.5, "pes": {"Count0": [1, 9, 0.2]}}]
+    stats.write_text(json.dumps({"mapping": "multi", "workers": 2, "finished": finished, "pes": {"Count0": {}},
+                                 "samples": samples}))  # fmt: skip
+    plot_stats(stats, tmp_path / "stats.png")
+    assert titles == [
+        f"Per-PE throughput and busy time (multi, 2 workers, 0.50 s{'' if finished else ', did not finish'})"
+    ]
+
+
 def test_stats_plot_errors_name_the_file(tmp_path: Path) -> None:
     missing = cli("stats", "plot", str(tmp_path / "none.json"), "-o", str(tmp_path / "x.png"), cwd=tmp_path)
     assert missing.returncode == 1 and "cannot read statistics file" in missing.stderr
