@@ -336,6 +336,85 @@ def test_an_address_with_no_ray_head_fails_at_once_saying_why(tmp_path: Path) ->
             assert process.stderr.count("\n") == 1, process.stderr
 
 
+# What a head started with RAY_AUTH_MODE=token answers a call without its token: an HTTP/2 SETTINGS frame, then the
+# call's headers, with gRPC's status 16 (UNAUTHENTICATED), and the end of the call (as Ray 2.60's GCS sends them).
+_UNAUTHENTICATED_REPLY = (
+    bytes.fromhex("000000040000000000")
+    + bytes.fromhex("00006a010500000001")
+    + (
+        b"\x88@\x0ccontent-type\x10application/grpc\x00\x0bgrpc-status\x0216"
+        b"\x00\x0cgrpc-message>InvalidAuthToken: Authentication token is missing or incorrect"
+    )
+)
+
+
+@contextlib.contextmanager
+def _head_requiring_a_token() -> Iterator[tuple[str, list[bytes]]]:
+    """The address of a fake head that answers every call as one requiring a token it is never given, and the
+    requests it received."""
+    requests: list[bytes] = []
+    with socket.create_server(("127.0.0.1", 0)) as server:
+
+        def refuse_each() -> None:
+            with contextlib.suppress(OSError):
+                while True:
+                    connection = server.accept()[0]
+                    with connection:
+                        request = b""
+                        while not request.endswith(bytes.fromhex("000005000100000001") + bytes(5)):
+                            if not (piece := connection.recv(65536)):
+                                break
+                            request += piece
+                        requests.append(request)
+                        connection.sendall(_UNAUTHENTICATED_REPLY)
+
+        refuser = threading.Thread(target=refuse_each, daemon=True)
+        refuser.start()
+        try:
+            yield f"127.0.0.1:{server.getsockname()[1]}", requests
+        finally:
+            server.shutdown(socket.SHUT_RDWR)  # ends the accept
+            refuser.join()
+
+
+@pytest.mark.parametrize(
+    ("auth", "why"),
+    [
+        (
+            {"RAY_AUTH_MODE": "disabled"},
+            "the cluster requires token authentication, and this process sends no token (RAY_AUTH_MODE is not"
+            " 'token'): set RAY_AUTH_MODE=token, and the cluster's token in RAY_AUTH_TOKEN or in a file named by"
+            " RAY_AUTH_TOKEN_PATH (default ~/.ray/auth_token)",
+        ),
+        (
+            {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "not-the-clusters-token-0123456789"},
+            "the cluster rejected this process's authentication token (RAY_AUTH_TOKEN, else the file named by"
+            " RAY_AUTH_TOKEN_PATH, else ~/.ray/auth_token): give the cluster's token there",
+        ),
+        ({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": "/nonexistent/token"}, "RAY_AUTH_TOKEN_PATH is set but"),
+    ],
+    ids=["no-token", "wrong-token", "token-file-missing"],
+)
+def test_a_head_requiring_a_token_this_process_lacks_fails_at_once_saying_so(
+    tmp_path: Path, auth: dict[str, str], why: str
+) -> None:
+    # Ray retried the call for 20 s, printing "Unauthenticated" warnings, then the run failed with "cannot join the
+    # Ray cluster at HOST:PORT: Failed to connect to Ray cluster at OTHER-IP:PORT", saying nothing of the token; with
+    # RAY_AUTH_MODE=token and no token, Ray's AuthenticationError ended aiod4p with a traceback.
+    flow = tmp_path / "flow.py"
+    flow.write_text(FLOW)
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("RAY_ADDRESS", "RAY_AUTH"))}
+    with _head_requiring_a_token() as (address, requests):
+        process = aiod4p_cli("run", str(flow), "-m", "ray", "--address", address, env={**env, **auth}, timeout=30)
+    assert process.returncode == 1, process.stderr
+    assert process.stderr.startswith(f"aiod4p: error: cannot join the Ray cluster at {address}: {why}"), process.stderr
+    assert process.stderr.count("\n") == 1, process.stderr
+    token = auth.get("RAY_AUTH_TOKEN")
+    assert [token is not None and f"Bearer {token}".encode() in request for request in requests] == [
+        token is not None
+    ] * len(requests)
+
+
 def test_a_signal_while_ray_init_waits_for_a_head_that_does_not_answer_aborts_at_once(tmp_path: Path) -> None:
     # A head whose GCS takes connections but answers no call (overloaded, or stopping): the signal ended
     # start-up, then the process waited for the thread still in ray.init, for minutes.
