@@ -63,6 +63,13 @@ class Die(IterativePE):
         return item
 
 
+class ReadsEnvironment(IterativePE):
+    """Emits the value of the environment variable ``AIOD4P_TEST_GREETING`` where it runs (``None``: unset)."""
+
+    def process_item(self, item: int) -> str | None:
+        return os.environ.get("AIOD4P_TEST_GREETING")
+
+
 class ReadsFactor(IterativePE):
     """Multiplies each item by the number in ``factor.txt``, a relative path."""
 
@@ -274,6 +281,125 @@ def test_classes_import_from_a_relative_sys_path_entry(
     pes = importlib.import_module("relative_entry_pes")
     results = aiod4p.run(_chain(pes.Triple()), 3, mapping="ray", workers=2)
     assert sorted(results.data()) == [0, 6, 12]
+
+
+# Each of its results: the greeting the workers' environment has, and the contents of ./note.txt where they run.
+GREETING_FLOW = numbers_flow(
+    """
+    import os
+
+    class Greeting(IterativePE):
+        def process_item(self, item):
+            note = open("note.txt").read() if os.path.exists("note.txt") else None
+            return os.environ.get("AIOD4P_TEST_GREETING"), note
+    """
+)
+
+
+def test_cli_runtime_env_reaches_the_workers(ray_cluster: RayCluster, tmp_path: Path) -> None:
+    # aiod4p run had no way to give the workers a runtime environment: on a cluster, the driver's environment
+    # variables do not reach them.
+    (tmp_path / "greeting_flow.py").write_text(GREETING_FLOW)
+    (tmp_path / "env.yaml").write_text("env_vars:\n  AIOD4P_TEST_GREETING: from the file  # a comment\n")
+    (tmp_path / "shipped").mkdir()
+    (tmp_path / "shipped" / "note.txt").write_text("shipped")
+    env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
+    common = ["run", "greeting_flow", "-m", "ray", "-n", "2", "--address", ray_cluster.address, "--results", "-", "-q"]
+    given = {
+        "--runtime-env-json": [*common, "--runtime-env-json", '{"env_vars": {"AIOD4P_TEST_GREETING": "hello"}}'],
+        "--runtime-env, --working-dir": [*common, "--runtime-env", "env.yaml", "--working-dir", "shipped"],
+    }
+    seen = {}
+    for how, command in given.items():
+        process = aiod4p_cli(*command, "-i", "4", env=env, cwd=tmp_path, timeout=55)
+        assert process.returncode == 0, process.stderr
+        seen[how] = {tuple(json.loads(line)["data"]) for line in process.stdout.splitlines()}
+    assert seen == {
+        "--runtime-env-json": {("hello", None)},
+        "--runtime-env, --working-dir": {("from the file", "shipped")},
+    }
+
+
+def test_cli_runtime_env_field_ray_does_not_know_is_warned_of(ray_cluster: RayCluster, tmp_path: Path) -> None:
+    # Ray takes an unknown field for a plugin's and ignores it: env_var for env_vars, and the variables were lost.
+    (tmp_path / "greeting_flow.py").write_text(GREETING_FLOW)
+    env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
+    typo = '{"env_var": {"AIOD4P_TEST_GREETING": "hello"}}'
+    command = ["run", "greeting_flow", "-m", "ray", "-n", "1", "--address", ray_cluster.address, "-i", "1"]
+    process = aiod4p_cli(*command, "--runtime-env-json", typo, env=env, cwd=tmp_path, timeout=55)
+    assert process.returncode == 0, process.stderr
+    assert "WARNING aiod4p.ray: the runtime environment's field 'env_var' is none of Ray's (conda, " in process.stderr
+    assert "env_vars, " in process.stderr
+
+
+def test_a_runtime_env_applies_when_ray_was_joined_before_the_run(ray_cluster: RayCluster) -> None:
+    # The mapping gave its runtime_env to ray.init only: joined already (a notebook's ray.init()), it was ignored.
+    graph = WorkflowGraph()
+    graph.connect(wf.Range(4), "output", reads := ReadsEnvironment(), "input")
+    ray.init(address=ray_cluster.address, runtime_env={"env_vars": {"AIOD4P_TEST_OTHER": "1"}})
+    try:
+        environment = {"env_vars": {"AIOD4P_TEST_GREETING": "hello"}}
+        results = aiod4p.run(graph, 1, mapping=RayMapping(runtime_env=environment), workers=2)
+        assert set(results.data(reads.id)) == {"hello"}
+        with pytest.raises(
+            ValueError, match=r"runtime_env \{'working_dir': '\.'\}: \. is not a valid URI\. .*give it to ray\.init"
+        ):
+            aiod4p.run(graph, 1, mapping=RayMapping(runtime_env={"working_dir": "."}), workers=2)
+    finally:
+        ray.shutdown()
+
+
+_NOT_A_MAPPING = (
+    "Ray's runtime environment is a mapping of fields (env_vars, pip, working_dir, py_modules, ...), and this is "
+)
+
+
+@pytest.mark.parametrize(
+    ("options", "error"),
+    [
+        (
+            ["--runtime-env-json", '{"env_vars": {"A": "1"}'],
+            "--runtime-env-json: not JSON: Expecting ',' delimiter: line 1 column 24 (char 23)",
+        ),
+        (
+            ["--runtime-env-json", "[]"],
+            f"--runtime-env-json: {_NOT_A_MAPPING}a list",
+        ),
+        (
+            ["--runtime-env-json", '{"env_vars": {"A": 1}}'],
+            "--runtime-env-json: runtime_env['env_vars'] must be of type Dict[str, str], but the value 1 is of type"
+            " <class 'int'>",
+        ),
+        (["--runtime-env", "missing.yaml"], "--runtime-env missing.yaml: No such file or directory"),
+        (
+            ["--runtime-env", "empty.yaml"],
+            f"--runtime-env empty.yaml: {_NOT_A_MAPPING}empty",
+        ),
+        (
+            ["--runtime-env", "bad.yaml"],
+            '--runtime-env bad.yaml: not YAML: while parsing a flow sequence\n  in "bad.yaml", line 2, column 6',
+        ),
+        (["--working-dir", "missing"], "--working-dir: missing is not a valid path"),
+        (["--runtime-env-json", "{}", "-m", "multi"], "--runtime-env-json applies to --mapping ray only"),
+        (["--working-dir", ".", "-m", "simple"], "--working-dir applies to --mapping ray only"),
+    ],
+    ids=["json", "json-list", "ray-refuses", "no-file", "empty-file", "yaml", "no-working-dir", "multi", "simple"],
+)
+def test_a_bad_runtime_env_is_a_usage_error_naming_the_option(tmp_path: Path, options: list[str], error: str) -> None:
+    (tmp_path / "flow.py").write_text(FLOW)
+    (tmp_path / "empty.yaml").write_text("")
+    (tmp_path / "bad.yaml").write_text("env_vars:\n  A: [1\n")
+    env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
+    process = aiod4p_cli("run", "flow.py", "-m", "ray", *options, env=env, cwd=tmp_path, timeout=55)
+    assert process.returncode == 2, process.stderr
+    assert process.stderr.startswith(f"aiod4p: error: {error}"), process.stderr
+
+
+def test_runtime_env_and_runtime_env_json_are_exclusive(tmp_path: Path) -> None:
+    (tmp_path / "flow.py").write_text(FLOW)
+    process = aiod4p_cli("run", "flow.py", "--runtime-env", "a.yaml", "--runtime-env-json", "{}", cwd=tmp_path)
+    assert process.returncode == 2
+    assert "argument --runtime-env-json: not allowed with argument --runtime-env" in process.stderr
 
 
 def test_cli_address_is_for_the_ray_mapping_only(tmp_path: Path) -> None:

@@ -41,7 +41,7 @@ if TYPE_CHECKING:
 if importlib.util.find_spec("ray") is None:  # the mapping's registry names the extra that brings it
     raise ModuleNotFoundError("No module named 'ray'", name="ray")
 
-__all__ = ["RayMapping"]
+__all__ = ["RayMapping", "check_runtime_env", "warn_of_unknown_fields"]
 
 OBJECT_STORE_MEMORY = 200 * 1024 * 1024  # bytes of a local Ray's object store
 PROBE_TIMEOUT = 5.0  # seconds the head's GCS port has to accept a connection and answer
@@ -55,6 +55,8 @@ _DATA, _HEADERS, _END_STREAM, _END_HEADERS = 0, 1, 0x1, 0x4  # HTTP/2 frame type
 # A gRPC status in a reply's headers, as a literal (gRPC's servers encode it so, not Huffman-coded)
 _GRPC_STATUS = re.compile(rb"grpc-status(?P<length>[\x01-\x7f])")
 _UNAUTHENTICATED = 16  # gRPC's status for a call without the server's token
+
+logger = logging.getLogger("aiod4p.ray")
 
 
 class RayMapping(HostedMapping):
@@ -143,6 +145,7 @@ class RayMapping(HostedMapping):
             logging.getLogger("ray").setLevel(logging.ERROR)
         options: dict[str, Any] = {"include_dashboard": False, "log_to_driver": True, "configure_logging": False}
         if self.runtime_env:
+            warn_of_unknown_fields(self.runtime_env)
             options["runtime_env"] = self.runtime_env
         if self._starts_local_ray():
             cpus = max(available_cpus(), math.ceil(workers * self.num_cpus))
@@ -162,6 +165,38 @@ class RayMapping(HostedMapping):
         except (ConnectionError, RuntimeError, ValueError, ray.exceptions.RayError) as exc:
             raise MappingUnavailable(f"cannot join the Ray cluster at {where}: {exc}") from exc
         return False
+
+
+def check_runtime_env(runtime_env: Mapping[str, Any]) -> list[str]:
+    """Check ``runtime_env`` as Ray will as the run starts; the fields it has that Ray does not know, which Ray
+    takes for a plugin's and ignores without one (``env_var`` for ``env_vars``: the variables never reach the
+    workers). Imports Ray.
+
+    Raises:
+        ValueError: a field has a value that Ray refuses (``env_vars`` that are not strings, a ``working_dir`` that
+            does not exist, ...), said as Ray says it.
+    """
+    from ray.runtime_env import RuntimeEnv
+
+    try:
+        RuntimeEnv(**runtime_env)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(str(exc)) from None
+    return sorted(set(runtime_env) - RuntimeEnv.known_fields)
+
+
+def warn_of_unknown_fields(runtime_env: Mapping[str, Any]) -> None:
+    """Check ``runtime_env`` (:func:`check_runtime_env`, which says what it raises), and warn of each field of it
+    that Ray does not know."""
+    from ray.runtime_env import RuntimeEnv
+
+    for field in check_runtime_env(runtime_env):
+        logger.warning(
+            "the runtime environment's field %r is none of Ray's (%s): Ray ignores it unless the cluster has a"
+            " runtime environment plugin of that name",
+            field,
+            ", ".join(sorted(name for name in RuntimeEnv.known_fields if not name.startswith("_"))),
+        )
 
 
 def _not_a_gcs(address: str) -> str | None:
