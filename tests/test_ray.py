@@ -462,26 +462,34 @@ def test_an_address_with_no_ray_head_fails_at_once_saying_why(tmp_path: Path) ->
             assert process.stderr.count("\n") == 1, process.stderr
 
 
-# What a head started with RAY_AUTH_MODE=token answers a call without its token: an HTTP/2 SETTINGS frame, then the
-# call's headers, with gRPC's status 16 (UNAUTHENTICATED), and the end of the call (as Ray 2.60's GCS sends them).
-_UNAUTHENTICATED_REPLY = (
-    bytes.fromhex("000000040000000000")
-    + bytes.fromhex("00006a010500000001")
-    + (
-        b"\x88@\x0ccontent-type\x10application/grpc\x00\x0bgrpc-status\x0216"
-        b"\x00\x0cgrpc-message>InvalidAuthToken: Authentication token is missing or incorrect"
-    )
+_SETTINGS = bytes.fromhex("000000040000000000")  # an HTTP/2 server's first frame: its (default) settings
+
+
+# What a head started with RAY_AUTH_MODE=token answers a call without its token: the call's headers, with gRPC's
+# status 16 (UNAUTHENTICATED), and the end of the call (as Ray 2.60's GCS sends them).
+def _ended_call(headers: bytes) -> bytes:
+    """An HTTP/2 HEADERS frame that answers stream 1 with ``headers`` (HPACK-coded) and ends it."""
+    return len(headers).to_bytes(3, "big") + bytes([1, 5]) + (1).to_bytes(4, "big") + headers
+
+
+_UNAUTHENTICATED_REPLY = _ended_call(
+    b"\x88@\x0ccontent-type\x10application/grpc\x00\x0bgrpc-status\x0216"
+    b"\x00\x0cgrpc-message>InvalidAuthToken: Authentication token is missing or incorrect"
 )
+# What another gRPC service answers (a raylet's port): status 12, UNIMPLEMENTED
+_UNIMPLEMENTED_REPLY = _ended_call(b"\x88@\x0ccontent-type\x10application/grpc@\x0bgrpc-status\x0212")
+# What an HTTP/2 server that is no gRPC one answers (a proxy): :status 404 (HPACK's static entry 13), and the end
+_NOT_FOUND_REPLY = _ended_call(b"\x8d")
 
 
 @contextlib.contextmanager
-def _head_requiring_a_token() -> Iterator[tuple[str, list[bytes]]]:
-    """The address of a fake head that answers every call as one requiring a token it is never given, and the
+def _answering(reply: bytes) -> Iterator[tuple[str, list[bytes]]]:
+    """The address of a fake HTTP/2 server that answers every call with ``reply`` (after its settings), and the
     requests it received."""
     requests: list[bytes] = []
     with socket.create_server(("127.0.0.1", 0)) as server:
 
-        def refuse_each() -> None:
+        def answer_each() -> None:
             with contextlib.suppress(OSError):
                 while True:
                     connection = server.accept()[0]
@@ -492,15 +500,39 @@ def _head_requiring_a_token() -> Iterator[tuple[str, list[bytes]]]:
                                 break
                             request += piece
                         requests.append(request)
-                        connection.sendall(_UNAUTHENTICATED_REPLY)
+                        connection.sendall(_SETTINGS + reply)
 
-        refuser = threading.Thread(target=refuse_each, daemon=True)
-        refuser.start()
+        answerer = threading.Thread(target=answer_each, daemon=True)
+        answerer.start()
         try:
             yield f"127.0.0.1:{server.getsockname()[1]}", requests
         finally:
             server.shutdown(socket.SHUT_RDWR)  # ends the accept
-            refuser.join()
+            answerer.join()
+
+
+def test_a_port_of_another_service_is_no_head_at_once(tmp_path: Path) -> None:
+    # Another gRPC service's port (a raylet's), or an HTTP/2 server's that is no gRPC one, passed the probe: Ray
+    # retried each for 20 s, then the run failed with "Failed to connect to Ray cluster at OTHER-IP:PORT"; a
+    # dashboard's address (as `ray job submit` takes) failed saying RAY_ADDRESS was set to it, when it was not.
+    flow = tmp_path / "flow.py"
+    flow.write_text(FLOW)
+    env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
+    for reply in (_UNIMPLEMENTED_REPLY, _NOT_FOUND_REPLY):
+        with _answering(reply) as (address, _):
+            process = aiod4p_cli("run", str(flow), "-m", "ray", "--address", address, env=env, timeout=30)
+        assert (process.returncode, process.stderr) == (
+            1,
+            f"aiod4p: error: cannot join the Ray cluster at {address}: that port is not a Ray head's (its GCS port,"
+            " 6379 unless `ray start --head --port` chose another)\n",
+        )
+    process = aiod4p_cli("run", str(flow), "-m", "ray", "--address", "http://127.0.0.1:8265", env=env, timeout=30)
+    assert (process.returncode, process.stderr) == (
+        1,
+        "aiod4p: error: cannot join the Ray cluster at http://127.0.0.1:8265: that is an HTTP address (the head's"
+        " dashboard, which `ray job submit` takes); the run joins the head's GCS: HOST:PORT (6379 unless `ray start"
+        " --head --port` chose another), or auto on a node of the cluster\n",
+    )
 
 
 @pytest.mark.parametrize(
@@ -530,7 +562,7 @@ def test_a_head_requiring_a_token_this_process_lacks_fails_at_once_saying_so(
     flow = tmp_path / "flow.py"
     flow.write_text(FLOW)
     env = {key: value for key, value in os.environ.items() if not key.startswith(("RAY_ADDRESS", "RAY_AUTH"))}
-    with _head_requiring_a_token() as (address, requests):
+    with _answering(_UNAUTHENTICATED_REPLY) as (address, requests):
         process = aiod4p_cli("run", str(flow), "-m", "ray", "--address", address, env={**env, **auth}, timeout=30)
     assert process.returncode == 1, process.stderr
     assert process.stderr.startswith(f"aiod4p: error: cannot join the Ray cluster at {address}: {why}"), process.stderr

@@ -54,7 +54,11 @@ _PROBED_CALL = "/ray.rpc.NodeInfoGcsService/GetClusterId"
 _DATA, _HEADERS, _END_STREAM, _END_HEADERS = 0, 1, 0x1, 0x4  # HTTP/2 frame types and flags
 # A gRPC status in a reply's headers, as a literal (gRPC's servers encode it so, not Huffman-coded)
 _GRPC_STATUS = re.compile(rb"grpc-status(?P<length>[\x01-\x7f])")
-_UNAUTHENTICATED = 16  # gRPC's status for a call without the server's token
+_UNIMPLEMENTED, _UNAUTHENTICATED = 12, 16  # gRPC's status for a call the server has not, or without its token
+_NOT_GRPC = -1  # the status of a call answered with an HTTP status other than 200: no gRPC server's answer
+# The first header of an answer with an HTTP status other than 200 (gRPC's), as HPACK's static table indexes it:
+# 204, 206, 304, 400, 404, 500
+_OTHER_HTTP_STATUSES = [bytes([index]) for index in range(0x89, 0x8F)]
 
 logger = logging.getLogger("aiod4p.ray")
 
@@ -210,6 +214,11 @@ def _not_a_gcs(address: str) -> str | None:
 
     Raises:
         ray.exceptions.AuthenticationError: this process asks for token authentication and has no token."""
+    if address.lower().startswith(("http://", "https://")):
+        return (
+            "that is an HTTP address (the head's dashboard, which `ray job submit` takes); the run joins the head's"
+            " GCS: HOST:PORT (6379 unless `ray start --head --port` chose another), or auto on a node of the cluster"
+        )
     if (found := _HOST_PORT.fullmatch(address)) is None or os.environ.get("RAY_USE_TLS", "0").lower() in ("1", "true"):
         return None
     token = _token_header()
@@ -229,9 +238,9 @@ def _not_a_gcs(address: str) -> str | None:
             return f"no answer within {PROBE_TIMEOUT:g} s"
         except OSError:  # the connection was reset: by a server that does not speak HTTP/2
             answer = None
-        if answer is None or answer[0] != 4:
-            return "that port is not a Ray head's (its GCS port, 6379 unless `ray start --head --port` chose another)"
-        status = _call_status(probe)
+        status = None if answer is None or answer[0] != 4 else _call_status(probe)
+    if answer is None or answer[0] != 4 or status in (_NOT_GRPC, _UNIMPLEMENTED):  # another service (gRPC, HTTP/2)
+        return "that port is not a Ray head's (its GCS port, 6379 unless `ray start --head --port` chose another)"
     if status != _UNAUTHENTICATED:
         return None
     if token is None:
@@ -325,8 +334,9 @@ def _received(connection: socket.socket, size: int) -> bytes | None:
 
 
 def _call_status(connection: socket.socket) -> int | None:
-    """The gRPC status the GCS answered the probe's call with (read from ``connection``), or ``None`` if it did
-    not answer it within :data:`PROBE_TIMEOUT` or said no status that can be read."""
+    """The gRPC status the GCS answered the probe's call with (read from ``connection``), :data:`_NOT_GRPC` if an
+    HTTP status other than 200 answered it, or ``None`` if nothing answered it within :data:`PROBE_TIMEOUT` or no
+    status can be read."""
     with contextlib.suppress(OSError):  # TimeoutError included: a busy head, left to ray.init
         while (frame := _frame(connection)) is not None:
             kind, flags, stream, payload = frame
@@ -334,6 +344,8 @@ def _call_status(connection: socket.socket) -> int | None:
                 if stream == 1 and flags & _END_STREAM:
                     return None
                 continue
+            if payload[:1] in _OTHER_HTTP_STATUSES:
+                return _NOT_GRPC
             if (found := _GRPC_STATUS.search(payload)) is not None:
                 value = payload[found.end() : found.end() + found["length"][0]]
                 return int(value) if value.isdigit() else None
