@@ -402,6 +402,46 @@ def test_runtime_env_and_runtime_env_json_are_exclusive(tmp_path: Path) -> None:
     assert "argument --runtime-env-json: not allowed with argument --runtime-env" in process.stderr
 
 
+# A workflow whose PE imports a module that only the driver has: the driver (AIOD4P_TEST_DRIVER set, which the
+# cluster's actors do not see) writes it, imports it and removes it.
+ONLY_HERE_FLOW = numbers_flow(
+    """
+    import os, shutil, sys, tempfile
+
+    if os.environ.get("AIOD4P_TEST_DRIVER"):
+        where = tempfile.mkdtemp()
+        with open(os.path.join(where, "only_here.py"), "w") as module:
+            module.write("def shout(text):\\n    return str(text).upper()\\n")
+        sys.path.insert(0, where)
+        import only_here
+        shutil.rmtree(where)
+    else:
+        import only_here
+
+    class Shout(IterativePE):
+        def process_item(self, item):
+            return only_here.shout(item)
+    """
+)
+
+
+def test_a_module_only_the_driver_has_fails_the_run_saying_how_to_ship_it(
+    ray_cluster: RayCluster, tmp_path: Path
+) -> None:
+    # The error said only "its PE classes must be importable there", and not how, on Ray, they are made so.
+    (tmp_path / "only_here_flow.py").write_text(ONLY_HERE_FLOW)
+    env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
+    command = ["run", "only_here_flow", "-m", "ray", "-n", "1", "--address", ray_cluster.address, "-i", "1"]
+    process = aiod4p_cli(*command, env={**env, "AIOD4P_TEST_DRIVER": "1"}, cwd=tmp_path, timeout=55)
+    assert (process.returncode, process.stderr) == (
+        1,
+        "aiod4p: error: Ray worker actor 0 cannot load the workflow (ModuleNotFoundError: No module named"
+        " 'only_here'); its PE classes must be importable there, on its node: install what they import on the"
+        " cluster's nodes, or ship the directories of the workflow's own modules (aiod4p run --working-dir DIR, or"
+        " a runtime environment's py_modules)\n",
+    )
+
+
 def test_cli_address_is_for_the_ray_mapping_only(tmp_path: Path) -> None:
     flow = tmp_path / "flow.py"
     flow.write_text(FLOW)
