@@ -354,6 +354,20 @@ _NOT_A_MAPPING = (
 )
 
 
+def test_a_runtime_env_ray_refuses_fails_the_run_naming_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Ray's own words only ("/nonexistent is not a valid path."), naming neither the runtime environment nor Ray.
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)  # checked before a local Ray would start: none starts
+    graph = WorkflowGraph()
+    graph.connect(wf.Range(4), "output", ReadsEnvironment(), "input")
+    mapping = RayMapping(runtime_env={"working_dir": "/nonexistent"})
+    with pytest.raises(ValueError) as raised:
+        aiod4p.run(graph, 1, mapping=mapping, workers=1)
+    assert str(raised.value) == (
+        "the Ray runtime environment {'working_dir': '/nonexistent'}: /nonexistent is not a valid path."
+    )
+    assert not ray.is_initialized()
+
+
 @pytest.mark.parametrize(
     ("options", "error"),
     [

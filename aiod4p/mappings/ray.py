@@ -190,11 +190,18 @@ def check_runtime_env(runtime_env: Mapping[str, Any]) -> list[str]:
 
 
 def warn_of_unknown_fields(runtime_env: Mapping[str, Any]) -> None:
-    """Check ``runtime_env`` (:func:`check_runtime_env`, which says what it raises), and warn of each field of it
-    that Ray does not know."""
+    """Check ``runtime_env`` as :func:`check_runtime_env` does, and warn of each field of it that Ray does not know.
+
+    Raises:
+        ValueError: a field has a value that Ray refuses, said naming ``runtime_env``.
+    """
     from ray.runtime_env import RuntimeEnv
 
-    for field in check_runtime_env(runtime_env):
+    try:
+        unknown = check_runtime_env(runtime_env)
+    except ValueError as exc:
+        raise ValueError(f"the Ray runtime environment {dict(runtime_env)}: {exc}") from None
+    for field in unknown:
         logger.warning(
             "the runtime environment's field %r is none of Ray's (%s): Ray ignores it unless the cluster has a"
             " runtime environment plugin of that name",
