@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import dataclasses
 import functools
+import json
 import os
 import re
 import shlex
@@ -24,6 +25,7 @@ from . import __version__
 from ._api import WorkflowRun, loop_factory, run_in_threads
 from ._checkpoint import Checkpointing, in_checkpoint_store
 from ._inputs import find_pe, parse_cli_inputs
+from ._install import install_hint
 from ._loading import load_workflow, split_target
 from ._logging import configure_logging
 from ._plan import DEFAULT_BATCH_SIZE, DEFAULT_CREDITS, PROVENANCE_LEVELS, make_plan
@@ -162,6 +164,29 @@ def _parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--nimbus", default=None, metavar="HOST:PORT", help="Storm's Nimbus (--mapping storm)")
     run.add_argument("--address", default=None, metavar="ADDR", help="the Ray cluster to join (--mapping ray)")
+    environment = run.add_mutually_exclusive_group()
+    environment.add_argument(
+        "--runtime-env",
+        type=_path,
+        default=None,
+        metavar="FILE",
+        help="--mapping ray: a YAML (or JSON) file of Ray's runtime environment for the workers (env_vars, pip,"
+        " working_dir, py_modules, ...), as ray job submit's",
+    )
+    environment.add_argument(
+        "--runtime-env-json",
+        default=None,
+        metavar="JSON",
+        help="--mapping ray: Ray's runtime environment for the workers as a JSON object, as ray job submit's",
+    )
+    run.add_argument(
+        "--working-dir",
+        type=_path,
+        default=None,
+        metavar="DIR",
+        help="--mapping ray: the runtime environment's working_dir (a directory shipped to the workers, or a URI),"
+        " over the one of --runtime-env[-json]",
+    )
     _add_debug_option(run)
     _add_checkpoint_options(run)
     seeing = run.add_argument_group("progress, statistics and logging")
@@ -424,11 +449,15 @@ def _run(args: argparse.Namespace) -> int:
         raise ValueError("--stats-json -: the results already go to stdout; give --results FILE, or --stats-json FILE")
     _check_files_apart(args)
     options = mapping_options(args)
-    if args.address is not None:
-        if args.mapping != "ray":
-            raise ValueError("--address applies to --mapping ray only")
-        options["address"] = args.address
+    options.update(_ray_options(args))
     mapping = get_mapping(args.mapping, **options)
+    if "runtime_env" in options:  # Ray is there (the mapping is): what Ray would refuse in the run, said now
+        from .mappings.ray import check_runtime_env
+
+        try:
+            check_runtime_env(options["runtime_env"])
+        except ValueError as exc:
+            raise ValueError(f"{_runtime_env_option(args)}: {exc}") from None
     if args.stdin is not None and not mapping.live_inputs:
         raise ValueError(
             f"--stdin: the {args.mapping} mapping stores its sources' inputs before the run starts, and cannot read"
@@ -475,6 +504,69 @@ def _run(args: argparse.Namespace) -> int:
                 f"aiod4p: --provenance: {args.provenance} not written{_earlier_file(args.provenance)}", file=sys.stderr
             )
     return status
+
+
+def _ray_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The ray mapping's options that ``args`` give (``address``, ``runtime_env``): its runtime environment is the
+    YAML file of ``--runtime-env`` or the JSON object of ``--runtime-env-json``, with ``--working-dir`` as its
+    ``working_dir``, as ``ray job submit`` makes it.
+
+    Raises:
+        ValueError: one is given for another mapping; the file cannot be read, or is not YAML; the JSON is not
+            JSON; either is not a mapping of fields.
+    """
+    given = [
+        option
+        for option, value in (
+            ("--address", args.address),
+            ("--runtime-env", args.runtime_env),
+            ("--runtime-env-json", args.runtime_env_json),
+            ("--working-dir", args.working_dir),
+        )
+        if value is not None
+    ]
+    if given and args.mapping != "ray":
+        raise ValueError(f"{given[0]} applies to --mapping ray only")
+    options: dict[str, Any] = {}
+    if args.address is not None:
+        options["address"] = args.address
+    if given in ([], ["--address"]):
+        return options
+    environment: object = {}
+    if args.runtime_env is not None:
+        try:
+            import yaml
+        except ImportError as exc:
+            raise ValueError(f"--runtime-env: reading it needs PyYAML, as Ray does: {install_hint('ray')}") from exc
+        try:
+            with open(args.runtime_env, encoding="utf-8") as file:
+                environment = yaml.safe_load(file)
+        except OSError as exc:
+            raise ValueError(f"--runtime-env {args.runtime_env}: {exc.strerror or exc}") from None
+        except (yaml.YAMLError, UnicodeDecodeError) as exc:
+            raise ValueError(f"--runtime-env {args.runtime_env}: not YAML: {exc}") from None
+    elif args.runtime_env_json is not None:
+        try:
+            environment = json.loads(args.runtime_env_json)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"--runtime-env-json: not JSON: {exc}") from None
+    if not isinstance(environment, dict):
+        what = "empty" if environment is None else f"a {type(environment).__name__}"
+        raise ValueError(
+            f"{_runtime_env_option(args)}: Ray's runtime environment is a mapping of fields (env_vars, pip,"
+            f" working_dir, py_modules, ...), and this is {what}"
+        )
+    if args.working_dir is not None:
+        environment["working_dir"] = args.working_dir
+    options["runtime_env"] = environment
+    return options
+
+
+def _runtime_env_option(args: argparse.Namespace) -> str:
+    """The option that gave the runtime environment, as an error names it."""
+    if args.runtime_env is not None:
+        return f"--runtime-env {args.runtime_env}"
+    return "--runtime-env-json" if args.runtime_env_json is not None else "--working-dir"
 
 
 def _check_outputs(args: argparse.Namespace) -> None:

@@ -63,6 +63,13 @@ class Die(IterativePE):
         return item
 
 
+class ReadsEnvironment(IterativePE):
+    """Emits the value of the environment variable ``AIOD4P_TEST_GREETING`` where it runs (``None``: unset)."""
+
+    def process_item(self, item: int) -> str | None:
+        return os.environ.get("AIOD4P_TEST_GREETING")
+
+
 class ReadsFactor(IterativePE):
     """Multiplies each item by the number in ``factor.txt``, a relative path."""
 
@@ -276,6 +283,179 @@ def test_classes_import_from_a_relative_sys_path_entry(
     assert sorted(results.data()) == [0, 6, 12]
 
 
+# Each of its results: the greeting the workers' environment has, and the contents of ./note.txt where they run.
+GREETING_FLOW = numbers_flow(
+    """
+    import os
+
+    class Greeting(IterativePE):
+        def process_item(self, item):
+            note = open("note.txt").read() if os.path.exists("note.txt") else None
+            return os.environ.get("AIOD4P_TEST_GREETING"), note
+    """
+)
+
+
+def test_cli_runtime_env_reaches_the_workers(ray_cluster: RayCluster, tmp_path: Path) -> None:
+    # aiod4p run had no way to give the workers a runtime environment: on a cluster, the driver's environment
+    # variables do not reach them.
+    (tmp_path / "greeting_flow.py").write_text(GREETING_FLOW)
+    (tmp_path / "env.yaml").write_text("env_vars:\n  AIOD4P_TEST_GREETING: from the file  # a comment\n")
+    (tmp_path / "shipped").mkdir()
+    (tmp_path / "shipped" / "note.txt").write_text("shipped")
+    env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
+    common = ["run", "greeting_flow", "-m", "ray", "-n", "2", "--address", ray_cluster.address, "--results", "-", "-q"]
+    given = {
+        "--runtime-env-json": [*common, "--runtime-env-json", '{"env_vars": {"AIOD4P_TEST_GREETING": "hello"}}'],
+        "--runtime-env, --working-dir": [*common, "--runtime-env", "env.yaml", "--working-dir", "shipped"],
+    }
+    seen = {}
+    for how, command in given.items():
+        process = aiod4p_cli(*command, "-i", "4", env=env, cwd=tmp_path, timeout=55)
+        assert process.returncode == 0, process.stderr
+        seen[how] = {tuple(json.loads(line)["data"]) for line in process.stdout.splitlines()}
+    assert seen == {
+        "--runtime-env-json": {("hello", None)},
+        "--runtime-env, --working-dir": {("from the file", "shipped")},
+    }
+
+
+def test_cli_runtime_env_field_ray_does_not_know_is_warned_of(ray_cluster: RayCluster, tmp_path: Path) -> None:
+    # Ray takes an unknown field for a plugin's and ignores it: env_var for env_vars, and the variables were lost.
+    (tmp_path / "greeting_flow.py").write_text(GREETING_FLOW)
+    env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
+    typo = '{"env_var": {"AIOD4P_TEST_GREETING": "hello"}}'
+    command = ["run", "greeting_flow", "-m", "ray", "-n", "1", "--address", ray_cluster.address, "-i", "1"]
+    process = aiod4p_cli(*command, "--runtime-env-json", typo, env=env, cwd=tmp_path, timeout=55)
+    assert process.returncode == 0, process.stderr
+    assert "WARNING aiod4p.ray: the runtime environment's field 'env_var' is none of Ray's (conda, " in process.stderr
+    assert "env_vars, " in process.stderr
+
+
+def test_a_runtime_env_applies_when_ray_was_joined_before_the_run(ray_cluster: RayCluster) -> None:
+    # The mapping gave its runtime_env to ray.init only: joined already (a notebook's ray.init()), it was ignored.
+    graph = WorkflowGraph()
+    graph.connect(wf.Range(4), "output", reads := ReadsEnvironment(), "input")
+    ray.init(address=ray_cluster.address, runtime_env={"env_vars": {"AIOD4P_TEST_OTHER": "1"}})
+    try:
+        environment = {"env_vars": {"AIOD4P_TEST_GREETING": "hello"}}
+        results = aiod4p.run(graph, 1, mapping=RayMapping(runtime_env=environment), workers=2)
+        assert set(results.data(reads.id)) == {"hello"}
+        with pytest.raises(
+            ValueError, match=r"runtime_env \{'working_dir': '\.'\}: \. is not a valid URI\. .*give it to ray\.init"
+        ):
+            aiod4p.run(graph, 1, mapping=RayMapping(runtime_env={"working_dir": "."}), workers=2)
+    finally:
+        ray.shutdown()
+
+
+_NOT_A_MAPPING = (
+    "Ray's runtime environment is a mapping of fields (env_vars, pip, working_dir, py_modules, ...), and this is "
+)
+
+
+def test_a_runtime_env_ray_refuses_fails_the_run_naming_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Ray's own words only ("/nonexistent is not a valid path."), naming neither the runtime environment nor Ray.
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)  # checked before a local Ray would start: none starts
+    graph = WorkflowGraph()
+    graph.connect(wf.Range(4), "output", ReadsEnvironment(), "input")
+    mapping = RayMapping(runtime_env={"working_dir": "/nonexistent"})
+    with pytest.raises(ValueError) as raised:
+        aiod4p.run(graph, 1, mapping=mapping, workers=1)
+    assert str(raised.value) == (
+        "the Ray runtime environment {'working_dir': '/nonexistent'}: /nonexistent is not a valid path."
+    )
+    assert not ray.is_initialized()
+
+
+@pytest.mark.parametrize(
+    ("options", "error"),
+    [
+        (
+            ["--runtime-env-json", '{"env_vars": {"A": "1"}'],
+            "--runtime-env-json: not JSON: Expecting ',' delimiter: line 1 column 24 (char 23)",
+        ),
+        (
+            ["--runtime-env-json", "[]"],
+            f"--runtime-env-json: {_NOT_A_MAPPING}a list",
+        ),
+        (
+            ["--runtime-env-json", '{"env_vars": {"A": 1}}'],
+            "--runtime-env-json: runtime_env['env_vars'] must be of type Dict[str, str], but the value 1 is of type"
+            " <class 'int'>",
+        ),
+        (["--runtime-env", "missing.yaml"], "--runtime-env missing.yaml: No such file or directory"),
+        (
+            ["--runtime-env", "empty.yaml"],
+            f"--runtime-env empty.yaml: {_NOT_A_MAPPING}empty",
+        ),
+        (
+            ["--runtime-env", "bad.yaml"],
+            '--runtime-env bad.yaml: not YAML: while parsing a flow sequence\n  in "bad.yaml", line 2, column 6',
+        ),
+        (["--working-dir", "missing"], "--working-dir: missing is not a valid path"),
+        (["--runtime-env-json", "{}", "-m", "multi"], "--runtime-env-json applies to --mapping ray only"),
+        (["--working-dir", ".", "-m", "simple"], "--working-dir applies to --mapping ray only"),
+    ],
+    ids=["json", "json-list", "ray-refuses", "no-file", "empty-file", "yaml", "no-working-dir", "multi", "simple"],
+)
+def test_a_bad_runtime_env_is_a_usage_error_naming_the_option(tmp_path: Path, options: list[str], error: str) -> None:
+    (tmp_path / "flow.py").write_text(FLOW)
+    (tmp_path / "empty.yaml").write_text("")
+    (tmp_path / "bad.yaml").write_text("env_vars:\n  A: [1\n")
+    env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
+    process = aiod4p_cli("run", "flow.py", "-m", "ray", *options, env=env, cwd=tmp_path, timeout=55)
+    assert process.returncode == 2, process.stderr
+    assert process.stderr.startswith(f"aiod4p: error: {error}"), process.stderr
+
+
+def test_runtime_env_and_runtime_env_json_are_exclusive(tmp_path: Path) -> None:
+    (tmp_path / "flow.py").write_text(FLOW)
+    process = aiod4p_cli("run", "flow.py", "--runtime-env", "a.yaml", "--runtime-env-json", "{}", cwd=tmp_path)
+    assert process.returncode == 2
+    assert "argument --runtime-env-json: not allowed with argument --runtime-env" in process.stderr
+
+
+# A workflow whose PE imports a module that only the driver has: the driver (AIOD4P_TEST_DRIVER set, which the
+# cluster's actors do not see) writes it, imports it and removes it.
+ONLY_HERE_FLOW = numbers_flow(
+    """
+    import os, shutil, sys, tempfile
+
+    if os.environ.get("AIOD4P_TEST_DRIVER"):
+        where = tempfile.mkdtemp()
+        with open(os.path.join(where, "only_here.py"), "w") as module:
+            module.write("def shout(text):\\n    return str(text).upper()\\n")
+        sys.path.insert(0, where)
+        import only_here
+        shutil.rmtree(where)
+    else:
+        import only_here
+
+    class Shout(IterativePE):
+        def process_item(self, item):
+            return only_here.shout(item)
+    """
+)
+
+
+def test_a_module_only_the_driver_has_fails_the_run_saying_how_to_ship_it(
+    ray_cluster: RayCluster, tmp_path: Path
+) -> None:
+    # The error said only "its PE classes must be importable there", and not how, on Ray, they are made so.
+    (tmp_path / "only_here_flow.py").write_text(ONLY_HERE_FLOW)
+    env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
+    command = ["run", "only_here_flow", "-m", "ray", "-n", "1", "--address", ray_cluster.address, "-i", "1"]
+    process = aiod4p_cli(*command, env={**env, "AIOD4P_TEST_DRIVER": "1"}, cwd=tmp_path, timeout=55)
+    assert (process.returncode, process.stderr) == (
+        1,
+        "aiod4p: error: Ray worker actor 0 cannot load the workflow (ModuleNotFoundError: No module named"
+        " 'only_here'); its PE classes must be importable there, on its node: install what they import on the"
+        " cluster's nodes, or ship the directories of the workflow's own modules (aiod4p run --working-dir DIR, or"
+        " a runtime environment's py_modules)\n",
+    )
+
+
 def test_cli_address_is_for_the_ray_mapping_only(tmp_path: Path) -> None:
     flow = tmp_path / "flow.py"
     flow.write_text(FLOW)
@@ -334,6 +514,117 @@ def test_an_address_with_no_ray_head_fails_at_once_saying_why(tmp_path: Path) ->
             assert process.returncode == 1, process.stderr
             assert process.stderr.startswith(f"aiod4p: error: cannot join the Ray cluster at {address}: {why}")
             assert process.stderr.count("\n") == 1, process.stderr
+
+
+_SETTINGS = bytes.fromhex("000000040000000000")  # an HTTP/2 server's first frame: its (default) settings
+
+
+# What a head started with RAY_AUTH_MODE=token answers a call without its token: the call's headers, with gRPC's
+# status 16 (UNAUTHENTICATED), and the end of the call (as Ray 2.60's GCS sends them).
+def _ended_call(headers: bytes) -> bytes:
+    """An HTTP/2 HEADERS frame that answers stream 1 with ``headers`` (HPACK-coded) and ends it."""
+    return len(headers).to_bytes(3, "big") + bytes([1, 5]) + (1).to_bytes(4, "big") + headers
+
+
+_UNAUTHENTICATED_REPLY = _ended_call(
+    b"\x88@\x0ccontent-type\x10application/grpc\x00\x0bgrpc-status\x0216"
+    b"\x00\x0cgrpc-message>InvalidAuthToken: Authentication token is missing or incorrect"
+)
+# What another gRPC service answers (a raylet's port): status 12, UNIMPLEMENTED
+_UNIMPLEMENTED_REPLY = _ended_call(b"\x88@\x0ccontent-type\x10application/grpc@\x0bgrpc-status\x0212")
+# What an HTTP/2 server that is no gRPC one answers (a proxy): :status 404 (HPACK's static entry 13), and the end
+_NOT_FOUND_REPLY = _ended_call(b"\x8d")
+
+
+@contextlib.contextmanager
+def _answering(reply: bytes) -> Iterator[tuple[str, list[bytes]]]:
+    """The address of a fake HTTP/2 server that answers every call with ``reply`` (after its settings), and the
+    requests it received."""
+    requests: list[bytes] = []
+    with socket.create_server(("127.0.0.1", 0)) as server:
+
+        def answer_each() -> None:
+            with contextlib.suppress(OSError):
+                while True:
+                    connection = server.accept()[0]
+                    with connection:
+                        request = b""
+                        while not request.endswith(bytes.fromhex("000005000100000001") + bytes(5)):
+                            if not (piece := connection.recv(65536)):
+                                break
+                            request += piece
+                        requests.append(request)
+                        connection.sendall(_SETTINGS + reply)
+
+        answerer = threading.Thread(target=answer_each, daemon=True)
+        answerer.start()
+        try:
+            yield f"127.0.0.1:{server.getsockname()[1]}", requests
+        finally:
+            server.shutdown(socket.SHUT_RDWR)  # ends the accept
+            answerer.join()
+
+
+def test_a_port_of_another_service_is_no_head_at_once(tmp_path: Path) -> None:
+    # Another gRPC service's port (a raylet's), or an HTTP/2 server's that is no gRPC one, passed the probe: Ray
+    # retried each for 20 s, then the run failed with "Failed to connect to Ray cluster at OTHER-IP:PORT"; a
+    # dashboard's address (as `ray job submit` takes) failed saying RAY_ADDRESS was set to it, when it was not.
+    flow = tmp_path / "flow.py"
+    flow.write_text(FLOW)
+    env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
+    for reply in (_UNIMPLEMENTED_REPLY, _NOT_FOUND_REPLY):
+        with _answering(reply) as (address, _):
+            process = aiod4p_cli("run", str(flow), "-m", "ray", "--address", address, env=env, timeout=30)
+        assert (process.returncode, process.stderr) == (
+            1,
+            f"aiod4p: error: cannot join the Ray cluster at {address}: that port is not a Ray head's (its GCS port,"
+            " 6379 unless `ray start --head --port` chose another)\n",
+        )
+    process = aiod4p_cli("run", str(flow), "-m", "ray", "--address", "http://127.0.0.1:8265", env=env, timeout=30)
+    assert (process.returncode, process.stderr) == (
+        1,
+        "aiod4p: error: cannot join the Ray cluster at http://127.0.0.1:8265: that is an HTTP address (the head's"
+        " dashboard, which `ray job submit` takes); the run joins the head's GCS: HOST:PORT (6379 unless `ray start"
+        " --head --port` chose another), or auto on a node of the cluster\n",
+    )
+
+
+@pytest.mark.parametrize(
+    ("auth", "why"),
+    [
+        (
+            {"RAY_AUTH_MODE": "disabled"},
+            "the cluster requires token authentication, and this process sends no token (RAY_AUTH_MODE is not"
+            " 'token'): set RAY_AUTH_MODE=token, and the cluster's token in RAY_AUTH_TOKEN or in a file named by"
+            " RAY_AUTH_TOKEN_PATH (default ~/.ray/auth_token)",
+        ),
+        (
+            {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "not-the-clusters-token-0123456789"},
+            "the cluster rejected this process's authentication token (RAY_AUTH_TOKEN, else the file named by"
+            " RAY_AUTH_TOKEN_PATH, else ~/.ray/auth_token): give the cluster's token there",
+        ),
+        ({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": "/nonexistent/token"}, "RAY_AUTH_TOKEN_PATH is set but"),
+    ],
+    ids=["no-token", "wrong-token", "token-file-missing"],
+)
+def test_a_head_requiring_a_token_this_process_lacks_fails_at_once_saying_so(
+    tmp_path: Path, auth: dict[str, str], why: str
+) -> None:
+    # Ray retried the call for 20 s, printing "Unauthenticated" warnings, then the run failed with "cannot join the
+    # Ray cluster at HOST:PORT: Failed to connect to Ray cluster at OTHER-IP:PORT", saying nothing of the token; with
+    # RAY_AUTH_MODE=token and no token, Ray's AuthenticationError ended aiod4p with a traceback.
+    flow = tmp_path / "flow.py"
+    flow.write_text(FLOW)
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("RAY_ADDRESS", "RAY_AUTH"))}
+    with _answering(_UNAUTHENTICATED_REPLY) as (address, requests):
+        process = aiod4p_cli("run", str(flow), "-m", "ray", "--address", address, env={**env, **auth}, timeout=30)
+    assert process.returncode == 1, process.stderr
+    assert process.stderr.startswith(f"aiod4p: error: cannot join the Ray cluster at {address}: {why}"), process.stderr
+    assert process.stderr.count("\n") == 1, process.stderr
+    token = auth.get("RAY_AUTH_TOKEN")
+    assert [token is not None and f"Bearer {token}".encode() in request for request in requests] == [
+        token is not None
+    ] * len(requests)
 
 
 def test_a_signal_while_ray_init_waits_for_a_head_that_does_not_answer_aborts_at_once(tmp_path: Path) -> None:

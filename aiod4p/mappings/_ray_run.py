@@ -29,7 +29,7 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -46,6 +46,7 @@ from ..transports.ray import DriverComm
 from ._base import RunControl
 from ._ray_worker import CONTROL, RayWorker
 from ._shipping import Job, ship, shipped_drained
+from .ray import warn_of_unknown_fields
 
 if TYPE_CHECKING:
     from .ray import RayMapping
@@ -89,10 +90,12 @@ class _Connection:
         self._actions: dict[int, bytes] = {}  # the signal actions before Ray was joined here, put back after
         self._closed = threading.Event()  # ends the thread that made the connection
         self._lock = threading.Lock()
+        # The runtime environment the connection was made with (None: made by the program, or none is open)
+        self.runtime_env: dict[str, Any] | None = None
 
-    def acquire(self, connect: Callable[[], bool]) -> None:
-        """Count one more run, calling ``connect`` (whether it started a local Ray) first if Ray is not
-        initialized."""
+    def acquire(self, connect: Callable[[], bool], runtime_env: Mapping[str, Any] | None = None) -> None:
+        """Count one more run, calling ``connect`` (whether it started a local Ray; it joins Ray with
+        ``runtime_env``) first if Ray is not initialized."""
         with self._lock:
             if self._users == 0 and not ray.is_initialized():
                 self._before = children({os.getpid()})
@@ -114,6 +117,7 @@ class _Connection:
                 # Ray's only: another thread's run may have started processes of its own meanwhile (multi's workers)
                 self._started = {pid for pid in children({os.getpid()}) - self._before if _of_ray(pid)}
                 self._owned = True
+                self.runtime_env = dict(runtime_env or {})
             self._users += 1
 
     def share(self) -> None:
@@ -130,6 +134,7 @@ class _Connection:
             self._users -= 1
             if self._users == 0 and self._owned:
                 self._owned = self.local = False
+                self.runtime_env = None
                 tree = pidfds(descendants(self._started))
                 # SIGTERM's action is the program's since the connection was made (acquire put it back): one it
                 # installed or took out meanwhile is what Ray's disconnection must not undo, not the one before.
@@ -273,7 +278,7 @@ class RayRun:
         handover = _Handover()
 
         def acquire() -> None:
-            _CONNECTION.acquire(functools.partial(self.mapping._connect, self.plan.workers))
+            _CONNECTION.acquire(functools.partial(self.mapping._connect, self.plan.workers), self.mapping.runtime_env)
             handover.joined()
 
         # Stopped meanwhile, the process waits (the loop's executor, as it closes) for a local Ray to start, and
@@ -365,6 +370,11 @@ class RayRun:
         options: dict[str, Any] = {"num_cpus": mapping.num_cpus, "max_restarts": 0}
         if mapping.resources:
             options["resources"] = mapping.resources
+        if mapping.runtime_env and mapping.runtime_env != _CONNECTION.runtime_env:
+            # Ray was joined without it (by the program, or by another run): the actors' own, which Ray merges
+            # into the job's, as it does for any actor's. Ray takes no local working_dir or py_modules here.
+            warn_of_unknown_fields(mapping.runtime_env)
+            options["runtime_env"] = mapping.runtime_env
         # Every worker's share in one reservation, made at once or not at all: two runs on too small a
         # cluster would otherwise each start some of their actors and wait forever for the rest.
         share = {name: amount for name, amount in {"CPU": mapping.num_cpus, **mapping.resources}.items() if amount}
@@ -386,7 +396,14 @@ class RayRun:
             self.group = placement_group([share] * n, strategy="SPREAD")
             places = [PlacementGroupSchedulingStrategy(self.group, placement_group_bundle_index=i) for i in range(n)]
         for wid, place in enumerate(places):
-            self.actors.append(_RemoteWorker.options(**options, scheduling_strategy=place).remote(wid))
+            try:
+                actor = _RemoteWorker.options(**options, scheduling_strategy=place)
+            except (TypeError, ValueError) as exc:  # the runtime environment Ray takes only with ray.init
+                raise ValueError(
+                    f"runtime_env {mapping.runtime_env}: {str(exc).rstrip('.')}; Ray was joined before the run"
+                    " (ray.init), without it: give it to ray.init(runtime_env=...) instead"
+                ) from None
+            self.actors.append(actor.remote(wid))
 
     def _asked(self) -> str:
         """The actors the run asks for, in words."""

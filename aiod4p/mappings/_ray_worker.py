@@ -20,11 +20,15 @@ import ray
 
 from ..transports.ray import PulledComm, RayComm, RayCommHost
 from ._host import serve_job
-from ._shipping import unship_or_error
+from ._shipping import IMPORTABLE, unship_or_error
 
 __all__ = ["CONTROL", "RayWorker", "link_key"]
 
 CONTROL = "control"  # the name of a worker's end of its comm with the driver
+_IMPORTABLE_ON_RAY = (
+    f"{IMPORTABLE}, on its node: install what they import on the cluster's nodes, or ship the directories of the"
+    " workflow's own modules (aiod4p run --working-dir DIR, or a runtime environment's py_modules)"
+)
 
 
 def link_key(peer: int) -> str:
@@ -74,7 +78,7 @@ class RayWorker(RayCommHost):
         control = PulledComm(self, CONTROL)
         comms = {peer: RayComm(self, link_key(peer), handle, link_key(self.wid)) for peer, handle in peers.items()}
         try:
-            job = unship_or_error(payload, f"Ray worker actor {self.wid}")
+            job = unship_or_error(payload, f"Ray worker actor {self.wid}", _IMPORTABLE_ON_RAY)
             await serve_job(job, self.wid, control, comms, name=name, launcher="the Ray driver")
         finally:
             for comm in comms.values():

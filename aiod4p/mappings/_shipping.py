@@ -270,8 +270,12 @@ def shipped_drained(job: Job, payload: bytes, draining: bool, purpose: str) -> b
     return payload
 
 
-def unship(data: bytes, where: str) -> Job:
-    """The job :func:`ship` made, loaded in ``where`` (e.g. "MPI rank 1").
+IMPORTABLE = "its PE classes must be importable there"  # what a worker that cannot load the job lacks
+
+
+def unship(data: bytes, where: str, lacking: str = IMPORTABLE) -> Job:
+    """The job :func:`ship` made, loaded in ``where`` (e.g. "MPI rank 1"); ``lacking`` says, when it cannot be,
+    what ``where`` needs.
 
     Raises:
         TargetError: the workflow's code cannot be loaded here (``where`` named).
@@ -281,20 +285,18 @@ def unship(data: bytes, where: str) -> Job:
     except TargetError as exc:  # a file of the workflow's code that the job ships (CodeShipment) failed to import
         raise TargetError(f"{where}: {exc}") from exc
     except Exception as exc:
-        raise TargetError(
-            f"{where} cannot load the workflow ({type(exc).__name__}: {exc}); its PE classes must be importable there"
-        ) from exc
+        raise TargetError(f"{where} cannot load the workflow ({type(exc).__name__}: {exc}); {lacking}") from exc
     return job
 
 
-def unship_or_error(data: Job | bytes, where: str) -> Job | TargetError:
+def unship_or_error(data: Job | bytes, where: str, lacking: str = IMPORTABLE) -> Job | TargetError:
     """``data`` (a job, or what :func:`ship` made of one) loaded as :func:`unship` loads it, or the error that
     it raised: for a worker that loads its job before it opens the comm that would report the failure (a comm
     unpickles what arrives, and items may be of classes the job brings along)."""
     if isinstance(data, Job):
         return data
     try:
-        return unship(data, where)
+        return unship(data, where, lacking)
     except TargetError as exc:
         return exc
 
