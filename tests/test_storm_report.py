@@ -95,6 +95,19 @@ async def test_a_connection_with_another_token_is_ignored() -> None:
     await report.close(0)
 
 
+async def test_a_connection_accepted_as_the_run_closes_is_closed_at_once() -> None:
+    """A connection the server accepted as it closed, once close() had waited for the handlers, got a handler
+    nobody awaited: its transport was left open when the loop ended (a CI run's ResourceWarning)."""
+    report, _, _ = await started()
+    await report.close(0)
+    ours, theirs = socket.socketpair()
+    reader, writer = await asyncio.open_connection(sock=ours)
+    report._serve(reader, writer)  # what the server calls for a connection it accepts now
+    assert report._handlers == set() and writer.is_closing()
+    await writer.wait_closed()
+    theirs.close()
+
+
 async def test_a_task_that_vanishes_before_its_end_is_a_dead_worker() -> None:
     report, _, address = await started()
     task = await Task.connect(address, "sink", 1)

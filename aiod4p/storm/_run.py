@@ -117,6 +117,9 @@ class RunReport:
             await asyncio.gather(*pending, return_exceptions=True)
 
     def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self.killed:  # accepted as the server closed, after close() waited for the handlers: none is read
+            writer.close()
+            return
         task = asyncio.ensure_future(self._handle(reader, writer))
         self._handlers.add(task)
         task.add_done_callback(self._handlers.discard)
