@@ -464,7 +464,8 @@ async def _run_draining_on_cancel(
     cancellation propagates. Recording provenance, which it cannot return, says so on the ``aiod4p`` logger."""
     if options.get("provenance") is not None:
         logger.warning(
-            "aiod4p.run(provenance=%r) records provenance and returns the results only, so the provenance is lost:"
+            "aiod4p.run(provenance=%r) and run_async record provenance and return the results only, so the"
+            " provenance is lost:"
             " record it with `async with aiod4p.start(..., provenance=%r) as run:` and then"
             ' aiod4p.write_provenance(run.stats, "run.json") (docs/provenance.md, From Python)',
             options["provenance"],

@@ -26,6 +26,7 @@ item that instance used. A stateful PE makes it exact with
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import logging
 import math
@@ -650,51 +651,51 @@ def _replacing(path: str) -> Iterator[TextIO]:
                 yield out
             return
         _remove_stale_temporaries(directory, name)
-        temporary = os.path.join(directory, f"{_temporary_prefix(name)}{os.getpid()}")
+        # Unique on every host sharing the directory; created as open() creates files (mkstemp's are private).
+        temporary = os.path.join(directory, f"{_temporary_prefix(name)}{socket.gethostname()}-{os.getpid()}")
         try:
             with open(temporary, "w", encoding="utf-8") as out:
+                fcntl.flock(out.fileno(), fcntl.LOCK_EX)  # held until the file is renamed: a writer at work
                 yield out
-            if exists:
-                shutil.copymode(path, temporary)
-            os.replace(temporary, path)
+                out.flush()
+                if exists:
+                    shutil.copymode(path, temporary)
+                os.replace(temporary, path)
         except BaseException:
             with contextlib.suppress(OSError):
                 os.unlink(temporary)
             raise
 
 
+STALE_TEMPORARY_SECONDS = 60.0
+"""How old a temporary file of a provenance file no writer holds must be to be taken for a killed writer's."""
+
+
 def _temporary_prefix(name: str) -> str:
-    """The name, but for the writer's process id, of the temporary file that :func:`_replacing` writes file ``name``
-    as on this host."""
-    return f".{name}.tmp-{socket.gethostname()}-"
+    """The start of the name of the temporary files that :func:`_replacing` writes file ``name`` as."""
+    return f".{name}.tmp-"
 
 
 def _remove_stale_temporaries(directory: str, name: str) -> None:
-    """Remove the temporary files of ``name`` in ``directory`` that writers on this host left when they were killed
-    (SIGKILL, the OOM killer: a large run's was hundreds of MB, hidden): those whose process is gone."""
+    """Remove the temporary files of ``name`` in ``directory`` that writers left when they were killed (SIGKILL, the
+    OOM killer: a large run's was hundreds of MB, hidden): those that no writer holds locked (a writer holds its
+    file's lock, which the system lets go of when the writer ends, on any host or container sharing the file)."""
     prefix = _temporary_prefix(name)
     try:
-        entries = os.listdir(directory)
+        entries = [entry for entry in os.listdir(directory) if entry.startswith(prefix)]
     except OSError:
         return
     for entry in entries:
-        pid = entry[len(prefix) :]
-        if entry.startswith(prefix) and pid.isdigit() and not _running(int(pid)):
-            with contextlib.suppress(OSError):
-                os.unlink(os.path.join(directory, entry))
-
-
-def _running(pid: int) -> bool:
-    """Whether process ``pid`` may run on this host (one of another user's too; where it cannot be told, it may)."""
-    if os.name != "posix":  # os.kill(pid, 0) would end it
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (OSError, OverflowError):  # PermissionError: it runs, as another user; OverflowError: no process id
-        return True
-    return True
+        left = os.path.join(directory, entry)
+        with contextlib.suppress(OSError):  # gone meanwhile, or not ours to open
+            fd = os.open(left, os.O_RDONLY | os.O_NOFOLLOW)
+            try:
+                # A minute old at least: a writer creates its file, then locks it.
+                if time.time() - os.fstat(fd).st_mtime > STALE_TEMPORARY_SECONDS:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # BlockingIOError: a writer holds it
+                    os.unlink(left)
+            finally:
+                os.close(fd)
 
 
 def _write_json(records: Iterable[_Record], out: TextIO, spool: str) -> None:

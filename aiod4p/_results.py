@@ -40,7 +40,7 @@ def record_line(record: ResultRecord) -> str:
 
     Values JSON has no type for are written as faithfully as JSON allows:
     numpy arrays and scalars (anything with ``tolist()``) as lists and
-    numbers, bytes as ``{"base64": "..."}``, sets as lists, dates and times
+    numbers, bytes as ``{"base64": "..."}``, sets as lists (sorted where they sort), dates and times
     (anything with ``isoformat()``: obspy's ``UTCDateTime`` too; numpy's ``datetime64`` of any unit) in ISO 8601;
     durations (``datetime.timedelta``, pandas' ``Timedelta``, numpy's ``timedelta64`` of any unit but years,
     months and none) as their seconds, a number (``None`` for NaT), also as dict keys;
@@ -220,7 +220,10 @@ def _jsonable(value: Any) -> Any:
     if type(plain := _listed(value)) is not type(value):
         return plain
     if isinstance(value, (set, frozenset)):
-        return list(value)
+        try:  # sorted where its elements sort: a set of strings is written in the same order in every process
+            return sorted(value)
+        except TypeError:
+            return list(value)
     if isinstance(value, datetime.timedelta):
         return value.total_seconds()
     isoformat = getattr(value, "isoformat", None)  # datetime's types, obspy's UTCDateTime, ...

@@ -567,12 +567,13 @@ class LineStream:
         and none is. :attr:`generations` is cut back to that generation, ``fd``'s added when it is another.
         """
         known = [generation for generation in self.generations if generation.first <= offset]
-        if not known:  # nothing recorded: the file at the path is the one the offset counts in
+        if not self.generations:  # nothing recorded: the file at the path is the one the offset counts in
             self.generations[:] = [FileGeneration.of(fd, 0)]
             return offset
         self.generations[:] = known
-        if known[-1].holds(fd):
+        if known and known[-1].holds(fd):
             return offset - known[-1].first
+        # Not that file any more (or its generation was among the oldest, dropped: replaced since, then, too).
         logger.warning(
             "%s was truncated or rotated since its item %d was read: the new file is read from its top (lines the"
             " old one got after that item, if any, are not read)",

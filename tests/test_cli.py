@@ -138,6 +138,29 @@ def test_results_json_lines_write_numpy_nanosecond_datetimes_in_iso_8601() -> No
     ]
 
 
+def test_results_json_lines_write_a_set_in_the_same_order_in_every_process() -> None:
+    """A set was written in its iteration order, which a string's hash sets, and that differs from process to
+    process: a worker's provenance digest of a result did not match the line `--results` wrote in the launcher, and
+    `--trace` by that line found nothing on multi, mpi and ray. A set is written sorted where it sorts."""
+    code = (
+        "import sys; sys.path.insert(0, sys.argv[1]); from aiod4p._results import ResultRecord, record_line;"
+        "print(record_line(ResultRecord('pe', 'out', {'seismic', 'astro', 'sentiment', 'text', 'mpi'})), end='')"
+    )
+    lines = {
+        subprocess.run(
+            [sys.executable, "-c", code, str(ROOT)],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "PYTHONHASHSEED": seed},
+            timeout=60,
+            check=True,
+        ).stdout
+        for seed in ("1", "2", "3")
+    }
+    assert lines == {'{"pe": "pe", "output": "out", "data": ["astro", "mpi", "seismic", "sentiment", "text"]}\n'}
+    assert json.loads(record_line(ResultRecord("pe", "out", {1, "a"})))["data"] in ([1, "a"], ["a", 1])
+
+
 def test_results_json_lines_write_durations_as_seconds(caplog: pytest.LogCaptureFixture) -> None:
     """A ``timedelta64`` was written as the bare integer its ``tolist()`` gives for nanoseconds (``1500000000``),
     but as a repr with a warning for seconds or milliseconds (``datetime.timedelta(seconds=1, ...)``), as was

@@ -10,6 +10,7 @@ import re
 import subprocess
 import sys
 import tempfile
+import time
 import warnings
 from collections import Counter
 from pathlib import Path
@@ -22,7 +23,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import aiod4p
-from aiod4p import GenericPE, IterativePE, PlanOptions, ProducerPE, Results, WorkflowGraph, group_by
+from aiod4p import GenericPE, IterativePE, PlanOptions, ProducerPE, Results, WorkflowGraph, _provenance, group_by
 from aiod4p._provenance import _TERMS, DIGESTED_BYTES, Tagged, _replacing, value_repr
 
 prov_model = pytest.importorskip(
@@ -853,22 +854,38 @@ def test_a_trace_lists_its_sources_in_their_order() -> None:
 
 @pytest.mark.skipif(os.name != "posix", reason="process ids told by os.kill(pid, 0)")
 def test_a_provenance_file_removes_what_a_killed_writer_left(tmp_path: Path) -> None:
-    # A run killed (SIGKILL) while it wrote its provenance file left `.run.json.tmp-<pid>`, hidden, as large as the
-    # file (100 MB for a large run), and every such run one more. The next write of that file removes those of
-    # processes that are gone; a live writer's, and another file's, stay.
-    import socket
-
-    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    prefix = f".run.json.tmp-{socket.gethostname()}-"
-    left, live = tmp_path / f"{prefix}{int(gone.stdout)}", tmp_path / f"{prefix}{os.getppid()}"
-    other, odd = tmp_path / f".other.json.tmp-{socket.gethostname()}-{int(gone.stdout)}", tmp_path / f"{prefix}x1"
-    for path in (left, live, other, odd):
+    # A run killed (SIGKILL) while it wrote its provenance file left `.run.json.tmp-...`, hidden, as large as the
+    # file (100 MB for a large run), and every such run one more. The next write of that file removes those no
+    # writer holds locked (a writer holds its own: a live one's stays, on any host or container sharing the
+    # directory, which a process id could not tell), once a minute old; another file's, and younger ones, stay.
+    left, live, young = (tmp_path / f".run.json.tmp-{name}" for name in ("left", "live", "young"))
+    other = tmp_path / ".other.json.tmp-left"
+    for path in (left, live, young, other):
         path.write_text("half a document")
-    graph = WorkflowGraph()
-    graph.add(AnnotatesWithNames())
-    _, stats = run_recorded(graph, 1, "async", None, "pe")
-    aiod4p.write_provenance(stats, str(tmp_path / "run.json"))
-    assert sorted(path.name for path in tmp_path.iterdir()) == sorted(["run.json", live.name, other.name, odd.name])
+    old = time.time() - 2 * _provenance.STALE_TEMPORARY_SECONDS
+    for path in (left, live, other):
+        os.utime(path, (old, old))
+    holder = subprocess.Popen(  # a writer at work, in another process
+        [
+            sys.executable,
+            "-c",
+            "import fcntl, sys; f = open(sys.argv[1]); fcntl.flock(f, fcntl.LOCK_EX);"
+            " print('held', flush=True); sys.stdin.read()",
+            str(live),
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "held\n"
+        graph = WorkflowGraph()
+        graph.add(AnnotatesWithNames())
+        _, stats = run_recorded(graph, 1, "async", None, "pe")
+        aiod4p.write_provenance(stats, str(tmp_path / "run.json"))
+    finally:
+        holder.communicate(timeout=30)
+    assert sorted(path.name for path in tmp_path.iterdir()) == sorted(["run.json", live.name, young.name, other.name])
 
 
 @pytest.mark.skipif(os.name != "posix", reason="symbolic links and modes")

@@ -359,11 +359,12 @@ def test_a_runtime_env_ray_refuses_fails_the_run_naming_it(monkeypatch: pytest.M
     monkeypatch.delenv("RAY_ADDRESS", raising=False)  # checked before a local Ray would start: none starts
     graph = WorkflowGraph()
     graph.connect(wf.Range(4), "output", ReadsEnvironment(), "input")
-    mapping = RayMapping(runtime_env={"working_dir": "/nonexistent"})
+    # Its fields only, not their values: env_vars may hold a token.
+    mapping = RayMapping(runtime_env={"working_dir": "/nonexistent", "env_vars": {"API_TOKEN": "s3cr3t"}})
     with pytest.raises(ValueError) as raised:
         aiod4p.run(graph, 1, mapping=mapping, workers=1)
     assert str(raised.value) == (
-        "the Ray runtime environment {'working_dir': '/nonexistent'}: /nonexistent is not a valid path."
+        "the Ray runtime environment (fields working_dir, env_vars): /nonexistent is not a valid path."
     )
     assert not ray.is_initialized()
 

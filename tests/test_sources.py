@@ -336,6 +336,32 @@ async def test_a_file_truncated_again_and_again_keeps_its_generations_bounded(
 
 
 @pytest.mark.asyncio
+async def test_a_restore_older_than_every_generation_kept_reads_the_file_from_its_top(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Once :data:`MAX_GENERATIONS` had dropped the generation a restore's line lay in, the restore took the file at
+    the path for the one its line counts in, and silently skipped that many of its lines (10 of a new file's 20).
+    That file was replaced since: it is read from its top, with the warning of a rotation."""
+    path = tmp_path / "status.txt"
+    path.write_text("".join(f"old{n}\n" for n in range(20)))
+    stream = LineStream(path, follow=True)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        for first in range(100, 100 + sources.MAX_GENERATIONS + 5):  # each with a line, all after line 10
+            stream._begin_generation(fd, first)
+    finally:
+        os.close(fd)
+    path.unlink()
+    path.write_text("".join(f"new{n}\n" for n in range(20)))
+    restored = LineStream(path, follow=True, generations=list(stream.generations))
+    restored.seek(10)
+    restored.drain()
+    with caplog.at_level("WARNING", logger="aiod4p"):
+        assert [line async for line in restored] == [f"new{n}" for n in range(20)]
+    assert "was truncated or rotated since its item 10 was read" in caplog.text
+
+
+@pytest.mark.asyncio
 async def test_follow_from_the_end_skips_what_is_there(tmp_path: Path) -> None:
     path = tmp_path / "log.txt"
     path.write_text("old\n" * 10)

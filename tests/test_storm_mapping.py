@@ -224,6 +224,10 @@ def test_a_config_json_that_is_not_json_is_not_streamparses(
     assert (cluster.address, cluster.env) == ("nimbus.example.org:6627", {})
     assert "config.json is not JSON (Expecting property name" in caplog.text
     assert "not read as a streamparse configuration" in caplog.text
+    (tmp_path / "config.json").write_text('{"threshold": 3}', encoding="utf-16")  # a Windows editor's
+    cluster = find_cluster("nimbus.example.org:6627")
+    assert (cluster.address, cluster.env) == ("nimbus.example.org:6627", {})
+    assert "codec can't decode" in caplog.text
 
 
 def test_a_bad_port_in_storm_yaml_names_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

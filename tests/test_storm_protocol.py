@@ -648,6 +648,24 @@ def test_lambdas_travel_by_value(topology: Any) -> None:
     assert [m.get("tuple") for m in bolt.read_until(done("1"))] == [[70], None]
 
 
+def test_a_function_of_main_travels_by_value(topology: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A function defined at the top of the script the user ran (``python flow.py``, so ``__main__``) was pickled by
+    reference: the build passed, and every task failed, its ``__main__`` being streamparse's (``Can't get attribute
+    'tenfold' on <module '__main__'>``). It travels by value, as a lambda does."""
+
+    def tenfold(n: int) -> int:
+        return n * 10
+
+    tenfold.__module__, tenfold.__qualname__ = "__main__", "tenfold"
+    monkeypatch.setattr(sys.modules["__main__"], "tenfold", tenfold, raising=False)
+    graph = WorkflowGraph()
+    graph.connect(source := Count(), "output", pe := FunctionPE(tenfold), "input")
+    topo = topology(graph, inputs=2)
+    bolt, _ = topo.start(pe.id)
+    bolt.send(tup("1", source.id, topo.task_of(source.id), [7]))
+    assert [m.get("tuple") for m in bolt.read_until(done("1"))] == [[70], None]
+
+
 async def test_a_drained_spout_keeps_at_most_max_spout_pending_tuples_in_flight(topology: Any) -> None:
     """Deactivating a run's topology (Ctrl-C) drains its spouts, and Storm calls their next_tuple no more: a spout
     emitted everything its PE had produced at once, past topology.max.spout.pending, and a finite run drained behind

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import functools
 import importlib
 import json
 import pickle
@@ -199,6 +200,20 @@ def test_class_defined_in_main_is_rejected(tmp_path: Path) -> None:
     graph.connect(Count(), "output", pe := main_class(), "input")
     with pytest.raises(GraphError, match=rf"PE {pe.id}: its class InMain is defined in __main__"):
         build_project(graph, tmp_path / "p")
+
+
+def test_a_partial_key_function_takes_its_function_s_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A ``functools.partial`` key's ``__module__`` is ``functools``: its function's file was taken for a module named
+    so, and the build failed with ``module functools (.../keys.py) has the name of a module of Python's standard
+    library``. The partial's function's module travels."""
+    (tmp_path / "user_keys5.py").write_text("def parity(modulus, item):\n    return item % modulus\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "user_keys5", raising=False)
+    parity = importlib.import_module("user_keys5").parity
+    graph = WorkflowGraph()
+    graph.connect(Count(), "output", Double(), "input", grouping=group_by(key=functools.partial(parity, 2)))
+    project = build_project(graph, tmp_path / "p")
+    assert project.spec.sources["user_keys5"] == str(tmp_path / "user_keys5.py")
 
 
 def test_the_modules_a_workflow_imports_travel_unless_installed(

@@ -400,8 +400,9 @@ class RayRun:
                 actor = _RemoteWorker.options(**options, scheduling_strategy=place)
             except (TypeError, ValueError) as exc:  # the runtime environment Ray takes only with ray.init
                 raise ValueError(
-                    f"runtime_env {mapping.runtime_env}: {str(exc).rstrip('.')}; Ray was joined before the run"
-                    " (ray.init), without it: give it to ray.init(runtime_env=...) instead"
+                    f"runtime_env (fields {', '.join(map(str, mapping.runtime_env or {}))}): {str(exc).rstrip('.')};"
+                    " Ray was joined before the run (ray.init): a runtime environment with local paths goes to"
+                    " ray.init(runtime_env=...)"
                 ) from None
             self.actors.append(actor.remote(wid))
 

@@ -126,15 +126,15 @@ def _pickle(obj: Any, main: bool) -> bytes:
 
 
 def pickled_code(obj: Any) -> bytes:
-    """Pickle ``obj`` as :func:`dumps` does with ``main`` false, but alone: the classes and functions importable
-    by name travel by reference, the others (lambdas, local functions) by value, and no code is shipped with it.
-    For an interpreter that imports the same modules by name (a Storm worker, given the workflow's modules);
-    ``pickle.loads`` reverses it where cloudpickle and aiod4p are installed.
+    """Pickle ``obj`` alone: the classes and functions importable by name travel by reference, the others
+    (lambdas, local functions, those of ``__main__``) by value, and no other code is shipped with it. For an
+    interpreter that imports the same modules by name but not the caller's ``__main__`` (a Storm worker, given the
+    workflow's modules, runs streamparse's); ``pickle.loads`` reverses it where cloudpickle and aiod4p are installed.
 
     Raises:
         Exception: ``obj`` cannot be pickled (pickle.PicklingError, TypeError, AttributeError, ...).
     """
-    return _pickle(obj, main=False)
+    return _pickle(obj, main=True)
 
 
 class _Limited(io.BytesIO):

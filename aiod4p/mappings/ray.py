@@ -71,8 +71,9 @@ class RayMapping(HostedMapping):
             ``"ray://HOST:10001"``); ``None``: ``RAY_ADDRESS``, else a new local Ray.
         num_cpus: CPUs each worker actor reserves (Ray's ``num_cpus``).
         resources: custom resources each worker actor reserves.
-        runtime_env: Ray's runtime environment for the run (``working_dir``,
-            ``pip``, ...), when this mapping connects to Ray.
+        runtime_env: Ray's runtime environment for the run's worker actors
+            (``working_dir``, ``pip``, ``env_vars``, ...); where Ray was joined
+            before the run, local paths go to ``ray.init(runtime_env=...)``.
         start_timeout: seconds to wait for the cluster to start every worker.
         stats_interval: seconds between the workers' statistics reports.
         grace: seconds to wait, after a worker failed because another one
@@ -200,7 +201,8 @@ def warn_of_unknown_fields(runtime_env: Mapping[str, Any]) -> None:
     try:
         unknown = check_runtime_env(runtime_env)
     except ValueError as exc:
-        raise ValueError(f"the Ray runtime environment {dict(runtime_env)}: {exc}") from None
+        # its fields, not their values: env_vars may hold a token
+        raise ValueError(f"the Ray runtime environment (fields {', '.join(map(str, runtime_env))}): {exc}") from None
     for field in unknown:
         logger.warning(
             "the runtime environment's field %r is none of Ray's (%s): Ray ignores it unless the cluster has a"

@@ -99,12 +99,12 @@ def _user_env(config: Path) -> dict[str, Any]:
             (``AIOD4P_STORM_ENV``), or not the one chosen.
     """
     try:
-        text = config.read_text()
-    except (OSError, ValueError) as exc:
+        raw = config.read_bytes()
+    except OSError as exc:
         raise MappingUnavailable(f"cannot read the streamparse configuration {config}: {exc}") from exc
     try:
-        data = json.loads(text)
-    except ValueError as exc:
+        data = json.loads(raw.decode())
+    except ValueError as exc:  # UnicodeDecodeError too: a UTF-16 file of a Windows editor
         logger.warning("%s is not JSON (%s): not read as a streamparse configuration", config, exc)
         return {}
     envs = data.get("envs") if isinstance(data, dict) else None

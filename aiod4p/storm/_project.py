@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 import contextlib
 import dataclasses
+import functools
 import importlib.metadata
 import importlib.util
 import json
@@ -269,16 +270,21 @@ def _pickle(plan: ExecutionPlan, functions: dict[str, Callable[[Any], Any]]) -> 
 
 
 def _objects(plan: ExecutionPlan, functions: dict[str, Callable[[Any], Any]]) -> list[Any]:
-    """The classes and functions the pickled PEs refer to by module."""
+    """The classes and functions the pickled PEs refer to by module (a ``functools.partial``'s function: the
+    partial's own ``__module__`` is ``functools``)."""
     objects: list[Any] = [type(pe) for pe in plan.pes.values()] + list(functions.values())
-    return objects + [fn for pe in plan.pes.values() if callable(fn := getattr(pe, "fn", None))]
+    objects += [fn for pe in plan.pes.values() if callable(fn := getattr(pe, "fn", None))]
+    for index, obj in enumerate(objects):
+        while isinstance(obj, functools.partial):
+            obj = objects[index] = obj.func
+    return objects
 
 
 def _namespace(obj: Any) -> dict[str, Any] | None:
     """The globals of the module that defined ``obj`` (a function, or a class with a method defined with it: a
     class made at run time may hold another module's functions, as dispel4py's ``ProcessTimingPE`` mixes hold
     the ``write`` aiod4p gives them)."""
-    target = getattr(obj, "func", obj)  # functools.partial
+    target = obj
     if isinstance(target, type):
         for value in vars(target).values():
             value = getattr(value, "__func__", value)
@@ -370,8 +376,14 @@ def _local_modules(plan: ExecutionPlan, functions: dict[str, Callable[[Any], Any
 def _package_directory(module: types.ModuleType | None) -> Path | None:
     """The directory of package ``module`` (a namespace package's, when it has one only), or ``None`` for a module
     that is not a package."""
-    locations = list(getattr(module, "__path__", None) or [])
-    return Path(locations[0]).resolve() if len(locations) == 1 else None
+    return _only_directory(getattr(module, "__path__", None))
+
+
+def _only_directory(locations: Iterable[str] | None) -> Path | None:
+    """The one directory of a package's search ``locations``; ``None`` for none, or several (a namespace
+    package split over directories)."""
+    found = list(locations or [])
+    return Path(found[0]).resolve() if len(found) == 1 else None
 
 
 def _shipped(name: str, path: Path, directories: tuple[str, ...]) -> bool:
@@ -420,8 +432,7 @@ def _imported_modules(source: Path) -> dict[str, Path]:
             except (ImportError, ValueError):
                 continue
             file = spec.origin if spec is not None else None
-            locations = list(spec.submodule_search_locations or []) if spec is not None else []
-            directory = Path(locations[0]).resolve() if len(locations) == 1 else None
+            directory = _only_directory(spec.submodule_search_locations if spec is not None else None)
             package = spec is not None and spec.submodule_search_locations is not None
         if package:
             if directory is not None:
