@@ -342,7 +342,8 @@ def test_a_runtime_env_applies_when_ray_was_joined_before_the_run(ray_cluster: R
         results = aiod4p.run(graph, 1, mapping=RayMapping(runtime_env=environment), workers=2)
         assert set(results.data(reads.id)) == {"hello"}
         with pytest.raises(
-            ValueError, match=r"runtime_env \{'working_dir': '\.'\}: \. is not a valid URI\. .*give it to ray\.init"
+            ValueError,
+            match=r"runtime_env \(fields working_dir\): \. is not a valid URI\. .*local paths goes to ray\.init\(",
         ):
             aiod4p.run(graph, 1, mapping=RayMapping(runtime_env={"working_dir": "."}), workers=2)
     finally:
