@@ -8,12 +8,13 @@ stdin closing when the worker goes away.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib
 import json
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -575,20 +576,36 @@ def test_a_module_the_workflow_file_imports_travels_with_it(
     ]
 
 
-async def test_a_failed_root_tells_the_run_once_the_tuples_it_emitted_before_are_processed(topology: Any) -> None:
-    """A root PE that raises after yielding items (StopsEarly): its spout told the run at once, and the run killed the
-    topology while those items were on their way, so ``aiod4p run`` printed none of their results (the other
-    mappings print the results gathered before an error). The spout now tells Storm and the run once every tuple it
-    had emitted is acked, so their results come back first, and sends no end of stream (nothing runs postprocess)."""
+@contextlib.asynccontextmanager
+async def _failed_root(topology: Any, conf: dict[str, Any]) -> AsyncIterator[tuple[Any, RunReport, list[Any]]]:
+    """The spout of a root that yields 3 items, then raises (StopsEarly), under a run, with ``conf`` set: its
+    spout, the run's report, and its messages up to where it says it holds the root's error for its tuples. The
+    spout is killed and the report closed on leaving."""
     graph = WorkflowGraph()
     graph.connect(source := StopsEarly(3), "output", Double(), "input")
     report = RunReport(Sink(), TOKEN)
     topo = topology(graph, inputs=1, report=await report.listen("127.0.0.1"), token=TOKEN)
     report.expect(topo.project.spec)
+    topo.harness.conf.update(conf)
     spout, _ = await asyncio.to_thread(topo.start, source.id)
     try:
         held = "told to the run once the 3 tuples emitted before it are processed"
         before = await asyncio.to_thread(next_until, spout, lambda m: command("log")(m) and held in m["msg"])
+        yield spout, report, before
+        await asyncio.wait_for(report.ended.wait(), 30)
+        error = report.error()
+        assert isinstance(error, PEError) and "failed on feed: StopIteration" in str(error)
+    finally:
+        spout.kill()
+        await report.close(0)
+
+
+async def test_a_failed_root_tells_the_run_once_the_tuples_it_emitted_before_are_processed(topology: Any) -> None:
+    """A root PE that raises after yielding items (StopsEarly): its spout told the run at once, and the run killed the
+    topology while those items were on their way, so ``aiod4p run`` printed none of their results (the other
+    mappings print the results gathered before an error). The spout now tells Storm and the run once every tuple it
+    had emitted is acked, so their results come back first, and sends no end of stream (nothing runs postprocess)."""
+    async with _failed_root(topology, {}) as (spout, report, before):
         assert [m["tuple"] for m in before if emitted("output")(m)] == [[0], [1], [2]]
         assert not any(command("error")(m) for m in before), before
         assert not report.fatal
@@ -599,37 +616,17 @@ async def test_a_failed_root_tells_the_run_once_the_tuples_it_emitted_before_are
             after += await asyncio.to_thread(spout.read_until, command("sync"))
         assert "PE StopsEarly" in next(m for m in after if command("error")(m))["msg"]
         assert not any(emitted(EOS_STREAM)(m) for m in before + after), after
-        await asyncio.wait_for(report.ended.wait(), 30)
-        error = report.error()
-        assert isinstance(error, PEError) and "failed on feed: StopIteration" in str(error)
-    finally:
-        spout.kill()
-        await report.close(0)
 
 
 async def test_a_failed_roots_error_comes_first_when_a_tuple_it_waits_for_times_out(topology: Any) -> None:
     """The error of a failed root waits for the tuples it emitted before; one of them timing out fails the run:
     the run is told the root's error first, the one it fails with, not only the timeout it led to."""
-    graph = WorkflowGraph()
-    graph.connect(source := StopsEarly(3), "output", Double(), "input")
-    report = RunReport(Sink(), TOKEN)
-    topo = topology(graph, inputs=1, report=await report.listen("127.0.0.1"), token=TOKEN)
-    report.expect(topo.project.spec)
-    topo.harness.conf["topology.message.timeout.secs"] = 0  # every failure comes after the timeout
-    spout, _ = await asyncio.to_thread(topo.start, source.id)
-    try:
-        held = "told to the run once the 3 tuples emitted before it are processed"
-        await asyncio.to_thread(next_until, spout, lambda m: command("log")(m) and held in m["msg"])
+    # every failure comes after the timeout
+    async with _failed_root(topology, {"topology.message.timeout.secs": 0}) as (spout, _, _):
         spout.send({"command": "fail", "id": 0})
         messages = await asyncio.to_thread(spout.read_until, command("sync"))
         errors = " ".join(m["msg"] for m in messages if command("error")(m))
         assert "failed on feed: StopIteration" in errors and "not acked within" in errors, errors
-        await asyncio.wait_for(report.ended.wait(), 30)
-        error = report.error()
-        assert isinstance(error, PEError) and "failed on feed: StopIteration" in str(error)
-    finally:
-        spout.kill()
-        await report.close(0)
 
 
 def test_lambdas_travel_by_value(topology: Any) -> None:
